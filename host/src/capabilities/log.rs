@@ -1,0 +1,137 @@
+//! `jobhook:handler/log`: levelled, bounded logging. Lines go to the engine's `tracing` log
+//! (target `jobhook::guest`, with the handler's name) and into the invocation's outcome.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::bindings::jobhook::handler::log::{Host, Level};
+use crate::limits::{Limits, MAX_LOG_LINE_BYTES};
+use crate::outcome::truncate;
+
+/// One line a handler logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    pub level: &'static str,
+    /// The message, truncated to [`MAX_LOG_LINE_BYTES`].
+    pub message: String,
+}
+
+/// Collects one invocation's log lines within its line and byte budgets.
+#[derive(Debug)]
+pub struct LogCollector {
+    handler: Arc<str>,
+    max_lines: usize,
+    max_bytes: usize,
+    bytes: usize,
+    lines: Vec<LogLine>,
+    dropped: u64,
+}
+
+impl LogCollector {
+    /// A collector for one invocation of `handler`.
+    pub fn new(handler: Arc<str>, limits: &Limits) -> Self {
+        LogCollector {
+            handler,
+            max_lines: limits.log_lines,
+            max_bytes: limits.log_bytes,
+            bytes: 0,
+            lines: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Records a line, or counts it as dropped when a budget is spent.
+    pub fn record(&mut self, level: Level, message: String) {
+        let message = truncate(message, MAX_LOG_LINE_BYTES);
+        if self.lines.len() >= self.max_lines
+            || self.bytes.saturating_add(message.len()) > self.max_bytes
+        {
+            if self.dropped == 0 {
+                tracing::warn!(
+                    target: "jobhook::guest",
+                    handler = %self.handler,
+                    "log budget reached ({} lines, {} bytes); further lines are dropped",
+                    self.max_lines,
+                    self.max_bytes
+                );
+            }
+            self.dropped += 1;
+            return;
+        }
+        let handler = &*self.handler;
+        match level {
+            Level::Trace => tracing::trace!(target: "jobhook::guest", handler, "{message}"),
+            Level::Debug => tracing::debug!(target: "jobhook::guest", handler, "{message}"),
+            Level::Info => tracing::info!(target: "jobhook::guest", handler, "{message}"),
+            Level::Warn => tracing::warn!(target: "jobhook::guest", handler, "{message}"),
+            Level::Error => tracing::error!(target: "jobhook::guest", handler, "{message}"),
+        }
+        self.bytes += message.len();
+        self.lines.push(LogLine {
+            level: level_name(level),
+            message,
+        });
+    }
+
+    /// The lines kept and the number dropped.
+    pub fn finish(self) -> (Vec<LogLine>, u64) {
+        (self.lines, self.dropped)
+    }
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Trace => "trace",
+        Level::Debug => "debug",
+        Level::Info => "info",
+        Level::Warn => "warn",
+        Level::Error => "error",
+    }
+}
+
+impl Host for LogCollector {
+    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.record(level, message);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collector(lines: usize, bytes: usize) -> LogCollector {
+        let limits = Limits {
+            log_lines: lines,
+            log_bytes: bytes,
+            ..Limits::default()
+        };
+        LogCollector::new("t".into(), &limits)
+    }
+
+    #[test]
+    fn lines_past_the_budget_are_counted_not_kept() {
+        let mut c = collector(2, 1000);
+        for i in 0..5 {
+            c.record(Level::Info, format!("line {i}"));
+        }
+        let (lines, dropped) = c.finish();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1].message, "line 1");
+        assert_eq!(dropped, 3);
+    }
+
+    #[test]
+    fn bytes_are_bounded_and_long_lines_truncated() {
+        let mut c = collector(100, MAX_LOG_LINE_BYTES + 100);
+        c.record(Level::Warn, "x".repeat(MAX_LOG_LINE_BYTES * 3));
+        c.record(Level::Warn, "y".repeat(200));
+        let (lines, dropped) = c.finish();
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].message.len() < MAX_LOG_LINE_BYTES + 20);
+        assert_eq!(lines[0].level, "warn");
+        assert_eq!(dropped, 1);
+    }
+}

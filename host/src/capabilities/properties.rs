@@ -1,0 +1,37 @@
+//! `jobhook:handler/properties`: the operator's per-handler configuration, like the
+//! `<property>` elements of a web.config registration or the `Options` of a Command 11 manifest.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::bindings::jobhook::handler::properties::Host;
+
+/// The properties of one handler. Shared by all its sandboxes; read-only for the guest.
+#[derive(Debug, Clone, Default)]
+pub struct Properties {
+    values: Arc<BTreeMap<String, String>>,
+}
+
+impl Properties {
+    /// Properties from name/value pairs.
+    pub fn new(values: BTreeMap<String, String>) -> Self {
+        Properties {
+            values: Arc::new(values),
+        }
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+}
+
+impl Host for Properties {
+    async fn get(&mut self, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.values.get(&name).cloned())
+    }
+
+    async fn names(&mut self) -> wasmtime::Result<Vec<String>> {
+        Ok(self.values.keys().cloned().collect())
+    }
+}

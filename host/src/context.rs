@@ -1,0 +1,820 @@
+//! The job context a handler receives, and its decoding from Keyfactor-style JSON.
+//!
+//! The JSON uses the field names of Keyfactor's `OrchestratorJobCompleteHandlerContext`
+//! (`AgentId`, `JobResult`, ...). Field names are matched case-insensitively so that both the
+//! .NET names and a camelCase serialisation are accepted. Enums are accepted by name
+//! (case-insensitive) or by Keyfactor's number; an unknown *number* decodes to `Unknown` so that
+//! a newer Keyfactor never makes an event undeliverable, while an unknown *name* is an error
+//! (it is far more likely a typo than a new enum member).
+//!
+//! Every byte of the input is untrusted: sizes are bounded, errors name the field and say what
+//! was expected, and nothing here panics.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// Largest context document accepted, in bytes. A real context is a few hundred bytes; this
+/// leaves room for long user and machine names while keeping a hostile body cheap to reject.
+pub const MAX_CONTEXT_BYTES: usize = 64 * 1024;
+
+/// Longest string field accepted, in bytes. Keyfactor's strings here are account names, host
+/// names and job type names (FQDNs are at most 253 bytes); 4 KiB is generous and bounded.
+pub const MAX_STRING_FIELD_BYTES: usize = 4 * 1024;
+
+/// Final status of the job, mirroring Keyfactor's `OrchestratorJobStatusJobResult`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum JobResult {
+    /// 0, and every number Keyfactor may add later.
+    Unknown,
+    /// 1: the job is still being processed (seen on the agent wire protocol).
+    InProcess,
+    /// 2
+    Success,
+    /// 3
+    Warning,
+    /// 4
+    Failure,
+}
+
+impl JobResult {
+    const NAMES: &'static [(&'static str, JobResult, i64)] = &[
+        ("Unknown", JobResult::Unknown, 0),
+        ("InProcess", JobResult::InProcess, 1),
+        ("Success", JobResult::Success, 2),
+        ("Warning", JobResult::Warning, 3),
+        ("Failure", JobResult::Failure, 4),
+    ];
+
+    /// Keyfactor's numeric value.
+    pub fn number(self) -> i64 {
+        Self::NAMES
+            .iter()
+            .find(|(_, v, _)| *v == self)
+            .map_or(0, |(_, _, n)| *n)
+    }
+
+    /// The .NET member name.
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, v, _)| *v == self)
+            .map_or("Unknown", |(n, _, _)| n)
+    }
+
+    /// Decodes a number; numbers Keyfactor does not (yet) define become `Unknown`.
+    pub fn from_number(n: i64) -> Self {
+        Self::NAMES
+            .iter()
+            .find(|(_, _, num)| *num == n)
+            .map_or(JobResult::Unknown, |(_, v, _)| *v)
+    }
+}
+
+/// The kind of certificate store operation, mirroring Keyfactor's `CertStoreOperationType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum OperationType {
+    /// 0, and every number Keyfactor may add later. Inventory jobs report this.
+    Unknown,
+    /// 1
+    Inventory,
+    /// 2
+    Add,
+    /// 3
+    Remove,
+    /// 4
+    Create,
+    /// 5
+    CreateAdd,
+    /// 6 (by declaration order)
+    Reenrollment,
+    /// 7 (by declaration order)
+    Discovery,
+    /// 8 (by declaration order)
+    SetPassword,
+    /// 9 (by declaration order)
+    FetchLogs,
+}
+
+impl OperationType {
+    const NAMES: &'static [(&'static str, OperationType, i64)] = &[
+        ("Unknown", OperationType::Unknown, 0),
+        ("Inventory", OperationType::Inventory, 1),
+        ("Add", OperationType::Add, 2),
+        ("Remove", OperationType::Remove, 3),
+        ("Create", OperationType::Create, 4),
+        ("CreateAdd", OperationType::CreateAdd, 5),
+        ("Reenrollment", OperationType::Reenrollment, 6),
+        ("Discovery", OperationType::Discovery, 7),
+        ("SetPassword", OperationType::SetPassword, 8),
+        ("FetchLogs", OperationType::FetchLogs, 9),
+    ];
+
+    /// Keyfactor's numeric value.
+    pub fn number(self) -> i64 {
+        Self::NAMES
+            .iter()
+            .find(|(_, v, _)| *v == self)
+            .map_or(0, |(_, _, n)| *n)
+    }
+
+    /// The .NET member name.
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, v, _)| *v == self)
+            .map_or("Unknown", |(n, _, _)| n)
+    }
+
+    /// Decodes a number; numbers Keyfactor does not (yet) define become `Unknown`.
+    pub fn from_number(n: i64) -> Self {
+        Self::NAMES
+            .iter()
+            .find(|(_, _, num)| *num == n)
+            .map_or(OperationType::Unknown, |(_, v, _)| *v)
+    }
+}
+
+/// All eleven fields of Keyfactor's `OrchestratorJobCompleteHandlerContext` (its `Client` is the
+/// `keyfactor` capability instead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobContext {
+    /// `AgentId`: the orchestrator that ran the job.
+    pub agent_id: Uuid,
+    /// `Username`: the account the orchestrator authenticated as.
+    pub username: String,
+    /// `ClientMachine`: the orchestrator's name.
+    pub client_machine: String,
+    /// `JobResult`: the final status of the job.
+    pub job_result: JobResult,
+    /// `JobId`: the job (stable for recurring jobs).
+    pub job_id: Uuid,
+    /// `JobType`: e.g. `WinCertInventory`.
+    pub job_type: String,
+    /// `JobTypeId`: the job type GUID that handlers are routed by.
+    pub job_type_id: Uuid,
+    /// `OperationType`: e.g. `Add` for a management add job.
+    pub operation_type: OperationType,
+    /// `CertificateId`: Keyfactor's certificate id, when the job concerns one certificate.
+    pub certificate_id: Option<i32>,
+    /// `RequestTimestamp`: when the job was requested, when known.
+    pub request_timestamp: Option<DateTime<Utc>>,
+    /// `CurrentRetryCount`: 0 on the first run, incremented on each automatic reschedule.
+    pub current_retry_count: i32,
+}
+
+/// Why a context document was refused. The message names the field and says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    /// The document is larger than [`MAX_CONTEXT_BYTES`].
+    #[error("context is {size} bytes; the limit is {MAX_CONTEXT_BYTES} bytes")]
+    TooLarge {
+        /// Size of the refused document.
+        size: usize,
+    },
+    /// The document is not JSON at all.
+    #[error("context is not valid JSON: {0}")]
+    Json(String),
+    /// The document is JSON, but not an object.
+    #[error(
+        "context must be a JSON object with the fields AgentId, JobResult, JobId, ...; got {0}"
+    )]
+    NotAnObject(&'static str),
+    /// A required field is absent.
+    #[error("field `{0}` is missing")]
+    Missing(&'static str),
+    /// The same field appears twice under differently-cased names.
+    #[error("field `{0}` is given more than once (field names are matched case-insensitively)")]
+    Duplicate(&'static str),
+    /// A field is present but its value is unusable.
+    #[error("field `{field}`: {message}")]
+    Invalid {
+        /// The .NET name of the field.
+        field: &'static str,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+const FIELDS: &[&str] = &[
+    "AgentId",
+    "Username",
+    "ClientMachine",
+    "JobResult",
+    "JobId",
+    "JobType",
+    "JobTypeId",
+    "OperationType",
+    "CertificateId",
+    "RequestTimestamp",
+    "CurrentRetryCount",
+];
+
+impl JobContext {
+    /// Decodes a context from JSON bytes (see the module documentation for the format).
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, ContextError> {
+        if bytes.len() > MAX_CONTEXT_BYTES {
+            return Err(ContextError::TooLarge { size: bytes.len() });
+        }
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| ContextError::Json(e.to_string()))?;
+        Self::from_json_value(&value)
+    }
+
+    /// Decodes a context from an already parsed JSON value.
+    pub fn from_json_value(value: &Value) -> Result<Self, ContextError> {
+        let object = match value {
+            Value::Object(map) => map,
+            other => return Err(ContextError::NotAnObject(json_kind(other))),
+        };
+        let fields = Fields::collect(object)?;
+        Ok(JobContext {
+            agent_id: fields.guid("AgentId")?,
+            username: fields.string("Username")?,
+            client_machine: fields.string("ClientMachine")?,
+            job_result: fields.enumeration(
+                "JobResult",
+                JobResult::NAMES,
+                JobResult::from_number,
+            )?,
+            job_id: fields.guid("JobId")?,
+            job_type: fields.string("JobType")?,
+            job_type_id: fields.guid("JobTypeId")?,
+            operation_type: fields.enumeration(
+                "OperationType",
+                OperationType::NAMES,
+                OperationType::from_number,
+            )?,
+            certificate_id: fields.optional_i32("CertificateId")?,
+            request_timestamp: fields.optional_timestamp("RequestTimestamp")?,
+            current_retry_count: fields.required_i32("CurrentRetryCount")?,
+        })
+    }
+
+    /// Encodes the context as JSON with the .NET field names, the inverse of
+    /// [`JobContext::from_json_value`].
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "AgentId": self.agent_id.to_string(),
+            "Username": self.username,
+            "ClientMachine": self.client_machine,
+            "JobResult": self.job_result.name(),
+            "JobId": self.job_id.to_string(),
+            "JobType": self.job_type,
+            "JobTypeId": self.job_type_id.to_string(),
+            "OperationType": self.operation_type.name(),
+            "CertificateId": self.certificate_id,
+            "RequestTimestamp": self.request_timestamp.map(|t| t.to_rfc3339()),
+            "CurrentRetryCount": self.current_retry_count,
+        })
+    }
+}
+
+/// The known fields of one document, looked up case-insensitively. Unknown fields are ignored so
+/// that a newer Keyfactor that adds fields does not break delivery.
+struct Fields<'a> {
+    values: [Option<&'a Value>; FIELDS.len()],
+}
+
+impl<'a> Fields<'a> {
+    fn collect(object: &'a Map<String, Value>) -> Result<Self, ContextError> {
+        let mut values = [None; FIELDS.len()];
+        for (key, value) in object {
+            let Some(index) = FIELDS.iter().position(|f| f.eq_ignore_ascii_case(key)) else {
+                continue;
+            };
+            let (Some(slot), Some(name)) = (values.get_mut(index), FIELDS.get(index)) else {
+                continue;
+            };
+            if slot.is_some() {
+                return Err(ContextError::Duplicate(name));
+            }
+            *slot = Some(value);
+        }
+        Ok(Fields { values })
+    }
+
+    /// The value of a field, treating JSON `null` like absence.
+    fn get(&self, field: &'static str) -> Option<&'a Value> {
+        let index = FIELDS.iter().position(|f| *f == field)?;
+        self.values
+            .get(index)
+            .copied()
+            .flatten()
+            .filter(|v| !v.is_null())
+    }
+
+    fn required(&self, field: &'static str) -> Result<&'a Value, ContextError> {
+        self.get(field).ok_or(ContextError::Missing(field))
+    }
+
+    fn guid(&self, field: &'static str) -> Result<Uuid, ContextError> {
+        let text = self
+            .required(field)?
+            .as_str()
+            .ok_or_else(|| ContextError::Invalid {
+                field,
+                message: format!(
+                    "expected a GUID string, got {}",
+                    json_kind(self.get(field).unwrap_or(&Value::Null))
+                ),
+            })?;
+        parse_guid(text).ok_or_else(|| ContextError::Invalid {
+            field,
+            message: format!(
+                "{:?} is not a GUID (expected e.g. \"fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11\")",
+                truncate_for_message(text)
+            ),
+        })
+    }
+
+    /// A .NET `string` field: required to be present; `null` (which .NET allows) becomes "".
+    fn string(&self, field: &'static str) -> Result<String, ContextError> {
+        let index = FIELDS.iter().position(|f| *f == field);
+        let raw = index.and_then(|i| self.values.get(i).copied().flatten());
+        match raw {
+            None => Err(ContextError::Missing(field)),
+            Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(s)) if s.len() > MAX_STRING_FIELD_BYTES => {
+                Err(ContextError::Invalid {
+                    field,
+                    message: format!(
+                        "is {} bytes long; the limit is {MAX_STRING_FIELD_BYTES}",
+                        s.len()
+                    ),
+                })
+            }
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(ContextError::Invalid {
+                field,
+                message: format!("expected a string, got {}", json_kind(other)),
+            }),
+        }
+    }
+
+    fn enumeration<E: Copy>(
+        &self,
+        field: &'static str,
+        names: &[(&'static str, E, i64)],
+        from_number: fn(i64) -> E,
+    ) -> Result<E, ContextError> {
+        let allowed = || {
+            names
+                .iter()
+                .map(|(n, _, num)| format!("{n} ({num})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self.required(field)? {
+            Value::Number(n) => match n.as_i64() {
+                Some(n) => Ok(from_number(n)),
+                None => Err(ContextError::Invalid {
+                    field,
+                    message: format!("{n} is not a whole number; expected one of {}", allowed()),
+                }),
+            },
+            Value::String(s) => {
+                let trimmed = s.trim();
+                if let Some((_, v, _)) = names
+                    .iter()
+                    .find(|(n, _, _)| n.eq_ignore_ascii_case(trimmed))
+                {
+                    return Ok(*v);
+                }
+                if let Ok(n) = trimmed.parse::<i64>() {
+                    return Ok(from_number(n));
+                }
+                Err(ContextError::Invalid {
+                    field,
+                    message: format!(
+                        "{:?} is not a known name; expected one of {} (names are case-insensitive)",
+                        truncate_for_message(s),
+                        allowed()
+                    ),
+                })
+            }
+            other => Err(ContextError::Invalid {
+                field,
+                message: format!("expected a name or number, got {}", json_kind(other)),
+            }),
+        }
+    }
+
+    fn int(field: &'static str, value: &Value) -> Result<i32, ContextError> {
+        let number = match value {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse::<i64>().ok(),
+            other => {
+                return Err(ContextError::Invalid {
+                    field,
+                    message: format!("expected a whole number, got {}", json_kind(other)),
+                });
+            }
+        };
+        number
+            .and_then(|n| i32::try_from(n).ok())
+            .ok_or_else(|| ContextError::Invalid {
+                field,
+                message: format!(
+                    "{} is not a whole number in the 32-bit range",
+                    truncate_for_message(&value.to_string())
+                ),
+            })
+    }
+
+    fn required_i32(&self, field: &'static str) -> Result<i32, ContextError> {
+        Self::int(field, self.required(field)?)
+    }
+
+    fn optional_i32(&self, field: &'static str) -> Result<Option<i32>, ContextError> {
+        self.get(field).map(|v| Self::int(field, v)).transpose()
+    }
+
+    fn optional_timestamp(
+        &self,
+        field: &'static str,
+    ) -> Result<Option<DateTime<Utc>>, ContextError> {
+        let Some(value) = self.get(field) else {
+            return Ok(None);
+        };
+        let text = value.as_str().ok_or_else(|| ContextError::Invalid {
+            field,
+            message: format!(
+                "expected an ISO 8601 date-time string, got {}",
+                json_kind(value)
+            ),
+        })?;
+        parse_timestamp(text)
+            .map(Some)
+            .ok_or_else(|| ContextError::Invalid {
+                field,
+                message: format!(
+                    "{:?} is not an ISO 8601 date-time (expected e.g. \"2023-05-03T23:18:48Z\")",
+                    truncate_for_message(text)
+                ),
+            })
+    }
+}
+
+/// Parses a GUID in any form .NET's `Guid.Parse` commonly produces: hyphenated, braced
+/// (`{...}`), or 32 hex digits. Returns `None` for anything else.
+pub fn parse_guid(text: &str) -> Option<Uuid> {
+    let text = text.trim();
+    if text.len() > 38 {
+        return None;
+    }
+    let inner = text
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .unwrap_or(text);
+    match inner.len() {
+        32 | 36 => Uuid::try_parse(inner).ok(),
+        _ => None,
+    }
+}
+
+/// Parses an ISO 8601 timestamp. With an offset (`Z`, `+02:00`) it is converted to UTC; without
+/// one (how .NET serialises a `DateTime` of unspecified kind) it is taken as UTC.
+pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    if text.len() > 64 {
+        return None;
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+        .map(|naive| naive.and_utc())
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Keeps error messages bounded when they quote hostile input.
+fn truncate_for_message(text: &str) -> String {
+    const MAX: usize = 80;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Value {
+        json!({
+            "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11",
+            "Username": "KFTRAIN\\SVC_Orchestrator",
+            "ClientMachine": "orchestrator.kftrain.lab",
+            "JobResult": "Failure",
+            "JobId": "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01",
+            "JobType": "WinCertInventory",
+            "JobTypeId": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
+            "OperationType": "Unknown",
+            "CertificateId": 14,
+            "RequestTimestamp": "2023-05-03T23:18:48Z",
+            "CurrentRetryCount": 5
+        })
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut v = sample();
+        if let Value::Object(map) = &mut v {
+            map.insert(field.to_owned(), value);
+        }
+        v
+    }
+
+    fn without(field: &str) -> Value {
+        let mut v = sample();
+        if let Value::Object(map) = &mut v {
+            map.remove(field);
+        }
+        v
+    }
+
+    fn decode(v: &Value) -> Result<JobContext, ContextError> {
+        JobContext::from_json_value(v)
+    }
+
+    #[test]
+    fn decodes_every_field() {
+        let c = decode(&sample()).unwrap();
+        assert_eq!(
+            c.agent_id.to_string(),
+            "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11"
+        );
+        assert_eq!(c.username, "KFTRAIN\\SVC_Orchestrator");
+        assert_eq!(c.client_machine, "orchestrator.kftrain.lab");
+        assert_eq!(c.job_result, JobResult::Failure);
+        assert_eq!(c.job_id.to_string(), "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01");
+        assert_eq!(c.job_type, "WinCertInventory");
+        assert_eq!(
+            c.job_type_id.to_string(),
+            "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"
+        );
+        assert_eq!(c.operation_type, OperationType::Unknown);
+        assert_eq!(c.certificate_id, Some(14));
+        assert_eq!(c.request_timestamp.unwrap().timestamp(), 1_683_155_928);
+        assert_eq!(c.current_retry_count, 5);
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let c = decode(&sample()).unwrap();
+        assert_eq!(decode(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn job_result_by_name_any_case_and_by_number() {
+        for (input, expected) in [
+            (json!("success"), JobResult::Success),
+            (json!("WARNING"), JobResult::Warning),
+            (json!("Failure"), JobResult::Failure),
+            (json!("InProcess"), JobResult::InProcess),
+            (json!("unknown"), JobResult::Unknown),
+            (json!(0), JobResult::Unknown),
+            (json!(1), JobResult::InProcess),
+            (json!(2), JobResult::Success),
+            (json!(3), JobResult::Warning),
+            (json!(4), JobResult::Failure),
+            (json!("4"), JobResult::Failure),
+            (json!(17), JobResult::Unknown),
+            (json!(-1), JobResult::Unknown),
+        ] {
+            let c = decode(&with("JobResult", input.clone())).unwrap();
+            assert_eq!(c.job_result, expected, "input {input}");
+        }
+    }
+
+    #[test]
+    fn operation_type_by_name_any_case_and_by_number() {
+        let names = [
+            "Unknown",
+            "Inventory",
+            "Add",
+            "Remove",
+            "Create",
+            "CreateAdd",
+            "Reenrollment",
+            "Discovery",
+            "SetPassword",
+            "FetchLogs",
+        ];
+        for (number, name) in names.iter().enumerate() {
+            let by_name = decode(&with("OperationType", json!(name.to_lowercase()))).unwrap();
+            let by_number = decode(&with("OperationType", json!(number))).unwrap();
+            assert_eq!(by_name.operation_type, by_number.operation_type);
+            assert_eq!(by_name.operation_type.name(), *name);
+            assert_eq!(by_name.operation_type.number(), number as i64);
+        }
+        let c = decode(&with("OperationType", json!(42))).unwrap();
+        assert_eq!(c.operation_type, OperationType::Unknown);
+    }
+
+    #[test]
+    fn unknown_enum_name_is_an_error_naming_the_field() {
+        let e = decode(&with("JobResult", json!("Exploded"))).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("field `JobResult`"), "{msg}");
+        assert!(msg.contains("Failure (4)"), "{msg}");
+    }
+
+    #[test]
+    fn non_integral_enum_number_is_an_error() {
+        let e = decode(&with("OperationType", json!(2.5))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ContextError::Invalid {
+                    field: "OperationType",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn guid_forms() {
+        for form in [
+            "FA406103-0B3E-4F0B-8D3B-0C1F8E6C0A11",
+            "{fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11}",
+            "fa4061030b3e4f0b8d3b0c1f8e6c0a11",
+        ] {
+            let c = decode(&with("AgentId", json!(form))).unwrap();
+            assert_eq!(
+                c.agent_id.to_string(),
+                "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11"
+            );
+        }
+        for bad in [
+            "",
+            "not-a-guid",
+            "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a1",
+            "urn:uuid:x",
+        ] {
+            let e = decode(&with("JobTypeId", json!(bad))).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ContextError::Invalid {
+                        field: "JobTypeId",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+        let e = decode(&with("JobId", json!(12))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "field `JobId`: expected a GUID string, got a number"
+        );
+    }
+
+    #[test]
+    fn missing_required_fields_are_named() {
+        for field in [
+            "AgentId",
+            "Username",
+            "ClientMachine",
+            "JobResult",
+            "JobId",
+            "JobType",
+            "JobTypeId",
+            "OperationType",
+            "CurrentRetryCount",
+        ] {
+            let e = decode(&without(field)).unwrap_err();
+            assert_eq!(e, ContextError::Missing(field));
+        }
+    }
+
+    #[test]
+    fn optional_fields_may_be_absent_or_null() {
+        for v in [without("CertificateId"), with("CertificateId", Value::Null)] {
+            assert_eq!(decode(&v).unwrap().certificate_id, None);
+        }
+        for v in [
+            without("RequestTimestamp"),
+            with("RequestTimestamp", Value::Null),
+        ] {
+            assert_eq!(decode(&v).unwrap().request_timestamp, None);
+        }
+    }
+
+    #[test]
+    fn null_strings_become_empty() {
+        assert_eq!(decode(&with("Username", Value::Null)).unwrap().username, "");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        for (field, value) in [
+            ("Username", json!(5)),
+            ("ClientMachine", json!([])),
+            ("JobType", json!({})),
+            ("CurrentRetryCount", json!("lots")),
+            ("CurrentRetryCount", json!(1.5)),
+            ("CurrentRetryCount", json!(1_u64 << 40)),
+            ("CertificateId", json!(true)),
+            ("RequestTimestamp", json!(12)),
+            ("RequestTimestamp", json!("yesterday")),
+            ("JobResult", json!(true)),
+        ] {
+            match decode(&with(field, value.clone())) {
+                Err(ContextError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}={value}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn timestamps_with_and_without_offset() {
+        let at = |s: &str| {
+            decode(&with("RequestTimestamp", json!(s)))
+                .unwrap()
+                .request_timestamp
+                .unwrap()
+                .timestamp()
+        };
+        assert_eq!(at("2023-05-03T23:18:48Z"), 1_683_155_928);
+        assert_eq!(at("2023-05-04T01:18:48+02:00"), 1_683_155_928);
+        assert_eq!(at("2023-05-03T23:18:48"), 1_683_155_928);
+        assert_eq!(at("2023-05-03T23:18:48.1234567"), 1_683_155_928);
+    }
+
+    #[test]
+    fn field_names_are_case_insensitive_but_unique() {
+        let camel = json!({
+            "agentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "username": "u",
+            "clientMachine": "m", "jobResult": 2, "jobId": "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01",
+            "jobType": "WinCertInventory", "jobTypeId": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
+            "operationType": 0, "currentRetryCount": 0
+        });
+        assert_eq!(decode(&camel).unwrap().job_result, JobResult::Success);
+        let dup = with("agentid", json!("fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11"));
+        assert_eq!(
+            decode(&dup).unwrap_err(),
+            ContextError::Duplicate("AgentId")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        assert!(decode(&with("Client", json!({"BaseAddress": "x"}))).is_ok());
+    }
+
+    #[test]
+    fn malformed_and_oversized_documents() {
+        assert!(matches!(
+            JobContext::from_json_bytes(b"{\"AgentId\": "),
+            Err(ContextError::Json(_))
+        ));
+        assert_eq!(
+            JobContext::from_json_bytes(b"[1,2]").unwrap_err(),
+            ContextError::NotAnObject("an array")
+        );
+        let big = vec![b' '; MAX_CONTEXT_BYTES + 1];
+        assert!(matches!(
+            JobContext::from_json_bytes(&big),
+            Err(ContextError::TooLarge { .. })
+        ));
+        let long = "x".repeat(MAX_STRING_FIELD_BYTES + 1);
+        assert!(matches!(
+            decode(&with("Username", json!(long))),
+            Err(ContextError::Invalid {
+                field: "Username",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn error_messages_quoting_input_are_bounded() {
+        let long = "é".repeat(1000);
+        let e = decode(&with("JobResult", json!(long)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 600, "{}", e.len());
+    }
+}

@@ -1,0 +1,413 @@
+//! The load gate: turns untrusted bytes into a checked, pre-instantiated handler component, or
+//! refuses them with a message that says what is wrong and what to do.
+//!
+//! Checks, in order: size; WebAssembly magic and binary kind (component, not core module);
+//! validation and compilation (off the async runtime, with a time bound); every import is an
+//! interface the host provides, of a supported version, and — for capabilities — granted to the
+//! handler; finally the component's exports match the `handler` world.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
+
+use crate::bindings::HandlerPre;
+use crate::capabilities::{ALWAYS_AVAILABLE, Capability, Grants};
+use crate::engine::Engine;
+use crate::sandbox::{SandboxState, linker};
+
+/// The WIT package handlers are built against, and its version.
+pub const WIT_PACKAGE: &str = "jobhook:handler";
+/// The version of [`WIT_PACKAGE`] this engine implements. Components built against this version
+/// or an older patch release of the same `0.minor` line are accepted.
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+
+/// Largest component accepted. A release-built Rust handler is 100 KiB–2 MiB; a debug build can be
+/// 10 MiB. Compilation time grows with size, so the cap also bounds the cost of hostile input.
+pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 * 1024 * 1024;
+
+/// Longest a component may take to validate and compile. Real handlers compile in well under a
+/// second here; the bound turns a pathological input into a clear refusal.
+pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// WASI packages a handler may import. They are linked with a context that grants nothing: no
+/// files, no environment, no arguments; stdout/stderr go to bounded buffers.
+const PROVIDED_WASI: &[&str] = &[
+    "wasi:cli/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+];
+
+/// WASI packages that are refused outright, with the capability to use instead.
+const REFUSED_WASI: &[(&str, &str)] = &[
+    (
+        "wasi:sockets/",
+        "network sockets are not available to handlers; use the `http` or `keyfactor` capability",
+    ),
+    (
+        "wasi:http/",
+        "wasi:http is not available to handlers; use the `http` capability (jobhook:handler/http)",
+    ),
+];
+
+/// How a component is checked.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Largest component accepted, in bytes.
+    pub max_bytes: usize,
+    /// Longest compilation allowed.
+    pub compile_timeout: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_bytes: DEFAULT_MAX_COMPONENT_BYTES,
+            compile_timeout: DEFAULT_COMPILE_TIMEOUT,
+        }
+    }
+}
+
+/// Why a component was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// Bigger than [`LoadOptions::max_bytes`].
+    #[error(
+        "the component is {size} bytes; the limit is {max} bytes (raise `max_component_bytes` if this handler is trusted to be that large)"
+    )]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not WebAssembly at all.
+    #[error(
+        "not a WebAssembly binary (it does not start with the `\\0asm` magic bytes); build the handler with `cargo build --target wasm32-wasip2`"
+    )]
+    NotWasm,
+    /// A core module, not a component.
+    #[error(
+        "this is a core WebAssembly module, not a component; build the handler for the `wasm32-wasip2` target (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    /// A WebAssembly binary of a version or layer this engine does not know.
+    #[error(
+        "unsupported WebAssembly binary version/layer {0:#010x}; jobhook runs WebAssembly components (wasm32-wasip2)"
+    )]
+    UnknownBinary(u32),
+    /// Failed validation or compilation.
+    #[error("the component is invalid: {0}")]
+    Invalid(String),
+    /// Compilation took longer than allowed.
+    #[error("compiling the component took longer than {0:?}; it was refused")]
+    CompileTimeout(Duration),
+    /// Imports the handler package at a version this engine does not implement.
+    #[error(
+        "the component imports `{import}`, but this engine implements jobhook:handler@{supported}; rebuild the handler against a compatible jobhook-sdk"
+    )]
+    UnsupportedVersion {
+        /// The import name.
+        import: String,
+        /// The version this engine implements.
+        supported: String,
+    },
+    /// Imports a capability the operator did not grant to this handler.
+    #[error(
+        "the component imports the `{capability}` capability, which is not granted to this handler; grant it in the handler's configuration (grants = [\"{capability}\"]) or rebuild the handler without it"
+    )]
+    NotGranted {
+        /// The capability.
+        capability: Capability,
+    },
+    /// Imports something the engine does not provide.
+    #[error("the component imports `{import}`, which jobhook does not provide: {hint}")]
+    NotProvided {
+        /// The import name.
+        import: String,
+        /// What to do instead.
+        hint: String,
+    },
+    /// The exports do not match the `handler` world.
+    #[error(
+        "the component does not fit the jobhook:handler world: {0}; build it with jobhook-sdk's `export_handler!` against wit/ of this engine"
+    )]
+    WrongWorld(String),
+    /// An internal error that is not the component's fault.
+    #[error("internal error while loading: {0}")]
+    Internal(String),
+}
+
+/// What a component imports, grouped as the operator needs to see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ImportSummary {
+    /// Grantable capabilities it imports (`keyfactor`, `mail`, `http`).
+    pub capabilities: Vec<Capability>,
+    /// Always-available jobhook interfaces it imports (`properties`, `log`, `delivery`, `types`).
+    pub jobhook: Vec<String>,
+    /// WASI interfaces it imports (linked, but granting nothing).
+    pub wasi: Vec<String>,
+    /// Imports the engine does not provide (a component with any is refused).
+    pub unsupported: Vec<String>,
+}
+
+/// A component that passed the load gate.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    pre: HandlerPre<SandboxState>,
+    imports: ImportSummary,
+    size: usize,
+}
+
+impl LoadedComponent {
+    /// The pre-instantiated component: imports resolved and type-checked once.
+    pub fn pre(&self) -> &HandlerPre<SandboxState> {
+        &self.pre
+    }
+
+    /// What it imports.
+    pub fn imports(&self) -> &ImportSummary {
+        &self.imports
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+/// The result of `jobhook inspect`: everything the gate learns about a component, without
+/// refusing it for missing grants.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// Size in bytes.
+    pub size: usize,
+    /// `None` when the component fits the world; otherwise why not.
+    pub world_error: Option<String>,
+    /// Its imports, grouped.
+    pub imports: ImportSummary,
+    /// Names of its exports.
+    pub exports: Vec<String>,
+}
+
+/// Checks and prepares a component for a handler with `grants`.
+pub async fn load(
+    engine: &Engine,
+    bytes: Vec<u8>,
+    grants: &Grants,
+    options: &LoadOptions,
+) -> Result<LoadedComponent, LoadError> {
+    let size = bytes.len();
+    let component = compile(engine, bytes, options).await?;
+    let imports = summarize_imports(engine, &component)?;
+    for capability in &imports.capabilities {
+        if !grants.contains(capability) {
+            return Err(LoadError::NotGranted {
+                capability: *capability,
+            });
+        }
+    }
+    let pre = prepare(engine, &component)?;
+    Ok(LoadedComponent { pre, imports, size })
+}
+
+/// Inspects a component: compiles it, lists its imports and exports and checks it against the
+/// world. Fails only when the bytes are not a usable component at all.
+pub async fn inspect(
+    engine: &Engine,
+    bytes: Vec<u8>,
+    options: &LoadOptions,
+) -> Result<Inspection, LoadError> {
+    let size = bytes.len();
+    let component = compile(engine, bytes, options).await?;
+    let ty = component.component_type();
+    let exports = ty
+        .exports(engine.wasmtime())
+        .map(|(n, _)| n.to_owned())
+        .collect();
+    let (imports, world_error) = match summarize_imports(engine, &component) {
+        Ok(imports) => {
+            let world_error = prepare(engine, &component).err().map(|e| e.to_string());
+            (imports, world_error)
+        }
+        Err(e) => (raw_imports(engine, &component), Some(e.to_string())),
+    };
+    Ok(Inspection {
+        size,
+        world_error,
+        imports,
+        exports,
+    })
+}
+
+/// Checks the binary's kind, then validates and compiles it off the async runtime.
+async fn compile(
+    engine: &Engine,
+    bytes: Vec<u8>,
+    options: &LoadOptions,
+) -> Result<Component, LoadError> {
+    check_header(&bytes, options)?;
+    let wasmtime_engine = engine.wasmtime().clone();
+    // An in-process compile cannot be cancelled; on timeout the blocking thread finishes on its
+    // own (bounded by the size cap) and its result is discarded.
+    let task = tokio::task::spawn_blocking(move || Component::new(&wasmtime_engine, &bytes));
+    match tokio::time::timeout(options.compile_timeout, task).await {
+        Err(_) => Err(LoadError::CompileTimeout(options.compile_timeout)),
+        Ok(Err(join)) => Err(LoadError::Internal(format!("compiler task failed: {join}"))),
+        Ok(Ok(Err(e))) => Err(LoadError::Invalid(format!("{e:#}"))),
+        Ok(Ok(Ok(component))) => Ok(component),
+    }
+}
+
+/// Size, magic and binary-kind checks, before any parsing.
+fn check_header(bytes: &[u8], options: &LoadOptions) -> Result<(), LoadError> {
+    if bytes.len() > options.max_bytes {
+        return Err(LoadError::TooLarge {
+            size: bytes.len(),
+            max: options.max_bytes,
+        });
+    }
+    let (Some(magic), Some(version)) = (bytes.get(0..4), bytes.get(4..8)) else {
+        return Err(LoadError::NotWasm);
+    };
+    if magic != b"\0asm" {
+        return Err(LoadError::NotWasm);
+    }
+    // Bytes 4..8 are a little-endian version (u16) and layer (u16): 1/0 is a core module,
+    // 0x0d/1 the component-model binary format.
+    match version {
+        [0x01, 0x00, 0x00, 0x00] => Err(LoadError::CoreModule),
+        [0x0d, 0x00, 0x01, 0x00] => Ok(()),
+        other => Err(LoadError::UnknownBinary(u32::from_le_bytes([
+            other.first().copied().unwrap_or(0),
+            other.get(1).copied().unwrap_or(0),
+            other.get(2).copied().unwrap_or(0),
+            other.get(3).copied().unwrap_or(0),
+        ]))),
+    }
+}
+
+/// Resolves imports against the linker and checks the exports against the world.
+fn prepare(engine: &Engine, component: &Component) -> Result<HandlerPre<SandboxState>, LoadError> {
+    let linker = linker(engine).map_err(|e| LoadError::Internal(format!("{e:#}")))?;
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+    HandlerPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
+}
+
+fn raw_imports(engine: &Engine, component: &Component) -> ImportSummary {
+    let mut summary = ImportSummary::default();
+    for (name, _) in component.component_type().imports(engine.wasmtime()) {
+        summary.unsupported.push(name.to_owned());
+    }
+    summary
+}
+
+/// Sorts every import into capability / jobhook / WASI, refusing anything the engine does not
+/// provide, at a version it does not implement.
+fn summarize_imports(engine: &Engine, component: &Component) -> Result<ImportSummary, LoadError> {
+    let mut summary = ImportSummary::default();
+    for (name, item) in component.component_type().imports(engine.wasmtime()) {
+        if !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+            return Err(LoadError::NotProvided {
+                import: name.to_owned(),
+                hint: "handlers may import only interfaces (jobhook:handler/* and WASI), not bare functions, types, modules or components".into(),
+            });
+        }
+        if let Some(rest) = name
+            .strip_prefix(WIT_PACKAGE)
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
+            if !version_supported(version) {
+                return Err(LoadError::UnsupportedVersion {
+                    import: name.to_owned(),
+                    supported: format!("{}.{}.{}", WIT_VERSION.0, WIT_VERSION.1, WIT_VERSION.2),
+                });
+            }
+            if let Some(capability) = Capability::from_interface(interface) {
+                summary.capabilities.push(capability);
+            } else if ALWAYS_AVAILABLE.contains(&interface) {
+                summary.jobhook.push(interface.to_owned());
+            } else {
+                return Err(LoadError::NotProvided {
+                    import: name.to_owned(),
+                    hint: format!("{WIT_PACKAGE} has no interface `{interface}` in this engine"),
+                });
+            }
+        } else if let Some((_, hint)) = REFUSED_WASI.iter().find(|(p, _)| name.starts_with(p)) {
+            return Err(LoadError::NotProvided {
+                import: name.to_owned(),
+                hint: (*hint).to_owned(),
+            });
+        } else if PROVIDED_WASI.iter().any(|p| name.starts_with(p)) {
+            summary.wasi.push(name.to_owned());
+        } else {
+            return Err(LoadError::NotProvided {
+                import: name.to_owned(),
+                hint: "only jobhook:handler/* interfaces and WASI cli, io, clocks, random and filesystem are available".into(),
+            });
+        }
+    }
+    summary.capabilities.sort();
+    summary.capabilities.dedup();
+    Ok(summary)
+}
+
+/// Whether a component built against `version` of the handler package can run here: the same
+/// `0.minor` line, at or below this engine's patch level.
+fn version_supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+    let (Some(Some(major)), Some(Some(minor)), Some(Some(patch)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    major == WIT_VERSION.0 && minor == WIT_VERSION.1 && patch <= WIT_VERSION.2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_checks() {
+        let o = LoadOptions::default();
+        assert_eq!(check_header(b"", &o), Err(LoadError::NotWasm));
+        assert_eq!(check_header(b"\0asm", &o), Err(LoadError::NotWasm));
+        assert_eq!(check_header(b"GIF89a\0\0\0", &o), Err(LoadError::NotWasm));
+        assert_eq!(
+            check_header(b"\0asm\x01\0\0\0", &o),
+            Err(LoadError::CoreModule)
+        );
+        assert_eq!(check_header(b"\0asm\x0d\0\x01\0", &o), Ok(()));
+        assert!(matches!(
+            check_header(b"\0asm\x02\0\0\0", &o),
+            Err(LoadError::UnknownBinary(2))
+        ));
+        let small = LoadOptions {
+            max_bytes: 4,
+            ..LoadOptions::default()
+        };
+        assert!(matches!(
+            check_header(b"\0asm\x0d\0\x01\0", &small),
+            Err(LoadError::TooLarge { size: 8, max: 4 })
+        ));
+    }
+
+    #[test]
+    fn versions() {
+        assert!(version_supported("0.1.0"));
+        assert!(!version_supported("0.1.1"));
+        assert!(!version_supported("0.2.0"));
+        assert!(!version_supported("1.1.0"));
+        assert!(!version_supported(""));
+        assert!(!version_supported("0.1"));
+        assert!(!version_supported("0.1.0.0"));
+        assert!(!version_supported("0.1.x"));
+    }
+}
