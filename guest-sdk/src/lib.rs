@@ -30,7 +30,8 @@
 //! it actually calls, and the operator must grant each one, so the import list of a built
 //! handler is exactly the list of capabilities it needs.
 //!
-//! On native targets the same code compiles against a test double: see [`testing`].
+//! On native targets the same code compiles against a test double: see the `testing` module
+//! (present on non-wasm targets only).
 
 #![warn(missing_docs)]
 
