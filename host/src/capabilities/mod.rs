@@ -9,10 +9,10 @@ pub mod http;
 pub mod keyfactor;
 pub mod log;
 pub mod mail;
+pub mod outbound;
 pub mod properties;
 pub mod stdio;
 
-use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -56,8 +56,138 @@ impl fmt::Display for Capability {
     }
 }
 
-/// The capabilities an operator granted to one handler.
-pub type Grants = BTreeSet<Capability>;
+/// The capabilities an operator granted to one handler, each with its own policy. A capability
+/// that is `None` is not granted: a component importing it is refused at load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// The Keyfactor API proxy, and which methods and paths it may use.
+    pub keyfactor: Option<keyfactor::KeyfactorGrant>,
+    /// Mail, and to whom.
+    pub mail: Option<mail::MailGrant>,
+    /// Outbound HTTP, and to which URL prefixes.
+    pub http: Option<http::HttpGrant>,
+}
+
+impl Grants {
+    /// Whether `capability` is granted.
+    pub fn allows(&self, capability: Capability) -> bool {
+        match capability {
+            Capability::Keyfactor => self.keyfactor.is_some(),
+            Capability::Mail => self.mail.is_some(),
+            Capability::Http => self.http.is_some(),
+        }
+    }
+
+    /// Every capability with its most permissive policy: what `jobhook run`, the handler
+    /// author's harness, grants.
+    pub fn permissive() -> Self {
+        Grants {
+            keyfactor: Some(keyfactor::KeyfactorGrant::permissive()),
+            mail: Some(mail::MailGrant::permissive()),
+            http: Some(http::HttpGrant::permissive()),
+        }
+    }
+
+    /// The granted capabilities.
+    pub fn granted(&self) -> Vec<Capability> {
+        Capability::ALL
+            .into_iter()
+            .filter(|c| self.allows(*c))
+            .collect()
+    }
+}
+
+/// The engine-wide services behind the capabilities (API client, mail transport, HTTP client),
+/// shared by every sandbox. A service that is `None` is not configured: calls to it answer
+/// `not-available`.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    /// The Keyfactor API client.
+    pub keyfactor: Option<std::sync::Arc<keyfactor::KeyfactorClient>>,
+    /// The mail transport.
+    pub mail: Option<std::sync::Arc<mail::MailTransport>>,
+    /// The outbound HTTP client.
+    pub http: Option<std::sync::Arc<http::HttpClient>>,
+}
+
+/// The engine-level configuration of the services, as it appears in the engine's TOML file:
+///
+/// ```toml
+/// [keyfactor]                 # optional: without it, `keyfactor` calls answer not-available
+/// base_url = "https://command.example.com/KeyfactorAPI/"
+/// [keyfactor.auth]
+/// kind = "basic"
+/// username = 'KFTRAIN\svc-jobhook'
+/// password = { env = "KEYFACTOR_PASSWORD" }
+///
+/// [mail]                      # optional: without it, `mail` calls answer not-available
+/// from = "jobhook@example.com"
+///
+/// [http]                      # optional: defaults apply
+/// timeout_ms = 5000
+/// ```
+///
+/// See [`keyfactor::KeyfactorConfig`], [`mail::MailConfig`] and [`http::HttpConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesConfig {
+    /// The Keyfactor API.
+    #[serde(default)]
+    pub keyfactor: Option<keyfactor::KeyfactorConfig>,
+    /// Mail.
+    #[serde(default)]
+    pub mail: Option<mail::MailConfig>,
+    /// Outbound HTTP (always available; only granted handlers can use it).
+    #[serde(default)]
+    pub http: http::HttpConfig,
+}
+
+/// Why the services could not be built from configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// `[keyfactor]`.
+    #[error(transparent)]
+    Keyfactor(#[from] keyfactor::KeyfactorConfigError),
+    /// `[mail]`.
+    #[error(transparent)]
+    Mail(#[from] mail::MailConfigError),
+    /// `[http]`.
+    #[error(transparent)]
+    Http(#[from] http::HttpConfigError),
+}
+
+impl Services {
+    /// Builds every configured service: resolves secrets, loads CA bundles, creates the mail
+    /// outbox. `default_outbox` is the outbox directory used when `[mail]` names neither an
+    /// outbox nor a relay. Nothing is contacted yet (an OAuth token is fetched on first use).
+    pub fn from_config(
+        config: &ServicesConfig,
+        default_outbox: &std::path::Path,
+    ) -> Result<Services, ServiceError> {
+        let keyfactor = match &config.keyfactor {
+            Some(c) => Some(std::sync::Arc::new(
+                keyfactor::KeyfactorClient::from_config(c)?,
+            )),
+            None => None,
+        };
+        let mail = match &config.mail {
+            Some(c) => Some(std::sync::Arc::new(mail::MailTransport::from_config(
+                c,
+                default_outbox,
+            )?)),
+            None => None,
+        };
+        let http = Some(std::sync::Arc::new(http::HttpClient::from_config(
+            &config.http,
+        )?));
+        Ok(Services {
+            keyfactor,
+            mail,
+            http,
+        })
+    }
+}
 
 /// Interfaces of the `jobhook:handler` package every handler may import without a grant.
 pub const ALWAYS_AVAILABLE: [&str; 4] = ["types", "properties", "log", "delivery"];

@@ -7,9 +7,16 @@ use std::sync::Arc;
 use crate::bindings::jobhook::handler::properties::Host;
 
 /// The properties of one handler. Shared by all its sandboxes; read-only for the guest.
-#[derive(Debug, Clone, Default)]
+/// `Debug` shows names only: values may be resolved secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Properties {
     values: Arc<BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.values.keys()).finish()
+    }
 }
 
 impl Properties {
@@ -23,6 +30,11 @@ impl Properties {
     /// The value of `name`, if set.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.values.get(name).map(String::as_str)
+    }
+
+    /// The names of all properties, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.values.keys().cloned().collect()
     }
 }
 

@@ -1,0 +1,571 @@
+//! `jobhook:handler/http`: outbound HTTPS to URL prefixes the operator allow-listed for the
+//! handler — a Teams, Slack or generic webhook.
+//!
+//! A call goes through these steps, all inside the engine until the connect:
+//!
+//! 1. the call budget ([`CallBudget`]; exceeding it traps the sandbox);
+//! 2. the URL, parsed and normalized (`..`, `%2e%2e`, case of the host, default ports): https
+//!    only (plain http only with `allow_private = true`, and then only to loopback), no
+//!    user:password@, no encoded `/` or `\` in the path;
+//! 3. the grant: the normalized URL must be under one of the handler's [`UrlPrefix`]es (same
+//!    scheme, host and port, path prefix by whole segments) with a granted method;
+//! 4. headers (no `Host`, `Content-Length`, hop-by-hop or proxy headers; no CR/LF) and the body
+//!    size;
+//! 5. the destination address: an IP literal is checked at once; a name is resolved by the
+//!    [`address::CheckingResolver`] the client connects through, which refuses loopback,
+//!    private, link-local, unique-local, multicast and unspecified addresses unless the grant
+//!    says `allow_private` — the checked addresses are the ones connected to (no DNS rebinding);
+//! 6. no redirects are followed (a 3xx goes back to the handler); the whole call has a
+//!    timeout; the response body is read up to [`HttpConfig::max_response_bytes`] and no
+//!    further.
+
+pub mod address;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use self::address::{AddressPolicy, AddressRefused, CheckingResolver};
+use crate::bindings::jobhook::handler::http::{Host, Request};
+use crate::bindings::types::{CapabilityError, Response};
+use crate::capabilities::CallBudget;
+use crate::capabilities::outbound::{self, BodyError, GrantMethod, Redactor};
+
+/// Default per-call timeout. A webhook answers in well under a second; a notification is not
+/// worth holding a handler for longer than this.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Default largest request body: chat messages and JSON summaries are a few KiB; Teams caps
+/// webhook payloads at 28 KiB and Slack at 40 KiB. 256 KiB leaves room without inviting bulk
+/// exfiltration.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// Default largest response body: webhooks answer `ok` or a small JSON document.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// Longest URL a handler may send (browsers and most servers stop around 8 KiB).
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+
+/// Request headers a handler may never set: the engine owns framing, routing and proxying.
+pub const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "proxy-authorization",
+    "proxy-connection",
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// What a handler is told when the engine has no http service configured.
+const NOT_CONFIGURED: &str = "no outbound HTTP client is configured for this engine";
+
+/// What a handler is told about the destination (the URL may hold a webhook secret: not logged).
+const WHAT: &str = "the destination";
+
+/// The outbound HTTP capability of one sandbox.
+#[derive(Debug)]
+pub struct HttpCapability {
+    budget: CallBudget,
+    grant: Option<HttpGrant>,
+    service: Option<Arc<HttpClient>>,
+}
+
+impl HttpCapability {
+    /// A capability with `budget` calls per invocation, the handler's grant (`None`: not
+    /// granted) and the engine's client (`None`: not configured).
+    pub fn new(
+        budget: CallBudget,
+        grant: Option<HttpGrant>,
+        service: Option<Arc<HttpClient>>,
+    ) -> Self {
+        HttpCapability {
+            budget,
+            grant,
+            service,
+        }
+    }
+}
+
+impl Host for HttpCapability {
+    async fn send(
+        &mut self,
+        request: Request,
+    ) -> wasmtime::Result<Result<Response, CapabilityError>> {
+        self.budget.take()?;
+        let Some(grant) = &self.grant else {
+            return Ok(Err(CapabilityError::NotGranted(
+                "the http capability is not granted to this handler".into(),
+            )));
+        };
+        let Some(service) = &self.service else {
+            return Ok(Err(CapabilityError::NotAvailable(NOT_CONFIGURED.into())));
+        };
+        Ok(service.send(grant, request).await)
+    }
+}
+
+/// A URL prefix an operator allow-lists, e.g. `https://hooks.slack.com/services/T0/B0/` or
+/// `https://example.webhook.office.com/webhookb2/`; `*` allows every https URL (the address
+/// checks still apply). Scheme, host and port must match exactly (after normalization: the
+/// host's case, default ports); the path matches by whole segments, so
+/// `https://h/hooks/pki` allows `https://h/hooks/pki/x` but not `https://h/hooks/pki-admin`.
+/// Any query is allowed (Teams puts its signature there); a prefix itself has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlPrefix {
+    text: String,
+    /// `None` for `*`.
+    url: Option<Url>,
+}
+
+/// Why a URL prefix in a grant is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("URL prefix {text:?}: {reason}")]
+pub struct UrlPrefixError {
+    text: String,
+    reason: &'static str,
+}
+
+impl UrlPrefix {
+    /// Every https URL.
+    pub fn any() -> Self {
+        UrlPrefix {
+            text: "*".into(),
+            url: None,
+        }
+    }
+
+    /// Parses a prefix as written in configuration.
+    pub fn parse(text: &str) -> Result<Self, UrlPrefixError> {
+        let error = |reason| UrlPrefixError {
+            text: text.to_owned(),
+            reason,
+        };
+        if text.trim() == "*" {
+            return Ok(UrlPrefix::any());
+        }
+        let url = Url::parse(text.trim()).map_err(|_| error("not an absolute URL"))?;
+        if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
+            return Err(error(
+                "must be an https:// (or loopback http://) URL with a host",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(error("must not contain a user name or password"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(error(
+                "must not have a query or fragment (any query is allowed under a prefix)",
+            ));
+        }
+        Ok(UrlPrefix {
+            text: text.to_owned(),
+            url: Some(url),
+        })
+    }
+
+    /// Whether `url` (already normalized by parsing) is under this prefix.
+    pub fn matches(&self, url: &Url) -> bool {
+        let Some(prefix) = &self.url else {
+            return url.scheme() == "https";
+        };
+        if prefix.scheme() != url.scheme()
+            || prefix.host() != url.host()
+            || prefix.port_or_known_default() != url.port_or_known_default()
+        {
+            return false;
+        }
+        let want: Vec<&str> = prefix.path().split('/').filter(|s| !s.is_empty()).collect();
+        let have: Vec<&str> = url.path().split('/').filter(|s| !s.is_empty()).collect();
+        want.len() <= have.len() && want.iter().zip(&have).all(|(w, h)| w == h)
+    }
+}
+
+impl std::fmt::Display for UrlPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for UrlPrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for UrlPrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        UrlPrefix::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_methods() -> Vec<GrantMethod> {
+    vec![GrantMethod::Post]
+}
+
+/// What one handler may do with outbound HTTP:
+///
+/// ```toml
+/// [handlers.grants.http]
+/// urls = ["https://example.webhook.office.com/webhookb2/"]  # required
+/// methods = ["POST"]                                        # default: ["POST"]
+/// allow_private = false                                     # default: false
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpGrant {
+    /// URL prefixes the handler may call.
+    pub urls: Vec<UrlPrefix>,
+    /// Methods the handler may use.
+    #[serde(default = "default_methods")]
+    pub methods: Vec<GrantMethod>,
+    /// Allow loopback, private, link-local and unique-local destinations (and plain http to
+    /// loopback). For an on-premises chat server or a test receiver; off by default because it
+    /// opens the operator's internal network to the handler.
+    #[serde(default)]
+    pub allow_private: bool,
+}
+
+impl HttpGrant {
+    /// Every method to every public https URL: what `jobhook run`, the author's harness, grants.
+    pub fn permissive() -> Self {
+        HttpGrant {
+            urls: vec![UrlPrefix::any()],
+            methods: GrantMethod::ALL.to_vec(),
+            allow_private: false,
+        }
+    }
+
+    /// `POST` to `urls` (convenient for tests and examples).
+    pub fn post_to(urls: &[&str], allow_private: bool) -> Result<Self, UrlPrefixError> {
+        Ok(HttpGrant {
+            urls: urls
+                .iter()
+                .map(|u| UrlPrefix::parse(u))
+                .collect::<Result<_, _>>()?,
+            methods: default_methods(),
+            allow_private,
+        })
+    }
+}
+
+/// The engine's outbound HTTP settings (`[http]`; every field has a default):
+///
+/// ```toml
+/// [http]
+/// timeout_ms = 5000
+/// connect_timeout_ms = 3000
+/// max_request_bytes = 262144
+/// max_response_bytes = 1048576
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Per-call timeout, connect to last body byte, in milliseconds.
+    pub timeout_ms: u64,
+    /// Connect timeout in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Largest request body a handler may send.
+    pub max_request_bytes: usize,
+    /// Largest response body read.
+    pub max_response_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT.as_millis() as u64,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+/// Why the `[http]` configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpConfigError {
+    /// A timeout of zero.
+    #[error("[http] timeout_ms and connect_timeout_ms must be greater than 0")]
+    ZeroTimeout,
+    /// The HTTP client could not be built.
+    #[error("cannot build the outbound HTTP client: {0}")]
+    Client(String),
+}
+
+/// The engine-wide outbound HTTP client: one connection pool per address policy, each behind
+/// its own checking resolver.
+#[derive(Debug)]
+pub struct HttpClient {
+    clients: HashMap<AddressPolicy, reqwest::Client>,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
+}
+
+impl HttpClient {
+    /// Builds the clients.
+    pub fn from_config(config: &HttpConfig) -> Result<Self, HttpConfigError> {
+        if config.timeout_ms == 0 || config.connect_timeout_ms == 0 {
+            return Err(HttpConfigError::ZeroTimeout);
+        }
+        let mut clients = HashMap::new();
+        for policy in [
+            AddressPolicy::PublicOnly,
+            AddressPolicy::AllowPrivate,
+            AddressPolicy::LoopbackOnly,
+        ] {
+            let client = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .referer(false)
+                .dns_resolver(Arc::new(CheckingResolver::new(policy)))
+                .timeout(Duration::from_millis(config.timeout_ms))
+                .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+                .user_agent(concat!("jobhook/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| HttpConfigError::Client(e.to_string()))?;
+            clients.insert(policy, client);
+        }
+        Ok(HttpClient {
+            clients,
+            max_request_bytes: config.max_request_bytes,
+            max_response_bytes: config.max_response_bytes,
+        })
+    }
+
+    /// Checks `request` against `grant` and the engine's rules, sends it and returns the
+    /// bounded response.
+    pub async fn send(
+        &self,
+        grant: &HttpGrant,
+        request: Request,
+    ) -> Result<Response, CapabilityError> {
+        let denied = |m: String| CapabilityError::Denied(m);
+        let url = parse_url(&request.url).map_err(|m| denied(m.into()))?;
+        let policy = match (url.scheme(), grant.allow_private) {
+            ("https", false) => AddressPolicy::PublicOnly,
+            ("https", true) => AddressPolicy::AllowPrivate,
+            ("http", true) => AddressPolicy::LoopbackOnly,
+            ("http", false) => {
+                return Err(denied("plain http is refused; use an https:// URL".into()));
+            }
+            _ => return Err(denied("only https:// URLs are allowed".into())),
+        };
+        if !grant.urls.iter().any(|p| p.matches(&url)) {
+            return Err(CapabilityError::NotGranted(
+                "the URL is not under any of the prefixes granted to this handler".into(),
+            ));
+        }
+        if !grant.methods.contains(&GrantMethod::of(request.method)) {
+            return Err(CapabilityError::NotGranted(format!(
+                "{} is not granted to this handler for outbound HTTP",
+                outbound::method_name(request.method)
+            )));
+        }
+        let headers = guest_headers(&request.headers)?;
+        if let Some(body) = &request.body
+            && body.len() > self.max_request_bytes
+        {
+            return Err(CapabilityError::LimitExceeded(format!(
+                "the request body is {} bytes; the limit is {} bytes",
+                body.len(),
+                self.max_request_bytes
+            )));
+        }
+        // An IP literal never goes through the resolver: check it here.
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = literal {
+            policy.check(ip).map_err(|e| denied(e.to_string()))?;
+        }
+        let Some(client) = self.clients.get(&policy) else {
+            return Err(CapabilityError::NotAvailable(NOT_CONFIGURED.into()));
+        };
+
+        let mut builder = client
+            .request(outbound::method(request.method), url)
+            .headers(headers);
+        if let Some(body) = request.body {
+            builder = builder.body(body);
+        }
+        let response = builder.send().await.map_err(|e| {
+            if let Some(refused) = find_source::<AddressRefused>(&e) {
+                return denied(refused.to_string());
+            }
+            let answer = outbound::transport_error(&e, WHAT);
+            tracing::debug!(error = %e.without_url(), "outbound HTTP call failed");
+            answer
+        })?;
+        let status = response.status().as_u16();
+        let headers = outbound::response_headers(
+            response.headers(),
+            |name| !name.eq_ignore_ascii_case("set-cookie"),
+            &Redactor::new(),
+        );
+        let body = match outbound::read_body(response, self.max_response_bytes).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                return Err(CapabilityError::LimitExceeded(format!(
+                    "the response is larger than {} bytes",
+                    self.max_response_bytes
+                )));
+            }
+            Err(BodyError::Transport(e)) => return Err(outbound::transport_error(&e, WHAT)),
+        };
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Parses and checks a guest URL; the error is the guest's reason.
+fn parse_url(raw: &str) -> Result<Url, &'static str> {
+    if raw.len() > MAX_URL_BYTES {
+        return Err("the URL is too long");
+    }
+    if raw.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("the URL contains a control character or a backslash");
+    }
+    let mut url = Url::parse(raw).map_err(|_| "not an absolute URL")?;
+    if url.cannot_be_a_base() || url.host().is_none() {
+        return Err("the URL has no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("the URL must not contain a user name or password");
+    }
+    let lower = url.path().to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
+        return Err("the URL path contains an encoded slash, backslash or NUL");
+    }
+    url.set_fragment(None);
+    Ok(url)
+}
+
+/// Checks the guest's headers.
+fn guest_headers(guest: &[(String, String)]) -> Result<HeaderMap, CapabilityError> {
+    if guest.len() > outbound::MAX_REQUEST_HEADERS {
+        return Err(CapabilityError::Denied(format!(
+            "more than {} headers",
+            outbound::MAX_REQUEST_HEADERS
+        )));
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in guest {
+        let (name, value) = outbound::check_header(name, value).map_err(CapabilityError::Denied)?;
+        if FORBIDDEN_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+            return Err(CapabilityError::Denied(format!(
+                "header {} is set by the engine and may not be set by a handler",
+                name.as_str()
+            )));
+        }
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// The first error of type `T` in `error`'s source chain.
+fn find_source<'e, T: std::error::Error + 'static>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> Url {
+        parse_url(s).unwrap()
+    }
+
+    #[test]
+    fn prefixes_match_normalized_urls_by_segment() {
+        let p = UrlPrefix::parse("https://Hooks.Example.com/hooks/pki").unwrap();
+        assert!(p.matches(&url("https://hooks.example.com/hooks/pki")));
+        assert!(p.matches(&url("https://hooks.example.com:443/hooks/pki/x?sig=1")));
+        assert!(!p.matches(&url("https://hooks.example.com/hooks/pki-admin")));
+        assert!(!p.matches(&url("https://hooks.example.com/hooks/pki/../admin")));
+        assert!(!p.matches(&url("https://hooks.example.com/hooks/pki/%2e%2e/admin")));
+        assert!(!p.matches(&url("https://hooks.example.com:8443/hooks/pki")));
+        assert!(!p.matches(&url("http://hooks.example.com/hooks/pki")));
+        assert!(!p.matches(&url("https://hooks.example.com.evil.example/hooks/pki")));
+        assert!(!p.matches(&url("https://evil.example/hooks/pki")));
+        assert!(UrlPrefix::any().matches(&url("https://anything.example/")));
+        assert!(!UrlPrefix::any().matches(&url("http://anything.example/")));
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(parse_url("https://u:p@hooks.example.com/").is_err());
+        assert!(parse_url("https://hooks.example.com/a%2f..%2fb").is_err());
+        assert!(parse_url("https://hooks.example.com/a\r\nHost: x").is_err());
+        assert!(parse_url("https:\\\\hooks.example.com\\a").is_err());
+        assert!(parse_url("/relative").is_err());
+        assert!(parse_url("mailto:a@b").is_err());
+        assert_eq!(
+            url("https://hooks.example.com/a#frag").as_str(),
+            "https://hooks.example.com/a"
+        );
+    }
+
+    #[test]
+    fn prefixes_in_config_are_checked() {
+        assert!(UrlPrefix::parse("https://hooks.example.com/x?a=1").is_err());
+        assert!(UrlPrefix::parse("ftp://hooks.example.com/").is_err());
+        assert!(UrlPrefix::parse("https://u@hooks.example.com/").is_err());
+        assert!(UrlPrefix::parse("hooks.example.com").is_err());
+        let g: HttpGrant =
+            serde_json::from_str(r#"{"urls": ["https://hooks.example.com/x/"]}"#).unwrap();
+        assert_eq!(g.methods, vec![GrantMethod::Post]);
+        assert!(!g.allow_private);
+        assert!(serde_json::from_str::<HttpGrant>(r#"{"urls": [], "hosts": []}"#).is_err());
+    }
+
+    #[test]
+    fn guest_headers_are_checked() {
+        let h = |n: &str, v: &str| guest_headers(&[(n.to_string(), v.to_string())]);
+        assert!(h("Content-Type", "application/json").is_ok());
+        assert!(h("Authorization", "Bearer from-a-property").is_ok());
+        for bad in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "Proxy-Authorization",
+            "X-Forwarded-For",
+        ] {
+            assert!(h(bad, "x").is_err(), "{bad}");
+        }
+        assert!(h("X-Note", "a\r\nHost: evil").is_err());
+    }
+}

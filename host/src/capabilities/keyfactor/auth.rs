@@ -1,0 +1,433 @@
+//! The engine's credentials for the Keyfactor API: HTTP Basic (`DOMAIN\user` + password, for
+//! an AD identity provider), a static Bearer token, or OAuth 2.0 client credentials (Keyfactor
+//! Command with an OAuth identity provider), with the token cached and refreshed.
+//!
+//! The guest never sees any of it: the `Authorization` header is added after all guest input
+//! has been checked, and [`Auth::redactor`] lists every form in which a credential could come
+//! back in a response, so the capability can scrub it.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::header::HeaderValue;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use url::Url;
+
+use super::path::is_loopback_host;
+use crate::bindings::types::CapabilityError;
+use crate::capabilities::outbound::{self, Redactor};
+use crate::secret::{Secret, SecretError, SecretRef};
+
+/// Refresh a cached token this long before the identity provider says it expires, so a token
+/// never expires between being picked and reaching Keyfactor (clock skew, slow requests).
+pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// Lifetime assumed when the token response has no `expires_in`. Short, so a token of unknown
+/// life is not used for long; a 401 also forces a refresh.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Largest token response read. Access tokens (JWTs) are a few KiB.
+pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// How the engine authenticates to Keyfactor (`[keyfactor.auth]`).
+///
+/// ```toml
+/// [keyfactor.auth]
+/// kind = "basic"
+/// username = 'KFTRAIN\svc-jobhook'
+/// password = { env = "KEYFACTOR_PASSWORD" }
+///
+/// # or: kind = "bearer", token = { file = "/run/secrets/keyfactor-token" }
+/// # or: kind = "oauth2", token_url = "https://idp.example.com/realms/kf/protocol/openid-connect/token",
+/// #     client_id = "jobhook", client_secret = { env = "KEYFACTOR_CLIENT_SECRET" },
+/// #     scopes = ["keyfactor-api"], audience = "keyfactor"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// HTTP Basic: `Authorization: Basic base64(username:password)`.
+    Basic {
+        /// The user, usually `DOMAIN\user`.
+        username: String,
+        /// The password, by reference.
+        password: SecretRef,
+    },
+    /// A static token: `Authorization: Bearer <token>`.
+    Bearer {
+        /// The token, by reference.
+        token: SecretRef,
+    },
+    /// OAuth 2.0 client credentials grant; the token is fetched on first use, cached, refreshed
+    /// [`TOKEN_REFRESH_MARGIN`] before it expires and once more when Keyfactor answers 401.
+    Oauth2 {
+        /// The identity provider's token endpoint (https, or http on loopback).
+        token_url: String,
+        /// The client id.
+        client_id: String,
+        /// The client secret, by reference; sent in the form body (`client_secret_post`).
+        client_secret: SecretRef,
+        /// Scopes to request (joined with spaces), if the provider needs them.
+        #[serde(default)]
+        scopes: Vec<String>,
+        /// An `audience` parameter, for providers that need one (Auth0, ...).
+        #[serde(default)]
+        audience: Option<String>,
+    },
+}
+
+/// Why the auth configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    /// A secret could not be resolved.
+    #[error("[keyfactor.auth]: {0}")]
+    Secret(#[from] SecretError),
+    /// The token URL is unusable.
+    #[error(
+        "[keyfactor.auth] token_url {0:?} must be an https URL (http only for a loopback host)"
+    )]
+    TokenUrl(String),
+    /// The credential cannot go into an HTTP header.
+    #[error("[keyfactor.auth]: the {0} contains characters that cannot be sent in an HTTP header")]
+    NotHeaderSafe(&'static str),
+}
+
+/// Resolved credentials, ready to use.
+#[derive(Debug)]
+pub enum Auth {
+    /// Basic or static Bearer: one header value for every request.
+    Static {
+        /// The `Authorization` value (marked sensitive).
+        header: HeaderValue,
+        /// What to scrub from responses.
+        redactor: Redactor,
+    },
+    /// OAuth 2.0 client credentials.
+    OAuth2(Box<OAuth2>),
+}
+
+impl Auth {
+    /// Resolves the secrets of `config`.
+    pub fn from_config(config: &AuthConfig) -> Result<Auth, AuthConfigError> {
+        match config {
+            AuthConfig::Basic { username, password } => Auth::basic(username, &password.resolve()?),
+            AuthConfig::Bearer { token } => {
+                let token = token.resolve()?;
+                let header = sensitive(&format!("Bearer {}", token.expose()), "token")?;
+                let mut redactor = Redactor::new();
+                redactor.add(&format!("Bearer {}", token.expose()));
+                redactor.add(token.expose());
+                Ok(Auth::Static { header, redactor })
+            }
+            AuthConfig::Oauth2 {
+                token_url,
+                client_id,
+                client_secret,
+                scopes,
+                audience,
+            } => {
+                let url = Url::parse(token_url)
+                    .map_err(|_| AuthConfigError::TokenUrl(token_url.clone()))?;
+                let secure =
+                    url.scheme() == "https" || (url.scheme() == "http" && is_loopback_host(&url));
+                if !secure || !url.username().is_empty() || url.password().is_some() {
+                    return Err(AuthConfigError::TokenUrl(token_url.clone()));
+                }
+                Ok(Auth::OAuth2(Box::new(OAuth2 {
+                    token_url: url,
+                    client_id: client_id.clone(),
+                    client_secret: client_secret.resolve()?,
+                    scopes: scopes.join(" "),
+                    audience: audience.clone(),
+                    cache: Mutex::new(None),
+                })))
+            }
+        }
+    }
+
+    /// HTTP Basic with a password the program already holds.
+    pub fn basic(username: &str, password: &Secret) -> Result<Auth, AuthConfigError> {
+        let pair = format!("{username}:{}", password.expose());
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
+        let header = sensitive(&format!("Basic {encoded}"), "user name or password")?;
+        // The whole header value first, so an echo shows `[redacted]`, not `Basic [redacted]`.
+        let mut redactor = Redactor::new();
+        redactor.add(&format!("Basic {encoded}"));
+        redactor.add(&encoded);
+        redactor.add(password.expose());
+        redactor.add(&pair);
+        Ok(Auth::Static { header, redactor })
+    }
+
+    /// The `Authorization` value to send now (fetching or refreshing a token if needed), and
+    /// what to scrub from the response.
+    pub async fn authorization(
+        &self,
+        http: &reqwest::Client,
+    ) -> Result<(HeaderValue, Redactor), CapabilityError> {
+        match self {
+            Auth::Static { header, redactor } => Ok((header.clone(), redactor.clone())),
+            Auth::OAuth2(oauth) => oauth.authorization(http).await,
+        }
+    }
+
+    /// Keyfactor refused `used` (401): forget it if it is still the cached token. Returns
+    /// whether a retry with a fresh credential can help.
+    pub async fn rejected(&self, used: &HeaderValue) -> bool {
+        match self {
+            Auth::Static { .. } => false,
+            Auth::OAuth2(oauth) => {
+                let mut cache = oauth.cache.lock().await;
+                if cache.as_ref().is_some_and(|c| c.header == *used) {
+                    *cache = None;
+                }
+                true
+            }
+        }
+    }
+}
+
+fn sensitive(value: &str, what: &'static str) -> Result<HeaderValue, AuthConfigError> {
+    let mut header =
+        HeaderValue::from_str(value).map_err(|_| AuthConfigError::NotHeaderSafe(what))?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+/// An OAuth 2.0 client-credentials client with a one-token cache.
+pub struct OAuth2 {
+    token_url: Url,
+    client_id: String,
+    client_secret: Secret,
+    scopes: String,
+    audience: Option<String>,
+    /// The current token. A `tokio` mutex, held across the fetch, so that concurrent sandboxes
+    /// wait for one token request instead of each sending their own.
+    cache: Mutex<Option<CachedToken>>,
+}
+
+impl std::fmt::Debug for OAuth2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuth2")
+            .field("token_url", &self.token_url.as_str())
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct CachedToken {
+    header: HeaderValue,
+    redactor: Redactor,
+    refresh_at: Instant,
+}
+
+/// The fields of a token response the engine uses (RFC 6749 §5.1).
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    token_type: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// An error response from the token endpoint (RFC 6749 §5.2); only `error` is logged.
+#[derive(Deserialize)]
+struct TokenError {
+    error: String,
+}
+
+/// What the guest is told when no token could be had; the details go to the engine log.
+const TOKEN_UNAVAILABLE: &str =
+    "the engine could not obtain a Keyfactor access token (the engine log says why)";
+
+impl OAuth2 {
+    async fn authorization(
+        &self,
+        http: &reqwest::Client,
+    ) -> Result<(HeaderValue, Redactor), CapabilityError> {
+        let mut cache = self.cache.lock().await;
+        if let Some(token) = cache.as_ref()
+            && Instant::now() < token.refresh_at
+        {
+            return Ok((token.header.clone(), token.redactor.clone()));
+        }
+        let token = self.fetch(http).await?;
+        let answer = (token.header.clone(), token.redactor.clone());
+        *cache = Some(token);
+        Ok(answer)
+    }
+
+    async fn fetch(&self, http: &reqwest::Client) -> Result<CachedToken, CapabilityError> {
+        let unavailable = || CapabilityError::Failed(TOKEN_UNAVAILABLE.into());
+        let form = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "client_credentials");
+            form.append_pair("client_id", &self.client_id);
+            form.append_pair("client_secret", self.client_secret.expose());
+            if !self.scopes.is_empty() {
+                form.append_pair("scope", &self.scopes);
+            }
+            if let Some(audience) = &self.audience {
+                form.append_pair("audience", audience);
+            }
+            form.finish()
+        };
+        let started = Instant::now();
+        let response = http
+            .post(self.token_url.clone())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(form)
+            .send()
+            .await
+            .map_err(|e| {
+                let answer = match outbound::transport_error(&e, "the identity provider") {
+                    CapabilityError::Timeout(m) => CapabilityError::Timeout(m),
+                    _ => unavailable(),
+                };
+                tracing::warn!(error = %e.without_url(), token_url = %self.token_url, "Keyfactor token request failed");
+                answer
+            })?;
+        let status = response.status();
+        let body = outbound::read_body(response, MAX_TOKEN_RESPONSE_BYTES)
+            .await
+            .map_err(|_| {
+                tracing::warn!(token_url = %self.token_url, "Keyfactor token response unreadable or too large");
+                unavailable()
+            })?;
+        if !status.is_success() {
+            let error = serde_json::from_slice::<TokenError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_default();
+            tracing::warn!(
+                token_url = %self.token_url,
+                status = status.as_u16(),
+                error = %outbound::quote(&error),
+                "the identity provider refused the Keyfactor token request; check client_id and client_secret"
+            );
+            return Err(unavailable());
+        }
+        let token: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
+            tracing::warn!(token_url = %self.token_url, "the token response is not the expected JSON (access_token, expires_in)");
+            unavailable()
+        })?;
+        if let Some(kind) = &token.token_type
+            && !kind.eq_ignore_ascii_case("bearer")
+        {
+            tracing::warn!(token_type = %outbound::quote(kind), "the identity provider issued a token that is not a Bearer token");
+            return Err(unavailable());
+        }
+        let mut header =
+            HeaderValue::from_str(&format!("Bearer {}", token.access_token)).map_err(|_| {
+                tracing::warn!(
+                    "the access token contains characters that cannot be sent in a header"
+                );
+                unavailable()
+            })?;
+        header.set_sensitive(true);
+        let lifetime = token
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        // Refresh a margin before expiry, but never use less than half the lifetime (a 90 s
+        // token would otherwise be refreshed after 30 s, a 30 s token immediately).
+        let use_for = lifetime
+            .saturating_sub(TOKEN_REFRESH_MARGIN)
+            .max(lifetime / 2);
+        let mut redactor = Redactor::new();
+        redactor.add(&format!("Bearer {}", token.access_token));
+        redactor.add(&token.access_token);
+        redactor.add(self.client_secret.expose());
+        tracing::debug!(
+            lifetime_s = lifetime.as_secs(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "fetched a Keyfactor access token"
+        );
+        Ok(CachedToken {
+            header,
+            redactor,
+            refresh_at: started + use_for,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_config_parses_each_kind() {
+        let basic: AuthConfig = serde_json::from_str(
+            r#"{"kind": "basic", "username": "KFTRAIN\\svc", "password": {"env": "P"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(basic, AuthConfig::Basic { .. }));
+        let oauth: AuthConfig = serde_json::from_str(
+            r#"{"kind": "oauth2", "token_url": "https://idp/token", "client_id": "c",
+                "client_secret": {"file": "/s"}, "scopes": ["a", "b"]}"#,
+        )
+        .unwrap();
+        assert!(matches!(oauth, AuthConfig::Oauth2 { .. }));
+        assert!(
+            serde_json::from_str::<AuthConfig>(r#"{"kind": "bearer", "token": "literal"}"#)
+                .is_err()
+        );
+        assert!(
+            serde_json::from_str::<AuthConfig>(
+                r#"{"kind": "bearer", "token": {"env": "T"}, "extra": 1}"#
+            )
+            .is_err()
+        );
+        assert!(serde_json::from_str::<AuthConfig>(r#"{"kind": "ntlm"}"#).is_err());
+    }
+
+    #[test]
+    fn basic_credentials_are_encoded_and_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "pa:ss\n").unwrap();
+        let auth = Auth::from_config(&AuthConfig::Basic {
+            username: r"KFTRAIN\svc".into(),
+            password: SecretRef::File(file),
+        })
+        .unwrap();
+        let Auth::Static { header, redactor } = &auth else {
+            panic!("static")
+        };
+        assert!(header.is_sensitive());
+        // base64("KFTRAIN\svc:pa:ss")
+        assert_eq!(header.to_str().unwrap(), "Basic S0ZUUkFJTlxzdmM6cGE6c3M=");
+        assert_eq!(
+            redactor.redact_str("x S0ZUUkFJTlxzdmM6cGE6c3M= pa:ss Basic S0ZUUkFJTlxzdmM6cGE6c3M="),
+            "x [redacted] [redacted] [redacted]"
+        );
+        let debug = format!("{auth:?}");
+        assert!(!debug.contains("S0ZUUkFJTlxzdmM6cGE6c3M="), "{debug}");
+        assert!(!debug.contains("pa:ss"), "{debug}");
+    }
+
+    #[test]
+    fn token_urls_must_be_secure() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s");
+        std::fs::write(&file, "secret").unwrap();
+        let with_url = |u: &str| {
+            Auth::from_config(&AuthConfig::Oauth2 {
+                token_url: u.into(),
+                client_id: "c".into(),
+                client_secret: SecretRef::File(file.clone()),
+                scopes: vec![],
+                audience: None,
+            })
+        };
+        assert!(with_url("https://idp.example.com/token").is_ok());
+        assert!(with_url("http://127.0.0.1:9/token").is_ok());
+        assert!(with_url("http://idp.example.com/token").is_err());
+        assert!(with_url("https://u:p@idp.example.com/token").is_err());
+        assert!(with_url("not a url").is_err());
+    }
+}

@@ -1,0 +1,625 @@
+//! `jobhook:handler/keyfactor`: requests to the Keyfactor Command API, made by the engine with
+//! the engine's credentials, on behalf of a handler that never sees a host name or a secret.
+//!
+//! A call goes through these steps, and everything up to the send happens inside the engine:
+//!
+//! 1. the call budget ([`CallBudget`]; exceeding it traps the sandbox);
+//! 2. the grant: the capability must be granted, and the method and the path must be in the
+//!    handler's [`KeyfactorGrant`] (`not-granted` otherwise);
+//! 3. the request: path and query checked and resolved under the base ([`path`]), headers from
+//!    a small allow-list ([`GUEST_HEADERS`]), body within [`KeyfactorConfig::max_request_bytes`]
+//!    (`denied` / `limit-exceeded` otherwise);
+//! 4. the send: the engine adds `Authorization` ([`auth`]), `x-keyfactor-requested-with:
+//!    APIClient`, `x-keyfactor-api-version`, `Accept`/`Content-Type: application/json`;
+//!    redirects are never followed (a 3xx is returned to the handler as it is), the whole call
+//!    has a timeout, and with OAuth a 401 refreshes the token and retries once;
+//! 5. the response: read up to [`KeyfactorConfig::max_response_bytes`] and no further, only an
+//!    allow-list of headers forwarded ([`forwarded_response_header`]), and every form of the
+//!    engine's credential scrubbed from headers and body.
+//!
+//! TLS uses rustls with the system's root certificates plus, optionally, an operator CA bundle
+//! (`ca_bundle`) for a Keyfactor server with an internal CA. No proxy is used.
+
+pub mod auth;
+pub mod path;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+
+use self::auth::{Auth, AuthConfig, AuthConfigError};
+use self::path::{ApiBase, ApiPath, BaseError, PathPrefix};
+use crate::bindings::jobhook::handler::keyfactor::{Host, Request};
+use crate::bindings::types::{CapabilityError, Method, Response};
+use crate::capabilities::CallBudget;
+pub use crate::capabilities::outbound::GrantMethod;
+use crate::capabilities::outbound::{self, BodyError};
+
+/// Default per-call timeout. A Keyfactor API call normally answers in well under a second; 10 s
+/// covers a slow JobHistory query and matches the default handler budget, which bounds the call
+/// anyway.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default connect timeout: the Keyfactor server is on the operator's network.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default largest request body. Keyfactor request bodies (metadata updates, custom job fields)
+/// are a few KiB; 1 MiB leaves room for a certificate import.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Default largest response body. `OrchestratorJobs/JobStatus/Data` can return up to 2 MB of
+/// custom job data; 4 MiB fits that and a 1,000-row JobHistory page, and stays well inside a
+/// handler's 64 MiB memory.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The API version sent when the handler does not ask for another (Keyfactor's default is v1).
+pub const DEFAULT_API_VERSION: &str = "1";
+
+/// Headers a handler may set on a Keyfactor request, lowercase. Everything else is refused:
+/// `Authorization`, `Cookie`, `Host`, `X-Forwarded-*` and the rest are the engine's business.
+pub const GUEST_HEADERS: &[&str] = &["accept", "content-type", "x-keyfactor-api-version"];
+
+/// Longest `x-keyfactor-api-version` value (`1`, `1.0`, `2.0` in practice).
+const MAX_API_VERSION_BYTES: usize = 8;
+
+/// What a handler is told when the engine has no keyfactor service configured.
+const NOT_CONFIGURED: &str =
+    "no Keyfactor API is configured for this engine ([keyfactor] base_url)";
+
+/// What the handler is told instead of the base URL.
+const WHAT: &str = "the Keyfactor API";
+
+/// The Keyfactor capability of one sandbox.
+#[derive(Debug)]
+pub struct KeyfactorCapability {
+    budget: CallBudget,
+    grant: Option<KeyfactorGrant>,
+    service: Option<Arc<KeyfactorClient>>,
+}
+
+impl KeyfactorCapability {
+    /// A capability with `budget` calls per invocation, the handler's grant (`None`: not
+    /// granted) and the engine's client (`None`: not configured).
+    pub fn new(
+        budget: CallBudget,
+        grant: Option<KeyfactorGrant>,
+        service: Option<Arc<KeyfactorClient>>,
+    ) -> Self {
+        KeyfactorCapability {
+            budget,
+            grant,
+            service,
+        }
+    }
+}
+
+impl Host for KeyfactorCapability {
+    async fn send(
+        &mut self,
+        request: Request,
+    ) -> wasmtime::Result<Result<Response, CapabilityError>> {
+        self.budget.take()?;
+        let Some(grant) = &self.grant else {
+            return Ok(Err(CapabilityError::NotGranted(
+                "the keyfactor capability is not granted to this handler".into(),
+            )));
+        };
+        let Some(service) = &self.service else {
+            return Ok(Err(CapabilityError::NotAvailable(NOT_CONFIGURED.into())));
+        };
+        Ok(service.send(grant, request).await)
+    }
+}
+
+fn default_methods() -> Vec<GrantMethod> {
+    vec![GrantMethod::Get]
+}
+
+/// What one handler may do with the Keyfactor API:
+///
+/// ```toml
+/// [handlers.grants.keyfactor]
+/// methods = ["GET"]                               # default: ["GET"]
+/// paths = ["OrchestratorJobs/", "Certificates/"]  # required; "*" for every path
+/// ```
+///
+/// Paths are prefixes relative to the API base, matched per segment and ignoring case (see
+/// [`PathPrefix`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyfactorGrant {
+    /// Methods the handler may use.
+    #[serde(default = "default_methods")]
+    pub methods: Vec<GrantMethod>,
+    /// Path prefixes the handler may call.
+    pub paths: Vec<PathPrefix>,
+}
+
+impl KeyfactorGrant {
+    /// Every method on every path: what `jobhook run`, the author's harness, grants.
+    pub fn permissive() -> Self {
+        KeyfactorGrant {
+            methods: GrantMethod::ALL.to_vec(),
+            paths: vec![PathPrefix::any()],
+        }
+    }
+
+    /// `GET` on `paths` (convenient for tests and examples).
+    pub fn read_only(paths: &[&str]) -> Result<Self, path::PathError> {
+        Ok(KeyfactorGrant {
+            methods: default_methods(),
+            paths: paths
+                .iter()
+                .map(|p| PathPrefix::parse(p))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Why `method` on `path` is not granted, if it is not.
+    fn refusal(&self, method: Method, path: &ApiPath) -> Option<String> {
+        if !self.methods.contains(&GrantMethod::of(method)) {
+            return Some(format!(
+                "{} is not granted to this handler for the Keyfactor API (granted: {})",
+                outbound::method_name(method),
+                self.methods
+                    .iter()
+                    .map(|m| outbound::method_name(m.wit()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !self.paths.iter().any(|p| p.matches(path)) {
+            return Some(format!(
+                "path {} is not granted to this handler (granted prefixes: {})",
+                outbound::quote(&path.to_string()),
+                self.paths
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        None
+    }
+}
+
+/// The engine's Keyfactor API settings (`[keyfactor]`):
+///
+/// ```toml
+/// [keyfactor]
+/// base_url = "https://command.example.com/KeyfactorAPI/"
+/// api_version = "1"                     # default
+/// ca_bundle = "/etc/jobhook/kf-ca.pem"  # optional, added to the system roots
+/// timeout_ms = 10000                    # per call
+///
+/// [keyfactor.auth]
+/// kind = "basic"
+/// username = 'KFTRAIN\svc-jobhook'
+/// password = { env = "KEYFACTOR_PASSWORD" }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyfactorConfig {
+    /// The API base, e.g. `https://command.example.com/KeyfactorAPI/`; a missing trailing `/` is
+    /// added (the base is always a directory). https only, except loopback http.
+    pub base_url: String,
+    /// Sent as `x-keyfactor-api-version` unless the handler asks for another.
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    /// The engine's credentials.
+    pub auth: AuthConfig,
+    /// A PEM file of extra CA certificates to trust besides the system's.
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Per-call timeout, connect to last body byte, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Connect timeout in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Largest request body a handler may send.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Largest response body read; a larger answer is `limit-exceeded`.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn default_api_version() -> String {
+    DEFAULT_API_VERSION.into()
+}
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT.as_millis() as u64
+}
+fn default_connect_timeout_ms() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT.as_millis() as u64
+}
+fn default_max_request_bytes() -> usize {
+    DEFAULT_MAX_REQUEST_BYTES
+}
+fn default_max_response_bytes() -> usize {
+    DEFAULT_MAX_RESPONSE_BYTES
+}
+
+impl KeyfactorConfig {
+    /// Settings with every default, for `base_url` and `auth`.
+    pub fn new(base_url: impl Into<String>, auth: AuthConfig) -> Self {
+        KeyfactorConfig {
+            base_url: base_url.into(),
+            api_version: default_api_version(),
+            auth,
+            ca_bundle: None,
+            timeout_ms: default_timeout_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+/// Why the `[keyfactor]` configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyfactorConfigError {
+    /// The base URL.
+    #[error("[keyfactor] base_url: {0}")]
+    Base(#[from] BaseError),
+    /// The API version.
+    #[error("[keyfactor] api_version {0:?} must be a version number such as \"1\" or \"2.0\"")]
+    ApiVersion(String),
+    /// The credentials.
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
+    /// The CA bundle.
+    #[error("[keyfactor] ca_bundle {path}: {reason}")]
+    CaBundle {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A timeout of zero.
+    #[error("[keyfactor] timeout_ms and connect_timeout_ms must be greater than 0")]
+    ZeroTimeout,
+    /// The HTTP client could not be built.
+    #[error("cannot build the Keyfactor HTTP client: {0}")]
+    Client(String),
+}
+
+/// The engine-wide Keyfactor API client, shared by every sandbox.
+#[derive(Debug)]
+pub struct KeyfactorClient {
+    base: ApiBase,
+    api_version: HeaderValue,
+    auth: Auth,
+    http: reqwest::Client,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
+}
+
+impl KeyfactorClient {
+    /// Builds the client: checks the base, resolves the secrets, loads the CA bundle.
+    pub fn from_config(config: &KeyfactorConfig) -> Result<Self, KeyfactorConfigError> {
+        Self::with_auth(config, Auth::from_config(&config.auth)?)
+    }
+
+    /// Builds the client with credentials the program already holds (`config.auth` is not
+    /// used), e.g. the stand-in's for `jobhook run --keyfactor-standin`.
+    pub fn with_auth(config: &KeyfactorConfig, auth: Auth) -> Result<Self, KeyfactorConfigError> {
+        let base = ApiBase::parse(&config.base_url)?;
+        if !valid_api_version(&config.api_version) {
+            return Err(KeyfactorConfigError::ApiVersion(config.api_version.clone()));
+        }
+        let api_version = HeaderValue::from_str(&config.api_version)
+            .map_err(|_| KeyfactorConfigError::ApiVersion(config.api_version.clone()))?;
+        if config.timeout_ms == 0 || config.connect_timeout_ms == 0 {
+            return Err(KeyfactorConfigError::ZeroTimeout);
+        }
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .referer(false)
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .user_agent(concat!("jobhook/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &config.ca_bundle {
+            for cert in load_ca_bundle(path)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| KeyfactorConfigError::Client(e.to_string()))?;
+        Ok(KeyfactorClient {
+            base,
+            api_version,
+            auth,
+            http,
+            max_request_bytes: config.max_request_bytes,
+            max_response_bytes: config.max_response_bytes,
+        })
+    }
+
+    /// The API base every path is resolved against.
+    pub fn base_url(&self) -> &url::Url {
+        self.base.url()
+    }
+
+    /// Checks `request` against `grant` and the engine's rules, sends it with the engine's
+    /// credentials and returns the bounded, scrubbed response.
+    pub async fn send(
+        &self,
+        grant: &KeyfactorGrant,
+        request: Request,
+    ) -> Result<Response, CapabilityError> {
+        let path =
+            ApiPath::parse(&request.path).map_err(|e| CapabilityError::Denied(e.to_string()))?;
+        if let Some(reason) = grant.refusal(request.method, &path) {
+            return Err(CapabilityError::NotGranted(reason));
+        }
+        let url = self
+            .base
+            .resolve(&path, &request.query)
+            .map_err(|e| CapabilityError::Denied(e.to_string()))?;
+        let headers = self.request_headers(&request.headers)?;
+        if let Some(body) = &request.body
+            && body.len() > self.max_request_bytes
+        {
+            return Err(CapabilityError::LimitExceeded(format!(
+                "the request body is {} bytes; the limit is {} bytes",
+                body.len(),
+                self.max_request_bytes
+            )));
+        }
+
+        let method = outbound::method(request.method);
+        let started = Instant::now();
+        let mut retried = false;
+        let response = loop {
+            let (authorization, redactor) = self.auth.authorization(&self.http).await?;
+            let mut builder = self
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone())
+                .header(header::AUTHORIZATION, authorization.clone());
+            if let Some(body) = &request.body {
+                builder = builder.body(body.clone());
+            }
+            let response = builder.send().await.map_err(|e| {
+                let answer = outbound::transport_error(&e, WHAT);
+                tracing::warn!(path = %path, error = %e.without_url(), "Keyfactor API call failed");
+                answer
+            })?;
+            if response.status() == reqwest::StatusCode::UNAUTHORIZED
+                && !retried
+                && self.auth.rejected(&authorization).await
+            {
+                // An OAuth token can be revoked or expire early: fetch a fresh one, once.
+                retried = true;
+                continue;
+            }
+            break (response, redactor);
+        };
+        let (response, redactor) = response;
+        let status = response.status().as_u16();
+        let headers =
+            outbound::response_headers(response.headers(), forwarded_response_header, &redactor);
+        let body = match outbound::read_body(response, self.max_response_bytes).await {
+            Ok(body) => redactor.redact(body),
+            Err(BodyError::TooLarge) => {
+                return Err(CapabilityError::LimitExceeded(format!(
+                    "the Keyfactor API response is larger than {} bytes",
+                    self.max_response_bytes
+                )));
+            }
+            Err(BodyError::Transport(e)) => return Err(outbound::transport_error(&e, WHAT)),
+        };
+        tracing::debug!(
+            method = %method,
+            path = %path,
+            status,
+            ms = started.elapsed().as_millis() as u64,
+            "Keyfactor API call"
+        );
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// The engine's headers with the handler's allow-listed ones applied over them.
+    fn request_headers(&self, guest: &[(String, String)]) -> Result<HeaderMap, CapabilityError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            HeaderName::from_static("x-keyfactor-requested-with"),
+            HeaderValue::from_static("APIClient"),
+        );
+        headers.insert(
+            HeaderName::from_static("x-keyfactor-api-version"),
+            self.api_version.clone(),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if guest.len() > outbound::MAX_REQUEST_HEADERS {
+            return Err(CapabilityError::Denied(format!(
+                "more than {} headers",
+                outbound::MAX_REQUEST_HEADERS
+            )));
+        }
+        for (name, value) in guest {
+            let (name, value) =
+                outbound::check_header(name, value).map_err(CapabilityError::Denied)?;
+            if !GUEST_HEADERS.contains(&name.as_str()) {
+                return Err(CapabilityError::Denied(format!(
+                    "header {} may not be set by a handler; the Keyfactor capability accepts only {} (authentication is the engine's)",
+                    name.as_str(),
+                    GUEST_HEADERS.join(", ")
+                )));
+            }
+            if name.as_str() == "x-keyfactor-api-version"
+                && !value.to_str().is_ok_and(valid_api_version)
+            {
+                return Err(CapabilityError::Denied(
+                    "x-keyfactor-api-version must be a version number such as 1 or 2.0".into(),
+                ));
+            }
+            headers.insert(name, value);
+        }
+        Ok(headers)
+    }
+}
+
+/// Whether `v` looks like an API version: digits and dots, short.
+fn valid_api_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_API_VERSION_BYTES
+        && v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && v.bytes().next().is_some_and(|b| b.is_ascii_digit())
+}
+
+/// Response headers handed to the handler: what describes the content, paging and caching, and
+/// Keyfactor's own `x-keyfactor-*`; never `Set-Cookie`, `WWW-Authenticate` or anything else a
+/// server might use to send credentials or session state back.
+pub fn forwarded_response_header(name: &str) -> bool {
+    const FORWARDED: &[&str] = &[
+        "content-type",
+        "content-length",
+        "content-language",
+        "date",
+        "etag",
+        "last-modified",
+        "location",
+        "retry-after",
+        "x-total-count",
+    ];
+    let name = name.to_ascii_lowercase();
+    FORWARDED.contains(&name.as_str()) || name.starts_with("x-keyfactor-")
+}
+
+fn load_ca_bundle(
+    path: &std::path::Path,
+) -> Result<Vec<reqwest::Certificate>, KeyfactorConfigError> {
+    let error = |reason: String| KeyfactorConfigError::CaBundle {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| error(format!("not a PEM certificate bundle ({e})")))?;
+    if certs.is_empty() {
+        return Err(error("the file holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_parse_with_defaults_and_refuse_unknown_keys() {
+        let g: KeyfactorGrant =
+            serde_json::from_str(r#"{"paths": ["OrchestratorJobs/", "Certificates/"]}"#).unwrap();
+        assert_eq!(g.methods, vec![GrantMethod::Get]);
+        assert_eq!(g.paths.len(), 2);
+        let g: KeyfactorGrant =
+            serde_json::from_str(r#"{"methods": ["get", "POST"], "paths": ["*"]}"#).unwrap();
+        assert_eq!(g.methods, vec![GrantMethod::Get, GrantMethod::Post]);
+        assert!(serde_json::from_str::<KeyfactorGrant>(r#"{"methods": ["GET"]}"#).is_err());
+        assert!(serde_json::from_str::<KeyfactorGrant>(r#"{"paths": [], "path": []}"#).is_err());
+        assert!(
+            serde_json::from_str::<KeyfactorGrant>(r#"{"methods": ["TRACE"], "paths": []}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<KeyfactorGrant>(r#"{"paths": ["../x"]}"#).is_err());
+    }
+
+    #[test]
+    fn grant_refusals_name_what_is_granted() {
+        let g = KeyfactorGrant::read_only(&["OrchestratorJobs/"]).unwrap();
+        let p = ApiPath::parse("Agents/1").unwrap();
+        let why = g.refusal(Method::Get, &p).unwrap();
+        assert!(
+            why.contains("\"Agents/1\"") && why.contains("OrchestratorJobs/"),
+            "{why}"
+        );
+        let p = ApiPath::parse("OrchestratorJobs/JobHistory").unwrap();
+        assert_eq!(g.refusal(Method::Get, &p), None);
+        let why = g.refusal(Method::Delete, &p).unwrap();
+        assert!(why.starts_with("DELETE is not granted"), "{why}");
+    }
+
+    #[test]
+    fn config_parses_with_defaults() {
+        let c: KeyfactorConfig = serde_json::from_str(
+            r#"{"base_url": "https://kf/KeyfactorAPI", "auth": {"kind": "bearer", "token": {"env": "T"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.api_version, "1");
+        assert_eq!(c.timeout_ms, 10_000);
+        assert_eq!(c.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
+        assert!(serde_json::from_str::<KeyfactorConfig>(r#"{"base_url": "https://kf/", "auth": {"kind": "bearer", "token": {"env": "T"}}, "proxy": "x"}"#).is_err());
+    }
+
+    #[test]
+    fn ca_bundles_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "this is not a certificate").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken-value").unwrap();
+        for bundle in [not_pem, missing] {
+            let mut config = KeyfactorConfig::new(
+                "https://kf.example.com/KeyfactorAPI/",
+                AuthConfig::Bearer {
+                    token: crate::secret::SecretRef::File(token.clone()),
+                },
+            );
+            config.ca_bundle = Some(bundle.clone());
+            let err = KeyfactorClient::from_config(&config).unwrap_err();
+            assert!(
+                matches!(err, KeyfactorConfigError::CaBundle { .. }),
+                "{bundle:?}: {err}"
+            );
+            assert!(err.to_string().contains("ca_bundle"), "{err}");
+        }
+    }
+
+    #[test]
+    fn api_versions() {
+        for ok in ["1", "1.0", "2.0"] {
+            assert!(valid_api_version(ok));
+        }
+        for bad in ["", "v1", ".1", "1\r\n", "123456789"] {
+            assert!(!valid_api_version(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_safe_response_headers_are_forwarded() {
+        for keep in [
+            "Content-Type",
+            "x-keyfactor-product-version",
+            "Location",
+            "X-Total-Count",
+        ] {
+            assert!(forwarded_response_header(keep), "{keep}");
+        }
+        for drop in [
+            "set-cookie",
+            "www-authenticate",
+            "authorization",
+            "x-echo-authorization",
+            "proxy-authenticate",
+        ] {
+            assert!(!forwarded_response_header(drop), "{drop}");
+        }
+    }
+}

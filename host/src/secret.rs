@@ -1,0 +1,247 @@
+//! Secrets in configuration: given *by reference* (an environment variable or a file), resolved
+//! once when the engine starts, and never printed.
+//!
+//! A configuration file is copied, diffed, pasted into tickets and checked into repositories, so
+//! it must not hold a password. [`SecretRef`] is what an operator writes:
+//!
+//! ```toml
+//! password = { env = "KEYFACTOR_PASSWORD" }
+//! client_secret = { file = "/run/secrets/keyfactor-client-secret" }
+//! ```
+//!
+//! A literal string (`password = "hunter2"`) is refused with a message saying how to write it.
+//! [`SecretRef::resolve`] turns the reference into a [`Secret`], whose `Debug` prints
+//! `Secret(***)` and which has no `Display`, so it cannot end up in a log line or an error
+//! message by accident; the one way to read it is [`Secret::expose`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Largest secret file read. Passwords, tokens and client secrets are well under 1 KiB; the cap
+/// stops a mistyped path (say, a log file) from being read into memory and sent as a password.
+pub const MAX_SECRET_FILE_BYTES: u64 = 16 * 1024;
+
+/// Where a secret comes from.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretRef {
+    /// The value of an environment variable of the engine process.
+    Env(String),
+    /// The contents of a file (one trailing newline is removed).
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The reference itself is not secret; say where the value comes from.
+        match self {
+            SecretRef::Env(name) => write!(f, "SecretRef(env {name})"),
+            SecretRef::File(path) => write!(f, "SecretRef(file {})", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(name) => write!(f, "environment variable {name}"),
+            SecretRef::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+/// Why a secret could not be resolved. Messages name the reference, never the value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The environment variable is not set (or not Unicode).
+    #[error(
+        "environment variable {0} is not set (or is not valid Unicode); set it before starting jobhook"
+    )]
+    EnvMissing(String),
+    /// The file cannot be read.
+    #[error("cannot read the secret file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is bigger than [`MAX_SECRET_FILE_BYTES`].
+    #[error(
+        "the secret file {0} is larger than {MAX_SECRET_FILE_BYTES} bytes; is it the right file?"
+    )]
+    FileTooLarge(PathBuf),
+    /// The file is not UTF-8.
+    #[error("the secret file {0} is not valid UTF-8")]
+    NotUtf8(PathBuf),
+    /// The secret is empty.
+    #[error("the secret from {0} is empty")]
+    Empty(String),
+}
+
+impl SecretRef {
+    /// Reads the secret now.
+    pub fn resolve(&self) -> Result<Secret, SecretError> {
+        let value = match self {
+            SecretRef::Env(name) => {
+                std::env::var(name).map_err(|_| SecretError::EnvMissing(name.clone()))?
+            }
+            SecretRef::File(path) => read_secret_file(path)?,
+        };
+        if value.is_empty() {
+            return Err(SecretError::Empty(self.to_string()));
+        }
+        Ok(Secret(value))
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, SecretError> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|source| SecretError::File {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| SecretError::File {
+            path: path.to_owned(),
+            source,
+        })?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(SecretError::FileTooLarge(path.to_owned()));
+    }
+    let mut text = String::from_utf8(bytes).map_err(|_| SecretError::NotUtf8(path.to_owned()))?;
+    // Files written with `echo` or an editor end in a newline that is not part of the secret.
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
+
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RefVisitor;
+
+        const HOW: &str =
+            "a secret is given by reference: { env = \"NAME\" } or { file = \"/path\" }";
+
+        impl<'de> Visitor<'de> for RefVisitor {
+            type Value = SecretRef;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(HOW)
+            }
+
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretRef, E> {
+                Err(E::custom(format!(
+                    "a literal secret is not accepted in configuration; {HOW}"
+                )))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretRef, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(HOW));
+                };
+                let value: String = map.next_value()?;
+                let secret = match key.as_str() {
+                    "env" if !value.is_empty() => SecretRef::Env(value),
+                    "file" if !value.is_empty() => SecretRef::File(PathBuf::from(value)),
+                    "env" | "file" => {
+                        return Err(de::Error::custom(format!("`{key}` is empty; {HOW}")));
+                    }
+                    other => {
+                        return Err(de::Error::custom(format!("unknown key `{other}`; {HOW}")));
+                    }
+                };
+                if map.next_key::<String>()?.is_some() {
+                    return Err(de::Error::custom(format!(
+                        "give exactly one of env or file; {HOW}"
+                    )));
+                }
+                Ok(secret)
+            }
+        }
+
+        deserializer.deserialize_any(RefVisitor)
+    }
+}
+
+/// A resolved secret value. Never printed: `Debug` shows `Secret(***)`, there is no `Display`
+/// and no `Serialize`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// A secret from a value the program already holds (tests, values read from a prompt).
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Holder {
+        s: SecretRef,
+    }
+
+    #[test]
+    fn references_parse_and_literals_are_refused() {
+        let h: Holder = serde_json::from_str(r#"{"s": {"env": "KF_PASSWORD"}}"#).unwrap();
+        assert_eq!(h.s, SecretRef::Env("KF_PASSWORD".into()));
+        let h: Holder = serde_json::from_str(r#"{"s": {"file": "/run/x"}}"#).unwrap();
+        assert_eq!(h.s, SecretRef::File("/run/x".into()));
+        let e = serde_json::from_str::<Holder>(r#"{"s": "hunter2"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("literal secret is not accepted"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(serde_json::from_str::<Holder>(r#"{"s": {"env": "A", "file": "b"}}"#).is_err());
+        assert!(serde_json::from_str::<Holder>(r#"{"s": {"value": "x"}}"#).is_err());
+        assert!(serde_json::from_str::<Holder>(r#"{"s": {"env": ""}}"#).is_err());
+    }
+
+    #[test]
+    fn files_resolve_without_their_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\r\n").unwrap();
+        let secret = SecretRef::File(path.clone()).resolve().unwrap();
+        assert_eq!(secret.expose(), "s3cret");
+        assert_eq!(format!("{secret:?}"), "Secret(***)");
+
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(
+            SecretRef::File(path.clone()).resolve(),
+            Err(SecretError::Empty(_))
+        ));
+        std::fs::write(&path, vec![b'x'; MAX_SECRET_FILE_BYTES as usize + 1]).unwrap();
+        assert!(matches!(
+            SecretRef::File(path).resolve(),
+            Err(SecretError::FileTooLarge(_))
+        ));
+        let missing = SecretRef::Env("JOBHOOK_TEST_SURELY_UNSET_VARIABLE".into()).resolve();
+        assert!(matches!(missing, Err(SecretError::EnvMissing(_))));
+    }
+}

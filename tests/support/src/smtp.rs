@@ -1,0 +1,409 @@
+//! A small, honest SMTP server for tests: it speaks enough of RFC 5321 for a real client
+//! (`lettre`) — `EHLO`/`HELO`, optional `AUTH PLAIN`/`AUTH LOGIN`, `MAIL FROM`, `RCPT TO`,
+//! `DATA` with dot-unstuffing, `RSET`, `NOOP`, `QUIT` — and records every message it accepts,
+//! envelope and content, for assertions. It listens on `127.0.0.1` only and never relays.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// Longest command or data line accepted (RFC 5321 §4.5.3.1.6 allows 1000 with CRLF).
+const MAX_LINE_BYTES: usize = 4096;
+
+/// Largest message accepted (advertised as `SIZE`).
+const MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
+
+/// Commands one connection may send before it is closed.
+const MAX_COMMANDS: usize = 1000;
+
+/// One message the server accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMail {
+    /// The `EHLO`/`HELO` argument.
+    pub helo: String,
+    /// The `MAIL FROM` address (without brackets).
+    pub mail_from: String,
+    /// The `RCPT TO` addresses (without brackets), in order.
+    pub rcpt_to: Vec<String>,
+    /// The user and password of a successful `AUTH`, if any.
+    pub auth: Option<(String, String)>,
+    /// The message as transmitted (headers and body, CRLF line ends, dots unstuffed).
+    pub data: String,
+}
+
+impl ReceivedMail {
+    /// The value of the first header named `name` (any case), unfolded.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.data.split("\r\n\r\n").next().unwrap_or_default();
+        let mut found: Option<String> = None;
+        for line in head.split("\r\n") {
+            if line.starts_with([' ', '\t']) {
+                if let Some(value) = found.as_mut() {
+                    value.push(' ');
+                    value.push_str(line.trim());
+                }
+                continue;
+            }
+            if found.is_some() {
+                break;
+            }
+            if let Some((key, value)) = line.split_once(':')
+                && key.eq_ignore_ascii_case(name)
+            {
+                found = Some(value.trim().to_owned());
+            }
+        }
+        found
+    }
+
+    /// The body, with quoted-printable or base64 transfer encoding undone.
+    pub fn body(&self) -> String {
+        let body = self
+            .data
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        match self
+            .header("Content-Transfer-Encoding")
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("quoted-printable") => decode_quoted_printable(body),
+            Some("base64") => {
+                let compact: String = body.split_whitespace().collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(compact)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            }
+            _ => body.to_owned(),
+        }
+    }
+}
+
+fn decode_quoted_printable(text: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'=' if bytes.get(i + 1..i + 3) == Some(b"\r\n") => i += 3,
+            b'=' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'=');
+                        i += 1;
+                    }
+                }
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A running SMTP server on `127.0.0.1`; stopped when dropped.
+pub struct SmtpServer {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<ReceivedMail>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl SmtpServer {
+    /// Starts a server that accepts mail without authentication.
+    pub async fn start() -> std::io::Result<SmtpServer> {
+        Self::start_inner(None).await
+    }
+
+    /// Starts a server that advertises `AUTH PLAIN LOGIN` and requires these credentials.
+    pub async fn start_with_auth(user: &str, password: &str) -> std::io::Result<SmtpServer> {
+        Self::start_inner(Some((user.to_owned(), password.to_owned()))).await
+    }
+
+    async fn start_inner(auth: Option<(String, String)>) -> std::io::Result<SmtpServer> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let store = Arc::clone(&received);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let store = Arc::clone(&store);
+                        let auth = auth.clone();
+                        tokio::spawn(async move {
+                            let _ = session(stream, store, auth).await;
+                        });
+                    }
+                }
+            }
+        });
+        Ok(SmtpServer {
+            addr,
+            received,
+            shutdown: Some(tx),
+        })
+    }
+
+    /// `127.0.0.1`.
+    pub fn host(&self) -> String {
+        self.addr.ip().to_string()
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Every message accepted so far.
+    pub fn received(&self) -> Vec<ReceivedMail> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for at least `count` messages and returns what arrived.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<ReceivedMail> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let received = self.received();
+            if received.len() >= count || tokio::time::Instant::now() >= deadline {
+                return received;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn session(
+    stream: TcpStream,
+    store: Arc<Mutex<Vec<ReceivedMail>>>,
+    required_auth: Option<(String, String)>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    write
+        .write_all(b"220 jobhook-testkit ESMTP ready\r\n")
+        .await?;
+
+    let mut helo = String::new();
+    let mut authenticated: Option<(String, String)> = None;
+    let mut mail_from: Option<String> = None;
+    let mut rcpt_to: Vec<String> = Vec::new();
+
+    for _ in 0..MAX_COMMANDS {
+        let Some(line) = read_line(&mut lines).await? else {
+            return Ok(());
+        };
+        let upper = line.to_ascii_uppercase();
+        let reply: String = if upper.starts_with("EHLO ") || upper.starts_with("HELO ") {
+            helo = line.get(5..).unwrap_or_default().trim().to_owned();
+            mail_from = None;
+            rcpt_to.clear();
+            if upper.starts_with("HELO") {
+                "250 jobhook-testkit\r\n".into()
+            } else {
+                let auth = if required_auth.is_some() {
+                    "250-AUTH PLAIN LOGIN\r\n"
+                } else {
+                    ""
+                };
+                format!(
+                    "250-jobhook-testkit\r\n250-8BITMIME\r\n{auth}250 SIZE {MAX_MESSAGE_BYTES}\r\n"
+                )
+            }
+        } else if upper.starts_with("AUTH PLAIN") {
+            let initial = line.get(10..).unwrap_or_default().trim().to_owned();
+            let encoded = if initial.is_empty() {
+                write.write_all(b"334 \r\n").await?;
+                read_line(&mut lines).await?.unwrap_or_default()
+            } else {
+                initial
+            };
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .unwrap_or_default();
+            let parts: Vec<String> = decoded
+                .split(|b| *b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+            let pair = match parts.as_slice() {
+                [_, user, pass] => Some((user.clone(), pass.clone())),
+                _ => None,
+            };
+            check_auth(pair, &required_auth, &mut authenticated)
+        } else if upper.starts_with("AUTH LOGIN") {
+            write.write_all(b"334 VXNlcm5hbWU6\r\n").await?;
+            let user = decode_b64(&read_line(&mut lines).await?.unwrap_or_default());
+            write.write_all(b"334 UGFzc3dvcmQ6\r\n").await?;
+            let pass = decode_b64(&read_line(&mut lines).await?.unwrap_or_default());
+            check_auth(Some((user, pass)), &required_auth, &mut authenticated)
+        } else if upper.starts_with("MAIL FROM:") {
+            if helo.is_empty() {
+                "503 5.5.1 EHLO first\r\n".into()
+            } else if required_auth.is_some() && authenticated.is_none() {
+                "530 5.7.0 Authentication required\r\n".into()
+            } else {
+                mail_from = Some(path_arg(line.get(10..).unwrap_or_default()));
+                rcpt_to.clear();
+                "250 2.1.0 OK\r\n".into()
+            }
+        } else if upper.starts_with("RCPT TO:") {
+            if mail_from.is_none() {
+                "503 5.5.1 MAIL first\r\n".into()
+            } else {
+                rcpt_to.push(path_arg(line.get(8..).unwrap_or_default()));
+                "250 2.1.5 OK\r\n".into()
+            }
+        } else if upper == "DATA" {
+            if rcpt_to.is_empty() {
+                "503 5.5.1 RCPT first\r\n".into()
+            } else {
+                write
+                    .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    .await?;
+                let mut data = String::new();
+                let mut too_large = false;
+                loop {
+                    let Some(line) = read_line(&mut lines).await? else {
+                        return Ok(());
+                    };
+                    if line == "." {
+                        break;
+                    }
+                    let line = line.strip_prefix('.').unwrap_or(&line);
+                    if data.len() + line.len() + 2 > MAX_MESSAGE_BYTES {
+                        too_large = true;
+                        continue;
+                    }
+                    data.push_str(line);
+                    data.push_str("\r\n");
+                }
+                if too_large {
+                    "552 5.3.4 Message too big\r\n".into()
+                } else {
+                    let mail = ReceivedMail {
+                        helo: helo.clone(),
+                        mail_from: mail_from.take().unwrap_or_default(),
+                        rcpt_to: std::mem::take(&mut rcpt_to),
+                        auth: authenticated.clone(),
+                        data,
+                    };
+                    if let Ok(mut store) = store.lock() {
+                        store.push(mail);
+                    }
+                    "250 2.0.0 OK queued\r\n".into()
+                }
+            }
+        } else if upper == "RSET" {
+            mail_from = None;
+            rcpt_to.clear();
+            "250 2.0.0 OK\r\n".into()
+        } else if upper == "NOOP" {
+            "250 2.0.0 OK\r\n".into()
+        } else if upper == "QUIT" {
+            write.write_all(b"221 2.0.0 Bye\r\n").await?;
+            return Ok(());
+        } else {
+            "502 5.5.2 Command not implemented\r\n".into()
+        };
+        write.write_all(reply.as_bytes()).await?;
+    }
+    write.write_all(b"421 4.7.0 Too many commands\r\n").await?;
+    Ok(())
+}
+
+fn check_auth(
+    pair: Option<(String, String)>,
+    required: &Option<(String, String)>,
+    authenticated: &mut Option<(String, String)>,
+) -> String {
+    match (pair, required) {
+        (Some(pair), Some(required)) if &pair == required => {
+            *authenticated = Some(pair);
+            "235 2.7.0 Authentication successful\r\n".into()
+        }
+        (_, None) => "503 5.5.1 AUTH not advertised\r\n".into(),
+        _ => "535 5.7.8 Authentication credentials invalid\r\n".into(),
+    }
+}
+
+fn decode_b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// `<a@b> SIZE=123` -> `a@b`.
+fn path_arg(arg: &str) -> String {
+    let arg = arg.trim();
+    let path = arg.split_whitespace().next().unwrap_or_default();
+    path.trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_owned()
+}
+
+/// One CRLF- (or LF-) terminated line, without the terminator; `None` at end of stream.
+async fn read_line(
+    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(30),
+        (&mut *reader)
+            .take(MAX_LINE_BYTES as u64)
+            .read_until(b'\n', &mut buf),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow"))??;
+    if n == 0 {
+        return Ok(None);
+    }
+    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_unfold_and_bodies_decode() {
+        let mail = ReceivedMail {
+            helo: String::new(),
+            mail_from: String::new(),
+            rcpt_to: vec![],
+            auth: None,
+            data: "Subject: a\r\n b\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nx=3Dy=\r\nz\r\n".into(),
+        };
+        assert_eq!(mail.header("subject").as_deref(), Some("a b"));
+        assert_eq!(mail.body(), "x=yz\r\n");
+    }
+}
