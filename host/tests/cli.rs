@@ -1,0 +1,311 @@
+//! The `jobhook` binary, run as a process on real components built from this repository.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use jobhook_testkit::{guest, sample_context_json, workspace_root};
+use serde_json::Value;
+
+fn jobhook(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run jobhook")
+}
+
+fn jobhook_stdin(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn jobhook");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn context_file(example: &str, file: &str) -> String {
+    workspace_root()
+        .join("examples")
+        .join(example)
+        .join("contexts")
+        .join(file)
+        .display()
+        .to_string()
+}
+
+fn component(package: &str) -> String {
+    guest(package).display().to_string()
+}
+
+fn write_temp(name: &str, contents: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).expect("write");
+    (dir, path)
+}
+
+#[test]
+fn run_succeeds_with_exit_0() {
+    let out = jobhook(&[
+        "run",
+        &component("log-context"),
+        "--context",
+        &context_file("log-context", "sample.json"),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("outcome   succeeded"), "{stdout}");
+    assert!(stdout.contains("logs"), "{stdout}");
+}
+
+#[test]
+fn run_json_prints_one_object() {
+    let out = jobhook(&[
+        "run",
+        &component("log-context"),
+        "--context",
+        &context_file("log-context", "sample.json"),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON outcome");
+    assert_eq!(v["class"], "succeeded");
+    assert!(
+        v["handler"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("log_context.wasm")
+    );
+    assert!(v["duration_ms"].as_f64().unwrap_or(-1.0) >= 0.0);
+    assert!(!v["logs"].as_array().expect("logs").is_empty());
+}
+
+#[test]
+fn run_reports_a_handler_failure_with_exit_1() {
+    let out = jobhook(&[
+        "run",
+        &component("repeated-failure-email"),
+        "--context",
+        &context_file("repeated-failure-email", "failed-after-retries.json"),
+        "--property",
+        "RetryThreshold=abc",
+        "--property",
+        "EmailRecipients=pki-team@example.com",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("outcome   handler-failed"), "{stdout}");
+    assert!(stdout.contains("RetryThreshold"), "{stdout}");
+}
+
+#[test]
+fn run_reports_a_trap_with_exit_1() {
+    let out = jobhook(&[
+        "run",
+        &component("guest-trap"),
+        "--context",
+        &context_file("log-context", "sample.json"),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("outcome   trapped"), "{stdout}");
+    assert!(stdout.contains("unreachable"), "{stdout}");
+}
+
+#[test]
+fn run_reads_the_context_from_stdin() {
+    let context = serde_json::to_vec(&sample_context_json()).expect("json");
+    let out = jobhook_stdin(
+        &["run", &component("log-context"), "--context", "-", "--json"],
+        &context,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_bad_context_exits_2_naming_the_field() {
+    let mut context = sample_context_json();
+    context["AgentId"] = "not-a-guid".into();
+    let (_dir, path) = write_temp("ctx.json", &serde_json::to_vec(&context).expect("json"));
+    let out = jobhook(&[
+        "run",
+        &component("log-context"),
+        "--context",
+        &path.display().to_string(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`AgentId`"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn malformed_json_exits_2() {
+    let out = jobhook_stdin(
+        &["run", &component("log-context"), "--context", "-"],
+        b"{\"AgentId\": ",
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not valid JSON"), "{stderr}");
+}
+
+#[test]
+fn a_wrong_type_exits_2_naming_the_field() {
+    let mut context = sample_context_json();
+    context["CurrentRetryCount"] = "many".into();
+    let out = jobhook_stdin(
+        &["run", &component("log-context"), "--context", "-"],
+        &serde_json::to_vec(&context).expect("json"),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`CurrentRetryCount`"), "{stderr}");
+}
+
+#[test]
+fn garbage_component_exits_2_with_the_reason() {
+    let (_dir, path) = write_temp("handler.wasm", b"this is not wasm at all");
+    let out = jobhook(&[
+        "run",
+        &path.display().to_string(),
+        "--context",
+        &context_file("log-context", "sample.json"),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a WebAssembly binary"), "{stderr}");
+}
+
+#[test]
+fn a_missing_component_file_exits_2() {
+    let out = jobhook(&[
+        "run",
+        "/nonexistent/handler.wasm",
+        "--context",
+        &context_file("log-context", "sample.json"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/handler.wasm"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(
+        jobhook(&["run", &component("log-context")]).status.code(),
+        Some(2)
+    );
+    assert_eq!(jobhook(&["frobnicate"]).status.code(), Some(2));
+    let out = jobhook(&[
+        "run",
+        &component("log-context"),
+        "--context",
+        &context_file("log-context", "sample.json"),
+        "--property",
+        "no-equals-sign",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("KEY=VALUE"));
+}
+
+#[test]
+fn inspect_lists_capabilities_and_wasi_imports() {
+    let out = jobhook(&["inspect", &component("repeated-failure-email")]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("world         fits jobhook:handler@0.1.0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("capabilities  mail\n"), "{stdout}");
+    assert!(stdout.contains("wasi:"), "{stdout}");
+    assert!(stdout.contains("size"), "{stdout}");
+
+    let out = jobhook(&["inspect", &component("job-history-lookup"), "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        v["imports"]["capabilities"],
+        serde_json::json!(["keyfactor"])
+    );
+    assert!(v["world_error"].is_null());
+    assert!(v["size"].as_u64().unwrap_or(0) > 0);
+}
+
+#[test]
+fn inspect_says_when_a_component_does_not_fit() {
+    let out = jobhook(&["inspect", &component("guest-wrong-world")]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("DOES NOT FIT"), "{stdout}");
+    assert!(stdout.contains("exports       run\n"), "{stdout}");
+}
+
+/// `jobhook run` on each hostile component prints the right failure class and exits 1, within
+/// its limit (plus generous slack for a loaded machine).
+#[test]
+fn run_reports_every_hostile_class_with_exit_1() {
+    use std::time::{Duration, Instant};
+    let cases = [
+        ("guest-loop", "timed-out", None),
+        ("guest-sleep", "timed-out", None),
+        ("guest-busy-host-calls", "timed-out", None),
+        ("guest-memory-bomb", "limit-exceeded", Some("memory")),
+        ("guest-huge-alloc", "limit-exceeded", Some("memory")),
+        ("guest-recursion", "limit-exceeded", Some("stack")),
+        (
+            "guest-keyfactor-flood",
+            "limit-exceeded",
+            Some("keyfactor-calls"),
+        ),
+        ("guest-mail-flood", "limit-exceeded", Some("mail-calls")),
+        ("guest-http-flood", "limit-exceeded", Some("http-calls")),
+        ("guest-trap", "trapped", None),
+        ("guest-abort", "trapped", None),
+        ("guest-exit", "trapped", None),
+        ("guest-panic", "panicked", None),
+    ];
+    let context = context_file("log-context", "sample.json");
+    for (package, class, limit) in cases {
+        let started = Instant::now();
+        let out = jobhook(&[
+            "run",
+            &component(package),
+            "--context",
+            &context,
+            "--json",
+            "--timeout-ms",
+            "500",
+            "--memory-bytes",
+            "16777216",
+        ]);
+        let elapsed = started.elapsed();
+        let stdout = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{package}: {stdout}{}",
+            text(&out.stderr)
+        );
+        let v: Value =
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{package}: {e}: {stdout}"));
+        assert_eq!(v["class"], class, "{package}: {v}");
+        if let Some(limit) = limit {
+            assert_eq!(v["limit"], limit, "{package}: {v}");
+        }
+        assert!(
+            elapsed < Duration::from_secs(15),
+            "{package} took {elapsed:?}"
+        );
+    }
+}

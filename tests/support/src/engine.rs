@@ -1,0 +1,133 @@
+//! A `jobhook serve` child process for tests: started with a configuration, ready once it prints
+//! its listening address, stopped with SIGTERM (graceful) or SIGKILL (crash).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The line prefix `jobhook serve` prints when it accepts connections.
+const READY_LINE: &str = "jobhook listening on http://";
+
+/// How long start-up (config, compiling every handler, opening the store) may take in a test.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running `jobhook serve`.
+pub struct EngineProcess {
+    child: Option<Child>,
+    /// Its base URL, e.g. `http://127.0.0.1:40123`.
+    pub url: String,
+    /// Where its stderr goes (appended across restarts).
+    pub log: PathBuf,
+}
+
+impl EngineProcess {
+    /// Starts `bin serve --config config`; stderr is appended to `log`. Panics with the log if
+    /// the engine exits or does not become ready.
+    pub fn start(bin: &Path, config: &Path, log: &Path) -> Self {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(address) = line.strip_prefix(READY_LINE)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(address.trim().to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(address) => EngineProcess {
+                child: Some(child),
+                url: format!("http://{address}"),
+                log: log.to_path_buf(),
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "jobhook serve did not become ready; its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a graceful exit; returns its status (None if it had
+    /// to be killed).
+    pub fn terminate(mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// Sends SIGHUP (configuration reload).
+    pub fn hangup(&self) {
+        let _ = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status();
+    }
+
+    /// The engine's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests on loopback).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+}

@@ -1,0 +1,433 @@
+//! Real handler components, built from this repository's sources, run through the host's load
+//! gate and sandbox: the examples, and guests that fail in each way a handler can.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use jobhook::capabilities::properties::Properties;
+use jobhook::capabilities::{Capability, Grants, Services};
+use jobhook::{
+    Delivery, Engine, Handler, HandlerSpec, JobContext, LimitKind, LoadError, LoadOptions, Outcome,
+    OutcomeKind,
+};
+use jobhook_testkit::{guest_bytes, sample_context_json, workspace_root};
+use serde_json::{Value, json};
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::new(32).expect("engine"))
+}
+
+fn spec(name: &str, properties: &[(&str, &str)]) -> HandlerSpec {
+    let mut spec = HandlerSpec::new(name);
+    spec.properties = Properties::new(
+        properties
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    spec.grants = Grants::permissive();
+    spec
+}
+
+async fn load(package: &str, spec: HandlerSpec) -> Result<Handler, LoadError> {
+    Handler::load(
+        engine(),
+        &Services::default(),
+        guest_bytes(package),
+        spec,
+        &LoadOptions::default(),
+    )
+    .await
+}
+
+async fn run(package: &str, spec: HandlerSpec, context: &Value) -> Outcome {
+    let handler = load(package, spec).await.expect("load");
+    let context = JobContext::from_json_value(context).expect("context");
+    handler.invoke(&context, Delivery::default()).await
+}
+
+fn example_context(example: &str, file: &str) -> Value {
+    let path = workspace_root()
+        .join("examples")
+        .join(example)
+        .join("contexts")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("sample context is JSON")
+}
+
+fn with(field: &str, value: Value) -> Value {
+    let mut v = sample_context_json();
+    v[field] = value;
+    v
+}
+
+#[tokio::test]
+async fn log_context_succeeds_and_logs_every_field() {
+    let outcome = run(
+        "log-context",
+        spec("log-context", &[]),
+        &sample_context_json(),
+    )
+    .await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+    let text: String = outcome
+        .logs
+        .iter()
+        .map(|l| format!("{} {}\n", l.level, l.message))
+        .collect();
+    for needle in [
+        "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11",
+        "KFTRAIN\\SVC_Orchestrator",
+        "orchestrator.kftrain.lab",
+        "Success",
+        "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01",
+        "WinCertInventory",
+        "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
+        "2023-05-03",
+    ] {
+        assert!(text.contains(needle), "log lacks {needle}:\n{text}");
+    }
+    assert!(outcome.memory_bytes > 0);
+}
+
+#[tokio::test]
+async fn log_context_sample_context_succeeds() {
+    let outcome = run(
+        "log-context",
+        spec("log-context", &[]),
+        &example_context("log-context", "sample.json"),
+    )
+    .await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}
+
+const MAIL_PROPS: &[(&str, &str)] = &[
+    ("RetryThreshold", "3"),
+    ("EmailRecipients", "pki-team@example.com"),
+];
+
+#[tokio::test]
+async fn repeated_failure_email_does_nothing_for_a_successful_job() {
+    let outcome = run(
+        "repeated-failure-email",
+        spec("mail", MAIL_PROPS),
+        &example_context("repeated-failure-email", "succeeded.json"),
+    )
+    .await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn repeated_failure_email_below_threshold_does_nothing() {
+    let outcome = run(
+        "repeated-failure-email",
+        spec("mail", MAIL_PROPS),
+        &example_context("repeated-failure-email", "failed-first-try.json"),
+    )
+    .await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn repeated_failure_email_over_threshold_tries_to_mail() {
+    // This engine has no mail transport configured: the handler's attempt to send is answered
+    // `not-available`, which it reports as its failure reason.
+    let outcome = run(
+        "repeated-failure-email",
+        spec("mail", MAIL_PROPS),
+        &example_context("repeated-failure-email", "failed-after-retries.json"),
+    )
+    .await;
+    match &outcome.kind {
+        OutcomeKind::HandlerFailed { reason } => {
+            assert!(reason.contains("not available"), "{reason}");
+            assert!(reason.contains("mail"), "{reason}");
+        }
+        other => panic!("expected handler-failed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn repeated_failure_email_bad_threshold_is_a_handler_failure_naming_it() {
+    let outcome = run(
+        "repeated-failure-email",
+        spec(
+            "mail",
+            &[
+                ("RetryThreshold", "abc"),
+                ("EmailRecipients", "pki-team@example.com"),
+            ],
+        ),
+        &example_context("repeated-failure-email", "failed-after-retries.json"),
+    )
+    .await;
+    match &outcome.kind {
+        OutcomeKind::HandlerFailed { reason } => {
+            assert!(reason.contains("RetryThreshold"), "{reason}");
+            assert!(reason.contains("abc"), "{reason}");
+        }
+        other => panic!("expected handler-failed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn repeated_failure_email_missing_property_is_a_handler_failure() {
+    let outcome = run(
+        "repeated-failure-email",
+        spec("mail", &[("RetryThreshold", "3")]),
+        &example_context("repeated-failure-email", "failed-after-retries.json"),
+    )
+    .await;
+    match &outcome.kind {
+        OutcomeKind::HandlerFailed { reason } => {
+            assert!(reason.contains("EmailRecipients"), "{reason}")
+        }
+        other => panic!("expected handler-failed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn job_history_lookup_skips_management_jobs() {
+    let outcome = run(
+        "job-history-lookup",
+        spec("history", &[]),
+        &example_context("job-history-lookup", "management-add.json"),
+    )
+    .await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn job_history_lookup_reports_an_unavailable_api() {
+    let outcome = run(
+        "job-history-lookup",
+        spec("history", &[]),
+        &example_context("job-history-lookup", "inventory.json"),
+    )
+    .await;
+    match &outcome.kind {
+        OutcomeKind::HandlerFailed { reason } => {
+            assert!(reason.contains("not available"), "{reason}")
+        }
+        other => panic!("expected handler-failed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_trap_is_classified_with_its_code() {
+    let outcome = run("guest-trap", spec("trap", &[]), &sample_context_json()).await;
+    match &outcome.kind {
+        OutcomeKind::Trapped { code, .. } => assert_eq!(code, "unreachable"),
+        other => panic!("expected trapped, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_panic_is_classified_with_its_message() {
+    let outcome = run("guest-panic", spec("panic", &[]), &sample_context_json()).await;
+    match &outcome.kind {
+        OutcomeKind::Panicked { message } => assert!(
+            message.contains("handler exploded on job 0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01"),
+            "{message}"
+        ),
+        other => panic!("expected panicked, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_infinite_loop_times_out_at_its_budget() {
+    let mut s = spec("loop", &[]);
+    s.limits.timeout = Duration::from_millis(200);
+    let outcome = run("guest-loop", s, &sample_context_json()).await;
+    assert_eq!(outcome.kind, OutcomeKind::TimedOut { limit_ms: 200 });
+    assert!(outcome.duration >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn a_memory_bomb_hits_the_memory_limit() {
+    let mut s = spec("bomb", &[]);
+    s.limits.memory_bytes = 16 * 1024 * 1024;
+    let outcome = run("guest-memory-bomb", s, &sample_context_json()).await;
+    match &outcome.kind {
+        OutcomeKind::LimitExceeded { limit, .. } => assert_eq!(*limit, LimitKind::Memory),
+        other => panic!("expected limit-exceeded(memory), got {other:?}"),
+    }
+    assert!(outcome.memory_bytes <= 16 * 1024 * 1024);
+}
+
+#[tokio::test]
+async fn no_state_survives_between_invocations() {
+    let handler = load("guest-counter", spec("counter", &[]))
+        .await
+        .expect("load");
+    let context = JobContext::from_json_value(&sample_context_json()).expect("context");
+    for _ in 0..5 {
+        let outcome = handler.invoke(&context, Delivery::default()).await;
+        assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_invocation_does_not_affect_the_next_one() {
+    let handler = load("guest-trap", spec("trap", &[])).await.expect("load");
+    let healthy = load("log-context", spec("log", &[])).await.expect("load");
+    let context = JobContext::from_json_value(&sample_context_json()).expect("context");
+    for _ in 0..3 {
+        assert_eq!(
+            handler
+                .invoke(&context, Delivery::default())
+                .await
+                .kind
+                .class(),
+            "trapped"
+        );
+        assert!(
+            healthy
+                .invoke(&context, Delivery::default())
+                .await
+                .kind
+                .is_success()
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_context_field_reaches_the_guest_with_odd_values() {
+    // Unknown enum numbers, no optional fields, empty strings: still delivered.
+    let mut context = with("JobResult", json!(99));
+    context["OperationType"] = json!(12);
+    context["CertificateId"] = Value::Null;
+    context["RequestTimestamp"] = Value::Null;
+    context["Username"] = json!("");
+    let outcome = run("log-context", spec("log", &[]), &context).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_component_for_another_world_is_refused() {
+    let err = load("guest-wrong-world", spec("other", &[]))
+        .await
+        .unwrap_err();
+    match &err {
+        LoadError::WrongWorld(message) => assert!(message.contains("run-handler"), "{message}"),
+        other => panic!("expected WrongWorld, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_core_module_is_refused() {
+    let module = wat::parse_str("(module (func (export \"run\")))").expect("wat");
+    let err = Handler::load(
+        engine(),
+        &Services::default(),
+        module,
+        spec("core", &[]),
+        &LoadOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err, LoadError::CoreModule);
+    assert!(err.to_string().contains("wasm32-wasip2"), "{err}");
+}
+
+#[tokio::test]
+async fn garbage_bytes_are_refused() {
+    for bytes in [
+        Vec::new(),
+        b"MZ\x90\x00 this is a Windows DLL".to_vec(),
+        vec![0xff; 4096],
+    ] {
+        let err = Handler::load(
+            engine(),
+            &Services::default(),
+            bytes,
+            spec("garbage", &[]),
+            &LoadOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err, LoadError::NotWasm);
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_component_is_refused_as_invalid() {
+    let mut bytes = guest_bytes("log-context");
+    bytes.truncate(bytes.len() / 2);
+    let err = Handler::load(
+        engine(),
+        &Services::default(),
+        bytes,
+        spec("cut", &[]),
+        &LoadOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, LoadError::Invalid(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_oversized_component_is_refused_before_compiling() {
+    let options = LoadOptions {
+        max_bytes: 1024,
+        ..LoadOptions::default()
+    };
+    let err = Handler::load(
+        engine(),
+        &Services::default(),
+        guest_bytes("log-context"),
+        spec("big", &[]),
+        &options,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, LoadError::TooLarge { max: 1024, .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_ungranted_capability_is_refused_at_load() {
+    let mut s = spec("mail", MAIL_PROPS);
+    s.grants = Grants::default();
+    let err = load("repeated-failure-email", s).await.unwrap_err();
+    assert_eq!(
+        err,
+        LoadError::NotGranted {
+            capability: Capability::Mail
+        }
+    );
+    // A handler that needs no capability loads without grants.
+    let mut s = spec("log", &[]);
+    s.grants = Grants::default();
+    assert!(load("log-context", s).await.is_ok());
+}
+
+#[tokio::test]
+async fn import_lists_are_the_capability_lists() {
+    let imports = |package: &str| {
+        let package = package.to_owned();
+        async move {
+            load(&package, spec("x", &[]))
+                .await
+                .expect("load")
+                .component()
+                .imports()
+                .capabilities
+                .clone()
+        }
+    };
+    assert_eq!(imports("log-context").await, vec![]);
+    assert_eq!(
+        imports("repeated-failure-email").await,
+        vec![Capability::Mail]
+    );
+    assert_eq!(
+        imports("job-history-lookup").await,
+        vec![Capability::Keyfactor]
+    );
+}
