@@ -1,0 +1,1014 @@
+//! The engine's configuration: one TOML file with `[server]`, `[store]`, `[engine]`,
+//! `[quarantine]`, the capability services (`[keyfactor]`, `[mail]`, `[http]`), an optional
+//! `[poller]`, and one `[[handlers]]` table per handler registration. Relative paths (components,
+//! data directory, mail outbox, CA bundle, property secret files) are relative to the file's
+//! directory.
+//!
+//! A handler registration mirrors a Keyfactor `<register>` element / Command 11 manifest entry:
+//! a unique name, the component, `job_types` (required, like Keyfactor's `JobTypes`; GUIDs are
+//! compared case-insensitively; `["*"]` is the explicit wildcard), string `properties` (a value
+//! may instead reference a secret in an environment variable or a file), `grants`, `limits` and a
+//! `retry` policy. Unknown keys are errors. Every error names the file, the line and the key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use uuid::Uuid;
+
+use crate::capabilities::properties::Properties;
+use crate::capabilities::{Grants, ServicesConfig};
+use crate::context::parse_guid;
+use crate::limits::Limits;
+use crate::poller::PollerConfig;
+use crate::secret::SecretRef;
+
+/// Where the HTTP API listens by default: loopback only, so an unconfigured engine is not
+/// reachable from the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8480";
+
+/// Largest request body the ingest endpoint reads. A context is a few hundred bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How long a graceful shutdown waits for running deliveries before requeueing them.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Deliveries running at once across all handlers. Two cores run about this many sandboxes
+/// without starving the ingest path; more waits in the durable queue.
+pub const DEFAULT_MAX_CONCURRENT_DELIVERIES: usize = 16;
+
+/// The AOT cache directory inside the data directory, when `[engine] cache_dir` is not set.
+pub const DEFAULT_CACHE_DIR: &str = "cache";
+
+/// Deliveries of one handler running at once, so one slow handler cannot take every slot.
+pub const DEFAULT_HANDLER_CONCURRENCY: usize = 4;
+
+/// Consecutive failures after which a handler is quarantined.
+pub const DEFAULT_QUARANTINE_AFTER: u32 = 5;
+/// First quarantine period; doubled on each failed probe.
+pub const DEFAULT_QUARANTINE_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest quarantine period.
+pub const DEFAULT_QUARANTINE_MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// Largest configuration file read (a config with hundreds of handlers is far smaller).
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Upper bound on `retry.max_attempts`, so a misconfiguration cannot retry forever.
+pub const MAX_RETRY_ATTEMPTS: u32 = 100;
+
+/// A configuration error: which file, where, which key, and what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+/// The whole configuration, validated, with paths resolved against the file's directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[store]`
+    pub store: StoreConfig,
+    /// `[engine]`
+    pub engine: EngineConfig,
+    /// `[quarantine]`
+    pub quarantine: QuarantineConfig,
+    /// `[keyfactor]`, `[mail]`, `[http]`: the services behind the capabilities.
+    pub services: ServicesConfig,
+    /// `[poller]`, when JobHistory is polled.
+    pub poller: Option<PollerConfig>,
+    /// `[[handlers]]`, in file order.
+    pub handlers: Vec<HandlerConfig>,
+}
+
+/// `[server]`: the HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Bearer tokens accepted on every endpoint but `/healthz`; none means no authentication
+    /// (only sensible on loopback).
+    pub tokens: Vec<SecretRef>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Graceful shutdown bound, in milliseconds.
+    #[serde(rename = "shutdown_grace_ms", with = "duration_ms")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8480))),
+            tokens: Vec::new(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// Shortest `[store] lease_ms`: leases are renewed every third of the lease, and a renewal is a
+/// database round trip that must fit comfortably.
+pub const MIN_STORE_LEASE: Duration = Duration::from_secs(1);
+
+/// Longest `[store] lease_ms`: a longer lease only delays the takeover of a dead node's work.
+pub const MAX_STORE_LEASE: Duration = Duration::from_secs(3600);
+
+/// Which database keeps events and deliveries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// SQLite under `data_dir`: embedded, for one engine process.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database at `url`, shared by several engine nodes.
+    Postgres,
+}
+
+/// `[store]`: where events and deliveries are kept.
+///
+/// ```toml
+/// [store]
+/// kind = "postgres"                                  # default "sqlite"
+/// url = "postgres://jobhook@127.0.0.1:5432/jobhook"  # no password in the URL
+/// password = { env = "JOBHOOK_DB_PASSWORD" }         # or { file = "path" }; optional
+/// lease_ms = 60000                                   # how long a node's claim lasts unrenewed
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite` (the default) or `postgres`.
+    pub kind: StoreKind,
+    /// Directory of the SQLite database and of other local files such as the default mail
+    /// outbox (relative paths are relative to the config file).
+    pub data_dir: PathBuf,
+    /// For `postgres`: `postgres://USER@HOST:PORT/DATABASE`, without a password.
+    pub url: Option<String>,
+    /// For `postgres`: the password, by reference (relative files are made absolute against
+    /// the config file's directory). Never logged.
+    pub password: Option<SecretRef>,
+    /// How long a claim on a delivery lasts without renewal, in milliseconds. A dead node's
+    /// deliveries are taken over by another node this long after its last renewal.
+    #[serde(rename = "lease_ms", with = "duration_ms")]
+    pub lease: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Sqlite,
+            data_dir: PathBuf::from("data"),
+            url: None,
+            password: None,
+            lease: crate::dispatch::CLAIM_LEASE,
+        }
+    }
+}
+
+/// `[engine]`: concurrency and load-gate settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Deliveries running at once across all handlers.
+    pub max_concurrent_deliveries: usize,
+    /// Largest component accepted, in bytes.
+    pub max_component_bytes: usize,
+    /// Longest compilation of one component, in milliseconds.
+    #[serde(rename = "compile_timeout_ms", with = "duration_ms")]
+    pub compile_timeout: Duration,
+    /// Where `serve` keeps compiled components between runs (see [`crate::aot`]); relative
+    /// paths are relative to the config file. Default: `cache` in the data directory.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_concurrent_deliveries: DEFAULT_MAX_CONCURRENT_DELIVERIES,
+            max_component_bytes: crate::loader::DEFAULT_MAX_COMPONENT_BYTES,
+            compile_timeout: crate::loader::DEFAULT_COMPILE_TIMEOUT,
+            cache_dir: None,
+        }
+    }
+}
+
+/// `[quarantine]`: when a failing handler is set aside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuarantineConfig {
+    /// Consecutive failures that quarantine a handler (0 disables quarantine).
+    pub after_failures: u32,
+    /// First quarantine period, in milliseconds.
+    #[serde(rename = "initial_backoff_ms", with = "duration_ms")]
+    pub initial_backoff: Duration,
+    /// Longest quarantine period, in milliseconds.
+    #[serde(rename = "max_backoff_ms", with = "duration_ms")]
+    pub max_backoff: Duration,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            after_failures: DEFAULT_QUARANTINE_AFTER,
+            initial_backoff: DEFAULT_QUARANTINE_BACKOFF,
+            max_backoff: DEFAULT_QUARANTINE_MAX_BACKOFF,
+        }
+    }
+}
+
+/// Which job types a handler runs for: Keyfactor's `JobTypes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum JobTypes {
+    /// `["*"]`: every job type.
+    All,
+    /// Only these job type GUIDs.
+    Only(BTreeSet<Uuid>),
+}
+
+impl JobTypes {
+    /// Whether a job of type `job_type_id` is routed to the handler.
+    pub fn matches(&self, job_type_id: Uuid) -> bool {
+        match self {
+            JobTypes::All => true,
+            JobTypes::Only(ids) => ids.contains(&job_type_id),
+        }
+    }
+}
+
+/// `[handlers.retry]`: what happens after a handler fails (reports failure, traps, times out).
+/// A delivery interrupted by an engine crash or shutdown is always run again, regardless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in total, including the first (1 = no retry, the default).
+    pub max_attempts: u32,
+    /// Wait before the first retry, in milliseconds; doubled for each further retry.
+    #[serde(rename = "backoff_ms", with = "duration_ms")]
+    pub backoff: Duration,
+    /// Longest wait between attempts, in milliseconds.
+    #[serde(rename = "max_backoff_ms", with = "duration_ms")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `next_attempt` (2 for the first retry).
+    pub fn delay_before(&self, next_attempt: u32) -> Duration {
+        let doublings = next_attempt.saturating_sub(2).min(30);
+        self.backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_backoff)
+    }
+}
+
+/// Makes a relative secret file path relative to `base` (the configuration file's directory).
+fn rebase(secret: &mut SecretRef, base: &Path) {
+    if let SecretRef::File(path) = secret
+        && path.is_relative()
+    {
+        *path = base.join(&*path);
+    }
+}
+
+/// Resolves a secret reference, reading relative file paths against `base` (the directory of
+/// the configuration file). The error names the reference, never a value.
+pub fn resolve_secret(secret: &SecretRef, base: &Path) -> Result<String, String> {
+    let mut rebased = secret.clone();
+    rebase(&mut rebased, base);
+    rebased
+        .resolve()
+        .map(|s| s.expose().to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// A property value: a plain string, or a secret reference `{ env = "NAME" }` /
+/// `{ file = "path" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    /// The value itself.
+    Plain(String),
+    /// A reference to the value.
+    Secret(SecretRef),
+}
+
+/// One `[[handlers]]` registration, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerConfig {
+    /// Unique name.
+    pub name: String,
+    /// Path of the component, resolved against the config file's directory.
+    pub component: PathBuf,
+    /// The job types it runs for.
+    pub job_types: JobTypes,
+    /// Its properties, secrets resolved. Never log these.
+    pub properties: Properties,
+    /// Names of properties whose values are secrets (shown as such by the API).
+    pub secret_properties: BTreeSet<String>,
+    /// The capabilities it may use.
+    pub grants: Grants,
+    /// Its sandbox limits.
+    pub limits: Limits,
+    /// Its retry policy.
+    pub retry: RetryPolicy,
+    /// Deliveries of this handler running at once.
+    pub max_concurrency: usize,
+    /// The 1-based line of its `[[handlers]]` table.
+    pub line: usize,
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: ServerConfig,
+    #[serde(default)]
+    store: StoreConfig,
+    #[serde(default)]
+    engine: EngineConfig,
+    #[serde(default)]
+    quarantine: QuarantineConfig,
+    keyfactor: Option<crate::capabilities::keyfactor::KeyfactorConfig>,
+    mail: Option<crate::capabilities::mail::MailConfig>,
+    #[serde(default)]
+    http: crate::capabilities::http::HttpConfig,
+    poller: Option<PollerConfig>,
+    #[serde(default)]
+    handlers: Vec<Spanned<RawHandler>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandler {
+    name: Spanned<String>,
+    component: Spanned<PathBuf>,
+    job_types: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    properties: BTreeMap<String, Spanned<PropertyValue>>,
+    #[serde(default)]
+    grants: Grants,
+    limits: Option<Spanned<Limits>>,
+    retry: Option<Spanned<RetryPolicy>>,
+    max_concurrency: Option<Spanned<usize>>,
+}
+
+/// A `Spanned` for a key that was left out: no line of its own.
+fn absent<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
+}
+
+/// Longest handler name: names appear in logs, metrics labels and URLs.
+const MAX_HANDLER_NAME: usize = 64;
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |message: String| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            message,
+        };
+        let size = std::fs::metadata(path)
+            .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?
+            .len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "the configuration file is {size} bytes; the limit is {MAX_CONFIG_BYTES}"
+            )));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` names it in errors and resolves relative
+    /// paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: e.message().to_owned(),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let v = Validator {
+            text,
+            path,
+            base: &base,
+        };
+        v.check_server(&raw.server)?;
+        v.check_store(&raw.store)?;
+        if raw.engine.max_concurrent_deliveries == 0 {
+            return Err(v.error(
+                None,
+                "[engine] max_concurrent_deliveries must be at least 1",
+            ));
+        }
+        let mut handlers = Vec::with_capacity(raw.handlers.len());
+        let mut seen = BTreeMap::new();
+        for raw_handler in raw.handlers {
+            let line = line_of(text, raw_handler.span().start);
+            let handler = v.handler(raw_handler.into_inner(), line)?;
+            if let Some(first) = seen.insert(handler.name.to_ascii_lowercase(), handler.line) {
+                return Err(v.error(
+                    Some(handler.line),
+                    &format!(
+                        "handlers.name: {:?} is already used by the handler at line {first}; \
+                         names must be unique (compared case-insensitively)",
+                        handler.name
+                    ),
+                ));
+            }
+            handlers.push(handler);
+        }
+        let mut store = raw.store;
+        store.data_dir = base.join(&store.data_dir);
+        if let Some(SecretRef::File(path)) = store.password.as_mut() {
+            *path = base.join(&*path);
+        }
+        let mut engine = raw.engine;
+        engine.cache_dir = Some(match &engine.cache_dir {
+            Some(dir) => base.join(dir),
+            None => store.data_dir.join(DEFAULT_CACHE_DIR),
+        });
+        let mut keyfactor = raw.keyfactor;
+        if let Some(k) = keyfactor.as_mut() {
+            k.ca_bundle = k.ca_bundle.as_ref().map(|p| base.join(p));
+            use crate::capabilities::keyfactor::auth::AuthConfig;
+            match &mut k.auth {
+                AuthConfig::Basic { password, .. } => rebase(password, &base),
+                AuthConfig::Bearer { token } => rebase(token, &base),
+                AuthConfig::Oauth2 { client_secret, .. } => rebase(client_secret, &base),
+            }
+        }
+        let mut mail = raw.mail;
+        if let Some(m) = mail.as_mut() {
+            m.outbox = m.outbox.as_ref().map(|p| base.join(p));
+            if let Some(password) = m.smtp.as_mut().and_then(|smtp| smtp.password.as_mut()) {
+                rebase(password, &base);
+            }
+        }
+        if let Some(poller) = &raw.poller {
+            poller.job_type_ids().map_err(|e| v.error(None, &e))?;
+            if keyfactor.is_none() {
+                return Err(v.error(
+                    None,
+                    "[poller] polls the Keyfactor API: configure [keyfactor] base_url and auth too",
+                ));
+            }
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            server: raw.server,
+            store,
+            engine,
+            quarantine: raw.quarantine,
+            services: ServicesConfig {
+                keyfactor,
+                mail,
+                http: raw.http,
+            },
+            poller: raw.poller,
+            handlers,
+        })
+    }
+
+    /// The bearer tokens, resolved.
+    pub fn resolve_tokens(&self) -> Result<Vec<String>, ConfigError> {
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        self.server
+            .tokens
+            .iter()
+            .map(|t| {
+                resolve_secret(t, base).map_err(|e| ConfigError {
+                    file: self.path.clone(),
+                    line: None,
+                    message: format!("server.tokens: {e}"),
+                })
+            })
+            .collect()
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn error(&self, line: Option<usize>, message: &str) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line,
+            message: message.to_owned(),
+        }
+    }
+
+    fn line(&self, span: std::ops::Range<usize>) -> Option<usize> {
+        (span.start > 0 || span.end > 0).then(|| line_of(self.text, span.start))
+    }
+
+    fn check_server(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        if server.max_body_bytes < 1024 {
+            return Err(self.error(None, "[server] max_body_bytes must be at least 1024"));
+        }
+        Ok(())
+    }
+
+    fn check_store(&self, store: &StoreConfig) -> Result<(), ConfigError> {
+        if store.lease < MIN_STORE_LEASE || store.lease > MAX_STORE_LEASE {
+            return Err(self.error(
+                None,
+                &format!(
+                    "[store] lease_ms must be between {} and {}",
+                    MIN_STORE_LEASE.as_millis(),
+                    MAX_STORE_LEASE.as_millis()
+                ),
+            ));
+        }
+        match (store.kind, &store.url) {
+            (StoreKind::Sqlite, None) if store.password.is_none() => Ok(()),
+            (StoreKind::Sqlite, _) => Err(self.error(
+                None,
+                "[store] url and password are only used with kind = \"postgres\"; \
+                 add kind = \"postgres\" or remove them",
+            )),
+            (StoreKind::Postgres, None) => Err(self.error(
+                None,
+                "[store] url is required with kind = \"postgres\", e.g. \
+                 url = \"postgres://jobhook@127.0.0.1:5432/jobhook\"",
+            )),
+            (StoreKind::Postgres, Some(url)) => {
+                crate::store::postgres::check_url(url).map_err(|e| self.error(None, &e))?;
+                if let Some(password) = &store.password {
+                    resolve_secret(password, self.base)
+                        .map_err(|e| self.error(None, &format!("[store] password: {e}")))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handler(&self, raw: RawHandler, line: usize) -> Result<HandlerConfig, ConfigError> {
+        let name_line = self.line(raw.name.span()).or(Some(line));
+        let name = raw.name.into_inner();
+        if name.is_empty()
+            || name.len() > MAX_HANDLER_NAME
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(self.error(
+                name_line,
+                &format!(
+                    "handlers.name: {name:?} is not a valid name; use 1 to {MAX_HANDLER_NAME} \
+                     letters, digits, '-', '_' or '.'"
+                ),
+            ));
+        }
+        let at = |key: &str, span: std::ops::Range<usize>| {
+            (
+                self.line(span).or(Some(line)),
+                format!("handlers.{key} (handler {name:?})"),
+            )
+        };
+
+        let (component_line, key) = at("component", raw.component.span());
+        let component = self.base.join(raw.component.into_inner());
+        if !component.is_file() {
+            return Err(self.error(
+                component_line,
+                &format!(
+                    "{key}: {} does not exist or is not a file; build the handler \
+                     (cargo build --release --target wasm32-wasip2) or fix the path \
+                     (relative paths are relative to the configuration file)",
+                    component.display()
+                ),
+            ));
+        }
+
+        let job_types = self.job_types(raw.job_types, &name, line)?;
+
+        let mut values = BTreeMap::new();
+        let mut secret_properties = BTreeSet::new();
+        for (key, value) in raw.properties {
+            let (value_line, what) = at(&format!("properties.{key}"), value.span());
+            if key.is_empty() {
+                return Err(self.error(value_line, &format!("{what}: a property name is empty")));
+            }
+            let resolved = match value.into_inner() {
+                PropertyValue::Plain(v) => v,
+                PropertyValue::Secret(secret) => {
+                    secret_properties.insert(key.clone());
+                    resolve_secret(&secret, self.base)
+                        .map_err(|e| self.error(value_line, &format!("{what}: {e}")))?
+                }
+            };
+            values.insert(key, resolved);
+        }
+
+        let raw_limits = raw.limits.unwrap_or_else(|| absent(Limits::default()));
+        let (limits_line, key) = at("limits", raw_limits.span());
+        let limits = raw_limits.into_inner();
+        self.check_limits(&limits, limits_line, &key)?;
+
+        let raw_retry = raw.retry.unwrap_or_else(|| absent(RetryPolicy::default()));
+        let (retry_line, key) = at("retry", raw_retry.span());
+        let retry = raw_retry.into_inner();
+        if retry.max_attempts == 0 || retry.max_attempts > MAX_RETRY_ATTEMPTS {
+            return Err(self.error(
+                retry_line,
+                &format!("{key}.max_attempts must be between 1 and {MAX_RETRY_ATTEMPTS}"),
+            ));
+        }
+
+        let raw_concurrency = raw
+            .max_concurrency
+            .unwrap_or_else(|| absent(DEFAULT_HANDLER_CONCURRENCY));
+        let (concurrency_line, key) = at("max_concurrency", raw_concurrency.span());
+        let max_concurrency = raw_concurrency.into_inner();
+        if max_concurrency == 0 {
+            return Err(self.error(concurrency_line, &format!("{key} must be at least 1")));
+        }
+
+        Ok(HandlerConfig {
+            name,
+            component,
+            job_types,
+            properties: Properties::new(values),
+            secret_properties,
+            grants: raw.grants,
+            limits,
+            retry,
+            max_concurrency,
+            line,
+        })
+    }
+
+    fn job_types(
+        &self,
+        raw: Spanned<Vec<Spanned<String>>>,
+        name: &str,
+        line: usize,
+    ) -> Result<JobTypes, ConfigError> {
+        let list_line = self.line(raw.span()).or(Some(line));
+        let entries = raw.into_inner();
+        if entries.is_empty() {
+            return Err(self.error(
+                list_line,
+                &format!(
+                    "handlers.job_types (handler {name:?}) is empty; list the job type GUIDs \
+                     the handler runs for, or [\"*\"] for every job type"
+                ),
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        let mut wildcard = false;
+        for entry in entries {
+            let entry_line = self.line(entry.span()).or(list_line);
+            let text = entry.into_inner();
+            if text.trim() == "*" {
+                wildcard = true;
+            } else if let Some(id) = parse_guid(&text) {
+                ids.insert(id);
+            } else {
+                return Err(self.error(
+                    entry_line,
+                    &format!(
+                        "handlers.job_types (handler {name:?}): {text:?} is not a job type GUID \
+                         (e.g. \"7b6bbc1b-d802-4b09-bec9-f5c221083130\") or \"*\""
+                    ),
+                ));
+            }
+        }
+        match (wildcard, ids.is_empty()) {
+            (true, true) => Ok(JobTypes::All),
+            (true, false) => Err(self.error(
+                list_line,
+                &format!(
+                    "handlers.job_types (handler {name:?}) mixes \"*\" with GUIDs; use either \
+                     [\"*\"] or a list of GUIDs"
+                ),
+            )),
+            (false, _) => Ok(JobTypes::Only(ids)),
+        }
+    }
+
+    fn check_limits(&self, l: &Limits, line: Option<usize>, key: &str) -> Result<(), ConfigError> {
+        let max_memory = crate::engine::MAX_MEMORY_PER_SANDBOX as u64;
+        let problem = if l.timeout.is_zero() {
+            Some("timeout_ms must be at least 1".to_owned())
+        } else if l.memory_bytes < 1024 * 1024 || l.memory_bytes > max_memory {
+            Some(format!(
+                "memory_bytes must be between 1 MiB and {max_memory}"
+            ))
+        } else if l.instances == 0 || l.memories == 0 || l.tables == 0 {
+            Some("instances, memories and tables must be at least 1".to_owned())
+        } else if l.hostcall_bytes < 64 * 1024 {
+            Some("hostcall_bytes must be at least 65536".to_owned())
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(self.error(line, &format!("{key}: {p}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The 1-based line of byte offset `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("h.wasm"), b"\0asm").unwrap();
+            Fixture { dir }
+        }
+
+        fn parse(&self, text: &str) -> Result<Config, ConfigError> {
+            Config::parse(text, &self.dir.path().join("jobhook.toml"))
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[[handlers]]
+name = "mail"
+component = "h.wasm"
+job_types = ["*"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.store.data_dir, f.dir.path().join("data"));
+        assert_eq!(c.handlers.len(), 1);
+        let h = &c.handlers[0];
+        assert_eq!(h.job_types, JobTypes::All);
+        assert_eq!(h.limits, Limits::default());
+        assert_eq!(h.retry.max_attempts, 1);
+        assert_eq!(h.component, f.dir.path().join("h.wasm"));
+        assert_eq!(h.line, 2);
+    }
+
+    #[test]
+    fn full_handler_entry() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("pw"), "s3cret\n").unwrap();
+        let c = f
+            .parse(
+                r#"
+[server]
+listen = "0.0.0.0:9000"
+tokens = [{ file = "pw" }]
+
+[[handlers]]
+name = "repeated-failure-email"
+component = "h.wasm"
+job_types = ["7B6BBC1B-D802-4B09-BEC9-F5C221083130", "44340a94-9b99-410d-8011-598fb176c3c5"]
+properties = { RetryThreshold = "3", Password = { file = "pw" } }
+max_concurrency = 2
+[handlers.limits]
+timeout_ms = 2500
+memory_bytes = 33554432
+[handlers.retry]
+max_attempts = 3
+backoff_ms = 100
+"#,
+            )
+            .unwrap();
+        let h = &c.handlers[0];
+        let id = Uuid::parse_str("7b6bbc1b-d802-4b09-bec9-f5c221083130").unwrap();
+        assert!(h.job_types.matches(id));
+        assert!(!h.job_types.matches(Uuid::nil()));
+        assert_eq!(h.properties.get("RetryThreshold"), Some("3"));
+        assert_eq!(h.properties.get("Password"), Some("s3cret"));
+        assert!(h.secret_properties.contains("Password"));
+        assert_eq!(h.limits.timeout, Duration::from_millis(2500));
+        assert_eq!(h.limits.memory_bytes, 32 << 20);
+        assert_eq!(h.retry.delay_before(2), Duration::from_millis(100));
+        assert_eq!(h.retry.delay_before(3), Duration::from_millis(200));
+        assert_eq!(h.max_concurrency, 2);
+        assert_eq!(c.resolve_tokens().unwrap(), vec!["s3cret".to_owned()]);
+    }
+
+    fn error(text: &str) -> ConfigError {
+        Fixture::new().parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn missing_job_types_names_the_key_and_line() {
+        let e = error("\n\n[[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\n");
+        assert!(e.message.contains("job_types"), "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_with_both_lines() {
+        let e = error(&format!("{MINIMAL}{}", MINIMAL.replace("mail", "MAIL")));
+        assert_eq!(e.line, Some(7), "{e}");
+        assert!(e.message.contains("line 2"), "{e}");
+        assert!(e.to_string().contains("jobhook.toml:7:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e = error(&format!("{MINIMAL}colour = \"blue\"\n"));
+        assert!(e.message.contains("colour"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        let e = error("[sever]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(e.message.contains("sever"), "{e}");
+        let e = error(&format!("{MINIMAL}[handlers.limits]\nmemory = 5\n"));
+        assert!(e.message.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn missing_component_file_is_named() {
+        let e = error(&MINIMAL.replace("h.wasm", "missing.wasm"));
+        assert!(e.message.contains("missing.wasm"), "{e}");
+        assert!(e.message.contains("handlers.component"), "{e}");
+        assert_eq!(e.line, Some(4), "{e}");
+    }
+
+    #[test]
+    fn bad_job_types() {
+        let e = error(&MINIMAL.replace("[\"*\"]", "[]"));
+        assert!(e.message.contains("empty"), "{e}");
+        let e = error(&MINIMAL.replace("[\"*\"]", "[\"WinCertInventory\"]"));
+        assert!(e.message.contains("WinCertInventory"), "{e}");
+        let e = error(&MINIMAL.replace(
+            "[\"*\"]",
+            "[\"*\", \"7b6bbc1b-d802-4b09-bec9-f5c221083130\"]",
+        ));
+        assert!(e.message.contains("mixes"), "{e}");
+        let e = error(&MINIMAL.replace("[\"*\"]", "\"*\""));
+        assert!(
+            e.message.contains("sequence") || e.message.contains("array"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_names_and_values() {
+        for (from, to, needle) in [
+            ("\"mail\"", "\"has space\"", "not a valid name"),
+            ("\"mail\"", "\"\"", "not a valid name"),
+        ] {
+            let e = error(&MINIMAL.replace(from, to));
+            assert!(e.message.contains(needle), "{e}");
+        }
+        let e = error(&format!("{MINIMAL}[handlers.retry]\nmax_attempts = 0\n"));
+        assert!(e.message.contains("max_attempts"), "{e}");
+        let e = error(&format!("{MINIMAL}[handlers.limits]\nmemory_bytes = 10\n"));
+        assert!(e.message.contains("memory_bytes"), "{e}");
+        let e = error(&format!("{MINIMAL}max_concurrency = 0\n"));
+        assert!(e.message.contains("max_concurrency"), "{e}");
+        let e = error("[server]\nlisten = \"not an address\"\n");
+        assert_eq!(e.line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn missing_secrets_are_errors_that_do_not_leak_values() {
+        let e = error(&format!(
+            "{MINIMAL}properties = {{ P = {{ env = \"JOBHOOK_TEST_SURELY_UNSET\" }} }}\n"
+        ));
+        assert!(e.message.contains("JOBHOOK_TEST_SURELY_UNSET"), "{e}");
+        let secret = SecretRef::Env("X".into());
+        assert_eq!(format!("{secret:?}"), "SecretRef(env X)");
+    }
+
+    #[test]
+    fn store_defaults_to_sqlite_with_the_standard_lease() {
+        let c = Fixture::new().parse(MINIMAL).unwrap();
+        assert_eq!(c.store.kind, StoreKind::Sqlite);
+        assert_eq!(c.store.lease, crate::dispatch::CLAIM_LEASE);
+        assert_eq!(c.store.url, None);
+    }
+
+    #[test]
+    fn postgres_store_with_a_password_reference() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("db-pw"), "s3cret\n").unwrap();
+        let c = f
+            .parse(&format!(
+                "[store]\nkind = \"postgres\"\nurl = \"postgres://jobhook@127.0.0.1:5432/jobhook\"\n\
+                 password = {{ file = \"db-pw\" }}\nlease_ms = 2000\n{MINIMAL}"
+            ))
+            .unwrap();
+        assert_eq!(c.store.kind, StoreKind::Postgres);
+        assert_eq!(
+            c.store.url.as_deref(),
+            Some("postgres://jobhook@127.0.0.1:5432/jobhook")
+        );
+        assert_eq!(
+            c.store.password,
+            Some(SecretRef::File(f.dir.path().join("db-pw")))
+        );
+        assert_eq!(c.store.lease, Duration::from_secs(2));
+        // The reference, never the value, shows up when the configuration is printed.
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_store_settings_name_the_key_and_hide_passwords() {
+        let store = |body: &str| error(&format!("[store]\n{body}\n{MINIMAL}"));
+        let e = store("kind = \"postgres\"");
+        assert!(e.message.contains("[store] url is required"), "{e}");
+        let e = store("kind = \"mysql\"");
+        assert!(e.message.contains("mysql"), "{e}");
+        let e = store("url = \"postgres://jobhook@db/jobhook\"");
+        assert!(
+            e.message.contains("only used with kind = \"postgres\""),
+            "{e}"
+        );
+        let e = store("kind = \"postgres\"\nurl = \"postgres://jobhook:hunter2@db/jobhook\"");
+        assert!(e.message.contains("contains a password"), "{e}");
+        assert!(e.message.contains("password = { env"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = store("kind = \"postgres\"\nurl = \"https://db/jobhook\"");
+        assert!(e.message.contains("[store] url"), "{e}");
+        let e = store(
+            "kind = \"postgres\"\nurl = \"postgres://jobhook@db/jobhook\"\n\
+             password = \"hunter2\"",
+        );
+        assert!(e.message.contains("literal secret is not accepted"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = store(
+            "kind = \"postgres\"\nurl = \"postgres://jobhook@db/jobhook\"\n\
+             password = { env = \"JOBHOOK_TEST_SURELY_UNSET_DB_PASSWORD\" }",
+        );
+        assert!(e.message.contains("[store] password"), "{e}");
+        assert!(
+            e.message.contains("JOBHOOK_TEST_SURELY_UNSET_DB_PASSWORD"),
+            "{e}"
+        );
+        let e = store("lease_ms = 10");
+        assert!(e.message.contains("[store] lease_ms"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_reports_a_line() {
+        let e = error("[[handlers]\nname = 1");
+        assert!(e.line.is_some(), "{e}");
+    }
+}

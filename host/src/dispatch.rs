@@ -1,0 +1,505 @@
+//! Routing and dispatch: which handlers an event goes to, and the workers that run deliveries.
+//!
+//! Routing uses each handler's `job_types`, like Keyfactor's `JobTypes`. Dispatch claims due
+//! deliveries from the store with bounded global and per-handler concurrency, runs each in a
+//! fresh sandbox, applies quarantine and the retry policy, and records every outcome. The event
+//! path never waits for any of this: it only commits and wakes the dispatcher.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::config::{HandlerConfig, JobTypes, QuarantineConfig, RetryPolicy};
+use crate::metrics::Metrics;
+use crate::outcome::OutcomeKind;
+use crate::quarantine::{Admission, Quarantine, QuarantineStatus};
+use crate::sandbox::{Delivery, Handler};
+use crate::store::{AttemptRecord, Claim, DeliveryState, Store, StoreError, after};
+
+/// Longest the dispatcher sleeps without looking at the store, so retries that become due are
+/// picked up even when no new event wakes it.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// Pause after a store error before claiming again, so a broken disk does not spin a core.
+const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// How long a claim on a delivery is held without renewal, unless `[store] lease_ms` says
+/// otherwise. Running deliveries are renewed every third of it; a node that dies stops
+/// renewing, and its deliveries are taken over by another node once the lease has expired.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(60);
+
+/// Shortest lease the dispatcher uses, whatever it is given: renewals run every third of it.
+const MIN_LEASE: Duration = Duration::from_millis(300);
+
+/// Delay before re-running a delivery that the engine itself could not run (e.g. every sandbox
+/// slot was busy); not the handler's fault, so it does not count towards quarantine.
+const ENGINE_ERROR_RETRY: Duration = Duration::from_secs(1);
+
+/// A loaded handler with its routing, policies and live state.
+pub struct RegisteredHandler {
+    /// Its configuration.
+    pub config: HandlerConfig,
+    /// The loaded component.
+    pub handler: Handler,
+    running: AtomicUsize,
+    quarantine: Mutex<Quarantine>,
+}
+
+impl std::fmt::Debug for RegisteredHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisteredHandler")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegisteredHandler {
+    /// Wraps a loaded handler.
+    pub fn new(config: HandlerConfig, handler: Handler, quarantine: QuarantineConfig) -> Self {
+        RegisteredHandler {
+            config,
+            handler,
+            running: AtomicUsize::new(0),
+            quarantine: Mutex::new(Quarantine::new(quarantine)),
+        }
+    }
+
+    fn quarantine(&self) -> std::sync::MutexGuard<'_, Quarantine> {
+        self.quarantine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Its quarantine status now.
+    pub fn status(&self) -> QuarantineStatus {
+        self.quarantine().status(Instant::now())
+    }
+
+    /// Deliveries of it running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    fn saturated(&self) -> bool {
+        self.running() >= self.config.max_concurrency
+    }
+}
+
+/// The handlers in force, by name.
+#[derive(Debug, Default)]
+pub struct Registry {
+    handlers: BTreeMap<String, Arc<RegisteredHandler>>,
+}
+
+impl Registry {
+    /// A registry of these handlers.
+    pub fn new(handlers: impl IntoIterator<Item = Arc<RegisteredHandler>>) -> Self {
+        Registry {
+            handlers: handlers
+                .into_iter()
+                .map(|h| (h.config.name.clone(), h))
+                .collect(),
+        }
+    }
+
+    /// Names of the handlers an event with `job_type_id` goes to.
+    pub fn route(&self, job_type_id: Uuid) -> Vec<String> {
+        self.handlers
+            .values()
+            .filter(|h| h.config.job_types.matches(job_type_id))
+            .map(|h| h.config.name.clone())
+            .collect()
+    }
+
+    /// A handler by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<RegisteredHandler>> {
+        self.handlers.get(name)
+    }
+
+    /// Every handler, by name.
+    pub fn handlers(&self) -> impl Iterator<Item = &Arc<RegisteredHandler>> {
+        self.handlers.values()
+    }
+
+    fn saturated(&self) -> Vec<String> {
+        self.handlers
+            .values()
+            .filter(|h| h.saturated())
+            .map(|h| h.config.name.clone())
+            .collect()
+    }
+
+    /// How many handlers are quarantined now.
+    pub fn quarantined(&self) -> usize {
+        let now = Instant::now();
+        self.handlers
+            .values()
+            .filter(|h| h.quarantine().is_quarantined(now))
+            .count()
+    }
+}
+
+/// A summary of one handler for the API.
+#[derive(Debug, Serialize)]
+pub struct HandlerSummary {
+    /// Name.
+    pub name: String,
+    /// Component path.
+    pub component: String,
+    /// Component size in bytes.
+    pub component_bytes: usize,
+    /// `["*"]` or the GUIDs.
+    pub job_types: Vec<String>,
+    /// Capabilities it imports.
+    pub imports: Vec<String>,
+    /// Its grants.
+    pub grants: crate::capabilities::Grants,
+    /// Its limits.
+    pub limits: crate::limits::Limits,
+    /// Its retry policy.
+    pub retry: RetryPolicy,
+    /// Its concurrency cap.
+    pub max_concurrency: usize,
+    /// Property names; secret values are never shown.
+    pub properties: BTreeMap<String, String>,
+    /// Deliveries running now.
+    pub running: usize,
+    /// Quarantine status.
+    pub health: QuarantineStatus,
+}
+
+impl HandlerSummary {
+    /// Summarises a registered handler.
+    pub fn of(h: &RegisteredHandler) -> Self {
+        let c = &h.config;
+        HandlerSummary {
+            name: c.name.clone(),
+            component: c.component.display().to_string(),
+            component_bytes: h.handler.component().size(),
+            job_types: match &c.job_types {
+                JobTypes::All => vec!["*".into()],
+                JobTypes::Only(ids) => ids.iter().map(Uuid::to_string).collect(),
+            },
+            imports: h
+                .handler
+                .component()
+                .imports()
+                .capabilities
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            grants: c.grants.clone(),
+            limits: c.limits.clone(),
+            retry: c.retry.clone(),
+            max_concurrency: c.max_concurrency,
+            properties: c
+                .properties
+                .names()
+                .into_iter()
+                .map(|name| {
+                    let shown = if c.secret_properties.contains(&name) {
+                        "(secret)".to_owned()
+                    } else {
+                        c.properties.get(&name).unwrap_or_default().to_owned()
+                    };
+                    (name, shown)
+                })
+                .collect(),
+            running: h.running(),
+            health: h.status(),
+        }
+    }
+}
+
+/// Runs deliveries from the store.
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    registry: RwLock<Arc<Registry>>,
+    metrics: Arc<Metrics>,
+    slots: Arc<Semaphore>,
+    wake: Notify,
+    stop: watch::Sender<bool>,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher over `store` with `registry`, running at most `max_concurrent` deliveries,
+    /// with the default claim lease [`CLAIM_LEASE`].
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Registry,
+        metrics: Arc<Metrics>,
+        max_concurrent: usize,
+    ) -> Arc<Self> {
+        Self::with_lease(store, registry, metrics, max_concurrent, CLAIM_LEASE)
+    }
+
+    /// Like [`Dispatcher::new`], claiming each delivery for `lease` (`[store] lease_ms`):
+    /// renewed every third of it while the delivery runs, and taken over by another node once
+    /// it has expired unrenewed.
+    pub fn with_lease(
+        store: Arc<dyn Store>,
+        registry: Registry,
+        metrics: Arc<Metrics>,
+        max_concurrent: usize,
+        lease: Duration,
+    ) -> Arc<Self> {
+        let (stop, _) = watch::channel(false);
+        Arc::new(Dispatcher {
+            store,
+            registry: RwLock::new(Arc::new(registry)),
+            metrics,
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            wake: Notify::new(),
+            stop,
+            lease: lease.max(MIN_LEASE),
+        })
+    }
+
+    /// The handlers in force.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.registry.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the handlers (configuration reload). Deliveries already running finish with the
+    /// handler they started with.
+    pub fn replace_registry(&self, registry: Registry) {
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(registry);
+        self.wake.notify_one();
+    }
+
+    /// Tells the dispatcher that new deliveries may be due.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Asks [`Dispatcher::run`] to stop claiming and wind down.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+        self.wake.notify_one();
+    }
+
+    /// Claims and runs deliveries until [`Dispatcher::stop`]; then waits up to `grace` for the
+    /// running ones and puts the rest back in the queue.
+    pub async fn run(self: Arc<Self>, grace: Duration) {
+        let mut stopped = self.stop.subscribe();
+        let mut tasks = JoinSet::new();
+        let leases = tokio::spawn(Arc::clone(&self).keep_leases());
+        loop {
+            if *stopped.borrow() {
+                break;
+            }
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.slots).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = stopped.changed() => break,
+            };
+            let registry = self.registry();
+            let busy = registry.saturated();
+            let store = Arc::clone(&self.store);
+            let lease = self.lease;
+            let claimed =
+                tokio::task::spawn_blocking(move || store.claim(Utc::now(), &busy, lease)).await;
+            match claimed {
+                Ok(Ok(Some(claim))) => {
+                    let handler = registry.get(&claim.handler).cloned();
+                    if let Some(h) = &handler {
+                        h.running.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let this = Arc::clone(&self);
+                    tasks.spawn(async move {
+                        this.deliver(claim, handler).await;
+                        drop(permit);
+                    });
+                }
+                Ok(Ok(None)) => {
+                    drop(permit);
+                    let pause = self.idle_pause().await;
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = tasks.join_next(), if !tasks.is_empty() => {}
+                        _ = stopped.changed() => break,
+                    }
+                }
+                Ok(Err(e)) => {
+                    drop(permit);
+                    tracing::error!("cannot claim deliveries: {e}");
+                    tokio::time::sleep(STORE_ERROR_PAUSE).await;
+                }
+                Err(join) => {
+                    drop(permit);
+                    tracing::error!("claim task failed: {join}");
+                    tokio::time::sleep(STORE_ERROR_PAUSE).await;
+                }
+            }
+        }
+        leases.abort();
+        self.wind_down(tasks, grace).await;
+    }
+
+    /// Renews this node's claims and requeues abandoned ones, every third of the lease.
+    async fn keep_leases(self: Arc<Self>) {
+        let lease = self.lease;
+        let mut tick = tokio::time::interval(lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let store = Arc::clone(&self.store);
+            let result = tokio::task::spawn_blocking(move || {
+                let now = Utc::now();
+                store.renew(now, lease)?;
+                store.requeue_abandoned(now)
+            })
+            .await;
+            match result {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    tracing::warn!(requeued = n, "abandoned deliveries requeued");
+                    self.wake.notify_one();
+                }
+                Ok(Err(e)) => tracing::error!("cannot renew delivery leases: {e}"),
+                Err(e) => tracing::error!("lease task failed: {e}"),
+            }
+        }
+    }
+
+    async fn idle_pause(&self) -> Duration {
+        let store = Arc::clone(&self.store);
+        let due = tokio::task::spawn_blocking(move || store.next_due())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        match due {
+            Some(at) => (at - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(1), IDLE_POLL),
+            None => IDLE_POLL,
+        }
+    }
+
+    async fn wind_down(&self, mut tasks: JoinSet<()>, grace: Duration) {
+        let running = tasks.len();
+        if running > 0 {
+            tracing::info!(running, "waiting up to {grace:?} for running deliveries");
+        }
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                unfinished = tasks.len(),
+                "shutdown grace period over; interrupting deliveries, they will run again"
+            );
+            tasks.shutdown().await;
+        }
+        let store = Arc::clone(&self.store);
+        match tokio::task::spawn_blocking(move || store.release_all()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(requeued = n, "interrupted deliveries requeued"),
+            Ok(Err(e)) => tracing::error!("cannot requeue interrupted deliveries: {e}"),
+            _ => {}
+        }
+    }
+
+    /// Runs one claimed delivery and records its outcome.
+    async fn deliver(&self, claim: Claim, handler: Option<Arc<RegisteredHandler>>) {
+        let record = match &handler {
+            None => skipped(format!(
+                "handler {:?} is no longer configured",
+                claim.handler
+            )),
+            Some(h) => self.run_handler(h, &claim).await,
+        };
+        if let Some(h) = &handler {
+            h.running.fetch_sub(1, Ordering::Relaxed);
+        }
+        let store = Arc::clone(&self.store);
+        let result = tokio::task::spawn_blocking(move || store.finish(&claim, &record)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log_store_error(&e),
+            Err(e) => tracing::error!("recording a delivery failed: {e}"),
+        }
+        // A finished delivery frees a per-handler slot: look for more work.
+        self.wake.notify_one();
+    }
+
+    async fn run_handler(&self, h: &RegisteredHandler, claim: &Claim) -> AttemptRecord {
+        let admission = h.quarantine().admit(Instant::now());
+        if let Admission::Skip(reason) = admission {
+            self.metrics.delivery(&h.config.name, "skipped", 0.0);
+            return skipped(reason);
+        }
+        self.metrics.running(1);
+        let outcome = h
+            .handler
+            .invoke(
+                &claim.context,
+                Delivery {
+                    attempt: claim.attempt,
+                    event_id: Some(claim.event_id.to_string()),
+                },
+            )
+            .await;
+        self.metrics.running(-1);
+        self.metrics.delivery(
+            &h.config.name,
+            outcome.kind.class(),
+            outcome.duration.as_secs_f64(),
+        );
+        let engine_fault = matches!(outcome.kind, OutcomeKind::EngineError { .. });
+        if !engine_fault {
+            h.quarantine()
+                .record(outcome.kind.is_success(), Instant::now());
+        }
+        let (state, retry_at) = if outcome.kind.is_success() {
+            (DeliveryState::Succeeded, None)
+        } else if engine_fault {
+            (
+                DeliveryState::Pending,
+                Some(after(Utc::now(), ENGINE_ERROR_RETRY)),
+            )
+        } else if claim.attempt < h.config.retry.max_attempts {
+            let delay = h.config.retry.delay_before(claim.attempt + 1);
+            (DeliveryState::Pending, Some(after(Utc::now(), delay)))
+        } else {
+            (DeliveryState::Failed, None)
+        };
+        AttemptRecord {
+            state,
+            retry_at,
+            class: outcome.kind.class().to_owned(),
+            reason: (!outcome.kind.is_success()).then(|| outcome.kind.to_string()),
+            outcome: Some(outcome),
+        }
+    }
+}
+
+fn skipped(reason: String) -> AttemptRecord {
+    AttemptRecord {
+        state: DeliveryState::Skipped,
+        retry_at: None,
+        class: "skipped".into(),
+        reason: Some(reason),
+        outcome: None,
+    }
+}
+
+fn log_store_error(e: &StoreError) {
+    tracing::error!("cannot record a delivery outcome: {e}; it will run again after a restart");
+}

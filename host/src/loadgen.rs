@@ -1,0 +1,339 @@
+//! `jobhook load`: a load driver that posts realistic job-complete events to a running engine at
+//! a given rate and reports accepted events per second and ingest latency.
+//!
+//! The mix resembles a Keyfactor estate: inventory jobs dominate, management and reenrollment
+//! jobs are rarer, most jobs succeed, failures carry retry counts. With `--record` the id of
+//! every accepted event is appended to a file, one per line, as soon as its 202 arrives — the
+//! crash test uses that list to check that nothing accepted is ever lost.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+/// Requests in flight at once; past it the driver falls behind its rate rather than opening
+/// unbounded connections.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// Timeout of one request: an ingest answer should take milliseconds.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Job types of the mix: (JobType, JobTypeId, operation type, weight).
+const JOB_TYPES: &[(&str, &str, &str, u32)] = &[
+    (
+        "WinCertInventory",
+        "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
+        "Unknown",
+        40,
+    ),
+    (
+        "IISUInventory",
+        "7b6bbc1b-d802-4b09-bec9-f5c221083130",
+        "Unknown",
+        20,
+    ),
+    (
+        "PEMInventory",
+        "44340a94-9b99-410d-8011-598fb176c3c5",
+        "Unknown",
+        15,
+    ),
+    (
+        "WinCertManagement",
+        "4be14534-5c7d-4e2a-9b3f-8a6d1c0e2f47",
+        "Add",
+        10,
+    ),
+    (
+        "PEMManagement",
+        "a1c2e3f4-5b6d-4789-8abc-def012345678",
+        "Remove",
+        5,
+    ),
+    (
+        "WinCertReenrollment",
+        "e868b3f8-2c4d-4b7a-a1e9-5d3f8c6b2a07",
+        "Reenrollment",
+        5,
+    ),
+    (
+        "SSLDiscovery",
+        "0f9e8d7c-6b5a-4493-8271-605f4e3d2c1b",
+        "Discovery",
+        5,
+    ),
+];
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The engine's base URL, e.g. `http://127.0.0.1:8480`.
+    pub url: String,
+    /// Events per second to aim for.
+    pub rate: u32,
+    /// How long to send.
+    pub duration: Duration,
+    /// Bearer token, if the engine wants one.
+    pub token: Option<String>,
+    /// Append accepted event ids here.
+    pub record: Option<PathBuf>,
+    /// Seed of the event mix, for reproducible runs.
+    pub seed: u64,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    /// Requests sent.
+    pub sent: u64,
+    /// 202 answers.
+    pub accepted: u64,
+    /// Other HTTP answers.
+    pub rejected: u64,
+    /// Connection errors and timeouts (e.g. while the engine restarts).
+    pub errors: u64,
+    /// Wall-clock seconds of the run.
+    pub seconds: f64,
+    /// Accepted events per second.
+    pub accepted_per_second: f64,
+    /// Ingest latency of accepted requests, milliseconds.
+    pub latency_ms: Percentiles,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `samples` (milliseconds).
+    pub fn of(mut samples: Vec<f64>) -> Self {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        samples.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(index).copied().unwrap_or_default()
+        };
+        Percentiles {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: samples.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift64*) for the event mix: reproducible from a seed and
+/// free of dependencies. Not for anything security-related.
+#[derive(Debug, Clone)]
+pub struct Mix {
+    state: u64,
+}
+
+impl Mix {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Mix { state: seed.max(1) }
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.state = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// The next event: a job context with the .NET field names.
+    pub fn event(&mut self) -> Value {
+        let total: u32 = JOB_TYPES.iter().map(|j| j.3).sum();
+        let mut pick = self.below(u64::from(total)) as u32;
+        let (job_type, job_type_id, operation, _) = JOB_TYPES
+            .iter()
+            .find(|j| {
+                if pick < j.3 {
+                    true
+                } else {
+                    pick -= j.3;
+                    false
+                }
+            })
+            .copied()
+            .unwrap_or(JOB_TYPES[0]);
+        let roll = self.below(100);
+        let (result, retries) = match roll {
+            0..=79 => ("Success", 0),
+            80..=84 => ("Warning", 0),
+            _ => ("Failure", self.below(6)),
+        };
+        let management = operation != "Unknown" && operation != "Discovery";
+        let agent = self.below(8);
+        json!({
+            "AgentId": format!("fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a{agent:02x}"),
+            "Username": "KFTRAIN\\SVC_Orchestrator",
+            "ClientMachine": format!("orchestrator{agent}.kftrain.lab"),
+            "JobResult": result,
+            "JobId": uuid::Uuid::from_u64_pair(self.next(), self.next()).to_string(),
+            "JobType": job_type,
+            "JobTypeId": job_type_id,
+            "OperationType": operation,
+            "CertificateId": if management { Some(1 + self.below(5000)) } else { None },
+            "RequestTimestamp": chrono::Utc::now().to_rfc3339(),
+            "CurrentRetryCount": retries,
+        })
+    }
+}
+
+/// Runs the load and reports.
+pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
+    let client = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()?;
+    let endpoint = format!("{}/v1/job-complete", options.url.trim_end_matches('/'));
+    let record = match &options.record {
+        Some(path) => Some(Arc::new(Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ))),
+        None => None,
+    };
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let counts = Arc::new(Counts::default());
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut mix = Mix::new(options.seed);
+    let period = Duration::from_secs_f64(1.0 / f64::from(options.rate.max(1)));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    while start.elapsed() < options.duration {
+        ticker.tick().await;
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            break;
+        };
+        let body = mix.event().to_string();
+        let mut request = client
+            .post(&endpoint)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = &options.token {
+            request = request.bearer_auth(token);
+        }
+        let (latencies, counts, record) =
+            (Arc::clone(&latencies), Arc::clone(&counts), record.clone());
+        sent += 1;
+        tasks.spawn(async move {
+            let began = Instant::now();
+            let answer = request.send().await;
+            let elapsed = began.elapsed().as_secs_f64() * 1000.0;
+            match answer {
+                Ok(response) if response.status().as_u16() == 202 => {
+                    counts.accepted.fetch_add(1, Ordering::Relaxed);
+                    latencies
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(elapsed);
+                    let id = response
+                        .bytes()
+                        .await
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                        .and_then(|v| v["event_id"].as_str().map(str::to_owned));
+                    if let (Some(file), Some(id)) = (record, id) {
+                        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = writeln!(f, "{id}");
+                        let _ = f.flush();
+                    }
+                }
+                Ok(_) => {
+                    counts.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let seconds = start.elapsed().as_secs_f64();
+    let (accepted, rejected, errors) = (
+        counts.accepted.load(Ordering::Relaxed),
+        counts.rejected.load(Ordering::Relaxed),
+        counts.errors.load(Ordering::Relaxed),
+    );
+    let samples = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(LoadReport {
+        sent,
+        accepted,
+        rejected,
+        errors,
+        seconds,
+        accepted_per_second: accepted as f64 / seconds.max(f64::EPSILON),
+        latency_ms: Percentiles::of(samples),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::JobContext;
+
+    #[test]
+    fn every_generated_event_is_a_valid_context() {
+        let mut mix = Mix::new(7);
+        let mut failures = 0;
+        for _ in 0..1000 {
+            let c = JobContext::from_json_value(&mix.event()).unwrap();
+            if c.job_result == crate::JobResult::Failure {
+                failures += 1;
+            }
+        }
+        assert!((50..300).contains(&failures), "{failures}");
+    }
+
+    #[test]
+    fn the_mix_is_reproducible() {
+        let (mut a, mut b) = (Mix::new(42), Mix::new(42));
+        assert_eq!(a.event()["JobId"], b.event()["JobId"]);
+    }
+
+    #[test]
+    fn percentiles() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect());
+        assert_eq!(p.p50, 51.0);
+        assert_eq!(p.p99, 99.0);
+        assert_eq!(p.max, 100.0);
+    }
+}

@@ -1,0 +1,208 @@
+//! Prometheus metrics for `/metrics` (OpenMetrics text): events accepted, deliveries by handler
+//! and outcome, delivery durations, queue depth, running deliveries and quarantined handlers.
+//!
+//! Label values come only from the configuration (handler names) and from the fixed set of
+//! outcome classes, never from event input, so a hostile event cannot grow the label space.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    handler: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandlerLabels {
+    handler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+/// The engine's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    events: Family<SourceLabels, Counter>,
+    rejected: Counter,
+    deliveries: Family<DeliveryLabels, Counter>,
+    durations: Family<HandlerLabels, Histogram>,
+    deliveries_by_state: Family<StateLabels, Gauge>,
+    running: Gauge,
+    quarantined: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let events = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "jobhook_events_accepted",
+            "Events committed to the store, by source",
+            events.clone(),
+        );
+        let rejected = Counter::default();
+        registry.register(
+            "jobhook_events_rejected",
+            "Ingest requests refused (bad input, auth, size)",
+            rejected.clone(),
+        );
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "jobhook_deliveries",
+            "Delivery attempts by handler and outcome class",
+            deliveries.clone(),
+        );
+        // 0.5 ms .. ~16 s: sandboxes take microseconds to milliseconds, timeouts seconds.
+        let durations = Family::<HandlerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "jobhook_delivery_duration_seconds",
+            "Wall-clock duration of delivery attempts",
+            durations.clone(),
+        );
+        let deliveries_by_state = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "jobhook_deliveries_in_state",
+            "Deliveries in the store by state (pending = queue depth)",
+            deliveries_by_state.clone(),
+        );
+        let running = Gauge::default();
+        registry.register(
+            "jobhook_deliveries_running",
+            "Deliveries running in this engine now",
+            running.clone(),
+        );
+        let quarantined = Gauge::default();
+        registry.register(
+            "jobhook_handlers_quarantined",
+            "Handlers currently quarantined",
+            quarantined.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            events,
+            rejected,
+            deliveries,
+            durations,
+            deliveries_by_state,
+            running,
+            quarantined,
+        }
+    }
+
+    /// Counts a committed event.
+    pub fn event_accepted(&self, source: &str) {
+        self.events
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a refused ingest request.
+    pub fn event_rejected(&self) {
+        self.rejected.inc();
+    }
+
+    /// Records a finished delivery attempt.
+    pub fn delivery(&self, handler: &str, outcome: &str, seconds: f64) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                handler: handler.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.durations
+            .get_or_create(&HandlerLabels {
+                handler: handler.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Tracks deliveries running now.
+    pub fn running(&self, delta: i64) {
+        self.running.inc_by(delta);
+    }
+
+    /// Renders every metric, after setting the gauges read at scrape time.
+    pub fn render(&self, by_state: &[(&str, u64)], quarantined: usize) -> String {
+        for state in ["pending", "running", "succeeded", "failed", "skipped"] {
+            let n = by_state
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map_or(0, |(_, n)| *n);
+            self.deliveries_by_state
+                .get_or_create(&StateLabels {
+                    state: state.to_owned(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.quarantined
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_gauges_and_histograms() {
+        let m = Metrics::new();
+        m.event_accepted("api");
+        m.delivery("mail", "succeeded", 0.002);
+        m.delivery("mail", "timed-out", 1.5);
+        let text = m.render(&[("pending", 7)], 1);
+        assert!(
+            text.contains("jobhook_events_accepted_total{source=\"api\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("jobhook_deliveries_total{handler=\"mail\",outcome=\"timed-out\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("jobhook_deliveries_in_state{state=\"pending\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("jobhook_handlers_quarantined 1"), "{text}");
+        assert!(
+            text.contains("jobhook_delivery_duration_seconds_count{handler=\"mail\"} 2"),
+            "{text}"
+        );
+    }
+}

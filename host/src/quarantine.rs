@@ -1,0 +1,186 @@
+//! Quarantine: a handler that fails again and again is set aside for a while, with exponential
+//! backoff, so it stops costing sandboxes and log volume while the other handlers keep running
+//! (the idea of Envoy's and Redpanda's restart backoff).
+//!
+//! After `after_failures` consecutive failures the handler is quarantined for the current
+//! backoff; its deliveries in that time are skipped, with the reason recorded. When the backoff
+//! has passed the next delivery runs as a probe: success releases the handler and resets the
+//! backoff, failure quarantines it again for twice as long (up to the maximum).
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::QuarantineConfig;
+
+/// Whether a delivery may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Run it.
+    Run,
+    /// Skip it, for this reason.
+    Skip(String),
+}
+
+/// What health and the handler list show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum QuarantineStatus {
+    /// Running normally.
+    Healthy {
+        /// Failures in a row so far.
+        consecutive_failures: u32,
+    },
+    /// Set aside.
+    Quarantined {
+        /// Until when (UTC).
+        until: DateTime<Utc>,
+        /// Failures in a row that led here.
+        consecutive_failures: u32,
+    },
+}
+
+/// The quarantine state of one handler.
+#[derive(Debug, Clone)]
+pub struct Quarantine {
+    config: QuarantineConfig,
+    consecutive_failures: u32,
+    until: Option<Instant>,
+    next_backoff: Duration,
+}
+
+impl Quarantine {
+    /// A healthy handler under `config`.
+    pub fn new(config: QuarantineConfig) -> Self {
+        let next_backoff = config.initial_backoff;
+        Quarantine {
+            config,
+            consecutive_failures: 0,
+            until: None,
+            next_backoff,
+        }
+    }
+
+    /// Whether a delivery starting at `now` may run.
+    pub fn admit(&self, now: Instant) -> Admission {
+        match self.until {
+            Some(until) if now < until => Admission::Skip(format!(
+                "handler quarantined for another {} s after {} consecutive failures",
+                until.saturating_duration_since(now).as_secs().max(1),
+                self.consecutive_failures
+            )),
+            _ => Admission::Run,
+        }
+    }
+
+    /// Records the result of a delivery that ran.
+    pub fn record(&mut self, success: bool, now: Instant) {
+        if success {
+            self.consecutive_failures = 0;
+            self.until = None;
+            self.next_backoff = self.config.initial_backoff;
+            return;
+        }
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        if self.config.after_failures > 0 && self.consecutive_failures >= self.config.after_failures
+        {
+            let backoff = self.next_backoff.min(self.config.max_backoff);
+            self.until = now.checked_add(backoff);
+            self.next_backoff = backoff.saturating_mul(2).min(self.config.max_backoff);
+            tracing::warn!(
+                consecutive_failures = self.consecutive_failures,
+                backoff_s = backoff.as_secs_f64(),
+                "handler quarantined"
+            );
+        }
+    }
+
+    /// The current status, with `until` in wall-clock time.
+    pub fn status(&self, now: Instant) -> QuarantineStatus {
+        match self.until {
+            Some(until) if now < until => QuarantineStatus::Quarantined {
+                until: crate::store::after(Utc::now(), until.saturating_duration_since(now)),
+                consecutive_failures: self.consecutive_failures,
+            },
+            _ => QuarantineStatus::Healthy {
+                consecutive_failures: self.consecutive_failures,
+            },
+        }
+    }
+
+    /// Whether it is quarantined at `now`.
+    pub fn is_quarantined(&self, now: Instant) -> bool {
+        matches!(self.until, Some(until) if now < until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> QuarantineConfig {
+        QuarantineConfig {
+            after_failures: 3,
+            initial_backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(25),
+        }
+    }
+
+    #[test]
+    fn quarantines_after_n_failures_and_backs_off_exponentially() {
+        let t0 = Instant::now();
+        let mut q = Quarantine::new(config());
+        q.record(false, t0);
+        q.record(false, t0);
+        assert_eq!(q.admit(t0), Admission::Run);
+        q.record(false, t0);
+        assert!(matches!(q.admit(t0), Admission::Skip(r) if r.contains("3 consecutive failures")));
+        assert!(q.is_quarantined(t0 + Duration::from_secs(9)));
+        // The probe after the backoff fails: quarantined twice as long.
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(q.admit(t1), Admission::Run);
+        q.record(false, t1);
+        assert!(q.is_quarantined(t1 + Duration::from_secs(19)));
+        assert!(!q.is_quarantined(t1 + Duration::from_secs(20)));
+        // ... capped at the maximum.
+        let t2 = t1 + Duration::from_secs(20);
+        q.record(false, t2);
+        assert!(!q.is_quarantined(t2 + Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn a_success_releases_and_resets() {
+        let t0 = Instant::now();
+        let mut q = Quarantine::new(config());
+        for _ in 0..3 {
+            q.record(false, t0);
+        }
+        let t1 = t0 + Duration::from_secs(10);
+        q.record(true, t1);
+        assert_eq!(q.admit(t1), Admission::Run);
+        assert_eq!(
+            q.status(t1),
+            QuarantineStatus::Healthy {
+                consecutive_failures: 0
+            }
+        );
+        for _ in 0..3 {
+            q.record(false, t1);
+        }
+        assert!(!q.is_quarantined(t1 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn zero_disables_quarantine() {
+        let mut q = Quarantine::new(QuarantineConfig {
+            after_failures: 0,
+            ..config()
+        });
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            q.record(false, t0);
+        }
+        assert_eq!(q.admit(t0), Admission::Run);
+    }
+}

@@ -1,0 +1,311 @@
+//! `jobhook serve`: wires configuration, engine, store, dispatcher and HTTP API together, and
+//! handles the process's life: start-up recovery, reload (SIGHUP or the admin endpoint) and
+//! graceful shutdown (SIGTERM / ctrl-c).
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, Reloader};
+use crate::capabilities::Services;
+use crate::config::{Config, HandlerConfig};
+use crate::dispatch::{Dispatcher, RegisteredHandler, Registry};
+use crate::engine::{DEFAULT_MAX_CONCURRENT_SANDBOXES, Engine};
+use crate::loader::LoadOptions;
+use crate::metrics::Metrics;
+use crate::poller::Poller;
+use crate::sandbox::{Handler, HandlerSpec};
+use crate::store::{self, Store};
+
+/// The line `serve` prints once it accepts connections; tools and tests wait for it.
+pub const READY_LINE: &str = "jobhook listening on http://";
+
+/// A registered handler together with a digest of its component, so that a reload can keep
+/// handlers whose component and configuration did not change (and with them their quarantine
+/// state and compiled code).
+struct Loaded {
+    digest: u64,
+    handler: Arc<RegisteredHandler>,
+}
+
+/// The handlers of one configuration, by name.
+#[derive(Default)]
+pub struct HandlerSet {
+    loaded: BTreeMap<String, Loaded>,
+}
+
+impl HandlerSet {
+    /// The registry the dispatcher runs on.
+    pub fn registry(&self) -> Registry {
+        Registry::new(self.loaded.values().map(|l| Arc::clone(&l.handler)))
+    }
+
+    /// The handler names.
+    pub fn names(&self) -> Vec<String> {
+        self.loaded.keys().cloned().collect()
+    }
+}
+
+/// Loads every handler of `config`, reusing unchanged ones from `previous`.
+pub async fn load_handlers(
+    engine: &Engine,
+    services: &Services,
+    config: &Config,
+    previous: Option<&HandlerSet>,
+) -> anyhow::Result<HandlerSet> {
+    let options = LoadOptions {
+        max_bytes: config.engine.max_component_bytes,
+        compile_timeout: config.engine.compile_timeout,
+    };
+    let mut set = HandlerSet::default();
+    for hc in &config.handlers {
+        let bytes = read_component(&hc.component, options.max_bytes)
+            .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
+        let digest = digest(&bytes);
+        let reusable = previous
+            .and_then(|p| p.loaded.get(&hc.name))
+            .filter(|old| old.digest == digest && old.handler.config == *hc);
+        let handler = match reusable {
+            Some(old) => Arc::clone(&old.handler),
+            None => {
+                let spec = spec_of(hc);
+                let handler = Handler::load(engine, services, bytes, spec, &options)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{}:{}: handler {:?} ({}) was refused",
+                            config.path.display(),
+                            hc.line,
+                            hc.name,
+                            hc.component.display()
+                        )
+                    })?;
+                Arc::new(RegisteredHandler::new(
+                    hc.clone(),
+                    handler,
+                    config.quarantine.clone(),
+                ))
+            }
+        };
+        set.loaded
+            .insert(hc.name.clone(), Loaded { digest, handler });
+    }
+    Ok(set)
+}
+
+fn spec_of(hc: &HandlerConfig) -> HandlerSpec {
+    HandlerSpec {
+        name: hc.name.as_str().into(),
+        properties: hc.properties.clone(),
+        limits: hc.limits.clone(),
+        grants: hc.grants.clone(),
+    }
+}
+
+fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        size <= max as u64,
+        "{} is {size} bytes; the component size limit is {max} bytes",
+        path.display()
+    );
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// The engine-wide capability services for `config`; the default mail outbox is `outbox` in
+/// the data directory.
+pub fn services(config: &Config) -> anyhow::Result<Services> {
+    Services::from_config(&config.services, &config.store.data_dir.join("outbox"))
+        .with_context(|| format!("{}: capability services", config.path.display()))
+}
+
+/// `jobhook check`: validates the configuration and loads every handler; returns the handler
+/// names.
+pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
+    let config = Config::load(path)?;
+    let engine = Engine::new(4)?;
+    let services = services(&config)?;
+    let set = load_handlers(&engine, &services, &config, None).await?;
+    Ok(set.names())
+}
+
+/// `jobhook serve`: runs until SIGTERM or ctrl-c.
+pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let tokens = config.resolve_tokens()?;
+    // Sandboxes get threads of their own, below the API's priority (engine::SandboxThreads).
+    let engine = Engine::new(DEFAULT_MAX_CONCURRENT_SANDBOXES)?
+        .with_sandbox_threads(std::thread::available_parallelism().map_or(2, usize::from))?;
+    let engine = match &config.engine.cache_dir {
+        Some(dir) => crate::aot::attach(engine, dir),
+        None => engine,
+    };
+    let services = services(&config)?;
+    // Opening connects and migrates, and store calls block: keep them off the async workers.
+    let store_config = config.store.clone();
+    let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || store::open(&store_config))
+        .await
+        .context("opening the store")??;
+    let requeued = {
+        let store = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || store.requeue_abandoned(chrono::Utc::now()))
+            .await
+            .context("requeueing interrupted deliveries")??
+    };
+    if requeued > 0 {
+        tracing::warn!(
+            requeued,
+            "deliveries interrupted by the previous run will run again"
+        );
+    }
+    let handlers = load_handlers(&engine, &services, &config, None).await?;
+    tracing::info!(handlers = ?handlers.names(), "handlers loaded");
+    let metrics = Arc::new(Metrics::new());
+    let dispatcher = Dispatcher::with_lease(
+        Arc::clone(&store),
+        handlers.registry(),
+        Arc::clone(&metrics),
+        config.engine.max_concurrent_deliveries,
+        config.store.lease,
+    );
+    let reload = reloader(
+        path.clone(),
+        engine.clone(),
+        services.clone(),
+        Arc::clone(&dispatcher),
+        handlers,
+    );
+    let state = AppState {
+        store,
+        dispatcher: Arc::clone(&dispatcher),
+        metrics,
+        tokens: Arc::new(tokens),
+        max_body_bytes: config.server.max_body_bytes,
+        reload: Arc::clone(&reload),
+    };
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let address = listener.local_addr()?;
+
+    let worker = tokio::spawn(Arc::clone(&dispatcher).run(config.server.shutdown_grace));
+    if let Some(poller) = &config.poller {
+        let client = services
+            .keyfactor
+            .clone()
+            .context("[poller] needs the [keyfactor] service")?;
+        let poller = Poller::new(
+            poller.clone(),
+            client,
+            Arc::clone(&state.store),
+            Arc::clone(&dispatcher),
+        )
+        .map_err(anyhow::Error::msg)?;
+        tokio::spawn(poller.run());
+    }
+    spawn_sighup_reload(reload);
+    println!("{READY_LINE}{address}");
+    tracing::info!(%address, data_dir = %config.store.data_dir.display(), "serving");
+
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP server failed")?;
+    tracing::info!("no longer accepting events; finishing running deliveries");
+    dispatcher.stop();
+    let _ = worker.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A reload: read and validate the file, load changed handlers, swap them in. On any error the
+/// running configuration stays.
+fn reloader(
+    path: PathBuf,
+    engine: Engine,
+    services: Services,
+    dispatcher: Arc<Dispatcher>,
+    initial: HandlerSet,
+) -> Reloader {
+    let current = Arc::new(tokio::sync::Mutex::new(initial));
+    Arc::new(move || {
+        let (path, engine, services, dispatcher, current) = (
+            path.clone(),
+            engine.clone(),
+            services.clone(),
+            Arc::clone(&dispatcher),
+            Arc::clone(&current),
+        );
+        Box::pin(async move {
+            let mut current = current.lock().await;
+            let result = async {
+                let config = Config::load(&path)?;
+                load_handlers(&engine, &services, &config, Some(&current)).await
+            }
+            .await;
+            match result {
+                Ok(set) => {
+                    let names = set.names();
+                    dispatcher.replace_registry(set.registry());
+                    *current = set;
+                    tracing::info!(handlers = ?names, "configuration reloaded");
+                    Ok(names)
+                }
+                Err(e) => {
+                    tracing::error!("configuration reload refused, keeping the running one: {e:#}");
+                    Err(format!("{e:#}"))
+                }
+            }
+        })
+    })
+}
+
+fn spawn_sighup_reload(reload: Reloader) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /v1/admin/reload");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let _ = reload().await;
+        }
+    });
+    #[cfg(not(unix))]
+    drop(reload);
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

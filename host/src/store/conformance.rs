@@ -1,0 +1,552 @@
+//! The [`Store`] contract as tests. Every implementation runs this suite through [`suite!`], so
+//! SQLite and PostgreSQL are held to the same semantics.
+//!
+//! A [`Backend`] is one database; [`Backend::node`] opens another store on it — another engine
+//! node for a shared store, another process (after a crash, say) for SQLite. Where the two
+//! differ by design, the test says so and checks each side: a single-node store treats every
+//! claim of another process as abandoned at once, a shared store only claims whose lease has
+//! expired, because another node cannot tell a dead node from a busy one any sooner.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::{AttemptRecord, DeliveryState, NewEvent, Store, after, to_ms};
+use crate::capabilities::log::LogLine;
+use crate::context::JobContext;
+use crate::outcome::{Outcome, OutcomeKind};
+
+/// The lease the tests claim with; expiry is simulated by passing later times, not by waiting.
+pub(crate) const LEASE: Duration = Duration::from_secs(60);
+
+/// One database under test.
+pub(crate) trait Backend: Sync {
+    /// The store type.
+    type S: Store;
+    /// Opens a new store on this database: a new node (or process) with its own identity.
+    fn node(&self) -> Self::S;
+    /// Whether several live nodes share the database (PostgreSQL), rather than one process
+    /// at a time (SQLite).
+    fn shared(&self) -> bool;
+}
+
+/// Defines one `#[test]` per contract test for the backend that `$backend` (an expression of
+/// type `Option<impl Backend>`, `None` to skip) creates.
+macro_rules! suite {
+    ($backend:expr) => {
+        $crate::store::conformance::suite!(@each $backend;
+            events_are_delivered_once_per_handler_and_survive_reopen,
+            busy_handlers_are_skipped_when_claiming,
+            interrupted_deliveries_run_again_with_a_higher_attempt,
+            release_all_gives_back_only_this_nodes_claims,
+            release_all_leaves_other_nodes_claims_alone,
+            retries_wait_until_due,
+            cursor_and_events_commit_together,
+            failed_writes_commit_nothing,
+            unknown_events_are_none,
+            an_empty_store_has_nothing_due,
+            a_late_finish_after_takeover_is_ignored,
+            claims_of_other_nodes_are_requeued_only_when_abandoned,
+            renewing_keeps_this_nodes_claims_and_no_others,
+            concurrent_claims_hand_out_each_delivery_once,
+            outcomes_logs_and_attempt_history_are_kept,
+            one_node_leads_a_role_until_it_is_gone,
+            nodes_starting_together_migrate_once,
+        );
+    };
+    (@each $backend:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if let Some(backend) = $backend {
+                    $crate::store::conformance::$name(&backend);
+                }
+            }
+        )*
+    };
+}
+pub(crate) use suite;
+
+/// A sample job context.
+pub(crate) fn context() -> JobContext {
+    JobContext::from_json_value(&serde_json::json!({
+        "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
+        "ClientMachine": "m", "JobResult": "Failure",
+        "JobId": "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01", "JobType": "WinCertInventory",
+        "JobTypeId": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f", "OperationType": 0,
+        "CurrentRetryCount": 2
+    }))
+    .unwrap()
+}
+
+/// A new event routed to `handlers`.
+pub(crate) fn event(handlers: &[&str]) -> NewEvent {
+    NewEvent {
+        id: Uuid::new_v4(),
+        source: "test".into(),
+        context: context(),
+        handlers: handlers.iter().map(|h| (*h).to_owned()).collect(),
+    }
+}
+
+/// A failed attempt's record ending in `state`.
+pub(crate) fn record(state: DeliveryState) -> AttemptRecord {
+    AttemptRecord {
+        state,
+        retry_at: None,
+        class: "handler-failed".into(),
+        reason: Some("nope".into()),
+        outcome: None,
+    }
+}
+
+fn outcome(kind: OutcomeKind, log: &str) -> Outcome {
+    Outcome {
+        kind,
+        duration: Duration::from_millis(12),
+        logs: vec![LogLine {
+            level: "info",
+            message: log.to_owned(),
+        }],
+        logs_dropped: 0,
+        stdout: String::new(),
+        stderr: String::new(),
+        output_dropped: 0,
+        memory_bytes: 65536,
+    }
+}
+
+fn sorted(mut counts: Vec<(DeliveryState, u64)>) -> Vec<(&'static str, u64)> {
+    counts.sort_by_key(|(s, _)| s.as_str());
+    counts.into_iter().map(|(s, n)| (s.as_str(), n)).collect()
+}
+
+pub(crate) fn events_are_delivered_once_per_handler_and_survive_reopen(b: &impl Backend) {
+    let e = event(&["a", "b"]);
+    {
+        let store = b.node();
+        store.insert_event(&e).unwrap();
+    }
+    let store = b.node();
+    let c1 = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    let c2 = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    assert!(store.claim(Utc::now(), &[], LEASE).unwrap().is_none());
+    assert_eq!(c1.event_id, e.id);
+    assert_eq!(c1.context, e.context);
+    assert_eq!(c1.attempt, 1);
+    let mut handlers = vec![c1.handler.clone(), c2.handler.clone()];
+    handlers.sort();
+    assert_eq!(handlers, ["a", "b"]);
+    store
+        .finish(&c1, &record(DeliveryState::Succeeded))
+        .unwrap();
+    store.finish(&c2, &record(DeliveryState::Failed)).unwrap();
+    let view = store.event(e.id).unwrap().unwrap();
+    assert_eq!(view.deliveries.len(), 2);
+    assert!(view.deliveries.iter().all(|d| d.state.is_terminal()));
+    assert!(view.deliveries.iter().all(|d| d.attempts.len() == 1));
+    assert_eq!(view.context["JobResult"], "Failure");
+    assert_eq!(view.source, "test");
+    // Deliveries are listed in the order of the event's handlers.
+    let listed: Vec<&str> = view.deliveries.iter().map(|d| d.handler.as_str()).collect();
+    assert_eq!(listed, ["a", "b"]);
+}
+
+pub(crate) fn busy_handlers_are_skipped_when_claiming(b: &impl Backend) {
+    let store = b.node();
+    store.insert_event(&event(&["slow"])).unwrap();
+    store.insert_event(&event(&["fast"])).unwrap();
+    let c = store
+        .claim(Utc::now(), &["slow".into()], LEASE)
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.handler, "fast");
+    assert!(
+        store
+            .claim(Utc::now(), &["slow".into()], LEASE)
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub(crate) fn interrupted_deliveries_run_again_with_a_higher_attempt(b: &impl Backend) {
+    let store = b.node();
+    let e = event(&["a"]);
+    store.insert_event(&e).unwrap();
+    let first = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    // This process still holds the claim: nothing is abandoned.
+    assert_eq!(store.requeue_abandoned(Utc::now()).unwrap(), 0);
+    drop(store);
+    // A new process (after a crash) finds the claim of the old one abandoned: at once for a
+    // single-node store; for a shared one when the lease has expired.
+    let store = b.node();
+    if b.shared() {
+        assert_eq!(store.requeue_abandoned(Utc::now()).unwrap(), 0);
+        let expired = after(Utc::now(), LEASE + Duration::from_secs(1));
+        assert_eq!(store.requeue_abandoned(expired).unwrap(), 1);
+    } else {
+        assert_eq!(store.requeue_abandoned(Utc::now()).unwrap(), 1);
+    }
+    let second = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    assert_eq!(second.attempt, 2);
+    // The first (interrupted) attempt can no longer finish the delivery.
+    store
+        .finish(&first, &record(DeliveryState::Succeeded))
+        .unwrap();
+    store
+        .finish(&second, &record(DeliveryState::Failed))
+        .unwrap();
+    let view = store.event(e.id).unwrap().unwrap();
+    assert_eq!(view.deliveries[0].state, DeliveryState::Failed);
+    assert_eq!(view.deliveries[0].attempts.len(), 1);
+    assert_eq!(view.deliveries[0].attempts[0].attempt, 2);
+}
+
+pub(crate) fn release_all_gives_back_only_this_nodes_claims(b: &impl Backend) {
+    let store = b.node();
+    store.insert_event(&event(&["a", "b"])).unwrap();
+    let _claim = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    store.renew(Utc::now(), LEASE).unwrap();
+    assert_eq!(store.release_all().unwrap(), 1);
+    assert_eq!(
+        store.count_by_state().unwrap(),
+        vec![(DeliveryState::Pending, 2)]
+    );
+}
+
+pub(crate) fn release_all_leaves_other_nodes_claims_alone(b: &impl Backend) {
+    let mine = b.node();
+    let other = b.node();
+    mine.insert_event(&event(&["a", "b", "c"])).unwrap();
+    let _mine = mine.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    let theirs = other.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    assert_eq!(mine.release_all().unwrap(), 1);
+    assert_eq!(
+        sorted(mine.count_by_state().unwrap()),
+        [("pending", 2), ("running", 1)]
+    );
+    // The other node's claim is intact: it can still record its attempt.
+    other
+        .finish(&theirs, &record(DeliveryState::Succeeded))
+        .unwrap();
+    assert_eq!(
+        sorted(mine.count_by_state().unwrap()),
+        [("pending", 2), ("succeeded", 1)]
+    );
+}
+
+pub(crate) fn retries_wait_until_due(b: &impl Backend) {
+    let store = b.node();
+    store.insert_event(&event(&["a"])).unwrap();
+    let c = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    let at = after(Utc::now(), Duration::from_secs(60));
+    let mut r = record(DeliveryState::Pending);
+    r.retry_at = Some(at);
+    store.finish(&c, &r).unwrap();
+    assert!(store.claim(Utc::now(), &[], LEASE).unwrap().is_none());
+    assert_eq!(store.next_due().unwrap().map(to_ms), Some(to_ms(at)));
+    let again = store
+        .claim(after(at, Duration::from_millis(1)), &[], LEASE)
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.attempt, 2);
+}
+
+pub(crate) fn cursor_and_events_commit_together(b: &impl Backend) {
+    let store = b.node();
+    assert_eq!(store.cursor("poller").unwrap(), None);
+    store
+        .insert_events_with_cursor(&[event(&["a"]), event(&[])], "poller", "2171")
+        .unwrap();
+    assert_eq!(store.cursor("poller").unwrap().as_deref(), Some("2171"));
+    let counts = store.count_by_state().unwrap();
+    assert_eq!(counts, vec![(DeliveryState::Pending, 1)]);
+    store
+        .insert_events_with_cursor(&[], "poller", "2200")
+        .unwrap();
+    assert_eq!(store.cursor("poller").unwrap().as_deref(), Some("2200"));
+    // A cursor is durable: another node (or a restart) reads the same value.
+    assert_eq!(b.node().cursor("poller").unwrap().as_deref(), Some("2200"));
+}
+
+pub(crate) fn failed_writes_commit_nothing(b: &impl Backend) {
+    let store = b.node();
+    let e = event(&["a"]);
+    store.insert_event(&e).unwrap();
+    assert!(store.insert_event(&e).is_err(), "an event id is unique");
+    store
+        .insert_events_with_cursor(&[event(&["a"])], "poller", "1")
+        .unwrap();
+    let twice = event(&["b"]);
+    assert!(
+        store
+            .insert_events_with_cursor(&[twice.clone(), twice.clone()], "poller", "2")
+            .is_err()
+    );
+    // Neither the events of the failed batch nor its cursor were committed.
+    assert_eq!(store.cursor("poller").unwrap().as_deref(), Some("1"));
+    assert!(store.event(twice.id).unwrap().is_none());
+    assert_eq!(
+        store.count_by_state().unwrap(),
+        vec![(DeliveryState::Pending, 2)]
+    );
+}
+
+pub(crate) fn unknown_events_are_none(b: &impl Backend) {
+    let store = b.node();
+    assert!(store.event(Uuid::new_v4()).unwrap().is_none());
+}
+
+pub(crate) fn an_empty_store_has_nothing_due(b: &impl Backend) {
+    let store = b.node();
+    assert_eq!(store.next_due().unwrap(), None);
+    assert!(store.count_by_state().unwrap().is_empty());
+    assert!(store.claim(Utc::now(), &[], LEASE).unwrap().is_none());
+    assert_eq!(store.requeue_abandoned(Utc::now()).unwrap(), 0);
+    assert_eq!(store.release_all().unwrap(), 0);
+    store.renew(Utc::now(), LEASE).unwrap();
+    // An event no handler matches is kept, with no deliveries.
+    let e = event(&[]);
+    store.insert_event(&e).unwrap();
+    assert!(store.event(e.id).unwrap().unwrap().deliveries.is_empty());
+    assert_eq!(store.next_due().unwrap(), None);
+}
+
+pub(crate) fn a_late_finish_after_takeover_is_ignored(b: &impl Backend) {
+    let slow = b.node();
+    let other = b.node();
+    let e = event(&["a"]);
+    slow.insert_event(&e).unwrap();
+    let stale = slow.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    // `slow` stops renewing (hung, partitioned, killed); once its lease has expired another
+    // node takes the delivery over.
+    let later = after(Utc::now(), LEASE + Duration::from_secs(1));
+    assert_eq!(other.requeue_abandoned(later).unwrap(), 1);
+    let fresh = other.claim(later, &[], LEASE).unwrap().unwrap();
+    assert_eq!(fresh.attempt, 2);
+    // `slow` comes back and reports its attempt: too late, ignored.
+    slow.finish(&stale, &record(DeliveryState::Succeeded))
+        .unwrap();
+    let view = other.event(e.id).unwrap().unwrap();
+    assert_eq!(view.deliveries[0].state, DeliveryState::Running);
+    assert!(view.deliveries[0].attempts.is_empty());
+    other
+        .finish(&fresh, &record(DeliveryState::Failed))
+        .unwrap();
+    // A repeated report of the same attempt changes nothing either.
+    other
+        .finish(&fresh, &record(DeliveryState::Succeeded))
+        .unwrap();
+    let view = other.event(e.id).unwrap().unwrap();
+    let d = &view.deliveries[0];
+    assert_eq!(d.state, DeliveryState::Failed);
+    assert_eq!(d.attempt, 2);
+    assert_eq!(d.attempts.len(), 1);
+    assert_eq!(d.attempts[0].attempt, 2);
+    assert!(d.attempts[0].terminal);
+    assert_eq!(d.reason.as_deref(), Some("nope"));
+}
+
+pub(crate) fn claims_of_other_nodes_are_requeued_only_when_abandoned(b: &impl Backend) {
+    let owner = b.node();
+    let other = b.node();
+    owner.insert_event(&event(&["a"])).unwrap();
+    let now = Utc::now();
+    let _claim = owner.claim(now, &[], LEASE).unwrap().unwrap();
+    if b.shared() {
+        // A live node's claim is kept while its lease runs, whoever looks.
+        assert_eq!(other.requeue_abandoned(Utc::now()).unwrap(), 0);
+        let almost = after(now, LEASE - Duration::from_secs(1));
+        assert_eq!(other.requeue_abandoned(almost).unwrap(), 0);
+        assert_eq!(owner.requeue_abandoned(almost).unwrap(), 0);
+        let expired = after(now, LEASE + Duration::from_secs(1));
+        assert_eq!(other.requeue_abandoned(expired).unwrap(), 1);
+    } else {
+        // One process per database: any claim of another process is a dead process's.
+        assert_eq!(owner.requeue_abandoned(Utc::now()).unwrap(), 0);
+        assert_eq!(other.requeue_abandoned(Utc::now()).unwrap(), 1);
+    }
+    assert_eq!(
+        other.count_by_state().unwrap(),
+        vec![(DeliveryState::Pending, 1)]
+    );
+}
+
+pub(crate) fn renewing_keeps_this_nodes_claims_and_no_others(b: &impl Backend) {
+    let renewer = b.node();
+    let other = b.node();
+    renewer.insert_event(&event(&["a", "b"])).unwrap();
+    let t0 = Utc::now();
+    let _mine = renewer.claim(t0, &[], LEASE).unwrap().unwrap();
+    let _theirs = other.claim(t0, &[], LEASE).unwrap().unwrap();
+    renewer.renew(after(t0, LEASE / 2), LEASE).unwrap();
+    if !b.shared() {
+        // Leases only matter between live nodes; a renewal must still leave the claim as is.
+        assert_eq!(
+            renewer.count_by_state().unwrap(),
+            vec![(DeliveryState::Running, 2)]
+        );
+        return;
+    }
+    // Past the first lease only the claim that was not renewed is abandoned...
+    let first_expiry = after(t0, LEASE + Duration::from_secs(1));
+    assert_eq!(renewer.requeue_abandoned(first_expiry).unwrap(), 1);
+    assert_eq!(
+        sorted(renewer.count_by_state().unwrap()),
+        [("pending", 1), ("running", 1)]
+    );
+    // ...and the renewed one when its renewed lease runs out.
+    let second_expiry = after(t0, LEASE * 3 / 2 + Duration::from_secs(1));
+    assert_eq!(other.requeue_abandoned(second_expiry).unwrap(), 1);
+    assert_eq!(
+        renewer.count_by_state().unwrap(),
+        vec![(DeliveryState::Pending, 2)]
+    );
+}
+
+pub(crate) fn concurrent_claims_hand_out_each_delivery_once(b: &impl Backend) {
+    const EVENTS: usize = 20;
+    const THREADS_PER_NODE: usize = 3;
+    let nodes = [b.node(), b.node()];
+    for _ in 0..EVENTS {
+        nodes[0].insert_event(&event(&["a", "b"])).unwrap();
+    }
+    let claimed: Vec<i64> = std::thread::scope(|scope| {
+        let workers: Vec<_> = nodes
+            .iter()
+            .flat_map(|node| std::iter::repeat_n(node, THREADS_PER_NODE))
+            .map(|node| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(claim) = node.claim(Utc::now(), &[], LEASE).unwrap() {
+                        node.finish(&claim, &record(DeliveryState::Succeeded))
+                            .unwrap();
+                        mine.push(claim.delivery_id);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let distinct: BTreeSet<i64> = claimed.iter().copied().collect();
+    assert_eq!(claimed.len(), EVENTS * 2, "every delivery claimed once");
+    assert_eq!(distinct.len(), EVENTS * 2, "no delivery claimed twice");
+    assert_eq!(
+        nodes[1].count_by_state().unwrap(),
+        vec![(DeliveryState::Succeeded, (EVENTS * 2) as u64)]
+    );
+}
+
+pub(crate) fn outcomes_logs_and_attempt_history_are_kept(b: &impl Backend) {
+    let store = b.node();
+    let e = event(&["a"]);
+    store.insert_event(&e).unwrap();
+    let first = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    // A handler's text can hold anything, NUL included; recording it must not fail.
+    let failed = OutcomeKind::HandlerFailed {
+        reason: "bad\0input".into(),
+    };
+    store
+        .finish(
+            &first,
+            &AttemptRecord {
+                state: DeliveryState::Pending,
+                retry_at: Some(Utc::now()),
+                class: failed.class().into(),
+                reason: Some(failed.to_string()),
+                outcome: Some(outcome(failed, "first\0try")),
+            },
+        )
+        .unwrap();
+    let second = store
+        .claim(after(Utc::now(), Duration::from_secs(1)), &[], LEASE)
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.attempt, 2);
+    store
+        .finish(
+            &second,
+            &AttemptRecord {
+                state: DeliveryState::Succeeded,
+                retry_at: None,
+                class: "succeeded".into(),
+                reason: None,
+                outcome: Some(outcome(OutcomeKind::Succeeded, "done\0")),
+            },
+        )
+        .unwrap();
+    let view = store.event(e.id).unwrap().unwrap();
+    let d = &view.deliveries[0];
+    assert_eq!(d.state, DeliveryState::Succeeded);
+    assert_eq!(d.attempt, 2);
+    assert_eq!(d.outcome.as_deref(), Some("succeeded"));
+    assert_eq!(d.reason, None);
+    assert_eq!(d.duration_ms, Some(12.0));
+    assert!(d.started_at.is_some() && d.finished_at.is_some());
+    // The last attempt's logs, exactly as the handler wrote them.
+    assert_eq!(d.logs.len(), 1);
+    assert_eq!(d.logs[0]["message"], "done\0");
+    assert_eq!(d.logs[0]["level"], "info");
+    let history: Vec<(u32, &str, bool)> = d
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.class.as_str(), a.terminal))
+        .collect();
+    assert_eq!(
+        history,
+        [(1, "handler-failed", false), (2, "succeeded", true)]
+    );
+    let reason = d.attempts[0].reason.as_deref().unwrap_or_default();
+    assert!(reason.starts_with("handler failed: bad"), "{reason:?}");
+    assert!(d.attempts.iter().all(|a| a.started_at.is_some()));
+}
+
+pub(crate) fn one_node_leads_a_role_until_it_is_gone(b: &impl Backend) {
+    let first = b.node();
+    let second = b.node();
+    assert!(first.try_lead("poller").unwrap());
+    assert!(first.try_lead("poller").unwrap(), "leadership is kept");
+    if !b.shared() {
+        // One node per database: it always leads.
+        assert!(second.try_lead("poller").unwrap());
+        return;
+    }
+    assert!(!second.try_lead("poller").unwrap(), "one leader at a time");
+    assert!(second.try_lead("janitor").unwrap(), "roles are independent");
+    assert!(first.try_lead("poller").unwrap());
+    drop(first);
+    // The lock goes with the first node's session; the server releases it once the session
+    // has ended, which it notices as soon as the connection closes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.try_lead("poller").unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "leadership did not move to the surviving node"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(second.try_lead("poller").unwrap());
+}
+
+pub(crate) fn nodes_starting_together_migrate_once(b: &impl Backend) {
+    if !b.shared() {
+        // One process opens a SQLite database at a time.
+        return;
+    }
+    // Every node applies pending migrations on start; on a fresh database they all do at once.
+    let nodes: Vec<_> = std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..4).map(|_| scope.spawn(|| b.node())).collect();
+        starting.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    let e = event(&["a"]);
+    nodes[0].insert_event(&e).unwrap();
+    for node in &nodes {
+        assert!(node.event(e.id).unwrap().is_some());
+    }
+}

@@ -1,0 +1,316 @@
+//! The durable store: events, one delivery per (event, matching handler), every attempt's
+//! outcome, and the poller's cursor.
+//!
+//! An event and its deliveries are committed in one transaction before the ingest call answers.
+//! A delivery moves `pending → running → succeeded | failed | skipped`, or back to `pending` for a
+//! retry or after an interrupted run. Claiming marks it `running` and increments its attempt, so
+//! a delivery interrupted by a crash is run again with a higher attempt number
+//! (at-least-once). A terminal state is written once, in the same transaction as its attempt
+//! record, so no delivery is ever terminal twice.
+//!
+//! [`Store`] is the interface; [`sqlite::SqliteStore`] the embedded default, for one engine
+//! process; [`postgres::PostgresStore`] a shared database, so that several engine nodes work off
+//! one queue. [`open`] chooses between them from the `[store]` configuration. Both pass the same
+//! test suite (`conformance.rs`).
+
+#[cfg(test)]
+mod conformance;
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::{StoreConfig, StoreKind, resolve_secret};
+use crate::context::JobContext;
+use crate::outcome::Outcome;
+use crate::secret::Secret;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("store database error: {0}")]
+    Database(String),
+    /// Stored data could not be decoded (corruption or a newer schema).
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    /// The store could not be opened.
+    #[error("cannot open the store at {path}: {message}")]
+    Open {
+        /// Where.
+        path: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The state of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting to run (first time, retry, or after an interruption).
+    Pending,
+    /// Claimed by a worker.
+    Running,
+    /// The handler succeeded.
+    Succeeded,
+    /// The handler failed and no attempts remain.
+    Failed,
+    /// Not run: the handler was quarantined or is no longer configured.
+    Skipped,
+}
+
+impl DeliveryState {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Running => "running",
+            DeliveryState::Succeeded => "succeeded",
+            DeliveryState::Failed => "failed",
+            DeliveryState::Skipped => "skipped",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            DeliveryState::Pending,
+            DeliveryState::Running,
+            DeliveryState::Succeeded,
+            DeliveryState::Failed,
+            DeliveryState::Skipped,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    /// Whether the delivery is finished for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            DeliveryState::Succeeded | DeliveryState::Failed | DeliveryState::Skipped
+        )
+    }
+}
+
+/// An event to commit, with the handlers it is routed to.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Its id.
+    pub id: Uuid,
+    /// Where it came from (`api`, `poller`, ...).
+    pub source: String,
+    /// The job context.
+    pub context: JobContext,
+    /// Names of the matching handlers: one delivery each.
+    pub handlers: Vec<String>,
+}
+
+/// A delivery claimed by a worker.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The delivery's id.
+    pub delivery_id: i64,
+    /// The event's id.
+    pub event_id: Uuid,
+    /// The handler to run.
+    pub handler: String,
+    /// This attempt's number (1 on the first run).
+    pub attempt: u32,
+    /// The job context.
+    pub context: JobContext,
+}
+
+/// How a claimed attempt ended, as recorded.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// The delivery's state after this attempt.
+    pub state: DeliveryState,
+    /// For `Pending` (a retry): not before this time.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// The outcome class (`succeeded`, `handler-failed`, ..., or `skipped`).
+    pub class: String,
+    /// The reason, when not successful.
+    pub reason: Option<String>,
+    /// The full outcome, when the handler ran.
+    pub outcome: Option<Outcome>,
+}
+
+/// One attempt as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    /// Attempt number.
+    pub attempt: u32,
+    /// When it started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// Outcome class.
+    pub class: String,
+    /// Reason, when not successful.
+    pub reason: Option<String>,
+    /// Whether this attempt ended the delivery (no retry followed).
+    pub terminal: bool,
+}
+
+/// A delivery as stored, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryView {
+    /// The handler.
+    pub handler: String,
+    /// Current state.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempt: u32,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When the last attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached its current terminal state (or the last attempt ended).
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Duration of the last attempt in milliseconds.
+    pub duration_ms: Option<f64>,
+    /// Outcome class of the last attempt.
+    pub outcome: Option<String>,
+    /// Reason of the last attempt.
+    pub reason: Option<String>,
+    /// Log lines of the last attempt.
+    pub logs: Vec<serde_json::Value>,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<AttemptView>,
+}
+
+/// An event as stored, for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    /// Its id.
+    pub id: Uuid,
+    /// When it was committed.
+    pub received_at: DateTime<Utc>,
+    /// Where it came from.
+    pub source: String,
+    /// The context, with the .NET field names.
+    pub context: serde_json::Value,
+    /// Its deliveries.
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// The storage interface the engine runs on.
+///
+/// Calls block (SQLite does); async callers use `spawn_blocking`.
+pub trait Store: Send + Sync + 'static {
+    /// Commits an event and one pending delivery per handler, atomically.
+    fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError>;
+
+    /// Claims the oldest due pending delivery whose handler is not in `busy`: marks it running,
+    /// owned by this store's node with a lease until `now + lease`, and increments its attempt.
+    fn claim(
+        &self,
+        now: DateTime<Utc>,
+        busy: &[String],
+        lease: Duration,
+    ) -> Result<Option<Claim>, StoreError>;
+
+    /// Extends the leases of every delivery this node is running to `now + lease`.
+    fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError>;
+
+    /// Records the end of a claimed attempt. Ignored when the claim is no longer held (its lease
+    /// expired and another attempt took over).
+    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError>;
+
+    /// Puts back to `pending` every running delivery whose claim is abandoned: one whose lease
+    /// expired, and — for a single-node store — any claim of an earlier process. Returns how
+    /// many.
+    fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Puts every delivery this node is running back to `pending` (shutdown interrupted them);
+    /// returns how many.
+    fn release_all(&self) -> Result<u64, StoreError>;
+
+    /// The event and its deliveries.
+    fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError>;
+
+    /// When the next pending delivery becomes due, if any is pending.
+    fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// Deliveries by state, for metrics.
+    fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError>;
+
+    /// A durable value of the poller (e.g. the last JobHistoryId seen).
+    fn cursor(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Commits events and advances a cursor in one transaction, so a restart neither loses nor
+    /// repeats them.
+    fn insert_events_with_cursor(
+        &self,
+        events: &[NewEvent],
+        cursor_name: &str,
+        cursor: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Whether this node is the one that should run `role` (e.g. the JobHistory poller) now.
+    ///
+    /// Some work must run on one node only: two pollers would read the same JobHistory rows.
+    /// Leadership is held until the node ends (or loses its database session), then another
+    /// node's next call gets it; callers ask again before each round of such work. A single-node
+    /// store always answers `true`.
+    fn try_lead(&self, role: &str) -> Result<bool, StoreError>;
+}
+
+/// Opens the store `config` chooses: SQLite under `data_dir` (the default) or the PostgreSQL
+/// database at `url`, with the password resolved from its reference.
+///
+/// Blocks (connecting, migrating): call it from a blocking context, e.g. `spawn_blocking`.
+pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match config.kind {
+        StoreKind::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&config.data_dir)?)),
+        StoreKind::Postgres => {
+            let url = config.url.as_deref().ok_or_else(|| StoreError::Open {
+                path: "[store] url".into(),
+                message: "kind = \"postgres\" needs url = \"postgres://USER@HOST:PORT/DATABASE\""
+                    .into(),
+            })?;
+            let password = config
+                .password
+                .as_ref()
+                .map(|reference| {
+                    // Relative file references were made absolute when the config was read.
+                    resolve_secret(reference, std::path::Path::new("."))
+                        .map(Secret::new)
+                        .map_err(|e| StoreError::Open {
+                            path: postgres::redact_url(url),
+                            message: format!("[store] password: {e}"),
+                        })
+                })
+                .transpose()?;
+            Ok(Arc::new(postgres::PostgresStore::open(
+                url,
+                password.as_ref(),
+            )?))
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn to_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+/// The inverse of [`to_ms`].
+pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Adds a duration to a time, saturating.
+pub fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(t)
+}

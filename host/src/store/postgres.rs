@@ -1,0 +1,1072 @@
+//! The shared store: one PostgreSQL database that several `jobhook serve` nodes use at once, so
+//! they work off one queue and none of them is a single point of failure.
+//!
+//! How nodes share the work:
+//! - **Claiming** takes the oldest due pending delivery with `SELECT … FOR UPDATE SKIP LOCKED`
+//!   inside the claiming statement: nodes claiming at the same moment skip each other's rows
+//!   instead of waiting or handing out one delivery twice. The claim records the node
+//!   (`owner`, a per-process id) and a lease (`lease_until`).
+//! - **Leases**: a node renews the leases of what it runs every third of the lease. A node that
+//!   dies stops renewing; once a lease has expired, any node's
+//!   [`requeue_abandoned`](Store::requeue_abandoned) puts the delivery back to pending and it runs
+//!   again with the next attempt number. Live claims of other nodes are never requeued.
+//! - **Fencing**: an attempt is recorded only while the delivery is still `running` under the
+//!   same attempt number and owner, so a node that comes back after its lease was taken over
+//!   cannot overwrite the newer attempt: every delivery ends terminal exactly once.
+//! - **Leadership** ([`Store::try_lead`]): a session-level advisory lock held on a connection of
+//!   its own for as long as the node lives. When the node dies its session ends, the lock is
+//!   released, and another node's next `try_lead` gets it.
+//! - **Migrations** run when a node starts, in one transaction under an advisory lock, recorded
+//!   in `schema_migrations`, so nodes starting together apply each migration once.
+//!
+//! Leases compare times of the nodes' clocks (like the SQLite store, the caller passes `now`):
+//! keep the nodes' clocks synchronised (NTP) to well within a third of the lease.
+//!
+//! Store calls block; the engine makes them from `spawn_blocking`. The client is the synchronous
+//! `postgres` crate, which drives each connection on a small runtime of its own: that is fine on
+//! a blocking thread, but it must not run or be dropped on a thread that drives async tasks, so
+//! [`PostgresStore`]'s `Drop` closes its connections on a thread of their own.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use postgres::types::ToSql;
+use postgres::{Client, IsolationLevel, NoTls, Statement};
+use uuid::Uuid;
+
+use super::{
+    AttemptRecord, AttemptView, Claim, DeliveryState, DeliveryView, EventView, NewEvent, Store,
+    StoreError, after,
+};
+use crate::context::JobContext;
+use crate::secret::Secret;
+
+/// Connections one node keeps for store calls (the leadership connection comes on top). The
+/// dispatcher claims one delivery at a time and records outcomes as deliveries end, ingest
+/// commits one short transaction per event, and nothing holds a connection while a handler
+/// runs: eight keep a node's calls from queueing behind each other while a dozen nodes stay
+/// far below PostgreSQL's default `max_connections` of 100.
+pub const POOL_SIZE: u32 = 8;
+
+/// How long a store call waits for a free (or new) connection before failing. The dispatcher
+/// retries after a pause; an ingest call answers an error instead of hanging.
+pub const POOL_WAIT: Duration = Duration::from_secs(5);
+
+/// How long establishing one connection may take, unless the URL sets `connect_timeout`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long [`Store::try_lead`] waits for the leadership session to answer a liveness check.
+/// A session that does not answer in time is treated as lost, and with it the lock.
+const LEAD_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Server-side TCP keepalive of the leadership session, in seconds: idle, interval, count. When
+/// a node's host dies without closing its socket, the server ends the session (releasing the
+/// poller lock) after about idle + interval × count = 30 s instead of the OS default of hours.
+const LEAD_KEEPALIVE_SECS: (u32, u32, u32) = (15, 5, 3);
+
+/// First key of jobhook's two-key advisory locks around migrations, so they cannot collide
+/// with locks of other programs using the same database (ASCII "jbhm").
+const MIGRATION_LOCK: i32 = 0x6a62_686d;
+
+/// First key of the leadership locks; the second is a hash of the role (ASCII "jbhl").
+const LEAD_LOCK: i32 = 0x6a62_686c;
+
+/// `application_name` of jobhook's sessions (unless the URL sets one), so an operator finds
+/// them in `pg_stat_activity`.
+const APPLICATION_NAME: &str = "jobhook";
+
+/// The schema, applied in order; `schema_migrations` records which versions have run. Never
+/// edit an applied migration: append a new one.
+///
+/// Contexts and outcomes are `json` (kept verbatim, like the SQLite store's text), not `jsonb`:
+/// `jsonb` refuses `\u0000`, which a hostile handler can put in a log line.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    id          uuid PRIMARY KEY,
+    received_at timestamptz NOT NULL,
+    source      text NOT NULL,
+    context     json NOT NULL
+);
+CREATE TABLE deliveries (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id      uuid NOT NULL REFERENCES events (id),
+    handler       text NOT NULL,
+    state         text NOT NULL
+                  CHECK (state IN ('pending', 'running', 'succeeded', 'failed', 'skipped')),
+    attempt       integer NOT NULL DEFAULT 0,
+    created_at    timestamptz NOT NULL,
+    not_before    timestamptz NOT NULL,
+    started_at    timestamptz,
+    owner         text,
+    lease_until   timestamptz,
+    finished_at   timestamptz,
+    duration_ms   double precision,
+    outcome_class text,
+    reason        text,
+    outcome       json,
+    UNIQUE (event_id, handler)
+);
+CREATE INDEX deliveries_due ON deliveries (not_before, id) WHERE state = 'pending';
+CREATE INDEX deliveries_lease ON deliveries (lease_until) WHERE state = 'running';
+CREATE INDEX deliveries_owner ON deliveries (owner) WHERE state = 'running';
+CREATE TABLE attempts (
+    delivery_id bigint NOT NULL REFERENCES deliveries (id),
+    attempt     integer NOT NULL,
+    started_at  timestamptz,
+    finished_at timestamptz NOT NULL,
+    class       text NOT NULL,
+    reason      text,
+    terminal    boolean NOT NULL,
+    PRIMARY KEY (delivery_id, attempt)
+);
+CREATE TABLE cursors (
+    name  text PRIMARY KEY,
+    value text NOT NULL
+);
+"#];
+
+/// Why a PostgreSQL store call failed, before it becomes a [`StoreError`].
+#[derive(Debug, thiserror::Error)]
+enum PgError {
+    /// The server or the connection reported an error.
+    #[error("{}", describe(.0))]
+    Db(#[from] postgres::Error),
+    /// No connection became free in time (or none could be established).
+    #[error("no database connection within {POOL_WAIT:?}: {0}")]
+    Pool(#[from] r2d2::Error),
+    /// The database holds a newer schema than this build knows.
+    #[error(
+        "the database schema is at version {found}, newer than this jobhook knows ({known}); \
+         upgrade this node to the version the other nodes run"
+    )]
+    NewerSchema {
+        /// Version in the database.
+        found: i32,
+        /// Newest version this build knows.
+        known: i32,
+    },
+    /// Stored data could not be decoded.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The store was closed (only while it is being dropped).
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// The whole story of a client error: `postgres::Error`'s own message is only its kind ("db
+/// error"); the server's message, detail and hint, or the I/O cause, come with it here.
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!("; {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(&format!(": {cause_text}"));
+        }
+        source = cause.source();
+    }
+    text
+}
+
+impl From<PgError> for StoreError {
+    fn from(e: PgError) -> Self {
+        match e {
+            PgError::Corrupt(message) => StoreError::Corrupt(message),
+            other => StoreError::Database(other.to_string()),
+        }
+    }
+}
+
+/// A pooled connection with the statements prepared on it, so repeated calls skip a round trip.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    /// `sql` prepared on this connection (once).
+    fn prepare(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+/// Makes and checks pooled connections for r2d2.
+#[derive(Debug)]
+struct Manager {
+    config: postgres::Config,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Conn, postgres::Error> {
+        Ok(Conn {
+            client: self.config.connect(NoTls)?,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
+        conn.client.simple_query("").map(drop)
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+/// Sends the pool's connection errors to the log, naming the database without its password.
+#[derive(Debug)]
+struct LogErrors {
+    target: String,
+}
+
+impl r2d2::HandleError<postgres::Error> for LogErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        tracing::warn!(
+            database = %self.target,
+            "store database connection failed: {}",
+            describe(&error)
+        );
+    }
+}
+
+/// The leadership connection and the roles whose locks it holds.
+struct LeadSession {
+    client: Client,
+    held: BTreeSet<String>,
+}
+
+/// The PostgreSQL implementation of [`Store`]; see the module documentation.
+pub struct PostgresStore {
+    /// This process's id in `owner` columns: host, process id and a random part.
+    node: String,
+    /// The URL with any password replaced, for messages.
+    target: String,
+    /// Connection settings, for re-establishing the leadership session.
+    config: postgres::Config,
+    /// `None` only while being dropped.
+    pool: Option<r2d2::Pool<Manager>>,
+    /// The leadership session, established on first need.
+    lead: Mutex<Option<LeadSession>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("database", &self.target)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Closing a connection blocks on its own runtime, which panics on a thread that drives
+        // async tasks (the store may be dropped at the end of `serve`): close them elsewhere.
+        let pool = self.pool.take();
+        let lead = self
+            .lead
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let closer = std::thread::Builder::new()
+            .name("jobhook-store-close".into())
+            .spawn(move || {
+                drop(lead);
+                drop(pool);
+            });
+        if let Ok(closer) = closer {
+            let _ = closer.join();
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (a `postgres://` URL without a password) with
+    /// `password`, applies pending migrations and sets up the connection pool.
+    ///
+    /// Blocks: call it from a blocking context. Errors name the database with any password
+    /// replaced by `***` and never contain the password.
+    pub fn open(url: &str, password: Option<&Secret>) -> Result<Self, StoreError> {
+        let target = redact_url(url);
+        let scrub = |message: String| match password {
+            Some(p) if !p.expose().is_empty() => message.replace(p.expose(), "***"),
+            _ => message,
+        };
+        let fail = |message: String| StoreError::Open {
+            path: target.clone(),
+            message: scrub(message),
+        };
+        let mut config = parse_url(url).map_err(&fail)?;
+        if let Some(password) = password {
+            config.password(password.expose());
+        }
+        if config.get_application_name().is_none() {
+            config.application_name(APPLICATION_NAME);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let mut first = config.connect(NoTls).map_err(|e| {
+            fail(format!(
+                "cannot connect: {}; check [store] url and password, and that the database \
+                 exists and accepts connections from this host",
+                describe(&e)
+            ))
+        })?;
+        migrate(&mut first).map_err(|e| fail(format!("cannot apply the schema: {e}")))?;
+        let lead = prepare_lead_session(&mut first)
+            .map(|()| LeadSession {
+                client: first,
+                held: BTreeSet::new(),
+            })
+            .map_err(|e| {
+                fail(format!(
+                    "cannot set up the leadership session: {}",
+                    describe(&e)
+                ))
+            })?;
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            .min_idle(Some(1))
+            .connection_timeout(POOL_WAIT)
+            .error_handler(Box::new(LogErrors {
+                target: target.clone(),
+            }))
+            .build(Manager {
+                config: config.clone(),
+            })
+            .map_err(|e| fail(format!("cannot open the connection pool: {e}")))?;
+        let store = PostgresStore {
+            node: node_id(),
+            target,
+            config,
+            pool: Some(pool),
+            lead: Mutex::new(Some(lead)),
+        };
+        tracing::info!(database = %store.target, node = %store.node, "PostgreSQL store opened");
+        Ok(store)
+    }
+
+    /// This node's id, as written to `deliveries.owner` for the deliveries it runs.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Runs `f` on a pooled connection.
+    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
+        let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
+        let mut conn = pool.get().map_err(PgError::from)?;
+        Ok(f(&mut conn)?)
+    }
+
+    /// A new leadership session.
+    fn connect_lead(&self) -> Result<LeadSession, PgError> {
+        let mut client = self.config.connect(NoTls)?;
+        prepare_lead_session(&mut client)?;
+        Ok(LeadSession {
+            client,
+            held: BTreeSet::new(),
+        })
+    }
+}
+
+/// Makes the server notice a vanished leader host quickly (see [`LEAD_KEEPALIVE_SECS`]).
+fn prepare_lead_session(client: &mut Client) -> Result<(), postgres::Error> {
+    let (idle, interval, count) = LEAD_KEEPALIVE_SECS;
+    // Integers from constants, not user data. On a Unix-socket connection these are ignored.
+    client.batch_execute(&format!(
+        "SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval}; \
+         SET tcp_keepalives_count = {count}"
+    ))
+}
+
+/// Applies pending migrations in one transaction, under an advisory lock so that nodes starting
+/// together wait for each other instead of racing.
+fn migrate(client: &mut Client) -> Result<(), PgError> {
+    let mut tx = client.transaction()?;
+    // "relation already exists, skipping" notices on every start are noise.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )?;
+    let applied: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )?
+        .get(0);
+    let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+    if applied > known {
+        return Err(PgError::NewerSchema {
+            found: applied,
+            known,
+        });
+    }
+    for (version, sql) in (1i32..)
+        .zip(MIGRATIONS)
+        .skip(usize::try_from(applied).unwrap_or(0))
+    {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[&version],
+        )?;
+        tracing::info!(version, "store schema migration applied");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Parses a `postgres://` / `postgresql://` URL. Messages never repeat the URL (it could hold a
+/// password); [`check_url`] explains what is accepted.
+fn parse_url(url: &str) -> Result<postgres::Config, String> {
+    check_url(url)?;
+    url.parse::<postgres::Config>()
+        .map_err(|e| format!("[store] url is not a valid PostgreSQL URL: {e}"))
+}
+
+/// Checks a `[store] url`: a `postgres://` or `postgresql://` URL that does not carry a
+/// password (that belongs in `[store] password`, by reference). The message names the key and
+/// shows the URL only with its password replaced.
+pub fn check_url(url: &str) -> Result<(), String> {
+    const EXAMPLE: &str = "e.g. url = \"postgres://jobhook@127.0.0.1:5432/jobhook\"";
+    let Some((_, rest)) = url
+        .split_once("://")
+        .filter(|(scheme, _)| matches!(*scheme, "postgres" | "postgresql"))
+    else {
+        return Err(format!(
+            "[store] url {} is not a postgres:// URL; {EXAMPLE}",
+            redact_url(url)
+        ));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    let in_query = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|kv| kv.starts_with("password=")));
+    if in_userinfo || in_query {
+        return Err(format!(
+            "[store] url {} contains a password; remove it from the URL and give it by \
+             reference: password = {{ env = \"JOBHOOK_DB_PASSWORD\" }} or {{ file = \"path\" }}",
+            redact_url(url)
+        ));
+    }
+    parse_check(url)
+}
+
+/// Whether the client library accepts the URL (without repeating it).
+fn parse_check(url: &str) -> Result<(), String> {
+    url.parse::<postgres::Config>().map(drop).map_err(|e| {
+        format!(
+            "[store] url {} is not a valid PostgreSQL URL: {e}",
+            redact_url(url)
+        )
+    })
+}
+
+/// `url` with the password of its user-info and any `password=` query parameter replaced by
+/// `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let (prefix, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some(("password", _)) => "password=***".to_owned(),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{prefix}{authority}{tail}")
+}
+
+/// A per-process node id: `host:pid:random`, readable in `deliveries.owner` and unique even
+/// when a process id is reused.
+fn node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".into());
+    let random = Uuid::new_v4().simple().to_string();
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        random.get(..12).unwrap_or(&random)
+    )
+}
+
+/// The second key of a role's leadership lock: FNV-1a of the role name, stable across builds
+/// and platforms (unlike `std`'s hasher).
+fn role_key(role: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in role.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// PostgreSQL `text` cannot hold NUL characters; free text from handlers (failure reasons) may.
+/// They are replaced by U+FFFD rather than failing the record.
+fn text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+fn attempt_number(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+const INSERT_EVENT: &str = "
+    WITH event AS (
+        INSERT INTO events (id, received_at, source, context) VALUES ($1, $2, $3, $4)
+        RETURNING id
+    )
+    INSERT INTO deliveries (event_id, handler, state, created_at, not_before)
+    SELECT event.id, h.handler, 'pending', $2, $2
+    FROM event, unnest($5::text[]) WITH ORDINALITY AS h (handler, n)
+    ORDER BY h.n";
+
+const UPSERT_CURSOR: &str = "
+    INSERT INTO cursors (name, value) VALUES ($1, $2)
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value";
+
+const CLAIM: &str = "
+    UPDATE deliveries AS d
+    SET state = 'running', attempt = d.attempt + 1, started_at = $1, owner = $3, lease_until = $4
+    FROM events AS e
+    WHERE d.id = (
+            SELECT id FROM deliveries
+            WHERE state = 'pending' AND not_before <= $1 AND handler <> ALL ($2::text[])
+            ORDER BY not_before, id
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        )
+      AND e.id = d.event_id
+    RETURNING d.id, d.event_id, d.handler, d.attempt, e.context";
+
+const FINISH: &str = "
+    WITH done AS (
+        UPDATE deliveries
+        SET state = $3, not_before = $4, finished_at = $5, duration_ms = $6,
+            outcome_class = $7, reason = $8, outcome = $9
+        WHERE id = $1 AND attempt = $2 AND state = 'running' AND owner = $10
+        RETURNING id, attempt, started_at
+    )
+    INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+    SELECT id, attempt, started_at, $5, $7, $8, $11 FROM done";
+
+const RENEW: &str = "
+    UPDATE deliveries SET lease_until = $2 WHERE owner = $1 AND state = 'running'";
+
+const REQUEUE_EXPIRED: &str = "
+    UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
+    WHERE state = 'running' AND (lease_until IS NULL OR lease_until < $1)";
+
+const RELEASE_OWN: &str = "
+    UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
+    WHERE state = 'running' AND owner = $1";
+
+const EVENT: &str = "SELECT received_at, source, context FROM events WHERE id = $1";
+
+const EVENT_DELIVERIES: &str = "
+    SELECT id, handler, state, attempt, created_at, started_at, finished_at, duration_ms,
+           outcome_class, reason, outcome
+    FROM deliveries WHERE event_id = $1 ORDER BY id";
+
+const EVENT_ATTEMPTS: &str = "
+    SELECT a.delivery_id, a.attempt, a.started_at, a.finished_at, a.class, a.reason, a.terminal
+    FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+    WHERE d.event_id = $1 ORDER BY a.delivery_id, a.attempt";
+
+const NEXT_DUE: &str = "SELECT min(not_before) FROM deliveries WHERE state = 'pending'";
+
+const COUNT_BY_STATE: &str = "SELECT state, count(*) FROM deliveries GROUP BY state ORDER BY state";
+
+const CURSOR: &str = "SELECT value FROM cursors WHERE name = $1";
+
+const TRY_LEAD: &str = "SELECT pg_try_advisory_lock($1, $2)";
+
+/// Inserts one event and its deliveries inside `tx`.
+fn insert_event_tx(
+    tx: &mut postgres::Transaction<'_>,
+    statement: &Statement,
+    event: &NewEvent,
+    now: DateTime<Utc>,
+) -> Result<(), postgres::Error> {
+    let source = text(&event.source);
+    let handlers: Vec<&str> = event.handlers.iter().map(String::as_str).collect();
+    let context = event.context.to_json();
+    tx.execute(
+        statement,
+        &[&event.id, &now, &source.as_ref(), &context, &handlers],
+    )?;
+    Ok(())
+}
+
+impl Store for PostgresStore {
+    fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let insert = conn.prepare(INSERT_EVENT)?;
+            let mut tx = conn.client.transaction()?;
+            insert_event_tx(&mut tx, &insert, event, Utc::now())?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn claim(
+        &self,
+        now: DateTime<Utc>,
+        busy: &[String],
+        lease: Duration,
+    ) -> Result<Option<Claim>, StoreError> {
+        let lease_until = after(now, lease);
+        let row = self.with(|conn| {
+            let claim = conn.prepare(CLAIM)?;
+            Ok(conn
+                .client
+                .query_opt(&claim, &[&now, &busy, &self.node, &lease_until])?)
+        })?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let event_id: Uuid = row.get(1);
+        let context: serde_json::Value = row.get(4);
+        let context = JobContext::from_json_value(&context)
+            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
+        Ok(Some(Claim {
+            delivery_id: row.get(0),
+            event_id,
+            handler: row.get(2),
+            attempt: attempt_number(row.get(3)),
+            context,
+        }))
+    }
+
+    fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
+        let lease_until = after(now, lease);
+        self.with(|conn| {
+            let renew = conn.prepare(RENEW)?;
+            conn.client.execute(&renew, &[&self.node, &lease_until])?;
+            Ok(())
+        })
+    }
+
+    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError> {
+        let now = Utc::now();
+        let outcome = record
+            .outcome
+            .as_ref()
+            .and_then(|o| serde_json::to_value(o).ok());
+        let duration_ms = record
+            .outcome
+            .as_ref()
+            .map(|o| o.duration.as_secs_f64() * 1000.0);
+        let not_before = record.retry_at.unwrap_or(now);
+        let attempt = i32::try_from(claim.attempt).unwrap_or(i32::MAX);
+        let class = text(&record.class);
+        let reason = record.reason.as_deref().map(text);
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &claim.delivery_id,
+            &attempt,
+            &record.state.as_str(),
+            &not_before,
+            &now,
+            &duration_ms,
+            &class.as_ref(),
+            &reason.as_deref(),
+            &outcome,
+            &self.node,
+            &record.state.is_terminal(),
+        ];
+        // One statement: the state and its attempt record are written together, and only while
+        // this node still holds this attempt's claim.
+        self.with(|conn| {
+            let finish = conn.prepare(FINISH)?;
+            let recorded = conn.client.execute(&finish, &params)?;
+            if recorded == 0 {
+                tracing::info!(
+                    delivery = claim.delivery_id,
+                    attempt = claim.attempt,
+                    "attempt not recorded: its claim was taken over after the lease expired"
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            let requeue = conn.prepare(REQUEUE_EXPIRED)?;
+            Ok(conn.client.execute(&requeue, &[&now])?)
+        })
+    }
+
+    fn release_all(&self) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            let release = conn.prepare(RELEASE_OWN)?;
+            Ok(conn.client.execute(&release, &[&self.node])?)
+        })
+    }
+
+    fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
+        self.with(|conn| {
+            let event = conn.prepare(EVENT)?;
+            let deliveries = conn.prepare(EVENT_DELIVERIES)?;
+            let attempts = conn.prepare(EVENT_ATTEMPTS)?;
+            // One snapshot for the three reads, so a delivery and its attempts agree.
+            let mut tx = conn
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let Some(row) = tx.query_opt(&event, &[&id])? else {
+                return Ok(None);
+            };
+            let received_at: DateTime<Utc> = row.get(0);
+            let source: String = row.get(1);
+            let context: serde_json::Value = row.get(2);
+            let delivery_rows = tx.query(&deliveries, &[&id])?;
+            let mut attempts_of: BTreeMap<i64, Vec<AttemptView>> = BTreeMap::new();
+            for a in tx.query(&attempts, &[&id])? {
+                attempts_of.entry(a.get(0)).or_default().push(AttemptView {
+                    attempt: attempt_number(a.get(1)),
+                    started_at: a.get(2),
+                    finished_at: a.get(3),
+                    class: a.get(4),
+                    reason: a.get(5),
+                    terminal: a.get(6),
+                });
+            }
+            tx.commit()?;
+            let mut views = Vec::with_capacity(delivery_rows.len());
+            for d in delivery_rows {
+                let delivery_id: i64 = d.get(0);
+                let state: String = d.get(2);
+                let state = DeliveryState::parse(&state)
+                    .ok_or_else(|| PgError::Corrupt(format!("unknown delivery state {state:?}")))?;
+                let outcome: Option<serde_json::Value> = d.get(10);
+                let logs = outcome
+                    .as_ref()
+                    .and_then(|o| o.get("logs"))
+                    .and_then(|l| l.as_array().cloned())
+                    .unwrap_or_default();
+                views.push(DeliveryView {
+                    handler: d.get(1),
+                    state,
+                    attempt: attempt_number(d.get(3)),
+                    created_at: d.get(4),
+                    started_at: d.get(5),
+                    finished_at: d.get(6),
+                    duration_ms: d.get(7),
+                    outcome: d.get(8),
+                    reason: d.get(9),
+                    logs,
+                    attempts: attempts_of.remove(&delivery_id).unwrap_or_default(),
+                });
+            }
+            Ok(Some(EventView {
+                id,
+                received_at,
+                source,
+                context,
+                deliveries: views,
+            }))
+        })
+    }
+
+    fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.with(|conn| {
+            let next_due = conn.prepare(NEXT_DUE)?;
+            Ok(conn.client.query_one(&next_due, &[])?.get(0))
+        })
+    }
+
+    fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
+        self.with(|conn| {
+            let count = conn.prepare(COUNT_BY_STATE)?;
+            Ok(conn
+                .client
+                .query(&count, &[])?
+                .into_iter()
+                .filter_map(|row| {
+                    let state = DeliveryState::parse(row.get::<_, &str>(0))?;
+                    Some((state, u64::try_from(row.get::<_, i64>(1)).ok()?))
+                })
+                .collect())
+        })
+    }
+
+    fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = text(name);
+        self.with(|conn| {
+            let cursor = conn.prepare(CURSOR)?;
+            Ok(conn
+                .client
+                .query_opt(&cursor, &[&name.as_ref()])?
+                .map(|row| row.get(0)))
+        })
+    }
+
+    fn insert_events_with_cursor(
+        &self,
+        events: &[NewEvent],
+        cursor_name: &str,
+        cursor: &str,
+    ) -> Result<(), StoreError> {
+        let (name, value) = (text(cursor_name), text(cursor));
+        self.with(|conn| {
+            let insert = conn.prepare(INSERT_EVENT)?;
+            let upsert = conn.prepare(UPSERT_CURSOR)?;
+            let now = Utc::now();
+            let mut tx = conn.client.transaction()?;
+            for event in events {
+                insert_event_tx(&mut tx, &insert, event, now)?;
+            }
+            tx.execute(&upsert, &[&name.as_ref(), &value.as_ref()])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn try_lead(&self, role: &str) -> Result<bool, StoreError> {
+        let mut lead = self.lead.lock().unwrap_or_else(|p| p.into_inner());
+        // A session that no longer answers has lost its locks with it (the server ends it, or
+        // already has): start over on a new one.
+        let lost = lead.as_mut().is_some_and(|session| {
+            session.client.is_closed() || session.client.is_valid(LEAD_CHECK_TIMEOUT).is_err()
+        });
+        if lost
+            && let Some(session) = lead.take()
+            && !session.held.is_empty()
+        {
+            tracing::warn!(
+                roles = ?session.held,
+                "the leadership session to the store database was lost; leadership is \
+                 given up until it is won again"
+            );
+        }
+        let session = match lead.as_mut() {
+            Some(session) => session,
+            None => lead.insert(self.connect_lead()?),
+        };
+        if session.held.contains(role) {
+            return Ok(true);
+        }
+        let won: bool = session
+            .client
+            .query_one(TRY_LEAD, &[&LEAD_LOCK, &role_key(role)])
+            .map_err(PgError::from)?
+            .get(0);
+        if won {
+            tracing::info!(role, node = %self.node, "this node now leads");
+            session.held.insert(role.to_owned());
+        }
+        Ok(won)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{self, Backend};
+    use jobhook_testkit::postgres::{TestDatabase, database_or_skip};
+
+    /// A fresh database on the test server; every node is a new [`PostgresStore`] on it.
+    pub(crate) struct Postgres {
+        db: TestDatabase,
+    }
+
+    impl Postgres {
+        fn new() -> Option<Self> {
+            database_or_skip().map(|db| Postgres { db })
+        }
+    }
+
+    impl Backend for Postgres {
+        type S = PostgresStore;
+
+        fn node(&self) -> PostgresStore {
+            PostgresStore::open(&self.db.url, Some(&Secret::new(self.db.password.clone())))
+                .expect("open the PostgreSQL store")
+        }
+
+        fn shared(&self) -> bool {
+            true
+        }
+    }
+
+    conformance::suite!(Postgres::new());
+
+    #[test]
+    fn urls_are_redacted_and_passwords_in_them_refused() {
+        assert_eq!(
+            redact_url("postgres://jobhook:hunter2@db:5432/jobhook"),
+            "postgres://jobhook:***@db:5432/jobhook"
+        );
+        assert_eq!(
+            redact_url("postgresql://u@h/d?sslmode=disable&password=hunter2"),
+            "postgresql://u@h/d?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://jobhook@127.0.0.1:5432/jobhook"),
+            "postgres://jobhook@127.0.0.1:5432/jobhook"
+        );
+        assert!(check_url("postgres://jobhook@127.0.0.1:5432/jobhook").is_ok());
+        for bad in [
+            "postgres://jobhook:hunter2@db/jobhook",
+            "postgres://jobhook@db/jobhook?password=hunter2",
+        ] {
+            let e = check_url(bad).unwrap_err();
+            assert!(e.contains("[store] url"), "{e}");
+            assert!(e.contains("password = { env"), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = check_url("mysql://u:hunter2@h/d").unwrap_err();
+        assert!(
+            e.contains("not a postgres:// URL") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = check_url("postgres://u@h:notaport/d").unwrap_err();
+        assert!(e.contains("not a valid PostgreSQL URL"), "{e}");
+    }
+
+    #[test]
+    fn role_keys_are_stable() {
+        // FNV-1a test vectors: the keys must never change between releases, or two versions
+        // of jobhook would both lead during a rolling upgrade.
+        assert_eq!(role_key(""), 0x811c_9dc5_u32 as i32);
+        assert_eq!(role_key("a"), 0xe40c_292c_u32 as i32);
+        assert_ne!(role_key("poller"), role_key("pollers"));
+    }
+
+    #[test]
+    fn connection_errors_name_the_database_without_the_password() {
+        let Some(_db) = database_or_skip() else {
+            return;
+        };
+        // A port nothing listens on, and a wrong password on the real server.
+        let port = jobhook_testkit::engine::free_port();
+        let e = PostgresStore::open(
+            &format!("postgres://jobhook@127.0.0.1:{port}/jobhook"),
+            Some(&Secret::new("s3cret-pw")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot connect"), "{e}");
+        assert!(!e.contains("s3cret-pw"), "{e}");
+        let e = PostgresStore::open(&_db.url, Some(&Secret::new("wrong-s3cret")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&_db.url), "{e}");
+        assert!(e.contains("password authentication failed"), "{e}");
+        assert!(!e.contains("wrong-s3cret"), "{e}");
+    }
+
+    #[test]
+    fn works_from_spawn_blocking_and_drops_inside_async_code() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let url = backend.db.url.clone();
+            let password = Secret::new(backend.db.password.clone());
+            let store: std::sync::Arc<dyn Store> = tokio::task::spawn_blocking(move || {
+                std::sync::Arc::new(PostgresStore::open(&url, Some(&password)).unwrap())
+                    as std::sync::Arc<dyn Store>
+            })
+            .await
+            .unwrap();
+            let s = std::sync::Arc::clone(&store);
+            let led = tokio::task::spawn_blocking(move || {
+                s.insert_event(&conformance::event(&["a"]))?;
+                s.try_lead("poller")
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert!(led);
+            // The last reference goes away on a worker thread that drives async tasks.
+            drop(store);
+        });
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_advice() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        drop(backend.node());
+        backend
+            .db
+            .query("INSERT INTO schema_migrations (version) VALUES (999)")
+            .unwrap();
+        let e = PostgresStore::open(
+            &backend.db.url,
+            Some(&Secret::new(backend.db.password.clone())),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("version 999"), "{e}");
+        assert!(e.contains("upgrade this node"), "{e}");
+    }
+}

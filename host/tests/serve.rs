@@ -1,0 +1,521 @@
+//! `jobhook serve` as a real process: ingest, routing, recorded outcomes, retries, quarantine,
+//! authentication, reload, metrics and graceful shutdown, with handlers built from this
+//! repository's sources.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use jobhook_testkit::engine::EngineProcess;
+use jobhook_testkit::{guest, sample_context_json};
+use serde_json::{Value, json};
+
+const INVENTORY_TYPE: &str = "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f";
+const OTHER_TYPE: &str = "7b6bbc1b-d802-4b09-bec9-f5c221083130";
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Setup {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn config(&self, body: &str) -> PathBuf {
+        let path = self.dir.path().join("jobhook.toml");
+        let text =
+            format!("[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"data\"\n\n{body}");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    fn start(&self, body: &str) -> EngineProcess {
+        let config = self.config(body);
+        EngineProcess::start(
+            Path::new(env!("CARGO_BIN_EXE_jobhook")),
+            &config,
+            &self.dir.path().join("engine.log"),
+        )
+    }
+}
+
+fn handler(name: &str, package: &str, job_types: &str, extra: &str) -> String {
+    format!(
+        "[[handlers]]\nname = \"{name}\"\ncomponent = \"{}\"\njob_types = {job_types}\n{extra}\n",
+        guest(package).display()
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(engine: &EngineProcess, body: &Value) -> (u16, Value) {
+    post_raw(engine, body.to_string(), None).await
+}
+
+async fn post_raw(engine: &EngineProcess, body: String, token: Option<&str>) -> (u16, Value) {
+    let mut request = client()
+        .post(format!("{}/v1/job-complete", engine.url))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("POST");
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("body");
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+async fn get(engine: &EngineProcess, path: &str) -> (u16, String) {
+    let response = client()
+        .get(format!("{}{path}", engine.url))
+        .send()
+        .await
+        .expect("GET");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("text"))
+}
+
+/// Polls the event until every delivery is terminal.
+async fn settled(engine: &EngineProcess, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, text) = get(engine, &format!("/v1/events/{id}")).await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).expect("event JSON");
+        let done = v["deliveries"]
+            .as_array()
+            .expect("deliveries")
+            .iter()
+            .all(|d| {
+                matches!(
+                    d["state"].as_str(),
+                    Some("succeeded" | "failed" | "skipped")
+                )
+            });
+        if done {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event {id} did not settle: {v:#}\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn delivery<'a>(event: &'a Value, handler: &str) -> &'a Value {
+    event["deliveries"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["handler"] == handler))
+        .unwrap_or_else(|| panic!("no delivery for {handler}: {event:#}"))
+}
+
+fn context(job_type_id: &str, result: &str) -> Value {
+    let mut c = sample_context_json();
+    c["JobTypeId"] = json!(job_type_id);
+    c["JobResult"] = json!(result);
+    c
+}
+
+#[tokio::test]
+async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
+    let setup = Setup::new();
+    let engine = setup.start(&format!(
+        "{}{}{}",
+        handler("all", "log-context", "[\"*\"]", ""),
+        handler(
+            "inventory-only",
+            "guest-attempt-probe",
+            &format!("[\"{}\"]", INVENTORY_TYPE.to_uppercase()),
+            ""
+        ),
+        handler("crasher", "guest-trap", &format!("[\"{OTHER_TYPE}\"]"), ""),
+    ));
+
+    let (status, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    assert_eq!(status, 202, "{body}");
+    let mut routed: Vec<String> = serde_json::from_value(body["deliveries"].clone()).expect("list");
+    routed.sort();
+    assert_eq!(routed, ["all", "inventory-only"]);
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    assert_eq!(event["context"]["JobTypeId"], INVENTORY_TYPE);
+    let all = delivery(&event, "all");
+    assert_eq!(all["state"], "succeeded");
+    assert_eq!(all["outcome"], "succeeded");
+    assert_eq!(all["attempt"], 1);
+    assert!(all["duration_ms"].as_f64().expect("duration") > 0.0);
+    assert!(!all["logs"].as_array().expect("logs").is_empty());
+    let probe = delivery(&event, "inventory-only");
+    let logged = probe["logs"][0]["message"].as_str().expect("log line");
+    assert_eq!(
+        logged,
+        format!(
+            "attempt 1 of event {}",
+            body["event_id"].as_str().unwrap_or("")
+        )
+    );
+
+    let (status, body) = post(&engine, &context(OTHER_TYPE, "Failure")).await;
+    assert_eq!(status, 202);
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    let crash = delivery(&event, "crasher");
+    assert_eq!(crash["state"], "failed");
+    assert_eq!(crash["outcome"], "trapped");
+    assert!(
+        crash["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unreachable"),
+        "{crash}"
+    );
+    assert_eq!(delivery(&event, "all")["state"], "succeeded");
+
+    // An event no handler matches is still accepted and recorded.
+    let (status, body) = post(
+        &engine,
+        &context("00000000-0000-0000-0000-000000000001", "Success"),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(body["deliveries"], json!(["all"]));
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_with_the_reason() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler(
+        "all",
+        "log-context",
+        "[\"*\"]",
+        "max_concurrency = 1",
+    ));
+    let (status, body) = post_raw(&engine, "{\"AgentId\":".into(), None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not valid JSON"),
+        "{body}"
+    );
+
+    let mut bad = sample_context_json();
+    bad["JobId"] = json!("nope");
+    let (status, body) = post(&engine, &bad).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("`JobId`"),
+        "{body}"
+    );
+
+    let mut bad = sample_context_json();
+    bad["CurrentRetryCount"] = json!([1]);
+    let (status, body) = post(&engine, &bad).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("`CurrentRetryCount`"),
+        "{body}"
+    );
+
+    let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000));
+    let (status, body) = post_raw(&engine, huge, None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("larger than"),
+        "{body}"
+    );
+
+    let (status, _) = get(&engine, "/v1/events/not-a-uuid").await;
+    assert_eq!(status, 400);
+    let (status, _) = get(&engine, "/v1/events/8c5b3a59-5a1e-4c55-8c1e-000000000000").await;
+    assert_eq!(status, 404);
+    // Nothing bad was committed; a good event still works.
+    let (status, _) = post(&engine, &sample_context_json()).await;
+    assert_eq!(status, 202);
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_events_rejected_total 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("jobhook_events_accepted_total{source=\"api\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn tokens_protect_everything_but_healthz() {
+    let setup = Setup::new();
+    std::fs::write(setup.dir.path().join("token"), "t0ken-value\n").expect("write");
+    let config = setup.config(&handler("all", "log-context", "[\"*\"]", ""));
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntokens = [{ file = \"token\" }]",
+        ),
+    )
+    .expect("write");
+    let engine = EngineProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+    );
+    let body = sample_context_json().to_string();
+    let (status, answer) = post_raw(&engine, body.clone(), None).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, _) = post_raw(&engine, body.clone(), Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, _) = post_raw(&engine, body, Some("t0ken-value")).await;
+    assert_eq!(status, 202);
+    let (status, _) = get(&engine, "/v1/handlers").await;
+    assert_eq!(status, 401);
+    let (status, _) = get(&engine, "/healthz").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn retries_follow_the_policy_and_quarantine_sets_a_failing_handler_aside() {
+    let setup = Setup::new();
+    let engine = setup.start(&format!(
+        "[quarantine]\nafter_failures = 4\ninitial_backoff_ms = 600000\n\n{}{}",
+        handler(
+            "retrying",
+            "guest-trap",
+            &format!("[\"{INVENTORY_TYPE}\"]"),
+            "[handlers.retry]\nmax_attempts = 3\nbackoff_ms = 10"
+        ),
+        handler("healthy", "log-context", "[\"*\"]", ""),
+    ));
+    // First event: 3 attempts, all trap -> failed, 3 attempts recorded.
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    let d = delivery(&event, "retrying");
+    assert_eq!(d["state"], "failed", "{d}");
+    assert_eq!(d["attempt"], 3);
+    assert_eq!(d["attempts"].as_array().map(Vec::len), Some(3));
+    // Second event: one more failure reaches 4 in a row -> quarantined.
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    let d = delivery(&event, "retrying");
+    assert_eq!(d["state"], "skipped", "{d}");
+    assert!(
+        d["reason"].as_str().unwrap_or("").contains("quarantined"),
+        "{d}"
+    );
+    // Later deliveries are skipped with the reason; the healthy handler keeps running.
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    assert_eq!(delivery(&event, "retrying")["state"], "skipped");
+    assert_eq!(delivery(&event, "healthy")["state"], "succeeded");
+    let (_, health) = get(&engine, "/healthz").await;
+    let health: Value = serde_json::from_str(&health).expect("json");
+    assert_eq!(health["quarantined"], 1);
+    let (_, handlers) = get(&engine, "/v1/handlers").await;
+    let handlers: Value = serde_json::from_str(&handlers).expect("json");
+    let retrying = handlers["handlers"]
+        .as_array()
+        .and_then(|hs| hs.iter().find(|h| h["name"] == "retrying"))
+        .expect("listed");
+    assert_eq!(retrying["health"]["state"], "quarantined");
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_handlers_quarantined 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("jobhook_deliveries_total{handler=\"retrying\",outcome=\"trapped\"} 4"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn handlers_endpoint_hides_secrets() {
+    let setup = Setup::new();
+    std::fs::write(setup.dir.path().join("pw"), "hunter2").expect("write");
+    let engine = setup.start(&handler(
+        "mail",
+        "repeated-failure-email",
+        "[\"*\"]",
+        "properties = { RetryThreshold = \"3\", EmailRecipients = \"a@example.com\", SmtpPassword = { file = \"pw\" } }\n[handlers.grants.mail]\nrecipients = [\"a@example.com\"]",
+    ));
+    let (status, text) = get(&engine, "/v1/handlers").await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("hunter2"), "{text}");
+    let v: Value = serde_json::from_str(&text).expect("json");
+    let h = &v["handlers"][0];
+    assert_eq!(h["properties"]["SmtpPassword"], "(secret)");
+    assert_eq!(h["properties"]["RetryThreshold"], "3");
+    assert_eq!(h["imports"], json!(["mail"]));
+    assert_eq!(h["job_types"], json!(["*"]));
+    assert!(!engine.log_text().contains("hunter2"));
+}
+
+#[tokio::test]
+async fn reload_adds_handlers_and_refuses_a_bad_config() {
+    let setup = Setup::new();
+    let first = handler("all", "log-context", "[\"*\"]", "");
+    let engine = setup.start(&first);
+    let second = format!(
+        "{first}{}",
+        handler(
+            "probe",
+            "guest-attempt-probe",
+            &format!("[\"{INVENTORY_TYPE}\"]"),
+            ""
+        )
+    );
+    setup.config(&second);
+    let response = client()
+        .post(format!("{}/v1/admin/reload", engine.url))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(response.status().as_u16(), 200);
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    assert_eq!(body["deliveries"], json!(["all", "probe"]));
+
+    // A broken configuration is refused and the running one stays.
+    setup.config(&format!(
+        "{second}{}",
+        handler("all", "log-context", "[\"*\"]", "")
+    ));
+    let response = client()
+        .post(format!("{}/v1/admin/reload", engine.url))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(response.status().as_u16(), 400);
+    let text = response.text().await.expect("text");
+    assert!(text.contains("already used"), "{text}");
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    assert_eq!(body["deliveries"], json!(["all", "probe"]));
+
+    // SIGHUP reloads too.
+    setup.config(&first);
+    engine.hangup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+        if body["deliveries"] == json!(["all"]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload:\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_finishes_running_deliveries_and_exits_cleanly() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler(
+        "slow",
+        "guest-attempt-probe",
+        "[\"*\"]",
+        "properties = { SleepMs = \"300\" }",
+    ));
+    let (_, body) = post(&engine, &sample_context_json()).await;
+    let id = body["event_id"].as_str().expect("id").to_owned();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = engine.terminate(Duration::from_secs(30)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    // Restart on the same data: the delivery finished before the exit, exactly once.
+    let config = setup.dir.path().join("jobhook.toml");
+    let engine = EngineProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+    );
+    let event = settled(&engine, &id).await;
+    let d = delivery(&event, "slow");
+    assert_eq!(d["state"], "succeeded", "{d}");
+    assert_eq!(d["attempt"], 1, "{d}");
+}
+
+#[test]
+fn check_validates_and_names_the_line() {
+    let setup = Setup::new();
+    let good = setup.config(&handler("all", "log-context", "[\"*\"]", ""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 handler(s) loaded: all"));
+
+    let bad = setup.config(&format!(
+        "{}{}",
+        handler("all", "log-context", "[\"*\"]", ""),
+        handler("wrong", "guest-wrong-world", "[\"*\"]", "")
+    ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("jobhook.toml:12"), "{stderr}");
+    assert!(stderr.contains("\"wrong\""), "{stderr}");
+    assert!(
+        stderr.contains("does not fit the jobhook:handler world"),
+        "{stderr}"
+    );
+
+    let missing = setup.config("[[handlers]]\nname = \"x\"\ncomponent = \"nope.wasm\"\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["check", "--config"])
+        .arg(&missing)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("job_types"), "{stderr}");
+}
+
+#[test]
+fn the_example_configuration_used_by_the_readme_is_valid() {
+    // Builds the guests the example configuration points at.
+    guest("log-context");
+    let config = jobhook_testkit::workspace_root()
+        .join("examples")
+        .join("jobhook.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "3 handler(s) loaded: job-history-lookup, log-context, repeated-failure-email"
+        ),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,421 @@
+//! Several engine nodes on one PostgreSQL database (issue 7), against a real PostgreSQL server
+//! started by the test set-up (`jobhook_testkit::postgres`):
+//!
+//! - two `jobhook serve` processes share one queue while a load driver posts to each; one node
+//!   is SIGKILLed and restarted, then the other is SIGKILLed for good. Every event that got a
+//!   202 from either node ends with exactly one terminal delivery per matching handler, and the
+//!   deliveries the dead node was running are taken over by the survivor once their lease
+//!   expires, with a higher attempt number that the handler saw;
+//! - only one process leads the poller role, and another takes over when it dies.
+//!
+//! Without PostgreSQL the tests print `SKIPPED: PostgreSQL not available: …` and pass (they fail
+//! instead under `JOBHOOK_REQUIRE_POSTGRES=1`, which `.ci/run` sets once PostgreSQL is installed).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use jobhook::secret::Secret;
+use jobhook::store::Store;
+use jobhook::store::postgres::PostgresStore;
+use jobhook_testkit::engine::{EngineProcess, free_port};
+use jobhook_testkit::guest;
+use jobhook_testkit::postgres::{TestDatabase, database_or_skip};
+use serde_json::Value;
+
+/// Job types of the load driver's mix that the `inventory` handler is registered for.
+const INVENTORY_TYPES: [&str; 2] = [
+    "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
+    "7b6bbc1b-d802-4b09-bec9-f5c221083130",
+];
+
+/// A short lease, so that the survivor takes a dead node's deliveries over within seconds.
+const LEASE_MS: u64 = 2000;
+
+/// Events per second each load driver posts, and for how long.
+const RATE: &str = "80";
+const SECONDS: &str = "7";
+
+/// Both nodes' configuration but for the port and data directory. `probe` sleeps 150 ms, so that
+/// about a dozen of its deliveries are in flight on each node at any moment (80 events/s), and
+/// a kill always interrupts some.
+fn config_text(port: u16, db: &TestDatabase, data_dir: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ file = "db-password" }}
+lease_ms = {LEASE_MS}
+data_dir = "{data_dir}"
+
+[engine]
+max_concurrent_deliveries = 32
+
+[[handlers]]
+name = "probe"
+component = "{probe}"
+job_types = ["*"]
+properties = {{ SleepMs = "150" }}
+max_concurrency = 16
+
+[[handlers]]
+name = "inventory"
+component = "{probe}"
+job_types = ["{a}", "{b}"]
+
+[[handlers]]
+name = "log"
+component = "{log}"
+job_types = ["*"]
+"#,
+        url = db.url,
+        probe = guest("guest-attempt-probe").display(),
+        log = guest("log-context").display(),
+        a = INVENTORY_TYPES[0],
+        b = INVENTORY_TYPES[1],
+    )
+}
+
+/// Starts `jobhook load` against `url`, recording accepted event ids in `record`.
+fn load_driver(bin: &Path, url: &str, record: &Path, seed: &str) -> Child {
+    Command::new(bin)
+        .args(["load", "--url", url, "--rate", RATE, "--seconds", SECONDS])
+        .args(["--seed", seed, "--record"])
+        .arg(record)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a load driver")
+}
+
+/// The node id a `jobhook serve` logged when it opened the store (`node=…`), the last one in
+/// `log` (a log is appended to across restarts).
+fn node_id(log: &Path) -> String {
+    let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
+    text.lines()
+        .filter(|l| l.contains("PostgreSQL store opened"))
+        .filter_map(|l| l.split("node=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|id| id.trim_matches('"').to_owned())
+        .next_back()
+        .unwrap_or_else(|| panic!("no node id in {}:\n{text}", log.display()))
+}
+
+/// `text` without the colour escapes of the engine's log.
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC '[' parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+fn ids(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn two_nodes_share_one_queue_and_a_dead_nodes_work_is_taken_over() {
+    let Some(db) = database_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let bin = Path::new(env!("CARGO_BIN_EXE_jobhook"));
+    let node = |name: &str| -> (PathBuf, PathBuf) {
+        let config = dir.path().join(format!("{name}.toml"));
+        let text = config_text(free_port(), &db, &format!("data-{name}"));
+        std::fs::write(&config, text).expect("write config");
+        (config, dir.path().join(format!("{name}.log")))
+    };
+    let (config_a, log_a) = node("a");
+    let (config_b, log_b) = node("b");
+    let (record_a, record_b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+
+    let a = EngineProcess::start(bin, &config_a, &log_a);
+    let b = EngineProcess::start(bin, &config_b, &log_b);
+    let url_a = a.url.clone();
+    let driver_a = load_driver(bin, &url_a, &record_a, "1");
+    let driver_b = load_driver(bin, &b.url, &record_b, "2");
+
+    // Node A dies mid-flight and comes back (as a new node with a new id) on the same port.
+    std::thread::sleep(Duration::from_millis(2000));
+    a.kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    let a = EngineProcess::start(bin, &config_a, &log_a);
+    assert_eq!(
+        a.url, url_a,
+        "the restarted node listens where its driver posts"
+    );
+
+    // Node B dies mid-flight for good: A must take over what B was running.
+    std::thread::sleep(Duration::from_millis(1500));
+    let b_node = node_id(&log_b);
+    b.kill();
+    let orphaned: Vec<i64> = db
+        .query(&format!(
+            "SELECT id FROM deliveries WHERE state = 'running' AND owner = '{}'",
+            b_node.replace('\'', "''")
+        ))
+        .expect("query B's running deliveries")
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+
+    let report_a = driver_a.wait_with_output().expect("load driver A");
+    let report_b = driver_b.wait_with_output().expect("load driver B");
+    let report = format!(
+        "A: {}B: {}",
+        String::from_utf8_lossy(&report_a.stdout),
+        String::from_utf8_lossy(&report_b.stdout)
+    );
+    let accepted_a = ids(&record_a);
+    let accepted_b = ids(&record_b);
+    assert!(
+        accepted_a.len() > 100 && accepted_b.len() > 100,
+        "too few events accepted ({} by A, {} by B): {report}",
+        accepted_a.len(),
+        accepted_b.len()
+    );
+    let accepted: Vec<String> = accepted_a.into_iter().chain(accepted_b).collect();
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let mut reruns = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for id in &accepted {
+        // Events accepted by B are read from A: one shared database.
+        let event = runtime.block_on(settled(&client, &a, id, deadline));
+        let job_type_id = event["context"]["JobTypeId"].as_str().unwrap_or("");
+        let mut expected: BTreeSet<&str> = ["probe", "log"].into();
+        if INVENTORY_TYPES.contains(&job_type_id) {
+            expected.insert("inventory");
+        }
+        let deliveries = event["deliveries"].as_array().expect("deliveries");
+        let handlers: BTreeSet<&str> = deliveries
+            .iter()
+            .filter_map(|d| d["handler"].as_str())
+            .collect();
+        assert_eq!(handlers, expected, "event {id}: {event:#}");
+        assert_eq!(deliveries.len(), expected.len(), "event {id}: {event:#}");
+        for d in deliveries {
+            assert_eq!(d["state"], "succeeded", "event {id}: {d:#}");
+            let attempt = d["attempt"].as_u64().expect("attempt");
+            let attempts = d["attempts"].as_array().expect("attempts");
+            let terminal: Vec<&Value> = attempts.iter().filter(|a| a["terminal"] == true).collect();
+            assert_eq!(
+                terminal.len(),
+                1,
+                "event {id}: terminal more than once: {d:#}"
+            );
+            assert_eq!(terminal[0]["attempt"].as_u64(), Some(attempt), "{d:#}");
+            if attempt > 1 {
+                reruns += 1;
+            }
+            if d["handler"] != "log" {
+                let seen = d["logs"][0]["message"].as_str().unwrap_or("");
+                assert_eq!(
+                    seen,
+                    format!("attempt {attempt} of event {id}"),
+                    "the handler must see the attempt number: {d:#}"
+                );
+            }
+        }
+    }
+
+    // What B was running when it died was finished by A, as a later attempt.
+    for delivery in &orphaned {
+        let row = db
+            .query(&format!(
+                "SELECT state, attempt, owner FROM deliveries WHERE id = {delivery}"
+            ))
+            .expect("query a taken-over delivery");
+        let fields: Vec<&str> = row.split('|').collect();
+        assert_eq!(
+            fields.first(),
+            Some(&"succeeded"),
+            "delivery {delivery}: {row}"
+        );
+        let attempt: u32 = fields.get(1).and_then(|a| a.parse().ok()).unwrap_or(0);
+        assert!(attempt >= 2, "delivery {delivery} was not re-run: {row}");
+        assert_ne!(fields.get(2), Some(&b_node.as_str()), "{row}");
+    }
+    let owners: usize = db
+        .query("SELECT count(DISTINCT owner) FROM deliveries")
+        .expect("count owners")
+        .parse()
+        .expect("a count");
+    println!(
+        "{} accepted events checked on two nodes; {reruns} deliveries re-run; {} of them were \
+         running on the node killed for good and were taken over; {owners} node ids ran \
+         deliveries; drivers: {report}",
+        accepted.len(),
+        orphaned.len()
+    );
+    assert!(
+        owners >= 3,
+        "A, B and the restarted A should all have run deliveries"
+    );
+    assert!(
+        !orphaned.is_empty(),
+        "nothing was running on B when it was killed; the test did not exercise takeover"
+    );
+    assert!(reruns > 0, "no delivery was re-run after the kills");
+}
+
+async fn settled(
+    client: &reqwest::Client,
+    engine: &EngineProcess,
+    id: &str,
+    deadline: Instant,
+) -> Value {
+    loop {
+        let response = client
+            .get(format!("{}/v1/events/{id}", engine.url))
+            .send()
+            .await
+            .expect("GET event");
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "accepted event {id} is missing"
+        );
+        let event: Value =
+            serde_json::from_slice(&response.bytes().await.expect("body")).expect("event JSON");
+        let done = event["deliveries"].as_array().is_some_and(|ds| {
+            ds.iter()
+                .all(|d| d["state"] != "pending" && d["state"] != "running")
+        });
+        if done {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event {id} never settled: {event:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Environment of [`lead_and_hold_as_a_child_process`]: the database to lead on.
+const CHILD_URL: &str = "JOBHOOK_TEST_LEAD_URL";
+const CHILD_PASSWORD: &str = "JOBHOOK_TEST_LEAD_PASSWORD";
+
+/// The line the child prints once it leads.
+const LEADING: &str = "LEADING poller";
+
+#[test]
+fn poller_leadership_moves_to_another_node_when_the_leader_dies() {
+    let Some(db) = database_or_skip() else {
+        return;
+    };
+    // The leader is a process of its own (this test binary, running the helper test below), so
+    // that it can die the way a node dies: SIGKILL, no clean-up.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr = std::fs::File::create(dir.path().join("leader.log")).expect("leader log");
+    let mut leader = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "lead_and_hold_as_a_child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_URL, &db.url)
+        .env(CHILD_PASSWORD, &db.password)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start the leader");
+    let stdout = leader.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // With one test thread the harness prints "test NAME ... " before the test's output.
+            if line.contains(LEADING) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = leader.kill();
+        let _ = leader.wait();
+        panic!(
+            "the leader process never led: {}",
+            std::fs::read_to_string(dir.path().join("leader.log")).unwrap_or_default()
+        );
+    }
+
+    let password = Secret::new(db.password.clone());
+    let first = PostgresStore::open(&db.url, Some(&password)).expect("open a node");
+    let second = PostgresStore::open(&db.url, Some(&password)).expect("open a node");
+    assert!(
+        !first.try_lead("poller").expect("try_lead"),
+        "a second leader while the first lives"
+    );
+    assert!(!second.try_lead("poller").expect("try_lead"));
+
+    leader.kill().expect("SIGKILL the leader");
+    leader.wait().expect("reap the leader");
+    let died = Instant::now();
+    // Its session ends with it, and with the session the lock: exactly one survivor wins.
+    let winner = loop {
+        if first.try_lead("poller").expect("try_lead") {
+            break &first;
+        }
+        if second.try_lead("poller").expect("try_lead") {
+            break &second;
+        }
+        assert!(
+            died.elapsed() < Duration::from_secs(20),
+            "no node took the poller over after the leader died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let loser = if std::ptr::eq(winner, &first) {
+        &second
+    } else {
+        &first
+    };
+    assert!(!loser.try_lead("poller").expect("try_lead"));
+    assert!(winner.try_lead("poller").expect("try_lead"));
+    println!(
+        "poller leadership moved to node {} {:?} after the leader was killed",
+        winner.node(),
+        died.elapsed()
+    );
+}
+
+/// Not a test on its own: the leader process of the test above (does nothing without its
+/// environment). Leads the poller role, says so, and holds it until killed.
+#[test]
+fn lead_and_hold_as_a_child_process() {
+    let (Ok(url), Ok(password)) = (std::env::var(CHILD_URL), std::env::var(CHILD_PASSWORD)) else {
+        return;
+    };
+    let store = PostgresStore::open(&url, Some(&Secret::new(password))).expect("open a node");
+    assert!(store.try_lead("poller").expect("try_lead"));
+    println!("{LEADING}");
+    // Killed long before this ends; bounded so that an orphan cannot linger.
+    std::thread::sleep(Duration::from_secs(120));
+}
