@@ -193,6 +193,10 @@ pub struct EngineConfig {
     /// Where `serve` keeps compiled components between runs (see [`crate::aot`]); relative
     /// paths are relative to the config file. Default: `cache` in the data directory.
     pub cache_dir: Option<PathBuf>,
+    /// Threads that run sandboxes, below the priority of the HTTP API and the store
+    /// ([`crate::engine::SandboxThreads`]); 0 runs sandboxes on the API's own threads. Default:
+    /// one per CPU.
+    pub sandbox_threads: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -202,6 +206,7 @@ impl Default for EngineConfig {
             max_component_bytes: crate::loader::DEFAULT_MAX_COMPONENT_BYTES,
             compile_timeout: crate::loader::DEFAULT_COMPILE_TIMEOUT,
             cache_dir: None,
+            sandbox_threads: None,
         }
     }
 }

@@ -6,11 +6,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::{Config, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
+
+use crate::aot::AotCache;
 
 /// How often the epoch advances. Guest code is checked against its deadline at this granularity,
-/// so a runaway loop is stopped at most one tick after its budget (Spin uses 10 ms too).
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// so a runaway loop is stopped at most one tick after its budget — and, until then, hands its
+/// worker thread back to the async runtime once per tick (`Handler::invoke` yields at every
+/// tick). Sandboxes share those worker threads with the HTTP API, so the tick bounds how long a
+/// busy handler can hold up ingest: at 10 ms (Spin's value) two looping handlers raised the
+/// ingest latency at 1,000 events/s from p50 2 ms to p50 24 ms; at 1 ms (measured in
+/// docs/PERFORMANCE.md, scenario d) the cost is one cheap callback per millisecond of guest
+/// CPU time.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Sandboxes that may be alive at once. Every one holds a pooled slot (memory reservation, fiber
 /// stack), so this bounds the host's memory and address space; more concurrent deliveries wait.
@@ -35,6 +43,25 @@ const MAX_COMPONENT_INSTANCE_SIZE: usize = 4 * 1024 * 1024;
 /// claiming a large share of the pool.
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 32;
 
+/// Dirty bytes of a linear memory that are reset in place (copied back from the component's
+/// memory image or zeroed) when its pool slot is reused, instead of being handed back to the
+/// kernel and faulted in again by the next sandbox. With `PAGEMAP_SCAN` (Linux 6.7+, used when
+/// available) only pages the guest actually wrote are reset, so a Rust handler's working set of a
+/// few hundred KiB is reset with a `memcpy` and no `madvise` at all; without it, the lowest
+/// addresses are reset, as before. Either way every sandbox starts from pristine memory; this only
+/// decides how. 1 MiB covers a small handler's working set (measured: `jobhook-bench
+/// pool-tuning`, docs/PERFORMANCE.md).
+const MEMORY_KEEP_RESIDENT: usize = 1024 * 1024;
+
+/// Table bytes reset in place on slot reuse (same mechanism as [`MEMORY_KEEP_RESIDENT`]).
+const TABLE_KEEP_RESIDENT: usize = 64 * 1024;
+
+/// Bytes at the top of a fiber stack that are zeroed in place on slot reuse; the rest of the
+/// stack is returned to the kernel (`async_stack_zeroing` stays on, so a sandbox never sees an
+/// earlier sandbox's stack). A call into a handler uses a few tens of KiB of it; keeping them
+/// resident saves page faults on every delivery.
+const STACK_KEEP_RESIDENT: usize = 64 * 1024;
+
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot configure the WebAssembly engine: {0}")]
@@ -46,6 +73,8 @@ pub struct EngineError(String);
 pub struct Engine {
     inner: wasmtime::Engine,
     _ticker: Arc<Ticker>,
+    aot: Option<Arc<AotCache>>,
+    sandboxes: Option<Arc<SandboxThreads>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -54,46 +83,60 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// The pooling allocator settings of an engine with room for `max_concurrent` live sandboxes.
+pub fn pooling_config(max_concurrent: u32) -> PoolingAllocationConfig {
+    let n = max_concurrent.max(1);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(8))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .total_stacks(n)
+        .max_memory_size(MAX_MEMORY_PER_SANDBOX)
+        .max_component_instance_size(MAX_COMPONENT_INSTANCE_SIZE)
+        .max_core_instance_size(MAX_COMPONENT_INSTANCE_SIZE)
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(crate::limits::DEFAULT_MAX_MEMORIES as u32)
+        .max_tables_per_component(crate::limits::DEFAULT_MAX_TABLES as u32)
+        .table_elements(crate::limits::DEFAULT_TABLE_ELEMENTS as usize * 5)
+        .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
+        .pagemap_scan(Enabled::Auto)
+        .table_keep_resident(TABLE_KEEP_RESIDENT)
+        .async_stack_keep_resident(STACK_KEEP_RESIDENT);
+    pool
+}
+
+/// The wasmtime configuration of every jobhook engine, with `allocation` as its instance
+/// allocator (the engine uses [`pooling_config`]; the benchmarks compare it with on-demand).
+pub fn wasmtime_config(allocation: InstanceAllocationStrategy) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .allocation_strategy(allocation)
+        .memory_init_cow(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(ASYNC_STACK)
+        .async_stack_zeroing(true)
+        .cranelift_opt_level(OptLevel::Speed)
+        .parallel_compilation(true);
+    // Attack-surface reduction: Rust wasm32-wasip2 handlers use none of these proposals.
+    config
+        .gc_support(false)
+        .wasm_gc(false)
+        .wasm_memory64(false)
+        .wasm_function_references(false)
+        .wasm_exceptions(false)
+        .wasm_threads(false);
+    config
+}
+
 impl Engine {
     /// An engine with room for `max_concurrent` live sandboxes.
     pub fn new(max_concurrent: u32) -> Result<Self, EngineError> {
-        let n = max_concurrent.max(1);
-        let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(8))
-            .total_memories(n.saturating_mul(2))
-            .total_tables(n.saturating_mul(4))
-            .total_stacks(n)
-            .max_memory_size(MAX_MEMORY_PER_SANDBOX)
-            .max_component_instance_size(MAX_COMPONENT_INSTANCE_SIZE)
-            .max_core_instance_size(MAX_COMPONENT_INSTANCE_SIZE)
-            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
-            .max_memories_per_component(crate::limits::DEFAULT_MAX_MEMORIES as u32)
-            .max_tables_per_component(crate::limits::DEFAULT_MAX_TABLES as u32)
-            .table_elements(crate::limits::DEFAULT_TABLE_ELEMENTS as usize * 5)
-            .linear_memory_keep_resident(1024 * 1024)
-            .table_keep_resident(64 * 1024);
-
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-            .memory_init_cow(true)
-            .epoch_interruption(true)
-            .max_wasm_stack(MAX_WASM_STACK)
-            .async_stack_size(ASYNC_STACK)
-            .async_stack_zeroing(true)
-            .cranelift_opt_level(OptLevel::Speed)
-            .parallel_compilation(true);
-        // Attack-surface reduction: Rust wasm32-wasip2 handlers use none of these proposals.
-        config
-            .gc_support(false)
-            .wasm_gc(false)
-            .wasm_memory64(false)
-            .wasm_function_references(false)
-            .wasm_exceptions(false)
-            .wasm_threads(false);
-
+        let config = wasmtime_config(InstanceAllocationStrategy::Pooling(pooling_config(
+            max_concurrent,
+        )));
         let inner = wasmtime::Engine::new(&config).map_err(|e| EngineError(format!("{e:#}")))?;
         // Without the ticker a runaway guest could never be interrupted: refuse to run then.
         let ticker = Ticker::start(&inner)
@@ -101,12 +144,124 @@ impl Engine {
         Ok(Engine {
             inner,
             _ticker: Arc::new(ticker),
+            aot: None,
+            sandboxes: None,
         })
     }
 
     /// The wasmtime engine.
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.inner
+    }
+
+    /// This engine, loading components through `cache` (see [`crate::aot`]).
+    pub fn with_aot_cache(mut self, cache: AotCache) -> Self {
+        self.aot = Some(Arc::new(cache));
+        self
+    }
+
+    /// The AOT cache components are loaded through, if any.
+    pub fn aot_cache(&self) -> Option<&Arc<AotCache>> {
+        self.aot.as_ref()
+    }
+
+    /// This engine, running every sandbox on `threads` threads of its own, below the priority
+    /// of the rest of the process (see [`SandboxThreads`]). Without it, sandboxes run on the
+    /// async runtime that calls [`crate::Handler::invoke`].
+    pub fn with_sandbox_threads(mut self, threads: usize) -> Result<Self, EngineError> {
+        let pool = SandboxThreads::start(threads)
+            .map_err(|e| EngineError(format!("cannot start the sandbox threads: {e}")))?;
+        self.sandboxes = Some(Arc::new(pool));
+        Ok(self)
+    }
+
+    /// The threads sandboxes run on, if the engine has its own.
+    pub fn sandbox_threads(&self) -> Option<&SandboxThreads> {
+        self.sandboxes.as_deref()
+    }
+}
+
+/// Nice value of the sandbox threads: ten steps below normal, so that the kernel gives the
+/// process's other threads — the HTTP API, the ingest writer, the dispatcher — about ten times
+/// their share of a busy CPU. A handler that spins until its time budget runs out then costs the
+/// event path almost nothing; without it, two looping handlers on two cores raised the ingest p99
+/// at 1,000 events/s from 4 ms to 52 ms (docs/PERFORMANCE.md, scenario d). Lowering a thread's
+/// own priority needs no privilege.
+#[cfg(target_os = "linux")]
+const SANDBOX_THREAD_NICE: i32 = 10;
+
+/// A multi-threaded async runtime that only runs sandboxes, on threads of lower priority than
+/// the rest of the process (Linux). Handler code is untrusted and may burn CPU up to its budget;
+/// the event path must not wait for it (DESIGN.md, "the event path never waits on a handler"),
+/// and sharing the API's worker threads with guest code made it wait.
+pub struct SandboxThreads {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for SandboxThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxThreads").finish_non_exhaustive()
+    }
+}
+
+impl SandboxThreads {
+    fn start(threads: usize) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("jobhook-sandbox")
+            .on_thread_start(lower_thread_priority)
+            .enable_all()
+            .build()?;
+        Ok(SandboxThreads {
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Runs `future` on the sandbox threads and waits for it. Dropping the returned future
+    /// (e.g. when a delivery is interrupted at shutdown) aborts the task, so a sandbox never
+    /// outlives the call that started it.
+    pub async fn run<F>(&self, future: F) -> Result<F::Output, tokio::task::JoinError>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let Some(runtime) = &self.runtime else {
+            // Only reachable during drop; run in place rather than fail.
+            return Ok(future.await);
+        };
+        let mut task = AbortOnDrop(runtime.spawn(future));
+        (&mut task.0).await
+    }
+}
+
+impl Drop for SandboxThreads {
+    fn drop(&mut self) {
+        // `Runtime`'s own drop blocks, which panics inside an async context (the engine is
+        // usually dropped at the end of `serve`); running sandboxes are aborted either way.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Aborts a task when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `setpriority` only reads its arguments. On Linux, PRIO_PROCESS with who = 0
+        // applies to the calling thread only (nice values are per thread). Failure (it cannot
+        // fail for a lower priority) leaves the thread at normal priority.
+        unsafe {
+            let _ = libc::setpriority(libc::PRIO_PROCESS, 0, SANDBOX_THREAD_NICE);
+        }
     }
 }
 

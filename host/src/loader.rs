@@ -117,7 +117,7 @@ pub enum LoadError {
     },
     /// Imports a capability the operator did not grant to this handler.
     #[error(
-        "the component imports the `{capability}` capability, which is not granted to this handler; grant it in the handler's configuration (grants = [\"{capability}\"]) or rebuild the handler without it"
+        "the component imports the `{capability}` capability, which is not granted to this handler; grant it in the handler's configuration ([handlers.grants.{capability}]) or rebuild the handler without it"
     )]
     NotGranted {
         /// The capability.
@@ -204,7 +204,7 @@ pub async fn load(
     let component = compile(engine, bytes, options).await?;
     let imports = summarize_imports(engine, &component)?;
     for capability in &imports.capabilities {
-        if !grants.contains(capability) {
+        if !grants.allows(*capability) {
             return Err(LoadError::NotGranted {
                 capability: *capability,
             });
@@ -251,9 +251,15 @@ async fn compile(
 ) -> Result<Component, LoadError> {
     check_header(&bytes, options)?;
     let wasmtime_engine = engine.wasmtime().clone();
+    let cache = engine.aot_cache().cloned();
     // An in-process compile cannot be cancelled; on timeout the blocking thread finishes on its
     // own (bounded by the size cap) and its result is discarded.
-    let task = tokio::task::spawn_blocking(move || Component::new(&wasmtime_engine, &bytes));
+    let task = tokio::task::spawn_blocking(move || match cache {
+        Some(cache) => cache
+            .load_or_compile(&wasmtime_engine, &bytes)
+            .map(|(component, _)| component),
+        None => Component::new(&wasmtime_engine, &bytes),
+    });
     match tokio::time::timeout(options.compile_timeout, task).await {
         Err(_) => Err(LoadError::CompileTimeout(options.compile_timeout)),
         Ok(Err(join)) => Err(LoadError::Internal(format!("compiler task failed: {join}"))),

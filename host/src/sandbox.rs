@@ -27,9 +27,9 @@ use crate::capabilities::log::LogCollector;
 use crate::capabilities::mail::MailCapability;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::stdio::CappedOutput;
-use crate::capabilities::{CallBudget, Grants};
+use crate::capabilities::{CallBudget, Grants, Services};
 use crate::context::{JobContext, JobResult, OperationType};
-use crate::engine::{EPOCH_TICK, Engine};
+use crate::engine::Engine;
 use crate::limits::{LimitExceeded, LimitKind, Limits, SandboxLimiter};
 use crate::loader::{self, LoadError, LoadOptions, LoadedComponent};
 use crate::outcome::{MAX_REASON_BYTES, Outcome, OutcomeKind, truncate};
@@ -43,8 +43,10 @@ const MAX_RESOURCE_HANDLES: usize = 256;
 const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 /// Slack on top of the time budget before the outer timeout drops the call. The epoch deadline
-/// normally fires first (within one tick); the outer timeout catches time spent in host calls.
-const TIMEOUT_GRACE: Duration = Duration::from_millis(3 * EPOCH_TICK.as_millis() as u64);
+/// normally fires first (within one [`crate::engine::EPOCH_TICK`]); the outer timeout catches
+/// time spent in host calls. Kept at 30 ms (it used to be three 10 ms ticks) so that on a busy
+/// machine the epoch interrupt, which records a backtrace, still wins the race.
+const TIMEOUT_GRACE: Duration = Duration::from_millis(30);
 
 /// Guest frames kept in a trap's backtrace.
 const MAX_BACKTRACE_FRAMES: usize = 32;
@@ -112,7 +114,7 @@ impl HandlerSpec {
             name: name.into(),
             properties: Properties::default(),
             limits: Limits::default(),
-            grants: Grants::new(),
+            grants: Grants::default(),
         }
     }
 }
@@ -139,6 +141,7 @@ impl Default for Delivery {
 pub struct Handler {
     spec: HandlerSpec,
     engine: Engine,
+    services: Services,
     component: LoadedComponent,
 }
 
@@ -154,6 +157,7 @@ impl Handler {
     /// Loads a component through the load gate (see [`crate::loader`]) for `spec`.
     pub async fn load(
         engine: &Engine,
+        services: &Services,
         bytes: Vec<u8>,
         spec: HandlerSpec,
         options: &LoadOptions,
@@ -162,6 +166,7 @@ impl Handler {
         Ok(Handler {
             spec,
             engine: engine.clone(),
+            services: services.clone(),
             component,
         })
     }
@@ -199,25 +204,47 @@ impl Handler {
         });
 
         let wit_context = to_wit(context);
-        let pre = self.component.pre();
-        let call = async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance.call_run_handler(&mut store, &wit_context).await
+        let pre = self.component.pre().clone();
+        let budget = limits.timeout + TIMEOUT_GRACE;
+        // Owns everything it touches, so that it can run on the engine's sandbox threads; gives
+        // the store back for the outcome.
+        let run = async move {
+            let call = async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                instance.call_run_handler(&mut store, &wit_context).await
+            };
+            let result = tokio::time::timeout(budget, call).await;
+            (result, store)
         };
-        let result = tokio::time::timeout(limits.timeout + TIMEOUT_GRACE, call).await;
+        let ran = match self.engine.sandbox_threads() {
+            Some(threads) => threads.run(run).await,
+            None => Ok(run.await),
+        };
         let stderr_text = stderr.contents();
-        let kind = match result {
-            Err(_elapsed) => timed_out(limits),
-            Ok(Ok(Ok(()))) => OutcomeKind::Succeeded,
-            Ok(Ok(Err(reason))) => OutcomeKind::HandlerFailed {
-                reason: truncate(reason, MAX_REASON_BYTES),
-            },
-            Ok(Err(error)) => classify(&error, &stderr_text, limits),
+        let (kind, state) = match ran {
+            Ok((result, store)) => {
+                let kind = match result {
+                    Err(_elapsed) => timed_out(limits),
+                    Ok(Ok(Ok(()))) => OutcomeKind::Succeeded,
+                    Ok(Ok(Err(reason))) => OutcomeKind::HandlerFailed {
+                        reason: truncate(reason, MAX_REASON_BYTES),
+                    },
+                    Ok(Err(error)) => classify(&error, &stderr_text, limits),
+                };
+                (kind, Some(store.into_data()))
+            }
+            // The sandbox task panicked (a host bug) or the runtime is shutting down; the store
+            // went with it.
+            Err(join) => (
+                OutcomeKind::EngineError {
+                    message: format!("the sandbox task did not complete: {join}"),
+                },
+                None,
+            ),
         };
         let duration = start.elapsed();
-        let state = store.into_data();
-        let memory_bytes = state.limiter.memory_used();
-        let (logs, logs_dropped) = state.log.finish();
+        let memory_bytes = state.as_ref().map_or(0, |s| s.limiter.memory_used());
+        let (logs, logs_dropped) = state.map(|s| s.log.finish()).unwrap_or_default();
         if !kind.is_success() {
             tracing::warn!(
                 handler = %self.spec.name,
@@ -245,6 +272,7 @@ impl Handler {
         stderr: &CappedOutput,
     ) -> Store<SandboxState> {
         let limits = &self.spec.limits;
+        let grants = &self.spec.grants;
         // No args, no env, no preopens, no sockets, no name lookup: WASI is linked but empty.
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
@@ -267,12 +295,21 @@ impl Handler {
                 event_id: delivery.event_id,
                 handler_name: Arc::clone(&self.spec.name),
             },
-            keyfactor: KeyfactorCapability::new(CallBudget::new(
-                LimitKind::KeyfactorCalls,
-                limits.keyfactor_calls,
-            )),
-            mail: MailCapability::new(CallBudget::new(LimitKind::MailCalls, limits.mail_calls)),
-            http: HttpCapability::new(CallBudget::new(LimitKind::HttpCalls, limits.http_calls)),
+            keyfactor: KeyfactorCapability::new(
+                CallBudget::new(LimitKind::KeyfactorCalls, limits.keyfactor_calls),
+                grants.keyfactor.clone(),
+                self.services.keyfactor.clone(),
+            ),
+            mail: MailCapability::new(
+                CallBudget::new(LimitKind::MailCalls, limits.mail_calls),
+                grants.mail.clone(),
+                self.services.mail.clone(),
+            ),
+            http: HttpCapability::new(
+                CallBudget::new(LimitKind::HttpCalls, limits.http_calls),
+                grants.http.clone(),
+                self.services.http.clone(),
+            ),
         };
         let mut store = Store::new(self.engine.wasmtime(), state);
         store.limiter(|s| &mut s.limiter);
@@ -323,6 +360,17 @@ fn classify(error: &wasmtime::Error, stderr: &str, limits: &Limits) -> OutcomeKi
             ),
         };
     }
+    let root = error.root_cause().to_string();
+    if root.starts_with("resource limit exceeded:") {
+        // wasmtime's own count check against `SandboxLimiter::{instances,memories,tables}`.
+        return OutcomeKind::LimitExceeded {
+            limit: LimitKind::Instances,
+            detail: format!(
+                "{root} (the limits are {} core instances, {} memories, {} tables)",
+                limits.instances, limits.memories, limits.tables
+            ),
+        };
+    }
     let backtrace = backtrace_of(error);
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => timed_out(limits),
@@ -343,12 +391,37 @@ fn classify(error: &wasmtime::Error, stderr: &str, limits: &Limits) -> OutcomeKi
             message,
             backtrace,
         },
+        None if is_invalid_value(&root) => OutcomeKind::Trapped {
+            code: "invalid-value".into(),
+            message,
+            backtrace,
+        },
         None => OutcomeKind::Trapped {
             code: "guest-error".into(),
             message,
             backtrace,
         },
     }
+}
+
+/// Whether `root` (the innermost error message) is wasmtime refusing a value the guest handed
+/// across the component boundary: a string, list or pointer outside its memory, a misaligned
+/// pointer, an invalid discriminant, invalid UTF-8, or a bad `cabi_realloc` result.
+fn is_invalid_value(root: &str) -> bool {
+    const SIGNS: &[&str] = &[
+        "out of bounds",
+        "not aligned",
+        "realloc return:",
+        "discriminant",
+        // std's `Utf8Error`: "invalid utf-8 sequence ..." or "incomplete utf-8 byte sequence ...".
+        "utf-8",
+        "utf-16",
+        "latin1",
+        "invalid char",
+        "size overflow",
+        "length overflow",
+    ];
+    SIGNS.iter().any(|sign| root.contains(sign))
 }
 
 /// A stable, kebab-case code for a trap.
@@ -465,5 +538,21 @@ mod tests {
     fn trap_codes_are_kebab_case() {
         assert_eq!(trap_code(Trap::UnreachableCodeReached), "unreachable");
         assert_eq!(trap_code(Trap::NullReference), "null-reference");
+    }
+
+    #[test]
+    fn boundary_errors_are_invalid_values() {
+        for root in [
+            "invalid utf-8 sequence of 1 bytes from index 0",
+            "incomplete utf-8 byte sequence from index 0",
+            "string pointer/length out of bounds of memory",
+            "return pointer not aligned",
+            "realloc return: beyond end of memory",
+            "invalid expected discriminant",
+            "unexpected discriminant: 99",
+        ] {
+            assert!(is_invalid_value(root), "{root}");
+        }
+        assert!(!is_invalid_value("resource table has no free keys"));
     }
 }

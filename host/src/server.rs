@@ -146,8 +146,13 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let tokens = config.resolve_tokens()?;
     // Sandboxes get threads of their own, below the API's priority (engine::SandboxThreads).
-    let engine = Engine::new(DEFAULT_MAX_CONCURRENT_SANDBOXES)?
-        .with_sandbox_threads(std::thread::available_parallelism().map_or(2, usize::from))?;
+    let engine = Engine::new(DEFAULT_MAX_CONCURRENT_SANDBOXES)?;
+    let engine = match config.engine.sandbox_threads {
+        Some(0) => engine,
+        Some(n) => engine.with_sandbox_threads(n)?,
+        None => engine
+            .with_sandbox_threads(std::thread::available_parallelism().map_or(2, usize::from))?,
+    };
     let engine = match &config.engine.cache_dir {
         Some(dir) => crate::aot::attach(engine, dir),
         None => engine,

@@ -1,0 +1,60 @@
+//! jobhook's benchmarks (issue 6). Every figure is printed beside a baseline measured in the same
+//! run on the same machine, and the ratio between them, so that figures taken on different or
+//! busy machines can still be compared.
+//!
+//! | scenario | module | figure | baseline |
+//! |---|---|---|---|
+//! | a | [`delivery`] | fresh sandbox + `run-handler` via `Handler::invoke` (pooling, `InstancePre`) | plain `Store` + instantiate on an on-demand engine |
+//! | b | [`peer`] | the same jobhook delivery | the same logic as an Extism plugin, called on a reused instance |
+//! | c | [`serve`] | events/s accepted by `jobhook serve`, deliveries/s, ingest latency at 1,000 events/s | (targets) |
+//! | d | [`serve`] | (c) with half the handlers hostile | (c) |
+//! | e | [`startup`] | start-up to ready with 20 handlers and a warm AOT cache | the same start with an empty cache |
+//! | f | [`memory`] | host RSS with 1,000 deliveries waiting on a slow Keyfactor API | the same 1,000 requests made without sandboxes |
+//!
+//! `scripts/bench.sh` builds everything and runs the `jobhook-bench` binary, which runs every
+//! scenario and prints (and writes) the table that `docs/PERFORMANCE.md` quotes.
+
+pub mod delivery;
+pub mod machine;
+pub mod memory;
+pub mod peer;
+pub mod report;
+pub mod serve;
+pub mod startup;
+pub mod stats;
+pub mod tuning;
+
+use std::path::PathBuf;
+
+/// The workspace root (this crate lives at `<root>/tests/bench`).
+pub fn workspace_root() -> PathBuf {
+    jobhook_testkit::workspace_root()
+}
+
+/// Where benchmark runs keep their data directories: on the same disk as the repository (not a
+/// tmpfs), so that SQLite's fsyncs cost what they cost on a real installation.
+pub fn runs_dir() -> PathBuf {
+    workspace_root().join("target").join("bench-runs")
+}
+
+/// The `jobhook` binary the end-to-end scenarios run: `$JOBHOOK_BIN`, else the `jobhook` built
+/// next to this benchmark binary (same target directory and profile — `scripts/bench.sh` builds
+/// both with `--profile bench-host`).
+pub fn jobhook_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("JOBHOOK_BIN") {
+        return PathBuf::from(path);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            // Benches run from `<profile>/deps/`; the binaries are in `<profile>/`.
+            let dir = exe.parent()?;
+            let dir = if dir.ends_with("deps") {
+                dir.parent()?
+            } else {
+                dir
+            };
+            Some(dir.join("jobhook"))
+        })
+        .unwrap_or_else(|| PathBuf::from("jobhook"))
+}

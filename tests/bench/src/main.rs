@@ -1,0 +1,686 @@
+//! `jobhook-bench`: runs every scenario of issue 6 and prints one table of figures, each with its
+//! same-run baseline and the ratio. `scripts/bench.sh` builds what it needs and runs it.
+//!
+//! ```text
+//! jobhook-bench                 # everything (about five minutes on two cores)
+//! jobhook-bench --quick         # shorter runs, for checking that it works
+//! jobhook-bench --only a,b      # some scenarios
+//! jobhook-bench pool-tuning     # the pool-setting comparison behind host/src/engine.rs
+//! ```
+//!
+//! The table is printed on stdout and written, with the raw figures as JSON, to
+//! `target/bench-runs/report.{md,json}` (or `--out DIR`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use jobhook_bench::delivery::{DeliveryRig, Samples, Variant, run_round};
+use jobhook_bench::machine::{Machine, load_average};
+use jobhook_bench::peer::{ExtismPeer, PeerCall};
+use jobhook_bench::report::{Report, Row, num};
+use jobhook_bench::stats::{Summary, ratio};
+use jobhook_bench::{memory, serve, startup};
+
+/// Issue 6 targets.
+mod target {
+    /// a: median per-delivery overhead, µs.
+    pub const DELIVERY_MEDIAN_US: f64 = 10.0;
+    /// b: jobhook fresh instance ÷ Extism reused call.
+    pub const PEER_RATIO: f64 = 1.0;
+    /// c: accepted events per second.
+    pub const ACCEPTED_PER_SECOND: f64 = 5_000.0;
+    /// c: p99 ingest latency at 1,000 events/s, ms.
+    pub const INGEST_P99_MS: f64 = 5.0;
+    /// d: ingest p99 with hostile handlers ÷ without.
+    pub const HOSTILE_P99_RATIO: f64 = 1.5;
+}
+
+/// Handlers routed for every event in scenarios c and d.
+const HANDLERS_PER_EVENT: f64 = 4.0;
+
+/// Runs issue 6's benchmarks and prints figures with same-run baselines.
+#[derive(Debug, Parser)]
+#[command(name = "jobhook-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Shorter runs (fewer samples, 5-second load phases): for checking that everything works,
+    /// not for quoting.
+    #[arg(long)]
+    quick: bool,
+    /// Only these scenarios (comma-separated letters a–f).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<char>,
+    /// Where report.md and report.json are written.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only build what the benchmarks run (guest components, Extism plugin), then exit.
+    #[arg(long)]
+    prepare: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compare pooling-allocator reset settings on the per-delivery cost (the measurement
+    /// behind the pool settings in host/src/engine.rs).
+    PoolTuning {
+        /// Rounds per variant (after one warm-up round).
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Calls per round and variant.
+        #[arg(long, default_value_t = 500)]
+        calls: usize,
+    },
+    /// (internal) one side of scenario f, in a process of its own.
+    #[command(hide = true)]
+    MemoryChild {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        base_url: String,
+    },
+}
+
+/// How long and how often things are measured.
+struct Plan {
+    rounds: usize,
+    calls_per_round: usize,
+    load_seconds: f64,
+    startup_repetitions: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                rounds: 5,
+                calls_per_round: 200,
+                load_seconds: 5.0,
+                startup_repetitions: 1,
+            }
+        } else {
+            Plan {
+                rounds: 30,
+                calls_per_round: 300,
+                load_seconds: 20.0,
+                startup_repetitions: 3,
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = match &cli.command {
+        Some(Command::MemoryChild { mode, base_url }) => Some(memory::child(mode, base_url)),
+        Some(Command::PoolTuning { rounds, calls }) => {
+            Some(jobhook_bench::tuning::run(*rounds, *calls))
+        }
+        None => None,
+    };
+    if let Some(result) = command {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.prepare {
+        return match prepare() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the guest components and the Extism plugin.
+fn prepare() -> anyhow::Result<()> {
+    eprintln!("building the guest components and the Extism plugin…");
+    let _ = jobhook_testkit::guest("guest-bench-noop");
+    jobhook_bench::peer::plugin_path()?;
+    Ok(())
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let plan = Plan::new(cli.quick);
+    let wanted = |s: char| cli.only.is_empty() || cli.only.contains(&s);
+    let mut report = Report {
+        machine: Machine::describe(),
+        started: chrono_now(),
+        load_at_start: load_average(),
+        load_at_end: String::new(),
+        rows: Vec::new(),
+        skipped: Vec::new(),
+        notes: Vec::new(),
+    };
+    if cli.quick {
+        report
+            .notes
+            .push("--quick run: short phases and few samples; not for quoting".into());
+    }
+    eprintln!("building the guest components (first use)…");
+    let _ = jobhook_testkit::guest("guest-bench-noop");
+
+    if wanted('a') || wanted('b') {
+        eprintln!("scenarios a/b: per-delivery overhead and the Extism peer…");
+        if let Err(e) = deliveries(&plan, wanted('b'), &mut report) {
+            report.skipped.push(("a/b".into(), format!("{e:#}")));
+        }
+    }
+    if wanted('e') {
+        eprintln!("scenario e: start-up with 20 handlers, cold and with the AOT cache…");
+        match startup::measure(plan.startup_repetitions) {
+            Ok(s) => startup_rows(&s, &mut report),
+            Err(e) => report.skipped.push(("e".into(), format!("{e:#}"))),
+        }
+    }
+    if wanted('f') {
+        eprintln!("scenario f: memory with 1,000 deliveries in flight…");
+        match memory::measure() {
+            Ok(m) => memory_rows(&m, &mut report),
+            Err(e) => report.skipped.push(("f".into(), format!("{e:#}"))),
+        }
+    }
+    if wanted('c') || wanted('d') {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        if let Err(e) = runtime.block_on(end_to_end(&plan, wanted('d'), &mut report)) {
+            report.skipped.push(("c/d".into(), format!("{e:#}")));
+        }
+    }
+    report.load_at_end = load_average();
+
+    let markdown = report.markdown();
+    println!("{markdown}");
+    let out = cli.out.clone().unwrap_or_else(jobhook_bench::runs_dir);
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("report.md"), &markdown)?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    eprintln!("written to {}", out.join("report.md").display());
+    Ok(())
+}
+
+fn chrono_now() -> String {
+    // RFC 3339 without a date crate: `date` is on every machine this runs on.
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn us(s: &Summary) -> String {
+    format!("{} µs (p99 {} µs)", num(s.p50), num(s.p99))
+}
+
+/// Scenarios a and b: all variants interleaved round by round.
+fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Result<()> {
+    let rig = DeliveryRig::new()?;
+    let mut peer = if with_peer {
+        match ExtismPeer::new() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                report.skipped.push(("b".into(), format!("{e:#}")));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let variants = [
+        Variant::Jobhook,
+        Variant::Baseline,
+        Variant::Floor,
+        Variant::LogContext,
+        Variant::OnThreads,
+        Variant::FloorPhases,
+    ];
+    let peer_calls = [PeerCall::Reused, PeerCall::ReusedRaw, PeerCall::Fresh];
+    let mut samples = Samples::default();
+    let mut peer_samples: [Vec<f64>; 3] = Default::default();
+    let mut peer_failures = 0;
+    for round in 0..=plan.rounds {
+        let warm_up = round == 0;
+        for v in variants {
+            run_round(&rig, v, plan.calls_per_round, &mut samples, warm_up);
+        }
+        if let Some(peer) = peer.as_mut() {
+            for (i, call) in peer_calls.iter().enumerate() {
+                let (times, failures) = peer.round(*call, &rig.context, plan.calls_per_round);
+                if !warm_up && let Some(slot) = peer_samples.get_mut(i) {
+                    slot.extend(times);
+                    peer_failures += failures;
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        samples.failures == 0 && peer_failures == 0,
+        "{} jobhook and {peer_failures} Extism calls failed during measurement",
+        samples.failures
+    );
+    let load = load_average();
+    let jobhook = Summary::of(&samples.jobhook);
+    let baseline = Summary::of(&samples.baseline);
+    let floor = Summary::of(&samples.floor);
+    let log_context = Summary::of(&samples.log_context);
+    let on_threads = Summary::of(&samples.on_threads);
+    let [instantiate, call, drop_store] = samples.phases.clone().map(|p| Summary::of(&p));
+    report.rows.push(
+        Row::new(
+            "a",
+            "per-delivery overhead: fresh sandbox + run-handler (`Handler::invoke`, noop handler), median",
+            us(&jobhook),
+        )
+        .against(
+            format!("on-demand engine, plain Store + instantiate: {}", us(&baseline)),
+            ratio(jobhook.p50, baseline.p50),
+        )
+        .target(
+            format!("≤ {} µs", target::DELIVERY_MEDIAN_US),
+            jobhook.p50 <= target::DELIVERY_MEDIAN_US,
+        )
+        .load(load.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "a",
+            "of which wasmtime alone: pooled engine, InstancePre, empty Store, same guest",
+            us(&floor),
+        )
+        .against(
+            format!("jobhook: {} µs", num(jobhook.p50)),
+            ratio(floor.p50, jobhook.p50),
+        )
+        .load(load.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "a",
+            "wasmtime alone, by phase: new Store + instantiate / run-handler call / drop (slot reset), medians",
+            format!(
+                "{} / {} / {} µs",
+                num(instantiate.p50),
+                num(call.p50),
+                num(drop_store.p50)
+            ),
+        )
+        .load(load.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "a",
+            "`Handler::invoke` of log-context (11 log lines through the log capability)",
+            us(&log_context),
+        )
+        .against(
+            format!("noop: {} µs", num(jobhook.p50)),
+            ratio(log_context.p50, jobhook.p50),
+        )
+        .load(load.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "a",
+            "`Handler::invoke` on the engine's own sandbox threads (as `jobhook serve` runs it)",
+            us(&on_threads),
+        )
+        .against(
+            format!("in the caller's runtime: {} µs", num(jobhook.p50)),
+            ratio(on_threads.p50, jobhook.p50),
+        )
+        .load(load.clone()),
+    );
+    if peer.is_some() {
+        let [reused, raw, fresh] = peer_samples.map(|s| Summary::of(&s));
+        report.rows.push(
+            Row::new(
+                "b",
+                "jobhook fresh sandbox ÷ Extism reused plugin call (`run_handler`: JSON context decoded)",
+                format!("jobhook {} µs", num(jobhook.p50)),
+            )
+            .against(format!("Extism reused: {}", us(&reused)), ratio(jobhook.p50, reused.p50))
+            .target(
+                format!("≤ {}", target::PEER_RATIO),
+                ratio(jobhook.p50, reused.p50) <= target::PEER_RATIO,
+            )
+            .load(load.clone()),
+        );
+        report.rows.push(
+            Row::new(
+                "b",
+                "jobhook fresh sandbox ÷ Extism reused call that ignores its input (`run_handler_raw`)",
+                format!("jobhook {} µs", num(jobhook.p50)),
+            )
+            .against(format!("Extism reused, raw: {}", us(&raw)), ratio(jobhook.p50, raw.p50))
+            .load(load.clone()),
+        );
+        report.rows.push(
+            Row::new(
+                "b",
+                "jobhook fresh sandbox ÷ Extism fresh plugin per call (`Plugin::new_from_compiled`)",
+                format!("jobhook {} µs", num(jobhook.p50)),
+            )
+            .against(format!("Extism fresh: {}", us(&fresh)), ratio(jobhook.p50, fresh.p50))
+            .load(load),
+        );
+    }
+    report.notes.push(format!(
+        "a/b: {} rounds × {} calls per variant, interleaved; per-call times; first round discarded as warm-up",
+        plan.rounds, plan.calls_per_round
+    ));
+    Ok(())
+}
+
+fn startup_rows(s: &startup::Startup, report: &mut Report) {
+    report.rows.push(
+        Row::new(
+            "e",
+            "start-up to ready, 20 handlers, empty AOT cache (compile + write), median",
+            format!("{} ms", num(s.cold_ms.p50)),
+        )
+        .load(s.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "e",
+            "start-up to ready, 20 handlers, warm AOT cache (checked, then mapped), median",
+            format!("{} ms", num(s.warm_ms.p50)),
+        )
+        .against(
+            format!("cold: {} ms", num(s.cold_ms.p50)),
+            ratio(s.warm_ms.p50, s.cold_ms.p50),
+        )
+        .load(s.load_average.clone()),
+    );
+    report.notes.push(format!(
+        "e: {} cold and {} warm starts; 20 components of {:.1} MiB in all; cache {:.1} MiB",
+        s.cold_ms.n,
+        s.warm_ms.n,
+        s.component_bytes as f64 / 1048576.0,
+        s.cache_bytes as f64 / 1048576.0
+    ));
+}
+
+fn memory_rows(m: &memory::Memory, report: &mut Report) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    report.rows.push(
+        Row::new(
+            "f",
+            "host RSS with 1,000 deliveries in flight on a slow Keyfactor API (peak; idle before)",
+            format!(
+                "{} MiB ({} MiB idle)",
+                num(mib(m.sandbox.peak_kib)),
+                num(mib(m.sandbox.idle_kib))
+            ),
+        )
+        .against(
+            format!(
+                "same 1,000 requests without sandboxes: {} MiB ({} MiB idle)",
+                num(mib(m.plain.peak_kib)),
+                num(mib(m.plain.idle_kib))
+            ),
+            ratio(m.sandbox.peak_kib as f64, m.plain.peak_kib as f64),
+        )
+        .load(m.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "f",
+            "memory per delivery in flight ((peak − idle) ÷ 1,000)",
+            format!("{} KiB", num(m.sandbox.per_call_kib())),
+        )
+        .against(
+            format!("per plain request: {} KiB", num(m.plain.per_call_kib())),
+            ratio(m.sandbox.per_call_kib(), m.plain.per_call_kib()),
+        )
+        .load(m.load_average.clone()),
+    );
+    report.notes.push(format!(
+        "f: each call waited {} ms at the stand-in; all 1,000 finished in {:.0} ms (sandboxes) and {:.0} ms (plain)",
+        memory::DELAY_MS,
+        m.sandbox.elapsed_ms,
+        m.plain.elapsed_ms
+    ));
+}
+
+/// Scenarios c and d.
+async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::Result<()> {
+    let seconds = plan.load_seconds;
+    let defaults = serve::EngineSettings::default();
+    eprintln!("scenario c: throughput run ({seconds} s + dispatch window)…");
+    let throughput = serve::throughput_run("throughput", &serve::healthy_set(), seconds)
+        .await
+        .context("throughput run")?;
+    eprintln!("scenario c: latency run at 1,000 events/s without handlers ({seconds} s)…");
+    let bare = serve::latency_run("ingest-only", &serve::no_handlers(), defaults, seconds)
+        .await
+        .context("ingest-only latency run")?;
+    eprintln!("scenario c: latency run at 1,000 events/s ({seconds} s)…");
+    let healthy = serve::latency_run("latency", &serve::healthy_set(), defaults, seconds)
+        .await
+        .context("latency run")?;
+    let accepted = throughput.load.accepted_per_second;
+    report.rows.push(
+        Row::new(
+            "c",
+            "accepted events/s (`jobhook serve`, SQLite, 4 handlers per event; driver on the same cores, ≤ 256 requests in flight)",
+            format!("{} /s", num(accepted)),
+        )
+        .target(
+            format!("≥ {}", target::ACCEPTED_PER_SECOND),
+            accepted >= target::ACCEPTED_PER_SECOND,
+        )
+        .load(throughput.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "c",
+            "deliveries/s dispatch sustains (backlog waiting, no ingest)",
+            format!("{} /s", num(throughput.dispatch_per_second)),
+        )
+        .against(
+            format!(
+                "needed for the accepted rate: 4 × {} = {} /s",
+                num(accepted),
+                num(HANDLERS_PER_EVENT * accepted)
+            ),
+            ratio(
+                throughput.dispatch_per_second,
+                HANDLERS_PER_EVENT * accepted,
+            ),
+        )
+        .load(throughput.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "c",
+            "deliveries/s while ingesting at full speed",
+            format!("{} /s", num(throughput.deliveries_while_ingesting)),
+        )
+        .load(throughput.load_average.clone()),
+    );
+    let l = &healthy.load;
+    report.rows.push(
+        Row::new(
+            "c",
+            "ingest latency at 1,000 events/s, p50 / p99",
+            format!("{} / {} ms", num(l.latency_ms.p50), num(l.latency_ms.p99)),
+        )
+        .against(
+            format!(
+                "no handlers (ingest alone): {} / {} ms",
+                num(bare.load.latency_ms.p50),
+                num(bare.load.latency_ms.p99)
+            ),
+            ratio(l.latency_ms.p99, bare.load.latency_ms.p99),
+        )
+        .target(
+            format!("p99 ≤ {} ms", target::INGEST_P99_MS),
+            l.latency_ms.p99 <= target::INGEST_P99_MS,
+        )
+        .load(healthy.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "c",
+            "deliveries/s at 1,000 events/s",
+            format!("{} /s", num(healthy.deliveries_per_second)),
+        )
+        .against(
+            format!(
+                "offered: 4 × {} = {} /s",
+                num(l.accepted_per_second),
+                num(HANDLERS_PER_EVENT * l.accepted_per_second)
+            ),
+            ratio(
+                healthy.deliveries_per_second,
+                HANDLERS_PER_EVENT * l.accepted_per_second,
+            ),
+        )
+        .load(healthy.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "c",
+            "delivery latency at 1,000 events/s (event committed → outcome recorded), p50 / p99",
+            format!(
+                "{} / {} ms",
+                num(healthy.healthy_latency_ms.p50),
+                num(healthy.healthy_latency_ms.p99)
+            ),
+        )
+        .against(
+            format!(
+                "sandbox call alone: {} / {} ms",
+                num(healthy.healthy_invoke_ms.p50),
+                num(healthy.healthy_invoke_ms.p99)
+            ),
+            f64::NAN,
+        )
+        .load(healthy.load_average.clone()),
+    );
+    report.notes.push(format!(
+        "c: ingest-only run accepted {} /s of 1,000 offered; latency run accepted {} /s",
+        num(bare.load.accepted_per_second),
+        num(l.accepted_per_second)
+    ));
+    report.notes.push(format!(
+        "c: latency run sent {} events in {:.1} s ({} rejected, {} errors); backlog {} {:.1} s after sending stopped",
+        l.sent,
+        l.seconds,
+        l.rejected,
+        l.errors,
+        if healthy.drained { "drained" } else { "had NOT drained" },
+        healthy.drain_seconds
+    ));
+    if !hostile {
+        return Ok(());
+    }
+    eprintln!(
+        "scenario d: latency run at 1,000 events/s with 2 of 4 handlers hostile ({seconds} s)…"
+    );
+    let bad = serve::latency_run("hostile", &serve::hostile_set(), defaults, seconds)
+        .await
+        .context("hostile latency run")?;
+    let b = &bad.load;
+    let p99_ratio = ratio(b.latency_ms.p99, l.latency_ms.p99);
+    report.rows.push(
+        Row::new(
+            "d",
+            "ingest latency p99 at 1,000 events/s, 2 of 4 handlers hostile (infinite loop, memory bomb)",
+            format!("{} ms (p50 {} ms)", num(b.latency_ms.p99), num(b.latency_ms.p50)),
+        )
+        .against(
+            format!("(c): {} ms (p50 {} ms)", num(l.latency_ms.p99), num(l.latency_ms.p50)),
+            p99_ratio,
+        )
+        .target(format!("ratio ≤ {}", target::HOSTILE_P99_RATIO), p99_ratio <= target::HOSTILE_P99_RATIO)
+        .load(bad.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "d",
+            "healthy-delivery latency p50 (event committed → outcome recorded)",
+            format!("{} ms", num(bad.healthy_latency_ms.p50)),
+        )
+        .against(
+            format!("(c): {} ms", num(healthy.healthy_latency_ms.p50)),
+            ratio(bad.healthy_latency_ms.p50, healthy.healthy_latency_ms.p50),
+        )
+        .load(bad.load_average.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "d",
+            "healthy-delivery latency p99",
+            format!("{} ms", num(bad.healthy_latency_ms.p99)),
+        )
+        .against(
+            format!("(c): {} ms", num(healthy.healthy_latency_ms.p99)),
+            ratio(bad.healthy_latency_ms.p99, healthy.healthy_latency_ms.p99),
+        )
+        .load(bad.load_average.clone()),
+    );
+    eprintln!(
+        "scenario d: the same with sandboxes on the API's threads (sandbox_threads = 0) ({seconds} s)…"
+    );
+    let shared = serve::EngineSettings {
+        sandbox_threads: Some(0),
+    };
+    let bad_shared = serve::latency_run(
+        "hostile-shared-threads",
+        &serve::hostile_set(),
+        shared,
+        seconds,
+    )
+    .await
+    .context("hostile latency run, shared threads")?;
+    let s = &bad_shared.load;
+    report.rows.push(
+        Row::new(
+            "d",
+            "ingest latency p99, same hostile run, sandboxes on the API's threads (`[engine] sandbox_threads = 0`, jobhook before issue 6)",
+            format!("{} ms (p50 {} ms)", num(s.latency_ms.p99), num(s.latency_ms.p50)),
+        )
+        .against(
+            format!("(c): {} ms (p50 {} ms)", num(l.latency_ms.p99), num(l.latency_ms.p50)),
+            ratio(s.latency_ms.p99, l.latency_ms.p99),
+        )
+        .load(bad_shared.load_average.clone()),
+    );
+    let outcomes: Vec<String> = bad
+        .outcomes
+        .iter()
+        .filter(|(h, _, _)| h.starts_with("hostile"))
+        .map(|(h, c, n)| format!("{h} {c} ×{n}"))
+        .collect();
+    report.notes.push(format!(
+        "d: accepted {} /s of 1,000 offered ({} errors); hostile deliveries: {}; backlog {} {:.1} s after sending stopped",
+        num(b.accepted_per_second),
+        b.errors,
+        outcomes.join(", "),
+        if bad.drained { "drained" } else { "had NOT drained" },
+        bad.drain_seconds
+    ));
+    Ok(())
+}
