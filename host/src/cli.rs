@@ -36,6 +36,47 @@ enum Command {
     Run(RunArgs),
     /// Show whether a component fits the handler world and which capabilities it imports.
     Inspect(InspectArgs),
+    /// Serve a stand-in for the Keyfactor Command API (seeded data, well-known credentials)
+    /// for trying handlers on a workstation.
+    Standin(crate::devtools::StandinArgs),
+    /// Run the engine: the HTTP API, the durable queue and the handlers of a configuration.
+    Serve(ConfigArgs),
+    /// Validate a configuration and load every handler, without serving.
+    Check(ConfigArgs),
+    /// Post realistic job-complete events to a running engine and report throughput and latency.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// The engine's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8480")]
+    url: String,
+    /// Events per second.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: u32,
+    /// Seconds to send for.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Bearer token (or set JOBHOOK_TOKEN).
+    #[arg(long, env = "JOBHOOK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Append the id of every accepted event to this file.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// Seed of the event mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// The configuration file (TOML).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +102,9 @@ struct RunArgs {
     /// Total memory budget in bytes (default: the engine default).
     #[arg(long, value_name = "BYTES")]
     memory_bytes: Option<u64>,
+    /// The services behind the keyfactor, mail and http capabilities.
+    #[command(flatten)]
+    services: Box<crate::devtools::ServiceArgs>,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +135,12 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Inspect(args) => inspect(args).await,
+            Command::Standin(args) => crate::devtools::standin(args).await,
+            Command::Serve(args) => crate::server::serve(args.config)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Check(args) => check(args).await,
+            Command::Load(args) => load(args).await,
         }
     });
     match result {
@@ -128,7 +178,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = HandlerSpec::new(name);
     spec.properties = Properties::new(properties);
     // The author's harness grants every capability; `jobhook serve` grants per configuration.
-    spec.grants = crate::capabilities::Capability::ALL.into_iter().collect();
+    let run_services = args.services.build().await?;
+    spec.grants = run_services.grants.clone();
     if let Some(ms) = args.timeout_ms {
         spec.limits.timeout = Duration::from_millis(ms);
     }
@@ -136,7 +187,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         spec.limits.memory_bytes = bytes;
     }
 
-    let handler = Handler::load(&engine, bytes, spec, &options)
+    let handler = Handler::load(&engine, &run_services.services, bytes, spec, &options)
         .await
         .with_context(|| format!("cannot load {}", args.component.display()))?;
     let outcome = handler
@@ -185,6 +236,50 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        bail!("--seconds must be a positive number");
+    }
+    let report = crate::loadgen::run(crate::loadgen::LoadOptions {
+        url: args.url,
+        rate: args.rate,
+        duration: Duration::from_secs_f64(args.seconds),
+        token: args.token,
+        record: args.record,
+        seed: args.seed,
+    })
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let l = &report.latency_ms;
+        println!(
+            "sent {} | accepted {} ({:.0}/s) | rejected {} | errors {} | ingest latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+            report.sent,
+            report.accepted,
+            report.accepted_per_second,
+            report.rejected,
+            report.errors,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.max
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    let names = crate::server::check(&args.config).await?;
+    println!(
+        "{}: configuration is valid; {} handler(s) loaded: {}",
+        args.config.display(),
+        names.len(),
+        names.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn read_component(path: &Path, options: &LoadOptions) -> anyhow::Result<Vec<u8>> {
