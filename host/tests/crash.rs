@@ -3,20 +3,13 @@
 //! none lost, none terminal twice — and interrupted deliveries ran again with a higher attempt
 //! number that the handler saw.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jobhook_testkit::engine::{EngineProcess, free_port};
+use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
 use jobhook_testkit::guest;
-use serde_json::Value;
-
-/// Job types of the load driver's mix that the `inventory` handler is registered for.
-const INVENTORY_TYPES: [&str; 2] = [
-    "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
-    "7b6bbc1b-d802-4b09-bec9-f5c221083130",
-];
 
 /// How many times the engine is killed while events flow.
 const KILLS: usize = 4;
@@ -104,48 +97,7 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
         .collect();
     assert!(accepted.len() > 100, "too few events accepted: {report}");
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::new();
-    let mut reruns = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for id in &accepted {
-        let event = runtime.block_on(settled(&client, &engine, id, deadline));
-        let job_type_id = event["context"]["JobTypeId"].as_str().unwrap_or("");
-        let mut expected: BTreeSet<&str> = ["probe", "log"].into();
-        if INVENTORY_TYPES.contains(&job_type_id) {
-            expected.insert("inventory");
-        }
-        let deliveries = event["deliveries"].as_array().expect("deliveries");
-        let handlers: BTreeSet<&str> = deliveries
-            .iter()
-            .filter_map(|d| d["handler"].as_str())
-            .collect();
-        assert_eq!(handlers, expected, "event {id}: {event:#}");
-        assert_eq!(deliveries.len(), expected.len(), "event {id}: {event:#}");
-        for d in deliveries {
-            assert_eq!(d["state"], "succeeded", "event {id}: {d:#}");
-            let attempt = d["attempt"].as_u64().expect("attempt");
-            let attempts = d["attempts"].as_array().expect("attempts");
-            let terminal: Vec<&Value> = attempts.iter().filter(|a| a["terminal"] == true).collect();
-            assert_eq!(
-                terminal.len(),
-                1,
-                "event {id}: terminal more than once: {d:#}"
-            );
-            assert_eq!(terminal[0]["attempt"].as_u64(), Some(attempt), "{d:#}");
-            if attempt > 1 {
-                reruns += 1;
-            }
-            if d["handler"] != "log" {
-                let seen = d["logs"][0]["message"].as_str().unwrap_or("");
-                assert_eq!(
-                    seen,
-                    format!("attempt {attempt} of event {id}"),
-                    "the handler must see the attempt number: {d:#}"
-                );
-            }
-        }
-    }
+    let reruns = check_exactly_once(&engine.url, &accepted, Duration::from_secs(120));
     println!(
         "{} accepted events checked after {KILLS} SIGKILLs; {reruns} deliveries re-run; driver: {report}",
         accepted.len()
@@ -158,38 +110,4 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
 
 fn config_text(port: u16) -> String {
     config_template(port)
-}
-
-async fn settled(
-    client: &reqwest::Client,
-    engine: &EngineProcess,
-    id: &str,
-    deadline: Instant,
-) -> Value {
-    loop {
-        let response = client
-            .get(format!("{}/v1/events/{id}", engine.url))
-            .send()
-            .await
-            .expect("GET event");
-        assert_eq!(
-            response.status().as_u16(),
-            200,
-            "accepted event {id} is missing"
-        );
-        let event: Value =
-            serde_json::from_slice(&response.bytes().await.expect("body")).expect("event JSON");
-        let done = event["deliveries"].as_array().is_some_and(|ds| {
-            ds.iter()
-                .all(|d| d["state"] != "pending" && d["state"] != "running")
-        });
-        if done {
-            return event;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "event {id} never settled: {event:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }

@@ -11,7 +11,6 @@
 //! Without PostgreSQL the tests print `SKIPPED: PostgreSQL not available: …` and pass (they fail
 //! instead under `JOBHOOK_REQUIRE_POSTGRES=1`, which `.ci/run` sets once PostgreSQL is installed).
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,15 +21,9 @@ use jobhook::secret::Secret;
 use jobhook::store::Store;
 use jobhook::store::postgres::PostgresStore;
 use jobhook_testkit::engine::{EngineProcess, free_port};
+use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
 use jobhook_testkit::guest;
 use jobhook_testkit::postgres::{TestDatabase, database_or_skip};
-use serde_json::Value;
-
-/// Job types of the load driver's mix that the `inventory` handler is registered for.
-const INVENTORY_TYPES: [&str; 2] = [
-    "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
-    "7b6bbc1b-d802-4b09-bec9-f5c221083130",
-];
 
 /// A short lease, so that the survivor takes a dead node's deliveries over within seconds.
 const LEASE_MS: u64 = 2000;
@@ -199,49 +192,7 @@ fn two_nodes_share_one_queue_and_a_dead_nodes_work_is_taken_over() {
     );
     let accepted: Vec<String> = accepted_a.into_iter().chain(accepted_b).collect();
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::new();
-    let mut reruns = 0;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    for id in &accepted {
-        // Events accepted by B are read from A: one shared database.
-        let event = runtime.block_on(settled(&client, &a, id, deadline));
-        let job_type_id = event["context"]["JobTypeId"].as_str().unwrap_or("");
-        let mut expected: BTreeSet<&str> = ["probe", "log"].into();
-        if INVENTORY_TYPES.contains(&job_type_id) {
-            expected.insert("inventory");
-        }
-        let deliveries = event["deliveries"].as_array().expect("deliveries");
-        let handlers: BTreeSet<&str> = deliveries
-            .iter()
-            .filter_map(|d| d["handler"].as_str())
-            .collect();
-        assert_eq!(handlers, expected, "event {id}: {event:#}");
-        assert_eq!(deliveries.len(), expected.len(), "event {id}: {event:#}");
-        for d in deliveries {
-            assert_eq!(d["state"], "succeeded", "event {id}: {d:#}");
-            let attempt = d["attempt"].as_u64().expect("attempt");
-            let attempts = d["attempts"].as_array().expect("attempts");
-            let terminal: Vec<&Value> = attempts.iter().filter(|a| a["terminal"] == true).collect();
-            assert_eq!(
-                terminal.len(),
-                1,
-                "event {id}: terminal more than once: {d:#}"
-            );
-            assert_eq!(terminal[0]["attempt"].as_u64(), Some(attempt), "{d:#}");
-            if attempt > 1 {
-                reruns += 1;
-            }
-            if d["handler"] != "log" {
-                let seen = d["logs"][0]["message"].as_str().unwrap_or("");
-                assert_eq!(
-                    seen,
-                    format!("attempt {attempt} of event {id}"),
-                    "the handler must see the attempt number: {d:#}"
-                );
-            }
-        }
-    }
+    let reruns = check_exactly_once(&a.url, &accepted, Duration::from_secs(180));
 
     // What B was running when it died was finished by A, as a later attempt.
     for delivery in &orphaned {
@@ -281,40 +232,6 @@ fn two_nodes_share_one_queue_and_a_dead_nodes_work_is_taken_over() {
         "nothing was running on B when it was killed; the test did not exercise takeover"
     );
     assert!(reruns > 0, "no delivery was re-run after the kills");
-}
-
-async fn settled(
-    client: &reqwest::Client,
-    engine: &EngineProcess,
-    id: &str,
-    deadline: Instant,
-) -> Value {
-    loop {
-        let response = client
-            .get(format!("{}/v1/events/{id}", engine.url))
-            .send()
-            .await
-            .expect("GET event");
-        assert_eq!(
-            response.status().as_u16(),
-            200,
-            "accepted event {id} is missing"
-        );
-        let event: Value =
-            serde_json::from_slice(&response.bytes().await.expect("body")).expect("event JSON");
-        let done = event["deliveries"].as_array().is_some_and(|ds| {
-            ds.iter()
-                .all(|d| d["state"] != "pending" && d["state"] != "running")
-        });
-        if done {
-            return event;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "event {id} never settled: {event:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// Environment of [`lead_and_hold_as_a_child_process`]: the database to lead on.

@@ -6,6 +6,7 @@
 //! concurrent test processes wait for one build instead of racing.
 
 pub mod engine;
+pub mod exactly_once;
 pub mod postgres;
 pub mod smtp;
 
