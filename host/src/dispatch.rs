@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde::Serialize;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -21,7 +21,9 @@ use crate::metrics::Metrics;
 use crate::outcome::OutcomeKind;
 use crate::quarantine::{Admission, Quarantine, QuarantineStatus};
 use crate::sandbox::{Delivery, Handler};
-use crate::store::{AttemptRecord, Claim, DeliveryState, Store, StoreError, after};
+use crate::store::{
+    AttemptRecord, Claim, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, Store, StoreError, after,
+};
 
 /// Longest the dispatcher sleeps without looking at the store, so retries that become due are
 /// picked up even when no new event wakes it.
@@ -41,6 +43,23 @@ const MIN_LEASE: Duration = Duration::from_millis(300);
 /// Delay before re-running a delivery that the engine itself could not run (e.g. every sandbox
 /// slot was busy); not the handler's fault, so it does not count towards quarantine.
 const ENGINE_ERROR_RETRY: Duration = Duration::from_secs(1);
+
+/// Outcomes recorded in one store transaction at most. Deliveries that end while a batch is being
+/// committed wait for the next one (group commit): under load one transaction records many
+/// outcomes, and each delivery still holds its slot until its own outcome is on record.
+const MAX_RECORD_BATCH: usize = 256;
+
+/// Finished deliveries waiting for the recorder. When it is full, finishing deliveries wait
+/// for room (and keep their slots), so a slow disk slows dispatch down instead of growing
+/// memory.
+const RECORD_QUEUE: usize = 1024;
+
+/// A finished attempt on its way to the store, with whom to tell once it is recorded.
+struct Finished {
+    claim: Claim,
+    record: AttemptRecord,
+    recorded: oneshot::Sender<()>,
+}
 
 /// A loaded handler with its routing, policies and live state.
 pub struct RegisteredHandler {
@@ -85,8 +104,9 @@ impl RegisteredHandler {
         self.running.load(Ordering::Relaxed)
     }
 
-    fn saturated(&self) -> bool {
-        self.running() >= self.config.max_concurrency
+    /// How many more of its deliveries may start now.
+    fn room(&self) -> usize {
+        self.config.max_concurrency.saturating_sub(self.running())
     }
 }
 
@@ -126,11 +146,11 @@ impl Registry {
         self.handlers.values()
     }
 
-    fn saturated(&self) -> Vec<String> {
+    /// Room left under each handler's concurrency cap, for a claim.
+    fn room(&self) -> BTreeMap<String, usize> {
         self.handlers
-            .values()
-            .filter(|h| h.saturated())
-            .map(|h| h.config.name.clone())
+            .iter()
+            .map(|(name, h)| (name.clone(), h.room()))
             .collect()
     }
 
@@ -292,42 +312,57 @@ impl Dispatcher {
 
     /// Claims and runs deliveries until [`Dispatcher::stop`]; then waits up to `grace` for the
     /// running ones and puts the rest back in the queue.
+    ///
+    /// Claims are made in batches as large as the free slots allow (up to
+    /// [`MAX_CLAIM_BATCH`]), and outcomes are recorded in batches by one recorder task: a
+    /// delivery costs a share of two store transactions instead of two of its own.
     pub async fn run(self: Arc<Self>, grace: Duration) {
         let mut stopped = self.stop.subscribe();
         let mut tasks = JoinSet::new();
         let leases = tokio::spawn(Arc::clone(&self).keep_leases());
+        let (record, queue) = mpsc::channel(RECORD_QUEUE);
+        let recorder = tokio::spawn(record_outcomes(Arc::clone(&self.store), queue));
         loop {
             if *stopped.borrow() {
                 break;
             }
             while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
+            let first = tokio::select! {
                 permit = Arc::clone(&self.slots).acquire_owned() => match permit {
                     Ok(p) => p,
                     Err(_) => break,
                 },
                 _ = stopped.changed() => break,
             };
+            let permits = self.more_permits(first);
             let registry = self.registry();
-            let busy = registry.saturated();
+            let limits = ClaimLimits {
+                max: permits.len(),
+                room: registry.room(),
+            };
             let store = Arc::clone(&self.store);
             let lease = self.lease;
             let claimed =
-                tokio::task::spawn_blocking(move || store.claim(Utc::now(), &busy, lease)).await;
+                tokio::task::spawn_blocking(move || store.claim_batch(Utc::now(), &limits, lease))
+                    .await;
             match claimed {
-                Ok(Ok(Some(claim))) => {
-                    let handler = registry.get(&claim.handler).cloned();
-                    if let Some(h) = &handler {
-                        h.running.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(claims)) if !claims.is_empty() => {
+                    // Unused permits are dropped here, freeing their slots.
+                    for (claim, permit) in claims.into_iter().zip(permits) {
+                        let handler = registry.get(&claim.handler).cloned();
+                        if let Some(h) = &handler {
+                            h.running.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let this = Arc::clone(&self);
+                        let record = record.clone();
+                        tasks.spawn(async move {
+                            this.deliver(claim, handler, &record).await;
+                            drop(permit);
+                        });
                     }
-                    let this = Arc::clone(&self);
-                    tasks.spawn(async move {
-                        this.deliver(claim, handler).await;
-                        drop(permit);
-                    });
                 }
-                Ok(Ok(None)) => {
-                    drop(permit);
+                Ok(Ok(_)) => {
+                    drop(permits);
                     let pause = self.idle_pause().await;
                     tokio::select! {
                         _ = self.wake.notified() => {}
@@ -337,19 +372,31 @@ impl Dispatcher {
                     }
                 }
                 Ok(Err(e)) => {
-                    drop(permit);
+                    drop(permits);
                     tracing::error!("cannot claim deliveries: {e}");
                     tokio::time::sleep(STORE_ERROR_PAUSE).await;
                 }
                 Err(join) => {
-                    drop(permit);
+                    drop(permits);
                     tracing::error!("claim task failed: {join}");
                     tokio::time::sleep(STORE_ERROR_PAUSE).await;
                 }
             }
         }
         leases.abort();
-        self.wind_down(tasks, grace).await;
+        self.wind_down(tasks, grace, record, recorder).await;
+    }
+
+    /// `first` and as many more free slots as one claim batch can use, without waiting.
+    fn more_permits(&self, first: OwnedSemaphorePermit) -> Vec<OwnedSemaphorePermit> {
+        let mut permits = vec![first];
+        while permits.len() < MAX_CLAIM_BATCH {
+            match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        permits
     }
 
     /// Renews this node's claims and requeues abandoned ones, every third of the lease.
@@ -394,7 +441,13 @@ impl Dispatcher {
         }
     }
 
-    async fn wind_down(&self, mut tasks: JoinSet<()>, grace: Duration) {
+    async fn wind_down(
+        &self,
+        mut tasks: JoinSet<()>,
+        grace: Duration,
+        record: mpsc::Sender<Finished>,
+        recorder: tokio::task::JoinHandle<()>,
+    ) {
         let running = tasks.len();
         if running > 0 {
             tracing::info!(running, "waiting up to {grace:?} for running deliveries");
@@ -408,6 +461,11 @@ impl Dispatcher {
             );
             tasks.shutdown().await;
         }
+        // Outcomes already handed over are recorded before the rest is requeued.
+        drop(record);
+        if let Err(e) = recorder.await {
+            tracing::error!("outcome recorder failed: {e}");
+        }
         let store = Arc::clone(&self.store);
         match tokio::task::spawn_blocking(move || store.release_all()).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(requeued = n, "interrupted deliveries requeued"),
@@ -417,7 +475,12 @@ impl Dispatcher {
     }
 
     /// Runs one claimed delivery and records its outcome.
-    async fn deliver(&self, claim: Claim, handler: Option<Arc<RegisteredHandler>>) {
+    async fn deliver(
+        &self,
+        claim: Claim,
+        handler: Option<Arc<RegisteredHandler>>,
+        recorder: &mpsc::Sender<Finished>,
+    ) {
         let record = match &handler {
             None => skipped(format!(
                 "handler {:?} is no longer configured",
@@ -428,13 +491,19 @@ impl Dispatcher {
         if let Some(h) = &handler {
             h.running.fetch_sub(1, Ordering::Relaxed);
         }
-        let store = Arc::clone(&self.store);
-        let result = tokio::task::spawn_blocking(move || store.finish(&claim, &record)).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log_store_error(&e),
-            Err(e) => tracing::error!("recording a delivery failed: {e}"),
+        let (recorded, done) = oneshot::channel();
+        let finished = Finished {
+            claim,
+            record,
+            recorded,
+        };
+        if recorder.send(finished).await.is_err() {
+            tracing::error!(
+                "the outcome recorder has stopped; the delivery will run again after a restart"
+            );
         }
+        // Errors were logged by the recorder.
+        let _ = done.await;
         // A finished delivery frees a per-handler slot: look for more work.
         self.wake.notify_one();
     }
@@ -497,6 +566,36 @@ fn skipped(reason: String) -> AttemptRecord {
         class: "skipped".into(),
         reason: Some(reason),
         outcome: None,
+    }
+}
+
+/// Records finished attempts as they come, many per store transaction (see
+/// [`MAX_RECORD_BATCH`]), and tells each delivery when its outcome is on record. Ends when every
+/// sender is gone and the queue is empty.
+async fn record_outcomes(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Finished>) {
+    let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
+    while queue.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
+        let finished = std::mem::take(&mut batch);
+        let store = Arc::clone(&store);
+        let committed = tokio::task::spawn_blocking(move || {
+            let items: Vec<(&Claim, &AttemptRecord)> =
+                finished.iter().map(|f| (&f.claim, &f.record)).collect();
+            let result = store.finish_batch(&items);
+            (result, finished)
+        })
+        .await;
+        match committed {
+            Ok((Ok(()), finished)) => {
+                for f in finished {
+                    let _ = f.recorded.send(());
+                }
+            }
+            Ok((Err(e), finished)) => {
+                log_store_error(&e);
+                drop(finished);
+            }
+            Err(e) => tracing::error!("recording delivery outcomes failed: {e}"),
+        }
     }
 }
 

@@ -187,6 +187,66 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
 }
 
 #[tokio::test]
+async fn a_handlers_concurrency_cap_holds_and_does_not_hold_up_the_others() {
+    const EVENTS: usize = 6;
+    const CAP: usize = 2;
+    let setup = Setup::new();
+    // Every "sleepy" delivery lasts its whole time budget; "quick" has no cap of its own.
+    let engine = setup.start(&format!(
+        "[quarantine]\nafter_failures = 100\n\n{}{}",
+        handler(
+            "sleepy",
+            "guest-sleep",
+            "[\"*\"]",
+            &format!(
+                "max_concurrency = {CAP}\n[handlers.limits]\ntimeout_ms = 250\n[handlers.retry]\nmax_attempts = 1"
+            ),
+        ),
+        handler("quick", "log-context", "[\"*\"]", ""),
+    ));
+    let mut ids = Vec::new();
+    for _ in 0..EVENTS {
+        let (status, body) = post(&engine, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["event_id"].as_str().expect("id").to_owned());
+    }
+    let time = |d: &Value, field: &str| {
+        d[field]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .unwrap_or_else(|| panic!("no {field}: {d}"))
+    };
+    let (mut sleepy, mut quick) = (Vec::new(), Vec::new());
+    for id in &ids {
+        let event = settled(&engine, id).await;
+        let s = delivery(&event, "sleepy");
+        assert_eq!(s["outcome"], "timed-out", "{s}");
+        sleepy.push((time(s, "started_at"), time(s, "finished_at")));
+        let q = delivery(&event, "quick");
+        assert_eq!(q["state"], "succeeded", "{q}");
+        quick.push(time(q, "finished_at"));
+    }
+    // At every start, count the sleepy deliveries running then (itself included).
+    let most_at_once = sleepy
+        .iter()
+        .map(|(start, _)| {
+            sleepy
+                .iter()
+                .filter(|(s, f)| s <= start && start < f)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert_eq!(most_at_once, CAP, "runs: {sleepy:?}");
+    // The capped handler's backlog did not keep the other handler waiting.
+    let last_sleepy_start = sleepy.iter().map(|(s, _)| *s).max().expect("runs");
+    assert!(
+        quick.iter().all(|f| *f < last_sleepy_start),
+        "quick: {quick:?}, sleepy: {sleepy:?}"
+    );
+}
+
+#[tokio::test]
 async fn bad_input_gets_400_with_the_reason() {
     let setup = Setup::new();
     let engine = setup.start(&handler(

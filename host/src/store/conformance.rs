@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use uuid::Uuid;
 
-use super::{AttemptRecord, DeliveryState, NewEvent, Store, after, to_ms};
+use super::{
+    AttemptRecord, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, NewEvent, Store, after, to_ms,
+};
 use crate::capabilities::log::LogLine;
 use crate::context::JobContext;
 use crate::outcome::{Outcome, OutcomeKind};
@@ -51,6 +53,10 @@ macro_rules! suite {
             claims_of_other_nodes_are_requeued_only_when_abandoned,
             renewing_keeps_this_nodes_claims_and_no_others,
             concurrent_claims_hand_out_each_delivery_once,
+            batch_claims_respect_the_batch_size_and_each_handlers_room,
+            batch_claims_are_oldest_first_and_decode_each_context,
+            concurrent_batch_claims_hand_out_each_delivery_once,
+            a_batch_finish_records_all_and_ignores_only_stale_claims,
             outcomes_logs_and_attempt_history_are_kept,
             one_node_leads_a_role_until_it_is_gone,
             nodes_starting_together_migrate_once,
@@ -441,6 +447,181 @@ pub(crate) fn concurrent_claims_hand_out_each_delivery_once(b: &impl Backend) {
         nodes[1].count_by_state().unwrap(),
         vec![(DeliveryState::Succeeded, (EVENTS * 2) as u64)]
     );
+}
+
+/// Limits of `max` in all, with these handlers' room.
+fn limits(max: usize, room: &[(&str, usize)]) -> ClaimLimits {
+    ClaimLimits {
+        max,
+        room: room.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect(),
+    }
+}
+
+fn handlers_of(claims: &[super::Claim]) -> Vec<&str> {
+    let mut names: Vec<&str> = claims.iter().map(|c| c.handler.as_str()).collect();
+    names.sort();
+    names
+}
+
+pub(crate) fn batch_claims_respect_the_batch_size_and_each_handlers_room(b: &impl Backend) {
+    let store = b.node();
+    for _ in 0..3 {
+        store
+            .insert_event(&event(&["capped", "free", "off"]))
+            .unwrap();
+    }
+    // Nothing asked, nothing claimed.
+    assert!(
+        store
+            .claim_batch(Utc::now(), &limits(0, &[]), LEASE)
+            .unwrap()
+            .is_empty()
+    );
+    // Room for one "capped", none for "off", "free" unlimited: 1 + 3 of the 9.
+    let room = [("capped", 1), ("off", 0)];
+    let first = store
+        .claim_batch(Utc::now(), &limits(100, &room), LEASE)
+        .unwrap();
+    assert_eq!(handlers_of(&first), ["capped", "free", "free", "free"]);
+    assert!(first.iter().all(|c| c.attempt == 1));
+    // What was claimed is running: only the unclaimed ones are left, and the total is capped.
+    let second = store
+        .claim_batch(Utc::now(), &limits(3, &[("off", 0)]), LEASE)
+        .unwrap();
+    assert_eq!(handlers_of(&second), ["capped", "capped"]);
+    let third = store
+        .claim_batch(Utc::now(), &limits(2, &[]), LEASE)
+        .unwrap();
+    assert_eq!(handlers_of(&third), ["off", "off"]);
+    let rest = store
+        .claim_batch(Utc::now(), &limits(usize::MAX, &[]), LEASE)
+        .unwrap();
+    assert_eq!(handlers_of(&rest), ["off"]);
+    assert_eq!(
+        store.count_by_state().unwrap(),
+        vec![(DeliveryState::Running, 9)]
+    );
+    // However much is asked, one batch is bounded.
+    for _ in 0..MAX_CLAIM_BATCH {
+        store.insert_event(&event(&["x", "y"])).unwrap();
+    }
+    let big = store
+        .claim_batch(Utc::now(), &limits(usize::MAX, &[]), LEASE)
+        .unwrap();
+    assert_eq!(big.len(), MAX_CLAIM_BATCH);
+}
+
+pub(crate) fn batch_claims_are_oldest_first_and_decode_each_context(b: &impl Backend) {
+    let store = b.node();
+    let mut contexts = Vec::new();
+    let mut ids = Vec::new();
+    for retry in 0..4 {
+        let mut e = event(&["a", "b"]);
+        let mut json = e.context.to_json();
+        json["CurrentRetryCount"] = serde_json::json!(retry);
+        e.context = JobContext::from_json_value(&json).unwrap();
+        store.insert_event(&e).unwrap();
+        contexts.push(e.context.clone());
+        ids.push(e.id);
+        // Distinct commit times, so "oldest" is well defined across events.
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let claims = store
+        .claim_batch(Utc::now(), &limits(8, &[]), LEASE)
+        .unwrap();
+    let events: Vec<Uuid> = claims.iter().map(|c| c.event_id).collect();
+    let expected: Vec<Uuid> = ids.iter().flat_map(|id| [*id, *id]).collect();
+    assert_eq!(events, expected, "oldest event first");
+    for claim in &claims {
+        let index = ids.iter().position(|id| *id == claim.event_id).unwrap();
+        assert_eq!(
+            claim.context, contexts[index],
+            "each claim has its own event's context"
+        );
+    }
+}
+
+pub(crate) fn concurrent_batch_claims_hand_out_each_delivery_once(b: &impl Backend) {
+    const EVENTS: usize = 60;
+    const THREADS_PER_NODE: usize = 3;
+    let nodes = [b.node(), b.node()];
+    for _ in 0..EVENTS {
+        nodes[0].insert_event(&event(&["a", "b", "c"])).unwrap();
+    }
+    let claimed: Vec<i64> = std::thread::scope(|scope| {
+        let workers: Vec<_> = nodes
+            .iter()
+            .flat_map(|node| std::iter::repeat_n(node, THREADS_PER_NODE))
+            .map(|node| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let claims = node
+                            .claim_batch(Utc::now(), &limits(7, &[]), LEASE)
+                            .unwrap();
+                        if claims.is_empty() {
+                            break;
+                        }
+                        let done = record(DeliveryState::Succeeded);
+                        let finished: Vec<_> = claims.iter().map(|c| (c, &done)).collect();
+                        node.finish_batch(&finished).unwrap();
+                        mine.extend(claims.iter().map(|c| c.delivery_id));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let distinct: BTreeSet<i64> = claimed.iter().copied().collect();
+    assert_eq!(claimed.len(), EVENTS * 3, "every delivery claimed once");
+    assert_eq!(distinct.len(), EVENTS * 3, "no delivery claimed twice");
+    assert_eq!(
+        nodes[1].count_by_state().unwrap(),
+        vec![(DeliveryState::Succeeded, (EVENTS * 3) as u64)]
+    );
+}
+
+pub(crate) fn a_batch_finish_records_all_and_ignores_only_stale_claims(b: &impl Backend) {
+    let store = b.node();
+    store.insert_event(&event(&["a", "b", "c"])).unwrap();
+    let claims = store
+        .claim_batch(Utc::now(), &limits(3, &[]), LEASE)
+        .unwrap();
+    assert_eq!(claims.len(), 3);
+    // The first claim goes stale: its delivery is released and claimed again.
+    assert_eq!(store.release_all().unwrap(), 3);
+    let again = store
+        .claim_batch(Utc::now(), &limits(3, &[]), LEASE)
+        .unwrap();
+    assert_eq!(again.len(), 3);
+    let (stale, fresh) = (&claims[0], &again[1..]);
+    let failed = record(DeliveryState::Failed);
+    let done = record(DeliveryState::Succeeded);
+    let mut finished = vec![(stale, &done)];
+    finished.extend(fresh.iter().map(|c| (c, &failed)));
+    store.finish_batch(&finished).unwrap();
+    // The stale attempt recorded nothing; the two fresh ones were recorded; the delivery of
+    // the stale claim is still running under its new claim.
+    assert_eq!(
+        sorted(store.count_by_state().unwrap()),
+        [("failed", 2), ("running", 1)]
+    );
+    let still_running = again
+        .iter()
+        .find(|c| c.delivery_id == stale.delivery_id)
+        .unwrap();
+    store.finish(still_running, &done).unwrap();
+    assert_eq!(
+        sorted(store.count_by_state().unwrap()),
+        [("failed", 2), ("succeeded", 1)]
+    );
+    let view = store.event(claims[0].event_id).unwrap().unwrap();
+    assert!(view.deliveries.iter().all(|d| d.attempts.len() == 1));
+    assert!(view.deliveries.iter().all(|d| d.attempt == 2));
 }
 
 pub(crate) fn outcomes_logs_and_attempt_history_are_kept(b: &impl Backend) {

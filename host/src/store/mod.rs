@@ -18,6 +18,7 @@ mod conformance;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -201,6 +202,65 @@ pub struct EventView {
     pub deliveries: Vec<DeliveryView>,
 }
 
+/// Most deliveries one [`Store::claim_batch`] call claims, whatever the caller asks: bounds the
+/// transaction (and the candidate query) so that a claim never holds the database's write lock
+/// long enough to delay an ingest commit noticeably.
+pub const MAX_CLAIM_BATCH: usize = 64;
+
+/// How many deliveries a [`Store::claim_batch`] call may claim, in all and per handler.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimLimits {
+    /// Most deliveries in all (capped at [`MAX_CLAIM_BATCH`]); 0 claims nothing.
+    pub max: usize,
+    /// Handlers that may only get this many more claims (their concurrency cap minus what is
+    /// running); 0 leaves a handler out. Handlers not listed are limited by `max` only.
+    pub room: BTreeMap<String, usize>,
+}
+
+impl ClaimLimits {
+    /// One delivery of any handler except those in `busy`.
+    pub fn one_excluding(busy: &[String]) -> Self {
+        ClaimLimits {
+            max: 1,
+            room: busy.iter().map(|h| (h.clone(), 0)).collect(),
+        }
+    }
+
+    /// The most to claim: `max`, capped at [`MAX_CLAIM_BATCH`].
+    pub fn batch_size(&self) -> usize {
+        self.max.min(MAX_CLAIM_BATCH)
+    }
+
+    /// Handlers with no room left, for the store's query to skip.
+    pub fn excluded(&self) -> Vec<String> {
+        self.room
+            .iter()
+            .filter(|(_, room)| **room == 0)
+            .map(|(handler, _)| handler.clone())
+            .collect()
+    }
+
+    /// Keeps, in order, the candidates the limits allow: at most [`ClaimLimits::batch_size`],
+    /// and no more of a handler than its room.
+    pub fn choose<T>(&self, candidates: Vec<T>, handler: impl Fn(&T) -> &str) -> Vec<T> {
+        let mut taken: BTreeMap<String, usize> = BTreeMap::new();
+        let mut chosen = Vec::new();
+        for candidate in candidates {
+            if chosen.len() >= self.batch_size() {
+                break;
+            }
+            let name = handler(&candidate);
+            let used = taken.get(name).copied().unwrap_or(0);
+            if self.room.get(name).is_some_and(|room| used >= *room) {
+                continue;
+            }
+            taken.insert(name.to_owned(), used + 1);
+            chosen.push(candidate);
+        }
+        chosen
+    }
+}
+
 /// The storage interface the engine runs on.
 ///
 /// Calls block (SQLite does); async callers use `spawn_blocking`.
@@ -208,21 +268,43 @@ pub trait Store: Send + Sync + 'static {
     /// Commits an event and one pending delivery per handler, atomically.
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError>;
 
-    /// Claims the oldest due pending delivery whose handler is not in `busy`: marks it running,
-    /// owned by this store's node with a lease until `now + lease`, and increments its attempt.
+    /// Claims up to `limits.max` of the oldest due pending deliveries, at most as many of each
+    /// handler as `limits` leaves room for, in one transaction: marks each running, owned by this
+    /// store's node with a lease until `now + lease`, and increments its attempt. Oldest first.
+    ///
+    /// One transaction for many claims is what lets dispatch keep up with ingest: a claim costs
+    /// a write transaction, and the engine needs one per delivery (docs/PERFORMANCE.md).
+    fn claim_batch(
+        &self,
+        now: DateTime<Utc>,
+        limits: &ClaimLimits,
+        lease: Duration,
+    ) -> Result<Vec<Claim>, StoreError>;
+
+    /// Claims the oldest due pending delivery whose handler is not in `busy` (see
+    /// [`Store::claim_batch`]).
     fn claim(
         &self,
         now: DateTime<Utc>,
         busy: &[String],
         lease: Duration,
-    ) -> Result<Option<Claim>, StoreError>;
+    ) -> Result<Option<Claim>, StoreError> {
+        let limits = ClaimLimits::one_excluding(busy);
+        Ok(self.claim_batch(now, &limits, lease)?.into_iter().next())
+    }
 
     /// Extends the leases of every delivery this node is running to `now + lease`.
     fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError>;
 
-    /// Records the end of a claimed attempt. Ignored when the claim is no longer held (its lease
-    /// expired and another attempt took over).
-    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError>;
+    /// Records the ends of claimed attempts, all in one transaction. An attempt whose claim is
+    /// no longer held (its lease expired and another attempt took over) is ignored; the others
+    /// are still recorded.
+    fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError>;
+
+    /// Records the end of one claimed attempt (see [`Store::finish_batch`]).
+    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError> {
+        self.finish_batch(&[(claim, record)])
+    }
 
     /// Puts back to `pending` every running delivery whose claim is abandoned: one whose lease
     /// expired, and — for a single-node store — any claim of an earlier process. Returns how

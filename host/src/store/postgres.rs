@@ -37,14 +37,14 @@ use postgres::{Client, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, DeliveryState, DeliveryView, EventView, NewEvent, Store,
-    StoreError, after,
+    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventView,
+    NewEvent, Store, StoreError, after,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
 
 /// Connections one node keeps for store calls (the leadership connection comes on top). The
-/// dispatcher claims one delivery at a time and records outcomes as deliveries end, ingest
+/// dispatcher claims deliveries in batches and records outcomes in batches, ingest
 /// commits one short transaction per event, and nothing holds a connection while a handler
 /// runs: eight keep a node's calls from queueing behind each other while a dozen nodes stay
 /// far below PostgreSQL's default `max_connections` of 100.
@@ -583,19 +583,30 @@ const UPSERT_CURSOR: &str = "
     INSERT INTO cursors (name, value) VALUES ($1, $2)
     ON CONFLICT (name) DO UPDATE SET value = excluded.value";
 
-const CLAIM: &str = "
+/// Claims a batch in one statement: the oldest due candidates not locked by another node
+/// (`SKIP LOCKED`), then at most `room` of each listed handler (`$6`/`$7`), marked running.
+const CLAIM_BATCH: &str = "
+    WITH candidates AS (
+        SELECT id, handler, not_before FROM deliveries
+        WHERE state = 'pending' AND not_before <= $1 AND handler <> ALL ($2::text[])
+        ORDER BY not_before, id
+        LIMIT $5
+        FOR UPDATE SKIP LOCKED
+    ), ranked AS (
+        SELECT c.id, c.handler,
+               row_number() OVER (PARTITION BY c.handler ORDER BY c.not_before, c.id) AS n
+        FROM candidates AS c
+    ), chosen AS (
+        SELECT r.id FROM ranked AS r
+        LEFT JOIN unnest($6::text[], $7::bigint[]) AS room(handler, room)
+            ON room.handler = r.handler
+        WHERE room.room IS NULL OR r.n <= room.room
+    )
     UPDATE deliveries AS d
     SET state = 'running', attempt = d.attempt + 1, started_at = $1, owner = $3, lease_until = $4
     FROM events AS e
-    WHERE d.id = (
-            SELECT id FROM deliveries
-            WHERE state = 'pending' AND not_before <= $1 AND handler <> ALL ($2::text[])
-            ORDER BY not_before, id
-            LIMIT 1
-            FOR UPDATE SKIP LOCKED
-        )
-      AND e.id = d.event_id
-    RETURNING d.id, d.event_id, d.handler, d.attempt, e.context";
+    WHERE d.id IN (SELECT id FROM chosen) AND e.id = d.event_id
+    RETURNING d.id, d.event_id, d.handler, d.attempt, e.context, d.not_before";
 
 const FINISH: &str = "
     WITH done AS (
@@ -667,33 +678,56 @@ impl Store for PostgresStore {
         })
     }
 
-    fn claim(
+    fn claim_batch(
         &self,
         now: DateTime<Utc>,
-        busy: &[String],
+        limits: &ClaimLimits,
         lease: Duration,
-    ) -> Result<Option<Claim>, StoreError> {
+    ) -> Result<Vec<Claim>, StoreError> {
+        if limits.batch_size() == 0 {
+            return Ok(Vec::new());
+        }
         let lease_until = after(now, lease);
-        let row = self.with(|conn| {
-            let claim = conn.prepare(CLAIM)?;
-            Ok(conn
-                .client
-                .query_opt(&claim, &[&now, &busy, &self.node, &lease_until])?)
+        let excluded = limits.excluded();
+        let batch = i64::try_from(limits.batch_size()).unwrap_or(1);
+        let (room_handlers, room): (Vec<&str>, Vec<i64>) = limits
+            .room
+            .iter()
+            .filter(|(_, room)| **room > 0)
+            .map(|(handler, room)| (handler.as_str(), i64::try_from(*room).unwrap_or(i64::MAX)))
+            .unzip();
+        let mut rows = self.with(|conn| {
+            let claim = conn.prepare(CLAIM_BATCH)?;
+            Ok(conn.client.query(
+                &claim,
+                &[
+                    &now,
+                    &excluded,
+                    &self.node,
+                    &lease_until,
+                    &batch,
+                    &room_handlers,
+                    &room,
+                ],
+            )?)
         })?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let event_id: Uuid = row.get(1);
-        let context: serde_json::Value = row.get(4);
-        let context = JobContext::from_json_value(&context)
-            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-        Ok(Some(Claim {
-            delivery_id: row.get(0),
-            event_id,
-            handler: row.get(2),
-            attempt: attempt_number(row.get(3)),
-            context,
-        }))
+        // Oldest first, as the candidates were chosen (RETURNING keeps no order).
+        rows.sort_by_key(|row| (row.get::<_, DateTime<Utc>>(5), row.get::<_, i64>(0)));
+        rows.into_iter()
+            .map(|row| {
+                let event_id: Uuid = row.get(1);
+                let context: serde_json::Value = row.get(4);
+                let context = JobContext::from_json_value(&context)
+                    .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
+                Ok(Claim {
+                    delivery_id: row.get(0),
+                    event_id,
+                    handler: row.get(2),
+                    attempt: attempt_number(row.get(3)),
+                    context,
+                })
+            })
+            .collect()
     }
 
     fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
@@ -705,45 +739,48 @@ impl Store for PostgresStore {
         })
     }
 
-    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError> {
+    fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
         let now = Utc::now();
-        let outcome = record
-            .outcome
-            .as_ref()
-            .and_then(|o| serde_json::to_value(o).ok());
-        let duration_ms = record
-            .outcome
-            .as_ref()
-            .map(|o| o.duration.as_secs_f64() * 1000.0);
-        let not_before = record.retry_at.unwrap_or(now);
-        let attempt = i32::try_from(claim.attempt).unwrap_or(i32::MAX);
-        let class = text(&record.class);
-        let reason = record.reason.as_deref().map(text);
-        let params: [&(dyn ToSql + Sync); 11] = [
-            &claim.delivery_id,
-            &attempt,
-            &record.state.as_str(),
-            &not_before,
-            &now,
-            &duration_ms,
-            &class.as_ref(),
-            &reason.as_deref(),
-            &outcome,
-            &self.node,
-            &record.state.is_terminal(),
-        ];
-        // One statement: the state and its attempt record are written together, and only while
-        // this node still holds this attempt's claim.
         self.with(|conn| {
             let finish = conn.prepare(FINISH)?;
-            let recorded = conn.client.execute(&finish, &params)?;
-            if recorded == 0 {
-                tracing::info!(
-                    delivery = claim.delivery_id,
-                    attempt = claim.attempt,
-                    "attempt not recorded: its claim was taken over after the lease expired"
-                );
+            let mut tx = conn.client.transaction()?;
+            for (claim, record) in finished {
+                let outcome = record
+                    .outcome
+                    .as_ref()
+                    .and_then(|o| serde_json::to_value(o).ok());
+                let duration_ms = record
+                    .outcome
+                    .as_ref()
+                    .map(|o| o.duration.as_secs_f64() * 1000.0);
+                let not_before = record.retry_at.unwrap_or(now);
+                let attempt = i32::try_from(claim.attempt).unwrap_or(i32::MAX);
+                let class = text(&record.class);
+                let reason = record.reason.as_deref().map(text);
+                let params: [&(dyn ToSql + Sync); 11] = [
+                    &claim.delivery_id,
+                    &attempt,
+                    &record.state.as_str(),
+                    &not_before,
+                    &now,
+                    &duration_ms,
+                    &class.as_ref(),
+                    &reason.as_deref(),
+                    &outcome,
+                    &self.node,
+                    &record.state.is_terminal(),
+                ];
+                // One statement: the state and its attempt record are written together, and
+                // only while this node still holds this attempt's claim.
+                if tx.execute(&finish, &params)? == 0 {
+                    tracing::info!(
+                        delivery = claim.delivery_id,
+                        attempt = claim.attempt,
+                        "attempt not recorded: its claim was taken over after the lease expired"
+                    );
+                }
             }
+            tx.commit()?;
             Ok(())
         })
     }

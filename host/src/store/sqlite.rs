@@ -8,7 +8,12 @@
 //!   caller still waits for its own commit;
 //! - the **dispatch connection** (`synchronous = NORMAL`) records claims and outcomes. WAL mode
 //!   keeps those across a killed process; a power loss may forget the last few, which at worst
-//!   runs a delivery again — the at-least-once contract already allows that.
+//!   runs a delivery again — the at-least-once contract already allows that;
+//! - the **checkpointer** (its own thread and connection) copies the write-ahead log back into
+//!   the database every [`CHECKPOINT_INTERVAL`]. Left to SQLite, the checkpoint runs inside
+//!   whichever commit crosses the log's size threshold — often an ingest commit, whose callers
+//!   then wait for the copy and its fsync. A passive checkpoint on a thread of its own blocks no
+//!   writer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -20,8 +25,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, param
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, DeliveryState, DeliveryView, EventView, NewEvent, Store,
-    StoreError, after, from_ms, to_ms,
+    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventView,
+    NewEvent, Store, StoreError, after, from_ms, to_ms,
 };
 use crate::context::JobContext;
 
@@ -41,6 +46,11 @@ const BUSY_RETRY_PAUSE: Duration = Duration::from_micros(100);
 /// Most writes committed in one ingest transaction: bounds the time the first caller of a batch
 /// waits and the size of one WAL commit.
 const MAX_GROUP_COMMIT: usize = 512;
+
+/// How often the checkpointer copies the write-ahead log into the database. At full load the
+/// engine writes a few MiB of log per second; checkpointing every 200 ms keeps each copy (and the
+/// log file) at a few hundred KiB.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "jobhook.sqlite";
@@ -98,6 +108,8 @@ pub struct SqliteStore {
     node: String,
     conn: Mutex<Connection>,
     writer: Mutex<mpsc::Sender<Write>>,
+    /// Dropped with the store, which stops the checkpointer.
+    _checkpointer: mpsc::Sender<()>,
 }
 
 /// A durable write for the ingest writer thread, with where to send its result.
@@ -126,16 +138,23 @@ impl SqliteStore {
         let mut conn = connect(&path, "NORMAL").map_err(|e| open_error(e.to_string()))?;
         migrate(&mut conn).map_err(|e| open_error(e.to_string()))?;
         let ingest = connect(&path, "FULL").map_err(|e| open_error(e.to_string()))?;
+        let checkpoints = connect(&path, "FULL").map_err(|e| open_error(e.to_string()))?;
         let (sender, receiver) = mpsc::channel();
         std::thread::Builder::new()
             .name("jobhook-ingest-writer".into())
             .spawn(move || ingest_writer(ingest, receiver))
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
+        let (checkpointer, stop) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("jobhook-checkpoint".into())
+            .spawn(move || checkpoint_until_stopped(checkpoints, stop))
+            .map_err(|e| open_error(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(SqliteStore {
             path,
             node: Uuid::new_v4().to_string(),
             conn: Mutex::new(conn),
             writer: Mutex::new(sender),
+            _checkpointer: checkpointer,
         })
     }
 
@@ -181,7 +200,22 @@ fn connect(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Checkpoints are the checkpointer thread's job (see the module documentation).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
+}
+
+/// The checkpointer: a passive checkpoint every [`CHECKPOINT_INTERVAL`] until the store is
+/// dropped. A failed checkpoint is retried at the next interval; the log only grows meanwhile.
+fn checkpoint_until_stopped(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if let Err(e) = result {
+            tracing::warn!("cannot checkpoint the store's write-ahead log: {e}");
+        }
+    }
+    // One last checkpoint, so a cleanly stopped engine leaves a small log behind.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
 }
 
 /// The busy handler of both connections: waits [`BUSY_RETRY_PAUSE`] and tries again, for up to
@@ -282,136 +316,182 @@ fn insert_event_tx(tx: &Connection, event: &NewEvent, now: i64) -> rusqlite::Res
     Ok(())
 }
 
+/// A candidate row of a claim.
+struct ClaimRow {
+    delivery_id: i64,
+    event_id: String,
+    handler: String,
+    attempt: i64,
+    context: String,
+}
+
+/// Decodes each event's context once per claim batch: an event's deliveries (one per handler)
+/// are usually claimed together.
+#[derive(Default)]
+struct ContextCache {
+    last: Option<(String, JobContext)>,
+}
+
+impl ContextCache {
+    fn decode(&mut self, event_id: &str, json: &str) -> Result<JobContext, StoreError> {
+        if let Some((id, context)) = &self.last
+            && id == event_id
+        {
+            return Ok(context.clone());
+        }
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
+        let context = JobContext::from_json_value(&value)
+            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
+        self.last = Some((event_id.to_owned(), context.clone()));
+        Ok(context)
+    }
+}
+
 impl Store for SqliteStore {
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         self.write(vec![event.clone()], None)
     }
 
-    fn claim(
+    fn claim_batch(
         &self,
         now: DateTime<Utc>,
-        busy: &[String],
+        limits: &ClaimLimits,
         lease: Duration,
-    ) -> Result<Option<Claim>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let exclusion = if busy.is_empty() {
+    ) -> Result<Vec<Claim>, StoreError> {
+        if limits.batch_size() == 0 {
+            return Ok(Vec::new());
+        }
+        let excluded = limits.excluded();
+        let exclusion = if excluded.is_empty() {
             String::new()
         } else {
             format!(
                 " AND d.handler NOT IN ({})",
-                vec!["?"; busy.len()].join(",")
+                vec!["?"; excluded.len()].join(",")
             )
         };
         let sql = format!(
             "SELECT d.id, d.event_id, d.handler, d.attempt, e.context
              FROM deliveries d JOIN events e ON e.id = d.event_id
              WHERE d.state = 'pending' AND d.not_before <= ?{exclusion}
-             ORDER BY d.not_before, d.id LIMIT 1"
+             ORDER BY d.not_before, d.id LIMIT ?"
         );
         let now_ms = to_ms(now);
         let mut values: Vec<rusqlite::types::Value> = vec![now_ms.into()];
-        values.extend(busy.iter().map(|b| b.clone().into()));
-        // Cached: preparing this join costs as much as running it.
-        let row = tx
-            .prepare_cached(&sql)
-            .map_err(db)?
-            .query_row(params_from_iter(values), |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })
-            .optional()
-            .map_err(db)?;
-        let Some((delivery_id, event_id, handler, attempt, context)) = row else {
-            return Ok(None);
-        };
-        tx.prepare_cached(
-            "UPDATE deliveries SET state = 'running', attempt = attempt + 1, started_at = ?2,
-                 owner = ?3, lease_until = ?4
-             WHERE id = ?1",
-        )
-        .and_then(|mut update| {
-            update.execute(params![
-                delivery_id,
-                now_ms,
-                self.node,
-                to_ms(after(now, lease))
-            ])
-        })
-        .map_err(db)?;
-        tx.commit().map_err(db)?;
-        let context: serde_json::Value = serde_json::from_str(&context)
-            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-        let context = JobContext::from_json_value(&context)
-            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-        let event_id = Uuid::parse_str(&event_id)
-            .map_err(|e| StoreError::Corrupt(format!("event id {event_id}: {e}")))?;
-        Ok(Some(Claim {
-            delivery_id,
-            event_id,
-            handler,
-            attempt: u32::try_from(attempt + 1).unwrap_or(u32::MAX),
-            context,
-        }))
-    }
-
-    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError> {
-        let now = to_ms(Utc::now());
-        let outcome_json = record
-            .outcome
-            .as_ref()
-            .and_then(|o| serde_json::to_string(o).ok());
-        let duration_ms = record
-            .outcome
-            .as_ref()
-            .map(|o| o.duration.as_secs_f64() * 1000.0);
-        let not_before = record.retry_at.map(to_ms).unwrap_or(now);
+        values.extend(excluded.into_iter().map(Into::into));
+        values.push(i64::try_from(limits.batch_size()).unwrap_or(1).into());
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let changed = tx
-            .prepare_cached(
-                "UPDATE deliveries SET state = ?3, not_before = ?4, finished_at = ?5,
-                     duration_ms = ?6, outcome_class = ?7, reason = ?8, outcome = ?9
-                 WHERE id = ?1 AND attempt = ?2 AND state = 'running' AND owner = ?10",
-            )
+        // Cached: preparing this join costs as much as running it.
+        let candidates = tx
+            .prepare_cached(&sql)
             .map_err(db)?
-            .execute(params![
-                claim.delivery_id,
-                claim.attempt,
-                record.state.as_str(),
-                not_before,
-                now,
-                duration_ms,
-                record.class,
-                record.reason,
-                outcome_json,
-                self.node
-            ])
-            .map_err(db)?;
-        if changed == 1 {
-            tx.prepare_cached(
-                "INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
-                 SELECT id, attempt, started_at, ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1",
-            )
+            .query_map(params_from_iter(values), |r| {
+                Ok(ClaimRow {
+                    delivery_id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    handler: r.get(2)?,
+                    attempt: r.get(3)?,
+                    context: r.get(4)?,
+                })
+            })
             .map_err(db)?
-            .execute(params![
-                    claim.delivery_id,
-                    now,
-                    record.class,
-                    record.reason,
-                    record.state.is_terminal()
-                ],
-            )
+            .collect::<Result<Vec<_>, _>>()
             .map_err(db)?;
+        let chosen = limits.choose(candidates, |row| &row.handler);
+        {
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 'running', attempt = attempt + 1,
+                         started_at = ?2, owner = ?3, lease_until = ?4
+                     WHERE id = ?1",
+                )
+                .map_err(db)?;
+            let lease_until = to_ms(after(now, lease));
+            for row in &chosen {
+                update
+                    .execute(params![row.delivery_id, now_ms, self.node, lease_until])
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        let mut contexts = ContextCache::default();
+        chosen
+            .into_iter()
+            .map(|row| {
+                let context = contexts.decode(&row.event_id, &row.context)?;
+                let event_id = Uuid::parse_str(&row.event_id)
+                    .map_err(|e| StoreError::Corrupt(format!("event id {}: {e}", row.event_id)))?;
+                Ok(Claim {
+                    delivery_id: row.delivery_id,
+                    event_id,
+                    handler: row.handler,
+                    attempt: u32::try_from(row.attempt.saturating_add(1)).unwrap_or(u32::MAX),
+                    context,
+                })
+            })
+            .collect()
+    }
+
+    fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
+        let now = to_ms(Utc::now());
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        {
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE deliveries SET state = ?3, not_before = ?4, finished_at = ?5,
+                         duration_ms = ?6, outcome_class = ?7, reason = ?8, outcome = ?9
+                     WHERE id = ?1 AND attempt = ?2 AND state = 'running' AND owner = ?10",
+                )
+                .map_err(db)?;
+            let mut attempt = tx
+                .prepare_cached(
+                    "INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+                     SELECT id, attempt, started_at, ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1",
+                )
+                .map_err(db)?;
+            for (claim, record) in finished {
+                let outcome_json = record
+                    .outcome
+                    .as_ref()
+                    .and_then(|o| serde_json::to_string(o).ok());
+                let duration_ms = record
+                    .outcome
+                    .as_ref()
+                    .map(|o| o.duration.as_secs_f64() * 1000.0);
+                let not_before = record.retry_at.map(to_ms).unwrap_or(now);
+                let changed = update
+                    .execute(params![
+                        claim.delivery_id,
+                        claim.attempt,
+                        record.state.as_str(),
+                        not_before,
+                        now,
+                        duration_ms,
+                        record.class,
+                        record.reason,
+                        outcome_json,
+                        self.node
+                    ])
+                    .map_err(db)?;
+                if changed == 1 {
+                    attempt
+                        .execute(params![
+                            claim.delivery_id,
+                            now,
+                            record.class,
+                            record.reason,
+                            record.state.is_terminal()
+                        ])
+                        .map_err(db)?;
+                }
+            }
         }
         tx.commit().map_err(db)
     }
@@ -638,6 +718,38 @@ mod tests {
 
         fn shared(&self) -> bool {
             false
+        }
+    }
+
+    #[test]
+    fn the_checkpointer_copies_the_log_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let e = conformance::event(&["a"]);
+        store.insert_event(&e).unwrap();
+        // The database file alone, without its write-ahead log, holds the event once a
+        // checkpoint has copied it there; nothing else checkpoints.
+        let copy = tempfile::tempdir().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            std::fs::copy(store.path(), copy.path().join(DATABASE_FILE)).unwrap();
+            let conn = Connection::open(copy.path().join(DATABASE_FILE)).unwrap();
+            let found: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM events WHERE id = ?1",
+                    params![e.id.to_string()],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0);
+            drop(conn);
+            if found == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the event never reached the database file"
+            );
+            std::thread::sleep(CHECKPOINT_INTERVAL / 4);
         }
     }
 
