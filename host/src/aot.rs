@@ -163,14 +163,14 @@ impl AotCache {
                 Ok(component) => component,
                 // The file changed under us (another process replaced the entry): use the bytes
                 // in memory instead.
-                Err(_) => unsafe_deserialize_own(engine, &compiled)?,
+                Err(_) => deserialize_own(engine, &compiled)?,
             },
             Err(e) => {
                 tracing::warn!(
                     dir = %self.dir.display(),
                     "cannot write to the AOT cache, continuing without storing: {e}"
                 );
-                unsafe_deserialize_own(engine, &compiled)?
+                deserialize_own(engine, &compiled)?
             }
         };
         Ok((component, outcome))
@@ -270,10 +270,7 @@ pub fn attach(engine: crate::Engine, root: &Path) -> crate::Engine {
 }
 
 /// Loads bytes this process compiled a moment ago.
-fn unsafe_deserialize_own(
-    engine: &wasmtime::Engine,
-    compiled: &[u8],
-) -> wasmtime::Result<Component> {
+fn deserialize_own(engine: &wasmtime::Engine, compiled: &[u8]) -> wasmtime::Result<Component> {
     // SAFETY: `compiled` is the output of `engine.precompile_component` in this process, never
     // read back from anywhere.
     unsafe { Component::deserialize(engine, compiled) }

@@ -40,6 +40,16 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// without starving the ingest path; more waits in the durable queue.
 pub const DEFAULT_MAX_CONCURRENT_DELIVERIES: usize = 16;
 
+/// Most `[engine] max_concurrent_deliveries` accepted. `serve` sizes its sandbox pool to it, and
+/// every pool slot reserves address space for its linear memories (about 8 GiB, nearly all of it
+/// never touched): 4,096 slots reserve some 32 TiB of the 128 TiB a 64-bit Linux process has,
+/// and far more deliveries than a node can usefully run at once.
+pub const MAX_CONCURRENT_DELIVERIES: usize = 4096;
+
+/// Most `[engine] sandbox_threads` accepted: more threads than sandboxes could ever run at once
+/// only cost memory (a thread stack each).
+pub const MAX_SANDBOX_THREADS: usize = 256;
+
 /// The AOT cache directory inside the data directory, when `[engine] cache_dir` is not set.
 pub const DEFAULT_CACHE_DIR: &str = "cache";
 
@@ -193,10 +203,10 @@ pub struct EngineConfig {
     /// Where `serve` keeps compiled components between runs (see [`crate::aot`]); relative
     /// paths are relative to the config file. Default: `cache` in the data directory.
     pub cache_dir: Option<PathBuf>,
-    /// Threads that run sandboxes, below the priority of the HTTP API and the store
-    /// ([`crate::engine::SandboxThreads`]); 0 runs sandboxes on the API's own threads. Default:
-    /// one per CPU.
-    pub sandbox_threads: Option<usize>,
+    /// Threads of their own that run sandboxes, below the priority of the HTTP API and the
+    /// store ([`crate::engine::SandboxThreads`]). 0 (the default) runs sandboxes on the same
+    /// threads as the API. See docs/PERFORMANCE.md (scenario d) for the trade-off.
+    pub sandbox_threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -206,7 +216,7 @@ impl Default for EngineConfig {
             max_component_bytes: crate::loader::DEFAULT_MAX_COMPONENT_BYTES,
             compile_timeout: crate::loader::DEFAULT_COMPILE_TIMEOUT,
             cache_dir: None,
-            sandbox_threads: None,
+            sandbox_threads: 0,
         }
     }
 }
@@ -431,10 +441,20 @@ impl Config {
         };
         v.check_server(&raw.server)?;
         v.check_store(&raw.store)?;
-        if raw.engine.max_concurrent_deliveries == 0 {
+        if !(1..=MAX_CONCURRENT_DELIVERIES).contains(&raw.engine.max_concurrent_deliveries) {
             return Err(v.error(
                 None,
-                "[engine] max_concurrent_deliveries must be at least 1",
+                &format!(
+                    "[engine] max_concurrent_deliveries must be between 1 and {MAX_CONCURRENT_DELIVERIES}"
+                ),
+            ));
+        }
+        if raw.engine.sandbox_threads > MAX_SANDBOX_THREADS {
+            return Err(v.error(
+                None,
+                &format!(
+                    "[engine] sandbox_threads must be at most {MAX_SANDBOX_THREADS} (0 runs sandboxes on the API's threads)"
+                ),
             ));
         }
         let mut handlers = Vec::with_capacity(raw.handlers.len());
@@ -885,6 +905,19 @@ backoff_ms = 100
         assert!(e.message.contains("sever"), "{e}");
         let e = error(&format!("{MINIMAL}[handlers.limits]\nmemory = 5\n"));
         assert!(e.message.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn concurrent_deliveries_are_bounded_both_ways() {
+        for bad in [0, MAX_CONCURRENT_DELIVERIES + 1] {
+            let e = error(&format!(
+                "[engine]\nmax_concurrent_deliveries = {bad}\n\n{MINIMAL}"
+            ));
+            assert!(e.message.contains("max_concurrent_deliveries"), "{e}");
+            assert!(e.message.contains("4096"), "{e}");
+        }
+        let e = error(&format!("[engine]\nsandbox_threads = 100000\n\n{MINIMAL}"));
+        assert!(e.message.contains("sandbox_threads"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use wasmtime::{Config, Enabled, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
 
 use crate::aot::AotCache;
+use crate::cpu_share::CpuShare;
 
 /// How often the epoch advances. Guest code is checked against its deadline at this granularity,
 /// so a runaway loop is stopped at most one tick after its budget — and, until then, hands its
@@ -19,10 +20,6 @@ use crate::aot::AotCache;
 /// docs/PERFORMANCE.md, scenario d) the cost is one cheap callback per millisecond of guest
 /// CPU time.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
-
-/// Sandboxes that may be alive at once. Every one holds a pooled slot (memory reservation, fiber
-/// stack), so this bounds the host's memory and address space; more concurrent deliveries wait.
-pub const DEFAULT_MAX_CONCURRENT_SANDBOXES: u32 = 256;
 
 /// Hard cap on any one linear memory in the pool. Per-handler memory limits must be at or below
 /// it; 1 GiB is far above any sensible handler and keeps each pooled slot's size bounded.
@@ -75,6 +72,7 @@ pub struct Engine {
     _ticker: Arc<Ticker>,
     aot: Option<Arc<AotCache>>,
     sandboxes: Option<Arc<SandboxThreads>>,
+    cpu_share: CpuShare,
 }
 
 impl std::fmt::Debug for Engine {
@@ -146,12 +144,18 @@ impl Engine {
             _ticker: Arc::new(ticker),
             aot: None,
             sandboxes: None,
+            cpu_share: CpuShare::half_of_machine(),
         })
     }
 
     /// The wasmtime engine.
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.inner
+    }
+
+    /// The cores that long-running deliveries share (see [`crate::cpu_share`]).
+    pub fn cpu_share(&self) -> &CpuShare {
+        &self.cpu_share
     }
 
     /// This engine, loading components through `cache` (see [`crate::aot`]).
@@ -181,19 +185,23 @@ impl Engine {
     }
 }
 
-/// Nice value of the sandbox threads: ten steps below normal, so that the kernel gives the
-/// process's other threads — the HTTP API, the ingest writer, the dispatcher — about ten times
-/// their share of a busy CPU. A handler that spins until its time budget runs out then costs the
-/// event path almost nothing; without it, two looping handlers on two cores raised the ingest p99
-/// at 1,000 events/s from 4 ms to 52 ms (docs/PERFORMANCE.md, scenario d). Lowering a thread's
-/// own priority needs no privilege.
+/// Nice value of the sandbox threads: ten steps below normal, so that under contention the kernel
+/// gives the process's other threads — the HTTP API, the ingest writer, the dispatcher — about ten
+/// times the CPU share of a thread running guest code. Lowering a thread's own priority needs no
+/// privilege.
 #[cfg(target_os = "linux")]
 const SANDBOX_THREAD_NICE: i32 = 10;
 
 /// A multi-threaded async runtime that only runs sandboxes, on threads of lower priority than
 /// the rest of the process (Linux). Handler code is untrusted and may burn CPU up to its budget;
-/// the event path must not wait for it (DESIGN.md, "the event path never waits on a handler"),
-/// and sharing the API's worker threads with guest code made it wait.
+/// on the API's own threads it competes with ingest for them (it yields every
+/// [`EPOCH_TICK`]), on these it only gets what the event path leaves.
+///
+/// The price is a hand-over to another thread and back for every delivery (tens of µs on a
+/// virtual machine; measured in docs/PERFORMANCE.md, scenario a), and a low-priority thread that
+/// is preempted while holding a lock the process shares (the allocator's, the kernel's memory map
+/// lock during memory growth) can delay a normal-priority one. Opt-in (`[engine]
+/// sandbox_threads`); scenario d of `jobhook-bench` measures both modes in one run.
 pub struct SandboxThreads {
     runtime: Option<tokio::runtime::Runtime>,
 }

@@ -13,6 +13,7 @@
 //! - [`loader`]: the load gate that checks untrusted component bytes;
 //! - [`aot`]: the on-disk cache of compiled components (`[engine] cache_dir`);
 //! - [`sandbox`]: a fresh store per invocation, limits, outcome classification;
+//! - [`cpu_share`]: the cores deliveries that keep computing may take between them;
 //! - [`limits`]: per-handler limits and the memory/table limiter;
 //! - [`capabilities`]: the interfaces a handler may import;
 //! - [`outcome`]: the record of one invocation;
@@ -34,6 +35,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod cpu_share;
 pub mod devtools;
 pub mod dispatch;
 pub mod engine;

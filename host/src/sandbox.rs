@@ -192,15 +192,21 @@ impl Handler {
 
         let deadline = start + limits.timeout;
         store.set_epoch_deadline(1);
+        // At every tick of guest code: stop at the deadline; otherwise give the thread back,
+        // for a while if this delivery is one of too many long runners (crate::cpu_share).
+        let mut ticks = self.engine.cpu_share().sandbox();
         store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(UpdateDeadline::Interrupt);
             }
+            let pause: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match ticks.on_tick() {
+                None => Box::pin(tokio::task::yield_now()),
+                Some(pause) => Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                    (now + pause).min(deadline),
+                ))),
+            };
+            Ok(UpdateDeadline::YieldCustom(1, pause))
         });
 
         let wit_context = to_wit(context);

@@ -14,7 +14,7 @@ use crate::api::{self, AppState, Reloader};
 use crate::capabilities::Services;
 use crate::config::{Config, HandlerConfig};
 use crate::dispatch::{Dispatcher, RegisteredHandler, Registry};
-use crate::engine::{DEFAULT_MAX_CONCURRENT_SANDBOXES, Engine};
+use crate::engine::Engine;
 use crate::loader::LoadOptions;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
@@ -145,13 +145,14 @@ pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
 pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let tokens = config.resolve_tokens()?;
-    // Sandboxes get threads of their own, below the API's priority (engine::SandboxThreads).
-    let engine = Engine::new(DEFAULT_MAX_CONCURRENT_SANDBOXES)?;
+    // One pool slot per delivery the dispatcher may run at once: no delivery ever waits for a
+    // slot, and no slot is reserved that could never be used.
+    let slots = u32::try_from(config.engine.max_concurrent_deliveries).unwrap_or(u32::MAX);
+    let engine = Engine::new(slots)?;
+    // Optionally, sandboxes get threads of their own below the API's priority.
     let engine = match config.engine.sandbox_threads {
-        Some(0) => engine,
-        Some(n) => engine.with_sandbox_threads(n)?,
-        None => engine
-            .with_sandbox_threads(std::thread::available_parallelism().map_or(2, usize::from))?,
+        0 => engine,
+        n => engine.with_sandbox_threads(n)?,
     };
     let engine = match &config.engine.cache_dir {
         Some(dir) => crate::aot::attach(engine, dir),

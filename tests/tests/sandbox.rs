@@ -431,3 +431,83 @@ async fn import_lists_are_the_capability_lists() {
         vec![Capability::Keyfactor]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loops_beyond_the_cpu_share_are_throttled_and_still_end_at_their_deadline() {
+    // An engine of its own: the other tests' sandboxes must not count here.
+    let engine = Engine::new(16).expect("engine");
+    let loops = engine.cpu_share().cores() + 3;
+    let budget = Duration::from_millis(800);
+    let load_on = |package: &'static str, spec: HandlerSpec| {
+        let engine = engine.clone();
+        async move {
+            Handler::load(
+                &engine,
+                &Services::default(),
+                guest_bytes(package),
+                spec,
+                &LoadOptions::default(),
+            )
+            .await
+            .map(std::sync::Arc::new)
+            .expect("load")
+        }
+    };
+    let mut looping = spec("loop", &[]);
+    looping.limits.timeout = budget;
+    let looping = load_on("guest-loop", looping).await;
+    let healthy = load_on("log-context", spec("log-context", &[])).await;
+    let context = JobContext::from_json_value(&sample_context_json()).expect("context");
+    let runs: Vec<_> = (0..loops)
+        .map(|_| {
+            let (handler, context) = (std::sync::Arc::clone(&looping), context.clone());
+            tokio::spawn(async move { handler.invoke(&context, Delivery::default()).await })
+        })
+        .collect();
+    // Every loop becomes a long runner after its free ticks, more than the share allows.
+    let waited = std::time::Instant::now();
+    while engine.cpu_share().long_runners() < loops {
+        assert!(
+            waited.elapsed() < budget,
+            "only {} of {loops} loops counted as long runners",
+            engine.cpu_share().long_runners()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Meanwhile a healthy delivery runs as usual.
+    let outcome = healthy.invoke(&context, Delivery::default()).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+    // Throttled or not, each loop is stopped at its own deadline by the epoch interrupt.
+    for run in runs {
+        let outcome = run.await.expect("join");
+        assert_eq!(
+            outcome.kind,
+            OutcomeKind::TimedOut {
+                limit_ms: budget.as_millis() as u64
+            },
+            "{outcome:?}"
+        );
+        assert!(outcome.duration >= budget, "{:?}", outcome.duration);
+    }
+    assert_eq!(engine.cpu_share().long_runners(), 0, "no long runner left");
+}
+
+#[tokio::test]
+async fn an_engine_sized_for_the_most_concurrent_deliveries_runs_handlers() {
+    // `serve` sizes its pool to `[engine] max_concurrent_deliveries`; the largest accepted value
+    // must fit the process's address space.
+    let slots = u32::try_from(jobhook::config::MAX_CONCURRENT_DELIVERIES).expect("fits");
+    let engine = Engine::new(slots).expect("engine");
+    let handler = Handler::load(
+        &engine,
+        &Services::default(),
+        guest_bytes("log-context"),
+        spec("log-context", &[]),
+        &LoadOptions::default(),
+    )
+    .await
+    .expect("load");
+    let context = JobContext::from_json_value(&sample_context_json()).expect("context");
+    let outcome = handler.invoke(&context, Delivery::default()).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}

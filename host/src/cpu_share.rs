@@ -1,0 +1,168 @@
+//! How much of the machine handlers that keep computing may take.
+//!
+//! A handler normally runs for well under a millisecond of guest code: it reads the context,
+//! makes a call or two, and ends. One that keeps computing — an infinite loop, a memory bomb
+//! filling its pages, or just heavy work — runs until its time budget (10 s by default) unless it
+//! finishes first. Several of them at once used to take every core for that long: healthy
+//! deliveries and the event path waited behind them (docs/PERFORMANCE.md, scenario d).
+//!
+//! So a delivery that has run [`FREE_TICKS`] epoch ticks of guest code becomes a *long runner*,
+//! and the long runners of an engine share [`CpuShare::cores`] cores between them: when there are
+//! more long runners than that, each pauses after every tick of guest code for as long as it takes
+//! to keep their total at that many cores. A single long runner on a multi-core machine never
+//! pauses. Pausing only sleeps (the task gives its thread back); the time budget keeps running,
+//! so a throttled loop still ends at its deadline, and no limit is any weaker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::engine::EPOCH_TICK;
+
+/// Epoch ticks of guest code a delivery runs at full speed before it counts as a long runner:
+/// 20 ms at the 1 ms tick, some twenty times what a typical handler needs in all, so ordinary
+/// deliveries are never throttled.
+pub const FREE_TICKS: u32 = 20;
+
+/// Longest pause after one tick, however many long runners there are: keeps a throttled handler
+/// making some progress (it still has its time budget to finish in).
+const MAX_PAUSE: Duration = Duration::from_millis(20);
+
+/// The long runners of one engine and the cores they may share.
+#[derive(Debug, Clone)]
+pub struct CpuShare {
+    long_runners: Arc<AtomicUsize>,
+    cores: usize,
+}
+
+impl CpuShare {
+    /// Long runners together get `cores` cores (at least one).
+    pub fn new(cores: usize) -> Self {
+        CpuShare {
+            long_runners: Arc::new(AtomicUsize::new(0)),
+            cores: cores.max(1),
+        }
+    }
+
+    /// Half of this machine's cores (at least one): the other half stays for the event path and
+    /// for short deliveries, whatever the handlers do.
+    pub fn half_of_machine() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Self::new(cores / 2)
+    }
+
+    /// The cores long runners share.
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+
+    /// Long runners alive now.
+    pub fn long_runners(&self) -> usize {
+        self.long_runners.load(Ordering::Relaxed)
+    }
+
+    /// The tick counter of one new sandbox.
+    pub fn sandbox(&self) -> SandboxTicks {
+        SandboxTicks {
+            share: self.clone(),
+            ticks: 0,
+            counted: false,
+        }
+    }
+}
+
+/// Counts one sandbox's ticks of guest code and says when it must pause. Counted among the long
+/// runners from its [`FREE_TICKS`]th tick until it is dropped (with its store).
+#[derive(Debug)]
+pub struct SandboxTicks {
+    share: CpuShare,
+    ticks: u32,
+    counted: bool,
+}
+
+impl SandboxTicks {
+    /// Called at every epoch tick at which the guest is running: how long it must pause before
+    /// running on, if at all.
+    pub fn on_tick(&mut self) -> Option<Duration> {
+        self.ticks = self.ticks.saturating_add(1);
+        if self.ticks <= FREE_TICKS {
+            return None;
+        }
+        if !self.counted {
+            self.counted = true;
+            self.share.long_runners.fetch_add(1, Ordering::Relaxed);
+        }
+        pause(self.share.long_runners(), self.share.cores)
+    }
+}
+
+impl Drop for SandboxTicks {
+    fn drop(&mut self) {
+        if self.counted {
+            self.share.long_runners.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The pause after one tick that keeps `long_runners` within `cores` cores: each may run
+/// `cores / long_runners` of the time, so it pauses `(long_runners - cores) / cores` ticks per
+/// tick run, up to [`MAX_PAUSE`].
+pub fn pause(long_runners: usize, cores: usize) -> Option<Duration> {
+    let cores = cores.max(1);
+    if long_runners <= cores {
+        return None;
+    }
+    let ticks = (long_runners - cores) as f64 / cores as f64;
+    Some(EPOCH_TICK.mul_f64(ticks).min(MAX_PAUSE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_runners_within_the_share_never_pause() {
+        assert_eq!(pause(0, 1), None);
+        assert_eq!(pause(1, 1), None);
+        assert_eq!(pause(2, 2), None);
+        assert_eq!(
+            pause(3, 0),
+            Some(EPOCH_TICK * 2),
+            "a share of 0 means one core"
+        );
+    }
+
+    #[test]
+    fn more_long_runners_pause_so_that_together_they_use_the_share() {
+        // Four on one core: each runs one tick in four.
+        assert_eq!(pause(4, 1), Some(EPOCH_TICK * 3));
+        // Six on two cores: each runs one tick in three.
+        assert_eq!(pause(6, 2), Some(EPOCH_TICK * 2));
+        // However many there are, a pause is bounded.
+        assert_eq!(pause(10_000, 1), Some(MAX_PAUSE));
+    }
+
+    #[test]
+    fn a_sandbox_becomes_a_long_runner_after_its_free_ticks_until_dropped() {
+        let share = CpuShare::new(1);
+        let mut first = share.sandbox();
+        for _ in 0..FREE_TICKS {
+            assert_eq!(first.on_tick(), None);
+        }
+        assert_eq!(share.long_runners(), 0, "free ticks do not count");
+        assert_eq!(first.on_tick(), None, "alone within the share");
+        assert_eq!(share.long_runners(), 1);
+        let mut second = share.sandbox();
+        for _ in 0..FREE_TICKS {
+            assert_eq!(second.on_tick(), None);
+        }
+        assert_eq!(second.on_tick(), Some(EPOCH_TICK));
+        assert_eq!(first.on_tick(), Some(EPOCH_TICK), "both pause now");
+        assert_eq!(share.long_runners(), 2);
+        drop(second);
+        assert_eq!(share.long_runners(), 1);
+        assert_eq!(first.on_tick(), None);
+        drop(first);
+        assert_eq!(share.long_runners(), 0);
+    }
+}
