@@ -18,8 +18,8 @@
 //! - **jobhook, log-context**: `Handler::invoke` of the real minimal example handler (eleven
 //!   log lines through the `log` capability), for scale.
 //! - **jobhook on sandbox threads**: `Handler::invoke` on an engine with its own low-priority
-//!   sandbox threads, as `jobhook serve` runs it: the first variant plus a hand-over to another
-//!   thread and back.
+//!   sandbox threads, as `jobhook serve` runs it with `[engine] sandbox_threads`: the first
+//!   variant plus a hand-over to another thread and back.
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 /// plenty.
 const POOL_SLOTS: u32 = 8;
 
-/// Sandbox threads of the engine of the `OnThreads` variant: two, as `jobhook serve` has on the
+/// Sandbox threads of the engine of the `OnThreads` variant: two, one per core of the
 /// two-core machines these figures come from.
 const SANDBOX_THREADS: usize = 2;
 
@@ -179,7 +179,7 @@ pub struct DeliveryRig {
     pub noop: Handler,
     /// `log-context` loaded through jobhook's load gate.
     pub log_context: Handler,
-    /// `guest-bench-noop` on an engine with sandbox threads (as `jobhook serve` has).
+    /// `guest-bench-noop` on an engine with sandbox threads (`[engine] sandbox_threads`).
     pub noop_on_threads: Handler,
     /// `guest-bench-noop` on an on-demand engine without `InstancePre`.
     pub baseline: RawWasmtime,

@@ -22,6 +22,7 @@ pub mod report;
 pub mod serve;
 pub mod startup;
 pub mod stats;
+pub mod store_probe;
 pub mod tuning;
 
 use std::path::PathBuf;

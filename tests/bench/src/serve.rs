@@ -93,7 +93,7 @@ pub fn hostile_set() -> Vec<HandlerDef> {
 /// Engine settings of a run beyond its handlers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EngineSettings {
-    /// `[engine] sandbox_threads`; `None` keeps the default (one per CPU).
+    /// `[engine] sandbox_threads`; `None` keeps the default (0: sandboxes on the API's threads).
     pub sandbox_threads: Option<usize>,
 }
 
