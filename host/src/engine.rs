@@ -56,8 +56,20 @@ const TABLE_KEEP_RESIDENT: usize = 64 * 1024;
 /// Bytes at the top of a fiber stack that are zeroed in place on slot reuse; the rest of the
 /// stack is returned to the kernel (`async_stack_zeroing` stays on, so a sandbox never sees an
 /// earlier sandbox's stack). A call into a handler uses a few tens of KiB of it; keeping them
-/// resident saves page faults on every delivery.
+/// resident saves page faults on every delivery. Measured (`jobhook-bench pool-tuning`, same
+/// run): 16 KiB would save 0.3 µs of `memset` per delivery (floor 10.9 vs 11.2 µs; the noop and
+/// log-context handlers stay within it), but each stack page a heavier handler touches beyond
+/// the kept part is a page fault on every delivery, and one fault costs ~2.6 µs here (keeping
+/// 0 bytes: 13.9 µs, 1 fault per call) — so the margin stays.
 const STACK_KEEP_RESIDENT: usize = 64 * 1024;
+
+/// Regions the pool collects before returning them to the kernel in one `process_madvise`
+/// (wasmtime's default, 1: every slot is reset when it is freed). Batching does not pay in
+/// wasmtime 48: every freed sandbox queues four regions (its stack and three empty ones for
+/// memory and tables), so batches of 2 or 4 still flush once per delivery, only through the
+/// slower `process_madvise`, and a batch of 8 also keeps slots out of reuse; measured
+/// (`jobhook-bench pool-tuning`, same run): 12.4 / 11.7 / 12.5 µs against 11.2 µs per delivery.
+const DECOMMIT_BATCH_SIZE: usize = 1;
 
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +112,8 @@ pub fn pooling_config(max_concurrent: u32) -> PoolingAllocationConfig {
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
         .pagemap_scan(Enabled::Auto)
         .table_keep_resident(TABLE_KEEP_RESIDENT)
-        .async_stack_keep_resident(STACK_KEEP_RESIDENT);
+        .async_stack_keep_resident(STACK_KEEP_RESIDENT)
+        .decommit_batch_size(DECOMMIT_BATCH_SIZE);
     pool
 }
 
@@ -132,9 +145,23 @@ pub fn wasmtime_config(allocation: InstanceAllocationStrategy) -> Config {
 impl Engine {
     /// An engine with room for `max_concurrent` live sandboxes.
     pub fn new(max_concurrent: u32) -> Result<Self, EngineError> {
-        let config = wasmtime_config(InstanceAllocationStrategy::Pooling(pooling_config(
-            max_concurrent,
-        )));
+        Self::with_config(&wasmtime_config(InstanceAllocationStrategy::Pooling(
+            pooling_config(max_concurrent),
+        )))
+    }
+
+    /// An engine built from `config` (a variant of [`wasmtime_config`] with [`pooling_config`])
+    /// instead of jobhook's own: only for `jobhook-bench pool-tuning`, which compares
+    /// `Handler::invoke` on such variants. The settings the sandbox's limits rely on (epoch
+    /// interruption, fiber stack zeroing, the wasm stack limit) are set again whatever `config`
+    /// says; the epoch ticker and the CPU share are as in [`Engine::new`].
+    #[doc(hidden)]
+    pub fn with_config(config: &Config) -> Result<Self, EngineError> {
+        let mut config = config.clone();
+        config
+            .epoch_interruption(true)
+            .async_stack_zeroing(true)
+            .max_wasm_stack(MAX_WASM_STACK);
         let inner = wasmtime::Engine::new(&config).map_err(|e| EngineError(format!("{e:#}")))?;
         // Without the ticker a runaway guest could never be interrupted: refuse to run then.
         let ticker = Ticker::start(&inner)
