@@ -8,12 +8,7 @@
 //!   caller still waits for its own commit;
 //! - the **dispatch connection** (`synchronous = NORMAL`) records claims and outcomes. WAL mode
 //!   keeps those across a killed process; a power loss may forget the last few, which at worst
-//!   runs a delivery again — the at-least-once contract already allows that;
-//! - the **checkpointer** (its own thread and connection) copies the write-ahead log back into
-//!   the database every [`CHECKPOINT_INTERVAL`]. Left to SQLite, the checkpoint runs inside
-//!   whichever commit crosses the log's size threshold — often an ingest commit, whose callers
-//!   then wait for the copy and its fsync. A passive checkpoint on a thread of its own blocks no
-//!   writer.
+//!   runs a delivery again — the at-least-once contract already allows that.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -46,11 +41,6 @@ const BUSY_RETRY_PAUSE: Duration = Duration::from_micros(100);
 /// Most writes committed in one ingest transaction: bounds the time the first caller of a batch
 /// waits and the size of one WAL commit.
 const MAX_GROUP_COMMIT: usize = 512;
-
-/// How often the checkpointer copies the write-ahead log into the database. At full load the
-/// engine writes a few MiB of log per second; checkpointing every 200 ms keeps each copy (and the
-/// log file) at a few hundred KiB.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "jobhook.sqlite";
@@ -108,8 +98,6 @@ pub struct SqliteStore {
     node: String,
     conn: Mutex<Connection>,
     writer: Mutex<mpsc::Sender<Write>>,
-    /// Dropped with the store, which stops the checkpointer.
-    _checkpointer: mpsc::Sender<()>,
 }
 
 /// A durable write for the ingest writer thread, with where to send its result.
@@ -138,23 +126,16 @@ impl SqliteStore {
         let mut conn = connect(&path, "NORMAL").map_err(|e| open_error(e.to_string()))?;
         migrate(&mut conn).map_err(|e| open_error(e.to_string()))?;
         let ingest = connect(&path, "FULL").map_err(|e| open_error(e.to_string()))?;
-        let checkpoints = connect(&path, "FULL").map_err(|e| open_error(e.to_string()))?;
         let (sender, receiver) = mpsc::channel();
         std::thread::Builder::new()
             .name("jobhook-ingest-writer".into())
             .spawn(move || ingest_writer(ingest, receiver))
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
-        let (checkpointer, stop) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("jobhook-checkpoint".into())
-            .spawn(move || checkpoint_until_stopped(checkpoints, stop))
-            .map_err(|e| open_error(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(SqliteStore {
             path,
             node: Uuid::new_v4().to_string(),
             conn: Mutex::new(conn),
             writer: Mutex::new(sender),
-            _checkpointer: checkpointer,
         })
     }
 
@@ -200,22 +181,7 @@ fn connect(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Checkpoints are the checkpointer thread's job (see the module documentation).
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
-}
-
-/// The checkpointer: a passive checkpoint every [`CHECKPOINT_INTERVAL`] until the store is
-/// dropped. A failed checkpoint is retried at the next interval; the log only grows meanwhile.
-fn checkpoint_until_stopped(conn: Connection, stop: mpsc::Receiver<()>) {
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
-        let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        if let Err(e) = result {
-            tracing::warn!("cannot checkpoint the store's write-ahead log: {e}");
-        }
-    }
-    // One last checkpoint, so a cleanly stopped engine leaves a small log behind.
-    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
 }
 
 /// The busy handler of both connections: waits [`BUSY_RETRY_PAUSE`] and tries again, for up to
@@ -718,38 +684,6 @@ mod tests {
 
         fn shared(&self) -> bool {
             false
-        }
-    }
-
-    #[test]
-    fn the_checkpointer_copies_the_log_into_the_database_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let e = conformance::event(&["a"]);
-        store.insert_event(&e).unwrap();
-        // The database file alone, without its write-ahead log, holds the event once a
-        // checkpoint has copied it there; nothing else checkpoints.
-        let copy = tempfile::tempdir().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            std::fs::copy(store.path(), copy.path().join(DATABASE_FILE)).unwrap();
-            let conn = Connection::open(copy.path().join(DATABASE_FILE)).unwrap();
-            let found: i64 = conn
-                .query_row(
-                    "SELECT COUNT(*) FROM events WHERE id = ?1",
-                    params![e.id.to_string()],
-                    |r| r.get(0),
-                )
-                .unwrap_or(0);
-            drop(conn);
-            if found == 1 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the event never reached the database file"
-            );
-            std::thread::sleep(CHECKPOINT_INTERVAL / 4);
         }
     }
 

@@ -474,6 +474,25 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
     let throughput = serve::throughput_run("throughput", &serve::healthy_set(), seconds)
         .await
         .context("throughput run")?;
+    eprintln!("scenario c: the disk's fsync latency ({seconds} s)…");
+    let disk = jobhook_bench::store_probe::fsync_probe(std::time::Duration::from_secs_f64(seconds))
+        .context("fsync probe")?;
+    report.rows.push(
+        Row::new(
+            "c",
+            "disk under the data directories: 4 KiB write + fsync, back to back (what every ingest commit waits for), p50 / p99 / max",
+            format!(
+                "{} / {} / {} ms; {} of {} syncs over {} ms",
+                num(disk.latency_ms.p50),
+                num(disk.latency_ms.p99),
+                num(disk.latency_ms.max),
+                disk.stalls,
+                disk.latency_ms.n,
+                jobhook_bench::store_probe::FSYNC_STALL.as_millis()
+            ),
+        )
+        .load(load_average()),
+    );
     eprintln!("scenario c: latency run at 1,000 events/s without handlers ({seconds} s)…");
     let bare = serve::latency_run("ingest-only", &serve::no_handlers(), defaults, seconds)
         .await

@@ -125,3 +125,42 @@ pub fn run() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// What the disk under the benchmark's data directories does: 4 KiB appended and `fsync`ed, one
+/// after another, for `duration`. Every ingest commit waits for one such sync (`synchronous =
+/// FULL`), so a stall here is a stall of every event being ingested at that moment; reported
+/// beside scenario c so that its latency tail can be read against the disk's.
+pub struct FsyncProbe {
+    /// Per-sync latency, ms.
+    pub latency_ms: Summary,
+    /// Syncs that took longer than [`FSYNC_STALL`].
+    pub stalls: usize,
+}
+
+/// A sync slower than this counts as a stall.
+pub const FSYNC_STALL: Duration = Duration::from_millis(50);
+
+/// Runs the probe in the runs directory.
+pub fn fsync_probe(duration: Duration) -> anyhow::Result<FsyncProbe> {
+    use std::io::Write as _;
+    let dir = crate::runs_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("fsync-probe.tmp");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [0u8; 4096];
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        file.write_all(&block)?;
+        let t = Instant::now();
+        file.sync_data()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    let stall_ms = FSYNC_STALL.as_secs_f64() * 1e3;
+    Ok(FsyncProbe {
+        stalls: samples.iter().filter(|ms| **ms > stall_ms).count(),
+        latency_ms: Summary::of(&samples),
+    })
+}
