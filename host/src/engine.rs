@@ -171,7 +171,7 @@ impl Engine {
             _ticker: Arc::new(ticker),
             aot: None,
             sandboxes: None,
-            cpu_share: CpuShare::half_of_machine(),
+            cpu_share: CpuShare::for_machine(),
         })
     }
 

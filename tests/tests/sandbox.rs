@@ -436,7 +436,7 @@ async fn import_lists_are_the_capability_lists() {
 async fn loops_beyond_the_cpu_share_are_throttled_and_still_end_at_their_deadline() {
     // An engine of its own: the other tests' sandboxes must not count here.
     let engine = Engine::new(16).expect("engine");
-    let loops = engine.cpu_share().cores() + 3;
+    let loops = engine.cpu_share().cores().ceil() as usize + 3;
     let budget = Duration::from_millis(800);
     let load_on = |package: &'static str, spec: HandlerSpec| {
         let engine = engine.clone();

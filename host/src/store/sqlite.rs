@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
@@ -45,8 +45,10 @@ const MAX_GROUP_COMMIT: usize = 512;
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "jobhook.sqlite";
 
-/// The schema, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+/// The schema, applied in order; `PRAGMA user_version` records how many have run. The second
+/// adds the per-handler index that claims use (see [`SqliteStore::claim_batch`]).
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     id          TEXT PRIMARY KEY,
     received_at INTEGER NOT NULL,
@@ -86,7 +88,29 @@ CREATE TABLE cursors (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#];
+"#,
+    "CREATE INDEX deliveries_handler_due ON deliveries (state, handler, not_before, id);",
+];
+
+/// The handlers that have pending deliveries, one index seek per handler (a loose index scan
+/// of `deliveries_handler_due`) instead of a scan of every pending delivery.
+const PENDING_HANDLERS: &str = "
+    WITH RECURSIVE pending(handler) AS (
+        SELECT MIN(handler) FROM deliveries WHERE state = 'pending'
+        UNION ALL
+        SELECT (SELECT MIN(handler) FROM deliveries
+                WHERE state = 'pending' AND handler > pending.handler)
+        FROM pending WHERE pending.handler IS NOT NULL
+    )
+    SELECT handler FROM pending WHERE handler IS NOT NULL";
+
+/// The oldest due pending deliveries of one handler (their contexts are read only for the ones
+/// chosen).
+const DUE_OF_HANDLER: &str = "
+    SELECT d.id, d.event_id, d.handler, d.attempt, d.not_before
+    FROM deliveries d
+    WHERE d.state = 'pending' AND d.handler = ?1 AND d.not_before <= ?2
+    ORDER BY d.not_before, d.id LIMIT ?3";
 
 /// The SQLite implementation of [`Store`].
 ///
@@ -288,7 +312,7 @@ struct ClaimRow {
     event_id: String,
     handler: String,
     attempt: i64,
-    context: String,
+    not_before: i64,
 }
 
 /// Decodes each event's context once per claim batch: an event's deliveries (one per handler)
@@ -328,45 +352,54 @@ impl Store for SqliteStore {
         if limits.batch_size() == 0 {
             return Ok(Vec::new());
         }
-        let excluded = limits.excluded();
-        let exclusion = if excluded.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " AND d.handler NOT IN ({})",
-                vec!["?"; excluded.len()].join(",")
-            )
-        };
-        let sql = format!(
-            "SELECT d.id, d.event_id, d.handler, d.attempt, e.context
-             FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE d.state = 'pending' AND d.not_before <= ?{exclusion}
-             ORDER BY d.not_before, d.id LIMIT ?"
-        );
         let now_ms = to_ms(now);
-        let mut values: Vec<rusqlite::types::Value> = vec![now_ms.into()];
-        values.extend(excluded.into_iter().map(Into::into));
-        values.push(i64::try_from(limits.batch_size()).unwrap_or(1).into());
+        let batch = limits.batch_size();
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        // Cached: preparing this join costs as much as running it.
-        let candidates = tx
-            .prepare_cached(&sql)
+        // Each handler's oldest due deliveries through the per-handler index, then the oldest
+        // of all of them. One query over every pending delivery, skipping the handlers without
+        // room, would walk past a saturated handler's whole backlog on every claim (4 ms per
+        // claim with 20,000 waiting, against 0.04 ms without), holding the write lock meanwhile.
+        let handlers = tx
+            .prepare_cached(PENDING_HANDLERS)
             .map_err(db)?
-            .query_map(params_from_iter(values), |r| {
-                Ok(ClaimRow {
-                    delivery_id: r.get(0)?,
-                    event_id: r.get(1)?,
-                    handler: r.get(2)?,
-                    attempt: r.get(3)?,
-                    context: r.get(4)?,
-                })
-            })
+            .query_map([], |r| r.get::<_, String>(0))
             .map_err(db)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(db)?;
+        let mut candidates = Vec::new();
+        {
+            let mut due = tx.prepare_cached(DUE_OF_HANDLER).map_err(db)?;
+            for handler in handlers {
+                let room = limits
+                    .room
+                    .get(&handler)
+                    .copied()
+                    .unwrap_or(batch)
+                    .min(batch);
+                if room == 0 {
+                    continue;
+                }
+                let limit = i64::try_from(room).unwrap_or(1);
+                let rows = due
+                    .query_map(params![handler, now_ms, limit], |r| {
+                        Ok(ClaimRow {
+                            delivery_id: r.get(0)?,
+                            event_id: r.get(1)?,
+                            handler: r.get(2)?,
+                            attempt: r.get(3)?,
+                            not_before: r.get(4)?,
+                        })
+                    })
+                    .map_err(db)?;
+                for row in rows {
+                    candidates.push(row.map_err(db)?);
+                }
+            }
+        }
+        candidates.sort_by_key(|row| (row.not_before, row.delivery_id));
         let chosen = limits.choose(candidates, |row| &row.handler);
         {
             let mut update = tx
@@ -383,12 +416,25 @@ impl Store for SqliteStore {
                     .map_err(db)?;
             }
         }
+        let mut texts = Vec::with_capacity(chosen.len());
+        {
+            let mut context = tx
+                .prepare_cached("SELECT context FROM events WHERE id = ?1")
+                .map_err(db)?;
+            for row in &chosen {
+                let text: String = context
+                    .query_row(params![row.event_id], |r| r.get(0))
+                    .map_err(db)?;
+                texts.push(text);
+            }
+        }
         tx.commit().map_err(db)?;
         let mut contexts = ContextCache::default();
         chosen
             .into_iter()
-            .map(|row| {
-                let context = contexts.decode(&row.event_id, &row.context)?;
+            .zip(texts)
+            .map(|(row, text)| {
+                let context = contexts.decode(&row.event_id, &text)?;
                 let event_id = Uuid::parse_str(&row.event_id)
                     .map_err(|e| StoreError::Corrupt(format!("event id {}: {e}", row.event_id)))?;
                 Ok(Claim {
@@ -684,6 +730,33 @@ mod tests {
 
         fn shared(&self) -> bool {
             false
+        }
+    }
+
+    #[test]
+    fn claims_seek_each_handler_instead_of_scanning_the_queue() {
+        // A saturated handler's backlog must not be walked on every claim: both claim queries
+        // are answered from the per-handler index.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let conn = store.conn();
+        let plan = |sql: &str, params: &[&dyn rusqlite::ToSql]| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows: Vec<String> = stmt
+                .query_map(params, |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            rows.join("\n")
+        };
+        let pending = plan(PENDING_HANDLERS, &[]);
+        let due = plan(DUE_OF_HANDLER, &[&"h", &0_i64, &1_i64]);
+        for plan in [pending, due] {
+            assert!(plan.contains("deliveries_handler_due"), "{plan}");
+            assert!(
+                !plan.contains("SCAN d") && !plan.contains("SCAN deliveries"),
+                "{plan}"
+            );
         }
     }
 
