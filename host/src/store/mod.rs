@@ -143,6 +143,15 @@ pub struct AttemptRecord {
     pub outcome: Option<Outcome>,
 }
 
+impl AttemptRecord {
+    /// How long the handler ran, in milliseconds, when it ran.
+    pub fn duration_ms(&self) -> Option<f64> {
+        self.outcome
+            .as_ref()
+            .map(|o| o.duration.as_secs_f64() * 1000.0)
+    }
+}
+
 /// One attempt as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttemptView {

@@ -749,10 +749,7 @@ impl Store for PostgresStore {
                     .outcome
                     .as_ref()
                     .and_then(|o| serde_json::to_value(o).ok());
-                let duration_ms = record
-                    .outcome
-                    .as_ref()
-                    .map(|o| o.duration.as_secs_f64() * 1000.0);
+                let duration_ms = record.duration_ms();
                 let not_before = record.retry_at.unwrap_or(now);
                 let attempt = i32::try_from(claim.attempt).unwrap_or(i32::MAX);
                 let class = text(&record.class);

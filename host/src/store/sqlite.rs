@@ -473,10 +473,7 @@ impl Store for SqliteStore {
                     .outcome
                     .as_ref()
                     .and_then(|o| serde_json::to_string(o).ok());
-                let duration_ms = record
-                    .outcome
-                    .as_ref()
-                    .map(|o| o.duration.as_secs_f64() * 1000.0);
+                let duration_ms = record.duration_ms();
                 let not_before = record.retry_at.map(to_ms).unwrap_or(now);
                 let changed = update
                     .execute(params![
