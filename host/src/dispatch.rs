@@ -577,28 +577,157 @@ async fn record_outcomes(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Finish
     while queue.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
         let finished = std::mem::take(&mut batch);
         let store = Arc::clone(&store);
-        let committed = tokio::task::spawn_blocking(move || {
-            let items: Vec<(&Claim, &AttemptRecord)> =
-                finished.iter().map(|f| (&f.claim, &f.record)).collect();
-            let result = store.finish_batch(&items);
-            (result, finished)
+        let recorded = tokio::task::spawn_blocking(move || {
+            let recorded = record_batch(store.as_ref(), &finished);
+            (recorded, finished)
         })
         .await;
-        match committed {
-            Ok((Ok(()), finished)) => {
-                for f in finished {
-                    let _ = f.recorded.send(());
+        match recorded {
+            Ok((recorded, finished)) => {
+                for (f, ok) in finished.into_iter().zip(recorded) {
+                    if ok {
+                        let _ = f.recorded.send(());
+                    }
                 }
-            }
-            Ok((Err(e), finished)) => {
-                log_store_error(&e);
-                drop(finished);
             }
             Err(e) => tracing::error!("recording delivery outcomes failed: {e}"),
         }
     }
 }
 
+/// Records `finished` in one transaction; if that fails (a shared database may abort it, e.g. to
+/// break a deadlock with another node's claim), records each on its own, so that one failure
+/// costs only its own outcome. Says which were recorded.
+fn record_batch(store: &dyn Store, finished: &[Finished]) -> Vec<bool> {
+    let items: Vec<(&Claim, &AttemptRecord)> =
+        finished.iter().map(|f| (&f.claim, &f.record)).collect();
+    match store.finish_batch(&items) {
+        Ok(()) => vec![true; items.len()],
+        Err(e) => {
+            tracing::warn!(
+                outcomes = items.len(),
+                "recording outcomes together failed ({e}); recording them one by one"
+            );
+            items
+                .iter()
+                .map(|(claim, record)| match store.finish(claim, record) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log_store_error(&e);
+                        false
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
 fn log_store_error(e: &StoreError) {
     tracing::error!("cannot record a delivery outcome: {e}; it will run again after a restart");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::JobContext;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{EventView, NewEvent};
+
+    /// SQLite, except that recording more than one outcome in a transaction always fails (as a
+    /// shared database may abort such a transaction to break a deadlock).
+    struct BatchFails(SqliteStore);
+
+    impl Store for BatchFails {
+        fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
+            self.0.insert_event(event)
+        }
+        fn claim_batch(
+            &self,
+            now: chrono::DateTime<Utc>,
+            limits: &ClaimLimits,
+            lease: Duration,
+        ) -> Result<Vec<Claim>, StoreError> {
+            self.0.claim_batch(now, limits, lease)
+        }
+        fn renew(&self, now: chrono::DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
+            self.0.renew(now, lease)
+        }
+        fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
+            if finished.len() > 1 {
+                return Err(StoreError::Database("deadlock detected".into()));
+            }
+            self.0.finish_batch(finished)
+        }
+        fn requeue_abandoned(&self, now: chrono::DateTime<Utc>) -> Result<u64, StoreError> {
+            self.0.requeue_abandoned(now)
+        }
+        fn release_all(&self) -> Result<u64, StoreError> {
+            self.0.release_all()
+        }
+        fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
+            self.0.event(id)
+        }
+        fn next_due(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
+            self.0.next_due()
+        }
+        fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
+            self.0.count_by_state()
+        }
+        fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
+            self.0.cursor(name)
+        }
+        fn insert_events_with_cursor(
+            &self,
+            events: &[NewEvent],
+            cursor_name: &str,
+            cursor: &str,
+        ) -> Result<(), StoreError> {
+            self.0
+                .insert_events_with_cursor(events, cursor_name, cursor)
+        }
+        fn try_lead(&self, role: &str) -> Result<bool, StoreError> {
+            self.0.try_lead(role)
+        }
+    }
+
+    #[test]
+    fn outcomes_are_recorded_one_by_one_when_their_batch_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BatchFails(SqliteStore::open(dir.path()).unwrap());
+        let context = JobContext::from_json_value(&serde_json::json!({
+            "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
+            "ClientMachine": "m", "JobResult": "Failure",
+            "JobId": "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01", "JobType": "WinCertInventory",
+            "JobTypeId": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f", "OperationType": 0,
+            "CurrentRetryCount": 2
+        }))
+        .unwrap();
+        store
+            .insert_event(&NewEvent {
+                id: Uuid::new_v4(),
+                source: "test".into(),
+                context,
+                handlers: vec!["a".into(), "b".into(), "c".into()],
+            })
+            .unwrap();
+        let limits = ClaimLimits {
+            max: 3,
+            room: BTreeMap::new(),
+        };
+        let claims = store.claim_batch(Utc::now(), &limits, CLAIM_LEASE).unwrap();
+        assert_eq!(claims.len(), 3);
+        let finished: Vec<Finished> = claims
+            .into_iter()
+            .map(|claim| Finished {
+                claim,
+                record: skipped("test".into()),
+                recorded: oneshot::channel().0,
+            })
+            .collect();
+        assert_eq!(record_batch(&store, &finished), [true, true, true]);
+        assert_eq!(
+            store.count_by_state().unwrap(),
+            vec![(DeliveryState::Skipped, 3)]
+        );
+    }
 }

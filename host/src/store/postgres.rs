@@ -619,16 +619,24 @@ const FINISH: &str = "
     INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
     SELECT id, attempt, started_at, $5, $7, $8, $11 FROM done";
 
+// Multi-row updates lock their rows in id order (`ORDER BY id FOR UPDATE`), as
+// `finish_batch` does, so that two transactions of two nodes never wait for each other in a cycle.
+
 const RENEW: &str = "
-    UPDATE deliveries SET lease_until = $2 WHERE owner = $1 AND state = 'running'";
+    UPDATE deliveries SET lease_until = $2
+    WHERE id IN (SELECT id FROM deliveries WHERE owner = $1 AND state = 'running'
+                 ORDER BY id FOR UPDATE)";
 
 const REQUEUE_EXPIRED: &str = "
     UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-    WHERE state = 'running' AND (lease_until IS NULL OR lease_until < $1)";
+    WHERE id IN (SELECT id FROM deliveries
+                 WHERE state = 'running' AND (lease_until IS NULL OR lease_until < $1)
+                 ORDER BY id FOR UPDATE)";
 
 const RELEASE_OWN: &str = "
     UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-    WHERE state = 'running' AND owner = $1";
+    WHERE id IN (SELECT id FROM deliveries WHERE state = 'running' AND owner = $1
+                 ORDER BY id FOR UPDATE)";
 
 const EVENT: &str = "SELECT received_at, source, context FROM events WHERE id = $1";
 
@@ -743,8 +751,12 @@ impl Store for PostgresStore {
         let now = Utc::now();
         self.with(|conn| {
             let finish = conn.prepare(FINISH)?;
+            // Rows are locked in id order, as the other multi-row updates of deliveries do
+            // (see RENEW), so that two nodes' transactions cannot wait for each other in a cycle.
+            let mut finished = finished.to_vec();
+            finished.sort_by_key(|(claim, _)| claim.delivery_id);
             let mut tx = conn.client.transaction()?;
-            for (claim, record) in finished {
+            for (claim, record) in &finished {
                 let outcome = record
                     .outcome
                     .as_ref()
