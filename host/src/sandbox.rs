@@ -487,8 +487,8 @@ fn backtrace_of(error: &wasmtime::Error) -> Vec<String> {
         .collect()
 }
 
-/// The WIT form of a context.
-fn to_wit(c: &JobContext) -> wit::types::JobContext {
+/// The WIT form of a context, as every `run-handler` call receives it.
+pub fn to_wit(c: &JobContext) -> wit::types::JobContext {
     use wit::types::{Datetime, JobResult as R, OperationType as O};
     wit::types::JobContext {
         agent_id: c.agent_id.to_string(),

@@ -26,11 +26,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use jobhook::bindings::Handler as Bindings;
 use jobhook::bindings::HandlerPre;
-use jobhook::bindings::jobhook::handler::types as wit;
 use jobhook::capabilities::Grants;
 use jobhook::capabilities::Services;
+use jobhook::sandbox::to_wit;
 use jobhook::{Delivery, Engine, Handler, HandlerSpec, JobContext, LoadOptions, OutcomeKind};
-use jobhook::{JobResult, OperationType};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{InstanceAllocationStrategy, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -387,42 +386,4 @@ pub fn run_round(
 /// A duration in microseconds.
 pub fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-/// The WIT form of a context, as `jobhook::sandbox` builds it for every call.
-pub fn to_wit(c: &JobContext) -> wit::JobContext {
-    use wit::{Datetime, JobResult as R, OperationType as O};
-    wit::JobContext {
-        agent_id: c.agent_id.to_string(),
-        username: c.username.clone(),
-        client_machine: c.client_machine.clone(),
-        job_result: match c.job_result {
-            JobResult::Unknown => R::Unknown,
-            JobResult::InProcess => R::InProcess,
-            JobResult::Success => R::Success,
-            JobResult::Warning => R::Warning,
-            JobResult::Failure => R::Failure,
-        },
-        job_id: c.job_id.to_string(),
-        job_type: c.job_type.clone(),
-        job_type_id: c.job_type_id.to_string(),
-        operation_type: match c.operation_type {
-            OperationType::Unknown => O::Unknown,
-            OperationType::Inventory => O::Inventory,
-            OperationType::Add => O::Add,
-            OperationType::Remove => O::Remove,
-            OperationType::Create => O::Create,
-            OperationType::CreateAdd => O::CreateAdd,
-            OperationType::Reenrollment => O::Reenrollment,
-            OperationType::Discovery => O::Discovery,
-            OperationType::SetPassword => O::SetPassword,
-            OperationType::FetchLogs => O::FetchLogs,
-        },
-        certificate_id: c.certificate_id,
-        request_timestamp: c.request_timestamp.map(|t| Datetime {
-            seconds: t.timestamp(),
-            nanoseconds: t.timestamp_subsec_nanos(),
-        }),
-        current_retry_count: c.current_retry_count,
-    }
 }
