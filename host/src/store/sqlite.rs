@@ -323,12 +323,17 @@ struct ContextCache {
 }
 
 impl ContextCache {
-    fn decode(&mut self, event_id: &str, json: &str) -> Result<JobContext, StoreError> {
+    /// The context of `event_id`: the last one decoded if it is that event's, else `json`
+    /// decoded (an error when there is none to decode).
+    fn decode(&mut self, event_id: &str, json: Option<&str>) -> Result<JobContext, StoreError> {
         if let Some((id, context)) = &self.last
             && id == event_id
         {
             return Ok(context.clone());
         }
+        let json = json.ok_or_else(|| {
+            StoreError::Corrupt(format!("event {event_id}: its context was not read"))
+        })?;
         let value: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
         let context = JobContext::from_json_value(&value)
@@ -416,16 +421,23 @@ impl Store for SqliteStore {
                     .map_err(db)?;
             }
         }
-        let mut texts = Vec::with_capacity(chosen.len());
+        // An event's deliveries are claimed side by side: its context is read once for them.
+        let mut texts: Vec<Option<String>> = Vec::with_capacity(chosen.len());
         {
             let mut context = tx
                 .prepare_cached("SELECT context FROM events WHERE id = ?1")
                 .map_err(db)?;
+            let mut previous: Option<&str> = None;
             for row in &chosen {
+                if previous == Some(row.event_id.as_str()) {
+                    texts.push(None);
+                    continue;
+                }
                 let text: String = context
                     .query_row(params![row.event_id], |r| r.get(0))
                     .map_err(db)?;
-                texts.push(text);
+                texts.push(Some(text));
+                previous = Some(&row.event_id);
             }
         }
         tx.commit().map_err(db)?;
@@ -434,7 +446,7 @@ impl Store for SqliteStore {
             .into_iter()
             .zip(texts)
             .map(|(row, text)| {
-                let context = contexts.decode(&row.event_id, &text)?;
+                let context = contexts.decode(&row.event_id, text.as_deref())?;
                 let event_id = Uuid::parse_str(&row.event_id)
                     .map_err(|e| StoreError::Corrupt(format!("event id {}: {e}", row.event_id)))?;
                 Ok(Claim {
