@@ -413,12 +413,31 @@ pub(crate) fn renewing_keeps_this_nodes_claims_and_no_others(b: &impl Backend) {
 }
 
 pub(crate) fn concurrent_claims_hand_out_each_delivery_once(b: &impl Backend) {
-    const EVENTS: usize = 20;
+    claim_everything_concurrently(b, 20, &["a", "b"], |node| {
+        let claim = node.claim(Utc::now(), &[], LEASE).unwrap();
+        if let Some(claim) = &claim {
+            node.finish(claim, &record(DeliveryState::Succeeded))
+                .unwrap();
+        }
+        claim.map(|c| c.delivery_id).into_iter().collect()
+    });
+}
+
+/// Commits `events` events routed to `handlers` on one node, then has three threads on each of
+/// two nodes `take` (claim and finish) until it gets nothing; checks that every delivery was
+/// taken exactly once and finished.
+fn claim_everything_concurrently<S: Store>(
+    b: &impl Backend<S = S>,
+    events: usize,
+    handlers: &[&str],
+    take: impl Fn(&S) -> Vec<i64> + Sync,
+) {
     const THREADS_PER_NODE: usize = 3;
     let nodes = [b.node(), b.node()];
-    for _ in 0..EVENTS {
-        nodes[0].insert_event(&event(&["a", "b"])).unwrap();
+    for _ in 0..events {
+        nodes[0].insert_event(&event(handlers)).unwrap();
     }
+    let take = &take;
     let claimed: Vec<i64> = std::thread::scope(|scope| {
         let workers: Vec<_> = nodes
             .iter()
@@ -426,12 +445,13 @@ pub(crate) fn concurrent_claims_hand_out_each_delivery_once(b: &impl Backend) {
             .map(|node| {
                 scope.spawn(move || {
                     let mut mine = Vec::new();
-                    while let Some(claim) = node.claim(Utc::now(), &[], LEASE).unwrap() {
-                        node.finish(&claim, &record(DeliveryState::Succeeded))
-                            .unwrap();
-                        mine.push(claim.delivery_id);
+                    loop {
+                        let taken = take(node);
+                        if taken.is_empty() {
+                            break mine;
+                        }
+                        mine.extend(taken);
                     }
-                    mine
                 })
             })
             .collect();
@@ -440,12 +460,13 @@ pub(crate) fn concurrent_claims_hand_out_each_delivery_once(b: &impl Backend) {
             .flat_map(|w| w.join().unwrap())
             .collect()
     });
+    let deliveries = events * handlers.len();
     let distinct: BTreeSet<i64> = claimed.iter().copied().collect();
-    assert_eq!(claimed.len(), EVENTS * 2, "every delivery claimed once");
-    assert_eq!(distinct.len(), EVENTS * 2, "no delivery claimed twice");
+    assert_eq!(claimed.len(), deliveries, "every delivery claimed once");
+    assert_eq!(distinct.len(), deliveries, "no delivery claimed twice");
     assert_eq!(
         nodes[1].count_by_state().unwrap(),
-        vec![(DeliveryState::Succeeded, (EVENTS * 2) as u64)]
+        vec![(DeliveryState::Succeeded, deliveries as u64)]
     );
 }
 
@@ -542,47 +563,17 @@ pub(crate) fn batch_claims_are_oldest_first_and_decode_each_context(b: &impl Bac
 }
 
 pub(crate) fn concurrent_batch_claims_hand_out_each_delivery_once(b: &impl Backend) {
-    const EVENTS: usize = 60;
-    const THREADS_PER_NODE: usize = 3;
-    let nodes = [b.node(), b.node()];
-    for _ in 0..EVENTS {
-        nodes[0].insert_event(&event(&["a", "b", "c"])).unwrap();
-    }
-    let claimed: Vec<i64> = std::thread::scope(|scope| {
-        let workers: Vec<_> = nodes
-            .iter()
-            .flat_map(|node| std::iter::repeat_n(node, THREADS_PER_NODE))
-            .map(|node| {
-                scope.spawn(move || {
-                    let mut mine = Vec::new();
-                    loop {
-                        let claims = node
-                            .claim_batch(Utc::now(), &limits(7, &[]), LEASE)
-                            .unwrap();
-                        if claims.is_empty() {
-                            break;
-                        }
-                        let done = record(DeliveryState::Succeeded);
-                        let finished: Vec<_> = claims.iter().map(|c| (c, &done)).collect();
-                        node.finish_batch(&finished).unwrap();
-                        mine.extend(claims.iter().map(|c| c.delivery_id));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect()
+    claim_everything_concurrently(b, 60, &["a", "b", "c"], |node| {
+        let claims = node
+            .claim_batch(Utc::now(), &limits(7, &[]), LEASE)
+            .unwrap();
+        let done = record(DeliveryState::Succeeded);
+        let finished: Vec<_> = claims.iter().map(|c| (c, &done)).collect();
+        if !finished.is_empty() {
+            node.finish_batch(&finished).unwrap();
+        }
+        claims.iter().map(|c| c.delivery_id).collect()
     });
-    let distinct: BTreeSet<i64> = claimed.iter().copied().collect();
-    assert_eq!(claimed.len(), EVENTS * 3, "every delivery claimed once");
-    assert_eq!(distinct.len(), EVENTS * 3, "no delivery claimed twice");
-    assert_eq!(
-        nodes[1].count_by_state().unwrap(),
-        vec![(DeliveryState::Succeeded, (EVENTS * 3) as u64)]
-    );
 }
 
 pub(crate) fn a_batch_finish_records_all_and_ignores_only_stale_claims(b: &impl Backend) {
