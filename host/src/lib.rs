@@ -7,53 +7,45 @@
 //! granted and with time, memory and call budgets. A handler failure of any kind becomes a
 //! recorded [`Outcome`], never an engine failure.
 //!
-//! Modules, one per responsibility:
-//! - [`context`]: the job context and its decoding from Keyfactor-style JSON;
-//! - [`engine`]: the wasmtime engine (pooling, epochs, proposals switched off);
-//! - [`loader`]: the load gate that checks untrusted component bytes;
-//! - [`aot`]: the on-disk cache of compiled components (`[engine] cache_dir`);
-//! - [`sandbox`]: a fresh store per invocation, limits, outcome classification;
-//! - [`cpu_share`]: the cores deliveries that keep computing may take between them;
-//! - [`limits`]: per-handler limits and the memory/table limiter;
-//! - [`capabilities`]: the interfaces a handler may import;
-//! - [`outcome`]: the record of one invocation;
-//! - [`config`]: the TOML configuration and its validation;
-//! - [`secret`]: secrets given by reference (env/file) in configuration, never printed;
-//! - [`store`]: the durable store of events, deliveries and outcomes (SQLite by default);
-//! - [`dispatch`]: job-type routing and the workers that run deliveries;
-//! - [`quarantine`]: setting aside handlers that keep failing;
-//! - [`api`]: the HTTP API; [`metrics`]: Prometheus metrics; [`server`]: `jobhook serve`;
-//! - [`poller`]: turning Keyfactor's JobHistory into events where no extension can be installed;
-//! - [`loadgen`]: the `jobhook load` event driver;
-//! - [`devtools`]: `jobhook run`'s capability flags and the `jobhook standin` dev server;
-//! - [`cli`]: the `jobhook` command line.
+//! The folders follow the data flow of one event:
+//!
+//! ```text
+//! sources/ ──► queue/ ──────────────► runtime/ ─────────► capabilities/
+//! api, poller  store, dispatch,        engine, loader,     properties, log, keyfactor,
+//!              delivery state,         sandbox, limits     mail, http, …
+//!              quarantine                     │
+//!                  ▲                          ▼
+//!                  └──────────── outcome (recorded per delivery)
+//! ```
+//!
+//! - [`sources`]: where events come from — the HTTP API and the JobHistory poller;
+//! - [`queue`]: the durable store, routing and dispatch of deliveries, the delivery state
+//!   machine (retry and failure), quarantine of handlers that keep failing;
+//! - [`runtime`]: the wasmtime engine, the load gate, the AOT cache, the per-delivery sandbox
+//!   and where its time, CPU and memory limits are enforced;
+//! - [`capabilities`]: the interfaces a handler may import, each in its own module;
+//! - [`app`]: the process edge — configuration file, `jobhook serve`, the CLI and its dev tools;
+//! - shared vocabulary at the top: [`context`] (the job context and its decoding), [`outcome`]
+//!   (the record of one invocation), [`limits`] (per-handler budgets), [`secret`] (secrets by
+//!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types).
 
-pub mod aot;
-pub mod api;
+pub mod app;
 pub mod bindings;
 pub mod capabilities;
-pub mod cli;
-pub mod config;
 pub mod context;
-pub mod cpu_share;
-pub mod devtools;
-pub mod dispatch;
-pub mod engine;
+pub mod duration_ms;
 pub mod limits;
-pub mod loader;
-pub mod loadgen;
 pub mod metrics;
 pub mod outcome;
-pub mod poller;
-pub mod quarantine;
-pub mod sandbox;
+pub mod queue;
+pub mod runtime;
 pub mod secret;
-pub mod server;
-pub mod store;
+pub mod sources;
 
 pub use context::{ContextError, JobContext, JobResult, OperationType};
-pub use engine::Engine;
 pub use limits::{LimitKind, Limits};
-pub use loader::{LoadError, LoadOptions};
 pub use outcome::{Outcome, OutcomeKind};
-pub use sandbox::{Delivery, Handler, HandlerSpec};
+pub use runtime::engine::Engine;
+pub use runtime::loader::{LoadError, LoadOptions};
+pub use runtime::sandbox::Handler;
+pub use runtime::state::{Delivery, HandlerSpec};

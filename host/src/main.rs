@@ -1,5 +1,5 @@
-//! The `jobhook` binary; see [`jobhook::cli`].
+//! The `jobhook` binary; see [`jobhook::app::cli`].
 
 fn main() -> std::process::ExitCode {
-    jobhook::cli::main()
+    jobhook::app::cli::main()
 }

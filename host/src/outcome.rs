@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::capabilities::log::LogLine;
 use crate::limits::LimitKind;
 
 /// Longest handler-supplied reason kept in an outcome. A hostile handler could return megabytes.
@@ -94,6 +93,15 @@ impl fmt::Display for OutcomeKind {
     }
 }
 
+/// One line a handler logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    pub level: &'static str,
+    /// The message, truncated to [`crate::limits::MAX_LOG_LINE_BYTES`].
+    pub message: String,
+}
+
 /// The full record of one invocation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -101,7 +109,10 @@ pub struct Outcome {
     #[serde(flatten)]
     pub kind: OutcomeKind,
     /// Wall-clock time from sandbox creation to the end of the call.
-    #[serde(rename = "duration_ms", serialize_with = "duration_ms")]
+    #[serde(
+        rename = "duration_ms",
+        serialize_with = "crate::duration_ms::serialize_fractional"
+    )]
     pub duration: Duration,
     /// The handler's log lines, in order, within the log budget.
     pub logs: Vec<LogLine>,
@@ -115,10 +126,6 @@ pub struct Outcome {
     pub output_dropped: u64,
     /// Bytes of linear memory the instance had grown to.
     pub memory_bytes: u64,
-}
-
-fn duration_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1000.0)
 }
 
 /// Truncates `text` to at most `max` bytes on a character boundary, marking the cut.

@@ -196,6 +196,23 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Makes a relative secret file path relative to `base` (the configuration file's directory).
+pub fn rebase(secret: &mut SecretRef, base: &Path) {
+    if let SecretRef::File(path) = secret
+        && path.is_relative()
+    {
+        *path = base.join(&*path);
+    }
+}
+
+/// Resolves a secret reference, reading relative file paths against `base` (the directory of
+/// the configuration file). The error names the reference, never a value.
+pub fn resolve_secret(secret: &SecretRef, base: &Path) -> Result<Secret, SecretError> {
+    let mut rebased = secret.clone();
+    rebase(&mut rebased, base);
+    rebased.resolve()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

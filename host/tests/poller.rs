@@ -10,13 +10,13 @@ use chrono::{Duration as Age, Utc};
 use jobhook::capabilities::Services;
 use jobhook::capabilities::keyfactor::auth::AuthConfig;
 use jobhook::capabilities::keyfactor::{KeyfactorClient, KeyfactorConfig};
-use jobhook::config::JobTypes;
-use jobhook::dispatch::{Dispatcher, RegisteredHandler, Registry};
 use jobhook::metrics::Metrics;
-use jobhook::poller::{CURSOR, Poller, PollerConfig};
+use jobhook::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
+use jobhook::queue::registration::JobTypes;
+use jobhook::queue::store::sqlite::SqliteStore;
+use jobhook::queue::store::{DeliveryState, Store};
 use jobhook::secret::SecretRef;
-use jobhook::store::sqlite::SqliteStore;
-use jobhook::store::{DeliveryState, Store};
+use jobhook::sources::poller::{CURSOR, Poller, PollerConfig};
 use jobhook::{Engine, Handler, HandlerSpec, LoadOptions};
 use jobhook_testkit::guest_bytes;
 use jobhook_testkit::standin::{Dataset, Standin, StandinConfig};
@@ -83,7 +83,7 @@ impl Fixture {
         )
         .await
         .expect("load");
-        let config = jobhook::config::Config::parse(
+        let config = jobhook::app::config::Config::parse(
             &format!(
                 "[[handlers]]\nname = \"all\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
                 jobhook_testkit::guest("log-context").display()
@@ -265,7 +265,11 @@ async fn api_errors_leave_the_cursor_alone() {
         client(&s, &f.dir.path().join("pw"), "wrong-password"),
         config(10, true),
     );
-    let error = poller.poll_once().await.expect_err("401 is an error");
+    let error = poller
+        .poll_once()
+        .await
+        .expect_err("401 is an error")
+        .to_string();
     assert!(error.contains("401"), "{error}");
     assert!(!error.contains("wrong-password"), "{error}");
     assert_eq!(f.cursor(), None);

@@ -17,9 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use jobhook::queue::store::Store;
+use jobhook::queue::store::postgres::PostgresStore;
 use jobhook::secret::Secret;
-use jobhook::store::Store;
-use jobhook::store::postgres::PostgresStore;
 use jobhook_testkit::engine::{EngineProcess, free_port};
 use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
 use jobhook_testkit::guest;

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use jobhook::config::Config;
+use jobhook::app::config::Config;
 use proptest::prelude::*;
 
 const VALID: &str = r#"[server]

@@ -496,7 +496,7 @@ async fn loops_beyond_the_cpu_share_are_throttled_and_still_end_at_their_deadlin
 async fn an_engine_sized_for_the_most_concurrent_deliveries_runs_handlers() {
     // `serve` sizes its pool to `[engine] max_concurrent_deliveries`; the largest accepted value
     // must fit the process's address space.
-    let slots = u32::try_from(jobhook::config::MAX_CONCURRENT_DELIVERIES).expect("fits");
+    let slots = u32::try_from(jobhook::runtime::config::MAX_CONCURRENT_DELIVERIES).expect("fits");
     let engine = Engine::new(slots).expect("engine");
     let handler = Handler::load(
         &engine,

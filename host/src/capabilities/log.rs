@@ -3,20 +3,9 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use crate::bindings::jobhook::handler::log::{Host, Level};
 use crate::limits::{Limits, MAX_LOG_LINE_BYTES};
-use crate::outcome::truncate;
-
-/// One line a handler logged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LogLine {
-    /// `trace`, `debug`, `info`, `warn` or `error`.
-    pub level: &'static str,
-    /// The message, truncated to [`MAX_LOG_LINE_BYTES`].
-    pub message: String,
-}
+use crate::outcome::{LogLine, truncate};
 
 /// Collects one invocation's log lines within its line and byte budgets.
 #[derive(Debug)]

@@ -109,7 +109,7 @@ pub enum RecipientRule {
 
 impl RecipientRule {
     /// Parses `*`, `@example.com` or `pki-team@example.com`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, AddressError> {
         let text = text.trim();
         if text == "*" {
             return Ok(RecipientRule::Any);
@@ -117,7 +117,7 @@ impl RecipientRule {
         if let Some(domain) = text.strip_prefix('@') {
             // Validate the domain by validating an address in it.
             Address::from_str(&format!("x@{domain}"))
-                .map_err(|_| format!("{text:?} is not a valid @domain"))?;
+                .map_err(|_| AddressError::Domain(text.to_owned()))?;
             return Ok(RecipientRule::Domain(domain.to_ascii_lowercase()));
         }
         let address = parse_address(text)?;
@@ -162,7 +162,7 @@ pub struct MailAddress(Address);
 
 impl MailAddress {
     /// Parses a bare address.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, AddressError> {
         parse_address(text.trim()).map(MailAddress)
     }
 }
@@ -191,24 +191,39 @@ fn address_text(address: &Address) -> &str {
     <Address as AsRef<str>>::as_ref(address)
 }
 
+/// Why an address or a recipient rule was refused; the message is for the guest or the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// Longer than [`MAX_ADDRESS_BYTES`].
+    #[error("an address is longer than {MAX_ADDRESS_BYTES} bytes")]
+    TooLong,
+    /// A display name, brackets, a list, whitespace or a control character.
+    #[error(
+        "{} is not a bare e-mail address (write user@example.com, without a name or brackets)",
+        quote(.0)
+    )]
+    NotBare(String),
+    /// Not an address.
+    #[error("{} is not a valid e-mail address", quote(.0))]
+    Invalid(String),
+    /// An `@domain` rule whose domain is not valid.
+    #[error("{0:?} is not a valid @domain")]
+    Domain(String),
+}
+
 /// A bare `local@domain` address: no display name, no angle brackets, no whitespace or control
-/// characters; the error is a reason for the guest or the operator.
-fn parse_address(text: &str) -> Result<Address, String> {
+/// characters.
+fn parse_address(text: &str) -> Result<Address, AddressError> {
     if text.len() > MAX_ADDRESS_BYTES {
-        return Err(format!(
-            "an address is longer than {MAX_ADDRESS_BYTES} bytes"
-        ));
+        return Err(AddressError::TooLong);
     }
     if text
         .chars()
         .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | ',' | ';'))
     {
-        return Err(format!(
-            "{} is not a bare e-mail address (write user@example.com, without a name or brackets)",
-            quote(text)
-        ));
+        return Err(AddressError::NotBare(text.to_owned()));
     }
-    Address::from_str(text).map_err(|_| format!("{} is not a valid e-mail address", quote(text)))
+    Address::from_str(text).map_err(|_| AddressError::Invalid(text.to_owned()))
 }
 
 /// What one handler may do with mail:
@@ -239,7 +254,7 @@ impl MailGrant {
     }
 
     /// Mail to `recipients` (convenient for tests and examples).
-    pub fn to(recipients: &[&str]) -> Result<Self, String> {
+    pub fn to(recipients: &[&str]) -> Result<Self, AddressError> {
         Ok(MailGrant {
             recipients: recipients
                 .iter()
@@ -335,7 +350,7 @@ pub struct MailConfig {
 
 impl MailConfig {
     /// Mail into the file outbox `dir`, from `from`.
-    pub fn outbox(from: &str, dir: impl Into<PathBuf>) -> Result<Self, String> {
+    pub fn outbox(from: &str, dir: impl Into<PathBuf>) -> Result<Self, AddressError> {
         Ok(MailConfig {
             from: MailAddress::parse(from)?,
             outbox: Some(dir.into()),
@@ -344,7 +359,7 @@ impl MailConfig {
     }
 
     /// Mail through `smtp`, from `from`.
-    pub fn smtp(from: &str, smtp: SmtpConfig) -> Result<Self, String> {
+    pub fn smtp(from: &str, smtp: SmtpConfig) -> Result<Self, AddressError> {
         Ok(MailConfig {
             from: MailAddress::parse(from)?,
             outbox: None,
@@ -505,7 +520,7 @@ impl MailTransport {
             )));
         }
         let check = |text: &String| -> Result<Mailbox, CapabilityError> {
-            let address = parse_address(text).map_err(denied)?;
+            let address = parse_address(text).map_err(|e| denied(e.to_string()))?;
             if !grant.recipients.iter().any(|r| r.allows(&address)) {
                 return Err(denied(format!(
                     "{} is not an allowed recipient for this handler (allowed: {})",
@@ -533,7 +548,7 @@ impl MailTransport {
         let from = match &message.from {
             None => self.from.clone(),
             Some(text) => {
-                let address = parse_address(text).map_err(denied)?;
+                let address = parse_address(text).map_err(|e| denied(e.to_string()))?;
                 if !grant.from.iter().any(|allowed| {
                     address_text(&allowed.0).eq_ignore_ascii_case(address_text(&address))
                 }) {

@@ -108,39 +108,51 @@ impl GrantMethod {
     }
 }
 
+/// Why a guest header was refused. Messages quote at most a short, sanitized piece of the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderRefused {
+    /// The name is empty or too long.
+    #[error("header names must be 1 to {MAX_HEADER_NAME_BYTES} bytes long")]
+    NameLength,
+    /// The name is not an HTTP token.
+    #[error(
+        "header name {} contains characters that are not allowed in an HTTP header name",
+        quote(.0)
+    )]
+    NameCharacters(String),
+    /// The value is too long.
+    #[error("the value of header {0} is longer than {MAX_HEADER_VALUE_BYTES} bytes")]
+    ValueLength(String),
+    /// The value has control or non-ASCII characters.
+    #[error(
+        "the value of header {0} contains control or non-ASCII characters (CR/LF are never allowed)"
+    )]
+    ValueCharacters(String),
+}
+
 /// Checks one guest header and converts it for the wire. Refuses names that are not HTTP tokens
-/// and values with control characters (CR/LF header injection, NUL), each with a reason that
-/// quotes at most a short, sanitized piece of the input.
-pub fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+/// and values with control characters (CR/LF header injection, NUL).
+pub fn check_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), HeaderRefused> {
     if name.is_empty() || name.len() > MAX_HEADER_NAME_BYTES {
-        return Err(format!(
-            "header names must be 1 to {MAX_HEADER_NAME_BYTES} bytes long"
-        ));
+        return Err(HeaderRefused::NameLength);
     }
     if !name.bytes().all(is_token_byte) {
-        return Err(format!(
-            "header name {} contains characters that are not allowed in an HTTP header name",
-            quote(name)
-        ));
+        return Err(HeaderRefused::NameCharacters(name.to_owned()));
     }
     if value.len() > MAX_HEADER_VALUE_BYTES {
-        return Err(format!(
-            "the value of header {name} is longer than {MAX_HEADER_VALUE_BYTES} bytes"
-        ));
+        return Err(HeaderRefused::ValueLength(name.to_owned()));
     }
     // Visible ASCII, space and tab only: no CR/LF (header injection), no NUL, no obs-text.
     if !value
         .bytes()
         .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
     {
-        return Err(format!(
-            "the value of header {name} contains control or non-ASCII characters (CR/LF are never allowed)"
-        ));
+        return Err(HeaderRefused::ValueCharacters(name.to_owned()));
     }
     let header_name = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("header name {} is not valid", quote(name)))?;
+        .map_err(|_| HeaderRefused::NameCharacters(name.to_owned()))?;
     let header_value = HeaderValue::from_str(value)
-        .map_err(|_| format!("the value of header {name} is not valid"))?;
+        .map_err(|_| HeaderRefused::ValueCharacters(name.to_owned()))?;
     Ok((header_name, header_value))
 }
 

@@ -28,7 +28,7 @@ use jobhook::bindings::Handler as Bindings;
 use jobhook::bindings::HandlerPre;
 use jobhook::capabilities::Grants;
 use jobhook::capabilities::Services;
-use jobhook::sandbox::to_wit;
+use jobhook::runtime::sandbox::to_wit;
 use jobhook::{Delivery, Engine, Handler, HandlerSpec, JobContext, LoadOptions, OutcomeKind};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{InstanceAllocationStrategy, Store};
@@ -157,10 +157,10 @@ fn wt(e: wasmtime::Error) -> anyhow::Error {
 }
 
 /// An engine configured exactly like `jobhook::Engine` (same proposals, stack, epochs, Cranelift
-/// settings: `jobhook::engine::wasmtime_config`) but with the on-demand instance allocator:
+/// settings: `jobhook::runtime::engine::wasmtime_config`) but with the on-demand instance allocator:
 /// memories, tables and instances are `mmap`ed for every instance and unmapped after it.
 pub fn on_demand_engine() -> anyhow::Result<wasmtime::Engine> {
-    wasmtime::Engine::new(&jobhook::engine::wasmtime_config(
+    wasmtime::Engine::new(&jobhook::runtime::engine::wasmtime_config(
         InstanceAllocationStrategy::OnDemand,
     ))
     .map_err(wt)

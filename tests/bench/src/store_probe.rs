@@ -6,8 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use jobhook::store::sqlite::SqliteStore;
-use jobhook::store::{AttemptRecord, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, NewEvent, Store};
+use jobhook::queue::store::sqlite::SqliteStore;
+use jobhook::queue::store::{
+    AttemptRecord, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, NewEvent, Store,
+};
 use jobhook::{Delivery, JobContext};
 
 use crate::delivery::DeliveryRig;

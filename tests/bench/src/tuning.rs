@@ -205,10 +205,10 @@ pub fn run(rounds: usize, calls: usize) -> anyhow::Result<()> {
         if only.as_deref().is_some_and(|only| !v.name.contains(only)) {
             continue;
         }
-        let mut pool = jobhook::engine::pooling_config(8);
+        let mut pool = jobhook::runtime::engine::pooling_config(8);
         (v.pool)(&mut pool);
         let mut config =
-            jobhook::engine::wasmtime_config(InstanceAllocationStrategy::Pooling(pool));
+            jobhook::runtime::engine::wasmtime_config(InstanceAllocationStrategy::Pooling(pool));
         (v.config)(&mut config);
         let engine = Engine::with_config(&config)?;
         let floor = RawWasmtime::new(engine.wasmtime().clone(), &wasm, true)?;

@@ -475,7 +475,8 @@ fn guest_headers(guest: &[(String, String)]) -> Result<HeaderMap, CapabilityErro
     }
     let mut headers = HeaderMap::new();
     for (name, value) in guest {
-        let (name, value) = outbound::check_header(name, value).map_err(CapabilityError::Denied)?;
+        let (name, value) = outbound::check_header(name, value)
+            .map_err(|e| CapabilityError::Denied(e.to_string()))?;
         if FORBIDDEN_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
             return Err(CapabilityError::Denied(format!(
                 "header {} is set by the engine and may not be set by a handler",

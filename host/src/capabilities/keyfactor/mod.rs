@@ -453,8 +453,8 @@ impl KeyfactorClient {
             )));
         }
         for (name, value) in guest {
-            let (name, value) =
-                outbound::check_header(name, value).map_err(CapabilityError::Denied)?;
+            let (name, value) = outbound::check_header(name, value)
+                .map_err(|e| CapabilityError::Denied(e.to_string()))?;
             if !GUEST_HEADERS.contains(&name.as_str()) {
                 return Err(CapabilityError::Denied(format!(
                     "header {} may not be set by a handler; the Keyfactor capability accepts only {} (authentication is the engine's)",

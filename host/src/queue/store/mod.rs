@@ -13,6 +13,7 @@
 //! one queue. [`open`] chooses between them from the `[store]` configuration. Both pass the same
 //! test suite (`conformance.rs`).
 
+pub mod config;
 #[cfg(test)]
 mod conformance;
 pub mod postgres;
@@ -26,10 +27,11 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::config::{StoreConfig, StoreKind, resolve_secret};
 use crate::context::JobContext;
 use crate::outcome::Outcome;
-use crate::secret::Secret;
+pub use crate::queue::delivery_state::DeliveryState;
+use crate::secret::resolve_secret;
+use config::{StoreConfig, StoreKind};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum StoreError {
     /// Stored data could not be decoded (corruption or a newer schema).
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
+    /// A caller asked for a transition the delivery state machine does not allow.
+    #[error(transparent)]
+    InvalidTransition(#[from] crate::queue::delivery_state::InvalidFinish),
     /// The store could not be opened.
     #[error("cannot open the store at {path}: {message}")]
     Open {
@@ -48,56 +53,6 @@ pub enum StoreError {
         /// Why.
         message: String,
     },
-}
-
-/// The state of one delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeliveryState {
-    /// Waiting to run (first time, retry, or after an interruption).
-    Pending,
-    /// Claimed by a worker.
-    Running,
-    /// The handler succeeded.
-    Succeeded,
-    /// The handler failed and no attempts remain.
-    Failed,
-    /// Not run: the handler was quarantined or is no longer configured.
-    Skipped,
-}
-
-impl DeliveryState {
-    /// The name stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryState::Pending => "pending",
-            DeliveryState::Running => "running",
-            DeliveryState::Succeeded => "succeeded",
-            DeliveryState::Failed => "failed",
-            DeliveryState::Skipped => "skipped",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            DeliveryState::Pending,
-            DeliveryState::Running,
-            DeliveryState::Succeeded,
-            DeliveryState::Failed,
-            DeliveryState::Skipped,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-
-    /// Whether the delivery is finished for good.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            DeliveryState::Succeeded | DeliveryState::Failed | DeliveryState::Skipped
-        )
-    }
 }
 
 /// An event to commit, with the handlers it is routed to.
@@ -144,6 +99,14 @@ pub struct AttemptRecord {
 }
 
 impl AttemptRecord {
+    /// Refuses a record that no attempt can lead to
+    /// ([`crate::queue::delivery_state::check_finish`]); both stores check every record before
+    /// they write it.
+    pub fn check(&self) -> Result<(), StoreError> {
+        crate::queue::delivery_state::check_finish(self.state, self.retry_at.is_some())?;
+        Ok(())
+    }
+
     /// How long the handler ran, in milliseconds, when it ran.
     pub fn duration_ms(&self) -> Option<f64> {
         self.outcome
@@ -372,12 +335,12 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
                 .as_ref()
                 .map(|reference| {
                     // Relative file references were made absolute when the config was read.
-                    resolve_secret(reference, std::path::Path::new("."))
-                        .map(Secret::new)
-                        .map_err(|e| StoreError::Open {
+                    resolve_secret(reference, std::path::Path::new(".")).map_err(|e| {
+                        StoreError::Open {
                             path: postgres::redact_url(url),
                             message: format!("[store] password: {e}"),
-                        })
+                        }
+                    })
                 })
                 .transpose()?;
             Ok(Arc::new(postgres::PostgresStore::open(

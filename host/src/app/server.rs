@@ -10,16 +10,18 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppState, Reloader};
+use crate::app::config::Config;
 use crate::capabilities::Services;
-use crate::config::{Config, HandlerConfig};
-use crate::dispatch::{Dispatcher, RegisteredHandler, Registry};
-use crate::engine::Engine;
-use crate::loader::LoadOptions;
 use crate::metrics::Metrics;
-use crate::poller::Poller;
-use crate::sandbox::{Handler, HandlerSpec};
-use crate::store::{self, Store};
+use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
+use crate::queue::registration::HandlerConfig;
+use crate::queue::store::{self, Store};
+use crate::runtime::engine::Engine;
+use crate::runtime::loader::LoadOptions;
+use crate::runtime::sandbox::Handler;
+use crate::runtime::state::HandlerSpec;
+use crate::sources::api::{self, AppState, Reloader};
+use crate::sources::poller::Poller;
 
 /// The line `serve` prints once it accepts connections; tools and tests wait for it.
 pub const READY_LINE: &str = "jobhook listening on http://";
@@ -155,7 +157,7 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         n => engine.with_sandbox_threads(n)?,
     };
     let engine = match &config.engine.cache_dir {
-        Some(dir) => crate::aot::attach(engine, dir),
+        Some(dir) => engine.with_aot_cache_at(dir),
         None => engine,
     };
     let services = services(&config)?;

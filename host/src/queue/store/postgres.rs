@@ -321,7 +321,7 @@ impl PostgresStore {
             path: target.clone(),
             message: scrub(message),
         };
-        let mut config = parse_url(url).map_err(&fail)?;
+        let mut config = parse_url(url).map_err(|e| fail(e.to_string()))?;
         if let Some(password) = password {
             config.password(password.expose());
         }
@@ -446,27 +446,58 @@ fn migrate(client: &mut Client) -> Result<(), PgError> {
     Ok(())
 }
 
-/// Parses a `postgres://` / `postgresql://` URL. Messages never repeat the URL (it could hold a
-/// password); [`check_url`] explains what is accepted.
-fn parse_url(url: &str) -> Result<postgres::Config, String> {
+/// An example `[store] url`, for messages.
+const URL_EXAMPLE: &str = "e.g. url = \"postgres://jobhook@127.0.0.1:5432/jobhook\"";
+
+/// Why a `[store] url` was refused. Every message shows the URL only with its password replaced
+/// ([`redact_url`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// Not a `postgres://` or `postgresql://` URL.
+    #[error("[store] url {url} is not a postgres:// URL; {URL_EXAMPLE}")]
+    NotPostgres {
+        /// The URL, redacted.
+        url: String,
+    },
+    /// The URL carries a password.
+    #[error(
+        "[store] url {url} contains a password; remove it from the URL and give it by \
+         reference: password = {{ env = \"JOBHOOK_DB_PASSWORD\" }} or {{ file = \"path\" }}"
+    )]
+    HasPassword {
+        /// The URL, redacted.
+        url: String,
+    },
+    /// The client library does not accept it.
+    #[error("[store] url {url} is not a valid PostgreSQL URL: {reason}")]
+    Invalid {
+        /// The URL, redacted.
+        url: String,
+        /// The client library's reason.
+        reason: String,
+    },
+}
+
+/// Parses a `postgres://` / `postgresql://` URL; [`check_url`] explains what is accepted.
+fn parse_url(url: &str) -> Result<postgres::Config, UrlError> {
     check_url(url)?;
     url.parse::<postgres::Config>()
-        .map_err(|e| format!("[store] url is not a valid PostgreSQL URL: {e}"))
+        .map_err(|e| UrlError::Invalid {
+            url: redact_url(url),
+            reason: e.to_string(),
+        })
 }
 
 /// Checks a `[store] url`: a `postgres://` or `postgresql://` URL that does not carry a
-/// password (that belongs in `[store] password`, by reference). The message names the key and
-/// shows the URL only with its password replaced.
-pub fn check_url(url: &str) -> Result<(), String> {
-    const EXAMPLE: &str = "e.g. url = \"postgres://jobhook@127.0.0.1:5432/jobhook\"";
+/// password (that belongs in `[store] password`, by reference).
+pub fn check_url(url: &str) -> Result<(), UrlError> {
     let Some((_, rest)) = url
         .split_once("://")
         .filter(|(scheme, _)| matches!(*scheme, "postgres" | "postgresql"))
     else {
-        return Err(format!(
-            "[store] url {} is not a postgres:// URL; {EXAMPLE}",
-            redact_url(url)
-        ));
+        return Err(UrlError::NotPostgres {
+            url: redact_url(url),
+        });
     };
     let authority = rest.split(['/', '?']).next().unwrap_or_default();
     let in_userinfo = authority
@@ -476,23 +507,16 @@ pub fn check_url(url: &str) -> Result<(), String> {
         .split_once('?')
         .is_some_and(|(_, query)| query.split('&').any(|kv| kv.starts_with("password=")));
     if in_userinfo || in_query {
-        return Err(format!(
-            "[store] url {} contains a password; remove it from the URL and give it by \
-             reference: password = {{ env = \"JOBHOOK_DB_PASSWORD\" }} or {{ file = \"path\" }}",
-            redact_url(url)
-        ));
+        return Err(UrlError::HasPassword {
+            url: redact_url(url),
+        });
     }
-    parse_check(url)
-}
-
-/// Whether the client library accepts the URL (without repeating it).
-fn parse_check(url: &str) -> Result<(), String> {
-    url.parse::<postgres::Config>().map(drop).map_err(|e| {
-        format!(
-            "[store] url {} is not a valid PostgreSQL URL: {e}",
-            redact_url(url)
-        )
-    })
+    url.parse::<postgres::Config>()
+        .map(drop)
+        .map_err(|e| UrlError::Invalid {
+            url: redact_url(url),
+            reason: e.to_string(),
+        })
 }
 
 /// `url` with the password of its user-info and any `password=` query parameter replaced by
@@ -748,6 +772,9 @@ impl Store for PostgresStore {
     }
 
     fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
+        for (_, record) in finished {
+            record.check()?;
+        }
         let now = Utc::now();
         self.with(|conn| {
             let finish = conn.prepare(FINISH)?;
@@ -969,7 +996,7 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::conformance::{self, Backend};
+    use crate::queue::store::conformance::{self, Backend};
     use jobhook_testkit::postgres::{TestDatabase, database_or_skip};
 
     /// A fresh database on the test server; every node is a new [`PostgresStore`] on it.
@@ -1017,17 +1044,19 @@ mod tests {
             "postgres://jobhook:hunter2@db/jobhook",
             "postgres://jobhook@db/jobhook?password=hunter2",
         ] {
-            let e = check_url(bad).unwrap_err();
+            let e = check_url(bad).unwrap_err().to_string();
             assert!(e.contains("[store] url"), "{e}");
             assert!(e.contains("password = { env"), "{e}");
             assert!(!e.contains("hunter2"), "{e}");
         }
-        let e = check_url("mysql://u:hunter2@h/d").unwrap_err();
+        let e = check_url("mysql://u:hunter2@h/d").unwrap_err().to_string();
         assert!(
             e.contains("not a postgres:// URL") && !e.contains("hunter2"),
             "{e}"
         );
-        let e = check_url("postgres://u@h:notaport/d").unwrap_err();
+        let e = check_url("postgres://u@h:notaport/d")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a valid PostgreSQL URL"), "{e}");
     }
 

@@ -26,9 +26,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::context::JobContext;
-use crate::dispatch::{Dispatcher, HandlerSummary};
 use crate::metrics::{CONTENT_TYPE, Metrics};
-use crate::store::{NewEvent, Store};
+use crate::queue::dispatch::{Dispatcher, HandlerSummary};
+use crate::queue::store::{NewEvent, Store};
 
 /// Reloads the configuration: resolves to the loaded handler names, or to the reason the new
 /// configuration was refused (the running one then stays).

@@ -17,14 +17,20 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
-use uuid::Uuid;
 
 use crate::capabilities::properties::Properties;
 use crate::capabilities::{Grants, ServicesConfig};
 use crate::context::parse_guid;
 use crate::limits::Limits;
-use crate::poller::PollerConfig;
-use crate::secret::SecretRef;
+use crate::queue::quarantine::QuarantineConfig;
+use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, HandlerConfig, JobTypes};
+use crate::queue::retry::{MAX_RETRY_ATTEMPTS, RetryPolicy};
+use crate::queue::store::config::StoreConfig;
+use crate::runtime::config::{
+    DEFAULT_CACHE_DIR, EngineConfig, MAX_CONCURRENT_DELIVERIES, MAX_SANDBOX_THREADS,
+};
+use crate::secret::{SecretRef, rebase, resolve_secret};
+use crate::sources::poller::PollerConfig;
 
 /// Where the HTTP API listens by default: loopback only, so an unconfigured engine is not
 /// reachable from the network.
@@ -36,38 +42,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 /// How long a graceful shutdown waits for running deliveries before requeueing them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Deliveries running at once across all handlers. Two cores run about this many sandboxes
-/// without starving the ingest path; more waits in the durable queue.
-pub const DEFAULT_MAX_CONCURRENT_DELIVERIES: usize = 16;
-
-/// Most `[engine] max_concurrent_deliveries` accepted. `serve` sizes its sandbox pool to it, and
-/// every pool slot reserves address space for its linear memories (about 8 GiB, nearly all of it
-/// never touched): 4,096 slots reserve some 32 TiB of the 128 TiB a 64-bit Linux process has,
-/// and far more deliveries than a node can usefully run at once.
-pub const MAX_CONCURRENT_DELIVERIES: usize = 4096;
-
-/// Most `[engine] sandbox_threads` accepted: more threads than sandboxes could ever run at once
-/// only cost memory (a thread stack each).
-pub const MAX_SANDBOX_THREADS: usize = 256;
-
-/// The AOT cache directory inside the data directory, when `[engine] cache_dir` is not set.
-pub const DEFAULT_CACHE_DIR: &str = "cache";
-
-/// Deliveries of one handler running at once, so one slow handler cannot take every slot.
-pub const DEFAULT_HANDLER_CONCURRENCY: usize = 4;
-
-/// Consecutive failures after which a handler is quarantined.
-pub const DEFAULT_QUARANTINE_AFTER: u32 = 5;
-/// First quarantine period; doubled on each failed probe.
-pub const DEFAULT_QUARANTINE_BACKOFF: Duration = Duration::from_secs(30);
-/// Longest quarantine period.
-pub const DEFAULT_QUARANTINE_MAX_BACKOFF: Duration = Duration::from_secs(3600);
-
 /// Largest configuration file read (a config with hundreds of handlers is far smaller).
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
-
-/// Upper bound on `retry.max_attempts`, so a misconfiguration cannot retry forever.
-pub const MAX_RETRY_ATTEMPTS: u32 = 100;
 
 /// A configuration error: which file, where, which key, and what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,7 +90,7 @@ pub struct ServerConfig {
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Graceful shutdown bound, in milliseconds.
-    #[serde(rename = "shutdown_grace_ms", with = "duration_ms")]
+    #[serde(rename = "shutdown_grace_ms", with = "crate::duration_ms")]
     pub shutdown_grace: Duration,
 }
 
@@ -131,195 +107,6 @@ impl Default for ServerConfig {
     }
 }
 
-/// Shortest `[store] lease_ms`: leases are renewed every third of the lease, and a renewal is a
-/// database round trip that must fit comfortably.
-pub const MIN_STORE_LEASE: Duration = Duration::from_secs(1);
-
-/// Longest `[store] lease_ms`: a longer lease only delays the takeover of a dead node's work.
-pub const MAX_STORE_LEASE: Duration = Duration::from_secs(3600);
-
-/// Which database keeps events and deliveries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    /// SQLite under `data_dir`: embedded, for one engine process.
-    #[default]
-    Sqlite,
-    /// A PostgreSQL database at `url`, shared by several engine nodes.
-    Postgres,
-}
-
-/// `[store]`: where events and deliveries are kept.
-///
-/// ```toml
-/// [store]
-/// kind = "postgres"                                  # default "sqlite"
-/// url = "postgres://jobhook@127.0.0.1:5432/jobhook"  # no password in the URL
-/// password = { env = "JOBHOOK_DB_PASSWORD" }         # or { file = "path" }; optional
-/// lease_ms = 60000                                   # how long a node's claim lasts unrenewed
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StoreConfig {
-    /// `sqlite` (the default) or `postgres`.
-    pub kind: StoreKind,
-    /// Directory of the SQLite database and of other local files such as the default mail
-    /// outbox (relative paths are relative to the config file).
-    pub data_dir: PathBuf,
-    /// For `postgres`: `postgres://USER@HOST:PORT/DATABASE`, without a password.
-    pub url: Option<String>,
-    /// For `postgres`: the password, by reference (relative files are made absolute against
-    /// the config file's directory). Never logged.
-    pub password: Option<SecretRef>,
-    /// How long a claim on a delivery lasts without renewal, in milliseconds. A dead node's
-    /// deliveries are taken over by another node this long after its last renewal.
-    #[serde(rename = "lease_ms", with = "duration_ms")]
-    pub lease: Duration,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            kind: StoreKind::Sqlite,
-            data_dir: PathBuf::from("data"),
-            url: None,
-            password: None,
-            lease: crate::dispatch::CLAIM_LEASE,
-        }
-    }
-}
-
-/// `[engine]`: concurrency and load-gate settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EngineConfig {
-    /// Deliveries running at once across all handlers.
-    pub max_concurrent_deliveries: usize,
-    /// Largest component accepted, in bytes.
-    pub max_component_bytes: usize,
-    /// Longest compilation of one component, in milliseconds.
-    #[serde(rename = "compile_timeout_ms", with = "duration_ms")]
-    pub compile_timeout: Duration,
-    /// Where `serve` keeps compiled components between runs (see [`crate::aot`]); relative
-    /// paths are relative to the config file. Default: `cache` in the data directory.
-    pub cache_dir: Option<PathBuf>,
-    /// Threads of their own that run sandboxes, below the priority of the HTTP API and the
-    /// store ([`crate::engine::SandboxThreads`]). 0 (the default) runs sandboxes on the same
-    /// threads as the API. See docs/PERFORMANCE.md (scenario d) for the trade-off.
-    pub sandbox_threads: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            max_concurrent_deliveries: DEFAULT_MAX_CONCURRENT_DELIVERIES,
-            max_component_bytes: crate::loader::DEFAULT_MAX_COMPONENT_BYTES,
-            compile_timeout: crate::loader::DEFAULT_COMPILE_TIMEOUT,
-            cache_dir: None,
-            sandbox_threads: 0,
-        }
-    }
-}
-
-/// `[quarantine]`: when a failing handler is set aside.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct QuarantineConfig {
-    /// Consecutive failures that quarantine a handler (0 disables quarantine).
-    pub after_failures: u32,
-    /// First quarantine period, in milliseconds.
-    #[serde(rename = "initial_backoff_ms", with = "duration_ms")]
-    pub initial_backoff: Duration,
-    /// Longest quarantine period, in milliseconds.
-    #[serde(rename = "max_backoff_ms", with = "duration_ms")]
-    pub max_backoff: Duration,
-}
-
-impl Default for QuarantineConfig {
-    fn default() -> Self {
-        QuarantineConfig {
-            after_failures: DEFAULT_QUARANTINE_AFTER,
-            initial_backoff: DEFAULT_QUARANTINE_BACKOFF,
-            max_backoff: DEFAULT_QUARANTINE_MAX_BACKOFF,
-        }
-    }
-}
-
-/// Which job types a handler runs for: Keyfactor's `JobTypes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
-pub enum JobTypes {
-    /// `["*"]`: every job type.
-    All,
-    /// Only these job type GUIDs.
-    Only(BTreeSet<Uuid>),
-}
-
-impl JobTypes {
-    /// Whether a job of type `job_type_id` is routed to the handler.
-    pub fn matches(&self, job_type_id: Uuid) -> bool {
-        match self {
-            JobTypes::All => true,
-            JobTypes::Only(ids) => ids.contains(&job_type_id),
-        }
-    }
-}
-
-/// `[handlers.retry]`: what happens after a handler fails (reports failure, traps, times out).
-/// A delivery interrupted by an engine crash or shutdown is always run again, regardless.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RetryPolicy {
-    /// Attempts in total, including the first (1 = no retry, the default).
-    pub max_attempts: u32,
-    /// Wait before the first retry, in milliseconds; doubled for each further retry.
-    #[serde(rename = "backoff_ms", with = "duration_ms")]
-    pub backoff: Duration,
-    /// Longest wait between attempts, in milliseconds.
-    #[serde(rename = "max_backoff_ms", with = "duration_ms")]
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 1,
-            backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(300),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait before attempt `next_attempt` (2 for the first retry).
-    pub fn delay_before(&self, next_attempt: u32) -> Duration {
-        let doublings = next_attempt.saturating_sub(2).min(30);
-        self.backoff
-            .saturating_mul(1u32 << doublings)
-            .min(self.max_backoff)
-    }
-}
-
-/// Makes a relative secret file path relative to `base` (the configuration file's directory).
-fn rebase(secret: &mut SecretRef, base: &Path) {
-    if let SecretRef::File(path) = secret
-        && path.is_relative()
-    {
-        *path = base.join(&*path);
-    }
-}
-
-/// Resolves a secret reference, reading relative file paths against `base` (the directory of
-/// the configuration file). The error names the reference, never a value.
-pub fn resolve_secret(secret: &SecretRef, base: &Path) -> Result<String, String> {
-    let mut rebased = secret.clone();
-    rebase(&mut rebased, base);
-    rebased
-        .resolve()
-        .map(|s| s.expose().to_owned())
-        .map_err(|e| e.to_string())
-}
-
 /// A property value: a plain string, or a secret reference `{ env = "NAME" }` /
 /// `{ file = "path" }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,31 +116,6 @@ pub enum PropertyValue {
     Plain(String),
     /// A reference to the value.
     Secret(SecretRef),
-}
-
-/// One `[[handlers]]` registration, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandlerConfig {
-    /// Unique name.
-    pub name: String,
-    /// Path of the component, resolved against the config file's directory.
-    pub component: PathBuf,
-    /// The job types it runs for.
-    pub job_types: JobTypes,
-    /// Its properties, secrets resolved. Never log these.
-    pub properties: Properties,
-    /// Names of properties whose values are secrets (shown as such by the API).
-    pub secret_properties: BTreeSet<String>,
-    /// The capabilities it may use.
-    pub grants: Grants,
-    /// Its sandbox limits.
-    pub limits: Limits,
-    /// Its retry policy.
-    pub retry: RetryPolicy,
-    /// Deliveries of this handler running at once.
-    pub max_concurrency: usize,
-    /// The 1-based line of its `[[handlers]]` table.
-    pub line: usize,
 }
 
 /// The file as written, before validation.
@@ -440,7 +202,7 @@ impl Config {
             base: &base,
         };
         v.check_server(&raw.server)?;
-        v.check_store(&raw.store)?;
+        v.check_store_section(&raw.store)?;
         if !(1..=MAX_CONCURRENT_DELIVERIES).contains(&raw.engine.max_concurrent_deliveries) {
             return Err(v.error(
                 None,
@@ -502,7 +264,9 @@ impl Config {
             }
         }
         if let Some(poller) = &raw.poller {
-            poller.job_type_ids().map_err(|e| v.error(None, &e))?;
+            poller
+                .job_type_ids()
+                .map_err(|e| v.error(None, &e.to_string()))?;
             if keyfactor.is_none() {
                 return Err(v.error(
                     None,
@@ -533,11 +297,13 @@ impl Config {
             .tokens
             .iter()
             .map(|t| {
-                resolve_secret(t, base).map_err(|e| ConfigError {
-                    file: self.path.clone(),
-                    line: None,
-                    message: format!("server.tokens: {e}"),
-                })
+                resolve_secret(t, base)
+                    .map(|s| s.expose().to_owned())
+                    .map_err(|e| ConfigError {
+                        file: self.path.clone(),
+                        line: None,
+                        message: format!("server.tokens: {e}"),
+                    })
             })
             .collect()
     }
@@ -569,38 +335,10 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn check_store(&self, store: &StoreConfig) -> Result<(), ConfigError> {
-        if store.lease < MIN_STORE_LEASE || store.lease > MAX_STORE_LEASE {
-            return Err(self.error(
-                None,
-                &format!(
-                    "[store] lease_ms must be between {} and {}",
-                    MIN_STORE_LEASE.as_millis(),
-                    MAX_STORE_LEASE.as_millis()
-                ),
-            ));
-        }
-        match (store.kind, &store.url) {
-            (StoreKind::Sqlite, None) if store.password.is_none() => Ok(()),
-            (StoreKind::Sqlite, _) => Err(self.error(
-                None,
-                "[store] url and password are only used with kind = \"postgres\"; \
-                 add kind = \"postgres\" or remove them",
-            )),
-            (StoreKind::Postgres, None) => Err(self.error(
-                None,
-                "[store] url is required with kind = \"postgres\", e.g. \
-                 url = \"postgres://jobhook@127.0.0.1:5432/jobhook\"",
-            )),
-            (StoreKind::Postgres, Some(url)) => {
-                crate::store::postgres::check_url(url).map_err(|e| self.error(None, &e))?;
-                if let Some(password) = &store.password {
-                    resolve_secret(password, self.base)
-                        .map_err(|e| self.error(None, &format!("[store] password: {e}")))?;
-                }
-                Ok(())
-            }
-        }
+    fn check_store_section(&self, store: &StoreConfig) -> Result<(), ConfigError> {
+        store
+            .validate(self.base)
+            .map_err(|e| self.error(None, &e.to_string()))
     }
 
     fn handler(&self, raw: RawHandler, line: usize) -> Result<HandlerConfig, ConfigError> {
@@ -655,6 +393,7 @@ impl Validator<'_> {
                 PropertyValue::Secret(secret) => {
                     secret_properties.insert(key.clone());
                     resolve_secret(&secret, self.base)
+                        .map(|s| s.expose().to_owned())
                         .map_err(|e| self.error(value_line, &format!("{what}: {e}")))?
                 }
             };
@@ -749,7 +488,7 @@ impl Validator<'_> {
     }
 
     fn check_limits(&self, l: &Limits, line: Option<usize>, key: &str) -> Result<(), ConfigError> {
-        let max_memory = crate::engine::MAX_MEMORY_PER_SANDBOX as u64;
+        let max_memory = crate::runtime::engine::MAX_MEMORY_PER_SANDBOX as u64;
         let problem = if l.timeout.is_zero() {
             Some("timeout_ms must be at least 1".to_owned())
         } else if l.memory_bytes < 1024 * 1024 || l.memory_bytes > max_memory {
@@ -780,23 +519,11 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-mod duration_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::store::config::StoreKind;
+    use uuid::Uuid;
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -979,7 +706,7 @@ backoff_ms = 100
     fn store_defaults_to_sqlite_with_the_standard_lease() {
         let c = Fixture::new().parse(MINIMAL).unwrap();
         assert_eq!(c.store.kind, StoreKind::Sqlite);
-        assert_eq!(c.store.lease, crate::dispatch::CLAIM_LEASE);
+        assert_eq!(c.store.lease, crate::queue::store::config::DEFAULT_LEASE);
         assert_eq!(c.store.url, None);
     }
 

@@ -19,8 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::engine::EPOCH_TICK;
-
 /// Epoch ticks of guest code a delivery runs at full speed before it counts as a long runner:
 /// 20 ms at the 1 ms tick, some twenty times what a typical handler needs in all, so ordinary
 /// deliveries are never throttled.
@@ -45,13 +43,17 @@ const MAX_PAUSE: Duration = Duration::from_millis(20);
 pub struct CpuShare {
     long_runners: Arc<AtomicUsize>,
     cores: f64,
+    /// The engine's epoch tick: the unit a pause is counted in.
+    tick: Duration,
 }
 
 impl CpuShare {
-    /// Long runners together get `cores` cores (at least [`MIN_SHARE`]).
-    pub fn new(cores: f64) -> Self {
+    /// Long runners together get `cores` cores (at least [`MIN_SHARE`]); `tick` is the
+    /// engine's epoch tick, at which a sandbox may be paused.
+    pub fn new(cores: f64, tick: Duration) -> Self {
         CpuShare {
             long_runners: Arc::new(AtomicUsize::new(0)),
+            tick,
             cores: if cores.is_finite() {
                 cores.max(MIN_SHARE)
             } else {
@@ -61,9 +63,9 @@ impl CpuShare {
     }
 
     /// [`SHARE_OF_MACHINE`] of this machine's cores.
-    pub fn for_machine() -> Self {
+    pub fn for_machine(tick: Duration) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        Self::new(cores as f64 * SHARE_OF_MACHINE)
+        Self::new(cores as f64 * SHARE_OF_MACHINE, tick)
     }
 
     /// The cores long runners share.
@@ -107,7 +109,7 @@ impl SandboxTicks {
             self.counted = true;
             self.share.long_runners.fetch_add(1, Ordering::Relaxed);
         }
-        pause(self.share.long_runners(), self.share.cores)
+        pause(self.share.long_runners(), self.share.cores, self.share.tick)
     }
 }
 
@@ -122,45 +124,48 @@ impl Drop for SandboxTicks {
 /// The pause after one tick that keeps `long_runners` within `cores` cores: each may run
 /// `cores / long_runners` of the time, so it pauses `long_runners / cores - 1` ticks per tick
 /// run, up to [`MAX_PAUSE`].
-pub fn pause(long_runners: usize, cores: f64) -> Option<Duration> {
+pub fn pause(long_runners: usize, cores: f64, tick: Duration) -> Option<Duration> {
     let cores = cores.max(MIN_SHARE);
     let runners = long_runners as f64;
     if runners <= cores {
         return None;
     }
     let ticks = runners / cores - 1.0;
-    Some(EPOCH_TICK.mul_f64(ticks).min(MAX_PAUSE))
+    Some(tick.mul_f64(ticks).min(MAX_PAUSE))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The tick the engine uses (1 ms); a pause is a whole number of ticks.
+    const EPOCH_TICK: Duration = Duration::from_millis(1);
+
     #[test]
     fn long_runners_within_the_share_never_pause() {
-        assert_eq!(pause(0, 1.0), None);
-        assert_eq!(pause(1, 1.0), None);
-        assert_eq!(pause(2, 2.0), None);
+        assert_eq!(pause(0, 1.0, EPOCH_TICK), None);
+        assert_eq!(pause(1, 1.0, EPOCH_TICK), None);
+        assert_eq!(pause(2, 2.0, EPOCH_TICK), None);
         // The share is at least a tenth of a core.
-        assert_eq!(pause(1, 0.0), pause(1, MIN_SHARE));
-        assert!(pause(1, MIN_SHARE).is_some());
+        assert_eq!(pause(1, 0.0, EPOCH_TICK), pause(1, MIN_SHARE, EPOCH_TICK));
+        assert!(pause(1, MIN_SHARE, EPOCH_TICK).is_some());
     }
 
     #[test]
     fn more_long_runners_pause_so_that_together_they_use_the_share() {
         // Four on one core: each runs one tick in four.
-        assert_eq!(pause(4, 1.0), Some(EPOCH_TICK * 3));
+        assert_eq!(pause(4, 1.0, EPOCH_TICK), Some(EPOCH_TICK * 3));
         // Six on two cores: each runs one tick in three.
-        assert_eq!(pause(6, 2.0), Some(EPOCH_TICK * 2));
+        assert_eq!(pause(6, 2.0, EPOCH_TICK), Some(EPOCH_TICK * 2));
         // One on half a core (a quarter of two): one tick in two.
-        assert_eq!(pause(1, 0.5), Some(EPOCH_TICK));
+        assert_eq!(pause(1, 0.5, EPOCH_TICK), Some(EPOCH_TICK));
         // However many there are, a pause is bounded.
-        assert_eq!(pause(10_000, 1.0), Some(MAX_PAUSE));
+        assert_eq!(pause(10_000, 1.0, EPOCH_TICK), Some(MAX_PAUSE));
     }
 
     #[test]
     fn a_sandbox_becomes_a_long_runner_after_its_free_ticks_until_dropped() {
-        let share = CpuShare::new(1.0);
+        let share = CpuShare::new(1.0, EPOCH_TICK);
         let mut first = share.sandbox();
         for _ in 0..FREE_TICKS {
             assert_eq!(first.on_tick(), None);

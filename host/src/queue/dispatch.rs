@@ -16,14 +16,17 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch}
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use crate::config::{HandlerConfig, JobTypes, QuarantineConfig, RetryPolicy};
 use crate::metrics::Metrics;
 use crate::outcome::OutcomeKind;
-use crate::quarantine::{Admission, Quarantine, QuarantineStatus};
-use crate::sandbox::{Delivery, Handler};
-use crate::store::{
-    AttemptRecord, Claim, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, Store, StoreError, after,
-};
+use crate::queue::delivery_state::{AttemptEnd, Transition, after_attempt};
+use crate::queue::quarantine::QuarantineConfig;
+use crate::queue::quarantine::{Admission, Quarantine, QuarantineStatus};
+use crate::queue::registration::{HandlerConfig, JobTypes};
+use crate::queue::retry::RetryPolicy;
+use crate::queue::store::config::DEFAULT_LEASE;
+use crate::queue::store::{AttemptRecord, Claim, ClaimLimits, MAX_CLAIM_BATCH, Store, StoreError};
+use crate::runtime::sandbox::Handler;
+use crate::runtime::state::Delivery;
 
 /// Longest the dispatcher sleeps without looking at the store, so retries that become due are
 /// picked up even when no new event wakes it.
@@ -32,17 +35,8 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Pause after a store error before claiming again, so a broken disk does not spin a core.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
-/// How long a claim on a delivery is held without renewal, unless `[store] lease_ms` says
-/// otherwise. Running deliveries are renewed every third of it; a node that dies stops
-/// renewing, and its deliveries are taken over by another node once the lease has expired.
-pub const CLAIM_LEASE: Duration = Duration::from_secs(60);
-
 /// Shortest lease the dispatcher uses, whatever it is given: renewals run every third of it.
 const MIN_LEASE: Duration = Duration::from_millis(300);
-
-/// Delay before re-running a delivery that the engine itself could not run (e.g. every sandbox
-/// slot was busy); not the handler's fault, so it does not count towards quarantine.
-const ENGINE_ERROR_RETRY: Duration = Duration::from_secs(1);
 
 /// Outcomes recorded in one store transaction at most. Deliveries that end while a batch is being
 /// committed wait for the next one (group commit): under load one transaction records many
@@ -255,14 +249,14 @@ impl std::fmt::Debug for Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher over `store` with `registry`, running at most `max_concurrent` deliveries,
-    /// with the default claim lease [`CLAIM_LEASE`].
+    /// with the default claim lease [`DEFAULT_LEASE`].
     pub fn new(
         store: Arc<dyn Store>,
         registry: Registry,
         metrics: Arc<Metrics>,
         max_concurrent: usize,
     ) -> Arc<Self> {
-        Self::with_lease(store, registry, metrics, max_concurrent, CLAIM_LEASE)
+        Self::with_lease(store, registry, metrics, max_concurrent, DEFAULT_LEASE)
     }
 
     /// Like [`Dispatcher::new`], claiming each delivery for `lease` (`[store] lease_ms`):
@@ -531,24 +525,16 @@ impl Dispatcher {
             outcome.kind.class(),
             outcome.duration.as_secs_f64(),
         );
-        let engine_fault = matches!(outcome.kind, OutcomeKind::EngineError { .. });
-        if !engine_fault {
+        if !matches!(outcome.kind, OutcomeKind::EngineError { .. }) {
             h.quarantine()
                 .record(outcome.kind.is_success(), Instant::now());
         }
-        let (state, retry_at) = if outcome.kind.is_success() {
-            (DeliveryState::Succeeded, None)
-        } else if engine_fault {
-            (
-                DeliveryState::Pending,
-                Some(after(Utc::now(), ENGINE_ERROR_RETRY)),
-            )
-        } else if claim.attempt < h.config.retry.max_attempts {
-            let delay = h.config.retry.delay_before(claim.attempt + 1);
-            (DeliveryState::Pending, Some(after(Utc::now(), delay)))
-        } else {
-            (DeliveryState::Failed, None)
-        };
+        let Transition { state, retry_at } = after_attempt(
+            AttemptEnd::Ran(&outcome.kind),
+            claim.attempt,
+            &h.config.retry,
+            Utc::now(),
+        );
         AttemptRecord {
             state,
             retry_at,
@@ -559,10 +545,14 @@ impl Dispatcher {
     }
 }
 
+/// The record of a delivery that was not run (its handler is quarantined or gone). A skip does
+/// not depend on the attempt or the retry policy.
 fn skipped(reason: String) -> AttemptRecord {
+    let Transition { state, retry_at } =
+        after_attempt(AttemptEnd::Skipped, 1, &RetryPolicy::default(), Utc::now());
     AttemptRecord {
-        state: DeliveryState::Skipped,
-        retry_at: None,
+        state,
+        retry_at,
         class: "skipped".into(),
         reason: Some(reason),
         outcome: None,
@@ -630,8 +620,8 @@ fn log_store_error(e: &StoreError) {
 mod tests {
     use super::*;
     use crate::context::JobContext;
-    use crate::store::sqlite::SqliteStore;
-    use crate::store::{EventView, NewEvent};
+    use crate::queue::store::sqlite::SqliteStore;
+    use crate::queue::store::{DeliveryState, EventView, NewEvent};
 
     /// SQLite, except that recording more than one outcome in a transaction always fails (as a
     /// shared database may abort such a transaction to break a deadlock).
@@ -714,7 +704,9 @@ mod tests {
             max: 3,
             room: BTreeMap::new(),
         };
-        let claims = store.claim_batch(Utc::now(), &limits, CLAIM_LEASE).unwrap();
+        let claims = store
+            .claim_batch(Utc::now(), &limits, DEFAULT_LEASE)
+            .unwrap();
         assert_eq!(claims.len(), 3);
         let finished: Vec<Finished> = claims
             .into_iter()

@@ -14,10 +14,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::capabilities::properties::Properties;
 use crate::context::{JobContext, MAX_CONTEXT_BYTES};
-use crate::engine::Engine;
-use crate::loader::{self, Inspection, LoadOptions};
 use crate::outcome::Outcome;
-use crate::sandbox::{Delivery, Handler, HandlerSpec};
+use crate::runtime::engine::Engine;
+use crate::runtime::loader::{self, Inspection, LoadOptions};
+use crate::runtime::sandbox::Handler;
+use crate::runtime::state::{Delivery, HandlerSpec};
 
 /// Sandboxes the one-shot commands need; a small pool keeps start-up cheap.
 const CLI_MAX_CONCURRENT_SANDBOXES: u32 = 4;
@@ -38,7 +39,7 @@ enum Command {
     Inspect(InspectArgs),
     /// Serve a stand-in for the Keyfactor Command API (seeded data, well-known credentials)
     /// for trying handlers on a workstation.
-    Standin(crate::devtools::StandinArgs),
+    Standin(crate::app::devtools::StandinArgs),
     /// Run the engine: the HTTP API, the durable queue and the handlers of a configuration.
     Serve(ConfigArgs),
     /// Validate a configuration and load every handler, without serving.
@@ -104,7 +105,7 @@ struct RunArgs {
     memory_bytes: Option<u64>,
     /// The services behind the keyfactor, mail and http capabilities.
     #[command(flatten)]
-    services: Box<crate::devtools::ServiceArgs>,
+    services: Box<crate::app::devtools::ServiceArgs>,
 }
 
 #[derive(Debug, Args)]
@@ -135,8 +136,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Inspect(args) => inspect(args).await,
-            Command::Standin(args) => crate::devtools::standin(args).await,
-            Command::Serve(args) => crate::server::serve(args.config)
+            Command::Standin(args) => crate::app::devtools::standin(args).await,
+            Command::Serve(args) => crate::app::server::serve(args.config)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => check(args).await,
@@ -242,7 +243,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         bail!("--seconds must be a positive number");
     }
-    let report = crate::loadgen::run(crate::loadgen::LoadOptions {
+    let report = crate::app::loadgen::run(crate::app::loadgen::LoadOptions {
         url: args.url,
         rate: args.rate,
         duration: Duration::from_secs_f64(args.seconds),
@@ -272,7 +273,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
-    let names = crate::server::check(&args.config).await?;
+    let names = crate::app::server::check(&args.config).await?;
     println!(
         "{}: configuration is valid; {} handler(s) loaded: {}",
         args.config.display(),

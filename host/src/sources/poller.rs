@@ -39,8 +39,8 @@ use crate::bindings::jobhook::handler::keyfactor::Request;
 use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::{JobContext, JobResult, OperationType, parse_guid, parse_timestamp};
-use crate::dispatch::Dispatcher;
-use crate::store::{NewEvent, Store};
+use crate::queue::dispatch::Dispatcher;
+use crate::queue::store::{NewEvent, Store, StoreError};
 
 /// The name of the poller's cursor in the store.
 pub const CURSOR: &str = "jobhistory";
@@ -82,21 +82,77 @@ impl Default for PollerConfig {
 
 impl PollerConfig {
     /// Checks values and parses the job type map.
-    pub fn job_type_ids(&self) -> Result<BTreeMap<String, Uuid>, String> {
+    pub fn job_type_ids(&self) -> Result<BTreeMap<String, Uuid>, PollerConfigError> {
         if self.interval_ms == 0 || self.page_size == 0 || self.page_size > 1000 {
-            return Err(
-                "[poller] interval_ms must be at least 1 and page_size between 1 and 1000".into(),
-            );
+            return Err(PollerConfigError::Bounds);
         }
         self.job_types
             .iter()
             .map(|(name, id)| {
                 parse_guid(id)
                     .map(|g| (name.to_ascii_lowercase(), g))
-                    .ok_or_else(|| format!("[poller.job_types] {name} = {id:?} is not a GUID"))
+                    .ok_or_else(|| PollerConfigError::JobType {
+                        name: name.clone(),
+                        id: id.clone(),
+                    })
             })
             .collect()
     }
+}
+
+/// Why a `[poller]` section was refused; the message names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PollerConfigError {
+    /// `interval_ms` or `page_size` out of bounds.
+    #[error("[poller] interval_ms must be at least 1 and page_size between 1 and 1000")]
+    Bounds,
+    /// A `[poller.job_types]` value that is not a GUID.
+    #[error("[poller.job_types] {name} = {id:?} is not a GUID")]
+    JobType {
+        /// The job type name.
+        name: String,
+        /// The value given.
+        id: String,
+    },
+}
+
+/// Why a poller could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PollerSetupError {
+    /// The `[poller]` section.
+    #[error(transparent)]
+    Config(#[from] PollerConfigError),
+    /// The poller's own Keyfactor grant.
+    #[error("the poller's Keyfactor grant: {0}")]
+    Grant(String),
+}
+
+/// Why one poll failed. The poller logs it and tries again with backoff; nothing is committed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// The Keyfactor API could not be called.
+    #[error("GET {JOB_HISTORY} failed: {0}")]
+    Call(String),
+    /// The Keyfactor API answered with an error status.
+    #[error("GET {JOB_HISTORY} answered {status}: {body}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (lossy UTF-8).
+        body: String,
+    },
+    /// The answer is not what the API documents.
+    #[error("GET {JOB_HISTORY} {0}")]
+    Answer(String),
+    /// The store refused the read or the commit.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The stored cursor is unreadable.
+    #[error("stored poller cursor {0:?} is not a number")]
+    Cursor(String),
+    /// A blocking store task did not complete.
+    #[error("store task: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// A JobHistory row's status, as far as the poller cares.
@@ -216,9 +272,10 @@ impl Poller {
         client: Arc<KeyfactorClient>,
         store: Arc<dyn Store>,
         dispatcher: Arc<Dispatcher>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PollerSetupError> {
         let job_types = config.job_type_ids()?;
-        let grant = KeyfactorGrant::read_only(&["OrchestratorJobs/"]).map_err(|e| e.to_string())?;
+        let grant = KeyfactorGrant::read_only(&["OrchestratorJobs/"])
+            .map_err(|e| PollerSetupError::Grant(e.to_string()))?;
         Ok(Poller {
             config,
             job_types,
@@ -276,7 +333,7 @@ impl Poller {
         }
     }
 
-    async fn get(&self, query: Vec<(String, String)>) -> Result<Vec<Value>, String> {
+    async fn get(&self, query: Vec<(String, String)>) -> Result<Vec<Value>, PollError> {
         let response = self
             .client
             .send(
@@ -290,33 +347,30 @@ impl Poller {
                 },
             )
             .await
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| PollError::Call(format!("{e:?}")))?;
         if !(200..300).contains(&response.status) {
-            return Err(format!(
-                "GET {JOB_HISTORY} answered {}: {}",
-                response.status,
-                String::from_utf8_lossy(response.body.get(..500).unwrap_or(&response.body))
-            ));
+            return Err(PollError::Status {
+                status: response.status,
+                body: String::from_utf8_lossy(response.body.get(..500).unwrap_or(&response.body))
+                    .into_owned(),
+            });
         }
         match serde_json::from_slice::<Value>(&response.body) {
             Ok(Value::Array(rows)) => Ok(rows),
-            Ok(_) => Err(format!("GET {JOB_HISTORY} did not answer a JSON array")),
-            Err(e) => Err(format!("GET {JOB_HISTORY} answered invalid JSON: {e}")),
+            Ok(_) => Err(PollError::Answer("did not answer a JSON array".into())),
+            Err(e) => Err(PollError::Answer(format!("answered invalid JSON: {e}"))),
         }
     }
 
     /// One poll: reads the page after the cursor and commits the finished jobs with the new
     /// cursor.
-    pub async fn poll_once(&self) -> Result<PollReport, String> {
+    pub async fn poll_once(&self) -> Result<PollReport, PollError> {
         let store = Arc::clone(&self.store);
-        let cursor = tokio::task::spawn_blocking(move || store.cursor(CURSOR))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let cursor = tokio::task::spawn_blocking(move || store.cursor(CURSOR)).await??;
         let cursor = match cursor {
             Some(text) => text
                 .parse::<i64>()
-                .map_err(|_| format!("stored poller cursor {text:?} is not a number"))?,
+                .map_err(|_| PollError::Cursor(text.clone()))?,
             None if self.config.backfill => 0,
             None => {
                 // First start: begin after the newest job.
@@ -415,15 +469,13 @@ impl Poller {
         (events, next)
     }
 
-    async fn commit(&self, events: Vec<NewEvent>, cursor: i64) -> Result<(), String> {
+    async fn commit(&self, events: Vec<NewEvent>, cursor: i64) -> Result<(), PollError> {
         let store = Arc::clone(&self.store);
         let count = events.len();
         tokio::task::spawn_blocking(move || {
             store.insert_events_with_cursor(&events, CURSOR, &cursor.to_string())
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .await??;
         if count > 0 {
             self.dispatcher.wake();
         }

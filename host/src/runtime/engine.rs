@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use wasmtime::{Config, Enabled, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
 
-use crate::aot::AotCache;
-use crate::cpu_share::CpuShare;
+use crate::runtime::aot::AotCache;
+use crate::runtime::cpu_share::CpuShare;
 
 /// How often the epoch advances. Guest code is checked against its deadline at this granularity,
 /// so a runaway loop is stopped at most one tick after its budget — and, until then, hands its
@@ -171,7 +171,7 @@ impl Engine {
             _ticker: Arc::new(ticker),
             aot: None,
             sandboxes: None,
-            cpu_share: CpuShare::for_machine(),
+            cpu_share: CpuShare::for_machine(EPOCH_TICK),
         })
     }
 
@@ -180,15 +180,30 @@ impl Engine {
         &self.inner
     }
 
-    /// The cores that long-running deliveries share (see [`crate::cpu_share`]).
+    /// The cores that long-running deliveries share (see [`crate::runtime::cpu_share`]).
     pub fn cpu_share(&self) -> &CpuShare {
         &self.cpu_share
     }
 
-    /// This engine, loading components through `cache` (see [`crate::aot`]).
+    /// This engine, loading components through `cache` (see [`crate::runtime::aot`]).
     pub fn with_aot_cache(mut self, cache: AotCache) -> Self {
         self.aot = Some(Arc::new(cache));
         self
+    }
+
+    /// This engine with the AOT cache under `root` attached; when the directory cannot be
+    /// used, the engine runs without a cache (compiling every component at start) and says why.
+    pub fn with_aot_cache_at(self, root: &std::path::Path) -> Self {
+        match AotCache::open(root, self.wasmtime()) {
+            Ok(cache) => {
+                tracing::info!(dir = %cache.dir().display(), "AOT cache in use");
+                self.with_aot_cache(cache)
+            }
+            Err(e) => {
+                tracing::warn!("running without an AOT cache: {e}");
+                self
+            }
+        }
     }
 
     /// The AOT cache components are loaded through, if any.

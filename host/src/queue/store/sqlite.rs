@@ -461,6 +461,9 @@ impl Store for SqliteStore {
     }
 
     fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
+        for (_, record) in finished {
+            record.check()?;
+        }
         let now = to_ms(Utc::now());
         let mut conn = self.conn();
         let tx = conn
@@ -722,7 +725,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::conformance::{self, Backend};
+    use crate::queue::store::conformance::{self, Backend};
 
     /// A database directory; every "node" is another [`SqliteStore`] opened on it, as a
     /// restarted process would.

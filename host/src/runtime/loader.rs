@@ -14,8 +14,8 @@ use wasmtime::component::types::ComponentItem;
 
 use crate::bindings::HandlerPre;
 use crate::capabilities::{ALWAYS_AVAILABLE, Capability, Grants};
-use crate::engine::Engine;
-use crate::sandbox::{SandboxState, linker};
+use crate::runtime::engine::Engine;
+use crate::runtime::state::{SandboxState, linker};
 
 /// The WIT package handlers are built against, and its version.
 pub const WIT_PACKAGE: &str = "jobhook:handler";

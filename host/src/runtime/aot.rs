@@ -254,21 +254,6 @@ impl AotCache {
     }
 }
 
-/// `engine` with the AOT cache under `root` attached; when the directory cannot be used, the
-/// engine runs without a cache (compiling every component at start) and says why.
-pub fn attach(engine: crate::Engine, root: &Path) -> crate::Engine {
-    match AotCache::open(root, engine.wasmtime()) {
-        Ok(cache) => {
-            tracing::info!(dir = %cache.dir().display(), "AOT cache in use");
-            engine.with_aot_cache(cache)
-        }
-        Err(e) => {
-            tracing::warn!("running without an AOT cache: {e}");
-            engine
-        }
-    }
-}
-
 /// Loads bytes this process compiled a moment ago.
 fn deserialize_own(engine: &wasmtime::Engine, compiled: &[u8]) -> wasmtime::Result<Component> {
     // SAFETY: `compiled` is the output of `engine.precompile_component` in this process, never

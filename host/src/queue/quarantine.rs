@@ -12,7 +12,38 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::config::QuarantineConfig;
+use serde::Deserialize;
+
+/// Consecutive failures after which a handler is quarantined.
+pub const DEFAULT_QUARANTINE_AFTER: u32 = 5;
+/// First quarantine period; doubled on each failed probe.
+pub const DEFAULT_QUARANTINE_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest quarantine period.
+pub const DEFAULT_QUARANTINE_MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// `[quarantine]`: when a failing handler is set aside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuarantineConfig {
+    /// Consecutive failures that quarantine a handler (0 disables quarantine).
+    pub after_failures: u32,
+    /// First quarantine period, in milliseconds.
+    #[serde(rename = "initial_backoff_ms", with = "crate::duration_ms")]
+    pub initial_backoff: Duration,
+    /// Longest quarantine period, in milliseconds.
+    #[serde(rename = "max_backoff_ms", with = "crate::duration_ms")]
+    pub max_backoff: Duration,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            after_failures: DEFAULT_QUARANTINE_AFTER,
+            initial_backoff: DEFAULT_QUARANTINE_BACKOFF,
+            max_backoff: DEFAULT_QUARANTINE_MAX_BACKOFF,
+        }
+    }
+}
 
 /// Whether a delivery may run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +131,7 @@ impl Quarantine {
     pub fn status(&self, now: Instant) -> QuarantineStatus {
         match self.until {
             Some(until) if now < until => QuarantineStatus::Quarantined {
-                until: crate::store::after(Utc::now(), until.saturating_duration_since(now)),
+                until: crate::queue::store::after(Utc::now(), until.saturating_duration_since(now)),
                 consecutive_failures: self.consecutive_failures,
             },
             _ => QuarantineStatus::Healthy {

@@ -16,8 +16,8 @@ use uuid::Uuid;
 use super::{
     AttemptRecord, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, NewEvent, Store, after, to_ms,
 };
-use crate::capabilities::log::LogLine;
 use crate::context::JobContext;
+use crate::outcome::LogLine;
 use crate::outcome::{Outcome, OutcomeKind};
 
 /// The lease the tests claim with; expiry is simulated by passing later times, not by waiting.
@@ -38,7 +38,7 @@ pub(crate) trait Backend: Sync {
 /// type `Option<impl Backend>`, `None` to skip) creates.
 macro_rules! suite {
     ($backend:expr) => {
-        $crate::store::conformance::suite!(@each $backend;
+        $crate::queue::store::conformance::suite!(@each $backend;
             events_are_delivered_once_per_handler_and_survive_reopen,
             busy_handlers_are_skipped_when_claiming,
             interrupted_deliveries_run_again_with_a_higher_attempt,
@@ -67,7 +67,7 @@ macro_rules! suite {
             #[test]
             fn $name() {
                 if let Some(backend) = $backend {
-                    $crate::store::conformance::$name(&backend);
+                    $crate::queue::store::conformance::$name(&backend);
                 }
             }
         )*

@@ -1,0 +1,61 @@
+//! A handler registration: what routing and dispatch know about one `[[handlers]]` entry — its
+//! job types (Keyfactor's `JobTypes`), properties, grants, limits, retry policy and concurrency.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::capabilities::Grants;
+use crate::capabilities::properties::Properties;
+use crate::limits::Limits;
+use crate::queue::retry::RetryPolicy;
+
+/// Deliveries of one handler running at once, so one slow handler cannot take every slot.
+pub const DEFAULT_HANDLER_CONCURRENCY: usize = 4;
+
+/// Which job types a handler runs for: Keyfactor's `JobTypes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum JobTypes {
+    /// `["*"]`: every job type.
+    All,
+    /// Only these job type GUIDs.
+    Only(BTreeSet<Uuid>),
+}
+
+impl JobTypes {
+    /// Whether a job of type `job_type_id` is routed to the handler.
+    pub fn matches(&self, job_type_id: Uuid) -> bool {
+        match self {
+            JobTypes::All => true,
+            JobTypes::Only(ids) => ids.contains(&job_type_id),
+        }
+    }
+}
+
+/// One `[[handlers]]` registration, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerConfig {
+    /// Unique name.
+    pub name: String,
+    /// Path of the component, resolved against the config file's directory.
+    pub component: PathBuf,
+    /// The job types it runs for.
+    pub job_types: JobTypes,
+    /// Its properties, secrets resolved. Never log these.
+    pub properties: Properties,
+    /// Names of properties whose values are secrets (shown as such by the API).
+    pub secret_properties: BTreeSet<String>,
+    /// The capabilities it may use.
+    pub grants: Grants,
+    /// Its sandbox limits.
+    pub limits: Limits,
+    /// Its retry policy.
+    pub retry: RetryPolicy,
+    /// Deliveries of this handler running at once.
+    pub max_concurrency: usize,
+    /// The 1-based line of its `[[handlers]]` table.
+    pub line: usize,
+}

@@ -1,0 +1,55 @@
+//! `[engine]`: how many deliveries run at once, on which threads, and the load gate's bounds.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Deliveries running at once across all handlers. Two cores run about this many sandboxes
+/// without starving the ingest path; more waits in the durable queue.
+pub const DEFAULT_MAX_CONCURRENT_DELIVERIES: usize = 16;
+
+/// Most `[engine] max_concurrent_deliveries` accepted. `serve` sizes its sandbox pool to it, and
+/// every pool slot reserves address space for its linear memories (about 8 GiB, nearly all of it
+/// never touched): 4,096 slots reserve some 32 TiB of the 128 TiB a 64-bit Linux process has,
+/// and far more deliveries than a node can usefully run at once.
+pub const MAX_CONCURRENT_DELIVERIES: usize = 4096;
+
+/// Most `[engine] sandbox_threads` accepted: more threads than sandboxes could ever run at once
+/// only cost memory (a thread stack each).
+pub const MAX_SANDBOX_THREADS: usize = 256;
+
+/// The AOT cache directory inside the data directory, when `[engine] cache_dir` is not set.
+pub const DEFAULT_CACHE_DIR: &str = "cache";
+
+/// `[engine]`: concurrency and load-gate settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Deliveries running at once across all handlers.
+    pub max_concurrent_deliveries: usize,
+    /// Largest component accepted, in bytes.
+    pub max_component_bytes: usize,
+    /// Longest compilation of one component, in milliseconds.
+    #[serde(rename = "compile_timeout_ms", with = "crate::duration_ms")]
+    pub compile_timeout: Duration,
+    /// Where `serve` keeps compiled components between runs (see [`crate::runtime::aot`]); relative
+    /// paths are relative to the config file. Default: `cache` in the data directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Threads of their own that run sandboxes, below the priority of the HTTP API and the
+    /// store ([`crate::runtime::engine::SandboxThreads`]). 0 (the default) runs sandboxes on the same
+    /// threads as the API. See docs/PERFORMANCE.md (scenario d) for the trade-off.
+    pub sandbox_threads: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_concurrent_deliveries: DEFAULT_MAX_CONCURRENT_DELIVERIES,
+            max_component_bytes: crate::runtime::loader::DEFAULT_MAX_COMPONENT_BYTES,
+            compile_timeout: crate::runtime::loader::DEFAULT_COMPILE_TIMEOUT,
+            cache_dir: None,
+            sandbox_threads: 0,
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The state of one sandbox and the linker it is instantiated against: WASI (linked, but its
+//! context grants nothing) and the `jobhook:handler` interfaces with the handler's grants.
+//!
+//! The load gate ([`crate::runtime::loader`]) pre-instantiates components against [`linker`];
+//! the sandbox ([`crate::runtime::sandbox`]) builds a fresh [`SandboxState`] for every delivery.
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::jobhook::handler as wit;
+use crate::capabilities::delivery::DeliveryInfo;
+use crate::capabilities::http::HttpCapability;
+use crate::capabilities::keyfactor::KeyfactorCapability;
+use crate::capabilities::log::LogCollector;
+use crate::capabilities::mail::MailCapability;
+use crate::capabilities::properties::Properties;
+use crate::capabilities::stdio::CappedOutput;
+use crate::capabilities::{CallBudget, Grants, Services};
+use crate::limits::{LimitKind, Limits};
+use crate::runtime::engine::Engine;
+use crate::runtime::limiter::SandboxLimiter;
+
+/// Resource handles (streams, pollables) one sandbox may hold. A Rust handler uses a handful for
+/// stdio; the cap stops a guest from growing the host-side table without bound.
+const MAX_RESOURCE_HANDLES: usize = 256;
+
+/// Random bytes a guest may ask for in one call (wasmtime's default is 64 MiB, which a hostile
+/// guest could use to make the host allocate).
+const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+
+/// What the operator configured for one handler.
+#[derive(Debug, Clone)]
+pub struct HandlerSpec {
+    /// Unique name of this handler instance.
+    pub name: Arc<str>,
+    /// Its properties.
+    pub properties: Properties,
+    /// Its limits.
+    pub limits: Limits,
+    /// The capabilities it may import.
+    pub grants: Grants,
+}
+
+impl HandlerSpec {
+    /// A spec with default limits, no properties and no grants.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        HandlerSpec {
+            name: name.into(),
+            properties: Properties::default(),
+            limits: Limits::default(),
+            grants: Grants::default(),
+        }
+    }
+}
+
+/// Which delivery an invocation is.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// 1 on the first attempt.
+    pub attempt: u32,
+    /// The engine's event id, when there is one.
+    pub event_id: Option<String>,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            attempt: 1,
+            event_id: None,
+        }
+    }
+}
+
+/// The state of one sandbox: WASI (locked down) and the handler's capabilities.
+pub struct SandboxState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// The memory and table limiter, installed on the store by the sandbox.
+    pub(crate) limiter: SandboxLimiter,
+    properties: Properties,
+    /// The log lines collected so far.
+    pub(crate) log: LogCollector,
+    delivery: DeliveryInfo,
+    keyfactor: KeyfactorCapability,
+    mail: MailCapability,
+    http: HttpCapability,
+}
+
+impl WasiView for SandboxState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// `jobhook:handler/types` defines types only; its host side is empty.
+impl wit::types::Host for SandboxState {}
+
+/// The linker every handler is instantiated against: WASI p2 (whose context grants nothing) and
+/// the `jobhook:handler` interfaces. Which of them a component may actually import is decided by
+/// the load gate in [`crate::runtime::loader`].
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
+    let mut linker = Linker::new(engine.wasmtime());
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wit::types::add_to_linker::<_, HasSelf<SandboxState>>(&mut linker, |s| s)?;
+    wit::properties::add_to_linker::<_, HasSelf<Properties>>(&mut linker, |s| &mut s.properties)?;
+    wit::log::add_to_linker::<_, HasSelf<LogCollector>>(&mut linker, |s| &mut s.log)?;
+    wit::delivery::add_to_linker::<_, HasSelf<DeliveryInfo>>(&mut linker, |s| &mut s.delivery)?;
+    wit::keyfactor::add_to_linker::<_, HasSelf<KeyfactorCapability>>(&mut linker, |s| {
+        &mut s.keyfactor
+    })?;
+    wit::mail::add_to_linker::<_, HasSelf<MailCapability>>(&mut linker, |s| &mut s.mail)?;
+    wit::http::add_to_linker::<_, HasSelf<HttpCapability>>(&mut linker, |s| &mut s.http)?;
+    Ok(linker)
+}
+
+impl SandboxState {
+    /// The state of a fresh sandbox for one delivery of the handler `spec`: WASI with nothing
+    /// but bounded stdout/stderr, and each capability with its grant, its service and its call
+    /// budget.
+    pub fn new(
+        spec: &HandlerSpec,
+        services: &Services,
+        delivery: Delivery,
+        stdout: &CappedOutput,
+        stderr: &CappedOutput,
+    ) -> Self {
+        let limits = &spec.limits;
+        let grants = &spec.grants;
+        // No args, no env, no preopens, no sockets, no name lookup: WASI is linked but empty.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
+            .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCE_HANDLES);
+        SandboxState {
+            wasi,
+            table,
+            limiter: SandboxLimiter::new(limits),
+            properties: spec.properties.clone(),
+            log: LogCollector::new(Arc::clone(&spec.name), limits),
+            delivery: DeliveryInfo {
+                attempt: delivery.attempt,
+                event_id: delivery.event_id,
+                handler_name: Arc::clone(&spec.name),
+            },
+            keyfactor: KeyfactorCapability::new(
+                CallBudget::new(LimitKind::KeyfactorCalls, limits.keyfactor_calls),
+                grants.keyfactor.clone(),
+                services.keyfactor.clone(),
+            ),
+            mail: MailCapability::new(
+                CallBudget::new(LimitKind::MailCalls, limits.mail_calls),
+                grants.mail.clone(),
+                services.mail.clone(),
+            ),
+            http: HttpCapability::new(
+                CallBudget::new(LimitKind::HttpCalls, limits.http_calls),
+                grants.http.clone(),
+                services.http.clone(),
+            ),
+        }
+    }
+}

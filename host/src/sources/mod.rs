@@ -1,0 +1,12 @@
+//! Where events come from.
+//!
+//! - [`api`]: the HTTP API — `POST /v1/job-complete` (the forwarder's way in) and the read and
+//!   admin endpoints;
+//! - [`poller`]: Keyfactor's JobHistory turned into events where nothing can be installed in
+//!   Keyfactor.
+//!
+//! Both validate their input and hand a [`crate::queue::store::NewEvent`] to the queue, which
+//! commits it before anything is answered.
+
+pub mod api;
+pub mod poller;
