@@ -34,8 +34,8 @@ use jobhook::capabilities::{CallBudget, Grants, Services};
 use jobhook::limits::LimitExceeded;
 use jobhook::secret::SecretRef;
 use jobhook::{
-    Delivery, Engine, Handler, HandlerSpec, JobContext, LimitKind, LoadError, LoadOptions, Outcome,
-    OutcomeKind,
+    Delivery, Engine, JobContext, LimitKind, LoadError, LoadOptions, Outcome, OutcomeKind,
+    SandboxSpec, SandboxedHandler,
 };
 use jobhook_testkit::smtp::SmtpServer;
 use jobhook_testkit::standin::{Standin, StandinConfig};
@@ -128,8 +128,8 @@ fn visible(result: &Result<Response, CapabilityError>) -> String {
     }
 }
 
-fn spec(name: &str, properties: &[(&str, &str)], grants: Grants) -> HandlerSpec {
-    let mut spec = HandlerSpec::new(name);
+fn spec(name: &str, properties: &[(&str, &str)], grants: Grants) -> SandboxSpec {
+    let mut spec = SandboxSpec::new(name);
     spec.properties = Properties::new(
         properties
             .iter()
@@ -143,10 +143,10 @@ fn spec(name: &str, properties: &[(&str, &str)], grants: Grants) -> HandlerSpec 
 async fn run_example(
     package: &str,
     services: &Services,
-    spec: HandlerSpec,
+    spec: SandboxSpec,
     context_file: &str,
 ) -> Outcome {
-    let handler = Handler::load(
+    let handler = SandboxedHandler::load(
         engine(),
         services,
         guest_bytes(package),
@@ -936,7 +936,7 @@ async fn job_history_lookup_calls_the_standin_and_succeeds() {
     );
 
     // The same handler without the grant is refused at load.
-    let refused = Handler::load(
+    let refused = SandboxedHandler::load(
         engine(),
         &services,
         guest_bytes("job-history-lookup"),

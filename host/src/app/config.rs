@@ -23,7 +23,7 @@ use crate::capabilities::{Grants, ServicesConfig};
 use crate::context::parse_guid;
 use crate::limits::Limits;
 use crate::queue::quarantine::QuarantineConfig;
-use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, HandlerConfig, JobTypes};
+use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, JobTypes, Registration};
 use crate::queue::retry::{MAX_RETRY_ATTEMPTS, RetryPolicy};
 use crate::queue::store::config::StoreConfig;
 use crate::runtime::config::{
@@ -75,7 +75,7 @@ pub struct Config {
     /// `[poller]`, when JobHistory is polled.
     pub poller: Option<PollerConfig>,
     /// `[[handlers]]`, in file order.
-    pub handlers: Vec<HandlerConfig>,
+    pub handlers: Vec<Registration>,
 }
 
 /// `[server]`: the HTTP API.
@@ -341,7 +341,7 @@ impl Validator<'_> {
             .map_err(|e| self.error(None, &e.to_string()))
     }
 
-    fn handler(&self, raw: RawHandler, line: usize) -> Result<HandlerConfig, ConfigError> {
+    fn handler(&self, raw: RawHandler, line: usize) -> Result<Registration, ConfigError> {
         let name_line = self.line(raw.name.span()).or(Some(line));
         let name = raw.name.into_inner();
         if name.is_empty()
@@ -424,7 +424,7 @@ impl Validator<'_> {
             return Err(self.error(concurrency_line, &format!("{key} must be at least 1")));
         }
 
-        Ok(HandlerConfig {
+        Ok(Registration {
             name,
             component,
             job_types,

@@ -10,7 +10,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::jobhook::handler as wit;
-use crate::capabilities::delivery::DeliveryInfo;
+use crate::capabilities::delivery::DeliveryCapability;
 use crate::capabilities::http::HttpCapability;
 use crate::capabilities::keyfactor::KeyfactorCapability;
 use crate::capabilities::log::LogCollector;
@@ -32,7 +32,7 @@ const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 /// What the operator configured for one handler.
 #[derive(Debug, Clone)]
-pub struct HandlerSpec {
+pub struct SandboxSpec {
     /// Unique name of this handler instance.
     pub name: Arc<str>,
     /// Its properties.
@@ -43,10 +43,10 @@ pub struct HandlerSpec {
     pub grants: Grants,
 }
 
-impl HandlerSpec {
+impl SandboxSpec {
     /// A spec with default limits, no properties and no grants.
     pub fn new(name: impl Into<Arc<str>>) -> Self {
-        HandlerSpec {
+        SandboxSpec {
             name: name.into(),
             properties: Properties::default(),
             limits: Limits::default(),
@@ -82,7 +82,7 @@ pub struct SandboxState {
     properties: Properties,
     /// The log lines collected so far.
     pub(crate) log: LogCollector,
-    delivery: DeliveryInfo,
+    delivery: DeliveryCapability,
     keyfactor: KeyfactorCapability,
     mail: MailCapability,
     http: HttpCapability,
@@ -109,7 +109,9 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
     wit::types::add_to_linker::<_, HasSelf<SandboxState>>(&mut linker, |s| s)?;
     wit::properties::add_to_linker::<_, HasSelf<Properties>>(&mut linker, |s| &mut s.properties)?;
     wit::log::add_to_linker::<_, HasSelf<LogCollector>>(&mut linker, |s| &mut s.log)?;
-    wit::delivery::add_to_linker::<_, HasSelf<DeliveryInfo>>(&mut linker, |s| &mut s.delivery)?;
+    wit::delivery::add_to_linker::<_, HasSelf<DeliveryCapability>>(&mut linker, |s| {
+        &mut s.delivery
+    })?;
     wit::keyfactor::add_to_linker::<_, HasSelf<KeyfactorCapability>>(&mut linker, |s| {
         &mut s.keyfactor
     })?;
@@ -123,7 +125,7 @@ impl SandboxState {
     /// but bounded stdout/stderr, and each capability with its grant, its service and its call
     /// budget.
     pub fn new(
-        spec: &HandlerSpec,
+        spec: &SandboxSpec,
         services: &Services,
         delivery: Delivery,
         stdout: &CappedOutput,
@@ -148,7 +150,7 @@ impl SandboxState {
             limiter: SandboxLimiter::new(limits),
             properties: spec.properties.clone(),
             log: LogCollector::new(Arc::clone(&spec.name), limits),
-            delivery: DeliveryInfo {
+            delivery: DeliveryCapability {
                 attempt: delivery.attempt,
                 event_id: delivery.event_id,
                 handler_name: Arc::clone(&spec.name),
