@@ -41,6 +41,7 @@ mod backend;
 mod context;
 mod error;
 mod response;
+mod type_name;
 
 pub mod delivery;
 pub mod http;
