@@ -40,6 +40,7 @@ extern crate self as jobhook_sdk;
 mod backend;
 mod context;
 mod error;
+mod level;
 mod response;
 mod type_name;
 

@@ -33,31 +33,19 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::backend::{self, HttpRequest, KeyfactorRequest, MailMessage, NativeHost, SharedHost};
 use crate::log::Level;
 use crate::{
     CapabilityError, Context, Error, Handler, JobResult, Method, OperationType, Response, Result,
-    http, keyfactor, mail,
 };
-
-thread_local! {
-    /// The mock host installed on this thread, if any.
-    static CURRENT: RefCell<Option<Rc<RefCell<HostState>>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` on the state of the mock host installed on this thread; `None` when there is none.
-pub(crate) fn with_state<R>(f: impl FnOnce(&mut HostState) -> R) -> Option<R> {
-    let state = CURRENT.with(|c| c.try_borrow().ok().and_then(|c| c.clone()))?;
-    let mut state = state.try_borrow_mut().ok()?;
-    Some(f(&mut state))
-}
 
 /// What a handler sees of the mock host, and what it did to it.
 #[derive(Debug, Default)]
-pub(crate) struct HostState {
-    pub(crate) properties: BTreeMap<String, String>,
-    pub(crate) attempt: u32,
-    pub(crate) event_id: Option<String>,
-    pub(crate) handler_name: String,
+struct HostState {
+    properties: BTreeMap<String, String>,
+    attempt: u32,
+    event_id: Option<String>,
+    handler_name: String,
     keyfactor_replies: VecDeque<Result<Response, CapabilityError>>,
     http_replies: VecDeque<Result<Response, CapabilityError>>,
     mail_replies: VecDeque<Result<(), CapabilityError>>,
@@ -68,18 +56,35 @@ pub(crate) struct HostState {
     http_requests: Vec<HttpCall>,
 }
 
-impl HostState {
-    pub(crate) fn record_log(&mut self, level: Level, message: &str) {
+impl NativeHost for HostState {
+    fn property_get(&mut self, name: &str) -> Option<String> {
+        self.properties.get(name).cloned()
+    }
+
+    fn property_names(&mut self) -> Vec<String> {
+        self.properties.keys().cloned().collect()
+    }
+
+    fn log(&mut self, level: Level, message: &str) {
         self.logs.push(LogLine {
             level,
             message: message.to_string(),
         });
     }
 
-    pub(crate) fn keyfactor_send(
-        &mut self,
-        r: keyfactor::Request,
-    ) -> Result<Response, CapabilityError> {
+    fn attempt(&mut self) -> u32 {
+        self.attempt
+    }
+
+    fn event_id(&mut self) -> Option<String> {
+        self.event_id.clone()
+    }
+
+    fn handler_name(&mut self) -> String {
+        self.handler_name.clone()
+    }
+
+    fn keyfactor_send(&mut self, r: KeyfactorRequest) -> Result<Response, CapabilityError> {
         self.keyfactor_requests.push(KeyfactorCall {
             method: r.method,
             path: r.path,
@@ -94,7 +99,7 @@ impl HostState {
         })
     }
 
-    pub(crate) fn http_send(&mut self, r: http::Request) -> Result<Response, CapabilityError> {
+    fn http_send(&mut self, r: HttpRequest) -> Result<Response, CapabilityError> {
         self.http_requests.push(HttpCall {
             method: r.method,
             url: r.url,
@@ -108,7 +113,7 @@ impl HostState {
         })
     }
 
-    pub(crate) fn mail_send(&mut self, m: mail::Message) -> Result<(), CapabilityError> {
+    fn mail_send(&mut self, m: MailMessage) -> Result<(), CapabilityError> {
         self.mails.push(SentMail {
             from: m.from,
             to: m.to,
@@ -241,7 +246,8 @@ impl MockHost {
     /// installed before is put back then.
     pub fn install(self) -> MockHostGuard {
         let state = Rc::new(RefCell::new(self.state));
-        let previous = CURRENT.with(|c| c.replace(Some(Rc::clone(&state))));
+        let shared: SharedHost = state.clone();
+        let previous = backend::install(shared);
         MockHostGuard { state, previous }
     }
 }
@@ -252,7 +258,7 @@ impl MockHost {
 #[must_use = "the mock host is uninstalled as soon as the guard is dropped"]
 pub struct MockHostGuard {
     state: Rc<RefCell<HostState>>,
-    previous: Option<Rc<RefCell<HostState>>>,
+    previous: Option<SharedHost>,
 }
 
 impl MockHostGuard {
@@ -299,18 +305,8 @@ impl MockHostGuard {
 
 impl Drop for MockHostGuard {
     fn drop(&mut self) {
-        let previous = self.previous.take();
-        CURRENT.with(|c| {
-            if let Ok(mut current) = c.try_borrow_mut() {
-                // Only uninstall if this guard's host is still the installed one.
-                if current
-                    .as_ref()
-                    .is_some_and(|cur| Rc::ptr_eq(cur, &self.state))
-                {
-                    *current = previous;
-                }
-            }
-        });
+        let shared: SharedHost = self.state.clone();
+        backend::uninstall(&shared, self.previous.take());
     }
 }
 
@@ -554,101 +550,6 @@ fn timestamp(value: Option<&Value>) -> Result<Option<DateTime<Utc>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{delivery, info, keyfactor, properties, warn};
-
-    #[test]
-    fn guards_nest_and_uninstall() {
-        assert_eq!(properties::get("P"), None);
-        let outer = MockHost::new().property("P", "outer").install();
-        {
-            let _inner = MockHost::new().property("P", "inner").attempt(3).install();
-            assert_eq!(properties::get("P").as_deref(), Some("inner"));
-            assert_eq!(delivery::attempt(), 3);
-        }
-        assert_eq!(properties::get("P").as_deref(), Some("outer"));
-        assert_eq!(delivery::attempt(), 1);
-        drop(outer);
-        assert_eq!(properties::get("P"), None);
-    }
-
-    #[test]
-    fn installs_are_per_thread() {
-        let _host = MockHost::new().property("P", "here").install();
-        let other = std::thread::spawn(|| properties::get("P"))
-            .join()
-            .ok()
-            .flatten();
-        assert_eq!(other, None);
-        assert_eq!(properties::get("P").as_deref(), Some("here"));
-    }
-
-    #[test]
-    fn delivery_facts() {
-        let _host = MockHost::new()
-            .attempt(2)
-            .event_id("evt-1")
-            .handler_name("mailer")
-            .install();
-        assert_eq!(delivery::attempt(), 2);
-        assert_eq!(delivery::event_id().as_deref(), Some("evt-1"));
-        assert_eq!(delivery::handler_name(), "mailer");
-    }
-
-    #[test]
-    fn records_logs_with_levels() {
-        let host = MockHost::new().install();
-        info!("one {}", 1);
-        warn!("two");
-        crate::trace!("three");
-        crate::debug!("four");
-        crate::error!("five");
-        let levels: Vec<Level> = host.logs().iter().map(|l| l.level).collect();
-        assert_eq!(
-            levels,
-            [
-                Level::Info,
-                Level::Warn,
-                Level::Trace,
-                Level::Debug,
-                Level::Error
-            ]
-        );
-        assert_eq!(host.logs_at(Level::Info), ["one 1"]);
-        assert!(host.logged("two"));
-        assert!(!host.logged("six"));
-    }
-
-    #[test]
-    fn replies_are_consumed_in_order() {
-        let host = MockHost::new()
-            .keyfactor_response(200, "first")
-            .keyfactor_error(CapabilityError::Timeout("slow".into()))
-            .http_json(201, serde_json::json!({"ok": true}))
-            .install();
-        let http = crate::http::Request::get("https://x.example.com/").send();
-        assert_eq!(
-            http.map(|r| (r.status, r.body)),
-            Ok((201, br#"{"ok":true}"#.to_vec()))
-        );
-        let first = keyfactor::Request::get("A").send().map(|r| r.body);
-        assert_eq!(first, Ok(b"first".to_vec()));
-        let second = keyfactor::Request::get("B").send().unwrap_err();
-        assert_eq!(
-            second.capability_error(),
-            Some(&CapabilityError::Timeout("slow".into()))
-        );
-        let third = keyfactor::Request::get("C").send().unwrap_err();
-        assert!(matches!(
-            third.capability_error(),
-            Some(CapabilityError::NotAvailable(_))
-        ));
-        let paths: Vec<String> = host
-            .keyfactor_requests()
-            .into_iter()
-            .map(|c| c.path)
-            .collect();
-        assert_eq!(paths, ["A", "B", "C"]);
-    }
 
     #[test]
     fn run_handler_reports_the_reason_string() {
