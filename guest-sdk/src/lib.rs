@@ -33,7 +33,7 @@
 //! On native targets the same code compiles against a test double: see the `testing` module
 //! (present on non-wasm targets only).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 extern crate self as jobhook_sdk;
 
