@@ -25,18 +25,20 @@
 //! A capability call with nothing queued for it answers
 //! [`CapabilityError::NotAvailable`], like an engine without that capability configured.
 
+mod context_json;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
-use serde_json::{Map, Value};
+use chrono::DateTime;
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::backend::{self, HttpRequest, KeyfactorRequest, MailMessage, NativeHost, SharedHost};
 use crate::log::Level;
 use crate::{
-    CapabilityError, Context, Error, Handler, JobResult, Method, OperationType, Response, Result,
+    CapabilityError, Context, Handler, JobResult, Method, OperationType, Response, Result,
 };
 
 /// What a handler sees of the mock host, and what it did to it.
@@ -437,119 +439,28 @@ pub fn context() -> Context {
 ///  "CertificateId": null, "RequestTimestamp": "2023-05-03T23:18:48Z", "CurrentRetryCount": 5}
 /// ```
 ///
-/// Field names match without regard to case; enums by .NET name (any case) or number;
-/// timestamps in RFC 3339 or without an offset (taken as UTC). `AgentId`, `JobId`,
-/// `JobTypeId`, `JobType` and `JobResult` are required; the rest default to empty, `Unknown`,
-/// `null` or 0. Errors name the field.
+/// It accepts exactly the documents the engine accepts, with the same values, so a test cannot
+/// pass on a context the engine would refuse:
+///
+/// - field names match without regard to case (a field given twice is an error); unknown
+///   fields are ignored;
+/// - every field is required except `CertificateId` and `RequestTimestamp` (absent or `null`:
+///   `None`); `null` in `Username`, `ClientMachine` or `JobType` is the empty string;
+/// - GUIDs hyphenated, braced or as 32 hex digits;
+/// - `JobResult` and `OperationType` by .NET name (any case) or number, unknown numbers being
+///   `Unknown`; `CertificateId` and `CurrentRetryCount` as 32-bit numbers or strings holding one;
+/// - timestamps in RFC 3339 or without an offset (taken as UTC);
+/// - at most 64 KiB in all and 4 KiB per string field.
+///
+/// Errors name the field, e.g. `context field 'JobId' is missing`.
 pub fn context_from_json(json: &str) -> Result<Context> {
-    let value: Value = serde_json::from_str(json)
-        .map_err(|e| Error::new(format!("context is not valid JSON ({e})")))?;
-    let Value::Object(fields) = value else {
-        return Err(Error::new("context must be a JSON object"));
-    };
-    let field = |name: &str| -> Option<&Value> {
-        fields
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-            .filter(|v| !v.is_null())
-    };
-    Ok(Context {
-        agent_id: guid(&fields, "AgentId")?,
-        username: string(field("Username"), "Username")?.unwrap_or_default(),
-        client_machine: string(field("ClientMachine"), "ClientMachine")?.unwrap_or_default(),
-        job_result: enumeration::<JobResult>(field("JobResult"), "JobResult")?
-            .ok_or_else(|| Error::new("context field 'JobResult' is missing"))?,
-        job_id: guid(&fields, "JobId")?,
-        job_type: string(field("JobType"), "JobType")?
-            .ok_or_else(|| Error::new("context field 'JobType' is missing"))?,
-        job_type_id: guid(&fields, "JobTypeId")?,
-        operation_type: enumeration::<OperationType>(field("OperationType"), "OperationType")?
-            .unwrap_or_default(),
-        certificate_id: integer(field("CertificateId"), "CertificateId")?,
-        request_timestamp: timestamp(field("RequestTimestamp"))?,
-        current_retry_count: integer(field("CurrentRetryCount"), "CurrentRetryCount")?.unwrap_or(0),
-    })
-}
-
-fn guid(fields: &Map<String, Value>, name: &str) -> Result<Uuid> {
-    let value = fields
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v);
-    let text = string(value.filter(|v| !v.is_null()), name)?
-        .ok_or_else(|| Error::new(format!("context field '{name}' is missing")))?;
-    Uuid::parse_str(text.trim()).map_err(|e| {
-        Error::new(format!(
-            "context field '{name}': '{text}' is not a GUID ({e})"
-        ))
-    })
-}
-
-fn string(value: Option<&Value>, name: &str) -> Result<Option<String>> {
-    match value {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(Error::new(format!(
-            "context field '{name}' must be a string, got {other}"
-        ))),
-    }
-}
-
-fn integer(value: Option<&Value>, name: &str) -> Result<Option<i32>> {
-    match value {
-        None => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .and_then(|n| i32::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(|| {
-                Error::new(format!(
-                    "context field '{name}' must be a 32-bit integer, got {v}"
-                ))
-            }),
-    }
-}
-
-fn enumeration<T: std::str::FromStr<Err = Error>>(
-    value: Option<&Value>,
-    name: &str,
-) -> Result<Option<T>> {
-    let text = match value {
-        None => return Ok(None),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(other) => {
-            return Err(Error::new(format!(
-                "context field '{name}' must be a name or a number, got {other}"
-            )));
-        }
-    };
-    text.parse::<T>()
-        .map(Some)
-        .map_err(|e| e.context(format!("context field '{name}'")))
-}
-
-fn timestamp(value: Option<&Value>) -> Result<Option<DateTime<Utc>>> {
-    let Some(text) = string(value, "RequestTimestamp")? else {
-        return Ok(None);
-    };
-    let text = text.trim();
-    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
-        return Ok(Some(t.with_timezone(&Utc)));
-    }
-    NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-        .map(|t| Some(t.and_utc()))
-        .map_err(|e| {
-            Error::new(format!(
-                "context field 'RequestTimestamp': '{text}' is not an RFC 3339 timestamp ({e})"
-            ))
-        })
+    context_json::decode(json)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
 
     #[test]
     fn run_handler_reports_the_reason_string() {
@@ -584,58 +495,160 @@ mod tests {
         );
 
         let ctx = context_from_json(
-            r#"{"agentid": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "JobResult": 2, "OperationType": "add",
-                "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90", "JobType": "WinCertManagement",
-                "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c", "CertificateId": 14,
-                "RequestTimestamp": "2023-05-03T23:18:48.250"}"#,
+            r#"{"agentid": "{fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11}", "JobResult": 2, "OperationType": "add",
+                "JobId": "0b4b411a7c2e4d6f9a513e8f2b7c1d90", "JobType": null, "Username": null,
+                "clientMachine": "m", "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c",
+                "CertificateId": "14", "RequestTimestamp": "2023-05-03 23:18:48.250",
+                "CurrentRetryCount": " 1 ", "Client": {"BaseAddress": "ignored"}}"#,
         )
         .map_err(|e| e.to_string());
         let ctx = ctx.as_ref();
+        assert_eq!(ctx.map(|c| c.agent_id), Ok(context().agent_id));
+        assert_eq!(ctx.map(|c| c.job_id), Ok(context().job_id));
         assert_eq!(ctx.map(|c| c.job_result), Ok(JobResult::Success));
         assert_eq!(ctx.map(|c| c.operation_type), Ok(OperationType::Add));
+        assert_eq!(
+            ctx.map(|c| (c.username.as_str(), c.job_type.as_str())),
+            Ok(("", ""))
+        );
         assert_eq!(ctx.map(|c| c.certificate_id), Ok(Some(14)));
+        assert_eq!(ctx.map(|c| c.current_retry_count), Ok(1));
         assert_eq!(
             ctx.map(|c| c.request_timestamp.map(|t| t.timestamp_millis())),
             Ok(Some(1_683_155_928_250))
         );
     }
 
+    /// A complete context with `extra` fields added (or, under an existing name, replacing).
+    fn with(extra: &str) -> String {
+        let mut value: Value = serde_json::from_str(
+            r#"{"AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
+                "ClientMachine": "m", "JobResult": "Failure",
+                "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90", "JobType": "X",
+                "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c", "OperationType": 0,
+                "CurrentRetryCount": 0}"#,
+        )
+        .unwrap_or_default();
+        let extra: Value = serde_json::from_str(&format!("{{{extra}}}")).unwrap_or_default();
+        if let (Value::Object(base), Value::Object(extra)) = (&mut value, extra) {
+            base.extend(extra);
+        }
+        value.to_string()
+    }
+
+    fn without(field: &str) -> String {
+        let mut value: Value = serde_json::from_str(&with("")).unwrap_or_default();
+        if let Value::Object(map) = &mut value {
+            map.remove(field);
+        }
+        value.to_string()
+    }
+
     #[test]
     fn context_json_errors_name_the_field() {
+        assert!(context_from_json(&with("")).is_ok());
         let cases = [
-            ("[]", "must be a JSON object"),
-            (r#"{"JobId": "x"}"#, "'AgentId' is missing"),
+            ("[]".to_string(), "must be a JSON object, got an array"),
+            ("{".to_string(), "context is not valid JSON"),
+            (" ".repeat(64 * 1024 + 1), "the limit is 65536 bytes"),
+            (without("AgentId"), "context field 'AgentId' is missing"),
+            (without("Username"), "context field 'Username' is missing"),
             (
-                r#"{"AgentId": "nope", "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90"}"#,
-                "'AgentId': 'nope' is not a GUID",
+                without("OperationType"),
+                "context field 'OperationType' is missing",
+            ),
+            (
+                without("CurrentRetryCount"),
+                "context field 'CurrentRetryCount' is missing",
+            ),
+            (
+                with(r#""JobResult": null"#),
+                "context field 'JobResult' is missing",
+            ),
+            (
+                with(r#""AgentId": "nope""#),
+                "context field 'AgentId': 'nope' is not a GUID",
+            ),
+            (
+                with(r#""JobId": "urn:uuid:0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90""#),
+                "context field 'JobId'",
+            ),
+            (
+                with(r#""JobTypeId": 7"#),
+                "'JobTypeId': expected a GUID string, got a number",
+            ),
+            (
+                with(r#""jobresult": 4"#),
+                "'JobResult' is given more than once",
+            ),
+            (
+                with(r#""JobResult": "Exploded""#),
+                "context field 'JobResult': 'Exploded'",
+            ),
+            (
+                with(r#""JobResult": 2.5"#),
+                "context field 'JobResult': 2.5",
+            ),
+            (
+                with(r#""OperationType": true"#),
+                "'OperationType': expected a name or a number",
+            ),
+            (
+                with(r#""Username": 5"#),
+                "'Username': expected a string, got a number",
+            ),
+            (
+                with(&format!(r#""JobType": "{}""#, "x".repeat(4097))),
+                "'JobType': is 4097 bytes long",
+            ),
+            (
+                with(r#""CurrentRetryCount": 1e99"#),
+                "'CurrentRetryCount': 1e+99 must be a 32-bit whole number",
+            ),
+            (
+                with(r#""CertificateId": "lots""#),
+                "'CertificateId': \"lots\" must be",
+            ),
+            (
+                with(r#""CertificateId": []"#),
+                "'CertificateId': expected a whole number",
+            ),
+            (
+                with(r#""RequestTimestamp": "May 3""#),
+                "'RequestTimestamp': 'May 3'",
+            ),
+            (
+                with(r#""RequestTimestamp": 12"#),
+                "'RequestTimestamp': expected an ISO 8601",
             ),
         ];
         for (json, want) in cases {
-            let err = context_from_json(json).unwrap_err().to_string();
+            let err = context_from_json(&json)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{json}: {err}");
         }
-        let base = r#""AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90",
-                      "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c", "JobType": "X""#;
-        let err =
-            context_from_json(&format!("{{{base}, \"JobResult\": \"Exploded\"}}")).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("context field 'JobResult': 'Exploded'"),
-            "{err}"
+    }
+
+    #[test]
+    fn context_json_optional_fields_and_unknown_numbers() {
+        for extra in ["", r#""CertificateId": null, "RequestTimestamp": null"#] {
+            let ctx = context_from_json(&with(extra)).map_err(|e| e.to_string());
+            assert_eq!(
+                ctx.map(|c| (c.certificate_id, c.request_timestamp)),
+                Ok((None, None))
+            );
+        }
+        let ctx = context_from_json(&with(r#""JobResult": 17, "OperationType": "-1""#));
+        assert_eq!(
+            ctx.map(|c| (c.job_result, c.operation_type)),
+            Ok((JobResult::Unknown, OperationType::Unknown))
         );
-        let err = context_from_json(&format!(
-            "{{{base}, \"JobResult\": 4, \"CurrentRetryCount\": 1e99}}"
-        ))
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("'CurrentRetryCount' must be a 32-bit integer"),
-            "{err}"
+        let ctx = context_from_json(&with(r#""RequestTimestamp": "2023-05-04T01:18:48+02:00""#));
+        assert_eq!(
+            ctx.map(|c| c.request_timestamp),
+            Ok(context().request_timestamp)
         );
-        let err = context_from_json(&format!(
-            "{{{base}, \"JobResult\": 4, \"RequestTimestamp\": \"May 3\"}}"
-        ))
-        .unwrap_err();
-        assert!(err.to_string().contains("'RequestTimestamp'"), "{err}");
     }
 }
