@@ -88,7 +88,7 @@ fn client(config: &KeyfactorConfig) -> Arc<KeyfactorClient> {
 
 fn kf_capability(grant: KeyfactorGrant, client: &Arc<KeyfactorClient>) -> KeyfactorCapability {
     KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 100),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 100),
         Some(grant),
         Some(Arc::clone(client)),
     )
@@ -803,7 +803,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
     ));
 
     let mut not_granted = KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 5),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         None,
         Some(Arc::clone(&client)),
     );
@@ -812,7 +812,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         Err(CapabilityError::NotGranted(_))
     ));
     let mut not_configured = KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 5),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         Some(KeyfactorGrant::permissive()),
         None,
     );
@@ -822,7 +822,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
     ));
 
     let mut budget = KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 2),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 2),
         Some(KeyfactorGrant::permissive()),
         Some(client),
     );
@@ -840,7 +840,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         .unwrap_err();
     assert_eq!(
         trap.downcast_ref::<LimitExceeded>().unwrap().kind,
-        LimitKind::KeyfactorCalls
+        LimitKind::Calls("keyfactor-calls")
     );
     assert_eq!(
         standin.requests().len(),
@@ -1138,7 +1138,7 @@ async fn mail_outside_the_grant_reaches_no_server() {
         body: "body".into(),
     };
     let mut cap = MailCapability::new(
-        CallBudget::new(LimitKind::MailCalls, 4),
+        CallBudget::new(LimitKind::Calls("mail-calls"), 4),
         Some(MailGrant::to(&["@example.com"]).unwrap()),
         Some(transport),
     );
@@ -1160,7 +1160,7 @@ async fn mail_outside_the_grant_reaches_no_server() {
         .unwrap_err();
     assert_eq!(
         trap.downcast_ref::<LimitExceeded>().unwrap().kind,
-        LimitKind::MailCalls
+        LimitKind::Calls("mail-calls")
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(smtp.received().is_empty(), "{:?}", smtp.received());
@@ -1451,7 +1451,7 @@ async fn http_refusals_send_nothing() {
     ];
     for (what, grant, request, expected) in cases {
         let mut cap = HttpCapability::new(
-            CallBudget::new(LimitKind::HttpCalls, 5),
+            CallBudget::new(LimitKind::Calls("http-calls"), 5),
             Some(grant.clone()),
             Some(Arc::clone(&client)),
         );
@@ -1471,7 +1471,7 @@ async fn http_refusals_send_nothing() {
 
     // Allowed: plain http to a loopback *name* goes through the checking resolver and arrives.
     let mut cap = HttpCapability::new(
-        CallBudget::new(LimitKind::HttpCalls, 5),
+        CallBudget::new(LimitKind::Calls("http-calls"), 5),
         Some(loopback_grant.clone()),
         Some(Arc::clone(&client)),
     );
@@ -1514,7 +1514,10 @@ async fn services_build_from_configuration() {
         password.display()
     );
     let config: jobhook::capabilities::ServicesConfig = serde_json::from_str(&text).unwrap();
-    let services = Services::from_config(&config, &dir.path().join("outbox")).unwrap();
+    let env = jobhook::capabilities::ServiceEnv {
+        default_outbox: dir.path().join("outbox"),
+    };
+    let services = Services::from_config(&config, &env).unwrap();
     assert!(dir.path().join("outbox").is_dir());
     let mut cap = kf_capability(
         KeyfactorGrant {
@@ -1549,7 +1552,7 @@ async fn services_build_from_configuration() {
         "http://command.example.com/KeyfactorAPI/",
     );
     let config: jobhook::capabilities::ServicesConfig = serde_json::from_str(&insecure).unwrap();
-    let e = Services::from_config(&config, dir.path())
+    let e = Services::from_config(&config, &env)
         .unwrap_err()
         .to_string();
     assert!(e.contains("https"), "{e}");

@@ -170,10 +170,14 @@ async fn hostile_subjects() -> Vec<Subject> {
         rust("guest-exit", |o, _| trap(o, "exit")),
         rust("guest-panic", |o, _| class(o, "panicked")),
         rust("guest-keyfactor-flood", |o, _| {
-            limit(o, LimitKind::KeyfactorCalls)
+            limit(o, LimitKind::Calls("keyfactor-calls"))
         }),
-        rust("guest-mail-flood", |o, _| limit(o, LimitKind::MailCalls)),
-        rust("guest-http-flood", |o, _| limit(o, LimitKind::HttpCalls)),
+        rust("guest-mail-flood", |o, _| {
+            limit(o, LimitKind::Calls("mail-calls"))
+        }),
+        rust("guest-http-flood", |o, _| {
+            limit(o, LimitKind::Calls("http-calls"))
+        }),
         rust("guest-handle-flood", |o, _| trap(o, "guest-error")),
         rust("guest-random-drain", |o, _| trap(o, "guest-error")),
         (

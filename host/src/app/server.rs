@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::app::config::Config;
-use crate::capabilities::Services;
+use crate::capabilities::{ServiceEnv, Services};
 use crate::metrics::Metrics;
 use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
 use crate::queue::registration::Registration;
@@ -129,8 +129,13 @@ fn digest(bytes: &[u8]) -> u64 {
 /// The engine-wide capability services for `config`; the default mail outbox is `outbox` in
 /// the data directory.
 pub fn services(config: &Config) -> anyhow::Result<Services> {
-    Services::from_config(&config.services, &config.store.data_dir.join("outbox"))
-        .with_context(|| format!("{}: capability services", config.path.display()))
+    Services::from_config(
+        &config.services,
+        &ServiceEnv {
+            default_outbox: config.store.data_dir.join("outbox"),
+        },
+    )
+    .with_context(|| format!("{}: capability services", config.path.display()))
 }
 
 /// `jobhook check`: validates the configuration and loads every handler; returns the handler

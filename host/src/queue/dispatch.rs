@@ -214,7 +214,7 @@ impl HandlerSummary {
                 .map(|c| c.to_string())
                 .collect(),
             grants: c.grants.clone(),
-            limits: c.limits.clone(),
+            limits: effective_limits(&c.limits),
             retry: c.retry.clone(),
             max_concurrency: c.max_concurrency,
             properties: c
@@ -563,6 +563,19 @@ fn skipped(reason: String) -> AttemptRecord {
         reason: Some(reason),
         outcome: None,
     }
+}
+
+/// `limits` with every capability's call budget written out, its default where the handler
+/// left it out: what the API shows is what applies.
+fn effective_limits(limits: &crate::limits::Limits) -> crate::limits::Limits {
+    let mut limits = limits.clone();
+    for c in crate::capabilities::Capability::ALL {
+        limits
+            .calls
+            .entry(c.interface().to_owned())
+            .or_insert(c.default_calls());
+    }
+    limits
 }
 
 /// Records finished attempts as they come, many per store transaction (see

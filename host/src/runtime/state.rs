@@ -11,14 +11,11 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::jobhook::handler as wit;
 use crate::capabilities::delivery::DeliveryCapability;
-use crate::capabilities::http::HttpCapability;
-use crate::capabilities::keyfactor::KeyfactorCapability;
 use crate::capabilities::log::LogCollector;
-use crate::capabilities::mail::MailCapability;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::stdio::CappedOutput;
-use crate::capabilities::{CallBudget, Grants, Services};
-use crate::limits::{LimitKind, Limits};
+use crate::capabilities::{CapabilityStates, Grants, HasCapabilities, Services};
+use crate::limits::Limits;
 use crate::runtime::engine::Engine;
 use crate::runtime::limiter::SandboxLimiter;
 
@@ -83,9 +80,8 @@ pub struct SandboxState {
     /// The log lines collected so far.
     pub(crate) log: LogCollector,
     delivery: DeliveryCapability,
-    keyfactor: KeyfactorCapability,
-    mail: MailCapability,
-    http: HttpCapability,
+    /// The grantable capabilities, each behind its gate.
+    capabilities: CapabilityStates,
 }
 
 impl WasiView for SandboxState {
@@ -94,6 +90,12 @@ impl WasiView for SandboxState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+impl HasCapabilities for SandboxState {
+    fn capabilities(&mut self) -> &mut CapabilityStates {
+        &mut self.capabilities
     }
 }
 
@@ -112,11 +114,7 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
     wit::delivery::add_to_linker::<_, HasSelf<DeliveryCapability>>(&mut linker, |s| {
         &mut s.delivery
     })?;
-    wit::keyfactor::add_to_linker::<_, HasSelf<KeyfactorCapability>>(&mut linker, |s| {
-        &mut s.keyfactor
-    })?;
-    wit::mail::add_to_linker::<_, HasSelf<MailCapability>>(&mut linker, |s| &mut s.mail)?;
-    wit::http::add_to_linker::<_, HasSelf<HttpCapability>>(&mut linker, |s| &mut s.http)?;
+    CapabilityStates::add_to_linker(&mut linker)?;
     Ok(linker)
 }
 
@@ -132,7 +130,6 @@ impl SandboxState {
         stderr: &CappedOutput,
     ) -> Self {
         let limits = &spec.limits;
-        let grants = &spec.grants;
         // No args, no env, no preopens, no sockets, no name lookup: WASI is linked but empty.
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
@@ -155,21 +152,7 @@ impl SandboxState {
                 event_id: delivery.event_id,
                 handler_name: Arc::clone(&spec.name),
             },
-            keyfactor: KeyfactorCapability::new(
-                CallBudget::new(LimitKind::KeyfactorCalls, limits.keyfactor_calls),
-                grants.keyfactor.clone(),
-                services.keyfactor.clone(),
-            ),
-            mail: MailCapability::new(
-                CallBudget::new(LimitKind::MailCalls, limits.mail_calls),
-                grants.mail.clone(),
-                services.mail.clone(),
-            ),
-            http: HttpCapability::new(
-                CallBudget::new(LimitKind::HttpCalls, limits.http_calls),
-                grants.http.clone(),
-                services.http.clone(),
-            ),
+            capabilities: CapabilityStates::new(&spec.grants, services, limits),
         }
     }
 }
