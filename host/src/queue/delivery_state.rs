@@ -78,6 +78,14 @@ impl DeliveryState {
     }
 }
 
+/// Adds a duration to a time, saturating: when a retry, a lease or a quarantine ends.
+pub fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(t)
+}
+
 /// How an attempt ended, as the state machine sees it.
 #[derive(Debug, Clone, Copy)]
 pub enum AttemptEnd<'a> {
@@ -114,13 +122,13 @@ pub fn after_attempt(
         AttemptEnd::Ran(OutcomeKind::Succeeded) => (DeliveryState::Succeeded, None),
         AttemptEnd::Ran(OutcomeKind::EngineError { .. }) => (
             DeliveryState::Pending,
-            Some(crate::queue::store::after(now, ENGINE_ERROR_RETRY)),
+            Some(after(now, ENGINE_ERROR_RETRY)),
         ),
         AttemptEnd::Ran(_) if attempt < policy.max_attempts => {
             let delay = policy.delay_before(attempt.saturating_add(1));
             (
                 DeliveryState::Pending,
-                Some(crate::queue::store::after(now, delay)),
+                Some(after(now, delay)),
             )
         }
         AttemptEnd::Ran(_) => (DeliveryState::Failed, None),
