@@ -10,15 +10,18 @@
 // - EmailRecipients (required): comma-separated addresses; blanks are ignored.
 // - MailFrom (optional): the sender; when unset the operator's configured From is used.
 //
-// World: jobhook:handler/with-mail (properties, log, delivery, mail). WIT mapping
-// (componentize-qjs): records are objects with camelCase keys, enums are their case names
-// ("failure"), option<T> is T or null, and for the export `result<_, string>` returning means
-// ok and throwing a string means err. An import returning `result` throws its error value,
-// here a capability-error variant `{ tag: "denied", val: "why" }`.
+// World: jobhook:handler/with-mail (properties, log, delivery, mail). The same source builds
+// with componentize-qjs (QuickJS, what build.sh uses) and with componentize-js (StarlingMonkey):
+// interfaces are imported as namespaces, which both accept. WIT mapping: records are objects
+// with camelCase keys, enums are their case names ("failure"), option<T> is the value or
+// null/undefined, s64 may be a BigInt, and for the export `result<_, string>` returning means ok
+// and throwing a string means err. An import returning `result` throws its error value, here a
+// capability-error variant `{ tag: "denied", val: "why" }` (componentize-js wraps it in an
+// Error whose `payload` is that variant).
 
-import properties from "jobhook:handler/properties@0.1.0";
-import log from "jobhook:handler/log@0.1.0";
-import mail from "jobhook:handler/mail@0.1.0";
+import * as properties from "jobhook:handler/properties@0.1.0";
+import * as log from "jobhook:handler/log@0.1.0";
+import * as mail from "jobhook:handler/mail@0.1.0";
 
 // The .NET names of the job-result enum, as the Rust SDK prints them.
 const JOB_RESULT_NAMES = {
