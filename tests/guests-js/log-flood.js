@@ -3,7 +3,7 @@ import * as log from "jobhook:handler/log@0.1.0";
 
 export function runHandler(context) {
     const line = "x".repeat(1000);
-    for (let i = 0; i < 100000; i++) {
+    for (let i = 0; i < 20000; i++) {
         log.log("info", `${i} ${line}`);
     }
 }

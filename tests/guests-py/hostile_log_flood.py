@@ -6,5 +6,5 @@ from wit_world.imports import log
 class WitWorld(wit_world.WitWorld):
     def run_handler(self, context) -> None:
         line = "x" * 1000
-        for i in range(100000):
+        for i in range(20000):
             log.log(log.Level.INFO, f"{i} {line}")
