@@ -67,7 +67,7 @@ install_c() {
             exit 1
         fi
         echo "lang-toolchains: C: apt-get install ${missing[*]}"
-        timed "C: apt-get" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(printf "'%s' " "${missing[@]}") >/dev/null"
+        timed "C: apt-get" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(printf "'%s' " "${missing[@]}") >/dev/null"
     fi
     rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
     local wcl
