@@ -1449,6 +1449,68 @@ async fn http_refusals_send_nothing() {
             "denied",
         ),
     ];
+    // Every IPv6 range that embeds an IPv4 address is judged by it: loopback in each form.
+    let embedded_loopback = [
+        ("SIIT IPv4-translated", "[::ffff:0:127.0.0.1]"),
+        ("IPv4-compatible", "[::127.0.0.1]"),
+        ("NAT64 well-known", "[64:ff9b::7f00:1]"),
+        ("NAT64 local-use /96", "[64:ff9b:1::7f00:1]"),
+        ("NAT64 local-use /48", "[64:ff9b:1:7f00:1::]"),
+        ("6to4", "[2002:7f00:1::1]"),
+        ("Teredo", "[2001:0:7f00:1:0:0:80ff:fffe]"),
+    ];
+    // Any https URL, public destinations only: the address rule alone decides.
+    let any_public = HttpGrant::permissive();
+    let mut cases = cases;
+    for (what, host) in embedded_loopback {
+        cases.push((
+            what,
+            &any_public,
+            post(format!("https://{host}:{port}/hooks/a")),
+            "denied",
+        ));
+    }
+    // Path forms some servers treat as traversal, by class.
+    for (what, rest) in [
+        ("Tomcat ..;", "..;/admin"),
+        ("path parameter", "a;x=1"),
+        ("encoded ;", "%3B/admin"),
+        ("encoded slash (upper hex)", "a%2F..%2Fadmin"),
+        ("encoded backslash", "a%5C..%5Cadmin"),
+        ("double encoding", "%252e%252e/admin"),
+        ("overlong UTF-8 dot", "%c0%ae%c0%ae/admin"),
+        ("fullwidth dots", "%ef%bc%8e%ef%bc%8e/admin"),
+        ("encoded NUL", "a%00"),
+    ] {
+        cases.push((what, &loopback_grant, post(hooks(rest)), "denied"));
+    }
+    // Header families, not a list: every member is refused.
+    for name in [
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "x-forwarded-server",
+        "X-Client-IP",
+        "X-Originating-IP",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "X-Cluster-Client-IP",
+        "Keep-Alive",
+        "TE",
+        "Trailer",
+        "Upgrade",
+        "Proxy-Anything",
+        "X-Original-URL",
+    ] {
+        cases.push((
+            name,
+            &loopback_grant,
+            HttpRequest {
+                headers: vec![(name.into(), "127.0.0.1".into())],
+                ..post(hooks("a"))
+            },
+            "denied",
+        ));
+    }
     for (what, grant, request, expected) in cases {
         let mut cap = HttpCapability::new(
             CallBudget::new(LimitKind::Calls("http-calls"), 5),
