@@ -537,6 +537,97 @@ async fn keyfactor_credentials_never_come_back_through_an_echoing_server() {
 }
 
 #[tokio::test]
+async fn keyfactor_credentials_never_come_back_in_another_encoding() {
+    use jobhook_testkit::standin::{Credentials, ECHO_ENCODINGS, encode_as};
+    // Credentials with every character an encoder treats specially.
+    let tricky = |tokens: Vec<String>| StandinConfig {
+        credentials: Credentials {
+            password: "p+ss/w=rd&<x>'q\"\\%20 \u{e9}\u{20ac}".into(),
+            bearer_tokens: tokens,
+            client_secret: "cl+ent/secr=t&<'\"%".into(),
+            ..Credentials::default()
+        },
+        ..StandinConfig::default()
+    };
+    let standin = Standin::start_with(tricky(vec!["tok+en/with=sp<e>cials&'".into()]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = standin.credentials().clone();
+    let cases = [
+        ("basic", basic_auth(&standin, dir.path())),
+        ("bearer", bearer_auth(&standin, dir.path())),
+        ("oauth2", oauth_auth(&standin, dir.path(), &c.client_secret)),
+    ];
+    for (kind, auth) in cases {
+        let client = client(&KeyfactorConfig::new(standin.base_url(), auth));
+        let mut cap = kf_capability(KeyfactorGrant::permissive(), &client);
+        for encoding in ECHO_ENCODINGS {
+            let mut request = get("_Test/EchoAs");
+            request.query = vec![("encoding".into(), (*encoding).into())];
+            let result = kf_send(&mut cap, request).await;
+            let response = result.as_ref().unwrap();
+            assert_eq!(response.status, 200, "{kind} {encoding}");
+            // What the stand-in was sent, and so could echo.
+            let sent = standin.requests().last().unwrap().clone();
+            let authorization = sent.header("authorization").unwrap().to_owned();
+            let mut secrets = vec![authorization.clone(), c.password.clone()];
+            if let Some(token) = authorization.strip_prefix("Bearer ") {
+                secrets.push(token.to_owned());
+            }
+            secrets.push(format!("{}:{}", c.username, c.password));
+            let text = visible(&result);
+            for secret in &secrets {
+                assert!(!text.contains(secret.as_str()), "{kind} {encoding}: {text}");
+                let encoded = encode_as(encoding, secret).unwrap();
+                assert!(
+                    !text.contains(&encoded),
+                    "{kind} {encoding}: {encoded} visible in {text}"
+                );
+            }
+            assert!(text.contains("[redacted]"), "{kind} {encoding}: {text}");
+            // The length the guest is told is that of what it got, not the server's.
+            let length: Vec<&str> = response
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(
+                length,
+                [response.body.len().to_string()],
+                "{kind} {encoding}"
+            );
+        }
+    }
+
+    // The credential's length cannot be read off the answer: two tokens of different lengths
+    // echo to answers of the same length.
+    let mut lengths = Vec::new();
+    for token in ["short-token-1", "a-much-longer-token-with+some/escapes=&<>"] {
+        let standin = Standin::start_with(tricky(vec![token.into()]))
+            .await
+            .unwrap();
+        let client = client(&KeyfactorConfig::new(
+            standin.base_url(),
+            bearer_auth(&standin, dir.path()),
+        ));
+        let mut cap = kf_capability(KeyfactorGrant::permissive(), &client);
+        let mut request = get("_Test/EchoAs");
+        request.query = vec![("encoding".into(), "aspnet-json".into())];
+        let response = kf_send(&mut cap, request).await.unwrap();
+        lengths.push((response.body.len(), response.headers.clone()));
+    }
+    assert_eq!(lengths[0].0, lengths[1].0);
+    let length_of = |h: &Vec<(String, String)>| {
+        h.iter()
+            .find(|(k, _)| k == "content-length")
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(length_of(&lengths[0].1), length_of(&lengths[1].1));
+}
+
+#[tokio::test]
 async fn keyfactor_error_messages_name_no_host_and_no_credential() {
     // A base nobody listens on: the connection fails.
     let dir = tempfile::tempdir().unwrap();

@@ -430,7 +430,7 @@ impl KeyfactorClient {
         };
         let (response, redactor) = response;
         let status = response.status().as_u16();
-        let headers =
+        let mut headers =
             outbound::response_headers(response.headers(), forwarded_response_header, &redactor);
         let body = match outbound::read_body(response, self.max_response_bytes).await {
             Ok(body) => redactor.redact(body),
@@ -442,6 +442,9 @@ impl KeyfactorClient {
             }
             Err(BodyError::Transport(e)) => return Err(outbound::transport_error(&e, WHAT)),
         };
+        // The length the guest sees is that of what it gets, never the server's (which, after
+        // a redaction, would tell how long the credential was).
+        outbound::set_content_length(&mut headers, &body);
         tracing::debug!(
             method = %method,
             path = %path,
