@@ -628,6 +628,102 @@ async fn keyfactor_credentials_never_come_back_in_another_encoding() {
 }
 
 #[tokio::test]
+async fn keyfactor_handlers_act_as_their_own_identities() {
+    let tokens = [
+        "engine-token-0000",
+        "reader-token-1111",
+        "writer-token-2222",
+    ];
+    let standin = Standin::start_with(StandinConfig {
+        credentials: jobhook_testkit::standin::Credentials {
+            bearer_tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        },
+        ..StandinConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bearer = |name: &str, token: &str| AuthConfig::Bearer {
+        token: secret_file(dir.path(), name, token),
+    };
+    let mut config = KeyfactorConfig::new(standin.base_url(), bearer("engine", tokens[0]));
+    config
+        .identities
+        .insert("reader".into(), bearer("reader", tokens[1]));
+    config
+        .identities
+        .insert("writer".into(), bearer("writer", tokens[2]));
+    let grant = |identity: Option<&str>| KeyfactorGrant {
+        identity: identity.map(str::to_owned),
+        ..KeyfactorGrant::permissive()
+    };
+    let client = client(&config);
+    for (identity, own) in [
+        (None, tokens[0]),
+        (Some("reader"), tokens[1]),
+        (Some("writer"), tokens[2]),
+    ] {
+        let mut cap = kf_capability(grant(identity), &client);
+        let result = kf_send(&mut cap, get("_Test/Echo")).await;
+        assert_eq!(result.as_ref().unwrap().status, 200, "{identity:?}");
+        // The stand-in saw this handler's own identity...
+        let sent = standin.requests().last().unwrap().clone();
+        assert_eq!(
+            sent.header("authorization"),
+            Some(format!("Bearer {own}").as_str()),
+            "{identity:?}"
+        );
+        // ...and the handler sees no identity's credential, its own or another's.
+        let text = visible(&result);
+        for token in tokens {
+            assert!(!text.contains(token), "{identity:?}: {token} in {text}");
+        }
+    }
+    // A handler never sees another identity's credential even when the server echoes it.
+    let mut cap = kf_capability(grant(Some("reader")), &client);
+    let mut request = get("_Test/Echo");
+    request.method = Method::Post;
+    request.body = Some(format!("{{\"leak\": \"{}\"}}", tokens[2]).into_bytes());
+    let text = visible(&kf_send(&mut cap, request).await);
+    assert!(!text.contains(tokens[2]), "{text}");
+
+    // Revoking one identity: the configuration check refuses only the handler that uses it,
+    // and a client built without it refuses only that handler's calls.
+    let mut revoked = config.clone();
+    revoked.identities.remove("writer");
+    let services = jobhook::capabilities::ServicesConfig {
+        keyfactor: Some(revoked.clone()),
+        ..Default::default()
+    };
+    let grants = |identity: Option<&str>| Grants {
+        keyfactor: Some(grant(identity)),
+        ..Grants::default()
+    };
+    assert!(services.check_grants(&grants(Some("reader"))).is_ok());
+    assert!(services.check_grants(&grants(None)).is_ok());
+    let why = services.check_grants(&grants(Some("writer"))).unwrap_err();
+    assert!(why.starts_with("keyfactor.identity"), "{why}");
+    let client = self::client(&revoked);
+    standin.clear_requests();
+    let mut writer = kf_capability(grant(Some("writer")), &client);
+    let refused = kf_send(&mut writer, get("Status/Endpoints")).await;
+    assert!(
+        matches!(&refused, Err(CapabilityError::NotAvailable(m)) if m.contains("writer")),
+        "{refused:?}"
+    );
+    assert!(standin.requests().is_empty(), "the refused call went out");
+    let mut reader = kf_capability(grant(Some("reader")), &client);
+    assert_eq!(
+        kf_send(&mut reader, get("Status/Endpoints"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
 async fn keyfactor_error_messages_name_no_host_and_no_credential() {
     // A base nobody listens on: the connection fails.
     let dir = tempfile::tempdir().unwrap();
@@ -1678,6 +1774,7 @@ async fn services_build_from_configuration() {
             paths: vec![
                 jobhook::capabilities::keyfactor::path::PathPrefix::parse("Certificates").unwrap(),
             ],
+            identity: None,
         },
         services.keyfactor.as_ref().unwrap(),
     );

@@ -171,6 +171,23 @@ impl Auth {
         }
     }
 
+    /// What to scrub for this credential right now, without contacting anything: the static
+    /// credential's forms, or the OAuth client secret and the cached token (if any). Used to
+    /// keep every identity's credential from every handler.
+    pub async fn current_redactor(&self) -> Redactor {
+        match self {
+            Auth::Static { redactor, .. } => redactor.clone(),
+            Auth::OAuth2(oauth) => {
+                let mut redactor = Redactor::new();
+                redactor.add(oauth.client_secret.expose());
+                if let Some(token) = oauth.cache.lock().await.as_ref() {
+                    redactor.extend(&token.redactor);
+                }
+                redactor
+            }
+        }
+    }
+
     /// Keyfactor refused `used` (401): forget it if it is still the cached token. Returns
     /// whether a retry with a fresh credential can help.
     pub async fn rejected(&self, used: &HeaderValue) -> bool {
