@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the TOML configuration file, assembled from the sections each part owns;
 //! - [`server`]: `jobhook serve` — wires the sources, the queue and the runtime together;
+//! - [`tls`]: `[server] tls` — HTTPS and client certificates on the listener, reloadable;
 //! - [`cli`]: the `jobhook` command line;
 //! - [`devtools`]: `jobhook run`'s capability flags and the Keyfactor stand-in for authors;
 //! - [`loadgen`]: the `jobhook load` event driver.
@@ -11,3 +12,4 @@ pub mod config;
 pub mod devtools;
 pub mod loadgen;
 pub mod server;
+pub mod tls;
