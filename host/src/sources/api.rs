@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::context::JobContext;
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
-use crate::queue::store::{NewEvent, Store};
+use crate::queue::store::{EventStore, NewEvent};
 
 /// Reloads the configuration: resolves to the loaded handler names, or to the reason the new
 /// configuration was refused (the running one then stays).
@@ -40,7 +40,7 @@ pub type Reloader = Arc<
 #[derive(Clone)]
 pub struct AppState {
     /// The durable store.
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn EventStore>,
     /// The dispatcher (routing, handlers).
     pub dispatcher: Arc<Dispatcher>,
     /// Metrics.

@@ -1,4 +1,4 @@
-//! The [`Store`] contract as tests. Every implementation runs this suite through [`suite!`], so
+//! The [`EventStore`] contract as tests. Every implementation runs this suite through [`suite!`], so
 //! SQLite and PostgreSQL are held to the same semantics.
 //!
 //! A [`Backend`] is one database; [`Backend::node`] opens another store on it — another engine
@@ -14,7 +14,7 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, NewEvent, Store, after, to_ms,
+    AttemptRecord, ClaimLimits, DeliveryState, EventStore, MAX_CLAIM_BATCH, NewEvent, after, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -26,7 +26,7 @@ pub(crate) const LEASE: Duration = Duration::from_secs(60);
 /// One database under test.
 pub(crate) trait Backend: Sync {
     /// The store type.
-    type S: Store;
+    type S: EventStore;
     /// Opens a new store on this database: a new node (or process) with its own identity.
     fn node(&self) -> Self::S;
     /// Whether several live nodes share the database (PostgreSQL), rather than one process
@@ -426,7 +426,7 @@ pub(crate) fn concurrent_claims_hand_out_each_delivery_once(b: &impl Backend) {
 /// Commits `events` events routed to `handlers` on one node, then has three threads on each of
 /// two nodes `take` (claim and finish) until it gets nothing; checks that every delivery was
 /// taken exactly once and finished.
-fn claim_everything_concurrently<S: Store>(
+fn claim_everything_concurrently<S: EventStore>(
     b: &impl Backend<S = S>,
     events: usize,
     handlers: &[&str],

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventView,
-    NewEvent, Store, StoreError, after, from_ms, to_ms,
+    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventStore,
+    EventView, NewEvent, StoreError, after, from_ms, to_ms,
 };
 use crate::context::JobContext;
 
@@ -112,10 +112,10 @@ const DUE_OF_HANDLER: &str = "
     WHERE d.state = 'pending' AND d.handler = ?1 AND d.not_before <= ?2
     ORDER BY d.not_before, d.id LIMIT ?3";
 
-/// The SQLite implementation of [`Store`].
+/// The SQLite implementation of [`EventStore`].
 ///
 /// SQLite serves one engine process: the claims of any earlier process are abandoned by
-/// definition, so [`Store::requeue_abandoned`] requeues them regardless of their lease.
+/// definition, so [`EventStore::requeue_abandoned`] requeues them regardless of their lease.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
@@ -343,7 +343,7 @@ impl ContextCache {
     }
 }
 
-impl Store for SqliteStore {
+impl EventStore for SqliteStore {
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         self.write(vec![event.clone()], None)
     }
