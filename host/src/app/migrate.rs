@@ -101,15 +101,20 @@ pub fn import(path: &Path) -> Result<(String, Vec<Warning>), MigrateError> {
         line: None,
         message,
     };
-    let size = std::fs::metadata(path)
-        .map_err(|e| fail(format!("cannot read it: {e}")))?
-        .len();
-    if size > MAX_IMPORT_BYTES {
+    use std::io::Read as _;
+    let file_handle =
+        std::fs::File::open(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    // Read at most one byte past the limit, whatever the file's size claims.
+    let mut bytes = Vec::new();
+    file_handle
+        .take(MAX_IMPORT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if bytes.len() as u64 > MAX_IMPORT_BYTES {
         return Err(fail(format!(
-            "is {size} bytes; registration files over {MAX_IMPORT_BYTES} bytes are refused"
+            "is over {MAX_IMPORT_BYTES} bytes; registration files that large are refused"
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| fail(format!("is not UTF-8 text ({e})")))?;
     let registrations = read_registrations(&text, &file)?;
     Ok(to_toml(&registrations, &file))

@@ -184,18 +184,21 @@ impl TlsConfig {
 }
 
 fn read_pem(path: &Spanned<PathBuf>) -> Result<Vec<u8>, String> {
-    let path = path.get_ref();
-    let size = std::fs::metadata(path)
-        .map_err(|e| {
-            format!("cannot read it ({e}); relative paths are relative to the configuration file")
-        })?
-        .len();
-    if size > MAX_PEM_BYTES {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path.get_ref()).map_err(|e| {
+        format!("cannot read it ({e}); relative paths are relative to the configuration file")
+    })?;
+    // Read at most one byte past the limit, whatever the file claims (or grows to) meanwhile.
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read it ({e})"))?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
         return Err(format!(
-            "is {size} bytes; PEM files over {MAX_PEM_BYTES} bytes are refused"
+            "is over {MAX_PEM_BYTES} bytes; PEM files that large are refused"
         ));
     }
-    std::fs::read(path).map_err(|e| format!("cannot read it ({e})"))
+    Ok(bytes)
 }
 
 /// The TLS configuration new connections get; a reload swaps it.
