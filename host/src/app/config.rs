@@ -92,6 +92,11 @@ pub struct ServerConfig {
     /// Graceful shutdown bound, in milliseconds.
     #[serde(rename = "shutdown_grace_ms", with = "crate::duration_ms")]
     pub shutdown_grace: Duration,
+    /// How long an ingest `Idempotency-Key` holds, in milliseconds: a resend with the same key
+    /// within it gets the original event. An API promise to the forwarder, hence here rather
+    /// than under `[store]` (which only keeps the keys).
+    #[serde(rename = "idempotency_retention_ms", with = "crate::duration_ms")]
+    pub idempotency_retention: Duration,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +108,7 @@ impl Default for ServerConfig {
             tokens: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            idempotency_retention: crate::sources::idempotency::DEFAULT_RETENTION,
         }
     }
 }
@@ -331,6 +337,17 @@ impl Validator<'_> {
     fn check_server(&self, server: &ServerConfig) -> Result<(), ConfigError> {
         if server.max_body_bytes < 1024 {
             return Err(self.error(None, "[server] max_body_bytes must be at least 1024"));
+        }
+        use crate::sources::idempotency::{MAX_RETENTION, MIN_RETENTION};
+        if !(MIN_RETENTION..=MAX_RETENTION).contains(&server.idempotency_retention) {
+            return Err(self.error(
+                None,
+                &format!(
+                    "[server] idempotency_retention_ms must be between {} and {}",
+                    MIN_RETENTION.as_millis(),
+                    MAX_RETENTION.as_millis()
+                ),
+            ));
         }
         Ok(())
     }
