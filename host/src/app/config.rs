@@ -566,6 +566,35 @@ job_types = ["*"]
 "#;
 
     #[test]
+    fn idempotency_retention_has_a_default_and_bounds() {
+        use crate::sources::idempotency::DEFAULT_RETENTION;
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.server.idempotency_retention, DEFAULT_RETENTION);
+        let day = f
+            .parse(&format!(
+                "[server]\nidempotency_retention_ms = 86400000\n{MINIMAL}"
+            ))
+            .unwrap();
+        assert_eq!(
+            day.server.idempotency_retention,
+            Duration::from_secs(86_400)
+        );
+        for bad in ["0", "999", "31708800001"] {
+            let e = f
+                .parse(&format!(
+                    "[server]\nidempotency_retention_ms = {bad}\n{MINIMAL}"
+                ))
+                .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("idempotency_retention_ms must be between"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let f = Fixture::new();
         let c = f.parse(MINIMAL).unwrap();
