@@ -21,10 +21,10 @@ use crate::{Error, Result, backend};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use = "a request does nothing until `.send()` is called"]
 pub struct Request {
-    pub(crate) method: Method,
-    pub(crate) url: String,
-    pub(crate) headers: Vec<(String, String)>,
-    pub(crate) body: Option<Vec<u8>>,
+    method: Method,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
 }
 
 impl Request {
@@ -100,7 +100,13 @@ impl Request {
     /// [`Response::error_for_status`].
     pub fn send(self) -> Result<Response> {
         let what = format!("http {}", self.method);
-        backend::http_send(self).map_err(|e| Error::capability(what, e))
+        let request = backend::HttpRequest {
+            method: self.method,
+            url: self.url,
+            headers: self.headers,
+            body: self.body,
+        };
+        backend::http_send(request).map_err(|e| Error::capability(what, e))
     }
 }
 

@@ -27,11 +27,11 @@ use crate::{Error, Result, backend};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use = "a request does nothing until `.send()` is called"]
 pub struct Request {
-    pub(crate) method: Method,
-    pub(crate) path: String,
-    pub(crate) query: Vec<(String, String)>,
-    pub(crate) headers: Vec<(String, String)>,
-    pub(crate) body: Option<Vec<u8>>,
+    method: Method,
+    path: String,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
 }
 
 impl Request {
@@ -110,7 +110,14 @@ impl Request {
     /// is `Ok`: see [`Response::error_for_status`].
     pub fn send(self) -> Result<Response> {
         let what = format!("keyfactor {} {}", self.method, self.path);
-        backend::keyfactor_send(self).map_err(|e| Error::capability(what, e))
+        let request = backend::KeyfactorRequest {
+            method: self.method,
+            path: self.path,
+            query: self.query,
+            headers: self.headers,
+            body: self.body,
+        };
+        backend::keyfactor_send(request).map_err(|e| Error::capability(what, e))
     }
 }
 

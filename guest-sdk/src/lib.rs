@@ -33,14 +33,16 @@
 //! On native targets the same code compiles against a test double: see the `testing` module
 //! (present on non-wasm targets only).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 extern crate self as jobhook_sdk;
 
 mod backend;
 mod context;
 mod error;
+mod level;
 mod response;
+mod type_name;
 
 pub mod delivery;
 pub mod http;

@@ -5,43 +5,8 @@
 //! `format!` arguments. The engine bounds lines and bytes per invocation; lines past the bound
 //! are dropped and counted, so logging can never fail a handler.
 
-use std::fmt;
-
 use crate::backend;
-
-/// How important a log line is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Level {
-    /// Step-by-step detail for debugging a handler.
-    Trace,
-    /// Diagnostic detail.
-    Debug,
-    /// Normal progress worth keeping.
-    Info,
-    /// Something unexpected that the handler worked around.
-    Warn,
-    /// Something failed.
-    Error,
-}
-
-impl Level {
-    /// The level's name in upper case (`"INFO"`), as log lines print it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Trace => "TRACE",
-            Level::Debug => "DEBUG",
-            Level::Info => "INFO",
-            Level::Warn => "WARN",
-            Level::Error => "ERROR",
-        }
-    }
-}
-
-impl fmt::Display for Level {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::level::Level;
 
 /// Records one log line at `level`. Prefer the macros, which format for you.
 pub fn log(level: Level, message: &str) {

@@ -18,11 +18,11 @@ use crate::{Error, Result, backend};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[must_use = "a message does nothing until `.send()` is called"]
 pub struct Message {
-    pub(crate) from: Option<String>,
-    pub(crate) to: Vec<String>,
-    pub(crate) cc: Vec<String>,
-    pub(crate) subject: String,
-    pub(crate) body: String,
+    from: Option<String>,
+    to: Vec<String>,
+    cc: Vec<String>,
+    subject: String,
+    body: String,
 }
 
 impl Message {
@@ -91,7 +91,14 @@ impl Message {
         if self.to.is_empty() && self.cc.is_empty() {
             return Err(Error::new("mail: the message has no recipients"));
         }
-        backend::mail_send(self).map_err(|e| Error::capability("mail", e))
+        let message = backend::MailMessage {
+            from: self.from,
+            to: self.to,
+            cc: self.cc,
+            subject: self.subject,
+            body: self.body,
+        };
+        backend::mail_send(message).map_err(|e| Error::capability("mail", e))
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::str::FromStr;
 
+use crate::type_name::short_type_name;
 use crate::{Error, Result, backend};
 
 /// The longest property value quoted in an error message; longer values are cut, so a
@@ -104,24 +105,6 @@ fn quote(value: &str) -> String {
     out
 }
 
-/// `T`'s name without module paths: `i32`, `Duration`, `Vec<String>`.
-pub(crate) fn short_type_name<T: ?Sized>() -> String {
-    let full = std::any::type_name::<T>();
-    let mut out = String::with_capacity(full.len());
-    let mut segment = String::new();
-    for c in full.chars() {
-        if c.is_alphanumeric() || c == '_' || c == ':' {
-            segment.push(c);
-        } else {
-            out.push_str(segment.rsplit("::").next().unwrap_or(&segment));
-            segment.clear();
-            out.push(c);
-        }
-    }
-    out.push_str(segment.rsplit("::").next().unwrap_or(&segment));
-    out
-}
-
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
@@ -212,13 +195,6 @@ mod tests {
             list("Missing").unwrap_err().to_string(),
             "property 'Missing' is not set"
         );
-    }
-
-    #[test]
-    fn short_type_names() {
-        assert_eq!(short_type_name::<i32>(), "i32");
-        assert_eq!(short_type_name::<std::time::Duration>(), "Duration");
-        assert_eq!(short_type_name::<Vec<String>>(), "Vec<String>");
     }
 
     #[test]

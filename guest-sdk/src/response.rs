@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 
-use crate::properties::short_type_name;
+use crate::type_name::short_type_name;
 use crate::{Error, Result};
 
 /// How many bytes of a response body [`Response::error_for_status`] quotes in its error: enough

@@ -25,39 +25,29 @@
 //! A capability call with nothing queued for it answers
 //! [`CapabilityError::NotAvailable`], like an engine without that capability configured.
 
+mod context_json;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
-use serde_json::{Map, Value};
+use chrono::DateTime;
+use serde_json::Value;
 use uuid::Uuid;
 
+use crate::backend::{self, HttpRequest, KeyfactorRequest, MailMessage, NativeHost, SharedHost};
 use crate::log::Level;
 use crate::{
-    CapabilityError, Context, Error, Handler, JobResult, Method, OperationType, Response, Result,
-    http, keyfactor, mail,
+    CapabilityError, Context, Handler, JobResult, Method, OperationType, Response, Result,
 };
-
-thread_local! {
-    /// The mock host installed on this thread, if any.
-    static CURRENT: RefCell<Option<Rc<RefCell<HostState>>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` on the state of the mock host installed on this thread; `None` when there is none.
-pub(crate) fn with_state<R>(f: impl FnOnce(&mut HostState) -> R) -> Option<R> {
-    let state = CURRENT.with(|c| c.try_borrow().ok().and_then(|c| c.clone()))?;
-    let mut state = state.try_borrow_mut().ok()?;
-    Some(f(&mut state))
-}
 
 /// What a handler sees of the mock host, and what it did to it.
 #[derive(Debug, Default)]
-pub(crate) struct HostState {
-    pub(crate) properties: BTreeMap<String, String>,
-    pub(crate) attempt: u32,
-    pub(crate) event_id: Option<String>,
-    pub(crate) handler_name: String,
+struct HostState {
+    properties: BTreeMap<String, String>,
+    attempt: u32,
+    event_id: Option<String>,
+    handler_name: String,
     keyfactor_replies: VecDeque<Result<Response, CapabilityError>>,
     http_replies: VecDeque<Result<Response, CapabilityError>>,
     mail_replies: VecDeque<Result<(), CapabilityError>>,
@@ -68,18 +58,35 @@ pub(crate) struct HostState {
     http_requests: Vec<HttpCall>,
 }
 
-impl HostState {
-    pub(crate) fn record_log(&mut self, level: Level, message: &str) {
+impl NativeHost for HostState {
+    fn property_get(&mut self, name: &str) -> Option<String> {
+        self.properties.get(name).cloned()
+    }
+
+    fn property_names(&mut self) -> Vec<String> {
+        self.properties.keys().cloned().collect()
+    }
+
+    fn log(&mut self, level: Level, message: &str) {
         self.logs.push(LogLine {
             level,
             message: message.to_string(),
         });
     }
 
-    pub(crate) fn keyfactor_send(
-        &mut self,
-        r: keyfactor::Request,
-    ) -> Result<Response, CapabilityError> {
+    fn attempt(&mut self) -> u32 {
+        self.attempt
+    }
+
+    fn event_id(&mut self) -> Option<String> {
+        self.event_id.clone()
+    }
+
+    fn handler_name(&mut self) -> String {
+        self.handler_name.clone()
+    }
+
+    fn keyfactor_send(&mut self, r: KeyfactorRequest) -> Result<Response, CapabilityError> {
         self.keyfactor_requests.push(KeyfactorCall {
             method: r.method,
             path: r.path,
@@ -94,7 +101,7 @@ impl HostState {
         })
     }
 
-    pub(crate) fn http_send(&mut self, r: http::Request) -> Result<Response, CapabilityError> {
+    fn http_send(&mut self, r: HttpRequest) -> Result<Response, CapabilityError> {
         self.http_requests.push(HttpCall {
             method: r.method,
             url: r.url,
@@ -108,7 +115,7 @@ impl HostState {
         })
     }
 
-    pub(crate) fn mail_send(&mut self, m: mail::Message) -> Result<(), CapabilityError> {
+    fn mail_send(&mut self, m: MailMessage) -> Result<(), CapabilityError> {
         self.mails.push(SentMail {
             from: m.from,
             to: m.to,
@@ -241,7 +248,8 @@ impl MockHost {
     /// installed before is put back then.
     pub fn install(self) -> MockHostGuard {
         let state = Rc::new(RefCell::new(self.state));
-        let previous = CURRENT.with(|c| c.replace(Some(Rc::clone(&state))));
+        let shared: SharedHost = state.clone();
+        let previous = backend::install(shared);
         MockHostGuard { state, previous }
     }
 }
@@ -252,7 +260,7 @@ impl MockHost {
 #[must_use = "the mock host is uninstalled as soon as the guard is dropped"]
 pub struct MockHostGuard {
     state: Rc<RefCell<HostState>>,
-    previous: Option<Rc<RefCell<HostState>>>,
+    previous: Option<SharedHost>,
 }
 
 impl MockHostGuard {
@@ -299,18 +307,8 @@ impl MockHostGuard {
 
 impl Drop for MockHostGuard {
     fn drop(&mut self) {
-        let previous = self.previous.take();
-        CURRENT.with(|c| {
-            if let Ok(mut current) = c.try_borrow_mut() {
-                // Only uninstall if this guard's host is still the installed one.
-                if current
-                    .as_ref()
-                    .is_some_and(|cur| Rc::ptr_eq(cur, &self.state))
-                {
-                    *current = previous;
-                }
-            }
-        });
+        let shared: SharedHost = self.state.clone();
+        backend::uninstall(&shared, self.previous.take());
     }
 }
 
@@ -441,214 +439,28 @@ pub fn context() -> Context {
 ///  "CertificateId": null, "RequestTimestamp": "2023-05-03T23:18:48Z", "CurrentRetryCount": 5}
 /// ```
 ///
-/// Field names match without regard to case; enums by .NET name (any case) or number;
-/// timestamps in RFC 3339 or without an offset (taken as UTC). `AgentId`, `JobId`,
-/// `JobTypeId`, `JobType` and `JobResult` are required; the rest default to empty, `Unknown`,
-/// `null` or 0. Errors name the field.
+/// It accepts exactly the documents the engine accepts, with the same values, so a test cannot
+/// pass on a context the engine would refuse:
+///
+/// - field names match without regard to case (a field given twice is an error); unknown
+///   fields are ignored;
+/// - every field is required except `CertificateId` and `RequestTimestamp` (absent or `null`:
+///   `None`); `null` in `Username`, `ClientMachine` or `JobType` is the empty string;
+/// - GUIDs hyphenated, braced or as 32 hex digits;
+/// - `JobResult` and `OperationType` by .NET name (any case) or number, unknown numbers being
+///   `Unknown`; `CertificateId` and `CurrentRetryCount` as 32-bit numbers or strings holding one;
+/// - timestamps in RFC 3339 or without an offset (taken as UTC);
+/// - at most 64 KiB in all and 4 KiB per string field.
+///
+/// Errors name the field, e.g. `context field 'JobId' is missing`.
 pub fn context_from_json(json: &str) -> Result<Context> {
-    let value: Value = serde_json::from_str(json)
-        .map_err(|e| Error::new(format!("context is not valid JSON ({e})")))?;
-    let Value::Object(fields) = value else {
-        return Err(Error::new("context must be a JSON object"));
-    };
-    let field = |name: &str| -> Option<&Value> {
-        fields
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-            .filter(|v| !v.is_null())
-    };
-    Ok(Context {
-        agent_id: guid(&fields, "AgentId")?,
-        username: string(field("Username"), "Username")?.unwrap_or_default(),
-        client_machine: string(field("ClientMachine"), "ClientMachine")?.unwrap_or_default(),
-        job_result: enumeration::<JobResult>(field("JobResult"), "JobResult")?
-            .ok_or_else(|| Error::new("context field 'JobResult' is missing"))?,
-        job_id: guid(&fields, "JobId")?,
-        job_type: string(field("JobType"), "JobType")?
-            .ok_or_else(|| Error::new("context field 'JobType' is missing"))?,
-        job_type_id: guid(&fields, "JobTypeId")?,
-        operation_type: enumeration::<OperationType>(field("OperationType"), "OperationType")?
-            .unwrap_or_default(),
-        certificate_id: integer(field("CertificateId"), "CertificateId")?,
-        request_timestamp: timestamp(field("RequestTimestamp"))?,
-        current_retry_count: integer(field("CurrentRetryCount"), "CurrentRetryCount")?.unwrap_or(0),
-    })
-}
-
-fn guid(fields: &Map<String, Value>, name: &str) -> Result<Uuid> {
-    let value = fields
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v);
-    let text = string(value.filter(|v| !v.is_null()), name)?
-        .ok_or_else(|| Error::new(format!("context field '{name}' is missing")))?;
-    Uuid::parse_str(text.trim()).map_err(|e| {
-        Error::new(format!(
-            "context field '{name}': '{text}' is not a GUID ({e})"
-        ))
-    })
-}
-
-fn string(value: Option<&Value>, name: &str) -> Result<Option<String>> {
-    match value {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(Error::new(format!(
-            "context field '{name}' must be a string, got {other}"
-        ))),
-    }
-}
-
-fn integer(value: Option<&Value>, name: &str) -> Result<Option<i32>> {
-    match value {
-        None => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .and_then(|n| i32::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(|| {
-                Error::new(format!(
-                    "context field '{name}' must be a 32-bit integer, got {v}"
-                ))
-            }),
-    }
-}
-
-fn enumeration<T: std::str::FromStr<Err = Error>>(
-    value: Option<&Value>,
-    name: &str,
-) -> Result<Option<T>> {
-    let text = match value {
-        None => return Ok(None),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(other) => {
-            return Err(Error::new(format!(
-                "context field '{name}' must be a name or a number, got {other}"
-            )));
-        }
-    };
-    text.parse::<T>()
-        .map(Some)
-        .map_err(|e| e.context(format!("context field '{name}'")))
-}
-
-fn timestamp(value: Option<&Value>) -> Result<Option<DateTime<Utc>>> {
-    let Some(text) = string(value, "RequestTimestamp")? else {
-        return Ok(None);
-    };
-    let text = text.trim();
-    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
-        return Ok(Some(t.with_timezone(&Utc)));
-    }
-    NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-        .map(|t| Some(t.and_utc()))
-        .map_err(|e| {
-            Error::new(format!(
-                "context field 'RequestTimestamp': '{text}' is not an RFC 3339 timestamp ({e})"
-            ))
-        })
+    context_json::decode(json)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{delivery, info, keyfactor, properties, warn};
-
-    #[test]
-    fn guards_nest_and_uninstall() {
-        assert_eq!(properties::get("P"), None);
-        let outer = MockHost::new().property("P", "outer").install();
-        {
-            let _inner = MockHost::new().property("P", "inner").attempt(3).install();
-            assert_eq!(properties::get("P").as_deref(), Some("inner"));
-            assert_eq!(delivery::attempt(), 3);
-        }
-        assert_eq!(properties::get("P").as_deref(), Some("outer"));
-        assert_eq!(delivery::attempt(), 1);
-        drop(outer);
-        assert_eq!(properties::get("P"), None);
-    }
-
-    #[test]
-    fn installs_are_per_thread() {
-        let _host = MockHost::new().property("P", "here").install();
-        let other = std::thread::spawn(|| properties::get("P"))
-            .join()
-            .ok()
-            .flatten();
-        assert_eq!(other, None);
-        assert_eq!(properties::get("P").as_deref(), Some("here"));
-    }
-
-    #[test]
-    fn delivery_facts() {
-        let _host = MockHost::new()
-            .attempt(2)
-            .event_id("evt-1")
-            .handler_name("mailer")
-            .install();
-        assert_eq!(delivery::attempt(), 2);
-        assert_eq!(delivery::event_id().as_deref(), Some("evt-1"));
-        assert_eq!(delivery::handler_name(), "mailer");
-    }
-
-    #[test]
-    fn records_logs_with_levels() {
-        let host = MockHost::new().install();
-        info!("one {}", 1);
-        warn!("two");
-        crate::trace!("three");
-        crate::debug!("four");
-        crate::error!("five");
-        let levels: Vec<Level> = host.logs().iter().map(|l| l.level).collect();
-        assert_eq!(
-            levels,
-            [
-                Level::Info,
-                Level::Warn,
-                Level::Trace,
-                Level::Debug,
-                Level::Error
-            ]
-        );
-        assert_eq!(host.logs_at(Level::Info), ["one 1"]);
-        assert!(host.logged("two"));
-        assert!(!host.logged("six"));
-    }
-
-    #[test]
-    fn replies_are_consumed_in_order() {
-        let host = MockHost::new()
-            .keyfactor_response(200, "first")
-            .keyfactor_error(CapabilityError::Timeout("slow".into()))
-            .http_json(201, serde_json::json!({"ok": true}))
-            .install();
-        let http = crate::http::Request::get("https://x.example.com/").send();
-        assert_eq!(
-            http.map(|r| (r.status, r.body)),
-            Ok((201, br#"{"ok":true}"#.to_vec()))
-        );
-        let first = keyfactor::Request::get("A").send().map(|r| r.body);
-        assert_eq!(first, Ok(b"first".to_vec()));
-        let second = keyfactor::Request::get("B").send().unwrap_err();
-        assert_eq!(
-            second.capability_error(),
-            Some(&CapabilityError::Timeout("slow".into()))
-        );
-        let third = keyfactor::Request::get("C").send().unwrap_err();
-        assert!(matches!(
-            third.capability_error(),
-            Some(CapabilityError::NotAvailable(_))
-        ));
-        let paths: Vec<String> = host
-            .keyfactor_requests()
-            .into_iter()
-            .map(|c| c.path)
-            .collect();
-        assert_eq!(paths, ["A", "B", "C"]);
-    }
+    use crate::Error;
 
     #[test]
     fn run_handler_reports_the_reason_string() {
@@ -683,58 +495,160 @@ mod tests {
         );
 
         let ctx = context_from_json(
-            r#"{"agentid": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "JobResult": 2, "OperationType": "add",
-                "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90", "JobType": "WinCertManagement",
-                "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c", "CertificateId": 14,
-                "RequestTimestamp": "2023-05-03T23:18:48.250"}"#,
+            r#"{"agentid": "{fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11}", "JobResult": 2, "OperationType": "add",
+                "JobId": "0b4b411a7c2e4d6f9a513e8f2b7c1d90", "JobType": null, "Username": null,
+                "clientMachine": "m", "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c",
+                "CertificateId": "14", "RequestTimestamp": "2023-05-03 23:18:48.250",
+                "CurrentRetryCount": " 1 ", "Client": {"BaseAddress": "ignored"}}"#,
         )
         .map_err(|e| e.to_string());
         let ctx = ctx.as_ref();
+        assert_eq!(ctx.map(|c| c.agent_id), Ok(context().agent_id));
+        assert_eq!(ctx.map(|c| c.job_id), Ok(context().job_id));
         assert_eq!(ctx.map(|c| c.job_result), Ok(JobResult::Success));
         assert_eq!(ctx.map(|c| c.operation_type), Ok(OperationType::Add));
+        assert_eq!(
+            ctx.map(|c| (c.username.as_str(), c.job_type.as_str())),
+            Ok(("", ""))
+        );
         assert_eq!(ctx.map(|c| c.certificate_id), Ok(Some(14)));
+        assert_eq!(ctx.map(|c| c.current_retry_count), Ok(1));
         assert_eq!(
             ctx.map(|c| c.request_timestamp.map(|t| t.timestamp_millis())),
             Ok(Some(1_683_155_928_250))
         );
     }
 
+    /// A complete context with `extra` fields added (or, under an existing name, replacing).
+    fn with(extra: &str) -> String {
+        let mut value: Value = serde_json::from_str(
+            r#"{"AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
+                "ClientMachine": "m", "JobResult": "Failure",
+                "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90", "JobType": "X",
+                "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c", "OperationType": 0,
+                "CurrentRetryCount": 0}"#,
+        )
+        .unwrap_or_default();
+        let extra: Value = serde_json::from_str(&format!("{{{extra}}}")).unwrap_or_default();
+        if let (Value::Object(base), Value::Object(extra)) = (&mut value, extra) {
+            base.extend(extra);
+        }
+        value.to_string()
+    }
+
+    fn without(field: &str) -> String {
+        let mut value: Value = serde_json::from_str(&with("")).unwrap_or_default();
+        if let Value::Object(map) = &mut value {
+            map.remove(field);
+        }
+        value.to_string()
+    }
+
     #[test]
     fn context_json_errors_name_the_field() {
+        assert!(context_from_json(&with("")).is_ok());
         let cases = [
-            ("[]", "must be a JSON object"),
-            (r#"{"JobId": "x"}"#, "'AgentId' is missing"),
+            ("[]".to_string(), "must be a JSON object, got an array"),
+            ("{".to_string(), "context is not valid JSON"),
+            (" ".repeat(64 * 1024 + 1), "the limit is 65536 bytes"),
+            (without("AgentId"), "context field 'AgentId' is missing"),
+            (without("Username"), "context field 'Username' is missing"),
             (
-                r#"{"AgentId": "nope", "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90"}"#,
-                "'AgentId': 'nope' is not a GUID",
+                without("OperationType"),
+                "context field 'OperationType' is missing",
+            ),
+            (
+                without("CurrentRetryCount"),
+                "context field 'CurrentRetryCount' is missing",
+            ),
+            (
+                with(r#""JobResult": null"#),
+                "context field 'JobResult' is missing",
+            ),
+            (
+                with(r#""AgentId": "nope""#),
+                "context field 'AgentId': 'nope' is not a GUID",
+            ),
+            (
+                with(r#""JobId": "urn:uuid:0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90""#),
+                "context field 'JobId'",
+            ),
+            (
+                with(r#""JobTypeId": 7"#),
+                "'JobTypeId': expected a GUID string, got a number",
+            ),
+            (
+                with(r#""jobresult": 4"#),
+                "'JobResult' is given more than once",
+            ),
+            (
+                with(r#""JobResult": "Exploded""#),
+                "context field 'JobResult': 'Exploded'",
+            ),
+            (
+                with(r#""JobResult": 2.5"#),
+                "context field 'JobResult': 2.5",
+            ),
+            (
+                with(r#""OperationType": true"#),
+                "'OperationType': expected a name or a number",
+            ),
+            (
+                with(r#""Username": 5"#),
+                "'Username': expected a string, got a number",
+            ),
+            (
+                with(&format!(r#""JobType": "{}""#, "x".repeat(4097))),
+                "'JobType': is 4097 bytes long",
+            ),
+            (
+                with(r#""CurrentRetryCount": 1e99"#),
+                "'CurrentRetryCount': 1e+99 must be a 32-bit whole number",
+            ),
+            (
+                with(r#""CertificateId": "lots""#),
+                "'CertificateId': \"lots\" must be",
+            ),
+            (
+                with(r#""CertificateId": []"#),
+                "'CertificateId': expected a whole number",
+            ),
+            (
+                with(r#""RequestTimestamp": "May 3""#),
+                "'RequestTimestamp': 'May 3'",
+            ),
+            (
+                with(r#""RequestTimestamp": 12"#),
+                "'RequestTimestamp': expected an ISO 8601",
             ),
         ];
         for (json, want) in cases {
-            let err = context_from_json(json).unwrap_err().to_string();
+            let err = context_from_json(&json)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{json}: {err}");
         }
-        let base = r#""AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "JobId": "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90",
-                      "JobTypeId": "49b3a17d-5f1c-4a0e-9c2b-7d8e1f2a3b4c", "JobType": "X""#;
-        let err =
-            context_from_json(&format!("{{{base}, \"JobResult\": \"Exploded\"}}")).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("context field 'JobResult': 'Exploded'"),
-            "{err}"
+    }
+
+    #[test]
+    fn context_json_optional_fields_and_unknown_numbers() {
+        for extra in ["", r#""CertificateId": null, "RequestTimestamp": null"#] {
+            let ctx = context_from_json(&with(extra)).map_err(|e| e.to_string());
+            assert_eq!(
+                ctx.map(|c| (c.certificate_id, c.request_timestamp)),
+                Ok((None, None))
+            );
+        }
+        let ctx = context_from_json(&with(r#""JobResult": 17, "OperationType": "-1""#));
+        assert_eq!(
+            ctx.map(|c| (c.job_result, c.operation_type)),
+            Ok((JobResult::Unknown, OperationType::Unknown))
         );
-        let err = context_from_json(&format!(
-            "{{{base}, \"JobResult\": 4, \"CurrentRetryCount\": 1e99}}"
-        ))
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("'CurrentRetryCount' must be a 32-bit integer"),
-            "{err}"
+        let ctx = context_from_json(&with(r#""RequestTimestamp": "2023-05-04T01:18:48+02:00""#));
+        assert_eq!(
+            ctx.map(|c| c.request_timestamp),
+            Ok(context().request_timestamp)
         );
-        let err = context_from_json(&format!(
-            "{{{base}, \"JobResult\": 4, \"RequestTimestamp\": \"May 3\"}}"
-        ))
-        .unwrap_err();
-        assert!(err.to_string().contains("'RequestTimestamp'"), "{err}");
     }
 }

@@ -5,11 +5,16 @@
 //! is called with `call_async` so that guest code runs on its own fiber stack and can be
 //! interrupted by the epoch deadline.
 
-wasmtime::component::bindgen!({
-    path: "../wit",
-    world: "handler",
-    imports: { default: async | trappable },
-    exports: { default: async },
-});
+/// The generated code: the WIT interfaces as Rust modules (documented in `wit/jobhook.wit`).
+#[allow(missing_docs)]
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "handler",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
 
-pub use self::jobhook::handler::types;
+pub use generated::jobhook::handler::types;
+pub use generated::*;

@@ -29,6 +29,8 @@
 //!   (the record of one invocation), [`limits`] (per-handler budgets), [`secret`] (secrets by
 //!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types).
 
+#![deny(missing_docs)]
+
 pub mod app;
 pub mod bindings;
 pub mod capabilities;
@@ -47,5 +49,5 @@ pub use limits::{LimitKind, Limits};
 pub use outcome::{Outcome, OutcomeKind};
 pub use runtime::engine::Engine;
 pub use runtime::loader::{LoadError, LoadOptions};
-pub use runtime::sandbox::Handler;
-pub use runtime::state::{Delivery, HandlerSpec};
+pub use runtime::sandbox::SandboxedHandler;
+pub use runtime::state::{Delivery, SandboxSpec};

@@ -5,6 +5,7 @@
 //! Every default is a named constant with the reason for its value. Operators override them per
 //! handler in configuration; the defaults are what an untrusted third-party handler gets.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -48,19 +49,16 @@ pub const DEFAULT_LOG_BYTES: usize = 64 * 1024;
 /// Longest single log line kept; longer lines are truncated (on a character boundary).
 pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
 
-/// Keyfactor API calls per invocation. The documented samples make one or two; 20 allows a small
-/// paging loop and stops an API flood from one event.
-pub const DEFAULT_KEYFACTOR_CALLS: u32 = 20;
-
-/// Mails per invocation. A notification handler sends one.
-pub const DEFAULT_MAIL_CALLS: u32 = 5;
-
-/// Outbound webhook calls per invocation.
-pub const DEFAULT_HTTP_CALLS: u32 = 5;
+/// The suffix of a capability's call limit in `[handlers.limits]`: `<interface>_calls`.
+pub const CALLS_SUFFIX: &str = "_calls";
 
 /// The limits of one handler's sandboxes.
+///
+/// Unknown keys are refused. The call budgets of the grantable capabilities are written
+/// `<interface>_calls` (`keyfactor_calls = 20`); each capability has its own default
+/// (`Grantable::DEFAULT_CALLS`), used when the key is left out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Limits {
     /// Wall-clock budget per invocation (milliseconds in configuration).
     #[serde(rename = "timeout_ms", with = "crate::duration_ms")]
@@ -83,12 +81,68 @@ pub struct Limits {
     pub log_lines: usize,
     /// Log bytes kept.
     pub log_bytes: usize,
-    /// Keyfactor API calls allowed.
-    pub keyfactor_calls: u32,
-    /// Mails allowed.
-    pub mail_calls: u32,
-    /// Outbound HTTP calls allowed.
-    pub http_calls: u32,
+    /// Calls allowed per capability, by interface name (`keyfactor` for `keyfactor_calls`);
+    /// a capability left out gets its own default. Every other key is refused here.
+    #[serde(flatten, with = "call_limits")]
+    pub calls: BTreeMap<String, u32>,
+}
+
+impl Limits {
+    /// Calls a sandbox may make to the capability `interface`: the handler's
+    /// `<interface>_calls`, or `default`.
+    pub fn calls(&self, interface: &str, default: u32) -> u32 {
+        self.calls.get(interface).copied().unwrap_or(default)
+    }
+}
+
+/// `<interface>_calls = N` keys, flattened into [`Limits`]: the only keys it does not name
+/// itself, so any other key is refused as unknown.
+mod call_limits {
+    use std::collections::BTreeMap;
+
+    use std::fmt;
+
+    use serde::de::{Error as _, MapAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    use super::CALLS_SUFFIX;
+
+    pub fn serialize<S: Serializer>(
+        calls: &BTreeMap<String, u32>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            calls
+                .iter()
+                .map(|(interface, n)| (format!("{interface}{CALLS_SUFFIX}"), n)),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u32>, D::Error> {
+        d.deserialize_map(CallsVisitor)
+    }
+
+    struct CallsVisitor;
+
+    impl<'de> Visitor<'de> for CallsVisitor {
+        type Value = BTreeMap<String, u32>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("limits")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut calls = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let Some(interface) = key.strip_suffix(CALLS_SUFFIX).filter(|i| !i.is_empty())
+                else {
+                    return Err(A::Error::custom(format!("unknown field `{key}`")));
+                };
+                calls.insert(interface.to_owned(), map.next_value::<u32>()?);
+            }
+            Ok(calls)
+        }
+    }
 }
 
 impl Default for Limits {
@@ -104,16 +158,13 @@ impl Default for Limits {
             output_bytes: DEFAULT_OUTPUT_BYTES,
             log_lines: DEFAULT_LOG_LINES,
             log_bytes: DEFAULT_LOG_BYTES,
-            keyfactor_calls: DEFAULT_KEYFACTOR_CALLS,
-            mail_calls: DEFAULT_MAIL_CALLS,
-            http_calls: DEFAULT_HTTP_CALLS,
+            calls: BTreeMap::new(),
         }
     }
 }
 
 /// Which limit stopped a handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
     /// Total linear memory.
     Memory,
@@ -125,12 +176,9 @@ pub enum LimitKind {
     Stack,
     /// Bytes copied from guest to host in one call.
     HostcallBytes,
-    /// Keyfactor API calls per invocation.
-    KeyfactorCalls,
-    /// Mails per invocation.
-    MailCalls,
-    /// Outbound HTTP calls per invocation.
-    HttpCalls,
+    /// Calls per invocation to a capability, named `<interface>-calls` (`keyfactor-calls`,
+    /// `mail-calls`, `http-calls`; see `Grantable::CALLS_LIMIT`).
+    Calls(&'static str),
 }
 
 impl LimitKind {
@@ -142,10 +190,14 @@ impl LimitKind {
             LimitKind::Instances => "instances",
             LimitKind::Stack => "stack",
             LimitKind::HostcallBytes => "hostcall-bytes",
-            LimitKind::KeyfactorCalls => "keyfactor-calls",
-            LimitKind::MailCalls => "mail-calls",
-            LimitKind::HttpCalls => "http-calls",
+            LimitKind::Calls(name) => name,
         }
+    }
+}
+
+impl Serialize for LimitKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -170,5 +222,25 @@ mod tests {
         let parsed: Limits = serde_json::from_str(r#"{"timeout_ms": 250}"#).unwrap();
         assert_eq!(parsed.timeout, Duration::from_millis(250));
         assert!(serde_json::from_str::<Limits>(r#"{"memory": 1}"#).is_err());
+    }
+
+    #[test]
+    fn call_budgets_are_keyed_by_interface() {
+        let parsed: Limits =
+            serde_json::from_str(r#"{"keyfactor_calls": 3, "log_lines": 7}"#).unwrap();
+        assert_eq!(parsed.calls("keyfactor", 20), 3);
+        assert_eq!(parsed.calls("mail", 5), 5);
+        assert_eq!(parsed.log_lines, 7);
+        let text = serde_json::to_value(&parsed).unwrap();
+        assert_eq!(text["keyfactor_calls"], 3);
+        for bad in [
+            r#"{"_calls": 1}"#,
+            r#"{"keyfactor_calls": -1}"#,
+            r#"{"calls": 1}"#,
+        ] {
+            assert!(serde_json::from_str::<Limits>(bad).is_err(), "{bad}");
+        }
+        let e = serde_json::from_str::<Limits>(r#"{"colour": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
     }
 }

@@ -14,10 +14,10 @@ use jobhook::metrics::Metrics;
 use jobhook::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
 use jobhook::queue::registration::JobTypes;
 use jobhook::queue::store::sqlite::SqliteStore;
-use jobhook::queue::store::{DeliveryState, Store};
+use jobhook::queue::store::{DeliveryState, EventStore};
 use jobhook::secret::SecretRef;
 use jobhook::sources::poller::{CURSOR, Poller, PollerConfig};
-use jobhook::{Engine, Handler, HandlerSpec, LoadOptions};
+use jobhook::{Engine, LoadOptions, SandboxSpec, SandboxedHandler};
 use jobhook_testkit::guest_bytes;
 use jobhook_testkit::standin::{Dataset, Standin, StandinConfig};
 use serde_json::{Value, json};
@@ -63,22 +63,22 @@ fn client(standin: &Standin, password_file: &Path, password: &str) -> Arc<Keyfac
 
 struct Fixture {
     dir: tempfile::TempDir,
-    store: Arc<dyn Store>,
+    store: Arc<dyn EventStore>,
     dispatcher: Arc<Dispatcher>,
 }
 
 impl Fixture {
     async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> =
+        let store: Arc<dyn EventStore> =
             Arc::new(SqliteStore::open(&dir.path().join("data")).expect("store"));
         // One handler for every job type, so each event gets exactly one (pending) delivery.
         let engine = Engine::new(4).expect("engine");
-        let handler = Handler::load(
+        let handler = SandboxedHandler::load(
             &engine,
             &Services::default(),
             guest_bytes("log-context"),
-            HandlerSpec::new("all"),
+            SandboxSpec::new("all"),
             &LoadOptions::default(),
         )
         .await

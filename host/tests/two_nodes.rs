@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use jobhook::queue::store::Store;
+use jobhook::queue::store::EventStore;
 use jobhook::queue::store::postgres::PostgresStore;
 use jobhook::secret::Secret;
 use jobhook_testkit::engine::{EngineProcess, free_port};

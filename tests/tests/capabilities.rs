@@ -34,8 +34,8 @@ use jobhook::capabilities::{CallBudget, Grants, Services};
 use jobhook::limits::LimitExceeded;
 use jobhook::secret::SecretRef;
 use jobhook::{
-    Delivery, Engine, Handler, HandlerSpec, JobContext, LimitKind, LoadError, LoadOptions, Outcome,
-    OutcomeKind,
+    Delivery, Engine, JobContext, LimitKind, LoadError, LoadOptions, Outcome, OutcomeKind,
+    SandboxSpec, SandboxedHandler,
 };
 use jobhook_testkit::smtp::SmtpServer;
 use jobhook_testkit::standin::{Standin, StandinConfig};
@@ -88,7 +88,7 @@ fn client(config: &KeyfactorConfig) -> Arc<KeyfactorClient> {
 
 fn kf_capability(grant: KeyfactorGrant, client: &Arc<KeyfactorClient>) -> KeyfactorCapability {
     KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 100),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 100),
         Some(grant),
         Some(Arc::clone(client)),
     )
@@ -128,8 +128,8 @@ fn visible(result: &Result<Response, CapabilityError>) -> String {
     }
 }
 
-fn spec(name: &str, properties: &[(&str, &str)], grants: Grants) -> HandlerSpec {
-    let mut spec = HandlerSpec::new(name);
+fn spec(name: &str, properties: &[(&str, &str)], grants: Grants) -> SandboxSpec {
+    let mut spec = SandboxSpec::new(name);
     spec.properties = Properties::new(
         properties
             .iter()
@@ -143,10 +143,10 @@ fn spec(name: &str, properties: &[(&str, &str)], grants: Grants) -> HandlerSpec 
 async fn run_example(
     package: &str,
     services: &Services,
-    spec: HandlerSpec,
+    spec: SandboxSpec,
     context_file: &str,
 ) -> Outcome {
-    let handler = Handler::load(
+    let handler = SandboxedHandler::load(
         engine(),
         services,
         guest_bytes(package),
@@ -733,7 +733,8 @@ async fn keyfactor_responses_are_bounded_and_redirects_not_followed() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = KeyfactorConfig::new(standin.base_url(), basic_auth(&standin, dir.path()));
     config.max_response_bytes = 64 * 1024;
-    config.timeout_ms = 300;
+    // Long enough for 64 KiB of a chunked body on a busy machine, well short of the slow call.
+    config.timeout_ms = 1000;
     let client = client(&config);
     let mut cap = kf_capability(KeyfactorGrant::read_only(&["_Test/"]).unwrap(), &client);
 
@@ -803,7 +804,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
     ));
 
     let mut not_granted = KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 5),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         None,
         Some(Arc::clone(&client)),
     );
@@ -812,7 +813,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         Err(CapabilityError::NotGranted(_))
     ));
     let mut not_configured = KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 5),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         Some(KeyfactorGrant::permissive()),
         None,
     );
@@ -822,7 +823,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
     ));
 
     let mut budget = KeyfactorCapability::new(
-        CallBudget::new(LimitKind::KeyfactorCalls, 2),
+        CallBudget::new(LimitKind::Calls("keyfactor-calls"), 2),
         Some(KeyfactorGrant::permissive()),
         Some(client),
     );
@@ -840,7 +841,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         .unwrap_err();
     assert_eq!(
         trap.downcast_ref::<LimitExceeded>().unwrap().kind,
-        LimitKind::KeyfactorCalls
+        LimitKind::Calls("keyfactor-calls")
     );
     assert_eq!(
         standin.requests().len(),
@@ -936,7 +937,7 @@ async fn job_history_lookup_calls_the_standin_and_succeeds() {
     );
 
     // The same handler without the grant is refused at load.
-    let refused = Handler::load(
+    let refused = SandboxedHandler::load(
         engine(),
         &services,
         guest_bytes("job-history-lookup"),
@@ -1138,7 +1139,7 @@ async fn mail_outside_the_grant_reaches_no_server() {
         body: "body".into(),
     };
     let mut cap = MailCapability::new(
-        CallBudget::new(LimitKind::MailCalls, 4),
+        CallBudget::new(LimitKind::Calls("mail-calls"), 4),
         Some(MailGrant::to(&["@example.com"]).unwrap()),
         Some(transport),
     );
@@ -1160,7 +1161,7 @@ async fn mail_outside_the_grant_reaches_no_server() {
         .unwrap_err();
     assert_eq!(
         trap.downcast_ref::<LimitExceeded>().unwrap().kind,
-        LimitKind::MailCalls
+        LimitKind::Calls("mail-calls")
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(smtp.received().is_empty(), "{:?}", smtp.received());
@@ -1451,7 +1452,7 @@ async fn http_refusals_send_nothing() {
     ];
     for (what, grant, request, expected) in cases {
         let mut cap = HttpCapability::new(
-            CallBudget::new(LimitKind::HttpCalls, 5),
+            CallBudget::new(LimitKind::Calls("http-calls"), 5),
             Some(grant.clone()),
             Some(Arc::clone(&client)),
         );
@@ -1471,7 +1472,7 @@ async fn http_refusals_send_nothing() {
 
     // Allowed: plain http to a loopback *name* goes through the checking resolver and arrives.
     let mut cap = HttpCapability::new(
-        CallBudget::new(LimitKind::HttpCalls, 5),
+        CallBudget::new(LimitKind::Calls("http-calls"), 5),
         Some(loopback_grant.clone()),
         Some(Arc::clone(&client)),
     );
@@ -1514,7 +1515,10 @@ async fn services_build_from_configuration() {
         password.display()
     );
     let config: jobhook::capabilities::ServicesConfig = serde_json::from_str(&text).unwrap();
-    let services = Services::from_config(&config, &dir.path().join("outbox")).unwrap();
+    let env = jobhook::capabilities::ServiceEnv {
+        default_outbox: dir.path().join("outbox"),
+    };
+    let services = Services::from_config(&config, &env).unwrap();
     assert!(dir.path().join("outbox").is_dir());
     let mut cap = kf_capability(
         KeyfactorGrant {
@@ -1549,7 +1553,7 @@ async fn services_build_from_configuration() {
         "http://command.example.com/KeyfactorAPI/",
     );
     let config: jobhook::capabilities::ServicesConfig = serde_json::from_str(&insecure).unwrap();
-    let e = Services::from_config(&config, dir.path())
+    let e = Services::from_config(&config, &env)
         .unwrap_err()
         .to_string();
     assert!(e.contains("https"), "{e}");

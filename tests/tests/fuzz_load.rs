@@ -1,4 +1,4 @@
-//! Fuzzing the load gate (`Handler::load`, i.e. `jobhook::runtime::loader`) on stable with proptest:
+//! Fuzzing the load gate (`SandboxedHandler::load`, i.e. `jobhook::runtime::loader`) on stable with proptest:
 //! arbitrary bytes, bytes behind a valid component header, and mutations of real components never
 //! make it panic; garbage is always refused with a `LoadError`; a mutant that does load runs to
 //! an outcome within its budget; and the engine keeps running a healthy handler throughout.

@@ -519,19 +519,19 @@ async fn a_stdout_and_stderr_flood_succeeds_truncated_and_counted() {
 #[tokio::test]
 async fn a_keyfactor_call_flood_hits_its_budget() {
     let outcome = rust_guest("guest-keyfactor-flood", &[]).await;
-    expect_limit(&outcome, LimitKind::KeyfactorCalls);
+    expect_limit(&outcome, LimitKind::Calls("keyfactor-calls"));
 }
 
 #[tokio::test]
 async fn a_mail_flood_hits_its_budget() {
     let outcome = rust_guest("guest-mail-flood", &[]).await;
-    expect_limit(&outcome, LimitKind::MailCalls);
+    expect_limit(&outcome, LimitKind::Calls("mail-calls"));
 }
 
 #[tokio::test]
 async fn an_http_flood_hits_its_budget() {
     let outcome = rust_guest("guest-http-flood", &[]).await;
-    expect_limit(&outcome, LimitKind::HttpCalls);
+    expect_limit(&outcome, LimitKind::Calls("http-calls"));
 }
 
 #[tokio::test]

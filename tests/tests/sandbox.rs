@@ -8,8 +8,8 @@ use std::time::Duration;
 use jobhook::capabilities::properties::Properties;
 use jobhook::capabilities::{Capability, Grants, Services};
 use jobhook::{
-    Delivery, Engine, Handler, HandlerSpec, JobContext, LimitKind, LoadError, LoadOptions, Outcome,
-    OutcomeKind,
+    Delivery, Engine, JobContext, LimitKind, LoadError, LoadOptions, Outcome, OutcomeKind,
+    SandboxSpec, SandboxedHandler,
 };
 use jobhook_testkit::{guest_bytes, sample_context_json, workspace_root};
 use serde_json::{Value, json};
@@ -19,8 +19,8 @@ fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| Engine::new(32).expect("engine"))
 }
 
-fn spec(name: &str, properties: &[(&str, &str)]) -> HandlerSpec {
-    let mut spec = HandlerSpec::new(name);
+fn spec(name: &str, properties: &[(&str, &str)]) -> SandboxSpec {
+    let mut spec = SandboxSpec::new(name);
     spec.properties = Properties::new(
         properties
             .iter()
@@ -31,8 +31,8 @@ fn spec(name: &str, properties: &[(&str, &str)]) -> HandlerSpec {
     spec
 }
 
-async fn load(package: &str, spec: HandlerSpec) -> Result<Handler, LoadError> {
-    Handler::load(
+async fn load(package: &str, spec: SandboxSpec) -> Result<SandboxedHandler, LoadError> {
+    SandboxedHandler::load(
         engine(),
         &Services::default(),
         guest_bytes(package),
@@ -42,7 +42,7 @@ async fn load(package: &str, spec: HandlerSpec) -> Result<Handler, LoadError> {
     .await
 }
 
-async fn run(package: &str, spec: HandlerSpec, context: &Value) -> Outcome {
+async fn run(package: &str, spec: SandboxSpec, context: &Value) -> Outcome {
     let handler = load(package, spec).await.expect("load");
     let context = JobContext::from_json_value(context).expect("context");
     handler.invoke(&context, Delivery::default()).await
@@ -320,7 +320,7 @@ async fn a_component_for_another_world_is_refused() {
 #[tokio::test]
 async fn a_core_module_is_refused() {
     let module = wat::parse_str("(module (func (export \"run\")))").expect("wat");
-    let err = Handler::load(
+    let err = SandboxedHandler::load(
         engine(),
         &Services::default(),
         module,
@@ -340,7 +340,7 @@ async fn garbage_bytes_are_refused() {
         b"MZ\x90\x00 this is a Windows DLL".to_vec(),
         vec![0xff; 4096],
     ] {
-        let err = Handler::load(
+        let err = SandboxedHandler::load(
             engine(),
             &Services::default(),
             bytes,
@@ -357,7 +357,7 @@ async fn garbage_bytes_are_refused() {
 async fn a_truncated_component_is_refused_as_invalid() {
     let mut bytes = guest_bytes("log-context");
     bytes.truncate(bytes.len() / 2);
-    let err = Handler::load(
+    let err = SandboxedHandler::load(
         engine(),
         &Services::default(),
         bytes,
@@ -375,7 +375,7 @@ async fn an_oversized_component_is_refused_before_compiling() {
         max_bytes: 1024,
         ..LoadOptions::default()
     };
-    let err = Handler::load(
+    let err = SandboxedHandler::load(
         engine(),
         &Services::default(),
         guest_bytes("log-context"),
@@ -438,10 +438,10 @@ async fn loops_beyond_the_cpu_share_are_throttled_and_still_end_at_their_deadlin
     let engine = Engine::new(16).expect("engine");
     let loops = engine.cpu_share().cores().ceil() as usize + 3;
     let budget = Duration::from_millis(800);
-    let load_on = |package: &'static str, spec: HandlerSpec| {
+    let load_on = |package: &'static str, spec: SandboxSpec| {
         let engine = engine.clone();
         async move {
-            Handler::load(
+            SandboxedHandler::load(
                 &engine,
                 &Services::default(),
                 guest_bytes(package),
@@ -498,7 +498,7 @@ async fn an_engine_sized_for_the_most_concurrent_deliveries_runs_handlers() {
     // must fit the process's address space.
     let slots = u32::try_from(jobhook::runtime::config::MAX_CONCURRENT_DELIVERIES).expect("fits");
     let engine = Engine::new(slots).expect("engine");
-    let handler = Handler::load(
+    let handler = SandboxedHandler::load(
         &engine,
         &Services::default(),
         guest_bytes("log-context"),

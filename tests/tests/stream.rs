@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use corpus::{CoreModule, SLACK, load, returning, spec};
 use jobhook::capabilities::Grants;
 use jobhook::{
-    Delivery, Handler, HandlerSpec, JobContext, JobResult, LimitKind, Outcome, OutcomeKind,
+    Delivery, JobContext, JobResult, LimitKind, Outcome, OutcomeKind, SandboxSpec, SandboxedHandler,
 };
 use jobhook_testkit::{guest_bytes, sample_context_json};
 use serde_json::json;
@@ -50,7 +50,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 type Check = fn(&Outcome, &JobContext) -> Result<(), String>;
 
 struct Subject {
-    handler: Handler,
+    handler: SandboxedHandler,
     check: Check,
 }
 
@@ -149,7 +149,7 @@ async fn hostile_subjects() -> Vec<Subject> {
     };
     let rust =
         |package: &'static str, check: Check| (guest_bytes(package), spec(package, &[]), check);
-    let mut table: Vec<(Vec<u8>, HandlerSpec, Check)> = vec![
+    let mut table: Vec<(Vec<u8>, SandboxSpec, Check)> = vec![
         (guest_bytes("guest-loop"), short("loop"), |o, _| {
             class(o, "timed-out")
         }),
@@ -170,10 +170,14 @@ async fn hostile_subjects() -> Vec<Subject> {
         rust("guest-exit", |o, _| trap(o, "exit")),
         rust("guest-panic", |o, _| class(o, "panicked")),
         rust("guest-keyfactor-flood", |o, _| {
-            limit(o, LimitKind::KeyfactorCalls)
+            limit(o, LimitKind::Calls("keyfactor-calls"))
         }),
-        rust("guest-mail-flood", |o, _| limit(o, LimitKind::MailCalls)),
-        rust("guest-http-flood", |o, _| limit(o, LimitKind::HttpCalls)),
+        rust("guest-mail-flood", |o, _| {
+            limit(o, LimitKind::Calls("mail-calls"))
+        }),
+        rust("guest-http-flood", |o, _| {
+            limit(o, LimitKind::Calls("http-calls"))
+        }),
         rust("guest-handle-flood", |o, _| trap(o, "guest-error")),
         rust("guest-random-drain", |o, _| trap(o, "guest-error")),
         (

@@ -1,12 +1,13 @@
 //! The backend on `wasm32`: thin conversions around the wit-bindgen imports.
 
+use super::{HttpRequest, KeyfactorRequest, MailMessage};
 use crate::__private::bindings::jobhook::handler::{
     delivery, http as wit_http, keyfactor as wit_keyfactor, log as wit_log, mail as wit_mail,
     properties, types,
 };
-use crate::context::RawContext;
-use crate::log::Level;
-use crate::{CapabilityError, Method, Response, http, keyfactor, mail};
+use crate::context::{JobResult, OperationType, RawContext};
+use crate::level::Level;
+use crate::{CapabilityError, Method, Response};
 
 pub(crate) fn property_get(name: &str) -> Option<String> {
     properties::get(name)
@@ -39,7 +40,7 @@ pub(crate) fn handler_name() -> String {
     delivery::handler_name()
 }
 
-pub(crate) fn keyfactor_send(request: keyfactor::Request) -> Result<Response, CapabilityError> {
+pub(crate) fn keyfactor_send(request: KeyfactorRequest) -> Result<Response, CapabilityError> {
     let request = wit_keyfactor::Request {
         method: method(request.method),
         path: request.path,
@@ -52,7 +53,7 @@ pub(crate) fn keyfactor_send(request: keyfactor::Request) -> Result<Response, Ca
         .map_err(capability_error)
 }
 
-pub(crate) fn http_send(request: http::Request) -> Result<Response, CapabilityError> {
+pub(crate) fn http_send(request: HttpRequest) -> Result<Response, CapabilityError> {
     let request = wit_http::Request {
         method: method(request.method),
         url: request.url,
@@ -64,7 +65,7 @@ pub(crate) fn http_send(request: http::Request) -> Result<Response, CapabilityEr
         .map_err(capability_error)
 }
 
-pub(crate) fn mail_send(message: mail::Message) -> Result<(), CapabilityError> {
+pub(crate) fn mail_send(message: MailMessage) -> Result<(), CapabilityError> {
     let message = wit_mail::Message {
         from: message.from,
         to: message.to,
@@ -107,7 +108,6 @@ fn capability_error(e: types::CapabilityError) -> CapabilityError {
 /// Moves the fields of the WIT record into [`RawContext`]; all interpretation (GUID and time
 /// parsing) happens in the natively tested `From<RawContext> for Context`.
 pub(crate) fn raw_context(c: types::JobContext) -> RawContext {
-    use crate::{JobResult, OperationType};
     RawContext {
         agent_id: c.agent_id,
         username: c.username,

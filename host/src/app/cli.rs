@@ -17,8 +17,8 @@ use crate::context::{JobContext, MAX_CONTEXT_BYTES};
 use crate::outcome::Outcome;
 use crate::runtime::engine::Engine;
 use crate::runtime::loader::{self, Inspection, LoadOptions};
-use crate::runtime::sandbox::Handler;
-use crate::runtime::state::{Delivery, HandlerSpec};
+use crate::runtime::sandbox::SandboxedHandler;
+use crate::runtime::state::{Delivery, SandboxSpec};
 
 /// Sandboxes the one-shot commands need; a small pool keeps start-up cheap.
 const CLI_MAX_CONCURRENT_SANDBOXES: u32 = 4;
@@ -180,7 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "handler".into());
-    let mut spec = HandlerSpec::new(name);
+    let mut spec = SandboxSpec::new(name);
     spec.properties = Properties::new(properties);
     // The author's harness grants every capability; `jobhook serve` grants per configuration.
     let run_services = args.services.build().await?;
@@ -192,7 +192,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         spec.limits.memory_bytes = bytes;
     }
 
-    let handler = Handler::load(&engine, &run_services.services, bytes, spec, &options)
+    let handler = SandboxedHandler::load(&engine, &run_services.services, bytes, spec, &options)
         .await
         .with_context(|| format!("cannot load {}", args.component.display()))?;
     let outcome = handler

@@ -19,17 +19,17 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::capabilities::properties::Properties;
-use crate::capabilities::{Grants, ServicesConfig};
+use crate::capabilities::{Capability, Grants, ServicesConfig};
 use crate::context::parse_guid;
 use crate::limits::Limits;
 use crate::queue::quarantine::QuarantineConfig;
-use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, HandlerConfig, JobTypes};
+use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, JobTypes, Registration};
 use crate::queue::retry::{MAX_RETRY_ATTEMPTS, RetryPolicy};
 use crate::queue::store::config::StoreConfig;
 use crate::runtime::config::{
     DEFAULT_CACHE_DIR, EngineConfig, MAX_CONCURRENT_DELIVERIES, MAX_SANDBOX_THREADS,
 };
-use crate::secret::{SecretRef, rebase, resolve_secret};
+use crate::secret::{SecretRef, resolve_secret};
 use crate::sources::poller::PollerConfig;
 
 /// Where the HTTP API listens by default: loopback only, so an unconfigured engine is not
@@ -75,7 +75,7 @@ pub struct Config {
     /// `[poller]`, when JobHistory is polled.
     pub poller: Option<PollerConfig>,
     /// `[[handlers]]`, in file order.
-    pub handlers: Vec<HandlerConfig>,
+    pub handlers: Vec<Registration>,
 }
 
 /// `[server]`: the HTTP API.
@@ -136,10 +136,9 @@ struct RawConfig {
     engine: EngineConfig,
     #[serde(default)]
     quarantine: QuarantineConfig,
-    keyfactor: Option<crate::capabilities::keyfactor::KeyfactorConfig>,
-    mail: Option<crate::capabilities::mail::MailConfig>,
-    #[serde(default)]
-    http: crate::capabilities::http::HttpConfig,
+    /// `[keyfactor]`, `[mail]`, `[http]`, …: one section per grantable capability.
+    #[serde(flatten)]
+    services: ServicesConfig,
     poller: Option<PollerConfig>,
     #[serde(default)]
     handlers: Vec<Spanned<RawHandler>>,
@@ -252,28 +251,13 @@ impl Config {
             Some(dir) => base.join(dir),
             None => store.data_dir.join(DEFAULT_CACHE_DIR),
         });
-        let mut keyfactor = raw.keyfactor;
-        if let Some(k) = keyfactor.as_mut() {
-            k.ca_bundle = k.ca_bundle.as_ref().map(|p| base.join(p));
-            use crate::capabilities::keyfactor::auth::AuthConfig;
-            match &mut k.auth {
-                AuthConfig::Basic { password, .. } => rebase(password, &base),
-                AuthConfig::Bearer { token } => rebase(token, &base),
-                AuthConfig::Oauth2 { client_secret, .. } => rebase(client_secret, &base),
-            }
-        }
-        let mut mail = raw.mail;
-        if let Some(m) = mail.as_mut() {
-            m.outbox = m.outbox.as_ref().map(|p| base.join(p));
-            if let Some(password) = m.smtp.as_mut().and_then(|smtp| smtp.password.as_mut()) {
-                rebase(password, &base);
-            }
-        }
+        let mut services = raw.services;
+        services.rebase(&base);
         if let Some(poller) = &raw.poller {
             poller
                 .job_type_ids()
                 .map_err(|e| v.error(None, &e.to_string()))?;
-            if keyfactor.is_none() {
+            if services.keyfactor.is_none() {
                 return Err(v.error(
                     None,
                     "[poller] polls the Keyfactor API: configure [keyfactor] base_url and auth too",
@@ -286,11 +270,7 @@ impl Config {
             store,
             engine,
             quarantine: raw.quarantine,
-            services: ServicesConfig {
-                keyfactor,
-                mail,
-                http: raw.http,
-            },
+            services,
             poller: raw.poller,
             handlers,
         })
@@ -358,7 +338,7 @@ impl Validator<'_> {
             .map_err(|e| self.error(None, &e.to_string()))
     }
 
-    fn handler(&self, raw: RawHandler, line: usize) -> Result<HandlerConfig, ConfigError> {
+    fn handler(&self, raw: RawHandler, line: usize) -> Result<Registration, ConfigError> {
         let name_line = self.line(raw.name.span()).or(Some(line));
         let name = raw.name.into_inner();
         if name.is_empty()
@@ -441,7 +421,7 @@ impl Validator<'_> {
             return Err(self.error(concurrency_line, &format!("{key} must be at least 1")));
         }
 
-        Ok(HandlerConfig {
+        Ok(Registration {
             name,
             component,
             job_types,
@@ -516,6 +496,19 @@ impl Validator<'_> {
             Some("instances, memories and tables must be at least 1".to_owned())
         } else if l.hostcall_bytes < 64 * 1024 {
             Some("hostcall_bytes must be at least 65536".to_owned())
+        } else if let Some(unknown) = l
+            .calls
+            .keys()
+            .find(|name| Capability::from_interface(name).is_none())
+        {
+            let known: Vec<String> = Capability::ALL
+                .iter()
+                .map(|c| format!("{}_calls", c.interface()))
+                .collect();
+            Some(format!(
+                "{unknown}_calls: there is no capability called {unknown:?} (call limits: {})",
+                known.join(", ")
+            ))
         } else {
             None
         };
@@ -678,6 +671,22 @@ backoff_ms = 100
         assert!(e.message.contains("sever"), "{e}");
         let e = error(&format!("{MINIMAL}[handlers.limits]\nmemory = 5\n"));
         assert!(e.message.contains("memory"), "{e}");
+        let e = error(&format!("{MINIMAL}[handlers.limits]\nfax_calls = 5\n"));
+        assert!(
+            e.message.contains("fax_calls") && e.message.contains("mail_calls"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn call_budgets_are_read_by_capability() {
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!("{MINIMAL}[handlers.limits]\nmail_calls = 2\n"))
+            .unwrap();
+        let limits = &c.handlers[0].limits;
+        assert_eq!(limits.calls("mail", 5), 2);
+        assert_eq!(limits.calls("keyfactor", 20), 20);
     }
 
     #[test]

@@ -23,11 +23,11 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
-use crate::capabilities::http::{HttpClient, HttpConfig, UrlPrefix};
+use crate::capabilities::http::UrlPrefix;
 use crate::capabilities::keyfactor::auth::{Auth, AuthConfig};
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorConfig};
 use crate::capabilities::mail::{MailConfig, MailTransport, SmtpConfig, SmtpTls};
-use crate::capabilities::{Grants, Services};
+use crate::capabilities::{Grants, ServiceEnv, Services, ServicesConfig};
 use crate::secret::{Secret, SecretRef};
 
 /// Environment variable holding the Basic password (as in `keyfactor-auth-client-go`).
@@ -130,10 +130,12 @@ pub struct RunServices {
 impl ServiceArgs {
     /// Builds the services the flags ask for.
     pub async fn build(&self) -> anyhow::Result<RunServices> {
-        let mut services = Services {
-            http: Some(Arc::new(HttpClient::from_config(&HttpConfig::default())?)),
-            ..Services::default()
+        // Every capability as an engine with no sections configured has it (http with its
+        // defaults); the flags below add keyfactor and mail.
+        let env = ServiceEnv {
+            default_outbox: PathBuf::from("outbox"),
         };
+        let mut services = Services::from_config(&ServicesConfig::default(), &env)?;
         let mut standin = None;
         if self.keyfactor_standin {
             let s = jobhook_standin::Standin::start()
@@ -212,10 +214,9 @@ impl ServiceArgs {
             None
         };
         if let Some(config) = mail {
-            let default_outbox = PathBuf::from("outbox");
             services.mail = Some(Arc::new(MailTransport::from_config(
                 &config,
-                &default_outbox,
+                &env.default_outbox,
             )?));
         }
 

@@ -11,15 +11,15 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::app::config::Config;
-use crate::capabilities::Services;
+use crate::capabilities::{ServiceEnv, Services};
 use crate::metrics::Metrics;
 use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
-use crate::queue::registration::HandlerConfig;
-use crate::queue::store::{self, Store};
+use crate::queue::registration::Registration;
+use crate::queue::store::{self, EventStore};
 use crate::runtime::engine::Engine;
 use crate::runtime::loader::LoadOptions;
-use crate::runtime::sandbox::Handler;
-use crate::runtime::state::HandlerSpec;
+use crate::runtime::sandbox::SandboxedHandler;
+use crate::runtime::state::SandboxSpec;
 use crate::sources::api::{self, AppState, Reloader};
 use crate::sources::forwarders::Forwarders;
 use crate::sources::idempotency;
@@ -38,11 +38,11 @@ struct Loaded {
 
 /// The handlers of one configuration, by name.
 #[derive(Default)]
-pub struct HandlerSet {
+pub struct LoadedHandlers {
     loaded: BTreeMap<String, Loaded>,
 }
 
-impl HandlerSet {
+impl LoadedHandlers {
     /// The registry the dispatcher runs on.
     pub fn registry(&self) -> Registry {
         Registry::new(self.loaded.values().map(|l| Arc::clone(&l.handler)))
@@ -59,13 +59,13 @@ pub async fn load_handlers(
     engine: &Engine,
     services: &Services,
     config: &Config,
-    previous: Option<&HandlerSet>,
-) -> anyhow::Result<HandlerSet> {
+    previous: Option<&LoadedHandlers>,
+) -> anyhow::Result<LoadedHandlers> {
     let options = LoadOptions {
         max_bytes: config.engine.max_component_bytes,
         compile_timeout: config.engine.compile_timeout,
     };
-    let mut set = HandlerSet::default();
+    let mut set = LoadedHandlers::default();
     for hc in &config.handlers {
         let bytes = read_component(&hc.component, options.max_bytes)
             .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
@@ -77,7 +77,7 @@ pub async fn load_handlers(
             Some(old) => Arc::clone(&old.handler),
             None => {
                 let spec = spec_of(hc);
-                let handler = Handler::load(engine, services, bytes, spec, &options)
+                let handler = SandboxedHandler::load(engine, services, bytes, spec, &options)
                     .await
                     .with_context(|| {
                         format!(
@@ -101,8 +101,8 @@ pub async fn load_handlers(
     Ok(set)
 }
 
-fn spec_of(hc: &HandlerConfig) -> HandlerSpec {
-    HandlerSpec {
+fn spec_of(hc: &Registration) -> SandboxSpec {
+    SandboxSpec {
         name: hc.name.as_str().into(),
         properties: hc.properties.clone(),
         limits: hc.limits.clone(),
@@ -131,8 +131,13 @@ fn digest(bytes: &[u8]) -> u64 {
 /// The engine-wide capability services for `config`; the default mail outbox is `outbox` in
 /// the data directory.
 pub fn services(config: &Config) -> anyhow::Result<Services> {
-    Services::from_config(&config.services, &config.store.data_dir.join("outbox"))
-        .with_context(|| format!("{}: capability services", config.path.display()))
+    Services::from_config(
+        &config.services,
+        &ServiceEnv {
+            default_outbox: config.store.data_dir.join("outbox"),
+        },
+    )
+    .with_context(|| format!("{}: capability services", config.path.display()))
 }
 
 /// `jobhook check`: validates the configuration and loads every handler; returns the handler
@@ -165,9 +170,10 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let services = services(&config)?;
     // Opening connects and migrates, and store calls block: keep them off the async workers.
     let store_config = config.store.clone();
-    let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || store::open(&store_config))
-        .await
-        .context("opening the store")??;
+    let store: Arc<dyn EventStore> =
+        tokio::task::spawn_blocking(move || store::open(&store_config))
+            .await
+            .context("opening the store")??;
     let requeued = {
         let store = Arc::clone(&store);
         tokio::task::spawn_blocking(move || store.requeue_abandoned(chrono::Utc::now()))
@@ -254,7 +260,7 @@ fn reloader(
     engine: Engine,
     services: Services,
     dispatcher: Arc<Dispatcher>,
-    initial: HandlerSet,
+    initial: LoadedHandlers,
 ) -> Reloader {
     let current = Arc::new(tokio::sync::Mutex::new(initial));
     Arc::new(move || {

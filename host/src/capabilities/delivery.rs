@@ -6,7 +6,7 @@ use crate::bindings::jobhook::handler::delivery::Host;
 
 /// Facts about one delivery, fixed for the lifetime of its sandbox.
 #[derive(Debug, Clone)]
-pub struct DeliveryInfo {
+pub struct DeliveryCapability {
     /// 1 on the first attempt.
     pub attempt: u32,
     /// The engine's event id, when the event came through the event path.
@@ -15,7 +15,7 @@ pub struct DeliveryInfo {
     pub handler_name: Arc<str>,
 }
 
-impl Host for DeliveryInfo {
+impl Host for DeliveryCapability {
     async fn attempt(&mut self) -> wasmtime::Result<u32> {
         Ok(self.attempt)
     }

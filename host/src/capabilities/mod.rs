@@ -1,10 +1,16 @@
 //! The interfaces a handler may import, one module per capability, each with its state, its
 //! host implementation and its tests.
 //!
-//! `properties`, `log` and `delivery` are always available; `keyfactor`, `mail` and `http` reach
-//! outside the sandbox and must be granted to the handler by the operator.
+//! `properties`, `log` and `delivery` are always available. The grantable capabilities —
+//! `keyfactor`, `mail` and `http` — reach outside the sandbox and must be granted to the handler
+//! by the operator; each is one folder that implements [`gate::Grantable`] and is registered by
+//! one line of the `grantable!` list below. From that list come the [`Capability`] names, the
+//! [`Grants`] of a handler, the engine's [`Services`] and their [`ServicesConfig`] sections, and
+//! the [`CapabilityStates`] of a sandbox with the linker that serves them: adding a capability
+//! touches its folder and that list.
 
 pub mod delivery;
+pub mod gate;
 pub mod http;
 pub mod keyfactor;
 pub mod log;
@@ -14,36 +20,161 @@ pub mod properties;
 pub mod stdio;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use wasmtime::component::Linker;
 
-use crate::limits::{LimitExceeded, LimitKind};
+pub use self::gate::{CallBudget, Gate, Grantable, ServiceEnv};
+use crate::limits::{LimitKind, Limits};
 
-/// A capability that reaches outside the sandbox and must be granted per handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Capability {
+/// Interfaces of the `jobhook:handler` package every handler may import without a grant.
+pub const ALWAYS_AVAILABLE: [&str; 4] = ["types", "properties", "log", "delivery"];
+
+/// The grantable capabilities, one line each: `field: Name => folder::Marker`.
+macro_rules! grantable {
+    ($( $(#[$doc:meta])* $field:ident: $name:ident => $marker:ty ),+ $(,)?) => {
+        /// A capability that reaches outside the sandbox and must be granted per handler.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub enum Capability {
+            $( $(#[$doc])* $name, )+
+        }
+
+        impl Capability {
+            /// Every grantable capability.
+            pub const ALL: [Capability; [$(stringify!($name)),+].len()] = [$(Capability::$name),+];
+
+            /// The WIT interface name (without package and version).
+            pub fn interface(self) -> &'static str {
+                match self {
+                    $( Capability::$name => <$marker as Grantable>::INTERFACE, )+
+                }
+            }
+
+            /// Calls per invocation unless a handler's limits say otherwise.
+            pub fn default_calls(self) -> u32 {
+                match self {
+                    $( Capability::$name => <$marker as Grantable>::DEFAULT_CALLS, )+
+                }
+            }
+        }
+
+        /// The capabilities an operator granted to one handler, each with its own policy. A
+        /// capability that is `None` is not granted: a component importing it is refused at load.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Grants {
+            $( $(#[$doc])* pub $field: Option<<$marker as Grantable>::Grant>, )+
+        }
+
+        impl Grants {
+            /// Whether `capability` is granted.
+            pub fn allows(&self, capability: Capability) -> bool {
+                match capability {
+                    $( Capability::$name => self.$field.is_some(), )+
+                }
+            }
+
+            /// Every capability with its most permissive policy: what `jobhook run`, the
+            /// handler author's harness, grants.
+            pub fn permissive() -> Self {
+                Grants {
+                    $( $field: Some(<$marker as Grantable>::permissive_grant()), )+
+                }
+            }
+        }
+
+        /// The engine-wide services behind the capabilities, shared by every sandbox. A service
+        /// that is `None` is not configured: calls to it answer `not-available`.
+        #[derive(Debug, Clone, Default)]
+        pub struct Services {
+            $( $(#[$doc])* pub $field: Option<Arc<<$marker as Grantable>::Service>>, )+
+        }
+
+        /// The engine-level sections of the capabilities in the engine's TOML file, e.g.
+        /// `[keyfactor]` (without it, `keyfactor` calls answer not-available), `[mail]`,
+        /// `[http]` (defaults apply). See each capability's `Config`.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ServicesConfig {
+            $( $(#[$doc])* #[serde(default)] pub $field: <$marker as Grantable>::Config, )+
+        }
+
+        impl ServicesConfig {
+            /// Makes every relative path in the sections relative to `base` (the configuration
+            /// file's directory).
+            pub fn rebase(&mut self, base: &std::path::Path) {
+                $( <$marker as Grantable>::rebase(&mut self.$field, base); )+
+            }
+        }
+
+        impl Services {
+            /// Builds every configured service: resolves secrets, loads CA bundles, creates the
+            /// mail outbox. Nothing is contacted yet (an OAuth token is fetched on first use).
+            pub fn from_config(
+                config: &ServicesConfig,
+                env: &ServiceEnv,
+            ) -> Result<Services, ServiceError> {
+                Ok(Services {
+                    $( $field: <$marker as Grantable>::service(&config.$field, env)
+                        .map_err(|e| ServiceError {
+                            capability: Capability::$name,
+                            source: Box::new(e),
+                        })?
+                        .map(Arc::new), )+
+                })
+            }
+        }
+
+        /// The capabilities of one sandbox, each behind its [`Gate`].
+        #[derive(Debug)]
+        pub struct CapabilityStates {
+            $( $(#[$doc])* pub $field: Gate<$marker>, )+
+        }
+
+        impl CapabilityStates {
+            /// The capabilities of a fresh sandbox of a handler with `grants` and `limits`.
+            pub fn new(grants: &Grants, services: &Services, limits: &Limits) -> Self {
+                CapabilityStates {
+                    $( $field: Gate::new(
+                        CallBudget::new(
+                            LimitKind::Calls(<$marker as Grantable>::CALLS_LIMIT),
+                            limits.calls(
+                                <$marker as Grantable>::INTERFACE,
+                                <$marker as Grantable>::DEFAULT_CALLS,
+                            ),
+                        ),
+                        grants.$field.clone(),
+                        services.$field.clone(),
+                    ), )+
+                }
+            }
+
+            /// Adds every grantable capability's interface to `linker`. Which of them a
+            /// component may import is decided by the load gate.
+            pub fn add_to_linker<T: HasCapabilities + Send + 'static>(
+                linker: &mut Linker<T>,
+            ) -> wasmtime::Result<()> {
+                $( <$marker as Grantable>::add_to_linker(linker, |s: &mut T| {
+                    &mut s.capabilities().$field
+                })?; )+
+                Ok(())
+            }
+        }
+    };
+}
+
+grantable! {
     /// The Keyfactor Command API proxy (`jobhook:handler/keyfactor`).
-    Keyfactor,
+    keyfactor: Keyfactor => keyfactor::Keyfactor,
     /// E-mail through the engine's relay (`jobhook:handler/mail`).
-    Mail,
+    mail: Mail => mail::Mail,
     /// Outbound HTTP to allow-listed URLs (`jobhook:handler/http`).
-    Http,
+    http: Http => http::Http,
 }
 
 impl Capability {
-    /// Every grantable capability.
-    pub const ALL: [Capability; 3] = [Capability::Keyfactor, Capability::Mail, Capability::Http];
-
-    /// The WIT interface name (without package and version).
-    pub fn interface(self) -> &'static str {
-        match self {
-            Capability::Keyfactor => "keyfactor",
-            Capability::Mail => "mail",
-            Capability::Http => "http",
-        }
-    }
-
     /// The capability behind a WIT interface name, if that interface is a grantable one.
     pub fn from_interface(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.interface() == name)
@@ -56,39 +187,7 @@ impl fmt::Display for Capability {
     }
 }
 
-/// The capabilities an operator granted to one handler, each with its own policy. A capability
-/// that is `None` is not granted: a component importing it is refused at load.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Grants {
-    /// The Keyfactor API proxy, and which methods and paths it may use.
-    pub keyfactor: Option<keyfactor::KeyfactorGrant>,
-    /// Mail, and to whom.
-    pub mail: Option<mail::MailGrant>,
-    /// Outbound HTTP, and to which URL prefixes.
-    pub http: Option<http::HttpGrant>,
-}
-
 impl Grants {
-    /// Whether `capability` is granted.
-    pub fn allows(&self, capability: Capability) -> bool {
-        match capability {
-            Capability::Keyfactor => self.keyfactor.is_some(),
-            Capability::Mail => self.mail.is_some(),
-            Capability::Http => self.http.is_some(),
-        }
-    }
-
-    /// Every capability with its most permissive policy: what `jobhook run`, the handler
-    /// author's harness, grants.
-    pub fn permissive() -> Self {
-        Grants {
-            keyfactor: Some(keyfactor::KeyfactorGrant::permissive()),
-            mail: Some(mail::MailGrant::permissive()),
-            http: Some(http::HttpGrant::permissive()),
-        }
-    }
-
     /// The granted capabilities.
     pub fn granted(&self) -> Vec<Capability> {
         Capability::ALL
@@ -98,153 +197,36 @@ impl Grants {
     }
 }
 
-/// The engine-wide services behind the capabilities (API client, mail transport, HTTP client),
-/// shared by every sandbox. A service that is `None` is not configured: calls to it answer
-/// `not-available`.
-#[derive(Debug, Clone, Default)]
-pub struct Services {
-    /// The Keyfactor API client.
-    pub keyfactor: Option<std::sync::Arc<keyfactor::KeyfactorClient>>,
-    /// The mail transport.
-    pub mail: Option<std::sync::Arc<mail::MailTransport>>,
-    /// The outbound HTTP client.
-    pub http: Option<std::sync::Arc<http::HttpClient>>,
+/// The state of a sandbox that holds the grantable capabilities.
+pub trait HasCapabilities {
+    /// The sandbox's capabilities.
+    fn capabilities(&mut self) -> &mut CapabilityStates;
 }
 
-/// The engine-level configuration of the services, as it appears in the engine's TOML file:
-///
-/// ```toml
-/// [keyfactor]                 # optional: without it, `keyfactor` calls answer not-available
-/// base_url = "https://command.example.com/KeyfactorAPI/"
-/// [keyfactor.auth]
-/// kind = "basic"
-/// username = 'KFTRAIN\svc-jobhook'
-/// password = { env = "KEYFACTOR_PASSWORD" }
-///
-/// [mail]                      # optional: without it, `mail` calls answer not-available
-/// from = "jobhook@example.com"
-///
-/// [http]                      # optional: defaults apply
-/// timeout_ms = 5000
-/// ```
-///
-/// See [`keyfactor::KeyfactorConfig`], [`mail::MailConfig`] and [`http::HttpConfig`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServicesConfig {
-    /// The Keyfactor API.
-    #[serde(default)]
-    pub keyfactor: Option<keyfactor::KeyfactorConfig>,
-    /// Mail.
-    #[serde(default)]
-    pub mail: Option<mail::MailConfig>,
-    /// Outbound HTTP (always available; only granted handlers can use it).
-    #[serde(default)]
-    pub http: http::HttpConfig,
-}
-
-/// Why the services could not be built from configuration.
+/// Why a capability's service could not be built from its configuration section.
 #[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// `[keyfactor]`.
-    #[error(transparent)]
-    Keyfactor(#[from] keyfactor::KeyfactorConfigError),
-    /// `[mail]`.
-    #[error(transparent)]
-    Mail(#[from] mail::MailConfigError),
-    /// `[http]`.
-    #[error(transparent)]
-    Http(#[from] http::HttpConfigError),
-}
-
-impl Services {
-    /// Builds every configured service: resolves secrets, loads CA bundles, creates the mail
-    /// outbox. `default_outbox` is the outbox directory used when `[mail]` names neither an
-    /// outbox nor a relay. Nothing is contacted yet (an OAuth token is fetched on first use).
-    pub fn from_config(
-        config: &ServicesConfig,
-        default_outbox: &std::path::Path,
-    ) -> Result<Services, ServiceError> {
-        let keyfactor = match &config.keyfactor {
-            Some(c) => Some(std::sync::Arc::new(
-                keyfactor::KeyfactorClient::from_config(c)?,
-            )),
-            None => None,
-        };
-        let mail = match &config.mail {
-            Some(c) => Some(std::sync::Arc::new(mail::MailTransport::from_config(
-                c,
-                default_outbox,
-            )?)),
-            None => None,
-        };
-        let http = Some(std::sync::Arc::new(http::HttpClient::from_config(
-            &config.http,
-        )?));
-        Ok(Services {
-            keyfactor,
-            mail,
-            http,
-        })
-    }
-}
-
-/// Interfaces of the `jobhook:handler` package every handler may import without a grant.
-pub const ALWAYS_AVAILABLE: [&str; 4] = ["types", "properties", "log", "delivery"];
-
-/// Counts the calls a sandbox makes to one capability and ends the sandbox when it makes more
-/// than its budget allows.
-#[derive(Debug, Clone)]
-pub struct CallBudget {
-    kind: LimitKind,
-    limit: u32,
-    used: u32,
-}
-
-impl CallBudget {
-    /// A budget of `limit` calls, reported as `kind` when exceeded.
-    pub fn new(kind: LimitKind, limit: u32) -> Self {
-        CallBudget {
-            kind,
-            limit,
-            used: 0,
-        }
-    }
-
-    /// Takes one call from the budget, or returns the error that traps the sandbox.
-    pub fn take(&mut self) -> wasmtime::Result<()> {
-        if self.used >= self.limit {
-            return Err(wasmtime::Error::new(LimitExceeded {
-                kind: self.kind,
-                detail: format!(
-                    "call {} refused: the budget is {} per invocation",
-                    u64::from(self.used) + 1,
-                    self.limit
-                ),
-            }));
-        }
-        self.used += 1;
-        Ok(())
-    }
-
-    /// Calls made so far.
-    pub fn used(&self) -> u32 {
-        self.used
-    }
+#[error("{source}")]
+pub struct ServiceError {
+    /// Which capability.
+    pub capability: Capability,
+    /// Why.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::LimitExceeded;
 
     #[test]
     fn budget_allows_exactly_its_limit() {
-        let mut b = CallBudget::new(LimitKind::MailCalls, 2);
+        let mut b = CallBudget::new(LimitKind::Calls("mail-calls"), 2);
         assert!(b.take().is_ok());
         assert!(b.take().is_ok());
         let e = b.take().unwrap_err();
         let hit = e.downcast_ref::<LimitExceeded>().unwrap();
-        assert_eq!(hit.kind, LimitKind::MailCalls);
+        assert_eq!(hit.kind, LimitKind::Calls("mail-calls"));
         assert_eq!(b.used(), 2);
     }
 
@@ -252,6 +234,7 @@ mod tests {
     fn capability_names_round_trip() {
         for c in Capability::ALL {
             assert_eq!(Capability::from_interface(c.interface()), Some(c));
+            assert_eq!(serde_json::to_value(c).unwrap(), c.interface());
         }
         assert_eq!(Capability::from_interface("log"), None);
     }

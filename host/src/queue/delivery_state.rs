@@ -78,6 +78,14 @@ impl DeliveryState {
     }
 }
 
+/// Adds a duration to a time, saturating: when a retry, a lease or a quarantine ends.
+pub fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(t)
+}
+
 /// How an attempt ended, as the state machine sees it.
 #[derive(Debug, Clone, Copy)]
 pub enum AttemptEnd<'a> {
@@ -112,16 +120,12 @@ pub fn after_attempt(
     let (state, retry_at) = match end {
         AttemptEnd::Skipped => (DeliveryState::Skipped, None),
         AttemptEnd::Ran(OutcomeKind::Succeeded) => (DeliveryState::Succeeded, None),
-        AttemptEnd::Ran(OutcomeKind::EngineError { .. }) => (
-            DeliveryState::Pending,
-            Some(crate::queue::store::after(now, ENGINE_ERROR_RETRY)),
-        ),
+        AttemptEnd::Ran(OutcomeKind::EngineError { .. }) => {
+            (DeliveryState::Pending, Some(after(now, ENGINE_ERROR_RETRY)))
+        }
         AttemptEnd::Ran(_) if attempt < policy.max_attempts => {
             let delay = policy.delay_before(attempt.saturating_add(1));
-            (
-                DeliveryState::Pending,
-                Some(crate::queue::store::after(now, delay)),
-            )
+            (DeliveryState::Pending, Some(after(now, delay)))
         }
         AttemptEnd::Ran(_) => (DeliveryState::Failed, None),
     };

@@ -21,11 +21,13 @@ use crate::outcome::OutcomeKind;
 use crate::queue::delivery_state::{AttemptEnd, Transition, after_attempt};
 use crate::queue::quarantine::QuarantineConfig;
 use crate::queue::quarantine::{Admission, Quarantine, QuarantineStatus};
-use crate::queue::registration::{HandlerConfig, JobTypes};
+use crate::queue::registration::{JobTypes, Registration};
 use crate::queue::retry::RetryPolicy;
 use crate::queue::store::config::DEFAULT_LEASE;
-use crate::queue::store::{AttemptRecord, Claim, ClaimLimits, MAX_CLAIM_BATCH, Store, StoreError};
-use crate::runtime::sandbox::Handler;
+use crate::queue::store::{
+    AttemptRecord, Claim, ClaimLimits, EventStore, MAX_CLAIM_BATCH, StoreError,
+};
+use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::Delivery;
 
 /// Longest the dispatcher sleeps without looking at the store, so retries that become due are
@@ -58,9 +60,9 @@ struct Finished {
 /// A loaded handler with its routing, policies and live state.
 pub struct RegisteredHandler {
     /// Its configuration.
-    pub config: HandlerConfig,
+    pub config: Registration,
     /// The loaded component.
-    pub handler: Handler,
+    pub handler: SandboxedHandler,
     running: AtomicUsize,
     quarantine: Mutex<Quarantine>,
 }
@@ -75,7 +77,11 @@ impl std::fmt::Debug for RegisteredHandler {
 
 impl RegisteredHandler {
     /// Wraps a loaded handler.
-    pub fn new(config: HandlerConfig, handler: Handler, quarantine: QuarantineConfig) -> Self {
+    pub fn new(
+        config: Registration,
+        handler: SandboxedHandler,
+        quarantine: QuarantineConfig,
+    ) -> Self {
         RegisteredHandler {
             config,
             handler,
@@ -208,7 +214,7 @@ impl HandlerSummary {
                 .map(|c| c.to_string())
                 .collect(),
             grants: c.grants.clone(),
-            limits: c.limits.clone(),
+            limits: effective_limits(&c.limits),
             retry: c.retry.clone(),
             max_concurrency: c.max_concurrency,
             properties: c
@@ -232,7 +238,7 @@ impl HandlerSummary {
 
 /// Runs deliveries from the store.
 pub struct Dispatcher {
-    store: Arc<dyn Store>,
+    store: Arc<dyn EventStore>,
     registry: RwLock<Arc<Registry>>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
@@ -251,7 +257,7 @@ impl Dispatcher {
     /// A dispatcher over `store` with `registry`, running at most `max_concurrent` deliveries,
     /// with the default claim lease [`DEFAULT_LEASE`].
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn EventStore>,
         registry: Registry,
         metrics: Arc<Metrics>,
         max_concurrent: usize,
@@ -263,7 +269,7 @@ impl Dispatcher {
     /// renewed every third of it while the delivery runs, and taken over by another node once
     /// it has expired unrenewed.
     pub fn with_lease(
-        store: Arc<dyn Store>,
+        store: Arc<dyn EventStore>,
         registry: Registry,
         metrics: Arc<Metrics>,
         max_concurrent: usize,
@@ -559,10 +565,23 @@ fn skipped(reason: String) -> AttemptRecord {
     }
 }
 
+/// `limits` with every capability's call budget written out, its default where the handler
+/// left it out: what the API shows is what applies.
+fn effective_limits(limits: &crate::limits::Limits) -> crate::limits::Limits {
+    let mut limits = limits.clone();
+    for c in crate::capabilities::Capability::ALL {
+        limits
+            .calls
+            .entry(c.interface().to_owned())
+            .or_insert(c.default_calls());
+    }
+    limits
+}
+
 /// Records finished attempts as they come, many per store transaction (see
 /// [`MAX_RECORD_BATCH`]), and tells each delivery when its outcome is on record. Ends when every
 /// sender is gone and the queue is empty.
-async fn record_outcomes(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Finished>) {
+async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<Finished>) {
     let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
     while queue.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
         let finished = std::mem::take(&mut batch);
@@ -588,7 +607,7 @@ async fn record_outcomes(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Finish
 /// Records `finished` in one transaction; if that fails (a shared database may abort it, e.g. to
 /// break a deadlock with another node's claim), records each on its own, so that one failure
 /// costs only its own outcome. Says which were recorded.
-fn record_batch(store: &dyn Store, finished: &[Finished]) -> Vec<bool> {
+fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<bool> {
     let items: Vec<(&Claim, &AttemptRecord)> =
         finished.iter().map(|f| (&f.claim, &f.record)).collect();
     match store.finish_batch(&items) {
@@ -627,7 +646,7 @@ mod tests {
     /// shared database may abort such a transaction to break a deadlock).
     struct BatchFails(SqliteStore);
 
-    impl Store for BatchFails {
+    impl EventStore for BatchFails {
         fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
             self.0.insert_event(event)
         }

@@ -37,7 +37,7 @@ impl JobTypes {
 
 /// One `[[handlers]]` registration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandlerConfig {
+pub struct Registration {
     /// Unique name.
     pub name: String,
     /// Path of the component, resolved against the config file's directory.

@@ -13,7 +13,7 @@ use crate::runtime::cpu_share::CpuShare;
 
 /// How often the epoch advances. Guest code is checked against its deadline at this granularity,
 /// so a runaway loop is stopped at most one tick after its budget — and, until then, hands its
-/// worker thread back to the async runtime once per tick (`Handler::invoke` yields at every
+/// worker thread back to the async runtime once per tick (`SandboxedHandler::invoke` yields at every
 /// tick). Sandboxes share those worker threads with the HTTP API, so the tick bounds how long a
 /// busy handler can hold up ingest: at 10 ms (Spin's value) two looping handlers raised the
 /// ingest latency at 1,000 events/s from p50 2 ms to p50 24 ms; at 1 ms (measured in
@@ -152,7 +152,7 @@ impl Engine {
 
     /// An engine built from `config` (a variant of [`wasmtime_config`] with [`pooling_config`])
     /// instead of jobhook's own: only for `jobhook-bench pool-tuning`, which compares
-    /// `Handler::invoke` on such variants. The settings the sandbox's limits rely on (epoch
+    /// `SandboxedHandler::invoke` on such variants. The settings the sandbox's limits rely on (epoch
     /// interruption, fiber stack zeroing, the wasm stack limit) are set again whatever `config`
     /// says; the epoch ticker and the CPU share are as in [`Engine::new`].
     #[doc(hidden)]
@@ -213,7 +213,7 @@ impl Engine {
 
     /// This engine, running every sandbox on `threads` threads of its own, below the priority
     /// of the rest of the process (see [`SandboxThreads`]). Without it, sandboxes run on the
-    /// async runtime that calls [`crate::Handler::invoke`].
+    /// async runtime that calls [`crate::SandboxedHandler::invoke`].
     pub fn with_sandbox_threads(mut self, threads: usize) -> Result<Self, EngineError> {
         let pool = SandboxThreads::start(threads)
             .map_err(|e| EngineError(format!("cannot start the sandbox threads: {e}")))?;

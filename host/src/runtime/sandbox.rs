@@ -3,7 +3,7 @@
 //!
 //! Where each limit is enforced:
 //! - time: the epoch deadline callback interrupts guest code at the deadline, and an outer
-//!   `tokio::time::timeout` also covers time spent waiting in host calls ([`Handler::invoke`]);
+//!   `tokio::time::timeout` also covers time spent waiting in host calls ([`SandboxedHandler::invoke`]);
 //! - memory, tables, instances: [`crate::runtime::limiter::SandboxLimiter`], installed on
 //!   every store;
 //! - wasm stack: the engine's `max_wasm_stack` ([`crate::runtime::engine`]);
@@ -25,7 +25,7 @@ use crate::outcome::{MAX_REASON_BYTES, Outcome, OutcomeKind, truncate};
 use crate::runtime::classify::{classify, timed_out};
 use crate::runtime::engine::Engine;
 use crate::runtime::loader::{self, LoadError, LoadOptions, LoadedComponent};
-use crate::runtime::state::{Delivery, HandlerSpec, SandboxState};
+use crate::runtime::state::{Delivery, SandboxSpec, SandboxState};
 
 /// Slack on top of the time budget before the outer timeout drops the call. The epoch deadline
 /// normally fires first (within one [`crate::runtime::engine::EPOCH_TICK`]); the outer timeout catches
@@ -34,32 +34,32 @@ use crate::runtime::state::{Delivery, HandlerSpec, SandboxState};
 const TIMEOUT_GRACE: Duration = Duration::from_millis(30);
 
 /// A loaded, checked handler, ready to be invoked any number of times.
-pub struct Handler {
-    spec: HandlerSpec,
+pub struct SandboxedHandler {
+    spec: SandboxSpec,
     engine: Engine,
     services: Services,
     component: LoadedComponent,
 }
 
-impl std::fmt::Debug for Handler {
+impl std::fmt::Debug for SandboxedHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handler")
+        f.debug_struct("SandboxedHandler")
             .field("spec", &self.spec)
             .finish_non_exhaustive()
     }
 }
 
-impl Handler {
+impl SandboxedHandler {
     /// Loads a component through the load gate (see [`crate::runtime::loader`]) for `spec`.
     pub async fn load(
         engine: &Engine,
         services: &Services,
         bytes: Vec<u8>,
-        spec: HandlerSpec,
+        spec: SandboxSpec,
         options: &LoadOptions,
     ) -> Result<Self, LoadError> {
         let component = loader::load(engine, bytes, &spec.grants, options).await?;
-        Ok(Handler {
+        Ok(SandboxedHandler {
             spec,
             engine: engine.clone(),
             services: services.clone(),
@@ -68,7 +68,7 @@ impl Handler {
     }
 
     /// The operator's configuration of this handler.
-    pub fn spec(&self) -> &HandlerSpec {
+    pub fn spec(&self) -> &SandboxSpec {
         &self.spec
     }
 

@@ -10,15 +10,12 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::jobhook::handler as wit;
-use crate::capabilities::delivery::DeliveryInfo;
-use crate::capabilities::http::HttpCapability;
-use crate::capabilities::keyfactor::KeyfactorCapability;
+use crate::capabilities::delivery::DeliveryCapability;
 use crate::capabilities::log::LogCollector;
-use crate::capabilities::mail::MailCapability;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::stdio::CappedOutput;
-use crate::capabilities::{CallBudget, Grants, Services};
-use crate::limits::{LimitKind, Limits};
+use crate::capabilities::{CapabilityStates, Grants, HasCapabilities, Services};
+use crate::limits::Limits;
 use crate::runtime::engine::Engine;
 use crate::runtime::limiter::SandboxLimiter;
 
@@ -32,7 +29,7 @@ const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 /// What the operator configured for one handler.
 #[derive(Debug, Clone)]
-pub struct HandlerSpec {
+pub struct SandboxSpec {
     /// Unique name of this handler instance.
     pub name: Arc<str>,
     /// Its properties.
@@ -43,10 +40,10 @@ pub struct HandlerSpec {
     pub grants: Grants,
 }
 
-impl HandlerSpec {
+impl SandboxSpec {
     /// A spec with default limits, no properties and no grants.
     pub fn new(name: impl Into<Arc<str>>) -> Self {
-        HandlerSpec {
+        SandboxSpec {
             name: name.into(),
             properties: Properties::default(),
             limits: Limits::default(),
@@ -82,10 +79,9 @@ pub struct SandboxState {
     properties: Properties,
     /// The log lines collected so far.
     pub(crate) log: LogCollector,
-    delivery: DeliveryInfo,
-    keyfactor: KeyfactorCapability,
-    mail: MailCapability,
-    http: HttpCapability,
+    delivery: DeliveryCapability,
+    /// The grantable capabilities, each behind its gate.
+    capabilities: CapabilityStates,
 }
 
 impl WasiView for SandboxState {
@@ -94,6 +90,12 @@ impl WasiView for SandboxState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+impl HasCapabilities for SandboxState {
+    fn capabilities(&mut self) -> &mut CapabilityStates {
+        &mut self.capabilities
     }
 }
 
@@ -109,12 +111,10 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
     wit::types::add_to_linker::<_, HasSelf<SandboxState>>(&mut linker, |s| s)?;
     wit::properties::add_to_linker::<_, HasSelf<Properties>>(&mut linker, |s| &mut s.properties)?;
     wit::log::add_to_linker::<_, HasSelf<LogCollector>>(&mut linker, |s| &mut s.log)?;
-    wit::delivery::add_to_linker::<_, HasSelf<DeliveryInfo>>(&mut linker, |s| &mut s.delivery)?;
-    wit::keyfactor::add_to_linker::<_, HasSelf<KeyfactorCapability>>(&mut linker, |s| {
-        &mut s.keyfactor
+    wit::delivery::add_to_linker::<_, HasSelf<DeliveryCapability>>(&mut linker, |s| {
+        &mut s.delivery
     })?;
-    wit::mail::add_to_linker::<_, HasSelf<MailCapability>>(&mut linker, |s| &mut s.mail)?;
-    wit::http::add_to_linker::<_, HasSelf<HttpCapability>>(&mut linker, |s| &mut s.http)?;
+    CapabilityStates::add_to_linker(&mut linker)?;
     Ok(linker)
 }
 
@@ -123,14 +123,13 @@ impl SandboxState {
     /// but bounded stdout/stderr, and each capability with its grant, its service and its call
     /// budget.
     pub fn new(
-        spec: &HandlerSpec,
+        spec: &SandboxSpec,
         services: &Services,
         delivery: Delivery,
         stdout: &CappedOutput,
         stderr: &CappedOutput,
     ) -> Self {
         let limits = &spec.limits;
-        let grants = &spec.grants;
         // No args, no env, no preopens, no sockets, no name lookup: WASI is linked but empty.
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
@@ -148,26 +147,12 @@ impl SandboxState {
             limiter: SandboxLimiter::new(limits),
             properties: spec.properties.clone(),
             log: LogCollector::new(Arc::clone(&spec.name), limits),
-            delivery: DeliveryInfo {
+            delivery: DeliveryCapability {
                 attempt: delivery.attempt,
                 event_id: delivery.event_id,
                 handler_name: Arc::clone(&spec.name),
             },
-            keyfactor: KeyfactorCapability::new(
-                CallBudget::new(LimitKind::KeyfactorCalls, limits.keyfactor_calls),
-                grants.keyfactor.clone(),
-                services.keyfactor.clone(),
-            ),
-            mail: MailCapability::new(
-                CallBudget::new(LimitKind::MailCalls, limits.mail_calls),
-                grants.mail.clone(),
-                services.mail.clone(),
-            ),
-            http: HttpCapability::new(
-                CallBudget::new(LimitKind::HttpCalls, limits.http_calls),
-                grants.http.clone(),
-                services.http.clone(),
-            ),
+            capabilities: CapabilityStates::new(&spec.grants, services, limits),
         }
     }
 }

@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::context::JobContext;
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
-use crate::queue::store::{Idempotency, Inserted, NewEvent, Store, StoreError};
+use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError};
 use crate::sources::forwarders::{self, Forwarders};
 use crate::sources::idempotency;
 
@@ -47,7 +47,7 @@ pub type Reloader = Arc<
 #[derive(Clone)]
 pub struct AppState {
     /// The durable store.
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn EventStore>,
     /// The dispatcher (routing, handlers).
     pub dispatcher: Arc<Dispatcher>,
     /// Metrics.

@@ -4,7 +4,7 @@
 //! made for that event. The first request with a key commits the event; any later one with the
 //! same key — after a lost answer, a restart of the engine, or on another node of a shared
 //! store — within the retention window is answered `202` with the original `event_id` and
-//! deliveries and commits nothing ([`crate::queue::store::Store::insert_event_once`]).
+//! deliveries and commits nothing ([`crate::queue::store::EventStore::insert_event_once`]).
 //!
 //! A key is compared with the event it was first used for by a SHA-256 of the *decoded*
 //! context ([`crate::queue::store::fingerprint`]): a resend that differs only in whitespace,
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 
-use crate::queue::store::{MAX_PURGE_BATCH, Store};
+use crate::queue::store::{EventStore, MAX_PURGE_BATCH};
 
 /// The request header that carries the key.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -95,7 +95,7 @@ pub fn key_of(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
 /// Deletes the keys older than `retention`, every [`PURGE_INTERVAL`], in batches of
 /// [`MAX_PURGE_BATCH`]; runs until the task is dropped. Errors are logged and retried at the
 /// next interval.
-pub async fn purge_expired(store: Arc<dyn Store>, retention: Duration) {
+pub async fn purge_expired(store: Arc<dyn EventStore>, retention: Duration) {
     let mut interval = tokio::time::interval(PURGE_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

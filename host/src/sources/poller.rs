@@ -40,7 +40,7 @@ use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::{JobContext, JobResult, OperationType, parse_guid, parse_timestamp};
 use crate::queue::dispatch::Dispatcher;
-use crate::queue::store::{NewEvent, Store, StoreError};
+use crate::queue::store::{EventStore, NewEvent, StoreError};
 
 /// The name of the poller's cursor in the store.
 pub const CURSOR: &str = "jobhistory";
@@ -261,7 +261,7 @@ pub struct Poller {
     job_types: BTreeMap<String, Uuid>,
     client: Arc<KeyfactorClient>,
     grant: KeyfactorGrant,
-    store: Arc<dyn Store>,
+    store: Arc<dyn EventStore>,
     dispatcher: Arc<Dispatcher>,
 }
 
@@ -270,7 +270,7 @@ impl Poller {
     pub fn new(
         config: PollerConfig,
         client: Arc<KeyfactorClient>,
-        store: Arc<dyn Store>,
+        store: Arc<dyn EventStore>,
         dispatcher: Arc<Dispatcher>,
     ) -> Result<Self, PollerSetupError> {
         let job_types = config.job_type_ids()?;

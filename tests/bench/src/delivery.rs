@@ -4,7 +4,7 @@
 //! Variants, all timed per call in the same process and interleaved round by round, so that a
 //! change in machine load affects them alike:
 //!
-//! - **jobhook**: `Handler::invoke` — what the dispatcher calls for every delivery: the pooled
+//! - **jobhook**: `SandboxedHandler::invoke` — what the dispatcher calls for every delivery: the pooled
 //!   engine of `jobhook::Engine`, the component's `InstancePre`, a fresh `Store` with every limit,
 //!   WASI locked down, capability state, the epoch deadline and the outer timeout, and the
 //!   recorded `Outcome`.
@@ -15,9 +15,9 @@
 //! - **floor (pooled wasmtime)**: the baseline's minimal store, but on jobhook's pooled engine
 //!   with an `InstancePre`: what wasmtime alone costs, so that jobhook's own bookkeeping per
 //!   delivery is visible as the difference.
-//! - **jobhook, log-context**: `Handler::invoke` of the real minimal example handler (eleven
+//! - **jobhook, log-context**: `SandboxedHandler::invoke` of the real minimal example handler (eleven
 //!   log lines through the `log` capability), for scale.
-//! - **jobhook on sandbox threads**: `Handler::invoke` on an engine with its own low-priority
+//! - **jobhook on sandbox threads**: `SandboxedHandler::invoke` on an engine with its own low-priority
 //!   sandbox threads, as `jobhook serve` runs it with `[engine] sandbox_threads`: the first
 //!   variant plus a hand-over to another thread and back.
 
@@ -29,7 +29,9 @@ use jobhook::bindings::HandlerPre;
 use jobhook::capabilities::Grants;
 use jobhook::capabilities::Services;
 use jobhook::runtime::sandbox::to_wit;
-use jobhook::{Delivery, Engine, Handler, HandlerSpec, JobContext, LoadOptions, OutcomeKind};
+use jobhook::{
+    Delivery, Engine, JobContext, LoadOptions, OutcomeKind, SandboxSpec, SandboxedHandler,
+};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{InstanceAllocationStrategy, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -175,11 +177,11 @@ pub struct DeliveryRig {
     /// jobhook's engine.
     pub engine: Engine,
     /// `guest-bench-noop` loaded through jobhook's load gate.
-    pub noop: Handler,
+    pub noop: SandboxedHandler,
     /// `log-context` loaded through jobhook's load gate.
-    pub log_context: Handler,
+    pub log_context: SandboxedHandler,
     /// `guest-bench-noop` on an engine with sandbox threads (`[engine] sandbox_threads`).
-    pub noop_on_threads: Handler,
+    pub noop_on_threads: SandboxedHandler,
     /// `guest-bench-noop` on an on-demand engine without `InstancePre`.
     pub baseline: RawWasmtime,
     /// `guest-bench-noop` on jobhook's pooled engine with `InstancePre`, minimal state.
@@ -200,18 +202,20 @@ impl DeliveryRig {
         let log_wasm = jobhook_testkit::guest_bytes("log-context");
         let (services, options) = (Services::default(), LoadOptions::default());
         let load = |wasm: Vec<u8>, name: &str| {
-            let mut spec = HandlerSpec::new(name);
+            let mut spec = SandboxSpec::new(name);
             spec.grants = Grants::default();
-            runtime.block_on(Handler::load(&engine, &services, wasm, spec, &options))
+            runtime.block_on(SandboxedHandler::load(
+                &engine, &services, wasm, spec, &options,
+            ))
         };
         let noop = load(noop_wasm.clone(), "bench-noop")?;
         let log_context = load(log_wasm, "log-context")?;
         let threaded = Engine::new(POOL_SLOTS)?.with_sandbox_threads(SANDBOX_THREADS)?;
-        let noop_on_threads = runtime.block_on(Handler::load(
+        let noop_on_threads = runtime.block_on(SandboxedHandler::load(
             &threaded,
             &services,
             noop_wasm.clone(),
-            HandlerSpec::new("bench-noop-threads"),
+            SandboxSpec::new("bench-noop-threads"),
             &options,
         ))?;
         let baseline = RawWasmtime::new(on_demand_engine()?, &noop_wasm, false)?;
@@ -278,15 +282,15 @@ impl DeliveryRig {
 /// The variants of scenario a (and b), in the order they are run in each round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    /// `Handler::invoke` of the noop handler.
+    /// `SandboxedHandler::invoke` of the noop handler.
     Jobhook,
     /// On-demand engine, plain `Store`, instantiate without `InstancePre`.
     Baseline,
     /// Pooled engine, minimal `Store`, `InstancePre`.
     Floor,
-    /// `Handler::invoke` of `log-context`.
+    /// `SandboxedHandler::invoke` of `log-context`.
     LogContext,
-    /// `Handler::invoke` of the noop handler on sandbox threads.
+    /// `SandboxedHandler::invoke` of the noop handler on sandbox threads.
     OnThreads,
     /// [`Variant::Floor`] timed by phase (instantiate, call, drop).
     FloorPhases,

@@ -4,7 +4,7 @@
 //!
 //! | scenario | module | figure | baseline |
 //! |---|---|---|---|
-//! | a | [`delivery`] | fresh sandbox + `run-handler` via `Handler::invoke` (pooling, `InstancePre`) | plain `Store` + instantiate on an on-demand engine |
+//! | a | [`delivery`] | fresh sandbox + `run-handler` via `SandboxedHandler::invoke` (pooling, `InstancePre`) | plain `Store` + instantiate on an on-demand engine |
 //! | b | [`peer`] | the same jobhook delivery | the same logic as an Extism plugin, called on a reused instance |
 //! | c | [`serve`] | events/s accepted by `jobhook serve`, deliveries/s, ingest latency at 1,000 events/s | (targets) |
 //! | d | [`serve`] | (c) with half the handlers hostile | (c) |

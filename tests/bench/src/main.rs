@@ -291,7 +291,7 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
     report.rows.push(
         Row::new(
             "a",
-            "per-delivery overhead: fresh sandbox + run-handler (`Handler::invoke`, noop handler), median",
+            "per-delivery overhead: fresh sandbox + run-handler (`SandboxedHandler::invoke`, noop handler), median",
             us(&jobhook),
         )
         .against(
@@ -332,7 +332,7 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
     report.rows.push(
         Row::new(
             "a",
-            "`Handler::invoke` of log-context (11 log lines through the log capability)",
+            "`SandboxedHandler::invoke` of log-context (11 log lines through the log capability)",
             us(&log_context),
         )
         .against(
@@ -344,7 +344,7 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
     report.rows.push(
         Row::new(
             "a",
-            "`Handler::invoke` on the engine's own sandbox threads (opt-in `[engine] sandbox_threads`)",
+            "`SandboxedHandler::invoke` on the engine's own sandbox threads (opt-in `[engine] sandbox_threads`)",
             us(&on_threads),
         )
         .against(

@@ -6,7 +6,7 @@
 //! inherits the other's heap:
 //!
 //! - **sandboxes**: `guest-bench-slow-call` loaded into an engine whose pool has room for all of
-//!   them, then `Handler::invoke` 1,000 times at once on a multi-threaded runtime;
+//!   them, then `SandboxedHandler::invoke` 1,000 times at once on a multi-threaded runtime;
 //! - **baseline**: the same 1,000 requests to the same endpoint with the same HTTP client library
 //!   (`reqwest`) and no sandbox — what waiting on 1,000 API calls costs anyway.
 //!
@@ -28,7 +28,7 @@ use jobhook::capabilities::keyfactor::auth::{Auth, AuthConfig};
 use jobhook::capabilities::keyfactor::{KeyfactorClient, KeyfactorConfig, KeyfactorGrant};
 use jobhook::capabilities::properties::Properties;
 use jobhook::secret::{Secret, SecretRef};
-use jobhook::{Delivery, Engine, Handler, HandlerSpec, JobContext, LoadOptions};
+use jobhook::{Delivery, Engine, JobContext, LoadOptions, SandboxSpec, SandboxedHandler};
 use serde::{Deserialize, Serialize};
 
 /// Deliveries in flight at once (issue: 1,000).
@@ -197,7 +197,7 @@ async fn sandboxes(base_url: &str) -> anyhow::Result<ChildReport> {
         keyfactor: Some(Arc::new(KeyfactorClient::with_auth(&config, auth)?)),
         ..Services::default()
     };
-    let mut spec = HandlerSpec::new("bench-slow-call");
+    let mut spec = SandboxSpec::new("bench-slow-call");
     spec.properties = Properties::new(BTreeMap::from([
         ("Path".to_owned(), "_Test/Slow".to_owned()),
         ("Query".to_owned(), format!("ms={DELAY_MS}")),
@@ -207,7 +207,7 @@ async fn sandboxes(base_url: &str) -> anyhow::Result<ChildReport> {
         ..Grants::default()
     };
     let handler = Arc::new(
-        Handler::load(
+        SandboxedHandler::load(
             &engine,
             &services,
             jobhook_testkit::guest_bytes("guest-bench-slow-call"),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use jobhook::queue::store::sqlite::SqliteStore;
 use jobhook::queue::store::{
-    AttemptRecord, ClaimLimits, DeliveryState, MAX_CLAIM_BATCH, NewEvent, Store,
+    AttemptRecord, ClaimLimits, DeliveryState, EventStore, MAX_CLAIM_BATCH, NewEvent,
 };
 use jobhook::{Delivery, JobContext};
 

@@ -2,7 +2,7 @@
 //! variant — jobhook's `pooling_config`/`wasmtime_config` with a few settings changed — a
 //! `jobhook::Engine` is built, and on it, interleaved round by round with every other variant:
 //! the noop guest with a minimal store and `InstancePre` (the wasmtime floor, timed by phase:
-//! new store + instantiate / `run-handler` / drop), and `Handler::invoke` of the noop and the
+//! new store + instantiate / `run-handler` / drop), and `SandboxedHandler::invoke` of the noop and the
 //! log-context handlers; with the minor page faults per call of each (a fault per call means a
 //! reset setting hands back pages that the next sandbox touches again; one costs more than a
 //! few µs on a virtual machine).
@@ -17,7 +17,9 @@
 use std::time::Instant;
 
 use jobhook::capabilities::Services;
-use jobhook::{Delivery, Engine, Handler, HandlerSpec, JobContext, LoadOptions, OutcomeKind};
+use jobhook::{
+    Delivery, Engine, JobContext, LoadOptions, OutcomeKind, SandboxSpec, SandboxedHandler,
+};
 use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::delivery::{RawWasmtime, micros};
@@ -213,11 +215,11 @@ pub fn run(rounds: usize, calls: usize) -> anyhow::Result<()> {
         let engine = Engine::with_config(&config)?;
         let floor = RawWasmtime::new(engine.wasmtime().clone(), &wasm, true)?;
         let load = |wasm: &[u8], name: &str| {
-            runtime.block_on(Handler::load(
+            runtime.block_on(SandboxedHandler::load(
                 &engine,
                 &services,
                 wasm.to_vec(),
-                HandlerSpec::new(name),
+                SandboxSpec::new(name),
                 &options,
             ))
         };
@@ -266,7 +268,7 @@ pub fn run(rounds: usize, calls: usize) -> anyhow::Result<()> {
     println!("load average: {}", crate::machine::load_average());
     println!(
         "medians in µs; floor = minimal store + InstancePre (new+instantiate / call / drop); \
-         invoke = Handler::invoke"
+         invoke = SandboxedHandler::invoke"
     );
     println!(
         "{:46} {:>6} {:>20} {:>7} {:>7} {:>7}",

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use jobhook::capabilities::properties::Properties;
 use jobhook::capabilities::{Grants, Services};
 use jobhook::{
-    Delivery, Engine, Handler, HandlerSpec, JobContext, LoadError, LoadOptions, Outcome,
+    Delivery, Engine, JobContext, LoadError, LoadOptions, Outcome, SandboxSpec, SandboxedHandler,
 };
 use jobhook_testkit::{guest_bytes, sample_context_json, workspace_root};
 use wit_component::{ComponentEncoder, StringEncoding, embed_component_metadata};
@@ -46,7 +46,7 @@ pub fn engine() -> &'static Engine {
 }
 
 /// [`spec`] with the short [`TIMEOUT`], for runs meant to time out.
-pub fn timed(name: &str) -> HandlerSpec {
+pub fn timed(name: &str) -> SandboxSpec {
     let mut spec = spec(name, &[]);
     spec.limits.timeout = TIMEOUT;
     spec
@@ -54,8 +54,8 @@ pub fn timed(name: &str) -> HandlerSpec {
 
 /// A spec with every capability granted (the flood guests need them), the test limits
 /// ([`BUDGET`], [`MEMORY`]) and the given properties.
-pub fn spec(name: &str, properties: &[(&str, &str)]) -> HandlerSpec {
-    let mut spec = HandlerSpec::new(name);
+pub fn spec(name: &str, properties: &[(&str, &str)]) -> SandboxSpec {
+    let mut spec = SandboxSpec::new(name);
     spec.grants = Grants::permissive();
     spec.limits.timeout = BUDGET;
     spec.limits.memory_bytes = MEMORY;
@@ -69,8 +69,8 @@ pub fn spec(name: &str, properties: &[(&str, &str)]) -> HandlerSpec {
 }
 
 /// Loads `bytes` through the load gate, on the shared engine, with no services configured.
-pub async fn load(bytes: Vec<u8>, spec: HandlerSpec) -> Result<Handler, LoadError> {
-    Handler::load(
+pub async fn load(bytes: Vec<u8>, spec: SandboxSpec) -> Result<SandboxedHandler, LoadError> {
+    SandboxedHandler::load(
         engine(),
         &Services::default(),
         bytes,
@@ -86,7 +86,7 @@ pub fn context() -> JobContext {
 }
 
 /// Runs `handler` once on the sample context and checks it ended within its time budget.
-pub async fn invoke(handler: &Handler) -> Outcome {
+pub async fn invoke(handler: &SandboxedHandler) -> Outcome {
     let started = Instant::now();
     let outcome = handler.invoke(&context(), Delivery::default()).await;
     let bound = handler.spec().limits.timeout + SLACK;
@@ -103,7 +103,7 @@ pub async fn invoke(handler: &Handler) -> Outcome {
 
 /// Loads and runs a hostile component once, then proves the engine still runs a healthy handler
 /// correctly. Returns the hostile run's outcome for the caller's precise assertions.
-pub async fn run_hostile(bytes: Vec<u8>, spec: HandlerSpec) -> Outcome {
+pub async fn run_hostile(bytes: Vec<u8>, spec: SandboxSpec) -> Outcome {
     let name = spec.name.clone();
     let handler = load(bytes, spec)
         .await
@@ -114,7 +114,7 @@ pub async fn run_hostile(bytes: Vec<u8>, spec: HandlerSpec) -> Outcome {
 }
 
 /// Loads a component that must be refused, then proves the engine still runs a healthy handler.
-pub async fn refuse(bytes: Vec<u8>, spec: HandlerSpec) -> LoadError {
+pub async fn refuse(bytes: Vec<u8>, spec: SandboxSpec) -> LoadError {
     let name = spec.name.clone();
     let error = match load(bytes, spec).await {
         Ok(_) => panic!("{name}: the component was accepted"),
@@ -125,8 +125,8 @@ pub async fn refuse(bytes: Vec<u8>, spec: HandlerSpec) -> LoadError {
 }
 
 /// The healthy handler (`log-context`), loaded once per test process.
-pub async fn healthy() -> &'static Handler {
-    static HEALTHY: tokio::sync::OnceCell<Handler> = tokio::sync::OnceCell::const_new();
+pub async fn healthy() -> &'static SandboxedHandler {
+    static HEALTHY: tokio::sync::OnceCell<SandboxedHandler> = tokio::sync::OnceCell::const_new();
     HEALTHY
         .get_or_init(|| async {
             let mut s = spec("log-context", &[]);

@@ -23,17 +23,19 @@ pub mod address;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use url::Url;
+use wasmtime::component::{HasSelf, Linker};
 
 use self::address::{AddressPolicy, AddressRefused, CheckingResolver};
-use crate::bindings::jobhook::handler::http::{Host, Request};
+use crate::bindings::jobhook::handler::http::{Host, Request, add_to_linker};
 use crate::bindings::types::{CapabilityError, Response};
-use crate::capabilities::CallBudget;
+use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
 use crate::capabilities::outbound::{self, BodyError, GrantMethod, Redactor};
 
 /// Default per-call timeout. A webhook answers in well under a second; a notification is not
@@ -81,43 +83,55 @@ const NOT_CONFIGURED: &str = "no outbound HTTP client is configured for this eng
 /// What a handler is told about the destination (the URL may hold a webhook secret: not logged).
 const WHAT: &str = "the destination";
 
-/// The outbound HTTP capability of one sandbox.
+/// The `http` capability: outbound HTTPS to allow-listed URLs.
 #[derive(Debug)]
-pub struct HttpCapability {
-    budget: CallBudget,
-    grant: Option<HttpGrant>,
-    service: Option<Arc<HttpClient>>,
-}
+pub struct Http;
 
-impl HttpCapability {
-    /// A capability with `budget` calls per invocation, the handler's grant (`None`: not
-    /// granted) and the engine's client (`None`: not configured).
-    pub fn new(
-        budget: CallBudget,
-        grant: Option<HttpGrant>,
-        service: Option<Arc<HttpClient>>,
-    ) -> Self {
-        HttpCapability {
-            budget,
-            grant,
-            service,
-        }
+impl Grantable for Http {
+    const INTERFACE: &'static str = "http";
+    const CALLS_LIMIT: &'static str = "http-calls";
+    /// A webhook handler posts once or twice.
+    const DEFAULT_CALLS: u32 = 5;
+    const NOT_CONFIGURED: &'static str = NOT_CONFIGURED;
+
+    type Config = HttpConfig;
+    type Grant = HttpGrant;
+    type Service = HttpClient;
+    type ConfigError = HttpConfigError;
+
+    fn permissive_grant() -> HttpGrant {
+        HttpGrant::permissive()
+    }
+
+    fn rebase(_config: &mut HttpConfig, _base: &Path) {}
+
+    /// Always configured (defaults apply): only granted handlers can use it.
+    fn service(
+        config: &HttpConfig,
+        _env: &ServiceEnv,
+    ) -> Result<Option<HttpClient>, HttpConfigError> {
+        HttpClient::from_config(config).map(Some)
+    }
+
+    fn add_to_linker<T: Send + 'static>(
+        linker: &mut Linker<T>,
+        get: fn(&mut T) -> &mut Gate<Self>,
+    ) -> wasmtime::Result<()> {
+        add_to_linker::<T, HasSelf<Gate<Self>>>(linker, get)
     }
 }
 
-impl Host for HttpCapability {
+/// The outbound HTTP capability of one sandbox.
+pub type HttpCapability = Gate<Http>;
+
+impl Host for Gate<Http> {
     async fn send(
         &mut self,
         request: Request,
     ) -> wasmtime::Result<Result<Response, CapabilityError>> {
-        self.budget.take()?;
-        let Some(grant) = &self.grant else {
-            return Ok(Err(CapabilityError::NotGranted(
-                "the http capability is not granted to this handler".into(),
-            )));
-        };
-        let Some(service) = &self.service else {
-            return Ok(Err(CapabilityError::NotAvailable(NOT_CONFIGURED.into())));
+        let (grant, service) = match self.admit()? {
+            Ok(admitted) => admitted,
+            Err(refused) => return Ok(Err(refused)),
         };
         Ok(service.send(grant, request).await)
     }

@@ -23,20 +23,21 @@
 pub mod auth;
 pub mod path;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
+use wasmtime::component::{HasSelf, Linker};
 
 use self::auth::{Auth, AuthConfig, AuthConfigError};
 use self::path::{ApiBase, ApiPath, BaseError, PathPrefix};
-use crate::bindings::jobhook::handler::keyfactor::{Host, Request};
+use crate::bindings::jobhook::handler::keyfactor::{Host, Request, add_to_linker};
 use crate::bindings::types::{CapabilityError, Method, Response};
-use crate::capabilities::CallBudget;
+use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
 pub use crate::capabilities::outbound::GrantMethod;
 use crate::capabilities::outbound::{self, BodyError};
+use crate::secret::rebase;
 
 /// Default per-call timeout. A Keyfactor API call normally answers in well under a second; 10 s
 /// covers a slow JobHistory query and matches the default handler budget, which bounds the call
@@ -72,43 +73,68 @@ const NOT_CONFIGURED: &str =
 /// What the handler is told instead of the base URL.
 const WHAT: &str = "the Keyfactor API";
 
-/// The Keyfactor capability of one sandbox.
+/// The `keyfactor` capability: the Keyfactor Command API proxy.
 #[derive(Debug)]
-pub struct KeyfactorCapability {
-    budget: CallBudget,
-    grant: Option<KeyfactorGrant>,
-    service: Option<Arc<KeyfactorClient>>,
-}
+pub struct Keyfactor;
 
-impl KeyfactorCapability {
-    /// A capability with `budget` calls per invocation, the handler's grant (`None`: not
-    /// granted) and the engine's client (`None`: not configured).
-    pub fn new(
-        budget: CallBudget,
-        grant: Option<KeyfactorGrant>,
-        service: Option<Arc<KeyfactorClient>>,
-    ) -> Self {
-        KeyfactorCapability {
-            budget,
-            grant,
-            service,
+impl Grantable for Keyfactor {
+    const INTERFACE: &'static str = "keyfactor";
+    const CALLS_LIMIT: &'static str = "keyfactor-calls";
+    /// The documented samples make one or two calls; 20 allows a small paging loop and stops an
+    /// API flood from one event.
+    const DEFAULT_CALLS: u32 = 20;
+    const NOT_CONFIGURED: &'static str = NOT_CONFIGURED;
+
+    type Config = Option<KeyfactorConfig>;
+    type Grant = KeyfactorGrant;
+    type Service = KeyfactorClient;
+    type ConfigError = KeyfactorConfigError;
+
+    fn permissive_grant() -> KeyfactorGrant {
+        KeyfactorGrant::permissive()
+    }
+
+    fn rebase(config: &mut Option<KeyfactorConfig>, base: &Path) {
+        let Some(k) = config.as_mut() else {
+            return;
+        };
+        k.ca_bundle = k.ca_bundle.as_ref().map(|p| base.join(p));
+        match &mut k.auth {
+            AuthConfig::Basic { password, .. } => rebase(password, base),
+            AuthConfig::Bearer { token } => rebase(token, base),
+            AuthConfig::Oauth2 { client_secret, .. } => rebase(client_secret, base),
         }
+    }
+
+    fn service(
+        config: &Option<KeyfactorConfig>,
+        _env: &ServiceEnv,
+    ) -> Result<Option<KeyfactorClient>, KeyfactorConfigError> {
+        config
+            .as_ref()
+            .map(KeyfactorClient::from_config)
+            .transpose()
+    }
+
+    fn add_to_linker<T: Send + 'static>(
+        linker: &mut Linker<T>,
+        get: fn(&mut T) -> &mut Gate<Self>,
+    ) -> wasmtime::Result<()> {
+        add_to_linker::<T, HasSelf<Gate<Self>>>(linker, get)
     }
 }
 
-impl Host for KeyfactorCapability {
+/// The Keyfactor capability of one sandbox.
+pub type KeyfactorCapability = Gate<Keyfactor>;
+
+impl Host for Gate<Keyfactor> {
     async fn send(
         &mut self,
         request: Request,
     ) -> wasmtime::Result<Result<Response, CapabilityError>> {
-        self.budget.take()?;
-        let Some(grant) = &self.grant else {
-            return Ok(Err(CapabilityError::NotGranted(
-                "the keyfactor capability is not granted to this handler".into(),
-            )));
-        };
-        let Some(service) = &self.service else {
-            return Ok(Err(CapabilityError::NotAvailable(NOT_CONFIGURED.into())));
+        let (grant, service) = match self.admit()? {
+            Ok(admitted) => admitted,
+            Err(refused) => return Ok(Err(refused)),
         };
         Ok(service.send(grant, request).await)
     }

@@ -1,4 +1,4 @@
-//! The [`Store`] contract as tests. Every implementation runs this suite through [`suite!`], so
+//! The [`EventStore`] contract as tests. Every implementation runs this suite through [`suite!`], so
 //! SQLite and PostgreSQL are held to the same semantics.
 //!
 //! A [`Backend`] is one database; [`Backend::node`] opens another store on it — another engine
@@ -14,8 +14,8 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, ClaimLimits, DeliveryState, Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent,
-    Store, StoreError, after, to_ms,
+    AttemptRecord, ClaimLimits, DeliveryState, EventStore, Idempotency, Inserted, MAX_CLAIM_BATCH,
+    NewEvent, StoreError, after, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -27,7 +27,7 @@ pub(crate) const LEASE: Duration = Duration::from_secs(60);
 /// One database under test.
 pub(crate) trait Backend: Sync {
     /// The store type.
-    type S: Store;
+    type S: EventStore;
     /// Opens a new store on this database: a new node (or process) with its own identity.
     fn node(&self) -> Self::S;
     /// Whether several live nodes share the database (PostgreSQL), rather than one process
@@ -432,7 +432,7 @@ pub(crate) fn concurrent_claims_hand_out_each_delivery_once(b: &impl Backend) {
 /// Commits `events` events routed to `handlers` on one node, then has three threads on each of
 /// two nodes `take` (claim and finish) until it gets nothing; checks that every delivery was
 /// taken exactly once and finished.
-fn claim_everything_concurrently<S: Store>(
+fn claim_everything_concurrently<S: EventStore>(
     b: &impl Backend<S = S>,
     events: usize,
     handlers: &[&str],
@@ -732,7 +732,7 @@ pub(crate) fn nodes_starting_together_migrate_once(b: &impl Backend) {
 /// A retention no test outlives.
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn pending(store: &impl Store) -> u64 {
+fn pending(store: &impl EventStore) -> u64 {
     store
         .count_by_state()
         .unwrap()

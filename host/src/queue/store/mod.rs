@@ -8,7 +8,7 @@
 //! (at-least-once). A terminal state is written once, in the same transaction as its attempt
 //! record, so no delivery is ever terminal twice.
 //!
-//! [`Store`] is the interface; [`sqlite::SqliteStore`] the embedded default, for one engine
+//! [`EventStore`] is the interface; [`sqlite::SqliteStore`] the embedded default, for one engine
 //! process; [`postgres::PostgresStore`] a shared database, so that several engine nodes work off
 //! one queue. [`open`] chooses between them from the `[store]` configuration. Both pass the same
 //! test suite (`conformance.rs`).
@@ -79,7 +79,7 @@ pub struct NewEvent {
 }
 
 /// An idempotency key that makes an insert happen at most once within its retention window
-/// ([`Store::insert_event_once`]).
+/// ([`EventStore::insert_event_once`]).
 ///
 /// The key is the client's (a forwarder's resend of the same event carries the same key); the
 /// fingerprint identifies the event's content, so that the same key for a different event is a
@@ -117,7 +117,7 @@ pub fn fingerprint(context: &JobContext) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What [`Store::insert_event_once`] did.
+/// What [`EventStore::insert_event_once`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inserted {
     /// The event was committed.
@@ -132,7 +132,7 @@ pub enum Inserted {
     },
 }
 
-/// Most expired idempotency keys one [`Store::purge_idempotency_keys`] call deletes: bounds the
+/// Most expired idempotency keys one [`EventStore::purge_idempotency_keys`] call deletes: bounds the
 /// transaction, so purging never holds the write lock long enough to delay ingest noticeably.
 pub const MAX_PURGE_BATCH: usize = 1000;
 
@@ -242,12 +242,12 @@ pub struct EventView {
     pub deliveries: Vec<DeliveryView>,
 }
 
-/// Most deliveries one [`Store::claim_batch`] call claims, whatever the caller asks: bounds the
+/// Most deliveries one [`EventStore::claim_batch`] call claims, whatever the caller asks: bounds the
 /// transaction (and the candidate query) so that a claim never holds the database's write lock
 /// long enough to delay an ingest commit noticeably.
 pub const MAX_CLAIM_BATCH: usize = 64;
 
-/// How many deliveries a [`Store::claim_batch`] call may claim, in all and per handler.
+/// How many deliveries a [`EventStore::claim_batch`] call may claim, in all and per handler.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimLimits {
     /// Most deliveries in all (capped at [`MAX_CLAIM_BATCH`]); 0 claims nothing.
@@ -304,11 +304,11 @@ impl ClaimLimits {
 /// The storage interface the engine runs on.
 ///
 /// Calls block (SQLite does); async callers use `spawn_blocking`.
-pub trait Store: Send + Sync + 'static {
+pub trait EventStore: Send + Sync + 'static {
     /// Commits an event and one pending delivery per handler, atomically.
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError>;
 
-    /// Commits an event as [`Store::insert_event`] does, unless `key` was already used within
+    /// Commits an event as [`EventStore::insert_event`] does, unless `key` was already used within
     /// its retention: then nothing is committed and the original event is returned, or
     /// [`StoreError::IdempotencyConflict`] when that event's context differs.
     ///
@@ -338,7 +338,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Claim>, StoreError>;
 
     /// Claims the oldest due pending delivery whose handler is not in `busy` (see
-    /// [`Store::claim_batch`]).
+    /// [`EventStore::claim_batch`]).
     fn claim(
         &self,
         now: DateTime<Utc>,
@@ -357,7 +357,7 @@ pub trait Store: Send + Sync + 'static {
     /// are still recorded.
     fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError>;
 
-    /// Records the end of one claimed attempt (see [`Store::finish_batch`]).
+    /// Records the end of one claimed attempt (see [`EventStore::finish_batch`]).
     fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError> {
         self.finish_batch(&[(claim, record)])
     }
@@ -405,7 +405,7 @@ pub trait Store: Send + Sync + 'static {
 /// database at `url`, with the password resolved from its reference.
 ///
 /// Blocks (connecting, migrating): call it from a blocking context, e.g. `spawn_blocking`.
-pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+pub fn open(config: &StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
     match config.kind {
         StoreKind::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&config.data_dir)?)),
         StoreKind::Postgres => {
@@ -445,10 +445,4 @@ pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-/// Adds a duration to a time, saturating.
-pub fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(d)
-        .ok()
-        .and_then(|d| t.checked_add_signed(d))
-        .unwrap_or(t)
-}
+pub use crate::queue::delivery_state::after;

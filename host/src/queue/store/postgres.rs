@@ -8,12 +8,12 @@
 //!   (`owner`, a per-process id) and a lease (`lease_until`).
 //! - **Leases**: a node renews the leases of what it runs every third of the lease. A node that
 //!   dies stops renewing; once a lease has expired, any node's
-//!   [`requeue_abandoned`](Store::requeue_abandoned) puts the delivery back to pending and it runs
+//!   [`requeue_abandoned`](EventStore::requeue_abandoned) puts the delivery back to pending and it runs
 //!   again with the next attempt number. Live claims of other nodes are never requeued.
 //! - **Fencing**: an attempt is recorded only while the delivery is still `running` under the
 //!   same attempt number and owner, so a node that comes back after its lease was taken over
 //!   cannot overwrite the newer attempt: every delivery ends terminal exactly once.
-//! - **Leadership** ([`Store::try_lead`]): a session-level advisory lock held on a connection of
+//! - **Leadership** ([`EventStore::try_lead`]): a session-level advisory lock held on a connection of
 //!   its own for as long as the node lives. When the node dies its session ends, the lock is
 //!   released, and another node's next `try_lead` gets it.
 //! - **Migrations** run when a node starts, in one transaction under an advisory lock, recorded
@@ -37,8 +37,8 @@ use postgres::{Client, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventView,
-    Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent, Store, StoreError, after,
+    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventStore,
+    EventView, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent, StoreError, after,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -57,7 +57,7 @@ pub const POOL_WAIT: Duration = Duration::from_secs(5);
 /// How long establishing one connection may take, unless the URL sets `connect_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long [`Store::try_lead`] waits for the leadership session to answer a liveness check.
+/// How long [`EventStore::try_lead`] waits for the leadership session to answer a liveness check.
 /// A session that does not answer in time is treated as lost, and with it the lock.
 const LEAD_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -273,7 +273,7 @@ struct LeadSession {
     held: BTreeSet<String>,
 }
 
-/// The PostgreSQL implementation of [`Store`]; see the module documentation.
+/// The PostgreSQL implementation of [`EventStore`]; see the module documentation.
 pub struct PostgresStore {
     /// This process's id in `owner` columns: host, process id and a random part.
     node: String,
@@ -731,7 +731,7 @@ fn insert_event_tx(
     Ok(())
 }
 
-impl Store for PostgresStore {
+impl EventStore for PostgresStore {
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         self.with(|conn| {
             let insert = conn.prepare(INSERT_EVENT)?;
@@ -1195,9 +1195,9 @@ mod tests {
         runtime.block_on(async {
             let url = backend.db.url.clone();
             let password = Secret::new(backend.db.password.clone());
-            let store: std::sync::Arc<dyn Store> = tokio::task::spawn_blocking(move || {
+            let store: std::sync::Arc<dyn EventStore> = tokio::task::spawn_blocking(move || {
                 std::sync::Arc::new(PostgresStore::open(&url, Some(&password)).unwrap())
-                    as std::sync::Arc<dyn Store>
+                    as std::sync::Arc<dyn EventStore>
             })
             .await
             .unwrap();

@@ -20,8 +20,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventView,
-    Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent, Store, StoreError, after, from_ms, to_ms,
+    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventStore,
+    EventView, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent, StoreError, after, from_ms, to_ms,
 };
 use crate::context::JobContext;
 
@@ -47,7 +47,7 @@ pub const DATABASE_FILE: &str = "jobhook.sqlite";
 
 /// The schema, applied in order; `PRAGMA user_version` records how many have run. The second
 /// adds the per-handler index that claims use (see [`SqliteStore::claim_batch`]); the third the
-/// idempotency keys of ingest ([`Store::insert_event_once`]): one row per key, the primary key
+/// idempotency keys of ingest ([`EventStore::insert_event_once`]): one row per key, the primary key
 /// is what makes a key's event unique, `created_at` what the purge walks.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -131,10 +131,10 @@ const DUE_OF_HANDLER: &str = "
     WHERE d.state = 'pending' AND d.handler = ?1 AND d.not_before <= ?2
     ORDER BY d.not_before, d.id LIMIT ?3";
 
-/// The SQLite implementation of [`Store`].
+/// The SQLite implementation of [`EventStore`].
 ///
 /// SQLite serves one engine process: the claims of any earlier process are abandoned by
-/// definition, so [`Store::requeue_abandoned`] requeues them regardless of their lease.
+/// definition, so [`EventStore::requeue_abandoned`] requeues them regardless of their lease.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
@@ -427,7 +427,7 @@ impl ContextCache {
     }
 }
 
-impl Store for SqliteStore {
+impl EventStore for SqliteStore {
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         self.write(vec![event.clone()], None, None).map(drop)
     }

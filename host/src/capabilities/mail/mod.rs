@@ -18,9 +18,8 @@
 //! with the operator's credentials; the handler never sees them.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::header::ContentType;
@@ -29,12 +28,13 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{Address, AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde::{Deserialize, Serialize};
+use wasmtime::component::{HasSelf, Linker};
 
-use crate::bindings::jobhook::handler::mail::{Host, Message as WitMessage};
+use crate::bindings::jobhook::handler::mail::{Host, Message as WitMessage, add_to_linker};
 use crate::bindings::types::CapabilityError;
-use crate::capabilities::CallBudget;
+use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
 use crate::capabilities::outbound::quote;
-use crate::secret::{SecretError, SecretRef};
+use crate::secret::{SecretError, SecretRef, rebase};
 
 /// Recipients (`To` and `Cc` together) per message. A notification goes to a team list or a
 /// few people; 50 allows a real distribution and stops a handler from spamming a directory.
@@ -57,40 +57,62 @@ pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a handler is told when the engine has no mail service configured.
 const NOT_CONFIGURED: &str = "no mail transport is configured for this engine ([mail])";
 
-/// The mail capability of one sandbox.
+/// The `mail` capability: e-mail through the engine's relay or outbox.
 #[derive(Debug)]
-pub struct MailCapability {
-    budget: CallBudget,
-    grant: Option<MailGrant>,
-    service: Option<Arc<MailTransport>>,
-}
+pub struct Mail;
 
-impl MailCapability {
-    /// A capability with `budget` mails per invocation, the handler's grant (`None`: not
-    /// granted) and the engine's transport (`None`: not configured).
-    pub fn new(
-        budget: CallBudget,
-        grant: Option<MailGrant>,
-        service: Option<Arc<MailTransport>>,
-    ) -> Self {
-        MailCapability {
-            budget,
-            grant,
-            service,
+impl Grantable for Mail {
+    const INTERFACE: &'static str = "mail";
+    const CALLS_LIMIT: &'static str = "mail-calls";
+    /// A notification handler sends one.
+    const DEFAULT_CALLS: u32 = 5;
+    const NOT_CONFIGURED: &'static str = NOT_CONFIGURED;
+
+    type Config = Option<MailConfig>;
+    type Grant = MailGrant;
+    type Service = MailTransport;
+    type ConfigError = MailConfigError;
+
+    fn permissive_grant() -> MailGrant {
+        MailGrant::permissive()
+    }
+
+    fn rebase(config: &mut Option<MailConfig>, base: &Path) {
+        let Some(m) = config.as_mut() else {
+            return;
+        };
+        m.outbox = m.outbox.as_ref().map(|p| base.join(p));
+        if let Some(password) = m.smtp.as_mut().and_then(|smtp| smtp.password.as_mut()) {
+            rebase(password, base);
         }
+    }
+
+    fn service(
+        config: &Option<MailConfig>,
+        env: &ServiceEnv,
+    ) -> Result<Option<MailTransport>, MailConfigError> {
+        config
+            .as_ref()
+            .map(|c| MailTransport::from_config(c, &env.default_outbox))
+            .transpose()
+    }
+
+    fn add_to_linker<T: Send + 'static>(
+        linker: &mut Linker<T>,
+        get: fn(&mut T) -> &mut Gate<Self>,
+    ) -> wasmtime::Result<()> {
+        add_to_linker::<T, HasSelf<Gate<Self>>>(linker, get)
     }
 }
 
-impl Host for MailCapability {
+/// The mail capability of one sandbox.
+pub type MailCapability = Gate<Mail>;
+
+impl Host for Gate<Mail> {
     async fn send(&mut self, message: WitMessage) -> wasmtime::Result<Result<(), CapabilityError>> {
-        self.budget.take()?;
-        let Some(grant) = &self.grant else {
-            return Ok(Err(CapabilityError::NotGranted(
-                "the mail capability is not granted to this handler".into(),
-            )));
-        };
-        let Some(service) = &self.service else {
-            return Ok(Err(CapabilityError::NotAvailable(NOT_CONFIGURED.into())));
+        let (grant, service) = match self.admit()? {
+            Ok(admitted) => admitted,
+            Err(refused) => return Ok(Err(refused)),
         };
         Ok(service.send(grant, message).await)
     }

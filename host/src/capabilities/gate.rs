@@ -1,0 +1,169 @@
+//! The one gate every grantable capability passes through, and the contract a capability
+//! implements to be one.
+//!
+//! A grantable capability (keyfactor, mail, http, …) is one folder under `capabilities/` that
+//! implements [`Grantable`]: its engine-level configuration section, its per-handler grant, its
+//! engine-wide service, how it links its WIT interface, and its call budget. Every sandbox holds
+//! one [`Gate`] per capability; every call goes through [`Gate::admit`], which takes one call
+//! from the budget (trapping the sandbox when it is spent), refuses the call when the handler
+//! has no grant, and answers `not-available` when the engine has no service configured — in
+//! that order, the same for every capability.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use wasmtime::component::Linker;
+
+use crate::bindings::types::CapabilityError;
+use crate::limits::{LimitExceeded, LimitKind};
+
+/// What the engine gives a capability when it builds its service.
+#[derive(Debug, Clone)]
+pub struct ServiceEnv {
+    /// Where mail goes when `[mail]` names neither an outbox nor a relay (in the data
+    /// directory).
+    pub default_outbox: PathBuf,
+}
+
+/// A capability that reaches outside the sandbox and must be granted per handler.
+pub trait Grantable: Sized + Send + 'static {
+    /// Its WIT interface (`jobhook:handler/<INTERFACE>`), which is also the name of its sections:
+    /// `[<INTERFACE>]`, `[handlers.grants.<INTERFACE>]` and `[handlers.limits] <INTERFACE>_calls`.
+    const INTERFACE: &'static str;
+    /// Its call limit as named in outcomes and metrics (`<INTERFACE>-calls`).
+    const CALLS_LIMIT: &'static str;
+    /// Calls per invocation unless the handler's limits say otherwise.
+    const DEFAULT_CALLS: u32;
+    /// What a handler is told when the engine has no service for it.
+    const NOT_CONFIGURED: &'static str;
+
+    /// The engine-level section `[<INTERFACE>]` (its default: the section left out).
+    type Config: Default + Clone + fmt::Debug + PartialEq + Eq + Serialize + DeserializeOwned;
+    /// A handler's grant `[handlers.grants.<INTERFACE>]`: what it may do with the capability.
+    type Grant: Clone + fmt::Debug + PartialEq + Eq + Serialize + DeserializeOwned + Send + Sync;
+    /// The engine-wide service behind the capability (API client, mail transport, …), shared by
+    /// every sandbox.
+    type Service: fmt::Debug + Send + Sync + 'static;
+    /// Why the service cannot be built from its section.
+    type ConfigError: std::error::Error + Send + Sync + 'static;
+
+    /// Every permission the capability has: what `jobhook run`, the author's harness, grants.
+    fn permissive_grant() -> Self::Grant;
+
+    /// Makes the relative paths of the section (CA bundles, secret files, directories) relative
+    /// to `base`, the configuration file's directory.
+    fn rebase(config: &mut Self::Config, base: &Path);
+
+    /// Builds the service from the section: `None` when the section leaves the capability
+    /// unconfigured (its calls then answer `not-available`). Secrets are resolved here; nothing
+    /// is contacted yet.
+    fn service(
+        config: &Self::Config,
+        env: &ServiceEnv,
+    ) -> Result<Option<Self::Service>, Self::ConfigError>;
+
+    /// Adds the capability's WIT interface to `linker`, served by the gate `get` finds in the
+    /// store's state.
+    fn add_to_linker<T: Send + 'static>(
+        linker: &mut Linker<T>,
+        get: fn(&mut T) -> &mut Gate<Self>,
+    ) -> wasmtime::Result<()>;
+}
+
+/// Counts the calls a sandbox makes to one capability and ends the sandbox when it makes more
+/// than its budget allows.
+#[derive(Debug, Clone)]
+pub struct CallBudget {
+    kind: LimitKind,
+    limit: u32,
+    used: u32,
+}
+
+impl CallBudget {
+    /// A budget of `limit` calls, reported as `kind` when exceeded.
+    pub fn new(kind: LimitKind, limit: u32) -> Self {
+        CallBudget {
+            kind,
+            limit,
+            used: 0,
+        }
+    }
+
+    /// Takes one call from the budget, or returns the error that traps the sandbox.
+    pub fn take(&mut self) -> wasmtime::Result<()> {
+        if self.used >= self.limit {
+            return Err(wasmtime::Error::new(LimitExceeded {
+                kind: self.kind,
+                detail: format!(
+                    "call {} refused: the budget is {} per invocation",
+                    u64::from(self.used) + 1,
+                    self.limit
+                ),
+            }));
+        }
+        self.used += 1;
+        Ok(())
+    }
+
+    /// Calls made so far.
+    pub fn used(&self) -> u32 {
+        self.used
+    }
+}
+
+/// One capability in one sandbox: its call budget, the handler's grant (`None`: not granted)
+/// and the engine's service (`None`: not configured).
+pub struct Gate<C: Grantable> {
+    budget: CallBudget,
+    grant: Option<C::Grant>,
+    service: Option<Arc<C::Service>>,
+}
+
+impl<C: Grantable> Gate<C> {
+    /// A gate with `budget`, the handler's `grant` and the engine's `service`.
+    pub fn new(
+        budget: CallBudget,
+        grant: Option<C::Grant>,
+        service: Option<Arc<C::Service>>,
+    ) -> Self {
+        Gate {
+            budget,
+            grant,
+            service,
+        }
+    }
+
+    /// Lets one call through: takes it from the budget (`Err`: the sandbox traps with
+    /// `limit-exceeded`), then hands out the grant and the service, or the error the guest gets
+    /// when the capability is not granted or not configured.
+    #[allow(clippy::type_complexity)]
+    pub fn admit(
+        &mut self,
+    ) -> wasmtime::Result<Result<(&C::Grant, &Arc<C::Service>), CapabilityError>> {
+        self.budget.take()?;
+        let Some(grant) = &self.grant else {
+            return Ok(Err(CapabilityError::NotGranted(format!(
+                "the {} capability is not granted to this handler",
+                C::INTERFACE
+            ))));
+        };
+        let Some(service) = &self.service else {
+            return Ok(Err(CapabilityError::NotAvailable(C::NOT_CONFIGURED.into())));
+        };
+        Ok(Ok((grant, service)))
+    }
+}
+
+impl<C: Grantable> fmt::Debug for Gate<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gate")
+            .field("capability", &C::INTERFACE)
+            .field("budget", &self.budget)
+            .field("granted", &self.grant.is_some())
+            .field("configured", &self.service.is_some())
+            .finish()
+    }
+}
