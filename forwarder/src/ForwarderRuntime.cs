@@ -154,7 +154,7 @@ namespace Jobhook.Forwarder
         /// Makes the idempotency key: a fresh random GUID, fixed from here on, so every resend of
         /// this event carries the same key and no other event ever does.
         /// </summary>
-        public void Submit(string body, string jobType, Guid jobId, int waitMilliseconds)
+        public void Submit(string body, Guid jobId, int waitMilliseconds)
         {
             var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body };
             Interlocked.Increment(ref Counters.Accepted);
@@ -172,7 +172,7 @@ namespace Jobhook.Forwarder
                 }
             }
             queued.Set();
-            log.Debug("queued " + jobType + " job " + jobId.ToString("D") + " as event " + item.Key);
+            log.Debug("queued job " + jobId.ToString("D") + " as event " + item.Key);
             if (waitMilliseconds > 0)
                 item.Written.Wait(waitMilliseconds);
         }
@@ -221,6 +221,10 @@ namespace Jobhook.Forwarder
                     {
                         Thread.Sleep(WriteRetryMilliseconds);
                     }
+                }
+                catch (ThreadAbortException)
+                {
+                    throw; // the process or app domain is going away (iisreset): not an error
                 }
                 catch (Exception e)
                 {

@@ -40,10 +40,10 @@ namespace Jobhook.Forwarder
         /// <summary>
         /// How long <see cref="RunHandler"/> waits for the event's spool file to be written (and
         /// flushed to disk) before returning anyway, leaving the event in the bounded in-memory
-        /// queue. The other half of the budget covers serialisation, bookkeeping and a thread
-        /// that wakes late on a busy server.
+        /// queue. The other 30 ms of the budget cover serialisation, bookkeeping, the first
+        /// call's start-up and a thread that wakes late on a busy server.
         /// </summary>
-        public const int SpoolWaitMilliseconds = 25;
+        public const int SpoolWaitMilliseconds = 20;
 
         readonly Options options;
 
@@ -130,7 +130,7 @@ namespace Jobhook.Forwarder
                     return true;
                 var body = ContextJson.Serialize(context);
                 var remaining = SpoolWaitMilliseconds - (int)clock.ElapsedMilliseconds;
-                runtime.Submit(body, context.JobType, context.JobId, Math.Max(0, remaining));
+                runtime.Submit(body, context.JobId, Math.Max(0, remaining));
             }
             catch (Exception e)
             {

@@ -128,6 +128,10 @@ namespace Jobhook.Forwarder
                             break;
                     }
                 }
+                catch (ThreadAbortException)
+                {
+                    throw; // the process or app domain is going away (iisreset): not an error
+                }
                 catch (Exception e)
                 {
                     // Keep the sender alive whatever happens.
