@@ -12,6 +12,7 @@
 //   harness.exe drain --url U --spool DIR [options]
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
+//          --invalid-every K (every K-th context has a string the engine must refuse with 400)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, then "drained" when the spool
 // is empty. Exit codes: 0 ok, 1 a RunHandler call broke a rule, 3 not drained in time, 2 usage.
 
@@ -96,6 +97,9 @@ namespace Jobhook.Forwarder.Harness
             " leading and trailing spaces ",
         };
 
+        /// <summary>A string longer than the engine accepts in one field (4 KiB).</summary>
+        const int InvalidStringLength = 5000;
+
         static int Main(string[] args)
         {
             try
@@ -156,12 +160,23 @@ namespace Jobhook.Forwarder.Harness
             int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
             int seed = int.Parse(Get(opts, "seed", "1"), CultureInfo.InvariantCulture);
             int threads = int.Parse(Get(opts, "threads", "4"), CultureInfo.InvariantCulture);
+            int invalidEvery = int.Parse(Get(opts, "invalid-every", "0"), CultureInfo.InvariantCulture);
 
             var contexts = new OrchestratorJobCompleteHandlerContext[count];
             var random = new Random(seed);
             var keyfactorClient = new HttpClient(); // what Keyfactor hands every handler; unused by the forwarder
+            var invalid = new bool[count];
             for (int i = 0; i < count; i++)
+            {
                 contexts[i] = MakeContext(i, random, keyfactorClient);
+                if (invalidEvery > 0 && i % invalidEvery == invalidEvery - 1)
+                {
+                    // Over the engine's 4 KiB per string field: it must answer 400, and the
+                    // forwarder must set the event aside instead of retrying it for ever.
+                    contexts[i].Username = new string('y', InvalidStringLength);
+                    invalid[i] = true;
+                }
+            }
 
             var failures = new List<string>();
             var durations = new double[count];
@@ -220,7 +235,7 @@ namespace Jobhook.Forwarder.Harness
                 var key = log.KeyOf(contexts[i].JobId);
                 if (key == null)
                     failures.Add("context " + i + ": the forwarder logged no idempotency key for it");
-                expected[i] = ExpectedLine(key ?? "-", contexts[i]);
+                expected[i] = ExpectedLine(key ?? "-", contexts[i]) + (invalid[i] ? "\tinvalid" : "\tvalid");
             }
             File.WriteAllLines(opts["expected"], expected, Utf8);
             double maxMs = maxTicks * 1000.0 / Stopwatch.Frequency;
@@ -356,7 +371,8 @@ namespace Jobhook.Forwarder.Harness
 
         /// <summary>
         /// key, AgentId, Username, ClientMachine, JobResult, JobId, JobType, JobTypeId,
-        /// OperationType, CertificateId, RequestTimestamp, CurrentRetryCount — tab-separated;
+        /// OperationType, CertificateId, RequestTimestamp, CurrentRetryCount — tab-separated
+        /// (the caller appends "valid" or "invalid");
         /// strings as base64 of UTF-8 (a lone surrogate becomes U+FFFD, as .NET encodes it),
         /// null strings as "" (the engine stores them so), enums as the number the engine keeps
         /// (0 = Unknown for numbers it does not know), the timestamp as UTC 100 ns ticks since
