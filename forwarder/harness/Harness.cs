@@ -230,6 +230,12 @@ namespace Jobhook.Forwarder.Harness
             foreach (var worker in workers)
                 worker.Join();
 
+            // The key is made on the forwarder's intake thread, which may still be busy with the
+            // last few events: give it a moment.
+            var keysDeadline = DateTime.UtcNow.AddSeconds(30);
+            for (int i = 0; i < count; i++)
+                while (log.KeyOf(contexts[i].JobId) == null && DateTime.UtcNow < keysDeadline)
+                    Thread.Sleep(10);
             for (int i = 0; i < count; i++)
             {
                 var key = log.KeyOf(contexts[i].JobId);

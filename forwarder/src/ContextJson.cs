@@ -40,19 +40,27 @@ namespace Jobhook.Forwarder
         /// </summary>
         const string TimestampFormat = "yyyy'-'MM'-'dd'T'HH':'mm':'ss'.'fffffff'Z'";
 
-        /// <summary>Serialises the context (never null: the caller checks).</summary>
+        /// <summary>Serialises a context.</summary>
         public static string Serialize(OrchestratorJobCompleteHandlerContext context)
         {
+            return Serialize(new ContextSnapshot(context));
+        }
+
+        /// <summary>Serialises the copy of a context taken by RunHandler.</summary>
+        public static string Serialize(ContextSnapshot context)
+        {
+            long number;
+            string name;
             var json = new StringBuilder(512);
             json.Append('{');
             Field(json, "AgentId", true); Guid(json, context.AgentId);
             Field(json, "Username"); String(json, context.Username);
             Field(json, "ClientMachine"); String(json, context.ClientMachine);
-            Field(json, "JobResult"); Enum(json, Convert.ToInt64(context.JobResult, CultureInfo.InvariantCulture), context.JobResult.ToString(), JobResultNames);
+            Field(json, "JobResult"); context.JobResultValue(out number, out name); Enum(json, number, name, JobResultNames);
             Field(json, "JobId"); Guid(json, context.JobId);
             Field(json, "JobType"); String(json, context.JobType);
             Field(json, "JobTypeId"); Guid(json, context.JobTypeId);
-            Field(json, "OperationType"); Enum(json, Convert.ToInt64(context.OperationType, CultureInfo.InvariantCulture), context.OperationType.ToString(), OperationTypeNames);
+            Field(json, "OperationType"); context.OperationTypeValue(out number, out name); Enum(json, number, name, OperationTypeNames);
             Field(json, "CertificateId");
             if (context.CertificateId.HasValue)
                 json.Append(context.CertificateId.Value.ToString(CultureInfo.InvariantCulture));

@@ -1,5 +1,6 @@
 // What runs behind the handler: one per process and spool directory (Unity may build a handler
-// object per resolution, so nothing heavy lives in the handler). Two background threads:
+// object per resolution, so nothing heavy lives in the handler). Two background threads (besides
+// the process-wide intake thread that feeds them, see Intake.cs):
 // - the spool writer turns queued events into spool files (RunHandler waits for it only up to
 //   its budget);
 // - the sender posts spooled events to the engine, oldest first, retrying with exponential
@@ -86,7 +87,7 @@ namespace Jobhook.Forwarder
         {
             public string Key;
             public string Body;
-            public readonly ManualResetEventSlim Written = new ManualResetEventSlim(false);
+            public ManualResetEventSlim Written;
         }
 
         ForwarderRuntime(ForwarderSettings settings, IForwarderLog log)
@@ -150,31 +151,33 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Queues one serialised event and waits up to `waitMilliseconds` for its spool file.
-        /// Makes the idempotency key: a fresh random GUID, fixed from here on, so every resend of
-        /// this event carries the same key and no other event ever does.
+        /// Queues one serialised event for the spool writer, which sets `written` once the event
+        /// is on disk (or dropped). Makes the idempotency key: a fresh random GUID, fixed from here
+        /// on, so every resend of this event carries the same key and no other event ever does.
         /// </summary>
-        public void Submit(string body, Guid jobId, int waitMilliseconds)
+        public void Submit(string body, Guid jobId, ManualResetEventSlim written)
         {
-            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body };
+            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body, Written = written };
             Interlocked.Increment(ref Counters.Accepted);
+            QueuedEvent dropped = null;
             lock (queueGate)
             {
                 queue.AddLast(item);
                 if (queue.Count > settings.MaxQueuedEvents)
                 {
-                    var oldest = queue.First.Value;
+                    dropped = queue.First.Value;
                     queue.RemoveFirst();
-                    oldest.Written.Set();
-                    var dropped = Interlocked.Increment(ref Counters.Dropped);
-                    log.Warn("the in-memory queue is full (" + settings.MaxQueuedEvents + " events: the spool disk is too slow or failing); dropped event "
-                             + oldest.Key + " (" + dropped + " dropped since start)");
                 }
             }
             queued.Set();
             log.Debug("queued job " + jobId.ToString("D") + " as event " + item.Key);
-            if (waitMilliseconds > 0)
-                item.Written.Wait(waitMilliseconds);
+            if (dropped != null)
+            {
+                dropped.Written.Set();
+                var count = Interlocked.Increment(ref Counters.Dropped);
+                log.Warn("the in-memory queue is full (" + settings.MaxQueuedEvents + " events: the spool disk is too slow or failing); dropped event "
+                         + dropped.Key + " (" + count + " dropped since start)");
+            }
         }
 
         /// <summary>

@@ -1,6 +1,6 @@
 // The Job Complete Handler that Keyfactor Command loads. It does as little as possible on
-// Keyfactor's thread: serialise the context, hand it to the spool writer, wait a bounded time for
-// the spool file, return true. Delivery to the engine happens on a background thread
+// Keyfactor's thread: copy the context's fields, queue them (Intake), wait a bounded time for the
+// spool file, return true. Delivery to the engine happens on a background thread
 // (ForwarderRuntime), so a slow, down or misbehaving engine never slows an orchestrator check-in.
 //
 // One source, two registrations, chosen at compile time:
@@ -40,10 +40,10 @@ namespace Jobhook.Forwarder
         /// <summary>
         /// How long <see cref="RunHandler"/> waits for the event's spool file to be written (and
         /// flushed to disk) before returning anyway, leaving the event in the bounded in-memory
-        /// queue. The other 30 ms of the budget cover serialisation, bookkeeping, the first
-        /// call's start-up and a thread that wakes late on a busy server.
+        /// queue. The other 35 ms of the budget cover copying the fields, the first call's
+        /// start-up and a thread that wakes late on a busy server.
         /// </summary>
-        public const int SpoolWaitMilliseconds = 20;
+        public const int SpoolWaitMilliseconds = 15;
 
         readonly Options options;
 
@@ -125,12 +125,9 @@ namespace Jobhook.Forwarder
                     ForwarderLog.Current.Warn("RunHandler was called without a context; nothing to forward");
                     return true;
                 }
-                var runtime = Runtime();
-                if (runtime == null)
-                    return true;
-                var body = ContextJson.Serialize(context);
-                var remaining = SpoolWaitMilliseconds - (int)clock.ElapsedMilliseconds;
-                runtime.Submit(body, context.JobId, Math.Max(0, remaining));
+                // Copy the fields and hand them over; the intake thread does the rest.
+                var snapshot = new ContextSnapshot(context);
+                Intake.Submit(this, snapshot, Math.Max(0, SpoolWaitMilliseconds - (int)clock.ElapsedMilliseconds));
             }
             catch (Exception e)
             {
@@ -167,7 +164,10 @@ namespace Jobhook.Forwarder
             get
             {
                 var runtime = Runtime();
-                return runtime == null ? -1 : runtime.PendingEvents;
+                if (runtime == null)
+                    return -1;
+                var spooled = runtime.PendingEvents;
+                return spooled < 0 ? -1 : spooled + Intake.Count;
             }
         }
 
@@ -186,7 +186,7 @@ namespace Jobhook.Forwarder
         /// handler instance (Unity may create an instance per resolution; the runtime, its
         /// threads and its HttpClient are per process and spool directory).
         /// </summary>
-        ForwarderRuntime Runtime()
+        internal ForwarderRuntime Runtime()
         {
             var current = runtime;
             if (current != null)
