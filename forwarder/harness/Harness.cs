@@ -67,6 +67,56 @@ namespace Jobhook.Forwarder.Harness
         }
     }
 
+    /// <summary>
+    /// A thread that asks to wake every millisecond and records when it woke much later: the
+    /// whole process was stalled (garbage collection, or no CPU for it on a loaded machine). A
+    /// RunHandler over budget is reported with the stall it overlapped, so a failure says
+    /// whether the forwarder or the machine was slow. It never excuses the failure.
+    /// </summary>
+    sealed class StallDetector
+    {
+        /// <summary>A wake-up this much later than asked counts as a stall.</summary>
+        const double StallMilliseconds = 10;
+
+        readonly object gate = new object();
+        readonly List<long[]> gaps = new List<long[]>();
+
+        public static StallDetector Start()
+        {
+            var detector = new StallDetector();
+            var thread = new Thread(detector.Run) { IsBackground = true, Name = "stall detector" };
+            thread.Start();
+            return detector;
+        }
+
+        void Run()
+        {
+            var last = Stopwatch.GetTimestamp();
+            while (true)
+            {
+                Thread.Sleep(1);
+                var now = Stopwatch.GetTimestamp();
+                if ((now - last) * 1000.0 / Stopwatch.Frequency > StallMilliseconds + 1)
+                    lock (gate)
+                        gaps.Add(new[] { last, now });
+                last = now;
+            }
+        }
+
+        /// <summary>The longest stall overlapping [from, to], as text for a failure message.</summary>
+        public string Describe(long from, long to)
+        {
+            double longest = 0;
+            lock (gate)
+                foreach (var gap in gaps)
+                    if (gap[1] > from && gap[0] < to)
+                        longest = Math.Max(longest, (gap[1] - gap[0]) * 1000.0 / Stopwatch.Frequency);
+            return longest > 0
+                ? " (the whole process was stalled for up to " + longest.ToString("F1", CultureInfo.InvariantCulture) + " ms meanwhile)"
+                : " (no process stall was seen meanwhile)";
+        }
+    }
+
     static class Program
     {
         static readonly Encoding Utf8 = new UTF8Encoding(false);
@@ -178,7 +228,9 @@ namespace Jobhook.Forwarder.Harness
                 }
             }
 
+            var stalls = StallDetector.Start();
             var failures = new List<string>();
+            var overruns = new List<long[]>(); // context index, start, end (Stopwatch timestamps)
             var durations = new double[count];
             long maxTicks = 0;
             int next = -1;
@@ -197,6 +249,7 @@ namespace Jobhook.Forwarder.Harness
                         // Unity may build a handler per resolution: a new object now and then.
                         if (forwarder == null || i % 10 == 0)
                             forwarder = Construct(options);
+                        var startedAt = Stopwatch.GetTimestamp();
                         var clock = Stopwatch.StartNew();
                         bool result;
                         string thrown = null;
@@ -220,8 +273,7 @@ namespace Jobhook.Forwarder.Harness
                             else if (!result)
                                 failures.Add("context " + i + ": RunHandler returned false");
                             if (clock.Elapsed > JobhookForwarder.RunHandlerBudget)
-                                failures.Add("context " + i + ": RunHandler took " + clock.Elapsed.TotalMilliseconds.ToString("F1", CultureInfo.InvariantCulture)
-                                             + " ms; the budget is " + JobhookForwarder.RunHandlerBudgetMilliseconds + " ms");
+                                overruns.Add(new long[] { i, startedAt, Stopwatch.GetTimestamp() });
                         }
                     }
                 });
@@ -229,6 +281,12 @@ namespace Jobhook.Forwarder.Harness
             }
             foreach (var worker in workers)
                 worker.Join();
+            // Described after the fact, once the stall detector has seen every stall.
+            Thread.Sleep(50);
+            foreach (var overrun in overruns)
+                failures.Add("context " + overrun[0] + ": RunHandler took "
+                             + Ms((overrun[2] - overrun[1]) * 1000.0 / Stopwatch.Frequency) + " ms; the budget is "
+                             + JobhookForwarder.RunHandlerBudgetMilliseconds + " ms" + stalls.Describe(overrun[1], overrun[2]));
 
             // The key is made on the forwarder's intake thread, which may still be busy with the
             // last few events: give it a moment.

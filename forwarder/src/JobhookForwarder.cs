@@ -40,10 +40,12 @@ namespace Jobhook.Forwarder
         /// <summary>
         /// How long <see cref="RunHandler"/> waits for the event's spool file to be written (and
         /// flushed to disk) before returning anyway, leaving the event in the bounded in-memory
-        /// queue. The other 35 ms of the budget cover copying the fields, the first call's
-        /// start-up and a thread that wakes late on a busy server.
+        /// queue (the write completes a few milliseconds later). Short, because a busy server
+        /// wakes waiting threads late: measured under Mono on two loaded cores, a 15 ms wait
+        /// often became 50 ms. The rest of the budget covers copying the fields, the first
+        /// call's start-up and such late wake-ups.
         /// </summary>
-        public const int SpoolWaitMilliseconds = 15;
+        public const int SpoolWaitMilliseconds = 10;
 
         readonly Options options;
 
