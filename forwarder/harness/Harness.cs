@@ -13,8 +13,8 @@
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
-// Prints "submitted N max_ms=X" once every RunHandler has returned, then "drained" when the spool
-// is empty. Exit codes: 0 ok, 1 a RunHandler call broke a rule, 3 not drained in time, 2 usage.
+// Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
+// every event is on disk, then "drained" when the spool is empty. Exit codes: 0 ok, 1 a RunHandler call broke a rule, 3 not drained in time, 2 usage.
 
 using System;
 using System.Collections.Generic;
@@ -302,6 +302,7 @@ namespace Jobhook.Forwarder.Harness
                 expected[i] = ExpectedLine(key ?? "-", contexts[i]) + (invalid[i] ? "\tinvalid" : "\tvalid");
             }
             File.WriteAllLines(opts["expected"], expected, Utf8);
+            var submittedAt = Stopwatch.GetTimestamp();
             double maxMs = maxTicks * 1000.0 / Stopwatch.Frequency;
             var sorted = (double[])durations.Clone();
             Array.Sort(sorted);
@@ -316,7 +317,16 @@ namespace Jobhook.Forwarder.Harness
                 return 1;
             if (waitSeconds == 0)
                 return 0;
-            return WaitForDrain(Construct(options), waitSeconds);
+            // RunHandler returns before the event is on disk; say when all of them are, so a
+            // test can tell "spooled" (must survive a kill) from "handed over" (may not).
+            var observer = Construct(options);
+            var spoolDeadline = DateTime.UtcNow.AddSeconds(waitSeconds);
+            while (observer.Counters.Spooled + observer.Counters.Dropped < count && DateTime.UtcNow < spoolDeadline)
+                Thread.Sleep(5);
+            Console.WriteLine("spooled " + observer.Counters.Spooled + " after "
+                              + Ms((Stopwatch.GetTimestamp() - submittedAt) * 1000.0 / Stopwatch.Frequency) + " ms");
+            Console.Out.Flush();
+            return WaitForDrain(observer, waitSeconds);
         }
 
         static JobhookForwarder Construct(JobhookForwarder.Options options)

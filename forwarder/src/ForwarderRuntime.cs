@@ -87,7 +87,6 @@ namespace Jobhook.Forwarder
         {
             public string Key;
             public string Body;
-            public ManualResetEventSlim Written;
         }
 
         ForwarderRuntime(ForwarderSettings settings, IForwarderLog log)
@@ -151,13 +150,12 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Queues one serialised event for the spool writer, which sets `written` once the event
-        /// is on disk (or dropped). Makes the idempotency key: a fresh random GUID, fixed from here
+        /// Queues one serialised event for the spool writer. Makes the idempotency key: a fresh random GUID, fixed from here
         /// on, so every resend of this event carries the same key and no other event ever does.
         /// </summary>
-        public void Submit(string body, Guid jobId, ManualResetEventSlim written)
+        public void Submit(string body, Guid jobId)
         {
-            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body, Written = written };
+            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body };
             Interlocked.Increment(ref Counters.Accepted);
             QueuedEvent dropped = null;
             lock (queueGate)
@@ -173,7 +171,6 @@ namespace Jobhook.Forwarder
             log.Debug("queued job " + jobId.ToString("D") + " as event " + item.Key);
             if (dropped != null)
             {
-                dropped.Written.Set();
                 var count = Interlocked.Increment(ref Counters.Dropped);
                 log.Warn("the in-memory queue is full (" + settings.MaxQueuedEvents + " events: the spool disk is too slow or failing); dropped event "
                          + dropped.Key + " (" + count + " dropped since start)");
@@ -216,7 +213,6 @@ namespace Jobhook.Forwarder
                             if (queue.First != null && ReferenceEquals(queue.First.Value, next))
                                 queue.RemoveFirst();
                         }
-                        next.Written.Set();
                         Interlocked.Increment(ref Counters.Spooled);
                         spooled.Set();
                     }

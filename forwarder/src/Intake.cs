@@ -85,7 +85,6 @@ namespace Jobhook.Forwarder
         {
             public JobhookForwarder Handler;
             public ContextSnapshot Context;
-            public readonly ManualResetEventSlim Done = new ManualResetEventSlim(false);
         }
 
         static readonly object gate = new object();
@@ -101,20 +100,16 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Queues one event and waits up to `waitMilliseconds` for it to be in the spool.
-        /// Never throws for a full queue: the oldest waiting event is dropped and logged.
+        /// Queues one event and returns at once. Never throws for a full queue: the oldest waiting
+        /// event is dropped and logged.
         /// </summary>
-        public static void Submit(JobhookForwarder handler, ContextSnapshot context, int waitMilliseconds)
+        public static void Submit(JobhookForwarder handler, ContextSnapshot context)
         {
             var pending = new Pending { Handler = handler, Context = context };
             Pending oldest = null;
             lock (gate)
             {
-                if (thread == null)
-                {
-                    thread = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder intake" };
-                    thread.Start();
-                }
+                StartLocked();
                 queue.Enqueue(pending);
                 if (queue.Count > Capacity)
                     oldest = queue.Dequeue();
@@ -122,13 +117,25 @@ namespace Jobhook.Forwarder
             signal.Set();
             if (oldest != null)
             {
-                oldest.Done.Set();
                 var count = Interlocked.Increment(ref dropped);
                 ForwarderLog.Current.Warn("the intake queue is full (" + Capacity + " events): dropped job "
                                           + oldest.Context.JobId.ToString("D") + " (" + count + " dropped since start)");
             }
-            if (waitMilliseconds > 0)
-                pending.Done.Wait(waitMilliseconds);
+        }
+
+        /// <summary>Starts the intake thread if it is not running (once per process).</summary>
+        public static void Start()
+        {
+            lock (gate)
+                StartLocked();
+        }
+
+        static void StartLocked()
+        {
+            if (thread != null)
+                return;
+            thread = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder intake" };
+            thread.Start();
         }
 
         static void Loop()
@@ -150,11 +157,8 @@ namespace Jobhook.Forwarder
                     }
                     var runtime = next.Handler.Runtime();
                     if (runtime == null)
-                    {
-                        next.Done.Set();
                         continue;
-                    }
-                    runtime.Submit(ContextJson.Serialize(next.Context), next.Context.JobId, next.Done);
+                    runtime.Submit(ContextJson.Serialize(next.Context), next.Context.JobId);
                 }
                 catch (ThreadAbortException)
                 {
@@ -164,8 +168,6 @@ namespace Jobhook.Forwarder
                 {
                     // Keep the intake alive whatever happens; only this event is lost.
                     try { ForwarderLog.Current.Error("intake: an event could not be queued: " + e); } catch { }
-                    if (next != null)
-                        next.Done.Set();
                 }
             }
         }
