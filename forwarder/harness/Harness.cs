@@ -13,6 +13,7 @@
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
+//          --ca FILE (TrustedCaFile: a CA to trust for an https:// URL)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when the spool is empty. Exit codes: 0 ok, 1 a RunHandler call broke a rule, 3 not drained in time, 2 usage.
 
@@ -189,6 +190,7 @@ namespace Jobhook.Forwarder.Harness
                 RequestTimeoutMs = Get(opts, "timeout-ms", null),
                 InitialBackoffMs = Get(opts, "initial-backoff-ms", null),
                 MaxBackoffMs = Get(opts, "max-backoff-ms", null),
+                TrustedCaFile = Get(opts, "ca", null),
                 DebugLog = "true",
             };
             int waitSeconds = int.Parse(Get(opts, "wait-seconds", "120"), CultureInfo.InvariantCulture);
@@ -337,7 +339,8 @@ namespace Jobhook.Forwarder.Harness
             {
                 JobTypes = options.JobTypes, EngineUrl = options.EngineUrl, BearerToken = options.BearerToken,
                 SpoolDirectory = options.SpoolDirectory, RequestTimeoutMs = options.RequestTimeoutMs,
-                InitialBackoffMs = options.InitialBackoffMs, MaxBackoffMs = options.MaxBackoffMs, DebugLog = options.DebugLog,
+                InitialBackoffMs = options.InitialBackoffMs, MaxBackoffMs = options.MaxBackoffMs,
+                TrustedCaFile = options.TrustedCaFile, DebugLog = options.DebugLog,
             };
             return new JobhookForwarder(Microsoft.Extensions.Options.Options.Create(copy));
 #else
@@ -351,6 +354,7 @@ namespace Jobhook.Forwarder.Harness
                 RequestTimeoutMs = options.RequestTimeoutMs,
                 InitialBackoffMs = options.InitialBackoffMs,
                 MaxBackoffMs = options.MaxBackoffMs,
+                TrustedCaFile = options.TrustedCaFile,
                 DebugLog = options.DebugLog,
             };
 #endif
@@ -500,7 +504,7 @@ namespace Jobhook.Forwarder.Harness
         {
             Console.Error.WriteLine("harness: " + problem);
             Console.Error.WriteLine("usage: harness.exe run|drain --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
-                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S]");
+                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--ca FILE]");
             return 2;
         }
     }
