@@ -16,6 +16,9 @@
 //!   few milliseconds normally, about 2 s for a burst of 1,000 on a loaded machine — is lost by
 //!   a kill; forwarder/README.md, "Limits".)
 //!
+//! - (e) a full spool drops its oldest events and the forwarder's log counts them; the rest
+//!   arrive.
+//!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
 //! it with the same key. (a) and (b) never resend a committed event.
@@ -345,6 +348,10 @@ impl Harness {
     fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.stderr.clone()
     }
 
     fn log_text(&self) -> String {
@@ -703,6 +710,48 @@ async fn d_a_killed_forwarder_delivers_its_spool_after_restart() {
         Some("the event in flight when the process was killed may have been committed"),
     );
     assert_eq!(spool_files(&site), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_a_full_spool_drops_the_oldest_and_says_so() {
+    const SENT: usize = 50;
+    const KEPT: usize = 20;
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let expected_path = site.path("expected.tsv");
+    // One Keyfactor thread, so that "oldest" is "lowest index".
+    let kept = KEPT.to_string();
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--threads", "1", "--max-spool-files", &kept],
+    );
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    assert_eq!(
+        spool_files(&site),
+        KEPT,
+        "the spool holds at most its limit"
+    );
+    let _engine = site.start_engine();
+    let log = harness.log_path();
+    harness.wait_success("full spool");
+
+    let dropped = SENT - KEPT;
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("({dropped} dropped since start)")),
+        "the forwarder's log counts the dropped events:\n{log}"
+    );
+    let expected = read_expected(&expected_path);
+    let newest = expected.get(dropped..).unwrap_or_default();
+    assert_delivered_once(&site, newest, None);
 }
 
 // ---------------------------------------------------------------------------------------------
