@@ -1,8 +1,7 @@
 // What runs behind the handler: one per process and spool directory (Unity may build a handler
 // object per resolution, so nothing heavy lives in the handler). Two background threads (besides
 // the process-wide intake thread that feeds them, see Intake.cs):
-// - the spool writer turns queued events into spool files (RunHandler waits for it only up to
-//   its budget);
+// - the spool writer turns queued events into spool files, one write and flush at a time;
 // - the sender posts spooled events to the engine, oldest first, retrying with exponential
 //   backoff and jitter, and deletes each file once the engine has it.
 

@@ -92,11 +92,13 @@ namespace Jobhook.Forwarder
         static readonly AutoResetEvent signal = new AutoResetEvent(false);
         static Thread thread;
         static long dropped;
+        /// <summary>1 while the intake thread holds an event it has taken from the queue.</summary>
+        static int inFlight;
 
-        /// <summary>Events not yet passed on to a runtime.</summary>
+        /// <summary>Events not yet passed on to a runtime (queued, or being serialised).</summary>
         public static int Count
         {
-            get { lock (gate) return queue.Count; }
+            get { lock (gate) return queue.Count + inFlight; }
         }
 
         /// <summary>
@@ -147,8 +149,12 @@ namespace Jobhook.Forwarder
                 {
                     lock (gate)
                     {
+                        inFlight = 0;
                         if (queue.Count > 0)
+                        {
                             next = queue.Dequeue();
+                            inFlight = 1;
+                        }
                     }
                     if (next == null)
                     {
