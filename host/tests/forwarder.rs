@@ -15,7 +15,6 @@
 //!   in drain mode: the spool is delivered, once. (An event handed over but not yet on disk — a
 //!   few milliseconds normally, about 2 s for a burst of 1,000 on a loaded machine — is lost by
 //!   a kill; forwarder/README.md, "Limits".)
-//!
 //! - (e) a full spool drops its oldest events and the forwarder's log counts them; the rest
 //!   arrive.
 //!
@@ -49,10 +48,14 @@ const EVENTS: usize = 1000;
 const FAILURE_EVENTS: usize = 300;
 /// The bearer token the engine is configured with and the forwarder sends.
 const TOKEN: &str = "forwarder-test-token.0123456789";
-/// The forwarder's POST timeout in these tests; the stand-in's stalls outlast it.
-const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
-/// Short backoff so that retries happen within the test's time (production: 1 s .. 60 s).
+/// The forwarder's POST timeout against the real engine: the production default. A commit never
+/// legitimately takes this long, so a slow answer cannot make those cases resend an event.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The forwarder's POST timeout against the misbehaving stand-in, whose stalls outlast it.
+const STANDIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+/// First retry delay, short so that retries happen within the test's time (production: 1 s).
 const INITIAL_BACKOFF_MS: u32 = 20;
+/// Longest retry delay (production: 60 s).
 const MAX_BACKOFF_MS: u32 = 300;
 /// How long a harness may take to deliver everything before the test gives up.
 const DRAIN_SECONDS: u32 = 90;
@@ -136,6 +139,8 @@ fn workspace_root() -> PathBuf {
 struct Site {
     dir: tempfile::TempDir,
     port: u16,
+    /// The forwarder's POST timeout for harnesses run against this site.
+    request_timeout: Duration,
 }
 
 impl Site {
@@ -148,7 +153,11 @@ impl Site {
              [store]\ndata_dir = \"data\"\n"
         );
         std::fs::write(dir.path().join("jobhook.toml"), config).expect("config");
-        Site { dir, port }
+        Site {
+            dir,
+            port,
+            request_timeout: REQUEST_TIMEOUT,
+        }
     }
 
     fn engine_url(&self) -> String {
@@ -245,7 +254,7 @@ impl Harness {
             .arg(site.spool())
             .args([
                 "--timeout-ms",
-                &REQUEST_TIMEOUT.as_millis().to_string(),
+                &site.request_timeout.as_millis().to_string(),
                 "--initial-backoff-ms",
                 &INITIAL_BACKOFF_MS.to_string(),
                 "--max-backoff-ms",
@@ -646,7 +655,8 @@ async fn c_a_misbehaving_engine_costs_retries_not_events() {
         return;
     };
     let _serial = SERIAL.lock().await;
-    let site = Site::new();
+    let mut site = Site::new();
+    site.request_timeout = STANDIN_REQUEST_TIMEOUT;
     let engine = site.start_engine();
     let standin = Standin::start(engine.url.clone()).await;
     let expected_path = site.path("expected.tsv");
@@ -923,7 +933,7 @@ async fn serve_connection(
             }
             Behaviour::StallAfter => {
                 forward(&client, &engine_url, &request).await;
-                tokio::time::sleep(REQUEST_TIMEOUT * 2).await;
+                tokio::time::sleep(STANDIN_REQUEST_TIMEOUT * 2).await;
                 return;
             }
             Behaviour::Error503After => {
@@ -931,7 +941,7 @@ async fn serve_connection(
                 respond(&mut socket, 503, b"{\"error\":\"overloaded\"}").await
             }
             Behaviour::Slow => {
-                tokio::time::sleep(REQUEST_TIMEOUT / 3).await;
+                tokio::time::sleep(STANDIN_REQUEST_TIMEOUT / 3).await;
                 let (status, body) = forward(&client, &engine_url, &request).await;
                 respond(&mut socket, status, &body).await
             }
