@@ -104,21 +104,22 @@ namespace Jobhook.Forwarder
                     switch (verdict)
                     {
                         case Verdict.Delivered:
-                            spool.Delete(next.Name);
+                            // Counted before the file goes, so "nothing pending" implies "counted".
                             Interlocked.Increment(ref counters.Delivered);
+                            spool.Delete(next.Name);
                             Recovered();
                             log.Debug("delivered event " + next.Key + ": " + detail);
                             break;
                         case Verdict.Conflict:
-                            spool.Delete(next.Name);
                             Interlocked.Increment(ref counters.Conflicts);
+                            spool.Delete(next.Name);
                             Recovered();
                             log.Warn("the engine already holds a different event with key " + next.Key
                                      + " (409); this one is not resent: " + detail);
                             break;
                         case Verdict.Rejected:
-                            spool.Reject(next.Name, "the engine refused it: " + detail);
                             Interlocked.Increment(ref counters.Rejected);
+                            spool.Reject(next.Name, "the engine refused it: " + detail);
                             Recovered();
                             break;
                         default:
