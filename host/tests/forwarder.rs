@@ -759,9 +759,25 @@ async fn e_a_full_spool_drops_the_oldest_and_says_so() {
         log.contains(&format!("({dropped} dropped since start)")),
         "the forwarder's log counts the dropped events:\n{log}"
     );
-    let expected = read_expected(&expected_path);
-    let newest = expected.get(dropped..).unwrap_or_default();
-    assert_delivered_once(&site, newest, None);
+    // The newest KEPT arrive. A dropped event may arrive too if the sender was already posting
+    // it when the spool dropped its file (one at most: it sends one at a time) — seen when
+    // Mono's first request took longer than the engine's start.
+    let mut expected = read_expected(&expected_path);
+    let stored: HashSet<Uuid> = site.stored_events().iter().map(|(_, c)| c.job_id).collect();
+    let mut arrived_anyway = Vec::new();
+    let newest = expected.split_off(dropped);
+    for event in expected {
+        if stored.contains(&event.context.job_id) {
+            arrived_anyway.push(event);
+        }
+    }
+    assert!(
+        arrived_anyway.len() <= 1,
+        "{} dropped events arrived; only one in flight may",
+        arrived_anyway.len()
+    );
+    arrived_anyway.extend(newest);
+    assert_delivered_once(&site, &arrived_anyway, None);
 }
 
 // ---------------------------------------------------------------------------------------------
