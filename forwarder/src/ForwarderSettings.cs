@@ -41,6 +41,11 @@ namespace Jobhook.Forwarder
         public const int MaxMilliseconds = 24 * 60 * 60 * 1000;
         /// <summary>Longest accepted URL or token, in characters; real ones are far shorter.</summary>
         public const int MaxTextLength = 4096;
+        /// <summary>
+        /// Longest forwarder name, in characters: the engine shows it per forwarder and refuses
+        /// longer names, so it is cut here rather than sent.
+        /// </summary>
+        public const int MaxNameLength = 64;
 
         /// <summary>The endpoint events are posted to: EngineUrl + /v1/job-complete. Null if unusable.</summary>
         public Uri JobCompleteUrl { get; private set; }
@@ -66,6 +71,11 @@ namespace Jobhook.Forwarder
         public bool UseProxy { get; private set; }
         /// <summary>Whether to log per-event lines.</summary>
         public bool DebugLog { get; private set; }
+        /// <summary>
+        /// The name the engine shows for this forwarder (GET /v1/forwarders): the option
+        /// ForwarderName, or the machine name; visible ASCII only.
+        /// </summary>
+        public string ForwarderName { get; private set; }
         /// <summary>Every problem found, for the log (nothing here is secret).</summary>
         public IList<string> Problems { get; private set; }
 
@@ -97,7 +107,31 @@ namespace Jobhook.Forwarder
             s.TrustedCaFile = string.IsNullOrWhiteSpace(options.TrustedCaFile) ? null : options.TrustedCaFile.Trim();
             s.UseProxy = ParseBool("UseProxy", options.UseProxy, s.Problems);
             s.DebugLog = ParseBool("DebugLog", options.DebugLog, s.Problems);
+            s.ForwarderName = ParseName(options.ForwarderName, s.Problems);
             return s;
+        }
+
+        static string ParseName(string text, IList<string> problems)
+        {
+            string name = text;
+            if (string.IsNullOrWhiteSpace(name))
+            {
+                try { name = Environment.MachineName; } catch { name = null; }
+            }
+            var clean = new System.Text.StringBuilder();
+            foreach (var c in (name ?? "").Trim())
+            {
+                if (clean.Length >= MaxNameLength) break;
+                clean.Append(c > ' ' && c < 0x7f ? c : '_');
+            }
+            if (clean.Length == 0)
+            {
+                problems.Add("ForwarderName is empty and the machine name is unknown; using \"forwarder\"");
+                return "forwarder";
+            }
+            if (text != null && clean.ToString() != text.Trim())
+                problems.Add("ForwarderName was cut to " + MaxNameLength + " visible ASCII characters: " + clean);
+            return clean.ToString();
         }
 
         static Uri ParseUrl(string text, IList<string> problems)

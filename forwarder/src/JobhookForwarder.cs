@@ -122,6 +122,8 @@ namespace Jobhook.Forwarder
         public string UseProxy { get { return options.UseProxy; } set { options.UseProxy = value; } }
         /// <summary>See <see cref="Options.DebugLog"/>.</summary>
         public string DebugLog { get { return options.DebugLog; } set { options.DebugLog = value; } }
+        /// <summary>The name the engine shows for this forwarder (default: the machine name).</summary>
+        public string ForwarderName { get { return options.ForwarderName; } set { options.ForwarderName = value; } }
 #endif
 
         /// <summary>
@@ -245,6 +247,11 @@ namespace Jobhook.Forwarder
             public string UseProxy { get; set; }
             /// <summary>"true" to log one line per event queued and delivered.</summary>
             public string DebugLog { get; set; }
+            /// <summary>
+            /// The name the engine shows for this forwarder in GET /v1/forwarders (default: the
+            /// machine name), sent as X-Jobhook-Forwarder.
+            /// </summary>
+            public string ForwarderName { get; set; }
         }
     }
 }

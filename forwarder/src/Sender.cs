@@ -41,6 +41,9 @@ namespace Jobhook.Forwarder
         /// <summary>The header that carries the idempotency key.</summary>
         public const string IdempotencyKeyHeader = "Idempotency-Key";
 
+        /// <summary>The header that names this forwarder, so the engine can show when it last delivered.</summary>
+        public const string ForwarderNameHeader = "X-Jobhook-Forwarder";
+
         enum Verdict { Delivered, Conflict, Rejected, Retry }
 
         readonly ForwarderSettings settings;
@@ -178,6 +181,7 @@ namespace Jobhook.Forwarder
                 request.Content = content;
                 request.Headers.ExpectContinue = false; // one round trip, not two
                 request.Headers.TryAddWithoutValidation(IdempotencyKeyHeader, spooled.Key);
+                request.Headers.TryAddWithoutValidation(ForwarderNameHeader, settings.ForwarderName);
                 if (settings.BearerToken != null)
                     request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", settings.BearerToken);
                 using (var response = await client.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, cancel).ConfigureAwait(false))
