@@ -613,53 +613,98 @@ pub const FORWARDER_ASSEMBLY: &str = "Jobhook.Forwarder";
 pub const FORWARDER_NAME: &str = "JobhookForwarder";
 
 /// One property of the C# forwarder: the contract between `forwarder-config` and the
-/// forwarder (its public properties for Unity, its `Options` members for the manifest).
+/// forwarder (`forwarder/src/JobhookForwarder.cs`: its public properties for Unity, its nested
+/// `Options` members for the manifest).
 #[derive(Debug, Clone, Copy)]
 pub struct ForwarderProperty {
     /// The property name, exactly as the forwarder declares it.
     pub name: &'static str,
     /// What it is for (printed as a comment in web.config).
     pub doc: &'static str,
+    /// The value printed when the jobhook configuration does not decide it: the forwarder's
+    /// own default (empty: the forwarder picks it).
+    pub default: &'static str,
 }
 
-/// The forwarder's properties, in the order they are printed. Adjust here when the forwarder's
+/// The forwarder's properties, in the order they are printed. `JobTypes`, `EngineUrl`,
+/// `BearerToken` and `TrustedCaFile` come from the jobhook configuration; the others carry the
+/// forwarder's defaults so the operator sees every knob. Adjust here when the forwarder's
 /// contract changes.
 pub const FORWARDER_PROPERTIES: &[ForwarderProperty] = &[
     ForwarderProperty {
         name: "JobTypes",
         doc: "job type GUIDs to forward: every job type a jobhook handler is registered for",
+        default: "",
     },
     ForwarderProperty {
         name: "EngineUrl",
-        doc: "the jobhook engine's base URL",
+        doc: "the jobhook engine's base URL (events go to EngineUrl/v1/job-complete)",
+        default: "",
     },
     ForwarderProperty {
         name: "BearerToken",
-        doc: "one of the engine's [server] tokens (replace the placeholder)",
-    },
-    ForwarderProperty {
-        name: "RequestTimeoutMs",
-        doc: "how long one POST to the engine may take",
+        doc: "one of the engine's [server] tokens (replace the placeholder; empty: none)",
+        default: "",
     },
     ForwarderProperty {
         name: "SpoolDirectory",
-        doc: "where events wait while the engine is unreachable",
+        doc: "where events wait for delivery; one directory per registration",
+        default: r"C:\ProgramData\Jobhook\Forwarder\spool",
+    },
+    ForwarderProperty {
+        name: "RequestTimeoutMs",
+        doc: "timeout of one POST to the engine, in ms",
+        default: "10000",
+    },
+    ForwarderProperty {
+        name: "InitialBackoffMs",
+        doc: "first retry delay after a failed POST, in ms; doubled per failure",
+        default: "1000",
+    },
+    ForwarderProperty {
+        name: "MaxBackoffMs",
+        doc: "longest retry delay, in ms",
+        default: "60000",
     },
     ForwarderProperty {
         name: "MaxSpoolFiles",
-        doc: "spooled events kept at most",
+        doc: "most events kept in the spool; the oldest are dropped beyond it",
+        default: "100000",
     },
     ForwarderProperty {
-        name: "CaCertificateFile",
-        doc: "PEM CA certificate to trust for the engine's TLS certificate (empty: the system's)",
+        name: "MaxSpoolBytes",
+        doc: "most bytes kept in the spool; the oldest are dropped beyond it",
+        default: "268435456",
+    },
+    ForwarderProperty {
+        name: "MaxQueuedEvents",
+        doc: "most events waiting in memory for their spool file",
+        default: "10000",
+    },
+    ForwarderProperty {
+        name: "TrustedCaFile",
+        doc: "a CA certificate (PEM or DER) to trust for an https:// engine, besides the system store",
+        default: "",
+    },
+    ForwarderProperty {
+        name: "UseProxy",
+        doc: "true to reach the engine through the system proxy",
+        default: "false",
+    },
+    ForwarderProperty {
+        name: "DebugLog",
+        doc: "true to log one line per event queued and delivered",
+        default: "false",
+    },
+    ForwarderProperty {
+        name: "ForwarderName",
+        doc: "the name GET /v1/forwarders shows for this forwarder (empty: the machine name)",
+        default: "",
     },
 ];
 
-/// The forwarder's defaults for what a jobhook configuration does not say.
-const FORWARDER_TIMEOUT_MS: &str = "5000";
-const FORWARDER_SPOOL_DIRECTORY: &str = r"C:\ProgramData\Jobhook\spool";
-const FORWARDER_MAX_SPOOL_FILES: &str = "10000";
-const FORWARDER_CA_PLACEHOLDER: &str = r"C:\ProgramData\Jobhook\engine-ca.pem";
+/// Where `TrustedCaFile` points when the engine serves TLS: a placeholder for the operator.
+const FORWARDER_CA_PLACEHOLDER: &str = r"C:\ProgramData\Jobhook\Forwarder\engine-ca.pem";
 /// What `BearerToken` says when tokens are configured: never a resolved secret.
 pub const TOKEN_PLACEHOLDER: &str = "REPLACE-WITH-ONE-OF-THE-ENGINE-TOKENS";
 
@@ -741,7 +786,7 @@ pub fn forwarder_values(
     };
     let ca = if tls {
         warnings.push(format!(
-            "CaCertificateFile is {FORWARDER_CA_PLACEHOLDER}: copy the CA that signed the \
+            "TrustedCaFile is {FORWARDER_CA_PLACEHOLDER}: copy the CA that signed the \
              engine's certificate there (or leave it empty if the system trusts it)"
         ));
         FORWARDER_CA_PLACEHOLDER.to_owned()
@@ -767,11 +812,8 @@ pub fn forwarder_values(
                 "JobTypes" => job_types.clone(),
                 "EngineUrl" => url.clone(),
                 "BearerToken" => token.clone(),
-                "RequestTimeoutMs" => FORWARDER_TIMEOUT_MS.to_owned(),
-                "SpoolDirectory" => FORWARDER_SPOOL_DIRECTORY.to_owned(),
-                "MaxSpoolFiles" => FORWARDER_MAX_SPOOL_FILES.to_owned(),
-                "CaCertificateFile" => ca.clone(),
-                _ => String::new(),
+                "TrustedCaFile" => ca.clone(),
+                _ => p.default.to_owned(),
             };
             (p.name, value)
         })
