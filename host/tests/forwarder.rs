@@ -557,6 +557,27 @@ async fn assert_api_agrees(engine: &EngineProcess, site: &Site) {
     }
 }
 
+/// The engine lists the forwarder (named by `X-Jobhook-Forwarder`, the machine name by default)
+/// with every event it accepted from it.
+async fn assert_forwarder_listed(engine: &EngineProcess, accepted: usize) {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/forwarders", engine.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET forwarders");
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.expect("forwarders body");
+    let body: serde_json::Value = serde_json::from_str(&text).expect("forwarders JSON");
+    let list = body["forwarders"].as_array().expect("a list");
+    assert_eq!(list.len(), 1, "one forwarder machine: {body}");
+    assert!(
+        list[0]["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{body}"
+    );
+    assert_eq!(list[0]["accepted"], accepted as u64, "{body}");
+}
+
 fn spool_files(site: &Site) -> usize {
     std::fs::read_dir(site.spool())
         .map(|d| {
@@ -611,6 +632,7 @@ async fn a_every_context_arrives_as_one_event_with_the_same_fields() {
 
     assert_delivered_once(&site, &expected, None);
     assert_api_agrees(&engine, &site).await;
+    assert_forwarder_listed(&engine, expected.len() - invalid).await;
     assert_eq!(spool_files(&site), 0, "the spool is empty once delivered");
     assert_eq!(
         rejected_files(&site),
