@@ -62,11 +62,35 @@ fn history(
         "OperationStart": start,
         "OperationEnd": end,
         "Message": message,
-        "Result": result,
-        "Status": status,
+        "Result": result_number(result),
+        "Status": status_number(status),
         "StorePath": store_path,
         "ClientMachine": client_machine,
     })
+}
+
+/// JobHistory `Result` as the API returns it (`reference/keyfactor.md` §3.1: 4 Failure,
+/// 3 Warning, 2 Success, 0 Unknown).
+pub fn result_number(name: &str) -> i64 {
+    match name {
+        "Success" => 2,
+        "Warning" => 3,
+        "Failure" => 4,
+        _ => 0,
+    }
+}
+
+/// JobHistory `Status` as the API returns it (§3.1: 0 Unknown, 1 Waiting, 2 InProcess,
+/// 3 Completed, 4 Acknowledged, 5 CompletedWillRetry).
+pub fn status_number(name: &str) -> i64 {
+    match name {
+        "Waiting" => 1,
+        "InProcess" => 2,
+        "Completed" => 3,
+        "Acknowledged" => 4,
+        "CompletedWillRetry" => 5,
+        _ => 0,
+    }
 }
 
 impl Dataset {
