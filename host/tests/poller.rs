@@ -415,3 +415,180 @@ async fn an_unreadable_cursor_is_an_error_not_a_restart_from_scratch() {
     assert!(error.contains("cursor"), "{error}");
     assert_eq!(f.events(), 0);
 }
+
+/// A failing recurring job: `count` runs, each failed and rescheduled by Command (Status 5,
+/// CompletedWillRetry), except the last, which failed for good (Status 3).
+fn failing_runs(first_id: i64, count: i64, started: chrono::DateTime<Utc>) -> Vec<Value> {
+    (0..count)
+        .map(|n| {
+            let status = if n + 1 == count {
+                "Completed"
+            } else {
+                "CompletedWillRetry"
+            };
+            let mut r = row(
+                first_id + n,
+                status,
+                "Failure",
+                started + Age::minutes(n * 5),
+            );
+            r["JobId"] = json!("7a07f123-8d4e-4c5b-9f60-1b2c3d4e5f60");
+            r["JobType"] = json!("PEMInventory");
+            r["Message"] = json!("Unable to open the store file: permission denied");
+            r
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn retries_agent_and_request_time_come_from_the_api_and_the_mail_example_fires() {
+    use jobhook::capabilities::Grants;
+    use jobhook::capabilities::mail::{MailConfig, MailGrant, MailTransport};
+    use jobhook::capabilities::properties::Properties;
+
+    let started = Utc::now() - Age::minutes(30);
+    let s = standin(failing_runs(500, 3, started)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn EventStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("data")).expect("store"));
+    let outbox = dir.path().join("outbox");
+    let services = Services {
+        mail: Some(Arc::new(
+            MailTransport::from_config(
+                &MailConfig::outbox("jobhook@example.com", &outbox).expect("mail config"),
+                dir.path(),
+            )
+            .expect("transport"),
+        )),
+        ..Services::default()
+    };
+    let engine = Engine::new(2).expect("engine");
+    let mut spec = SandboxSpec::new("mailer");
+    spec.properties = Properties::new(
+        [
+            ("RetryThreshold", "1"),
+            ("EmailRecipients", "pki-team@example.com"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect::<BTreeMap<_, _>>(),
+    );
+    spec.grants = Grants {
+        mail: Some(MailGrant::to(&["pki-team@example.com"]).expect("grant")),
+        ..Grants::default()
+    };
+    let handler = SandboxedHandler::load(
+        &engine,
+        &services,
+        guest_bytes("repeated-failure-email"),
+        spec,
+        &LoadOptions::default(),
+    )
+    .await
+    .expect("load");
+    let config = jobhook::app::config::Config::parse(
+        &format!(
+            "[[handlers]]\nname = \"mailer\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
+            jobhook_testkit::guest("repeated-failure-email").display()
+        ),
+        &dir.path().join("jobhook.toml"),
+    )
+    .expect("config");
+    let registry = Registry::new([Arc::new(RegisteredHandler::new(
+        config.handlers[0].clone(),
+        handler,
+        config.quarantine.clone(),
+    ))]);
+    let dispatcher = Dispatcher::new(Arc::clone(&store), registry, Arc::new(Metrics::new()), 2);
+    let poller = Poller::new(
+        config_of(10),
+        client(&s, &dir.path().join("pw"), &s.credentials().password),
+        Arc::clone(&store),
+        Arc::clone(&dispatcher),
+    )
+    .expect("poller");
+    assert_eq!(poller.poll_once().await.expect("poll").events, 3);
+
+    // The contexts as stored: retries 0, 1, 2; AgentId and Username from GET /Agents; the
+    // request time of a retry is the first run's start.
+    let db = rusqlite::Connection::open(
+        dir.path()
+            .join("data")
+            .join(jobhook::queue::store::sqlite::DATABASE_FILE),
+    )
+    .expect("open the database");
+    let mut contexts: Vec<Value> = db
+        .prepare("SELECT context FROM events")
+        .expect("query")
+        .query_map([], |r| r.get::<_, String>(0))
+        .expect("rows")
+        .map(|t| serde_json::from_str(&t.expect("row")).expect("JSON"))
+        .collect();
+    drop(db);
+    contexts.sort_by_key(|c| c["CurrentRetryCount"].as_i64());
+    let retries: Vec<i64> = contexts
+        .iter()
+        .map(|c| c["CurrentRetryCount"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(retries, [0, 1, 2]);
+    for c in &contexts {
+        assert_eq!(
+            c["AgentId"],
+            json!(jobhook_testkit::standin::data::AGENT_ID),
+            "{c}"
+        );
+        assert_eq!(c["Username"], json!("KFTRAIN\\SVC_Orchestrator"), "{c}");
+        assert_eq!(
+            c["RequestTimestamp"].as_str().map(|t| t.get(..16)),
+            Some(Some(started.format("%Y-%m-%dT%H:%M").to_string().as_str())),
+            "{c}"
+        );
+    }
+    assert!(
+        s.api_requests()
+            .iter()
+            .any(|r| r.path == "/KeyfactorAPI/Agents"),
+        "GET /Agents was asked"
+    );
+    let agent_reads = s
+        .api_requests()
+        .iter()
+        .filter(|r| r.path == "/KeyfactorAPI/Agents")
+        .count();
+    assert_eq!(agent_reads, 1, "the agent list is cached");
+
+    // The example mails for the runs with CurrentRetryCount >= 1: two mails.
+    let running = tokio::spawn(Arc::clone(&dispatcher).run(std::time::Duration::from_secs(5)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mails = loop {
+        let mails: Vec<_> = std::fs::read_dir(&outbox)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if mails.len() >= 2 || std::time::Instant::now() > deadline {
+            break mails;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    dispatcher.stop();
+    let _ = running.await;
+    let mails: Vec<_> = std::fs::read_dir(&outbox)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or(mails);
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    let texts: Vec<String> = mails
+        .iter()
+        .map(|m| std::fs::read_to_string(m).expect("mail"))
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .all(|t| t.contains("Subject: Orchestrator PEMInventory Job Failed")),
+        "{texts:?}"
+    );
+    assert!(texts.iter().any(|t| t.contains("Retries: 2")), "{texts:?}");
+}
+
+fn config_of(page_size: u32) -> PollerConfig {
+    config(page_size, true)
+}

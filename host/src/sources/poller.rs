@@ -15,26 +15,26 @@
 //! completes cannot stall the poller. API errors back off exponentially. With several engine
 //! nodes on one shared store, only the node holding the store's `poller` leadership polls.
 //!
-//! How the context is filled from a JobHistory row (the row has fewer fields than the context a
-//! Keyfactor extension receives):
+//! How the context is filled (a JobHistory row has fewer fields than the context a Keyfactor
+//! extension receives; README "JobHistory poller" says what stays approximate):
 //!
-//! | context field      | from the row                                                      |
+//! | context field      | from                                                              |
 //! |--------------------|-------------------------------------------------------------------|
-//! | AgentId            | `AgentId` when present, otherwise the nil GUID                    |
-//! | Username           | `Username` when present, otherwise empty                          |
+//! | AgentId            | `GET /Agents`: the agent whose `ClientMachine` is the row's `AgentMachine` (cached, [`AGENT_CACHE_TTL`]); nil when unknown or unreadable |
+//! | Username           | that agent's `Username`, otherwise empty                          |
 //! | ClientMachine      | `AgentMachine` (the orchestrator's name), else `ClientMachine`    |
-//! | JobResult          | `Result` (name or number)                                         |
+//! | JobResult          | `Result` (number or name)                                         |
 //! | JobId              | `JobId`                                                           |
 //! | JobType            | `JobType`                                                         |
-//! | JobTypeId          | `JobTypeId` when present, else `[poller.job_types]` by `JobType`, else nil |
-//! | OperationType      | `OperationType` when present, otherwise Unknown                   |
-//! | CertificateId      | `CertificateId` when present, otherwise empty                     |
-//! | RequestTimestamp   | `OperationStart`                                                  |
-//! | CurrentRetryCount  | `CurrentRetryCount` when present, otherwise 0                     |
+//! | JobTypeId          | `[poller.job_types]` by `JobType`, else nil                       |
+//! | OperationType      | from the `JobType` name ([`operation_type_of`]), else Unknown     |
+//! | CertificateId      | empty (JobHistory does not carry it)                              |
+//! | RequestTimestamp   | `OperationStart` of the first run of the retry chain (this run's when it is not a retry) |
+//! | CurrentRetryCount  | the number of runs of the same `JobId` right before this one that ended `Status` 5, CompletedWillRetry |
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,27 @@ pub const MAX_SEEN: usize = 10_000;
 fn max_pages(page_size: u32) -> u32 {
     u32::try_from(MAX_SEEN).unwrap_or(u32::MAX) / page_size.max(1) + 2
 }
+
+/// Most earlier rows of one job read to count its retries. Keyfactor reschedules a failed job a
+/// handful of times; a longer chain is counted as this many.
+pub const MAX_RETRY_LOOKBACK: usize = 100;
+
+/// How long the orchestrator list from `GET /Agents` is used before it is read again: agents
+/// are registered rarely, and a stale entry only delays a new agent's id by this much.
+pub const AGENT_CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// A machine not in the cached list makes the poller read `GET /Agents` again, at most this
+/// often (a row from an agent registered since the last read).
+pub const AGENT_MISS_REFRESH: Duration = Duration::from_secs(60);
+
+/// Most agents remembered: bounds the cache and the pages read (a large site has hundreds).
+pub const MAX_AGENTS: usize = 10_000;
+
+/// Agents per `GET /Agents` page.
+const AGENT_PAGE: usize = 500;
+
+/// The agents endpoint, relative to the API base.
+const AGENTS: &str = "Agents";
 
 /// The path polled, relative to the API base.
 const JOB_HISTORY: &str = "OrchestratorJobs/JobHistory";
@@ -156,18 +177,20 @@ pub enum PollerSetupError {
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
     /// The Keyfactor API could not be called.
-    #[error("GET {JOB_HISTORY} failed: {0}")]
+    #[error("GET failed: {0}")]
     Call(String),
     /// The Keyfactor API answered with an error status.
-    #[error("GET {JOB_HISTORY} answered {status}: {body}")]
+    #[error("GET {path} answered {status}: {body}")]
     Status {
+        /// The path asked for.
+        path: String,
         /// The HTTP status.
         status: u16,
         /// The start of the body (lossy UTF-8).
         body: String,
     },
     /// The answer is not what the API documents.
-    #[error("GET {JOB_HISTORY} {0}")]
+    #[error("GET {0}")]
     Answer(String),
     /// The store refused the read or the commit.
     #[error("store: {0}")]
@@ -185,6 +208,32 @@ pub enum PollError {
 enum Status {
     Finished,
     Unfinished,
+}
+
+/// JobHistory `Status` 5, CompletedWillRetry (`reference/keyfactor.md` §3.1), by name or number:
+/// the run failed and Command rescheduled it.
+fn will_retry(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.as_i64() == Some(5),
+        Value::String(s) => s.eq_ignore_ascii_case("completedwillretry") || s.trim() == "5",
+        _ => false,
+    }
+}
+
+/// The `OperationType` a Keyfactor extension would receive, as far as the `JobType` name tells:
+/// the context of inventory and reenrollment jobs reports Unknown (the sample handler's traces,
+/// `reference/keyfactor.md` §1.2/§3.2), so those stay Unknown; a management job is Add or
+/// Remove, which JobHistory does not say, so it stays Unknown too; `…Discovery` and
+/// `…FetchLogs` jobs are taken to be Discovery and FetchLogs (not confirmed by a public trace).
+fn operation_type_of(job_type: &str) -> OperationType {
+    let lower = job_type.to_ascii_lowercase();
+    if lower.ends_with("discovery") {
+        OperationType::Discovery
+    } else if lower.ends_with("fetchlogs") {
+        OperationType::FetchLogs
+    } else {
+        OperationType::Unknown
+    }
 }
 
 /// Keyfactor's JobHistory `Status`: 3 Completed, 4 Acknowledged and 5 CompletedWillRetry are
@@ -241,6 +290,7 @@ fn int(row: &Value, key: &str) -> Option<i32> {
 /// Turns a finished JobHistory row into a job context (see the module table).
 fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobContext> {
     let job_type = string(row, "JobType").unwrap_or_default();
+    let derived_operation = operation_type_of(&job_type);
     let job_type_id = guid(row, "JobTypeId")
         .or_else(|| job_types.get(&job_type.to_ascii_lowercase()).copied())
         .unwrap_or(Uuid::nil());
@@ -258,7 +308,7 @@ fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobCont
             Some(Value::Number(n)) => n
                 .as_i64()
                 .map_or(OperationType::Unknown, OperationType::from_number),
-            _ => OperationType::Unknown,
+            _ => derived_operation,
         },
         certificate_id: int(row, "CertificateId"),
         request_timestamp: row
@@ -370,6 +420,33 @@ fn query_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S").to_string()
 }
 
+/// The orchestrators from `GET /Agents`, by `ClientMachine` (lower case): id and identity.
+#[derive(Debug, Default)]
+struct AgentCache {
+    by_machine: HashMap<String, (Uuid, String)>,
+    read_at: Option<Instant>,
+}
+
+impl AgentCache {
+    /// Whether the list should be read again before looking up `machine`.
+    fn stale(&self, machine: &str, now: Instant) -> bool {
+        match self.read_at {
+            None => true,
+            Some(at) => {
+                let age = now.saturating_duration_since(at);
+                age > AGENT_CACHE_TTL
+                    || (!self.by_machine.contains_key(machine) && age > AGENT_MISS_REFRESH)
+            }
+        }
+    }
+}
+
+/// A row handled in this poll, with what the context needs from other rows.
+struct Pending {
+    event: NewEvent,
+    started: Option<DateTime<Utc>>,
+}
+
 /// What one poll did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PollReport {
@@ -389,6 +466,7 @@ pub struct Poller {
     grant: KeyfactorGrant,
     store: Arc<dyn EventStore>,
     dispatcher: Arc<Dispatcher>,
+    agents: Mutex<AgentCache>,
 }
 
 impl Poller {
@@ -400,7 +478,7 @@ impl Poller {
         dispatcher: Arc<Dispatcher>,
     ) -> Result<Self, PollerSetupError> {
         let job_types = config.job_type_ids()?;
-        let grant = KeyfactorGrant::read_only(&["OrchestratorJobs/"])
+        let grant = KeyfactorGrant::read_only(&["OrchestratorJobs/", AGENTS])
             .map_err(|e| PollerSetupError::Grant(e.to_string()))?;
         Ok(Poller {
             config,
@@ -409,6 +487,7 @@ impl Poller {
             grant,
             store,
             dispatcher,
+            agents: Mutex::new(AgentCache::default()),
         })
     }
 
@@ -460,22 +539,31 @@ impl Poller {
     }
 
     async fn get(&self, query: Vec<(String, String)>) -> Result<Vec<Value>, PollError> {
+        self.get_from(JOB_HISTORY, query).await
+    }
+
+    async fn get_from(
+        &self,
+        path: &str,
+        query: Vec<(String, String)>,
+    ) -> Result<Vec<Value>, PollError> {
         let response = self
             .client
             .send(
                 &self.grant,
                 Request {
                     method: Method::Get,
-                    path: JOB_HISTORY.into(),
+                    path: path.into(),
                     query,
                     headers: Vec::new(),
                     body: None,
                 },
             )
             .await
-            .map_err(|e| PollError::Call(format!("{e:?}")))?;
+            .map_err(|e| PollError::Call(format!("{path}: {e:?}")))?;
         if !(200..300).contains(&response.status) {
             return Err(PollError::Status {
+                path: path.to_owned(),
                 status: response.status,
                 body: String::from_utf8_lossy(response.body.get(..500).unwrap_or(&response.body))
                     .into_owned(),
@@ -483,8 +571,12 @@ impl Poller {
         }
         match serde_json::from_slice::<Value>(&response.body) {
             Ok(Value::Array(rows)) => Ok(rows),
-            Ok(_) => Err(PollError::Answer("did not answer a JSON array".into())),
-            Err(e) => Err(PollError::Answer(format!("answered invalid JSON: {e}"))),
+            Ok(_) => Err(PollError::Answer(format!(
+                "{path} did not answer a JSON array"
+            ))),
+            Err(e) => Err(PollError::Answer(format!(
+                "{path} answered invalid JSON: {e}"
+            ))),
         }
     }
 
@@ -575,9 +667,13 @@ impl Poller {
                 break;
             }
         }
-        let count = events.len();
+        let mut complete = Vec::with_capacity(events.len());
+        for pending in events {
+            complete.push(self.complete(pending).await?);
+        }
+        let count = complete.len();
         if cursor != before {
-            self.commit(events, &cursor).await?;
+            self.commit(complete, &cursor).await?;
         }
         Ok(PollReport {
             events: count,
@@ -592,7 +688,7 @@ impl Poller {
         &self,
         rows: &[Value],
         cursor: &mut Cursor,
-        events: &mut Vec<NewEvent>,
+        events: &mut Vec<Pending>,
         now: DateTime<Utc>,
     ) -> bool {
         let registry = self.dispatcher.registry();
@@ -625,11 +721,14 @@ impl Poller {
                 continue;
             }
             match context_of(row, &self.job_types) {
-                Some(context) => events.push(NewEvent {
-                    id: Uuid::new_v4(),
-                    source: "poller".into(),
-                    handlers: registry.route(context.job_type_id),
-                    context,
+                Some(context) => events.push(Pending {
+                    event: NewEvent {
+                        id: Uuid::new_v4(),
+                        source: "poller".into(),
+                        handlers: registry.route(context.job_type_id),
+                        context,
+                    },
+                    started,
                 }),
                 None => tracing::warn!(
                     job_history_id = id,
@@ -639,6 +738,105 @@ impl Poller {
             cursor.record(id, started, now);
         }
         false
+    }
+
+    /// Fills what the row alone does not tell: `CurrentRetryCount` and `RequestTimestamp` from
+    /// the job's earlier rows, `AgentId` and `Username` from `GET /Agents`.
+    async fn complete(&self, pending: Pending) -> Result<NewEvent, PollError> {
+        let Pending { mut event, started } = pending;
+        if let Some(started) = started {
+            let earlier = self
+                .get(vec![
+                    (
+                        "pq.queryString".into(),
+                        format!(
+                            "JobId -eq \"{}\" AND OperationStart -lt \"{}\"",
+                            event.context.job_id,
+                            query_time(started)
+                        ),
+                    ),
+                    ("pq.sortField".into(), "OperationStart".into()),
+                    ("pq.sortAscending".into(), "1".into()),
+                    ("pq.returnLimit".into(), MAX_RETRY_LOOKBACK.to_string()),
+                    ("pq.pageReturned".into(), "1".into()),
+                ])
+                .await?;
+            let (retries, first) = retry_chain(&event.context.job_id, started, &earlier);
+            event.context.current_retry_count = retries;
+            if let Some(first) = first {
+                event.context.request_timestamp = Some(first);
+            }
+        }
+        if event.context.agent_id.is_nil()
+            && let Some((id, username)) = self.agent(&event.context.client_machine).await
+        {
+            event.context.agent_id = id;
+            if event.context.username.is_empty() {
+                event.context.username = username;
+            }
+        }
+        Ok(event)
+    }
+
+    /// The id and identity of the orchestrator named `machine`, from the cached `GET /Agents`
+    /// list (read again when old or when the machine is new). An unreadable list is logged and
+    /// leaves the id empty: the permission for `/Agents` is not needed to poll.
+    async fn agent(&self, machine: &str) -> Option<(Uuid, String)> {
+        let key = machine.to_ascii_lowercase();
+        let stale = match self.agents.lock() {
+            Ok(cache) => cache.stale(&key, Instant::now()),
+            Err(_) => true,
+        };
+        if stale {
+            match self.read_agents().await {
+                Ok(by_machine) => {
+                    if let Ok(mut cache) = self.agents.lock() {
+                        cache.by_machine = by_machine;
+                        cache.read_at = Some(Instant::now());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read the orchestrator list, AgentId stays empty: {e}");
+                    if let Ok(mut cache) = self.agents.lock() {
+                        cache.read_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        self.agents
+            .lock()
+            .ok()
+            .and_then(|cache| cache.by_machine.get(&key).cloned())
+    }
+
+    async fn read_agents(&self) -> Result<HashMap<String, (Uuid, String)>, PollError> {
+        let mut by_machine = HashMap::new();
+        for page in 1..=MAX_AGENTS.div_ceil(AGENT_PAGE) {
+            let rows = self
+                .get_from(
+                    AGENTS,
+                    vec![
+                        ("pq.returnLimit".into(), AGENT_PAGE.to_string()),
+                        ("pq.pageReturned".into(), page.to_string()),
+                    ],
+                )
+                .await?;
+            for agent in &rows {
+                if by_machine.len() >= MAX_AGENTS {
+                    break;
+                }
+                if let (Some(machine), Some(id)) =
+                    (string(agent, "ClientMachine"), guid(agent, "AgentId"))
+                {
+                    let username = string(agent, "Username").unwrap_or_default();
+                    by_machine.insert(machine.to_ascii_lowercase(), (id, username));
+                }
+            }
+            if rows.len() < AGENT_PAGE {
+                break;
+            }
+        }
+        Ok(by_machine)
     }
 
     async fn commit(&self, events: Vec<NewEvent>, cursor: &Cursor) -> Result<(), PollError> {
@@ -654,6 +852,30 @@ impl Poller {
         }
         Ok(())
     }
+}
+
+/// How often the run that started at `started` is a retry: the number of runs of the same job
+/// right before it (newest first in `earlier`) that ended CompletedWillRetry; and when it is a
+/// retry, the start of the first run of that chain (when the job was originally run).
+fn retry_chain(
+    job_id: &Uuid,
+    started: DateTime<Utc>,
+    earlier: &[Value],
+) -> (i32, Option<DateTime<Utc>>) {
+    let mut count: i32 = 0;
+    let mut first = None;
+    for row in earlier {
+        if guid(row, "JobId").as_ref() != Some(job_id) || start_of(row).is_none_or(|s| s >= started)
+        {
+            continue;
+        }
+        if !will_retry(row.get("Status").unwrap_or(&Value::Null)) {
+            break;
+        }
+        count = count.saturating_add(1);
+        first = start_of(row);
+    }
+    (count, first)
 }
 
 /// A row's `OperationStart`.
