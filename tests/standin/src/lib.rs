@@ -8,6 +8,8 @@
 //! |---|---|
 //! | `GET OrchestratorJobs/JobHistory` | paging, sorting and `pq.queryString` on the documented fields only ([`query`]) |
 //! | `GET Agents` | every agent, paged |
+//! | `GET CertificateStoreTypes`, `GET CertificateStoreTypes/Name/{name}` | store types with their job-type GUIDs |
+//! | `GET JobTypes/Custom` | custom job types |
 //! | `GET Certificates/{id}`, `GET Agents/{id}`, `GET CertificateStores/{id}` | seeded objects ([`data`]) |
 //! | `GET Status/Endpoints` | the endpoint list clients use as an auth probe |
 //! | `ANY _Test/Echo` | echoes the request, credentials included (for hostile tests) |
@@ -397,7 +399,25 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
                 ),
             }
         }
-        (&Method::GET, ["agents"]) => agents(&state.config.data.agents, &pairs),
+        (&Method::GET, ["agents"]) => paged(&state.config.data.agents, &pairs),
+        (&Method::GET, ["certificatestoretypes"]) => paged(&state.config.data.store_types, &pairs),
+        (&Method::GET, ["certificatestoretypes", "name", name]) => {
+            match state.config.data.store_types.iter().find(|t| {
+                t["ShortName"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            }) {
+                Some(t) => json_response(t.clone()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "0xA0010404",
+                    format!("Certificate store type with name {name} does not exist."),
+                ),
+            }
+        }
+        (&Method::GET, ["jobtypes", "custom"]) => {
+            paged(&state.config.data.custom_job_types, &pairs)
+        }
         (&Method::GET, ["agents", id]) => {
             by_guid(&state.config.data.agents, "AgentId", id, "Agent")
         }
@@ -408,6 +428,9 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             "GET /OrchestratorJobs/JobHistory",
             "GET /Certificates/{id}",
             "GET /Agents",
+            "GET /CertificateStoreTypes",
+            "GET /CertificateStoreTypes/Name/{name}",
+            "GET /JobTypes/Custom",
             "GET /Agents/{id}",
             "GET /CertificateStores/{id}",
             "GET /Status/Endpoints"
@@ -438,9 +461,9 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
     }
 }
 
-/// `GET /Agents`: every agent, paged by `pq.pageReturned`/`pq.returnLimit` (defaults 1 and 50,
+/// `GET /Agents` (and the other plain lists): every item, paged by `pq.pageReturned`/`pq.returnLimit` (defaults 1 and 50,
 /// as for every Keyfactor list).
-fn agents(items: &[Value], pairs: &[(String, String)]) -> Response {
+fn paged(items: &[Value], pairs: &[(String, String)]) -> Response {
     let number = |name: &str, default: usize| -> Result<usize, String> {
         match pairs.iter().find(|(k, _)| {
             let k = k.to_ascii_lowercase();
