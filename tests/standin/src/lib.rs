@@ -6,7 +6,10 @@
 //!
 //! | endpoint | |
 //! |---|---|
-//! | `GET OrchestratorJobs/JobHistory` | paging, sorting and a `pq.queryString` subset ([`query`]) |
+//! | `GET OrchestratorJobs/JobHistory` | paging, sorting and `pq.queryString` on the documented fields only ([`query`]) |
+//! | `GET Agents` | every agent, paged |
+//! | `GET CertificateStoreTypes`, `GET CertificateStoreTypes/Name/{name}` | store types with their job-type GUIDs |
+//! | `GET JobTypes/Custom` | custom job types |
 //! | `GET Certificates/{id}`, `GET Agents/{id}`, `GET CertificateStores/{id}` | seeded objects ([`data`]) |
 //! | `GET Status/Endpoints` | the endpoint list clients use as an auth probe |
 //! | `ANY _Test/Echo` | echoes the request, credentials included (for hostile tests) |
@@ -373,7 +376,7 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
     match (&parts.method, segs.as_slice()) {
         (&Method::GET, ["orchestratorjobs", "jobhistory"]) => {
             match query::Query::from_pairs(&pairs)
-                .and_then(|q| q.apply(&state.config.data.job_history))
+                .map(|q| q.apply(&state.config.data.job_history, &state.config.data.agents))
             {
                 Ok(rows) => json_response(Value::Array(rows)),
                 Err(message) => error(StatusCode::BAD_REQUEST, "0xA0010400", message),
@@ -397,6 +400,25 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
                 ),
             }
         }
+        (&Method::GET, ["agents"]) => paged(&state.config.data.agents, &pairs),
+        (&Method::GET, ["certificatestoretypes"]) => paged(&state.config.data.store_types, &pairs),
+        (&Method::GET, ["certificatestoretypes", "name", name]) => {
+            match state.config.data.store_types.iter().find(|t| {
+                t["ShortName"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            }) {
+                Some(t) => json_response(t.clone()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "0xA0010404",
+                    format!("Certificate store type with name {name} does not exist."),
+                ),
+            }
+        }
+        (&Method::GET, ["jobtypes", "custom"]) => {
+            paged(&state.config.data.custom_job_types, &pairs)
+        }
         (&Method::GET, ["agents", id]) => {
             by_guid(&state.config.data.agents, "AgentId", id, "Agent")
         }
@@ -406,6 +428,10 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
         (&Method::GET, ["status", "endpoints"]) => json_response(json!([
             "GET /OrchestratorJobs/JobHistory",
             "GET /Certificates/{id}",
+            "GET /Agents",
+            "GET /CertificateStoreTypes",
+            "GET /CertificateStoreTypes/Name/{name}",
+            "GET /JobTypes/Custom",
             "GET /Agents/{id}",
             "GET /CertificateStores/{id}",
             "GET /Status/Endpoints"
@@ -435,6 +461,38 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             format!("No endpoint matches {} {}.", parts.method, recorded.path),
         ),
     }
+}
+
+/// `GET /Agents` (and the other plain lists): every item, paged by `pq.pageReturned`/`pq.returnLimit` (defaults 1 and 50,
+/// as for every Keyfactor list).
+fn paged(items: &[Value], pairs: &[(String, String)]) -> Response {
+    let number = |name: &str, default: usize| -> Result<usize, String> {
+        match pairs.iter().find(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            k.strip_prefix("pq.").unwrap_or(&k) == name
+        }) {
+            None => Ok(default),
+            Some((_, v)) => match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("The value '{v}' is not valid for {name}.")),
+            },
+        }
+    };
+    let (page, limit) = match (
+        number("pagereturned", 1),
+        number("returnlimit", query::DEFAULT_RETURN_LIMIT),
+    ) {
+        (Ok(p), Ok(l)) => (p, l.min(query::MAX_RETURN_LIMIT)),
+        (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, "0xA0010400", m),
+    };
+    json_response(Value::Array(
+        items
+            .iter()
+            .skip((page - 1).saturating_mul(limit))
+            .take(limit)
+            .cloned()
+            .collect(),
+    ))
 }
 
 fn by_guid(items: &[Value], key: &str, id: &str, what: &str) -> Response {
