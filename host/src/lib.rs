@@ -27,7 +27,8 @@
 //! - [`app`]: the process edge — configuration file, `jobhook serve`, the CLI and its dev tools;
 //! - shared vocabulary at the top: [`context`] (the job context and its decoding), [`outcome`]
 //!   (the record of one invocation), [`limits`] (per-handler budgets), [`secret`] (secrets by
-//!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types).
+//!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types), [`escape`] (guest and
+//!   configuration text made safe to print).
 
 #![deny(missing_docs)]
 
@@ -36,6 +37,7 @@ pub mod bindings;
 pub mod capabilities;
 pub mod context;
 pub mod duration_ms;
+pub mod escape;
 pub mod limits;
 pub mod metrics;
 pub mod outcome;
