@@ -4,7 +4,6 @@
 //! number that the handler saw.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use jobhook_testkit::engine::{EngineProcess, free_port};
@@ -60,22 +59,7 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
 
     let engine = EngineProcess::start(bin, &config, &log);
     let url = engine.url.clone();
-    let driver = Command::new(bin)
-        .args([
-            "load",
-            "--url",
-            &url,
-            "--rate",
-            "150",
-            "--seconds",
-            "5",
-            "--record",
-        ])
-        .arg(&record)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the load driver");
+    let driver = load_driver(&url, 150, 5.0, &record, 1);
 
     let mut engine = Some(engine);
     for round in 0..KILLS {
@@ -86,8 +70,7 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
         std::thread::sleep(Duration::from_millis(100));
         engine = Some(EngineProcess::start(bin, &config, &log));
     }
-    let output = driver.wait_with_output().expect("load driver");
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report = driver.join().expect("load driver");
     let engine = engine.expect("engine running");
 
     let accepted: Vec<String> = std::fs::read_to_string(&record)
@@ -110,4 +93,34 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
 
 fn config_text(port: u16) -> String {
     config_template(port)
+}
+
+/// A load driver (`jobhook-dev load`'s, `jobhook_dev::loadgen`) on a thread of its own, posting
+/// to `url` and recording accepted event ids in `record`; joining it gives its report.
+fn load_driver(
+    url: &str,
+    rate: u32,
+    seconds: f64,
+    record: &Path,
+    seed: u64,
+) -> std::thread::JoinHandle<String> {
+    let options = jobhook_dev::loadgen::LoadOptions {
+        url: url.to_owned(),
+        rate,
+        duration: Duration::from_secs_f64(seconds),
+        token: None,
+        record: Some(record.to_owned()),
+        seed,
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("driver runtime");
+        match runtime.block_on(jobhook_dev::loadgen::run(options)) {
+            Ok(report) => serde_json::to_string(&report).unwrap_or_default(),
+            Err(e) => format!("load driver failed: {e:#}"),
+        }
+    })
 }

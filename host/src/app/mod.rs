@@ -3,11 +3,12 @@
 //! - [`config`]: the TOML configuration file, assembled from the sections each part owns;
 //! - [`server`]: `jobhook serve` — wires the sources, the queue and the runtime together;
 //! - [`cli`]: the `jobhook` command line;
-//! - [`devtools`]: `jobhook run`'s capability flags and the Keyfactor stand-in for authors;
-//! - [`loadgen`]: the `jobhook load` event driver.
+//! - [`devtools`]: `jobhook run`'s capability flags.
+//!
+//! The Keyfactor API stand-in and the load driver are test tooling and live in the author's and
+//! bench tool, `jobhook-dev` (`tools/dev`), not in the operator's binary.
 
 pub mod cli;
 pub mod config;
 pub mod devtools;
-pub mod loadgen;
 pub mod server;
