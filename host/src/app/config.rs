@@ -92,6 +92,11 @@ pub struct ServerConfig {
     /// Graceful shutdown bound, in milliseconds.
     #[serde(rename = "shutdown_grace_ms", with = "crate::duration_ms")]
     pub shutdown_grace: Duration,
+    /// How long an ingest `Idempotency-Key` holds, in milliseconds: a resend with the same key
+    /// within it gets the original event. An API promise to the forwarder, hence here rather
+    /// than under `[store]` (which only keeps the keys).
+    #[serde(rename = "idempotency_retention_ms", with = "crate::duration_ms")]
+    pub idempotency_retention: Duration,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +108,7 @@ impl Default for ServerConfig {
             tokens: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            idempotency_retention: crate::sources::idempotency::DEFAULT_RETENTION,
         }
     }
 }
@@ -311,6 +317,17 @@ impl Validator<'_> {
     fn check_server(&self, server: &ServerConfig) -> Result<(), ConfigError> {
         if server.max_body_bytes < 1024 {
             return Err(self.error(None, "[server] max_body_bytes must be at least 1024"));
+        }
+        use crate::sources::idempotency::{MAX_RETENTION, MIN_RETENTION};
+        if !(MIN_RETENTION..=MAX_RETENTION).contains(&server.idempotency_retention) {
+            return Err(self.error(
+                None,
+                &format!(
+                    "[server] idempotency_retention_ms must be between {} and {}",
+                    MIN_RETENTION.as_millis(),
+                    MAX_RETENTION.as_millis()
+                ),
+            ));
         }
         Ok(())
     }
@@ -540,6 +557,35 @@ name = "mail"
 component = "h.wasm"
 job_types = ["*"]
 "#;
+
+    #[test]
+    fn idempotency_retention_has_a_default_and_bounds() {
+        use crate::sources::idempotency::DEFAULT_RETENTION;
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.server.idempotency_retention, DEFAULT_RETENTION);
+        let day = f
+            .parse(&format!(
+                "[server]\nidempotency_retention_ms = 86400000\n{MINIMAL}"
+            ))
+            .unwrap();
+        assert_eq!(
+            day.server.idempotency_retention,
+            Duration::from_secs(86_400)
+        );
+        for bad in ["0", "999", "31708800001"] {
+            let e = f
+                .parse(&format!(
+                    "[server]\nidempotency_retention_ms = {bad}\n{MINIMAL}"
+                ))
+                .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("idempotency_retention_ms must be between"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -21,6 +21,8 @@ use crate::runtime::loader::LoadOptions;
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::SandboxSpec;
 use crate::sources::api::{self, AppState, Reloader};
+use crate::sources::forwarders::Forwarders;
+use crate::sources::idempotency;
 use crate::sources::poller::Poller;
 
 /// The line `serve` prints once it accepts connections; tools and tests wait for it.
@@ -208,6 +210,8 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         tokens: Arc::new(tokens),
         max_body_bytes: config.server.max_body_bytes,
         reload: Arc::clone(&reload),
+        idempotency_retention: config.server.idempotency_retention,
+        forwarders: Arc::new(Forwarders::new()),
     };
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -229,6 +233,11 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
         tokio::spawn(poller.run());
     }
+    // Every node purges: batches are small and skip each other's rows on a shared store.
+    tokio::spawn(idempotency::purge_expired(
+        Arc::clone(&state.store),
+        config.server.idempotency_retention,
+    ));
     spawn_sighup_reload(reload);
     println!("{READY_LINE}{address}");
     tracing::info!(%address, data_dir = %config.store.data_dir.display(), "serving");

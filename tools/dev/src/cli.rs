@@ -63,6 +63,10 @@ struct LoadArgs {
     /// Seed of the event mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Send an Idempotency-Key with every event and resend it (same key, same body) after a
+    /// timeout, a connection error or a 5xx until it gets an answer, as the forwarder does.
+    #[arg(long)]
+    resend: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -128,6 +132,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         token: args.token,
         record: args.record,
         seed: args.seed,
+        resend: args.resend,
     })
     .await?;
     if args.json {
@@ -135,12 +140,14 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     } else {
         let l = &report.latency_ms;
         println!(
-            "sent {} | accepted {} ({:.0}/s) | rejected {} | errors {} | ingest latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+            "sent {} | accepted {} ({:.0}/s) | rejected {} | errors {} | resent {} | unanswered {} | ingest latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
             report.sent,
             report.accepted,
             report.accepted_per_second,
             report.rejected,
             report.errors,
+            report.resent,
+            report.unanswered,
             l.p50,
             l.p90,
             l.p99,
