@@ -10,8 +10,9 @@ examples=(log-context repeated-failure-email job-history-lookup)
 cargo build --release --target wasm32-wasip2 --target-dir target/guests \
     $(printf -- '-p %s ' "${examples[@]}")
 cargo build -p jobhook -p jobhook-dev
-jobhook=target/debug/jobhook
-jobhook_dev=target/debug/jobhook-dev
+target_dir="${CARGO_TARGET_DIR:-target}"
+jobhook="$target_dir/debug/jobhook"
+jobhook_dev="$target_dir/debug/jobhook-dev"
 url=http://127.0.0.1:8480
 rm -rf target/demo && mkdir -p target/demo
 

