@@ -42,6 +42,31 @@ enum Command {
     Serve(ConfigArgs),
     /// Validate a configuration and load every handler, without serving.
     Check(ConfigArgs),
+    /// Print `[[handlers]]` stanzas for the Job Complete Handler registrations of a Keyfactor
+    /// web.config (Command 9-10) or manifest.json (11+); warnings go to stderr.
+    Import(ImportArgs),
+    /// Print the registration of jobhook's Keyfactor forwarder (web.config for Command 9-10,
+    /// manifest.json for 11+) for a jobhook configuration; warnings go to stderr.
+    ForwarderConfig(ForwarderArgs),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// Keyfactor's `WebAgentServices\web.config` or an extension's `manifest.json`.
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ForwarderArgs {
+    /// The jobhook configuration file (TOML).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// The engine's base URL as Keyfactor reaches it (default: from [server] listen and tls).
+    #[arg(long, value_name = "URL")]
+    engine_url: Option<String>,
+    /// Which Keyfactor Command generation: 10 (web.config, 9-10), 11 (manifest.json, 11+) or both.
+    #[arg(long, default_value = "both", value_parser = ["10", "11", "both"])]
+    generation: String,
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +138,8 @@ pub fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => check(args).await,
+            Command::Import(args) => import(args),
+            Command::ForwarderConfig(args) => forwarder_config(args),
         }
     });
     exit_code(result)
@@ -236,6 +263,31 @@ async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         names.len(),
         escape(&names.join(", "))
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let (toml, warnings) = crate::app::migrate::import(&args.file)?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{toml}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn forwarder_config(args: ForwarderArgs) -> anyhow::Result<ExitCode> {
+    use crate::app::migrate::{Generation, forwarder_config};
+    let config = crate::app::config::Config::load(&args.config)?;
+    let generation = match args.generation.as_str() {
+        "10" => Generation::Unity,
+        "11" => Generation::Manifest,
+        _ => Generation::Both,
+    };
+    let (text, warnings) = forwarder_config(&config, args.engine_url.as_deref(), generation);
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{text}");
     Ok(ExitCode::SUCCESS)
 }
 

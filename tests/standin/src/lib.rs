@@ -10,6 +10,7 @@
 //! | `GET Certificates/{id}`, `GET Agents/{id}`, `GET CertificateStores/{id}` | seeded objects ([`data`]) |
 //! | `GET Status/Endpoints` | the endpoint list clients use as an auth probe |
 //! | `ANY _Test/Echo` | echoes the request, credentials included (for hostile tests) |
+//! | `ANY _Test/EchoAs?encoding=E` | echoes the `Authorization` value and the credential in it (Basic's `user:pass`, the token) in encoding `E` of [`ECHO_ENCODINGS`] |
 //! | `GET _Test/Redirect` | `302` to a path outside the base (a proxy must not follow it) |
 //! | `GET _Test/Large?bytes=N[&chunked=1]` | an `N`-byte body, with or without `Content-Length` |
 //! | `GET _Test/Slow?ms=N` | answers after `N` ms |
@@ -409,6 +410,7 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             "GET /CertificateStores/{id}",
             "GET /Status/Endpoints"
         ])),
+        (_, ["_test", "echoas", ..]) => echo_as(&recorded, &pairs),
         (_, ["_test", "echo", ..]) => echo(&recorded),
         (&Method::GET, ["_test", "redirect"]) => {
             let mut response = StatusCode::FOUND.into_response();
@@ -480,6 +482,125 @@ fn echo(request: &RecordedRequest) -> Response {
         }
     }
     response
+}
+
+/// The encodings `_Test/EchoAs` writes a credential in: the ways a Windows/IIS/.NET API
+/// realistically escapes text (ASP.NET's JSON encoder, HTML encoding, URL encoding, base64).
+pub const ECHO_ENCODINGS: &[&str] = &[
+    "aspnet-json",
+    "aspnet-json-lower",
+    "html-named",
+    "html-decimal",
+    "html-hex",
+    "percent-upper",
+    "percent-lower-plus",
+    "base64",
+    "base64-nopad",
+    "base64url",
+    "base64url-nopad",
+    "base64-offset1",
+    "base64-offset2",
+];
+
+/// `text` in `encoding` (one of [`ECHO_ENCODINGS`]); `None` for an unknown encoding.
+pub fn encode_as(encoding: &str, text: &str) -> Option<String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let aspnet = |upper: bool| -> String {
+        text.encode_utf16()
+            .map(|u| match char::from_u32(u32::from(u)) {
+                Some(c) if c.is_ascii_graphic() && !"+<>&'\"\\`".contains(c) => c.to_string(),
+                Some(' ') => " ".into(),
+                _ if upper => format!("\\u{u:04X}"),
+                _ => format!("\\u{u:04x}"),
+            })
+            .collect()
+    };
+    let percent = |upper: bool| -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                b' ' if !upper => "+".into(),
+                _ if upper => format!("%{b:02X}"),
+                _ => format!("%{b:02x}"),
+            })
+            .collect()
+    };
+    let offset = |n: usize| {
+        let mut bytes = vec![b'#'; n];
+        bytes.extend_from_slice(text.as_bytes());
+        STANDARD.encode(bytes)
+    };
+    Some(match encoding {
+        "aspnet-json" => aspnet(true),
+        "aspnet-json-lower" => aspnet(false),
+        "html-named" => text
+            .chars()
+            .map(|c| match c {
+                '&' => "&amp;".into(),
+                '<' => "&lt;".into(),
+                '>' => "&gt;".into(),
+                '"' => "&quot;".into(),
+                '\'' => "&#39;".into(),
+                '\\' => "&bsol;".into(),
+                c => c.to_string(),
+            })
+            .collect(),
+        "html-decimal" => text.chars().map(|c| format!("&#{};", c as u32)).collect(),
+        "html-hex" => text
+            .chars()
+            .map(|c| format!("&#x{:X};", c as u32))
+            .collect(),
+        "percent-upper" => percent(true),
+        "percent-lower-plus" => percent(false),
+        "base64" => STANDARD.encode(text),
+        "base64-nopad" => STANDARD_NO_PAD.encode(text),
+        "base64url" => URL_SAFE.encode(text),
+        "base64url-nopad" => URL_SAFE_NO_PAD.encode(text),
+        "base64-offset1" => offset(1),
+        "base64-offset2" => offset(2),
+        _ => return None,
+    })
+}
+
+/// Echoes the `Authorization` value and the credential inside it in one encoding, in a body
+/// written by hand (so the escaping is exactly the encoding's, not serde's), with a
+/// `Content-Length` that tells how long it is.
+fn echo_as(request: &RecordedRequest, pairs: &[(String, String)]) -> Response {
+    let encoding = pairs
+        .iter()
+        .find(|(k, _)| k == "encoding")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let auth = request.header("authorization").unwrap_or_default();
+    let credential = auth
+        .strip_prefix("Basic ")
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .or_else(|| auth.strip_prefix("Bearer ").map(str::to_owned))
+        .unwrap_or_default();
+    let password = credential
+        .split_once(':')
+        .map(|(_, p)| p.to_owned())
+        .unwrap_or_default();
+    let (Some(a), Some(c), Some(p)) = (
+        encode_as(encoding, auth),
+        encode_as(encoding, &credential),
+        encode_as(encoding, &password),
+    ) else {
+        return error(StatusCode::BAD_REQUEST, "0xA0010400", "unknown encoding");
+    };
+    let body = if encoding.starts_with("aspnet-json") {
+        format!(r#"{{"Authorization":"{a}","Credential":"{c}","Password":"{p}"}}"#)
+    } else {
+        format!("<p>Authorization: {a}</p>\n<p>Credential: {c}</p>\n<p>Password: {p}</p>\n")
+    };
+    Response::new(Body::from(body))
 }
 
 fn large(pairs: &[(String, String)]) -> Response {
