@@ -6,14 +6,15 @@
 #   ./scripts/bench.sh --quick    # short runs, to check that it all works
 #   ./scripts/bench.sh --only a,b # some scenarios (letters of issue 6)
 #
-# It builds jobhook and jobhook-bench with the `bench-host` profile (release at opt-level 3), the
+# It builds jobhook, jobhook-dev (the stand-in of the memory scenario) and jobhook-bench with the
+# `bench-host` profile (release at opt-level 3), the
 # guest components (wasm32-wasip2) and the Extism peer plugin (wasm32-unknown-unknown), waits for
 # the machine to settle after the build, then runs `jobhook-bench`, which prints the table and
 # writes it to target/bench-runs/report.{md,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 wasm32-unknown-unknown >/dev/null
-cargo build --profile bench-host -p jobhook -p jobhook-bench --bins
+cargo build --profile bench-host -p jobhook -p jobhook-dev -p jobhook-bench --bins
 target_dir="${CARGO_TARGET_DIR:-target}"
 bench="$target_dir/bench-host/jobhook-bench"
 # Guests and the plugin are built by jobhook-bench itself on first use (before measuring);

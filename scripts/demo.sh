@@ -9,12 +9,14 @@ rustup target add wasm32-wasip2 >/dev/null
 examples=(log-context repeated-failure-email job-history-lookup)
 cargo build --release --target wasm32-wasip2 --target-dir target/guests \
     $(printf -- '-p %s ' "${examples[@]}")
-cargo build -p jobhook
-jobhook=target/debug/jobhook
+cargo build -p jobhook -p jobhook-dev
+target_dir="${CARGO_TARGET_DIR:-target}"
+jobhook="$target_dir/debug/jobhook"
+jobhook_dev="$target_dir/debug/jobhook-dev"
 url=http://127.0.0.1:8480
 rm -rf target/demo && mkdir -p target/demo
 
-"$jobhook" standin --listen 127.0.0.1:8081 >target/demo/standin.log 2>&1 &
+"$jobhook_dev" standin --listen 127.0.0.1:8081 >target/demo/standin.log 2>&1 &
 standin=$!
 "$jobhook" serve --config examples/jobhook.toml >target/demo/serve.out 2>target/demo/serve.log &
 engine=$!
@@ -28,14 +30,17 @@ echo "engine: $url (log: target/demo/serve.log); Keyfactor stand-in: http://127.
 
 cat >target/demo/show_event.py <<'PY'
 import json, sys
+def esc(text):
+    # Handler text is shown escaped: no control character or bidi override reaches the terminal.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 e = json.load(sys.stdin)
 c = e["context"]
 print("event %s: %s %s, retries %s" % (e["id"], c["JobType"], c["JobResult"], c["CurrentRetryCount"]))
 for d in e["deliveries"]:
     print("  %-24s %-10s attempt %s  %.2f ms  %s"
-          % (d["handler"], d["state"], d["attempt"], d["duration_ms"] or 0, d["reason"] or ""))
+          % (d["handler"], d["state"], d["attempt"], d["duration_ms"] or 0, esc(d["reason"] or "")))
     for line in d["logs"][:4]:
-        print("      [%s] %s" % (line["level"], line["message"]))
+        print("      [%s] %s" % (line["level"], esc(line["message"])))
 PY
 
 post() {
@@ -50,6 +55,9 @@ post() {
         event=$(curl -sS "$url/v1/events/$id")
         printf '%s' "$event" | python3 -c '
 import json, sys
+def esc(text):
+    # Handler text is shown escaped: no control character or bidi override reaches the terminal.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 e = json.load(sys.stdin)
 sys.exit(0 if all(d["state"] in ("succeeded", "failed", "skipped") for d in e["deliveries"]) else 1)' && break
         sleep 0.1
@@ -77,6 +85,6 @@ if [ "${DEMO_ONCE:-}" = 1 ]; then
     exit 0
 fi
 echo
-echo "jobhook is running at $url — try: $jobhook load --url $url --rate 200 --seconds 5"
+echo "jobhook is running at $url — try: $jobhook_dev load --url $url --rate 200 --seconds 5"
 echo "press ctrl-c to stop"
 wait $engine

@@ -28,7 +28,8 @@
 //!   the CLI, its dev tools and the migration to and from Keyfactor registrations;
 //! - shared vocabulary at the top: [`context`] (the job context and its decoding), [`outcome`]
 //!   (the record of one invocation), [`limits`] (per-handler budgets), [`secret`] (secrets by
-//!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types).
+//!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types), [`escape`] (guest and
+//!   configuration text made safe to print).
 
 #![deny(missing_docs)]
 
@@ -37,6 +38,7 @@ pub mod bindings;
 pub mod capabilities;
 pub mod context;
 pub mod duration_ms;
+pub mod escape;
 pub mod limits;
 pub mod metrics;
 pub mod outcome;

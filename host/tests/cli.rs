@@ -364,3 +364,116 @@ async fn job_types_prints_the_instances_guids_as_configuration() {
         text(&output.stderr)
     );
 }
+
+/// Whether a line of output looks like a line the engine's log writes (`<RFC 3339 time>  LEVEL
+/// target: ...`) carrying the forged time of `guest-log-forge`.
+/// (The report shows the guest's stdout and stderr line by line, indented under their headings:
+/// such a line is the guest's, not the engine's.)
+fn is_forged_engine_line(line: &str) -> bool {
+    line.starts_with("2026-12-02T00:00:00Z")
+}
+
+/// `guest-log-forge` puts a fake engine line, a fake `outcome   succeeded`, escape sequences, a
+/// NUL and a bidi override into its logs, stdout, stderr and failure reason or panic message:
+/// `jobhook run`'s report shows all of it escaped, with one outcome line, the real one.
+#[test]
+fn run_prints_guest_text_escaped() {
+    for (mode, class) in [("fail", "handler-failed"), ("panic", "panicked")] {
+        for json in [false, true] {
+            let property = format!("mode={mode}");
+            let component = component("guest-log-forge");
+            let context = context_file("log-context", "sample.json");
+            let mut args = vec![
+                "run",
+                component.as_str(),
+                "--context",
+                context.as_str(),
+                "-p",
+                property.as_str(),
+            ];
+            if json {
+                args.push("--json");
+            }
+            let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"));
+            // With every log line shown, the engine's log (stderr) is checked too.
+            child.args(&args).env("RUST_LOG", "jobhook=info");
+            let out = child.output().expect("run jobhook");
+            assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+            for (name, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+                let shown = text(bytes);
+                assert!(
+                    !bytes.iter().any(|b| matches!(b, 0x1b | 0x07 | 0 | b'\r')),
+                    "{mode}: a control byte reached {name}:\n{shown}"
+                );
+                assert!(!shown.contains('\u{202e}'), "{mode} {name}:\n{shown}");
+                for line in shown.lines() {
+                    assert!(!is_forged_engine_line(line), "{mode} {name}: {line:?}");
+                }
+            }
+            let stdout = text(&out.stdout);
+            if json {
+                // The JSON keeps the guest's text exactly, JSON-escaped once.
+                let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+                assert_eq!(v["class"], class, "{v}");
+                assert!(
+                    v["stdout"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line\r"),
+                    "{v}"
+                );
+            } else {
+                let outcomes: Vec<&str> = stdout
+                    .lines()
+                    .filter(|l| l.starts_with("outcome"))
+                    .collect();
+                assert_eq!(outcomes, [format!("outcome   {class}")], "{stdout}");
+                assert!(
+                    stdout.contains("innocent\\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line\\routcome   succeeded\\n\\x1b[2J"),
+                    "{stdout}"
+                );
+            }
+            // The engine's own log of the guest's lines is escaped the same way.
+            assert!(
+                text(&out.stderr).contains("innocent\\n2026-12-02T00:00:00Z"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+    }
+}
+
+/// The operator's binary carries no test tooling: no `standin` or `load` command, and none of
+/// the Keyfactor stand-in's code (its credential-echoing test route, its well-known password).
+/// Those live in the author's tool, `jobhook-dev`.
+#[test]
+fn the_operator_binary_has_no_test_tooling() {
+    let out = jobhook(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(commands.contains(&"run"), "{help}");
+    for tool in ["standin", "load"] {
+        assert!(
+            !commands.contains(&tool),
+            "`jobhook {tool}` exists:\n{help}"
+        );
+    }
+    let run_help = text(&jobhook(&["run", "--help"]).stdout);
+    assert!(!run_help.contains("--keyfactor-standin"), "{run_help}");
+
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_jobhook")).expect("read the binary");
+    for needle in [&b"x-echo-authorization"[..], b"standin-password"] {
+        assert!(
+            !binary.windows(needle.len()).any(|w| w == needle),
+            "the jobhook binary contains {:?}",
+            String::from_utf8_lossy(needle)
+        );
+    }
+}

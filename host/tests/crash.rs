@@ -6,7 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use jobhook_testkit::engine::{EngineProcess, free_port};
@@ -50,10 +49,11 @@ job_types = ["*"]
     )
 }
 
-/// One run: the load driver (with `driver_args` added) posts events for five seconds while the
-/// engine is SIGKILLed [`KILLS`] times and started again. Returns the directory, the engine
-/// that is left running, the accepted event ids the driver recorded and its stdout.
-fn run_with_kills(driver_args: &[&str]) -> (tempfile::TempDir, EngineProcess, Vec<String>, String) {
+/// One run: the load driver (resending under an idempotency key if `resend`) posts events for
+/// five seconds while the engine is SIGKILLed [`KILLS`] times and started again. Returns the
+/// directory, the engine that is left running, the accepted event ids the driver recorded and
+/// its report as JSON.
+fn run_with_kills(resend: bool) -> (tempfile::TempDir, EngineProcess, Vec<String>, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = dir.path().join("jobhook.toml");
@@ -64,23 +64,7 @@ fn run_with_kills(driver_args: &[&str]) -> (tempfile::TempDir, EngineProcess, Ve
 
     let engine = EngineProcess::start(bin, &config, &log);
     let url = engine.url.clone();
-    let driver = Command::new(bin)
-        .args([
-            "load",
-            "--url",
-            &url,
-            "--rate",
-            "150",
-            "--seconds",
-            "5",
-            "--record",
-        ])
-        .arg(&record)
-        .args(driver_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the load driver");
+    let driver = load_driver(&url, 150, 5.0, &record, 1, resend);
 
     let mut engine = Some(engine);
     for round in 0..KILLS {
@@ -91,8 +75,7 @@ fn run_with_kills(driver_args: &[&str]) -> (tempfile::TempDir, EngineProcess, Ve
         std::thread::sleep(Duration::from_millis(100));
         engine = Some(EngineProcess::start(bin, &config, &log));
     }
-    let output = driver.wait_with_output().expect("load driver");
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report = driver.join().expect("load driver");
     let engine = engine.expect("engine running");
 
     let accepted: Vec<String> = std::fs::read_to_string(&record)
@@ -105,7 +88,7 @@ fn run_with_kills(driver_args: &[&str]) -> (tempfile::TempDir, EngineProcess, Ve
 
 #[test]
 fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
-    let (_dir, engine, accepted, report) = run_with_kills(&[]);
+    let (_dir, engine, accepted, report) = run_with_kills(false);
     assert!(accepted.len() > 100, "too few events accepted: {report}");
 
     let reruns = check_exactly_once(&engine.url, &accepted, Duration::from_secs(120));
@@ -124,7 +107,7 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
 /// committed exactly once: one event per key, no event without a key, none lost.
 #[test]
 fn resends_with_an_idempotency_key_across_sigkills_commit_each_event_once() {
-    let (dir, engine, accepted, report) = run_with_kills(&["--resend", "--json"]);
+    let (dir, engine, accepted, report) = run_with_kills(true);
     let report: serde_json::Value = serde_json::from_str(report.trim()).expect("driver JSON");
     let sent = report["sent"].as_u64().expect("sent");
     assert!(sent > 100, "too few events sent: {report}");
@@ -185,4 +168,36 @@ fn resends_with_an_idempotency_key_across_sigkills_commit_each_event_once() {
 
 fn config_text(port: u16) -> String {
     config_template(port)
+}
+
+/// A load driver (`jobhook-dev load`'s, `jobhook_dev::loadgen`) on a thread of its own, posting
+/// to `url` and recording accepted event ids in `record`; joining it gives its report.
+fn load_driver(
+    url: &str,
+    rate: u32,
+    seconds: f64,
+    record: &Path,
+    seed: u64,
+    resend: bool,
+) -> std::thread::JoinHandle<String> {
+    let options = jobhook_dev::loadgen::LoadOptions {
+        url: url.to_owned(),
+        rate,
+        duration: Duration::from_secs_f64(seconds),
+        token: None,
+        record: Some(record.to_owned()),
+        seed,
+        resend,
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("driver runtime");
+        match runtime.block_on(jobhook_dev::loadgen::run(options)) {
+            Ok(report) => serde_json::to_string(&report).unwrap_or_default(),
+            Err(e) => format!("load driver failed: {e:#}"),
+        }
+    })
 }

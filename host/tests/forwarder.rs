@@ -160,8 +160,27 @@ impl Site {
         }
     }
 
+    /// A site whose engine listens with TLS, its certificate issued by a fresh test CA; returns
+    /// the path of that CA's certificate.
+    fn new_tls() -> (Self, PathBuf) {
+        let site = Site::new();
+        let pki = jobhook_testkit::tls::write_test_pki(site.dir.path()).expect("test PKI");
+        let port = site.port;
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ntokens = [{{ file = \"token.txt\" }}]\n\
+             tls = {{ cert = \"server.pem\", key = \"server.key\" }}\n\n\
+             [store]\ndata_dir = \"data\"\n"
+        );
+        std::fs::write(site.dir.path().join("jobhook.toml"), config).expect("config");
+        (site, pki.ca_cert)
+    }
+
     fn engine_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn engine_tls_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
     }
 
     fn start_engine(&self) -> EngineProcess {
@@ -1078,4 +1097,45 @@ async fn respond(socket: &mut TcpStream, status: u16, body: &[u8]) -> bool {
 fn reset(socket: TcpStream) {
     let _ = socket.set_zero_linger();
     drop(socket);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_over_tls_the_forwarder_trusts_only_the_configured_ca() {
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let (site, ca) = Site::new_tls();
+    let _engine = site.start_engine();
+    let url = site.engine_tls_url();
+
+    // Without the engine's CA the forwarder must not deliver: the certificate is not trusted.
+    let untrusted = site.path("expected-untrusted.tsv");
+    let mut harness = Harness::run(build, "fx", &site, &url, 5, &untrusted, &[]);
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        site.stored_events().is_empty(),
+        "an engine with an untrusted certificate got events"
+    );
+    drop(harness);
+
+    // Trusting the test CA (TrustedCaFile), the spooled events and new ones arrive, once.
+    let expected_path = site.path("expected.tsv");
+    let ca = ca.to_string_lossy();
+    let harness = Harness::run(
+        build,
+        "11",
+        &site,
+        &url,
+        20,
+        &expected_path,
+        &["--ca", &ca, "--seed", "6"],
+    );
+    harness.wait_success("TLS with the test CA");
+    // The five spooled while the certificate was not trusted are delivered now too.
+    let mut expected = read_expected(&untrusted);
+    assert_eq!(expected.len(), 5);
+    expected.extend(read_expected(&expected_path));
+    assert_delivered_once(&site, &expected, None);
 }

@@ -580,6 +580,63 @@ fn the_example_configuration_used_by_the_readme_is_valid() {
     );
 }
 
+/// `guest-log-forge` logs, prints, fails and panics with a fake engine line, a fake outcome
+/// line, escape sequences, a NUL and a bidi override: the engine's log shows all of it escaped —
+/// no forged line, no ESC byte — and the API keeps the text exactly (JSON-escaped once).
+#[tokio::test]
+async fn guest_text_cannot_forge_engine_log_lines() {
+    let setup = Setup::new();
+    let engine = setup.start(&format!(
+        "{}{}",
+        handler(
+            "forger",
+            "guest-log-forge",
+            "[\"*\"]",
+            "[handlers.properties]\nmode = \"fail\"\n"
+        ),
+        handler(
+            "panicker",
+            "guest-log-forge",
+            "[\"*\"]",
+            "[handlers.properties]\nmode = \"panic\"\n"
+        ),
+    ));
+    let (status, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    let failed = delivery(&event, "forger");
+    assert_eq!(failed["outcome"], "handler-failed", "{failed}");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line\routcome"),
+        "{failed}"
+    );
+    assert_eq!(delivery(&event, "panicker")["outcome"], "panicked");
+
+    let log_path = setup.dir.path().join("engine.log");
+    let bytes = std::fs::read(&log_path).expect("engine log");
+    engine.kill();
+    let log = String::from_utf8_lossy(&bytes);
+    assert!(
+        !bytes.iter().any(|b| matches!(b, 0x1b | 0x07 | 0 | b'\r')),
+        "a control byte reached the engine log:\n{log}"
+    );
+    assert!(!log.contains('\u{202e}'), "{log}");
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-12-02T00:00:00Z") && !line.starts_with("outcome"),
+            "forged line in the engine log: {line:?}\n{log}"
+        );
+    }
+    // The guest's lines and its failure are there, escaped.
+    assert!(
+        log.contains("innocent\\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line\\routcome   succeeded\\n\\x1b[2J"),
+        "{log}"
+    );
+}
+
 /// Posts `body` with these extra headers; answers the status, the JSON body and whether the
 /// answer was marked as a replay.
 async fn post_with(engine: &EngineProcess, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {

@@ -14,7 +14,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -30,8 +30,8 @@ use jobhook_testkit::postgres::{TestDatabase, database_or_skip};
 const LEASE_MS: u64 = 2000;
 
 /// Events per second each load driver posts, and for how long.
-const RATE: &str = "80";
-const SECONDS: &str = "7";
+const RATE: u32 = 80;
+const SECONDS: f64 = 7.0;
 
 /// Both nodes' configuration but for the port and data directory. `probe` sleeps 150 ms, so that
 /// about a dozen of its deliveries are in flight on each node at any moment (80 events/s), and
@@ -76,16 +76,35 @@ job_types = ["*"]
     )
 }
 
-/// Starts `jobhook load` against `url`, recording accepted event ids in `record`.
-fn load_driver(bin: &Path, url: &str, record: &Path, seed: &str) -> Child {
-    Command::new(bin)
-        .args(["load", "--url", url, "--rate", RATE, "--seconds", SECONDS])
-        .args(["--seed", seed, "--record"])
-        .arg(record)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a load driver")
+/// A load driver (`jobhook-dev load`'s, `jobhook_dev::loadgen`) on a thread of its own, posting
+/// to `url` and recording accepted event ids in `record`; joining it gives its report.
+fn load_driver(
+    url: &str,
+    rate: u32,
+    seconds: f64,
+    record: &Path,
+    seed: u64,
+) -> std::thread::JoinHandle<String> {
+    let options = jobhook_dev::loadgen::LoadOptions {
+        url: url.to_owned(),
+        rate,
+        duration: Duration::from_secs_f64(seconds),
+        token: None,
+        record: Some(record.to_owned()),
+        seed,
+        resend: false,
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("driver runtime");
+        match runtime.block_on(jobhook_dev::loadgen::run(options)) {
+            Ok(report) => serde_json::to_string(&report).unwrap_or_default(),
+            Err(e) => format!("load driver failed: {e:#}"),
+        }
+    })
 }
 
 /// The node id a `jobhook serve` logged when it opened the store (`node=…`), the last one in
@@ -149,8 +168,8 @@ fn two_nodes_share_one_queue_and_a_dead_nodes_work_is_taken_over() {
     let a = EngineProcess::start(bin, &config_a, &log_a);
     let b = EngineProcess::start(bin, &config_b, &log_b);
     let url_a = a.url.clone();
-    let driver_a = load_driver(bin, &url_a, &record_a, "1");
-    let driver_b = load_driver(bin, &b.url, &record_b, "2");
+    let driver_a = load_driver(&url_a, RATE, SECONDS, &record_a, 1);
+    let driver_b = load_driver(&b.url, RATE, SECONDS, &record_b, 2);
 
     // Node A dies mid-flight and comes back (as a new node with a new id) on the same port.
     std::thread::sleep(Duration::from_millis(2000));
@@ -176,13 +195,9 @@ fn two_nodes_share_one_queue_and_a_dead_nodes_work_is_taken_over() {
         .filter_map(|l| l.parse().ok())
         .collect();
 
-    let report_a = driver_a.wait_with_output().expect("load driver A");
-    let report_b = driver_b.wait_with_output().expect("load driver B");
-    let report = format!(
-        "A: {}B: {}",
-        String::from_utf8_lossy(&report_a.stdout),
-        String::from_utf8_lossy(&report_b.stdout)
-    );
+    let report_a = driver_a.join().expect("load driver A");
+    let report_b = driver_b.join().expect("load driver B");
+    let report = format!("A: {report_a}\nB: {report_b}");
     let accepted_a = ids(&record_a);
     let accepted_b = ids(&record_b);
     assert!(

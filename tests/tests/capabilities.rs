@@ -1808,3 +1808,64 @@ async fn services_build_from_configuration() {
         .to_string();
     assert!(e.contains("https"), "{e}");
 }
+
+/// SMTP smuggling, from a real guest against a relay that accepts the lax end-of-data forms:
+/// the guest's body carries every form followed by a second transaction to a victim, and it
+/// tries every address form relays route elsewhere. Exactly one transaction reaches the
+/// relay, to the granted recipient, with the body intact after decoding.
+#[tokio::test]
+async fn smuggled_transactions_and_routed_addresses_deliver_nothing_outside_the_grant() {
+    let smtp = SmtpServer::start_lax().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = MailConfig::smtp(
+        "jobhook@example.com",
+        SmtpConfig::new(smtp.host(), smtp.port(), SmtpTls::None),
+    )
+    .unwrap();
+    let services = Services {
+        mail: Some(Arc::new(
+            MailTransport::from_config(&config, dir.path()).unwrap(),
+        )),
+        ..Services::default()
+    };
+    let mut spec = spec("smuggler", &[], mail_grant(&["pki-team@example.com"]));
+    spec.limits.calls.insert("mail".into(), 20);
+    let handler = SandboxedHandler::load(
+        engine(),
+        &services,
+        guest_bytes("guest-mail-smuggle"),
+        spec,
+        &LoadOptions::default(),
+    )
+    .await
+    .expect("load");
+    let context = JobContext::from_json_bytes(
+        std::fs::read(
+            workspace_root()
+                .join("examples/repeated-failure-email/contexts/failed-after-retries.json"),
+        )
+        .unwrap()
+        .as_slice(),
+    )
+    .unwrap();
+    let outcome = handler.invoke(&context, Delivery::default()).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+    let log = logs(&outcome);
+    assert!(log.contains("smuggling body: sent"), "{log}");
+    assert_eq!(
+        log.matches(": refused: ").count(),
+        8,
+        "every routed address form is refused:\n{log}"
+    );
+
+    // Give a smuggled transaction time to arrive, then check there is exactly one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = smtp.received();
+    assert_eq!(received.len(), 1, "{received:#?}");
+    let mail = &received[0];
+    assert_eq!(mail.mail_from, "jobhook@example.com");
+    assert_eq!(mail.rcpt_to, ["pki-team@example.com"]);
+    let body = mail.body();
+    assert!(body.contains("MAIL FROM:<cr@evil.example>"), "{body}");
+    assert!(!mail.data.contains("\r\n.\r\n"), "{}", mail.data);
+}

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::capabilities::properties::Properties;
 use crate::context::{JobContext, MAX_CONTEXT_BYTES};
+use crate::escape::escape;
 use crate::outcome::Outcome;
 use crate::runtime::engine::Engine;
 use crate::runtime::loader::{self, Inspection, LoadOptions};
@@ -37,9 +38,6 @@ enum Command {
     Run(RunArgs),
     /// Show whether a component fits the handler world and which capabilities it imports.
     Inspect(InspectArgs),
-    /// Serve a stand-in for the Keyfactor Command API (seeded data, well-known credentials)
-    /// for trying handlers on a workstation.
-    Standin(crate::app::devtools::StandinArgs),
     /// Run the engine: the HTTP API, the durable queue and the handlers of a configuration.
     Serve(ConfigArgs),
     /// Validate a configuration and load every handler, without serving.
@@ -47,8 +45,6 @@ enum Command {
     /// List the job-type GUIDs of the configured Keyfactor Command (store types and custom job
     /// types) and print them as TOML for `job_types` and `[poller.job_types]`.
     JobTypes(ConfigArgs),
-    /// Post realistic job-complete events to a running engine and report throughput and latency.
-    Load(LoadArgs),
     /// Print `[[handlers]]` stanzas for the Job Complete Handler registrations of a Keyfactor
     /// web.config (Command 9-10) or manifest.json (11+); warnings go to stderr.
     Import(ImportArgs),
@@ -77,43 +73,16 @@ struct ForwarderArgs {
 }
 
 #[derive(Debug, Args)]
-struct LoadArgs {
-    /// The engine's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8480")]
-    url: String,
-    /// Events per second.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    rate: u32,
-    /// Seconds to send for.
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
-    /// Bearer token (or set JOBHOOK_TOKEN).
-    #[arg(long, env = "JOBHOOK_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Append the id of every accepted event to this file.
-    #[arg(long, value_name = "FILE")]
-    record: Option<PathBuf>,
-    /// Seed of the event mix.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Send an Idempotency-Key with every event and resend it (same key, same body) after a
-    /// timeout, a connection error or a 5xx until it gets an answer, as the forwarder does.
-    #[arg(long)]
-    resend: bool,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
 struct ConfigArgs {
     /// The configuration file (TOML).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: PathBuf,
 }
 
+/// `jobhook run`'s arguments; also used by the author's tool (`jobhook-dev run`), which adds an
+/// in-process Keyfactor stand-in.
 #[derive(Debug, Args)]
-struct RunArgs {
+pub struct RunArgs {
     /// The handler component (`.wasm`, built for wasm32-wasip2).
     component: PathBuf,
     /// The job context as JSON with Keyfactor's field names (`AgentId`, `JobResult`, ...);
@@ -166,23 +135,29 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(args, None).await,
             Command::Inspect(args) => inspect(args).await,
-            Command::Standin(args) => crate::app::devtools::standin(args).await,
             Command::JobTypes(args) => crate::app::jobtypes::job_types(&args.config).await,
             Command::Serve(args) => crate::app::server::serve(args.config)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => check(args).await,
-            Command::Load(args) => load(args).await,
             Command::Import(args) => import(args),
             Command::ForwarderConfig(args) => forwarder_config(args),
         }
     });
+    exit_code(result)
+}
+
+/// The exit code of a command's result; an error is printed to stderr first (exit code 2).
+pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote a configuration's or a component's text: each line escaped.
+            let message = format!("{e:#}");
+            let lines: Vec<_> = message.split('\n').map(escape).collect();
+            eprintln!("error: {}", lines.join("\n"));
             ExitCode::from(2)
         }
     }
@@ -190,16 +165,23 @@ pub fn main() -> ExitCode {
 
 /// Logs go to stderr; `RUST_LOG` overrides the default, which shows only engine errors so the
 /// printed outcome is not repeated.
-fn init_tracing() {
+pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    // Colour codes only for a terminal: a log file or pipe gets plain text, no escape bytes.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// `jobhook run`: one handler on one context, the outcome printed. `keyfactor`, when given, is
+/// the keyfactor service to use (the author's tool passes its in-process stand-in's).
+pub async fn run(
+    args: RunArgs,
+    keyfactor: Option<std::sync::Arc<crate::capabilities::keyfactor::KeyfactorClient>>,
+) -> anyhow::Result<ExitCode> {
     let context = read_context(&args.context)?;
     let properties = parse_properties(&args.properties)?;
     let options = LoadOptions::default();
@@ -214,7 +196,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = SandboxSpec::new(name);
     spec.properties = Properties::new(properties);
     // The author's harness grants every capability; `jobhook serve` grants per configuration.
-    let run_services = args.services.build().await?;
+    let run_services = args.services.build(keyfactor).await?;
     spec.grants = run_services.grants.clone();
     if let Some(ms) = args.timeout_ms {
         spec.limits.timeout = Duration::from_millis(ms);
@@ -244,7 +226,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 args.component.display().to_string().into(),
             );
         }
-        println!("{}", serde_json::to_string(&value)?);
+        println!("{}", terminal_safe_json(&serde_json::to_string(&value)?));
     } else {
         print!("{}", render_outcome(&args.component, &outcome));
     }
@@ -263,7 +245,10 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot inspect {}", args.component.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string(&inspection)?);
+        println!(
+            "{}",
+            terminal_safe_json(&serde_json::to_string(&inspection)?)
+        );
     } else {
         print!("{}", render_inspection(&args.component, &inspection));
     }
@@ -274,49 +259,13 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
-    if !(args.seconds.is_finite() && args.seconds > 0.0) {
-        bail!("--seconds must be a positive number");
-    }
-    let report = crate::app::loadgen::run(crate::app::loadgen::LoadOptions {
-        url: args.url,
-        rate: args.rate,
-        duration: Duration::from_secs_f64(args.seconds),
-        token: args.token,
-        record: args.record,
-        seed: args.seed,
-        resend: args.resend,
-    })
-    .await?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        let l = &report.latency_ms;
-        println!(
-            "sent {} | accepted {} ({:.0}/s) | rejected {} | errors {} | resent {} | unanswered {} | ingest latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
-            report.sent,
-            report.accepted,
-            report.accepted_per_second,
-            report.rejected,
-            report.errors,
-            report.resent,
-            report.unanswered,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.max
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let names = crate::app::server::check(&args.config).await?;
     println!(
         "{}: configuration is valid; {} handler(s) loaded: {}",
-        args.config.display(),
+        escape(&args.config.display().to_string()),
         names.len(),
-        names.join(", ")
+        escape(&names.join(", "))
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -398,21 +347,28 @@ fn parse_properties(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>
     Ok(properties)
 }
 
+/// The human form of an outcome. Every text the handler controls (reason, panic message,
+/// backtrace frames, log lines, stdout/stderr) and the path are escaped ([`escape`]), so
+/// the handler cannot forge a line of this report or send escape sequences to the terminal.
 fn render_outcome(component: &Path, outcome: &Outcome) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "handler   {}", component.display());
+    let _ = writeln!(
+        out,
+        "handler   {}",
+        escape(&component.display().to_string())
+    );
     let _ = writeln!(out, "outcome   {}", outcome.kind.class());
     match &outcome.kind {
         crate::OutcomeKind::Succeeded => {}
         crate::OutcomeKind::Trapped { backtrace, .. } => {
-            let _ = writeln!(out, "reason    {}", outcome.kind);
+            let _ = writeln!(out, "reason    {}", escape(&outcome.kind.to_string()));
             for frame in backtrace {
-                let _ = writeln!(out, "          at {frame}");
+                let _ = writeln!(out, "          at {}", escape(frame));
             }
         }
         other => {
-            let _ = writeln!(out, "reason    {other}");
+            let _ = writeln!(out, "reason    {}", escape(&other.to_string()));
         }
     }
     let _ = writeln!(
@@ -428,7 +384,7 @@ fn render_outcome(component: &Path, outcome: &Outcome) -> String {
     if !outcome.logs.is_empty() || outcome.logs_dropped > 0 {
         let _ = writeln!(out, "logs");
         for line in &outcome.logs {
-            let _ = writeln!(out, "  {:<5} {}", line.level, line.message);
+            let _ = writeln!(out, "  {:<5} {}", line.level, escape(&line.message));
         }
         if outcome.logs_dropped > 0 {
             let _ = writeln!(
@@ -441,8 +397,9 @@ fn render_outcome(component: &Path, outcome: &Outcome) -> String {
     for (name, text) in [("stdout", &outcome.stdout), ("stderr", &outcome.stderr)] {
         if !text.is_empty() {
             let _ = writeln!(out, "{name}");
+            // Lines end at LF (a CR before it dropped); a bare CR is escaped like the rest.
             for line in text.lines() {
-                let _ = writeln!(out, "  {line}");
+                let _ = writeln!(out, "  {}", escape(line));
             }
         }
     }
@@ -456,10 +413,34 @@ fn render_outcome(component: &Path, outcome: &Outcome) -> String {
     out
 }
 
+/// `json` with every character [`escape`] would escape (bidi overrides, line separators; control
+/// characters are escaped by JSON already) written as a `\uXXXX` escape: the same JSON value,
+/// but nothing in it can reorder or break what a terminal shows.
+fn terminal_safe_json(json: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if crate::escape::needs_escape(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The human form of an inspection; the names come from the component and are escaped.
 fn render_inspection(component: &Path, inspection: &Inspection) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "component     {}", component.display());
+    let _ = writeln!(
+        out,
+        "component     {}",
+        escape(&component.display().to_string())
+    );
     let _ = writeln!(out, "size          {} bytes", inspection.size);
     match &inspection.world_error {
         None => {
@@ -472,7 +453,11 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
             );
         }
         Some(e) => {
-            let _ = writeln!(out, "world         DOES NOT FIT: {e}");
+            let _ = writeln!(
+                out,
+                "world         DOES NOT FIT: {}",
+                escape(&e.to_string())
+            );
         }
     }
     let caps: Vec<String> = inspection
@@ -485,7 +470,7 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
         if items.is_empty() {
             "(none)".to_owned()
         } else {
-            items.join(", ")
+            escape(&items.join(", ")).into_owned()
         }
     };
     let _ = writeln!(out, "capabilities  {}", list(&caps));
@@ -495,7 +480,7 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
         let _ = writeln!(
             out,
             "unsupported   {}",
-            inspection.imports.unsupported.join(", ")
+            escape(&inspection.imports.unsupported.join(", "))
         );
     }
     let _ = writeln!(out, "exports       {}", list(&inspection.exports));
@@ -515,6 +500,44 @@ mod tests {
         assert!(parse_properties(&["novalue".into()]).is_err());
         assert!(parse_properties(&["=v".into()]).is_err());
         assert!(parse_properties(&["A=1".into(), "A=2".into()]).is_err());
+    }
+
+    #[test]
+    fn outcomes_render_guest_text_escaped() {
+        let forged =
+            "x\n2026-12-02T00:00:00Z  INFO jobhook: fake\routcome   succeeded\x1b[2J\0\u{202e}";
+        let outcome = Outcome {
+            kind: crate::OutcomeKind::HandlerFailed {
+                reason: forged.into(),
+            },
+            duration: Duration::from_millis(1),
+            memory_bytes: 0,
+            logs: vec![crate::outcome::LogLine {
+                level: "info",
+                message: forged.into(),
+            }],
+            logs_dropped: 0,
+            stdout: forged.into(),
+            stderr: format!("{forged}\n"),
+            output_dropped: 0,
+        };
+        let text = render_outcome(Path::new("h\n.wasm"), &outcome);
+        assert!(!text.contains(['\x1b', '\0', '\r', '\u{202e}']), "{text}");
+        let outcome_lines = text.lines().filter(|l| l.starts_with("outcome")).count();
+        assert_eq!(outcome_lines, 1, "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("2026-")), "{text}");
+        assert!(text.contains("\\x1b[2J\\0\\u{202e}"), "{text}");
+    }
+
+    #[test]
+    fn json_output_keeps_the_value_and_hides_bidi_overrides() {
+        let value = serde_json::json!({"m": "a\u{202e}b\u{2028}c\n\u{1b}ü"});
+        let text = terminal_safe_json(&serde_json::to_string(&value).unwrap());
+        assert!(!text.chars().any(crate::escape::needs_escape), "{text}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+            value
+        );
     }
 
     #[test]

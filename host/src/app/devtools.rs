@@ -1,22 +1,22 @@
-//! What handler authors use on their own machine: the capability flags of `jobhook run` and the
-//! `jobhook standin` Keyfactor API stand-in.
+//! What handler authors use on their own machine: the capability flags of `jobhook run`. The
+//! Keyfactor API stand-in is not in the operator's binary: it is in the author's tool,
+//! `jobhook-dev` (`tools/dev`).
 //!
 //! `jobhook run` grants every capability (the author's harness), but a capability still needs a
 //! service behind it. These flags build them, with secrets from the environment (the variable
 //! names of Keyfactor's own `keyfactor-auth-client-go`), never from the command line:
 //!
 //! ```sh
-//! jobhook standin --listen 127.0.0.1:8081 &
+//! jobhook-dev standin --listen 127.0.0.1:8081 &
 //! KEYFACTOR_USERNAME='KFTRAIN\svc-jobhook' KEYFACTOR_PASSWORD=standin-password \
 //!   jobhook run job_history_lookup.wasm --context inventory.json \
 //!   --keyfactor-url http://127.0.0.1:8081/KeyfactorAPI/
 //!
-//! jobhook run job_history_lookup.wasm --context inventory.json --keyfactor-standin
+//! jobhook-dev run job_history_lookup.wasm --context inventory.json --keyfactor-standin
 //! jobhook run repeated_failure_email.wasm --context failed.json --mail-outbox ./outbox ...
 //! jobhook run webhook_notify.wasm --context failed.json --allow-http https://hooks.example.com/x/
 //! ```
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,11 +24,11 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
 use crate::capabilities::http::UrlPrefix;
-use crate::capabilities::keyfactor::auth::{Auth, AuthConfig};
+use crate::capabilities::keyfactor::auth::AuthConfig;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorConfig};
 use crate::capabilities::mail::{MailConfig, MailTransport, SmtpConfig, SmtpTls};
 use crate::capabilities::{Grants, ServiceEnv, Services, ServicesConfig};
-use crate::secret::{Secret, SecretRef};
+use crate::secret::SecretRef;
 
 /// Environment variable holding the Basic password (as in `keyfactor-auth-client-go`).
 pub const ENV_PASSWORD: &str = "KEYFACTOR_PASSWORD";
@@ -66,17 +66,8 @@ pub enum TlsFlag {
 pub struct ServiceArgs {
     /// Keyfactor API base URL, e.g. https://command.example.com/KeyfactorAPI/ (enables the
     /// keyfactor capability).
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "KEYFACTOR_URL",
-        conflicts_with = "keyfactor_standin"
-    )]
+    #[arg(long, value_name = "URL", env = "KEYFACTOR_URL")]
     keyfactor_url: Option<String>,
-    /// Start the built-in Keyfactor stand-in for this run and point the keyfactor capability
-    /// at it (seeded data; see `jobhook standin`).
-    #[arg(long)]
-    keyfactor_standin: bool,
     /// How to authenticate to Keyfactor; secrets come from the environment.
     #[arg(long, value_enum, default_value = "basic", value_name = "KIND")]
     keyfactor_auth: AuthKind,
@@ -105,7 +96,11 @@ pub struct ServiceArgs {
     #[arg(long, value_name = "USER", env = "JOBHOOK_SMTP_USERNAME")]
     smtp_username: Option<String>,
     /// The From address of mail.
-    #[arg(long, value_name = "ADDRESS", default_value = "jobhook@localhost")]
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        default_value = "jobhook@localhost.localdomain"
+    )]
     mail_from: String,
     /// Allow outbound HTTP only under this URL prefix (repeatable); without it, any public
     /// https URL is allowed.
@@ -116,45 +111,34 @@ pub struct ServiceArgs {
     allow_private_http: bool,
 }
 
-/// What `jobhook run` runs with: the services, the grants, and a stand-in kept alive for the
-/// run if one was started.
+/// What `jobhook run` runs with: the services and the grants.
 pub struct RunServices {
     /// The services.
     pub services: Services,
     /// The grants: everything, with http narrowed by `--allow-http`.
     pub grants: Grants,
-    /// The stand-in started by `--keyfactor-standin`.
-    pub standin: Option<jobhook_standin::Standin>,
 }
 
 impl ServiceArgs {
-    /// Builds the services the flags ask for.
-    pub async fn build(&self) -> anyhow::Result<RunServices> {
+    /// Builds the services the flags ask for. `keyfactor`, when given, is the keyfactor service
+    /// to use instead of `--keyfactor-url` (the author's tool passes its in-process stand-in's).
+    pub async fn build(
+        &self,
+        keyfactor: Option<Arc<KeyfactorClient>>,
+    ) -> anyhow::Result<RunServices> {
         // Every capability as an engine with no sections configured has it (http with its
         // defaults); the flags below add keyfactor and mail.
         let env = ServiceEnv {
             default_outbox: PathBuf::from("outbox"),
         };
         let mut services = Services::from_config(&ServicesConfig::default(), &env)?;
-        let mut standin = None;
-        if self.keyfactor_standin {
-            let s = jobhook_standin::Standin::start()
-                .await
-                .context("cannot start the Keyfactor stand-in")?;
-            // The stand-in's credentials are public; they are handed over in memory.
-            let auth = Auth::basic(
-                &s.credentials().username,
-                &Secret::new(s.credentials().password.clone()),
-            )?;
-            // `with_auth` uses `auth` instead of `config.auth`, which is only a placeholder here.
-            let config = KeyfactorConfig::new(
-                s.base_url(),
-                AuthConfig::Bearer {
-                    token: SecretRef::Env(String::new()),
-                },
-            );
-            services.keyfactor = Some(Arc::new(KeyfactorClient::with_auth(&config, auth)?));
-            standin = Some(s);
+        if let Some(client) = keyfactor {
+            if self.keyfactor_url.is_some() {
+                bail!(
+                    "--keyfactor-url and an in-process Keyfactor stand-in cannot be used together"
+                );
+            }
+            services.keyfactor = Some(client);
         } else if let Some(url) = &self.keyfactor_url {
             let auth = match self.keyfactor_auth {
                 AuthKind::Basic => AuthConfig::Basic {
@@ -231,68 +215,6 @@ impl ServiceArgs {
             }
             http.allow_private = self.allow_private_http;
         }
-        Ok(RunServices {
-            services,
-            grants,
-            standin,
-        })
+        Ok(RunServices { services, grants })
     }
-}
-
-/// `jobhook standin`: serve the Keyfactor API stand-in for handler authors.
-#[derive(Debug, Clone, Args)]
-pub struct StandinArgs {
-    /// Where to listen. Keep it on loopback: the stand-in's credentials are public.
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    listen: SocketAddr,
-    /// The API base path (Keyfactor's default IIS application is /KeyfactorAPI/).
-    #[arg(long, default_value = "/KeyfactorAPI/")]
-    base_path: String,
-}
-
-/// Runs the stand-in until the process is stopped.
-pub async fn standin(args: StandinArgs) -> anyhow::Result<std::process::ExitCode> {
-    if !args.listen.ip().is_loopback() {
-        bail!(
-            "--listen {}: the stand-in accepts well-known credentials; listen on a loopback address such as 127.0.0.1",
-            args.listen
-        );
-    }
-    let config = jobhook_standin::StandinConfig {
-        base_path: args.base_path,
-        ..jobhook_standin::StandinConfig::default()
-    };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let c = &config.credentials;
-    let mut base = config.base_path.clone();
-    if !base.ends_with('/') {
-        base.push('/');
-    }
-    println!("Keyfactor API stand-in at http://{addr}{base}");
-    println!(
-        "  Basic:   user {:?}, password {:?}",
-        c.username, c.password
-    );
-    println!(
-        "  Bearer:  {:?}",
-        c.bearer_tokens
-            .first()
-            .map(String::as_str)
-            .unwrap_or_default()
-    );
-    println!(
-        "  OAuth2:  token URL http://{addr}{}, client id {:?}, secret {:?}",
-        jobhook_standin::TOKEN_PATH,
-        c.client_id,
-        c.client_secret
-    );
-    println!(
-        "Try: KEYFACTOR_USERNAME='{}' KEYFACTOR_PASSWORD={} jobhook run HANDLER.wasm --context CONTEXT.json --keyfactor-url http://{addr}{base}",
-        c.username, c.password
-    );
-    jobhook_standin::serve(listener, config).await?;
-    Ok(std::process::ExitCode::SUCCESS)
 }

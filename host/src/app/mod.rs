@@ -6,15 +6,16 @@
 //! - [`migrate`]: `jobhook import` (Keyfactor registrations to `[[handlers]]`) and
 //!   `jobhook forwarder-config` (the forwarder's Keyfactor registration);
 //! - [`cli`]: the `jobhook` command line;
-//! - [`devtools`]: `jobhook run`'s capability flags and the Keyfactor stand-in for authors;
-//! - [`loadgen`]: the `jobhook load` event driver;
+//! - [`devtools`]: `jobhook run`'s capability flags;
 //! - [`jobtypes`]: `jobhook job-types`, the instance's job-type GUIDs as configuration.
+//!
+//! The Keyfactor API stand-in and the load driver are test tooling and live in the author's and
+//! bench tool, `jobhook-dev` (`tools/dev`), not in the operator's binary.
 
 pub mod cli;
 pub mod config;
 pub mod devtools;
 pub mod jobtypes;
-pub mod loadgen;
 pub mod migrate;
 pub mod server;
 pub mod tls;

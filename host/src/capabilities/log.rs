@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::bindings::jobhook::handler::log::{Host, Level};
+use crate::escape::escape;
 use crate::limits::{Limits, MAX_LOG_LINE_BYTES};
 use crate::outcome::{LogLine, truncate};
 
@@ -40,7 +41,7 @@ impl LogCollector {
             if self.dropped == 0 {
                 tracing::warn!(
                     target: "jobhook::guest",
-                    handler = %self.handler,
+                    handler = %escape(&self.handler),
                     "log budget reached ({} lines, {} bytes); further lines are dropped",
                     self.max_lines,
                     self.max_bytes
@@ -49,13 +50,17 @@ impl LogCollector {
             self.dropped += 1;
             return;
         }
-        let handler = &*self.handler;
+        // The engine's log is line-oriented: the guest's text goes in escaped, so it cannot end
+        // the line and forge the next one or reach a terminal as an escape sequence. The
+        // outcome keeps the text as written (the API's JSON escapes it exactly).
+        let handler = escape(&self.handler);
+        let shown = escape(&message);
         match level {
-            Level::Trace => tracing::trace!(target: "jobhook::guest", handler, "{message}"),
-            Level::Debug => tracing::debug!(target: "jobhook::guest", handler, "{message}"),
-            Level::Info => tracing::info!(target: "jobhook::guest", handler, "{message}"),
-            Level::Warn => tracing::warn!(target: "jobhook::guest", handler, "{message}"),
-            Level::Error => tracing::error!(target: "jobhook::guest", handler, "{message}"),
+            Level::Trace => tracing::trace!(target: "jobhook::guest", %handler, "{shown}"),
+            Level::Debug => tracing::debug!(target: "jobhook::guest", %handler, "{shown}"),
+            Level::Info => tracing::info!(target: "jobhook::guest", %handler, "{shown}"),
+            Level::Warn => tracing::warn!(target: "jobhook::guest", %handler, "{shown}"),
+            Level::Error => tracing::error!(target: "jobhook::guest", %handler, "{shown}"),
         }
         self.bytes += message.len();
         self.lines.push(LogLine {

@@ -488,9 +488,6 @@ impl Dispatcher {
             )),
             Some(h) => self.run_handler(h, &claim).await,
         };
-        if let Some(h) = &handler {
-            h.running.fetch_sub(1, Ordering::Relaxed);
-        }
         let (recorded, done) = oneshot::channel();
         let finished = Finished {
             claim,
@@ -504,6 +501,11 @@ impl Dispatcher {
         }
         // Errors were logged by the recorder.
         let _ = done.await;
+        // The handler's slot is held until the outcome is on record, as the store sees it: the
+        // delivery is `running` there until then, so the cap holds for the store's view too.
+        if let Some(h) = &handler {
+            h.running.fetch_sub(1, Ordering::Relaxed);
+        }
         // A finished delivery frees a per-handler slot: look for more work.
         self.wake.notify_one();
     }

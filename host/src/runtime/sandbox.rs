@@ -149,10 +149,12 @@ impl SandboxedHandler {
         let (logs, logs_dropped) = state.map(|s| s.log.finish()).unwrap_or_default();
         if !kind.is_success() {
             tracing::warn!(
-                handler = %self.spec.name,
+                handler = %crate::escape::escape(&self.spec.name),
                 class = kind.class(),
                 duration_ms = duration.as_secs_f64() * 1000.0,
-                "handler did not succeed: {kind}"
+                "handler did not succeed: {}",
+                // A reason or panic message is the guest's text: escaped, it stays one line.
+                crate::escape::escape(&kind.to_string())
             );
         }
         Outcome {

@@ -45,6 +45,20 @@ pub fn jobhook_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("JOBHOOK_BIN") {
         return PathBuf::from(path);
     }
+    sibling_bin("jobhook")
+}
+
+/// The `jobhook-dev` binary (the Keyfactor stand-in of the memory scenario): `$JOBHOOK_DEV_BIN`,
+/// else the one built next to this benchmark binary, like [`jobhook_bin`].
+pub fn jobhook_dev_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("JOBHOOK_DEV_BIN") {
+        return PathBuf::from(path);
+    }
+    sibling_bin("jobhook-dev")
+}
+
+/// The binary `name` in this benchmark binary's target directory and profile.
+fn sibling_bin(name: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| {
@@ -55,7 +69,7 @@ pub fn jobhook_bin() -> PathBuf {
             } else {
                 dir
             };
-            Some(dir.join("jobhook"))
+            Some(dir.join(name))
         })
-        .unwrap_or_else(|| PathBuf::from("jobhook"))
+        .unwrap_or_else(|| PathBuf::from(name))
 }

@@ -1,6 +1,6 @@
 //! Scenario f: host memory with 1,000 deliveries in flight, each waiting in the `keyfactor`
 //! capability on a slow Keyfactor API (the stand-in's `_Test/Slow?ms=N`, run as a separate
-//! `jobhook standin` process so that its memory is not counted).
+//! `jobhook-dev standin` process so that its memory is not counted).
 //!
 //! Each side runs in a child process of its own (`jobhook-bench memory-child`), so that neither
 //! inherits the other's heap:
@@ -77,7 +77,7 @@ impl ChildReport {
     }
 }
 
-/// A `jobhook standin` process on a free loopback port.
+/// A `jobhook-dev standin` process on a free loopback port.
 struct StandinProcess {
     child: Child,
     base_url: String,
@@ -86,13 +86,13 @@ struct StandinProcess {
 impl StandinProcess {
     fn start() -> anyhow::Result<Self> {
         let port = jobhook_testkit::engine::free_port();
-        let mut child = Command::new(crate::jobhook_bin())
+        let mut child = Command::new(crate::jobhook_dev_bin())
             .args(["standin", "--listen", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .context("cannot start `jobhook standin`")?;
+            .context("cannot start `jobhook-dev standin`")?;
         let stdout = child.stdout.take().context("piped stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let base_url = lines

@@ -1,5 +1,5 @@
 //! Scenarios c and d: `jobhook serve` (SQLite, release build) driven over loopback HTTP by the
-//! load driver of `jobhook load` (`jobhook::app::loadgen`), with four handlers routed for every event.
+//! load driver of `jobhook-dev load` (`jobhook_dev::loadgen`), with four handlers routed for every event.
 //!
 //! Each measurement starts a fresh engine process with a fresh data directory, so one phase's
 //! backlog never slows the next:
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use jobhook::app::loadgen::{self, LoadReport};
+use jobhook_dev::loadgen::{self, LoadReport};
 use jobhook_testkit::engine::{EngineProcess, free_port};
 
 use crate::stats::Summary;

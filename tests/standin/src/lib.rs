@@ -1,6 +1,6 @@
 //! A stand-in for the Keyfactor Command REST API: a real HTTP server implementing what job
 //! complete handlers use, following `reference/keyfactor.md` (§5, §6), for tests and for handler
-//! authors (`jobhook standin --listen 127.0.0.1:8081`).
+//! authors (`jobhook-dev standin --listen 127.0.0.1:8081`).
 //!
 //! Under a base path (default `/KeyfactorAPI/`) it serves:
 //!
@@ -264,7 +264,7 @@ impl Drop for Standin {
     }
 }
 
-/// Serves the stand-in on `listener` until the process ends (for `jobhook standin`).
+/// Serves the stand-in on `listener` until the process ends (for `jobhook-dev standin`).
 pub async fn serve(listener: TcpListener, config: StandinConfig) -> std::io::Result<()> {
     axum::serve(listener, router(shared(config))).await
 }

@@ -2,13 +2,20 @@
 //! (`lettre`) — `EHLO`/`HELO`, optional `AUTH PLAIN`/`AUTH LOGIN`, `MAIL FROM`, `RCPT TO`,
 //! `DATA` with dot-unstuffing, `RSET`, `NOOP`, `QUIT` — and records every message it accepts,
 //! envelope and content, for assertions. It listens on `127.0.0.1` only and never relays.
+//!
+//! [`SmtpServer::start_lax`] starts one that behaves like the relays SMTP smuggling works
+//! against: it ends a message's data at a `.` line with any mix of bare CR, bare LF and CRLF
+//! around it (`LF.LF`, `CR.CR`, `LF.CRLF`, ...) and reads whatever follows as new commands, so a
+//! client that lets such a sequence through lets its data start a second transaction — which
+//! the server records like any other.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -117,6 +124,17 @@ fn decode_quoted_printable(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// How the server finds the end of a message's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndOfData {
+    /// A line holding only `.`, lines ending at LF (with or without CR before it).
+    #[default]
+    Lines,
+    /// Also a `.` between bare CRs: any of CR, LF and CRLF before and after the dot ends the
+    /// data, like relays vulnerable to SMTP smuggling; what follows is read as commands.
+    Lax,
+}
+
 /// A running SMTP server on `127.0.0.1`; stopped when dropped.
 pub struct SmtpServer {
     addr: SocketAddr,
@@ -127,15 +145,28 @@ pub struct SmtpServer {
 impl SmtpServer {
     /// Starts a server that accepts mail without authentication.
     pub async fn start() -> std::io::Result<SmtpServer> {
-        Self::start_inner(None).await
+        Self::start_inner(None, EndOfData::Lines).await
+    }
+
+    /// Starts a server that accepts mail without authentication and ends data at the lax forms
+    /// of end-of-data ([`EndOfData::Lax`]), like relays SMTP smuggling works against.
+    pub async fn start_lax() -> std::io::Result<SmtpServer> {
+        Self::start_inner(None, EndOfData::Lax).await
     }
 
     /// Starts a server that advertises `AUTH PLAIN LOGIN` and requires these credentials.
     pub async fn start_with_auth(user: &str, password: &str) -> std::io::Result<SmtpServer> {
-        Self::start_inner(Some((user.to_owned(), password.to_owned()))).await
+        Self::start_inner(
+            Some((user.to_owned(), password.to_owned())),
+            EndOfData::Lines,
+        )
+        .await
     }
 
-    async fn start_inner(auth: Option<(String, String)>) -> std::io::Result<SmtpServer> {
+    async fn start_inner(
+        auth: Option<(String, String)>,
+        end_of_data: EndOfData,
+    ) -> std::io::Result<SmtpServer> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -150,7 +181,7 @@ impl SmtpServer {
                         let store = Arc::clone(&store);
                         let auth = auth.clone();
                         tokio::spawn(async move {
-                            let _ = session(stream, store, auth).await;
+                            let _ = session(stream, store, auth, end_of_data).await;
                         });
                     }
                 }
@@ -203,9 +234,13 @@ async fn session(
     stream: TcpStream,
     store: Arc<Mutex<Vec<ReceivedMail>>>,
     required_auth: Option<(String, String)>,
+    end_of_data: EndOfData,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read);
+    let mut lines = Reader {
+        read,
+        buf: Vec::new(),
+    };
     write
         .write_all(b"220 jobhook-testkit ESMTP ready\r\n")
         .await?;
@@ -216,7 +251,7 @@ async fn session(
     let mut rcpt_to: Vec<String> = Vec::new();
 
     for _ in 0..MAX_COMMANDS {
-        let Some(line) = read_line(&mut lines).await? else {
+        let Some(line) = lines.read_line().await? else {
             return Ok(());
         };
         let upper = line.to_ascii_uppercase();
@@ -240,7 +275,7 @@ async fn session(
             let initial = line.get(10..).unwrap_or_default().trim().to_owned();
             let encoded = if initial.is_empty() {
                 write.write_all(b"334 \r\n").await?;
-                read_line(&mut lines).await?.unwrap_or_default()
+                lines.read_line().await?.unwrap_or_default()
             } else {
                 initial
             };
@@ -258,9 +293,9 @@ async fn session(
             check_auth(pair, &required_auth, &mut authenticated)
         } else if upper.starts_with("AUTH LOGIN") {
             write.write_all(b"334 VXNlcm5hbWU6\r\n").await?;
-            let user = decode_b64(&read_line(&mut lines).await?.unwrap_or_default());
+            let user = decode_b64(&lines.read_line().await?.unwrap_or_default());
             write.write_all(b"334 UGFzc3dvcmQ6\r\n").await?;
-            let pass = decode_b64(&read_line(&mut lines).await?.unwrap_or_default());
+            let pass = decode_b64(&lines.read_line().await?.unwrap_or_default());
             check_auth(Some((user, pass)), &required_auth, &mut authenticated)
         } else if upper.starts_with("MAIL FROM:") {
             if helo.is_empty() {
@@ -288,12 +323,21 @@ async fn session(
                     .await?;
                 let mut data = String::new();
                 let mut too_large = false;
-                loop {
-                    let Some(line) = read_line(&mut lines).await? else {
+                if end_of_data == EndOfData::Lax {
+                    match lines.read_lax_data().await? {
+                        Some(Some(raw)) => data = raw,
+                        Some(None) => too_large = true,
+                        None => return Ok(()),
+                    }
+                }
+                let mut reading = end_of_data == EndOfData::Lines;
+                while reading {
+                    let Some(line) = lines.read_line().await? else {
                         return Ok(());
                     };
                     if line == "." {
-                        break;
+                        reading = false;
+                        continue;
                     }
                     let line = line.strip_prefix('.').unwrap_or(&line);
                     if data.len() + line.len() + 2 > MAX_MESSAGE_BYTES {
@@ -368,26 +412,96 @@ fn path_arg(arg: &str) -> String {
         .to_owned()
 }
 
-/// One CRLF- (or LF-) terminated line, without the terminator; `None` at end of stream.
-async fn read_line(
-    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    let n = tokio::time::timeout(
-        Duration::from_secs(30),
-        (&mut *reader)
-            .take(MAX_LINE_BYTES as u64)
-            .read_until(b'\n', &mut buf),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow"))??;
-    if n == 0 {
-        return Ok(None);
+/// The reading half of a connection with the bytes read but not yet consumed: what follows a
+/// lax end-of-data stays here and is read as commands.
+struct Reader {
+    read: OwnedReadHalf,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    /// Reads more bytes; `false` at end of stream.
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(30), self.read.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow"))??;
+        self.buf
+            .extend_from_slice(chunk.get(..n).unwrap_or_default());
+        Ok(n > 0)
     }
-    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        buf.pop();
+
+    /// One LF-terminated line (at most [`MAX_LINE_BYTES`]), without CR/LF at its end; `None`
+    /// at end of stream.
+    async fn read_line(&mut self) -> std::io::Result<Option<String>> {
+        loop {
+            let end = self.buf.iter().position(|b| *b == b'\n');
+            let take = match end {
+                Some(i) => Some(i + 1),
+                None if self.buf.len() >= MAX_LINE_BYTES => Some(MAX_LINE_BYTES),
+                None => None,
+            };
+            if let Some(take) = take {
+                let mut line: Vec<u8> = self.buf.drain(..take).collect();
+                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    line.pop();
+                }
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            if !self.fill().await? {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let line: Vec<u8> = std::mem::take(&mut self.buf);
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+        }
     }
-    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+
+    /// A message's data up to the first lax end-of-data (a `.` with CR, LF or CRLF on each
+    /// side, or at the very start), dots unstuffed; `Some(None)` when it is larger than
+    /// [`MAX_MESSAGE_BYTES`], `None` at end of stream. The bytes after the terminator stay
+    /// buffered as commands.
+    async fn read_lax_data(&mut self) -> std::io::Result<Option<Option<String>>> {
+        loop {
+            if let Some((dot, after)) = lax_end(&self.buf) {
+                let raw: Vec<u8> = self.buf.drain(..after).collect();
+                let data = raw.get(..dot).unwrap_or_default();
+                let mut out = Vec::with_capacity(data.len());
+                for (i, &b) in data.iter().enumerate() {
+                    let line_start = i == 0 || matches!(data.get(i - 1), Some(b'\r' | b'\n'));
+                    if !(b == b'.' && line_start) {
+                        out.push(b);
+                    }
+                }
+                return Ok(Some(Some(String::from_utf8_lossy(&out).into_owned())));
+            }
+            if self.buf.len() > MAX_MESSAGE_BYTES + MAX_LINE_BYTES {
+                self.buf.clear();
+                return Ok(Some(None));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// The first lax end-of-data in `data`: the index of its `.` and the index just after it.
+fn lax_end(data: &[u8]) -> Option<(usize, usize)> {
+    let eol = |b: Option<&u8>| matches!(b, Some(b'\r' | b'\n'));
+    (0..data.len()).find_map(|i| {
+        let starts_line = i == 0 || eol(data.get(i - 1));
+        if data.get(i) != Some(&b'.') || !starts_line || !eol(data.get(i + 1)) {
+            return None;
+        }
+        let after = if data.get(i + 1..i + 3) == Some(b"\r\n") {
+            i + 3
+        } else {
+            i + 2
+        };
+        Some((i, after))
+    })
 }
 
 #[cfg(test)]
@@ -405,5 +519,16 @@ mod tests {
         };
         assert_eq!(mail.header("subject").as_deref(), Some("a b"));
         assert_eq!(mail.body(), "x=yz\r\n");
+    }
+
+    #[test]
+    fn lax_end_of_data_forms() {
+        assert_eq!(lax_end(b"a\r\n.\r\nMAIL"), Some((3, 6)));
+        assert_eq!(lax_end(b"a\n.\nMAIL"), Some((2, 4)));
+        assert_eq!(lax_end(b"a\r.\rMAIL"), Some((2, 4)));
+        assert_eq!(lax_end(b"a\n.\r\nMAIL"), Some((2, 5)));
+        assert_eq!(lax_end(b".\r\n"), Some((0, 3)));
+        assert_eq!(lax_end(b"a\r\n..x\r\n"), None);
+        assert_eq!(lax_end(b"a.\r\n"), None);
     }
 }

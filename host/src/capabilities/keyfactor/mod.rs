@@ -393,7 +393,7 @@ impl KeyfactorClient {
     }
 
     /// Builds the client with credentials the program already holds (`config.auth` is not
-    /// used), e.g. the stand-in's for `jobhook run --keyfactor-standin`.
+    /// used), e.g. the stand-in's for `jobhook-dev run --keyfactor-standin`.
     pub fn with_auth(config: &KeyfactorConfig, auth: Auth) -> Result<Self, KeyfactorConfigError> {
         let base = ApiBase::parse(&config.base_url)?;
         if !valid_api_version(&config.api_version) {

@@ -12,8 +12,22 @@
 //!    control characters (no CR/LF header injection) of at most [`MAX_SUBJECT_BYTES`], a body
 //!    of at most [`MAX_BODY_BYTES`].
 //!
-//! The message itself is built by `lettre` (headers encoded, lines folded, body
-//! transfer-encoded), so no text of the handler's is ever written raw into the header block.
+//! Addresses are read strictly ([`parse_address`]): a plain `local@domain` whose every
+//! character means the same to the grant check and to any relay. Forms that relays route
+//! differently from how they read — the percent hack `a%b@c`, source routes `@a,@b:c@d`,
+//! UUCP bang paths `a!b@c`, quoted local parts (which may hold `@`), comments `(...)`,
+//! escapes, trailing or doubled dots, single-label domains a relay may qualify, non-ASCII, IP
+//! literals `a@[192.0.2.1]` (which bypass the relay's DNS routing; the transport cannot
+//! address them either) — are refused, in grants as in messages.
+//!
+//! The body never reaches the wire as the handler wrote it ([`encode_body`]): every line ending
+//! (CR, LF or CRLF) becomes CRLF, and a body that is not short printable ASCII lines is sent
+//! quoted-printable, so no bare CR or LF, NUL, over-long line or line starting with `.` can
+//! form an end-of-data sequence — for this relay or a lax one — before the real one. This is
+//! what keeps a handler from smuggling a second SMTP transaction past its grant. Headers are
+//! built by `lettre` (non-ASCII as RFC 2047 encoded-words, lines folded), and the subject is
+//! refused if it holds a control character, so no text of the handler's is ever written raw
+//! into the header block.
 //! SMTP uses STARTTLS (default), implicit TLS, or — only for a relay on loopback — no TLS,
 //! with the operator's credentials; the handler never sees them.
 
@@ -22,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use lettre::message::header::ContentType;
-use lettre::message::{Mailbox, Message};
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Body, Mailbox, Message};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{Address, AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
@@ -50,6 +64,13 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Longest address (RFC 5321 path limit).
 pub const MAX_ADDRESS_BYTES: usize = 254;
+
+/// Longest line of a body sent as it is (7bit), without its CRLF: RFC 5322 §2.1.1 allows 998;
+/// anything longer is sent quoted-printable.
+pub const MAX_PLAIN_LINE_BYTES: usize = 998;
+
+/// Longest line of quoted-printable text, without its CRLF (RFC 2045 §6.7).
+const QP_LINE_BYTES: usize = 76;
 
 /// Default SMTP command timeout: a relay that does not answer a command in 10 s is down.
 pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,8 +158,9 @@ impl RecipientRule {
             return Ok(RecipientRule::Any);
         }
         if let Some(domain) = text.strip_prefix('@') {
-            // Validate the domain by validating an address in it.
-            Address::from_str(&format!("x@{domain}"))
+            // Validate the domain by validating an address in it, with the same strict rules
+            // as every recipient.
+            parse_address(&format!("x@{domain}"))
                 .map_err(|_| AddressError::Domain(text.to_owned()))?;
             return Ok(RecipientRule::Domain(domain.to_ascii_lowercase()));
         }
@@ -183,7 +205,7 @@ impl<'de> Deserialize<'de> for RecipientRule {
 pub struct MailAddress(Address);
 
 impl MailAddress {
-    /// Parses a bare address.
+    /// Parses a bare address, as strictly as a handler's ([`parse_address`]).
     pub fn parse(text: &str) -> Result<Self, AddressError> {
         parse_address(text.trim()).map(MailAddress)
     }
@@ -229,23 +251,204 @@ pub enum AddressError {
     #[error("{} is not a valid e-mail address", quote(.0))]
     Invalid(String),
     /// An `@domain` rule whose domain is not valid.
-    #[error("{0:?} is not a valid @domain")]
+    #[error("{} is not a valid @domain", quote(.0))]
     Domain(String),
+    /// A form relays may route differently from how the grant check reads it.
+    #[error("{} is refused: {why}", quote(.0), why = .1)]
+    Ambiguous(String, &'static str),
+    /// An IP-literal domain.
+    #[error(
+        "{} is refused: IP-literal domains bypass the relay's routing and are not accepted",
+        quote(.0)
+    )]
+    IpLiteral(String),
 }
 
-/// A bare `local@domain` address: no display name, no angle brackets, no whitespace or control
-/// characters.
-fn parse_address(text: &str) -> Result<Address, AddressError> {
+/// Characters of a local part besides ASCII letters and digits. RFC 5321's atom also allows
+/// `!` and `%`, which relays still treat as UUCP bang paths and the percent hack (routing to
+/// another host than the one after `@`), and its quoted strings may hold `@`, spaces and
+/// escapes; none of them is needed for a real mailbox, so they are refused.
+const LOCAL_PART_SYMBOLS: &[u8] = b".+-_=#$&'*/?^`{|}~";
+
+/// A bare `local@domain` address, read strictly (see the module documentation): a dot-atom
+/// local part of letters, digits and [`LOCAL_PART_SYMBOLS`]; a domain of two or more LDH labels
+/// without a trailing dot; no IP literal ([`AddressError::IpLiteral`]).
+pub fn parse_address(text: &str) -> Result<Address, AddressError> {
     if text.len() > MAX_ADDRESS_BYTES {
         return Err(AddressError::TooLong);
     }
+    let ambiguous = |why: &'static str| Err(AddressError::Ambiguous(text.to_owned(), why));
     if text
         .chars()
         .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | ',' | ';'))
     {
         return Err(AddressError::NotBare(text.to_owned()));
     }
+    if !text.is_ascii() {
+        return ambiguous("only ASCII addresses are accepted (write an IDN domain as xn--)");
+    }
+    if text.contains(['(', ')']) {
+        return ambiguous("comments are not accepted in an address");
+    }
+    if text.contains(['"', '\\']) {
+        return ambiguous("quoted local parts and escapes are not accepted");
+    }
+    if text.contains('%') {
+        return ambiguous("`%` routes through another host (the percent hack)");
+    }
+    if text.contains('!') {
+        return ambiguous("`!` routes through another host (a UUCP bang path)");
+    }
+    if text.contains('[') || text.contains(']') {
+        return Err(AddressError::IpLiteral(text.to_owned()));
+    }
+    if text.starts_with('@') || text.contains(':') {
+        return ambiguous("source routes (`@a,@b:c@d`) are not accepted");
+    }
+    let Some((local, domain)) = text.split_once('@') else {
+        return Err(AddressError::Invalid(text.to_owned()));
+    };
+    if domain.contains('@') {
+        return ambiguous("an address has exactly one `@`");
+    }
+    let atoms_ok = !local.is_empty()
+        && local.split('.').all(|atom| {
+            !atom.is_empty()
+                && atom
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || LOCAL_PART_SYMBOLS.contains(&b))
+        });
+    if !atoms_ok {
+        return ambiguous(
+            "the local part must be dot-separated words, no leading, trailing or doubled dot",
+        );
+    }
+    if domain.ends_with('.') {
+        return ambiguous("a trailing dot in the domain is not accepted");
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return ambiguous(
+            "the domain must be fully qualified (a relay may complete a single label)",
+        );
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if !labels.iter().all(|l| label_ok(l)) {
+        return Err(AddressError::Invalid(text.to_owned()));
+    }
     Address::from_str(text).map_err(|_| AddressError::Invalid(text.to_owned()))
+}
+
+/// The body as it goes on the wire, and its transfer encoding.
+///
+/// Every line ending — CR, LF or CRLF — becomes CRLF. The result is sent as it is (`7bit`) only
+/// when every line is printable ASCII (and tab) of at most [`MAX_PLAIN_LINE_BYTES`] and none
+/// starts with `.`; otherwise it is quoted-printable with every byte outside printable ASCII
+/// encoded, whitespace before a line end encoded, and `.` at the start of a line encoded as
+/// `=2E`. Either way the output holds only CRLF line ends and printable ASCII (and tab) and no
+/// line starting with `.`, so no end-of-data sequence — strict `CRLF.CRLF` or any of the lax
+/// forms some relays accept (`LF.LF`, `CR.CR`, `LF.CRLF`, ...) — can appear in it, whether or not
+/// the transport dot-stuffs.
+pub fn encode_body(text: &str) -> (Vec<u8>, ContentTransferEncoding) {
+    let lines = split_lines(text.as_bytes());
+    let plain = lines.iter().all(|line| {
+        line.len() <= MAX_PLAIN_LINE_BYTES
+            && line.first() != Some(&b'.')
+            && line
+                .iter()
+                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    });
+    let mut out = Vec::with_capacity(text.len() + text.len() / 8 + 16);
+    for (i, line) in lines.iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        if plain {
+            out.extend_from_slice(line);
+        } else {
+            quoted_printable_line(line, &mut out);
+        }
+    }
+    let encoding = if plain {
+        ContentTransferEncoding::SevenBit
+    } else {
+        ContentTransferEncoding::QuotedPrintable
+    };
+    (out, encoding)
+}
+
+/// `text` split at every CRLF, CR and LF.
+fn split_lines(text: &[u8]) -> Vec<&[u8]> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < text.len() {
+        match text.get(i) {
+            Some(b'\r') => {
+                lines.push(text.get(start..i).unwrap_or_default());
+                i += if text.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                start = i;
+            }
+            Some(b'\n') => {
+                lines.push(text.get(start..i).unwrap_or_default());
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    lines.push(text.get(start..).unwrap_or_default());
+    lines
+}
+
+/// One hard line, quoted-printable, with soft line breaks keeping each output line within
+/// [`QP_LINE_BYTES`].
+fn quoted_printable_line(line: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut column = 0usize;
+    for (i, &b) in line.iter().enumerate() {
+        let last = i + 1 == line.len();
+        let token = |column: usize| -> ([u8; 3], usize) {
+            let literal = match b {
+                b'=' => false,
+                b'.' => column > 0,
+                b' ' | b'\t' => !last,
+                0x21..=0x7e => true,
+                _ => false,
+            };
+            if literal {
+                ([b, 0, 0], 1)
+            } else {
+                let hi = HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0');
+                let lo = HEX.get(usize::from(b & 0x0f)).copied().unwrap_or(b'0');
+                ([b'=', hi, lo], 3)
+            }
+        };
+        let (mut bytes, mut len) = token(column);
+        // Room for the token and, unless this is the line's last, a soft break's `=`.
+        let room = if last {
+            QP_LINE_BYTES
+        } else {
+            QP_LINE_BYTES - 1
+        };
+        if column + len > room {
+            out.extend_from_slice(b"=\r\n");
+            column = 0;
+            (bytes, len) = token(column);
+        }
+        out.extend_from_slice(bytes.get(..len).unwrap_or_default());
+        column += len;
+    }
 }
 
 /// What one handler may do with mail:
@@ -604,9 +807,10 @@ impl MailTransport {
         for mailbox in cc {
             builder = builder.cc(mailbox);
         }
+        let (body, encoding) = encode_body(&message.body);
         builder
             .header(ContentType::TEXT_PLAIN)
-            .body(message.body)
+            .body(Body::dangerous_pre_encoded(body, encoding))
             .map_err(|e| denied(format!("the message cannot be built: {e}")))
     }
 }
@@ -667,6 +871,8 @@ fn is_loopback_name(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy as _;
+
     use super::*;
 
     fn message(to: &[&str]) -> WitMessage {
@@ -752,6 +958,191 @@ mod tests {
         let mut m = message(&["a@example.com"]);
         m.from = Some("ceo@example.com".into());
         assert!(matches!(refused(m), CapabilityError::Denied(r) if r.contains("From")));
+    }
+
+    #[test]
+    fn addresses_relays_route_differently_are_refused_by_class() {
+        for bad in [
+            "a%b@example.com",
+            "a%b%c@example.com",
+            "@relay.example:victim@evil.example",
+            "@a.example,@b.example:c@d.example",
+            "evil.example!victim@example.com",
+            "\"victim@evil.example\"@example.com",
+            "\"a b\"@example.com",
+            "a\\@b@example.com",
+            "a@b@example.com",
+            "a(comment)@example.com",
+            "a@example.com(evil.example)",
+            "a@example.com.",
+            "a.@example.com",
+            ".a@example.com",
+            "a..b@example.com",
+            "a@example..com",
+            "a@localhost",
+            "a@-x.example.com",
+            "a@[192.0.2.1]",
+            "a@[IPv6:2001:db8::1]",
+            "a@[not-an-ip]",
+            "jörg@example.com",
+            "a@exämple.com",
+        ] {
+            assert!(parse_address(bad).is_err(), "{bad:?} was accepted");
+            let (_dir, t) = outbox();
+            let grant = MailGrant::to(&["*"]).unwrap();
+            assert!(
+                matches!(
+                    t.build(&grant, message(&[bad])),
+                    Err(CapabilityError::Denied(_))
+                ),
+                "{bad:?} was sent under a `*` grant"
+            );
+        }
+        for good in [
+            "a@example.com",
+            "first.last+tag@mail.example.com",
+            "o'brien@example.co.uk",
+            "x_y-z=1@xn--bcher-kva.example",
+        ] {
+            assert!(parse_address(good).is_ok(), "{good:?} was refused");
+        }
+    }
+
+    #[test]
+    fn ip_literals_are_refused_in_grants_too() {
+        for rule in ["a@[192.0.2.1]", "@[192.0.2.1]", "a@[IPv6:2001:db8::1]"] {
+            assert!(RecipientRule::parse(rule).is_err(), "{rule}");
+        }
+        assert!(MailAddress::parse("jobhook@[127.0.0.1]").is_err());
+    }
+
+    /// Undoes [`encode_body`] (quoted-printable or not) for the round-trip checks.
+    fn decode(wire: &[u8], encoding: ContentTransferEncoding) -> Vec<u8> {
+        if encoding != ContentTransferEncoding::QuotedPrintable {
+            return wire.to_vec();
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < wire.len() {
+            if wire[i] == b'=' {
+                if wire.get(i + 1..i + 3) == Some(b"\r\n") {
+                    i += 3;
+                    continue;
+                }
+                let hex = std::str::from_utf8(&wire[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else {
+                out.push(wire[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Every CR, LF and CRLF as CRLF: what the receiver should read.
+    fn normalised(text: &str) -> Vec<u8> {
+        text.replace("\r\n", "\n")
+            .replace('\r', "\n")
+            .replace('\n', "\r\n")
+            .into_bytes()
+    }
+
+    /// The wire rules: only CRLF line ends and printable ASCII (and tab), lines within the
+    /// limit, and no line starting with `.` (so no end-of-data form, strict or lax).
+    fn assert_wire_safe(wire: &[u8], limit: usize) {
+        for (i, &b) in wire.iter().enumerate() {
+            match b {
+                b'\r' => assert_eq!(wire.get(i + 1), Some(&b'\n'), "bare CR at {i}"),
+                b'\n' => assert_eq!(wire.get(i.wrapping_sub(1)), Some(&b'\r'), "bare LF at {i}"),
+                b'\t' | 0x20..=0x7e => {}
+                other => panic!("byte {other:#04x} at {i} on the wire"),
+            }
+        }
+        let text = std::str::from_utf8(wire).unwrap();
+        for line in text.split("\r\n") {
+            assert!(line.len() <= limit, "line of {} bytes", line.len());
+            assert!(!line.starts_with('.'), "a line starts with a dot: {line:?}");
+        }
+    }
+
+    #[test]
+    fn smuggling_bodies_are_normalised_and_encoded() {
+        for body in [
+            "hi\r\n.\r\nMAIL FROM:<x@evil.example>\r\n",
+            "hi\n.\nMAIL FROM:<x@evil.example>\n",
+            "hi\r.\rMAIL FROM:<x@evil.example>\r",
+            "hi\n.\r\nRCPT TO:<v@evil.example>",
+            "hi\r\n.\nDATA",
+            "nul\0byte",
+            "esc\x1b[2J",
+            "grüße",
+            &"x".repeat(5000),
+            ".",
+            "..",
+            "trailing space \nx",
+        ] {
+            let (wire, encoding) = encode_body(body);
+            assert_wire_safe(&wire, MAX_PLAIN_LINE_BYTES);
+            assert_eq!(decode(&wire, encoding), normalised(body), "{body:?}");
+        }
+        let (wire, encoding) = encode_body("Job failed.\nRetries: 5\n");
+        assert_eq!(encoding, ContentTransferEncoding::SevenBit);
+        assert_eq!(wire, b"Job failed.\r\nRetries: 5\r\n");
+        assert_eq!(
+            encode_body("a\n.b").1,
+            ContentTransferEncoding::QuotedPrintable
+        );
+    }
+
+    #[test]
+    fn the_whole_message_is_wire_safe() {
+        let (_dir, t) = outbox();
+        let grant = MailGrant::to(&["*"]).unwrap();
+        let mut m = message(&["a@example.com"]);
+        m.subject = "Zertifikat läuft ab \u{202e}gnp.exe".into();
+        m.body = "x\n.\nMAIL FROM:<e@evil.example>\r.\r\0".into();
+        let email = t.build(&grant, m).unwrap();
+        let wire = email.formatted();
+        assert_wire_safe(&wire, MAX_PLAIN_LINE_BYTES);
+        let text = String::from_utf8(wire).unwrap();
+        assert!(text.contains("=?utf-8?b?4oCuZ25wLmV4ZQ==?="), "{text}");
+        assert!(
+            text.contains("Content-Transfer-Encoding: quoted-printable"),
+            "{text}"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// For any body — any characters, with CR, LF, dots and NULs made likely — the wire
+        /// holds no bare CR or LF and no end-of-data form, and decodes to the body with its
+        /// line ends normalised.
+        #[test]
+        fn any_body_is_wire_safe(
+            body in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::Just('\r'),
+                    proptest::prelude::Just('\n'),
+                    proptest::prelude::Just('.'),
+                    proptest::prelude::Just('\0'),
+                    proptest::prelude::Just(' '),
+                    proptest::prelude::any::<char>(),
+                    proptest::char::range('a', 'z'),
+                ],
+                0..400,
+            ).prop_map(|c| c.into_iter().collect::<String>()),
+            long in 0usize..3,
+        ) {
+            let body = body.repeat(long * 10 + 1);
+            let (wire, encoding) = encode_body(&body);
+            assert_wire_safe(&wire, MAX_PLAIN_LINE_BYTES);
+            if encoding == ContentTransferEncoding::QuotedPrintable {
+                assert_wire_safe(&wire, QP_LINE_BYTES);
+            }
+            proptest::prop_assert_eq!(decode(&wire, encoding), normalised(&body));
+        }
     }
 
     #[test]

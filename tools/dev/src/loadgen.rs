@@ -1,4 +1,4 @@
-//! `jobhook load`: a load driver that posts realistic job-complete events to a running engine at
+//! `jobhook-dev load`: a load driver that posts realistic job-complete events to a running engine at
 //! a given rate and reports accepted events per second and ingest latency.
 //!
 //! The mix resembles a Keyfactor estate: inventory jobs dominate, management and reenrollment
@@ -373,7 +373,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::JobContext;
+    use jobhook::context::JobContext;
 
     #[test]
     fn every_generated_event_is_a_valid_context() {
@@ -381,7 +381,7 @@ mod tests {
         let mut failures = 0;
         for _ in 0..1000 {
             let c = JobContext::from_json_value(&mix.event()).unwrap();
-            if c.job_result == crate::JobResult::Failure {
+            if c.job_result == jobhook::JobResult::Failure {
                 failures += 1;
             }
         }
