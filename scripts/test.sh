@@ -3,7 +3,9 @@
 # guest component from source) and Debian's PostgreSQL server package for the shared-store tests
 # (they start a private throwaway cluster of their own). If PostgreSQL cannot be installed, its
 # tests say SKIPPED; once it is installed, JOBHOOK_REQUIRE_POSTGRES=1 makes them fail instead of
-# skipping, so a broken set-up cannot pass by skipping.
+# skipping, so a broken set-up cannot pass by skipping. The C, JavaScript and Python toolchains
+# (scripts/lang-toolchains.sh) are installed too: host/tests/languages.rs builds handlers in those
+# languages from source and fails when a toolchain is missing, unless JOBHOOK_SKIP_LANGS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
@@ -15,6 +17,10 @@ if ! have_initdb && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 if have_initdb; then
     export JOBHOOK_REQUIRE_POSTGRES=1
+fi
+
+if [ "${JOBHOOK_SKIP_LANGS:-0}" != 1 ]; then
+    scripts/lang-toolchains.sh
 fi
 
 cargo test --workspace "$@"
