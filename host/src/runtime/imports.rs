@@ -142,14 +142,13 @@ mod tests {
         let bytes = component(
             r#"(component
                 (import "wasi:io/streams@0.2.6" (instance))
-                (import "f" (func))
+                (import "f" (func $f))
                 (core module $m (import "x" "y" (func)))
                 (component $inner (import "hidden:inner/thing@1.0.0" (instance)))
                 (import "jobhook:handler/log@0.1.0" (instance))
                 (type $t u32)
                 (import "an-alias" (type (eq $t)))
-                (func $g)
-                (export "run-handler" (func $g))
+                (export "run-handler" (func $f))
             )"#,
         );
         let s = read_surface(&bytes).unwrap();
