@@ -5,7 +5,9 @@
 # tests say SKIPPED; once it is installed, JOBHOOK_REQUIRE_POSTGRES=1 makes them fail instead of
 # skipping, so a broken set-up cannot pass by skipping. The Keyfactor-side forwarder (C#) is
 # compiled and run with Mono (mcs, mono, System.Net.Http); its tests fail without them unless
-# JOBHOOK_SKIP_MONO=1 is set explicitly.
+# JOBHOOK_SKIP_MONO=1 is set explicitly. The C, JavaScript and Python toolchains
+# (scripts/lang-toolchains.sh) are installed too: host/tests/languages.rs builds handlers in those
+# languages from source and fails when a toolchain is missing, unless JOBHOOK_SKIP_LANGS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
@@ -24,6 +26,10 @@ if ! have_mono && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         mono-mcs mono-runtime libmono-system-net-http4.0-cil >/dev/null) ||
         echo "warning: cannot install Mono; the forwarder tests will fail (JOBHOOK_SKIP_MONO=1 skips them)" >&2
+fi
+
+if [ "${JOBHOOK_SKIP_LANGS:-0}" != 1 ]; then
+    scripts/lang-toolchains.sh
 fi
 
 cargo test --workspace "$@"

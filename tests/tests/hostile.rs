@@ -559,16 +559,67 @@ async fn env_args_files_and_stdin_are_empty() {
 }
 
 #[tokio::test]
-async fn a_component_using_sockets_is_refused_at_load() {
-    let error = refuse(guest_bytes("guest-sockets"), spec("sockets", &[])).await;
-    match &error {
-        LoadError::NotProvided { import, hint } => {
-            assert!(import.starts_with("wasi:sockets/"), "{import}");
-            assert!(hint.contains("sockets"), "{hint}");
-        }
-        other => panic!("expected NotProvided, got {other:?}"),
+async fn a_component_using_sockets_links_and_every_attempt_is_denied() {
+    use std::io::ErrorKind;
+    use std::net::{TcpListener, UdpSocket};
+    // Real listeners on loopback: if any socket call got through, something would arrive here.
+    let tcp = TcpListener::bind("127.0.0.1:0").expect("tcp listener");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    udp.set_nonblocking(true).expect("nonblocking");
+    let tcp_port = tcp.local_addr().expect("addr").port().to_string();
+    let udp_port = udp.local_addr().expect("addr").port().to_string();
+
+    let bytes = guest_bytes("guest-sockets");
+    let handler = corpus::load(
+        bytes,
+        spec(
+            "sockets",
+            &[("tcp_port", &tcp_port), ("udp_port", &udp_port)],
+        ),
+    )
+    .await
+    .expect("a component importing wasi:sockets loads");
+    let imports = handler.component().imports();
+    assert!(
+        imports.inert.iter().any(|i| i.starts_with("wasi:sockets/")),
+        "{imports:?}"
+    );
+    assert!(
+        !imports.wasi.iter().any(|i| i.starts_with("wasi:sockets/")),
+        "sockets are reported as inert, not as working WASI: {imports:?}"
+    );
+    let outcome = corpus::invoke(&handler).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:#?}");
+    let log: Vec<&str> = outcome.logs.iter().map(|l| l.message.as_str()).collect();
+    for attempt in [
+        "tcp connect",
+        "udp send",
+        "tcp listen",
+        "udp bind",
+        "dns lookup",
+    ] {
+        assert!(
+            log.iter()
+                .any(|line| line.starts_with(&format!("{attempt}: "))),
+            "{attempt} was not attempted and refused: {log:#?}"
+        );
     }
-    assert!(error.to_string().contains("wasi:sockets/"), "{error}");
+    assert!(
+        log.iter()
+            .filter(|l| !l.starts_with("dns lookup"))
+            .all(|l| l.contains("Permission denied") || l.contains("denied")),
+        "{log:#?}"
+    );
+    match tcp.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("something connected to the test's TCP listener: {other:?}"),
+    }
+    let mut buf = [0u8; 64];
+    match udp.recv_from(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("a datagram reached the test's UDP socket: {other:?}"),
+    }
 }
 
 fn foreign_import_component(foreign_wit: &str, import: &str, core_import: &str) -> Vec<u8> {

@@ -16,13 +16,9 @@ use crate::capabilities::properties::Properties;
 use crate::context::{JobContext, MAX_CONTEXT_BYTES};
 use crate::escape::escape;
 use crate::outcome::Outcome;
-use crate::runtime::engine::Engine;
 use crate::runtime::loader::{self, Inspection, LoadOptions};
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::{Delivery, SandboxSpec};
-
-/// Sandboxes the one-shot commands need; a small pool keeps start-up cheap.
-const CLI_MAX_CONCURRENT_SANDBOXES: u32 = 4;
 
 /// Runs Keyfactor Command job complete handlers as sandboxed WebAssembly components.
 #[derive(Debug, Parser)]
@@ -107,6 +103,9 @@ pub struct RunArgs {
     /// The services behind the keyfactor, mail and http capabilities.
     #[command(flatten)]
     services: Box<crate::app::devtools::ServiceArgs>,
+    /// Pool caps, compile time limit and AOT cache.
+    #[command(flatten)]
+    engine: crate::app::engine_args::EngineArgs,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +115,9 @@ struct InspectArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Pool caps, compile time limit and AOT cache.
+    #[command(flatten)]
+    engine: crate::app::engine_args::EngineArgs,
 }
 
 /// Entry point of the binary: parses arguments, runs the command, maps the result to an exit
@@ -184,9 +186,9 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     let context = read_context(&args.context)?;
     let properties = parse_properties(&args.properties)?;
-    let options = LoadOptions::default();
+    let options = args.engine.load_options();
     let bytes = read_component(&args.component, &options)?;
-    let engine = Engine::new(CLI_MAX_CONCURRENT_SANDBOXES)?;
+    let engine = args.engine.engine()?;
 
     let name = args
         .component
@@ -205,9 +207,11 @@ pub async fn run(
         spec.limits.memory_bytes = bytes;
     }
 
+    let load_started = std::time::Instant::now();
     let handler = SandboxedHandler::load(&engine, &run_services.services, bytes, spec, &options)
         .await
         .with_context(|| format!("cannot load {}", args.component.display()))?;
+    let load = load_report(handler.component(), load_started.elapsed());
     let outcome = handler
         .invoke(
             &context,
@@ -225,6 +229,7 @@ pub async fn run(
                 "handler".into(),
                 args.component.display().to_string().into(),
             );
+            map.insert("load".into(), load);
         }
         println!("{}", terminal_safe_json(&serde_json::to_string(&value)?));
     } else {
@@ -237,10 +242,23 @@ pub async fn run(
     })
 }
 
+/// How the component was loaded, for `run --json`: `cache` is `hit` (nothing compiled), `miss`
+/// (compiled and stored), `rejected` (a bad entry was replaced) or `off` (no cache).
+fn load_report(component: &loader::LoadedComponent, took: Duration) -> serde_json::Value {
+    use crate::runtime::aot::CacheOutcome;
+    let cache = match component.cache_outcome() {
+        None => "off",
+        Some(CacheOutcome::Hit) => "hit",
+        Some(CacheOutcome::Miss) => "miss",
+        Some(CacheOutcome::Rejected(_)) => "rejected",
+    };
+    serde_json::json!({ "cache": cache, "ms": took.as_secs_f64() * 1000.0 })
+}
+
 async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let options = LoadOptions::default();
+    let options = args.engine.load_options();
     let bytes = read_component(&args.component, &options)?;
-    let engine = Engine::new(CLI_MAX_CONCURRENT_SANDBOXES)?;
+    let engine = args.engine.engine()?;
     let inspection = loader::inspect(&engine, bytes, &options)
         .await
         .with_context(|| format!("cannot inspect {}", args.component.display()))?;
@@ -476,6 +494,14 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
     let _ = writeln!(out, "capabilities  {}", list(&caps));
     let _ = writeln!(out, "jobhook       {}", list(&inspection.imports.jobhook));
     let _ = writeln!(out, "wasi          {}", list(&inspection.imports.wasi));
+    if !inspection.imports.inert.is_empty() {
+        let _ = writeln!(
+            out,
+            "wasi inert    {} ({})",
+            inspection.imports.inert.join(", "),
+            loader::INERT_NOTE
+        );
+    }
     if !inspection.imports.unsupported.is_empty() {
         let _ = writeln!(
             out,
@@ -484,6 +510,12 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
         );
     }
     let _ = writeln!(out, "exports       {}", list(&inspection.exports));
+    if !inspection.compiled {
+        let _ = writeln!(
+            out,
+            "compiled      no: its imports and exports already rule it out"
+        );
+    }
     out
 }
 

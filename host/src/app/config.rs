@@ -252,6 +252,9 @@ impl Config {
                 ),
             ));
         }
+        if let Err(e) = raw.engine.pool().validate() {
+            return Err(v.error(None, &format!("[engine] {e}")));
+        }
         let mut handlers = Vec::with_capacity(raw.handlers.len());
         let mut seen = BTreeMap::new();
         for raw_handler in raw.handlers {

@@ -6,6 +6,7 @@
 //! - [`migrate`]: `jobhook import` (Keyfactor registrations to `[[handlers]]`) and
 //!   `jobhook forwarder-config` (the forwarder's Keyfactor registration);
 //! - [`cli`]: the `jobhook` command line;
+//! - [`engine_args`]: the engine flags of `jobhook run` and `jobhook inspect`;
 //! - [`devtools`]: `jobhook run`'s capability flags;
 //! - [`jobtypes`]: `jobhook job-types`, the instance's job-type GUIDs as configuration.
 //!
@@ -15,6 +16,7 @@
 pub mod cli;
 pub mod config;
 pub mod devtools;
+pub mod engine_args;
 pub mod jobtypes;
 pub mod migrate;
 pub mod server;

@@ -148,7 +148,7 @@ pub fn services(config: &Config) -> anyhow::Result<Services> {
 /// names.
 pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
     let config = Config::load(path)?;
-    let engine = Engine::new(4)?;
+    let engine = Engine::with_pool(4, &config.engine.pool())?;
     let services = services(&config)?;
     let set = load_handlers(&engine, &services, &config, None).await?;
     Ok(set.names())
@@ -161,7 +161,7 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     // One pool slot per delivery the dispatcher may run at once: no delivery ever waits for a
     // slot, and no slot is reserved that could never be used.
     let slots = u32::try_from(config.engine.max_concurrent_deliveries).unwrap_or(u32::MAX);
-    let engine = Engine::new(slots)?;
+    let engine = Engine::with_pool(slots, &config.engine.pool())?;
     // Optionally, sandboxes get threads of their own below the API's priority.
     let engine = match config.engine.sandbox_threads {
         0 => engine,

@@ -177,6 +177,11 @@ pub struct HandlerSummary {
     pub job_types: Vec<String>,
     /// Capabilities it imports.
     pub imports: Vec<String>,
+    /// WASI interfaces it imports (linked, granting nothing).
+    pub wasi_imports: Vec<String>,
+    /// WASI interfaces it imports that are linked inert, each as
+    /// "`name` (linked inert: every call denied)".
+    pub inert_imports: Vec<String>,
     /// Its grants.
     pub grants: crate::capabilities::Grants,
     /// Its limits.
@@ -212,6 +217,15 @@ impl HandlerSummary {
                 .capabilities
                 .iter()
                 .map(|c| c.to_string())
+                .collect(),
+            wasi_imports: h.handler.component().imports().wasi.clone(),
+            inert_imports: h
+                .handler
+                .component()
+                .imports()
+                .inert
+                .iter()
+                .map(|name| format!("{name} ({})", crate::runtime::loader::INERT_NOTE))
                 .collect(),
             grants: c.grants.clone(),
             limits: effective_limits(&c.limits),

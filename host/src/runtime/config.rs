@@ -1,9 +1,12 @@
-//! `[engine]`: how many deliveries run at once, on which threads, and the load gate's bounds.
+//! `[engine]`: how many deliveries run at once, on which threads, the sandbox pool's caps and
+//! the load gate's bounds.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::runtime::engine::PoolSettings;
 
 /// Deliveries running at once across all handlers. Two cores run about this many sandboxes
 /// without starving the ingest path; more waits in the durable queue.
@@ -40,16 +43,50 @@ pub struct EngineConfig {
     /// store ([`crate::runtime::engine::SandboxThreads`]). 0 (the default) runs sandboxes on the same
     /// threads as the API. See docs/PERFORMANCE.md (scenario d) for the trade-off.
     pub sandbox_threads: usize,
+    /// Most core instances one component may contain (the pool refuses more at instantiation).
+    pub max_core_instances_per_component: u32,
+    /// Most linear memories one component may define.
+    pub max_memories_per_component: u32,
+    /// Most tables one component may define.
+    pub max_tables_per_component: u32,
+    /// Core instances the pool reserves per concurrent delivery; a delivery of a component with
+    /// more waits for a free share (Python: 14, QuickJS: 9, Rust: 3).
+    pub core_instances_per_delivery: u32,
+    /// Linear memories the pool reserves per concurrent delivery (QuickJS: 2, others: 1).
+    pub memories_per_delivery: u32,
+    /// Tables the pool reserves per concurrent delivery.
+    pub tables_per_delivery: u32,
+}
+
+impl EngineConfig {
+    /// The pooling allocator settings of this section.
+    pub fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            max_core_instances_per_component: self.max_core_instances_per_component,
+            max_memories_per_component: self.max_memories_per_component,
+            max_tables_per_component: self.max_tables_per_component,
+            core_instances_per_delivery: self.core_instances_per_delivery,
+            memories_per_delivery: self.memories_per_delivery,
+            tables_per_delivery: self.tables_per_delivery,
+        }
+    }
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        let pool = PoolSettings::default();
         EngineConfig {
             max_concurrent_deliveries: DEFAULT_MAX_CONCURRENT_DELIVERIES,
             max_component_bytes: crate::runtime::loader::DEFAULT_MAX_COMPONENT_BYTES,
             compile_timeout: crate::runtime::loader::DEFAULT_COMPILE_TIMEOUT,
             cache_dir: None,
             sandbox_threads: 0,
+            max_core_instances_per_component: pool.max_core_instances_per_component,
+            max_memories_per_component: pool.max_memories_per_component,
+            max_tables_per_component: pool.max_tables_per_component,
+            core_instances_per_delivery: pool.core_instances_per_delivery,
+            memories_per_delivery: pool.memories_per_delivery,
+            tables_per_delivery: pool.tables_per_delivery,
         }
     }
 }

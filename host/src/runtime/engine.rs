@@ -36,9 +36,115 @@ pub const ASYNC_STACK: usize = 2 * 1024 * 1024;
 /// components are well under it, and a component that needs more is refused at instantiation.
 const MAX_COMPONENT_INSTANCE_SIZE: usize = 4 * 1024 * 1024;
 
-/// Core instances in one component: a Rust component has 3–6; the cap stops a hostile one from
-/// claiming a large share of the pool.
-const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+/// Default most core instances in one component: a Rust component has 3–6, C 5, QuickJS 9,
+/// CPython (componentize-py) 14 (docs/LANGUAGES.md); the cap stops a hostile one from claiming a
+/// large share of the pool.
+pub const DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+
+/// Default core instances the pool reserves per concurrent delivery: enough for a Python handler
+/// (14) in every slot at once, so `max_concurrent_deliveries` Python deliveries run together. The
+/// old reservation of 8 let only 9 of 16 Python deliveries run at once (the rest failed with "no
+/// sandbox slot is free" and were requeued). A reserved core instance costs address space only
+/// (`max_core_instance_size`, 4 MiB, never touched unless used); measured in docs/LANGUAGES.md.
+pub const DEFAULT_CORE_INSTANCES_PER_DELIVERY: u32 = 16;
+
+/// Default linear memories the pool reserves per concurrent delivery: QuickJS components take
+/// 2, everything else measured 1. Each reserved memory is a slot of [`MAX_MEMORY_PER_SANDBOX`]
+/// plus guard pages of address space, so this is the expensive one to raise.
+pub const DEFAULT_MEMORIES_PER_DELIVERY: u32 = 2;
+
+/// Default tables the pool reserves per concurrent delivery (every language measured uses 2).
+pub const DEFAULT_TABLES_PER_DELIVERY: u32 = 4;
+
+/// Most core instances per component or per delivery accepted in `[engine]`: far above any real
+/// component (componentize-py's `--stub-wasi` needs 38), and small enough that the pool's
+/// reservation (`× max_concurrent_deliveries × 4 MiB` of address space) stays bounded.
+pub const MAX_CORE_INSTANCES_SETTING: u32 = 1024;
+
+/// Most memories per component or per delivery accepted in `[engine]`: each reserved memory is
+/// over 1 GiB of address space.
+pub const MAX_MEMORIES_SETTING: u32 = 16;
+
+/// Most tables per component or per delivery accepted in `[engine]`.
+pub const MAX_TABLES_SETTING: u32 = 256;
+
+/// The pooling allocator's per-component caps and per-delivery reservation (`[engine]`
+/// settings). Per-handler `instances`/`memories`/`tables` limits apply within them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Most core instances one component may contain (refused at instantiation above it).
+    pub max_core_instances_per_component: u32,
+    /// Most linear memories one component may define.
+    pub max_memories_per_component: u32,
+    /// Most tables one component may define.
+    pub max_tables_per_component: u32,
+    /// Core instances reserved per concurrent delivery (the pool holds this many times the
+    /// number of sandboxes).
+    pub core_instances_per_delivery: u32,
+    /// Linear memories reserved per concurrent delivery.
+    pub memories_per_delivery: u32,
+    /// Tables reserved per concurrent delivery.
+    pub tables_per_delivery: u32,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_core_instances_per_component: DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT,
+            max_memories_per_component: crate::limits::DEFAULT_MAX_MEMORIES as u32,
+            max_tables_per_component: crate::limits::DEFAULT_MAX_TABLES as u32,
+            core_instances_per_delivery: DEFAULT_CORE_INSTANCES_PER_DELIVERY,
+            memories_per_delivery: DEFAULT_MEMORIES_PER_DELIVERY,
+            tables_per_delivery: DEFAULT_TABLES_PER_DELIVERY,
+        }
+    }
+}
+
+impl PoolSettings {
+    /// Checks every value is between 1 and its `MAX_*_SETTING`; the message names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            (
+                "max_core_instances_per_component",
+                self.max_core_instances_per_component,
+                MAX_CORE_INSTANCES_SETTING,
+            ),
+            (
+                "core_instances_per_delivery",
+                self.core_instances_per_delivery,
+                MAX_CORE_INSTANCES_SETTING,
+            ),
+            (
+                "max_memories_per_component",
+                self.max_memories_per_component,
+                MAX_MEMORIES_SETTING,
+            ),
+            (
+                "memories_per_delivery",
+                self.memories_per_delivery,
+                MAX_MEMORIES_SETTING,
+            ),
+            (
+                "max_tables_per_component",
+                self.max_tables_per_component,
+                MAX_TABLES_SETTING,
+            ),
+            (
+                "tables_per_delivery",
+                self.tables_per_delivery,
+                MAX_TABLES_SETTING,
+            ),
+        ];
+        for (name, value, max) in checks {
+            if !(1..=max).contains(&value) {
+                return Err(format!(
+                    "{name} must be between 1 and {max} (it is {value})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Dirty bytes of a linear memory that are reset in place (copied back from the component's
 /// memory image or zeroed) when its pool slot is reused, instead of being handed back to the
@@ -93,21 +199,30 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// The pooling allocator settings of an engine with room for `max_concurrent` live sandboxes.
+/// The pooling allocator settings of an engine with room for `max_concurrent` live sandboxes,
+/// with the default [`PoolSettings`].
 pub fn pooling_config(max_concurrent: u32) -> PoolingAllocationConfig {
+    pooling_config_with(max_concurrent, &PoolSettings::default())
+}
+
+/// The pooling allocator settings of an engine with room for `max_concurrent` live sandboxes.
+pub fn pooling_config_with(
+    max_concurrent: u32,
+    settings: &PoolSettings,
+) -> PoolingAllocationConfig {
     let n = max_concurrent.max(1);
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(n)
-        .total_core_instances(n.saturating_mul(8))
-        .total_memories(n.saturating_mul(2))
-        .total_tables(n.saturating_mul(4))
+        .total_core_instances(n.saturating_mul(settings.core_instances_per_delivery.max(1)))
+        .total_memories(n.saturating_mul(settings.memories_per_delivery.max(1)))
+        .total_tables(n.saturating_mul(settings.tables_per_delivery.max(1)))
         .total_stacks(n)
         .max_memory_size(MAX_MEMORY_PER_SANDBOX)
         .max_component_instance_size(MAX_COMPONENT_INSTANCE_SIZE)
         .max_core_instance_size(MAX_COMPONENT_INSTANCE_SIZE)
-        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
-        .max_memories_per_component(crate::limits::DEFAULT_MAX_MEMORIES as u32)
-        .max_tables_per_component(crate::limits::DEFAULT_MAX_TABLES as u32)
+        .max_core_instances_per_component(settings.max_core_instances_per_component.max(1))
+        .max_memories_per_component(settings.max_memories_per_component.max(1))
+        .max_tables_per_component(settings.max_tables_per_component.max(1))
         .table_elements(crate::limits::DEFAULT_TABLE_ELEMENTS as usize * 5)
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
         .pagemap_scan(Enabled::Auto)
@@ -143,10 +258,16 @@ pub fn wasmtime_config(allocation: InstanceAllocationStrategy) -> Config {
 }
 
 impl Engine {
-    /// An engine with room for `max_concurrent` live sandboxes.
+    /// An engine with room for `max_concurrent` live sandboxes and the default pool settings.
     pub fn new(max_concurrent: u32) -> Result<Self, EngineError> {
+        Self::with_pool(max_concurrent, &PoolSettings::default())
+    }
+
+    /// An engine with room for `max_concurrent` live sandboxes and the pool `settings`.
+    pub fn with_pool(max_concurrent: u32, settings: &PoolSettings) -> Result<Self, EngineError> {
+        settings.validate().map_err(EngineError)?;
         Self::with_config(&wasmtime_config(InstanceAllocationStrategy::Pooling(
-            pooling_config(max_concurrent),
+            pooling_config_with(max_concurrent, settings),
         )))
     }
 

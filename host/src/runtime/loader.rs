@@ -1,10 +1,12 @@
 //! The load gate: turns untrusted bytes into a checked, pre-instantiated handler component, or
 //! refuses them with a message that says what is wrong and what to do.
 //!
-//! Checks, in order: size; WebAssembly magic and binary kind (component, not core module);
-//! validation and compilation (off the async runtime, with a time bound); every import is an
-//! interface the host provides, of a supported version, and — for capabilities — granted to the
-//! handler; finally the component's exports match the `handler` world.
+//! Checks, in order: size; WebAssembly magic and binary kind (component, not core module); the
+//! pre-check, read from the binary without compiling ([`crate::runtime::imports`]): every
+//! import is an interface the host provides, of a supported version, and — for capabilities —
+//! granted to the handler, and the component exports `run-handler`; validation and compilation
+//! (off the async runtime, with a time bound); the same import checks on the compiled
+//! component's types; finally the component's exports match the `handler` world.
 
 use std::time::Duration;
 
@@ -14,7 +16,9 @@ use wasmtime::component::types::ComponentItem;
 
 use crate::bindings::HandlerPre;
 use crate::capabilities::{ALWAYS_AVAILABLE, Capability, Grants};
+use crate::runtime::aot::CacheOutcome;
 use crate::runtime::engine::Engine;
+use crate::runtime::imports::{ImportKind, read_surface};
 use crate::runtime::state::{SandboxState, linker};
 
 /// The WIT package handlers are built against, and its version.
@@ -41,17 +45,27 @@ const PROVIDED_WASI: &[&str] = &[
     "wasi:filesystem/",
 ];
 
+/// WASI packages that are linked *inert*: a component may import them, and every call is denied
+/// at run time. libpython imports `wasi:sockets` whatever the handler does, so refusing it would
+/// refuse every Python handler. Each sandbox's `WasiCtx` allows no TCP, no UDP and no name
+/// lookup and checks every socket address against a policy that refuses all of them; in
+/// wasmtime-wasi 48, creating a TCP or UDP socket fails with `access-denied` before any OS socket
+/// exists, and a name lookup fails before resolving (`sandbox::new_store`; the hostile test
+/// `a_component_using_sockets_links_and_every_attempt_is_denied` holds this to a real listener).
+/// Reports list them apart from the WASI that works ([`ImportSummary::inert`]).
+pub const INERT_WASI: &[&str] = &["wasi:sockets/"];
+
+/// How reports describe an [`INERT_WASI`] import.
+pub const INERT_NOTE: &str = "linked inert: every call denied";
+
+/// The name of the one export of the `handler` world.
+pub const HANDLER_EXPORT: &str = "run-handler";
+
 /// WASI packages that are refused outright, with the capability to use instead.
-const REFUSED_WASI: &[(&str, &str)] = &[
-    (
-        "wasi:sockets/",
-        "network sockets are not available to handlers; use the `http` or `keyfactor` capability",
-    ),
-    (
-        "wasi:http/",
-        "wasi:http is not available to handlers; use the `http` capability (jobhook:handler/http)",
-    ),
-];
+const REFUSED_WASI: &[(&str, &str)] = &[(
+    "wasi:http/",
+    "wasi:http is not available to handlers; use the `http` capability (jobhook:handler/http)",
+)];
 
 /// How a component is checked.
 #[derive(Debug, Clone)]
@@ -150,6 +164,8 @@ pub struct ImportSummary {
     pub jobhook: Vec<String>,
     /// WASI interfaces it imports (linked, but granting nothing).
     pub wasi: Vec<String>,
+    /// WASI interfaces it imports that are linked inert: every call is denied ([`INERT_WASI`]).
+    pub inert: Vec<String>,
     /// Imports the engine does not provide (a component with any is refused).
     pub unsupported: Vec<String>,
 }
@@ -160,6 +176,7 @@ pub struct LoadedComponent {
     pre: HandlerPre<SandboxState>,
     imports: ImportSummary,
     size: usize,
+    cache: Option<CacheOutcome>,
 }
 
 impl LoadedComponent {
@@ -177,6 +194,12 @@ impl LoadedComponent {
     pub fn size(&self) -> usize {
         self.size
     }
+
+    /// What the engine's AOT cache did when it was loaded (`None`: the engine has no cache, so
+    /// it was compiled).
+    pub fn cache_outcome(&self) -> Option<&CacheOutcome> {
+        self.cache.as_ref()
+    }
 }
 
 /// The result of `jobhook inspect`: everything the gate learns about a component, without
@@ -191,6 +214,37 @@ pub struct Inspection {
     pub imports: ImportSummary,
     /// Names of its exports.
     pub exports: Vec<String>,
+    /// Whether it was compiled. A component whose imports or exports, read from the binary,
+    /// already rule it out is reported without compiling it.
+    pub compiled: bool,
+}
+
+/// Reads the component's imports and exports from the binary, without compiling it, and
+/// refuses it when they cannot fit: an import the engine does not provide or at a version it
+/// does not implement, a capability `grants` does not allow (skipped when `grants` is `None`),
+/// or no `run-handler` export. Milliseconds even for an 18 MB component; the compile that
+/// follows checks everything again on the compiled types.
+pub fn precheck(
+    bytes: &[u8],
+    grants: Option<&Grants>,
+    options: &LoadOptions,
+) -> Result<ImportSummary, LoadError> {
+    check_header(bytes, options)?;
+    let surface = read_surface(bytes).map_err(|e| LoadError::Invalid(e.to_string()))?;
+    let (summary, problem) = classify_imports(
+        surface
+            .imports
+            .iter()
+            .map(|(name, kind)| (name.as_str(), *kind == ImportKind::Instance)),
+    );
+    if let Some(problem) = problem {
+        return Err(problem);
+    }
+    if let Some(grants) = grants {
+        check_grants(&summary, grants)?;
+    }
+    check_handler_export(&surface.exports)?;
+    Ok(summary)
 }
 
 /// Checks and prepares a component for a handler with `grants`.
@@ -201,8 +255,20 @@ pub async fn load(
     options: &LoadOptions,
 ) -> Result<LoadedComponent, LoadError> {
     let size = bytes.len();
-    let component = compile(engine, bytes, options).await?;
+    precheck(&bytes, Some(grants), options)?;
+    let (component, cache) = compile(engine, bytes, options).await?;
     let imports = summarize_imports(engine, &component)?;
+    check_grants(&imports, grants)?;
+    let pre = prepare(engine, &component)?;
+    Ok(LoadedComponent {
+        pre,
+        imports,
+        size,
+        cache,
+    })
+}
+
+fn check_grants(imports: &ImportSummary, grants: &Grants) -> Result<(), LoadError> {
     for capability in &imports.capabilities {
         if !grants.allows(*capability) {
             return Err(LoadError::NotGranted {
@@ -210,45 +276,76 @@ pub async fn load(
             });
         }
     }
-    let pre = prepare(engine, &component)?;
-    Ok(LoadedComponent { pre, imports, size })
+    Ok(())
 }
 
-/// Inspects a component: compiles it, lists its imports and exports and checks it against the
-/// world. Fails only when the bytes are not a usable component at all.
+fn check_handler_export(exports: &[String]) -> Result<(), LoadError> {
+    if exports.iter().any(|e| e == HANDLER_EXPORT) {
+        return Ok(());
+    }
+    let found = if exports.is_empty() {
+        "none".to_owned()
+    } else {
+        exports.join(", ")
+    };
+    Err(LoadError::WrongWorld(format!(
+        "it does not export `{HANDLER_EXPORT}` (its exports: {found})"
+    )))
+}
+
+/// Inspects a component: lists its imports and exports and checks it against the world,
+/// compiling it only when what the binary declares can fit. Fails only when the bytes are not a
+/// usable component at all.
 pub async fn inspect(
     engine: &Engine,
     bytes: Vec<u8>,
     options: &LoadOptions,
 ) -> Result<Inspection, LoadError> {
     let size = bytes.len();
-    let component = compile(engine, bytes, options).await?;
+    check_header(&bytes, options)?;
+    let surface = read_surface(&bytes).map_err(|e| LoadError::Invalid(e.to_string()))?;
+    let (imports, problem) = classify_imports(
+        surface
+            .imports
+            .iter()
+            .map(|(name, kind)| (name.as_str(), *kind == ImportKind::Instance)),
+    );
+    if let Some(problem) = problem.or_else(|| check_handler_export(&surface.exports).err()) {
+        return Ok(Inspection {
+            size,
+            world_error: Some(problem.to_string()),
+            imports,
+            exports: surface.exports,
+            compiled: false,
+        });
+    }
+    let (component, _) = compile(engine, bytes, options).await?;
     let ty = component.component_type();
     let exports = ty
         .exports(engine.wasmtime())
-        .map(|(n, _)| n.to_owned())
+        .map(|(n, _)| n.escape_debug().to_string())
         .collect();
-    let (imports, world_error) = match summarize_imports(engine, &component) {
-        Ok(imports) => {
-            let world_error = prepare(engine, &component).err().map(|e| e.to_string());
-            (imports, world_error)
-        }
-        Err(e) => (raw_imports(engine, &component), Some(e.to_string())),
+    let (imports, problem) = classify_compiled(engine, &component);
+    let world_error = match problem {
+        Some(e) => Some(e.to_string()),
+        None => prepare(engine, &component).err().map(|e| e.to_string()),
     };
     Ok(Inspection {
         size,
         world_error,
         imports,
         exports,
+        compiled: true,
     })
 }
 
-/// Checks the binary's kind, then validates and compiles it off the async runtime.
+/// Checks the binary's kind, then validates and compiles it off the async runtime (or loads it
+/// from the engine's AOT cache, saying which).
 async fn compile(
     engine: &Engine,
     bytes: Vec<u8>,
     options: &LoadOptions,
-) -> Result<Component, LoadError> {
+) -> Result<(Component, Option<CacheOutcome>), LoadError> {
     check_header(&bytes, options)?;
     let wasmtime_engine = engine.wasmtime().clone();
     let cache = engine.aot_cache().cloned();
@@ -257,14 +354,14 @@ async fn compile(
     let task = tokio::task::spawn_blocking(move || match cache {
         Some(cache) => cache
             .load_or_compile(&wasmtime_engine, &bytes)
-            .map(|(component, _)| component),
-        None => Component::new(&wasmtime_engine, &bytes),
+            .map(|(component, outcome)| (component, Some(outcome))),
+        None => Component::new(&wasmtime_engine, &bytes).map(|c| (c, None)),
     });
     match tokio::time::timeout(options.compile_timeout, task).await {
         Err(_) => Err(LoadError::CompileTimeout(options.compile_timeout)),
         Ok(Err(join)) => Err(LoadError::Internal(format!("compiler task failed: {join}"))),
         Ok(Ok(Err(e))) => Err(LoadError::Invalid(format!("{e:#}"))),
-        Ok(Ok(Ok(component))) => Ok(component),
+        Ok(Ok(Ok(compiled))) => Ok(compiled),
     }
 }
 
@@ -305,63 +402,100 @@ fn prepare(engine: &Engine, component: &Component) -> Result<HandlerPre<SandboxS
     HandlerPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
 }
 
-fn raw_imports(engine: &Engine, component: &Component) -> ImportSummary {
-    let mut summary = ImportSummary::default();
-    for (name, _) in component.component_type().imports(engine.wasmtime()) {
-        summary.unsupported.push(name.to_owned());
-    }
-    summary
+/// The compiled component's imports, sorted as [`classify_imports`] does.
+fn classify_compiled(engine: &Engine, component: &Component) -> (ImportSummary, Option<LoadError>) {
+    let ty = component.component_type();
+    let names: Vec<(String, bool)> = ty
+        .imports(engine.wasmtime())
+        .map(|(name, item)| {
+            (
+                name.escape_debug().to_string(),
+                matches!(item.ty, ComponentItem::ComponentInstance(_)),
+            )
+        })
+        .collect();
+    classify_imports(names.iter().map(|(n, i)| (n.as_str(), *i)))
 }
 
-/// Sorts every import into capability / jobhook / WASI, refusing anything the engine does not
-/// provide, at a version it does not implement.
+/// Sorts the compiled component's imports, refusing anything the engine does not provide.
 fn summarize_imports(engine: &Engine, component: &Component) -> Result<ImportSummary, LoadError> {
+    match classify_compiled(engine, component) {
+        (_, Some(problem)) => Err(problem),
+        (summary, None) => Ok(summary),
+    }
+}
+
+/// Sorts every import (its name, and whether it is an instance) into capability / jobhook /
+/// WASI / inert WASI; what the engine does not provide, or not at this version, goes to
+/// `unsupported`, and the first such import is returned as the reason to refuse the component.
+fn classify_imports<'a>(
+    imports: impl IntoIterator<Item = (&'a str, bool)>,
+) -> (ImportSummary, Option<LoadError>) {
     let mut summary = ImportSummary::default();
-    for (name, item) in component.component_type().imports(engine.wasmtime()) {
-        if !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
-            return Err(LoadError::NotProvided {
-                import: name.to_owned(),
-                hint: "handlers may import only interfaces (jobhook:handler/* and WASI), not bare functions, types, modules or components".into(),
-            });
-        }
-        if let Some(rest) = name
-            .strip_prefix(WIT_PACKAGE)
-            .and_then(|r| r.strip_prefix('/'))
-        {
-            let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
-            if !version_supported(version) {
-                return Err(LoadError::UnsupportedVersion {
-                    import: name.to_owned(),
-                    supported: format!("{}.{}.{}", WIT_VERSION.0, WIT_VERSION.1, WIT_VERSION.2),
-                });
+    let mut first_problem = None;
+    for (name, is_instance) in imports {
+        match classify_import(name, is_instance, &mut summary) {
+            Ok(()) => {}
+            Err(problem) => {
+                summary.unsupported.push(name.to_owned());
+                first_problem.get_or_insert(problem);
             }
-            if let Some(capability) = Capability::from_interface(interface) {
-                summary.capabilities.push(capability);
-            } else if ALWAYS_AVAILABLE.contains(&interface) {
-                summary.jobhook.push(interface.to_owned());
-            } else {
-                return Err(LoadError::NotProvided {
-                    import: name.to_owned(),
-                    hint: format!("{WIT_PACKAGE} has no interface `{interface}` in this engine"),
-                });
-            }
-        } else if let Some((_, hint)) = REFUSED_WASI.iter().find(|(p, _)| name.starts_with(p)) {
-            return Err(LoadError::NotProvided {
-                import: name.to_owned(),
-                hint: (*hint).to_owned(),
-            });
-        } else if PROVIDED_WASI.iter().any(|p| name.starts_with(p)) {
-            summary.wasi.push(name.to_owned());
-        } else {
-            return Err(LoadError::NotProvided {
-                import: name.to_owned(),
-                hint: "only jobhook:handler/* interfaces and WASI cli, io, clocks, random and filesystem are available".into(),
-            });
         }
     }
     summary.capabilities.sort();
     summary.capabilities.dedup();
-    Ok(summary)
+    (summary, first_problem)
+}
+
+/// Puts one import where it belongs in `summary`, or says why the engine cannot provide it.
+fn classify_import(
+    name: &str,
+    is_instance: bool,
+    summary: &mut ImportSummary,
+) -> Result<(), LoadError> {
+    if !is_instance {
+        return Err(LoadError::NotProvided {
+            import: name.to_owned(),
+            hint: "handlers may import only interfaces (jobhook:handler/* and WASI), not bare functions, types, modules or components".into(),
+        });
+    }
+    if let Some(rest) = name
+        .strip_prefix(WIT_PACKAGE)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
+        if !version_supported(version) {
+            return Err(LoadError::UnsupportedVersion {
+                import: name.to_owned(),
+                supported: format!("{}.{}.{}", WIT_VERSION.0, WIT_VERSION.1, WIT_VERSION.2),
+            });
+        }
+        if let Some(capability) = Capability::from_interface(interface) {
+            summary.capabilities.push(capability);
+        } else if ALWAYS_AVAILABLE.contains(&interface) {
+            summary.jobhook.push(interface.to_owned());
+        } else {
+            return Err(LoadError::NotProvided {
+                import: name.to_owned(),
+                hint: format!("{WIT_PACKAGE} has no interface `{interface}` in this engine"),
+            });
+        }
+    } else if let Some((_, hint)) = REFUSED_WASI.iter().find(|(p, _)| name.starts_with(p)) {
+        return Err(LoadError::NotProvided {
+            import: name.to_owned(),
+            hint: (*hint).to_owned(),
+        });
+    } else if INERT_WASI.iter().any(|p| name.starts_with(p)) {
+        summary.inert.push(name.to_owned());
+    } else if PROVIDED_WASI.iter().any(|p| name.starts_with(p)) {
+        summary.wasi.push(name.to_owned());
+    } else {
+        return Err(LoadError::NotProvided {
+            import: name.to_owned(),
+            hint: "only jobhook:handler/* interfaces and WASI cli, io, clocks, random, filesystem and (inert) sockets are available".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether a component built against `version` of the handler package can run here: the same

@@ -4,6 +4,7 @@
 //! - [`engine`]: the wasmtime engine (pooling allocator, epoch ticker, proposals switched off);
 //! - [`loader`]: the load gate for untrusted component bytes (world and grant checks, compile
 //!   time bound);
+//! - [`imports`]: reading a component's imports and exports from the binary, before compiling;
 //! - [`aot`]: the on-disk cache of compiled components;
 //! - [`sandbox`]: a fresh store per delivery, and where the time limit is enforced;
 //! - [`state`]: the state of one sandbox and the linker (WASI and the capabilities);
@@ -16,6 +17,7 @@ pub mod classify;
 pub mod config;
 pub mod cpu_share;
 pub mod engine;
+pub mod imports;
 pub mod limiter;
 pub mod loader;
 pub mod sandbox;

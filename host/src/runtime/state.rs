@@ -131,6 +131,10 @@ impl SandboxState {
     ) -> Self {
         let limits = &spec.limits;
         // No args, no env, no preopens, no sockets, no name lookup: WASI is linked but empty.
+        // `wasi:sockets` is linked too (libpython imports it), and inert: with TCP, UDP and name
+        // lookup disallowed and the default address check (which refuses every address),
+        // wasmtime-wasi fails every socket creation with `access-denied` before an OS socket
+        // exists and every lookup before resolving (see `loader::INERT_WASI`).
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())

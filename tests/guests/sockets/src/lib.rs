@@ -1,25 +1,34 @@
-//! Hostile guest: tries the network directly with `std::net` — a TCP connect to 127.0.0.1:1, a
-//! TCP listener, a UDP socket and a DNS lookup — bypassing the granted `http`/`keyfactor`
-//! capabilities.
+//! Hostile guest: tries the network directly with `std::net` — a TCP connect and a UDP datagram
+//! to the ports in the properties `tcp_port` and `udp_port` on 127.0.0.1 (listeners the test
+//! opened), a TCP listener, a UDP socket and a DNS lookup — bypassing the granted
+//! `http`/`keyfactor` capabilities.
 //!
 //! On `wasm32-wasip2` these go through `wasi:sockets`, so the component imports it. The engine
-//! must refuse the component at load with a message naming sockets; it never runs. (Were it to
-//! run, every attempt would fail — the guest returns `err` listing anything that worked.)
+//! links `wasi:sockets` inert: the component runs and every attempt must fail. The guest returns
+//! `err` listing anything that worked; the test also checks that its listeners saw nothing.
 
 use std::net::{TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::Duration;
 
-use jobhook_sdk::{Context, Handler, Result, export_handler, info};
+use jobhook_sdk::{Context, Handler, Result, export_handler, info, properties};
 
 struct Sockets;
 
 impl Handler for Sockets {
     fn run(_ctx: &Context) -> Result<()> {
         let mut worked = Vec::new();
-        let target = ([127, 0, 0, 1], 1).into();
-        match TcpStream::connect_timeout(&target, Duration::from_millis(100)) {
-            Ok(_) => worked.push("tcp connect 127.0.0.1:1"),
+        let tcp_port: u16 = properties::parse_or("tcp_port", 1)?;
+        let udp_port: u16 = properties::parse_or("udp_port", 1)?;
+        let target = ([127, 0, 0, 1], tcp_port).into();
+        match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+            Ok(_) => worked.push("tcp connect"),
             Err(e) => info!("tcp connect: {e}"),
+        }
+        match UdpSocket::bind("127.0.0.1:0")
+            .and_then(|socket| socket.send_to(b"escaped", ("127.0.0.1", udp_port)))
+        {
+            Ok(_) => worked.push("udp send"),
+            Err(e) => info!("udp send: {e}"),
         }
         match TcpListener::bind("127.0.0.1:0") {
             Ok(_) => worked.push("tcp listen"),
