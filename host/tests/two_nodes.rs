@@ -6,7 +6,10 @@
 //!   202 from either node ends with exactly one terminal delivery per matching handler, and the
 //!   deliveries the dead node was running are taken over by the survivor once their lease
 //!   expires, with a higher attempt number that the handler saw;
-//! - only one process leads the poller role, and another takes over when it dies.
+//! - only one process leads the poller role, and another takes over when it dies;
+//! - a node frozen with SIGSTOP — inside a transaction that has locked rows, or between
+//!   transactions — cannot stop the other from taking its deliveries over, and its late results
+//!   are refused when it wakes.
 //!
 //! Without PostgreSQL the tests print `SKIPPED: PostgreSQL not available: …` and pass (they fail
 //! instead under `JOBHOOK_REQUIRE_POSTGRES=1`, which `.ci/run` sets once PostgreSQL is installed).
@@ -42,7 +45,7 @@ listen = "127.0.0.1:{port}"
 
 [store]
 kind = "postgres"
-url = "{url}"
+url = "{url}?application_name=jobhook-{data_dir}"
 password = {{ file = "db-password" }}
 lease_ms = {LEASE_MS}
 data_dir = "{data_dir}"
@@ -335,4 +338,198 @@ fn lead_and_hold_as_a_child_process() {
     println!("{LEADING}");
     // Killed long before this ends; bounded so that an orphan cannot linger.
     std::thread::sleep(Duration::from_secs(120));
+}
+
+/// How soon after a node is frozen its running deliveries must have been taken over by the
+/// other node: the lease (2 s) plus a quarter lease until the server ends a session frozen in a
+/// transaction plus one requeue period (a third of the lease) is about 3.2 s; the rest is slack
+/// for a machine shared with compilers. Before sessions bounded their transactions, a node
+/// frozen inside one blocked the takeover for as long as it stayed frozen.
+const FROZEN_TAKEOVER_BOUND: Duration = Duration::from_secs(10);
+
+/// How long the test may keep trying to catch the node at the moment it wants to freeze it.
+const FREEZE_SEARCH: Duration = Duration::from_secs(60);
+
+/// A direct connection to the test database, for watching the nodes' sessions.
+fn watcher(db: &TestDatabase) -> postgres::Client {
+    let mut config: postgres::Config = db.url.parse().expect("test database URL");
+    config.password(&db.password);
+    config
+        .application_name("jobhook-test-watcher")
+        .connect(postgres::NoTls)
+        .expect("connect to the test database")
+}
+
+/// Sends `signal` to `pid`.
+fn signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("a pid");
+    // SAFETY: kill(2) with a child's pid and a valid signal number has no memory effects.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Sessions of the node named `app` that are inside a transaction that has written (and so
+/// holds row locks) and whose last statement recorded an outcome (`FINISH`).
+fn frozen_in_finish(watch: &mut postgres::Client, app: &str) -> i64 {
+    watch
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND state = 'idle in transaction' AND backend_xid IS NOT NULL \
+             AND query LIKE '%WITH done AS%'",
+            &[&app],
+        )
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// Sessions of the node named `app` that are inside a transaction.
+fn in_transaction(watch: &mut postgres::Client, app: &str) -> i64 {
+    watch
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND (state LIKE 'idle in transaction%' OR backend_xid IS NOT NULL)",
+            &[&app],
+        )
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+/// Deliveries `running` under `node` (committed state).
+fn running_under(watch: &mut postgres::Client, node: &str) -> i64 {
+    watch
+        .query_one(
+            "SELECT count(*) FROM deliveries WHERE state = 'running' AND owner = $1",
+            &[&node],
+        )
+        .expect("count running deliveries")
+        .get(0)
+}
+
+/// SIGSTOPs `pid` and keeps it stopped once `wanted` holds for the frozen process (checked
+/// after its last statement has had time to finish), else resumes it and tries again a moment
+/// later. Returns how many tries it took.
+fn freeze_when(pid: u32, mut wanted: impl FnMut() -> bool) -> u32 {
+    let started = Instant::now();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        signal(pid, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(20));
+        if wanted() {
+            return tries;
+        }
+        signal(pid, libc::SIGCONT);
+        assert!(
+            started.elapsed() < FREEZE_SEARCH,
+            "could not catch the node in the wanted state in {tries} tries"
+        );
+        std::thread::sleep(Duration::from_millis(u64::from(tries % 5)));
+    }
+}
+
+/// Waits until nothing runs under `node` any more; returns how long that took.
+fn taken_over(watch: &mut postgres::Client, node: &str, frozen: Instant) -> Duration {
+    loop {
+        if running_under(watch, node) == 0 {
+            return frozen.elapsed();
+        }
+        assert!(
+            frozen.elapsed() < FROZEN_TAKEOVER_BOUND,
+            "{} deliveries still running under the frozen node {node} after {:?}",
+            running_under(watch, node),
+            frozen.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_frozen_node_cannot_stop_the_other_from_taking_over() {
+    let Some(db) = database_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let bin = Path::new(env!("CARGO_BIN_EXE_jobhook"));
+    let node = |name: &str| -> (PathBuf, PathBuf) {
+        let config = dir.path().join(format!("{name}.toml"));
+        let text = config_text(free_port(), &db, &format!("data-{name}"));
+        std::fs::write(&config, text).expect("write config");
+        (config, dir.path().join(format!("{name}.log")))
+    };
+    let (config_a, log_a) = node("a");
+    let (config_b, log_b) = node("b");
+    // Only B takes events; A works off the shared queue, so a frozen A leaves no client hanging.
+    let a = EngineProcess::start(bin, &config_a, &log_a);
+    let b = EngineProcess::start(bin, &config_b, &log_b);
+    let a_node = node_id(&log_a);
+    let mut watch = watcher(&db);
+    let mut accepted = Vec::new();
+
+    // 1. Frozen inside a transaction that holds row locks: recording outcomes.
+    let record = dir.path().join("in-tx.txt");
+    let driver = load_driver(bin, &b.url, &record, "3");
+    std::thread::sleep(Duration::from_millis(1500));
+    let tries = freeze_when(a.pid(), || {
+        frozen_in_finish(&mut watch, "jobhook-data-a") > 0
+    });
+    let frozen = Instant::now();
+    let held = running_under(&mut watch, &a_node);
+    let in_tx_takeover = taken_over(&mut watch, &a_node, frozen);
+    let report = driver.wait_with_output().expect("load driver");
+    let ids_in_tx = ids(&record);
+    assert!(
+        ids_in_tx.len() > 100,
+        "too few events accepted: {}",
+        String::from_utf8_lossy(&report.stdout)
+    );
+    // Everything settles on B alone while A is still frozen.
+    let reruns_in_tx = check_exactly_once(&b.url, &ids_in_tx, Duration::from_secs(120));
+    accepted.extend(ids_in_tx);
+    // A wakes: the transaction it was in is gone, and what it finishes late is refused.
+    signal(a.pid(), libc::SIGCONT);
+    let woke = Instant::now();
+    while !a.log_text().contains("attempt not recorded") {
+        assert!(
+            woke.elapsed() < Duration::from_secs(30),
+            "the woken node's late outcomes were neither refused nor logged:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 2. Frozen between transactions while it runs deliveries.
+    let record = dir.path().join("between.txt");
+    let driver = load_driver(bin, &b.url, &record, "4");
+    std::thread::sleep(Duration::from_millis(1500));
+    let between_tries = freeze_when(a.pid(), || {
+        in_transaction(&mut watch, "jobhook-data-a") == 0 && running_under(&mut watch, &a_node) > 0
+    });
+    let frozen = Instant::now();
+    let held_between = running_under(&mut watch, &a_node);
+    let between_takeover = taken_over(&mut watch, &a_node, frozen);
+    let report = driver.wait_with_output().expect("load driver");
+    let ids_between = ids(&record);
+    assert!(
+        ids_between.len() > 100,
+        "too few events accepted: {}",
+        String::from_utf8_lossy(&report.stdout)
+    );
+    let reruns_between = check_exactly_once(&b.url, &ids_between, Duration::from_secs(120));
+    accepted.extend(ids_between);
+    signal(a.pid(), libc::SIGCONT);
+    // Give the woken node time to report its late results (two leases), then check again that
+    // nothing became terminal twice.
+    std::thread::sleep(Duration::from_millis(2 * LEASE_MS));
+    let reruns = check_exactly_once(&a.url, &accepted, Duration::from_secs(60));
+    println!(
+        "frozen in a transaction (caught after {tries} tries) with {held} deliveries: taken over \
+         in {in_tx_takeover:?}; frozen between transactions (after {between_tries} tries) with \
+         {held_between} deliveries: taken over in {between_takeover:?}; {} events exactly once, \
+         {reruns_in_tx} + {reruns_between} re-runs before waking, {reruns} after",
+        accepted.len()
+    );
+    assert!(held > 0 && held_between > 0, "the frozen node ran nothing");
+    drop(b);
+    drop(a);
 }

@@ -120,16 +120,12 @@ pub fn after_attempt(
     let (state, retry_at) = match end {
         AttemptEnd::Skipped => (DeliveryState::Skipped, None),
         AttemptEnd::Ran(OutcomeKind::Succeeded) => (DeliveryState::Succeeded, None),
-        AttemptEnd::Ran(OutcomeKind::EngineError { .. }) => (
-            DeliveryState::Pending,
-            Some(after(now, ENGINE_ERROR_RETRY)),
-        ),
+        AttemptEnd::Ran(OutcomeKind::EngineError { .. }) => {
+            (DeliveryState::Pending, Some(after(now, ENGINE_ERROR_RETRY)))
+        }
         AttemptEnd::Ran(_) if attempt < policy.max_attempts => {
             let delay = policy.delay_before(attempt.saturating_add(1));
-            (
-                DeliveryState::Pending,
-                Some(after(now, delay)),
-            )
+            (DeliveryState::Pending, Some(after(now, delay)))
         }
         AttemptEnd::Ran(_) => (DeliveryState::Failed, None),
     };

@@ -343,9 +343,10 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
                     })
                 })
                 .transpose()?;
-            Ok(Arc::new(postgres::PostgresStore::open(
+            Ok(Arc::new(postgres::PostgresStore::open_with_lease(
                 url,
                 password.as_ref(),
+                config.lease,
             )?))
         }
     }
