@@ -80,8 +80,13 @@ job_types = ["*"]
 
 /// Starts `jobhook load` against `url`, recording accepted event ids in `record`.
 fn load_driver(bin: &Path, url: &str, record: &Path, seed: &str) -> Child {
+    load_driver_for(bin, url, record, seed, SECONDS)
+}
+
+/// [`load_driver`] for `seconds`.
+fn load_driver_for(bin: &Path, url: &str, record: &Path, seed: &str, seconds: &str) -> Child {
     Command::new(bin)
-        .args(["load", "--url", url, "--rate", RATE, "--seconds", SECONDS])
+        .args(["load", "--url", url, "--rate", RATE, "--seconds", seconds])
         .args(["--seed", seed, "--record"])
         .arg(record)
         .stdout(Stdio::piped())
@@ -341,14 +346,18 @@ fn lead_and_hold_as_a_child_process() {
 }
 
 /// How soon after a node is frozen its running deliveries must have been taken over by the
-/// other node: the lease (2 s) plus a quarter lease until the server ends a session frozen in a
-/// transaction plus one requeue period (a third of the lease) is about 3.2 s; the rest is slack
+/// other node: the lease (2 s; the server ends a session frozen in a transaction after half
+/// of it) plus one requeue period (a third of the lease) is about 2.7 s; the rest is slack
 /// for a machine shared with compilers. Before sessions bounded their transactions, a node
 /// frozen inside one blocked the takeover for as long as it stayed frozen.
 const FROZEN_TAKEOVER_BOUND: Duration = Duration::from_secs(10);
 
-/// How long the test may keep trying to catch the node at the moment it wants to freeze it.
-const FREEZE_SEARCH: Duration = Duration::from_secs(60);
+/// How long the test may keep trying to catch the node at the moment it wants to freeze it
+/// (within the load of [`FREEZE_LOAD_SECONDS`]).
+const FREEZE_SEARCH: Duration = Duration::from_secs(16);
+
+/// How long the load runs while the test tries to catch the node inside a transaction.
+const FREEZE_LOAD_SECONDS: &str = "18";
 
 /// A direct connection to the test database, for watching the nodes' sessions.
 fn watcher(db: &TestDatabase) -> postgres::Client {
@@ -414,7 +423,8 @@ fn freeze_when(pid: u32, mut wanted: impl FnMut() -> bool) -> u32 {
     loop {
         tries += 1;
         signal(pid, libc::SIGSTOP);
-        std::thread::sleep(Duration::from_millis(20));
+        // Long enough for the server to finish a statement the node sent just before.
+        std::thread::sleep(Duration::from_millis(5));
         if wanted() {
             return tries;
         }
@@ -423,7 +433,7 @@ fn freeze_when(pid: u32, mut wanted: impl FnMut() -> bool) -> u32 {
             started.elapsed() < FREEZE_SEARCH,
             "could not catch the node in the wanted state in {tries} tries"
         );
-        std::thread::sleep(Duration::from_millis(u64::from(tries % 5)));
+        std::thread::sleep(Duration::from_micros(u64::from(tries % 7) * 300));
     }
 }
 
@@ -468,7 +478,8 @@ fn a_frozen_node_cannot_stop_the_other_from_taking_over() {
 
     // 1. Frozen inside a transaction that holds row locks: recording outcomes.
     let record = dir.path().join("in-tx.txt");
-    let driver = load_driver(bin, &b.url, &record, "3");
+    // Recording outcomes is a small share of the node's time: a longer load to catch it in.
+    let driver = load_driver_for(bin, &b.url, &record, "3", FREEZE_LOAD_SECONDS);
     std::thread::sleep(Duration::from_millis(1500));
     let tries = freeze_when(a.pid(), || {
         frozen_in_finish(&mut watch, "jobhook-data-a") > 0

@@ -73,11 +73,11 @@ async fn settled(client: &reqwest::Client, url: &str, id: &str, deadline: Instan
             .send()
             .await
             .expect("GET event");
-        assert_eq!(
-            response.status().as_u16(),
-            200,
-            "accepted event {id} is missing"
-        );
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = response.text().await.unwrap_or_default();
+            panic!("accepted event {id}: GET answered {status}: {body}");
+        }
         let event: Value =
             serde_json::from_slice(&response.bytes().await.expect("body")).expect("event JSON");
         let done = event["deliveries"].as_array().is_some_and(|ds| {

@@ -72,25 +72,27 @@ const LEAD_KEEPALIVE_SECS: (u32, u32, u32) = (15, 5, 3);
 
 /// `idle_in_transaction_session_timeout` of pooled sessions is the lease divided by this. A
 /// node frozen inside a transaction (SIGSTOP, a paused VM, a partition that leaves the TCP
-/// connection open) would otherwise hold that transaction's row locks for as long as it is
+/// connection open) would otherwise hold that transaction's row locks for as long as it stays
 /// frozen. Its leases were renewed at most a third of a lease before it froze, so they expire
-/// no sooner than two thirds of a lease later; the server ends the frozen session (rolling the
-/// transaction back and releasing its locks) after a quarter lease, before any other node may
-/// take those deliveries over. jobhook itself never waits between the statements of a
-/// transaction for anything but its own next round trip.
-const IDLE_IN_TRANSACTION_PER_LEASE: u32 = 4;
+/// no sooner than two thirds of a lease later; the server ends the frozen session (rolling its
+/// transaction back and releasing its locks) after half a lease, so the locks are gone by the
+/// time another node may take those deliveries over. jobhook never waits between the
+/// statements of a transaction for anything but its own next round trip; half a lease (at
+/// least 500 ms) leaves room for a node whose threads are starved of CPU for a while.
+const IDLE_IN_TRANSACTION_PER_LEASE: u32 = 2;
 
 /// `lock_timeout` of pooled sessions is the lease divided by this. Claims and requeues skip
 /// locked rows, so a statement waits for a row lock only while another node's short
-/// transaction touches the same row; one that waits longer than a quarter lease fails (and is
-/// retried: a failed batch of outcomes is recorded one by one, renewals run again on the next
-/// tick) instead of letting this node's own leases lapse while it waits.
-const LOCK_WAIT_PER_LEASE: u32 = 4;
+/// transaction touches the same row; one that waits half a lease fails (and is retried: a
+/// failed batch of outcomes is recorded one by one, renewals run again on the next tick)
+/// instead of waiting for ever behind a frozen node while its own leases lapse.
+const LOCK_WAIT_PER_LEASE: u32 = 2;
 
 /// `statement_timeout` of pooled sessions is the lease divided by this. Every statement of the
-/// store touches a handful of rows through an index; one that runs for half a lease is stuck
-/// (a server under a lock storm, a lost client), and the node's leases would lapse behind it.
-const STATEMENT_PER_LEASE: u32 = 2;
+/// store touches a handful of rows through an index; one that runs for a whole lease is stuck
+/// (a server in trouble, a client that stopped reading), and this node's leases have lapsed
+/// behind it anyway.
+const STATEMENT_PER_LEASE: u32 = 1;
 
 /// The server-side bounds a pooled session sets on itself when it connects, derived from the
 /// lease (see [`IDLE_IN_TRANSACTION_PER_LEASE`], [`LOCK_WAIT_PER_LEASE`],
