@@ -41,8 +41,8 @@ use postgres::{Client, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventStore,
-    EventView, NewEvent, StoreError, after,
+    ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
+    EventStore, EventView, INTERRUPTED_CLASS, NewEvent, RELEASED_REASON, StoreError, after,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -734,16 +734,36 @@ const RENEW: &str = "
 // The requeue skips rows another session has locked: a node frozen inside a transaction
 // holds its rows until the server ends its session (`idle_in_transaction_session_timeout`),
 // and the requeue must neither wait for that nor stop at it; the next round takes them.
+// Both requeues record the attempt they interrupt (class `$2`, reason `$3`, never terminal)
+// in the same statement, and count the deliveries handed back.
 const REQUEUE_EXPIRED: &str = "
-    UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-    WHERE id IN (SELECT id FROM deliveries
-                 WHERE state = 'running' AND (lease_until IS NULL OR lease_until < $1)
-                 ORDER BY id FOR UPDATE SKIP LOCKED)";
+    WITH requeued AS (
+        UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
+        WHERE id IN (SELECT id FROM deliveries
+                     WHERE state = 'running' AND (lease_until IS NULL OR lease_until < $1)
+                     ORDER BY id FOR UPDATE SKIP LOCKED)
+        RETURNING id, attempt, started_at
+    ), recorded AS (
+        INSERT INTO attempts
+            (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+        SELECT id, attempt, started_at, $1, $2, $3, false FROM requeued
+        ON CONFLICT DO NOTHING
+    )
+    SELECT count(*) FROM requeued";
 
 const RELEASE_OWN: &str = "
-    UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-    WHERE id IN (SELECT id FROM deliveries WHERE state = 'running' AND owner = $1
-                 ORDER BY id FOR UPDATE)";
+    WITH released AS (
+        UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
+        WHERE id IN (SELECT id FROM deliveries WHERE state = 'running' AND owner = $1
+                     ORDER BY id FOR UPDATE)
+        RETURNING id, attempt, started_at
+    ), recorded AS (
+        INSERT INTO attempts
+            (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+        SELECT id, attempt, started_at, $4, $2, $3, false FROM released
+        ON CONFLICT DO NOTHING
+    )
+    SELECT count(*) FROM released";
 
 const EVENT: &str = "SELECT received_at, source, context FROM events WHERE id = $1";
 
@@ -907,14 +927,30 @@ impl EventStore for PostgresStore {
     fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         self.with(|conn| {
             let requeue = conn.prepare(REQUEUE_EXPIRED)?;
-            Ok(conn.client.execute(&requeue, &[&now])?)
+            let n: i64 = conn
+                .client
+                .query_one(&requeue, &[&now, &INTERRUPTED_CLASS, &ABANDONED_REASON])?
+                .get(0);
+            Ok(u64::try_from(n).unwrap_or(0))
         })
     }
 
     fn release_all(&self) -> Result<u64, StoreError> {
         self.with(|conn| {
             let release = conn.prepare(RELEASE_OWN)?;
-            Ok(conn.client.execute(&release, &[&self.node])?)
+            let n: i64 = conn
+                .client
+                .query_one(
+                    &release,
+                    &[
+                        &self.node,
+                        &INTERRUPTED_CLASS,
+                        &RELEASED_REASON,
+                        &Utc::now(),
+                    ],
+                )?
+                .get(0);
+            Ok(u64::try_from(n).unwrap_or(0))
         })
     }
 
