@@ -24,7 +24,8 @@
 //! - [`runtime`]: the wasmtime engine, the load gate, the AOT cache, the per-delivery sandbox
 //!   and where its time, CPU and memory limits are enforced;
 //! - [`capabilities`]: the interfaces a handler may import, each in its own module;
-//! - [`app`]: the process edge — configuration file, `jobhook serve`, the CLI and its dev tools;
+//! - [`app`]: the process edge — configuration file, `jobhook serve` (with its TLS listener),
+//!   the CLI, its dev tools and the migration to and from Keyfactor registrations;
 //! - shared vocabulary at the top: [`context`] (the job context and its decoding), [`outcome`]
 //!   (the record of one invocation), [`limits`] (per-handler budgets), [`secret`] (secrets by
 //!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types).

@@ -3,6 +3,8 @@
 //!
 //! Label values come only from the configuration (handler names) and from the fixed set of
 //! outcome classes, never from event input, so a hostile event cannot grow the label space.
+//! That is why forwarders (named by a request header) appear here only as a count and as the
+//! silence of the quietest one; `GET /v1/forwarders` lists them by name.
 
 use std::sync::Mutex;
 
@@ -49,6 +51,10 @@ pub struct Metrics {
     deliveries_by_state: Family<StateLabels, Gauge>,
     running: Gauge,
     quarantined: Gauge,
+    replays: Counter,
+    key_conflicts: Counter,
+    forwarders: Gauge,
+    forwarder_silence: Gauge,
 }
 
 impl Default for Metrics {
@@ -106,8 +112,37 @@ impl Metrics {
             "Handlers currently quarantined",
             quarantined.clone(),
         );
+        let replays = Counter::default();
+        registry.register(
+            "jobhook_ingest_replays",
+            "Ingest requests answered with the event committed earlier under the same \
+             Idempotency-Key (resends)",
+            replays.clone(),
+        );
+        let key_conflicts = Counter::default();
+        registry.register(
+            "jobhook_ingest_key_conflicts",
+            "Ingest requests refused because their Idempotency-Key belongs to another event",
+            key_conflicts.clone(),
+        );
+        let forwarders = Gauge::default();
+        registry.register(
+            "jobhook_forwarders_known",
+            "Forwarders (X-Jobhook-Forwarder) this node accepted events from",
+            forwarders.clone(),
+        );
+        let forwarder_silence = Gauge::default();
+        registry.register(
+            "jobhook_forwarder_max_silence_seconds",
+            "Seconds since the quietest known forwarder last had an event accepted",
+            forwarder_silence.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            replays,
+            key_conflicts,
+            forwarders,
+            forwarder_silence,
             events,
             rejected,
             deliveries,
@@ -130,6 +165,23 @@ impl Metrics {
     /// Counts a refused ingest request.
     pub fn event_rejected(&self) {
         self.rejected.inc();
+    }
+
+    /// Counts a request answered with an earlier request's event (same idempotency key).
+    pub fn ingest_replayed(&self) {
+        self.replays.inc();
+    }
+
+    /// Counts a request refused because its idempotency key belongs to another event.
+    pub fn ingest_key_conflict(&self) {
+        self.key_conflicts.inc();
+    }
+
+    /// Sets the forwarder gauges: how many are known, and the quietest one's silence.
+    pub fn forwarders(&self, known: usize, max_silence_seconds: f64) {
+        self.forwarders
+            .set(i64::try_from(known).unwrap_or(i64::MAX));
+        self.forwarder_silence.set(max_silence_seconds as i64);
     }
 
     /// Records a finished delivery attempt.

@@ -1,8 +1,10 @@
 //! Crash safety: `jobhook serve` is SIGKILLed again and again while the load driver posts events;
 //! afterwards every event that got a 202 has exactly one terminal delivery per matching handler —
 //! none lost, none terminal twice — and interrupted deliveries ran again with a higher attempt
-//! number that the handler saw.
+//! number that the handler saw. With resends under an idempotency key (as the forwarder does),
+//! every event sent is committed exactly once.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -48,8 +50,10 @@ job_types = ["*"]
     )
 }
 
-#[test]
-fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
+/// One run: the load driver (with `driver_args` added) posts events for five seconds while the
+/// engine is SIGKILLed [`KILLS`] times and started again. Returns the directory, the engine
+/// that is left running, the accepted event ids the driver recorded and its stdout.
+fn run_with_kills(driver_args: &[&str]) -> (tempfile::TempDir, EngineProcess, Vec<String>, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config = dir.path().join("jobhook.toml");
@@ -72,6 +76,7 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
             "--record",
         ])
         .arg(&record)
+        .args(driver_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -95,6 +100,12 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
         .lines()
         .map(str::to_owned)
         .collect();
+    (dir, engine, accepted, report)
+}
+
+#[test]
+fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
+    let (_dir, engine, accepted, report) = run_with_kills(&[]);
     assert!(accepted.len() > 100, "too few events accepted: {report}");
 
     let reruns = check_exactly_once(&engine.url, &accepted, Duration::from_secs(120));
@@ -105,6 +116,70 @@ fn sigkill_mid_flight_loses_nothing_and_finishes_nothing_twice() {
     assert!(
         reruns > 0,
         "no delivery was interrupted by the kills; the test did not exercise recovery"
+    );
+}
+
+/// The forwarder's way: every request that failed or timed out (connection reset by the kill)
+/// is resent with the same `Idempotency-Key` until it is answered. Every event sent is then
+/// committed exactly once: one event per key, no event without a key, none lost.
+#[test]
+fn resends_with_an_idempotency_key_across_sigkills_commit_each_event_once() {
+    let (dir, engine, accepted, report) = run_with_kills(&["--resend", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(report.trim()).expect("driver JSON");
+    let sent = report["sent"].as_u64().expect("sent");
+    assert!(sent > 100, "too few events sent: {report}");
+    assert!(
+        report["resent"].as_u64().unwrap_or(0) > 0,
+        "no request was resent; the kills did not hit a request: {report}"
+    );
+    assert_eq!(report["unanswered"], 0, "{report}");
+    assert_eq!(report["rejected"], 0, "{report}");
+    assert_eq!(
+        accepted.len() as u64,
+        sent,
+        "every event answered 202: {report}"
+    );
+
+    // Every event committed is one of the answers, once, under its own key.
+    let distinct: BTreeSet<&String> = accepted.iter().collect();
+    let database = rusqlite::Connection::open_with_flags(
+        dir.path().join("data").join("jobhook.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database");
+    let count = |sql: &str| -> u64 {
+        database
+            .query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .expect(sql)
+    };
+    let events = count("SELECT count(*) FROM events");
+    let keys = count("SELECT count(*) FROM idempotency_keys");
+    let keyed_events = count("SELECT count(DISTINCT event_id) FROM idempotency_keys");
+    assert_eq!(
+        distinct.len() as u64,
+        sent,
+        "two keys answered with one event"
+    );
+    assert_eq!(events, sent, "duplicate events committed: {report}");
+    assert_eq!((keys, keyed_events), (sent, sent));
+    let stored: BTreeSet<String> = database
+        .prepare("SELECT event_id FROM idempotency_keys")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()
+        })
+        .expect("keys");
+    let answered: BTreeSet<String> = accepted.iter().cloned().collect();
+    assert_eq!(
+        stored, answered,
+        "each key's event is the one its answer named"
+    );
+
+    let reruns = check_exactly_once(&engine.url, &accepted, Duration::from_secs(120));
+    println!(
+        "{sent} events sent with resends across {KILLS} SIGKILLs: {events} committed, \
+         {reruns} deliveries re-run; driver: {report}"
     );
 }
 

@@ -579,3 +579,135 @@ fn the_example_configuration_used_by_the_readme_is_valid() {
         "{stdout}"
     );
 }
+
+/// Posts `body` with these extra headers; answers the status, the JSON body and whether the
+/// answer was marked as a replay.
+async fn post_with(engine: &EngineProcess, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut request = client()
+        .post(format!("{}/v1/job-complete", engine.url))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("POST");
+    let status = response.status().as_u16();
+    let replayed = response.headers().get("idempotency-replayed").is_some();
+    let body = response.bytes().await.expect("body");
+    let mut json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if replayed {
+        json["(replayed)"] = json!(true);
+    }
+    (status, json)
+}
+
+#[tokio::test]
+async fn an_idempotency_key_commits_one_event_across_restarts() {
+    let setup = Setup::new();
+    let config = handler("all", "log-context", "[\"*\"]", "");
+    let engine = setup.start(&config);
+    let context = context(INVENTORY_TYPE, "Failure");
+    let key = "kf-01/spool/0b4b411a-0001";
+    let headers = [
+        ("idempotency-key", key),
+        ("x-jobhook-forwarder", "kf-01.lab"),
+    ];
+
+    let (status, first) = post_with(&engine, &context.to_string(), &headers).await;
+    assert_eq!(status, 202, "{first}");
+    let event_id = first["event_id"].as_str().expect("event id").to_owned();
+    assert_eq!(first["deliveries"], json!(["all"]));
+    assert!(first.get("(replayed)").is_none());
+
+    // The same event, written differently (field order, whitespace, casing of names and enums):
+    // the original answer, nothing new.
+    let mut fields: Vec<(String, Value)> = context
+        .as_object()
+        .expect("object")
+        .iter()
+        .map(|(k, v)| (k.to_lowercase(), v.clone()))
+        .collect();
+    fields.reverse();
+    let mut rewritten = String::from("{\n");
+    for (n, (k, v)) in fields.iter().enumerate() {
+        let v = if k == "jobresult" {
+            json!("FAILURE")
+        } else {
+            v.clone()
+        };
+        let comma = if n + 1 < fields.len() { "," } else { "" };
+        rewritten.push_str(&format!("   {}  :  {v}{comma}\n", json!(k)));
+    }
+    rewritten.push('}');
+    let (status, again) = post_with(&engine, &rewritten, &headers).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["event_id"], json!(event_id));
+    assert_eq!(again["deliveries"], json!(["all"]));
+    assert_eq!(again["(replayed)"], json!(true));
+
+    // The same key with another event: 409, saying so.
+    let mut other = context.clone();
+    other["CurrentRetryCount"] = json!(99);
+    let (status, refused) = post_with(&engine, &other.to_string(), &headers).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already used for a different event"),
+        "{refused}"
+    );
+
+    // Bad keys: 400 with what to fix.
+    let too_long = "k".repeat(256);
+    for (bad, says) in [
+        ("", "empty"),
+        (too_long.as_str(), "at most 255"),
+        ("two words", "visible ASCII"),
+    ] {
+        let (status, body) =
+            post_with(&engine, &context.to_string(), &[("idempotency-key", bad)]).await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+        assert!(
+            body["error"].as_str().unwrap_or("").contains(says),
+            "{bad:?}: {body}"
+        );
+    }
+
+    // The forwarder is listed; a name that is not visible ASCII is not recorded.
+    let (status, _) = post_with(
+        &engine,
+        &context.to_string(),
+        &[("x-jobhook-forwarder", "bad name")],
+    )
+    .await;
+    assert_eq!(status, 202);
+    let (status, text) = get(&engine, "/v1/forwarders").await;
+    assert_eq!(status, 200, "{text}");
+    let list: Value = serde_json::from_str(&text).expect("JSON");
+    let forwarders = list["forwarders"].as_array().expect("list");
+    assert_eq!(forwarders.len(), 1, "{list}");
+    assert_eq!(forwarders[0]["name"], "kf-01.lab");
+    assert_eq!(forwarders[0]["accepted"], 2);
+    assert!(forwarders[0]["last_accepted_at"].is_string());
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_ingest_replays_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("jobhook_ingest_key_conflicts_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("jobhook_forwarders_known 1"), "{metrics}");
+
+    // Killed and started again on the same data: the key still holds.
+    engine.kill();
+    let engine = setup.start(&config);
+    let (status, after) = post_with(&engine, &context.to_string(), &headers).await;
+    assert_eq!(status, 202, "{after}");
+    assert_eq!(after["event_id"], json!(event_id));
+    assert_eq!(after["(replayed)"], json!(true));
+    let event = settled(&engine, &event_id).await;
+    assert_eq!(delivery(&event, "all")["state"], "succeeded");
+}

@@ -7,6 +7,7 @@
 //!   deliveries the dead node was running are taken over by the survivor once their lease
 //!   expires, with a higher attempt number that the handler saw;
 //! - only one process leads the poller role, and another takes over when it dies;
+//! - one `Idempotency-Key` posted to both nodes at the same moment commits one event;
 //! - a node frozen with SIGSTOP — inside a transaction that has locked rows, or between
 //!   transactions — cannot stop the other from taking its deliveries over, and its late results
 //!   are refused when it wakes.
@@ -343,6 +344,71 @@ fn lead_and_hold_as_a_child_process() {
     println!("{LEADING}");
     // Killed long before this ends; bounded so that an orphan cannot linger.
     std::thread::sleep(Duration::from_secs(120));
+}
+
+/// The forwarder resends to whichever node answers: the same `Idempotency-Key` posted to both
+/// nodes at the same moment commits one event, and both nodes answer with its id.
+#[test]
+fn one_key_posted_to_both_nodes_at_once_commits_one_event() {
+    const KEYS: usize = 20;
+    let Some(db) = database_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let bin = Path::new(env!("CARGO_BIN_EXE_jobhook"));
+    let start = |name: &str| {
+        let config = dir.path().join(format!("{name}.toml"));
+        let text = config_text(free_port(), &db, &format!("data-{name}"));
+        std::fs::write(&config, text).expect("write config");
+        EngineProcess::start(bin, &config, &dir.path().join(format!("{name}.log")))
+    };
+    let (a, b) = (start("a"), start("b"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let post = |url: String, key: String, body: String| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .post(format!("{url}/v1/job-complete"))
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(body)
+                .send()
+                .await
+                .expect("POST");
+            let status = response.status().as_u16();
+            let body: serde_json::Value =
+                serde_json::from_slice(&response.bytes().await.expect("body")).expect("JSON");
+            assert_eq!(status, 202, "{body}");
+            body["event_id"].as_str().expect("event id").to_owned()
+        }
+    };
+    let mut ids = Vec::new();
+    for n in 0..KEYS {
+        let mut context = jobhook_testkit::sample_context_json();
+        context["CurrentRetryCount"] = serde_json::json!(n);
+        let (body, key) = (context.to_string(), format!("two-nodes-{n}"));
+        let (from_a, from_b) = runtime.block_on(async {
+            tokio::join!(
+                post(a.url.clone(), key.clone(), body.clone()),
+                post(b.url.clone(), key.clone(), body.clone())
+            )
+        });
+        assert_eq!(from_a, from_b, "key {key}: both nodes name the same event");
+        ids.push(from_a);
+    }
+    let events: usize = db
+        .query("SELECT count(*) FROM events")
+        .expect("count events")
+        .parse()
+        .expect("a count");
+    assert_eq!(
+        events, KEYS,
+        "one event per key, whichever node got it first"
+    );
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), KEYS);
 }
 
 /// How soon after a node is frozen its running deliveries must have been taken over by the

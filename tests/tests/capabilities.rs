@@ -733,7 +733,8 @@ async fn keyfactor_responses_are_bounded_and_redirects_not_followed() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = KeyfactorConfig::new(standin.base_url(), basic_auth(&standin, dir.path()));
     config.max_response_bytes = 64 * 1024;
-    config.timeout_ms = 300;
+    // Long enough for 64 KiB of a chunked body on a busy machine, well short of the slow call.
+    config.timeout_ms = 1000;
     let client = client(&config);
     let mut cap = kf_capability(KeyfactorGrant::read_only(&["_Test/"]).unwrap(), &client);
 

@@ -46,6 +46,31 @@ enum Command {
     Check(ConfigArgs),
     /// Post realistic job-complete events to a running engine and report throughput and latency.
     Load(LoadArgs),
+    /// Print `[[handlers]]` stanzas for the Job Complete Handler registrations of a Keyfactor
+    /// web.config (Command 9-10) or manifest.json (11+); warnings go to stderr.
+    Import(ImportArgs),
+    /// Print the registration of jobhook's Keyfactor forwarder (web.config for Command 9-10,
+    /// manifest.json for 11+) for a jobhook configuration; warnings go to stderr.
+    ForwarderConfig(ForwarderArgs),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// Keyfactor's `WebAgentServices\web.config` or an extension's `manifest.json`.
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ForwarderArgs {
+    /// The jobhook configuration file (TOML).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// The engine's base URL as Keyfactor reaches it (default: from [server] listen and tls).
+    #[arg(long, value_name = "URL")]
+    engine_url: Option<String>,
+    /// Which Keyfactor Command generation: 10 (web.config, 9-10), 11 (manifest.json, 11+) or both.
+    #[arg(long, default_value = "both", value_parser = ["10", "11", "both"])]
+    generation: String,
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +93,10 @@ struct LoadArgs {
     /// Seed of the event mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Send an Idempotency-Key with every event and resend it (same key, same body) after a
+    /// timeout, a connection error or a 5xx until it gets an answer, as the forwarder does.
+    #[arg(long)]
+    resend: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -142,6 +171,8 @@ pub fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => check(args).await,
             Command::Load(args) => load(args).await,
+            Command::Import(args) => import(args),
+            Command::ForwarderConfig(args) => forwarder_config(args),
         }
     });
     match result {
@@ -250,6 +281,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         token: args.token,
         record: args.record,
         seed: args.seed,
+        resend: args.resend,
     })
     .await?;
     if args.json {
@@ -257,12 +289,14 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     } else {
         let l = &report.latency_ms;
         println!(
-            "sent {} | accepted {} ({:.0}/s) | rejected {} | errors {} | ingest latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+            "sent {} | accepted {} ({:.0}/s) | rejected {} | errors {} | resent {} | unanswered {} | ingest latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
             report.sent,
             report.accepted,
             report.accepted_per_second,
             report.rejected,
             report.errors,
+            report.resent,
+            report.unanswered,
             l.p50,
             l.p90,
             l.p99,
@@ -280,6 +314,31 @@ async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         names.len(),
         names.join(", ")
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let (toml, warnings) = crate::app::migrate::import(&args.file)?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{toml}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn forwarder_config(args: ForwarderArgs) -> anyhow::Result<ExitCode> {
+    use crate::app::migrate::{Generation, forwarder_config};
+    let config = crate::app::config::Config::load(&args.config)?;
+    let generation = match args.generation.as_str() {
+        "10" => Generation::Unity,
+        "11" => Generation::Manifest,
+        _ => Generation::Both,
+    };
+    let (text, warnings) = forwarder_config(&config, args.engine_url.as_deref(), generation);
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{text}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::app::tls::TlsConfig;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::{Capability, Grants, ServicesConfig};
 use crate::context::parse_guid;
@@ -92,6 +93,19 @@ pub struct ServerConfig {
     /// Graceful shutdown bound, in milliseconds.
     #[serde(rename = "shutdown_grace_ms", with = "crate::duration_ms")]
     pub shutdown_grace: Duration,
+    /// HTTPS (and optionally client certificates) on the listener.
+    pub tls: Option<TlsConfig>,
+    /// Accept bearer tokens over plain HTTP on a non-loopback address (they can be read on the
+    /// wire); refused unless set.
+    pub allow_plaintext_tokens: bool,
+    /// Listen on a non-loopback address with neither tokens nor client certificates (anyone
+    /// who can reach the port can post events); refused unless set.
+    pub allow_unauthenticated: bool,
+    /// How long an ingest `Idempotency-Key` holds, in milliseconds: a resend with the same key
+    /// within it gets the original event. An API promise to the forwarder, hence here rather
+    /// than under `[store]` (which only keeps the keys).
+    #[serde(rename = "idempotency_retention_ms", with = "crate::duration_ms")]
+    pub idempotency_retention: Duration,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +117,10 @@ impl Default for ServerConfig {
             tokens: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            tls: None,
+            allow_plaintext_tokens: false,
+            allow_unauthenticated: false,
+            idempotency_retention: crate::sources::idempotency::DEFAULT_RETENTION,
         }
     }
 }
@@ -153,6 +171,19 @@ struct RawHandler {
     max_concurrency: Option<Spanned<usize>>,
 }
 
+/// Where `[server]` keys are written, for errors about their combination.
+#[derive(Debug, Default, Deserialize)]
+struct SpansDoc {
+    #[serde(default)]
+    server: ServerSpans,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ServerSpans {
+    listen: Option<Spanned<toml::Value>>,
+    tokens: Option<Spanned<toml::Value>>,
+}
+
 /// A `Spanned` for a key that was left out: no line of its own.
 fn absent<T>(value: T) -> Spanned<T> {
     Spanned::new(0..0, value)
@@ -200,7 +231,11 @@ impl Config {
             path,
             base: &base,
         };
-        v.check_server(&raw.server)?;
+        let mut server = raw.server;
+        if let Some(tls) = server.tls.as_mut() {
+            tls.rebase(&base);
+        }
+        v.check_server(&server)?;
         v.check_store_section(&raw.store)?;
         if !(1..=MAX_CONCURRENT_DELIVERIES).contains(&raw.engine.max_concurrent_deliveries) {
             return Err(v.error(
@@ -260,7 +295,7 @@ impl Config {
         }
         Ok(Config {
             path: path.to_path_buf(),
-            server: raw.server,
+            server,
             store,
             engine,
             quarantine: raw.quarantine,
@@ -311,6 +346,60 @@ impl Validator<'_> {
     fn check_server(&self, server: &ServerConfig) -> Result<(), ConfigError> {
         if server.max_body_bytes < 1024 {
             return Err(self.error(None, "[server] max_body_bytes must be at least 1024"));
+        }
+        use crate::sources::idempotency::{MAX_RETENTION, MIN_RETENTION};
+        if !(MIN_RETENTION..=MAX_RETENTION).contains(&server.idempotency_retention) {
+            return Err(self.error(
+                None,
+                &format!(
+                    "[server] idempotency_retention_ms must be between {} and {}",
+                    MIN_RETENTION.as_millis(),
+                    MAX_RETENTION.as_millis()
+                ),
+            ));
+        }
+        if let Some(tls) = &server.tls {
+            tls.validate()
+                .map_err(|e| self.error(self.line(e.span.clone()), &e.to_string()))?;
+        }
+        self.check_exposure(server)
+    }
+
+    /// Who can reach the listener and what protects it: tokens only over TLS, and something
+    /// (tokens or client certificates) off loopback — unless the operator explicitly allows it.
+    fn check_exposure(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        let address = server.listen;
+        if address.ip().is_loopback() {
+            return Ok(());
+        }
+        // Lines of the keys involved, from a second, lenient read of the text.
+        let spans: SpansDoc = toml::from_str(self.text).unwrap_or_default();
+        let listen_line = spans.server.listen.and_then(|l| self.line(l.span()));
+        let tokens_line = spans.server.tokens.and_then(|t| self.line(t.span()));
+        let mtls = server
+            .tls
+            .as_ref()
+            .is_some_and(TlsConfig::requires_client_certificates);
+        if !server.tokens.is_empty() && server.tls.is_none() && !server.allow_plaintext_tokens {
+            return Err(self.error(
+                tokens_line.or(listen_line),
+                &format!(
+                    "[server] tokens: bearer tokens would travel in plain text on {address}; \
+                     configure [server] tls = {{ cert = \"server.pem\", key = \"server.key\" }}, \
+                     or listen on 127.0.0.1, or set [server] allow_plaintext_tokens = true"
+                ),
+            ));
+        }
+        if server.tokens.is_empty() && !mtls && !server.allow_unauthenticated {
+            return Err(self.error(
+                listen_line,
+                &format!(
+                    "[server] listen: {address} is reachable from the network but neither \
+                     [server] tokens nor [server] tls.client_ca is set, so anyone could post \
+                     events; configure tokens or client certificates, or listen on 127.0.0.1, \
+                     or set [server] allow_unauthenticated = true"
+                ),
+            ));
         }
         Ok(())
     }
@@ -542,6 +631,35 @@ job_types = ["*"]
 "#;
 
     #[test]
+    fn idempotency_retention_has_a_default_and_bounds() {
+        use crate::sources::idempotency::DEFAULT_RETENTION;
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.server.idempotency_retention, DEFAULT_RETENTION);
+        let day = f
+            .parse(&format!(
+                "[server]\nidempotency_retention_ms = 86400000\n{MINIMAL}"
+            ))
+            .unwrap();
+        assert_eq!(
+            day.server.idempotency_retention,
+            Duration::from_secs(86_400)
+        );
+        for bad in ["0", "999", "31708800001"] {
+            let e = f
+                .parse(&format!(
+                    "[server]\nidempotency_retention_ms = {bad}\n{MINIMAL}"
+                ))
+                .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("idempotency_retention_ms must be between"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let f = Fixture::new();
         let c = f.parse(MINIMAL).unwrap();
@@ -566,6 +684,7 @@ job_types = ["*"]
 [server]
 listen = "0.0.0.0:9000"
 tokens = [{ file = "pw" }]
+allow_plaintext_tokens = true
 
 [[handlers]]
 name = "repeated-failure-email"

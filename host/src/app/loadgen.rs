@@ -5,6 +5,12 @@
 //! jobs are rarer, most jobs succeed, failures carry retry counts. With `--record` the id of
 //! every accepted event is appended to a file, one per line, as soon as its 202 arrives — the
 //! crash test uses that list to check that nothing accepted is ever lost.
+//!
+//! With `--resend` the driver behaves like the Keyfactor forwarder: every event carries an
+//! `Idempotency-Key`, and a request that timed out, failed (e.g. the connection was reset by a
+//! killed engine) or got a 5xx is sent again with the same key and body until it gets an answer
+//! (or [`RESEND_GIVE_UP`] passes). The crash test uses it to check that resends commit each
+//! event exactly once.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,6 +28,13 @@ const MAX_IN_FLIGHT: usize = 256;
 
 /// Timeout of one request: an ingest answer should take milliseconds.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause before resending a request that got no answer: short, so that a restarted engine is
+/// found quickly, but not a busy loop against a refused connection.
+const RESEND_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long one event is resent before the driver gives up on it (counted as unanswered).
+pub const RESEND_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// Job types of the mix: (JobType, JobTypeId, operation type, weight).
 const JOB_TYPES: &[(&str, &str, &str, u32)] = &[
@@ -84,6 +97,8 @@ pub struct LoadOptions {
     pub record: Option<PathBuf>,
     /// Seed of the event mix, for reproducible runs.
     pub seed: u64,
+    /// Send an `Idempotency-Key` with every event and resend it until it gets an answer.
+    pub resend: bool,
 }
 
 /// What happened.
@@ -95,8 +110,16 @@ pub struct LoadReport {
     pub accepted: u64,
     /// Other HTTP answers.
     pub rejected: u64,
-    /// Connection errors and timeouts (e.g. while the engine restarts).
+    /// Connection errors and timeouts (e.g. while the engine restarts); with resends, each
+    /// failed try counts.
     pub errors: u64,
+    /// Requests sent again with the same idempotency key (with `resend`).
+    pub resent: u64,
+    /// Events that got no answer before [`RESEND_GIVE_UP`] (with `resend`).
+    pub unanswered: u64,
+    /// 202 answers marked `Idempotency-Replayed`: a resend of an event an earlier try had
+    /// already committed (its answer was lost).
+    pub replayed: u64,
     /// Wall-clock seconds of the run.
     pub seconds: f64,
     /// Accepted events per second.
@@ -110,6 +133,9 @@ struct Counts {
     accepted: AtomicU64,
     rejected: AtomicU64,
     errors: AtomicU64,
+    resent: AtomicU64,
+    unanswered: AtomicU64,
+    replayed: AtomicU64,
 }
 
 /// Latency percentiles in milliseconds.
@@ -234,6 +260,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let start = Instant::now();
+    let run_id = chrono::Utc::now().timestamp_millis();
     let mut sent = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
     while start.elapsed() < options.duration {
@@ -242,23 +269,56 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
             break;
         };
         let body = mix.event().to_string();
-        let mut request = client
-            .post(&endpoint)
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(token) = &options.token {
-            request = request.bearer_auth(token);
-        }
+        // Unique per run and event: the seed and the run's start tell runs apart.
+        let key = options
+            .resend
+            .then(|| format!("load-{}-{run_id}-{sent}", options.seed));
+        let (client, endpoint, token) = (client.clone(), endpoint.clone(), options.token.clone());
+        let send = move || {
+            let mut request = client
+                .post(&endpoint)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            if let Some(token) = &token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(key) = &key {
+                request = request.header("idempotency-key", key);
+            }
+            request.send()
+        };
+        let resend = options.resend;
         let (latencies, counts, record) =
             (Arc::clone(&latencies), Arc::clone(&counts), record.clone());
         sent += 1;
         tasks.spawn(async move {
             let began = Instant::now();
-            let answer = request.send().await;
+            let mut answer = send().await;
+            loop {
+                let retry = match &answer {
+                    Ok(response) => response.status().is_server_error(),
+                    Err(_) => true,
+                };
+                if !(resend && retry) {
+                    break;
+                }
+                counts.errors.fetch_add(1, Ordering::Relaxed);
+                if began.elapsed() > RESEND_GIVE_UP {
+                    counts.unanswered.fetch_add(1, Ordering::Relaxed);
+                    drop(permit);
+                    return;
+                }
+                tokio::time::sleep(RESEND_PAUSE).await;
+                counts.resent.fetch_add(1, Ordering::Relaxed);
+                answer = send().await;
+            }
             let elapsed = began.elapsed().as_secs_f64() * 1000.0;
             match answer {
                 Ok(response) if response.status().as_u16() == 202 => {
                     counts.accepted.fetch_add(1, Ordering::Relaxed);
+                    if response.headers().contains_key("idempotency-replayed") {
+                        counts.replayed.fetch_add(1, Ordering::Relaxed);
+                    }
                     latencies
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -288,10 +348,12 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     }
     while tasks.join_next().await.is_some() {}
     let seconds = start.elapsed().as_secs_f64();
-    let (accepted, rejected, errors) = (
+    let (accepted, rejected, errors, resent, unanswered) = (
         counts.accepted.load(Ordering::Relaxed),
         counts.rejected.load(Ordering::Relaxed),
         counts.errors.load(Ordering::Relaxed),
+        counts.resent.load(Ordering::Relaxed),
+        counts.unanswered.load(Ordering::Relaxed),
     );
     let samples = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(LoadReport {
@@ -299,6 +361,9 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         accepted,
         rejected,
         errors,
+        resent,
+        unanswered,
+        replayed: counts.replayed.load(Ordering::Relaxed),
         seconds,
         accepted_per_second: accepted as f64 / seconds.max(f64::EPSILON),
         latency_ms: Percentiles::of(samples),

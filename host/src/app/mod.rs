@@ -2,6 +2,9 @@
 //!
 //! - [`config`]: the TOML configuration file, assembled from the sections each part owns;
 //! - [`server`]: `jobhook serve` — wires the sources, the queue and the runtime together;
+//! - [`tls`]: `[server] tls` — HTTPS and client certificates on the listener, reloadable;
+//! - [`migrate`]: `jobhook import` (Keyfactor registrations to `[[handlers]]`) and
+//!   `jobhook forwarder-config` (the forwarder's Keyfactor registration);
 //! - [`cli`]: the `jobhook` command line;
 //! - [`devtools`]: `jobhook run`'s capability flags and the Keyfactor stand-in for authors;
 //! - [`loadgen`]: the `jobhook load` event driver.
@@ -10,4 +13,6 @@ pub mod cli;
 pub mod config;
 pub mod devtools;
 pub mod loadgen;
+pub mod migrate;
 pub mod server;
+pub mod tls;

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::app::config::Config;
+use crate::app::tls::{TlsListener, TlsState};
 use crate::capabilities::{ServiceEnv, Services};
 use crate::metrics::Metrics;
 use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
@@ -21,10 +22,15 @@ use crate::runtime::loader::LoadOptions;
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::SandboxSpec;
 use crate::sources::api::{self, AppState, Reloader};
+use crate::sources::forwarders::Forwarders;
+use crate::sources::idempotency;
 use crate::sources::poller::Poller;
 
 /// The line `serve` prints once it accepts connections; tools and tests wait for it.
 pub const READY_LINE: &str = "jobhook listening on http://";
+
+/// The same line when the listener speaks TLS.
+pub const READY_LINE_TLS: &str = "jobhook listening on https://";
 
 /// A registered handler together with a digest of its component, so that a reload can keep
 /// handlers whose component and configuration did not change (and with them their quarantine
@@ -166,6 +172,13 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         None => engine,
     };
     let services = services(&config)?;
+    let tls = match &config.server.tls {
+        Some(tls) => Some(TlsState::new(
+            tls.server_config()
+                .with_context(|| config.path.display().to_string())?,
+        )),
+        None => None,
+    };
     // Opening connects and migrates, and store calls block: keep them off the async workers.
     let store_config = config.store.clone();
     let store: Arc<dyn EventStore> =
@@ -200,6 +213,7 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         services.clone(),
         Arc::clone(&dispatcher),
         handlers,
+        tls.clone(),
     );
     let state = AppState {
         store,
@@ -208,6 +222,8 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         tokens: Arc::new(tokens),
         max_body_bytes: config.server.max_body_bytes,
         reload: Arc::clone(&reload),
+        idempotency_retention: config.server.idempotency_retention,
+        forwarders: Arc::new(Forwarders::new()),
     };
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -229,14 +245,32 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
         tokio::spawn(poller.run());
     }
+    // Every node purges: batches are small and skip each other's rows on a shared store.
+    tokio::spawn(idempotency::purge_expired(
+        Arc::clone(&state.store),
+        config.server.idempotency_retention,
+    ));
     spawn_sighup_reload(reload);
-    println!("{READY_LINE}{address}");
-    tracing::info!(%address, data_dir = %config.store.data_dir.display(), "serving");
-
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")?;
+    let router = api::router(state);
+    match tls {
+        None => {
+            println!("{READY_LINE}{address}");
+            tracing::info!(%address, data_dir = %config.store.data_dir.display(), "serving");
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("the HTTP server failed")?;
+        }
+        Some(tls) => {
+            let listener = TlsListener::spawn(listener, tls)?;
+            println!("{READY_LINE_TLS}{address}");
+            tracing::info!(%address, data_dir = %config.store.data_dir.display(), "serving over TLS");
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("the HTTP server failed")?;
+        }
+    }
     tracing::info!("no longer accepting events; finishing running deliveries");
     dispatcher.stop();
     let _ = worker.await;
@@ -252,28 +286,48 @@ fn reloader(
     services: Services,
     dispatcher: Arc<Dispatcher>,
     initial: LoadedHandlers,
+    tls: Option<TlsState>,
 ) -> Reloader {
     let current = Arc::new(tokio::sync::Mutex::new(initial));
     Arc::new(move || {
-        let (path, engine, services, dispatcher, current) = (
+        let (path, engine, services, dispatcher, current, tls) = (
             path.clone(),
             engine.clone(),
             services.clone(),
             Arc::clone(&dispatcher),
             Arc::clone(&current),
+            tls.clone(),
         );
         Box::pin(async move {
             let mut current = current.lock().await;
             let result = async {
                 let config = Config::load(&path)?;
-                load_handlers(&engine, &services, &config, Some(&current)).await
+                // The certificate is read (again) and checked before anything is swapped.
+                let tls_config = match (&tls, &config.server.tls) {
+                    (Some(_), Some(new)) => Some(
+                        new.server_config()
+                            .with_context(|| config.path.display().to_string())?,
+                    ),
+                    (None, None) => None,
+                    (None, Some(_)) | (Some(_), None) => anyhow::bail!(
+                        "{}: [server] tls was added or removed; the listener's protocol changes \
+                         only on a restart",
+                        config.path.display()
+                    ),
+                };
+                let set = load_handlers(&engine, &services, &config, Some(&current)).await?;
+                Ok((set, tls_config))
             }
             .await;
             match result {
-                Ok(set) => {
+                Ok((set, tls_config)) => {
                     let names = set.names();
                     dispatcher.replace_registry(set.registry());
                     *current = set;
+                    if let (Some(state), Some(new)) = (&tls, tls_config) {
+                        state.replace(new);
+                        tracing::info!("TLS certificate reloaded");
+                    }
                     tracing::info!(handlers = ?names, "configuration reloaded");
                     Ok(names)
                 }

@@ -650,6 +650,20 @@ mod tests {
         fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
             self.0.insert_event(event)
         }
+        fn insert_event_once(
+            &self,
+            event: &NewEvent,
+            key: &crate::queue::store::Idempotency,
+        ) -> Result<crate::queue::store::Inserted, StoreError> {
+            self.0.insert_event_once(event, key)
+        }
+        fn purge_idempotency_keys(
+            &self,
+            before: chrono::DateTime<Utc>,
+            max: usize,
+        ) -> Result<u64, StoreError> {
+            self.0.purge_idempotency_keys(before, max)
+        }
         fn claim_batch(
             &self,
             now: chrono::DateTime<Utc>,

@@ -2,9 +2,13 @@
 //!
 //! - `POST /v1/job-complete`: a job context (same JSON as `jobhook run`); validated, committed
 //!   with one delivery per matching handler, then answered `202 {"event_id": ...}`. It never
-//!   waits for a handler. Bad input gets `400 {"error": ...}` saying what to fix.
+//!   waits for a handler. Bad input gets `400 {"error": ...}` saying what to fix. With an
+//!   `Idempotency-Key` header a resend within the retention window is answered with the
+//!   original event and commits nothing; the same key with another context gets `409`
+//!   ([`super::idempotency`]). `X-Jobhook-Forwarder` names the sender ([`super::forwarders`]).
 //! - `GET /v1/events/{id}`: the event and every delivery's state and outcome.
 //! - `GET /v1/handlers`: loaded handlers, routing, grants, limits, health.
+//! - `GET /v1/forwarders`: the forwarders this node accepted events from, and when each last did.
 //! - `POST /v1/admin/reload`: reload the configuration file (as SIGHUP does).
 //! - `GET /healthz` (never authenticated) and `GET /metrics`.
 //!
@@ -14,6 +18,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -28,7 +33,9 @@ use uuid::Uuid;
 use crate::context::JobContext;
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
-use crate::queue::store::{EventStore, NewEvent};
+use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError};
+use crate::sources::forwarders::{self, Forwarders};
+use crate::sources::idempotency;
 
 /// Reloads the configuration: resolves to the loaded handler names, or to the reason the new
 /// configuration was refused (the running one then stays).
@@ -51,6 +58,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Configuration reload.
     pub reload: Reloader,
+    /// How long an `Idempotency-Key` holds.
+    pub idempotency_retention: Duration,
+    /// The forwarders heard from.
+    pub forwarders: Arc<Forwarders>,
 }
 
 /// The router with every endpoint.
@@ -59,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/job-complete", post(job_complete))
         .route("/v1/events/{id}", get(event))
         .route("/v1/handlers", get(handlers))
+        .route("/v1/forwarders", get(forwarder_list))
         .route("/v1/admin/reload", post(reload))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -110,7 +122,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn job_complete(State(state): State<AppState>, body: Body) -> Response {
+/// The response header that marks an answer to a resend (the original event, nothing new).
+pub const REPLAYED_HEADER: &str = "idempotency-replayed";
+
+async fn job_complete(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let key = match idempotency::key_of(&headers) {
+        Ok(key) => key,
+        Err(e) => {
+            state.metrics.event_rejected();
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    let forwarder = forwarders::name_of(&headers);
     let bytes = match to_bytes(body, state.max_body_bytes).await {
         Ok(b) => b,
         Err(_) => {
@@ -132,6 +155,7 @@ async fn job_complete(State(state): State<AppState>, body: Body) -> Response {
         }
     };
     let handlers = state.dispatcher.registry().route(context.job_type_id);
+    let key = key.map(|k| Idempotency::new(k, &context, state.idempotency_retention));
     let event = NewEvent {
         id: Uuid::new_v4(),
         source: "api".into(),
@@ -139,33 +163,64 @@ async fn job_complete(State(state): State<AppState>, body: Body) -> Response {
         handlers,
     };
     let store = Arc::clone(&state.store);
-    let committed =
-        tokio::task::spawn_blocking(move || store.insert_event(&event).map(|()| event)).await;
-    match committed {
-        Ok(Ok(event)) => {
+    let committed = tokio::task::spawn_blocking(move || match &key {
+        Some(key) => store
+            .insert_event_once(&event, key)
+            .map(|inserted| (event, inserted)),
+        None => store.insert_event(&event).map(|()| (event, Inserted::New)),
+    })
+    .await;
+    let (event_id, deliveries, replayed) = match committed {
+        Ok(Ok((event, Inserted::New))) => {
             state.metrics.event_accepted("api");
             state.dispatcher.wake();
-            (
-                StatusCode::ACCEPTED,
-                axum::Json(json!({ "event_id": event.id, "deliveries": event.handlers })),
-            )
-                .into_response()
+            (event.id, event.handlers, false)
+        }
+        Ok(Ok((_, Inserted::Existing { event_id, handlers }))) => {
+            state.metrics.ingest_replayed();
+            (event_id, handlers, true)
+        }
+        Ok(Err(StoreError::IdempotencyConflict { event_id })) => {
+            state.metrics.event_rejected();
+            state.metrics.ingest_key_conflict();
+            return error(
+                StatusCode::CONFLICT,
+                format!(
+                    "the Idempotency-Key was already used for a different event ({event_id}) \
+                     within the last {} s; a new event needs a new key",
+                    state.idempotency_retention.as_secs()
+                ),
+            );
         }
         Ok(Err(e)) => {
             tracing::error!("cannot commit an event: {e}");
-            error(
+            return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the event could not be stored; retry later",
-            )
+            );
         }
         Err(e) => {
             tracing::error!("commit task failed: {e}");
-            error(
+            return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the event could not be stored; retry later",
-            )
+            );
         }
+    };
+    if let Some(name) = forwarder {
+        state.forwarders.accepted(&name, chrono::Utc::now());
     }
+    let mut response = (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "event_id": event_id, "deliveries": deliveries })),
+    )
+        .into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    response
 }
 
 async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Response {
@@ -185,6 +240,10 @@ async fn handlers(State(state): State<AppState>) -> Response {
     let registry = state.dispatcher.registry();
     let list: Vec<HandlerSummary> = registry.handlers().map(|h| HandlerSummary::of(h)).collect();
     axum::Json(json!({ "handlers": list })).into_response()
+}
+
+async fn forwarder_list(State(state): State<AppState>) -> Response {
+    axum::Json(json!({ "forwarders": state.forwarders.list() })).into_response()
 }
 
 async fn reload(State(state): State<AppState>) -> Response {
@@ -215,6 +274,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .and_then(Result::ok)
         .unwrap_or_default();
     let by_state: Vec<(&str, u64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    let (known, silence) = state.forwarders.summary(chrono::Utc::now());
+    state.metrics.forwarders(known, silence);
     let text = state
         .metrics
         .render(&by_state, state.dispatcher.registry().quarantined());

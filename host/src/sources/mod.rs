@@ -2,6 +2,9 @@
 //!
 //! - [`api`]: the HTTP API — `POST /v1/job-complete` (the forwarder's way in) and the read and
 //!   admin endpoints;
+//! - [`idempotency`]: the `Idempotency-Key` of ingest requests — one event per key, however
+//!   often the forwarder resends it; [`forwarders`]: which forwarders deliver, and when each
+//!   last did;
 //! - [`poller`]: Keyfactor's JobHistory turned into events where nothing can be installed in
 //!   Keyfactor.
 //!
@@ -9,4 +12,6 @@
 //! commits it before anything is answered.
 
 pub mod api;
+pub mod forwarders;
+pub mod idempotency;
 pub mod poller;

@@ -257,6 +257,7 @@ pub async fn latency_run(
         token: None,
         record: None,
         seed: 1,
+        resend: false,
     })
     .await?;
     let load_average = crate::machine::load_average();
@@ -320,6 +321,7 @@ pub async fn throughput_run(
         token: None,
         record: None,
         seed: 2,
+        resend: false,
     })
     .await?;
     let load_average = crate::machine::load_average();

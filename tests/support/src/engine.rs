@@ -7,8 +7,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// The line prefix `jobhook serve` prints when it accepts connections.
-const READY_LINE: &str = "jobhook listening on http://";
+/// The line prefix `jobhook serve` prints when it accepts connections, followed by
+/// `http://` or `https://` and the address.
+const READY_LINE: &str = "jobhook listening on ";
 
 /// How long start-up (config, compiling every handler, opening the store) may take in a test.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -16,7 +17,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// A running `jobhook serve`.
 pub struct EngineProcess {
     child: Option<Child>,
-    /// Its base URL, e.g. `http://127.0.0.1:40123`.
+    /// Its base URL, e.g. `http://127.0.0.1:40123` (`https://` when it serves TLS).
     pub url: String,
     /// Where its stderr goes (appended across restarts).
     pub log: PathBuf,
@@ -46,17 +47,17 @@ impl EngineProcess {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(address) = line.strip_prefix(READY_LINE)
+                if let Some(url) = line.strip_prefix(READY_LINE)
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(address.trim().to_owned());
+                    let _ = tx.send(url.trim().to_owned());
                 }
             }
         });
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(address) => EngineProcess {
+            Ok(url) => EngineProcess {
                 child: Some(child),
-                url: format!("http://{address}"),
+                url,
                 log: log.to_path_buf(),
             },
             Err(_) => {

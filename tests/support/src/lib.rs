@@ -9,6 +9,7 @@ pub mod engine;
 pub mod exactly_once;
 pub mod postgres;
 pub mod smtp;
+pub mod tls;
 
 /// The Keyfactor API stand-in (`tests/standin`), re-exported for tests.
 pub use jobhook_standin as standin;

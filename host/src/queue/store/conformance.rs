@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, INTERRUPTED_CLASS,
-    MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, after, to_ms,
+    Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, StoreError, after, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -62,6 +62,11 @@ macro_rules! suite {
             outcomes_logs_and_attempt_history_are_kept,
             one_node_leads_a_role_until_it_is_gone,
             nodes_starting_together_migrate_once,
+            a_key_used_twice_commits_one_event,
+            a_key_reused_for_another_context_conflicts,
+            a_key_past_its_retention_is_new,
+            concurrent_inserts_with_one_key_commit_one_event,
+            expired_keys_are_purged_in_bounded_batches,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -796,4 +801,164 @@ pub(crate) fn nodes_starting_together_migrate_once(b: &impl Backend) {
     for node in &nodes {
         assert!(node.event(e.id).unwrap().is_some());
     }
+}
+
+/// A retention no test outlives.
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn pending(store: &impl EventStore) -> u64 {
+    store
+        .count_by_state()
+        .unwrap()
+        .into_iter()
+        .filter(|(s, _)| *s == DeliveryState::Pending)
+        .map(|(_, n)| n)
+        .sum()
+}
+
+pub(crate) fn a_key_used_twice_commits_one_event(b: &impl Backend) {
+    let first = event(&["a", "b"]);
+    let key = Idempotency::new("fwd-1/evt-1", &first.context, HOUR);
+    {
+        let store = b.node();
+        assert_eq!(
+            store.insert_event_once(&first, &key).unwrap(),
+            Inserted::New
+        );
+    }
+    // Again after a restart (another store on the database), with a new event id and the
+    // handlers routed differently: the original event and its deliveries are the answer.
+    let store = b.node();
+    let again = event(&["c"]);
+    assert_eq!(
+        store.insert_event_once(&again, &key).unwrap(),
+        Inserted::Existing {
+            event_id: first.id,
+            handlers: vec!["a".into(), "b".into()],
+        }
+    );
+    assert!(
+        store.event(again.id).unwrap().is_none(),
+        "nothing new committed"
+    );
+    assert_eq!(pending(&store), 2);
+    // Another key is another event.
+    let other = event(&["a"]);
+    let other_key = Idempotency::new("fwd-1/evt-2", &other.context, HOUR);
+    assert_eq!(
+        store.insert_event_once(&other, &other_key).unwrap(),
+        Inserted::New
+    );
+    assert_eq!(pending(&store), 3);
+}
+
+pub(crate) fn a_key_reused_for_another_context_conflicts(b: &impl Backend) {
+    let store = b.node();
+    let first = event(&["a"]);
+    let key = Idempotency::new("k", &first.context, HOUR);
+    store.insert_event_once(&first, &key).unwrap();
+    let mut different = event(&["a"]);
+    different.context.current_retry_count += 1;
+    let reused = Idempotency::new("k", &different.context, HOUR);
+    assert_ne!(reused.fingerprint, key.fingerprint);
+    match store.insert_event_once(&different, &reused) {
+        Err(StoreError::IdempotencyConflict { event_id }) => assert_eq!(event_id, first.id),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(store.event(different.id).unwrap().is_none());
+    assert_eq!(pending(&store), 1);
+}
+
+pub(crate) fn a_key_past_its_retention_is_new(b: &impl Backend) {
+    let store = b.node();
+    let first = event(&["a"]);
+    store
+        .insert_event_once(&first, &Idempotency::new("k", &first.context, HOUR))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // A retention shorter than the key's age: the key counts as new, and is the new event's.
+    let later = event(&["a"]);
+    let short = Idempotency::new("k", &later.context, Duration::from_millis(10));
+    assert_eq!(
+        store.insert_event_once(&later, &short).unwrap(),
+        Inserted::New
+    );
+    assert_eq!(pending(&store), 2);
+    let again = event(&["a"]);
+    assert_eq!(
+        store
+            .insert_event_once(&again, &Idempotency::new("k", &again.context, HOUR))
+            .unwrap(),
+        Inserted::Existing {
+            event_id: later.id,
+            handlers: vec!["a".into()],
+        }
+    );
+}
+
+pub(crate) fn concurrent_inserts_with_one_key_commit_one_event(b: &impl Backend) {
+    const THREADS_PER_NODE: usize = 4;
+    const ROUNDS: usize = 10;
+    // Two nodes (two stores on the database: two engine nodes on PostgreSQL), several threads
+    // each, all sending the same key at once, for several keys.
+    let nodes = [b.node(), b.node()];
+    for round in 0..ROUNDS {
+        let key = format!("race-{round}");
+        let barrier = std::sync::Barrier::new(nodes.len() * THREADS_PER_NODE);
+        let results: Vec<(uuid::Uuid, Inserted)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = nodes
+                .iter()
+                .flat_map(|node| std::iter::repeat_n(node, THREADS_PER_NODE))
+                .map(|node| {
+                    let (key, barrier) = (&key, &barrier);
+                    scope.spawn(move || {
+                        let e = event(&["a"]);
+                        let k = Idempotency::new(key.clone(), &e.context, HOUR);
+                        barrier.wait();
+                        (e.id, node.insert_event_once(&e, &k).unwrap())
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let new: Vec<uuid::Uuid> = results
+            .iter()
+            .filter(|(_, r)| *r == Inserted::New)
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(new.len(), 1, "exactly one insert wins: {results:?}");
+        for (_, result) in &results {
+            if let Inserted::Existing { event_id, handlers } = result {
+                assert_eq!(*event_id, new[0]);
+                assert_eq!(handlers, &vec!["a".to_owned()]);
+            }
+        }
+    }
+    assert_eq!(pending(&nodes[1]), ROUNDS as u64, "one event per key");
+}
+
+pub(crate) fn expired_keys_are_purged_in_bounded_batches(b: &impl Backend) {
+    let store = b.node();
+    for n in 0..5 {
+        let e = event(&["a"]);
+        store
+            .insert_event_once(&e, &Idempotency::new(format!("k{n}"), &e.context, HOUR))
+            .unwrap();
+    }
+    let before_all = Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(store.purge_idempotency_keys(before_all, 100).unwrap(), 0);
+    std::thread::sleep(Duration::from_millis(5));
+    let now = Utc::now();
+    assert_eq!(store.purge_idempotency_keys(now, 2).unwrap(), 2);
+    assert_eq!(store.purge_idempotency_keys(now, 100).unwrap(), 3);
+    assert_eq!(store.purge_idempotency_keys(now, 100).unwrap(), 0);
+    // The events stay; a purged key is new again.
+    assert_eq!(pending(&store), 5);
+    let e = event(&["a"]);
+    assert_eq!(
+        store
+            .insert_event_once(&e, &Idempotency::new("k0", &e.context, HOUR))
+            .unwrap(),
+        Inserted::New
+    );
 }

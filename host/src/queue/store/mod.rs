@@ -45,6 +45,16 @@ pub enum StoreError {
     /// A caller asked for a transition the delivery state machine does not allow.
     #[error(transparent)]
     InvalidTransition(#[from] crate::queue::delivery_state::InvalidFinish),
+    /// The idempotency key was already used, within its retention window, for an event with a
+    /// different context. Nothing was committed.
+    #[error(
+        "the idempotency key was already used for a different event ({event_id}); \
+         send a new key for a new event"
+    )]
+    IdempotencyConflict {
+        /// The event the key belongs to.
+        event_id: Uuid,
+    },
     /// The store could not be opened.
     #[error("cannot open the store at {path}: {message}")]
     Open {
@@ -67,6 +77,64 @@ pub struct NewEvent {
     /// Names of the matching handlers: one delivery each.
     pub handlers: Vec<String>,
 }
+
+/// An idempotency key that makes an insert happen at most once within its retention window
+/// ([`EventStore::insert_event_once`]).
+///
+/// The key is the client's (a forwarder's resend of the same event carries the same key); the
+/// fingerprint identifies the event's content, so that the same key for a different event is a
+/// conflict rather than a silent duplicate answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The client's key, already validated by the source that received it.
+    pub key: String,
+    /// [`fingerprint`] of the event's context.
+    pub fingerprint: String,
+    /// How long a key holds: a key first used longer ago than this counts as new.
+    pub retention: Duration,
+}
+
+impl Idempotency {
+    /// The idempotency of `key` for an event with `context`.
+    pub fn new(key: impl Into<String>, context: &JobContext, retention: Duration) -> Self {
+        Idempotency {
+            key: key.into(),
+            fingerprint: fingerprint(context),
+            retention,
+        }
+    }
+}
+
+/// The fingerprint of a context: hex SHA-256 of the JSON of the *decoded* context.
+///
+/// Hashing the decoded context, not the request's bytes, means that two requests that decode to
+/// the same context — differing only in whitespace, field order, the casing of field names or
+/// enum names, GUID casing or braces, an enum by name or by number — are the same event, while
+/// any difference in a field's value is another event.
+pub fn fingerprint(context: &JobContext) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(context.to_json().to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What [`EventStore::insert_event_once`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// The event was committed.
+    New,
+    /// The key was used before, within its retention, for the same context: nothing was
+    /// committed; this is the original event.
+    Existing {
+        /// The original event's id.
+        event_id: Uuid,
+        /// Its deliveries' handlers, in the order they were created.
+        handlers: Vec<String>,
+    },
+}
+
+/// Most expired idempotency keys one [`EventStore::purge_idempotency_keys`] call deletes: bounds the
+/// transaction, so purging never holds the write lock long enough to delay ingest noticeably.
+pub const MAX_PURGE_BATCH: usize = 1000;
 
 /// A delivery claimed by a worker.
 #[derive(Debug, Clone)]
@@ -252,6 +320,22 @@ impl ClaimLimits {
 pub trait EventStore: Send + Sync + 'static {
     /// Commits an event and one pending delivery per handler, atomically.
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError>;
+
+    /// Commits an event as [`EventStore::insert_event`] does, unless `key` was already used within
+    /// its retention: then nothing is committed and the original event is returned, or
+    /// [`StoreError::IdempotencyConflict`] when that event's context differs.
+    ///
+    /// The key is claimed through the database's uniqueness in the same transaction as the
+    /// event, so two callers (or two nodes) racing with one key commit one event.
+    fn insert_event_once(
+        &self,
+        event: &NewEvent,
+        key: &Idempotency,
+    ) -> Result<Inserted, StoreError>;
+
+    /// Deletes up to `max` (capped at [`MAX_PURGE_BATCH`]) idempotency keys first used before
+    /// `before`; returns how many.
+    fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError>;
 
     /// Claims up to `limits.max` of the oldest due pending deliveries, at most as many of each
     /// handler as `limits` leaves room for, in one transaction: marks each running, owned by this

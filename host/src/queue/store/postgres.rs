@@ -42,7 +42,8 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
-    EventStore, EventView, INTERRUPTED_CLASS, NewEvent, RELEASED_REASON, StoreError, after,
+    EventStore, EventView, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent,
+    RELEASED_REASON, StoreError, after,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -148,7 +149,8 @@ const APPLICATION_NAME: &str = "jobhook";
 ///
 /// Contexts and outcomes are `json` (kept verbatim, like the SQLite store's text), not `jsonb`:
 /// `jsonb` refuses `\u0000`, which a hostile handler can put in a log line.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     id          uuid PRIMARY KEY,
     received_at timestamptz NOT NULL,
@@ -191,7 +193,19 @@ CREATE TABLE cursors (
     name  text PRIMARY KEY,
     value text NOT NULL
 );
-"#];
+"#,
+    // Idempotency keys of ingest: the primary key is what lets two nodes racing with one key
+    // commit one event (see `CLAIM_KEY`); `created_at` is what the purge walks.
+    r#"
+CREATE TABLE idempotency_keys (
+    key         text PRIMARY KEY,
+    event_id    uuid NOT NULL,
+    fingerprint text NOT NULL,
+    created_at  timestamptz NOT NULL
+);
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+"#,
+];
 
 /// Why a PostgreSQL store call failed, before it becomes a [`StoreError`].
 #[derive(Debug, thiserror::Error)]
@@ -683,6 +697,25 @@ const INSERT_EVENT: &str = "
     FROM event, unnest($5::text[]) WITH ORDINALITY AS h (handler, n)
     ORDER BY h.n";
 
+/// Takes an idempotency key for a new event, or takes over one that has outlived its retention
+/// (`$5` is the cutoff). A concurrent transaction inserting the same key waits on the unique
+/// index until this one ends, then finds the key held (or free, if this one rolled back): one
+/// key, one event, with no check-then-insert window.
+const CLAIM_KEY: &str = "
+    INSERT INTO idempotency_keys (key, event_id, fingerprint, created_at) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id,
+        fingerprint = excluded.fingerprint, created_at = excluded.created_at
+    WHERE idempotency_keys.created_at < $5";
+
+const HELD_KEY: &str = "SELECT event_id, fingerprint FROM idempotency_keys WHERE key = $1";
+
+const HANDLERS_OF: &str = "SELECT handler FROM deliveries WHERE event_id = $1 ORDER BY id";
+
+const PURGE_KEYS: &str = "
+    DELETE FROM idempotency_keys
+    WHERE key IN (SELECT key FROM idempotency_keys WHERE created_at < $1
+                  ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
 const UPSERT_CURSOR: &str = "
     INSERT INTO cursors (name, value) VALUES ($1, $2)
     ON CONFLICT (name) DO UPDATE SET value = excluded.value";
@@ -810,6 +843,64 @@ impl EventStore for PostgresStore {
             insert_event_tx(&mut tx, &insert, event, Utc::now())?;
             tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn insert_event_once(
+        &self,
+        event: &NewEvent,
+        key: &Idempotency,
+    ) -> Result<Inserted, StoreError> {
+        let now = Utc::now();
+        // Before the epoch nothing was stored: an unrepresentable cutoff means "keep all".
+        let cutoff = chrono::Duration::from_std(key.retention)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .filter(|t| *t > DateTime::UNIX_EPOCH)
+            .unwrap_or(DateTime::UNIX_EPOCH);
+        self.with(|conn| {
+            let claim = conn.prepare(CLAIM_KEY)?;
+            let insert = conn.prepare(INSERT_EVENT)?;
+            let held = conn.prepare(HELD_KEY)?;
+            let handlers_of = conn.prepare(HANDLERS_OF)?;
+            let mut tx = conn.client.transaction()?;
+            let taken = tx.execute(
+                &claim,
+                &[&key.key, &event.id, &key.fingerprint, &now, &cutoff],
+            )?;
+            if taken == 1 {
+                insert_event_tx(&mut tx, &insert, event, now)?;
+                tx.commit()?;
+                return Ok(Ok(Inserted::New));
+            }
+            let Some(row) = tx.query_opt(&held, &[&key.key])? else {
+                return Err(PgError::Corrupt(
+                    "an idempotency key vanished while it was being used; retry".into(),
+                ));
+            };
+            let original: Uuid = row.get(0);
+            let fingerprint: String = row.get(1);
+            if fingerprint != key.fingerprint {
+                return Ok(Err(StoreError::IdempotencyConflict { event_id: original }));
+            }
+            let handlers = tx
+                .query(&handlers_of, &[&original])?
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect();
+            tx.commit()?;
+            Ok(Ok(Inserted::Existing {
+                event_id: original,
+                handlers,
+            }))
+        })?
+    }
+
+    fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
+        let limit = i64::try_from(max.min(MAX_PURGE_BATCH)).unwrap_or(0);
+        self.with(|conn| {
+            let purge = conn.prepare(PURGE_KEYS)?;
+            Ok(conn.client.execute(&purge, &[&before, &limit])?)
         })
     }
 

@@ -21,8 +21,8 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
-    EventStore, EventView, INTERRUPTED_CLASS, NewEvent, RELEASED_REASON, StoreError, after,
-    from_ms, to_ms,
+    EventStore, EventView, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent,
+    RELEASED_REASON, StoreError, after, from_ms, to_ms,
 };
 use crate::context::JobContext;
 
@@ -47,7 +47,9 @@ const MAX_GROUP_COMMIT: usize = 512;
 pub const DATABASE_FILE: &str = "jobhook.sqlite";
 
 /// The schema, applied in order; `PRAGMA user_version` records how many have run. The second
-/// adds the per-handler index that claims use (see [`SqliteStore::claim_batch`]).
+/// adds the per-handler index that claims use (see [`SqliteStore::claim_batch`]); the third the
+/// idempotency keys of ingest ([`EventStore::insert_event_once`]): one row per key, the primary key
+/// is what makes a key's event unique, `created_at` what the purge walks.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -91,7 +93,24 @@ CREATE TABLE cursors (
 );
 "#,
     "CREATE INDEX deliveries_handler_due ON deliveries (state, handler, not_before, id);",
+    r#"
+CREATE TABLE idempotency_keys (
+    key         TEXT PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+"#,
 ];
+
+/// Takes an idempotency key for a new event, or takes over one that has outlived its retention
+/// (`?5` is the cutoff). Changes no row when the key is held.
+const CLAIM_KEY: &str = "
+    INSERT INTO idempotency_keys (key, event_id, fingerprint, created_at) VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT (key) DO UPDATE SET event_id = excluded.event_id,
+        fingerprint = excluded.fingerprint, created_at = excluded.created_at
+    WHERE idempotency_keys.created_at < ?5";
 
 /// The handlers that have pending deliveries, one index seek per handler (a loose index scan
 /// of `deliveries_handler_due`) instead of a scan of every pending delivery.
@@ -130,7 +149,9 @@ enum Write {
     Events {
         events: Vec<NewEvent>,
         cursor: Option<(String, String)>,
-        done: mpsc::SyncSender<Result<(), StoreError>>,
+        /// Commit `events` (then exactly one) only if this key is free.
+        key: Option<Idempotency>,
+        done: mpsc::SyncSender<Result<Inserted, StoreError>>,
     },
 }
 
@@ -174,7 +195,8 @@ impl SqliteStore {
         &self,
         events: Vec<NewEvent>,
         cursor: Option<(String, String)>,
-    ) -> Result<(), StoreError> {
+        key: Option<Idempotency>,
+    ) -> Result<Inserted, StoreError> {
         let (done, result) = mpsc::sync_channel(1);
         let sent = self
             .writer
@@ -183,6 +205,7 @@ impl SqliteStore {
             .send(Write::Events {
                 events,
                 cursor,
+                key,
                 done,
             });
         if sent.is_err() {
@@ -239,7 +262,7 @@ fn ingest_writer(mut conn: Connection, receiver: mpsc::Receiver<Write>) {
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Result<(), StoreError>> {
+fn commit_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Result<Inserted, StoreError>> {
     let failed = |e: &rusqlite::Error| (0..batch.len()).map(|_| Err(db(clone_error(e)))).collect();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -248,27 +271,88 @@ fn commit_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Result<(), StoreE
     let now = to_ms(Utc::now());
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
-        let Write::Events { events, cursor, .. } = write;
+        let Write::Events {
+            events,
+            cursor,
+            key,
+            ..
+        } = write;
         let result = (|| {
-            let sp = tx.savepoint()?;
+            let sp = tx.savepoint().map_err(db)?;
+            if let Some(key) = key {
+                let event_id = events.first().map(|e| e.id.to_string()).unwrap_or_default();
+                if let Some(held) = claim_key(&sp, key, &event_id, now)? {
+                    sp.commit().map_err(db)?;
+                    return held;
+                }
+            }
             for event in events {
-                insert_event_tx(&sp, event, now)?;
+                insert_event_tx(&sp, event, now).map_err(db)?;
             }
             if let Some((name, value)) = cursor {
                 sp.execute(
                     "INSERT INTO cursors (name, value) VALUES (?1, ?2)
                      ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                     params![name, value],
-                )?;
+                )
+                .map_err(db)?;
             }
-            sp.commit()
+            sp.commit().map_err(db)?;
+            Ok(Inserted::New)
         })();
-        results.push(result.map_err(db));
+        results.push(result);
     }
     match tx.commit() {
         Ok(()) => results,
         Err(e) => failed(&e),
     }
+}
+
+/// Takes `key` for `event_id` inside the write transaction. `None`: taken, go on and insert the
+/// event. `Some(answer)`: the key is held by an earlier event within its retention, and
+/// `answer` is that event (same fingerprint) or the conflict (another one).
+///
+/// The ingest writer is the only connection that writes keys, and it holds the write lock for
+/// the whole transaction: there is no window between the check and the insert.
+fn claim_key(
+    tx: &Connection,
+    key: &Idempotency,
+    event_id: &str,
+    now: i64,
+) -> Result<Option<Result<Inserted, StoreError>>, StoreError> {
+    let retention = i64::try_from(key.retention.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = now.saturating_sub(retention);
+    let taken = tx
+        .prepare_cached(CLAIM_KEY)
+        .map_err(db)?
+        .execute(params![key.key, event_id, key.fingerprint, now, cutoff])
+        .map_err(db)?;
+    if taken == 1 {
+        return Ok(None);
+    }
+    let (held_by, fingerprint): (String, String) = tx
+        .prepare_cached("SELECT event_id, fingerprint FROM idempotency_keys WHERE key = ?1")
+        .map_err(db)?
+        .query_row(params![key.key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db)?;
+    let original = Uuid::parse_str(&held_by)
+        .map_err(|e| StoreError::Corrupt(format!("idempotency key event id {held_by}: {e}")))?;
+    if fingerprint != key.fingerprint {
+        return Ok(Some(Err(StoreError::IdempotencyConflict {
+            event_id: original,
+        })));
+    }
+    let handlers = tx
+        .prepare_cached("SELECT handler FROM deliveries WHERE event_id = ?1 ORDER BY id")
+        .map_err(db)?
+        .query_map(params![held_by], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(Some(Ok(Inserted::Existing {
+        event_id: original,
+        handlers,
+    })))
 }
 
 fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
@@ -346,7 +430,28 @@ impl ContextCache {
 
 impl EventStore for SqliteStore {
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
-        self.write(vec![event.clone()], None)
+        self.write(vec![event.clone()], None, None).map(drop)
+    }
+
+    fn insert_event_once(
+        &self,
+        event: &NewEvent,
+        key: &Idempotency,
+    ) -> Result<Inserted, StoreError> {
+        self.write(vec![event.clone()], None, Some(key.clone()))
+    }
+
+    fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
+        let limit = i64::try_from(max.min(MAX_PURGE_BATCH)).unwrap_or(0);
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "DELETE FROM idempotency_keys WHERE key IN
+                     (SELECT key FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)",
+                params![to_ms(before), limit],
+            )
+            .map_err(db)?;
+        Ok(n as u64)
     }
 
     fn claim_batch(
@@ -740,7 +845,9 @@ impl EventStore for SqliteStore {
         self.write(
             events.to_vec(),
             Some((cursor_name.to_owned(), cursor.to_owned())),
+            None,
         )
+        .map(drop)
     }
 
     /// One process per database: it always leads.

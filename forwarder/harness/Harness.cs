@@ -1,0 +1,516 @@
+// TEST-ONLY: plays Keyfactor Command against the forwarder. It builds contexts with awkward
+// values, constructs the forwarder the way the platform does (Unity property setters, or with
+// KEYFACTOR_11 the IOptions<Options> constructor), calls RunHandler from several threads like
+// concurrent orchestrator check-ins, and checks every call: true, no exception, within the budget.
+//
+// It writes what it handed over to an "expected" file, one line per event, independent of the
+// forwarder's own serialiser (strings as base64 of their UTF-8, enums as the number the engine
+// must store, the timestamp as UTC ticks), so the test can compare with what the engine stored.
+//
+// Usage:
+//   harness.exe run   --url U --spool DIR --count N --expected FILE [options]
+//   harness.exe drain --url U --spool DIR [options]
+// Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
+//          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
+//          --invalid-every K (every K-th context has a string the engine must refuse with 400)
+//          --ca FILE (TrustedCaFile: a CA to trust for an https:// URL)
+//          --max-spool-files N (MaxSpoolFiles)
+// Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
+// every event is on disk, then "drained" when the spool is empty. Exit codes: 0 ok, 1 a RunHandler call broke a rule, 3 not drained in time, 2 usage.
+
+using System;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.Globalization;
+using System.IO;
+using System.Net.Http;
+using System.Text;
+using System.Threading;
+using Jobhook.Forwarder;
+using Keyfactor.Orchestrators.Common.Enums;
+using Keyfactor.Platform.Extensions;
+
+namespace Jobhook.Forwarder.Harness
+{
+    /// <summary>Captures the forwarder's log: per-event lines give each event's key.</summary>
+    sealed class CapturingLog : IForwarderLog
+    {
+        readonly object gate = new object();
+        readonly Dictionary<Guid, string> keysByJobId = new Dictionary<Guid, string>();
+
+        public void Debug(string message)
+        {
+            // "queued job <JobId> as event <key>"
+            var parts = message.Split(' ');
+            Guid jobId;
+            if (parts.Length != 6 || parts[0] != "queued" || parts[1] != "job" || parts[3] != "as" || parts[4] != "event"
+                || !Guid.TryParse(parts[2], out jobId))
+                return;
+            lock (gate)
+                keysByJobId[jobId] = parts[5];
+        }
+
+        public void Info(string message) { Write("info", message); }
+        public void Warn(string message) { Write("warn", message); }
+        public void Error(string message) { Write("error", message); }
+
+        static void Write(string level, string message)
+        {
+            Console.Error.WriteLine("forwarder " + level + ": " + message);
+        }
+
+        public string KeyOf(Guid jobId)
+        {
+            lock (gate)
+            {
+                string key;
+                return keysByJobId.TryGetValue(jobId, out key) ? key : null;
+            }
+        }
+    }
+
+    /// <summary>
+    /// A thread that asks to wake every millisecond and records when it woke much later: the
+    /// whole process was stalled (garbage collection, or no CPU for it on a loaded machine). A
+    /// RunHandler over budget is reported with the stall it overlapped, so a failure says
+    /// whether the forwarder or the machine was slow. It never excuses the failure.
+    /// </summary>
+    sealed class StallDetector
+    {
+        /// <summary>A wake-up this much later than asked counts as a stall.</summary>
+        const double StallMilliseconds = 10;
+
+        readonly object gate = new object();
+        readonly List<long[]> gaps = new List<long[]>();
+
+        public static StallDetector Start()
+        {
+            var detector = new StallDetector();
+            var thread = new Thread(detector.Run) { IsBackground = true, Name = "stall detector" };
+            thread.Start();
+            return detector;
+        }
+
+        void Run()
+        {
+            var last = Stopwatch.GetTimestamp();
+            while (true)
+            {
+                Thread.Sleep(1);
+                var now = Stopwatch.GetTimestamp();
+                if ((now - last) * 1000.0 / Stopwatch.Frequency > StallMilliseconds + 1)
+                    lock (gate)
+                        gaps.Add(new[] { last, now });
+                last = now;
+            }
+        }
+
+        /// <summary>The longest stall overlapping [from, to], as text for a failure message.</summary>
+        public string Describe(long from, long to)
+        {
+            double longest = 0;
+            lock (gate)
+                foreach (var gap in gaps)
+                    if (gap[1] > from && gap[0] < to)
+                        longest = Math.Max(longest, (gap[1] - gap[0]) * 1000.0 / Stopwatch.Frequency);
+            return longest > 0
+                ? " (the whole process was stalled for up to " + longest.ToString("F1", CultureInfo.InvariantCulture) + " ms meanwhile)"
+                : " (no process stall was seen meanwhile)";
+        }
+    }
+
+    static class Program
+    {
+        static readonly Encoding Utf8 = new UTF8Encoding(false);
+        static readonly DateTime UnixEpoch = new DateTime(1970, 1, 1, 0, 0, 0, DateTimeKind.Utc);
+
+        /// <summary>Strings chosen to break a hand-written JSON encoder.</summary>
+        static readonly string[] Awkward =
+        {
+            "KFTRAIN\\SVC_Orchestrator",
+            "orchestrator.kftrain.lab",
+            "WinCertInventory",
+            "",
+            "quote \" inside",
+            "back\\slash\\\\double and trailing\\",
+            "\\u0041 is not an escape here",
+            "tab\tnew\nline\rreturn",
+            "control \u0000\u0001\u0002\u0007\b\f\u000b\u000e\u001b\u001f end",
+            "del \u007f and c1 \u0080\u009f",
+            "line sep \u2028 para sep \u2029",
+            "</script><!-- & ' \" -->",
+            "unicode: Grüße, 日本語, עברית, Ελληνικά",
+            "emoji \ud83d\ude00 and \ud83c\udff3\ufe0f\u200d\ud83c\udf08",
+            "lone high \ud800 surrogate",
+            "lone low \udc00 surrogate",
+            "bom \ufeff and nonchar \uffff",
+            "{\"JobId\":\"not really\"}",
+            "null",
+            " leading and trailing spaces ",
+        };
+
+        /// <summary>A string longer than the engine accepts in one field (4 KiB).</summary>
+        const int InvalidStringLength = 5000;
+
+        static int Main(string[] args)
+        {
+            try
+            {
+                return Run(args);
+            }
+            catch (Exception e)
+            {
+                Console.Error.WriteLine("harness: " + e);
+                return 2;
+            }
+        }
+
+        static int Run(string[] args)
+        {
+            if (args.Length < 1)
+                return Usage("missing mode");
+            var mode = args[0];
+            var opts = new Dictionary<string, string>();
+            for (int i = 1; i + 1 < args.Length; i += 2)
+            {
+                if (!args[i].StartsWith("--", StringComparison.Ordinal))
+                    return Usage("unexpected " + args[i]);
+                opts[args[i].Substring(2)] = args[i + 1];
+            }
+            if (!opts.ContainsKey("url") || !opts.ContainsKey("spool"))
+                return Usage("--url and --spool are required");
+
+            var log = new CapturingLog();
+            ForwarderLog.Current = log;
+            var options = new JobhookForwarder.Options
+            {
+                JobTypes = "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
+                EngineUrl = opts["url"],
+                BearerToken = Get(opts, "token", null),
+                SpoolDirectory = opts["spool"],
+                RequestTimeoutMs = Get(opts, "timeout-ms", null),
+                InitialBackoffMs = Get(opts, "initial-backoff-ms", null),
+                MaxBackoffMs = Get(opts, "max-backoff-ms", null),
+                TrustedCaFile = Get(opts, "ca", null),
+                MaxSpoolFiles = Get(opts, "max-spool-files", null),
+                DebugLog = "true",
+            };
+            int waitSeconds = int.Parse(Get(opts, "wait-seconds", "120"), CultureInfo.InvariantCulture);
+
+            if (mode == "drain")
+            {
+                var forwarder = Construct(options);
+                if (!forwarder.Start())
+                {
+                    Console.Error.WriteLine("harness: the forwarder did not start");
+                    return 1;
+                }
+                return WaitForDrain(forwarder, waitSeconds);
+            }
+            if (mode != "run")
+                return Usage("unknown mode " + mode);
+            if (!opts.ContainsKey("count") || !opts.ContainsKey("expected"))
+                return Usage("run needs --count and --expected");
+            int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
+            int seed = int.Parse(Get(opts, "seed", "1"), CultureInfo.InvariantCulture);
+            int threads = int.Parse(Get(opts, "threads", "4"), CultureInfo.InvariantCulture);
+            int invalidEvery = int.Parse(Get(opts, "invalid-every", "0"), CultureInfo.InvariantCulture);
+
+            var contexts = new OrchestratorJobCompleteHandlerContext[count];
+            var random = new Random(seed);
+            var keyfactorClient = new HttpClient(); // what Keyfactor hands every handler; unused by the forwarder
+            var invalid = new bool[count];
+            for (int i = 0; i < count; i++)
+            {
+                contexts[i] = MakeContext(i, random, keyfactorClient);
+                if (invalidEvery > 0 && i % invalidEvery == invalidEvery - 1)
+                {
+                    // Over the engine's 4 KiB per string field: it must answer 400, and the
+                    // forwarder must set the event aside instead of retrying it for ever.
+                    contexts[i].Username = new string('y', InvalidStringLength);
+                    invalid[i] = true;
+                }
+            }
+
+            var stalls = StallDetector.Start();
+            var failures = new List<string>();
+            var overruns = new List<long[]>(); // context index, start, end (Stopwatch timestamps)
+            var durations = new double[count];
+            long maxTicks = 0;
+            int next = -1;
+            var expected = new string[count];
+            var workers = new Thread[threads];
+            for (int t = 0; t < threads; t++)
+            {
+                workers[t] = new Thread(() =>
+                {
+                    JobhookForwarder forwarder = null;
+                    while (true)
+                    {
+                        int i = Interlocked.Increment(ref next);
+                        if (i >= count)
+                            break;
+                        // Unity may build a handler per resolution: a new object now and then.
+                        if (forwarder == null || i % 10 == 0)
+                            forwarder = Construct(options);
+                        var startedAt = Stopwatch.GetTimestamp();
+                        var clock = Stopwatch.StartNew();
+                        bool result;
+                        string thrown = null;
+                        try
+                        {
+                            result = forwarder.RunHandler(contexts[i]);
+                        }
+                        catch (Exception e)
+                        {
+                            result = false;
+                            thrown = e.ToString();
+                        }
+                        clock.Stop();
+                        durations[i] = clock.Elapsed.TotalMilliseconds;
+                        lock (failures)
+                        {
+                            if (clock.ElapsedTicks > maxTicks)
+                                maxTicks = clock.ElapsedTicks;
+                            if (thrown != null)
+                                failures.Add("context " + i + ": RunHandler threw " + thrown);
+                            else if (!result)
+                                failures.Add("context " + i + ": RunHandler returned false");
+                            if (clock.Elapsed > JobhookForwarder.RunHandlerBudget)
+                                overruns.Add(new long[] { i, startedAt, Stopwatch.GetTimestamp() });
+                        }
+                    }
+                });
+                workers[t].Start();
+            }
+            foreach (var worker in workers)
+                worker.Join();
+            // Described after the fact, once the stall detector has seen every stall.
+            Thread.Sleep(50);
+            foreach (var overrun in overruns)
+                failures.Add("context " + overrun[0] + ": RunHandler took "
+                             + Ms((overrun[2] - overrun[1]) * 1000.0 / Stopwatch.Frequency) + " ms; the budget is "
+                             + JobhookForwarder.RunHandlerBudgetMilliseconds + " ms" + stalls.Describe(overrun[1], overrun[2]));
+
+            // The key is made on the forwarder's intake thread, which may still be busy with the
+            // last few events: give it a moment.
+            var keysDeadline = DateTime.UtcNow.AddSeconds(30);
+            for (int i = 0; i < count; i++)
+                while (log.KeyOf(contexts[i].JobId) == null && DateTime.UtcNow < keysDeadline)
+                    Thread.Sleep(10);
+            for (int i = 0; i < count; i++)
+            {
+                var key = log.KeyOf(contexts[i].JobId);
+                if (key == null)
+                    failures.Add("context " + i + ": the forwarder logged no idempotency key for it");
+                expected[i] = ExpectedLine(key ?? "-", contexts[i]) + (invalid[i] ? "\tinvalid" : "\tvalid");
+            }
+            File.WriteAllLines(opts["expected"], expected, Utf8);
+            var submittedAt = Stopwatch.GetTimestamp();
+            double maxMs = maxTicks * 1000.0 / Stopwatch.Frequency;
+            var sorted = (double[])durations.Clone();
+            Array.Sort(sorted);
+            if (count > 0)
+                Console.Error.WriteLine("harness: RunHandler ms: median " + Ms(sorted[count / 2]) + ", p99 " + Ms(sorted[count * 99 / 100])
+                                        + ", max " + Ms(sorted[count - 1]) + "; first calls " + Ms(durations[0]) + " " + (count > 1 ? Ms(durations[1]) : ""));
+            Console.WriteLine("submitted " + count + " max_ms=" + maxMs.ToString("F2", CultureInfo.InvariantCulture));
+            Console.Out.Flush();
+            foreach (var failure in failures)
+                Console.Error.WriteLine("harness: " + failure);
+            if (failures.Count > 0)
+                return 1;
+            if (waitSeconds == 0)
+                return 0;
+            // RunHandler returns before the event is on disk; say when all of them are, so a
+            // test can tell "spooled" (must survive a kill) from "handed over" (may not).
+            var observer = Construct(options);
+            var spoolDeadline = DateTime.UtcNow.AddSeconds(waitSeconds);
+            // Every event was written (a full spool drops older files as newer ones are written,
+            // so this counts writes, not files); the harness never fills the in-memory queues.
+            while (observer.Counters.Spooled < count && DateTime.UtcNow < spoolDeadline)
+                Thread.Sleep(5);
+            Console.WriteLine("spooled " + observer.Counters.Spooled + " after "
+                              + Ms((Stopwatch.GetTimestamp() - submittedAt) * 1000.0 / Stopwatch.Frequency) + " ms");
+            Console.Out.Flush();
+            return WaitForDrain(observer, waitSeconds);
+        }
+
+        static JobhookForwarder Construct(JobhookForwarder.Options options)
+        {
+#if KEYFACTOR_11
+            // The Extension Loader: manifest.json "Options" through IOptions<Options>.
+            var copy = new JobhookForwarder.Options
+            {
+                JobTypes = options.JobTypes, EngineUrl = options.EngineUrl, BearerToken = options.BearerToken,
+                SpoolDirectory = options.SpoolDirectory, RequestTimeoutMs = options.RequestTimeoutMs,
+                InitialBackoffMs = options.InitialBackoffMs, MaxBackoffMs = options.MaxBackoffMs,
+                TrustedCaFile = options.TrustedCaFile, MaxSpoolFiles = options.MaxSpoolFiles, DebugLog = options.DebugLog,
+            };
+            return new JobhookForwarder(Microsoft.Extensions.Options.Options.Create(copy));
+#else
+            // Unity: parameterless constructor, then one setter per <property> element.
+            return new JobhookForwarder
+            {
+                JobTypes = options.JobTypes,
+                EngineUrl = options.EngineUrl,
+                BearerToken = options.BearerToken,
+                SpoolDirectory = options.SpoolDirectory,
+                RequestTimeoutMs = options.RequestTimeoutMs,
+                InitialBackoffMs = options.InitialBackoffMs,
+                MaxBackoffMs = options.MaxBackoffMs,
+                TrustedCaFile = options.TrustedCaFile,
+                MaxSpoolFiles = options.MaxSpoolFiles,
+                DebugLog = options.DebugLog,
+            };
+#endif
+        }
+
+        static int WaitForDrain(JobhookForwarder forwarder, int waitSeconds)
+        {
+            var deadline = DateTime.UtcNow.AddSeconds(waitSeconds);
+            while (DateTime.UtcNow < deadline)
+            {
+                if (forwarder.PendingEvents == 0)
+                {
+                    Console.WriteLine("drained " + forwarder.Counters);
+                    Console.Out.Flush();
+                    return 0;
+                }
+                Thread.Sleep(50);
+            }
+            Console.WriteLine("not drained: " + forwarder.PendingEvents + " pending; " + forwarder.Counters);
+            return 3;
+        }
+
+        static OrchestratorJobCompleteHandlerContext MakeContext(int i, Random random, HttpClient client)
+        {
+            int[] results = { 0, 1, 2, 3, 4, 5, 99, -1, int.MaxValue, int.MinValue };
+            int[] operations = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, -5, int.MaxValue, int.MinValue };
+            int?[] certificateIds = { null, 0, 1, -1, int.MaxValue, int.MinValue, 14 };
+            int[] retries = { 0, 1, 5, int.MaxValue, int.MinValue, -1 };
+            return new OrchestratorJobCompleteHandlerContext
+            {
+                AgentId = i % 17 == 0 ? Guid.Empty : Guid.NewGuid(),
+                Username = PickString(i, random, 0),
+                ClientMachine = PickString(i, random, 7),
+                JobResult = (OrchestratorJobStatusJobResult)results[i % results.Length],
+                JobId = Guid.NewGuid(), // unique: how the test tells events apart
+                JobType = PickString(i, random, 13),
+                JobTypeId = Guid.NewGuid(),
+                OperationType = (CertStoreOperationType)operations[i % operations.Length],
+                CertificateId = i % 3 == 0 ? certificateIds[(i / 3) % certificateIds.Length] : random.Next(int.MinValue, int.MaxValue),
+                RequestTimestamp = PickTimestamp(i, random),
+                CurrentRetryCount = i % 2 == 0 ? retries[(i / 2) % retries.Length] : random.Next(0, 1000),
+                Client = i % 2 == 0 ? client : null,
+            };
+        }
+
+        static string PickString(int i, Random random, int shift)
+        {
+            int choice = (i + shift) % (Awkward.Length + 4);
+            if (choice < Awkward.Length)
+                return Awkward[choice];
+            switch (choice - Awkward.Length)
+            {
+                case 0: return null; // .NET allows it; the engine stores ""
+                case 1: return new string('x', 3000); // long, under the engine's 4 KiB per field
+                case 2: return RandomString(random, 1 + random.Next(60));
+                default: return new string('\u20ac', 1000); // 3000 UTF-8 bytes
+            }
+        }
+
+        /// <summary>Random characters from every part of the BMP and beyond, surrogates paired.</summary>
+        static string RandomString(Random random, int length)
+        {
+            var text = new StringBuilder();
+            for (int k = 0; k < length; k++)
+            {
+                switch (random.Next(4))
+                {
+                    case 0: text.Append((char)random.Next(0, 0x80)); break;
+                    case 1: text.Append((char)random.Next(0x80, 0xD800)); break;
+                    case 2: text.Append((char)random.Next(0xE000, 0x10000)); break;
+                    default: text.Append(char.ConvertFromUtf32(random.Next(0x10000, 0x110000))); break;
+                }
+            }
+            return text.ToString();
+        }
+
+        static DateTime? PickTimestamp(int i, Random random)
+        {
+            // Ticks anywhere from 1900 to 2100, with sub-second digits down to 100 ns.
+            long ticks = new DateTime(1900, 1, 1).Ticks + (long)(random.NextDouble() * (new DateTime(2100, 1, 1).Ticks - new DateTime(1900, 1, 1).Ticks));
+            switch (i % 7)
+            {
+                case 0: return null;
+                case 1: return new DateTime(ticks, DateTimeKind.Utc);
+                case 2: return new DateTime(ticks, DateTimeKind.Local);
+                case 3: return new DateTime(ticks, DateTimeKind.Unspecified);
+                case 4: return DateTime.SpecifyKind(DateTime.MinValue, DateTimeKind.Unspecified);
+                case 5: return DateTime.SpecifyKind(DateTime.MaxValue, DateTimeKind.Utc);
+                default: return new DateTime(2023, 5, 3, 23, 18, 48, DateTimeKind.Unspecified); // Keyfactor's sample
+            }
+        }
+
+        /// <summary>
+        /// key, AgentId, Username, ClientMachine, JobResult, JobId, JobType, JobTypeId,
+        /// OperationType, CertificateId, RequestTimestamp, CurrentRetryCount — tab-separated
+        /// (the caller appends "valid" or "invalid");
+        /// strings as base64 of UTF-8 (a lone surrogate becomes U+FFFD, as .NET encodes it),
+        /// null strings as "" (the engine stores them so), enums as the number the engine keeps
+        /// (0 = Unknown for numbers it does not know), the timestamp as UTC 100 ns ticks since
+        /// the Unix epoch, or "null".
+        /// </summary>
+        static string ExpectedLine(string key, OrchestratorJobCompleteHandlerContext c)
+        {
+            int result = (int)c.JobResult;
+            int operation = (int)c.OperationType;
+            string timestamp = "null";
+            if (c.RequestTimestamp.HasValue)
+            {
+                var t = c.RequestTimestamp.Value;
+                var utc = t.Kind == DateTimeKind.Local ? t.ToUniversalTime() : DateTime.SpecifyKind(t, DateTimeKind.Utc);
+                timestamp = (utc.Ticks - UnixEpoch.Ticks).ToString(CultureInfo.InvariantCulture);
+            }
+            return string.Join("\t", new[]
+            {
+                key,
+                c.AgentId.ToString("D"),
+                B64(c.Username),
+                B64(c.ClientMachine),
+                (result >= 0 && result <= 4 ? result : 0).ToString(CultureInfo.InvariantCulture),
+                c.JobId.ToString("D"),
+                B64(c.JobType),
+                c.JobTypeId.ToString("D"),
+                (operation >= 0 && operation <= 9 ? operation : 0).ToString(CultureInfo.InvariantCulture),
+                c.CertificateId.HasValue ? c.CertificateId.Value.ToString(CultureInfo.InvariantCulture) : "null",
+                timestamp,
+                c.CurrentRetryCount.ToString(CultureInfo.InvariantCulture),
+            });
+        }
+
+        static string Ms(double value)
+        {
+            return value.ToString("F2", CultureInfo.InvariantCulture);
+        }
+
+        static string B64(string text)
+        {
+            return Convert.ToBase64String(Utf8.GetBytes(text ?? ""));
+        }
+
+        static string Get(Dictionary<string, string> opts, string name, string fallback)
+        {
+            string value;
+            return opts.TryGetValue(name, out value) ? value : fallback;
+        }
+
+        static int Usage(string problem)
+        {
+            Console.Error.WriteLine("harness: " + problem);
+            Console.Error.WriteLine("usage: harness.exe run|drain --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
+                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--ca FILE] [--max-spool-files N]");
+            return 2;
+        }
+    }
+}

@@ -1,0 +1,246 @@
+// What runs behind the handler: one per process and spool directory (Unity may build a handler
+// object per resolution, so nothing heavy lives in the handler). Two background threads (besides
+// the process-wide intake thread that feeds them, see Intake.cs):
+// - the spool writer turns queued events into spool files, one write and flush at a time;
+// - the sender posts spooled events to the engine, oldest first, retrying with exponential
+//   backoff and jitter, and deletes each file once the engine has it.
+
+using System;
+using System.Collections.Generic;
+using System.Threading;
+
+namespace Jobhook.Forwarder
+{
+    /// <summary>What the forwarder did since the process started (a snapshot).</summary>
+    public sealed class ForwarderCounters
+    {
+        /// <summary>Events handed over by RunHandler.</summary>
+        public long Accepted;
+        /// <summary>Events written to the spool.</summary>
+        public long Spooled;
+        /// <summary>Events the engine accepted (2xx).</summary>
+        public long Delivered;
+        /// <summary>Events the engine answered 409 for (key reused with another body): logged, not resent.</summary>
+        public long Conflicts;
+        /// <summary>Events the engine refused as invalid (moved to rejected/).</summary>
+        public long Rejected;
+        /// <summary>Events dropped because the in-memory queue or the spool was full.</summary>
+        public long Dropped;
+        /// <summary>Failed POSTs that will be retried.</summary>
+        public long Retries;
+
+        internal ForwarderCounters Snapshot()
+        {
+            return new ForwarderCounters
+            {
+                Accepted = Interlocked.Read(ref Accepted),
+                Spooled = Interlocked.Read(ref Spooled),
+                Delivered = Interlocked.Read(ref Delivered),
+                Conflicts = Interlocked.Read(ref Conflicts),
+                Rejected = Interlocked.Read(ref Rejected),
+                Dropped = Interlocked.Read(ref Dropped),
+                Retries = Interlocked.Read(ref Retries),
+            };
+        }
+
+        /// <summary>One line for logs.</summary>
+        public override string ToString()
+        {
+            return "accepted " + Accepted + ", spooled " + Spooled + ", delivered " + Delivered + ", conflicts " + Conflicts
+                   + ", rejected " + Rejected + ", dropped " + Dropped + ", retries " + Retries;
+        }
+    }
+
+    /// <summary>The spool, its writer and its sender for one spool directory.</summary>
+    public sealed class ForwarderRuntime
+    {
+        /// <summary>
+        /// How often a spool directory that cannot be opened is tried again (and logged):
+        /// often enough to recover soon after an operator fixes permissions, rarely enough not to
+        /// flood the log with one line per job.
+        /// </summary>
+        static readonly TimeSpan OpenRetryInterval = TimeSpan.FromSeconds(60);
+
+        /// <summary>
+        /// How long the spool writer waits after a failed write before trying again (a full disk
+        /// or a permission problem does not fix itself in milliseconds).
+        /// </summary>
+        const int WriteRetryMilliseconds = 1000;
+
+        static readonly object registryGate = new object();
+        static readonly Dictionary<string, ForwarderRuntime> registry = new Dictionary<string, ForwarderRuntime>(StringComparer.OrdinalIgnoreCase);
+
+        readonly ForwarderSettings settings;
+        /// <summary>Null until the writer thread has opened the spool directory.</summary>
+        volatile Spool spool;
+        readonly IForwarderLog log;
+        readonly object queueGate = new object();
+        readonly LinkedList<QueuedEvent> queue = new LinkedList<QueuedEvent>();
+        readonly AutoResetEvent queued = new AutoResetEvent(false);
+        readonly AutoResetEvent spooled = new AutoResetEvent(false);
+
+        /// <summary>What happened so far.</summary>
+        public readonly ForwarderCounters Counters = new ForwarderCounters();
+
+        sealed class QueuedEvent
+        {
+            public string Key;
+            public string Body;
+        }
+
+        ForwarderRuntime(ForwarderSettings settings, IForwarderLog log)
+        {
+            this.settings = settings;
+            this.log = log;
+        }
+
+        /// <summary>
+        /// The runtime for these options' spool directory, started on first use. Cheap: the
+        /// spool directory is opened and indexed on the writer thread, never on Keyfactor's.
+        /// Never throws.
+        /// </summary>
+        public static ForwarderRuntime Obtain(JobhookForwarder.Options options)
+        {
+            var settings = ForwarderSettings.Parse(options);
+            var log = ForwarderLog.Current;
+            var trace = log as TraceForwarderLog;
+            if (trace != null && settings.DebugLog)
+                trace.DebugEnabled = true;
+            lock (registryGate)
+            {
+                ForwarderRuntime existing;
+                if (registry.TryGetValue(settings.SpoolDirectory, out existing))
+                {
+                    if (!existing.SameDestination(settings))
+                        log.Warn("two registrations share the spool directory " + settings.SpoolDirectory
+                                 + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory.");
+                    return existing;
+                }
+                foreach (var problem in settings.Problems)
+                    log.Error("configuration: " + problem);
+                var runtime = new ForwarderRuntime(settings, log);
+                var writer = new Thread(runtime.WriteLoop) { IsBackground = true, Name = "jobhook-forwarder spool writer" };
+                writer.Start();
+                registry[settings.SpoolDirectory] = runtime;
+                log.Info("forwarding to " + (settings.JobCompleteUrl == null ? "(no EngineUrl)" : settings.JobCompleteUrl.ToString())
+                         + " through the spool " + settings.SpoolDirectory);
+                return runtime;
+            }
+        }
+
+        bool SameDestination(ForwarderSettings other)
+        {
+            return Equals(settings.JobCompleteUrl, other.JobCompleteUrl) && settings.BearerToken == other.BearerToken
+                   && settings.TrustedCaFile == other.TrustedCaFile;
+        }
+
+        /// <summary>Events in memory plus events in the spool; -1 while the spool is not open yet.</summary>
+        public long PendingEvents
+        {
+            get
+            {
+                var current = spool;
+                if (current == null)
+                    return -1;
+                int inMemory;
+                lock (queueGate) inMemory = queue.Count;
+                return inMemory + current.Count;
+            }
+        }
+
+        /// <summary>
+        /// Queues one serialised event for the spool writer. Makes the idempotency key: a fresh random GUID, fixed from here
+        /// on, so every resend of this event carries the same key and no other event ever does.
+        /// </summary>
+        public void Submit(string body, Guid jobId)
+        {
+            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body };
+            Interlocked.Increment(ref Counters.Accepted);
+            QueuedEvent dropped = null;
+            lock (queueGate)
+            {
+                queue.AddLast(item);
+                if (queue.Count > settings.MaxQueuedEvents)
+                {
+                    dropped = queue.First.Value;
+                    queue.RemoveFirst();
+                }
+            }
+            queued.Set();
+            log.Debug("queued job " + jobId.ToString("D") + " as event " + item.Key);
+            if (dropped != null)
+            {
+                var count = Interlocked.Increment(ref Counters.Dropped);
+                log.Warn("the in-memory queue is full (" + settings.MaxQueuedEvents + " events: the spool disk is too slow or failing); dropped event "
+                         + dropped.Key + " (" + count + " dropped since start)");
+            }
+        }
+
+        /// <summary>
+        /// Opens the spool (retrying until it can), starts the sender, then writes queued events
+        /// to the spool for as long as the process lives.
+        /// </summary>
+        void WriteLoop()
+        {
+            Spool opened;
+            while ((opened = Spool.Open(settings.SpoolDirectory, settings.MaxSpoolFiles, settings.MaxSpoolBytes, log)) == null)
+                Thread.Sleep(OpenRetryInterval);
+            spool = opened;
+            if (settings.JobCompleteUrl != null)
+                new Sender(settings, opened, Counters, log, spooled).Start();
+            while (true)
+            {
+                try
+                {
+                    QueuedEvent next = null;
+                    lock (queueGate)
+                    {
+                        if (queue.Count > 0)
+                            next = queue.First.Value;
+                    }
+                    if (next == null)
+                    {
+                        queued.WaitOne();
+                        continue;
+                    }
+                    if (opened.Write(next.Key, next.Body))
+                    {
+                        lock (queueGate)
+                        {
+                            // It may have been dropped from a full queue meanwhile; it is on
+                            // disk now, so that is fine.
+                            if (queue.First != null && ReferenceEquals(queue.First.Value, next))
+                                queue.RemoveFirst();
+                        }
+                        Interlocked.Increment(ref Counters.Spooled);
+                        spooled.Set();
+                    }
+                    else
+                    {
+                        Thread.Sleep(WriteRetryMilliseconds);
+                    }
+                }
+                catch (ThreadAbortException)
+                {
+                    throw; // the process or app domain is going away (iisreset): not an error
+                }
+                catch (Exception e)
+                {
+                    // Keep the writer alive whatever happens; the event stays queued.
+                    try { log.Error("spool writer: " + e); } catch { }
+                    Thread.Sleep(WriteRetryMilliseconds);
+                }
+            }
+        }
+
+        /// <summary>The counters, with the spool's drops added to the queue's.</summary>
+        public ForwarderCounters Snapshot()
+        {
+            var snapshot = Counters.Snapshot();
+            var current = spool;
+            if (current != null)
+                snapshot.Dropped += Interlocked.Read(ref current.Dropped);
+            return snapshot;
+        }
+    }
+}

@@ -1,0 +1,224 @@
+// Parsing of the string options Keyfactor passes. Configuration is hostile input too (a typo in
+// web.config is the usual case): every value is checked, and a bad one is logged and replaced by
+// its default instead of throwing inside Keyfactor's process.
+
+using System;
+using System.Collections.Generic;
+using System.Globalization;
+using System.IO;
+
+namespace Jobhook.Forwarder
+{
+    /// <summary>The checked settings of one registration.</summary>
+    public sealed class ForwarderSettings
+    {
+        /// <summary>
+        /// Default POST timeout. The engine answers after one commit (milliseconds); 10 s only
+        /// trips on a real outage, and the event is resent with the same idempotency key.
+        /// </summary>
+        public const int DefaultRequestTimeoutMs = 10000;
+        /// <summary>Default first retry delay: quick recovery from a blip without hammering.</summary>
+        public const int DefaultInitialBackoffMs = 1000;
+        /// <summary>Default longest retry delay: an engine back from an outage is found within a minute.</summary>
+        public const int DefaultMaxBackoffMs = 60000;
+        /// <summary>
+        /// Default spool size in events: about a day of a very busy Command (one event a second)
+        /// at well under 1 KiB each.
+        /// </summary>
+        public const long DefaultMaxSpoolFiles = 100000;
+        /// <summary>Default spool size in bytes (256 MiB): bounded even if events are unusually large.</summary>
+        public const long DefaultMaxSpoolBytes = 256L * 1024 * 1024;
+        /// <summary>
+        /// Default in-memory queue length. Events wait here for the spool writer: milliseconds
+        /// normally, seconds for a large burst (about 580 files/s measured on a loaded machine);
+        /// 10000 small strings are a few MiB at most.
+        /// </summary>
+        public const int DefaultMaxQueuedEvents = 10000;
+
+        /// <summary>Smallest accepted timeout or backoff (ms): below this, retries would spin.</summary>
+        public const int MinMilliseconds = 1;
+        /// <summary>Largest accepted timeout or backoff (ms): one day.</summary>
+        public const int MaxMilliseconds = 24 * 60 * 60 * 1000;
+        /// <summary>Longest accepted URL or token, in characters; real ones are far shorter.</summary>
+        public const int MaxTextLength = 4096;
+        /// <summary>
+        /// Longest forwarder name, in characters: the engine shows it per forwarder and refuses
+        /// longer names, so it is cut here rather than sent.
+        /// </summary>
+        public const int MaxNameLength = 64;
+
+        /// <summary>The endpoint events are posted to: EngineUrl + /v1/job-complete. Null if unusable.</summary>
+        public Uri JobCompleteUrl { get; private set; }
+        /// <summary>The bearer token, or null.</summary>
+        public string BearerToken { get; private set; }
+        /// <summary>The spool directory, as a full path.</summary>
+        public string SpoolDirectory { get; private set; }
+        /// <summary>POST timeout.</summary>
+        public TimeSpan RequestTimeout { get; private set; }
+        /// <summary>First retry delay.</summary>
+        public TimeSpan InitialBackoff { get; private set; }
+        /// <summary>Longest retry delay.</summary>
+        public TimeSpan MaxBackoff { get; private set; }
+        /// <summary>Spool limit in events.</summary>
+        public long MaxSpoolFiles { get; private set; }
+        /// <summary>Spool limit in bytes.</summary>
+        public long MaxSpoolBytes { get; private set; }
+        /// <summary>In-memory queue limit.</summary>
+        public int MaxQueuedEvents { get; private set; }
+        /// <summary>A CA certificate file to trust, or null.</summary>
+        public string TrustedCaFile { get; private set; }
+        /// <summary>Whether to use the system proxy.</summary>
+        public bool UseProxy { get; private set; }
+        /// <summary>Whether to log per-event lines.</summary>
+        public bool DebugLog { get; private set; }
+        /// <summary>
+        /// The name the engine shows for this forwarder (GET /v1/forwarders): the option
+        /// ForwarderName, or the machine name; visible ASCII only.
+        /// </summary>
+        public string ForwarderName { get; private set; }
+        /// <summary>Every problem found, for the log (nothing here is secret).</summary>
+        public IList<string> Problems { get; private set; }
+
+        /// <summary>The default spool directory: under ProgramData, outside the web root.</summary>
+        public static string DefaultSpoolDirectory()
+        {
+            var common = Environment.GetFolderPath(Environment.SpecialFolder.CommonApplicationData);
+            if (string.IsNullOrEmpty(common))
+                common = Path.GetTempPath();
+            return Path.Combine(Path.Combine(Path.Combine(common, "Jobhook"), "Forwarder"), "spool");
+        }
+
+        /// <summary>Checks every option; never throws.</summary>
+        public static ForwarderSettings Parse(JobhookForwarder.Options options)
+        {
+            var s = new ForwarderSettings { Problems = new List<string>() };
+            options = options ?? new JobhookForwarder.Options();
+            s.JobCompleteUrl = ParseUrl(options.EngineUrl, s.Problems);
+            s.BearerToken = ParseToken(options.BearerToken, s.Problems);
+            s.SpoolDirectory = ParseDirectory(options.SpoolDirectory, s.Problems);
+            s.RequestTimeout = TimeSpan.FromMilliseconds(ParseInt("RequestTimeoutMs", options.RequestTimeoutMs, DefaultRequestTimeoutMs, MinMilliseconds, MaxMilliseconds, s.Problems));
+            s.InitialBackoff = TimeSpan.FromMilliseconds(ParseInt("InitialBackoffMs", options.InitialBackoffMs, DefaultInitialBackoffMs, MinMilliseconds, MaxMilliseconds, s.Problems));
+            s.MaxBackoff = TimeSpan.FromMilliseconds(ParseInt("MaxBackoffMs", options.MaxBackoffMs, DefaultMaxBackoffMs, MinMilliseconds, MaxMilliseconds, s.Problems));
+            if (s.MaxBackoff < s.InitialBackoff)
+                s.MaxBackoff = s.InitialBackoff;
+            s.MaxSpoolFiles = ParseLong("MaxSpoolFiles", options.MaxSpoolFiles, DefaultMaxSpoolFiles, 1, 100000000, s.Problems);
+            s.MaxSpoolBytes = ParseLong("MaxSpoolBytes", options.MaxSpoolBytes, DefaultMaxSpoolBytes, 1024, long.MaxValue / 2, s.Problems);
+            s.MaxQueuedEvents = ParseInt("MaxQueuedEvents", options.MaxQueuedEvents, DefaultMaxQueuedEvents, 1, 10000000, s.Problems);
+            s.TrustedCaFile = string.IsNullOrWhiteSpace(options.TrustedCaFile) ? null : options.TrustedCaFile.Trim();
+            s.UseProxy = ParseBool("UseProxy", options.UseProxy, s.Problems);
+            s.DebugLog = ParseBool("DebugLog", options.DebugLog, s.Problems);
+            s.ForwarderName = ParseName(options.ForwarderName, s.Problems);
+            return s;
+        }
+
+        static string ParseName(string text, IList<string> problems)
+        {
+            string name = text;
+            if (string.IsNullOrWhiteSpace(name))
+            {
+                try { name = Environment.MachineName; } catch { name = null; }
+            }
+            var clean = new System.Text.StringBuilder();
+            foreach (var c in (name ?? "").Trim())
+            {
+                if (clean.Length >= MaxNameLength) break;
+                clean.Append(c > ' ' && c < 0x7f ? c : '_');
+            }
+            if (clean.Length == 0)
+            {
+                problems.Add("ForwarderName is empty and the machine name is unknown; using \"forwarder\"");
+                return "forwarder";
+            }
+            if (text != null && clean.ToString() != text.Trim())
+                problems.Add("ForwarderName was cut to " + MaxNameLength + " visible ASCII characters: " + clean);
+            return clean.ToString();
+        }
+
+        static Uri ParseUrl(string text, IList<string> problems)
+        {
+            if (string.IsNullOrWhiteSpace(text))
+            {
+                problems.Add("EngineUrl is not set; events are spooled but not sent until it is");
+                return null;
+            }
+            text = text.Trim();
+            Uri url;
+            if (text.Length > MaxTextLength || !Uri.TryCreate(text, UriKind.Absolute, out url)
+                || (url.Scheme != Uri.UriSchemeHttp && url.Scheme != Uri.UriSchemeHttps)
+                || !string.IsNullOrEmpty(url.UserInfo) || !string.IsNullOrEmpty(url.Query) || !string.IsNullOrEmpty(url.Fragment))
+            {
+                problems.Add("EngineUrl must be an http:// or https:// base URL without user, query or fragment (e.g. https://jobhook.example.com:8443); events are spooled but not sent until it is fixed");
+                return null;
+            }
+            var path = url.AbsolutePath.TrimEnd('/');
+            return new Uri(url.GetLeftPart(UriPartial.Authority) + path + "/v1/job-complete");
+        }
+
+        static string ParseToken(string text, IList<string> problems)
+        {
+            if (string.IsNullOrEmpty(text))
+                return null;
+            text = text.Trim();
+            // RFC 6750 b64token characters only: anything else (a newline above all) could
+            // inject a header. The token itself is never logged.
+            foreach (char c in text)
+            {
+                bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')
+                          || c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/' || c == '=';
+                if (!ok || text.Length > MaxTextLength)
+                {
+                    problems.Add("BearerToken contains characters a bearer token cannot have; it is not sent (the engine will answer 401)");
+                    return null;
+                }
+            }
+            return text.Length == 0 ? null : text;
+        }
+
+        static string ParseDirectory(string text, IList<string> problems)
+        {
+            if (string.IsNullOrWhiteSpace(text))
+                return DefaultSpoolDirectory();
+            try
+            {
+                return Path.GetFullPath(text.Trim());
+            }
+            catch (Exception e)
+            {
+                var fallback = DefaultSpoolDirectory();
+                problems.Add("SpoolDirectory is not a usable path (" + e.Message + "); using " + fallback);
+                return fallback;
+            }
+        }
+
+        static int ParseInt(string name, string text, int fallback, int min, int max, IList<string> problems)
+        {
+            return (int)ParseLong(name, text, fallback, min, max, problems);
+        }
+
+        static long ParseLong(string name, string text, long fallback, long min, long max, IList<string> problems)
+        {
+            if (string.IsNullOrWhiteSpace(text))
+                return fallback;
+            long value;
+            if (!long.TryParse(text.Trim(), NumberStyles.Integer, CultureInfo.InvariantCulture, out value) || value < min || value > max)
+            {
+                problems.Add(name + " must be a whole number from " + min + " to " + max + "; using " + fallback);
+                return fallback;
+            }
+            return value;
+        }
+
+        static bool ParseBool(string name, string text, IList<string> problems)
+        {
+            if (string.IsNullOrWhiteSpace(text))
+                return false;
+            bool value;
+            if (!bool.TryParse(text.Trim(), out value))
+            {
+                problems.Add(name + " must be true or false; using false");
+                return false;
+            }
+            return value;
+        }
+    }
+}

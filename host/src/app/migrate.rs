@@ -1,0 +1,980 @@
+//! Migration both ways between Keyfactor's registrations and jobhook's configuration.
+//!
+//! - [`import`] (`jobhook import`): reads the Job Complete Handler registrations of a Command
+//!   9–10 `web.config` (Unity `<register type="IOrchestratorJobCompleteHandler" …>` blocks with
+//!   `<property name=… value=…/>`) or a Command 11+ `manifest.json` (the
+//!   `Keyfactor.Platform.Extensions.IOrchestratorJobCompleteHandler` section) and writes the
+//!   matching `[[handlers]]` stanzas. `JobTypes` becomes `job_types`; properties whose names look
+//!   secret become `{ env = "JOBHOOK_<HANDLER>_<PROP>" }` references (their values are never
+//!   copied); `component` is a placeholder the operator fills in.
+//! - [`forwarder_config`] (`jobhook forwarder-config`): the other way — the registration of
+//!   jobhook's C# forwarder for both Command generations, built from a jobhook configuration.
+//!
+//! Input files are hostile: their size is bounded, the XML parser expands no DTD or entity and
+//! counts nodes, and every value that reaches the output is quoted by the TOML, XML or JSON
+//! writer (or stripped of line breaks in comments).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::app::config::Config;
+use crate::context::parse_guid;
+use crate::queue::registration::JobTypes;
+
+/// Largest registration file read: a web.config is tens of KiB, a manifest a few KiB.
+pub const MAX_IMPORT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Most XML nodes parsed: a real web.config has a few thousand; this bounds memory on
+/// hostile input well below what [`MAX_IMPORT_BYTES`] of tiny elements would take.
+pub const MAX_XML_NODES: u32 = 200_000;
+
+/// Longest handler name the configuration accepts (see `handlers.name`).
+const MAX_HANDLER_NAME: usize = 64;
+
+/// The Unity registration type of a Job Complete Handler (9–10).
+pub const UNITY_HANDLER_TYPE: &str = "IOrchestratorJobCompleteHandler";
+
+/// The manifest section of Job Complete Handlers (11+).
+pub const MANIFEST_SECTION: &str = "Keyfactor.Platform.Extensions.IOrchestratorJobCompleteHandler";
+
+/// The property every Keyfactor handler has: comma-separated job type GUIDs.
+const JOB_TYPES_PROPERTY: &str = "JobTypes";
+
+/// Words in a property name that make its value a secret (compared case-insensitively, with
+/// `_`, `-` and `.` removed): such values are replaced by environment references.
+pub const SECRET_NAME_PARTS: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "apikey",
+    "authheader",
+    "authorization",
+    "credential",
+    "privatekey",
+    "passphrase",
+    "connectionstring",
+    "sharedaccesskey",
+];
+
+/// A message for the operator printed on stderr (never a secret value).
+pub type Warning = String;
+
+/// A migration input that cannot be used, with the line when known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct MigrateError {
+    /// The input file.
+    pub file: String,
+    /// The 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// One Keyfactor registration, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The Unity `name` / manifest entry name.
+    pub name: String,
+    /// The .NET type it mapped to (`mapTo` / `TypeFullName`, plus `assemblypath`).
+    pub dotnet_type: String,
+    /// Where it is in the input.
+    pub line: usize,
+    /// `JobTypes` as written, when present.
+    pub job_types: Option<String>,
+    /// The other properties / options, in file order.
+    pub properties: Vec<(String, String)>,
+}
+
+/// `jobhook import`: reads `path` (web.config or manifest.json) and returns the TOML stanzas
+/// and the warnings for the operator.
+pub fn import(path: &Path) -> Result<(String, Vec<Warning>), MigrateError> {
+    let file = path.display().to_string();
+    let fail = |message: String| MigrateError {
+        file: file.clone(),
+        line: None,
+        message,
+    };
+    use std::io::Read as _;
+    let file_handle =
+        std::fs::File::open(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    // Read at most one byte past the limit, whatever the file's size claims.
+    let mut bytes = Vec::new();
+    file_handle
+        .take(MAX_IMPORT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if bytes.len() as u64 > MAX_IMPORT_BYTES {
+        return Err(fail(format!(
+            "is over {MAX_IMPORT_BYTES} bytes; registration files that large are refused"
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| fail(format!("is not UTF-8 text ({e})")))?;
+    let registrations = read_registrations(&text, &file)?;
+    Ok(to_toml(&registrations, &file))
+}
+
+/// Reads registrations from web.config or manifest.json text, told apart by the first
+/// character that is not white space or a byte-order mark.
+pub fn read_registrations(text: &str, file: &str) -> Result<Vec<Registration>, MigrateError> {
+    let first = text
+        .trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}')
+        .chars()
+        .next();
+    let registrations = match first {
+        Some('<') => read_web_config(text, file)?,
+        Some('{') => read_manifest(text, file)?,
+        _ => {
+            return Err(MigrateError {
+                file: file.to_owned(),
+                line: None,
+                message: "is neither a web.config (XML) nor a manifest.json (JSON object)".into(),
+            });
+        }
+    };
+    if registrations.is_empty() {
+        return Err(MigrateError {
+            file: file.to_owned(),
+            line: None,
+            message: format!(
+                "contains no Job Complete Handler registration (a <register type=\"{UNITY_HANDLER_TYPE}\"> \
+                 element outside comments, or a manifest.json \"{MANIFEST_SECTION}\" entry)"
+            ),
+        });
+    }
+    Ok(registrations)
+}
+
+fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateError> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        nodes_limit: MAX_XML_NODES,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(text, options).map_err(|e| {
+        let hint = match e {
+            roxmltree::Error::DtdDetected => {
+                " (a DOCTYPE/DTD is refused: entity definitions are never expanded)"
+            }
+            roxmltree::Error::NodesLimitReached => " (too many XML nodes for a web.config)",
+            _ => "",
+        };
+        MigrateError {
+            file: file.to_owned(),
+            line: Some(e.pos().row as usize),
+            message: format!("not well-formed XML: {e}{hint}"),
+        }
+    })?;
+    let line_of = |node: roxmltree::Node| doc.text_pos_at(node.range().start).row as usize;
+    let mut out = Vec::new();
+    for register in doc
+        .descendants()
+        .filter(|n| n.is_element() && n.tag_name().name() == "register")
+    {
+        let line = line_of(register);
+        let Some(kind) = register.attribute("type") else {
+            continue;
+        };
+        // `IOrchestratorJobCompleteHandler`, or a full name / "Type, Assembly" form of it.
+        let type_name = kind.split(',').next().unwrap_or_default().trim();
+        if type_name.rsplit('.').next() != Some(UNITY_HANDLER_TYPE) {
+            continue;
+        }
+        let fail = |message: String| MigrateError {
+            file: file.to_owned(),
+            line: Some(line),
+            message,
+        };
+        let map_to = register.attribute("mapTo").unwrap_or_default().trim();
+        let name = match register.attribute("name") {
+            Some(name) if !name.trim().is_empty() => name.trim().to_owned(),
+            _ => {
+                return Err(fail(format!(
+                    "<register type=\"{UNITY_HANDLER_TYPE}\"> has no name attribute; Keyfactor \
+                     needs a unique name per registration"
+                )));
+            }
+        };
+        let mut job_types = None;
+        let mut properties = Vec::new();
+        for property in register
+            .children()
+            .filter(|n| n.is_element() && n.tag_name().name() == "property")
+        {
+            let at = line_of(property);
+            let pname = property
+                .attribute("name")
+                .map(str::trim)
+                .unwrap_or_default();
+            if pname.is_empty() {
+                return Err(MigrateError {
+                    file: file.to_owned(),
+                    line: Some(at),
+                    message: format!("a <property> of registration {name:?} has no name"),
+                });
+            }
+            // `<property name="x" value="v"/>`, or Unity's `<property name="x"><value value="v"/></property>`.
+            let value = property.attribute("value").or_else(|| {
+                property
+                    .children()
+                    .find(|n| n.is_element() && n.tag_name().name() == "value")
+                    .and_then(|v| v.attribute("value"))
+            });
+            let Some(value) = value else {
+                return Err(MigrateError {
+                    file: file.to_owned(),
+                    line: Some(at),
+                    message: format!(
+                        "property {pname:?} of registration {name:?} has no value attribute \
+                         (only string values can be imported)"
+                    ),
+                });
+            };
+            if pname.eq_ignore_ascii_case(JOB_TYPES_PROPERTY) {
+                job_types = Some(value.to_owned());
+            } else {
+                properties.push((pname.to_owned(), value.to_owned()));
+            }
+        }
+        out.push(Registration {
+            name,
+            dotnet_type: map_to.to_owned(),
+            line,
+            job_types,
+            properties,
+        });
+    }
+    Ok(out)
+}
+
+/// Replaces `//` and `/* */` comments outside strings with spaces (newlines kept), as
+/// Keyfactor's extension loader tolerates them: line numbers stay right.
+fn strip_json_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let (mut in_string, mut escaped) = (false, false);
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match (c, chars.peek()) {
+            ('"', _) => {
+                in_string = true;
+                out.push(c);
+            }
+            ('/', Some('/')) => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        out.push('\n');
+                        break;
+                    }
+                    out.push(' ');
+                }
+            }
+            ('/', Some('*')) => {
+                chars.next();
+                out.push_str("  ");
+                let mut star = false;
+                for c in chars.by_ref() {
+                    out.push(if c == '\n' { '\n' } else { ' ' });
+                    if star && c == '/' {
+                        break;
+                    }
+                    star = c == '*';
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// A member of a JSON object by name, compared case-insensitively.
+fn member<'a>(object: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
+    object
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateError> {
+    let fail = |line: Option<usize>, message: String| MigrateError {
+        file: file.to_owned(),
+        line,
+        message,
+    };
+    let stripped = strip_json_comments(text);
+    let root: Value = serde_json::from_str(&stripped)
+        .map_err(|e| fail(Some(e.line()), format!("not valid JSON: {e}")))?;
+    let Some(extensions) = root.as_object().and_then(|o| member(o, "extensions")) else {
+        return Err(fail(None, "has no \"extensions\" object".into()));
+    };
+    let Some(section) = extensions
+        .as_object()
+        .and_then(|o| member(o, MANIFEST_SECTION))
+    else {
+        return Ok(Vec::new());
+    };
+    let Some(entries) = section.as_object() else {
+        return Err(fail(
+            None,
+            format!("\"{MANIFEST_SECTION}\" is not an object"),
+        ));
+    };
+    // serde_json keeps no positions: an entry's line is where its quoted name first appears.
+    let line_of = |name: &str| {
+        let quoted = serde_json::to_string(name).unwrap_or_default();
+        stripped
+            .find(&quoted)
+            .map(|at| stripped[..at].matches('\n').count() + 1)
+    };
+    let mut out = Vec::new();
+    for (name, entry) in entries {
+        let line = line_of(name);
+        let Some(entry) = entry.as_object() else {
+            return Err(fail(line, format!("extension {name:?} is not an object")));
+        };
+        let text_of = |key: &str| {
+            member(entry, key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        };
+        let dotnet_type = match (text_of("TypeFullName"), text_of("assemblypath")) {
+            ("", _) => {
+                return Err(fail(
+                    line,
+                    format!("extension {name:?} has no \"TypeFullName\""),
+                ));
+            }
+            (t, "") => t.to_owned(),
+            (t, assembly) => format!("{t} ({assembly})"),
+        };
+        let mut job_types = None;
+        let mut properties = Vec::new();
+        if let Some(options) = member(entry, "Options") {
+            let Some(options) = options.as_object() else {
+                return Err(fail(
+                    line,
+                    format!("\"Options\" of extension {name:?} is not an object"),
+                ));
+            };
+            for (key, value) in options {
+                let value = match value {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => {
+                        return Err(fail(
+                            line,
+                            format!(
+                                "option {key:?} of extension {name:?} is not a string, number or \
+                                 boolean (handler properties are strings)"
+                            ),
+                        ));
+                    }
+                };
+                if key.eq_ignore_ascii_case(JOB_TYPES_PROPERTY) {
+                    job_types = Some(value);
+                } else {
+                    properties.push((key.clone(), value));
+                }
+            }
+        }
+        out.push(Registration {
+            name: name.clone(),
+            dotnet_type,
+            line: line.unwrap_or(0),
+            job_types,
+            properties,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses Keyfactor's `JobTypes` (GUIDs separated by commas, semicolons or white space).
+/// `Ok(empty)` when none is given.
+pub fn parse_job_types(value: &str) -> Result<Vec<Uuid>, String> {
+    let mut ids = Vec::new();
+    for part in value
+        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+    {
+        let id = parse_guid(part).ok_or_else(|| format!("{part:?} is not a job type GUID"))?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Whether a property's name says its value is a secret.
+pub fn looks_secret(name: &str) -> bool {
+    let folded: String = name
+        .chars()
+        .filter(|c| !matches!(c, '_' | '-' | '.'))
+        .flat_map(char::to_lowercase)
+        .collect();
+    SECRET_NAME_PARTS.iter().any(|part| folded.contains(part))
+}
+
+/// `JOBHOOK_<HANDLER>_<PROP>`: upper case, anything but letters and digits as `_`.
+pub fn env_var_name(handler: &str, property: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("JOBHOOK_{}_{}", clean(handler), clean(property))
+}
+
+/// A handler name the configuration accepts, unique among `taken` (lower-cased).
+fn handler_name(raw: &str, taken: &mut BTreeSet<String>) -> String {
+    let mut base: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_HANDLER_NAME - 4)
+        .collect();
+    if base.is_empty() {
+        base = "handler".into();
+    }
+    let mut name = base.clone();
+    let mut n = 2;
+    while !taken.insert(name.to_ascii_lowercase()) {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    name
+}
+
+/// A TOML string literal (quoted and escaped by the TOML writer).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// A TOML key: bare when it can be, quoted otherwise.
+fn toml_key(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        s.to_owned()
+    } else {
+        toml_string(s)
+    }
+}
+
+/// Text safe inside a one-line comment (TOML `#`, XML `<!-- -->`): no control characters, no
+/// `--`.
+fn comment_text(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    while out.contains("--") {
+        out = out.replace("--", "-");
+    }
+    out
+}
+
+/// The `[[handlers]]` stanzas for `registrations`, and the warnings for the operator.
+pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<Warning>) {
+    let mut out = String::new();
+    let mut warnings = Vec::new();
+    let mut taken = BTreeSet::new();
+    let _ = writeln!(
+        out,
+        "# Imported by `jobhook import` from {}: {} Job Complete Handler registration(s).\n\
+         # For each handler: set `component` to its WebAssembly build (wasm32-wasip2, relative to\n\
+         # this file), grant the capabilities it imports (`jobhook inspect` lists them), set the\n\
+         # environment variables named below, then run `jobhook check`.",
+        comment_text(source),
+        registrations.len()
+    );
+    for r in registrations {
+        let name = handler_name(&r.name, &mut taken);
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "# Keyfactor registration {} (line {}), was: {}",
+            comment_text(&r.name),
+            r.line,
+            comment_text(&r.dotnet_type)
+        );
+        if name != r.name {
+            warnings.push(format!(
+                "registration {:?} (line {}) is named {name:?}: handler names use letters, digits, '-', '_' and '.'",
+                r.name, r.line
+            ));
+        }
+        let _ = writeln!(out, "[[handlers]]");
+        let _ = writeln!(out, "name = {}", toml_string(&name));
+        let _ = writeln!(
+            out,
+            "# TODO: the handler's WebAssembly component; it must exist for `jobhook check`."
+        );
+        let _ = writeln!(
+            out,
+            "component = {}",
+            toml_string(&format!("handlers/{name}.wasm"))
+        );
+        let ids = r.job_types.as_deref().map(parse_job_types);
+        match ids {
+            Some(Ok(ids)) if !ids.is_empty() => {
+                let list: Vec<String> = ids
+                    .iter()
+                    .map(|id| toml_string(&id.hyphenated().to_string().to_ascii_uppercase()))
+                    .collect();
+                let _ = writeln!(out, "job_types = [{}]", list.join(", "));
+            }
+            Some(Err(e)) => {
+                warnings.push(format!(
+                    "registration {:?} (line {}): JobTypes: {e}; its job_types are left empty \
+                     for you to fill in",
+                    r.name, r.line
+                ));
+                let _ = writeln!(
+                    out,
+                    "# TODO: JobTypes could not be read ({}); list the job type GUIDs, or [\"*\"] for every job type.",
+                    comment_text(&e)
+                );
+                let _ = writeln!(out, "job_types = []");
+            }
+            _ => {
+                warnings.push(format!(
+                    "registration {:?} (line {}) has no JobTypes: Keyfactor requires them; fill in \
+                     job_types (GUIDs, or [\"*\"] for every job type) before `jobhook check`",
+                    r.name, r.line
+                ));
+                let _ = writeln!(
+                    out,
+                    "# TODO: JobTypes was empty or absent in the registration; list the job type GUIDs\n\
+                     # the handler runs for, or [\"*\"] for every job type (`jobhook check` refuses [])."
+                );
+                let _ = writeln!(out, "job_types = []");
+            }
+        }
+        if !r.properties.is_empty() {
+            let _ = writeln!(out, "[handlers.properties]");
+            let mut seen = BTreeMap::new();
+            for (key, value) in &r.properties {
+                if seen.insert(key.clone(), ()).is_some() {
+                    warnings.push(format!(
+                        "registration {:?}: property {key:?} is given twice; the first is kept",
+                        r.name
+                    ));
+                    continue;
+                }
+                if looks_secret(key) {
+                    let var = env_var_name(&name, key);
+                    let _ = writeln!(out, "{} = {{ env = {} }}", toml_key(key), toml_string(&var));
+                    warnings.push(format!(
+                        "handler {name:?}: property {key:?} looks secret; its value was not copied \
+                         — set the environment variable {var} to it (or use {{ file = \"…\" }})"
+                    ));
+                } else {
+                    let _ = writeln!(out, "{} = {}", toml_key(key), toml_string(value));
+                }
+            }
+        }
+    }
+    (out, warnings)
+}
+
+/// The forwarder's .NET class.
+pub const FORWARDER_TYPE: &str = "Jobhook.Forwarder.JobhookForwarder";
+/// The forwarder's assembly.
+pub const FORWARDER_ASSEMBLY: &str = "Jobhook.Forwarder";
+/// The registration name used for the forwarder.
+pub const FORWARDER_NAME: &str = "JobhookForwarder";
+
+/// One property of the C# forwarder: the contract between `forwarder-config` and the
+/// forwarder (`forwarder/src/JobhookForwarder.cs`: its public properties for Unity, its nested
+/// `Options` members for the manifest).
+#[derive(Debug, Clone, Copy)]
+pub struct ForwarderProperty {
+    /// The property name, exactly as the forwarder declares it.
+    pub name: &'static str,
+    /// What it is for (printed as a comment in web.config).
+    pub doc: &'static str,
+    /// The value printed when the jobhook configuration does not decide it: the forwarder's
+    /// own default (empty: the forwarder picks it).
+    pub default: &'static str,
+}
+
+/// The forwarder's properties, in the order they are printed. `JobTypes`, `EngineUrl`,
+/// `BearerToken` and `TrustedCaFile` come from the jobhook configuration; the others carry the
+/// forwarder's defaults so the operator sees every knob. Adjust here when the forwarder's
+/// contract changes.
+pub const FORWARDER_PROPERTIES: &[ForwarderProperty] = &[
+    ForwarderProperty {
+        name: "JobTypes",
+        doc: "job type GUIDs to forward: every job type a jobhook handler is registered for",
+        default: "",
+    },
+    ForwarderProperty {
+        name: "EngineUrl",
+        doc: "the jobhook engine's base URL (events go to EngineUrl/v1/job-complete)",
+        default: "",
+    },
+    ForwarderProperty {
+        name: "BearerToken",
+        doc: "one of the engine's [server] tokens (replace the placeholder; empty: none)",
+        default: "",
+    },
+    ForwarderProperty {
+        name: "SpoolDirectory",
+        doc: "where events wait for delivery; one directory per registration",
+        default: r"C:\ProgramData\Jobhook\Forwarder\spool",
+    },
+    ForwarderProperty {
+        name: "RequestTimeoutMs",
+        doc: "timeout of one POST to the engine, in ms",
+        default: "10000",
+    },
+    ForwarderProperty {
+        name: "InitialBackoffMs",
+        doc: "first retry delay after a failed POST, in ms; doubled per failure",
+        default: "1000",
+    },
+    ForwarderProperty {
+        name: "MaxBackoffMs",
+        doc: "longest retry delay, in ms",
+        default: "60000",
+    },
+    ForwarderProperty {
+        name: "MaxSpoolFiles",
+        doc: "most events kept in the spool; the oldest are dropped beyond it",
+        default: "100000",
+    },
+    ForwarderProperty {
+        name: "MaxSpoolBytes",
+        doc: "most bytes kept in the spool; the oldest are dropped beyond it",
+        default: "268435456",
+    },
+    ForwarderProperty {
+        name: "MaxQueuedEvents",
+        doc: "most events waiting in memory for their spool file",
+        default: "10000",
+    },
+    ForwarderProperty {
+        name: "TrustedCaFile",
+        doc: "a CA certificate (PEM or DER) to trust for an https:// engine, besides the system store",
+        default: "",
+    },
+    ForwarderProperty {
+        name: "UseProxy",
+        doc: "true to reach the engine through the system proxy",
+        default: "false",
+    },
+    ForwarderProperty {
+        name: "DebugLog",
+        doc: "true to log one line per event queued and delivered",
+        default: "false",
+    },
+    ForwarderProperty {
+        name: "ForwarderName",
+        doc: "the name GET /v1/forwarders shows for this forwarder (empty: the machine name)",
+        default: "",
+    },
+];
+
+/// Where `TrustedCaFile` points when the engine serves TLS: a placeholder for the operator.
+const FORWARDER_CA_PLACEHOLDER: &str = r"C:\ProgramData\Jobhook\Forwarder\engine-ca.pem";
+/// What `BearerToken` says when tokens are configured: never a resolved secret.
+pub const TOKEN_PLACEHOLDER: &str = "REPLACE-WITH-ONE-OF-THE-ENGINE-TOKENS";
+
+/// Which Command generation(s) to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// 9–10: the Unity `<register>` for `WebAgentServices\web.config`.
+    Unity,
+    /// 11+: `manifest.json` for `WebAgentServices\Extensions\JobCompleteHandlers\…`.
+    Manifest,
+    /// Both.
+    Both,
+}
+
+/// The forwarder's property values for `config`, in [`FORWARDER_PROPERTIES`] order, and the
+/// warnings for the operator.
+pub fn forwarder_values(
+    config: &Config,
+    engine_url: Option<&str>,
+) -> (Vec<(&'static str, String)>, Vec<Warning>) {
+    let mut warnings = Vec::new();
+    let mut ids = BTreeSet::new();
+    let mut wildcard = Vec::new();
+    for h in &config.handlers {
+        match &h.job_types {
+            JobTypes::All => wildcard.push(h.name.clone()),
+            JobTypes::Only(set) => ids.extend(set.iter().copied()),
+        }
+    }
+    if !wildcard.is_empty() {
+        warnings.push(format!(
+            "handler(s) {} run for every job type (\"*\"), which a Keyfactor JobTypes value cannot \
+             express: add the GUID of every job type they should see to JobTypes",
+            wildcard.join(", ")
+        ));
+    }
+    if ids.is_empty() {
+        warnings.push(
+            "JobTypes is empty: Keyfactor would forward no job; list job type GUIDs".to_owned(),
+        );
+    }
+    let job_types = ids
+        .iter()
+        .map(|id| id.hyphenated().to_string().to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(",");
+    let tls = config.server.tls.is_some();
+    let url = match engine_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let listen = config.server.listen;
+            let scheme = if tls { "https" } else { "http" };
+            if listen.ip().is_unspecified() {
+                warnings.push(format!(
+                    "[server] listen is {listen}: EngineUrl uses the placeholder host \
+                     jobhook.example.invalid; pass --engine-url with the name Keyfactor reaches \
+                     the engine by (the name in its TLS certificate)"
+                ));
+                format!("{scheme}://jobhook.example.invalid:{}", listen.port())
+            } else {
+                if listen.ip().is_loopback() {
+                    warnings.push(format!(
+                        "[server] listen is {listen} (loopback): the forwarder must run on this \
+                         machine, or pass --engine-url"
+                    ));
+                }
+                format!("{scheme}://{listen}")
+            }
+        }
+    };
+    let token = if config.server.tokens.is_empty() {
+        String::new()
+    } else {
+        warnings.push(format!(
+            "BearerToken is the placeholder {TOKEN_PLACEHOLDER}: put one of the engine's [server] \
+             tokens there"
+        ));
+        TOKEN_PLACEHOLDER.to_owned()
+    };
+    let ca = if tls {
+        warnings.push(format!(
+            "TrustedCaFile is {FORWARDER_CA_PLACEHOLDER}: copy the CA that signed the \
+             engine's certificate there (or leave it empty if the system trusts it)"
+        ));
+        FORWARDER_CA_PLACEHOLDER.to_owned()
+    } else {
+        String::new()
+    };
+    if config
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.requires_client_certificates())
+    {
+        warnings.push(
+            "[server] tls.client_ca is set: the Keyfactor server must present a client \
+             certificate signed by it"
+                .to_owned(),
+        );
+    }
+    let values = FORWARDER_PROPERTIES
+        .iter()
+        .map(|p| {
+            let value = match p.name {
+                "JobTypes" => job_types.clone(),
+                "EngineUrl" => url.clone(),
+                "BearerToken" => token.clone(),
+                "TrustedCaFile" => ca.clone(),
+                _ => p.default.to_owned(),
+            };
+            (p.name, value)
+        })
+        .collect();
+    (values, warnings)
+}
+
+/// XML attribute text.
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c if c.is_control() => {
+                let _ = write!(out, "&#{};", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The Unity `<register>` (Command 9–10).
+pub fn unity_register(values: &[(&'static str, String)], wildcard_note: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "<!-- jobhook forwarder for Keyfactor Command 9-10: inside <unity><container> of\n     \
+         WebAgentServices\\web.config; copy {FORWARDER_ASSEMBLY}.dll to WebAgentServices\\bin, then iisreset. -->"
+    );
+    if wildcard_note {
+        let _ = writeln!(
+            out,
+            "<!-- Some jobhook handlers run for every job type (\"*\"), which JobTypes cannot express:\n     \
+             add the GUID of every job type they should see. -->"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "<register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"{FORWARDER_TYPE}, {FORWARDER_ASSEMBLY}\" name=\"{FORWARDER_NAME}\">"
+    );
+    for (name, value) in values {
+        let doc = FORWARDER_PROPERTIES
+            .iter()
+            .find(|p| p.name == *name)
+            .map(|p| p.doc)
+            .unwrap_or_default();
+        let _ = writeln!(out, "    <!-- {} -->", comment_text(doc));
+        let _ = writeln!(
+            out,
+            "    <property name=\"{}\" value=\"{}\" />",
+            xml_escape(name),
+            xml_escape(value)
+        );
+    }
+    let _ = writeln!(out, "</register>");
+    out
+}
+
+/// The `manifest.json` (Command 11+), strict JSON.
+pub fn manifest(values: &[(&'static str, String)]) -> String {
+    let options: serde_json::Map<String, Value> = values
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::String(v.clone())))
+        .collect();
+    let doc = serde_json::json!({
+        "extensions": {
+            MANIFEST_SECTION: {
+                FORWARDER_NAME: {
+                    "assemblypath": format!("{FORWARDER_ASSEMBLY}.dll"),
+                    "TypeFullName": FORWARDER_TYPE,
+                    "Options": options,
+                }
+            }
+        }
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// `jobhook forwarder-config`: the forwarder's registration for `generation`, and the warnings.
+pub fn forwarder_config(
+    config: &Config,
+    engine_url: Option<&str>,
+    generation: Generation,
+) -> (String, Vec<Warning>) {
+    let (values, warnings) = forwarder_values(config, engine_url);
+    let wildcard = config
+        .handlers
+        .iter()
+        .any(|h| matches!(h.job_types, JobTypes::All));
+    let mut out = String::new();
+    if matches!(generation, Generation::Unity | Generation::Both) {
+        out.push_str(&unity_register(&values, wildcard));
+    }
+    if generation == Generation::Both {
+        out.push('\n');
+    }
+    if matches!(generation, Generation::Manifest | Generation::Both) {
+        out.push_str(&manifest(&values));
+        out.push('\n');
+    }
+    (out, warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_names() {
+        for name in [
+            "Password",
+            "SmtpPassword",
+            "ClientSecret",
+            "ApiKey",
+            "API_KEY",
+            "AuthHeader",
+            "BearerToken",
+            "pwd",
+        ] {
+            assert!(looks_secret(name), "{name}");
+        }
+        for name in [
+            "SmtpServer",
+            "Username",
+            "EmailRecipients",
+            "RetryThreshold",
+            "KeyfactorUrl",
+        ] {
+            assert!(!looks_secret(name), "{name}");
+        }
+        assert_eq!(
+            env_var_name("Send-Email.1", "Api Key"),
+            "JOBHOOK_SEND_EMAIL_1_API_KEY"
+        );
+    }
+
+    #[test]
+    fn json_comments_are_stripped_outside_strings() {
+        let text = "{ // note\n \"a\": \"http://x//y\", /* b\n c */ \"d\": 1 }";
+        let v: Value = serde_json::from_str(&strip_json_comments(text)).unwrap();
+        assert_eq!(v["a"], "http://x//y");
+        assert_eq!(v["d"], 1);
+        assert_eq!(strip_json_comments(text).matches('\n').count(), 2);
+    }
+
+    #[test]
+    fn names_are_made_valid_and_unique() {
+        let mut taken = BTreeSet::new();
+        assert_eq!(handler_name("My Handler", &mut taken), "My-Handler");
+        assert_eq!(handler_name("my handler", &mut taken), "my-handler-2");
+        assert_eq!(handler_name("", &mut taken), "handler");
+    }
+
+    #[test]
+    fn comments_cannot_break_out() {
+        assert_eq!(comment_text("a\nb --> c"), "a b -> c");
+        assert_eq!(xml_escape("a\"<&\n"), "a&quot;&lt;&amp;&#10;");
+    }
+}

@@ -1,0 +1,299 @@
+//! `[server] tls`: HTTPS on the listener, optionally with client certificates (mTLS).
+//!
+//! ```toml
+//! [server]
+//! listen = "0.0.0.0:8443"
+//! tls = { cert = "server.pem", key = "server.key", client_ca = "clients-ca.pem" }
+//! ```
+//!
+//! `cert` is a PEM chain (leaf first), `key` a PEM private key (PKCS#8, PKCS#1 or SEC1),
+//! `client_ca` optional PEM CA certificates: with it, a client must present a certificate signed
+//! by one of them or the handshake fails. Paths are relative to the configuration file.
+//!
+//! The material is read and checked when the configuration is (so `jobhook check` and a reload
+//! refuse a bad certificate with the reason), and again on every reload: new connections use the
+//! new certificate, established ones keep theirs. The rustls stack is the one reqwest already
+//! builds, with the `ring` provider.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use toml::Spanned;
+
+/// Largest PEM file read: a chain of a few certificates is a few KiB; a CA bundle perhaps a
+/// few hundred KiB.
+pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
+/// How long a client may take to complete the TLS handshake before the connection is dropped:
+/// a slow or silent client must not hold a handshake slot.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once; further connections wait in the kernel's backlog. Bounds the
+/// memory and CPU an unauthenticated peer can claim.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// Established TLS connections waiting for the HTTP server to pick them up.
+const ACCEPTED_QUEUE: usize = 64;
+
+/// `[server] tls`, as written (paths rebased on the configuration file's directory by
+/// [`TlsConfig::rebase`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: Spanned<PathBuf>,
+    /// PEM private key of the leaf certificate.
+    pub key: Spanned<PathBuf>,
+    /// PEM CA certificates client certificates must chain to (mTLS); none: no client
+    /// certificates are asked for.
+    #[serde(default)]
+    pub client_ca: Option<Spanned<PathBuf>>,
+}
+
+/// A TLS setting that cannot be used: which key (`tls.cert`, `tls.key`, `tls.client_ca`), where
+/// it is written (byte span in the configuration file, when known) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("[server] {key}: {message}")]
+pub struct TlsError {
+    /// The key, e.g. `tls.cert`.
+    pub key: &'static str,
+    /// Where the key's value is in the configuration text.
+    pub span: std::ops::Range<usize>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl TlsConfig {
+    /// Makes relative paths relative to `base` (the configuration file's directory).
+    pub fn rebase(&mut self, base: &Path) {
+        for path in [
+            Some(&mut self.cert),
+            Some(&mut self.key),
+            self.client_ca.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let joined = base.join(path.get_ref());
+            *path.get_mut() = joined;
+        }
+    }
+
+    /// Reads and checks the certificate, the key (and that they belong together) and the client
+    /// CA: the configuration check and every reload call this.
+    pub fn validate(&self) -> Result<(), TlsError> {
+        self.server_config().map(drop)
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_ca.is_some()
+    }
+
+    /// The rustls server configuration for the current files.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let fail = |key: &'static str, at: &Spanned<PathBuf>, message: String| TlsError {
+            key,
+            span: at.span(),
+            message: format!("{}: {message}", at.get_ref().display()),
+        };
+
+        let chain = read_pem(&self.cert).map_err(|m| fail("tls.cert", &self.cert, m))?;
+        let certs = CertificateDer::pem_slice_iter(&chain)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                fail(
+                    "tls.cert",
+                    &self.cert,
+                    format!("not a PEM certificate chain ({e})"),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err(fail(
+                "tls.cert",
+                &self.cert,
+                "contains no \"-----BEGIN CERTIFICATE-----\" block".into(),
+            ));
+        }
+        let key_pem = read_pem(&self.key).map_err(|m| fail("tls.key", &self.key, m))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            fail(
+                "tls.key",
+                &self.key,
+                format!("no usable PEM private key (PKCS#8, PKCS#1 or SEC1) ({e})"),
+            )
+        })?;
+
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail("tls.cert", &self.cert, e.to_string()))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let pem = read_pem(ca).map_err(|m| fail("tls.client_ca", ca, m))?;
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| {
+                        fail("tls.client_ca", ca, format!("not PEM certificates ({e})"))
+                    })?;
+                    roots.add(cert).map_err(|e| {
+                        fail(
+                            "tls.client_ca",
+                            ca,
+                            format!("not a usable CA certificate ({e})"),
+                        )
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(fail(
+                        "tls.client_ca",
+                        ca,
+                        "contains no \"-----BEGIN CERTIFICATE-----\" block".into(),
+                    ));
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| fail("tls.client_ca", ca, e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            fail(
+                "tls.key",
+                &self.key,
+                format!("cannot be used with the certificate chain in tls.cert ({e})"),
+            )
+        })?;
+        // The API speaks HTTP/1.1 only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+fn read_pem(path: &Spanned<PathBuf>) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path.get_ref()).map_err(|e| {
+        format!("cannot read it ({e}); relative paths are relative to the configuration file")
+    })?;
+    // Read at most one byte past the limit, whatever the file claims (or grows to) meanwhile.
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read it ({e})"))?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!(
+            "is over {MAX_PEM_BYTES} bytes; PEM files that large are refused"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The TLS configuration new connections get; a reload swaps it.
+#[derive(Clone)]
+pub struct TlsState {
+    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+impl TlsState {
+    /// Starts with `config`.
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        TlsState {
+            current: Arc::new(RwLock::new(config)),
+        }
+    }
+
+    /// New connections from now on use `config`.
+    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+        match self.current.write() {
+            Ok(mut current) => *current = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        let config = match self.current.read() {
+            Ok(current) => Arc::clone(&current),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        };
+        TlsAcceptor::from(config)
+    }
+}
+
+/// A listener for `axum::serve` that hands over connections once their TLS handshake is done.
+/// Handshakes run in tasks of their own (bounded by [`MAX_PENDING_HANDSHAKES`] and
+/// [`HANDSHAKE_TIMEOUT`]), so a slow client never holds up the others.
+pub struct TlsListener {
+    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Accepts on `tcp` with the configuration `state` holds at each connection.
+    pub fn spawn(tcp: TcpListener, state: TlsState) -> std::io::Result<Self> {
+        let local = tcp.local_addr()?;
+        let (tx, accepted) = mpsc::channel(ACCEPTED_QUEUE);
+        let slots = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("accepting a connection failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    return;
+                }
+                let acceptor = state.acceptor();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { accepted, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(accepted) => accepted,
+            // The accept task only ends when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}

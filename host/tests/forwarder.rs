@@ -1,0 +1,1081 @@
+//! The Keyfactor-side forwarder (`forwarder/`, C#) for real: compiled with Mono's `mcs` by
+//! `forwarder/build.sh`, driven by its harness (which plays Keyfactor and checks every
+//! `RunHandler` call: true, no exception, within the budget), delivering to a real
+//! `jobhook serve`. What the engine stored is read back from its SQLite file and through
+//! `GET /v1/events/{id}`, and compared field by field with what the harness handed over.
+//!
+//! Cases:
+//! - (a) 1,000 varied contexts through the Command 9-10 registration arrive as 1,000 events with
+//!   the same eleven fields; the Command 11+ registration too; a context the engine refuses (400)
+//!   is set aside in `rejected/`, not retried.
+//! - (b) the engine is down at first: every event arrives once it starts.
+//! - (c) a stand-in in front of the engine that is slow, answers 500/503/401, answers garbage,
+//!   resets connections (some after passing the request on): every event arrives, once.
+//! - (d) the harness is SIGKILLed mid-delivery, once every event is in the spool, and restarted
+//!   in drain mode: the spool is delivered, once. (An event handed over but not yet on disk — a
+//!   few milliseconds normally, about 2 s for a burst of 1,000 on a loaded machine — is lost by
+//!   a kill; forwarder/README.md, "Limits".)
+//! - (e) a full spool drops its oldest events and the forwarder's log counts them; the rest
+//!   arrive.
+//!
+//! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
+//! really did commit a request whose answer the forwarder never saw, and the forwarder resends
+//! it with the same key. (a) and (b) never resend a committed event.
+//!
+//! Needs `mcs` and `mono` (scripts/test.sh installs them). Without them the tests fail, unless
+//! `JOBHOOK_SKIP_MONO=1` asks explicitly to skip them.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use jobhook::{JobContext, JobResult, OperationType};
+use jobhook_testkit::engine::{EngineProcess, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use uuid::Uuid;
+
+/// Contexts in the main run, as the requirement states it.
+const EVENTS: usize = 1000;
+/// Contexts in the runs that exercise failure paths: enough for many retries and a kill in the
+/// middle, few enough to keep the whole file under two minutes.
+const FAILURE_EVENTS: usize = 300;
+/// The bearer token the engine is configured with and the forwarder sends.
+const TOKEN: &str = "forwarder-test-token.0123456789";
+/// The forwarder's POST timeout against the real engine: the production default. A commit never
+/// legitimately takes this long, so a slow answer cannot make those cases resend an event.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The forwarder's POST timeout against the misbehaving stand-in, whose stalls outlast it.
+const STANDIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+/// First retry delay, short so that retries happen within the test's time (production: 1 s).
+const INITIAL_BACKOFF_MS: u32 = 20;
+/// Longest retry delay (production: 60 s).
+const MAX_BACKOFF_MS: u32 = 300;
+/// How long a harness may take to deliver everything before the test gives up.
+const DRAIN_SECONDS: u32 = 90;
+/// A zone with a non-whole-hour offset and daylight saving time, so that a `DateTime` of kind
+/// Local really has to be converted.
+const HARNESS_TZ: &str = "America/St_Johns";
+/// The engine's SQLite file under its data directory.
+const DATABASE_FILE: &str = "jobhook.sqlite";
+
+/// The forwarder cases share two cores with the engine and each other: one at a time keeps
+/// the RunHandler budget check meaningful.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---------------------------------------------------------------------------------------------
+// Building the forwarder
+
+/// The build output of `forwarder/build.sh` (`fx/` and `11/`), or None when the tests are
+/// explicitly skipped. Built once per test process.
+fn forwarder_build() -> Option<&'static Path> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let missing: Vec<&str> = ["mcs", "mono"]
+                .into_iter()
+                .filter(|tool| {
+                    Command::new(tool)
+                        .arg("--version")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .map(|s| !s.success())
+                        .unwrap_or(true)
+                })
+                .collect();
+            if !missing.is_empty() {
+                if std::env::var("JOBHOOK_SKIP_MONO").as_deref() == Ok("1") {
+                    eprintln!("SKIPPED: forwarder tests (JOBHOOK_SKIP_MONO=1; missing {missing:?})");
+                    return None;
+                }
+                panic!(
+                    "the forwarder tests need {missing:?} (Mono): run scripts/test.sh, which installs \
+                     mono-mcs, mono-runtime and libmono-system-net-http4.0-cil, or set \
+                     JOBHOOK_SKIP_MONO=1 to skip these tests explicitly"
+                );
+            }
+            let out = tempfile::Builder::new()
+                .prefix("jobhook-forwarder-build")
+                .tempdir()
+                .expect("tempdir")
+                .keep();
+            let script = workspace_root().join("forwarder").join("build.sh");
+            let output = Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            assert!(
+                output.status.success(),
+                "forwarder/build.sh failed:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            Some(out)
+        })
+        .as_deref()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+
+/// A temp directory with an engine configuration: bearer token, no handlers (every event is
+/// still committed and recorded), a fixed port so the forwarder can be pointed at it before the
+/// engine runs.
+struct Site {
+    dir: tempfile::TempDir,
+    port: u16,
+    /// The forwarder's POST timeout for harnesses run against this site.
+    request_timeout: Duration,
+}
+
+impl Site {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("token.txt"), TOKEN).expect("token file");
+        let port = free_port();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ntokens = [{{ file = \"token.txt\" }}]\n\n\
+             [store]\ndata_dir = \"data\"\n"
+        );
+        std::fs::write(dir.path().join("jobhook.toml"), config).expect("config");
+        Site {
+            dir,
+            port,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+
+    fn engine_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start_engine(&self) -> EngineProcess {
+        EngineProcess::start(
+            Path::new(env!("CARGO_BIN_EXE_jobhook")),
+            &self.dir.path().join("jobhook.toml"),
+            &self.dir.path().join("engine.log"),
+        )
+    }
+
+    fn spool(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Every event the engine has committed, decoded with the engine's own decoder.
+    fn stored_events(&self) -> Vec<(String, JobContext)> {
+        let path = self.dir.path().join("data").join(DATABASE_FILE);
+        if !path.exists() {
+            return Vec::new();
+        }
+        let db = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        db.busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
+        let mut query = db
+            .prepare("SELECT id, context FROM events")
+            .expect("events query");
+        let rows = query
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })
+            .expect("events");
+        rows.map(|row| {
+            let (id, text) = row.expect("event row");
+            let context = JobContext::from_json_bytes(text.as_bytes())
+                .unwrap_or_else(|e| panic!("stored context of {id} does not decode: {e}\n{text}"));
+            (id, context)
+        })
+        .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness
+
+/// One context the harness handed to RunHandler, as the engine must store it.
+#[derive(Debug)]
+struct Expected {
+    key: String,
+    context: JobContext,
+    /// The engine must refuse it (a field over its limit).
+    invalid: bool,
+}
+
+/// A running harness (`mono harness.exe ...`).
+struct Harness {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: PathBuf,
+}
+
+impl Harness {
+    /// Starts `mono <build>/<variant>/harness.exe <mode> ...` against `url`.
+    fn start(
+        build: &Path,
+        variant: &str,
+        site: &Site,
+        url: &str,
+        mode: &str,
+        extra: &[&str],
+    ) -> Self {
+        let stderr = site.path(&format!("harness-{variant}-{mode}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr)
+            .expect("harness log");
+        let mut child = Command::new("mono")
+            .arg(build.join(variant).join("harness.exe"))
+            .arg(mode)
+            .args(["--url", url, "--token", TOKEN])
+            .arg("--spool")
+            .arg(site.spool())
+            .args([
+                "--timeout-ms",
+                &site.request_timeout.as_millis().to_string(),
+                "--initial-backoff-ms",
+                &INITIAL_BACKOFF_MS.to_string(),
+                "--max-backoff-ms",
+                &MAX_BACKOFF_MS.to_string(),
+                "--wait-seconds",
+                &DRAIN_SECONDS.to_string(),
+            ])
+            .args(extra)
+            .env("TZ", HARNESS_TZ)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start mono");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Harness {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// Starts a `run` of `count` contexts writing what it sent to `expected`.
+    fn run(
+        build: &Path,
+        variant: &str,
+        site: &Site,
+        url: &str,
+        count: usize,
+        expected: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let count = count.to_string();
+        let expected = expected.to_string_lossy();
+        let mut args = vec!["--count", &count, "--expected", &expected];
+        args.extend_from_slice(extra);
+        Harness::start(build, variant, site, url, "run", &args)
+    }
+
+    /// Waits for a stdout line starting with `prefix`; panics with the harness log otherwise.
+    fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "the harness printed no {prefix:?} line (exit status {status:?}); its log:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for the harness to exit and asserts it succeeded (every RunHandler call within the
+    /// rules, and the spool drained).
+    fn wait_success(mut self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(u64::from(DRAIN_SECONDS) + 30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(
+                    status.success(),
+                    "{what}: the harness failed ({status}); its log:\n{}",
+                    self.log_text()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the harness did not finish; its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics with the harness's log if it has exited (a RunHandler call broke a rule).
+    fn assert_running(&mut self, what: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{what}: the harness exited early ({status}); its log:\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// SIGKILL, like a crashed or recycled IIS worker process.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.stderr.clone()
+    }
+
+    fn log_text(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        // The interesting part of a long log is its end.
+        let start = text.len().saturating_sub(20_000);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text[start..].to_owned()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the harness's expected file (format: forwarder/harness/Harness.cs, `ExpectedLine`).
+fn read_expected(path: &Path) -> Vec<Expected> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .enumerate()
+        .map(|(n, line)| {
+            parse_expected(line).unwrap_or_else(|e| panic!("expected line {n}: {e}: {line:?}"))
+        })
+        .collect()
+}
+
+fn parse_expected(line: &str) -> Result<Expected, String> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let [
+        key,
+        agent,
+        user,
+        machine,
+        result,
+        job,
+        job_type,
+        type_id,
+        operation,
+        certificate,
+        timestamp,
+        retry,
+        validity,
+    ] = f.as_slice()
+    else {
+        return Err(format!("{} columns instead of 13", f.len()));
+    };
+    let text = |b64: &str| -> Result<String, String> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(bytes).map_err(|e| e.to_string())
+    };
+    let guid = |s: &str| Uuid::parse_str(s).map_err(|e| format!("{s}: {e}"));
+    let int = |s: &str| s.parse::<i64>().map_err(|e| format!("{s}: {e}"));
+    let request_timestamp = match *timestamp {
+        "null" => None,
+        ticks => Some(from_unix_ticks(
+            ticks.parse::<i128>().map_err(|e| e.to_string())?,
+        )?),
+    };
+    let context = JobContext {
+        agent_id: guid(agent)?,
+        username: text(user)?,
+        client_machine: text(machine)?,
+        job_result: JobResult::from_number(int(result)?),
+        job_id: guid(job)?,
+        job_type: text(job_type)?,
+        job_type_id: guid(type_id)?,
+        operation_type: OperationType::from_number(int(operation)?),
+        certificate_id: match *certificate {
+            "null" => None,
+            n => Some(n.parse::<i32>().map_err(|e| e.to_string())?),
+        },
+        request_timestamp,
+        current_retry_count: retry.parse::<i32>().map_err(|e| e.to_string())?,
+    };
+    Ok(Expected {
+        key: (*key).to_owned(),
+        context,
+        invalid: *validity == "invalid",
+    })
+}
+
+/// A UTC time from .NET ticks (100 ns) relative to the Unix epoch.
+fn from_unix_ticks(ticks: i128) -> Result<DateTime<Utc>, String> {
+    let seconds = ticks.div_euclid(10_000_000);
+    let nanos = ticks.rem_euclid(10_000_000) * 100;
+    let seconds = i64::try_from(seconds).map_err(|e| e.to_string())?;
+    let nanos = u32::try_from(nanos).map_err(|e| e.to_string())?;
+    DateTime::from_timestamp(seconds, nanos).ok_or_else(|| format!("{ticks} ticks is out of range"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+/// Waits until every valid expected context is in the store, then checks that each is there
+/// exactly once with equal fields, that nothing else is, and that the invalid ones are not.
+/// `needs_idempotency` names the reason when a duplicate can only be avoided by the engine's
+/// `Idempotency-Key` deduplication.
+fn assert_delivered_once(site: &Site, expected: &[Expected], needs_idempotency: Option<&str>) {
+    let wanted: HashMap<Uuid, &Expected> = expected.iter().map(|e| (e.context.job_id, e)).collect();
+    assert_eq!(wanted.len(), expected.len(), "the harness repeated a JobId");
+    let valid = expected.iter().filter(|e| !e.invalid).count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        let stored = site.stored_events();
+        let arrived: HashSet<Uuid> = stored.iter().map(|(_, c)| c.job_id).collect();
+        let missing = expected
+            .iter()
+            .filter(|e| !e.invalid && !arrived.contains(&e.context.job_id))
+            .count();
+        if missing == 0 {
+            break stored;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {valid} events never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let mut by_job: HashMap<Uuid, Vec<&(String, JobContext)>> = HashMap::new();
+    for event in &stored {
+        by_job.entry(event.1.job_id).or_default().push(event);
+    }
+    let mut problems = Vec::new();
+    let mut duplicates = 0;
+    for e in expected {
+        let events = by_job
+            .get(&e.context.job_id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        if e.invalid {
+            if !events.is_empty() {
+                problems.push(format!("an invalid context was stored: {:?}", events[0].0));
+            }
+            continue;
+        }
+        if events.len() > 1 {
+            duplicates += 1;
+        }
+        for (id, context) in events {
+            if *context != e.context {
+                problems.push(format!(
+                    "event {id} (key {}) differs:\n  stored   {context:?}\n  expected {:?}",
+                    e.key, e.context
+                ));
+            }
+        }
+    }
+    let unexpected = stored
+        .iter()
+        .filter(|(_, c)| !wanted.contains_key(&c.job_id))
+        .count();
+    if unexpected > 0 {
+        problems.push(format!("{unexpected} stored events were never handed over"));
+    }
+    if duplicates > 0 {
+        problems.push(format!(
+            "{duplicates} events were stored more than once{}",
+            needs_idempotency
+                .map(|why| format!(
+                    " — this case needs the engine to deduplicate by Idempotency-Key ({why})"
+                ))
+                .unwrap_or_default()
+        ));
+    }
+    problems.truncate(20);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_eq!(stored.len(), valid, "stored events");
+}
+
+/// The API shows the same context as the store, for a few events.
+async fn assert_api_agrees(engine: &EngineProcess, site: &Site) {
+    let client = reqwest::Client::new();
+    for (id, context) in site.stored_events().iter().take(20) {
+        let response = client
+            .get(format!("{}/v1/events/{id}", engine.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET event");
+        assert_eq!(response.status().as_u16(), 200);
+        let text = response.text().await.expect("event body");
+        let body: serde_json::Value = serde_json::from_str(&text).expect("event JSON");
+        let shown = JobContext::from_json_value(&body["context"]).expect("API context decodes");
+        assert_eq!(&shown, context, "GET /v1/events/{id}");
+    }
+}
+
+/// The engine lists the forwarder (named by `X-Jobhook-Forwarder`, the machine name by default)
+/// with every event it accepted from it.
+async fn assert_forwarder_listed(engine: &EngineProcess, accepted: usize) {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/forwarders", engine.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET forwarders");
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.expect("forwarders body");
+    let body: serde_json::Value = serde_json::from_str(&text).expect("forwarders JSON");
+    let list = body["forwarders"].as_array().expect("a list");
+    assert_eq!(list.len(), 1, "one forwarder machine: {body}");
+    assert!(
+        list[0]["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{body}"
+    );
+    assert_eq!(list[0]["accepted"], accepted as u64, "{body}");
+}
+
+fn spool_files(site: &Site) -> usize {
+    std::fs::read_dir(site.spool())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "evt"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn rejected_files(site: &Site) -> usize {
+    std::fs::read_dir(site.spool().join("rejected"))
+        .map(|d| d.flatten().count())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cases
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_every_context_arrives_as_one_event_with_the_same_fields() {
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let engine = site.start_engine();
+
+    // Command 9-10: Unity sets the properties.
+    let expected_fx = site.path("expected-fx.tsv");
+    let harness = Harness::run(build, "fx", &site, &engine.url, EVENTS, &expected_fx, &[]);
+    harness.wait_success("Command 9-10 registration");
+    let mut expected = read_expected(&expected_fx);
+    assert_eq!(expected.len(), EVENTS);
+
+    // Command 11+: IOptions<Options>; a few contexts the engine must refuse.
+    let expected_11 = site.path("expected-11.tsv");
+    let harness = Harness::run(
+        build,
+        "11",
+        &site,
+        &engine.url,
+        200,
+        &expected_11,
+        &["--invalid-every", "50", "--seed", "11"],
+    );
+    harness.wait_success("Command 11+ registration");
+    let more = read_expected(&expected_11);
+    let invalid = more.iter().filter(|e| e.invalid).count();
+    assert_eq!(invalid, 4);
+    expected.extend(more);
+
+    assert_delivered_once(&site, &expected, None);
+    assert_api_agrees(&engine, &site).await;
+    assert_forwarder_listed(&engine, expected.len() - invalid).await;
+    assert_eq!(spool_files(&site), 0, "the spool is empty once delivered");
+    assert_eq!(
+        rejected_files(&site),
+        invalid,
+        "each refused event is set aside"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_events_wait_in_the_spool_until_the_engine_starts() {
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let expected = site.path("expected.tsv");
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        FAILURE_EVENTS,
+        &expected,
+        &[],
+    );
+    harness.wait_for_line("submitted", Duration::from_secs(60));
+    // Let the sender fail and back off a few times against the closed port.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    harness.assert_running("while the engine is down");
+    assert!(
+        spool_files(&site) > 0,
+        "events wait in the spool while the engine is down"
+    );
+    let _engine = site.start_engine();
+    harness.wait_success("engine down at first");
+    assert_delivered_once(&site, &read_expected(&expected), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_a_misbehaving_engine_costs_retries_not_events() {
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let mut site = Site::new();
+    site.request_timeout = STANDIN_REQUEST_TIMEOUT;
+    let engine = site.start_engine();
+    let standin = Standin::start(engine.url.clone()).await;
+    let expected_path = site.path("expected.tsv");
+    let harness = Harness::run(
+        build,
+        "11",
+        &site,
+        &standin.url,
+        FAILURE_EVENTS,
+        &expected_path,
+        &["--seed", "3"],
+    );
+    harness.wait_success("misbehaving engine");
+    let expected = read_expected(&expected_path);
+    assert!(
+        standin.misbehaved.load(Ordering::SeqCst) >= MISBEHAVIOURS.len() * 3,
+        "the stand-in did not get to misbehave"
+    );
+    standin.assert_keys(&expected);
+    assert_delivered_once(
+        &site,
+        &expected,
+        Some("the stand-in passed requests on to the engine and then dropped the answer"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_a_killed_forwarder_delivers_its_spool_after_restart() {
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let expected_path = site.path("expected.tsv");
+    let url = site.engine_url();
+    let mut harness = Harness::run(build, "fx", &site, &url, EVENTS, &expected_path, &[]);
+    harness.wait_for_line("submitted", Duration::from_secs(60));
+    // RunHandler returns before the event is on disk (it never waits); what must survive a kill
+    // is what is in the spool, so the kill comes after every event is there.
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    let _engine = site.start_engine();
+    // Kill the process in the middle of delivering: some events are in, most are not.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while site.stored_events().len() < 50 {
+        harness.assert_running("before the kill");
+        assert!(Instant::now() < deadline, "delivery never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    harness.kill();
+    let left = spool_files(&site);
+    assert!(
+        left > 0 && left < EVENTS,
+        "the kill came mid-delivery ({left} events left in the spool)"
+    );
+
+    let drain = Harness::start(build, "fx", &site, &url, "drain", &[]);
+    drain.wait_success("drain after SIGKILL");
+    assert_delivered_once(
+        &site,
+        &read_expected(&expected_path),
+        Some("the event in flight when the process was killed may have been committed"),
+    );
+    assert_eq!(spool_files(&site), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_a_full_spool_drops_the_oldest_and_says_so() {
+    const SENT: usize = 50;
+    const KEPT: usize = 20;
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let expected_path = site.path("expected.tsv");
+    // One Keyfactor thread, so that "oldest" is "lowest index".
+    let kept = KEPT.to_string();
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--threads", "1", "--max-spool-files", &kept],
+    );
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    assert_eq!(
+        spool_files(&site),
+        KEPT,
+        "the spool holds at most its limit"
+    );
+    let _engine = site.start_engine();
+    let log = harness.log_path();
+    harness.wait_success("full spool");
+
+    let dropped = SENT - KEPT;
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("({dropped} dropped since start)")),
+        "the forwarder's log counts the dropped events:\n{log}"
+    );
+    // The newest KEPT arrive. A dropped event may arrive too if the sender was already posting
+    // it when the spool dropped its file (one at most: it sends one at a time) — seen when
+    // Mono's first request took longer than the engine's start.
+    let mut expected = read_expected(&expected_path);
+    let stored: HashSet<Uuid> = site.stored_events().iter().map(|(_, c)| c.job_id).collect();
+    let mut arrived_anyway = Vec::new();
+    let newest = expected.split_off(dropped);
+    for event in expected {
+        if stored.contains(&event.context.job_id) {
+            arrived_anyway.push(event);
+        }
+    }
+    assert!(
+        arrived_anyway.len() <= 1,
+        "{} dropped events arrived; only one in flight may",
+        arrived_anyway.len()
+    );
+    arrived_anyway.extend(newest);
+    assert_delivered_once(&site, &arrived_anyway, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A misbehaving engine
+
+/// What the stand-in does with one request.
+#[derive(Debug, Clone, Copy)]
+enum Behaviour {
+    /// Answer 500 without passing the request on.
+    Error500,
+    /// Answer bytes that are not HTTP, then close.
+    Garbage,
+    /// Reset the connection (RST) without passing the request on.
+    ResetFirst,
+    /// Pass the request on (the engine commits it), then reset the connection.
+    ResetAfter,
+    /// Pass the request on, then say nothing until the forwarder's timeout has passed.
+    StallAfter,
+    /// Wait (less than the forwarder's timeout), then pass the request on and answer.
+    Slow,
+    /// Answer 401 as if the token were wrong.
+    Unauthorized,
+    /// Pass the request on, then answer 503 anyway.
+    Error503After,
+    /// Behave.
+    Forward,
+}
+
+/// The misbehaviour cycle; the first `MISBEHAVIOURS.len() * MISBEHAVING_ROUNDS` requests go
+/// through it, the rest are passed on faithfully.
+const MISBEHAVIOURS: [Behaviour; 9] = [
+    Behaviour::Error500,
+    Behaviour::Garbage,
+    Behaviour::ResetFirst,
+    Behaviour::ResetAfter,
+    Behaviour::StallAfter,
+    Behaviour::Slow,
+    Behaviour::Unauthorized,
+    Behaviour::Error503After,
+    Behaviour::Forward,
+];
+const MISBEHAVING_ROUNDS: usize = 4;
+/// Largest request head the stand-in reads (the forwarder's is a few hundred bytes).
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest request body the stand-in reads (the engine's own limit is 64 KiB).
+const MAX_BODY_BYTES: usize = 128 * 1024;
+
+/// (Idempotency-Key, body) of every request the stand-in received.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An HTTP/1.1 server in front of the real engine that misbehaves in every way an engine or a
+/// network can for the first requests, recording each request's idempotency key and body.
+struct Standin {
+    url: String,
+    misbehaved: Arc<AtomicUsize>,
+    seen: Seen,
+}
+
+struct Request {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Standin {
+    async fn start(engine_url: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stand-in");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let standin = Standin {
+            url,
+            misbehaved: Arc::new(AtomicUsize::new(0)),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        };
+        let counter = Arc::new(AtomicUsize::new(0));
+        let (misbehaved, seen) = (standin.misbehaved.clone(), standin.seen.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(serve_connection(
+                    socket,
+                    engine_url.clone(),
+                    client.clone(),
+                    counter.clone(),
+                    misbehaved.clone(),
+                    seen.clone(),
+                ));
+            }
+        });
+        standin
+    }
+
+    /// Every request for one event carried that event's key, and no two events shared one.
+    fn assert_keys(&self, expected: &[Expected]) {
+        let key_of: HashMap<Uuid, &str> = expected
+            .iter()
+            .map(|e| (e.context.job_id, e.key.as_str()))
+            .collect();
+        let seen = self.seen.lock().expect("records");
+        let mut keys_seen = HashSet::new();
+        for (key, body) in seen.iter() {
+            let context =
+                JobContext::from_json_bytes(body).expect("the forwarder sent a valid context");
+            assert_eq!(
+                key_of.get(&context.job_id).copied(),
+                Some(key.as_str()),
+                "a request for job {} carried another key",
+                context.job_id
+            );
+            keys_seen.insert(key.clone());
+        }
+        assert_eq!(keys_seen.len(), expected.len(), "one key per event");
+        assert!(
+            seen.len() > expected.len(),
+            "some events were sent more than once"
+        );
+    }
+}
+
+async fn serve_connection(
+    mut socket: TcpStream,
+    engine_url: String,
+    client: reqwest::Client,
+    counter: Arc<AtomicUsize>,
+    misbehaved: Arc<AtomicUsize>,
+    seen: Seen,
+) {
+    let mut buffer = Vec::new();
+    while let Some(request) = read_request(&mut socket, &mut buffer).await {
+        let key = request.header("Idempotency-Key").unwrap_or("").to_owned();
+        if let Ok(mut seen) = seen.lock() {
+            seen.push((key, request.body.clone()));
+        }
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let behaviour = if n < MISBEHAVIOURS.len() * MISBEHAVING_ROUNDS {
+            MISBEHAVIOURS[n % MISBEHAVIOURS.len()]
+        } else {
+            Behaviour::Forward
+        };
+        if !matches!(behaviour, Behaviour::Forward) {
+            misbehaved.fetch_add(1, Ordering::SeqCst);
+        }
+        let keep_going = match behaviour {
+            Behaviour::Error500 => respond(&mut socket, 500, b"{\"error\":\"stand-in\"}").await,
+            Behaviour::Unauthorized => respond(&mut socket, 401, b"{\"error\":\"token\"}").await,
+            Behaviour::Garbage => {
+                let _ = socket
+                    .write_all(b"\x00\xffSURPRISE not http\r\n\r\n{{{")
+                    .await;
+                false
+            }
+            Behaviour::ResetFirst => {
+                reset(socket);
+                return;
+            }
+            Behaviour::ResetAfter => {
+                forward(&client, &engine_url, &request).await;
+                reset(socket);
+                return;
+            }
+            Behaviour::StallAfter => {
+                forward(&client, &engine_url, &request).await;
+                tokio::time::sleep(STANDIN_REQUEST_TIMEOUT * 2).await;
+                return;
+            }
+            Behaviour::Error503After => {
+                forward(&client, &engine_url, &request).await;
+                respond(&mut socket, 503, b"{\"error\":\"overloaded\"}").await
+            }
+            Behaviour::Slow => {
+                tokio::time::sleep(STANDIN_REQUEST_TIMEOUT / 3).await;
+                let (status, body) = forward(&client, &engine_url, &request).await;
+                respond(&mut socket, status, &body).await
+            }
+            Behaviour::Forward => {
+                let (status, body) = forward(&client, &engine_url, &request).await;
+                respond(&mut socket, status, &body).await
+            }
+        };
+        if !keep_going {
+            return;
+        }
+    }
+}
+
+/// Reads one request (head and Content-Length body); None at EOF or on anything unexpected.
+async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Request> {
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        if buffer.len() > MAX_HEAD_BYTES {
+            return None;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(chunk.get(..n)?);
+    };
+    let head = String::from_utf8_lossy(buffer.get(..head_end)?).into_owned();
+    let headers: Vec<(String, String)> = head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            Some((name.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    if length > MAX_BODY_BYTES {
+        return None;
+    }
+    let body_start = head_end + 4;
+    while buffer.len() < body_start + length {
+        let mut chunk = [0u8; 4096];
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(chunk.get(..n)?);
+    }
+    let body = buffer.get(body_start..body_start + length)?.to_vec();
+    buffer.drain(..body_start + length);
+    Some(Request { headers, body })
+}
+
+/// Passes the request on to the engine; (status, body), or 502 if the engine cannot be reached.
+async fn forward(client: &reqwest::Client, engine_url: &str, request: &Request) -> (u16, Vec<u8>) {
+    let mut call = client
+        .post(format!("{engine_url}/v1/job-complete"))
+        .body(request.body.clone());
+    for name in ["authorization", "content-type", "idempotency-key"] {
+        if let Some(value) = request.header(name) {
+            call = call.header(name, value);
+        }
+    }
+    match call.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response
+                .bytes()
+                .await
+                .map(|b| b.to_vec())
+                .unwrap_or_default();
+            (status, body)
+        }
+        Err(_) => (502, b"{\"error\":\"engine unreachable\"}".to_vec()),
+    }
+}
+
+/// Writes a response; false if the connection is gone.
+async fn respond(socket: &mut TcpStream, status: u16, body: &[u8]) -> bool {
+    let head = format!(
+        "HTTP/1.1 {status} Stand-in\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.is_ok() && socket.write_all(body).await.is_ok()
+}
+
+/// Closes with RST instead of FIN: what a crashed peer or a middlebox looks like.
+fn reset(socket: TcpStream) {
+    let _ = socket.set_zero_linger();
+    drop(socket);
+}

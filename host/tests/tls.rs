@@ -1,0 +1,284 @@
+//! `[server] tls` on a real `jobhook serve` process: HTTPS, client certificates, certificate
+//! rotation on SIGHUP, a bad certificate refused on reload, and the refusal to start with
+//! tokens or without authentication off loopback. Certificates are made at test time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jobhook_testkit::engine::EngineProcess;
+use jobhook_testkit::sample_context_json;
+use jobhook_testkit::tls::{CertAndKey, TestCa};
+
+/// How long a reload may take to show on new connections.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Setup {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.path(name), text).expect("write");
+    }
+
+    fn write_server(&self, cert: &CertAndKey) {
+        self.write("server.pem", &cert.cert_pem);
+        self.write("server.key", &cert.key_pem);
+    }
+
+    fn config(&self, server: &str) -> PathBuf {
+        let path = self.path("jobhook.toml");
+        std::fs::write(
+            &path,
+            format!("[server]\n{server}\n\n[store]\ndata_dir = \"data\"\n"),
+        )
+        .expect("write config");
+        path
+    }
+
+    fn start(&self, server: &str) -> EngineProcess {
+        let config = self.config(server);
+        EngineProcess::start(
+            Path::new(env!("CARGO_BIN_EXE_jobhook")),
+            &config,
+            &self.path("engine.log"),
+        )
+    }
+}
+
+/// A fresh client (no pooled connection) trusting `ca`, optionally with a client certificate.
+fn client(ca: &TestCa, identity: Option<&CertAndKey>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).expect("CA"))
+        .tls_info(true)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10));
+    if let Some(id) = identity {
+        let pem = format!("{}{}", id.cert_pem, id.key_pem);
+        builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).expect("identity"));
+    }
+    builder.build().expect("client")
+}
+
+/// POSTs an event; the status and the certificate the server presented.
+async fn post(client: &reqwest::Client, url: &str) -> reqwest::Result<(u16, Vec<u8>)> {
+    let response = client
+        .post(format!("{url}/v1/job-complete"))
+        .header("content-type", "application/json")
+        .body(sample_context_json().to_string())
+        .send()
+        .await?;
+    let peer = response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|info| info.peer_certificate())
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    Ok((response.status().as_u16(), peer))
+}
+
+#[tokio::test]
+async fn https_plaintext_refused_rotation_and_bad_reload() {
+    let setup = Setup::new();
+    let ca = TestCa::new("jobhook test CA");
+    let first = ca.server_cert(1);
+    setup.write_server(&first);
+    let server = "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }";
+    let engine = setup.start(server);
+    assert!(engine.url.starts_with("https://"), "{}", engine.url);
+
+    // HTTPS with the test CA: accepted, and the certificate is the one configured.
+    let (status, peer) = post(&client(&ca, None), &engine.url)
+        .await
+        .expect("POST over TLS");
+    assert_eq!(status, 202);
+    assert_eq!(peer, first.cert_der);
+
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = engine.url.replacen("https://", "http://", 1);
+    let result = reqwest::Client::new()
+        .post(format!("{plain}/v1/job-complete"))
+        .body(sample_context_json().to_string())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(result.is_err(), "plain HTTP was answered: {result:?}");
+
+    // A client that does not trust the server's CA refuses it.
+    let stranger = TestCa::new("another CA");
+    assert!(post(&client(&stranger, None), &engine.url).await.is_err());
+
+    // Rotate the files and SIGHUP: new connections get the new certificate.
+    let second = ca.server_cert(2);
+    setup.write_server(&second);
+    engine.hangup();
+    let deadline = Instant::now() + RELOAD_DEADLINE;
+    loop {
+        let (status, peer) = post(&client(&ca, None), &engine.url).await.expect("POST");
+        assert_eq!(status, 202);
+        if peer == second.cert_der {
+            break;
+        }
+        assert_eq!(peer, first.cert_der);
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A key that does not belong to the certificate: the reload is refused with the reason,
+    // and the running certificate stays.
+    let third = ca.server_cert(3);
+    setup.write("server.pem", &third.cert_pem);
+    setup.write("server.key", &first.key_pem);
+    let response = client(&ca, None)
+        .post(format!("{}/v1/admin/reload", engine.url))
+        .send()
+        .await
+        .expect("reload");
+    let status = response.status().as_u16();
+    let body = response.text().await.expect("body");
+    assert_ne!(status, 200, "{body}");
+    assert!(body.contains("tls.key"), "{body}");
+    engine.hangup();
+    let deadline = Instant::now() + RELOAD_DEADLINE;
+    while !engine.log_text().contains("reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "the SIGHUP reload was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, peer) = post(&client(&ca, None), &engine.url).await.expect("POST");
+    assert_eq!(status, 202);
+    assert_eq!(peer, second.cert_der, "the refused certificate is served");
+
+    // Not a PEM file at all: refused too, naming the key.
+    setup.write("server.pem", "not a certificate");
+    let body = client(&ca, None)
+        .post(format!("{}/v1/admin/reload", engine.url))
+        .send()
+        .await
+        .expect("reload")
+        .text()
+        .await
+        .expect("body");
+    assert!(body.contains("tls.cert"), "{body}");
+    let (_, peer) = post(&client(&ca, None), &engine.url).await.expect("POST");
+    assert_eq!(peer, second.cert_der);
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_with_client_ca() {
+    let setup = Setup::new();
+    let ca = TestCa::new("jobhook test CA");
+    setup.write_server(&ca.server_cert(1));
+    let clients = TestCa::new("forwarder clients");
+    setup.write("clients.pem", &clients.cert_pem);
+    setup.write("token", "t0ken");
+    let engine = setup.start(
+        "listen = \"127.0.0.1:0\"\n\
+         tls = { cert = \"server.pem\", key = \"server.key\", client_ca = \"clients.pem\" }\n\
+         tokens = [{ file = \"token\" }]",
+    );
+
+    // No client certificate: the connection fails.
+    let result = post(&client(&ca, None), &engine.url).await;
+    assert!(
+        result.is_err(),
+        "answered without a client certificate: {result:?}"
+    );
+    // A certificate from another CA: fails too.
+    let other = TestCa::new("not the client CA").client_cert("intruder");
+    let result = post(&client(&ca, Some(&other)), &engine.url).await;
+    assert!(
+        result.is_err(),
+        "answered a foreign client certificate: {result:?}"
+    );
+    // The right one, but tokens are configured too: both are required.
+    let forwarder = clients.client_cert("forwarder");
+    let (status, _) = post(&client(&ca, Some(&forwarder)), &engine.url)
+        .await
+        .expect("POST with a client certificate");
+    assert_eq!(status, 401);
+    let response = client(&ca, Some(&forwarder))
+        .post(format!("{}/v1/job-complete", engine.url))
+        .bearer_auth("t0ken")
+        .header("content-type", "application/json")
+        .body(sample_context_json().to_string())
+        .send()
+        .await
+        .expect("POST with a client certificate and the token");
+    assert_eq!(response.status().as_u16(), 202);
+}
+
+fn refused(setup: &Setup, server: &str) -> String {
+    let config = setup.config(server);
+    let output = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("JOBHOOK_TEST_TLS_TOKEN", "t0ken")
+        .output()
+        .expect("run jobhook serve");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn exposed_listeners_need_tls_for_tokens_and_some_authentication() {
+    let setup = Setup::new();
+    // Tokens in plain text on every interface: refused, saying how to fix it and where.
+    let stderr = refused(
+        &setup,
+        "listen = \"0.0.0.0:0\"\ntokens = [{ env = \"JOBHOOK_TEST_TLS_TOKEN\" }]",
+    );
+    assert!(stderr.contains("jobhook.toml:3"), "{stderr}");
+    assert!(stderr.contains("[server] tokens"), "{stderr}");
+    assert!(stderr.contains("[server] tls"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1"), "{stderr}");
+    assert!(stderr.contains("allow_plaintext_tokens = true"), "{stderr}");
+
+    // Nothing at all on every interface: refused.
+    let stderr = refused(&setup, "listen = \"0.0.0.0:0\"");
+    assert!(stderr.contains("jobhook.toml:2"), "{stderr}");
+    assert!(stderr.contains("allow_unauthenticated = true"), "{stderr}");
+
+    // A missing certificate names the key and its line.
+    let stderr = refused(
+        &setup,
+        "listen = \"127.0.0.1:0\"\ntls = { cert = \"missing.pem\", key = \"missing.key\" }",
+    );
+    assert!(stderr.contains("jobhook.toml:3"), "{stderr}");
+    assert!(stderr.contains("tls.cert"), "{stderr}");
+    assert!(stderr.contains("missing.pem"), "{stderr}");
+
+    // The explicit opt-in is honoured (checked without serving).
+    let config = setup.config(
+        "listen = \"0.0.0.0:0\"\ntokens = [{ env = \"JOBHOOK_TEST_TLS_TOKEN\" }]\n\
+         allow_plaintext_tokens = true",
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run jobhook check");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
