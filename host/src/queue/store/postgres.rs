@@ -478,6 +478,27 @@ impl PostgresStore {
         Ok(f(&mut conn)?)
     }
 
+    /// Like [`with`](Self::with), for reads that change nothing: when the server has ended the
+    /// session under it (an idle-in-transaction or statement timeout while this node's threads
+    /// were starved, a server restart), the read runs once more on another connection instead
+    /// of failing the caller (`GET /v1/events/{id}` would answer 500).
+    fn read<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
+        let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
+        let mut conn = pool.get().map_err(PgError::from)?;
+        match f(&mut conn) {
+            Err(PgError::Db(e)) if conn.client.is_closed() => {
+                tracing::info!(
+                    "a store session was ended by the server ({}); reading again",
+                    describe(&e)
+                );
+                drop(conn);
+                let mut conn = pool.get().map_err(PgError::from)?;
+                Ok(f(&mut conn)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
     /// A new leadership session.
     fn connect_lead(&self) -> Result<LeadSession, PgError> {
         let mut client = self.config.connect(NoTls)?;
@@ -1046,7 +1067,7 @@ impl EventStore for PostgresStore {
     }
 
     fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
-        self.with(|conn| {
+        self.read(|conn| {
             let event = conn.prepare(EVENT)?;
             let deliveries = conn.prepare(EVENT_DELIVERIES)?;
             let attempts = conn.prepare(EVENT_ATTEMPTS)?;
