@@ -309,3 +309,58 @@ fn run_reports_every_hostile_class_with_exit_1() {
         );
     }
 }
+
+#[tokio::test]
+async fn job_types_prints_the_instances_guids_as_configuration() {
+    let standin = jobhook_testkit::standin::Standin::start()
+        .await
+        .expect("stand-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("pw"), &standin.credentials().password).expect("pw");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ndata_dir = \"data\"\n[keyfactor]\nbase_url = \"{}\"\n[keyfactor.auth]\nkind = \"basic\"\nusername = '{}'\npassword = {{ file = \"pw\" }}\n",
+            standin.base_url(),
+            standin.credentials().username
+        ),
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let output =
+        tokio::task::spawn_blocking(move || jobhook(&["job-types", "--config", &config_arg]))
+            .await
+            .expect("run");
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}",
+        text(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "WinCertInventory = \"{}\"",
+            jobhook_testkit::standin::data::WINCERT_INVENTORY
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("RebootAfterAdd = "), "{stdout}");
+    // Every line is TOML: a handler entry around it parses.
+    let parsed: toml::Value =
+        toml::from_str(&format!("[[handlers]]\nname = \"h\"\n{stdout}")).expect("TOML");
+    assert!(parsed.get("poller").is_some(), "{parsed:?}");
+    // Without [keyfactor] it says what to configure.
+    std::fs::write(&config, "[store]\ndata_dir = \"data\"\n").expect("config");
+    let config_arg = config.display().to_string();
+    let output =
+        tokio::task::spawn_blocking(move || jobhook(&["job-types", "--config", &config_arg]))
+            .await
+            .expect("run");
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("[keyfactor]"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -1,6 +1,8 @@
-//! The JobHistory poller against the Keyfactor stand-in: paging, the durable cursor (a restart
-//! neither loses nor repeats a job), unfinished and stale rows, first start without backfill,
-//! and API errors that leave the cursor alone.
+//! The JobHistory poller against the Keyfactor stand-in, which is as strict as Command about
+//! query fields: paging, the durable cursor (a restart neither loses nor repeats a job, rows
+//! that share a timestamp or show up late inside the overlap window), unfinished and stale
+//! rows, first start without backfill, a cursor left by an older jobhook, and API errors that
+//! leave the cursor alone.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,9 +18,10 @@ use jobhook::queue::registration::JobTypes;
 use jobhook::queue::store::sqlite::SqliteStore;
 use jobhook::queue::store::{DeliveryState, EventStore};
 use jobhook::secret::SecretRef;
-use jobhook::sources::poller::{CURSOR, Poller, PollerConfig};
+use jobhook::sources::poller::{CURSOR, Cursor, OVERLAP, Poller, PollerConfig};
 use jobhook::{Engine, LoadOptions, SandboxSpec, SandboxedHandler};
 use jobhook_testkit::guest_bytes;
+use jobhook_testkit::standin::data::{result_number, status_number};
 use jobhook_testkit::standin::{Dataset, Standin, StandinConfig};
 use serde_json::{Value, json};
 
@@ -31,8 +34,8 @@ fn row(id: i64, status: &str, result: &str, started: chrono::DateTime<Utc>) -> V
         "OperationStart": started.format("%Y-%m-%dT%H:%M:%S").to_string(),
         "OperationEnd": null,
         "Message": "",
-        "Result": result,
-        "Status": status,
+        "Result": result_number(result),
+        "Status": status_number(status),
         "StorePath": "My",
         "ClientMachine": "iistarget.kftrain.lab",
     })
@@ -129,6 +132,17 @@ impl Fixture {
     fn cursor(&self) -> Option<String> {
         self.store.cursor(CURSOR).expect("cursor")
     }
+
+    /// The ids the stored cursor remembers.
+    fn seen(&self) -> Vec<i64> {
+        let text = self.cursor().expect("a cursor");
+        Cursor::parse(&text)
+            .expect("readable cursor")
+            .seen
+            .keys()
+            .copied()
+            .collect()
+    }
 }
 
 fn config(page_size: u32, backfill: bool) -> PollerConfig {
@@ -164,30 +178,38 @@ async fn finished_jobs_become_events_exactly_once_across_restarts() {
         config(2, true),
     );
     let report = poller.poll_once().await.expect("poll");
-    assert_eq!(
-        (report.events, report.cursor, report.more),
-        (2, Some(102), true)
-    );
+    assert_eq!((report.events, report.more), (2, true));
+    let ids: Vec<i64> = report.cursor.seen.keys().copied().collect();
+    assert_eq!(ids, [101, 102]);
     let report = poller.poll_once().await.expect("poll");
-    assert_eq!(
-        (report.events, report.cursor, report.more),
-        (0, Some(102), false)
-    );
+    assert_eq!((report.events, report.more), (0, false));
     assert_eq!(f.events(), 2);
-    assert_eq!(f.cursor().as_deref(), Some("102"));
+    assert_eq!(f.seen(), [101, 102], "103 is unfinished: not remembered");
 
-    // The requests follow Keyfactor's conventions.
+    // The requests follow Keyfactor's conventions and use documented query fields only.
     let requests = first.api_requests();
     let last = requests.last().expect("requests");
+    let since = Cursor::parse(&f.cursor().expect("cursor"))
+        .expect("cursor")
+        .since
+        .expect("since");
     assert_eq!(
-        last.query_value("pq.queryString").as_deref(),
-        Some("JobHistoryId -gt 102")
+        last.query_value("pq.queryString"),
+        Some(format!(
+            "OperationStart -ge \"{}\"",
+            (since - OVERLAP).format("%Y-%m-%dT%H:%M:%S")
+        ))
     );
     assert_eq!(
         last.query_value("pq.sortField").as_deref(),
-        Some("JobHistoryId")
+        Some("OperationStart")
     );
+    assert_eq!(last.query_value("pq.sortAscending").as_deref(), Some("0"));
     assert_eq!(last.header("x-keyfactor-requested-with"), Some("APIClient"));
+    for request in &requests {
+        let query = request.query.as_deref().unwrap_or_default();
+        assert!(!query.contains("JobHistoryId"), "{query}");
+    }
 
     // A restart (new poller, same store) against the updated history: 103 finished, 105 new.
     let second = standin(vec![
@@ -211,7 +233,7 @@ async fn finished_jobs_become_events_exactly_once_across_restarts() {
         }
     }
     assert_eq!(total, 3);
-    assert_eq!(f.cursor().as_deref(), Some("105"));
+    assert_eq!(f.seen(), [101, 102, 103, 104, 105]);
     assert_eq!(f.events(), 5, "each finished job exactly once");
     // Nothing new: nothing committed.
     assert_eq!(poller.poll_once().await.expect("poll").events, 0);
@@ -233,7 +255,14 @@ async fn a_stale_unfinished_job_does_not_hold_the_cursor_forever() {
         config(10, true),
     );
     let report = poller.poll_once().await.expect("poll");
-    assert_eq!((report.events, report.cursor), (1, Some(8)));
+    assert_eq!(report.events, 1);
+    assert!(report.cursor.seen.contains_key(&8));
+    assert!(
+        !report.cursor.seen.contains_key(&9),
+        "9 is waiting: read again"
+    );
+    assert_eq!(poller.poll_once().await.expect("poll").events, 0);
+    assert_eq!(f.events(), 1);
 }
 
 #[tokio::test]
@@ -251,7 +280,7 @@ async fn first_start_without_backfill_begins_after_the_newest_job() {
         config(10, false),
     );
     let report = poller.poll_once().await.expect("poll");
-    assert_eq!((report.events, report.cursor), (0, Some(30)));
+    assert_eq!((report.events, report.cursor.floor), (0, Some(30)));
     assert_eq!(poller.poll_once().await.expect("poll").events, 0);
     assert_eq!(f.events(), 0);
 }
@@ -274,4 +303,292 @@ async fn api_errors_leave_the_cursor_alone() {
     assert!(!error.contains("wrong-password"), "{error}");
     assert_eq!(f.cursor(), None);
     assert_eq!(f.events(), 0);
+}
+
+#[tokio::test]
+async fn the_strict_standin_refuses_job_history_id_like_command() {
+    let s = standin(vec![row(1, "Completed", "Success", Utc::now())]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client(&s, &dir.path().join("pw"), &s.credentials().password);
+    let grant = jobhook::capabilities::keyfactor::KeyfactorGrant::read_only(&["OrchestratorJobs/"])
+        .expect("grant");
+    for query in [
+        ("pq.queryString", "JobHistoryId -gt 0"),
+        ("pq.sortField", "JobHistoryId"),
+    ] {
+        let response = client
+            .send(
+                &grant,
+                jobhook::bindings::jobhook::handler::keyfactor::Request {
+                    method: jobhook::bindings::types::Method::Get,
+                    path: "OrchestratorJobs/JobHistory".into(),
+                    query: vec![(query.0.into(), query.1.into())],
+                    headers: Vec::new(),
+                    body: None,
+                },
+            )
+            .await
+            .expect("answer");
+        assert_eq!(response.status, 400, "{query:?}");
+        let body = String::from_utf8_lossy(&response.body);
+        assert!(body.contains("JobHistoryId"), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn rows_sharing_a_second_or_showing_up_late_are_neither_lost_nor_repeated() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let pw = f.dir.path().join("pw");
+    // Five jobs in the same second, read two at a time.
+    let same: Vec<Value> = (1..=5)
+        .map(|id| row(id, "Completed", "Success", now))
+        .collect();
+    let s = standin(same.clone()).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(2, true));
+    let mut total = 0;
+    for _ in 0..10 {
+        let report = poller.poll_once().await.expect("poll");
+        total += report.events;
+        if !report.more {
+            break;
+        }
+    }
+    assert_eq!(total, 5);
+    // A row that started a minute earlier becomes visible only now (a late commit).
+    let mut late = same;
+    late.push(row(6, "Completed", "Failure", now - Age::minutes(1)));
+    let s = standin(late).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(2, true));
+    let mut total = 0;
+    for _ in 0..10 {
+        let report = poller.poll_once().await.expect("poll");
+        total += report.events;
+        if !report.more {
+            break;
+        }
+    }
+    assert_eq!(total, 1, "only the late row");
+    assert_eq!(f.events(), 6);
+}
+
+#[tokio::test]
+async fn a_cursor_from_an_older_jobhook_is_honoured() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    // An older jobhook stored the highest JobHistoryId it had turned into events.
+    f.store
+        .insert_events_with_cursor(&[], CURSOR, "102")
+        .expect("old cursor");
+    let s = standin(
+        (100..=105)
+            .map(|id| row(id, "Completed", "Success", now))
+            .collect(),
+    )
+    .await;
+    let poller = f.poller(
+        client(&s, &f.dir.path().join("pw"), &s.credentials().password),
+        config(10, true),
+    );
+    assert_eq!(poller.poll_once().await.expect("poll").events, 3);
+    assert_eq!(poller.poll_once().await.expect("poll").events, 0);
+    assert_eq!(f.events(), 3);
+    assert_eq!(f.seen(), [100, 101, 102, 103, 104, 105]);
+}
+
+#[tokio::test]
+async fn an_unreadable_cursor_is_an_error_not_a_restart_from_scratch() {
+    let f = Fixture::new().await;
+    f.store
+        .insert_events_with_cursor(&[], CURSOR, "{\"since\": 5}")
+        .expect("cursor");
+    let s = standin(vec![row(1, "Completed", "Success", Utc::now())]).await;
+    let poller = f.poller(
+        client(&s, &f.dir.path().join("pw"), &s.credentials().password),
+        config(10, true),
+    );
+    let error = poller
+        .poll_once()
+        .await
+        .expect_err("unreadable")
+        .to_string();
+    assert!(error.contains("cursor"), "{error}");
+    assert_eq!(f.events(), 0);
+}
+
+/// A failing recurring job: `count` runs, each failed and rescheduled by Command (Status 5,
+/// CompletedWillRetry), except the last, which failed for good (Status 3).
+fn failing_runs(first_id: i64, count: i64, started: chrono::DateTime<Utc>) -> Vec<Value> {
+    (0..count)
+        .map(|n| {
+            let status = if n + 1 == count {
+                "Completed"
+            } else {
+                "CompletedWillRetry"
+            };
+            let mut r = row(
+                first_id + n,
+                status,
+                "Failure",
+                started + Age::minutes(n * 5),
+            );
+            r["JobId"] = json!("7a07f123-8d4e-4c5b-9f60-1b2c3d4e5f60");
+            r["JobType"] = json!("PEMInventory");
+            r["Message"] = json!("Unable to open the store file: permission denied");
+            r
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn retries_agent_and_request_time_come_from_the_api_and_the_mail_example_fires() {
+    use jobhook::capabilities::Grants;
+    use jobhook::capabilities::mail::{MailConfig, MailGrant, MailTransport};
+    use jobhook::capabilities::properties::Properties;
+
+    let started = Utc::now() - Age::minutes(30);
+    let s = standin(failing_runs(500, 3, started)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn EventStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("data")).expect("store"));
+    let outbox = dir.path().join("outbox");
+    let services = Services {
+        mail: Some(Arc::new(
+            MailTransport::from_config(
+                &MailConfig::outbox("jobhook@example.com", &outbox).expect("mail config"),
+                dir.path(),
+            )
+            .expect("transport"),
+        )),
+        ..Services::default()
+    };
+    let engine = Engine::new(2).expect("engine");
+    let mut spec = SandboxSpec::new("mailer");
+    spec.properties = Properties::new(
+        [
+            ("RetryThreshold", "1"),
+            ("EmailRecipients", "pki-team@example.com"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect::<BTreeMap<_, _>>(),
+    );
+    spec.grants = Grants {
+        mail: Some(MailGrant::to(&["pki-team@example.com"]).expect("grant")),
+        ..Grants::default()
+    };
+    let handler = SandboxedHandler::load(
+        &engine,
+        &services,
+        guest_bytes("repeated-failure-email"),
+        spec,
+        &LoadOptions::default(),
+    )
+    .await
+    .expect("load");
+    let config = jobhook::app::config::Config::parse(
+        &format!(
+            "[[handlers]]\nname = \"mailer\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
+            jobhook_testkit::guest("repeated-failure-email").display()
+        ),
+        &dir.path().join("jobhook.toml"),
+    )
+    .expect("config");
+    let registry = Registry::new([Arc::new(RegisteredHandler::new(
+        config.handlers[0].clone(),
+        handler,
+        config.quarantine.clone(),
+    ))]);
+    let dispatcher = Dispatcher::new(Arc::clone(&store), registry, Arc::new(Metrics::new()), 2);
+    let poller = Poller::new(
+        config_of(10),
+        client(&s, &dir.path().join("pw"), &s.credentials().password),
+        Arc::clone(&store),
+        Arc::clone(&dispatcher),
+    )
+    .expect("poller");
+    assert_eq!(poller.poll_once().await.expect("poll").events, 3);
+
+    // The contexts as stored: retries 0, 1, 2; AgentId and Username from GET /Agents; the
+    // request time of a retry is the first run's start.
+    let db = rusqlite::Connection::open(
+        dir.path()
+            .join("data")
+            .join(jobhook::queue::store::sqlite::DATABASE_FILE),
+    )
+    .expect("open the database");
+    let mut contexts: Vec<Value> = db
+        .prepare("SELECT context FROM events")
+        .expect("query")
+        .query_map([], |r| r.get::<_, String>(0))
+        .expect("rows")
+        .map(|t| serde_json::from_str(&t.expect("row")).expect("JSON"))
+        .collect();
+    drop(db);
+    contexts.sort_by_key(|c| c["CurrentRetryCount"].as_i64());
+    let retries: Vec<i64> = contexts
+        .iter()
+        .map(|c| c["CurrentRetryCount"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(retries, [0, 1, 2]);
+    for c in &contexts {
+        assert_eq!(
+            c["AgentId"],
+            json!(jobhook_testkit::standin::data::AGENT_ID),
+            "{c}"
+        );
+        assert_eq!(c["Username"], json!("KFTRAIN\\SVC_Orchestrator"), "{c}");
+        assert_eq!(
+            c["RequestTimestamp"].as_str().map(|t| t.get(..16)),
+            Some(Some(started.format("%Y-%m-%dT%H:%M").to_string().as_str())),
+            "{c}"
+        );
+    }
+    assert!(
+        s.api_requests()
+            .iter()
+            .any(|r| r.path == "/KeyfactorAPI/Agents"),
+        "GET /Agents was asked"
+    );
+    let agent_reads = s
+        .api_requests()
+        .iter()
+        .filter(|r| r.path == "/KeyfactorAPI/Agents")
+        .count();
+    assert_eq!(agent_reads, 1, "the agent list is cached");
+
+    // The example mails for the runs with CurrentRetryCount >= 1: two mails.
+    let running = tokio::spawn(Arc::clone(&dispatcher).run(std::time::Duration::from_secs(5)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mails = loop {
+        let mails: Vec<_> = std::fs::read_dir(&outbox)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if mails.len() >= 2 || std::time::Instant::now() > deadline {
+            break mails;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    dispatcher.stop();
+    let _ = running.await;
+    let mails: Vec<_> = std::fs::read_dir(&outbox)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or(mails);
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    let texts: Vec<String> = mails
+        .iter()
+        .map(|m| std::fs::read_to_string(m).expect("mail"))
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .all(|t| t.contains("Subject: Orchestrator PEMInventory Job Failed")),
+        "{texts:?}"
+    );
+    assert!(texts.iter().any(|t| t.contains("Retries: 2")), "{texts:?}");
+}
+
+fn config_of(page_size: u32) -> PollerConfig {
+    config(page_size, true)
 }

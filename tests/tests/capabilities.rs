@@ -537,6 +537,193 @@ async fn keyfactor_credentials_never_come_back_through_an_echoing_server() {
 }
 
 #[tokio::test]
+async fn keyfactor_credentials_never_come_back_in_another_encoding() {
+    use jobhook_testkit::standin::{Credentials, ECHO_ENCODINGS, encode_as};
+    // Credentials with every character an encoder treats specially.
+    let tricky = |tokens: Vec<String>| StandinConfig {
+        credentials: Credentials {
+            password: "p+ss/w=rd&<x>'q\"\\%20 \u{e9}\u{20ac}".into(),
+            bearer_tokens: tokens,
+            client_secret: "cl+ent/secr=t&<'\"%".into(),
+            ..Credentials::default()
+        },
+        ..StandinConfig::default()
+    };
+    let standin = Standin::start_with(tricky(vec!["tok+en/with=sp<e>cials&'".into()]))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = standin.credentials().clone();
+    let cases = [
+        ("basic", basic_auth(&standin, dir.path())),
+        ("bearer", bearer_auth(&standin, dir.path())),
+        ("oauth2", oauth_auth(&standin, dir.path(), &c.client_secret)),
+    ];
+    for (kind, auth) in cases {
+        let client = client(&KeyfactorConfig::new(standin.base_url(), auth));
+        let mut cap = kf_capability(KeyfactorGrant::permissive(), &client);
+        for encoding in ECHO_ENCODINGS {
+            let mut request = get("_Test/EchoAs");
+            request.query = vec![("encoding".into(), (*encoding).into())];
+            let result = kf_send(&mut cap, request).await;
+            let response = result.as_ref().unwrap();
+            assert_eq!(response.status, 200, "{kind} {encoding}");
+            // What the stand-in was sent, and so could echo.
+            let sent = standin.requests().last().unwrap().clone();
+            let authorization = sent.header("authorization").unwrap().to_owned();
+            let mut secrets = vec![authorization.clone(), c.password.clone()];
+            if let Some(token) = authorization.strip_prefix("Bearer ") {
+                secrets.push(token.to_owned());
+            }
+            secrets.push(format!("{}:{}", c.username, c.password));
+            let text = visible(&result);
+            for secret in &secrets {
+                assert!(!text.contains(secret.as_str()), "{kind} {encoding}: {text}");
+                let encoded = encode_as(encoding, secret).unwrap();
+                assert!(
+                    !text.contains(&encoded),
+                    "{kind} {encoding}: {encoded} visible in {text}"
+                );
+            }
+            assert!(text.contains("[redacted]"), "{kind} {encoding}: {text}");
+            // The length the guest is told is that of what it got, not the server's.
+            let length: Vec<&str> = response
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(
+                length,
+                [response.body.len().to_string()],
+                "{kind} {encoding}"
+            );
+        }
+    }
+
+    // The credential's length cannot be read off the answer: two tokens of different lengths
+    // echo to answers of the same length.
+    let mut lengths = Vec::new();
+    for token in ["short-token-1", "a-much-longer-token-with+some/escapes=&<>"] {
+        let standin = Standin::start_with(tricky(vec![token.into()]))
+            .await
+            .unwrap();
+        let client = client(&KeyfactorConfig::new(
+            standin.base_url(),
+            bearer_auth(&standin, dir.path()),
+        ));
+        let mut cap = kf_capability(KeyfactorGrant::permissive(), &client);
+        let mut request = get("_Test/EchoAs");
+        request.query = vec![("encoding".into(), "aspnet-json".into())];
+        let response = kf_send(&mut cap, request).await.unwrap();
+        lengths.push((response.body.len(), response.headers.clone()));
+    }
+    assert_eq!(lengths[0].0, lengths[1].0);
+    let length_of = |h: &Vec<(String, String)>| {
+        h.iter()
+            .find(|(k, _)| k == "content-length")
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(length_of(&lengths[0].1), length_of(&lengths[1].1));
+}
+
+#[tokio::test]
+async fn keyfactor_handlers_act_as_their_own_identities() {
+    let tokens = [
+        "engine-token-0000",
+        "reader-token-1111",
+        "writer-token-2222",
+    ];
+    let standin = Standin::start_with(StandinConfig {
+        credentials: jobhook_testkit::standin::Credentials {
+            bearer_tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        },
+        ..StandinConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bearer = |name: &str, token: &str| AuthConfig::Bearer {
+        token: secret_file(dir.path(), name, token),
+    };
+    let mut config = KeyfactorConfig::new(standin.base_url(), bearer("engine", tokens[0]));
+    config
+        .identities
+        .insert("reader".into(), bearer("reader", tokens[1]));
+    config
+        .identities
+        .insert("writer".into(), bearer("writer", tokens[2]));
+    let grant = |identity: Option<&str>| KeyfactorGrant {
+        identity: identity.map(str::to_owned),
+        ..KeyfactorGrant::permissive()
+    };
+    let client = client(&config);
+    for (identity, own) in [
+        (None, tokens[0]),
+        (Some("reader"), tokens[1]),
+        (Some("writer"), tokens[2]),
+    ] {
+        let mut cap = kf_capability(grant(identity), &client);
+        let result = kf_send(&mut cap, get("_Test/Echo")).await;
+        assert_eq!(result.as_ref().unwrap().status, 200, "{identity:?}");
+        // The stand-in saw this handler's own identity...
+        let sent = standin.requests().last().unwrap().clone();
+        assert_eq!(
+            sent.header("authorization"),
+            Some(format!("Bearer {own}").as_str()),
+            "{identity:?}"
+        );
+        // ...and the handler sees no identity's credential, its own or another's.
+        let text = visible(&result);
+        for token in tokens {
+            assert!(!text.contains(token), "{identity:?}: {token} in {text}");
+        }
+    }
+    // A handler never sees another identity's credential even when the server echoes it.
+    let mut cap = kf_capability(grant(Some("reader")), &client);
+    let mut request = get("_Test/Echo");
+    request.method = Method::Post;
+    request.body = Some(format!("{{\"leak\": \"{}\"}}", tokens[2]).into_bytes());
+    let text = visible(&kf_send(&mut cap, request).await);
+    assert!(!text.contains(tokens[2]), "{text}");
+
+    // Revoking one identity: the configuration check refuses only the handler that uses it,
+    // and a client built without it refuses only that handler's calls.
+    let mut revoked = config.clone();
+    revoked.identities.remove("writer");
+    let services = jobhook::capabilities::ServicesConfig {
+        keyfactor: Some(revoked.clone()),
+        ..Default::default()
+    };
+    let grants = |identity: Option<&str>| Grants {
+        keyfactor: Some(grant(identity)),
+        ..Grants::default()
+    };
+    assert!(services.check_grants(&grants(Some("reader"))).is_ok());
+    assert!(services.check_grants(&grants(None)).is_ok());
+    let why = services.check_grants(&grants(Some("writer"))).unwrap_err();
+    assert!(why.starts_with("keyfactor.identity"), "{why}");
+    let client = self::client(&revoked);
+    standin.clear_requests();
+    let mut writer = kf_capability(grant(Some("writer")), &client);
+    let refused = kf_send(&mut writer, get("Status/Endpoints")).await;
+    assert!(
+        matches!(&refused, Err(CapabilityError::NotAvailable(m)) if m.contains("writer")),
+        "{refused:?}"
+    );
+    assert!(standin.requests().is_empty(), "the refused call went out");
+    let mut reader = kf_capability(grant(Some("reader")), &client);
+    assert_eq!(
+        kf_send(&mut reader, get("Status/Endpoints"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
 async fn keyfactor_error_messages_name_no_host_and_no_credential() {
     // A base nobody listens on: the connection fails.
     let dir = tempfile::tempdir().unwrap();
@@ -1450,6 +1637,68 @@ async fn http_refusals_send_nothing() {
             "denied",
         ),
     ];
+    // Every IPv6 range that embeds an IPv4 address is judged by it: loopback in each form.
+    let embedded_loopback = [
+        ("SIIT IPv4-translated", "[::ffff:0:127.0.0.1]"),
+        ("IPv4-compatible", "[::127.0.0.1]"),
+        ("NAT64 well-known", "[64:ff9b::7f00:1]"),
+        ("NAT64 local-use /96", "[64:ff9b:1::7f00:1]"),
+        ("NAT64 local-use /48", "[64:ff9b:1:7f00:1::]"),
+        ("6to4", "[2002:7f00:1::1]"),
+        ("Teredo", "[2001:0:7f00:1:0:0:80ff:fffe]"),
+    ];
+    // Any https URL, public destinations only: the address rule alone decides.
+    let any_public = HttpGrant::permissive();
+    let mut cases = cases;
+    for (what, host) in embedded_loopback {
+        cases.push((
+            what,
+            &any_public,
+            post(format!("https://{host}:{port}/hooks/a")),
+            "denied",
+        ));
+    }
+    // Path forms some servers treat as traversal, by class.
+    for (what, rest) in [
+        ("Tomcat ..;", "..;/admin"),
+        ("path parameter", "a;x=1"),
+        ("encoded ;", "%3B/admin"),
+        ("encoded slash (upper hex)", "a%2F..%2Fadmin"),
+        ("encoded backslash", "a%5C..%5Cadmin"),
+        ("double encoding", "%252e%252e/admin"),
+        ("overlong UTF-8 dot", "%c0%ae%c0%ae/admin"),
+        ("fullwidth dots", "%ef%bc%8e%ef%bc%8e/admin"),
+        ("encoded NUL", "a%00"),
+    ] {
+        cases.push((what, &loopback_grant, post(hooks(rest)), "denied"));
+    }
+    // Header families, not a list: every member is refused.
+    for name in [
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "x-forwarded-server",
+        "X-Client-IP",
+        "X-Originating-IP",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "X-Cluster-Client-IP",
+        "Keep-Alive",
+        "TE",
+        "Trailer",
+        "Upgrade",
+        "Proxy-Anything",
+        "X-Original-URL",
+    ] {
+        cases.push((
+            name,
+            &loopback_grant,
+            HttpRequest {
+                headers: vec![(name.into(), "127.0.0.1".into())],
+                ..post(hooks("a"))
+            },
+            "denied",
+        ));
+    }
     for (what, grant, request, expected) in cases {
         let mut cap = HttpCapability::new(
             CallBudget::new(LimitKind::Calls("http-calls"), 5),
@@ -1526,6 +1775,7 @@ async fn services_build_from_configuration() {
             paths: vec![
                 jobhook::capabilities::keyfactor::path::PathPrefix::parse("Certificates").unwrap(),
             ],
+            identity: None,
         },
         services.keyfactor.as_ref().unwrap(),
     );

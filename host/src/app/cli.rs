@@ -44,6 +44,9 @@ enum Command {
     Serve(ConfigArgs),
     /// Validate a configuration and load every handler, without serving.
     Check(ConfigArgs),
+    /// List the job-type GUIDs of the configured Keyfactor Command (store types and custom job
+    /// types) and print them as TOML for `job_types` and `[poller.job_types]`.
+    JobTypes(ConfigArgs),
     /// Post realistic job-complete events to a running engine and report throughput and latency.
     Load(LoadArgs),
     /// Print `[[handlers]]` stanzas for the Job Complete Handler registrations of a Keyfactor
@@ -166,6 +169,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Inspect(args) => inspect(args).await,
             Command::Standin(args) => crate::app::devtools::standin(args).await,
+            Command::JobTypes(args) => crate::app::jobtypes::job_types(&args.config).await,
             Command::Serve(args) => crate::app::server::serve(args.config)
                 .await
                 .map(|()| ExitCode::SUCCESS),

@@ -164,8 +164,7 @@ struct RawHandler {
     job_types: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
     properties: BTreeMap<String, Spanned<PropertyValue>>,
-    #[serde(default)]
-    grants: Grants,
+    grants: Option<Spanned<Grants>>,
     limits: Option<Spanned<Limits>>,
     retry: Option<Spanned<RetryPolicy>>,
     max_concurrency: Option<Spanned<usize>>,
@@ -257,7 +256,7 @@ impl Config {
         let mut seen = BTreeMap::new();
         for raw_handler in raw.handlers {
             let line = line_of(text, raw_handler.span().start);
-            let handler = v.handler(raw_handler.into_inner(), line)?;
+            let handler = v.handler(raw_handler.into_inner(), line, &raw.services)?;
             if let Some(first) = seen.insert(handler.name.to_ascii_lowercase(), handler.line) {
                 return Err(v.error(
                     Some(handler.line),
@@ -410,7 +409,12 @@ impl Validator<'_> {
             .map_err(|e| self.error(None, &e.to_string()))
     }
 
-    fn handler(&self, raw: RawHandler, line: usize) -> Result<Registration, ConfigError> {
+    fn handler(
+        &self,
+        raw: RawHandler,
+        line: usize,
+        services: &ServicesConfig,
+    ) -> Result<Registration, ConfigError> {
         let name_line = self.line(raw.name.span()).or(Some(line));
         let name = raw.name.into_inner();
         if name.is_empty()
@@ -469,6 +473,15 @@ impl Validator<'_> {
             values.insert(key, resolved);
         }
 
+        let raw_grants = raw.grants.unwrap_or_else(|| absent(Grants::default()));
+        let (grants_line, _) = at("grants", raw_grants.span());
+        let grants = raw_grants.into_inner();
+        services.check_grants(&grants).map_err(|e| {
+            self.error(
+                grants_line,
+                &format!("handlers.grants.{e} (handler {name:?})"),
+            )
+        })?;
         let raw_limits = raw.limits.unwrap_or_else(|| absent(Limits::default()));
         let (limits_line, key) = at("limits", raw_limits.span());
         let limits = raw_limits.into_inner();
@@ -499,7 +512,7 @@ impl Validator<'_> {
             job_types,
             properties: Properties::new(values),
             secret_properties,
-            grants: raw.grants,
+            grants,
             limits,
             retry,
             max_concurrency,
@@ -733,6 +746,95 @@ backoff_ms = 100
         assert_eq!(e.line, Some(7), "{e}");
         assert!(e.message.contains("line 2"), "{e}");
         assert!(e.to_string().contains("jobhook.toml:7:"), "{e}");
+    }
+
+    const IDENTITIES: &str = r#"
+[keyfactor]
+base_url = "https://kf.example.com/KeyfactorAPI/"
+auth = { kind = "bearer", token = { env = "KF_ENGINE" } }
+
+[keyfactor.identities.reader]
+kind = "bearer"
+token = { env = "KF_READER" }
+
+[keyfactor.identities.writer]
+kind = "basic"
+username = 'KFTRAIN\svc-writer'
+password = { env = "KF_WRITER" }
+
+[[handlers]]
+name = "reads"
+component = "h.wasm"
+job_types = ["*"]
+
+[handlers.grants.keyfactor]
+paths = ["*"]
+identity = "reader"
+
+[[handlers]]
+name = "writes"
+component = "h.wasm"
+job_types = ["*"]
+
+[handlers.grants.keyfactor]
+methods = ["GET", "POST"]
+paths = ["*"]
+identity = "writer"
+"#;
+
+    #[test]
+    fn keyfactor_identities_are_named_by_grants() {
+        let f = Fixture::new();
+        let c = f.parse(IDENTITIES).unwrap();
+        let identity = |i: usize| {
+            c.handlers[i]
+                .grants
+                .keyfactor
+                .as_ref()
+                .and_then(|g| g.identity.clone())
+        };
+        assert_eq!(identity(0).as_deref(), Some("reader"));
+        assert_eq!(identity(1).as_deref(), Some("writer"));
+        assert_eq!(
+            c.services.keyfactor.as_ref().map(|k| k.identities.len()),
+            Some(2)
+        );
+        // Revoking one identity refuses the handler that uses it, by file, line and key.
+        let revoked = IDENTITIES.replace(
+            "[keyfactor.identities.writer]\nkind = \"basic\"\nusername = 'KFTRAIN\\svc-writer'\npassword = { env = \"KF_WRITER\" }\n",
+            "",
+        );
+        assert_ne!(revoked, IDENTITIES);
+        let e = f.parse(&revoked).unwrap_err();
+        assert!(
+            e.message.contains("handlers.grants.keyfactor.identity"),
+            "{e}"
+        );
+        assert!(e.message.contains("\"writer\""), "{e}");
+        assert!(e.message.contains("\"writes\""), "{e}");
+        assert!(e.to_string().contains("jobhook.toml:"), "{e}");
+        let line = e.line.unwrap();
+        let grants_line = revoked
+            .lines()
+            .position(|l| l.contains("identity = \"writer\""))
+            .unwrap()
+            + 1;
+        assert!(
+            (grants_line.saturating_sub(4)..=grants_line).contains(&line),
+            "{e} (identity at line {grants_line})"
+        );
+        // The other handler alone is fine.
+        let only_reader = revoked
+            .split("[[handlers]]\nname = \"writes\"")
+            .next()
+            .unwrap()
+            .to_owned();
+        assert_eq!(f.parse(&only_reader).unwrap().handlers.len(), 1);
+        // An identity with no [keyfactor] at all is refused the same way.
+        let e = error(
+            "[[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\njob_types = [\"*\"]\n[handlers.grants.keyfactor]\npaths = [\"*\"]\nidentity = \"x\"\n",
+        );
+        assert!(e.message.contains("keyfactor.identity"), "{e}");
     }
 
     #[test]

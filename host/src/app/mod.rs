@@ -7,11 +7,13 @@
 //!   `jobhook forwarder-config` (the forwarder's Keyfactor registration);
 //! - [`cli`]: the `jobhook` command line;
 //! - [`devtools`]: `jobhook run`'s capability flags and the Keyfactor stand-in for authors;
-//! - [`loadgen`]: the `jobhook load` event driver.
+//! - [`loadgen`]: the `jobhook load` event driver;
+//! - [`jobtypes`]: `jobhook job-types`, the instance's job-type GUIDs as configuration.
 
 pub mod cli;
 pub mod config;
 pub mod devtools;
+pub mod jobtypes;
 pub mod loadgen;
 pub mod migrate;
 pub mod server;

@@ -57,6 +57,14 @@ pub trait Grantable: Sized + Send + 'static {
     /// to `base`, the configuration file's directory.
     fn rebase(config: &mut Self::Config, base: &Path);
 
+    /// Checks a handler's grant against the engine's section when the configuration is read
+    /// (e.g. that a named identity exists); `Err` says what is wrong, starting with the grant's
+    /// key. Most grants stand alone: the default accepts every grant.
+    fn check_grant(config: &Self::Config, grant: &Self::Grant) -> Result<(), String> {
+        let _ = (config, grant);
+        Ok(())
+    }
+
     /// Builds the service from the section: `None` when the section leaves the capability
     /// unconfigured (its calls then answer `not-available`). Secrets are resolved here; nothing
     /// is contacted yet.

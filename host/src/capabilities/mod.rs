@@ -109,6 +109,18 @@ macro_rules! grantable {
             }
         }
 
+        impl ServicesConfig {
+            /// Checks a handler's grants against the engine's sections (see
+            /// [`Grantable::check_grant`]); `Err` names the key under `handlers.grants`.
+            pub fn check_grants(&self, grants: &Grants) -> Result<(), String> {
+                $( if let Some(grant) = &grants.$field {
+                    <$marker as Grantable>::check_grant(&self.$field, grant)
+                        .map_err(|e| format!("{}.{e}", <$marker as Grantable>::INTERFACE))?;
+                } )+
+                Ok(())
+            }
+        }
+
         impl Services {
             /// Builds every configured service: resolves secrets, loads CA bundles, creates the
             /// mail outbox. Nothing is contacted yet (an OAuth token is fetched on first use).

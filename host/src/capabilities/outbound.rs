@@ -224,11 +224,40 @@ pub fn transport_error(error: &reqwest::Error, what: &str) -> CapabilityError {
 /// the request (an echo endpoint, a verbose error page, a compromised proxy) cannot hand the
 /// engine's credentials to the guest.
 ///
+/// The comparison is made on *decoded* characters, not on one escaping of the secret: a
+/// secret matches wherever each of its characters is written, independently of its
+/// neighbours, in any of the forms a Windows/IIS/.NET server realistically emits:
+///
+/// - literally;
+/// - as a JSON string escape (`\"`, `\\`, `\/`, `\n`…, and `\uXXXX` in either case with
+///   surrogate pairs joined: serde's escaping and ASP.NET's `\u002B`, `\u003C`, `\u0026`,
+///   `\u0027`, escaped non-ASCII alike), so a JSON string is compared fully decoded, even
+///   with the secret split across escapes;
+/// - as an HTML character reference: the named ones of [`HTML_ENTITIES`], decimal `&#43;` and
+///   hex `&#x2B;`/`&#X2b;`, with or without the `;`;
+/// - percent-encoded, each UTF-8 byte as `%XX` in either case, and a space as `+`.
+///
+/// Every secret is also searched as base64 and base64url (with or without padding) at each of
+/// the three byte alignments, so a secret inside a longer base64 text (`base64(user:pass)`, a
+/// token inside a blob) is found too; a base64 match is widened over the up to two neighbouring
+/// characters that mix the secret's edge bits with other bytes, and over its padding. Whatever
+/// matches is replaced, escapes and all, by [`REDACTED`], a fixed marker whose length says
+/// nothing about the secret's.
+///
 /// This is defence in depth: the real Keyfactor API does not echo credentials, and the engine
-/// already forwards only an allow-list of response headers.
+/// already forwards only an allow-list of response headers. What it does not catch is written
+/// down in `docs/SECURITY.md` (other transformations, compression, layered encodings, secrets
+/// or echoed pieces shorter than [`MIN_REDACTED_BYTES`]).
 #[derive(Clone, Default)]
 pub struct Redactor {
-    needles: Vec<Vec<u8>>,
+    needles: Vec<Needle>,
+}
+
+/// One byte string to search for, and whether it is a base64 form (widened on a match).
+#[derive(Clone, PartialEq, Eq)]
+struct Needle {
+    bytes: Vec<u8>,
+    base64: bool,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -237,9 +266,50 @@ impl std::fmt::Debug for Redactor {
     }
 }
 
-/// Secrets shorter than this are not searched for: redacting every `"a"` would mangle bodies,
-/// and a secret this short offers no protection anyway.
+/// Secrets shorter than this are not searched for, and neither are encoded forms (base64
+/// fragments) shorter than this: redacting every `"a"` would mangle bodies, and a secret this
+/// short offers no protection anyway.
 pub const MIN_REDACTED_BYTES: usize = 4;
+
+/// Named HTML character references decoded before comparing: the ones .NET's `HtmlEncode`
+/// emits and the HTML5 names of the ASCII punctuation a credential may hold.
+pub const HTML_ENTITIES: &[(&str, char)] = &[
+    ("amp", '&'),
+    ("lt", '<'),
+    ("gt", '>'),
+    ("quot", '"'),
+    ("apos", '\''),
+    ("plus", '+'),
+    ("sol", '/'),
+    ("bsol", '\\'),
+    ("equals", '='),
+    ("percnt", '%'),
+    ("colon", ':'),
+    ("semi", ';'),
+    ("excl", '!'),
+    ("num", '#'),
+    ("dollar", '$'),
+    ("lpar", '('),
+    ("rpar", ')'),
+    ("ast", '*'),
+    ("comma", ','),
+    ("period", '.'),
+    ("quest", '?'),
+    ("commat", '@'),
+    ("lsqb", '['),
+    ("rsqb", ']'),
+    ("lowbar", '_'),
+    ("grave", '`'),
+    ("lcub", '{'),
+    ("rcub", '}'),
+    ("verbar", '|'),
+    ("Hat", '^'),
+    ("tilde", '~'),
+    ("nbsp", '\u{a0}'),
+];
+
+/// Longest HTML character reference read (`&#x0010FFFF;` and the longest name fit).
+const MAX_ENTITY_BYTES: usize = 12;
 
 impl Redactor {
     /// A redactor with nothing to find.
@@ -247,22 +317,32 @@ impl Redactor {
         Redactor::default()
     }
 
-    /// Adds a secret, and its JSON-escaped form (how an echoing JSON endpoint would show it).
+    /// Adds a secret: it is then found as it is, in every escaping the views decode, and as
+    /// base64/base64url at every alignment.
     pub fn add(&mut self, secret: &str) {
         if secret.len() < MIN_REDACTED_BYTES {
             return;
         }
-        let mut push = |needle: Vec<u8>| {
-            if !self.needles.contains(&needle) {
-                self.needles.push(needle);
-            }
-        };
-        push(secret.as_bytes().to_vec());
-        if let Ok(json) = serde_json::to_string(secret) {
-            let escaped = json.trim_matches('"');
-            if escaped != secret {
-                push(escaped.as_bytes().to_vec());
-            }
+        self.push(secret.as_bytes().to_vec(), false);
+        for core in base64_cores(secret.as_bytes()) {
+            self.push(core, true);
+        }
+    }
+
+    /// Adds every secret of `other` (a handler must receive no identity's credential).
+    pub fn extend(&mut self, other: &Redactor) {
+        for n in &other.needles {
+            self.push(n.bytes.clone(), n.base64);
+        }
+    }
+
+    fn push(&mut self, bytes: Vec<u8>, base64: bool) {
+        if bytes.len() < MIN_REDACTED_BYTES {
+            return;
+        }
+        let needle = Needle { bytes, base64 };
+        if !self.needles.contains(&needle) {
+            self.needles.push(needle);
         }
     }
 
@@ -271,15 +351,35 @@ impl Redactor {
         self.needles.is_empty()
     }
 
-    /// Replaces every occurrence of every secret in `bytes` with [`REDACTED`].
+    /// Replaces every occurrence of every secret in `bytes`, in any encoding the views decode,
+    /// with [`REDACTED`].
     pub fn redact(&self, bytes: Vec<u8>) -> Vec<u8> {
-        let mut bytes = bytes;
-        for needle in &self.needles {
-            if contains(&bytes, needle) {
-                bytes = replace_all(&bytes, needle, REDACTED.as_bytes());
-            }
+        if self.needles.is_empty() || bytes.is_empty() {
+            return bytes;
         }
-        bytes
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        for needle in &self.needles {
+            needle.find_all(&bytes, &mut ranges);
+        }
+        if ranges.is_empty() {
+            return bytes;
+        }
+        ranges.sort_unstable();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut at = 0;
+        for (start, end) in ranges {
+            if end <= at {
+                continue;
+            }
+            if start >= at {
+                out.extend_from_slice(bytes.get(at..start).unwrap_or_default());
+                out.extend_from_slice(REDACTED.as_bytes());
+            }
+            // An overlapping range only extends the one already replaced.
+            at = end;
+        }
+        out.extend_from_slice(bytes.get(at..).unwrap_or_default());
+        out
     }
 
     /// [`redact`](Self::redact) for text.
@@ -291,38 +391,303 @@ impl Redactor {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle, 0).is_some()
+fn is_base64_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
 }
 
-fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let first = *needle.first()?;
-    let rest = haystack.get(from..)?;
-    let mut offset = 0;
-    while let Some(pos) = rest.get(offset..)?.iter().position(|&b| b == first) {
-        let start = offset + pos;
-        if rest.get(start..start + needle.len()) == Some(needle) {
-            return Some(from + start);
+/// The base64 and base64url characters of `secret` that depend on its bytes alone, at each of
+/// the three alignments it can have inside a longer base64 text.
+fn base64_cores(secret: &[u8]) -> Vec<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let mut out = Vec::new();
+    for pad in 0..3usize {
+        let mut input = vec![0u8; pad];
+        input.extend_from_slice(secret);
+        // Characters 0..skip hold (some of) the dummy bytes; characters from
+        // floor(total bits / 6) on hold bits of whatever follows.
+        let skip = (pad * 8).div_ceil(6);
+        let stop = input.len() * 8 / 6;
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            let encoded = base64::Engine::encode(engine, &input);
+            if let Some(core) = encoded.as_bytes().get(skip..stop)
+                && !out.iter().any(|c: &Vec<u8>| c.as_slice() == core)
+            {
+                out.push(core.to_vec());
+            }
         }
-        offset = start + 1;
     }
-    None
-}
-
-fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(haystack.len());
-    let mut at = 0;
-    while let Some(pos) = find(haystack, needle, at) {
-        out.extend_from_slice(haystack.get(at..pos).unwrap_or_default());
-        out.extend_from_slice(with);
-        at = pos + needle.len();
-    }
-    out.extend_from_slice(haystack.get(at..).unwrap_or_default());
     out
 }
 
+impl Needle {
+    /// Records the byte range of every occurrence of the needle in `hay`, in any mix of
+    /// encodings per character ([`char_ends`]), widened for base64 forms.
+    fn find_all(&self, hay: &[u8], ranges: &mut Vec<(usize, usize)>) {
+        let Ok(text) = std::str::from_utf8(&self.bytes) else {
+            return;
+        };
+        let chars: Vec<char> = text.chars().collect();
+        let Some(&first) = chars.first() else {
+            return;
+        };
+        let mut first_utf8 = [0u8; 4];
+        let first_byte = first.encode_utf8(&mut first_utf8).as_bytes()[0];
+        let mut start = 0;
+        while start < hay.len() {
+            let b = hay.get(start).copied().unwrap_or_default();
+            let may_start =
+                b == first_byte || matches!(b, b'\\' | b'&' | b'%') || (b == b'+' && first == ' ');
+            let end = if may_start {
+                match_at(hay, start, &chars)
+            } else {
+                None
+            };
+            let Some(mut end) = end else {
+                start += 1;
+                continue;
+            };
+            let mut from = start;
+            if self.base64 {
+                // Widen over the characters that mix the secret's edge bits with others.
+                for _ in 0..2 {
+                    match from.checked_sub(1).and_then(|i| hay.get(i)) {
+                        Some(b) if is_base64_byte(*b) => from -= 1,
+                        _ => break,
+                    }
+                }
+                for _ in 0..2 {
+                    match hay.get(end) {
+                        Some(b) if is_base64_byte(*b) => end += 1,
+                        _ => break,
+                    }
+                }
+                while hay.get(end) == Some(&b'=') {
+                    end += 1;
+                }
+            }
+            ranges.push((from, end));
+            start = end.max(start + 1);
+        }
+    }
+}
+
+/// Most positions a partial match is followed from at once: each character has at most a few
+/// encodings, so the set stays tiny; the cap bounds hostile input.
+const MAX_MATCH_FRONTIER: usize = 16;
+
+/// Where a match of `chars` starting at `start` in `hay` ends (the longest), if there is one.
+/// Every character may be written literally or in any encoding [`char_ends`] knows,
+/// independently of its neighbours.
+fn match_at(hay: &[u8], start: usize, chars: &[char]) -> Option<usize> {
+    let mut frontier = vec![start];
+    for &c in chars {
+        let mut next = Vec::new();
+        for &p in &frontier {
+            for end in char_ends(hay, p, c) {
+                if !next.contains(&end) && next.len() < MAX_MATCH_FRONTIER {
+                    next.push(end);
+                }
+            }
+        }
+        if next.is_empty() {
+            return None;
+        }
+        frontier = next;
+    }
+    frontier.into_iter().max()
+}
+
+/// Every position where character `c`, written at `p` in `hay`, can end: literally, as a JSON
+/// escape (`\"`, `\uXXXX` in either case, a surrogate pair), an HTML character reference
+/// (named, decimal, hex), percent-encoded (each UTF-8 byte `%XX` in either case or literal),
+/// or, for a space, `+`.
+fn char_ends(hay: &[u8], p: usize, c: char) -> Vec<usize> {
+    let mut out = Vec::new();
+    let Some(rest) = hay.get(p..) else {
+        return out;
+    };
+    let mut buf = [0u8; 4];
+    let utf8 = c.encode_utf8(&mut buf).as_bytes();
+    if rest.starts_with(utf8) {
+        out.push(p + utf8.len());
+    }
+    match rest.first() {
+        Some(b'\\') => {
+            if let Some((d, used)) = json_escape(rest)
+                && d == c
+            {
+                out.push(p + used);
+            }
+        }
+        Some(b'&') => {
+            if let Some((d, used)) = html_reference(rest)
+                && d == c
+            {
+                out.push(p + used);
+            }
+            // Without a `;`, a numeric reference's digits may run into the text after it:
+            // every shorter digit run is a reading too.
+            out.extend(
+                numeric_reference_prefixes(rest, c)
+                    .into_iter()
+                    .map(|u| p + u),
+            );
+        }
+        Some(b'+') if c == ' ' => out.push(p + 1),
+        _ => {}
+    }
+    // Percent-encoded: every byte literal or %XX, at least one %XX.
+    let mut q = 0;
+    let mut escaped = false;
+    for &b in utf8 {
+        match (
+            rest.get(q),
+            rest.get(q + 1).and_then(hex_value),
+            rest.get(q + 2).and_then(hex_value),
+        ) {
+            (Some(b'%'), Some(h), Some(l)) if h * 16 + l == b => {
+                q += 3;
+                escaped = true;
+            }
+            (Some(&x), _, _) if x == b => q += 1,
+            _ => return out,
+        }
+    }
+    if escaped {
+        out.push(p + q);
+    }
+    out
+}
+
+fn hex_value(b: &u8) -> Option<u8> {
+    (*b as char).to_digit(16).map(|d| d as u8)
+}
+
+fn hex4(s: &[u8]) -> Option<u32> {
+    if s.len() < 4 {
+        return None;
+    }
+    s.get(..4)?
+        .iter()
+        .try_fold(0u32, |acc, b| hex_value(b).map(|d| acc * 16 + u32::from(d)))
+}
+
+/// A JSON string escape at the start of `s` (which starts with `\`).
+fn json_escape(s: &[u8]) -> Option<(char, usize)> {
+    let c = match s.get(1)? {
+        b'"' => '"',
+        b'\\' => '\\',
+        b'/' => '/',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        b'u' => {
+            let unit = hex4(s.get(2..)?)?;
+            if (0xd800..0xdc00).contains(&unit) {
+                // A high surrogate: only meaningful with the low one that follows.
+                if s.get(6) == Some(&b'\\') && s.get(7) == Some(&b'u') {
+                    let low = hex4(s.get(8..)?)?;
+                    if (0xdc00..0xe000).contains(&low) {
+                        let c = char::from_u32(0x10000 + ((unit - 0xd800) << 10) + (low - 0xdc00))?;
+                        return Some((c, 12));
+                    }
+                }
+                return None;
+            }
+            return Some((char::from_u32(unit)?, 6));
+        }
+        _ => return None,
+    };
+    Some((c, 2))
+}
+
+/// An HTML character reference at the start of `s` (which starts with `&`).
+fn html_reference(s: &[u8]) -> Option<(char, usize)> {
+    let window = s.get(..s.len().min(MAX_ENTITY_BYTES))?;
+    if window.get(1) == Some(&b'#') {
+        let (hex, digits_at) = match window.get(2) {
+            Some(b'x' | b'X') => (true, 3),
+            _ => (false, 2),
+        };
+        let digits = window
+            .get(digits_at..)?
+            .iter()
+            .take_while(|b| {
+                if hex {
+                    b.is_ascii_hexdigit()
+                } else {
+                    b.is_ascii_digit()
+                }
+            })
+            .count();
+        if digits == 0 {
+            return None;
+        }
+        let text = std::str::from_utf8(window.get(digits_at..digits_at + digits)?).ok()?;
+        let value = u32::from_str_radix(text, if hex { 16 } else { 10 }).ok()?;
+        let c = char::from_u32(value)?;
+        let mut used = digits_at + digits;
+        if window.get(used) == Some(&b';') {
+            used += 1;
+        }
+        return Some((c, used));
+    }
+    let end = window.iter().position(|&b| b == b';')?;
+    let name = std::str::from_utf8(window.get(1..end)?).ok()?;
+    let (_, c) = HTML_ENTITIES.iter().find(|(n, _)| *n == name)?;
+    Some((*c, end + 1))
+}
+
+/// The lengths of the `;`-less numeric references at the start of `s` (`&#NN`, `&#xNN`) that
+/// decode to `c` using fewer digits than are there.
+fn numeric_reference_prefixes(s: &[u8], c: char) -> Vec<usize> {
+    let mut out = Vec::new();
+    if s.get(1) != Some(&b'#') {
+        return out;
+    }
+    let (radix, digits_at) = match s.get(2) {
+        Some(b'x' | b'X') => (16, 3),
+        _ => (10, 2),
+    };
+    let mut value: u32 = 0;
+    for (i, b) in s.iter().skip(digits_at).take(MAX_ENTITY_BYTES).enumerate() {
+        let Some(d) = (*b as char).to_digit(radix) else {
+            break;
+        };
+        value = value.saturating_mul(radix).saturating_add(d);
+        if char::from_u32(value) == Some(c) {
+            out.push(digits_at + i + 1);
+        }
+    }
+    out
+}
+
+/// Response headers that describe the body's length or digest, and so would tell the guest how
+/// long a redacted credential was (or let it test guesses against a hash): never forwarded as
+/// the server sent them. The capability sets `Content-Length` itself, from what it hands over.
+pub const LENGTH_REVEALING_HEADERS: &[&str] = &[
+    "content-length",
+    "content-range",
+    "content-md5",
+    "digest",
+    "content-digest",
+    "repr-digest",
+    "x-content-length",
+    "x-original-content-length",
+];
+
+/// The `Content-Length` of what the guest receives: its own length, whatever the server said.
+pub fn set_content_length(headers: &mut Vec<(String, String)>, body: &[u8]) {
+    headers.retain(|(name, _)| !name.eq_ignore_ascii_case("content-length"));
+    headers.push(("content-length".into(), body.len().to_string()));
+}
+
 /// The response headers a guest gets: those `keep` accepts, with valid UTF-8 values of bounded
-/// size, at most [`MAX_RESPONSE_HEADERS`], credentials redacted.
+/// size, at most [`MAX_RESPONSE_HEADERS`], credentials redacted; when there are credentials to
+/// redact, none of the [`LENGTH_REVEALING_HEADERS`] (the caller sets `Content-Length` from the
+/// scrubbed body with [`set_content_length`]).
 pub fn response_headers(
     headers: &reqwest::header::HeaderMap,
     keep: impl Fn(&str) -> bool,
@@ -331,6 +696,11 @@ pub fn response_headers(
     headers
         .iter()
         .filter(|(name, _)| keep(name.as_str()))
+        // With credentials to scrub, the server's length and digest headers describe the body
+        // before scrubbing.
+        .filter(|(name, _)| {
+            redactor.is_empty() || !LENGTH_REVEALING_HEADERS.contains(&name.as_str())
+        })
         .filter_map(|(name, value)| {
             let value = value.to_str().ok()?;
             (value.len() <= MAX_RESPONSE_HEADER_VALUE_BYTES)
@@ -373,6 +743,217 @@ mod tests {
     fn quoting_is_bounded_and_escaped() {
         assert_eq!(quote("a\r\nb"), r#""a\r\nb""#);
         assert!(quote(&"x".repeat(1000)).len() < 80);
+    }
+
+    /// Every encoding of `secret` the redactor must see through, as a server would write it.
+    fn encodings(secret: &str, pad: &[u8]) -> Vec<(String, String)> {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{
+            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+        };
+        let mut out = vec![
+            ("raw".into(), secret.to_owned()),
+            ("serde json".into(), {
+                let quoted = serde_json::to_string(secret).unwrap();
+                quoted[1..quoted.len() - 1].to_owned()
+            }),
+        ];
+        for upper in [true, false] {
+            let aspnet: String = secret
+                .encode_utf16()
+                .map(|u| {
+                    let c = char::from_u32(u32::from(u));
+                    match c {
+                        Some(c)
+                            if c.is_ascii()
+                                && !"+<>&'\"\\`".contains(c)
+                                && !c.is_ascii_control() =>
+                        {
+                            c.to_string()
+                        }
+                        _ if upper => format!("\\u{u:04X}"),
+                        _ => format!("\\u{u:04x}"),
+                    }
+                })
+                .collect();
+            out.push((format!("asp.net json upper={upper}"), aspnet));
+            let percent: String = secret
+                .bytes()
+                .map(|b| match b {
+                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    b' ' if !upper => "+".into(),
+                    _ if upper => format!("%{b:02X}"),
+                    _ => format!("%{b:02x}"),
+                })
+                .collect();
+            out.push((format!("percent upper={upper}"), percent));
+        }
+        let named: String = secret
+            .chars()
+            .map(|c| match c {
+                '&' => "&amp;".into(),
+                '<' => "&lt;".into(),
+                '>' => "&gt;".into(),
+                '"' => "&quot;".into(),
+                '\'' => "&#39;".into(),
+                c if !c.is_ascii() => format!("&#{};", c as u32),
+                c => c.to_string(),
+            })
+            .collect();
+        out.push(("html named".into(), named));
+        out.push((
+            "html decimal".into(),
+            secret.chars().map(|c| format!("&#{};", c as u32)).collect(),
+        ));
+        out.push((
+            "html hex".into(),
+            secret
+                .chars()
+                .map(|c| format!("&#x{:X};", c as u32))
+                .collect(),
+        ));
+        out.push((
+            "html hex lower, no ;".into(),
+            secret
+                .chars()
+                .map(|c| format!("&#x{:x}", c as u32))
+                .collect(),
+        ));
+        let mut padded = pad.to_vec();
+        padded.extend_from_slice(secret.as_bytes());
+        for (name, engine) in [
+            ("base64", &STANDARD),
+            ("base64 no pad", &STANDARD_NO_PAD),
+            ("base64url", &URL_SAFE),
+            ("base64url no pad", &URL_SAFE_NO_PAD),
+        ] {
+            out.push((
+                format!("{name} after {} bytes", pad.len()),
+                engine.encode(&padded),
+            ));
+        }
+        out
+    }
+
+    /// What must not be in a scrubbed body: the secret in each encoding, and each base64
+    /// alignment's characters that depend on the secret alone.
+    fn forbidden(secret: &str) -> Vec<String> {
+        let mut out: Vec<String> = encodings(secret, &[])
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("base64"))
+            .map(|(_, e)| e)
+            .collect();
+        out.extend(
+            base64_cores(secret.as_bytes())
+                .into_iter()
+                .map(|c| String::from_utf8(c).unwrap()),
+        );
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// For any credential and any encoding a Windows/IIS/.NET server uses, what the handler
+        /// receives never contains the credential in any of those encodings, and the marker
+        /// replaces it.
+        #[test]
+        fn no_encoding_of_a_credential_survives(
+            secret in "[a-zA-Z0-9+/=&<>'\"\\\\% :é€😀]{4,24}",
+            before in "[a-z {}\":,]{0,16}",
+            after in "[a-z {}\":,]{0,16}",
+            pad in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3),
+            which in 0usize..64,
+        ) {
+            let mut r = Redactor::new();
+            r.add(&secret);
+            let all = encodings(&secret, &pad);
+            let (name, encoded) = &all[which % all.len()];
+            let body = format!("{before}{encoded}{after}");
+            let out = String::from_utf8_lossy(&r.redact(body.clone().into_bytes())).into_owned();
+            for f in forbidden(&secret) {
+                proptest::prop_assert!(!out.contains(&f), "{name}: {f:?} survives in {out:?} (from {body:?})");
+            }
+            proptest::prop_assert!(out.contains(REDACTED), "{name}: {out:?}");
+        }
+
+        /// A credential split across JSON escapes (some characters escaped, some not) is found.
+        #[test]
+        fn credentials_split_across_json_escapes_are_found(
+            secret in "[a-zA-Z0-9+/=&<>'\"%é]{4,24}",
+            escape in proptest::collection::vec(proptest::prelude::any::<bool>(), 24),
+        ) {
+            let mut r = Redactor::new();
+            r.add(&secret);
+            let mixed: String = secret
+                .chars()
+                .zip(escape.iter().cycle())
+                .map(|(c, e)| if *e || c == '"' { format!("\\u{:04x}", c as u32) } else { c.to_string() })
+                .collect();
+            let body = format!("{{\"echo\":\"{mixed}\"}}");
+            let out = String::from_utf8(r.redact(body.into_bytes())).unwrap();
+            proptest::prop_assert_eq!(out, "{\"echo\":\"[redacted]\"}");
+        }
+
+        /// Redaction never panics on hostile bytes, and leaves text without a secret alone.
+        #[test]
+        fn redaction_of_arbitrary_bytes_is_total(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut r = Redactor::new();
+            r.add("S3cr3t+Pa55/word");
+            let out = r.redact(body.clone());
+            if !out.windows(REDACTED.len()).any(|w| w == REDACTED.as_bytes()) {
+                proptest::prop_assert_eq!(out, body);
+            }
+        }
+    }
+
+    #[test]
+    fn redaction_sees_through_each_encoding() {
+        let mut r = Redactor::new();
+        r.add("p+ss<w>rd&'é");
+        for (body, expected) in [
+            (
+                r#"{"p":"p\u002Bss\u003Cw\u003Erd\u0026\u0027\u00E9"}"#,
+                r#"{"p":"[redacted]"}"#,
+            ),
+            (
+                r#"{"p":"p\u002bss\u003cw\u003erd\u0026\u0027\u00e9"}"#,
+                r#"{"p":"[redacted]"}"#,
+            ),
+            (
+                "<td>p+ss&lt;w&gt;rd&amp;&#39;&#233;</td>",
+                "<td>[redacted]</td>",
+            ),
+            (
+                "<td>&#x70;&#X2b;ss&lt;w&gt;rd&amp;&#x27;&#xE9;</td>",
+                "<td>[redacted]</td>",
+            ),
+            ("q=p%2Bss%3Cw%3Erd%26%27%C3%A9&x=1", "q=[redacted]&x=1"),
+            ("q=p%2bss%3cw%3erd%26%27%c3%a9&x=1", "q=[redacted]&x=1"),
+        ] {
+            assert_eq!(r.redact_str(body), expected, "{body}");
+        }
+        let mut r = Redactor::new();
+        r.add("pass word");
+        assert_eq!(r.redact_str("a=pass+word&b"), "a=[redacted]&b");
+        // base64 at each alignment inside a longer base64 text, with and without padding.
+        let mut r = Redactor::new();
+        r.add("hunter2-secret");
+        use base64::Engine as _;
+        for prefix in ["", "u:", "us:"] {
+            for engine in [
+                &base64::engine::general_purpose::STANDARD,
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            ] {
+                let b = engine.encode(format!("{prefix}hunter2-secret"));
+                let out = r.redact_str(&format!("x {b} y"));
+                for core in base64_cores(b"hunter2-secret") {
+                    assert!(!out.contains(std::str::from_utf8(&core).unwrap()), "{out}");
+                }
+                assert!(out.contains(REDACTED), "{out}");
+            }
+        }
     }
 
     #[test]

@@ -1,34 +1,40 @@
 //! The JobHistory poller: for sites where no extension can be installed in Keyfactor Command,
 //! jobhook polls `GET OrchestratorJobs/JobHistory` and turns finished jobs into events.
 //!
-//! The cursor is the highest `JobHistoryId` already turned into events. It is stored durably and
-//! advanced in the same transaction that commits the events, so a restart neither loses nor
-//! repeats a job. Rows are read in ascending `JobHistoryId` order; the cursor stops before the
-//! first row that is not finished yet (it is read again on the next poll), unless that row is
-//! older than `stale_after_ms`, in which case it is skipped with a warning so that one job that
-//! never completes cannot stall the poller. API errors back off exponentially. With several
-//! engine nodes on one shared store, only the node holding the store's `poller` leadership polls.
+//! The poller queries and sorts on documented JobHistory query fields only (`OperationStart`;
+//! the API documents `AgentId, Agent, JobId, Result, Status, JobType, Message, OperationStart,
+//! ScheduleType, TargetPath`, and Command refuses others). The cursor ([`Cursor`]) is the latest
+//! `OperationStart` already turned into events plus the `JobHistoryId`s seen within
+//! [`OVERLAP`] before it; each poll asks for `OperationStart -ge (cursor - OVERLAP)` in ascending
+//! `OperationStart` order and skips the ids already seen, so rows that share a timestamp, or
+//! that become visible a little after later ones, are neither lost nor repeated. The cursor is a
+//! small JSON document stored durably and advanced in the same transaction that commits the
+//! events, so a restart neither loses nor repeats a job. The cursor stops before the first row
+//! that is not finished yet (it is read again on the next poll), unless that row is older than
+//! `stale_after_ms`, in which case it is skipped with a warning so that one job that never
+//! completes cannot stall the poller. API errors back off exponentially. With several engine
+//! nodes on one shared store, only the node holding the store's `poller` leadership polls.
 //!
-//! How the context is filled from a JobHistory row (the row has fewer fields than the context a
-//! Keyfactor extension receives):
+//! How the context is filled (a JobHistory row has fewer fields than the context a Keyfactor
+//! extension receives; README "JobHistory poller" says what stays approximate):
 //!
-//! | context field      | from the row                                                      |
+//! | context field      | from                                                              |
 //! |--------------------|-------------------------------------------------------------------|
-//! | AgentId            | `AgentId` when present, otherwise the nil GUID                    |
-//! | Username           | `Username` when present, otherwise empty                          |
+//! | AgentId            | `GET /Agents`: the agent whose `ClientMachine` is the row's `AgentMachine` (cached, [`AGENT_CACHE_TTL`]); nil when unknown or unreadable |
+//! | Username           | that agent's `Username`, otherwise empty                          |
 //! | ClientMachine      | `AgentMachine` (the orchestrator's name), else `ClientMachine`    |
-//! | JobResult          | `Result` (name or number)                                         |
+//! | JobResult          | `Result` (number or name)                                         |
 //! | JobId              | `JobId`                                                           |
 //! | JobType            | `JobType`                                                         |
-//! | JobTypeId          | `JobTypeId` when present, else `[poller.job_types]` by `JobType`, else nil |
-//! | OperationType      | `OperationType` when present, otherwise Unknown                   |
-//! | CertificateId      | `CertificateId` when present, otherwise empty                     |
-//! | RequestTimestamp   | `OperationStart`                                                  |
-//! | CurrentRetryCount  | `CurrentRetryCount` when present, otherwise 0                     |
+//! | JobTypeId          | `[poller.job_types]` by `JobType`, else nil                       |
+//! | OperationType      | from the `JobType` name ([`operation_type_of`]), else Unknown     |
+//! | CertificateId      | empty (JobHistory does not carry it)                              |
+//! | RequestTimestamp   | `OperationStart` of the first run of the retry chain (this run's when it is not a retry) |
+//! | CurrentRetryCount  | the number of runs of the same `JobId` right before this one that ended `Status` 5, CompletedWillRetry |
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -44,6 +50,46 @@ use crate::queue::store::{EventStore, NewEvent, StoreError};
 
 /// The name of the poller's cursor in the store.
 pub const CURSOR: &str = "jobhistory";
+
+/// How far before the cursor each poll looks again. JobHistory's `OperationStart` has a
+/// resolution of one second, several jobs start in the same second, and a row can become
+/// visible slightly after rows that started later (Command writes rows from several web
+/// servers and orchestrators whose clocks differ by seconds). Ten minutes covers clock skew and
+/// late commits with a wide margin, while keeping the re-read rows (skipped by id) few.
+pub const OVERLAP: chrono::Duration = chrono::Duration::minutes(10);
+
+/// Most `JobHistoryId`s the cursor remembers. A site finishing more jobs than this within
+/// [`OVERLAP`] (over 16 jobs a second) would make the cursor document large; beyond it the
+/// oldest ids are dropped and the query's lower bound moves up past them (see [`Cursor`]).
+pub const MAX_SEEN: usize = 10_000;
+
+/// Most pages one poll reads: enough to step over every row the cursor may remember (at most
+/// [`MAX_SEEN`] rows inside the overlap window are skipped by id) and still reach a new one, so
+/// a burst of jobs inside the window cannot stall the poller.
+fn max_pages(page_size: u32) -> u32 {
+    u32::try_from(MAX_SEEN).unwrap_or(u32::MAX) / page_size.max(1) + 2
+}
+
+/// Most earlier rows of one job read to count its retries. Keyfactor reschedules a failed job a
+/// handful of times; a longer chain is counted as this many.
+pub const MAX_RETRY_LOOKBACK: usize = 100;
+
+/// How long the orchestrator list from `GET /Agents` is used before it is read again: agents
+/// are registered rarely, and a stale entry only delays a new agent's id by this much.
+pub const AGENT_CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// A machine not in the cached list makes the poller read `GET /Agents` again, at most this
+/// often (a row from an agent registered since the last read).
+pub const AGENT_MISS_REFRESH: Duration = Duration::from_secs(60);
+
+/// Most agents remembered: bounds the cache and the pages read (a large site has hundreds).
+pub const MAX_AGENTS: usize = 10_000;
+
+/// Agents per `GET /Agents` page.
+const AGENT_PAGE: usize = 500;
+
+/// The agents endpoint, relative to the API base.
+const AGENTS: &str = "Agents";
 
 /// The path polled, relative to the API base.
 const JOB_HISTORY: &str = "OrchestratorJobs/JobHistory";
@@ -131,24 +177,26 @@ pub enum PollerSetupError {
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
     /// The Keyfactor API could not be called.
-    #[error("GET {JOB_HISTORY} failed: {0}")]
+    #[error("GET failed: {0}")]
     Call(String),
     /// The Keyfactor API answered with an error status.
-    #[error("GET {JOB_HISTORY} answered {status}: {body}")]
+    #[error("GET {path} answered {status}: {body}")]
     Status {
+        /// The path asked for.
+        path: String,
         /// The HTTP status.
         status: u16,
         /// The start of the body (lossy UTF-8).
         body: String,
     },
     /// The answer is not what the API documents.
-    #[error("GET {JOB_HISTORY} {0}")]
+    #[error("GET {0}")]
     Answer(String),
     /// The store refused the read or the commit.
     #[error("store: {0}")]
     Store(#[from] StoreError),
     /// The stored cursor is unreadable.
-    #[error("stored poller cursor {0:?} is not a number")]
+    #[error("stored poller cursor is unreadable: {0}")]
     Cursor(String),
     /// A blocking store task did not complete.
     #[error("store task: {0}")]
@@ -160,6 +208,32 @@ pub enum PollError {
 enum Status {
     Finished,
     Unfinished,
+}
+
+/// JobHistory `Status` 5, CompletedWillRetry (`reference/keyfactor.md` §3.1), by name or number:
+/// the run failed and Command rescheduled it.
+fn will_retry(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.as_i64() == Some(5),
+        Value::String(s) => s.eq_ignore_ascii_case("completedwillretry") || s.trim() == "5",
+        _ => false,
+    }
+}
+
+/// The `OperationType` a Keyfactor extension would receive, as far as the `JobType` name tells:
+/// the context of inventory and reenrollment jobs reports Unknown (the sample handler's traces,
+/// `reference/keyfactor.md` §1.2/§3.2), so those stay Unknown; a management job is Add or
+/// Remove, which JobHistory does not say, so it stays Unknown too; `…Discovery` and
+/// `…FetchLogs` jobs are taken to be Discovery and FetchLogs (not confirmed by a public trace).
+fn operation_type_of(job_type: &str) -> OperationType {
+    let lower = job_type.to_ascii_lowercase();
+    if lower.ends_with("discovery") {
+        OperationType::Discovery
+    } else if lower.ends_with("fetchlogs") {
+        OperationType::FetchLogs
+    } else {
+        OperationType::Unknown
+    }
 }
 
 /// Keyfactor's JobHistory `Status`: 3 Completed, 4 Acknowledged and 5 CompletedWillRetry are
@@ -216,6 +290,7 @@ fn int(row: &Value, key: &str) -> Option<i32> {
 /// Turns a finished JobHistory row into a job context (see the module table).
 fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobContext> {
     let job_type = string(row, "JobType").unwrap_or_default();
+    let derived_operation = operation_type_of(&job_type);
     let job_type_id = guid(row, "JobTypeId")
         .or_else(|| job_types.get(&job_type.to_ascii_lowercase()).copied())
         .unwrap_or(Uuid::nil());
@@ -233,7 +308,7 @@ fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobCont
             Some(Value::Number(n)) => n
                 .as_i64()
                 .map_or(OperationType::Unknown, OperationType::from_number),
-            _ => OperationType::Unknown,
+            _ => derived_operation,
         },
         certificate_id: int(row, "CertificateId"),
         request_timestamp: row
@@ -244,15 +319,143 @@ fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobCont
     })
 }
 
+/// The poller's durable position, stored as JSON under [`CURSOR`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cursor {
+    /// The latest `OperationStart` turned into an event (or skipped); `None` before the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// The ids already turned into events (or skipped) whose `OperationStart` lies within
+    /// [`OVERLAP`] before `since`, with that start; at most [`MAX_SEEN`].
+    #[serde(default)]
+    pub seen: BTreeMap<i64, DateTime<Utc>>,
+    /// When ids had to be dropped to stay within [`MAX_SEEN`]: the latest start dropped. Rows
+    /// at or before it are not asked for again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizon: Option<DateTime<Utc>>,
+    /// Rows whose `JobHistoryId` is at or below this are done: set by a first start without
+    /// backfill (the newest id then), and by a cursor from an older jobhook, which stored only
+    /// the highest id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<i64>,
+}
+
+impl Cursor {
+    /// Reads the stored text: this JSON document, or an older jobhook's plain id.
+    pub fn parse(text: &str) -> Result<Cursor, PollError> {
+        if let Ok(id) = text.trim().parse::<i64>() {
+            return Ok(Cursor {
+                floor: Some(id),
+                ..Cursor::default()
+            });
+        }
+        let cursor: Cursor =
+            serde_json::from_str(text).map_err(|e| PollError::Cursor(e.to_string()))?;
+        if cursor.seen.len() > MAX_SEEN {
+            return Err(PollError::Cursor(format!(
+                "it remembers {} ids, more than {MAX_SEEN}",
+                cursor.seen.len()
+            )));
+        }
+        Ok(cursor)
+    }
+
+    /// The stored text.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Whether a row is at or below the floor (handled before this cursor format, or before
+    /// a first start without backfill).
+    fn below_floor(&self, id: i64) -> bool {
+        self.floor.is_some_and(|f| id <= f)
+    }
+
+    /// The lower bound of the next query, when there is one.
+    fn lower_bound(&self) -> Option<DateTime<Utc>> {
+        let from = self.since? - OVERLAP;
+        Some(match self.horizon {
+            Some(h) if h >= from => h + chrono::Duration::seconds(1),
+            _ => from,
+        })
+    }
+
+    /// Records a handled row; a row without a readable start is remembered as of `now` (it
+    /// does not move `since`).
+    fn record(&mut self, id: i64, start: Option<DateTime<Utc>>, now: DateTime<Utc>) {
+        match start {
+            Some(start) => {
+                if self.since.is_none_or(|s| start > s) {
+                    self.since = Some(start);
+                }
+                self.seen.insert(id, start);
+            }
+            None => {
+                self.seen.insert(id, self.since.unwrap_or(now).max(now));
+            }
+        }
+        self.prune();
+    }
+
+    /// Forgets ids older than the overlap window, and the oldest beyond [`MAX_SEEN`].
+    fn prune(&mut self) {
+        if let Some(since) = self.since {
+            let from = since - OVERLAP;
+            self.seen.retain(|_, start| *start >= from);
+        }
+        while self.seen.len() > MAX_SEEN {
+            let Some(&start) = self.seen.values().min() else {
+                break;
+            };
+            // Everything that started at that same second goes too: the bound moves past it.
+            self.seen.retain(|_, s| *s > start);
+            self.horizon = Some(self.horizon.map_or(start, |h| h.max(start)));
+        }
+    }
+}
+
+/// The `OperationStart` query value: the API's own format (`2023-05-06T00:27:00`, UTC).
+fn query_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S").to_string()
+}
+
+/// The orchestrators from `GET /Agents`, by `ClientMachine` (lower case): id and identity.
+#[derive(Debug, Default)]
+struct AgentCache {
+    by_machine: HashMap<String, (Uuid, String)>,
+    read_at: Option<Instant>,
+}
+
+impl AgentCache {
+    /// Whether the list should be read again before looking up `machine`.
+    fn stale(&self, machine: &str, now: Instant) -> bool {
+        match self.read_at {
+            None => true,
+            Some(at) => {
+                let age = now.saturating_duration_since(at);
+                age > AGENT_CACHE_TTL
+                    || (!self.by_machine.contains_key(machine) && age > AGENT_MISS_REFRESH)
+            }
+        }
+    }
+}
+
+/// A row handled in this poll, with what the context needs from other rows.
+struct Pending {
+    event: NewEvent,
+    started: Option<DateTime<Utc>>,
+}
+
 /// What one poll did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PollReport {
     /// Events committed.
     pub events: usize,
-    /// Whether a full page came back (poll again at once).
+    /// Whether there may be more to read at once (poll again without waiting).
     pub more: bool,
     /// The cursor after the poll.
-    pub cursor: Option<i64>,
+    pub cursor: Cursor,
 }
 
 /// Polls JobHistory and commits events.
@@ -263,6 +466,7 @@ pub struct Poller {
     grant: KeyfactorGrant,
     store: Arc<dyn EventStore>,
     dispatcher: Arc<Dispatcher>,
+    agents: Mutex<AgentCache>,
 }
 
 impl Poller {
@@ -274,7 +478,7 @@ impl Poller {
         dispatcher: Arc<Dispatcher>,
     ) -> Result<Self, PollerSetupError> {
         let job_types = config.job_type_ids()?;
-        let grant = KeyfactorGrant::read_only(&["OrchestratorJobs/"])
+        let grant = KeyfactorGrant::read_only(&["OrchestratorJobs/", AGENTS])
             .map_err(|e| PollerSetupError::Grant(e.to_string()))?;
         Ok(Poller {
             config,
@@ -283,10 +487,11 @@ impl Poller {
             grant,
             store,
             dispatcher,
+            agents: Mutex::new(AgentCache::default()),
         })
     }
 
-    /// Polls until the process ends: every interval, at once while pages are full, backing off
+    /// Polls until the process ends: every interval, at once while there is more, backing off
     /// on errors.
     pub async fn run(self) {
         let interval = Duration::from_millis(self.config.interval_ms);
@@ -300,7 +505,7 @@ impl Poller {
                 Ok(report) => {
                     backoff = interval;
                     if report.events > 0 {
-                        tracing::info!(events = report.events, cursor = ?report.cursor, "JobHistory polled");
+                        tracing::info!(events = report.events, since = ?report.cursor.since, "JobHistory polled");
                     }
                     if report.more {
                         continue;
@@ -334,22 +539,31 @@ impl Poller {
     }
 
     async fn get(&self, query: Vec<(String, String)>) -> Result<Vec<Value>, PollError> {
+        self.get_from(JOB_HISTORY, query).await
+    }
+
+    async fn get_from(
+        &self,
+        path: &str,
+        query: Vec<(String, String)>,
+    ) -> Result<Vec<Value>, PollError> {
         let response = self
             .client
             .send(
                 &self.grant,
                 Request {
                     method: Method::Get,
-                    path: JOB_HISTORY.into(),
+                    path: path.into(),
                     query,
                     headers: Vec::new(),
                     body: None,
                 },
             )
             .await
-            .map_err(|e| PollError::Call(format!("{e:?}")))?;
+            .map_err(|e| PollError::Call(format!("{path}: {e:?}")))?;
         if !(200..300).contains(&response.status) {
             return Err(PollError::Status {
+                path: path.to_owned(),
                 status: response.status,
                 body: String::from_utf8_lossy(response.body.get(..500).unwrap_or(&response.body))
                     .into_owned(),
@@ -357,123 +571,280 @@ impl Poller {
         }
         match serde_json::from_slice::<Value>(&response.body) {
             Ok(Value::Array(rows)) => Ok(rows),
-            Ok(_) => Err(PollError::Answer("did not answer a JSON array".into())),
-            Err(e) => Err(PollError::Answer(format!("answered invalid JSON: {e}"))),
+            Ok(_) => Err(PollError::Answer(format!(
+                "{path} did not answer a JSON array"
+            ))),
+            Err(e) => Err(PollError::Answer(format!(
+                "{path} answered invalid JSON: {e}"
+            ))),
         }
     }
 
-    /// One poll: reads the page after the cursor and commits the finished jobs with the new
+    /// One page of rows from `from` on, oldest first.
+    async fn page(&self, from: Option<DateTime<Utc>>, page: u32) -> Result<Vec<Value>, PollError> {
+        let mut query = Vec::new();
+        if let Some(from) = from {
+            query.push((
+                "pq.queryString".into(),
+                format!("OperationStart -ge \"{}\"", query_time(from)),
+            ));
+        }
+        query.extend([
+            ("pq.sortField".into(), "OperationStart".into()),
+            ("pq.sortAscending".into(), "0".into()),
+            ("pq.returnLimit".into(), self.config.page_size.to_string()),
+            ("pq.pageReturned".into(), page.to_string()),
+        ]);
+        self.get(query).await
+    }
+
+    /// One poll: reads the rows from the cursor on and commits the finished jobs with the new
     /// cursor.
     pub async fn poll_once(&self) -> Result<PollReport, PollError> {
         let store = Arc::clone(&self.store);
-        let cursor = tokio::task::spawn_blocking(move || store.cursor(CURSOR)).await??;
-        let cursor = match cursor {
-            Some(text) => text
-                .parse::<i64>()
-                .map_err(|_| PollError::Cursor(text.clone()))?,
-            None if self.config.backfill => 0,
+        let stored = tokio::task::spawn_blocking(move || store.cursor(CURSOR)).await??;
+        let mut cursor = match stored {
+            Some(text) => Cursor::parse(&text)?,
+            None if self.config.backfill => Cursor::default(),
             None => {
-                // First start: begin after the newest job.
+                // First start: begin after the newest jobs. Rows that share the newest start
+                // come in no defined order, so the floor is the highest id on the newest page.
                 let newest = self
                     .get(vec![
-                        ("pq.sortField".into(), "JobHistoryId".into()),
+                        ("pq.sortField".into(), "OperationStart".into()),
                         ("pq.sortAscending".into(), "1".into()),
-                        ("pq.returnLimit".into(), "1".into()),
+                        ("pq.returnLimit".into(), self.config.page_size.to_string()),
                         ("pq.pageReturned".into(), "1".into()),
                     ])
                     .await?;
-                let start = newest
-                    .first()
-                    .and_then(|r| r.get("JobHistoryId"))
-                    .and_then(Value::as_i64)
+                let since = newest.iter().filter_map(start_of).max();
+                let mut floor = newest
+                    .iter()
+                    .filter_map(|r| r.get("JobHistoryId").and_then(Value::as_i64))
+                    .max()
                     .unwrap_or(0);
-                self.commit(Vec::new(), start).await?;
+                // Every row of that newest second, whatever order the API gives ties.
+                if let Some(since) = since {
+                    for page in 1..=max_pages(self.config.page_size) {
+                        let rows = self.page(Some(since), page).await?;
+                        floor = rows
+                            .iter()
+                            .filter_map(|r| r.get("JobHistoryId").and_then(Value::as_i64))
+                            .fold(floor, i64::max);
+                        if rows.len() < self.config.page_size as usize {
+                            break;
+                        }
+                    }
+                }
+                let cursor = Cursor {
+                    since,
+                    floor: Some(floor),
+                    ..Cursor::default()
+                };
+                self.commit(Vec::new(), &cursor).await?;
                 return Ok(PollReport {
                     events: 0,
                     more: false,
-                    cursor: Some(start),
+                    cursor,
                 });
             }
         };
-        let rows = self
-            .get(vec![
-                (
-                    "pq.queryString".into(),
-                    format!("JobHistoryId -gt {cursor}"),
-                ),
-                ("pq.sortField".into(), "JobHistoryId".into()),
-                ("pq.sortAscending".into(), "0".into()),
-                ("pq.returnLimit".into(), self.config.page_size.to_string()),
-                ("pq.pageReturned".into(), "1".into()),
-            ])
-            .await?;
-        let full_page = rows.len() >= self.config.page_size as usize;
-        let (events, next) = self.events_from(&rows, cursor, Utc::now());
-        let count = events.len();
-        if next != cursor {
-            self.commit(events, next).await?;
+        let before = cursor.clone();
+        let from = cursor.lower_bound();
+        let page_size = self.config.page_size as usize;
+        let mut events = Vec::new();
+        let mut more = false;
+        let last_page = max_pages(self.config.page_size);
+        for page in 1..=last_page {
+            let rows = self.page(from, page).await?;
+            let full_page = rows.len() >= page_size;
+            let stopped = self.events_from(&rows, &mut cursor, &mut events, Utc::now());
+            if stopped || !full_page {
+                break;
+            }
+            if events.len() >= page_size || page == last_page {
+                more = true;
+                break;
+            }
+        }
+        let mut complete = Vec::with_capacity(events.len());
+        for pending in events {
+            complete.push(self.complete(pending).await?);
+        }
+        let count = complete.len();
+        if cursor != before {
+            self.commit(complete, &cursor).await?;
         }
         Ok(PollReport {
             events: count,
-            more: full_page && next != cursor,
-            cursor: Some(next),
+            more: more && cursor != before,
+            cursor,
         })
     }
 
-    /// The events for `rows` (ascending) after `cursor`, and the new cursor: up to, not
-    /// including, the first unfinished row that is not stale.
-    fn events_from(&self, rows: &[Value], cursor: i64, now: DateTime<Utc>) -> (Vec<NewEvent>, i64) {
+    /// Adds the events for `rows` (oldest first) not yet handled to `events`, recording them in
+    /// `cursor`; returns whether it stopped at an unfinished row that is not stale.
+    fn events_from(
+        &self,
+        rows: &[Value],
+        cursor: &mut Cursor,
+        events: &mut Vec<Pending>,
+        now: DateTime<Utc>,
+    ) -> bool {
         let registry = self.dispatcher.registry();
         let stale_after = chrono::Duration::milliseconds(
             i64::try_from(self.config.stale_after_ms).unwrap_or(i64::MAX),
         );
-        let mut sorted: Vec<(i64, &Value)> = rows
-            .iter()
-            .filter_map(|r| Some((r.get("JobHistoryId")?.as_i64()?, r)))
-            .filter(|(id, _)| *id > cursor)
-            .collect();
-        sorted.sort_by_key(|(id, _)| *id);
-        let mut next = cursor;
-        let mut events = Vec::new();
-        for (id, row) in sorted {
+        for row in rows {
+            let Some(id) = row.get("JobHistoryId").and_then(Value::as_i64) else {
+                tracing::warn!("JobHistory row without a JobHistoryId skipped");
+                continue;
+            };
+            if cursor.seen.contains_key(&id) {
+                continue;
+            }
+            let started = start_of(row);
+            if cursor.below_floor(id) {
+                cursor.record(id, started, now);
+                continue;
+            }
             if status(row.get("Status").unwrap_or(&Value::Null)) == Status::Unfinished {
-                let started = row
-                    .get("OperationStart")
-                    .and_then(Value::as_str)
-                    .and_then(parse_timestamp);
                 let stale = started.is_some_and(|t| now - t > stale_after);
                 if !stale {
-                    break;
+                    return true;
                 }
                 tracing::warn!(
                     job_history_id = id,
                     "skipping a job that has not finished for too long"
                 );
-                next = id;
+                cursor.record(id, started, now);
                 continue;
             }
             match context_of(row, &self.job_types) {
-                Some(context) => events.push(NewEvent {
-                    id: Uuid::new_v4(),
-                    source: "poller".into(),
-                    handlers: registry.route(context.job_type_id),
-                    context,
+                Some(context) => events.push(Pending {
+                    event: NewEvent {
+                        id: Uuid::new_v4(),
+                        source: "poller".into(),
+                        handlers: registry.route(context.job_type_id),
+                        context,
+                    },
+                    started,
                 }),
                 None => tracing::warn!(
                     job_history_id = id,
                     "JobHistory row without a JobId skipped"
                 ),
             }
-            next = id;
+            cursor.record(id, started, now);
         }
-        (events, next)
+        false
     }
 
-    async fn commit(&self, events: Vec<NewEvent>, cursor: i64) -> Result<(), PollError> {
+    /// Fills what the row alone does not tell: `CurrentRetryCount` and `RequestTimestamp` from
+    /// the job's earlier rows, `AgentId` and `Username` from `GET /Agents`.
+    async fn complete(&self, pending: Pending) -> Result<NewEvent, PollError> {
+        let Pending { mut event, started } = pending;
+        if let Some(started) = started {
+            let earlier = self
+                .get(vec![
+                    (
+                        "pq.queryString".into(),
+                        format!(
+                            "JobId -eq \"{}\" AND OperationStart -lt \"{}\"",
+                            event.context.job_id,
+                            query_time(started)
+                        ),
+                    ),
+                    ("pq.sortField".into(), "OperationStart".into()),
+                    ("pq.sortAscending".into(), "1".into()),
+                    ("pq.returnLimit".into(), MAX_RETRY_LOOKBACK.to_string()),
+                    ("pq.pageReturned".into(), "1".into()),
+                ])
+                .await?;
+            let (retries, first) = retry_chain(&event.context.job_id, started, &earlier);
+            event.context.current_retry_count = retries;
+            if let Some(first) = first {
+                event.context.request_timestamp = Some(first);
+            }
+        }
+        if event.context.agent_id.is_nil()
+            && let Some((id, username)) = self.agent(&event.context.client_machine).await
+        {
+            event.context.agent_id = id;
+            if event.context.username.is_empty() {
+                event.context.username = username;
+            }
+        }
+        Ok(event)
+    }
+
+    /// The id and identity of the orchestrator named `machine`, from the cached `GET /Agents`
+    /// list (read again when old or when the machine is new). An unreadable list is logged and
+    /// leaves the id empty: the permission for `/Agents` is not needed to poll.
+    async fn agent(&self, machine: &str) -> Option<(Uuid, String)> {
+        let key = machine.to_ascii_lowercase();
+        let stale = match self.agents.lock() {
+            Ok(cache) => cache.stale(&key, Instant::now()),
+            Err(_) => true,
+        };
+        if stale {
+            match self.read_agents().await {
+                Ok(by_machine) => {
+                    if let Ok(mut cache) = self.agents.lock() {
+                        cache.by_machine = by_machine;
+                        cache.read_at = Some(Instant::now());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read the orchestrator list, AgentId stays empty: {e}");
+                    if let Ok(mut cache) = self.agents.lock() {
+                        cache.read_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        self.agents
+            .lock()
+            .ok()
+            .and_then(|cache| cache.by_machine.get(&key).cloned())
+    }
+
+    async fn read_agents(&self) -> Result<HashMap<String, (Uuid, String)>, PollError> {
+        let mut by_machine = HashMap::new();
+        for page in 1..=MAX_AGENTS.div_ceil(AGENT_PAGE) {
+            let rows = self
+                .get_from(
+                    AGENTS,
+                    vec![
+                        ("pq.returnLimit".into(), AGENT_PAGE.to_string()),
+                        ("pq.pageReturned".into(), page.to_string()),
+                    ],
+                )
+                .await?;
+            for agent in &rows {
+                if by_machine.len() >= MAX_AGENTS {
+                    break;
+                }
+                if let (Some(machine), Some(id)) =
+                    (string(agent, "ClientMachine"), guid(agent, "AgentId"))
+                {
+                    let username = string(agent, "Username").unwrap_or_default();
+                    by_machine.insert(machine.to_ascii_lowercase(), (id, username));
+                }
+            }
+            if rows.len() < AGENT_PAGE {
+                break;
+            }
+        }
+        Ok(by_machine)
+    }
+
+    async fn commit(&self, events: Vec<NewEvent>, cursor: &Cursor) -> Result<(), PollError> {
         let store = Arc::clone(&self.store);
         let count = events.len();
+        let text = cursor.to_text();
         tokio::task::spawn_blocking(move || {
-            store.insert_events_with_cursor(&events, CURSOR, &cursor.to_string())
+            store.insert_events_with_cursor(&events, CURSOR, &text)
         })
         .await??;
         if count > 0 {
@@ -481,6 +852,37 @@ impl Poller {
         }
         Ok(())
     }
+}
+
+/// How often the run that started at `started` is a retry: the number of runs of the same job
+/// right before it (newest first in `earlier`) that ended CompletedWillRetry; and when it is a
+/// retry, the start of the first run of that chain (when the job was originally run).
+fn retry_chain(
+    job_id: &Uuid,
+    started: DateTime<Utc>,
+    earlier: &[Value],
+) -> (i32, Option<DateTime<Utc>>) {
+    let mut count: i32 = 0;
+    let mut first = None;
+    for row in earlier {
+        if guid(row, "JobId").as_ref() != Some(job_id) || start_of(row).is_none_or(|s| s >= started)
+        {
+            continue;
+        }
+        if !will_retry(row.get("Status").unwrap_or(&Value::Null)) {
+            break;
+        }
+        count = count.saturating_add(1);
+        first = start_of(row);
+    }
+    (count, first)
+}
+
+/// A row's `OperationStart`.
+fn start_of(row: &Value) -> Option<DateTime<Utc>> {
+    row.get("OperationStart")
+        .and_then(Value::as_str)
+        .and_then(parse_timestamp)
 }
 
 #[cfg(test)]
@@ -522,6 +924,47 @@ mod tests {
         assert_eq!(c.agent_id, Uuid::nil());
         assert!(c.request_timestamp.is_some());
         assert!(context_of(&json!({"JobHistoryId": 1}), &job_types).is_none());
+    }
+
+    #[test]
+    fn the_cursor_remembers_the_overlap_window_and_stays_bounded() {
+        let t0 = parse_timestamp("2023-05-06T00:00:00").unwrap();
+        let now = t0;
+        let mut c = Cursor::default();
+        c.record(1, Some(t0), now);
+        c.record(2, Some(t0 + chrono::Duration::minutes(5)), now);
+        c.record(3, Some(t0 + OVERLAP + chrono::Duration::minutes(1)), now);
+        // 1 is older than the window before the newest start; 2 is inside it.
+        assert_eq!(c.seen.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(c.lower_bound(), Some(t0 + chrono::Duration::minutes(1)));
+        // A row without a start is remembered but does not move `since`.
+        let since = c.since;
+        c.record(4, None, now);
+        assert_eq!(c.since, since);
+        assert!(c.seen.contains_key(&4));
+        // Round trip, and an older jobhook's plain id.
+        assert_eq!(Cursor::parse(&c.to_text()).unwrap(), c);
+        assert_eq!(Cursor::parse("102").unwrap().floor, Some(102));
+        assert!(Cursor::parse("{\"seen\": 3}").is_err());
+        assert!(Cursor::parse("{\"other\": 1}").is_err());
+
+        // More ids than MAX_SEEN inside the window: the oldest second is dropped and the query
+        // bound moves past it.
+        let mut c = Cursor::default();
+        for id in 0..=i64::try_from(MAX_SEEN).unwrap() {
+            let second = if id < 5 { 0 } else { 1 };
+            c.record(id, Some(t0 + chrono::Duration::seconds(second)), now);
+        }
+        assert!(c.seen.len() <= MAX_SEEN);
+        assert!(!c.seen.contains_key(&0));
+        assert_eq!(c.horizon, Some(t0));
+        assert_eq!(c.lower_bound(), Some(t0 + chrono::Duration::seconds(1)));
+        // A hostile stored cursor with too many ids is refused.
+        let mut big = Cursor::default();
+        for id in 0..=i64::try_from(MAX_SEEN).unwrap() {
+            big.seen.insert(id, t0);
+        }
+        assert!(Cursor::parse(&serde_json::to_string(&big).unwrap()).is_err());
     }
 
     #[test]

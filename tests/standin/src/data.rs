@@ -21,6 +21,16 @@ pub const IIS_STORE_ID: &str = "b8054afc-2d3e-4f5a-8b6c-7d8e9f0a1b2c";
 /// The PEM store of the failing job.
 pub const PEM_STORE_ID: &str = "c1d2e3f4-a5b6-4c7d-8e9f-0a1b2c3d4e5f";
 
+/// The WinCert store type's inventory job type on this (imaginary) instance: the GUID of the
+/// sample handler's trace (`reference/keyfactor.md` §1.2).
+pub const WINCERT_INVENTORY: &str = "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f";
+/// The WinCert management job type.
+pub const WINCERT_MANAGEMENT: &str = "4be14534-6d2a-4f1b-8c3e-5a6b7c8d9e0f";
+/// The WinCert reenrollment (enrollment) job type.
+pub const WINCERT_REENROLLMENT: &str = "e868b3f8-1a2b-4c3d-9e4f-5a6b7c8d9e0f";
+/// A custom job type (`GET /JobTypes/Custom`).
+pub const CUSTOM_JOB_TYPE_ID: &str = "3f2a1b0c-9d8e-4f7a-a6b5-c4d3e2f1a0b9";
+
 /// Everything the stand-in serves. Public so tests can add or change rows before starting it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
@@ -32,6 +42,10 @@ pub struct Dataset {
     pub agents: Vec<Value>,
     /// `GET CertificateStores/{id}` objects (matched on `Id`).
     pub stores: Vec<Value>,
+    /// `GET CertificateStoreTypes` objects (the job-type fields of the API's store type).
+    pub store_types: Vec<Value>,
+    /// `GET JobTypes/Custom` objects.
+    pub custom_job_types: Vec<Value>,
 }
 
 impl Default for Dataset {
@@ -62,11 +76,35 @@ fn history(
         "OperationStart": start,
         "OperationEnd": end,
         "Message": message,
-        "Result": result,
-        "Status": status,
+        "Result": result_number(result),
+        "Status": status_number(status),
         "StorePath": store_path,
         "ClientMachine": client_machine,
     })
+}
+
+/// JobHistory `Result` as the API returns it (`reference/keyfactor.md` §3.1: 4 Failure,
+/// 3 Warning, 2 Success, 0 Unknown).
+pub fn result_number(name: &str) -> i64 {
+    match name {
+        "Success" => 2,
+        "Warning" => 3,
+        "Failure" => 4,
+        _ => 0,
+    }
+}
+
+/// JobHistory `Status` as the API returns it (§3.1: 0 Unknown, 1 Waiting, 2 InProcess,
+/// 3 Completed, 4 Acknowledged, 5 CompletedWillRetry).
+pub fn status_number(name: &str) -> i64 {
+    match name {
+        "Waiting" => 1,
+        "InProcess" => 2,
+        "Completed" => 3,
+        "Acknowledged" => 4,
+        "CompletedWillRetry" => 5,
+        _ => 0,
+    }
 }
 
 impl Dataset {
@@ -228,11 +266,38 @@ impl Dataset {
                 "InventorySchedule": {"Interval": {"Minutes": 15}}
             }),
         ];
+        let store_types = vec![
+            json!({
+                "StoreType": 6, "Name": "IIS Personal", "ShortName": "WinCert",
+                "Capability": "WinCert", "LocalStore": false, "SupportedOperations": {},
+                "InventoryJobType": WINCERT_INVENTORY,
+                "ManagementJobType": WINCERT_MANAGEMENT,
+                "EnrollmentJobType": WINCERT_REENROLLMENT,
+                "DiscoveryJobType": null
+            }),
+            // The C agent's built-in PEM capability GUIDs (§4).
+            json!({
+                "StoreType": 2, "Name": "PEM File", "ShortName": "PEM",
+                "Capability": "PEM", "LocalStore": false, "SupportedOperations": {},
+                "InventoryJobType": "a809ce1f-1eea-4738-a38e-15708c89c981",
+                "ManagementJobType": "1d411b36-ae72-433f-9f3f-8593e836a1af",
+                "EnrollmentJobType": "aa015d10-cffc-41f7-a9a4-c9615f6f3bdf",
+                "DiscoveryJobType": "e98151de-53ad-4b99-b52a-f37118ec0c5c"
+            }),
+        ];
+        let custom_job_types = vec![json!({
+            "Id": CUSTOM_JOB_TYPE_ID,
+            "JobTypeName": "RebootAfterAdd",
+            "Description": "Restart the web server after a certificate was added",
+            "JobTypeFields": [{"Name": "ServiceName", "Type": 1, "DefaultValue": "W3SVC", "Required": true}]
+        })];
         Dataset {
             job_history,
             certificates,
             agents,
             stores,
+            store_types,
+            custom_job_types,
         }
     }
 }

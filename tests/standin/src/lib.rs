@@ -6,10 +6,14 @@
 //!
 //! | endpoint | |
 //! |---|---|
-//! | `GET OrchestratorJobs/JobHistory` | paging, sorting and a `pq.queryString` subset ([`query`]) |
+//! | `GET OrchestratorJobs/JobHistory` | paging, sorting and `pq.queryString` on the documented fields only ([`query`]) |
+//! | `GET Agents` | every agent, paged |
+//! | `GET CertificateStoreTypes`, `GET CertificateStoreTypes/Name/{name}` | store types with their job-type GUIDs |
+//! | `GET JobTypes/Custom` | custom job types |
 //! | `GET Certificates/{id}`, `GET Agents/{id}`, `GET CertificateStores/{id}` | seeded objects ([`data`]) |
 //! | `GET Status/Endpoints` | the endpoint list clients use as an auth probe |
 //! | `ANY _Test/Echo` | echoes the request, credentials included (for hostile tests) |
+//! | `ANY _Test/EchoAs?encoding=E` | echoes the `Authorization` value and the credential in it (Basic's `user:pass`, the token) in encoding `E` of [`ECHO_ENCODINGS`] |
 //! | `GET _Test/Redirect` | `302` to a path outside the base (a proxy must not follow it) |
 //! | `GET _Test/Large?bytes=N[&chunked=1]` | an `N`-byte body, with or without `Content-Length` |
 //! | `GET _Test/Slow?ms=N` | answers after `N` ms |
@@ -372,7 +376,7 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
     match (&parts.method, segs.as_slice()) {
         (&Method::GET, ["orchestratorjobs", "jobhistory"]) => {
             match query::Query::from_pairs(&pairs)
-                .and_then(|q| q.apply(&state.config.data.job_history))
+                .map(|q| q.apply(&state.config.data.job_history, &state.config.data.agents))
             {
                 Ok(rows) => json_response(Value::Array(rows)),
                 Err(message) => error(StatusCode::BAD_REQUEST, "0xA0010400", message),
@@ -396,6 +400,25 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
                 ),
             }
         }
+        (&Method::GET, ["agents"]) => paged(&state.config.data.agents, &pairs),
+        (&Method::GET, ["certificatestoretypes"]) => paged(&state.config.data.store_types, &pairs),
+        (&Method::GET, ["certificatestoretypes", "name", name]) => {
+            match state.config.data.store_types.iter().find(|t| {
+                t["ShortName"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            }) {
+                Some(t) => json_response(t.clone()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "0xA0010404",
+                    format!("Certificate store type with name {name} does not exist."),
+                ),
+            }
+        }
+        (&Method::GET, ["jobtypes", "custom"]) => {
+            paged(&state.config.data.custom_job_types, &pairs)
+        }
         (&Method::GET, ["agents", id]) => {
             by_guid(&state.config.data.agents, "AgentId", id, "Agent")
         }
@@ -405,10 +428,15 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
         (&Method::GET, ["status", "endpoints"]) => json_response(json!([
             "GET /OrchestratorJobs/JobHistory",
             "GET /Certificates/{id}",
+            "GET /Agents",
+            "GET /CertificateStoreTypes",
+            "GET /CertificateStoreTypes/Name/{name}",
+            "GET /JobTypes/Custom",
             "GET /Agents/{id}",
             "GET /CertificateStores/{id}",
             "GET /Status/Endpoints"
         ])),
+        (_, ["_test", "echoas", ..]) => echo_as(&recorded, &pairs),
         (_, ["_test", "echo", ..]) => echo(&recorded),
         (&Method::GET, ["_test", "redirect"]) => {
             let mut response = StatusCode::FOUND.into_response();
@@ -433,6 +461,38 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             format!("No endpoint matches {} {}.", parts.method, recorded.path),
         ),
     }
+}
+
+/// `GET /Agents` (and the other plain lists): every item, paged by `pq.pageReturned`/`pq.returnLimit` (defaults 1 and 50,
+/// as for every Keyfactor list).
+fn paged(items: &[Value], pairs: &[(String, String)]) -> Response {
+    let number = |name: &str, default: usize| -> Result<usize, String> {
+        match pairs.iter().find(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            k.strip_prefix("pq.").unwrap_or(&k) == name
+        }) {
+            None => Ok(default),
+            Some((_, v)) => match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("The value '{v}' is not valid for {name}.")),
+            },
+        }
+    };
+    let (page, limit) = match (
+        number("pagereturned", 1),
+        number("returnlimit", query::DEFAULT_RETURN_LIMIT),
+    ) {
+        (Ok(p), Ok(l)) => (p, l.min(query::MAX_RETURN_LIMIT)),
+        (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, "0xA0010400", m),
+    };
+    json_response(Value::Array(
+        items
+            .iter()
+            .skip((page - 1).saturating_mul(limit))
+            .take(limit)
+            .cloned()
+            .collect(),
+    ))
 }
 
 fn by_guid(items: &[Value], key: &str, id: &str, what: &str) -> Response {
@@ -480,6 +540,125 @@ fn echo(request: &RecordedRequest) -> Response {
         }
     }
     response
+}
+
+/// The encodings `_Test/EchoAs` writes a credential in: the ways a Windows/IIS/.NET API
+/// realistically escapes text (ASP.NET's JSON encoder, HTML encoding, URL encoding, base64).
+pub const ECHO_ENCODINGS: &[&str] = &[
+    "aspnet-json",
+    "aspnet-json-lower",
+    "html-named",
+    "html-decimal",
+    "html-hex",
+    "percent-upper",
+    "percent-lower-plus",
+    "base64",
+    "base64-nopad",
+    "base64url",
+    "base64url-nopad",
+    "base64-offset1",
+    "base64-offset2",
+];
+
+/// `text` in `encoding` (one of [`ECHO_ENCODINGS`]); `None` for an unknown encoding.
+pub fn encode_as(encoding: &str, text: &str) -> Option<String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let aspnet = |upper: bool| -> String {
+        text.encode_utf16()
+            .map(|u| match char::from_u32(u32::from(u)) {
+                Some(c) if c.is_ascii_graphic() && !"+<>&'\"\\`".contains(c) => c.to_string(),
+                Some(' ') => " ".into(),
+                _ if upper => format!("\\u{u:04X}"),
+                _ => format!("\\u{u:04x}"),
+            })
+            .collect()
+    };
+    let percent = |upper: bool| -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                b' ' if !upper => "+".into(),
+                _ if upper => format!("%{b:02X}"),
+                _ => format!("%{b:02x}"),
+            })
+            .collect()
+    };
+    let offset = |n: usize| {
+        let mut bytes = vec![b'#'; n];
+        bytes.extend_from_slice(text.as_bytes());
+        STANDARD.encode(bytes)
+    };
+    Some(match encoding {
+        "aspnet-json" => aspnet(true),
+        "aspnet-json-lower" => aspnet(false),
+        "html-named" => text
+            .chars()
+            .map(|c| match c {
+                '&' => "&amp;".into(),
+                '<' => "&lt;".into(),
+                '>' => "&gt;".into(),
+                '"' => "&quot;".into(),
+                '\'' => "&#39;".into(),
+                '\\' => "&bsol;".into(),
+                c => c.to_string(),
+            })
+            .collect(),
+        "html-decimal" => text.chars().map(|c| format!("&#{};", c as u32)).collect(),
+        "html-hex" => text
+            .chars()
+            .map(|c| format!("&#x{:X};", c as u32))
+            .collect(),
+        "percent-upper" => percent(true),
+        "percent-lower-plus" => percent(false),
+        "base64" => STANDARD.encode(text),
+        "base64-nopad" => STANDARD_NO_PAD.encode(text),
+        "base64url" => URL_SAFE.encode(text),
+        "base64url-nopad" => URL_SAFE_NO_PAD.encode(text),
+        "base64-offset1" => offset(1),
+        "base64-offset2" => offset(2),
+        _ => return None,
+    })
+}
+
+/// Echoes the `Authorization` value and the credential inside it in one encoding, in a body
+/// written by hand (so the escaping is exactly the encoding's, not serde's), with a
+/// `Content-Length` that tells how long it is.
+fn echo_as(request: &RecordedRequest, pairs: &[(String, String)]) -> Response {
+    let encoding = pairs
+        .iter()
+        .find(|(k, _)| k == "encoding")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let auth = request.header("authorization").unwrap_or_default();
+    let credential = auth
+        .strip_prefix("Basic ")
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .or_else(|| auth.strip_prefix("Bearer ").map(str::to_owned))
+        .unwrap_or_default();
+    let password = credential
+        .split_once(':')
+        .map(|(_, p)| p.to_owned())
+        .unwrap_or_default();
+    let (Some(a), Some(c), Some(p)) = (
+        encode_as(encoding, auth),
+        encode_as(encoding, &credential),
+        encode_as(encoding, &password),
+    ) else {
+        return error(StatusCode::BAD_REQUEST, "0xA0010400", "unknown encoding");
+    };
+    let body = if encoding.starts_with("aspnet-json") {
+        format!(r#"{{"Authorization":"{a}","Credential":"{c}","Password":"{p}"}}"#)
+    } else {
+        format!("<p>Authorization: {a}</p>\n<p>Credential: {c}</p>\n<p>Password: {p}</p>\n")
+    };
+    Response::new(Body::from(body))
 }
 
 fn large(pairs: &[(String, String)]) -> Response {

@@ -28,14 +28,49 @@ pub enum AddressClass {
     Never,
 }
 
-/// Classifies an address. IPv6 forms that embed an IPv4 address (mapped `::ffff:a.b.c.d`,
-/// compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) are classified by that
-/// IPv4 address, so `::ffff:127.0.0.1` is loopback.
+/// Classifies an address.
+///
+/// An IPv6 address in a range that embeds an IPv4 address is judged by that IPv4 address as
+/// well as by its own range, and the stricter of the two wins, so `::ffff:127.0.0.1` is
+/// loopback and `2002:a00:1::` (6to4 of `10.0.0.1`) is private. The ranges, with where the
+/// IPv4 address sits ([`embedded_v4`]):
+///
+/// | range | what | embedded IPv4 |
+/// |---|---|---|
+/// | `::ffff:0:0/96` | IPv4-mapped | last 32 bits |
+/// | `::/96` | IPv4-compatible (deprecated) | last 32 bits |
+/// | `::ffff:0:0:0/96` | SIIT IPv4-translated (RFC 2765) | last 32 bits |
+/// | `64:ff9b::/96` | NAT64 well-known prefix (RFC 6052) | last 32 bits |
+/// | `64:ff9b:1::/48` | NAT64 local-use (RFC 8215) | every RFC 6052 position (/48 … /96) |
+/// | `2002::/16` | 6to4 | bits 16–47 |
+/// | `2001::/32` | Teredo | server bits 32–63, client bits 96–127 inverted |
+///
+/// Where a range allows more than one position (the local-use NAT64 prefix), every reading is
+/// judged and the strictest wins: such an address is public only if every reading is.
+/// Teredo is never a destination whatever it embeds (the range is reserved and relays are
+/// gone), but its embedded addresses are still decoded, so the rule holds for it too.
 pub fn classify(ip: IpAddr) -> AddressClass {
     match ip {
         IpAddr::V4(v4) => classify_v4(v4),
-        IpAddr::V6(v6) => classify_v6(v6),
+        IpAddr::V6(v6) => embedded_v4(v6)
+            .into_iter()
+            .map(classify_v4)
+            .fold(classify_v6(v6), stricter),
     }
+}
+
+/// How strict a class is: what passes under fewer policies is stricter.
+fn strictness(class: AddressClass) -> u8 {
+    match class {
+        AddressClass::Public => 0,
+        AddressClass::Loopback => 1,
+        AddressClass::Private => 2,
+        AddressClass::Never => 3,
+    }
+}
+
+fn stricter(a: AddressClass, b: AddressClass) -> AddressClass {
+    if strictness(b) > strictness(a) { b } else { a }
 }
 
 fn classify_v4(ip: Ipv4Addr) -> AddressClass {
@@ -58,26 +93,17 @@ fn classify_v4(ip: Ipv4Addr) -> AddressClass {
     }
 }
 
+/// The class of an IPv6 address by its own range only (embedded IPv4 addresses are judged by
+/// [`classify`]).
 fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     let s = ip.segments();
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return classify_v4(v4);
-    }
     if ip.is_loopback() {
         return AddressClass::Loopback;
     }
     if ip.is_unspecified() || ip.is_multicast() {
         return AddressClass::Never;
     }
-    // IPv4-compatible ::a.b.c.d (deprecated, but some stacks still route it).
-    if s[..6] == [0, 0, 0, 0, 0, 0] {
-        return classify_v4(embedded_v4(s[6], s[7]));
-    }
     match s[0] {
-        // NAT64 well-known prefix 64:ff9b::/96.
-        0x0064 if s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] => classify_v4(embedded_v4(s[6], s[7])),
-        // 6to4 2002:AABB:CCDD::/48 carries IPv4 AA.BB.CC.DD.
-        0x2002 => classify_v4(embedded_v4(s[1], s[2])),
         // Unique local fc00::/7, link-local fe80::/10, site-local fec0::/10.
         x if (x & 0xfe00) == 0xfc00 || (x & 0xffc0) == 0xfe80 || (x & 0xffc0) == 0xfec0 => {
             AddressClass::Private
@@ -90,10 +116,43 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
     }
 }
 
-fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
-    let [a, b] = hi.to_be_bytes();
-    let [c, d] = lo.to_be_bytes();
-    Ipv4Addr::new(a, b, c, d)
+/// Every IPv4 address `ip` embeds, by the ranges in the table of [`classify`]; empty for an
+/// address in none of them. `::` and `::1` are not IPv4-compatible addresses.
+pub fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = ip.segments();
+    let b = ip.octets();
+    let last32 = || Ipv4Addr::new(b[12], b[13], b[14], b[15]);
+    let mut out = Vec::new();
+    // IPv4-mapped ::ffff:0:0/96, IPv4-compatible ::/96, SIIT ::ffff:0:0:0/96.
+    if s[..5] == [0; 5]
+        && (s[5] == 0xffff || (s[5] == 0 && !ip.is_loopback() && !ip.is_unspecified()))
+        || (s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0)
+    {
+        out.push(last32());
+    }
+    // NAT64 well-known prefix 64:ff9b::/96.
+    if s[..6] == [0x0064, 0xff9b, 0, 0, 0, 0] {
+        out.push(last32());
+    }
+    // NAT64 local-use 64:ff9b:1::/48: the operator picks a prefix of /48 or longer inside it,
+    // so every RFC 6052 position from /48 on is read (bits 64–71, the "u" octet, never hold
+    // address bits).
+    if s[..3] == [0x0064, 0xff9b, 0x0001] {
+        out.push(Ipv4Addr::new(b[6], b[7], b[9], b[10])); // /48
+        out.push(Ipv4Addr::new(b[7], b[9], b[10], b[11])); // /56
+        out.push(Ipv4Addr::new(b[9], b[10], b[11], b[12])); // /64
+        out.push(last32()); // /96
+    }
+    // 6to4 2002:AABB:CCDD::/48 carries AA.BB.CC.DD.
+    if s[0] == 0x2002 {
+        out.push(Ipv4Addr::new(b[2], b[3], b[4], b[5]));
+    }
+    // Teredo 2001:0::/32: the server, and the client with every bit inverted.
+    if s[..2] == [0x2001, 0] {
+        out.push(Ipv4Addr::new(b[4], b[5], b[6], b[7]));
+        out.push(Ipv4Addr::new(!b[12], !b[13], !b[14], !b[15]));
+    }
+    out
 }
 
 /// Which addresses a request may reach.
@@ -245,6 +304,21 @@ mod tests {
             ("2001:db8::1", Never),
             ("2001::1", Never),
             ("2606:4700:4700::1111", Public),
+            // Every IPv4-embedding range, judged by what it embeds.
+            ("::ffff:0:127.0.0.1", Loopback),
+            ("::ffff:0:10.0.0.1", Private),
+            ("::ffff:0:8.8.8.8", Public),
+            ("64:ff9b::10.0.0.1", Private),
+            ("64:ff9b::8.8.8.8", Public),
+            // Local-use NAT64: every reading must be public, so the /96 reading of
+            // 127.0.0.1 is refused even though other readings give 0.0.0.0 (never).
+            ("64:ff9b:1::7f00:1", Never),
+            ("64:ff9b:1:7f00:1::", Never),
+            ("64:ff9b:1:0808:0808:0808:0808:0808", Public),
+            ("64:ff9b:1:0808:0808:0808:0a00:0001", Private),
+            ("2002:a00:1::", Private),
+            ("2002:a9fe:a9fe::1", Private),
+            ("2001:0:4136:e378:8000:63bf:80ff:fffe", Never),
         ] {
             assert_eq!(class(ip), expected, "{ip}");
         }
@@ -289,6 +363,41 @@ mod tests {
         fn mapped_addresses_match_their_v4(bits in any::<u32>()) {
             let v4 = Ipv4Addr::from(bits);
             prop_assert_eq!(classify(IpAddr::V6(v4.to_ipv6_mapped())), classify(IpAddr::V4(v4)));
+        }
+
+        /// No IPv6 form that embeds a non-public IPv4 address is public, whatever the range.
+        #[test]
+        fn embedded_non_public_v4_is_never_public(net in 0usize..8, low in any::<u32>(), host in any::<u64>(), form in 0usize..10) {
+            // A random address in one of the non-public IPv4 ranges.
+            let (base, bits): (u32, u32) = [
+                (0x7f00_0000, 8),  // 127/8
+                (0x0a00_0000, 8),  // 10/8
+                (0xac10_0000, 12), // 172.16/12
+                (0xc0a8_0000, 16), // 192.168/16
+                (0xa9fe_0000, 16), // 169.254/16
+                (0x6440_0000, 10), // 100.64/10
+                (0x0000_0000, 8),  // 0/8
+                (0xe000_0000, 3),  // 224/3: multicast, reserved, broadcast
+            ][net];
+            let v4 = Ipv4Addr::from(base | (low >> bits));
+            prop_assert_ne!(classify_v4(v4), AddressClass::Public);
+            let o = v4.octets();
+            let h = host.to_be_bytes();
+            let bytes: [u8; 16] = match form {
+                0 => [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3]],
+                1 => [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, o[0], o[1], o[2], o[3]],
+                2 => [0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, o[0], o[1], o[2], o[3]],
+                3 => [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, o[0], o[1], o[2], o[3]],
+                4 => [0, 0x64, 0xff, 0x9b, 0, 1, h[0], h[1], h[2], 0, h[3], h[4], o[0], o[1], o[2], o[3]],
+                5 => [0, 0x64, 0xff, 0x9b, 0, 1, o[0], o[1], 0, o[2], o[3], h[0], h[1], h[2], h[3], h[4]],
+                6 => [0, 0x64, 0xff, 0x9b, 0, 1, h[0], h[1], 0, o[0], o[1], o[2], o[3], h[2], h[3], h[4]],
+                7 => [0x20, 0x02, o[0], o[1], o[2], o[3], h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[0], h[1]],
+                8 => [0x20, 0x01, 0, 0, h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], !o[0], !o[1], !o[2], !o[3]],
+                _ => [0x20, 0x01, 0, 0, o[0], o[1], o[2], o[3], h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]],
+            };
+            let ip = Ipv6Addr::from(bytes);
+            prop_assert_ne!(classify(IpAddr::V6(ip)), AddressClass::Public, "{}", ip);
+            prop_assert!(AddressPolicy::PublicOnly.check(IpAddr::V6(ip)).is_err());
         }
 
         /// Nothing in 127/8, 10/8 or 192.168/16 is ever public.

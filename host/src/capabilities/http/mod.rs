@@ -56,26 +56,63 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Longest URL a handler may send (browsers and most servers stop around 8 KiB).
 pub const MAX_URL_BYTES: usize = 8 * 1024;
 
-/// Request headers a handler may never set: the engine owns framing, routing and proxying.
+/// Request headers a handler may never set, by exact name (lowercase): the engine owns framing
+/// (`Host`, `Content-Length`, `Expect`), the hop-by-hop headers of RFC 9110 §7.6.1, and the
+/// forwarding/origin headers a receiver or its proxy may trust to decide who is calling.
+/// [`forbidden_header`] adds the families ([`FORBIDDEN_HEADER_PREFIXES`],
+/// [`FORBIDDEN_HEADER_SUFFIXES`]).
 pub const FORBIDDEN_HEADERS: &[&str] = &[
+    // Framing and routing.
     "host",
     "content-length",
-    "transfer-encoding",
+    "expect",
+    // Hop-by-hop (RFC 9110 §7.6.1), and the obsolete ones servers still honour.
     "connection",
     "keep-alive",
-    "upgrade",
     "te",
     "trailer",
-    "expect",
-    "proxy-authorization",
-    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    // Forwarding and origin: who the caller is, as a proxy would say it.
     "forwarded",
     "via",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
+    "true-client-ip",
+    "x-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
+
+/// Header name prefixes a handler may never use: every `Proxy-*` (proxy credentials and
+/// connection control), every `X-Forwarded-*` (`-For`, `-Host`, `-Proto`, `-Port`, `-Prefix`,
+/// `-Server`, `-Ssl`, `-Scheme`, `-Uri`, … — the family, not a list of members), and the
+/// rewrite-target headers some front ends honour (`X-Original-URL`, `X-Rewrite-URL`, …).
+pub const FORBIDDEN_HEADER_PREFIXES: &[&str] =
+    &["proxy-", "x-forwarded-", "x-original-", "x-rewrite-"];
+
+/// Header name suffixes a handler may never use: the client-address family (`X-Real-IP`,
+/// `X-Client-IP`, `X-Originating-IP`, `CF-Connecting-IP`, `X-Cluster-Client-IP`,
+/// `Fastly-Client-IP`, …), whatever vendor prefix it carries.
+pub const FORBIDDEN_HEADER_SUFFIXES: &[&str] = &[
+    "-real-ip",
+    "-client-ip",
+    "-originating-ip",
+    "-connecting-ip",
+    "-remote-ip",
+    "-remote-addr",
+];
+
+/// Whether a handler may not set header `name` (any case): an exact name of
+/// [`FORBIDDEN_HEADERS`], or a member of a family in [`FORBIDDEN_HEADER_PREFIXES`] or
+/// [`FORBIDDEN_HEADER_SUFFIXES`].
+pub fn forbidden_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    FORBIDDEN_HEADERS.contains(&name.as_str())
+        || FORBIDDEN_HEADER_PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p))
+        || FORBIDDEN_HEADER_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
 
 /// What a handler is told when the engine has no http service configured.
 const NOT_CONFIGURED: &str = "no outbound HTTP client is configured for this engine";
@@ -471,12 +508,49 @@ fn parse_url(raw: &str) -> Result<Url, &'static str> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err("the URL must not contain a user name or password");
     }
-    let lower = url.path().to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
-        return Err("the URL path contains an encoded slash, backslash or NUL");
+    for segment in url.path().split('/') {
+        check_path_segment(segment)?;
     }
     url.set_fragment(None);
     Ok(url)
+}
+
+/// Checks one path segment of a parsed URL (the parser has already resolved `.` and `..`,
+/// including `%2e` forms, and refused raw backslashes above). The segment is percent-decoded
+/// once and refused, by class, when it holds something some server treats as structure rather
+/// than as a name:
+///
+/// - a separator in any encoding: `/`, `\` (`%2f`, `%5c`, …);
+/// - a path parameter: `;` raw or encoded (`..;/` is traversal on Tomcat and some proxies);
+/// - a second layer of encoding: `%` after decoding (`%252e%252e` is `..` to a server that
+///   decodes twice);
+/// - a dot segment after decoding (`.`, `..`) that the parser did not resolve;
+/// - a control character or NUL;
+/// - any non-ASCII byte, which covers overlong UTF-8 (`%c0%ae` is `.` to a lenient decoder),
+///   invalid UTF-8, and characters Windows best-fit maps to `.` `/` `\` (`U+FF0E`, `U+2215`).
+///
+/// Nothing is normalised silently: the request goes out exactly as checked, or not at all.
+fn check_path_segment(segment: &str) -> Result<(), &'static str> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
+    if decoded.iter().any(|b| matches!(b, b'/' | b'\\')) {
+        return Err("the URL path contains an encoded slash or backslash");
+    }
+    if decoded.contains(&b';') {
+        return Err("the URL path contains a ';' path parameter");
+    }
+    if decoded.contains(&b'%') {
+        return Err("the URL path is percent-encoded twice");
+    }
+    if decoded.iter().any(|b| b.is_ascii_control()) {
+        return Err("the URL path contains an encoded control character or NUL");
+    }
+    if !decoded.is_ascii() {
+        return Err("the URL path contains non-ASCII or overlong UTF-8 bytes");
+    }
+    if decoded == b"." || decoded == b".." {
+        return Err("the URL path contains a dot segment");
+    }
+    Ok(())
 }
 
 /// Checks the guest's headers.
@@ -491,7 +565,7 @@ fn guest_headers(guest: &[(String, String)]) -> Result<HeaderMap, CapabilityErro
     for (name, value) in guest {
         let (name, value) = outbound::check_header(name, value)
             .map_err(|e| CapabilityError::Denied(e.to_string()))?;
-        if FORBIDDEN_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+        if forbidden_header(name.as_str()) {
             return Err(CapabilityError::Denied(format!(
                 "header {} is set by the engine and may not be set by a handler",
                 name.as_str()
@@ -582,5 +656,128 @@ mod tests {
             assert!(h(bad, "x").is_err(), "{bad}");
         }
         assert!(h("X-Note", "a\r\nHost: evil").is_err());
+    }
+
+    #[test]
+    fn forbidden_headers_are_refused_by_family() {
+        for bad in [
+            "Forwarded",
+            "X-Forwarded-For",
+            "x-forwarded-port",
+            "X-Forwarded-Prefix",
+            "X-FORWARDED-SERVER",
+            "X-Forwarded-Ssl",
+            "X-Real-IP",
+            "X-Client-IP",
+            "X-Originating-IP",
+            "True-Client-IP",
+            "CF-Connecting-IP",
+            "X-Cluster-Client-IP",
+            "Fastly-Client-IP",
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Proxy-Connection",
+            "Proxy-Anything",
+            "Host",
+            "Content-Length",
+            "X-Original-URL",
+            "X-Rewrite-URL",
+            "X-HTTP-Method-Override",
+        ] {
+            assert!(forbidden_header(bad), "{bad}");
+            assert!(
+                guest_headers(&[(bad.to_string(), "x".to_string())]).is_err(),
+                "{bad}"
+            );
+        }
+        for ok in [
+            "Content-Type",
+            "Authorization",
+            "X-Signature",
+            "X-Forwarded", // not a member of X-Forwarded-*
+            "Accept",
+        ] {
+            assert!(!forbidden_header(ok), "{ok}");
+        }
+    }
+
+    #[test]
+    fn traversal_forms_never_go_out() {
+        for bad in [
+            "https://h.example/hooks/..;/admin",
+            "https://h.example/hooks/a;jsessionid=1",
+            "https://h.example/hooks/%3b/admin",
+            "https://h.example/hooks/a%2fb",
+            "https://h.example/hooks/a%2Fb",
+            "https://h.example/hooks/a%5cb",
+            "https://h.example/hooks/a%5Cb",
+            "https://h.example/hooks/%252e%252e/admin",
+            "https://h.example/hooks/%c0%ae%c0%ae/admin",
+            "https://h.example/hooks/%e0%80%ae/admin",
+            "https://h.example/hooks/%ef%bc%8e%ef%bc%8e/admin",
+            "https://h.example/hooks/%e2%88%95admin",
+            "https://h.example/hooks/a%00b",
+            "https://h.example/hooks/a%0d%0ab",
+            "https://h.example/hooks\\admin",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+        // Dot segments the parser resolves are judged resolved (the prefix check then applies).
+        assert_eq!(url("https://h.example/hooks/%2e%2e/admin").path(), "/admin");
+        assert_eq!(url("https://h.example/hooks/.%2E/admin").path(), "/admin");
+        assert!(parse_url("https://h.example/hooks/T0/B0/x-y_z~1%20a?sig=a;b").is_ok());
+    }
+
+    proptest::proptest! {
+        /// Whatever a guest puts in a path, what goes out has no segment that decodes to a
+        /// separator, a dot segment, a `;`, a `%`, a control or a non-ASCII byte.
+        #[test]
+        fn accepted_paths_carry_no_traversal(segments in proptest::collection::vec(
+            proptest::prop_oneof![
+                "[a-z0-9]{1,6}",
+                proptest::strategy::Just("..".to_string()),
+                proptest::strategy::Just("..;".to_string()),
+                proptest::strategy::Just(";".to_string()),
+                "%[0-9a-fA-F]{2}",
+                "%25[0-9a-fA-F]{2}",
+                "%[c-fC-F][0-9a-f]%[89ab][0-9a-f]",
+                "\\PC{1,3}",
+            ],
+            1..6,
+        )) {
+            let raw = format!("https://h.example/{}", segments.concat());
+            if let Ok(u) = parse_url(&raw) {
+                for segment in u.path().split('/') {
+                    let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
+                    proptest::prop_assert!(decoded.is_ascii(), "{}", u);
+                    proptest::prop_assert!(!decoded.iter().any(|b| b"/\\;%".contains(b) || b.is_ascii_control()), "{}", u);
+                    proptest::prop_assert!(decoded != b".." && decoded != b".", "{}", u);
+                }
+            }
+        }
+
+        /// Every member of a forbidden family is refused, in any case.
+        #[test]
+        fn header_families_are_refused_in_any_case(
+            family in 0usize..3,
+            member in "[A-Za-z0-9-]{0,12}",
+            upper in proptest::collection::vec(proptest::bool::ANY, 40),
+        ) {
+            let name = match family {
+                0 => format!("X-Forwarded-{member}"),
+                1 => format!("Proxy-{member}"),
+                _ => format!("{member}-Client-IP"),
+            };
+            let name: String = name
+                .chars()
+                .zip(upper.iter().cycle())
+                .map(|(c, u)| if *u { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+                .collect();
+            proptest::prop_assert!(forbidden_header(&name), "{}", name);
+        }
     }
 }

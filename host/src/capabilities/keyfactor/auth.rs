@@ -171,6 +171,23 @@ impl Auth {
         }
     }
 
+    /// What to scrub for this credential right now, without contacting anything: the static
+    /// credential's forms, or the OAuth client secret and the cached token (if any). Used to
+    /// keep every identity's credential from every handler.
+    pub async fn current_redactor(&self) -> Redactor {
+        match self {
+            Auth::Static { redactor, .. } => redactor.clone(),
+            Auth::OAuth2(oauth) => {
+                let mut redactor = Redactor::new();
+                redactor.add(oauth.client_secret.expose());
+                if let Some(token) = oauth.cache.lock().await.as_ref() {
+                    redactor.extend(&token.redactor);
+                }
+                redactor
+            }
+        }
+    }
+
     /// Keyfactor refused `used` (401): forget it if it is still the cached token. Returns
     /// whether a retry with a fresh credential can help.
     pub async fn rejected(&self, used: &HeaderValue) -> bool {
@@ -408,6 +425,59 @@ mod tests {
         let debug = format!("{auth:?}");
         assert!(!debug.contains("S0ZUUkFJTlxzdmM6cGE6c3M="), "{debug}");
         assert!(!debug.contains("pa:ss"), "{debug}");
+    }
+
+    #[test]
+    fn every_form_of_each_credential_is_redacted_in_any_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "p+ss/w=rd&<é>").unwrap();
+        let auth = Auth::from_config(&AuthConfig::Basic {
+            username: r"KFTRAIN\svc".into(),
+            password: SecretRef::File(pw.clone()),
+        })
+        .unwrap();
+        let Auth::Static { redactor, .. } = &auth else {
+            panic!("static")
+        };
+        let pair = base64::engine::general_purpose::STANDARD.encode("KFTRAIN\\svc:p+ss/w=rd&<é>");
+        for echoed in [
+            r#"{"p":"p\u002Bss/w=rd\u0026\u003C\u00E9\u003E"}"#.to_owned(),
+            "p&#43;ss&#x2F;w&#61;rd&amp;&lt;&#233;&gt;".to_owned(),
+            "p%2Bss%2Fw%3Drd%26%3C%C3%A9%3E".to_owned(),
+            format!("Basic {pair}"),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("xKFTRAIN\\svc:p+ss/w=rd&<é>"),
+        ] {
+            let out = redactor.redact_str(&echoed);
+            assert!(out.contains(outbound::REDACTED), "{echoed} -> {out}");
+            assert!(
+                !out.contains("ss/w=rd") && !out.contains(&pair),
+                "{echoed} -> {out}"
+            );
+        }
+        // OAuth: the client secret is redacted before any token exists.
+        let secret = dir.path().join("cs");
+        std::fs::write(&secret, "cl+ent<secret>").unwrap();
+        let oauth = Auth::from_config(&AuthConfig::Oauth2 {
+            token_url: "https://idp.example.com/token".into(),
+            client_id: "c".into(),
+            client_secret: SecretRef::File(secret),
+            scopes: vec![],
+            audience: None,
+        })
+        .unwrap();
+        let r = futures_executor_block_on(oauth.current_redactor());
+        assert_eq!(
+            r.redact_str(r#"{"s":"cl\u002Bent\u003Csecret\u003E"}"#),
+            r#"{"s":"[redacted]"}"#
+        );
+    }
+
+    fn futures_executor_block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     #[test]

@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod path;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -99,11 +100,35 @@ impl Grantable for Keyfactor {
             return;
         };
         k.ca_bundle = k.ca_bundle.as_ref().map(|p| base.join(p));
-        match &mut k.auth {
-            AuthConfig::Basic { password, .. } => rebase(password, base),
-            AuthConfig::Bearer { token } => rebase(token, base),
-            AuthConfig::Oauth2 { client_secret, .. } => rebase(client_secret, base),
+        for auth in std::iter::once(&mut k.auth).chain(k.identities.values_mut()) {
+            match auth {
+                AuthConfig::Basic { password, .. } => rebase(password, base),
+                AuthConfig::Bearer { token } => rebase(token, base),
+                AuthConfig::Oauth2 { client_secret, .. } => rebase(client_secret, base),
+            }
         }
+    }
+
+    fn check_grant(config: &Option<KeyfactorConfig>, grant: &KeyfactorGrant) -> Result<(), String> {
+        let Some(name) = &grant.identity else {
+            return Ok(());
+        };
+        let known = config
+            .as_ref()
+            .map(|k| k.identities.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        if known.contains(name) {
+            return Ok(());
+        }
+        Err(format!(
+            "identity: {} is not a Keyfactor identity of this engine (configured under [keyfactor.identities]: {})",
+            outbound::quote(name),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ))
     }
 
     fn service(
@@ -150,6 +175,7 @@ fn default_methods() -> Vec<GrantMethod> {
 /// [handlers.grants.keyfactor]
 /// methods = ["GET"]                               # default: ["GET"]
 /// paths = ["OrchestratorJobs/", "Certificates/"]  # required; "*" for every path
+/// identity = "pki-reader"                         # optional: a [keyfactor.identities.<name>]
 /// ```
 ///
 /// Paths are prefixes relative to the API base, matched per segment and ignoring case (see
@@ -162,6 +188,10 @@ pub struct KeyfactorGrant {
     pub methods: Vec<GrantMethod>,
     /// Path prefixes the handler may call.
     pub paths: Vec<PathPrefix>,
+    /// The Keyfactor identity the handler acts as: a name under `[keyfactor.identities]`.
+    /// Without it the handler uses the engine's credential (`[keyfactor.auth]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl KeyfactorGrant {
@@ -170,6 +200,7 @@ impl KeyfactorGrant {
         KeyfactorGrant {
             methods: GrantMethod::ALL.to_vec(),
             paths: vec![PathPrefix::any()],
+            identity: None,
         }
     }
 
@@ -181,6 +212,7 @@ impl KeyfactorGrant {
                 .iter()
                 .map(|p| PathPrefix::parse(p))
                 .collect::<Result<_, _>>()?,
+            identity: None,
         })
     }
 
@@ -225,6 +257,12 @@ impl KeyfactorGrant {
 /// kind = "basic"
 /// username = 'KFTRAIN\svc-jobhook'
 /// password = { env = "KEYFACTOR_PASSWORD" }
+///
+/// # Optional named identities, for handlers that act as their own API identity
+/// # ([handlers.grants.keyfactor] identity = "pki-reader"); same kinds as [keyfactor.auth].
+/// [keyfactor.identities.pki-reader]
+/// kind = "bearer"
+/// token = { file = "/run/secrets/kf-pki-reader" }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,8 +273,12 @@ pub struct KeyfactorConfig {
     /// Sent as `x-keyfactor-api-version` unless the handler asks for another.
     #[serde(default = "default_api_version")]
     pub api_version: String,
-    /// The engine's credentials.
+    /// The engine's credentials: what a handler whose grant names no identity acts as.
     pub auth: AuthConfig,
+    /// Named credentials a handler's grant can pick (`identity = "<name>"`), so that each
+    /// handler acts as its own Keyfactor API identity.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identities: BTreeMap<String, AuthConfig>,
     /// A PEM file of extra CA certificates to trust besides the system's.
     #[serde(default)]
     pub ca_bundle: Option<PathBuf>,
@@ -277,6 +319,7 @@ impl KeyfactorConfig {
             base_url: base_url.into(),
             api_version: default_api_version(),
             auth,
+            identities: BTreeMap::new(),
             ca_bundle: None,
             timeout_ms: default_timeout_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
@@ -298,6 +341,14 @@ pub enum KeyfactorConfigError {
     /// The credentials.
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    /// The credentials of a named identity.
+    #[error("[keyfactor.identities.{name}]: {source}")]
+    Identity {
+        /// The identity.
+        name: String,
+        /// What is wrong with its credentials.
+        source: AuthConfigError,
+    },
     /// The CA bundle.
     #[error("[keyfactor] ca_bundle {path}: {reason}")]
     CaBundle {
@@ -320,6 +371,7 @@ pub struct KeyfactorClient {
     base: ApiBase,
     api_version: HeaderValue,
     auth: Auth,
+    identities: BTreeMap<String, Auth>,
     http: reqwest::Client,
     max_request_bytes: usize,
     max_response_bytes: usize,
@@ -328,7 +380,16 @@ pub struct KeyfactorClient {
 impl KeyfactorClient {
     /// Builds the client: checks the base, resolves the secrets, loads the CA bundle.
     pub fn from_config(config: &KeyfactorConfig) -> Result<Self, KeyfactorConfigError> {
-        Self::with_auth(config, Auth::from_config(&config.auth)?)
+        let mut client = Self::with_auth(config, Auth::from_config(&config.auth)?)?;
+        for (name, auth) in &config.identities {
+            let auth =
+                Auth::from_config(auth).map_err(|source| KeyfactorConfigError::Identity {
+                    name: name.clone(),
+                    source,
+                })?;
+            client.identities.insert(name.clone(), auth);
+        }
+        Ok(client)
     }
 
     /// Builds the client with credentials the program already holds (`config.auth` is not
@@ -362,6 +423,7 @@ impl KeyfactorClient {
             base,
             api_version,
             auth,
+            identities: BTreeMap::new(),
             http,
             max_request_bytes: config.max_request_bytes,
             max_response_bytes: config.max_response_bytes,
@@ -400,11 +462,25 @@ impl KeyfactorClient {
             )));
         }
 
+        let auth = match &grant.identity {
+            None => &self.auth,
+            Some(name) => self.identities.get(name).ok_or_else(|| {
+                CapabilityError::NotAvailable(format!(
+                    "the Keyfactor identity {} of this handler's grant is not configured for this engine",
+                    outbound::quote(name)
+                ))
+            })?,
+        };
         let method = outbound::method(request.method);
         let started = Instant::now();
         let mut retried = false;
         let response = loop {
-            let (authorization, redactor) = self.auth.authorization(&self.http).await?;
+            let (authorization, own) = auth.authorization(&self.http).await?;
+            // No handler may receive any identity's credential, its own or another's.
+            let mut redactor = own;
+            for other in std::iter::once(&self.auth).chain(self.identities.values()) {
+                redactor.extend(&other.current_redactor().await);
+            }
             let mut builder = self
                 .http
                 .request(method.clone(), url.clone())
@@ -420,7 +496,7 @@ impl KeyfactorClient {
             })?;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
                 && !retried
-                && self.auth.rejected(&authorization).await
+                && auth.rejected(&authorization).await
             {
                 // An OAuth token can be revoked or expire early: fetch a fresh one, once.
                 retried = true;
@@ -430,7 +506,7 @@ impl KeyfactorClient {
         };
         let (response, redactor) = response;
         let status = response.status().as_u16();
-        let headers =
+        let mut headers =
             outbound::response_headers(response.headers(), forwarded_response_header, &redactor);
         let body = match outbound::read_body(response, self.max_response_bytes).await {
             Ok(body) => redactor.redact(body),
@@ -442,6 +518,9 @@ impl KeyfactorClient {
             }
             Err(BodyError::Transport(e)) => return Err(outbound::transport_error(&e, WHAT)),
         };
+        // The length the guest sees is that of what it gets, never the server's (which, after
+        // a redaction, would tell how long the credential was).
+        outbound::set_content_length(&mut headers, &body);
         tracing::debug!(
             method = %method,
             path = %path,
@@ -564,6 +643,31 @@ mod tests {
                 .is_err()
         );
         assert!(serde_json::from_str::<KeyfactorGrant>(r#"{"paths": ["../x"]}"#).is_err());
+        let g: KeyfactorGrant =
+            serde_json::from_str(r#"{"paths": ["*"], "identity": "pki-reader"}"#).unwrap();
+        assert_eq!(g.identity.as_deref(), Some("pki-reader"));
+    }
+
+    #[test]
+    fn grants_name_only_configured_identities() {
+        let mut config: KeyfactorConfig = serde_json::from_str(
+            r#"{"base_url": "https://kf/KeyfactorAPI", "auth": {"kind": "bearer", "token": {"env": "T"}},
+                "identities": {"pki-reader": {"kind": "bearer", "token": {"env": "R"}}}}"#,
+        )
+        .unwrap();
+        let mut grant = KeyfactorGrant::permissive();
+        assert!(Keyfactor::check_grant(&Some(config.clone()), &grant).is_ok());
+        grant.identity = Some("pki-reader".into());
+        assert!(Keyfactor::check_grant(&Some(config.clone()), &grant).is_ok());
+        grant.identity = Some("pki-writer".into());
+        let why = Keyfactor::check_grant(&Some(config.clone()), &grant).unwrap_err();
+        assert!(
+            why.contains("\"pki-writer\"") && why.contains("pki-reader"),
+            "{why}"
+        );
+        config.identities.clear();
+        assert!(Keyfactor::check_grant(&Some(config), &grant).is_err());
+        assert!(Keyfactor::check_grant(&None, &grant).is_err());
     }
 
     #[test]

@@ -1,0 +1,284 @@
+//! `jobhook job-types --config <file>`: the job-type GUIDs of a Keyfactor Command instance, read
+//! through the `[keyfactor]` client and printed as TOML for a handler's `job_types` and for
+//! `[poller.job_types]`.
+//!
+//! Store-type job types are created per instance when a store type is configured, so their
+//! GUIDs differ from one Command to the next (`reference/keyfactor.md` §4). They come from
+//! `GET /CertificateStoreTypes` (`InventoryJobType`, `ManagementJobType`, `EnrollmentJobType`,
+//! `DiscoveryJobType`); the job type *name* a context and a JobHistory row carry is the store
+//! type's `ShortName` followed by `Inventory`, `Management`, `Reenrollment` (the enrollment job
+//! type) or `Discovery`. Custom job types come from `GET /JobTypes/Custom` (`Id`,
+//! `JobTypeName`). Everything read is remote text: names are checked before they become TOML
+//! keys, and only GUIDs are printed as values.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::app::config::Config;
+use crate::bindings::jobhook::handler::keyfactor::Request;
+use crate::bindings::types::Method;
+use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
+use crate::context::parse_guid;
+
+/// Rows per page when listing (Keyfactor's lists are paged; its default page is 50).
+const PAGE_SIZE: usize = 500;
+
+/// Most pages read per list: bounds the work on an answer that never ends.
+const MAX_PAGES: usize = 100;
+
+/// Longest job-type name printed; longer ones are reported and left out.
+const MAX_NAME_BYTES: usize = 200;
+
+/// The store-type fields holding job-type GUIDs, with the job name suffix each stands for.
+const STORE_JOBS: &[(&str, &str)] = &[
+    ("InventoryJobType", "Inventory"),
+    ("ManagementJobType", "Management"),
+    ("EnrollmentJobType", "Reenrollment"),
+    ("DiscoveryJobType", "Discovery"),
+];
+
+/// One job type found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobType {
+    /// The name a context's `JobType` carries (e.g. `WinCertInventory`).
+    pub name: String,
+    /// Its GUID on this instance.
+    pub id: uuid::Uuid,
+    /// Where it came from, for the comment (`store type WinCert`, `custom`).
+    pub origin: String,
+}
+
+/// Whether `name` can be printed as a bare TOML key and is a plausible job type name.
+fn printable(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+/// The job types in `store_types` (`GET /CertificateStoreTypes`) and `custom`
+/// (`GET /JobTypes/Custom`), and the entries left out, with why.
+pub fn collect(store_types: &[Value], custom: &[Value]) -> (Vec<JobType>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    for store_type in store_types {
+        let short = store_type
+            .get("ShortName")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        for (field, suffix) in STORE_JOBS {
+            let Some(raw) = store_type.get(*field) else {
+                continue;
+            };
+            if raw.is_null() {
+                continue;
+            }
+            let name = format!("{short}{suffix}");
+            match raw.as_str().and_then(parse_guid) {
+                Some(id) if printable(&name) && !id.is_nil() => found.push(JobType {
+                    name,
+                    id,
+                    origin: format!("store type {short}"),
+                }),
+                Some(id) if id.is_nil() => {}
+                _ => skipped.push(format!("store type {short:?}: {field} {raw}")),
+            }
+        }
+    }
+    for job in custom {
+        let name = job
+            .get("JobTypeName")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        match job.get("Id").and_then(Value::as_str).and_then(parse_guid) {
+            Some(id) if printable(name) => found.push(JobType {
+                name: name.to_owned(),
+                id,
+                origin: "custom job type".into(),
+            }),
+            _ => skipped.push(format!("custom job type {name:?}: {job}")),
+        }
+    }
+    (found, skipped)
+}
+
+/// The TOML: a `job_types` array for a `[[handlers]]` entry (every job type, one per line with
+/// its name, to be trimmed by the operator) and the `[poller.job_types]` table.
+pub fn render(found: &[JobType], source: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Job types of {source} (jobhook job-types).");
+    let _ = writeln!(
+        out,
+        "# In a [[handlers]] entry: keep the lines of the job types the handler runs for."
+    );
+    let _ = writeln!(out, "job_types = [");
+    for job in found {
+        let _ = writeln!(out, "    \"{}\", # {} ({})", job.id, job.name, job.origin);
+    }
+    let _ = writeln!(out, "]");
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "# JobHistory rows carry the job type name only: the poller routes by this map."
+    );
+    let _ = writeln!(out, "[poller.job_types]");
+    let mut seen = BTreeMap::new();
+    for job in found {
+        if let Some(previous) = seen.insert(job.name.to_ascii_lowercase(), job.id) {
+            let _ = writeln!(
+                out,
+                "# {} also names {previous}; the first one is kept",
+                job.name
+            );
+            seen.insert(job.name.to_ascii_lowercase(), previous);
+            continue;
+        }
+        let _ = writeln!(out, "{} = \"{}\"", job.name, job.id);
+    }
+    out
+}
+
+/// Reads every page of a Keyfactor list.
+async fn list(
+    client: &KeyfactorClient,
+    grant: &KeyfactorGrant,
+    path: &str,
+) -> anyhow::Result<Vec<Value>> {
+    let mut all = Vec::new();
+    for page in 1..=MAX_PAGES {
+        let response = client
+            .send(
+                grant,
+                Request {
+                    method: Method::Get,
+                    path: path.into(),
+                    query: vec![
+                        ("pq.returnLimit".into(), PAGE_SIZE.to_string()),
+                        ("pq.pageReturned".into(), page.to_string()),
+                    ],
+                    headers: Vec::new(),
+                    body: None,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
+        if !(200..300).contains(&response.status) {
+            let body = String::from_utf8_lossy(response.body.get(..300).unwrap_or(&response.body))
+                .escape_debug()
+                .to_string();
+            bail!("GET {path} answered {}: {body}", response.status);
+        }
+        let rows = match serde_json::from_slice::<Value>(&response.body) {
+            Ok(Value::Array(rows)) => rows,
+            Ok(_) => bail!("GET {path} did not answer a JSON array"),
+            Err(e) => bail!("GET {path} answered invalid JSON: {e}"),
+        };
+        let n = rows.len();
+        all.extend(rows);
+        if n < PAGE_SIZE {
+            break;
+        }
+    }
+    Ok(all)
+}
+
+/// Reads the job types through `client` and renders them (see [`render`]); entries that could
+/// not be printed are returned as warnings.
+pub async fn job_types_toml(client: &KeyfactorClient) -> anyhow::Result<(String, Vec<String>)> {
+    let grant = KeyfactorGrant::read_only(&["CertificateStoreTypes", "JobTypes/Custom"])
+        .map_err(|e| anyhow::anyhow!("grant: {e}"))?;
+    let store_types = list(client, &grant, "CertificateStoreTypes").await?;
+    let custom = list(client, &grant, "JobTypes/Custom").await?;
+    let (found, skipped) = collect(&store_types, &custom);
+    Ok((render(&found, "the configured Keyfactor Command"), skipped))
+}
+
+/// `jobhook job-types --config <file>`.
+pub async fn job_types(path: &Path) -> anyhow::Result<std::process::ExitCode> {
+    let config = Config::load(path)?;
+    let services = crate::app::server::services(&config)?;
+    let client = services
+        .keyfactor
+        .clone()
+        .with_context(|| format!("{}: configure [keyfactor] first", path.display()))?;
+    let (toml, skipped) = job_types_toml(&client).await?;
+    for entry in skipped {
+        eprintln!("warning: left out {}", entry.escape_debug());
+    }
+    print!("{toml}");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobhook_standin::{Standin, data};
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn the_printed_toml_parses_with_the_engine_config_parser() {
+        let standin = Standin::start().await.expect("stand-in");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("pw"), &standin.credentials().password).expect("pw");
+        // The parser checks that the component exists; any file will do here.
+        std::fs::write(dir.path().join("h.wasm"), b"\0asm").expect("component");
+        let auth = crate::capabilities::keyfactor::auth::AuthConfig::Basic {
+            username: standin.credentials().username.clone(),
+            password: crate::secret::SecretRef::File(dir.path().join("pw")),
+        };
+        let client = KeyfactorClient::from_config(
+            &crate::capabilities::keyfactor::KeyfactorConfig::new(standin.base_url(), auth),
+        )
+        .expect("client");
+        let (toml, skipped) = job_types_toml(&client).await.expect("job types");
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert!(
+            toml.contains(&format!(
+                "WinCertInventory = \"{}\"",
+                data::WINCERT_INVENTORY
+            )),
+            "{toml}"
+        );
+        assert!(toml.contains("Reenrollment = "), "{toml}");
+        assert!(toml.contains(data::CUSTOM_JOB_TYPE_ID), "{toml}");
+        // Pasted into a configuration, after a [[handlers]] entry's keys.
+        let text = format!(
+            "[keyfactor]\nbase_url = \"{}\"\n[keyfactor.auth]\nkind = \"basic\"\nusername = \"u\"\npassword = {{ file = \"pw\" }}\n\n[[handlers]]\nname = \"h\"\ncomponent = \"h.wasm\"\n{toml}",
+            standin.base_url()
+        );
+        let config = Config::parse(&text, &dir.path().join("jobhook.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let poller = config.poller.expect("[poller]");
+        assert_eq!(
+            poller.job_types.get("WinCertInventory").map(String::as_str),
+            Some(data::WINCERT_INVENTORY)
+        );
+        let ids = poller.job_type_ids().expect("GUIDs");
+        assert!(ids.len() >= 5, "{ids:?}");
+        match &config.handlers[0].job_types {
+            crate::queue::registration::JobTypes::Only(set) => assert_eq!(set.len(), ids.len()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_names_and_ids_are_left_out() {
+        let (found, skipped) = collect(
+            &[
+                json!({"ShortName": "Evil\"]\n[server]", "InventoryJobType": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+                json!({"ShortName": "Ok", "InventoryJobType": "not-a-guid", "ManagementJobType": null}),
+            ],
+            &[
+                json!({"JobTypeName": "x = 1", "Id": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+                json!({"JobTypeName": "Fine", "Id": 7}),
+            ],
+        );
+        assert!(found.is_empty(), "{found:?}");
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+    }
+}
