@@ -219,6 +219,15 @@ impl JobContext {
         }
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ContextError::Json(e.to_string()))?;
+        if value.is_object() {
+            // A parsed object keeps only the last of two equal keys: look at the document's
+            // own keys, so that `{"JobId": a, "JobId": b}` is refused like two casings are.
+            let keys: ObjectKeys =
+                serde_json::from_slice(bytes).map_err(|e| ContextError::Json(e.to_string()))?;
+            if let Some(field) = first_repeated_field(&keys.0) {
+                return Err(ContextError::Duplicate(field));
+            }
+        }
         Self::from_json_value(&value)
     }
 
@@ -269,6 +278,51 @@ impl JobContext {
             "CurrentRetryCount": self.current_retry_count,
         })
     }
+}
+
+/// The keys of a JSON object document as written, in order and with repeats (a parsed
+/// [`Value`] keeps only the last of equal keys). Values are skipped, not kept.
+struct ObjectKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for ObjectKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = ObjectKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ObjectKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(ObjectKeys(keys))
+            }
+        }
+        deserializer.deserialize_map(Keys)
+    }
+}
+
+/// The first known field that `keys` (in document order) name twice, exactly or under another
+/// casing.
+fn first_repeated_field(keys: &[String]) -> Option<&'static str> {
+    let mut seen = [false; FIELDS.len()];
+    for key in keys {
+        let Some(index) = FIELDS.iter().position(|f| f.eq_ignore_ascii_case(key)) else {
+            continue;
+        };
+        let slot = seen.get_mut(index)?;
+        if *slot {
+            return FIELDS.get(index).copied();
+        }
+        *slot = true;
+    }
+    None
 }
 
 /// The known fields of one document, looked up case-insensitively. Unknown fields are ignored so
@@ -777,6 +831,27 @@ mod tests {
             decode(&dup).unwrap_err(),
             ContextError::Duplicate("AgentId")
         );
+    }
+
+    #[test]
+    fn a_field_given_twice_under_the_same_name_is_refused() {
+        let text = sample().to_string();
+        let body = text.strip_suffix('}').unwrap();
+        let twice = format!("{body},\"JobId\":\"0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a02\"}}");
+        assert_eq!(
+            JobContext::from_json_bytes(twice.as_bytes()).unwrap_err(),
+            ContextError::Duplicate("JobId")
+        );
+        // Also when both values are equal, and for a field given three times.
+        let same = format!("{body},\"Username\":\"u\",\"Username\":\"u\"}}");
+        assert_eq!(
+            JobContext::from_json_bytes(same.as_bytes()).unwrap_err(),
+            ContextError::Duplicate("Username")
+        );
+        // An unknown key given twice is ignored, as unknown keys are.
+        let unknown = format!("{body},\"Extra\":1,\"Extra\":2}}");
+        assert!(JobContext::from_json_bytes(unknown.as_bytes()).is_ok());
+        assert!(JobContext::from_json_bytes(text.as_bytes()).is_ok());
     }
 
     #[test]

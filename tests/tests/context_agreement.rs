@@ -600,8 +600,52 @@ fn one_field_off() -> impl Strategy<Value = String> {
         })
 }
 
+/// A generated context document with one of its keys written a second time under exactly
+/// the same name (which a parsed JSON object cannot show: it keeps the last), with the same
+/// value or another; mostly a known field, sometimes an unknown one.
+fn exact_duplicate() -> impl Strategy<Value = String> {
+    (
+        context_document(),
+        any::<usize>(),
+        any::<bool>(),
+        any_json(),
+        any::<bool>(),
+    )
+        .prop_map(|(json, pick, same, other, prefer_known)| {
+            let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&json) else {
+                return json;
+            };
+            let known: Vec<&String> = map
+                .keys()
+                .filter(|k| FIELDS.iter().any(|f| f.eq_ignore_ascii_case(k)))
+                .collect();
+            let keys: Vec<&String> = if prefer_known && !known.is_empty() {
+                known
+            } else {
+                map.keys().collect()
+            };
+            let Some(key) = keys.get(pick % keys.len().max(1)) else {
+                return json;
+            };
+            let value = if same { map[*key].clone() } else { other };
+            let mut entries: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", Value::String(k.clone())))
+                .collect();
+            let repeat = format!("{}:{value}", Value::String((*key).clone()));
+            let at = pick % (entries.len() + 1);
+            entries.insert(at, repeat);
+            format!("{{{}}}", entries.join(","))
+        })
+}
+
 proptest! {
     #![proptest_config(config())]
+
+    #[test]
+    fn exact_duplicate_keys_agree(json in exact_duplicate()) {
+        assert_agree(&json);
+    }
 
     #[test]
     fn generated_contexts_agree(json in context_document()) {
@@ -640,4 +684,23 @@ fn generated_contexts_are_both_accepted_and_refused() {
         }
     }
     assert!((25..475).contains(&accepted), "{accepted} of 500 accepted");
+}
+
+/// Both decoders refuse a known field written twice under the same name, naming it.
+#[test]
+fn an_exact_duplicate_is_refused_by_both() {
+    let sample = std::fs::read_to_string(sample_files().first().expect("a sample context"))
+        .expect("read a sample context");
+    let body = sample.trim_end().strip_suffix('}').expect("an object");
+    for doc in [
+        format!("{body},\"JobId\":\"0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a02\"}}"),
+        format!("{body},\"CurrentRetryCount\":0,\"CurrentRetryCount\":0}}"),
+    ] {
+        assert!(!assert_agree(&doc), "accepted: {doc}");
+        let e = JobContext::from_json_bytes(doc.as_bytes()).unwrap_err();
+        assert!(
+            matches!(e, ContextError::Duplicate(_)),
+            "refused for another reason: {e}"
+        );
+    }
 }

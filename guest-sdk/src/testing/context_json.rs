@@ -9,8 +9,8 @@
 //!
 //! The rules:
 //! - at most [`MAX_CONTEXT_BYTES`]; a JSON object; unknown fields are ignored;
-//! - field names match without regard to ASCII case, and a field given twice (under two
-//!   casings) is an error;
+//! - field names match without regard to ASCII case, and a field given twice (under the same
+//!   name or two casings) is an error;
 //! - `AgentId`, `JobId`, `JobTypeId`: required GUID strings (hyphenated, braced or 32 hex
 //!   digits);
 //! - `Username`, `ClientMachine`, `JobType`: required strings of at most
@@ -66,6 +66,13 @@ pub(super) fn decode(json: &str) -> Result<Context> {
             json_kind(&value)
         )));
     };
+    // A parsed object keeps only the last of two equal keys: look at the document's own keys,
+    // so that `{"JobId": a, "JobId": b}` is refused like two casings are.
+    let keys: ObjectKeys = serde_json::from_str(json)
+        .map_err(|e| Error::new(format!("context is not valid JSON ({e})")))?;
+    if let Some(field) = first_repeated_field(&keys.0) {
+        return Err(duplicate(field));
+    }
     let fields = Fields::collect(&object)?;
     Ok(Context {
         agent_id: fields.guid("AgentId")?,
@@ -97,6 +104,60 @@ fn invalid(name: &str, message: impl std::fmt::Display) -> Error {
     Error::new(format!("context field '{name}': {message}"))
 }
 
+/// The error for a field given twice.
+fn duplicate(field: &str) -> Error {
+    Error::new(format!(
+        "context field '{field}' is given more than once (field names are matched \
+         case-insensitively)"
+    ))
+}
+
+/// The keys of a JSON object document as written, in order and with repeats (a parsed
+/// [`Value`] keeps only the last of equal keys). Values are skipped, not kept.
+struct ObjectKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for ObjectKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = ObjectKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<ObjectKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(ObjectKeys(keys))
+            }
+        }
+        deserializer.deserialize_map(Keys)
+    }
+}
+
+/// The first known field that `keys` (in document order) name twice, exactly or under another
+/// casing (the engine's rule).
+fn first_repeated_field(keys: &[String]) -> Option<&'static str> {
+    let mut seen = [false; FIELDS.len()];
+    for key in keys {
+        let Some(index) = FIELDS.iter().position(|f| f.eq_ignore_ascii_case(key)) else {
+            continue;
+        };
+        if seen[index] {
+            return Some(FIELDS[index]);
+        }
+        seen[index] = true;
+    }
+    None
+}
+
 /// The known fields of one document, found case-insensitively; unknown fields are ignored.
 struct Fields<'a> {
     values: [Option<&'a Value>; FIELDS.len()],
@@ -110,11 +171,7 @@ impl<'a> Fields<'a> {
                 continue;
             };
             if values[index].is_some() {
-                return Err(Error::new(format!(
-                    "context field '{}' is given more than once (field names are matched \
-                     case-insensitively)",
-                    FIELDS[index]
-                )));
+                return Err(duplicate(FIELDS[index]));
             }
             values[index] = Some(value);
         }

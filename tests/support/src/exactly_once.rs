@@ -49,6 +49,20 @@ pub fn check_exactly_once(url: &str, accepted: &[String], timeout: Duration) -> 
                 "event {id}: terminal more than once: {d:#}"
             );
             assert_eq!(terminal[0]["attempt"].as_u64(), Some(attempt), "{d:#}");
+            // Every attempt is listed, once; the ones a crash or a takeover cut short as
+            // `interrupted` (these handlers never fail on their own).
+            let numbers: Vec<u64> = attempts
+                .iter()
+                .filter_map(|a| a["attempt"].as_u64())
+                .collect();
+            assert_eq!(
+                numbers,
+                (1..=attempt).collect::<Vec<_>>(),
+                "event {id}: {d:#}"
+            );
+            for earlier in attempts.iter().filter(|a| a["terminal"] != true) {
+                assert_eq!(earlier["class"], "interrupted", "event {id}: {d:#}");
+            }
             if attempt > 1 {
                 reruns += 1;
             }
@@ -73,11 +87,11 @@ async fn settled(client: &reqwest::Client, url: &str, id: &str, deadline: Instan
             .send()
             .await
             .expect("GET event");
-        assert_eq!(
-            response.status().as_u16(),
-            200,
-            "accepted event {id} is missing"
-        );
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = response.text().await.unwrap_or_default();
+            panic!("accepted event {id}: GET answered {status}: {body}");
+        }
         let event: Value =
             serde_json::from_slice(&response.bytes().await.expect("body")).expect("event JSON");
         let done = event["deliveries"].as_array().is_some_and(|ds| {

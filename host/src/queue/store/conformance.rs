@@ -14,8 +14,8 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, ClaimLimits, DeliveryState, EventStore, Idempotency, Inserted, MAX_CLAIM_BATCH,
-    NewEvent, StoreError, after, to_ms,
+    ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, INTERRUPTED_CLASS,
+    Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, StoreError, after, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -52,6 +52,7 @@ macro_rules! suite {
             an_empty_store_has_nothing_due,
             a_late_finish_after_takeover_is_ignored,
             claims_of_other_nodes_are_requeued_only_when_abandoned,
+            interrupted_attempts_are_listed_as_interrupted,
             renewing_keeps_this_nodes_claims_and_no_others,
             concurrent_claims_hand_out_each_delivery_once,
             batch_claims_respect_the_batch_size_and_each_handlers_room,
@@ -212,8 +213,15 @@ pub(crate) fn interrupted_deliveries_run_again_with_a_higher_attempt(b: &impl Ba
         .unwrap();
     let view = store.event(e.id).unwrap().unwrap();
     assert_eq!(view.deliveries[0].state, DeliveryState::Failed);
-    assert_eq!(view.deliveries[0].attempts.len(), 1);
-    assert_eq!(view.deliveries[0].attempts[0].attempt, 2);
+    // Both attempts are listed: the interrupted one (recorded by the requeue, not by its late
+    // finish) and the one that finished the delivery.
+    let attempts = &view.deliveries[0].attempts;
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].attempt, 1);
+    assert_eq!(attempts[0].class, INTERRUPTED_CLASS);
+    assert!(!attempts[0].terminal);
+    assert_eq!(attempts[1].attempt, 2);
+    assert!(attempts[1].terminal);
 }
 
 pub(crate) fn release_all_gives_back_only_this_nodes_claims(b: &impl Backend) {
@@ -343,7 +351,9 @@ pub(crate) fn a_late_finish_after_takeover_is_ignored(b: &impl Backend) {
         .unwrap();
     let view = other.event(e.id).unwrap().unwrap();
     assert_eq!(view.deliveries[0].state, DeliveryState::Running);
-    assert!(view.deliveries[0].attempts.is_empty());
+    // Only the interrupted first attempt is listed, as the requeue recorded it.
+    assert_eq!(view.deliveries[0].attempts.len(), 1);
+    assert_eq!(view.deliveries[0].attempts[0].class, INTERRUPTED_CLASS);
     other
         .finish(&fresh, &record(DeliveryState::Failed))
         .unwrap();
@@ -355,10 +365,67 @@ pub(crate) fn a_late_finish_after_takeover_is_ignored(b: &impl Backend) {
     let d = &view.deliveries[0];
     assert_eq!(d.state, DeliveryState::Failed);
     assert_eq!(d.attempt, 2);
-    assert_eq!(d.attempts.len(), 1);
-    assert_eq!(d.attempts[0].attempt, 2);
-    assert!(d.attempts[0].terminal);
+    assert_eq!(d.attempts.len(), 2);
+    assert_eq!(d.attempts[0].attempt, 1);
+    assert_eq!(d.attempts[0].class, INTERRUPTED_CLASS);
+    assert!(!d.attempts[0].terminal);
+    assert_eq!(d.attempts[1].attempt, 2);
+    assert!(d.attempts[1].terminal);
     assert_eq!(d.reason.as_deref(), Some("nope"));
+}
+
+pub(crate) fn interrupted_attempts_are_listed_as_interrupted(b: &impl Backend) {
+    let dead = b.node();
+    let e = event(&["a", "b"]);
+    dead.insert_event(&e).unwrap();
+    let first = dead.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    let second = dead.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    drop(dead);
+    // Another node (another process, for SQLite) finds both abandoned once the lease is over.
+    let other = b.node();
+    let later = after(Utc::now(), LEASE + Duration::from_secs(1));
+    assert_eq!(other.requeue_abandoned(later).unwrap(), 2);
+    // Nothing is recorded twice when the requeue runs again.
+    assert_eq!(other.requeue_abandoned(later).unwrap(), 0);
+    let view = other.event(e.id).unwrap().unwrap();
+    for d in &view.deliveries {
+        assert_eq!(d.state, DeliveryState::Pending, "{d:?}");
+        assert_eq!(d.attempts.len(), 1, "{d:?}");
+        let a = &d.attempts[0];
+        assert_eq!(
+            (a.attempt, a.class.as_str(), a.terminal),
+            (1, INTERRUPTED_CLASS, false)
+        );
+        assert_eq!(a.reason.as_deref(), Some(ABANDONED_REASON));
+        assert!(a.started_at.is_some(), "{a:?}");
+    }
+    assert_ne!(first.delivery_id, second.delivery_id);
+    // Run again and handed back by a node shutting down: that attempt is listed too, and the
+    // one after it finishes the delivery.
+    let again = other.claim(later, &[], LEASE).unwrap().unwrap();
+    assert_eq!(again.attempt, 2);
+    assert_eq!(other.release_all().unwrap(), 1);
+    let last = other.claim(later, &[], LEASE).unwrap().unwrap();
+    assert_eq!((last.delivery_id, last.attempt), (again.delivery_id, 3));
+    other
+        .finish(&last, &record(DeliveryState::Succeeded))
+        .unwrap();
+    let view = other.event(e.id).unwrap().unwrap();
+    let d = view
+        .deliveries
+        .iter()
+        .find(|d| d.handler == again.handler)
+        .unwrap();
+    let listed: Vec<(u32, &str, bool)> = d
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.class.as_str(), a.terminal))
+        .collect();
+    assert_eq!(listed[0], (1, INTERRUPTED_CLASS, false));
+    assert_eq!(listed[1], (2, INTERRUPTED_CLASS, false));
+    assert_eq!(d.attempts[1].reason.as_deref(), Some(RELEASED_REASON));
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed[2].0 == 3 && listed[2].2, "{listed:?}");
 }
 
 pub(crate) fn claims_of_other_nodes_are_requeued_only_when_abandoned(b: &impl Backend) {
@@ -617,7 +684,14 @@ pub(crate) fn a_batch_finish_records_all_and_ignores_only_stale_claims(b: &impl 
         [("failed", 2), ("succeeded", 1)]
     );
     let view = store.event(claims[0].event_id).unwrap().unwrap();
-    assert!(view.deliveries.iter().all(|d| d.attempts.len() == 1));
+    // Each delivery lists its interrupted first attempt and its recorded second one.
+    assert!(view.deliveries.iter().all(|d| d.attempts.len() == 2));
+    assert!(view.deliveries.iter().all(|d| {
+        d.attempts[0].class == INTERRUPTED_CLASS
+            && !d.attempts[0].terminal
+            && d.attempts[1].attempt == 2
+            && d.attempts[1].terminal
+    }));
     assert!(view.deliveries.iter().all(|d| d.attempt == 2));
 }
 

@@ -247,6 +247,19 @@ pub struct EventView {
 /// long enough to delay an ingest commit noticeably.
 pub const MAX_CLAIM_BATCH: usize = 64;
 
+/// The outcome class of an attempt that never reported an outcome: the node running it died,
+/// froze past its lease or shut down first. The requeue that hands such a delivery back records
+/// the attempt with this class (never terminal), so `GET /v1/events/{id}` lists every attempt.
+pub const INTERRUPTED_CLASS: &str = "interrupted";
+
+/// The reason recorded with an attempt whose node stopped renewing its claim.
+pub const ABANDONED_REASON: &str = "the node running it stopped (crashed, was killed or froze) before it recorded an outcome; \
+     it runs again";
+
+/// The reason recorded with an attempt handed back by a node shutting down.
+pub const RELEASED_REASON: &str =
+    "the node running it shut down before the handler finished; it runs again";
+
 /// How many deliveries a [`EventStore::claim_batch`] call may claim, in all and per handler.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimLimits {
@@ -427,9 +440,10 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
                     })
                 })
                 .transpose()?;
-            Ok(Arc::new(postgres::PostgresStore::open(
+            Ok(Arc::new(postgres::PostgresStore::open_with_lease(
                 url,
                 password.as_ref(),
+                config.lease,
             )?))
         }
     }

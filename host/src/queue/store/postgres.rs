@@ -10,6 +10,10 @@
 //!   dies stops renewing; once a lease has expired, any node's
 //!   [`requeue_abandoned`](EventStore::requeue_abandoned) puts the delivery back to pending and it runs
 //!   again with the next attempt number. Live claims of other nodes are never requeued.
+//! - **Nothing a frozen node holds stops the others**: every pooled session bounds its own
+//!   transactions, lock waits and statements relative to the lease ([`SessionLimits`]), so the
+//!   server ends the session of a node frozen inside a transaction (SIGSTOP, a paused VM) and
+//!   releases its row locks before its leases expire; the requeue skips rows still locked.
 //! - **Fencing**: an attempt is recorded only while the delivery is still `running` under the
 //!   same attempt number and owner, so a node that comes back after its lease was taken over
 //!   cannot overwrite the newer attempt: every delivery ends terminal exactly once.
@@ -37,8 +41,9 @@ use postgres::{Client, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventStore,
-    EventView, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent, StoreError, after,
+    ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
+    EventStore, EventView, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent,
+    RELEASED_REASON, StoreError, after,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -65,6 +70,68 @@ const LEAD_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// a node's host dies without closing its socket, the server ends the session (releasing the
 /// poller lock) after about idle + interval × count = 30 s instead of the OS default of hours.
 const LEAD_KEEPALIVE_SECS: (u32, u32, u32) = (15, 5, 3);
+
+/// `idle_in_transaction_session_timeout` of pooled sessions is the lease divided by this. A
+/// node frozen inside a transaction (SIGSTOP, a paused VM, a partition that leaves the TCP
+/// connection open) would otherwise hold that transaction's row locks for as long as it stays
+/// frozen. Its leases were renewed at most a third of a lease before it froze, so they expire
+/// no sooner than two thirds of a lease later; the server ends the frozen session (rolling its
+/// transaction back and releasing its locks) after half a lease, so the locks are gone by the
+/// time another node may take those deliveries over. jobhook never waits between the
+/// statements of a transaction for anything but its own next round trip; half a lease (at
+/// least 500 ms) leaves room for a node whose threads are starved of CPU for a while.
+const IDLE_IN_TRANSACTION_PER_LEASE: u32 = 2;
+
+/// `lock_timeout` of pooled sessions is the lease divided by this. Claims and requeues skip
+/// locked rows, so a statement waits for a row lock only while another node's short
+/// transaction touches the same row; one that waits half a lease fails (and is retried: a
+/// failed batch of outcomes is recorded one by one, renewals run again on the next tick)
+/// instead of waiting for ever behind a frozen node while its own leases lapse.
+const LOCK_WAIT_PER_LEASE: u32 = 2;
+
+/// `statement_timeout` of pooled sessions is the lease divided by this. Every statement of the
+/// store touches a handful of rows through an index; one that runs for a whole lease is stuck
+/// (a server in trouble, a client that stopped reading), and this node's leases have lapsed
+/// behind it anyway.
+const STATEMENT_PER_LEASE: u32 = 1;
+
+/// The server-side bounds a pooled session sets on itself when it connects, derived from the
+/// lease (see [`IDLE_IN_TRANSACTION_PER_LEASE`], [`LOCK_WAIT_PER_LEASE`],
+/// [`STATEMENT_PER_LEASE`]), so that no node — frozen, partitioned or slow — can hold locks that
+/// stop the others from taking over its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// `idle_in_transaction_session_timeout`.
+    pub idle_in_transaction: Duration,
+    /// `lock_timeout`.
+    pub lock_wait: Duration,
+    /// `statement_timeout`.
+    pub statement: Duration,
+}
+
+impl SessionLimits {
+    /// The bounds for claims that last `lease` unrenewed.
+    pub fn for_lease(lease: Duration) -> Self {
+        // Never 0 ms: PostgreSQL reads 0 as "no limit".
+        let part = |divisor: u32| (lease / divisor).max(Duration::from_millis(1));
+        SessionLimits {
+            idle_in_transaction: part(IDLE_IN_TRANSACTION_PER_LEASE),
+            lock_wait: part(LOCK_WAIT_PER_LEASE),
+            statement: part(STATEMENT_PER_LEASE),
+        }
+    }
+
+    /// The `SET` statements that apply them (integers from durations, not user data).
+    fn sql(&self) -> String {
+        format!(
+            "SET idle_in_transaction_session_timeout = {}; SET lock_timeout = {}; \
+             SET statement_timeout = {}",
+            self.idle_in_transaction.as_millis(),
+            self.lock_wait.as_millis(),
+            self.statement.as_millis()
+        )
+    }
+}
 
 /// First key of jobhook's two-key advisory locks around migrations, so they cannot collide
 /// with locks of other programs using the same database (ASCII "jbhm").
@@ -229,6 +296,7 @@ impl Conn {
 #[derive(Debug)]
 struct Manager {
     config: postgres::Config,
+    limits: SessionLimits,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -236,8 +304,10 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Conn, postgres::Error> {
+        let mut client = self.config.connect(NoTls)?;
+        client.batch_execute(&self.limits.sql())?;
         Ok(Conn {
-            client: self.config.connect(NoTls)?,
+            client,
             statements: HashMap::new(),
         })
     }
@@ -325,6 +395,16 @@ impl PostgresStore {
     /// Blocks: call it from a blocking context. Errors name the database with any password
     /// replaced by `***` and never contain the password.
     pub fn open(url: &str, password: Option<&Secret>) -> Result<Self, StoreError> {
+        Self::open_with_lease(url, password, super::config::DEFAULT_LEASE)
+    }
+
+    /// Like [`open`](Self::open), for claims that last `lease` unrenewed: every pooled session
+    /// bounds its transactions and lock waits relative to it ([`SessionLimits::for_lease`]).
+    pub fn open_with_lease(
+        url: &str,
+        password: Option<&Secret>,
+        lease: Duration,
+    ) -> Result<Self, StoreError> {
         let target = redact_url(url);
         let scrub = |message: String| match password {
             Some(p) if !p.expose().is_empty() => message.replace(p.expose(), "***"),
@@ -372,6 +452,7 @@ impl PostgresStore {
             }))
             .build(Manager {
                 config: config.clone(),
+                limits: SessionLimits::for_lease(lease),
             })
             .map_err(|e| fail(format!("cannot open the connection pool: {e}")))?;
         let store = PostgresStore {
@@ -395,6 +476,27 @@ impl PostgresStore {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = pool.get().map_err(PgError::from)?;
         Ok(f(&mut conn)?)
+    }
+
+    /// Like [`with`](Self::with), for reads that change nothing: when the server has ended the
+    /// session under it (an idle-in-transaction or statement timeout while this node's threads
+    /// were starved, a server restart), the read runs once more on another connection instead
+    /// of failing the caller (`GET /v1/events/{id}` would answer 500).
+    fn read<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
+        let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
+        let mut conn = pool.get().map_err(PgError::from)?;
+        match f(&mut conn) {
+            Err(PgError::Db(e)) if conn.client.is_closed() => {
+                tracing::info!(
+                    "a store session was ended by the server ({}); reading again",
+                    describe(&e)
+                );
+                drop(conn);
+                let mut conn = pool.get().map_err(PgError::from)?;
+                Ok(f(&mut conn)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// A new leadership session.
@@ -683,16 +785,39 @@ const RENEW: &str = "
     WHERE id IN (SELECT id FROM deliveries WHERE owner = $1 AND state = 'running'
                  ORDER BY id FOR UPDATE)";
 
+// The requeue skips rows another session has locked: a node frozen inside a transaction
+// holds its rows until the server ends its session (`idle_in_transaction_session_timeout`),
+// and the requeue must neither wait for that nor stop at it; the next round takes them.
+// Both requeues record the attempt they interrupt (class `$2`, reason `$3`, never terminal)
+// in the same statement, and count the deliveries handed back.
 const REQUEUE_EXPIRED: &str = "
-    UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-    WHERE id IN (SELECT id FROM deliveries
-                 WHERE state = 'running' AND (lease_until IS NULL OR lease_until < $1)
-                 ORDER BY id FOR UPDATE)";
+    WITH requeued AS (
+        UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
+        WHERE id IN (SELECT id FROM deliveries
+                     WHERE state = 'running' AND (lease_until IS NULL OR lease_until < $1)
+                     ORDER BY id FOR UPDATE SKIP LOCKED)
+        RETURNING id, attempt, started_at
+    ), recorded AS (
+        INSERT INTO attempts
+            (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+        SELECT id, attempt, started_at, $1, $2, $3, false FROM requeued
+        ON CONFLICT DO NOTHING
+    )
+    SELECT count(*) FROM requeued";
 
 const RELEASE_OWN: &str = "
-    UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-    WHERE id IN (SELECT id FROM deliveries WHERE state = 'running' AND owner = $1
-                 ORDER BY id FOR UPDATE)";
+    WITH released AS (
+        UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
+        WHERE id IN (SELECT id FROM deliveries WHERE state = 'running' AND owner = $1
+                     ORDER BY id FOR UPDATE)
+        RETURNING id, attempt, started_at
+    ), recorded AS (
+        INSERT INTO attempts
+            (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+        SELECT id, attempt, started_at, $4, $2, $3, false FROM released
+        ON CONFLICT DO NOTHING
+    )
+    SELECT count(*) FROM released";
 
 const EVENT: &str = "SELECT received_at, source, context FROM events WHERE id = $1";
 
@@ -914,19 +1039,35 @@ impl EventStore for PostgresStore {
     fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         self.with(|conn| {
             let requeue = conn.prepare(REQUEUE_EXPIRED)?;
-            Ok(conn.client.execute(&requeue, &[&now])?)
+            let n: i64 = conn
+                .client
+                .query_one(&requeue, &[&now, &INTERRUPTED_CLASS, &ABANDONED_REASON])?
+                .get(0);
+            Ok(u64::try_from(n).unwrap_or(0))
         })
     }
 
     fn release_all(&self) -> Result<u64, StoreError> {
         self.with(|conn| {
             let release = conn.prepare(RELEASE_OWN)?;
-            Ok(conn.client.execute(&release, &[&self.node])?)
+            let n: i64 = conn
+                .client
+                .query_one(
+                    &release,
+                    &[
+                        &self.node,
+                        &INTERRUPTED_CLASS,
+                        &RELEASED_REASON,
+                        &Utc::now(),
+                    ],
+                )?
+                .get(0);
+            Ok(u64::try_from(n).unwrap_or(0))
         })
     }
 
     fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
-        self.with(|conn| {
+        self.read(|conn| {
             let event = conn.prepare(EVENT)?;
             let deliveries = conn.prepare(EVENT_DELIVERIES)?;
             let attempts = conn.prepare(EVENT_ATTEMPTS)?;

@@ -20,8 +20,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
-    AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView, EventStore,
-    EventView, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent, StoreError, after, from_ms, to_ms,
+    ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
+    EventStore, EventView, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent,
+    RELEASED_REASON, StoreError, after, from_ms, to_ms,
 };
 use crate::context::JobContext;
 
@@ -635,27 +636,53 @@ impl EventStore for SqliteStore {
         Ok(())
     }
 
-    fn requeue_abandoned(&self, _now: DateTime<Utc>) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let n = conn
+    fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db)?;
+        // The interrupted attempt is recorded with the requeue, in one transaction.
+        tx.execute(
+            "INSERT OR IGNORE INTO attempts
+                 (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+             SELECT id, attempt, started_at, ?2, ?3, ?4, 0 FROM deliveries
+             WHERE state = 'running' AND (owner IS NULL OR owner <> ?1)",
+            params![self.node, to_ms(now), INTERRUPTED_CLASS, ABANDONED_REASON],
+        )
+        .map_err(db)?;
+        let n = tx
             .execute(
                 "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
                  WHERE state = 'running' AND (owner IS NULL OR owner <> ?1)",
                 params![self.node],
             )
             .map_err(db)?;
+        tx.commit().map_err(db)?;
         Ok(n as u64)
     }
 
     fn release_all(&self) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let n = conn
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO attempts
+                 (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+             SELECT id, attempt, started_at, ?2, ?3, ?4, 0 FROM deliveries
+             WHERE state = 'running' AND owner = ?1",
+            params![
+                self.node,
+                to_ms(Utc::now()),
+                INTERRUPTED_CLASS,
+                RELEASED_REASON
+            ],
+        )
+        .map_err(db)?;
+        let n = tx
             .execute(
                 "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
                  WHERE state = 'running' AND owner = ?1",
                 params![self.node],
             )
             .map_err(db)?;
+        tx.commit().map_err(db)?;
         Ok(n as u64)
     }
 
