@@ -568,6 +568,27 @@ fn truncate_for_message(text: &str) -> String {
     format!("{}...", &text[..end])
 }
 
+/// What to change when a body that failed to decode has none of the context's fields: the usual
+/// cause is `System.Text.Json` with its defaults, which writes only properties, while Keyfactor's
+/// `OrchestratorJobCompleteHandlerContext` has public *fields* (it writes `{}`). `None` when the
+/// body is not such an object.
+pub fn serializer_hint(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.len() > MAX_CONTEXT_BYTES {
+        return None;
+    }
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(bytes) else {
+        return None;
+    };
+    let known = map
+        .keys()
+        .any(|k| FIELDS.iter().any(|f| f.eq_ignore_ascii_case(k)));
+    (!known).then_some(
+        "the body has none of the context's fields. Keyfactor's context has public fields, not \
+         properties: System.Text.Json skips them unless JsonSerializerOptions.IncludeFields = true \
+         (Newtonsoft.Json writes them by default); see docs/FORWARDER-WIRE.md",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -857,6 +878,35 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored() {
         assert!(decode(&with("Client", json!({"BaseAddress": "x"}))).is_ok());
+    }
+
+    /// What Newtonsoft.Json writes from Keyfactor's context object with its defaults (public
+    /// fields in declaration order, enums as numbers, a `DateTime` of kind Unspecified without an
+    /// offset, the `HttpClient` as an object or null) is accepted; so is System.Text.Json with
+    /// `IncludeFields = true` (the same shape). Its default, `{}`, is refused with a hint.
+    #[test]
+    fn dotnet_serializer_defaults() {
+        let newtonsoft = br#"{"AgentId":"fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11","Username":"KFTRAIN\\SVC_Orchestrator","ClientMachine":"orchestrator.kftrain.lab","JobResult":4,"JobId":"0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90","JobType":"WinCertInventory","JobTypeId":"49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f","OperationType":0,"CertificateId":null,"RequestTimestamp":"2023-05-03T23:18:48.123","CurrentRetryCount":5,"Client":{"DefaultRequestHeaders":[],"BaseAddress":"https://command.example.com/KeyfactorAPI/","Timeout":"00:01:40","MaxResponseContentBufferSize":2147483647}}"#;
+        let c = JobContext::from_json_bytes(newtonsoft).expect("Newtonsoft.Json's output");
+        assert_eq!(c.job_result, JobResult::Failure);
+        assert_eq!(c.current_retry_count, 5);
+        assert_eq!(
+            c.request_timestamp.map(|t| t.to_rfc3339()),
+            Some("2023-05-03T23:18:48.123+00:00".to_owned()),
+            "a DateTime without an offset is read as UTC"
+        );
+        let local = String::from_utf8_lossy(newtonsoft)
+            .replace("23:18:48.123", "23:18:48.123+02:00")
+            .replace("\"Client\":{", "\"Client\":null,\"X\":{");
+        let c = JobContext::from_json_bytes(local.as_bytes()).expect("an offset and a null client");
+        assert_eq!(
+            c.request_timestamp.map(|t| t.to_rfc3339()),
+            Some("2023-05-03T21:18:48.123+00:00".to_owned())
+        );
+        assert!(serializer_hint(newtonsoft).is_none());
+        assert!(JobContext::from_json_bytes(b"{}").is_err());
+        assert!(serializer_hint(b"{}").is_some_and(|h| h.contains("IncludeFields")));
+        assert!(serializer_hint(b"[]").is_none());
     }
 
     #[test]

@@ -151,7 +151,13 @@ async fn job_complete(State(state): State<AppState>, headers: HeaderMap, body: B
         Ok(c) => c,
         Err(e) => {
             state.metrics.event_rejected();
-            return error(StatusCode::BAD_REQUEST, format!("invalid job context: {e}"));
+            let hint = crate::context::serializer_hint(&bytes)
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default();
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid job context: {e}{hint}"),
+            );
         }
     };
     let handlers = state.dispatcher.registry().route(context.job_type_id);
