@@ -286,6 +286,17 @@ async fn bad_input_gets_400_with_the_reason() {
         "{body}"
     );
 
+    // System.Text.Json's default output for Keyfactor's context (public fields are skipped).
+    let (status, body) = post_raw(&engine, "{}".into(), None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("IncludeFields = true"),
+        "{body}"
+    );
+
     let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000));
     let (status, body) = post_raw(&engine, huge, None).await;
     assert_eq!(status, 400);
@@ -303,7 +314,7 @@ async fn bad_input_gets_400_with_the_reason() {
     assert_eq!(status, 202);
     let (_, metrics) = get(&engine, "/metrics").await;
     assert!(
-        metrics.contains("jobhook_events_rejected_total 4"),
+        metrics.contains("jobhook_events_rejected_total 5"),
         "{metrics}"
     );
     assert!(
