@@ -197,7 +197,8 @@ pub enum ContextError {
     },
 }
 
-const FIELDS: &[&str] = &[
+/// The eleven context fields, by their .NET names, in Keyfactor's declaration order.
+pub const FIELDS: [&str; 11] = [
     "AgentId",
     "Username",
     "ClientMachine",

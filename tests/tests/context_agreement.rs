@@ -15,6 +15,9 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde_json::{Map, Value, json};
 
+mod json_strategy;
+use json_strategy::any_json;
+
 fn config() -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -194,19 +197,7 @@ fn hand_picked_edges_agree() {
         " ".repeat(64 * 1024 + 1),
         format!("{{\"Client\": \"{}\"}}", "x".repeat(64 * 1024)),
     ];
-    let fields = [
-        "AgentId",
-        "Username",
-        "ClientMachine",
-        "JobResult",
-        "JobId",
-        "JobType",
-        "JobTypeId",
-        "OperationType",
-        "CertificateId",
-        "RequestTimestamp",
-        "CurrentRetryCount",
-    ];
+    let fields = FIELDS;
     let values = [
         Value::Null,
         json!(true),
@@ -265,38 +256,7 @@ fn hand_picked_edges_agree() {
     );
 }
 
-const FIELDS: [&str; 11] = [
-    "AgentId",
-    "Username",
-    "ClientMachine",
-    "JobResult",
-    "JobId",
-    "JobType",
-    "JobTypeId",
-    "OperationType",
-    "CertificateId",
-    "RequestTimestamp",
-    "CurrentRetryCount",
-];
-
-/// Any JSON document, a few levels deep.
-fn any_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| json!(n)),
-        any::<u64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_map(|n| json!(n)),
-        ".{0,40}".prop_map(Value::String),
-    ];
-    leaf.prop_recursive(3, 48, 8, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,12}", inner, 0..8)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
+use jobhook::context::FIELDS;
 
 /// A value that does not fit the field, whatever it is.
 fn wrong_type() -> impl Strategy<Value = Value> {

@@ -9,6 +9,9 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde_json::{Map, Value, json};
 
+mod json_strategy;
+use json_strategy::any_json;
+
 fn config() -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -49,38 +52,7 @@ fn decode_value(value: &Value) {
     }
 }
 
-/// Any JSON document, a few levels deep.
-fn any_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| json!(n)),
-        any::<u64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_map(|n| json!(n)),
-        ".{0,40}".prop_map(Value::String),
-    ];
-    leaf.prop_recursive(3, 48, 8, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,12}", inner, 0..8)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
-
-const FIELDS: [&str; 11] = [
-    "AgentId",
-    "Username",
-    "ClientMachine",
-    "JobResult",
-    "JobId",
-    "JobType",
-    "JobTypeId",
-    "OperationType",
-    "CertificateId",
-    "RequestTimestamp",
-    "CurrentRetryCount",
-];
+use jobhook::context::FIELDS;
 
 /// Values that are valid for some field, nearly valid, or at an edge of a type's range.
 fn field_value() -> impl Strategy<Value = Value> {
