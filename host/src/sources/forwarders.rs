@@ -144,6 +144,16 @@ mod tests {
         assert_eq!(name_of(&named(b"")), None);
         assert_eq!(name_of(&named(b"two words")), None);
         assert_eq!(name_of(&named("k\u{e9}".as_bytes())), None);
+        // Every other byte a header value can carry that is not visible ASCII: TAB, obs-text
+        // (C1 controls such as CSI 0x9b, Latin-1, 0xff).
+        for bad in [&b"tab\there"[..], b"csi\x9b[2J", b"\x80", b"\xff"] {
+            assert_eq!(name_of(&named(bad)), None, "{bad:?}");
+        }
+        let longest = vec![b'n'; MAX_FORWARDER_NAME_BYTES];
+        assert_eq!(
+            name_of(&named(&longest)),
+            Some("n".repeat(MAX_FORWARDER_NAME_BYTES))
+        );
         assert_eq!(
             name_of(&named(&vec![b'n'; MAX_FORWARDER_NAME_BYTES + 1])),
             None

@@ -165,7 +165,14 @@ mod tests {
         );
         assert_eq!(key_of(&with(&[b""])), Err(KeyError::Empty));
         assert_eq!(key_of(&with(&[b"a", b"b"])), Err(KeyError::Repeated));
-        for bad in [&b"a b"[..], b"tab\there", "caf\u{e9}".as_bytes()] {
+        for bad in [
+            &b"a b"[..],
+            b"tab\there",
+            "caf\u{e9}".as_bytes(),
+            b"csi\x9b[2J",
+            b"\x80",
+            b"\xff",
+        ] {
             assert_eq!(
                 key_of(&with(&[bad])),
                 Err(KeyError::NotVisibleAscii),
