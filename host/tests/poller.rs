@@ -64,6 +64,42 @@ fn client(standin: &Standin, password_file: &Path, password: &str) -> Arc<Keyfac
     )
 }
 
+/// The guest `guest` loaded with `spec` and registered, through the engine's own configuration
+/// parser, for every job type (`job_types = ["*"]`) under the spec's name.
+async fn registered_for_every_job_type(
+    engine: &Engine,
+    services: &Services,
+    guest: &str,
+    spec: SandboxSpec,
+    dir: &Path,
+) -> Arc<RegisteredHandler> {
+    let name = spec.name.to_string();
+    let handler = SandboxedHandler::load(
+        engine,
+        services,
+        guest_bytes(guest),
+        spec,
+        &LoadOptions::default(),
+    )
+    .await
+    .expect("load");
+    let config = jobhook::app::config::Config::parse(
+        &format!(
+            "[[handlers]]\nname = \"{name}\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
+            jobhook_testkit::guest(guest).display()
+        ),
+        &dir.join("jobhook.toml"),
+    )
+    .expect("config");
+    let registration = config.handlers[0].clone();
+    assert_eq!(registration.job_types, JobTypes::All);
+    Arc::new(RegisteredHandler::new(
+        registration,
+        handler,
+        config.quarantine.clone(),
+    ))
+}
+
 struct Fixture {
     dir: tempfile::TempDir,
     store: Arc<dyn EventStore>,
@@ -77,30 +113,14 @@ impl Fixture {
             Arc::new(SqliteStore::open(&dir.path().join("data")).expect("store"));
         // One handler for every job type, so each event gets exactly one (pending) delivery.
         let engine = Engine::new(4).expect("engine");
-        let handler = SandboxedHandler::load(
+        let registry = Registry::new([registered_for_every_job_type(
             &engine,
             &Services::default(),
-            guest_bytes("log-context"),
+            "log-context",
             SandboxSpec::new("all"),
-            &LoadOptions::default(),
+            dir.path(),
         )
-        .await
-        .expect("load");
-        let config = jobhook::app::config::Config::parse(
-            &format!(
-                "[[handlers]]\nname = \"all\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
-                jobhook_testkit::guest("log-context").display()
-            ),
-            &dir.path().join("jobhook.toml"),
-        )
-        .expect("config");
-        let hc = config.handlers[0].clone();
-        assert_eq!(hc.job_types, JobTypes::All);
-        let registry = Registry::new([Arc::new(RegisteredHandler::new(
-            hc,
-            handler,
-            config.quarantine.clone(),
-        ))]);
+        .await]);
         let dispatcher = Dispatcher::new(Arc::clone(&store), registry, Arc::new(Metrics::new()), 4);
         Fixture {
             dir,
@@ -477,28 +497,14 @@ async fn retries_agent_and_request_time_come_from_the_api_and_the_mail_example_f
         mail: Some(MailGrant::to(&["pki-team@example.com"]).expect("grant")),
         ..Grants::default()
     };
-    let handler = SandboxedHandler::load(
+    let registry = Registry::new([registered_for_every_job_type(
         &engine,
         &services,
-        guest_bytes("repeated-failure-email"),
+        "repeated-failure-email",
         spec,
-        &LoadOptions::default(),
+        dir.path(),
     )
-    .await
-    .expect("load");
-    let config = jobhook::app::config::Config::parse(
-        &format!(
-            "[[handlers]]\nname = \"mailer\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
-            jobhook_testkit::guest("repeated-failure-email").display()
-        ),
-        &dir.path().join("jobhook.toml"),
-    )
-    .expect("config");
-    let registry = Registry::new([Arc::new(RegisteredHandler::new(
-        config.handlers[0].clone(),
-        handler,
-        config.quarantine.clone(),
-    ))]);
+    .await]);
     let dispatcher = Dispatcher::new(Arc::clone(&store), registry, Arc::new(Metrics::new()), 2);
     let poller = Poller::new(
         config_of(10),
