@@ -4,7 +4,7 @@
 #
 #   ./scripts/bench.sh            # everything (builds first; the run itself takes about 5 min)
 #   ./scripts/bench.sh --quick    # short runs, to check that it all works
-#   ./scripts/bench.sh --only a,b # some scenarios (letters of issue 6)
+#   ./scripts/bench.sh --only a,b # some scenarios (letters a–f)
 #
 # It builds jobhook, jobhook-dev (the stand-in of the memory scenario) and jobhook-bench with the
 # `bench-host` profile (release at opt-level 3), the

@@ -1,4 +1,4 @@
-//! Several engine nodes on one PostgreSQL database (issue 7), against a real PostgreSQL server
+//! Several engine nodes on one PostgreSQL database, against a real PostgreSQL server
 //! started by the test set-up (`jobhook_testkit::postgres`):
 //!
 //! - two `jobhook serve` processes share one queue while a load driver posts to each; one node

@@ -1,4 +1,4 @@
-//! jobhook's benchmarks (issue 6). Every figure is printed beside a baseline measured in the same
+//! jobhook's benchmarks. Every figure is printed beside a baseline measured in the same
 //! run on the same machine, and the ratio between them, so that figures taken on different or
 //! busy machines can still be compared.
 //!

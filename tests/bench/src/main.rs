@@ -1,11 +1,11 @@
-//! `jobhook-bench`: runs every scenario of issue 6 and prints one table of figures, each with its
+//! `jobhook-bench`: runs every benchmark scenario and prints one table of figures, each with its
 //! same-run baseline and the ratio. `scripts/bench.sh` builds what it needs and runs it.
 //!
 //! ```text
 //! jobhook-bench                 # everything (about five minutes on two cores)
 //! jobhook-bench --quick         # shorter runs, for checking that it works
 //! jobhook-bench --only a,b      # some scenarios
-//! jobhook-bench pool-tuning     # the pool-setting comparison behind host/src/engine.rs
+//! jobhook-bench pool-tuning     # the pool-setting comparison behind host/src/runtime/engine.rs
 //! ```
 //!
 //! The table is printed on stdout and written, with the raw figures as JSON, to
@@ -23,7 +23,7 @@ use jobhook_bench::report::{Report, Row, num};
 use jobhook_bench::stats::{Summary, ratio};
 use jobhook_bench::{memory, serve, startup};
 
-/// Issue 6 targets.
+/// The performance targets.
 mod target {
     /// a: median per-delivery overhead, µs.
     pub const DELIVERY_MEDIAN_US: f64 = 10.0;
@@ -40,7 +40,7 @@ mod target {
 /// Handlers routed for every event in scenarios c and d.
 const HANDLERS_PER_EVENT: f64 = 4.0;
 
-/// Runs issue 6's benchmarks and prints figures with same-run baselines.
+/// Runs the benchmarks and prints figures with same-run baselines.
 #[derive(Debug, Parser)]
 #[command(name = "jobhook-bench")]
 struct Cli {
@@ -64,7 +64,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Compare pooling-allocator reset settings on the per-delivery cost (the measurement
-    /// behind the pool settings in host/src/engine.rs).
+    /// behind the pool settings in host/src/runtime/engine.rs).
     PoolTuning {
         /// Rounds per variant (after one warm-up round).
         #[arg(long, default_value_t = 20)]

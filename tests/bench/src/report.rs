@@ -10,7 +10,7 @@ use crate::machine::Machine;
 /// One measured figure.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    /// Scenario letter of issue 6 (`a`–`f`).
+    /// Scenario letter (`a`–`f`).
     pub scenario: &'static str,
     /// What was measured.
     pub figure: String,

@@ -7,9 +7,9 @@
 //! reset setting hands back pages that the next sandbox touches again; one costs more than a
 //! few µs on a virtual machine).
 //!
-//! This is the measurement behind the pool settings in `host/src/engine.rs` (see
+//! This is the measurement behind the pool settings in `host/src/runtime/engine.rs` (see
 //! docs/PERFORMANCE.md, "Changes the figures justified"); the first variant is jobhook's setting
-//! before issue 6, the last one its setting now. Only figures from the same run compare: the
+//! before the pool tuning, the last one its setting now. Only figures from the same run compare: the
 //! machine's speed drifts by a third between runs when something else runs on it.
 //! `JOBHOOK_TUNING_ONLY=<text>` runs only the variants whose name contains `<text>` (for
 //! profiling one of them with `perf`).
@@ -39,10 +39,10 @@ fn unchanged_pool(_: &mut PoolingAllocationConfig) {}
 fn unchanged_config(_: &mut Config) {}
 
 const VARIANTS: &[Variant] = &[
-    // Issue 6: how a pool slot is reset (the settings behind MEMORY_KEEP_RESIDENT and
+    // How a pool slot is reset (the settings behind MEMORY_KEEP_RESIDENT and
     // STACK_KEEP_RESIDENT in engine.rs).
     Variant {
-        name: "memory 1 MiB memset, stack 0 (before issue 6)",
+        name: "memory 1 MiB memset, stack 0 (before the pool tuning)",
         pool: |p| {
             p.linear_memory_keep_resident(MIB)
                 .pagemap_scan(Enabled::No)
@@ -101,7 +101,7 @@ const VARIANTS: &[Variant] = &[
         },
         config: unchanged_config,
     },
-    // Issue 6 follow-up (target 10 µs): settings that could cut the fixed per-delivery cost.
+    // Follow-up (target 10 µs): settings that could cut the fixed per-delivery cost.
     Variant {
         name: "decommit batch 2",
         pool: |p| {
