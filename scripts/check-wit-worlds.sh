@@ -14,7 +14,7 @@ wasm_tools=${WASM_TOOLS:-$toolchains/py/bin/wasm-tools}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# The sorted import lines (`import jobhook:handler/log@0.1.0;`) or export lines of `world`.
+# The sorted import lines (`import jobhook:handler/log@<version>;`) or export lines of `world`.
 items() {
     local world=$1 kind=$2
     if [ ! -f "$tmp/$world.wasm" ]; then
@@ -37,7 +37,8 @@ expect() {
     fi
 }
 
-iface() { printf 'import jobhook:handler/%s@0.1.0;\n' "$@" | sort; }
+version=$(sed -n 's/^package jobhook:handler@\(.*\);$/\1/p' wit/jobhook.wit)
+iface() { printf "import jobhook:handler/%s@$version;\n" "$@" | sort; }
 
 export_line=$(items handler export)
 for world in core with-mail with-keyfactor with-http; do

@@ -19,9 +19,9 @@
 // capability-error variant `{ tag: "denied", val: "why" }` (componentize-js wraps it in an
 // Error whose `payload` is that variant).
 
-import * as properties from "jobhook:handler/properties@0.1.0";
-import * as log from "jobhook:handler/log@0.1.0";
-import * as mail from "jobhook:handler/mail@0.1.0";
+import * as properties from "jobhook:handler/properties@0.2.0";
+import * as log from "jobhook:handler/log@0.2.0";
+import * as mail from "jobhook:handler/mail@0.2.0";
 
 // The .NET names of the job-result enum, as the Rust SDK prints them.
 const JOB_RESULT_NAMES = {

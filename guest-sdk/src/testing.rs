@@ -37,6 +37,7 @@ use uuid::Uuid;
 
 use crate::backend::{self, HttpRequest, KeyfactorRequest, MailMessage, NativeHost, SharedHost};
 use crate::log::Level;
+use crate::delivery::Source;
 use crate::{
     CapabilityError, Context, Handler, JobResult, Method, OperationType, Response, Result,
 };
@@ -48,6 +49,8 @@ struct HostState {
     attempt: u32,
     event_id: Option<String>,
     handler_name: String,
+    source: Option<Source>,
+    message: Option<String>,
     keyfactor_replies: VecDeque<Result<Response, CapabilityError>>,
     http_replies: VecDeque<Result<Response, CapabilityError>>,
     mail_replies: VecDeque<Result<(), CapabilityError>>,
@@ -84,6 +87,14 @@ impl NativeHost for HostState {
 
     fn handler_name(&mut self) -> String {
         self.handler_name.clone()
+    }
+
+    fn source(&mut self) -> Source {
+        self.source.unwrap_or(Source::Direct)
+    }
+
+    fn message(&mut self) -> Option<String> {
+        self.message.clone()
     }
 
     fn keyfactor_send(&mut self, r: KeyfactorRequest) -> Result<Response, CapabilityError> {
@@ -181,6 +192,19 @@ impl MockHost {
     /// Sets what [`delivery::handler_name`](crate::delivery::handler_name) returns.
     pub fn handler_name(mut self, name: impl Into<String>) -> Self {
         self.state.handler_name = name.into();
+        self
+    }
+
+    /// Sets what [`delivery::source`](crate::delivery::source) returns (default:
+    /// [`Source::Direct`]).
+    pub fn source(mut self, source: Source) -> Self {
+        self.state.source = Some(source);
+        self
+    }
+
+    /// Sets what [`delivery::message`](crate::delivery::message) returns (default: `None`).
+    pub fn message(mut self, text: impl Into<String>) -> Self {
+        self.state.message = Some(text.into());
         self
     }
 

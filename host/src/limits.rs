@@ -49,6 +49,12 @@ pub const DEFAULT_LOG_BYTES: usize = 64 * 1024;
 /// Longest single log line kept; longer lines are truncated (on a character boundary).
 pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
 
+/// Longest Keyfactor job message (JobHistory's `Message`) kept with an event and handed to its
+/// handlers by `delivery.message`; longer text is truncated on a character boundary. Command's
+/// messages are a sentence or an exception's text, which this holds whole; the bound keeps one
+/// JobHistory row from adding more than this to the store and to every sandbox of its event.
+pub const MAX_JOB_MESSAGE_BYTES: usize = 16 * 1024;
+
 /// The suffix of a capability's call limit in `[handlers.limits]`: `<interface>_calls`.
 pub const CALLS_SUFFIX: &str = "_calls";
 

@@ -523,6 +523,18 @@ async fn retries_agent_and_request_time_come_from_the_api_and_the_mail_example_f
             .join(jobhook::queue::store::sqlite::DATABASE_FILE),
     )
     .expect("open the database");
+    let messages: Vec<Option<String>> = db
+        .prepare("SELECT message FROM events")
+        .expect("query")
+        .query_map([], |r| r.get(0))
+        .expect("rows")
+        .map(|m| m.expect("row"))
+        .collect();
+    assert_eq!(
+        messages,
+        vec![Some("Unable to open the store file: permission denied".to_owned()); 3],
+        "JobHistory's Message is kept with each event"
+    );
     let mut contexts: Vec<Value> = db
         .prepare("SELECT context FROM events")
         .expect("query")

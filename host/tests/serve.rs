@@ -150,7 +150,17 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
     assert_eq!(all["outcome"], "succeeded");
     assert_eq!(all["attempt"], 1);
     assert!(all["duration_ms"].as_f64().expect("duration") > 0.0);
-    assert!(!all["logs"].as_array().expect("logs").is_empty());
+    let lines: Vec<&str> = all["logs"]
+        .as_array()
+        .expect("logs")
+        .iter()
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    // The handler is told the event came through the event API, with no job message.
+    assert!(lines.contains(&"Source: event-api"), "{lines:?}");
+    assert!(lines.contains(&"Message: null"), "{lines:?}");
+    assert_eq!(event["source"], "api");
+    assert!(event["message"].is_null(), "{event}");
     let probe = delivery(&event, "inventory-only");
     let logged = probe["logs"][0]["message"].as_str().expect("log line");
     assert_eq!(

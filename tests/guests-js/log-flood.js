@@ -1,5 +1,5 @@
 // Hostile: a flood of log lines (the engine keeps a bounded number and counts the rest).
-import * as log from "jobhook:handler/log@0.1.0";
+import * as log from "jobhook:handler/log@0.2.0";
 
 export function runHandler(context) {
     const line = "x".repeat(1000);

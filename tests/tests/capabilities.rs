@@ -1869,3 +1869,156 @@ async fn smuggled_transactions_and_routed_addresses_deliver_nothing_outside_the_
     assert!(body.contains("MAIL FROM:<cr@evil.example>"), "{body}");
     assert!(!mail.data.contains("\r\n.\r\n"), "{}", mail.data);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A component built against contract 0.1.0
+// ---------------------------------------------------------------------------------------------
+
+/// `guest-contract-0-1` is built with plain wit-bindgen from the frozen `wit/released/0.1.0`: its
+/// calls to every 0.1.0 interface must reach the current implementations, under the same grants,
+/// and their answers must come back.
+#[tokio::test]
+async fn a_component_built_against_contract_0_1_runs_unchanged() {
+    let standin = Standin::start().await.unwrap();
+    let smtp = SmtpServer::start().await.unwrap();
+    let hook = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mail = MailConfig::smtp(
+        "jobhook@example.com",
+        SmtpConfig::new(smtp.host(), smtp.port(), SmtpTls::None),
+    )
+    .unwrap();
+    let services = Services {
+        keyfactor: Some(client(&KeyfactorConfig::new(
+            standin.base_url(),
+            basic_auth(&standin, dir.path()),
+        ))),
+        mail: Some(Arc::new(
+            MailTransport::from_config(&mail, dir.path()).unwrap(),
+        )),
+        http: http_services().http,
+    };
+    let grants = Grants {
+        keyfactor: Some(KeyfactorGrant::read_only(&["OrchestratorJobs/JobHistory"]).unwrap()),
+        mail: Some(MailGrant::to(&["@example.com"]).unwrap()),
+        http: Some(HttpGrant::post_to(&[&format!("{}/hooks/", hook.url)], true).unwrap()),
+    };
+    let url = format!("{}/hooks/old-contract", hook.url);
+    let properties = [
+        ("To", "pki-team@example.com"),
+        ("Url", url.as_str()),
+        ("FailOnFailure", "true"),
+    ];
+    let handler = SandboxedHandler::load(
+        engine(),
+        &services,
+        guest_bytes("guest-contract-0-1"),
+        spec("old-contract", &properties, grants.clone()),
+        &LoadOptions::default(),
+    )
+    .await
+    .expect("a 0.1.0 component loads");
+    assert_eq!(handler.component().imports().contract.as_deref(), Some("0.1.0"));
+
+    let mut context = jobhook_testkit::sample_context_json();
+    context["JobResult"] = "Failure".into();
+    context["CurrentRetryCount"] = 2.into();
+    let context = JobContext::from_json_value(&context).unwrap();
+    let delivery = Delivery {
+        attempt: 3,
+        event_id: Some("e-0-1".into()),
+        ..Delivery::default()
+    };
+    let outcome = handler.invoke(&context, delivery).await;
+    let text = logs(&outcome);
+    assert_eq!(
+        outcome.kind,
+        OutcomeKind::HandlerFailed {
+            reason: "job 0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01 failed".into()
+        },
+        "{text}"
+    );
+    for needle in [
+        "info 0.1.0 handler old-contract attempt 3 event e-0-1 job 0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01 Failure retries 2",
+        "info properties FailOnFailure,To,Url",
+        "info keyfactor 200 ",
+        "info mail Ok(())",
+        "info http 200",
+    ] {
+        assert!(text.contains(needle), "logs lack {needle:?}:\n{text}");
+    }
+    // Each call reached its real server.
+    assert_eq!(
+        standin
+            .requests()
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect::<Vec<_>>(),
+        ["/KeyfactorAPI/OrchestratorJobs/JobHistory"]
+    );
+    let mails = smtp.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(mails[0].rcpt_to, ["pki-team@example.com"]);
+    assert_eq!(
+        mails[0].header("Subject").as_deref(),
+        Some("job 0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01")
+    );
+    let posted = hook.received();
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0].1, "/hooks/old-contract");
+    assert_eq!(posted[0].2, b"0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01");
+
+    // The same grants decide: outside them, each 0.1.0 call is refused as a current one is.
+    let narrow = Grants {
+        keyfactor: Some(KeyfactorGrant::read_only(&["Certificates"]).unwrap()),
+        mail: Some(MailGrant::to(&["@other.example"]).unwrap()),
+        http: Some(HttpGrant::post_to(&[&format!("{}/elsewhere/", hook.url)], true).unwrap()),
+    };
+    let handler = SandboxedHandler::load(
+        engine(),
+        &services,
+        guest_bytes("guest-contract-0-1"),
+        spec("old-contract", &properties, narrow),
+        &LoadOptions::default(),
+    )
+    .await
+    .expect("load");
+    let outcome = handler.invoke(&context, Delivery::default()).await;
+    let text = logs(&outcome);
+    for needle in [
+        "info keyfactor refused CapabilityError::NotGranted(",
+        "info mail Err(CapabilityError::Denied(",
+        "info http refused CapabilityError::NotGranted(",
+    ] {
+        assert!(text.contains(needle), "logs lack {needle:?}:\n{text}");
+    }
+    assert_eq!(standin.requests().len(), 1, "nothing more reached Command");
+    assert_eq!(smtp.received().len(), 1, "nothing more reached the relay");
+    assert_eq!(hook.received().len(), 1, "nothing more reached the webhook");
+
+    // And a 0.1.0 import that is not granted is refused at load, by its capability.
+    let refused = SandboxedHandler::load(
+        engine(),
+        &services,
+        guest_bytes("guest-contract-0-1"),
+        spec(
+            "old-contract",
+            &properties,
+            Grants {
+                mail: None,
+                ..grants
+            },
+        ),
+        &LoadOptions::default(),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(LoadError::NotGranted {
+                capability: jobhook::capabilities::Capability::Mail
+            })
+        ),
+        "{:?}",
+        refused.err()
+    );
+}

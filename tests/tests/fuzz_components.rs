@@ -295,7 +295,7 @@ fn random_log_calls_are_lifted_exactly_or_refused() {
             );
             let extra = format!(r#"(data (i32.const 64) "{}")"#, wat_bytes(&payload));
             let component = CoreModule {
-                imports: r#"(import "jobhook:handler/log@0.1.0" "log" (func $log (param i32 i32 i32)))"#,
+                imports: corpus::LOG_IMPORT,
                 run: &run,
                 extra: &extra,
                 ..CoreModule::default()

@@ -98,7 +98,7 @@ fn small_component() -> &'static [u8] {
     static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
     BYTES.get_or_init(|| {
         CoreModule {
-            imports: r#"(import "jobhook:handler/log@0.1.0" "log" (func $log (param i32 i32 i32)))"#,
+            imports: corpus::LOG_IMPORT,
             run: "(call $log (i32.const 2) (i32.const 64) (i32.const 3)) (i32.const 0)",
             extra: r#"(data (i32.const 64) "abc")"#,
             ..CoreModule::default()

@@ -424,8 +424,7 @@ async fn realloc_trapping_is_recorded() {
     expect_trap(&outcome, "unreachable");
 }
 
-const LOG_IMPORT: &str =
-    r#"(import "jobhook:handler/log@0.1.0" "log" (func $log (param i32 i32 i32)))"#;
+use corpus::LOG_IMPORT;
 
 #[tokio::test]
 async fn an_invalid_enum_passed_to_an_import_traps() {
@@ -629,7 +628,7 @@ fn foreign_import_component(foreign_wit: &str, import: &str, core_import: &str) 
             "foreign.wit",
             &format!(
                 "package jobhook-tests:foreign;
-                 world foreign {{ include jobhook:handler/handler@0.1.0; import {import}; }}
+                 world foreign {{ include jobhook:handler/handler@0.2.0; import {import}; }}
                  {foreign_wit}"
             ),
         )
@@ -677,25 +676,35 @@ async fn wasi_http_is_refused_at_load_pointing_to_the_http_capability() {
 
 #[tokio::test]
 async fn a_newer_world_version_is_refused_at_load() {
+    let (major, minor, _) = jobhook::runtime::loader::WIT_VERSION;
+    let current = format!("@{major}.{minor}.0;");
+    let newer = format!("{major}.{}.0", minor + 1);
     let text = std::fs::read_to_string(jobhook_testkit::workspace_root().join("wit/jobhook.wit"))
         .expect("wit");
+    assert!(text.contains(&current), "wit/jobhook.wit is not at {current}");
     let mut resolve = wit_parser::Resolve::default();
     let package = resolve
-        .push_str("jobhook.wit", &text.replace("@0.1.0;", "@0.2.0;"))
+        .push_str("jobhook.wit", &text.replace(&current, &format!("@{newer};")))
         .expect("parses");
     let world = resolve
         .select_world(&[package], Some("handler"))
         .expect("world");
+    let import = format!("jobhook:handler/log@{newer}");
+    let imports = format!(r#"(import "{import}" "log" (func $log (param i32 i32 i32)))"#);
     let wat = CoreModule {
-        imports: r#"(import "jobhook:handler/log@0.2.0" "log" (func $log (param i32 i32 i32)))"#,
+        imports: &imports,
         ..CoreModule::default()
     }
     .wat();
     let component = corpus::encode_component(wat::parse_str(wat).expect("wat"), &resolve, world);
     let error = refuse(component, spec("newer-world", &[])).await;
     assert!(
-        matches!(&error, LoadError::UnsupportedVersion { import, .. } if import == "jobhook:handler/log@0.2.0"),
+        matches!(&error, LoadError::UnsupportedVersion { import: i, .. } if *i == import),
         "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("0.1.0 or 0.2.0"),
+        "the refusal names the versions this engine runs: {error}"
     );
 }
 

@@ -1,9 +1,11 @@
 //! `log-context`: the minimal job complete handler. It logs every field of the job context at
-//! info level and succeeds; its only capability is `log`.
+//! info level, then how the event arrived and Keyfactor's message about the job (when the engine
+//! has one), and succeeds; its only capability is `log`.
 
-use jobhook_sdk::{Context, Handler, Result, export_handler, info};
+use jobhook_sdk::{Context, Handler, Result, delivery, export_handler, info};
 
-/// Logs the context, one line per field, using the .NET field names.
+/// Logs the context, one line per field, using the .NET field names, then the delivery's
+/// `Source` and `Message`.
 pub struct LogContext;
 
 impl Handler for LogContext {
@@ -27,6 +29,11 @@ impl Handler for LogContext {
                 .map_or("null".into(), |t| t.to_rfc3339())
         );
         info!("CurrentRetryCount: {}", ctx.current_retry_count);
+        info!("Source: {}", delivery::source());
+        info!(
+            "Message: {}",
+            delivery::message().unwrap_or_else(|| "null".into())
+        );
         Ok(())
     }
 }
@@ -62,9 +69,11 @@ mod tests {
                 "CertificateId: 15",
                 "RequestTimestamp: 2023-05-05T17:31:12+00:00",
                 "CurrentRetryCount: 0",
+                "Source: direct",
+                "Message: null",
             ]
         );
-        assert_eq!(host.logs().len(), 11, "nothing logged at other levels");
+        assert_eq!(host.logs().len(), 13, "nothing logged at other levels");
     }
 
     #[test]
@@ -78,5 +87,17 @@ mod tests {
         assert_eq!(testing::run_handler::<LogContext>(&ctx), Ok(()));
         assert!(host.logged("CertificateId: null"));
         assert!(host.logged("RequestTimestamp: null"));
+        assert!(host.logged("Message: null"));
+    }
+
+    #[test]
+    fn a_poller_event_logs_its_source_and_keyfactors_message() {
+        let host = MockHost::new()
+            .source(delivery::Source::Poller)
+            .message("Unable to open the store file")
+            .install();
+        assert_eq!(testing::run_handler::<LogContext>(&testing::context()), Ok(()));
+        assert!(host.logged("Source: poller"));
+        assert!(host.logged("Message: Unable to open the store file"));
     }
 }

@@ -3,34 +3,40 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `jobhook:handler/mail@0.1.0`
+// Imported Functions from `jobhook:handler/mail@0.2.0`
 
-__attribute__((__import_module__("jobhook:handler/mail@0.1.0"), __import_name__("send")))
+__attribute__((__import_module__("jobhook:handler/mail@0.2.0"), __import_name__("send")))
 extern void __wasm_import_jobhook_handler_mail_send(int32_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-// Imported Functions from `jobhook:handler/properties@0.1.0`
+// Imported Functions from `jobhook:handler/properties@0.2.0`
 
-__attribute__((__import_module__("jobhook:handler/properties@0.1.0"), __import_name__("get")))
+__attribute__((__import_module__("jobhook:handler/properties@0.2.0"), __import_name__("get")))
 extern void __wasm_import_jobhook_handler_properties_get(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("jobhook:handler/properties@0.1.0"), __import_name__("names")))
+__attribute__((__import_module__("jobhook:handler/properties@0.2.0"), __import_name__("names")))
 extern void __wasm_import_jobhook_handler_properties_names(uint8_t *);
 
-// Imported Functions from `jobhook:handler/log@0.1.0`
+// Imported Functions from `jobhook:handler/log@0.2.0`
 
-__attribute__((__import_module__("jobhook:handler/log@0.1.0"), __import_name__("log")))
+__attribute__((__import_module__("jobhook:handler/log@0.2.0"), __import_name__("log")))
 extern void __wasm_import_jobhook_handler_log_log(int32_t, uint8_t *, size_t);
 
-// Imported Functions from `jobhook:handler/delivery@0.1.0`
+// Imported Functions from `jobhook:handler/delivery@0.2.0`
 
-__attribute__((__import_module__("jobhook:handler/delivery@0.1.0"), __import_name__("attempt")))
+__attribute__((__import_module__("jobhook:handler/delivery@0.2.0"), __import_name__("attempt")))
 extern int32_t __wasm_import_jobhook_handler_delivery_attempt(void);
 
-__attribute__((__import_module__("jobhook:handler/delivery@0.1.0"), __import_name__("event-id")))
+__attribute__((__import_module__("jobhook:handler/delivery@0.2.0"), __import_name__("event-id")))
 extern void __wasm_import_jobhook_handler_delivery_event_id(uint8_t *);
 
-__attribute__((__import_module__("jobhook:handler/delivery@0.1.0"), __import_name__("handler-name")))
+__attribute__((__import_module__("jobhook:handler/delivery@0.2.0"), __import_name__("handler-name")))
 extern void __wasm_import_jobhook_handler_delivery_handler_name(uint8_t *);
+
+__attribute__((__import_module__("jobhook:handler/delivery@0.2.0"), __import_name__("source")))
+extern int32_t __wasm_import_jobhook_handler_delivery_source(void);
+
+__attribute__((__import_module__("jobhook:handler/delivery@0.2.0"), __import_name__("message")))
+extern void __wasm_import_jobhook_handler_delivery_message(uint8_t *);
 
 // Exported Functions from `with-mail`
 
@@ -356,6 +362,32 @@ void jobhook_handler_delivery_handler_name(with_mail_string_t *ret) {
   uint8_t *ptr = (uint8_t *) &ret_area;
   __wasm_import_jobhook_handler_delivery_handler_name(ptr);
   *ret = (with_mail_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 0))), (*((size_t*) (ptr + sizeof(void*)))) };
+}
+
+jobhook_handler_delivery_event_source_t jobhook_handler_delivery_source(void) {
+  int32_t ret = __wasm_import_jobhook_handler_delivery_source();
+  return ret;
+}
+
+bool jobhook_handler_delivery_message(with_mail_string_t *ret) {
+  __attribute__((__aligned__(sizeof(void*))))
+  uint8_t ret_area[(3*sizeof(void*))];
+  uint8_t *ptr = (uint8_t *) &ret_area;
+  __wasm_import_jobhook_handler_delivery_message(ptr);
+  with_mail_option_string_t option;
+  switch ((int32_t) *((uint8_t*) (ptr + 0))) {
+    case 0: {
+      option.is_some = false;
+      break;
+    }
+    case 1: {
+      option.is_some = true;
+      option.val = (with_mail_string_t) { (uint8_t*)(*((uint8_t **) (ptr + sizeof(void*)))), (*((size_t*) (ptr + (2*sizeof(void*))))) };
+      break;
+    }
+  }
+  *ret = option.val;
+  return option.is_some;
 }
 
 __attribute__((__export_name__("run-handler")))

@@ -28,6 +28,9 @@ typedef struct jobhook_handler_types_datetime_t {
 // Mirrors Keyfactor's `OrchestratorJobStatusJobResult`.
 // Wire numbers: unknown = 0, in-process = 1, success = 2, warning = 3, failure = 4.
 // Any other number arrives as `unknown`.
+// Unconfirmed: 0, 2, 3 and 4 are documented for JobHistory's `Result`; no public source
+// shows that the .NET enum has an in-process member (1 is the agent wire protocol's
+// "in process" status), so a context may never carry it.
 typedef uint8_t jobhook_handler_types_job_result_t;
 
 #define JOBHOOK_HANDLER_TYPES_JOB_RESULT_UNKNOWN 0
@@ -40,6 +43,8 @@ typedef uint8_t jobhook_handler_types_job_result_t;
 // Wire numbers: unknown = 0, inventory = 1, add = 2, remove = 3, create = 4, create-add = 5,
 // reenrollment = 6, discovery = 7, set-password = 8, fetch-logs = 9.
 // Any other number arrives as `unknown`.
+// Unconfirmed: 0–5 match the C agent's wire enum; 6–9 are inferred from the member order
+// of the .NET enum, which no public source numbers. Names are confirmed, numbers 6–9 not.
 typedef uint8_t jobhook_handler_types_operation_type_t;
 
 #define JOBHOOK_HANDLER_TYPES_OPERATION_TYPE_UNKNOWN 0
@@ -188,6 +193,18 @@ typedef uint8_t jobhook_handler_log_level_t;
 #define JOBHOOK_HANDLER_LOG_LEVEL_WARN 3
 #define JOBHOOK_HANDLER_LOG_LEVEL_ERROR 4
 
+// How the event reached the engine.
+typedef uint8_t jobhook_handler_delivery_event_source_t;
+
+// Posted to the engine's event API (`POST /v1/events`), normally by the Keyfactor-side
+// forwarder from inside Command's own handler call: the context is Keyfactor's.
+#define JOBHOOK_HANDLER_DELIVERY_EVENT_SOURCE_EVENT_API 0
+// Made by the engine's poller from a row of Keyfactor's `OrchestratorJobs/JobHistory`:
+// some context fields are derived (see the README's field table).
+#define JOBHOOK_HANDLER_DELIVERY_EVENT_SOURCE_POLLER 1
+// Handed to the handler directly, with no event path (`jobhook run`, a test harness).
+#define JOBHOOK_HANDLER_DELIVERY_EVENT_SOURCE_DIRECT 2
+
 typedef jobhook_handler_types_job_context_t with_mail_job_context_t;
 
 typedef struct {
@@ -197,27 +214,36 @@ typedef struct {
   } val;
 } with_mail_result_void_string_t;
 
-// Imported Functions from `jobhook:handler/mail@0.1.0`
+// Imported Functions from `jobhook:handler/mail@0.2.0`
 extern bool jobhook_handler_mail_send(jobhook_handler_mail_message_t *message, jobhook_handler_mail_capability_error_t *err);
 
-// Imported Functions from `jobhook:handler/properties@0.1.0`
+// Imported Functions from `jobhook:handler/properties@0.2.0`
 // The value of property `name`, if the operator set it. Names are case-sensitive.
 extern bool jobhook_handler_properties_get(with_mail_string_t *name, with_mail_string_t *ret);
 // The names of all properties set for this handler, sorted.
 extern void jobhook_handler_properties_names(with_mail_list_string_t *ret);
 
-// Imported Functions from `jobhook:handler/log@0.1.0`
+// Imported Functions from `jobhook:handler/log@0.2.0`
 // Records one log line. Lines and bytes per invocation are bounded; past the bound lines are
 // dropped and the outcome says how many.
 extern void jobhook_handler_log_log(jobhook_handler_log_level_t level, with_mail_string_t *message);
 
-// Imported Functions from `jobhook:handler/delivery@0.1.0`
+// Imported Functions from `jobhook:handler/delivery@0.2.0`
 // 1 on the first attempt; higher when the delivery is re-run (engine restart, retry policy).
 extern uint32_t jobhook_handler_delivery_attempt(void);
 // The engine's id of the event being delivered, if it came through the engine's event path.
 extern bool jobhook_handler_delivery_event_id(with_mail_string_t *ret);
 // The operator's name for this handler instance.
 extern void jobhook_handler_delivery_handler_name(with_mail_string_t *ret);
+// How the event reached the engine. (Added in 0.2.0.)
+extern jobhook_handler_delivery_event_source_t jobhook_handler_delivery_source(void);
+// Keyfactor's text about the job's outcome, e.g. "Unable to open the store file ...": the
+// `Message` of the job's JobHistory row, for events the poller made; at most 16 KiB (longer
+// text is cut at a character boundary and ends in ` [truncated]`; NUL becomes U+FFFD). `none` when the engine does not
+// have it: Keyfactor's handler context carries no message, so events from the forwarder
+// have none. The text comes from Keyfactor's orchestrator and is not escaped. (Added in
+// 0.2.0.)
+extern bool jobhook_handler_delivery_message(with_mail_string_t *ret);
 
 // Exported Functions from `with-mail`
 bool exports_with_mail_run_handler(with_mail_job_context_t *context, with_mail_string_t *err);

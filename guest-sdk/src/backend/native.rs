@@ -30,6 +30,10 @@ pub(crate) trait NativeHost: std::fmt::Debug {
     fn event_id(&mut self) -> Option<String>;
     /// `delivery.handler-name`
     fn handler_name(&mut self) -> String;
+    /// `delivery.source`
+    fn source(&mut self) -> crate::delivery::Source;
+    /// `delivery.message`
+    fn message(&mut self) -> Option<String>;
     /// `keyfactor.send`
     fn keyfactor_send(&mut self, request: KeyfactorRequest) -> Result<Response, CapabilityError>;
     /// `http.send`
@@ -98,6 +102,14 @@ pub(crate) fn event_id() -> Option<String> {
 
 pub(crate) fn handler_name() -> String {
     with_host(|h| h.handler_name()).unwrap_or_default()
+}
+
+pub(crate) fn source() -> crate::delivery::Source {
+    with_host(|h| h.source()).unwrap_or(crate::delivery::Source::Direct)
+}
+
+pub(crate) fn message() -> Option<String> {
+    with_host(|h| h.message()).flatten()
 }
 
 pub(crate) fn keyfactor_send(request: KeyfactorRequest) -> Result<Response, CapabilityError> {

@@ -40,6 +40,18 @@ pub(crate) fn handler_name() -> String {
     delivery::handler_name()
 }
 
+pub(crate) fn source() -> crate::delivery::Source {
+    match delivery::source() {
+        delivery::EventSource::EventApi => crate::delivery::Source::EventApi,
+        delivery::EventSource::Poller => crate::delivery::Source::Poller,
+        delivery::EventSource::Direct => crate::delivery::Source::Direct,
+    }
+}
+
+pub(crate) fn message() -> Option<String> {
+    delivery::message()
+}
+
 pub(crate) fn keyfactor_send(request: KeyfactorRequest) -> Result<Response, CapabilityError> {
     let request = wit_keyfactor::Request {
         method: method(request.method),

@@ -15,7 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::capabilities::properties::Properties;
 use crate::context::{JobContext, MAX_CONTEXT_BYTES};
 use crate::escape::escape;
-use crate::outcome::Outcome;
+use crate::limits::MAX_JOB_MESSAGE_BYTES;
+use crate::outcome::{Outcome, truncate};
 use crate::runtime::loader::{self, Inspection, LoadOptions};
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::{Delivery, SandboxSpec};
@@ -94,6 +95,10 @@ pub struct RunArgs {
     /// The delivery attempt the handler sees.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     attempt: u32,
+    /// The job message the handler sees through `delivery.message` (Keyfactor's text about the
+    /// job, e.g. why it failed; in production only poller-made events have one).
+    #[arg(long, value_name = "TEXT")]
+    job_message: Option<String>,
     /// Wall-clock budget in milliseconds (default: the engine default).
     #[arg(long, value_name = "MS")]
     timeout_ms: Option<u64>,
@@ -217,7 +222,11 @@ pub async fn run(
             &context,
             Delivery {
                 attempt: args.attempt,
-                event_id: None,
+                message: args
+                    .job_message
+                    .clone()
+                    .map(|m| truncate(m, MAX_JOB_MESSAGE_BYTES)),
+                ..Delivery::default()
             },
         )
         .await;
@@ -464,10 +473,8 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
         None => {
             let _ = writeln!(
                 out,
-                "world         fits jobhook:handler@{}.{}.{}",
-                loader::WIT_VERSION.0,
-                loader::WIT_VERSION.1,
-                loader::WIT_VERSION.2
+                "world         fits jobhook:handler (this engine runs {})",
+                loader::supported_versions()
             );
         }
         Some(e) => {
@@ -475,6 +482,17 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
                 out,
                 "world         DOES NOT FIT: {}",
                 escape(&e.to_string())
+            );
+        }
+    }
+    match &inspection.imports.contract {
+        Some(version) => {
+            let _ = writeln!(out, "contract      jobhook:handler@{}", escape(version));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "contract      none (it imports no jobhook:handler interface)"
             );
         }
     }

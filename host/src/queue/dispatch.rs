@@ -25,9 +25,10 @@ use crate::queue::registration::{JobTypes, Registration};
 use crate::queue::retry::RetryPolicy;
 use crate::queue::store::config::DEFAULT_LEASE;
 use crate::queue::store::{
-    AttemptRecord, Claim, ClaimLimits, EventStore, MAX_CLAIM_BATCH, StoreError,
+    AttemptRecord, Claim, ClaimLimits, EventStore, MAX_CLAIM_BATCH, SOURCE_POLLER, StoreError,
 };
 use crate::runtime::sandbox::SandboxedHandler;
+use crate::bindings::jobhook::handler::delivery::EventSource;
 use crate::runtime::state::Delivery;
 
 /// Longest the dispatcher sleeps without looking at the store, so retries that become due are
@@ -175,6 +176,9 @@ pub struct HandlerSummary {
     pub component_bytes: usize,
     /// `["*"]` or the GUIDs.
     pub job_types: Vec<String>,
+    /// The `jobhook:handler` contract version it was built against (`None`: it imports no
+    /// jobhook interface).
+    pub contract: Option<String>,
     /// Capabilities it imports.
     pub imports: Vec<String>,
     /// WASI interfaces it imports (linked, granting nothing).
@@ -210,6 +214,7 @@ impl HandlerSummary {
                 JobTypes::All => vec!["*".into()],
                 JobTypes::Only(ids) => ids.iter().map(Uuid::to_string).collect(),
             },
+            contract: h.handler.component().imports().contract.clone(),
             imports: h
                 .handler
                 .component()
@@ -538,6 +543,8 @@ impl Dispatcher {
                 Delivery {
                     attempt: claim.attempt,
                     event_id: Some(claim.event_id.to_string()),
+                    source: event_source(&claim.source),
+                    message: claim.message.clone(),
                 },
             )
             .await;
@@ -569,6 +576,16 @@ impl Dispatcher {
 
 /// The record of a delivery that was not run (its handler is quarantined or gone). A skip does
 /// not depend on the attempt or the retry policy.
+/// How an event's stored source ([`crate::queue::store::NewEvent::source`]) is told to its
+/// handlers: the poller's events as `poller`, everything committed through ingest as `event-api`.
+fn event_source(stored: &str) -> EventSource {
+    if stored == SOURCE_POLLER {
+        EventSource::Poller
+    } else {
+        EventSource::EventApi
+    }
+}
+
 fn skipped(reason: String) -> AttemptRecord {
     let Transition { state, retry_at } =
         after_attempt(AttemptEnd::Skipped, 1, &RetryPolicy::default(), Utc::now());
@@ -746,6 +763,7 @@ mod tests {
                 id: Uuid::new_v4(),
                 source: "test".into(),
                 context,
+                message: None,
                 handlers: vec!["a".into(), "b".into(), "c".into()],
             })
             .unwrap();

@@ -23,9 +23,14 @@ use crate::runtime::state::{SandboxState, linker};
 
 /// The WIT package handlers are built against, and its version.
 pub const WIT_PACKAGE: &str = "jobhook:handler";
-/// The version of [`WIT_PACKAGE`] this engine implements. Components built against this version
-/// or an older patch release of the same `0.minor` line are accepted.
-pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+/// The version of [`WIT_PACKAGE`] this engine implements (`wit/jobhook.wit`).
+pub const WIT_VERSION: (u64, u64, u64) = (0, 2, 0);
+
+/// Every released version of [`WIT_PACKAGE`] a component may be built against: the current one
+/// and each earlier one kept verbatim under `wit/released/` and linked by
+/// [`crate::runtime::compat`]. A component built against an older patch release of one of them
+/// is accepted too.
+pub const SUPPORTED_VERSIONS: &[(u64, u64, u64)] = &[(0, 1, 0), WIT_VERSION];
 
 /// Largest component accepted. A release-built Rust handler is 100 KiB–2 MiB; a debug build can be
 /// 10 MiB. Compilation time grows with size, so the cap also bounds the cost of hostile input.
@@ -121,13 +126,23 @@ pub enum LoadError {
     CompileTimeout(Duration),
     /// Imports the handler package at a version this engine does not implement.
     #[error(
-        "the component imports `{import}`, but this engine implements jobhook:handler@{supported}; rebuild the handler against a compatible jobhook-sdk"
+        "the component imports `{import}`, but this engine runs components built against jobhook:handler {supported}; rebuild the handler against one of them (a newer engine may run it as it is)"
     )]
     UnsupportedVersion {
         /// The import name.
         import: String,
-        /// The version this engine implements.
+        /// The versions this engine runs, e.g. `0.1.0 or 0.2.0`.
         supported: String,
+    },
+    /// Imports the handler package at two versions.
+    #[error(
+        "the component imports jobhook:handler at two versions ({first} and {second}); a component is built against one contract version: regenerate its bindings from one WIT"
+    )]
+    MixedVersions {
+        /// The first version seen.
+        first: String,
+        /// Another version.
+        second: String,
     },
     /// Imports a capability the operator did not grant to this handler.
     #[error(
@@ -158,6 +173,9 @@ pub enum LoadError {
 /// What a component imports, grouped as the operator needs to see it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ImportSummary {
+    /// The version of [`WIT_PACKAGE`] its jobhook imports were built against (e.g. `0.1.0`);
+    /// `None` when it imports no jobhook interface.
+    pub contract: Option<String>,
     /// Grantable capabilities it imports (`keyfactor`, `mail`, `http`).
     pub capabilities: Vec<Capability>,
     /// Always-available jobhook interfaces it imports (`properties`, `log`, `delivery`, `types`).
@@ -467,8 +485,18 @@ fn classify_import(
         if !version_supported(version) {
             return Err(LoadError::UnsupportedVersion {
                 import: name.to_owned(),
-                supported: format!("{}.{}.{}", WIT_VERSION.0, WIT_VERSION.1, WIT_VERSION.2),
+                supported: supported_versions(),
             });
+        }
+        match &summary.contract {
+            None => summary.contract = Some(version.to_owned()),
+            Some(first) if first != version => {
+                return Err(LoadError::MixedVersions {
+                    first: first.clone(),
+                    second: version.to_owned(),
+                });
+            }
+            Some(_) => {}
         }
         if let Some(capability) = Capability::from_interface(interface) {
             summary.capabilities.push(capability);
@@ -498,8 +526,8 @@ fn classify_import(
     Ok(())
 }
 
-/// Whether a component built against `version` of the handler package can run here: the same
-/// `0.minor` line, at or below this engine's patch level.
+/// Whether a component built against `version` of the handler package can run here: the
+/// `major.minor` of one of the [`SUPPORTED_VERSIONS`], at or below its patch level.
 fn version_supported(version: &str) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
     let (Some(Some(major)), Some(Some(minor)), Some(Some(patch)), None) =
@@ -507,7 +535,18 @@ fn version_supported(version: &str) -> bool {
     else {
         return false;
     };
-    major == WIT_VERSION.0 && minor == WIT_VERSION.1 && patch <= WIT_VERSION.2
+    SUPPORTED_VERSIONS
+        .iter()
+        .any(|&(ma, mi, pa)| major == ma && minor == mi && patch <= pa)
+}
+
+/// [`SUPPORTED_VERSIONS`] for a message: `0.1.0 or 0.2.0`.
+pub fn supported_versions() -> String {
+    let all: Vec<String> = SUPPORTED_VERSIONS
+        .iter()
+        .map(|(ma, mi, pa)| format!("{ma}.{mi}.{pa}"))
+        .collect();
+    all.join(" or ")
 }
 
 #[cfg(test)]
@@ -540,11 +579,42 @@ mod tests {
     }
 
     #[test]
+    fn the_contract_version_is_recorded_and_must_be_one() {
+        let (summary, problem) = classify_imports([
+            ("jobhook:handler/log@0.1.0", true),
+            ("jobhook:handler/delivery@0.1.0", true),
+            ("wasi:cli/stdout@0.2.6", true),
+        ]);
+        assert_eq!(problem, None);
+        assert_eq!(summary.contract.as_deref(), Some("0.1.0"));
+
+        let (summary, problem) = classify_imports([("wasi:cli/stdout@0.2.6", true)]);
+        assert_eq!(problem, None);
+        assert_eq!(summary.contract, None);
+
+        let (_, problem) = classify_imports([
+            ("jobhook:handler/log@0.1.0", true),
+            ("jobhook:handler/delivery@0.2.0", true),
+        ]);
+        assert_eq!(
+            problem,
+            Some(LoadError::MixedVersions {
+                first: "0.1.0".into(),
+                second: "0.2.0".into()
+            })
+        );
+    }
+
+    #[test]
     fn versions() {
         assert!(version_supported("0.1.0"));
+        assert!(version_supported("0.2.0"));
         assert!(!version_supported("0.1.1"));
-        assert!(!version_supported("0.2.0"));
+        assert!(!version_supported("0.2.1"));
+        assert!(!version_supported("0.3.0"));
+        assert!(!version_supported("0.0.1"));
         assert!(!version_supported("1.1.0"));
+        assert!(!version_supported("1.2.0"));
         assert!(!version_supported(""));
         assert!(!version_supported("0.1"));
         assert!(!version_supported("0.1.0.0"));

@@ -10,12 +10,14 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::jobhook::handler as wit;
+use crate::bindings::jobhook::handler::delivery::EventSource;
 use crate::capabilities::delivery::DeliveryCapability;
 use crate::capabilities::log::LogCollector;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::stdio::CappedOutput;
 use crate::capabilities::{CapabilityStates, Grants, HasCapabilities, Services};
 use crate::limits::Limits;
+use crate::runtime::compat;
 use crate::runtime::engine::Engine;
 use crate::runtime::limiter::SandboxLimiter;
 
@@ -52,20 +54,27 @@ impl SandboxSpec {
     }
 }
 
-/// Which delivery an invocation is.
+/// Which delivery an invocation is, and what the engine knows of its event beyond the context.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// 1 on the first attempt.
     pub attempt: u32,
     /// The engine's event id, when there is one.
     pub event_id: Option<String>,
+    /// How the event reached the engine.
+    pub source: EventSource,
+    /// Keyfactor's text about the job, when the source had it.
+    pub message: Option<String>,
 }
 
 impl Default for Delivery {
+    /// The first attempt of an event handed over directly, with no event path.
     fn default() -> Self {
         Delivery {
             attempt: 1,
             event_id: None,
+            source: EventSource::Direct,
+            message: None,
         }
     }
 }
@@ -103,7 +112,8 @@ impl HasCapabilities for SandboxState {
 impl wit::types::Host for SandboxState {}
 
 /// The linker every handler is instantiated against: WASI p2 (whose context grants nothing) and
-/// the `jobhook:handler` interfaces. Which of them a component may actually import is decided by
+/// the `jobhook:handler` interfaces, in the current contract version and every earlier one the
+/// engine still runs ([`compat`]). Which of them a component may actually import is decided by
 /// the load gate in [`crate::runtime::loader`].
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
     let mut linker = Linker::new(engine.wasmtime());
@@ -115,6 +125,14 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<SandboxState>> {
         &mut s.delivery
     })?;
     CapabilityStates::add_to_linker(&mut linker)?;
+    compat::add_to_linker(
+        &mut linker,
+        compat::StateAccess {
+            properties: |s| &mut s.properties,
+            log: |s| &mut s.log,
+            delivery: |s| &mut s.delivery,
+        },
+    )?;
     Ok(linker)
 }
 
@@ -155,6 +173,8 @@ impl SandboxState {
                 attempt: delivery.attempt,
                 event_id: delivery.event_id,
                 handler_name: Arc::clone(&spec.name),
+                source: delivery.source,
+                message: delivery.message,
             },
             capabilities: CapabilityStates::new(&spec.grants, services, limits),
         }

@@ -164,8 +164,10 @@ async fn job_complete(State(state): State<AppState>, headers: HeaderMap, body: B
     let key = key.map(|k| Idempotency::new(k, &context, state.idempotency_retention));
     let event = NewEvent {
         id: Uuid::new_v4(),
-        source: "api".into(),
+        source: crate::queue::store::SOURCE_API.into(),
         context,
+        // Keyfactor's handler context carries no message about the job.
+        message: None,
         handlers,
     };
     let store = Arc::clone(&state.store);

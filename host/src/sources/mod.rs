@@ -15,3 +15,4 @@ pub mod api;
 pub mod forwarders;
 pub mod idempotency;
 pub mod poller;
+

@@ -31,6 +31,9 @@
 //! | CertificateId      | empty (JobHistory does not carry it)                              |
 //! | RequestTimestamp   | `OperationStart` of the first run of the retry chain (this run's when it is not a retry) |
 //! | CurrentRetryCount  | the number of runs of the same `JobId` right before this one that ended `Status` 5, CompletedWillRetry |
+//!
+//! Beside the context, the row's `Message` (why a job failed, as the orchestrator reported it)
+//! goes with the event for `delivery.message` ([`message_of`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -45,8 +48,10 @@ use crate::bindings::jobhook::handler::keyfactor::Request;
 use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::{JobContext, JobResult, OperationType, parse_guid, parse_timestamp};
+use crate::limits::MAX_JOB_MESSAGE_BYTES;
+use crate::outcome::truncate;
 use crate::queue::dispatch::Dispatcher;
-use crate::queue::store::{EventStore, NewEvent, StoreError};
+use crate::queue::store::{EventStore, NewEvent, SOURCE_POLLER, StoreError};
 
 /// The name of the poller's cursor in the store.
 pub const CURSOR: &str = "jobhistory";
@@ -285,6 +290,17 @@ fn int(row: &Value, key: &str) -> Option<i32> {
     row.get(key)
         .and_then(Value::as_i64)
         .and_then(|n| i32::try_from(n).ok())
+}
+
+/// The row's `Message` (Keyfactor's text about the outcome, e.g. why the job failed), for
+/// `delivery.message`: absent or blank is `None`; NUL (which PostgreSQL text cannot hold) becomes
+/// U+FFFD, in both stores alike; longer than [`MAX_JOB_MESSAGE_BYTES`] is truncated.
+fn message_of(row: &Value) -> Option<String> {
+    let text = row.get("Message")?.as_str()?;
+    if text.trim().is_empty() {
+        return None;
+    }
+    Some(truncate(text.replace('\0', "\u{FFFD}"), MAX_JOB_MESSAGE_BYTES))
 }
 
 /// Turns a finished JobHistory row into a job context (see the module table).
@@ -724,9 +740,10 @@ impl Poller {
                 Some(context) => events.push(Pending {
                     event: NewEvent {
                         id: Uuid::new_v4(),
-                        source: "poller".into(),
+                        source: SOURCE_POLLER.into(),
                         handlers: registry.route(context.job_type_id),
                         context,
+                        message: message_of(row),
                     },
                     started,
                 }),
@@ -889,6 +906,25 @@ fn start_of(row: &Value) -> Option<DateTime<Utc>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_job_message_is_kept_bounded_and_storable() {
+        let m = |v: Value| message_of(&json!({ "Message": v }));
+        assert_eq!(
+            m(json!("Unable to open the store file")),
+            Some("Unable to open the store file".into())
+        );
+        assert_eq!(m(json!("")), None);
+        assert_eq!(m(json!("  \r\n")), None);
+        assert_eq!(m(json!(null)), None);
+        assert_eq!(m(json!(42)), None);
+        assert_eq!(message_of(&json!({})), None);
+        assert_eq!(m(json!("a\u{0}b")), Some("a\u{FFFD}b".into()));
+        let long = "é".repeat(MAX_JOB_MESSAGE_BYTES);
+        let kept = m(json!(long)).expect("kept");
+        assert!(kept.len() <= MAX_JOB_MESSAGE_BYTES + " [truncated]".len());
+        assert!(kept.ends_with(" [truncated]"));
+    }
 
     #[test]
     fn statuses_and_results_by_name_or_number() {

@@ -42,6 +42,7 @@ pub fn run() -> anyhow::Result<()> {
             id: uuid::Uuid::new_v4(),
             source: "probe".into(),
             context: context.clone(),
+            message: None,
             handlers: handlers.clone(),
         })?;
         insert.push(t.elapsed().as_secs_f64() * 1e6);
@@ -93,6 +94,7 @@ pub fn run() -> anyhow::Result<()> {
             id: uuid::Uuid::new_v4(),
             source: "probe".into(),
             context: context.clone(),
+            message: None,
             handlers: handlers.clone(),
         })?;
     }

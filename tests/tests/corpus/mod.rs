@@ -158,6 +158,11 @@ pub async fn assert_healthy() {
     assert_eq!(outcome.output_dropped, 0);
 }
 
+/// The core import of `jobhook:handler/log.log` at the current contract version, for core
+/// modules wrapped with [`handler_wit`] (`log(level, ptr, len)`).
+pub const LOG_IMPORT: &str =
+    r#"(import "jobhook:handler/log@0.2.0" "log" (func $log (param i32 i32 i32)))"#;
+
 /// The `jobhook:handler` WIT package of this repository, resolved.
 pub fn handler_wit() -> (Resolve, wit_parser::WorldId) {
     let mut resolve = Resolve::default();

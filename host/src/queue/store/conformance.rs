@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, INTERRUPTED_CLASS,
-    Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, StoreError, after, to_ms,
+    Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, SOURCE_API, SOURCE_POLLER, StoreError, after,
+    to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -41,6 +42,7 @@ macro_rules! suite {
     ($backend:expr) => {
         $crate::queue::store::conformance::suite!(@each $backend;
             events_are_delivered_once_per_handler_and_survive_reopen,
+            an_events_source_and_message_reach_its_claims_and_its_view,
             busy_handlers_are_skipped_when_claiming,
             interrupted_deliveries_run_again_with_a_higher_attempt,
             release_all_gives_back_only_this_nodes_claims,
@@ -100,6 +102,7 @@ pub(crate) fn event(handlers: &[&str]) -> NewEvent {
         id: Uuid::new_v4(),
         source: "test".into(),
         context: context(),
+        message: None,
         handlers: handlers.iter().map(|h| (*h).to_owned()).collect(),
     }
 }
@@ -165,6 +168,43 @@ pub(crate) fn events_are_delivered_once_per_handler_and_survive_reopen(b: &impl 
     // Deliveries are listed in the order of the event's handlers.
     let listed: Vec<&str> = view.deliveries.iter().map(|d| d.handler.as_str()).collect();
     assert_eq!(listed, ["a", "b"]);
+}
+
+pub(crate) fn an_events_source_and_message_reach_its_claims_and_its_view(b: &impl Backend) {
+    let store = b.node();
+    let text = "Unable to open the store file \"C:\\certs\\é.pfx\": access denied\nline 2";
+    let polled = NewEvent {
+        source: SOURCE_POLLER.into(),
+        message: Some(text.into()),
+        ..event(&["a", "b"])
+    };
+    let posted = NewEvent {
+        source: SOURCE_API.into(),
+        ..event(&["a"])
+    };
+    store.insert_event(&polled).unwrap();
+    store.insert_event(&posted).unwrap();
+    // A batch claims both of the polled event's deliveries (read once for both) and the other's.
+    let claims = store
+        .claim_batch(Utc::now(), &limits(10, &[]), LEASE)
+        .unwrap();
+    assert_eq!(claims.len(), 3);
+    for claim in &claims {
+        if claim.event_id == polled.id {
+            assert_eq!(claim.source, SOURCE_POLLER);
+            assert_eq!(claim.message.as_deref(), Some(text));
+        } else {
+            assert_eq!(claim.source, SOURCE_API);
+            assert_eq!(claim.message, None);
+        }
+    }
+    let view = store.event(polled.id).unwrap().unwrap();
+    assert_eq!(
+        (view.source.as_str(), view.message.as_deref()),
+        (SOURCE_POLLER, Some(text))
+    );
+    let view = store.event(posted.id).unwrap().unwrap();
+    assert_eq!((view.source.as_str(), view.message), (SOURCE_API, None));
 }
 
 pub(crate) fn busy_handlers_are_skipped_when_claiming(b: &impl Backend) {

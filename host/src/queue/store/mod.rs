@@ -65,15 +65,23 @@ pub enum StoreError {
     },
 }
 
+/// [`NewEvent::source`] of events posted to the event API.
+pub const SOURCE_API: &str = "api";
+/// [`NewEvent::source`] of events the poller made from Keyfactor's JobHistory.
+pub const SOURCE_POLLER: &str = "poller";
+
 /// An event to commit, with the handlers it is routed to.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     /// Its id.
     pub id: Uuid,
-    /// Where it came from (`api`, `poller`, ...).
+    /// Where it came from: [`SOURCE_API`] or [`SOURCE_POLLER`].
     pub source: String,
     /// The job context.
     pub context: JobContext,
+    /// Keyfactor's text about the job's outcome, when the source had it (the poller, from
+    /// JobHistory's `Message`); handlers read it through `delivery.message`.
+    pub message: Option<String>,
     /// Names of the matching handlers: one delivery each.
     pub handlers: Vec<String>,
 }
@@ -149,6 +157,10 @@ pub struct Claim {
     pub attempt: u32,
     /// The job context.
     pub context: JobContext,
+    /// Where the event came from ([`NewEvent::source`]).
+    pub source: String,
+    /// Keyfactor's text about the job ([`NewEvent::message`]).
+    pub message: Option<String>,
 }
 
 /// How a claimed attempt ended, as recorded.
@@ -238,6 +250,8 @@ pub struct EventView {
     pub source: String,
     /// The context, with the .NET field names.
     pub context: serde_json::Value,
+    /// Keyfactor's text about the job, when the source had it.
+    pub message: Option<String>,
     /// Its deliveries.
     pub deliveries: Vec<DeliveryView>,
 }

@@ -205,6 +205,8 @@ CREATE TABLE idempotency_keys (
 );
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 "#,
+    // Keyfactor's message about the job (`NewEvent::message`), when the source had it.
+    "ALTER TABLE events ADD COLUMN message text;",
 ];
 
 /// Why a PostgreSQL store call failed, before it becomes a [`StoreError`].
@@ -710,7 +712,8 @@ fn attempt_number(n: i32) -> u32 {
 
 const INSERT_EVENT: &str = "
     WITH event AS (
-        INSERT INTO events (id, received_at, source, context) VALUES ($1, $2, $3, $4)
+        INSERT INTO events (id, received_at, source, context, message)
+        VALUES ($1, $2, $3, $4, $6)
         RETURNING id
     )
     INSERT INTO deliveries (event_id, handler, state, created_at, not_before)
@@ -764,7 +767,7 @@ const CLAIM_BATCH: &str = "
     SET state = 'running', attempt = d.attempt + 1, started_at = $1, owner = $3, lease_until = $4
     FROM events AS e
     WHERE d.id IN (SELECT id FROM chosen) AND e.id = d.event_id
-    RETURNING d.id, d.event_id, d.handler, d.attempt, e.context, d.not_before";
+    RETURNING d.id, d.event_id, d.handler, d.attempt, e.context, d.not_before, e.source, e.message";
 
 const FINISH: &str = "
     WITH done AS (
@@ -819,7 +822,7 @@ const RELEASE_OWN: &str = "
     )
     SELECT count(*) FROM released";
 
-const EVENT: &str = "SELECT received_at, source, context FROM events WHERE id = $1";
+const EVENT: &str = "SELECT received_at, source, context, message FROM events WHERE id = $1";
 
 const EVENT_DELIVERIES: &str = "
     SELECT id, handler, state, attempt, created_at, started_at, finished_at, duration_ms,
@@ -847,11 +850,20 @@ fn insert_event_tx(
     now: DateTime<Utc>,
 ) -> Result<(), postgres::Error> {
     let source = text(&event.source);
+    let message = event.message.as_deref().map(text);
+    let message = message.as_deref();
     let handlers: Vec<&str> = event.handlers.iter().map(String::as_str).collect();
     let context = event.context.to_json();
     tx.execute(
         statement,
-        &[&event.id, &now, &source.as_ref(), &context, &handlers],
+        &[
+            &event.id,
+            &now,
+            &source.as_ref(),
+            &context,
+            &handlers,
+            &message,
+        ],
     )?;
     Ok(())
 }
@@ -972,6 +984,8 @@ impl EventStore for PostgresStore {
                     handler: row.get(2),
                     attempt: attempt_number(row.get(3)),
                     context,
+                    source: row.get(6),
+                    message: row.get(7),
                 })
             })
             .collect()
@@ -1084,6 +1098,7 @@ impl EventStore for PostgresStore {
             let received_at: DateTime<Utc> = row.get(0);
             let source: String = row.get(1);
             let context: serde_json::Value = row.get(2);
+            let message: Option<String> = row.get(3);
             let delivery_rows = tx.query(&deliveries, &[&id])?;
             let mut attempts_of: BTreeMap<i64, Vec<AttemptView>> = BTreeMap::new();
             for a in tx.query(&attempts, &[&id])? {
@@ -1128,6 +1143,7 @@ impl EventStore for PostgresStore {
                 received_at,
                 source,
                 context,
+                message,
                 deliveries: views,
             }))
         })

@@ -49,7 +49,8 @@ pub const DATABASE_FILE: &str = "jobhook.sqlite";
 /// The schema, applied in order; `PRAGMA user_version` records how many have run. The second
 /// adds the per-handler index that claims use (see [`SqliteStore::claim_batch`]); the third the
 /// idempotency keys of ingest ([`EventStore::insert_event_once`]): one row per key, the primary key
-/// is what makes a key's event unique, `created_at` what the purge walks.
+/// is what makes a key's event unique, `created_at` what the purge walks; the fourth Keyfactor's
+/// message about the job ([`NewEvent::message`]).
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -102,6 +103,7 @@ CREATE TABLE idempotency_keys (
 );
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 "#,
+    "ALTER TABLE events ADD COLUMN message TEXT;",
 ];
 
 /// Takes an idempotency key for a new event, or takes over one that has outlived its retention
@@ -373,13 +375,15 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 fn insert_event_tx(tx: &Connection, event: &NewEvent, now: i64) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO events (id, received_at, source, context) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO events (id, received_at, source, context, message)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
         event.id.to_string(),
         now,
         event.source,
-        event.context.to_json().to_string()
+        event.context.to_json().to_string(),
+        event.message
     ])?;
     let mut insert = tx.prepare_cached(
         "INSERT INTO deliveries (event_id, handler, state, created_at, not_before)
@@ -404,27 +408,47 @@ struct ClaimRow {
 /// are usually claimed together.
 #[derive(Default)]
 struct ContextCache {
-    last: Option<(String, JobContext)>,
+    last: Option<(String, ClaimedEvent)>,
 }
 
+/// What a claim carries of its event, as read from the `events` row.
+#[derive(Clone)]
+struct ClaimedEvent {
+    context: JobContext,
+    source: String,
+    message: Option<String>,
+}
+
+/// An `events` row's context (JSON text), source and message, as read for a claim.
+type EventRow = (String, String, Option<String>);
+
 impl ContextCache {
-    /// The context of `event_id`: the last one decoded if it is that event's, else `json`
+    /// The event `event_id` of a claim: the last one decoded if it is that event's, else `row`
     /// decoded (an error when there is none to decode).
-    fn decode(&mut self, event_id: &str, json: Option<&str>) -> Result<JobContext, StoreError> {
-        if let Some((id, context)) = &self.last
+    fn decode(
+        &mut self,
+        event_id: &str,
+        row: Option<EventRow>,
+    ) -> Result<ClaimedEvent, StoreError> {
+        if let Some((id, event)) = &self.last
             && id == event_id
         {
-            return Ok(context.clone());
+            return Ok(event.clone());
         }
-        let json = json.ok_or_else(|| {
+        let (json, source, message) = row.ok_or_else(|| {
             StoreError::Corrupt(format!("event {event_id}: its context was not read"))
         })?;
-        let value: serde_json::Value = serde_json::from_str(json)
+        let value: serde_json::Value = serde_json::from_str(&json)
             .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
         let context = JobContext::from_json_value(&value)
             .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-        self.last = Some((event_id.to_owned(), context.clone()));
-        Ok(context)
+        let event = ClaimedEvent {
+            context,
+            source,
+            message,
+        };
+        self.last = Some((event_id.to_owned(), event.clone()));
+        Ok(event)
     }
 }
 
@@ -528,10 +552,10 @@ impl EventStore for SqliteStore {
             }
         }
         // An event's deliveries are claimed side by side: its context is read once for them.
-        let mut texts: Vec<Option<String>> = Vec::with_capacity(chosen.len());
+        let mut texts: Vec<Option<EventRow>> = Vec::with_capacity(chosen.len());
         {
             let mut context = tx
-                .prepare_cached("SELECT context FROM events WHERE id = ?1")
+                .prepare_cached("SELECT context, source, message FROM events WHERE id = ?1")
                 .map_err(db)?;
             let mut previous: Option<&str> = None;
             for row in &chosen {
@@ -539,8 +563,10 @@ impl EventStore for SqliteStore {
                     texts.push(None);
                     continue;
                 }
-                let text: String = context
-                    .query_row(params![row.event_id], |r| r.get(0))
+                let text: EventRow = context
+                    .query_row(params![row.event_id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
                     .map_err(db)?;
                 texts.push(Some(text));
                 previous = Some(&row.event_id);
@@ -552,7 +578,7 @@ impl EventStore for SqliteStore {
             .into_iter()
             .zip(texts)
             .map(|(row, text)| {
-                let context = contexts.decode(&row.event_id, text.as_deref())?;
+                let event = contexts.decode(&row.event_id, text)?;
                 let event_id = Uuid::parse_str(&row.event_id)
                     .map_err(|e| StoreError::Corrupt(format!("event id {}: {e}", row.event_id)))?;
                 Ok(Claim {
@@ -560,7 +586,9 @@ impl EventStore for SqliteStore {
                     event_id,
                     handler: row.handler,
                     attempt: u32::try_from(row.attempt.saturating_add(1)).unwrap_or(u32::MAX),
-                    context,
+                    context: event.context,
+                    source: event.source,
+                    message: event.message,
                 })
             })
             .collect()
@@ -690,19 +718,20 @@ impl EventStore for SqliteStore {
         let conn = self.conn();
         let row = conn
             .query_row(
-                "SELECT received_at, source, context FROM events WHERE id = ?1",
+                "SELECT received_at, source, context, message FROM events WHERE id = ?1",
                 params![id.to_string()],
                 |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
                         r.get::<_, String>(1)?,
                         r.get::<_, String>(2)?,
+                        r.get::<_, Option<String>>(3)?,
                     ))
                 },
             )
             .optional()
             .map_err(db)?;
-        let Some((received_at, source, context)) = row else {
+        let Some((received_at, source, context, message)) = row else {
             return Ok(None);
         };
         let context = serde_json::from_str(&context)
@@ -793,6 +822,7 @@ impl EventStore for SqliteStore {
             received_at: from_ms(received_at),
             source,
             context,
+            message,
             deliveries,
         }))
     }
