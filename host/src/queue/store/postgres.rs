@@ -140,9 +140,15 @@ const MIGRATION_LOCK: i32 = 0x6a62_686d;
 /// First key of the leadership locks; the second is a hash of the role (ASCII "jbhl").
 const LEAD_LOCK: i32 = 0x6a62_686c;
 
-/// `application_name` of jobhook's sessions (unless the URL sets one), so an operator finds
-/// them in `pg_stat_activity`.
+/// First word of the `application_name` of jobhook's sessions (unless the URL sets one); the
+/// node id follows it ([`application_name`]), so an operator finds a node's sessions in
+/// `pg_stat_activity` and tells the nodes apart.
 const APPLICATION_NAME: &str = "jobhook";
+
+/// The longest `application_name` PostgreSQL keeps (`NAMEDATALEN` - 1 bytes); it cuts longer
+/// ones. [`application_name`] cuts to this itself, so the name a node reports is the one an
+/// operator (or a test) computes from its node id.
+const MAX_APPLICATION_NAME: usize = 63;
 
 /// The schema, applied in order; `schema_migrations` records which versions have run. Never
 /// edit an applied migration: append a new one.
@@ -418,8 +424,9 @@ impl PostgresStore {
         if let Some(password) = password {
             config.password(password.expose());
         }
+        let node = node_id();
         if config.get_application_name().is_none() {
-            config.application_name(APPLICATION_NAME);
+            config.application_name(&application_name(&node));
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -456,7 +463,7 @@ impl PostgresStore {
             })
             .map_err(|e| fail(format!("cannot open the connection pool: {e}")))?;
         let store = PostgresStore {
-            node: node_id(),
+            node,
             target,
             config,
             pool: Some(pool),
@@ -681,6 +688,24 @@ fn node_id() -> String {
         std::process::id(),
         random.get(..12).unwrap_or(&random)
     )
+}
+
+/// The `application_name` of the sessions of node `node` (see [`PostgresStore::node`]):
+/// `jobhook <node>`, as PostgreSQL shows it in `pg_stat_activity` — characters other than
+/// printable ASCII replaced by `?` and cut to [`MAX_APPLICATION_NAME`] bytes, as the server
+/// would do.
+pub fn application_name(node: &str) -> String {
+    format!("{APPLICATION_NAME} {node}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(MAX_APPLICATION_NAME)
+        .collect()
 }
 
 /// The second key of a role's leadership lock: FNV-1a of the role name, stable across builds
@@ -1289,6 +1314,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a valid PostgreSQL URL"), "{e}");
+    }
+
+    #[test]
+    fn application_names_carry_the_node_id_as_the_server_keeps_them() {
+        assert_eq!(
+            application_name("db1:4242:0123456789ab"),
+            "jobhook db1:4242:0123456789ab"
+        );
+        // PostgreSQL keeps printable ASCII only, and at most 63 bytes.
+        assert_eq!(application_name("h\u{e9}st\t:1:x"), "jobhook h?st?:1:x");
+        let long = application_name(&format!("{}:1:0123456789ab", "h".repeat(80)));
+        assert_eq!(long.len(), MAX_APPLICATION_NAME);
+        assert!(long.starts_with("jobhook hhh"), "{long}");
+        // A real node's id is kept whole unless the host name is very long.
+        let node = node_id();
+        if APPLICATION_NAME.len() + 1 + node.len() <= MAX_APPLICATION_NAME {
+            assert_eq!(application_name(&node), format!("jobhook {node}"));
+        }
+    }
+
+    #[test]
+    fn a_nodes_sessions_are_named_after_it() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let store = backend.node();
+        store.insert_event(&conformance::event(&["a"])).unwrap();
+        let names = backend
+            .db
+            .query(&format!(
+                "SELECT DISTINCT application_name FROM pg_stat_activity WHERE usename = '{}'",
+                jobhook_testkit::postgres::ROLE
+            ))
+            .unwrap();
+        assert!(
+            names.lines().any(|n| n == application_name(store.node())),
+            "{names}"
+        );
     }
 
     #[test]
