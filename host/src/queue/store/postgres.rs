@@ -478,11 +478,26 @@ impl PostgresStore {
         &self.node
     }
 
-    /// Runs `f` on a pooled connection.
-    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
+    /// Runs `f` on a pooled connection. When the server ended the session inside the
+    /// transaction `f` ran (`idle_in_transaction_session_timeout`: this node was frozen or
+    /// starved between two statements), that transaction was rolled back whole, so `f` runs once
+    /// more on another connection instead of failing the caller.
+    fn with<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = pool.get().map_err(PgError::from)?;
-        Ok(f(&mut conn)?)
+        match f(&mut conn) {
+            Err(PgError::Db(e)) if rolled_back_by_timeout(&e) => {
+                tracing::info!(
+                    "a store session was ended by the server inside a transaction ({}); \
+                     running the transaction again",
+                    describe(&e)
+                );
+                drop(conn);
+                let mut conn = pool.get().map_err(PgError::from)?;
+                Ok(f(&mut conn)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Like [`with`](Self::with), for reads that change nothing: when the server has ended the
@@ -493,7 +508,9 @@ impl PostgresStore {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = pool.get().map_err(PgError::from)?;
         match f(&mut conn) {
-            Err(PgError::Db(e)) if conn.client.is_closed() => {
+            // The client may not have noticed the end of the session yet (`is_closed`): a
+            // FATAL error is the server saying it ends it.
+            Err(PgError::Db(e)) if conn.client.is_closed() || session_ended(&e) => {
                 tracing::info!(
                     "a store session was ended by the server ({}); reading again",
                     describe(&e)
@@ -515,6 +532,19 @@ impl PostgresStore {
             held: BTreeSet::new(),
         })
     }
+}
+
+/// Whether `e` is the server ending the session (severity FATAL or PANIC).
+fn session_ended(e: &postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+}
+
+/// Whether `e` is the server ending a session that sat idle inside a transaction
+/// (`idle_in_transaction_session_timeout`): that transaction was rolled back, none of it was
+/// committed, and running it again in full is safe.
+fn rolled_back_by_timeout(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT)
 }
 
 /// Makes the server notice a vanished leader host quickly (see [`LEAD_KEEPALIVE_SECS`]).
