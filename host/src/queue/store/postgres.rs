@@ -140,9 +140,15 @@ const MIGRATION_LOCK: i32 = 0x6a62_686d;
 /// First key of the leadership locks; the second is a hash of the role (ASCII "jbhl").
 const LEAD_LOCK: i32 = 0x6a62_686c;
 
-/// `application_name` of jobhook's sessions (unless the URL sets one), so an operator finds
-/// them in `pg_stat_activity`.
+/// First word of the `application_name` of jobhook's sessions (unless the URL sets one); the
+/// node id follows it ([`application_name`]), so an operator finds a node's sessions in
+/// `pg_stat_activity` and tells the nodes apart.
 const APPLICATION_NAME: &str = "jobhook";
+
+/// The longest `application_name` PostgreSQL keeps (`NAMEDATALEN` - 1 bytes); it cuts longer
+/// ones. [`application_name`] cuts to this itself, so the name a node reports is the one an
+/// operator (or a test) computes from its node id.
+const MAX_APPLICATION_NAME: usize = 63;
 
 /// The schema, applied in order; `schema_migrations` records which versions have run. Never
 /// edit an applied migration: append a new one.
@@ -420,8 +426,9 @@ impl PostgresStore {
         if let Some(password) = password {
             config.password(password.expose());
         }
+        let node = node_id();
         if config.get_application_name().is_none() {
-            config.application_name(APPLICATION_NAME);
+            config.application_name(&application_name(&node));
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -458,7 +465,7 @@ impl PostgresStore {
             })
             .map_err(|e| fail(format!("cannot open the connection pool: {e}")))?;
         let store = PostgresStore {
-            node: node_id(),
+            node,
             target,
             config,
             pool: Some(pool),
@@ -473,11 +480,26 @@ impl PostgresStore {
         &self.node
     }
 
-    /// Runs `f` on a pooled connection.
-    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
+    /// Runs `f` on a pooled connection. When the server ended the session inside the
+    /// transaction `f` ran (`idle_in_transaction_session_timeout`: this node was frozen or
+    /// starved between two statements), that transaction was rolled back whole, so `f` runs once
+    /// more on another connection instead of failing the caller.
+    fn with<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = pool.get().map_err(PgError::from)?;
-        Ok(f(&mut conn)?)
+        match f(&mut conn) {
+            Err(PgError::Db(e)) if rolled_back_by_timeout(&e) => {
+                tracing::info!(
+                    "a store session was ended by the server inside a transaction ({}); \
+                     running the transaction again",
+                    describe(&e)
+                );
+                drop(conn);
+                let mut conn = pool.get().map_err(PgError::from)?;
+                Ok(f(&mut conn)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Like [`with`](Self::with), for reads that change nothing: when the server has ended the
@@ -488,7 +510,9 @@ impl PostgresStore {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = pool.get().map_err(PgError::from)?;
         match f(&mut conn) {
-            Err(PgError::Db(e)) if conn.client.is_closed() => {
+            // The client may not have noticed the end of the session yet (`is_closed`): a
+            // FATAL error is the server saying it ends it.
+            Err(PgError::Db(e)) if conn.client.is_closed() || session_ended(&e) => {
                 tracing::info!(
                     "a store session was ended by the server ({}); reading again",
                     describe(&e)
@@ -510,6 +534,19 @@ impl PostgresStore {
             held: BTreeSet::new(),
         })
     }
+}
+
+/// Whether `e` is the server ending the session (severity FATAL or PANIC).
+fn session_ended(e: &postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+}
+
+/// Whether `e` is the server ending a session that sat idle inside a transaction
+/// (`idle_in_transaction_session_timeout`): that transaction was rolled back, none of it was
+/// committed, and running it again in full is safe.
+fn rolled_back_by_timeout(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT)
 }
 
 /// Makes the server notice a vanished leader host quickly (see [`LEAD_KEEPALIVE_SECS`]).
@@ -683,6 +720,24 @@ fn node_id() -> String {
         std::process::id(),
         random.get(..12).unwrap_or(&random)
     )
+}
+
+/// The `application_name` of the sessions of node `node` (see [`PostgresStore::node`]):
+/// `jobhook <node>`, as PostgreSQL shows it in `pg_stat_activity` — characters other than
+/// printable ASCII replaced by `?` and cut to [`MAX_APPLICATION_NAME`] bytes, as the server
+/// would do.
+pub fn application_name(node: &str) -> String {
+    format!("{APPLICATION_NAME} {node}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(MAX_APPLICATION_NAME)
+        .collect()
 }
 
 /// The second key of a role's leadership lock: FNV-1a of the role name, stable across builds
@@ -1305,6 +1360,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a valid PostgreSQL URL"), "{e}");
+    }
+
+    #[test]
+    fn application_names_carry_the_node_id_as_the_server_keeps_them() {
+        assert_eq!(
+            application_name("db1:4242:0123456789ab"),
+            "jobhook db1:4242:0123456789ab"
+        );
+        // PostgreSQL keeps printable ASCII only, and at most 63 bytes.
+        assert_eq!(application_name("h\u{e9}st\t:1:x"), "jobhook h?st?:1:x");
+        let long = application_name(&format!("{}:1:0123456789ab", "h".repeat(80)));
+        assert_eq!(long.len(), MAX_APPLICATION_NAME);
+        assert!(long.starts_with("jobhook hhh"), "{long}");
+        // A real node's id is kept whole unless the host name is very long.
+        let node = node_id();
+        if APPLICATION_NAME.len() + 1 + node.len() <= MAX_APPLICATION_NAME {
+            assert_eq!(application_name(&node), format!("jobhook {node}"));
+        }
+    }
+
+    #[test]
+    fn a_nodes_sessions_are_named_after_it() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let store = backend.node();
+        store.insert_event(&conformance::event(&["a"])).unwrap();
+        let names = backend
+            .db
+            .query(&format!(
+                "SELECT DISTINCT application_name FROM pg_stat_activity WHERE usename = '{}'",
+                jobhook_testkit::postgres::ROLE
+            ))
+            .unwrap();
+        assert!(
+            names.lines().any(|n| n == application_name(store.node())),
+            "{names}"
+        );
     }
 
     #[test]
