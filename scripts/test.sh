@@ -8,6 +8,8 @@
 # JOBHOOK_SKIP_MONO=1 is set explicitly. The C, JavaScript and Python toolchains
 # (scripts/lang-toolchains.sh) are installed too: host/tests/languages.rs builds handlers in those
 # languages from source and fails when a toolchain is missing, unless JOBHOOK_SKIP_LANGS=1.
+# The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk; that needs root, so
+# as root JOBHOOK_REQUIRE_FAULTS=1 makes them fail instead of saying SKIPPED when they cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
@@ -19,6 +21,10 @@ if ! have_initdb && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 if have_initdb; then
     export JOBHOOK_REQUIRE_POSTGRES=1
+fi
+
+if [ "$(id -u)" = 0 ]; then
+    export JOBHOOK_REQUIRE_FAULTS=1
 fi
 
 have_mono() { command -v mcs >/dev/null && command -v mono >/dev/null && compgen -G '/usr/lib/mono/4.5/System.Net.Http.dll' >/dev/null; }

@@ -36,6 +36,11 @@ struct HandlerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -53,6 +58,7 @@ pub struct Metrics {
     quarantined: Gauge,
     replays: Counter,
     key_conflicts: Counter,
+    store_failures: Family<ReasonLabels, Counter>,
     forwarders: Gauge,
     forwarder_silence: Gauge,
 }
@@ -125,6 +131,13 @@ impl Metrics {
             "Ingest requests refused because their Idempotency-Key belongs to another event",
             key_conflicts.clone(),
         );
+        let store_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "jobhook_ingest_store_failures",
+            "Ingest requests answered 503 because the store could not commit the event, by \
+             reason (disk-full, unreachable, error)",
+            store_failures.clone(),
+        );
         let forwarders = Gauge::default();
         registry.register(
             "jobhook_forwarders_known",
@@ -141,6 +154,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             replays,
             key_conflicts,
+            store_failures,
             forwarders,
             forwarder_silence,
             events,
@@ -175,6 +189,16 @@ impl Metrics {
     /// Counts a request refused because its idempotency key belongs to another event.
     pub fn ingest_key_conflict(&self) {
         self.key_conflicts.inc();
+    }
+
+    /// Counts an ingest request the store could not commit; `reason` is one of a fixed set
+    /// (`disk-full`, `unreachable`, `error`), never input.
+    pub fn ingest_store_failed(&self, reason: &'static str) {
+        self.store_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Sets the forwarder gauges: how many are known, and the quietest one's silence.

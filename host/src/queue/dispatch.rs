@@ -614,37 +614,83 @@ fn effective_limits(limits: &crate::limits::Limits) -> crate::limits::Limits {
 /// Records finished attempts as they come, many per store transaction (see
 /// [`MAX_RECORD_BATCH`]), and tells each delivery when its outcome is on record. Ends when every
 /// sender is gone and the queue is empty.
+///
+/// An outcome the store could not take for a reason that passes (the disk is full, the database
+/// is restarting) is kept and tried again every [`STORE_ERROR_PAUSE`], together with the
+/// outcomes that arrive meanwhile, until it is recorded: its delivery keeps its slot, so the
+/// number kept is bounded by `max_concurrent_deliveries`, and the delivery does not sit
+/// `running` until the next restart. Only when the engine stops with the store still failing
+/// are the kept outcomes given up (the deliveries run again after the restart).
 async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<Finished>) {
     let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
-    while queue.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
-        let finished = std::mem::take(&mut batch);
-        let store = Arc::clone(&store);
-        let recorded = tokio::task::spawn_blocking(move || {
-            let recorded = record_batch(store.as_ref(), &finished);
-            (recorded, finished)
-        })
-        .await;
-        match recorded {
-            Ok((recorded, finished)) => {
-                for (f, ok) in finished.into_iter().zip(recorded) {
-                    if ok {
-                        let _ = f.recorded.send(());
+    let mut unrecorded: Vec<Finished> = Vec::new();
+    let mut closed = false;
+    loop {
+        if unrecorded.is_empty() {
+            if queue.recv_many(&mut batch, MAX_RECORD_BATCH).await == 0 {
+                break;
+            }
+        } else {
+            if !closed {
+                tokio::time::sleep(STORE_ERROR_PAUSE).await;
+            }
+            while batch.len() < MAX_RECORD_BATCH {
+                match queue.try_recv() {
+                    Ok(finished) => batch.push(finished),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
                     }
                 }
             }
+        }
+        let mut finished = std::mem::take(&mut unrecorded);
+        finished.append(&mut batch);
+        let store = Arc::clone(&store);
+        let recorded = tokio::task::spawn_blocking(move || {
+            let errors = record_batch(store.as_ref(), &finished);
+            (errors, finished)
+        })
+        .await;
+        match recorded {
+            Ok((errors, finished)) => {
+                let mut retries = 0usize;
+                for (f, error) in finished.into_iter().zip(errors) {
+                    match error {
+                        None => {
+                            let _ = f.recorded.send(());
+                        }
+                        Some(e) if e.is_transient() && !closed => {
+                            retries += 1;
+                            unrecorded.push(f);
+                        }
+                        Some(e) => log_store_error(&e),
+                    }
+                }
+                if retries > 0 {
+                    tracing::warn!(
+                        outcomes = retries,
+                        "delivery outcomes not recorded yet; trying again in {STORE_ERROR_PAUSE:?}"
+                    );
+                }
+            }
             Err(e) => tracing::error!("recording delivery outcomes failed: {e}"),
+        }
+        if closed && unrecorded.is_empty() && queue.is_empty() {
+            break;
         }
     }
 }
 
 /// Records `finished` in one transaction; if that fails (a shared database may abort it, e.g. to
 /// break a deadlock with another node's claim), records each on its own, so that one failure
-/// costs only its own outcome. Says which were recorded.
-fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<bool> {
+/// costs only its own outcome. Gives, for each, the error that kept it from being recorded.
+fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<Option<StoreError>> {
     let items: Vec<(&Claim, &AttemptRecord)> =
         finished.iter().map(|f| (&f.claim, &f.record)).collect();
     match store.finish_batch(&items) {
-        Ok(()) => vec![true; items.len()],
+        Ok(()) => items.iter().map(|_| None).collect(),
         Err(e) => {
             tracing::warn!(
                 outcomes = items.len(),
@@ -652,13 +698,7 @@ fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<bool> {
             );
             items
                 .iter()
-                .map(|(claim, record)| match store.finish(claim, record) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        log_store_error(&e);
-                        false
-                    }
-                })
+                .map(|(claim, record)| store.finish(claim, record).err())
                 .collect()
         }
     }
@@ -676,8 +716,15 @@ mod tests {
     use crate::queue::store::{DeliveryState, EventView, NewEvent};
 
     /// SQLite, except that recording more than one outcome in a transaction always fails (as a
-    /// shared database may abort such a transaction to break a deadlock).
-    struct BatchFails(SqliteStore);
+    /// shared database may abort such a transaction to break a deadlock), and that the first
+    /// `.1` recordings fail as on a full disk.
+    struct BatchFails(SqliteStore, std::sync::atomic::AtomicUsize);
+
+    impl BatchFails {
+        fn new(store: SqliteStore, disk_full_for: usize) -> Self {
+            BatchFails(store, std::sync::atomic::AtomicUsize::new(disk_full_for))
+        }
+    }
 
     impl EventStore for BatchFails {
         fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
@@ -711,6 +758,13 @@ mod tests {
         fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
             if finished.len() > 1 {
                 return Err(StoreError::Database("deadlock detected".into()));
+            }
+            let full = self
+                .1
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            if full {
+                return Err(StoreError::DiskFull("database or disk is full".into()));
             }
             self.0.finish_batch(finished)
         }
@@ -749,7 +803,7 @@ mod tests {
     #[test]
     fn outcomes_are_recorded_one_by_one_when_their_batch_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BatchFails(SqliteStore::open(dir.path()).unwrap());
+        let store = BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 0);
         let context = JobContext::from_json_value(&serde_json::json!({
             "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
             "ClientMachine": "m", "JobResult": "Failure",
@@ -783,10 +837,72 @@ mod tests {
                 recorded: oneshot::channel().0,
             })
             .collect();
-        assert_eq!(record_batch(&store, &finished), [true, true, true]);
+        let recorded: Vec<bool> = record_batch(&store, &finished)
+            .iter()
+            .map(Option::is_none)
+            .collect();
+        assert_eq!(recorded, [true, true, true]);
         assert_eq!(
             store.count_by_state().unwrap(),
             vec![(DeliveryState::Skipped, 3)]
         );
+    }
+
+    /// An outcome the store cannot take while its disk is full is kept and recorded once the
+    /// store takes writes again, without a restart: its delivery does not stay `running`.
+    #[tokio::test]
+    async fn outcomes_the_store_cannot_take_yet_are_recorded_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        // The batch and the one-by-one attempt both fail; the retry a pause later succeeds.
+        let store = Arc::new(BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 2));
+        let context = JobContext::from_json_value(&serde_json::json!({
+            "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
+            "ClientMachine": "m", "JobResult": "Failure",
+            "JobId": "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01", "JobType": "WinCertInventory",
+            "JobTypeId": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f", "OperationType": 0,
+            "CurrentRetryCount": 2
+        }))
+        .unwrap();
+        store
+            .insert_event(&NewEvent {
+                id: Uuid::new_v4(),
+                source: "test".into(),
+                context,
+                handlers: vec!["a".into()],
+            })
+            .unwrap();
+        let limits = ClaimLimits {
+            max: 1,
+            room: BTreeMap::new(),
+        };
+        let claim = store
+            .claim_batch(Utc::now(), &limits, DEFAULT_LEASE)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let (record, queue) = mpsc::channel(4);
+        let recorder = tokio::spawn(record_outcomes(
+            Arc::clone(&store) as Arc<dyn EventStore>,
+            queue,
+        ));
+        let (recorded, done) = oneshot::channel();
+        record
+            .send(Finished {
+                claim,
+                record: skipped("test".into()),
+                recorded,
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the recorder stopped"));
+        tokio::time::timeout(STORE_ERROR_PAUSE * 5, done)
+            .await
+            .expect("recorded in time")
+            .expect("recorded, not given up");
+        assert_eq!(
+            store.count_by_state().unwrap(),
+            vec![(DeliveryState::Skipped, 1)]
+        );
+        drop(record);
+        recorder.await.unwrap();
     }
 }

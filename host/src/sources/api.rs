@@ -202,16 +202,16 @@ async fn job_complete(State(state): State<AppState>, headers: HeaderMap, body: B
         }
         Ok(Err(e)) => {
             tracing::error!("cannot commit an event: {e}");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the event could not be stored; retry later",
-            );
+            let (reason, message) = unavailable(&e);
+            state.metrics.ingest_store_failed(reason);
+            return error(StatusCode::SERVICE_UNAVAILABLE, message);
         }
         Err(e) => {
             tracing::error!("commit task failed: {e}");
+            state.metrics.ingest_store_failed("error");
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the event could not be stored; retry later",
+                "the event was not accepted: the store failed; retry later",
             );
         }
     };
@@ -229,6 +229,28 @@ async fn job_complete(State(state): State<AppState>, headers: HeaderMap, body: B
             .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     }
     response
+}
+
+/// The metric reason and the answer for an event the store could not commit. The answer names
+/// the cause in words an operator can act on, without the database's own message (which the
+/// log has): a file path or a server address is no business of the sender's. It says "not
+/// accepted" rather than "not stored": a connection that broke during the commit leaves it
+/// unknown whether the server committed, which is why resends carry an `Idempotency-Key`.
+fn unavailable(e: &StoreError) -> (&'static str, &'static str) {
+    match e {
+        StoreError::DiskFull(_) => (
+            "disk-full",
+            "the event was not accepted: the store is out of disk space; retry later",
+        ),
+        StoreError::Unreachable(_) => (
+            "unreachable",
+            "the event was not accepted: the store's database cannot be reached; retry later",
+        ),
+        _ => (
+            "error",
+            "the event was not accepted: the store failed; retry later",
+        ),
+    }
 }
 
 async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Response {

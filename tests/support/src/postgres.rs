@@ -86,7 +86,22 @@ impl TestDatabase {
 /// A database on the shared test server, or `None` after printing why PostgreSQL is not
 /// available (failing instead when `JOBHOOK_REQUIRE_POSTGRES=1`).
 pub fn database_or_skip() -> Option<TestDatabase> {
-    match PostgresServer::shared().and_then(|server| server.create_database()) {
+    or_skip(PostgresServer::shared().and_then(|server| server.create_database()))
+}
+
+/// A database on a server of its own, for a test that stops or restarts the server (the shared
+/// one serves the other tests of the process at the same moment); the server is stopped and
+/// deleted when the last handle to it is dropped. Skips like [`database_or_skip`].
+pub fn private_database_or_skip() -> Option<TestDatabase> {
+    or_skip(
+        PostgresServer::start()
+            .map(Arc::new)
+            .and_then(|server| server.create_database()),
+    )
+}
+
+fn or_skip(database: Result<TestDatabase, String>) -> Option<TestDatabase> {
+    match database {
         Ok(db) => Some(db),
         Err(reason) => {
             if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
@@ -183,6 +198,31 @@ impl PostgresServer {
             }
         }
         Err(last_error)
+    }
+
+    /// Stops the server as a restart by an operator or a package upgrade does
+    /// (`pg_ctl stop -m fast`): open sessions are ended, running transactions rolled back, and
+    /// new connections refused until [`PostgresServer::start_again`].
+    pub fn stop_fast(&self) -> Result<(), String> {
+        let output = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run pg_ctl: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!("pg_ctl stop failed: {}", text(&output)))
+        }
+    }
+
+    /// Starts the server stopped by [`PostgresServer::stop_fast`] again, on the same port with
+    /// the same data; returns once it accepts connections.
+    pub fn start_again(&self) -> Result<(), String> {
+        self.pg_ctl_start()
     }
 
     /// The TCP port it listens on (127.0.0.1 only).

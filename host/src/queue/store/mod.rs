@@ -39,6 +39,17 @@ pub enum StoreError {
     /// The database reported an error.
     #[error("store database error: {0}")]
     Database(String),
+    /// The store has no room for the write: the disk (or file system) holding the SQLite
+    /// database is full, or the PostgreSQL server is out of disk. Nothing of the write was
+    /// committed; the same write succeeds once space is freed.
+    #[error("the store is out of disk space: {0}")]
+    DiskFull(String),
+    /// The store's database server cannot be reached, is shutting down or starting up, or no
+    /// connection to it became free in time (PostgreSQL). Whether a commit under way when the
+    /// connection broke took effect is unknown; the pool connects again by itself once the
+    /// server answers.
+    #[error("the store's database cannot be reached: {0}")]
+    Unreachable(String),
     /// Stored data could not be decoded (corruption or a newer schema).
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
@@ -69,6 +80,20 @@ pub enum StoreError {
 pub const SOURCE_API: &str = "api";
 /// [`NewEvent::source`] of events the poller made from Keyfactor's JobHistory.
 pub const SOURCE_POLLER: &str = "poller";
+
+impl StoreError {
+    /// Whether the same call may succeed later without anyone changing the data: the database
+    /// was busy, full or unreachable. A refused transition or unreadable data stays refused.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(_)
+                | StoreError::DiskFull(_)
+                | StoreError::Unreachable(_)
+                | StoreError::Open { .. }
+        )
+    }
+}
 
 /// An event to commit, with the handlers it is routed to.
 #[derive(Debug, Clone)]

@@ -277,9 +277,33 @@ impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
         match e {
             PgError::Corrupt(message) => StoreError::Corrupt(message),
+            PgError::Pool(_) => StoreError::Unreachable(e.to_string()),
+            PgError::Db(ref error) => match error.as_db_error() {
+                Some(db) if db.code() == &postgres::error::SqlState::DISK_FULL => {
+                    StoreError::DiskFull(e.to_string())
+                }
+                Some(db) if server_unavailable(db.code()) => StoreError::Unreachable(e.to_string()),
+                Some(_) => StoreError::Database(e.to_string()),
+                // No answer from the server: the connection broke or could not be made.
+                None => StoreError::Unreachable(e.to_string()),
+            },
             other => StoreError::Database(other.to_string()),
         }
     }
+}
+
+/// Whether the server's error says it is not there to serve this session: a connection
+/// exception (SQLSTATE class 08), or the server shutting down, crashing or starting up
+/// (57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now).
+fn server_unavailable(code: &postgres::error::SqlState) -> bool {
+    use postgres::error::SqlState;
+    code.code().starts_with("08")
+        || [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ]
+        .contains(code)
 }
 
 /// A pooled connection with the statements prepared on it, so repeated calls skip a round trip.

@@ -158,7 +158,18 @@ enum Write {
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    classify(&e)
+}
+
+/// The [`StoreError`] of a SQLite error: `SQLITE_FULL` (the file system holding the database
+/// has no space left; SQLite reports `ENOSPC` this way) is [`StoreError::DiskFull`], so that
+/// ingest can say so; everything else is a database error.
+fn classify(e: &rusqlite::Error) -> StoreError {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+        StoreError::DiskFull(e.to_string())
+    } else {
+        StoreError::Database(e.to_string())
+    }
 }
 
 impl SqliteStore {
@@ -265,7 +276,7 @@ fn ingest_writer(mut conn: Connection, receiver: mpsc::Receiver<Write>) {
 }
 
 fn commit_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Result<Inserted, StoreError>> {
-    let failed = |e: &rusqlite::Error| (0..batch.len()).map(|_| Err(db(clone_error(e)))).collect();
+    let failed = |e: &rusqlite::Error| (0..batch.len()).map(|_| Err(classify(e))).collect();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return failed(&e),
@@ -302,6 +313,16 @@ fn commit_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Result<Inserted, 
             sp.commit().map_err(db)?;
             Ok(Inserted::New)
         })();
+        // SQLite may answer some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY,
+        // SQLITE_NOMEM) by rolling back the whole transaction, not just the failed savepoint:
+        // then the writes before this one are gone too, and the ones after it would commit
+        // each on its own. Fail the whole batch instead, so no caller is told its write is
+        // committed when it is not.
+        if let Err(e) = &result
+            && tx.is_autocommit()
+        {
+            return (0..batch.len()).map(|_| Err(rolled_back(e))).collect();
+        }
         results.push(result);
     }
     match tx.commit() {
@@ -357,8 +378,15 @@ fn claim_key(
     })))
 }
 
-fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+/// The error every write of a group commit gets when one write's error rolled the whole
+/// transaction back: of the same kind as that error, saying what happened.
+fn rolled_back(cause: &StoreError) -> StoreError {
+    match cause {
+        StoreError::DiskFull(reason) => {
+            StoreError::DiskFull(format!("{reason} (the whole transaction was rolled back)"))
+        }
+        other => StoreError::Database(format!("the whole transaction was rolled back: {other}")),
+    }
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

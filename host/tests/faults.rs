@@ -1,0 +1,787 @@
+//! Faults of what `jobhook serve` depends on, each against the real part (docs/OPERATIONS.md
+//! describes what an operator sees and does for each):
+//!
+//! - the disk under the SQLite store fills up: a small tmpfs the test mounts holds the data
+//!   directory; ingest answers 503 saying the store is out of disk space, never 202 for an event
+//!   it did not commit, and once space returns it accepts again and the backlog drains, without
+//!   a restart;
+//! - the PostgreSQL server restarts under load: ingest answers 503 while it is down (within a
+//!   bounded time, never hanging), the node reconnects by itself, and every event that got a
+//!   202 is delivered exactly once;
+//! - the SMTP relay and the Keyfactor API are down or never answer: the deliveries that need
+//!   them fail with the capability's error as the handler's reason (or the handler's timeout),
+//!   are retried by the handler's policy, `/healthz` stays ok and other handlers keep
+//!   delivering.
+//!
+//! The disk test mounts a tmpfs, which needs root (or CAP_SYS_ADMIN). Without it the test prints
+//! `SKIPPED: cannot mount a tmpfs: <reason>` and passes — unless `JOBHOOK_REQUIRE_FAULTS=1`
+//! (`scripts/test.sh` sets it when it runs as root), in which case it fails. The PostgreSQL test
+//! skips and fails the same way under `JOBHOOK_REQUIRE_POSTGRES`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jobhook_testkit::engine::EngineProcess;
+use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
+use jobhook_testkit::postgres::private_database_or_skip;
+use jobhook_testkit::smtp::SmtpServer;
+use jobhook_testkit::standin::Standin;
+use jobhook_testkit::{guest, sample_context_json};
+use serde_json::{Value, json};
+
+/// Environment variable that turns "cannot mount a tmpfs" from a skip into a failure.
+const REQUIRE_FAULTS_ENV: &str = "JOBHOOK_REQUIRE_FAULTS";
+
+/// How long an event may take to settle once nothing stands in its way.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn engine_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_jobhook"))
+}
+
+/// `POST /v1/job-complete` with `body`: the status and the JSON answer.
+async fn post_event(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let response = client
+        .post(format!("{url}/v1/job-complete"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// `GET path`: the status and the body as text.
+async fn get(client: &reqwest::Client, url: &str, path: &str) -> (u16, String) {
+    let response = client
+        .get(format!("{url}{path}"))
+        .send()
+        .await
+        .expect("GET");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("text"))
+}
+
+/// `/healthz` answers 200 with `status: ok` and no quarantined handler.
+async fn assert_healthy(client: &reqwest::Client, url: &str) {
+    let (status, text) = get(client, url, "/healthz").await;
+    assert_eq!(status, 200, "{text}");
+    let health: Value = serde_json::from_str(&text).expect("health JSON");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["quarantined"], 0, "{health}");
+}
+
+/// Polls the event until no delivery is pending or running.
+async fn settled(client: &reqwest::Client, engine: &EngineProcess, id: &str) -> Value {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let (status, text) = get(client, &engine.url, &format!("/v1/events/{id}")).await;
+        assert_eq!(status, 200, "event {id}: {text}");
+        let event: Value = serde_json::from_str(&text).expect("event JSON");
+        let done = event["deliveries"].as_array().is_some_and(|ds| {
+            ds.iter()
+                .all(|d| d["state"] != "pending" && d["state"] != "running")
+        });
+        if done {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event {id} did not settle: {event:#}\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Polls the event until `handler`'s delivery is terminal, whatever the others do.
+async fn delivered(
+    client: &reqwest::Client,
+    engine: &EngineProcess,
+    id: &str,
+    handler: &str,
+) -> Value {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let (status, text) = get(client, &engine.url, &format!("/v1/events/{id}")).await;
+        assert_eq!(status, 200, "event {id}: {text}");
+        let event: Value = serde_json::from_str(&text).expect("event JSON");
+        let d = delivery(&event, handler);
+        if d["state"] != "pending" && d["state"] != "running" {
+            return d.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{handler} never finished event {id}: {event:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn delivery<'a>(event: &'a Value, handler: &str) -> &'a Value {
+    event["deliveries"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["handler"] == handler))
+        .unwrap_or_else(|| panic!("no delivery for {handler}: {event:#}"))
+}
+
+fn event_id(body: &Value) -> String {
+    body["event_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no event_id in {body}"))
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disk full under SQLite
+// ---------------------------------------------------------------------------------------------
+
+/// Size of the tmpfs that holds the data directory.
+const TMPFS_SIZE: &str = "16m";
+
+/// Room left on the tmpfs once the filler file is written: a few dozen events' worth of WAL
+/// frames, so the test sees ingest succeed first and then fail as the space runs out.
+const HEADROOM: u64 = 512 * 1024;
+
+/// Most events posted while waiting for the disk to fill; far more than [`HEADROOM`] holds.
+const MAX_POSTS: usize = 5000;
+
+/// Events posted once space has returned, on top of the backlog.
+const AFTER_RECOVERY: usize = 20;
+
+/// A tmpfs mounted for one test, unmounted when dropped (lazily, if something still holds a
+/// file on it).
+struct Tmpfs {
+    mount_point: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` on `at`, or returns `None` after printing why it cannot (failing
+    /// instead under `JOBHOOK_REQUIRE_FAULTS=1`).
+    fn mount_or_skip(at: &Path, size: &str) -> Option<Tmpfs> {
+        match Self::mount(at, size) {
+            Ok(tmpfs) => Some(tmpfs),
+            Err(reason) => {
+                if std::env::var(REQUIRE_FAULTS_ENV).is_ok_and(|v| v == "1") {
+                    panic!("{REQUIRE_FAULTS_ENV}=1 but {reason}");
+                }
+                // Straight to the file descriptor: the harness captures a passing test's output.
+                let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+                None
+            }
+        }
+    }
+
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs, String> {
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("jobhook-faults")
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot mount a tmpfs: cannot run mount: {e}"))?;
+        if output.status.success() {
+            Ok(Tmpfs {
+                mount_point: at.to_owned(),
+            })
+        } else {
+            Err(format!(
+                "cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.mount_point)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount")
+                .arg("--lazy")
+                .arg(&self.mount_point)
+                .status();
+        }
+    }
+}
+
+/// Writes `path` until the file system is full, then gives `headroom` bytes back.
+fn fill_leaving(path: &Path, headroom: u64) {
+    let mut file = std::fs::File::create(path).expect("create the filler file");
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("cannot write the filler file: {e}"),
+        }
+    }
+    file.set_len(written.saturating_sub(headroom))
+        .expect("shorten the filler file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).expect("mount point");
+    let Some(_tmpfs) = Tmpfs::mount_or_skip(&disk, TMPFS_SIZE) else {
+        return;
+    };
+    let data = disk.join("data");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{data}\"\n\n\
+             [[handlers]]\nname = \"log\"\ncomponent = \"{log}\"\njob_types = [\"*\"]\n",
+            data = data.display(),
+            log = guest("log-context").display()
+        ),
+    )
+    .expect("config");
+    // Declared after the tmpfs: dropped (killed) before it is unmounted.
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let client = reqwest::Client::new();
+
+    let filler = disk.join("filler");
+    fill_leaving(&filler, HEADROOM);
+
+    // Post until the store runs out of space.
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for _ in 0..MAX_POSTS {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        match status {
+            202 => accepted.push(event_id(&body)),
+            503 => {
+                refusal = Some(body);
+                break;
+            }
+            other => panic!("ingest answered {other}: {body}\n{}", engine.log_text()),
+        }
+    }
+    let refusal = refusal.unwrap_or_else(|| {
+        panic!(
+            "{MAX_POSTS} events accepted on a {TMPFS_SIZE} tmpfs that was full but for \
+             {HEADROOM} bytes; ingest never failed"
+        )
+    });
+    assert!(
+        !accepted.is_empty(),
+        "no event fitted in {HEADROOM} bytes; the test did not see ingest work before the disk filled"
+    );
+    let reason = refusal["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("not accepted") && reason.contains("out of disk space"),
+        "the 503 must say the store is out of disk space: {refusal}"
+    );
+    // While the disk stays full: every further event is refused the same way (or, if SQLite
+    // found room in pages it already had, accepted and then delivered like the others).
+    for _ in 0..5 {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        match status {
+            202 => accepted.push(event_id(&body)),
+            503 => assert_eq!(body, refusal),
+            other => panic!("ingest answered {other}: {body}"),
+        }
+    }
+    assert_healthy(&client, &engine.url).await;
+    let (_, metrics) = get(&client, &engine.url, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_ingest_store_failures_total{reason=\"disk-full\"}"),
+        "{metrics}"
+    );
+    assert!(
+        engine
+            .log_text()
+            .contains("cannot commit an event: the store is out of disk space"),
+        "{}",
+        engine.log_text()
+    );
+
+    // Space returns: the next event is accepted, without a restart.
+    std::fs::remove_file(&filler).expect("remove the filler file");
+    let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}\n{}", engine.log_text());
+    accepted.push(event_id(&body));
+    for _ in 0..AFTER_RECOVERY {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+        accepted.push(event_id(&body));
+    }
+
+    // Every event that got a 202 is delivered, once.
+    for id in &accepted {
+        let event = settled(&client, &engine, id).await;
+        let log = delivery(&event, "log");
+        assert_eq!(log["state"], "succeeded", "{log:#}");
+        let attempts = log["attempts"].as_array().expect("attempts");
+        assert_eq!(
+            attempts.iter().filter(|a| a["terminal"] == true).count(),
+            1,
+            "{log:#}"
+        );
+    }
+    // ... and the store holds exactly those events: none that was answered 503.
+    let database = rusqlite::Connection::open_with_flags(
+        data.join("jobhook.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database");
+    let mut stored: Vec<String> = database
+        .prepare("SELECT id FROM events")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()
+        })
+        .expect("event ids");
+    drop(database);
+    stored.sort();
+    let mut answered = accepted.clone();
+    answered.sort();
+    assert_eq!(
+        stored, answered,
+        "the store holds exactly the accepted events"
+    );
+    println!(
+        "{} events accepted ({} before the disk filled), all delivered",
+        accepted.len(),
+        accepted.len() - AFTER_RECOVERY - 1
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL restarted under load
+// ---------------------------------------------------------------------------------------------
+
+/// A short lease, so that deliveries whose outcome could not be recorded while the server was
+/// down are taken back soon after it returns.
+const PG_LEASE_MS: u64 = 2000;
+
+/// Events per second the load driver posts, and for how long.
+const PG_RATE: u32 = 60;
+const PG_SECONDS: f64 = 9.0;
+
+/// How long after the load starts the server is stopped, and how long it stays down.
+const PG_STOP_AFTER: Duration = Duration::from_secs(2);
+const PG_DOWN_FOR: Duration = Duration::from_secs(3);
+
+/// Longest an ingest request may take to be refused while the server is down: the store's pool
+/// waits `POOL_WAIT` (5 s) for a connection, plus a margin for a loaded machine.
+const REFUSAL_BOUND: Duration = Duration::from_secs(8);
+
+/// Longest the node may take to accept events again once the server accepts connections: the
+/// pool connects anew on the next call, and waits at most `POOL_WAIT` (5 s) for it; plus a
+/// margin.
+const RECONNECT_BOUND: Duration = Duration::from_secs(10);
+
+fn pg_config(db: &jobhook_testkit::postgres::TestDatabase) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ file = "db-password" }}
+lease_ms = {PG_LEASE_MS}
+data_dir = "data"
+
+[engine]
+max_concurrent_deliveries = 16
+
+[[handlers]]
+name = "probe"
+component = "{probe}"
+job_types = ["*"]
+properties = {{ SleepMs = "50" }}
+
+[[handlers]]
+name = "inventory"
+component = "{probe}"
+job_types = ["{a}", "{b}"]
+
+[[handlers]]
+name = "log"
+component = "{log}"
+job_types = ["*"]
+"#,
+        url = db.url,
+        probe = guest("guest-attempt-probe").display(),
+        log = guest("log-context").display(),
+        a = INVENTORY_TYPES[0],
+        b = INVENTORY_TYPES[1],
+    )
+}
+
+/// A load driver (`jobhook_dev::loadgen`) on a thread of its own, posting to `url` without
+/// resending and recording accepted event ids in `record`; joining it gives its report.
+fn load_driver(url: &str, record: &Path) -> std::thread::JoinHandle<String> {
+    let options = jobhook_dev::loadgen::LoadOptions {
+        url: url.to_owned(),
+        rate: PG_RATE,
+        duration: Duration::from_secs_f64(PG_SECONDS),
+        token: None,
+        record: Some(record.to_owned()),
+        seed: 11,
+        resend: false,
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("driver runtime");
+        match runtime.block_on(jobhook_dev::loadgen::run(options)) {
+            Ok(report) => serde_json::to_string(&report).unwrap_or_default(),
+            Err(e) => format!("load driver failed: {e:#}"),
+        }
+    })
+}
+
+#[test]
+fn a_postgres_restart_under_load_is_refused_with_503_and_the_node_reconnects_by_itself() {
+    let Some(db) = private_database_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(&config, pg_config(&db)).expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let record = dir.path().join("accepted.txt");
+    let driver = load_driver(&engine.url, &record);
+
+    std::thread::sleep(PG_STOP_AFTER);
+    db.server().stop_fast().expect("stop PostgreSQL");
+    let stopped = Instant::now();
+
+    // While it is down: ingest answers 503 naming the store's database, in bounded time.
+    let began = Instant::now();
+    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+    let refused_in = began.elapsed();
+    assert_eq!(status, 503, "{body}\n{}", engine.log_text());
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the store's database cannot be reached"),
+        "{body}"
+    );
+    assert!(
+        refused_in < REFUSAL_BOUND,
+        "refused after {refused_in:?}, more than {REFUSAL_BOUND:?}"
+    );
+    runtime.block_on(assert_healthy(&client, &engine.url));
+
+    std::thread::sleep(PG_DOWN_FOR.saturating_sub(stopped.elapsed()));
+    db.server().start_again().expect("start PostgreSQL again");
+    let up = Instant::now();
+
+    // The node connects again by itself: the next events are accepted.
+    let mut probes = Vec::new();
+    loop {
+        let (status, body) =
+            runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+        if status == 202 {
+            probes.push(event_id(&body));
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            up.elapsed() < RECONNECT_BOUND,
+            "still refused {:?} after PostgreSQL came back: {body}\n{}",
+            up.elapsed(),
+            engine.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reconnected_in = up.elapsed();
+    let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
+    assert!(
+        metrics.contains("jobhook_ingest_store_failures_total{reason=\"unreachable\"}"),
+        "{metrics}"
+    );
+
+    let report = driver.join().expect("load driver");
+    let parsed: Value = serde_json::from_str(report.trim())
+        .unwrap_or_else(|e| panic!("driver report {report:?}: {e}"));
+    assert!(
+        parsed["rejected"].as_u64().unwrap_or(0) > 0,
+        "no request of the load driver was refused while PostgreSQL was down: {report}"
+    );
+    assert_eq!(
+        parsed["errors"], 0,
+        "a request hung past the driver's timeout or lost its connection: {report}"
+    );
+    let mut accepted: Vec<String> = std::fs::read_to_string(&record)
+        .expect("accepted ids")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(accepted.len() > 100, "too few events accepted: {report}");
+    accepted.extend(probes);
+    let reruns = check_exactly_once(&engine.url, &accepted, Duration::from_secs(120));
+    let log = engine.log_text();
+    assert!(
+        log.contains("cannot commit an event: the store's database cannot be reached"),
+        "{log}"
+    );
+    println!(
+        "PostgreSQL down for {PG_DOWN_FOR:?}: refused in {refused_in:?}, accepting again \
+         {reconnected_in:?} after it came back; {} events checked, {reruns} deliveries re-run; \
+         driver: {report}",
+        accepted.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SMTP relay and the Keyfactor API down or never answering
+// ---------------------------------------------------------------------------------------------
+
+/// The retry policy of the handlers that need the relay or the API: two attempts, 200 ms apart.
+const RETRY: &str = "[handlers.retry]\nmax_attempts = 2\nbackoff_ms = 200\n";
+
+/// The wait between the two attempts, as configured in [`RETRY`].
+const BACKOFF: Duration = Duration::from_millis(200);
+
+/// A failed job that `repeated-failure-email` mails about (threshold 0) and
+/// `job-history-lookup` looks up (an inventory job).
+fn failed_inventory_job() -> Value {
+    let mut context = sample_context_json();
+    context["JobResult"] = json!("Failure");
+    context["JobId"] = json!(uuid::Uuid::new_v4().to_string());
+    context
+}
+
+/// The engine's configuration with a relay at `smtp_port` (`smtp_timeout_ms` per command) and
+/// the Keyfactor API at `keyfactor` (`keyfactor_timeout_ms` per call); the mail and Keyfactor
+/// handlers get `limits`.
+fn capability_config(
+    smtp_port: u16,
+    smtp_timeout_ms: u64,
+    keyfactor: &str,
+    keyfactor_timeout_ms: u64,
+    mail_limits: &str,
+    history_limits: &str,
+) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+
+[store]
+data_dir = "data"
+
+[quarantine]
+after_failures = 100
+
+[mail]
+from = "jobhook@example.com"
+
+[mail.smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+timeout_ms = {smtp_timeout_ms}
+
+[keyfactor]
+base_url = "{keyfactor}"
+timeout_ms = {keyfactor_timeout_ms}
+connect_timeout_ms = 1000
+
+[keyfactor.auth]
+kind = "basic"
+username = 'KFTRAIN\svc-jobhook'
+password = {{ file = "kf-password" }}
+
+[[handlers]]
+name = "mail"
+component = "{mail}"
+job_types = ["*"]
+properties = {{ RetryThreshold = "0", EmailRecipients = "pki-team@example.com" }}
+{RETRY}{mail_limits}
+[handlers.grants.mail]
+recipients = ["@example.com"]
+
+[[handlers]]
+name = "history"
+component = "{history}"
+job_types = ["*"]
+{RETRY}{history_limits}
+[handlers.grants.keyfactor]
+methods = ["GET"]
+paths = ["OrchestratorJobs/"]
+
+[[handlers]]
+name = "log"
+component = "{log}"
+job_types = ["*"]
+"#,
+        mail = guest("repeated-failure-email").display(),
+        history = guest("job-history-lookup").display(),
+        log = guest("log-context").display(),
+    )
+}
+
+fn start_with(config_text: &str, password: &str) -> (tempfile::TempDir, EngineProcess) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("kf-password"), password).expect("password file");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(&config, config_text).expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    (dir, engine)
+}
+
+/// The delivery failed after both attempts of [`RETRY`], each with `class`, the last one's
+/// reason containing `reason`, the second attempt at least [`BACKOFF`] after the first ended.
+fn assert_failed_by_policy(d: &Value, class: &str, reason: &str) {
+    assert_eq!(d["state"], "failed", "{d:#}");
+    assert_eq!(d["outcome"], class, "{d:#}");
+    assert!(
+        d["reason"].as_str().unwrap_or_default().contains(reason),
+        "the reason must contain {reason:?}: {d:#}"
+    );
+    assert_eq!(d["attempt"], 2, "{d:#}");
+    let attempts = d["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{d:#}");
+    for (n, a) in attempts.iter().enumerate() {
+        assert_eq!(a["class"], class, "{d:#}");
+        assert_eq!(a["terminal"], n == 1, "{d:#}");
+    }
+    let time = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("timestamp {v}: {e}"))
+    };
+    // The wait is counted from the end of the first attempt, which the store records a moment
+    // after the wait was computed: compare the starts, which are at least the wait apart.
+    let waited = time(&attempts[1]["started_at"]) - time(&attempts[0]["started_at"]);
+    assert!(
+        waited.to_std().unwrap_or(Duration::ZERO) >= BACKOFF,
+        "the retry started {waited} after the first attempt, before the policy's {BACKOFF:?}: {d:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_relay_and_a_stopped_keyfactor_api_fail_the_deliveries_that_need_them() {
+    let relay = SmtpServer::start().await.expect("SMTP server");
+    let standin = Standin::start().await.expect("stand-in");
+    let (_dir, engine) = start_with(
+        &capability_config(relay.port(), 2000, &standin.base_url(), 2000, "", ""),
+        &standin.credentials().password,
+    );
+    let client = reqwest::Client::new();
+
+    // Both up: the handlers work as configured.
+    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&client, &engine, &event_id(&body)).await;
+    for handler in ["mail", "history", "log"] {
+        assert_eq!(delivery(&event, handler)["state"], "succeeded", "{event:#}");
+    }
+    assert_eq!(relay.received().len(), 1);
+
+    // Both stop.
+    drop(relay);
+    drop(standin);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&client, &engine, &event_id(&body)).await;
+    assert_failed_by_policy(
+        delivery(&event, "mail"),
+        "handler-failed",
+        "the mail relay could not be reached",
+    );
+    assert_failed_by_policy(
+        delivery(&event, "history"),
+        "handler-failed",
+        "cannot connect to the Keyfactor API",
+    );
+    assert_eq!(delivery(&event, "log")["state"], "succeeded", "{event:#}");
+    assert_healthy(&client, &engine.url).await;
+    let log = engine.log_text();
+    assert!(
+        log.contains("the mail relay did not take the message"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_and_a_keyfactor_api_that_never_answer_time_out_and_other_handlers_deliver() {
+    // Listening sockets that never accept: the kernel completes the TCP handshake, and then
+    // nothing is ever said — a relay or an API hung with its port still open.
+    let silent_relay = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_api = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let relay_port = silent_relay.local_addr().expect("addr").port();
+    let api = format!(
+        "http://{}/KeyfactorAPI/",
+        silent_api.local_addr().expect("addr")
+    );
+    // The API's timeout (10 s) is longer than the handlers' budget (600 ms), so the Keyfactor
+    // handler's attempts end with the handler's own timeout. So do the mail handler's: the
+    // relay's timeout (300 ms) does not end a wait for a relay that never sends its greeting
+    // (seen: the attempt runs to the handler's budget, whatever that budget is).
+    let (_dir, engine) = start_with(
+        &capability_config(
+            relay_port,
+            300,
+            &api,
+            10_000,
+            "[handlers.limits]\ntimeout_ms = 600\n",
+            "[handlers.limits]\ntimeout_ms = 600\n",
+        ),
+        "unused",
+    );
+    let client = reqwest::Client::new();
+
+    let began = Instant::now();
+    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
+    assert_eq!(status, 202, "{body}");
+    let accepted_in = began.elapsed();
+    // While those two are stuck, the log handler's deliveries keep coming.
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+        others.push(event_id(&body));
+    }
+    for id in &others {
+        let log = delivered(&client, &engine, id, "log").await;
+        assert_eq!(log["state"], "succeeded", "{log:#}");
+    }
+    assert_healthy(&client, &engine.url).await;
+
+    let event = settled(&client, &engine, &event_id(&body)).await;
+    assert_failed_by_policy(
+        delivery(&event, "mail"),
+        "timed-out",
+        "timed out after 600 ms",
+    );
+    assert_failed_by_policy(
+        delivery(&event, "history"),
+        "timed-out",
+        "timed out after 600 ms",
+    );
+    assert_eq!(delivery(&event, "log")["state"], "succeeded", "{event:#}");
+    assert!(
+        accepted_in < Duration::from_secs(1),
+        "ingest waited {accepted_in:?}"
+    );
+    assert_healthy(&client, &engine.url).await;
+    drop((silent_relay, silent_api));
+}
