@@ -168,6 +168,8 @@ impl Steady {
 
     /// Stops, and checks that every event was accepted in time.
     async fn finish(self, engine: &EngineProcess) {
+        // Long enough for a few events even when the attack was over quickly.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         self.stop.store(true, Ordering::Relaxed);
         let (accepted, failures) = self.task.await.expect("steady client");
         assert!(

@@ -34,7 +34,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -311,13 +311,30 @@ enum Phase {
 #[derive(Debug)]
 struct Clock {
     state: Mutex<(Phase, Instant)>,
+    /// The connection task, as last seen waiting for bytes: hyper does not read again after a
+    /// response until it is woken, so a phase change wakes it to arm the new deadline.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Clock {
     fn new() -> Arc<Self> {
         Arc::new(Clock {
             state: Mutex::new((Phase::Head, Instant::now())),
+            waker: Mutex::new(None),
         })
+    }
+
+    fn waiting(&self, waker: &Waker) {
+        let mut current = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        if !current.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *current = Some(waker.clone());
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            waker.wake_by_ref();
+        }
     }
 
     fn get(&self) -> (Phase, Instant) {
@@ -326,6 +343,7 @@ impl Clock {
 
     fn set(&self, phase: Phase) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (phase, Instant::now());
+        self.wake();
     }
 
     /// Bytes arrived: an idle connection is now reading a request head.
@@ -435,10 +453,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => match this.expired(cx) {
-                Some(phase) => Poll::Ready(Err(this.timed_out(phase))),
-                None => Poll::Pending,
-            },
+            Poll::Pending => {
+                this.clock.waiting(cx.waker());
+                match this.expired(cx) {
+                    Some(phase) => Poll::Ready(Err(this.timed_out(phase))),
+                    None => Poll::Pending,
+                }
+            }
         }
     }
 }
@@ -690,9 +711,13 @@ where
         .serve_connection(TokioIo::new(guarded), service);
     tokio::pin!(connection);
     let mut stop = shared.stop;
+    // The watch guard is dropped inside: it must not be held across the select.
+    let stopping = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        _ = stop.wait_for(|stop| *stop) => {
+        () = stopping => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }

@@ -63,8 +63,9 @@ pub struct ReloadReport {
     pub restart_required: Vec<String>,
 }
 
-/// The accepted bearer tokens; a reload replaces them. Empty: no authentication.
-#[derive(Debug, Default)]
+/// The accepted bearer tokens; a reload replaces them. Empty: no authentication. No `Debug`:
+/// the values are secrets.
+#[derive(Default)]
 pub struct BearerTokens {
     current: RwLock<Arc<Vec<String>>>,
 }
