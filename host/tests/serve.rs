@@ -827,7 +827,8 @@ async fn a_reload_reads_the_token_file_again_and_says_what_needs_a_restart() {
         .await
         .expect("reload");
     assert_eq!(response.status().as_u16(), 200);
-    let report: Value = response.json().await.expect("report");
+    let report: Value =
+        serde_json::from_str(&response.text().await.expect("report")).expect("report JSON");
     assert_eq!(
         report["secrets_reloaded"],
         json!(["server.tokens"]),
