@@ -45,6 +45,16 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
 /// The engine's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -61,6 +71,10 @@ pub struct Metrics {
     store_failures: Family<ReasonLabels, Counter>,
     forwarders: Gauge,
     forwarder_silence: Gauge,
+    connections_open: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
+    connections_timed_out: Family<PhaseLabels, Counter>,
+    bodies_too_large: Counter,
 }
 
 impl Default for Metrics {
@@ -150,8 +164,38 @@ impl Metrics {
             "Seconds since the quietest known forwarder last had an event accepted",
             forwarder_silence.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "jobhook_connections_open",
+            "HTTP connections open now (counted against [server] max_connections)",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "jobhook_connections_refused",
+            "HTTP connections refused at accept, by the cap that was reached \
+             (max_connections, max_connections_per_client)",
+            connections_refused.clone(),
+        );
+        let connections_timed_out = Family::<PhaseLabels, Counter>::default();
+        registry.register(
+            "jobhook_connections_timed_out",
+            "HTTP connections closed or requests refused because the client was too slow, by \
+             phase (header, body, idle)",
+            connections_timed_out.clone(),
+        );
+        let bodies_too_large = Counter::default();
+        registry.register(
+            "jobhook_request_bodies_too_large",
+            "Ingest requests answered 413 because the body exceeds [server] max_body_bytes",
+            bodies_too_large.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            connections_open,
+            connections_refused,
+            connections_timed_out,
+            bodies_too_large,
             replays,
             key_conflicts,
             store_failures,
@@ -179,6 +223,31 @@ impl Metrics {
     /// Counts a refused ingest request.
     pub fn event_rejected(&self) {
         self.rejected.inc();
+    }
+
+    /// Tracks open HTTP connections.
+    pub fn connections_open(&self, delta: i64) {
+        self.connections_open.inc_by(delta);
+    }
+
+    /// Counts a connection refused because the cap named `reason` was reached.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a connection or request given up on because the client was too slow in `phase`
+    /// (`header`, `body`, `idle`).
+    pub fn connection_timed_out(&self, phase: &'static str) {
+        self.connections_timed_out
+            .get_or_create(&PhaseLabels { phase })
+            .inc();
+    }
+
+    /// Counts an ingest request refused with 413.
+    pub fn body_too_large(&self) {
+        self.bodies_too_large.inc();
     }
 
     /// Counts a request answered with an earlier request's event (same idempotency key).

@@ -1,5 +1,6 @@
 //! Secrets in configuration: given *by reference* (an environment variable or a file), resolved
-//! once when the engine starts, and never printed.
+//! when the configuration is read (at start, and again on every reload: see
+//! [`crate::app::secrets`] for which of them a reload applies), and never printed.
 //!
 //! A configuration file is copied, diffed, pasted into tickets and checked into repositories, so
 //! it must not hold a password. [`SecretRef`] is what an operator writes:

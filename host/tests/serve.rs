@@ -309,9 +309,12 @@ async fn bad_input_gets_400_with_the_reason() {
 
     let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(200_000));
     let (status, body) = post_raw(&engine, huge, None).await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 413);
     assert!(
-        body["error"].as_str().unwrap_or("").contains("larger than"),
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("larger than the limit of 65536 bytes"),
         "{body}"
     );
 
@@ -788,4 +791,122 @@ async fn an_idempotency_key_commits_one_event_across_restarts() {
     assert_eq!(after["(replayed)"], json!(true));
     let event = settled(&engine, &event_id).await;
     assert_eq!(delivery(&event, "all")["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_reload_reads_the_token_file_again_and_says_what_needs_a_restart() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    std::fs::write(dir.join("token"), "first-token\n").expect("write");
+    std::fs::write(dir.join("kf-token"), "kf-first").expect("write");
+    let server = "tokens = [{ file = \"token\" }]";
+    let keyfactor = "[keyfactor]\nbase_url = \"https://keyfactor.example.com/KeyfactorAPI\"\n\
+                     auth = { kind = \"bearer\", token = { file = \"kf-token\" } }\n";
+    let write_config = || {
+        let config = setup.config(keyfactor);
+        let text = std::fs::read_to_string(&config).expect("read");
+        std::fs::write(
+            &config,
+            text.replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:0\"\n{server}"),
+            ),
+        )
+        .expect("write");
+        config
+    };
+    let config = write_config();
+    let engine = EngineProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &dir.join("engine.log"),
+    );
+    let body = sample_context_json().to_string();
+    let (status, _) = post_raw(&engine, body.clone(), Some("first-token")).await;
+    assert_eq!(status, 202);
+    let (status, _) = post_raw(&engine, body.clone(), Some("second-token")).await;
+    assert_eq!(status, 401);
+
+    // The token file is rewritten and the reload endpoint called (with the old token, which is
+    // still the valid one): the new token works, the old one no longer does.
+    std::fs::write(dir.join("token"), "second-token\n").expect("write");
+    let response = client()
+        .post(format!("{}/v1/admin/reload", engine.url))
+        .bearer_auth("first-token")
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(response.status().as_u16(), 200);
+    let report: Value =
+        serde_json::from_str(&response.text().await.expect("report")).expect("report JSON");
+    assert_eq!(
+        report["secrets_reloaded"],
+        json!(["server.tokens"]),
+        "{report}"
+    );
+    assert_eq!(report["restart_required"], json!([]), "{report}");
+    let (status, _) = post_raw(&engine, body.clone(), Some("first-token")).await;
+    assert_eq!(status, 401);
+    let (status, _) = post_raw(&engine, body.clone(), Some("second-token")).await;
+    assert_eq!(status, 202);
+
+    // SIGHUP does the same; the Keyfactor credential, which only a start reads, is reported
+    // as needing a restart instead of being kept silently.
+    std::fs::write(dir.join("token"), "third-token").expect("write");
+    std::fs::write(dir.join("kf-token"), "kf-second").expect("write");
+    engine.hangup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = post_raw(&engine, body.clone(), Some("third-token")).await;
+        if status == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply the new token:\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = post_raw(&engine, body.clone(), Some("second-token")).await;
+    assert_eq!(status, 401);
+    let log = engine.log_text();
+    assert!(
+        log.contains("secrets changed on reload and are in use now")
+            && log.contains("server.tokens"),
+        "{log}"
+    );
+    assert!(
+        log.contains("reload cannot apply this: keyfactor.auth: the secret changed"),
+        "{log}"
+    );
+    for value in [
+        "first-token",
+        "second-token",
+        "third-token",
+        "kf-first",
+        "kf-second",
+    ] {
+        assert!(
+            !log.contains(value),
+            "the log shows a secret value ({value}):\n{log}"
+        );
+    }
+
+    // A token file that cannot be read refuses the reload; the running tokens stay.
+    std::fs::remove_file(dir.join("token")).expect("remove");
+    let response = client()
+        .post(format!("{}/v1/admin/reload", engine.url))
+        .bearer_auth("third-token")
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(response.status().as_u16(), 400);
+    let text = response.text().await.expect("text");
+    assert!(
+        text.contains("server.tokens: cannot read the secret file"),
+        "{text}"
+    );
+    let (status, _) = post_raw(&engine, body, Some("third-token")).await;
+    assert_eq!(status, 202);
 }

@@ -282,3 +282,121 @@ fn exposed_listeners_need_tls_for_tokens_and_some_authentication() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A raw TLS client trusting `ca`, from the loopback address `from`.
+async fn tls_connect(
+    ca: &TestCa,
+    from: &str,
+    to: std::net::SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("CA"))
+        .expect("CA");
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tcp_connect(from, to).await;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(rustls_pki_types::ServerName::from(to.ip()), tcp)
+        .await
+}
+
+async fn tcp_connect(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    let local: std::net::IpAddr = from.parse().expect("address");
+    socket
+        .bind(std::net::SocketAddr::new(local, 0))
+        .expect("bind");
+    socket.connect(to).await.expect("connect")
+}
+
+#[tokio::test]
+async fn tls_connections_get_the_header_timeout_the_caps_and_the_body_limit() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let setup = Setup::new();
+    let ca = TestCa::new("jobhook test CA");
+    setup.write_server(&ca.server_cert(1));
+    let engine = setup.start(
+        "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }\n\
+         header_read_timeout_ms = 600\nmax_body_bytes = 4096\nmax_connections_per_client = 4",
+    );
+    let to: std::net::SocketAddr = engine
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .expect("address");
+
+    // Headers that never end, after a completed handshake: closed after the header timeout.
+    let mut slow = tls_connect(&ca, "127.0.0.1", to).await.expect("handshake");
+    slow.write_all(b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_millis(2100), slow.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a TLS connection with an unfinished request head is still open: {closed:?}"
+    );
+
+    // A Content-Length over the limit: 413 naming it, over TLS.
+    let mut big = tls_connect(&ca, "127.0.0.1", to).await.expect("handshake");
+    big.write_all(b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut text)).await;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        text.contains("larger than the limit of 4096 bytes"),
+        "{text}"
+    );
+
+    // Four connections from one address that never start a handshake fill its cap: a fifth
+    // from there is closed without a handshake, another address still gets in.
+    drop((slow, big));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tcp_connect("127.0.0.1", to).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tls_connect(&ca, "127.0.0.1", to).await {
+            Err(_) => break,
+            // A connection that closed a moment ago may not have given its place back yet.
+            Ok(_) => assert!(Instant::now() < deadline, "a fifth connection was admitted"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let other = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).expect("CA"))
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().expect("address"))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let status = other
+        .post(format!("{}/v1/job-complete", engine.url))
+        .header("content-type", "application/json")
+        .body(sample_context_json().to_string())
+        .send()
+        .await
+        .expect("POST from another address")
+        .status();
+    assert_eq!(status, 202);
+    assert!(
+        engine
+            .log_text()
+            .contains("connection refused: [server] max_connections_per_client (4) reached"),
+        "{}",
+        engine.log_text()
+    );
+    drop(held);
+}

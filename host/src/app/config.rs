@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::app::connections::{self, ConnectionLimits};
 use crate::app::tls::TlsConfig;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::{Capability, Grants, ServicesConfig};
@@ -106,6 +107,34 @@ pub struct ServerConfig {
     /// than under `[store]` (which only keeps the keys).
     #[serde(rename = "idempotency_retention_ms", with = "crate::duration_ms")]
     pub idempotency_retention: Duration,
+    /// How long a connection may take to deliver a complete request head, in milliseconds
+    /// (from accept, or from the first byte of a kept-alive connection's next request): slow
+    /// clients (headers trickled a byte at a time) cannot hold connections.
+    #[serde(rename = "header_read_timeout_ms", with = "crate::duration_ms")]
+    pub header_read_timeout: Duration,
+    /// How long the ingest request body may take to arrive, in milliseconds; over it: `408`.
+    #[serde(rename = "body_read_timeout_ms", with = "crate::duration_ms")]
+    pub body_read_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request, in milliseconds.
+    #[serde(rename = "idle_timeout_ms", with = "crate::duration_ms")]
+    pub idle_timeout: Duration,
+    /// Connections open at once; more are refused (plain HTTP: `503`; TLS: closed).
+    pub max_connections: usize,
+    /// Connections open at once from one client IP address; more are refused the same way.
+    pub max_connections_per_client: usize,
+}
+
+impl ServerConfig {
+    /// The listener's caps and timeouts.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -121,6 +150,11 @@ impl Default for ServerConfig {
             allow_plaintext_tokens: false,
             allow_unauthenticated: false,
             idempotency_retention: crate::sources::idempotency::DEFAULT_RETENTION,
+            header_read_timeout: connections::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: connections::DEFAULT_BODY_READ_TIMEOUT,
+            idle_timeout: connections::DEFAULT_IDLE_TIMEOUT,
+            max_connections: connections::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: connections::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
         }
     }
 }
@@ -360,6 +394,10 @@ impl Validator<'_> {
                 ),
             ));
         }
+        server
+            .connection_limits()
+            .validate()
+            .map_err(|e| self.error(None, &e))?;
         if let Some(tls) = &server.tls {
             tls.validate()
                 .map_err(|e| self.error(self.line(e.span.clone()), &e.to_string()))?;
@@ -672,6 +710,50 @@ job_types = ["*"]
                     .contains("idempotency_retention_ms must be between"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_checked() {
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.server.connection_limits(), ConnectionLimits::default());
+        let set = f
+            .parse(&format!(
+                "[server]\nheader_read_timeout_ms = 500\nbody_read_timeout_ms = 600\n\
+                 idle_timeout_ms = 700\nmax_connections = 20\nmax_connections_per_client = 5\n\
+                 {MINIMAL}"
+            ))
+            .unwrap()
+            .server
+            .connection_limits();
+        assert_eq!(set.header_read_timeout, Duration::from_millis(500));
+        assert_eq!(set.body_read_timeout, Duration::from_millis(600));
+        assert_eq!(set.idle_timeout, Duration::from_millis(700));
+        assert_eq!(
+            (set.max_connections, set.max_connections_per_client),
+            (20, 5)
+        );
+        for (bad, says) in [
+            (
+                "idle_timeout_ms = 0",
+                "idle_timeout_ms must be between 100 and 600000",
+            ),
+            (
+                "body_read_timeout_ms = 600001",
+                "body_read_timeout_ms must be between",
+            ),
+            (
+                "max_connections = 0",
+                "max_connections must be between 1 and 65536",
+            ),
+            (
+                "max_connections = 10\nmax_connections_per_client = 11",
+                "max_connections_per_client must be between 1 and max_connections (10)",
+            ),
+        ] {
+            let e = f.parse(&format!("[server]\n{bad}\n{MINIMAL}")).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
         }
     }
 

@@ -2,7 +2,9 @@
 //!
 //! - [`config`]: the TOML configuration file, assembled from the sections each part owns;
 //! - [`server`]: `jobhook serve` — wires the sources, the queue and the runtime together;
+//! - [`connections`]: the listener — connection caps, read timeouts, lingering close;
 //! - [`tls`]: `[server] tls` — HTTPS and client certificates on the listener, reloadable;
+//! - [`secrets`]: which secrets a reload applies, and which only a restart does;
 //! - [`migrate`]: `jobhook import` (Keyfactor registrations to `[[handlers]]`) and
 //!   `jobhook forwarder-config` (the forwarder's Keyfactor registration);
 //! - [`cli`]: the `jobhook` command line;
@@ -15,9 +17,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod devtools;
 pub mod engine_args;
 pub mod jobtypes;
 pub mod migrate;
+pub mod secrets;
 pub mod server;
 pub mod tls;

@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::app::config::Config;
-use crate::app::tls::{TlsListener, TlsState};
+use crate::app::connections;
+use crate::app::secrets::{self, StartOnlySecrets};
+use crate::app::tls::TlsState;
 use crate::capabilities::{ServiceEnv, Services};
 use crate::metrics::Metrics;
 use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
@@ -21,7 +23,7 @@ use crate::runtime::engine::Engine;
 use crate::runtime::loader::LoadOptions;
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::SandboxSpec;
-use crate::sources::api::{self, AppState, Reloader};
+use crate::sources::api::{self, AppState, BearerTokens, ReloadReport, Reloader};
 use crate::sources::forwarders::Forwarders;
 use crate::sources::idempotency;
 use crate::sources::poller::Poller;
@@ -157,7 +159,7 @@ pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
 /// `jobhook serve`: runs until SIGTERM or ctrl-c.
 pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let tokens = config.resolve_tokens()?;
+    let tokens = Arc::new(BearerTokens::new(config.resolve_tokens()?));
     // One pool slot per delivery the dispatcher may run at once: no delivery ever waits for a
     // slot, and no slot is reserved that could never be used.
     let slots = u32::try_from(config.engine.max_concurrent_deliveries).unwrap_or(u32::MAX);
@@ -207,20 +209,23 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
         config.engine.max_concurrent_deliveries,
         config.store.lease,
     );
-    let reload = reloader(
-        path.clone(),
-        engine.clone(),
-        services.clone(),
-        Arc::clone(&dispatcher),
-        handlers,
-        tls.clone(),
-    );
+    let reload = reloader(Running {
+        config: config.clone(),
+        secrets: StartOnlySecrets::read(&config),
+        engine: engine.clone(),
+        services: services.clone(),
+        dispatcher: Arc::clone(&dispatcher),
+        tls: tls.clone(),
+        tokens: Arc::clone(&tokens),
+        initial: handlers,
+    });
     let state = AppState {
         store,
         dispatcher: Arc::clone(&dispatcher),
-        metrics,
-        tokens: Arc::new(tokens),
+        metrics: Arc::clone(&metrics),
+        tokens,
         max_body_bytes: config.server.max_body_bytes,
+        body_read_timeout: config.server.body_read_timeout,
         reload: Arc::clone(&reload),
         idempotency_retention: config.server.idempotency_retention,
         forwarders: Arc::new(Forwarders::new()),
@@ -252,25 +257,32 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     ));
     spawn_sighup_reload(reload);
     let router = api::router(state);
-    match tls {
-        None => {
-            println!("{READY_LINE}{address}");
-            tracing::info!(%address, data_dir = %config.store.data_dir.display(), "serving");
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .context("the HTTP server failed")?;
-        }
-        Some(tls) => {
-            let listener = TlsListener::spawn(listener, tls)?;
-            println!("{READY_LINE_TLS}{address}");
-            tracing::info!(%address, data_dir = %config.store.data_dir.display(), "serving over TLS");
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .context("the HTTP server failed")?;
-        }
-    }
+    let limits = config.server.connection_limits();
+    let scheme = if tls.is_some() {
+        println!("{READY_LINE_TLS}{address}");
+        "https"
+    } else {
+        println!("{READY_LINE}{address}");
+        "http"
+    };
+    tracing::info!(
+        %address,
+        scheme,
+        data_dir = %config.store.data_dir.display(),
+        max_connections = limits.max_connections,
+        max_connections_per_client = limits.max_connections_per_client,
+        "serving"
+    );
+    connections::serve(
+        listener,
+        tls,
+        router,
+        limits,
+        metrics,
+        shutdown_signal(),
+        config.server.shutdown_grace,
+    )
+    .await;
     tracing::info!("no longer accepting events; finishing running deliveries");
     dispatcher.stop();
     let _ = worker.await;
@@ -278,30 +290,54 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A reload: read and validate the file, load changed handlers, swap them in. On any error the
-/// running configuration stays.
-fn reloader(
-    path: PathBuf,
+/// What a reload starts from: the configuration and parts built at start, and the handlers
+/// loaded last.
+struct Running {
+    /// The configuration `serve` started with: what the start-only parts were built from.
+    config: Config,
+    /// The secrets those parts use, as read at start.
+    secrets: StartOnlySecrets,
     engine: Engine,
     services: Services,
     dispatcher: Arc<Dispatcher>,
-    initial: LoadedHandlers,
     tls: Option<TlsState>,
-) -> Reloader {
-    let current = Arc::new(tokio::sync::Mutex::new(initial));
+    tokens: Arc<BearerTokens>,
+    initial: LoadedHandlers,
+}
+
+/// A reload: read and validate the file and every secret it references, load changed handlers,
+/// swap them and the tokens in, and report what only a restart would apply
+/// ([`secrets::restart_required`]). On any error the running configuration stays.
+fn reloader(running: Running) -> Reloader {
+    let Running {
+        config: started,
+        secrets: started_secrets,
+        engine,
+        services,
+        dispatcher,
+        tls,
+        tokens,
+        initial,
+    } = running;
+    let path = started.path.clone();
+    let current = Arc::new(tokio::sync::Mutex::new((initial, started.clone())));
+    let started = Arc::new((started, started_secrets));
     Arc::new(move || {
-        let (path, engine, services, dispatcher, current, tls) = (
+        let (path, engine, services, dispatcher, current, tls, tokens, started) = (
             path.clone(),
             engine.clone(),
             services.clone(),
             Arc::clone(&dispatcher),
             Arc::clone(&current),
             tls.clone(),
+            Arc::clone(&tokens),
+            Arc::clone(&started),
         );
         Box::pin(async move {
             let mut current = current.lock().await;
             let result = async {
                 let config = Config::load(&path)?;
+                let new_tokens = config.resolve_tokens()?;
                 // The certificate is read (again) and checked before anything is swapped.
                 let tls_config = match (&tls, &config.server.tls) {
                     (Some(_), Some(new)) => Some(
@@ -315,21 +351,47 @@ fn reloader(
                         config.path.display()
                     ),
                 };
-                let set = load_handlers(&engine, &services, &config, Some(&current)).await?;
-                Ok((set, tls_config))
+                let set = load_handlers(&engine, &services, &config, Some(&current.0)).await?;
+                Ok((config, new_tokens, set, tls_config))
             }
             .await;
             match result {
-                Ok((set, tls_config)) => {
-                    let names = set.names();
+                Ok((config, new_tokens, set, tls_config)) => {
+                    let mut report = ReloadReport {
+                        handlers: set.names(),
+                        ..ReloadReport::default()
+                    };
+                    if *tokens.current() != new_tokens {
+                        tokens.replace(new_tokens);
+                        report.secrets_reloaded.push("server.tokens".to_owned());
+                    }
+                    report
+                        .secrets_reloaded
+                        .extend(secrets::handler_secrets_changed(&current.1, &config));
+                    let (started, started_secrets) = &*started;
+                    report.restart_required = secrets::restart_required(
+                        started,
+                        started_secrets,
+                        &config,
+                        &StartOnlySecrets::read(&config),
+                    );
                     dispatcher.replace_registry(set.registry());
-                    *current = set;
+                    *current = (set, config);
                     if let (Some(state), Some(new)) = (&tls, tls_config) {
                         state.replace(new);
                         tracing::info!("TLS certificate reloaded");
                     }
-                    tracing::info!(handlers = ?names, "configuration reloaded");
-                    Ok(names)
+                    if !report.secrets_reloaded.is_empty() {
+                        tracing::info!(
+                            secrets = ?report.secrets_reloaded,
+                            "secrets changed on reload and are in use now"
+                        );
+                    }
+                    for note in &report.restart_required {
+                        tracing::warn!("reload cannot apply this: {note}");
+                    }
+                    tracing::info!(handlers = ?report.handlers, "configuration reloaded");
+                    Ok(report)
                 }
                 Err(e) => {
                     tracing::error!("configuration reload refused, keeping the running one: {e:#}");

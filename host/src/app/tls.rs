@@ -15,7 +15,6 @@
 //! new certificate, established ones keep theirs. The rustls stack is the one reqwest already
 //! builds, with the `ring` provider.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -25,10 +24,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use toml::Spanned;
 
 /// Largest PEM file read: a chain of a few certificates is a few KiB; a CA bundle perhaps a
@@ -39,12 +35,9 @@ pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
 /// a slow or silent client must not hold a handshake slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Handshakes in progress at once; further connections wait in the kernel's backlog. Bounds the
-/// memory and CPU an unauthenticated peer can claim.
+/// Handshakes in progress at once; further accepted connections wait for a slot (within
+/// [`HANDSHAKE_TIMEOUT`]). Bounds the memory and CPU unauthenticated peers can claim.
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
-
-/// Established TLS connections waiting for the HTTP server to pick them up.
-const ACCEPTED_QUEUE: usize = 64;
 
 /// `[server] tls`, as written (paths rebased on the configuration file's directory by
 /// [`TlsConfig::rebase`]).
@@ -223,77 +216,12 @@ impl TlsState {
         }
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    /// An acceptor with the current configuration, for one new connection.
+    pub fn acceptor(&self) -> TlsAcceptor {
         let config = match self.current.read() {
             Ok(current) => Arc::clone(&current),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         };
         TlsAcceptor::from(config)
-    }
-}
-
-/// A listener for `axum::serve` that hands over connections once their TLS handshake is done.
-/// Handshakes run in tasks of their own (bounded by [`MAX_PENDING_HANDSHAKES`] and
-/// [`HANDSHAKE_TIMEOUT`]), so a slow client never holds up the others.
-pub struct TlsListener {
-    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    /// Accepts on `tcp` with the configuration `state` holds at each connection.
-    pub fn spawn(tcp: TcpListener, state: TlsState) -> std::io::Result<Self> {
-        let local = tcp.local_addr()?;
-        let (tx, accepted) = mpsc::channel(ACCEPTED_QUEUE);
-        let slots = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                    return;
-                };
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("accepting a connection failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let acceptor = state.acceptor();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { accepted, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(accepted) => accepted,
-            // The accept task only ends when this listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }

@@ -13,20 +13,28 @@
 //! - `GET /healthz` (never authenticated) and `GET /metrics`.
 //!
 //! With `server.tokens` configured every endpoint but `/healthz` needs
-//! `Authorization: Bearer <token>`.
+//! `Authorization: Bearer <token>`; a reload replaces the accepted tokens ([`BearerTokens`]).
+//!
+//! The ingest body is limited in size and time: a `Content-Length` over `max_body_bytes` is
+//! answered `413` before any of the body is read, a chunked body that grows past it `413` as
+//! soon as it does, and a body that does not arrive within `body_read_timeout` `408`; each of
+//! these closes the connection after the answer (`Connection: close`), since the rest of the
+//! body is not wanted.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::{Body, to_bytes};
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
+use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -37,11 +45,55 @@ use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreErro
 use crate::sources::forwarders::{self, Forwarders};
 use crate::sources::idempotency;
 
-/// Reloads the configuration: resolves to the loaded handler names, or to the reason the new
+/// Reloads the configuration: resolves to what the reload did, or to the reason the new
 /// configuration was refused (the running one then stays).
 pub type Reloader = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send>> + Send + Sync,
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<ReloadReport, String>> + Send>> + Send + Sync,
 >;
+
+/// What a successful reload did; the reload endpoint answers with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReloadReport {
+    /// The handlers loaded now.
+    pub handlers: Vec<String>,
+    /// Secrets read again and now in use (by name, e.g. `server.tokens`; never a value).
+    pub secrets_reloaded: Vec<String>,
+    /// Settings and secrets that changed but are used only from the next start: what an
+    /// operator must restart for. Each entry names the key and says so.
+    pub restart_required: Vec<String>,
+}
+
+/// The accepted bearer tokens; a reload replaces them. Empty: no authentication. No `Debug`:
+/// the values are secrets.
+#[derive(Default)]
+pub struct BearerTokens {
+    current: RwLock<Arc<Vec<String>>>,
+}
+
+impl BearerTokens {
+    /// Starts with `tokens`.
+    pub fn new(tokens: Vec<String>) -> Self {
+        BearerTokens {
+            current: RwLock::new(Arc::new(tokens)),
+        }
+    }
+
+    /// The tokens accepted now.
+    pub fn current(&self) -> Arc<Vec<String>> {
+        match self.current.read() {
+            Ok(current) => Arc::clone(&current),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// From now on only `tokens` are accepted.
+    pub fn replace(&self, tokens: Vec<String>) {
+        match self.current.write() {
+            Ok(mut current) => *current = Arc::new(tokens),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(tokens),
+        }
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -53,9 +105,11 @@ pub struct AppState {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Accepted bearer tokens; empty = no authentication.
-    pub tokens: Arc<Vec<String>>,
+    pub tokens: Arc<BearerTokens>,
     /// Largest request body read.
     pub max_body_bytes: usize,
+    /// How long the ingest body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Configuration reload.
     pub reload: Reloader,
     /// How long an `Idempotency-Key` holds.
@@ -86,7 +140,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if state.tokens.is_empty() {
+    let tokens = state.tokens.current();
+    if tokens.is_empty() {
         return next.run(request).await;
     }
     let presented = request
@@ -96,7 +151,7 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let ok = presented.is_some_and(|p| {
-        state.tokens.iter().fold(false, |found, t| {
+        tokens.iter().fold(false, |found, t| {
             found | constant_time_eq(p.as_bytes(), t.as_bytes())
         })
     });
@@ -125,7 +180,48 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The response header that marks an answer to a resend (the original event, nothing new).
 pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 
-async fn job_complete(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+/// An answer after which the connection is closed: the rest of the request body is unwanted.
+fn error_and_close(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut response = error(status, message);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+async fn job_complete(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // The listener records the peer on every request; absent only when the router is driven
+    // by something else.
+    let peer = peer
+        .map(|Extension(ConnectInfo(peer))| peer.to_string())
+        .unwrap_or_default();
+    let too_large = |state: &AppState| {
+        state.metrics.event_rejected();
+        state.metrics.body_too_large();
+        error_and_close(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the limit of {} bytes ([server] \
+                 max_body_bytes); a job context is a few hundred bytes",
+                state.max_body_bytes
+            ),
+        )
+    };
+    // Refused before a byte of the body is read.
+    if let Some(length) = headers.get(header::CONTENT_LENGTH)
+        && length
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_some_and(|l| l > state.max_body_bytes as u64)
+    {
+        return too_large(&state);
+    }
     let key = match idempotency::key_of(&headers) {
         Ok(key) => key,
         Err(e) => {
@@ -134,16 +230,31 @@ async fn job_complete(State(state): State<AppState>, headers: HeaderMap, body: B
         }
     };
     let forwarder = forwarders::name_of(&headers);
-    let bytes = match to_bytes(body, state.max_body_bytes).await {
+    let bytes = match read_body(body, state.max_body_bytes, state.body_read_timeout).await {
         Ok(b) => b,
-        Err(_) => {
+        Err(BodyError::TooLarge) => return too_large(&state),
+        Err(BodyError::TimedOut) => {
             state.metrics.event_rejected();
-            return error(
-                StatusCode::BAD_REQUEST,
+            state.metrics.connection_timed_out("body");
+            tracing::info!(
+                %peer,
+                "request refused: its body did not arrive within [server] body_read_timeout_ms \
+                 ({} ms)",
+                state.body_read_timeout.as_millis()
+            );
+            return error_and_close(
+                StatusCode::REQUEST_TIMEOUT,
                 format!(
-                    "request body is larger than {} bytes, or could not be read",
-                    state.max_body_bytes
+                    "the request body did not arrive within {} ms ([server] body_read_timeout_ms)",
+                    state.body_read_timeout.as_millis()
                 ),
+            );
+        }
+        Err(BodyError::Broken(e)) => {
+            state.metrics.event_rejected();
+            return error_and_close(
+                StatusCode::BAD_REQUEST,
+                format!("the request body could not be read: {e}"),
             );
         }
     };
@@ -278,7 +389,13 @@ async fn forwarder_list(State(state): State<AppState>) -> Response {
 
 async fn reload(State(state): State<AppState>) -> Response {
     match (state.reload)().await {
-        Ok(names) => axum::Json(json!({ "reloaded": true, "handlers": names })).into_response(),
+        Ok(report) => axum::Json(json!({
+            "reloaded": true,
+            "handlers": report.handlers,
+            "secrets_reloaded": report.secrets_reloaded,
+            "restart_required": report.restart_required,
+        }))
+        .into_response(),
         Err(e) => error(
             StatusCode::BAD_REQUEST,
             format!("configuration refused, the running one stays: {e}"),
@@ -314,14 +431,71 @@ async fn metrics(State(state): State<AppState>) -> Response {
     (headers, text).into_response()
 }
 
+/// Reads a request body of at most `limit` bytes within `timeout`.
+pub async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<bytes::Bytes, BodyError> {
+    use http_body_util::BodyExt as _;
+    let read = async {
+        let mut body = body;
+        let mut bytes = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                if data.len() > limit.saturating_sub(bytes.len()) {
+                    return Err(BodyError::TooLarge);
+                }
+                bytes.extend_from_slice(&data);
+            }
+        }
+        Ok(bytes.freeze())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(BodyError::TimedOut),
+    }
+}
+
+/// Why a request body was not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// It is longer than the limit.
+    #[error("the request body is larger than the limit")]
+    TooLarge,
+    /// It did not arrive in time.
+    #[error("the request body did not arrive within the time allowed")]
+    TimedOut,
+    /// The connection failed or the framing was wrong.
+    #[error("the request body could not be read: {0}")]
+    Broken(String),
+}
+
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
 
     #[test]
     fn token_comparison() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused() {
+        let body = axum::body::Body::from(vec![b'x'; 100]);
+        assert_eq!(
+            read_body(body, 99, Duration::from_secs(1)).await,
+            Err(BodyError::TooLarge)
+        );
+        let body = axum::body::Body::from(vec![b'x'; 100]);
+        assert_eq!(
+            read_body(body, 100, Duration::from_secs(1))
+                .await
+                .map(|b| b.len()),
+            Ok(100)
+        );
     }
 }

@@ -1,0 +1,773 @@
+//! The listener of `jobhook serve`: accepts connections (plain HTTP or TLS), gives each a place
+//! under the connection caps, and bounds how long a connection may stay silent, so that idle,
+//! slow or half-sent connections cannot pile up until file descriptors run out and valid events
+//! time out.
+//!
+//! - **Caps.** At most `[server] max_connections` connections are open at once, and at most
+//!   `max_connections_per_client` from one client IP address. A plain-HTTP connection over a
+//!   cap is answered `503 Service Unavailable` with a one-line text body naming the cap,
+//!   `Retry-After: 1` and `Connection: close`, then closed; a TLS connection over a cap is
+//!   closed right after accept (no handshake is spent on it, and a plain-text answer would be
+//!   unreadable to a TLS client). Either way `jobhook_connections_refused_total{reason}` counts
+//!   it and a warning is logged, at most once a second with the number refused.
+//! - **Request head.** A new connection must deliver a complete request head within
+//!   `header_read_timeout_ms` of being accepted, and a kept-alive connection within that time of
+//!   the first byte of its next request; otherwise it is closed (headers trickled a byte at a
+//!   time cannot hold a connection).
+//! - **Idle.** A kept-alive connection that starts no new request within `idle_timeout_ms` of
+//!   its previous response is closed; so is one whose client stops reading a response.
+//! - **Body.** The ingest endpoint reads its body within `body_read_timeout_ms` (see
+//!   [`crate::sources::api::read_body`]), or answers `408` and closes.
+//! - **Lingering close.** When the server closes a connection after a response (for example a
+//!   `413` sent before an oversized body was read), it first shuts its sending side and reads
+//!   and discards what the client still sends, for at most [`LINGER_TIMEOUT`] and
+//!   [`LINGER_MAX_BYTES`]: closing at once with unread data would reset the connection and could
+//!   destroy the response before the client reads it.
+//!
+//! hyper's own `header_read_timeout` is not used: its clock starts whenever a connection waits
+//! for a request head, so it cannot give an idle kept-alive connection a longer allowance than
+//! a slow request head. The clock here ([`Clock`]) knows the difference.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Sleep;
+
+use crate::app::tls::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, TlsState};
+use crate::metrics::Metrics;
+
+/// Default for `[server] header_read_timeout_ms`: a client sends its request head in one or two
+/// packets, so 10 s is generous on any link; a slow-loris client holds a connection no longer.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for `[server] body_read_timeout_ms`: a context is a few hundred bytes and the body at
+/// most `max_body_bytes` (64 KiB by default); 10 s is ample for that even on a slow link.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for `[server] idle_timeout_ms`: long enough for a forwarder to reuse its connection
+/// between events in a busy period, short enough that forgotten connections give their file
+/// descriptors back within a minute.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default for `[server] max_connections`. Each connection is a file descriptor, and a process's
+/// soft limit is often 1,024; 512 leaves room for the store, components and outbound clients.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+/// Default for `[server] max_connections_per_client`: a forwarder in IIS opens up to about a
+/// dozen connections per CPU core; 128 covers a large Keyfactor server while one misbehaving
+/// address can take at most a quarter of [`DEFAULT_MAX_CONNECTIONS`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 128;
+
+/// Shortest timeout accepted: anything shorter would cut off clients on an ordinary network.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Longest timeout accepted: beyond it a timeout no longer protects anything.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Largest connection cap accepted (a port's worth; far beyond any file-descriptor limit).
+pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
+
+/// How long a closing connection keeps reading (and discarding) after the response, so that the
+/// response is not destroyed by a reset; see the module documentation.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How much a closing connection reads and discards at most before it closes anyway.
+pub const LINGER_MAX_BYTES: usize = 1024 * 1024;
+
+/// Refusals (503 answers to connections over a cap) being written at once; beyond it a refused
+/// connection is closed without an answer, so a flood cannot make refusing itself expensive.
+const MAX_REFUSALS_IN_FLIGHT: usize = 32;
+
+/// How long writing a refusal (and the short lingering read after it) may take.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bytes read and discarded after a refusal before it is closed.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+
+/// Back-off after a failed `accept` (out of file descriptors and the like), instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How often at most a refusal is logged (with the number refused since the last line).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The connection caps and timeouts of the listener (`[server]` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time to deliver a complete request head (from accept, or from the first byte of a
+    /// kept-alive connection's next request).
+    pub header_read_timeout: Duration,
+    /// Time to deliver the ingest request body.
+    pub body_read_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Connections open at once from one client IP address.
+    pub max_connections_per_client: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Checks every value; `Err` names the `[server]` key and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("header_read_timeout_ms", self.header_read_timeout),
+            ("body_read_timeout_ms", self.body_read_timeout),
+            ("idle_timeout_ms", self.idle_timeout),
+        ] {
+            if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&value) {
+                return Err(format!(
+                    "[server] {key} must be between {} and {} (milliseconds)",
+                    MIN_TIMEOUT.as_millis(),
+                    MAX_TIMEOUT.as_millis()
+                ));
+            }
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
+            return Err(format!(
+                "[server] max_connections must be between 1 and {MAX_CONNECTIONS_LIMIT}"
+            ));
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_client) {
+            return Err(format!(
+                "[server] max_connections_per_client must be between 1 and max_connections ({})",
+                self.max_connections
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` connections are open.
+    Total,
+    /// `max_connections_per_client` connections from this address are open.
+    PerClient,
+}
+
+impl Refusal {
+    /// The metric label and the name of the setting.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Refusal::Total => "max_connections",
+            Refusal::PerClient => "max_connections_per_client",
+        }
+    }
+}
+
+/// Counts open connections, in total and per client address.
+#[derive(Debug)]
+pub struct Admission {
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    open: Mutex<OpenConnections>,
+}
+
+#[derive(Debug, Default)]
+struct OpenConnections {
+    total: usize,
+    by_client: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place under the caps; dropping it frees the place.
+#[derive(Debug)]
+pub struct Permit {
+    admission: Arc<Admission>,
+    client: IpAddr,
+}
+
+impl Admission {
+    /// Caps from `limits`; the open-connection gauge is kept in `metrics`.
+    pub fn new(limits: ConnectionLimits, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Admission {
+            limits,
+            metrics,
+            open: Mutex::new(OpenConnections::default()),
+        })
+    }
+
+    /// A place for a connection from `client`, or which cap is reached. IPv4 addresses mapped
+    /// into IPv6 count as the IPv4 address.
+    pub fn try_admit(self: &Arc<Self>, client: IpAddr) -> Result<Permit, Refusal> {
+        let client = client.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.total >= self.limits.max_connections {
+            return Err(Refusal::Total);
+        }
+        let from_client = open.by_client.entry(client).or_insert(0);
+        if *from_client >= self.limits.max_connections_per_client {
+            return Err(Refusal::PerClient);
+        }
+        *from_client += 1;
+        open.total += 1;
+        self.metrics.connections_open(1);
+        Ok(Permit {
+            admission: Arc::clone(self),
+            client,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut open = self
+            .admission
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_client.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.by_client.remove(&self.client);
+            }
+        }
+        self.admission.metrics.connections_open(-1);
+    }
+}
+
+/// Logs refusals at most once per [`REFUSAL_LOG_INTERVAL`], with how many there were.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RefusalLog {
+    fn note(&self, refusal: Refusal, client: IpAddr, limits: &ConnectionLimits) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 += 1;
+        let now = Instant::now();
+        if state
+            .0
+            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        let refused = std::mem::take(&mut state.1);
+        state.0 = Some(now);
+        drop(state);
+        let limit = match refusal {
+            Refusal::Total => limits.max_connections,
+            Refusal::PerClient => limits.max_connections_per_client,
+        };
+        tracing::warn!(
+            %client,
+            refused,
+            "connection refused: [server] {} ({limit}) reached; {refused} refused since the \
+             last such line",
+            refusal.setting()
+        );
+    }
+}
+
+/// Where a connection is in its request cycle, which decides the deadline that applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for (the rest of) a request head.
+    Head,
+    /// A request is being served: no connection deadline (the body has its own).
+    Busy,
+    /// Kept alive after a response, waiting for the next request.
+    Idle,
+    /// The server has shut its side and reads what is left before closing.
+    Closing,
+}
+
+/// The phase of one connection and since when; the service sets `Busy`/`Idle`, the I/O wrapper
+/// sees the first byte of a request and the close.
+#[derive(Debug)]
+struct Clock {
+    state: Mutex<(Phase, Instant)>,
+    /// The connection task, as last seen waiting for bytes: hyper does not read again after a
+    /// response until it is woken, so a phase change wakes it to arm the new deadline.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Clock {
+    fn new() -> Arc<Self> {
+        Arc::new(Clock {
+            state: Mutex::new((Phase::Head, Instant::now())),
+            waker: Mutex::new(None),
+        })
+    }
+
+    fn waiting(&self, waker: &Waker) {
+        let mut current = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+        if !current.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *current = Some(waker.clone());
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+
+    fn get(&self) -> (Phase, Instant) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (phase, Instant::now());
+        self.wake();
+    }
+
+    /// Bytes arrived: an idle connection is now reading a request head.
+    fn bytes_arrived(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 == Phase::Idle {
+            *state = (Phase::Head, Instant::now());
+        }
+    }
+}
+
+/// A connection's stream with the deadlines of [`Clock`] and a lingering shutdown.
+struct Guarded<I> {
+    io: I,
+    clock: Arc<Clock>,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    peer: SocketAddr,
+    sleep: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+    write_shut: bool,
+    discarded: usize,
+}
+
+impl<I> Guarded<I> {
+    fn new(
+        io: I,
+        clock: Arc<Clock>,
+        limits: ConnectionLimits,
+        metrics: Arc<Metrics>,
+        peer: SocketAddr,
+    ) -> Self {
+        Guarded {
+            io,
+            clock,
+            limits,
+            metrics,
+            peer,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: None,
+            write_shut: false,
+            discarded: 0,
+        }
+    }
+
+    /// Whether the deadline of the current phase has passed (registering a wake-up for it if
+    /// not); the phase that expired.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<Phase> {
+        let (phase, since) = self.clock.get();
+        let allowance = match phase {
+            Phase::Head => self.limits.header_read_timeout,
+            Phase::Idle => self.limits.idle_timeout,
+            Phase::Closing => LINGER_TIMEOUT,
+            Phase::Busy => return None,
+        };
+        let deadline = since + allowance;
+        if self.armed != Some(deadline) {
+            self.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(deadline));
+            self.armed = Some(deadline);
+        }
+        self.sleep.as_mut().poll(cx).is_ready().then_some(phase)
+    }
+
+    /// The error that ends a connection whose deadline passed; counts and logs it.
+    fn timed_out(&self, phase: Phase) -> io::Error {
+        let peer = self.peer;
+        let message = match phase {
+            Phase::Head => {
+                self.metrics.connection_timed_out("header");
+                tracing::info!(
+                    %peer,
+                    "connection closed: no complete request head within \
+                     [server] header_read_timeout_ms ({} ms)",
+                    self.limits.header_read_timeout.as_millis()
+                );
+                "no complete request head within header_read_timeout_ms"
+            }
+            _ => {
+                self.metrics.connection_timed_out("idle");
+                tracing::debug!(
+                    %peer,
+                    "connection closed: idle for [server] idle_timeout_ms ({} ms)",
+                    self.limits.idle_timeout.as_millis()
+                );
+                "idle for idle_timeout_ms"
+            }
+        };
+        io::Error::new(io::ErrorKind::TimedOut, message)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.clock.bytes_arrived();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                this.clock.waiting(cx.waker());
+                match this.expired(cx) {
+                    Some(phase) => Poll::Ready(Err(this.timed_out(phase))),
+                    None => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Pending => match this.expired(cx) {
+                Some(phase) => Poll::Ready(Err(this.timed_out(phase))),
+                None => Poll::Pending,
+            },
+            ready => ready,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => match this.expired(cx) {
+                Some(phase) => Poll::Ready(Err(this.timed_out(phase))),
+                None => Poll::Pending,
+            },
+            ready => ready,
+        }
+    }
+
+    /// Shuts the sending side, then reads and discards until the client closes, for at most
+    /// [`LINGER_TIMEOUT`] and [`LINGER_MAX_BYTES`]. Never fails: the response is out.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_shut {
+            let shut = Pin::new(&mut this.io).poll_shutdown(cx);
+            if shut.is_pending() {
+                // A client that does not take the last bytes gets the idle allowance.
+                return match this.expired(cx) {
+                    Some(_) => Poll::Ready(Ok(())),
+                    None => Poll::Pending,
+                };
+            }
+            this.write_shut = true;
+            this.clock.set(Phase::Closing);
+            if let Poll::Ready(Err(_)) = shut {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    this.discarded = this.discarded.saturating_add(buf.filled().len());
+                    if this.discarded > LINGER_MAX_BYTES {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return match this.expired(cx) {
+                        Some(_) => Poll::Ready(Ok(())),
+                        None => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// What every connection task shares.
+#[derive(Clone)]
+struct Shared {
+    router: Router,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` resolves; then stops
+/// accepting, lets open connections finish their requests for at most `drain`, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsState>,
+    router: Router,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let admission = Admission::new(limits, Arc::clone(&metrics));
+    let (stop_tx, stop) = watch::channel(false);
+    let shared = Shared {
+        router,
+        limits,
+        metrics: Arc::clone(&metrics),
+        stop,
+    };
+    let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+    let refusal_log = RefusalLog::default();
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let permit = match admission.try_admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                metrics.connection_refused(refusal.setting());
+                refusal_log.note(refusal, peer.ip().to_canonical(), &limits);
+                // TLS clients cannot read a plain answer: they are closed (dropped) at once.
+                if tls.is_none()
+                    && let Ok(slot) = Arc::clone(&refusals).try_acquire_owned()
+                {
+                    let limit = match refusal {
+                        Refusal::Total => limits.max_connections,
+                        Refusal::PerClient => limits.max_connections_per_client,
+                    };
+                    tokio::spawn(async move {
+                        refuse(stream, refusal, limit).await;
+                        drop(slot);
+                    });
+                }
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        match &tls {
+            None => {
+                connections.spawn(async move {
+                    http(stream, peer, shared).await;
+                    drop(permit);
+                });
+            }
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                let handshakes = Arc::clone(&handshakes);
+                connections.spawn(async move {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                        let _slot = handshakes.acquire().await;
+                        acceptor.accept(stream).await
+                    })
+                    .await;
+                    match handshake {
+                        Ok(Ok(stream)) => http(stream, peer, shared).await,
+                        Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let open = admission.open();
+    if open > 0 {
+        tracing::info!(
+            open,
+            "waiting for open connections to finish their requests"
+        );
+    }
+    let drained = tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = admission.open(),
+            "connections still open after the shutdown grace period are closed"
+        );
+        connections.abort_all();
+    }
+}
+
+/// Answers a connection over a cap with `503` and closes it.
+async fn refuse(mut stream: TcpStream, refusal: Refusal, limit: usize) {
+    let body = format!(
+        "jobhook is refusing connections: [server] {} ({limit}) is reached; retry shortly\n",
+        refusal.setting()
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut scratch = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded < REFUSAL_DRAIN_BYTES {
+            match stream.read(&mut scratch).await? {
+                0 => break,
+                n => discarded += n,
+            }
+        }
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+/// Serves HTTP/1.1 on one connection until it closes, times out or the server stops.
+async fn http<I>(io: I, peer: SocketAddr, shared: Shared)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let clock = Clock::new();
+    let guarded = Guarded::new(
+        io,
+        Arc::clone(&clock),
+        shared.limits,
+        Arc::clone(&shared.metrics),
+        peer,
+    );
+    let router = shared.router;
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        clock.set(Phase::Busy);
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let mut router = router.clone();
+        let clock = Arc::clone(&clock);
+        async move {
+            let response =
+                tower_service::Service::call(&mut router, request.map(axum::body::Body::new)).await;
+            clock.set(Phase::Idle);
+            response
+        }
+    });
+    let connection = http1::Builder::new()
+        .keep_alive(true)
+        // The deadlines are the Clock's (see the module documentation); without a timer hyper
+        // sets none of its own.
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(guarded), service);
+    tokio::pin!(connection);
+    let mut stop = shared.stop;
+    // The watch guard is dropped inside: it must not be held across the select.
+    let stopping = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stopping => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, "connection ended: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(total: usize, per_client: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: total,
+            max_connections_per_client: per_client,
+            ..ConnectionLimits::default()
+        }
+    }
+
+    #[test]
+    fn caps_count_per_address_and_in_total_and_free_on_drop() {
+        let admission = Admission::new(limits(3, 2), Arc::new(Metrics::new()));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let first = admission.try_admit(a).unwrap();
+        let _second = admission.try_admit(mapped).unwrap();
+        assert_eq!(admission.try_admit(a).unwrap_err(), Refusal::PerClient);
+        let _third = admission.try_admit(b).unwrap();
+        assert_eq!(admission.try_admit(b).unwrap_err(), Refusal::Total);
+        drop(first);
+        assert_eq!(admission.open(), 2);
+        let _again = admission.try_admit(a).unwrap();
+    }
+
+    #[test]
+    fn limits_are_validated_with_the_key_named() {
+        assert!(ConnectionLimits::default().validate().is_ok());
+        let e = ConnectionLimits {
+            header_read_timeout: Duration::from_millis(5),
+            ..ConnectionLimits::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("header_read_timeout_ms"), "{e}");
+        let e = limits(0, 1).validate().unwrap_err();
+        assert!(e.contains("max_connections must"), "{e}");
+        let e = limits(10, 11).validate().unwrap_err();
+        assert!(e.contains("max_connections_per_client"), "{e}");
+    }
+}
