@@ -955,6 +955,31 @@ async fn keyfactor_refusals_send_nothing() {
         ),
         ("NUL in path", with_path("Certificates/14\0"), "denied"),
         ("query in path", with_path("Certificates/14?x=1"), "denied"),
+        ("fragment in path", with_path("Certificates/14#x"), "denied"),
+        (
+            "encoded backslash",
+            with_path("Certificates/..%5cAgents"),
+            "denied",
+        ),
+        ("encoded percent", with_path("Certificates/%25"), "denied"),
+        (
+            "non-ASCII path",
+            with_path("Certificates/\u{ff0e}\u{ff0e}/Agents"),
+            "denied",
+        ),
+        (
+            "too many query parameters",
+            Request {
+                query: vec![("a".into(), "b".into()); 65],
+                ..get("Certificates/14")
+            },
+            "denied",
+        ),
+        (
+            "query over 8 KiB",
+            with_query("pq.queryString", &"x".repeat(8 * 1024 + 1)),
+            "denied",
+        ),
         (
             "CRLF in query",
             with_query("pq.queryString", "x\r\nHost: evil"),

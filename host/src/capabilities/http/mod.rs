@@ -687,6 +687,15 @@ mod tests {
             "X-Original-URL",
             "X-Rewrite-URL",
             "X-HTTP-Method-Override",
+            "X-HTTP-Method",
+            "X-Method-Override",
+            "Expect",
+            "Via",
+            "X-Host",
+            "X-Remote-IP",
+            "X-Remote-Addr",
+            "host",
+            "EXPECT",
         ] {
             assert!(forbidden_header(bad), "{bad}");
             assert!(
