@@ -723,6 +723,129 @@ async fn keyfactor_handlers_act_as_their_own_identities() {
     );
 }
 
+/// Waits (at most 10 s) until the stand-in has received a request to a path ending in `tail`.
+async fn received(standin: &Standin, tail: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !standin.requests().iter().any(|r| r.path.ends_with(tail)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stand-in never received {tail}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyfactor_a_slow_token_fetch_of_one_identity_does_not_delay_another_identity() {
+    let standin = Standin::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = standin.credentials().client_secret.clone();
+    let mut config = KeyfactorConfig::new(standin.base_url(), bearer_auth(&standin, dir.path()));
+    config
+        .identities
+        .insert("slow-idp".into(), oauth_auth(&standin, dir.path(), &secret));
+    // Longer than the stand-in holds a token request, so A's fetch is not cut short.
+    config.timeout_ms = 60_000;
+    let client = client(&config);
+    let slow = KeyfactorGrant {
+        identity: Some("slow-idp".into()),
+        ..KeyfactorGrant::permissive()
+    };
+
+    // Handler A's identity provider hangs: its call is stuck fetching a token.
+    standin.hold_token_endpoint();
+    let a_client = Arc::clone(&client);
+    let a = tokio::spawn(async move {
+        let mut cap = kf_capability(slow, &a_client);
+        kf_send(&mut cap, get("Status/Endpoints")).await
+    });
+    received(&standin, jobhook_testkit::standin::TOKEN_PATH).await;
+
+    // Handler B, on another identity, is answered meanwhile.
+    let mut b = kf_capability(KeyfactorGrant::permissive(), &client);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        kf_send(&mut b, get("Status/Endpoints")),
+    )
+    .await
+    .expect("B's call waited for A's token fetch");
+    assert_eq!(answer.unwrap().status, 200);
+    assert!(!a.is_finished(), "A's token fetch was not held");
+    assert!(
+        standin
+            .api_requests()
+            .iter()
+            .all(|r| r.header("authorization") != Some("Bearer standin-access-token-1")),
+        "A sent a token before its fetch was released"
+    );
+
+    // Released, A gets its token and its answer.
+    standin.release_token_endpoint();
+    let a = tokio::time::timeout(Duration::from_secs(10), a)
+        .await
+        .expect("A finishes once the identity provider answers")
+        .unwrap();
+    assert_eq!(a.unwrap().status, 200);
+    assert_eq!(standin.tokens_issued(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyfactor_a_token_fetched_during_a_call_is_redacted_from_its_answer() {
+    let standin = Standin::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = standin.credentials().client_secret.clone();
+    let mut config = KeyfactorConfig::new(standin.base_url(), bearer_auth(&standin, dir.path()));
+    config
+        .identities
+        .insert("oauth".into(), oauth_auth(&standin, dir.path(), &secret));
+    let client = client(&config);
+
+    // B asks a server that answers late with the credentials of whoever called meanwhile.
+    let b_client = Arc::clone(&client);
+    let b = tokio::spawn(async move {
+        let mut cap = kf_capability(KeyfactorGrant::permissive(), &b_client);
+        let mut request = get("_Test/EchoOthers");
+        request.query = vec![("ms".into(), "1500".into())];
+        kf_send(&mut cap, request).await
+    });
+    received(&standin, "_Test/EchoOthers").await;
+
+    // Meanwhile A's identity fetches its first token and uses it.
+    let oauth = KeyfactorGrant {
+        identity: Some("oauth".into()),
+        ..KeyfactorGrant::permissive()
+    };
+    let mut a = kf_capability(oauth, &client);
+    assert_eq!(
+        kf_send(&mut a, get("Status/Endpoints"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(standin.tokens_issued(), 1);
+    assert!(
+        standin
+            .api_requests()
+            .iter()
+            .any(|r| r.header("authorization") == Some("Bearer standin-access-token-1")),
+        "A's token reached the server"
+    );
+
+    // B's answer carries A's token, fetched after B's request went out: it is scrubbed.
+    let b = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("B is answered")
+        .unwrap();
+    let text = visible(&b);
+    assert!(!text.contains("standin-access-token"), "{text}");
+    assert_eq!(
+        json(b.as_ref().unwrap())["Authorizations"],
+        serde_json::json!(["[redacted]"]),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn keyfactor_error_messages_name_no_host_and_no_credential() {
     // A base nobody listens on: the connection fails.
@@ -832,6 +955,31 @@ async fn keyfactor_refusals_send_nothing() {
         ),
         ("NUL in path", with_path("Certificates/14\0"), "denied"),
         ("query in path", with_path("Certificates/14?x=1"), "denied"),
+        ("fragment in path", with_path("Certificates/14#x"), "denied"),
+        (
+            "encoded backslash",
+            with_path("Certificates/..%5cAgents"),
+            "denied",
+        ),
+        ("encoded percent", with_path("Certificates/%25"), "denied"),
+        (
+            "non-ASCII path",
+            with_path("Certificates/\u{ff0e}\u{ff0e}/Agents"),
+            "denied",
+        ),
+        (
+            "too many query parameters",
+            Request {
+                query: vec![("a".into(), "b".into()); 65],
+                ..get("Certificates/14")
+            },
+            "denied",
+        ),
+        (
+            "query over 8 KiB",
+            with_query("pq.queryString", &"x".repeat(8 * 1024 + 1)),
+            "denied",
+        ),
         (
             "CRLF in query",
             with_query("pq.queryString", "x\r\nHost: evil"),

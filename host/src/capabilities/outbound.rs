@@ -329,13 +329,6 @@ impl Redactor {
         }
     }
 
-    /// Adds every secret of `other` (a handler must receive no identity's credential).
-    pub fn extend(&mut self, other: &Redactor) {
-        for n in &other.needles {
-            self.push(n.bytes.clone(), n.base64);
-        }
-    }
-
     fn push(&mut self, bytes: Vec<u8>, base64: bool) {
         if bytes.len() < MIN_REDACTED_BYTES {
             return;
@@ -358,28 +351,15 @@ impl Redactor {
             return bytes;
         }
         let mut ranges: Vec<(usize, usize)> = Vec::new();
+        self.find_all(&bytes, &mut ranges);
+        replace_ranges(bytes, ranges)
+    }
+
+    /// Records the byte range of every occurrence of every secret in `bytes`.
+    fn find_all(&self, bytes: &[u8], ranges: &mut Vec<(usize, usize)>) {
         for needle in &self.needles {
-            needle.find_all(&bytes, &mut ranges);
+            needle.find_all(bytes, ranges);
         }
-        if ranges.is_empty() {
-            return bytes;
-        }
-        ranges.sort_unstable();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut at = 0;
-        for (start, end) in ranges {
-            if end <= at {
-                continue;
-            }
-            if start >= at {
-                out.extend_from_slice(bytes.get(at..start).unwrap_or_default());
-                out.extend_from_slice(REDACTED.as_bytes());
-            }
-            // An overlapping range only extends the one already replaced.
-            at = end;
-        }
-        out.extend_from_slice(bytes.get(at..).unwrap_or_default());
-        out
     }
 
     /// [`redact`](Self::redact) for text.
@@ -389,6 +369,83 @@ impl Redactor {
         }
         String::from_utf8_lossy(&self.redact(text.as_bytes().to_vec())).into_owned()
     }
+}
+
+/// Several [`Redactor`]s applied as one, without copying their secrets: the Keyfactor client
+/// combines the redactor of the credentials it was built with (made once) and those of the
+/// OAuth access tokens its identities currently hold (taken per response).
+#[derive(Clone, Default)]
+pub struct RedactorSet {
+    parts: Vec<std::sync::Arc<Redactor>>,
+}
+
+impl std::fmt::Debug for RedactorSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedactorSet({} parts)", self.parts.len())
+    }
+}
+
+impl RedactorSet {
+    /// A set with nothing to find.
+    pub fn new() -> Self {
+        RedactorSet::default()
+    }
+
+    /// Adds the secrets of `redactor`.
+    pub fn push(&mut self, redactor: std::sync::Arc<Redactor>) {
+        if !redactor.is_empty() {
+            self.parts.push(redactor);
+        }
+    }
+
+    /// Whether there is anything to redact.
+    pub fn is_empty(&self) -> bool {
+        self.parts.iter().all(|p| p.is_empty())
+    }
+
+    /// Replaces every occurrence of a secret of any part, in any encoding [`Redactor`]
+    /// decodes, with [`REDACTED`]; overlapping finds of different parts become one marker.
+    pub fn redact(&self, bytes: Vec<u8>) -> Vec<u8> {
+        if self.is_empty() || bytes.is_empty() {
+            return bytes;
+        }
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        for part in &self.parts {
+            part.find_all(&bytes, &mut ranges);
+        }
+        replace_ranges(bytes, ranges)
+    }
+
+    /// [`redact`](Self::redact) for text.
+    pub fn redact_str(&self, text: &str) -> String {
+        if self.is_empty() {
+            return text.to_owned();
+        }
+        String::from_utf8_lossy(&self.redact(text.as_bytes().to_vec())).into_owned()
+    }
+}
+
+/// `bytes` with each of `ranges` (which may overlap) replaced by one [`REDACTED`].
+fn replace_ranges(bytes: Vec<u8>, mut ranges: Vec<(usize, usize)>) -> Vec<u8> {
+    if ranges.is_empty() {
+        return bytes;
+    }
+    ranges.sort_unstable();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    for (start, end) in ranges {
+        if end <= at {
+            continue;
+        }
+        if start >= at {
+            out.extend_from_slice(bytes.get(at..start).unwrap_or_default());
+            out.extend_from_slice(REDACTED.as_bytes());
+        }
+        // An overlapping range only extends the one already replaced.
+        at = end;
+    }
+    out.extend_from_slice(bytes.get(at..).unwrap_or_default());
+    out
 }
 
 fn is_base64_byte(b: u8) -> bool {
@@ -691,7 +748,7 @@ pub fn set_content_length(headers: &mut Vec<(String, String)>, body: &[u8]) {
 pub fn response_headers(
     headers: &reqwest::header::HeaderMap,
     keep: impl Fn(&str) -> bool,
-    redactor: &Redactor,
+    redactor: &RedactorSet,
 ) -> Vec<(String, String)> {
     headers
         .iter()

@@ -17,8 +17,10 @@
 //! | `GET _Test/Redirect` | `302` to a path outside the base (a proxy must not follow it) |
 //! | `GET _Test/Large?bytes=N[&chunked=1]` | an `N`-byte body, with or without `Content-Length` |
 //! | `GET _Test/Slow?ms=N` | answers after `N` ms |
+//! | `GET _Test/EchoOthers?ms=N` | answers after `N` ms with the `Authorization` of every request that arrived meanwhile (a server leaking other callers' credentials) |
 //!
-//! and `POST /oauth2/token` (OAuth 2.0 client credentials, secret in the form or in Basic).
+//! and `POST /oauth2/token` (OAuth 2.0 client credentials, secret in the form or in Basic),
+//! which a test can hold ([`Standin::hold_token_endpoint`]) to play a slow identity provider.
 //!
 //! Like the real API it answers 401 without valid credentials (Basic, a static Bearer token, or
 //! a token from its token endpoint) and 400 when `x-keyfactor-requested-with` is missing. Every
@@ -159,6 +161,8 @@ struct State_ {
     requests: Mutex<Vec<RecordedRequest>>,
     tokens: Mutex<Vec<IssuedToken>>,
     issued: Mutex<u64>,
+    /// While `true`, token requests are recorded but not answered.
+    token_hold: tokio::sync::watch::Sender<bool>,
 }
 
 type Shared = Arc<State_>;
@@ -254,10 +258,23 @@ impl Standin {
     pub fn revoke_tokens(&self) {
         lock(&self.state.tokens).clear();
     }
+
+    /// Holds the token endpoint: token requests are recorded, then wait (at most [`MAX_SLOW`])
+    /// until [`release_token_endpoint`](Self::release_token_endpoint), as at an identity
+    /// provider that hangs.
+    pub fn hold_token_endpoint(&self) {
+        self.state.token_hold.send_replace(true);
+    }
+
+    /// Lets held and later token requests be answered.
+    pub fn release_token_endpoint(&self) {
+        self.state.token_hold.send_replace(false);
+    }
 }
 
 impl Drop for Standin {
     fn drop(&mut self) {
+        self.release_token_endpoint();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -283,6 +300,7 @@ fn shared(config: StandinConfig) -> Shared {
         requests: Mutex::new(Vec::new()),
         tokens: Mutex::new(Vec::new()),
         issued: Mutex::new(0),
+        token_hold: tokio::sync::watch::Sender::new(false),
     })
 }
 
@@ -329,9 +347,15 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             .collect(),
         body: body.to_vec(),
     };
-    lock(&state.requests).push(recorded.clone());
+    let arrived = {
+        let mut requests = lock(&state.requests);
+        requests.push(recorded.clone());
+        requests.len()
+    };
 
     if recorded.path == TOKEN_PATH {
+        let mut hold = state.token_hold.subscribe();
+        let _ = tokio::time::timeout(MAX_SLOW, hold.wait_for(|held| !*held)).await;
         return token_endpoint(&state, &parts.method, &parts.headers, &body);
     }
     let lower = recorded.path.to_ascii_lowercase();
@@ -446,14 +470,21 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             response
         }
         (&Method::GET, ["_test", "large"]) => large(&pairs),
-        (&Method::GET, ["_test", "slow"]) => {
-            let ms = pairs
+        (&Method::GET, ["_test", "echoothers"]) => {
+            tokio::time::sleep(slow_ms(&pairs)).await;
+            let seen: Vec<Value> = lock(&state.requests)
+                .get(arrived..)
+                .unwrap_or_default()
                 .iter()
-                .find(|(k, _)| k == "ms")
-                .and_then(|(_, v)| v.parse::<u64>().ok())
-                .unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms).min(MAX_SLOW)).await;
-            json_response(json!({"slept_ms": ms}))
+                .filter_map(|r| r.header("authorization"))
+                .map(|a| Value::String(a.to_owned()))
+                .collect();
+            json_response(json!({ "Authorizations": seen }))
+        }
+        (&Method::GET, ["_test", "slow"]) => {
+            let wait = slow_ms(&pairs);
+            tokio::time::sleep(wait).await;
+            json_response(json!({"slept_ms": wait.as_millis() as u64}))
         }
         _ => error(
             StatusCode::NOT_FOUND,
@@ -461,6 +492,16 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             format!("No endpoint matches {} {}.", parts.method, recorded.path),
         ),
     }
+}
+
+/// The `ms` query parameter of the slow endpoints, at most [`MAX_SLOW`].
+fn slow_ms(pairs: &[(String, String)]) -> Duration {
+    let ms = pairs
+        .iter()
+        .find(|(k, _)| k == "ms")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Duration::from_millis(ms).min(MAX_SLOW)
 }
 
 /// `GET /Agents` (and the other plain lists): every item, paged by `pq.pageReturned`/`pq.returnLimit` (defaults 1 and 50,

@@ -338,6 +338,24 @@ mod tests {
         assert!(AddressPolicy::AllowPrivate.check(never).is_err());
         assert!(AddressPolicy::LoopbackOnly.check(lo).is_ok());
         assert!(AddressPolicy::LoopbackOnly.check(public).is_err());
+        // Plain http (LoopbackOnly) is for loopback alone, even where allow_private lets https
+        // reach private ranges.
+        for other in [
+            "10.0.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = other.parse().unwrap();
+            assert!(AddressPolicy::LoopbackOnly.check(ip).is_err(), "{other}");
+        }
+        assert!(
+            AddressPolicy::LoopbackOnly
+                .check("::1".parse().unwrap())
+                .is_ok()
+        );
         let why = AddressPolicy::PublicOnly.check(lo).unwrap_err().to_string();
         assert!(why.contains("allow_private"), "{why}");
     }

@@ -36,7 +36,7 @@ use self::address::{AddressPolicy, AddressRefused, CheckingResolver};
 use crate::bindings::jobhook::handler::http::{Host, Request, add_to_linker};
 use crate::bindings::types::{CapabilityError, Response};
 use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
-use crate::capabilities::outbound::{self, BodyError, GrantMethod, Redactor};
+use crate::capabilities::outbound::{self, BodyError, GrantMethod, RedactorSet};
 
 /// Default per-call timeout. A webhook answers in well under a second; a notification is not
 /// worth holding a handler for longer than this.
@@ -473,7 +473,7 @@ impl HttpClient {
         let headers = outbound::response_headers(
             response.headers(),
             |name| !name.eq_ignore_ascii_case("set-cookie"),
-            &Redactor::new(),
+            &RedactorSet::new(),
         );
         let body = match outbound::read_body(response, self.max_response_bytes).await {
             Ok(body) => body,
@@ -687,6 +687,15 @@ mod tests {
             "X-Original-URL",
             "X-Rewrite-URL",
             "X-HTTP-Method-Override",
+            "X-HTTP-Method",
+            "X-Method-Override",
+            "Expect",
+            "Via",
+            "X-Host",
+            "X-Remote-IP",
+            "X-Remote-Addr",
+            "host",
+            "EXPECT",
         ] {
             assert!(forbidden_header(bad), "{bad}");
             assert!(

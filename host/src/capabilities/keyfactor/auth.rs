@@ -3,9 +3,11 @@
 //! Command with an OAuth identity provider), with the token cached and refreshed.
 //!
 //! The guest never sees any of it: the `Authorization` header is added after all guest input
-//! has been checked, and [`Auth::redactor`] lists every form in which a credential could come
-//! back in a response, so the capability can scrub it.
+//! has been checked, and [`Auth::static_redactor`] and [`Auth::token_redactors`] list every
+//! form in which a credential could come back in a response, so the capability can scrub it.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -16,7 +18,7 @@ use url::Url;
 
 use super::path::is_loopback_host;
 use crate::bindings::types::CapabilityError;
-use crate::capabilities::outbound::{self, Redactor};
+use crate::capabilities::outbound::{self, Redactor, RedactorSet};
 use crate::secret::{Secret, SecretError, SecretRef};
 
 /// Refresh a cached token this long before the identity provider says it expires, so a token
@@ -29,6 +31,12 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Largest token response read. Access tokens (JWTs) are a few KiB.
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Access tokens of one OAuth identity that stay on the redaction list after being replaced (by
+/// a refresh or after a 401). A replaced token may still be echoed — a server's log of earlier
+/// requests, a revoked token in an error page — so it is scrubbed for a while longer; at one
+/// token an hour this covers the last few hours, and the list cannot grow without bound.
+pub const MAX_REMEMBERED_TOKENS: usize = 4;
 
 /// How the engine authenticates to Keyfactor (`[keyfactor.auth]`).
 ///
@@ -100,7 +108,7 @@ pub enum Auth {
         /// The `Authorization` value (marked sensitive).
         header: HeaderValue,
         /// What to scrub from responses.
-        redactor: Redactor,
+        redactor: Arc<Redactor>,
     },
     /// OAuth 2.0 client credentials.
     OAuth2(Box<OAuth2>),
@@ -117,7 +125,10 @@ impl Auth {
                 let mut redactor = Redactor::new();
                 redactor.add(&format!("Bearer {}", token.expose()));
                 redactor.add(token.expose());
-                Ok(Auth::Static { header, redactor })
+                Ok(Auth::Static {
+                    header,
+                    redactor: Arc::new(redactor),
+                })
             }
             AuthConfig::Oauth2 {
                 token_url,
@@ -133,13 +144,18 @@ impl Auth {
                 if !secure || !url.username().is_empty() || url.password().is_some() {
                     return Err(AuthConfigError::TokenUrl(token_url.clone()));
                 }
+                let client_secret = client_secret.resolve()?;
+                let mut secret_redactor = Redactor::new();
+                secret_redactor.add(client_secret.expose());
                 Ok(Auth::OAuth2(Box::new(OAuth2 {
                     token_url: url,
                     client_id: client_id.clone(),
-                    client_secret: client_secret.resolve()?,
+                    client_secret,
+                    secret_redactor: Arc::new(secret_redactor),
                     scopes: scopes.join(" "),
                     audience: audience.clone(),
                     cache: Mutex::new(None),
+                    issued: RwLock::new(VecDeque::new()),
                 })))
             }
         }
@@ -156,34 +172,48 @@ impl Auth {
         redactor.add(&encoded);
         redactor.add(password.expose());
         redactor.add(&pair);
-        Ok(Auth::Static { header, redactor })
+        Ok(Auth::Static {
+            header,
+            redactor: Arc::new(redactor),
+        })
     }
 
-    /// The `Authorization` value to send now (fetching or refreshing a token if needed), and
-    /// what to scrub from the response.
+    /// The `Authorization` value to send now, fetching or refreshing a token if needed. A token
+    /// is on [`token_redactors`](Self::token_redactors) before this returns it, so before it
+    /// can reach any server.
     pub async fn authorization(
         &self,
         http: &reqwest::Client,
-    ) -> Result<(HeaderValue, Redactor), CapabilityError> {
+    ) -> Result<HeaderValue, CapabilityError> {
         match self {
-            Auth::Static { header, redactor } => Ok((header.clone(), redactor.clone())),
+            Auth::Static { header, .. } => Ok(header.clone()),
             Auth::OAuth2(oauth) => oauth.authorization(http).await,
         }
     }
 
-    /// What to scrub for this credential right now, without contacting anything: the static
-    /// credential's forms, or the OAuth client secret and the cached token (if any). Used to
-    /// keep every identity's credential from every handler.
-    pub async fn current_redactor(&self) -> Redactor {
+    /// What to scrub for the credentials known from the configuration: every form of the Basic
+    /// pair and password or of the static token, or the OAuth client secret. Fixed for the
+    /// life of this `Auth`, so a client builds it into its redactor once.
+    pub fn static_redactor(&self) -> Arc<Redactor> {
         match self {
-            Auth::Static { redactor, .. } => redactor.clone(),
-            Auth::OAuth2(oauth) => {
-                let mut redactor = Redactor::new();
-                redactor.add(oauth.client_secret.expose());
-                if let Some(token) = oauth.cache.lock().await.as_ref() {
-                    redactor.extend(&token.redactor);
-                }
-                redactor
+            Auth::Static { redactor, .. } => Arc::clone(redactor),
+            Auth::OAuth2(oauth) => Arc::clone(&oauth.secret_redactor),
+        }
+    }
+
+    /// Adds what to scrub for the OAuth access tokens this identity holds or recently held
+    /// (none for a static credential) to `out`. Never waits: a token fetch in progress, this
+    /// identity's or another's, does not delay it (the fetch lock is not taken; the list is
+    /// behind its own short lock, held only to copy or replace it).
+    pub fn token_redactors(&self, out: &mut RedactorSet) {
+        if let Auth::OAuth2(oauth) = self {
+            for token in oauth
+                .issued
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+            {
+                out.push(Arc::clone(token));
             }
         }
     }
@@ -216,11 +246,19 @@ pub struct OAuth2 {
     token_url: Url,
     client_id: String,
     client_secret: Secret,
+    /// Every form of the client secret, built once.
+    secret_redactor: Arc<Redactor>,
     scopes: String,
     audience: Option<String>,
     /// The current token. A `tokio` mutex, held across the fetch, so that concurrent sandboxes
-    /// wait for one token request instead of each sending their own.
+    /// of handlers using this identity wait for one token request instead of each sending their
+    /// own. Only this identity's calls take it: redaction reads [`issued`](Self::issued).
     cache: Mutex<Option<CachedToken>>,
+    /// What to scrub for the current token and the [`MAX_REMEMBERED_TOKENS`] − 1 before it,
+    /// newest last. A fetched token is added here before it is cached or handed to anyone, so
+    /// every token a server could have received from this engine is on the list. A
+    /// `std::sync::RwLock`, never held across an `.await`.
+    issued: RwLock<VecDeque<Arc<Redactor>>>,
 }
 
 impl std::fmt::Debug for OAuth2 {
@@ -234,7 +272,6 @@ impl std::fmt::Debug for OAuth2 {
 
 struct CachedToken {
     header: HeaderValue,
-    redactor: Redactor,
     refresh_at: Instant,
 }
 
@@ -259,23 +296,38 @@ const TOKEN_UNAVAILABLE: &str =
     "the engine could not obtain a Keyfactor access token (the engine log says why)";
 
 impl OAuth2 {
-    async fn authorization(
-        &self,
-        http: &reqwest::Client,
-    ) -> Result<(HeaderValue, Redactor), CapabilityError> {
+    async fn authorization(&self, http: &reqwest::Client) -> Result<HeaderValue, CapabilityError> {
         let mut cache = self.cache.lock().await;
         if let Some(token) = cache.as_ref()
             && Instant::now() < token.refresh_at
         {
-            return Ok((token.header.clone(), token.redactor.clone()));
+            return Ok(token.header.clone());
         }
-        let token = self.fetch(http).await?;
-        let answer = (token.header.clone(), token.redactor.clone());
+        let (token, redactor) = self.fetch(http).await?;
+        // Published before the token is cached or returned, so before it is ever sent.
+        self.publish(redactor);
+        let header = token.header.clone();
         *cache = Some(token);
-        Ok(answer)
+        Ok(header)
     }
 
-    async fn fetch(&self, http: &reqwest::Client) -> Result<CachedToken, CapabilityError> {
+    /// Puts a new token's redactor on the [`issued`](Self::issued) list, dropping the oldest
+    /// beyond [`MAX_REMEMBERED_TOKENS`].
+    fn publish(&self, redactor: Redactor) {
+        let mut issued = self
+            .issued
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        issued.push_back(Arc::new(redactor));
+        while issued.len() > MAX_REMEMBERED_TOKENS {
+            issued.pop_front();
+        }
+    }
+
+    async fn fetch(
+        &self,
+        http: &reqwest::Client,
+    ) -> Result<(CachedToken, Redactor), CapabilityError> {
         let unavailable = || CapabilityError::Failed(TOKEN_UNAVAILABLE.into());
         let form = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
@@ -358,17 +410,18 @@ impl OAuth2 {
         let mut redactor = Redactor::new();
         redactor.add(&format!("Bearer {}", token.access_token));
         redactor.add(&token.access_token);
-        redactor.add(self.client_secret.expose());
         tracing::debug!(
             lifetime_s = lifetime.as_secs(),
             took_ms = started.elapsed().as_millis() as u64,
             "fetched a Keyfactor access token"
         );
-        Ok(CachedToken {
-            header,
+        Ok((
+            CachedToken {
+                header,
+                refresh_at: started + use_for,
+            },
             redactor,
-            refresh_at: started + use_for,
-        })
+        ))
     }
 }
 
@@ -466,18 +519,46 @@ mod tests {
             audience: None,
         })
         .unwrap();
-        let r = futures_executor_block_on(oauth.current_redactor());
+        let r = oauth.static_redactor();
         assert_eq!(
             r.redact_str(r#"{"s":"cl\u002Bent\u003Csecret\u003E"}"#),
             r#"{"s":"[redacted]"}"#
         );
+        // No token yet, so no token redactor; the client secret is not one of them.
+        let mut tokens = RedactorSet::new();
+        oauth.token_redactors(&mut tokens);
+        assert!(tokens.is_empty());
     }
 
-    fn futures_executor_block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
+    #[test]
+    fn replaced_tokens_stay_redacted_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cs");
+        std::fs::write(&secret, "client-secret").unwrap();
+        let auth = Auth::from_config(&AuthConfig::Oauth2 {
+            token_url: "https://idp.example.com/token".into(),
+            client_id: "c".into(),
+            client_secret: SecretRef::File(secret),
+            scopes: vec![],
+            audience: None,
+        })
+        .unwrap();
+        let Auth::OAuth2(oauth) = &auth else {
+            panic!("oauth")
+        };
+        let token = |n: usize| format!("access-token-{n}");
+        for n in 0..MAX_REMEMBERED_TOKENS + 2 {
+            let mut r = Redactor::new();
+            r.add(&token(n));
+            oauth.publish(r);
+        }
+        let mut set = RedactorSet::new();
+        auth.token_redactors(&mut set);
+        // The two oldest have been dropped; the last MAX_REMEMBERED_TOKENS are still found.
+        for n in 0..MAX_REMEMBERED_TOKENS + 2 {
+            let out = set.redact_str(&token(n));
+            assert_eq!(out == outbound::REDACTED, n >= 2, "{n}: {out}");
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@
 //!    redirects are never followed (a 3xx is returned to the handler as it is), the whole call
 //!    has a timeout, and with OAuth a 401 refreshes the token and retries once;
 //! 5. the response: read up to [`KeyfactorConfig::max_response_bytes`] and no further, only an
-//!    allow-list of headers forwarded ([`forwarded_response_header`]), and every form of the
-//!    engine's credential scrubbed from headers and body.
+//!    allow-list of headers forwarded ([`forwarded_response_header`]), and every form of every
+//!    identity's credential scrubbed from headers and body ([`KeyfactorClient::send`]).
 //!
 //! TLS uses rustls with the system's root certificates plus, optionally, an operator CA bundle
 //! (`ca_bundle`) for a Keyfactor server with an internal CA. No proxy is used.
@@ -37,7 +37,7 @@ use crate::bindings::jobhook::handler::keyfactor::{Host, Request, add_to_linker}
 use crate::bindings::types::{CapabilityError, Method, Response};
 use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
 pub use crate::capabilities::outbound::GrantMethod;
-use crate::capabilities::outbound::{self, BodyError};
+use crate::capabilities::outbound::{self, BodyError, RedactorSet};
 use crate::secret::rebase;
 
 /// Default per-call timeout. A Keyfactor API call normally answers in well under a second; 10 s
@@ -366,12 +366,19 @@ pub enum KeyfactorConfigError {
 }
 
 /// The engine-wide Keyfactor API client, shared by every sandbox.
+///
+/// Every response any handler receives is scrubbed of every identity's credential, its own or
+/// another's (see [`send`](Self::send) for why a token fetched meanwhile is included).
 #[derive(Debug)]
 pub struct KeyfactorClient {
     base: ApiBase,
     api_version: HeaderValue,
     auth: Auth,
     identities: BTreeMap<String, Auth>,
+    /// Every form of every credential known from the configuration (passwords, Basic pairs,
+    /// static tokens, OAuth client secrets) of `auth` and every identity: they are fixed when
+    /// the client is built, so this is built once with it, not per call.
+    static_redactor: RedactorSet,
     http: reqwest::Client,
     max_request_bytes: usize,
     max_response_bytes: usize,
@@ -380,21 +387,31 @@ pub struct KeyfactorClient {
 impl KeyfactorClient {
     /// Builds the client: checks the base, resolves the secrets, loads the CA bundle.
     pub fn from_config(config: &KeyfactorConfig) -> Result<Self, KeyfactorConfigError> {
-        let mut client = Self::with_auth(config, Auth::from_config(&config.auth)?)?;
-        for (name, auth) in &config.identities {
-            let auth =
-                Auth::from_config(auth).map_err(|source| KeyfactorConfigError::Identity {
+        let auth = Auth::from_config(&config.auth)?;
+        let mut identities = BTreeMap::new();
+        for (name, identity) in &config.identities {
+            let identity =
+                Auth::from_config(identity).map_err(|source| KeyfactorConfigError::Identity {
                     name: name.clone(),
                     source,
                 })?;
-            client.identities.insert(name.clone(), auth);
+            identities.insert(name.clone(), identity);
         }
-        Ok(client)
+        Self::build(config, auth, identities)
     }
 
-    /// Builds the client with credentials the program already holds (`config.auth` is not
-    /// used), e.g. the stand-in's for `jobhook-dev run --keyfactor-standin`.
+    /// Builds the client with credentials the program already holds (`config.auth` and
+    /// `config.identities` are not used), e.g. the stand-in's for `jobhook-dev run
+    /// --keyfactor-standin`.
     pub fn with_auth(config: &KeyfactorConfig, auth: Auth) -> Result<Self, KeyfactorConfigError> {
+        Self::build(config, auth, BTreeMap::new())
+    }
+
+    fn build(
+        config: &KeyfactorConfig,
+        auth: Auth,
+        identities: BTreeMap<String, Auth>,
+    ) -> Result<Self, KeyfactorConfigError> {
         let base = ApiBase::parse(&config.base_url)?;
         if !valid_api_version(&config.api_version) {
             return Err(KeyfactorConfigError::ApiVersion(config.api_version.clone()));
@@ -419,11 +436,16 @@ impl KeyfactorClient {
         let http = builder
             .build()
             .map_err(|e| KeyfactorConfigError::Client(e.to_string()))?;
+        let mut static_redactor = RedactorSet::new();
+        for credential in std::iter::once(&auth).chain(identities.values()) {
+            static_redactor.push(credential.static_redactor());
+        }
         Ok(KeyfactorClient {
             base,
             api_version,
             auth,
-            identities: BTreeMap::new(),
+            identities,
+            static_redactor,
             http,
             max_request_bytes: config.max_request_bytes,
             max_response_bytes: config.max_response_bytes,
@@ -437,6 +459,17 @@ impl KeyfactorClient {
 
     /// Checks `request` against `grant` and the engine's rules, sends it with the engine's
     /// credentials and returns the bounded, scrubbed response.
+    ///
+    /// The response is scrubbed of every identity's credential ([`redactor`](Self::redactor)),
+    /// and the OAuth access tokens in it are looked up only after the last byte of the body has
+    /// been read. That keeps the guarantee without making one handler's call wait for another
+    /// identity's token fetch: a fetched token goes on its identity's list before it is handed
+    /// to any call, so before any server can have received it from this engine; a server can
+    /// put a token into this response only before the response's last byte; so every token it
+    /// could have learnt from this engine and echoed here — including one fetched by another
+    /// handler's call while this one was waiting for its answer — is on a list when the lists
+    /// are read. A fetch still in flight at that moment holds a token no server has received
+    /// from this engine yet.
     pub async fn send(
         &self,
         grant: &KeyfactorGrant,
@@ -475,12 +508,7 @@ impl KeyfactorClient {
         let started = Instant::now();
         let mut retried = false;
         let response = loop {
-            let (authorization, own) = auth.authorization(&self.http).await?;
-            // No handler may receive any identity's credential, its own or another's.
-            let mut redactor = own;
-            for other in std::iter::once(&self.auth).chain(self.identities.values()) {
-                redactor.extend(&other.current_redactor().await);
-            }
+            let authorization = auth.authorization(&self.http).await?;
             let mut builder = self
                 .http
                 .request(method.clone(), url.clone())
@@ -502,13 +530,16 @@ impl KeyfactorClient {
                 retried = true;
                 continue;
             }
-            break (response, redactor);
+            break response;
         };
-        let (response, redactor) = response;
         let status = response.status().as_u16();
+        let received_headers = response.headers().clone();
+        let body = outbound::read_body(response, self.max_response_bytes).await;
+        // Only now, with the whole answer in hand, which tokens to scrub (see above).
+        let redactor = self.redactor();
         let mut headers =
-            outbound::response_headers(response.headers(), forwarded_response_header, &redactor);
-        let body = match outbound::read_body(response, self.max_response_bytes).await {
+            outbound::response_headers(&received_headers, forwarded_response_header, &redactor);
+        let body = match body {
             Ok(body) => redactor.redact(body),
             Err(BodyError::TooLarge) => {
                 return Err(CapabilityError::LimitExceeded(format!(
@@ -533,6 +564,17 @@ impl KeyfactorClient {
             headers,
             body,
         })
+    }
+
+    /// What no handler may receive: every identity's credential, its own or another's — the
+    /// configured ones (built once) and the OAuth access tokens every identity holds or
+    /// recently held, as they are now. Never waits for a token fetch.
+    fn redactor(&self) -> RedactorSet {
+        let mut redactor = self.static_redactor.clone();
+        for credential in std::iter::once(&self.auth).chain(self.identities.values()) {
+            credential.token_redactors(&mut redactor);
+        }
+        redactor
     }
 
     /// The engine's headers with the handler's allow-listed ones applied over them.

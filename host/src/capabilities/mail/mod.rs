@@ -1009,6 +1009,60 @@ mod tests {
     }
 
     #[test]
+    fn routed_address_forms_are_refused_in_grants_and_from_too() {
+        for bad in [
+            "a%b@example.com",
+            "@relay.example:victim@evil.example",
+            "evil.example!victim@example.com",
+            "\"victim@evil.example\"@example.com",
+            "a(comment)@example.com",
+            "a@example.com.",
+            "a..b@example.com",
+            "a@localhost",
+            "jörg@example.com",
+        ] {
+            assert!(RecipientRule::parse(bad).is_err(), "grant rule {bad:?}");
+            assert!(MailAddress::parse(bad).is_err(), "from {bad:?}");
+            let grant = format!(r#"{{"recipients": ["pki@example.com"], "from": [{bad:?}]}}"#);
+            assert!(
+                serde_json::from_str::<MailGrant>(&grant).is_err(),
+                "grant from {bad:?}"
+            );
+        }
+        for bad in [
+            "@example.com.",
+            "@localhost",
+            "@relay.example:evil.example",
+            "@ex%ample.com",
+            "@exämple.com",
+        ] {
+            assert!(RecipientRule::parse(bad).is_err(), "grant rule {bad:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_addresses_and_subjects_are_refused() {
+        let (_dir, t) = outbox();
+        let grant = MailGrant::to(&["*"]).unwrap();
+        for control in ['\r', '\n', '\0', '\x1b', '\x7f', '\u{85}'] {
+            let mut m = message(&["a@example.com"]);
+            m.subject = format!("before{control}after");
+            assert!(
+                matches!(t.build(&grant, m), Err(CapabilityError::Denied(_))),
+                "subject with {control:?}"
+            );
+            let address = format!("a{control}b@example.com");
+            assert!(
+                matches!(
+                    t.build(&grant, message(&[&address])),
+                    Err(CapabilityError::Denied(_))
+                ),
+                "address with {control:?}"
+            );
+        }
+    }
+
+    #[test]
     fn ip_literals_are_refused_in_grants_too() {
         for rule in ["a@[192.0.2.1]", "@[192.0.2.1]", "a@[IPv6:2001:db8::1]"] {
             assert!(RecipientRule::parse(rule).is_err(), "{rule}");

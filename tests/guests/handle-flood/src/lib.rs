@@ -2,9 +2,10 @@
 //! the host's resource table without bound.
 //!
 //! The engine caps the handles one sandbox may hold, so creating one past the cap must fail and
-//! end the run as `trapped` with a message about the resource table.
+//! end the run as `trapped` with a message about the resource table. Every 16 handles it logs
+//! `held N`, so the test can see where the cap stopped it.
 
-use jobhook_sdk::{Context, Handler, Result, export_handler};
+use jobhook_sdk::{Context, Handler, Result, export_handler, info};
 
 #[cfg(target_arch = "wasm32")]
 mod wasi {
@@ -52,6 +53,10 @@ impl Handler for HandleFlood {
                     3_600_000_000_000,
                 ));
                 std::hint::black_box(&held);
+                // Progress for the test, which checks where the cap stopped the loop.
+                if held.len() % 16 == 0 {
+                    info!("held {}", held.len());
+                }
             }
         }
         #[cfg(not(target_arch = "wasm32"))]
