@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Checks that the checked-in C bindings (examples/*-c/bindings) match wit/.
+# Checks that the checked-in C bindings (examples/*-c/bindings and the `jobhook new --lang c`
+# template's host/templates/c/bindings) match wit/.
 #
 # With wit-bindgen installed (scripts/lang-toolchains.sh --with-wit-bindgen c), regenerates them
 # and compares every file; `--update` writes the regenerated files and the new WIT hash instead.
@@ -13,7 +14,7 @@ update=0
 [ "${1:-}" = --update ] && update=1
 wit_hash=$(sha256sum wit/jobhook.wit | cut -d' ' -f1)
 status=0
-for dir in examples/*-c/bindings; do
+for dir in examples/*-c/bindings host/templates/c/bindings; do
     world=$(sed -n 's/.*--world \([a-z-]*\).*/\1/p' "$dir/GENERATED")
     recorded=$(tail -n 1 "$dir/GENERATED")
     if [ -x "$wit_bindgen" ]; then

@@ -129,14 +129,15 @@ pub mod __private {
     #[cfg(target_arch = "wasm32")]
     pub use wit_bindgen;
 
-    /// The bindings of world `jobhook:handler/handler`, generated from the WIT in `../wit`
-    /// (wit-bindgen resolves `path` against this crate's `CARGO_MANIFEST_DIR`).
+    /// The bindings of world `jobhook:handler/handler`, generated from the crate's copy of the
+    /// WIT in `wit/` (wit-bindgen resolves `path` against this crate's `CARGO_MANIFEST_DIR`; a
+    /// test keeps the copy identical to the repository's `wit/`).
     #[cfg(target_arch = "wasm32")]
     #[allow(missing_docs, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
             world: "handler",
-            path: "../wit",
+            path: "wit",
             pub_export_macro: true,
             default_bindings_module: "::jobhook_sdk::__private::bindings",
             runtime_path: "::jobhook_sdk::__private::wit_bindgen::rt",

@@ -201,6 +201,90 @@ fn a_missing_component_file_exits_2() {
 }
 
 #[test]
+fn a_core_module_is_refused_naming_the_cdylib_fix() {
+    // The smallest core module: what a `wasm32-unknown-unknown` or `wasm32-wasip1` build gives.
+    let (_dir, path) = write_temp("handler.wasm", b"\0asm\x01\0\0\0");
+    let out = jobhook(&[
+        "run",
+        &path.display().to_string(),
+        "--context",
+        &context_file("log-context", "sample.json"),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("core WebAssembly module"), "{stderr}");
+    assert!(stderr.contains("wasm32-wasip2"), "{stderr}");
+    assert!(stderr.contains("crate-type = [\"cdylib\"]"), "{stderr}");
+}
+
+#[test]
+fn a_missing_cargo_build_output_names_the_cdylib_fix() {
+    // What cargo leaves for a handler crate without `crate-type = ["cdylib"]`: an rlib.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let release = dir.path().join("target/wasm32-wasip2/release");
+    std::fs::create_dir_all(&release).expect("mkdir");
+    std::fs::write(release.join("libmy_hook.rlib"), b"!<arch>\n").expect("write");
+    let wasm = release.join("my_hook.wasm").display().to_string();
+    for command in ["run", "inspect"] {
+        let mut args = vec![command, &wasm];
+        let ctx = context_file("log-context", "sample.json");
+        if command == "run" {
+            args.extend(["--context", &ctx]);
+        }
+        let out = jobhook(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("libmy_hook.rlib"), "{command}: {stderr}");
+        assert!(
+            stderr.contains("[lib] crate-type = [\"cdylib\"]"),
+            "{command}: {stderr}"
+        );
+    }
+
+    // The configuration's component path gets the same message from `jobhook check`.
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        "[store]\ndata_dir = \"data\"\n\n[[handlers]]\nname = \"h\"\ncomponent = \"target/wasm32-wasip2/release/my_hook.wasm\"\njob_types = [\"*\"]\n",
+    )
+    .expect("write config");
+    let out = jobhook(&["check", "-c", &config.display().to_string()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[lib] crate-type = [\"cdylib\"]"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_keyfactor_call_under_run_names_the_run_flag() {
+    // job-history-lookup reads JobHistory for inventory jobs; no --keyfactor-url is given.
+    let out = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args([
+            "run",
+            &component("job-history-lookup"),
+            "--context",
+            &context_file("job-history-lookup", "inventory.json"),
+            "--json",
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("KEYFACTOR_URL")
+        .output()
+        .expect("run jobhook");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    let v: Value = serde_json::from_str(&stdout).expect("JSON outcome");
+    assert_eq!(v["class"], "handler-failed", "{v:#}");
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("no Keyfactor API is configured for this engine (--keyfactor-url)"),
+        "{reason}"
+    );
+    assert!(!reason.contains("base_url"), "{reason}");
+}
+
+#[test]
 fn usage_errors_exit_2() {
     assert_eq!(
         jobhook(&["run", &component("log-context")]).status.code(),

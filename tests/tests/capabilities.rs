@@ -1914,6 +1914,7 @@ async fn services_build_from_configuration() {
     let config: jobhook::capabilities::ServicesConfig = serde_json::from_str(&text).unwrap();
     let env = jobhook::capabilities::ServiceEnv {
         default_outbox: dir.path().join("outbox"),
+        configured_by: jobhook::capabilities::ConfiguredBy::ConfigFile,
     };
     let services = Services::from_config(&config, &env).unwrap();
     assert!(dir.path().join("outbox").is_dir());

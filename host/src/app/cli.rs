@@ -31,6 +31,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create a handler project (Rust, Python, JavaScript or C) that builds, tests and runs as
+    /// created: the handler, a sample context and a README with the commands.
+    New(NewArgs),
     /// Run one handler on one job context and print the outcome (the handler author's harness).
     Run(RunArgs),
     /// Show whether a component fits the handler world and which capabilities it imports.
@@ -48,6 +51,23 @@ enum Command {
     /// Print the registration of jobhook's Keyfactor forwarder (web.config for Command 9-10,
     /// manifest.json for 11+) for a jobhook configuration; warnings go to stderr.
     ForwarderConfig(ForwarderArgs),
+}
+
+#[derive(Debug, Args)]
+struct NewArgs {
+    /// The handler's name: an ASCII letter, then letters, digits, `-` or `_`. It names the
+    /// directory, the crate and the component file.
+    name: String,
+    /// The language.
+    #[arg(long, value_enum, default_value = "rust")]
+    lang: crate::app::new_project::Lang,
+    /// The directory to create (default: ./NAME); it must not exist or be empty.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Rust: the `guest-sdk` directory the project depends on by path (default: the SDK source
+    /// this jobhook was built from).
+    #[arg(long, value_name = "DIR")]
+    sdk_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +162,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::New(args) => new_project(args),
             Command::Run(args) => run(args, None).await,
             Command::Inspect(args) => inspect(args).await,
             Command::JobTypes(args) => crate::app::jobtypes::job_types(&args.config).await,
@@ -297,6 +318,19 @@ async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn new_project(args: NewArgs) -> anyhow::Result<ExitCode> {
+    use crate::app::new_project::{NewProject, create, next_steps};
+    let request = NewProject {
+        name: args.name,
+        lang: args.lang,
+        dir: args.dir,
+        sdk_path: args.sdk_path,
+    };
+    let dir = create(&request)?;
+    print!("{}", next_steps(&request, &dir));
+    Ok(ExitCode::SUCCESS)
+}
+
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let (toml, warnings) = crate::app::migrate::import(&args.file)?;
     for warning in warnings {
@@ -323,17 +357,7 @@ fn forwarder_config(args: ForwarderArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn read_component(path: &Path, options: &LoadOptions) -> anyhow::Result<Vec<u8>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
-    if size > options.max_bytes as u64 {
-        bail!(
-            "{} is {size} bytes; the component size limit is {} bytes",
-            path.display(),
-            options.max_bytes
-        );
-    }
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    crate::app::component_file::read_component(path, options.max_bytes)
 }
 
 fn read_context(source: &str) -> anyhow::Result<JobContext> {

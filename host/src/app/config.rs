@@ -482,11 +482,14 @@ impl Validator<'_> {
         let (component_line, key) = at("component", raw.component.span());
         let component = self.base.join(raw.component.into_inner());
         if !component.is_file() {
+            let build = crate::app::component_file::missing_build_output_hint(&component)
+                .unwrap_or_else(|| {
+                    "build the handler (cargo build --release --target wasm32-wasip2)".into()
+                });
             return Err(self.error(
                 component_line,
                 &format!(
-                    "{key}: {} does not exist or is not a file; build the handler \
-                     (cargo build --release --target wasm32-wasip2) or fix the path \
+                    "{key}: {} does not exist or is not a file; {build}, or fix the path \
                      (relative paths are relative to the configuration file)",
                     component.display()
                 ),

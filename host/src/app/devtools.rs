@@ -24,10 +24,12 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
 use crate::capabilities::http::UrlPrefix;
+use crate::capabilities::keyfactor::Keyfactor;
 use crate::capabilities::keyfactor::auth::AuthConfig;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorConfig};
+use crate::capabilities::mail::Mail;
 use crate::capabilities::mail::{MailConfig, MailTransport, SmtpConfig, SmtpTls};
-use crate::capabilities::{Grants, ServiceEnv, Services, ServicesConfig};
+use crate::capabilities::{ConfiguredBy, Grantable, Grants, ServiceEnv, Services, ServicesConfig};
 use crate::secret::SecretRef;
 
 /// Environment variable holding the Basic password (as in `keyfactor-auth-client-go`).
@@ -38,6 +40,13 @@ pub const ENV_ACCESS_TOKEN: &str = "KEYFACTOR_AUTH_ACCESS_TOKEN";
 pub const ENV_CLIENT_SECRET: &str = "KEYFACTOR_AUTH_CLIENT_SECRET";
 /// Environment variable holding the SMTP password.
 pub const ENV_SMTP_PASSWORD: &str = "JOBHOOK_SMTP_PASSWORD";
+
+/// The flags that configure each capability's service (by interface name), named to a handler
+/// that calls a capability `jobhook run` was started without.
+const FLAGS: [(&str, &str); 2] = [
+    (<Keyfactor as Grantable>::INTERFACE, "--keyfactor-url"),
+    (<Mail as Grantable>::INTERFACE, "--mail-outbox or --smtp"),
+];
 
 /// How `jobhook run` authenticates to Keyfactor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,6 +139,7 @@ impl ServiceArgs {
         // defaults); the flags below add keyfactor and mail.
         let env = ServiceEnv {
             default_outbox: PathBuf::from("outbox"),
+            configured_by: ConfiguredBy::Flags(FLAGS.to_vec()),
         };
         let mut services = Services::from_config(&ServicesConfig::default(), &env)?;
         if let Some(client) = keyfactor {

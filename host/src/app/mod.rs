@@ -10,18 +10,22 @@
 //! - [`cli`]: the `jobhook` command line;
 //! - [`engine_args`]: the engine flags of `jobhook run` and `jobhook inspect`;
 //! - [`devtools`]: `jobhook run`'s capability flags;
+//! - [`new_project`]: `jobhook new`, a handler project from the templates in `host/templates/`;
+//! - [`component_file`]: reading a component file, with the fix for a missing cargo build output;
 //! - [`jobtypes`]: `jobhook job-types`, the instance's job-type GUIDs as configuration.
 //!
 //! The Keyfactor API stand-in and the load driver are test tooling and live in the author's and
 //! bench tool, `jobhook-dev` (`tools/dev`), not in the operator's binary.
 
 pub mod cli;
+pub mod component_file;
 pub mod config;
 pub mod connections;
 pub mod devtools;
 pub mod engine_args;
 pub mod jobtypes;
 pub mod migrate;
+pub mod new_project;
 pub mod secrets;
 pub mod server;
 pub mod tls;

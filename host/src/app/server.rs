@@ -10,11 +10,12 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
+use crate::app::component_file::read_component;
 use crate::app::config::Config;
 use crate::app::connections;
 use crate::app::secrets::{self, StartOnlySecrets};
 use crate::app::tls::TlsState;
-use crate::capabilities::{ServiceEnv, Services};
+use crate::capabilities::{ConfiguredBy, ServiceEnv, Services};
 use crate::metrics::Metrics;
 use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
 use crate::queue::registration::Registration;
@@ -116,18 +117,6 @@ fn spec_of(hc: &Registration) -> SandboxSpec {
     }
 }
 
-fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
-    anyhow::ensure!(
-        size <= max as u64,
-        "{} is {size} bytes; the component size limit is {max} bytes",
-        path.display()
-    );
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
 fn digest(bytes: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
@@ -141,6 +130,7 @@ pub fn services(config: &Config) -> anyhow::Result<Services> {
         &config.services,
         &ServiceEnv {
             default_outbox: config.store.data_dir.join("outbox"),
+            configured_by: ConfiguredBy::ConfigFile,
         },
     )
     .with_context(|| format!("{}: capability services", config.path.display()))

@@ -26,6 +26,42 @@ pub struct ServiceEnv {
     /// Where mail goes when `[mail]` names neither an outbox nor a relay (in the data
     /// directory).
     pub default_outbox: PathBuf,
+    /// Which front-end configures the services: what a handler is told to set when it calls a
+    /// capability that has none.
+    pub configured_by: ConfiguredBy,
+}
+
+/// How the running engine's capability services are configured, so that a handler calling a
+/// capability with no service is told what to set in the terms of the front-end that started
+/// the engine. The capabilities know their configuration sections; the flags of a command line
+/// are the command line's business and come from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConfiguredBy {
+    /// The configuration file (`jobhook serve`, `jobhook check`): each capability is named by
+    /// its section and key ([`Grantable::CONFIG_KEY`]).
+    #[default]
+    ConfigFile,
+    /// Command-line flags (`jobhook run`): for a capability's interface name, the flags that
+    /// configure it. A capability not listed is named by its configuration key.
+    Flags(Vec<(&'static str, &'static str)>),
+}
+
+impl ConfiguredBy {
+    /// What configures capability `C`: a configuration key or a command-line flag.
+    pub fn setting<C: Grantable>(&self) -> &'static str {
+        match self {
+            ConfiguredBy::ConfigFile => C::CONFIG_KEY,
+            ConfiguredBy::Flags(flags) => flags
+                .iter()
+                .find(|(interface, _)| *interface == C::INTERFACE)
+                .map_or(C::CONFIG_KEY, |(_, flag)| *flag),
+        }
+    }
+
+    /// What a handler calling `C` is told when the engine has no service for it.
+    pub fn not_configured<C: Grantable>(&self) -> String {
+        format!("{} ({})", C::NOT_CONFIGURED, self.setting::<C>())
+    }
 }
 
 /// A capability that reaches outside the sandbox and must be granted per handler.
@@ -37,8 +73,11 @@ pub trait Grantable: Sized + Send + 'static {
     const CALLS_LIMIT: &'static str;
     /// Calls per invocation unless the handler's limits say otherwise.
     const DEFAULT_CALLS: u32;
-    /// What a handler is told when the engine has no service for it.
+    /// What a handler is told when the engine has no service for it, followed by what to set
+    /// ([`ConfiguredBy::not_configured`]).
     const NOT_CONFIGURED: &'static str;
+    /// What configures the service in the configuration file, e.g. `[keyfactor] base_url`.
+    const CONFIG_KEY: &'static str;
 
     /// The engine-level section `[<INTERFACE>]` (its default: the section left out).
     type Config: Default + Clone + fmt::Debug + PartialEq + Eq + Serialize + DeserializeOwned;
@@ -123,24 +162,29 @@ impl CallBudget {
 }
 
 /// One capability in one sandbox: its call budget, the handler's grant (`None`: not granted)
-/// and the engine's service (`None`: not configured).
+/// and the engine's service (`None`: not configured, with how the engine is configured to say
+/// what to set).
 pub struct Gate<C: Grantable> {
     budget: CallBudget,
     grant: Option<C::Grant>,
     service: Option<Arc<C::Service>>,
+    configured_by: Arc<ConfiguredBy>,
 }
 
 impl<C: Grantable> Gate<C> {
-    /// A gate with `budget`, the handler's `grant` and the engine's `service`.
+    /// A gate with `budget`, the handler's `grant` and the engine's `service`, configured as
+    /// `configured_by` says.
     pub fn new(
         budget: CallBudget,
         grant: Option<C::Grant>,
         service: Option<Arc<C::Service>>,
+        configured_by: Arc<ConfiguredBy>,
     ) -> Self {
         Gate {
             budget,
             grant,
             service,
+            configured_by,
         }
     }
 
@@ -159,7 +203,9 @@ impl<C: Grantable> Gate<C> {
             ))));
         };
         let Some(service) = &self.service else {
-            return Ok(Err(CapabilityError::NotAvailable(C::NOT_CONFIGURED.into())));
+            return Ok(Err(CapabilityError::NotAvailable(
+                self.configured_by.not_configured::<C>(),
+            )));
         };
         Ok(Ok((grant, service)))
     }

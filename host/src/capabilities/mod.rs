@@ -25,7 +25,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use wasmtime::component::Linker;
 
-pub use self::gate::{CallBudget, Gate, Grantable, ServiceEnv};
+pub use self::gate::{CallBudget, ConfiguredBy, Gate, Grantable, ServiceEnv};
 use crate::limits::{LimitKind, Limits};
 
 /// Interfaces of the `jobhook:handler` package every handler may import without a grant.
@@ -90,6 +90,9 @@ macro_rules! grantable {
         #[derive(Debug, Clone, Default)]
         pub struct Services {
             $( $(#[$doc])* pub $field: Option<Arc<<$marker as Grantable>::Service>>, )+
+            /// How the services are configured: what a handler calling an unconfigured one is
+            /// told to set.
+            pub configured_by: Arc<ConfiguredBy>,
         }
 
         /// The engine-level sections of the capabilities in the engine's TOML file, e.g.
@@ -135,6 +138,7 @@ macro_rules! grantable {
                             source: Box::new(e),
                         })?
                         .map(Arc::new), )+
+                    configured_by: Arc::new(env.configured_by.clone()),
                 })
             }
         }
@@ -159,6 +163,7 @@ macro_rules! grantable {
                         ),
                         grants.$field.clone(),
                         services.$field.clone(),
+                        Arc::clone(&services.configured_by),
                     ), )+
                 }
             }
@@ -229,6 +234,7 @@ pub struct ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bindings::types::CapabilityError;
     use crate::limits::LimitExceeded;
 
     #[test]
@@ -240,6 +246,53 @@ mod tests {
         let hit = e.downcast_ref::<LimitExceeded>().unwrap();
         assert_eq!(hit.kind, LimitKind::Calls("mail-calls"));
         assert_eq!(b.used(), 2);
+    }
+
+    /// The `not-available` message a fresh sandbox gets from each unconfigured capability of
+    /// an engine whose services are built with `configured_by`.
+    fn not_available(configured_by: ConfiguredBy) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let env = ServiceEnv {
+            default_outbox: dir.path().join("outbox"),
+            configured_by,
+        };
+        let services = Services::from_config(&ServicesConfig::default(), &env).unwrap();
+        assert!(services.keyfactor.is_none() && services.mail.is_none());
+        let mut states =
+            CapabilityStates::new(&Grants::permissive(), &services, &Limits::default());
+        let message = |r: Result<_, CapabilityError>| match r {
+            Err(CapabilityError::NotAvailable(m)) => m,
+            other => panic!("expected not-available, got {other:?}"),
+        };
+        (
+            message(states.keyfactor.admit().unwrap().map(|_| ())),
+            message(states.mail.admit().unwrap().map(|_| ())),
+        )
+    }
+
+    #[test]
+    fn an_unconfigured_capability_names_what_configures_it() {
+        let (keyfactor, mail) = not_available(ConfiguredBy::ConfigFile);
+        assert_eq!(
+            keyfactor,
+            "no Keyfactor API is configured for this engine ([keyfactor] base_url)"
+        );
+        assert_eq!(
+            mail,
+            "no mail transport is configured for this engine ([mail])"
+        );
+
+        let flags = ConfiguredBy::Flags(vec![("keyfactor", "--keyfactor-url")]);
+        let (keyfactor, mail) = not_available(flags);
+        assert_eq!(
+            keyfactor,
+            "no Keyfactor API is configured for this engine (--keyfactor-url)"
+        );
+        // Not named by the front-end: the configuration key.
+        assert_eq!(
+            mail,
+            "no mail transport is configured for this engine ([mail])"
+        );
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub enum LoadError {
     NotWasm,
     /// A core module, not a component.
     #[error(
-        "this is a core WebAssembly module, not a component; build the handler for the `wasm32-wasip2` target (or wrap it with `wasm-tools component new`)"
+        "this is a core WebAssembly module, not a component; build the handler for the `wasm32-wasip2` target (`cargo build --release --target wasm32-wasip2`, with `[lib] crate-type = [\"cdylib\"]` in a Rust crate's Cargo.toml), or wrap a core module with `wasm-tools component new`"
     )]
     CoreModule,
     /// A WebAssembly binary of a version or layer this engine does not know.
@@ -563,6 +563,9 @@ mod tests {
             check_header(b"\0asm\x01\0\0\0", &o),
             Err(LoadError::CoreModule)
         );
+        let core = LoadError::CoreModule.to_string();
+        assert!(core.contains("wasm32-wasip2"), "{core}");
+        assert!(core.contains("crate-type = [\"cdylib\"]"), "{core}");
         assert_eq!(check_header(b"\0asm\x0d\0\x01\0", &o), Ok(()));
         assert!(matches!(
             check_header(b"\0asm\x02\0\0\0", &o),

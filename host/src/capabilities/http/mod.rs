@@ -130,6 +130,7 @@ impl Grantable for Http {
     /// A webhook handler posts once or twice.
     const DEFAULT_CALLS: u32 = 5;
     const NOT_CONFIGURED: &'static str = NOT_CONFIGURED;
+    const CONFIG_KEY: &'static str = "[http]";
 
     type Config = HttpConfig;
     type Grant = HttpGrant;

@@ -68,8 +68,7 @@ pub const GUEST_HEADERS: &[&str] = &["accept", "content-type", "x-keyfactor-api-
 const MAX_API_VERSION_BYTES: usize = 8;
 
 /// What a handler is told when the engine has no keyfactor service configured.
-const NOT_CONFIGURED: &str =
-    "no Keyfactor API is configured for this engine ([keyfactor] base_url)";
+const NOT_CONFIGURED: &str = "no Keyfactor API is configured for this engine";
 
 /// What the handler is told instead of the base URL.
 const WHAT: &str = "the Keyfactor API";
@@ -85,6 +84,7 @@ impl Grantable for Keyfactor {
     /// API flood from one event.
     const DEFAULT_CALLS: u32 = 20;
     const NOT_CONFIGURED: &'static str = NOT_CONFIGURED;
+    const CONFIG_KEY: &'static str = "[keyfactor] base_url";
 
     type Config = Option<KeyfactorConfig>;
     type Grant = KeyfactorGrant;

@@ -76,7 +76,7 @@ const QP_LINE_BYTES: usize = 76;
 pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a handler is told when the engine has no mail service configured.
-const NOT_CONFIGURED: &str = "no mail transport is configured for this engine ([mail])";
+const NOT_CONFIGURED: &str = "no mail transport is configured for this engine";
 
 /// The `mail` capability: e-mail through the engine's relay or outbox.
 #[derive(Debug)]
@@ -88,6 +88,7 @@ impl Grantable for Mail {
     /// A notification handler sends one.
     const DEFAULT_CALLS: u32 = 5;
     const NOT_CONFIGURED: &'static str = NOT_CONFIGURED;
+    const CONFIG_KEY: &'static str = "[mail]";
 
     type Config = Option<MailConfig>;
     type Grant = MailGrant;

@@ -1,0 +1,88 @@
+//! Reading a handler's component file for `jobhook run`, `inspect`, `check` and `serve`, with
+//! the fix for the most common first mistake: a Rust handler crate without
+//! `crate-type = ["cdylib"]`, for which cargo writes an `.rlib` and no `.wasm` at all.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+
+/// What to do when cargo wrote no component: the fix named by every message about it.
+pub const CDYLIB_FIX: &str = "cargo writes a .wasm for a library crate only with `[lib] crate-type = [\"cdylib\"]` in its Cargo.toml (add \"rlib\" too to keep native unit tests), then rebuild with `cargo build --release --target wasm32-wasip2`";
+
+/// Reads the component at `path`, refusing a file over `max` bytes before reading it.
+pub fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
+    let size = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(hint) = missing_build_output_hint(path) {
+                bail!("cannot read {}: no such file; {hint}", path.display());
+            }
+            return Err(e).with_context(|| format!("cannot read {}", path.display()));
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if size > max as u64 {
+        bail!(
+            "{} is {size} bytes; the component size limit is {max} bytes",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// For a missing `.wasm` where cargo puts its `wasm32-wasip2` output: why it is likely missing
+/// and what to change (`None` for any other path).
+pub fn missing_build_output_hint(path: &Path) -> Option<String> {
+    let in_cargo_output = path.components().any(|c| c.as_os_str() == "wasm32-wasip2");
+    if !in_cargo_output || path.extension().is_none_or(|e| e != "wasm") {
+        return None;
+    }
+    let rlib = path
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .and_then(|stem| Some(path.parent()?.join(format!("lib{stem}.rlib"))));
+    Some(match rlib {
+        Some(rlib) if rlib.exists() => format!(
+            "cargo built {} instead, a Rust library rather than a component: {CDYLIB_FIX}",
+            rlib.display()
+        ),
+        _ => format!(
+            "if the build ran, the crate is probably not a cdylib: {CDYLIB_FIX} (the .wasm is named after the crate, with `_` for `-`)"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_cargo_output_names_the_cdylib_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let release = tmp.path().join("target/wasm32-wasip2/release");
+        std::fs::create_dir_all(&release).unwrap();
+        let wasm = release.join("my_hook.wasm");
+
+        let e = format!("{:#}", read_component(&wasm, 1 << 20).unwrap_err());
+        assert!(e.contains("crate-type = [\"cdylib\"]"), "{e}");
+        assert!(e.contains("no such file"), "{e}");
+
+        std::fs::write(release.join("libmy_hook.rlib"), b"!<arch>\n").unwrap();
+        let e = format!("{:#}", read_component(&wasm, 1 << 20).unwrap_err());
+        assert!(e.contains("libmy_hook.rlib instead"), "{e}");
+        assert!(e.contains("crate-type = [\"cdylib\"]"), "{e}");
+
+        // Elsewhere a missing file is only that.
+        let e = format!(
+            "{:#}",
+            read_component(&tmp.path().join("h.wasm"), 1 << 20).unwrap_err()
+        );
+        assert!(!e.contains("cdylib"), "{e}");
+        assert!(e.contains("h.wasm"), "{e}");
+
+        std::fs::write(&wasm, [0u8; 16]).unwrap();
+        assert_eq!(read_component(&wasm, 16).unwrap().len(), 16);
+        let e = format!("{:#}", read_component(&wasm, 15).unwrap_err());
+        assert!(e.contains("size limit is 15 bytes"), "{e}");
+    }
+}

@@ -1,0 +1,391 @@
+//! `jobhook new` as a handler author uses it: for each language, a project is created in a
+//! temporary directory outside this repository, built exactly as its README says with the real
+//! toolchain, unit-tested (Rust), and run with `jobhook run` on its own sample context.
+//!
+//! The C, JavaScript and Python toolchains are the pinned ones of `scripts/lang-toolchains.sh`
+//! (as in `languages.rs`); a missing one fails the test with a message naming the script, unless
+//! `JOBHOOK_SKIP_LANGS=1` is set explicitly. The Rust project builds into the guests' target
+//! directory under the workspace's `target/`, so its dependencies compile once, not per run.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use jobhook_testkit::workspace_root;
+use serde_json::Value;
+
+/// The job id and machine of the templates' `context.json`.
+const JOB_ID: &str = "0b4b411a-7c2e-4d6f-9a51-3e8f2b7c1d90";
+const MACHINE: &str = "orchestrator.kftrain.lab";
+
+fn toolchains() -> PathBuf {
+    std::env::var_os("JOBHOOK_LANG_TOOLCHAINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/lang-toolchains"))
+}
+
+/// The directories a language's tools are found in (put first on PATH, as the README's
+/// installation would), or `None` when the test is skipped explicitly. Panics naming the
+/// install script when a tool is missing.
+fn tool_dirs(lang: &str) -> Option<Vec<PathBuf>> {
+    let t = toolchains();
+    let (needed, dirs) = match lang {
+        "python" => (t.join("py/bin/componentize-py"), vec![t.join("py/bin")]),
+        "js" => (
+            t.join("npm/node_modules/.bin/componentize-qjs"),
+            vec![t.join("npm/node_modules/.bin")],
+        ),
+        "c" => (PathBuf::from("/usr/bin/clang-19"), Vec::new()),
+        _ => return Some(Vec::new()),
+    };
+    if needed.exists() {
+        return Some(dirs);
+    }
+    if std::env::var("JOBHOOK_SKIP_LANGS").as_deref() == Ok("1") {
+        eprintln!(
+            "JOBHOOK_SKIP_LANGS=1: skipping; missing {}",
+            needed.display()
+        );
+        return None;
+    }
+    panic!(
+        "the {lang} toolchain is not installed (missing {}): run scripts/lang-toolchains.sh (or \
+         set JOBHOOK_SKIP_LANGS=1 to skip these tests explicitly)",
+        needed.display()
+    );
+}
+
+fn jobhook(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run jobhook")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn check(what: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// `jobhook new NAME --lang LANG --dir <tmp>/NAME`: the temporary directory and the project.
+fn new_project(name: &str, lang: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    assert!(
+        !tmp.path().starts_with(workspace_root()),
+        "the project must be outside the repository"
+    );
+    let dir = tmp.path().join(name);
+    let out = jobhook(&[
+        "new",
+        name,
+        "--lang",
+        lang,
+        "--dir",
+        &dir.display().to_string(),
+    ]);
+    check("jobhook new", &out);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("created the"), "{stdout}");
+    assert!(stdout.contains("jobhook run"), "{stdout}");
+    (tmp, dir)
+}
+
+/// PATH with `dirs` first.
+fn path_with(dirs: &[PathBuf]) -> OsString {
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(dirs.iter().cloned().chain(std::env::split_paths(&rest))).expect("PATH")
+}
+
+/// Runs `./build.sh` in `dir` with `tools` on PATH, as the README says.
+fn build_script(dir: &Path, tools: &[PathBuf]) {
+    let out = Command::new("./build.sh")
+        .current_dir(dir)
+        .env("PATH", path_with(tools))
+        .output()
+        .expect("run build.sh");
+    check("build.sh", &out);
+}
+
+/// `jobhook run COMPONENT --context CONTEXT --json`, run in the project directory as the
+/// README says; the parsed outcome.
+fn run(dir: &Path, component: &str, context: &str) -> Value {
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("new-project-aot");
+    let out = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .current_dir(dir)
+        .args([
+            "run",
+            component,
+            "--context",
+            context,
+            "--json",
+            "--cache-dir",
+        ])
+        .arg(&cache)
+        // An 18 MB Python component compiles in 5-16 s alone, far longer beside other builds.
+        .args(["--compile-timeout-ms", "600000"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run jobhook");
+    let stdout = text(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+        panic!(
+            "no JSON outcome from jobhook run {component} ({e}):\n{stdout}\n{}",
+            text(&out.stderr)
+        )
+    })
+}
+
+/// The log lines of an outcome as (level, message).
+fn logs(outcome: &Value) -> Vec<(String, String)> {
+    outcome["logs"]
+        .as_array()
+        .map(|lines| {
+            lines
+                .iter()
+                .map(|l| {
+                    (
+                        l["level"].as_str().unwrap_or_default().to_owned(),
+                        l["message"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the built component on the sample context (a failed job: an info line and a warning)
+/// and on the same context with a successful job (the info line only), and checks that it
+/// imports no capability (it needs no grant).
+fn runs_as_generated(dir: &Path, component: &str) {
+    let readme = std::fs::read_to_string(dir.join("README.md")).expect("README.md");
+    let command = format!("jobhook run {component} --context context.json");
+    assert!(
+        readme.contains(&command),
+        "README lacks `{command}`:\n{readme}"
+    );
+
+    let failed = run(dir, component, "context.json");
+    assert_eq!(failed["class"], "succeeded", "{failed:#}");
+    let lines = logs(&failed);
+    assert_eq!(
+        lines,
+        [
+            (
+                "info".to_owned(),
+                format!("WinCertInventory job {JOB_ID} on {MACHINE} ended Failure (retry 2)")
+            ),
+            (
+                "warn".to_owned(),
+                format!("job {JOB_ID} failed on {MACHINE}")
+            ),
+        ],
+        "{failed:#}"
+    );
+
+    let sample = std::fs::read_to_string(dir.join("context.json")).expect("context.json");
+    let succeeded = sample.replace("\"Failure\"", "\"Success\"");
+    assert_ne!(sample, succeeded);
+    std::fs::write(dir.join("succeeded.json"), succeeded).expect("write context");
+    let outcome = run(dir, component, "succeeded.json");
+    assert_eq!(outcome["class"], "succeeded", "{outcome:#}");
+    assert_eq!(
+        logs(&outcome),
+        [(
+            "info".to_owned(),
+            format!("WinCertInventory job {JOB_ID} on {MACHINE} ended Success (retry 2)")
+        )],
+        "{outcome:#}"
+    );
+
+    let out = jobhook(&[
+        "inspect",
+        &dir.join(component).display().to_string(),
+        "--json",
+    ]);
+    check("jobhook inspect", &out);
+    let inspection: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+    assert_eq!(
+        inspection["imports"]["capabilities"],
+        serde_json::json!([]),
+        "{inspection:#}"
+    );
+}
+
+fn scripted_language(lang: &str, build_command: &str, component: &str) {
+    let Some(tools) = tool_dirs(lang) else {
+        return;
+    };
+    let (_tmp, dir) = new_project("first-hook", lang);
+    let readme = std::fs::read_to_string(dir.join("README.md")).expect("README.md");
+    assert!(
+        readme.contains(build_command),
+        "README lacks `{build_command}`:\n{readme}"
+    );
+    let script = std::fs::read_to_string(dir.join("build.sh")).expect("build.sh");
+    assert!(
+        script.contains(build_command),
+        "build.sh lacks `{build_command}`:\n{script}"
+    );
+    let wit = std::fs::read_to_string(dir.join("wit/jobhook.wit")).expect("wit/jobhook.wit");
+    let source = std::fs::read_to_string(workspace_root().join("wit/jobhook.wit")).expect("wit");
+    assert_eq!(wit, source, "the project's WIT is the engine's");
+
+    build_script(&dir, &tools);
+    runs_as_generated(&dir, component);
+}
+
+#[test]
+fn a_new_python_project_builds_and_runs() {
+    scripted_language(
+        "python",
+        "componentize-py -d wit -w core componentize -p . app -o first_hook.wasm",
+        "first_hook.wasm",
+    );
+}
+
+#[test]
+fn a_new_javascript_project_builds_and_runs() {
+    scripted_language(
+        "js",
+        "--sync --wit wit --world core --js handler.js -o first_hook.wasm",
+        "first_hook.wasm",
+    );
+}
+
+#[test]
+fn a_new_c_project_builds_and_runs() {
+    scripted_language(
+        "c",
+        "obj/handler.o obj/core.o bindings/core_component_type.o -o first_hook.wasm",
+        "first_hook.wasm",
+    );
+}
+
+#[test]
+fn a_new_rust_project_tests_builds_and_runs() {
+    let (_tmp, dir) = new_project("first-hook", "rust");
+    let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("Cargo.toml");
+    assert!(
+        !manifest.contains(".workspace"),
+        "a standalone project inherits nothing:\n{manifest}"
+    );
+    let readme = std::fs::read_to_string(dir.join("README.md")).expect("README.md");
+    for command in ["cargo build --release --target wasm32-wasip2", "cargo test"] {
+        assert!(
+            readme.contains(command),
+            "README lacks `{command}`:\n{readme}"
+        );
+    }
+
+    // Shared with the guests' builds: the SDK's dependencies compile once.
+    let target = workspace_root().join("target/guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo_in_project = |args: &[&str]| {
+        Command::new(&cargo)
+            .current_dir(&dir)
+            .args(args)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .expect("run cargo")
+    };
+    let tests = cargo_in_project(&["test"]);
+    check("cargo test", &tests);
+    let report = text(&tests.stdout);
+    assert!(
+        report.contains("test result: ok. 2 passed"),
+        "the template's two unit tests:\n{report}"
+    );
+    check(
+        "cargo build --release --target wasm32-wasip2",
+        &cargo_in_project(&["build", "--release", "--target", "wasm32-wasip2"]),
+    );
+
+    // `jobhook run target/wasm32-wasip2/release/first_hook.wasm`, as the README says: the
+    // project's own target/ is where CARGO_TARGET_DIR put it.
+    let built = target.join("wasm32-wasip2/release/first_hook.wasm");
+    let expected = dir.join("target/wasm32-wasip2/release");
+    std::fs::create_dir_all(&expected).expect("mkdir");
+    std::fs::copy(&built, expected.join("first_hook.wasm")).expect("copy the component");
+    runs_as_generated(&dir, "target/wasm32-wasip2/release/first_hook.wasm");
+}
+
+#[test]
+fn jobhook_new_refuses_what_it_cannot_create() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let refused = |args: &[&str], why: &str| {
+        let out = jobhook(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    };
+    let inside = |name: &str| tmp.path().join(name).display().to_string();
+    refused(&["new", "../escape"], "path separator (use --dir");
+    refused(&["new", "a.b", "--dir", &inside("x")], "a dot");
+    refused(
+        &["new", "9lives", "--dir", &inside("x")],
+        "start with a letter",
+    );
+    refused(&["new", "fn", "--dir", &inside("x")], "Rust keyword");
+    refused(&["new", "ok", "--lang", "cobol"], "invalid value 'cobol'");
+    std::fs::create_dir(tmp.path().join("taken")).expect("mkdir");
+    std::fs::write(tmp.path().join("taken/keep"), "mine").expect("write");
+    refused(&["new", "ok", "--dir", &inside("taken")], "is not empty");
+    refused(
+        &[
+            "new",
+            "ok",
+            "--dir",
+            &inside("y"),
+            "--sdk-path",
+            &inside("taken"),
+        ],
+        "not the jobhook-sdk package",
+    );
+    refused(
+        &[
+            "new",
+            "ok",
+            "--lang",
+            "js",
+            "--dir",
+            &inside("z"),
+            "--sdk-path",
+            &inside("taken"),
+        ],
+        "--sdk-path is for Rust projects",
+    );
+    assert!(!tmp.path().join("escape").exists() && !tmp.path().join("x").exists());
+    assert!(!tmp.path().join("y").exists() && !tmp.path().join("z").exists());
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("taken/keep")).expect("read"),
+        "mine"
+    );
+
+    // --sdk-path with the SDK itself is accepted and written as an absolute path.
+    let sdk = workspace_root().join("guest-sdk");
+    let out = jobhook(&[
+        "new",
+        "ok",
+        "--dir",
+        &inside("w"),
+        "--sdk-path",
+        &sdk.display().to_string(),
+    ]);
+    check("jobhook new --sdk-path", &out);
+    let manifest = std::fs::read_to_string(tmp.path().join("w/Cargo.toml")).expect("manifest");
+    let canonical = std::fs::canonicalize(&sdk).expect("canonical");
+    assert!(
+        manifest.contains(&format!("path = \"{}\"", canonical.display())),
+        "{manifest}"
+    );
+}
