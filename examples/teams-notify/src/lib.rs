@@ -147,9 +147,10 @@ fn check_webhook_url(url: &str) -> Result<()> {
     {
         return Err(Error::new(
             "property 'WebhookUrl' is an Office 365 connector URL; Microsoft is retiring those \
-             connectors and they do not accept Adaptive Cards. In Teams, create a workflow from \
-             the template \"Post to a channel when a webhook request is received\" (trigger: When \
-             a Teams webhook request is received) and use the HTTP POST URL it shows",
+             connectors and they do not accept Adaptive Cards. Use a Teams Workflows webhook: \
+             in Teams, create a workflow from the template \"Post to a channel when a webhook \
+             request is received\" (trigger: When a Teams webhook request is received) and use \
+             the HTTP POST URL it shows",
         ));
     }
     Ok(())
@@ -404,7 +405,7 @@ mod tests {
     fn hostile_context_text_is_plain_bounded_and_never_markdown() {
         let ctx = sample(include_str!("../contexts/hostile-text.json"));
         let content = card(&ctx, None, None)["attachments"][0]["content"].clone();
-        let all = texts(&content).join("\n");
+        let all = texts(&content).join(" | ");
         assert!(!all.contains('\u{202e}'), "{all:?}");
         assert!(!all.contains('\u{7}') && !all.contains('\r') && !all.contains('\n'));
         assert!(!all.contains("{{"), "no template function survives: {all}");
