@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
-examples=(log-context repeated-failure-email job-history-lookup)
+examples=(log-context repeated-failure-email job-history-lookup acknowledge-failed-job)
 cargo build --release --target wasm32-wasip2 --target-dir target/guests \
     $(printf -- '-p %s ' "${examples[@]}")
 cargo build -p jobhook -p jobhook-dev
@@ -69,6 +69,7 @@ post examples/log-context/contexts/sample.json
 post examples/job-history-lookup/contexts/inventory.json
 post examples/repeated-failure-email/contexts/succeeded.json
 post examples/repeated-failure-email/contexts/failed-after-retries.json
+post examples/acknowledge-failed-job/contexts/failed-inventory.json
 
 echo
 echo "mail outbox (target/demo/outbox):"

@@ -598,7 +598,7 @@ fn the_example_configuration_used_by_the_readme_is_valid() {
     );
     assert!(
         stdout.contains(
-            "3 handler(s) loaded: job-history-lookup, log-context, repeated-failure-email"
+            "4 handler(s) loaded: acknowledge-failed-job, job-history-lookup, log-context, repeated-failure-email"
         ),
         "{stdout}"
     );

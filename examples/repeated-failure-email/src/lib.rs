@@ -64,9 +64,16 @@ pub fn subject(ctx: &Context) -> String {
     format!("Orchestrator {} Job Failed", ctx.job_type)
 }
 
+/// Longest failure message quoted in the mail, in characters: an orchestrator's error text fits;
+/// a runaway one does not fill the mailbox.
+pub const MAX_MESSAGE_CHARS: usize = 4000;
+
 /// The plain-text body: the original's lines (type, job id, retries) plus what an administrator
 /// needs to find the job: the orchestrator, the job type id, the threshold, the request time.
-pub fn body(ctx: &Context, threshold: i32) -> String {
+/// `message` is Keyfactor's failure message for the run, when the engine has one: it is added
+/// as the last lines, with control characters other than line breaks replaced and cut to
+/// [`MAX_MESSAGE_CHARS`].
+pub fn body(ctx: &Context, threshold: i32, message: Option<&str>) -> String {
     let mut b = String::new();
     // Writing to a String cannot fail; the results are ignored on purpose.
     let _ = writeln!(b, "Orchestrator Job failed too many times:");
@@ -97,7 +104,31 @@ pub fn body(ctx: &Context, threshold: i32) -> String {
     if let Some(id) = ctx.certificate_id {
         let _ = writeln!(b, "\tCertificateId: {id}");
     }
+    if let Some(message) = message.filter(|m| !m.trim().is_empty()) {
+        let _ = writeln!(b, "Message:");
+        let _ = writeln!(b, "{}", message_text(message));
+    }
     b
+}
+
+/// `message` as mail text: line breaks kept (CR LF and a bare CR become LF), other control
+/// characters become spaces, cut to [`MAX_MESSAGE_CHARS`] characters with `…`.
+fn message_text(message: &str) -> String {
+    let message = message.replace("\r\n", "\n");
+    let mut out = String::new();
+    for (i, c) in message.chars().enumerate() {
+        if i == MAX_MESSAGE_CHARS {
+            out.push('…');
+            break;
+        }
+        out.push(match c {
+            '\n' | '\t' => c,
+            '\r' => '\n',
+            c if c.is_control() => ' ',
+            c => c,
+        });
+    }
+    out
 }
 
 /// Sends one e-mail per repeatedly failing job.
@@ -118,10 +149,12 @@ impl Handler for RepeatedFailureEmail {
             return Ok(());
         }
 
+        // The engine's contract does not carry Keyfactor's failure message yet.
+        let failure_message = None;
         let mut message = mail::Message::new()
             .to_all(settings.recipients.iter().cloned())
             .subject(subject(ctx))
-            .body(body(ctx, settings.retry_threshold));
+            .body(body(ctx, settings.retry_threshold, failure_message));
         if let Some(from) = settings.mail_from {
             message = message.from(from);
         }
@@ -352,8 +385,26 @@ mod tests {
             request_timestamp: None,
             ..failed_after_retries()
         };
-        let text = body(&ctx, 2);
+        let text = body(&ctx, 2, None);
         assert!(text.contains("\tCertificateId: 14"));
         assert!(!text.contains("Requested"));
+        assert!(!text.contains("Message:"));
+    }
+
+    #[test]
+    fn the_failure_message_has_one_place_in_the_body() {
+        let text = body(
+            &failed_after_retries(),
+            3,
+            Some("Unable to open the store\r\nAccess denied\u{7}"),
+        );
+        assert!(
+            text.ends_with("\tRequested: 2023-05-03 23:18:48 UTC\nMessage:\nUnable to open the store\nAccess denied \n"),
+            "{text:?}"
+        );
+        assert!(!body(&failed_after_retries(), 3, Some(" \n ")).contains("Message:"));
+        let long = body(&failed_after_retries(), 3, Some(&"x".repeat(10_000)));
+        assert!(long.len() < MAX_MESSAGE_CHARS + 1000);
+        assert!(long.ends_with("…\n"));
     }
 }

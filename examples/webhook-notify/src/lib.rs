@@ -1,6 +1,7 @@
 //! `webhook-notify`: posts a JSON summary of a failed orchestrator job to a webhook (a generic
 //! receiver, a Slack incoming webhook — which reads the `text` field — or any HTTP endpoint the
-//! operator allow-lists), through the engine's `http` capability.
+//! operator allow-lists), through the engine's `http` capability. Microsoft Teams takes an
+//! Adaptive Card through a Workflows webhook instead: see the `teams-notify` example.
 //!
 //! Properties:
 //! - `WebhookUrl` (required): the `https://` URL to post to. It must be under one of the URL

@@ -7,6 +7,7 @@
 //! | endpoint | |
 //! |---|---|
 //! | `GET OrchestratorJobs/JobHistory` | paging, sorting and `pq.queryString` on the documented fields only ([`query`]) |
+//! | `POST OrchestratorJobs/Acknowledge` | `{"JobAuditIds": [...]}` or `{"Query": "..."}` (exactly one); sets eligible runs to Status 4, `204` ([`acknowledge`]) |
 //! | `GET Agents` | every agent, paged |
 //! | `GET CertificateStoreTypes`, `GET CertificateStoreTypes/Name/{name}` | store types with their job-type GUIDs |
 //! | `GET JobTypes/Custom` | custom job types |
@@ -28,6 +29,7 @@
 //! ones it refuses. Error bodies have Keyfactor's `{"ErrorCode", "Message"}` shape; their codes
 //! and wording are the stand-in's own, not Keyfactor's.
 
+pub mod acknowledge;
 pub mod data;
 pub mod query;
 
@@ -158,6 +160,8 @@ struct IssuedToken {
 struct State_ {
     config: StandinConfig,
     base: String,
+    /// The JobHistory rows as they are now: `config.data.job_history`, changed by acknowledgments.
+    history: Mutex<Vec<Value>>,
     requests: Mutex<Vec<RecordedRequest>>,
     tokens: Mutex<Vec<IssuedToken>>,
     issued: Mutex<u64>,
@@ -270,6 +274,11 @@ impl Standin {
     pub fn release_token_endpoint(&self) {
         self.state.token_hold.send_replace(false);
     }
+
+    /// The JobHistory rows as they are now (acknowledged runs have `Status` 4).
+    pub fn job_history(&self) -> Vec<Value> {
+        lock(&self.state.history).clone()
+    }
 }
 
 impl Drop for Standin {
@@ -295,6 +304,7 @@ fn shared(config: StandinConfig) -> Shared {
         base.push('/');
     }
     Arc::new(State_ {
+        history: Mutex::new(config.data.job_history.clone()),
         config,
         base,
         requests: Mutex::new(Vec::new()),
@@ -399,10 +409,23 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
     let pairs = recorded.query_pairs();
     match (&parts.method, segs.as_slice()) {
         (&Method::GET, ["orchestratorjobs", "jobhistory"]) => {
+            let history = lock(&state.history);
             match query::Query::from_pairs(&pairs)
-                .map(|q| q.apply(&state.config.data.job_history, &state.config.data.agents))
+                .map(|q| q.apply(&history, &state.config.data.agents))
             {
                 Ok(rows) => json_response(Value::Array(rows)),
+                Err(message) => error(StatusCode::BAD_REQUEST, "0xA0010400", message),
+            }
+        }
+        (&Method::POST, ["orchestratorjobs", "acknowledge"]) => {
+            let mut history = lock(&state.history);
+            match acknowledge::acknowledge(
+                &parts.headers,
+                &body,
+                &mut history,
+                &state.config.data.agents,
+            ) {
+                Ok(()) => StatusCode::NO_CONTENT.into_response(),
                 Err(message) => error(StatusCode::BAD_REQUEST, "0xA0010400", message),
             }
         }
@@ -451,6 +474,7 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
         }
         (&Method::GET, ["status", "endpoints"]) => json_response(json!([
             "GET /OrchestratorJobs/JobHistory",
+            "POST /OrchestratorJobs/Acknowledge",
             "GET /Certificates/{id}",
             "GET /Agents",
             "GET /CertificateStoreTypes",

@@ -8,8 +8,10 @@
 pub mod engine;
 pub mod exactly_once;
 pub mod postgres;
+pub mod servicenow;
 pub mod smtp;
 pub mod tls;
+pub mod workflows;
 
 /// The Keyfactor API stand-in (`tests/standin`), re-exported for tests.
 pub use jobhook_standin as standin;

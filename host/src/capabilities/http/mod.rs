@@ -175,10 +175,11 @@ impl Host for Gate<Http> {
     }
 }
 
-/// A URL prefix an operator allow-lists, e.g. `https://hooks.slack.com/services/T0/B0/` or
-/// `https://example.webhook.office.com/webhookb2/`; `*` allows every https URL (the address
-/// checks still apply). Scheme, host and port must match exactly (after normalization: the
-/// host's case, default ports); the path matches by whole segments, so
+/// A URL prefix an operator allow-lists, e.g. `https://hooks.slack.com/services/T0/B0/` or a
+/// Teams Workflows trigger `https://prod-12.westeurope.logic.azure.com/workflows/…/invoke`;
+/// `*` allows every https URL (the address checks still apply). Scheme, host and port must
+/// match exactly (after normalization: the host's case, default ports); the path matches by
+/// whole segments, so
 /// `https://h/hooks/pki` allows `https://h/hooks/pki/x` but not `https://h/hooks/pki-admin`.
 /// Any query is allowed (Teams puts its signature there); a prefix itself has none.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,7 +279,7 @@ fn default_methods() -> Vec<GrantMethod> {
 ///
 /// ```toml
 /// [handlers.grants.http]
-/// urls = ["https://example.webhook.office.com/webhookb2/"]  # required
+/// urls = ["https://prod-12.westeurope.logic.azure.com/workflows/0f1e/triggers/manual/paths/invoke"]  # required
 /// methods = ["POST"]                                        # default: ["POST"]
 /// allow_private = false                                     # default: false
 /// ```
