@@ -36,8 +36,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::backend::{self, HttpRequest, KeyfactorRequest, MailMessage, NativeHost, SharedHost};
-use crate::log::Level;
 use crate::delivery::Source;
+use crate::log::Level;
 use crate::{
     CapabilityError, Context, Handler, JobResult, Method, OperationType, Response, Result,
 };

@@ -36,11 +36,6 @@ struct HandlerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -264,9 +259,7 @@ impl Metrics {
     /// (`disk-full`, `unreachable`, `error`), never input.
     pub fn ingest_store_failed(&self, reason: &'static str) {
         self.store_failures
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

@@ -308,7 +308,10 @@ fn inspect_lists_capabilities_and_wasi_imports() {
     let out = jobhook(&["inspect", &component("repeated-failure-email")]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.contains("world         fits jobhook:handler"), "{stdout}");
+    assert!(
+        stdout.contains("world         fits jobhook:handler"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("contract      jobhook:handler@0.2.0\n"),
         "{stdout}"

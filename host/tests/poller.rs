@@ -605,6 +605,13 @@ async fn retries_agent_and_request_time_come_from_the_api_and_the_mail_example_f
         "{texts:?}"
     );
     assert!(texts.iter().any(|t| t.contains("Retries: 2")), "{texts:?}");
+    // JobHistory's Message reached the handler through delivery.message and is in the mail.
+    assert!(
+        texts
+            .iter()
+            .all(|t| t.contains("Unable to open the store file: permission denied")),
+        "{texts:?}"
+    );
 }
 
 fn config_of(page_size: u32) -> PollerConfig {

@@ -91,6 +91,7 @@ fn kf_capability(grant: KeyfactorGrant, client: &Arc<KeyfactorClient>) -> Keyfac
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 100),
         Some(grant),
         Some(Arc::clone(client)),
+        Arc::default(),
     )
 }
 
@@ -1142,6 +1143,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         None,
         Some(Arc::clone(&client)),
+        Arc::default(),
     );
     assert!(matches!(
         kf_send(&mut not_granted, get("Certificates/14")).await,
@@ -1151,6 +1153,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         Some(KeyfactorGrant::permissive()),
         None,
+        Arc::default(),
     );
     assert!(matches!(
         kf_send(&mut not_configured, get("Certificates/14")).await,
@@ -1161,6 +1164,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 2),
         Some(KeyfactorGrant::permissive()),
         Some(client),
+        Arc::default(),
     );
     for _ in 0..2 {
         assert_eq!(
@@ -1477,6 +1481,7 @@ async fn mail_outside_the_grant_reaches_no_server() {
         CallBudget::new(LimitKind::Calls("mail-calls"), 4),
         Some(MailGrant::to(&["@example.com"]).unwrap()),
         Some(transport),
+        Arc::default(),
     );
     let refusals = [
         message("a@example.com", "Hi\r\nBcc: victim@evil.example", None),
@@ -1852,6 +1857,7 @@ async fn http_refusals_send_nothing() {
             CallBudget::new(LimitKind::Calls("http-calls"), 5),
             Some(grant.clone()),
             Some(Arc::clone(&client)),
+            Arc::default(),
         );
         let result = HttpHost::send(&mut cap, request).await.expect("no trap");
         let kind = match &result {
@@ -1872,6 +1878,7 @@ async fn http_refusals_send_nothing() {
         CallBudget::new(LimitKind::Calls("http-calls"), 5),
         Some(loopback_grant.clone()),
         Some(Arc::clone(&client)),
+        Arc::default(),
     );
     let ok = HttpHost::send(&mut cap, post(format!("http://localhost:{port}/hooks/a")))
         .await
@@ -2046,6 +2053,7 @@ async fn a_component_built_against_contract_0_1_runs_unchanged() {
             MailTransport::from_config(&mail, dir.path()).unwrap(),
         )),
         http: http_services().http,
+        configured_by: jobhook::capabilities::ConfiguredBy::ConfigFile.into(),
     };
     let grants = Grants {
         keyfactor: Some(KeyfactorGrant::read_only(&["OrchestratorJobs/JobHistory"]).unwrap()),
@@ -2067,7 +2075,10 @@ async fn a_component_built_against_contract_0_1_runs_unchanged() {
     )
     .await
     .expect("a 0.1.0 component loads");
-    assert_eq!(handler.component().imports().contract.as_deref(), Some("0.1.0"));
+    assert_eq!(
+        handler.component().imports().contract.as_deref(),
+        Some("0.1.0")
+    );
 
     let mut context = jobhook_testkit::sample_context_json();
     context["JobResult"] = "Failure".into();
@@ -2088,7 +2099,7 @@ async fn a_component_built_against_contract_0_1_runs_unchanged() {
         "{text}"
     );
     for needle in [
-        "info 0.1.0 handler old-contract attempt 3 event e-0-1 job 0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01 Failure retries 2",
+        "info 0.1.0 handler old-contract attempt 3 event e-0-1 job 0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01 JobResult::Failure retries 2",
         "info properties FailOnFailure,To,Url",
         "info keyfactor 200 ",
         "info mail Ok(())",

@@ -317,10 +317,14 @@ fn random_log_calls_are_lifted_exactly_or_refused() {
             });
             match &outcome.kind {
                 OutcomeKind::Succeeded => {
-                    prop_assert!(level < 5 && in_bounds, "accepted level {level}, {ptr}+{len}");
+                    prop_assert!(
+                        level < 5 && in_bounds,
+                        "accepted level {level}, {ptr}+{len}"
+                    );
                     prop_assert_eq!(outcome.logs.len(), 1);
                     if let Some(Ok(text)) = message {
-                        let kept = jobhook::outcome::truncate(text, jobhook::limits::MAX_LOG_LINE_BYTES);
+                        let kept =
+                            jobhook::outcome::truncate(text, jobhook::limits::MAX_LOG_LINE_BYTES);
                         prop_assert_eq!(&outcome.logs[0].message, &kept);
                     }
                 }

@@ -707,10 +707,16 @@ async fn a_newer_world_version_is_refused_at_load() {
     let newer = format!("{major}.{}.0", minor + 1);
     let text = std::fs::read_to_string(jobhook_testkit::workspace_root().join("wit/jobhook.wit"))
         .expect("wit");
-    assert!(text.contains(&current), "wit/jobhook.wit is not at {current}");
+    assert!(
+        text.contains(&current),
+        "wit/jobhook.wit is not at {current}"
+    );
     let mut resolve = wit_parser::Resolve::default();
     let package = resolve
-        .push_str("jobhook.wit", &text.replace(&current, &format!("@{newer};")))
+        .push_str(
+            "jobhook.wit",
+            &text.replace(&current, &format!("@{newer};")),
+        )
         .expect("parses");
     let world = resolve
         .select_world(&[package], Some("handler"))

@@ -96,7 +96,10 @@ mod tests {
             .source(delivery::Source::Poller)
             .message("Unable to open the store file")
             .install();
-        assert_eq!(testing::run_handler::<LogContext>(&testing::context()), Ok(()));
+        assert_eq!(
+            testing::run_handler::<LogContext>(&testing::context()),
+            Ok(())
+        );
         assert!(host.logged("Source: poller"));
         assert!(host.logged("Message: Unable to open the store file"));
     }

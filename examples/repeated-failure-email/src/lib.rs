@@ -19,7 +19,7 @@
 use std::fmt::Write as _;
 
 use jobhook_sdk::{
-    Context, Error, Handler, JobResult, Result, export_handler, info, mail, properties,
+    Context, Error, Handler, JobResult, Result, delivery, export_handler, info, mail, properties,
 };
 
 /// The handler's settings, read from its properties.
@@ -149,8 +149,9 @@ impl Handler for RepeatedFailureEmail {
             return Ok(());
         }
 
-        // The engine's contract does not carry Keyfactor's failure message yet.
-        let failure_message = None;
+        // Keyfactor's text about the job: only events the engine's poller made carry it.
+        let failure_message = delivery::message();
+        let failure_message = failure_message.as_deref();
         let mut message = mail::Message::new()
             .to_all(settings.recipients.iter().cloned())
             .subject(subject(ctx))
@@ -203,6 +204,22 @@ mod tests {
         let guard = host.install();
         let outcome = testing::run_handler::<RepeatedFailureEmail>(ctx);
         (guard, outcome)
+    }
+
+    #[test]
+    fn keyfactors_message_about_the_job_is_in_the_mail() {
+        let ctx = failed_after_retries();
+        let host = configured().message("Unable to open the store file: access denied");
+        let (host, outcome) = run(host, &ctx);
+        assert_eq!(outcome, Ok(()));
+        let mails = host.mails();
+        assert!(
+            mails[0]
+                .body
+                .contains("Message:\nUnable to open the store file: access denied"),
+            "{}",
+            mails[0].body
+        );
     }
 
     #[test]

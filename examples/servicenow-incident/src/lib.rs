@@ -34,8 +34,8 @@ use std::fmt::Write as _;
 
 use jobhook_sdk::serde_json::{Value, json};
 use jobhook_sdk::{
-    Context, Error, Handler, JobResult, Response, Result, export_handler, http, info, properties,
-    warn,
+    Context, Error, Handler, JobResult, Response, Result, delivery, export_handler, http, info,
+    properties, warn,
 };
 
 /// Longest `short_description`, so the instance never cuts it where the handler did not choose:
@@ -521,8 +521,9 @@ impl Handler for ServiceNowIncident {
             );
             return Ok(());
         }
-        // The engine's contract does not carry Keyfactor's failure message yet.
-        let message = None;
+        // Keyfactor's text about the job: only events the engine's poller made carry it.
+        let message = delivery::message();
+        let message = message.as_deref();
         let what = format!("opening an incident for job {}", ctx.job_id);
         let url = format!(
             "{}?sysparm_fields=sys_id%2Cnumber&sysparm_exclude_reference_link=true",

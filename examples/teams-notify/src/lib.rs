@@ -30,7 +30,7 @@
 
 use jobhook_sdk::serde_json::{Value, json};
 use jobhook_sdk::{
-    Context, Error, Handler, JobResult, Result, export_handler, http, info, properties,
+    Context, Error, Handler, JobResult, Result, delivery, export_handler, http, info, properties,
 };
 
 /// Longest context value shown in the card, in characters. Keyfactor's names and ids are far
@@ -303,9 +303,9 @@ impl Handler for TeamsNotify {
             );
             return Ok(());
         }
-        // The engine's contract does not carry Keyfactor's failure message yet.
-        let message = None;
-        let body = card(ctx, message, settings.portal_url.as_deref());
+        // Keyfactor's text about the job: only events the engine's poller made carry it.
+        let message = delivery::message();
+        let body = card(ctx, message.as_deref(), settings.portal_url.as_deref());
         let posting = || format!("posting the card for job {} to Teams", ctx.job_id);
         let response = http::Request::post(settings.url)
             .json(&body)?

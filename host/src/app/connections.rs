@@ -332,7 +332,12 @@ impl Clock {
     }
 
     fn wake(&self) {
-        if let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(waker) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             waker.wake_by_ref();
         }
     }

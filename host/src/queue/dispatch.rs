@@ -16,6 +16,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch}
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+use crate::bindings::jobhook::handler::delivery::EventSource;
 use crate::metrics::Metrics;
 use crate::outcome::OutcomeKind;
 use crate::queue::delivery_state::{AttemptEnd, Transition, after_attempt};
@@ -28,7 +29,6 @@ use crate::queue::store::{
     AttemptRecord, Claim, ClaimLimits, EventStore, MAX_CLAIM_BATCH, SOURCE_POLLER, StoreError,
 };
 use crate::runtime::sandbox::SandboxedHandler;
-use crate::bindings::jobhook::handler::delivery::EventSource;
 use crate::runtime::state::Delivery;
 
 /// Longest the dispatcher sleeps without looking at the store, so retries that become due are
@@ -868,6 +868,7 @@ mod tests {
                 id: Uuid::new_v4(),
                 source: "test".into(),
                 context,
+                message: None,
                 handlers: vec!["a".into()],
             })
             .unwrap();

@@ -8,12 +8,14 @@
 //! - [`aot`]: the on-disk cache of compiled components;
 //! - [`sandbox`]: a fresh store per delivery, and where the time limit is enforced;
 //! - [`state`]: the state of one sandbox and the linker (WASI and the capabilities);
+//! - [`compat`]: the interfaces of earlier contract versions, forwarded to the current ones;
 //! - [`classify`]: how a failed invocation becomes an outcome class;
 //! - [`limiter`]: where the memory and table limits are enforced;
 //! - [`cpu_share`]: the cores that deliveries which keep computing may take between them.
 
 pub mod aot;
 pub mod classify;
+pub mod compat;
 pub mod config;
 pub mod cpu_share;
 pub mod engine;

@@ -15,4 +15,3 @@ pub mod api;
 pub mod forwarders;
 pub mod idempotency;
 pub mod poller;
-

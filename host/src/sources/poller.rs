@@ -300,7 +300,10 @@ fn message_of(row: &Value) -> Option<String> {
     if text.trim().is_empty() {
         return None;
     }
-    Some(truncate(text.replace('\0', "\u{FFFD}"), MAX_JOB_MESSAGE_BYTES))
+    Some(truncate(
+        text.replace('\0', "\u{FFFD}"),
+        MAX_JOB_MESSAGE_BYTES,
+    ))
 }
 
 /// Turns a finished JobHistory row into a job context (see the module table).

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, INTERRUPTED_CLASS,
-    Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, SOURCE_API, SOURCE_POLLER, StoreError, after,
-    to_ms,
+    Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, SOURCE_API, SOURCE_POLLER,
+    StoreError, after, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;

@@ -5,7 +5,7 @@
 //! end the run as `trapped` with a message about the resource table. Every 16 handles it logs
 //! `held N`, so the test can see where the cap stopped it.
 
-use jobhook_sdk::{Context, Handler, Result, export_handler, info};
+use jobhook_sdk::{Context, Handler, Result, export_handler};
 
 #[cfg(target_arch = "wasm32")]
 mod wasi {
@@ -55,7 +55,7 @@ impl Handler for HandleFlood {
                 std::hint::black_box(&held);
                 // Progress for the test, which checks where the cap stopped the loop.
                 if held.len() % 16 == 0 {
-                    info!("held {}", held.len());
+                    jobhook_sdk::info!("held {}", held.len());
                 }
             }
         }
