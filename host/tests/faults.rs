@@ -391,6 +391,9 @@ fn pg_config(db: &jobhook_testkit::postgres::TestDatabase) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
+# The load driver is one address with up to 256 requests in flight while the database is down
+# (each waits for a connection): above the default per-client cap, which is for many senders.
+max_connections_per_client = 512
 
 [store]
 kind = "postgres"

@@ -1594,6 +1594,8 @@ async fn webhook_notify_posts_a_json_summary_to_an_allow_listed_url() {
     assert_eq!(body["handler"], "pki-webhook");
     assert_eq!(body["job"]["JobResult"], "Failure");
     assert_eq!(body["job"]["CurrentRetryCount"], 5);
+    assert_eq!(body["source"], "direct");
+    assert_eq!(body["message"], Value::Null);
     assert!(!logs(&outcome).contains("secret-token"));
 
     // A success sends nothing.

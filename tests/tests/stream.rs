@@ -105,7 +105,8 @@ async fn healthy_subjects() -> Vec<Subject> {
                         return Err(format!("log-context did not log {line:?}: {lines:?}"));
                     }
                 }
-                if lines.len() != 11 || o.logs_dropped != 0 {
+                // The eleven context fields, then the delivery's Source and Message.
+                if lines.len() != 13 || o.logs_dropped != 0 {
                     return Err(format!("log-context logged {lines:?}"));
                 }
                 Ok(())

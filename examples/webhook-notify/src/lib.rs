@@ -115,7 +115,11 @@ impl Handler for WebhookNotify {
             );
             return Ok(());
         }
-        let body = payload(ctx, &delivery::handler_name(), delivery::attempt());
+        let mut body = payload(ctx, &delivery::handler_name(), delivery::attempt());
+        // How the event arrived, and Keyfactor's text about the job when the engine has it
+        // (events the poller made): what a receiver needs to say why the job failed.
+        body["source"] = delivery::source().to_string().into();
+        body["message"] = delivery::message().into();
         let posting = || format!("posting the summary of job {} to the webhook", ctx.job_id);
         let response = http::Request::post(settings.url)
             .json(&body)?

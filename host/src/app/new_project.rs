@@ -294,10 +294,12 @@ pub fn name_error(name: &str) -> Option<String> {
     let Some(first) = name.chars().next() else {
         return Some(format!("the name is empty; {rule}"));
     };
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-    {
+    // A path separator is named first: `../x` is a path, whatever else is wrong with it.
+    let bad = name.chars().find(|c| matches!(c, '/' | '\\')).or_else(|| {
+        name.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    });
+    if let Some(bad) = bad {
         let what = match bad {
             '/' | '\\' => {
                 "a path separator (use --dir to choose where the project goes)".to_owned()

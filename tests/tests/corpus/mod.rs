@@ -149,7 +149,8 @@ pub async fn assert_healthy() {
         outcome.kind.is_success(),
         "the healthy handler failed after a hostile run: {outcome:?}"
     );
-    assert_eq!(outcome.logs.len(), 11, "{:?}", outcome.logs);
+    // The eleven context fields, then the delivery's Source and Message.
+    assert_eq!(outcome.logs.len(), 13, "{:?}", outcome.logs);
     assert_eq!(
         outcome.logs[4].message,
         "JobId: 0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01"
