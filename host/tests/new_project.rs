@@ -349,7 +349,8 @@ fn jobhook_new_refuses_what_it_cannot_create() {
             "--sdk-path",
             &inside("taken"),
         ],
-        "not the jobhook-sdk package",
+        // A directory with no Cargo.toml: the message says which directory to pass instead.
+        "pass --sdk-path with the `guest-sdk` directory",
     );
     refused(
         &[
