@@ -370,6 +370,31 @@ async fn a_flood_from_one_address_is_refused_beyond_its_cap_and_others_still_get
         );
         refused += 1;
     }
+    // A refused client still sending a large request, as a forwarder does: the server keeps
+    // reading (and discarding) while it sends, so none of its writes meets a reset, and then the
+    // 503 reaches it and the connection ends cleanly.
+    let mut stream = connect_from(ATTACKER, to).await;
+    const CHUNK: usize = 16 * 1024;
+    const CHUNKS: usize = 30;
+    let head = format!(
+        "POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        CHUNK * CHUNKS
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    for n in 0..CHUNKS {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(e) = stream.write_all(&[b'x'; CHUNK]).await {
+            panic!("the refused connection was reset while the client sent chunk {n}: {e}");
+        }
+    }
+    let (text, clean) = answer(&mut stream, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        clean,
+        "the refused connection was reset instead of closed: {text}"
+    );
+    refused += 1;
     // The held connections still work: they were admitted.
     let first = held.first_mut().expect("held");
     first

@@ -42,7 +42,7 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -91,13 +91,9 @@ pub const LINGER_MAX_BYTES: usize = 1024 * 1024;
 
 /// Refusals (503 answers to connections over a cap) being written at once; beyond it a refused
 /// connection is closed without an answer, so a flood cannot make refusing itself expensive.
+/// A refusal closes as a 413 does: the answer, then lingering for [`LINGER_TIMEOUT`] and
+/// [`LINGER_MAX_BYTES`], so a client still sending its request gets the 503 rather than a reset.
 const MAX_REFUSALS_IN_FLIGHT: usize = 32;
-
-/// How long writing a refusal (and the short lingering read after it) may take.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Bytes read and discarded after a refusal before it is closed.
-const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
 
 /// Back-off after a failed `accept` (out of file descriptors and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -179,6 +175,14 @@ impl Refusal {
         match self {
             Refusal::Total => "max_connections",
             Refusal::PerClient => "max_connections_per_client",
+        }
+    }
+
+    /// The value of that setting.
+    pub fn limit(self, limits: &ConnectionLimits) -> usize {
+        match self {
+            Refusal::Total => limits.max_connections,
+            Refusal::PerClient => limits.max_connections_per_client,
         }
     }
 }
@@ -279,10 +283,7 @@ impl RefusalLog {
         let refused = std::mem::take(&mut state.1);
         state.0 = Some(now);
         drop(state);
-        let limit = match refusal {
-            Refusal::Total => limits.max_connections,
-            Refusal::PerClient => limits.max_connections_per_client,
-        };
+        let limit = refusal.limit(limits);
         tracing::warn!(
             %client,
             refused,
@@ -593,12 +594,10 @@ pub async fn serve(
                 if tls.is_none()
                     && let Ok(slot) = Arc::clone(&refusals).try_acquire_owned()
                 {
-                    let limit = match refusal {
-                        Refusal::Total => limits.max_connections,
-                        Refusal::PerClient => limits.max_connections_per_client,
-                    };
+                    let guarded =
+                        Guarded::new(stream, Clock::new(), limits, Arc::clone(&metrics), peer);
                     tokio::spawn(async move {
-                        refuse(stream, refusal, limit).await;
+                        refuse(guarded, refusal).await;
                         drop(slot);
                     });
                 }
@@ -655,8 +654,12 @@ pub async fn serve(
     }
 }
 
-/// Answers a connection over a cap with `503` and closes it.
-async fn refuse(mut stream: TcpStream, refusal: Refusal, limit: usize) {
+/// Answers a connection over a cap with `503` and closes it the way every closing connection
+/// is closed ([`Guarded::poll_shutdown`]): writing gets the header allowance, then what the
+/// client still sends is read and discarded for at most [`LINGER_TIMEOUT`] and
+/// [`LINGER_MAX_BYTES`].
+async fn refuse(mut stream: Guarded<TcpStream>, refusal: Refusal) {
+    let limit = refusal.limit(&stream.limits);
     let body = format!(
         "jobhook is refusing connections: [server] {} ({limit}) is reached; retry shortly\n",
         refusal.setting()
@@ -666,20 +669,9 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal, limit: usize) {
          content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await?;
-        let mut scratch = [0u8; 4096];
-        let mut discarded = 0;
-        while discarded < REFUSAL_DRAIN_BYTES {
-            match stream.read(&mut scratch).await? {
-                0 => break,
-                n => discarded += n,
-            }
-        }
-        io::Result::Ok(())
-    })
-    .await;
+    if stream.write_all(response.as_bytes()).await.is_ok() {
+        let _ = stream.shutdown().await;
+    }
 }
 
 /// Serves HTTP/1.1 on one connection until it closes, times out or the server stops.
