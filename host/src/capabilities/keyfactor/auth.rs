@@ -32,11 +32,19 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 /// Largest token response read. Access tokens (JWTs) are a few KiB.
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// Access tokens of one OAuth identity that stay on the redaction list after being replaced (by
-/// a refresh or after a 401). A replaced token may still be echoed — a server's log of earlier
-/// requests, a revoked token in an error page — so it is scrubbed for a while longer; at one
-/// token an hour this covers the last few hours, and the list cannot grow without bound.
-pub const MAX_REMEMBERED_TOKENS: usize = 4;
+/// How long an OAuth access token stays on the redaction list after it was replaced (by a
+/// refresh or after a 401). A replaced token may still come back — in the answer to a call that
+/// sent it and is still in flight, in a server's log of earlier requests, in an error page — so
+/// it is scrubbed for an hour more. Longer than [`super::MAX_CALL_TIMEOUT`], so however often
+/// tokens change, none is forgotten while a response that could carry it is outstanding.
+pub const TOKEN_REMEMBERED_FOR: Duration = Duration::from_secs(60 * 60);
+
+/// Replaced tokens of one identity kept before the oldest are forgotten early: a token endpoint
+/// answering `expires_in = 0`, or a server answering 401 to every call, replaces a token per
+/// call. Even then only tokens replaced longer than [`super::MAX_CALL_TIMEOUT`] ago are dropped
+/// for room, so the guarantee for calls in flight holds; the list is bounded by the calls one
+/// identity can make in that time.
+pub const MAX_REMEMBERED_TOKENS: usize = 256;
 
 /// How the engine authenticates to Keyfactor (`[keyfactor.auth]`).
 ///
@@ -213,7 +221,7 @@ impl Auth {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .iter()
             {
-                out.push(Arc::clone(token));
+                out.push(Arc::clone(&token.1));
             }
         }
     }
@@ -254,11 +262,12 @@ pub struct OAuth2 {
     /// of handlers using this identity wait for one token request instead of each sending their
     /// own. Only this identity's calls take it: redaction reads [`issued`](Self::issued).
     cache: Mutex<Option<CachedToken>>,
-    /// What to scrub for the current token and the [`MAX_REMEMBERED_TOKENS`] − 1 before it,
-    /// newest last. A fetched token is added here before it is cached or handed to anyone, so
-    /// every token a server could have received from this engine is on the list. A
-    /// `std::sync::RwLock`, never held across an `.await`.
-    issued: RwLock<VecDeque<Arc<Redactor>>>,
+    /// What to scrub for the current token and those it replaced recently (see
+    /// [`publish_at`](Self::publish_at)), each with when it was issued, newest last. A fetched
+    /// token is added here before it is cached or handed to anyone, so every token a server could
+    /// have received from this engine is on the list. A `std::sync::RwLock`, never held across
+    /// an `.await`.
+    issued: RwLock<VecDeque<(Instant, Arc<Redactor>)>>,
 }
 
 impl std::fmt::Debug for OAuth2 {
@@ -314,13 +323,28 @@ impl OAuth2 {
     /// Puts a new token's redactor on the [`issued`](Self::issued) list, dropping the oldest
     /// beyond [`MAX_REMEMBERED_TOKENS`].
     fn publish(&self, redactor: Redactor) {
+        self.publish_at(redactor, Instant::now());
+    }
+
+    /// [`publish`](Self::publish) at `now`: the oldest token is dropped when the one that
+    /// replaced it is older than [`TOKEN_REMEMBERED_FOR`], or, with more than
+    /// [`MAX_REMEMBERED_TOKENS`] listed, older than [`super::MAX_CALL_TIMEOUT`].
+    fn publish_at(&self, redactor: Redactor, now: Instant) {
         let mut issued = self
             .issued
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        issued.push_back(Arc::new(redactor));
-        while issued.len() > MAX_REMEMBERED_TOKENS {
-            issued.pop_front();
+        issued.push_back((now, Arc::new(redactor)));
+        // The oldest entry was replaced when the second was issued.
+        while let Some(&(replaced_at, _)) = issued.get(1) {
+            let replaced_for = now.saturating_duration_since(replaced_at);
+            let crowded =
+                issued.len() > MAX_REMEMBERED_TOKENS && replaced_for > super::MAX_CALL_TIMEOUT;
+            if replaced_for > TOKEN_REMEMBERED_FOR || crowded {
+                issued.pop_front();
+            } else {
+                break;
+            }
         }
     }
 
@@ -547,18 +571,34 @@ mod tests {
             panic!("oauth")
         };
         let token = |n: usize| format!("access-token-{n}");
-        for n in 0..MAX_REMEMBERED_TOKENS + 2 {
+        let redactor = |n: usize| {
             let mut r = Redactor::new();
             r.add(&token(n));
-            oauth.publish(r);
+            r
+        };
+        let found = |n: usize| {
+            let mut set = RedactorSet::new();
+            auth.token_redactors(&mut set);
+            set.redact_str(&token(n)) == outbound::REDACTED
+        };
+        let start = Instant::now();
+        let call = super::super::MAX_CALL_TIMEOUT;
+        // Far more replacements than the cap within one call's time: none is forgotten, as a
+        // response still in flight may carry any of them.
+        let churn = MAX_REMEMBERED_TOKENS + 50;
+        for n in 0..churn {
+            oauth.publish_at(redactor(n), start);
         }
-        let mut set = RedactorSet::new();
-        auth.token_redactors(&mut set);
-        // The two oldest have been dropped; the last MAX_REMEMBERED_TOKENS are still found.
-        for n in 0..MAX_REMEMBERED_TOKENS + 2 {
-            let out = set.redact_str(&token(n));
-            assert_eq!(out == outbound::REDACTED, n >= 2, "{n}: {out}");
-        }
+        assert!((0..churn).all(found));
+        // Once they were replaced longer than a call can last, the cap applies, oldest first.
+        oauth.publish_at(redactor(churn), start + call + Duration::from_secs(1));
+        assert!(!found(0) && !found(churn - MAX_REMEMBERED_TOKENS));
+        assert!((churn - MAX_REMEMBERED_TOKENS + 1..=churn).all(found));
+        // An hour after being replaced a token is forgotten; the one replaced just now is not.
+        let later = start + TOKEN_REMEMBERED_FOR + call + Duration::from_secs(2);
+        oauth.publish_at(redactor(churn + 1), later);
+        assert!(!found(churn - 1));
+        assert!(found(churn) && found(churn + 1));
     }
 
     #[test]

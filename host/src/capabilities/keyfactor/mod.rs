@@ -45,6 +45,11 @@ use crate::secret::rebase;
 /// anyway.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest `timeout_ms` accepted. A call, connect to last body byte, ends within it, which is
+/// what lets the engine forget a replaced OAuth token once [`auth::TOKEN_REMEMBERED_FOR`]
+/// (longer than this) has passed: no response still in flight can carry it by then.
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
 /// Default connect timeout: the Keyfactor server is on the operator's network.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -357,8 +362,11 @@ pub enum KeyfactorConfigError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A timeout of zero.
-    #[error("[keyfactor] timeout_ms and connect_timeout_ms must be greater than 0")]
+    /// A timeout of zero, or a call timeout beyond [`MAX_CALL_TIMEOUT`].
+    #[error(
+        "[keyfactor] timeout_ms must be between 1 and {} and connect_timeout_ms greater than 0",
+        MAX_CALL_TIMEOUT.as_millis()
+    )]
     ZeroTimeout,
     /// The HTTP client could not be built.
     #[error("cannot build the Keyfactor HTTP client: {0}")]
@@ -418,7 +426,8 @@ impl KeyfactorClient {
         }
         let api_version = HeaderValue::from_str(&config.api_version)
             .map_err(|_| KeyfactorConfigError::ApiVersion(config.api_version.clone()))?;
-        if config.timeout_ms == 0 || config.connect_timeout_ms == 0 {
+        let too_long = Duration::from_millis(config.timeout_ms) > MAX_CALL_TIMEOUT;
+        if config.timeout_ms == 0 || config.connect_timeout_ms == 0 || too_long {
             return Err(KeyfactorConfigError::ZeroTimeout);
         }
         let mut builder = reqwest::Client::builder()
