@@ -574,8 +574,6 @@ impl Dispatcher {
     }
 }
 
-/// The record of a delivery that was not run (its handler is quarantined or gone). A skip does
-/// not depend on the attempt or the retry policy.
 /// How an event's stored source ([`crate::queue::store::NewEvent::source`]) is told to its
 /// handlers: the poller's events as `poller`, everything committed through ingest as `event-api`.
 fn event_source(stored: &str) -> EventSource {
@@ -586,6 +584,8 @@ fn event_source(stored: &str) -> EventSource {
     }
 }
 
+/// The record of a delivery that was not run (its handler is quarantined or gone). A skip does
+/// not depend on the attempt or the retry policy.
 fn skipped(reason: String) -> AttemptRecord {
     let Transition { state, retry_at } =
         after_attempt(AttemptEnd::Skipped, 1, &RetryPolicy::default(), Utc::now());
@@ -634,7 +634,7 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
             if !closed {
                 tokio::time::sleep(STORE_ERROR_PAUSE).await;
             }
-            while batch.len() < MAX_RECORD_BATCH {
+            while batch.len() + unrecorded.len() < MAX_RECORD_BATCH {
                 match queue.try_recv() {
                     Ok(finished) => batch.push(finished),
                     Err(mpsc::error::TryRecvError::Empty) => break,
@@ -685,12 +685,15 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
 
 /// Records `finished` in one transaction; if that fails (a shared database may abort it, e.g. to
 /// break a deadlock with another node's claim), records each on its own, so that one failure
-/// costs only its own outcome. Gives, for each, the error that kept it from being recorded.
+/// costs only its own outcome — unless the whole store is failing (disk full, server
+/// unreachable): then each would fail the same way, after waiting on the store again. Gives,
+/// for each, the error that kept it from being recorded.
 fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<Option<StoreError>> {
     let items: Vec<(&Claim, &AttemptRecord)> =
         finished.iter().map(|f| (&f.claim, &f.record)).collect();
     match store.finish_batch(&items) {
         Ok(()) => items.iter().map(|_| None).collect(),
+        Err(e) if e.is_transient() => items.iter().map(|_| e.for_each_call()).collect(),
         Err(e) => {
             tracing::warn!(
                 outcomes = items.len(),
@@ -718,11 +721,22 @@ mod tests {
     /// SQLite, except that recording more than one outcome in a transaction always fails (as a
     /// shared database may abort such a transaction to break a deadlock), and that the first
     /// `.1` recordings fail as on a full disk.
-    struct BatchFails(SqliteStore, std::sync::atomic::AtomicUsize);
+    struct BatchFails(
+        SqliteStore,
+        std::sync::atomic::AtomicUsize,
+        fn() -> StoreError,
+    );
 
     impl BatchFails {
         fn new(store: SqliteStore, disk_full_for: usize) -> Self {
-            BatchFails(store, std::sync::atomic::AtomicUsize::new(disk_full_for))
+            Self::failing_with(store, disk_full_for, || {
+                StoreError::DiskFull("database or disk is full".into())
+            })
+        }
+
+        /// The first `n` recordings fail with `error()`.
+        fn failing_with(store: SqliteStore, n: usize, error: fn() -> StoreError) -> Self {
+            BatchFails(store, std::sync::atomic::AtomicUsize::new(n), error)
         }
     }
 
@@ -764,7 +778,7 @@ mod tests {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok();
             if full {
-                return Err(StoreError::DiskFull("database or disk is full".into()));
+                return Err((self.2)());
             }
             self.0.finish_batch(finished)
         }
@@ -850,11 +864,8 @@ mod tests {
 
     /// An outcome the store cannot take while its disk is full is kept and recorded once the
     /// store takes writes again, without a restart: its delivery does not stay `running`.
-    #[tokio::test]
-    async fn outcomes_the_store_cannot_take_yet_are_recorded_once_it_can() {
-        let dir = tempfile::tempdir().unwrap();
-        // The batch and the one-by-one attempt both fail; the retry a pause later succeeds.
-        let store = Arc::new(BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 2));
+    /// One delivery of a new event, claimed from `store`.
+    fn claimed(store: &dyn EventStore) -> Claim {
         let context = JobContext::from_json_value(&serde_json::json!({
             "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
             "ClientMachine": "m", "JobResult": "Failure",
@@ -876,14 +887,26 @@ mod tests {
             max: 1,
             room: BTreeMap::new(),
         };
-        let claim = store
+        store
             .claim_batch(Utc::now(), &limits, DEFAULT_LEASE)
             .unwrap()
             .pop()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A recorder over `store` with one skipped outcome of a claimed delivery sent to it: the
+    /// sender (drop it to stop the engine), the recorder, and what says the outcome is on record.
+    async fn recording_one(
+        store: &Arc<BatchFails>,
+    ) -> (
+        mpsc::Sender<Finished>,
+        tokio::task::JoinHandle<()>,
+        oneshot::Receiver<()>,
+    ) {
+        let claim = claimed(store.as_ref());
         let (record, queue) = mpsc::channel(4);
         let recorder = tokio::spawn(record_outcomes(
-            Arc::clone(&store) as Arc<dyn EventStore>,
+            Arc::clone(store) as Arc<dyn EventStore>,
             queue,
         ));
         let (recorded, done) = oneshot::channel();
@@ -895,6 +918,15 @@ mod tests {
             })
             .await
             .unwrap_or_else(|_| panic!("the recorder stopped"));
+        (record, recorder, done)
+    }
+
+    #[tokio::test]
+    async fn outcomes_the_store_cannot_take_yet_are_recorded_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        // The first two rounds fail as on a full disk; the retry after them succeeds.
+        let store = Arc::new(BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 2));
+        let (record, recorder, done) = recording_one(&store).await;
         tokio::time::timeout(STORE_ERROR_PAUSE * 5, done)
             .await
             .expect("recorded in time")
@@ -905,5 +937,41 @@ mod tests {
         );
         drop(record);
         recorder.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_outcome_the_store_refuses_for_good_is_given_up_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // An error about the write itself, not about the store: trying again cannot help.
+        let store = Arc::new(BatchFails::failing_with(
+            SqliteStore::open(dir.path()).unwrap(),
+            usize::MAX,
+            || StoreError::Database("CHECK constraint failed".into()),
+        ));
+        let (record, recorder, done) = recording_one(&store).await;
+        let given_up = tokio::time::timeout(STORE_ERROR_PAUSE / 2, done)
+            .await
+            .expect("decided before a retry pause");
+        assert!(given_up.is_err(), "given up, not recorded");
+        drop(record);
+        recorder.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn kept_outcomes_are_given_up_when_the_engine_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BatchFails::new(
+            SqliteStore::open(dir.path()).unwrap(),
+            usize::MAX,
+        ));
+        let (record, recorder, done) = recording_one(&store).await;
+        // Kept across a retry while the disk stays full.
+        tokio::time::sleep(STORE_ERROR_PAUSE + STORE_ERROR_PAUSE / 2).await;
+        drop(record);
+        tokio::time::timeout(STORE_ERROR_PAUSE * 3, recorder)
+            .await
+            .expect("the recorder ends once the engine stops")
+            .unwrap();
+        assert!(done.await.is_err(), "given up, not recorded");
     }
 }

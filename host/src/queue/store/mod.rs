@@ -82,16 +82,22 @@ pub const SOURCE_API: &str = "api";
 pub const SOURCE_POLLER: &str = "poller";
 
 impl StoreError {
-    /// Whether the same call may succeed later without anyone changing the data: the database
-    /// was busy, full or unreachable. A refused transition or unreadable data stays refused.
+    /// Whether the whole store is failing for a reason that passes by itself — the disk is
+    /// full, the database server cannot be reached — so that the same call succeeds later
+    /// without anyone changing the data. Any other error (a refused transition, unreadable
+    /// data, an error the database reported about this statement) stays as it is.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Database(_)
-                | StoreError::DiskFull(_)
-                | StoreError::Unreachable(_)
-                | StoreError::Open { .. }
-        )
+        matches!(self, StoreError::DiskFull(_) | StoreError::Unreachable(_))
+    }
+
+    /// The same failure again, for each of several calls it stopped ([`is_transient`](Self::is_transient)
+    /// errors only: they are about the store, not about one call).
+    pub fn for_each_call(&self) -> Option<StoreError> {
+        match self {
+            StoreError::DiskFull(why) => Some(StoreError::DiskFull(why.clone())),
+            StoreError::Unreachable(why) => Some(StoreError::Unreachable(why.clone())),
+            _ => None,
+        }
     }
 }
 
