@@ -919,6 +919,48 @@ mod tests {
     use super::*;
     use crate::queue::store::conformance::{self, Backend};
 
+    /// What [`commit_batch`] answers for a batch of three events, the second from `poison`,
+    /// with a trigger that refuses that one event with `raise` (`ROLLBACK` ends the whole
+    /// transaction, `ABORT` only the statement), and how many events were committed.
+    fn batch_with_poison(raise: &str) -> (Vec<bool>, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        migrate(&mut conn).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TEMP TRIGGER poison BEFORE INSERT ON events WHEN NEW.source = 'poison'
+             BEGIN SELECT RAISE({raise}, 'refused'); END;"
+        ))
+        .unwrap();
+        let batch: Vec<Write> = ["api", "poison", "api"]
+            .into_iter()
+            .map(|source| Write::Events {
+                events: vec![NewEvent {
+                    source: source.into(),
+                    ..conformance::event(&["a"])
+                }],
+                cursor: None,
+                key: None,
+                done: mpsc::sync_channel(1).0,
+            })
+            .collect();
+        let results = commit_batch(&mut conn, &batch);
+        let committed = conn
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        (results.iter().map(Result::is_ok).collect(), committed)
+    }
+
+    #[test]
+    fn a_write_that_rolls_back_the_transaction_fails_the_whole_batch() {
+        // Nobody is told their event is committed when the transaction it was in is gone.
+        assert_eq!(
+            batch_with_poison("ROLLBACK"),
+            (vec![false, false, false], 0)
+        );
+        // A write that fails alone fails alone.
+        assert_eq!(batch_with_poison("ABORT"), (vec![true, false, true], 2));
+    }
+
     /// A database directory; every "node" is another [`SqliteStore`] opened on it, as a
     /// restarted process would.
     struct Sqlite {
