@@ -9,25 +9,40 @@ use anyhow::{Context as _, bail};
 /// What to do when cargo wrote no component: the fix named by every message about it.
 pub const CDYLIB_FIX: &str = "cargo writes a .wasm for a library crate only with `[lib] crate-type = [\"cdylib\"]` in its Cargo.toml (add \"rlib\" too to keep native unit tests), then rebuild with `cargo build --release --target wasm32-wasip2`";
 
-/// Reads the component at `path`, refusing a file over `max` bytes before reading it.
+/// Reads the component at `path`, refusing a file over `max` bytes: by its size before reading
+/// it, and by what it yields while reading, so that a device, a FIFO or a file that grows in
+/// between cannot make the engine read more than `max + 1` bytes.
 pub fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
-    let size = match std::fs::metadata(path) {
-        Ok(meta) => meta.len(),
+    use std::io::Read as _;
+    let cannot_read = || format!("cannot read {}", path.display());
+    let too_big = |size: String| {
+        anyhow::anyhow!(
+            "{} is {size} bytes; the component size limit is {max} bytes",
+            path.display()
+        )
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(hint) = missing_build_output_hint(path) {
                 bail!("cannot read {}: no such file; {hint}", path.display());
             }
-            return Err(e).with_context(|| format!("cannot read {}", path.display()));
+            return Err(e).with_context(cannot_read);
         }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Err(e) => return Err(e).with_context(cannot_read),
     };
+    let size = file.metadata().with_context(cannot_read)?.len();
     if size > max as u64 {
-        bail!(
-            "{} is {size} bytes; the component size limit is {max} bytes",
-            path.display()
-        );
+        return Err(too_big(size.to_string()));
     }
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(cannot_read)?;
+    if bytes.len() > max {
+        return Err(too_big(format!("more than {max}")));
+    }
+    Ok(bytes)
 }
 
 /// For a missing `.wasm` where cargo puts its `wasm32-wasip2` output: why it is likely missing
@@ -82,6 +97,12 @@ mod tests {
 
         std::fs::write(&wasm, [0u8; 16]).unwrap();
         assert_eq!(read_component(&wasm, 16).unwrap().len(), 16);
+        // A device reports no size and never ends: the limit holds while reading.
+        let e = format!(
+            "{:#}",
+            read_component(Path::new("/dev/zero"), 1024).unwrap_err()
+        );
+        assert!(e.contains("more than 1024 bytes"), "{e}");
         let e = format!("{:#}", read_component(&wasm, 15).unwrap_err());
         assert!(e.contains("size limit is 15 bytes"), "{e}");
     }
