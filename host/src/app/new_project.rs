@@ -349,20 +349,45 @@ struct Values {
 }
 
 impl Values {
+    /// `template` with each `{{key}}` replaced, in one pass: a value is never read again, so a
+    /// value that contains a placeholder (an SDK path with `{{wit_version}}` in it) stays as it
+    /// is. An unknown key is left as written.
     fn fill(&self, template: &str) -> String {
-        [
-            ("{{name}}", self.name.as_str()),
-            ("{{crate_name}}", self.crate_name.as_str()),
-            ("{{sdk_path_toml}}", self.sdk_path_toml.as_str()),
-            ("{{wit_version}}", self.wit_version.as_str()),
-            ("{{componentize_qjs}}", COMPONENTIZE_QJS),
-            ("{{componentize_py}}", COMPONENTIZE_PY),
-            ("{{wit_bindgen}}", WIT_BINDGEN),
-        ]
-        .iter()
-        .fold(template.to_owned(), |text, (key, value)| {
-            text.replace(key, value)
-        })
+        let value = |key: &str| -> Option<&str> {
+            Some(match key {
+                "name" => &self.name,
+                "crate_name" => &self.crate_name,
+                "sdk_path_toml" => &self.sdk_path_toml,
+                "wit_version" => &self.wit_version,
+                "componentize_qjs" => COMPONENTIZE_QJS,
+                "componentize_py" => COMPONENTIZE_PY,
+                "wit_bindgen" => WIT_BINDGEN,
+                _ => return None,
+            })
+        };
+        let mut out = String::with_capacity(template.len());
+        let mut rest = template;
+        while let Some(start) = rest.find("{{") {
+            let (before, from) = rest.split_at(start);
+            out.push_str(before);
+            let after = from.get(2..).unwrap_or_default();
+            let filled = after.find("}}").and_then(|end| {
+                let key = after.get(..end)?;
+                Some((value(key)?, after.get(end + 2..)?))
+            });
+            match filled {
+                Some((text, remaining)) => {
+                    out.push_str(text);
+                    rest = remaining;
+                }
+                None => {
+                    out.push_str("{{");
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out
     }
 }
 
@@ -529,6 +554,20 @@ mod tests {
             dir: Some(dir.to_path_buf()),
             sdk_path: None,
         }
+    }
+
+    #[test]
+    fn placeholders_are_filled_once_and_values_are_not_read_again() {
+        let values = Values {
+            name: "hook".into(),
+            crate_name: "hook".into(),
+            sdk_path_toml: "\"/src/{{wit_version}}/guest-sdk\"".into(),
+            wit_version: "0.2.0".into(),
+        };
+        assert_eq!(
+            values.fill("{{name}} {{sdk_path_toml}} {{wit_version}} {{unknown}} {{ {{name"),
+            "hook \"/src/{{wit_version}}/guest-sdk\" 0.2.0 {{unknown}} {{ {{name"
+        );
     }
 
     #[test]
