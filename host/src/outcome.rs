@@ -128,7 +128,11 @@ pub struct Outcome {
     pub memory_bytes: u64,
 }
 
-/// Truncates `text` to at most `max` bytes on a character boundary, marking the cut.
+/// What [`truncate`] appends where it cut.
+pub const TRUNCATED_MARK: &str = " [truncated]";
+
+/// Truncates `text` to at most `max` bytes on a character boundary, marking the cut (the mark
+/// comes on top of `max`).
 pub fn truncate(mut text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
@@ -138,7 +142,7 @@ pub fn truncate(mut text: String, max: usize) -> String {
         end -= 1;
     }
     text.truncate(end);
-    text.push_str(" [truncated]");
+    text.push_str(TRUNCATED_MARK);
     text
 }
 

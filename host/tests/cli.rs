@@ -91,6 +91,37 @@ fn run_json_prints_one_object() {
     assert!(!v["logs"].as_array().expect("logs").is_empty());
 }
 
+/// The messages `jobhook run` gave the handler as `delivery.message`, read from log-context's
+/// `Message:` line.
+fn message_seen(extra: &[&str]) -> String {
+    let log_context = component("log-context");
+    let context = context_file("log-context", "sample.json");
+    let mut args = vec!["run", &log_context, "--context", &context, "--json"];
+    args.extend_from_slice(extra);
+    let out = jobhook(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON outcome");
+    v["logs"]
+        .as_array()
+        .expect("logs")
+        .iter()
+        .filter_map(|l| l["message"].as_str()?.strip_prefix("Message: "))
+        .collect()
+}
+
+#[test]
+fn run_hands_the_job_message_to_the_handler() {
+    assert_eq!(message_seen(&[]), "null");
+    assert_eq!(
+        message_seen(&["--job-message", "Unable to open the store file"]),
+        "Unable to open the store file"
+    );
+    // Blank is no message, as for a JobHistory row.
+    assert_eq!(message_seen(&["--job-message", " \t "]), "null");
+    // (Truncation and NUL are `Delivery::job_message`'s, unit-tested with the poller: a log line
+    // is cut at 4 KiB, so log-context cannot show a 16 KiB message whole.)
+}
+
 #[test]
 fn run_reports_a_handler_failure_with_exit_1() {
     let out = jobhook(&[

@@ -12,12 +12,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::app::component_file::read_component;
 use crate::capabilities::properties::Properties;
 use crate::context::{JobContext, MAX_CONTEXT_BYTES};
 use crate::escape::escape;
-use crate::limits::MAX_JOB_MESSAGE_BYTES;
-use crate::outcome::{Outcome, truncate};
-use crate::runtime::loader::{self, Inspection, LoadOptions};
+use crate::outcome::Outcome;
+use crate::runtime::loader::{self, Inspection};
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::{Delivery, SandboxSpec};
 
@@ -213,7 +213,7 @@ pub async fn run(
     let context = read_context(&args.context)?;
     let properties = parse_properties(&args.properties)?;
     let options = args.engine.load_options();
-    let bytes = read_component(&args.component, &options)?;
+    let bytes = read_component(&args.component, options.max_bytes)?;
     let engine = args.engine.engine()?;
 
     let name = args
@@ -243,10 +243,7 @@ pub async fn run(
             &context,
             Delivery {
                 attempt: args.attempt,
-                message: args
-                    .job_message
-                    .clone()
-                    .map(|m| truncate(m, MAX_JOB_MESSAGE_BYTES)),
+                message: args.job_message.as_deref().and_then(Delivery::job_message),
                 ..Delivery::default()
             },
         )
@@ -287,7 +284,7 @@ fn load_report(component: &loader::LoadedComponent, took: Duration) -> serde_jso
 
 async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let options = args.engine.load_options();
-    let bytes = read_component(&args.component, &options)?;
+    let bytes = read_component(&args.component, options.max_bytes)?;
     let engine = args.engine.engine()?;
     let inspection = loader::inspect(&engine, bytes, &options)
         .await
@@ -354,10 +351,6 @@ fn forwarder_config(args: ForwarderArgs) -> anyhow::Result<ExitCode> {
     }
     print!("{text}");
     Ok(ExitCode::SUCCESS)
-}
-
-fn read_component(path: &Path, options: &LoadOptions) -> anyhow::Result<Vec<u8>> {
-    crate::app::component_file::read_component(path, options.max_bytes)
 }
 
 fn read_context(source: &str) -> anyhow::Result<JobContext> {

@@ -16,7 +16,8 @@ use crate::capabilities::log::LogCollector;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::stdio::CappedOutput;
 use crate::capabilities::{CapabilityStates, Grants, HasCapabilities, Services};
-use crate::limits::Limits;
+use crate::limits::{Limits, MAX_JOB_MESSAGE_BYTES};
+use crate::outcome::{TRUNCATED_MARK, truncate};
 use crate::runtime::compat;
 use crate::runtime::engine::Engine;
 use crate::runtime::limiter::SandboxLimiter;
@@ -65,6 +66,23 @@ pub struct Delivery {
     pub source: EventSource,
     /// Keyfactor's text about the job, when the source had it.
     pub message: Option<String>,
+}
+
+impl Delivery {
+    /// Keyfactor's text about a job as handlers receive it through `delivery.message`, whoever
+    /// supplies it (the poller from JobHistory, `jobhook run --job-message`): blank is `None`;
+    /// NUL (which PostgreSQL text cannot hold) becomes U+FFFD, so both stores keep the same text;
+    /// longer than [`MAX_JOB_MESSAGE_BYTES`] is cut on a character boundary so that, with the
+    /// mark of the cut, it is at most that long.
+    pub fn job_message(text: &str) -> Option<String> {
+        if text.trim().is_empty() {
+            return None;
+        }
+        Some(truncate(
+            text.replace('\0', "\u{FFFD}"),
+            MAX_JOB_MESSAGE_BYTES - TRUNCATED_MARK.len(),
+        ))
+    }
 }
 
 impl Default for Delivery {

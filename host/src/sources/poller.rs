@@ -48,10 +48,9 @@ use crate::bindings::jobhook::handler::keyfactor::Request;
 use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::{JobContext, JobResult, OperationType, parse_guid, parse_timestamp};
-use crate::limits::MAX_JOB_MESSAGE_BYTES;
-use crate::outcome::truncate;
 use crate::queue::dispatch::Dispatcher;
 use crate::queue::store::{EventStore, NewEvent, SOURCE_POLLER, StoreError};
+use crate::runtime::state::Delivery;
 
 /// The name of the poller's cursor in the store.
 pub const CURSOR: &str = "jobhistory";
@@ -293,17 +292,9 @@ fn int(row: &Value, key: &str) -> Option<i32> {
 }
 
 /// The row's `Message` (Keyfactor's text about the outcome, e.g. why the job failed), for
-/// `delivery.message`: absent or blank is `None`; NUL (which PostgreSQL text cannot hold) becomes
-/// U+FFFD, in both stores alike; longer than [`MAX_JOB_MESSAGE_BYTES`] is truncated.
+/// `delivery.message`, bounded as [`Delivery::job_message`] says; absent or not text is `None`.
 fn message_of(row: &Value) -> Option<String> {
-    let text = row.get("Message")?.as_str()?;
-    if text.trim().is_empty() {
-        return None;
-    }
-    Some(truncate(
-        text.replace('\0', "\u{FFFD}"),
-        MAX_JOB_MESSAGE_BYTES,
-    ))
+    Delivery::job_message(row.get("Message")?.as_str()?)
 }
 
 /// Turns a finished JobHistory row into a job context (see the module table).
@@ -908,6 +899,7 @@ fn start_of(row: &Value) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::MAX_JOB_MESSAGE_BYTES;
     use serde_json::json;
 
     #[test]
@@ -925,7 +917,8 @@ mod tests {
         assert_eq!(m(json!("a\u{0}b")), Some("a\u{FFFD}b".into()));
         let long = "é".repeat(MAX_JOB_MESSAGE_BYTES);
         let kept = m(json!(long)).expect("kept");
-        assert!(kept.len() <= MAX_JOB_MESSAGE_BYTES + " [truncated]".len());
+        assert!(kept.len() <= MAX_JOB_MESSAGE_BYTES, "{}", kept.len());
+        assert!(kept.len() > MAX_JOB_MESSAGE_BYTES - 16, "{}", kept.len());
         assert!(kept.ends_with(" [truncated]"));
     }
 
