@@ -30,7 +30,7 @@ use jobhook::capabilities::mail::{
     MailCapability, MailConfig, MailGrant, MailTransport, SmtpConfig, SmtpTls,
 };
 use jobhook::capabilities::properties::Properties;
-use jobhook::capabilities::{CallBudget, Grants, Services};
+use jobhook::capabilities::{CallBudget, ConfiguredBy, Grants, Services};
 use jobhook::limits::LimitExceeded;
 use jobhook::secret::SecretRef;
 use jobhook::{
@@ -91,7 +91,7 @@ fn kf_capability(grant: KeyfactorGrant, client: &Arc<KeyfactorClient>) -> Keyfac
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 100),
         Some(grant),
         Some(Arc::clone(client)),
-        Arc::default(),
+        ConfiguredBy::default(),
     )
 }
 
@@ -1143,7 +1143,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         None,
         Some(Arc::clone(&client)),
-        Arc::default(),
+        ConfiguredBy::default(),
     );
     assert!(matches!(
         kf_send(&mut not_granted, get("Certificates/14")).await,
@@ -1153,7 +1153,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 5),
         Some(KeyfactorGrant::permissive()),
         None,
-        Arc::default(),
+        ConfiguredBy::default(),
     );
     assert!(matches!(
         kf_send(&mut not_configured, get("Certificates/14")).await,
@@ -1164,7 +1164,7 @@ async fn keyfactor_budget_grant_and_configuration_are_enforced_first() {
         CallBudget::new(LimitKind::Calls("keyfactor-calls"), 2),
         Some(KeyfactorGrant::permissive()),
         Some(client),
-        Arc::default(),
+        ConfiguredBy::default(),
     );
     for _ in 0..2 {
         assert_eq!(
@@ -1481,7 +1481,7 @@ async fn mail_outside_the_grant_reaches_no_server() {
         CallBudget::new(LimitKind::Calls("mail-calls"), 4),
         Some(MailGrant::to(&["@example.com"]).unwrap()),
         Some(transport),
-        Arc::default(),
+        ConfiguredBy::default(),
     );
     let refusals = [
         message("a@example.com", "Hi\r\nBcc: victim@evil.example", None),
@@ -1859,7 +1859,7 @@ async fn http_refusals_send_nothing() {
             CallBudget::new(LimitKind::Calls("http-calls"), 5),
             Some(grant.clone()),
             Some(Arc::clone(&client)),
-            Arc::default(),
+            ConfiguredBy::default(),
         );
         let result = HttpHost::send(&mut cap, request).await.expect("no trap");
         let kind = match &result {
@@ -1880,7 +1880,7 @@ async fn http_refusals_send_nothing() {
         CallBudget::new(LimitKind::Calls("http-calls"), 5),
         Some(loopback_grant.clone()),
         Some(Arc::clone(&client)),
-        Arc::default(),
+        ConfiguredBy::default(),
     );
     let ok = HttpHost::send(&mut cap, post(format!("http://localhost:{port}/hooks/a")))
         .await
@@ -2055,7 +2055,7 @@ async fn a_component_built_against_contract_0_1_runs_unchanged() {
             MailTransport::from_config(&mail, dir.path()).unwrap(),
         )),
         http: http_services().http,
-        configured_by: jobhook::capabilities::ConfiguredBy::ConfigFile.into(),
+        configured_by: jobhook::capabilities::ConfiguredBy::ConfigFile,
     };
     let grants = Grants {
         keyfactor: Some(KeyfactorGrant::read_only(&["OrchestratorJobs/JobHistory"]).unwrap()),

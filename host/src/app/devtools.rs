@@ -139,7 +139,7 @@ impl ServiceArgs {
         // defaults); the flags below add keyfactor and mail.
         let env = ServiceEnv {
             default_outbox: PathBuf::from("outbox"),
-            configured_by: ConfiguredBy::Flags(FLAGS.to_vec()),
+            configured_by: ConfiguredBy::Flags(&FLAGS),
         };
         let mut services = Services::from_config(&ServicesConfig::default(), &env)?;
         if let Some(client) = keyfactor {

@@ -35,7 +35,7 @@ pub struct ServiceEnv {
 /// capability with no service is told what to set in the terms of the front-end that started
 /// the engine. The capabilities know their configuration sections; the flags of a command line
 /// are the command line's business and come from it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ConfiguredBy {
     /// The configuration file (`jobhook serve`, `jobhook check`): each capability is named by
     /// its section and key ([`Grantable::CONFIG_KEY`]).
@@ -43,7 +43,7 @@ pub enum ConfiguredBy {
     ConfigFile,
     /// Command-line flags (`jobhook run`): for a capability's interface name, the flags that
     /// configure it. A capability not listed is named by its configuration key.
-    Flags(Vec<(&'static str, &'static str)>),
+    Flags(&'static [(&'static str, &'static str)]),
 }
 
 impl ConfiguredBy {
@@ -168,7 +168,7 @@ pub struct Gate<C: Grantable> {
     budget: CallBudget,
     grant: Option<C::Grant>,
     service: Option<Arc<C::Service>>,
-    configured_by: Arc<ConfiguredBy>,
+    configured_by: ConfiguredBy,
 }
 
 impl<C: Grantable> Gate<C> {
@@ -178,7 +178,7 @@ impl<C: Grantable> Gate<C> {
         budget: CallBudget,
         grant: Option<C::Grant>,
         service: Option<Arc<C::Service>>,
-        configured_by: Arc<ConfiguredBy>,
+        configured_by: ConfiguredBy,
     ) -> Self {
         Gate {
             budget,

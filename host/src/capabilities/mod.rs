@@ -92,7 +92,7 @@ macro_rules! grantable {
             $( $(#[$doc])* pub $field: Option<Arc<<$marker as Grantable>::Service>>, )+
             /// How the services are configured: what a handler calling an unconfigured one is
             /// told to set.
-            pub configured_by: Arc<ConfiguredBy>,
+            pub configured_by: ConfiguredBy,
         }
 
         /// The engine-level sections of the capabilities in the engine's TOML file, e.g.
@@ -138,7 +138,7 @@ macro_rules! grantable {
                             source: Box::new(e),
                         })?
                         .map(Arc::new), )+
-                    configured_by: Arc::new(env.configured_by.clone()),
+                    configured_by: env.configured_by,
                 })
             }
         }
@@ -163,7 +163,7 @@ macro_rules! grantable {
                         ),
                         grants.$field.clone(),
                         services.$field.clone(),
-                        Arc::clone(&services.configured_by),
+                        services.configured_by,
                     ), )+
                 }
             }
@@ -282,7 +282,7 @@ mod tests {
             "no mail transport is configured for this engine ([mail])"
         );
 
-        let flags = ConfiguredBy::Flags(vec![("keyfactor", "--keyfactor-url")]);
+        let flags = ConfiguredBy::Flags(&[("keyfactor", "--keyfactor-url")]);
         let (keyfactor, mail) = not_available(flags);
         assert_eq!(
             keyfactor,
