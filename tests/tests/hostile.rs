@@ -735,7 +735,9 @@ async fn a_newer_world_version_is_refused_at_load() {
         "{error:?}"
     );
     assert!(
-        error.to_string().contains("0.1.0 or 0.2.0"),
+        error
+            .to_string()
+            .contains(&jobhook::runtime::loader::supported_versions()),
         "the refusal names the versions this engine runs: {error}"
     );
 }

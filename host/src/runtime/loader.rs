@@ -581,6 +581,48 @@ mod tests {
         ));
     }
 
+    /// The package version a WIT file declares (`package jobhook:handler@X;`).
+    fn declared(wit: &str) -> Option<String> {
+        wit.lines()
+            .find_map(|l| l.trim().strip_prefix("package jobhook:handler@"))
+            .map(|v| v.trim_end_matches(';').to_owned())
+    }
+
+    #[test]
+    fn the_wit_files_are_the_versions_the_engine_runs() {
+        use sha2::{Digest, Sha256};
+        let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        let fmt = |(a, b, c): (u64, u64, u64)| format!("{a}.{b}.{c}");
+        let current = std::fs::read_to_string(wit.join("jobhook.wit")).unwrap();
+        assert_eq!(declared(&current), Some(fmt(WIT_VERSION)));
+        // Every released version is kept under wit/released/<version>/ and is run.
+        let mut released: Vec<String> = std::fs::read_dir(wit.join("released"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        released.sort();
+        for version in &released {
+            let text =
+                std::fs::read_to_string(wit.join("released").join(version).join("jobhook.wit"))
+                    .unwrap();
+            assert_eq!(declared(&text).as_ref(), Some(version));
+            assert!(version_supported(version), "{version} is not run");
+        }
+        let mut supported: Vec<String> = SUPPORTED_VERSIONS.iter().map(|v| fmt(*v)).collect();
+        supported.retain(|v| *v != fmt(WIT_VERSION));
+        assert_eq!(released, supported);
+        // A released version is frozen: 0.1.0 is byte for byte what was released.
+        let frozen = std::fs::read(wit.join("released/0.1.0/jobhook.wit")).unwrap();
+        let digest: String = Sha256::digest(&frozen)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            digest,
+            "b9d3fc2d3005c1eb26203be3e721d79a5a3c65ad72b6ed319fc6917a808f5217"
+        );
+    }
+
     #[test]
     fn the_contract_version_is_recorded_and_must_be_one() {
         let (summary, problem) = classify_imports([
