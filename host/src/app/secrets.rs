@@ -13,8 +13,9 @@
 //!   says so — in its answer (`restart_required`) and as a warning in the log — rather than
 //!   keeping the old value silently.
 //!
-//! Secrets are compared by SHA-256 digest and reported by name; no value is logged or kept
-//! beyond the digest.
+//! The secrets only a start reads are compared by SHA-256 digest; the tokens and handler
+//! property secrets, which the running configuration holds anyway, by value. Changes are
+//! reported by name only; no value is ever logged.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::app::config::{Config, ServerConfig};
 use crate::capabilities::keyfactor::auth::AuthConfig;
+use crate::runtime::config::EngineConfig;
 use crate::secret::SecretRef;
 
 /// A secret's digest, or why it cannot be read (the message names the reference, never the
@@ -91,6 +93,16 @@ fn auth_secret(auth: &AuthConfig) -> SecretRef {
     }
 }
 
+/// The `[engine]` settings a reload cannot apply: everything but the load limits, which every
+/// handler loaded again is checked against.
+fn start_only_engine(engine: &EngineConfig) -> EngineConfig {
+    EngineConfig {
+        max_component_bytes: 0,
+        compile_timeout: std::time::Duration::ZERO,
+        ..engine.clone()
+    }
+}
+
 /// The `[server]` settings a reload cannot apply: everything but the tokens (replaced) and the
 /// TLS material (read again).
 fn start_only_server(server: &ServerConfig) -> ServerConfig {
@@ -124,7 +136,10 @@ pub fn restart_required(
         "server",
     );
     section(running.store != new.store, "store");
-    section(running.engine != new.engine, "engine");
+    section(
+        start_only_engine(&running.engine) != start_only_engine(&new.engine),
+        "engine",
+    );
     section(running.poller != new.poller, "poller");
     section(
         running.services.keyfactor != new.services.keyfactor,
@@ -253,7 +268,15 @@ mod tests {
         let secrets = StartOnlySecrets::read(&running);
         let mut new = running.clone();
         new.server.tokens = vec![SecretRef::File(dir.path().join("t"))];
+        // The load limits apply to every handler a reload loads: nothing to restart for.
+        new.engine.max_component_bytes += 1;
+        new.engine.compile_timeout += std::time::Duration::from_secs(1);
         assert!(restart_required(&running, &secrets, &new, &secrets).is_empty());
+        new.engine.sandbox_threads += 1;
+        let notes = restart_required(&running, &secrets, &new, &secrets);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].starts_with("[engine] changed"), "{notes:?}");
+        new.engine = running.engine.clone();
         new.server.max_connections = 7;
         let notes = restart_required(&running, &secrets, &new, &secrets);
         assert_eq!(notes.len(), 1);
