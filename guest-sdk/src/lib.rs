@@ -52,6 +52,7 @@ pub mod mail;
 pub mod properties;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
+pub mod text;
 
 pub use context::{Context, JobResult, OperationType};
 pub use error::{CapabilityError, Error, Result};

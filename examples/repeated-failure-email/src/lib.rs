@@ -18,6 +18,7 @@
 
 use std::fmt::Write as _;
 
+use jobhook_sdk::text::{self, Lines};
 use jobhook_sdk::{
     Context, Error, Handler, JobResult, Result, delivery, export_handler, info, mail, properties,
 };
@@ -111,24 +112,11 @@ pub fn body(ctx: &Context, threshold: i32, message: Option<&str>) -> String {
     b
 }
 
-/// `message` as mail text: line breaks kept (CR LF and a bare CR become LF), other control
-/// characters become spaces, cut to [`MAX_MESSAGE_CHARS`] characters with `…`.
+/// `message` as mail text ([`text::plain`]): line breaks kept (CR LF and a bare CR become LF),
+/// other control characters become spaces, invisible format characters are dropped, cut to
+/// [`MAX_MESSAGE_CHARS`] characters with `…`.
 fn message_text(message: &str) -> String {
-    let message = message.replace("\r\n", "\n");
-    let mut out = String::new();
-    for (i, c) in message.chars().enumerate() {
-        if i == MAX_MESSAGE_CHARS {
-            out.push('…');
-            break;
-        }
-        out.push(match c {
-            '\n' | '\t' => c,
-            '\r' => '\n',
-            c if c.is_control() => ' ',
-            c => c,
-        });
-    }
-    out
+    text::plain(message, MAX_MESSAGE_CHARS, Lines::Keep)
 }
 
 /// Sends one e-mail per repeatedly failing job.
@@ -219,6 +207,19 @@ mod tests {
                 .contains("Message:\nUnable to open the store file: access denied"),
             "{}",
             mails[0].body
+        );
+    }
+
+    #[test]
+    fn keyfactors_message_is_plain_text_in_the_mail() {
+        let ctx = failed_after_retries();
+        let host = configured().message("line 1\r\nline 2\u{202e}\u{200b} \u{1b}[31mred");
+        let (host, outcome) = run(host, &ctx);
+        assert_eq!(outcome, Ok(()));
+        let body = &host.mails()[0].body;
+        assert!(
+            body.contains("Message:\nline 1\nline 2  [31mred"),
+            "{body:?}"
         );
     }
 

@@ -33,6 +33,7 @@
 use std::fmt::Write as _;
 
 use jobhook_sdk::serde_json::{Value, json};
+use jobhook_sdk::text::{self, Lines};
 use jobhook_sdk::{
     Context, Error, Handler, JobResult, Response, Result, delivery, export_handler, http, info,
     properties, warn,
@@ -278,31 +279,11 @@ fn level(name: &str) -> Result<u8> {
     }
 }
 
-/// `text` as plain ticket text: control characters (line breaks too, unless `multiline`)
-/// become spaces, bidirectional-override and invisible format characters are dropped, and the
-/// result is cut to `max_chars` characters with `…`.
+/// `text` as plain ticket text ([`text::plain`]): one line, or with its line breaks kept when
+/// `multiline`, cut to `max_chars` characters with `…`.
 pub fn plain_text(text: &str, max_chars: usize, multiline: bool) -> String {
-    let mut out = String::with_capacity(text.len().min(max_chars * 4));
-    let mut count = 0usize;
-    for c in text.chars() {
-        let c = match c {
-            '\n' if multiline => '\n',
-            c if c.is_control() => ' ',
-            '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2069}'
-            | '\u{061C}'
-            | '\u{FEFF}' => continue,
-            c => c,
-        };
-        if count == max_chars {
-            out.push('…');
-            return out;
-        }
-        out.push(c);
-        count += 1;
-    }
-    out
+    let lines = if multiline { Lines::Keep } else { Lines::Join };
+    text::plain(text, max_chars, lines)
 }
 
 /// The incident's `short_description`, e.g. `Keyfactor orchestrator job failed: PEMInventory on

@@ -29,6 +29,7 @@
 //!   adds an *Open Keyfactor Command* button.
 
 use jobhook_sdk::serde_json::{Value, json};
+use jobhook_sdk::text::{self, Lines};
 use jobhook_sdk::{
     Context, Error, Handler, JobResult, Result, delivery, export_handler, http, info, properties,
 };
@@ -156,37 +157,21 @@ fn check_webhook_url(url: &str) -> Result<()> {
     Ok(())
 }
 
-/// `text` made safe to show as plain text in a card: control characters (line breaks
-/// included) become spaces, bidirectional-override and invisible formatting characters are
-/// dropped (they can make a name read backwards), `{{` is broken up so no Adaptive Card
-/// date/time function is evaluated, and the result is cut to `max_chars` characters with `…`.
+/// `text` made safe to show as plain text in a card: plain ([`text::plain`]: control
+/// characters, line breaks included, become spaces; bidirectional-override and other invisible
+/// format characters are dropped; cut to `max_chars` characters with `…`), and `{{` broken up
+/// so no Adaptive Card date/time function is evaluated.
 pub fn plain_text(text: &str, max_chars: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max_chars * 4));
-    let mut count = 0usize;
+    let plain = text::plain(text, max_chars, Lines::Join);
+    let mut out = String::with_capacity(plain.len());
     let mut last = None;
-    for c in text.chars() {
-        let c = match c {
-            c if c.is_control() => ' ',
-            // LRM, RLM, ALM, the embedding/override/isolate controls, and the zero-width and
-            // other invisible format characters.
-            '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2069}'
-            | '\u{061C}'
-            | '\u{FEFF}' => continue,
-            c => c,
-        };
-        if count == max_chars {
-            out.push('…');
-            return out;
-        }
+    for c in plain.chars() {
         if c == '{' && last == Some('{') {
             // `{ {` is shown as text, never as a template function.
             out.push(' ');
         }
         out.push(c);
         last = Some(c);
-        count += 1;
     }
     out
 }
@@ -448,6 +433,11 @@ mod tests {
     fn plain_text_rules() {
         assert_eq!(plain_text("a\tb\u{0}c", 10), "a b c");
         assert_eq!(plain_text("ab\u{202e}cd\u{2066}", 10), "abcd");
+        // The whole class: line/paragraph separators end no line, tag and zero-width
+        // characters hide nothing.
+        assert_eq!(plain_text("a\u{2028}b\u{2029}c\u{85}d", 10), "a b c d");
+        assert_eq!(plain_text("a\u{e0041}\u{200b}\u{ad}b", 10), "ab");
+        assert_eq!(plain_text("{\u{202e}{x", 10), "{ {x");
         assert_eq!(plain_text("{{DATE(x)}}", 20), "{ {DATE(x)}}");
         assert_eq!(plain_text("{{{", 20), "{ { {");
         assert_eq!(plain_text("abcdef", 3), "abc…");
