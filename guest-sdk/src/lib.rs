@@ -46,6 +46,7 @@ mod type_name;
 
 pub mod delivery;
 pub mod http;
+pub mod job_history;
 pub mod keyfactor;
 pub mod log;
 pub mod mail;

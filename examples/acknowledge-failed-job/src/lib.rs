@@ -26,6 +26,10 @@
 //!   — the results Command lets a run be acknowledged for; anything else is refused.
 //! - `MinRetries` (optional, default 0): act only once `CurrentRetryCount` has reached it.
 
+use jobhook_sdk::job_history::{
+    self, RESULT_FAILURE, RESULT_WARNING, STATUS_COMPLETED, STATUS_COMPLETED_WILL_RETRY,
+    STATUS_IN_PROCESS, STATUS_WAITING,
+};
 use jobhook_sdk::serde_json::{Value, json};
 use jobhook_sdk::{
     Context, Error, Handler, JobResult, Result, export_handler, info, keyfactor, properties,
@@ -40,17 +44,6 @@ pub const ACKNOWLEDGE_PATH: &str = "OrchestratorJobs/Acknowledge";
 /// Most runs read and acknowledged in one delivery: a recurring job that fails every few
 /// minutes collects many runs; older ones are left for the next delivery or for the portal.
 pub const MAX_RUNS: usize = 100;
-
-/// JobHistory `Result` numbers (Command API: 4 Failure, 3 Warning).
-const RESULT_FAILURE: i64 = 4;
-const RESULT_WARNING: i64 = 3;
-
-/// JobHistory `Status` numbers (Command API: 1 Waiting, 2 InProcess, 3 Completed,
-/// 4 Acknowledged, 5 CompletedWillRetry).
-const STATUS_WAITING: i64 = 1;
-const STATUS_IN_PROCESS: i64 = 2;
-const STATUS_COMPLETED: i64 = 3;
-const STATUS_COMPLETED_WILL_RETRY: i64 = 5;
 
 /// The handler's settings, read from its properties.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,36 +105,6 @@ pub fn history_query(ctx: &Context) -> String {
     format!("JobId -eq \"{}\"", ctx.job_id.hyphenated())
 }
 
-/// A JobHistory `Result`/`Status` as a number: the API documents numbers, and some versions
-/// send the names.
-fn code(value: Option<&Value>, names: &[(&str, i64)]) -> Option<i64> {
-    match value? {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => names
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(s.trim()))
-            .map(|(_, n)| *n)
-            .or_else(|| s.trim().parse().ok()),
-        _ => None,
-    }
-}
-
-const RESULT_NAMES: &[(&str, i64)] = &[
-    ("Unknown", 0),
-    ("Success", 2),
-    ("Warning", 3),
-    ("Failure", 4),
-];
-
-const STATUS_NAMES: &[(&str, i64)] = &[
-    ("Unknown", 0),
-    ("Waiting", 1),
-    ("InProcess", 2),
-    ("Completed", 3),
-    ("Acknowledged", 4),
-    ("CompletedWillRetry", 5),
-];
-
 /// What the history says about this job's runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Runs {
@@ -171,8 +134,8 @@ pub fn classify(rows: &[Value], ctx: &Context, results: &[i64]) -> Runs {
         if !same_job {
             continue;
         }
-        let result = code(row.get("Result"), RESULT_NAMES);
-        let status = code(row.get("Status"), STATUS_NAMES);
+        let result = row.get("Result").and_then(job_history::result_code);
+        let status = row.get("Status").and_then(job_history::status_code);
         match status {
             Some(STATUS_WAITING | STATUS_IN_PROCESS) => runs.unfinished += 1,
             Some(STATUS_COMPLETED | STATUS_COMPLETED_WILL_RETRY)

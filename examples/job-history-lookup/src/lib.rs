@@ -12,7 +12,8 @@
 
 use jobhook_sdk::serde_json::Value;
 use jobhook_sdk::{
-    Context, Error, Handler, OperationType, Result, debug, export_handler, info, keyfactor,
+    Context, Error, Handler, OperationType, Result, debug, export_handler, info, job_history,
+    keyfactor,
 };
 
 /// The API path the sample queries, relative to the Keyfactor API base.
@@ -100,12 +101,14 @@ pub fn describe_row(row: &Value) -> String {
     let id = row
         .get("JobHistoryId")
         .map_or_else(|| "?".to_string(), plain);
-    let result = row
-        .get("Result")
-        .map_or_else(|| "?".to_string(), |v| name_or_number(v, result_name));
-    let status = row
-        .get("Status")
-        .map_or_else(|| "?".to_string(), |v| name_or_number(v, status_name));
+    let result = row.get("Result").map_or_else(
+        || "?".to_string(),
+        |v| name_or_number(v, job_history::result_name),
+    );
+    let status = row.get("Status").map_or_else(
+        || "?".to_string(),
+        |v| name_or_number(v, job_history::status_name),
+    );
     let start = row
         .get("OperationStart")
         .map_or_else(|| "?".to_string(), plain);
@@ -120,39 +123,13 @@ fn plain(v: &Value) -> String {
     }
 }
 
-/// Keyfactor sends `Result`/`Status` as names in some versions and as numbers in others
-/// (the Command API documents numbers): show the name either way.
+/// A `Result`/`Status` value for the log: the documented name of a number
+/// ([`job_history`]), else the value as sent (some versions send the names).
 fn name_or_number(v: &Value, names: fn(i64) -> Option<&'static str>) -> String {
-    match v.as_i64().and_then(|n| names(n).map(|name| (n, name))) {
-        Some((_, name)) => name.to_string(),
+    match v.as_i64().and_then(names) {
+        Some(name) => name.to_string(),
         None => plain(v),
     }
-}
-
-/// JobHistory `Result` numbers (Command API: 4-Failure, 3-Warning, 2-Success, 0-Unknown).
-fn result_name(n: i64) -> Option<&'static str> {
-    Some(match n {
-        0 => "Unknown",
-        1 => "InProcess",
-        2 => "Success",
-        3 => "Warning",
-        4 => "Failure",
-        _ => return None,
-    })
-}
-
-/// JobHistory `Status` numbers (Command API: 0-Unknown, 1-Waiting, 2-InProcess, 3-Completed,
-/// 4-Acknowledged, 5-CompletedWillRetry).
-fn status_name(n: i64) -> Option<&'static str> {
-    Some(match n {
-        0 => "Unknown",
-        1 => "Waiting",
-        2 => "InProcess",
-        3 => "Completed",
-        4 => "Acknowledged",
-        5 => "CompletedWillRetry",
-        _ => return None,
-    })
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -333,6 +310,12 @@ mod tests {
         assert_eq!(
             describe_row(&row),
             "JobHistoryId 1: Result 9, Status Weird, OperationStart null"
+        );
+        // The API documents no Result 1: it is shown as the number, not given a name.
+        let row = jobhook_sdk::serde_json::json!({"JobHistoryId": 2, "Result": 1, "Status": 5, "OperationStart": null});
+        assert_eq!(
+            describe_row(&row),
+            "JobHistoryId 2: Result 1, Status CompletedWillRetry, OperationStart null"
         );
     }
 }
