@@ -54,3 +54,50 @@ pub use runtime::engine::Engine;
 pub use runtime::loader::{LoadError, LoadOptions};
 pub use runtime::sandbox::SandboxedHandler;
 pub use runtime::state::{Delivery, SandboxSpec};
+
+#[cfg(test)]
+mod layout_tests {
+    use std::path::Path;
+
+    /// The README's Layout table names every folder and module of `host/src` down to the
+    /// second level, so a newcomer finds a module by reading it.
+    #[test]
+    fn the_readme_layout_names_every_module() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(root.join("../README.md")).unwrap();
+        let start = readme.find("## Layout").unwrap();
+        let end = start + readme[start..].find("\n## ").unwrap();
+        let layout = &readme[start..end];
+        let mut missing = Vec::new();
+        let src = root.join("src");
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !layout.contains(&format!("`host/src/{name}/`")) {
+                    missing.push(format!("host/src/{name}/"));
+                }
+                for inner in std::fs::read_dir(&path).unwrap() {
+                    let inner = inner.unwrap().path();
+                    let file = inner.file_name().unwrap().to_string_lossy().into_owned();
+                    let shown = if inner.is_dir() {
+                        format!("`{file}/`")
+                    } else {
+                        format!("`{file}`")
+                    };
+                    if file != "mod.rs" && !layout.contains(&shown) {
+                        missing.push(format!("host/src/{name}/{file}"));
+                    }
+                }
+            } else if !matches!(name.as_str(), "lib.rs" | "main.rs")
+                && !layout.contains(&format!("`{name}`"))
+            {
+                missing.push(format!("host/src/{name}"));
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "README.md's Layout table does not name: {missing:?}"
+        );
+    }
+}
