@@ -987,6 +987,14 @@ mod tests {
             "a@[not-an-ip]",
             "jörg@example.com",
             "a@exämple.com",
+            // The same classes in other spellings: a comma route without the leading `@`, a
+            // fullwidth `@`, separators that are whitespace to one reader and not to another.
+            "victim@evil.example,a@example.com",
+            "a\u{FF20}evil.example@example.com",
+            "a\tb@example.com",
+            "a\u{2028}b@example.com",
+            "a@example.com\u{2029}",
+            "a\u{0}@example.com",
         ] {
             assert!(parse_address(bad).is_err(), "{bad:?} was accepted");
             let (_dir, t) = outbox();
@@ -1164,6 +1172,22 @@ mod tests {
         assert!(text.contains("=?utf-8?b?4oCuZ25wLmV4ZQ==?="), "{text}");
         assert!(
             text.contains("Content-Transfer-Encoding: quoted-printable"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unicode_line_separators_in_a_subject_start_no_header() {
+        let (_dir, t) = outbox();
+        let grant = MailGrant::to(&["*"]).unwrap();
+        let mut m = message(&["a@example.com"]);
+        m.subject = "x\u{2028}Bcc: victim@evil.example\u{2029}y".into();
+        let wire = t.build(&grant, m).unwrap().formatted();
+        assert_wire_safe(&wire, MAX_PLAIN_LINE_BYTES);
+        let text = String::from_utf8(wire).unwrap();
+        assert!(!text.to_ascii_lowercase().contains("\nbcc:"), "{text}");
+        assert!(
+            !text.contains('\u{2028}') && !text.contains('\u{2029}'),
             "{text}"
         );
     }
