@@ -400,3 +400,148 @@ async fn tls_connections_get_the_header_timeout_the_caps_and_the_body_limit() {
     );
     drop(held);
 }
+
+/// What the HTTPS Keyfactor API of [`keyfactor_over_https`] saw.
+#[derive(Default)]
+struct HttpsSeen {
+    /// Request heads read after a completed handshake.
+    requests: Vec<String>,
+    /// Handshakes that failed.
+    failed_handshakes: usize,
+}
+
+/// A Keyfactor API over HTTPS with a certificate from `ca`: answers every request with an empty
+/// JSON list (no JobHistory rows) and records what it saw.
+async fn keyfactor_over_https(
+    ca: &TestCa,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<HttpsSeen>>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = ca.server_cert(7);
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes())
+        .expect("server key");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![rustls_pki_types::CertificateDer::from(server.cert_der)],
+        key,
+    )
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(HttpsSeen::default()));
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let log = std::sync::Arc::clone(&log);
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    log.lock().unwrap().failed_handshakes += 1;
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                log.lock()
+                    .unwrap()
+                    .requests
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// `jobhook run` of job-history-lookup against `url`, with `extra` flags: its JSON outcome.
+async fn run_history_lookup(url: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "run".to_owned(),
+        jobhook_testkit::guest("job-history-lookup")
+            .display()
+            .to_string(),
+        "--context".to_owned(),
+        jobhook_testkit::workspace_root()
+            .join("examples/job-history-lookup/contexts/inventory.json")
+            .display()
+            .to_string(),
+        "--keyfactor-url".to_owned(),
+        url.to_owned(),
+        "--json".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .env("KEYFACTOR_USERNAME", "KFTRAIN\\svc-jobhook")
+            .env("KEYFACTOR_PASSWORD", "ca-bundle-test-password")
+            .output()
+            .expect("run jobhook")
+    })
+    .await
+    .expect("join");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON outcome ({e}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// `[keyfactor] ca_bundle` (here `--keyfactor-ca-bundle`): a Keyfactor server whose certificate
+/// an internal CA issued is trusted with the bundle, and refused without it — before any
+/// request, so no credential is sent to a server the engine cannot authenticate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyfactor_server_of_an_internal_ca_is_trusted_only_with_its_bundle() {
+    let ca = TestCa::new("jobhook internal CA");
+    let (addr, seen) = keyfactor_over_https(&ca).await;
+    let url = format!("https://127.0.0.1:{}/KeyfactorAPI/", addr.port());
+    let setup = Setup::new();
+    setup.write("internal-ca.pem", &ca.cert_pem);
+    let bundle = setup.path("internal-ca.pem").display().to_string();
+
+    let refused = run_history_lookup(&url, &[]).await;
+    assert_eq!(refused["class"], "handler-failed", "{refused:#}");
+    {
+        let seen = seen.lock().unwrap();
+        assert!(seen.requests.is_empty(), "{:?}", seen.requests);
+        assert!(seen.failed_handshakes >= 1, "no handshake was tried");
+    }
+
+    let trusted = run_history_lookup(&url, &["--keyfactor-ca-bundle", &bundle]).await;
+    assert_eq!(trusted["class"], "succeeded", "{trusted:#}");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.requests.len(), 1, "{:?}", seen.requests);
+    let head = &seen.requests[0];
+    assert!(
+        head.starts_with("GET /KeyfactorAPI/OrchestratorJobs/JobHistory?"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("authorization: basic "),
+        "{head}"
+    );
+}
