@@ -193,6 +193,28 @@ fn example_runs_like_the_rust_one(lang: &str) {
     );
 }
 
+/// The narrowed worlds import what the WIT says they do (`scripts/check-wit-worlds.sh`, with
+/// the wasm-tools the Python toolchain brings), and the checked-in C bindings of the example and
+/// of `jobhook new --lang c` were generated from the current WIT (`scripts/check-c-bindings.sh`).
+#[test]
+fn the_wit_worlds_and_the_c_bindings_match_the_wit() {
+    if !toolchains_ready() {
+        return;
+    }
+    for script in ["scripts/check-wit-worlds.sh", "scripts/check-c-bindings.sh"] {
+        let output = Command::new(workspace_root().join(script))
+            .env("JOBHOOK_LANG_TOOLCHAINS", toolchains())
+            .output()
+            .expect("run check script");
+        assert!(
+            output.status.success(),
+            "{script} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 #[test]
 fn the_c_example_runs_and_mails() {
     example_runs_like_the_rust_one("c");

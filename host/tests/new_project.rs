@@ -322,8 +322,17 @@ fn a_new_rust_project_tests_builds_and_runs() {
 #[test]
 fn jobhook_new_refuses_what_it_cannot_create() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    // Run from a directory inside `tmp`, so a name or --dir that escaped would land where the
+    // checks below look.
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir(&cwd).expect("mkdir");
     let refused = |args: &[&str], why: &str| {
-        let out = jobhook(args);
+        let out = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args(args)
+            .current_dir(&cwd)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run jobhook");
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(why), "{args:?}: {stderr}");
@@ -366,6 +375,10 @@ fn jobhook_new_refuses_what_it_cannot_create() {
         "--sdk-path is for Rust projects",
     );
     assert!(!tmp.path().join("escape").exists() && !tmp.path().join("x").exists());
+    assert!(
+        std::fs::read_dir(&cwd).expect("read cwd").next().is_none(),
+        "a refused `jobhook new` wrote into the directory it ran in"
+    );
     assert!(!tmp.path().join("y").exists() && !tmp.path().join("z").exists());
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("taken/keep")).expect("read"),
