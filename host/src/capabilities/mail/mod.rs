@@ -1007,6 +1007,15 @@ mod tests {
                 "{bad:?} was sent under a `*` grant"
             );
         }
+        // The refusal names the routing form, so the author knows what to change.
+        for (bad, named) in [
+            ("a%b@example.com", "percent hack"),
+            ("evil.example!victim@example.com", "bang path"),
+            ("@a.example:c@d.example", "source routes"),
+        ] {
+            let why = parse_address(bad).unwrap_err().to_string();
+            assert!(why.contains(named), "{bad:?}: {why}");
+        }
         for good in [
             "a@example.com",
             "first.last+tag@mail.example.com",
