@@ -26,7 +26,8 @@ use crate::queue::registration::{JobTypes, Registration};
 use crate::queue::retry::RetryPolicy;
 use crate::queue::store::config::DEFAULT_LEASE;
 use crate::queue::store::{
-    AttemptRecord, Claim, ClaimLimits, EventStore, MAX_CLAIM_BATCH, SOURCE_POLLER, StoreError,
+    AttemptRecord, Claim, ClaimLimits, EventStore, Finish, MAX_CLAIM_BATCH, SOURCE_POLLER,
+    StoreError,
 };
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::Delivery;
@@ -51,11 +52,11 @@ const MAX_RECORD_BATCH: usize = 256;
 /// memory.
 const RECORD_QUEUE: usize = 1024;
 
-/// A finished attempt on its way to the store, with whom to tell once it is recorded.
+/// A finished attempt on its way to the store, with whom to tell what became of it.
 struct Finished {
     claim: Claim,
     record: AttemptRecord,
-    recorded: oneshot::Sender<()>,
+    recorded: oneshot::Sender<Finish>,
 }
 
 /// A loaded handler with its routing, policies and live state.
@@ -507,6 +508,7 @@ impl Dispatcher {
             )),
             Some(h) => self.run_handler(h, &claim).await,
         };
+        let verdict = quarantine_verdict(&record);
         let (recorded, done) = oneshot::channel();
         let finished = Finished {
             claim,
@@ -518,8 +520,13 @@ impl Dispatcher {
                 "the outcome recorder has stopped; the delivery will run again after a restart"
             );
         }
-        // Errors were logged by the recorder.
-        let _ = done.await;
+        // Errors were logged by the recorder. Quarantine counts only what is on record: an
+        // attempt the store ignored as late (this node was frozen past its lease and another
+        // took the delivery over) says nothing about the handler, as a time-out caused by the
+        // freeze itself would otherwise count against it.
+        if let (Some(h), Ok(Finish::Recorded), Some(succeeded)) = (&handler, done.await, verdict) {
+            h.quarantine().record(succeeded, Instant::now());
+        }
         // The handler's slot is held until the outcome is on record, as the store sees it: the
         // delivery is `running` there until then, so the cap holds for the store's view too.
         if let Some(h) = &handler {
@@ -554,10 +561,6 @@ impl Dispatcher {
             outcome.kind.class(),
             outcome.duration.as_secs_f64(),
         );
-        if !matches!(outcome.kind, OutcomeKind::EngineError { .. }) {
-            h.quarantine()
-                .record(outcome.kind.is_success(), Instant::now());
-        }
         let Transition { state, retry_at } = after_attempt(
             AttemptEnd::Ran(&outcome.kind),
             claim.attempt,
@@ -572,6 +575,16 @@ impl Dispatcher {
             outcome: Some(outcome),
         }
     }
+}
+
+/// What an attempt tells quarantine once it is on record: whether the handler succeeded, or
+/// nothing when it did not run (skipped) or the engine, not the handler, failed.
+fn quarantine_verdict(record: &AttemptRecord) -> Option<bool> {
+    record
+        .outcome
+        .as_ref()
+        .filter(|o| !matches!(o.kind, OutcomeKind::EngineError { .. }))
+        .map(|o| o.kind.is_success())
 }
 
 /// How an event's stored source ([`crate::queue::store::NewEvent::source`]) is told to its
@@ -656,16 +669,16 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
         match recorded {
             Ok((errors, finished)) => {
                 let mut retries = 0usize;
-                for (f, error) in finished.into_iter().zip(errors) {
-                    match error {
-                        None => {
-                            let _ = f.recorded.send(());
+                for (f, result) in finished.into_iter().zip(errors) {
+                    match result {
+                        Ok(finish) => {
+                            let _ = f.recorded.send(finish);
                         }
-                        Some(e) if e.is_transient() && !closed => {
+                        Err(e) if e.is_transient() && !closed => {
                             retries += 1;
                             unrecorded.push(f);
                         }
-                        Some(e) => log_store_error(&e),
+                        Err(e) => log_store_error(&e),
                     }
                 }
                 if retries > 0 {
@@ -687,13 +700,21 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
 /// break a deadlock with another node's claim), records each on its own, so that one failure
 /// costs only its own outcome — unless the whole store is failing (disk full, server
 /// unreachable): then each would fail the same way, after waiting on the store again. Gives,
-/// for each, the error that kept it from being recorded.
-fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<Option<StoreError>> {
+/// for each, what became of it or the error that kept it from being recorded.
+fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<Result<Finish, StoreError>> {
     let items: Vec<(&Claim, &AttemptRecord)> =
         finished.iter().map(|f| (&f.claim, &f.record)).collect();
     match store.finish_batch(&items) {
-        Ok(()) => items.iter().map(|_| None).collect(),
-        Err(e) if e.is_transient() => items.iter().map(|_| e.for_each_call()).collect(),
+        Ok(results) if results.len() == items.len() => results.into_iter().map(Ok).collect(),
+        Ok(_) => items
+            .iter()
+            .map(|_| {
+                Err(StoreError::Database(
+                    "the store did not say what became of each outcome".into(),
+                ))
+            })
+            .collect(),
+        Err(e) if e.is_transient() => items.iter().map(|_| Err(e.for_each_call())).collect(),
         Err(e) => {
             tracing::warn!(
                 outcomes = items.len(),
@@ -701,7 +722,7 @@ fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<Option<Sto
             );
             items
                 .iter()
-                .map(|(claim, record)| store.finish(claim, record).err())
+                .map(|(claim, record)| store.finish(claim, record))
                 .collect()
         }
     }
@@ -769,7 +790,10 @@ mod tests {
         fn renew(&self, now: chrono::DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
             self.0.renew(now, lease)
         }
-        fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
+        fn finish_batch(
+            &self,
+            finished: &[(&Claim, &AttemptRecord)],
+        ) -> Result<Vec<Finish>, StoreError> {
             if finished.len() > 1 {
                 return Err(StoreError::Database("deadlock detected".into()));
             }
@@ -853,7 +877,7 @@ mod tests {
             .collect();
         let recorded: Vec<bool> = record_batch(&store, &finished)
             .iter()
-            .map(Option::is_none)
+            .map(|r| matches!(r, Ok(Finish::Recorded)))
             .collect();
         assert_eq!(recorded, [true, true, true]);
         assert_eq!(
@@ -901,7 +925,7 @@ mod tests {
     ) -> (
         mpsc::Sender<Finished>,
         tokio::task::JoinHandle<()>,
-        oneshot::Receiver<()>,
+        oneshot::Receiver<Finish>,
     ) {
         let claim = claimed(store.as_ref());
         let (record, queue) = mpsc::channel(4);
@@ -919,6 +943,86 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("the recorder stopped"));
         (record, recorder, done)
+    }
+
+    /// What the recorder over `store` answers for `claim`'s outcome.
+    async fn report(store: Arc<SqliteStore>, claim: Claim) -> Finish {
+        let (record, queue) = mpsc::channel(4);
+        let recorder = tokio::spawn(record_outcomes(store as Arc<dyn EventStore>, queue));
+        let (recorded, done) = oneshot::channel();
+        record
+            .send(Finished {
+                claim,
+                record: skipped("test".into()),
+                recorded,
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the recorder stopped"));
+        let answer = done.await.expect("an answer");
+        drop(record);
+        recorder.await.unwrap();
+        answer
+    }
+
+    /// An attempt whose claim was taken over (its node was frozen past the lease, and another
+    /// node — here a second process on the same database — requeued and claimed it) is reported
+    /// back as late, so quarantine does not count it; the attempt that took over is recorded.
+    #[tokio::test]
+    async fn a_late_outcome_is_reported_as_late_and_the_takeover_as_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let frozen = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let other = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let stale = claimed(frozen.as_ref());
+        let later = crate::queue::store::after(Utc::now(), DEFAULT_LEASE * 2);
+        assert_eq!(other.requeue_abandoned(later).unwrap(), 1);
+        let limits = ClaimLimits {
+            max: 1,
+            room: BTreeMap::new(),
+        };
+        let fresh = other
+            .claim_batch(later, &limits, DEFAULT_LEASE)
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(fresh.attempt, 2);
+        assert_eq!(report(frozen, stale).await, Finish::Late);
+        assert_eq!(report(Arc::clone(&other), fresh).await, Finish::Recorded);
+        assert_eq!(
+            other.count_by_state().unwrap(),
+            vec![(DeliveryState::Skipped, 1)]
+        );
+    }
+
+    #[test]
+    fn quarantine_counts_what_the_handler_did_only() {
+        use crate::outcome::Outcome;
+        let ran = |kind: OutcomeKind| AttemptRecord {
+            outcome: Some(Outcome {
+                kind,
+                duration: Duration::ZERO,
+                logs: Vec::new(),
+                logs_dropped: 0,
+                stdout: String::new(),
+                stderr: String::new(),
+                output_dropped: 0,
+                memory_bytes: 0,
+            }),
+            ..skipped("test".into())
+        };
+        assert_eq!(quarantine_verdict(&skipped("quarantined".into())), None);
+        assert_eq!(quarantine_verdict(&ran(OutcomeKind::Succeeded)), Some(true));
+        assert_eq!(
+            quarantine_verdict(&ran(OutcomeKind::HandlerFailed {
+                reason: "no".into()
+            })),
+            Some(false)
+        );
+        assert_eq!(
+            quarantine_verdict(&ran(OutcomeKind::EngineError {
+                message: "pool".into()
+            })),
+            None
+        );
     }
 
     #[tokio::test]

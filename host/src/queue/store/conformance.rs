@@ -14,9 +14,9 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, INTERRUPTED_CLASS,
-    Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON, SOURCE_API, SOURCE_POLLER,
-    StoreError, after, to_ms,
+    ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, Finish,
+    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON,
+    SOURCE_API, SOURCE_POLLER, StoreError, after, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -386,21 +386,30 @@ pub(crate) fn a_late_finish_after_takeover_is_ignored(b: &impl Backend) {
     assert_eq!(other.requeue_abandoned(later).unwrap(), 1);
     let fresh = other.claim(later, &[], LEASE).unwrap().unwrap();
     assert_eq!(fresh.attempt, 2);
-    // `slow` comes back and reports its attempt: too late, ignored.
-    slow.finish(&stale, &record(DeliveryState::Succeeded))
-        .unwrap();
+    // `slow` comes back and reports its attempt: too late, ignored, and it is told so.
+    assert_eq!(
+        slow.finish(&stale, &record(DeliveryState::Succeeded))
+            .unwrap(),
+        Finish::Late
+    );
     let view = other.event(e.id).unwrap().unwrap();
     assert_eq!(view.deliveries[0].state, DeliveryState::Running);
     // Only the interrupted first attempt is listed, as the requeue recorded it.
     assert_eq!(view.deliveries[0].attempts.len(), 1);
     assert_eq!(view.deliveries[0].attempts[0].class, INTERRUPTED_CLASS);
-    other
-        .finish(&fresh, &record(DeliveryState::Failed))
-        .unwrap();
+    assert_eq!(
+        other
+            .finish(&fresh, &record(DeliveryState::Failed))
+            .unwrap(),
+        Finish::Recorded
+    );
     // A repeated report of the same attempt changes nothing either.
-    other
-        .finish(&fresh, &record(DeliveryState::Succeeded))
-        .unwrap();
+    assert_eq!(
+        other
+            .finish(&fresh, &record(DeliveryState::Succeeded))
+            .unwrap(),
+        Finish::Late
+    );
     let view = other.event(e.id).unwrap().unwrap();
     let d = &view.deliveries[0];
     assert_eq!(d.state, DeliveryState::Failed);

@@ -90,15 +90,27 @@ impl StoreError {
         matches!(self, StoreError::DiskFull(_) | StoreError::Unreachable(_))
     }
 
-    /// The same failure again, for each of several calls it stopped ([`is_transient`](Self::is_transient)
-    /// errors only: they are about the store, not about one call).
-    pub fn for_each_call(&self) -> Option<StoreError> {
+    /// The same failure again, for each of several calls it stopped (meant for
+    /// [`is_transient`](Self::is_transient) errors, which are about the store, not about one
+    /// call; any other error is repeated by its message).
+    pub fn for_each_call(&self) -> StoreError {
         match self {
-            StoreError::DiskFull(why) => Some(StoreError::DiskFull(why.clone())),
-            StoreError::Unreachable(why) => Some(StoreError::Unreachable(why.clone())),
-            _ => None,
+            StoreError::DiskFull(why) => StoreError::DiskFull(why.clone()),
+            StoreError::Unreachable(why) => StoreError::Unreachable(why.clone()),
+            other => StoreError::Database(other.to_string()),
         }
     }
+}
+
+/// What became of a finished attempt's record ([`EventStore::finish_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Recorded: the attempt's end is the delivery's state and is in its attempt list.
+    Recorded,
+    /// Ignored: the attempt's claim was no longer held (its lease expired while its node was
+    /// frozen, partitioned or too slow, and the delivery was requeued). Its end changes
+    /// nothing, and nothing should be concluded from it (quarantine does not count it).
+    Late,
 }
 
 /// An event to commit, with the handlers it is routed to.
@@ -410,14 +422,22 @@ pub trait EventStore: Send + Sync + 'static {
     /// Extends the leases of every delivery this node is running to `now + lease`.
     fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError>;
 
-    /// Records the ends of claimed attempts, all in one transaction. An attempt whose claim is
-    /// no longer held (its lease expired and another attempt took over) is ignored; the others
-    /// are still recorded.
-    fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError>;
+    /// Records the ends of claimed attempts, all in one transaction, and says of each, in the
+    /// order given, whether it was recorded. An attempt whose claim is no longer held (its lease
+    /// expired and another attempt took over) is ignored ([`Finish::Late`]); the others are
+    /// still recorded.
+    fn finish_batch(
+        &self,
+        finished: &[(&Claim, &AttemptRecord)],
+    ) -> Result<Vec<Finish>, StoreError>;
 
     /// Records the end of one claimed attempt (see [`EventStore::finish_batch`]).
-    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<(), StoreError> {
-        self.finish_batch(&[(claim, record)])
+    fn finish(&self, claim: &Claim, record: &AttemptRecord) -> Result<Finish, StoreError> {
+        Ok(self
+            .finish_batch(&[(claim, record)])?
+            .into_iter()
+            .next()
+            .unwrap_or(Finish::Late))
     }
 
     /// Puts back to `pending` every running delivery whose claim is abandoned: one whose lease

@@ -42,8 +42,8 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
-    EventStore, EventView, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent,
-    RELEASED_REASON, StoreError, after,
+    EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
+    NewEvent, RELEASED_REASON, StoreError, after,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -1079,7 +1079,10 @@ impl EventStore for PostgresStore {
         })
     }
 
-    fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
+    fn finish_batch(
+        &self,
+        finished: &[(&Claim, &AttemptRecord)],
+    ) -> Result<Vec<Finish>, StoreError> {
         for (_, record) in finished {
             record.check()?;
         }
@@ -1088,10 +1091,14 @@ impl EventStore for PostgresStore {
             let finish = conn.prepare(FINISH)?;
             // Rows are locked in id order, as the other multi-row updates of deliveries do
             // (see RENEW), so that two nodes' transactions cannot wait for each other in a cycle.
-            let mut finished = finished.to_vec();
-            finished.sort_by_key(|(claim, _)| claim.delivery_id);
+            let mut order: Vec<usize> = (0..finished.len()).collect();
+            order.sort_by_key(|&i| finished.get(i).map(|(claim, _)| claim.delivery_id));
+            let mut results = vec![Finish::Late; finished.len()];
             let mut tx = conn.client.transaction()?;
-            for (claim, record) in &finished {
+            for i in order {
+                let Some((claim, record)) = finished.get(i) else {
+                    continue;
+                };
                 let outcome = record
                     .outcome
                     .as_ref()
@@ -1122,10 +1129,12 @@ impl EventStore for PostgresStore {
                         attempt = claim.attempt,
                         "attempt not recorded: its claim was taken over after the lease expired"
                     );
+                } else if let Some(result) = results.get_mut(i) {
+                    *result = Finish::Recorded;
                 }
             }
             tx.commit()?;
-            Ok(())
+            Ok(results)
         })
     }
 

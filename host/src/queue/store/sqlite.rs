@@ -21,8 +21,8 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
-    EventStore, EventView, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH, NewEvent,
-    RELEASED_REASON, StoreError, after, from_ms, to_ms,
+    EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
+    NewEvent, RELEASED_REASON, StoreError, after, from_ms, to_ms,
 };
 use crate::context::JobContext;
 
@@ -622,11 +622,15 @@ impl EventStore for SqliteStore {
             .collect()
     }
 
-    fn finish_batch(&self, finished: &[(&Claim, &AttemptRecord)]) -> Result<(), StoreError> {
+    fn finish_batch(
+        &self,
+        finished: &[(&Claim, &AttemptRecord)],
+    ) -> Result<Vec<Finish>, StoreError> {
         for (_, record) in finished {
             record.check()?;
         }
         let now = to_ms(Utc::now());
+        let mut results = Vec::with_capacity(finished.len());
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -676,10 +680,14 @@ impl EventStore for SqliteStore {
                             record.state.is_terminal()
                         ])
                         .map_err(db)?;
+                    results.push(Finish::Recorded);
+                } else {
+                    results.push(Finish::Late);
                 }
             }
         }
-        tx.commit().map_err(db)
+        tx.commit().map_err(db)?;
+        Ok(results)
     }
 
     fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
