@@ -645,6 +645,7 @@ async fn a_component_using_sockets_links_and_every_attempt_is_denied() {
         Err(e) if e.kind() == ErrorKind::WouldBlock => {}
         other => panic!("a datagram reached the test's UDP socket: {other:?}"),
     }
+    corpus::assert_healthy().await;
 }
 
 fn foreign_import_component(foreign_wit: &str, import: &str, core_import: &str) -> Vec<u8> {

@@ -203,7 +203,21 @@ mod tests {
 
     #[test]
     fn trap_codes_are_kebab_case() {
-        assert_eq!(trap_code(Trap::UnreachableCodeReached), "unreachable");
+        // Every code docs/SECURITY.md lists for a wasmtime trap, as it lists it.
+        for (trap, code) in [
+            (Trap::UnreachableCodeReached, "unreachable"),
+            (Trap::MemoryOutOfBounds, "memory-out-of-bounds"),
+            (Trap::TableOutOfBounds, "table-out-of-bounds"),
+            (Trap::IndirectCallToNull, "indirect-call-to-null"),
+            (Trap::BadSignature, "bad-signature"),
+            (Trap::IntegerOverflow, "integer-overflow"),
+            (Trap::IntegerDivisionByZero, "integer-division-by-zero"),
+            (Trap::BadConversionToInteger, "bad-conversion-to-integer"),
+            (Trap::CannotEnterComponent, "cannot-enter-component"),
+        ] {
+            assert_eq!(trap_code(trap), code);
+        }
+        // Any other trap under its own name.
         assert_eq!(trap_code(Trap::NullReference), "null-reference");
     }
 

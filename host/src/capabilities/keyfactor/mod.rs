@@ -773,6 +773,35 @@ mod tests {
         }
     }
 
+    /// A call may wait at most [`MAX_CALL_TIMEOUT`]: the redactor forgets a replaced OAuth
+    /// token only after that long, so a longer call could receive one it no longer knows.
+    #[test]
+    fn call_timeouts_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken-value").unwrap();
+        let config = |timeout_ms: u64| {
+            let mut c = KeyfactorConfig::new(
+                "https://kf.example.com/KeyfactorAPI/",
+                AuthConfig::Bearer {
+                    token: crate::secret::SecretRef::File(token.clone()),
+                },
+            );
+            c.timeout_ms = timeout_ms;
+            c
+        };
+        let longest = u64::try_from(MAX_CALL_TIMEOUT.as_millis()).unwrap();
+        assert!(KeyfactorClient::from_config(&config(longest)).is_ok());
+        for bad in [0, longest + 1, u64::MAX] {
+            let err = KeyfactorClient::from_config(&config(bad)).unwrap_err();
+            assert!(
+                matches!(err, KeyfactorConfigError::ZeroTimeout),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains("600000"), "{err}");
+        }
+    }
+
     #[test]
     fn api_versions() {
         for ok in ["1", "1.0", "2.0"] {
@@ -787,6 +816,11 @@ mod tests {
     fn only_safe_response_headers_are_forwarded() {
         for keep in [
             "Content-Type",
+            "Content-Language",
+            "Date",
+            "ETag",
+            "Last-Modified",
+            "Retry-After",
             "x-keyfactor-product-version",
             "Location",
             "X-Total-Count",
@@ -799,6 +833,13 @@ mod tests {
             "authorization",
             "x-echo-authorization",
             "proxy-authenticate",
+            // Length and digest headers describe the body before redaction.
+            "content-range",
+            "content-md5",
+            "digest",
+            "content-digest",
+            "repr-digest",
+            "x-original-content-length",
         ] {
             assert!(!forwarded_response_header(drop), "{drop}");
         }
