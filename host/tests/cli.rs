@@ -359,6 +359,25 @@ fn inspect_lists_capabilities_and_wasi_imports() {
     );
     assert!(v["world_error"].is_null());
     assert!(v["size"].as_u64().unwrap_or(0) > 0);
+
+    // wasi:sockets is linked inert: listed as such, never among the WASI imports that work.
+    let out = jobhook(&["inspect", &component("guest-sockets")]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line: {stdout}"))
+            .to_owned()
+    };
+    let inert = line("wasi inert    ");
+    assert!(inert.contains("wasi:sockets/"), "{inert}");
+    assert!(
+        inert.ends_with("(linked inert: every call denied)"),
+        "{inert}"
+    );
+    assert!(!line("wasi          ").contains("wasi:sockets"), "{stdout}");
 }
 
 #[test]

@@ -266,6 +266,20 @@ fn exposed_listeners_need_tls_for_tokens_and_some_authentication() {
     assert!(stderr.contains("tls.cert"), "{stderr}");
     assert!(stderr.contains("missing.pem"), "{stderr}");
 
+    // A PEM file over 1 MiB is refused whatever it holds (here a valid certificate padded with
+    // comment lines), before it is parsed.
+    let ca = TestCa::new("jobhook test CA");
+    let mut cert = ca.server_cert(2);
+    let padding = "# padding\n".repeat(1024 * 1024 / 10 + 1);
+    cert.cert_pem = format!("{padding}{}", cert.cert_pem);
+    setup.write_server(&cert);
+    let stderr = refused(
+        &setup,
+        "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }",
+    );
+    assert!(stderr.contains("server.pem"), "{stderr}");
+    assert!(stderr.contains("is over 1048576 bytes"), "{stderr}");
+
     // The explicit opt-in is honoured (checked without serving).
     let config = setup.config(
         "listen = \"0.0.0.0:0\"\ntokens = [{ env = \"JOBHOOK_TEST_TLS_TOKEN\" }]\n\

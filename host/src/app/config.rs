@@ -965,6 +965,60 @@ identity = "writer"
         assert!(e.message.contains("sandbox_threads"), "{e}");
     }
 
+    /// The bounds docs/SECURITY.md gives for `[engine]` pool settings, `[server] max_body_bytes`
+    /// and a handler's `memory_bytes`, as numbers: each refused one past its bound, naming the
+    /// key, and accepted at the bound.
+    #[test]
+    fn documented_bounds_of_engine_server_and_limits() {
+        for (key, max) in [
+            ("max_core_instances_per_component", 1024),
+            ("core_instances_per_delivery", 1024),
+            ("max_memories_per_component", 16),
+            ("memories_per_delivery", 16),
+            ("max_tables_per_component", 256),
+            ("tables_per_delivery", 256),
+        ] {
+            for bad in [0, max + 1] {
+                let e = error(&format!("[engine]\n{key} = {bad}\n\n{MINIMAL}"));
+                assert!(e.message.contains(key), "{e}");
+                assert!(e.message.contains(&format!("between 1 and {max}")), "{e}");
+            }
+            let f = Fixture::new();
+            assert!(
+                f.parse(&format!("[engine]\n{key} = {max}\n\n{MINIMAL}"))
+                    .is_ok(),
+                "{key} = {max}"
+            );
+        }
+        let e = error(&format!("[server]\nmax_body_bytes = 1023\n\n{MINIMAL}"));
+        assert!(
+            e.message.contains("max_body_bytes must be at least 1024"),
+            "{e}"
+        );
+        assert!(
+            Fixture::new()
+                .parse(&format!("[server]\nmax_body_bytes = 1024\n\n{MINIMAL}"))
+                .is_ok()
+        );
+        let gib: u64 = 1 << 30;
+        let e = error(&format!(
+            "{MINIMAL}[handlers.limits]\nmemory_bytes = {}\n",
+            gib + 1
+        ));
+        assert!(
+            e.message
+                .contains("memory_bytes must be between 1 MiB and 1073741824"),
+            "{e}"
+        );
+        assert!(
+            Fixture::new()
+                .parse(&format!(
+                    "{MINIMAL}[handlers.limits]\nmemory_bytes = {gib}\n"
+                ))
+                .is_ok()
+        );
+    }
+
     #[test]
     fn missing_component_file_is_named() {
         let e = error(&MINIMAL.replace("h.wasm", "missing.wasm"));

@@ -972,6 +972,25 @@ mod tests {
         assert_eq!(handler_name("", &mut taken), "handler");
     }
 
+    /// A web.config within the byte limit but with more than [`MAX_XML_NODES`] (200,000) nodes
+    /// is refused with the reason, not parsed into memory.
+    #[test]
+    fn xml_node_count_is_bounded() {
+        let config = |elements: u32| {
+            let mut text = String::from("<configuration>");
+            text.push_str(&"<a/>".repeat(elements as usize));
+            text.push_str("</configuration>");
+            text
+        };
+        assert_eq!(MAX_XML_NODES, 200_000);
+        let text = config(MAX_XML_NODES + 1);
+        assert!(text.len() < MAX_IMPORT_BYTES as usize);
+        let e = read_web_config(&text, "web.config").unwrap_err();
+        assert!(e.message.contains("too many XML nodes"), "{e:?}");
+        // Within the limit the same shape parses (and holds no registration).
+        assert!(read_web_config(&config(1000), "web.config").is_ok());
+    }
+
     #[test]
     fn comments_cannot_break_out() {
         assert_eq!(comment_text("a\nb --> c"), "a b -> c");

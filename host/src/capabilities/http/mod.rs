@@ -641,6 +641,9 @@ mod tests {
         assert_eq!(g.methods, vec![GrantMethod::Post]);
         assert!(!g.allow_private);
         assert!(serde_json::from_str::<HttpGrant>(r#"{"urls": [], "hosts": []}"#).is_err());
+        // `urls` is required: a grant without it allows nothing rather than everything.
+        let e = serde_json::from_str::<HttpGrant>(r#"{"methods": ["POST"]}"#).unwrap_err();
+        assert!(e.to_string().contains("urls"), "{e}");
     }
 
     #[test]

@@ -916,6 +916,10 @@ mod tests {
             serde_json::from_str::<MailGrant>(r#"{"recipients": ["not an address"]}"#).is_err()
         );
         assert!(serde_json::from_str::<MailGrant>(r#"{"recipients": [], "bcc": []}"#).is_err());
+        // `recipients` is required: a grant without it allows nothing rather than everything.
+        let e =
+            serde_json::from_str::<MailGrant>(r#"{"from": ["alerts@example.com"]}"#).unwrap_err();
+        assert!(e.to_string().contains("recipients"), "{e}");
     }
 
     #[test]
