@@ -615,3 +615,97 @@ fn the_operator_binary_has_no_test_tooling() {
         );
     }
 }
+
+/// A plain-HTTP receiver on loopback: records each request's first line and answers 200.
+fn http_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            log.lock().unwrap().push(first.trim_end().to_owned());
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, seen)
+}
+
+/// `jobhook run`'s outbound HTTP flags: `--allow-http` narrows the grant to its prefixes and
+/// `--allow-private-http` is what lets a handler reach loopback (plain http only there).
+#[test]
+fn run_grants_outbound_http_by_its_flags() {
+    let (port, seen) = http_receiver();
+    let url = format!("http://127.0.0.1:{port}/hooks/jobhook");
+    let property = format!("WebhookUrl={url}");
+    let component_path = component("webhook-notify");
+    let context_path = context_file("webhook-notify", "failed.json");
+    let run = |flags: &[&str]| -> Value {
+        let mut args = vec![
+            "run",
+            &component_path,
+            "--context",
+            &context_path,
+            "--property",
+            &property,
+            "--json",
+        ];
+        args.extend_from_slice(flags);
+        let out = jobhook(&args);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)))
+    };
+    let granted = format!("http://127.0.0.1:{port}/hooks/");
+    let elsewhere = format!("http://127.0.0.1:{port}/other/");
+
+    let v = run(&["--allow-http", &granted]);
+    assert_eq!(v["class"], "handler-failed", "{v:#}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("plain http is refused"),
+        "{v:#}"
+    );
+    let v = run(&["--allow-http", &elsewhere, "--allow-private-http"]);
+    assert_eq!(v["class"], "handler-failed", "{v:#}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not under any of the prefixes granted"),
+        "{v:#}"
+    );
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+
+    let v = run(&["--allow-http", &granted, "--allow-private-http"]);
+    assert_eq!(v["class"], "succeeded", "{v:#}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["POST /hooks/jobhook HTTP/1.1".to_owned()]
+    );
+}

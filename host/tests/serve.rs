@@ -423,6 +423,38 @@ async fn retries_follow_the_policy_and_quarantine_sets_a_failing_handler_aside()
     );
 }
 
+/// `[mail]` with a `from` and neither `smtp` nor `outbox`: under `serve`, mail is written to
+/// `outbox` in the data directory, one .eml per mail.
+#[tokio::test]
+async fn mail_without_a_relay_goes_to_the_outbox_in_the_data_directory() {
+    let setup = Setup::new();
+    let engine = setup.start(&format!(
+        "[mail]\nfrom = \"jobhook@example.com\"\n\n{}",
+        handler(
+            "mail",
+            "repeated-failure-email",
+            "[\"*\"]",
+            "properties = { RetryThreshold = \"3\", EmailRecipients = \"pki@example.com\" }\n\
+             [handlers.grants.mail]\nrecipients = [\"pki@example.com\"]",
+        )
+    ));
+    let mut failed = context(INVENTORY_TYPE, "Failure");
+    failed["CurrentRetryCount"] = json!(5);
+    let (status, body) = post(&engine, &failed).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    assert_eq!(delivery(&event, "mail")["state"], "succeeded", "{event:#}");
+    let outbox = setup.dir.path().join("data/outbox");
+    let mails: Vec<_> = std::fs::read_dir(&outbox)
+        .unwrap_or_else(|e| panic!("{}: {e}", outbox.display()))
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+        .collect();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    let mail = std::fs::read_to_string(mails[0].path()).expect("read mail");
+    assert!(mail.contains("To: pki@example.com"), "{mail}");
+}
+
 #[tokio::test]
 async fn handlers_endpoint_hides_secrets() {
     let setup = Setup::new();
