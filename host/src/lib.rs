@@ -101,3 +101,242 @@ mod layout_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod documented_defaults {
+    use std::time::Duration;
+
+    use crate::app::{config, connections, migrate, tls};
+    use crate::queue::{quarantine, store};
+    use crate::runtime::{engine, loader, sandbox, state};
+    use crate::sources::{forwarders, idempotency};
+    use crate::{context, limits, outcome};
+
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * KIB;
+
+    /// Every default and bound in docs/SECURITY.md's limit tables, as a number here and as the
+    /// doc writes it: changing a constant fails this test until the doc (and the number below)
+    /// say the same.
+    #[test]
+    fn the_security_doc_states_every_limit_as_the_code_has_it() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let doc = std::fs::read_to_string(root.join("../docs/SECURITY.md")).unwrap();
+        let secs = Duration::from_secs;
+        // (the constant as the doc's table names it, what its row says, whether the code agrees)
+        let rows: &[(&str, &str, bool)] = &[
+            (
+                "`limits::DEFAULT_TIMEOUT`",
+                "| 10 s |",
+                limits::DEFAULT_TIMEOUT == secs(10),
+            ),
+            (
+                "`engine::EPOCH_TICK`",
+                "ticks every 1 ms",
+                engine::EPOCH_TICK == Duration::from_millis(1),
+            ),
+            (
+                "`sandbox::TIMEOUT_GRACE`",
+                "budget + 30 ms",
+                sandbox::TIMEOUT_GRACE == Duration::from_millis(30),
+            ),
+            (
+                "`limits::DEFAULT_MEMORY_BYTES`",
+                "| 64 MiB |",
+                limits::DEFAULT_MEMORY_BYTES == 64 * MIB,
+            ),
+            (
+                "`limits::DEFAULT_TABLE_ELEMENTS`",
+                "| 20,000 |",
+                limits::DEFAULT_TABLE_ELEMENTS == 20_000,
+            ),
+            (
+                "`limits::DEFAULT_MAX_INSTANCES`",
+                "| 32 / 4 / 16 |",
+                (
+                    limits::DEFAULT_MAX_INSTANCES,
+                    limits::DEFAULT_MAX_MEMORIES,
+                    limits::DEFAULT_MAX_TABLES,
+                ) == (32, 4, 16),
+            ),
+            (
+                "`engine::MAX_WASM_STACK`",
+                "| 512 KiB |",
+                engine::MAX_WASM_STACK as u64 == 512 * KIB,
+            ),
+            (
+                "`engine::ASYNC_STACK`",
+                "own 2 MiB fiber stack",
+                engine::ASYNC_STACK as u64 == 2 * MIB,
+            ),
+            (
+                "`limits::DEFAULT_HOSTCALL_BYTES`",
+                "| 4 MiB |",
+                limits::DEFAULT_HOSTCALL_BYTES as u64 == 4 * MIB,
+            ),
+            (
+                "`limits::DEFAULT_OUTPUT_BYTES`",
+                "| 64 KiB |",
+                limits::DEFAULT_OUTPUT_BYTES as u64 == 64 * KIB,
+            ),
+            (
+                "`limits::DEFAULT_LOG_LINES`",
+                "| 200 / 64 KiB |",
+                limits::DEFAULT_LOG_LINES == 200 && limits::DEFAULT_LOG_BYTES as u64 == 64 * KIB,
+            ),
+            (
+                "`limits::MAX_LOG_LINE_BYTES`",
+                "| 4 KiB |",
+                limits::MAX_LOG_LINE_BYTES as u64 == 4 * KIB,
+            ),
+            (
+                "`outcome::MAX_REASON_BYTES`",
+                "| 4 KiB |",
+                outcome::MAX_REASON_BYTES as u64 == 4 * KIB,
+            ),
+            (
+                "`state::MAX_RESOURCE_HANDLES`",
+                "| 256 |",
+                state::MAX_RESOURCE_HANDLES == 256,
+            ),
+            (
+                "`state::MAX_RANDOM_BYTES`",
+                "| 64 KiB |",
+                state::MAX_RANDOM_BYTES == 64 * KIB,
+            ),
+            (
+                "`engine::MAX_MEMORY_PER_SANDBOX`",
+                "| 1 GiB |",
+                engine::MAX_MEMORY_PER_SANDBOX as u64 == 1024 * MIB,
+            ),
+            (
+                "`config::DEFAULT_MAX_CONCURRENT_DELIVERIES`",
+                "| 16 (1 to 4,096) |",
+                crate::runtime::config::DEFAULT_MAX_CONCURRENT_DELIVERIES == 16
+                    && crate::runtime::config::MAX_CONCURRENT_DELIVERIES == 4096,
+            ),
+            (
+                "`loader::DEFAULT_MAX_COMPONENT_BYTES`",
+                "| 32 MiB |",
+                loader::DEFAULT_MAX_COMPONENT_BYTES as u64 == 32 * MIB,
+            ),
+            (
+                "`loader::DEFAULT_COMPILE_TIMEOUT`",
+                "| 60 s |",
+                loader::DEFAULT_COMPILE_TIMEOUT == secs(60),
+            ),
+            (
+                "`engine::MAX_COMPONENT_INSTANCE_SIZE`",
+                "| 4 MiB |",
+                engine::MAX_COMPONENT_INSTANCE_SIZE as u64 == 4 * MIB,
+            ),
+            (
+                "`engine::DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT`",
+                "| 32 / 4 / 16 (1 to 1,024 / 16 / 256) |",
+                engine::DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT == 32
+                    && (
+                        engine::MAX_CORE_INSTANCES_SETTING,
+                        engine::MAX_MEMORIES_SETTING,
+                        engine::MAX_TABLES_SETTING,
+                    ) == (1024, 16, 256),
+            ),
+            (
+                "`engine::DEFAULT_CORE_INSTANCES_PER_DELIVERY`",
+                "| 16 / 2 / 4 |",
+                (
+                    engine::DEFAULT_CORE_INSTANCES_PER_DELIVERY,
+                    engine::DEFAULT_MEMORIES_PER_DELIVERY,
+                    engine::DEFAULT_TABLES_PER_DELIVERY,
+                ) == (16, 2, 4),
+            ),
+            (
+                "`context::MAX_CONTEXT_BYTES`",
+                "| 64 KiB / 4 KiB |",
+                context::MAX_CONTEXT_BYTES as u64 == 64 * KIB
+                    && context::MAX_STRING_FIELD_BYTES as u64 == 4 * KIB,
+            ),
+            (
+                "`tls::HANDSHAKE_TIMEOUT`",
+                "| 10 s / 256 |",
+                tls::HANDSHAKE_TIMEOUT == secs(10) && tls::MAX_PENDING_HANDSHAKES == 256,
+            ),
+            (
+                "`config::DEFAULT_MAX_BODY_BYTES`",
+                "| 64 KiB (at least 1 KiB) |",
+                config::DEFAULT_MAX_BODY_BYTES as u64 == 64 * KIB,
+            ),
+            (
+                "`connections::DEFAULT_HEADER_READ_TIMEOUT`",
+                "(100 ms to 10 min each) | `[server] header_read_timeout_ms`, `body_read_timeout_ms`, `idle_timeout_ms` | 10 s / 10 s / 60 s |",
+                (
+                    connections::DEFAULT_HEADER_READ_TIMEOUT,
+                    connections::DEFAULT_BODY_READ_TIMEOUT,
+                    connections::DEFAULT_IDLE_TIMEOUT,
+                ) == (secs(10), secs(10), secs(60))
+                    && connections::MIN_TIMEOUT == Duration::from_millis(100)
+                    && connections::MAX_TIMEOUT == secs(600),
+            ),
+            (
+                "`connections::DEFAULT_MAX_CONNECTIONS`",
+                "| 512 / 128 (1 to 65,536; per client at most the total) |",
+                (
+                    connections::DEFAULT_MAX_CONNECTIONS,
+                    connections::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                    connections::MAX_CONNECTIONS_LIMIT,
+                ) == (512, 128, 65_536),
+            ),
+            (
+                "`connections::LINGER_TIMEOUT`",
+                "| 2 s / 1 MiB |",
+                connections::LINGER_TIMEOUT == secs(2)
+                    && connections::LINGER_MAX_BYTES as u64 == MIB,
+            ),
+            (
+                "`tls::MAX_PEM_BYTES`",
+                "| 1 MiB |",
+                tls::MAX_PEM_BYTES == MIB,
+            ),
+            (
+                "`migrate::MAX_IMPORT_BYTES`",
+                "| 4 MiB; 200,000 |",
+                migrate::MAX_IMPORT_BYTES == 4 * MIB && migrate::MAX_XML_NODES == 200_000,
+            ),
+            (
+                "`queue::quarantine::DEFAULT_QUARANTINE_AFTER`",
+                "| 5; 30 s / 1 h |",
+                quarantine::DEFAULT_QUARANTINE_AFTER == 5
+                    && quarantine::DEFAULT_QUARANTINE_BACKOFF == secs(30)
+                    && quarantine::DEFAULT_QUARANTINE_MAX_BACKOFF == secs(3600),
+            ),
+            (
+                "`idempotency::MAX_KEY_BYTES`",
+                "(1 s to 366 days); expired keys deleted per purge batch | `[server] idempotency_retention_ms` | 255 bytes of visible ASCII; 7 days; 1,000 every 60 s |",
+                idempotency::MAX_KEY_BYTES == 255
+                    && idempotency::DEFAULT_RETENTION == secs(7 * 24 * 3600)
+                    && idempotency::MIN_RETENTION == secs(1)
+                    && idempotency::MAX_RETENTION == secs(366 * 24 * 3600)
+                    && store::MAX_PURGE_BATCH == 1000
+                    && idempotency::PURGE_INTERVAL == secs(60),
+            ),
+            (
+                "`forwarders::MAX_FORWARDER_NAME_BYTES`",
+                "| 253 bytes of visible ASCII; 1,024 |",
+                forwarders::MAX_FORWARDER_NAME_BYTES == 253 && forwarders::MAX_FORWARDERS == 1024,
+            ),
+        ];
+        for (constant, says, agrees) in rows {
+            assert!(
+                agrees,
+                "{constant} no longer has the value docs/SECURITY.md gives ({says}): update the doc and this test"
+            );
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(constant))
+                .unwrap_or_else(|| panic!("docs/SECURITY.md has no table row naming {constant}"));
+            assert!(
+                row.contains(says),
+                "docs/SECURITY.md's row for {constant} does not say {says:?}: {row}"
+            );
+        }
+    }
+}

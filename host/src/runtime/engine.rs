@@ -34,7 +34,7 @@ pub const ASYNC_STACK: usize = 2 * 1024 * 1024;
 
 /// Size of the per-component instance metadata in the pool (`VMComponentContext`); Rust
 /// components are well under it, and a component that needs more is refused at instantiation.
-const MAX_COMPONENT_INSTANCE_SIZE: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_COMPONENT_INSTANCE_SIZE: usize = 4 * 1024 * 1024;
 
 /// Default most core instances in one component: a Rust component has 3–6, C 5, QuickJS 9,
 /// CPython (componentize-py) 14 (docs/LANGUAGES.md); the cap stops a hostile one from claiming a

@@ -31,7 +31,7 @@ use crate::runtime::state::{Delivery, SandboxSpec, SandboxState};
 /// normally fires first (within one [`crate::runtime::engine::EPOCH_TICK`]); the outer timeout catches
 /// time spent in host calls. Kept at 30 ms (it used to be three 10 ms ticks) so that on a busy
 /// machine the epoch interrupt, which records a backtrace, still wins the race.
-const TIMEOUT_GRACE: Duration = Duration::from_millis(30);
+pub(crate) const TIMEOUT_GRACE: Duration = Duration::from_millis(30);
 
 /// A loaded, checked handler, ready to be invoked any number of times.
 pub struct SandboxedHandler {

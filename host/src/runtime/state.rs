@@ -24,11 +24,11 @@ use crate::runtime::limiter::SandboxLimiter;
 
 /// Resource handles (streams, pollables) one sandbox may hold. A Rust handler uses a handful for
 /// stdio; the cap stops a guest from growing the host-side table without bound.
-const MAX_RESOURCE_HANDLES: usize = 256;
+pub(crate) const MAX_RESOURCE_HANDLES: usize = 256;
 
 /// Random bytes a guest may ask for in one call (wasmtime's default is 64 MiB, which a hostile
 /// guest could use to make the host allocate).
-const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+pub(crate) const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 /// What the operator configured for one handler.
 #[derive(Debug, Clone)]
