@@ -107,6 +107,9 @@ mod documented_defaults {
     use std::time::Duration;
 
     use crate::app::{config, connections, migrate, tls};
+    use crate::capabilities::Capability;
+    use crate::capabilities::http::HttpConfig;
+    use crate::capabilities::keyfactor::KeyfactorConfig;
     use crate::queue::{quarantine, store};
     use crate::runtime::{engine, loader, sandbox, state};
     use crate::sources::{forwarders, idempotency};
@@ -319,11 +322,23 @@ mod documented_defaults {
                     && idempotency::PURGE_INTERVAL == secs(60),
             ),
             (
+                "`Grantable::DEFAULT_CALLS`",
+                "| 20 / 5 / 5 |",
+                [Capability::Keyfactor, Capability::Mail, Capability::Http]
+                    .map(Capability::default_calls)
+                    == [20, 5, 5],
+            ),
+            (
                 "`forwarders::MAX_FORWARDER_NAME_BYTES`",
                 "| 253 bytes of visible ASCII; 1,024 |",
                 forwarders::MAX_FORWARDER_NAME_BYTES == 253 && forwarders::MAX_FORWARDERS == 1024,
             ),
         ];
+        assert_eq!(
+            Capability::ALL.len(),
+            3,
+            "a new capability: add its budget here and to the doc"
+        );
         for (constant, says, agrees) in rows {
             assert!(
                 agrees,
@@ -338,5 +353,36 @@ mod documented_defaults {
                 "docs/SECURITY.md's row for {constant} does not say {says:?}: {row}"
             );
         }
+    }
+
+    /// CAPABILITIES.md's engine configuration parses, and its `[http]` section (which says
+    /// "these are the defaults") and the `[keyfactor]` timeout and response size are the
+    /// defaults of the code.
+    #[test]
+    fn the_capabilities_doc_shows_the_defaults() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let doc = std::fs::read_to_string(root.join("../docs/CAPABILITIES.md")).unwrap();
+        let start = doc.find("```toml\n[keyfactor]").unwrap() + "```toml\n".len();
+        let block = &doc[start..start + doc[start..].find("```").unwrap()];
+        let table: toml::Table = toml::from_str(block).unwrap();
+        let http: HttpConfig = table["http"].clone().try_into().unwrap();
+        let defaults = HttpConfig::default();
+        assert_eq!(
+            (
+                http.timeout_ms,
+                http.max_request_bytes,
+                http.max_response_bytes
+            ),
+            (
+                defaults.timeout_ms,
+                defaults.max_request_bytes,
+                defaults.max_response_bytes
+            )
+        );
+        let keyfactor: KeyfactorConfig = table["keyfactor"].clone().try_into().unwrap();
+        let standard = KeyfactorConfig::new(keyfactor.base_url.clone(), keyfactor.auth.clone());
+        assert_eq!(keyfactor.timeout_ms, standard.timeout_ms);
+        assert_eq!(keyfactor.max_response_bytes, standard.max_response_bytes);
+        assert_eq!(keyfactor.api_version, standard.api_version);
     }
 }
