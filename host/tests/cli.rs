@@ -709,3 +709,98 @@ fn run_grants_outbound_http_by_its_flags() {
         ["POST /hooks/jobhook HTTP/1.1".to_owned()]
     );
 }
+
+/// `jobhook run`'s Keyfactor authentication flags against the stand-in: `--keyfactor-auth
+/// bearer` sends the token from `KEYFACTOR_AUTH_ACCESS_TOKEN`, `oauth2` fetches one with
+/// `--keyfactor-token-url`, `--keyfactor-client-id` and `KEYFACTOR_AUTH_CLIENT_SECRET`; a wrong
+/// secret fails the handler, a missing flag is a usage error naming it.
+#[test]
+fn run_authenticates_to_keyfactor_by_its_flags() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let standin = runtime
+        .block_on(jobhook_standin::Standin::start())
+        .expect("stand-in");
+    let credentials = standin.credentials().clone();
+    let base = standin.base_url();
+    let component_path = component("job-history-lookup");
+    let context_path = context_file("job-history-lookup", "inventory.json");
+    let run = |flags: &[&str], env: &[(&str, &str)]| -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_jobhook"));
+        command
+            .args(["run", &component_path, "--context", &context_path, "--json"])
+            .args(["--keyfactor-url", &base])
+            .args(flags)
+            .env_remove("RUST_LOG");
+        for var in [
+            "KEYFACTOR_USERNAME",
+            "KEYFACTOR_PASSWORD",
+            "KEYFACTOR_AUTH_ACCESS_TOKEN",
+            "KEYFACTOR_AUTH_CLIENT_SECRET",
+            "KEYFACTOR_AUTH_TOKEN_URL",
+            "KEYFACTOR_AUTH_CLIENT_ID",
+        ] {
+            command.env_remove(var);
+        }
+        command.envs(env.iter().copied());
+        command.output().expect("run jobhook")
+    };
+    let class = |out: &Output| -> Value {
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)));
+        v["class"].clone()
+    };
+
+    let token = credentials.bearer_tokens[0].as_str();
+    let out = run(
+        &["--keyfactor-auth", "bearer"],
+        &[("KEYFACTOR_AUTH_ACCESS_TOKEN", token)],
+    );
+    assert_eq!(class(&out), "succeeded", "{}", text(&out.stdout));
+    let sent = standin.api_requests();
+    assert_eq!(
+        sent.last().and_then(|r| r.header("authorization")),
+        Some(format!("Bearer {token}").as_str())
+    );
+    let out = run(
+        &["--keyfactor-auth", "bearer"],
+        &[("KEYFACTOR_AUTH_ACCESS_TOKEN", "not-the-token")],
+    );
+    assert_eq!(class(&out), "handler-failed", "{}", text(&out.stdout));
+
+    let token_url = standin.token_url();
+    let oauth = [
+        "--keyfactor-auth",
+        "oauth2",
+        "--keyfactor-token-url",
+        &token_url,
+        "--keyfactor-client-id",
+        &credentials.client_id,
+    ];
+    let out = run(
+        &oauth,
+        &[(
+            "KEYFACTOR_AUTH_CLIENT_SECRET",
+            credentials.client_secret.as_str(),
+        )],
+    );
+    assert_eq!(class(&out), "succeeded", "{}", text(&out.stdout));
+    assert!(standin.tokens_issued() >= 1);
+    let out = run(&oauth, &[("KEYFACTOR_AUTH_CLIENT_SECRET", "wrong-secret")]);
+    assert_eq!(class(&out), "handler-failed", "{}", text(&out.stdout));
+
+    let out = run(
+        &[
+            "--keyfactor-auth",
+            "oauth2",
+            "--keyfactor-client-id",
+            "jobhook",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--keyfactor-token-url"),
+        "{}",
+        text(&out.stderr)
+    );
+}
