@@ -804,3 +804,37 @@ fn run_authenticates_to_keyfactor_by_its_flags() {
         text(&out.stderr)
     );
 }
+
+/// `jobhook run --smtp HOST:PORT --smtp-tls none` sends a handler's mail through that relay (a
+/// real SMTP server on loopback), from `--mail-from`, to the recipients the handler chose.
+#[test]
+fn run_sends_mail_through_the_smtp_flag() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let relay = runtime
+        .block_on(jobhook_testkit::smtp::SmtpServer::start())
+        .expect("SMTP server");
+    let address = format!("{}:{}", relay.host(), relay.port());
+    let out = jobhook(&[
+        "run",
+        &component("repeated-failure-email"),
+        "--context",
+        &context_file("repeated-failure-email", "failed-after-retries.json"),
+        "--property",
+        "RetryThreshold=3",
+        "--property",
+        "EmailRecipients=pki-team@example.com",
+        "--smtp",
+        &address,
+        "--smtp-tls",
+        "none",
+        "--mail-from",
+        "jobhook-run@example.com",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let mails = relay.received();
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert_eq!(mails[0].mail_from, "jobhook-run@example.com");
+    assert_eq!(mails[0].rcpt_to, ["pki-team@example.com"]);
+    assert!(mails[0].data.contains("Subject: "), "{}", mails[0].data);
+}
