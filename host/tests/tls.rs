@@ -559,3 +559,39 @@ async fn a_keyfactor_server_of_an_internal_ca_is_trusted_only_with_its_bundle() 
         "{head}"
     );
 }
+
+/// A client that connects and never starts its TLS handshake is dropped after
+/// `tls::HANDSHAKE_TIMEOUT` (10 s), whatever the header timeout, and does not keep others out
+/// meanwhile.
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let setup = Setup::new();
+    let ca = TestCa::new("jobhook test CA");
+    setup.write_server(&ca.server_cert(1));
+    let engine = setup.start(
+        "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }\n\
+         header_read_timeout_ms = 600000",
+    );
+    let to: std::net::SocketAddr = engine
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .expect("address");
+    let started = Instant::now();
+    let mut silent = tcp_connect("127.0.0.1", to).await;
+    // Another client completes its handshake and is served while the silent one waits.
+    let (status, _) = post(&client(&ca, None), &engine.url).await.expect("post");
+    assert_eq!(status, 202);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the silent connection is still open after 20 s: {closed:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(9_500) && waited < Duration::from_secs(16),
+        "dropped after {waited:?}, not after the 10 s handshake timeout"
+    );
+}
