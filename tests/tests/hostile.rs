@@ -211,6 +211,111 @@ async fn a_memory_count_bomb_within_the_pool_hits_the_handler_limit_at_instantia
 }
 
 #[tokio::test]
+async fn a_table_count_bomb_beyond_the_pool_is_refused_at_load() {
+    // The template defines no table of its own: every table is one of the bomb's.
+    let component =
+        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 17);
+    let error = refuse(component, spec("table-count-bomb", &[])).await;
+    match &error {
+        LoadError::Invalid(message) => {
+            assert!(message.contains("contains 17 tables"), "{message}");
+            assert!(message.contains("maximum of 16"), "{message}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn as_many_tables_as_the_pool_allows_load_and_run() {
+    // The other side of the pool's cap: 16 tables load, and run within the default handler
+    // limit of 16 tables.
+    let component =
+        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 16);
+    let outcome = run_hostile(component, spec("sixteen-tables", &[])).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:#?}");
+}
+
+#[tokio::test]
+async fn a_table_count_bomb_within_the_pool_hits_the_handler_limit_at_instantiation() {
+    let component =
+        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 3);
+    let mut s = spec("table-count-bomb", &[]);
+    s.limits.tables = 2;
+    let outcome = run_hostile(component, s).await;
+    let detail = expect_limit(&outcome, LimitKind::Instances);
+    assert!(detail.contains("table count too high at 3"), "{detail}");
+    assert!(detail.contains("2 tables"), "{detail}");
+}
+
+/// Loads the template with one extra core instance of `module_wat`, which uses a WebAssembly
+/// proposal the engine switches off, and returns the refusal's message.
+async fn refused_for_a_switched_off_proposal(name: &str, module_wat: &str) -> String {
+    let component = corpus::with_extra_instances(&CoreModule::default().component(), module_wat, 1);
+    match refuse(component, spec(name, &[])).await {
+        LoadError::Invalid(message) => message,
+        other => panic!("{name}: expected Invalid, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_same_extra_memory_without_a_switched_off_proposal_loads() {
+    // The baseline of the proposal cases below: an extra instance with a plain memory runs.
+    let component =
+        corpus::with_extra_instances(&CoreModule::default().component(), "(memory 1 1)", 1);
+    let outcome = run_hostile(component, spec("plain-memory", &[])).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:#?}");
+}
+
+#[tokio::test]
+async fn a_shared_memory_is_refused_at_load_with_threads_switched_off() {
+    let message = refused_for_a_switched_off_proposal("shared-memory", "(memory 1 1 shared)").await;
+    assert!(
+        message.contains("threads must be enabled for shared memories"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_64_bit_memory_is_refused_at_load_with_memory64_switched_off() {
+    let message = refused_for_a_switched_off_proposal("memory64", "(memory i64 1)").await;
+    assert!(
+        message.contains("memory64 must be enabled for 64-bit memories"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn an_exception_tag_is_refused_at_load_with_exceptions_switched_off() {
+    let message = refused_for_a_switched_off_proposal("exceptions", "(tag)").await;
+    assert!(
+        message.contains("exceptions proposal not enabled"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_gc_struct_type_is_refused_at_load_with_gc_switched_off() {
+    let message = refused_for_a_switched_off_proposal("gc", "(type (struct))").await;
+    assert!(
+        message.contains("not supported without the gc feature"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_typed_function_reference_is_refused_at_load_with_function_references_switched_off() {
+    let message = refused_for_a_switched_off_proposal(
+        "function-references",
+        "(type $f (func)) (func (param (ref null $f)))",
+    )
+    .await;
+    assert!(
+        message.contains("function references required"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn holding_resource_handles_is_bounded() {
     let outcome = rust_guest("guest-handle-flood", &[]).await;
     let message = expect_trap(&outcome, "guest-error");
@@ -264,6 +369,65 @@ async fn a_huge_panic_message_is_bounded() {
     }
     assert!(outcome.stderr.len() <= DEFAULT_OUTPUT_BYTES);
     assert!(outcome.output_dropped > 0);
+}
+
+/// A core module whose `run-handler` recurses `depth` calls deep through `$dive`, then executes
+/// `unreachable` in the innermost call.
+fn trapping_at_depth(depth: u32) -> Vec<u8> {
+    let run = format!("(call $dive (i32.const {depth})) (i32.const 0)");
+    CoreModule {
+        run: &run,
+        extra: "(func $dive (param $n i32)
+                  (if (i32.eqz (local.get $n)) (then (unreachable)))
+                  (call $dive (i32.sub (local.get $n) (i32.const 1))))",
+        ..CoreModule::default()
+    }
+    .component()
+}
+
+fn backtrace_of(outcome: &Outcome) -> &[String] {
+    match &outcome.kind {
+        OutcomeKind::Trapped { backtrace, .. } => backtrace,
+        _ => unreachable!("checked by expect_trap"),
+    }
+}
+
+#[tokio::test]
+async fn a_trap_deep_in_recursion_keeps_at_most_32_frames_of_its_backtrace() {
+    // 1,001 guest frames deep. SECURITY.md: a trap's backtrace has at most 32 frames
+    // (`classify::MAX_BACKTRACE_FRAMES`). wasmtime 48 itself captures only its default of 20
+    // (`Config::wasm_backtrace_max_frames`, which the engine leaves alone), so today fewer
+    // frames than the documented cap are kept; the bound is what is pinned here.
+    let outcome = run_hostile(trapping_at_depth(1000), spec("deep-trap", &[])).await;
+    expect_trap(&outcome, "unreachable");
+    let backtrace = backtrace_of(&outcome);
+    assert!(
+        !backtrace.is_empty() && backtrace.len() <= 32,
+        "{} frames: {backtrace:#?}",
+        backtrace.len()
+    );
+    // The innermost frames are the ones kept: all are the recursion, none is run-handler.
+    assert!(
+        backtrace.iter().all(|frame| frame.starts_with("dive ")),
+        "{backtrace:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_trap_in_shallow_recursion_keeps_its_whole_backtrace() {
+    // The baseline of the case above: below any cap, every guest frame is there, the
+    // recursion's 5 and then run-handler's (unnamed in the module's name section).
+    let outcome = run_hostile(trapping_at_depth(4), spec("shallow-trap", &[])).await;
+    expect_trap(&outcome, "unreachable");
+    let backtrace = backtrace_of(&outcome);
+    assert_eq!(backtrace.len(), 6, "{backtrace:#?}");
+    assert!(
+        backtrace[..5]
+            .iter()
+            .all(|frame| frame.starts_with("dive ")),
+        "{backtrace:#?}"
+    );
+    assert!(!backtrace[5].starts_with("dive "), "{backtrace:#?}");
 }
 
 #[tokio::test]
