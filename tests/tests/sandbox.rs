@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jobhook::capabilities::properties::Properties;
 use jobhook::capabilities::{Capability, Grants, Services};
@@ -391,6 +391,43 @@ async fn an_oversized_component_is_refused_before_compiling() {
 }
 
 #[tokio::test]
+async fn a_compile_over_its_time_out_is_refused_without_waiting_for_it() {
+    assert_eq!(
+        LoadOptions::default().compile_timeout,
+        Duration::from_secs(60),
+        "SECURITY.md documents a 60 s default"
+    );
+    let timeout = Duration::from_millis(1);
+    let options = LoadOptions {
+        compile_timeout: timeout,
+        ..LoadOptions::default()
+    };
+    let started = Instant::now();
+    let err = SandboxedHandler::load(
+        engine(),
+        &Services::default(),
+        guest_bytes("log-context"),
+        spec("slow-compile", &[]),
+        &options,
+    )
+    .await
+    .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(err, LoadError::CompileTimeout(timeout));
+    assert!(err.to_string().contains("took longer than 1ms"), "{err}");
+    // The refusal does not wait for the compile, which finishes on its own thread.
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    // With the default time-out the same component loads and runs on the same engine.
+    let outcome = run(
+        "log-context",
+        spec("log-context", &[]),
+        &sample_context_json(),
+    )
+    .await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
 async fn an_ungranted_capability_is_refused_at_load() {
     let mut s = spec("mail", MAIL_PROPS);
     s.grants = Grants::default();
@@ -509,5 +546,58 @@ async fn an_engine_sized_for_the_most_concurrent_deliveries_runs_handlers() {
     .expect("load");
     let context = JobContext::from_json_value(&sample_context_json()).expect("context");
     let outcome = handler.invoke(&context, Delivery::default()).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+}
+
+#[tokio::test]
+async fn a_delivery_with_no_sandbox_slot_free_is_an_engine_error() {
+    // An engine of its own with one slot, held by a delivery that sleeps in a host call.
+    let engine = Engine::new(1).expect("engine");
+    let load_on = |package: &'static str, spec: SandboxSpec| {
+        let engine = engine.clone();
+        async move {
+            SandboxedHandler::load(
+                &engine,
+                &Services::default(),
+                guest_bytes(package),
+                spec,
+                &LoadOptions::default(),
+            )
+            .await
+            .map(std::sync::Arc::new)
+            .expect("load")
+        }
+    };
+    let budget = Duration::from_secs(2);
+    let mut sleeping = spec("sleep", &[]);
+    sleeping.limits.timeout = budget;
+    let sleeping = load_on("guest-sleep", sleeping).await;
+    let healthy = load_on("log-context", spec("log-context", &[])).await;
+    let context = JobContext::from_json_value(&sample_context_json()).expect("context");
+    let holder = {
+        let (handler, context) = (std::sync::Arc::clone(&sleeping), context.clone());
+        tokio::spawn(async move { handler.invoke(&context, Delivery::default()).await })
+    };
+    // Let it instantiate and start sleeping: it keeps the slot for its whole budget.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outcome = healthy.invoke(&context, Delivery::default()).await;
+    match &outcome.kind {
+        OutcomeKind::EngineError { message } => {
+            assert!(message.contains("no sandbox slot is free"), "{message}")
+        }
+        other => panic!("expected engine-error, got {other:?}"),
+    }
+    assert_eq!(outcome.kind.class(), "engine-error");
+    // The holder really held the slot until its budget ran out.
+    let held = holder.await.expect("join");
+    assert_eq!(
+        held.kind,
+        OutcomeKind::TimedOut {
+            limit_ms: budget.as_millis() as u64
+        },
+        "{held:?}"
+    );
+    // The slot is free again: the healthy handler runs on the same engine.
+    let outcome = healthy.invoke(&context, Delivery::default()).await;
     assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
 }
