@@ -918,21 +918,18 @@ mod tests {
             .unwrap()
     }
 
-    /// A recorder over `store` with one skipped outcome of a claimed delivery sent to it: the
-    /// sender (drop it to stop the engine), the recorder, and what says the outcome is on record.
-    async fn recording_one(
-        store: &Arc<BatchFails>,
+    /// A recorder over `store` with a skipped outcome of `claim` sent to it: the sender (drop it
+    /// to stop the engine), the recorder, and what says what became of the outcome.
+    async fn recording(
+        store: Arc<dyn EventStore>,
+        claim: Claim,
     ) -> (
         mpsc::Sender<Finished>,
         tokio::task::JoinHandle<()>,
         oneshot::Receiver<Finish>,
     ) {
-        let claim = claimed(store.as_ref());
         let (record, queue) = mpsc::channel(4);
-        let recorder = tokio::spawn(record_outcomes(
-            Arc::clone(store) as Arc<dyn EventStore>,
-            queue,
-        ));
+        let recorder = tokio::spawn(record_outcomes(store, queue));
         let (recorded, done) = oneshot::channel();
         record
             .send(Finished {
@@ -945,19 +942,21 @@ mod tests {
         (record, recorder, done)
     }
 
+    /// [`recording`] of one delivery of a new event, claimed from `store`.
+    async fn recording_one(
+        store: &Arc<BatchFails>,
+    ) -> (
+        mpsc::Sender<Finished>,
+        tokio::task::JoinHandle<()>,
+        oneshot::Receiver<Finish>,
+    ) {
+        let claim = claimed(store.as_ref());
+        recording(Arc::clone(store) as Arc<dyn EventStore>, claim).await
+    }
+
     /// What the recorder over `store` answers for `claim`'s outcome.
     async fn report(store: Arc<SqliteStore>, claim: Claim) -> Finish {
-        let (record, queue) = mpsc::channel(4);
-        let recorder = tokio::spawn(record_outcomes(store as Arc<dyn EventStore>, queue));
-        let (recorded, done) = oneshot::channel();
-        record
-            .send(Finished {
-                claim,
-                record: skipped("test".into()),
-                recorded,
-            })
-            .await
-            .unwrap_or_else(|_| panic!("the recorder stopped"));
+        let (record, recorder, done) = recording(store, claim).await;
         let answer = done.await.expect("an answer");
         drop(record);
         recorder.await.unwrap();
