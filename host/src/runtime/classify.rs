@@ -20,8 +20,10 @@ pub const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been
 /// tables than the store's `ResourceLimiter` counts allow.
 pub const COUNT_LIMIT_EXCEEDED: &str = "resource limit exceeded:";
 
-/// Guest frames kept in a trap's backtrace.
-const MAX_BACKTRACE_FRAMES: usize = 32;
+/// Guest frames kept in a trap's backtrace, innermost first: enough to see where a handler
+/// failed, bounded so a deep recursion cannot make an outcome record large. The engine asks
+/// wasmtime to capture this many (its own default is 20).
+pub const MAX_BACKTRACE_FRAMES: usize = 32;
 
 pub(crate) fn timed_out(limits: &Limits) -> OutcomeKind {
     OutcomeKind::TimedOut {

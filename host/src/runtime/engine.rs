@@ -245,7 +245,10 @@ pub fn wasmtime_config(allocation: InstanceAllocationStrategy) -> Config {
         .async_stack_size(ASYNC_STACK)
         .async_stack_zeroing(true)
         .cranelift_opt_level(OptLevel::Speed)
-        .parallel_compilation(true);
+        .parallel_compilation(true)
+        .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(
+            crate::runtime::classify::MAX_BACKTRACE_FRAMES,
+        ));
     // Attack-surface reduction: Rust wasm32-wasip2 handlers use none of these proposals.
     config
         .gc_support(false)
