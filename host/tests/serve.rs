@@ -455,6 +455,38 @@ async fn mail_without_a_relay_goes_to_the_outbox_in_the_data_directory() {
     assert!(mail.contains("To: pki@example.com"), "{mail}");
 }
 
+/// `GET /v1/handlers` shows a handler's WASI imports that are linked inert (wasi:sockets: every
+/// call denied) as such, apart from its capabilities.
+#[tokio::test]
+async fn handlers_endpoint_lists_inert_imports() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler(
+        "sockets",
+        "guest-sockets",
+        "[\"*\"]",
+        "properties = { tcp_port = \"9\", udp_port = \"9\" }",
+    ));
+    let (status, text) = get(&engine, "/v1/handlers").await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("json");
+    let h = &v["handlers"][0];
+    let inert: Vec<&str> = h["inert_imports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no inert_imports: {h:#}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(!inert.is_empty(), "{h:#}");
+    assert!(
+        inert
+            .iter()
+            .all(|i| i.starts_with("wasi:sockets/")
+                && i.ends_with("(linked inert: every call denied)")),
+        "{inert:?}"
+    );
+    assert_eq!(h["imports"], json!([]), "{h:#}");
+}
+
 #[tokio::test]
 async fn handlers_endpoint_hides_secrets() {
     let setup = Setup::new();
