@@ -723,6 +723,19 @@ async fn a_huge_random_request_is_refused() {
     let outcome = rust_guest("guest-random-drain", &[]).await;
     let message = expect_trap(&outcome, "guest-error");
     assert!(message.contains("1073741824"), "{message}");
+    // The cap is 64 KiB (SECURITY.md): exactly that much is handed over, one byte more is not.
+    let outcome = rust_guest("guest-random-drain", &[("bytes", "65536")]).await;
+    assert_eq!(
+        outcome.kind,
+        OutcomeKind::HandlerFailed {
+            reason: "got 65536 random bytes".into()
+        },
+        "{:#?}",
+        outcome.kind
+    );
+    let outcome = rust_guest("guest-random-drain", &[("bytes", "65537")]).await;
+    let message = expect_trap(&outcome, "guest-error");
+    assert!(message.contains("65537"), "{message}");
 }
 
 // ---------------------------------------------------------------------------------------------

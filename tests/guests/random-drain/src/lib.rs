@@ -1,10 +1,11 @@
-//! Hostile guest: asks `wasi:random` for 1 GiB of random bytes in one call, trying to make the
-//! host allocate (and spend CPU filling) a gigabyte.
+//! Hostile guest: asks `wasi:random` for 1 GiB of random bytes in one call (or the property
+//! `bytes`), trying to make the host allocate (and spend CPU filling) a gigabyte.
 //!
-//! The engine caps one random request at a few KiB (`max_random_size`), so the call must fail
-//! before the host allocates, ending the run as `trapped` with a message naming the limit.
+//! The engine caps one random request at 64 KiB (`max_random_size`), so the call must fail
+//! before the host allocates, ending the run as `trapped` with a message naming the limit. A
+//! request within the cap returns its bytes and the handler fails saying how many it got.
 
-use jobhook_sdk::{Context, Handler, Result, export_handler};
+use jobhook_sdk::{Context, Handler, Result, export_handler, properties};
 
 #[cfg(target_arch = "wasm32")]
 mod wasi {
@@ -32,7 +33,8 @@ impl Handler for RandomDrain {
     fn run(_ctx: &Context) -> Result<()> {
         #[cfg(target_arch = "wasm32")]
         {
-            let bytes = wasi::wasi::random::random::get_random_bytes(1 << 30);
+            let asked: u64 = properties::parse_or("bytes", 1 << 30)?;
+            let bytes = wasi::wasi::random::random::get_random_bytes(asked);
             Err(format!("got {} random bytes", bytes.len()).into())
         }
         #[cfg(not(target_arch = "wasm32"))]
