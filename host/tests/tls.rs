@@ -595,3 +595,52 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
         "dropped after {waited:?}, not after the 10 s handshake timeout"
     );
 }
+
+/// At most `tls::MAX_PENDING_HANDSHAKES` (256) handshakes are in progress at once: with 255
+/// silent connections a client still completes its handshake at once; with 256 a further client
+/// waits for a slot, which the silent ones free when their handshake timeout drops them.
+#[tokio::test]
+async fn handshakes_in_progress_are_bounded() {
+    let setup = Setup::new();
+    let ca = TestCa::new("jobhook test CA");
+    setup.write_server(&ca.server_cert(1));
+    let engine = setup.start(
+        "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }\n\
+         max_connections = 1000\nmax_connections_per_client = 1000",
+    );
+    let to: std::net::SocketAddr = engine
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .expect("address");
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..255 {
+        silent.push(tcp_connect("127.0.0.1", to).await);
+    }
+    let quick = Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(5), tls_connect(&ca, "127.0.0.1", to))
+        .await
+        .expect("a handshake with a slot free completes at once")
+        .expect("handshake");
+    assert!(
+        quick.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        quick.elapsed()
+    );
+    silent.push(tcp_connect("127.0.0.1", to).await);
+    // Let the 256 hold every slot for a while, then try again: the handshake waits until the
+    // silent connections are dropped (10 s after they were accepted).
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    let waiting = Instant::now();
+    let second = tokio::time::timeout(Duration::from_secs(20), tls_connect(&ca, "127.0.0.1", to))
+        .await
+        .expect("the handshake completes once slots are free")
+        .expect("handshake");
+    let waited = waiting.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4),
+        "a 257th handshake did not wait for a slot: {waited:?}"
+    );
+    drop((first, second, silent));
+}
