@@ -543,3 +543,49 @@ async fn oversized_bodies_get_413_naming_the_limit_before_they_are_read() {
         "{metrics}"
     );
 }
+
+/// After a 413 the engine reads and discards what the client still sends for at most 2 s and
+/// 1 MiB (`connections::LINGER_TIMEOUT`, `LINGER_MAX_BYTES`), then closes: a client that keeps
+/// sending a 64 MB body is cut off long before the end, within seconds, and the engine does not
+/// read an unbounded body to be polite.
+#[tokio::test]
+async fn lingering_after_a_413_is_bounded() {
+    let setup = Setup::new();
+    let engine = setup.start(LIMITS);
+    let to = address(&engine);
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let stream = connect_from(ATTACKER, to).await;
+    let (mut read, mut write) = stream.into_split();
+    let started = std::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        let head =
+            format!("POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Length: {TOTAL}\r\n\r\n");
+        let mut written = 0usize;
+        if write.write_all(head.as_bytes()).await.is_err() {
+            return written;
+        }
+        let chunk = vec![b' '; 64 * 1024];
+        while written < TOTAL {
+            if write.write_all(&chunk).await.is_err() {
+                break;
+            }
+            written += chunk.len();
+        }
+        written
+    });
+    let mut status = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), read.read_exact(&mut status))
+        .await
+        .expect("an answer within 5 s")
+        .expect("read");
+    assert_eq!(&status, b"HTTP/1.1 413");
+    let written = tokio::time::timeout(Duration::from_secs(15), writer)
+        .await
+        .expect("the sender is cut off within 15 s")
+        .expect("join");
+    assert!(
+        written < TOTAL / 2,
+        "{written} bytes were taken after the 413 in {:?}",
+        started.elapsed()
+    );
+}
