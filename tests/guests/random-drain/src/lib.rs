@@ -5,7 +5,7 @@
 //! before the host allocates, ending the run as `trapped` with a message naming the limit. A
 //! request within the cap returns its bytes and the handler fails saying how many it got.
 
-use jobhook_sdk::{Context, Handler, Result, export_handler, properties};
+use jobhook_sdk::{Context, Handler, Result, export_handler};
 
 #[cfg(target_arch = "wasm32")]
 mod wasi {
@@ -33,7 +33,7 @@ impl Handler for RandomDrain {
     fn run(_ctx: &Context) -> Result<()> {
         #[cfg(target_arch = "wasm32")]
         {
-            let asked: u64 = properties::parse_or("bytes", 1 << 30)?;
+            let asked: u64 = jobhook_sdk::properties::parse_or("bytes", 1 << 30)?;
             let bytes = wasi::wasi::random::random::get_random_bytes(asked);
             Err(format!("got {} random bytes", bytes.len()).into())
         }
