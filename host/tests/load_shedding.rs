@@ -489,26 +489,7 @@ async fn oversized_bodies_get_413_naming_the_limit_before_they_are_read() {
     }
 
     // A client that sends all 10 MB without looking reads the 413 too.
-    let stream = connect_from(ATTACKER, to).await;
-    let (mut read, mut write) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let _ = write
-            .write_all(
-                b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
-            )
-            .await;
-        let chunk = vec![b' '; 64 * 1024];
-        for _ in 0..(10_000_000 / chunk.len()) {
-            if write.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut status = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), read.read_exact(&mut status))
-        .await
-        .expect("an answer within 5 s")
-        .expect("read");
+    let (status, writer) = sending_without_looking(to, 10_000_000).await;
     assert_eq!(&status, b"HTTP/1.1 413");
     writer.abort();
 
@@ -544,28 +525,24 @@ async fn oversized_bodies_get_413_naming_the_limit_before_they_are_read() {
     );
 }
 
-/// After a 413 the engine reads and discards what the client still sends for at most 2 s and
-/// 1 MiB (`connections::LINGER_TIMEOUT`, `LINGER_MAX_BYTES`), then closes: a client that keeps
-/// sending a 64 MB body is cut off long before the end, within seconds, and the engine does not
-/// read an unbounded body to be polite.
-#[tokio::test]
-async fn lingering_after_a_413_is_bounded() {
-    let setup = Setup::new();
-    let engine = setup.start(LIMITS);
-    let to = address(&engine);
-    const TOTAL: usize = 64 * 1024 * 1024;
+/// A client that posts a body of `total` bytes and sends all of it without waiting for an
+/// answer: the first 12 bytes of the answer (read within 5 s), and the sender, which gives how
+/// many body bytes it wrote before the connection was closed on it.
+async fn sending_without_looking(
+    to: SocketAddr,
+    total: usize,
+) -> ([u8; 12], tokio::task::JoinHandle<usize>) {
     let stream = connect_from(ATTACKER, to).await;
     let (mut read, mut write) = stream.into_split();
-    let started = std::time::Instant::now();
     let writer = tokio::spawn(async move {
         let head =
-            format!("POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Length: {TOTAL}\r\n\r\n");
+            format!("POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n");
         let mut written = 0usize;
         if write.write_all(head.as_bytes()).await.is_err() {
             return written;
         }
         let chunk = vec![b' '; 64 * 1024];
-        while written < TOTAL {
+        while written < total {
             if write.write_all(&chunk).await.is_err() {
                 break;
             }
@@ -578,6 +555,21 @@ async fn lingering_after_a_413_is_bounded() {
         .await
         .expect("an answer within 5 s")
         .expect("read");
+    (status, writer)
+}
+
+/// After a 413 the engine reads and discards what the client still sends for at most 2 s and
+/// 1 MiB (`connections::LINGER_TIMEOUT`, `LINGER_MAX_BYTES`), then closes: a client that keeps
+/// sending a 64 MB body is cut off long before the end, within seconds, and the engine does not
+/// read an unbounded body to be polite.
+#[tokio::test]
+async fn lingering_after_a_413_is_bounded() {
+    let setup = Setup::new();
+    let engine = setup.start(LIMITS);
+    let to = address(&engine);
+    const TOTAL: usize = 64 * 1024 * 1024;
+    let started = std::time::Instant::now();
+    let (status, writer) = sending_without_looking(to, TOTAL).await;
     assert_eq!(&status, b"HTTP/1.1 413");
     let written = tokio::time::timeout(Duration::from_secs(15), writer)
         .await

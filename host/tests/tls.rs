@@ -47,6 +47,21 @@ impl Setup {
         path
     }
 
+    /// `jobhook serve` over HTTPS with a certificate from `ca` and `extra` `[server]` settings:
+    /// the engine and the address it listens on.
+    fn start_tls(&self, ca: &TestCa, extra: &str) -> (EngineProcess, std::net::SocketAddr) {
+        self.write_server(&ca.server_cert(1));
+        let engine = self.start(&format!(
+            "listen = \"127.0.0.1:0\"\ntls = {{ cert = \"server.pem\", key = \"server.key\" }}\n{extra}"
+        ));
+        let to = engine
+            .url
+            .trim_start_matches("https://")
+            .parse()
+            .expect("address");
+        (engine, to)
+    }
+
     fn start(&self, server: &str) -> EngineProcess {
         let config = self.config(server);
         EngineProcess::start(
@@ -335,16 +350,10 @@ async fn tls_connections_get_the_header_timeout_the_caps_and_the_body_limit() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let setup = Setup::new();
     let ca = TestCa::new("jobhook test CA");
-    setup.write_server(&ca.server_cert(1));
-    let engine = setup.start(
-        "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }\n\
-         header_read_timeout_ms = 600\nmax_body_bytes = 4096\nmax_connections_per_client = 4",
+    let (engine, to) = setup.start_tls(
+        &ca,
+        "header_read_timeout_ms = 600\nmax_body_bytes = 4096\nmax_connections_per_client = 4",
     );
-    let to: std::net::SocketAddr = engine
-        .url
-        .trim_start_matches("https://")
-        .parse()
-        .expect("address");
 
     // Headers that never end, after a completed handshake: closed after the header timeout.
     let mut slow = tls_connect(&ca, "127.0.0.1", to).await.expect("handshake");
@@ -568,16 +577,7 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     use tokio::io::AsyncReadExt as _;
     let setup = Setup::new();
     let ca = TestCa::new("jobhook test CA");
-    setup.write_server(&ca.server_cert(1));
-    let engine = setup.start(
-        "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }\n\
-         header_read_timeout_ms = 600000",
-    );
-    let to: std::net::SocketAddr = engine
-        .url
-        .trim_start_matches("https://")
-        .parse()
-        .expect("address");
+    let (engine, to) = setup.start_tls(&ca, "header_read_timeout_ms = 600000");
     let started = Instant::now();
     let mut silent = tcp_connect("127.0.0.1", to).await;
     // Another client completes its handshake and is served while the silent one waits.
@@ -603,16 +603,10 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
 async fn handshakes_in_progress_are_bounded() {
     let setup = Setup::new();
     let ca = TestCa::new("jobhook test CA");
-    setup.write_server(&ca.server_cert(1));
-    let engine = setup.start(
-        "listen = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\" }\n\
-         max_connections = 1000\nmax_connections_per_client = 1000",
+    let (_engine, to) = setup.start_tls(
+        &ca,
+        "max_connections = 1000\nmax_connections_per_client = 1000",
     );
-    let to: std::net::SocketAddr = engine
-        .url
-        .trim_start_matches("https://")
-        .parse()
-        .expect("address");
     let started = Instant::now();
     let mut silent = Vec::new();
     for _ in 0..255 {

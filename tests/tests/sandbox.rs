@@ -469,31 +469,34 @@ async fn import_lists_are_the_capability_lists() {
     );
 }
 
+/// `package` loaded on an engine of a test's own.
+async fn load_on(
+    engine: &Engine,
+    package: &'static str,
+    spec: SandboxSpec,
+) -> std::sync::Arc<SandboxedHandler> {
+    SandboxedHandler::load(
+        engine,
+        &Services::default(),
+        guest_bytes(package),
+        spec,
+        &LoadOptions::default(),
+    )
+    .await
+    .map(std::sync::Arc::new)
+    .expect("load")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loops_beyond_the_cpu_share_are_throttled_and_still_end_at_their_deadline() {
     // An engine of its own: the other tests' sandboxes must not count here.
     let engine = Engine::new(16).expect("engine");
     let loops = engine.cpu_share().cores().ceil() as usize + 3;
     let budget = Duration::from_millis(800);
-    let load_on = |package: &'static str, spec: SandboxSpec| {
-        let engine = engine.clone();
-        async move {
-            SandboxedHandler::load(
-                &engine,
-                &Services::default(),
-                guest_bytes(package),
-                spec,
-                &LoadOptions::default(),
-            )
-            .await
-            .map(std::sync::Arc::new)
-            .expect("load")
-        }
-    };
     let mut looping = spec("loop", &[]);
     looping.limits.timeout = budget;
-    let looping = load_on("guest-loop", looping).await;
-    let healthy = load_on("log-context", spec("log-context", &[])).await;
+    let looping = load_on(&engine, "guest-loop", looping).await;
+    let healthy = load_on(&engine, "log-context", spec("log-context", &[])).await;
     let context = JobContext::from_json_value(&sample_context_json()).expect("context");
     let runs: Vec<_> = (0..loops)
         .map(|_| {
@@ -553,26 +556,11 @@ async fn an_engine_sized_for_the_most_concurrent_deliveries_runs_handlers() {
 async fn a_delivery_with_no_sandbox_slot_free_is_an_engine_error() {
     // An engine of its own with one slot, held by a delivery that sleeps in a host call.
     let engine = Engine::new(1).expect("engine");
-    let load_on = |package: &'static str, spec: SandboxSpec| {
-        let engine = engine.clone();
-        async move {
-            SandboxedHandler::load(
-                &engine,
-                &Services::default(),
-                guest_bytes(package),
-                spec,
-                &LoadOptions::default(),
-            )
-            .await
-            .map(std::sync::Arc::new)
-            .expect("load")
-        }
-    };
     let budget = Duration::from_secs(2);
     let mut sleeping = spec("sleep", &[]);
     sleeping.limits.timeout = budget;
-    let sleeping = load_on("guest-sleep", sleeping).await;
-    let healthy = load_on("log-context", spec("log-context", &[])).await;
+    let sleeping = load_on(&engine, "guest-sleep", sleeping).await;
+    let healthy = load_on(&engine, "log-context", spec("log-context", &[])).await;
     let context = JobContext::from_json_value(&sample_context_json()).expect("context");
     let holder = {
         let (handler, context) = (std::sync::Arc::clone(&sleeping), context.clone());

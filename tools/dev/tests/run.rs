@@ -23,14 +23,14 @@ fn run_with_the_in_process_standin_reads_the_job_history() {
         .join("examples/job-history-lookup/contexts/inventory.json")
         .display()
         .to_string();
-    let out = jobhook_dev(&[
+    let run = [
         "run",
         &component,
         "--context",
         &context,
         "--keyfactor-standin",
-        "--json",
-    ]);
+    ];
+    let out = jobhook_dev(&[&run[..], &["--json"]].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -53,15 +53,16 @@ fn run_with_the_in_process_standin_reads_the_job_history() {
     );
 
     // The stand-in and a real Keyfactor URL are one or the other.
-    let out = jobhook_dev(&[
-        "run",
-        &component,
-        "--context",
-        &context,
-        "--keyfactor-standin",
-        "--keyfactor-url",
-        "https://command.example.com/KeyfactorAPI/",
-    ]);
+    let out = jobhook_dev(
+        &[
+            &run[..],
+            &[
+                "--keyfactor-url",
+                "https://command.example.com/KeyfactorAPI/",
+            ],
+        ]
+        .concat(),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot be used together"),
