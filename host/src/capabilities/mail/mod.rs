@@ -72,7 +72,10 @@ pub const MAX_PLAIN_LINE_BYTES: usize = 998;
 /// Longest line of quoted-printable text, without its CRLF (RFC 2045 §6.7).
 const QP_LINE_BYTES: usize = 76;
 
-/// Default SMTP command timeout: a relay that does not answer a command in 10 s is down.
+/// Default SMTP timeout: the whole exchange for one message (connect, greeting, commands, data)
+/// must end within 10 s, or the relay counts as down. lettre's own timeout is per command and
+/// does not cover a relay that accepts the connection and never sends its greeting; the outer
+/// bound does.
 pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a handler is told when the engine has no mail service configured.
@@ -522,7 +525,8 @@ pub struct SmtpConfig {
     /// Password for SMTP AUTH, by reference.
     #[serde(default)]
     pub password: Option<SecretRef>,
-    /// Timeout per SMTP command, in milliseconds.
+    /// Longest the exchange with the relay for one message may take, in milliseconds (each
+    /// command is bounded by it too).
     #[serde(default = "default_smtp_timeout_ms")]
     pub timeout_ms: u64,
 }
@@ -646,6 +650,8 @@ enum TransportKind {
     Smtp {
         relay: String,
         transport: AsyncSmtpTransport<Tokio1Executor>,
+        /// `[mail.smtp] timeout_ms`: the bound on one message's whole exchange.
+        timeout: Duration,
     },
 }
 
@@ -713,8 +719,21 @@ impl MailTransport {
                     CapabilityError::Failed("the engine could not write the mail to its outbox".into())
                 })
             }
-            TransportKind::Smtp { relay, transport } => {
-                transport.send(email).await.map(|_| ()).map_err(|e| {
+            TransportKind::Smtp {
+                relay,
+                transport,
+                timeout,
+            } => {
+                let Ok(sent) = tokio::time::timeout(*timeout, transport.send(email)).await else {
+                    tracing::warn!(
+                        relay = %relay,
+                        "the mail relay did not finish the exchange within [mail.smtp] timeout_ms ({timeout:?})"
+                    );
+                    return Err(CapabilityError::Timeout(
+                        "the mail relay did not answer in time".into(),
+                    ));
+                };
+                sent.map(|_| ()).map_err(|e| {
                     tracing::warn!(relay = %relay, error = %e, "the mail relay did not take the message");
                     if e.is_timeout() {
                         CapabilityError::Timeout("the mail relay did not answer in time".into())
@@ -858,6 +877,7 @@ fn smtp_transport(config: &SmtpConfig) -> Result<TransportKind, MailConfigError>
     Ok(TransportKind::Smtp {
         relay: format!("{host}:{port}"),
         transport: builder.build(),
+        timeout: Duration::from_millis(config.timeout_ms),
     })
 }
 
