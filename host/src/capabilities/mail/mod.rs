@@ -1273,6 +1273,49 @@ mod tests {
         assert!(text.contains("From: Alerts@example.com\r\n"), "{text}");
     }
 
+    /// `[mail.smtp] timeout_ms` bounds the whole exchange, whatever the relay stalls on: never
+    /// greeting, trickling its greeting a byte at a time (each byte would satisfy a per-read
+    /// timeout), or greeting and then never answering. Each ends as a capability time-out, soon
+    /// after the timeout.
+    #[tokio::test]
+    async fn a_stalling_relay_is_given_up_after_the_timeout_whatever_it_stalls_on() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        for stall in ["silent", "trickle", "after-greeting"] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let relay = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                if stall == "trickle" {
+                    for b in b"220 relay.example ESMTP".iter().cycle() {
+                        if s.write_all(&[*b]).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                if stall == "after-greeting" {
+                    let _ = s.write_all(b"220 relay.example ESMTP\r\n").await;
+                }
+                let mut buf = [0u8; 256];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+            let mut smtp = SmtpConfig::new("127.0.0.1", port, SmtpTls::None);
+            smtp.timeout_ms = 300;
+            let config = MailConfig::smtp("jobhook@example.com", smtp).unwrap();
+            let t = MailTransport::from_config(&config, Path::new("unused")).unwrap();
+            let started = std::time::Instant::now();
+            let grant = MailGrant::to(&["*"]).unwrap();
+            let result = t.send(&grant, message(&["a@example.com"])).await;
+            let took = started.elapsed();
+            assert!(
+                matches!(result, Err(CapabilityError::Timeout(_))),
+                "{stall}: {result:?}"
+            );
+            assert!(took < Duration::from_secs(3), "{stall}: {took:?}");
+            relay.abort();
+        }
+    }
+
     #[tokio::test]
     async fn the_outbox_receives_eml_files() {
         let (dir, t) = outbox();
