@@ -784,7 +784,18 @@ fn run_authenticates_to_keyfactor_by_its_flags() {
         )],
     );
     assert_eq!(class(&out), "succeeded", "{}", text(&out.stdout));
-    assert!(standin.tokens_issued() >= 1);
+    assert_eq!(standin.tokens_issued(), 1);
+    // The API call carried the token the identity provider issued, not the static one.
+    let sent = standin.api_requests();
+    let authorization = sent
+        .last()
+        .and_then(|r| r.header("authorization"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        authorization.starts_with("Bearer ") && authorization != format!("Bearer {token}"),
+        "{authorization}"
+    );
     let out = run(&oauth, &[("KEYFACTOR_AUTH_CLIENT_SECRET", "wrong-secret")]);
     assert_eq!(class(&out), "handler-failed", "{}", text(&out.stdout));
 

@@ -56,8 +56,14 @@ fn tool_dirs(lang: &str) -> Option<Vec<PathBuf>> {
 }
 
 fn jobhook(args: &[&str]) -> Output {
+    jobhook_in(Path::new("."), args)
+}
+
+/// `jobhook` run from the directory `cwd`.
+fn jobhook_in(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_jobhook"))
         .args(args)
+        .current_dir(cwd)
         .env_remove("RUST_LOG")
         .output()
         .expect("run jobhook")
@@ -327,12 +333,7 @@ fn jobhook_new_refuses_what_it_cannot_create() {
     let cwd = tmp.path().join("cwd");
     std::fs::create_dir(&cwd).expect("mkdir");
     let refused = |args: &[&str], why: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_jobhook"))
-            .args(args)
-            .current_dir(&cwd)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run jobhook");
+        let out = jobhook_in(&cwd, args);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(why), "{args:?}: {stderr}");

@@ -548,6 +548,11 @@ async fn a_keyfactor_server_of_an_internal_ca_is_trusted_only_with_its_bundle() 
 
     let refused = run_history_lookup(&url, &[]).await;
     assert_eq!(refused["class"], "handler-failed", "{refused:#}");
+    // The server task counts the failed handshake on its own time: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.lock().unwrap().failed_handshakes == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     {
         let seen = seen.lock().unwrap();
         assert!(seen.requests.is_empty(), "{:?}", seen.requests);
@@ -617,11 +622,7 @@ async fn handshakes_in_progress_are_bounded() {
         .await
         .expect("a handshake with a slot free completes at once")
         .expect("handshake");
-    assert!(
-        quick.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        quick.elapsed()
-    );
+    let quick = quick.elapsed();
     silent.push(tcp_connect("127.0.0.1", to).await);
     // Let the 256 hold every slot for a while, then try again: the handshake waits until the
     // silent connections are dropped (10 s after they were accepted).
@@ -633,8 +634,8 @@ async fn handshakes_in_progress_are_bounded() {
         .expect("handshake");
     let waited = waiting.elapsed();
     assert!(
-        waited >= Duration::from_secs(4),
-        "a 257th handshake did not wait for a slot: {waited:?}"
+        waited >= Duration::from_secs(4) && waited > quick * 2,
+        "a 257th handshake did not wait for a slot: {waited:?} (with a slot free: {quick:?})"
     );
     drop((first, second, silent));
 }

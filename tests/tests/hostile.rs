@@ -913,6 +913,9 @@ async fn a_newer_world_version_is_refused_at_load() {
             .contains(&jobhook::runtime::loader::supported_versions()),
         "the refusal names the versions this engine runs: {error}"
     );
+    // Named as an author reads them, not only as the loader lists them.
+    assert!(error.to_string().contains("0.1.0"), "{error}");
+    assert!(error.to_string().contains("0.2.0"), "{error}");
 }
 
 #[tokio::test]

@@ -566,9 +566,16 @@ async fn a_delivery_with_no_sandbox_slot_free_is_an_engine_error() {
         let (handler, context) = (std::sync::Arc::clone(&sleeping), context.clone());
         tokio::spawn(async move { handler.invoke(&context, Delivery::default()).await })
     };
-    // Let it instantiate and start sleeping: it keeps the slot for its whole budget.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let outcome = healthy.invoke(&context, Delivery::default()).await;
+    // Once the sleeper has instantiated it keeps the slot for its whole budget; until then a
+    // healthy delivery may still find the slot free, so try again until it does not.
+    let deadline = Instant::now() + budget / 2;
+    let outcome = loop {
+        let outcome = healthy.invoke(&context, Delivery::default()).await;
+        if matches!(outcome.kind, OutcomeKind::EngineError { .. }) || Instant::now() > deadline {
+            break outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     match &outcome.kind {
         OutcomeKind::EngineError { message } => {
             assert!(message.contains("no sandbox slot is free"), "{message}")
