@@ -562,17 +562,25 @@ async fn a_delivery_with_no_sandbox_slot_free_is_an_engine_error() {
     let sleeping = load_on(&engine, "guest-sleep", sleeping).await;
     let healthy = load_on(&engine, "log-context", spec("log-context", &[])).await;
     let context = JobContext::from_json_value(&sample_context_json()).expect("context");
-    let holder = {
+    let hold = || {
         let (handler, context) = (std::sync::Arc::clone(&sleeping), context.clone());
         tokio::spawn(async move { handler.invoke(&context, Delivery::default()).await })
     };
-    // Once the sleeper has instantiated it keeps the slot for its whole budget; until then a
-    // healthy delivery may still find the slot free, so try again until it does not.
-    let deadline = Instant::now() + budget / 2;
+    let mut holder = hold();
+    // Once the sleeper has instantiated it keeps the slot for its whole budget, and every healthy
+    // delivery meanwhile finds no slot. Until then the healthy one may still find the slot free —
+    // or take it while the sleeper instantiates, so that the sleeper is the one refused; then
+    // the sleeper starts again. The bound only stops a broken engine from hanging the test.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let outcome = loop {
         let outcome = healthy.invoke(&context, Delivery::default()).await;
         if matches!(outcome.kind, OutcomeKind::EngineError { .. }) || Instant::now() > deadline {
             break outcome;
+        }
+        if holder.is_finished() {
+            let lost = holder.await.expect("join");
+            assert_eq!(lost.kind.class(), "engine-error", "{lost:?}");
+            holder = hold();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
