@@ -179,7 +179,7 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
             .context("opening the store")??;
     let requeued = {
         let store = Arc::clone(&store);
-        tokio::task::spawn_blocking(move || store.requeue_abandoned(chrono::Utc::now()))
+        tokio::task::spawn_blocking(move || store.requeue_abandoned(store.now()))
             .await
             .context("requeueing interrupted deliveries")??
     };

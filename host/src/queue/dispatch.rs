@@ -363,7 +363,7 @@ impl Dispatcher {
             let store = Arc::clone(&self.store);
             let lease = self.lease;
             let claimed =
-                tokio::task::spawn_blocking(move || store.claim_batch(Utc::now(), &limits, lease))
+                tokio::task::spawn_blocking(move || store.claim_batch(store.now(), &limits, lease))
                     .await;
             match claimed {
                 Ok(Ok(claims)) if !claims.is_empty() => {
@@ -419,7 +419,8 @@ impl Dispatcher {
         permits
     }
 
-    /// Renews this node's claims and requeues abandoned ones, every third of the lease.
+    /// Keeps the queue's clock ([`EventStore::keep_time`]), renews this node's claims and
+    /// requeues abandoned ones, every third of the lease.
     async fn keep_leases(self: Arc<Self>) {
         let lease = self.lease;
         let mut tick = tokio::time::interval(lease / 3);
@@ -428,7 +429,11 @@ impl Dispatcher {
             tick.tick().await;
             let store = Arc::clone(&self.store);
             let result = tokio::task::spawn_blocking(move || {
-                let now = Utc::now();
+                // A failed reading leaves the clock carrying on as it was: log, renew anyway.
+                if let Err(e) = store.keep_time() {
+                    tracing::error!("cannot read the queue clock's reference: {e}");
+                }
+                let now = store.now();
                 store.renew(now, lease)?;
                 store.requeue_abandoned(now)
             })
@@ -453,7 +458,7 @@ impl Dispatcher {
             .and_then(Result::ok)
             .flatten();
         match due {
-            Some(at) => (at - Utc::now())
+            Some(at) => (at - self.store.now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .clamp(Duration::from_millis(1), IDLE_POLL),
@@ -565,7 +570,7 @@ impl Dispatcher {
             AttemptEnd::Ran(&outcome.kind),
             claim.attempt,
             &h.config.retry,
-            Utc::now(),
+            self.store.now(),
         );
         AttemptRecord {
             state,
@@ -762,6 +767,12 @@ mod tests {
     }
 
     impl EventStore for BatchFails {
+        fn now(&self) -> chrono::DateTime<Utc> {
+            self.0.now()
+        }
+        fn keep_time(&self) -> Result<Option<chrono::TimeDelta>, StoreError> {
+            self.0.keep_time()
+        }
         fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
             self.0.insert_event(event)
         }

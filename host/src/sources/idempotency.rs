@@ -103,7 +103,7 @@ pub async fn purge_expired(store: Arc<dyn EventStore>, retention: Duration) {
         loop {
             let before = chrono::Duration::from_std(retention)
                 .ok()
-                .and_then(|r| chrono::Utc::now().checked_sub_signed(r))
+                .and_then(|r| store.now().checked_sub_signed(r))
                 .unwrap_or_default();
             let store = Arc::clone(&store);
             let purged = tokio::task::spawn_blocking(move || {

@@ -13,6 +13,7 @@
 //! one queue. [`open`] chooses between them from the `[store]` configuration. Both pass the same
 //! test suite (`conformance.rs`).
 
+pub mod clock;
 pub mod config;
 #[cfg(test)]
 mod conformance;
@@ -23,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -375,6 +376,20 @@ impl ClaimLimits {
 ///
 /// Calls block (SQLite does); async callers use `spawn_blocking`.
 pub trait EventStore: Send + Sync + 'static {
+    /// The queue's time now ([`clock::QueueClock`]): what due times, leases and idempotency
+    /// retention are measured in. The `now` that callers pass to the store is this.
+    fn now(&self) -> DateTime<Utc>;
+
+    /// Reads the queue clock's reference (the system clock for SQLite, the database server's
+    /// clock for PostgreSQL) and follows it; returns the step when the reading is one (more
+    /// than [`clock::STEP_TOLERANCE`] away from the carried time).
+    ///
+    /// After a step, a store that is the only user of its schedule (SQLite) first moves every
+    /// due time, lease and idempotency key by the step, so that each wait keeps the length it
+    /// had. A shared store (PostgreSQL) follows its server's clock, which every node reads, so a
+    /// node's own clock never matters to it. Called every third of the lease.
+    fn keep_time(&self) -> Result<Option<TimeDelta>, StoreError>;
+
     /// Commits an event and one pending delivery per handler, atomically.
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError>;
 

@@ -23,8 +23,9 @@
 //! - **Migrations** run when a node starts, in one transaction under an advisory lock, recorded
 //!   in `schema_migrations`, so nodes starting together apply each migration once.
 //!
-//! Leases compare times of the nodes' clocks (like the SQLite store, the caller passes `now`):
-//! keep the nodes' clocks synchronised (NTP) to well within a third of the lease.
+//! Time — leases, due times, idempotency retention — is the database server's clock, read
+//! every third of the lease and carried forward between readings by the node's boot-time clock
+//! ([`QueueClock`]): the nodes' own clocks may be wrong or step without effect on the queue.
 //!
 //! Store calls block; the engine makes them from `spawn_blocking`. The client is the synchronous
 //! `postgres` crate, which drives each connection on a small runtime of its own: that is fine on
@@ -35,11 +36,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
+use super::clock::{MAX_READING_DELAY, QueueClock};
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
@@ -387,6 +389,8 @@ pub struct PostgresStore {
     pool: Option<r2d2::Pool<Manager>>,
     /// The leadership session, established on first need.
     lead: Mutex<Option<LeadSession>>,
+    /// The queue's time: the database server's clock, carried between readings.
+    clock: QueueClock,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -465,6 +469,10 @@ impl PostgresStore {
             ))
         })?;
         migrate(&mut first).map_err(|e| fail(format!("cannot apply the schema: {e}")))?;
+        let server_now: DateTime<Utc> = first
+            .query_one(SERVER_CLOCK, &[])
+            .map(|row| row.get(0))
+            .map_err(|e| fail(format!("cannot read the server's clock: {}", describe(&e))))?;
         let lead = prepare_lead_session(&mut first)
             .map(|()| LeadSession {
                 client: first,
@@ -494,6 +502,7 @@ impl PostgresStore {
             config,
             pool: Some(pool),
             lead: Mutex::new(Some(lead)),
+            clock: QueueClock::new(server_now),
         };
         tracing::info!(database = %store.target, node = %store.node, "PostgreSQL store opened");
         Ok(store)
@@ -921,6 +930,9 @@ const CURSOR: &str = "SELECT value FROM cursors WHERE name = $1";
 
 const TRY_LEAD: &str = "SELECT pg_try_advisory_lock($1, $2)";
 
+/// The server's clock, the reference of the queue's time ([`QueueClock`]).
+const SERVER_CLOCK: &str = "SELECT clock_timestamp()";
+
 /// Inserts one event and its deliveries inside `tx`.
 fn insert_event_tx(
     tx: &mut postgres::Transaction<'_>,
@@ -948,11 +960,39 @@ fn insert_event_tx(
 }
 
 impl EventStore for PostgresStore {
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    fn keep_time(&self) -> Result<Option<TimeDelta>, StoreError> {
+        let asked = std::time::Instant::now();
+        let reference: DateTime<Utc> =
+            self.read(|conn| Ok(conn.client.query_one(SERVER_CLOCK, &[])?.get(0)))?;
+        if asked.elapsed() > MAX_READING_DELAY {
+            // Too old by the time it arrived to tell drift from a step; the next one will do.
+            return Ok(None);
+        }
+        let mut clock = self.clock.hold();
+        let step = clock.step(reference);
+        clock.follow(reference);
+        if let Some(step) = step {
+            // Every node reads the same clock, so nothing is moved: a lease, a due time and a
+            // key's retention keep their meaning for all of them.
+            tracing::warn!(
+                step_ms = step.num_milliseconds(),
+                "the database server's clock stepped by {:+.3} s; waits under way are shorter \
+                 or longer by that much",
+                step.num_milliseconds() as f64 / 1000.0
+            );
+        }
+        Ok(step)
+    }
+
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         self.with(|conn| {
             let insert = conn.prepare(INSERT_EVENT)?;
             let mut tx = conn.client.transaction()?;
-            insert_event_tx(&mut tx, &insert, event, Utc::now())?;
+            insert_event_tx(&mut tx, &insert, event, self.clock.now())?;
             tx.commit()?;
             Ok(())
         })
@@ -963,7 +1003,7 @@ impl EventStore for PostgresStore {
         event: &NewEvent,
         key: &Idempotency,
     ) -> Result<Inserted, StoreError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         // Before the epoch nothing was stored: an unrepresentable cutoff means "keep all".
         let cutoff = chrono::Duration::from_std(key.retention)
             .ok()
@@ -1086,7 +1126,7 @@ impl EventStore for PostgresStore {
         for (_, record) in finished {
             record.check()?;
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         self.with(|conn| {
             let finish = conn.prepare(FINISH)?;
             // Rows are locked in id order, as the other multi-row updates of deliveries do
@@ -1160,7 +1200,7 @@ impl EventStore for PostgresStore {
                         &self.node,
                         &INTERRUPTED_CLASS,
                         &RELEASED_REASON,
-                        &Utc::now(),
+                        &self.clock.now(),
                     ],
                 )?
                 .get(0);
@@ -1280,7 +1320,7 @@ impl EventStore for PostgresStore {
         self.with(|conn| {
             let insert = conn.prepare(INSERT_EVENT)?;
             let upsert = conn.prepare(UPSERT_CURSOR)?;
-            let now = Utc::now();
+            let now = self.clock.now();
             let mut tx = conn.client.transaction()?;
             for event in events {
                 insert_event_tx(&mut tx, &insert, event, now)?;

@@ -11,14 +11,15 @@
 //!   runs a delivery again — the at-least-once contract already allows that.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
+use super::clock::QueueClock;
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
@@ -114,6 +115,63 @@ const CLAIM_KEY: &str = "
         fingerprint = excluded.fingerprint, created_at = excluded.created_at
     WHERE idempotency_keys.created_at < ?5";
 
+/// Inserts or replaces a row of `cursors`.
+const UPSERT_CURSOR: &str = "INSERT INTO cursors (name, value) VALUES (?1, ?2)
+     ON CONFLICT (name) DO UPDATE SET value = excluded.value";
+
+/// The `cursors` row that holds the queue's time as last recorded (milliseconds), every third of
+/// the lease: a store opened on a system clock behind it was stepped back while no engine ran.
+const CLOCK_MARK: &str = "queue-clock";
+
+/// Moves every due time, lease and idempotency key by `step` inside `tx`, and records
+/// `reference` as the queue's time.
+fn move_schedule(
+    tx: &Connection,
+    step: TimeDelta,
+    reference: DateTime<Utc>,
+) -> rusqlite::Result<()> {
+    let by = step.num_milliseconds();
+    for moved in [
+        "UPDATE deliveries SET not_before = not_before + ?1 WHERE state = 'pending'",
+        "UPDATE deliveries SET lease_until = lease_until + ?1 WHERE state = 'running'",
+        "UPDATE idempotency_keys SET created_at = created_at + ?1",
+    ] {
+        tx.execute(moved, params![by])?;
+    }
+    tx.execute(
+        UPSERT_CURSOR,
+        params![CLOCK_MARK, to_ms(reference).to_string()],
+    )?;
+    Ok(())
+}
+
+/// At open: when the system clock is behind the queue's time as last recorded, it was stepped
+/// back while no engine ran (time that passed cannot be told from a step forwards, and needs
+/// nothing: what was due is due). Moves the schedule back by as much, so a retry is not held
+/// back by the step; answers the step.
+fn catch_up_with_clock(conn: &mut Connection) -> rusqlite::Result<Option<TimeDelta>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mark: Option<String> = tx
+        .query_row(
+            "SELECT value FROM cursors WHERE name = ?1",
+            params![CLOCK_MARK],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(mark) = mark.and_then(|m| m.parse::<i64>().ok()) else {
+        return Ok(None);
+    };
+    let reference = Utc::now();
+    let step = TimeDelta::milliseconds(to_ms(reference).saturating_sub(mark));
+    let tolerance = TimeDelta::from_std(super::clock::STEP_TOLERANCE).unwrap_or(TimeDelta::MAX);
+    if step >= -tolerance {
+        return Ok(None);
+    }
+    move_schedule(&tx, step, reference)?;
+    tx.commit()?;
+    Ok(Some(step))
+}
+
 /// The handlers that have pending deliveries, one index seek per handler (a loose index scan
 /// of `deliveries_handler_due`) instead of a scan of every pending delivery.
 const PENDING_HANDLERS: &str = "
@@ -142,6 +200,8 @@ const DUE_OF_HANDLER: &str = "
 pub struct SqliteStore {
     path: PathBuf,
     node: String,
+    /// The queue's time, shared with the ingest writer.
+    clock: Arc<QueueClock>,
     conn: Mutex<Connection>,
     writer: Mutex<mpsc::Sender<Write>>,
 }
@@ -184,15 +244,27 @@ impl SqliteStore {
         let path = data_dir.join(DATABASE_FILE);
         let mut conn = connect(&path, "NORMAL").map_err(|e| open_error(e.to_string()))?;
         migrate(&mut conn).map_err(|e| open_error(e.to_string()))?;
+        if let Some(step) = catch_up_with_clock(&mut conn).map_err(|e| open_error(e.to_string()))? {
+            tracing::warn!(
+                step_ms = step.num_milliseconds(),
+                "the system clock is {:.3} s behind the time this store last recorded: it was \
+                 stepped back while the engine was stopped; due times, leases and idempotency \
+                 keys were moved back with it",
+                -(step.num_milliseconds() as f64) / 1000.0
+            );
+        }
         let ingest = connect(&path, "FULL").map_err(|e| open_error(e.to_string()))?;
         let (sender, receiver) = mpsc::channel();
+        let clock = Arc::new(QueueClock::new(Utc::now()));
+        let writer_clock = Arc::clone(&clock);
         std::thread::Builder::new()
             .name("jobhook-ingest-writer".into())
-            .spawn(move || ingest_writer(ingest, receiver))
+            .spawn(move || ingest_writer(ingest, &writer_clock, receiver))
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             path,
             node: Uuid::new_v4().to_string(),
+            clock,
             conn: Mutex::new(conn),
             writer: Mutex::new(sender),
         })
@@ -258,7 +330,7 @@ fn busy_wait(attempt: i32) -> bool {
 
 /// The ingest writer: takes every write that is waiting, commits them in one transaction (each
 /// in its own savepoint, so one bad write fails alone), then answers each caller.
-fn ingest_writer(mut conn: Connection, receiver: mpsc::Receiver<Write>) {
+fn ingest_writer(mut conn: Connection, clock: &QueueClock, receiver: mpsc::Receiver<Write>) {
     while let Ok(first) = receiver.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP_COMMIT {
@@ -267,7 +339,7 @@ fn ingest_writer(mut conn: Connection, receiver: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &batch);
+        let results = commit_batch(&mut conn, clock, &batch);
         for (write, result) in batch.into_iter().zip(results) {
             let Write::Events { done, .. } = write;
             let _ = done.send(result);
@@ -275,13 +347,19 @@ fn ingest_writer(mut conn: Connection, receiver: mpsc::Receiver<Write>) {
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Result<Inserted, StoreError>> {
+fn commit_batch(
+    conn: &mut Connection,
+    clock: &QueueClock,
+    batch: &[Write],
+) -> Vec<Result<Inserted, StoreError>> {
     let failed = |e: &rusqlite::Error| (0..batch.len()).map(|_| Err(classify(e))).collect();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
-    let now = to_ms(Utc::now());
+    // Read under the write lock: a clock step's move of the schedule (`keep_time`) takes the
+    // same lock first, so these rows are either moved with the rest or written after it.
+    let now = to_ms(clock.now());
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
         let Write::Events {
@@ -303,12 +381,8 @@ fn commit_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Result<Inserted, 
                 insert_event_tx(&sp, event, now).map_err(db)?;
             }
             if let Some((name, value)) = cursor {
-                sp.execute(
-                    "INSERT INTO cursors (name, value) VALUES (?1, ?2)
-                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    params![name, value],
-                )
-                .map_err(db)?;
+                sp.execute(UPSERT_CURSOR, params![name, value])
+                    .map_err(db)?;
             }
             sp.commit().map_err(db)?;
             Ok(Inserted::New)
@@ -481,6 +555,49 @@ impl ContextCache {
 }
 
 impl EventStore for SqliteStore {
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    fn keep_time(&self) -> Result<Option<TimeDelta>, StoreError> {
+        {
+            let mut clock = self.clock.hold();
+            let reference = Utc::now();
+            if clock.step(reference).is_none() {
+                clock.follow(reference);
+                let mark = to_ms(clock.now());
+                drop(clock);
+                self.conn()
+                    .execute(UPSERT_CURSOR, params![CLOCK_MARK, mark.to_string()])
+                    .map_err(db)?;
+                return Ok(None);
+            }
+        }
+        // A step. Locks in the order the ingest writer and the recording of outcomes take them
+        // (the write lock, then the clock), so no row is written in the old time after the
+        // move, nor in the new time before it.
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut clock = self.clock.hold();
+        let reference = Utc::now();
+        let Some(step) = clock.step(reference) else {
+            clock.follow(reference);
+            return Ok(None);
+        };
+        move_schedule(&tx, step, reference).map_err(db)?;
+        tx.commit().map_err(db)?;
+        clock.follow(reference);
+        tracing::warn!(
+            step_ms = step.num_milliseconds(),
+            "the system clock stepped by {:+.3} s; due times, leases and idempotency keys \
+             were moved with it, so every backoff and retention keeps its length",
+            step.num_milliseconds() as f64 / 1000.0
+        );
+        Ok(Some(step))
+    }
+
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         self.write(vec![event.clone()], None, None).map(drop)
     }
@@ -629,12 +746,12 @@ impl EventStore for SqliteStore {
         for (_, record) in finished {
             record.check()?;
         }
-        let now = to_ms(Utc::now());
         let mut results = Vec::with_capacity(finished.len());
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
+        let now = to_ms(self.clock.now());
         {
             let mut update = tx
                 .prepare_cached(
@@ -733,7 +850,7 @@ impl EventStore for SqliteStore {
              WHERE state = 'running' AND owner = ?1",
             params![
                 self.node,
-                to_ms(Utc::now()),
+                to_ms(self.clock.now()),
                 INTERRUPTED_CLASS,
                 RELEASED_REASON
             ],
@@ -951,7 +1068,7 @@ mod tests {
                 done: mpsc::sync_channel(1).0,
             })
             .collect();
-        let results = commit_batch(&mut conn, &batch);
+        let results = commit_batch(&mut conn, &QueueClock::new(Utc::now()), &batch);
         let committed = conn
             .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
             .unwrap();
@@ -968,6 +1085,113 @@ mod tests {
         // A write that fails alone fails alone.
         assert_eq!(batch_with_poison("ABORT"), (vec![true, false, true], 2));
     }
+
+    /// The system clock "steps" by `by` as the store sees it. The test cannot move the system
+    /// clock, so it moves the store's world the other way: the queue's time and everything
+    /// scheduled in it go back by `by`, as if they had been carried from a clock `by` behind
+    /// the one the store will read next.
+    fn step_system_clock(store: &SqliteStore, by: TimeDelta) {
+        let mut clock = store.clock.hold();
+        let carried = clock.now() - by;
+        move_schedule(&store.conn(), -by, carried).unwrap();
+        clock.follow(carried);
+    }
+
+    #[test]
+    fn a_step_of_the_system_clock_moves_due_times_leases_and_keys_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.keep_time().unwrap(), None, "no step yet");
+        let retention = Duration::from_secs(600);
+        let key = Idempotency::new("k", &conformance::event(&["a"]).context, retention);
+        store
+            .insert_event_once(&conformance::event(&["a"]), &key)
+            .unwrap();
+        store.insert_event(&conformance::event(&["b"])).unwrap();
+        let lease = Duration::from_secs(60);
+        let failed = store
+            .claim(store.now(), &["b".into()], lease)
+            .unwrap()
+            .unwrap();
+        let mut retry = conformance::record(DeliveryState::Pending);
+        retry.retry_at = Some(after(store.now(), Duration::from_secs(30)));
+        store.finish(&failed, &retry).unwrap();
+        let _running = store.claim(store.now(), &[], lease).unwrap().unwrap();
+        let read = |sql: &str| -> i64 { store.conn().query_row(sql, [], |r| r.get(0)).unwrap() };
+        let due = "SELECT not_before FROM deliveries WHERE state = 'pending'";
+        let leased = "SELECT lease_until FROM deliveries WHERE state = 'running'";
+        let keyed = "SELECT created_at FROM idempotency_keys";
+        for by in [TimeDelta::hours(-1), TimeDelta::days(2)] {
+            step_system_clock(&store, by);
+            let start = [read(due), read(leased), read(keyed)];
+            let step = store.keep_time().unwrap().expect("a step");
+            assert!((step - by).abs() < TimeDelta::seconds(1), "{step} vs {by}");
+            let moved = [read(due), read(leased), read(keyed)];
+            for (s, m) in start.iter().zip(moved) {
+                assert_eq!(m - s, step.num_milliseconds());
+            }
+            // Seen from the new time, the retry is as far away as it was.
+            let wait = from_ms(read(due)) - store.now();
+            assert!(
+                wait > TimeDelta::seconds(25) && wait <= TimeDelta::seconds(30),
+                "{wait}"
+            );
+            assert!(store.claim(store.now(), &[], lease).unwrap().is_none());
+            assert_eq!(store.keep_time().unwrap(), None, "followed");
+        }
+        // The key is still held: its age is what passed, not the two days of the step.
+        assert!(matches!(
+            store
+                .insert_event_once(&conformance::event(&["a"]), &key)
+                .unwrap(),
+            Inserted::Existing { .. }
+        ));
+    }
+
+    #[test]
+    fn a_clock_stepped_back_while_no_engine_ran_is_caught_up_with_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store.insert_event(&conformance::event(&["a"])).unwrap();
+            let claim = store
+                .claim(store.now(), &[], DEFAULT_TEST_LEASE)
+                .unwrap()
+                .unwrap();
+            let mut retry = conformance::record(DeliveryState::Pending);
+            retry.retry_at = Some(after(store.now(), Duration::from_secs(30)));
+            store.finish(&claim, &retry).unwrap();
+            assert_eq!(store.keep_time().unwrap(), None);
+            // The process ran with a clock an hour ahead: its retry and its last recorded time
+            // are an hour ahead of the clock the next process starts with.
+            let hour = TimeDelta::hours(1).num_milliseconds();
+            let conn = store.conn();
+            conn.execute(
+                "UPDATE deliveries SET not_before = not_before + ?1",
+                params![hour],
+            )
+            .unwrap();
+            conn.execute(
+                "UPDATE cursors SET value = CAST(value AS INTEGER) + ?1 WHERE name = ?2",
+                params![hour, CLOCK_MARK],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let due = store.next_due().unwrap().expect("a retry is pending");
+        let wait = due - store.now();
+        assert!(
+            wait > TimeDelta::seconds(25) && wait <= TimeDelta::seconds(30),
+            "the retry is {wait} away"
+        );
+        // Opened again without a step: nothing moves.
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.next_due().unwrap(), Some(due));
+    }
+
+    /// A lease for tests that do not look at leases.
+    const DEFAULT_TEST_LEASE: Duration = Duration::from_secs(60);
 
     /// A database directory; every "node" is another [`SqliteStore`] opened on it, as a
     /// restarted process would.
