@@ -8,6 +8,7 @@
 # JOBHOOK_SKIP_MONO=1 is set explicitly. The C, JavaScript and Python toolchains
 # (scripts/lang-toolchains.sh) are installed too: host/tests/languages.rs builds handlers in those
 # languages from source and fails when a toolchain is missing, unless JOBHOOK_SKIP_LANGS=1.
+# libfaketime (host/tests/clock.rs) is installed the same way.
 # The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk; that needs root, so
 # as root JOBHOOK_REQUIRE_FAULTS=1 makes them fail instead of saying SKIPPED when they cannot.
 set -euo pipefail
@@ -32,6 +33,14 @@ if ! have_mono && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         mono-mcs mono-runtime libmono-system-net-http4.0-cil >/dev/null) ||
         echo "warning: cannot install Mono; the forwarder tests will fail (JOBHOOK_SKIP_MONO=1 skips them)" >&2
+fi
+
+# libfaketime steps the engine's wall clock in host/tests/clock.rs; that test fails without it
+# unless JOBHOOK_SKIP_FAKETIME=1.
+have_faketime() { [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; }
+if ! have_faketime && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfaketime >/dev/null) ||
+        echo "warning: cannot install libfaketime; the clock-step test will fail (JOBHOOK_SKIP_FAKETIME=1 skips it)" >&2
 fi
 
 if [ "${JOBHOOK_SKIP_LANGS:-0}" != 1 ]; then

@@ -27,6 +27,12 @@ impl EngineProcess {
     /// Starts `bin serve --config config`; stderr is appended to `log`. Panics with the log if
     /// the engine exits or does not become ready.
     pub fn start(bin: &Path, config: &Path, log: &Path) -> Self {
+        Self::start_with_env(bin, config, log, &[])
+    }
+
+    /// Like [`EngineProcess::start`], with `env` added to the engine's environment (e.g. a
+    /// library preloaded to move its clock).
+    pub fn start_with_env(bin: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -37,6 +43,7 @@ impl EngineProcess {
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
