@@ -11,6 +11,8 @@
 # libfaketime (host/tests/clock.rs) is installed the same way.
 # The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk; that needs root, so
 # as root JOBHOOK_REQUIRE_FAULTS=1 makes them fail instead of saying SKIPPED when they cannot.
+# The power-loss tests mount a FUSE filesystem (tests/powerloss-fs) through /dev/fuse and Debian's
+# fuse3 package (fusermount3); they fail without them unless JOBHOOK_SKIP_FUSE=1 is set explicitly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
@@ -26,6 +28,12 @@ fi
 
 if [ "$(id -u)" = 0 ]; then
     export JOBHOOK_REQUIRE_FAULTS=1
+fi
+
+have_fusermount() { command -v fusermount3 >/dev/null; }
+if ! have_fusermount && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null) ||
+        echo "warning: cannot install fuse3; the power-loss tests will fail (JOBHOOK_SKIP_FUSE=1 skips them)" >&2
 fi
 
 have_mono() { command -v mcs >/dev/null && command -v mono >/dev/null && compgen -G '/usr/lib/mono/4.5/System.Net.Http.dll' >/dev/null; }

@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod exactly_once;
 pub mod postgres;
+pub mod powerloss;
 pub mod servicenow;
 pub mod smtp;
 pub mod tls;
