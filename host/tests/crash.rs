@@ -3,6 +3,11 @@
 //! none lost, none terminal twice — and interrupted deliveries ran again with a higher attempt
 //! number that the handler saw. With resends under an idempotency key (as the forwarder does),
 //! every event sent is committed exactly once.
+//!
+//! Power loss goes further than SIGKILL: what the page cache held is lost too. The data
+//! directory sits on `jobhook-powerloss-fs` (a FUSE view that keeps file data in memory until
+//! it is fsync'ed, `tests/powerloss-fs`); the power is cut under load, and an engine started on
+//! what reached the disk must still have every event that was answered 202.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -10,7 +15,8 @@ use std::time::Duration;
 
 use jobhook_testkit::engine::{EngineProcess, free_port};
 use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
-use jobhook_testkit::guest;
+use jobhook_testkit::powerloss::{PowerLossFs, fuse_or_skip};
+use jobhook_testkit::{guest, powerloss_fs_binary};
 
 /// How many times the engine is killed while events flow.
 const KILLS: usize = 4;
@@ -168,6 +174,57 @@ fn resends_with_an_idempotency_key_across_sigkills_commit_each_event_once() {
 
 fn config_text(port: u16) -> String {
     config_template(port)
+}
+
+#[test]
+fn power_loss_under_load_loses_no_event_that_was_answered_202() {
+    if !fuse_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mount) = (dir.path().join("disk"), dir.path().join("mnt"));
+    for d in [&backing, &mount] {
+        std::fs::create_dir(d).expect("create dir");
+    }
+    let disk = PowerLossFs::mount(&powerloss_fs_binary(), &backing, &mount);
+    // One configuration with the data directory on the mount, one on what reached the disk.
+    let port = free_port();
+    let with_data_in = |name: &str, data: &Path| {
+        let text = config_template(port).replace(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"{}\"", data.display()),
+        );
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        path
+    };
+    let before = with_data_in("before.toml", &disk.mountpoint().join("data"));
+    let after = with_data_in("after.toml", &backing.join("data"));
+    let bin = Path::new(env!("CARGO_BIN_EXE_jobhook"));
+    let log = dir.path().join("engine.log");
+    let record = dir.path().join("accepted.txt");
+
+    let engine = EngineProcess::start(bin, &before, &log);
+    let driver = load_driver(&engine.url, 150, 4.0, &record, 3, false);
+    std::thread::sleep(Duration::from_millis(2500));
+    // The power goes: the disk keeps only what was fsync'ed, and the process dies with it.
+    disk.cut_power();
+    engine.kill();
+    let report = driver.join().expect("load driver");
+    let accepted: Vec<String> = std::fs::read_to_string(&record)
+        .expect("accepted ids")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(accepted.len() > 100, "too few events accepted: {report}");
+
+    let engine = EngineProcess::start(bin, &after, &log);
+    let reruns = check_exactly_once(&engine.url, &accepted, Duration::from_secs(120));
+    println!(
+        "{} events answered 202 before the power cut, all on disk after it; {reruns} \
+         deliveries re-run; driver: {report}",
+        accepted.len()
+    );
 }
 
 /// A load driver (`jobhook-dev load`'s, `jobhook_dev::loadgen`) on a thread of its own, posting

@@ -111,6 +111,31 @@ fn build_guests() -> Result<(), String> {
     Err(format!("{stderr}{hint}"))
 }
 
+/// The `jobhook-powerloss-fs` binary ([`powerloss`]), built on first use into a target
+/// directory of its own (`target/powerloss-fs`): cargo gives a binary's path only to its own
+/// crate's tests. Panics with the build output if the build fails.
+pub fn powerloss_fs_binary() -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let target = workspace_root().join("target").join("powerloss-fs");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let output = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "-p", "jobhook-powerloss-fs", "--target-dir"])
+            .arg(&target)
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        Ok(target.join("debug").join("jobhook-powerloss-fs"))
+    });
+    match built {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("building jobhook-powerloss-fs failed:\n{e}"),
+    }
+}
+
 /// A sample context (the Keyfactor docs' inventory example) as JSON, for tests to adjust.
 pub fn sample_context_json() -> serde_json::Value {
     serde_json::json!({
