@@ -209,6 +209,17 @@ fn rows_after_restart(backing: &Path) -> Vec<i64> {
     .collect()
 }
 
+/// Two connections (`synchronous = FULL`) to a new database on the mount, with the test table.
+fn two_connections(mounted: &PowerLossFs) -> (Connection, Connection) {
+    let db = mounted.mountpoint().join("test.db");
+    let first = connect(&db, "FULL");
+    first
+        .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+        .expect("create table");
+    let second = connect(&db, "FULL");
+    (first, second)
+}
+
 #[test]
 fn sqlite_commits_with_synchronous_full_survive_the_cut() {
     if !fuse_or_skip() {
@@ -216,17 +227,12 @@ fn sqlite_commits_with_synchronous_full_survive_the_cut() {
     }
     let dirs = dirs();
     let mounted = mount(&dirs);
-    let db = mounted.mountpoint().join("test.db");
-    let first = connect(&db, "FULL");
-    first
-        .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
-        .expect("create table");
+    let (first, second) = two_connections(&mounted);
     // Checkpoints during the run, so the database file itself is written and fsync'ed as well
     // as the WAL.
     first
         .pragma_update(None, "wal_autocheckpoint", 50)
         .expect("autocheckpoint");
-    let second = connect(&db, "FULL");
 
     insert(0..ROWS / 2, &first, &second);
     // A checkpoint that also truncates the WAL: the truncation is held like any other change.
@@ -257,12 +263,7 @@ fn sqlite_commits_without_sync_are_lost_in_the_cut() {
     }
     let dirs = dirs();
     let mounted = mount(&dirs);
-    let db = mounted.mountpoint().join("test.db");
-    let first = connect(&db, "FULL");
-    first
-        .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
-        .expect("create table");
-    let second = connect(&db, "FULL");
+    let (first, second) = two_connections(&mounted);
     insert(0..DURABLE_ROWS, &first, &second);
 
     for conn in [&first, &second] {
