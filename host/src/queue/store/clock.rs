@@ -62,6 +62,20 @@ impl QueueClock {
         self.hold().now()
     }
 
+    /// Observes a reading of a remote reference (the database server's clock) that took `took`
+    /// to arrive, and follows it; answers the step, if it is one. A reading that took longer
+    /// than [`MAX_READING_DELAY`] is dropped: it is older than the carried time it would be
+    /// compared with.
+    pub fn observe_remote(&self, reference: DateTime<Utc>, took: Duration) -> Option<TimeDelta> {
+        if took > MAX_READING_DELAY {
+            return None;
+        }
+        let mut anchor = self.hold();
+        let step = anchor.step(reference);
+        anchor.follow(reference);
+        step
+    }
+
     /// The clock held: no other caller reads it until the guard is dropped. A store holds it
     /// while it moves what it scheduled after a step, so that nothing is scheduled meanwhile
     /// in the time from before the step and then left unmoved.
@@ -82,9 +96,7 @@ impl Anchor {
     /// How far `reference` (read just now) is from the carried time, if that is a step
     /// (positive: the reference jumped forwards). Changes nothing: see [`Anchor::follow`].
     pub fn step(&self, reference: DateTime<Utc>) -> Option<TimeDelta> {
-        let difference = reference.signed_duration_since(self.now());
-        let tolerance = TimeDelta::from_std(STEP_TOLERANCE).unwrap_or(TimeDelta::MAX);
-        (difference.abs() > tolerance).then_some(difference)
+        step_between(self.now(), reference)
     }
 
     /// Follows `reference` (read just now) from here on.
@@ -92,6 +104,14 @@ impl Anchor {
         self.at = reference;
         self.boot = boot_time();
     }
+}
+
+/// How far `reference` is from `expected`, if that is a step: more than [`STEP_TOLERANCE`]
+/// either way (positive: the reference is ahead).
+pub fn step_between(expected: DateTime<Utc>, reference: DateTime<Utc>) -> Option<TimeDelta> {
+    let difference = reference.signed_duration_since(expected);
+    let tolerance = TimeDelta::from_std(STEP_TOLERANCE).unwrap_or(TimeDelta::MAX);
+    (difference.abs() > tolerance).then_some(difference)
 }
 
 /// The kernel's `CLOCK_BOOTTIME`: time since boot, suspend included; it never steps.
@@ -185,6 +205,29 @@ mod tests {
             (now - stepped).abs() < TimeDelta::seconds(1),
             "{now} vs {stepped}"
         );
+    }
+
+    #[test]
+    fn a_remote_reading_is_followed_unless_it_arrived_too_late() {
+        let clock = QueueClock::new(Utc::now());
+        let ahead = Utc::now() + TimeDelta::hours(1);
+        // Late: neither a step nor followed, however far off it is.
+        let late = MAX_READING_DELAY + Duration::from_millis(1);
+        assert_eq!(clock.observe_remote(ahead, late), None);
+        assert!((clock.now() - Utc::now()).abs() < TimeDelta::seconds(1));
+        // In time: a step, and followed.
+        let step = clock
+            .observe_remote(ahead, MAX_READING_DELAY)
+            .expect("a step");
+        assert!(
+            (step - TimeDelta::hours(1)).abs() < TimeDelta::seconds(1),
+            "{step}"
+        );
+        assert!((clock.now() - ahead).abs() < TimeDelta::seconds(1));
+        // Drift within the tolerance is followed without a step.
+        let drifted = clock.now() + TimeDelta::milliseconds(400);
+        assert_eq!(clock.observe_remote(drifted, Duration::ZERO), None);
+        assert!((clock.now() - drifted).abs() < TimeDelta::milliseconds(100));
     }
 
     #[test]

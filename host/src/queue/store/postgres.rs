@@ -41,7 +41,7 @@ use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
-use super::clock::{MAX_READING_DELAY, QueueClock};
+use super::clock::QueueClock;
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
@@ -987,13 +987,7 @@ impl EventStore for PostgresStore {
         let asked = std::time::Instant::now();
         let reference: DateTime<Utc> =
             self.read(|conn| Ok(conn.client.query_one(SERVER_CLOCK, &[])?.get(0)))?;
-        if asked.elapsed() > MAX_READING_DELAY {
-            // Too old by the time it arrived to tell drift from a step; the next one will do.
-            return Ok(None);
-        }
-        let mut clock = self.clock.hold();
-        let step = clock.step(reference);
-        clock.follow(reference);
+        let step = self.clock.observe_remote(reference, asked.elapsed());
         if let Some(step) = step {
             // Every node reads the same clock, so nothing is moved: a lease, a due time and a
             // key's retention keep their meaning for all of them.
@@ -1418,6 +1412,32 @@ mod tests {
     }
 
     conformance::suite!(Postgres::new());
+
+    #[test]
+    fn a_step_of_the_servers_clock_is_followed_and_moves_nothing() {
+        let Some(pg) = Postgres::new() else {
+            return;
+        };
+        let store = pg.node();
+        assert_eq!(store.keep_time().unwrap(), None, "no step yet");
+        store.insert_event(&conformance::event(&["a"])).unwrap();
+        let due = store.next_due().unwrap();
+        // The carried time runs an hour ahead of the server's: to the node, the server's clock
+        // stepped back an hour.
+        let ahead = store.now() + TimeDelta::hours(1);
+        store.clock.hold().follow(ahead);
+        let step = store.keep_time().unwrap().expect("a step");
+        assert!(
+            (step + TimeDelta::hours(1)).abs() < TimeDelta::seconds(1),
+            "{step}"
+        );
+        assert_eq!(store.next_due().unwrap(), due, "nothing shared is moved");
+        assert!(
+            (store.now() - Utc::now()).abs() < TimeDelta::seconds(1),
+            "the server's time is followed"
+        );
+        assert_eq!(store.keep_time().unwrap(), None, "followed");
+    }
 
     #[test]
     fn claims_seek_each_handler_instead_of_scanning_a_saturated_backlog() {

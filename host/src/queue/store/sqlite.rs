@@ -19,7 +19,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
-use super::clock::QueueClock;
+use super::clock::{QueueClock, step_between};
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
@@ -145,28 +145,31 @@ fn move_schedule(
     Ok(())
 }
 
+/// The value of `cursors` row `name`, if there is one.
+fn read_cursor(conn: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT value FROM cursors WHERE name = ?1",
+        params![name],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 /// At open: when the system clock is behind the queue's time as last recorded, it was stepped
 /// back while no engine ran (time that passed cannot be told from a step forwards, and needs
 /// nothing: what was due is due). Moves the schedule back by as much, so a retry is not held
 /// back by the step; answers the step.
 fn catch_up_with_clock(conn: &mut Connection) -> rusqlite::Result<Option<TimeDelta>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mark: Option<String> = tx
-        .query_row(
-            "SELECT value FROM cursors WHERE name = ?1",
-            params![CLOCK_MARK],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let Some(mark) = mark.and_then(|m| m.parse::<i64>().ok()) else {
+    // A mark that is not a number (edited by hand) is no evidence of a step.
+    let Some(mark) = read_cursor(&tx, CLOCK_MARK)?.and_then(|m| m.parse::<i64>().ok()) else {
         return Ok(None);
     };
     let reference = Utc::now();
-    let step = TimeDelta::milliseconds(to_ms(reference).saturating_sub(mark));
-    let tolerance = TimeDelta::from_std(super::clock::STEP_TOLERANCE).unwrap_or(TimeDelta::MAX);
-    if step >= -tolerance {
+    let Some(step) = step_between(from_ms(mark), reference).filter(|s| *s < TimeDelta::zero())
+    else {
         return Ok(None);
-    }
+    };
     move_schedule(&tx, step, reference)?;
     tx.commit()?;
     Ok(Some(step))
@@ -1009,14 +1012,7 @@ impl EventStore for SqliteStore {
     }
 
     fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let conn = self.conn();
-        conn.query_row(
-            "SELECT value FROM cursors WHERE name = ?1",
-            params![name],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db)
+        read_cursor(&self.conn(), name).map_err(db)
     }
 
     fn insert_events_with_cursor(
@@ -1185,6 +1181,14 @@ mod tests {
             "the retry is {wait} away"
         );
         // Opened again without a step: nothing moves.
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.next_due().unwrap(), Some(due));
+        // A mark that is not a time is ignored, not an error.
+        store
+            .conn()
+            .execute(UPSERT_CURSOR, params![CLOCK_MARK, "not a time"])
+            .unwrap();
         drop(store);
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(store.next_due().unwrap(), Some(due));
