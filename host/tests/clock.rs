@@ -269,13 +269,7 @@ fn pg_config(dir: &Path, name: &str, db: &TestDatabase) -> PathBuf {
         r#"[server]
 listen = "127.0.0.1:{port}"
 
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ file = "db-password" }}
-lease_ms = {PG_LEASE_MS}
-data_dir = "data-{name}"
-
+{store}
 [[handlers]]
 name = "slow"
 component = "{probe}"
@@ -286,7 +280,7 @@ properties = {{ SleepMs = "{SLOW_MS}" }}
 timeout_ms = {timeout}
 "#,
         port = free_port(),
-        url = db.url,
+        store = db.store_section(PG_LEASE_MS, &format!("data-{name}")),
         probe = guest("guest-attempt-probe").display(),
         timeout = SLOW_MS * 3,
     );

@@ -395,13 +395,7 @@ listen = "127.0.0.1:0"
 # (each waits for a connection): above the default per-client cap, which is for many senders.
 max_connections_per_client = 512
 
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ file = "db-password" }}
-lease_ms = {PG_LEASE_MS}
-data_dir = "data"
-
+{store}
 [engine]
 max_concurrent_deliveries = 16
 
@@ -421,7 +415,7 @@ name = "log"
 component = "{log}"
 job_types = ["*"]
 "#,
-        url = db.url,
+        store = db.store_section(PG_LEASE_MS, "data"),
         probe = guest("guest-attempt-probe").display(),
         log = guest("log-context").display(),
         a = INVENTORY_TYPES[0],

@@ -44,13 +44,7 @@ fn config_text(port: u16, db: &TestDatabase, data_dir: &str) -> String {
         r#"[server]
 listen = "127.0.0.1:{port}"
 
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ file = "db-password" }}
-lease_ms = {LEASE_MS}
-data_dir = "{data_dir}"
-
+{store}
 [engine]
 max_concurrent_deliveries = 32
 
@@ -71,7 +65,7 @@ name = "log"
 component = "{log}"
 job_types = ["*"]
 "#,
-        url = db.url,
+        store = db.store_section(LEASE_MS, data_dir),
         probe = guest("guest-attempt-probe").display(),
         log = guest("log-context").display(),
         a = INVENTORY_TYPES[0],

@@ -143,6 +143,14 @@ impl PowerLossFs {
         Arc::clone(&self.state)
     }
 
+    /// Runs `op` on the state (see [`Self::with_state`]) and answers `reply` with its result.
+    fn reply_empty(&self, reply: ReplyEmpty, op: impl FnOnce(&mut State) -> Result<(), Errno>) {
+        match self.with_state(op) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     /// Runs `op` on the state unless the power is off.
     fn with_state<T>(&self, op: impl FnOnce(&mut State) -> Result<T, Errno>) -> Result<T, Errno> {
         let mut state = lock(&self.state);
@@ -963,17 +971,11 @@ impl Filesystem for PowerLossFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.with_state(|s| s.unlink(parent.0, name)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.reply_empty(reply, |s| s.unlink(parent.0, name))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.with_state(|s| s.rmdir(parent.0, name)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.reply_empty(reply, |s| s.rmdir(parent.0, name))
     }
 
     fn symlink(
@@ -1000,10 +1002,9 @@ impl Filesystem for PowerLossFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.with_state(|s| s.rename(parent.0, name, newparent.0, newname, flags)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.reply_empty(reply, |s| {
+            s.rename(parent.0, name, newparent.0, newname, flags)
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1060,10 +1061,7 @@ impl Filesystem for PowerLossFs {
         reply: ReplyEmpty,
     ) {
         // close() is no sync point: held data stays held.
-        match self.with_state(|_| Ok(())) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.reply_empty(reply, |_| Ok(()))
     }
 
     fn release(
@@ -1076,13 +1074,10 @@ impl Filesystem for PowerLossFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.with_state(|s| {
+        self.reply_empty(reply, |s| {
             s.release(fh);
             Ok(())
-        }) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        })
     }
 
     fn fsync(
@@ -1093,10 +1088,7 @@ impl Filesystem for PowerLossFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.with_state(|s| s.fsync(ino.0, fh, datasync)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.reply_empty(reply, |s| s.fsync(ino.0, fh, datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1128,13 +1120,10 @@ impl Filesystem for PowerLossFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        match self.with_state(|s| {
+        self.reply_empty(reply, |s| {
             s.dirs.remove(&fh.0);
             Ok(())
-        }) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        })
     }
 
     fn fsyncdir(
@@ -1147,10 +1136,7 @@ impl Filesystem for PowerLossFs {
     ) {
         // Directory changes were applied to the backing directory when made and count as
         // durable (see the crate documentation), so there is nothing to do.
-        match self.with_state(|_| Ok(())) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.reply_empty(reply, |_| Ok(()))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1170,10 +1156,7 @@ impl Filesystem for PowerLossFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.with_state(|s| s.access(ino.0, mask)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.reply_empty(reply, |s| s.access(ino.0, mask))
     }
 
     fn create(

@@ -85,11 +85,17 @@ pub fn guest_packages() -> Vec<String> {
     names
 }
 
-fn build_guests() -> Result<(), String> {
+/// The cargo that runs the tests (or `cargo`), in the workspace root.
+fn workspace_cargo() -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
+    command.current_dir(workspace_root());
     command
-        .current_dir(workspace_root())
+}
+
+fn build_guests() -> Result<(), String> {
+    let mut command = workspace_cargo();
+    command
         .args(["build", "--release", "--target", "wasm32-wasip2"])
         .arg("--target-dir")
         .arg(guest_target_dir());
@@ -118,9 +124,7 @@ pub fn powerloss_fs_binary() -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let target = workspace_root().join("target").join("powerloss-fs");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let output = Command::new(cargo)
-            .current_dir(workspace_root())
+        let output = workspace_cargo()
             .args(["build", "-p", "jobhook-powerloss-fs", "--target-dir"])
             .arg(&target)
             .output()

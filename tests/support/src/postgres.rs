@@ -71,6 +71,17 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// The `[store]` section of a jobhook configuration on this database, with `lease_ms` and
+    /// `data_dir`. The password is read from the file `db-password` beside the configuration
+    /// (write [`TestDatabase::password`] there).
+    pub fn store_section(&self, lease_ms: u64, data_dir: &str) -> String {
+        format!(
+            "[store]\nkind = \"postgres\"\nurl = \"{url}\"\npassword = {{ file = \"db-password\" }}\n\
+             lease_ms = {lease_ms}\ndata_dir = \"{data_dir}\"\n",
+            url = self.url
+        )
+    }
+
     /// Runs `sql` as the superuser in this database and returns psql's unaligned output
     /// (`-At`: one row per line, columns separated by `|`).
     pub fn query(&self, sql: &str) -> Result<String, String> {
