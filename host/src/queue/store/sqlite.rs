@@ -123,6 +123,17 @@ const UPSERT_CURSOR: &str = "INSERT INTO cursors (name, value) VALUES (?1, ?2)
 /// the lease: a store opened on a system clock behind it was stepped back while no engine ran.
 const CLOCK_MARK: &str = "queue-clock";
 
+/// `step` in the whole milliseconds the schedule is kept in, rounded down, so that no wait comes
+/// out of a move longer than it went in.
+fn whole_ms_down(step: TimeDelta) -> i64 {
+    let whole = step.num_milliseconds();
+    if TimeDelta::milliseconds(whole) > step {
+        whole.saturating_sub(1)
+    } else {
+        whole
+    }
+}
+
 /// Moves every due time, lease and idempotency key by `step` inside `tx`, and records
 /// `reference` as the queue's time.
 fn move_schedule(
@@ -130,7 +141,7 @@ fn move_schedule(
     step: TimeDelta,
     reference: DateTime<Utc>,
 ) -> rusqlite::Result<()> {
-    let by = step.num_milliseconds();
+    let by = whole_ms_down(step);
     for moved in [
         "UPDATE deliveries SET not_before = not_before + ?1 WHERE state = 'pending'",
         "UPDATE deliveries SET lease_until = lease_until + ?1 WHERE state = 'running'",
@@ -1124,7 +1135,7 @@ mod tests {
             assert!((step - by).abs() < TimeDelta::seconds(1), "{step} vs {by}");
             let moved = [read(due), read(leased), read(keyed)];
             for (s, m) in start.iter().zip(moved) {
-                assert_eq!(m - s, step.num_milliseconds());
+                assert_eq!(m - s, whole_ms_down(step));
             }
             // Seen from the new time, the retry is as far away as it was.
             let wait = from_ms(read(due)) - store.now();
@@ -1142,6 +1153,15 @@ mod tests {
                 .unwrap(),
             Inserted::Existing { .. }
         ));
+    }
+
+    #[test]
+    fn steps_are_rounded_down_to_whole_milliseconds() {
+        let us = TimeDelta::microseconds;
+        assert_eq!(whole_ms_down(us(1_500)), 1);
+        assert_eq!(whole_ms_down(us(-1_500)), -2);
+        assert_eq!(whole_ms_down(us(-2_000)), -2);
+        assert_eq!(whole_ms_down(TimeDelta::zero()), 0);
     }
 
     #[test]
