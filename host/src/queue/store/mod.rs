@@ -19,6 +19,7 @@ pub mod config;
 mod conformance;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_writer;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

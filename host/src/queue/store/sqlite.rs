@@ -1,17 +1,18 @@
 //! The embedded store: one SQLite database in WAL mode under the data directory.
 //!
 //! Two connections:
-//! - the **ingest writer** (its own thread, `synchronous = FULL`) commits events: an event is on
-//!   disk before the ingest call answers, so neither a killed process nor a power loss loses an
-//!   accepted event. Inserts that arrive while a commit is under way are committed together in
-//!   the next transaction (group commit), so one fsync serves many events under load, and each
-//!   caller still waits for its own commit;
-//! - the **dispatch connection** (`synchronous = NORMAL`) records claims and outcomes. WAL mode
-//!   keeps those across a killed process; a power loss may forget the last few, which at worst
-//!   runs a delivery again — the at-least-once contract already allows that.
+//! - the **writer** ([`super::sqlite_writer`], its own thread) is the only one that writes:
+//!   events being ingested, claims, outcomes and leases are committed together, as many as are
+//!   waiting, in one transaction (group commit). An event is on disk before the ingest call
+//!   answers (its commit is synced, after the write lock is released, by one sync for every
+//!   event waiting), so neither a killed process nor a power loss loses an accepted event;
+//!   claims and outcomes are answered without waiting for a sync — WAL mode keeps them across a
+//!   killed process, and what a power loss forgets runs again, which the at-least-once contract
+//!   already allows;
+//! - the **reader** serves the API's and the dispatcher's reads; in WAL mode it never waits for
+//!   the writer.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::clock::{QueueClock, step_between};
+use super::sqlite_writer::{Durability, Grouping, Write, Writer, classify};
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
@@ -31,18 +33,13 @@ use crate::context::JobContext;
 /// `sqlite3` shell) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Pause between two attempts to take a lock that another connection holds. The engine's own two
-/// connections (ingest writer, dispatch) hold the write lock for tens of microseconds at a time;
-/// SQLite's built-in busy handler backs off in steps of 1, 2, 5, 10 … 100 ms, so a commit that
-/// meets the lock a few times in a row waited tens of milliseconds for a lock that was free
-/// again after a few microseconds (measured: ingest p99 93 ms at 1,000 events/s, see
-/// docs/PERFORMANCE.md). Retrying at a short, fixed pause keeps that wait near the lock's real
-/// hold time.
+/// Pause between two attempts to take a lock that another connection holds (an operator's
+/// `sqlite3` shell; a checkpoint). SQLite's built-in busy handler backs off in steps of 1, 2, 5,
+/// 10 … 100 ms, so a commit that met a lock a few times in a row waited tens of milliseconds
+/// for a lock that was free again after a few microseconds (measured: ingest p99 93 ms at 1,000
+/// events/s when two connections wrote, see docs/PERFORMANCE.md). Retrying at a short, fixed
+/// pause keeps that wait near the lock's real hold time.
 const BUSY_RETRY_PAUSE: Duration = Duration::from_micros(100);
-
-/// Most writes committed in one ingest transaction: bounds the time the first caller of a batch
-/// waits and the size of one WAL commit.
-const MAX_GROUP_COMMIT: usize = 512;
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "jobhook.sqlite";
@@ -214,36 +211,16 @@ const DUE_OF_HANDLER: &str = "
 pub struct SqliteStore {
     path: PathBuf,
     node: String,
-    /// The queue's time, shared with the ingest writer.
+    /// The queue's time, shared with the writer's writes.
     clock: Arc<QueueClock>,
+    /// The reader: reads only.
     conn: Mutex<Connection>,
-    writer: Mutex<mpsc::Sender<Write>>,
-}
-
-/// A durable write for the ingest writer thread, with where to send its result.
-enum Write {
-    Events {
-        events: Vec<NewEvent>,
-        cursor: Option<(String, String)>,
-        /// Commit `events` (then exactly one) only if this key is free.
-        key: Option<Idempotency>,
-        done: mpsc::SyncSender<Result<Inserted, StoreError>>,
-    },
+    /// The one write path.
+    writer: Writer,
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
     classify(&e)
-}
-
-/// The [`StoreError`] of a SQLite error: `SQLITE_FULL` (the file system holding the database
-/// has no space left; SQLite reports `ENOSPC` this way) is [`StoreError::DiskFull`], so that
-/// ingest can say so; everything else is a database error.
-fn classify(e: &rusqlite::Error) -> StoreError {
-    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
-        StoreError::DiskFull(e.to_string())
-    } else {
-        StoreError::Database(e.to_string())
-    }
 }
 
 impl SqliteStore {
@@ -267,20 +244,19 @@ impl SqliteStore {
                 -(step.num_milliseconds() as f64) / 1000.0
             );
         }
-        let ingest = connect(&path, "FULL").map_err(|e| open_error(e.to_string()))?;
-        let (sender, receiver) = mpsc::channel();
-        let clock = Arc::new(QueueClock::new(Utc::now()));
-        let writer_clock = Arc::clone(&clock);
-        std::thread::Builder::new()
-            .name("jobhook-ingest-writer".into())
-            .spawn(move || ingest_writer(ingest, &writer_clock, receiver))
-            .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
+        // NORMAL: what must be durable is synced by the writer's syncer (see sqlite_writer).
+        let writes = connect(&path, "NORMAL").map_err(|e| open_error(e.to_string()))?;
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        let checkpoints = connect(&path, "NORMAL").map_err(|e| open_error(e.to_string()))?;
+        let writer = Writer::start(writes, PathBuf::from(wal), checkpoints)
+            .map_err(|e| open_error(e.to_string()))?;
         Ok(SqliteStore {
             path,
             node: Uuid::new_v4().to_string(),
-            clock,
+            clock: Arc::new(QueueClock::new(Utc::now())),
             conn: Mutex::new(conn),
-            writer: Mutex::new(sender),
+            writer,
         })
     }
 
@@ -289,30 +265,66 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Hands a write to the ingest writer and waits until it is committed (or failed).
+    /// Commits `events` (and `cursor`; with `key`, only if the key is free, and then exactly
+    /// one event) through the writer, synced before it answers.
     fn write(
         &self,
         events: Vec<NewEvent>,
         cursor: Option<(String, String)>,
         key: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
-        let (done, result) = mpsc::sync_channel(1);
-        let sent = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Write::Events {
-                events,
-                cursor,
-                key,
-                done,
-            });
-        if sent.is_err() {
-            return Err(StoreError::Database("the ingest writer has stopped".into()));
-        }
-        result
-            .recv()
-            .unwrap_or_else(|_| Err(StoreError::Database("the ingest writer has stopped".into())))
+        let clock = Arc::clone(&self.clock);
+        self.writer.write(Durability::Durable, move |tx| {
+            // Read in the writer: a clock step's move of the schedule is a write of its own
+            // there, so these rows are either moved with the rest or written after it.
+            let now = to_ms(clock.now());
+            if let Some(key) = &key {
+                let event_id = events.first().map(|e| e.id.to_string()).unwrap_or_default();
+                if let Some(held) = claim_key(tx, key, &event_id, now)? {
+                    return held;
+                }
+            }
+            for event in &events {
+                insert_event_tx(tx, event, now).map_err(db)?;
+            }
+            if let Some((name, value)) = &cursor {
+                tx.execute(UPSERT_CURSOR, params![name, value])
+                    .map_err(db)?;
+            }
+            Ok(Inserted::New)
+        })
+    }
+
+    /// Puts the deliveries `which` selects (`?1` is this node) back in the queue, recording
+    /// their interrupted attempts with `reason`, in one transaction.
+    fn requeue(
+        &self,
+        which: &'static str,
+        now: i64,
+        reason: &'static str,
+    ) -> Result<u64, StoreError> {
+        let node = self.node.clone();
+        self.writer.write(Durability::Normal, move |tx| {
+            tx.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO attempts
+                         (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+                     SELECT id, attempt, started_at, ?2, ?3, ?4, 0 FROM deliveries WHERE {which}"
+                ),
+                params![node, now, INTERRUPTED_CLASS, reason],
+            )
+            .map_err(db)?;
+            let n = tx
+                .execute(
+                    &format!(
+                        "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
+                         WHERE {which}"
+                    ),
+                    params![node],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -342,89 +354,12 @@ fn busy_wait(attempt: i32) -> bool {
     true
 }
 
-/// The ingest writer: takes every write that is waiting, commits them in one transaction (each
-/// in its own savepoint, so one bad write fails alone), then answers each caller.
-fn ingest_writer(mut conn: Connection, clock: &QueueClock, receiver: mpsc::Receiver<Write>) {
-    while let Ok(first) = receiver.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP_COMMIT {
-            match receiver.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
-        }
-        let results = commit_batch(&mut conn, clock, &batch);
-        for (write, result) in batch.into_iter().zip(results) {
-            let Write::Events { done, .. } = write;
-            let _ = done.send(result);
-        }
-    }
-}
-
-fn commit_batch(
-    conn: &mut Connection,
-    clock: &QueueClock,
-    batch: &[Write],
-) -> Vec<Result<Inserted, StoreError>> {
-    let failed = |e: &rusqlite::Error| (0..batch.len()).map(|_| Err(classify(e))).collect();
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => return failed(&e),
-    };
-    // Read under the write lock: a clock step's move of the schedule (`keep_time`) takes the
-    // same lock first, so these rows are either moved with the rest or written after it.
-    let now = to_ms(clock.now());
-    let mut results = Vec::with_capacity(batch.len());
-    for write in batch {
-        let Write::Events {
-            events,
-            cursor,
-            key,
-            ..
-        } = write;
-        let result = (|| {
-            let sp = tx.savepoint().map_err(db)?;
-            if let Some(key) = key {
-                let event_id = events.first().map(|e| e.id.to_string()).unwrap_or_default();
-                if let Some(held) = claim_key(&sp, key, &event_id, now)? {
-                    sp.commit().map_err(db)?;
-                    return held;
-                }
-            }
-            for event in events {
-                insert_event_tx(&sp, event, now).map_err(db)?;
-            }
-            if let Some((name, value)) = cursor {
-                sp.execute(UPSERT_CURSOR, params![name, value])
-                    .map_err(db)?;
-            }
-            sp.commit().map_err(db)?;
-            Ok(Inserted::New)
-        })();
-        // SQLite may answer some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY,
-        // SQLITE_NOMEM) by rolling back the whole transaction, not just the failed savepoint:
-        // then the writes before this one are gone too, and the ones after it would commit
-        // each on its own. Fail the whole batch instead, so no caller is told its write is
-        // committed when it is not.
-        if let Err(e) = &result
-            && tx.is_autocommit()
-        {
-            return (0..batch.len()).map(|_| Err(rolled_back(e))).collect();
-        }
-        results.push(result);
-    }
-    match tx.commit() {
-        Ok(()) => results,
-        Err(e) => failed(&e),
-    }
-}
-
 /// Takes `key` for `event_id` inside the write transaction. `None`: taken, go on and insert the
 /// event. `Some(answer)`: the key is held by an earlier event within its retention, and
 /// `answer` is that event (same fingerprint) or the conflict (another one).
 ///
-/// The ingest writer is the only connection that writes keys, and it holds the write lock for
-/// the whole transaction: there is no window between the check and the insert.
+/// The writer is the only connection that writes, and it holds the write lock for the whole
+/// transaction: there is no window between the check and the insert.
 fn claim_key(
     tx: &Connection,
     key: &Idempotency,
@@ -464,17 +399,6 @@ fn claim_key(
         event_id: original,
         handlers,
     })))
-}
-
-/// The error every write of a group commit gets when one write's error rolled the whole
-/// transaction back: of the same kind as that error, saying what happened.
-fn rolled_back(cause: &StoreError) -> StoreError {
-    match cause {
-        StoreError::DiskFull(reason) => {
-            StoreError::DiskFull(format!("{reason} (the whole transaction was rolled back)"))
-        }
-        other => StoreError::Database(format!("the whole transaction was rolled back: {other}")),
-    }
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -518,6 +442,166 @@ struct ClaimRow {
     handler: String,
     attempt: i64,
     not_before: i64,
+}
+
+/// Chooses and claims the deliveries of a claim batch inside the writer's transaction; answers
+/// them with their events' rows (`None` where the row before is the same event's).
+fn claim_rows(
+    tx: &Connection,
+    now_ms: i64,
+    limits: &ClaimLimits,
+    lease_until: i64,
+    node: &str,
+) -> Result<(Vec<ClaimRow>, Vec<Option<EventRow>>), StoreError> {
+    let batch = limits.batch_size();
+    // Each handler's oldest due deliveries through the per-handler index, then the oldest
+    // of all of them. One query over every pending delivery, skipping the handlers without
+    // room, would walk past a saturated handler's whole backlog on every claim (4 ms per
+    // claim with 20,000 waiting, against 0.04 ms without), holding the write lock meanwhile.
+    let handlers = tx
+        .prepare_cached(PENDING_HANDLERS)
+        .map_err(db)?
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut candidates = Vec::new();
+    {
+        let mut due = tx.prepare_cached(DUE_OF_HANDLER).map_err(db)?;
+        for handler in handlers {
+            let room = limits
+                .room
+                .get(&handler)
+                .copied()
+                .unwrap_or(batch)
+                .min(batch);
+            if room == 0 {
+                continue;
+            }
+            let limit = i64::try_from(room).unwrap_or(1);
+            let rows = due
+                .query_map(params![handler, now_ms, limit], |r| {
+                    Ok(ClaimRow {
+                        delivery_id: r.get(0)?,
+                        event_id: r.get(1)?,
+                        handler: r.get(2)?,
+                        attempt: r.get(3)?,
+                        not_before: r.get(4)?,
+                    })
+                })
+                .map_err(db)?;
+            for row in rows {
+                candidates.push(row.map_err(db)?);
+            }
+        }
+    }
+    candidates.sort_by_key(|row| (row.not_before, row.delivery_id));
+    let chosen = limits.choose(candidates, |row| &row.handler);
+    {
+        let mut update = tx
+            .prepare_cached(
+                "UPDATE deliveries SET state = 'running', attempt = attempt + 1,
+                     started_at = ?2, owner = ?3, lease_until = ?4
+                 WHERE id = ?1",
+            )
+            .map_err(db)?;
+        for row in &chosen {
+            update
+                .execute(params![row.delivery_id, now_ms, node, lease_until])
+                .map_err(db)?;
+        }
+    }
+    // An event's deliveries are claimed side by side: its context is read once for them.
+    let mut texts: Vec<Option<EventRow>> = Vec::with_capacity(chosen.len());
+    {
+        let mut context = tx
+            .prepare_cached("SELECT context, source, message FROM events WHERE id = ?1")
+            .map_err(db)?;
+        let mut previous: Option<&str> = None;
+        for row in &chosen {
+            if previous == Some(row.event_id.as_str()) {
+                texts.push(None);
+                continue;
+            }
+            let text: EventRow = context
+                .query_row(params![row.event_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .map_err(db)?;
+            texts.push(Some(text));
+            previous = Some(&row.event_id);
+        }
+    }
+    Ok((chosen, texts))
+}
+
+/// A finished attempt made ready for [`finish_rows`].
+struct FinishRow {
+    delivery_id: i64,
+    attempt: u32,
+    state: &'static str,
+    terminal: bool,
+    retry_at: Option<i64>,
+    duration_ms: Option<f64>,
+    class: String,
+    reason: Option<String>,
+    outcome: Option<String>,
+}
+
+/// Records finished attempts inside the writer's transaction: each one's end becomes its
+/// delivery's state and joins its attempt list, unless the delivery is no longer this node's
+/// attempt (late: another node took it over).
+fn finish_rows(
+    tx: &Connection,
+    now: i64,
+    rows: &[FinishRow],
+    node: &str,
+) -> Result<Vec<Finish>, StoreError> {
+    let mut update = tx
+        .prepare_cached(
+            "UPDATE deliveries SET state = ?3, not_before = ?4, finished_at = ?5,
+                 duration_ms = ?6, outcome_class = ?7, reason = ?8, outcome = ?9
+             WHERE id = ?1 AND attempt = ?2 AND state = 'running' AND owner = ?10",
+        )
+        .map_err(db)?;
+    let mut attempt = tx
+        .prepare_cached(
+            "INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
+             SELECT id, attempt, started_at, ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1",
+        )
+        .map_err(db)?;
+    let mut results = Vec::with_capacity(rows.len());
+    for row in rows {
+        let changed = update
+            .execute(params![
+                row.delivery_id,
+                row.attempt,
+                row.state,
+                row.retry_at.unwrap_or(now),
+                now,
+                row.duration_ms,
+                row.class,
+                row.reason,
+                row.outcome,
+                node
+            ])
+            .map_err(db)?;
+        if changed == 1 {
+            attempt
+                .execute(params![
+                    row.delivery_id,
+                    now,
+                    row.class,
+                    row.reason,
+                    row.terminal
+                ])
+                .map_err(db)?;
+            results.push(Finish::Recorded);
+        } else {
+            results.push(Finish::Late);
+        }
+    }
+    Ok(results)
 }
 
 /// Decodes each event's context once per claim batch: an event's deliveries (one per handler)
@@ -574,35 +658,39 @@ impl EventStore for SqliteStore {
     }
 
     fn keep_time(&self) -> Result<Option<TimeDelta>, StoreError> {
-        {
-            let mut clock = self.clock.hold();
-            let reference = Utc::now();
-            if clock.step(reference).is_none() {
-                clock.follow(reference);
-                let mark = to_ms(clock.now());
-                drop(clock);
-                self.conn()
-                    .execute(UPSERT_CURSOR, params![CLOCK_MARK, mark.to_string()])
-                    .map_err(db)?;
-                return Ok(None);
-            }
-        }
-        // A step. Locks in the order the ingest writer and the recording of outcomes take them
-        // (the write lock, then the clock), so no row is written in the old time after the
-        // move, nor in the new time before it.
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let mut clock = self.clock.hold();
-        let reference = Utc::now();
-        let Some(step) = clock.step(reference) else {
-            clock.follow(reference);
+        let clock = Arc::clone(&self.clock);
+        let follower = Arc::clone(&self.clock);
+        // Alone in its transaction, and the clock follows a step only once its move is
+        // committed, in the writer, before any later write reads the time: no row is written
+        // in the old time after the move, nor in the new time before it.
+        let moved = self.writer.write_with(Write {
+            durability: Durability::Normal,
+            grouping: Grouping::Alone,
+            work: move |tx: &Connection| {
+                let mut anchor = clock.hold();
+                let reference = Utc::now();
+                let Some(step) = anchor.step(reference) else {
+                    anchor.follow(reference);
+                    let mark = to_ms(anchor.now());
+                    drop(anchor);
+                    tx.execute(UPSERT_CURSOR, params![CLOCK_MARK, mark.to_string()])
+                        .map_err(db)?;
+                    return Ok(None);
+                };
+                move_schedule(tx, step, reference).map_err(db)?;
+                Ok(Some((step, reference)))
+            },
+            committed: Some(Box::new(
+                move |moved: &Option<(TimeDelta, DateTime<Utc>)>| {
+                    if let Some((_, reference)) = moved {
+                        follower.hold().follow(*reference);
+                    }
+                },
+            )),
+        })?;
+        let Some((step, _)) = moved else {
             return Ok(None);
         };
-        move_schedule(&tx, step, reference).map_err(db)?;
-        tx.commit().map_err(db)?;
-        clock.follow(reference);
         tracing::warn!(
             step_ms = step.num_milliseconds(),
             "the system clock stepped by {:+.3} s; due times, leases and idempotency keys \
@@ -626,15 +714,17 @@ impl EventStore for SqliteStore {
 
     fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
         let limit = i64::try_from(max.min(MAX_PURGE_BATCH)).unwrap_or(0);
-        let conn = self.conn();
-        let n = conn
-            .execute(
-                "DELETE FROM idempotency_keys WHERE key IN
-                     (SELECT key FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)",
-                params![to_ms(before), limit],
-            )
-            .map_err(db)?;
-        Ok(n as u64)
+        let before = to_ms(before);
+        self.writer.write(Durability::Normal, move |tx| {
+            let n = tx
+                .execute(
+                    "DELETE FROM idempotency_keys WHERE key IN
+                         (SELECT key FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)",
+                    params![before, limit],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
+        })
     }
 
     fn claim_batch(
@@ -646,92 +736,14 @@ impl EventStore for SqliteStore {
         if limits.batch_size() == 0 {
             return Ok(Vec::new());
         }
-        let now_ms = to_ms(now);
-        let batch = limits.batch_size();
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        // Each handler's oldest due deliveries through the per-handler index, then the oldest
-        // of all of them. One query over every pending delivery, skipping the handlers without
-        // room, would walk past a saturated handler's whole backlog on every claim (4 ms per
-        // claim with 20,000 waiting, against 0.04 ms without), holding the write lock meanwhile.
-        let handlers = tx
-            .prepare_cached(PENDING_HANDLERS)
-            .map_err(db)?
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        let mut candidates = Vec::new();
-        {
-            let mut due = tx.prepare_cached(DUE_OF_HANDLER).map_err(db)?;
-            for handler in handlers {
-                let room = limits
-                    .room
-                    .get(&handler)
-                    .copied()
-                    .unwrap_or(batch)
-                    .min(batch);
-                if room == 0 {
-                    continue;
-                }
-                let limit = i64::try_from(room).unwrap_or(1);
-                let rows = due
-                    .query_map(params![handler, now_ms, limit], |r| {
-                        Ok(ClaimRow {
-                            delivery_id: r.get(0)?,
-                            event_id: r.get(1)?,
-                            handler: r.get(2)?,
-                            attempt: r.get(3)?,
-                            not_before: r.get(4)?,
-                        })
-                    })
-                    .map_err(db)?;
-                for row in rows {
-                    candidates.push(row.map_err(db)?);
-                }
-            }
-        }
-        candidates.sort_by_key(|row| (row.not_before, row.delivery_id));
-        let chosen = limits.choose(candidates, |row| &row.handler);
-        {
-            let mut update = tx
-                .prepare_cached(
-                    "UPDATE deliveries SET state = 'running', attempt = attempt + 1,
-                         started_at = ?2, owner = ?3, lease_until = ?4
-                     WHERE id = ?1",
-                )
-                .map_err(db)?;
-            let lease_until = to_ms(after(now, lease));
-            for row in &chosen {
-                update
-                    .execute(params![row.delivery_id, now_ms, self.node, lease_until])
-                    .map_err(db)?;
-            }
-        }
-        // An event's deliveries are claimed side by side: its context is read once for them.
-        let mut texts: Vec<Option<EventRow>> = Vec::with_capacity(chosen.len());
-        {
-            let mut context = tx
-                .prepare_cached("SELECT context, source, message FROM events WHERE id = ?1")
-                .map_err(db)?;
-            let mut previous: Option<&str> = None;
-            for row in &chosen {
-                if previous == Some(row.event_id.as_str()) {
-                    texts.push(None);
-                    continue;
-                }
-                let text: EventRow = context
-                    .query_row(params![row.event_id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .map_err(db)?;
-                texts.push(Some(text));
-                previous = Some(&row.event_id);
-            }
-        }
-        tx.commit().map_err(db)?;
+        let limits = limits.clone();
+        let node = self.node.clone();
+        let lease_until = to_ms(after(now, lease));
+        let now = to_ms(now);
+        let (chosen, texts) = self.writer.write(Durability::Normal, move |tx| {
+            claim_rows(tx, now, &limits, lease_until, &node)
+        })?;
+        // Decoded here, not in the writer: its thread is the one every write waits for.
         let mut contexts = ContextCache::default();
         chosen
             .into_iter()
@@ -760,125 +772,60 @@ impl EventStore for SqliteStore {
         for (_, record) in finished {
             record.check()?;
         }
-        let mut results = Vec::with_capacity(finished.len());
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let now = to_ms(self.clock.now());
-        {
-            let mut update = tx
-                .prepare_cached(
-                    "UPDATE deliveries SET state = ?3, not_before = ?4, finished_at = ?5,
-                         duration_ms = ?6, outcome_class = ?7, reason = ?8, outcome = ?9
-                     WHERE id = ?1 AND attempt = ?2 AND state = 'running' AND owner = ?10",
-                )
-                .map_err(db)?;
-            let mut attempt = tx
-                .prepare_cached(
-                    "INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
-                     SELECT id, attempt, started_at, ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1",
-                )
-                .map_err(db)?;
-            for (claim, record) in finished {
-                let outcome_json = record
+        // Everything but the time is made ready here, not in the writer, whose thread every
+        // write waits for.
+        let rows: Vec<FinishRow> = finished
+            .iter()
+            .map(|(claim, record)| FinishRow {
+                delivery_id: claim.delivery_id,
+                attempt: claim.attempt,
+                state: record.state.as_str(),
+                terminal: record.state.is_terminal(),
+                retry_at: record.retry_at.map(to_ms),
+                duration_ms: record.duration_ms(),
+                class: record.class.clone(),
+                reason: record.reason.clone(),
+                outcome: record
                     .outcome
                     .as_ref()
-                    .and_then(|o| serde_json::to_string(o).ok());
-                let duration_ms = record.duration_ms();
-                let not_before = record.retry_at.map(to_ms).unwrap_or(now);
-                let changed = update
-                    .execute(params![
-                        claim.delivery_id,
-                        claim.attempt,
-                        record.state.as_str(),
-                        not_before,
-                        now,
-                        duration_ms,
-                        record.class,
-                        record.reason,
-                        outcome_json,
-                        self.node
-                    ])
-                    .map_err(db)?;
-                if changed == 1 {
-                    attempt
-                        .execute(params![
-                            claim.delivery_id,
-                            now,
-                            record.class,
-                            record.reason,
-                            record.state.is_terminal()
-                        ])
-                        .map_err(db)?;
-                    results.push(Finish::Recorded);
-                } else {
-                    results.push(Finish::Late);
-                }
-            }
-        }
-        tx.commit().map_err(db)?;
-        Ok(results)
+                    .and_then(|o| serde_json::to_string(o).ok()),
+            })
+            .collect();
+        let clock = Arc::clone(&self.clock);
+        let node = self.node.clone();
+        self.writer.write(Durability::Normal, move |tx| {
+            finish_rows(tx, to_ms(clock.now()), &rows, &node)
+        })
     }
 
     fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "UPDATE deliveries SET lease_until = ?2 WHERE owner = ?1 AND state = 'running'",
-            params![self.node, to_ms(after(now, lease))],
-        )
-        .map_err(db)?;
-        Ok(())
+        let node = self.node.clone();
+        let until = to_ms(after(now, lease));
+        self.writer.write(Durability::Normal, move |tx| {
+            tx.execute(
+                "UPDATE deliveries SET lease_until = ?2 WHERE owner = ?1 AND state = 'running'",
+                params![node, until],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
     }
 
     fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(db)?;
-        // The interrupted attempt is recorded with the requeue, in one transaction.
-        tx.execute(
-            "INSERT OR IGNORE INTO attempts
-                 (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
-             SELECT id, attempt, started_at, ?2, ?3, ?4, 0 FROM deliveries
-             WHERE state = 'running' AND (owner IS NULL OR owner <> ?1)",
-            params![self.node, to_ms(now), INTERRUPTED_CLASS, ABANDONED_REASON],
+        // Any claim not this process's: SQLite serves one engine process.
+        self.requeue(
+            "state = 'running' AND (owner IS NULL OR owner <> ?1)",
+            to_ms(now),
+            ABANDONED_REASON,
         )
-        .map_err(db)?;
-        let n = tx
-            .execute(
-                "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-                 WHERE state = 'running' AND (owner IS NULL OR owner <> ?1)",
-                params![self.node],
-            )
-            .map_err(db)?;
-        tx.commit().map_err(db)?;
-        Ok(n as u64)
     }
 
     fn release_all(&self) -> Result<u64, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().map_err(db)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO attempts
-                 (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
-             SELECT id, attempt, started_at, ?2, ?3, ?4, 0 FROM deliveries
-             WHERE state = 'running' AND owner = ?1",
-            params![
-                self.node,
-                to_ms(self.clock.now()),
-                INTERRUPTED_CLASS,
-                RELEASED_REASON
-            ],
+        self.requeue(
+            "state = 'running' AND owner = ?1",
+            to_ms(self.clock.now()),
+            RELEASED_REASON,
         )
-        .map_err(db)?;
-        let n = tx
-            .execute(
-                "UPDATE deliveries SET state = 'pending', owner = NULL, lease_until = NULL
-                 WHERE state = 'running' AND owner = ?1",
-                params![self.node],
-            )
-            .map_err(db)?;
-        tx.commit().map_err(db)?;
-        Ok(n as u64)
     }
 
     fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
@@ -1050,48 +997,6 @@ impl EventStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::queue::store::conformance::{self, Backend};
-
-    /// What [`commit_batch`] answers for a batch of three events, the second from `poison`,
-    /// with a trigger that refuses that one event with `raise` (`ROLLBACK` ends the whole
-    /// transaction, `ABORT` only the statement), and how many events were committed.
-    fn batch_with_poison(raise: &str) -> (Vec<bool>, i64) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("db.sqlite")).unwrap();
-        migrate(&mut conn).unwrap();
-        conn.execute_batch(&format!(
-            "CREATE TEMP TRIGGER poison BEFORE INSERT ON events WHEN NEW.source = 'poison'
-             BEGIN SELECT RAISE({raise}, 'refused'); END;"
-        ))
-        .unwrap();
-        let batch: Vec<Write> = ["api", "poison", "api"]
-            .into_iter()
-            .map(|source| Write::Events {
-                events: vec![NewEvent {
-                    source: source.into(),
-                    ..conformance::event(&["a"])
-                }],
-                cursor: None,
-                key: None,
-                done: mpsc::sync_channel(1).0,
-            })
-            .collect();
-        let results = commit_batch(&mut conn, &QueueClock::new(Utc::now()), &batch);
-        let committed = conn
-            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-            .unwrap();
-        (results.iter().map(Result::is_ok).collect(), committed)
-    }
-
-    #[test]
-    fn a_write_that_rolls_back_the_transaction_fails_the_whole_batch() {
-        // Nobody is told their event is committed when the transaction it was in is gone.
-        assert_eq!(
-            batch_with_poison("ROLLBACK"),
-            (vec![false, false, false], 0)
-        );
-        // A write that fails alone fails alone.
-        assert_eq!(batch_with_poison("ABORT"), (vec![true, false, true], 2));
-    }
 
     /// The system clock "steps" by `by` as the store sees it. The test cannot move the system
     /// clock, so it moves the store's world the other way: the queue's time and everything

@@ -1,0 +1,552 @@
+//! The SQLite store's one write path: a thread that owns the only connection that writes, and
+//! commits every write that is waiting — events being ingested, claims, outcomes, lease renewals
+//! — in one transaction (group commit), and a thread that makes the events durable.
+//!
+//! Before it, ingest and dispatch wrote through two connections that took turns at SQLite's one
+//! write lock, each retrying on a timer while the other held it, and an ingest commit held that
+//! lock through its fsync: every claim and outcome behind it waited for the disk, which here
+//! sometimes takes tens of milliseconds for one sync. Now nobody waits for a lock: a write waits
+//! at most for the transaction under way, then goes into the next one with everything else that
+//! arrived meanwhile.
+//!
+//! Every transaction is committed with `synchronous = NORMAL`: WAL mode keeps it across a
+//! killed process, and what a power loss forgets of claims and outcomes at worst runs a
+//! delivery again. A write that must survive a power loss ([`Durability::Durable`]: an accepted
+//! event, whose sender is told it is kept) is answered only once the WAL file holding its
+//! commit has been synced, by the **syncer** thread — after the write lock is released, so the
+//! writer goes on committing while the disk syncs, and one `fdatasync` covers every durable
+//! write committed before it. That is as durable as `synchronous = FULL`: a commit's frames are
+//! either still in the WAL (synced here) or were checkpointed into the database file, which
+//! SQLite syncs after every checkpoint before the WAL is reused.
+//!
+//! A third thread, the **checkpointer**, copies the WAL into the database file (SQLite's
+//! checkpoint, with its two syncs) on a connection of its own, so that the writer does not stop
+//! for it.
+//!
+//! Each write runs in a savepoint of its own, so one write's error fails that write alone; a
+//! write is answered only once its transaction is committed.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StoreError;
+
+/// Most writes committed in one transaction: bounds how long the first write of a group waits
+/// and the size of one WAL commit.
+pub const MAX_GROUP_COMMIT: usize = 512;
+
+/// How often the checkpointer copies what the WAL holds into the database file. At 1,000
+/// events/s with four deliveries each the WAL grows by some 8 MB/s (events, claims, outcomes
+/// with their logs); a checkpoint every 50 ms keeps it near SQLite's default size.
+const CHECKPOINT_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The WAL size (pages) at which the writer checkpoints by itself, in case the checkpointer
+/// falls behind: ten times SQLite's default, so that in normal running the writer never stops
+/// for a checkpoint's copying and syncs, and the WAL stays bounded (~40 MB) whatever happens.
+const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
+
+/// Whether a write must be on disk before it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Answered once the WAL holding its commit is synced: an accepted event must survive a
+    /// power loss, since its sender was told it is kept.
+    Durable,
+    /// Answered once committed: survives a killed process; what a power loss forgets is run
+    /// again (at-least-once).
+    Normal,
+}
+
+/// Whether a write may share its transaction with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// Committed with whatever else is waiting.
+    Shared,
+    /// In a transaction of its own, answered before any later write runs: for a write whose
+    /// answer changes what later writes see (a clock step moves the schedule; the queue's clock
+    /// follows only once the move is committed).
+    Alone,
+}
+
+/// What runs in the writer thread once a write is committed, with its result, before any
+/// later write runs.
+pub type OnCommit<R> = Box<dyn FnOnce(&R) + Send>;
+
+/// A write handed to the writer thread.
+trait Job: Send {
+    fn durability(&self) -> Durability;
+    fn grouping(&self) -> Grouping;
+    /// Runs the write inside the group's transaction; its result is kept for [`Job::answer`].
+    /// Answers the error when the write failed (its savepoint is rolled back).
+    fn run(&mut self, tx: &Connection) -> Option<StoreError>;
+    /// Answers the caller: its own result when the transaction was committed, `failed` when it
+    /// was not.
+    fn answer(self: Box<Self>, failed: Option<StoreError>);
+}
+
+/// A write as a function of the transaction, its result, and where it goes.
+struct Pending<F, R> {
+    work: Option<F>,
+    result: Option<Result<R, StoreError>>,
+    durability: Durability,
+    grouping: Grouping,
+    done: mpsc::SyncSender<Result<R, StoreError>>,
+    /// Runs in the writer thread once the write is committed, before any later write.
+    committed: Option<OnCommit<R>>,
+}
+
+impl<F, R> Job for Pending<F, R>
+where
+    F: FnOnce(&Connection) -> Result<R, StoreError> + Send,
+    R: Send,
+{
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn grouping(&self) -> Grouping {
+        self.grouping
+    }
+
+    fn run(&mut self, tx: &Connection) -> Option<StoreError> {
+        let result = match self.work.take() {
+            Some(work) => work(tx),
+            None => Err(StoreError::Database("a write ran twice".into())),
+        };
+        let error = result.as_ref().err().map(StoreError::for_each_call);
+        self.result = Some(result);
+        error
+    }
+
+    fn answer(self: Box<Self>, failed: Option<StoreError>) {
+        let result = match (failed, self.result) {
+            (Some(e), _) => Err(e),
+            (None, Some(result)) => result,
+            (None, None) => Err(StoreError::Database("a write was never run".into())),
+        };
+        if let (Ok(value), Some(committed)) = (&result, self.committed) {
+            committed(value);
+        }
+        let _ = self.done.send(result);
+    }
+}
+
+/// The handle callers write through; the thread ends when it is dropped.
+#[derive(Debug)]
+pub struct Writer {
+    jobs: std::sync::Mutex<mpsc::Sender<Box<dyn Job>>>,
+    /// Dropped with the writer: tells the checkpointer to stop.
+    _checkpoints: mpsc::Sender<()>,
+}
+
+/// What [`Writer::write_with`] is asked to do.
+pub struct Write<F, R> {
+    /// The write.
+    pub work: F,
+    /// Whether it must be synced before it is answered.
+    pub durability: Durability,
+    /// Whether it may share its transaction.
+    pub grouping: Grouping,
+    /// Runs in the writer thread once the write is committed, before any later write runs.
+    pub committed: Option<OnCommit<R>>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`, which must be the only connection that writes, the
+    /// syncer thread on `wal`, the database's write-ahead log, and the checkpointer on
+    /// `checkpoints`, a connection of its own to the same database.
+    pub fn start(
+        conn: Connection,
+        wal: PathBuf,
+        checkpoints: Connection,
+    ) -> Result<Writer, StoreError> {
+        let thread_error =
+            |e: std::io::Error| StoreError::Database(format!("cannot start a store thread: {e}"));
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
+            .map_err(|e| classify(&e))?;
+        let (sender, receiver) = mpsc::channel();
+        let (synced, to_sync) = mpsc::channel();
+        let (stop, stopped) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("jobhook-store-sync".into())
+            .spawn(move || sync_loop(&wal, &to_sync))
+            .map_err(thread_error)?;
+        std::thread::Builder::new()
+            .name("jobhook-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoints, &stopped))
+            .map_err(thread_error)?;
+        std::thread::Builder::new()
+            .name("jobhook-store-writer".into())
+            .spawn(move || write_loop(conn, &receiver, &synced))
+            .map_err(thread_error)?;
+        Ok(Writer {
+            jobs: std::sync::Mutex::new(sender),
+            _checkpoints: stop,
+        })
+    }
+
+    /// Runs `work` in the next transaction and waits until that transaction is committed (or
+    /// failed).
+    pub fn write<R, F>(&self, durability: Durability, work: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.write_with(Write {
+            work,
+            durability,
+            grouping: Grouping::Shared,
+            committed: None,
+        })
+    }
+
+    /// [`Writer::write`] with every choice spelled out.
+    pub fn write_with<R, F>(&self, write: Write<F, R>) -> Result<R, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let stopped = || StoreError::Database("the store's writer has stopped".into());
+        let (done, result) = mpsc::sync_channel(1);
+        let job = Box::new(Pending {
+            work: Some(write.work),
+            result: None,
+            durability: write.durability,
+            grouping: write.grouping,
+            done,
+            committed: write.committed,
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| stopped())?;
+        result.recv().unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// Takes every write that is waiting (up to [`MAX_GROUP_COMMIT`]), commits them together, answers
+/// each (the durable ones through the syncer), and starts over; a write that must be alone gets
+/// a transaction of its own, in order.
+fn write_loop(
+    mut conn: Connection,
+    receiver: &mpsc::Receiver<Box<dyn Job>>,
+    syncer: &mpsc::Sender<Vec<Box<dyn Job>>>,
+) {
+    while let Ok(first) = receiver.recv() {
+        let mut waiting = vec![first];
+        while waiting.len() < MAX_GROUP_COMMIT {
+            match receiver.try_recv() {
+                Ok(job) => waiting.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut group = Vec::with_capacity(waiting.len());
+        let mut committed = Vec::new();
+        for job in waiting {
+            if job.grouping() == Grouping::Alone {
+                committed.extend(commit_group(&mut conn, std::mem::take(&mut group)));
+                committed.extend(commit_group(&mut conn, vec![job]));
+            } else {
+                group.push(job);
+            }
+        }
+        committed.extend(commit_group(&mut conn, group));
+        if committed.is_empty() {
+            continue;
+        }
+        if let Err(mpsc::SendError(unsynced)) = syncer.send(committed) {
+            let stopped = StoreError::Database("the store's syncer has stopped".into());
+            for job in unsynced {
+                job.answer(Some(stopped.for_each_call()));
+            }
+        }
+    }
+}
+
+/// Commits `group` in one transaction, each write in its own savepoint, and answers each write
+/// that needs no sync; answers the committed durable ones, which the syncer answers once the
+/// WAL is synced.
+fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
+    if group.is_empty() {
+        return group;
+    }
+    let fail_all = |group: Vec<Box<dyn Job>>, e: &StoreError| {
+        for job in group {
+            job.answer(Some(e.for_each_call()));
+        }
+        Vec::new()
+    };
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(group, &classify(&e)),
+    };
+    let mut lost = None;
+    for job in &mut group {
+        let error = match tx.savepoint() {
+            Ok(sp) => match job.run(&sp) {
+                None => sp.commit().err().map(|e| classify(&e)),
+                Some(e) => Some(e),
+            },
+            Err(e) => Some(classify(&e)),
+        };
+        // SQLite may answer some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, SQLITE_NOMEM)
+        // by rolling back the whole transaction, not just the failed savepoint: then the
+        // writes before this one are gone too, and the ones after it would commit each on its
+        // own. Fail the whole group instead, so nobody is told a write is committed when it
+        // is not.
+        if let Some(e) = error
+            && tx.is_autocommit()
+        {
+            lost = Some(rolled_back(&e));
+            break;
+        }
+    }
+    if let Some(e) = lost {
+        drop(tx);
+        return fail_all(group, &e);
+    }
+    if let Err(e) = tx.commit() {
+        return fail_all(group, &classify(&e));
+    }
+    let (durable, answered): (Vec<_>, Vec<_>) = group
+        .into_iter()
+        .partition(|job| job.durability() == Durability::Durable);
+    for job in answered {
+        job.answer(None);
+    }
+    durable
+}
+
+/// Every [`CHECKPOINT_PERIOD`] until the writer is gone, copies what the WAL holds into the
+/// database file without waiting for anyone (a passive checkpoint: it never holds up the writer
+/// or a reader, and copies what it can). SQLite starts the WAL over once all of it is copied.
+fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_PERIOD) {
+        let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if let Err(e) = checkpointed {
+            tracing::warn!("cannot checkpoint the store's WAL (the writer will): {e}");
+            // Not again at once: the writer checkpoints by itself once the WAL is large.
+            if !matches!(
+                stop.recv_timeout(CHECKPOINT_PERIOD * 20),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            ) {
+                return;
+            }
+        }
+    }
+}
+
+/// Answers committed durable writes once the WAL file is synced: takes every batch that is
+/// waiting, syncs once, answers them all.
+fn sync_loop(wal: &std::path::Path, batches: &mpsc::Receiver<Vec<Box<dyn Job>>>) {
+    while let Ok(mut waiting) = batches.recv() {
+        while let Ok(more) = batches.try_recv() {
+            waiting.extend(more);
+        }
+        let failed = sync_file(wal).err();
+        for job in waiting {
+            job.answer(failed.as_ref().map(StoreError::for_each_call));
+        }
+    }
+}
+
+/// Syncs the data of `path` to disk. Opened anew each time, so that a WAL file SQLite has
+/// replaced is never mistaken for the one it wrote to (one `open` beside an `fdatasync` that
+/// takes a hundred times as long).
+fn sync_file(path: &std::path::Path) -> Result<(), StoreError> {
+    let synced = std::fs::File::open(path).and_then(|f| f.sync_data());
+    synced.map_err(|e| {
+        let message = format!("cannot sync {}: {e}", path.display());
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            StoreError::DiskFull(message)
+        } else {
+            StoreError::Database(message)
+        }
+    })
+}
+
+/// The [`StoreError`] of a SQLite error: `SQLITE_FULL` (the file system holding the database
+/// has no space left; SQLite reports `ENOSPC` this way) is [`StoreError::DiskFull`], so that
+/// ingest can say so; everything else is a database error.
+pub fn classify(e: &rusqlite::Error) -> StoreError {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+        StoreError::DiskFull(e.to_string())
+    } else {
+        StoreError::Database(e.to_string())
+    }
+}
+
+/// The error every write of a group gets when one write's error rolled the whole transaction
+/// back: of the same kind as that error, saying what happened.
+fn rolled_back(cause: &StoreError) -> StoreError {
+    match cause {
+        StoreError::DiskFull(reason) => {
+            StoreError::DiskFull(format!("{reason} (the whole transaction was rolled back)"))
+        }
+        other => StoreError::Database(format!("the whole transaction was rolled back: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job that runs `work` as a shared write of `durability`, and where its answer arrives.
+    fn job<R: Send + 'static>(
+        durability: Durability,
+        work: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> (Box<dyn Job>, mpsc::Receiver<Result<R, StoreError>>) {
+        let (done, answer) = mpsc::sync_channel(1);
+        let job = Box::new(Pending {
+            work: Some(work),
+            result: None,
+            durability,
+            grouping: Grouping::Shared,
+            done,
+            committed: None,
+        });
+        (job, answer)
+    }
+
+    fn table() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (v TEXT);")
+            .unwrap();
+        (dir, conn)
+    }
+
+    /// A writer on `conn` in `dir`, syncing `wal` there.
+    fn start(dir: &tempfile::TempDir, conn: Connection, wal: &str) -> Writer {
+        let checkpoints = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        Writer::start(conn, dir.path().join(wal), checkpoints).unwrap()
+    }
+
+    #[test]
+    fn the_checkpointer_copies_the_wal_into_the_database_file() {
+        let (dir, conn) = table();
+        let writer = start(&dir, conn, "db.sqlite-wal");
+        let database = dir.path().join("db.sqlite");
+        let before = std::fs::metadata(&database).unwrap().len();
+        for _ in 0..200 {
+            writer.write(Durability::Normal, insert("row")).unwrap();
+        }
+        // The writer's own checkpoints start only at WRITER_CHECKPOINT_PAGES, far above what
+        // these rows take: only the checkpointer grows the database file.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::metadata(&database).unwrap().len() <= before {
+            assert!(std::time::Instant::now() < deadline, "never checkpointed");
+            std::thread::sleep(CHECKPOINT_PERIOD);
+        }
+    }
+
+    fn insert(v: &'static str) -> impl FnOnce(&Connection) -> Result<(), StoreError> {
+        move |tx| {
+            tx.execute("INSERT INTO t VALUES (?1)", [v])
+                .map(drop)
+                .map_err(|e| classify(&e))
+        }
+    }
+
+    /// The answers to a group of three inserts whose second a trigger refuses with `raise`
+    /// (`ROLLBACK` ends the whole transaction, `ABORT` only the statement), and how many rows
+    /// were committed.
+    fn group_with_poison(raise: &str) -> (Vec<bool>, i64) {
+        let (_dir, mut conn) = table();
+        conn.execute_batch(&format!(
+            "CREATE TEMP TRIGGER poison BEFORE INSERT ON t WHEN NEW.v = 'poison'
+             BEGIN SELECT RAISE({raise}, 'refused'); END;"
+        ))
+        .unwrap();
+        let (group, answers): (Vec<_>, Vec<_>) = ["a", "poison", "b"]
+            .into_iter()
+            .map(|v| job(Durability::Durable, insert(v)))
+            .unzip();
+        for synced in commit_group(&mut conn, group) {
+            synced.answer(None);
+        }
+        let committed = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        let answered = answers.iter().map(|a| a.recv().unwrap().is_ok()).collect();
+        (answered, committed)
+    }
+
+    #[test]
+    fn a_write_that_rolls_back_the_transaction_fails_the_whole_group() {
+        // Nobody is told their write is committed when the transaction it was in is gone.
+        assert_eq!(
+            group_with_poison("ROLLBACK"),
+            (vec![false, false, false], 0)
+        );
+        // A write that fails alone fails alone.
+        assert_eq!(group_with_poison("ABORT"), (vec![true, false, true], 2));
+    }
+
+    #[test]
+    fn a_durable_write_is_answered_only_once_the_wal_is_synced() {
+        let (dir, conn) = table();
+        // A log that cannot be synced (it does not exist): the durable write is committed but
+        // its sender must not be told it is kept; a write that needs no sync is answered.
+        let writer = start(&dir, conn, "no-such-wal");
+        let durable = writer.write(Durability::Durable, insert("durable"));
+        assert!(
+            matches!(&durable, Err(StoreError::Database(m)) if m.contains("cannot sync")),
+            "{durable:?}"
+        );
+        writer.write(Durability::Normal, insert("normal")).unwrap();
+        // With the real log, both are answered.
+        let (dir, conn) = table();
+        let writer = start(&dir, conn, "db.sqlite-wal");
+        writer
+            .write(Durability::Durable, insert("durable"))
+            .unwrap();
+        writer.write(Durability::Normal, insert("normal")).unwrap();
+    }
+
+    #[test]
+    fn a_write_alone_is_committed_and_followed_before_any_later_write_runs() {
+        let (dir, conn) = table();
+        let writer = start(&dir, conn, "db.sqlite-wal");
+        let seen_by_hook = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook = std::sync::Arc::clone(&seen_by_hook);
+        let path = dir.path().join("db.sqlite");
+        // The hook reads the table through another connection: what it sees is committed.
+        let answer = writer.write_with(Write {
+            work: insert("alone"),
+            durability: Durability::Normal,
+            grouping: Grouping::Alone,
+            committed: Some(Box::new(move |_: &()| {
+                let other = Connection::open(&path).unwrap();
+                let n: i64 = other
+                    .query_row("SELECT count(*) FROM t WHERE v = 'alone'", [], |r| r.get(0))
+                    .unwrap();
+                hook.lock().unwrap().push(n);
+            })),
+        });
+        answer.unwrap();
+        assert_eq!(*seen_by_hook.lock().unwrap(), vec![1]);
+        // Writes from many threads at once are all answered, each after its commit.
+        let writer = std::sync::Arc::new(writer);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let writer = std::sync::Arc::clone(&writer);
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        writer.write(Durability::Durable, insert("many")).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let other = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        let n: i64 = other
+            .query_row("SELECT count(*) FROM t WHERE v = 'many'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 400);
+    }
+}
