@@ -214,8 +214,8 @@ mod documented_defaults {
             ),
             (
                 "`config::DEFAULT_MAX_CONCURRENT_DELIVERIES`",
-                "| 16 (1 to 4,096) |",
-                crate::runtime::config::DEFAULT_MAX_CONCURRENT_DELIVERIES == 16
+                "| 64 (1 to 4,096) |",
+                crate::runtime::config::DEFAULT_MAX_CONCURRENT_DELIVERIES == 64
                     && crate::runtime::config::MAX_CONCURRENT_DELIVERIES == 4096,
             ),
             (

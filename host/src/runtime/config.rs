@@ -8,9 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::engine::PoolSettings;
 
-/// Deliveries running at once across all handlers. Two cores run about this many sandboxes
-/// without starving the ingest path; more waits in the durable queue.
-pub const DEFAULT_MAX_CONCURRENT_DELIVERIES: usize = 16;
+/// Deliveries running at once across all handlers (one pool slot each; more wait in the durable
+/// queue). Most of a delivery's place is spent waiting for the store, not computing — a sandbox
+/// runs for tens of microseconds — so this is sized for deliveries in flight, not for cores:
+/// four handlers at 1,000 events/s each need some 20–40 on two busy cores, and 16 left them
+/// behind (docs/PERFORMANCE.md, scenario c). Handlers that keep computing are held to a quarter
+/// of the machine whatever this is ([`crate::runtime::cpu_share`]).
+pub const DEFAULT_MAX_CONCURRENT_DELIVERIES: usize = 64;
 
 /// Most `[engine] max_concurrent_deliveries` accepted. `serve` sizes its sandbox pool to it, and
 /// every pool slot reserves address space for its linear memories (about 8 GiB, nearly all of it
