@@ -31,10 +31,20 @@ mod target {
     pub const PEER_RATIO: f64 = 1.0;
     /// c: accepted events per second.
     pub const ACCEPTED_PER_SECOND: f64 = 5_000.0;
-    /// c: p99 ingest latency at 1,000 events/s, ms.
-    pub const INGEST_P99_MS: f64 = 5.0;
+    /// c: ingest p99 at 1,000 events/s with 4 handlers ÷ the same without handlers.
+    pub const INGEST_P99_RATIO: f64 = 1.5;
+    /// c: deliveries/s at 1,000 events/s ÷ offered (4 × accepted).
+    pub const KEEP_UP_RATIO: f64 = 0.99;
+    /// c: delivery latency (event committed → outcome recorded) at 1,000 events/s, p50, ms.
+    pub const DELIVERY_P50_MS: f64 = 20.0;
+    /// c: the same, p99, ms.
+    pub const DELIVERY_P99_MS: f64 = 250.0;
+    /// c: deliveries/s dispatch sustains with a backlog waiting.
+    pub const DISPATCH_PER_SECOND: f64 = 20_000.0;
     /// d: ingest p99 with hostile handlers ÷ without.
     pub const HOSTILE_P99_RATIO: f64 = 1.5;
+    /// d: healthy-delivery latency (p50 and p99) with hostile handlers ÷ without.
+    pub const HOSTILE_LATENCY_RATIO: f64 = 1.5;
 }
 
 /// Handlers routed for every event in scenarios c and d.
@@ -73,8 +83,13 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         calls: usize,
     },
-    /// Time the SQLite store alone: claim and finish one delivery after another on one thread.
-    StoreProbe,
+    /// Time the SQLite store alone: claim and finish one delivery after another on one thread,
+    /// then scenario c's mix of ingest, claims and outcomes without HTTP or sandboxes.
+    StoreProbe {
+        /// Only the mixed workload.
+        #[arg(long)]
+        mixed: bool,
+    },
     /// (internal) one side of scenario f, in a process of its own.
     #[command(hide = true)]
     MemoryChild {
@@ -117,7 +132,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match &cli.command {
         Some(Command::MemoryChild { mode, base_url }) => Some(memory::child(mode, base_url)),
-        Some(Command::StoreProbe) => Some(jobhook_bench::store_probe::run()),
+        Some(Command::StoreProbe { mixed: true }) => Some(jobhook_bench::store_probe::mixed()),
+        Some(Command::StoreProbe { mixed: false }) => Some(jobhook_bench::store_probe::run()),
         Some(Command::PoolTuning { rounds, calls }) => {
             Some(jobhook_bench::tuning::run(*rounds, *calls))
         }
@@ -467,6 +483,124 @@ fn memory_rows(m: &memory::Memory, report: &mut Report) {
 }
 
 /// Scenarios c and d.
+/// Scenario c's steady runs at 1,000 events/s — without handlers (the baseline), then with the
+/// four healthy ones — and their rows; with `hog`, as many `yes > /dev/null` processes run beside
+/// the engine the whole time (a machine something else is busy on).
+async fn steady_rows(
+    seconds: f64,
+    hog: Option<usize>,
+    report: &mut Report,
+) -> anyhow::Result<serve::LatencyRun> {
+    let defaults = serve::EngineSettings::default();
+    let (scenario, suffix, tag) = match hog {
+        None => ("c", String::new(), ""),
+        Some(n) => ("c+hog", format!(", beside a CPU hog (`yes` × {n})"), "-hog"),
+    };
+    let _hog = hog.map(serve::CpuHog::start).transpose()?;
+    eprintln!("scenario {scenario}: latency run at 1,000 events/s without handlers ({seconds} s)…");
+    let bare = serve::latency_run(
+        &format!("ingest-only{tag}"),
+        &serve::no_handlers(),
+        defaults,
+        seconds,
+    )
+    .await
+    .context("ingest-only latency run")?;
+    eprintln!("scenario {scenario}: latency run at 1,000 events/s ({seconds} s)…");
+    let healthy = serve::latency_run(
+        &format!("latency{tag}"),
+        &serve::healthy_set(),
+        defaults,
+        seconds,
+    )
+    .await
+    .context("latency run")?;
+    let l = &healthy.load;
+    let ingest_ratio = ratio(l.latency_ms.p99, bare.load.latency_ms.p99);
+    report.rows.push(
+        Row::new(
+            scenario,
+            format!("ingest latency at 1,000 events/s, p50 / p99{suffix}"),
+            format!("{} / {} ms", num(l.latency_ms.p50), num(l.latency_ms.p99)),
+        )
+        .against(
+            format!(
+                "no handlers (ingest alone): {} / {} ms",
+                num(bare.load.latency_ms.p50),
+                num(bare.load.latency_ms.p99)
+            ),
+            ingest_ratio,
+        )
+        .target(
+            format!("p99 ratio ≤ {}", target::INGEST_P99_RATIO),
+            ingest_ratio <= target::INGEST_P99_RATIO,
+        )
+        .load(healthy.load_average.clone()),
+    );
+    let offered = HANDLERS_PER_EVENT * l.accepted_per_second;
+    let keep_up = ratio(healthy.deliveries_per_second, offered);
+    report.rows.push(
+        Row::new(
+            scenario,
+            format!("deliveries/s at 1,000 events/s{suffix}"),
+            format!("{} /s", num(healthy.deliveries_per_second)),
+        )
+        .against(
+            format!(
+                "offered: 4 × {} = {} /s",
+                num(l.accepted_per_second),
+                num(offered)
+            ),
+            keep_up,
+        )
+        .target(
+            format!("ratio ≥ {}", target::KEEP_UP_RATIO),
+            keep_up >= target::KEEP_UP_RATIO,
+        )
+        .load(healthy.load_average.clone()),
+    );
+    let d = &healthy.healthy_latency_ms;
+    report.rows.push(
+        Row::new(
+            scenario,
+            format!("delivery latency at 1,000 events/s (event committed → outcome recorded), p50 / p99{suffix}"),
+            format!("{} / {} ms", num(d.p50), num(d.p99)),
+        )
+        .against(
+            format!(
+                "sandbox call alone: {} / {} ms",
+                num(healthy.healthy_invoke_ms.p50),
+                num(healthy.healthy_invoke_ms.p99)
+            ),
+            f64::NAN,
+        )
+        .target(
+            format!(
+                "p50 ≤ {} ms, p99 ≤ {} ms",
+                target::DELIVERY_P50_MS,
+                target::DELIVERY_P99_MS
+            ),
+            d.n > 0 && d.p50 <= target::DELIVERY_P50_MS && d.p99 <= target::DELIVERY_P99_MS,
+        )
+        .load(healthy.load_average.clone()),
+    );
+    report.notes.push(format!(
+        "{scenario}: ingest-only run accepted {} /s of 1,000 offered; latency run accepted {} /s",
+        num(bare.load.accepted_per_second),
+        num(l.accepted_per_second)
+    ));
+    report.notes.push(format!(
+        "{scenario}: latency run sent {} events in {:.1} s ({} rejected, {} errors); backlog {} {:.1} s after sending stopped",
+        l.sent,
+        l.seconds,
+        l.rejected,
+        l.errors,
+        if healthy.drained { "drained" } else { "had NOT drained" },
+        healthy.drain_seconds
+    ));
+    Ok(healthy)
+}
+
 async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::Result<()> {
     let seconds = plan.load_seconds;
     let defaults = serve::EngineSettings::default();
@@ -493,14 +627,7 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
         )
         .load(load_average()),
     );
-    eprintln!("scenario c: latency run at 1,000 events/s without handlers ({seconds} s)…");
-    let bare = serve::latency_run("ingest-only", &serve::no_handlers(), defaults, seconds)
-        .await
-        .context("ingest-only latency run")?;
-    eprintln!("scenario c: latency run at 1,000 events/s ({seconds} s)…");
-    let healthy = serve::latency_run("latency", &serve::healthy_set(), defaults, seconds)
-        .await
-        .context("latency run")?;
+    let healthy = steady_rows(seconds, None, report).await?;
     let accepted = throughput.load.accepted_per_second;
     report.rows.push(
         Row::new(
@@ -531,6 +658,10 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
                 HANDLERS_PER_EVENT * accepted,
             ),
         )
+        .target(
+            format!("≥ {} /s", target::DISPATCH_PER_SECOND),
+            throughput.dispatch_per_second >= target::DISPATCH_PER_SECOND,
+        )
         .load(throughput.load_average.clone()),
     );
     report.rows.push(
@@ -541,80 +672,10 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
         )
         .load(throughput.load_average.clone()),
     );
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    eprintln!("scenario c: the latency runs again beside a CPU hog (`yes` × {cores})…");
+    steady_rows(seconds, Some(cores), report).await?;
     let l = &healthy.load;
-    report.rows.push(
-        Row::new(
-            "c",
-            "ingest latency at 1,000 events/s, p50 / p99",
-            format!("{} / {} ms", num(l.latency_ms.p50), num(l.latency_ms.p99)),
-        )
-        .against(
-            format!(
-                "no handlers (ingest alone): {} / {} ms",
-                num(bare.load.latency_ms.p50),
-                num(bare.load.latency_ms.p99)
-            ),
-            ratio(l.latency_ms.p99, bare.load.latency_ms.p99),
-        )
-        .target(
-            format!("p99 ≤ {} ms", target::INGEST_P99_MS),
-            l.latency_ms.p99 <= target::INGEST_P99_MS,
-        )
-        .load(healthy.load_average.clone()),
-    );
-    report.rows.push(
-        Row::new(
-            "c",
-            "deliveries/s at 1,000 events/s",
-            format!("{} /s", num(healthy.deliveries_per_second)),
-        )
-        .against(
-            format!(
-                "offered: 4 × {} = {} /s",
-                num(l.accepted_per_second),
-                num(HANDLERS_PER_EVENT * l.accepted_per_second)
-            ),
-            ratio(
-                healthy.deliveries_per_second,
-                HANDLERS_PER_EVENT * l.accepted_per_second,
-            ),
-        )
-        .load(healthy.load_average.clone()),
-    );
-    report.rows.push(
-        Row::new(
-            "c",
-            "delivery latency at 1,000 events/s (event committed → outcome recorded), p50 / p99",
-            format!(
-                "{} / {} ms",
-                num(healthy.healthy_latency_ms.p50),
-                num(healthy.healthy_latency_ms.p99)
-            ),
-        )
-        .against(
-            format!(
-                "sandbox call alone: {} / {} ms",
-                num(healthy.healthy_invoke_ms.p50),
-                num(healthy.healthy_invoke_ms.p99)
-            ),
-            f64::NAN,
-        )
-        .load(healthy.load_average.clone()),
-    );
-    report.notes.push(format!(
-        "c: ingest-only run accepted {} /s of 1,000 offered; latency run accepted {} /s",
-        num(bare.load.accepted_per_second),
-        num(l.accepted_per_second)
-    ));
-    report.notes.push(format!(
-        "c: latency run sent {} events in {:.1} s ({} rejected, {} errors); backlog {} {:.1} s after sending stopped",
-        l.sent,
-        l.seconds,
-        l.rejected,
-        l.errors,
-        if healthy.drained { "drained" } else { "had NOT drained" },
-        healthy.drain_seconds
-    ));
     if !hostile {
         return Ok(());
     }
@@ -649,6 +710,11 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
             format!("(c): {} ms", num(healthy.healthy_latency_ms.p50)),
             ratio(bad.healthy_latency_ms.p50, healthy.healthy_latency_ms.p50),
         )
+        .target(
+            format!("ratio ≤ {}", target::HOSTILE_LATENCY_RATIO),
+            ratio(bad.healthy_latency_ms.p50, healthy.healthy_latency_ms.p50)
+                <= target::HOSTILE_LATENCY_RATIO,
+        )
         .load(bad.load_average.clone()),
     );
     report.rows.push(
@@ -660,6 +726,11 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
         .against(
             format!("(c): {} ms", num(healthy.healthy_latency_ms.p99)),
             ratio(bad.healthy_latency_ms.p99, healthy.healthy_latency_ms.p99),
+        )
+        .target(
+            format!("ratio ≤ {}", target::HOSTILE_LATENCY_RATIO),
+            ratio(bad.healthy_latency_ms.p99, healthy.healthy_latency_ms.p99)
+                <= target::HOSTILE_LATENCY_RATIO,
         )
         .load(bad.load_average.clone()),
     );

@@ -178,6 +178,35 @@ pub fn config_text(
     text
 }
 
+/// Processes that keep every core they can get busy (`yes > /dev/null`), for as long as this
+/// lives: the engine and the driver then share the machine with something else, as on a real
+/// server.
+pub struct CpuHog(Vec<std::process::Child>);
+
+impl CpuHog {
+    /// Starts `processes` of them.
+    pub fn start(processes: usize) -> anyhow::Result<CpuHog> {
+        let mut hog = CpuHog(Vec::with_capacity(processes));
+        for _ in 0..processes {
+            let child = std::process::Command::new("yes")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("cannot start `yes` for the CPU hog")?;
+            hog.0.push(child);
+        }
+        Ok(hog)
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Delivery counts read from `/metrics`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {

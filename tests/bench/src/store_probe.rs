@@ -21,8 +21,14 @@ const EVENTS: usize = 2_500;
 /// The claim lease (as the dispatcher's).
 const LEASE: Duration = Duration::from_secs(60);
 
-/// Runs the probe and prints per-operation medians.
+/// Runs the probe and prints per-operation medians, then the mixed workload ([`mixed`]).
 pub fn run() -> anyhow::Result<()> {
+    sequential()?;
+    mixed()
+}
+
+/// Claims and finishes one delivery after another on one thread, then in batches.
+fn sequential() -> anyhow::Result<()> {
     let rig = DeliveryRig::new()?;
     let outcome = rig
         .runtime
@@ -32,19 +38,12 @@ pub fn run() -> anyhow::Result<()> {
         std::fs::remove_dir_all(&dir)?;
     }
     let store = SqliteStore::open(&dir)?;
-    let handlers: Vec<String> = (1..=4).map(|i| format!("healthy-{i}")).collect();
     let context: JobContext = rig.context.clone();
     let insert_start = Instant::now();
     let mut insert = Vec::with_capacity(EVENTS);
     for _ in 0..EVENTS {
         let t = Instant::now();
-        store.insert_event(&NewEvent {
-            id: uuid::Uuid::new_v4(),
-            source: "probe".into(),
-            context: context.clone(),
-            message: None,
-            handlers: handlers.clone(),
-        })?;
+        store.insert_event(&probe_event(&context))?;
         insert.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let insert_total = insert_start.elapsed();
@@ -90,13 +89,7 @@ pub fn run() -> anyhow::Result<()> {
     );
     // The same again, in batches of MAX_CLAIM_BATCH claims and as many finishes.
     for _ in 0..EVENTS {
-        store.insert_event(&NewEvent {
-            id: uuid::Uuid::new_v4(),
-            source: "probe".into(),
-            context: context.clone(),
-            message: None,
-            handlers: handlers.clone(),
-        })?;
+        store.insert_event(&probe_event(&context))?;
     }
     let limits = ClaimLimits {
         max: MAX_CLAIM_BATCH,
@@ -128,6 +121,164 @@ pub fn run() -> anyhow::Result<()> {
         claimed as f64 / total.as_secs_f64()
     );
     Ok(())
+}
+
+/// An event of the probe: `context`, routed to four handlers.
+fn probe_event(context: &JobContext) -> NewEvent {
+    NewEvent {
+        id: uuid::Uuid::new_v4(),
+        source: "probe".into(),
+        context: context.clone(),
+        message: None,
+        handlers: (1..=4).map(|i| format!("healthy-{i}")).collect(),
+    }
+}
+
+/// Events per second the mixed workload offers (scenario c's latency run).
+const MIXED_RATE: f64 = 1_000.0;
+
+/// How long each phase of the mixed workload offers events.
+const MIXED_SECONDS: f64 = 10.0;
+
+/// Threads that insert events in the mixed workload (an HTTP server's concurrent requests).
+const INGEST_THREADS: usize = 4;
+
+/// The store alone under scenario c's mix, without HTTP or sandboxes: [`INGEST_THREADS`]
+/// threads insert [`MIXED_RATE`] events/s (four deliveries each) on a fixed schedule while one
+/// thread claims in batches and another records their outcomes, as the dispatcher does. Prints
+/// the ingest latency (from each event's scheduled time, so queueing counts) with and without
+/// the dispatch side, and the deliveries recorded per second.
+pub fn mixed() -> anyhow::Result<()> {
+    let rig = DeliveryRig::new()?;
+    let outcome = rig
+        .runtime
+        .block_on(rig.log_context.invoke(&rig.context, Delivery::default()));
+    for with_dispatch in [false, true] {
+        // A directory per phase: the first phase's store may still be closing.
+        let dir = crate::runs_dir().join(if with_dispatch {
+            "store-probe-mixed-dispatch"
+        } else {
+            "store-probe-mixed-alone"
+        });
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let store: std::sync::Arc<dyn EventStore> = std::sync::Arc::new(SqliteStore::open(&dir)?);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let recorded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dispatch = with_dispatch.then(|| {
+            spawn_dispatch(
+                std::sync::Arc::clone(&store),
+                outcome.clone(),
+                std::sync::Arc::clone(&stop),
+                std::sync::Arc::clone(&recorded),
+            )
+        });
+        let start = Instant::now();
+        let ingest: Vec<_> = (0..INGEST_THREADS)
+            .map(|thread| {
+                let store = std::sync::Arc::clone(&store);
+                let context = rig.context.clone();
+                std::thread::spawn(move || paced_ingest(store.as_ref(), &context, thread))
+            })
+            .collect();
+        let mut latency = Vec::new();
+        for t in ingest {
+            let samples = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("an ingest thread panicked"))??;
+            latency.extend(samples);
+        }
+        let sent_for = start.elapsed().as_secs_f64();
+        let delivered = recorded.load(std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(d) = dispatch {
+            d.join()
+                .map_err(|_| anyhow::anyhow!("the dispatch thread panicked"))??;
+        }
+        let l = Summary::of(&latency);
+        println!(
+            "mixed, {}: ingest latency p50 {:.2} ms, p99 {:.2} ms ({} events); deliveries recorded {:.0} /s (offered {:.0} /s); load {}",
+            if with_dispatch {
+                "with claims and outcomes"
+            } else {
+                "ingest alone"
+            },
+            l.p50,
+            l.p99,
+            l.n,
+            delivered as f64 / sent_for,
+            MIXED_RATE * 4.0,
+            crate::machine::load_average()
+        );
+    }
+    Ok(())
+}
+
+/// One ingest thread's share of [`MIXED_RATE`] for [`MIXED_SECONDS`]; answers each event's
+/// latency (ms) from its scheduled time.
+fn paced_ingest(
+    store: &dyn EventStore,
+    context: &JobContext,
+    thread: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let period = Duration::from_secs_f64(INGEST_THREADS as f64 / MIXED_RATE);
+    let count = (MIXED_SECONDS * MIXED_RATE) as usize / INGEST_THREADS;
+    let start = Instant::now() + period.mul_f64(thread as f64 / INGEST_THREADS as f64);
+    let mut latency = Vec::with_capacity(count);
+    for i in 0..count {
+        let due = start + period.mul_f64(i as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        store.insert_event(&probe_event(context))?;
+        latency.push(due.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(latency)
+}
+
+/// The dispatcher's store traffic: one thread claims batches, another records their outcomes.
+fn spawn_dispatch(
+    store: std::sync::Arc<dyn EventStore>,
+    outcome: jobhook::Outcome,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    recorded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    std::thread::spawn(move || {
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<jobhook::queue::store::Claim>>(4);
+        let recorder_store = std::sync::Arc::clone(&store);
+        let recorder = std::thread::spawn(move || -> anyhow::Result<()> {
+            let record = AttemptRecord {
+                state: DeliveryState::Succeeded,
+                retry_at: None,
+                class: "succeeded".into(),
+                reason: None,
+                outcome: Some(outcome),
+            };
+            for claims in receive {
+                let finished: Vec<_> = claims.iter().map(|c| (c, &record)).collect();
+                recorder_store.finish_batch(&finished)?;
+                recorded.fetch_add(claims.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        let limits = ClaimLimits {
+            max: MAX_CLAIM_BATCH,
+            room: Default::default(),
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let claims = store.claim_batch(store.now(), &limits, LEASE)?;
+            if claims.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            } else if send.send(claims).is_err() {
+                break;
+            }
+        }
+        drop(send);
+        recorder
+            .join()
+            .map_err(|_| anyhow::anyhow!("the recorder thread panicked"))?
+    })
 }
 
 /// What the disk under the benchmark's data directories does: 4 KiB appended and `fsync`ed, one
