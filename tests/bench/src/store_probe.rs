@@ -4,6 +4,8 @@
 //! the dispatcher makes them. It separates the store's own cost from the dispatcher's (thread
 //! hand-overs, sandbox, metrics) when reading scenario c's deliveries/s.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use jobhook::queue::store::sqlite::SqliteStore;
@@ -163,21 +165,21 @@ pub fn mixed() -> anyhow::Result<()> {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        let store: std::sync::Arc<dyn EventStore> = std::sync::Arc::new(SqliteStore::open(&dir)?);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let recorded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(&dir)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let recorded = Arc::new(AtomicUsize::new(0));
         let dispatch = with_dispatch.then(|| {
             spawn_dispatch(
-                std::sync::Arc::clone(&store),
+                Arc::clone(&store),
                 outcome.clone(),
-                std::sync::Arc::clone(&stop),
-                std::sync::Arc::clone(&recorded),
+                Arc::clone(&stop),
+                Arc::clone(&recorded),
             )
         });
         let start = Instant::now();
         let ingest: Vec<_> = (0..INGEST_THREADS)
             .map(|thread| {
-                let store = std::sync::Arc::clone(&store);
+                let store = Arc::clone(&store);
                 let context = rig.context.clone();
                 std::thread::spawn(move || paced_ingest(store.as_ref(), &context, thread))
             })
@@ -190,8 +192,8 @@ pub fn mixed() -> anyhow::Result<()> {
             latency.extend(samples);
         }
         let sent_for = start.elapsed().as_secs_f64();
-        let delivered = recorded.load(std::sync::atomic::Ordering::Relaxed);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let delivered = recorded.load(Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         if let Some(d) = dispatch {
             d.join()
                 .map_err(|_| anyhow::anyhow!("the dispatch thread panicked"))??;
@@ -239,14 +241,14 @@ fn paced_ingest(
 
 /// The dispatcher's store traffic: one thread claims batches, another records their outcomes.
 fn spawn_dispatch(
-    store: std::sync::Arc<dyn EventStore>,
+    store: Arc<dyn EventStore>,
     outcome: jobhook::Outcome,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    recorded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    recorded: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<anyhow::Result<()>> {
     std::thread::spawn(move || {
         let (send, receive) = std::sync::mpsc::sync_channel::<Vec<jobhook::queue::store::Claim>>(4);
-        let recorder_store = std::sync::Arc::clone(&store);
+        let recorder_store = Arc::clone(&store);
         let recorder = std::thread::spawn(move || -> anyhow::Result<()> {
             let record = AttemptRecord {
                 state: DeliveryState::Succeeded,
@@ -258,7 +260,7 @@ fn spawn_dispatch(
             for claims in receive {
                 let finished: Vec<_> = claims.iter().map(|c| (c, &record)).collect();
                 recorder_store.finish_batch(&finished)?;
-                recorded.fetch_add(claims.len(), std::sync::atomic::Ordering::Relaxed);
+                recorded.fetch_add(claims.len(), Ordering::Relaxed);
             }
             Ok(())
         });
@@ -266,7 +268,7 @@ fn spawn_dispatch(
             max: MAX_CLAIM_BATCH,
             room: Default::default(),
         };
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) {
             let claims = store.claim_batch(store.now(), &limits, LEASE)?;
             if claims.is_empty() {
                 std::thread::sleep(Duration::from_millis(1));

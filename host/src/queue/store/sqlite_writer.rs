@@ -35,7 +35,7 @@ use super::StoreError;
 
 /// Most writes committed in one transaction: bounds how long the first write of a group waits
 /// and the size of one WAL commit.
-pub const MAX_GROUP_COMMIT: usize = 512;
+const MAX_GROUP_COMMIT: usize = 512;
 
 /// How often the checkpointer copies what the WAL holds into the database file. At 1,000
 /// events/s with four deliveries each the WAL grows by some 8 MB/s (events, claims, outcomes
@@ -135,7 +135,8 @@ where
 /// The handle callers write through; the thread ends when it is dropped.
 #[derive(Debug)]
 pub struct Writer {
-    jobs: std::sync::Mutex<mpsc::Sender<Box<dyn Job>>>,
+    /// Shared by every caller as it is (an `mpsc::Sender` is `Sync`): no lock on the way in.
+    jobs: mpsc::Sender<Box<dyn Job>>,
     /// Dropped with the writer: tells the checkpointer to stop.
     _checkpoints: mpsc::Sender<()>,
 }
@@ -181,7 +182,7 @@ impl Writer {
             .spawn(move || write_loop(conn, &receiver, &synced))
             .map_err(thread_error)?;
         Ok(Writer {
-            jobs: std::sync::Mutex::new(sender),
+            jobs: sender,
             _checkpoints: stop,
         })
     }
@@ -217,11 +218,7 @@ impl Writer {
             done,
             committed: write.committed,
         });
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-            .map_err(|_| stopped())?;
+        self.jobs.send(job).map_err(|_| stopped())?;
         result.recv().unwrap_or_else(|_| Err(stopped()))
     }
 }
