@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -360,11 +360,19 @@ impl Dispatcher {
                 max: permits.len(),
                 room: registry.room(),
             };
+            // Every loaded handler at its cap: what a claim could find is at most a delivery of
+            // a handler no longer loaded, and it is claimed with the next delivery that starts.
+            // Not claiming spares the store a query per finished delivery (with one CPU-bound
+            // handler at its cap, an empty claim and a `next_due` followed every claim).
+            let at_cap = !limits.room.is_empty() && limits.room.values().all(|room| *room == 0);
             let store = Arc::clone(&self.store);
             let lease = self.lease;
-            let claimed =
+            let claimed = if at_cap {
+                Ok(Ok(Vec::new()))
+            } else {
                 tokio::task::spawn_blocking(move || store.claim_batch(store.now(), &limits, lease))
-                    .await;
+                    .await
+            };
             match claimed {
                 Ok(Ok(claims)) if !claims.is_empty() => {
                     // Unused permits are dropped here, freeing their slots.
@@ -383,7 +391,11 @@ impl Dispatcher {
                 }
                 Ok(Ok(_)) => {
                     drop(permits);
-                    let pause = self.idle_pause().await;
+                    let pause = if at_cap {
+                        IDLE_POLL
+                    } else {
+                        self.idle_pause().await
+                    };
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(pause) => {}
@@ -450,6 +462,9 @@ impl Dispatcher {
         }
     }
 
+    /// How long to wait after a claim that found nothing, unless a delivery of this node
+    /// finishes or a new event arrives first: until the next delivery falls due, or
+    /// [`IDLE_POLL`].
     async fn idle_pause(&self) -> Duration {
         let store = Arc::clone(&self.store);
         let due = tokio::task::spawn_blocking(move || store.next_due())
@@ -457,13 +472,8 @@ impl Dispatcher {
             .ok()
             .and_then(Result::ok)
             .flatten();
-        match due {
-            Some(at) => (at - self.store.now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .clamp(Duration::from_millis(1), IDLE_POLL),
-            None => IDLE_POLL,
-        }
+        let now = self.store.now();
+        pause_until(due, now)
     }
 
     async fn wind_down(
@@ -698,6 +708,21 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
         if closed && unrecorded.is_empty() && queue.is_empty() {
             break;
         }
+    }
+}
+
+/// The pause after an empty claim, given when the next pending delivery falls due.
+///
+/// A delivery already due that the claim did not get is held back by something that only a
+/// delivery finishing (its handler's concurrency cap), a new event or time changes: its handler
+/// is at its cap or quarantined, another node is claiming it, or no loaded handler has its name.
+/// Claiming again at once would find nothing again, and with a backlog of a saturated handler
+/// that was a claim and a `next_due` query every millisecond; so a due delivery waits for the
+/// dispatcher's other wake-ups or [`IDLE_POLL`]. A delivery due later is waited for.
+fn pause_until(due: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
+    match due.map(|at| (at - now).to_std()) {
+        Some(Ok(wait)) if !wait.is_zero() => wait.clamp(Duration::from_millis(1), IDLE_POLL),
+        _ => IDLE_POLL,
     }
 }
 
@@ -1000,6 +1025,33 @@ mod tests {
         assert_eq!(
             other.count_by_state().unwrap(),
             vec![(DeliveryState::Skipped, 1)]
+        );
+    }
+
+    #[test]
+    fn a_delivery_already_due_that_no_claim_got_is_not_polled_for_in_a_loop() {
+        let now = Utc::now();
+        // Due now or overdue: held back by a cap, a quarantine or another node; only the
+        // dispatcher's wake-ups or the idle poll may claim again.
+        assert_eq!(pause_until(Some(now), now), IDLE_POLL);
+        assert_eq!(
+            pause_until(Some(now - chrono::Duration::seconds(30)), now),
+            IDLE_POLL
+        );
+        // Nothing pending.
+        assert_eq!(pause_until(None, now), IDLE_POLL);
+        // Due soon: waited for exactly; due later than the idle poll: the idle poll.
+        assert_eq!(
+            pause_until(Some(now + chrono::Duration::milliseconds(40)), now),
+            Duration::from_millis(40)
+        );
+        assert_eq!(
+            pause_until(Some(now + chrono::Duration::microseconds(10)), now),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            pause_until(Some(now + chrono::Duration::hours(1)), now),
+            IDLE_POLL
         );
     }
 
