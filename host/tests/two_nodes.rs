@@ -477,7 +477,11 @@ mod frozen_node {
     /// Where B is frozen.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Situation {
-        /// Inside a transaction that holds row locks on deliveries B runs.
+        /// Inside a transaction (an ingest's, with a lock on what it inserted, or any other
+        /// B keeps open across round trips): the server ends that session only after its
+        /// idle-in-transaction timeout. Recording outcomes and renewing leases are single
+        /// statements, so such a transaction normally holds none of B's running deliveries;
+        /// how many it held is reported either way.
         InTransaction,
         /// With none of its sessions inside a transaction.
         BetweenTransactions,
@@ -685,14 +689,12 @@ mod frozen_node {
                             open.iter().find(|s| s.state == "idle in transaction")
                         {
                             let locked = locked_under(watch, node);
-                            if locked > 0 {
-                                return Caught {
-                                    tries,
-                                    at,
-                                    running,
-                                    transaction: Some((session.pid, session.query.clone(), locked)),
-                                };
-                            }
+                            return Caught {
+                                tries,
+                                at,
+                                running,
+                                transaction: Some((session.pid, session.query.clone(), locked)),
+                            };
                         }
                     }
                     Situation::BetweenTransactions if !running.is_empty() && open.is_empty() => {
