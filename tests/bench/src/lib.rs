@@ -10,6 +10,7 @@
 //! | d | [`serve`] | (c) with half the handlers hostile | (c) |
 //! | e | [`startup`] | start-up to ready with 20 handlers and a warm AOT cache | the same start with an empty cache |
 //! | f | [`memory`] | host RSS with 1,000 deliveries waiting on a slow Keyfactor API | the same 1,000 requests made without sandboxes |
+//! | g | [`scale_out`] | (c) on PostgreSQL with one node and two; deliveries/s of two nodes, each pinned to a core, CPU-bound handler | one node pinned to one core |
 //!
 //! `scripts/bench.sh` builds everything and runs the `jobhook-bench` binary, which runs every
 //! scenario and prints (and writes) the table that `docs/PERFORMANCE.md` quotes.
@@ -19,6 +20,7 @@ pub mod machine;
 pub mod memory;
 pub mod peer;
 pub mod report;
+pub mod scale_out;
 pub mod serve;
 pub mod startup;
 pub mod stats;

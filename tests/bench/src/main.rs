@@ -21,7 +21,7 @@ use jobhook_bench::machine::{Machine, load_average};
 use jobhook_bench::peer::{ExtismPeer, PeerCall};
 use jobhook_bench::report::{Report, Row, num};
 use jobhook_bench::stats::{Summary, ratio};
-use jobhook_bench::{memory, serve, startup};
+use jobhook_bench::{memory, scale_out, serve, startup};
 
 /// The performance targets.
 mod target {
@@ -45,6 +45,9 @@ mod target {
     pub const HOSTILE_P99_RATIO: f64 = 1.5;
     /// d: healthy-delivery latency (p50 and p99) with hostile handlers ÷ without.
     pub const HOSTILE_LATENCY_RATIO: f64 = 1.5;
+    /// g: deliveries/s of two nodes on one PostgreSQL database ÷ one node, CPU-bound handler,
+    /// each node on a core of its own.
+    pub const SCALE_OUT_RATIO: f64 = 1.7;
 }
 
 /// Handlers routed for every event in scenarios c and d.
@@ -60,7 +63,7 @@ struct Cli {
     /// not for quoting.
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios (comma-separated letters a–f).
+    /// Only these scenarios (comma-separated letters a–g).
     #[arg(long, value_delimiter = ',')]
     only: Vec<char>,
     /// Where report.md and report.json are written.
@@ -90,6 +93,13 @@ enum Command {
         #[arg(long)]
         mixed: bool,
     },
+    /// (internal) scenario g's machine baseline: counts rounds of arithmetic for a while on
+    /// one thread and prints the count.
+    #[command(hide = true)]
+    CpuSpin {
+        #[arg(long)]
+        millis: u64,
+    },
     /// (internal) one side of scenario f, in a process of its own.
     #[command(hide = true)]
     MemoryChild {
@@ -106,6 +116,7 @@ struct Plan {
     calls_per_round: usize,
     load_seconds: f64,
     startup_repetitions: usize,
+    scale_out_rounds: usize,
 }
 
 impl Plan {
@@ -116,6 +127,7 @@ impl Plan {
                 calls_per_round: 200,
                 load_seconds: 5.0,
                 startup_repetitions: 1,
+                scale_out_rounds: 1,
             }
         } else {
             Plan {
@@ -123,6 +135,7 @@ impl Plan {
                 calls_per_round: 300,
                 load_seconds: 20.0,
                 startup_repetitions: 3,
+                scale_out_rounds: 3,
             }
         }
     }
@@ -132,6 +145,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match &cli.command {
         Some(Command::MemoryChild { mode, base_url }) => Some(memory::child(mode, base_url)),
+        Some(Command::CpuSpin { millis }) => {
+            println!(
+                "{}",
+                scale_out::spin_for(std::time::Duration::from_millis(*millis))
+            );
+            Some(Ok(()))
+        }
         Some(Command::StoreProbe { mixed: true }) => Some(jobhook_bench::store_probe::mixed()),
         Some(Command::StoreProbe { mixed: false }) => Some(jobhook_bench::store_probe::run()),
         Some(Command::PoolTuning { rounds, calls }) => {
@@ -170,6 +190,7 @@ fn main() -> ExitCode {
 fn prepare() -> anyhow::Result<()> {
     eprintln!("building the guest components and the Extism plugin…");
     let _ = jobhook_testkit::guest("guest-bench-noop");
+    let _ = jobhook_testkit::guest("guest-bench-spin");
     jobhook_bench::peer::plugin_path()?;
     Ok(())
 }
@@ -220,6 +241,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .build()?;
         if let Err(e) = runtime.block_on(end_to_end(&plan, wanted('d'), &mut report)) {
             report.skipped.push(("c/d".into(), format!("{e:#}")));
+        }
+    }
+    if wanted('g') {
+        eprintln!("scenario g: scenario c on PostgreSQL, one node and two…");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        match runtime.block_on(scale_out::measure(plan.load_seconds, plan.scale_out_rounds)) {
+            Ok(g) => scale_out_rows(&g, &mut report),
+            Err(e) => report.skipped.push(("g".into(), format!("{e:#}"))),
         }
     }
     report.load_at_end = load_average();
@@ -515,6 +546,19 @@ async fn steady_rows(
     )
     .await
     .context("latency run")?;
+    latency_rows(scenario, &suffix, &bare, &healthy, report);
+    Ok(healthy)
+}
+
+/// The rows of a latency run at 1,000 events/s (`healthy`) against the ingest-only run of the
+/// same configuration (`bare`): ingest latency, deliveries keeping up, delivery latency.
+fn latency_rows(
+    scenario: &'static str,
+    suffix: &str,
+    bare: &serve::LatencyRun,
+    healthy: &serve::LatencyRun,
+    report: &mut Report,
+) {
     let l = &healthy.load;
     let ingest_ratio = ratio(l.latency_ms.p99, bare.load.latency_ms.p99);
     report.rows.push(
@@ -598,7 +642,6 @@ async fn steady_rows(
         if healthy.drained { "drained" } else { "had NOT drained" },
         healthy.drain_seconds
     ));
-    Ok(healthy)
 }
 
 async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::Result<()> {
@@ -800,4 +843,80 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
         bad.drain_seconds
     ));
     Ok(())
+}
+
+/// Scenario g's rows: c's latency rows on PostgreSQL with one node and two, then the CPU-bound
+/// dispatch of two pinned nodes against one.
+fn scale_out_rows(g: &scale_out::ScaleOut, report: &mut Report) {
+    latency_rows("g", ", PostgreSQL, one node", &g.bare, &g.one_node, report);
+    latency_rows(
+        "g",
+        ", PostgreSQL, two nodes (events sent to the first)",
+        &g.bare,
+        &g.two_nodes,
+        report,
+    );
+    let one = scale_out::median_dispatch(&g.dispatch, 1);
+    let two = scale_out::median_dispatch(&g.dispatch, 2);
+    let scale = ratio(two, one);
+    let machine = scale_out::median_machine_scale(&g.machine);
+    report.rows.push(
+        Row::new(
+            "g",
+            format!(
+                "the machine itself: arithmetic done by two processes pinned to cores 0 and 1 ÷ by one on core 0 (median of {}; the ceiling of the row below)",
+                g.machine.len()
+            ),
+            format!("{machine:.2}×"),
+        )
+        .load(
+            g.dispatch
+                .first()
+                .map(|d| d.load_average.clone())
+                .unwrap_or_default(),
+        ),
+    );
+    let rounds = g.dispatch.iter().filter(|d| d.nodes == 2).count();
+    report.rows.push(
+        Row::new(
+            "g",
+            format!(
+                "deliveries/s of a CPU-bound handler, two nodes on one PostgreSQL database, each pinned to its own core (median of {rounds})"
+            ),
+            format!("{} /s", num(two)),
+        )
+        .against(format!("one node pinned to one core: {} /s", num(one)), scale)
+        .target(
+            format!("ratio ≥ {}", target::SCALE_OUT_RATIO),
+            scale >= target::SCALE_OUT_RATIO,
+        )
+        .load(
+            g.dispatch
+                .last()
+                .map(|d| d.load_average.clone())
+                .unwrap_or_default(),
+        ),
+    );
+    let rounds: Vec<String> = g
+        .dispatch
+        .iter()
+        .map(|d| {
+            format!(
+                "{} node(s) {} /s (sandbox call p50 {} ms, {} left pending{})",
+                d.nodes,
+                num(d.per_second),
+                num(d.call_ms),
+                d.backlog_left,
+                if d.backlog_left == 0 {
+                    ", backlog ran out: a floor"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
+    report.notes.push(format!(
+        "g: dispatch rounds in order: {}",
+        rounds.join("; ")
+    ));
 }

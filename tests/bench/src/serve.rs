@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use jobhook_dev::loadgen::{self, LoadReport};
 use jobhook_testkit::engine::{EngineProcess, free_port};
+use jobhook_testkit::postgres::TestDatabase;
 
 use crate::stats::Summary;
 
@@ -97,6 +98,18 @@ pub struct EngineSettings {
     pub sandbox_threads: Option<usize>,
 }
 
+/// Where the engines of a run keep their queue.
+#[derive(Debug, Clone, Copy)]
+pub enum Store<'a> {
+    /// SQLite in the engine's own data directory (the default configuration).
+    Sqlite,
+    /// A PostgreSQL database that every node of the run shares.
+    Postgres(&'a TestDatabase),
+}
+
+/// Lease of a PostgreSQL node's claims in a run: the default (no node dies in a benchmark).
+const POSTGRES_LEASE_MS: u64 = 60_000;
+
 /// A running engine with its own data directory.
 pub struct Server {
     process: EngineProcess,
@@ -105,11 +118,21 @@ pub struct Server {
 
 impl Server {
     /// Starts `jobhook serve` on a free loopback port with `handlers`, every one routed for
-    /// every job type.
+    /// every job type, on SQLite.
     pub fn start(
         run: &str,
         handlers: &[HandlerDef],
         settings: EngineSettings,
+    ) -> anyhow::Result<Server> {
+        Server::start_on(run, handlers, settings, Store::Sqlite)
+    }
+
+    /// Like [`Server::start`], with the queue in `store`.
+    pub fn start_on(
+        run: &str,
+        handlers: &[HandlerDef],
+        settings: EngineSettings,
+        store: Store<'_>,
     ) -> anyhow::Result<Server> {
         let dir = crate::runs_dir().join(run);
         if dir.exists() {
@@ -117,10 +140,20 @@ impl Server {
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
         std::fs::create_dir_all(&dir)?;
+        let data_dir = dir.join("data");
+        let store_section = match store {
+            Store::Sqlite => format!("[store]\ndata_dir = '{}'\n", data_dir.display()),
+            Store::Postgres(db) => {
+                // The configuration reads the password from this file (`{ file = … }`).
+                std::fs::write(dir.join("db-password"), &db.password)?;
+                let data_dir = data_dir.to_str().context("run directory is not UTF-8")?;
+                db.store_section(POSTGRES_LEASE_MS, data_dir)
+            }
+        };
         let config = dir.join("jobhook.toml");
         std::fs::write(
             &config,
-            config_text(free_port(), &dir.join("data"), handlers, settings),
+            config_text(free_port(), &store_section, handlers, settings),
         )?;
         let bin = crate::jobhook_bin();
         anyhow::ensure!(
@@ -135,6 +168,20 @@ impl Server {
     /// The engine's base URL.
     pub fn url(&self) -> &str {
         &self.process.url
+    }
+
+    /// Pins every thread of the engine, and every thread it starts later (threads inherit their
+    /// creator's affinity), to CPU `core` (`taskset --all-tasks`).
+    pub fn pin_to_core(&self, core: usize) -> anyhow::Result<()> {
+        let status = std::process::Command::new("taskset")
+            .args(["--all-tasks", "--cpu-list", "--pid"])
+            .arg(core.to_string())
+            .arg(self.process.pid().to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("cannot run taskset (util-linux)")?;
+        anyhow::ensure!(status.success(), "taskset failed: {status}");
+        Ok(())
     }
 
     /// The SQLite database of the run.
@@ -153,18 +200,15 @@ impl Server {
     }
 }
 
-/// The configuration of a run: loopback, SQLite under `data_dir`, `handlers` for every job type,
-/// everything else default.
+/// The configuration of a run: loopback, the `[store]` section given, `handlers` for every job
+/// type, everything else default.
 pub fn config_text(
     port: u16,
-    data_dir: &Path,
+    store_section: &str,
     handlers: &[HandlerDef],
     settings: EngineSettings,
 ) -> String {
-    let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[store]\ndata_dir = '{}'\n",
-        data_dir.display()
-    );
+    let mut text = format!("[server]\nlisten = \"127.0.0.1:{port}\"\n\n{store_section}");
     if let Some(threads) = settings.sandbox_threads {
         text.push_str(&format!("\n[engine]\nsandbox_threads = {threads}\n"));
     }
@@ -267,20 +311,36 @@ pub struct LatencyRun {
     pub load_average: String,
 }
 
-/// Offers [`LATENCY_RATE`] events/s for `seconds` to a fresh engine with `handlers`.
+/// Offers [`LATENCY_RATE`] events/s for `seconds` to a fresh engine with `handlers` on SQLite.
 pub async fn latency_run(
     run: &str,
     handlers: &[HandlerDef],
     settings: EngineSettings,
     seconds: f64,
 ) -> anyhow::Result<LatencyRun> {
-    let server = Server::start(run, handlers, settings)?;
+    latency_run_on(run, handlers, settings, seconds, Store::Sqlite, 1).await
+}
+
+/// Offers [`LATENCY_RATE`] events/s for `seconds` to `nodes` fresh engines with `handlers`
+/// sharing `store` (several nodes need PostgreSQL). Every event goes to the first node, as a
+/// Keyfactor forwarder posts to one address; every node claims and delivers.
+pub async fn latency_run_on(
+    run: &str,
+    handlers: &[HandlerDef],
+    settings: EngineSettings,
+    seconds: f64,
+    store: Store<'_>,
+    nodes: usize,
+) -> anyhow::Result<LatencyRun> {
+    let servers = (0..nodes.max(1))
+        .map(|i| Server::start_on(&node_run(run, i, nodes), handlers, settings, store))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let urls: Vec<String> = servers.iter().map(|s| s.url().to_owned()).collect();
     let client = reqwest::Client::new();
-    let url = server.url().to_owned();
-    let before = progress(&client, &url).await?;
+    let before = cluster_progress(&client, &urls).await?;
     let started = Instant::now();
     let load = loadgen::run(loadgen::LoadOptions {
-        url: url.clone(),
+        url: urls.first().cloned().unwrap_or_default(),
         rate: LATENCY_RATE,
         duration: Duration::from_secs_f64(seconds),
         token: None,
@@ -291,13 +351,13 @@ pub async fn latency_run(
     .await?;
     let load_average = crate::machine::load_average();
     let sent_for = started.elapsed();
-    let after_load = progress(&client, &url).await?;
+    let after_load = cluster_progress(&client, &urls).await?;
     let deliveries_per_second =
         (after_load.finished - before.finished) as f64 / sent_for.as_secs_f64();
     let drain_start = Instant::now();
     let mut drained = false;
     while drain_start.elapsed() < DRAIN_LIMIT {
-        let p = progress(&client, &url).await?;
+        let p = cluster_progress(&client, &urls).await?;
         if p.pending == 0 && p.running == 0 {
             drained = true;
             break;
@@ -305,8 +365,12 @@ pub async fn latency_run(
         tokio::time::sleep(METRICS_PERIOD).await;
     }
     let drain_seconds = drain_start.elapsed().as_secs_f64();
-    let database = server.stop();
-    let (healthy_latency_ms, healthy_invoke_ms, outcomes) = read_deliveries(&database)?;
+    let databases: Vec<PathBuf> = servers.into_iter().map(Server::stop).collect();
+    let (healthy_latency_ms, healthy_invoke_ms, outcomes) = match (store, databases.first()) {
+        (Store::Postgres(db), _) => read_postgres_deliveries(db)?,
+        (Store::Sqlite, Some(database)) => read_deliveries(database)?,
+        (Store::Sqlite, None) => anyhow::bail!("no engine was started"),
+    };
     Ok(LatencyRun {
         load,
         deliveries_per_second,
@@ -317,6 +381,34 @@ pub async fn latency_run(
         outcomes,
         load_average,
     })
+}
+
+/// The run directory of node `i` of `nodes`: the run's own name when it is the only one.
+pub fn node_run(run: &str, i: usize, nodes: usize) -> String {
+    if nodes <= 1 {
+        run.to_owned()
+    } else {
+        format!("{run}-node-{}", i + 1)
+    }
+}
+
+/// The delivery counts of several nodes on one store: deliveries finished by any of them, and
+/// the store's pending and running deliveries (every node reports the same store; the first is
+/// read).
+pub async fn cluster_progress(
+    client: &reqwest::Client,
+    urls: &[String],
+) -> anyhow::Result<Progress> {
+    let mut total = Progress::default();
+    for (i, url) in urls.iter().enumerate() {
+        let p = progress(client, url).await?;
+        total.finished += p.finished;
+        if i == 0 {
+            total.pending = p.pending;
+            total.running = p.running;
+        }
+    }
+    Ok(total)
 }
 
 /// What a throughput run measured.
@@ -410,5 +502,41 @@ fn read_deliveries(database: &Path) -> anyhow::Result<(Summary, Summary, Outcome
         })?
         .map(|r| r.map(|(h, c, n)| (h, c, u64::try_from(n).unwrap_or(0))))
         .collect::<Result<Vec<_>, _>>()?;
+    Ok((Summary::of(&latency), Summary::of(&invoke), outcomes))
+}
+
+/// [`read_deliveries`] for a run on PostgreSQL: the same figures, read with `psql`.
+fn read_postgres_deliveries(
+    db: &TestDatabase,
+) -> anyhow::Result<(Summary, Summary, OutcomeCounts)> {
+    let query = |sql: &str| db.query(sql).map_err(|e| anyhow::anyhow!("{e}"));
+    let mut latency = Vec::new();
+    let mut invoke = Vec::new();
+    let rows = query(
+        "SELECT (extract(epoch FROM d.finished_at - e.received_at) * 1000)::float8,
+                d.duration_ms::float8
+         FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE d.handler LIKE 'healthy-%' AND d.state = 'succeeded'",
+    )?;
+    for line in rows.lines() {
+        let (ms, duration) = line.split_once('|').unwrap_or((line, ""));
+        latency.push(
+            ms.parse::<f64>()
+                .with_context(|| format!("latency {ms:?}"))?,
+        );
+        invoke.extend(duration.parse::<f64>().ok());
+    }
+    let rows = query(
+        "SELECT handler, COALESCE(outcome_class, state), count(*) FROM deliveries
+         GROUP BY 1, 2 ORDER BY 1, 2",
+    )?;
+    let mut outcomes = OutcomeCounts::new();
+    for line in rows.lines() {
+        let mut fields = line.split('|');
+        if let (Some(handler), Some(class), Some(n)) = (fields.next(), fields.next(), fields.next())
+        {
+            outcomes.push((handler.to_owned(), class.to_owned(), n.parse().unwrap_or(0)));
+        }
+    }
     Ok((Summary::of(&latency), Summary::of(&invoke), outcomes))
 }

@@ -56,6 +56,9 @@ pub struct PostgresServer {
     password: String,
     run_as_postgres: bool,
     databases: AtomicUsize,
+    /// Whether commits are flushed to disk as on a production server (`fsync`,
+    /// `synchronous_commit`); tests turn that off, benchmarks keep it.
+    durable: bool,
 }
 
 /// One empty database on a [`PostgresServer`], owned by [`ROLE`].
@@ -169,8 +172,19 @@ impl PostgresServer {
         }
     }
 
-    /// Starts a private server (initdb into a new temporary directory, then `pg_ctl start`).
+    /// Starts a private server (initdb into a new temporary directory, then `pg_ctl start`)
+    /// that does not flush commits to disk: it is thrown away, and tests want speed.
     pub fn start() -> Result<Self, String> {
+        Self::start_with(false)
+    }
+
+    /// Like [`PostgresServer::start`], with PostgreSQL's default durability (every commit
+    /// flushed to disk before it is answered): what a benchmark of a real installation needs.
+    pub fn start_durable() -> Result<Self, String> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Self, String> {
         let bindir = bindir()?;
         let run_as_postgres = effective_uid_is_root();
         let owner = if run_as_postgres {
@@ -190,6 +204,7 @@ impl PostgresServer {
             password: password(),
             run_as_postgres,
             databases: AtomicUsize::new(0),
+            durable,
         };
         // From here on, dropping `server` removes the directory (and stops what was started).
         if let Some((uid, gid)) = owner {
@@ -320,10 +335,15 @@ impl PostgresServer {
     }
 
     fn pg_ctl_start(&self) -> Result<(), String> {
-        // Durability settings are off: the cluster is thrown away, and tests want speed.
+        // Without `durable`, durability settings are off: the cluster is thrown away.
+        let durability = if self.durable {
+            ""
+        } else {
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let options = format!(
             "-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c max_connections={MAX_CONNECTIONS} \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB",
+             -c shared_buffers=32MB{durability}",
             port = self.port,
             socket = self.base.display(),
         );
