@@ -196,21 +196,36 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
     assert_eq!(body["deliveries"], json!(["all"]));
 }
 
+/// The most of `runs` (start, finish) that were running at once, counted at every start.
+fn most_at_once(runs: &[(Timestamp, Timestamp)]) -> usize {
+    runs.iter()
+        .map(|(start, _)| runs.iter().filter(|(s, f)| s <= start && start < f).count())
+        .max()
+        .unwrap_or(0)
+}
+
+type Timestamp = chrono::DateTime<chrono::FixedOffset>;
+
+fn time(d: &Value, field: &str) -> Timestamp {
+    d[field]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .unwrap_or_else(|| panic!("no {field}: {d}"))
+}
+
 #[tokio::test]
 async fn a_handlers_concurrency_cap_holds_and_does_not_hold_up_the_others() {
     const EVENTS: usize = 6;
     const CAP: usize = 2;
     let setup = Setup::new();
-    // Every "sleepy" delivery lasts its whole time budget; "quick" has no cap of its own.
+    // Every "slow" delivery takes 250 ms and succeeds; "quick" has no cap of its own.
     let engine = setup.start(&format!(
-        "[quarantine]\nafter_failures = 100\n\n{}{}",
+        "{}{}",
         handler(
-            "sleepy",
-            "guest-sleep",
+            "slow",
+            "guest-attempt-probe",
             "[\"*\"]",
-            &format!(
-                "max_concurrency = {CAP}\n[handlers.limits]\ntimeout_ms = 250\n[handlers.retry]\nmax_attempts = 1"
-            ),
+            &format!("max_concurrency = {CAP}\nproperties = {{ SleepMs = \"250\" }}"),
         ),
         handler("quick", "log-context", "[\"*\"]", ""),
     ));
@@ -220,40 +235,64 @@ async fn a_handlers_concurrency_cap_holds_and_does_not_hold_up_the_others() {
         assert_eq!(status, 202, "{body}");
         ids.push(body["event_id"].as_str().expect("id").to_owned());
     }
-    let time = |d: &Value, field: &str| {
-        d[field]
-            .as_str()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .unwrap_or_else(|| panic!("no {field}: {d}"))
-    };
-    let (mut sleepy, mut quick) = (Vec::new(), Vec::new());
+    let (mut slow, mut quick) = (Vec::new(), Vec::new());
+    for id in &ids {
+        let event = settled(&engine, id).await;
+        let s = delivery(&event, "slow");
+        assert_eq!(s["state"], "succeeded", "{s}");
+        slow.push((time(s, "started_at"), time(s, "finished_at")));
+        let q = delivery(&event, "quick");
+        assert_eq!(q["state"], "succeeded", "{q}");
+        quick.push(time(q, "finished_at"));
+    }
+    // Its first success earned it its second place; never more than the cap.
+    assert_eq!(most_at_once(&slow), CAP, "runs: {slow:?}");
+    // The capped handler's backlog did not keep the other handler waiting.
+    let last_slow_start = slow.iter().map(|(s, _)| *s).max().expect("runs");
+    assert!(
+        quick.iter().all(|f| *f < last_slow_start),
+        "quick: {quick:?}, slow: {slow:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_handler_that_has_not_succeeded_runs_one_delivery_at_a_time() {
+    const EVENTS: usize = 4;
+    let setup = Setup::new();
+    // Every "sleepy" delivery lasts its whole time budget and fails; quarantine stays out of
+    // the way, so only the earned places keep it to one at a time.
+    let engine = setup.start(&format!(
+        "[quarantine]\nafter_failures = 100\n\n{}",
+        handler(
+            "sleepy",
+            "guest-sleep",
+            "[\"*\"]",
+            "max_concurrency = 4\n[handlers.limits]\ntimeout_ms = 250\n[handlers.retry]\nmax_attempts = 1",
+        ),
+    ));
+    let mut ids = Vec::new();
+    for _ in 0..EVENTS {
+        let (status, body) = post(&engine, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["event_id"].as_str().expect("id").to_owned());
+    }
+    let mut sleepy = Vec::new();
     for id in &ids {
         let event = settled(&engine, id).await;
         let s = delivery(&event, "sleepy");
         assert_eq!(s["outcome"], "timed-out", "{s}");
         sleepy.push((time(s, "started_at"), time(s, "finished_at")));
-        let q = delivery(&event, "quick");
-        assert_eq!(q["state"], "succeeded", "{q}");
-        quick.push(time(q, "finished_at"));
     }
-    // At every start, count the sleepy deliveries running then (itself included).
-    let most_at_once = sleepy
-        .iter()
-        .map(|(start, _)| {
-            sleepy
-                .iter()
-                .filter(|(s, f)| s <= start && start < f)
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
-    assert_eq!(most_at_once, CAP, "runs: {sleepy:?}");
-    // The capped handler's backlog did not keep the other handler waiting.
-    let last_sleepy_start = sleepy.iter().map(|(s, _)| *s).max().expect("runs");
-    assert!(
-        quick.iter().all(|f| *f < last_sleepy_start),
-        "quick: {quick:?}, sleepy: {sleepy:?}"
-    );
+    assert_eq!(most_at_once(&sleepy), 1, "runs: {sleepy:?}");
+    let (status, text) = get(&engine, "/v1/handlers").await;
+    assert_eq!(status, 200, "{text}");
+    let handlers: Value = serde_json::from_str(&text).expect("handlers JSON");
+    let sleepy = handlers["handlers"]
+        .as_array()
+        .and_then(|hs| hs.iter().find(|h| h["name"] == "sleepy"))
+        .unwrap_or_else(|| panic!("no sleepy handler: {handlers:#}"));
+    assert_eq!(sleepy["places"], 1, "{sleepy}");
+    assert_eq!(sleepy["max_concurrency"], 4, "{sleepy}");
 }
 
 #[tokio::test]

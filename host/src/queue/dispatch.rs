@@ -52,6 +52,24 @@ const MAX_RECORD_BATCH: usize = 256;
 /// memory.
 const RECORD_QUEUE: usize = 1024;
 
+/// Deliveries a handler may run at once before it has succeeded: it earns the rest of its
+/// `max_concurrency` by succeeding (each success doubles its places, each failure halves them,
+/// never below this). A handler that loops until its time budget or bombs its memory limit
+/// thus runs one delivery at a time, not `max_concurrency` of them, until quarantine sets it
+/// aside; a healthy one reaches its cap after a handful of deliveries (16 after four rounds of
+/// successes).
+const FIRST_PLACES: usize = 1;
+
+/// A handler's places after an outcome: doubled by a success (up to `cap`), halved by a
+/// failure (down to [`FIRST_PLACES`]).
+fn places_after(places: usize, cap: usize, succeeded: bool) -> usize {
+    if succeeded {
+        places.saturating_mul(2).min(cap.max(FIRST_PLACES))
+    } else {
+        (places / 2).max(FIRST_PLACES)
+    }
+}
+
 /// A finished attempt on its way to the store, with whom to tell what became of it.
 struct Finished {
     claim: Claim,
@@ -66,6 +84,8 @@ pub struct RegisteredHandler {
     /// The loaded component.
     pub handler: SandboxedHandler,
     running: AtomicUsize,
+    /// Deliveries it has earned the right to run at once (see [`FIRST_PLACES`]).
+    earned: AtomicUsize,
     quarantine: Mutex<Quarantine>,
 }
 
@@ -88,6 +108,7 @@ impl RegisteredHandler {
             config,
             handler,
             running: AtomicUsize::new(0),
+            earned: AtomicUsize::new(FIRST_PLACES),
             quarantine: Mutex::new(Quarantine::new(quarantine)),
         }
     }
@@ -106,9 +127,29 @@ impl RegisteredHandler {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// How many of its deliveries may run at once now: what it has earned by succeeding, up
+    /// to its `max_concurrency`.
+    pub fn places(&self) -> usize {
+        self.earned
+            .load(Ordering::Relaxed)
+            .min(self.config.max_concurrency)
+    }
+
     /// How many more of its deliveries may start now.
     fn room(&self) -> usize {
-        self.config.max_concurrency.saturating_sub(self.running())
+        self.places().saturating_sub(self.running())
+    }
+
+    /// Counts an outcome towards its places: a success doubles them (up to `max_concurrency`),
+    /// a failure halves them (down to [`FIRST_PLACES`]).
+    fn earn(&self, succeeded: bool) {
+        let cap = self.config.max_concurrency;
+        // The closure always returns `Some`, so the update cannot fail.
+        let _ = self
+            .earned
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |places| {
+                Some(places_after(places, cap, succeeded))
+            });
     }
 }
 
@@ -199,6 +240,8 @@ pub struct HandlerSummary {
     pub properties: BTreeMap<String, String>,
     /// Deliveries running now.
     pub running: usize,
+    /// Deliveries it may run at once now: earned by succeeding, up to `max_concurrency`.
+    pub places: usize,
     /// Quarantine status.
     pub health: QuarantineStatus,
 }
@@ -251,6 +294,7 @@ impl HandlerSummary {
                 })
                 .collect(),
             running: h.running(),
+            places: h.places(),
             health: h.status(),
         }
     }
@@ -541,6 +585,7 @@ impl Dispatcher {
         // freeze itself would otherwise count against it.
         if let (Some(h), Ok(Finish::Recorded), Some(succeeded)) = (&handler, done.await, verdict) {
             h.quarantine().record(succeeded, Instant::now());
+            h.earn(succeeded);
         }
         // The handler's slot is held until the outcome is on record, as the store sees it: the
         // delivery is `running` there until then, so the cap holds for the store's view too.
@@ -1026,6 +1071,24 @@ mod tests {
             other.count_by_state().unwrap(),
             vec![(DeliveryState::Skipped, 1)]
         );
+    }
+
+    #[test]
+    fn places_are_earned_by_successes_and_lost_by_failures() {
+        // A new handler: one place; four successes in a row reach a cap of 16, no further.
+        let mut places = FIRST_PLACES;
+        for expected in [2, 4, 8, 16, 16] {
+            places = places_after(places, 16, true);
+            assert_eq!(places, expected);
+        }
+        // Each failure halves them, never below the first place.
+        for expected in [8, 4, 2, 1, 1] {
+            places = places_after(places, 16, false);
+            assert_eq!(places, expected);
+        }
+        // A cap below the first place count still lets one delivery run.
+        assert_eq!(places_after(1, 0, true), FIRST_PLACES);
+        assert_eq!(places_after(usize::MAX, usize::MAX, true), usize::MAX);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::machine::Machine;
 /// One measured figure.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    /// Scenario letter (`a`–`f`).
+    /// Scenario letter (`a`–`g`).
     pub scenario: &'static str,
     /// What was measured.
     pub figure: String,
