@@ -196,6 +196,17 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
     assert_eq!(body["deliveries"], json!(["all"]));
 }
 
+/// Posts `n` copies of the sample context; returns their event ids.
+async fn post_samples(engine: &EngineProcess, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let (status, body) = post(engine, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["event_id"].as_str().expect("id").to_owned());
+    }
+    ids
+}
+
 /// The most of `runs` (start, finish) that were running at once, counted at every start.
 fn most_at_once(runs: &[(Timestamp, Timestamp)]) -> usize {
     runs.iter()
@@ -229,12 +240,7 @@ async fn a_handlers_concurrency_cap_holds_and_does_not_hold_up_the_others() {
         ),
         handler("quick", "log-context", "[\"*\"]", ""),
     ));
-    let mut ids = Vec::new();
-    for _ in 0..EVENTS {
-        let (status, body) = post(&engine, &sample_context_json()).await;
-        assert_eq!(status, 202, "{body}");
-        ids.push(body["event_id"].as_str().expect("id").to_owned());
-    }
+    let ids = post_samples(&engine, EVENTS).await;
     let (mut slow, mut quick) = (Vec::new(), Vec::new());
     for id in &ids {
         let event = settled(&engine, id).await;
@@ -270,12 +276,7 @@ async fn a_handler_that_has_not_succeeded_runs_one_delivery_at_a_time() {
             "max_concurrency = 4\n[handlers.limits]\ntimeout_ms = 250\n[handlers.retry]\nmax_attempts = 1",
         ),
     ));
-    let mut ids = Vec::new();
-    for _ in 0..EVENTS {
-        let (status, body) = post(&engine, &sample_context_json()).await;
-        assert_eq!(status, 202, "{body}");
-        ids.push(body["event_id"].as_str().expect("id").to_owned());
-    }
+    let ids = post_samples(&engine, EVENTS).await;
     let mut sleepy = Vec::new();
     for id in &ids {
         let event = settled(&engine, id).await;
