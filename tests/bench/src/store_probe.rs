@@ -53,7 +53,7 @@ fn sequential() -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         let t = Instant::now();
-        let Some(c) = store.claim(chrono::Utc::now(), &[], LEASE)? else {
+        let Some(c) = store.claim(store.now(), &[], LEASE)? else {
             break;
         };
         claim.push(t.elapsed().as_secs_f64() * 1e6);
@@ -107,7 +107,7 @@ fn sequential() -> anyhow::Result<()> {
     let (mut claimed, mut batches) = (0usize, 0usize);
     let start = Instant::now();
     loop {
-        let claims = store.claim_batch(chrono::Utc::now(), &limits, LEASE)?;
+        let claims = store.claim_batch(store.now(), &limits, LEASE)?;
         if claims.is_empty() {
             break;
         }
