@@ -439,6 +439,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_failing_checkpointer_keeps_going_and_stops_with_its_writer() {
+        let (dir, conn) = table();
+        conn.execute("INSERT INTO t VALUES ('row')", []).unwrap();
+        let read_only = Connection::open_with_flags(
+            dir.path().join("db.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        // The premise: a checkpoint on this connection fails.
+        assert!(
+            read_only
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .is_err()
+        );
+        let (stop, stopped) = mpsc::channel();
+        let (ended, end) = mpsc::channel();
+        std::thread::spawn(move || {
+            checkpoint_loop(&read_only, &stopped);
+            let _ = ended.send(());
+        });
+        // Past its first failure and into its back-off, it has not given up...
+        std::thread::sleep(CHECKPOINT_PERIOD * 3);
+        assert!(
+            end.try_recv().is_err(),
+            "the checkpointer ended after a failure"
+        );
+        // ...and the writer's end stops it without waiting out the back-off.
+        drop(stop);
+        end.recv_timeout(CHECKPOINT_PERIOD * 5)
+            .expect("the checkpointer outlived its writer");
+    }
+
     fn insert(v: &'static str) -> impl FnOnce(&Connection) -> Result<(), StoreError> {
         move |tx| {
             tx.execute("INSERT INTO t VALUES (?1)", [v])
