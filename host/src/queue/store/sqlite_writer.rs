@@ -42,6 +42,11 @@ const MAX_GROUP_COMMIT: usize = 512;
 /// with their logs); a checkpoint every 50 ms keeps it near SQLite's default size.
 const CHECKPOINT_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// How long the checkpointer waits after a checkpoint failed before it tries again: meanwhile
+/// the writer checkpoints by itself once the WAL reaches [`WRITER_CHECKPOINT_PAGES`], and a
+/// failure that repeats (a read-only file, a full disk) is not logged twenty times a second.
+const CHECKPOINT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The WAL size (pages) at which the writer checkpoints by itself, in case the checkpointer
 /// falls behind: ten times SQLite's default, so that in normal running the writer never stops
 /// for a checkpoint's copying and syncs, and the WAL stays bounded (~40 MB) whatever happens.
@@ -324,9 +329,8 @@ fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
         let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         if let Err(e) = checkpointed {
             tracing::warn!("cannot checkpoint the store's WAL (the writer will): {e}");
-            // Not again at once: the writer checkpoints by itself once the WAL is large.
             if !matches!(
-                stop.recv_timeout(CHECKPOINT_PERIOD * 20),
+                stop.recv_timeout(CHECKPOINT_BACKOFF),
                 Err(mpsc::RecvTimeoutError::Timeout)
             ) {
                 return;
@@ -436,6 +440,30 @@ mod tests {
         while std::fs::metadata(&database).unwrap().len() <= before {
             assert!(std::time::Instant::now() < deadline, "never checkpointed");
             std::thread::sleep(CHECKPOINT_PERIOD);
+        }
+    }
+
+    #[test]
+    fn a_write_that_panics_is_answered_with_an_error_as_is_every_later_write() {
+        let (dir, conn) = table();
+        let writer = start(&dir, conn, "db.sqlite-wal");
+        writer.write(Durability::Normal, insert("before")).unwrap();
+        // A bug in a write ends the writer thread; its caller is told, not left waiting...
+        let panicked = writer.write(
+            Durability::Normal,
+            |_: &Connection| -> Result<(), StoreError> { panic!("a bug in a write") },
+        );
+        assert!(
+            matches!(&panicked, Err(StoreError::Database(m)) if m.contains("writer has stopped")),
+            "{panicked:?}"
+        );
+        // ...and so is everyone after it, durable or not.
+        for durability in [Durability::Normal, Durability::Durable] {
+            let later = writer.write(durability, insert("after"));
+            assert!(
+                matches!(&later, Err(StoreError::Database(m)) if m.contains("writer has stopped")),
+                "{later:?}"
+            );
         }
     }
 
