@@ -296,15 +296,18 @@ impl SqliteStore {
     }
 
     /// Puts the deliveries `which` selects (`?1` is this node) back in the queue, recording
-    /// their interrupted attempts with `reason`, in one transaction.
+    /// their interrupted attempts with `reason` at `now` — or, with `None`, at the queue's time
+    /// read in the writer, as outcomes are — in one transaction.
     fn requeue(
         &self,
         which: &'static str,
-        now: i64,
+        now: Option<i64>,
         reason: &'static str,
     ) -> Result<u64, StoreError> {
         let node = self.node.clone();
+        let clock = Arc::clone(&self.clock);
         self.writer.write(Durability::Normal, move |tx| {
+            let now = now.unwrap_or_else(|| to_ms(clock.now()));
             tx.execute(
                 &format!(
                     "INSERT OR IGNORE INTO attempts
@@ -815,17 +818,13 @@ impl EventStore for SqliteStore {
         // Any claim not this process's: SQLite serves one engine process.
         self.requeue(
             "state = 'running' AND (owner IS NULL OR owner <> ?1)",
-            to_ms(now),
+            Some(to_ms(now)),
             ABANDONED_REASON,
         )
     }
 
     fn release_all(&self) -> Result<u64, StoreError> {
-        self.requeue(
-            "state = 'running' AND owner = ?1",
-            to_ms(self.clock.now()),
-            RELEASED_REASON,
-        )
+        self.requeue("state = 'running' AND owner = ?1", None, RELEASED_REASON)
     }
 
     fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
