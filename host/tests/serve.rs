@@ -198,9 +198,14 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
 
 /// Posts `n` copies of the sample context; returns their event ids.
 async fn post_samples(engine: &EngineProcess, n: usize) -> Vec<String> {
+    post_copies(engine, &sample_context_json(), n).await
+}
+
+/// Posts `n` copies of `context`; returns their event ids.
+async fn post_copies(engine: &EngineProcess, context: &Value, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for _ in 0..n {
-        let (status, body) = post(engine, &sample_context_json()).await;
+        let (status, body) = post(engine, context).await;
         assert_eq!(status, 202, "{body}");
         ids.push(body["event_id"].as_str().expect("id").to_owned());
     }
@@ -264,36 +269,65 @@ async fn a_handlers_concurrency_cap_holds_and_does_not_hold_up_the_others() {
 #[tokio::test]
 async fn a_handler_that_has_not_succeeded_runs_one_delivery_at_a_time() {
     const EVENTS: usize = 4;
-    let setup = Setup::new();
-    // Every "sleepy" delivery lasts its whole time budget and fails; quarantine stays out of
-    // the way, so only the earned places keep it to one at a time.
-    let engine = setup.start(&format!(
-        "[quarantine]\nafter_failures = 100\n\n{}",
-        handler(
-            "sleepy",
-            "guest-sleep",
-            "[\"*\"]",
-            "max_concurrency = 4\n[handlers.limits]\ntimeout_ms = 250\n[handlers.retry]\nmax_attempts = 1",
+    // One handler per way of failing, each allowed 4 at once; quarantine stays out of the way,
+    // so only the earned places keep each to one at a time. Only the sleeper has a short time
+    // budget: the others fail by themselves, and must not time out on a busy machine instead.
+    // (Only the probe reads `FailOnFailure`; the contexts posted are failed jobs.)
+    let failing = [
+        ("sleepy", "guest-sleep", "timeout_ms = 250", "timed-out"),
+        (
+            "bomb",
+            "guest-memory-bomb",
+            "timeout_ms = 30000",
+            "limit-exceeded",
         ),
-    ));
-    let ids = post_samples(&engine, EVENTS).await;
-    let mut sleepy = Vec::new();
+        ("trap", "guest-trap", "timeout_ms = 30000", "trapped"),
+        ("panic", "guest-panic", "timeout_ms = 30000", "panicked"),
+        (
+            "error",
+            "guest-attempt-probe",
+            "timeout_ms = 30000",
+            "handler-failed",
+        ),
+    ];
+    let setup = Setup::new();
+    let handlers: String = failing
+        .iter()
+        .map(|(name, package, budget, _)| {
+            handler(
+                name,
+                package,
+                "[\"*\"]",
+                &format!(
+                    "properties = {{ FailOnFailure = \"true\" }}\nmax_concurrency = 4\n\
+                     [handlers.limits]\n{budget}\n[handlers.retry]\nmax_attempts = 1"
+                ),
+            )
+        })
+        .collect();
+    let engine = setup.start(&format!("[quarantine]\nafter_failures = 100\n\n{handlers}"));
+    let ids = post_copies(&engine, &context(INVENTORY_TYPE, "Failure"), EVENTS).await;
+    let mut runs = vec![Vec::new(); failing.len()];
     for id in &ids {
         let event = settled(&engine, id).await;
-        let s = delivery(&event, "sleepy");
-        assert_eq!(s["outcome"], "timed-out", "{s}");
-        sleepy.push((time(s, "started_at"), time(s, "finished_at")));
+        for ((name, _, _, class), runs) in failing.iter().zip(&mut runs) {
+            let d = delivery(&event, name);
+            assert_eq!(d["outcome"], *class, "{d}");
+            runs.push((time(d, "started_at"), time(d, "finished_at")));
+        }
     }
-    assert_eq!(most_at_once(&sleepy), 1, "runs: {sleepy:?}");
     let (status, text) = get(&engine, "/v1/handlers").await;
     assert_eq!(status, 200, "{text}");
-    let handlers: Value = serde_json::from_str(&text).expect("handlers JSON");
-    let sleepy = handlers["handlers"]
-        .as_array()
-        .and_then(|hs| hs.iter().find(|h| h["name"] == "sleepy"))
-        .unwrap_or_else(|| panic!("no sleepy handler: {handlers:#}"));
-    assert_eq!(sleepy["places"], 1, "{sleepy}");
-    assert_eq!(sleepy["max_concurrency"], 4, "{sleepy}");
+    let listed: Value = serde_json::from_str(&text).expect("handlers JSON");
+    for ((name, ..), runs) in failing.iter().zip(&runs) {
+        assert_eq!(most_at_once(runs), 1, "{name}: {runs:?}");
+        let h = listed["handlers"]
+            .as_array()
+            .and_then(|hs| hs.iter().find(|h| h["name"] == *name))
+            .unwrap_or_else(|| panic!("{name} not listed: {listed:#}"));
+        assert_eq!(h["places"], 1, "{h}");
+        assert_eq!(h["max_concurrency"], 4, "{h}");
+    }
 }
 
 #[tokio::test]
