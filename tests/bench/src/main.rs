@@ -513,7 +513,6 @@ fn memory_rows(m: &memory::Memory, report: &mut Report) {
     ));
 }
 
-/// Scenarios c and d.
 /// Scenario c's steady runs at 1,000 events/s — without handlers (the baseline), then with the
 /// four healthy ones — and their rows; with `hog`, as many `yes > /dev/null` processes run beside
 /// the engine the whole time (a machine something else is busy on).
@@ -644,6 +643,7 @@ fn latency_rows(
     ));
 }
 
+/// Scenarios c and d.
 async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::Result<()> {
     let seconds = plan.load_seconds;
     let defaults = serve::EngineSettings::default();

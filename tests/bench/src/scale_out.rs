@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use jobhook_dev::loadgen;
 use jobhook_testkit::postgres::{PostgresServer, TestDatabase};
 
-use crate::serve::{self, EngineSettings, HandlerDef, Server, Store};
+use crate::serve::{self, EngineSettings, HandlerDef, Server, Store, query};
 
 /// Rate at which the backlog of a dispatch round is offered (events/s).
 const BACKLOG_RATE: u32 = 1_000;
@@ -86,27 +86,10 @@ pub async fn measure(seconds: f64, rounds: usize) -> anyhow::Result<ScaleOut> {
         PostgresServer::start_durable()
             .map_err(|e| anyhow::anyhow!("PostgreSQL not available: {e}"))?,
     );
-    let defaults = EngineSettings::default();
-    let mut latency = Vec::new();
-    for (run, handlers, nodes) in [
-        ("g-ingest-only", serve::no_handlers(), 1),
-        ("g-latency", serve::healthy_set(), 1),
-        ("g-latency-two", serve::healthy_set(), 2),
-    ] {
-        eprintln!("scenario g: {run}, {nodes} node(s), 1,000 events/s ({seconds} s)…");
-        let db = database(&server)?;
-        let result = serve::latency_run_on(
-            run,
-            &handlers,
-            defaults,
-            seconds,
-            Store::Postgres(&db),
-            nodes,
-        )
-        .await
-        .with_context(|| format!("{run} on PostgreSQL"))?;
-        latency.push(result);
-    }
+    let bare = latency_run(&server, "g-ingest-only", &serve::no_handlers(), 1, seconds).await?;
+    let one_node = latency_run(&server, "g-latency", &serve::healthy_set(), 1, seconds).await?;
+    let two_nodes =
+        latency_run(&server, "g-latency-two", &serve::healthy_set(), 2, seconds).await?;
     let mut dispatch = Vec::new();
     let mut machine = Vec::new();
     for round in 0..rounds {
@@ -128,17 +111,36 @@ pub async fn measure(seconds: f64, rounds: usize) -> anyhow::Result<ScaleOut> {
             );
         }
     }
-    let mut latency = latency.into_iter();
-    match (latency.next(), latency.next(), latency.next()) {
-        (Some(bare), Some(one_node), Some(two_nodes)) => Ok(ScaleOut {
-            bare,
-            one_node,
-            two_nodes,
-            dispatch,
-            machine,
-        }),
-        _ => anyhow::bail!("a latency run is missing"),
-    }
+    Ok(ScaleOut {
+        bare,
+        one_node,
+        two_nodes,
+        dispatch,
+        machine,
+    })
+}
+
+/// Scenario c's latency run on a new database of `server` with `nodes` nodes.
+async fn latency_run(
+    server: &Arc<PostgresServer>,
+    run: &str,
+    handlers: &[HandlerDef],
+    nodes: usize,
+    seconds: f64,
+) -> anyhow::Result<serve::LatencyRun> {
+    eprintln!("scenario g: {run}, {nodes} node(s), 1,000 events/s ({seconds} s)…");
+    let db = database(server)?;
+    let settings = EngineSettings::default();
+    serve::latency_run_on(
+        run,
+        handlers,
+        settings,
+        seconds,
+        Store::Postgres(&db),
+        nodes,
+    )
+    .await
+    .with_context(|| format!("{run} on PostgreSQL"))
 }
 
 fn database(server: &Arc<PostgresServer>) -> anyhow::Result<TestDatabase> {
@@ -216,10 +218,6 @@ fn counts(db: &TestDatabase) -> anyhow::Result<(u64, u64)> {
         .split_once('|')
         .with_context(|| format!("unexpected count output {text:?}"))?;
     Ok((finished.parse()?, pending.parse()?))
-}
-
-fn query(db: &TestDatabase, sql: &str) -> anyhow::Result<String> {
-    db.query(sql).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Median of the dispatch rounds with `nodes` nodes (deliveries/s).

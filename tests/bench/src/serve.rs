@@ -505,11 +505,17 @@ fn read_deliveries(database: &Path) -> anyhow::Result<(Summary, Summary, Outcome
     Ok((Summary::of(&latency), Summary::of(&invoke), outcomes))
 }
 
+/// Runs `sql` in `db` with `psql`; answers its unaligned output (one row per line, columns
+/// separated by `|`).
+pub fn query(db: &TestDatabase, sql: &str) -> anyhow::Result<String> {
+    db.query(sql).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// [`read_deliveries`] for a run on PostgreSQL: the same figures, read with `psql`.
 fn read_postgres_deliveries(
     db: &TestDatabase,
 ) -> anyhow::Result<(Summary, Summary, OutcomeCounts)> {
-    let query = |sql: &str| db.query(sql).map_err(|e| anyhow::anyhow!("{e}"));
+    let query = |sql: &str| query(db, sql);
     let mut latency = Vec::new();
     let mut invoke = Vec::new();
     let rows = query(

@@ -76,7 +76,7 @@ fn sequential() -> anyhow::Result<()> {
     );
     println!("load average: {}", crate::machine::load_average());
     println!(
-        "insert_event (synchronous=FULL, one at a time): median {:.0} µs, p99 {:.0} µs; {:.0} events/s",
+        "insert_event (synced, one at a time): median {:.0} µs, p99 {:.0} µs; {:.0} events/s",
         i.p50,
         i.p99,
         EVENTS as f64 / insert_total.as_secs_f64()
@@ -284,8 +284,9 @@ fn spawn_dispatch(
 }
 
 /// What the disk under the benchmark's data directories does: 4 KiB appended and `fsync`ed, one
-/// after another, for `duration`. Every ingest commit waits for one such sync (`synchronous =
-/// FULL`), so a stall here is a stall of every event being ingested at that moment; reported
+/// after another, for `duration`. Every accepted event waits for one such sync (the store's
+/// syncer `fdatasync`s the WAL before the event is answered), so a stall here is a stall of every
+/// event being ingested at that moment; reported
 /// beside scenario c so that its latency tail can be read against the disk's.
 pub struct FsyncProbe {
     /// Per-sync latency, ms.
