@@ -7,7 +7,8 @@
 //!
 //! Every component is built once per test binary (into `CARGO_TARGET_TMPDIR/lang`); runs share
 //! one AOT cache directory there, so the Python components are compiled once per engine build,
-//! not once per run. A missing toolchain fails the tests with a message naming
+//! not once per run. The Python guests are one component (`tests/guests-py/guests.py` runs the
+//! guest its handler property `guest` names), so CPython is built and compiled once for all nine. A missing toolchain fails the tests with a message naming
 //! `scripts/lang-toolchains.sh`, unless `JOBHOOK_SKIP_LANGS=1` is set explicitly.
 
 use std::path::{Path, PathBuf};
@@ -237,23 +238,25 @@ const TIME_LIMITED_MS: &str = "2000";
 /// the limit it is there to test (memory, stack) before its time runs out.
 const AMPLE_MS: &str = "60000";
 
-/// What `jobhook run` says of guest `name`, expected to end as `class`.
+/// What `jobhook run` says of guest `name` of `dir`, expected to end as `class`. `guests-js`
+/// builds a component per guest; `guests-py` builds one for all of them (CPython is built and
+/// compiled once), which runs the guest its handler property `guest` names.
 fn guest_outcome(dir: &str, name: &str, class: &str) -> Value {
-    let component = built().join(dir).join(format!("{name}.wasm"));
     let budget = if class == "timed-out" {
         TIME_LIMITED_MS
     } else {
         AMPLE_MS
     };
-    run_json(
-        &component,
-        &[
-            "--context",
-            &context("failed-after-retries"),
-            "--timeout-ms",
-            budget,
-        ],
-    )
+    let ctx = context("failed-after-retries");
+    let mut args = vec!["--context", &ctx, "--timeout-ms", budget];
+    let selector = format!("guest={name}");
+    let component = if dir == "guests-py" {
+        args.extend(["--property", &selector]);
+        built().join(dir).join("guests.wasm")
+    } else {
+        built().join(dir).join(format!("{name}.wasm"))
+    };
+    run_json(&component, &args)
 }
 
 fn expect_class(outcome: &Value, class: &str, what: &str) {
@@ -309,6 +312,8 @@ fn hostile_python_guests_are_contained() {
         ("hostile_recursion", "limit-exceeded"),
         ("hostile_log_flood", "succeeded"),
         ("hostile_sockets", "succeeded"),
+        // The property selects the guest: a name no module has is the dispatcher's own err.
+        ("no_such_guest", "handler-failed"),
     ] {
         let outcome = guest_outcome("guests-py", name, class);
         expect_class(&outcome, class, name);
@@ -319,6 +324,10 @@ fn hostile_python_guests_are_contained() {
                 let logs = outcome["logs"].to_string();
                 // `succeeded` means nothing worked (the guest returns err naming what did).
                 assert!(logs.contains("PermissionError"), "{outcome:#}");
+            }
+            "no_such_guest" => {
+                let reason = outcome["reason"].to_string();
+                assert!(reason.contains("hostile_loop"), "{outcome:#}");
             }
             _ => {}
         }

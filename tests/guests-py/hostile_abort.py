@@ -1,9 +1,6 @@
 """Hostile: os.abort()."""
 import os
 
-import wit_world
 
-
-class WitWorld(wit_world.WitWorld):
-    def run_handler(self, context) -> None:
-        os.abort()
+def run(context) -> None:
+    os.abort()

@@ -1,9 +1,6 @@
 """Hostile: sys.exit instead of returning."""
 import sys
 
-import wit_world
 
-
-class WitWorld(wit_world.WitWorld):
-    def run_handler(self, context) -> None:
-        sys.exit(3)
+def run(context) -> None:
+    sys.exit(3)

@@ -1,10 +1,8 @@
 """Hostile: a flood of log lines (the engine keeps a bounded number and counts the rest)."""
-import wit_world
 from wit_world.imports import log
 
 
-class WitWorld(wit_world.WitWorld):
-    def run_handler(self, context) -> None:
-        line = "x" * 1000
-        for i in range(20000):
-            log.log(log.Level.INFO, f"{i} {line}")
+def run(context) -> None:
+    line = "x" * 1000
+    for i in range(20000):
+        log.log(log.Level.INFO, f"{i} {line}")

@@ -4,7 +4,6 @@ every attempt must fail. Returns err listing anything that worked, ok when nothi
 import encodings.idna  # noqa: F401  (host names are IDNA-encoded; bundle the codec)
 import socket
 
-import wit_world
 from componentize_py_types import Err
 from wit_world.imports import log
 
@@ -36,17 +35,16 @@ def dns_lookup():
     socket.getaddrinfo("localhost", 80)
 
 
-class WitWorld(wit_world.WitWorld):
-    def run_handler(self, context) -> None:
-        worked = [
-            w
-            for w in (
-                attempt("tcp connect 127.0.0.1:1", tcp_connect),
-                attempt("tcp listen", tcp_listen),
-                attempt("udp bind", udp_bind),
-                attempt("dns lookup", dns_lookup),
-            )
-            if w
-        ]
-        if worked:
-            raise Err("network reachable: " + ", ".join(worked))
+def run(context) -> None:
+    worked = [
+        w
+        for w in (
+            attempt("tcp connect 127.0.0.1:1", tcp_connect),
+            attempt("tcp listen", tcp_listen),
+            attempt("udp bind", udp_bind),
+            attempt("dns lookup", dns_lookup),
+        )
+        if w
+    ]
+    if worked:
+        raise Err("network reachable: " + ", ".join(worked))
