@@ -20,6 +20,10 @@
 //! - **jobhook on sandbox threads**: `SandboxedHandler::invoke` on an engine with its own low-priority
 //!   sandbox threads, as `jobhook serve` runs it with `[engine] sandbox_threads`: the first
 //!   variant plus a hand-over to another thread and back.
+//! - **jobhook, no WASI imports**: `SandboxedHandler::invoke` of the same noop source built for
+//!   `wasm32-unknown-unknown` and made a component (`crate::narrow`): it imports only
+//!   `jobhook:handler/types`, where the `wasm32-wasip2` build imports 13 WASI interfaces; also
+//!   timed by phase on the floor's minimal store.
 
 use std::time::{Duration, Instant};
 
@@ -186,6 +190,10 @@ pub struct DeliveryRig {
     pub baseline: RawWasmtime,
     /// `guest-bench-noop` on jobhook's pooled engine with `InstancePre`, minimal state.
     pub floor: RawWasmtime,
+    /// `guest-bench-noop` without WASI imports, loaded through jobhook's load gate.
+    pub narrow: SandboxedHandler,
+    /// `guest-bench-noop` without WASI imports on the floor's engine and minimal state.
+    pub narrow_floor: RawWasmtime,
 }
 
 impl DeliveryRig {
@@ -208,8 +216,10 @@ impl DeliveryRig {
                 &engine, &services, wasm, spec, &options,
             ))
         };
+        let narrow_wasm = crate::narrow::noop_without_wasi()?;
         let noop = load(noop_wasm.clone(), "bench-noop")?;
         let log_context = load(log_wasm, "log-context")?;
+        let narrow = load(narrow_wasm.clone(), "bench-noop-no-wasi")?;
         let threaded = Engine::new(POOL_SLOTS)?.with_sandbox_threads(SANDBOX_THREADS)?;
         let noop_on_threads = runtime.block_on(SandboxedHandler::load(
             &threaded,
@@ -220,6 +230,7 @@ impl DeliveryRig {
         ))?;
         let baseline = RawWasmtime::new(on_demand_engine()?, &noop_wasm, false)?;
         let floor = RawWasmtime::new(engine.wasmtime().clone(), &noop_wasm, true)?;
+        let narrow_floor = RawWasmtime::new(engine.wasmtime().clone(), &narrow_wasm, true)?;
         let rig = DeliveryRig {
             runtime,
             context,
@@ -229,6 +240,8 @@ impl DeliveryRig {
             noop_on_threads,
             baseline,
             floor,
+            narrow,
+            narrow_floor,
         };
         rig.check()?;
         Ok(rig)
@@ -237,7 +250,12 @@ impl DeliveryRig {
     /// Every variant succeeds (a benchmark of failing calls would measure the wrong thing).
     fn check(&self) -> anyhow::Result<()> {
         self.runtime.block_on(async {
-            for handler in [&self.noop, &self.log_context, &self.noop_on_threads] {
+            for handler in [
+                &self.noop,
+                &self.log_context,
+                &self.noop_on_threads,
+                &self.narrow,
+            ] {
                 let outcome = handler.invoke(&self.context, Delivery::default()).await;
                 anyhow::ensure!(
                     outcome.kind == OutcomeKind::Succeeded,
@@ -247,6 +265,7 @@ impl DeliveryRig {
                 );
             }
             self.baseline.call(&self.context).await?;
+            self.narrow_floor.call(&self.context).await?;
             self.floor.call(&self.context).await
         })
     }
@@ -263,6 +282,15 @@ impl DeliveryRig {
     /// One jobhook delivery of the noop handler on the sandbox threads.
     pub async fn jobhook_noop_on_threads(&self) -> bool {
         self.noop_on_threads
+            .invoke(&self.context, Delivery::default())
+            .await
+            .kind
+            .is_success()
+    }
+
+    /// One jobhook delivery of the noop handler built without WASI imports.
+    pub async fn jobhook_narrow(&self) -> bool {
+        self.narrow
             .invoke(&self.context, Delivery::default())
             .await
             .kind
@@ -294,6 +322,10 @@ pub enum Variant {
     OnThreads,
     /// [`Variant::Floor`] timed by phase (instantiate, call, drop).
     FloorPhases,
+    /// `SandboxedHandler::invoke` of the noop handler built without WASI imports.
+    Narrow,
+    /// The floor of the noop handler built without WASI imports, timed by phase.
+    NarrowPhases,
 }
 
 /// Per-call times in microseconds, per variant.
@@ -313,6 +345,12 @@ pub struct Samples {
     pub phases: [Vec<f64>; 3],
     /// [`Variant::FloorPhases`]: the sum of the three.
     pub floor_phase_totals: Vec<f64>,
+    /// [`Variant::Narrow`].
+    pub narrow: Vec<f64>,
+    /// [`Variant::NarrowPhases`]: instantiate, call and drop times.
+    pub narrow_phases: [Vec<f64>; 3],
+    /// [`Variant::NarrowPhases`]: the sum of the three.
+    pub narrow_phase_totals: Vec<f64>,
     /// Calls that did not succeed (should be 0).
     pub failures: u64,
 }
@@ -325,8 +363,10 @@ impl Samples {
             Variant::Floor => &mut self.floor,
             Variant::LogContext => &mut self.log_context,
             Variant::OnThreads => &mut self.on_threads,
+            Variant::Narrow => &mut self.narrow,
             // Totals; the phases are recorded by `run_round`.
             Variant::FloorPhases => &mut self.floor_phase_totals,
+            Variant::NarrowPhases => &mut self.narrow_phase_totals,
         }
     }
 }
@@ -341,11 +381,16 @@ pub fn run_round(
 ) {
     let mut times = Vec::with_capacity(calls);
     let mut failures = 0u64;
-    if variant == Variant::FloorPhases {
+    let phased = match variant {
+        Variant::FloorPhases => Some(&rig.floor),
+        Variant::NarrowPhases => Some(&rig.narrow_floor),
+        _ => None,
+    };
+    if let Some(raw) = phased {
         let mut phases: [Vec<f64>; 3] = Default::default();
         rig.runtime.block_on(async {
             for _ in 0..calls {
-                match rig.floor.call_phases(&rig.context).await {
+                match raw.call_phases(&rig.context).await {
                     Ok(p) => {
                         for (slot, d) in phases.iter_mut().zip(p) {
                             slot.push(micros(d));
@@ -357,10 +402,15 @@ pub fn run_round(
             }
         });
         if !warm_up {
-            for (all, new) in samples.phases.iter_mut().zip(phases) {
+            let all = if variant == Variant::NarrowPhases {
+                &mut samples.narrow_phases
+            } else {
+                &mut samples.phases
+            };
+            for (all, new) in all.iter_mut().zip(phases) {
                 all.extend(new);
             }
-            samples.floor_phase_totals.extend(times);
+            samples.of(variant).extend(times);
             samples.failures += failures;
         }
         return;
@@ -372,8 +422,9 @@ pub fn run_round(
                 Variant::Jobhook => rig.jobhook_noop().await,
                 Variant::LogContext => rig.jobhook_log_context().await,
                 Variant::OnThreads => rig.jobhook_noop_on_threads().await,
+                Variant::Narrow => rig.jobhook_narrow().await,
                 // Timed by phase above; never reaches here.
-                Variant::FloorPhases => rig.floor.call(&rig.context).await.is_ok(),
+                Variant::FloorPhases | Variant::NarrowPhases => false,
                 Variant::Baseline => rig.baseline.call(&rig.context).await.is_ok(),
                 Variant::Floor => rig.floor.call(&rig.context).await.is_ok(),
             };

@@ -18,6 +18,7 @@
 pub mod delivery;
 pub mod machine;
 pub mod memory;
+pub mod narrow;
 pub mod peer;
 pub mod report;
 pub mod scale_out;

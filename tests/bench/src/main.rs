@@ -186,11 +186,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Builds the guest components and the Extism plugin.
+/// Builds the guest components (the noop also without WASI imports) and the Extism plugin.
 fn prepare() -> anyhow::Result<()> {
     eprintln!("building the guest components and the Extism plugin…");
     let _ = jobhook_testkit::guest("guest-bench-noop");
     let _ = jobhook_testkit::guest("guest-bench-spin");
+    jobhook_bench::narrow::noop_without_wasi()?;
     jobhook_bench::peer::plugin_path()?;
     Ok(())
 }
@@ -303,6 +304,8 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
         Variant::LogContext,
         Variant::OnThreads,
         Variant::FloorPhases,
+        Variant::Narrow,
+        Variant::NarrowPhases,
     ];
     let peer_calls = [PeerCall::Reused, PeerCall::ReusedRaw, PeerCall::Fresh];
     let mut samples = Samples::default();
@@ -335,6 +338,9 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
     let log_context = Summary::of(&samples.log_context);
     let on_threads = Summary::of(&samples.on_threads);
     let [instantiate, call, drop_store] = samples.phases.clone().map(|p| Summary::of(&p));
+    let narrow = Summary::of(&samples.narrow);
+    let [narrow_instantiate, narrow_call, narrow_drop] =
+        samples.narrow_phases.clone().map(|p| Summary::of(&p));
     report.rows.push(
         Row::new(
             "a",
@@ -379,6 +385,31 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
     report.rows.push(
         Row::new(
             "a",
+            "`SandboxedHandler::invoke` of the same noop built without WASI imports (`wasm32-unknown-unknown` + wit-component: imports only jobhook types)",
+            us(&narrow),
+        )
+        .against(
+            format!("noop for wasm32-wasip2 (13 WASI imports): {} µs", num(jobhook.p50)),
+            ratio(narrow.p50, jobhook.p50),
+        )
+        .load(load.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "a",
+            "wasmtime alone without WASI imports, by phase: new Store + instantiate / run-handler call / drop, medians",
+            format!(
+                "{} / {} / {} µs",
+                num(narrow_instantiate.p50),
+                num(narrow_call.p50),
+                num(narrow_drop.p50)
+            ),
+        )
+        .load(load.clone()),
+    );
+    report.rows.push(
+        Row::new(
+            "a",
             "`SandboxedHandler::invoke` of log-context (11 log lines through the log capability)",
             us(&log_context),
         )
@@ -413,6 +444,15 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
                 format!("≤ {}", target::PEER_RATIO),
                 ratio(jobhook.p50, reused.p50) <= target::PEER_RATIO,
             )
+            .load(load.clone()),
+        );
+        report.rows.push(
+            Row::new(
+                "b",
+                "jobhook fresh sandbox of the noop without WASI imports ÷ Extism reused plugin call",
+                format!("jobhook {} µs", num(narrow.p50)),
+            )
+            .against(format!("Extism reused: {}", us(&reused)), ratio(narrow.p50, reused.p50))
             .load(load.clone()),
         );
         report.rows.push(
