@@ -68,8 +68,9 @@ pub enum Durability {
 pub enum Grouping {
     /// Committed with whatever else is waiting.
     Shared,
-    /// In a transaction of its own, answered before any later write runs: for a write whose
-    /// answer changes what later writes see (a clock step moves the schedule; the queue's clock
+    /// In a transaction of its own, whose [`OnCommit`] hook runs before any later write runs
+    /// (a normal write is answered by then too; a durable one once synced): for a write whose
+    /// result changes what later writes see (a clock step moves the schedule; the queue's clock
     /// follows only once the move is committed).
     Alone,
 }
@@ -85,6 +86,10 @@ trait Job: Send {
     /// Runs the write inside the group's transaction; its result is kept for [`Job::answer`].
     /// Answers the error when the write failed (its savepoint is rolled back).
     fn run(&mut self, tx: &Connection) -> Option<StoreError>;
+    /// Runs its [`OnCommit`] hook, if it has one and the write succeeded: called in the writer
+    /// right after the transaction commits, before any later write runs — whatever its
+    /// durability (a durable write's answer waits for the sync; its hook does not).
+    fn on_commit(&mut self);
     /// Answers the caller: its own result when the transaction was committed, `failed` when it
     /// was not.
     fn answer(self: Box<Self>, failed: Option<StoreError>);
@@ -124,15 +129,18 @@ where
         error
     }
 
+    fn on_commit(&mut self) {
+        if let (Some(Ok(value)), Some(committed)) = (&self.result, self.committed.take()) {
+            committed(value);
+        }
+    }
+
     fn answer(self: Box<Self>, failed: Option<StoreError>) {
         let result = match (failed, self.result) {
             (Some(e), _) => Err(e),
             (None, Some(result)) => result,
             (None, None) => Err(StoreError::Database("a write was never run".into())),
         };
-        if let (Ok(value), Some(committed)) = (&result, self.committed) {
-            committed(value);
-        }
         let _ = self.done.send(result);
     }
 }
@@ -311,6 +319,9 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> Vec<Box<
     }
     if let Err(e) = tx.commit() {
         return fail_all(group, &classify(&e));
+    }
+    for job in &mut group {
+        job.on_commit();
     }
     let (durable, answered): (Vec<_>, Vec<_>) = group
         .into_iter()
@@ -562,6 +573,53 @@ mod tests {
             .write(Durability::Durable, insert("durable"))
             .unwrap();
         writer.write(Durability::Normal, insert("normal")).unwrap();
+    }
+
+    #[test]
+    fn no_later_write_runs_before_a_write_alone_has_its_hook_run() {
+        for durability in [Durability::Normal, Durability::Durable] {
+            let (dir, conn) = table();
+            let writer = start(&dir, conn, "db.sqlite-wal");
+            // The writer is held in a write while an alone write and then a later shared one
+            // queue up behind it, so that it takes both in the same round.
+            let (entered, running) = mpsc::channel::<()>();
+            let (release, held) = mpsc::channel::<()>();
+            let (hold, _) = job(Durability::Normal, move |_: &Connection| {
+                let _ = entered.send(());
+                let _ = held.recv();
+                Ok(())
+            });
+            writer.jobs.send(hold).unwrap();
+            running.recv().unwrap();
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let (path, hook_seen) = (dir.path().join("db.sqlite"), std::sync::Arc::clone(&seen));
+            let (done, alone_answer) = mpsc::sync_channel(1);
+            let alone = Box::new(Pending {
+                work: Some(insert("alone")),
+                result: None,
+                durability,
+                grouping: Grouping::Alone,
+                done,
+                // Read through another connection: what the hook sees is committed.
+                committed: Some(Box::new(move |_: &()| {
+                    let other = Connection::open(&path).unwrap();
+                    let count = |v: &str| -> i64 {
+                        other
+                            .query_row("SELECT count(*) FROM t WHERE v = ?1", [v], |r| r.get(0))
+                            .unwrap()
+                    };
+                    *hook_seen.lock().unwrap() = Some((count("alone"), count("later")));
+                }) as OnCommit<()>),
+            });
+            writer.jobs.send(alone).unwrap();
+            let (later, later_answer) = job(durability, insert("later"));
+            writer.jobs.send(later).unwrap();
+            release.send(()).unwrap();
+            alone_answer.recv().unwrap().unwrap();
+            later_answer.recv().unwrap().unwrap();
+            // The hook saw its own write committed and the later write not yet run.
+            assert_eq!(*seen.lock().unwrap(), Some((1, 0)), "{durability:?}");
+        }
     }
 
     #[test]
