@@ -13,7 +13,7 @@ fn deliveries(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("delivery");
     group.bench_function("jobhook_invoke_noop", |b| {
-        b.iter(|| rig.runtime.block_on(rig.jobhook_noop()))
+        b.iter(|| rig.runtime.block_on(rig.deliver(&rig.noop)))
     });
     group.bench_function("baseline_on_demand_plain_instantiate", |b| {
         b.iter(|| rig.runtime.block_on(rig.baseline.call(&rig.context)))
@@ -22,7 +22,7 @@ fn deliveries(c: &mut Criterion) {
         b.iter(|| rig.runtime.block_on(rig.floor.call(&rig.context)))
     });
     group.bench_function("jobhook_invoke_log_context", |b| {
-        b.iter(|| rig.runtime.block_on(rig.jobhook_log_context()))
+        b.iter(|| rig.runtime.block_on(rig.deliver(&rig.log_context)))
     });
     match ExtismPeer::new() {
         Ok(mut peer) => {

@@ -270,36 +270,9 @@ impl DeliveryRig {
         })
     }
 
-    /// One jobhook delivery of the noop handler.
-    pub async fn jobhook_noop(&self) -> bool {
-        self.noop
-            .invoke(&self.context, Delivery::default())
-            .await
-            .kind
-            .is_success()
-    }
-
-    /// One jobhook delivery of the noop handler on the sandbox threads.
-    pub async fn jobhook_noop_on_threads(&self) -> bool {
-        self.noop_on_threads
-            .invoke(&self.context, Delivery::default())
-            .await
-            .kind
-            .is_success()
-    }
-
-    /// One jobhook delivery of the noop handler built without WASI imports.
-    pub async fn jobhook_narrow(&self) -> bool {
-        self.narrow
-            .invoke(&self.context, Delivery::default())
-            .await
-            .kind
-            .is_success()
-    }
-
-    /// One jobhook delivery of `log-context`.
-    pub async fn jobhook_log_context(&self) -> bool {
-        self.log_context
+    /// One jobhook delivery to `handler` (one of this rig's); whether it succeeded.
+    pub async fn deliver(&self, handler: &SandboxedHandler) -> bool {
+        handler
             .invoke(&self.context, Delivery::default())
             .await
             .kind
@@ -419,10 +392,10 @@ pub fn run_round(
         for _ in 0..calls {
             let start = Instant::now();
             let ok = match variant {
-                Variant::Jobhook => rig.jobhook_noop().await,
-                Variant::LogContext => rig.jobhook_log_context().await,
-                Variant::OnThreads => rig.jobhook_noop_on_threads().await,
-                Variant::Narrow => rig.jobhook_narrow().await,
+                Variant::Jobhook => rig.deliver(&rig.noop).await,
+                Variant::LogContext => rig.deliver(&rig.log_context).await,
+                Variant::OnThreads => rig.deliver(&rig.noop_on_threads).await,
+                Variant::Narrow => rig.deliver(&rig.narrow).await,
                 // Timed by phase above; never reaches here.
                 Variant::FloorPhases | Variant::NarrowPhases => false,
                 Variant::Baseline => rig.baseline.call(&rig.context).await.is_ok(),

@@ -35,6 +35,34 @@ pub fn workspace_root() -> PathBuf {
     jobhook_testkit::workspace_root()
 }
 
+/// Runs `cargo build --release --target <target>` in the workspace with `args` (the crate and its
+/// target directory) to build `what`; the error holds cargo's output and, when the target is what
+/// is missing, how to add it.
+pub fn cargo_build_release(
+    target: &str,
+    what: &str,
+    args: &[&std::ffi::OsStr],
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = std::process::Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--release", "--target", target])
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run cargo to build {what}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let hint = if stderr.contains(target) {
+            format!("\nhint: run `rustup target add {target}`")
+        } else {
+            String::new()
+        };
+        anyhow::bail!("building {what} for {target} failed:\n{stderr}{hint}");
+    }
+    Ok(())
+}
+
 /// Where benchmark runs keep their data directories: on the same disk as the repository (not a
 /// tmpfs), so that SQLite's fsyncs cost what they cost on a real installation.
 pub fn runs_dir() -> PathBuf {

@@ -279,6 +279,17 @@ fn chrono_now() -> String {
         .unwrap_or_default()
 }
 
+/// The medians of instantiate / call / drop times, as one figure.
+fn phases(times: &[Vec<f64>; 3]) -> String {
+    let [instantiate, call, drop_store] = times.each_ref().map(|t| Summary::of(t).p50);
+    format!(
+        "{} / {} / {} µs",
+        num(instantiate),
+        num(call),
+        num(drop_store)
+    )
+}
+
 fn us(s: &Summary) -> String {
     format!("{} µs (p99 {} µs)", num(s.p50), num(s.p99))
 }
@@ -337,10 +348,7 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
     let floor = Summary::of(&samples.floor);
     let log_context = Summary::of(&samples.log_context);
     let on_threads = Summary::of(&samples.on_threads);
-    let [instantiate, call, drop_store] = samples.phases.clone().map(|p| Summary::of(&p));
     let narrow = Summary::of(&samples.narrow);
-    let [narrow_instantiate, narrow_call, narrow_drop] =
-        samples.narrow_phases.clone().map(|p| Summary::of(&p));
     report.rows.push(
         Row::new(
             "a",
@@ -373,12 +381,7 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
         Row::new(
             "a",
             "wasmtime alone, by phase: new Store + instantiate / run-handler call / drop (slot reset), medians",
-            format!(
-                "{} / {} / {} µs",
-                num(instantiate.p50),
-                num(call.p50),
-                num(drop_store.p50)
-            ),
+            phases(&samples.phases),
         )
         .load(load.clone()),
     );
@@ -398,12 +401,7 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
         Row::new(
             "a",
             "wasmtime alone without WASI imports, by phase: new Store + instantiate / run-handler call / drop, medians",
-            format!(
-                "{} / {} / {} µs",
-                num(narrow_instantiate.p50),
-                num(narrow_call.p50),
-                num(narrow_drop.p50)
-            ),
+            phases(&samples.narrow_phases),
         )
         .load(load.clone()),
     );

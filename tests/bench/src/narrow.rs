@@ -8,7 +8,6 @@
 //! runs both, interleaved, so the difference is what narrowing the imports saves.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::Context as _;
@@ -29,25 +28,17 @@ pub fn noop_without_wasi() -> anyhow::Result<Vec<u8>> {
 }
 
 fn build() -> anyhow::Result<Vec<u8>> {
-    let root = crate::workspace_root();
     let target_dir = jobhook_testkit::guest_target_dir();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(&root)
-        .args(["build", "--release", "--target", TARGET, "-p", PACKAGE])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .output()
-        .context("cannot run cargo to build the guest without WASI")?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let hint = if stderr.contains(TARGET) {
-            format!("\nhint: run `rustup target add {TARGET}`")
-        } else {
-            String::new()
-        };
-        anyhow::bail!("building {PACKAGE} for {TARGET} failed:\n{stderr}{hint}");
-    }
+    crate::cargo_build_release(
+        TARGET,
+        PACKAGE,
+        &[
+            "-p".as_ref(),
+            PACKAGE.as_ref(),
+            "--target-dir".as_ref(),
+            target_dir.as_os_str(),
+        ],
+    )?;
     let module: PathBuf = target_dir
         .join(TARGET)
         .join("release")

@@ -10,7 +10,6 @@
 //! (`Plugin::new_from_compiled`, Extism's equivalent of jobhook's fresh sandbox).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -38,30 +37,17 @@ pub fn plugin_path() -> anyhow::Result<PathBuf> {
 fn build_plugin() -> anyhow::Result<PathBuf> {
     let root = crate::workspace_root();
     let target_dir = root.join("target").join("extism-plugin");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            PLUGIN_TARGET,
-            "--manifest-path",
-        ])
-        .arg(root.join(PLUGIN_CRATE).join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .output()
-        .context("cannot run cargo to build the Extism plugin")?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let hint = if stderr.contains(PLUGIN_TARGET) {
-            format!("\nhint: run `rustup target add {PLUGIN_TARGET}`")
-        } else {
-            String::new()
-        };
-        anyhow::bail!("building the Extism plugin failed:\n{stderr}{hint}");
-    }
+    let manifest = root.join(PLUGIN_CRATE).join("Cargo.toml");
+    crate::cargo_build_release(
+        PLUGIN_TARGET,
+        "the Extism plugin",
+        &[
+            "--manifest-path".as_ref(),
+            manifest.as_os_str(),
+            "--target-dir".as_ref(),
+            target_dir.as_os_str(),
+        ],
+    )?;
     Ok(target_dir
         .join(PLUGIN_TARGET)
         .join("release")
