@@ -52,15 +52,19 @@ impl LogCollector {
         }
         // The engine's log is line-oriented: the guest's text goes in escaped, so it cannot end
         // the line and forge the next one or reach a terminal as an escape sequence. The
-        // outcome keeps the text as written (the API's JSON escapes it exactly).
-        let handler = escape(&self.handler);
-        let shown = escape(&message);
-        match level {
-            Level::Trace => tracing::trace!(target: "jobhook::guest", %handler, "{shown}"),
-            Level::Debug => tracing::debug!(target: "jobhook::guest", %handler, "{shown}"),
-            Level::Info => tracing::info!(target: "jobhook::guest", %handler, "{shown}"),
-            Level::Warn => tracing::warn!(target: "jobhook::guest", %handler, "{shown}"),
-            Level::Error => tracing::error!(target: "jobhook::guest", %handler, "{shown}"),
+        // outcome keeps the text as written (the API's JSON escapes it exactly). Escaping costs
+        // two copies per line, so it is done only when the engine's log shows the line (at the
+        // default filter, `error`, a handler's info lines are kept in its outcome only).
+        if enabled(level) {
+            let handler = escape(&self.handler);
+            let shown = escape(&message);
+            match level {
+                Level::Trace => tracing::trace!(target: "jobhook::guest", %handler, "{shown}"),
+                Level::Debug => tracing::debug!(target: "jobhook::guest", %handler, "{shown}"),
+                Level::Info => tracing::info!(target: "jobhook::guest", %handler, "{shown}"),
+                Level::Warn => tracing::warn!(target: "jobhook::guest", %handler, "{shown}"),
+                Level::Error => tracing::error!(target: "jobhook::guest", %handler, "{shown}"),
+            }
         }
         self.bytes += message.len();
         self.lines.push(LogLine {
@@ -72,6 +76,17 @@ impl LogCollector {
     /// The lines kept and the number dropped.
     pub fn finish(self) -> (Vec<LogLine>, u64) {
         (self.lines, self.dropped)
+    }
+}
+
+/// Whether the engine's log shows a guest line at `level`.
+fn enabled(level: Level) -> bool {
+    match level {
+        Level::Trace => tracing::enabled!(target: "jobhook::guest", tracing::Level::TRACE),
+        Level::Debug => tracing::enabled!(target: "jobhook::guest", tracing::Level::DEBUG),
+        Level::Info => tracing::enabled!(target: "jobhook::guest", tracing::Level::INFO),
+        Level::Warn => tracing::enabled!(target: "jobhook::guest", tracing::Level::WARN),
+        Level::Error => tracing::enabled!(target: "jobhook::guest", tracing::Level::ERROR),
     }
 }
 
