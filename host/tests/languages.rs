@@ -7,8 +7,9 @@
 //!
 //! Every component is built once per test binary (into `CARGO_TARGET_TMPDIR/lang`); runs share
 //! one AOT cache directory there, so the Python components are compiled once per engine build,
-//! not once per run. The Python guests are one component (`tests/guests-py/guests.py` runs the
-//! guest its handler property `guest` names), so CPython is built and compiled once for all nine. A missing toolchain fails the tests with a message naming
+//! not once per run. The JavaScript and the Python guests are one component each
+//! (`tests/guests-js/guests.js`, `tests/guests-py/guests.py` run the guest their handler property
+//! `guest` names), so QuickJS and CPython are built and compiled once for all their guests. A missing toolchain fails the tests with a message naming
 //! `scripts/lang-toolchains.sh`, unless `JOBHOOK_SKIP_LANGS=1` is set explicitly.
 
 use std::path::{Path, PathBuf};
@@ -238,9 +239,9 @@ const TIME_LIMITED_MS: &str = "2000";
 /// the limit it is there to test (memory, stack) before its time runs out.
 const AMPLE_MS: &str = "60000";
 
-/// What `jobhook run` says of guest `name` of `dir`, expected to end as `class`. `guests-js`
-/// builds a component per guest; `guests-py` builds one for all of them (CPython is built and
-/// compiled once), which runs the guest its handler property `guest` names.
+/// What `jobhook run` says of guest `name` of `dir` (`guests-js`, `guests-py`), expected to end
+/// as `class`. Each folder builds one component for all its guests (the language's runtime is
+/// built and compiled once), which runs the guest its handler property `guest` names.
 fn guest_outcome(dir: &str, name: &str, class: &str) -> Value {
     let budget = if class == "timed-out" {
         TIME_LIMITED_MS
@@ -248,15 +249,18 @@ fn guest_outcome(dir: &str, name: &str, class: &str) -> Value {
         AMPLE_MS
     };
     let ctx = context("failed-after-retries");
-    let mut args = vec!["--context", &ctx, "--timeout-ms", budget];
     let selector = format!("guest={name}");
-    let component = if dir == "guests-py" {
-        args.extend(["--property", &selector]);
-        built().join(dir).join("guests.wasm")
-    } else {
-        built().join(dir).join(format!("{name}.wasm"))
-    };
-    run_json(&component, &args)
+    run_json(
+        &built().join(dir).join("guests.wasm"),
+        &[
+            "--context",
+            &ctx,
+            "--timeout-ms",
+            budget,
+            "--property",
+            &selector,
+        ],
+    )
 }
 
 fn expect_class(outcome: &Value, class: &str, what: &str) {
@@ -286,12 +290,18 @@ fn hostile_javascript_guests_are_contained() {
         ("memory-bomb", "limit-exceeded"),
         ("recursion", "limit-exceeded"),
         ("log-flood", "succeeded"),
+        // The property selects the guest: a name no module has is the dispatcher's own err.
+        ("no-such-guest", "handler-failed"),
     ] {
         let outcome = guest_outcome("guests-js", name, class);
         expect_class(&outcome, class, name);
         match name {
             "memory-bomb" => assert_eq!(outcome["limit"], "memory", "{outcome:#}"),
             "log-flood" => expect_bounded_logs(&outcome, name),
+            "no-such-guest" => {
+                let reason = outcome["reason"].to_string();
+                assert!(reason.contains("memory-bomb"), "{outcome:#}");
+            }
             _ => {}
         }
     }
