@@ -315,32 +315,40 @@ pub struct Samples {
     /// [`Variant::OnThreads`].
     pub on_threads: Vec<f64>,
     /// [`Variant::FloorPhases`]: instantiate, call and drop times.
-    pub phases: [Vec<f64>; 3],
-    /// [`Variant::FloorPhases`]: the sum of the three.
-    pub floor_phase_totals: Vec<f64>,
+    pub floor_phases: [Vec<f64>; 3],
     /// [`Variant::Narrow`].
     pub narrow: Vec<f64>,
     /// [`Variant::NarrowPhases`]: instantiate, call and drop times.
     pub narrow_phases: [Vec<f64>; 3],
-    /// [`Variant::NarrowPhases`]: the sum of the three.
-    pub narrow_phase_totals: Vec<f64>,
     /// Calls that did not succeed (should be 0).
     pub failures: u64,
 }
 
 impl Samples {
-    fn of(&mut self, variant: Variant) -> &mut Vec<f64> {
+    /// Where the per-call times of `variant` go (`None` for the by-phase variants: [`phased`]).
+    fn of(&mut self, variant: Variant) -> Option<&mut Vec<f64>> {
         match variant {
-            Variant::Jobhook => &mut self.jobhook,
-            Variant::Baseline => &mut self.baseline,
-            Variant::Floor => &mut self.floor,
-            Variant::LogContext => &mut self.log_context,
-            Variant::OnThreads => &mut self.on_threads,
-            Variant::Narrow => &mut self.narrow,
-            // Totals; the phases are recorded by `run_round`.
-            Variant::FloorPhases => &mut self.floor_phase_totals,
-            Variant::NarrowPhases => &mut self.narrow_phase_totals,
+            Variant::Jobhook => Some(&mut self.jobhook),
+            Variant::Baseline => Some(&mut self.baseline),
+            Variant::Floor => Some(&mut self.floor),
+            Variant::LogContext => Some(&mut self.log_context),
+            Variant::OnThreads => Some(&mut self.on_threads),
+            Variant::Narrow => Some(&mut self.narrow),
+            Variant::FloorPhases | Variant::NarrowPhases => None,
         }
+    }
+}
+
+/// For a by-phase variant, the component it times and where its phases go.
+fn phased<'a>(
+    rig: &'a DeliveryRig,
+    samples: &'a mut Samples,
+    variant: Variant,
+) -> Option<(&'a RawWasmtime, &'a mut [Vec<f64>; 3])> {
+    match variant {
+        Variant::FloorPhases => Some((&rig.floor, &mut samples.floor_phases)),
+        Variant::NarrowPhases => Some((&rig.narrow_floor, &mut samples.narrow_phases)),
+        _ => None,
     }
 }
 
@@ -352,14 +360,8 @@ pub fn run_round(
     samples: &mut Samples,
     warm_up: bool,
 ) {
-    let mut times = Vec::with_capacity(calls);
     let mut failures = 0u64;
-    let phased = match variant {
-        Variant::FloorPhases => Some(&rig.floor),
-        Variant::NarrowPhases => Some(&rig.narrow_floor),
-        _ => None,
-    };
-    if let Some(raw) = phased {
+    if let Some((raw, all)) = phased(rig, samples, variant) {
         let mut phases: [Vec<f64>; 3] = Default::default();
         rig.runtime.block_on(async {
             for _ in 0..calls {
@@ -368,26 +370,20 @@ pub fn run_round(
                         for (slot, d) in phases.iter_mut().zip(p) {
                             slot.push(micros(d));
                         }
-                        times.push(p.iter().map(|d| micros(*d)).sum());
                     }
                     Err(_) => failures += 1,
                 }
             }
         });
         if !warm_up {
-            let all = if variant == Variant::NarrowPhases {
-                &mut samples.narrow_phases
-            } else {
-                &mut samples.phases
-            };
             for (all, new) in all.iter_mut().zip(phases) {
                 all.extend(new);
             }
-            samples.of(variant).extend(times);
             samples.failures += failures;
         }
         return;
     }
+    let mut times = Vec::with_capacity(calls);
     rig.runtime.block_on(async {
         for _ in 0..calls {
             let start = Instant::now();
@@ -406,7 +402,9 @@ pub fn run_round(
         }
     });
     if !warm_up {
-        samples.of(variant).extend(times);
+        if let Some(all) = samples.of(variant) {
+            all.extend(times);
+        }
         samples.failures += failures;
     }
 }

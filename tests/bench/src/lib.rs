@@ -35,25 +35,24 @@ pub fn workspace_root() -> PathBuf {
     jobhook_testkit::workspace_root()
 }
 
-/// Runs `cargo build --release --target <target>` in the workspace with `args` (the crate and its
-/// target directory) to build `what`; the error holds cargo's output and, when the target is what
-/// is missing, how to add it.
+/// Runs `cargo build --release --target <target>` in the workspace (the test kit's
+/// [`jobhook_testkit::workspace_cargo`]) with `args` (the crate and its target directory) to build
+/// `what`; the error holds cargo's output and, when the target is not installed, how to add it.
 pub fn cargo_build_release(
     target: &str,
     what: &str,
     args: &[&std::ffi::OsStr],
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = std::process::Command::new(cargo)
-        .current_dir(workspace_root())
+    let output = jobhook_testkit::workspace_cargo()
         .args(["build", "--release", "--target", target])
         .args(args)
         .output()
         .with_context(|| format!("cannot run cargo to build {what}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let hint = if stderr.contains(target) {
+        // As the test kit's guest build says it: cargo names the target "may not be installed".
+        let hint = if stderr.contains(target) && stderr.contains("may not be installed") {
             format!("\nhint: run `rustup target add {target}`")
         } else {
             String::new()

@@ -381,7 +381,7 @@ fn deliveries(plan: &Plan, with_peer: bool, report: &mut Report) -> anyhow::Resu
         Row::new(
             "a",
             "wasmtime alone, by phase: new Store + instantiate / run-handler call / drop (slot reset), medians",
-            phases(&samples.phases),
+            phases(&samples.floor_phases),
         )
         .load(load.clone()),
     );

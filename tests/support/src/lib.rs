@@ -86,7 +86,7 @@ pub fn guest_packages() -> Vec<String> {
 }
 
 /// The cargo that runs the tests (or `cargo`), in the workspace root.
-fn workspace_cargo() -> Command {
+pub fn workspace_cargo() -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command.current_dir(workspace_root());
