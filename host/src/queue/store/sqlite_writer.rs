@@ -405,21 +405,34 @@ fn rolled_back(cause: &StoreError) -> StoreError {
 mod tests {
     use super::*;
 
-    /// A job that runs `work` as a shared write of `durability`, and where its answer arrives.
+    /// A job that runs `write`, and where its answer arrives: what [`Writer::write_with`] sends,
+    /// for a test to send itself (and so choose what is queued behind what).
+    fn pending<R: Send + 'static>(
+        write: Write<impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static, R>,
+    ) -> (Box<dyn Job>, mpsc::Receiver<Result<R, StoreError>>) {
+        let (done, answer) = mpsc::sync_channel(1);
+        let job = Box::new(Pending {
+            work: Some(write.work),
+            result: None,
+            durability: write.durability,
+            grouping: write.grouping,
+            done,
+            committed: write.committed,
+        });
+        (job, answer)
+    }
+
+    /// [`pending`] of a shared write of `durability` without a hook.
     fn job<R: Send + 'static>(
         durability: Durability,
         work: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> (Box<dyn Job>, mpsc::Receiver<Result<R, StoreError>>) {
-        let (done, answer) = mpsc::sync_channel(1);
-        let job = Box::new(Pending {
-            work: Some(work),
-            result: None,
+        pending(Write {
+            work,
             durability,
             grouping: Grouping::Shared,
-            done,
             committed: None,
-        });
-        (job, answer)
+        })
     }
 
     fn table() -> (tempfile::TempDir, Connection) {
@@ -593,13 +606,10 @@ mod tests {
             running.recv().unwrap();
             let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
             let (path, hook_seen) = (dir.path().join("db.sqlite"), std::sync::Arc::clone(&seen));
-            let (done, alone_answer) = mpsc::sync_channel(1);
-            let alone = Box::new(Pending {
-                work: Some(insert("alone")),
-                result: None,
+            let (alone, alone_answer) = pending(Write {
+                work: insert("alone"),
                 durability,
                 grouping: Grouping::Alone,
-                done,
                 // Read through another connection: what the hook sees is committed.
                 committed: Some(Box::new(move |_: &()| {
                     let other = Connection::open(&path).unwrap();
@@ -609,43 +619,24 @@ mod tests {
                             .unwrap()
                     };
                     *hook_seen.lock().unwrap() = Some((count("alone"), count("later")));
-                }) as OnCommit<()>),
+                })),
             });
             writer.jobs.send(alone).unwrap();
             let (later, later_answer) = job(durability, insert("later"));
             writer.jobs.send(later).unwrap();
             release.send(()).unwrap();
             alone_answer.recv().unwrap().unwrap();
-            later_answer.recv().unwrap().unwrap();
-            // The hook saw its own write committed and the later write not yet run.
+            // By the time its caller is answered, the hook has run; it saw its own write
+            // committed and the later write not yet run.
             assert_eq!(*seen.lock().unwrap(), Some((1, 0)), "{durability:?}");
+            later_answer.recv().unwrap().unwrap();
         }
     }
 
     #[test]
-    fn a_write_alone_is_committed_and_followed_before_any_later_write_runs() {
+    fn writes_from_many_threads_at_once_are_all_answered_each_after_its_commit() {
         let (dir, conn) = table();
-        let writer = start(&dir, conn, "db.sqlite-wal");
-        let seen_by_hook = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let hook = std::sync::Arc::clone(&seen_by_hook);
-        let path = dir.path().join("db.sqlite");
-        // The hook reads the table through another connection: what it sees is committed.
-        let answer = writer.write_with(Write {
-            work: insert("alone"),
-            durability: Durability::Normal,
-            grouping: Grouping::Alone,
-            committed: Some(Box::new(move |_: &()| {
-                let other = Connection::open(&path).unwrap();
-                let n: i64 = other
-                    .query_row("SELECT count(*) FROM t WHERE v = 'alone'", [], |r| r.get(0))
-                    .unwrap();
-                hook.lock().unwrap().push(n);
-            })),
-        });
-        answer.unwrap();
-        assert_eq!(*seen_by_hook.lock().unwrap(), vec![1]);
-        // Writes from many threads at once are all answered, each after its commit.
-        let writer = std::sync::Arc::new(writer);
+        let writer = std::sync::Arc::new(start(&dir, conn, "db.sqlite-wal"));
         let threads: Vec<_> = (0..8)
             .map(|_| {
                 let writer = std::sync::Arc::clone(&writer);
