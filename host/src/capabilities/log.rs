@@ -120,6 +120,73 @@ mod tests {
         LogCollector::new("t".into(), &limits)
     }
 
+    /// What a `tracing` subscriber writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_engine_log_shows_escaped_exactly_the_levels_its_filter_allows_and_the_outcome_keeps_all()
+    {
+        let all = [
+            Level::Trace,
+            Level::Debug,
+            Level::Info,
+            Level::Warn,
+            Level::Error,
+        ];
+        // One filter per level: each shows that level and the ones above it.
+        for (i, filter) in ["trace", "debug", "info", "warn", "error"]
+            .iter()
+            .enumerate()
+        {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(format!("jobhook::guest={filter}"))
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            let mut c = collector(100, 100_000);
+            tracing::subscriber::with_default(subscriber, || {
+                for level in all {
+                    c.record(
+                        level,
+                        format!("{} line\u{1b}[2J\nforged", level_name(level)),
+                    );
+                }
+            });
+            let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            assert!(
+                !log.contains('\u{1b}'),
+                "{filter}: a raw escape byte:\n{log}"
+            );
+            for (j, level) in all.iter().enumerate() {
+                let line = format!("{} line\\x1b[2J\\nforged", level_name(*level));
+                assert_eq!(log.contains(&line), j >= i, "{filter}: {line}\n{log}");
+            }
+            // The outcome keeps every line as written, shown in the log or not.
+            let (lines, dropped) = c.finish();
+            assert_eq!(dropped, 0);
+            assert_eq!(lines.len(), all.len());
+            assert!(
+                lines
+                    .iter()
+                    .all(|l| l.message.contains("\u{1b}[2J\nforged"))
+            );
+        }
+    }
+
     #[test]
     fn lines_past_the_budget_are_counted_not_kept() {
         let mut c = collector(2, 1000);
