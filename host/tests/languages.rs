@@ -290,15 +290,18 @@ fn hostile_javascript_guests_are_contained() {
         ("memory-bomb", "limit-exceeded"),
         ("recursion", "limit-exceeded"),
         ("log-flood", "succeeded"),
-        // The property selects the guest: a name no module has is the dispatcher's own err.
+        // The property selects the guest: a name no module has is the dispatcher's own err,
+        // also the names every JavaScript object has through its prototype.
         ("no-such-guest", "handler-failed"),
+        ("constructor", "handler-failed"),
+        ("__proto__", "handler-failed"),
     ] {
         let outcome = guest_outcome("guests-js", name, class);
         expect_class(&outcome, class, name);
         match name {
             "memory-bomb" => assert_eq!(outcome["limit"], "memory", "{outcome:#}"),
             "log-flood" => expect_bounded_logs(&outcome, name),
-            "no-such-guest" => {
+            "no-such-guest" | "constructor" | "__proto__" => {
                 let reason = outcome["reason"].to_string();
                 assert!(reason.contains("memory-bomb"), "{outcome:#}");
             }
