@@ -67,7 +67,11 @@ install_c() {
             exit 1
         fi
         echo "lang-toolchains: C: apt-get install ${missing[*]}"
-        timed "C: apt-get" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(printf "'%s' " "${missing[@]}") >/dev/null"
+        # The package lists are usually fresh (scripts/test.sh has just fetched them): fetch
+        # them again only when the pinned versions are not found in them.
+        local install
+        install="DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(printf "'%s' " "${missing[@]}") >/dev/null"
+        timed "C: apt-get" sh -c "$install 2>/dev/null || { apt-get update -qq && $install; }"
     fi
     rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
     local wcl

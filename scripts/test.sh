@@ -17,42 +17,57 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null
 
+# The tests build while the packages below install: compiling needs none of them. A failure
+# here is reported by the `cargo test` at the end, which builds whatever is left.
+mkdir -p target
+build_log=target/test-build.log
+echo "test.sh: building the tests in the background while packages install (log: $build_log)"
+cargo test --workspace --no-run "$@" >"$build_log" 2>&1 &
+build=$!
+# If a step below stops the script, the build does not outlive it.
+trap 'kill "$build" 2>/dev/null || true' EXIT
+
 have_initdb() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
-if ! have_initdb && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) ||
-        echo "warning: cannot install PostgreSQL; its tests will be SKIPPED" >&2
-fi
-if have_initdb; then
-    export JOBHOOK_REQUIRE_POSTGRES=1
-fi
-
-if [ "$(id -u)" = 0 ]; then
-    export JOBHOOK_REQUIRE_FAULTS=1
-fi
-
 have_fusermount() { command -v fusermount3 >/dev/null; }
-if ! have_fusermount && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null) ||
-        echo "warning: cannot install fuse3; the power-loss tests will fail (JOBHOOK_SKIP_FUSE=1 skips them)" >&2
-fi
-
 have_mono() { command -v mcs >/dev/null && command -v mono >/dev/null && compgen -G '/usr/lib/mono/4.5/System.Net.Http.dll' >/dev/null; }
-if ! have_mono && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        mono-mcs mono-runtime libmono-system-net-http4.0-cil >/dev/null) ||
-        echo "warning: cannot install Mono; the forwarder tests will fail (JOBHOOK_SKIP_MONO=1 skips them)" >&2
-fi
-
 # libfaketime steps the engine's wall clock in host/tests/clock.rs; that test fails without it
 # unless JOBHOOK_SKIP_FAKETIME=1.
 have_faketime() { [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; }
-if ! have_faketime && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfaketime >/dev/null) ||
-        echo "warning: cannot install libfaketime; the clock-step test will fail (JOBHOOK_SKIP_FAKETIME=1 skips it)" >&2
+
+# Every missing Debian package in one `apt-get update` and one install (each update fetches the
+# package lists again); if that install fails, each group on its own, so one package that cannot
+# be installed does not keep the others out.
+groups=()
+have_initdb || groups+=("postgresql|PostgreSQL; its tests will be SKIPPED")
+have_fusermount || groups+=("fuse3|fuse3; the power-loss tests will fail (JOBHOOK_SKIP_FUSE=1 skips them)")
+have_mono || groups+=("mono-mcs mono-runtime libmono-system-net-http4.0-cil|Mono; the forwarder tests will fail (JOBHOOK_SKIP_MONO=1 skips them)")
+have_faketime || groups+=("libfaketime|libfaketime; the clock-step test will fail (JOBHOOK_SKIP_FAKETIME=1 skips it)")
+apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
+if [ ${#groups[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    all=()
+    for group in "${groups[@]}"; do
+        read -ra packages <<<"${group%%|*}"
+        all+=("${packages[@]}")
+    done
+    echo "test.sh: apt-get install ${all[*]}"
+    if ! { apt-get update -qq && apt_install "${all[@]}"; }; then
+        for group in "${groups[@]}"; do
+            read -ra packages <<<"${group%%|*}"
+            apt_install "${packages[@]}" || echo "warning: cannot install ${group#*|}" >&2
+        done
+    fi
+fi
+
+if have_initdb; then
+    export JOBHOOK_REQUIRE_POSTGRES=1
+fi
+if [ "$(id -u)" = 0 ]; then
+    export JOBHOOK_REQUIRE_FAULTS=1
 fi
 
 if [ "${JOBHOOK_SKIP_LANGS:-0}" != 1 ]; then
     scripts/lang-toolchains.sh
 fi
 
+wait "$build" || echo "test.sh: the background build failed (see $build_log); cargo test says why"
 cargo test --workspace "$@"
