@@ -70,6 +70,29 @@ pub struct Metrics {
     connections_refused: Family<ReasonLabels, Counter>,
     connections_timed_out: Family<PhaseLabels, Counter>,
     bodies_too_large: Counter,
+    log_lines_dropped: Counter,
+    log_drops: LogDrops,
+}
+
+/// Where the engine's log counts the lines it dropped because its writer fell behind
+/// (`jobhook serve` logs through a writer thread that drops rather than blocks;
+/// crate::app::cli::init_serve_tracing). The default counts nothing: a log written in place
+/// drops no line.
+#[derive(Clone, Debug, Default)]
+pub struct LogDrops(Option<tracing_appender::non_blocking::ErrorCounter>);
+
+impl LogDrops {
+    /// Counts what `counter` counts.
+    pub fn new(counter: tracing_appender::non_blocking::ErrorCounter) -> Self {
+        LogDrops(Some(counter))
+    }
+
+    /// Lines dropped so far.
+    pub fn count(&self) -> u64 {
+        self.0
+            .as_ref()
+            .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+    }
 }
 
 impl Default for Metrics {
@@ -185,7 +208,15 @@ impl Metrics {
             "Ingest requests answered 413 because the body exceeds [server] max_body_bytes",
             bodies_too_large.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "jobhook_log_lines_dropped",
+            "Lines of the engine's own log dropped because its writer (stderr) fell behind",
+            log_lines_dropped.clone(),
+        );
         Metrics {
+            log_lines_dropped,
+            log_drops: LogDrops::default(),
             registry: Mutex::new(registry),
             connections_open,
             connections_refused,
@@ -204,6 +235,12 @@ impl Metrics {
             running,
             quarantined,
         }
+    }
+
+    /// These metrics, with the engine log's dropped lines counted from `drops`.
+    pub fn with_log_drops(mut self, drops: LogDrops) -> Self {
+        self.log_drops = drops;
+        self
     }
 
     /// Counts a committed event.
@@ -305,6 +342,12 @@ impl Metrics {
         }
         self.quarantined
             .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
+        // The log writer keeps its own total; the counter catches up with it.
+        let dropped = self.log_drops.count();
+        let shown = self.log_lines_dropped.get();
+        if dropped > shown {
+            self.log_lines_dropped.inc_by(dropped - shown);
+        }
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         if encode(&mut out, &registry).is_err() {

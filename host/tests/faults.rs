@@ -11,7 +11,10 @@
 //! - the SMTP relay and the Keyfactor API are down or never answer: the deliveries that need
 //!   them fail with the capability's error as the handler's reason (or the handler's timeout),
 //!   are retried by the handler's policy, `/healthz` stays ok and other handlers keep
-//!   delivering.
+//!   delivering;
+//! - nothing reads the engine's stderr any more (a hung log collector): ingest and deliveries
+//!   carry on, the lines the log cannot hold are dropped and counted in `/metrics`, and every
+//!   outcome keeps its handler's lines.
 //!
 //! The disk test mounts a tmpfs, which needs root (or CAP_SYS_ADMIN). Without it the test prints
 //! `SKIPPED: cannot mount a tmpfs: <reason>` and passes — unless `JOBHOOK_REQUIRE_FAULTS=1`
@@ -782,4 +785,85 @@ async fn a_relay_and_a_keyfactor_api_that_never_answer_time_out_and_other_handle
     );
     assert_healthy(&client, &engine.url).await;
     drop((silent_relay, silent_api));
+}
+
+/// Lines the flooding handler of the stalled-log test logs per delivery: the default line
+/// budget, so each line reaches the engine's log.
+const FLOOD_LINES: usize = jobhook::limits::DEFAULT_LOG_LINES;
+
+/// Events the stalled-log test posts: their lines are more than the engine's log holds for its
+/// writer, so lines must be dropped.
+const STALLED_LOG_EVENTS: usize = jobhook::app::cli::LOG_BUFFERED_LINES / FLOOD_LINES + 200;
+
+/// Longest a `POST` may take while the log is stalled: ingest must not wait for the log at all.
+const STALLED_POST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_nobody_reads_costs_dropped_lines_counted_in_metrics_never_ingest_or_deliveries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+
+[store]
+data_dir = "data"
+
+[[handlers]]
+name = "flood"
+component = "{flood}"
+job_types = ["*"]
+properties = {{ lines = "{FLOOD_LINES}" }}
+"#,
+            flood = guest("guest-log-flood").display()
+        ),
+    )
+    .expect("config");
+    // stderr is a pipe held and never read (a log collector that hung): after its buffer's
+    // 64 KiB, every write to it would block.
+    let (engine, _stalled) = EngineProcess::start_with_stalled_stderr(engine_bin(), &config);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::with_capacity(STALLED_LOG_EVENTS);
+    for n in 0..STALLED_LOG_EVENTS {
+        let mut context = sample_context_json();
+        context["JobId"] = json!(uuid::Uuid::new_v4().to_string());
+        let posted = tokio::time::timeout(
+            STALLED_POST_TIMEOUT,
+            post_event(&client, &engine.url, &context),
+        )
+        .await;
+        let Ok((status, body)) = posted else {
+            panic!(
+                "event {n} got no answer within {STALLED_POST_TIMEOUT:?} while the log is stalled"
+            );
+        };
+        assert_eq!(status, 202, "event {n}: {body}");
+        ids.push(event_id(&body));
+    }
+    for id in &ids {
+        let event = settled(&client, &engine, id).await;
+        let d = delivery(&event, "flood");
+        assert_eq!(d["state"], "succeeded", "{event:#}");
+        // The outcome keeps every line whatever the engine's own log does.
+        assert_eq!(
+            d["logs"].as_array().map(Vec::len),
+            Some(FLOOD_LINES),
+            "{d:#}"
+        );
+    }
+    assert_healthy(&client, &engine.url).await;
+    let (status, metrics) = get(&client, &engine.url, "/metrics").await;
+    assert_eq!(status, 200, "{metrics}");
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("jobhook_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no jobhook_log_lines_dropped_total in {metrics}"));
+    assert!(
+        dropped > 0,
+        "{} lines went to a log nobody reads, more than it holds, and none were dropped",
+        STALLED_LOG_EVENTS * FLOOD_LINES
+    );
 }

@@ -106,15 +106,15 @@ fn load_driver(
 
 /// The node id a `jobhook serve` logged when it opened the store (`node=…`), the last one in
 /// `log` (a log is appended to across restarts).
-fn node_id(log: &Path) -> String {
-    let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
+fn node_id(engine: &EngineProcess) -> String {
+    let text = strip_ansi(&engine.log_text());
     text.lines()
         .filter(|l| l.contains("PostgreSQL store opened"))
         .filter_map(|l| l.split("node=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next())
         .map(|id| id.trim_matches('"').to_owned())
         .next_back()
-        .unwrap_or_else(|| panic!("no node id in {}:\n{text}", log.display()))
+        .unwrap_or_else(|| panic!("no node id in {}:\n{text}", engine.log.display()))
 }
 
 /// `text` without the colour escapes of the engine's log.
@@ -180,7 +180,7 @@ fn two_nodes_share_one_queue_and_a_dead_nodes_work_is_taken_over() {
 
     // Node B dies mid-flight for good: A must take over what B was running.
     std::thread::sleep(Duration::from_millis(1500));
-    let b_node = node_id(&log_b);
+    let b_node = node_id(&b);
     b.kill();
     let orphaned: Vec<i64> = db
         .query(&format!(
@@ -1018,7 +1018,7 @@ mod frozen_node {
         let b = start("b");
         // Dropped before `b`: a stopped B is continued before it is killed.
         let mut freezer = Freezer::new(b.pid());
-        let (a_node, b_node) = (node_id(&a.log), node_id(&b.log));
+        let (a_node, b_node) = (node_id(&a), node_id(&b));
         let mut nodes = Nodes {
             db: &db,
             dir: dir.path(),

@@ -147,7 +147,8 @@ pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// `jobhook serve`: runs until SIGTERM or ctrl-c.
-pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
+/// `log_drops` counts the lines its log dropped (see [`crate::metrics::LogDrops`]).
+pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let tokens = Arc::new(BearerTokens::new(config.resolve_tokens()?));
     // One pool slot per delivery the dispatcher may run at once: no delivery ever waits for a
@@ -191,7 +192,7 @@ pub async fn serve(path: PathBuf) -> anyhow::Result<()> {
     }
     let handlers = load_handlers(&engine, &services, &config, None).await?;
     tracing::info!(handlers = ?handlers.names(), "handlers loaded");
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_log_drops(log_drops));
     let dispatcher = Dispatcher::with_lease(
         Arc::clone(&store),
         handlers.registry(),

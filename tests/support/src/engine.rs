@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,6 +13,14 @@ const READY_LINE: &str = "jobhook listening on ";
 
 /// How long start-up (config, compiling every handler, opening the store) may take in a test.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long the engine's log must not grow before [`EngineProcess::log_text`] reads it: its
+/// writer thread writes whatever has gathered as soon as it is free, well within this.
+const LOG_QUIET: Duration = Duration::from_millis(25);
+
+/// Longest [`EngineProcess::log_text`] waits for the log to stop growing (a busy engine may
+/// log without pause).
+const LOG_SETTLE: Duration = Duration::from_secs(2);
 
 /// A running `jobhook serve`.
 pub struct EngineProcess {
@@ -38,6 +46,24 @@ impl EngineProcess {
             .append(true)
             .open(log)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        Self::spawn(bin, config, Stdio::from(stderr), log, env).0
+    }
+
+    /// Like [`EngineProcess::start`], with stderr a pipe that is never read: the returned end
+    /// is held, so once the pipe's buffer is full every write to it blocks, as a log collector
+    /// that stopped reading would leave it. [`EngineProcess::log_text`] is empty.
+    pub fn start_with_stalled_stderr(bin: &Path, config: &Path) -> (Self, ChildStderr) {
+        let (engine, stderr) = Self::spawn(bin, config, Stdio::piped(), Path::new(""), &[]);
+        (engine, stderr.expect("piped stderr"))
+    }
+
+    fn spawn(
+        bin: &Path,
+        config: &Path,
+        stderr: Stdio,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> (Self, Option<ChildStderr>) {
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--config")
@@ -49,6 +75,7 @@ impl EngineProcess {
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stderr = child.stderr.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -62,11 +89,14 @@ impl EngineProcess {
             }
         });
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(url) => EngineProcess {
-                child: Some(child),
-                url,
-                log: log.to_path_buf(),
-            },
+            Ok(url) => (
+                EngineProcess {
+                    child: Some(child),
+                    url,
+                    log: log.to_path_buf(),
+                },
+                stderr,
+            ),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -117,8 +147,22 @@ impl EngineProcess {
             .status();
     }
 
-    /// The engine's log so far.
+    /// The engine's log so far, once it has stopped growing for [`LOG_QUIET`] (at most
+    /// [`LOG_SETTLE`]): `serve` writes its log from a thread of its own, so a line logged just
+    /// before may still be on its way to the file — and a test asserting that a line is *not*
+    /// there must not pass only because it has not arrived yet.
     pub fn log_text(&self) -> String {
+        let len = || std::fs::metadata(&self.log).map_or(0, |m| m.len());
+        let deadline = std::time::Instant::now() + LOG_SETTLE;
+        let mut seen = len();
+        loop {
+            std::thread::sleep(LOG_QUIET);
+            let now = len();
+            if now == seen || std::time::Instant::now() >= deadline {
+                break;
+            }
+            seen = now;
+        }
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
