@@ -14,7 +14,9 @@
 //!   delivering;
 //! - nothing reads the engine's stderr any more (a hung log collector): ingest and deliveries
 //!   carry on, the lines the log cannot hold are dropped and counted in `/metrics`, and every
-//!   outcome keeps its handler's lines.
+//!   outcome keeps its handler's lines;
+//! - the reader of the engine's stdout has gone before it prints its ready line there: it
+//!   serves anyway.
 //!
 //! The disk test mounts a tmpfs, which needs root (or CAP_SYS_ADMIN). Without it the test prints
 //! `SKIPPED: cannot mount a tmpfs: <reason>` and passes — unless `JOBHOOK_REQUIRE_FAULTS=1`
@@ -865,5 +867,93 @@ properties = {{ lines = "{FLOOD_LINES}" }}
         dropped > 0,
         "{} lines went to a log nobody reads, more than it holds, and none were dropped",
         STALLED_LOG_EVENTS * FLOOD_LINES
+    );
+}
+
+/// Longest `jobhook serve` may take to answer `/healthz` once started (it compiles its handler).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdout_whose_reader_has_gone_does_not_stop_the_engine_from_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = jobhook_testkit::engine::free_port();
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+
+[store]
+data_dir = "data"
+
+[[handlers]]
+name = "log"
+component = "{log}"
+job_types = ["*"]
+"#,
+            log = guest("log-context").display()
+        ),
+    )
+    .expect("config");
+    let log_path = dir.path().join("engine.log");
+    let mut child = Command::new(engine_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).expect("log file"))
+        .spawn()
+        .expect("start jobhook serve");
+    // The reader of stdout is gone before the engine prints its ready line there (EPIPE).
+    drop(child.stdout.take());
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the engine exited ({status}) when its stdout could not be written:\n{}",
+                log()
+            );
+        }
+        if let Ok(r) = client.get(format!("{url}/healthz")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine never answered /healthz:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = post_event(&client, &url, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    let id = event_id(&body);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let (status, text) = get(&client, &url, &format!("/v1/events/{id}")).await;
+        assert_eq!(status, 200, "{text}");
+        let event: Value = serde_json::from_str(&text).expect("event JSON");
+        if delivery(&event, "log")["state"] == "succeeded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never delivered: {event:#}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = log();
+    assert!(
+        text.contains("cannot print the ready line on stdout"),
+        "{text}"
     );
 }

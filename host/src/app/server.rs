@@ -146,6 +146,17 @@ pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
     Ok(set.names())
 }
 
+/// Prints the ready line on stdout, for whatever started the engine. A stdout nobody reads any
+/// more (its reader has exited: `EPIPE`) must not stop a server that is otherwise ready —
+/// `println!` would panic — so a failed write is only logged.
+fn announce(line: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        tracing::warn!("cannot print the ready line on stdout ({e}); serving anyway");
+    }
+}
+
 /// `jobhook serve`: runs until SIGTERM or ctrl-c.
 /// `log_drops` counts the lines its log dropped (see [`crate::metrics::LogDrops`]).
 pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow::Result<()> {
@@ -249,13 +260,12 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     spawn_sighup_reload(reload);
     let router = api::router(state);
     let limits = config.server.connection_limits();
-    let scheme = if tls.is_some() {
-        println!("{READY_LINE_TLS}{address}");
-        "https"
+    let (scheme, ready) = if tls.is_some() {
+        ("https", READY_LINE_TLS)
     } else {
-        println!("{READY_LINE}{address}");
-        "http"
+        ("http", READY_LINE)
     };
+    announce(&format!("{ready}{address}"));
     tracing::info!(
         %address,
         scheme,
