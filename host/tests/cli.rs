@@ -849,3 +849,49 @@ fn run_sends_mail_through_the_smtp_flag() {
     assert_eq!(mails[0].rcpt_to, ["pki-team@example.com"]);
     assert!(mails[0].data.contains("Subject: "), "{}", mails[0].data);
 }
+
+/// Runs `jobhook args` with stdout a pipe whose reader has already gone, as `| head -0` leaves
+/// it: every write there fails with EPIPE.
+fn jobhook_to_a_closed_pipe(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn jobhook");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait")
+}
+
+#[test]
+fn output_to_a_reader_that_has_gone_ends_the_command_quietly_with_141() {
+    let context = context_file("log-context", "sample.json");
+    let noop = component("log-context");
+    for args in [
+        vec!["run", noop.as_str(), "--context", context.as_str()],
+        vec![
+            "run",
+            noop.as_str(),
+            "--context",
+            context.as_str(),
+            "--json",
+        ],
+        vec!["inspect", noop.as_str()],
+        vec!["inspect", noop.as_str(), "--json"],
+    ] {
+        let out = jobhook_to_a_closed_pipe(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(jobhook::app::cli::EXIT_STDOUT_CLOSED)),
+            "jobhook {args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "jobhook {args:?} must end quietly: {}",
+            text(&out.stderr)
+        );
+    }
+}

@@ -187,10 +187,38 @@ pub fn main() -> ExitCode {
     exit_code(result)
 }
 
-/// The exit code of a command's result; an error is printed to stderr first (exit code 2).
+/// Exit code of a command whose output could not be written because the reader of stdout had
+/// gone (`jobhook inspect x | head -1`): what a shell reports for a process SIGPIPE ended, as
+/// most command-line tools end there.
+pub const EXIT_STDOUT_CLOSED: u8 = 128 + 13;
+
+/// Writes a command's output to stdout. A reader that has gone is a [`StdoutClosed`] error
+/// ([`exit_code`] ends the command quietly with [`EXIT_STDOUT_CLOSED`]), not a panic as with
+/// `print!`.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::anyhow!("cannot write to stdout: {e}")),
+    }
+}
+
+/// The reader of stdout has gone: the command's output could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed by its reader")]
+pub struct StdoutClosed;
+
+/// The exit code of a command's result; an error is printed to stderr first (exit code 2), except
+/// that stdout closed by its reader ends the command quietly ([`EXIT_STDOUT_CLOSED`]).
 pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(e) => {
             // An error may quote a configuration's or a component's text: each line escaped.
             let message = format!("{e:#}");
@@ -309,9 +337,12 @@ pub async fn run(
             );
             map.insert("load".into(), load);
         }
-        println!("{}", terminal_safe_json(&serde_json::to_string(&value)?));
+        print_out(&format!(
+            "{}\n",
+            terminal_safe_json(&serde_json::to_string(&value)?)
+        ))?;
     } else {
-        print!("{}", render_outcome(&args.component, &outcome));
+        print_out(&render_outcome(&args.component, &outcome))?;
     }
     Ok(if outcome.kind.is_success() {
         ExitCode::SUCCESS
@@ -341,12 +372,12 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot inspect {}", args.component.display()))?;
     if args.json {
-        println!(
-            "{}",
+        print_out(&format!(
+            "{}\n",
             terminal_safe_json(&serde_json::to_string(&inspection)?)
-        );
+        ))?;
     } else {
-        print!("{}", render_inspection(&args.component, &inspection));
+        print_out(&render_inspection(&args.component, &inspection))?;
     }
     Ok(if inspection.world_error.is_none() {
         ExitCode::SUCCESS
@@ -357,12 +388,12 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
 
 async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let names = crate::app::server::check(&args.config).await?;
-    println!(
-        "{}: configuration is valid; {} handler(s) loaded: {}",
+    print_out(&format!(
+        "{}: configuration is valid; {} handler(s) loaded: {}\n",
         escape(&args.config.display().to_string()),
         names.len(),
         escape(&names.join(", "))
-    );
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -375,7 +406,7 @@ fn new_project(args: NewArgs) -> anyhow::Result<ExitCode> {
         sdk_path: args.sdk_path,
     };
     let dir = create(&request)?;
-    print!("{}", next_steps(&request, &dir));
+    print_out(&next_steps(&request, &dir))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -384,7 +415,7 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     for warning in warnings {
         eprintln!("warning: {warning}");
     }
-    print!("{toml}");
+    print_out(&toml)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -400,7 +431,7 @@ fn forwarder_config(args: ForwarderArgs) -> anyhow::Result<ExitCode> {
     for warning in warnings {
         eprintln!("warning: {warning}");
     }
-    print!("{text}");
+    print_out(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -210,7 +210,7 @@ pub async fn job_types(path: &Path) -> anyhow::Result<std::process::ExitCode> {
     for entry in skipped {
         eprintln!("warning: left out {}", entry.escape_debug());
     }
-    print!("{toml}");
+    crate::app::cli::print_out(&toml)?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
