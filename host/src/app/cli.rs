@@ -242,8 +242,8 @@ pub fn init_tracing() {
 pub const LOG_BUFFERED_LINES: usize = 100_000;
 
 /// Most bytes of `jobhook serve`'s log written in one system call: lines gathered while the
-/// writer was busy go out together (its thread flushes whenever no line is waiting), enough to
-/// take the busiest log in a few hundred calls a second.
+/// writer was busy go out together (its thread flushes whenever no line is waiting): the
+/// busiest log measured, some 5 MB/s, in under a hundred calls a second.
 const LOG_WRITE_BYTES: usize = 64 * 1024;
 
 /// Like [`init_tracing`], for `jobhook serve`: lines go to a writer thread that writes whatever
