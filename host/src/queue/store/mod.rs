@@ -493,6 +493,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// node's next call gets it; callers ask again before each round of such work. A single-node
     /// store always answers `true`.
     fn try_lead(&self, role: &str) -> Result<bool, StoreError>;
+
+    /// Whether each claim is dear enough that the dispatcher should gather places before it
+    /// claims (`queue::dispatch::gathers`): a transaction on a shared database server costs
+    /// that server's CPU for every claim, however few deliveries it takes. SQLite's claims join
+    /// the writer's group commit in-process, and waiting only delays deliveries (measured:
+    /// docs/PERFORMANCE.md). Default: no.
+    fn claims_are_dear(&self) -> bool {
+        false
+    }
 }
 
 /// Opens the store `config` chooses: SQLite under `data_dir` (the default) or the PostgreSQL

@@ -1380,6 +1380,10 @@ impl EventStore for PostgresStore {
         })
     }
 
+    fn claims_are_dear(&self) -> bool {
+        true
+    }
+
     fn try_lead(&self, role: &str) -> Result<bool, StoreError> {
         let mut lead = self.lead.lock().unwrap_or_else(|p| p.into_inner());
         // A session that no longer answers has lost its locks with it (the server ends it, or
