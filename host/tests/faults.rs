@@ -789,6 +789,37 @@ async fn a_relay_and_a_keyfactor_api_that_never_answer_time_out_and_other_handle
     drop((silent_relay, silent_api));
 }
 
+/// Writes `dir`/jobhook.toml: the engine on `listen`, its store under `dir`/data, and one
+/// handler `(name, guest package)` for every job type, with `extra` lines in its table.
+fn one_handler_config(
+    dir: &Path,
+    listen: &str,
+    (name, package): (&str, &str),
+    extra: &str,
+) -> PathBuf {
+    let config = dir.join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "{listen}"
+
+[store]
+data_dir = "data"
+
+[[handlers]]
+name = "{name}"
+component = "{component}"
+job_types = ["*"]
+{extra}
+"#,
+            component = guest(package).display()
+        ),
+    )
+    .expect("config");
+    config
+}
+
 /// Lines the flooding handler of the stalled-log test logs per delivery: the default line
 /// budget, so each line reaches the engine's log.
 const FLOOD_LINES: usize = jobhook::limits::DEFAULT_LOG_LINES;
@@ -803,26 +834,12 @@ const STALLED_POST_TIMEOUT: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_nobody_reads_costs_dropped_lines_counted_in_metrics_never_ingest_or_deliveries() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[server]
-listen = "127.0.0.1:0"
-
-[store]
-data_dir = "data"
-
-[[handlers]]
-name = "flood"
-component = "{flood}"
-job_types = ["*"]
-properties = {{ lines = "{FLOOD_LINES}" }}
-"#,
-            flood = guest("guest-log-flood").display()
-        ),
-    )
-    .expect("config");
+    let config = one_handler_config(
+        dir.path(),
+        "127.0.0.1:0",
+        ("flood", "guest-log-flood"),
+        &format!("properties = {{ lines = \"{FLOOD_LINES}\" }}"),
+    );
     // stderr is a pipe held and never read (a log collector that hung): after its buffer's
     // 64 KiB, every write to it would block.
     let (engine, _stalled) = EngineProcess::start_with_stalled_stderr(engine_bin(), &config);
@@ -877,25 +894,12 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 async fn a_stdout_whose_reader_has_gone_does_not_stop_the_engine_from_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = jobhook_testkit::engine::free_port();
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[server]
-listen = "127.0.0.1:{port}"
-
-[store]
-data_dir = "data"
-
-[[handlers]]
-name = "log"
-component = "{log}"
-job_types = ["*"]
-"#,
-            log = guest("log-context").display()
-        ),
-    )
-    .expect("config");
+    let config = one_handler_config(
+        dir.path(),
+        &format!("127.0.0.1:{port}"),
+        ("log", "log-context"),
+        "",
+    );
     let log_path = dir.path().join("engine.log");
     let mut child = Command::new(engine_bin())
         .args(["serve", "--config"])
