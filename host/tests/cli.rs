@@ -895,3 +895,19 @@ fn output_to_a_reader_that_has_gone_ends_the_command_quietly_with_141() {
         );
     }
 }
+
+#[test]
+fn an_error_told_to_a_stderr_whose_reader_has_gone_still_exits_2() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["run", "/nonexistent/handler.wasm", "--context", "-"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn jobhook");
+    // The error goes to a pipe whose reader has gone: the write fails with EPIPE.
+    drop(child.stderr.take());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(2), "{status}");
+}

@@ -166,7 +166,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            print_err(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -208,6 +208,13 @@ pub fn print_out(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Writes a line to stderr, for an error or warning of a command. Unlike `eprintln!`, a stderr
+/// whose reader has gone is no panic: the line is lost and the command ends as it would have.
+pub fn print_err(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// The reader of stdout has gone: the command's output could not be written.
 #[derive(Debug, thiserror::Error)]
 #[error("stdout was closed by its reader")]
@@ -223,7 +230,7 @@ pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
             // An error may quote a configuration's or a component's text: each line escaped.
             let message = format!("{e:#}");
             let lines: Vec<_> = message.split('\n').map(escape).collect();
-            eprintln!("error: {}", lines.join("\n"));
+            print_err(&format!("error: {}", lines.join("\n")));
             ExitCode::from(2)
         }
     }
@@ -413,7 +420,7 @@ fn new_project(args: NewArgs) -> anyhow::Result<ExitCode> {
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let (toml, warnings) = crate::app::migrate::import(&args.file)?;
     for warning in warnings {
-        eprintln!("warning: {warning}");
+        print_err(&format!("warning: {warning}"));
     }
     print_out(&toml)?;
     Ok(ExitCode::SUCCESS)
@@ -429,7 +436,7 @@ fn forwarder_config(args: ForwarderArgs) -> anyhow::Result<ExitCode> {
     };
     let (text, warnings) = forwarder_config(&config, args.engine_url.as_deref(), generation);
     for warning in warnings {
-        eprintln!("warning: {warning}");
+        print_err(&format!("warning: {warning}"));
     }
     print_out(&text)?;
     Ok(ExitCode::SUCCESS)
