@@ -884,7 +884,7 @@ fn output_to_a_reader_that_has_gone_ends_the_command_quietly_with_141() {
         let out = jobhook_to_a_closed_pipe(&args);
         assert_eq!(
             out.status.code(),
-            Some(i32::from(jobhook::app::cli::EXIT_STDOUT_CLOSED)),
+            Some(i32::from(jobhook::app::output::EXIT_STDOUT_CLOSED)),
             "jobhook {args:?}: {}",
             text(&out.stderr)
         );

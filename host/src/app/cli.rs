@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::app::component_file::read_component;
+use crate::app::output::{EXIT_STDOUT_CLOSED, StdoutClosed, print_err, print_out};
 use crate::capabilities::properties::Properties;
 use crate::context::{JobContext, MAX_CONTEXT_BYTES};
 use crate::escape::escape;
@@ -187,41 +188,9 @@ pub fn main() -> ExitCode {
     exit_code(result)
 }
 
-/// Exit code of a command whose output could not be written because the reader of stdout had
-/// gone (`jobhook inspect x | head -1`): what a shell reports for a process SIGPIPE ended, as
-/// most command-line tools end there.
-pub const EXIT_STDOUT_CLOSED: u8 = 128 + 13;
-
-/// Writes a command's output to stdout. A reader that has gone is a [`StdoutClosed`] error
-/// ([`exit_code`] ends the command quietly with [`EXIT_STDOUT_CLOSED`]), not a panic as with
-/// `print!`.
-pub fn print_out(text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
-        Err(e) => Err(anyhow::anyhow!("cannot write to stdout: {e}")),
-    }
-}
-
-/// Writes a line to stderr, for an error or warning of a command. Unlike `eprintln!`, a stderr
-/// whose reader has gone is no panic: the line is lost and the command ends as it would have.
-pub fn print_err(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
-/// The reader of stdout has gone: the command's output could not be written.
-#[derive(Debug, thiserror::Error)]
-#[error("stdout was closed by its reader")]
-pub struct StdoutClosed;
-
 /// The exit code of a command's result; an error is printed to stderr first (exit code 2), except
-/// that stdout closed by its reader ends the command quietly ([`EXIT_STDOUT_CLOSED`]).
+/// that stdout closed by its reader ends the command quietly
+/// ([`crate::app::output::EXIT_STDOUT_CLOSED`]).
 pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,

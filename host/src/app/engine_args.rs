@@ -106,7 +106,7 @@ impl EngineArgs {
             Some(dir) => match crate::runtime::aot::AotCache::open(&dir, engine.wasmtime()) {
                 Ok(cache) => engine.with_aot_cache(cache),
                 Err(e) => {
-                    crate::app::cli::print_err(&format!(
+                    crate::app::output::print_err(&format!(
                         "warning: compiling without the AOT cache: {e}"
                     ));
                     engine

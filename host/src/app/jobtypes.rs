@@ -208,9 +208,9 @@ pub async fn job_types(path: &Path) -> anyhow::Result<std::process::ExitCode> {
         .with_context(|| format!("{}: configure [keyfactor] first", path.display()))?;
     let (toml, skipped) = job_types_toml(&client).await?;
     for entry in skipped {
-        crate::app::cli::print_err(&format!("warning: left out {}", entry.escape_debug()));
+        crate::app::output::print_err(&format!("warning: left out {}", entry.escape_debug()));
     }
-    crate::app::cli::print_out(&toml)?;
+    crate::app::output::print_out(&toml)?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -8,6 +8,7 @@
 //! - [`migrate`]: `jobhook import` (Keyfactor registrations to `[[handlers]]`) and
 //!   `jobhook forwarder-config` (the forwarder's Keyfactor registration);
 //! - [`cli`]: the `jobhook` command line;
+//! - [`output`]: what a command prints, and what becomes of it when nobody reads it;
 //! - [`engine_args`]: the engine flags of `jobhook run` and `jobhook inspect`;
 //! - [`devtools`]: `jobhook run`'s capability flags;
 //! - [`new_project`]: `jobhook new`, a handler project from the templates in `host/templates/`;
@@ -26,6 +27,7 @@ pub mod engine_args;
 pub mod jobtypes;
 pub mod migrate;
 pub mod new_project;
+pub mod output;
 pub mod secrets;
 pub mod server;
 pub mod tls;

@@ -147,12 +147,10 @@ pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// Prints the ready line on stdout, for whatever started the engine. A stdout nobody reads any
-/// more (its reader has exited: `EPIPE`) must not stop a server that is otherwise ready —
-/// `println!` would panic — so a failed write is only logged.
+/// more (its reader has exited: `EPIPE`) must not stop a server that is otherwise ready, so a
+/// failed write is only logged.
 fn announce(line: &str) {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+    if let Err(e) = crate::app::output::print_out(&format!("{line}\n")) {
         tracing::warn!("cannot print the ready line on stdout ({e}); serving anyway");
     }
 }
