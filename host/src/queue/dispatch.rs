@@ -411,21 +411,22 @@ impl Dispatcher {
                 _ = stopped.changed() => break,
             };
             let mut permits = self.more_permits(vec![first]);
-            let gather = self.store.claims_are_dear() && {
-                let free: usize = self.registry().room().values().sum();
-                gathers(tasks.len(), free, permits.len())
-            };
-            if gather {
+            let mut registry = self.registry();
+            let mut room = registry.room();
+            if self.store.claims_are_dear()
+                && gathers(tasks.len(), room.values().sum(), permits.len())
+            {
                 tokio::select! {
                     _ = tokio::time::sleep(GATHER_WAIT) => {}
                     _ = stopped.changed() => break,
                 }
                 permits = self.more_permits(permits);
+                registry = self.registry();
+                room = registry.room();
             }
-            let registry = self.registry();
             let limits = ClaimLimits {
                 max: permits.len(),
-                room: registry.room(),
+                room,
             };
             // Every loaded handler at its cap: what a claim could find is at most a delivery of
             // a handler no longer loaded, and it is claimed with the next delivery that starts.
@@ -486,7 +487,7 @@ impl Dispatcher {
         self.wind_down(tasks, grace, record, recorder).await;
     }
 
-    /// `first` and as many more free slots as one claim batch can use, without waiting.
+    /// `permits` and as many more free slots as one claim batch can use, without waiting.
     fn more_permits(&self, mut permits: Vec<OwnedSemaphorePermit>) -> Vec<OwnedSemaphorePermit> {
         while permits.len() < MAX_CLAIM_BATCH {
             match Arc::clone(&self.slots).try_acquire_owned() {
