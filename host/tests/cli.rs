@@ -850,9 +850,16 @@ fn run_sends_mail_through_the_smtp_flag() {
     assert!(mails[0].data.contains("Subject: "), "{}", mails[0].data);
 }
 
-/// Runs `jobhook args` with stdout a pipe whose reader has already gone, as `| head -0` leaves
-/// it: every write there fails with EPIPE.
-fn jobhook_to_a_closed_pipe(args: &[&str]) -> Output {
+/// Which stream of a command has a reader that is already gone.
+#[derive(Clone, Copy, Debug)]
+enum Gone {
+    Stdout,
+    Stderr,
+}
+
+/// Runs `jobhook args` with `gone` a pipe whose reader has already exited, as `| head -0` leaves
+/// it: every write there fails with EPIPE. The other stream is captured.
+fn jobhook_with_reader_gone(args: &[&str], gone: Gone) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
         .args(args)
         .env_remove("RUST_LOG")
@@ -861,7 +868,10 @@ fn jobhook_to_a_closed_pipe(args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn jobhook");
-    drop(child.stdout.take());
+    match gone {
+        Gone::Stdout => drop(child.stdout.take()),
+        Gone::Stderr => drop(child.stderr.take()),
+    }
     child.wait_with_output().expect("wait")
 }
 
@@ -869,6 +879,18 @@ fn jobhook_to_a_closed_pipe(args: &[&str]) -> Output {
 fn output_to_a_reader_that_has_gone_ends_the_command_quietly_with_141() {
     let context = context_file("log-context", "sample.json");
     let noop = component("log-context");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ndata_dir = \"data\"\n\n[[handlers]]\nname = \"h\"\ncomponent = \"{noop}\"\njob_types = [\"44340a94-9b99-410d-8011-598fb176c3c5\"]\n"
+        ),
+    )
+    .expect("write config");
+    let config = config.display().to_string();
+    let manifest = workspace_root().join("host/tests/fixtures/manifest.json");
+    let manifest = manifest.display().to_string();
     for args in [
         vec!["run", noop.as_str(), "--context", context.as_str()],
         vec![
@@ -880,8 +902,17 @@ fn output_to_a_reader_that_has_gone_ends_the_command_quietly_with_141() {
         ],
         vec!["inspect", noop.as_str()],
         vec!["inspect", noop.as_str(), "--json"],
+        vec!["check", "--config", config.as_str()],
+        vec!["import", manifest.as_str()],
+        vec![
+            "forwarder-config",
+            "--config",
+            config.as_str(),
+            "--engine-url",
+            "https://jobhook.example.com:8480",
+        ],
     ] {
-        let out = jobhook_to_a_closed_pipe(&args);
+        let out = jobhook_with_reader_gone(&args, Gone::Stdout);
         assert_eq!(
             out.status.code(),
             Some(i32::from(jobhook::app::output::EXIT_STDOUT_CLOSED)),
@@ -897,17 +928,22 @@ fn output_to_a_reader_that_has_gone_ends_the_command_quietly_with_141() {
 }
 
 #[test]
-fn an_error_told_to_a_stderr_whose_reader_has_gone_still_exits_2() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
-        .args(["run", "/nonexistent/handler.wasm", "--context", "-"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn jobhook");
-    // The error goes to a pipe whose reader has gone: the write fails with EPIPE.
-    drop(child.stderr.take());
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(2), "{status}");
+fn an_error_or_warning_told_to_a_stderr_whose_reader_has_gone_changes_no_exit_code() {
+    // An error: exit code 2, as with a stderr that is read.
+    let out = jobhook_with_reader_gone(
+        &["run", "/nonexistent/handler.wasm", "--context", "-"],
+        Gone::Stderr,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    // Warnings before the output (web.config has registrations import leaves out): the output
+    // still comes, with exit code 0.
+    let web_config = workspace_root().join("host/tests/fixtures/web.config");
+    let out =
+        jobhook_with_reader_gone(&["import", &web_config.display().to_string()], Gone::Stderr);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("[[handlers]]"),
+        "{}",
+        text(&out.stdout)
+    );
 }

@@ -15,8 +15,8 @@
 //! - nothing reads the engine's stderr any more (a hung log collector): ingest and deliveries
 //!   carry on, the lines the log cannot hold are dropped and counted in `/metrics`, and every
 //!   outcome keeps its handler's lines;
-//! - the reader of the engine's stdout has gone before it prints its ready line there: it
-//!   serves anyway.
+//! - the reader of the engine's stdout has gone before it prints its ready line there, or the
+//!   reader of its stderr goes while it serves: it serves and delivers anyway.
 //!
 //! The disk test mounts a tmpfs, which needs root (or CAP_SYS_ADMIN). Without it the test prints
 //! `SKIPPED: cannot mount a tmpfs: <reason>` and passes — unless `JOBHOOK_REQUIRE_FAULTS=1`
@@ -107,15 +107,10 @@ async fn settled(client: &reqwest::Client, engine: &EngineProcess, id: &str) -> 
 }
 
 /// Polls the event until `handler`'s delivery is terminal, whatever the others do.
-async fn delivered(
-    client: &reqwest::Client,
-    engine: &EngineProcess,
-    id: &str,
-    handler: &str,
-) -> Value {
+async fn delivered(client: &reqwest::Client, url: &str, id: &str, handler: &str) -> Value {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let (status, text) = get(client, &engine.url, &format!("/v1/events/{id}")).await;
+        let (status, text) = get(client, url, &format!("/v1/events/{id}")).await;
         assert_eq!(status, 200, "event {id}: {text}");
         let event: Value = serde_json::from_str(&text).expect("event JSON");
         let d = delivery(&event, handler);
@@ -764,7 +759,7 @@ async fn a_relay_and_a_keyfactor_api_that_never_answer_time_out_and_other_handle
         others.push(event_id(&body));
     }
     for id in &others {
-        let log = delivered(&client, &engine, id, "log").await;
+        let log = delivered(&client, &engine.url, id, "log").await;
         assert_eq!(log["state"], "succeeded", "{log:#}");
     }
     assert_healthy(&client, &engine.url).await;
@@ -890,74 +885,109 @@ async fn a_log_nobody_reads_costs_dropped_lines_counted_in_metrics_never_ingest_
 /// Longest `jobhook serve` may take to answer `/healthz` once started (it compiles its handler).
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A `jobhook serve` of one log-context handler on a port of its own, started with both output
+/// streams piped: the test decides whose reader goes, and when.
+struct PipedEngine {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl PipedEngine {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = jobhook_testkit::engine::free_port();
+        let config = one_handler_config(
+            dir.path(),
+            &format!("127.0.0.1:{port}"),
+            ("log", "log-context"),
+            "",
+        );
+        let child = Command::new(engine_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start jobhook serve");
+        PipedEngine {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    /// Waits for `/healthz` to answer 200; panics if the engine exits first.
+    async fn ready(&mut self, client: &reqwest::Client) {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the engine exited ({status})");
+            }
+            if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the engine never answered /healthz"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Posts an event and waits for its delivery to succeed, logging as it runs.
+    async fn delivers(&self, client: &reqwest::Client) {
+        let (status, body) = post_event(client, &self.url, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+        let d = delivered(client, &self.url, &event_id(&body), "log").await;
+        assert_eq!(d["state"], "succeeded", "{d:#}");
+    }
+}
+
+impl Drop for PipedEngine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stdout_whose_reader_has_gone_does_not_stop_the_engine_from_serving() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = jobhook_testkit::engine::free_port();
-    let config = one_handler_config(
-        dir.path(),
-        &format!("127.0.0.1:{port}"),
-        ("log", "log-context"),
-        "",
-    );
-    let log_path = dir.path().join("engine.log");
-    let mut child = Command::new(engine_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).expect("log file"))
-        .spawn()
-        .expect("start jobhook serve");
+    let mut engine = PipedEngine::start();
     // The reader of stdout is gone before the engine prints its ready line there (EPIPE).
-    drop(child.stdout.take());
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let url = format!("http://127.0.0.1:{port}");
+    drop(engine.child.stdout.take());
+    let mut stderr = engine.child.stderr.take().expect("piped stderr");
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "the engine exited ({status}) when its stdout could not be written:\n{}",
-                log()
-            );
-        }
-        if let Ok(r) = client.get(format!("{url}/healthz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the engine never answered /healthz:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (status, body) = post_event(&client, &url, &sample_context_json()).await;
-    assert_eq!(status, 202, "{body}");
-    let id = event_id(&body);
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let (status, text) = get(&client, &url, &format!("/v1/events/{id}")).await;
-        assert_eq!(status, 200, "{text}");
-        let event: Value = serde_json::from_str(&text).expect("event JSON");
-        if delivery(&event, "log")["state"] == "succeeded" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never delivered: {event:#}\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = log();
+    engine.ready(&client).await;
+    engine.delivers(&client).await;
+    // The log says why nothing was printed.
+    drop(engine);
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut log).expect("read the log");
     assert!(
-        text.contains("cannot print the ready line on stdout"),
-        "{text}"
+        log.contains("cannot print the ready line on stdout"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_whose_reader_goes_while_it_serves_does_not_stop_the_engine() {
+    let mut engine = PipedEngine::start();
+    let client = reqwest::Client::new();
+    engine.ready(&client).await;
+    engine.delivers(&client).await;
+    // The log's reader goes mid-run: every line from now on fails with EPIPE.
+    drop(engine.child.stderr.take());
+    for _ in 0..20 {
+        engine.delivers(&client).await;
+    }
+    assert_healthy(&client, &engine.url).await;
+    assert!(
+        matches!(engine.child.try_wait(), Ok(None)),
+        "the engine exited"
     );
 }

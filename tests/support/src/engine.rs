@@ -147,11 +147,22 @@ impl EngineProcess {
             .status();
     }
 
-    /// The engine's log so far, once it has stopped growing for [`LOG_QUIET`] (at most
+    /// The engine's log so far, once it has stopped growing (see [`EngineProcess::log_bytes`]).
+    pub fn log_text(&self) -> String {
+        self.settle_log();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The engine's log so far as bytes, once it has stopped growing for [`LOG_QUIET`] (at most
     /// [`LOG_SETTLE`]): `serve` writes its log from a thread of its own, so a line logged just
     /// before may still be on its way to the file — and a test asserting that a line is *not*
     /// there must not pass only because it has not arrived yet.
-    pub fn log_text(&self) -> String {
+    pub fn log_bytes(&self) -> Vec<u8> {
+        self.settle_log();
+        std::fs::read(&self.log).unwrap_or_default()
+    }
+
+    fn settle_log(&self) {
         let len = || std::fs::metadata(&self.log).map_or(0, |m| m.len());
         let deadline = std::time::Instant::now() + LOG_SETTLE;
         let mut seen = len();
@@ -163,7 +174,6 @@ impl EngineProcess {
             }
             seen = now;
         }
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
