@@ -1047,3 +1047,90 @@ async fn a_reload_reads_the_token_file_again_and_says_what_needs_a_restart() {
     let (status, _) = post_raw(&engine, body, Some("third-token")).await;
     assert_eq!(status, 202);
 }
+
+/// One thread of a process as `/proc/<pid>/task/<tid>/stat` shows it.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+struct ThreadSample {
+    tid: String,
+    name: String,
+    /// `SCHED_OTHER` 0, `SCHED_BATCH` 3 (`sched(7)`).
+    policy: u32,
+    /// User and system CPU time, in clock ticks.
+    cpu_ticks: u64,
+}
+
+/// Every thread of `pid` now. The name is in parentheses and may hold spaces: the fields after
+/// it are counted from its closing parenthesis (`proc(5)`: state is field 3, utime 14, stime 15,
+/// policy 41).
+#[cfg(target_os = "linux")]
+fn threads_of(pid: u32) -> Vec<ThreadSample> {
+    let mut threads = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (open, close) = (stat.find('(').expect("("), stat.rfind(')').expect(")"));
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |n: usize| -> u64 { fields[n - 3].parse().expect("numeric field") };
+        threads.push(ThreadSample {
+            tid: task.file_name().to_string_lossy().into_owned(),
+            name: stat[open + 1..close].to_owned(),
+            policy: u32::try_from(field(41)).expect("policy"),
+            cpu_ticks: field(14) + field(15),
+        });
+    }
+    threads
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_handler_burns_cpu_on_the_delivery_threads_never_on_the_threads_that_answer_ingest() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let setup = Setup::new();
+    let engine = setup.start(&handler(
+        "spinner",
+        "guest-loop",
+        "[\"*\"]",
+        "[handlers.limits]\ntimeout_ms = 6000",
+    ));
+    let (status, _) = post(&engine, &sample_context_json()).await;
+    assert_eq!(status, 202);
+    // Let the delivery start spinning, then see which threads its CPU time lands on while
+    // ingest keeps answering.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = threads_of(engine.pid());
+    for _ in 0..10 {
+        let (status, _) = post(&engine, &context(OTHER_TYPE, "Failure")).await;
+        assert_eq!(status, 202);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = threads_of(engine.pid());
+    let used = |t: &ThreadSample| {
+        let was = before
+            .iter()
+            .find(|b| b.tid == t.tid)
+            .map_or(0, |b| b.cpu_ticks);
+        t.cpu_ticks.saturating_sub(was)
+    };
+    let busiest = after.iter().max_by_key(|t| used(t)).expect("threads");
+    // At least 50 ms of CPU in these 2 s (long runners are held to a share of the cores).
+    assert!(
+        used(busiest) >= 5,
+        "the spinning handler used no CPU: {after:#?}"
+    );
+    assert!(
+        busiest.name.starts_with("jobhook-deliver") && busiest.policy == SCHED_BATCH,
+        "the handler's CPU time is on {busiest:?}, not on a SCHED_BATCH delivery thread: {after:#?}"
+    );
+    // Every other thread — the API's workers that answered the events above, the store's
+    // writer and syncer — keeps the normal policy.
+    for t in after
+        .iter()
+        .filter(|t| !t.name.starts_with("jobhook-deliver"))
+    {
+        assert_eq!(t.policy, SCHED_OTHER, "{t:?}");
+    }
+}

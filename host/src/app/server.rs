@@ -17,6 +17,7 @@ use crate::app::secrets::{self, StartOnlySecrets};
 use crate::app::tls::TlsState;
 use crate::capabilities::{ConfiguredBy, ServiceEnv, Services};
 use crate::metrics::Metrics;
+use crate::queue::delivery_threads::DeliveryThreads;
 use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
 use crate::queue::registration::Registration;
 use crate::queue::store::{self, EventStore};
@@ -235,7 +236,9 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let address = listener.local_addr()?;
 
-    let worker = tokio::spawn(Arc::clone(&dispatcher).run(config.server.shutdown_grace));
+    // Deliveries run on threads of their own: an ingest request never queues behind a sandbox.
+    let delivery_threads = DeliveryThreads::start().context("cannot start the delivery threads")?;
+    let worker = delivery_threads.spawn(Arc::clone(&dispatcher).run(config.server.shutdown_grace));
     if let Some(poller) = &config.poller {
         let client = services
             .keyfactor
@@ -285,6 +288,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     tracing::info!("no longer accepting events; finishing running deliveries");
     dispatcher.stop();
     let _ = worker.await;
+    drop(delivery_threads);
     tracing::info!("stopped");
     Ok(())
 }

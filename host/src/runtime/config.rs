@@ -43,9 +43,11 @@ pub struct EngineConfig {
     /// Where `serve` keeps compiled components between runs (see [`crate::runtime::aot`]); relative
     /// paths are relative to the config file. Default: `cache` in the data directory.
     pub cache_dir: Option<PathBuf>,
-    /// Threads of their own that run sandboxes, below the priority of the HTTP API and the
-    /// store ([`crate::runtime::engine::SandboxThreads`]). 0 (the default) runs sandboxes on the same
-    /// threads as the API. See docs/PERFORMANCE.md (scenario d) for the trade-off.
+    /// Threads of their own that run sandboxes at nice 10, below the rest of the process
+    /// ([`crate::runtime::engine::SandboxThreads`]). 0 (the default) runs sandboxes on the
+    /// dispatcher's threads, which `serve` already keeps apart from the API's
+    /// ([`crate::queue::delivery_threads`]). See docs/PERFORMANCE.md (scenario d) for the
+    /// trade-off.
     pub sandbox_threads: usize,
     /// Most core instances one component may contain (the pool refuses more at instantiation).
     pub max_core_instances_per_component: u32,

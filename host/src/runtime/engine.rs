@@ -360,8 +360,9 @@ const SANDBOX_THREAD_NICE: i32 = 10;
 
 /// A multi-threaded async runtime that only runs sandboxes, on threads of lower priority than
 /// the rest of the process (Linux). Handler code is untrusted and may burn CPU up to its budget;
-/// on the API's own threads it competes with ingest for them (it yields every
-/// [`EPOCH_TICK`]), on these it only gets what the event path leaves.
+/// on the threads of whoever calls [`crate::SandboxedHandler::invoke`] it competes with their
+/// other work (it yields every [`EPOCH_TICK`]; `serve` runs that work on delivery threads of
+/// their own, [`crate::queue::delivery_threads`]), on these it only gets what the rest leaves.
 ///
 /// The price is a hand-over to another thread and back for every delivery (tens of µs on a
 /// virtual machine; measured in docs/PERFORMANCE.md, scenario a), and a low-priority thread that
