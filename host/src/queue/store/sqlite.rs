@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
@@ -343,6 +344,11 @@ fn connect(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Plans fixed at prepare time: otherwise SQLite prepares a statement again whenever a
+    // bound value could change its plan, which the per-handler claim query ([`DUE_OF_HANDLER`])
+    // did on every run (about 4,700 times in 10 s at 1,000 events/s × 4, some 5 % of the
+    // writer's time). The plans do not depend on the values: no statistics are collected.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(conn)
 }
 

@@ -52,6 +52,16 @@ const CHECKPOINT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1
 /// for a checkpoint's copying and syncs, and the WAL stays bounded (~40 MB) whatever happens.
 const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
 
+/// Statements the writer keeps prepared (rusqlite's default is 16): every write's own, the
+/// savepoint's three, and room to spare, so that none is evicted and parsed again under load.
+const WRITER_STATEMENT_CACHE: usize = 64;
+
+/// The savepoint each write runs in, through cached statements: rusqlite's `Savepoint` parses
+/// its SQL on every use, about 8 % of the writer's time at 1,000 events/s × 4.
+const SAVEPOINT: &str = "SAVEPOINT write";
+const RELEASE: &str = "RELEASE write";
+const ROLLBACK_TO: &str = "ROLLBACK TO write";
+
 /// Whether a write must be on disk before it is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -179,6 +189,12 @@ impl Writer {
             |e: std::io::Error| StoreError::Database(format!("cannot start a store thread: {e}"));
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
             .map_err(|e| classify(&e))?;
+        // The savepoints' journal stays in memory: past 64 KiB in a transaction SQLite would
+        // otherwise spill it to a temporary file. The writer runs no query that sorts or
+        // builds temporary tables, which this setting would also keep in memory.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(|e| classify(&e))?;
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
         let (sender, receiver) = mpsc::channel();
         let (synced, to_sync) = mpsc::channel();
         let (stop, stopped) = mpsc::channel();
@@ -288,19 +304,13 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> Vec<Box<
         }
         Vec::new()
     };
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return fail_all(group, &classify(&e)),
     };
     let mut lost = None;
     for job in &mut group {
-        let error = match tx.savepoint() {
-            Ok(sp) => match job.run(&sp) {
-                None => sp.commit().err().map(|e| classify(&e)),
-                Some(e) => Some(e),
-            },
-            Err(e) => Some(classify(&e)),
-        };
+        let error = run_in_savepoint(&tx, job.as_mut());
         // SQLite may answer some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, SQLITE_NOMEM)
         // by rolling back the whole transaction, not just the failed savepoint: then the
         // writes before this one are gone too, and the ones after it would commit each on its
@@ -330,6 +340,27 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> Vec<Box<
         job.answer(None);
     }
     durable
+}
+
+/// Runs `job` in a savepoint of its own: kept when it succeeds, rolled back when it fails (its
+/// error is returned), so that one write's failure undoes that write alone.
+fn run_in_savepoint(tx: &Connection, job: &mut dyn Job) -> Option<StoreError> {
+    let step = |sql: &str| -> rusqlite::Result<()> {
+        tx.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    };
+    if let Err(e) = step(SAVEPOINT) {
+        return Some(classify(&e));
+    }
+    match job.run(tx) {
+        None => step(RELEASE).err().map(|e| classify(&e)),
+        Some(e) => {
+            // If SQLite rolled back the whole transaction, the savepoint is gone with it and
+            // this fails too; `commit_group` sees that and fails the whole group.
+            let _ = step(ROLLBACK_TO).and_then(|()| step(RELEASE));
+            Some(e)
+        }
+    }
 }
 
 /// Every [`CHECKPOINT_PERIOD`] until the writer is gone, copies what the WAL holds into the
@@ -565,6 +596,35 @@ mod tests {
         );
         // A write that fails alone fails alone.
         assert_eq!(group_with_poison("ABORT"), (vec![true, false, true], 2));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_none_of_its_changes_and_the_others_all_of_theirs() {
+        let (_dir, mut conn) = table();
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER poison BEFORE INSERT ON t WHEN NEW.v = 'poison'
+             BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        )
+        .unwrap();
+        // The middle write inserts a row, then fails: its savepoint takes that row back.
+        let half_done = |tx: &Connection| {
+            insert("x")(tx)?;
+            insert("poison")(tx)
+        };
+        let (first, a) = job(Durability::Normal, insert("a"));
+        let (middle, m) = job(Durability::Normal, half_done);
+        let (last, b) = job(Durability::Normal, insert("b"));
+        assert!(commit_group(&mut conn, vec![first, middle, last]).is_empty());
+        assert!(a.recv().unwrap().is_ok());
+        assert!(m.recv().unwrap().is_err());
+        assert!(b.recv().unwrap().is_ok());
+        let mut rows = conn.prepare("SELECT v FROM t ORDER BY v").unwrap();
+        let rows: Vec<String> = rows
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, ["a", "b"]);
     }
 
     #[test]
