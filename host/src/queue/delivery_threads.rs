@@ -8,9 +8,10 @@
 //!   no worker thread, so a request is polled as soon as the kernel runs one of the API's
 //!   threads;
 //! - the delivery threads run under Linux's `SCHED_BATCH` policy. By `sched(7)`, the scheduler
-//!   then treats them as CPU-bound and "mildly disfavor[s]" them in wake-up decisions: the API's
-//!   threads, which sleep most of the time, get a core sooner when a request arrives. Their
-//!   share of the CPU is that of any normal thread (unlike a higher nice value), so beside other
+//!   then treats them as CPU-bound and "mildly disfavor[s]" them in wake-up decisions: a delivery
+//!   thread that wakes does not preempt the thread running, such as an API thread answering an
+//!   event. Their share of the CPU is that of any normal thread (unlike a higher nice value,
+//!   which cost deliveries a third of their throughput beside a CPU hog), so beside other
 //!   programs on a busy machine deliveries keep their share. Choosing a scheduling policy for
 //!   one's own threads needs no privilege; if the kernel refuses it (a seccomp filter, a
 //!   non-Linux system), they run as normal threads and nothing else changes.
