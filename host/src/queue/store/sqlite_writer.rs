@@ -190,8 +190,8 @@ impl Writer {
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
             .map_err(|e| classify(&e))?;
         // The savepoints' journal stays in memory: past 64 KiB in a transaction SQLite would
-        // otherwise spill it to a temporary file. The writer runs no query that sorts or
-        // builds temporary tables, which this setting would also keep in memory.
+        // otherwise spill it to a temporary file. This setting would also keep a large sort in
+        // memory; the writer's queries take their order from indexes and build nothing large.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(|e| classify(&e))?;
         conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
