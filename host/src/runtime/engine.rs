@@ -10,6 +10,7 @@ use wasmtime::{Config, Enabled, InstanceAllocationStrategy, OptLevel, PoolingAll
 
 use crate::runtime::aot::AotCache;
 use crate::runtime::cpu_share::CpuShare;
+use crate::runtime::threads::{OwnRuntime, Scheduling};
 
 /// How often the epoch advances. Guest code is checked against its deadline at this granularity,
 /// so a runaway loop is stopped at most one tick after its budget — and, until then, hands its
@@ -355,7 +356,6 @@ impl Engine {
 /// gives the process's other threads — the HTTP API, the ingest writer, the dispatcher — about ten
 /// times the CPU share of a thread running guest code. Lowering a thread's own priority needs no
 /// privilege.
-#[cfg(target_os = "linux")]
 const SANDBOX_THREAD_NICE: i32 = 10;
 
 /// A multi-threaded async runtime that only runs sandboxes, on threads of lower priority than
@@ -369,26 +369,19 @@ const SANDBOX_THREAD_NICE: i32 = 10;
 /// is preempted while holding a lock the process shares (the allocator's, the kernel's memory map
 /// lock during memory growth) can delay a normal-priority one. Opt-in (`[engine]
 /// sandbox_threads`); scenario d of `jobhook-bench` measures both modes in one run.
+#[derive(Debug)]
 pub struct SandboxThreads {
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl std::fmt::Debug for SandboxThreads {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SandboxThreads").finish_non_exhaustive()
-    }
+    runtime: OwnRuntime,
 }
 
 impl SandboxThreads {
     fn start(threads: usize) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("jobhook-sandbox")
-            .on_thread_start(lower_thread_priority)
-            .enable_all()
-            .build()?;
         Ok(SandboxThreads {
-            runtime: Some(runtime),
+            runtime: OwnRuntime::start(
+                "jobhook-sandbox",
+                Some(threads),
+                Scheduling::Nice(SANDBOX_THREAD_NICE),
+            )?,
         })
     }
 
@@ -400,22 +393,8 @@ impl SandboxThreads {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let Some(runtime) = &self.runtime else {
-            // Only reachable during drop; run in place rather than fail.
-            return Ok(future.await);
-        };
-        let mut task = AbortOnDrop(runtime.spawn(future));
+        let mut task = AbortOnDrop(self.runtime.spawn(future));
         (&mut task.0).await
-    }
-}
-
-impl Drop for SandboxThreads {
-    fn drop(&mut self) {
-        // `Runtime`'s own drop blocks, which panics inside an async context (the engine is
-        // usually dropped at the end of `serve`); running sandboxes are aborted either way.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
     }
 }
 
@@ -425,18 +404,6 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: `setpriority` only reads its arguments. On Linux, PRIO_PROCESS with who = 0
-        // applies to the calling thread only (nice values are per thread). Failure (it cannot
-        // fail for a lower priority) leaves the thread at normal priority.
-        unsafe {
-            let _ = libc::setpriority(libc::PRIO_PROCESS, 0, SANDBOX_THREAD_NICE);
-        }
     }
 }
 

@@ -11,7 +11,9 @@
 //! - [`compat`]: the interfaces of earlier contract versions, forwarded to the current ones;
 //! - [`classify`]: how a failed invocation becomes an outcome class;
 //! - [`limiter`]: where the memory and table limits are enforced;
-//! - [`cpu_share`]: the cores that deliveries which keep computing may take between them.
+//! - [`cpu_share`]: the cores that deliveries which keep computing may take between them;
+//! - [`threads`]: async runtimes on threads of their own, scheduled apart from the rest of the
+//!   process.
 
 pub mod aot;
 pub mod classify;
@@ -24,3 +26,4 @@ pub mod limiter;
 pub mod loader;
 pub mod sandbox;
 pub mod state;
+pub mod threads;

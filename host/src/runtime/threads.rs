@@ -1,0 +1,156 @@
+//! Async runtimes of their own, whose threads the kernel schedules apart from the rest of the
+//! process: the opt-in sandbox threads ([`crate::runtime::engine::SandboxThreads`], nice 10) and
+//! `serve`'s delivery threads ([`crate::queue::delivery_threads`], `SCHED_BATCH`).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How the threads of an [`OwnRuntime`] are scheduled (Linux; elsewhere they are normal
+/// threads). Both only lower a thread's claim on the CPU, which needs no privilege.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// A nice value above normal: a smaller share of the CPU under contention.
+    Nice(i32),
+    /// `SCHED_BATCH`: a normal share, but "mildly disfavored" in wake-up decisions
+    /// (`sched(7)`): a thread that wakes does not preempt the thread running.
+    Batch,
+}
+
+/// Set once a thread could not be given its scheduling: the warning is logged once per
+/// process, not once for every thread a runtime starts (blocking-pool threads come and go).
+static REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// A multi-threaded async runtime on threads of its own. Dropping it stops its threads without
+/// waiting for them: `Runtime`'s own drop blocks, which panics inside an async context (these
+/// are usually dropped at the end of `serve`); whatever still runs there is abandoned.
+#[derive(Debug)]
+pub struct OwnRuntime {
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl OwnRuntime {
+    /// Starts `threads` worker threads (default: one per core the process may use) named
+    /// `name`, each scheduled as `scheduling` — the blocking pool's threads too.
+    pub fn start(
+        name: &str,
+        threads: Option<usize>,
+        scheduling: Scheduling,
+    ) -> std::io::Result<Self> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(threads) = threads {
+            builder.worker_threads(threads.max(1));
+        }
+        let runtime = builder
+            .thread_name(name)
+            .on_thread_start(move || {
+                if let Err(e) = schedule_this_thread(scheduling)
+                    && !REFUSED.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        "threads cannot be scheduled as {scheduling:?} ({e}); they run as normal threads"
+                    );
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(OwnRuntime {
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Runs `future` on these threads; awaiting the handle (from any runtime) waits for its
+    /// end.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.runtime {
+            Some(runtime) => runtime.spawn(future),
+            // Unreachable: only `drop` takes the runtime out.
+            None => tokio::spawn(future),
+        }
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Schedules the calling thread as `scheduling`. On Linux, both calls with pid 0 apply to the
+/// calling thread only (nice values and policies are per thread).
+fn schedule_this_thread(scheduling: Scheduling) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let failed = match scheduling {
+            // SAFETY: `setpriority` only reads its arguments.
+            Scheduling::Nice(nice) => unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) },
+            Scheduling::Batch => {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: `sched_setscheduler` only reads `param`, which lives through the call.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) }
+            }
+        } != 0;
+        if failed {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = scheduling;
+    Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// The calling thread's policy and nice value, as the kernel reports them.
+    fn scheduling_here() -> (i32, i32) {
+        // SAFETY: both only read the calling thread's attributes.
+        unsafe {
+            (
+                libc::sched_getscheduler(0),
+                libc::getpriority(libc::PRIO_PROCESS, 0),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn each_runtime_schedules_its_own_threads_and_leaves_the_callers_alone() {
+        let before = scheduling_here();
+        for (scheduling, expected) in [
+            (Scheduling::Batch, (libc::SCHED_BATCH, before.1)),
+            (Scheduling::Nice(10), (libc::SCHED_OTHER, 10)),
+        ] {
+            let threads = OwnRuntime::start("jobhook-test", Some(1), scheduling).expect("start");
+            let (there, name) = threads
+                .spawn(async {
+                    (
+                        scheduling_here(),
+                        std::thread::current().name().map(str::to_owned),
+                    )
+                })
+                .await
+                .expect("join");
+            assert_eq!(there, expected, "{scheduling:?}");
+            assert_eq!(name.as_deref(), Some("jobhook-test"));
+            // A blocking-pool thread of the runtime is scheduled the same way.
+            let blocking = threads
+                .spawn(async { tokio::task::spawn_blocking(scheduling_here).await })
+                .await
+                .expect("join")
+                .expect("join blocking");
+            assert_eq!(blocking, expected, "{scheduling:?}, blocking pool");
+        }
+        assert_eq!(
+            scheduling_here(),
+            before,
+            "the caller's thread is left as it was"
+        );
+    }
+}
