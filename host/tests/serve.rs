@@ -1056,13 +1056,15 @@ struct ThreadSample {
     name: String,
     /// `SCHED_OTHER` 0, `SCHED_BATCH` 3 (`sched(7)`).
     policy: u32,
+    /// The nice value (0 for a normal thread).
+    nice: i64,
     /// User and system CPU time, in clock ticks.
     cpu_ticks: u64,
 }
 
 /// Every thread of `pid` now. The name is in parentheses and may hold spaces: the fields after
 /// it are counted from its closing parenthesis (`proc(5)`: state is field 3, utime 14, stime 15,
-/// policy 41).
+/// nice 19, policy 41).
 #[cfg(target_os = "linux")]
 fn threads_of(pid: u32) -> Vec<ThreadSample> {
     let mut threads = Vec::new();
@@ -1073,28 +1075,31 @@ fn threads_of(pid: u32) -> Vec<ThreadSample> {
         };
         let (open, close) = (stat.find('(').expect("("), stat.rfind(')').expect(")"));
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let field = |n: usize| -> u64 { fields[n - 3].parse().expect("numeric field") };
+        let field = |n: usize| -> i64 { fields[n - 3].parse().expect("numeric field") };
         threads.push(ThreadSample {
             tid: task.file_name().to_string_lossy().into_owned(),
             name: stat[open + 1..close].to_owned(),
             policy: u32::try_from(field(41)).expect("policy"),
-            cpu_ticks: field(14) + field(15),
+            nice: field(19),
+            cpu_ticks: u64::try_from(field(14) + field(15)).expect("CPU ticks"),
         });
     }
     threads
 }
 
+/// Every thread of the engine after 2 s of a looping handler while ten events are posted, and
+/// the one that used the most CPU meanwhile; `engine` is the `[engine]` section, if any.
 #[cfg(target_os = "linux")]
-#[tokio::test]
-async fn a_handler_burns_cpu_on_the_delivery_threads_never_on_the_threads_that_answer_ingest() {
-    const SCHED_OTHER: u32 = 0;
-    const SCHED_BATCH: u32 = 3;
+async fn busiest_thread_while_a_handler_spins(engine: &str) -> (ThreadSample, Vec<ThreadSample>) {
     let setup = Setup::new();
-    let engine = setup.start(&handler(
-        "spinner",
-        "guest-loop",
-        "[\"*\"]",
-        "[handlers.limits]\ntimeout_ms = 6000",
+    let engine = setup.start(&format!(
+        "{engine}\n{}",
+        handler(
+            "spinner",
+            "guest-loop",
+            "[\"*\"]",
+            "[handlers.limits]\ntimeout_ms = 6000",
+        )
     ));
     let (status, _) = post(&engine, &sample_context_json()).await;
     assert_eq!(status, 202);
@@ -1107,7 +1112,7 @@ async fn a_handler_burns_cpu_on_the_delivery_threads_never_on_the_threads_that_a
         assert_eq!(status, 202);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let after = threads_of(engine.pid());
+    let mut after = threads_of(engine.pid());
     let used = |t: &ThreadSample| {
         let was = before
             .iter()
@@ -1115,22 +1120,48 @@ async fn a_handler_burns_cpu_on_the_delivery_threads_never_on_the_threads_that_a
             .map_or(0, |b| b.cpu_ticks);
         t.cpu_ticks.saturating_sub(was)
     };
-    let busiest = after.iter().max_by_key(|t| used(t)).expect("threads");
+    let busiest = (0..after.len())
+        .max_by_key(|&i| used(&after[i]))
+        .expect("threads");
     // At least 50 ms of CPU in these 2 s (long runners are held to a share of the cores).
     assert!(
-        used(busiest) >= 5,
+        used(&after[busiest]) >= 5,
         "the spinning handler used no CPU: {after:#?}"
     );
+    (after.swap_remove(busiest), after)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_handler_burns_cpu_on_the_delivery_threads_never_on_the_threads_that_answer_ingest() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let (busiest, others) = busiest_thread_while_a_handler_spins("").await;
     assert!(
         busiest.name.starts_with("jobhook-deliver") && busiest.policy == SCHED_BATCH,
-        "the handler's CPU time is on {busiest:?}, not on a SCHED_BATCH delivery thread: {after:#?}"
+        "the handler's CPU time is on {busiest:?}, not on a SCHED_BATCH delivery thread: {others:#?}"
     );
     // Every other thread — the API's workers that answered the events above, the store's
     // writer and syncer — keeps the normal policy.
-    for t in after
+    for t in others
         .iter()
         .filter(|t| !t.name.starts_with("jobhook-deliver"))
     {
         assert_eq!(t.policy, SCHED_OTHER, "{t:?}");
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn with_sandbox_threads_a_handler_burns_cpu_on_them_at_nice_10() {
+    let (busiest, others) =
+        busiest_thread_while_a_handler_spins("[engine]\nsandbox_threads = 1\n").await;
+    assert!(
+        busiest.name.starts_with("jobhook-sandbox") && busiest.nice == 10,
+        "the handler's CPU time is on {busiest:?}, not on a sandbox thread at nice 10: {others:#?}"
+    );
+    // The threads that answer ingest keep the normal nice value.
+    for t in others.iter().filter(|t| !t.name.starts_with("jobhook-")) {
+        assert_eq!(t.nice, 0, "{t:?}");
     }
 }
