@@ -433,11 +433,15 @@ impl Dispatcher {
             // Not claiming spares the store a query per finished delivery (with one CPU-bound
             // handler at its cap, an empty claim and a `next_due` followed every claim).
             let at_cap = !limits.room.is_empty() && limits.room.values().all(|room| *room == 0);
-            let store = Arc::clone(&self.store);
             let lease = self.lease;
             let claimed = if at_cap {
                 Ok(Ok(Vec::new()))
+            } else if let Some(writes) = self.store.awaited_writes() {
+                Ok(writes
+                    .claim_batch_awaited(self.store.now(), &limits, lease)
+                    .await)
             } else {
+                let store = Arc::clone(&self.store);
                 tokio::task::spawn_blocking(move || store.claim_batch(store.now(), &limits, lease))
                     .await
             };
@@ -743,12 +747,7 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
         }
         let mut finished = std::mem::take(&mut unrecorded);
         finished.append(&mut batch);
-        let store = Arc::clone(&store);
-        let recorded = tokio::task::spawn_blocking(move || {
-            let errors = record_batch(store.as_ref(), &finished);
-            (errors, finished)
-        })
-        .await;
+        let recorded = record(&store, finished).await;
         match recorded {
             Ok((errors, finished)) => {
                 let mut retries = 0usize;
@@ -802,6 +801,38 @@ fn pause_until(due: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
     }
 }
 
+/// Records `finished` as [`record_batch`] does; the batch is awaited where the store answers
+/// it without a blocking thread, and only the rare one-by-one retry after a failed batch takes
+/// one. Gives back `finished` with what became of each.
+async fn record(
+    store: &Arc<dyn EventStore>,
+    finished: Vec<Finished>,
+) -> Result<(Vec<Result<Finish, StoreError>>, Vec<Finished>), tokio::task::JoinError> {
+    let store = Arc::clone(store);
+    let Some(writes) = store.awaited_writes() else {
+        return tokio::task::spawn_blocking(move || {
+            let results = record_batch(store.as_ref(), &finished);
+            (results, finished)
+        })
+        .await;
+    };
+    let items: Vec<(&Claim, &AttemptRecord)> =
+        finished.iter().map(|f| (&f.claim, &f.record)).collect();
+    let pending = writes.finish_batch_awaited(&items);
+    drop(items);
+    let answer = pending.await;
+    match answer {
+        Err(e) if !e.is_transient() => {
+            tokio::task::spawn_blocking(move || {
+                let results = record_one_by_one(store.as_ref(), &finished, &e);
+                (results, finished)
+            })
+            .await
+        }
+        answer => Ok((batch_results(answer, finished.len()), finished)),
+    }
+}
+
 /// Records `finished` in one transaction; if that fails (a shared database may abort it, e.g. to
 /// break a deadlock with another node's claim), records each on its own, so that one failure
 /// costs only its own outcome — unless the whole store is failing (disk full, server
@@ -811,27 +842,44 @@ fn record_batch(store: &dyn EventStore, finished: &[Finished]) -> Vec<Result<Fin
     let items: Vec<(&Claim, &AttemptRecord)> =
         finished.iter().map(|f| (&f.claim, &f.record)).collect();
     match store.finish_batch(&items) {
-        Ok(results) if results.len() == items.len() => results.into_iter().map(Ok).collect(),
-        Ok(_) => items
-            .iter()
+        Err(e) if !e.is_transient() => record_one_by_one(store, finished, &e),
+        answer => batch_results(answer, items.len()),
+    }
+}
+
+/// What a batch's answer says of each of its `count` outcomes; a failed batch's error
+/// (transient: the whole store is failing) for each.
+fn batch_results(
+    answer: Result<Vec<Finish>, StoreError>,
+    count: usize,
+) -> Vec<Result<Finish, StoreError>> {
+    match answer {
+        Ok(results) if results.len() == count => results.into_iter().map(Ok).collect(),
+        Ok(_) => (0..count)
             .map(|_| {
                 Err(StoreError::Database(
                     "the store did not say what became of each outcome".into(),
                 ))
             })
             .collect(),
-        Err(e) if e.is_transient() => items.iter().map(|_| Err(e.for_each_call())).collect(),
-        Err(e) => {
-            tracing::warn!(
-                outcomes = items.len(),
-                "recording outcomes together failed ({e}); recording them one by one"
-            );
-            items
-                .iter()
-                .map(|(claim, record)| store.finish(claim, record))
-                .collect()
-        }
+        Err(e) => (0..count).map(|_| Err(e.for_each_call())).collect(),
     }
+}
+
+/// Records each of `finished` on its own, after their batch failed with `batch_error`.
+fn record_one_by_one(
+    store: &dyn EventStore,
+    finished: &[Finished],
+    batch_error: &StoreError,
+) -> Vec<Result<Finish, StoreError>> {
+    tracing::warn!(
+        outcomes = finished.len(),
+        "recording outcomes together failed ({batch_error}); recording them one by one"
+    );
+    finished
+        .iter()
+        .map(|f| store.finish(&f.claim, &f.record))
+        .collect()
 }
 
 fn log_store_error(e: &StoreError) {
@@ -847,11 +895,14 @@ mod tests {
 
     /// SQLite, except that recording more than one outcome in a transaction always fails (as a
     /// shared database may abort such a transaction to break a deadlock), and that the first
-    /// `.1` recordings fail as on a full disk.
+    /// `.1` recordings fail as on a full disk. With `.3`, it offers its writes to be awaited
+    /// (as SQLite does), failing them the same way; without, only the blocking ones (as
+    /// PostgreSQL does).
     struct BatchFails(
         SqliteStore,
         std::sync::atomic::AtomicUsize,
         fn() -> StoreError,
+        bool,
     );
 
     impl BatchFails {
@@ -863,11 +914,58 @@ mod tests {
 
         /// The first `n` recordings fail with `error()`.
         fn failing_with(store: SqliteStore, n: usize, error: fn() -> StoreError) -> Self {
-            BatchFails(store, std::sync::atomic::AtomicUsize::new(n), error)
+            BatchFails(store, std::sync::atomic::AtomicUsize::new(n), error, false)
+        }
+
+        /// The same, with its writes offered to be awaited (`awaited`) or not.
+        fn awaited(self, awaited: bool) -> Self {
+            BatchFails(self.0, self.1, self.2, awaited)
+        }
+
+        /// The error recording `finished` meets, if it meets one.
+        fn failure(&self, finished: &[(&Claim, &AttemptRecord)]) -> Option<StoreError> {
+            if finished.len() > 1 {
+                return Some(StoreError::Database("deadlock detected".into()));
+            }
+            let full = self
+                .1
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            full.then(self.2)
+        }
+    }
+
+    impl crate::queue::store::AwaitedWrites for BatchFails {
+        fn insert_event_awaited(
+            &self,
+            event: &NewEvent,
+            key: Option<&crate::queue::store::Idempotency>,
+        ) -> crate::queue::store::Answer<crate::queue::store::Inserted> {
+            crate::queue::store::AwaitedWrites::insert_event_awaited(&self.0, event, key)
+        }
+        fn claim_batch_awaited(
+            &self,
+            now: chrono::DateTime<Utc>,
+            limits: &ClaimLimits,
+            lease: Duration,
+        ) -> crate::queue::store::Answer<Vec<Claim>> {
+            crate::queue::store::AwaitedWrites::claim_batch_awaited(&self.0, now, limits, lease)
+        }
+        fn finish_batch_awaited(
+            &self,
+            finished: &[(&Claim, &AttemptRecord)],
+        ) -> crate::queue::store::Answer<Vec<Finish>> {
+            match self.failure(finished) {
+                Some(e) => Box::pin(std::future::ready(Err(e))),
+                None => crate::queue::store::AwaitedWrites::finish_batch_awaited(&self.0, finished),
+            }
         }
     }
 
     impl EventStore for BatchFails {
+        fn awaited_writes(&self) -> Option<&dyn crate::queue::store::AwaitedWrites> {
+            if self.3 { Some(self) } else { None }
+        }
         fn now(&self) -> chrono::DateTime<Utc> {
             self.0.now()
         }
@@ -906,17 +1004,10 @@ mod tests {
             &self,
             finished: &[(&Claim, &AttemptRecord)],
         ) -> Result<Vec<Finish>, StoreError> {
-            if finished.len() > 1 {
-                return Err(StoreError::Database("deadlock detected".into()));
+            match self.failure(finished) {
+                Some(e) => Err(e),
+                None => self.0.finish_batch(finished),
             }
-            let full = self
-                .1
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok();
-            if full {
-                return Err((self.2)());
-            }
-            self.0.finish_batch(finished)
         }
         fn requeue_abandoned(&self, now: chrono::DateTime<Utc>) -> Result<u64, StoreError> {
             self.0.requeue_abandoned(now)
@@ -950,52 +1041,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn outcomes_are_recorded_one_by_one_when_their_batch_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 0);
-        let context = JobContext::from_json_value(&serde_json::json!({
-            "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
-            "ClientMachine": "m", "JobResult": "Failure",
-            "JobId": "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01", "JobType": "WinCertInventory",
-            "JobTypeId": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f", "OperationType": 0,
-            "CurrentRetryCount": 2
-        }))
-        .unwrap();
-        store
-            .insert_event(&NewEvent {
-                id: Uuid::new_v4(),
-                source: "test".into(),
-                context,
-                message: None,
-                handlers: vec!["a".into(), "b".into(), "c".into()],
-            })
-            .unwrap();
-        let limits = ClaimLimits {
-            max: 3,
-            room: BTreeMap::new(),
-        };
-        let claims = store
-            .claim_batch(Utc::now(), &limits, DEFAULT_LEASE)
-            .unwrap();
-        assert_eq!(claims.len(), 3);
-        let finished: Vec<Finished> = claims
-            .into_iter()
-            .map(|claim| Finished {
-                claim,
-                record: skipped("test".into()),
-                recorded: oneshot::channel().0,
-            })
-            .collect();
-        let recorded: Vec<bool> = record_batch(&store, &finished)
-            .iter()
-            .map(|r| matches!(r, Ok(Finish::Recorded)))
-            .collect();
-        assert_eq!(recorded, [true, true, true]);
-        assert_eq!(
-            store.count_by_state().unwrap(),
-            vec![(DeliveryState::Skipped, 3)]
-        );
+    /// Whether the batch is awaited (SQLite) or run on a blocking thread (PostgreSQL), a failed
+    /// batch is recorded one outcome at a time.
+    #[tokio::test]
+    async fn outcomes_are_recorded_one_by_one_when_their_batch_fails() {
+        for awaited in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 0).awaited(awaited);
+            let claims: Vec<Claim> = (0..3).map(|_| claimed(&store)).collect();
+            let finished: Vec<Finished> = claims
+                .into_iter()
+                .map(|claim| Finished {
+                    claim,
+                    record: skipped("test".into()),
+                    recorded: oneshot::channel().0,
+                })
+                .collect();
+            let store: Arc<dyn EventStore> = Arc::new(store);
+            let (results, finished) = record(&store, finished).await.unwrap();
+            let recorded: Vec<bool> = results
+                .iter()
+                .map(|r| matches!(r, Ok(Finish::Recorded)))
+                .collect();
+            assert_eq!(recorded, [true, true, true], "awaited: {awaited}");
+            assert_eq!(finished.len(), 3);
+            assert_eq!(
+                store.count_by_state().unwrap(),
+                vec![(DeliveryState::Skipped, 3)],
+                "awaited: {awaited}"
+            );
+        }
     }
 
     /// An outcome the store cannot take while its disk is full is kept and recorded once the
@@ -1199,55 +1274,72 @@ mod tests {
 
     #[tokio::test]
     async fn outcomes_the_store_cannot_take_yet_are_recorded_once_it_can() {
-        let dir = tempfile::tempdir().unwrap();
-        // The first two rounds fail as on a full disk; the retry after them succeeds.
-        let store = Arc::new(BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 2));
-        let (record, recorder, done) = recording_one(&store).await;
-        tokio::time::timeout(STORE_ERROR_PAUSE * 5, done)
-            .await
-            .expect("recorded in time")
-            .expect("recorded, not given up");
-        assert_eq!(
-            store.count_by_state().unwrap(),
-            vec![(DeliveryState::Skipped, 1)]
-        );
-        drop(record);
-        recorder.await.unwrap();
+        for awaited in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            // The first two rounds fail as on a full disk; the retry after them succeeds.
+            let store = Arc::new(
+                BatchFails::new(SqliteStore::open(dir.path()).unwrap(), 2).awaited(awaited),
+            );
+            let (record, recorder, done) = recording_one(&store).await;
+            tokio::time::timeout(STORE_ERROR_PAUSE * 5, done)
+                .await
+                .expect("recorded in time")
+                .expect("recorded, not given up");
+            assert_eq!(
+                store.count_by_state().unwrap(),
+                vec![(DeliveryState::Skipped, 1)]
+            );
+            drop(record);
+            recorder.await.unwrap();
+        }
     }
 
     #[tokio::test]
     async fn an_outcome_the_store_refuses_for_good_is_given_up_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        // An error about the write itself, not about the store: trying again cannot help.
-        let store = Arc::new(BatchFails::failing_with(
-            SqliteStore::open(dir.path()).unwrap(),
-            usize::MAX,
-            || StoreError::Database("CHECK constraint failed".into()),
-        ));
-        let (record, recorder, done) = recording_one(&store).await;
-        let given_up = tokio::time::timeout(STORE_ERROR_PAUSE / 2, done)
-            .await
-            .expect("decided before a retry pause");
-        assert!(given_up.is_err(), "given up, not recorded");
-        drop(record);
-        recorder.await.unwrap();
+        for awaited in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            // An error about the write itself, not about the store: trying again cannot help.
+            let store = Arc::new(
+                BatchFails::failing_with(
+                    SqliteStore::open(dir.path()).unwrap(),
+                    usize::MAX,
+                    || StoreError::Database("CHECK constraint failed".into()),
+                )
+                .awaited(awaited),
+            );
+            let (record, recorder, done) = recording_one(&store).await;
+            let given_up = tokio::time::timeout(STORE_ERROR_PAUSE / 2, done)
+                .await
+                .expect("decided before a retry pause");
+            assert!(
+                given_up.is_err(),
+                "given up, not recorded (awaited: {awaited})"
+            );
+            drop(record);
+            recorder.await.unwrap();
+        }
     }
 
     #[tokio::test]
     async fn kept_outcomes_are_given_up_when_the_engine_stops() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(BatchFails::new(
-            SqliteStore::open(dir.path()).unwrap(),
-            usize::MAX,
-        ));
-        let (record, recorder, done) = recording_one(&store).await;
-        // Kept across a retry while the disk stays full.
-        tokio::time::sleep(STORE_ERROR_PAUSE + STORE_ERROR_PAUSE / 2).await;
-        drop(record);
-        tokio::time::timeout(STORE_ERROR_PAUSE * 3, recorder)
-            .await
-            .expect("the recorder ends once the engine stops")
-            .unwrap();
-        assert!(done.await.is_err(), "given up, not recorded");
+        for awaited in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(
+                BatchFails::new(SqliteStore::open(dir.path()).unwrap(), usize::MAX)
+                    .awaited(awaited),
+            );
+            let (record, recorder, done) = recording_one(&store).await;
+            // Kept across a retry while the disk stays full.
+            tokio::time::sleep(STORE_ERROR_PAUSE + STORE_ERROR_PAUSE / 2).await;
+            drop(record);
+            tokio::time::timeout(STORE_ERROR_PAUSE * 3, recorder)
+                .await
+                .expect("the recorder ends once the engine stops")
+                .unwrap();
+            assert!(
+                done.await.is_err(),
+                "given up, not recorded (awaited: {awaited})"
+            );
+        }
     }
 }

@@ -281,14 +281,23 @@ async fn job_complete(
         message: None,
         handlers,
     };
-    let store = Arc::clone(&state.store);
-    let committed = tokio::task::spawn_blocking(move || match &key {
-        Some(key) => store
-            .insert_event_once(&event, key)
-            .map(|inserted| (event, inserted)),
-        None => store.insert_event(&event).map(|()| (event, Inserted::New)),
-    })
-    .await;
+    let committed = match state.store.awaited_writes() {
+        // The writer answers this task itself: no blocking thread in between.
+        Some(writes) => Ok(writes
+            .insert_event_awaited(&event, key.as_ref())
+            .await
+            .map(|inserted| (event, inserted))),
+        None => {
+            let store = Arc::clone(&state.store);
+            tokio::task::spawn_blocking(move || match &key {
+                Some(key) => store
+                    .insert_event_once(&event, key)
+                    .map(|inserted| (event, inserted)),
+                None => store.insert_event(&event).map(|()| (event, Inserted::New)),
+            })
+            .await
+        }
+    };
     let (event_id, deliveries, replayed) = match committed {
         Ok(Ok((event, Inserted::New))) => {
             state.metrics.event_accepted("api");

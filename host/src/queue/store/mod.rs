@@ -373,10 +373,45 @@ impl ClaimLimits {
     }
 }
 
+/// A store call's result for an async caller to await: the call is already under way (handed
+/// to SQLite's writer thread), and the future only waits for its answer.
+pub type Answer<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send>>;
+
+/// The writes of the event path, for async callers, without a blocking thread: a store whose
+/// writes are answered by a thread of its own (SQLite's writer) hands them over and lets that
+/// thread wake the caller. Each is [`EventStore`]'s call of the same name, with the same
+/// effect and errors.
+pub trait AwaitedWrites: Send + Sync {
+    /// [`EventStore::insert_event_once`] with `Some(key)`, [`EventStore::insert_event`] (always
+    /// [`Inserted::New`]) with `None`.
+    fn insert_event_awaited(&self, event: &NewEvent, key: Option<&Idempotency>)
+    -> Answer<Inserted>;
+
+    /// [`EventStore::claim_batch`].
+    fn claim_batch_awaited(
+        &self,
+        now: DateTime<Utc>,
+        limits: &ClaimLimits,
+        lease: Duration,
+    ) -> Answer<Vec<Claim>>;
+
+    /// [`EventStore::finish_batch`].
+    fn finish_batch_awaited(&self, finished: &[(&Claim, &AttemptRecord)]) -> Answer<Vec<Finish>>;
+}
+
 /// The storage interface the engine runs on.
 ///
-/// Calls block (SQLite does); async callers use `spawn_blocking`.
+/// Calls block (SQLite does); async callers use `spawn_blocking`, or
+/// [`EventStore::awaited_writes`] where the store offers it.
 pub trait EventStore: Send + Sync + 'static {
+    /// The event path's writes for async callers, if this store answers them without a
+    /// blocking thread (SQLite); `None` (PostgreSQL, whose client blocks) means: call the
+    /// blocking ones from `spawn_blocking`.
+    fn awaited_writes(&self) -> Option<&dyn AwaitedWrites> {
+        None
+    }
+
     /// The queue's time now ([`clock::QueueClock`]): what due times, leases and idempotency
     /// retention are measured in. The `now` that callers pass to the store is this.
     fn now(&self) -> DateTime<Utc>;

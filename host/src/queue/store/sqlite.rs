@@ -24,9 +24,9 @@ use uuid::Uuid;
 use super::clock::{QueueClock, step_between};
 use super::sqlite_writer::{Durability, Grouping, Write, Writer, classify};
 use super::{
-    ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
-    EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
-    NewEvent, RELEASED_REASON, StoreError, after, from_ms, to_ms,
+    ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
+    DeliveryState, DeliveryView, EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency,
+    Inserted, MAX_PURGE_BATCH, NewEvent, RELEASED_REASON, StoreError, after, from_ms, to_ms,
 };
 use crate::context::JobContext;
 
@@ -294,8 +294,24 @@ impl SqliteStore {
         cursor: Option<(String, String)>,
         key: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
+        self.writer
+            .write(Durability::Durable, self.insert_work(events, cursor, key))
+    }
+
+    /// The write of [`SqliteStore::write`]. The contexts are serialised here, not in the
+    /// writer, whose thread every write waits for.
+    fn insert_work(
+        &self,
+        events: Vec<NewEvent>,
+        cursor: Option<(String, String)>,
+        key: Option<Idempotency>,
+    ) -> impl FnOnce(&Connection) -> Result<Inserted, StoreError> + Send + 'static {
         let clock = Arc::clone(&self.clock);
-        self.writer.write(Durability::Durable, move |tx| {
+        let contexts: Vec<String> = events
+            .iter()
+            .map(|e| e.context.to_json().to_string())
+            .collect();
+        move |tx| {
             // Read in the writer: a clock step's move of the schedule is a write of its own
             // there, so these rows are either moved with the rest or written after it.
             let now = to_ms(clock.now());
@@ -305,15 +321,64 @@ impl SqliteStore {
                     return held;
                 }
             }
-            for event in &events {
-                insert_event_tx(tx, event, now).map_err(db)?;
+            for (event, context) in events.iter().zip(&contexts) {
+                insert_event_tx(tx, event, context, now).map_err(db)?;
             }
             if let Some((name, value)) = &cursor {
                 tx.execute(UPSERT_CURSOR, params![name, value])
                     .map_err(db)?;
             }
             Ok(Inserted::New)
-        })
+        }
+    }
+
+    /// The write of a claim batch (see [`EventStore::claim_batch`]); its rows are decoded by
+    /// [`decode_claims`] once it is answered.
+    fn claim_work(
+        &self,
+        now: DateTime<Utc>,
+        limits: &ClaimLimits,
+        lease: Duration,
+    ) -> impl FnOnce(&Connection) -> Result<ClaimedRows, StoreError> + Send + 'static {
+        let limits = limits.clone();
+        let node = self.node.clone();
+        let lease_until = to_ms(after(now, lease));
+        let now = to_ms(now);
+        move |tx| claim_rows(tx, now, &limits, lease_until, &node)
+    }
+
+    /// The write of [`EventStore::finish_batch`]. Everything but the time is made ready here,
+    /// not in the writer, whose thread every write waits for.
+    fn finish_work(
+        &self,
+        finished: &[(&Claim, &AttemptRecord)],
+    ) -> Result<
+        impl FnOnce(&Connection) -> Result<Vec<Finish>, StoreError> + Send + 'static,
+        StoreError,
+    > {
+        for (_, record) in finished {
+            record.check()?;
+        }
+        let rows: Vec<FinishRow> = finished
+            .iter()
+            .map(|(claim, record)| FinishRow {
+                delivery_id: claim.delivery_id,
+                attempt: claim.attempt,
+                state: record.state.as_str(),
+                terminal: record.state.is_terminal(),
+                retry_at: record.retry_at.map(to_ms),
+                duration_ms: record.duration_ms(),
+                class: record.class.clone(),
+                reason: record.reason.clone(),
+                outcome: record
+                    .outcome
+                    .as_ref()
+                    .and_then(|o| serde_json::to_string(o).ok()),
+            })
+            .collect();
+        let clock = Arc::clone(&self.clock);
+        let node = self.node.clone();
+        Ok(move |tx: &Connection| finish_rows(tx, to_ms(clock.now()), &rows, &node))
     }
 
     /// Puts the deliveries `which` selects (`?1` is this node) back in the queue, recording
@@ -443,7 +508,12 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn insert_event_tx(tx: &Connection, event: &NewEvent, now: i64) -> rusqlite::Result<()> {
+fn insert_event_tx(
+    tx: &Connection,
+    event: &NewEvent,
+    context: &str,
+    now: i64,
+) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO events (id, received_at, source, context, message)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -452,7 +522,7 @@ fn insert_event_tx(tx: &Connection, event: &NewEvent, now: i64) -> rusqlite::Res
         event.id.to_string(),
         now,
         event.source,
-        event.context.to_json().to_string(),
+        context,
         event.message
     ])?;
     let mut insert = tx.prepare_cached(
@@ -482,7 +552,7 @@ fn claim_rows(
     limits: &ClaimLimits,
     lease_until: i64,
     node: &str,
-) -> Result<(Vec<ClaimRow>, Vec<Option<EventRow>>), StoreError> {
+) -> Result<ClaimedRows, StoreError> {
     let batch = limits.batch_size();
     // Each handler's oldest due deliveries through the per-handler index, then the oldest
     // of all of them. One query over every pending delivery, skipping the handlers without
@@ -634,6 +704,37 @@ fn finish_rows(
     Ok(results)
 }
 
+/// What a claim's write answers: the claimed rows and, for each, its event's row (`None` where
+/// the row before is the same event's).
+type ClaimedRows = (Vec<ClaimRow>, Vec<Option<EventRow>>);
+
+/// Turns a claim's rows into claims, each event's context decoded once — outside the writer,
+/// whose thread every write waits for.
+fn decode_claims(
+    chosen: Vec<ClaimRow>,
+    texts: Vec<Option<EventRow>>,
+) -> Result<Vec<Claim>, StoreError> {
+    let mut contexts = ContextCache::default();
+    chosen
+        .into_iter()
+        .zip(texts)
+        .map(|(row, text)| {
+            let event = contexts.decode(&row.event_id, text)?;
+            let event_id = Uuid::parse_str(&row.event_id)
+                .map_err(|e| StoreError::Corrupt(format!("event id {}: {e}", row.event_id)))?;
+            Ok(Claim {
+                delivery_id: row.delivery_id,
+                event_id,
+                handler: row.handler,
+                attempt: u32::try_from(row.attempt.saturating_add(1)).unwrap_or(u32::MAX),
+                context: event.context,
+                source: event.source,
+                message: event.message,
+            })
+        })
+        .collect()
+}
+
 /// Decodes each event's context once per claim batch: an event's deliveries (one per handler)
 /// are usually claimed together.
 #[derive(Default)]
@@ -682,7 +783,61 @@ impl ContextCache {
     }
 }
 
+/// The writer answers these to the awaiting task itself (`Writer::submit`).
+impl AwaitedWrites for SqliteStore {
+    fn insert_event_awaited(
+        &self,
+        event: &NewEvent,
+        key: Option<&Idempotency>,
+    ) -> Answer<Inserted> {
+        let work = self.insert_work(vec![event.clone()], None, key.cloned());
+        self.writer.submit(Write {
+            work,
+            durability: Durability::Durable,
+            grouping: Grouping::Shared,
+            committed: None,
+        })
+    }
+
+    fn claim_batch_awaited(
+        &self,
+        now: DateTime<Utc>,
+        limits: &ClaimLimits,
+        lease: Duration,
+    ) -> Answer<Vec<Claim>> {
+        if limits.batch_size() == 0 {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        let claimed = self.writer.submit(Write {
+            work: self.claim_work(now, limits, lease),
+            durability: Durability::Normal,
+            grouping: Grouping::Shared,
+            committed: None,
+        });
+        Box::pin(async move {
+            let (chosen, texts) = claimed.await?;
+            decode_claims(chosen, texts)
+        })
+    }
+
+    fn finish_batch_awaited(&self, finished: &[(&Claim, &AttemptRecord)]) -> Answer<Vec<Finish>> {
+        match self.finish_work(finished) {
+            Ok(work) => self.writer.submit(Write {
+                work,
+                durability: Durability::Normal,
+                grouping: Grouping::Shared,
+                committed: None,
+            }),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
 impl EventStore for SqliteStore {
+    fn awaited_writes(&self) -> Option<&dyn AwaitedWrites> {
+        Some(self)
+    }
+
     fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
@@ -766,66 +921,18 @@ impl EventStore for SqliteStore {
         if limits.batch_size() == 0 {
             return Ok(Vec::new());
         }
-        let limits = limits.clone();
-        let node = self.node.clone();
-        let lease_until = to_ms(after(now, lease));
-        let now = to_ms(now);
-        let (chosen, texts) = self.writer.write(Durability::Normal, move |tx| {
-            claim_rows(tx, now, &limits, lease_until, &node)
-        })?;
-        // Decoded here, not in the writer: its thread is the one every write waits for.
-        let mut contexts = ContextCache::default();
-        chosen
-            .into_iter()
-            .zip(texts)
-            .map(|(row, text)| {
-                let event = contexts.decode(&row.event_id, text)?;
-                let event_id = Uuid::parse_str(&row.event_id)
-                    .map_err(|e| StoreError::Corrupt(format!("event id {}: {e}", row.event_id)))?;
-                Ok(Claim {
-                    delivery_id: row.delivery_id,
-                    event_id,
-                    handler: row.handler,
-                    attempt: u32::try_from(row.attempt.saturating_add(1)).unwrap_or(u32::MAX),
-                    context: event.context,
-                    source: event.source,
-                    message: event.message,
-                })
-            })
-            .collect()
+        let (chosen, texts) = self
+            .writer
+            .write(Durability::Normal, self.claim_work(now, limits, lease))?;
+        decode_claims(chosen, texts)
     }
 
     fn finish_batch(
         &self,
         finished: &[(&Claim, &AttemptRecord)],
     ) -> Result<Vec<Finish>, StoreError> {
-        for (_, record) in finished {
-            record.check()?;
-        }
-        // Everything but the time is made ready here, not in the writer, whose thread every
-        // write waits for.
-        let rows: Vec<FinishRow> = finished
-            .iter()
-            .map(|(claim, record)| FinishRow {
-                delivery_id: claim.delivery_id,
-                attempt: claim.attempt,
-                state: record.state.as_str(),
-                terminal: record.state.is_terminal(),
-                retry_at: record.retry_at.map(to_ms),
-                duration_ms: record.duration_ms(),
-                class: record.class.clone(),
-                reason: record.reason.clone(),
-                outcome: record
-                    .outcome
-                    .as_ref()
-                    .and_then(|o| serde_json::to_string(o).ok()),
-            })
-            .collect();
-        let clock = Arc::clone(&self.clock);
-        let node = self.node.clone();
-        self.writer.write(Durability::Normal, move |tx| {
-            finish_rows(tx, to_ms(clock.now()), &rows, &node)
-        })
+        let work = self.finish_work(finished)?;
+        self.writer.write(Durability::Normal, work)
     }
 
     fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
@@ -1263,4 +1370,167 @@ mod tests {
     conformance::suite!(Some(Sqlite {
         dir: tempfile::tempdir().unwrap()
     }));
+
+    /// [`AwaitedWrites`] of [`SqliteStore`] do what the blocking calls do: the whole contract
+    /// again, with every insert, claim and finish going through them.
+    mod awaited {
+        use super::*;
+
+        /// A SQLite store whose blocking event-path writes are its awaited ones, awaited.
+        struct Awaited(SqliteStore, tokio::runtime::Runtime);
+
+        impl Awaited {
+            fn wait<T>(&self, answer: Answer<T>) -> Result<T, StoreError> {
+                self.1.block_on(answer)
+            }
+        }
+
+        impl EventStore for Awaited {
+            fn now(&self) -> DateTime<Utc> {
+                self.0.now()
+            }
+            fn keep_time(&self) -> Result<Option<TimeDelta>, StoreError> {
+                self.0.keep_time()
+            }
+            fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
+                self.wait(AwaitedWrites::insert_event_awaited(&self.0, event, None))
+                    .map(drop)
+            }
+            fn insert_event_once(
+                &self,
+                event: &NewEvent,
+                key: &Idempotency,
+            ) -> Result<Inserted, StoreError> {
+                self.wait(AwaitedWrites::insert_event_awaited(
+                    &self.0,
+                    event,
+                    Some(key),
+                ))
+            }
+            fn purge_idempotency_keys(
+                &self,
+                before: DateTime<Utc>,
+                max: usize,
+            ) -> Result<u64, StoreError> {
+                self.0.purge_idempotency_keys(before, max)
+            }
+            fn claim_batch(
+                &self,
+                now: DateTime<Utc>,
+                limits: &ClaimLimits,
+                lease: Duration,
+            ) -> Result<Vec<Claim>, StoreError> {
+                self.wait(AwaitedWrites::claim_batch_awaited(
+                    &self.0, now, limits, lease,
+                ))
+            }
+            fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
+                self.0.renew(now, lease)
+            }
+            fn finish_batch(
+                &self,
+                finished: &[(&Claim, &AttemptRecord)],
+            ) -> Result<Vec<Finish>, StoreError> {
+                self.wait(AwaitedWrites::finish_batch_awaited(&self.0, finished))
+            }
+            fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+                self.0.requeue_abandoned(now)
+            }
+            fn release_all(&self) -> Result<u64, StoreError> {
+                self.0.release_all()
+            }
+            fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
+                self.0.event(id)
+            }
+            fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+                self.0.next_due()
+            }
+            fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
+                self.0.count_by_state()
+            }
+            fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
+                self.0.cursor(name)
+            }
+            fn insert_events_with_cursor(
+                &self,
+                events: &[NewEvent],
+                cursor_name: &str,
+                cursor: &str,
+            ) -> Result<(), StoreError> {
+                self.0
+                    .insert_events_with_cursor(events, cursor_name, cursor)
+            }
+            fn try_lead(&self, role: &str) -> Result<bool, StoreError> {
+                self.0.try_lead(role)
+            }
+        }
+
+        struct AwaitedSqlite(Sqlite);
+
+        impl Backend for AwaitedSqlite {
+            type S = Awaited;
+
+            fn node(&self) -> Awaited {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                Awaited(self.0.node(), runtime)
+            }
+
+            fn shared(&self) -> bool {
+                false
+            }
+        }
+
+        conformance::suite!(Some(AwaitedSqlite(Sqlite {
+            dir: tempfile::tempdir().unwrap()
+        })));
+
+        /// No blocking thread stands between the event path and the writer: with the runtime's
+        /// only one held, an event is still inserted, claimed and finished.
+        #[test]
+        fn awaited_writes_need_no_blocking_thread() {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .max_blocking_threads(1)
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(writes_with_the_blocking_pool_held());
+        }
+
+        async fn writes_with_the_blocking_pool_held() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path()).unwrap();
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let blocking = tokio::task::spawn_blocking(move || held.recv());
+            let writes = store
+                .awaited_writes()
+                .expect("SQLite's writes can be awaited");
+            let event = conformance::event(&["a"]);
+            let done = tokio::time::timeout(Duration::from_secs(10), async {
+                writes.insert_event_awaited(&event, None).await.unwrap();
+                let limits = ClaimLimits {
+                    max: 1,
+                    room: std::collections::BTreeMap::new(),
+                };
+                let claim = writes
+                    .claim_batch_awaited(store.now(), &limits, DEFAULT_TEST_LEASE)
+                    .await
+                    .unwrap()
+                    .pop()
+                    .expect("the event's delivery");
+                let record = conformance::record(DeliveryState::Succeeded);
+                writes
+                    .finish_batch_awaited(&[(&claim, &record)])
+                    .await
+                    .unwrap()
+            })
+            .await
+            .expect("answered without a blocking thread");
+            assert_eq!(done, vec![Finish::Recorded]);
+            release.send(()).unwrap();
+            blocking.await.unwrap().unwrap();
+        }
+    }
 }

@@ -25,13 +25,19 @@
 //!
 //! Each write runs in a savepoint of its own, so one write's error fails that write alone; a
 //! write is answered only once its transaction is committed.
+//!
+//! A write is answered to a thread that waits for it ([`Writer::write`]) or to a task that
+//! awaits it ([`Writer::submit`]). The second is how ingest, claims and outcomes go: the writer
+//! (or the syncer) wakes the task itself, with no blocking-pool thread in between — each such
+//! thread was two more wake-ups on the way of every event's answer and every claim, and on a
+//! busy machine each wake-up is a wait in a run queue.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::StoreError;
+use super::{Answer, StoreError};
 
 /// Most writes committed in one transaction: bounds how long the first write of a group waits
 /// and the size of one WAL commit.
@@ -105,13 +111,21 @@ trait Job: Send {
     fn answer(self: Box<Self>, failed: Option<StoreError>);
 }
 
+/// Where a write's result goes.
+enum Reply<R> {
+    /// To a thread blocked in [`Writer::write_with`].
+    Waiting(mpsc::SyncSender<Result<R, StoreError>>),
+    /// To a task awaiting [`Writer::submit`]'s future.
+    Awaited(tokio::sync::oneshot::Sender<Result<R, StoreError>>),
+}
+
 /// A write as a function of the transaction, its result, and where it goes.
 struct Pending<F, R> {
     work: Option<F>,
     result: Option<Result<R, StoreError>>,
     durability: Durability,
     grouping: Grouping,
-    done: mpsc::SyncSender<Result<R, StoreError>>,
+    done: Reply<R>,
     /// Runs in the writer thread once the write is committed, before any later write.
     committed: Option<OnCommit<R>>,
 }
@@ -151,7 +165,16 @@ where
             (None, Some(result)) => result,
             (None, None) => Err(StoreError::Database("a write was never run".into())),
         };
-        let _ = self.done.send(result);
+        // A caller that is gone (a task whose future was dropped) gets nothing: the write
+        // stands, as a blocking caller's would.
+        match self.done {
+            Reply::Waiting(done) => {
+                let _ = done.send(result);
+            }
+            Reply::Awaited(done) => {
+                let _ = done.send(result);
+            }
+        }
     }
 }
 
@@ -237,8 +260,33 @@ impl Writer {
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
-        let stopped = || StoreError::Database("the store's writer has stopped".into());
         let (done, result) = mpsc::sync_channel(1);
+        self.send(write, Reply::Waiting(done))?;
+        result.recv().unwrap_or_else(|_| Err(writer_stopped()))
+    }
+
+    /// Hands `write` to the writer at once and returns a future of its answer, for async
+    /// callers: no thread waits for it, and whoever answers (the writer, or the syncer for a
+    /// durable write) wakes the awaiting task. The write is done whether or not the future is
+    /// awaited.
+    pub fn submit<R, F>(&self, write: Write<F, R>) -> Answer<R>
+    where
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let sent = self.send(write, Reply::Awaited(done));
+        Box::pin(async move {
+            sent?;
+            result.await.unwrap_or_else(|_| Err(writer_stopped()))
+        })
+    }
+
+    fn send<R, F>(&self, write: Write<F, R>, done: Reply<R>) -> Result<(), StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
         let job = Box::new(Pending {
             work: Some(write.work),
             result: None,
@@ -247,9 +295,13 @@ impl Writer {
             done,
             committed: write.committed,
         });
-        self.jobs.send(job).map_err(|_| stopped())?;
-        result.recv().unwrap_or_else(|_| Err(stopped()))
+        self.jobs.send(job).map_err(|_| writer_stopped())
     }
+}
+
+/// The answer of a write whose writer thread is gone.
+fn writer_stopped() -> StoreError {
+    StoreError::Database("the store's writer has stopped".into())
 }
 
 /// Takes every write that is waiting (up to [`MAX_GROUP_COMMIT`]), commits them together, answers
@@ -447,7 +499,7 @@ mod tests {
             result: None,
             durability: write.durability,
             grouping: write.grouping,
-            done,
+            done: Reply::Waiting(done),
             committed: write.committed,
         });
         (job, answer)
@@ -512,14 +564,90 @@ mod tests {
             matches!(&panicked, Err(StoreError::Database(m)) if m.contains("writer has stopped")),
             "{panicked:?}"
         );
-        // ...and so is everyone after it, durable or not.
+        // ...and so is everyone after it, durable or not, waiting or awaiting.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         for durability in [Durability::Normal, Durability::Durable] {
             let later = writer.write(durability, insert("after"));
-            assert!(
-                matches!(&later, Err(StoreError::Database(m)) if m.contains("writer has stopped")),
-                "{later:?}"
-            );
+            let awaited = runtime.block_on(writer.submit(shared(durability, insert("after"))));
+            for later in [later, awaited] {
+                assert!(
+                    matches!(&later, Err(StoreError::Database(m)) if m.contains("writer has stopped")),
+                    "{later:?}"
+                );
+            }
         }
+    }
+
+    /// A shared write of `durability` without a hook.
+    fn shared<R>(
+        durability: Durability,
+        work: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Write<impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static, R> {
+        Write {
+            work,
+            durability,
+            grouping: Grouping::Shared,
+            committed: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_awaited_write_is_answered_as_a_waiting_one_is() {
+        let (dir, conn) = table();
+        // A durable write whose log cannot be synced is not answered as kept...
+        let writer = start(&dir, conn, "no-such-wal");
+        let durable = writer
+            .submit(shared(Durability::Durable, insert("durable")))
+            .await;
+        assert!(
+            matches!(&durable, Err(StoreError::Database(m)) if m.contains("cannot sync")),
+            "{durable:?}"
+        );
+        writer
+            .submit(shared(Durability::Normal, insert("normal")))
+            .await
+            .unwrap();
+        // ...with the real log it is; a write's result and its own error come back.
+        let (dir, conn) = table();
+        let writer = start(&dir, conn, "db.sqlite-wal");
+        writer
+            .submit(shared(Durability::Durable, insert("durable")))
+            .await
+            .unwrap();
+        let count = writer
+            .submit(shared(Durability::Normal, |tx: &Connection| {
+                tx.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+                    .map_err(|e| classify(&e))
+            }))
+            .await;
+        assert_eq!(count.unwrap(), 1);
+        let refused = writer
+            .submit(shared(Durability::Normal, |tx: &Connection| {
+                tx.execute("INSERT INTO no_such_table VALUES (1)", [])
+                    .map_err(|e| classify(&e))
+            }))
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Database(m)) if m.contains("no_such_table")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn an_awaited_write_is_done_even_when_nobody_awaits_it() {
+        let (dir, conn) = table();
+        let writer = start(&dir, conn, "db.sqlite-wal");
+        drop(writer.submit(shared(Durability::Durable, insert("dropped"))));
+        // Writes are run in the order they were handed over.
+        let count = writer.write(Durability::Normal, |tx: &Connection| {
+            tx.query_row("SELECT count(*) FROM t WHERE v = 'dropped'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| classify(&e))
+        });
+        assert_eq!(count.unwrap(), 1);
     }
 
     #[test]
