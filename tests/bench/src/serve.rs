@@ -161,7 +161,10 @@ impl Server {
             "{} does not exist: build it with `cargo build --profile bench-host -p jobhook` (scripts/bench.sh does) or set JOBHOOK_BIN",
             bin.display()
         );
-        let process = EngineProcess::start(&bin, &config, &dir.join("engine.log"));
+        // As shipped: the default log filter. At `info` every handler's log line is formatted
+        // for the engine's log as well (docs/PERFORMANCE.md measures what that costs).
+        let process =
+            EngineProcess::start_at_default_log_level(&bin, &config, &dir.join("engine.log"));
         Ok(Server { process, dir })
     }
 

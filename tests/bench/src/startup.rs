@@ -107,7 +107,7 @@ pub fn measure(repetitions: usize) -> anyhow::Result<Startup> {
 /// One start: milliseconds until the engine prints its listening line; then it is stopped.
 fn start_once(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let engine = EngineProcess::start(bin, config, &dir.join("engine.log"));
+    let engine = EngineProcess::start_at_default_log_level(bin, config, &dir.join("engine.log"));
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     engine
         .terminate(std::time::Duration::from_secs(10))

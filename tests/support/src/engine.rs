@@ -22,6 +22,9 @@ const LOG_QUIET: Duration = Duration::from_millis(25);
 /// log without pause).
 const LOG_SETTLE: Duration = Duration::from_secs(2);
 
+/// The variable that sets the engine's log filter.
+const RUST_LOG: &str = "RUST_LOG";
+
 /// A running `jobhook serve`.
 pub struct EngineProcess {
     child: Option<Child>,
@@ -41,12 +44,23 @@ impl EngineProcess {
     /// Like [`EngineProcess::start`], with `env` added to the engine's environment (e.g. a
     /// library preloaded to move its clock).
     pub fn start_with_env(bin: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn(bin, config, Self::append_to(log), log, env).0
+    }
+
+    /// Like [`EngineProcess::start`], at the engine's own default log filter (its errors only)
+    /// instead of `info`: the engine as an operator runs it, for measurements — formatting
+    /// every handler's log lines at `info` is work the default does not do.
+    pub fn start_at_default_log_level(bin: &Path, config: &Path, log: &Path) -> Self {
+        Self::spawn(bin, config, Self::append_to(log), log, &[(RUST_LOG, "")]).0
+    }
+
+    fn append_to(log: &Path) -> Stdio {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
-        Self::spawn(bin, config, Stdio::from(stderr), log, env).0
+        Stdio::from(stderr)
     }
 
     /// Like [`EngineProcess::start`], with stderr a pipe that is never read: the returned end
@@ -64,12 +78,18 @@ impl EngineProcess {
         log: &Path,
         env: &[(&str, &str)],
     ) -> (Self, Option<ChildStderr>) {
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+        let mut command = Command::new(bin);
+        command.arg("serve").arg("--config").arg(config);
+        // An empty RUST_LOG in `env` means: none at all (the engine's default filter).
+        command.env(RUST_LOG, "info");
+        for (name, value) in env {
+            if *name == RUST_LOG && value.is_empty() {
+                command.env_remove(RUST_LOG);
+            } else {
+                command.env(name, value);
+            }
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
