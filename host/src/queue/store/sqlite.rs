@@ -791,12 +791,7 @@ impl AwaitedWrites for SqliteStore {
         key: Option<&Idempotency>,
     ) -> Answer<Inserted> {
         let work = self.insert_work(vec![event.clone()], None, key.cloned());
-        self.writer.submit(Write {
-            work,
-            durability: Durability::Durable,
-            grouping: Grouping::Shared,
-            committed: None,
-        })
+        self.writer.submit(Durability::Durable, work)
     }
 
     fn claim_batch_awaited(
@@ -808,12 +803,9 @@ impl AwaitedWrites for SqliteStore {
         if limits.batch_size() == 0 {
             return Box::pin(std::future::ready(Ok(Vec::new())));
         }
-        let claimed = self.writer.submit(Write {
-            work: self.claim_work(now, limits, lease),
-            durability: Durability::Normal,
-            grouping: Grouping::Shared,
-            committed: None,
-        });
+        let claimed = self
+            .writer
+            .submit(Durability::Normal, self.claim_work(now, limits, lease));
         Box::pin(async move {
             let (chosen, texts) = claimed.await?;
             decode_claims(chosen, texts)
@@ -822,12 +814,7 @@ impl AwaitedWrites for SqliteStore {
 
     fn finish_batch_awaited(&self, finished: &[(&Claim, &AttemptRecord)]) -> Answer<Vec<Finish>> {
         match self.finish_work(finished) {
-            Ok(work) => self.writer.submit(Write {
-                work,
-                durability: Durability::Normal,
-                grouping: Grouping::Shared,
-                committed: None,
-            }),
+            Ok(work) => self.writer.submit(Durability::Normal, work),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }

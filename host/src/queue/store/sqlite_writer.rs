@@ -269,16 +269,22 @@ impl Writer {
         result.recv().unwrap_or_else(|_| Err(writer_stopped()))
     }
 
-    /// Hands `write` to the writer at once and returns a future of its answer, for async
-    /// callers: no thread waits for it, and whoever answers (the writer, or the syncer for a
-    /// durable write) wakes the awaiting task. The write is done whether or not the future is
-    /// awaited.
-    pub fn submit<R, F>(&self, write: Write<F, R>) -> Answer<R>
+    /// [`Writer::write`] for async callers: hands `work` to the writer at once and returns a
+    /// future of its answer. No thread waits for it; whoever answers (the writer, or the syncer
+    /// for a durable write) wakes the awaiting task. The write is done whether or not the
+    /// future is awaited.
+    pub fn submit<R, F>(&self, durability: Durability, work: F) -> Answer<R>
     where
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
         let (done, result) = tokio::sync::oneshot::channel();
+        let write = Write {
+            work,
+            durability,
+            grouping: Grouping::Shared,
+            committed: None,
+        };
         let sent = self.send(write, Reply::Awaited(done));
         Box::pin(async move {
             sent?;
@@ -574,7 +580,7 @@ mod tests {
             .unwrap();
         for durability in [Durability::Normal, Durability::Durable] {
             let later = writer.write(durability, insert("after"));
-            let awaited = runtime.block_on(writer.submit(shared(durability, insert("after"))));
+            let awaited = runtime.block_on(writer.submit(durability, insert("after")));
             for later in [later, awaited] {
                 assert!(
                     matches!(&later, Err(StoreError::Database(m)) if m.contains("writer has stopped")),
@@ -584,54 +590,39 @@ mod tests {
         }
     }
 
-    /// A shared write of `durability` without a hook.
-    fn shared<R>(
-        durability: Durability,
-        work: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
-    ) -> Write<impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static, R> {
-        Write {
-            work,
-            durability,
-            grouping: Grouping::Shared,
-            committed: None,
-        }
-    }
-
     #[tokio::test]
     async fn an_awaited_write_is_answered_as_a_waiting_one_is() {
         let (dir, conn) = table();
         // A durable write whose log cannot be synced is not answered as kept...
         let writer = start(&dir, conn, "no-such-wal");
-        let durable = writer
-            .submit(shared(Durability::Durable, insert("durable")))
-            .await;
+        let durable = writer.submit(Durability::Durable, insert("durable")).await;
         assert!(
             matches!(&durable, Err(StoreError::Database(m)) if m.contains("cannot sync")),
             "{durable:?}"
         );
         writer
-            .submit(shared(Durability::Normal, insert("normal")))
+            .submit(Durability::Normal, insert("normal"))
             .await
             .unwrap();
         // ...with the real log it is; a write's result and its own error come back.
         let (dir, conn) = table();
         let writer = start(&dir, conn, "db.sqlite-wal");
         writer
-            .submit(shared(Durability::Durable, insert("durable")))
+            .submit(Durability::Durable, insert("durable"))
             .await
             .unwrap();
         let count = writer
-            .submit(shared(Durability::Normal, |tx: &Connection| {
+            .submit(Durability::Normal, |tx: &Connection| {
                 tx.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
                     .map_err(|e| classify(&e))
-            }))
+            })
             .await;
         assert_eq!(count.unwrap(), 1);
         let refused = writer
-            .submit(shared(Durability::Normal, |tx: &Connection| {
+            .submit(Durability::Normal, |tx: &Connection| {
                 tx.execute("INSERT INTO no_such_table VALUES (1)", [])
                     .map_err(|e| classify(&e))
-            }))
+            })
             .await;
         assert!(
             matches!(&refused, Err(StoreError::Database(m)) if m.contains("no_such_table")),
@@ -643,7 +634,7 @@ mod tests {
     fn an_awaited_write_is_done_even_when_nobody_awaits_it() {
         let (dir, conn) = table();
         let writer = start(&dir, conn, "db.sqlite-wal");
-        drop(writer.submit(shared(Durability::Durable, insert("dropped"))));
+        drop(writer.submit(Durability::Durable, insert("dropped")));
         // Writes are run in the order they were handed over.
         let count = writer.write(Durability::Normal, |tx: &Connection| {
             tx.query_row("SELECT count(*) FROM t WHERE v = 'dropped'", [], |r| {
