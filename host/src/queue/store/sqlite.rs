@@ -290,7 +290,7 @@ impl SqliteStore {
     /// one event) through the writer, synced before it answers.
     fn write(
         &self,
-        events: Vec<NewEvent>,
+        events: &[NewEvent],
         cursor: Option<(String, String)>,
         key: Option<Idempotency>,
     ) -> Result<Inserted, StoreError> {
@@ -298,31 +298,28 @@ impl SqliteStore {
             .write(Durability::Durable, self.insert_work(events, cursor, key))
     }
 
-    /// The write of [`SqliteStore::write`]. The contexts are serialised here, not in the
-    /// writer, whose thread every write waits for.
+    /// The write of [`SqliteStore::write`]. Its rows are made ready here (ids formatted,
+    /// contexts serialised), not in the writer, whose thread every write waits for.
     fn insert_work(
         &self,
-        events: Vec<NewEvent>,
+        events: &[NewEvent],
         cursor: Option<(String, String)>,
         key: Option<Idempotency>,
     ) -> impl FnOnce(&Connection) -> Result<Inserted, StoreError> + Send + 'static {
         let clock = Arc::clone(&self.clock);
-        let contexts: Vec<String> = events
-            .iter()
-            .map(|e| e.context.to_json().to_string())
-            .collect();
+        let events: Vec<EventRows> = events.iter().map(EventRows::of).collect();
         move |tx| {
             // Read in the writer: a clock step's move of the schedule is a write of its own
             // there, so these rows are either moved with the rest or written after it.
             let now = to_ms(clock.now());
             if let Some(key) = &key {
-                let event_id = events.first().map(|e| e.id.to_string()).unwrap_or_default();
-                if let Some(held) = claim_key(tx, key, &event_id, now)? {
+                let event_id = events.first().map_or("", |e| e.id.as_str());
+                if let Some(held) = claim_key(tx, key, event_id, now)? {
                     return held;
                 }
             }
-            for (event, context) in events.iter().zip(&contexts) {
-                insert_event_tx(tx, event, context, now).map_err(db)?;
+            for event in &events {
+                insert_event_tx(tx, event, now).map_err(db)?;
             }
             if let Some((name, value)) = &cursor {
                 tx.execute(UPSERT_CURSOR, params![name, value])
@@ -508,21 +505,38 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn insert_event_tx(
-    tx: &Connection,
-    event: &NewEvent,
-    context: &str,
-    now: i64,
-) -> rusqlite::Result<()> {
+/// An event's row and its deliveries', made ready to insert (what the writer needs of a
+/// [`NewEvent`], its id formatted once and its context serialised).
+struct EventRows {
+    id: String,
+    source: String,
+    context: String,
+    message: Option<String>,
+    handlers: Vec<String>,
+}
+
+impl EventRows {
+    fn of(event: &NewEvent) -> Self {
+        EventRows {
+            id: event.id.to_string(),
+            source: event.source.clone(),
+            context: event.context.to_json().to_string(),
+            message: event.message.clone(),
+            handlers: event.handlers.clone(),
+        }
+    }
+}
+
+fn insert_event_tx(tx: &Connection, event: &EventRows, now: i64) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO events (id, received_at, source, context, message)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
-        event.id.to_string(),
+        event.id,
         now,
         event.source,
-        context,
+        event.context,
         event.message
     ])?;
     let mut insert = tx.prepare_cached(
@@ -530,7 +544,7 @@ fn insert_event_tx(
          VALUES (?1, ?2, 'pending', ?3, ?3)",
     )?;
     for handler in &event.handlers {
-        insert.execute(params![event.id.to_string(), handler, now])?;
+        insert.execute(params![event.id, handler, now])?;
     }
     Ok(())
 }
@@ -790,7 +804,7 @@ impl AwaitedWrites for SqliteStore {
         event: &NewEvent,
         key: Option<&Idempotency>,
     ) -> Answer<Inserted> {
-        let work = self.insert_work(vec![event.clone()], None, key.cloned());
+        let work = self.insert_work(std::slice::from_ref(event), None, key.cloned());
         self.writer.submit(Durability::Durable, work)
     }
 
@@ -873,7 +887,8 @@ impl EventStore for SqliteStore {
     }
 
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
-        self.write(vec![event.clone()], None, None).map(drop)
+        self.write(std::slice::from_ref(event), None, None)
+            .map(drop)
     }
 
     fn insert_event_once(
@@ -881,7 +896,7 @@ impl EventStore for SqliteStore {
         event: &NewEvent,
         key: &Idempotency,
     ) -> Result<Inserted, StoreError> {
-        self.write(vec![event.clone()], None, Some(key.clone()))
+        self.write(std::slice::from_ref(event), None, Some(key.clone()))
     }
 
     fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
@@ -1098,7 +1113,7 @@ impl EventStore for SqliteStore {
         cursor: &str,
     ) -> Result<(), StoreError> {
         self.write(
-            events.to_vec(),
+            events,
             Some((cursor_name.to_owned(), cursor.to_owned())),
             None,
         )
