@@ -891,7 +891,7 @@ mod tests {
     use super::*;
     use crate::context::JobContext;
     use crate::queue::store::sqlite::SqliteStore;
-    use crate::queue::store::{DeliveryState, EventView, NewEvent};
+    use crate::queue::store::{DeliveryState, NewEvent};
 
     /// SQLite, except that recording more than one outcome in a transaction always fails (as a
     /// shared database may abort such a transaction to break a deadlock), and that the first
@@ -963,14 +963,9 @@ mod tests {
     }
 
     impl EventStore for BatchFails {
+        crate::queue::store::conformance::pass_on_the_rest!();
         fn awaited_writes(&self) -> Option<&dyn crate::queue::store::AwaitedWrites> {
             if self.3 { Some(self) } else { None }
-        }
-        fn now(&self) -> chrono::DateTime<Utc> {
-            self.0.now()
-        }
-        fn keep_time(&self) -> Result<Option<chrono::TimeDelta>, StoreError> {
-            self.0.keep_time()
         }
         fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
             self.0.insert_event(event)
@@ -982,13 +977,6 @@ mod tests {
         ) -> Result<crate::queue::store::Inserted, StoreError> {
             self.0.insert_event_once(event, key)
         }
-        fn purge_idempotency_keys(
-            &self,
-            before: chrono::DateTime<Utc>,
-            max: usize,
-        ) -> Result<u64, StoreError> {
-            self.0.purge_idempotency_keys(before, max)
-        }
         fn claim_batch(
             &self,
             now: chrono::DateTime<Utc>,
@@ -996,9 +984,6 @@ mod tests {
             lease: Duration,
         ) -> Result<Vec<Claim>, StoreError> {
             self.0.claim_batch(now, limits, lease)
-        }
-        fn renew(&self, now: chrono::DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
-            self.0.renew(now, lease)
         }
         fn finish_batch(
             &self,
@@ -1008,36 +993,6 @@ mod tests {
                 Some(e) => Err(e),
                 None => self.0.finish_batch(finished),
             }
-        }
-        fn requeue_abandoned(&self, now: chrono::DateTime<Utc>) -> Result<u64, StoreError> {
-            self.0.requeue_abandoned(now)
-        }
-        fn release_all(&self) -> Result<u64, StoreError> {
-            self.0.release_all()
-        }
-        fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
-            self.0.event(id)
-        }
-        fn next_due(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
-            self.0.next_due()
-        }
-        fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
-            self.0.count_by_state()
-        }
-        fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
-            self.0.cursor(name)
-        }
-        fn insert_events_with_cursor(
-            &self,
-            events: &[NewEvent],
-            cursor_name: &str,
-            cursor: &str,
-        ) -> Result<(), StoreError> {
-            self.0
-                .insert_events_with_cursor(events, cursor_name, cursor)
-        }
-        fn try_lead(&self, role: &str) -> Result<bool, StoreError> {
-            self.0.try_lead(role)
         }
     }
 

@@ -84,6 +84,83 @@ macro_rules! suite {
 }
 pub(crate) use suite;
 
+/// Inside `impl EventStore for W`, where `W.0` is the store a test wrapper changes a few calls
+/// of: every call a wrapper has no reason to change, passed on to `self.0` (the event path's
+/// inserts, claims and finishes, and `awaited_writes`, are left to the wrapper).
+macro_rules! pass_on_the_rest {
+    () => {
+        fn now(&self) -> chrono::DateTime<chrono::Utc> {
+            self.0.now()
+        }
+        fn keep_time(
+            &self,
+        ) -> Result<Option<chrono::TimeDelta>, $crate::queue::store::StoreError> {
+            self.0.keep_time()
+        }
+        fn purge_idempotency_keys(
+            &self,
+            before: chrono::DateTime<chrono::Utc>,
+            max: usize,
+        ) -> Result<u64, $crate::queue::store::StoreError> {
+            self.0.purge_idempotency_keys(before, max)
+        }
+        fn renew(
+            &self,
+            now: chrono::DateTime<chrono::Utc>,
+            lease: std::time::Duration,
+        ) -> Result<(), $crate::queue::store::StoreError> {
+            self.0.renew(now, lease)
+        }
+        fn requeue_abandoned(
+            &self,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<u64, $crate::queue::store::StoreError> {
+            self.0.requeue_abandoned(now)
+        }
+        fn release_all(&self) -> Result<u64, $crate::queue::store::StoreError> {
+            self.0.release_all()
+        }
+        fn event(
+            &self,
+            id: uuid::Uuid,
+        ) -> Result<Option<$crate::queue::store::EventView>, $crate::queue::store::StoreError>
+        {
+            self.0.event(id)
+        }
+        fn next_due(
+            &self,
+        ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::queue::store::StoreError> {
+            self.0.next_due()
+        }
+        fn count_by_state(
+            &self,
+        ) -> Result<
+            Vec<($crate::queue::store::DeliveryState, u64)>,
+            $crate::queue::store::StoreError,
+        > {
+            self.0.count_by_state()
+        }
+        fn cursor(
+            &self,
+            name: &str,
+        ) -> Result<Option<String>, $crate::queue::store::StoreError> {
+            self.0.cursor(name)
+        }
+        fn insert_events_with_cursor(
+            &self,
+            events: &[$crate::queue::store::NewEvent],
+            cursor_name: &str,
+            cursor: &str,
+        ) -> Result<(), $crate::queue::store::StoreError> {
+            self.0.insert_events_with_cursor(events, cursor_name, cursor)
+        }
+        fn try_lead(&self, role: &str) -> Result<bool, $crate::queue::store::StoreError> {
+            self.0.try_lead(role)
+        }
+    };
+}
+pub(crate) use pass_on_the_rest;
+
 /// A sample job context.
 pub(crate) fn context() -> JobContext {
     JobContext::from_json_value(&serde_json::json!({

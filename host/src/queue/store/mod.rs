@@ -16,7 +16,7 @@
 pub mod clock;
 pub mod config;
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 pub mod postgres;
 pub mod sqlite;
 mod sqlite_writer;

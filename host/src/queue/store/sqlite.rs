@@ -1388,12 +1388,7 @@ mod tests {
         }
 
         impl EventStore for Awaited {
-            fn now(&self) -> DateTime<Utc> {
-                self.0.now()
-            }
-            fn keep_time(&self) -> Result<Option<TimeDelta>, StoreError> {
-                self.0.keep_time()
-            }
+            conformance::pass_on_the_rest!();
             fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
                 self.wait(AwaitedWrites::insert_event_awaited(&self.0, event, None))
                     .map(drop)
@@ -1409,13 +1404,6 @@ mod tests {
                     Some(key),
                 ))
             }
-            fn purge_idempotency_keys(
-                &self,
-                before: DateTime<Utc>,
-                max: usize,
-            ) -> Result<u64, StoreError> {
-                self.0.purge_idempotency_keys(before, max)
-            }
             fn claim_batch(
                 &self,
                 now: DateTime<Utc>,
@@ -1426,44 +1414,11 @@ mod tests {
                     &self.0, now, limits, lease,
                 ))
             }
-            fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
-                self.0.renew(now, lease)
-            }
             fn finish_batch(
                 &self,
                 finished: &[(&Claim, &AttemptRecord)],
             ) -> Result<Vec<Finish>, StoreError> {
                 self.wait(AwaitedWrites::finish_batch_awaited(&self.0, finished))
-            }
-            fn requeue_abandoned(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-                self.0.requeue_abandoned(now)
-            }
-            fn release_all(&self) -> Result<u64, StoreError> {
-                self.0.release_all()
-            }
-            fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError> {
-                self.0.event(id)
-            }
-            fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-                self.0.next_due()
-            }
-            fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
-                self.0.count_by_state()
-            }
-            fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
-                self.0.cursor(name)
-            }
-            fn insert_events_with_cursor(
-                &self,
-                events: &[NewEvent],
-                cursor_name: &str,
-                cursor: &str,
-            ) -> Result<(), StoreError> {
-                self.0
-                    .insert_events_with_cursor(events, cursor_name, cursor)
-            }
-            fn try_lead(&self, role: &str) -> Result<bool, StoreError> {
-                self.0.try_lead(role)
             }
         }
 
