@@ -213,6 +213,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .notes
             .push("--quick run: short phases and few samples; not for quoting".into());
     }
+    if ['c', 'd', 'e', 'g'].into_iter().any(wanted) {
+        report.notes.push(
+            "c, d, e, g: every engine runs as shipped, at its default log filter (errors only; handlers' log lines go to their outcomes)".into(),
+        );
+    }
     eprintln!("building the guest components (first use)…");
     let _ = jobhook_testkit::guest("guest-bench-noop");
 
@@ -685,9 +690,6 @@ fn latency_rows(
 async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::Result<()> {
     let seconds = plan.load_seconds;
     let defaults = serve::EngineSettings::default();
-    report.notes.push(
-        "c, d, e, g: every engine runs as shipped, at its default log filter (errors only; handlers' log lines go to their outcomes)".into(),
-    );
     eprintln!("scenario c: throughput run ({seconds} s + dispatch window)…");
     let throughput = serve::throughput_run("throughput", &serve::healthy_set(), seconds)
         .await

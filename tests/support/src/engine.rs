@@ -22,8 +22,8 @@ const LOG_QUIET: Duration = Duration::from_millis(25);
 /// log without pause).
 const LOG_SETTLE: Duration = Duration::from_secs(2);
 
-/// The variable that sets the engine's log filter.
-const RUST_LOG: &str = "RUST_LOG";
+/// The engine's log filter in tests: they read what it logs at `info`.
+const TEST_LOG_FILTER: &str = "info";
 
 /// A running `jobhook serve`.
 pub struct EngineProcess {
@@ -44,14 +44,22 @@ impl EngineProcess {
     /// Like [`EngineProcess::start`], with `env` added to the engine's environment (e.g. a
     /// library preloaded to move its clock).
     pub fn start_with_env(bin: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
-        Self::spawn(bin, config, Self::append_to(log), log, env).0
+        Self::spawn(
+            bin,
+            config,
+            Self::append_to(log),
+            log,
+            Some(TEST_LOG_FILTER),
+            env,
+        )
+        .0
     }
 
     /// Like [`EngineProcess::start`], at the engine's own default log filter (its errors only)
     /// instead of `info`: the engine as an operator runs it, for measurements — formatting
     /// every handler's log lines at `info` is work the default does not do.
     pub fn start_at_default_log_level(bin: &Path, config: &Path, log: &Path) -> Self {
-        Self::spawn(bin, config, Self::append_to(log), log, &[(RUST_LOG, "")]).0
+        Self::spawn(bin, config, Self::append_to(log), log, None, &[]).0
     }
 
     fn append_to(log: &Path) -> Stdio {
@@ -67,7 +75,14 @@ impl EngineProcess {
     /// is held, so once the pipe's buffer is full every write to it blocks, as a log collector
     /// that stopped reading would leave it. [`EngineProcess::log_text`] is empty.
     pub fn start_with_stalled_stderr(bin: &Path, config: &Path) -> (Self, ChildStderr) {
-        let (engine, stderr) = Self::spawn(bin, config, Stdio::piped(), Path::new(""), &[]);
+        let (engine, stderr) = Self::spawn(
+            bin,
+            config,
+            Stdio::piped(),
+            Path::new(""),
+            Some(TEST_LOG_FILTER),
+            &[],
+        );
         (engine, stderr.expect("piped stderr"))
     }
 
@@ -76,20 +91,18 @@ impl EngineProcess {
         config: &Path,
         stderr: Stdio,
         log: &Path,
+        log_filter: Option<&str>,
         env: &[(&str, &str)],
     ) -> (Self, Option<ChildStderr>) {
         let mut command = Command::new(bin);
         command.arg("serve").arg("--config").arg(config);
-        // An empty RUST_LOG in `env` means: none at all (the engine's default filter).
-        command.env(RUST_LOG, "info");
-        for (name, value) in env {
-            if *name == RUST_LOG && value.is_empty() {
-                command.env_remove(RUST_LOG);
-            } else {
-                command.env(name, value);
-            }
-        }
+        // `None`: no RUST_LOG at all, whatever this process has, so the engine's default holds.
+        match log_filter {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
         let mut child = command
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
