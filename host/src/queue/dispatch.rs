@@ -996,6 +996,33 @@ mod tests {
         }
     }
 
+    /// A batch's answer gives each outcome its own result: an answer that does not account for
+    /// each, or a failure of the whole store, leaves none of them recorded.
+    #[test]
+    fn a_batch_answer_says_what_became_of_each_outcome() {
+        let recorded = |results: &[Result<Finish, StoreError>]| -> Vec<Option<Finish>> {
+            results.iter().map(|r| r.as_ref().ok().copied()).collect()
+        };
+        let answer = Ok(vec![Finish::Recorded, Finish::Late]);
+        assert_eq!(
+            recorded(&batch_results(answer, 2)),
+            [Some(Finish::Recorded), Some(Finish::Late)]
+        );
+        for short in [vec![Finish::Recorded], Vec::new()] {
+            let results = batch_results(Ok(short), 2);
+            assert_eq!(recorded(&results), [None, None]);
+        }
+        let full = StoreError::DiskFull("database or disk is full".into());
+        let results = batch_results(Err(full), 3);
+        assert_eq!(results.len(), 3);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::DiskFull(_)))),
+            "{results:?}"
+        );
+    }
+
     /// Whether the batch is awaited (SQLite) or run on a blocking thread (PostgreSQL), a failed
     /// batch is recorded one outcome at a time.
     #[tokio::test]

@@ -61,6 +61,7 @@ macro_rules! suite {
             batch_claims_are_oldest_first_and_decode_each_context,
             concurrent_batch_claims_hand_out_each_delivery_once,
             a_batch_finish_records_all_and_ignores_only_stale_claims,
+            a_batch_with_a_record_no_attempt_leads_to_records_none_of_it,
             outcomes_logs_and_attempt_history_are_kept,
             one_node_leads_a_role_until_it_is_gone,
             nodes_starting_together_migrate_once,
@@ -819,6 +820,35 @@ pub(crate) fn a_batch_finish_records_all_and_ignores_only_stale_claims(b: &impl 
             && d.attempts[1].terminal
     }));
     assert!(view.deliveries.iter().all(|d| d.attempt == 2));
+}
+
+/// A record no attempt can lead to (here: back to pending with no time to retry at) is refused
+/// before anything is written, and so is the rest of its batch: the deliveries stay running
+/// under their claims, and the same claims finish once the records are right.
+pub(crate) fn a_batch_with_a_record_no_attempt_leads_to_records_none_of_it(b: &impl Backend) {
+    let store = b.node();
+    store.insert_event(&event(&["a", "b"])).unwrap();
+    let claims = store
+        .claim_batch(Utc::now(), &limits(2, &[]), LEASE)
+        .unwrap();
+    assert_eq!(claims.len(), 2);
+    let done = record(DeliveryState::Succeeded);
+    let nowhere = record(DeliveryState::Pending);
+    for wrong in [
+        vec![(&claims[0], &done), (&claims[1], &nowhere)],
+        vec![(&claims[0], &nowhere)],
+    ] {
+        let refused = store.finish_batch(&wrong);
+        assert!(
+            matches!(refused, Err(StoreError::InvalidTransition(_))),
+            "{refused:?}"
+        );
+        assert_eq!(sorted(store.count_by_state().unwrap()), [("running", 2)]);
+    }
+    store
+        .finish_batch(&[(&claims[0], &done), (&claims[1], &done)])
+        .unwrap();
+    assert_eq!(sorted(store.count_by_state().unwrap()), [("succeeded", 2)]);
 }
 
 pub(crate) fn outcomes_logs_and_attempt_history_are_kept(b: &impl Backend) {
