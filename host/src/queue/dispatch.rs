@@ -44,13 +44,9 @@ const MIN_LEASE: Duration = Duration::from_millis(300);
 
 /// Outcomes recorded in one store transaction at most. Deliveries that end while a batch is being
 /// committed wait for the next one (group commit): under load one transaction records many
-/// outcomes, and each delivery still holds its slot until its own outcome is on record.
+/// outcomes. A failed delivery holds its slot until its own outcome is on record; a success
+/// frees it once its outcome is queued here (see `Dispatcher::deliver`).
 const MAX_RECORD_BATCH: usize = 256;
-
-/// Finished deliveries waiting for the recorder. When it is full, finishing deliveries wait
-/// for room (and keep their slots), so a slow disk slows dispatch down instead of growing
-/// memory.
-const RECORD_QUEUE: usize = 1024;
 
 /// Deliveries a handler may run at once before it has succeeded: it earns the rest of its
 /// `max_concurrency` by succeeding (each success doubles its places, each failure halves them,
@@ -318,6 +314,11 @@ pub struct Dispatcher {
     registry: RwLock<Arc<Registry>>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
+    /// Outcomes the recorder's queue holds: as many as there are slots. When it is full,
+    /// finishing deliveries wait for room and keep their slots, so a slow disk slows dispatch
+    /// down instead of growing memory: outcomes not yet on record are at most this many queued,
+    /// one per slot waiting for room, and those being recorded (see [`record_outcomes`]).
+    record_queue: usize,
     wake: Notify,
     stop: watch::Sender<bool>,
     lease: Duration,
@@ -357,6 +358,7 @@ impl Dispatcher {
             registry: RwLock::new(Arc::new(registry)),
             metrics,
             slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            record_queue: max_concurrent.max(1),
             wake: Notify::new(),
             stop,
             lease: lease.max(MIN_LEASE),
@@ -396,7 +398,7 @@ impl Dispatcher {
         let mut stopped = self.stop.subscribe();
         let mut tasks = JoinSet::new();
         let leases = tokio::spawn(Arc::clone(&self).keep_leases());
-        let (record, queue) = mpsc::channel(RECORD_QUEUE);
+        let (record, queue) = mpsc::channel(self.record_queue);
         let recorder = tokio::spawn(record_outcomes(Arc::clone(&self.store), queue));
         loop {
             if *stopped.borrow() {
@@ -456,8 +458,7 @@ impl Dispatcher {
                         let this = Arc::clone(&self);
                         let record = record.clone();
                         tasks.spawn(async move {
-                            this.deliver(claim, handler, &record).await;
-                            drop(permit);
+                            this.deliver(claim, handler, &record, permit).await;
                         });
                     }
                 }
@@ -580,18 +581,20 @@ impl Dispatcher {
         }
     }
 
-    /// Runs one claimed delivery and records its outcome.
+    /// Runs one claimed delivery and records its outcome; `slot` is its place among
+    /// `max_concurrent_deliveries`.
     async fn deliver(
         &self,
         claim: Claim,
         handler: Option<Arc<RegisteredHandler>>,
         recorder: &mpsc::Sender<Finished>,
+        slot: OwnedSemaphorePermit,
     ) {
         let record = match &handler {
-            None => skipped(format!(
-                "handler {:?} is no longer configured",
-                claim.handler
-            )),
+            None => skipped(
+                format!("handler {:?} is no longer configured", claim.handler),
+                self.store.now(),
+            ),
             Some(h) => self.run_handler(h, &claim).await,
         };
         let verdict = quarantine_verdict(&record);
@@ -601,10 +604,21 @@ impl Dispatcher {
             record,
             recorded,
         };
-        if recorder.send(finished).await.is_err() {
+        let queued = recorder.send(finished).await.is_ok();
+        if !queued {
             tracing::error!(
                 "the outcome recorder has stopped; the delivery will run again after a restart"
             );
+        }
+        // A success frees its places once its outcome is queued for the store, before the
+        // store has it: the handler runs no more at once than its cap, and the next delivery
+        // does not wait for a commit (with a backlog, places came round at the pace of the
+        // store's transactions). Waiting outcomes stay bounded by the recorder's queue, which a
+        // delivery waits for room in while it holds its places. Any other outcome holds them
+        // until it is on record, so quarantine has counted it before the handler runs again.
+        let mut places = Some((slot, handler.as_deref()));
+        if queued && verdict == Some(true) {
+            self.free_places(places.take());
         }
         // Errors were logged by the recorder. Quarantine counts only what is on record: an
         // attempt the store ignored as late (this node was frozen past its lease and another
@@ -614,12 +628,19 @@ impl Dispatcher {
             h.quarantine().record(succeeded, Instant::now());
             h.earn(succeeded);
         }
-        // The handler's slot is held until the outcome is on record, as the store sees it: the
-        // delivery is `running` there until then, so the cap holds for the store's view too.
-        if let Some(h) = &handler {
+        self.free_places(places);
+    }
+
+    /// Frees a delivery's slot and its place among its handler's running deliveries, and looks
+    /// for more work.
+    fn free_places(&self, places: Option<(OwnedSemaphorePermit, Option<&RegisteredHandler>)>) {
+        let Some((slot, handler)) = places else {
+            return;
+        };
+        if let Some(h) = handler {
             h.running.fetch_sub(1, Ordering::Relaxed);
         }
-        // A finished delivery frees a per-handler slot: look for more work.
+        drop(slot);
         self.wake.notify_one();
     }
 
@@ -627,7 +648,7 @@ impl Dispatcher {
         let admission = h.quarantine().admit(Instant::now());
         if let Admission::Skip(reason) = admission {
             self.metrics.delivery(&h.config.name, "skipped", 0.0);
-            return skipped(reason);
+            return skipped(reason, self.store.now());
         }
         self.metrics.running(1);
         let outcome = h
@@ -648,11 +669,12 @@ impl Dispatcher {
             outcome.kind.class(),
             outcome.duration.as_secs_f64(),
         );
+        let now = self.store.now();
         let Transition { state, retry_at } = after_attempt(
             AttemptEnd::Ran(&outcome.kind),
             claim.attempt,
             &h.config.retry,
-            self.store.now(),
+            now,
         );
         AttemptRecord {
             state,
@@ -660,6 +682,7 @@ impl Dispatcher {
             class: outcome.kind.class().to_owned(),
             reason: (!outcome.kind.is_success()).then(|| outcome.kind.to_string()),
             outcome: Some(outcome),
+            finished_at: now,
         }
     }
 }
@@ -686,15 +709,16 @@ fn event_source(stored: &str) -> EventSource {
 
 /// The record of a delivery that was not run (its handler is quarantined or gone). A skip does
 /// not depend on the attempt or the retry policy.
-fn skipped(reason: String) -> AttemptRecord {
+fn skipped(reason: String, now: DateTime<Utc>) -> AttemptRecord {
     let Transition { state, retry_at } =
-        after_attempt(AttemptEnd::Skipped, 1, &RetryPolicy::default(), Utc::now());
+        after_attempt(AttemptEnd::Skipped, 1, &RetryPolicy::default(), now);
     AttemptRecord {
         state,
         retry_at,
         class: "skipped".into(),
         reason: Some(reason),
         outcome: None,
+        finished_at: now,
     }
 }
 
@@ -717,9 +741,9 @@ fn effective_limits(limits: &crate::limits::Limits) -> crate::limits::Limits {
 ///
 /// An outcome the store could not take for a reason that passes (the disk is full, the database
 /// is restarting) is kept and tried again every [`STORE_ERROR_PAUSE`], together with the
-/// outcomes that arrive meanwhile, until it is recorded: its delivery keeps its slot, so the
-/// number kept is bounded by `max_concurrent_deliveries`, and the delivery does not sit
-/// `running` until the next restart. Only when the engine stops with the store still failing
+/// outcomes that arrive meanwhile, until it is recorded: at most [`MAX_RECORD_BATCH`] are kept
+/// (what arrives beyond waits in the queue, and then in its delivery, which keeps its slot), and
+/// the delivery does not sit `running` until the next restart. Only when the engine stops with the store still failing
 /// are the kept outcomes given up (the deliveries run again after the restart).
 async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<Finished>) {
     let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
@@ -963,19 +987,9 @@ mod tests {
     }
 
     impl EventStore for BatchFails {
-        crate::queue::store::conformance::pass_on_the_rest!();
+        crate::queue::store::conformance::pass_on_the_rest!(with inserts);
         fn awaited_writes(&self) -> Option<&dyn crate::queue::store::AwaitedWrites> {
             if self.3 { Some(self) } else { None }
-        }
-        fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
-            self.0.insert_event(event)
-        }
-        fn insert_event_once(
-            &self,
-            event: &NewEvent,
-            key: &crate::queue::store::Idempotency,
-        ) -> Result<crate::queue::store::Inserted, StoreError> {
-            self.0.insert_event_once(event, key)
         }
         fn claim_batch(
             &self,
@@ -1035,7 +1049,7 @@ mod tests {
                 .into_iter()
                 .map(|claim| Finished {
                     claim,
-                    record: skipped("test".into()),
+                    record: skipped("test".into(), Utc::now()),
                     recorded: oneshot::channel().0,
                 })
                 .collect();
@@ -1055,10 +1069,22 @@ mod tests {
         }
     }
 
-    /// An outcome the store cannot take while its disk is full is kept and recorded once the
-    /// store takes writes again, without a restart: its delivery does not stay `running`.
     /// One delivery of a new event, claimed from `store`.
     fn claimed(store: &dyn EventStore) -> Claim {
+        inserted(store);
+        let limits = ClaimLimits {
+            max: 1,
+            room: BTreeMap::new(),
+        };
+        store
+            .claim_batch(Utc::now(), &limits, DEFAULT_LEASE)
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+
+    /// Inserts an event of a failed job for handler `a`.
+    fn inserted(store: &dyn EventStore) {
         let context = JobContext::from_json_value(&serde_json::json!({
             "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
             "ClientMachine": "m", "JobResult": "Failure",
@@ -1076,15 +1102,116 @@ mod tests {
                 handlers: vec!["a".into()],
             })
             .unwrap();
-        let limits = ClaimLimits {
-            max: 1,
-            room: BTreeMap::new(),
+    }
+
+    /// SQLite, except that no outcome is recorded before `.1` is set (every recording waits
+    /// for it), and `.2` counts the deliveries claimed.
+    struct RecordsHeld(
+        SqliteStore,
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicUsize,
+    );
+
+    impl EventStore for RecordsHeld {
+        crate::queue::store::conformance::pass_on_the_rest!(with inserts);
+        fn claim_batch(
+            &self,
+            now: chrono::DateTime<Utc>,
+            limits: &ClaimLimits,
+            lease: Duration,
+        ) -> Result<Vec<Claim>, StoreError> {
+            let claims = self.0.claim_batch(now, limits, lease)?;
+            self.2.fetch_add(claims.len(), Ordering::SeqCst);
+            Ok(claims)
+        }
+        fn finish_batch(
+            &self,
+            finished: &[(&Claim, &AttemptRecord)],
+        ) -> Result<Vec<Finish>, StoreError> {
+            let until = Instant::now() + Duration::from_secs(30);
+            while !self.1.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.0.finish_batch(finished)
+        }
+    }
+
+    /// Handler `a`: the test guest `package` with default limits, no grants, for every job type.
+    async fn handler_a(package: &str) -> Arc<RegisteredHandler> {
+        let engine = crate::runtime::engine::Engine::new(4).unwrap();
+        let spec = crate::runtime::state::SandboxSpec::new("a");
+        let handler = SandboxedHandler::load(
+            &engine,
+            &crate::capabilities::Services::default(),
+            jobhook_testkit::guest_bytes(package),
+            spec.clone(),
+            &crate::runtime::loader::LoadOptions::default(),
+        )
+        .await
+        .unwrap();
+        let registration = Registration {
+            name: "a".into(),
+            component: jobhook_testkit::guest(package),
+            job_types: JobTypes::All,
+            properties: spec.properties,
+            secret_properties: Default::default(),
+            grants: spec.grants,
+            limits: spec.limits,
+            retry: RetryPolicy::default(),
+            max_concurrency: crate::queue::registration::DEFAULT_HANDLER_CONCURRENCY,
+            line: 1,
         };
-        store
-            .claim_batch(Utc::now(), &limits, DEFAULT_LEASE)
-            .unwrap()
-            .pop()
-            .unwrap()
+        Arc::new(RegisteredHandler::new(
+            registration,
+            handler,
+            QuarantineConfig::default(),
+        ))
+    }
+
+    /// A success frees its handler's place once its outcome is queued for the store, so the
+    /// handler's next delivery does not wait for the commit; a failure holds its place until
+    /// its outcome is on record, so quarantine and the earned places have counted it before the
+    /// handler runs again. (A new handler has one place: its second delivery waits for the
+    /// first's place.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_success_frees_its_place_before_its_outcome_is_on_record_a_failure_after() {
+        for (package, succeeds) in [("log-context", true), ("guest-trap", false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(RecordsHeld(
+                SqliteStore::open(dir.path()).unwrap(),
+                false.into(),
+                0.into(),
+            ));
+            inserted(store.as_ref());
+            inserted(store.as_ref());
+            let registry = Registry::new([handler_a(package).await]);
+            let shared: Arc<dyn EventStore> = Arc::clone(&store) as _;
+            let dispatcher = Dispatcher::new(shared, registry, Arc::new(Metrics::new()), 4);
+            let run = tokio::spawn(Arc::clone(&dispatcher).run(Duration::from_secs(10)));
+            let claimed = |n: usize, within: Duration| {
+                let store = Arc::clone(&store);
+                async move {
+                    let until = Instant::now() + within;
+                    while store.2.load(Ordering::SeqCst) < n && Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    store.2.load(Ordering::SeqCst)
+                }
+            };
+            assert!(claimed(1, Duration::from_secs(20)).await >= 1, "{package}");
+            // Whatever the first delivery did, its outcome is not on record yet.
+            if succeeds {
+                let before_record = claimed(2, Duration::from_secs(20)).await;
+                assert_eq!(before_record, 2, "{package}: the success held its place");
+            } else {
+                let before_record = claimed(2, Duration::from_millis(1500)).await;
+                assert_eq!(before_record, 1, "{package}: the failure freed its place");
+            }
+            store.1.store(true, Ordering::SeqCst);
+            assert_eq!(claimed(2, Duration::from_secs(20)).await, 2, "{package}");
+            dispatcher.stop();
+            run.await.unwrap();
+        }
     }
 
     /// A recorder over `store` with a skipped outcome of `claim` sent to it: the sender (drop it
@@ -1103,7 +1230,7 @@ mod tests {
         record
             .send(Finished {
                 claim,
-                record: skipped("test".into()),
+                record: skipped("test".into(), Utc::now()),
                 recorded,
             })
             .await
@@ -1236,9 +1363,12 @@ mod tests {
                 output_dropped: 0,
                 memory_bytes: 0,
             }),
-            ..skipped("test".into())
+            ..skipped("test".into(), Utc::now())
         };
-        assert_eq!(quarantine_verdict(&skipped("quarantined".into())), None);
+        assert_eq!(
+            quarantine_verdict(&skipped("quarantined".into(), Utc::now())),
+            None
+        );
         assert_eq!(quarantine_verdict(&ran(OutcomeKind::Succeeded)), Some(true));
         assert_eq!(
             quarantine_verdict(&ran(OutcomeKind::HandlerFailed {
@@ -1254,6 +1384,8 @@ mod tests {
         );
     }
 
+    /// An outcome the store cannot take while its disk is full is kept and recorded once the
+    /// store takes writes again, without a restart: its delivery does not stay `running`.
     #[tokio::test]
     async fn outcomes_the_store_cannot_take_yet_are_recorded_once_it_can() {
         for awaited in [false, true] {

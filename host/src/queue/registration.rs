@@ -15,11 +15,12 @@ use crate::queue::retry::RetryPolicy;
 /// Deliveries of one handler running at once, so one slow handler cannot take every slot (a
 /// quarter of [`crate::runtime::config::DEFAULT_MAX_CONCURRENT_DELIVERIES`]).
 ///
-/// A delivery holds its place from its claim until its outcome is on record, so a handler gets
-/// through at most this many deliveries per claim-to-record time. On two busy cores that time
-/// is several milliseconds (two store round trips and a few thread hand-overs): with 4, a
-/// handler could not take 1,000 events/s and its backlog grew for as long as they came; with 16
-/// it keeps up with time to spare (docs/PERFORMANCE.md, scenario c).
+/// A delivery holds its place from its claim until its outcome is queued for the store (a
+/// failure: until it is on record), so a handler gets through at most this many deliveries per
+/// claim-to-outcome time. On two busy cores that time is several milliseconds (a store round
+/// trip and a few thread hand-overs): with 4, a handler could not take 1,000 events/s and its
+/// backlog grew for as long as they came; with 16 it keeps up with time to spare
+/// (docs/PERFORMANCE.md, scenario c).
 pub const DEFAULT_HANDLER_CONCURRENCY: usize = 16;
 
 /// Which job types a handler runs for: Keyfactor's `JobTypes`.

@@ -63,6 +63,7 @@ fn sequential() -> anyhow::Result<()> {
             class: "succeeded".into(),
             reason: None,
             outcome: Some(outcome.clone()),
+            finished_at: chrono::Utc::now(),
         };
         let t = Instant::now();
         store.finish(&c, &record)?;
@@ -103,6 +104,7 @@ fn sequential() -> anyhow::Result<()> {
         class: "succeeded".into(),
         reason: None,
         outcome: Some(outcome.clone()),
+        finished_at: chrono::Utc::now(),
     };
     let (mut claimed, mut batches) = (0usize, 0usize);
     let start = Instant::now();
@@ -256,6 +258,7 @@ fn spawn_dispatch(
                 class: "succeeded".into(),
                 reason: None,
                 outcome: Some(outcome),
+                finished_at: chrono::Utc::now(),
             };
             for claims in receive {
                 let finished: Vec<_> = claims.iter().map(|c| (c, &record)).collect();

@@ -221,6 +221,9 @@ pub struct AttemptRecord {
     pub reason: Option<String>,
     /// The full outcome, when the handler ran.
     pub outcome: Option<Outcome>,
+    /// When the attempt ended, by the queue's clock ([`EventStore::now`]): recorded as its end
+    /// however long its record then waits to be committed with others (group commit).
+    pub finished_at: DateTime<Utc>,
 }
 
 impl AttemptRecord {

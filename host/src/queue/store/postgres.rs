@@ -876,9 +876,9 @@ const CLAIM_BATCH: &str = "
     WHERE d.id IN (SELECT id FROM chosen) AND e.id = d.event_id
     RETURNING d.id, d.event_id, d.handler, d.attempt, e.context, d.not_before, e.source, e.message";
 
-/// Records a batch of outcomes in one statement: `$1`–`$9` are parallel arrays, one element per
+/// Records a batch of outcomes in one statement: `$1`–`$10` are parallel arrays, one element per
 /// outcome (delivery id, attempt, new state, not-before, duration, class, reason, outcome,
-/// terminal); `$10` is the time of recording and `$11` this node. A delivery's row is updated,
+/// terminal, when the attempt ended); `$11` is this node. A delivery's row is updated,
 /// and its attempt recorded, only while this node still holds that attempt's claim; the ids of
 /// the rows recorded are returned.
 ///
@@ -889,8 +889,10 @@ const CLAIM_BATCH: &str = "
 const FINISH_BATCH: &str = "
     WITH f AS (
         SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::timestamptz[],
-                             $5::float8[], $6::text[], $7::text[], $8::json[], $9::boolean[])
-            AS f (id, attempt, state, not_before, duration_ms, class, reason, outcome, terminal)
+                             $5::float8[], $6::text[], $7::text[], $8::json[], $9::boolean[],
+                             $10::timestamptz[])
+            AS f (id, attempt, state, not_before, duration_ms, class, reason, outcome, terminal,
+                  finished_at)
     ), locked AS (
         SELECT d.id FROM deliveries AS d JOIN f ON f.id = d.id AND f.attempt = d.attempt
         WHERE d.state = 'running' AND d.owner = $11
@@ -898,15 +900,15 @@ const FINISH_BATCH: &str = "
         FOR UPDATE OF d
     ), done AS (
         UPDATE deliveries AS d
-        SET state = f.state, not_before = f.not_before, finished_at = $10,
+        SET state = f.state, not_before = f.not_before, finished_at = f.finished_at,
             duration_ms = f.duration_ms, outcome_class = f.class, reason = f.reason,
             outcome = f.outcome
         FROM f
         WHERE d.id IN (SELECT id FROM locked) AND f.id = d.id AND f.attempt = d.attempt
-        RETURNING d.id, d.attempt, d.started_at, f.class, f.reason, f.terminal
+        RETURNING d.id, d.attempt, d.started_at, f.finished_at, f.class, f.reason, f.terminal
     ), recorded AS (
         INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, class, reason, terminal)
-        SELECT id, attempt, started_at, $10, class, reason, terminal FROM done
+        SELECT id, attempt, started_at, finished_at, class, reason, terminal FROM done
     )
     SELECT id FROM done";
 
@@ -1172,6 +1174,7 @@ impl EventStore for PostgresStore {
         let mut reasons = Vec::with_capacity(finished.len());
         let mut outcomes = Vec::with_capacity(finished.len());
         let mut terminals = Vec::with_capacity(finished.len());
+        let mut ends = Vec::with_capacity(finished.len());
         for (claim, record) in finished {
             ids.push(claim.delivery_id);
             attempts.push(i32::try_from(claim.attempt).unwrap_or(i32::MAX));
@@ -1187,6 +1190,7 @@ impl EventStore for PostgresStore {
                     .and_then(|o| serde_json::to_value(o).ok()),
             );
             terminals.push(record.state.is_terminal());
+            ends.push(record.finished_at);
         }
         let recorded: HashSet<i64> = self.with(|conn| {
             let finish = conn.prepare(FINISH_BATCH)?;
@@ -1200,7 +1204,7 @@ impl EventStore for PostgresStore {
                 &reasons,
                 &outcomes,
                 &terminals,
-                &now,
+                &ends,
                 &self.node,
             ];
             Ok(conn

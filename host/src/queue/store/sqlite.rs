@@ -364,6 +364,7 @@ impl SqliteStore {
                 state: record.state.as_str(),
                 terminal: record.state.is_terminal(),
                 retry_at: record.retry_at.map(to_ms),
+                finished_at: to_ms(record.finished_at),
                 duration_ms: record.duration_ms(),
                 class: record.class.clone(),
                 reason: record.reason.clone(),
@@ -656,6 +657,7 @@ struct FinishRow {
     state: &'static str,
     terminal: bool,
     retry_at: Option<i64>,
+    finished_at: i64,
     duration_ms: Option<f64>,
     class: String,
     reason: Option<String>,
@@ -692,7 +694,7 @@ fn finish_rows(
                 row.attempt,
                 row.state,
                 row.retry_at.unwrap_or(now),
-                now,
+                row.finished_at,
                 row.duration_ms,
                 row.class,
                 row.reason,
@@ -704,7 +706,7 @@ fn finish_rows(
             attempt
                 .execute(params![
                     row.delivery_id,
-                    now,
+                    row.finished_at,
                     row.class,
                     row.reason,
                     row.terminal
