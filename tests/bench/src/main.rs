@@ -718,7 +718,10 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
     report.rows.push(
         Row::new(
             "c",
-            "accepted events/s (`jobhook serve`, SQLite, 4 handlers per event; driver on the same cores, ≤ 256 requests in flight)",
+            format!(
+                "accepted events/s (`jobhook serve`, SQLite, 4 handlers per event; driver on the same cores, ≤ {} requests in flight: the connections the engine allows one client)",
+                jobhook_dev::loadgen::MAX_IN_FLIGHT
+            ),
             format!("{} /s", num(accepted)),
         )
         .target(
@@ -758,6 +761,11 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
         )
         .load(throughput.load_average.clone()),
     );
+    let t = &throughput.load;
+    report.notes.push(format!(
+        "c: throughput run sent {} events in {:.1} s ({} accepted, {} rejected, {} errors)",
+        t.sent, t.seconds, t.accepted, t.rejected, t.errors
+    ));
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
     eprintln!("scenario c: the latency runs again beside a CPU hog (`yes` × {cores})…");
     steady_rows(seconds, Some(cores), report).await?;

@@ -7,9 +7,10 @@
 //! - a **latency run** offers a steady 1,000 events/s and records the ingest latency of every
 //!   accepted event (request sent → `202` received) and, from the store afterwards, every
 //!   delivery's latency (event committed → outcome recorded);
-//! - a **throughput run** offers as much as the driver can send (it keeps at most 256 requests in
-//!   flight) and counts the `202`s per second; then it stops sending and counts deliveries
-//!   finished per second while the backlog drains, which is what dispatch can sustain.
+//! - a **throughput run** offers as much as the driver can send (it keeps at most
+//!   [`loadgen::MAX_IN_FLIGHT`] requests in flight) and counts the `202`s per second; then it
+//!   stops sending and counts deliveries finished per second while the backlog drains, which is
+//!   what dispatch can sustain.
 //!
 //! The driver runs in this process on the same machine, so it competes with the engine for the
 //! same cores — the figures are a floor for what the engine does with the machine to itself.

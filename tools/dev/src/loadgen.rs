@@ -23,8 +23,11 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 /// Requests in flight at once; past it the driver falls behind its rate rather than opening
-/// unbounded connections.
-const MAX_IN_FLIGHT: usize = 256;
+/// unbounded connections. Each needs a connection of its own, and the driver is one client: it
+/// stays within the connections an engine allows one client by default, as the forwarder (one
+/// sender) does. Beyond it, the engine refuses each further connection with a `503`, and a
+/// driver that kept more in flight measured those refusals instead of ingest.
+pub const MAX_IN_FLIGHT: usize = jobhook::app::connections::DEFAULT_MAX_CONNECTIONS_PER_CLIENT;
 
 /// Timeout of one request: an ingest answer should take milliseconds.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
