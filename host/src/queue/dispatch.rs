@@ -314,11 +314,12 @@ pub struct Dispatcher {
     registry: RwLock<Arc<Registry>>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
-    /// Outcomes the recorder's queue holds: as many as there are slots. When it is full,
-    /// finishing deliveries wait for room and keep their slots, so a slow disk slows dispatch
-    /// down instead of growing memory: outcomes not yet on record are at most this many queued,
-    /// one per slot waiting for room, and those being recorded (see [`record_outcomes`]).
-    record_queue: usize,
+    /// How many `slots` there are (`max_concurrent_deliveries`). The recorder's queue holds as
+    /// many outcomes: when it is full, finishing deliveries wait for room and keep their slots,
+    /// so a slow disk slows dispatch down instead of growing memory; outcomes not yet on record
+    /// are at most this many queued, one per slot waiting for room, and those being recorded
+    /// (see [`record_outcomes`]).
+    slot_count: usize,
     wake: Notify,
     stop: watch::Sender<bool>,
     lease: Duration,
@@ -358,7 +359,7 @@ impl Dispatcher {
             registry: RwLock::new(Arc::new(registry)),
             metrics,
             slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
-            record_queue: max_concurrent.max(1),
+            slot_count: max_concurrent.max(1),
             wake: Notify::new(),
             stop,
             lease: lease.max(MIN_LEASE),
@@ -398,7 +399,7 @@ impl Dispatcher {
         let mut stopped = self.stop.subscribe();
         let mut tasks = JoinSet::new();
         let leases = tokio::spawn(Arc::clone(&self).keep_leases());
-        let (record, queue) = mpsc::channel(self.record_queue);
+        let (record, queue) = mpsc::channel(self.slot_count);
         let recorder = tokio::spawn(record_outcomes(Arc::clone(&self.store), queue));
         loop {
             if *stopped.borrow() {
@@ -416,7 +417,7 @@ impl Dispatcher {
             let mut registry = self.registry();
             let mut room = registry.room();
             if self.store.claims_are_dear()
-                && gathers(tasks.len(), room.values().sum(), permits.len())
+                && gathers(self.holding(&permits), room.values().sum(), permits.len())
             {
                 tokio::select! {
                     _ = tokio::time::sleep(GATHER_WAIT) => {}
@@ -490,6 +491,15 @@ impl Dispatcher {
         }
         leases.abort();
         self.wind_down(tasks, grace, record, recorder).await;
+    }
+
+    /// Deliveries holding a slot now, besides the claim's own `permits`: those running, and
+    /// those whose failures wait to be on record. Not the tasks: a success whose outcome waits
+    /// for the recorder has freed its slot and its place.
+    fn holding(&self, permits: &[OwnedSemaphorePermit]) -> usize {
+        self.slot_count
+            .saturating_sub(self.slots.available_permits())
+            .saturating_sub(permits.len())
     }
 
     /// `permits` and as many more free slots as one claim batch can use, without waiting.
@@ -1331,6 +1341,25 @@ mod tests {
             pause_until(Some(now + chrono::Duration::hours(1)), now),
             IDLE_POLL
         );
+    }
+
+    /// What the gather wait counts as running: the deliveries holding a slot, not the claim's
+    /// own slots (nor tasks whose successes wait for the recorder, which hold none).
+    #[test]
+    fn deliveries_holding_a_slot_are_counted_without_the_claims_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let dispatcher = Dispatcher::new(store, Registry::default(), Arc::new(Metrics::new()), 8);
+        let take = |n: usize| -> Vec<OwnedSemaphorePermit> {
+            (0..n)
+                .map(|_| Arc::clone(&dispatcher.slots).try_acquire_owned().unwrap())
+                .collect()
+        };
+        let running = take(3);
+        let own = take(2);
+        assert_eq!(dispatcher.holding(&own), 3);
+        drop(running);
+        assert_eq!(dispatcher.holding(&own), 0);
     }
 
     #[test]
