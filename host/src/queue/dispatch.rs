@@ -78,6 +78,25 @@ fn places_after(places: usize, cap: usize, succeeded: bool) -> usize {
     }
 }
 
+/// A running delivery's slot (one of `max_concurrent_deliveries`) and its place among its
+/// handler's running deliveries. Dropping it gives both back and wakes the dispatcher to look
+/// for more work.
+struct Places<'a> {
+    slot: Option<OwnedSemaphorePermit>,
+    handler: Option<&'a RegisteredHandler>,
+    wake: &'a Notify,
+}
+
+impl Drop for Places<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.handler {
+            h.running.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(self.slot.take());
+        self.wake.notify_one();
+    }
+}
+
 /// A finished attempt on its way to the store, with whom to tell what became of it.
 struct Finished {
     claim: Claim,
@@ -354,12 +373,13 @@ impl Dispatcher {
         lease: Duration,
     ) -> Arc<Self> {
         let (stop, _) = watch::channel(false);
+        let slot_count = max_concurrent.max(1);
         Arc::new(Dispatcher {
             store,
             registry: RwLock::new(Arc::new(registry)),
             metrics,
-            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
-            slot_count: max_concurrent.max(1),
+            slots: Arc::new(Semaphore::new(slot_count)),
+            slot_count,
             wake: Notify::new(),
             stop,
             lease: lease.max(MIN_LEASE),
@@ -626,10 +646,17 @@ impl Dispatcher {
         // store's transactions). Waiting outcomes stay bounded by the recorder's queue, which a
         // delivery waits for room in while it holds its places. Any other outcome holds them
         // until it is on record, so quarantine has counted it before the handler runs again.
-        let mut places = Some((slot, handler.as_deref()));
-        if queued && verdict == Some(true) {
-            self.free_places(places.take());
-        }
+        let places = Places {
+            slot: Some(slot),
+            handler: handler.as_deref(),
+            wake: &self.wake,
+        };
+        let held = if queued && verdict == Some(true) {
+            drop(places);
+            None
+        } else {
+            Some(places)
+        };
         // Errors were logged by the recorder. Quarantine counts only what is on record: an
         // attempt the store ignored as late (this node was frozen past its lease and another
         // took the delivery over) says nothing about the handler, as a time-out caused by the
@@ -638,20 +665,7 @@ impl Dispatcher {
             h.quarantine().record(succeeded, Instant::now());
             h.earn(succeeded);
         }
-        self.free_places(places);
-    }
-
-    /// Frees a delivery's slot and its place among its handler's running deliveries, and looks
-    /// for more work.
-    fn free_places(&self, places: Option<(OwnedSemaphorePermit, Option<&RegisteredHandler>)>) {
-        let Some((slot, handler)) = places else {
-            return;
-        };
-        if let Some(h) = handler {
-            h.running.fetch_sub(1, Ordering::Relaxed);
-        }
-        drop(slot);
-        self.wake.notify_one();
+        drop(held);
     }
 
     async fn run_handler(&self, h: &RegisteredHandler, claim: &Claim) -> AttemptRecord {
@@ -752,9 +766,10 @@ fn effective_limits(limits: &crate::limits::Limits) -> crate::limits::Limits {
 /// An outcome the store could not take for a reason that passes (the disk is full, the database
 /// is restarting) is kept and tried again every [`STORE_ERROR_PAUSE`], together with the
 /// outcomes that arrive meanwhile, until it is recorded: at most [`MAX_RECORD_BATCH`] are kept
-/// (what arrives beyond waits in the queue, and then in its delivery, which keeps its slot), and
-/// the delivery does not sit `running` until the next restart. Only when the engine stops with the store still failing
-/// are the kept outcomes given up (the deliveries run again after the restart).
+/// (what arrives beyond waits in the queue, and then in its delivery, which keeps its slot),
+/// and the delivery does not sit `running` until the next restart. Only when the engine stops
+/// with the store still failing are the kept outcomes given up (the deliveries run again after
+/// the restart).
 async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<Finished>) {
     let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
     let mut unrecorded: Vec<Finished> = Vec::new();
