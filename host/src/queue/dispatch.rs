@@ -1012,17 +1012,9 @@ mod tests {
     }
 
     impl EventStore for BatchFails {
-        crate::queue::store::conformance::pass_on_the_rest!(with inserts);
+        crate::queue::store::conformance::pass_on_the_rest!(all but finishes);
         fn awaited_writes(&self) -> Option<&dyn crate::queue::store::AwaitedWrites> {
             if self.3 { Some(self) } else { None }
-        }
-        fn claim_batch(
-            &self,
-            now: chrono::DateTime<Utc>,
-            limits: &ClaimLimits,
-            lease: Duration,
-        ) -> Result<Vec<Claim>, StoreError> {
-            self.0.claim_batch(now, limits, lease)
         }
         fn finish_batch(
             &self,
@@ -1129,26 +1121,37 @@ mod tests {
             .unwrap();
     }
 
-    /// SQLite, except that no outcome is recorded before `.1` is set (every recording waits
-    /// for it), and `.2` counts the deliveries claimed.
-    struct RecordsHeld(
-        SqliteStore,
-        std::sync::atomic::AtomicBool,
-        std::sync::atomic::AtomicUsize,
-    );
+    /// SQLite, except that no outcome is recorded before `.1` is set: every recording waits
+    /// for it.
+    struct RecordsHeld(SqliteStore, std::sync::atomic::AtomicBool);
+
+    impl RecordsHeld {
+        fn new(dir: &std::path::Path) -> Arc<Self> {
+            Arc::new(RecordsHeld(SqliteStore::open(dir).unwrap(), false.into()))
+        }
+
+        /// Deliveries claimed so far: all but those still pending.
+        fn claimed(&self) -> u64 {
+            self.count_by_state()
+                .unwrap()
+                .iter()
+                .filter(|(state, _)| *state != DeliveryState::Pending)
+                .map(|(_, n)| n)
+                .sum()
+        }
+
+        /// [`RecordsHeld::claimed`] once it reaches `n`, or as it is after `within`.
+        async fn claimed_within(&self, n: u64, within: Duration) -> u64 {
+            let until = Instant::now() + within;
+            while self.claimed() < n && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            self.claimed()
+        }
+    }
 
     impl EventStore for RecordsHeld {
-        crate::queue::store::conformance::pass_on_the_rest!(with inserts);
-        fn claim_batch(
-            &self,
-            now: chrono::DateTime<Utc>,
-            limits: &ClaimLimits,
-            lease: Duration,
-        ) -> Result<Vec<Claim>, StoreError> {
-            let claims = self.0.claim_batch(now, limits, lease)?;
-            self.2.fetch_add(claims.len(), Ordering::SeqCst);
-            Ok(claims)
-        }
+        crate::queue::store::conformance::pass_on_the_rest!(all but finishes);
         fn finish_batch(
             &self,
             finished: &[(&Claim, &AttemptRecord)],
@@ -1202,40 +1205,68 @@ mod tests {
     async fn a_success_frees_its_place_before_its_outcome_is_on_record_a_failure_after() {
         for (package, succeeds) in [("log-context", true), ("guest-trap", false)] {
             let dir = tempfile::tempdir().unwrap();
-            let store = Arc::new(RecordsHeld(
-                SqliteStore::open(dir.path()).unwrap(),
-                false.into(),
-                0.into(),
-            ));
+            let store = RecordsHeld::new(dir.path());
             inserted(store.as_ref());
             inserted(store.as_ref());
-            let registry = Registry::new([handler_a(package).await]);
-            let shared: Arc<dyn EventStore> = Arc::clone(&store) as _;
-            let dispatcher = Dispatcher::new(shared, registry, Arc::new(Metrics::new()), 4);
-            let run = tokio::spawn(Arc::clone(&dispatcher).run(Duration::from_secs(10)));
-            let claimed = |n: usize, within: Duration| {
-                let store = Arc::clone(&store);
-                async move {
-                    let until = Instant::now() + within;
-                    while store.2.load(Ordering::SeqCst) < n && Instant::now() < until {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    store.2.load(Ordering::SeqCst)
-                }
-            };
-            assert!(claimed(1, Duration::from_secs(20)).await >= 1, "{package}");
+            let run = dispatching(&store, package, 4).await;
+            assert!(
+                store.claimed_within(1, Duration::from_secs(20)).await >= 1,
+                "{package}"
+            );
             // Whatever the first delivery did, its outcome is not on record yet.
             if succeeds {
-                let before_record = claimed(2, Duration::from_secs(20)).await;
+                let before_record = store.claimed_within(2, Duration::from_secs(20)).await;
                 assert_eq!(before_record, 2, "{package}: the success held its place");
             } else {
-                let before_record = claimed(2, Duration::from_millis(1500)).await;
+                let before_record = store.claimed_within(2, Duration::from_millis(1500)).await;
                 assert_eq!(before_record, 1, "{package}: the failure freed its place");
             }
             store.1.store(true, Ordering::SeqCst);
-            assert_eq!(claimed(2, Duration::from_secs(20)).await, 2, "{package}");
-            dispatcher.stop();
-            run.await.unwrap();
+            let after = store.claimed_within(2, Duration::from_secs(20)).await;
+            assert_eq!(after, 2, "{package}");
+            run.stop().await;
+        }
+    }
+
+    /// Outcomes not yet on record stay bounded while the store does not take them: with one
+    /// slot, one outcome is being recorded, one waits in the recorder's queue (as large as the
+    /// slots), and the next delivery waits for room there holding its slot — no fourth delivery
+    /// starts, however many are due.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outcomes_waiting_for_the_store_are_bounded_by_the_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordsHeld::new(dir.path());
+        for _ in 0..6 {
+            inserted(store.as_ref());
+        }
+        let run = dispatching(&store, "log-context", 1).await;
+        assert_eq!(store.claimed_within(3, Duration::from_secs(20)).await, 3);
+        // Given time, nothing more starts while the store holds the outcomes back.
+        assert_eq!(
+            store.claimed_within(4, Duration::from_millis(1500)).await,
+            3
+        );
+        store.1.store(true, Ordering::SeqCst);
+        assert_eq!(store.claimed_within(6, Duration::from_secs(20)).await, 6);
+        run.stop().await;
+    }
+
+    /// A dispatcher running handler `a` (the test guest `package`) over `store` with `slots`.
+    async fn dispatching(store: &Arc<RecordsHeld>, package: &str, slots: usize) -> Running {
+        let registry = Registry::new([handler_a(package).await]);
+        let shared: Arc<dyn EventStore> = Arc::clone(store) as _;
+        let dispatcher = Dispatcher::new(shared, registry, Arc::new(Metrics::new()), slots);
+        let run = tokio::spawn(Arc::clone(&dispatcher).run(Duration::from_secs(10)));
+        Running(dispatcher, run)
+    }
+
+    /// A dispatcher and the task running it.
+    struct Running(Arc<Dispatcher>, tokio::task::JoinHandle<()>);
+
+    impl Running {
+        async fn stop(self) {
+            self.0.stop();
+            self.1.await.unwrap();
         }
     }
 

@@ -88,10 +88,18 @@ pub(crate) use suite;
 /// Inside `impl EventStore for W`, where `W.0` is the store a test wrapper changes a few calls
 /// of: every call a wrapper has no reason to change, passed on to `self.0` (the event path's
 /// inserts, claims and finishes, and `awaited_writes`, are left to the wrapper; with
-/// `with inserts`, the inserts are passed on too).
+/// `all but finishes`, the inserts and claims are passed on too).
 macro_rules! pass_on_the_rest {
-    (with inserts) => {
+    (all but finishes) => {
         $crate::queue::store::conformance::pass_on_the_rest!();
+        fn claim_batch(
+            &self,
+            now: chrono::DateTime<chrono::Utc>,
+            limits: &$crate::queue::store::ClaimLimits,
+            lease: std::time::Duration,
+        ) -> Result<Vec<$crate::queue::store::Claim>, $crate::queue::store::StoreError> {
+            self.0.claim_batch(now, limits, lease)
+        }
         fn insert_event(
             &self,
             event: &$crate::queue::store::NewEvent,
