@@ -719,8 +719,9 @@ async fn end_to_end(plan: &Plan, hostile: bool, report: &mut Report) -> anyhow::
         Row::new(
             "c",
             format!(
-                "accepted events/s (`jobhook serve`, SQLite, 4 handlers per event; driver on the same cores, ≤ {} requests in flight: the connections the engine allows one client, less 8 for the benchmark's own reads)",
-                jobhook_dev::loadgen::MAX_IN_FLIGHT
+                "accepted events/s (`jobhook serve`, SQLite, 4 handlers per event; driver on the same cores, ≤ {} requests in flight: the connections the engine allows one client, less {} for the benchmark's own reads)",
+                jobhook_dev::loadgen::MAX_IN_FLIGHT,
+                jobhook_dev::loadgen::OBSERVER_CONNECTIONS
             ),
             format!("{} /s", num(accepted)),
         )

@@ -35,7 +35,7 @@ pub const MAX_IN_FLIGHT: usize =
 /// (the benchmark reads `/metrics` and events; an operator's `curl`). With none left, the
 /// watcher's one kept-alive connection made every connection the driver opened at the cap a
 /// refusal: 24,527 of 222,804 requests in a 20 s run at full speed.
-const OBSERVER_CONNECTIONS: usize = 8;
+pub const OBSERVER_CONNECTIONS: usize = 8;
 
 /// Timeout of one request: an ingest answer should take milliseconds.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
