@@ -34,11 +34,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use postgres::types::ToSql;
-use postgres::{Client, IsolationLevel, NoTls, Statement};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
 use super::clock::QueueClock;
@@ -63,6 +63,15 @@ pub const POOL_WAIT: Duration = Duration::from_secs(5);
 
 /// How long establishing one connection may take, unless the URL sets `connect_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pooled session the server answered on less than this long ago is handed out without first
+/// answering an empty query. The check costs a round trip per store call, taken while an
+/// ingest request or a claim waits; skipping it for a session that has just answered removes
+/// that wait from a busy node's calls, and one that sat idle longer is still checked (as
+/// HikariCP does with its 500 ms `aliveBypassWindowMs`). A session that died within the window
+/// fails its statement as "unreachable" (ingest answers 503, the dispatcher retries), which any
+/// statement could meet an instant after a check, and is then dropped from the pool.
+const RECENTLY_ANSWERED: Duration = Duration::from_millis(500);
 
 /// How long [`EventStore::try_lead`] waits for the leadership session to answer a liveness check.
 /// A session that does not answer in time is treated as lost, and with it the lock.
@@ -316,9 +325,28 @@ fn server_unavailable(code: &postgres::error::SqlState) -> bool {
 struct Conn {
     client: Client,
     statements: HashMap<&'static str, Statement>,
+    /// When the server last answered on this session (see [`RECENTLY_ANSWERED`]).
+    answered_at: Instant,
 }
 
 impl Conn {
+    /// Runs `f` on this session, noting when the server answered on it: with a result, or with
+    /// an error of its own that leaves the session open.
+    fn run<T>(&mut self, f: &impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, PgError> {
+        let result = f(self);
+        let answered = match &result {
+            Ok(_) => true,
+            Err(PgError::Db(e)) => {
+                e.as_db_error().is_some() && !session_ended(e) && !self.client.is_closed()
+            }
+            Err(_) => false,
+        };
+        if answered {
+            self.answered_at = Instant::now();
+        }
+        result
+    }
+
     /// `sql` prepared on this connection (once).
     fn prepare(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
         if let Some(statement) = self.statements.get(sql) {
@@ -347,11 +375,17 @@ impl r2d2::ManageConnection for Manager {
         Ok(Conn {
             client,
             statements: HashMap::new(),
+            answered_at: Instant::now(),
         })
     }
 
     fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
-        conn.client.simple_query("").map(drop)
+        if conn.answered_at.elapsed() < RECENTLY_ANSWERED {
+            return Ok(());
+        }
+        conn.client.simple_query("")?;
+        conn.answered_at = Instant::now();
+        Ok(())
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
@@ -524,7 +558,7 @@ impl PostgresStore {
     fn with<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = pool.get().map_err(PgError::from)?;
-        match f(&mut conn) {
+        match conn.run(&f) {
             Err(PgError::Db(e)) if rolled_back_by_timeout(&e) => {
                 tracing::info!(
                     "a store session was ended by the server inside a transaction ({}); \
@@ -533,7 +567,7 @@ impl PostgresStore {
                 );
                 drop(conn);
                 let mut conn = pool.get().map_err(PgError::from)?;
-                Ok(f(&mut conn)?)
+                Ok(conn.run(&f)?)
             }
             other => Ok(other?),
         }
@@ -546,7 +580,7 @@ impl PostgresStore {
     fn read<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = pool.get().map_err(PgError::from)?;
-        match f(&mut conn) {
+        match conn.run(&f) {
             // The client may not have noticed the end of the session yet (`is_closed`): a
             // FATAL error is the server saying it ends it.
             Err(PgError::Db(e)) if conn.client.is_closed() || session_ended(&e) => {
@@ -556,7 +590,7 @@ impl PostgresStore {
                 );
                 drop(conn);
                 let mut conn = pool.get().map_err(PgError::from)?;
-                Ok(f(&mut conn)?)
+                Ok(conn.run(&f)?)
             }
             other => Ok(other?),
         }
@@ -977,9 +1011,10 @@ const TRY_LEAD: &str = "SELECT pg_try_advisory_lock($1, $2)";
 /// The server's clock, the reference of the queue's time ([`QueueClock`]).
 const SERVER_CLOCK: &str = "SELECT clock_timestamp()";
 
-/// Inserts one event and its deliveries inside `tx`.
-fn insert_event_tx(
-    tx: &mut postgres::Transaction<'_>,
+/// Inserts one event and its deliveries with `client`: one statement, so on a bare session it
+/// commits both on its own, and inside a transaction it is part of that transaction.
+fn insert_event_with(
+    client: &mut impl GenericClient,
     statement: &Statement,
     event: &NewEvent,
     now: DateTime<Utc>,
@@ -989,7 +1024,7 @@ fn insert_event_tx(
     let message = message.as_deref();
     let handlers: Vec<&str> = event.handlers.iter().map(String::as_str).collect();
     let context = event.context.to_json();
-    tx.execute(
+    client.execute(
         statement,
         &[
             &event.id,
@@ -1027,11 +1062,11 @@ impl EventStore for PostgresStore {
     }
 
     fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
+        // One statement in its own implicit transaction: one round trip instead of three
+        // (BEGIN, the insert, COMMIT) while the ingest request waits.
         self.with(|conn| {
             let insert = conn.prepare(INSERT_EVENT)?;
-            let mut tx = conn.client.transaction()?;
-            insert_event_tx(&mut tx, &insert, event, self.clock.now())?;
-            tx.commit()?;
+            insert_event_with(&mut conn.client, &insert, event, self.clock.now())?;
             Ok(())
         })
     }
@@ -1059,7 +1094,7 @@ impl EventStore for PostgresStore {
                 &[&key.key, &event.id, &key.fingerprint, &now, &cutoff],
             )?;
             if taken == 1 {
-                insert_event_tx(&mut tx, &insert, event, now)?;
+                insert_event_with(&mut tx, &insert, event, now)?;
                 tx.commit()?;
                 return Ok(Ok(Inserted::New));
             }
@@ -1376,7 +1411,7 @@ impl EventStore for PostgresStore {
             let now = self.clock.now();
             let mut tx = conn.client.transaction()?;
             for event in events {
-                insert_event_tx(&mut tx, &insert, event, now)?;
+                insert_event_with(&mut tx, &insert, event, now)?;
             }
             tx.execute(&upsert, &[&name.as_ref(), &value.as_ref()])?;
             tx.commit()?;
@@ -1597,6 +1632,32 @@ mod tests {
         assert!(
             names.lines().any(|n| n == application_name(store.node())),
             "{names}"
+        );
+    }
+
+    #[test]
+    fn a_session_the_server_ended_while_it_sat_idle_is_replaced_before_a_call_uses_it() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let store = backend.node();
+        store.insert_event(&conformance::event(&["a"])).unwrap();
+        let ended = backend
+            .db
+            .query(&format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{}'",
+                application_name(store.node())
+            ))
+            .unwrap();
+        assert_ne!(ended, "0", "no session of this node to end");
+        // Idle past the window: the pool checks the session, finds it gone and connects anew,
+        // and the caller never sees the dead one.
+        std::thread::sleep(RECENTLY_ANSWERED + Duration::from_millis(200));
+        store.insert_event(&conformance::event(&["a"])).unwrap();
+        assert_eq!(
+            backend.db.query("SELECT count(*) FROM events").unwrap(),
+            "2"
         );
     }
 
