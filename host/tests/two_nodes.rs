@@ -81,6 +81,7 @@ fn load_driver(
     seconds: f64,
     record: &Path,
     seed: u64,
+    keyed: Keyed,
 ) -> std::thread::JoinHandle<String> {
     let options = jobhook_dev::loadgen::LoadOptions {
         url: url.to_owned(),
@@ -89,7 +90,7 @@ fn load_driver(
         token: None,
         record: Some(record.to_owned()),
         seed,
-        resend: false,
+        resend: keyed == Keyed::AsTheForwarder,
     };
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -102,6 +103,16 @@ fn load_driver(
             Err(e) => format!("load driver failed: {e:#}"),
         }
     })
+}
+
+/// Whether a load driver sends its events with idempotency keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keyed {
+    /// Plain events: each is committed by one statement.
+    No,
+    /// As the Keyfactor forwarder does: every event with an `Idempotency-Key`, resent until it
+    /// gets an answer; each is committed by a transaction that takes its key first.
+    AsTheForwarder,
 }
 
 /// The node id a `jobhook serve` logged when it opened the store (`node=…`), the last one in
@@ -165,8 +176,8 @@ fn two_nodes_share_one_queue_and_a_dead_nodes_work_is_taken_over() {
     let a = EngineProcess::start(bin, &config_a, &log_a);
     let b = EngineProcess::start(bin, &config_b, &log_b);
     let url_a = a.url.clone();
-    let driver_a = load_driver(&url_a, RATE, SECONDS, &record_a, 1);
-    let driver_b = load_driver(&b.url, RATE, SECONDS, &record_b, 2);
+    let driver_a = load_driver(&url_a, RATE, SECONDS, &record_a, 1, Keyed::No);
+    let driver_b = load_driver(&b.url, RATE, SECONDS, &record_b, 2, Keyed::No);
 
     // Node A dies mid-flight and comes back (as a new node with a new id) on the same port.
     std::thread::sleep(Duration::from_millis(2000));
@@ -477,9 +488,9 @@ mod frozen_node {
     /// Where B is frozen.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Situation {
-        /// Inside a transaction (an ingest's, with a lock on what it inserted, or any other
-        /// B keeps open across round trips): the server ends that session only after its
-        /// idle-in-transaction timeout. Recording outcomes and renewing leases are single
+        /// Inside a transaction (a keyed ingest's, with a lock on the key and what it
+        /// inserted, or any other B keeps open across round trips): the server ends that
+        /// session only after its idle-in-transaction timeout. Recording outcomes and renewing leases are single
         /// statements, so such a transaction normally holds none of B's running deliveries;
         /// how many it held is reported either way.
         InTransaction,
@@ -874,8 +885,29 @@ mod frozen_node {
         } else {
             20
         };
-        let driver_a = load_driver(&nodes.a.url, RATE, LOAD_SECONDS, &record_a, seed + 1);
-        let driver_b = load_driver(&nodes.b.url, RATE, LOAD_SECONDS, &record_b, seed + 2);
+        let driver_a = load_driver(
+            &nodes.a.url,
+            RATE,
+            LOAD_SECONDS,
+            &record_a,
+            seed + 1,
+            Keyed::No,
+        );
+        // B's events carry keys when it is to be caught inside a transaction: a plain event is
+        // one statement, a keyed one (what the forwarder sends) a transaction of several.
+        let b_keyed = if situation == Situation::InTransaction {
+            Keyed::AsTheForwarder
+        } else {
+            Keyed::No
+        };
+        let driver_b = load_driver(
+            &nodes.b.url,
+            RATE,
+            LOAD_SECONDS,
+            &record_b,
+            seed + 2,
+            b_keyed,
+        );
 
         let caught = catch(
             freezer,
@@ -960,7 +992,7 @@ mod frozen_node {
         assert_eq!(health["quarantined"], 0, "{health}");
         let since_wake: String = nodes.db.query("SELECT now()").expect("now");
         let record_after = nodes.dir.join(format!("{name}-after.txt"));
-        let after = load_driver(&nodes.b.url, 20, 1.5, &record_after, seed + 3);
+        let after = load_driver(&nodes.b.url, 20, 1.5, &record_after, seed + 3, Keyed::No);
         let report_after = after.join().expect("load driver B after waking");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
