@@ -1615,13 +1615,19 @@ mod tests {
         }
     }
 
+    /// A node on `backend` that has committed one event, so that its pool holds a session.
+    fn a_node_with_a_session(backend: &Postgres) -> PostgresStore {
+        let store = backend.node();
+        store.insert_event(&conformance::event(&["a"])).unwrap();
+        store
+    }
+
     #[test]
     fn a_nodes_sessions_are_named_after_it() {
         let Some(backend) = Postgres::new() else {
             return;
         };
-        let store = backend.node();
-        store.insert_event(&conformance::event(&["a"])).unwrap();
+        let store = a_node_with_a_session(&backend);
         let names = backend
             .db
             .query(&format!(
@@ -1640,8 +1646,7 @@ mod tests {
         let Some(backend) = Postgres::new() else {
             return;
         };
-        let store = backend.node();
-        store.insert_event(&conformance::event(&["a"])).unwrap();
+        let store = a_node_with_a_session(&backend);
         let ended = backend
             .db
             .query(&format!(
