@@ -1465,6 +1465,7 @@ mod tests {
     use super::*;
     use crate::queue::store::conformance::{self, Backend};
     use jobhook_testkit::postgres::{TestDatabase, database_or_skip};
+    use r2d2::ManageConnection as _;
 
     /// A fresh database on the test server; every node is a new [`PostgresStore`] on it.
     pub(crate) struct Postgres {
@@ -1664,6 +1665,56 @@ mod tests {
             backend.db.query("SELECT count(*) FROM events").unwrap(),
             "2"
         );
+    }
+
+    #[test]
+    fn a_pooled_session_is_checked_only_when_the_server_has_not_answered_on_it_lately() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let manager = Manager {
+            config: backend.node().config.clone(),
+            limits: SessionLimits::for_lease(Duration::from_secs(60)),
+        };
+        // A pooled session the server has just ended.
+        let ended = || {
+            let mut conn = manager.connect().unwrap();
+            let pid: i32 = conn
+                .client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .unwrap()
+                .get(0);
+            backend
+                .db
+                .query(&format!("SELECT pg_terminate_backend({pid})"))
+                .unwrap();
+            conn
+        };
+
+        // Within the window it is handed out unchecked, dead as it is...
+        let mut conn = ended();
+        conn.answered_at = Instant::now();
+        assert!(manager.is_valid(&mut conn).is_ok());
+        // ...its one statement fails as "unreachable" and is not taken for an answer, and the
+        // pool sees the session broken and drops it.
+        let answered_before = conn.answered_at;
+        let failed = conn.run(&|conn: &mut Conn| Ok(conn.client.query_one("SELECT 1", &[])?));
+        assert!(
+            matches!(
+                failed.map_err(StoreError::from),
+                Err(StoreError::Unreachable(_))
+            ),
+            "a dead session's statement is not reported as unreachable"
+        );
+        assert_eq!(conn.answered_at, answered_before);
+        assert!(manager.has_broken(&mut conn));
+
+        // Past the window the check runs and finds it dead.
+        let mut conn = ended();
+        conn.answered_at = Instant::now()
+            .checked_sub(RECENTLY_ANSWERED)
+            .expect("a monotonic clock past the window");
+        assert!(manager.is_valid(&mut conn).is_err());
     }
 
     #[test]
