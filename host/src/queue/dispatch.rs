@@ -620,6 +620,12 @@ impl Dispatcher {
         recorder: &mpsc::Sender<Finished>,
         slot: OwnedSemaphorePermit,
     ) {
+        // Given back when this delivery is done with them, however it ends.
+        let places = Places {
+            slot: Some(slot),
+            handler: handler.as_deref(),
+            wake: &self.wake,
+        };
         let record = match &handler {
             None => skipped(
                 format!("handler {:?} is no longer configured", claim.handler),
@@ -646,11 +652,6 @@ impl Dispatcher {
         // store's transactions). Waiting outcomes stay bounded by the recorder's queue, which a
         // delivery waits for room in while it holds its places. Any other outcome holds them
         // until it is on record, so quarantine has counted it before the handler runs again.
-        let places = Places {
-            slot: Some(slot),
-            handler: handler.as_deref(),
-            wake: &self.wake,
-        };
         let held = if queued && verdict == Some(true) {
             drop(places);
             None
