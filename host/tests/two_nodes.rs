@@ -490,9 +490,9 @@ mod frozen_node {
     enum Situation {
         /// Inside a transaction (a keyed ingest's, with a lock on the key and what it
         /// inserted, or any other B keeps open across round trips): the server ends that
-        /// session only after its idle-in-transaction timeout. Recording outcomes and renewing leases are single
-        /// statements, so such a transaction normally holds none of B's running deliveries;
-        /// how many it held is reported either way.
+        /// session only after its idle-in-transaction timeout. Recording outcomes and renewing
+        /// leases are single statements, so such a transaction normally holds none of B's
+        /// running deliveries; how many it held is reported either way.
         InTransaction,
         /// With none of its sessions inside a transaction.
         BetweenTransactions,
