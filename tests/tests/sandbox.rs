@@ -239,11 +239,29 @@ async fn a_panic_is_classified_with_its_message() {
 
 #[tokio::test]
 async fn an_infinite_loop_times_out_at_its_budget() {
+    let before = policy_of_this_thread();
     let mut s = spec("loop", &[]);
     s.limits.timeout = Duration::from_millis(200);
     let outcome = run("guest-loop", s, &sample_context_json()).await;
     assert_eq!(outcome.kind, OutcomeKind::TimedOut { limit_ms: 200 });
     assert!(outcome.duration >= Duration::from_millis(200));
+    // It ran on this thread (one-thread runtime) as a long runner, at idle priority; the thread
+    // has its own policy back.
+    assert_eq!(policy_of_this_thread(), before);
+}
+
+/// The calling thread's scheduling policy (field 41 of `/proc/thread-self/stat`); 0 where
+/// there is no such file.
+fn policy_of_this_thread() -> u32 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return 0;
+    };
+    let fields = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    fields
+        .split_whitespace()
+        .nth(41 - 3)
+        .and_then(|policy| policy.parse().ok())
+        .expect("a policy field in /proc/thread-self/stat")
 }
 
 #[tokio::test]

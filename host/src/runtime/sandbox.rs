@@ -91,6 +91,7 @@ impl SandboxedHandler {
         // At every tick of guest code: stop at the deadline; otherwise give the thread back,
         // for a while if this delivery is one of too many long runners (crate::runtime::cpu_share).
         let mut ticks = self.engine.cpu_share().sandbox();
+        let long_runner = ticks.long_runner();
         store.epoch_deadline_callback(move |_| {
             let now = Instant::now();
             if now >= deadline {
@@ -118,6 +119,7 @@ impl SandboxedHandler {
             let result = tokio::time::timeout(budget, call).await;
             (result, store)
         };
+        let run = long_runner.at_idle_priority(run);
         let ran = match self.engine.sandbox_threads() {
             Some(threads) => threads.run(run).await,
             None => Ok(run.await),

@@ -1,6 +1,8 @@
 //! Async runtimes of their own, whose threads the kernel schedules apart from the rest of the
 //! process: the opt-in sandbox threads ([`crate::runtime::engine::SandboxThreads`], nice 10) and
-//! `serve`'s delivery threads ([`crate::queue::delivery_threads`], `SCHED_BATCH`).
+//! `serve`'s delivery threads ([`crate::queue::delivery_threads`], `SCHED_BATCH`); and
+//! [`IdleWhile`], which holds the calling thread at idle priority while a long-running sandbox
+//! is polled ([`crate::runtime::cpu_share`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +105,93 @@ fn schedule_this_thread(scheduling: Scheduling) -> std::io::Result<()> {
     #[cfg(not(target_os = "linux"))]
     let _ = scheduling;
     Ok(())
+}
+
+/// Set once a thread could not leave `SCHED_IDLE` (see [`IdleWhile`]): logged once.
+#[cfg(target_os = "linux")]
+static STUCK_IDLE: AtomicBool = AtomicBool::new(false);
+
+/// Holds the calling thread at `SCHED_IDLE` until dropped, then gives it back the policy it
+/// had: a thread at `SCHED_IDLE` runs only when no other thread wants its core, and any thread
+/// that wakes preempts it (`sched(7)`). Both switches are the calling thread's own and need no
+/// privilege; leaving `SCHED_IDLE` for `SCHED_OTHER` or `SCHED_BATCH` is allowed to a thread
+/// whose nice value is within its `RLIMIT_NICE`, which [`IdleWhile::enter`] checks once per
+/// process before it switches any thread.
+#[derive(Debug)]
+pub struct IdleWhile {
+    /// The policy to give back (`SCHED_OTHER` or `SCHED_BATCH`).
+    before: i32,
+    /// Created and dropped on the same thread: the policy is that thread's.
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl IdleWhile {
+    /// Switches the calling thread to `SCHED_IDLE`, or does nothing (`None`) when its policy is
+    /// neither `SCHED_OTHER` nor `SCHED_BATCH` (real-time, or already idle), when the kernel
+    /// refuses, or when this process could not leave `SCHED_IDLE` again.
+    pub fn enter() -> Option<Self> {
+        #[cfg(target_os = "linux")]
+        {
+            if !idle_can_be_left() {
+                return None;
+            }
+            // SAFETY: reads the calling thread's policy only.
+            let before = unsafe { libc::sched_getscheduler(0) };
+            if before != libc::SCHED_OTHER && before != libc::SCHED_BATCH {
+                return None;
+            }
+            set_policy(libc::SCHED_IDLE).ok()?;
+            Some(IdleWhile {
+                before,
+                _this_thread: std::marker::PhantomData,
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+}
+
+impl Drop for IdleWhile {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Err(e) = set_policy(self.before)
+            && !STUCK_IDLE.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!("a thread cannot leave SCHED_IDLE ({e}); it runs on at idle priority");
+        }
+    }
+}
+
+/// Sets the calling thread's policy (one of the non-real-time ones, priority 0).
+#[cfg(target_os = "linux")]
+fn set_policy(policy: i32) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `sched_setscheduler` only reads `param`, which lives through the call; pid 0 is
+    // the calling thread.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether a thread of this process can go to `SCHED_IDLE` and come back, tried once on a
+/// thread of its own (a seccomp filter or an `RLIMIT_NICE` could allow the first and refuse
+/// the second, which would leave a delivery thread at idle priority).
+#[cfg(target_os = "linux")]
+fn idle_can_be_left() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("jobhook-probe".into())
+            .spawn(|| {
+                // SAFETY: reads the calling thread's policy only.
+                let before = unsafe { libc::sched_getscheduler(0) };
+                set_policy(libc::SCHED_IDLE).is_ok() && set_policy(before).is_ok()
+            })
+            .ok()
+            .and_then(|probe| probe.join().ok())
+            .unwrap_or(false)
+    })
 }
 
 #[cfg(all(test, target_os = "linux"))]
