@@ -1054,7 +1054,7 @@ async fn a_reload_reads_the_token_file_again_and_says_what_needs_a_restart() {
 struct ThreadSample {
     tid: String,
     name: String,
-    /// `SCHED_OTHER` 0, `SCHED_BATCH` 3 (`sched(7)`).
+    /// `SCHED_OTHER` 0, `SCHED_BATCH` 3, `SCHED_IDLE` 5 (`sched(7)`).
     policy: u32,
     /// The nice value (0 for a normal thread).
     nice: i64,
@@ -1136,9 +1136,12 @@ async fn busiest_thread_while_a_handler_spins(engine: &str) -> (ThreadSample, Ve
 async fn a_handler_burns_cpu_on_the_delivery_threads_never_on_the_threads_that_answer_ingest() {
     const SCHED_OTHER: u32 = 0;
     const SCHED_BATCH: u32 = 3;
+    const SCHED_IDLE: u32 = 5;
     let (busiest, others) = busiest_thread_while_a_handler_spins("").await;
+    // `SCHED_IDLE` while it is polling the spinning handler, a long runner (cpu_share).
     assert!(
-        busiest.name.starts_with("jobhook-deliver") && busiest.policy == SCHED_BATCH,
+        busiest.name.starts_with("jobhook-deliver")
+            && (busiest.policy == SCHED_BATCH || busiest.policy == SCHED_IDLE),
         "the handler's CPU time is on {busiest:?}, not on a SCHED_BATCH delivery thread: {others:#?}"
     );
     // Every other thread — the API's workers that answered the events above, the store's

@@ -147,9 +147,9 @@ impl LongRunner {
     /// sandbox is a long runner ([`IdleWhile`]; the thread's own policy is given back when the
     /// poll returns). A poll of guest code lasts up to one epoch tick; while a long runner's
     /// thread held its core for that tick, the event path's threads waking on that core waited
-    /// for it: one looping handler beside three healthy ones took ingest at 1,000 events/s from
-    /// p99 1.7–1.9 ms to 3.4–3.8 ms, its time paused or not (a smaller share of the machine for
-    /// long runners, or a shorter tick, did not help). At idle priority any thread that wakes
+    /// for it: by hand, one looping handler beside three healthy ones took ingest at
+    /// 1,000 events/s from p99 1.93 / 2.27 ms to 3.83 / 3.70 ms (two rounds), and neither a
+    /// smaller share of the machine for long runners nor a shorter tick helped. At idle priority any thread that wakes
     /// preempts it; the long runner still gets every core nothing else wants, and its time
     /// budget runs as before (docs/PERFORMANCE.md, scenario d).
     pub fn at_idle_priority<F: Future>(&self, future: F) -> AtIdlePriority<F> {
