@@ -15,8 +15,9 @@
 //! long on small machines: on two cores, even a lone long runner runs at half speed after its
 //! first 20 ms.
 //!
-//! While it runs, a long runner's thread is at idle priority ([`LongRunner::at_idle_priority`]):
-//! the event path's threads that wake on its core run at once instead of after its tick.
+//! Past [`IDLE_AFTER_TICKS`], a long runner's thread runs it at idle priority
+//! ([`LongRunner::at_idle_priority`]): the event path's threads that wake on its core run at
+//! once instead of after its tick.
 
 use std::future::Future;
 use std::pin::Pin;
