@@ -213,12 +213,8 @@ mod tests {
     /// The tick the engine uses (1 ms); a pause is a whole number of ticks.
     const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-    /// The calling thread's scheduling policy.
     #[cfg(target_os = "linux")]
-    fn policy_here() -> i32 {
-        // SAFETY: reads the calling thread's policy only.
-        unsafe { libc::sched_getscheduler(0) }
-    }
+    use crate::runtime::threads::policy_of_this_thread as policy_here;
 
     /// A sandbox's run is polled at the thread's own policy until it becomes a long runner, at
     /// `SCHED_IDLE` from then on, and the thread has its own policy back between polls and after.

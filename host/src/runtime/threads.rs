@@ -89,17 +89,14 @@ impl Drop for OwnRuntime {
 fn schedule_this_thread(scheduling: Scheduling) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
-        let failed = match scheduling {
-            // SAFETY: `setpriority` only reads its arguments.
-            Scheduling::Nice(nice) => unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) },
-            Scheduling::Batch => {
-                let param = libc::sched_param { sched_priority: 0 };
-                // SAFETY: `sched_setscheduler` only reads `param`, which lives through the call.
-                unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) }
+        match scheduling {
+            Scheduling::Nice(nice) => {
+                // SAFETY: `setpriority` only reads its arguments.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
-        } != 0;
-        if failed {
-            return Err(std::io::Error::last_os_error());
+            Scheduling::Batch => set_policy(libc::SCHED_BATCH)?,
         }
     }
     #[cfg(not(target_os = "linux"))]
@@ -135,8 +132,7 @@ impl IdleWhile {
             if !idle_can_be_left() {
                 return None;
             }
-            // SAFETY: reads the calling thread's policy only.
-            let before = unsafe { libc::sched_getscheduler(0) };
+            let before = policy_of_this_thread();
             if before != libc::SCHED_OTHER && before != libc::SCHED_BATCH {
                 return None;
             }
@@ -162,6 +158,13 @@ impl Drop for IdleWhile {
     }
 }
 
+/// The calling thread's scheduling policy (`SCHED_OTHER`, `SCHED_BATCH`, `SCHED_IDLE`, …).
+#[cfg(target_os = "linux")]
+pub fn policy_of_this_thread() -> i32 {
+    // SAFETY: reads the calling thread's policy only.
+    unsafe { libc::sched_getscheduler(0) }
+}
+
 /// Sets the calling thread's policy (one of the non-real-time ones, priority 0).
 #[cfg(target_os = "linux")]
 fn set_policy(policy: i32) -> std::io::Result<()> {
@@ -184,8 +187,7 @@ fn idle_can_be_left() -> bool {
         std::thread::Builder::new()
             .name("jobhook-probe".into())
             .spawn(|| {
-                // SAFETY: reads the calling thread's policy only.
-                let before = unsafe { libc::sched_getscheduler(0) };
+                let before = policy_of_this_thread();
                 set_policy(libc::SCHED_IDLE).is_ok() && set_policy(before).is_ok()
             })
             .ok()
@@ -200,13 +202,55 @@ mod tests {
 
     /// The calling thread's policy and nice value, as the kernel reports them.
     fn scheduling_here() -> (i32, i32) {
-        // SAFETY: both only read the calling thread's attributes.
-        unsafe {
-            (
-                libc::sched_getscheduler(0),
-                libc::getpriority(libc::PRIO_PROCESS, 0),
-            )
+        // SAFETY: only reads the calling thread's nice value.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        (policy_of_this_thread(), nice)
+    }
+
+    /// `IdleWhile` on a thread of its own whose policy is first set to `policy`: the policy
+    /// inside, and after it is dropped.
+    fn idle_while_on_a_thread_at(policy: i32) -> (Option<i32>, i32) {
+        std::thread::spawn(move || {
+            set_policy(policy).expect("a non-real-time policy");
+            let inside = IdleWhile::enter().map(|_idle| policy_of_this_thread());
+            (inside, policy_of_this_thread())
+        })
+        .join()
+        .expect("join")
+    }
+
+    #[test]
+    fn idle_while_gives_back_the_policy_it_found() {
+        // The delivery threads' policy and a normal thread's.
+        for policy in [libc::SCHED_BATCH, libc::SCHED_OTHER] {
+            assert_eq!(
+                idle_while_on_a_thread_at(policy),
+                (Some(libc::SCHED_IDLE), policy),
+                "{policy}"
+            );
         }
+        // Already idle: nothing to enter, and it stays idle.
+        assert_eq!(
+            idle_while_on_a_thread_at(libc::SCHED_IDLE),
+            (None, libc::SCHED_IDLE)
+        );
+    }
+
+    #[test]
+    fn idle_while_gives_back_the_policy_when_what_it_covers_panics() {
+        let after = std::thread::spawn(|| {
+            set_policy(libc::SCHED_BATCH).expect("batch");
+            let panicked = std::panic::catch_unwind(|| {
+                let _idle = IdleWhile::enter().expect("idle");
+                assert_eq!(policy_of_this_thread(), libc::SCHED_IDLE);
+                panic!("a host bug while a long runner is polled");
+            });
+            assert!(panicked.is_err());
+            policy_of_this_thread()
+        })
+        .join()
+        .expect("join");
+        assert_eq!(after, libc::SCHED_BATCH);
     }
 
     #[tokio::test]
