@@ -156,18 +156,19 @@ impl Drop for SandboxTicks {
 pub struct LongRunner(Arc<AtomicBool>);
 
 impl LongRunner {
-    /// `future` (the sandbox's run), polled with the polling thread at `SCHED_IDLE` once the
-    /// sandbox is a long runner ([`IdleWhile`]; the thread's own policy is given back when the
-    /// poll returns). A poll of guest code lasts up to one epoch tick; while a long runner's
-    /// thread held its core for that tick, the event path's threads waking on that core waited
-    /// for it: by hand, one looping handler beside three healthy ones took ingest at
-    /// 1,000 events/s from p99 1.93 / 2.27 ms to 3.83 / 3.70 ms (two rounds), and neither a
-    /// smaller share of the machine for long runners nor a shorter tick helped. At idle priority any thread that wakes
-    /// preempts it; the long runner still gets every core nothing else wants, and its time
-    /// budget runs as before (docs/PERFORMANCE.md, scenario d).
-    pub fn at_idle_priority<F: Future>(&self, future: F) -> AtIdlePriority<F> {
+    /// `future` (the sandbox's guest code, pinned by the caller so that nothing is allocated
+    /// per delivery), polled with the polling thread at `SCHED_IDLE` once the sandbox is past
+    /// [`IDLE_AFTER_TICKS`] ([`IdleWhile`]; the thread's own policy is given back when the poll
+    /// returns). A poll of guest code lasts up to one epoch tick; while a long runner's thread
+    /// held its core for that tick, the event path's threads waking on that core waited for it:
+    /// by hand, one looping handler beside three healthy ones took ingest at 1,000 events/s
+    /// from p99 1.93 / 2.27 ms to 3.83 / 3.70 ms (two rounds), and neither a smaller share of
+    /// the machine for long runners nor a shorter tick helped. At idle priority any thread that
+    /// wakes preempts it; the long runner still gets every core nothing else wants, and its
+    /// time budget runs as before (docs/PERFORMANCE.md, scenario d).
+    pub fn at_idle_priority<F: Future + Unpin>(&self, future: F) -> AtIdlePriority<F> {
         AtIdlePriority {
-            future: Box::pin(future),
+            future,
             long: Arc::clone(&self.0),
         }
     }
@@ -176,11 +177,11 @@ impl LongRunner {
 /// See [`LongRunner::at_idle_priority`].
 #[derive(Debug)]
 pub struct AtIdlePriority<F> {
-    future: Pin<Box<F>>,
+    future: F,
     long: Arc<AtomicBool>,
 }
 
-impl<F: Future> Future for AtIdlePriority<F> {
+impl<F: Future + Unpin> Future for AtIdlePriority<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -189,7 +190,7 @@ impl<F: Future> Future for AtIdlePriority<F> {
         } else {
             None
         };
-        self.future.as_mut().poll(cx)
+        Pin::new(&mut self.future).poll(cx)
     }
 }
 
@@ -239,6 +240,7 @@ mod tests {
             cx.waker().wake_by_ref();
             Poll::Pending
         });
+        let run = std::pin::pin!(run);
         let mut run = long.at_idle_priority(run);
         std::future::poll_fn(|cx| {
             let polled = Pin::new(&mut run).poll(cx);
@@ -261,13 +263,13 @@ mod tests {
         let mut ticks = CpuShare::new(1.0, EPOCH_TICK).sandbox();
         let long = ticks.long_runner();
         let seen = long
-            .at_idle_priority(async {
+            .at_idle_priority(std::pin::pin!(async {
                 for _ in 0..IDLE_AFTER_TICKS {
                     ticks.on_tick();
                 }
                 tokio::task::yield_now().await;
                 policy_here()
-            })
+            }))
             .await;
         assert_eq!(seen, before);
     }

@@ -112,14 +112,16 @@ impl SandboxedHandler {
         // Owns everything it touches, so that it can run on the engine's sandbox threads; gives
         // the store back for the outcome.
         let run = async move {
-            let call = async {
-                let instance = pre.instantiate_async(&mut store).await?;
-                instance.call_run_handler(&mut store, &wit_context).await
+            let result = {
+                let call = async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    instance.call_run_handler(&mut store, &wit_context).await
+                };
+                let timed = std::pin::pin!(tokio::time::timeout(budget, call));
+                long_runner.at_idle_priority(timed).await
             };
-            let result = tokio::time::timeout(budget, call).await;
             (result, store)
         };
-        let run = long_runner.at_idle_priority(run);
         let ran = match self.engine.sandbox_threads() {
             Some(threads) => threads.run(run).await,
             None => Ok(run.await),
