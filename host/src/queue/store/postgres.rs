@@ -156,8 +156,9 @@ impl SessionLimits {
 /// (`auto_explain` of `jobhook-bench`'s scenario g by hand). Planning every execution for the
 /// table as it is (`plan_cache_mode = force_custom_plan`) mended the claim but cost the server
 /// about 0.25 ms per claim, at over a thousand claims a second: by hand, eight interleaved runs
-/// each, ingest p50 0.78–0.98 ms with generic plans, 1.16–1.62 ms with custom ones. The one statement that reads a whole table on purpose, the
-/// metrics' count by state, allows it for itself ([`COUNT_BY_STATE`]).
+/// each, ingest p50 0.78–0.98 ms with generic plans, 1.16–1.62 ms with custom ones. The one
+/// statement that reads a whole table on purpose, the metrics' count by state, allows it for
+/// itself ([`COUNT_BY_STATE`]).
 const INDEXES_ONLY: &str = "SET enable_seqscan = off";
 
 /// First key of jobhook's two-key advisory locks around migrations, so they cannot collide
@@ -387,8 +388,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Conn, postgres::Error> {
         let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&self.limits.sql())?;
-        client.batch_execute(INDEXES_ONLY)?;
+        client.batch_execute(&format!("{}; {INDEXES_ONLY}", self.limits.sql()))?;
         Ok(Conn {
             client,
             statements: HashMap::new(),
@@ -1795,6 +1795,86 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every statement the store prepares, with the generic plan PostgreSQL would keep for it
+    /// made while the tables were small: once they have grown, none reads a whole table.
+    #[test]
+    fn no_statement_of_the_store_keeps_a_plan_that_reads_a_whole_table() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let store = a_node_with_a_session(&backend);
+        let mut conn = store.pool.as_ref().expect("an open store").get().unwrap();
+        let statements = [
+            INSERT_EVENT,
+            CLAIM_KEY,
+            HELD_KEY,
+            HANDLERS_OF,
+            PURGE_KEYS,
+            UPSERT_CURSOR,
+            CLAIM_BATCH,
+            FINISH_BATCH,
+            RENEW,
+            REQUEUE_EXPIRED,
+            RELEASE_OWN,
+            EVENT,
+            EVENT_DELIVERIES,
+            EVENT_ATTEMPTS,
+            NEXT_DUE,
+            CURSOR,
+        ];
+        // The plan a prepared statement keeps, whatever its arguments (all NULL here).
+        conn.client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .unwrap();
+        let explain = |conn: &mut Conn, i: usize, sql: &str| {
+            let params = (1..=16).filter(|n| sql.contains(&format!("${n}"))).count();
+            let nulls = vec!["NULL"; params].join(", ");
+            let args = if params == 0 {
+                String::new()
+            } else {
+                format!("({nulls})")
+            };
+            conn.client
+                .simple_query(&format!("EXPLAIN EXECUTE probe{i} {args}"))
+                .unwrap()
+                .into_iter()
+                .filter_map(|message| match message {
+                    postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        for (i, sql) in statements.iter().enumerate() {
+            conn.client
+                .batch_execute(&format!("PREPARE probe{i} AS {sql}"))
+                .unwrap();
+            explain(&mut conn, i, sql);
+        }
+        backend
+            .db
+            .query(
+                "INSERT INTO events (id, received_at, source, context) \
+                 SELECT gen_random_uuid(), now(), 'later', '{}' FROM generate_series(1, 15000); \
+                 INSERT INTO deliveries (event_id, handler, state, created_at, not_before) \
+                 SELECT e.id, 'h', 'succeeded', now(), now() FROM events AS e; \
+                 INSERT INTO idempotency_keys (key, event_id, fingerprint, created_at) \
+                 SELECT id::text, id, 'f', now() FROM events",
+            )
+            .unwrap();
+        for (i, sql) in statements.iter().enumerate() {
+            let plan = explain(&mut conn, i, sql);
+            assert!(!plan.contains("Seq Scan"), "{sql}\n{plan}");
+        }
+        // The session goes back to the pool as it came (its own statements kept).
+        for i in 0..statements.len() {
+            conn.client
+                .batch_execute(&format!("DEALLOCATE probe{i}"))
+                .unwrap();
+        }
+        conn.client.batch_execute("RESET plan_cache_mode").unwrap();
     }
 
     #[test]
