@@ -1700,6 +1700,20 @@ mod tests {
         );
     }
 
+    /// The plan `EXPLAIN {statement}` prints on `conn`, one line per plan line.
+    fn explain(conn: &mut Conn, statement: &str) -> String {
+        conn.client
+            .simple_query(&format!("EXPLAIN {statement}"))
+            .unwrap()
+            .into_iter()
+            .filter_map(|message| match message {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Claims and outcome records prepared on a young database (PostgreSQL may keep a generic
     /// plan after five executions) still find their rows by primary key once the tables have
     /// grown: no statement reads all of `deliveries` or `events`, and recording outcomes never
@@ -1768,17 +1782,7 @@ mod tests {
         add(15_000, "succeeded", "later");
         add(20, "pending", "later-due");
         for (name, _, _, args) in statements {
-            let plan: Vec<String> = conn
-                .client
-                .simple_query(&format!("EXPLAIN EXECUTE {name} ({args})"))
-                .unwrap()
-                .into_iter()
-                .filter_map(|message| match message {
-                    postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                    _ => None,
-                })
-                .collect();
-            let plan = plan.join("\n");
+            let plan = explain(&mut conn, &format!("EXECUTE {name} ({args})"));
             assert!(
                 plan.contains("Index Scan using deliveries_pkey"),
                 "{name}:\n{plan}"
@@ -1828,7 +1832,7 @@ mod tests {
         conn.client
             .batch_execute("SET plan_cache_mode = force_generic_plan")
             .unwrap();
-        let explain = |conn: &mut Conn, i: usize, sql: &str| {
+        let plan_of = |conn: &mut Conn, i: usize, sql: &str| {
             let params = (1..=16).filter(|n| sql.contains(&format!("${n}"))).count();
             let nulls = vec!["NULL"; params].join(", ");
             let args = if params == 0 {
@@ -1836,22 +1840,13 @@ mod tests {
             } else {
                 format!("({nulls})")
             };
-            conn.client
-                .simple_query(&format!("EXPLAIN EXECUTE probe{i} {args}"))
-                .unwrap()
-                .into_iter()
-                .filter_map(|message| match message {
-                    postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
+            explain(conn, &format!("EXECUTE probe{i} {args}"))
         };
         for (i, sql) in statements.iter().enumerate() {
             conn.client
                 .batch_execute(&format!("PREPARE probe{i} AS {sql}"))
                 .unwrap();
-            explain(&mut conn, i, sql);
+            plan_of(&mut conn, i, sql);
         }
         backend
             .db
@@ -1865,7 +1860,7 @@ mod tests {
             )
             .unwrap();
         for (i, sql) in statements.iter().enumerate() {
-            let plan = explain(&mut conn, i, sql);
+            let plan = plan_of(&mut conn, i, sql);
             assert!(!plan.contains("Seq Scan"), "{sql}\n{plan}");
         }
         // The session goes back to the pool as it came (its own statements kept).
