@@ -196,6 +196,17 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
     assert_eq!(body["deliveries"], json!(["all"]));
 }
 
+#[tokio::test]
+async fn event_ids_sort_in_the_order_the_events_were_accepted() {
+    // The store's indexes by event id grow at one end only when ids are time-ordered.
+    let setup = Setup::new();
+    let engine = setup.start(&handler("all", "log-context", "[\"*\"]", ""));
+    let ids = post_samples(&engine, 20).await;
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+}
+
 /// Posts `n` copies of the sample context; returns their event ids.
 async fn post_samples(engine: &EngineProcess, n: usize) -> Vec<String> {
     post_copies(engine, &sample_context_json(), n).await

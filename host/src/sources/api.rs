@@ -274,7 +274,7 @@ async fn job_complete(
     let handlers = state.dispatcher.registry().route(context.job_type_id);
     let key = key.map(|k| Idempotency::new(k, &context, state.idempotency_retention));
     let event = NewEvent {
-        id: Uuid::new_v4(),
+        id: crate::queue::store::new_event_id(),
         source: crate::queue::store::SOURCE_API.into(),
         context,
         // Keyfactor's handler context carries no message about the job.

@@ -733,7 +733,7 @@ impl Poller {
             match context_of(row, &self.job_types) {
                 Some(context) => events.push(Pending {
                     event: NewEvent {
-                        id: Uuid::new_v4(),
+                        id: crate::queue::store::new_event_id(),
                         source: SOURCE_POLLER.into(),
                         handlers: registry.route(context.job_type_id),
                         context,

@@ -131,6 +131,20 @@ pub struct NewEvent {
     pub handlers: Vec<String>,
 }
 
+/// A new event's id: a UUIDv7 (RFC 9562), whose first 48 bits are the time in milliseconds,
+/// so that ids sort by when they were made, as bytes (PostgreSQL's `uuid`) and as text
+/// (SQLite's `TEXT`), with 74 random bits after them.
+///
+/// Both stores index events and deliveries by event id. A random id (v4) lands each new event at
+/// a random leaf of those indexes: every commit dirties pages spread over the whole file, and
+/// the checkpoints that copy them grow with the table. A time-ordered id appends at one end. By
+/// hand (SQLite, 1,000 events/s × 4 handlers for 10 s, seven interleaved pairs): ingest p99
+/// median 2.58 → 1.53 ms, maximum ~40 ms in four of seven runs → under 13 ms in all, the
+/// checkpoints' p99 2.7–7.6 → 1.8–2.6 ms (docs/PERFORMANCE.md).
+pub fn new_event_id() -> Uuid {
+    Uuid::now_v7()
+}
+
 /// An idempotency key that makes an insert happen at most once within its retention window
 /// ([`EventStore::insert_event_once`]).
 ///
@@ -588,3 +602,27 @@ pub(crate) fn from_ms(ms: i64) -> DateTime<Utc> {
 }
 
 pub use crate::queue::delivery_state::after;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_event_ids_sort_in_the_order_they_were_made() {
+        // Many within one millisecond: the order must hold inside it too, not only across.
+        let ids: Vec<Uuid> = (0..10_000).map(|_| new_event_id()).collect();
+        for pair in ids.windows(2) {
+            let [earlier, later] = pair else { continue };
+            assert_eq!(later.get_version_num(), 7);
+            // As PostgreSQL's `uuid` compares them (bytes) and as SQLite's `TEXT` does.
+            assert!(
+                earlier.as_bytes() < later.as_bytes(),
+                "{earlier} !< {later}"
+            );
+            assert!(
+                earlier.to_string() < later.to_string(),
+                "{earlier} !< {later}"
+            );
+        }
+    }
+}
