@@ -139,7 +139,7 @@ pub struct NewEvent {
 /// a random leaf of those indexes: every commit dirties pages spread over the whole file, and
 /// the checkpoints that copy them grow with the table. A time-ordered id appends at one end. By
 /// hand (SQLite, 1,000 events/s × 4 handlers for 10 s, seven interleaved pairs): ingest p99
-/// median 2.58 → 1.53 ms, maximum ~40 ms in four of seven runs → under 13 ms in all, the
+/// median 2.58 → 1.53 ms, maxima of 30–45 ms in three of seven runs → at most 12.7 ms, the
 /// checkpoints' p99 2.7–7.6 → 1.8–2.6 ms (docs/PERFORMANCE.md).
 pub fn new_event_id() -> Uuid {
     Uuid::now_v7()
