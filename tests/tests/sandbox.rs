@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use jobhook::capabilities::properties::Properties;
 use jobhook::capabilities::{Capability, Grants, Services};
+#[cfg(target_os = "linux")]
+use jobhook::runtime::threads::policy_of_this_thread;
 use jobhook::{
     Delivery, Engine, JobContext, LimitKind, LoadError, LoadOptions, Outcome, OutcomeKind,
     SandboxSpec, SandboxedHandler,
@@ -239,6 +241,7 @@ async fn a_panic_is_classified_with_its_message() {
 
 #[tokio::test]
 async fn an_infinite_loop_times_out_at_its_budget() {
+    #[cfg(target_os = "linux")]
     let before = policy_of_this_thread();
     let mut s = spec("loop", &[]);
     // Long enough to run past `cpu_share::IDLE_AFTER_TICKS` (100 ms of guest code) at half
@@ -249,21 +252,8 @@ async fn an_infinite_loop_times_out_at_its_budget() {
     assert!(outcome.duration >= Duration::from_millis(500));
     // It ran on this thread (one-thread runtime) as a long runner, at idle priority at the
     // end; the thread has its own policy back.
+    #[cfg(target_os = "linux")]
     assert_eq!(policy_of_this_thread(), before);
-}
-
-/// The calling thread's scheduling policy (field 41 of `/proc/thread-self/stat`); 0 where
-/// there is no such file.
-fn policy_of_this_thread() -> u32 {
-    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
-        return 0;
-    };
-    let fields = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    fields
-        .split_whitespace()
-        .nth(41 - 3)
-        .and_then(|policy| policy.parse().ok())
-        .expect("a policy field in /proc/thread-self/stat")
 }
 
 #[tokio::test]
