@@ -152,7 +152,7 @@ impl Drop for SandboxTicks {
 }
 
 /// Whether one sandbox has become a long runner (see [`SandboxTicks::long_runner`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LongRunner(Arc<AtomicBool>);
 
 impl LongRunner {
@@ -166,10 +166,10 @@ impl LongRunner {
     /// the machine for long runners nor a shorter tick helped. At idle priority any thread that
     /// wakes preempts it; the long runner still gets every core nothing else wants, and its
     /// time budget runs as before (docs/PERFORMANCE.md, scenario d).
-    pub fn at_idle_priority<F: Future + Unpin>(&self, future: F) -> AtIdlePriority<F> {
+    pub fn at_idle_priority<F: Future + Unpin>(self, future: F) -> AtIdlePriority<F> {
         AtIdlePriority {
             future,
-            long: Arc::clone(&self.0),
+            long: self.0,
         }
     }
 }
