@@ -261,6 +261,42 @@ async fn finished_jobs_become_events_exactly_once_across_restarts() {
 }
 
 #[tokio::test]
+async fn polled_events_get_ids_that_sort_in_the_order_they_were_stored() {
+    // As the API's do (host/tests/serve.rs): the store's indexes by event id grow at one end.
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let pw = f.dir.path().join("pw");
+    let rows = (201..=206)
+        .map(|id| row(id, "Completed", "Success", now))
+        .collect();
+    let standin = standin(rows).await;
+    let poller = f.poller(
+        client(&standin, &pw, &standin.credentials().password),
+        config(10, true),
+    );
+    let report = poller.poll_once().await.expect("poll");
+    assert_eq!(report.events, 6);
+    let db = rusqlite::Connection::open(
+        f.dir
+            .path()
+            .join("data")
+            .join(jobhook::queue::store::sqlite::DATABASE_FILE),
+    )
+    .expect("open the store's database");
+    let ids: Vec<String> = db
+        .prepare("SELECT id FROM events ORDER BY rowid")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("ids");
+    assert_eq!(ids.len(), 6);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+}
+
+#[tokio::test]
 async fn a_stale_unfinished_job_does_not_hold_the_cursor_forever() {
     let now = Utc::now();
     let f = Fixture::new().await;

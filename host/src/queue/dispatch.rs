@@ -1113,7 +1113,7 @@ mod tests {
         .unwrap();
         store
             .insert_event(&NewEvent {
-                id: Uuid::new_v4(),
+                id: crate::queue::store::new_event_id(),
                 source: "test".into(),
                 context,
                 message: None,

@@ -130,7 +130,7 @@ fn sequential() -> anyhow::Result<()> {
 /// An event of the probe: `context`, routed to four handlers.
 fn probe_event(context: &JobContext) -> NewEvent {
     NewEvent {
-        id: uuid::Uuid::new_v4(),
+        id: jobhook::queue::store::new_event_id(),
         source: "probe".into(),
         context: context.clone(),
         message: None,

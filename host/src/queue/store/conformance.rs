@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::{
     ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, Finish,
     INTERRUPTED_CLASS, Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON,
-    SOURCE_API, SOURCE_POLLER, StoreError, after, to_ms,
+    SOURCE_API, SOURCE_POLLER, StoreError, after, new_event_id, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -202,7 +202,7 @@ pub(crate) fn context() -> JobContext {
 /// A new event routed to `handlers`.
 pub(crate) fn event(handlers: &[&str]) -> NewEvent {
     NewEvent {
-        id: Uuid::new_v4(),
+        id: new_event_id(),
         source: "test".into(),
         context: context(),
         message: None,
