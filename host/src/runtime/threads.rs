@@ -129,11 +129,11 @@ impl IdleWhile {
     pub fn enter() -> Option<Self> {
         #[cfg(target_os = "linux")]
         {
-            if !idle_can_be_left() {
-                return None;
-            }
             let before = policy_of_this_thread();
             if before != libc::SCHED_OTHER && before != libc::SCHED_BATCH {
+                return None;
+            }
+            if !idle_can_be_left() {
                 return None;
             }
             set_policy(libc::SCHED_IDLE).ok()?;
@@ -186,14 +186,21 @@ fn idle_can_be_left() -> bool {
     *CAN.get_or_init(|| {
         std::thread::Builder::new()
             .name("jobhook-probe".into())
-            .spawn(|| {
-                let before = policy_of_this_thread();
-                set_policy(libc::SCHED_IDLE).is_ok() && set_policy(before).is_ok()
-            })
+            .spawn(idle_round_trip)
             .ok()
             .and_then(|probe| probe.join().ok())
             .unwrap_or(false)
     })
+}
+
+/// Takes the calling thread from `SCHED_OTHER` to `SCHED_IDLE` and back: whether both were
+/// allowed. It starts from `SCHED_OTHER` whatever the thread had (a new thread inherits its
+/// creator's policy), so that the answer does not depend on which thread asked first.
+#[cfg(target_os = "linux")]
+fn idle_round_trip() -> bool {
+    set_policy(libc::SCHED_OTHER).is_ok()
+        && set_policy(libc::SCHED_IDLE).is_ok()
+        && set_policy(libc::SCHED_OTHER).is_ok()
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -234,6 +241,64 @@ mod tests {
             idle_while_on_a_thread_at(libc::SCHED_IDLE),
             (None, libc::SCHED_IDLE)
         );
+    }
+
+    /// Makes the calling thread real-time (`SCHED_FIFO`, priority 1), which needs CAP_SYS_NICE
+    /// or an `RLIMIT_RTPRIO` above 0: where neither is given, prints why and returns false —
+    /// or fails under `JOBHOOK_REQUIRE_FAULTS=1`, as the test script runs.
+    fn real_time_or_skip() -> bool {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: reads `param`, which lives through the call; pid 0 is this thread.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+            return true;
+        }
+        let e = std::io::Error::last_os_error();
+        if std::env::var("JOBHOOK_REQUIRE_FAULTS").is_ok_and(|v| v == "1") {
+            panic!("JOBHOOK_REQUIRE_FAULTS=1 but a thread cannot be made real-time: {e}");
+        }
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: a thread cannot be made real-time here ({e})"
+        );
+        false
+    }
+
+    /// The probe behind `IdleWhile` answers the same whatever the policy of the thread that
+    /// runs it (its probe thread inherits the policy of the first caller): a real-time one
+    /// could not have come back to its policy at priority 0.
+    #[test]
+    fn the_idle_probe_does_not_depend_on_the_thread_that_runs_it() {
+        for policy in [libc::SCHED_OTHER, libc::SCHED_BATCH, libc::SCHED_IDLE] {
+            let can = std::thread::spawn(move || {
+                set_policy(policy).expect("a non-real-time policy");
+                idle_round_trip()
+            })
+            .join()
+            .expect("join");
+            assert!(can, "{policy}");
+        }
+        let from_real_time = std::thread::spawn(|| real_time_or_skip().then(idle_round_trip))
+            .join()
+            .expect("join");
+        assert_ne!(from_real_time, Some(false));
+    }
+
+    /// A real-time thread (an operator may run the engine so) is not lowered to idle priority,
+    /// and keeps its policy: `IdleWhile` could not give it back (it sets priority 0).
+    #[test]
+    fn idle_while_leaves_a_real_time_thread_alone() {
+        let seen = std::thread::spawn(|| {
+            real_time_or_skip().then(|| {
+                let inside = IdleWhile::enter().map(|_idle| policy_of_this_thread());
+                (inside, policy_of_this_thread())
+            })
+        })
+        .join()
+        .expect("join");
+        if let Some(seen) = seen {
+            assert_eq!(seen, (None, libc::SCHED_FIFO));
+        }
     }
 
     #[test]
