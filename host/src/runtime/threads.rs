@@ -243,13 +243,13 @@ mod tests {
         );
     }
 
-    /// Makes the calling thread real-time (`SCHED_FIFO`, priority 1), which needs CAP_SYS_NICE
+    /// Makes the calling thread real-time (`policy`, priority 1), which needs CAP_SYS_NICE
     /// or an `RLIMIT_RTPRIO` above 0: where neither is given, prints why and returns false —
     /// or fails under `JOBHOOK_REQUIRE_FAULTS=1`, as the test script runs.
-    fn real_time_or_skip() -> bool {
+    fn real_time_or_skip(policy: i32) -> bool {
         let param = libc::sched_param { sched_priority: 1 };
         // SAFETY: reads `param`, which lives through the call; pid 0 is this thread.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
             return true;
         }
         let e = std::io::Error::last_os_error();
@@ -278,26 +278,31 @@ mod tests {
             .expect("join");
             assert!(can, "{policy}");
         }
-        let from_real_time = std::thread::spawn(|| real_time_or_skip().then(idle_round_trip))
-            .join()
-            .expect("join");
-        assert_ne!(from_real_time, Some(false));
+        for policy in [libc::SCHED_FIFO, libc::SCHED_RR] {
+            let from_real_time =
+                std::thread::spawn(move || real_time_or_skip(policy).then(idle_round_trip))
+                    .join()
+                    .expect("join");
+            assert_ne!(from_real_time, Some(false), "{policy}");
+        }
     }
 
     /// A real-time thread (an operator may run the engine so) is not lowered to idle priority,
     /// and keeps its policy: `IdleWhile` could not give it back (it sets priority 0).
     #[test]
     fn idle_while_leaves_a_real_time_thread_alone() {
-        let seen = std::thread::spawn(|| {
-            real_time_or_skip().then(|| {
-                let inside = IdleWhile::enter().map(|_idle| policy_of_this_thread());
-                (inside, policy_of_this_thread())
+        for policy in [libc::SCHED_FIFO, libc::SCHED_RR] {
+            let seen = std::thread::spawn(move || {
+                real_time_or_skip(policy).then(|| {
+                    let inside = IdleWhile::enter().map(|_idle| policy_of_this_thread());
+                    (inside, policy_of_this_thread())
+                })
             })
-        })
-        .join()
-        .expect("join");
-        if let Some(seen) = seen {
-            assert_eq!(seen, (None, libc::SCHED_FIFO));
+            .join()
+            .expect("join");
+            if let Some(seen) = seen {
+                assert_eq!(seen, (None, policy));
+            }
         }
     }
 
