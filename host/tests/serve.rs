@@ -1179,3 +1179,77 @@ async fn with_sandbox_threads_a_handler_burns_cpu_on_them_at_nice_10() {
         assert_eq!(t.nice, 0, "{t:?}");
     }
 }
+
+/// An engine run as an ordinary user runs it — an `RLIMIT_NICE` of 0, no CAP_SYS_NICE — may put
+/// a thread at `SCHED_IDLE` but not take it back: it says so at start-up, with what to do, runs
+/// long runners at its threads' own policy (no thread is left at idle priority), and delivers.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_engine_that_cannot_leave_idle_priority_says_so_and_runs_long_runners_without_it() {
+    const SCHED_BATCH: u32 = 3;
+    const SCHED_IDLE: u32 = 5;
+    let setup = Setup::new();
+    let config = setup.config(&format!(
+        "{}{}",
+        handler("log", "log-context", "[\"*\"]", ""),
+        handler(
+            "spinner",
+            "guest-loop",
+            "[\"*\"]",
+            "[handlers.limits]\ntimeout_ms = 3000"
+        ),
+    ));
+    let engine = EngineProcess::start_without_cap_sys_nice(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+    );
+    let log = engine.log_text();
+    assert!(
+        log.contains("warning: deliveries that keep computing cannot run at idle priority here")
+            && log.contains("cannot leave SCHED_IDLE")
+            && log.contains("LimitNICE=+0"),
+        "{log}"
+    );
+
+    let (status, body) = post(&engine, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["event_id"].as_str().expect("id").to_owned();
+    // Well past the 100 ms after which the spinner would run at idle priority.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let threads = threads_of(engine.pid());
+    assert!(
+        threads.iter().all(|t| t.policy != SCHED_IDLE),
+        "a thread is at idle priority: {threads:#?}"
+    );
+    let spinning = threads
+        .iter()
+        .filter(|t| t.name.starts_with("jobhook-deliver") && t.policy == SCHED_BATCH)
+        .count();
+    assert!(spinning > 0, "{threads:#?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, text) = get(&engine, &format!("/v1/events/{id}")).await;
+        assert_eq!(status, 200, "{text}");
+        let event: Value = serde_json::from_str(&text).expect("event JSON");
+        if delivery(&event, "log")["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {event:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An engine whose threads may leave `SCHED_IDLE` (as this test process's may: root, or an
+/// `RLIMIT_NICE` of 20) prints no such warning.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_engine_that_can_use_idle_priority_does_not_warn() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler("log", "log-context", "[\"*\"]", ""));
+    let log = engine.log_text();
+    match jobhook::runtime::threads::idle_priority_refused() {
+        None => assert!(!log.contains("idle priority"), "{log}"),
+        Some(refusal) => assert!(log.contains(&refusal), "{refusal}\n{log}"),
+    }
+}

@@ -133,7 +133,7 @@ impl IdleWhile {
             if before != libc::SCHED_OTHER && before != libc::SCHED_BATCH {
                 return None;
             }
-            if !idle_can_be_left() {
+            if idle_refused().is_some() {
                 return None;
             }
             set_policy(libc::SCHED_IDLE).ok()?;
@@ -177,30 +177,61 @@ fn set_policy(policy: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether a thread of this process can go to `SCHED_IDLE` and come back, tried once on a
-/// thread of its own (a seccomp filter or an `RLIMIT_NICE` could allow the first and refuse
-/// the second, which would leave a delivery thread at idle priority).
-#[cfg(target_os = "linux")]
-fn idle_can_be_left() -> bool {
-    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CAN.get_or_init(|| {
-        std::thread::Builder::new()
-            .name("jobhook-probe".into())
-            .spawn(idle_round_trip)
-            .ok()
-            .and_then(|probe| probe.join().ok())
-            .unwrap_or(false)
-    })
+/// Why threads of this process cannot run a long runner at idle priority (go to `SCHED_IDLE`
+/// and come back), or `None` when they can: the probe [`IdleWhile::enter`] relies on, run now
+/// if it has not run yet. `serve` prints it at start-up. The usual cause is an unprivileged
+/// process whose `RLIMIT_NICE` is below 20 (the default is 0): any thread may lower itself to
+/// `SCHED_IDLE`, but only one allowed nice 0 by that limit (or with CAP_SYS_NICE) may leave it.
+pub fn idle_priority_refused() -> Option<String> {
+    #[cfg(target_os = "linux")]
+    return idle_refused().map(|refusal| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `getrlimit` writes the limit into `limit`, which lives through the call.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) } == 0 {
+            format!("{refusal} (RLIMIT_NICE {})", limit.rlim_cur)
+        } else {
+            refusal.to_owned()
+        }
+    });
+    #[cfg(not(target_os = "linux"))]
+    Some("idle priority is Linux's (SCHED_IDLE)".to_owned())
 }
 
-/// Takes the calling thread from `SCHED_OTHER` to `SCHED_IDLE` and back: whether both were
-/// allowed. It starts from `SCHED_OTHER` whatever the thread had (a new thread inherits its
+/// Why a thread of this process cannot go to `SCHED_IDLE` and come back (`None`: it can),
+/// tried once on a thread of its own (a seccomp filter or an `RLIMIT_NICE` could allow the
+/// first and refuse the second, which would leave a delivery thread at idle priority).
+#[cfg(target_os = "linux")]
+fn idle_refused() -> Option<&'static str> {
+    static REFUSAL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REFUSAL
+        .get_or_init(|| {
+            std::thread::Builder::new()
+                .name("jobhook-probe".into())
+                .spawn(idle_round_trip)
+                .map_err(|e| format!("cannot start a thread to try it: {e}"))
+                .and_then(|probe| {
+                    probe
+                        .join()
+                        .map_err(|_| "the thread that tried it panicked".to_owned())
+                })
+                .and_then(|tried| tried)
+                .err()
+        })
+        .as_deref()
+}
+
+/// Takes the calling thread from `SCHED_OTHER` to `SCHED_IDLE` and back, or says which step was
+/// refused. It starts from `SCHED_OTHER` whatever the thread had (a new thread inherits its
 /// creator's policy), so that the answer does not depend on which thread asked first.
 #[cfg(target_os = "linux")]
-fn idle_round_trip() -> bool {
-    set_policy(libc::SCHED_OTHER).is_ok()
-        && set_policy(libc::SCHED_IDLE).is_ok()
-        && set_policy(libc::SCHED_OTHER).is_ok()
+fn idle_round_trip() -> Result<(), String> {
+    set_policy(libc::SCHED_OTHER).map_err(|e| format!("a thread cannot take SCHED_OTHER: {e}"))?;
+    set_policy(libc::SCHED_IDLE).map_err(|e| format!("a thread cannot take SCHED_IDLE: {e}"))?;
+    set_policy(libc::SCHED_OTHER)
+        .map_err(|e| format!("a thread cannot leave SCHED_IDLE for SCHED_OTHER: {e}"))
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -276,14 +307,14 @@ mod tests {
             })
             .join()
             .expect("join");
-            assert!(can, "{policy}");
+            assert_eq!(can, Ok(()), "{policy}");
         }
         for policy in [libc::SCHED_FIFO, libc::SCHED_RR] {
             let from_real_time =
                 std::thread::spawn(move || real_time_or_skip(policy).then(idle_round_trip))
                     .join()
                     .expect("join");
-            assert_ne!(from_real_time, Some(false), "{policy}");
+            assert!(from_real_time.is_none_or(|tried| tried.is_ok()), "{policy}");
         }
     }
 

@@ -62,6 +62,52 @@ impl EngineProcess {
         Self::spawn(bin, config, Self::append_to(log), log, None, &[]).0
     }
 
+    /// Like [`EngineProcess::start`], with the privileges of a service run as an ordinary
+    /// user: an `RLIMIT_NICE` of 0 (the default) and no CAP_SYS_NICE — dropped from the
+    /// capability bounding set, so that not even root gets it back at `exec`.
+    #[cfg(target_os = "linux")]
+    pub fn start_without_cap_sys_nice(bin: &Path, config: &Path, log: &Path) -> Self {
+        /// `CAP_SYS_NICE` in `<linux/capability.h>`.
+        const CAP_SYS_NICE: libc::c_ulong = 23;
+        let lower = || {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `setrlimit` reads `none`, which lives through the call; `prctl` with
+            // `PR_CAPBSET_DROP` takes integers only. Both are async-signal-safe, as `pre_exec`
+            // requires, and touch only the child.
+            unsafe {
+                if libc::setrlimit(libc::RLIMIT_NICE, &none) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Refused (EPERM) to a process without CAP_SETPCAP, which has no CAP_SYS_NICE
+                // to drop either.
+                if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0) != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EPERM) {
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(())
+        };
+        Self::spawn_with(
+            bin,
+            config,
+            Self::append_to(log),
+            log,
+            Some(TEST_LOG_FILTER),
+            &[],
+            |command| {
+                use std::os::unix::process::CommandExt as _;
+                // SAFETY: `lower` only makes the two calls above (no allocation, no locks).
+                unsafe { command.pre_exec(lower) };
+            },
+        )
+        .0
+    }
+
     fn append_to(log: &Path) -> Stdio {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -94,7 +140,21 @@ impl EngineProcess {
         log_filter: Option<&str>,
         env: &[(&str, &str)],
     ) -> (Self, Option<ChildStderr>) {
+        Self::spawn_with(bin, config, stderr, log, log_filter, env, |_| {})
+    }
+
+    /// [`EngineProcess::spawn`], with `setup` applied to the command before it starts.
+    fn spawn_with(
+        bin: &Path,
+        config: &Path,
+        stderr: Stdio,
+        log: &Path,
+        log_filter: Option<&str>,
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&mut Command),
+    ) -> (Self, Option<ChildStderr>) {
         let mut command = Command::new(bin);
+        setup(&mut command);
         command.arg("serve").arg("--config").arg(config);
         // `None`: no RUST_LOG at all, whatever this process has, so the engine's default holds.
         match log_filter {
