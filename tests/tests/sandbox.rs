@@ -250,8 +250,8 @@ async fn an_infinite_loop_times_out_at_its_budget() {
     let outcome = run("guest-loop", s, &sample_context_json()).await;
     assert_eq!(outcome.kind, OutcomeKind::TimedOut { limit_ms: 500 });
     assert!(outcome.duration >= Duration::from_millis(500));
-    // It ran on this thread (one-thread runtime) as a long runner, at idle priority at the
-    // end; the thread has its own policy back.
+    // It started on this thread (one-thread runtime) and ended on the idle threads as a long
+    // runner; this thread's policy never changed.
     #[cfg(target_os = "linux")]
     assert_eq!(policy_of_this_thread(), before);
 }

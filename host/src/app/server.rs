@@ -147,18 +147,6 @@ pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
     Ok(set.names())
 }
 
-/// What `serve` prints at start-up when its threads cannot run long runners at idle priority
-/// ([`crate::runtime::cpu_share::IDLE_AFTER_TICKS`]): what is lost, and how an operator gives
-/// it back. An `RLIMIT_NICE` of 20 lets a thread come back to nice 0 and no lower.
-fn idle_priority_warning(refusal: &str) -> String {
-    format!(
-        "warning: deliveries that keep computing cannot run at idle priority here: {refusal}. \
-         They keep their thread's normal share of the CPU, and on a busy machine the event path \
-         waits behind them. Allow it with an RLIMIT_NICE of 20 (systemd: LimitNICE=+0; a \
-         shell: ulimit -e 20) or the CAP_SYS_NICE capability (docs/OPERATIONS.md)"
-    )
-}
-
 /// Prints the ready line on stdout, for whatever started the engine. A stdout nobody reads any
 /// more (its reader has exited: `EPIPE`) must not stop a server that is otherwise ready, so a
 /// failed write is only logged.
@@ -250,9 +238,6 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
 
     // Deliveries run on threads of their own: an ingest request never queues behind a sandbox.
     let delivery_threads = DeliveryThreads::start().context("cannot start the delivery threads")?;
-    if let Some(refusal) = crate::runtime::threads::idle_priority_refused() {
-        crate::app::output::print_err(&idle_priority_warning(&refusal));
-    }
     let worker = delivery_threads.spawn(Arc::clone(&dispatcher).run(config.server.shutdown_grace));
     if let Some(poller) = &config.poller {
         let client = services

@@ -15,25 +15,25 @@
 //! long on small machines: on two cores, even a lone long runner runs at half speed after its
 //! first 20 ms.
 //!
-//! Past [`IDLE_AFTER_TICKS`], a long runner's thread runs it at idle priority
+//! Past [`IDLE_AFTER_TICKS`], a long runner moves to threads at idle priority
 //! ([`LongRunner::at_idle_priority`]): the event path's threads that wake on its core run at
 //! once instead of after its tick.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::runtime::threads::IdleWhile;
+use crate::runtime::threads::{OwnRuntime, Scheduling};
 
 /// Epoch ticks of guest code a delivery runs at full speed before it counts as a long runner:
 /// 20 ms at the 1 ms tick, some twenty times what a typical handler needs in all, so ordinary
 /// deliveries are never throttled.
 pub const FREE_TICKS: u32 = 20;
 
-/// Epoch ticks of guest code after which a long runner's thread runs it at idle priority
+/// Epoch ticks of guest code after which a long runner moves to threads at idle priority
 /// ([`LongRunner::at_idle_priority`]): 100 ms at the 1 ms tick. Later than [`FREE_TICKS`]
 /// because a sandbox counts the ticks of the clock at which its guest was running, not its CPU
 /// time: a delivery with real work on a core shared with many others passes 20 ticks with less
@@ -156,41 +156,94 @@ impl Drop for SandboxTicks {
 pub struct LongRunner(Arc<AtomicBool>);
 
 impl LongRunner {
-    /// `future` (the sandbox's guest code, pinned by the caller so that nothing is allocated
-    /// per delivery), polled with the polling thread at `SCHED_IDLE` once the sandbox is past
-    /// [`IDLE_AFTER_TICKS`] ([`IdleWhile`]; the thread's own policy is given back when the poll
-    /// returns). A poll of guest code lasts up to one epoch tick; while a long runner's thread
-    /// held its core for that tick, the event path's threads waking on that core waited for it:
-    /// by hand, one looping handler beside three healthy ones took ingest at 1,000 events/s
-    /// from p99 1.93 / 2.27 ms to 3.83 / 3.70 ms (two rounds), and neither a smaller share of
-    /// the machine for long runners nor a shorter tick helped. At idle priority any thread that
-    /// wakes preempts it; the long runner still gets every core nothing else wants, and its
-    /// time budget runs as before (docs/PERFORMANCE.md, scenario d).
-    pub fn at_idle_priority<F: Future + Unpin>(self, future: F) -> AtIdlePriority<F> {
+    /// Runs `future` (the sandbox's run, which owns its store) from the caller's task until the
+    /// sandbox is past [`IDLE_AFTER_TICKS`], then moves it to the idle threads
+    /// ([`idle_threads`], `SCHED_IDLE`) and waits for it there. Dropping the returned future
+    /// drops the sandbox wherever it is (on the idle threads, when one of them next runs: the
+    /// task is aborted). While a long runner's thread held its core for a
+    /// tick of guest code, the event path's threads waking on that core waited for it: by hand,
+    /// one looping handler beside three healthy ones took ingest at 1,000 events/s from p99
+    /// 1.93 / 2.27 ms to 3.83 / 3.70 ms (two rounds), and neither a smaller share of the
+    /// machine for long runners nor a shorter tick helped. On a thread at idle priority any
+    /// thread that wakes preempts it; the long runner still gets every core nothing else wants,
+    /// and its time budget runs as before (docs/PERFORMANCE.md, scenario d). The threads stay at
+    /// `SCHED_IDLE` for good, which any process may ask for: taking a thread back from it needs
+    /// CAP_SYS_NICE or an `RLIMIT_NICE` of 20, which an ordinary user's processes lack.
+    ///
+    /// The future is boxed (one allocation per delivery) so that it can move between threads
+    /// after it has been polled. `Err` when the task on the idle threads panicked.
+    pub fn at_idle_priority<F>(self, future: F) -> AtIdlePriority<F>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
         AtIdlePriority {
-            future,
+            here: Some(Box::pin(future)),
+            there: None,
             long: self.0,
         }
     }
 }
 
+/// The name of the idle threads (`top -H` shows it).
+const IDLE_THREAD_NAME: &str = "jobhook-idle";
+
+/// The threads long runners move to: one per core, at `SCHED_IDLE`, started when the first
+/// long runner needs them and kept for the life of the process. `None` when they could not be
+/// started: long runners then stay where they are (logged once).
+fn idle_threads() -> Option<&'static OwnRuntime> {
+    static THREADS: OnceLock<Option<OwnRuntime>> = OnceLock::new();
+    THREADS
+        .get_or_init(
+            || match OwnRuntime::start(IDLE_THREAD_NAME, None, Scheduling::Idle) {
+                Ok(threads) => Some(threads),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the idle threads ({e}); handlers that keep computing run \
+                         on the delivery threads"
+                    );
+                    None
+                }
+            },
+        )
+        .as_ref()
+}
+
+/// The output of a future run on the idle threads, as awaited from the caller's task.
+type Moved<T> = Pin<Box<dyn Future<Output = Result<T, tokio::task::JoinError>> + Send>>;
+
 /// See [`LongRunner::at_idle_priority`].
-#[derive(Debug)]
-pub struct AtIdlePriority<F> {
-    future: F,
+pub struct AtIdlePriority<F: Future> {
+    /// The future while it runs in the caller's task; taken when it moves.
+    here: Option<Pin<Box<F>>>,
+    /// The wait for it on the idle threads once it has moved.
+    there: Option<Moved<F::Output>>,
     long: Arc<AtomicBool>,
 }
 
-impl<F: Future + Unpin> Future for AtIdlePriority<F> {
-    type Output = F::Output;
+impl<F> Future for AtIdlePriority<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    type Output = Result<F::Output, tokio::task::JoinError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let _idle = if self.long.load(Ordering::Relaxed) {
-            IdleWhile::enter()
-        } else {
-            None
-        };
-        Pin::new(&mut self.future).poll(cx)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is `Unpin`: the future itself is boxed.
+        let this = &mut *self;
+        if this.there.is_none()
+            && this.long.load(Ordering::Relaxed)
+            && let Some(threads) = idle_threads()
+            && let Some(future) = this.here.take()
+        {
+            this.there = Some(Box::pin(threads.run(future)));
+        }
+        match (&mut this.here, &mut this.there) {
+            (_, Some(there)) => there.as_mut().poll(cx),
+            (Some(here), None) => here.as_mut().poll(cx).map(Ok),
+            // Not reached: the future is in one place or the other until it is dropped.
+            (None, None) => Poll::Pending,
+        }
     }
 }
 
@@ -217,61 +270,102 @@ mod tests {
     #[cfg(target_os = "linux")]
     use crate::runtime::threads::policy_of_this_thread as policy_here;
 
-    /// A sandbox's run is polled at the thread's own policy until it becomes a long runner, at
-    /// `SCHED_IDLE` from then on, and the thread has its own policy back between polls and after.
+    /// Where a poll of a run happens: the thread's name and policy.
+    #[cfg(target_os = "linux")]
+    fn here() -> (Option<String>, i32) {
+        (
+            std::thread::current().name().map(str::to_owned),
+            policy_here(),
+        )
+    }
+
+    /// A sandbox's run is polled in the caller's task, on the caller's thread, until it becomes
+    /// a long runner, and on the idle threads at `SCHED_IDLE` from then on; the caller's thread
+    /// keeps its policy throughout.
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "current_thread")]
-    async fn a_long_runner_is_polled_at_idle_priority_and_its_thread_gets_its_policy_back() {
-        let before = policy_here();
-        assert_eq!(before, libc::SCHED_OTHER);
+    async fn a_long_runner_moves_to_the_idle_threads_and_the_callers_thread_keeps_its_policy() {
+        let caller = here();
+        assert_eq!(caller.1, libc::SCHED_OTHER);
         let mut ticks = CpuShare::new(1.0, EPOCH_TICK).sandbox();
         let long = ticks.long_runner();
-        let mut seen = Vec::new();
-        let mut between = Vec::new();
-        let run = std::future::poll_fn(|cx| {
-            seen.push(policy_here());
-            if seen.len() == 3 {
-                return Poll::Ready(());
-            }
-            // Guest code running for as many ticks as put it at idle priority.
+        let run = async move {
+            let mut seen = vec![here()];
+            tokio::task::yield_now().await;
+            seen.push(here());
+            // Guest code running for as many ticks as make it a long runner at idle priority.
             for _ in 0..=IDLE_AFTER_TICKS {
                 ticks.on_tick();
             }
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        });
-        let run = std::pin::pin!(run);
-        let mut run = long.at_idle_priority(run);
-        std::future::poll_fn(|cx| {
-            let polled = Pin::new(&mut run).poll(cx);
-            between.push(policy_here());
-            polled
-        })
-        .await;
-        drop(run);
-        assert_eq!(seen, [before, libc::SCHED_IDLE, libc::SCHED_IDLE]);
-        assert_eq!(between, [before, before, before]);
-        assert_eq!(policy_here(), before);
+            tokio::task::yield_now().await;
+            seen.push(here());
+            tokio::task::yield_now().await;
+            seen.push(here());
+            seen
+        };
+        let seen = long.at_idle_priority(run).await.expect("the run");
+        let idle = (Some(IDLE_THREAD_NAME.to_owned()), libc::SCHED_IDLE);
+        assert_eq!(seen, [caller.clone(), caller.clone(), idle.clone(), idle]);
+        assert_eq!(here(), caller);
     }
 
-    /// A delivery short of [`IDLE_AFTER_TICKS`] never runs at idle priority, even as a long
-    /// runner.
+    /// A delivery short of [`IDLE_AFTER_TICKS`] never moves, even as a long runner.
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "current_thread")]
-    async fn a_sandbox_short_of_the_idle_ticks_keeps_its_threads_policy() {
-        let before = policy_here();
+    async fn a_sandbox_short_of_the_idle_ticks_stays_on_the_callers_thread() {
+        let caller = here();
         let mut ticks = CpuShare::new(1.0, EPOCH_TICK).sandbox();
         let long = ticks.long_runner();
         let seen = long
-            .at_idle_priority(std::pin::pin!(async {
+            .at_idle_priority(async move {
                 for _ in 0..IDLE_AFTER_TICKS {
                     ticks.on_tick();
                 }
                 tokio::task::yield_now().await;
-                policy_here()
-            }))
-            .await;
-        assert_eq!(seen, before);
+                here()
+            })
+            .await
+            .expect("the run");
+        assert_eq!(seen, caller);
+    }
+
+    /// Dropping the wait drops the run on the idle threads too: a sandbox never outlives the
+    /// delivery that started it (a delivery interrupted at shutdown).
+    #[tokio::test(flavor = "current_thread")]
+    async fn dropping_a_moved_long_runner_drops_its_run() {
+        /// Says when it is dropped.
+        struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                if let Some(tell) = self.0.take() {
+                    let _ = tell.send(());
+                }
+            }
+        }
+        let (tell, told) = tokio::sync::oneshot::channel();
+        let (moved, has_moved) = tokio::sync::oneshot::channel();
+        let mut ticks = CpuShare::new(1.0, EPOCH_TICK).sandbox();
+        let long = ticks.long_runner();
+        let guard = Dropped(Some(tell));
+        let mut run = long.at_idle_priority(async move {
+            let _guard = guard;
+            for _ in 0..=IDLE_AFTER_TICKS {
+                ticks.on_tick();
+            }
+            tokio::task::yield_now().await;
+            let _ = moved.send(std::thread::current().name().map(str::to_owned));
+            std::future::pending::<()>().await;
+        });
+        let waited = tokio::select! {
+            _ = &mut run => panic!("a pending run ended"),
+            on = has_moved => on.expect("moved"),
+        };
+        assert_eq!(waited.as_deref(), Some(IDLE_THREAD_NAME));
+        drop(run);
+        tokio::time::timeout(Duration::from_secs(10), told)
+            .await
+            .expect("the run was not dropped")
+            .expect("told");
     }
 
     #[test]

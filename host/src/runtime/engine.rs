@@ -393,17 +393,7 @@ impl SandboxThreads {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let mut task = AbortOnDrop(self.runtime.spawn(future));
-        (&mut task.0).await
-    }
-}
-
-/// Aborts a task when its handle is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
+        self.runtime.run(future).await
     }
 }
 

@@ -109,22 +109,19 @@ impl SandboxedHandler {
         let wit_context = to_wit(context);
         let pre = self.component.pre().clone();
         let budget = limits.timeout + TIMEOUT_GRACE;
-        // Owns everything it touches, so that it can run on the engine's sandbox threads; gives
-        // the store back for the outcome.
+        // Owns everything it touches, so that it can run on other threads (the engine's sandbox
+        // threads; the idle threads, as a long runner); gives the store back for the outcome.
         let run = async move {
-            let result = {
-                let call = async {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    instance.call_run_handler(&mut store, &wit_context).await
-                };
-                let timed = std::pin::pin!(tokio::time::timeout(budget, call));
-                long_runner.at_idle_priority(timed).await
+            let call = async {
+                let instance = pre.instantiate_async(&mut store).await?;
+                instance.call_run_handler(&mut store, &wit_context).await
             };
-            (result, store)
+            (tokio::time::timeout(budget, call).await, store)
         };
+        let run = long_runner.at_idle_priority(run);
         let ran = match self.engine.sandbox_threads() {
-            Some(threads) => threads.run(run).await,
-            None => Ok(run.await),
+            Some(threads) => threads.run(run).await.and_then(|ran| ran),
+            None => run.await,
         };
         let stderr_text = stderr.contents();
         let (kind, state) = match ran {

@@ -44,22 +44,26 @@ impl EngineProcess {
     /// Like [`EngineProcess::start`], with `env` added to the engine's environment (e.g. a
     /// library preloaded to move its clock).
     pub fn start_with_env(bin: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
-        Self::spawn(
-            bin,
-            config,
-            Self::append_to(log),
-            log,
-            Some(TEST_LOG_FILTER),
-            env,
-        )
-        .0
+        Self::start_with_setup(bin, config, log, env, |_| {})
+    }
+
+    /// Like [`EngineProcess::start_with_env`], with `setup` applied to the command.
+    fn start_with_setup(
+        bin: &Path,
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&mut Command),
+    ) -> Self {
+        let stderr = Self::append_to(log);
+        Self::spawn(bin, config, stderr, log, Some(TEST_LOG_FILTER), env, setup).0
     }
 
     /// Like [`EngineProcess::start`], at the engine's own default log filter (its errors only)
     /// instead of `info`: the engine as an operator runs it, for measurements — formatting
     /// every handler's log lines at `info` is work the default does not do.
     pub fn start_at_default_log_level(bin: &Path, config: &Path, log: &Path) -> Self {
-        Self::spawn(bin, config, Self::append_to(log), log, None, &[]).0
+        Self::spawn(bin, config, Self::append_to(log), log, None, &[], |_| {}).0
     }
 
     /// Like [`EngineProcess::start`], with the privileges of a service run as an ordinary
@@ -92,20 +96,11 @@ impl EngineProcess {
             }
             Ok(())
         };
-        Self::spawn_with(
-            bin,
-            config,
-            Self::append_to(log),
-            log,
-            Some(TEST_LOG_FILTER),
-            &[],
-            |command| {
-                use std::os::unix::process::CommandExt as _;
-                // SAFETY: `lower` only makes the two calls above (no allocation, no locks).
-                unsafe { command.pre_exec(lower) };
-            },
-        )
-        .0
+        Self::start_with_setup(bin, config, log, &[], |command| {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: `lower` only makes the two calls above (no allocation, no locks).
+            unsafe { command.pre_exec(lower) };
+        })
     }
 
     fn append_to(log: &Path) -> Stdio {
@@ -128,23 +123,13 @@ impl EngineProcess {
             Path::new(""),
             Some(TEST_LOG_FILTER),
             &[],
+            |_| {},
         );
         (engine, stderr.expect("piped stderr"))
     }
 
+    /// Starts the engine; `setup` is applied to the command before it starts.
     fn spawn(
-        bin: &Path,
-        config: &Path,
-        stderr: Stdio,
-        log: &Path,
-        log_filter: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> (Self, Option<ChildStderr>) {
-        Self::spawn_with(bin, config, stderr, log, log_filter, env, |_| {})
-    }
-
-    /// [`EngineProcess::spawn`], with `setup` applied to the command before it starts.
-    fn spawn_with(
         bin: &Path,
         config: &Path,
         stderr: Stdio,
