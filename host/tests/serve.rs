@@ -1193,8 +1193,9 @@ async fn a_handler_burns_cpu_on_the_idle_threads_never_on_the_threads_that_answe
 async fn with_sandbox_threads_a_handler_starts_on_them_at_nice_10() {
     let (busiest, others) =
         busiest_thread_while_a_handler_spins("[engine]\nsandbox_threads = 1\n", false).await;
-    // It ran its first 100 ms of guest code on the sandbox thread (at least half of that in
-    // CPU time, a long runner's share on two cores), then moved to the idle threads.
+    // It ran its first 100 ticks of guest code on the sandbox thread, then moved to the idle
+    // threads. Ticks are counted while the guest runs, not by its CPU time: on a crowded
+    // machine those ticks may hold little CPU, but a sandbox thread that never ran it has none.
     let sandbox: Vec<&ThreadSample> = others
         .iter()
         .filter(|t| t.name.starts_with("jobhook-sandbox"))
@@ -1204,7 +1205,7 @@ async fn with_sandbox_threads_a_handler_starts_on_them_at_nice_10() {
         "{others:#?}"
     );
     assert!(
-        sandbox.iter().map(|t| t.cpu_ticks).sum::<u64>() >= 5,
+        sandbox.iter().map(|t| t.cpu_ticks).sum::<u64>() >= 1,
         "the handler did not start on the sandbox thread: {others:#?}"
     );
     assert_eq!(busiest.name, "jobhook-idle", "{busiest:?}; {others:#?}");
