@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How the threads of an [`OwnRuntime`] are scheduled (Linux; elsewhere they are normal
-/// threads). Both only lower a thread's claim on the CPU, which needs no privilege.
+/// threads). Each only lowers a thread's claim on the CPU, which needs no privilege.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheduling {
     /// A nice value above normal: a smaller share of the CPU under contention.
