@@ -5,6 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[cfg(target_os = "linux")]
+use jobhook::runtime::cpu_share::IDLE_THREAD_NAME;
+#[cfg(target_os = "linux")]
+use jobhook::runtime::engine::EPOCH_THREAD_NAME;
 use jobhook_testkit::engine::EngineProcess;
 use jobhook_testkit::{guest, sample_context_json};
 use serde_json::{Value, json};
@@ -1098,11 +1102,6 @@ fn threads_of(pid: u32) -> Vec<ThreadSample> {
     threads
 }
 
-/// The name of the engine's epoch ticker thread: its CPU time is its wake-ups every millisecond
-/// (on a crowded machine, tens of ms in a few seconds), never a handler's.
-#[cfg(target_os = "linux")]
-const EPOCH_THREAD: &str = "jobhook-epoch";
-
 /// Every thread of the engine while a looping handler runs and ten events are posted, and the
 /// one that used the most CPU meanwhile (the epoch ticker aside); `engine` is the `[engine]`
 /// section, if any. `ordinary_user`: the engine runs with an ordinary user's scheduling
@@ -1157,7 +1156,9 @@ async fn busiest_thread_while_a_handler_spins(
     loop {
         let mut after = threads_of(engine.pid());
         let busiest = (0..after.len())
-            .filter(|&i| after[i].name != EPOCH_THREAD)
+            // The epoch ticker's CPU time is its wake-ups every millisecond (on a crowded
+            // machine, tens of ms in a few seconds), never a handler's.
+            .filter(|&i| after[i].name != EPOCH_THREAD_NAME)
             .max_by_key(|&i| used(&after[i]))
             .expect("threads");
         if used(&after[busiest]) >= 5 {
@@ -1184,12 +1185,12 @@ async fn a_handler_burns_cpu_on_the_idle_threads_never_on_the_threads_that_answe
     for ordinary_user in [false, true] {
         let (busiest, others) = busiest_thread_while_a_handler_spins("", ordinary_user).await;
         assert!(
-            busiest.name == "jobhook-idle" && busiest.policy == SCHED_IDLE,
+            busiest.name == IDLE_THREAD_NAME && busiest.policy == SCHED_IDLE,
             "the handler's CPU time is on {busiest:?}, not on an idle thread \
              (ordinary user: {ordinary_user}): {others:#?}"
         );
         for t in &others {
-            let expected = if t.name == "jobhook-idle" {
+            let expected = if t.name == IDLE_THREAD_NAME {
                 SCHED_IDLE
             } else if t.name.starts_with("jobhook-deliver") {
                 SCHED_BATCH
@@ -1223,7 +1224,7 @@ async fn with_sandbox_threads_a_handler_starts_on_them_at_nice_10() {
         sandbox.iter().map(|t| t.cpu_ticks).sum::<u64>() >= 1,
         "the handler did not start on the sandbox thread: {others:#?}"
     );
-    assert_eq!(busiest.name, "jobhook-idle", "{busiest:?}; {others:#?}");
+    assert_eq!(busiest.name, IDLE_THREAD_NAME, "{busiest:?}; {others:#?}");
     // The threads that answer ingest keep the normal nice value.
     for t in others.iter().filter(|t| !t.name.starts_with("jobhook-")) {
         assert_eq!(t.nice, 0, "{t:?}");

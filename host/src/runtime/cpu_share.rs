@@ -186,7 +186,7 @@ impl LongRunner {
 }
 
 /// The name of the idle threads (`top -H` shows it).
-const IDLE_THREAD_NAME: &str = "jobhook-idle";
+pub const IDLE_THREAD_NAME: &str = "jobhook-idle";
 
 /// The threads long runners move to: one per core, at `SCHED_IDLE`, started when the first
 /// long runner needs them and kept for the life of the process. `None` when they could not be

@@ -397,6 +397,9 @@ impl SandboxThreads {
     }
 }
 
+/// The name of the thread that advances the epoch (`top -H` shows it).
+pub const EPOCH_THREAD_NAME: &str = "jobhook-epoch";
+
 /// A thread that advances the engine's epoch every [`EPOCH_TICK`].
 struct Ticker {
     stop: Arc<AtomicBool>,
@@ -409,7 +412,7 @@ impl Ticker {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
-            .name("jobhook-epoch".into())
+            .name(EPOCH_THREAD_NAME.into())
             .spawn(move || {
                 while !stop_flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
