@@ -1707,6 +1707,11 @@ mod tests {
         store
     }
 
+    /// A session of `store`'s own pool, as the store's calls get one.
+    fn pooled_session(store: &PostgresStore) -> r2d2::PooledConnection<Manager> {
+        store.pool.as_ref().expect("an open store").get().unwrap()
+    }
+
     #[test]
     fn a_nodes_sessions_are_named_after_it() {
         let Some(backend) = Postgres::new() else {
@@ -1777,8 +1782,8 @@ mod tests {
             return;
         };
         let store = backend.node();
-        // A session of the store's own pool, as the dispatcher's calls get.
-        let mut conn = store.pool.as_ref().expect("an open store").get().unwrap();
+        // As the dispatcher's calls get one.
+        let mut conn = pooled_session(&store);
         // `events` events from `source`, each with a delivery in `state` for four handlers.
         let add = |events: u32, state: &str, source: &str| {
             backend
@@ -1860,7 +1865,7 @@ mod tests {
             return;
         };
         let store = a_node_with_a_session(&backend);
-        let mut conn = store.pool.as_ref().expect("an open store").get().unwrap();
+        let mut conn = pooled_session(&store);
         let statements = INDEXED_STATEMENTS;
         // The plan a prepared statement keeps, whatever its arguments (all NULL here).
         conn.client
@@ -1923,23 +1928,26 @@ mod tests {
             return;
         };
         let store = a_node_with_a_session(&backend);
-        let mut conn = store.pool.as_ref().expect("an open store").get().unwrap();
+        let mut conn = pooled_session(&store);
         let counts = count_by_state_on(&mut conn).unwrap();
         assert_eq!(counts, [(DeliveryState::Pending, 1)]);
 
         // PostgreSQL's `disable_cost`: what a plan costs at least when it scans a table where
         // sequential scans are off.
         const DISABLE_COST: f64 = 1.0e10;
-        let on_the_session = explain(&mut conn.client, COUNT_BY_STATE);
-        assert!(
-            total_cost(&on_the_session) >= DISABLE_COST,
-            "sequential scans are off on a pooled session:\n{on_the_session}"
-        );
-        let allowed =
-            with_scans_allowed(&mut conn.client, |tx| Ok(explain(tx, COUNT_BY_STATE))).unwrap();
-        assert!(total_cost(&allowed) < DISABLE_COST, "{allowed}");
-        // The session is back to scans off for what it runs next.
-        assert!(total_cost(&explain(&mut conn.client, COUNT_BY_STATE)) >= DISABLE_COST);
+        // Every statement that reads a whole table on purpose, the count among them.
+        assert!(SCANNING_STATEMENTS.contains(&COUNT_BY_STATE));
+        for sql in SCANNING_STATEMENTS {
+            let on_the_session = explain(&mut conn.client, sql);
+            assert!(
+                total_cost(&on_the_session) >= DISABLE_COST,
+                "sequential scans are off on a pooled session:\n{on_the_session}"
+            );
+            let allowed = with_scans_allowed(&mut conn.client, |tx| Ok(explain(tx, sql))).unwrap();
+            assert!(total_cost(&allowed) < DISABLE_COST, "{sql}\n{allowed}");
+            // The session is back to scans off for what it runs next.
+            assert!(total_cost(&explain(&mut conn.client, sql)) >= DISABLE_COST);
+        }
     }
 
     #[test]
