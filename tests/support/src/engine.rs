@@ -68,7 +68,8 @@ impl EngineProcess {
 
     /// Like [`EngineProcess::start`], with the privileges of a service run as an ordinary
     /// user: an `RLIMIT_NICE` of 0 (the default) and no CAP_SYS_NICE — dropped from the
-    /// capability bounding set, so that not even root gets it back at `exec`.
+    /// capability bounding set, so that not even root gets it back at `exec`. Panics unless the
+    /// running engine's `/proc` entries show both.
     #[cfg(target_os = "linux")]
     pub fn start_without_cap_sys_nice(bin: &Path, config: &Path, log: &Path) -> Self {
         /// `CAP_SYS_NICE` in `<linux/capability.h>`.
@@ -96,11 +97,40 @@ impl EngineProcess {
             }
             Ok(())
         };
-        Self::start_with_setup(bin, config, log, &[], |command| {
+        let engine = Self::start_with_setup(bin, config, log, &[], |command| {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: `lower` only makes the two calls above (no allocation, no locks).
             unsafe { command.pre_exec(lower) };
-        })
+        });
+        // What the tests rely on, as the kernel reports it for the running engine.
+        let proc_file = |name: &str| {
+            let path = format!("/proc/{}/{name}", engine.pid());
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+        };
+        let status = proc_file("status");
+        for set in ["CapPrm:", "CapEff:"] {
+            let caps = status
+                .lines()
+                .find_map(|line| line.strip_prefix(set))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("no {set} in /proc/<pid>/status:\n{status}"));
+            assert_eq!(
+                caps & (1 << CAP_SYS_NICE),
+                0,
+                "the engine still has CAP_SYS_NICE in {set} {caps:#x}"
+            );
+        }
+        let limits = proc_file("limits");
+        let nice = limits
+            .lines()
+            .find(|line| line.starts_with("Max nice priority"))
+            .unwrap_or_else(|| panic!("no RLIMIT_NICE in /proc/<pid>/limits:\n{limits}"));
+        assert_eq!(
+            nice.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+            ["0", "0"],
+            "{nice}"
+        );
+        engine
     }
 
     fn append_to(log: &Path) -> Stdio {
