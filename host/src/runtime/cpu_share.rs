@@ -368,6 +368,30 @@ mod tests {
             .expect("told");
     }
 
+    /// A long runner whose run panics on the idle threads (a host bug) is answered with an
+    /// error, which the sandbox records as an engine error, and the idle threads go on running
+    /// the next one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_runner_that_panics_on_the_idle_threads_is_an_error_and_the_next_one_runs() {
+        let share = CpuShare::new(1.0, EPOCH_TICK);
+        let run_long = |panics: bool| {
+            let mut ticks = share.sandbox();
+            let long = ticks.long_runner();
+            long.at_idle_priority(async move {
+                for _ in 0..=IDLE_AFTER_TICKS {
+                    ticks.on_tick();
+                }
+                tokio::task::yield_now().await;
+                assert!(!panics, "a host bug on the idle threads");
+                std::thread::current().name().map(str::to_owned)
+            })
+        };
+        let failed = run_long(true).await.expect_err("the panic is an error");
+        assert!(failed.is_panic(), "{failed}");
+        let ran_on = run_long(false).await.expect("the next long runner");
+        assert_eq!(ran_on.as_deref(), Some(IDLE_THREAD_NAME));
+    }
+
     #[test]
     fn long_runners_within_the_share_never_pause() {
         assert_eq!(pause(0, 1.0, EPOCH_TICK), None);
