@@ -158,6 +158,59 @@ mod tests {
         (policy_of_this_thread(), nice)
     }
 
+    /// Makes the calling thread real-time (`policy`, priority 1), which needs CAP_SYS_NICE
+    /// or an `RLIMIT_RTPRIO` above 0: where neither is given, prints why and returns false —
+    /// or fails under `JOBHOOK_REQUIRE_FAULTS=1`, as the test script runs.
+    fn real_time_or_skip(policy: i32) -> bool {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: reads `param`, which lives through the call; pid 0 is this thread.
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
+            return true;
+        }
+        let e = std::io::Error::last_os_error();
+        if std::env::var("JOBHOOK_REQUIRE_FAULTS").is_ok_and(|v| v == "1") {
+            panic!("JOBHOOK_REQUIRE_FAULTS=1 but a thread cannot be made real-time: {e}");
+        }
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: a thread cannot be made real-time here ({e})"
+        );
+        false
+    }
+
+    /// A runtime started from a real-time thread (an operator may run the engine so; the idle
+    /// threads start from whichever thread first has a long runner) still gets the scheduling
+    /// it asks for, not its creator's: a new thread inherits its creator's policy.
+    #[test]
+    fn a_runtime_started_from_a_real_time_thread_schedules_its_threads_as_asked() {
+        for creator in [libc::SCHED_FIFO, libc::SCHED_RR] {
+            for (scheduling, expected) in [
+                (Scheduling::Idle, libc::SCHED_IDLE),
+                (Scheduling::Batch, libc::SCHED_BATCH),
+            ] {
+                let seen = std::thread::spawn(move || {
+                    real_time_or_skip(creator).then(|| {
+                        let threads =
+                            OwnRuntime::start("jobhook-test", Some(1), scheduling).expect("start");
+                        let waiter = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a runtime to wait on");
+                        waiter
+                            .block_on(threads.run(async { policy_of_this_thread() }))
+                            .expect("join")
+                    })
+                })
+                .join()
+                .expect("join");
+                if let Some(seen) = seen {
+                    assert_eq!(seen, expected, "{scheduling:?} from {creator}");
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn each_runtime_schedules_its_own_threads_and_leaves_the_callers_alone() {
         let before = scheduling_here();
