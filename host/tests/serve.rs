@@ -1230,3 +1230,65 @@ async fn with_sandbox_threads_a_handler_starts_on_them_at_nice_10() {
         assert_eq!(t.nice, 0, "{t:?}");
     }
 }
+
+/// An engine whose every change of a thread's scheduling policy is refused (a container's
+/// seccomp profile may refuse `sched_setscheduler`) says so in its log and runs every thread as
+/// a normal one: long runners still move to the idle threads, at the normal policy, and
+/// deliveries go on.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[tokio::test]
+async fn an_engine_refused_every_scheduling_change_says_so_and_still_delivers() {
+    const SCHED_OTHER: u32 = 0;
+    let setup = Setup::new();
+    let config = setup.config(&format!(
+        "{}{}",
+        handler("log", "log-context", "[\"*\"]", ""),
+        handler(
+            "spinner",
+            "guest-loop",
+            "[\"*\"]",
+            "[handlers.limits]\ntimeout_ms = 30000"
+        ),
+    ));
+    let engine = EngineProcess::start_with_scheduling_refused(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+    );
+    let (status, body) = post(&engine, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["event_id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, text) = get(&engine, &format!("/v1/events/{id}")).await;
+        assert_eq!(status, 200, "{text}");
+        let event: Value = serde_json::from_str(&text).expect("event JSON");
+        if delivery(&event, "log")["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {event:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Well past the 100 ms of guest code after which the spinner moves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let threads = loop {
+        let threads = threads_of(engine.pid());
+        if threads.iter().any(|t| t.name == IDLE_THREAD_NAME) {
+            break threads;
+        }
+        assert!(Instant::now() < deadline, "no idle thread: {threads:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for t in &threads {
+        assert_eq!(t.policy, SCHED_OTHER, "{t:?}");
+    }
+    let log = engine.log_text();
+    assert!(
+        log.contains("threads cannot be scheduled as Batch")
+            && log.contains("they run as normal threads"),
+        "{log}"
+    );
+}

@@ -133,6 +133,74 @@ impl EngineProcess {
         engine
     }
 
+    /// Like [`EngineProcess::start`], with every change of a thread's scheduling policy refused
+    /// (`sched_setscheduler` fails with `EPERM`), as a container's seccomp profile may refuse
+    /// it: a seccomp filter installed in the child before `exec`.
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    pub fn start_with_scheduling_refused(bin: &Path, config: &Path, log: &Path) -> Self {
+        /// `AUDIT_ARCH_*` of this machine in `<linux/audit.h>`: the filter applies to its own
+        /// system call numbers only.
+        #[cfg(target_arch = "x86_64")]
+        const AUDIT_ARCH: u32 = 0xc000_003e;
+        #[cfg(target_arch = "aarch64")]
+        const AUDIT_ARCH: u32 = 0xc000_00b7;
+        /// Offsets of `arch` and `nr` in `struct seccomp_data`.
+        const ARCH_OFFSET: u32 = 4;
+        const NR_OFFSET: u32 = 0;
+        let statement = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt,
+            jf,
+            k,
+        };
+        let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+        let ret = libc::BPF_RET | libc::BPF_K;
+        let mut filter = vec![
+            statement(load, ARCH_OFFSET),
+            jump(AUDIT_ARCH, 1, 0),
+            statement(ret, libc::SECCOMP_RET_ALLOW),
+            statement(load, NR_OFFSET),
+            jump(libc::SYS_sched_setscheduler as u32, 0, 1),
+            statement(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+            statement(ret, libc::SECCOMP_RET_ALLOW),
+        ];
+        // Runs in the child, on its copy of `filter` (made by `fork`).
+        let refuse = move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_mut_ptr(),
+            };
+            // SAFETY: `prctl` reads `program` and the filter it points to, both alive through
+            // the call; both calls are async-signal-safe, as `pre_exec` requires.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &program as *const libc::sock_fprog,
+                    ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        };
+        Self::start_with_setup(bin, config, log, &[], |command| {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: `refuse` only makes the two calls above.
+            unsafe { command.pre_exec(refuse) };
+        })
+    }
+
     fn append_to(log: &Path) -> Stdio {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
