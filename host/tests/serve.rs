@@ -1102,6 +1102,18 @@ fn threads_of(pid: u32) -> Vec<ThreadSample> {
     threads
 }
 
+/// A handler that loops on every event for up to 30 s: a long runner, moved to the idle threads
+/// after its first 100 ms of guest code.
+#[cfg(target_os = "linux")]
+fn spinner() -> String {
+    handler(
+        "spinner",
+        "guest-loop",
+        "[\"*\"]",
+        "[handlers.limits]\ntimeout_ms = 30000",
+    )
+}
+
 /// Every thread of the engine while a looping handler runs and ten events are posted, and the
 /// one that used the most CPU meanwhile (the epoch ticker aside); `engine` is the `[engine]`
 /// section, if any. `ordinary_user`: the engine runs with an ordinary user's scheduling
@@ -1112,15 +1124,7 @@ async fn busiest_thread_while_a_handler_spins(
     ordinary_user: bool,
 ) -> (ThreadSample, Vec<ThreadSample>) {
     let setup = Setup::new();
-    let body = format!(
-        "{engine}\n{}",
-        handler(
-            "spinner",
-            "guest-loop",
-            "[\"*\"]",
-            "[handlers.limits]\ntimeout_ms = 30000",
-        )
-    );
+    let body = format!("{engine}\n{}", spinner());
     let engine = if ordinary_user {
         EngineProcess::start_without_cap_sys_nice(
             Path::new(env!("CARGO_BIN_EXE_jobhook")),
@@ -1246,12 +1250,7 @@ async fn an_engine_refused_every_scheduling_change_says_so_and_still_delivers() 
     let config = setup.config(&format!(
         "{}{}",
         handler("log", "log-context", "[\"*\"]", ""),
-        handler(
-            "spinner",
-            "guest-loop",
-            "[\"*\"]",
-            "[handlers.limits]\ntimeout_ms = 30000"
-        ),
+        spinner(),
     ));
     let engine = EngineProcess::start_with_scheduling_refused(
         Path::new(env!("CARGO_BIN_EXE_jobhook")),
