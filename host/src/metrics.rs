@@ -76,7 +76,7 @@ pub struct Metrics {
 
 /// Where the engine's log counts the lines it dropped because its writer fell behind
 /// (`jobhook serve` logs through a writer thread that drops rather than blocks;
-/// crate::app::cli::init_serve_tracing). The default counts nothing: a log written in place
+/// crate::app::engine_log::init_serve_tracing). The default counts nothing: a log written in place
 /// drops no line.
 #[derive(Clone, Debug, Default)]
 pub struct LogDrops(Option<tracing_appender::non_blocking::ErrorCounter>);

@@ -821,7 +821,7 @@ const FLOOD_LINES: usize = jobhook::limits::DEFAULT_LOG_LINES;
 
 /// Events the stalled-log test posts: their lines are more than the engine's log holds for its
 /// writer, so lines must be dropped.
-const STALLED_LOG_EVENTS: usize = jobhook::app::cli::LOG_BUFFERED_LINES / FLOOD_LINES + 200;
+const STALLED_LOG_EVENTS: usize = jobhook::app::engine_log::LOG_BUFFERED_LINES / FLOOD_LINES + 200;
 
 /// Longest a `POST` may take while the log is stalled: ingest must not wait for the log at all.
 const STALLED_POST_TIMEOUT: Duration = Duration::from_secs(10);

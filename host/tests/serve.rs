@@ -56,6 +56,15 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Asks the engine to reload its configuration (no token: the tests' engines have none).
+async fn reload(engine: &EngineProcess) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/admin/reload", engine.url))
+        .send()
+        .await
+        .expect("reload")
+}
+
 async fn post(engine: &EngineProcess, body: &Value) -> (u16, Value) {
     post_raw(engine, body.to_string(), None).await
 }
@@ -613,11 +622,7 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
         )
     );
     setup.config(&second);
-    let response = client()
-        .post(format!("{}/v1/admin/reload", engine.url))
-        .send()
-        .await
-        .expect("reload");
+    let response = reload(&engine).await;
     assert_eq!(response.status().as_u16(), 200);
     let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
     assert_eq!(body["deliveries"], json!(["all", "probe"]));
@@ -627,11 +632,7 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
         "{second}{}",
         handler("all", "log-context", "[\"*\"]", "")
     ));
-    let response = client()
-        .post(format!("{}/v1/admin/reload", engine.url))
-        .send()
-        .await
-        .expect("reload");
+    let response = reload(&engine).await;
     assert_eq!(response.status().as_u16(), 400);
     let text = response.text().await.expect("text");
     assert!(text.contains("already used"), "{text}");
@@ -811,6 +812,81 @@ async fn guest_text_cannot_forge_engine_log_lines() {
         log.contains("innocent\\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line\\routcome   succeeded\\n\\x1b[2J"),
         "{log}"
     );
+}
+
+/// At its default log filter, as an operator runs it, `jobhook serve` shows the warnings
+/// docs/OPERATIONS.md tells an operator to look for (here: a reload that cannot apply a change)
+/// and of a handler's own lines only its errors, escaped — not its info and warning lines, nor
+/// a line for each delivery it fails (the outcome has those).
+#[tokio::test]
+async fn at_its_default_log_filter_serve_shows_the_operators_warnings_and_only_handler_errors() {
+    let setup = Setup::new();
+    let handlers = handler(
+        "forger",
+        "guest-log-forge",
+        "[\"*\"]",
+        "[handlers.properties]\nmode = \"fail\"\n",
+    );
+    let config = setup.config(&handlers);
+    let engine = EngineProcess::start_at_default_log_level(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+    );
+    let (status, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    assert_eq!(delivery(&event, "forger")["outcome"], "handler-failed");
+
+    // A change only a restart applies.
+    let text = std::fs::read_to_string(&config).expect("read");
+    let changed = text.replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nmax_connections = 1000",
+    );
+    assert_ne!(text, changed);
+    std::fs::write(&config, changed).expect("write");
+    let response = reload(&engine).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let warning = "reload cannot apply this: [server] changed";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !engine.log_text().contains(warning) {
+        assert!(
+            Instant::now() < deadline,
+            "no warning about the reload at the default filter:\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = engine.log_text();
+    engine.kill();
+    let lines: Vec<&str> = log.lines().collect();
+    // A line is `<time> <level> <target>: …`, with the level padded to five characters.
+    let level = |line: &str| line.split_whitespace().nth(1).map(str::to_owned);
+    assert!(
+        lines
+            .iter()
+            .all(|l| level(l).is_some_and(|l| l == "WARN" || l == "ERROR")),
+        "{log}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(warning)).count(),
+        1,
+        "{log}"
+    );
+    // The handler logged its forgery at info, warn and error: the error alone is shown, in
+    // one line, escaped.
+    let guest: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("jobhook::guest"))
+        .collect();
+    assert_eq!(guest.len(), 1, "{log}");
+    assert!(guest[0].contains(" ERROR jobhook::guest"), "{log}");
+    assert!(
+        guest[0].contains("innocent\\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line"),
+        "{log}"
+    );
+    assert!(!log.contains("handler did not succeed"), "{log}");
 }
 
 /// Posts `body` with these extra headers; answers the status, the JSON body and whether the

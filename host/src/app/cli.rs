@@ -153,11 +153,11 @@ pub fn main() -> ExitCode {
     // `serve` logs through a writer thread; held to the end, so that its last lines are written.
     let (log_drops, _log) = match cli.command {
         Command::Serve(_) => {
-            let (drops, guard) = init_serve_tracing();
+            let (drops, guard) = crate::app::engine_log::init_serve_tracing();
             (drops, Some(guard))
         }
         _ => {
-            init_tracing();
+            crate::app::engine_log::init_tracing();
             (crate::metrics::LogDrops::default(), None)
         }
     };
@@ -203,60 +203,6 @@ pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// Logs go to stderr; `RUST_LOG` overrides the default, which shows only engine errors so the
-/// printed outcome is not repeated. Each line is written as it is logged: a command's log and
-/// its printed result stay in order.
-pub fn init_tracing() {
-    let _ = subscriber().with_writer(std::io::stderr).try_init();
-}
-
-/// Lines the log of `jobhook serve` holds for its writer thread before it drops new ones: at the
-/// ~100 bytes of a typical line some 10 MiB, several seconds of the busiest log measured
-/// (~50,000 lines/s with every handler logging at `info`).
-pub const LOG_BUFFERED_LINES: usize = 100_000;
-
-/// Most bytes of `jobhook serve`'s log written in one system call: lines gathered while the
-/// writer was busy go out together (its thread flushes whenever no line is waiting): the
-/// busiest log measured, some 5 MB/s, in under a hundred calls a second.
-const LOG_WRITE_BYTES: usize = 64 * 1024;
-
-/// Like [`init_tracing`], for `jobhook serve`: lines go to a writer thread that writes whatever
-/// has gathered in one system call, so no thread of the event path or of a sandbox ever waits
-/// for stderr (a slow pipe, a full disk under the log file), and a busy log costs a fraction of
-/// a `write` per line. When [`LOG_BUFFERED_LINES`] are waiting, new lines are dropped and
-/// counted (`jobhook_log_lines_dropped_total` in `/metrics`) rather than blocking. Keep the guard
-/// until the process ends: dropping it writes out what is still waiting.
-pub fn init_serve_tracing() -> (
-    crate::metrics::LogDrops,
-    tracing_appender::non_blocking::WorkerGuard,
-) {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_BUFFERED_LINES)
-        .lossy(true)
-        .thread_name("jobhook-log")
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_WRITE_BYTES,
-            std::io::stderr(),
-        ));
-    let drops = crate::metrics::LogDrops::new(writer.error_counter());
-    let _ = subscriber().with_writer(writer).try_init();
-    (drops, guard)
-}
-
-/// The engine's log format and filter, before its writer is chosen.
-fn subscriber() -> tracing_subscriber::fmt::SubscriberBuilder<
-    tracing_subscriber::fmt::format::DefaultFields,
-    tracing_subscriber::fmt::format::Format,
-    tracing_subscriber::EnvFilter,
-> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    // Colour codes only for a terminal: a log file or pipe gets plain text, no escape bytes.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
 }
 
 /// `jobhook run`: one handler on one context, the outcome printed. `keyfactor`, when given, is

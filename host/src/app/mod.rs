@@ -8,6 +8,8 @@
 //! - [`migrate`]: `jobhook import` (Keyfactor registrations to `[[handlers]]`) and
 //!   `jobhook forwarder-config` (the forwarder's Keyfactor registration);
 //! - [`cli`]: the `jobhook` command line;
+//! - [`engine_log`]: the engine's own log — its default filters, its writer thread, every line
+//!   escaped;
 //! - [`output`]: what a command prints, and what becomes of it when nobody reads it;
 //! - [`engine_args`]: the engine flags of `jobhook run` and `jobhook inspect`;
 //! - [`devtools`]: `jobhook run`'s capability flags;
@@ -24,6 +26,7 @@ pub mod config;
 pub mod connections;
 pub mod devtools;
 pub mod engine_args;
+pub mod engine_log;
 pub mod jobtypes;
 pub mod migrate;
 pub mod new_project;

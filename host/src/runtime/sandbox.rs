@@ -149,7 +149,10 @@ impl SandboxedHandler {
         let memory_bytes = state.as_ref().map_or(0, |s| s.limiter.memory_used());
         let (logs, logs_dropped) = state.map(|s| s.log.finish()).unwrap_or_default();
         if !kind.is_success() {
+            // The handler's target: shown with its own warnings, not by `serve`'s default
+            // filter (the outcome and `/metrics` have every failure).
             tracing::warn!(
+                target: "jobhook::guest",
                 handler = %crate::escape::escape(&self.spec.name),
                 class = kind.class(),
                 duration_ms = duration.as_secs_f64() * 1000.0,

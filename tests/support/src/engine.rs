@@ -59,7 +59,7 @@ impl EngineProcess {
         Self::spawn(bin, config, stderr, log, Some(TEST_LOG_FILTER), env, setup).0
     }
 
-    /// Like [`EngineProcess::start`], at the engine's own default log filter (its errors only)
+    /// Like [`EngineProcess::start`], at the engine's own default log filter (its warnings and errors, handlers' errors only)
     /// instead of `info`: the engine as an operator runs it, for measurements — formatting
     /// every handler's log lines at `info` is work the default does not do.
     pub fn start_at_default_log_level(bin: &Path, config: &Path, log: &Path) -> Self {

@@ -75,7 +75,7 @@ struct LoadArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    jobhook::app::cli::init_tracing();
+    jobhook::app::engine_log::init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,0 +1,234 @@
+//! The engine's own log: which lines it shows, how they are written, and that none of them can
+//! be forged.
+//!
+//! Lines go to stderr, one event per line. Every message and every field value is passed through
+//! [`escape`] as the line is formatted, whoever logged it: a failure reason a handler wrote, the
+//! body of an error answer from the Keyfactor API, a mail relay's reply, a database server's
+//! message — text from outside the engine cannot end a line and forge the next one, or move an
+//! operator's cursor, even where the code that logged it forgot to escape it.
+
+use std::fmt;
+
+use tracing::field::Field;
+use tracing_subscriber::field::{MakeExt as _, delimited::Delimited};
+#[cfg(test)]
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::SubscriberBuilder;
+use tracing_subscriber::fmt::format::{FieldFn, Format, Writer};
+use tracing_subscriber::{EnvFilter, fmt::format::debug_fn};
+
+use crate::escape::escape;
+
+/// The log filter of every command but `serve` (`jobhook run`, `inspect`, …) when `RUST_LOG` is
+/// not set: the engine's errors only, so that the outcome a command prints is not repeated by
+/// its log.
+const COMMAND_LOG_FILTER: &str = "error";
+
+/// The log filter of `jobhook serve` when `RUST_LOG` is not set: the engine's warnings and
+/// errors — the lines docs/OPERATIONS.md tells an operator to look for (abandoned deliveries
+/// requeued, a mail relay or the Keyfactor API refusing, a connection limit reached, a clock
+/// step, threads the kernel would not schedule as asked) — and of the handlers' lines
+/// (`jobhook::guest`) only their errors, as before: every line a handler logs is kept in its
+/// deliveries' outcomes, and a handler that fails on every delivery does not fill the
+/// operator's log.
+pub const SERVE_LOG_FILTER: &str = "warn,jobhook::guest=error";
+
+/// Lines the log of `jobhook serve` holds for its writer thread before it drops new ones: at the
+/// ~100 bytes of a typical line some 10 MiB, several seconds of the busiest log measured
+/// (~50,000 lines/s with every handler logging at `info`).
+pub const LOG_BUFFERED_LINES: usize = 100_000;
+
+/// Most bytes of `jobhook serve`'s log written in one system call: lines gathered while the
+/// writer was busy go out together (its thread flushes whenever no line is waiting): the
+/// busiest log measured, some 5 MB/s, in under a hundred calls a second.
+const LOG_WRITE_BYTES: usize = 64 * 1024;
+
+/// Logs go to stderr; `RUST_LOG` overrides [`COMMAND_LOG_FILTER`]. Each line is written as it is
+/// logged: a command's log and its printed result stay in order.
+pub fn init_tracing() {
+    let _ = subscriber(COMMAND_LOG_FILTER)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Like [`init_tracing`], for `jobhook serve` (`RUST_LOG` overrides [`SERVE_LOG_FILTER`]):
+/// lines go to a writer thread that writes whatever has gathered in one system call, so no
+/// thread of the event path or of a sandbox ever waits for stderr (a slow pipe, a full disk
+/// under the log file), and a busy log costs a fraction of a `write` per line. When
+/// [`LOG_BUFFERED_LINES`] are waiting, new lines are dropped and counted
+/// (`jobhook_log_lines_dropped_total` in `/metrics`) rather than blocking. Keep the guard until
+/// the process ends: dropping it writes out what is still waiting.
+pub fn init_serve_tracing() -> (
+    crate::metrics::LogDrops,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BUFFERED_LINES)
+        .lossy(true)
+        .thread_name("jobhook-log")
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BYTES,
+            std::io::stderr(),
+        ));
+    let drops = crate::metrics::LogDrops::new(writer.error_counter());
+    let _ = subscriber(SERVE_LOG_FILTER).with_writer(writer).try_init();
+    (drops, guard)
+}
+
+/// How a field is written: see [`write_field`].
+type WriteField = fn(&mut Writer<'_>, &Field, &dyn fmt::Debug) -> fmt::Result;
+
+/// The engine's fields formatter: [`write_field`] for each field, a space between them.
+type EscapedFields = Delimited<&'static str, FieldFn<WriteField>>;
+
+/// The engine's log filter (`RUST_LOG`, else `default_filter`) and format, before its writer is
+/// chosen.
+fn subscriber(default_filter: &str) -> SubscriberBuilder<EscapedFields, Format, EnvFilter> {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colour codes only for a terminal: a log file or pipe gets plain text, no escape bytes.
+    formatted(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+}
+
+/// The engine's line format with `filter`.
+fn formatted(filter: EnvFilter) -> SubscriberBuilder<EscapedFields, Format, EnvFilter> {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .fmt_fields(debug_fn(write_field as WriteField).delimited(" "))
+}
+
+/// Writes one field of a line as the default format does — the message bare, any other field
+/// as `name=value` — with the value [`escape`]d. Fields a `log` record carries about its origin
+/// (`log.target`, `log.file`, …) are left out, as the default format leaves them out: the line's
+/// target already says where it comes from.
+fn write_field(writer: &mut Writer<'_>, field: &Field, value: &dyn fmt::Debug) -> fmt::Result {
+    let name = field.name();
+    if name.starts_with("log.") {
+        return Ok(());
+    }
+    let text = format!("{value:?}");
+    let text = escape(&text);
+    if name == "message" {
+        write!(writer, "{text}")
+    } else {
+        write!(writer, "{name}={text}")
+    }
+}
+
+/// Builds [`MakeWriter`]s for tests: keeps what is written.
+#[cfg(test)]
+#[derive(Clone, Default)]
+struct Kept(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl std::io::Write for Kept {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl<'a> MakeWriter<'a> for Kept {
+    type Writer = Kept;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the engine's format writes for the events `log` emits, at `filter`.
+    fn lines(filter: &str, log: impl FnOnce()) -> String {
+        let kept = Kept::default();
+        let subscriber = formatted(EnvFilter::new(filter))
+            .with_ansi(false)
+            .with_writer(kept.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let bytes = kept.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8(bytes).expect("UTF-8")
+    }
+
+    /// A server's answer, a reason or a name with a line of its own, a terminal escape, a
+    /// carriage return and a bidi override in it.
+    const FORGED: &str =
+        "refused\n2026-12-05T00:00:00Z ERROR jobhook: forged line\r\x1b[2J\u{202e}tail";
+
+    #[test]
+    fn text_from_outside_cannot_end_a_line_or_reach_the_terminal() {
+        let text = lines("info", || {
+            // The message, a field shown with Display, a field shown with Debug and a span's
+            // field: each as code might log text it took from a remote server unescaped.
+            let span = tracing::info_span!("delivery", handler = %FORGED);
+            let _inside = span.enter();
+            tracing::warn!(error = %FORGED, body = ?FORGED, "Keyfactor answered: {FORGED}");
+        });
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.ends_with('\n'), "{text:?}");
+        let line = text.trim_end_matches('\n');
+        assert!(
+            !line
+                .chars()
+                .any(|c| c.is_control() || c == '\u{202e}' || c == '\u{2028}'),
+            "{line:?}"
+        );
+        let shown =
+            "refused\\n2026-12-05T00:00:00Z ERROR jobhook: forged line\\r\\x1b[2J\\u{202e}tail";
+        assert!(
+            line.contains(&format!("Keyfactor answered: {shown}")),
+            "{line}"
+        );
+        assert!(line.contains(&format!("error={shown}")), "{line}");
+        assert!(line.contains(&format!("handler={shown}")), "{line}");
+        // `?` already writes a string's controls visibly; escaping it again changes nothing.
+        assert!(
+            line.contains(r#"body="refused\n2026-12-05T00:00:00Z ERROR jobhook: forged line\r\u{1b}[2J\u{202e}tail""#),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn plain_lines_look_as_the_default_format_writes_them() {
+        let text = lines("info", || {
+            tracing::info!(requeued = 3, relay = %"smtp.example:25", "abandoned deliveries requeued");
+        });
+        assert!(
+            text.trim_end()
+                .ends_with("abandoned deliveries requeued requeued=3 relay=smtp.example:25"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn serve_shows_the_engines_warnings_and_of_handlers_only_their_errors() {
+        let text = lines(SERVE_LOG_FILTER, || {
+            tracing::info!("an engine info line");
+            tracing::warn!("an engine warning");
+            tracing::error!("an engine error");
+            tracing::warn!(target: "jobhook::guest", "a handler's warning");
+            tracing::error!(target: "jobhook::guest", "a handler's error");
+        });
+        assert!(!text.contains("an engine info line"), "{text}");
+        assert!(text.contains("an engine warning"), "{text}");
+        assert!(text.contains("an engine error"), "{text}");
+        assert!(!text.contains("a handler's warning"), "{text}");
+        assert!(text.contains("a handler's error"), "{text}");
+        let text = lines(COMMAND_LOG_FILTER, || {
+            tracing::warn!("an engine warning");
+            tracing::error!("an engine error");
+        });
+        assert!(!text.contains("an engine warning"), "{text}");
+        assert!(text.contains("an engine error"), "{text}");
+    }
+}
