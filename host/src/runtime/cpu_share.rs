@@ -177,13 +177,27 @@ impl LongRunner {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        self.moving_to(idle_threads, future)
+    }
+
+    /// [`LongRunner::at_idle_priority`], with the idle threads `threads` gives (`None`: they
+    /// could not be started, and the run stays where it is).
+    fn moving_to<F>(self, threads: IdleThreads, future: F) -> AtIdlePriority<F>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
         AtIdlePriority {
             here: Some(Box::pin(future)),
             there: None,
             long: self.0,
+            threads,
         }
     }
 }
+
+/// Where a long runner finds the threads it moves to ([`idle_threads`] but in tests).
+type IdleThreads = fn() -> Option<&'static OwnRuntime>;
 
 /// The name of the idle threads (`top -H` shows it).
 pub const IDLE_THREAD_NAME: &str = "jobhook-idle";
@@ -219,6 +233,7 @@ pub struct AtIdlePriority<F: Future> {
     /// The wait for it on the idle threads once it has moved.
     there: Option<Moved<F::Output>>,
     long: Arc<AtomicBool>,
+    threads: IdleThreads,
 }
 
 impl<F> Future for AtIdlePriority<F>
@@ -233,7 +248,7 @@ where
         let this = &mut *self;
         if this.there.is_none()
             && this.long.load(Ordering::Relaxed)
-            && let Some(threads) = idle_threads()
+            && let Some(threads) = (this.threads)()
             && let Some(future) = this.here.take()
         {
             this.there = Some(Box::pin(threads.run(future)));
@@ -327,6 +342,31 @@ mod tests {
             .await
             .expect("the run");
         assert_eq!(seen, caller);
+    }
+
+    /// Idle threads that could not be started (a limit on threads, a container's policy): a
+    /// long runner keeps running where it is and finishes there.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_idle_threads_a_long_runner_stays_on_the_callers_thread_and_finishes() {
+        let caller = here();
+        let mut ticks = CpuShare::new(1.0, EPOCH_TICK).sandbox();
+        let long = ticks.long_runner();
+        let seen = long
+            .moving_to(|| None, async move {
+                for _ in 0..=IDLE_AFTER_TICKS {
+                    ticks.on_tick();
+                }
+                let mut seen = Vec::new();
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                    seen.push(here());
+                }
+                seen
+            })
+            .await
+            .expect("the run");
+        assert_eq!(seen, [caller.clone(), caller.clone(), caller]);
     }
 
     /// Dropping the wait drops the run on the idle threads too: a sandbox never outlives the
