@@ -20,10 +20,11 @@ use wasmtime::{Store, UpdateDeadline};
 use crate::bindings::jobhook::handler as wit;
 use crate::capabilities::Services;
 use crate::capabilities::stdio::CappedOutput;
+use crate::caught::caught;
 use crate::context::{JobContext, JobResult, OperationType};
 use crate::outcome::{MAX_REASON_BYTES, Outcome, OutcomeKind, truncate};
 use crate::runtime::classify::{classify, timed_out};
-use crate::runtime::engine::Engine;
+use crate::runtime::engine::{Engine, SandboxThreads};
 use crate::runtime::loader::{self, LoadError, LoadOptions, LoadedComponent};
 use crate::runtime::state::{Delivery, SandboxSpec, SandboxState};
 
@@ -119,10 +120,7 @@ impl SandboxedHandler {
             (tokio::time::timeout(budget, call).await, store)
         };
         let run = long_runner.at_idle_priority(run);
-        let ran = match self.engine.sandbox_threads() {
-            Some(threads) => threads.run(run).await.and_then(|ran| ran),
-            None => run.await,
-        };
+        let ran = run_to_end(self.engine.sandbox_threads(), run).await;
         let stderr_text = stderr.contents();
         let (kind, state) = match ran {
             Ok((result, store)) => {
@@ -136,11 +134,11 @@ impl SandboxedHandler {
                 };
                 (kind, Some(store.into_data()))
             }
-            // The sandbox task panicked (a host bug) or the runtime is shutting down; the store
-            // went with it.
-            Err(join) => (
+            // The run panicked (a host bug) or the runtime is shutting down; the store went
+            // with it.
+            Err(why) => (
                 OutcomeKind::EngineError {
-                    message: format!("the sandbox task did not complete: {join}"),
+                    message: format!("the sandbox task did not complete: {why}"),
                 },
                 None,
             ),
@@ -188,6 +186,29 @@ impl SandboxedHandler {
     }
 }
 
+/// Awaits a sandbox's `run` (as [`crate::runtime::cpu_share::LongRunner::at_idle_priority`]
+/// made it) on the engine's sandbox threads when it has them, else in this task. A panic
+/// anywhere in the run — host code a capability calls, wasmtime — is answered as `Err` with
+/// what it said, wherever the run was polled: on other threads the panic ends their task (a
+/// `JoinError`); here it is caught, so that it cannot end the delivery's task before an outcome
+/// is recorded (the delivery would stay claimed, its lease renewed, until a restart).
+async fn run_to_end<F, T>(threads: Option<&SandboxThreads>, run: F) -> Result<T, String>
+where
+    F: Future<Output = Result<T, tokio::task::JoinError>> + Send + 'static,
+    T: Send + 'static,
+{
+    match threads {
+        Some(threads) => threads
+            .run(run)
+            .await
+            .and_then(|ran| ran)
+            .map_err(|join| join.to_string()),
+        None => caught(run)
+            .await
+            .and_then(|ran| ran.map_err(|join| join.to_string())),
+    }
+}
+
 /// The WIT form of a context, as every `run-handler` call receives it.
 pub fn to_wit(c: &JobContext) -> wit::types::JobContext {
     use wit::types::{Datetime, JobResult as R, OperationType as O};
@@ -223,5 +244,28 @@ pub fn to_wit(c: &JobContext) -> wit::types::JobContext {
             nanoseconds: t.timestamp_subsec_nanos(),
         }),
         current_retry_count: c.current_retry_count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::cpu_share::CpuShare;
+    use crate::runtime::engine::EPOCH_TICK;
+
+    /// A panic in host code during a run in the delivery's own task is an answer, not the end
+    /// of that task: the delivery gets an outcome.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panic_in_a_run_in_the_deliverys_task_is_answered() {
+        let long = CpuShare::new(1.0, EPOCH_TICK).sandbox().long_runner();
+        let run = long.at_idle_priority(async {
+            tokio::task::yield_now().await;
+            panic!("a host call broke");
+        });
+        let ran: Result<(), String> = run_to_end(None, run).await;
+        assert_eq!(ran, Err("panic: a host call broke".to_owned()));
+        let long = CpuShare::new(1.0, EPOCH_TICK).sandbox().long_runner();
+        let ran = run_to_end(None, long.at_idle_priority(async { 42 })).await;
+        assert_eq!(ran, Ok(42));
     }
 }

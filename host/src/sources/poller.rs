@@ -511,8 +511,8 @@ impl Poller {
                 tokio::time::sleep(interval).await;
                 continue;
             }
-            match self.poll_once().await {
-                Ok(report) => {
+            match crate::caught::caught(self.poll_once()).await {
+                Ok(Ok(report)) => {
                     backoff = interval;
                     if report.events > 0 {
                         tracing::info!(events = report.events, since = ?report.cursor.since, "JobHistory polled");
@@ -522,8 +522,18 @@ impl Poller {
                     }
                     tokio::time::sleep(interval).await;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!("JobHistory poll failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
+                }
+                // A bug met on what the API answered: the poller goes on (the cursor is only
+                // moved by a poll that ends), instead of ending for the life of the process.
+                Err(panic) => {
+                    tracing::error!(
+                        "JobHistory poll failed with an engine error ({panic}); retrying in \
+                         {backoff:?}"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
                 }
