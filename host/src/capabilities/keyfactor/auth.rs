@@ -29,6 +29,29 @@ pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// life is not used for long; a 401 also forces a refresh.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 
+/// Longest a token is used, whatever `expires_in` says. Identity providers issue client
+/// credentials tokens for minutes to hours; a larger number (a misconfigured or hostile server
+/// answering "forever", up to 2⁶⁴ − 1 seconds, which would overflow the engine's clock
+/// arithmetic) is held to a day, after which the engine asks again.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A token's lifetime from the token response's `expires_in` (seconds; absent: the default),
+/// at most [`MAX_TOKEN_LIFETIME`].
+fn token_lifetime(expires_in: Option<u64>) -> Duration {
+    expires_in
+        .map(|s| Duration::from_secs(s.min(MAX_TOKEN_LIFETIME.as_secs())))
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+}
+
+/// How long a token of `lifetime` is used before it is refreshed: a margin before expiry, but
+/// never less than half the lifetime (a 90 s token would otherwise be refreshed after 30 s, a
+/// 30 s token immediately).
+fn use_token_for(lifetime: Duration) -> Duration {
+    lifetime
+        .saturating_sub(TOKEN_REFRESH_MARGIN)
+        .max(lifetime / 2)
+}
+
 /// Largest token response read. Access tokens (JWTs) are a few KiB.
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 
@@ -422,15 +445,8 @@ impl OAuth2 {
                 unavailable()
             })?;
         header.set_sensitive(true);
-        let lifetime = token
-            .expires_in
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
-        // Refresh a margin before expiry, but never use less than half the lifetime (a 90 s
-        // token would otherwise be refreshed after 30 s, a 30 s token immediately).
-        let use_for = lifetime
-            .saturating_sub(TOKEN_REFRESH_MARGIN)
-            .max(lifetime / 2);
+        let lifetime = token_lifetime(token.expires_in);
+        let use_for = use_token_for(lifetime);
         let mut redactor = Redactor::new();
         redactor.add(&format!("Bearer {}", token.access_token));
         redactor.add(&token.access_token);
@@ -442,7 +458,9 @@ impl OAuth2 {
         Ok((
             CachedToken {
                 header,
-                refresh_at: started + use_for,
+                // Cannot overflow (the lifetime is at most a day); if it did, the token would
+                // be refreshed at once rather than the engine panic.
+                refresh_at: started.checked_add(use_for).unwrap_or(started),
             },
             redactor,
         ))
@@ -452,6 +470,42 @@ impl OAuth2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_expires_in_gives_a_refresh_time_the_clock_can_hold() {
+        let now = Instant::now();
+        for (expires_in, lifetime, used_for) in [
+            (None, DEFAULT_TOKEN_LIFETIME, Duration::from_secs(240)),
+            (Some(0), Duration::ZERO, Duration::ZERO),
+            (Some(30), Duration::from_secs(30), Duration::from_secs(15)),
+            (
+                Some(3600),
+                Duration::from_secs(3600),
+                Duration::from_secs(3540),
+            ),
+            (
+                Some(86_400 * 365),
+                MAX_TOKEN_LIFETIME,
+                Duration::from_secs(86_340),
+            ),
+            // "Forever", and the largest number JSON can carry into a u64.
+            (
+                Some(i64::MAX as u64),
+                MAX_TOKEN_LIFETIME,
+                Duration::from_secs(86_340),
+            ),
+            (
+                Some(u64::MAX),
+                MAX_TOKEN_LIFETIME,
+                Duration::from_secs(86_340),
+            ),
+        ] {
+            let lifetime_seen = token_lifetime(expires_in);
+            assert_eq!(lifetime_seen, lifetime, "{expires_in:?}");
+            assert_eq!(use_token_for(lifetime_seen), used_for, "{expires_in:?}");
+            assert!(now.checked_add(use_token_for(lifetime_seen)).is_some());
+        }
+    }
 
     #[test]
     fn auth_config_parses_each_kind() {
