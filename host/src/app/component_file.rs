@@ -36,7 +36,7 @@ pub fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
         return Err(too_big(size.to_string()));
     }
     let mut bytes = Vec::new();
-    file.take(max as u64 + 1)
+    file.take((max as u64).saturating_add(1))
         .read_to_end(&mut bytes)
         .with_context(cannot_read)?;
     if bytes.len() > max {

@@ -29,7 +29,8 @@ use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, JobTypes, Registra
 use crate::queue::retry::{MAX_RETRY_ATTEMPTS, RetryPolicy};
 use crate::queue::store::config::StoreConfig;
 use crate::runtime::config::{
-    DEFAULT_CACHE_DIR, EngineConfig, MAX_CONCURRENT_DELIVERIES, MAX_SANDBOX_THREADS,
+    DEFAULT_CACHE_DIR, EngineConfig, MAX_COMPONENT_BYTES, MAX_CONCURRENT_DELIVERIES,
+    MAX_SANDBOX_THREADS,
 };
 use crate::secret::{SecretRef, resolve_secret};
 use crate::sources::poller::PollerConfig;
@@ -241,8 +242,22 @@ impl Config {
                 "the configuration file is {size} bytes; the limit is {MAX_CONFIG_BYTES}"
             )));
         }
-        let text = std::fs::read_to_string(path)
+        // The size a device or pipe reports is 0 whatever it holds: the limit is kept by
+        // reading no more than one byte past it.
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| {
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(f, MAX_CONFIG_BYTES.saturating_add(1)),
+                    &mut text,
+                )
+            })
             .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "the configuration file holds more than {MAX_CONFIG_BYTES} bytes, the limit"
+            )));
+        }
         Self::parse(&text, path)
     }
 
@@ -284,6 +299,21 @@ impl Config {
                 &format!(
                     "[engine] sandbox_threads must be at most {MAX_SANDBOX_THREADS} (0 runs sandboxes on the API's threads)"
                 ),
+            ));
+        }
+        if !(1..=MAX_COMPONENT_BYTES).contains(&raw.engine.max_component_bytes) {
+            return Err(v.error(
+                None,
+                &format!(
+                    "[engine] max_component_bytes must be between 1 and {MAX_COMPONENT_BYTES} (the default is {})",
+                    crate::runtime::loader::DEFAULT_MAX_COMPONENT_BYTES
+                ),
+            ));
+        }
+        if raw.engine.compile_timeout.is_zero() {
+            return Err(v.error(
+                None,
+                "[engine] compile_timeout_ms must be at least 1 (the default is 60000)",
             ));
         }
         if let Err(e) = raw.engine.pool().validate() {
@@ -965,6 +995,31 @@ identity = "writer"
         assert!(e.message.contains("sandbox_threads"), "{e}");
     }
 
+    /// Numbers too large for what reads them are refused where the configuration is read, not
+    /// met later as an overflow: a component size limit, any duration.
+    #[test]
+    fn sizes_and_durations_past_their_bounds_are_refused_naming_them() {
+        for bad in [
+            "0".to_owned(),
+            (MAX_COMPONENT_BYTES + 1).to_string(),
+            u64::MAX.to_string(),
+        ] {
+            let e = error(&format!(
+                "[engine]\nmax_component_bytes = {bad}\n\n{MINIMAL}"
+            ));
+            assert!(e.message.contains("max_component_bytes"), "{bad}: {e}");
+        }
+        let e = error(&format!("[engine]\ncompile_timeout_ms = 0\n\n{MINIMAL}"));
+        assert!(e.message.contains("compile_timeout_ms"), "{e}");
+        for key in ["backoff_ms", "max_backoff_ms"] {
+            let e = error(&format!(
+                "{MINIMAL}[handlers.retry]\nmax_attempts = 4\n{key} = 10000000000000000\n"
+            ));
+            assert!(e.message.contains("longer than ten years"), "{key}: {e}");
+            assert_eq!(e.line, Some(8), "{key}: {e}");
+        }
+    }
+
     /// The bounds docs/SECURITY.md gives for `[engine]` pool settings, `[server] max_body_bytes`
     /// and a handler's `memory_bytes`, as numbers: each refused one past its bound, naming the
     /// key, and accepted at the bound.
@@ -1016,6 +1071,18 @@ identity = "writer"
                     "{MINIMAL}[handlers.limits]\nmemory_bytes = {gib}\n"
                 ))
                 .is_ok()
+        );
+    }
+
+    /// A device or a pipe reports no size: the limit holds by reading, not by asking.
+    #[cfg(unix)]
+    #[test]
+    fn a_configuration_that_never_ends_is_refused_at_its_limit() {
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            e.message
+                .contains(&format!("holds more than {MAX_CONFIG_BYTES} bytes")),
+            "{e}"
         );
     }
 

@@ -26,6 +26,10 @@ pub const MAX_CONCURRENT_DELIVERIES: usize = 4096;
 /// only cost memory (a thread stack each).
 pub const MAX_SANDBOX_THREADS: usize = 256;
 
+/// Most `[engine] max_component_bytes` accepted: 1 GiB, thirty times the default. Compilation
+/// time and memory grow with a component's size; past this a handler is not a handler.
+pub const MAX_COMPONENT_BYTES: usize = 1 << 30;
+
 /// The AOT cache directory inside the data directory, when `[engine] cache_dir` is not set.
 pub const DEFAULT_CACHE_DIR: &str = "cache";
 

@@ -658,6 +658,10 @@ pub fn forwarded_response_header(name: &str) -> bool {
     FORWARDED.contains(&name.as_str()) || name.starts_with("x-keyfactor-")
 }
 
+/// Largest `[keyfactor] ca_bundle` read: an internal CA's chain is a few KiB, a system's whole
+/// bundle a few hundred.
+const MAX_CA_BUNDLE_BYTES: u64 = 1024 * 1024;
+
 fn load_ca_bundle(
     path: &std::path::Path,
 ) -> Result<Vec<reqwest::Certificate>, KeyfactorConfigError> {
@@ -665,7 +669,22 @@ fn load_ca_bundle(
         path: path.to_owned(),
         reason,
     };
-    let pem = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    // Read to one byte past the limit: a device or pipe reports no size.
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(f, MAX_CA_BUNDLE_BYTES.saturating_add(1)),
+                &mut pem,
+            )
+        })
+        .map_err(|e| error(e.to_string()))?;
+    if pem.len() as u64 > MAX_CA_BUNDLE_BYTES {
+        return Err(error(format!(
+            "the file holds more than {MAX_CA_BUNDLE_BYTES} bytes; a bundle of certificates is \
+             far smaller"
+        )));
+    }
     let certs = reqwest::Certificate::from_pem_bundle(&pem)
         .map_err(|e| error(format!("not a PEM certificate bundle ({e})")))?;
     if certs.is_empty() {
@@ -677,6 +696,18 @@ fn load_ca_bundle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device or a pipe reports no size: the limit holds by reading, not by asking.
+    #[cfg(unix)]
+    #[test]
+    fn a_ca_bundle_that_never_ends_is_refused_at_its_limit() {
+        let e = load_ca_bundle(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("holds more than {MAX_CA_BUNDLE_BYTES} bytes")),
+            "{e}"
+        );
+    }
 
     #[test]
     fn grants_parse_with_defaults_and_refuse_unknown_keys() {
