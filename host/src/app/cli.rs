@@ -197,7 +197,7 @@ pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(e) => {
             // An error may quote a configuration's or a component's text: each line escaped.
-            let message = format!("{e:#}");
+            let message = crate::app::output::error_text(&e);
             let lines: Vec<_> = message.split('\n').map(escape).collect();
             print_err(&format!("error: {}", lines.join("\n")));
             ExitCode::from(2)

@@ -16,6 +16,24 @@ pub const EXIT_STDOUT_CLOSED: u8 = 128 + 13;
 #[error("stdout was closed by its reader")]
 pub struct StdoutClosed;
 
+/// `error` and its causes as one message, `outer: cause: …` as `{error:#}` writes it, leaving
+/// out a cause whose text the message already holds: an error that quotes its cause in its own
+/// text and also names it as its source would otherwise be read two or three times over.
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 /// Writes `text` to stdout. A reader that has gone is a [`StdoutClosed`] error (the command
 /// line ends with [`EXIT_STDOUT_CLOSED`]), not a panic as with `print!`.
 pub fn print_out(text: &str) -> anyhow::Result<()> {
@@ -34,4 +52,33 @@ pub fn print_out(text: &str) -> anyhow::Result<()> {
 /// whose reader has gone is no panic: the line is lost.
 pub fn print_err(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error quoting its source in its own text, wrapped twice: each text once.
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("environment variable X is not set")]
+        struct Unset;
+        #[derive(Debug, thiserror::Error)]
+        #[error("[keyfactor.auth]: {0}")]
+        struct Auth(#[from] Unset);
+        let error = anyhow::Error::new(Auth(Unset)).context("jobhook.toml: capability services");
+        assert_eq!(
+            format!("{error:#}"),
+            "jobhook.toml: capability services: [keyfactor.auth]: environment variable X is not \
+             set: environment variable X is not set"
+        );
+        assert_eq!(
+            error_text(&error),
+            "jobhook.toml: capability services: [keyfactor.auth]: environment variable X is not set"
+        );
+        // Causes that say something new are all kept.
+        let error = anyhow::anyhow!("no such file").context("cannot read h.wasm");
+        assert_eq!(error_text(&error), "cannot read h.wasm: no such file");
+    }
 }

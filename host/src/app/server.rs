@@ -397,8 +397,9 @@ fn reloader(running: Running) -> Reloader {
                     Ok(report)
                 }
                 Err(e) => {
-                    tracing::error!("configuration reload refused, keeping the running one: {e:#}");
-                    Err(format!("{e:#}"))
+                    let why = crate::app::output::error_text(&e);
+                    tracing::error!("configuration reload refused, keeping the running one: {why}");
+                    Err(why)
                 }
             }
         })

@@ -135,7 +135,7 @@ macro_rules! grantable {
                     $( $field: <$marker as Grantable>::service(&config.$field, env)
                         .map_err(|e| ServiceError {
                             capability: Capability::$name,
-                            source: Box::new(e),
+                            reason: Box::new(e),
                         })?
                         .map(Arc::new), )+
                     configured_by: env.configured_by,
@@ -220,15 +220,16 @@ pub trait HasCapabilities {
     fn capabilities(&mut self) -> &mut CapabilityStates;
 }
 
-/// Why a capability's service could not be built from its configuration section.
+/// Why a capability's service could not be built from its configuration section. Its text is
+/// the reason's, which names the section and key; the reason is not also its source, so that a
+/// chain of causes does not say it twice.
 #[derive(Debug, thiserror::Error)]
-#[error("{source}")]
+#[error("{reason}")]
 pub struct ServiceError {
     /// Which capability.
     pub capability: Capability,
     /// Why.
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
+    pub reason: Box<dyn std::error::Error + Send + Sync>,
 }
 
 #[cfg(test)]
