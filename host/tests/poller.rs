@@ -296,6 +296,56 @@ async fn polled_events_get_ids_that_sort_in_the_order_they_were_stored() {
     assert_eq!(ids, sorted);
 }
 
+/// Hostile or broken JobHistory rows cost only themselves: a start at .NET's
+/// `DateTime.MaxValue` does not move the poller past every job still to come, a start with a
+/// negative year does not panic it, and a row whose text is longer than ingest accepts is
+/// skipped rather than handed to handlers.
+#[tokio::test]
+async fn a_row_from_year_9999_or_with_oversized_text_does_not_stop_the_poller() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let mut forever = row(10, "Completed", "Success", now - Age::minutes(2));
+    forever["OperationStart"] = json!("9999-12-31T23:59:59");
+    let mut negative = row(11, "Completed", "Success", now - Age::minutes(2));
+    negative["OperationStart"] = json!("-262143-01-01T00:00:00");
+    let mut huge = row(12, "Completed", "Success", now - Age::minutes(2));
+    huge["JobType"] = json!("x".repeat(5000));
+    let first = vec![
+        row(8, "Completed", "Success", now - Age::minutes(3)),
+        forever,
+        negative,
+        huge,
+    ];
+    let s = standin(first.clone()).await;
+    let poller = f.poller(
+        client(&s, &f.dir.path().join("pw"), &s.credentials().password),
+        config(10, true),
+    );
+    let report = poller.poll_once().await.expect("poll");
+    // 8, 10 and 11 are jobs (10 and 11 without a usable start); 12 is skipped.
+    assert_eq!(report.events, 3, "{report:?}");
+    assert_eq!(f.events(), 3);
+    for id in [8, 10, 11, 12] {
+        assert!(report.cursor.seen.contains_key(&id), "{id}: {report:?}");
+    }
+    let since = report.cursor.since.expect("a position");
+    assert!(since <= now, "the position moved to {since}");
+
+    // A job that finishes later is still found (a new stand-in with one more row, the same
+    // store and cursor).
+    let mut later = first;
+    later.push(row(13, "Completed", "Success", now));
+    let s = standin(later).await;
+    let poller = f.poller(
+        client(&s, &f.dir.path().join("pw"), &s.credentials().password),
+        config(10, true),
+    );
+    let report = poller.poll_once().await.expect("poll");
+    assert_eq!(report.events, 1, "{report:?}");
+    assert!(report.cursor.seen.contains_key(&13));
+    assert_eq!(f.events(), 4);
+}
+
 #[tokio::test]
 async fn a_stale_unfinished_job_does_not_hold_the_cursor_forever() {
     let now = Utc::now();

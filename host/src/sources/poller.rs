@@ -384,7 +384,7 @@ impl Cursor {
 
     /// The lower bound of the next query, when there is one.
     fn lower_bound(&self) -> Option<DateTime<Utc>> {
-        let from = self.since? - OVERLAP;
+        let from = self.since?.checked_sub_signed(OVERLAP)?;
         Some(match self.horizon {
             Some(h) if h >= from => h + chrono::Duration::seconds(1),
             _ => from,
@@ -411,7 +411,7 @@ impl Cursor {
     /// Forgets ids older than the overlap window, and the oldest beyond [`MAX_SEEN`].
     fn prune(&mut self) {
         if let Some(since) = self.since {
-            let from = since - OVERLAP;
+            let from = since.checked_sub_signed(OVERLAP).unwrap_or(since);
             self.seen.retain(|_, start| *start >= from);
         }
         while self.seen.len() > MAX_SEEN {
@@ -637,7 +637,8 @@ impl Poller {
                         ("pq.pageReturned".into(), "1".into()),
                     ])
                     .await?;
-                let since = newest.iter().filter_map(start_of).max();
+                let now = Utc::now();
+                let since = newest.iter().filter_map(|r| start_of(r, now)).max();
                 let mut floor = newest
                     .iter()
                     .filter_map(|r| r.get("JobHistoryId").and_then(Value::as_i64))
@@ -689,7 +690,18 @@ impl Poller {
         }
         let mut complete = Vec::with_capacity(events.len());
         for pending in events {
-            complete.push(self.complete(pending).await?);
+            let event = self.complete(pending).await?;
+            // What ingest refuses is not let in by the poller either; the row is handled.
+            if let Some((field, bytes)) = oversized_field(&event.context) {
+                tracing::warn!(
+                    job_id = %event.context.job_id,
+                    "a JobHistory row's {field} is {bytes} bytes, longer than the {} bytes the \
+                     engine accepts; the job is skipped",
+                    crate::context::MAX_STRING_FIELD_BYTES
+                );
+                continue;
+            }
+            complete.push(event);
         }
         let count = complete.len();
         if cursor != before {
@@ -723,7 +735,7 @@ impl Poller {
             if cursor.seen.contains_key(&id) {
                 continue;
             }
-            let started = start_of(row);
+            let started = start_of(row, now);
             if cursor.below_floor(id) {
                 cursor.record(id, started, now);
                 continue;
@@ -886,7 +898,9 @@ fn retry_chain(
     let mut count: i32 = 0;
     let mut first = None;
     for row in earlier {
-        if guid(row, "JobId").as_ref() != Some(job_id) || start_of(row).is_none_or(|s| s >= started)
+        // Earlier runs start before this one: `started` is as late as any of them may be.
+        if guid(row, "JobId").as_ref() != Some(job_id)
+            || start_of(row, started).is_none_or(|s| s >= started)
         {
             continue;
         }
@@ -894,16 +908,40 @@ fn retry_chain(
             break;
         }
         count = count.saturating_add(1);
-        first = start_of(row);
+        first = start_of(row, started);
     }
     (count, first)
 }
 
-/// A row's `OperationStart`.
-fn start_of(row: &Value) -> Option<DateTime<Utc>> {
-    row.get("OperationStart")
+/// A row's `OperationStart`, when it is one the poller can move its position to: not later
+/// than [`MAX_START_AHEAD`] past `now`, not before 1970. A start beyond (.NET's
+/// `DateTime.MaxValue` 9999-12-31, a Command server with a wrong clock, a signed year chrono
+/// accepts) is treated as unreadable: the row is handled, and the position stays where it is —
+/// otherwise every later query would ask for jobs after that time, and none would ever come.
+fn start_of(row: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let start = row
+        .get("OperationStart")
         .and_then(Value::as_str)
-        .and_then(parse_timestamp)
+        .and_then(parse_timestamp)?;
+    let latest = now.checked_add_signed(MAX_START_AHEAD).unwrap_or(now);
+    (start <= latest && start >= DateTime::UNIX_EPOCH).then_some(start)
+}
+
+/// Most a JobHistory row's `OperationStart` may lie ahead of this machine's clock and still move
+/// the poller's position: a day covers any clock skew between two servers.
+pub const MAX_START_AHEAD: chrono::Duration = chrono::Duration::days(1);
+
+/// The first of a context's text fields that is longer than the engine accepts from any source
+/// ([`crate::context::MAX_STRING_FIELD_BYTES`], as ingest refuses it), with its length.
+fn oversized_field(context: &JobContext) -> Option<(&'static str, usize)> {
+    [
+        ("Username", &context.username),
+        ("ClientMachine", &context.client_machine),
+        ("JobType", &context.job_type),
+    ]
+    .into_iter()
+    .find(|(_, text)| text.len() > crate::context::MAX_STRING_FIELD_BYTES)
+    .map(|(name, text)| (name, text.len()))
 }
 
 #[cfg(test)]
