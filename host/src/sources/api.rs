@@ -381,9 +381,21 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
     match tokio::task::spawn_blocking(move || store.event(id)).await {
         Ok(Ok(Some(view))) => axum::Json(view).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        // The store's own words (a database server's message, detail and hint) go to the
+        // operator's log, not to the client, as for ingest.
+        Ok(Err(e)) => unreadable(id, &e),
+        Err(e) => unreadable(id, &e),
     }
+}
+
+/// The answer when event `id` could not be read: the reason is logged, the client is told to
+/// retry.
+fn unreadable(id: Uuid, why: &dyn std::fmt::Display) -> Response {
+    tracing::error!("cannot read event {id}: {why}");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the event could not be read: the store failed; retry later",
+    )
 }
 
 async fn handlers(State(state): State<AppState>) -> Response {

@@ -667,12 +667,20 @@ fn migrate(client: &mut Client) -> Result<(), PgError> {
              applied_at timestamptz NOT NULL DEFAULT now()
          )",
     )?;
+    // Another tool's `schema_migrations` (golang-migrate's version is a bigint) is told apart
+    // from this one's, not met as a panic.
     let applied: i32 = tx
         .query_one(
             "SELECT coalesce(max(version), 0) FROM schema_migrations",
             &[],
         )?
-        .get(0);
+        .try_get(0)
+        .map_err(|e| {
+            PgError::Corrupt(format!(
+                "the database's schema_migrations table is not jobhook's ({e}); give jobhook a \
+                 database (or schema) of its own"
+            ))
+        })?;
     let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
     if applied > known {
         return Err(PgError::NewerSchema {
@@ -1576,6 +1584,25 @@ mod tests {
     }
 
     conformance::suite!(Postgres::new());
+
+    /// A database where another tool keeps its own `schema_migrations` (golang-migrate's
+    /// `version bigint`): opening the store says so, instead of panicking on the column's type.
+    #[test]
+    fn another_tools_schema_migrations_is_an_error_that_says_so() {
+        let Some(pg) = Postgres::new() else {
+            return;
+        };
+        pg.db
+            .query("CREATE TABLE schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL); \
+                    GRANT ALL ON schema_migrations TO PUBLIC; \
+                    INSERT INTO schema_migrations VALUES (20240101, false)")
+            .expect("another tool's table");
+        let e = PostgresStore::open(&pg.db.url, Some(&Secret::new(pg.db.password.clone())))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("schema_migrations table is not jobhook's"), "{e}");
+    }
 
     #[test]
     fn a_step_of_the_servers_clock_is_followed_and_moves_nothing() {
