@@ -425,7 +425,9 @@ impl Dispatcher {
             if *stopped.borrow() {
                 break;
             }
-            while tasks.try_join_next().is_some() {}
+            while let Some(ended) = tasks.try_join_next() {
+                report_failed_delivery(ended);
+            }
             let first = tokio::select! {
                 permit = Arc::clone(&self.slots).acquire_owned() => match permit {
                     Ok(p) => p,
@@ -493,7 +495,9 @@ impl Dispatcher {
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(pause) => {}
-                        _ = tasks.join_next(), if !tasks.is_empty() => {}
+                        Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
+                            report_failed_delivery(ended);
+                        }
                         _ = stopped.changed() => break,
                     }
                 }
@@ -709,6 +713,19 @@ impl Dispatcher {
             outcome: Some(outcome),
             finished_at: now,
         }
+    }
+}
+
+/// Logs a delivery task that ended without finishing: a panic of the engine's own code outside
+/// the sandbox's run (the run's own panics are recorded as the delivery's outcome,
+/// [`crate::caught`]). Its delivery stays claimed until this node's next start requeues it.
+fn report_failed_delivery(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        tracing::error!(
+            "a delivery ended with an engine error ({e}); it runs again after a restart"
+        );
     }
 }
 
