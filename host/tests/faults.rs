@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use jobhook_testkit::engine::EngineProcess;
 use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
 use jobhook_testkit::postgres::private_database_or_skip;
-use jobhook_testkit::smtp::SmtpServer;
+use jobhook_testkit::smtp::{FLOOD_CAP_BYTES, Flood, FloodingRelay, SmtpServer};
 use jobhook_testkit::standin::Standin;
 use jobhook_testkit::{guest, sample_context_json};
 use serde_json::{Value, json};
@@ -565,7 +565,7 @@ fn failed_inventory_job() -> Value {
     context
 }
 
-/// The engine's configuration with a relay at `smtp_port` (`smtp_timeout_ms` per command) and
+/// The engine's configuration with a relay at `smtp_port` (`smtp_timeout_ms` per message) and
 /// the Keyfactor API at `keyfactor` (`keyfactor_timeout_ms` per call); the mail and Keyfactor
 /// handlers get `limits`.
 fn capability_config(
@@ -782,6 +782,89 @@ async fn a_relay_and_a_keyfactor_api_that_never_answer_time_out_and_other_handle
     );
     assert_healthy(&client, &engine.url).await;
     drop((silent_relay, silent_api));
+}
+
+/// The peak resident memory (`VmHWM`) of process `pid`, in KiB; 0 where it cannot be read.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What the engine's peak resident memory may grow by while a relay floods it: its delivery of
+/// the event besides (a guest instance, the outcome), and far less than the
+/// [`FLOOD_CAP_BYTES`] an engine that buffers the flood takes on.
+const FLOOD_RSS_GROWTH_KIB: u64 = 64 * 1024;
+
+/// More than a relay can have written into the socket buffers between it and an engine that
+/// stopped reading (loopback buffers grow to tens of MiB), and far less than
+/// [`FLOOD_CAP_BYTES`]: a flood that got this far was being read.
+const FLOOD_SLACK_BYTES: u64 = 64 * 1024 * 1024;
+
+// Both bounds tell a read flood from a refused one only while the flood is much larger.
+const _: () = assert!(
+    FLOOD_SLACK_BYTES * 2 < FLOOD_CAP_BYTES && FLOOD_RSS_GROWTH_KIB * 1024 * 2 < FLOOD_CAP_BYTES
+);
+
+/// A relay that greets with a line that never ends — `220 ` and then bytes without a line end,
+/// as a hostile relay, or anyone on the path before STARTTLS, can send — is cut off by the
+/// engine process after its read limit: the mail delivery fails with the capability's error
+/// ("sent more than ..."), both attempts long before the relay's 5 s timeout; the relay got rid
+/// of no more than the limit plus the socket buffers per connection; the engine's peak memory
+/// barely moves; the operator is warned; the engine stays healthy and its other handlers
+/// deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_flooding_its_greeting_is_cut_off_and_the_engine_keeps_its_memory() {
+    let relay = FloodingRelay::start(Flood::Greeting)
+        .await
+        .expect("flooding relay");
+    let standin = Standin::start().await.expect("stand-in");
+    let (_dir, engine) = start_with(
+        &capability_config(relay.port(), 5000, &standin.base_url(), 2000, "", ""),
+        &standin.credentials().password,
+    );
+    let client = reqwest::Client::new();
+
+    // A delivery that sends no mail first, so the baseline includes a run of every handler.
+    let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    settled(&client, &engine, &event_id(&body)).await;
+    let before = peak_rss_kib(engine.pid());
+
+    let began = Instant::now();
+    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&client, &engine, &event_id(&body)).await;
+    let took = began.elapsed();
+    let after = peak_rss_kib(engine.pid());
+    let floods = relay.wait_for(2, Duration::from_secs(10)).await;
+    println!(
+        "flooded greeting: the relay wrote {floods:?} bytes per connection; the engine's peak \
+         RSS {before} KiB before, {after} KiB after; settled in {took:?}"
+    );
+    assert_failed_by_policy(delivery(&event, "mail"), "handler-failed", "more than");
+    assert_eq!(delivery(&event, "log")["state"], "succeeded", "{event:#}");
+    assert_eq!(floods.len(), 2, "{floods:?}");
+    for written in &floods {
+        assert!(
+            *written < FLOOD_SLACK_BYTES,
+            "the relay wrote {written} bytes on one connection"
+        );
+    }
+    assert!(
+        after.saturating_sub(before) < FLOOD_RSS_GROWTH_KIB,
+        "the engine's peak RSS grew from {before} KiB to {after} KiB"
+    );
+    // Two attempts and the backoff, not two 5 s timeouts.
+    assert!(took < Duration::from_secs(5), "settled in {took:?}");
+    assert_healthy(&client, &engine.url).await;
+    let log = engine.log_text();
+    assert!(log.contains("the mail relay sent more than"), "{log}");
 }
 
 /// Writes `dir`/jobhook.toml: the engine on `listen`, its store under `dir`/data, and one

@@ -8,6 +8,9 @@
 //! around it (`LF.LF`, `CR.CR`, `LF.CRLF`, ...) and reads whatever follows as new commands, so a
 //! client that lets such a sequence through lets its data start a second transaction — which
 //! the server records like any other.
+//!
+//! [`FloodingRelay`] is a hostile relay of another kind: it floods its client with a reply that
+//! never ends, to show how much of it the client reads.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -27,6 +30,138 @@ const MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 
 /// Commands one connection may send before it is closed.
 const MAX_COMMANDS: usize = 1000;
+
+/// Most bytes [`FloodingRelay`] writes on one connection: far beyond any real SMTP exchange, and
+/// still small enough that the test machine survives a client that buffers all of it.
+pub const FLOOD_CAP_BYTES: u64 = 256 * 1024 * 1024;
+
+/// What [`FloodingRelay`] writes at a time.
+const FLOOD_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Where [`FloodingRelay`] starts its flood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flood {
+    /// The greeting: `220 ` and then `x` without end, never a line end — what a relay, or anyone
+    /// on the path before STARTTLS, can send before the client has said a word.
+    Greeting,
+    /// The reply to `EHLO`, after a proper greeting: `250-` and then `x` without end.
+    EhloReply,
+}
+
+/// A hostile SMTP relay on `127.0.0.1` that answers every connection with a reply line that
+/// never ends ([`Flood`]): `x` after `x`, with no line end, up to [`FLOOD_CAP_BYTES`]. A client
+/// that buffers a reply line until its LF buffers all of it. For each connection it records how
+/// many bytes the client's kernel took before the client closed the connection (a write failed)
+/// or the cap was reached — what the client read, plus at most the socket buffers between
+/// them. Stopped when dropped.
+pub struct FloodingRelay {
+    addr: SocketAddr,
+    floods: Arc<Mutex<Vec<u64>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl FloodingRelay {
+    /// Starts a relay flooding at `flood`.
+    pub async fn start(flood: Flood) -> std::io::Result<FloodingRelay> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let floods = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let store = Arc::clone(&floods);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let store = Arc::clone(&store);
+                        tokio::spawn(flood_session(stream, flood, store));
+                    }
+                }
+            }
+        });
+        Ok(FloodingRelay {
+            addr,
+            floods,
+            shutdown: Some(tx),
+        })
+    }
+
+    /// `127.0.0.1`.
+    pub fn host(&self) -> String {
+        self.addr.ip().to_string()
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The bytes written on each connection whose flood has ended, in the order they ended.
+    pub fn floods(&self) -> Vec<u64> {
+        self.floods.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for at least `count` floods to end and returns them.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let floods = self.floods();
+            if floods.len() >= count || tokio::time::Instant::now() >= deadline {
+                return floods;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for FloodingRelay {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// One connection of [`FloodingRelay`]: the flood, its size recorded when a write fails or the
+/// cap is reached, then (after the cap) the connection held open until the client closes it.
+async fn flood_session(stream: TcpStream, flood: Flood, floods: Arc<Mutex<Vec<u64>>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = Reader {
+        read,
+        buf: Vec::new(),
+    };
+    let start: &[u8] = match flood {
+        Flood::Greeting => b"220 ",
+        Flood::EhloReply => {
+            if write
+                .write_all(b"220 jobhook-testkit ESMTP ready\r\n")
+                .await
+                .is_err()
+                || !matches!(lines.read_line().await, Ok(Some(_)))
+            {
+                return;
+            }
+            b"250-"
+        }
+    };
+    let mut written = 0u64;
+    let mut closed = write.write_all(start).await.is_err();
+    let chunk = vec![b'x'; FLOOD_CHUNK_BYTES];
+    while !closed && written < FLOOD_CAP_BYTES {
+        match write.write(&chunk).await {
+            Ok(0) | Err(_) => closed = true,
+            Ok(n) => written += n as u64,
+        }
+    }
+    if let Ok(mut floods) = floods.lock() {
+        floods.push(written);
+    }
+    if !closed {
+        let mut buf = [0u8; 1024];
+        while matches!(lines.read.read(&mut buf).await, Ok(n) if n > 0) {}
+    }
+}
 
 /// One message the server accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]

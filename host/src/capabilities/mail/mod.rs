@@ -29,7 +29,12 @@
 //! refused if it holds a control character, so no text of the handler's is ever written raw
 //! into the header block.
 //! SMTP uses STARTTLS (default), implicit TLS, or — only for a relay on loopback — no TLS,
-//! with the operator's credentials; the handler never sees them.
+//! with the operator's credentials; the handler never sees them. Every byte read from the relay
+//! counts against [`MAX_RELAY_READ_BYTES`] per message ([`relay`]): a relay, or anyone on the
+//! path before STARTTLS, that sends a reply without end is cut off there, and the handler is
+//! told so, instead of the engine buffering whatever arrives until the timeout.
+
+mod relay;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -39,8 +44,8 @@ use std::time::Duration;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Body, Mailbox, Message};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::{Address, AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::client::TlsParameters;
+use lettre::{Address, AsyncFileTransport, AsyncTransport, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 use wasmtime::component::{HasSelf, Linker};
 
@@ -49,6 +54,9 @@ use crate::bindings::types::CapabilityError;
 use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
 use crate::capabilities::outbound::quote;
 use crate::secret::{SecretError, SecretRef, rebase};
+
+pub use self::relay::MAX_RELAY_READ_BYTES;
+use self::relay::{Relay, RelayError, RelayTls};
 
 /// Recipients (`To` and `Cc` together) per message. A notification goes to a team list or a
 /// few people; 50 allows a real distribution and stops a handler from spamming a directory.
@@ -73,9 +81,9 @@ pub const MAX_PLAIN_LINE_BYTES: usize = 998;
 const QP_LINE_BYTES: usize = 76;
 
 /// Default SMTP timeout: the whole exchange for one message (connect, greeting, commands, data)
-/// must end within 10 s, or the relay counts as down. lettre's own timeout is per command and
-/// does not cover a relay that accepts the connection and never sends its greeting; the outer
-/// bound does.
+/// must end within 10 s, or the relay counts as down — a relay that accepts the connection and
+/// never greets, or trickles its replies, included. (What the relay may send in that time is
+/// bounded separately, by [`MAX_RELAY_READ_BYTES`].)
 pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a handler is told when the engine has no mail service configured.
@@ -525,8 +533,7 @@ pub struct SmtpConfig {
     /// Password for SMTP AUTH, by reference.
     #[serde(default)]
     pub password: Option<SecretRef>,
-    /// Longest the exchange with the relay for one message may take, in milliseconds (each
-    /// command is bounded by it too).
+    /// Longest the exchange with the relay for one message may take, in milliseconds.
     #[serde(default = "default_smtp_timeout_ms")]
     pub timeout_ms: u64,
 }
@@ -649,7 +656,7 @@ enum TransportKind {
     },
     Smtp {
         relay: String,
-        transport: AsyncSmtpTransport<Tokio1Executor>,
+        transport: Relay,
         /// `[mail.smtp] timeout_ms`: the bound on one message's whole exchange.
         timeout: Duration,
     },
@@ -724,7 +731,9 @@ impl MailTransport {
                 transport,
                 timeout,
             } => {
-                let Ok(sent) = tokio::time::timeout(*timeout, transport.send(email)).await else {
+                let wire = email.formatted();
+                let exchange = transport.send(email.envelope(), &wire);
+                let Ok(sent) = tokio::time::timeout(*timeout, exchange).await else {
                     tracing::warn!(
                         relay = %relay,
                         "the mail relay did not finish the exchange within [mail.smtp] timeout_ms ({timeout:?})"
@@ -734,6 +743,24 @@ impl MailTransport {
                     ));
                 };
                 sent.map(|_| ()).map_err(|e| {
+                    let e = match e {
+                        RelayError::TooMuch => {
+                            tracing::warn!(
+                                relay = %relay,
+                                "the mail relay sent more than {MAX_RELAY_READ_BYTES} bytes for one message (a reply without end?); the engine stopped reading and closed the connection"
+                            );
+                            return CapabilityError::Failed(format!(
+                                "the mail relay sent more than {MAX_RELAY_READ_BYTES} bytes of replies; the engine stopped reading, and the message may not have been sent"
+                            ));
+                        }
+                        RelayError::Connect(e) => {
+                            tracing::warn!(relay = %relay, error = %e, "the mail relay did not take the message");
+                            return CapabilityError::Failed(
+                                "the mail relay could not be reached or did not take the message".into(),
+                            );
+                        }
+                        RelayError::Smtp(e) => e,
+                    };
                     tracing::warn!(relay = %relay, error = %e, "the mail relay did not take the message");
                     if e.is_timeout() {
                         CapabilityError::Timeout("the mail relay did not answer in time".into())
@@ -844,39 +871,45 @@ fn smtp_transport(config: &SmtpConfig) -> Result<TransportKind, MailConfigError>
         host: host.to_owned(),
         reason,
     };
+    // The same TLS parameters lettre's transport was given: the system roots, and `host` as
+    // the name the relay's certificate must carry.
     let (tls, default_port) = match config.tls {
         SmtpTls::Starttls => (
-            Tls::Required(TlsParameters::new(host.into()).map_err(|e| tls_error(e.to_string()))?),
+            RelayTls::Starttls(
+                TlsParameters::new(host.into()).map_err(|e| tls_error(e.to_string()))?,
+            ),
             587,
         ),
         SmtpTls::Implicit => (
-            Tls::Wrapper(TlsParameters::new(host.into()).map_err(|e| tls_error(e.to_string()))?),
+            RelayTls::Implicit(
+                TlsParameters::new(host.into()).map_err(|e| tls_error(e.to_string()))?,
+            ),
             465,
         ),
         SmtpTls::None => {
             if !is_loopback_name(host) {
                 return Err(MailConfigError::PlainSmtp);
             }
-            (Tls::None, 25)
+            (RelayTls::None, 25)
         }
     };
     let port = config.port.unwrap_or(default_port);
-    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-        .port(port)
-        .tls(tls)
-        .timeout(Some(Duration::from_millis(config.timeout_ms)));
-    match (&config.username, &config.password) {
+    let credentials = match (&config.username, &config.password) {
         (Some(user), Some(password)) => {
             let password = password.resolve()?;
-            builder =
-                builder.credentials(Credentials::new(user.clone(), password.expose().to_owned()));
+            Some(Credentials::new(user.clone(), password.expose().to_owned()))
         }
-        (None, None) => {}
+        (None, None) => None,
         _ => return Err(MailConfigError::HalfCredentials),
-    }
+    };
     Ok(TransportKind::Smtp {
         relay: format!("{host}:{port}"),
-        transport: builder.build(),
+        transport: Relay {
+            host: host.to_owned(),
+            port,
+            tls,
+            credentials,
+        },
         timeout: Duration::from_millis(config.timeout_ms),
     })
 }
@@ -892,6 +925,7 @@ fn is_loopback_name(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use jobhook_testkit::smtp::{FLOOD_CAP_BYTES, Flood, FloodingRelay};
     use proptest::strategy::Strategy as _;
 
     use super::*;
@@ -1313,6 +1347,69 @@ mod tests {
             );
             assert!(took < Duration::from_secs(3), "{stall}: {took:?}");
             relay.abort();
+        }
+    }
+
+    /// The peak resident memory of this process (`VmHWM`), in KiB; 0 where it cannot be read.
+    fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// More than the relay can have written into the socket buffers between it and an engine
+    /// that stopped reading (loopback buffers grow to tens of MiB), and far less than
+    /// [`FLOOD_CAP_BYTES`]: a flood that got this far was being read.
+    const FLOOD_SLACK_BYTES: u64 = 64 * 1024 * 1024;
+
+    // The bound tells a read flood from a refused one only while the flood is much larger.
+    const _: () = assert!(FLOOD_SLACK_BYTES * 2 < FLOOD_CAP_BYTES);
+
+    /// A relay that floods a reply line without end — the greeting (which anyone on the path
+    /// can send before STARTTLS) or its EHLO reply — is cut off: the handler is told the relay
+    /// sent too much, at once and not at the timeout, and the relay got rid of no more than the
+    /// engine's read limit plus the socket buffers before the engine closed the connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relay_flooding_a_reply_without_end_is_cut_off() {
+        for (flood, tls) in [
+            (Flood::Greeting, SmtpTls::None),
+            (Flood::Greeting, SmtpTls::Starttls),
+            (Flood::EhloReply, SmtpTls::None),
+        ] {
+            let relay = FloodingRelay::start(flood).await.unwrap();
+            let smtp = SmtpConfig::new(relay.host(), relay.port(), tls);
+            let config = MailConfig::smtp("jobhook@example.com", smtp).unwrap();
+            let t = MailTransport::from_config(&config, Path::new("unused")).unwrap();
+            let grant = MailGrant::to(&["*"]).unwrap();
+            let rss_before = peak_rss_kib();
+            let started = std::time::Instant::now();
+            let result = t.send(&grant, message(&["a@example.com"])).await;
+            let took = started.elapsed();
+            let floods = relay.wait_for(1, Duration::from_secs(10)).await;
+            eprintln!(
+                "{flood:?} {tls:?}: {result:?} after {took:?}; the relay wrote {floods:?} bytes; \
+                 peak RSS {rss_before} KiB before, {} KiB after",
+                peak_rss_kib()
+            );
+            assert!(
+                matches!(&result, Err(CapabilityError::Failed(m))
+                    if m.contains(&format!("more than {MAX_RELAY_READ_BYTES} bytes"))),
+                "{flood:?} {tls:?}: {result:?}"
+            );
+            assert!(
+                took < DEFAULT_SMTP_TIMEOUT / 2,
+                "{flood:?} {tls:?}: {took:?}"
+            );
+            let written = floods.first().copied().unwrap_or(u64::MAX);
+            assert!(
+                written < FLOOD_SLACK_BYTES,
+                "{flood:?} {tls:?}: the relay wrote {written} bytes"
+            );
         }
     }
 
