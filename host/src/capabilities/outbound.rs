@@ -244,6 +244,12 @@ pub fn transport_error(error: &reqwest::Error, what: &str) -> CapabilityError {
 /// matches is replaced, escapes and all, by [`REDACTED`], a fixed marker whose length says
 /// nothing about the secret's.
 ///
+/// The search runs inside a host call, outside the handler's time budget, on a body a hostile
+/// server chooses, so its cost is bounded by the body alone: every secret of every part of a
+/// [`RedactorSet`] is searched for in one pass over the body (see `Matcher`), in time linear in
+/// the body's length and, apart from sorting the secrets once per response, independent of how
+/// many secrets there are.
+///
 /// This is defence in depth: the real Keyfactor API does not echo credentials, and the engine
 /// already forwards only an allow-list of response headers. What it does not catch is written
 /// down in `docs/SECURITY.md` (other transformations, compression, layered encodings, secrets
@@ -256,7 +262,8 @@ pub struct Redactor {
 /// One byte string to search for, and whether it is a base64 form (widened on a match).
 #[derive(Clone, PartialEq, Eq)]
 struct Needle {
-    bytes: Vec<u8>,
+    /// The bytes, last first: [`Matcher`] reads a body from its end.
+    rev: Vec<u8>,
     base64: bool,
 }
 
@@ -317,7 +324,7 @@ impl Redactor {
         Redactor::default()
     }
 
-    /// Adds a secret: it is then found as it is, in every escaping the views decode, and as
+    /// Adds a secret: it is then found as it is, in every escaping [`Redactor`] lists, and as
     /// base64/base64url at every alignment.
     pub fn add(&mut self, secret: &str) {
         if secret.len() < MIN_REDACTED_BYTES {
@@ -329,11 +336,12 @@ impl Redactor {
         }
     }
 
-    fn push(&mut self, bytes: Vec<u8>, base64: bool) {
+    fn push(&mut self, mut bytes: Vec<u8>, base64: bool) {
         if bytes.len() < MIN_REDACTED_BYTES {
             return;
         }
-        let needle = Needle { bytes, base64 };
+        bytes.reverse();
+        let needle = Needle { rev: bytes, base64 };
         if !self.needles.contains(&needle) {
             self.needles.push(needle);
         }
@@ -344,22 +352,13 @@ impl Redactor {
         self.needles.is_empty()
     }
 
-    /// Replaces every occurrence of every secret in `bytes`, in any encoding the views decode,
-    /// with [`REDACTED`].
+    /// Replaces every occurrence of every secret in `bytes`, in any encoding [`Redactor`]
+    /// lists, with [`REDACTED`].
     pub fn redact(&self, bytes: Vec<u8>) -> Vec<u8> {
         if self.needles.is_empty() || bytes.is_empty() {
             return bytes;
         }
-        let mut ranges: Vec<(usize, usize)> = Vec::new();
-        self.find_all(&bytes, &mut ranges);
-        replace_ranges(bytes, ranges)
-    }
-
-    /// Records the byte range of every occurrence of every secret in `bytes`.
-    fn find_all(&self, bytes: &[u8], ranges: &mut Vec<(usize, usize)>) {
-        for needle in &self.needles {
-            needle.find_all(bytes, ranges);
-        }
+        Matcher::new([self.needles.as_slice()]).redact(bytes)
     }
 
     /// [`redact`](Self::redact) for text.
@@ -367,7 +366,7 @@ impl Redactor {
         if self.needles.is_empty() {
             return text.to_owned();
         }
-        String::from_utf8_lossy(&self.redact(text.as_bytes().to_vec())).into_owned()
+        Matcher::new([self.needles.as_slice()]).redact_str(text)
     }
 }
 
@@ -405,15 +404,12 @@ impl RedactorSet {
 
     /// Replaces every occurrence of a secret of any part, in any encoding [`Redactor`]
     /// decodes, with [`REDACTED`]; overlapping finds of different parts become one marker.
+    /// Every part is searched in the same single pass over `bytes`.
     pub fn redact(&self, bytes: Vec<u8>) -> Vec<u8> {
         if self.is_empty() || bytes.is_empty() {
             return bytes;
         }
-        let mut ranges: Vec<(usize, usize)> = Vec::new();
-        for part in &self.parts {
-            part.find_all(&bytes, &mut ranges);
-        }
-        replace_ranges(bytes, ranges)
+        self.matcher().redact(bytes)
     }
 
     /// [`redact`](Self::redact) for text.
@@ -421,8 +417,334 @@ impl RedactorSet {
         if self.is_empty() {
             return text.to_owned();
         }
+        self.matcher().redact_str(text)
+    }
+
+    /// The secrets of every part, ready to search for (sorted once; see [`Matcher`]).
+    fn matcher(&self) -> Matcher<'_> {
+        Matcher::new(self.parts.iter().map(|p| p.needles.as_slice()))
+    }
+}
+
+/// Most partial matches followed from one position of a body. A partial match is a stretch
+/// that reads as the end of some secret; text rarely ends more than one or two secrets' ends at
+/// once (secrets are random, and ends shared by several secrets count once), so this bound is
+/// reached only when a secret repeats itself (`aaaa…`, `abab…`) and the body repeats it too.
+/// The matcher then fails closed: it replaces everything the dropped partial matches could
+/// still grow into (see [`Matcher::find`]) instead of following them, so a hostile body costs
+/// at most this many steps per reading of a position, and nothing is missed.
+const MAX_PARTIAL_MATCHES: usize = 32;
+
+/// Longest stretch of a body one decoded character is read from: a `;`-less `&#x` reference
+/// with [`MAX_ENTITY_BYTES`] digits (every other escape is shorter).
+const MAX_READING_BYTES: usize = 3 + MAX_ENTITY_BYTES;
+
+/// Positions of a body whose partial matches are kept while the matcher moves on: those a
+/// reading can reach from the current position, and the current one.
+const WINDOW: usize = MAX_READING_BYTES + 1;
+
+/// Found ranges are merged when their list has grown to this many, and then whenever it has
+/// doubled, so a body full of matches needs memory for its merged ranges only.
+const MIN_RANGES_BEFORE_MERGING: usize = 1024;
+
+/// Trie nodes of at most this many needles are stepped by a scan rather than binary searches
+/// (faster for the few needles that share a deep node).
+const MAX_LINEAR_STEP: usize = 8;
+
+/// All secrets of a [`Redactor`] or [`RedactorSet`], searched for in one pass over a body.
+///
+/// The secrets (each reversed) are sorted once; secrets that end with the same `d` bytes then
+/// lie next to each other, so a node of the trie of reversed secrets is a range of that list,
+/// and one step down the trie is a binary search inside the range (a lookup table for the
+/// first). The body is read from its end to its start. At each position `p`, every *reading*
+/// of the bytes there — the byte itself, and where one starts, the one escape (`%XX`, `+`, a
+/// JSON escape, an HTML reference, each `;`-less numeric prefix of one) — is followed from
+/// where it ends: from the trie's root (a secret may end there) and from every partial match
+/// that starts there, each one step per decoded byte. A partial match that reaches a secret's
+/// first byte is a find `p..end`. Partial matches at one position that reached the same node
+/// are one, keeping the farthest end, so their number is bounded by the trie's depths that
+/// the text can end at once, and [`MAX_PARTIAL_MATCHES`] caps it.
+///
+/// The work is thus a bounded number of steps per byte of the body, whatever the number of
+/// secrets; no position is read twice per secret, and no escape is decoded more than once.
+struct Matcher<'a> {
+    /// Every needle, sorted by its reversed bytes, without duplicates (a needle that is both a
+    /// literal and a base64 form counts as base64: widened).
+    patterns: Vec<Pattern<'a>>,
+    /// The node for each last byte of a needle (the trie's first level).
+    first: [Option<Node>; 256],
+    /// The longest needle, in bytes.
+    longest: usize,
+}
+
+/// One needle of a [`Matcher`], borrowed from its [`Redactor`].
+#[derive(Clone, Copy)]
+struct Pattern<'a> {
+    rev: &'a [u8],
+    base64: bool,
+}
+
+/// A node of the trie of reversed needles: the patterns `lo..hi`, which all end with the same
+/// `depth` bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Node {
+    lo: usize,
+    hi: usize,
+    depth: usize,
+}
+
+/// A stretch of the body that reads as the last `node.depth` bytes of some needles, from the
+/// position it is kept for to `end`.
+#[derive(Clone, Copy)]
+struct Partial {
+    node: Node,
+    end: usize,
+}
+
+impl<'a> Matcher<'a> {
+    fn new(parts: impl IntoIterator<Item = &'a [Needle]>) -> Self {
+        let mut patterns: Vec<Pattern<'a>> = parts
+            .into_iter()
+            .flatten()
+            .map(|n| Pattern {
+                rev: &n.rev,
+                base64: n.base64,
+            })
+            .collect();
+        patterns.sort_unstable_by(|a, b| a.rev.cmp(b.rev));
+        patterns.dedup_by(|later, kept| {
+            let same = later.rev == kept.rev;
+            kept.base64 |= same && later.base64;
+            same
+        });
+        let longest = patterns.iter().map(|p| p.rev.len()).max().unwrap_or(0);
+        let mut first = [None; 256];
+        let mut lo = 0;
+        while let Some(pattern) = patterns.get(lo) {
+            let Some(&last) = pattern.rev.first() else {
+                // Never: needles are at least MIN_REDACTED_BYTES long.
+                lo += 1;
+                continue;
+            };
+            let run = patterns.get(lo..).unwrap_or_default();
+            let hi = lo + run.partition_point(|p| p.rev.first() == Some(&last));
+            first[usize::from(last)] = Some(Node { lo, hi, depth: 1 });
+            lo = hi;
+        }
+        Matcher {
+            patterns,
+            first,
+            longest,
+        }
+    }
+
+    fn redact(&self, bytes: Vec<u8>) -> Vec<u8> {
+        let mut ranges = Vec::new();
+        self.find(&bytes, &mut ranges);
+        replace_ranges(bytes, ranges)
+    }
+
+    fn redact_str(&self, text: &str) -> String {
         String::from_utf8_lossy(&self.redact(text.as_bytes().to_vec())).into_owned()
     }
+
+    /// Records the byte range of every occurrence of every needle in `hay`, in any mix of
+    /// encodings per character, widened for base64 forms; returns the number of trie steps
+    /// taken (the work, which tests bound).
+    fn find(&self, hay: &[u8], ranges: &mut Vec<(usize, usize)>) -> u64 {
+        let mut steps = 0u64;
+        if self.patterns.is_empty() {
+            return steps;
+        }
+        // window[q % WINDOW]: the partial matches starting at q, for the WINDOW positions
+        // after the current one that a reading can end at.
+        let mut window: [Vec<Partial>; WINDOW] = std::array::from_fn(|_| Vec::new());
+        let mut here: Vec<Partial> = Vec::new();
+        let mut readings: Vec<Reading> = Vec::new();
+        let mut merge_at = MIN_RANGES_BEFORE_MERGING;
+        for p in (0..hay.len()).rev() {
+            here.clear();
+            // The farthest end of a partial match dropped at p, if any was.
+            let mut dropped: Option<usize> = None;
+            readings_at(hay, p, &mut readings);
+            for reading in &readings {
+                debug_assert!(reading.len <= MAX_READING_BYTES);
+                let after = p + reading.len;
+                // Partial matches of earlier readings may reach the same node; this reading's
+                // cannot (distinct nodes stepped by the same bytes stay distinct).
+                let earlier = here.len();
+                let continued: &[Partial] = match window.get(after % WINDOW) {
+                    Some(partials) if after < hay.len() => partials,
+                    _ => &[],
+                };
+                let starts = std::iter::once(None).chain(continued.iter().map(Some));
+                for from in starts {
+                    steps += reading.count as u64;
+                    let Some(node) = self.advance(from.map(|f| f.node), reading.decoded()) else {
+                        continue;
+                    };
+                    let end = from.map_or(after, |f| f.end);
+                    if let Some(base64) = self.ends_needle(node) {
+                        push_range(ranges, widen(hay, p, end, base64));
+                    }
+                    if self.goes_on(node) {
+                        keep(&mut here, earlier, Partial { node, end }, &mut dropped);
+                    }
+                }
+            }
+            if let Some(mut end) = dropped {
+                // Fail closed: every partial match here is dropped, and everything one could
+                // still grow into is replaced — up to its farthest end, and back over as many
+                // bytes as the rest of the longest needle can be written in.
+                end = here.iter().map(|h| h.end).fold(end, usize::max);
+                here.clear();
+                let from = p.saturating_sub(MAX_READING_BYTES.saturating_mul(self.longest));
+                push_range(ranges, widen(hay, from, end, true));
+            }
+            if let Some(slot) = window.get_mut(p % WINDOW) {
+                std::mem::swap(slot, &mut here);
+            }
+            if ranges.len() >= merge_at {
+                merge_overlapping(ranges);
+                // Leftmost last, where the next finds (further left) can join it.
+                ranges.reverse();
+                merge_at = ranges
+                    .len()
+                    .saturating_mul(2)
+                    .max(MIN_RANGES_BEFORE_MERGING);
+            }
+        }
+        steps
+    }
+
+    /// The node reached by reading `decoded` (last byte first) from `from`, or from the root.
+    fn advance(&self, from: Option<Node>, decoded: &[u8]) -> Option<Node> {
+        let mut bytes = decoded.iter().rev();
+        let mut node = match from {
+            Some(node) => node,
+            None => self.first[usize::from(*bytes.next()?)]?,
+        };
+        for &b in bytes {
+            node = self.step(node, b)?;
+        }
+        Some(node)
+    }
+
+    /// The child of `node` for the byte before the ones read so far.
+    fn step(&self, node: Node, byte: u8) -> Option<Node> {
+        let d = node.depth;
+        let run = self.patterns.get(node.lo..node.hi)?;
+        if let [only] = run {
+            return (only.rev.get(d) == Some(&byte)).then_some(Node {
+                depth: d + 1,
+                ..node
+            });
+        }
+        // A needle exactly `d` long sorts first (it is a prefix of the others); the rest are
+        // sorted by their byte `d`, so those with `byte` there are one run.
+        let (lo, hi) = if run.len() <= MAX_LINEAR_STEP {
+            let mut found = run
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.rev.get(d) == Some(&byte))
+                .map(|(i, _)| i);
+            let lo = found.next()?;
+            (lo, found.next_back().unwrap_or(lo) + 1)
+        } else {
+            let lo = run.partition_point(|p| p.rev.get(d).is_none_or(|&b| b < byte));
+            let hi = run.partition_point(|p| p.rev.get(d).is_none_or(|&b| b <= byte));
+            (lo, hi)
+        };
+        (lo < hi).then_some(Node {
+            lo: node.lo + lo,
+            hi: node.lo + hi,
+            depth: d + 1,
+        })
+    }
+
+    /// Whether a needle is exactly what `node` read, and if so whether it is a base64 form.
+    fn ends_needle(&self, node: Node) -> Option<bool> {
+        self.patterns
+            .get(node.lo)
+            .filter(|p| p.rev.len() == node.depth)
+            .map(|p| p.base64)
+    }
+
+    /// Whether some needle is longer than what `node` read.
+    fn goes_on(&self, node: Node) -> bool {
+        node.hi.saturating_sub(node.lo) > 1
+            || self
+                .patterns
+                .get(node.lo)
+                .is_some_and(|p| p.rev.len() > node.depth)
+    }
+}
+
+/// Adds `partial` to the partial matches of a position, as one with an equal one of an
+/// earlier reading (`here[..earlier]`; the farther end is kept), or, with
+/// [`MAX_PARTIAL_MATCHES`] there already, records it as dropped.
+fn keep(here: &mut Vec<Partial>, earlier: usize, partial: Partial, dropped: &mut Option<usize>) {
+    if let Some(same) = here
+        .iter_mut()
+        .take(earlier)
+        .find(|h| h.node == partial.node)
+    {
+        same.end = same.end.max(partial.end);
+    } else if here.len() < MAX_PARTIAL_MATCHES {
+        here.push(partial);
+    } else {
+        *dropped = Some(dropped.map_or(partial.end, |d| d.max(partial.end)));
+    }
+}
+
+/// `from..to`, widened for a base64 form over the up to two neighbouring characters that mix
+/// the secret's edge bits with other bytes, and over its padding.
+fn widen(hay: &[u8], mut from: usize, mut to: usize, base64: bool) -> (usize, usize) {
+    if base64 {
+        for _ in 0..2 {
+            match from.checked_sub(1).and_then(|i| hay.get(i)) {
+                Some(b) if is_base64_byte(*b) => from -= 1,
+                _ => break,
+            }
+        }
+        for _ in 0..2 {
+            match hay.get(to) {
+                Some(b) if is_base64_byte(*b) => to += 1,
+                _ => break,
+            }
+        }
+        while hay.get(to) == Some(&b'=') {
+            to += 1;
+        }
+    }
+    (from, to)
+}
+
+/// Adds a found range, as one with the last one if they overlap (finds come roughly from the
+/// end of the body to its start, so most overlapping ones are neighbours in the list).
+fn push_range(ranges: &mut Vec<(usize, usize)>, (from, to): (usize, usize)) {
+    if let Some(last) = ranges.last_mut()
+        && from < last.1
+        && last.0 < to
+    {
+        *last = (last.0.min(from), last.1.max(to));
+        return;
+    }
+    ranges.push((from, to));
+}
+
+/// Sorts `ranges` and makes overlapping ones one (ranges that only touch stay apart, as in
+/// [`replace_ranges`]).
+fn merge_overlapping(ranges: &mut Vec<(usize, usize)>) {
+    ranges.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+    for &(from, to) in ranges.iter() {
+        match merged.last_mut() {
+            Some(last) if from < last.1 => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    *ranges = merged;
 }
 
 /// `bytes` with each of `ranges` (which may overlap) replaced by one [`REDACTED`].
@@ -476,144 +798,71 @@ fn base64_cores(secret: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
-impl Needle {
-    /// Records the byte range of every occurrence of the needle in `hay`, in any mix of
-    /// encodings per character ([`char_ends`]), widened for base64 forms.
-    fn find_all(&self, hay: &[u8], ranges: &mut Vec<(usize, usize)>) {
-        let Ok(text) = std::str::from_utf8(&self.bytes) else {
-            return;
-        };
-        let chars: Vec<char> = text.chars().collect();
-        let Some(&first) = chars.first() else {
-            return;
-        };
-        let mut first_utf8 = [0u8; 4];
-        let first_byte = first.encode_utf8(&mut first_utf8).as_bytes()[0];
-        let mut start = 0;
-        while start < hay.len() {
-            let b = hay.get(start).copied().unwrap_or_default();
-            let may_start =
-                b == first_byte || matches!(b, b'\\' | b'&' | b'%') || (b == b'+' && first == ' ');
-            let end = if may_start {
-                match_at(hay, start, &chars)
-            } else {
-                None
-            };
-            let Some(mut end) = end else {
-                start += 1;
-                continue;
-            };
-            let mut from = start;
-            if self.base64 {
-                // Widen over the characters that mix the secret's edge bits with others.
-                for _ in 0..2 {
-                    match from.checked_sub(1).and_then(|i| hay.get(i)) {
-                        Some(b) if is_base64_byte(*b) => from -= 1,
-                        _ => break,
-                    }
-                }
-                for _ in 0..2 {
-                    match hay.get(end) {
-                        Some(b) if is_base64_byte(*b) => end += 1,
-                        _ => break,
-                    }
-                }
-                while hay.get(end) == Some(&b'=') {
-                    end += 1;
-                }
-            }
-            ranges.push((from, end));
-            start = end.max(start + 1);
+/// One way to read the body at a position: `len` bytes of it standing for the `count` bytes
+/// of `decoded` (one byte, or one character's UTF-8).
+#[derive(Clone, Copy)]
+struct Reading {
+    len: usize,
+    decoded: [u8; 4],
+    count: usize,
+}
+
+impl Reading {
+    fn byte(len: usize, b: u8) -> Self {
+        Reading {
+            len,
+            decoded: [b, 0, 0, 0],
+            count: 1,
         }
+    }
+
+    fn char(len: usize, c: char) -> Self {
+        let mut decoded = [0u8; 4];
+        let count = c.encode_utf8(&mut decoded).len();
+        Reading {
+            len,
+            decoded,
+            count,
+        }
+    }
+
+    fn decoded(&self) -> &[u8] {
+        self.decoded.get(..self.count).unwrap_or_default()
     }
 }
 
-/// Most positions a partial match is followed from at once: each character has at most a few
-/// encodings, so the set stays tiny; the cap bounds hostile input.
-const MAX_MATCH_FRONTIER: usize = 16;
-
-/// Where a match of `chars` starting at `start` in `hay` ends (the longest), if there is one.
-/// Every character may be written literally or in any encoding [`char_ends`] knows,
-/// independently of its neighbours.
-fn match_at(hay: &[u8], start: usize, chars: &[char]) -> Option<usize> {
-    let mut frontier = vec![start];
-    for &c in chars {
-        let mut next = Vec::new();
-        for &p in &frontier {
-            for end in char_ends(hay, p, c) {
-                if !next.contains(&end) && next.len() < MAX_MATCH_FRONTIER {
-                    next.push(end);
-                }
-            }
-        }
-        if next.is_empty() {
-            return None;
-        }
-        frontier = next;
-    }
-    frontier.into_iter().max()
-}
-
-/// Every position where character `c`, written at `p` in `hay`, can end: literally, as a JSON
-/// escape (`\"`, `\uXXXX` in either case, a surrogate pair), an HTML character reference
-/// (named, decimal, hex), percent-encoded (each UTF-8 byte `%XX` in either case or literal),
-/// or, for a space, `+`.
-fn char_ends(hay: &[u8], p: usize, c: char) -> Vec<usize> {
-    let mut out = Vec::new();
+/// Every reading of `hay` at `p` (into `out`): the byte itself; a UTF-8 byte as `%XX` (either
+/// case); `+` for a space; a JSON escape (`\"`, `\uXXXX` in either case, a surrogate pair); an
+/// HTML character reference (named, decimal, hex, with or without `;`, and every shorter
+/// `;`-less numeric one, whose digits may run into the text after it). Each is at most
+/// [`MAX_READING_BYTES`] long.
+fn readings_at(hay: &[u8], p: usize, out: &mut Vec<Reading>) {
+    out.clear();
     let Some(rest) = hay.get(p..) else {
-        return out;
+        return;
     };
-    let mut buf = [0u8; 4];
-    let utf8 = c.encode_utf8(&mut buf).as_bytes();
-    if rest.starts_with(utf8) {
-        out.push(p + utf8.len());
-    }
-    match rest.first() {
-        Some(b'\\') => {
-            if let Some((d, used)) = json_escape(rest)
-                && d == c
-            {
-                out.push(p + used);
+    let Some(&first) = rest.first() else {
+        return;
+    };
+    out.push(Reading::byte(1, first));
+    match first {
+        b'%' => {
+            if let (Some(h), Some(l)) = (
+                rest.get(1).and_then(hex_value),
+                rest.get(2).and_then(hex_value),
+            ) {
+                out.push(Reading::byte(3, h * 16 + l));
             }
         }
-        Some(b'&') => {
-            if let Some((d, used)) = html_reference(rest)
-                && d == c
-            {
-                out.push(p + used);
+        b'+' => out.push(Reading::byte(1, b' ')),
+        b'\\' => {
+            if let Some((c, used)) = json_escape(rest) {
+                out.push(Reading::char(used, c));
             }
-            // Without a `;`, a numeric reference's digits may run into the text after it:
-            // every shorter digit run is a reading too.
-            out.extend(
-                numeric_reference_prefixes(rest, c)
-                    .into_iter()
-                    .map(|u| p + u),
-            );
         }
-        Some(b'+') if c == ' ' => out.push(p + 1),
+        b'&' => html_readings(rest, out),
         _ => {}
     }
-    // Percent-encoded: every byte literal or %XX, at least one %XX.
-    let mut q = 0;
-    let mut escaped = false;
-    for &b in utf8 {
-        match (
-            rest.get(q),
-            rest.get(q + 1).and_then(hex_value),
-            rest.get(q + 2).and_then(hex_value),
-        ) {
-            (Some(b'%'), Some(h), Some(l)) if h * 16 + l == b => {
-                q += 3;
-                escaped = true;
-            }
-            (Some(&x), _, _) if x == b => q += 1,
-            _ => return out,
-        }
-    }
-    if escaped {
-        out.push(p + q);
-    }
-    out
 }
 
 fn hex_value(b: &u8) -> Option<u8> {
@@ -660,49 +909,23 @@ fn json_escape(s: &[u8]) -> Option<(char, usize)> {
     Some((c, 2))
 }
 
-/// An HTML character reference at the start of `s` (which starts with `&`).
-fn html_reference(s: &[u8]) -> Option<(char, usize)> {
-    let window = s.get(..s.len().min(MAX_ENTITY_BYTES))?;
-    if window.get(1) == Some(&b'#') {
-        let (hex, digits_at) = match window.get(2) {
-            Some(b'x' | b'X') => (true, 3),
-            _ => (false, 2),
-        };
-        let digits = window
-            .get(digits_at..)?
-            .iter()
-            .take_while(|b| {
-                if hex {
-                    b.is_ascii_hexdigit()
-                } else {
-                    b.is_ascii_digit()
-                }
-            })
-            .count();
-        if digits == 0 {
-            return None;
-        }
-        let text = std::str::from_utf8(window.get(digits_at..digits_at + digits)?).ok()?;
-        let value = u32::from_str_radix(text, if hex { 16 } else { 10 }).ok()?;
-        let c = char::from_u32(value)?;
-        let mut used = digits_at + digits;
-        if window.get(used) == Some(&b';') {
-            used += 1;
-        }
-        return Some((c, used));
-    }
-    let end = window.iter().position(|&b| b == b';')?;
-    let name = std::str::from_utf8(window.get(1..end)?).ok()?;
-    let (_, c) = HTML_ENTITIES.iter().find(|(n, _)| *n == name)?;
-    Some((*c, end + 1))
-}
-
-/// The lengths of the `;`-less numeric references at the start of `s` (`&#NN`, `&#xNN`) that
-/// decode to `c` using fewer digits than are there.
-fn numeric_reference_prefixes(s: &[u8], c: char) -> Vec<usize> {
-    let mut out = Vec::new();
+/// The readings of the HTML character reference at the start of `s` (which starts with `&`)
+/// into `out`: a named one ([`HTML_ENTITIES`], with its `;`), or a numeric one with each
+/// number of its digits (up to [`MAX_ENTITY_BYTES`]) that makes a character, and with its `;`
+/// when that follows the digits within [`MAX_ENTITY_BYTES`].
+fn html_readings(s: &[u8], out: &mut Vec<Reading>) {
     if s.get(1) != Some(&b'#') {
-        return out;
+        let window = s.get(..s.len().min(MAX_ENTITY_BYTES)).unwrap_or_default();
+        let Some(end) = window.iter().position(|&b| b == b';') else {
+            return;
+        };
+        let Some(name) = window.get(1..end).and_then(|n| std::str::from_utf8(n).ok()) else {
+            return;
+        };
+        if let Some((_, c)) = HTML_ENTITIES.iter().find(|(n, _)| *n == name) {
+            out.push(Reading::char(end + 1, *c));
+        }
+        return;
     }
     let (radix, digits_at) = match s.get(2) {
         Some(b'x' | b'X') => (16, 3),
@@ -714,11 +937,15 @@ fn numeric_reference_prefixes(s: &[u8], c: char) -> Vec<usize> {
             break;
         };
         value = value.saturating_mul(radix).saturating_add(d);
-        if char::from_u32(value) == Some(c) {
-            out.push(digits_at + i + 1);
+        let Some(c) = char::from_u32(value) else {
+            continue;
+        };
+        let used = digits_at + i + 1;
+        out.push(Reading::char(used, c));
+        if used < MAX_ENTITY_BYTES && s.get(used) == Some(&b';') {
+            out.push(Reading::char(used + 1, c));
         }
     }
-    out
 }
 
 /// Response headers that describe the body's length or digest, and so would tell the guest how
@@ -750,6 +977,8 @@ pub fn response_headers(
     keep: impl Fn(&str) -> bool,
     redactor: &RedactorSet,
 ) -> Vec<(String, String)> {
+    // The secrets are sorted once for all the headers.
+    let matcher = (!redactor.is_empty()).then(|| redactor.matcher());
     headers
         .iter()
         .filter(|(name, _)| keep(name.as_str()))
@@ -760,8 +989,13 @@ pub fn response_headers(
         })
         .filter_map(|(name, value)| {
             let value = value.to_str().ok()?;
-            (value.len() <= MAX_RESPONSE_HEADER_VALUE_BYTES)
-                .then(|| (name.as_str().to_owned(), redactor.redact_str(value)))
+            (value.len() <= MAX_RESPONSE_HEADER_VALUE_BYTES).then(|| {
+                let value = match &matcher {
+                    Some(matcher) => matcher.redact_str(value),
+                    None => value.to_owned(),
+                };
+                (name.as_str().to_owned(), value)
+            })
         })
         .take(MAX_RESPONSE_HEADERS)
         .collect()
@@ -1023,5 +1257,386 @@ mod tests {
         assert_eq!(out, r#"{"a":"[redacted]","b":"[redacted]","c":"abc"}"#);
         assert_eq!(r.redact_str("xxKFTRAIN\\svc:pa\"ssyy"), "xx[redacted]yy");
         assert_eq!(r.redact(Vec::new()), Vec::<u8>::new());
+    }
+
+    /// The matcher before it searched every secret in one pass: one needle at a time, from
+    /// every position, each character followed through every encoding. Slow (a pass per needle
+    /// per position), but plainly what [`Redactor`] promises; kept as the property tests'
+    /// reference.
+    mod reference {
+        use super::super::{
+            HTML_ENTITIES, MAX_ENTITY_BYTES, hex_value, is_base64_byte, json_escape,
+        };
+
+        /// Every range the reference finds for the needle `text` (`base64`: widened).
+        pub fn find(text: &str, base64: bool, hay: &[u8], ranges: &mut Vec<(usize, usize)>) {
+            let chars: Vec<char> = text.chars().collect();
+            for start in 0..hay.len() {
+                let Some(mut end) = match_at(hay, start, &chars) else {
+                    continue;
+                };
+                let mut from = start;
+                if base64 {
+                    for _ in 0..2 {
+                        match from.checked_sub(1).and_then(|i| hay.get(i)) {
+                            Some(b) if is_base64_byte(*b) => from -= 1,
+                            _ => break,
+                        }
+                    }
+                    for _ in 0..2 {
+                        match hay.get(end) {
+                            Some(b) if is_base64_byte(*b) => end += 1,
+                            _ => break,
+                        }
+                    }
+                    while hay.get(end) == Some(&b'=') {
+                        end += 1;
+                    }
+                }
+                ranges.push((from, end));
+            }
+        }
+
+        fn match_at(hay: &[u8], start: usize, chars: &[char]) -> Option<usize> {
+            let mut frontier = vec![start];
+            for &c in chars {
+                let mut next = Vec::new();
+                for &p in &frontier {
+                    for end in char_ends(hay, p, c) {
+                        if !next.contains(&end) {
+                            next.push(end);
+                        }
+                    }
+                }
+                if next.is_empty() {
+                    return None;
+                }
+                frontier = next;
+            }
+            frontier.into_iter().max()
+        }
+
+        fn char_ends(hay: &[u8], p: usize, c: char) -> Vec<usize> {
+            let mut out = Vec::new();
+            let Some(rest) = hay.get(p..) else {
+                return out;
+            };
+            let mut buf = [0u8; 4];
+            let utf8 = c.encode_utf8(&mut buf).as_bytes();
+            if rest.starts_with(utf8) {
+                out.push(p + utf8.len());
+            }
+            match rest.first() {
+                Some(b'\\') => {
+                    if let Some((d, used)) = json_escape(rest)
+                        && d == c
+                    {
+                        out.push(p + used);
+                    }
+                }
+                Some(b'&') => {
+                    if let Some((d, used)) = html_reference(rest)
+                        && d == c
+                    {
+                        out.push(p + used);
+                    }
+                    out.extend(numeric_prefixes(rest, c).into_iter().map(|u| p + u));
+                }
+                Some(b'+') if c == ' ' => out.push(p + 1),
+                _ => {}
+            }
+            let mut q = 0;
+            let mut escaped = false;
+            for &b in utf8 {
+                match (
+                    rest.get(q),
+                    rest.get(q + 1).and_then(hex_value),
+                    rest.get(q + 2).and_then(hex_value),
+                ) {
+                    (Some(b'%'), Some(h), Some(l)) if h * 16 + l == b => {
+                        q += 3;
+                        escaped = true;
+                    }
+                    (Some(&x), _, _) if x == b => q += 1,
+                    _ => return out,
+                }
+            }
+            if escaped {
+                out.push(p + q);
+            }
+            out
+        }
+
+        fn html_reference(s: &[u8]) -> Option<(char, usize)> {
+            let window = s.get(..s.len().min(MAX_ENTITY_BYTES))?;
+            if window.get(1) == Some(&b'#') {
+                let (hex, digits_at) = match window.get(2) {
+                    Some(b'x' | b'X') => (true, 3),
+                    _ => (false, 2),
+                };
+                let digits = window
+                    .get(digits_at..)?
+                    .iter()
+                    .take_while(|b| {
+                        if hex {
+                            b.is_ascii_hexdigit()
+                        } else {
+                            b.is_ascii_digit()
+                        }
+                    })
+                    .count();
+                if digits == 0 {
+                    return None;
+                }
+                let text = std::str::from_utf8(window.get(digits_at..digits_at + digits)?).ok()?;
+                let value = u32::from_str_radix(text, if hex { 16 } else { 10 }).ok()?;
+                let c = char::from_u32(value)?;
+                let mut used = digits_at + digits;
+                if window.get(used) == Some(&b';') {
+                    used += 1;
+                }
+                return Some((c, used));
+            }
+            let end = window.iter().position(|&b| b == b';')?;
+            let name = std::str::from_utf8(window.get(1..end)?).ok()?;
+            let (_, c) = HTML_ENTITIES.iter().find(|(n, _)| *n == name)?;
+            Some((*c, end + 1))
+        }
+
+        fn numeric_prefixes(s: &[u8], c: char) -> Vec<usize> {
+            let mut out = Vec::new();
+            if s.get(1) != Some(&b'#') {
+                return out;
+            }
+            let (radix, digits_at) = match s.get(2) {
+                Some(b'x' | b'X') => (16, 3),
+                _ => (10, 2),
+            };
+            let mut value: u32 = 0;
+            for (i, b) in s.iter().skip(digits_at).take(MAX_ENTITY_BYTES).enumerate() {
+                let Some(d) = (*b as char).to_digit(radix) else {
+                    break;
+                };
+                value = value.saturating_mul(radix).saturating_add(d);
+                if char::from_u32(value) == Some(c) {
+                    out.push(digits_at + i + 1);
+                }
+            }
+            out
+        }
+    }
+
+    /// Which bytes of `hay` the ranges cover.
+    fn covered(ranges: &[(usize, usize)], len: usize) -> Vec<bool> {
+        let mut out = vec![false; len];
+        for &(from, to) in ranges {
+            for c in out.iter_mut().take(to).skip(from) {
+                *c = true;
+            }
+        }
+        out
+    }
+
+    /// A body made of `pieces` with the secrets between them, each character written as
+    /// `styles` says: literally, `\uXXXX`, `&#NN;`, `&#xNN` (no `;`), `%XX` per byte, or `+`.
+    fn mixed_body(secrets: &[String], pieces: &[String], styles: &[u8]) -> String {
+        let mut body = String::new();
+        let mut style = styles.iter().copied().cycle().chain(std::iter::repeat(0));
+        for (piece, secret) in pieces.iter().zip(secrets.iter().cycle()) {
+            body.push_str(piece);
+            for c in secret.chars() {
+                match style.next().unwrap_or(0) {
+                    1 => body.push_str(&format!("\\u{:04x}", c as u32)),
+                    2 => body.push_str(&format!("&#{};", c as u32)),
+                    3 => body.push_str(&format!("&#x{:X}", c as u32)),
+                    4 => {
+                        for b in c.to_string().bytes() {
+                            body.push_str(&format!("%{b:02X}"));
+                        }
+                    }
+                    5 if c == ' ' => body.push('+'),
+                    _ => body.push(c),
+                }
+            }
+        }
+        body
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// The one-pass matcher covers every byte the reference (one needle at a time, every
+        /// start, every encoding of every character) covers, for bodies full of escapes, with
+        /// several secrets at once, repetitive ones among them (whose partial matches exceed
+        /// MAX_PARTIAL_MATCHES and are then replaced wholesale).
+        #[test]
+        fn one_pass_finds_all_the_reference_finds(
+            secrets in proptest::collection::vec(
+                "[a-c+/=&<>'\"\\\\%;#0-9xuA-F é€😀]{4,10}|a{30,50}|(ab){18,25}|(a%41){9,15}", 1..4),
+            pieces in proptest::collection::vec(proptest::prop_oneof![
+                "[a-c+/=&<>'\"\\\\%;#0-9xuA-F é]{0,6}",
+                proptest::prelude::Just("%25".to_owned()),
+                proptest::prelude::Just("&#".to_owned()),
+                proptest::prelude::Just("\\u00".to_owned()),
+                proptest::prelude::Just("&amp;".to_owned()),
+                "a{0,90}",
+                "(ab){0,40}",
+            ], 0..12),
+            styles in proptest::collection::vec(0u8..8, 1..40),
+        ) {
+            let mut set = RedactorSet::new();
+            for s in &secrets {
+                let mut r = Redactor::new();
+                r.add(s);
+                set.push(std::sync::Arc::new(r));
+            }
+            let body = mixed_body(&secrets, &pieces, &styles);
+            let hay = body.as_bytes();
+            let mut expected = Vec::new();
+            for part in &set.parts {
+                for needle in &part.needles {
+                    let mut bytes = needle.rev.clone();
+                    bytes.reverse();
+                    let text = String::from_utf8(bytes).unwrap();
+                    reference::find(&text, needle.base64, hay, &mut expected);
+                }
+            }
+            let mut found = Vec::new();
+            set.matcher().find(hay, &mut found);
+            let (expected, found) = (covered(&expected, hay.len()), covered(&found, hay.len()));
+            for (i, (e, f)) in expected.iter().zip(&found).enumerate() {
+                proptest::prop_assert!(!e || *f, "byte {i} of {body:?} is missed ({secrets:?})");
+            }
+        }
+
+        /// Whatever the body, the matcher's work is bounded per byte: each reading of a
+        /// position is followed from the root and from at most MAX_PARTIAL_MATCHES partial
+        /// matches, a step per decoded byte.
+        #[test]
+        fn work_is_bounded_per_byte_for_any_body(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            secret in "[a%&#;0-9\\\\u]{4,40}",
+        ) {
+            let mut r = Redactor::new();
+            r.add(&secret);
+            let mut ranges = Vec::new();
+            let steps = Matcher::new([r.needles.as_slice()]).find(&body, &mut ranges);
+            // At most 1 + 2 × MAX_ENTITY_BYTES readings of a position, each up to 4 bytes.
+            let per_byte = (1 + 2 * MAX_ENTITY_BYTES as u64) * (MAX_PARTIAL_MATCHES as u64 + 1) * 4;
+            proptest::prop_assert!(steps <= per_byte * body.len() as u64);
+        }
+    }
+
+    /// A JWT-like access token as identity providers issue them: every token shares the header
+    /// and most of the claims, and differs in a few claims and the signature.
+    fn access_token(n: u64) -> String {
+        use base64::Engine as _;
+        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let claims = format!(
+            r#"{{"iss":"https://idp.example.com/realms/keyfactor","aud":"keyfactor-command","sub":"svc-jobhook","exp":{},"jti":"{:016x}"}}"#,
+            1_700_000_000 + n,
+            n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        );
+        let signature: Vec<u8> = (0..256u64)
+            .map(|i| (n.wrapping_mul(2_654_435_761).wrapping_add(i * 40_503) >> 7) as u8)
+            .collect();
+        format!(
+            "eyJhbGciOiJSUzI1NiIsImtpZCI6IjhGMzQ1QjY3ODlBQiIsInR5cCI6ImF0K2p3dCJ9.{}.{}",
+            url.encode(claims),
+            url.encode(signature)
+        )
+    }
+
+    /// The Keyfactor client's set: a Basic credential's forms and `tokens` access tokens'.
+    fn keyfactor_like_set(tokens: u64) -> RedactorSet {
+        use base64::Engine as _;
+        let pair = r"KFTRAIN\svc:S3cr3t+Pa55/word";
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+        let mut basic = Redactor::new();
+        basic.add(&format!("Basic {encoded}"));
+        basic.add(&encoded);
+        basic.add("S3cr3t+Pa55/word");
+        basic.add(pair);
+        let mut set = RedactorSet::new();
+        set.push(std::sync::Arc::new(basic));
+        for n in 0..tokens {
+            let token = access_token(n);
+            let mut r = Redactor::new();
+            r.add(&format!("Bearer {token}"));
+            r.add(&token);
+            set.push(std::sync::Arc::new(r));
+        }
+        set
+    }
+
+    /// The audit's hostile bodies (a server that answers what it likes, or echoes what a handler
+    /// sends): the work per byte stays a small constant, the same with 256 remembered tokens as
+    /// with one password. (The matcher before made a pass per needle: over 2 000 of them here.)
+    #[test]
+    fn work_per_byte_does_not_grow_with_the_number_of_credentials() {
+        const LEN: usize = 64 * 1024;
+        /// Steps per body byte allowed; measured at most 4.5 (the `&#…` body).
+        const MAX_STEPS_PER_BYTE: u64 = 8;
+        let token = access_token(7);
+        let fillers: Vec<(&str, Vec<u8>)> =
+            vec![
+            ("percent", b"%".to_vec()),
+            ("percent-25", b"%25".to_vec()),
+            ("numeric references", b"&#1111111111".to_vec()),
+            ("json escapes", br"\u0041\u00".to_vec()),
+            (
+                "json",
+                br#"{"Id":12345,"Thumbprint":"A1B2C3D4E5F6","IssuedDN":"CN=web01.example.com"},"#
+                    .to_vec(),
+            ),
+            // Every token's shared beginning, over and over.
+            ("token prefixes", format!("Bearer {} ", token.get(..120).unwrap()).into_bytes()),
+            ("echoed tokens", format!("Bearer {token} ").into_bytes()),
+        ];
+        let few = keyfactor_like_set(0);
+        let many = keyfactor_like_set(256);
+        let needles: usize = many.parts.iter().map(|p| p.needles.len()).sum();
+        assert!(needles > 2000, "{needles}");
+        for (name, unit) in &fillers {
+            let body: Vec<u8> = unit.iter().copied().cycle().take(LEN).collect();
+            let mut ranges = Vec::new();
+            let steps_few = few.matcher().find(&body, &mut ranges);
+            let steps_many = many.matcher().find(&body, &mut ranges);
+            for (set, steps) in [("Basic", steps_few), ("Basic + 256 tokens", steps_many)] {
+                assert!(
+                    steps <= MAX_STEPS_PER_BYTE * LEN as u64,
+                    "{name}, {set}: {steps} steps for {LEN} bytes"
+                );
+            }
+        }
+    }
+
+    /// A secret that repeats itself, in a body that repeats it too, has more partial matches
+    /// than are followed: the matcher fails closed (replaces all they could grow into), within
+    /// the same bounded work.
+    #[test]
+    fn too_many_partial_matches_fail_closed() {
+        let password = "a".repeat(2 * MAX_PARTIAL_MATCHES);
+        let mut r = Redactor::new();
+        r.add(&password);
+        let longest = r.needles.iter().map(|n| n.rev.len()).max().unwrap();
+        let before = "x".repeat(2 * MAX_READING_BYTES * longest);
+        let body = format!("{before}\"{}\",\"y\":\"kept\"", "a".repeat(10_000));
+        let mut ranges = Vec::new();
+        let steps = Matcher::new([r.needles.as_slice()]).find(body.as_bytes(), &mut ranges);
+        assert!(steps <= (MAX_PARTIAL_MATCHES as u64 + 1) * body.len() as u64);
+        let out = r.redact_str(&body);
+        assert!(!out.contains(&password) && out.contains(REDACTED), "{out}");
+        // Replaced: the repetition, and at most as much before it as the rest of the longest
+        // needle could be written in.
+        let kept = before.len() - MAX_READING_BYTES * longest - 2;
+        assert!(out.starts_with(&before[..kept]), "{out}");
+        assert!(out.ends_with("[redacted]\",\"y\":\"kept\""), "{out}");
+        // Shorter than the bound, a repetitive secret is followed exactly.
+        let mut r = Redactor::new();
+        r.add(&"a".repeat(8));
+        assert_eq!(
+            r.redact_str("xaaaaaaay aaaaaaaaaaaa z"),
+            "xaaaaaaay [redacted] z"
+        );
     }
 }
