@@ -25,6 +25,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// stops a mistyped path (say, a log file) from being read into memory and sent as a password.
 pub const MAX_SECRET_FILE_BYTES: u64 = 16 * 1024;
 
+/// The two ways to write a secret, for messages that say how.
+pub const SECRET_REF_FORMS: &str = "{ env = \"NAME\" } or { file = \"PATH\" }";
+
 /// Where a secret comes from.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,9 +60,11 @@ impl fmt::Display for SecretRef {
 /// Why a secret could not be resolved. Messages name the reference, never the value.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    /// The environment variable is not set (or not Unicode).
+    /// The environment variable is not set (or not Unicode). The name is shown cut to
+    /// [`crate::app::config::MAX_QUOTED_CHARS`] characters.
     #[error(
-        "environment variable {0} is not set (or is not valid Unicode); set it before starting jobhook"
+        "environment variable {} is not set (or is not valid Unicode); set it before starting jobhook",
+        crate::app::config::excerpt(.0, crate::app::config::MAX_QUOTED_CHARS)
     )]
     EnvMissing(String),
     /// The file cannot be read.
@@ -131,13 +136,13 @@ impl<'de> Deserialize<'de> for SecretRef {
         struct RefVisitor;
 
         const HOW: &str =
-            "a secret is given by reference: { env = \"NAME\" } or { file = \"/path\" }";
+            "a secret is given by reference: { env = \"NAME\" } or { file = \"PATH\" }";
 
         impl<'de> Visitor<'de> for RefVisitor {
             type Value = SecretRef;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(HOW)
+                write!(f, "a secret by reference, {SECRET_REF_FORMS}")
             }
 
             fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretRef, E> {
@@ -158,7 +163,13 @@ impl<'de> Deserialize<'de> for SecretRef {
                         return Err(de::Error::custom(format!("`{key}` is empty; {HOW}")));
                     }
                     other => {
-                        return Err(de::Error::custom(format!("unknown key `{other}`; {HOW}")));
+                        return Err(de::Error::custom(format!(
+                            "unknown key `{}`; {HOW}",
+                            crate::app::config::excerpt(
+                                other,
+                                crate::app::config::MAX_QUOTED_CHARS
+                            )
+                        )));
                     }
                 };
                 if map.next_key::<String>()?.is_some() {

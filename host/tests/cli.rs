@@ -947,3 +947,151 @@ fn an_error_or_warning_told_to_a_stderr_whose_reader_has_gone_changes_no_exit_co
         text(&out.stdout)
     );
 }
+
+/// A configuration of one handler (log-context) in a directory of its own, with `server` and
+/// `store` put before the handler.
+fn check_config(before: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jobhook.toml");
+    let component = component("log-context");
+    std::fs::write(
+        &path,
+        format!(
+            "{before}\n[[handlers]]\nname = \"log\"\ncomponent = {component:?}\njob_types = [\"*\"]\n"
+        ),
+    )
+    .expect("write");
+    (dir, path.display().to_string())
+}
+
+/// `check` refuses what `serve` would refuse at start: tokens that cannot be read, a data
+/// directory that is not one; and it creates no store doing so.
+#[test]
+fn check_resolves_what_serve_resolves_and_creates_nothing() {
+    for (before, says) in [
+        (
+            "[server]\ntokens = [{ env = \"JOBHOOK_TEST_SURELY_UNSET_TOKEN\" }]",
+            "server.tokens: environment variable JOBHOOK_TEST_SURELY_UNSET_TOKEN is not set",
+        ),
+        (
+            "[server]\ntokens = [{ file = \"/dev/zero\" }]",
+            "server.tokens: the secret file /dev/zero is larger than",
+        ),
+        (
+            "[store]\ndata_dir = \"/dev/null\"",
+            "[store] data_dir: /dev/null exists and is not a directory",
+        ),
+        (
+            "[store]\ndata_dir = \"/dev/null/data\"",
+            "/dev/null/data cannot be created: /dev/null is not a directory",
+        ),
+    ] {
+        let (_dir, config) = check_config(before);
+        let out = jobhook(&["check", "--config", &config]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{before}: {stderr}");
+        assert!(stderr.contains(says), "{before}: {stderr}");
+    }
+    let (dir, config) = check_config("[store]\ndata_dir = \"state/data\"");
+    let out = jobhook(&["check", "--config", &config]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !dir.path().join("state").exists(),
+        "check created the store"
+    );
+}
+
+/// `run`'s budget flags have the bounds of the configuration's handler limits, and the error
+/// names the flag.
+#[test]
+fn run_budget_flags_are_bounded_like_the_configuration() {
+    for (flag, value) in [
+        ("--timeout-ms", "0"),
+        ("--timeout-ms", "18446744073709551615"),
+        ("--memory-bytes", "0"),
+        ("--memory-bytes", "1048575"),
+        ("--memory-bytes", "1073741825"),
+        ("--memory-bytes", "18446744073709551615"),
+    ] {
+        let out = jobhook(&[
+            "run",
+            &component("log-context"),
+            "--context",
+            &context_file("log-context", "sample.json"),
+            flag,
+            value,
+        ]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(stderr.contains("between"), "{flag} {value}: {stderr}");
+    }
+    let out = jobhook(&[
+        "run",
+        &component("log-context"),
+        "--context",
+        &context_file("log-context", "sample.json"),
+        "--memory-bytes",
+        "1073741824",
+        "--timeout-ms",
+        "5000",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn forwarder_config_refuses_engine_urls_keyfactor_cannot_use() {
+    let (_dir, config) = check_config("");
+    for bad in ["", "not a url", ":99999", "http://a:b@host/", "ftp://host/"] {
+        let out = jobhook(&["forwarder-config", "--config", &config, "--engine-url", bad]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains("--engine-url"), "{bad:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{bad:?}");
+        assert!(!stderr.contains("a:b@"), "{stderr}");
+    }
+    let out = jobhook(&[
+        "forwarder-config",
+        "--config",
+        &config,
+        "--engine-url",
+        "https://jobhook.example.com:8443/",
+        "--generation",
+        "11",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("\"EngineUrl\": \"https://jobhook.example.com:8443\""));
+}
+
+/// What `import` prints is TOML, whatever the property names of the web.config are; no raw
+/// bidi character of a registration reaches stdout.
+#[test]
+fn import_prints_toml_that_parses_whatever_the_names() {
+    let (_dir, web_config) = write_temp(
+        "web.config",
+        br#"<configuration><unity><container>
+<register type="IOrchestratorJobCompleteHandler" mapTo="Acme.Hook, Acme" name="Hook&#x202E;txt.exe">
+  <property name="JobTypes" value="7b6bbc1b-d802-4b09-bec9-f5c221083130"/>
+  <property name="Weird&quot; = 1&#10;[server]" value="x"/>
+  <property name="Password" value="a"/>
+  <property name="password" value="b"/>
+</register>
+</container></unity></configuration>
+"#,
+    );
+    let out = jobhook(&["import", &web_config.display().to_string()]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stdout.contains('\u{202e}'), "{stdout}");
+    let table: toml::Table = toml::from_str(&stdout).unwrap_or_else(|e| panic!("{e}\n{stdout}"));
+    let properties = &table["handlers"][0]["properties"];
+    assert_eq!(properties["Weird\" = 1\n[server]"].as_str(), Some("x"));
+    assert!(table.get("server").is_none(), "{stdout}");
+    assert_ne!(
+        properties["Password"]["env"].as_str(),
+        properties["password"]["env"].as_str(),
+        "{stdout}"
+    );
+    assert!(stderr.contains("would both read"), "{stderr}");
+}

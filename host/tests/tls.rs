@@ -303,6 +303,7 @@ fn exposed_listeners_need_tls_for_tokens_and_some_authentication() {
     let output = Command::new(env!("CARGO_BIN_EXE_jobhook"))
         .args(["check", "--config"])
         .arg(&config)
+        .env("JOBHOOK_TEST_TLS_TOKEN", "t0ken")
         .output()
         .expect("run jobhook check");
     assert!(

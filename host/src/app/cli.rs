@@ -120,11 +120,11 @@ pub struct RunArgs {
     /// job, e.g. why it failed; in production only poller-made events have one).
     #[arg(long, value_name = "TEXT")]
     job_message: Option<String>,
-    /// Wall-clock budget in milliseconds (default: the engine default).
-    #[arg(long, value_name = "MS")]
+    /// Wall-clock budget in milliseconds, 1 to ten years (default: the engine default).
+    #[arg(long, value_name = "MS", value_parser = timeout_ms)]
     timeout_ms: Option<u64>,
-    /// Total memory budget in bytes (default: the engine default).
-    #[arg(long, value_name = "BYTES")]
+    /// Total memory budget in bytes, 1 MiB to 1 GiB (default: the engine default).
+    #[arg(long, value_name = "BYTES", value_parser = memory_bytes)]
     memory_bytes: Option<u64>,
     /// The services behind the keyfactor, mail and http capabilities.
     #[command(flatten)]
@@ -342,14 +342,20 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn forwarder_config(args: ForwarderArgs) -> anyhow::Result<ExitCode> {
-    use crate::app::migrate::{Generation, forwarder_config};
+    use crate::app::migrate::{Generation, engine_url, forwarder_config};
+    let engine_url = args
+        .engine_url
+        .as_deref()
+        .map(engine_url)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let config = crate::app::config::Config::load(&args.config)?;
     let generation = match args.generation.as_str() {
         "10" => Generation::Unity,
         "11" => Generation::Manifest,
         _ => Generation::Both,
     };
-    let (text, warnings) = forwarder_config(&config, args.engine_url.as_deref(), generation);
+    let (text, warnings) = forwarder_config(&config, engine_url.as_deref(), generation);
     for warning in warnings {
         print_err(&format!("warning: {warning}"));
     }
@@ -373,6 +379,35 @@ fn read_context(source: &str) -> anyhow::Result<JobContext> {
         source.to_owned()
     };
     JobContext::from_json_bytes(&bytes).with_context(|| format!("invalid context in {what}"))
+}
+
+/// `--timeout-ms`: the bounds of a handler's `[handlers.limits] timeout_ms` (at least 1, at most
+/// [`crate::duration_ms::MAX_MILLISECONDS`]); clap names the flag in front of the message.
+fn timeout_ms(text: &str) -> Result<u64, String> {
+    use crate::duration_ms::MAX_MILLISECONDS;
+    match text.trim().parse::<u64>() {
+        Ok(ms) if (1..=MAX_MILLISECONDS).contains(&ms) => Ok(ms),
+        _ => Err(format!(
+            "the timeout is a whole number of milliseconds between 1 and {MAX_MILLISECONDS} \
+             (ten years), as timeout_ms of [handlers.limits]"
+        )),
+    }
+}
+
+/// `--memory-bytes`: the bounds of a handler's `[handlers.limits] memory_bytes` (a larger value
+/// would be cut to the sandbox's slot without a word); clap names the flag in front of the
+/// message.
+fn memory_bytes(text: &str) -> Result<u64, String> {
+    use crate::app::config::{MAX_HANDLER_MEMORY_BYTES, MIN_HANDLER_MEMORY_BYTES};
+    match text.trim().parse::<u64>() {
+        Ok(bytes) if (MIN_HANDLER_MEMORY_BYTES..=MAX_HANDLER_MEMORY_BYTES).contains(&bytes) => {
+            Ok(bytes)
+        }
+        _ => Err(format!(
+            "the memory budget is a number of bytes between {MIN_HANDLER_MEMORY_BYTES} (1 MiB) \
+             and {MAX_HANDLER_MEMORY_BYTES} (1 GiB), as memory_bytes of [handlers.limits]"
+        )),
+    }
 }
 
 fn parse_properties(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {

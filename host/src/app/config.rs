@@ -10,12 +10,15 @@
 //! may instead reference a secret in an environment variable or a file), `grants`, `limits` and a
 //! `retry` policy. Unknown keys are errors. Every error names the file, the line and the key.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use toml::Spanned;
 
 use crate::app::connections::{self, ConnectionLimits};
@@ -32,7 +35,7 @@ use crate::runtime::config::{
     DEFAULT_CACHE_DIR, EngineConfig, MAX_COMPONENT_BYTES, MAX_CONCURRENT_DELIVERIES,
     MAX_SANDBOX_THREADS,
 };
-use crate::secret::{SecretRef, resolve_secret};
+use crate::secret::{SECRET_REF_FORMS, SecretRef, resolve_secret};
 use crate::sources::poller::PollerConfig;
 
 /// Where the HTTP API listens by default: loopback only, so an unconfigured engine is not
@@ -47,6 +50,122 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Largest configuration file read (a config with hundreds of handlers is far smaller).
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Most characters of a name, key or value an error message quotes: enough to recognise it,
+/// while a 100,000-character mistake does not flood the terminal or the log.
+pub const MAX_QUOTED_CHARS: usize = 64;
+
+/// Most characters of a path an error message quotes: Linux's `PATH_MAX`, so any path that can
+/// name a file is shown whole.
+pub const MAX_QUOTED_PATH_CHARS: usize = 4096;
+
+/// Most characters of one configuration error's message: a safety net under the caps above for
+/// messages other parts compose (a path, a list of allowed keys and the fix fit well within it).
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 8192;
+
+/// Smallest `memory_bytes` of a handler (and `jobhook run --memory-bytes`): below 1 MiB not even
+/// a minimal component instantiates, so a smaller budget is a typo, not a limit.
+pub const MIN_HANDLER_MEMORY_BYTES: u64 = 1024 * 1024;
+
+/// Largest `memory_bytes` of a handler (and `jobhook run --memory-bytes`): the size of a sandbox
+/// pool slot, which no sandbox can grow past whatever it is given.
+pub const MAX_HANDLER_MEMORY_BYTES: u64 = crate::runtime::engine::MAX_MEMORY_PER_SANDBOX as u64;
+
+/// `text` cut to its first `max` characters, with `…` appended when it was longer: operator
+/// text (a name, a key, a path) echoed in an error stays readable whatever its length.
+pub fn excerpt(text: &str, max: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => Cow::Borrowed(text),
+        Some((end, _)) => Cow::Owned(format!("{}…", text.get(..end).unwrap_or_default())),
+    }
+}
+
+/// `text` quoted for an error message (Rust string syntax) and cut to [`MAX_QUOTED_CHARS`]
+/// characters: `"long-nam"…` when it was longer.
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}…", text.get(..end).unwrap_or_default()),
+    }
+}
+
+/// A path for an error message, cut to [`MAX_QUOTED_PATH_CHARS`] characters.
+pub fn shown_path(path: &Path) -> String {
+    excerpt(&path.display().to_string(), MAX_QUOTED_PATH_CHARS).into_owned()
+}
+
+/// `message` cut to [`MAX_ERROR_MESSAGE_CHARS`] characters.
+fn capped(message: String) -> String {
+    match excerpt(&message, MAX_ERROR_MESSAGE_CHARS) {
+        Cow::Borrowed(_) => message,
+        Cow::Owned(short) => short,
+    }
+}
+
+/// `message` (a parser's or serde's) with every run of text it quotes in backticks or double
+/// quotes cut to [`MAX_QUOTED_CHARS`] characters: serde quotes the operator's keys (``unknown
+/// field `…` ``) and values (`invalid type: string "…"`) whole.
+fn cap_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_ERROR_MESSAGE_CHARS));
+    let mut chars = message.chars();
+    while let Some(open) = chars.next() {
+        out.push(open);
+        if open != '`' && open != '"' {
+            continue;
+        }
+        let mut inner = String::new();
+        let (mut closed, mut escaped) = (false, false);
+        for c in chars.by_ref() {
+            if c == open && !escaped {
+                closed = true;
+                break;
+            }
+            // Double-quoted text is Rust's `Debug` of a string: `\"` does not end it.
+            escaped = open == '"' && c == '\\' && !escaped;
+            inner.push(c);
+        }
+        if closed {
+            out.push_str(&excerpt(&inner, MAX_QUOTED_CHARS));
+            out.push(open);
+        } else {
+            out.push_str(&inner);
+        }
+    }
+    capped(out)
+}
+
+/// The dotted key path (`server.listen`) a TOML deserialization error was raised under, if the
+/// parser recorded one. `toml::de::Error` keeps it private and shows it only when printed
+/// without its source text, as a last line ``in `a.b` ``; that is read back here, exactly.
+fn toml_key_path(e: &toml::de::Error) -> Option<String> {
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let shown = bare.to_string();
+    let keys = shown
+        .strip_prefix(e.message())?
+        .strip_prefix('\n')?
+        .strip_prefix("in `")?
+        .strip_suffix("`\n")?;
+    if keys.is_empty() {
+        return None;
+    }
+    Some(
+        keys.split('.')
+            .map(|key| excerpt(key, MAX_QUOTED_CHARS))
+            .collect::<Vec<_>>()
+            .join("."),
+    )
+}
+
+/// The text of the line holding byte `offset` of `text`, trimmed and cut short, for an error
+/// whose key is unknown.
+fn source_line(text: &str, offset: usize) -> Option<String> {
+    let line = text.get(..offset.min(text.len()))?.rsplit('\n').next()?;
+    let rest = text.get(offset.min(text.len())..)?.split('\n').next()?;
+    let whole = format!("{line}{rest}");
+    let whole = whole.trim();
+    (!whole.is_empty()).then(|| excerpt(whole, MAX_QUOTED_CHARS).into_owned())
+}
 
 /// A configuration error: which file, where, which key, and what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +205,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address and port to listen on.
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Bearer tokens accepted on every endpoint but `/healthz`; none means no authentication
     /// (only sensible on loopback).
@@ -160,15 +280,96 @@ impl Default for ServerConfig {
     }
 }
 
+/// What a property value may be, for errors about one that is not.
+const PROPERTY_VALUE_FORMS: &str = "a string (numbers and booleans in quotes: \"5\", \"true\"), \
+     { env = \"NAME\" } or { file = \"PATH\" }";
+
 /// A property value: a plain string, or a secret reference `{ env = "NAME" }` /
 /// `{ file = "path" }`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum PropertyValue {
     /// The value itself.
     Plain(String),
     /// A reference to the value.
     Secret(SecretRef),
+}
+
+/// Read by hand rather than as an untagged enum, whose only error is "data did not match any
+/// variant": every refusal says what a property value may be.
+impl<'de> Deserialize<'de> for PropertyValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+
+        impl<'de> Visitor<'de> for ValueVisitor {
+            type Value = PropertyValue;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(PROPERTY_VALUE_FORMS)
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<PropertyValue, E> {
+                Ok(PropertyValue::Plain(value.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, value: String) -> Result<PropertyValue, E> {
+                Ok(PropertyValue::Plain(value))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PropertyValue, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(format!(
+                        "an empty table is not a property value; a property value is \
+                         {PROPERTY_VALUE_FORMS}"
+                    )));
+                };
+                let secret = match key.as_str() {
+                    "env" | "file" => {
+                        let value: String = map.next_value()?;
+                        match (key.as_str(), value.is_empty()) {
+                            (_, true) => {
+                                return Err(de::Error::custom(format!(
+                                    "`{key}` is empty; a secret property is {SECRET_REF_FORMS}"
+                                )));
+                            }
+                            ("env", false) => SecretRef::Env(value),
+                            _ => SecretRef::File(PathBuf::from(value)),
+                        }
+                    }
+                    other => {
+                        return Err(de::Error::custom(format!(
+                            "unknown key `{}` in a property value; a property value is \
+                             {PROPERTY_VALUE_FORMS}",
+                            excerpt(other, MAX_QUOTED_CHARS)
+                        )));
+                    }
+                };
+                if map.next_key::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom(format!(
+                        "a secret property gives either env or file, not both: \
+                         {SECRET_REF_FORMS}"
+                    )));
+                }
+                Ok(PropertyValue::Secret(secret))
+            }
+        }
+
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+/// Reads `[server] listen`: an IP address and port. `SocketAddr`'s own error ("invalid socket
+/// address syntax") says neither that a host name is not accepted nor what to write instead.
+fn listen_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.trim().parse().map_err(|_| {
+        de::Error::custom(format!(
+            "{} is not an IP address and port; write e.g. \"127.0.0.1:8480\", \
+             \"0.0.0.0:8480\" or \"[::1]:8480\" (a host name such as localhost is not \
+             accepted: the listener binds an address)",
+            quoted(&text)
+        ))
+    })
 }
 
 /// The file as written, before validation.
@@ -264,11 +465,7 @@ impl Config {
     /// Parses and validates configuration text; `path` names it in errors and resolves relative
     /// paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            line: e.span().map(|s| line_of(text, s.start)),
-            message: e.message().to_owned(),
-        })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&e, text, path))?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -388,6 +585,107 @@ impl Config {
             })
             .collect()
     }
+
+    /// Whether `serve` could open the store where the configuration puts it, found out without
+    /// creating or opening anything: for SQLite, `[store] data_dir` must be a directory this
+    /// process may write in, or not exist yet below one (`serve` creates it). A PostgreSQL
+    /// store is reached only by `serve`.
+    pub fn check_store_location(&self) -> Result<(), ConfigError> {
+        if self.store.kind != crate::queue::store::config::StoreKind::Sqlite {
+            return Ok(());
+        }
+        let dir = &self.store.data_dir;
+        let fail = |problem: String| ConfigError {
+            file: self.path.clone(),
+            line: None,
+            message: capped(format!(
+                "[store] data_dir: {problem}; point data_dir at a directory jobhook may write \
+                 in, or at one it can create (relative paths are relative to the configuration \
+                 file)"
+            )),
+        };
+        // The nearest of the directory and its ancestors that exists: what `serve` finds.
+        let mut existing = None;
+        for at in dir.ancestors() {
+            let at = if at.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                at
+            };
+            match std::fs::metadata(at) {
+                Ok(meta) => {
+                    existing = Some((at, meta));
+                    break;
+                }
+                // Missing, or below a file: look further up.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) => {}
+                Err(e) => {
+                    return Err(fail(format!("cannot inspect {}: {e}", shown_path(at))));
+                }
+            }
+        }
+        let Some((at, meta)) = existing else {
+            return Ok(());
+        };
+        let shown = shown_path(dir);
+        if !meta.is_dir() {
+            return Err(fail(if at == dir.as_path() {
+                format!("{shown} exists and is not a directory")
+            } else {
+                format!(
+                    "{shown} cannot be created: {} is not a directory",
+                    shown_path(at)
+                )
+            }));
+        }
+        if let Err(e) = writable(at) {
+            return Err(fail(if at == dir.as_path() {
+                format!("{shown} is not writable ({e})")
+            } else {
+                format!(
+                    "{shown} cannot be created: {} is not writable ({e})",
+                    shown_path(at)
+                )
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Whether this process may create and write files in directory `dir` (asked of the system,
+/// which knows the user, groups, ACLs and read-only mounts; nothing is written).
+#[cfg(unix)]
+fn writable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path contains a NUL character",
+        )
+    })?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call; access() only reads it.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere only the read-only attribute is known.
+#[cfg(not(unix))]
+fn writable(dir: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(dir)?.permissions().readonly() {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "read-only",
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 struct Validator<'a> {
@@ -401,7 +699,7 @@ impl Validator<'_> {
         ConfigError {
             file: self.path.to_path_buf(),
             line,
-            message: message.to_owned(),
+            message: capped(message.to_owned()),
         }
     }
 
@@ -497,8 +795,9 @@ impl Validator<'_> {
             return Err(self.error(
                 name_line,
                 &format!(
-                    "handlers.name: {name:?} is not a valid name; use 1 to {MAX_HANDLER_NAME} \
-                     letters, digits, '-', '_' or '.'"
+                    "handlers.name: {} is not a valid name; use 1 to {MAX_HANDLER_NAME} \
+                     letters, digits, '-', '_' or '.'",
+                    quoted(&name)
                 ),
             ));
         }
@@ -521,7 +820,7 @@ impl Validator<'_> {
                 &format!(
                     "{key}: {} does not exist or is not a file; {build}, or fix the path \
                      (relative paths are relative to the configuration file)",
-                    component.display()
+                    shown_path(&component)
                 ),
             ));
         }
@@ -531,7 +830,10 @@ impl Validator<'_> {
         let mut values = BTreeMap::new();
         let mut secret_properties = BTreeSet::new();
         for (key, value) in raw.properties {
-            let (value_line, what) = at(&format!("properties.{key}"), value.span());
+            let (value_line, what) = at(
+                &format!("properties.{}", excerpt(&key, MAX_QUOTED_CHARS)),
+                value.span(),
+            );
             if key.is_empty() {
                 return Err(self.error(value_line, &format!("{what}: a property name is empty")));
             }
@@ -624,8 +926,9 @@ impl Validator<'_> {
                 return Err(self.error(
                     entry_line,
                     &format!(
-                        "handlers.job_types (handler {name:?}): {text:?} is not a job type GUID \
-                         (e.g. \"7b6bbc1b-d802-4b09-bec9-f5c221083130\") or \"*\""
+                        "handlers.job_types (handler {name:?}): {} is not a job type GUID \
+                         (e.g. \"7b6bbc1b-d802-4b09-bec9-f5c221083130\") or \"*\"",
+                        quoted(&text)
                     ),
                 ));
             }
@@ -644,12 +947,11 @@ impl Validator<'_> {
     }
 
     fn check_limits(&self, l: &Limits, line: Option<usize>, key: &str) -> Result<(), ConfigError> {
-        let max_memory = crate::runtime::engine::MAX_MEMORY_PER_SANDBOX as u64;
         let problem = if l.timeout.is_zero() {
             Some("timeout_ms must be at least 1".to_owned())
-        } else if l.memory_bytes < 1024 * 1024 || l.memory_bytes > max_memory {
+        } else if !(MIN_HANDLER_MEMORY_BYTES..=MAX_HANDLER_MEMORY_BYTES).contains(&l.memory_bytes) {
             Some(format!(
-                "memory_bytes must be between 1 MiB and {max_memory}"
+                "memory_bytes must be between 1 MiB and {MAX_HANDLER_MEMORY_BYTES}"
             ))
         } else if l.instances == 0 || l.memories == 0 || l.tables == 0 {
             Some("instances, memories and tables must be at least 1".to_owned())
@@ -665,7 +967,9 @@ impl Validator<'_> {
                 .map(|c| format!("{}_calls", c.interface()))
                 .collect();
             Some(format!(
-                "{unknown}_calls: there is no capability called {unknown:?} (call limits: {})",
+                "{}_calls: there is no capability called {} (call limits: {})",
+                excerpt(unknown, MAX_QUOTED_CHARS),
+                quoted(unknown),
                 known.join(", ")
             ))
         } else {
@@ -675,6 +979,27 @@ impl Validator<'_> {
             Some(p) => Err(self.error(line, &format!("{key}: {p}"))),
             None => Ok(()),
         }
+    }
+}
+
+/// A TOML syntax or type error as a [`ConfigError`]: its line, the key path the parser was in
+/// (`server.max_body_bytes: invalid type: …`) or, when it recorded none, the text of the line,
+/// and its message with the text it quotes cut short.
+fn toml_error(e: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
+    let span = e.span();
+    let message = cap_quoted(e.message());
+    let message = match (toml_key_path(e), span.clone()) {
+        (Some(keys), _) => format!("{keys}: {message}"),
+        (None, Some(span)) => match source_line(text, span.start) {
+            Some(source) => format!("{message} (in `{source}`)"),
+            None => message,
+        },
+        (None, None) => message,
+    };
+    ConfigError {
+        file: path.to_path_buf(),
+        line: span.map(|s| line_of(text, s.start)),
+        message: capped(message),
     }
 }
 
@@ -1214,5 +1539,184 @@ identity = "writer"
     fn malformed_toml_reports_a_line() {
         let e = error("[[handlers]\nname = 1");
         assert!(e.line.is_some(), "{e}");
+        // No key to name: the line's text is quoted instead.
+        assert!(e.message.contains("(in `[[handlers]`)"), "{e}");
+    }
+
+    /// A value of the wrong type names its key path, not only serde's "invalid type".
+    #[test]
+    fn type_errors_name_their_key_path() {
+        let e = error(&format!("[server]\nmax_body_bytes = \"x\"\n{MINIMAL}"));
+        assert!(
+            e.message.starts_with("server.max_body_bytes: invalid type"),
+            "{e}"
+        );
+        assert_eq!(e.line, Some(2), "{e}");
+        let e = error(&MINIMAL.replace("name = \"mail\"", "name = 5"));
+        assert!(e.message.starts_with("handlers.name: "), "{e}");
+        let e = error(&format!(
+            "{MINIMAL}[handlers.retry]\nmax_attempts = \"3\"\n"
+        ));
+        assert!(
+            e.message.starts_with("handlers.retry.max_attempts: "),
+            "{e}"
+        );
+    }
+
+    /// Whatever a property value is instead of a string or a reference, the error names the
+    /// property and says what a value may be.
+    #[test]
+    fn property_values_say_what_they_may_be() {
+        for bad in [
+            "5",
+            "true",
+            "[1]",
+            "{}",
+            "{ envv = \"X\" }",
+            "{ env = \"X\", file = \"y\" }",
+        ] {
+            let e = error(&format!("{MINIMAL}properties = {{ P = {bad} }}\n"));
+            assert!(e.message.starts_with("handlers.properties.P"), "{bad}: {e}");
+            assert!(
+                e.message
+                    .contains("{ env = \"NAME\" } or { file = \"PATH\" }"),
+                "{bad}: {e}"
+            );
+            assert!(!e.message.contains("untagged"), "{bad}: {e}");
+            assert_eq!(e.line, Some(6), "{bad}: {e}");
+        }
+        let e = error(&format!("{MINIMAL}properties = {{ P = 5 }}\n"));
+        assert!(e.message.contains("\"5\""), "{e}");
+        let e = error(&format!(
+            "{MINIMAL}properties = {{ P = {{ env = \"\" }} }}\n"
+        ));
+        assert!(e.message.contains("`env` is empty"), "{e}");
+        // What is accepted still is.
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("pw"), "s3cret").unwrap();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}properties = {{ A = \"1\", B = {{ file = \"pw\" }} }}\n"
+            ))
+            .unwrap();
+        assert_eq!(c.handlers[0].properties.get("A"), Some("1"));
+        assert_eq!(c.handlers[0].properties.get("B"), Some("s3cret"));
+    }
+
+    #[test]
+    fn listen_must_be_an_ip_address_and_port() {
+        for bad in ["localhost:8480", "127.0.0.1", "8480", "[::1]"] {
+            let e = error(&format!("[server]\nlisten = \"{bad}\"\n{MINIMAL}"));
+            assert!(e.message.starts_with("server.listen: "), "{bad}: {e}");
+            assert!(e.message.contains("IP address and port"), "{bad}: {e}");
+            assert!(e.message.contains("127.0.0.1:8480"), "{bad}: {e}");
+            assert!(e.message.contains("[::1]:8480"), "{bad}: {e}");
+            assert_eq!(e.line, Some(2), "{bad}: {e}");
+        }
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!("[server]\nlisten = \"[::1]:9000\"\n{MINIMAL}"))
+            .unwrap();
+        assert_eq!(c.server.listen.to_string(), "[::1]:9000");
+    }
+
+    /// Text the operator wrote is echoed at most [`MAX_QUOTED_CHARS`] characters long, however
+    /// long it is, wherever the error comes from.
+    #[test]
+    fn echoed_text_is_cut_short() {
+        let long = "a".repeat(100_000);
+        let cases = [
+            MINIMAL.replace("\"mail\"", &format!("\"{long}\"")),
+            MINIMAL.replace("\"*\"", &format!("\"{long}\"")),
+            format!("{MINIMAL}{long} = 1\n"),
+            format!("{MINIMAL}properties = {{ {long} = 5 }}\n"),
+            format!("{MINIMAL}properties = {{ P = {{ {long} = \"x\" }} }}\n"),
+            format!("{MINIMAL}properties = {{ P = {{ env = \"{long}\" }} }}\n"),
+            format!("[server]\nlisten = \"{long}\"\n{MINIMAL}"),
+            format!("[server]\nmax_body_bytes = \"{long}\"\n{MINIMAL}"),
+            format!("{MINIMAL}[handlers.limits]\n{long}_calls = 1\n"),
+        ];
+        for text in &cases {
+            let e = error(text);
+            let shown = e.to_string();
+            assert!(shown.len() < 600, "{}", excerpt(&shown, 600));
+            assert!(shown.contains(&"a".repeat(MAX_QUOTED_CHARS)), "{shown}");
+            assert!(shown.contains('…'), "{shown}");
+        }
+    }
+
+    #[test]
+    fn excerpts_and_quotes() {
+        assert_eq!(excerpt("short", 10), "short");
+        assert_eq!(excerpt("ééééé", 3), "ééé…");
+        assert_eq!(quoted("a\nb"), "\"a\\nb\"");
+        assert_eq!(quoted(&"x".repeat(65)), format!("\"{}\"…", "x".repeat(64)));
+        let long = "y".repeat(100);
+        let capped = cap_quoted(&format!(
+            "field `{long}`, value \"{long}\\\"{long}\" end `open"
+        ));
+        assert_eq!(
+            capped,
+            format!("field `{0}…`, value \"{0}…\" end `open", "y".repeat(64))
+        );
+    }
+
+    /// The key path is read back from how `toml` prints an error without its input; if a new
+    /// `toml` prints it differently, this fails rather than errors silently losing their key.
+    #[test]
+    fn toml_errors_still_carry_their_key_path() {
+        #[derive(Debug, Deserialize)]
+        struct Outer {
+            #[allow(dead_code)]
+            a: Inner,
+        }
+        #[derive(Debug, Deserialize)]
+        struct Inner {
+            #[allow(dead_code)]
+            b: u8,
+        }
+        let e = toml::from_str::<Outer>("[a]\nb = \"x\"\n").unwrap_err();
+        assert_eq!(toml_key_path(&e).as_deref(), Some("a.b"));
+    }
+
+    /// `check` learns what `serve` would meet opening the SQLite store, without creating it.
+    #[test]
+    fn the_store_location_is_checked_without_creating_anything() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("a-file"), "").unwrap();
+        let location = |data_dir: &str| {
+            f.parse(&format!("[store]\ndata_dir = \"{data_dir}\"\n{MINIMAL}"))
+                .unwrap()
+                .check_store_location()
+        };
+        let e = location("a-file").unwrap_err();
+        assert!(e.message.contains("exists and is not a directory"), "{e}");
+        assert!(e.message.starts_with("[store] data_dir: "), "{e}");
+        let e = location("a-file/data/deeper").unwrap_err();
+        assert!(
+            e.message.contains("cannot be created")
+                && e.message.contains("a-file is not a directory"),
+            "{e}"
+        );
+        location("new/data").unwrap();
+        assert!(!f.dir.path().join("new").exists());
+        location(".").unwrap();
+        #[cfg(unix)]
+        {
+            let e = location("/dev/null").unwrap_err();
+            assert!(
+                e.message
+                    .contains("/dev/null exists and is not a directory"),
+                "{e}"
+            );
+        }
+        // A PostgreSQL store does not live in data_dir.
+        let c = f
+            .parse(&format!(
+                "[store]\nkind = \"postgres\"\nurl = \"postgres://jobhook@db/jobhook\"\n\
+                 data_dir = \"a-file\"\n{MINIMAL}"
+            ))
+            .unwrap();
+        c.check_store_location().unwrap();
     }
 }

@@ -11,8 +11,11 @@
 //!   jobhook's C# forwarder for both Command generations, built from a jobhook configuration.
 //!
 //! Input files are hostile: their size is bounded, the XML parser expands no DTD or entity and
-//! counts nodes, and every value that reaches the output is quoted by the TOML, XML or JSON
-//! writer (or stripped of line breaks in comments).
+//! counts nodes, a manifest that names a handler (or an option) twice is refused rather than
+//! read as one of them, every key and value that reaches the output is a one-line TOML key or
+//! string (control, bidi and line-separator characters written as `\u` escapes), an XML or
+//! JSON value, comments carry names escaped ([`crate::escape::escape`]), and names echoed in
+//! errors and warnings are cut short ([`crate::app::config::quoted`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -21,8 +24,9 @@ use std::path::Path;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::app::config::Config;
+use crate::app::config::{Config, quoted};
 use crate::context::parse_guid;
+use crate::escape::{escape, needs_escape};
 use crate::queue::registration::JobTypes;
 
 /// Largest registration file read: a web.config is tens of KiB, a manifest a few KiB.
@@ -216,7 +220,7 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
                 return Err(MigrateError {
                     file: file.to_owned(),
                     line: Some(at),
-                    message: format!("a <property> of registration {name:?} has no name"),
+                    message: format!("a <property> of registration {} has no name", quoted(&name)),
                 });
             }
             // `<property name="x" value="v"/>`, or Unity's `<property name="x"><value value="v"/></property>`.
@@ -231,8 +235,10 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
                     file: file.to_owned(),
                     line: Some(at),
                     message: format!(
-                        "property {pname:?} of registration {name:?} has no value attribute \
-                         (only string values can be imported)"
+                        "property {} of registration {} has no value attribute \
+                         (only string values can be imported)",
+                        quoted(pname),
+                        quoted(&name)
                     ),
                 });
             };
@@ -310,6 +316,186 @@ fn member<'a>(object: &'a serde_json::Map<String, Value>, name: &str) -> Option<
         .map(|(_, v)| v)
 }
 
+/// A key written twice in one JSON object that matters to the import.
+#[derive(Debug)]
+struct DuplicateKey {
+    /// The keys leading to the object.
+    path: Vec<String>,
+    /// The key as first written.
+    first: String,
+    /// The key as written again.
+    again: String,
+}
+
+/// Whether a key of the object at `path` matters to the import: `extensions` at the top, the
+/// handler section in it, and everything inside that section.
+fn in_handler_section(path: &[String], key: &str) -> bool {
+    match path {
+        [] => key.eq_ignore_ascii_case("extensions"),
+        [extensions] => {
+            extensions.eq_ignore_ascii_case("extensions")
+                && key.eq_ignore_ascii_case(MANIFEST_SECTION)
+        }
+        [extensions, section, ..] => {
+            extensions.eq_ignore_ascii_case("extensions")
+                && section.eq_ignore_ascii_case(MANIFEST_SECTION)
+        }
+    }
+}
+
+/// Walks a JSON document and stops at the first key written twice (compared as [`member`]
+/// compares: ASCII case-insensitively) where [`in_handler_section`]: `serde_json` keeps only the
+/// last of them, silently, and Keyfactor's loader gives no promise about which one it loads.
+struct DuplicateFinder<'a> {
+    path: Vec<String>,
+    found: &'a std::cell::RefCell<Option<DuplicateKey>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for DuplicateFinder<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DuplicateFinder<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(DuplicateFinder {
+                path: self.path.clone(),
+                found: self.found,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if in_handler_section(&self.path, &key)
+                && let Some(first) = seen.insert(key.to_ascii_lowercase(), key.clone())
+            {
+                *self.found.borrow_mut() = Some(DuplicateKey {
+                    path: self.path.clone(),
+                    first,
+                    again: key,
+                });
+                return Err(serde::de::Error::custom("a key is written twice"));
+            }
+            let mut path = self.path.clone();
+            path.push(key);
+            map.next_value_seed(DuplicateFinder {
+                path,
+                found: self.found,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a manifest that writes a key of the handler section twice (see [`DuplicateFinder`]),
+/// naming both spellings and the line of the second. `stripped` is valid JSON.
+fn refuse_duplicate_keys(stripped: &str, file: &str) -> Result<(), MigrateError> {
+    use serde::de::DeserializeSeed as _;
+    let found = std::cell::RefCell::new(None);
+    let walked = DuplicateFinder {
+        path: Vec::new(),
+        found: &found,
+    }
+    .deserialize(&mut serde_json::Deserializer::from_str(stripped));
+    let Err(e) = walked else {
+        return Ok(());
+    };
+    let message = match found.into_inner() {
+        Some(duplicate) => duplicate.message(stripped),
+        None => format!("not valid JSON: {e}"),
+    };
+    Err(MigrateError {
+        file: file.to_owned(),
+        line: Some(e.line()),
+        message,
+    })
+}
+
+impl DuplicateKey {
+    /// What is wrong, naming both spellings and where they are.
+    fn message(&self, stripped: &str) -> String {
+        let both = if self.first == self.again {
+            format!("{} is written twice", quoted(&self.again))
+        } else {
+            format!(
+                "{} and {} are the same key",
+                quoted(&self.first),
+                quoted(&self.again)
+            )
+        };
+        let place = match self.path.as_slice() {
+            [] => "at the top level".to_owned(),
+            [_] => "in \"extensions\"".to_owned(),
+            [_, _] => {
+                let first = first_line(stripped, &self.first)
+                    .map_or_else(String::new, |l| format!(" (the first at line {l})"));
+                return format!(
+                    "handler {both} in \"{MANIFEST_SECTION}\"{first}; JSON readers keep only \
+                     one of them, so which handler Keyfactor loads is not certain: remove or \
+                     rename one"
+                );
+            }
+            [_, _, inner @ ..] => format!(
+                "in {}",
+                inner
+                    .iter()
+                    .map(|key| quoted(key))
+                    .collect::<Vec<_>>()
+                    .join(" → ")
+            ),
+        };
+        format!(
+            "{both} {place}; JSON readers keep only one of them, so which one Keyfactor uses is \
+             not certain: remove one"
+        )
+    }
+}
+
+/// The 1-based line where `"key"` first appears in `text` (`serde_json` keeps no positions).
+fn first_line(text: &str, key: &str) -> Option<usize> {
+    let needle = serde_json::to_string(key).ok()?;
+    let at = text.find(&needle)?;
+    Some(text.get(..at)?.matches('\n').count() + 1)
+}
+
 fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateError> {
     let fail = |line: Option<usize>, message: String| MigrateError {
         file: file.to_owned(),
@@ -319,6 +505,7 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
     let stripped = strip_json_comments(text);
     let root: Value = serde_json::from_str(&stripped)
         .map_err(|e| fail(Some(e.line()), format!("not valid JSON: {e}")))?;
+    refuse_duplicate_keys(&stripped, file)?;
     let Some(extensions) = root.as_object().and_then(|o| member(o, "extensions")) else {
         return Err(fail(None, "has no \"extensions\" object".into()));
     };
@@ -335,17 +522,15 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
         ));
     };
     // serde_json keeps no positions: an entry's line is where its quoted name first appears.
-    let line_of = |name: &str| {
-        let quoted = serde_json::to_string(name).unwrap_or_default();
-        stripped
-            .find(&quoted)
-            .map(|at| stripped[..at].matches('\n').count() + 1)
-    };
+    let line_of = |name: &str| first_line(&stripped, name);
     let mut out = Vec::new();
     for (name, entry) in entries {
         let line = line_of(name);
         let Some(entry) = entry.as_object() else {
-            return Err(fail(line, format!("extension {name:?} is not an object")));
+            return Err(fail(
+                line,
+                format!("extension {} is not an object", quoted(name)),
+            ));
         };
         let text_of = |key: &str| {
             member(entry, key)
@@ -356,7 +541,7 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
             ("", _) => {
                 return Err(fail(
                     line,
-                    format!("extension {name:?} has no \"TypeFullName\""),
+                    format!("extension {} has no \"TypeFullName\"", quoted(name)),
                 ));
             }
             (t, "") => t.to_owned(),
@@ -368,7 +553,7 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
             let Some(options) = options.as_object() else {
                 return Err(fail(
                     line,
-                    format!("\"Options\" of extension {name:?} is not an object"),
+                    format!("\"Options\" of extension {} is not an object", quoted(name)),
                 ));
             };
             for (key, value) in options {
@@ -380,8 +565,10 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
                         return Err(fail(
                             line,
                             format!(
-                                "option {key:?} of extension {name:?} is not a string, number or \
-                                 boolean (handler properties are strings)"
+                                "option {} of extension {} is not a string, number or \
+                                 boolean (handler properties are strings)",
+                                quoted(key),
+                                quoted(name)
                             ),
                         ));
                     }
@@ -412,7 +599,8 @@ pub fn parse_job_types(value: &str) -> Result<Vec<Uuid>, String> {
         .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
         .filter(|p| !p.is_empty())
     {
-        let id = parse_guid(part).ok_or_else(|| format!("{part:?} is not a job type GUID"))?;
+        let id =
+            parse_guid(part).ok_or_else(|| format!("{} is not a job type GUID", quoted(part)))?;
         if !ids.contains(&id) {
             ids.push(id);
         }
@@ -471,12 +659,35 @@ fn handler_name(raw: &str, taken: &mut BTreeSet<String>) -> String {
     name
 }
 
-/// A TOML string literal (quoted and escaped by the TOML writer).
+/// A TOML basic string on one line: `"` and `\` escaped, and every character
+/// [`needs_escape`] (controls, line separators, bidi overrides) written as a `\u` escape, so
+/// the output is valid TOML that parses back to `s` and shows nothing a terminal would act on.
+/// (The `toml` writer would keep a bidi override raw and make a multi-line string of a value
+/// with a line break, which is not allowed as a key.)
 fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if needs_escape(c) => {
+                let _ = match u32::from(c) {
+                    code @ 0..=0xFFFF => write!(out, "\\u{code:04X}"),
+                    code => write!(out, "\\U{code:08X}"),
+                };
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
-/// A TOML key: bare when it can be, quoted otherwise.
+/// A TOML key: bare when it can be, a basic string ([`toml_string`]) otherwise.
 fn toml_key(s: &str) -> String {
     if !s.is_empty()
         && s.chars()
@@ -488,13 +699,10 @@ fn toml_key(s: &str) -> String {
     }
 }
 
-/// Text safe inside a one-line comment (TOML `#`, XML `<!-- -->`): no control characters, no
-/// `--`.
+/// Text safe inside a one-line comment (TOML `#`, XML `<!-- -->`): control, line-separator and
+/// bidi characters written visibly ([`escape`]), no `--`.
 fn comment_text(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let mut out = escape(s).into_owned();
     while out.contains("--") {
         out = out.replace("--", "-");
     }
@@ -527,8 +735,9 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
         );
         if name != r.name {
             warnings.push(format!(
-                "registration {:?} (line {}) is named {name:?}: handler names use letters, digits, '-', '_' and '.'",
-                r.name, r.line
+                "registration {} (line {}) is named {name:?}: handler names use letters, digits, '-', '_' and '.'",
+                quoted(&r.name),
+                r.line
             ));
         }
         let _ = writeln!(out, "[[handlers]]");
@@ -553,9 +762,10 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
             }
             Some(Err(e)) => {
                 warnings.push(format!(
-                    "registration {:?} (line {}): JobTypes: {e}; its job_types are left empty \
+                    "registration {} (line {}): JobTypes: {e}; its job_types are left empty \
                      for you to fill in",
-                    r.name, r.line
+                    quoted(&r.name),
+                    r.line
                 ));
                 let _ = writeln!(
                     out,
@@ -566,9 +776,10 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
             }
             _ => {
                 warnings.push(format!(
-                    "registration {:?} (line {}) has no JobTypes: Keyfactor requires them; fill in \
+                    "registration {} (line {}) has no JobTypes: Keyfactor requires them; fill in \
                      job_types (GUIDs, or [\"*\"] for every job type) before `jobhook check`",
-                    r.name, r.line
+                    quoted(&r.name),
+                    r.line
                 ));
                 let _ = writeln!(
                     out,
@@ -580,21 +791,43 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
         }
         if !r.properties.is_empty() {
             let _ = writeln!(out, "[handlers.properties]");
-            let mut seen = BTreeMap::new();
+            let mut seen = BTreeSet::new();
+            // Environment variable → the property that reads it: names that differ only in
+            // case or punctuation (`Password`, `password`) map to the same variable.
+            let mut variables: BTreeMap<String, &str> = BTreeMap::new();
             for (key, value) in &r.properties {
-                if seen.insert(key.clone(), ()).is_some() {
+                if !seen.insert(key.as_str()) {
                     warnings.push(format!(
-                        "registration {:?}: property {key:?} is given twice; the first is kept",
-                        r.name
+                        "registration {}: property {} is given twice; the first is kept",
+                        quoted(&r.name),
+                        quoted(key)
                     ));
                     continue;
                 }
                 if looks_secret(key) {
-                    let var = env_var_name(&name, key);
+                    let wanted = env_var_name(&name, key);
+                    let mut var = wanted.clone();
+                    let mut n = 2;
+                    while variables.contains_key(&var) {
+                        var = format!("{wanted}_{n}");
+                        n += 1;
+                    }
+                    if let Some(other) = variables.get(&wanted) {
+                        warnings.push(format!(
+                            "handler {name:?}: properties {} and {} would both read the \
+                             environment variable {wanted} (their names differ only in case or \
+                             punctuation); {} reads {var} instead",
+                            quoted(other),
+                            quoted(key),
+                            quoted(key)
+                        ));
+                    }
+                    variables.insert(var.clone(), key);
                     let _ = writeln!(out, "{} = {{ env = {} }}", toml_key(key), toml_string(&var));
                     warnings.push(format!(
-                        "handler {name:?}: property {key:?} looks secret; its value was not copied \
-                         — set the environment variable {var} to it (or use {{ file = \"…\" }})"
+                        "handler {name:?}: property {} looks secret; its value was not copied \
+                         — set the environment variable {var} to it (or use {{ file = \"…\" }})",
+                        quoted(key)
                     ));
                 } else {
                     let _ = writeln!(out, "{} = {}", toml_key(key), toml_string(value));
@@ -717,6 +950,45 @@ pub enum Generation {
     Manifest,
     /// Both.
     Both,
+}
+
+/// Checks `--engine-url`, the engine's base URL as Keyfactor reaches it, and returns it without
+/// a trailing `/`: an `http` or `https` URL with a host and a valid port, and neither
+/// credentials (the forwarder's token is `BearerToken`, and a URL is printed and logged) nor a
+/// query or fragment (the forwarder appends `/v1/job-complete` to it). The error says what to
+/// write.
+pub fn engine_url(text: &str) -> Result<String, String> {
+    const EXAMPLE: &str = "e.g. https://jobhook.example.com:8480";
+    let what = quoted(text);
+    let url = url::Url::parse(text.trim()).map_err(|e| {
+        format!(
+            "--engine-url {what} is not a URL ({e}); give the engine's base URL as Keyfactor \
+             reaches it, {EXAMPLE}"
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "--engine-url {what}: the scheme must be http or https, {EXAMPLE}"
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("--engine-url {what} has no host; {EXAMPLE}"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // The value is not echoed: it holds a credential.
+        return Err(format!(
+            "--engine-url must not hold a user name or password (it is printed into Keyfactor's \
+             configuration); the forwarder authenticates with BearerToken — {EXAMPLE}"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "--engine-url {what} has a query or fragment; the forwarder appends \
+             /v1/job-complete to it: give only scheme, host, port and path, {EXAMPLE}"
+        ));
+    }
+    // As written (not as the parser normalised it), but for a trailing `/`.
+    Ok(text.trim().trim_end_matches('/').to_owned())
 }
 
 /// The forwarder's property values for `config`, in [`FORWARDER_PROPERTIES`] order, and the
@@ -993,7 +1265,178 @@ mod tests {
 
     #[test]
     fn comments_cannot_break_out() {
-        assert_eq!(comment_text("a\nb --> c"), "a b -> c");
+        assert_eq!(comment_text("a\nb --> c"), "a\\nb -> c");
+        assert_eq!(comment_text("a\u{202e}b\u{2028}"), "a\\u{202e}b\\u{2028}");
         assert_eq!(xml_escape("a\"<&\n"), "a&quot;&lt;&amp;&#10;");
+    }
+
+    fn registration(name: &str, properties: &[(&str, &str)]) -> Registration {
+        Registration {
+            name: name.to_owned(),
+            dotnet_type: "Acme.Handler, Acme".to_owned(),
+            line: 3,
+            job_types: Some("7b6bbc1b-d802-4b09-bec9-f5c221083130".to_owned()),
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    /// Whatever names and values a registration holds, what import prints is TOML the engine's
+    /// own parser reads back to the same properties, and shows no raw control or bidi character.
+    #[test]
+    fn imported_keys_and_values_parse_back_with_the_engine_parser() {
+        let hostile = [
+            (
+                "Weird\" = 1\n[server]",
+                "x\n[server]\nlisten = \"0.0.0.0:1\"",
+            ),
+            ("trailing\\", "'''\"\"\"\u{0}"),
+            ("a.b", "\u{202e}reversed\u{2028}\u{85}\t"),
+            ("Ünïcödé key", "é"),
+            ("plain_Key-1", ""),
+        ];
+        let r = registration("Evil\u{202e}\nname", &hostile);
+        let (text, _) = to_toml(std::slice::from_ref(&r), "web.config\u{202e}");
+        assert!(
+            !text.chars().any(|c| needs_escape(c) && c != '\n'),
+            "{text}"
+        );
+        assert!(!text.contains("\"\"\""), "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("handlers")).unwrap();
+        std::fs::write(dir.path().join("handlers/Evil--name.wasm"), b"\0asm").unwrap();
+        let config = Config::parse(&text, &dir.path().join("jobhook.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let properties = &config.handlers[0].properties;
+        for (key, value) in hostile {
+            assert_eq!(properties.get(key), Some(value), "{key:?}\n{text}");
+        }
+        assert_eq!(properties.names().len(), hostile.len());
+    }
+
+    proptest::proptest! {
+        /// Every key and string import writes is one line of TOML that parses back to itself.
+        #[test]
+        fn keys_and_strings_round_trip(
+            key in proptest::prelude::any::<String>(),
+            value in proptest::prelude::any::<String>(),
+        ) {
+            let line = format!("{} = {}\n", toml_key(&key), toml_string(&value));
+            proptest::prop_assert_eq!(line.matches('\n').count(), 1);
+            proptest::prop_assert!(!line.trim_end().chars().any(needs_escape), "{}", line);
+            let table: toml::Table = toml::from_str(&line).map_err(|e| {
+                proptest::test_runner::TestCaseError::fail(format!("{e}: {line}"))
+            })?;
+            proptest::prop_assert_eq!(table.len(), 1);
+            proptest::prop_assert_eq!(
+                table.get(&key).and_then(toml::Value::as_str),
+                Some(value.as_str())
+            );
+        }
+    }
+
+    /// Two secret properties whose names differ only in case read two variables, and the
+    /// operator is told.
+    #[test]
+    fn secrets_named_alike_get_their_own_variables() {
+        let r = registration(
+            "hook",
+            &[("Password", "a"), ("password", "b"), ("PASS-WORD", "c")],
+        );
+        let (text, warnings) = to_toml(&[r], "web.config");
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let properties = &table["handlers"][0]["properties"];
+        let var = |key: &str| properties[key]["env"].as_str().unwrap().to_owned();
+        let vars: BTreeSet<String> = ["Password", "password", "PASS-WORD"]
+            .iter()
+            .map(|k| var(k))
+            .collect();
+        assert_eq!(vars.len(), 3, "{text}");
+        assert_eq!(var("Password"), "JOBHOOK_HOOK_PASSWORD");
+        assert_eq!(var("password"), "JOBHOOK_HOOK_PASSWORD_2");
+        let told: Vec<_> = warnings
+            .iter()
+            .filter(|w| {
+                w.contains("would both read the environment variable JOBHOOK_HOOK_PASSWORD ")
+            })
+            .collect();
+        assert_eq!(told.len(), 1, "{warnings:#?}");
+        assert!(
+            told[0].contains("\"Password\" and \"password\""),
+            "{}",
+            told[0]
+        );
+    }
+
+    /// A manifest that names a handler (or an option) twice is refused naming both, not read
+    /// as whichever `serde_json` kept.
+    #[test]
+    fn manifest_keys_given_twice_are_refused_naming_both() {
+        let manifest = |entries: &str| {
+            format!(
+                "{{\n \"extensions\": {{\n  \"{MANIFEST_SECTION}\": {{\n{entries}\n  }}\n }}\n}}\n"
+            )
+        };
+        let first =
+            "   \"Hook\": { \"TypeFullName\": \"A.B\", \"Options\": { \"JobTypes\": \"*\" } },";
+        for again in ["Hook", "hook"] {
+            let text = manifest(&format!(
+                "{first}\n   \"{again}\": {{ \"TypeFullName\": \"A.C\" }}"
+            ));
+            let e = read_registrations(&text, "manifest.json").unwrap_err();
+            assert_eq!(e.line, Some(5), "{e}");
+            assert!(e.message.contains("\"Hook\""), "{e}");
+            assert!(e.message.contains(&format!("\"{again}\"")), "{e}");
+            assert!(e.message.contains("the first at line 4"), "{e}");
+        }
+        let text = manifest(
+            "   \"Hook\": { \"TypeFullName\": \"A.B\", \"Options\": { \"Url\": \"a\", \"URL\": \"b\" } }",
+        );
+        let e = read_registrations(&text, "manifest.json").unwrap_err();
+        assert!(e.message.contains("\"Url\" and \"URL\""), "{e}");
+        assert!(e.message.contains("\"Hook\" → \"Options\""), "{e}");
+        // Keys written twice elsewhere in the file are not the import's business.
+        let text = format!(
+            "{{ \"other\": 1, \"other\": 2, \"extensions\": {{ \"X\": {{ \"a\": 1, \"a\": 2 }}, \
+             \"{MANIFEST_SECTION}\": {{ {} }} }} }}",
+            first.trim_end_matches(',')
+        );
+        assert_eq!(read_registrations(&text, "manifest.json").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn engine_urls_are_checked() {
+        for (bad, says) in [
+            ("", "is not a URL"),
+            ("not a url", "is not a URL"),
+            (":99999", "is not a URL"),
+            ("http://jobhook:99999/", "invalid port"),
+            ("ftp://jobhook/", "http or https"),
+            ("http://a:b@jobhook/", "user name or password"),
+            ("https://jobhook/?a=1", "query or fragment"),
+            ("file:///etc/passwd", "http or https"),
+        ] {
+            let e = engine_url(bad).unwrap_err();
+            assert!(e.starts_with("--engine-url"), "{bad}: {e}");
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.contains("e.g. https://"), "{bad}: {e}");
+        }
+        assert!(
+            !engine_url("http://a:hunter2@jobhook/")
+                .unwrap_err()
+                .contains("hunter2")
+        );
+        assert_eq!(
+            engine_url("https://jobhook.example.com:8443/").unwrap(),
+            "https://jobhook.example.com:8443"
+        );
+        assert_eq!(
+            engine_url("http://10.0.0.5:8480/proxy").unwrap(),
+            "http://10.0.0.5:8480/proxy"
+        );
+        let long = format!("{}:", "x".repeat(100_000));
+        assert!(engine_url(&long).unwrap_err().len() < 400);
     }
 }

@@ -137,11 +137,22 @@ pub fn services(config: &Config) -> anyhow::Result<Services> {
     .with_context(|| format!("{}: capability services", config.path.display()))
 }
 
-/// `jobhook check`: validates the configuration and loads every handler; returns the handler
-/// names.
+/// `jobhook check`: validates the configuration, resolves what `serve` resolves before it
+/// serves (the bearer tokens, where the store lives, the sandbox pool at its configured size and
+/// its threads) and loads every handler; returns the handler names. Nothing lasting is made: no
+/// store is opened or created and no AOT cache written. (The mail capability's outbox directory
+/// is created when its service is built, by `serve` and `check` alike.)
 pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
     let config = Config::load(path)?;
-    let engine = Engine::with_pool(4, &config.engine.pool())?;
+    config.resolve_tokens()?;
+    config.check_store_location()?;
+    // The pool `serve` reserves: one slot per concurrent delivery.
+    let slots = u32::try_from(config.engine.max_concurrent_deliveries).unwrap_or(u32::MAX);
+    let engine = Engine::with_pool(slots, &config.engine.pool())?;
+    let engine = match config.engine.sandbox_threads {
+        0 => engine,
+        n => engine.with_sandbox_threads(n)?,
+    };
     let services = services(&config)?;
     let set = load_handlers(&engine, &services, &config, None).await?;
     Ok(set.names())
