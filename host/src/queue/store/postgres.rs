@@ -1598,10 +1598,12 @@ mod tests {
                     INSERT INTO schema_migrations VALUES (20240101, false)")
             .expect("another tool's table");
         let e = PostgresStore::open(&pg.db.url, Some(&Secret::new(pg.db.password.clone())))
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
-        assert!(e.contains("schema_migrations table is not jobhook's"), "{e}");
+        assert!(
+            e.contains("schema_migrations table is not jobhook's"),
+            "{e}"
+        );
     }
 
     #[test]
