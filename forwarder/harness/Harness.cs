@@ -7,6 +7,10 @@
 // forwarder's own serialiser (strings as base64 of their UTF-8, enums as the number the engine
 // must store, the timestamp as UTC ticks), so the test can compare with what the engine stored.
 //
+// Built with KEYFACTOR_LOGGING (the "log" variant), it does not set the forwarder's log: the
+// forwarder must pick Keyfactor's logger by itself (here the stand-in of shim/Logging.cs), and
+// every line that reaches that logger is printed as "keyfactor log <logger name> <level>: ...".
+//
 // Usage:
 //   harness.exe run   --url U --spool DIR --count N --expected FILE [options]
 //   harness.exe drain --url U --spool DIR [options]
@@ -15,8 +19,17 @@
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
 //          --ca FILE (TrustedCaFile: a CA to trust for an https:// URL)
 //          --max-spool-files N (MaxSpoolFiles)
+//          --pause-after N --resume-file F (submit N contexts, wait until they are spooled, print
+//            "paused N", wait until F exists, then submit the rest)
+//          --hold-oldest-ms MS (once every event is spooled, open the oldest spool file without
+//            sharing for MS ms, as an antivirus scan or a backup agent may: prints "holding NAME",
+//            then "released NAME")
+//          --alias-spool DIR2 (every other handler object is given DIR2 as its SpoolDirectory: the
+//            same directory written another way)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
-// every event is on disk, then "drained" when the spool is empty. Exit codes: 0 ok, 1 a RunHandler call broke a rule, 3 not drained in time, 2 usage.
+// every event is on disk, then "drained" when nothing is pending and no event file is left in
+// the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
+// RunHandler call broke a rule, 3 not drained in time, 2 usage.
 
 using System;
 using System.Collections.Generic;
@@ -181,7 +194,17 @@ namespace Jobhook.Forwarder.Harness
                 return Usage("--url and --spool are required");
 
             var log = new CapturingLog();
+#if KEYFACTOR_LOGGING
+            // Only where Keyfactor's logger writes is set; the forwarder must choose that logger.
+            Keyfactor.Logging.LogHandler.Sink = (name, level, message) =>
+            {
+                if (level == Microsoft.Extensions.Logging.LogLevel.Debug)
+                    log.Debug(message);
+                Console.Error.WriteLine("keyfactor log " + name + " " + level + ": " + message);
+            };
+#else
             ForwarderLog.Current = log;
+#endif
             var options = new JobhookForwarder.Options
             {
                 JobTypes = "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
@@ -196,16 +219,18 @@ namespace Jobhook.Forwarder.Harness
                 DebugLog = "true",
             };
             int waitSeconds = int.Parse(Get(opts, "wait-seconds", "120"), CultureInfo.InvariantCulture);
+            var spoolDirectory = opts["spool"];
+            var aliasSpool = Get(opts, "alias-spool", null);
 
             if (mode == "drain")
             {
-                var forwarder = Construct(options);
+                var forwarder = Construct(options, null);
                 if (!forwarder.Start())
                 {
                     Console.Error.WriteLine("harness: the forwarder did not start");
                     return 1;
                 }
-                return WaitForDrain(forwarder, waitSeconds);
+                return WaitForDrain(forwarder, spoolDirectory, waitSeconds);
             }
             if (mode != "run")
                 return Usage("unknown mode " + mode);
@@ -215,6 +240,11 @@ namespace Jobhook.Forwarder.Harness
             int seed = int.Parse(Get(opts, "seed", "1"), CultureInfo.InvariantCulture);
             int threads = int.Parse(Get(opts, "threads", "4"), CultureInfo.InvariantCulture);
             int invalidEvery = int.Parse(Get(opts, "invalid-every", "0"), CultureInfo.InvariantCulture);
+            int pauseAfter = int.Parse(Get(opts, "pause-after", "0"), CultureInfo.InvariantCulture);
+            var resumeFile = Get(opts, "resume-file", null);
+            int holdOldestMs = int.Parse(Get(opts, "hold-oldest-ms", "0"), CultureInfo.InvariantCulture);
+            if (pauseAfter > 0 && (resumeFile == null || pauseAfter >= count))
+                return Usage("--pause-after needs --resume-file and fewer than --count contexts");
 
             var contexts = new OrchestratorJobCompleteHandlerContext[count];
             var random = new Random(seed);
@@ -239,52 +269,73 @@ namespace Jobhook.Forwarder.Harness
             long maxTicks = 0;
             int next = -1;
             var expected = new string[count];
-            var workers = new Thread[threads];
-            for (int t = 0; t < threads; t++)
+            // Calls RunHandler for contexts [next + 1, end) from `threads` threads, like
+            // concurrent orchestrator check-ins.
+            Action<int> submitUpTo = end =>
             {
-                workers[t] = new Thread(() =>
+                var workers = new Thread[threads];
+                for (int t = 0; t < threads; t++)
                 {
-                    JobhookForwarder forwarder = null;
-                    while (true)
+                    workers[t] = new Thread(() =>
                     {
-                        int i = Interlocked.Increment(ref next);
-                        if (i >= count)
-                            break;
-                        // Unity may build a handler per resolution: a new object now and then.
-                        if (forwarder == null || i % 10 == 0)
-                            forwarder = Construct(options);
-                        var startedAt = Stopwatch.GetTimestamp();
-                        var clock = Stopwatch.StartNew();
-                        bool result;
-                        string thrown = null;
-                        try
+                        JobhookForwarder forwarder = null;
+                        while (true)
                         {
-                            result = forwarder.RunHandler(contexts[i]);
+                            int i = Interlocked.Increment(ref next);
+                            if (i >= end)
+                            {
+                                Interlocked.Decrement(ref next);
+                                break;
+                            }
+                            // Unity may build a handler per resolution: a new object now and then.
+                            if (forwarder == null || i % 10 == 0)
+                                forwarder = Construct(options, aliasSpool != null && (i / 10) % 2 == 1 ? aliasSpool : null);
+                            var startedAt = Stopwatch.GetTimestamp();
+                            var clock = Stopwatch.StartNew();
+                            bool result;
+                            string thrown = null;
+                            try
+                            {
+                                result = forwarder.RunHandler(contexts[i]);
+                            }
+                            catch (Exception e)
+                            {
+                                result = false;
+                                thrown = e.ToString();
+                            }
+                            clock.Stop();
+                            durations[i] = clock.Elapsed.TotalMilliseconds;
+                            lock (failures)
+                            {
+                                if (clock.ElapsedTicks > maxTicks)
+                                    maxTicks = clock.ElapsedTicks;
+                                if (thrown != null)
+                                    failures.Add("context " + i + ": RunHandler threw " + thrown);
+                                else if (!result)
+                                    failures.Add("context " + i + ": RunHandler returned false");
+                                if (clock.Elapsed > JobhookForwarder.RunHandlerBudget)
+                                    overruns.Add(new long[] { i, startedAt, Stopwatch.GetTimestamp() });
+                            }
                         }
-                        catch (Exception e)
-                        {
-                            result = false;
-                            thrown = e.ToString();
-                        }
-                        clock.Stop();
-                        durations[i] = clock.Elapsed.TotalMilliseconds;
-                        lock (failures)
-                        {
-                            if (clock.ElapsedTicks > maxTicks)
-                                maxTicks = clock.ElapsedTicks;
-                            if (thrown != null)
-                                failures.Add("context " + i + ": RunHandler threw " + thrown);
-                            else if (!result)
-                                failures.Add("context " + i + ": RunHandler returned false");
-                            if (clock.Elapsed > JobhookForwarder.RunHandlerBudget)
-                                overruns.Add(new long[] { i, startedAt, Stopwatch.GetTimestamp() });
-                        }
-                    }
-                });
-                workers[t].Start();
+                    });
+                    workers[t].Start();
+                }
+                foreach (var worker in workers)
+                    worker.Join();
+            };
+            if (pauseAfter > 0)
+            {
+                submitUpTo(pauseAfter);
+                var watcher = Construct(options, null);
+                var pauseDeadline = DateTime.UtcNow.AddSeconds(60);
+                while (watcher.Counters.Spooled < pauseAfter && DateTime.UtcNow < pauseDeadline)
+                    Thread.Sleep(5);
+                Console.WriteLine("paused " + watcher.Counters.Spooled);
+                Console.Out.Flush();
+                while (!File.Exists(resumeFile))
+                    Thread.Sleep(10);
             }
-            foreach (var worker in workers)
-                worker.Join();
+            submitUpTo(count);
             // Described after the fact, once the stall detector has seen every stall.
             Thread.Sleep(50);
             foreach (var overrun in overruns)
@@ -323,7 +374,7 @@ namespace Jobhook.Forwarder.Harness
                 return 0;
             // RunHandler returns before the event is on disk; say when all of them are, so a
             // test can tell "spooled" (must survive a kill) from "handed over" (may not).
-            var observer = Construct(options);
+            var observer = Construct(options, null);
             var spoolDeadline = DateTime.UtcNow.AddSeconds(waitSeconds);
             // Every event was written (a full spool drops older files as newer ones are written,
             // so this counts writes, not files); the harness never fills the in-memory queues.
@@ -332,17 +383,58 @@ namespace Jobhook.Forwarder.Harness
             Console.WriteLine("spooled " + observer.Counters.Spooled + " after "
                               + Ms((Stopwatch.GetTimestamp() - submittedAt) * 1000.0 / Stopwatch.Frequency) + " ms");
             Console.Out.Flush();
-            return WaitForDrain(observer, waitSeconds);
+            if (holdOldestMs > 0)
+                HoldOldest(spoolDirectory, holdOldestMs);
+            return WaitForDrain(observer, spoolDirectory, waitSeconds);
         }
 
-        static JobhookForwarder Construct(JobhookForwarder.Options options)
+        /// <summary>
+        /// Holds the oldest spool file open without sharing for `ms`, as an antivirus scan or a
+        /// backup agent may (Mono enforces FileShare between the streams of one process).
+        /// </summary>
+        static void HoldOldest(string spoolDirectory, int ms)
+        {
+            var names = EventFiles(spoolDirectory);
+            if (names.Length == 0)
+            {
+                Console.WriteLine("nothing to hold");
+                return;
+            }
+            Array.Sort(names, StringComparer.Ordinal);
+            var name = Path.GetFileName(names[0]);
+            using (new FileStream(names[0], FileMode.Open, FileAccess.ReadWrite, FileShare.None))
+            {
+                Console.WriteLine("holding " + name);
+                Console.Out.Flush();
+                Thread.Sleep(ms);
+            }
+            Console.WriteLine("released " + name);
+            Console.Out.Flush();
+        }
+
+        /// <summary>The complete event files in the spool directory (none if it is gone).</summary>
+        static string[] EventFiles(string spoolDirectory)
+        {
+            try
+            {
+                return Array.FindAll(Directory.GetFiles(spoolDirectory, "*" + Spool.EventExtension),
+                                     path => path.EndsWith(Spool.EventExtension, StringComparison.Ordinal));
+            }
+            catch (DirectoryNotFoundException)
+            {
+                return new string[0];
+            }
+        }
+
+        /// <summary>A handler as Keyfactor builds one; `spoolDirectory` replaces the options' when given.</summary>
+        static JobhookForwarder Construct(JobhookForwarder.Options options, string spoolDirectory)
         {
 #if KEYFACTOR_11
             // The Extension Loader: manifest.json "Options" through IOptions<Options>.
             var copy = new JobhookForwarder.Options
             {
                 JobTypes = options.JobTypes, EngineUrl = options.EngineUrl, BearerToken = options.BearerToken,
-                SpoolDirectory = options.SpoolDirectory, RequestTimeoutMs = options.RequestTimeoutMs,
+                SpoolDirectory = spoolDirectory ?? options.SpoolDirectory, RequestTimeoutMs = options.RequestTimeoutMs,
                 InitialBackoffMs = options.InitialBackoffMs, MaxBackoffMs = options.MaxBackoffMs,
                 TrustedCaFile = options.TrustedCaFile, MaxSpoolFiles = options.MaxSpoolFiles, DebugLog = options.DebugLog,
             };
@@ -354,7 +446,7 @@ namespace Jobhook.Forwarder.Harness
                 JobTypes = options.JobTypes,
                 EngineUrl = options.EngineUrl,
                 BearerToken = options.BearerToken,
-                SpoolDirectory = options.SpoolDirectory,
+                SpoolDirectory = spoolDirectory ?? options.SpoolDirectory,
                 RequestTimeoutMs = options.RequestTimeoutMs,
                 InitialBackoffMs = options.InitialBackoffMs,
                 MaxBackoffMs = options.MaxBackoffMs,
@@ -365,12 +457,17 @@ namespace Jobhook.Forwarder.Harness
 #endif
         }
 
-        static int WaitForDrain(JobhookForwarder forwarder, int waitSeconds)
+        /// <summary>
+        /// Waits until nothing is pending in this process and no event file is left in the spool
+        /// directory: PendingEvents counts only what this process knows of, not files another
+        /// process put there.
+        /// </summary>
+        static int WaitForDrain(JobhookForwarder forwarder, string spoolDirectory, int waitSeconds)
         {
             var deadline = DateTime.UtcNow.AddSeconds(waitSeconds);
             while (DateTime.UtcNow < deadline)
             {
-                if (forwarder.PendingEvents == 0)
+                if (forwarder.PendingEvents == 0 && EventFiles(spoolDirectory).Length == 0)
                 {
                     Console.WriteLine("drained " + forwarder.Counters);
                     Console.Out.Flush();
@@ -378,7 +475,8 @@ namespace Jobhook.Forwarder.Harness
                 }
                 Thread.Sleep(50);
             }
-            Console.WriteLine("not drained: " + forwarder.PendingEvents + " pending; " + forwarder.Counters);
+            Console.WriteLine("not drained: " + forwarder.PendingEvents + " pending, " + EventFiles(spoolDirectory).Length
+                              + " event file(s) in the spool; " + forwarder.Counters);
             return 3;
         }
 
@@ -509,7 +607,8 @@ namespace Jobhook.Forwarder.Harness
         {
             Console.Error.WriteLine("harness: " + problem);
             Console.Error.WriteLine("usage: harness.exe run|drain --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
-                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--ca FILE] [--max-spool-files N]");
+                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--ca FILE] [--max-spool-files N]"
+                                    + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2]");
             return 2;
         }
     }

@@ -55,9 +55,9 @@ namespace Jobhook.Forwarder
     public sealed class ForwarderRuntime
     {
         /// <summary>
-        /// How often a spool directory that cannot be opened is tried again (and logged):
-        /// often enough to recover soon after an operator fixes permissions, rarely enough not to
-        /// flood the log with one line per job.
+        /// How often a spool directory that cannot be opened, or a sender that failed to start, is
+        /// tried again (and logged): often enough to recover soon after an operator fixes
+        /// permissions, rarely enough not to flood the log with one line per job.
         /// </summary>
         static readonly TimeSpan OpenRetryInterval = TimeSpan.FromSeconds(60);
 
@@ -178,18 +178,54 @@ namespace Jobhook.Forwarder
 
         /// <summary>
         /// Opens the spool (retrying until it can), starts the sender, then writes queued events
-        /// to the spool for as long as the process lives.
+        /// to the spool for as long as the process lives. Nothing escapes this method: an
+        /// unhandled exception on a thread ends the process, which here is Keyfactor's.
         /// </summary>
         void WriteLoop()
         {
-            Spool opened;
-            while ((opened = Spool.Open(settings.SpoolDirectory, settings.MaxSpoolFiles, settings.MaxSpoolBytes, log)) == null)
-                Thread.Sleep(OpenRetryInterval);
+            Spool opened = null;
+            while (opened == null)
+            {
+                try
+                {
+                    opened = Spool.Open(settings.SpoolDirectory, settings.MaxSpoolFiles, settings.MaxSpoolBytes, log);
+                }
+                catch (ThreadAbortException)
+                {
+                    throw; // the process or app domain is going away (iisreset): not an error
+                }
+                catch (Exception e)
+                {
+                    // Spool.Open does not throw by contract; an exception on this thread would
+                    // end Keyfactor's process, so it is caught all the same.
+                    try { log.Error("opening the spool " + settings.SpoolDirectory + " failed: " + e); } catch { }
+                }
+                if (opened == null)
+                    Thread.Sleep(OpenRetryInterval);
+            }
             spool = opened;
-            if (settings.JobCompleteUrl != null)
-                new Sender(settings, opened, Counters, log, spooled).Start();
+            var senderStarted = settings.JobCompleteUrl == null; // nothing to start without an engine URL
+            var nextSenderStart = DateTime.MinValue;
             while (true)
             {
+                if (!senderStarted && DateTime.UtcNow >= nextSenderStart)
+                {
+                    try
+                    {
+                        new Sender(settings, opened, Counters, log, spooled).Start();
+                        senderStarted = true;
+                    }
+                    catch (ThreadAbortException)
+                    {
+                        throw;
+                    }
+                    catch (Exception e)
+                    {
+                        // Events are still spooled meanwhile; starting the sender is tried again.
+                        nextSenderStart = DateTime.UtcNow + OpenRetryInterval;
+                        try { log.Error("starting the sender failed (tried again in " + OpenRetryInterval.TotalSeconds + " s): " + e); } catch { }
+                    }
+                }
                 try
                 {
                     QueuedEvent next = null;
@@ -200,7 +236,7 @@ namespace Jobhook.Forwarder
                     }
                     if (next == null)
                     {
-                        queued.WaitOne();
+                        queued.WaitOne(senderStarted ? Timeout.Infinite : (int)OpenRetryInterval.TotalMilliseconds);
                         continue;
                     }
                     if (opened.Write(next.Key, next.Body))

@@ -180,7 +180,7 @@ namespace Jobhook.Forwarder
                 return DefaultSpoolDirectory();
             try
             {
-                return Path.GetFullPath(text.Trim());
+                return NormalisePath(text.Trim());
             }
             catch (Exception e)
             {
@@ -188,6 +188,21 @@ namespace Jobhook.Forwarder
                 problems.Add("SpoolDirectory is not a usable path (" + e.Message + "); using " + fallback);
                 return fallback;
             }
+        }
+
+        /// <summary>
+        /// The full path without trailing separators (a root keeps its own), so that every way of
+        /// writing one directory (`C:\spool`, `C:\spool\`, `C:\x\..\spool`) names one spool
+        /// and therefore one runtime: two runtimes on one directory would each send every file.
+        /// </summary>
+        internal static string NormalisePath(string path)
+        {
+            var full = Path.GetFullPath(path);
+            var root = Path.GetPathRoot(full) ?? "";
+            var end = full.Length;
+            while (end > root.Length && (full[end - 1] == Path.DirectorySeparatorChar || full[end - 1] == Path.AltDirectorySeparatorChar))
+                end--;
+            return full.Substring(0, end);
         }
 
         static int ParseInt(string name, string text, int fallback, int min, int max, IList<string> problems)

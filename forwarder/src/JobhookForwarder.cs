@@ -69,6 +69,8 @@ namespace Jobhook.Forwarder
         /// </summary>
         public JobhookForwarder(IOptions<Options> options)
         {
+            // Before anything is logged (this runs at the loader's start-up, not in RunHandler).
+            ForwarderLog.UseKeyfactorLogger(this);
             Options value = null;
             try
             {
@@ -206,6 +208,10 @@ namespace Jobhook.Forwarder
             var current = runtime;
             if (current != null)
                 return current;
+            // The runtime keeps the log it starts with: Keyfactor's logger, when built with it,
+            // must be in place first. Here the handler object is at hand, and this runs on the
+            // intake thread or at start-up, not on Keyfactor's RunHandler call.
+            ForwarderLog.UseKeyfactorLogger(this);
             current = ForwarderRuntime.Obtain(options);
             runtime = current;
             return current;

@@ -1,6 +1,7 @@
 // The forwarder's log, behind an interface of four methods so that the source builds without
-// Keyfactor.Logging (tests under Mono, any host) and logs through Keyfactor's NLog set-up when it
-// is there (symbol KEYFACTOR_LOGGING, set by Jobhook.Forwarder.csproj).
+// Keyfactor.Logging (any host) and logs through Keyfactor's NLog set-up when it is there (symbol
+// KEYFACTOR_LOGGING, set by Jobhook.Forwarder.csproj with -p:KeyfactorLogging=true; the tests
+// compile it against a stand-in of that API, forwarder/shim/Logging.cs).
 
 using System;
 using System.Diagnostics;
@@ -53,9 +54,12 @@ namespace Jobhook.Forwarder
     {
         readonly Microsoft.Extensions.Logging.ILogger logger;
 
+        /// <summary>The logger of `owner`'s class (the handler). Throws if Keyfactor's logging cannot give one.</summary>
         public KeyfactorForwarderLog(object owner)
         {
             logger = Keyfactor.Logging.LogHandler.GetReflectedClassLogger(owner);
+            if (logger == null)
+                throw new InvalidOperationException("Keyfactor.Logging returned no logger");
         }
 
         public void Debug(string message) { Guard(() => Microsoft.Extensions.Logging.LoggerExtensions.LogDebug(logger, "{Message}", message)); }
@@ -73,16 +77,64 @@ namespace Jobhook.Forwarder
     /// <summary>The process-wide log the forwarder writes to.</summary>
     public static class ForwarderLog
     {
-        static IForwarderLog current = new TraceForwarderLog();
+        static readonly object gate = new object();
+        static volatile IForwarderLog current = new TraceForwarderLog();
+#if KEYFACTOR_LOGGING
+        /// <summary>A host (or a test) set <see cref="Current"/>: what it chose stays.</summary>
+        static volatile bool chosen;
+        /// <summary>Keyfactor's logger was tried, so it is not tried again.</summary>
+        static volatile bool keyfactorTried;
+#endif
 
         /// <summary>
-        /// The log in use. A host (or a test) may replace it before the first event; null puts
-        /// the default back.
+        /// The log in use. A host (or a test) may replace it before the first event, and then
+        /// the forwarder keeps it; null puts the default back (Trace, or with KEYFACTOR_LOGGING
+        /// Keyfactor's logger once a handler starts).
         /// </summary>
         public static IForwarderLog Current
         {
             get { return current; }
-            set { current = value ?? new TraceForwarderLog(); }
+            set
+            {
+                lock (gate)
+                {
+                    current = value ?? new TraceForwarderLog();
+#if KEYFACTOR_LOGGING
+                    chosen = value != null;
+                    keyfactorTried = false;
+#endif
+                }
+            }
+        }
+
+        /// <summary>
+        /// With KEYFACTOR_LOGGING, makes Keyfactor's logger for `owner`'s class (the handler, so
+        /// the logger's name ends in JobhookForwarder) the log, once per process, unless a host
+        /// set <see cref="Current"/>; if Keyfactor's logging cannot give a logger, the Trace log
+        /// stays and says why. Called where a handler first obtains its runtime, never on
+        /// RunHandler's path: creating the logger may load NLog's configuration. Without
+        /// KEYFACTOR_LOGGING it does nothing. Never throws.
+        /// </summary>
+        internal static void UseKeyfactorLogger(object owner)
+        {
+#if KEYFACTOR_LOGGING
+            if (chosen || keyfactorTried)
+                return;
+            lock (gate)
+            {
+                if (chosen || keyfactorTried)
+                    return;
+                keyfactorTried = true;
+                try
+                {
+                    current = new KeyfactorForwarderLog(owner);
+                }
+                catch (Exception e)
+                {
+                    current.Error("Keyfactor's logger is not available (" + e.Message + "); logging to System.Diagnostics.Trace");
+                }
+            }
+#endif
         }
     }
 }

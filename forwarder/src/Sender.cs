@@ -3,6 +3,7 @@
 // Response codes and what is done with each are in docs/FORWARDER-WIRE.md.
 
 using System;
+using System.Diagnostics;
 using System.IO;
 using System.Net;
 using System.Net.Http;
@@ -37,6 +38,19 @@ namespace Jobhook.Forwarder
 
         /// <summary>How long an idle sender sleeps before looking at the spool again on its own.</summary>
         const int IdlePollMilliseconds = 1000;
+
+        /// <summary>
+        /// How often the sender lists the spool directory for event files its index does not
+        /// hold: files another process wrote after this one opened the spool (during an IIS
+        /// overlapped recycle the old worker can spool an event after the new one started, then
+        /// exit; nothing else would send that file before the next restart). Such a file waits
+        /// at most this long plus one retry; listing even a full spool (100,000 files) this
+        /// often is a small cost on the sender's own thread.
+        /// </summary>
+        static readonly TimeSpan RescanInterval = TimeSpan.FromSeconds(10);
+
+        /// <summary>The statuses the engine uses to refuse a body (see <see cref="IsEngineRefusal"/>).</summary>
+        static readonly int[] RefusalStatuses = { 400, 413, 422 };
 
         /// <summary>The header that carries the idempotency key.</summary>
         public const string IdempotencyKeyHeader = "Idempotency-Key";
@@ -92,10 +106,16 @@ namespace Jobhook.Forwarder
 
         void Loop()
         {
+            var sinceRescan = Stopwatch.StartNew();
             while (true)
             {
                 try
                 {
+                    if (sinceRescan.Elapsed >= RescanInterval)
+                    {
+                        sinceRescan.Restart();
+                        spool.Rescan();
+                    }
                     var next = spool.Oldest();
                     if (next == null)
                     {
@@ -188,30 +208,45 @@ namespace Jobhook.Forwarder
                 {
                     var status = (int)response.StatusCode;
                     var body = await ReadBounded(response, cancel).ConfigureAwait(false);
-                    var detail = "HTTP " + status + (body.Length > 0 ? " " + body : "");
+                    var printable = Printable(body.Text);
+                    var detail = "HTTP " + status + (printable.Length > 0 ? " " + printable : "");
                     if (status >= 200 && status < 300)
                         return Tuple.Create(Verdict.Delivered, detail);
                     if (status == 409)
                         return Tuple.Create(Verdict.Conflict, detail);
+                    var mediaType = response.Content != null && response.Content.Headers.ContentType != null
+                        ? response.Content.Headers.ContentType.MediaType
+                        : null;
                     // The engine refused the body itself: resending the same bytes cannot help.
-                    if (status == 400 || status == 413 || status == 422)
+                    if (IsEngineRefusal(status, mediaType, body.Complete ? body.Text : null))
                         return Tuple.Create(Verdict.Rejected, detail);
-                    // 401/403 (token), 404 (URL), 408/429, 5xx and anything unexpected: the
-                    // event is fine, the path to the engine is not; retry.
+                    if (Array.IndexOf(RefusalStatuses, status) >= 0)
+                        detail += " (not the engine's refusal: something between the forwarder and the engine answered)";
+                    // 401/403 (token), 404 (URL), 408/429, 5xx, a proxy's 4xx and anything
+                    // unexpected: the event is fine, the path to the engine is not; retry.
                     return Tuple.Create(Verdict.Retry, detail);
                 }
             }
         }
 
-        /// <summary>Up to <see cref="MaxResponseBytesRead"/> bytes of the body, as printable text.</summary>
-        static async Task<string> ReadBounded(HttpResponseMessage response, CancellationToken cancel)
+        /// <summary>A response body as read: its text and whether that is all of it.</summary>
+        sealed class BodyText
+        {
+            public string Text = "";
+            /// <summary>False when the body was longer than <see cref="MaxResponseBytesRead"/> or could not be read to its end.</summary>
+            public bool Complete;
+        }
+
+        /// <summary>Up to <see cref="MaxResponseBytesRead"/> bytes of the body, as text.</summary>
+        static async Task<BodyText> ReadBounded(HttpResponseMessage response, CancellationToken cancel)
         {
             if (response.Content == null)
-                return "";
+                return new BodyText { Complete = true };
             try
             {
                 var stream = await response.Content.ReadAsStreamAsync().ConfigureAwait(false);
-                var buffer = new byte[MaxResponseBytesRead];
+                // One byte more than kept, to tell a body of exactly the limit from a longer one.
+                var buffer = new byte[MaxResponseBytesRead + 1];
                 int read = 0;
                 while (read < buffer.Length)
                 {
@@ -220,12 +255,103 @@ namespace Jobhook.Forwarder
                         break;
                     read += n;
                 }
-                return Printable(Encoding.UTF8.GetString(buffer, 0, read));
+                var complete = read <= MaxResponseBytesRead;
+                return new BodyText
+                {
+                    Text = Encoding.UTF8.GetString(buffer, 0, Math.Min(read, MaxResponseBytesRead)),
+                    Complete = complete,
+                };
             }
             catch (Exception e)
             {
-                return "(body unreadable: " + e.GetBaseException().Message + ")";
+                return new BodyText { Text = "(body unreadable: " + e.GetBaseException().Message + ")" };
             }
+        }
+
+        /// <summary>
+        /// Whether an answer is the engine's own refusal of the body, the only answer that sets
+        /// an event aside for good: status 400, 413 or 422, Content-Type application/json, and a
+        /// body that is one JSON object whose only member is a string "error" — what the engine
+        /// writes for every refusal (host/src/sources/api.rs, `error`). A proxy, load balancer or
+        /// TLS terminator in between answers these statuses too, for reasons that have nothing
+        /// to do with the event (nginx: "400 The plain HTTP request was sent to HTTPS port" as
+        /// text/html, for every request); such an answer is retried like any other failure.
+        /// `body` is null when it was not read whole.
+        /// </summary>
+        internal static bool IsEngineRefusal(int status, string mediaType, string body)
+        {
+            if (Array.IndexOf(RefusalStatuses, status) < 0 || body == null)
+                return false;
+            if (mediaType == null || !string.Equals(mediaType.Trim(), "application/json", StringComparison.OrdinalIgnoreCase))
+                return false;
+            int at = 0;
+            return SkipSpace(body, ref at) && Expect(body, ref at, '{') && SkipSpace(body, ref at)
+                   && JsonString(body, ref at) == "error" && SkipSpace(body, ref at) && Expect(body, ref at, ':')
+                   && SkipSpace(body, ref at) && JsonString(body, ref at) != null && SkipSpace(body, ref at)
+                   && Expect(body, ref at, '}') && SkipSpace(body, ref at) && at == body.Length;
+        }
+
+        /// <summary>Moves past JSON whitespace; always true (for chaining).</summary>
+        static bool SkipSpace(string text, ref int at)
+        {
+            while (at < text.Length && (text[at] == ' ' || text[at] == '\t' || text[at] == '\n' || text[at] == '\r'))
+                at++;
+            return true;
+        }
+
+        static bool Expect(string text, ref int at, char c)
+        {
+            if (at >= text.Length || text[at] != c)
+                return false;
+            at++;
+            return true;
+        }
+
+        /// <summary>Reads one JSON string (RFC 8259 §7) at `at`; its value, or null if there is none.</summary>
+        static string JsonString(string text, ref int at)
+        {
+            if (!Expect(text, ref at, '"'))
+                return null;
+            var value = new StringBuilder();
+            while (at < text.Length)
+            {
+                char c = text[at++];
+                if (c == '"')
+                    return value.ToString();
+                if (c < 0x20)
+                    return null;
+                if (c != '\\')
+                {
+                    value.Append(c);
+                    continue;
+                }
+                if (at >= text.Length)
+                    return null;
+                char escape = text[at++];
+                switch (escape)
+                {
+                    case '"': value.Append('"'); break;
+                    case '\\': value.Append('\\'); break;
+                    case '/': value.Append('/'); break;
+                    case 'b': value.Append('\b'); break;
+                    case 'f': value.Append('\f'); break;
+                    case 'n': value.Append('\n'); break;
+                    case 'r': value.Append('\r'); break;
+                    case 't': value.Append('\t'); break;
+                    case 'u':
+                        int code;
+                        if (at + 4 > text.Length
+                            || !int.TryParse(text.Substring(at, 4), System.Globalization.NumberStyles.AllowHexSpecifier,
+                                             System.Globalization.CultureInfo.InvariantCulture, out code))
+                            return null;
+                        value.Append((char)code);
+                        at += 4;
+                        break;
+                    default:
+                        return null;
+                }
+            }
+            return null;
         }
 
         /// <summary>Text from the network made safe for a log line: no control characters.</summary>

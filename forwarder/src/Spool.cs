@@ -27,6 +27,8 @@ namespace Jobhook.Forwarder
     /// three lines: <see cref="Header"/>, the idempotency key, the JSON body. A file is written
     /// as `*.tmp`, flushed to disk and renamed, so a reader never sees half an event; a `*.tmp`
     /// left by a crash is deleted at start-up. All methods are thread-safe and never throw.
+    /// The index of the files is built at start-up and kept up to date by this process; files
+    /// another process puts in the directory are found by <see cref="Rescan"/>.
     /// </summary>
     public sealed class Spool
     {
@@ -39,10 +41,24 @@ namespace Jobhook.Forwarder
         /// <summary>Subdirectory for events the engine refused as invalid (HTTP 400).</summary>
         public const string RejectedDirectoryName = "rejected";
         /// <summary>
-        /// Most files kept in rejected/: enough to diagnose a systematic problem, bounded so a
-        /// long-running misconfiguration cannot fill the disk. The oldest go first.
+        /// Extension of the file beside a rejected event that says why it was set aside
+        /// (`&lt;name&gt;.evt.reason`, one line of UTF-8).
+        /// </summary>
+        public const string ReasonExtension = ".reason";
+        /// <summary>
+        /// Most events kept in rejected/ (each with its reason file): enough to diagnose a
+        /// systematic problem, bounded so a long-running misconfiguration cannot fill the disk.
+        /// The oldest go first.
         /// </summary>
         public const int MaxRejectedFiles = 1000;
+        /// <summary>
+        /// How long a spool file that could not be read (held open without sharing by another
+        /// program such as an antivirus scan or a backup agent, access denied, a disk error) is
+        /// skipped before it is read again. Such a cause is usually gone within seconds; one failed
+        /// open per interval costs nothing, and meanwhile the files after it are sent. The file
+        /// stays in the spool, so the spool's limits still bound how long it can be kept.
+        /// </summary>
+        public static readonly TimeSpan UnreadableRetryInterval = TimeSpan.FromSeconds(10);
         /// <summary>
         /// Largest spool file read back. An event is a few hundred bytes (the engine refuses
         /// bodies over 64 KiB); anything bigger was not written by this forwarder.
@@ -57,8 +73,15 @@ namespace Jobhook.Forwarder
         readonly long maxBytes;
         readonly IForwarderLog log;
         readonly object gate = new object();
+        /// <summary>Serialises the recreation of a deleted spool directory (writer and sender may both find it gone).</summary>
+        readonly object recreateGate = new object();
         /// <summary>Every complete spool file, by name (= age), with its size.</summary>
         readonly SortedDictionary<string, long> files = new SortedDictionary<string, long>(StringComparer.Ordinal);
+        /// <summary>
+        /// Indexed files whose last read failed with an I/O error, with the time before which
+        /// they are not read again. Usually empty; an entry goes when the file is read or forgotten.
+        /// </summary>
+        readonly Dictionary<string, DateTime> unreadable = new Dictionary<string, DateTime>(StringComparer.Ordinal);
         long totalBytes;
         long sequence;
 
@@ -89,6 +112,8 @@ namespace Jobhook.Forwarder
                     TryDelete(path);
                 foreach (var path in Directory.GetFiles(directory, "*" + EventExtension))
                 {
+                    if (!path.EndsWith(EventExtension, StringComparison.Ordinal))
+                        continue;
                     var info = new FileInfo(path);
                     spool.files[info.Name] = info.Length;
                     spool.totalBytes += info.Length;
@@ -123,31 +148,154 @@ namespace Jobhook.Forwarder
                        + key + EventExtension;
             var path = Path.Combine(directory, name);
             var temp = path + TempExtension;
+            bool recreated = false;
+            while (true)
+            {
+                try
+                {
+                    MakeRoom(bytes.Length);
+                    WriteFile(temp, path, bytes);
+                    break;
+                }
+                catch (Exception e)
+                {
+                    TryDelete(temp);
+                    // The directory was deleted while the process runs (by hand, a cleanup
+                    // script): make it again and write once more.
+                    if (!recreated && e is DirectoryNotFoundException && EnsureDirectories())
+                    {
+                        recreated = true;
+                        continue;
+                    }
+                    log.Error("cannot write to the spool " + directory + ": " + e.Message);
+                    return false;
+                }
+            }
+            Add(name, bytes.Length);
+            return true;
+        }
+
+        static void WriteFile(string temp, string path, byte[] bytes)
+        {
+            using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 4096, FileOptions.None))
+            {
+                stream.Write(bytes, 0, bytes.Length);
+                // Flush(true) reaches the disk (FlushFileBuffers / fsync) before the rename
+                // publishes the file. The directory entry itself cannot be fsynced portably
+                // from .NET; NTFS journals the rename.
+                stream.Flush(true);
+            }
+            File.Move(temp, path);
+        }
+
+        /// <summary>Indexes a file unless it is already (a rescan may have found it first).</summary>
+        void Add(string name, long size)
+        {
+            lock (gate)
+            {
+                if (files.ContainsKey(name))
+                    return;
+                files[name] = size;
+                totalBytes += size;
+            }
+        }
+
+        /// <summary>
+        /// Creates the spool directory and rejected/ if either is gone (deleted while the process
+        /// runs). When the spool directory itself was gone, every indexed event went with it: they
+        /// are forgotten, with one warning that counts them. Logs once per recreation. True when
+        /// both directories exist afterwards.
+        /// </summary>
+        bool EnsureDirectories()
+        {
+            lock (recreateGate)
+            {
+                try
+                {
+                    bool spoolGone = !Directory.Exists(directory);
+                    bool rejectedGone = !Directory.Exists(rejectedDirectory);
+                    if (!spoolGone && !rejectedGone)
+                        return true;
+                    int lost = 0;
+                    if (spoolGone)
+                    {
+                        lock (gate)
+                        {
+                            lost = files.Count;
+                            files.Clear();
+                            unreadable.Clear();
+                            totalBytes = 0;
+                        }
+                    }
+                    Directory.CreateDirectory(directory);
+                    Directory.CreateDirectory(rejectedDirectory);
+                    if (spoolGone)
+                        log.Warn("the spool directory " + directory + " was deleted while in use; recreated it"
+                                 + (lost > 0 ? " (" + lost + " spooled event(s) were lost with it)" : ""));
+                    else
+                        log.Warn("recreated " + rejectedDirectory + ", which was deleted while in use");
+                    return true;
+                }
+                catch (Exception e)
+                {
+                    log.Error("the spool directory " + directory + " is gone and cannot be recreated: " + e.Message);
+                    return false;
+                }
+            }
+        }
+
+        /// <summary>
+        /// Indexes `.evt` files in the directory that the index does not hold: written by another
+        /// process on the same directory after this one opened it (during an IIS overlapped
+        /// recycle the old worker can still spool an event, then exit). Counted against the
+        /// limits like the others. Called now and then by the sender.
+        /// </summary>
+        public void Rescan()
+        {
+            int found = 0;
             try
             {
-                MakeRoom(bytes.Length);
-                using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 4096, FileOptions.None))
+                foreach (var path in Directory.EnumerateFiles(directory, "*" + EventExtension))
                 {
-                    stream.Write(bytes, 0, bytes.Length);
-                    // Flush(true) reaches the disk (FlushFileBuffers / fsync) before the rename
-                    // publishes the file. The directory entry itself cannot be fsynced portably
-                    // from .NET; NTFS journals the rename.
-                    stream.Flush(true);
+                    if (!path.EndsWith(EventExtension, StringComparison.Ordinal))
+                        continue; // not a complete spool file (*.tmp is still being written)
+                    var name = Path.GetFileName(path);
+                    lock (gate)
+                    {
+                        if (files.ContainsKey(name))
+                            continue;
+                    }
+                    long size;
+                    try
+                    {
+                        size = new FileInfo(path).Length;
+                    }
+                    catch (Exception)
+                    {
+                        continue; // gone meanwhile (sent by the other process)
+                    }
+                    lock (gate)
+                    {
+                        if (files.ContainsKey(name))
+                            continue;
+                        files[name] = size;
+                        totalBytes += size;
+                    }
+                    found++;
                 }
-                File.Move(temp, path);
+            }
+            catch (DirectoryNotFoundException)
+            {
+                EnsureDirectories();
+                return;
             }
             catch (Exception e)
             {
-                TryDelete(temp);
-                log.Error("cannot write to the spool " + directory + ": " + e.Message);
-                return false;
+                log.Warn("cannot list the spool directory " + directory + ": " + e.Message);
+                return;
             }
-            lock (gate)
-            {
-                files[name] = bytes.Length;
-                totalBytes += bytes.Length;
-            }
-            return true;
+            if (found > 0)
+                log.Info("found " + found + " event(s) in " + directory + " that another process spooled; sending them");
         }
 
         /// <summary>Drops the oldest events until one of `incoming` bytes fits in both limits.</summary>
@@ -167,6 +315,8 @@ namespace Jobhook.Forwarder
                     }
                     totalBytes -= files[oldest];
                     files.Remove(oldest);
+                    if (unreadable.Count > 0)
+                        unreadable.Remove(oldest);
                 }
                 TryDelete(Path.Combine(directory, oldest));
                 var dropped = Interlocked.Increment(ref Dropped);
@@ -175,17 +325,39 @@ namespace Jobhook.Forwarder
             }
         }
 
-        /// <summary>The oldest event, or null when the spool is empty. A file that cannot be read
-        /// back as an event is moved to rejected/ and skipped.</summary>
+        /// <summary>What reading a spool file back came to.</summary>
+        enum ReadOutcome
+        {
+            /// <summary>An event.</summary>
+            Event,
+            /// <summary>The file is gone (delivered or dropped by another process, or its directory deleted).</summary>
+            Gone,
+            /// <summary>The file is there but could not be read now (locked, access denied, I/O error): try later.</summary>
+            Unreadable,
+            /// <summary>The content is not a spool file of this forwarder: it never will be.</summary>
+            NotASpoolFile,
+        }
+
+        /// <summary>
+        /// The oldest event that can be read now, or null when there is none. A file that is not
+        /// a spool file of this forwarder is moved to rejected/; one that cannot be read now is
+        /// skipped for <see cref="UnreadableRetryInterval"/> and left in the spool.
+        /// </summary>
         public SpooledEvent Oldest()
         {
             while (true)
             {
                 string name = null;
+                var now = DateTime.UtcNow;
                 lock (gate)
                 {
+                    // In name order; a skipped file is passed over in place, so this walks only
+                    // past the (few) unreadable files, never copies the index.
                     foreach (var n in files.Keys)
                     {
+                        DateTime notBefore;
+                        if (unreadable.Count > 0 && unreadable.TryGetValue(n, out notBefore) && now < notBefore)
+                            continue;
                         name = n;
                         break;
                     }
@@ -193,21 +365,59 @@ namespace Jobhook.Forwarder
                 if (name == null)
                     return null;
                 string reason;
-                var read = Read(name, out reason);
-                if (read != null)
-                    return read;
-                if (reason == null)
+                ReadOutcome outcome;
+                var read = Read(name, out outcome, out reason);
+                switch (outcome)
                 {
-                    Forget(name); // deleted behind our back (dropped, or sent by another process)
-                    continue;
+                    case ReadOutcome.Event:
+                        Readable(name);
+                        return read;
+                    case ReadOutcome.Gone:
+                        if (!Directory.Exists(directory))
+                            EnsureDirectories(); // forgets the whole index, with one warning
+                        else
+                            Forget(name); // deleted behind our back (dropped, or sent by another process)
+                        continue;
+                    case ReadOutcome.Unreadable:
+                        Unreadable(name, reason);
+                        continue;
+                    default:
+                        Reject(name, reason);
+                        continue;
                 }
-                Reject(name, reason);
             }
         }
 
-        SpooledEvent Read(string name, out string reason)
+        /// <summary>Skips a file for a while; warns the first time it cannot be read.</summary>
+        void Unreadable(string name, string reason)
+        {
+            bool first;
+            lock (gate)
+            {
+                if (!files.ContainsKey(name))
+                    return;
+                first = !unreadable.ContainsKey(name);
+                unreadable[name] = DateTime.UtcNow + UnreadableRetryInterval;
+            }
+            if (first)
+                log.Warn("cannot read spool file " + name + " now (" + reason + "); it stays in the spool and is tried again every "
+                         + UnreadableRetryInterval.TotalSeconds + " s, the other events are sent meanwhile");
+        }
+
+        /// <summary>A file that could not be read was read: say so once.</summary>
+        void Readable(string name)
+        {
+            bool was;
+            lock (gate)
+                was = unreadable.Count > 0 && unreadable.Remove(name);
+            if (was)
+                log.Info("spool file " + name + " can be read again; sending it");
+        }
+
+        SpooledEvent Read(string name, out ReadOutcome outcome, out string reason)
         {
             reason = null;
+            outcome = ReadOutcome.NotASpoolFile;
             var path = Path.Combine(directory, name);
             byte[] bytes;
             try
@@ -228,15 +438,30 @@ namespace Jobhook.Forwarder
                             break;
                         read += n;
                     }
+                    if (read < bytes.Length)
+                    {
+                        outcome = ReadOutcome.Unreadable;
+                        reason = "it got shorter while it was read";
+                        return null;
+                    }
                 }
             }
             catch (FileNotFoundException)
             {
+                outcome = ReadOutcome.Gone;
+                return null;
+            }
+            catch (DirectoryNotFoundException)
+            {
+                outcome = ReadOutcome.Gone;
                 return null;
             }
             catch (Exception e)
             {
-                reason = "cannot read it: " + e.Message;
+                // Sharing violation, access denied, a disk error: nothing says the content is
+                // wrong, so the event is kept and read again later.
+                outcome = ReadOutcome.Unreadable;
+                reason = e.GetType().Name + ": " + e.Message;
                 return null;
             }
             string text;
@@ -255,6 +480,7 @@ namespace Jobhook.Forwarder
                 reason = "it is not a spool file of this forwarder (expected \"" + Header + "\", a key and a body)";
                 return null;
             }
+            outcome = ReadOutcome.Event;
             return new SpooledEvent { Name = name, Key = lines[1], Body = lines[2] };
         }
 
@@ -276,29 +502,89 @@ namespace Jobhook.Forwarder
             TryDelete(Path.Combine(directory, name));
         }
 
-        /// <summary>Moves an event the engine will never accept to rejected/, keeping that bounded.</summary>
+        /// <summary>
+        /// Moves an event the engine will never accept to rejected/, with its reason in a
+        /// `.reason` file beside it, keeping rejected/ bounded; logs what really happened to it.
+        /// </summary>
         public void Reject(string name, string reason)
         {
             Forget(name);
+            var source = Path.Combine(directory, name);
+            var target = Path.Combine(rejectedDirectory, name);
+            bool recreated = false;
+            while (true)
+            {
+                try
+                {
+                    TryDelete(target);
+                    TryDelete(target + ReasonExtension);
+                    File.Move(source, target);
+                    break;
+                }
+                catch (Exception e)
+                {
+                    if (!File.Exists(source))
+                    {
+                        if (!Directory.Exists(directory))
+                            EnsureDirectories();
+                        log.Warn("event " + name + " was to be set aside (" + reason + ") but its file is gone");
+                        return;
+                    }
+                    if (!recreated && e is DirectoryNotFoundException && EnsureDirectories())
+                    {
+                        recreated = true; // rejected/ had been deleted
+                        continue;
+                    }
+                    var deleted = TryDelete(source);
+                    log.Warn("event " + name + " was rejected (" + reason + "); it could not be moved to " + rejectedDirectory
+                             + " (" + e.Message + ")" + (deleted ? ", so it was deleted" : " nor deleted; it is set aside again when next found"));
+                    return;
+                }
+            }
+            string kept = "";
             try
             {
-                var target = Path.Combine(rejectedDirectory, name);
-                TryDelete(target);
-                File.Move(Path.Combine(directory, name), target);
-                var rejected = Directory.GetFiles(rejectedDirectory);
-                if (rejected.Length > MaxRejectedFiles)
+                File.WriteAllText(target + ReasonExtension, reason + "\n", Utf8);
+            }
+            catch (Exception e)
+            {
+                kept = " (its reason file could not be written: " + e.Message + ")";
+            }
+            PruneRejected();
+            log.Warn("event " + name + " was rejected and moved to " + rejectedDirectory + kept + ": " + reason);
+        }
+
+        /// <summary>Deletes the oldest events in rejected/, with their reason files, beyond <see cref="MaxRejectedFiles"/>.</summary>
+        void PruneRejected()
+        {
+            try
+            {
+                var paths = Directory.GetFiles(rejectedDirectory);
+                // One entry per event: an event's file and its reason file share the event's name.
+                var byEvent = new SortedDictionary<string, List<string>>(StringComparer.Ordinal);
+                foreach (var path in paths)
                 {
-                    Array.Sort(rejected, StringComparer.Ordinal);
-                    for (int i = 0; i < rejected.Length - MaxRejectedFiles; i++)
-                        TryDelete(rejected[i]);
+                    var eventName = Path.GetFileName(path);
+                    if (eventName.EndsWith(ReasonExtension, StringComparison.Ordinal))
+                        eventName = eventName.Substring(0, eventName.Length - ReasonExtension.Length);
+                    List<string> group;
+                    if (!byEvent.TryGetValue(eventName, out group))
+                        byEvent[eventName] = group = new List<string>(2);
+                    group.Add(path);
+                }
+                int excess = byEvent.Count - MaxRejectedFiles;
+                foreach (var group in byEvent.Values)
+                {
+                    if (excess-- <= 0)
+                        break;
+                    foreach (var path in group)
+                        TryDelete(path);
                 }
             }
             catch (Exception e)
             {
-                TryDelete(Path.Combine(directory, name));
-                log.Warn("could not keep rejected event " + name + " (" + e.Message + "); deleted it");
+                log.Warn("cannot tidy " + rejectedDirectory + ": " + e.Message);
             }
-            log.Warn("event " + name + " was rejected and moved to " + rejectedDirectory + ": " + reason);
         }
 
         void Forget(string name)
@@ -311,18 +597,24 @@ namespace Jobhook.Forwarder
                     files.Remove(name);
                     totalBytes -= size;
                 }
+                if (unreadable.Count > 0)
+                    unreadable.Remove(name);
             }
         }
 
-        static void TryDelete(string path)
+        /// <summary>Deletes a file if it can; true when it is gone afterwards.</summary>
+        static bool TryDelete(string path)
         {
             try
             {
                 File.Delete(path);
+                return true;
             }
             catch
             {
-                // Gone already, or locked by an antivirus scan: the next start-up retries.
+                // Locked by an antivirus scan, or no permission: the next rescan or start-up
+                // finds it again.
+                return !File.Exists(path);
             }
         }
     }

@@ -7,16 +7,27 @@
 //! Cases:
 //! - (a) 1,000 varied contexts through the Command 9-10 registration arrive as 1,000 events with
 //!   the same eleven fields; the Command 11+ registration too; a context the engine refuses (400)
-//!   is set aside in `rejected/`, not retried.
-//! - (b) the engine is down at first: every event arrives once it starts.
+//!   is set aside in `rejected/` with its reason beside it, not retried.
+//! - (b) the engine is down at first: every event arrives once it starts; handlers naming the
+//!   spool directory two ways share one runtime.
 //! - (c) a stand-in in front of the engine that is slow, answers 500/503/401, answers garbage,
-//!   resets connections (some after passing the request on): every event arrives, once.
+//!   resets connections (some after passing the request on), answers 400/413 as a proxy would
+//!   (HTML, or JSON that is not the engine's): every event arrives, once, none set aside.
 //! - (d) the harness is SIGKILLed mid-delivery, once every event is in the spool, and restarted
 //!   in drain mode: the spool is delivered, once. (An event handed over but not yet on disk — a
 //!   few milliseconds normally, about 2 s for a burst of 1,000 on a loaded machine — is lost by
 //!   a kill; forwarder/README.md, "Limits".)
 //! - (e) a full spool drops its oldest events and the forwarder's log counts them; the rest
 //!   arrive.
+//! - (f) over TLS, only with the configured CA.
+//! - (g) the spool directory is deleted while the forwarder runs: it is recreated, and every
+//!   later event arrives.
+//! - (h) a spool file held open by another program (a scan, a backup) is sent once it is
+//!   released, not set aside; the others are sent meanwhile.
+//! - (i) events another process spooled into the same directory after this one started (an IIS
+//!   overlapped recycle) are sent by this one.
+//! - (j) built with `KEYFACTOR_LOGGING`, the forwarder logs through Keyfactor's logger (a
+//!   stand-in of its API, `forwarder/shim/Logging.cs`).
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -682,10 +693,59 @@ fn spool_files(site: &Site) -> usize {
         .unwrap_or(0)
 }
 
+/// Events in `rejected/` (not counting their `.reason` files).
 fn rejected_files(site: &Site) -> usize {
     std::fs::read_dir(site.spool().join("rejected"))
-        .map(|d| d.flatten().count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "evt"))
+                .count()
+        })
         .unwrap_or(0)
+}
+
+/// Each event in `rejected/` has a `.reason` file beside it that contains `needle`.
+fn assert_rejected_reasons(site: &Site, needle: &str) {
+    let dir = site.spool().join("rejected");
+    let entries = std::fs::read_dir(&dir).expect("rejected/");
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|x| x != "evt") {
+            continue;
+        }
+        let mut reason = path.clone().into_os_string();
+        reason.push(".reason");
+        let text = std::fs::read_to_string(&reason)
+            .unwrap_or_else(|e| panic!("no reason beside {}: {e}", path.display()));
+        assert!(
+            text.contains(needle),
+            "the reason beside {} says {text:?}",
+            path.display()
+        );
+    }
+}
+
+/// Waits until the harness's log contains `needle`; panics with the log after 10 s or if the
+/// harness exits.
+fn wait_for_log(harness: &mut Harness, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(harness.log_path())
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        harness.assert_running(&format!("waiting for {needle:?} in its log"));
+        assert!(
+            Instant::now() < deadline,
+            "the harness never logged {needle:?}; its log:\n{}",
+            harness.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lines of a harness log that contain `needle`.
+fn count_lines(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -733,6 +793,7 @@ async fn a_every_context_arrives_as_one_event_with_the_same_fields() {
         invalid,
         "each refused event is set aside"
     );
+    assert_rejected_reasons(&site, "HTTP 400 {\"error\":\"invalid job context");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -743,6 +804,9 @@ async fn b_events_wait_in_the_spool_until_the_engine_starts() {
     let _serial = SERIAL.lock().await;
     let site = Site::new();
     let expected = site.path("expected.tsv");
+    // Every other handler names the spool directory with a trailing separator: still one
+    // directory, so one runtime (two would both send every file).
+    let alias = format!("{}{}", site.spool().display(), std::path::MAIN_SEPARATOR);
     let mut harness = Harness::run(
         build,
         "fx",
@@ -750,7 +814,7 @@ async fn b_events_wait_in_the_spool_until_the_engine_starts() {
         &site.engine_url(),
         FAILURE_EVENTS,
         &expected,
-        &[],
+        &["--alias-spool", &alias],
     );
     harness.wait_for_line("submitted", Duration::from_secs(60));
     // Let the sender fail and back off a few times against the closed port.
@@ -761,8 +825,15 @@ async fn b_events_wait_in_the_spool_until_the_engine_starts() {
         "events wait in the spool while the engine is down"
     );
     let _engine = site.start_engine();
+    let log = harness.log_path();
     harness.wait_success("engine down at first");
     assert_delivered_once(&site, &read_expected(&expected), None);
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert_eq!(
+        count_lines(&log, "through the spool"),
+        1,
+        "one runtime for one spool directory, however it is written:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -796,6 +867,11 @@ async fn c_a_misbehaving_engine_costs_retries_not_events() {
         &site,
         &expected,
         Some("the stand-in passed requests on to the engine and then dropped the answer"),
+    );
+    assert_eq!(
+        rejected_files(&site),
+        0,
+        "a 400 or 413 that is not the engine's sets nothing aside"
     );
 }
 
@@ -918,23 +994,42 @@ enum Behaviour {
     Unauthorized,
     /// Pass the request on, then answer 503 anyway.
     Error503After,
+    /// Answer 400 with an HTML page, as nginx does to plain HTTP on its TLS port, without
+    /// passing the request on.
+    ProxyBadRequest,
+    /// Answer 413 with an HTML page, as a proxy with a small body limit does, without passing
+    /// the request on.
+    ProxyTooLarge,
+    /// Answer 400 with a JSON body that is not the engine's (`{"message":…}`, as API gateways
+    /// do), without passing the request on.
+    ProxyJsonBadRequest,
     /// Behave.
     Forward,
 }
 
 /// The misbehaviour cycle; the first `MISBEHAVIOURS.len() * MISBEHAVING_ROUNDS` requests go
 /// through it, the rest are passed on faithfully.
-const MISBEHAVIOURS: [Behaviour; 9] = [
+const MISBEHAVIOURS: [Behaviour; 12] = [
     Behaviour::Error500,
     Behaviour::Garbage,
     Behaviour::ResetFirst,
+    Behaviour::ProxyBadRequest,
     Behaviour::ResetAfter,
     Behaviour::StallAfter,
+    Behaviour::ProxyTooLarge,
     Behaviour::Slow,
     Behaviour::Unauthorized,
+    Behaviour::ProxyJsonBadRequest,
     Behaviour::Error503After,
     Behaviour::Forward,
 ];
+/// nginx's answer to plain HTTP sent to its TLS port.
+const NGINX_400: &[u8] = b"<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS port</title></head>\r\n\
+<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n\
+<center>The plain HTTP request was sent to HTTPS port</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+/// nginx's answer to a body over its `client_max_body_size`.
+const NGINX_413: &[u8] = b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n\
+<body>\r\n<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
 const MISBEHAVING_ROUNDS: usize = 4;
 /// Largest request head the stand-in reads (the forwarder's is a few hundred bytes).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -1047,6 +1142,13 @@ async fn serve_connection(
         }
         let keep_going = match behaviour {
             Behaviour::Error500 => respond(&mut socket, 500, b"{\"error\":\"stand-in\"}").await,
+            Behaviour::ProxyBadRequest => {
+                respond_as(&mut socket, 400, "text/html", NGINX_400).await
+            }
+            Behaviour::ProxyTooLarge => respond_as(&mut socket, 413, "text/html", NGINX_413).await,
+            Behaviour::ProxyJsonBadRequest => {
+                respond(&mut socket, 400, b"{\"message\":\"Bad Request\"}").await
+            }
             Behaviour::Unauthorized => respond(&mut socket, 401, b"{\"error\":\"token\"}").await,
             Behaviour::Garbage => {
                 let _ = socket
@@ -1159,10 +1261,15 @@ async fn forward(client: &reqwest::Client, engine_url: &str, request: &Request) 
     }
 }
 
-/// Writes a response; false if the connection is gone.
+/// Writes a JSON response; false if the connection is gone.
 async fn respond(socket: &mut TcpStream, status: u16, body: &[u8]) -> bool {
+    respond_as(socket, status, "application/json", body).await
+}
+
+/// Writes a response of the given content type; false if the connection is gone.
+async fn respond_as(socket: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) -> bool {
     let head = format!(
-        "HTTP/1.1 {status} Stand-in\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "HTTP/1.1 {status} Stand-in\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     socket.write_all(head.as_bytes()).await.is_ok() && socket.write_all(body).await.is_ok()
@@ -1213,4 +1320,164 @@ async fn f_over_tls_the_forwarder_trusts_only_the_configured_ca() {
     assert_eq!(expected.len(), 5);
     expected.extend(read_expected(&expected_path));
     assert_delivered_once(&site, &expected, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_spool_directory_deleted_while_running_is_recreated() {
+    const SENT: usize = 40;
+    const BEFORE: usize = 10;
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let expected_path = site.path("expected.tsv");
+    let resume = site.path("resume");
+    let (before, resume_arg) = (BEFORE.to_string(), resume.to_string_lossy().into_owned());
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--pause-after", &before, "--resume-file", &resume_arg],
+    );
+    let paused = harness.wait_for_line("paused", Duration::from_secs(60));
+    assert_eq!(paused, format!("paused {BEFORE}"));
+    assert_eq!(spool_files(&site), BEFORE);
+    // The sender has met the closed port, so it is retrying: reading the oldest file again
+    // before each attempt.
+    let log = harness.log_path();
+    wait_for_log(&mut harness, "cannot deliver to");
+    // Deleted with everything in it, while the forwarder runs. The forwarder may recreate it
+    // meanwhile: delete until gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while site.spool().exists() {
+        let _ = std::fs::remove_dir_all(site.spool());
+        assert!(
+            Instant::now() < deadline,
+            "cannot delete the spool directory"
+        );
+    }
+    std::fs::write(&resume, b"").expect("resume file");
+    let _engine = site.start_engine();
+    harness.wait_success("spool directory deleted");
+
+    // The first BEFORE went with the directory; every later one arrives, once. The sender may
+    // have read the oldest just before the deletion and deliver it (one at most: it sends one
+    // at a time).
+    let mut expected = read_expected(&expected_path);
+    assert_eq!(expected.len(), SENT);
+    let later = expected.split_off(BEFORE);
+    let stored: HashSet<Uuid> = site.stored_events().iter().map(|(_, c)| c.job_id).collect();
+    let mut arrived: Vec<Expected> = expected
+        .into_iter()
+        .filter(|e| stored.contains(&e.context.job_id))
+        .collect();
+    assert!(
+        arrived.len() <= 1,
+        "{} events deleted with the directory arrived",
+        arrived.len()
+    );
+    arrived.extend(later);
+    assert_delivered_once(&site, &arrived, None);
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("({BEFORE} spooled event(s) were lost with it)")),
+        "the forwarder says it recreated the directory and what was lost:\n{log}"
+    );
+    assert!(
+        !log.contains("moved to"),
+        "nothing was set aside as rejected:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_a_spool_file_held_open_is_sent_later_not_rejected() {
+    const SENT: usize = 30;
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--hold-oldest-ms", "3000"],
+    );
+    let held = harness.wait_for_line("holding", Duration::from_secs(60));
+    let held = held.trim_start_matches("holding ").to_owned();
+    // The engine starts once the file is released: for those 3 s the sender, retrying the closed
+    // port every 300 ms at most, read the oldest file before each attempt and met the lock.
+    harness.wait_for_line("released", Duration::from_secs(30));
+    let log = harness.log_path();
+    let warning = format!("cannot read spool file {held} now");
+    let _engine = site.start_engine();
+    harness.wait_success("a spool file held open");
+
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert_eq!(rejected_files(&site), 0, "the held file was not set aside");
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert_eq!(
+        count_lines(&log, &warning),
+        1,
+        "one warning for the held file:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_events_another_process_spooled_later_are_sent() {
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let url = site.engine_url();
+    // A opens the spool first and keeps running (the engine is down).
+    let expected_a = site.path("expected-a.tsv");
+    let mut a = Harness::run(build, "fx", &site, &url, 20, &expected_a, &["--seed", "21"]);
+    a.wait_for_line("spooled", Duration::from_secs(60));
+    // B, another process on the same directory, spools its events and dies (the old worker of
+    // an overlapped recycle).
+    let expected_b = site.path("expected-b.tsv");
+    let mut b = Harness::run(build, "fx", &site, &url, 30, &expected_b, &["--seed", "22"]);
+    b.wait_for_line("spooled", Duration::from_secs(60));
+    b.kill();
+    assert_eq!(spool_files(&site), 50);
+    a.assert_running("before the engine starts");
+
+    let _engine = site.start_engine();
+    a.wait_success("events spooled by another process");
+    let mut expected = read_expected(&expected_a);
+    expected.extend(read_expected(&expected_b));
+    assert_delivered_once(&site, &expected, None);
+    assert_eq!(spool_files(&site), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn j_with_keyfactor_logging_the_forwarder_logs_through_keyfactor() {
+    let Some(build) = forwarder_build() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let site = Site::new();
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    // This harness does not set the forwarder's log; it learns each event's key only from the
+    // lines that reach Keyfactor's logger, and fails without them.
+    let harness = Harness::run(build, "log", &site, &engine.url, 20, &expected_path, &[]);
+    let log = harness.log_path();
+    harness.wait_success("KEYFACTOR_LOGGING");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        log.contains("keyfactor log Jobhook.Forwarder.JobhookForwarder Information: forwarding to"),
+        "the forwarder's lines reach Keyfactor's logger, named after the handler:\n{log}"
+    );
 }
