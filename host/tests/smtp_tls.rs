@@ -7,7 +7,10 @@
 //! - trusting another CA, or reaching the relay under a name its certificate does not carry,
 //!   the handler is refused and the relay gets no transaction;
 //! - with `starttls`, a relay that does not offer STARTTLS gets no transaction either (no
-//!   fallback to plain text).
+//!   fallback to plain text);
+//! - with `starttls`, plain text sent right after the relay's go-ahead to STARTTLS (an
+//!   attacker on the path appending a reply to the relay's `220`, CVE-2011-0411's class) ends
+//!   the exchange before TLS: the engine never takes it for a reply from inside TLS.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -29,7 +32,19 @@ enum Mode {
     Starttls,
     /// TLS from the first byte.
     Implicit,
+    /// As [`Mode::Starttls`], but with what an attacker on the path appends to the relay's go-ahead
+    /// in the same TCP segment: [`INJECTED`], plain text the client must not read as a reply
+    /// from inside TLS. The relay then refuses the message at the end of its data, so a client
+    /// whose replies the injection shifted by one believes it was delivered.
+    StarttlsInjected,
 }
+
+/// The relay's go-ahead to STARTTLS.
+const GO_AHEAD: &[u8] = b"220 2.0.0 go ahead\r\n";
+
+/// What [`Mode::StarttlsInjected`] writes right behind [`GO_AHEAD`], in the same write: a reply
+/// a client that keeps it past the TLS upgrade reads as the answer to its EHLO inside TLS.
+const INJECTED: &[u8] = b"250 injected\r\n";
 
 /// What the relay saw: TLS handshakes that succeeded, and the commands it was sent (plain text
 /// and inside TLS alike).
@@ -67,15 +82,21 @@ async fn tls_relay(
             let seen = Arc::clone(&store);
             tokio::spawn(async move {
                 let mut plain = BufReader::new(tcp);
-                if mode == Mode::Starttls {
+                if mode != Mode::Implicit {
                     let _ = plain.get_mut().write_all(b"220 tls-relay ESMTP\r\n").await;
+                    let go_ahead = if mode == Mode::StarttlsInjected {
+                        [GO_AHEAD, INJECTED].concat()
+                    } else {
+                        GO_AHEAD.to_vec()
+                    };
                     loop {
                         let Some(line) = read_line(&mut plain, &seen).await else {
                             return;
                         };
                         let reply: &[u8] = match line.to_ascii_uppercase().as_str() {
                             l if l.starts_with("EHLO") => b"250-tls-relay\r\n250 STARTTLS\r\n",
-                            "STARTTLS" => b"220 2.0.0 go ahead\r\n",
+                            // One write: the go-ahead and what follows it share a segment.
+                            "STARTTLS" => &go_ahead,
                             "QUIT" => return,
                             _ => b"530 5.7.0 STARTTLS first\r\n",
                         };
@@ -93,7 +114,13 @@ async fn tls_relay(
                 if let Ok(mut seen) = seen.lock() {
                     seen.handshakes += 1;
                 }
-                session(BufReader::new(tls), mode == Mode::Implicit, &seen).await;
+                session(
+                    BufReader::new(tls),
+                    mode == Mode::Implicit,
+                    mode == Mode::StarttlsInjected,
+                    &seen,
+                )
+                .await;
             });
         }
     });
@@ -119,10 +146,11 @@ async fn read_line<S: AsyncRead + Unpin>(
 }
 
 /// The SMTP session inside TLS: a greeting first for implicit TLS, then EHLO, MAIL, RCPT,
-/// DATA, QUIT.
+/// DATA, QUIT; a message is queued, or refused at the end of its data when `refuse`.
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: BufReader<S>,
     greet: bool,
+    refuse: bool,
     seen: &Mutex<Seen>,
 ) {
     if greet
@@ -151,10 +179,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     _ => return,
                 }
             }
-            if let Ok(mut seen) = seen.lock() {
-                seen.mails += 1;
+            if refuse {
+                b"554 5.7.1 refused\r\n"
+            } else {
+                if let Ok(mut seen) = seen.lock() {
+                    seen.mails += 1;
+                }
+                b"250 2.0.0 queued\r\n"
             }
-            b"250 2.0.0 queued\r\n"
         } else if upper == "QUIT" {
             let _ = s.get_mut().write_all(b"221 2.0.0 bye\r\n").await;
             return;
@@ -311,4 +343,41 @@ fn starttls_and_implicit_tls_verify_the_relays_certificate_and_name() {
         text(&out)
     );
     assert!(plain.received().is_empty(), "{:?}", plain.received());
+}
+
+/// An attacker on the path appends a reply to the relay's go-ahead to STARTTLS, in the same
+/// TCP segment. A client that keeps that plain text past the upgrade reads it as the first
+/// reply from inside TLS, and every later reply one command late — it takes the relay's `354`
+/// to DATA for the verdict on the message, and reports a message the relay refused as sent.
+/// The engine must close the connection before TLS instead, and say why.
+#[test]
+fn plain_text_after_the_starttls_go_ahead_ends_the_exchange_before_tls() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = runtime.enter();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("jobhook smtp test CA");
+    let server = ca.server_cert(1);
+    let trusted = dir.path().join("trusted.pem");
+    std::fs::write(&trusted, &ca.cert_pem).expect("write");
+
+    let (addr, seen) = runtime.block_on(tls_relay(
+        "127.0.0.1",
+        Mode::StarttlsInjected,
+        &server.cert_der,
+        &server.key_pem,
+    ));
+    let out = run_mail(&addr.to_string(), "starttls", &trusted);
+    let case = format!(
+        "{}\nthe relay saw {:?}",
+        text(&out),
+        seen.lock().expect("seen")
+    );
+    assert_ne!(out.status.code(), Some(0), "injected: {case}");
+    assert!(
+        text(&out).contains("plain text after its go-ahead to STARTTLS"),
+        "injected: {case}"
+    );
+    // Closed before TLS: no handshake, so nothing inside TLS either.
+    assert_eq!(seen.lock().expect("seen").handshakes, 0, "injected: {case}");
+    assert_no_transaction(&seen, "injected");
 }

@@ -32,7 +32,9 @@
 //! with the operator's credentials; the handler never sees them. Every byte read from the relay
 //! counts against [`MAX_RELAY_READ_BYTES`] per message ([`relay`]): a relay, or anyone on the
 //! path before STARTTLS, that sends a reply without end is cut off there, and the handler is
-//! told so, instead of the engine buffering whatever arrives until the timeout.
+//! told so, instead of the engine buffering whatever arrives until the timeout. Plain text that
+//! follows the relay's go-ahead to STARTTLS (what anyone on the path can append to inject
+//! replies) closes the connection before TLS; it is never read as a reply from inside TLS.
 
 mod relay;
 
@@ -753,7 +755,17 @@ impl MailTransport {
                                 "the mail relay sent more than {MAX_RELAY_READ_BYTES} bytes of replies; the engine stopped reading, and the message may not have been sent"
                             ));
                         }
-                        RelayError::Connect(e) => {
+                        RelayError::PlaintextAfterStarttls => {
+                            tracing::warn!(
+                                relay = %relay,
+                                error = %e,
+                                "STARTTLS to the mail relay refused: plain text followed its go-ahead, which would have been read as replies from inside TLS (STARTTLS command injection); the message was not sent"
+                            );
+                            return CapabilityError::Failed(
+                                "the mail relay's STARTTLS was tampered with (plain text after its go-ahead); the engine closed the connection before TLS, and the message was not sent".into(),
+                            );
+                        }
+                        RelayError::Connect(_) | RelayError::Socket(_) | RelayError::NoStarttls => {
                             tracing::warn!(relay = %relay, error = %e, "the mail relay did not take the message");
                             return CapabilityError::Failed(
                                 "the mail relay could not be reached or did not take the message".into(),

@@ -1,11 +1,13 @@
 //! The exchange with the operator's SMTP relay, one connection per message, with every byte the
-//! engine reads from the relay bounded by [`MAX_RELAY_READ_BYTES`].
+//! engine reads from the relay bounded by [`MAX_RELAY_READ_BYTES`], and nothing read in plain
+//! text before STARTTLS ever taken for a reply from inside TLS.
 //!
-//! Why: lettre reads each reply line into a `String` until its line feed arrives and checks the
-//! line's length only then. A relay — or, before STARTTLS, anyone on the network path — that
-//! sends `220 ` and then bytes without a line end would have all of them buffered, as fast as
-//! the link delivers (hundreds of MB a second on a LAN), until `[mail.smtp] timeout_ms` ends the
-//! exchange: a way to run the engine out of memory, once per concurrent mail call.
+//! Why a budget: lettre reads each reply line into a `String` until its line feed arrives and
+//! checks the line's length only then. A relay — or, before STARTTLS, anyone on the network path
+//! — that sends `220 ` and then bytes without a line end would have all of them buffered, as
+//! fast as the link delivers (hundreds of MB a second on a LAN), until `[mail.smtp]
+//! timeout_ms` ends the exchange: a way to run the engine out of memory, once per concurrent
+//! mail call.
 //!
 //! How: lettre builds its connection on a stream the engine hands it
 //! ([`AsyncSmtpConnection::connect_with_transport`]). That stream is the TCP socket inside a
@@ -17,13 +19,27 @@
 //! lettre's transport did besides — the greeting and EHLO, STARTTLS when required, AUTH with
 //! its default mechanisms, the transaction, QUIT — is done here in the same order with
 //! lettre's own connection methods.
+//!
+//! Why STARTTLS is not lettre's `starttls`: lettre reads replies through a buffered reader that
+//! reads ahead, and upgrades the stream *under* that reader, keeping what it holds. Plain text
+//! that follows the relay's go-ahead (`220`) in the same segment — which anyone on the path can
+//! append — was then read as the first reply from inside TLS, and every later reply one command
+//! late: the engine took the relay's `354` to DATA for its verdict on the message and reported
+//! a refused message as sent (STARTTLS command injection, CVE-2011-0411's class). So the plain
+//! part ([`Relay::plaintext_phase`]) runs on a lettre connection of its own over a [`Lent`]
+//! socket that hands lettre one byte per read — nothing is read ahead of the go-ahead's line
+//! feed — and is then dropped, buffer and all. A byte already waiting on the socket after the
+//! go-ahead is a protocol violation: the connection is closed before TLS
+//! ([`RelayError::PlaintextAfterStarttls`]). What arrives later goes to rustls as TLS records,
+//! which authenticate every byte. The TLS connection is then a new lettre connection on the
+//! upgraded socket ([`Encrypted`]), which sends EHLO first as lettre's `starttls` did.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use lettre::address::Envelope;
@@ -32,7 +48,8 @@ use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::Starttls;
+use lettre::transport::smtp::extension::{ClientId, Extension};
 use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -48,6 +65,18 @@ use tokio::net::TcpStream;
 /// about 110 KiB at the very worst; 256 KiB leaves room for a chatty relay and still keeps
 /// what a hostile one can make the engine hold to a quarter of a MiB per concurrent mail.
 pub const MAX_RELAY_READ_BYTES: usize = 256 * 1024;
+
+/// Most bytes lettre is handed per read while it reads the plain-text replies before STARTTLS:
+/// one, so its buffered reader never holds a byte past the line it is reading, and when the
+/// go-ahead's line feed has been read every later byte is still on the socket, where the
+/// engine can see it. A real relay's plain-text replies come to a few hundred bytes.
+const PLAINTEXT_READ_BYTES: usize = 1;
+
+/// What lettre reads as the greeting of the connection it builds on the TLS stream after
+/// STARTTLS. After STARTTLS the relay sends no greeting — the client speaks first, with EHLO
+/// (RFC 3207 §4.2) — but lettre's connect reads one before its EHLO; this line is made up here,
+/// never read from the relay, and stands for the greeting the plain-text part already read.
+const TLS_GREETING: &[u8] = b"220 TLS started after STARTTLS\r\n";
 
 /// How the connection to the relay is secured.
 pub(super) enum RelayTls {
@@ -86,6 +115,20 @@ pub(super) enum RelayError {
     /// The TCP connection could not be made.
     #[error("cannot connect to the relay: {0}")]
     Connect(#[source] io::Error),
+    /// The connection to the relay failed outside lettre's exchange.
+    #[error("the connection to the relay failed: {0}")]
+    Socket(#[source] io::Error),
+    /// `tls = "starttls"`, and the relay's EHLO reply does not offer STARTTLS: no fallback to
+    /// plain text.
+    #[error("STARTTLS is not supported by the relay (no STARTTLS in its EHLO reply)")]
+    NoStarttls,
+    /// Bytes were waiting in plain text right after the relay's go-ahead to STARTTLS, before
+    /// any TLS: what an attacker on the path appends to inject replies the engine would read as
+    /// coming from inside TLS. The connection was closed before TLS.
+    #[error(
+        "the relay sent plain text after its go-ahead to STARTTLS, before TLS began (an injection on the network path?); the connection was closed"
+    )]
+    PlaintextAfterStarttls,
     /// The SMTP exchange (TLS included) failed, or the relay refused.
     #[error(transparent)]
     Smtp(#[from] SmtpError),
@@ -110,7 +153,7 @@ impl Relay {
         if over.load(Ordering::Relaxed) {
             return Err(RelayError::TooMuch);
         }
-        Ok(result?)
+        result
     }
 
     /// The SMTP exchange on `socket`, as lettre's transport does it.
@@ -119,7 +162,7 @@ impl Relay {
         socket: ReadBudget,
         envelope: &Envelope,
         message: &[u8],
-    ) -> Result<Response, SmtpError> {
+    ) -> Result<Response, RelayError> {
         // lettre's default, as its transport used: `[127.0.0.1]` without the `hostname` feature.
         let hello = ClientId::default();
         let mut conn = match &self.tls {
@@ -127,11 +170,18 @@ impl Relay {
                 AsyncSmtpConnection::connect_with_transport(Box::new(socket), &hello).await?
             }
             RelayTls::Starttls(parameters) => {
-                let mut conn =
-                    AsyncSmtpConnection::connect_with_transport(Box::new(socket), &hello).await?;
                 // Fails when the relay does not offer STARTTLS: no fallback to plain text.
-                conn.starttls(parameters.clone(), &hello).await?;
-                conn
+                let socket = Self::plaintext_phase(socket, &hello).await?;
+                // lettre's TLS upgrade, as its `starttls` ran it, on a socket nothing has been
+                // read ahead of; lettre then sends EHLO inside TLS, as its `starttls` did.
+                #[allow(deprecated)]
+                let mut tls = AsyncNetworkStream::use_existing_tokio1(Box::new(socket));
+                tls.upgrade_tls(parameters.clone()).await?;
+                AsyncSmtpConnection::connect_with_transport(
+                    Box::new(Encrypted::new(tls, TLS_GREETING)),
+                    &hello,
+                )
+                .await?
             }
             RelayTls::Implicit(parameters) => {
                 // lettre's own TLS upgrade, the one its transport ran, on the budgeted socket.
@@ -140,8 +190,12 @@ impl Relay {
                 #[allow(deprecated)]
                 let mut tls = AsyncNetworkStream::use_existing_tokio1(Box::new(socket));
                 tls.upgrade_tls(parameters.clone()).await?;
-                AsyncSmtpConnection::connect_with_transport(Box::new(Encrypted(tls)), &hello)
-                    .await?
+                // The relay's own greeting comes inside TLS.
+                AsyncSmtpConnection::connect_with_transport(
+                    Box::new(Encrypted::new(tls, b"")),
+                    &hello,
+                )
+                .await?
             }
         };
         if let Some(credentials) = &self.credentials {
@@ -151,6 +205,41 @@ impl Relay {
         // QUIT and close, as lettre's transport does without a pool; its answer does not matter.
         conn.abort().await;
         Ok(response)
+    }
+
+    /// The plain-text part of STARTTLS (RFC 3207): the greeting, EHLO, `STARTTLS` and the
+    /// relay's go-ahead, read by lettre on a connection of its own over `socket` [`Lent`] one
+    /// byte per read. Returns `socket` with nothing read past the go-ahead's line feed, once no
+    /// byte is waiting behind it ([`ReadBudget::nothing_waiting`]). The plain-text connection is
+    /// dropped here; nothing it read reaches the TLS connection.
+    async fn plaintext_phase(
+        socket: ReadBudget,
+        hello: &ClientId,
+    ) -> Result<ReadBudget, RelayError> {
+        let slot = Arc::new(Mutex::new(Some(socket)));
+        let lent = Lent(Arc::clone(&slot));
+        let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(lent), hello).await?;
+        if !conn.server_info().supports_feature(Extension::StartTls) {
+            conn.abort().await;
+            return Err(RelayError::NoStarttls);
+        }
+        if let Err(e) = conn.command(Starttls).await {
+            // As lettre's `starttls`: QUIT and close on a refusal.
+            conn.abort().await;
+            return Err(e.into());
+        }
+        drop(conn);
+        let mut socket = slot
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+            .ok_or_else(|| {
+                RelayError::Socket(io::Error::other(
+                    "the socket lent for STARTTLS was not handed back",
+                ))
+            })?;
+        socket.nothing_waiting()?;
+        Ok(socket)
     }
 }
 
@@ -175,6 +264,31 @@ impl ReadBudget {
             inner,
             left: limit,
             over,
+        }
+    }
+
+    /// Checks, without waiting, that no byte from the relay is waiting on the socket: after the
+    /// go-ahead to STARTTLS, one is plain text sent before TLS, refused as
+    /// [`RelayError::PlaintextAfterStarttls`] (the byte counts against the budget).
+    ///
+    /// The socket is asked (one non-blocking read) only while tokio holds it readable: tokio
+    /// forgets readiness after a read that would block or that filled less than its buffer,
+    /// and the go-ahead's line feed came from a one-byte read ([`PLAINTEXT_READ_BYTES`]) that
+    /// filled its buffer, so the kernel is asked. A byte that arrives only after this check
+    /// goes to rustls as a TLS record, which fails the handshake; it is never a reply. A closed
+    /// or failed socket is left to the TLS handshake to report.
+    fn nothing_waiting(&mut self) -> Result<(), RelayError> {
+        if self.left == 0 {
+            self.over.store(true, Ordering::Relaxed);
+            return Err(RelayError::TooMuch);
+        }
+        let mut byte = [0u8; 1];
+        match self.inner.try_read(&mut byte) {
+            Ok(0) | Err(_) => Ok(()),
+            Ok(n) => {
+                self.left = self.left.saturating_sub(n);
+                Err(RelayError::PlaintextAfterStarttls)
+            }
         }
     }
 }
@@ -227,12 +341,93 @@ impl AsyncTokioStream for ReadBudget {
     }
 }
 
-/// lettre's TLS stream over the budgeted socket (implicit TLS), handed back to lettre as the
-/// connection's stream: lettre's stream speaks the `futures` I/O traits, a connection is built
-/// on the `tokio` ones.
+/// The budgeted socket lent to lettre for the plain text before STARTTLS, shared with
+/// [`Relay::plaintext_phase`], which takes it back afterwards. Each read hands lettre at most
+/// [`PLAINTEXT_READ_BYTES`], so lettre's reader holds nothing past the line it is reading.
+#[derive(Debug)]
+struct Lent(Arc<Mutex<Option<ReadBudget>>>);
+
+impl Lent {
+    /// Runs `f` on the socket, or fails when it has been taken back (or a panic poisoned it).
+    fn with<T>(&self, f: impl FnOnce(&mut ReadBudget) -> io::Result<T>) -> io::Result<T> {
+        let mut slot = self
+            .0
+            .lock()
+            .map_err(|_| io::Error::other("the lent socket's lock is poisoned"))?;
+        match slot.as_mut() {
+            Some(socket) => f(socket),
+            None => Err(io::Error::other("the lent socket has been taken back")),
+        }
+    }
+
+    /// [`Lent::with`] for a poll: `f`'s pending stays pending.
+    fn poll_with<T>(
+        &self,
+        f: impl FnOnce(Pin<&mut ReadBudget>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match self.with(|socket| Ok(f(Pin::new(socket)))) {
+            Ok(poll) => poll,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncRead for Lent {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let room = buf.remaining().min(PLAINTEXT_READ_BYTES);
+        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(room));
+        ready!(self.poll_with(|socket| socket.poll_read(cx, &mut limited)))?;
+        let n = limited.filled().len();
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Lent {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_with(|socket| socket.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_with(|socket| socket.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_with(|socket| socket.poll_shutdown(cx))
+    }
+}
+
+impl AsyncTokioStream for Lent {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.with(|socket| socket.peer_addr())
+    }
+}
+
+/// lettre's TLS stream over the budgeted socket, handed back to lettre as the connection's
+/// stream: lettre's stream speaks the `futures` I/O traits, a connection is built on the
+/// `tokio` ones. Reads deliver `greeting` first (after STARTTLS, [`TLS_GREETING`]; nothing
+/// for implicit TLS, where the relay greets inside TLS), then what TLS delivers.
 #[allow(deprecated)]
 #[derive(Debug)]
-struct Encrypted(AsyncNetworkStream);
+struct Encrypted {
+    tls: AsyncNetworkStream,
+    greeting: &'static [u8],
+}
+
+impl Encrypted {
+    #[allow(deprecated)]
+    fn new(tls: AsyncNetworkStream, greeting: &'static [u8]) -> Self {
+        Encrypted { tls, greeting }
+    }
+}
 
 impl AsyncRead for Encrypted {
     fn poll_read(
@@ -240,10 +435,18 @@ impl AsyncRead for Encrypted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.greeting.is_empty() {
+            let n = self.greeting.len().min(buf.remaining());
+            if let Some((now, later)) = self.greeting.split_at_checked(n) {
+                buf.put_slice(now);
+                self.greeting = later;
+                return Poll::Ready(Ok(()));
+            }
+        }
         let unfilled = buf.initialize_unfilled();
         let room = unfilled.len();
         let n = ready!(futures_util::io::AsyncRead::poll_read(
-            Pin::new(&mut self.0),
+            Pin::new(&mut self.tls),
             cx,
             unfilled
         ))?;
@@ -263,29 +466,114 @@ impl AsyncWrite for Encrypted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        futures_util::io::AsyncWrite::poll_write(Pin::new(&mut self.0), cx, buf)
+        futures_util::io::AsyncWrite::poll_write(Pin::new(&mut self.tls), cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        futures_util::io::AsyncWrite::poll_flush(Pin::new(&mut self.0), cx)
+        futures_util::io::AsyncWrite::poll_flush(Pin::new(&mut self.tls), cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        futures_util::io::AsyncWrite::poll_close(Pin::new(&mut self.0), cx)
+        futures_util::io::AsyncWrite::poll_close(Pin::new(&mut self.tls), cx)
     }
 }
 
 impl AsyncTokioStream for Encrypted {
     fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.0.peer_addr()
+        self.tls.peer_addr()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use std::time::Duration;
+
+    use lettre::transport::smtp::client::CertificateStore;
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
     use super::*;
+
+    /// What the scripted relay of [`starttls_relay`] got after its go-ahead to STARTTLS.
+    #[derive(Debug, PartialEq, Eq)]
+    enum AfterGoAhead {
+        /// The first byte of a TLS record (0x16: a handshake, the ClientHello).
+        Tls(u8),
+        /// The client closed the connection without sending anything.
+        Closed,
+    }
+
+    /// A plain-text relay for one connection: greeting, EHLO offering STARTTLS, and then
+    /// `go_ahead` in one write; returns its address and what the client sent next.
+    async fn starttls_relay(
+        go_ahead: &'static [u8],
+    ) -> (SocketAddr, tokio::task::JoinHandle<AfterGoAhead>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let relay = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            s.get_mut().write_all(b"220 relay ESMTP\r\n").await.unwrap();
+            let mut line = String::new();
+            s.read_line(&mut line).await.unwrap();
+            assert!(line.starts_with("EHLO"), "{line}");
+            s.get_mut()
+                .write_all(b"250-relay\r\n250 STARTTLS\r\n")
+                .await
+                .unwrap();
+            line.clear();
+            s.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "STARTTLS\r\n");
+            s.get_mut().write_all(go_ahead).await.unwrap();
+            let mut first = [0u8; 1];
+            match s.read(&mut first).await {
+                Ok(1) => AfterGoAhead::Tls(first[0]),
+                _ => AfterGoAhead::Closed,
+            }
+        });
+        (addr, relay)
+    }
+
+    /// The engine's STARTTLS exchange with the relay at `addr` (TLS trusting no root: the
+    /// handshake, if any, fails).
+    async fn send_starttls(addr: SocketAddr) -> Result<Response, RelayError> {
+        let parameters = TlsParameters::builder("localhost".into())
+            .certificate_store(CertificateStore::None)
+            .build_rustls()
+            .unwrap();
+        let relay = Relay {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: RelayTls::Starttls(parameters),
+            credentials: None,
+        };
+        let address: lettre::Address = "a@example.com".parse().unwrap();
+        let envelope = Envelope::new(Some(address.clone()), vec![address]).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), relay.send(&envelope, b"x\r\n"))
+            .await
+            .unwrap()
+    }
+
+    /// Plain text in the segment of the go-ahead to STARTTLS (an injected reply) closes the
+    /// connection before TLS: no ClientHello is sent, and the error says why. Without it, the
+    /// same exchange goes on to the TLS handshake.
+    #[tokio::test]
+    async fn plain_text_after_the_starttls_go_ahead_is_refused_before_tls() {
+        let (addr, relay) = starttls_relay(b"220 2.0.0 go ahead\r\n250 injected\r\n").await;
+        let result = send_starttls(addr).await;
+        assert!(
+            matches!(result, Err(RelayError::PlaintextAfterStarttls)),
+            "{result:?}"
+        );
+        assert_eq!(relay.await.unwrap(), AfterGoAhead::Closed);
+
+        let (addr, relay) = starttls_relay(b"220 2.0.0 go ahead\r\n").await;
+        let result = send_starttls(addr).await;
+        assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16));
+        assert!(
+            matches!(result, Err(RelayError::Smtp(_))),
+            "the handshake fails (the relay speaks no TLS): {result:?}"
+        );
+    }
 
     /// The budget delivers exactly its limit, then refuses without reading and raises its flag.
     #[tokio::test]
