@@ -548,6 +548,20 @@ impl KeyfactorClient {
         let redactor = self.redactor();
         let mut headers =
             outbound::response_headers(&received_headers, forwarded_response_header, &redactor);
+        // The handler never sees the API's host: an absolute `Location` becomes the path below
+        // the base, as the handler names paths; one elsewhere is dropped.
+        headers.retain_mut(|(name, value)| {
+            if !name.eq_ignore_ascii_case("location") {
+                return true;
+            }
+            match location_for_guest(value, self.base_url()) {
+                Some(shown) => {
+                    *value = shown;
+                    true
+                }
+                None => false,
+            }
+        });
         let body = match body {
             Ok(body) => redactor.redact(body),
             Err(BodyError::TooLarge) => {
@@ -658,6 +672,31 @@ pub fn forwarded_response_header(name: &str) -> bool {
     FORWARDED.contains(&name.as_str()) || name.starts_with("x-keyfactor-")
 }
 
+/// What a handler is shown of a response's `Location`: a relative reference as it is (it names
+/// no host); an absolute one below the API base as the path below it (`/Certificates/5`, as the
+/// handler names paths); an absolute one anywhere else — another host, another scheme, above
+/// the base — not at all, since it would tell the handler a host name it is never given.
+fn location_for_guest(value: &str, base: &url::Url) -> Option<String> {
+    let absolute = match url::Url::parse(value) {
+        Ok(url) => url,
+        // No scheme: relative. A scheme-relative `//host/...` names a host all the same.
+        Err(url::ParseError::RelativeUrlWithoutBase) if !value.starts_with("//") => {
+            return Some(value.to_owned());
+        }
+        Err(_) => return None,
+    };
+    if absolute.origin() != base.origin() {
+        return None;
+    }
+    let below = absolute.path().strip_prefix(base.path())?;
+    let mut shown = format!("/{below}");
+    if let Some(query) = absolute.query() {
+        shown.push('?');
+        shown.push_str(query);
+    }
+    Some(shown)
+}
+
 /// Largest `[keyfactor] ca_bundle` read: an internal CA's chain is a few KiB, a system's whole
 /// bundle a few hundred.
 const MAX_CA_BUNDLE_BYTES: u64 = 1024 * 1024;
@@ -699,6 +738,33 @@ mod tests {
 
     /// A device or a pipe reports no size: the limit holds by reading, not by asking.
     #[cfg(unix)]
+    #[test]
+    fn a_location_never_names_the_apis_host() {
+        let base = url::Url::parse("https://kf.example.com/KeyfactorAPI/").unwrap();
+        for (sent, shown) in [
+            (
+                "https://kf.example.com/KeyfactorAPI/Certificates/5",
+                Some("/Certificates/5"),
+            ),
+            (
+                "https://KF.example.com:443/KeyfactorAPI/Certificates?id=5",
+                Some("/Certificates?id=5"),
+            ),
+            (
+                "/KeyfactorAPI/Certificates/5",
+                Some("/KeyfactorAPI/Certificates/5"),
+            ),
+            ("Certificates/5", Some("Certificates/5")),
+            ("https://kf.example.com/Other/5", None),
+            ("http://kf.example.com/KeyfactorAPI/Certificates/5", None),
+            ("https://evil.example/KeyfactorAPI/Certificates/5", None),
+            ("//kf.example.com/KeyfactorAPI/Certificates/5", None),
+            ("https://kf.example.com:8443/KeyfactorAPI/x", None),
+        ] {
+            assert_eq!(location_for_guest(sent, &base).as_deref(), shown, "{sent}");
+        }
+    }
+
     #[test]
     fn a_ca_bundle_that_never_ends_is_refused_at_its_limit() {
         let e = load_ca_bundle(std::path::Path::new("/dev/zero")).unwrap_err();
