@@ -157,12 +157,12 @@ mod documented_defaults {
             ),
             (
                 "`limits::DEFAULT_MAX_INSTANCES`",
-                "| 32 / 4 / 16 |",
+                "| 16 / 2 / 4 |",
                 (
                     limits::DEFAULT_MAX_INSTANCES,
                     limits::DEFAULT_MAX_MEMORIES,
                     limits::DEFAULT_MAX_TABLES,
-                ) == (32, 4, 16),
+                ) == (16, 2, 4),
             ),
             (
                 "`engine::MAX_WASM_STACK`",
@@ -237,8 +237,8 @@ mod documented_defaults {
             ),
             (
                 "`engine::DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT`",
-                "| 32 / 4 / 16 (1 to 1,024 / 16 / 256) |",
-                engine::DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT == 32
+                "| 16 / 2 / 4 (1 to 1,024 / 16 / 256; never above",
+                engine::DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT == 16
                     && (
                         engine::MAX_CORE_INSTANCES_SETTING,
                         engine::MAX_MEMORIES_SETTING,

@@ -23,12 +23,16 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_TABLE_ELEMENTS: u64 = 20_000;
 
 /// Core instances, memories and tables one component may create. A `wasm32-wasip2` Rust component
-/// has about 3–6 core instances, 1 memory and 1–3 tables; these caps stop instance-count bombs.
-pub const DEFAULT_MAX_INSTANCES: usize = 32;
+/// has about 3–6 core instances, 1 memory and 1–3 tables, Python 14 core instances, QuickJS 2
+/// memories (docs/LANGUAGES.md); these caps stop instance-count bombs. They are the sandbox
+/// pool's reservation per delivery (`engine::DEFAULT_*_PER_DELIVERY`), which the pool's
+/// per-component caps default to as well: no handler's delivery can take more of the pool than
+/// its share.
+pub const DEFAULT_MAX_INSTANCES: usize = 16;
 /// See [`DEFAULT_MAX_INSTANCES`].
-pub const DEFAULT_MAX_MEMORIES: usize = 4;
+pub const DEFAULT_MAX_MEMORIES: usize = 2;
 /// See [`DEFAULT_MAX_INSTANCES`].
-pub const DEFAULT_MAX_TABLES: usize = 16;
+pub const DEFAULT_MAX_TABLES: usize = 4;
 
 /// Bytes wasmtime may copy from the guest into the host in one lift (import arguments, the
 /// export's result). The context and a log line are small; 4 MiB covers a large mail or request

@@ -202,9 +202,9 @@ async fn a_memory_count_bomb_beyond_the_pool_is_refused_at_load() {
 #[tokio::test]
 async fn a_memory_count_bomb_within_the_pool_hits_the_handler_limit_at_instantiation() {
     let component =
-        corpus::with_extra_instances(&CoreModule::default().component(), "(memory 1)", 2);
+        corpus::with_extra_instances(&CoreModule::default().component(), "(memory 1)", 1);
     let mut s = spec("memory-count-bomb", &[]);
-    s.limits.memories = 2;
+    s.limits.memories = 1;
     let outcome = run_hostile(component, s).await;
     let detail = expect_limit(&outcome, LimitKind::Instances);
     assert!(detail.contains("memory count"), "{detail}");
@@ -214,12 +214,12 @@ async fn a_memory_count_bomb_within_the_pool_hits_the_handler_limit_at_instantia
 async fn a_table_count_bomb_beyond_the_pool_is_refused_at_load() {
     // The template defines no table of its own: every table is one of the bomb's.
     let component =
-        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 17);
+        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 5);
     let error = refuse(component, spec("table-count-bomb", &[])).await;
     match &error {
         LoadError::Invalid(message) => {
-            assert!(message.contains("contains 17 tables"), "{message}");
-            assert!(message.contains("maximum of 16"), "{message}");
+            assert!(message.contains("contains 5 tables"), "{message}");
+            assert!(message.contains("maximum of 4"), "{message}");
         }
         other => panic!("expected Invalid, got {other:?}"),
     }
@@ -227,11 +227,11 @@ async fn a_table_count_bomb_beyond_the_pool_is_refused_at_load() {
 
 #[tokio::test]
 async fn as_many_tables_as_the_pool_allows_load_and_run() {
-    // The other side of the pool's cap: 16 tables load, and run within the default handler
-    // limit of 16 tables.
+    // The other side of the pool's cap: 4 tables (what a delivery reserves) load, and run
+    // within the default handler limit of 4 tables.
     let component =
-        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 16);
-    let outcome = run_hostile(component, spec("sixteen-tables", &[])).await;
+        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 4);
+    let outcome = run_hostile(component, spec("four-tables", &[])).await;
     assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:#?}");
 }
 

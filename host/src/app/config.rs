@@ -1350,25 +1350,49 @@ identity = "writer"
     /// key, and accepted at the bound.
     #[test]
     fn documented_bounds_of_engine_server_and_limits() {
-        for (key, max) in [
-            ("max_core_instances_per_component", 1024),
-            ("core_instances_per_delivery", 1024),
-            ("max_memories_per_component", 16),
-            ("memories_per_delivery", 16),
-            ("max_tables_per_component", 256),
-            ("tables_per_delivery", 256),
+        // Each cap with the reservation it may not exceed, and the reservation alone.
+        for (key, reserved, max) in [
+            (
+                "max_core_instances_per_component",
+                "core_instances_per_delivery",
+                1024,
+            ),
+            ("core_instances_per_delivery", "", 1024),
+            ("max_memories_per_component", "memories_per_delivery", 16),
+            ("memories_per_delivery", "", 16),
+            ("max_tables_per_component", "tables_per_delivery", 256),
+            ("tables_per_delivery", "", 256),
         ] {
+            let with = |value: u32| {
+                let reservation = if reserved.is_empty() {
+                    String::new()
+                } else {
+                    format!("{reserved} = {value}\n")
+                };
+                format!("[engine]\n{key} = {value}\n{reservation}\n{MINIMAL}")
+            };
             for bad in [0, max + 1] {
-                let e = error(&format!("[engine]\n{key} = {bad}\n\n{MINIMAL}"));
+                let e = error(&with(bad));
                 assert!(e.message.contains(key), "{e}");
                 assert!(e.message.contains(&format!("between 1 and {max}")), "{e}");
             }
             let f = Fixture::new();
-            assert!(
-                f.parse(&format!("[engine]\n{key} = {max}\n\n{MINIMAL}"))
-                    .is_ok(),
-                "{key} = {max}"
-            );
+            assert!(f.parse(&with(max)).is_ok(), "{key} = {max}");
+            // A cap above its reservation is refused, naming both.
+            if !reserved.is_empty() {
+                let e = error(&format!(
+                    "[engine]\n{key} = {max}\n{reserved} = 1\n\n{MINIMAL}"
+                ));
+                assert!(
+                    e.message
+                        .contains(&format!("{key} ({max}) is above {reserved} (1)")),
+                    "{e}"
+                );
+                assert!(
+                    e.message.contains("one handler could hold every slot"),
+                    "{e}"
+                );
+            }
         }
         let e = error(&format!("[server]\nmax_body_bytes = 1023\n\n{MINIMAL}"));
         assert!(

@@ -38,9 +38,11 @@ pub const ASYNC_STACK: usize = 2 * 1024 * 1024;
 pub(crate) const MAX_COMPONENT_INSTANCE_SIZE: usize = 4 * 1024 * 1024;
 
 /// Default most core instances in one component: a Rust component has 3–6, C 5, QuickJS 9,
-/// CPython (componentize-py) 14 (docs/LANGUAGES.md); the cap stops a hostile one from claiming a
-/// large share of the pool.
-pub const DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+/// CPython (componentize-py) 14 (docs/LANGUAGES.md). No more than a delivery reserves
+/// ([`DEFAULT_CORE_INSTANCES_PER_DELIVERY`]; [`PoolSettings::validate`] keeps that so): a
+/// component allowed more than its delivery's share of the pool would let one handler's
+/// deliveries hold the pool's instances and every other handler find no sandbox free.
+pub const DEFAULT_MAX_CORE_INSTANCES_PER_COMPONENT: u32 = DEFAULT_CORE_INSTANCES_PER_DELIVERY;
 
 /// Default core instances the pool reserves per concurrent delivery: enough for a Python handler
 /// (14) in every slot at once, so `max_concurrent_deliveries` Python deliveries run together. The
@@ -102,7 +104,10 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
-    /// Checks every value is between 1 and its `MAX_*_SETTING`; the message names the setting.
+    /// Checks every value is between 1 and its `MAX_*_SETTING`, and that no component may use
+    /// more of the pool than a delivery reserves (a delivery of such a component would take the
+    /// reservation of others: one handler's deliveries could hold the whole pool, and every
+    /// other handler's fail with "no sandbox slot is free"); the message names the settings.
     pub fn validate(&self) -> Result<(), String> {
         let checks = [
             (
@@ -140,6 +145,35 @@ impl PoolSettings {
             if !(1..=max).contains(&value) {
                 return Err(format!(
                     "{name} must be between 1 and {max} (it is {value})"
+                ));
+            }
+        }
+        let pairs = [
+            (
+                "max_core_instances_per_component",
+                self.max_core_instances_per_component,
+                "core_instances_per_delivery",
+                self.core_instances_per_delivery,
+            ),
+            (
+                "max_memories_per_component",
+                self.max_memories_per_component,
+                "memories_per_delivery",
+                self.memories_per_delivery,
+            ),
+            (
+                "max_tables_per_component",
+                self.max_tables_per_component,
+                "tables_per_delivery",
+                self.tables_per_delivery,
+            ),
+        ];
+        for (cap, most, reserved, each) in pairs {
+            if most > each {
+                return Err(format!(
+                    "{cap} ({most}) is above {reserved} ({each}): a delivery of such a component \
+                     would take more of the sandbox pool than a delivery reserves, and one \
+                     handler could hold every slot; raise {reserved} to at least {most} as well"
                 ));
             }
         }
