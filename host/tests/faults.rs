@@ -565,6 +565,98 @@ fn failed_inventory_job() -> Value {
     context
 }
 
+/// A handler mailing into the outbox cannot take the disk the queue needs: once the outbox's
+/// disk (here the data directory's, as by default) has less than the engine's reserve free,
+/// mail is refused — the handler fails, saying why, and the operator is warned — while events
+/// are still accepted and delivered; when space returns, mail is written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_outbox_filling_its_disk_is_refused_before_the_queue_runs_out() {
+    use jobhook::capabilities::mail::OUTBOX_FREE_RESERVE_BYTES;
+    const EVENTS: usize = 60;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).expect("mount point");
+    // The reserve and room for the store.
+    let size = format!("{}m", OUTBOX_FREE_RESERVE_BYTES / (1024 * 1024) + 32);
+    let Some(_tmpfs) = Tmpfs::mount_or_skip(&disk, &size) else {
+        return;
+    };
+    let data = disk.join("data");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{data}\"\n\n\
+             [quarantine]\nafter_failures = 1000\n\n[mail]\nfrom = \"jobhook@example.com\"\n\n\
+             [[handlers]]\nname = \"mail\"\ncomponent = \"{mail}\"\njob_types = [\"*\"]\n\
+             properties = {{ RetryThreshold = \"0\", EmailRecipients = \"pki-team@example.com\" }}\n\
+             [handlers.retry]\nmax_attempts = 1\n\
+             [handlers.grants.mail]\nrecipients = [\"@example.com\"]\n",
+            data = data.display(),
+            mail = guest("repeated-failure-email").display()
+        ),
+    )
+    .expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let client = reqwest::Client::new();
+    let outbox = data.join("outbox");
+    let mails = || {
+        std::fs::read_dir(&outbox)
+            .map(|d| d.filter_map(Result::ok).count())
+            .unwrap_or(0)
+    };
+    // Mail works while there is room.
+    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&client, &engine, &event_id(&body)).await;
+    assert_eq!(delivery(&event, "mail")["state"], "succeeded", "{event:#}");
+    assert_eq!(mails(), 1);
+
+    // A little over the reserve left: mail soon meets it.
+    let filler = disk.join("filler");
+    fill_leaving(&filler, OUTBOX_FREE_RESERVE_BYTES + 64 * 1024);
+    let mut refused = 0;
+    for _ in 0..EVENTS {
+        let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
+        assert_eq!(status, 202, "events are still accepted: {body}");
+        let event = settled(&client, &engine, &event_id(&body)).await;
+        let d = delivery(&event, "mail");
+        if d["state"] != "succeeded" {
+            assert!(
+                d["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("mail outbox is full"),
+                "{d:#}"
+            );
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 0,
+        "{EVENTS} mails written with less than the reserve free ({} files)",
+        mails()
+    );
+    assert!(
+        engine
+            .log_text()
+            .contains("the mail outbox's disk has less than"),
+        "{}",
+        engine.log_text()
+    );
+    assert_healthy(&client, &engine.url).await;
+
+    // Space returns: mail is written again, without a restart.
+    std::fs::remove_file(&filler).expect("remove the filler file");
+    let before = mails();
+    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
+    assert_eq!(status, 202, "{body}");
+    let event = settled(&client, &engine, &event_id(&body)).await;
+    assert_eq!(delivery(&event, "mail")["state"], "succeeded", "{event:#}");
+    assert_eq!(mails(), before + 1);
+    engine.kill();
+}
+
 /// The engine's configuration with a relay at `smtp_port` (`smtp_timeout_ms` per message) and
 /// the Keyfactor API at `keyfactor` (`keyfactor_timeout_ms` per call); the mail and Keyfactor
 /// handlers get `limits`.

@@ -91,6 +91,38 @@ pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a handler is told when the engine has no mail service configured.
 const NOT_CONFIGURED: &str = "no mail transport is configured for this engine";
 
+/// Space the mail outbox leaves free on its disk: mail is refused below it. The outbox is by
+/// default in the data directory, on the disk of the durable queue, and nothing empties it but
+/// the operator; a handler mailing as fast as its budgets allow writes some 17 MB per delivery
+/// (five 1 MiB bodies, quoted-printable). Refusing mail here keeps the queue's commits — every
+/// handler's events — from failing for want of space.
+pub const OUTBOX_FREE_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Bytes an unprivileged process may still write on the file system holding `dir`; `None` when
+/// the system cannot tell.
+#[cfg(unix)]
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `statvfs` reads the NUL-terminated path and writes only into `stats`.
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: `statvfs` returned 0, so it filled `stats`.
+    let stats = unsafe { stats.assume_init() };
+    // The field types are 32 bits wide on some targets.
+    #[allow(clippy::useless_conversion)]
+    let (blocks, size) = (u64::from(stats.f_bavail), u64::from(stats.f_frsize));
+    Some(blocks.saturating_mul(size))
+}
+
+/// See the Unix version: elsewhere the reserve is not checked.
+#[cfg(not(unix))]
+fn free_bytes(_dir: &std::path::Path) -> Option<u64> {
+    None
+}
+
 /// The `mail` capability: e-mail through the engine's relay or outbox.
 #[derive(Debug)]
 pub struct Mail;
@@ -723,6 +755,19 @@ impl MailTransport {
         let email = self.build(grant, message)?;
         match &self.kind {
             TransportKind::Outbox { dir, transport } => {
+                if let Some(free) = free_bytes(dir)
+                    && free < OUTBOX_FREE_RESERVE_BYTES
+                {
+                    tracing::warn!(
+                        outbox = %dir.display(),
+                        free_bytes = free,
+                        "the mail outbox's disk has less than {OUTBOX_FREE_RESERVE_BYTES} bytes \
+                         free; mail is refused until space returns (empty the outbox)"
+                    );
+                    return Err(CapabilityError::Failed(
+                        "the engine's mail outbox is full; the message was not written".into(),
+                    ));
+                }
                 transport.send(email).await.map(|_| ()).map_err(|e| {
                     tracing::warn!(outbox = %dir.display(), error = %e, "cannot write to the mail outbox");
                     CapabilityError::Failed("the engine could not write the mail to its outbox".into())
