@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 
 use jobhook_testkit::engine::EngineProcess;
 use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
+use jobhook_testkit::memory::peak_rss_kib;
 use jobhook_testkit::postgres::private_database_or_skip;
-use jobhook_testkit::smtp::{FLOOD_CAP_BYTES, Flood, FloodingRelay, SmtpServer};
+use jobhook_testkit::smtp::{FLOOD_CAP_BYTES, FLOOD_SLACK_BYTES, Flood, FloodingRelay, SmtpServer};
 use jobhook_testkit::standin::Standin;
 use jobhook_testkit::{guest, sample_context_json};
 use serde_json::{Value, json};
@@ -104,6 +105,13 @@ async fn settled(client: &reqwest::Client, engine: &EngineProcess, id: &str) -> 
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Posts `body` as an event, asserts it is accepted (202), and returns it once settled.
+async fn post_settled(client: &reqwest::Client, engine: &EngineProcess, body: &Value) -> Value {
+    let (status, body) = post_event(client, &engine.url, body).await;
+    assert_eq!(status, 202, "{body}");
+    settled(client, engine, &event_id(&body)).await
 }
 
 /// Polls the event until `handler`'s delivery is terminal, whatever the others do.
@@ -214,6 +222,44 @@ impl Drop for Tmpfs {
     }
 }
 
+/// What [`config_on_tmpfs`] set up. Keep it for as long as the engine runs: the tmpfs is
+/// unmounted when it is dropped.
+struct OnTmpfs {
+    _tmpfs: Tmpfs,
+    /// The tmpfs's mount point, `dir`/disk.
+    disk: PathBuf,
+    /// The store's data directory on it.
+    data: PathBuf,
+    /// `dir`/jobhook.toml.
+    config: PathBuf,
+}
+
+/// Mounts a tmpfs of `size` on `dir`/disk and writes `dir`/jobhook.toml: the engine on a free
+/// port, its store on the tmpfs, then what `rest` returns (asked once the tmpfs is mounted). `None` when no tmpfs can be mounted (the test is
+/// skipped, see [`Tmpfs::mount_or_skip`]).
+fn config_on_tmpfs(dir: &Path, size: &str, rest: impl FnOnce() -> String) -> Option<OnTmpfs> {
+    let disk = dir.join("disk");
+    std::fs::create_dir(&disk).expect("mount point");
+    let tmpfs = Tmpfs::mount_or_skip(&disk, size)?;
+    let data = disk.join("data");
+    let config = dir.join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{data}\"\n\n{rest}",
+            data = data.display(),
+            rest = rest()
+        ),
+    )
+    .expect("config");
+    Some(OnTmpfs {
+        _tmpfs: tmpfs,
+        disk,
+        data,
+        config,
+    })
+}
+
 /// Writes `path` until the file system is full, then gives `headroom` bytes back.
 fn fill_leaving(path: &Path, headroom: u64) {
     let mut file = std::fs::File::create(path).expect("create the filler file");
@@ -234,28 +280,20 @@ fn fill_leaving(path: &Path, headroom: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("disk");
-    std::fs::create_dir(&disk).expect("mount point");
-    let Some(_tmpfs) = Tmpfs::mount_or_skip(&disk, TMPFS_SIZE) else {
+    let handlers = || {
+        format!(
+            "[[handlers]]\nname = \"log\"\ncomponent = \"{log}\"\njob_types = [\"*\"]\n",
+            log = guest("log-context").display()
+        )
+    };
+    let Some(tmpfs) = config_on_tmpfs(dir.path(), TMPFS_SIZE, handlers) else {
         return;
     };
-    let data = disk.join("data");
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{data}\"\n\n\
-             [[handlers]]\nname = \"log\"\ncomponent = \"{log}\"\njob_types = [\"*\"]\n",
-            data = data.display(),
-            log = guest("log-context").display()
-        ),
-    )
-    .expect("config");
     // Declared after the tmpfs: dropped (killed) before it is unmounted.
-    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let engine = EngineProcess::start(engine_bin(), &tmpfs.config, &dir.path().join("engine.log"));
     let client = reqwest::Client::new();
 
-    let filler = disk.join("filler");
+    let filler = tmpfs.disk.join("filler");
     fill_leaving(&filler, HEADROOM);
 
     // Post until the store runs out of space.
@@ -336,7 +374,7 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
     }
     // ... and the store holds exactly those events: none that was answered 503.
     let database = rusqlite::Connection::open_with_flags(
-        data.join("jobhook.sqlite"),
+        tmpfs.data.join("jobhook.sqlite"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .expect("open the database");
@@ -574,46 +612,36 @@ async fn a_mail_outbox_filling_its_disk_is_refused_before_the_queue_runs_out() {
     use jobhook::capabilities::mail::OUTBOX_FREE_RESERVE_BYTES;
     const EVENTS: usize = 60;
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("disk");
-    std::fs::create_dir(&disk).expect("mount point");
     // The reserve and room for the store.
     let size = format!("{}m", OUTBOX_FREE_RESERVE_BYTES / (1024 * 1024) + 32);
-    let Some(_tmpfs) = Tmpfs::mount_or_skip(&disk, &size) else {
-        return;
-    };
-    let data = disk.join("data");
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(
-        &config,
+    let rest = || {
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{data}\"\n\n\
-             [quarantine]\nafter_failures = 1000\n\n[mail]\nfrom = \"jobhook@example.com\"\n\n\
+            "[quarantine]\nafter_failures = 1000\n\n[mail]\nfrom = \"jobhook@example.com\"\n\n\
              [[handlers]]\nname = \"mail\"\ncomponent = \"{mail}\"\njob_types = [\"*\"]\n\
              properties = {{ RetryThreshold = \"0\", EmailRecipients = \"pki-team@example.com\" }}\n\
              [handlers.retry]\nmax_attempts = 1\n\
              [handlers.grants.mail]\nrecipients = [\"@example.com\"]\n",
-            data = data.display(),
             mail = guest("repeated-failure-email").display()
-        ),
-    )
-    .expect("config");
-    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+        )
+    };
+    let Some(tmpfs) = config_on_tmpfs(dir.path(), &size, rest) else {
+        return;
+    };
+    let engine = EngineProcess::start(engine_bin(), &tmpfs.config, &dir.path().join("engine.log"));
     let client = reqwest::Client::new();
-    let outbox = data.join("outbox");
+    let outbox = tmpfs.data.join("outbox");
     let mails = || {
         std::fs::read_dir(&outbox)
             .map(|d| d.filter_map(Result::ok).count())
             .unwrap_or(0)
     };
     // Mail works while there is room.
-    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
-    assert_eq!(status, 202, "{body}");
-    let event = settled(&client, &engine, &event_id(&body)).await;
+    let event = post_settled(&client, &engine, &failed_inventory_job()).await;
     assert_eq!(delivery(&event, "mail")["state"], "succeeded", "{event:#}");
     assert_eq!(mails(), 1);
 
     // A little over the reserve left: mail soon meets it.
-    let filler = disk.join("filler");
+    let filler = tmpfs.disk.join("filler");
     fill_leaving(&filler, OUTBOX_FREE_RESERVE_BYTES + 64 * 1024);
     let mut refused = 0;
     for _ in 0..EVENTS {
@@ -649,9 +677,7 @@ async fn a_mail_outbox_filling_its_disk_is_refused_before_the_queue_runs_out() {
     // Space returns: mail is written again, without a restart.
     std::fs::remove_file(&filler).expect("remove the filler file");
     let before = mails();
-    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
-    assert_eq!(status, 202, "{body}");
-    let event = settled(&client, &engine, &event_id(&body)).await;
+    let event = post_settled(&client, &engine, &failed_inventory_job()).await;
     assert_eq!(delivery(&event, "mail")["state"], "succeeded", "{event:#}");
     assert_eq!(mails(), before + 1);
     engine.kill();
@@ -735,6 +761,27 @@ fn start_with(config_text: &str, password: &str) -> (tempfile::TempDir, EnginePr
     (dir, engine)
 }
 
+/// A Keyfactor API stand-in and an engine using it and the relay at `smtp_port` (`smtp_timeout_ms`
+/// per message), both handlers without extra limits ([`capability_config`]).
+async fn start_with_standin(
+    smtp_port: u16,
+    smtp_timeout_ms: u64,
+) -> (Standin, tempfile::TempDir, EngineProcess) {
+    let standin = Standin::start().await.expect("stand-in");
+    let (dir, engine) = start_with(
+        &capability_config(
+            smtp_port,
+            smtp_timeout_ms,
+            &standin.base_url(),
+            2000,
+            "",
+            "",
+        ),
+        &standin.credentials().password,
+    );
+    (standin, dir, engine)
+}
+
 /// The delivery failed after both attempts of [`RETRY`], each with `class`, the last one's
 /// reason containing `reason`, the second attempt at least [`BACKOFF`] after the first ended.
 fn assert_failed_by_policy(d: &Value, class: &str, reason: &str) {
@@ -767,17 +814,11 @@ fn assert_failed_by_policy(d: &Value, class: &str, reason: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_relay_and_a_stopped_keyfactor_api_fail_the_deliveries_that_need_them() {
     let relay = SmtpServer::start().await.expect("SMTP server");
-    let standin = Standin::start().await.expect("stand-in");
-    let (_dir, engine) = start_with(
-        &capability_config(relay.port(), 2000, &standin.base_url(), 2000, "", ""),
-        &standin.credentials().password,
-    );
+    let (standin, _dir, engine) = start_with_standin(relay.port(), 2000).await;
     let client = reqwest::Client::new();
 
     // Both up: the handlers work as configured.
-    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
-    assert_eq!(status, 202, "{body}");
-    let event = settled(&client, &engine, &event_id(&body)).await;
+    let event = post_settled(&client, &engine, &failed_inventory_job()).await;
     for handler in ["mail", "history", "log"] {
         assert_eq!(delivery(&event, handler)["state"], "succeeded", "{event:#}");
     }
@@ -788,9 +829,7 @@ async fn a_stopped_relay_and_a_stopped_keyfactor_api_fail_the_deliveries_that_ne
     drop(standin);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
-    assert_eq!(status, 202, "{body}");
-    let event = settled(&client, &engine, &event_id(&body)).await;
+    let event = post_settled(&client, &engine, &failed_inventory_job()).await;
     assert_failed_by_policy(
         delivery(&event, "mail"),
         "handler-failed",
@@ -876,27 +915,10 @@ async fn a_relay_and_a_keyfactor_api_that_never_answer_time_out_and_other_handle
     drop((silent_relay, silent_api));
 }
 
-/// The peak resident memory (`VmHWM`) of process `pid`, in KiB; 0 where it cannot be read.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// What the engine's peak resident memory may grow by while a relay floods it: its delivery of
 /// the event besides (a guest instance, the outcome), and far less than the
 /// [`FLOOD_CAP_BYTES`] an engine that buffers the flood takes on.
 const FLOOD_RSS_GROWTH_KIB: u64 = 64 * 1024;
-
-/// More than a relay can have written into the socket buffers between it and an engine that
-/// stopped reading (loopback buffers grow to tens of MiB), and far less than
-/// [`FLOOD_CAP_BYTES`]: a flood that got this far was being read.
-const FLOOD_SLACK_BYTES: u64 = 64 * 1024 * 1024;
 
 // Both bounds tell a read flood from a refused one only while the flood is much larger.
 const _: () = assert!(
@@ -915,23 +937,15 @@ async fn a_relay_flooding_its_greeting_is_cut_off_and_the_engine_keeps_its_memor
     let relay = FloodingRelay::start(Flood::Greeting)
         .await
         .expect("flooding relay");
-    let standin = Standin::start().await.expect("stand-in");
-    let (_dir, engine) = start_with(
-        &capability_config(relay.port(), 5000, &standin.base_url(), 2000, "", ""),
-        &standin.credentials().password,
-    );
+    let (_standin, _dir, engine) = start_with_standin(relay.port(), 5000).await;
     let client = reqwest::Client::new();
 
     // A delivery that sends no mail first, so the baseline includes a run of every handler.
-    let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
-    assert_eq!(status, 202, "{body}");
-    settled(&client, &engine, &event_id(&body)).await;
+    post_settled(&client, &engine, &sample_context_json()).await;
     let before = peak_rss_kib(engine.pid());
 
     let began = Instant::now();
-    let (status, body) = post_event(&client, &engine.url, &failed_inventory_job()).await;
-    assert_eq!(status, 202, "{body}");
-    let event = settled(&client, &engine, &event_id(&body)).await;
+    let event = post_settled(&client, &engine, &failed_inventory_job()).await;
     let took = began.elapsed();
     let after = peak_rss_kib(engine.pid());
     let floods = relay.wait_for(2, Duration::from_secs(10)).await;

@@ -134,6 +134,14 @@ fn forwarder_build() -> Option<&'static Path> {
         .as_deref()
 }
 
+/// What every case starts with: the forwarder build, its turn (held while the guard lives) and
+/// a fresh site; None when the tests are explicitly skipped.
+async fn begin() -> Option<(&'static Path, tokio::sync::MutexGuard<'static, ()>, Site)> {
+    let build = forwarder_build()?;
+    let serial = SERIAL.lock().await;
+    Some((build, serial, Site::new()))
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -171,10 +179,10 @@ impl Site {
         }
     }
 
-    /// A site whose engine listens with TLS, its certificate issued by a fresh test CA; returns
-    /// the path of that CA's certificate.
-    fn new_tls() -> (Self, PathBuf) {
-        let site = Site::new();
+    /// This site with its engine listening with TLS, its certificate issued by a fresh test CA;
+    /// returns the path of that CA's certificate.
+    fn with_tls(self) -> (Self, PathBuf) {
+        let site = self;
         let ca = write_rsa_pki(site.dir.path());
         let port = site.port;
         let config = format!(
@@ -371,6 +379,13 @@ impl Harness {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// [`Harness::wait_success`], then the harness's whole log.
+    fn wait_success_log(self, what: &str) -> String {
+        let log = self.log_path();
+        self.wait_success(what);
+        std::fs::read_to_string(log).unwrap_or_default()
     }
 
     /// Panics with the harness's log if it has exited (a RunHandler call broke a rule).
@@ -683,8 +698,9 @@ fn write_rsa_pki(dir: &Path) -> PathBuf {
     dir.join("ca.pem")
 }
 
-fn spool_files(site: &Site) -> usize {
-    std::fs::read_dir(site.spool())
+/// Event files (`*.evt`) directly in `dir`; 0 if it does not exist.
+fn evt_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
                 .filter(|e| e.path().extension().is_some_and(|x| x == "evt"))
@@ -693,15 +709,14 @@ fn spool_files(site: &Site) -> usize {
         .unwrap_or(0)
 }
 
+/// Events in the spool.
+fn spool_files(site: &Site) -> usize {
+    evt_files(&site.spool())
+}
+
 /// Events in `rejected/` (not counting their `.reason` files).
 fn rejected_files(site: &Site) -> usize {
-    std::fs::read_dir(site.spool().join("rejected"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "evt"))
-                .count()
-        })
-        .unwrap_or(0)
+    evt_files(&site.spool().join("rejected"))
 }
 
 /// Each event in `rejected/` has a `.reason` file beside it that contains `needle`.
@@ -753,11 +768,9 @@ fn count_lines(log: &str, needle: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_every_context_arrives_as_one_event_with_the_same_fields() {
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let engine = site.start_engine();
 
     // Command 9-10: Unity sets the properties.
@@ -798,11 +811,9 @@ async fn a_every_context_arrives_as_one_event_with_the_same_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_events_wait_in_the_spool_until_the_engine_starts() {
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let expected = site.path("expected.tsv");
     // Every other handler names the spool directory with a trailing separator: still one
     // directory, so one runtime (two would both send every file).
@@ -825,10 +836,8 @@ async fn b_events_wait_in_the_spool_until_the_engine_starts() {
         "events wait in the spool while the engine is down"
     );
     let _engine = site.start_engine();
-    let log = harness.log_path();
-    harness.wait_success("engine down at first");
+    let log = harness.wait_success_log("engine down at first");
     assert_delivered_once(&site, &read_expected(&expected), None);
-    let log = std::fs::read_to_string(log).unwrap_or_default();
     assert_eq!(
         count_lines(&log, "through the spool"),
         1,
@@ -838,11 +847,9 @@ async fn b_events_wait_in_the_spool_until_the_engine_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_a_misbehaving_engine_costs_retries_not_events() {
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, mut site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let mut site = Site::new();
     site.request_timeout = STANDIN_REQUEST_TIMEOUT;
     let engine = site.start_engine();
     let standin = Standin::start(engine.url.clone()).await;
@@ -877,11 +884,9 @@ async fn c_a_misbehaving_engine_costs_retries_not_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_a_killed_forwarder_delivers_its_spool_after_restart() {
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let expected_path = site.path("expected.tsv");
     let url = site.engine_url();
     let mut harness = Harness::run(build, "fx", &site, &url, EVENTS, &expected_path, &[]);
@@ -918,11 +923,9 @@ async fn d_a_killed_forwarder_delivers_its_spool_after_restart() {
 async fn e_a_full_spool_drops_the_oldest_and_says_so() {
     const SENT: usize = 50;
     const KEPT: usize = 20;
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let expected_path = site.path("expected.tsv");
     // One Keyfactor thread, so that "oldest" is "lowest index".
     let kept = KEPT.to_string();
@@ -942,11 +945,9 @@ async fn e_a_full_spool_drops_the_oldest_and_says_so() {
         "the spool holds at most its limit"
     );
     let _engine = site.start_engine();
-    let log = harness.log_path();
-    harness.wait_success("full spool");
+    let log = harness.wait_success_log("full spool");
 
     let dropped = SENT - KEPT;
-    let log = std::fs::read_to_string(log).unwrap_or_default();
     assert!(
         log.contains(&format!("({dropped} dropped since start)")),
         "the forwarder's log counts the dropped events:\n{log}"
@@ -1283,11 +1284,10 @@ fn reset(socket: TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f_over_tls_the_forwarder_trusts_only_the_configured_ca() {
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let (site, ca) = Site::new_tls();
+    let (site, ca) = site.with_tls();
     let _engine = site.start_engine();
     let url = site.engine_tls_url();
 
@@ -1326,11 +1326,9 @@ async fn f_over_tls_the_forwarder_trusts_only_the_configured_ca() {
 async fn g_a_spool_directory_deleted_while_running_is_recreated() {
     const SENT: usize = 40;
     const BEFORE: usize = 10;
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let expected_path = site.path("expected.tsv");
     let resume = site.path("resume");
     let (before, resume_arg) = (BEFORE.to_string(), resume.to_string_lossy().into_owned());
@@ -1348,7 +1346,6 @@ async fn g_a_spool_directory_deleted_while_running_is_recreated() {
     assert_eq!(spool_files(&site), BEFORE);
     // The sender has met the closed port, so it is retrying: reading the oldest file again
     // before each attempt.
-    let log = harness.log_path();
     wait_for_log(&mut harness, "cannot deliver to");
     // Deleted with everything in it, while the forwarder runs. The forwarder may recreate it
     // meanwhile: delete until gone.
@@ -1362,7 +1359,7 @@ async fn g_a_spool_directory_deleted_while_running_is_recreated() {
     }
     std::fs::write(&resume, b"").expect("resume file");
     let _engine = site.start_engine();
-    harness.wait_success("spool directory deleted");
+    let log = harness.wait_success_log("spool directory deleted");
 
     // The first BEFORE went with the directory; every later one arrives, once. The sender may
     // have read the oldest just before the deletion and deliver it (one at most: it sends one
@@ -1382,7 +1379,6 @@ async fn g_a_spool_directory_deleted_while_running_is_recreated() {
     );
     arrived.extend(later);
     assert_delivered_once(&site, &arrived, None);
-    let log = std::fs::read_to_string(log).unwrap_or_default();
     assert!(
         log.contains(&format!("({BEFORE} spooled event(s) were lost with it)")),
         "the forwarder says it recreated the directory and what was lost:\n{log}"
@@ -1396,11 +1392,9 @@ async fn g_a_spool_directory_deleted_while_running_is_recreated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h_a_spool_file_held_open_is_sent_later_not_rejected() {
     const SENT: usize = 30;
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let expected_path = site.path("expected.tsv");
     let mut harness = Harness::run(
         build,
@@ -1416,14 +1410,12 @@ async fn h_a_spool_file_held_open_is_sent_later_not_rejected() {
     // The engine starts once the file is released: for those 3 s the sender, retrying the closed
     // port every 300 ms at most, read the oldest file before each attempt and met the lock.
     harness.wait_for_line("released", Duration::from_secs(30));
-    let log = harness.log_path();
     let warning = format!("cannot read spool file {held} now");
     let _engine = site.start_engine();
-    harness.wait_success("a spool file held open");
+    let log = harness.wait_success_log("a spool file held open");
 
     assert_delivered_once(&site, &read_expected(&expected_path), None);
     assert_eq!(rejected_files(&site), 0, "the held file was not set aside");
-    let log = std::fs::read_to_string(log).unwrap_or_default();
     assert_eq!(
         count_lines(&log, &warning),
         1,
@@ -1433,11 +1425,9 @@ async fn h_a_spool_file_held_open_is_sent_later_not_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn i_events_another_process_spooled_later_are_sent() {
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let url = site.engine_url();
     // A opens the spool first and keeps running (the engine is down).
     let expected_a = site.path("expected-a.tsv");
@@ -1462,20 +1452,16 @@ async fn i_events_another_process_spooled_later_are_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn j_with_keyfactor_logging_the_forwarder_logs_through_keyfactor() {
-    let Some(build) = forwarder_build() else {
+    let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let site = Site::new();
     let engine = site.start_engine();
     let expected_path = site.path("expected.tsv");
     // This harness does not set the forwarder's log; it learns each event's key only from the
     // lines that reach Keyfactor's logger, and fails without them.
     let harness = Harness::run(build, "log", &site, &engine.url, 20, &expected_path, &[]);
-    let log = harness.log_path();
-    harness.wait_success("KEYFACTOR_LOGGING");
+    let log = harness.wait_success_log("KEYFACTOR_LOGGING");
     assert_delivered_once(&site, &read_expected(&expected_path), None);
-    let log = std::fs::read_to_string(log).unwrap_or_default();
     assert!(
         log.contains("keyfactor log Jobhook.Forwarder.JobhookForwarder Information: forwarding to"),
         "the forwarder's lines reach Keyfactor's logger, named after the handler:\n{log}"

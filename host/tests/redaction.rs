@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use jobhook::capabilities::outbound::{REDACTED, Redactor, RedactorSet};
+use jobhook_testkit::tokens::access_token;
 
 /// The largest body the audit measured with (a Keyfactor response may be larger still).
 const BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -27,25 +28,6 @@ const TOKENS: u64 = 256;
 
 const USER: &str = r"KFTRAIN\svc";
 const PASSWORD: &str = "S3cr3t+Pa55/w<r>d";
-
-/// A JWT-like access token: all share the header and most claims, as one identity provider's
-/// tokens do.
-fn access_token(n: u64) -> String {
-    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let claims = format!(
-        r#"{{"iss":"https://idp.example.com/realms/keyfactor","aud":"keyfactor-command","sub":"svc-jobhook","exp":{},"jti":"{:016x}"}}"#,
-        1_700_000_000 + n,
-        n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-    );
-    let signature: Vec<u8> = (0..256u64)
-        .map(|i| (n.wrapping_mul(2_654_435_761).wrapping_add(i * 40_503) >> 7) as u8)
-        .collect();
-    format!(
-        "eyJhbGciOiJSUzI1NiIsImtpZCI6IjhGMzQ1QjY3ODlBQiIsInR5cCI6ImF0K2p3dCJ9.{}.{}",
-        url.encode(claims),
-        url.encode(signature)
-    )
-}
 
 /// What the Keyfactor client scrubs with: every form of a Basic credential, and `tokens` OAuth
 /// access tokens (each as `Bearer <token>` and alone), each its own part.

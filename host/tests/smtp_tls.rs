@@ -13,11 +13,11 @@
 //!   the exchange before TLS: the engine never takes it for a reply from inside TLS.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
-use jobhook_testkit::tls::TestCa;
+use jobhook_testkit::tls::{CertAndKey, TestCa};
 use jobhook_testkit::{guest, workspace_root};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -239,6 +239,55 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// What every case starts with: a runtime, a test CA and a relay certificate it issued, and a
+/// roots file (`trusted.pem` in `dir`) holding that CA only.
+struct Setup {
+    runtime: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    server: CertAndKey,
+    trusted: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new("jobhook smtp test CA");
+        let server = ca.server_cert(1);
+        let trusted = dir.path().join("trusted.pem");
+        std::fs::write(&trusted, &ca.cert_pem).expect("write");
+        Setup {
+            runtime,
+            dir,
+            server,
+            trusted,
+        }
+    }
+
+    /// A [`tls_relay`] on `ip` speaking `mode` with the CA's relay certificate.
+    fn relay(&self, ip: &str, mode: Mode) -> (SocketAddr, Arc<Mutex<Seen>>) {
+        self.runtime.block_on(tls_relay(
+            ip,
+            mode,
+            &self.server.cert_der,
+            &self.server.key_pem,
+        ))
+    }
+}
+
+/// `jobhook run` failed, its output says each of `says`, and the relay saw neither a TLS
+/// handshake nor a transaction.
+fn assert_refused(out: &Output, seen: &Mutex<Seen>, case: &str, says: &[&str]) {
+    assert_ne!(out.status.code(), Some(0), "{case}: {}", text(out));
+    assert!(
+        says.iter().all(|needle| text(out).contains(needle)),
+        "{case}: {}",
+        text(out)
+    );
+    assert_no_transaction(seen, case);
+    assert_eq!(seen.lock().expect("seen").handshakes, 0);
+}
+
 /// The relay did not get as far as a transaction: no MAIL FROM, in plain text or inside TLS.
 fn assert_no_transaction(seen: &Mutex<Seen>, case: &str) {
     let seen = seen.lock().expect("seen");
@@ -254,25 +303,16 @@ fn assert_no_transaction(seen: &Mutex<Seen>, case: &str) {
 
 #[test]
 fn starttls_and_implicit_tls_verify_the_relays_certificate_and_name() {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let setup = Setup::new();
+    let (runtime, trusted) = (&setup.runtime, &setup.trusted);
     let _guard = runtime.enter();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new("jobhook smtp test CA");
-    let server = ca.server_cert(1);
-    let trusted = dir.path().join("trusted.pem");
-    std::fs::write(&trusted, &ca.cert_pem).expect("write");
-    let other = dir.path().join("other.pem");
+    let other = setup.dir.path().join("other.pem");
     std::fs::write(&other, TestCa::new("another CA").cert_pem).expect("write");
 
     for (mode, flag) in [(Mode::Starttls, "starttls"), (Mode::Implicit, "implicit")] {
         // Trusted: delivered, inside TLS.
-        let (addr, seen) = runtime.block_on(tls_relay(
-            "127.0.0.1",
-            mode,
-            &server.cert_der,
-            &server.key_pem,
-        ));
-        let out = run_mail(&addr.to_string(), flag, &trusted);
+        let (addr, seen) = setup.relay("127.0.0.1", mode);
+        let out = run_mail(&addr.to_string(), flag, trusted);
         assert_eq!(out.status.code(), Some(0), "{flag} trusted: {}", text(&out));
         {
             let seen = seen.lock().expect("seen");
@@ -281,50 +321,25 @@ fn starttls_and_implicit_tls_verify_the_relays_certificate_and_name() {
         }
 
         // A certificate from a CA the engine does not trust: refused before any transaction.
-        let (addr, seen) = runtime.block_on(tls_relay(
-            "127.0.0.1",
-            mode,
-            &server.cert_der,
-            &server.key_pem,
-        ));
+        let (addr, seen) = setup.relay("127.0.0.1", mode);
         let out = run_mail(&addr.to_string(), flag, &other);
-        assert_ne!(
-            out.status.code(),
-            Some(0),
-            "{flag} untrusted: {}",
-            text(&out)
+        assert_refused(
+            &out,
+            &seen,
+            &format!("{flag} untrusted"),
+            &["the mail relay could not be reached", "UnknownIssuer"],
         );
-        assert!(
-            text(&out).contains("the mail relay could not be reached")
-                && text(&out).contains("UnknownIssuer"),
-            "{flag} untrusted: {}",
-            text(&out)
-        );
-        assert_no_transaction(&seen, &format!("{flag} untrusted"));
-        assert_eq!(seen.lock().expect("seen").handshakes, 0);
 
         // A trusted certificate, but not for the name the relay was reached by (127.0.0.2):
         // refused.
-        let (addr, seen) = runtime.block_on(tls_relay(
-            "127.0.0.2",
-            mode,
-            &server.cert_der,
-            &server.key_pem,
-        ));
-        let out = run_mail(&addr.to_string(), flag, &trusted);
-        assert_ne!(
-            out.status.code(),
-            Some(0),
-            "{flag} wrong name: {}",
-            text(&out)
+        let (addr, seen) = setup.relay("127.0.0.2", mode);
+        let out = run_mail(&addr.to_string(), flag, trusted);
+        assert_refused(
+            &out,
+            &seen,
+            &format!("{flag} wrong name"),
+            &["not valid for name"],
         );
-        assert!(
-            text(&out).contains("not valid for name"),
-            "{flag} wrong name: {}",
-            text(&out)
-        );
-        assert_no_transaction(&seen, &format!("{flag} wrong name"));
-        assert_eq!(seen.lock().expect("seen").handshakes, 0);
     }
 
     // `starttls` against a relay that does not offer it: no transaction in plain text.
@@ -334,7 +349,7 @@ fn starttls_and_implicit_tls_verify_the_relays_certificate_and_name() {
     let out = run_mail(
         &format!("{}:{}", plain.host(), plain.port()),
         "starttls",
-        &trusted,
+        trusted,
     );
     assert_ne!(out.status.code(), Some(0), "no STARTTLS: {}", text(&out));
     assert!(
@@ -352,21 +367,12 @@ fn starttls_and_implicit_tls_verify_the_relays_certificate_and_name() {
 /// The engine must close the connection before TLS instead, and say why.
 #[test]
 fn plain_text_after_the_starttls_go_ahead_ends_the_exchange_before_tls() {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let setup = Setup::new();
+    let (runtime, trusted) = (&setup.runtime, &setup.trusted);
     let _guard = runtime.enter();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = TestCa::new("jobhook smtp test CA");
-    let server = ca.server_cert(1);
-    let trusted = dir.path().join("trusted.pem");
-    std::fs::write(&trusted, &ca.cert_pem).expect("write");
 
-    let (addr, seen) = runtime.block_on(tls_relay(
-        "127.0.0.1",
-        Mode::StarttlsInjected,
-        &server.cert_der,
-        &server.key_pem,
-    ));
-    let out = run_mail(&addr.to_string(), "starttls", &trusted);
+    let (addr, seen) = setup.relay("127.0.0.1", Mode::StarttlsInjected);
+    let out = run_mail(&addr.to_string(), "starttls", trusted);
     let case = format!(
         "{}\nthe relay saw {:?}",
         text(&out),

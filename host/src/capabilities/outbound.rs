@@ -1004,6 +1004,7 @@ pub fn response_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jobhook_testkit::tokens::access_token;
 
     #[test]
     fn headers_refuse_injection() {
@@ -1524,26 +1525,6 @@ mod tests {
             let per_byte = (1 + 2 * MAX_ENTITY_BYTES as u64) * (MAX_PARTIAL_MATCHES as u64 + 1) * 4;
             proptest::prop_assert!(steps <= per_byte * body.len() as u64);
         }
-    }
-
-    /// A JWT-like access token as identity providers issue them: every token shares the header
-    /// and most of the claims, and differs in a few claims and the signature.
-    fn access_token(n: u64) -> String {
-        use base64::Engine as _;
-        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let claims = format!(
-            r#"{{"iss":"https://idp.example.com/realms/keyfactor","aud":"keyfactor-command","sub":"svc-jobhook","exp":{},"jti":"{:016x}"}}"#,
-            1_700_000_000 + n,
-            n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        );
-        let signature: Vec<u8> = (0..256u64)
-            .map(|i| (n.wrapping_mul(2_654_435_761).wrapping_add(i * 40_503) >> 7) as u8)
-            .collect();
-        format!(
-            "eyJhbGciOiJSUzI1NiIsImtpZCI6IjhGMzQ1QjY3ODlBQiIsInR5cCI6ImF0K2p3dCJ9.{}.{}",
-            url.encode(claims),
-            url.encode(signature)
-        )
     }
 
     /// The Keyfactor client's set: a Basic credential's forms and `tokens` access tokens'.

@@ -7,11 +7,13 @@
 
 pub mod engine;
 pub mod exactly_once;
+pub mod memory;
 pub mod postgres;
 pub mod powerloss;
 pub mod servicenow;
 pub mod smtp;
 pub mod tls;
+pub mod tokens;
 pub mod workflows;
 
 /// The Keyfactor API stand-in (`tests/standin`), re-exported for tests.

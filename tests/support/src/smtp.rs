@@ -12,6 +12,7 @@
 //! [`FloodingRelay`] is a hostile relay of another kind: it floods its client with a reply that
 //! never ends, to show how much of it the client reads.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +36,14 @@ const MAX_COMMANDS: usize = 1000;
 /// still small enough that the test machine survives a client that buffers all of it.
 pub const FLOOD_CAP_BYTES: u64 = 256 * 1024 * 1024;
 
+/// More than a [`FloodingRelay`] can have written into the socket buffers between it and a client
+/// that stopped reading (loopback buffers grow to tens of MiB), and far less than
+/// [`FLOOD_CAP_BYTES`]: a flood that got this far was being read.
+pub const FLOOD_SLACK_BYTES: u64 = 64 * 1024 * 1024;
+
+// The bound tells a read flood from a refused one only while the flood is much larger.
+const _: () = assert!(FLOOD_SLACK_BYTES * 2 < FLOOD_CAP_BYTES);
+
 /// What [`FloodingRelay`] writes at a time.
 const FLOOD_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -55,67 +64,103 @@ pub enum Flood {
 /// or the cap was reached — what the client read, plus at most the socket buffers between
 /// them. Stopped when dropped.
 pub struct FloodingRelay {
-    addr: SocketAddr,
-    floods: Arc<Mutex<Vec<u64>>>,
-    shutdown: Option<oneshot::Sender<()>>,
+    server: Recording<u64>,
 }
 
 impl FloodingRelay {
     /// Starts a relay flooding at `flood`.
     pub async fn start(flood: Flood) -> std::io::Result<FloodingRelay> {
+        let server =
+            Recording::start(move |stream, store| flood_session(stream, flood, store)).await?;
+        Ok(FloodingRelay { server })
+    }
+
+    /// `127.0.0.1`.
+    pub fn host(&self) -> String {
+        self.server.host()
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.server.port()
+    }
+
+    /// The bytes written on each connection whose flood has ended, in the order they ended.
+    pub fn floods(&self) -> Vec<u64> {
+        self.server.records()
+    }
+
+    /// Waits up to `timeout` for at least `count` floods to end and returns them.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<u64> {
+        self.server.wait_for(count, timeout).await
+    }
+}
+
+/// A server on `127.0.0.1` that runs one session per connection and keeps what the sessions
+/// record; stopped when dropped. What [`SmtpServer`] and [`FloodingRelay`] share.
+struct Recording<T> {
+    addr: SocketAddr,
+    records: Arc<Mutex<Vec<T>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl<T: Clone + Send + 'static> Recording<T> {
+    /// Binds a port and runs `session` on each connection, with the shared record store.
+    async fn start<F, Fut>(session: F) -> std::io::Result<Recording<T>>
+    where
+        F: Fn(TcpStream, Arc<Mutex<Vec<T>>>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let floods = Arc::new(Mutex::new(Vec::new()));
+        let records = Arc::new(Mutex::new(Vec::new()));
         let (tx, mut rx) = oneshot::channel::<()>();
-        let store = Arc::clone(&floods);
+        let store = Arc::clone(&records);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = &mut rx => break,
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
-                        let store = Arc::clone(&store);
-                        tokio::spawn(flood_session(stream, flood, store));
+                        tokio::spawn(session(stream, Arc::clone(&store)));
                     }
                 }
             }
         });
-        Ok(FloodingRelay {
+        Ok(Recording {
             addr,
-            floods,
+            records,
             shutdown: Some(tx),
         })
     }
 
-    /// `127.0.0.1`.
-    pub fn host(&self) -> String {
+    fn host(&self) -> String {
         self.addr.ip().to_string()
     }
 
-    /// The port.
-    pub fn port(&self) -> u16 {
+    fn port(&self) -> u16 {
         self.addr.port()
     }
 
-    /// The bytes written on each connection whose flood has ended, in the order they ended.
-    pub fn floods(&self) -> Vec<u64> {
-        self.floods.lock().map(|f| f.clone()).unwrap_or_default()
+    /// Everything recorded so far.
+    fn records(&self) -> Vec<T> {
+        self.records.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
-    /// Waits up to `timeout` for at least `count` floods to end and returns them.
-    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<u64> {
+    /// Waits up to `timeout` for at least `count` records and returns what there is.
+    async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<T> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let floods = self.floods();
-            if floods.len() >= count || tokio::time::Instant::now() >= deadline {
-                return floods;
+            let records = self.records();
+            if records.len() >= count || tokio::time::Instant::now() >= deadline {
+                return records;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
 
-impl Drop for FloodingRelay {
+impl<T> Drop for Recording<T> {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -272,9 +317,7 @@ pub enum EndOfData {
 
 /// A running SMTP server on `127.0.0.1`; stopped when dropped.
 pub struct SmtpServer {
-    addr: SocketAddr,
-    received: Arc<Mutex<Vec<ReceivedMail>>>,
-    shutdown: Option<oneshot::Sender<()>>,
+    server: Recording<ReceivedMail>,
 }
 
 impl SmtpServer {
@@ -302,66 +345,34 @@ impl SmtpServer {
         auth: Option<(String, String)>,
         end_of_data: EndOfData,
     ) -> std::io::Result<SmtpServer> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-        let addr = listener.local_addr()?;
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let (tx, mut rx) = oneshot::channel::<()>();
-        let store = Arc::clone(&received);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = &mut rx => break,
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let store = Arc::clone(&store);
-                        let auth = auth.clone();
-                        tokio::spawn(async move {
-                            let _ = session(stream, store, auth, end_of_data).await;
-                        });
-                    }
-                }
+        let server = Recording::start(move |stream, store| {
+            let auth = auth.clone();
+            async move {
+                let _ = session(stream, store, auth, end_of_data).await;
             }
-        });
-        Ok(SmtpServer {
-            addr,
-            received,
-            shutdown: Some(tx),
         })
+        .await?;
+        Ok(SmtpServer { server })
     }
 
     /// `127.0.0.1`.
     pub fn host(&self) -> String {
-        self.addr.ip().to_string()
+        self.server.host()
     }
 
     /// The port.
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.server.port()
     }
 
     /// Every message accepted so far.
     pub fn received(&self) -> Vec<ReceivedMail> {
-        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+        self.server.records()
     }
 
     /// Waits up to `timeout` for at least `count` messages and returns what arrived.
     pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<ReceivedMail> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let received = self.received();
-            if received.len() >= count || tokio::time::Instant::now() >= deadline {
-                return received;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for SmtpServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.server.wait_for(count, timeout).await
     }
 }
 

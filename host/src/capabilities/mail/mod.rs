@@ -982,7 +982,8 @@ fn is_loopback_name(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use jobhook_testkit::smtp::{FLOOD_CAP_BYTES, Flood, FloodingRelay};
+    use jobhook_testkit::memory::peak_rss_kib;
+    use jobhook_testkit::smtp::{FLOOD_SLACK_BYTES, Flood, FloodingRelay};
     use proptest::strategy::Strategy as _;
 
     use super::*;
@@ -1407,26 +1408,6 @@ mod tests {
         }
     }
 
-    /// The peak resident memory of this process (`VmHWM`), in KiB; 0 where it cannot be read.
-    fn peak_rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    /// More than the relay can have written into the socket buffers between it and an engine
-    /// that stopped reading (loopback buffers grow to tens of MiB), and far less than
-    /// [`FLOOD_CAP_BYTES`]: a flood that got this far was being read.
-    const FLOOD_SLACK_BYTES: u64 = 64 * 1024 * 1024;
-
-    // The bound tells a read flood from a refused one only while the flood is much larger.
-    const _: () = assert!(FLOOD_SLACK_BYTES * 2 < FLOOD_CAP_BYTES);
-
     /// A relay that floods a reply line without end — the greeting (which anyone on the path
     /// can send before STARTTLS) or its EHLO reply — is cut off: the handler is told the relay
     /// sent too much, at once and not at the timeout, and the relay got rid of no more than the
@@ -1443,7 +1424,7 @@ mod tests {
             let config = MailConfig::smtp("jobhook@example.com", smtp).unwrap();
             let t = MailTransport::from_config(&config, Path::new("unused")).unwrap();
             let grant = MailGrant::to(&["*"]).unwrap();
-            let rss_before = peak_rss_kib();
+            let rss_before = peak_rss_kib(std::process::id());
             let started = std::time::Instant::now();
             let result = t.send(&grant, message(&["a@example.com"])).await;
             let took = started.elapsed();
@@ -1451,7 +1432,7 @@ mod tests {
             eprintln!(
                 "{flood:?} {tls:?}: {result:?} after {took:?}; the relay wrote {floods:?} bytes; \
                  peak RSS {rss_before} KiB before, {} KiB after",
-                peak_rss_kib()
+                peak_rss_kib(std::process::id())
             );
             assert!(
                 matches!(&result, Err(CapabilityError::Failed(m))
