@@ -293,7 +293,7 @@ impl Metrics {
     }
 
     /// Counts an ingest request the store could not commit; `reason` is one of a fixed set
-    /// (`disk-full`, `unreachable`, `error`), never input.
+    /// (`disk-full`, `unreachable`, `timeout`, `error`), never input.
     pub fn ingest_store_failed(&self, reason: &'static str) {
         self.store_failures
             .get_or_create(&ReasonLabels { reason })

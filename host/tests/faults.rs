@@ -401,6 +401,95 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
 }
 
 // ---------------------------------------------------------------------------------------------
+// PostgreSQL frozen
+// ---------------------------------------------------------------------------------------------
+
+/// A PostgreSQL server that stops answering without closing anything (SIGSTOP: a paused VM, a
+/// storage stall): ingest answers 503 within the commit timeout, saying the store did not
+/// answer, for as long as it lasts; `/healthz` keeps answering; once the server runs again,
+/// events are accepted without a restart.
+#[test]
+fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resumes() {
+    use jobhook::sources::api::INGEST_COMMIT_TIMEOUT;
+    let Some(db) = private_database_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(&config, pg_config(&db)).expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+    assert_eq!(status, 202, "{body}");
+
+    db.server().freeze().expect("freeze PostgreSQL");
+    // Thawed whatever happens below, so the server can be stopped and deleted.
+    struct Thaw<'a>(&'a jobhook_testkit::postgres::TestDatabase);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.server().thaw();
+        }
+    }
+    let thaw = Thaw(&db);
+    // More requests than the store has connections: each is answered, in bounded time.
+    let answers = runtime.block_on(async {
+        let posts = (0..12).map(|_| {
+            let client = client.clone();
+            let url = engine.url.clone();
+            async move {
+                let began = Instant::now();
+                let answer = post_event(&client, &url, &sample_context_json()).await;
+                (answer, began.elapsed())
+            }
+        });
+        futures_util::future::join_all(posts).await
+    });
+    for ((status, body), took) in answers {
+        assert_eq!(status, 503, "{body}\n{}", engine.log_text());
+        let reason = body["error"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("did not answer within") || reason.contains("cannot be reached"),
+            "{body}"
+        );
+        assert!(
+            took < INGEST_COMMIT_TIMEOUT + REFUSAL_MARGIN,
+            "answered after {took:?}"
+        );
+    }
+    runtime.block_on(assert_healthy(&client, &engine.url));
+    let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
+    assert!(
+        metrics.contains("jobhook_ingest_store_failures_total{reason=\"timeout\"}"),
+        "{metrics}"
+    );
+
+    drop(thaw);
+    let deadline = Instant::now() + RECONNECT_BOUND;
+    loop {
+        let (status, body) =
+            runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+        if status == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not accepting events {RECONNECT_BOUND:?} after the thaw: {status} {body}\n{}",
+            engine.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    engine.kill();
+}
+
+/// Slack on an answer's bound for a loaded machine.
+const REFUSAL_MARGIN: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------------------------------------
 // PostgreSQL restarted under load
 // ---------------------------------------------------------------------------------------------
 

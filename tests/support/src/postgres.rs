@@ -264,6 +264,84 @@ impl PostgresServer {
         self.pg_ctl_start()
     }
 
+    /// Freezes the whole server — the postmaster and every backend — with SIGSTOP, as a VM
+    /// paused or a storage stall leaves it: connections stay open and the kernel keeps
+    /// acknowledging what is sent, but nothing answers until [`PostgresServer::thaw`].
+    pub fn freeze(&self) -> Result<(), String> {
+        self.signal_all(libc::SIGSTOP)
+    }
+
+    /// Undoes [`PostgresServer::freeze`].
+    pub fn thaw(&self) -> Result<(), String> {
+        self.signal_all(libc::SIGCONT)
+    }
+
+    /// Sends `signal` to the postmaster (the first line of `postmaster.pid`) and then to each
+    /// of its children (found in `/proc`): the postmaster first, so that with SIGSTOP no new
+    /// backend is forked after the children were listed.
+    fn signal_all(&self, signal: libc::c_int) -> Result<(), String> {
+        let pid_file = self.data.join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .map_err(|e| format!("cannot read {}: {e}", pid_file.display()))?;
+        let postmaster: i32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| format!("{} holds no pid", pid_file.display()))?;
+        let send = |pid: i32| {
+            // SAFETY: `kill` only sends a signal to the server's own processes.
+            if unsafe { libc::kill(pid, signal) } == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cannot signal PostgreSQL process {pid}: {}",
+                    std::io::Error::last_os_error()
+                ))
+            }
+        };
+        send(postmaster)?;
+        // Twice: a backend the postmaster was forking as the signal came shows up only after
+        // the fork returns.
+        for pass in 0..2 {
+            if pass > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            self.signal_children(postmaster, &send)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `send` to every process whose parent is `parent`.
+    fn signal_children(
+        &self,
+        parent: i32,
+        send: &dyn Fn(i32) -> Result<(), String>,
+    ) -> Result<(), String> {
+        for entry in std::fs::read_dir("/proc").map_err(|e| format!("cannot read /proc: {e}"))? {
+            let Ok(entry) = entry else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // `/proc/<pid>/stat`: "pid (comm) state ppid …"; comm may hold spaces, so the
+            // fields are read after its closing parenthesis.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(parent) {
+                send(pid)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The TCP port it listens on (127.0.0.1 only).
     pub fn port(&self) -> u16 {
         self.port
