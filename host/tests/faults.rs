@@ -411,14 +411,9 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
 #[test]
 fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resumes() {
     use jobhook::sources::api::INGEST_COMMIT_TIMEOUT;
-    let Some(db) = private_database_or_skip() else {
+    let Some((db, _dir, engine)) = engine_on_private_postgres() else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(&config, pg_config(&db)).expect("config");
-    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
@@ -550,6 +545,22 @@ job_types = ["*"]
     )
 }
 
+/// An engine on a PostgreSQL server of its own ([`pg_config`]), with the directory holding its
+/// configuration; `None` (skipped) without PostgreSQL.
+fn engine_on_private_postgres() -> Option<(
+    jobhook_testkit::postgres::TestDatabase,
+    tempfile::TempDir,
+    EngineProcess,
+)> {
+    let db = private_database_or_skip()?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(&config, pg_config(&db)).expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    Some((db, dir, engine))
+}
+
 /// A load driver (`jobhook_dev::loadgen`) on a thread of its own, posting to `url` without
 /// resending and recording accepted event ids in `record`; joining it gives its report.
 fn load_driver(url: &str, record: &Path) -> std::thread::JoinHandle<String> {
@@ -577,14 +588,9 @@ fn load_driver(url: &str, record: &Path) -> std::thread::JoinHandle<String> {
 
 #[test]
 fn a_postgres_restart_under_load_is_refused_with_503_and_the_node_reconnects_by_itself() {
-    let Some(db) = private_database_or_skip() else {
+    let Some((db, dir, engine)) = engine_on_private_postgres() else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(&config, pg_config(&db)).expect("config");
-    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let client = reqwest::Client::new();
     let record = dir.path().join("accepted.txt");
