@@ -458,12 +458,38 @@ async fn tokens_protect_everything_but_healthz() {
     assert_eq!(status, 401, "{answer}");
     let (status, _) = post_raw(&engine, body.clone(), Some("wrong")).await;
     assert_eq!(status, 401);
-    let (status, _) = post_raw(&engine, body, Some("t0ken-value")).await;
+    let (status, _) = post_raw(&engine, body.clone(), Some("t0ken-value")).await;
     assert_eq!(status, 202);
     let (status, _) = get(&engine, "/v1/handlers").await;
     assert_eq!(status, 401);
+    let (status, _) = get(&engine, "/metrics").await;
+    assert_eq!(status, 401);
     let (status, _) = get(&engine, "/healthz").await;
     assert_eq!(status, 200);
+    // The scheme's name in any case (RFC 9110): `bearer` is `Bearer`.
+    let response = client()
+        .post(format!("{}/v1/job-complete", engine.url))
+        .header("content-type", "application/json")
+        .header("authorization", "bearer t0ken-value")
+        .body(body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 202);
+    // Only the refused events count as refused events; the scraper without the token does not.
+    let metrics = client()
+        .get(format!("{}/metrics", engine.url))
+        .bearer_auth("t0ken-value")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("jobhook_events_rejected_total 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -575,13 +575,25 @@ impl Config {
             .tokens
             .iter()
             .map(|t| {
-                resolve_secret(t, base)
+                let fail = |message: String| ConfigError {
+                    file: self.path.clone(),
+                    line: None,
+                    message: format!("server.tokens: {message}"),
+                };
+                let token = resolve_secret(t, base)
                     .map(|s| s.expose().to_owned())
-                    .map_err(|e| ConfigError {
-                        file: self.path.clone(),
-                        line: None,
-                        message: format!("server.tokens: {e}"),
-                    })
+                    .map_err(|e| fail(e.to_string()))?;
+                // A client sends it after `Bearer ` in a header, trimmed: a token with a space
+                // or a control character could never match, and loading one would lock every
+                // client out (by a reload as well).
+                if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(fail(
+                        "a token must be visible ASCII characters, without spaces (it is sent \
+                         as `Authorization: Bearer <token>`); this one is not"
+                            .into(),
+                    ));
+                }
+                Ok(token)
             })
             .collect()
     }
@@ -1174,6 +1186,34 @@ backoff_ms = 100
 
     fn error(text: &str) -> ConfigError {
         Fixture::new().parse(text).unwrap_err()
+    }
+
+    /// A token a client could never send back — blank, with a space or a control character —
+    /// is refused where tokens are resolved (serve, check, reload), not loaded to lock every
+    /// client out.
+    #[test]
+    fn tokens_no_client_could_send_are_refused() {
+        let f = Fixture::new();
+        let config = f
+            .parse(&format!(
+                "[server]\ntokens = [{{ file = \"token\" }}]\n{MINIMAL}"
+            ))
+            .unwrap();
+        let token = f.dir.path().join("token");
+        std::fs::write(&token, "t0ken-value\n").unwrap();
+        assert_eq!(
+            config.resolve_tokens().unwrap(),
+            vec!["t0ken-value".to_owned()]
+        );
+        for bad in ["   ", "two words", "tab\there", "caf\u{e9}"] {
+            std::fs::write(&token, bad).unwrap();
+            let e = config.resolve_tokens().unwrap_err();
+            assert!(
+                e.message
+                    .contains("server.tokens: a token must be visible ASCII"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -118,10 +118,13 @@ pub struct AppState {
     pub forwarders: Arc<Forwarders>,
 }
 
+/// Where events are posted.
+pub const INGEST_PATH: &str = "/v1/job-complete";
+
 /// The router with every endpoint.
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
-        .route("/v1/job-complete", post(job_complete))
+        .route(INGEST_PATH, post(job_complete))
         .route("/v1/events/{id}", get(event))
         .route("/v1/handlers", get(handlers))
         .route("/v1/forwarders", get(forwarder_list))
@@ -144,12 +147,14 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
     if tokens.is_empty() {
         return next.run(request).await;
     }
+    // The scheme's name is case-insensitive (RFC 9110 §11.1): `bearer x` is `Bearer x`.
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let ok = presented.is_some_and(|p| {
         tokens.iter().fold(false, |found, t| {
             found | constant_time_eq(p.as_bytes(), t.as_bytes())
@@ -158,7 +163,11 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
     if ok {
         return next.run(request).await;
     }
-    state.metrics.event_rejected();
+    // An event refused: counted as ingest refusals are. A scraper or a scanner without the
+    // token asking for something else is not an event.
+    if request.method() == axum::http::Method::POST && request.uri().path() == INGEST_PATH {
+        state.metrics.event_rejected();
+    }
     let mut response = error(
         StatusCode::UNAUTHORIZED,
         "missing or wrong bearer token (send Authorization: Bearer <token>)",
