@@ -21,9 +21,16 @@ pub const FORWARDER_HEADER: &str = "x-jobhook-forwarder";
 pub const MAX_FORWARDER_NAME_BYTES: usize = 253;
 
 /// Most forwarders remembered. A site has one per Keyfactor server, a handful; the bound keeps a
-/// client that invents names from growing the engine's memory. When it is full, the forwarder
-/// silent the longest is forgotten to make room.
+/// client that invents names from growing the engine's memory. When it is full, a new name is
+/// recorded only in place of one silent for longer than [`FORGET_SILENT_AFTER`]; otherwise it is
+/// not recorded (its events are accepted all the same). Forgetting the quietest at once would
+/// let a client inventing names push out exactly the forwarder that has gone silent — the one
+/// the silence gauge is there to show.
 pub const MAX_FORWARDERS: usize = 1024;
+
+/// How long a forwarder stays listed after its last event when the list is full: long past any
+/// outage an operator would still be looking into.
+pub const FORGET_SILENT_AFTER: chrono::Duration = chrono::Duration::days(30);
 
 /// A forwarder as shown by `GET /v1/forwarders`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -81,12 +88,16 @@ impl Forwarders {
             return;
         }
         if seen.len() >= MAX_FORWARDERS {
-            let quietest = seen
+            let forgettable = seen
                 .iter()
                 .min_by_key(|(_, s)| s.last)
+                .filter(|(_, s)| now.signed_duration_since(s.last) > FORGET_SILENT_AFTER)
                 .map(|(n, _)| n.clone());
-            if let Some(quietest) = quietest {
-                seen.remove(&quietest);
+            match forgettable {
+                Some(quietest) => {
+                    seen.remove(&quietest);
+                }
+                None => return,
             }
         }
         seen.insert(
@@ -164,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_last_times_and_forgets_the_quietest_when_full() {
+    fn counts_last_times_and_forgets_only_the_long_silent_when_full() {
         let forwarders = Forwarders::new();
         let t0 = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         forwarders.accepted("old", t0);
@@ -181,7 +192,16 @@ mod tests {
             forwarders.summary(t0 + chrono::Duration::seconds(30)),
             (MAX_FORWARDERS, 30.0)
         );
+        // Full, and nobody silent for long: a new name is not recorded, and the silent one
+        // stays listed (a client inventing names cannot push it out).
         forwarders.accepted("new", t0 + chrono::Duration::seconds(40));
+        let names: Vec<String> = forwarders.list().into_iter().map(|f| f.name).collect();
+        assert_eq!(names.len(), MAX_FORWARDERS);
+        assert!(!names.contains(&"new".to_owned()));
+        assert!(names.contains(&"old".to_owned()), "the silent one stays");
+        // Once the quietest has been silent past FORGET_SILENT_AFTER, it makes room.
+        let later = t0 + FORGET_SILENT_AFTER + chrono::Duration::seconds(1);
+        forwarders.accepted("new", later);
         let names: Vec<String> = forwarders.list().into_iter().map(|f| f.name).collect();
         assert_eq!(names.len(), MAX_FORWARDERS);
         assert!(names.contains(&"new".to_owned()));
