@@ -218,6 +218,9 @@ impl JobContext {
         if bytes.len() > MAX_CONTEXT_BYTES {
             return Err(ContextError::TooLarge { size: bytes.len() });
         }
+        // A byte order mark, as .NET's UTF-8 StreamWriter and Windows editors write one, is
+        // ignored (RFC 8259 §8.1 allows it) rather than refused as "expected value at column 1".
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ContextError::Json(e.to_string()))?;
         if value.is_object() {
@@ -594,6 +597,24 @@ pub fn serializer_hint(bytes: &[u8]) -> Option<&'static str> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_leading_byte_order_mark_is_ignored() {
+        let text = serde_json::to_vec(&jobhook_testkit::sample_context_json()).unwrap();
+        let mut with_bom = b"\xEF\xBB\xBF".to_vec();
+        with_bom.extend_from_slice(&text);
+        let plain = JobContext::from_json_bytes(&text);
+        assert!(plain.is_ok(), "{plain:?}");
+        assert_eq!(
+            JobContext::from_json_bytes(&with_bom).map(|c| c.to_json()),
+            plain.map(|c| c.to_json())
+        );
+        // Only at the start: one inside the document is still refused.
+        let mut inside = text.clone();
+        inside.insert(1, b' ');
+        inside.splice(1..2, b"\xEF\xBB\xBF".iter().copied());
+        assert!(JobContext::from_json_bytes(&inside).is_err());
+    }
 
     fn sample() -> Value {
         json!({
