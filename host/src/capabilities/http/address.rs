@@ -223,27 +223,57 @@ impl fmt::Display for AddressRefused {
 
 impl std::error::Error for AddressRefused {}
 
-/// The resolver outbound clients connect through: system resolution (`getaddrinfo`, off the
-/// async runtime), then every address checked against the policy.
+/// Name lookups in progress at once, engine-wide. `getaddrinfo` holds a thread of the runtime's
+/// blocking pool until the system resolver answers or gives up (seconds per attempt), and a
+/// call dropped when its handler's time budget ends does not stop it: without a bound, a
+/// handler asking for names that resolve slowly (a wildcard grant over a domain it controls)
+/// could fill the blocking pool that the store's calls on the same runtime share. Past the
+/// bound a lookup is refused at once; a real handler's lookups take milliseconds.
+pub const MAX_LOOKUPS_IN_PROGRESS: usize = 32;
+
+/// The engine's lookups in progress (see [`MAX_LOOKUPS_IN_PROGRESS`]).
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS_IN_PROGRESS);
+
+/// The resolver outbound clients connect through: system resolution (`getaddrinfo`, on a
+/// blocking thread, at most [`MAX_LOOKUPS_IN_PROGRESS`] at once), then every address checked
+/// against the policy.
 #[derive(Debug)]
 pub struct CheckingResolver {
     policy: AddressPolicy,
+    lookups: &'static tokio::sync::Semaphore,
 }
 
 impl CheckingResolver {
     /// A resolver enforcing `policy`.
     pub fn new(policy: AddressPolicy) -> Self {
-        CheckingResolver { policy }
+        CheckingResolver {
+            policy,
+            lookups: &LOOKUPS,
+        }
     }
 }
 
 impl Resolve for CheckingResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let policy = self.policy;
+        let lookups = self.lookups;
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let Ok(permit) = lookups.try_acquire() else {
+                return Err(format!(
+                    "{MAX_LOOKUPS_IN_PROGRESS} name lookups are in progress; {host} is not looked up"
+                )
+                .into());
+            };
+            let looked_up = host.clone();
+            // The permit goes with the blocking thread: it is given back when `getaddrinfo`
+            // returns, not when this call is dropped.
+            let addrs: Vec<SocketAddr> = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                std::net::ToSocketAddrs::to_socket_addrs(&(looked_up.as_str(), 0))
+                    .map(Iterator::collect)
+            })
+            .await??;
             if addrs.is_empty() {
                 return Err(format!("{host} has no address").into());
             }
@@ -373,6 +403,26 @@ mod tests {
             .await
             .unwrap();
         assert!(allowed.into_iter().all(|a| a.ip().is_loopback()));
+    }
+
+    /// Past the bound a lookup is refused at once; a permit comes back when its lookup ends,
+    /// so lookups go on after one finished.
+    #[tokio::test]
+    async fn lookups_past_the_bound_are_refused_at_once() {
+        static ONE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+        let resolver = CheckingResolver {
+            policy: AddressPolicy::LoopbackOnly,
+            lookups: &ONE,
+        };
+        let name = || -> Name { "localhost".parse().unwrap() };
+        for _ in 0..3 {
+            assert!(resolver.resolve(name()).await.is_ok());
+        }
+        let held = ONE.try_acquire().unwrap();
+        let err = resolver.resolve(name()).await.err().unwrap().to_string();
+        assert!(err.contains("name lookups are in progress"), "{err}");
+        drop(held);
+        assert!(resolver.resolve(name()).await.is_ok());
     }
 
     proptest! {
