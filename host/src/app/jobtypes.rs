@@ -61,6 +61,15 @@ fn printable(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
+/// Most characters of an entry left out that are printed: the answer is the server's, and one
+/// entry may be megabytes long; the start says which entry it is.
+const MAX_SKIPPED_CHARS: usize = 300;
+
+/// A left-out entry as printed, cut to [`MAX_SKIPPED_CHARS`].
+fn shown(entry: String) -> String {
+    crate::app::config::excerpt(&entry, MAX_SKIPPED_CHARS).into_owned()
+}
+
 /// The job types in `store_types` (`GET /CertificateStoreTypes`) and `custom`
 /// (`GET /JobTypes/Custom`), and the entries left out, with why.
 pub fn collect(store_types: &[Value], custom: &[Value]) -> (Vec<JobType>, Vec<String>) {
@@ -86,7 +95,7 @@ pub fn collect(store_types: &[Value], custom: &[Value]) -> (Vec<JobType>, Vec<St
                     origin: format!("store type {short}"),
                 }),
                 Some(id) if id.is_nil() => {}
-                _ => skipped.push(format!("store type {short:?}: {field} {raw}")),
+                _ => skipped.push(shown(format!("store type {short:?}: {field} {raw}"))),
             }
         }
     }
@@ -101,7 +110,7 @@ pub fn collect(store_types: &[Value], custom: &[Value]) -> (Vec<JobType>, Vec<St
                 id,
                 origin: "custom job type".into(),
             }),
-            _ => skipped.push(format!("custom job type {name:?}: {job}")),
+            _ => skipped.push(shown(format!("custom job type {name:?}: {job}"))),
         }
     }
     (found, skipped)
@@ -264,6 +273,23 @@ mod tests {
             crate::queue::registration::JobTypes::Only(set) => assert_eq!(set.len(), ids.len()),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_entry_left_out_is_printed_cut_short() {
+        let huge = json!([{ "JobTypeName": "x".repeat(100_000), "Id": "not a guid" }]);
+        let (_, skipped) = collect(&[], huge.as_array().unwrap());
+        assert_eq!(skipped.len(), 1);
+        assert!(
+            skipped[0].chars().count() <= MAX_SKIPPED_CHARS + 1,
+            "{}",
+            skipped[0].len()
+        );
+        assert!(
+            skipped[0].starts_with("custom job type"),
+            "{}",
+            &skipped[0][..40]
+        );
     }
 
     #[test]
