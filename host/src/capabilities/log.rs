@@ -53,8 +53,10 @@ impl LogCollector {
         // The engine's log is line-oriented: the guest's text goes in escaped, so it cannot end
         // the line and forge the next one or reach a terminal as an escape sequence. The
         // outcome keeps the text as written (the API's JSON escapes it exactly). Escaping costs
-        // two copies per line, so it is done only when the engine's log shows the line (at the
-        // default filter, `error`, a handler's info lines are kept in its outcome only).
+        // two copies per line, so it is done only when the engine's log shows the line (at
+        // `serve`'s default filter only a handler's errors are shown; its other lines are kept
+        // in its outcome only). The engine's own formatter escapes again as it writes
+        // (`app::engine_log`); this escape keeps the line safe under any other subscriber.
         if enabled(level) {
             let handler = escape(&self.handler);
             let shown = escape(&message);
