@@ -672,6 +672,10 @@ pub fn forwarded_response_header(name: &str) -> bool {
     FORWARDED.contains(&name.as_str()) || name.starts_with("x-keyfactor-")
 }
 
+/// A base no `Location` names: a relative reference resolved against it keeps its host only if
+/// it names none.
+const RELATIVE_PROBE: &str = "https://relative.invalid/";
+
 /// What a handler is shown of a response's `Location`: a relative reference as it is (it names
 /// no host); an absolute one below the API base as the path below it (`/Certificates/5`, as the
 /// handler names paths); an absolute one anywhere else — another host, another scheme, above
@@ -679,9 +683,12 @@ pub fn forwarded_response_header(name: &str) -> bool {
 fn location_for_guest(value: &str, base: &url::Url) -> Option<String> {
     let absolute = match url::Url::parse(value) {
         Ok(url) => url,
-        // No scheme: relative. A scheme-relative `//host/...` names a host all the same.
-        Err(url::ParseError::RelativeUrlWithoutBase) if !value.starts_with("//") => {
-            return Some(value.to_owned());
+        // No scheme: relative, shown as it is unless it names a host all the same — `//host`,
+        // and what a URL parser reads alike (`\\host`, `/\host`, after spaces or tabs).
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            let probe = url::Url::parse(RELATIVE_PROBE).ok()?;
+            let resolved = probe.join(value).ok()?;
+            return (resolved.origin() == probe.origin()).then(|| value.to_owned());
         }
         Err(_) => return None,
     };
@@ -736,8 +743,6 @@ fn load_ca_bundle(
 mod tests {
     use super::*;
 
-    /// A device or a pipe reports no size: the limit holds by reading, not by asking.
-    #[cfg(unix)]
     #[test]
     fn a_location_never_names_the_apis_host() {
         let base = url::Url::parse("https://kf.example.com/KeyfactorAPI/").unwrap();
@@ -760,11 +765,38 @@ mod tests {
             ("https://evil.example/KeyfactorAPI/Certificates/5", None),
             ("//kf.example.com/KeyfactorAPI/Certificates/5", None),
             ("https://kf.example.com:8443/KeyfactorAPI/x", None),
+            // Other spellings of the API's own address.
+            ("HTTPS://kf.example.com/KeyfactorAPI/x", Some("/x")),
+            ("https://user:pw@kf.example.com/KeyfactorAPI/x", Some("/x")),
+            ("https:\\\\kf.example.com\\KeyfactorAPI\\x", Some("/x")),
+            // Only starts with the base's text, leaves it, or hides its `/`.
+            ("https://kf.example.com/KeyfactorAPIX/x", None),
+            ("https://kf.example.com/KeyfactorAPI", None),
+            ("https://kf.example.com/KeyfactorAPI/../Other/5", None),
+            ("https://kf.example.com/KeyfactorAPI/%2e%2e/Other/5", None),
+            ("https://kf.example.com/KeyfactorAPI%2FCertificates", None),
+            // Relative references that name a host all the same.
+            ("\\\\kf.example.com\\KeyfactorAPI\\x", None),
+            ("/\\kf.example.com/KeyfactorAPI/x", None),
+            ("\\/kf.example.com/KeyfactorAPI/x", None),
+            ("\t//kf.example.com/KeyfactorAPI/x", None),
+            (" //kf.example.com/KeyfactorAPI/x", None),
+            ("//evil.example/x", None),
+        ] {
+            assert_eq!(location_for_guest(sent, &base).as_deref(), shown, "{sent}");
+        }
+        let base = url::Url::parse("https://[2001:db8::1]/KeyfactorAPI/").unwrap();
+        for (sent, shown) in [
+            ("https://[2001:db8:0::1]:443/KeyfactorAPI/x", Some("/x")),
+            ("https://[2001:db8::2]/KeyfactorAPI/x", None),
+            ("//[2001:db8::1]/KeyfactorAPI/x", None),
         ] {
             assert_eq!(location_for_guest(sent, &base).as_deref(), shown, "{sent}");
         }
     }
 
+    /// A device or a pipe reports no size: the limit holds by reading, not by asking.
+    #[cfg(unix)]
     #[test]
     fn a_ca_bundle_that_never_ends_is_refused_at_its_limit() {
         let e = load_ca_bundle(std::path::Path::new("/dev/zero")).unwrap_err();
