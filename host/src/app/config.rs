@@ -71,21 +71,27 @@ pub const MIN_HANDLER_MEMORY_BYTES: u64 = 1024 * 1024;
 /// pool slot, which no sandbox can grow past whatever it is given.
 pub const MAX_HANDLER_MEMORY_BYTES: u64 = crate::runtime::engine::MAX_MEMORY_PER_SANDBOX as u64;
 
+/// The first `max` characters of `text`, or `None` when it has no more than `max`.
+fn cut(text: &str, max: usize) -> Option<&str> {
+    let (end, _) = text.char_indices().nth(max)?;
+    text.get(..end)
+}
+
 /// `text` cut to its first `max` characters, with `…` appended when it was longer: operator
 /// text (a name, a key, a path) echoed in an error stays readable whatever its length.
 pub fn excerpt(text: &str, max: usize) -> Cow<'_, str> {
-    match text.char_indices().nth(max) {
+    match cut(text, max) {
         None => Cow::Borrowed(text),
-        Some((end, _)) => Cow::Owned(format!("{}…", text.get(..end).unwrap_or_default())),
+        Some(head) => Cow::Owned(format!("{head}…")),
     }
 }
 
 /// `text` quoted for an error message (Rust string syntax) and cut to [`MAX_QUOTED_CHARS`]
 /// characters: `"long-nam"…` when it was longer.
 pub fn quoted(text: &str) -> String {
-    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+    match cut(text, MAX_QUOTED_CHARS) {
         None => format!("{text:?}"),
-        Some((end, _)) => format!("{:?}…", text.get(..end).unwrap_or_default()),
+        Some(head) => format!("{head:?}…"),
     }
 }
 
@@ -435,30 +441,26 @@ impl Config {
             line: None,
             message,
         };
-        let size = std::fs::metadata(path)
-            .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?
-            .len();
-        if size > MAX_CONFIG_BYTES {
-            return Err(fail(format!(
-                "the configuration file is {size} bytes; the limit is {MAX_CONFIG_BYTES}"
-            )));
-        }
-        // The size a device or pipe reports is 0 whatever it holds: the limit is kept by
-        // reading no more than one byte past it.
-        let mut text = String::new();
+        // Read, not asked: the size a device or pipe reports is 0 whatever it holds. No more
+        // than one byte past the limit is read, and as bytes, so that a cut through a character
+        // is not mistaken for a file that is not UTF-8.
+        let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|f| {
-                std::io::Read::read_to_string(
+                std::io::Read::read_to_end(
                     &mut std::io::Read::take(f, MAX_CONFIG_BYTES.saturating_add(1)),
-                    &mut text,
+                    &mut bytes,
                 )
             })
             .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
-        if text.len() as u64 > MAX_CONFIG_BYTES {
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
             return Err(fail(format!(
                 "the configuration file holds more than {MAX_CONFIG_BYTES} bytes, the limit"
             )));
         }
+        let text = String::from_utf8(bytes).map_err(|_| {
+            fail("cannot read the configuration file: it is not valid UTF-8".to_owned())
+        })?;
         Self::parse(&text, path)
     }
 
@@ -1200,12 +1202,29 @@ backoff_ms = 100
             ))
             .unwrap();
         let token = f.dir.path().join("token");
-        std::fs::write(&token, "t0ken-value\n").unwrap();
-        assert_eq!(
-            config.resolve_tokens().unwrap(),
-            vec!["t0ken-value".to_owned()]
-        );
-        for bad in ["   ", "two words", "tab\there", "caf\u{e9}"] {
+        // The line end an editor leaves, Unix or Windows, is not part of the token.
+        for good in ["t0ken-value\n", "t0ken-value\r\n", "t0ken-value"] {
+            std::fs::write(&token, good).unwrap();
+            assert_eq!(
+                config.resolve_tokens().unwrap(),
+                vec!["t0ken-value".to_owned()],
+                "{good:?}"
+            );
+        }
+        for bad in [
+            "   ",
+            "two words",
+            "tab\there",
+            "caf\u{e9}",
+            " lead",
+            "trail \n",
+            "t0ken\r",
+            "t0ken\r\n\r\n",
+            "t0ken\n\n",
+            "\r\n\r\n",
+            "nul\0",
+            "del\x7f",
+        ] {
             std::fs::write(&token, bad).unwrap();
             let e = config.resolve_tokens().unwrap_err();
             assert!(
@@ -1213,6 +1232,12 @@ backoff_ms = 100
                     .contains("server.tokens: a token must be visible ASCII"),
                 "{bad:?}: {e}"
             );
+        }
+        // Nothing but a line end is no token at all.
+        for empty in ["", "\n", "\r\n"] {
+            std::fs::write(&token, empty).unwrap();
+            let e = config.resolve_tokens().unwrap_err();
+            assert!(e.message.starts_with("server.tokens: "), "{empty:?}: {e}");
         }
     }
 
@@ -1475,12 +1500,68 @@ identity = "writer"
         );
     }
 
+    /// A pipe never says how much it holds, and its text may be cut in the middle of a
+    /// character: the limit is what is refused, not the cut.
+    #[cfg(unix)]
+    #[test]
+    fn a_pipe_past_the_limit_is_refused_at_its_limit() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("jobhook.toml");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated string that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                // Two-byte characters, one byte past the limit: the read stops inside one.
+                let text = "é".repeat(MAX_CONFIG_BYTES as usize / 2 + 1);
+                // The reader stops early and closes its end: the rest cannot be written.
+                let _ = std::io::Write::write_all(
+                    &mut std::fs::OpenOptions::new().write(true).open(&fifo).unwrap(),
+                    text.as_bytes(),
+                );
+            })
+        };
+        let e = Config::load(&fifo).unwrap_err();
+        writer.join().unwrap();
+        assert!(
+            e.message
+                .contains(&format!("holds more than {MAX_CONFIG_BYTES} bytes")),
+            "{e}"
+        );
+    }
+
     #[test]
     fn missing_component_file_is_named() {
         let e = error(&MINIMAL.replace("h.wasm", "missing.wasm"));
         assert!(e.message.contains("missing.wasm"), "{e}");
         assert!(e.message.contains("handlers.component"), "{e}");
         assert_eq!(e.line, Some(4), "{e}");
+    }
+
+    /// A path is shown whole up to [`MAX_QUOTED_PATH_CHARS`] characters and cut past it; no
+    /// message, whatever it quotes, is longer than [`MAX_ERROR_MESSAGE_CHARS`].
+    #[test]
+    fn paths_are_shown_whole_to_their_cap_and_messages_are_capped() {
+        let whole = format!("{}.wasm", "d/".repeat(1000));
+        let e = error(&MINIMAL.replace("h.wasm", &whole));
+        assert!(e.message.contains(&whole), "{e}");
+        assert!(!e.message.contains('…'), "{e}");
+        let long = format!("{}.wasm", "d/".repeat(3000));
+        let e = error(&MINIMAL.replace("h.wasm", &long));
+        assert!(e.message.contains(&"d/".repeat(1000)), "{e}");
+        assert!(!e.message.contains(&long), "{}", excerpt(&e.message, 600));
+        assert!(e.message.contains('…'), "{}", excerpt(&e.message, 600));
+        assert!(
+            e.message.chars().count() < MAX_QUOTED_PATH_CHARS + 600,
+            "{}",
+            e.message.chars().count()
+        );
+        let message = capped("m".repeat(3 * MAX_ERROR_MESSAGE_CHARS));
+        assert_eq!(message.chars().count(), MAX_ERROR_MESSAGE_CHARS + 1);
+        assert!(message.ends_with('…'), "{message}");
+        assert_eq!(capped("short".to_owned()), "short");
     }
 
     #[test]

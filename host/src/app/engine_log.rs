@@ -9,13 +9,14 @@
 
 use std::fmt;
 
-use tracing::field::Field;
-use tracing_subscriber::field::{MakeExt as _, delimited::Delimited};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
 #[cfg(test)]
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::SubscriberBuilder;
-use tracing_subscriber::fmt::format::{FieldFn, Format, Writer};
-use tracing_subscriber::{EnvFilter, fmt::format::debug_fn};
+use tracing_subscriber::fmt::format::{Format, Writer};
 
 use crate::escape::escape;
 
@@ -75,11 +76,43 @@ pub fn init_serve_tracing() -> (
     (drops, guard)
 }
 
-/// How a field is written: see [`write_field`].
-type WriteField = fn(&mut Writer<'_>, &Field, &dyn fmt::Debug) -> fmt::Result;
+/// The engine's fields formatter: each field as [`write_field`] writes it, a space between
+/// those written (a field left out leaves no space behind).
+struct EscapedFields;
 
-/// The engine's fields formatter: [`write_field`] for each field, a space between them.
-type EscapedFields = Delimited<&'static str, FieldFn<WriteField>>;
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = FieldWriter {
+            writer,
+            written: false,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+/// Writes the fields of one line, remembering whether one was written and the first failure.
+struct FieldWriter<'w> {
+    writer: Writer<'w>,
+    written: bool,
+    result: fmt::Result,
+}
+
+impl Visit for FieldWriter<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return;
+        }
+        if self.written {
+            self.result = self.writer.write_char(' ');
+        }
+        self.written = true;
+        if self.result.is_ok() {
+            self.result = write_field(&mut self.writer, field, value);
+        }
+    }
+}
 
 /// The engine's log filter (`RUST_LOG`, else `default_filter`) and format, before its writer is
 /// chosen.
@@ -94,18 +127,15 @@ fn subscriber(default_filter: &str) -> SubscriberBuilder<EscapedFields, Format, 
 fn formatted(filter: EnvFilter) -> SubscriberBuilder<EscapedFields, Format, EnvFilter> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .fmt_fields(debug_fn(write_field as WriteField).delimited(" "))
+        .fmt_fields(EscapedFields)
 }
 
 /// Writes one field of a line as the default format does — the message bare, any other field
 /// as `name=value` — with the value [`escape`]d. Fields a `log` record carries about its origin
-/// (`log.target`, `log.file`, …) are left out, as the default format leaves them out: the line's
-/// target already says where it comes from.
+/// (`log.target`, `log.file`, …) are not passed here ([`FieldWriter`] leaves them out, as the
+/// default format leaves them out): the line's target already says where it comes from.
 fn write_field(writer: &mut Writer<'_>, field: &Field, value: &dyn fmt::Debug) -> fmt::Result {
     let name = field.name();
-    if name.starts_with("log.") {
-        return Ok(());
-    }
     let text = format!("{value:?}");
     let text = escape(&text);
     if name == "message" {
@@ -206,6 +236,30 @@ mod tests {
         assert!(
             text.trim_end()
                 .ends_with("abandoned deliveries requeued requeued=3 relay=smtp.example:25"),
+            "{text}"
+        );
+    }
+
+    /// The origin fields a `log` record carries (`log.target`, `log.file`, …) are left out, as
+    /// the default format leaves them out: whatever they hold is not shown, and the rest of the
+    /// line is.
+    #[test]
+    fn a_log_records_origin_fields_are_left_out() {
+        let text = lines("info", || {
+            tracing::warn!(
+                log.target = FORGED,
+                log.module_path = FORGED,
+                log.file = FORGED,
+                log.line = 7,
+                logged = %"kept",
+                "a bridged line"
+            );
+        });
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains("log."), "{text}");
+        assert!(!text.contains("forged"), "{text}");
+        assert!(
+            text.trim_end().ends_with("a bridged line logged=kept"),
             "{text}"
         );
     }

@@ -146,16 +146,22 @@ pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
     let config = Config::load(path)?;
     config.resolve_tokens()?;
     config.check_store_location()?;
-    // The pool `serve` reserves: one slot per concurrent delivery.
-    let slots = u32::try_from(config.engine.max_concurrent_deliveries).unwrap_or(u32::MAX);
-    let engine = Engine::with_pool(slots, &config.engine.pool())?;
-    let engine = match config.engine.sandbox_threads {
-        0 => engine,
-        n => engine.with_sandbox_threads(n)?,
-    };
+    let engine = engine(&config)?;
     let services = services(&config)?;
     let set = load_handlers(&engine, &services, &config, None).await?;
     Ok(set.names())
+}
+
+/// The engine `serve` runs and `check` tries: one pool slot per delivery the dispatcher may run
+/// at once (no delivery ever waits for a slot, and no slot is reserved that could never be
+/// used), and optionally sandbox threads of their own below the API's priority. No AOT cache.
+fn engine(config: &Config) -> anyhow::Result<Engine> {
+    let slots = u32::try_from(config.engine.max_concurrent_deliveries).unwrap_or(u32::MAX);
+    let engine = Engine::with_pool(slots, &config.engine.pool())?;
+    Ok(match config.engine.sandbox_threads {
+        0 => engine,
+        n => engine.with_sandbox_threads(n)?,
+    })
 }
 
 /// Prints the ready line on stdout, for whatever started the engine. A stdout nobody reads any
@@ -172,15 +178,7 @@ fn announce(line: &str) {
 pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let tokens = Arc::new(BearerTokens::new(config.resolve_tokens()?));
-    // One pool slot per delivery the dispatcher may run at once: no delivery ever waits for a
-    // slot, and no slot is reserved that could never be used.
-    let slots = u32::try_from(config.engine.max_concurrent_deliveries).unwrap_or(u32::MAX);
-    let engine = Engine::with_pool(slots, &config.engine.pool())?;
-    // Optionally, sandboxes get threads of their own below the API's priority.
-    let engine = match config.engine.sandbox_threads {
-        0 => engine,
-        n => engine.with_sandbox_threads(n)?,
-    };
+    let engine = engine(&config)?;
     let engine = match &config.engine.cache_dir {
         Some(dir) => engine.with_aot_cache_at(dir),
         None => engine,
