@@ -37,7 +37,13 @@ enum Mode {
     /// from inside TLS. The relay then refuses the message at the end of its data, so a client
     /// whose replies the injection shifted by one believes it was delivered.
     StarttlsInjected,
+    /// As [`Mode::Implicit`], but the greeting inside TLS is `220 ` and then `x` without end
+    /// (up to [`TLS_FLOOD_BYTES`]): what the client reads of it must stay within its read limit.
+    ImplicitFlood,
 }
+
+/// Most bytes [`Mode::ImplicitFlood`] writes inside TLS: far past the engine's read limit.
+const TLS_FLOOD_BYTES: usize = 64 * 1024 * 1024;
 
 /// The relay's go-ahead to STARTTLS.
 const GO_AHEAD: &[u8] = b"220 2.0.0 go ahead\r\n";
@@ -82,7 +88,8 @@ async fn tls_relay(
             let seen = Arc::clone(&store);
             tokio::spawn(async move {
                 let mut plain = BufReader::new(tcp);
-                if mode != Mode::Implicit {
+                let implicit = matches!(mode, Mode::Implicit | Mode::ImplicitFlood);
+                if !implicit {
                     let _ = plain.get_mut().write_all(b"220 tls-relay ESMTP\r\n").await;
                     let go_ahead = if mode == Mode::StarttlsInjected {
                         [GO_AHEAD, INJECTED].concat()
@@ -108,15 +115,25 @@ async fn tls_relay(
                         }
                     }
                 }
-                let Ok(tls) = acceptor.accept(plain.into_inner()).await else {
+                let Ok(mut tls) = acceptor.accept(plain.into_inner()).await else {
                     return;
                 };
                 if let Ok(mut seen) = seen.lock() {
                     seen.handshakes += 1;
                 }
+                if mode == Mode::ImplicitFlood {
+                    let chunk = [b'x'; 16 * 1024];
+                    let mut written = 0;
+                    let mut ok = tls.write_all(b"220 ").await.is_ok();
+                    while ok && written < TLS_FLOOD_BYTES {
+                        ok = tls.write_all(&chunk).await.is_ok();
+                        written += chunk.len();
+                    }
+                    return;
+                }
                 session(
                     BufReader::new(tls),
-                    mode == Mode::Implicit,
+                    implicit,
                     mode == Mode::StarttlsInjected,
                     &seen,
                 )
@@ -386,4 +403,33 @@ fn plain_text_after_the_starttls_go_ahead_ends_the_exchange_before_tls() {
     // Closed before TLS: no handshake, so nothing inside TLS either.
     assert_eq!(seen.lock().expect("seen").handshakes, 0, "injected: {case}");
     assert_no_transaction(&seen, "injected");
+}
+
+/// A relay that, inside implicit TLS, greets with a reply line without end is cut off at the
+/// engine's read limit — every TLS record counts against it — and the handler is told so, at
+/// once and not at the timeout.
+#[test]
+fn a_greeting_without_end_inside_implicit_tls_is_cut_off() {
+    let setup = Setup::new();
+    let _guard = setup.runtime.enter();
+    let (addr, seen) = setup.relay("127.0.0.1", Mode::ImplicitFlood);
+    let started = std::time::Instant::now();
+    let out = run_mail(&addr.to_string(), "implicit", &setup.trusted);
+    let took = started.elapsed();
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "more than {} bytes",
+            jobhook::capabilities::mail::MAX_RELAY_READ_BYTES
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "{took:?}: {}",
+        text(&out)
+    );
+    assert_eq!(seen.lock().expect("seen").handshakes, 1);
+    assert_no_transaction(&seen, "implicit flood");
 }

@@ -55,6 +55,9 @@ pub enum Flood {
     Greeting,
     /// The reply to `EHLO`, after a proper greeting: `250-` and then `x` without end.
     EhloReply,
+    /// The reply to `DATA`, after a proper greeting, EHLO reply and `250` to every `MAIL` and
+    /// `RCPT`: `354-` and then `x` without end.
+    DataReply,
 }
 
 /// A hostile SMTP relay on `127.0.0.1` that answers every connection with a reply line that
@@ -178,16 +181,31 @@ async fn flood_session(stream: TcpStream, flood: Flood, floods: Arc<Mutex<Vec<u6
     };
     let start: &[u8] = match flood {
         Flood::Greeting => b"220 ",
-        Flood::EhloReply => {
+        Flood::EhloReply | Flood::DataReply => {
             if write
                 .write_all(b"220 jobhook-testkit ESMTP ready\r\n")
                 .await
                 .is_err()
-                || !matches!(lines.read_line().await, Ok(Some(_)))
             {
                 return;
             }
-            b"250-"
+            loop {
+                let Ok(Some(line)) = lines.read_line().await else {
+                    return;
+                };
+                let command = line.to_ascii_uppercase();
+                if flood == Flood::EhloReply || command.starts_with("DATA") {
+                    break;
+                }
+                if write.write_all(b"250 ok\r\n").await.is_err() {
+                    return;
+                }
+            }
+            if flood == Flood::EhloReply {
+                b"250-"
+            } else {
+                b"354-"
+            }
         }
     };
     let mut written = 0u64;

@@ -1409,7 +1409,8 @@ mod tests {
     }
 
     /// A relay that floods a reply line without end — the greeting (which anyone on the path
-    /// can send before STARTTLS) or its EHLO reply — is cut off: the handler is told the relay
+    /// can send before STARTTLS), its EHLO reply (read a byte at a time before STARTTLS, each
+    /// byte counted) or its reply to DATA — is cut off: the handler is told the relay
     /// sent too much, at once and not at the timeout, and the relay got rid of no more than the
     /// engine's read limit plus the socket buffers before the engine closed the connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1418,6 +1419,8 @@ mod tests {
             (Flood::Greeting, SmtpTls::None),
             (Flood::Greeting, SmtpTls::Starttls),
             (Flood::EhloReply, SmtpTls::None),
+            (Flood::EhloReply, SmtpTls::Starttls),
+            (Flood::DataReply, SmtpTls::None),
         ] {
             let relay = FloodingRelay::start(flood).await.unwrap();
             let smtp = SmtpConfig::new(relay.host(), relay.port(), tls);

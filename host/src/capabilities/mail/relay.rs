@@ -172,30 +172,13 @@ impl Relay {
             RelayTls::Starttls(parameters) => {
                 // Fails when the relay does not offer STARTTLS: no fallback to plain text.
                 let socket = Self::plaintext_phase(socket, &hello).await?;
-                // lettre's TLS upgrade, as its `starttls` ran it, on a socket nothing has been
-                // read ahead of; lettre then sends EHLO inside TLS, as its `starttls` did.
-                #[allow(deprecated)]
-                let mut tls = AsyncNetworkStream::use_existing_tokio1(Box::new(socket));
-                tls.upgrade_tls(parameters.clone()).await?;
-                AsyncSmtpConnection::connect_with_transport(
-                    Box::new(Encrypted::new(tls, TLS_GREETING)),
-                    &hello,
-                )
-                .await?
+                // On a socket nothing has been read ahead of; lettre then sends EHLO inside
+                // TLS, as its `starttls` did.
+                Self::over_tls(socket, parameters, TLS_GREETING, &hello).await?
             }
+            // The relay's own greeting comes inside TLS.
             RelayTls::Implicit(parameters) => {
-                // lettre's own TLS upgrade, the one its transport ran, on the budgeted socket.
-                // `AsyncNetworkStream` is deprecated as public API but is what lettre's
-                // transport itself uses; its TLS stays lettre's, configured as before.
-                #[allow(deprecated)]
-                let mut tls = AsyncNetworkStream::use_existing_tokio1(Box::new(socket));
-                tls.upgrade_tls(parameters.clone()).await?;
-                // The relay's own greeting comes inside TLS.
-                AsyncSmtpConnection::connect_with_transport(
-                    Box::new(Encrypted::new(tls, b"")),
-                    &hello,
-                )
-                .await?
+                Self::over_tls(socket, parameters, b"", &hello).await?
             }
         };
         if let Some(credentials) = &self.credentials {
@@ -205,6 +188,26 @@ impl Relay {
         // QUIT and close, as lettre's transport does without a pool; its answer does not matter.
         conn.abort().await;
         Ok(response)
+    }
+
+    /// lettre's own TLS upgrade, the one its transport (and its `starttls`) ran, on the
+    /// budgeted `socket`, and a lettre connection on the TLS stream that reads `greeting` first
+    /// ([`Encrypted`]). `AsyncNetworkStream` is deprecated as public API but is what lettre's
+    /// transport itself uses; its TLS stays lettre's, configured as before.
+    async fn over_tls(
+        socket: ReadBudget,
+        parameters: &TlsParameters,
+        greeting: &'static [u8],
+        hello: &ClientId,
+    ) -> Result<AsyncSmtpConnection, RelayError> {
+        #[allow(deprecated)]
+        let mut tls = AsyncNetworkStream::use_existing_tokio1(Box::new(socket));
+        tls.upgrade_tls(parameters.clone()).await?;
+        Ok(AsyncSmtpConnection::connect_with_transport(
+            Box::new(Encrypted::new(tls, greeting)),
+            hello,
+        )
+        .await?)
     }
 
     /// The plain-text part of STARTTLS (RFC 3207): the greeting, EHLO, `STARTTLS` and the
@@ -243,14 +246,9 @@ impl Relay {
     }
 }
 
-/// The refusal of a read past [`MAX_RELAY_READ_BYTES`].
-#[derive(Debug, thiserror::Error)]
-#[error("the relay sent more than {MAX_RELAY_READ_BYTES} bytes on one connection")]
-struct ReadLimitReached;
-
 /// The relay's TCP socket, delivering at most a fixed number of bytes over its life: each read
 /// asks the socket for no more than what is left, and once nothing is left every read fails
-/// ([`ReadLimitReached`]) and raises `over`, without reading anything.
+/// ([`RelayError::TooMuch`]) and raises `over`, without reading anything.
 #[derive(Debug)]
 struct ReadBudget {
     inner: TcpStream,
@@ -304,7 +302,7 @@ impl AsyncRead for ReadBudget {
         }
         if self.left == 0 {
             self.over.store(true, Ordering::Relaxed);
-            return Poll::Ready(Err(io::Error::other(ReadLimitReached)));
+            return Poll::Ready(Err(io::Error::other(RelayError::TooMuch)));
         }
         let this = &mut *self;
         let room = this.left.min(buf.remaining());
@@ -502,28 +500,50 @@ mod tests {
         Closed,
     }
 
-    /// A plain-text relay for one connection: greeting, EHLO offering STARTTLS, and then
-    /// `go_ahead` in one write; returns its address and what the client sent next.
-    async fn starttls_relay(
+    /// What the scripted relay of [`starttls_relay`] writes, each in one write.
+    #[derive(Clone, Copy)]
+    struct Script {
+        /// At once on connecting.
+        greeting: &'static [u8],
+        /// After the client's EHLO.
+        ehlo: &'static [u8],
+        /// After the client's `STARTTLS`.
         go_ahead: &'static [u8],
-    ) -> (SocketAddr, tokio::task::JoinHandle<AfterGoAhead>) {
+        /// 50 ms after the go-ahead, in a TCP segment of its own (nothing when empty).
+        late: &'static [u8],
+    }
+
+    /// A proper relay offering STARTTLS, its go-ahead alone in its segment.
+    const PROPER: Script = Script {
+        greeting: b"220 relay ESMTP\r\n",
+        ehlo: b"250-relay\r\n250 STARTTLS\r\n",
+        go_ahead: b"220 2.0.0 go ahead\r\n",
+        late: b"",
+    };
+
+    /// A plain-text relay for one connection playing `script`; returns its address and what
+    /// the client sent after the go-ahead (and after `late`).
+    async fn starttls_relay(script: Script) -> (SocketAddr, tokio::task::JoinHandle<AfterGoAhead>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let relay = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
             let mut s = BufReader::new(s);
-            s.get_mut().write_all(b"220 relay ESMTP\r\n").await.unwrap();
+            s.get_mut().write_all(script.greeting).await.unwrap();
             let mut line = String::new();
             s.read_line(&mut line).await.unwrap();
             assert!(line.starts_with("EHLO"), "{line}");
-            s.get_mut()
-                .write_all(b"250-relay\r\n250 STARTTLS\r\n")
-                .await
-                .unwrap();
+            s.get_mut().write_all(script.ehlo).await.unwrap();
             line.clear();
             s.read_line(&mut line).await.unwrap();
             assert_eq!(line, "STARTTLS\r\n");
-            s.get_mut().write_all(go_ahead).await.unwrap();
+            s.get_mut().write_all(script.go_ahead).await.unwrap();
+            if !script.late.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The client may have closed already.
+                let _ = s.get_mut().write_all(script.late).await;
+            }
             let mut first = [0u8; 1];
             match s.read(&mut first).await {
                 Ok(1) => AfterGoAhead::Tls(first[0]),
@@ -558,7 +578,11 @@ mod tests {
     /// same exchange goes on to the TLS handshake.
     #[tokio::test]
     async fn plain_text_after_the_starttls_go_ahead_is_refused_before_tls() {
-        let (addr, relay) = starttls_relay(b"220 2.0.0 go ahead\r\n250 injected\r\n").await;
+        let (addr, relay) = starttls_relay(Script {
+            go_ahead: b"220 2.0.0 go ahead\r\n250 injected\r\n",
+            ..PROPER
+        })
+        .await;
         let result = send_starttls(addr).await;
         assert!(
             matches!(result, Err(RelayError::PlaintextAfterStarttls)),
@@ -566,13 +590,72 @@ mod tests {
         );
         assert_eq!(relay.await.unwrap(), AfterGoAhead::Closed);
 
-        let (addr, relay) = starttls_relay(b"220 2.0.0 go ahead\r\n").await;
+        let (addr, relay) = starttls_relay(PROPER).await;
         let result = send_starttls(addr).await;
         assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16));
         assert!(
             matches!(result, Err(RelayError::Smtp(_))),
             "the handshake fails (the relay speaks no TLS): {result:?}"
         );
+    }
+
+    /// The rest of the injection's class: a multi-line go-ahead is read whole (and what follows
+    /// its last line refused), text injected into an earlier segment — pipelined behind the
+    /// greeting, ahead of the EHLO reply — is still waiting after the go-ahead and refused, and
+    /// text that arrives in a segment of its own after the check goes to TLS, which refuses it:
+    /// never a reply.
+    #[tokio::test]
+    async fn every_way_to_put_plain_text_behind_the_go_ahead_is_refused() {
+        // A multi-line go-ahead, clean: on to TLS.
+        let (addr, relay) = starttls_relay(Script {
+            go_ahead: b"220-2.0.0 go\r\n220 2.0.0 ahead\r\n",
+            ..PROPER
+        })
+        .await;
+        let result = send_starttls(addr).await;
+        assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16), "{result:?}");
+        assert!(matches!(result, Err(RelayError::Smtp(_))), "{result:?}");
+
+        // A multi-line go-ahead with an injection behind its last line.
+        let (addr, relay) = starttls_relay(Script {
+            go_ahead: b"220-2.0.0 go\r\n220 2.0.0 ahead\r\n250 injected\r\n",
+            ..PROPER
+        })
+        .await;
+        let result = send_starttls(addr).await;
+        assert!(
+            matches!(result, Err(RelayError::PlaintextAfterStarttls)),
+            "{result:?}"
+        );
+        assert_eq!(relay.await.unwrap(), AfterGoAhead::Closed);
+
+        // Everything up to the injection sent before the EHLO reply, in the greeting's
+        // segment: the relay's own replies come to nothing.
+        let (addr, relay) = starttls_relay(Script {
+            greeting: b"220 relay ESMTP\r\n250-relay\r\n250 STARTTLS\r\n\
+                        220 2.0.0 go ahead\r\n250 injected\r\n",
+            ehlo: b"",
+            go_ahead: b"",
+            late: b"",
+        })
+        .await;
+        let result = send_starttls(addr).await;
+        assert!(
+            matches!(result, Err(RelayError::PlaintextAfterStarttls)),
+            "{result:?}"
+        );
+        assert_eq!(relay.await.unwrap(), AfterGoAhead::Closed);
+
+        // Injected in a segment of its own, after the go-ahead: the ClientHello has gone, and
+        // the injected text fails the TLS handshake.
+        let (addr, relay) = starttls_relay(Script {
+            late: b"250 injected\r\n",
+            ..PROPER
+        })
+        .await;
+        let result = send_starttls(addr).await;
+        assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16), "{result:?}");
+        assert!(matches!(result, Err(RelayError::Smtp(_))), "{result:?}");
     }
 
     /// The budget delivers exactly its limit, then refuses without reading and raises its flag.
