@@ -44,8 +44,8 @@ namespace Jobhook.Forwarder
         /// hold: files another process wrote after this one opened the spool (during an IIS
         /// overlapped recycle the old worker can spool an event after the new one started, then
         /// exit; nothing else would send that file before the next restart). Such a file waits
-        /// at most this long plus one retry; listing even a full spool (100,000 files) this
-        /// often is a small cost on the sender's own thread.
+        /// at most this long plus one retry. The listing, on the sender's own thread, is skipped
+        /// while the directory has not changed (<see cref="Spool.Rescan"/>).
         /// </summary>
         static readonly TimeSpan RescanInterval = TimeSpan.FromSeconds(10);
 

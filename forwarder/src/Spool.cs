@@ -84,6 +84,33 @@ namespace Jobhook.Forwarder
         readonly Dictionary<string, DateTime> unreadable = new Dictionary<string, DateTime>(StringComparer.Ordinal);
         long totalBytes;
         long sequence;
+        /// <summary>
+        /// The writer's file that is in the directory but not (or no longer) in the index: the
+        /// event <see cref="MakeRoom"/> is deleting, or the one <see cref="Write"/> has renamed
+        /// into place and not yet indexed; null when none. <see cref="Rescan"/> passes it over,
+        /// so that it neither indexes a dropped file again nor reports the writer's own file as
+        /// another process's.
+        /// </summary>
+        string writerOwns;
+        /// <summary>
+        /// The directory's last-write time at the previous listing by <see cref="Rescan"/>, when
+        /// that listing is known to have seen every file named up to then; null otherwise.
+        /// </summary>
+        DateTime? listedStamp;
+        /// <summary>
+        /// How long the directory must have been unchanged before a listing for
+        /// <see cref="listedStamp"/> to be trusted: the coarsest time stamp of a local file system
+        /// (FAT: 2 s), so that a file named during the listing changes the stamp.
+        /// </summary>
+        static readonly TimeSpan StampGranularity = TimeSpan.FromSeconds(2);
+        /// <summary>
+        /// Longest the listing is skipped on the strength of an unchanged time stamp: a file
+        /// system whose directory times lag or are not kept (a network share) costs at most this
+        /// delay for another process's files, never their loss.
+        /// </summary>
+        static readonly TimeSpan MaxListingSkip = TimeSpan.FromMinutes(5);
+        /// <summary>When <see cref="Rescan"/> last listed the directory.</summary>
+        DateTime lastListing = DateTime.MinValue;
 
         /// <summary>Events dropped because the spool was full.</summary>
         public long Dropped;
@@ -154,11 +181,15 @@ namespace Jobhook.Forwarder
                 try
                 {
                     MakeRoom(bytes.Length);
+                    lock (gate)
+                        writerOwns = name;
                     WriteFile(temp, path, bytes);
                     break;
                 }
                 catch (Exception e)
                 {
+                    lock (gate)
+                        writerOwns = null; // a file that got into place all the same is found by Rescan
                     TryDelete(temp);
                     // The directory was deleted while the process runs (by hand, a cleanup
                     // script): make it again and write once more.
@@ -188,11 +219,12 @@ namespace Jobhook.Forwarder
             File.Move(temp, path);
         }
 
-        /// <summary>Indexes a file unless it is already (a rescan may have found it first).</summary>
+        /// <summary>Indexes the file just written and ends the writer's hold on it.</summary>
         void Add(string name, long size)
         {
             lock (gate)
             {
+                writerOwns = null;
                 if (files.ContainsKey(name))
                     return;
                 files[name] = size;
@@ -252,6 +284,23 @@ namespace Jobhook.Forwarder
         /// </summary>
         public void Rescan()
         {
+            // Listing even a full spool (100,000 files) is not free: it is skipped while the
+            // directory's last-write time (changed by every file created, renamed or deleted in
+            // it) is the one of the previous complete listing.
+            DateTime stamp;
+            try
+            {
+                stamp = Directory.GetLastWriteTimeUtc(directory);
+            }
+            catch (Exception)
+            {
+                stamp = DateTime.MinValue;
+            }
+            var started = DateTime.UtcNow;
+            if (listedStamp == stamp && started - lastListing < MaxListingSkip)
+                return;
+            listedStamp = null;
+            lastListing = started;
             int found = 0;
             try
             {
@@ -262,7 +311,7 @@ namespace Jobhook.Forwarder
                     var name = Path.GetFileName(path);
                     lock (gate)
                     {
-                        if (files.ContainsKey(name))
+                        if (files.ContainsKey(name) || name == writerOwns)
                             continue;
                     }
                     long size;
@@ -276,7 +325,7 @@ namespace Jobhook.Forwarder
                     }
                     lock (gate)
                     {
-                        if (files.ContainsKey(name))
+                        if (files.ContainsKey(name) || name == writerOwns)
                             continue;
                         files[name] = size;
                         totalBytes += size;
@@ -294,6 +343,8 @@ namespace Jobhook.Forwarder
                 log.Warn("cannot list the spool directory " + directory + ": " + e.Message);
                 return;
             }
+            if (stamp != DateTime.MinValue && started - stamp > StampGranularity)
+                listedStamp = stamp;
             if (found > 0)
                 log.Info("found " + found + " event(s) in " + directory + " that another process spooled; sending them");
         }
@@ -317,8 +368,11 @@ namespace Jobhook.Forwarder
                     files.Remove(oldest);
                     if (unreadable.Count > 0)
                         unreadable.Remove(oldest);
+                    writerOwns = oldest;
                 }
                 TryDelete(Path.Combine(directory, oldest));
+                lock (gate)
+                    writerOwns = null;
                 var dropped = Interlocked.Increment(ref Dropped);
                 log.Warn("the spool is full (" + maxFiles + " events or " + maxBytes + " bytes); dropped the oldest event "
                          + oldest + " (" + dropped + " dropped since start)");
