@@ -573,30 +573,39 @@ mod tests {
             .unwrap()
     }
 
-    /// Plain text in the segment of the go-ahead to STARTTLS (an injected reply) closes the
-    /// connection before TLS: no ClientHello is sent, and the error says why. Without it, the
-    /// same exchange goes on to the TLS handshake.
-    #[tokio::test]
-    async fn plain_text_after_the_starttls_go_ahead_is_refused_before_tls() {
-        let (addr, relay) = starttls_relay(Script {
-            go_ahead: b"220 2.0.0 go ahead\r\n250 injected\r\n",
-            ..PROPER
-        })
-        .await;
+    /// The relay following `script` sees the connection closed before any TLS, and the send is
+    /// refused as tampered with.
+    async fn refused_before_tls(script: Script) {
+        let (addr, relay) = starttls_relay(script).await;
         let result = send_starttls(addr).await;
         assert!(
             matches!(result, Err(RelayError::PlaintextAfterStarttls)),
             "{result:?}"
         );
         assert_eq!(relay.await.unwrap(), AfterGoAhead::Closed);
+    }
 
-        let (addr, relay) = starttls_relay(PROPER).await;
+    /// The relay following `script` gets a ClientHello, and the send fails in the handshake (the
+    /// relay speaks no TLS).
+    async fn goes_on_to_tls(script: Script) {
+        let (addr, relay) = starttls_relay(script).await;
         let result = send_starttls(addr).await;
-        assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16));
-        assert!(
-            matches!(result, Err(RelayError::Smtp(_))),
-            "the handshake fails (the relay speaks no TLS): {result:?}"
-        );
+        assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16), "{result:?}");
+        assert!(matches!(result, Err(RelayError::Smtp(_))), "{result:?}");
+    }
+
+    /// Plain text in the segment of the go-ahead to STARTTLS (an injected reply) closes the
+    /// connection before TLS: no ClientHello is sent, and the error says why. Without it, the
+    /// same exchange goes on to the TLS handshake.
+    #[tokio::test]
+    async fn plain_text_after_the_starttls_go_ahead_is_refused_before_tls() {
+        refused_before_tls(Script {
+            go_ahead: b"220 2.0.0 go ahead\r\n250 injected\r\n",
+            ..PROPER
+        })
+        .await;
+
+        goes_on_to_tls(PROPER).await;
     }
 
     /// The rest of the injection's class: a multi-line go-ahead is read whole (and what follows
@@ -607,31 +616,22 @@ mod tests {
     #[tokio::test]
     async fn every_way_to_put_plain_text_behind_the_go_ahead_is_refused() {
         // A multi-line go-ahead, clean: on to TLS.
-        let (addr, relay) = starttls_relay(Script {
+        goes_on_to_tls(Script {
             go_ahead: b"220-2.0.0 go\r\n220 2.0.0 ahead\r\n",
             ..PROPER
         })
         .await;
-        let result = send_starttls(addr).await;
-        assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16), "{result:?}");
-        assert!(matches!(result, Err(RelayError::Smtp(_))), "{result:?}");
 
         // A multi-line go-ahead with an injection behind its last line.
-        let (addr, relay) = starttls_relay(Script {
+        refused_before_tls(Script {
             go_ahead: b"220-2.0.0 go\r\n220 2.0.0 ahead\r\n250 injected\r\n",
             ..PROPER
         })
         .await;
-        let result = send_starttls(addr).await;
-        assert!(
-            matches!(result, Err(RelayError::PlaintextAfterStarttls)),
-            "{result:?}"
-        );
-        assert_eq!(relay.await.unwrap(), AfterGoAhead::Closed);
 
         // Everything up to the injection sent before the EHLO reply, in the greeting's
         // segment: the relay's own replies come to nothing.
-        let (addr, relay) = starttls_relay(Script {
+        refused_before_tls(Script {
             greeting: b"220 relay ESMTP\r\n250-relay\r\n250 STARTTLS\r\n\
                         220 2.0.0 go ahead\r\n250 injected\r\n",
             ehlo: b"",
@@ -639,23 +639,14 @@ mod tests {
             late: b"",
         })
         .await;
-        let result = send_starttls(addr).await;
-        assert!(
-            matches!(result, Err(RelayError::PlaintextAfterStarttls)),
-            "{result:?}"
-        );
-        assert_eq!(relay.await.unwrap(), AfterGoAhead::Closed);
 
         // Injected in a segment of its own, after the go-ahead: the ClientHello has gone, and
         // the injected text fails the TLS handshake.
-        let (addr, relay) = starttls_relay(Script {
+        goes_on_to_tls(Script {
             late: b"250 injected\r\n",
             ..PROPER
         })
         .await;
-        let result = send_starttls(addr).await;
-        assert_eq!(relay.await.unwrap(), AfterGoAhead::Tls(0x16), "{result:?}");
-        assert!(matches!(result, Err(RelayError::Smtp(_))), "{result:?}");
     }
 
     /// The budget delivers exactly its limit, then refuses without reading and raises its flag.
