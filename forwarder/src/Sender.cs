@@ -275,7 +275,9 @@ namespace Jobhook.Forwarder
         /// writes for every refusal (host/src/sources/api.rs, `error`). A proxy, load balancer or
         /// TLS terminator in between answers these statuses too, for reasons that have nothing
         /// to do with the event (nginx: "400 The plain HTTP request was sent to HTTPS port" as
-        /// text/html, for every request); such an answer is retried like any other failure.
+        /// text/html, for every request); such an answer is retried like any other failure. So
+        /// is the engine's 400 for a body whose framing broke on its way: it carries a second
+        /// member, "resend": true, because the engine never saw the event.
         /// `body` is null when it was not read whole.
         /// </summary>
         internal static bool IsEngineRefusal(int status, string mediaType, string body)

@@ -875,10 +875,15 @@ async fn c_a_misbehaving_engine_costs_retries_not_events() {
         &expected,
         Some("the stand-in passed requests on to the engine and then dropped the answer"),
     );
+    assert!(
+        DAMAGED_ANSWERED_400.load(Ordering::SeqCst) >= MISBEHAVING_ROUNDS,
+        "the engine did not answer the damaged bodies with 400"
+    );
     assert_eq!(
         rejected_files(&site),
         0,
-        "a 400 or 413 that is not the engine's sets nothing aside"
+        "a 400 or 413 that is not the engine's, or the engine's 400 to a body damaged on its \
+         way, sets nothing aside"
     );
 }
 
@@ -1004,13 +1009,16 @@ enum Behaviour {
     /// Answer 400 with a JSON body that is not the engine's (`{"message":…}`, as API gateways
     /// do), without passing the request on.
     ProxyJsonBadRequest,
+    /// Pass the request on with its chunked framing broken half way (what a proxy or a link
+    /// that damages a body sends), and hand the engine's own answer back as it came.
+    DamagedInTransit,
     /// Behave.
     Forward,
 }
 
 /// The misbehaviour cycle; the first `MISBEHAVIOURS.len() * MISBEHAVING_ROUNDS` requests go
 /// through it, the rest are passed on faithfully.
-const MISBEHAVIOURS: [Behaviour; 12] = [
+const MISBEHAVIOURS: [Behaviour; 13] = [
     Behaviour::Error500,
     Behaviour::Garbage,
     Behaviour::ResetFirst,
@@ -1020,6 +1028,9 @@ const MISBEHAVIOURS: [Behaviour; 12] = [
     Behaviour::ProxyTooLarge,
     Behaviour::Slow,
     Behaviour::Unauthorized,
+    // After a request that committed nothing: the damaged one carries an event the engine has
+    // not seen, which is lost if it is set aside.
+    Behaviour::DamagedInTransit,
     Behaviour::ProxyJsonBadRequest,
     Behaviour::Error503After,
     Behaviour::Forward,
@@ -1180,6 +1191,11 @@ async fn serve_connection(
                 let (status, body) = forward(&client, &engine_url, &request).await;
                 respond(&mut socket, status, &body).await
             }
+            Behaviour::DamagedInTransit => {
+                let answer = forward_damaged(&engine_url, &request).await;
+                let _ = socket.write_all(&answer).await;
+                false
+            }
             Behaviour::Forward => {
                 let (status, body) = forward(&client, &engine_url, &request).await;
                 respond(&mut socket, status, &body).await
@@ -1261,6 +1277,44 @@ async fn forward(client: &reqwest::Client, engine_url: &str, request: &Request) 
         Err(_) => (502, b"{\"error\":\"engine unreachable\"}".to_vec()),
     }
 }
+
+/// Sends the request to the engine over a plain connection with a chunked body whose framing
+/// breaks after half the body, and returns the engine's answer byte for byte (head and body,
+/// read to the close the engine ends it with); an empty answer if the engine cannot be reached.
+async fn forward_damaged(engine_url: &str, request: &Request) -> Vec<u8> {
+    let Some(address) = engine_url.strip_prefix("http://") else {
+        return Vec::new();
+    };
+    let Ok(mut engine) = TcpStream::connect(address).await else {
+        return Vec::new();
+    };
+    let mut head = String::from("POST /v1/job-complete HTTP/1.1\r\nHost: engine\r\n");
+    for name in ["authorization", "content-type", "idempotency-key"] {
+        if let Some(value) = request.header(name) {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    head.push_str("Transfer-Encoding: chunked\r\n\r\n");
+    let half = &request.body[..request.body.len() / 2];
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(format!("{:x}\r\n", half.len()).as_bytes());
+    bytes.extend_from_slice(half);
+    // The next chunk's size line is not hexadecimal: the framing is broken.
+    bytes.extend_from_slice(b"\r\nzz\r\n");
+    if engine.write_all(&bytes).await.is_err() {
+        return Vec::new();
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), engine.read_to_end(&mut answer)).await;
+    if answer.starts_with(b"HTTP/1.1 400") {
+        DAMAGED_ANSWERED_400.fetch_add(1, Ordering::SeqCst);
+    }
+    answer
+}
+
+/// How many damaged requests the engine answered with 400 (the forwarder tests run one at a
+/// time, so one count serves).
+static DAMAGED_ANSWERED_400: AtomicUsize = AtomicUsize::new(0);
 
 /// Writes a JSON response; false if the connection is gone.
 async fn respond(socket: &mut TcpStream, status: u16, body: &[u8]) -> bool {

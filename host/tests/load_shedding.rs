@@ -342,6 +342,56 @@ async fn a_body_that_stops_halfway_gets_408_and_the_connection_is_closed() {
     );
 }
 
+/// A chunked body whose framing breaks part way (a proxy or a link that damaged it): 400 with
+/// `"resend": true`, so a sender does not set the event aside as refused, and the connection is
+/// closed. Nothing was accepted, so nothing is committed.
+#[tokio::test]
+async fn a_body_whose_framing_breaks_gets_400_marked_for_resending() {
+    use jobhook::sources::api::RESEND_MEMBER;
+    let setup = Setup::new();
+    let engine = setup.start(LIMITS);
+    let to = address(&engine);
+    let broken: [&[u8]; 3] = [
+        // A chunk size that is not hexadecimal.
+        b"10\r\n{\"AgentId\": \"a\",\r\nzz\r\n",
+        // A chunk longer than its size says, so its end is not where the framing needs it.
+        b"4\r\n{\"Ag\r\nentId\": 1}\r\n0\r\n\r\n",
+        // A chunk size line that never ends in CRLF.
+        b"5\nxxxxx\r\n",
+    ];
+    for body in broken {
+        let mut stream = connect_from(ATTACKER, to).await;
+        stream
+            .write_all(
+                b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        stream.write_all(body).await.expect("write");
+        let (text, _) = answer(&mut stream, Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+        let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(json).expect("a JSON body");
+        assert_eq!(json[RESEND_MEMBER], serde_json::Value::Bool(true), "{text}");
+        let reason = json["error"].as_str().unwrap_or_default();
+        assert!(reason.contains("could not be read"), "{text}");
+    }
+    let metrics = metrics(&engine).await;
+    assert!(
+        metrics.contains("jobhook_events_rejected_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("jobhook_events_accepted_total{"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_flood_from_one_address_is_refused_beyond_its_cap_and_others_still_get_in() {
     let setup = Setup::new();

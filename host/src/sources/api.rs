@@ -189,6 +189,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The response header that marks an answer to a resend (the original event, nothing new).
 pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 
+/// The member of a 400 answer that says the body was damaged on its way, not refused: the
+/// event was never seen, and sending the same request again can succeed. A client that sets an
+/// event aside on the engine's refusal (the forwarder: a body that is one `error` member and
+/// nothing else) must not set this one aside: a proxy that cut the body short, or a link that
+/// broke the chunked framing, is not the event's fault.
+pub const RESEND_MEMBER: &str = "resend";
+
+/// The answer to a body whose framing broke: 400 (the request as received is malformed), with
+/// [`RESEND_MEMBER`], and the connection closed (its framing cannot be trusted any more).
+fn transport_failure(message: String) -> Response {
+    let mut response = (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({ "error": message, RESEND_MEMBER: true })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// An answer after which the connection is closed: the rest of the request body is unwanted.
 fn error_and_close(status: StatusCode, message: impl Into<String>) -> Response {
     let mut response = error(status, message);
@@ -261,10 +282,8 @@ async fn job_complete(
         }
         Err(BodyError::Broken(e)) => {
             state.metrics.event_rejected();
-            return error_and_close(
-                StatusCode::BAD_REQUEST,
-                format!("the request body could not be read: {e}"),
-            );
+            tracing::info!(%peer, "request refused: its body could not be read: {e}");
+            return transport_failure(format!("the request body could not be read: {e}"));
         }
     };
     let context = match JobContext::from_json_bytes(&bytes) {
