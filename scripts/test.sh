@@ -9,8 +9,9 @@
 # (scripts/lang-toolchains.sh) are installed too: host/tests/languages.rs builds handlers in those
 # languages from source and fails when a toolchain is missing, unless JOBHOOK_SKIP_LANGS=1.
 # libfaketime (host/tests/clock.rs) is installed the same way.
-# The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk; that needs root, so
-# as root JOBHOOK_REQUIRE_FAULTS=1 makes them fail instead of saying SKIPPED when they cannot.
+# The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk and take an address
+# off the loopback interface (iproute2's `ip`) to silence a network; that needs root, so as root
+# JOBHOOK_REQUIRE_FAULTS=1 makes them fail instead of saying SKIPPED when they cannot.
 # The power-loss tests mount a FUSE filesystem (tests/powerloss-fs) through /dev/fuse and Debian's
 # fuse3 package (fusermount3); they fail without them unless JOBHOOK_SKIP_FUSE=1 is set explicitly.
 set -euo pipefail
@@ -33,6 +34,7 @@ have_mono() { command -v mcs >/dev/null && command -v mono >/dev/null && compgen
 # libfaketime steps the engine's wall clock in host/tests/clock.rs; that test fails without it
 # unless JOBHOOK_SKIP_FAKETIME=1.
 have_faketime() { [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; }
+have_ip() { command -v ip >/dev/null; }
 
 # Every missing Debian package in one `apt-get update` and one install (each update fetches the
 # package lists again); if that install fails, each group on its own, so one package that cannot
@@ -41,6 +43,7 @@ groups=()
 have_initdb || groups+=("postgresql|PostgreSQL; its tests will be SKIPPED")
 have_fusermount || groups+=("fuse3|fuse3; the power-loss tests will fail (JOBHOOK_SKIP_FUSE=1 skips them)")
 have_mono || groups+=("mono-mcs mono-runtime libmono-system-net-http4.0-cil|Mono; the forwarder tests will fail (JOBHOOK_SKIP_MONO=1 skips them)")
+have_ip || groups+=("iproute2|iproute2; the silent-network fault test will fail when run as root")
 have_faketime || groups+=("libfaketime|libfaketime; the clock-step test will fail (JOBHOOK_SKIP_FAKETIME=1 skips it)")
 apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
 if [ ${#groups[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -8,6 +8,9 @@
 //! - the PostgreSQL server restarts under load: ingest answers 503 while it is down (within a
 //!   bounded time, never hanging), the node reconnects by itself, and every event that got a
 //!   202 is delivered exactly once;
+//! - the network to the PostgreSQL server goes silent (an address taken off the loopback
+//!   interface: no reset, no answer): ingest answers 503 in bounded time, the node gives up the
+//!   connections the silence holds, and accepts events soon after the network returns;
 //! - the SMTP relay and the Keyfactor API are down or never answer: the deliveries that need
 //!   them fail with the capability's error as the handler's reason (or the handler's timeout),
 //!   are retried by the handler's policy, `/healthz` stays ok and other handlers keep
@@ -18,8 +21,9 @@
 //! - the reader of the engine's stdout has gone before it prints its ready line there, or the
 //!   reader of its stderr goes while it serves: it serves and delivers anyway.
 //!
-//! The disk test mounts a tmpfs, which needs root (or CAP_SYS_ADMIN). Without it the test prints
-//! `SKIPPED: cannot mount a tmpfs: <reason>` and passes — unless `JOBHOOK_REQUIRE_FAULTS=1`
+//! The disk tests mount a tmpfs, which needs root (or CAP_SYS_ADMIN), and the silent-network
+//! test changes the loopback interface's addresses (CAP_NET_ADMIN). Without them a test prints
+//! `SKIPPED: <reason>` and passes — unless `JOBHOOK_REQUIRE_FAULTS=1`
 //! (`scripts/test.sh` sets it when it runs as root), in which case it fails. The PostgreSQL test
 //! skips and fails the same way under `JOBHOOK_REQUIRE_POSTGRES`.
 
@@ -147,6 +151,17 @@ fn event_id(body: &Value) -> String {
         .to_owned()
 }
 
+/// A fault this machine cannot inject: `None` (the test is skipped) after printing why, or a
+/// failure under `JOBHOOK_REQUIRE_FAULTS=1`.
+fn cannot_inject<T>(reason: String) -> Option<T> {
+    if std::env::var(REQUIRE_FAULTS_ENV).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_FAULTS_ENV}=1 but {reason}");
+    }
+    // Straight to the file descriptor: the harness captures a passing test's output.
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+    None
+}
+
 // ---------------------------------------------------------------------------------------------
 // Disk full under SQLite
 // ---------------------------------------------------------------------------------------------
@@ -176,14 +191,7 @@ impl Tmpfs {
     fn mount_or_skip(at: &Path, size: &str) -> Option<Tmpfs> {
         match Self::mount(at, size) {
             Ok(tmpfs) => Some(tmpfs),
-            Err(reason) => {
-                if std::env::var(REQUIRE_FAULTS_ENV).is_ok_and(|v| v == "1") {
-                    panic!("{REQUIRE_FAULTS_ENV}=1 but {reason}");
-                }
-                // Straight to the file descriptor: the harness captures a passing test's output.
-                let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
-                None
-            }
+            Err(reason) => cannot_inject(reason),
         }
     }
 
@@ -483,6 +491,170 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
 
 /// Slack on an answer's bound for a loaded machine.
 const REFUSAL_MARGIN: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------------------------------------
+// The network to PostgreSQL goes silent
+// ---------------------------------------------------------------------------------------------
+
+/// The address the engine reaches PostgreSQL on in the silent-network test: from TEST-NET-1
+/// (RFC 5737), which no real network uses, added to the loopback interface for the test.
+const SILENT_ADDRESS: &str = "192.0.2.77";
+
+/// An address on the loopback interface that a test can take away and give back. While it is
+/// away, what is sent to it goes nowhere and nothing answers, not even a reset: what a
+/// client sees when the server's host loses power or a firewall starts dropping everything.
+/// Removed when dropped.
+struct SilentAddress {
+    address: &'static str,
+}
+
+impl SilentAddress {
+    /// Adds `address` to the loopback interface, or `None` (see [`cannot_inject`]) when this
+    /// machine does not allow it (needs root or CAP_NET_ADMIN).
+    fn add_or_skip(address: &'static str) -> Option<Self> {
+        // Left over from a run that was killed: take it away first.
+        let _ = Self::ip("del", address);
+        match Self::ip("add", address) {
+            Ok(()) => Some(SilentAddress { address }),
+            Err(reason) => cannot_inject(format!(
+                "cannot add an address to the loopback interface (needs root or \
+                 CAP_NET_ADMIN): {reason}"
+            )),
+        }
+    }
+
+    /// Takes the address away: from now on, nothing sent to it is answered.
+    fn silence(&self) {
+        Self::ip("del", self.address).expect("take the address away");
+    }
+
+    /// Gives the address back.
+    fn restore(&self) {
+        Self::ip("add", self.address).expect("give the address back");
+    }
+
+    fn ip(verb: &str, address: &str) -> Result<(), String> {
+        let output = Command::new("ip")
+            .args(["addr", verb, &format!("{address}/32"), "dev", "lo"])
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        }
+    }
+}
+
+impl Drop for SilentAddress {
+    fn drop(&mut self) {
+        let _ = Self::ip("del", self.address);
+    }
+}
+
+/// Passes every connection to `address`:any port on to `to`, byte for byte, on a runtime of
+/// its own; the port it listens on.
+fn relay(runtime: &tokio::runtime::Runtime, address: &str, to: std::net::SocketAddr) -> u16 {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind((address, 0)))
+        .expect("relay listener");
+    let port = listener.local_addr().expect("relay address").port();
+    runtime.spawn(async move {
+        while let Ok((mut from, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut from, &mut server).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// How long the network stays silent: past the limit on unacknowledged data, so the node has
+/// given up its connections by the time the network returns.
+fn silent_for() -> Duration {
+    jobhook::queue::store::postgres::UNACKNOWLEDGED_LIMIT + Duration::from_secs(5)
+}
+
+/// The network between the node and its PostgreSQL server goes silent (no reset, no answer)
+/// for longer than [`UNACKNOWLEDGED_LIMIT`](jobhook::queue::store::postgres::UNACKNOWLEDGED_LIMIT):
+/// ingest answers 503 in bounded time meanwhile, and once the network is back the node accepts
+/// events within [`RECONNECT_BOUND`], because it gave up the connections the silence held.
+/// Without that limit, they stay stuck until the kernel's next retransmission gets through
+/// (here about 18 s after a 35 s silence, and minutes after longer ones).
+#[test]
+fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_returns() {
+    let Some(silent) = SilentAddress::add_or_skip(SILENT_ADDRESS) else {
+        return;
+    };
+    let Some(db) = private_database_or_skip() else {
+        return;
+    };
+    let relays = tokio::runtime::Runtime::new().expect("relay runtime");
+    let server: std::net::SocketAddr = ([127, 0, 0, 1], db.server().port()).into();
+    let port = relay(&relays, SILENT_ADDRESS, server);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let config = pg_config(&db).replace(
+        &format!("127.0.0.1:{}", db.server().port()),
+        &format!("{SILENT_ADDRESS}:{port}"),
+    );
+    assert!(config.contains(SILENT_ADDRESS), "{config}");
+    let config_path = dir.path().join("jobhook.toml");
+    std::fs::write(&config_path, config).expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config_path, &dir.path().join("engine.log"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+    assert_eq!(status, 202, "{body}");
+
+    silent.silence();
+    let silenced = Instant::now();
+    // Requests that each take a pooled connection into the silence.
+    let answers = runtime.block_on(async {
+        let posts = (0..12).map(|_| {
+            let client = client.clone();
+            let url = engine.url.clone();
+            async move {
+                let began = Instant::now();
+                let answer = post_event(&client, &url, &sample_context_json()).await;
+                (answer, began.elapsed())
+            }
+        });
+        futures_util::future::join_all(posts).await
+    });
+    for ((status, body), took) in answers {
+        assert_eq!(status, 503, "{body}\n{}", engine.log_text());
+        assert!(
+            took < jobhook::sources::api::INGEST_COMMIT_TIMEOUT + REFUSAL_MARGIN,
+            "answered after {took:?}"
+        );
+    }
+    runtime.block_on(assert_healthy(&client, &engine.url));
+    std::thread::sleep(silent_for().saturating_sub(silenced.elapsed()));
+
+    silent.restore();
+    let restored = Instant::now();
+    loop {
+        let (status, body) =
+            runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+        if status == 202 {
+            break;
+        }
+        assert!(
+            restored.elapsed() < RECONNECT_BOUND,
+            "not accepting events {RECONNECT_BOUND:?} after the network returned: {status} \
+             {body}\n{}",
+            engine.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    engine.kill();
+}
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL restarted under load

@@ -64,6 +64,18 @@ pub const POOL_WAIT: Duration = Duration::from_secs(5);
 /// How long establishing one connection may take, unless the URL sets `connect_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long what this node sent may stay unacknowledged by the server's host before the
+/// connection is given up (`TCP_USER_TIMEOUT`), unless the URL sets `tcp_user_timeout`. A
+/// server host that lost power, or a network that silently drops everything between the two,
+/// sends no reset: without this, a statement on that connection waits for the kernel's
+/// retransmission limit (about 15 minutes on Linux) before it fails, holding one of the pool's
+/// connections and the ingest request or claim behind it. A working network acknowledges
+/// within a few round trips, so 30 s gives up only on a path that is gone; the pool then
+/// connects anew. (A server process that is merely stopped, its host still up, is
+/// acknowledged by its kernel: this does not cut it off; ingest's own commit timeout answers
+/// those requests.)
+pub const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(30);
+
 /// A pooled session the server answered on less than this long ago is handed out without first
 /// answering an empty query. The check costs a round trip per store call, taken while an
 /// ingest request or a claim waits; skipping it for a session that has just answered removes
@@ -517,12 +529,7 @@ impl PostgresStore {
             config.password(password.expose());
         }
         let node = node_id();
-        if config.get_application_name().is_none() {
-            config.application_name(&application_name(&node));
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
+        apply_defaults(&mut config, &node);
         let mut first = config.connect(NoTls).map_err(|e| {
             fail(format!(
                 "cannot connect: {}; check [store] url and password, and that the database \
@@ -736,6 +743,20 @@ pub enum UrlError {
 }
 
 /// Parses a `postgres://` / `postgresql://` URL; [`check_url`] explains what is accepted.
+/// Sets what the URL leaves out: the session's `application_name` (this node), the
+/// [`CONNECT_TIMEOUT`] and the [`UNACKNOWLEDGED_LIMIT`]. A value the URL gives is kept.
+fn apply_defaults(config: &mut postgres::Config, node: &str) {
+    if config.get_application_name().is_none() {
+        config.application_name(&application_name(node));
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(UNACKNOWLEDGED_LIMIT);
+    }
+}
+
 fn parse_url(url: &str) -> Result<postgres::Config, UrlError> {
     check_url(url)?;
     url.parse::<postgres::Config>()
@@ -1674,6 +1695,30 @@ mod tests {
             .query("SELECT handler, count(*) FROM deliveries WHERE state = 'running' GROUP BY 1")
             .expect("claimed");
         assert_eq!(claimed, "free|5", "{plan}");
+    }
+
+    #[test]
+    fn what_the_url_leaves_out_is_set_and_what_it_gives_is_kept() {
+        let mut config = parse_url("postgres://jobhook@db.example/jobhook").expect("url");
+        apply_defaults(&mut config, "node-1");
+        assert_eq!(config.get_tcp_user_timeout(), Some(&UNACKNOWLEDGED_LIMIT));
+        assert_eq!(config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert!(
+            config
+                .get_application_name()
+                .is_some_and(|name| name.contains("node-1")),
+            "{:?}",
+            config.get_application_name()
+        );
+        let mut config = parse_url(
+            "postgres://jobhook@db.example/jobhook?tcp_user_timeout=5&connect_timeout=2\
+             &application_name=mine",
+        )
+        .expect("url");
+        apply_defaults(&mut config, "node-1");
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(config.get_application_name(), Some("mine"));
     }
 
     #[test]
