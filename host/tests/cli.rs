@@ -965,7 +965,8 @@ fn check_config(before: &str) -> (tempfile::TempDir, String) {
 }
 
 /// `check` refuses what `serve` would refuse at start: tokens that cannot be read, a data
-/// directory that is not one; and it creates no store doing so.
+/// directory or a mail outbox that cannot be one; and it creates no store and no outbox doing
+/// so.
 #[test]
 fn check_resolves_what_serve_resolves_and_creates_nothing() {
     for (before, says) in [
@@ -985,6 +986,11 @@ fn check_resolves_what_serve_resolves_and_creates_nothing() {
             "[store]\ndata_dir = \"/dev/null/data\"",
             "/dev/null/data cannot be created: /dev/null is not a directory",
         ),
+        (
+            "[mail]\nfrom = \"jobhook@example.com\"\noutbox = \"/dev/null/outbox\"",
+            "[mail] outbox /dev/null/outbox: cannot be a directory for mail: /dev/null exists and \
+             is not a directory",
+        ),
     ] {
         let (_dir, config) = check_config(before);
         let out = jobhook(&["check", "--config", &config]);
@@ -992,12 +998,15 @@ fn check_resolves_what_serve_resolves_and_creates_nothing() {
         assert_eq!(out.status.code(), Some(2), "{before}: {stderr}");
         assert!(stderr.contains(says), "{before}: {stderr}");
     }
-    let (dir, config) = check_config("[store]\ndata_dir = \"state/data\"");
+    // The store's directory, and the mail outbox in it, are checked, not made.
+    let (dir, config) = check_config(
+        "[store]\ndata_dir = \"state/data\"\n\n[mail]\nfrom = \"jobhook@example.com\"",
+    );
     let out = jobhook(&["check", "--config", &config]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         !dir.path().join("state").exists(),
-        "check created the store"
+        "check created the store or the outbox"
     );
 }
 

@@ -140,8 +140,7 @@ pub fn services(config: &Config) -> anyhow::Result<Services> {
 /// `jobhook check`: validates the configuration, resolves what `serve` resolves before it
 /// serves (the bearer tokens, where the store lives, the sandbox pool at its configured size and
 /// its threads) and loads every handler; returns the handler names. Nothing lasting is made: no
-/// store is opened or created and no AOT cache written. (The mail capability's outbox directory
-/// is created when its service is built, by `serve` and `check` alike.)
+/// store is opened or created, no AOT cache written, and the mail outbox is checked, not made.
 pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
     let config = Config::load(path)?;
     config.resolve_tokens()?;

@@ -646,7 +646,7 @@ pub enum MailConfigError {
     #[error("[mail]: set either `outbox` or [mail.smtp], not both")]
     BothTransports,
     /// The outbox directory.
-    #[error("[mail] outbox {path}: cannot create the directory: {source}")]
+    #[error("[mail] outbox {path}: cannot be a directory for mail: {source}")]
     Outbox {
         /// The directory.
         path: PathBuf,
@@ -712,9 +712,43 @@ impl fmt::Debug for MailTransport {
     }
 }
 
+/// Whether `dir` is a directory, or can become one: the nearest part of its path that exists
+/// must be a directory (a file in the way, or a path that cannot be looked at, is an error).
+fn can_hold_directory(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    format!("{} exists and is not a directory", at.display()),
+                ));
+            }
+            // Not there, or a file above it (which the parent reports): look further up.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match at.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+                    // A relative path none of which exists: made under the working directory.
+                    _ => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl MailTransport {
     /// Builds the transport; `default_outbox` is used when the configuration names neither an
-    /// outbox nor a relay. The outbox directory is created if needed.
+    /// outbox nor a relay. Nothing is created: the outbox directory is checked (it, or the
+    /// nearest part of its path that exists, must be a directory) and made when mail is first
+    /// written to it, so `jobhook check` leaves no trace and an outbox deleted while the engine
+    /// runs comes back with the next message.
     pub fn from_config(
         config: &MailConfig,
         default_outbox: &std::path::Path,
@@ -725,7 +759,7 @@ impl MailTransport {
             (_, Some(smtp)) => smtp_transport(smtp)?,
             (outbox, None) => {
                 let dir = outbox.clone().unwrap_or_else(|| default_outbox.to_owned());
-                std::fs::create_dir_all(&dir).map_err(|source| MailConfigError::Outbox {
+                can_hold_directory(&dir).map_err(|source| MailConfigError::Outbox {
                     path: dir.clone(),
                     source,
                 })?;
@@ -755,6 +789,12 @@ impl MailTransport {
         let email = self.build(grant, message)?;
         match &self.kind {
             TransportKind::Outbox { dir, transport } => {
+                if let Err(e) = tokio::fs::create_dir_all(dir).await {
+                    tracing::warn!(outbox = %dir.display(), error = %e, "cannot create the mail outbox");
+                    return Err(CapabilityError::Failed(
+                        "the engine could not write the mail to its outbox".into(),
+                    ));
+                }
                 if let Some(free) = free_bytes(dir)
                     && free < OUTBOX_FREE_RESERVE_BYTES
                 {
@@ -1471,6 +1511,15 @@ mod tests {
             text.contains("Subject: Orchestrator WinCertInventory Job Failed"),
             "{text}"
         );
+        // An outbox deleted while the engine runs (an operator's clean-up) is made again.
+        std::fs::remove_dir_all(dir.path().join("outbox")).unwrap();
+        t.send(&grant, message(&["pki@example.com"])).await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("outbox"))
+                .unwrap()
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -1504,6 +1553,15 @@ mod tests {
             t.outbox_dir(),
             Some(dir.path().join("default-outbox").as_path())
         );
+        // Checked, not made.
+        assert!(!dir.path().join("default-outbox").exists());
+        // A file in the way, at the outbox or above it, is a configuration error.
+        std::fs::write(dir.path().join("file"), "x").unwrap();
+        for blocked in ["file", "file/outbox", "file/a/b"] {
+            let e = MailTransport::from_config(&c, &dir.path().join(blocked)).unwrap_err();
+            assert!(matches!(e, MailConfigError::Outbox { .. }), "{e}");
+            assert!(e.to_string().contains("is not a directory"), "{e}");
+        }
         assert!(serde_json::from_str::<MailConfig>(r#"{"from": "not an address"}"#).is_err());
         let c: MailConfig = serde_json::from_str(
             r#"{"from": "a@example.com", "smtp": {"host": "smtp.example.com", "tls": "implicit", "username": "u", "password": {"env": "X"}}}"#,
