@@ -152,13 +152,59 @@ pub fn render(found: &[JobType], source: &str) -> String {
     out
 }
 
-/// Reads every page of a Keyfactor list.
-async fn list(
+/// Most left-out entries printed; past it, only their number. A server can answer thousands of
+/// unusable entries, and the operator needs a few to see what is wrong.
+const MAX_SKIPPED_SHOWN: usize = 50;
+
+/// What the pages read so far gave. A page is reduced to its job types as soon as it is read,
+/// so at most one page's parsed JSON is held however many pages the server answers.
+#[derive(Debug, Default)]
+struct Gathered {
+    /// Each job type once, in the order first seen (a server that ignores the page number
+    /// answers the same rows on every page).
+    found: Vec<JobType>,
+    seen: std::collections::HashSet<(String, uuid::Uuid)>,
+    /// The first [`MAX_SKIPPED_SHOWN`] entries left out, and how many more there were.
+    skipped: Vec<String>,
+    more_skipped: usize,
+}
+
+impl Gathered {
+    fn add(&mut self, (found, skipped): (Vec<JobType>, Vec<String>)) {
+        for job in found {
+            if self.seen.insert((job.name.clone(), job.id)) {
+                self.found.push(job);
+            }
+        }
+        for entry in skipped {
+            if self.skipped.len() < MAX_SKIPPED_SHOWN {
+                self.skipped.push(entry);
+            } else {
+                self.more_skipped += 1;
+            }
+        }
+    }
+
+    /// The job types, and the left-out entries to print.
+    fn finish(mut self) -> (Vec<JobType>, Vec<String>) {
+        if self.more_skipped > 0 {
+            self.skipped.push(format!(
+                "{} more entries (only the first {MAX_SKIPPED_SHOWN} are shown)",
+                self.more_skipped
+            ));
+        }
+        (self.found, self.skipped)
+    }
+}
+
+/// Reads every page of a Keyfactor list (at most [`MAX_PAGES`]), handing each page's rows to
+/// `page_read` before the next is read.
+async fn each_page(
     client: &KeyfactorClient,
     grant: &KeyfactorGrant,
     path: &str,
-) -> anyhow::Result<Vec<Value>> {
-    let mut all = Vec::new();
+    mut page_read: impl FnMut(&[Value]),
+) -> anyhow::Result<()> {
     for page in 1..=MAX_PAGES {
         let response = client
             .send(
@@ -187,13 +233,12 @@ async fn list(
             Ok(_) => bail!("GET {path} did not answer a JSON array"),
             Err(e) => bail!("GET {path} answered invalid JSON: {e}"),
         };
-        let n = rows.len();
-        all.extend(rows);
-        if n < PAGE_SIZE {
+        page_read(&rows);
+        if rows.len() < PAGE_SIZE {
             break;
         }
     }
-    Ok(all)
+    Ok(())
 }
 
 /// Reads the job types through `client` and renders them (see [`render`]); entries that could
@@ -201,9 +246,16 @@ async fn list(
 pub async fn job_types_toml(client: &KeyfactorClient) -> anyhow::Result<(String, Vec<String>)> {
     let grant = KeyfactorGrant::read_only(&["CertificateStoreTypes", "JobTypes/Custom"])
         .map_err(|e| anyhow::anyhow!("grant: {e}"))?;
-    let store_types = list(client, &grant, "CertificateStoreTypes").await?;
-    let custom = list(client, &grant, "JobTypes/Custom").await?;
-    let (found, skipped) = collect(&store_types, &custom);
+    let mut gathered = Gathered::default();
+    each_page(client, &grant, "CertificateStoreTypes", |rows| {
+        gathered.add(collect(rows, &[]))
+    })
+    .await?;
+    each_page(client, &grant, "JobTypes/Custom", |rows| {
+        gathered.add(collect(&[], rows))
+    })
+    .await?;
+    let (found, skipped) = gathered.finish();
     Ok((render(&found, "the configured Keyfactor Command"), skipped))
 }
 
@@ -289,6 +341,28 @@ mod tests {
             skipped[0].starts_with("custom job type"),
             "{}",
             &skipped[0][..40]
+        );
+    }
+
+    #[test]
+    fn pages_repeated_by_the_server_give_each_job_type_once_and_few_warnings() {
+        let page = json!([
+            {"ShortName": "WinCert", "InventoryJobType": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"},
+            {"ShortName": "Bad", "InventoryJobType": "not-a-guid"},
+        ]);
+        let mut gathered = Gathered::default();
+        for _ in 0..MAX_PAGES {
+            gathered.add(collect(page.as_array().unwrap(), &[]));
+        }
+        let (found, skipped) = gathered.finish();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(skipped.len(), MAX_SKIPPED_SHOWN + 1);
+        assert_eq!(
+            skipped.last(),
+            Some(&format!(
+                "{} more entries (only the first {MAX_SKIPPED_SHOWN} are shown)",
+                MAX_PAGES - MAX_SKIPPED_SHOWN
+            ))
         );
     }
 
