@@ -10,7 +10,7 @@
 //! Every byte of the input is untrusted: sizes are bounded, errors name the field and say what
 //! was expected, and nothing here panics.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike as _, NaiveDateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -508,7 +508,8 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| ContextError::Invalid {
                 field,
                 message: format!(
-                    "{:?} is not an ISO 8601 date-time (expected e.g. \"2023-05-03T23:18:48Z\")",
+                    "{:?} is not an ISO 8601 date-time in the years 0001 to 9999 (expected e.g. \
+                     \"2023-05-03T23:18:48Z\")",
                     truncate_for_message(text)
                 ),
             })
@@ -532,20 +533,28 @@ pub fn parse_guid(text: &str) -> Option<Uuid> {
     }
 }
 
+/// The years a timestamp may have, in UTC: those of .NET's `DateTime` (0001–9999), so nothing
+/// Keyfactor could not have sent is taken. RFC 3339, in which the engine stores and hands on
+/// timestamps, has four-digit years, so a timestamp outside them could be accepted but not read
+/// back.
+pub const TIMESTAMP_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
+
 /// Parses an ISO 8601 timestamp. With an offset (`Z`, `+02:00`) it is converted to UTC; without
-/// one (how .NET serialises a `DateTime` of unspecified kind) it is taken as UTC.
+/// one (how .NET serialises a `DateTime` of unspecified kind) it is taken as UTC. `None` for
+/// anything else, and for a time outside [`TIMESTAMP_YEARS`] once in UTC.
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     if text.len() > 64 {
         return None;
     }
-    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
-        return Some(t.with_timezone(&Utc));
-    }
-    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-        .iter()
-        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
-        .map(|naive| naive.and_utc())
+    let parsed = match DateTime::parse_from_rfc3339(text) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(_) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+            .iter()
+            .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+            .map(|naive| naive.and_utc()),
+    };
+    parsed.filter(|t| TIMESTAMP_YEARS.contains(&t.year()))
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -858,6 +867,93 @@ mod tests {
         assert_eq!(at("2023-05-04T01:18:48+02:00"), 1_683_155_928);
         assert_eq!(at("2023-05-03T23:18:48"), 1_683_155_928);
         assert_eq!(at("2023-05-03T23:18:48.1234567"), 1_683_155_928);
+    }
+
+    #[test]
+    fn timestamps_outside_the_years_dotnet_holds_are_refused() {
+        for text in [
+            "-0001-01-01T00:00:00",
+            "0000-12-31T23:59:59Z",
+            "+10000-01-01T00:00:00",
+            "-262143-01-01T00:00:00",
+            // 9999 in its own zone, 10000 in UTC.
+            "9999-12-31T23:59:59-05:00",
+            // 0001 in its own zone, year 0 in UTC.
+            "0001-01-01T00:00:00+01:00",
+        ] {
+            match decode(&with("RequestTimestamp", json!(text))) {
+                Err(ContextError::Invalid { field, message }) => {
+                    assert_eq!(field, "RequestTimestamp");
+                    assert!(message.contains("0001 to 9999"), "{message}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        for text in ["0001-01-01T00:00:00", "9999-12-31T23:59:59.9999999Z"] {
+            assert!(
+                decode(&with("RequestTimestamp", json!(text))).is_ok(),
+                "{text}"
+            );
+        }
+    }
+
+    /// Text for a timestamp field: ISO 8601 shapes with years, offsets and fractions from
+    /// anywhere, and other text.
+    fn timestamp_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (
+                -300_000i32..300_000,
+                1u32..13,
+                1u32..32,
+                0u32..25,
+                0u32..61,
+                prop_oneof![
+                    Just(String::new()),
+                    Just("Z".to_owned()),
+                    (-23i32..24, 0u32..60).prop_map(|(h, m)| format!("{h:+03}:{m:02}")),
+                ],
+                prop_oneof![Just(String::new()), "\\.[0-9]{1,9}"],
+                prop_oneof![Just('T'), Just(' '), Just('t')],
+            )
+                .prop_map(|(y, mo, d, h, mi, offset, fraction, t)| {
+                    let year = if (0..=9999).contains(&y) {
+                        format!("{y:04}")
+                    } else {
+                        format!("{y:+05}")
+                    };
+                    format!("{year}-{mo:02}-{d:02}{t}{h:02}:{mi:02}:00{fraction}{offset}")
+                }),
+            any::<String>(),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the decoder accepts, the engine can store and read back unchanged: a
+        /// context is stored as [`JobContext::to_json`] and read with the same decoder, so an
+        /// accepted context that does not come back would be an event no delivery can run.
+        #[test]
+        fn every_accepted_context_reads_back_the_same(
+            timestamp in timestamp_text(),
+            username in proptest::prelude::any::<String>(),
+            job_result in -1i64..6,
+            operation_type in -1i64..11,
+            certificate_id in proptest::prelude::any::<Option<i32>>(),
+            retries in proptest::prelude::any::<i32>(),
+        ) {
+            let mut v = with("RequestTimestamp", json!(timestamp));
+            if let Value::Object(map) = &mut v {
+                map.insert("Username".into(), json!(username));
+                map.insert("JobResult".into(), json!(job_result));
+                map.insert("OperationType".into(), json!(operation_type));
+                map.insert("CertificateId".into(), json!(certificate_id));
+                map.insert("CurrentRetryCount".into(), json!(retries));
+            }
+            if let Ok(context) = decode(&v) {
+                let again = decode(&context.to_json());
+                proptest::prop_assert_eq!(again.as_ref().ok(), Some(&context), "{:?}", again);
+            }
+        }
     }
 
     #[test]

@@ -691,13 +691,14 @@ impl Poller {
         let mut complete = Vec::with_capacity(events.len());
         for pending in events {
             let event = self.complete(pending).await?;
-            // What ingest refuses is not let in by the poller either; the row is handled.
-            if let Some((field, bytes)) = oversized_field(&event.context) {
+            // What ingest refuses is not let in by the poller either: the context goes through
+            // the same decoder as a posted one, so every rule ingest has (lengths today, any
+            // added later) holds for polled events too. The row is handled.
+            if let Err(e) = JobContext::from_json_value(&event.context.to_json()) {
                 tracing::warn!(
                     job_id = %event.context.job_id,
-                    "a JobHistory row's {field} is {bytes} bytes, longer than the {} bytes the \
-                     engine accepts; the job is skipped",
-                    crate::context::MAX_STRING_FIELD_BYTES
+                    "a JobHistory row gives a context the engine does not accept ({e}); the job \
+                     is skipped"
                 );
                 continue;
             }
@@ -930,19 +931,6 @@ fn start_of(row: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
 /// Most a JobHistory row's `OperationStart` may lie ahead of this machine's clock and still move
 /// the poller's position: a day covers any clock skew between two servers.
 pub const MAX_START_AHEAD: chrono::Duration = chrono::Duration::days(1);
-
-/// The first of a context's text fields that is longer than the engine accepts from any source
-/// ([`crate::context::MAX_STRING_FIELD_BYTES`], as ingest refuses it), with its length.
-fn oversized_field(context: &JobContext) -> Option<(&'static str, usize)> {
-    [
-        ("Username", &context.username),
-        ("ClientMachine", &context.client_machine),
-        ("JobType", &context.job_type),
-    ]
-    .into_iter()
-    .find(|(_, text)| text.len() > crate::context::MAX_STRING_FIELD_BYTES)
-    .map(|(name, text)| (name, text.len()))
-}
 
 #[cfg(test)]
 mod tests {
