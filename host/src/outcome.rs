@@ -56,6 +56,9 @@ pub enum OutcomeKind {
     },
 }
 
+/// The class of an attempt the engine, not the handler, failed.
+pub const ENGINE_ERROR_CLASS: &str = "engine-error";
+
 impl OutcomeKind {
     /// The class name: `succeeded`, `handler-failed`, `panicked`, `trapped`, `timed-out`,
     /// `limit-exceeded`, `engine-error`.
@@ -67,7 +70,7 @@ impl OutcomeKind {
             OutcomeKind::Trapped { .. } => "trapped",
             OutcomeKind::TimedOut { .. } => "timed-out",
             OutcomeKind::LimitExceeded { .. } => "limit-exceeded",
-            OutcomeKind::EngineError { .. } => "engine-error",
+            OutcomeKind::EngineError { .. } => ENGINE_ERROR_CLASS,
         }
     }
 

@@ -209,6 +209,57 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
     assert_eq!(body["deliveries"], json!(["all"]));
 }
 
+/// A stored context the engine cannot read (a database written by another version, or edited
+/// by hand) fails that event's deliveries for good, with the reason, and does not hold up the
+/// events claimed with it: they are delivered as usual.
+#[tokio::test]
+async fn an_unreadable_stored_context_fails_its_own_deliveries_and_no_others() {
+    use jobhook::queue::store::sqlite::{DATABASE_FILE, SqliteStore};
+    use jobhook::queue::store::{EventStore as _, NewEvent, SOURCE_API, new_event_id};
+    let setup = Setup::new();
+    let data = setup.dir.path().join("data");
+    let ids: Vec<uuid::Uuid> = {
+        let store = SqliteStore::open(&data).expect("store");
+        (0..3)
+            .map(|_| {
+                let event = NewEvent {
+                    id: new_event_id(),
+                    source: SOURCE_API.into(),
+                    context: jobhook::JobContext::from_json_value(&sample_context_json())
+                        .expect("context"),
+                    message: None,
+                    handlers: vec!["log".into()],
+                };
+                store.insert_event(&event).expect("insert");
+                event.id
+            })
+            .collect()
+    };
+    let spoiled = ids[1];
+    let changed = rusqlite::Connection::open(data.join(DATABASE_FILE))
+        .expect("database")
+        .execute(
+            "UPDATE events SET context = '{\"JobId\": 7}' WHERE id = ?1",
+            [spoiled.to_string()],
+        )
+        .expect("spoil");
+    assert_eq!(changed, 1);
+
+    let engine = setup.start(&handler("log", "log-context", "[\"*\"]", ""));
+    for id in &ids {
+        let event = settled(&engine, &id.to_string()).await;
+        let d = delivery(&event, "log");
+        if *id == spoiled {
+            assert_eq!(d["state"], "failed", "{event:#}");
+            let reason = d["attempts"][0]["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("cannot be read"), "{event:#}");
+            assert_eq!(d["attempts"][0]["class"], "engine-error", "{event:#}");
+        } else {
+            assert_eq!(d["state"], "succeeded", "{event:#}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn event_ids_sort_in_the_order_the_events_were_accepted() {
     // The store's indexes by event id grow at one end only when ids are time-ordered.

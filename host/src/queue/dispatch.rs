@@ -630,12 +630,19 @@ impl Dispatcher {
             handler: handler.as_deref(),
             wake: &self.wake,
         };
-        let record = match &handler {
-            None => skipped(
+        let record = match (&handler, &claim.context) {
+            (_, Err(reason)) => {
+                tracing::error!(
+                    handler = %claim.handler,
+                    "{reason}: it has failed for good"
+                );
+                unreadable(reason.clone(), self.store.now())
+            }
+            (None, Ok(_)) => skipped(
                 format!("handler {:?} is no longer configured", claim.handler),
                 self.store.now(),
             ),
-            Some(h) => self.run_handler(h, &claim).await,
+            (Some(h), Ok(context)) => self.run_handler(h, &claim, context).await,
         };
         let verdict = quarantine_verdict(&record);
         let (recorded, done) = oneshot::channel();
@@ -673,7 +680,12 @@ impl Dispatcher {
         drop(held);
     }
 
-    async fn run_handler(&self, h: &RegisteredHandler, claim: &Claim) -> AttemptRecord {
+    async fn run_handler(
+        &self,
+        h: &RegisteredHandler,
+        claim: &Claim,
+        context: &crate::JobContext,
+    ) -> AttemptRecord {
         let admission = h.quarantine().admit(Instant::now());
         if let Admission::Skip(reason) = admission {
             self.metrics.delivery(&h.config.name, "skipped", 0.0);
@@ -683,7 +695,7 @@ impl Dispatcher {
         let outcome = h
             .handler
             .invoke(
-                &claim.context,
+                context,
                 Delivery {
                     attempt: claim.attempt,
                     event_id: Some(claim.event_id.to_string()),
@@ -758,6 +770,19 @@ fn skipped(reason: String, now: DateTime<Utc>) -> AttemptRecord {
         state,
         retry_at,
         class: "skipped".into(),
+        reason: Some(reason),
+        outcome: None,
+        finished_at: now,
+    }
+}
+
+/// The record of a delivery whose event's stored context cannot be read: not run, failed for
+/// good, and not counted against its handler (the engine, not the handler, failed).
+fn unreadable(reason: String, now: DateTime<Utc>) -> AttemptRecord {
+    AttemptRecord {
+        state: crate::queue::store::DeliveryState::Failed,
+        retry_at: None,
+        class: crate::outcome::ENGINE_ERROR_CLASS.into(),
         reason: Some(reason),
         outcome: None,
         finished_at: now,

@@ -34,6 +34,9 @@ pub(crate) trait Backend: Sync {
     /// Whether several live nodes share the database (PostgreSQL), rather than one process
     /// at a time (SQLite).
     fn shared(&self) -> bool;
+    /// Overwrites the stored context of `event` in `store`'s database with JSON the decoder
+    /// refuses: what a database written by another version, or edited by hand, can hold.
+    fn spoil_context(&self, store: &Self::S, event: Uuid);
 }
 
 /// Defines one `#[test]` per contract test for the backend that `$backend` (an expression of
@@ -57,6 +60,7 @@ macro_rules! suite {
             interrupted_attempts_are_listed_as_interrupted,
             renewing_keeps_this_nodes_claims_and_no_others,
             concurrent_claims_hand_out_each_delivery_once,
+            a_stored_context_that_cannot_be_read_fails_only_its_own_claims,
             batch_claims_respect_the_batch_size_and_each_handlers_room,
             batch_claims_are_oldest_first_and_decode_each_context,
             concurrent_batch_claims_hand_out_each_delivery_once,
@@ -254,7 +258,7 @@ pub(crate) fn events_are_delivered_once_per_handler_and_survive_reopen(b: &impl 
     let c2 = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
     assert!(store.claim(Utc::now(), &[], LEASE).unwrap().is_none());
     assert_eq!(c1.event_id, e.id);
-    assert_eq!(c1.context, e.context);
+    assert_eq!(c1.context.as_ref().ok(), Some(&e.context));
     assert_eq!(c1.attempt, 1);
     let mut handlers = vec![c1.handler.clone(), c2.handler.clone()];
     handlers.sort();
@@ -782,10 +786,55 @@ pub(crate) fn batch_claims_are_oldest_first_and_decode_each_context(b: &impl Bac
     for claim in &claims {
         let index = ids.iter().position(|id| *id == claim.event_id).unwrap();
         assert_eq!(
-            claim.context, contexts[index],
+            claim.context.as_ref().ok(),
+            Some(&contexts[index]),
             "each claim has its own event's context"
         );
     }
+}
+
+pub(crate) fn a_stored_context_that_cannot_be_read_fails_only_its_own_claims(b: &impl Backend) {
+    let store = b.node();
+    let events: Vec<NewEvent> = (0..3).map(|_| event(&["a", "b"])).collect();
+    for e in &events {
+        store.insert_event(e).unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let spoiled = events[1].id;
+    b.spoil_context(&store, spoiled);
+    let claims = store
+        .claim_batch(Utc::now(), &limits(8, &[]), LEASE)
+        .expect("the claim itself succeeds");
+    assert_eq!(claims.len(), 6, "every delivery is claimed");
+    for claim in &claims {
+        match (&claim.context, claim.event_id == spoiled) {
+            (Err(reason), true) => {
+                assert!(reason.contains("cannot be read"), "{reason}");
+                assert!(reason.contains(&spoiled.to_string()), "{reason}");
+            }
+            (Ok(context), false) => {
+                let e = events.iter().find(|e| e.id == claim.event_id).unwrap();
+                assert_eq!(*context, e.context);
+            }
+            (context, spoiled) => panic!("spoiled: {spoiled}, context: {context:?}"),
+        }
+    }
+    // Each is finished as any claim is.
+    for claim in &claims {
+        let record = AttemptRecord {
+            state: DeliveryState::Failed,
+            retry_at: None,
+            class: "engine-error".into(),
+            reason: claim.context.as_ref().err().cloned(),
+            outcome: None,
+            finished_at: Utc::now(),
+        };
+        assert!(matches!(store.finish(claim, &record), Ok(Finish::Recorded)));
+    }
+    assert_eq!(
+        store.count_by_state().unwrap(),
+        vec![(DeliveryState::Failed, 6)]
+    );
 }
 
 pub(crate) fn concurrent_batch_claims_hand_out_each_delivery_once(b: &impl Backend) {

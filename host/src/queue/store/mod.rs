@@ -214,12 +214,26 @@ pub struct Claim {
     pub handler: String,
     /// This attempt's number (1 on the first run).
     pub attempt: u32,
-    /// The job context.
-    pub context: JobContext,
+    /// The job context, or why the stored one could not be read (a database written by
+    /// another version of the engine, or edited by hand): such a delivery is not run and fails
+    /// for good with that reason, and the others claimed with it run as usual.
+    pub context: Result<JobContext, String>,
     /// Where the event came from ([`NewEvent::source`]).
     pub source: String,
     /// Keyfactor's text about the job ([`NewEvent::message`]).
     pub message: Option<String>,
+}
+
+/// The reason a claim carries when its event's stored context cannot be decoded (see
+/// [`Claim::context`]); the same words for every store.
+pub fn unreadable_context(
+    event_id: impl std::fmt::Display,
+    error: &dyn std::fmt::Display,
+) -> String {
+    format!(
+        "the stored context of event {event_id} cannot be read ({error}); the delivery was not \
+         run"
+    )
 }
 
 /// How a claimed attempt ended, as recorded.

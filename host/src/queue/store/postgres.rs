@@ -45,7 +45,7 @@ use super::clock::QueueClock;
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
-    NewEvent, RELEASED_REASON, StoreError, after,
+    NewEvent, RELEASED_REASON, StoreError, after, unreadable_context,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -1293,7 +1293,7 @@ impl EventStore for PostgresStore {
                 let event_id: Uuid = row.get(1);
                 let context: serde_json::Value = row.get(4);
                 let context = JobContext::from_json_value(&context)
-                    .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
+                    .map_err(|e| unreadable_context(event_id, &e));
                 Ok(Claim {
                     delivery_id: row.get(0),
                     event_id,
@@ -1601,6 +1601,14 @@ mod tests {
 
         fn shared(&self) -> bool {
             true
+        }
+
+        fn spoil_context(&self, _store: &PostgresStore, event: Uuid) {
+            self.db
+                .query(&format!(
+                    "UPDATE events SET context = '{{\"JobId\": 7}}' WHERE id = '{event}'"
+                ))
+                .expect("spoil a context");
         }
     }
 

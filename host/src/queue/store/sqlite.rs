@@ -27,6 +27,7 @@ use super::{
     ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
     DeliveryState, DeliveryView, EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency,
     Inserted, MAX_PURGE_BATCH, NewEvent, RELEASED_REASON, StoreError, after, from_ms, to_ms,
+    unreadable_context,
 };
 use crate::context::JobContext;
 
@@ -735,7 +736,7 @@ fn decode_claims(
         .into_iter()
         .zip(texts)
         .map(|(row, text)| {
-            let event = contexts.decode(&row.event_id, text)?;
+            let event = contexts.decode(&row.event_id, text);
             let event_id = Uuid::parse_str(&row.event_id)
                 .map_err(|e| StoreError::Corrupt(format!("event id {}: {e}", row.event_id)))?;
             Ok(Claim {
@@ -761,7 +762,8 @@ struct ContextCache {
 /// What a claim carries of its event, as read from the `events` row.
 #[derive(Clone)]
 struct ClaimedEvent {
-    context: JobContext,
+    /// The context, or why it cannot be read ([`Claim::context`]).
+    context: Result<JobContext, String>,
     source: String,
     message: Option<String>,
 }
@@ -771,31 +773,33 @@ type EventRow = (String, String, Option<String>);
 
 impl ContextCache {
     /// The event `event_id` of a claim: the last one decoded if it is that event's, else `row`
-    /// decoded (an error when there is none to decode).
-    fn decode(
-        &mut self,
-        event_id: &str,
-        row: Option<EventRow>,
-    ) -> Result<ClaimedEvent, StoreError> {
+    /// decoded. A context that cannot be decoded (or a row that was not read) is carried as its
+    /// reason: it fails that event's deliveries, not the whole claim.
+    fn decode(&mut self, event_id: &str, row: Option<EventRow>) -> ClaimedEvent {
         if let Some((id, event)) = &self.last
             && id == event_id
         {
-            return Ok(event.clone());
+            return event.clone();
         }
-        let (json, source, message) = row.ok_or_else(|| {
-            StoreError::Corrupt(format!("event {event_id}: its context was not read"))
-        })?;
-        let value: serde_json::Value = serde_json::from_str(&json)
-            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-        let context = JobContext::from_json_value(&value)
-            .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-        let event = ClaimedEvent {
-            context,
-            source,
-            message,
+        let event = match row {
+            None => ClaimedEvent {
+                context: Err(unreadable_context(event_id, &"its row was not read")),
+                source: String::new(),
+                message: None,
+            },
+            Some((json, source, message)) => ClaimedEvent {
+                context: serde_json::from_str::<serde_json::Value>(&json)
+                    .map_err(|e| unreadable_context(event_id, &e))
+                    .and_then(|value| {
+                        JobContext::from_json_value(&value)
+                            .map_err(|e| unreadable_context(event_id, &e))
+                    }),
+                source,
+                message,
+            },
         };
         self.last = Some((event_id.to_owned(), event.clone()));
-        Ok(event)
+        event
     }
 }
 
@@ -1273,6 +1277,22 @@ mod tests {
         fn shared(&self) -> bool {
             false
         }
+
+        fn spoil_context(&self, store: &SqliteStore, event: Uuid) {
+            spoil(store, event);
+        }
+    }
+
+    /// See [`Backend::spoil_context`].
+    fn spoil(store: &SqliteStore, event: Uuid) {
+        let changed = store
+            .conn()
+            .execute(
+                "UPDATE events SET context = '{\"JobId\": 7}' WHERE id = ?1",
+                params![event.to_string()],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
     }
 
     #[test]
@@ -1438,6 +1458,10 @@ mod tests {
 
             fn shared(&self) -> bool {
                 false
+            }
+
+            fn spoil_context(&self, store: &Awaited, event: Uuid) {
+                spoil(&store.0, event);
             }
         }
 
