@@ -197,12 +197,22 @@ impl Gathered {
     }
 }
 
-/// Reads every page of a Keyfactor list (at most [`MAX_PAGES`]), handing each page's rows to
-/// `page_read` before the next is read.
+/// The paging parameters' prefix of `GET /CertificateStoreTypes`: Command binds that list's
+/// query to a parameter named `cstquery` (the Go SDK generated from its API spec sends
+/// `cstquery.pageReturned` / `cstquery.returnLimit`); `pq.*` is not bound there, and the list
+/// would stop at its default page of 50.
+const STORE_TYPES_QUERY: &str = "cstquery.";
+
+/// The paging parameters' prefix of `GET /JobTypes/Custom` (and most lists): `pq`.
+const LIST_QUERY: &str = "pq.";
+
+/// Reads every page of a Keyfactor list (at most [`MAX_PAGES`]), its paging parameters under
+/// `prefix`, handing each page's rows to `page_read` before the next is read.
 async fn each_page(
     client: &KeyfactorClient,
     grant: &KeyfactorGrant,
     path: &str,
+    prefix: &str,
     mut page_read: impl FnMut(&[Value]),
 ) -> anyhow::Result<()> {
     for page in 1..=MAX_PAGES {
@@ -213,8 +223,8 @@ async fn each_page(
                     method: Method::Get,
                     path: path.into(),
                     query: vec![
-                        ("pq.returnLimit".into(), PAGE_SIZE.to_string()),
-                        ("pq.pageReturned".into(), page.to_string()),
+                        (format!("{prefix}returnLimit"), PAGE_SIZE.to_string()),
+                        (format!("{prefix}pageReturned"), page.to_string()),
                     ],
                     headers: Vec::new(),
                     body: None,
@@ -247,11 +257,15 @@ pub async fn job_types_toml(client: &KeyfactorClient) -> anyhow::Result<(String,
     let grant = KeyfactorGrant::read_only(&["CertificateStoreTypes", "JobTypes/Custom"])
         .map_err(|e| anyhow::anyhow!("grant: {e}"))?;
     let mut gathered = Gathered::default();
-    each_page(client, &grant, "CertificateStoreTypes", |rows| {
-        gathered.add(collect(rows, &[]))
-    })
+    each_page(
+        client,
+        &grant,
+        "CertificateStoreTypes",
+        STORE_TYPES_QUERY,
+        |rows| gathered.add(collect(rows, &[])),
+    )
     .await?;
-    each_page(client, &grant, "JobTypes/Custom", |rows| {
+    each_page(client, &grant, "JobTypes/Custom", LIST_QUERY, |rows| {
         gathered.add(collect(&[], rows))
     })
     .await?;
@@ -281,21 +295,54 @@ mod tests {
     use jobhook_standin::{Standin, data};
     use serde_json::json;
 
+    /// A client of `standin` with its Basic credentials, the password in a file in `dir`.
+    fn client_of(standin: &Standin, dir: &Path) -> KeyfactorClient {
+        std::fs::write(dir.join("pw"), &standin.credentials().password).expect("pw");
+        let auth = crate::capabilities::keyfactor::auth::AuthConfig::Basic {
+            username: standin.credentials().username.clone(),
+            password: crate::secret::SecretRef::File(dir.join("pw")),
+        };
+        KeyfactorClient::from_config(&crate::capabilities::keyfactor::KeyfactorConfig::new(
+            standin.base_url(),
+            auth,
+        ))
+        .expect("client")
+    }
+
+    /// More store types than one page holds are all listed: the store-type list is paged by
+    /// its own parameters (`cstquery.*`), which the stand-in binds as Command does, ignoring
+    /// `pq.*` (with which the list stopped at Command's default page of 50).
+    #[tokio::test]
+    async fn every_page_of_store_types_is_read() {
+        let mut config = jobhook_standin::StandinConfig::default();
+        let extra = PAGE_SIZE + 100;
+        for i in 0..extra {
+            config.data.store_types.push(json!({
+                "ShortName": format!("Extra{i}"),
+                "InventoryJobType": uuid::Uuid::new_v4().to_string(),
+            }));
+        }
+        let standin = Standin::start_with(config).await.expect("stand-in");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (toml, skipped) = job_types_toml(&client_of(&standin, dir.path()))
+            .await
+            .expect("job types");
+        assert!(skipped.is_empty(), "{skipped:?}");
+        for i in [0, 49, 50, PAGE_SIZE - 1, PAGE_SIZE, extra - 1] {
+            assert!(
+                toml.contains(&format!("\nExtra{i}Inventory = ")),
+                "Extra{i}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn the_printed_toml_parses_with_the_engine_config_parser() {
         let standin = Standin::start().await.expect("stand-in");
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("pw"), &standin.credentials().password).expect("pw");
         // The parser checks that the component exists; any file will do here.
         std::fs::write(dir.path().join("h.wasm"), b"\0asm").expect("component");
-        let auth = crate::capabilities::keyfactor::auth::AuthConfig::Basic {
-            username: standin.credentials().username.clone(),
-            password: crate::secret::SecretRef::File(dir.path().join("pw")),
-        };
-        let client = KeyfactorClient::from_config(
-            &crate::capabilities::keyfactor::KeyfactorConfig::new(standin.base_url(), auth),
-        )
-        .expect("client");
+        let client = client_of(&standin, dir.path());
         let (toml, skipped) = job_types_toml(&client).await.expect("job types");
         assert!(skipped.is_empty(), "{skipped:?}");
         assert!(

@@ -9,7 +9,7 @@
 //! | `GET OrchestratorJobs/JobHistory` | paging, sorting and `pq.queryString` on the documented fields only ([`query`]) |
 //! | `POST OrchestratorJobs/Acknowledge` | `{"JobAuditIds": [...]}` or `{"Query": "..."}` (exactly one); sets eligible runs to Status 4, `204` ([`acknowledge`]) |
 //! | `GET Agents` | every agent, paged |
-//! | `GET CertificateStoreTypes`, `GET CertificateStoreTypes/Name/{name}` | store types with their job-type GUIDs |
+//! | `GET CertificateStoreTypes` (paged by `cstquery.*`), `GET CertificateStoreTypes/Name/{name}` (a list, as Command answers) | store types with their job-type GUIDs |
 //! | `GET JobTypes/Custom` | custom job types |
 //! | `GET Certificates/{id}`, `GET Agents/{id}`, `GET CertificateStores/{id}` | seeded objects ([`data`]) |
 //! | `GET Status/Endpoints` | the endpoint list clients use as an auth probe |
@@ -447,15 +447,22 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
                 ),
             }
         }
-        (&Method::GET, ["agents"]) => paged(&state.config.data.agents, &pairs),
-        (&Method::GET, ["certificatestoretypes"]) => paged(&state.config.data.store_types, &pairs),
+        (&Method::GET, ["agents"]) => paged(&state.config.data.agents, &pairs, "pq."),
+        // Command binds this list's paging to its `cstquery` parameter object (the Go SDK
+        // generated from its API spec: `cstquery.pageReturned`, `cstquery.returnLimit`); `pq.*`
+        // names are not bound and its defaults apply.
+        (&Method::GET, ["certificatestoretypes"]) => {
+            paged(&state.config.data.store_types, &pairs, "cstquery.")
+        }
+        // A list of the matching store types, as Command answers (the Go SDK:
+        // `[]CertificateStoreTypeResponse`), though at most one matches.
         (&Method::GET, ["certificatestoretypes", "name", name]) => {
             match state.config.data.store_types.iter().find(|t| {
                 t["ShortName"]
                     .as_str()
                     .is_some_and(|n| n.eq_ignore_ascii_case(name))
             }) {
-                Some(t) => json_response(t.clone()),
+                Some(t) => json_response(Value::Array(vec![t.clone()])),
                 None => error(
                     StatusCode::NOT_FOUND,
                     "0xA0010404",
@@ -464,7 +471,7 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
             }
         }
         (&Method::GET, ["jobtypes", "custom"]) => {
-            paged(&state.config.data.custom_job_types, &pairs)
+            paged(&state.config.data.custom_job_types, &pairs, "pq.")
         }
         (&Method::GET, ["agents", id]) => {
             by_guid(&state.config.data.agents, "AgentId", id, "Agent")
@@ -528,13 +535,15 @@ fn slow_ms(pairs: &[(String, String)]) -> Duration {
     Duration::from_millis(ms).min(MAX_SLOW)
 }
 
-/// `GET /Agents` (and the other plain lists): every item, paged by `pq.pageReturned`/`pq.returnLimit` (defaults 1 and 50,
-/// as for every Keyfactor list).
-fn paged(items: &[Value], pairs: &[(String, String)]) -> Response {
+/// `GET /Agents` (and the other plain lists): every item, paged by `pageReturned` and
+/// `returnLimit` (defaults 1 and 50, as for every Keyfactor list) under the list's parameter
+/// prefix (`pq.`, or `cstquery.` for store types) or none, as ASP.NET binds a query object;
+/// the same names under another prefix are not bound.
+fn paged(items: &[Value], pairs: &[(String, String)], prefix: &str) -> Response {
     let number = |name: &str, default: usize| -> Result<usize, String> {
         match pairs.iter().find(|(k, _)| {
             let k = k.to_ascii_lowercase();
-            k.strip_prefix("pq.").unwrap_or(&k) == name
+            k.strip_prefix(prefix).unwrap_or(&k) == name
         }) {
             None => Ok(default),
             Some((_, v)) => match v.trim().parse::<usize>() {
