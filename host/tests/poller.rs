@@ -260,6 +260,52 @@ async fn finished_jobs_become_events_exactly_once_across_restarts() {
     assert_eq!(f.events(), 5);
 }
 
+/// JobHistory rows whose `Result` and `Status` are names, as Command 10's own trace shows them
+/// (`"Result":"Success","Status":"Completed"`; its API spec declares numbers): the same events,
+/// with the same job results, as rows with numbers.
+#[tokio::test]
+async fn rows_with_result_and_status_as_names_become_the_same_events() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let named = |id: i64, status: &str, result: &str| {
+        let mut r = row(id, status, result, now);
+        r["Status"] = json!(status);
+        r["Result"] = json!(result);
+        r
+    };
+    let s = standin(vec![
+        named(201, "Completed", "Failure"),
+        named(202, "CompletedWillRetry", "Warning"),
+        named(203, "Completed", "Success"),
+        named(204, "InProcess", "Unknown"),
+    ])
+    .await;
+    let poller = f.poller(
+        client(&s, &f.dir.path().join("pw"), &s.credentials().password),
+        config(10, true),
+    );
+    let report = poller.poll_once().await.expect("poll");
+    assert_eq!(report.events, 3, "{report:?}");
+    assert!(!report.cursor.seen.contains_key(&204), "204 is unfinished");
+    let claims = f
+        .store
+        .claim_batch(
+            Utc::now(),
+            &jobhook::queue::store::ClaimLimits {
+                max: 10,
+                room: BTreeMap::new(),
+            },
+            std::time::Duration::from_secs(60),
+        )
+        .expect("claims");
+    let mut results: Vec<&str> = claims
+        .iter()
+        .map(|c| c.context.as_ref().expect("context").job_result.name())
+        .collect();
+    results.sort_unstable();
+    assert_eq!(results, ["Failure", "Success", "Warning"]);
+}
+
 #[tokio::test]
 async fn polled_events_get_ids_that_sort_in_the_order_they_were_stored() {
     // As the API's do (host/tests/serve.rs): the store's indexes by event id grow at one end.
