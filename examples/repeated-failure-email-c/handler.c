@@ -42,15 +42,9 @@ typedef struct {
   size_t cap;
 } buf_t;
 
-static void buf_printf(buf_t *b, const char *fmt, ...) {
-  va_list args;
-  va_start(args, fmt);
-  va_list copy;
-  va_copy(copy, args);
-  int n = vsnprintf(NULL, 0, fmt, copy);
-  va_end(copy);
-  if (n < 0) abort();
-  size_t need = b->len + (size_t)n + 1;
+// Appends `n` bytes, keeping a NUL after them for the C library's sake.
+static void buf_add(buf_t *b, const void *bytes, size_t n) {
+  size_t need = b->len + n + 1;
   if (need > b->cap) {
     size_t cap = b->cap ? b->cap : 256;
     while (cap < need) cap *= 2;
@@ -59,44 +53,74 @@ static void buf_printf(buf_t *b, const char *fmt, ...) {
     b->ptr = grown;
     b->cap = cap;
   }
-  vsnprintf(b->ptr + b->len, b->cap - b->len, fmt, args);
-  b->len += (size_t)n;
+  memcpy(b->ptr + b->len, bytes, n);
+  b->len += n;
+  b->ptr[b->len] = '\0';
+}
+
+// Appends `fmt` with its conversions: `%S` a WIT string (`const with_mail_string_t *`), copied by
+// its length; `%s` a C string; `%d` an int, `%ld` a long, `%zu` a size_t; `%%`. A WIT string is
+// text of a known length that may hold a NUL, where printf's precision conversion would stop
+// and silently drop the rest (a subject cut short instead of the engine refusing a control
+// character).
+static void buf_vformat(buf_t *b, const char *fmt, va_list args) {
+  char number[32];
+  for (const char *p = fmt; *p; p++) {
+    if (*p != '%') {
+      buf_add(b, p, 1);
+      continue;
+    }
+    p++;
+    if (*p == 'S') {
+      const with_mail_string_t *s = va_arg(args, const with_mail_string_t *);
+      buf_add(b, s->ptr, s->len);
+    } else if (*p == 's') {
+      const char *s = va_arg(args, const char *);
+      buf_add(b, s, strlen(s));
+    } else if (*p == 'd') {
+      buf_add(b, number, (size_t)snprintf(number, sizeof number, "%d", va_arg(args, int)));
+    } else if (p[0] == 'l' && p[1] == 'd') {
+      p++;
+      buf_add(b, number, (size_t)snprintf(number, sizeof number, "%ld", va_arg(args, long)));
+    } else if (p[0] == 'z' && p[1] == 'u') {
+      p++;
+      buf_add(b, number, (size_t)snprintf(number, sizeof number, "%zu", va_arg(args, size_t)));
+    } else if (*p == '%') {
+      buf_add(b, "%", 1);
+    } else {
+      abort();  // a conversion this file does not use
+    }
+  }
+}
+
+static void buf_format(buf_t *b, const char *fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  buf_vformat(b, fmt, args);
   va_end(args);
 }
 
-// "%.*s" arguments for a WIT string.
-#define STR(s) (int)(s).len, (const char *)(s).ptr
-
 static void log_info(const char *fmt, ...) {
+  buf_t text = {0};
   va_list args;
   va_start(args, fmt);
-  char *text = NULL;
-  int n = vsnprintf(NULL, 0, fmt, args);
+  buf_vformat(&text, fmt, args);
   va_end(args);
-  if (n < 0) return;
-  text = malloc((size_t)n + 1);
-  if (!text) abort();
-  va_start(args, fmt);
-  vsnprintf(text, (size_t)n + 1, fmt, args);
-  va_end(args);
-  with_mail_string_t message = {(uint8_t *)text, (size_t)n};
+  with_mail_string_t message = {(uint8_t *)text.ptr, text.len};
   jobhook_handler_log_log(JOBHOOK_HANDLER_LOG_LEVEL_INFO, &message);
-  free(text);
+  free(text.ptr);
 }
 
 // Sets *err to a malloc'd message (the export's err case) and returns false.
 static bool fail(with_mail_string_t *err, const char *fmt, ...) {
+  buf_t text = {0};
   va_list args;
   va_start(args, fmt);
-  int n = vsnprintf(NULL, 0, fmt, args);
+  buf_vformat(&text, fmt, args);
   va_end(args);
-  char *text = malloc(n < 0 ? 1 : (size_t)n + 1);
-  if (!text) abort();
-  va_start(args, fmt);
-  vsnprintf(text, n < 0 ? 1 : (size_t)n + 1, fmt, args);
-  va_end(args);
-  err->ptr = (uint8_t *)text;
-  err->len = strlen(text);
+  if (!text.ptr) buf_add(&text, "", 0);
+  err->ptr = (uint8_t *)text.ptr;
+  err->len = text.len;
   return false;
 }
 
@@ -196,25 +220,24 @@ static const char *result_name(jobhook_handler_types_job_result_t result) {
 }
 
 static void write_body(buf_t *b, const with_mail_job_context_t *ctx, int32_t threshold) {
-  buf_printf(b, "Orchestrator Job failed too many times:\n");
-  buf_printf(b, "\tType: %.*s\n", STR(ctx->job_type));
-  buf_printf(b, "\tJobId: %.*s\n", STR(ctx->job_id));
-  buf_printf(b, "\tJobTypeId: %.*s\n", STR(ctx->job_type_id));
-  buf_printf(b, "\tOrchestrator: %.*s (agent %.*s)\n", STR(ctx->client_machine),
-             STR(ctx->agent_id));
-  if (ctx->username.len > 0) buf_printf(b, "\tOrchestrator identity: %.*s\n", STR(ctx->username));
-  buf_printf(b, "\tResult: %s\n", result_name(ctx->job_result));
-  buf_printf(b, "\tRetries: %d (threshold %d)\n", (int)ctx->current_retry_count, (int)threshold);
+  buf_format(b, "Orchestrator Job failed too many times:\n");
+  buf_format(b, "\tType: %S\n", &ctx->job_type);
+  buf_format(b, "\tJobId: %S\n", &ctx->job_id);
+  buf_format(b, "\tJobTypeId: %S\n", &ctx->job_type_id);
+  buf_format(b, "\tOrchestrator: %S (agent %S)\n", &ctx->client_machine, &ctx->agent_id);
+  if (ctx->username.len > 0) buf_format(b, "\tOrchestrator identity: %S\n", &ctx->username);
+  buf_format(b, "\tResult: %s\n", result_name(ctx->job_result));
+  buf_format(b, "\tRetries: %d (threshold %d)\n", (int)ctx->current_retry_count, (int)threshold);
   if (ctx->request_timestamp.is_some) {
     time_t seconds = (time_t)ctx->request_timestamp.val.seconds;
     struct tm tm;
     char when[64];
     if (gmtime_r(&seconds, &tm) && strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm)) {
-      buf_printf(b, "\tRequested: %s\n", when);
+      buf_format(b, "\tRequested: %s\n", when);
     }
   }
   if (ctx->certificate_id.is_some) {
-    buf_printf(b, "\tCertificateId: %d\n", (int)ctx->certificate_id.val);
+    buf_format(b, "\tCertificateId: %d\n", (int)ctx->certificate_id.val);
   }
 }
 
@@ -227,15 +250,15 @@ static bool run(const with_mail_job_context_t *ctx, with_mail_string_t *err) {
   bool notify = ctx->job_result == JOBHOOK_HANDLER_TYPES_JOB_RESULT_FAILURE &&
                 ctx->current_retry_count >= s.retry_threshold;
   if (!notify) {
-    log_info("%.*s job %.*s ended %s after %d retries (threshold %d): no mail", STR(ctx->job_type),
-             STR(ctx->job_id), result_name(ctx->job_result), (int)ctx->current_retry_count,
+    log_info("%S job %S ended %s after %d retries (threshold %d): no mail", &ctx->job_type,
+             &ctx->job_id, result_name(ctx->job_result), (int)ctx->current_retry_count,
              (int)s.retry_threshold);
     settings_free(&s);
     return true;
   }
 
   buf_t subject = {0}, body = {0};
-  buf_printf(&subject, "Orchestrator %.*s Job Failed", STR(ctx->job_type));
+  buf_format(&subject, "Orchestrator %S Job Failed", &ctx->job_type);
   write_body(&body, ctx, s.retry_threshold);
   jobhook_handler_mail_message_t message = {
       .from = {.is_some = s.mail_from != NULL,
@@ -252,14 +275,14 @@ static bool run(const with_mail_job_context_t *ctx, with_mail_string_t *err) {
   if (!sent) {
     // Every capability-error case carries its reason as the same string.
     const char *kind = mail_err.tag < 6 ? CAPABILITY_ERROR_NAMES[mail_err.tag] : "failed";
-    fail(err, "notifying about failed job %.*s: mail: %s: %.*s", STR(ctx->job_id), kind,
-         STR(mail_err.val.failed));
+    fail(err, "notifying about failed job %S: mail: %s: %S", &ctx->job_id, kind,
+         &mail_err.val.failed);
     jobhook_handler_mail_capability_error_free(&mail_err);
     settings_free(&s);
     return false;
   }
-  log_info("mailed %zu recipient(s) about %.*s job %.*s failing after %d retries",
-           s.recipient_count, STR(ctx->job_type), STR(ctx->job_id),
+  log_info("mailed %zu recipient(s) about %S job %S failing after %d retries",
+           s.recipient_count, &ctx->job_type, &ctx->job_id,
            (int)ctx->current_retry_count);
   settings_free(&s);
   return true;

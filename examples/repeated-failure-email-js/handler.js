@@ -15,9 +15,10 @@
 // interfaces are imported as namespaces, which both accept. WIT mapping: records are objects
 // with camelCase keys, enums are their case names ("failure"), option<T> is the value or
 // null/undefined, s64 may be a BigInt, and for the export `result<_, string>` returning means ok
-// and throwing a string means err. An import returning `result` throws its error value, here a
-// capability-error variant `{ tag: "denied", val: "why" }` (componentize-js wraps it in an
-// Error whose `payload` is that variant).
+// and throwing a string means err. An import returning `result` throws its error: a
+// capability-error variant `{ tag: "denied", val: "why" }`, which componentize-qjs and
+// componentize-js both hand over inside a thrown object's `payload` (its message reads
+// "[object Object] (see error.payload)"); `describeCapabilityError` reads either form.
 
 import * as properties from "jobhook:handler/properties@0.2.0";
 import * as log from "jobhook:handler/log@0.2.0";

@@ -248,6 +248,81 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
 
     build_script(&dir, &tools);
     runs_as_generated(&dir, component);
+    if let Some((edits, reason)) = uncaught_mail_error(lang) {
+        an_uncaught_capability_error_is_the_reason(&dir, &tools, component, &edits, reason);
+    }
+}
+
+/// The edits that make a generated project do what its README says to use a capability (build
+/// for `with-mail`, import `mail`) and send a mail without handling the error, and the reason
+/// its failure is expected to start with; `None` for a language whose template has no such
+/// wrapper to test.
+fn uncaught_mail_error(
+    lang: &str,
+) -> Option<(
+    Vec<(&'static str, &'static str, &'static str)>,
+    &'static str,
+)> {
+    match lang {
+        "js" => Some((
+            vec![
+                ("build.sh", "--world core", "--world with-mail"),
+                (
+                    "handler.js",
+                    "import * as log from",
+                    "import * as mail from \"jobhook:handler/mail@0.2.0\";\nimport * as log from",
+                ),
+                (
+                    "handler.js",
+                    "// `throw \"why\"` reports a failure with that reason.",
+                    "mail.send({ to: [\"pki@example.com\"], cc: [], subject: \"s\", body: \"b\" });",
+                ),
+            ],
+            "not-available: ",
+        )),
+        "python" => Some((
+            vec![
+                ("build.sh", "-w core", "-w with-mail"),
+                (
+                    "app.py",
+                    "from wit_world.imports import log",
+                    "from wit_world.imports import log, mail",
+                ),
+                (
+                    "app.py",
+                    "# `raise Err(\"why\")` (or any exception) reports a failure with that reason.",
+                    "mail.send(mail.Message(from_=None, to=[\"pki@example.com\"], cc=[], \
+                     subject=\"s\", body=\"b\"))",
+                ),
+            ],
+            "NotAvailable: ",
+        )),
+        _ => None,
+    }
+}
+
+/// A generated project changed as its README says to use the mail capability, sending a mail
+/// and not handling the error (no relay is configured: `not-available`): the delivery fails
+/// with the capability's error as its reason, not `panicked` with the reason lost.
+fn an_uncaught_capability_error_is_the_reason(
+    dir: &Path,
+    tools: &[PathBuf],
+    component: &str,
+    edits: &[(&str, &str, &str)],
+    reason_starts: &str,
+) {
+    for (file, from, to) in edits {
+        let path = dir.join(file);
+        let text = std::fs::read_to_string(&path).expect("source");
+        assert!(text.contains(from), "{from:?} not in {file}:\n{text}");
+        std::fs::write(&path, text.replacen(from, to, 1)).expect("write source");
+    }
+    build_script(dir, tools);
+    let outcome = run(dir, component, "context.json");
+    assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
+    let reason = outcome["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with(reason_starts), "{outcome:#}");
+    assert!(reason.contains("mail"), "{outcome:#}");
 }
 
 #[test]
