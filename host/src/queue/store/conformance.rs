@@ -61,6 +61,7 @@ macro_rules! suite {
             renewing_keeps_this_nodes_claims_and_no_others,
             concurrent_claims_hand_out_each_delivery_once,
             a_stored_context_that_cannot_be_read_fails_only_its_own_claims,
+            any_text_ingest_accepts_is_stored_and_read_back_unchanged,
             batch_claims_respect_the_batch_size_and_each_handlers_room,
             batch_claims_are_oldest_first_and_decode_each_context,
             concurrent_batch_claims_hand_out_each_delivery_once,
@@ -835,6 +836,33 @@ pub(crate) fn a_stored_context_that_cannot_be_read_fails_only_its_own_claims(b: 
         store.count_by_state().unwrap(),
         vec![(DeliveryState::Failed, 6)]
     );
+}
+
+/// A context's text fields hold whatever JSON strings can: NUL (which PostgreSQL's `jsonb` and
+/// `text` refuse), other control characters, line and paragraph separators, characters outside
+/// the BMP. What ingest accepts is stored, claimed and shown unchanged.
+pub(crate) fn any_text_ingest_accepts_is_stored_and_read_back_unchanged(b: &impl Backend) {
+    let store = b.node();
+    let text = "a\u{0}b\u{1}\u{7f}\u{2028}\u{2029}\u{feff}é😀\\\"'";
+    let mut json = context().to_json();
+    json["Username"] = serde_json::json!(text);
+    json["ClientMachine"] = serde_json::json!(text);
+    json["JobType"] = serde_json::json!(text);
+    let mut e = event(&["a"]);
+    e.context = JobContext::from_json_value(&json).unwrap();
+    // A message has had its NULs replaced before it reaches a store
+    // (`Delivery::job_message`); the rest of the text is kept.
+    let message = text.replace('\0', "\u{fffd}");
+    e.message = Some(message.clone());
+    store.insert_event(&e).unwrap();
+    let claims = store
+        .claim_batch(Utc::now(), &limits(8, &[]), LEASE)
+        .unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].context.as_ref().ok(), Some(&e.context));
+    assert_eq!(claims[0].message.as_deref(), Some(message.as_str()));
+    let view = store.event(e.id).unwrap().expect("the event");
+    assert_eq!(view.context["Username"], serde_json::json!(text));
 }
 
 pub(crate) fn concurrent_batch_claims_hand_out_each_delivery_once(b: &impl Backend) {
