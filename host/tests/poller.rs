@@ -392,6 +392,43 @@ async fn a_row_from_year_9999_or_with_oversized_text_does_not_stop_the_poller() 
     assert_eq!(f.events(), 4);
 }
 
+/// An unfinished row without a usable start (9999-12-31, as .NET's `DateTime.MaxValue` reads,
+/// or none) never becomes stale: the poller passes over it instead of waiting for it for ever,
+/// and turns it into an event once it has finished.
+#[tokio::test]
+async fn an_unfinished_job_without_a_usable_start_does_not_stop_the_poller() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let mut forever = row(20, "InProcess", "Unknown", now - Age::minutes(3));
+    forever["OperationStart"] = json!("9999-12-31T23:59:59");
+    let mut none = row(21, "InProcess", "Unknown", now - Age::minutes(3));
+    none["OperationStart"] = Value::Null;
+    let first = vec![
+        row(19, "Completed", "Success", now - Age::minutes(4)),
+        forever.clone(),
+        none,
+        row(22, "Completed", "Failure", now - Age::minutes(2)),
+    ];
+    let s = standin(first.clone()).await;
+    let pw = f.dir.path().join("pw");
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    let report = poller.poll_once().await.expect("poll");
+    assert_eq!(report.events, 2, "19 and 22: {report:?}");
+    assert!(report.cursor.seen.contains_key(&22), "{report:?}");
+    assert!(!report.cursor.seen.contains_key(&20), "{report:?}");
+
+    // 20 finishes (its start still unusable): it is found and becomes an event.
+    let mut later = first;
+    later[1]["Status"] = json!(status_number("Completed"));
+    later[1]["Result"] = json!(result_number("Failure"));
+    let s = standin(later).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    let report = poller.poll_once().await.expect("poll");
+    assert_eq!(report.events, 1, "{report:?}");
+    assert!(report.cursor.seen.contains_key(&20), "{report:?}");
+    assert_eq!(f.events(), 3);
+}
+
 #[tokio::test]
 async fn a_stale_unfinished_job_does_not_hold_the_cursor_forever() {
     let now = Utc::now();

@@ -742,7 +742,19 @@ impl Poller {
                 continue;
             }
             if status(row.get("Status").unwrap_or(&Value::Null)) == Status::Unfinished {
-                let stale = started.is_some_and(|t| now - t > stale_after);
+                let Some(start) = started else {
+                    // No usable start (none, or one `start_of` refuses, such as 9999-12-31):
+                    // waiting for it would stop the poller for good, since such a row never
+                    // becomes stale, and it cannot place the cursor either. It is passed over
+                    // unrecorded; once it finishes, the query finds it again (a start far
+                    // ahead matches every lower bound) and it becomes an event then.
+                    tracing::debug!(
+                        job_history_id = id,
+                        "passing over an unfinished job without a usable OperationStart"
+                    );
+                    continue;
+                };
+                let stale = now - start > stale_after;
                 if !stale {
                     return true;
                 }
