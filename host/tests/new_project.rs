@@ -253,16 +253,14 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
     }
 }
 
+/// One edit of a generated project's file: (file, text, replacement).
+type Edit = (&'static str, &'static str, &'static str);
+
 /// The edits that make a generated project do what its README says to use a capability (build
 /// for `with-mail`, import `mail`) and send a mail without handling the error, and the reason
 /// its failure is expected to start with; `None` for a language whose template has no such
 /// wrapper to test.
-fn uncaught_mail_error(
-    lang: &str,
-) -> Option<(
-    Vec<(&'static str, &'static str, &'static str)>,
-    &'static str,
-)> {
+fn uncaught_mail_error(lang: &str) -> Option<(Vec<Edit>, &'static str)> {
     match lang {
         "js" => Some((
             vec![
@@ -308,7 +306,7 @@ fn an_uncaught_capability_error_is_the_reason(
     dir: &Path,
     tools: &[PathBuf],
     component: &str,
-    edits: &[(&str, &str, &str)],
+    edits: &[Edit],
     reason_starts: &str,
 ) {
     for (file, from, to) in edits {
