@@ -420,7 +420,6 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
 /// events are accepted without a restart.
 #[test]
 fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resumes() {
-    use jobhook::sources::api::INGEST_COMMIT_TIMEOUT;
     let Some((db, _dir, engine)) = engine_on_private_postgres() else {
         return;
     };
@@ -442,30 +441,7 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
     }
     let thaw = Thaw(&db);
     // More requests than the store has connections: each is answered, in bounded time.
-    let answers = runtime.block_on(async {
-        let posts = (0..12).map(|_| {
-            let client = client.clone();
-            let url = engine.url.clone();
-            async move {
-                let began = Instant::now();
-                let answer = post_event(&client, &url, &sample_context_json()).await;
-                (answer, began.elapsed())
-            }
-        });
-        futures_util::future::join_all(posts).await
-    });
-    for ((status, body), took) in answers {
-        assert_eq!(status, 503, "{body}\n{}", engine.log_text());
-        let reason = body["error"].as_str().unwrap_or_default();
-        assert!(
-            reason.contains("did not answer within") || reason.contains("cannot be reached"),
-            "{body}"
-        );
-        assert!(
-            took < INGEST_COMMIT_TIMEOUT + REFUSAL_MARGIN,
-            "answered after {took:?}"
-        );
-    }
+    runtime.block_on(each_refused_in_bounded_time(&client, &engine));
     runtime.block_on(assert_healthy(&client, &engine.url));
     let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
     assert!(
@@ -493,6 +469,30 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
 
 /// Slack on an answer's bound for a loaded machine.
 const REFUSAL_MARGIN: Duration = Duration::from_secs(3);
+
+/// Posts twelve events at once (more than the store's pool has connections) to an engine whose
+/// PostgreSQL server does not answer: each is refused with 503, saying the store did not answer
+/// or cannot be reached, within the ingest commit timeout plus [`REFUSAL_MARGIN`].
+async fn each_refused_in_bounded_time(client: &reqwest::Client, engine: &EngineProcess) {
+    use jobhook::sources::api::INGEST_COMMIT_TIMEOUT;
+    let posts = (0..12).map(|_| async {
+        let began = Instant::now();
+        let answer = post_event(client, &engine.url, &sample_context_json()).await;
+        (answer, began.elapsed())
+    });
+    for ((status, body), took) in futures_util::future::join_all(posts).await {
+        assert_eq!(status, 503, "{body}\n{}", engine.log_text());
+        let reason = body["error"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("did not answer within") || reason.contains("cannot be reached"),
+            "{body}"
+        );
+        assert!(
+            took < INGEST_COMMIT_TIMEOUT + REFUSAL_MARGIN,
+            "answered after {took:?}"
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The network to PostgreSQL goes silent
@@ -642,25 +642,7 @@ fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_re
     silent.silence();
     let silenced = Instant::now();
     // Requests that each take a pooled connection into the silence.
-    let answers = runtime.block_on(async {
-        let posts = (0..12).map(|_| {
-            let client = client.clone();
-            let url = engine.url.clone();
-            async move {
-                let began = Instant::now();
-                let answer = post_event(&client, &url, &sample_context_json()).await;
-                (answer, began.elapsed())
-            }
-        });
-        futures_util::future::join_all(posts).await
-    });
-    for ((status, body), took) in answers {
-        assert_eq!(status, 503, "{body}\n{}", engine.log_text());
-        assert!(
-            took < jobhook::sources::api::INGEST_COMMIT_TIMEOUT + REFUSAL_MARGIN,
-            "answered after {took:?}"
-        );
-    }
+    runtime.block_on(each_refused_in_bounded_time(&client, &engine));
     runtime.block_on(assert_healthy(&client, &engine.url));
     std::thread::sleep(silent_for().saturating_sub(silenced.elapsed()));
 

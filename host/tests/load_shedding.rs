@@ -102,6 +102,20 @@ async fn closed_within(
     Some((start.elapsed(), String::from_utf8_lossy(&seen).into_owned()))
 }
 
+/// A connection from `from` that has sent the head of an event POST with a chunked body, and
+/// none of the body yet.
+async fn chunked_post_from(from: &str, to: SocketAddr) -> TcpStream {
+    let mut stream = connect_from(from, to).await;
+    stream
+        .write_all(
+            b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Transfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    stream
+}
+
 /// Reads until EOF: the whole answer, and whether the connection ended cleanly (EOF, not a
 /// reset). Panics after `bound`.
 async fn answer(stream: &mut TcpStream, bound: Duration) -> (String, bool) {
@@ -360,14 +374,7 @@ async fn a_body_whose_framing_breaks_gets_400_marked_for_resending() {
         b"5\nxxxxx\r\n",
     ];
     for body in broken {
-        let mut stream = connect_from(ATTACKER, to).await;
-        stream
-            .write_all(
-                b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                  Transfer-Encoding: chunked\r\n\r\n",
-            )
-            .await
-            .expect("write");
+        let mut stream = chunked_post_from(ATTACKER, to).await;
         stream.write_all(body).await.expect("write");
         let (text, _) = answer(&mut stream, Duration::from_secs(5)).await;
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
@@ -545,14 +552,7 @@ async fn oversized_bodies_get_413_naming_the_limit_before_they_are_read() {
 
     // A chunked body that grows past the limit: 413 as soon as it does, then a clean close.
     for _ in 0..4 {
-        let mut stream = connect_from(ATTACKER, to).await;
-        stream
-            .write_all(
-                b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                  Transfer-Encoding: chunked\r\n\r\n",
-            )
-            .await
-            .expect("write");
+        let mut stream = chunked_post_from(ATTACKER, to).await;
         for _ in 0..6 {
             let mut chunk = b"400\r\n".to_vec();
             chunk.extend_from_slice(&[b' '; 0x400]);
