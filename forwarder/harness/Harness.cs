@@ -14,11 +14,16 @@
 // Usage:
 //   harness.exe run   --url U --spool DIR --count N --expected FILE [options]
 //   harness.exe drain --url U --spool DIR [options]
+//   harness.exe burst --url U --spool DIR --count N [options] (submit N, then exit normally at
+//     once, with events still in the forwarder's memory)
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
 //          --ca FILE (TrustedCaFile: a CA to trust for an https:// URL)
-//          --max-spool-files N (MaxSpoolFiles)
+//          --max-spool-files N (MaxSpoolFiles)  --max-spool-bytes N (MaxSpoolBytes)
+//          --huge-every K (every K-th context has a string that makes its body larger than the
+//            engine accepts (64 KiB): the forwarder must refuse it without spooling it, so it
+//            needs no key and "spooled" counts the others)
 //          --pause-after N --resume-file F (submit N contexts, wait until they are spooled, print
 //            "paused N", wait until F exists, then submit the rest)
 //          --hold-oldest-ms MS (once every event is spooled, open the oldest spool file without
@@ -26,6 +31,7 @@
 //            then "released NAME")
 //          --alias-spool DIR2 (every other handler object is given DIR2 as its SpoolDirectory: the
 //            same directory written another way)
+//          --slow-log-ms MS (every line the forwarder logs takes MS ms to write: a stalled sink)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when nothing is pending and no event file is left in
 // the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
@@ -53,10 +59,10 @@ namespace Jobhook.Forwarder.Harness
 
         public void Debug(string message)
         {
-            // "queued job <JobId> as event <key>"
+            // "spooled job <JobId> as event <key>"
             var parts = message.Split(' ');
             Guid jobId;
-            if (parts.Length != 6 || parts[0] != "queued" || parts[1] != "job" || parts[3] != "as" || parts[4] != "event"
+            if (parts.Length != 6 || parts[0] != "spooled" || parts[1] != "job" || parts[3] != "as" || parts[4] != "event"
                 || !Guid.TryParse(parts[2], out jobId))
                 return;
             lock (gate)
@@ -80,6 +86,27 @@ namespace Jobhook.Forwarder.Harness
                 return keysByJobId.TryGetValue(jobId, out key) ? key : null;
             }
         }
+    }
+
+    /// <summary>
+    /// A log sink that takes `ms` for every line, as NLog's file target on a hung network share
+    /// or a blocking network target does; then passes the line on.
+    /// </summary>
+    sealed class SlowLog : IForwarderLog
+    {
+        readonly IForwarderLog inner;
+        readonly int ms;
+
+        public SlowLog(IForwarderLog inner, int ms)
+        {
+            this.inner = inner;
+            this.ms = ms;
+        }
+
+        public void Debug(string message) { Thread.Sleep(ms); inner.Debug(message); }
+        public void Info(string message) { Thread.Sleep(ms); inner.Info(message); }
+        public void Warn(string message) { Thread.Sleep(ms); inner.Warn(message); }
+        public void Error(string message) { Thread.Sleep(ms); inner.Error(message); }
     }
 
     /// <summary>
@@ -165,6 +192,9 @@ namespace Jobhook.Forwarder.Harness
         /// <summary>A string longer than the engine accepts in one field (4 KiB).</summary>
         const int InvalidStringLength = 5000;
 
+        /// <summary>A string that makes a body larger than the engine accepts at all (64 KiB).</summary>
+        const int HugeStringLength = 300000;
+
         static int Main(string[] args)
         {
             try
@@ -194,16 +224,19 @@ namespace Jobhook.Forwarder.Harness
                 return Usage("--url and --spool are required");
 
             var log = new CapturingLog();
+            int slowLogMs = int.Parse(Get(opts, "slow-log-ms", "0"), CultureInfo.InvariantCulture);
 #if KEYFACTOR_LOGGING
             // Only where Keyfactor's logger writes is set; the forwarder must choose that logger.
             Keyfactor.Logging.LogHandler.Sink = (name, level, message) =>
             {
+                if (slowLogMs > 0)
+                    Thread.Sleep(slowLogMs);
                 if (level == Microsoft.Extensions.Logging.LogLevel.Debug)
                     log.Debug(message);
                 Console.Error.WriteLine("keyfactor log " + name + " " + level + ": " + message);
             };
 #else
-            ForwarderLog.Current = log;
+            ForwarderLog.Current = slowLogMs > 0 ? (IForwarderLog)new SlowLog(log, slowLogMs) : log;
 #endif
             var options = new JobhookForwarder.Options
             {
@@ -216,6 +249,7 @@ namespace Jobhook.Forwarder.Harness
                 MaxBackoffMs = Get(opts, "max-backoff-ms", null),
                 TrustedCaFile = Get(opts, "ca", null),
                 MaxSpoolFiles = Get(opts, "max-spool-files", null),
+                MaxSpoolBytes = Get(opts, "max-spool-bytes", null),
                 DebugLog = "true",
             };
             int waitSeconds = int.Parse(Get(opts, "wait-seconds", "120"), CultureInfo.InvariantCulture);
@@ -232,6 +266,8 @@ namespace Jobhook.Forwarder.Harness
                 }
                 return WaitForDrain(forwarder, spoolDirectory, waitSeconds);
             }
+            if (mode == "burst")
+                return Burst(options, opts);
             if (mode != "run")
                 return Usage("unknown mode " + mode);
             if (!opts.ContainsKey("count") || !opts.ContainsKey("expected"))
@@ -240,6 +276,7 @@ namespace Jobhook.Forwarder.Harness
             int seed = int.Parse(Get(opts, "seed", "1"), CultureInfo.InvariantCulture);
             int threads = int.Parse(Get(opts, "threads", "4"), CultureInfo.InvariantCulture);
             int invalidEvery = int.Parse(Get(opts, "invalid-every", "0"), CultureInfo.InvariantCulture);
+            int hugeEvery = int.Parse(Get(opts, "huge-every", "0"), CultureInfo.InvariantCulture);
             int pauseAfter = int.Parse(Get(opts, "pause-after", "0"), CultureInfo.InvariantCulture);
             var resumeFile = Get(opts, "resume-file", null);
             int holdOldestMs = int.Parse(Get(opts, "hold-oldest-ms", "0"), CultureInfo.InvariantCulture);
@@ -250,9 +287,20 @@ namespace Jobhook.Forwarder.Harness
             var random = new Random(seed);
             var keyfactorClient = new HttpClient(); // what Keyfactor hands every handler; unused by the forwarder
             var invalid = new bool[count];
+            var huge = new bool[count];
+            int hugeCount = 0;
             for (int i = 0; i < count; i++)
             {
                 contexts[i] = MakeContext(i, random, keyfactorClient);
+                if (hugeEvery > 0 && i % hugeEvery == hugeEvery - 1)
+                {
+                    // A body of some 300 KB: over the engine's 64 KiB, and bigger than most of
+                    // a small spool's byte limit.
+                    contexts[i].Username = new string('h', HugeStringLength);
+                    invalid[i] = huge[i] = true;
+                    hugeCount++;
+                    continue;
+                }
                 if (invalidEvery > 0 && i % invalidEvery == invalidEvery - 1)
                 {
                     // Over the engine's 4 KiB per string field: it must answer 400, and the
@@ -343,16 +391,16 @@ namespace Jobhook.Forwarder.Harness
                              + Ms((overrun[2] - overrun[1]) * 1000.0 / Stopwatch.Frequency) + " ms; the budget is "
                              + JobhookForwarder.RunHandlerBudgetMilliseconds + " ms" + stalls.Describe(overrun[1], overrun[2]));
 
-            // The key is made on the forwarder's intake thread, which may still be busy with the
-            // last few events: give it a moment.
+            // The key is logged by the forwarder's spool writer once the event is on disk, which
+            // may take a moment for the last few events.
             var keysDeadline = DateTime.UtcNow.AddSeconds(30);
             for (int i = 0; i < count; i++)
-                while (log.KeyOf(contexts[i].JobId) == null && DateTime.UtcNow < keysDeadline)
+                while (!huge[i] && log.KeyOf(contexts[i].JobId) == null && DateTime.UtcNow < keysDeadline)
                     Thread.Sleep(10);
             for (int i = 0; i < count; i++)
             {
                 var key = log.KeyOf(contexts[i].JobId);
-                if (key == null)
+                if (key == null && !huge[i])
                     failures.Add("context " + i + ": the forwarder logged no idempotency key for it");
                 expected[i] = ExpectedLine(key ?? "-", contexts[i]) + (invalid[i] ? "\tinvalid" : "\tvalid");
             }
@@ -378,7 +426,7 @@ namespace Jobhook.Forwarder.Harness
             var spoolDeadline = DateTime.UtcNow.AddSeconds(waitSeconds);
             // Every event was written (a full spool drops older files as newer ones are written,
             // so this counts writes, not files); the harness never fills the in-memory queues.
-            while (observer.Counters.Spooled < count && DateTime.UtcNow < spoolDeadline)
+            while (observer.Counters.Spooled < count - hugeCount && DateTime.UtcNow < spoolDeadline)
                 Thread.Sleep(5);
             Console.WriteLine("spooled " + observer.Counters.Spooled + " after "
                               + Ms((Stopwatch.GetTimestamp() - submittedAt) * 1000.0 / Stopwatch.Frequency) + " ms");
@@ -386,6 +434,71 @@ namespace Jobhook.Forwarder.Harness
             if (holdOldestMs > 0)
                 HoldOldest(spoolDirectory, holdOldestMs);
             return WaitForDrain(observer, spoolDirectory, waitSeconds);
+        }
+
+        /// <summary>
+        /// `burst`: calls RunHandler for --count contexts from --threads threads, checks every
+        /// call like `run`, prints "submitted N max_ms=X", and returns from Main at once: a
+        /// normal process exit (an iisreset, an app pool recycle) while events are still in the
+        /// forwarder's memory. Exit code 0, or 1 if a call broke a rule.
+        /// </summary>
+        static int Burst(JobhookForwarder.Options options, Dictionary<string, string> opts)
+        {
+            int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
+            int threads = int.Parse(Get(opts, "threads", "4"), CultureInfo.InvariantCulture);
+            var random = new Random(int.Parse(Get(opts, "seed", "1"), CultureInfo.InvariantCulture));
+            var contexts = new OrchestratorJobCompleteHandlerContext[count];
+            for (int i = 0; i < count; i++)
+                contexts[i] = MakeContext(i, random, null);
+            var forwarder = Construct(options, null);
+            var stalls = StallDetector.Start();
+            var failures = new List<string>();
+            long maxTicks = 0;
+            int next = -1;
+            var workers = new Thread[threads];
+            for (int t = 0; t < threads; t++)
+            {
+                workers[t] = new Thread(() =>
+                {
+                    int i;
+                    while ((i = Interlocked.Increment(ref next)) < count)
+                    {
+                        var startedAt = Stopwatch.GetTimestamp();
+                        bool result;
+                        string thrown = null;
+                        try
+                        {
+                            result = forwarder.RunHandler(contexts[i]);
+                        }
+                        catch (Exception e)
+                        {
+                            result = false;
+                            thrown = e.ToString();
+                        }
+                        var endedAt = Stopwatch.GetTimestamp();
+                        lock (failures)
+                        {
+                            maxTicks = Math.Max(maxTicks, endedAt - startedAt);
+                            if (thrown != null)
+                                failures.Add("context " + i + ": RunHandler threw " + thrown);
+                            else if (!result)
+                                failures.Add("context " + i + ": RunHandler returned false");
+                            else if ((endedAt - startedAt) * 1000.0 / Stopwatch.Frequency > JobhookForwarder.RunHandlerBudgetMilliseconds)
+                                failures.Add("context " + i + ": RunHandler took " + Ms((endedAt - startedAt) * 1000.0 / Stopwatch.Frequency)
+                                             + " ms; the budget is " + JobhookForwarder.RunHandlerBudgetMilliseconds + " ms"
+                                             + stalls.Describe(startedAt, endedAt));
+                        }
+                    }
+                });
+                workers[t].Start();
+            }
+            foreach (var worker in workers)
+                worker.Join();
+            Console.WriteLine("submitted " + count + " max_ms=" + Ms(maxTicks * 1000.0 / Stopwatch.Frequency));
+            Console.Out.Flush();
+            foreach (var failure in failures)
+                Console.Error.WriteLine("harness: " + failure);
+            return failures.Count > 0 ? 1 : 0;
         }
 
         /// <summary>
@@ -436,7 +549,8 @@ namespace Jobhook.Forwarder.Harness
                 JobTypes = options.JobTypes, EngineUrl = options.EngineUrl, BearerToken = options.BearerToken,
                 SpoolDirectory = spoolDirectory ?? options.SpoolDirectory, RequestTimeoutMs = options.RequestTimeoutMs,
                 InitialBackoffMs = options.InitialBackoffMs, MaxBackoffMs = options.MaxBackoffMs,
-                TrustedCaFile = options.TrustedCaFile, MaxSpoolFiles = options.MaxSpoolFiles, DebugLog = options.DebugLog,
+                TrustedCaFile = options.TrustedCaFile, MaxSpoolFiles = options.MaxSpoolFiles, MaxSpoolBytes = options.MaxSpoolBytes,
+                DebugLog = options.DebugLog,
             };
             return new JobhookForwarder(Microsoft.Extensions.Options.Options.Create(copy));
 #else
@@ -452,6 +566,7 @@ namespace Jobhook.Forwarder.Harness
                 MaxBackoffMs = options.MaxBackoffMs,
                 TrustedCaFile = options.TrustedCaFile,
                 MaxSpoolFiles = options.MaxSpoolFiles,
+                MaxSpoolBytes = options.MaxSpoolBytes,
                 DebugLog = options.DebugLog,
             };
 #endif
@@ -556,13 +671,13 @@ namespace Jobhook.Forwarder.Harness
         /// (the caller appends "valid" or "invalid");
         /// strings as base64 of UTF-8 (a lone surrogate becomes U+FFFD, as .NET encodes it),
         /// null strings as "" (the engine stores them so), enums as the number the engine keeps
-        /// (0 = Unknown for numbers it does not know), the timestamp as UTC 100 ns ticks since
+        /// (see <see cref="EngineNumber"/>), the timestamp as UTC 100 ns ticks since
         /// the Unix epoch, or "null".
         /// </summary>
         static string ExpectedLine(string key, OrchestratorJobCompleteHandlerContext c)
         {
-            int result = (int)c.JobResult;
-            int operation = (int)c.OperationType;
+            int result = EngineNumber(c.JobResult.ToString(), (int)c.JobResult, EngineJobResults);
+            int operation = EngineNumber(c.OperationType.ToString(), (int)c.OperationType, EngineOperationTypes);
             string timestamp = "null";
             if (c.RequestTimestamp.HasValue)
             {
@@ -576,15 +691,38 @@ namespace Jobhook.Forwarder.Harness
                 c.AgentId.ToString("D"),
                 B64(c.Username),
                 B64(c.ClientMachine),
-                (result >= 0 && result <= 4 ? result : 0).ToString(CultureInfo.InvariantCulture),
+                result.ToString(CultureInfo.InvariantCulture),
                 c.JobId.ToString("D"),
                 B64(c.JobType),
                 c.JobTypeId.ToString("D"),
-                (operation >= 0 && operation <= 9 ? operation : 0).ToString(CultureInfo.InvariantCulture),
+                operation.ToString(CultureInfo.InvariantCulture),
                 c.CertificateId.HasValue ? c.CertificateId.Value.ToString(CultureInfo.InvariantCulture) : "null",
                 timestamp,
                 c.CurrentRetryCount.ToString(CultureInfo.InvariantCulture),
             });
+        }
+
+        /// <summary>The engine's JobResult names, by the engine's number (host/src/context.rs).</summary>
+        static readonly string[] EngineJobResults = { "Unknown", "InProcess", "Success", "Warning", "Failure" };
+        /// <summary>The engine's OperationType names, by the engine's number.</summary>
+        static readonly string[] EngineOperationTypes =
+        {
+            "Unknown", "Inventory", "Add", "Remove", "Create", "CreateAdd", "Reenrollment", "Discovery", "SetPassword", "FetchLogs",
+        };
+
+        /// <summary>
+        /// The number the engine stores for an enum value, written independently of the
+        /// forwarder: a name the engine knows is stored as that name whatever .NET's number for
+        /// it (the shim's numbers may differ, see the "renum" build); any other value is sent
+        /// as its number, which the engine keeps when it is one of its own and maps to 0
+        /// (Unknown) otherwise.
+        /// </summary>
+        static int EngineNumber(string name, int number, string[] engineNames)
+        {
+            int byName = Array.IndexOf(engineNames, name);
+            if (byName >= 0)
+                return byName;
+            return number >= 0 && number < engineNames.Length ? number : 0;
         }
 
         static string Ms(double value)
@@ -606,9 +744,9 @@ namespace Jobhook.Forwarder.Harness
         static int Usage(string problem)
         {
             Console.Error.WriteLine("harness: " + problem);
-            Console.Error.WriteLine("usage: harness.exe run|drain --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
-                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--ca FILE] [--max-spool-files N]"
-                                    + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2]");
+            Console.Error.WriteLine("usage: harness.exe run|drain|burst --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
+                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N]"
+                                    + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2] [--slow-log-ms MS]");
             return 2;
         }
     }

@@ -10,6 +10,39 @@ using Keyfactor.Orchestrators.Common.Enums;
 
 namespace Keyfactor.Orchestrators.Common.Enums
 {
+#if KEYFACTOR_RENUMBERED
+    // TEST-ONLY variant (build.sh, "renum"): the same member names with other numbers, plus a
+    // member the engine does not know, because Keyfactor documents the names and the numbers
+    // are partly inferred (reference/keyfactor.md §3). The forwarder must send a known name as
+    // the name whatever its number, and only an unknown one as its number.
+
+    /// <summary>Final status of a job, renumbered; Pending is a member the engine does not know.</summary>
+    public enum OrchestratorJobStatusJobResult
+    {
+        Unknown = 0,
+        Success = 1,
+        Warning = 2,
+        Failure = 3,
+        Pending = 4,
+        InProcess = 5,
+    }
+
+    /// <summary>Operation of a job, renumbered; Rotate is a member the engine does not know.</summary>
+    public enum CertStoreOperationType
+    {
+        Unknown = 0,
+        Add = 1,
+        Remove = 2,
+        Inventory = 3,
+        CreateAdd = 4,
+        Create = 5,
+        FetchLogs = 6,
+        SetPassword = 7,
+        Discovery = 8,
+        Reenrollment = 9,
+        Rotate = 10,
+    }
+#else
     /// <summary>
     /// Final status of a job. 0/2/3/4 are Keyfactor's documented numbers; 1 (InProcess) is the
     /// agent protocol's JOB_COMP_PROC and unverified as a member of the .NET enum.
@@ -40,6 +73,7 @@ namespace Keyfactor.Orchestrators.Common.Enums
         SetPassword = 8,
         FetchLogs = 9,
     }
+#endif
 }
 
 namespace Keyfactor.Platform.Extensions

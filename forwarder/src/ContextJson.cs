@@ -18,18 +18,36 @@ namespace Jobhook.Forwarder
     public static class ContextJson
     {
         /// <summary>
-        /// The `JobResult` names the engine accepts, indexed by Keyfactor's number. A value
-        /// outside this table (a member a newer Keyfactor adds) is sent as its number, which the
-        /// engine maps to Unknown instead of refusing the event.
+        /// The `JobResult` names the engine knows (host/src/context.rs). Keyfactor documents the
+        /// member names; its numbers are partly inferred (reference/keyfactor.md §3.1), so a
+        /// value is matched by name only, never by number. A name not here (a member a newer
+        /// Keyfactor adds) is sent as its number, which the engine maps to Unknown instead of
+        /// refusing the event.
         /// </summary>
         static readonly string[] JobResultNames = { "Unknown", "InProcess", "Success", "Warning", "Failure" };
 
-        /// <summary>The `OperationType` names the engine accepts (Keyfactor's declaration order).</summary>
+        /// <summary>The `OperationType` names the engine knows (matched by name, like <see cref="JobResultNames"/>).</summary>
         static readonly string[] OperationTypeNames =
         {
             "Unknown", "Inventory", "Add", "Remove", "Create", "CreateAdd",
             "Reenrollment", "Discovery", "SetPassword", "FetchLogs",
         };
+
+        /// <summary>
+        /// Largest body the engine accepts, in bytes of UTF-8 (host/src/context.rs,
+        /// MAX_CONTEXT_BYTES). A larger one is refused before it is queued or spooled
+        /// (Intake): the engine would refuse it anyway, and spooled it could push good events
+        /// out of a spool near its byte limit.
+        /// </summary>
+        public const int MaxBodyBytes = 64 * 1024;
+
+        static readonly UTF8Encoding Utf8 = new UTF8Encoding(false);
+
+        /// <summary>Bytes of `body` in UTF-8, as it is spooled and sent.</summary>
+        public static int Utf8Length(string body)
+        {
+            return Utf8.GetByteCount(body);
+        }
 
         /// <summary>What a lone surrogate becomes (see <see cref="String"/>).</summary>
         const char ReplacementCharacter = '\uFFFD';
@@ -105,12 +123,12 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// An enum by name when `name` is the engine's name for `number`, else by number (an
-        /// undefined value's ToString() is its number anyway).
+        /// An enum by name when its .NET name (ToString()) is one the engine knows, whatever its
+        /// number; otherwise by number (an undefined value's ToString() is its number anyway).
         /// </summary>
         static void Enum(StringBuilder json, long number, string name, string[] known)
         {
-            if (number >= 0 && number < known.Length && string.Equals(known[number], name, StringComparison.Ordinal))
+            if (name != null && Array.IndexOf(known, name) >= 0)
                 json.Append('"').Append(name).Append('"');
             else
                 json.Append(number.ToString(CultureInfo.InvariantCulture));

@@ -26,6 +26,8 @@ namespace Jobhook.Forwarder
         public long Rejected;
         /// <summary>Events dropped because the in-memory queue or the spool was full.</summary>
         public long Dropped;
+        /// <summary>Events refused because their body is over the engine's limit (never spooled).</summary>
+        public long TooLarge;
         /// <summary>Failed POSTs that will be retried.</summary>
         public long Retries;
 
@@ -39,6 +41,7 @@ namespace Jobhook.Forwarder
                 Conflicts = Interlocked.Read(ref Conflicts),
                 Rejected = Interlocked.Read(ref Rejected),
                 Dropped = Interlocked.Read(ref Dropped),
+                TooLarge = Interlocked.Read(ref TooLarge),
                 Retries = Interlocked.Read(ref Retries),
             };
         }
@@ -47,7 +50,7 @@ namespace Jobhook.Forwarder
         public override string ToString()
         {
             return "accepted " + Accepted + ", spooled " + Spooled + ", delivered " + Delivered + ", conflicts " + Conflicts
-                   + ", rejected " + Rejected + ", dropped " + Dropped + ", retries " + Retries;
+                   + ", rejected " + Rejected + ", dropped " + Dropped + ", too large " + TooLarge + ", retries " + Retries;
         }
     }
 
@@ -78,6 +81,20 @@ namespace Jobhook.Forwarder
         readonly LinkedList<QueuedEvent> queue = new LinkedList<QueuedEvent>();
         readonly AutoResetEvent queued = new AutoResetEvent(false);
         readonly AutoResetEvent spooled = new AutoResetEvent(false);
+        /// <summary>Set once <see cref="spool"/> is open (shutdown waits for it).</summary>
+        readonly ManualResetEvent spoolOpen = new ManualResetEvent(false);
+        /// <summary>
+        /// Held by whoever writes queued events to the spool: the writer thread for one event at
+        /// a time, or <see cref="FlushForShutdown"/> for all that are left, so no event is
+        /// written twice.
+        /// </summary>
+        readonly object writeGate = new object();
+        /// <summary>Set by <see cref="FlushForShutdown"/>: the writer thread takes no more events.</summary>
+        volatile bool stopping;
+        /// <summary>Events dropped from the full in-memory queue (counted; reported by Notices).</summary>
+        readonly RateLimitedCount queueFull;
+        /// <summary>Whether the warning about a second registration on this spool was logged.</summary>
+        bool sharedWarned;
 
         /// <summary>What happened so far.</summary>
         public readonly ForwarderCounters Counters = new ForwarderCounters();
@@ -86,12 +103,16 @@ namespace Jobhook.Forwarder
         {
             public string Key;
             public string Body;
+            public Guid JobId;
         }
 
         ForwarderRuntime(ForwarderSettings settings, IForwarderLog log)
         {
             this.settings = settings;
             this.log = log;
+            queueFull = new RateLimitedCount(
+                "the in-memory queue of " + settings.SpoolDirectory + " was full (" + settings.MaxQueuedEvents
+                + " events: the spool disk is too slow or failing); dropped the oldest event(s)", log);
         }
 
         /// <summary>
@@ -111,9 +132,14 @@ namespace Jobhook.Forwarder
                 ForwarderRuntime existing;
                 if (registry.TryGetValue(settings.SpoolDirectory, out existing))
                 {
-                    if (!existing.SameDestination(settings))
+                    // Once per runtime: this runs on the intake thread for every new handler
+                    // object, which Unity may make per event.
+                    if (!existing.SameDestination(settings) && !existing.sharedWarned)
+                    {
+                        existing.sharedWarned = true;
                         log.Warn("two registrations share the spool directory " + settings.SpoolDirectory
                                  + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory.");
+                    }
                     return existing;
                 }
                 foreach (var problem in settings.Problems)
@@ -151,10 +177,11 @@ namespace Jobhook.Forwarder
         /// <summary>
         /// Queues one serialised event for the spool writer. Makes the idempotency key: a fresh random GUID, fixed from here
         /// on, so every resend of this event carries the same key and no other event ever does.
+        /// Runs on the intake thread, so it never logs: a full queue's drop is counted.
         /// </summary>
         public void Submit(string body, Guid jobId)
         {
-            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body };
+            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body, JobId = jobId };
             Interlocked.Increment(ref Counters.Accepted);
             QueuedEvent dropped = null;
             lock (queueGate)
@@ -167,12 +194,10 @@ namespace Jobhook.Forwarder
                 }
             }
             queued.Set();
-            log.Debug("queued job " + jobId.ToString("D") + " as event " + item.Key);
             if (dropped != null)
             {
-                var count = Interlocked.Increment(ref Counters.Dropped);
-                log.Warn("the in-memory queue is full (" + settings.MaxQueuedEvents + " events: the spool disk is too slow or failing); dropped event "
-                         + dropped.Key + " (" + count + " dropped since start)");
+                Interlocked.Increment(ref Counters.Dropped);
+                queueFull.Add("event " + dropped.Key + " of job " + dropped.JobId.ToString("D"));
             }
         }
 
@@ -204,6 +229,7 @@ namespace Jobhook.Forwarder
                     Thread.Sleep(OpenRetryInterval);
             }
             spool = opened;
+            spoolOpen.Set();
             var senderStarted = settings.JobCompleteUrl == null; // nothing to start without an engine URL
             var nextSenderStart = DateTime.MinValue;
             while (true)
@@ -228,28 +254,36 @@ namespace Jobhook.Forwarder
                 }
                 try
                 {
+                    bool idle = false, written = false;
                     QueuedEvent next = null;
-                    lock (queueGate)
+                    lock (writeGate)
                     {
-                        if (queue.Count > 0)
-                            next = queue.First.Value;
+                        if (stopping)
+                            return; // shutdown writes what is left (FlushForShutdown)
+                        lock (queueGate)
+                        {
+                            if (queue.Count > 0)
+                                next = queue.First.Value;
+                        }
+                        if (next == null)
+                            idle = true;
+                        else if (opened.Write(next.Key, next.Body, true))
+                        {
+                            written = true;
+                            Written(next);
+                        }
                     }
-                    if (next == null)
+                    if (idle)
                     {
                         queued.WaitOne(senderStarted ? Timeout.Infinite : (int)OpenRetryInterval.TotalMilliseconds);
                         continue;
                     }
-                    if (opened.Write(next.Key, next.Body))
+                    if (written)
                     {
-                        lock (queueGate)
-                        {
-                            // It may have been dropped from a full queue meanwhile; it is on
-                            // disk now, so that is fine.
-                            if (queue.First != null && ReferenceEquals(queue.First.Value, next))
-                                queue.RemoveFirst();
-                        }
-                        Interlocked.Increment(ref Counters.Spooled);
                         spooled.Set();
+                        // Opt-in (DebugLog), and on this thread, never the intake thread's: a
+                        // slow sink only slows spooling, which the bounded queue absorbs.
+                        log.Debug("spooled job " + next.JobId.ToString("D") + " as event " + next.Key);
                     }
                     else
                     {
@@ -267,6 +301,99 @@ namespace Jobhook.Forwarder
                     Thread.Sleep(WriteRetryMilliseconds);
                 }
             }
+        }
+
+        /// <summary>Takes a written event off the queue and counts it. Under <see cref="writeGate"/>.</summary>
+        void Written(QueuedEvent written)
+        {
+            lock (queueGate)
+            {
+                // It may have been dropped from a full queue meanwhile; it is on disk now, so
+                // that is fine.
+                if (queue.First != null && ReferenceEquals(queue.First.Value, written))
+                    queue.RemoveFirst();
+            }
+            Interlocked.Increment(ref Counters.Spooled);
+        }
+
+        /// <summary>
+        /// At shutdown: every runtime writes its in-memory queue to its spool, all within
+        /// `deadline` together. Never throws.
+        /// </summary>
+        internal static void FlushAllForShutdown(TimeSpan deadline)
+        {
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            ForwarderRuntime[] runtimes;
+            lock (registryGate)
+            {
+                runtimes = new ForwarderRuntime[registry.Count];
+                registry.Values.CopyTo(runtimes, 0);
+            }
+            foreach (var runtime in runtimes)
+            {
+                try
+                {
+                    runtime.FlushForShutdown(deadline - clock.Elapsed);
+                }
+                catch
+                {
+                    // The next runtime still gets its turn.
+                }
+            }
+        }
+
+        /// <summary>
+        /// Stops the writer thread and writes the events still in memory to the spool, oldest
+        /// first, until none is left or `deadline` has passed (waiting for the spool to open and
+        /// for the writer's current write counts against it). Files are not flushed one by one
+        /// here: the process ends normally, so the operating system still writes its cache to
+        /// disk, and skipping the flush makes this many times faster. Logs one line.
+        /// </summary>
+        internal void FlushForShutdown(TimeSpan deadline)
+        {
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            stopping = true;
+            queued.Set(); // an idle writer sees `stopping` and ends
+            int written = 0;
+            bool entered = false;
+            try
+            {
+                var left = deadline - clock.Elapsed;
+                if (left > TimeSpan.Zero && spoolOpen.WaitOne(left))
+                {
+                    left = deadline - clock.Elapsed;
+                    if (left > TimeSpan.Zero)
+                        Monitor.TryEnter(writeGate, left, ref entered);
+                }
+                var opened = spool;
+                while (entered && opened != null && clock.Elapsed < deadline)
+                {
+                    QueuedEvent next = null;
+                    lock (queueGate)
+                    {
+                        if (queue.Count > 0)
+                            next = queue.First.Value;
+                    }
+                    if (next == null || !opened.Write(next.Key, next.Body, false))
+                        break;
+                    Written(next);
+                    written++;
+                }
+            }
+            finally
+            {
+                if (entered)
+                    Monitor.Exit(writeGate);
+            }
+            int lost;
+            lock (queueGate)
+                lost = queue.Count;
+            if (lost > 0)
+                log.Error("shutting down: " + lost + " accepted event(s) could not be written to the spool " + settings.SpoolDirectory
+                          + " within " + deadline.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture)
+                          + " s and are lost (" + written + " written)");
+            else if (written > 0)
+                log.Info("shutting down: wrote the " + written + " event(s) still in memory to the spool " + settings.SpoolDirectory);
         }
 
         /// <summary>The counters, with the spool's drops added to the queue's.</summary>

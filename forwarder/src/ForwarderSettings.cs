@@ -34,6 +34,19 @@ namespace Jobhook.Forwarder
         /// 10000 small strings are a few MiB at most.
         /// </summary>
         public const int DefaultMaxQueuedEvents = 10000;
+        /// <summary>
+        /// Largest accepted MaxSpoolFiles. The spool's index holds every file's name (67
+        /// characters) and size in memory, about 220 bytes an event on a 64-bit CLR: a million
+        /// events are some 220 MB inside Keyfactor's worker process, and listing them (start-up,
+        /// Rescan) takes seconds. Ten times the default, ten days at one event a second.
+        /// </summary>
+        public const long MaxMaxSpoolFiles = 1000000;
+        /// <summary>
+        /// Largest accepted MaxQueuedEvents. Each queued event holds its body in memory (about
+        /// 1 KiB typically, 64 KiB at most): 100000 are about 100 MB typically. The queue only
+        /// fills while the spool disk fails, and a longer one would not save those events anyway.
+        /// </summary>
+        public const int MaxMaxQueuedEvents = 100000;
 
         /// <summary>Smallest accepted timeout or backoff (ms): below this, retries would spin.</summary>
         public const int MinMilliseconds = 1;
@@ -101,13 +114,17 @@ namespace Jobhook.Forwarder
             s.MaxBackoff = TimeSpan.FromMilliseconds(ParseInt("MaxBackoffMs", options.MaxBackoffMs, DefaultMaxBackoffMs, MinMilliseconds, MaxMilliseconds, s.Problems));
             if (s.MaxBackoff < s.InitialBackoff)
                 s.MaxBackoff = s.InitialBackoff;
-            s.MaxSpoolFiles = ParseLong("MaxSpoolFiles", options.MaxSpoolFiles, DefaultMaxSpoolFiles, 1, 100000000, s.Problems);
+            s.MaxSpoolFiles = ParseLong("MaxSpoolFiles", options.MaxSpoolFiles, DefaultMaxSpoolFiles, 1, MaxMaxSpoolFiles, s.Problems);
             s.MaxSpoolBytes = ParseLong("MaxSpoolBytes", options.MaxSpoolBytes, DefaultMaxSpoolBytes, 1024, long.MaxValue / 2, s.Problems);
-            s.MaxQueuedEvents = ParseInt("MaxQueuedEvents", options.MaxQueuedEvents, DefaultMaxQueuedEvents, 1, 10000000, s.Problems);
+            s.MaxQueuedEvents = ParseInt("MaxQueuedEvents", options.MaxQueuedEvents, DefaultMaxQueuedEvents, 1, MaxMaxQueuedEvents, s.Problems);
             s.TrustedCaFile = string.IsNullOrWhiteSpace(options.TrustedCaFile) ? null : options.TrustedCaFile.Trim();
             s.UseProxy = ParseBool("UseProxy", options.UseProxy, s.Problems);
             s.DebugLog = ParseBool("DebugLog", options.DebugLog, s.Problems);
             s.ForwarderName = ParseName(options.ForwarderName, s.Problems);
+            // Sent all the same (the engine would answer 401 without it, and events would only
+            // pile up), but an operator must know.
+            if (s.BearerToken != null && s.JobCompleteUrl != null && s.JobCompleteUrl.Scheme == Uri.UriSchemeHttp)
+                s.Problems.Add("BearerToken is configured with an http:// EngineUrl: the token crosses the network in clear text, readable by anyone on the path; use https://");
             return s;
         }
 
@@ -178,9 +195,18 @@ namespace Jobhook.Forwarder
         {
             if (string.IsNullOrWhiteSpace(text))
                 return DefaultSpoolDirectory();
+            text = text.Trim();
+            if (!IsAbsolute(text))
+            {
+                // Relative to the worker process's current directory (for IIS,
+                // C:\Windows\System32\inetsrv): never what was meant, and it may change.
+                var fallback = DefaultSpoolDirectory();
+                problems.Add("SpoolDirectory must be an absolute path (" + text + " is relative to the process's current directory); using " + fallback);
+                return fallback;
+            }
             try
             {
-                return NormalisePath(text.Trim());
+                return NormalisePath(text);
             }
             catch (Exception e)
             {
@@ -188,6 +214,28 @@ namespace Jobhook.Forwarder
                 problems.Add("SpoolDirectory is not a usable path (" + e.Message + "); using " + fallback);
                 return fallback;
             }
+        }
+
+        /// <summary>
+        /// Whether a path names one directory whatever the current directory is: rooted, and
+        /// not drive-relative (`C:spool` is relative to drive C's current directory).
+        /// </summary>
+        internal static bool IsAbsolute(string path)
+        {
+            if (!Path.IsPathRooted(path))
+                return false;
+            // On Windows `\spool` is relative to the current drive; `\\server\share` is not.
+            bool windows = Path.DirectorySeparatorChar == '\\';
+            if (windows && IsSeparator(path[0]) && !(path.Length >= 2 && IsSeparator(path[1])))
+                return false;
+            if (path.Length >= 2 && path[1] == ':')
+                return path.Length >= 3 && IsSeparator(path[2]);
+            return true;
+        }
+
+        static bool IsSeparator(char c)
+        {
+            return c == '\\' || c == '/';
         }
 
         /// <summary>

@@ -72,6 +72,8 @@ namespace Jobhook.Forwarder
     /// <summary>
     /// The hand-over from Keyfactor's threads to the forwarder's: a bounded queue and one
     /// process-wide thread that serialises each event and gives it to its registration's runtime.
+    /// Neither <see cref="Submit"/> nor that thread logs per event: drops are counted
+    /// (<see cref="RateLimitedCount"/>) and reported by a background thread.
     /// </summary>
     public static class Intake
     {
@@ -80,6 +82,18 @@ namespace Jobhook.Forwarder
         /// only fills if that thread is starved for a long time, and bounds memory if it is.
         /// </summary>
         public const int Capacity = 10000;
+
+        /// <summary>
+        /// Longest the process or app domain is kept from ending while events accepted by
+        /// RunHandler but not yet on disk are written to the spool (<see cref="Shutdown"/>).
+        /// Writing without a flush per file takes well under a millisecond an event, so 5 s
+        /// covers full in-memory queues on a healthy disk; it is far inside IIS's
+        /// shutdownTimeLimit (90 s by default), so the flush never gets a recycling worker
+        /// killed, and a failing disk delays a recycle by 5 s at most. (.NET Framework may end
+        /// ProcessExit handlers after about 2 s on its own; whatever is renamed into place by
+        /// then is kept, and a cut never leaves half an event.)
+        /// </summary>
+        public static readonly TimeSpan ShutdownDeadline = TimeSpan.FromSeconds(5);
 
         sealed class Pending
         {
@@ -91,9 +105,32 @@ namespace Jobhook.Forwarder
         static readonly Queue<Pending> queue = new Queue<Pending>();
         static readonly AutoResetEvent signal = new AutoResetEvent(false);
         static Thread thread;
-        static long dropped;
         /// <summary>1 while the intake thread holds an event it has taken from the queue.</summary>
         static int inFlight;
+        /// <summary>Set once shutdown began: RunHandler takes no more events.</summary>
+        static volatile bool stopping;
+        /// <summary>1 once a shutdown handler ran (ProcessExit and DomainUnload may both come).</summary>
+        static int shutDown;
+
+        /// <summary>Events dropped because this queue was full.</summary>
+        internal static readonly RateLimitedCount QueueFull = new RateLimitedCount(
+            "the intake queue was full (" + Capacity + " events: the forwarder's intake thread is starved); dropped the oldest waiting event(s)");
+        /// <summary>Events handed to RunHandler after shutdown began.</summary>
+        internal static readonly RateLimitedCount AfterShutdown = new RateLimitedCount(
+            "RunHandler was called after the process began to shut down; the event(s) were not taken");
+        /// <summary>RunHandler calls without a context.</summary>
+        internal static readonly RateLimitedCount NoContext = new RateLimitedCount(
+            "RunHandler was called without a context; nothing to forward");
+        /// <summary>RunHandler calls that failed (an exception caught).</summary>
+        internal static readonly RateLimitedCount HandlerFailed = new RateLimitedCount(
+            "RunHandler failed; the event(s) are lost");
+        /// <summary>Events the intake thread could not pass on (an exception caught).</summary>
+        internal static readonly RateLimitedCount IntakeFailed = new RateLimitedCount(
+            "intake: event(s) could not be queued and are lost");
+        /// <summary>Events whose body is over the engine's limit (<see cref="ContextJson.MaxBodyBytes"/>).</summary>
+        internal static readonly RateLimitedCount TooLarge = new RateLimitedCount(
+            "event(s) refused because their JSON body is over the engine's limit of " + ContextJson.MaxBodyBytes
+            + " bytes (the engine would refuse them; not spooled)");
 
         /// <summary>Events not yet passed on to a runtime (queued, or being serialised).</summary>
         public static int Count
@@ -102,11 +139,16 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Queues one event and returns at once. Never throws for a full queue: the oldest waiting
-        /// event is dropped and logged.
+        /// Queues one event and returns at once. Never throws and never logs: for a full queue
+        /// the oldest waiting event is dropped and counted.
         /// </summary>
         public static void Submit(JobhookForwarder handler, ContextSnapshot context)
         {
+            if (stopping)
+            {
+                AfterShutdown.Add("job " + context.JobId.ToString("D"));
+                return;
+            }
             var pending = new Pending { Handler = handler, Context = context };
             Pending oldest = null;
             lock (gate)
@@ -118,11 +160,7 @@ namespace Jobhook.Forwarder
             }
             signal.Set();
             if (oldest != null)
-            {
-                var count = Interlocked.Increment(ref dropped);
-                ForwarderLog.Current.Warn("the intake queue is full (" + Capacity + " events): dropped job "
-                                          + oldest.Context.JobId.ToString("D") + " (" + count + " dropped since start)");
-            }
+                QueueFull.Add("job " + oldest.Context.JobId.ToString("D"));
         }
 
         /// <summary>Starts the intake thread if it is not running (once per process).</summary>
@@ -136,8 +174,94 @@ namespace Jobhook.Forwarder
         {
             if (thread != null)
                 return;
+            // Events in memory are written to the spool when the process or app domain ends
+            // normally (iisreset, app pool recycle, service stop); only a crash loses them.
+            try
+            {
+                AppDomain.CurrentDomain.ProcessExit += OnShutdown;
+                AppDomain.CurrentDomain.DomainUnload += OnShutdown;
+            }
+            catch
+            {
+                // A host that forbids it: events in memory are lost at exit, as before.
+            }
             thread = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder intake" };
             thread.Start();
+        }
+
+        static void OnShutdown(object sender, EventArgs e)
+        {
+            try
+            {
+                Shutdown(ShutdownDeadline);
+            }
+            catch
+            {
+                // Nothing may escape into the runtime's shutdown.
+            }
+        }
+
+        /// <summary>
+        /// Stops taking events and writes every event accepted so far to the spool, within
+        /// `deadline`: the intake queue is serialised here, then each runtime writes its
+        /// in-memory queue (<see cref="ForwarderRuntime.FlushForShutdown"/>). Runs once; later
+        /// calls return at once. Never throws.
+        /// </summary>
+        public static void Shutdown(TimeSpan deadline)
+        {
+            if (Interlocked.Exchange(ref shutDown, 1) != 0)
+                return;
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            List<Pending> left;
+            lock (gate)
+            {
+                stopping = true;
+                left = new List<Pending>(queue);
+                queue.Clear();
+            }
+            // The event the intake thread holds is passed on by it; wait for that.
+            while (clock.Elapsed < deadline)
+            {
+                lock (gate)
+                {
+                    if (inFlight == 0)
+                        break;
+                }
+                Thread.Sleep(1);
+            }
+            foreach (var pending in left)
+            {
+                if (clock.Elapsed >= deadline)
+                    break;
+                try
+                {
+                    PassOn(pending);
+                }
+                catch (Exception e)
+                {
+                    IntakeFailed.Add(e.GetType().Name + ": " + e.Message);
+                }
+            }
+            ForwarderRuntime.FlushAllForShutdown(deadline - clock.Elapsed);
+            Notices.ReportNow();
+        }
+
+        /// <summary>Serialises one event and hands it to its registration's runtime, unless it is too large.</summary>
+        static void PassOn(Pending next)
+        {
+            var runtime = next.Handler.Runtime();
+            if (runtime == null)
+                return;
+            var body = ContextJson.Serialize(next.Context);
+            if (ContextJson.Utf8Length(body) > ContextJson.MaxBodyBytes)
+            {
+                // Spooled, it would only be refused by the engine, after evicting good events
+                // from a spool near its byte limit.
+                Interlocked.Increment(ref runtime.Counters.TooLarge);
+                TooLarge.Add("job " + next.Context.JobId.ToString("D"));
+                return;
+            }
+            runtime.Submit(body, next.Context.JobId);
         }
 
         static void Loop()
@@ -161,10 +285,7 @@ namespace Jobhook.Forwarder
                         signal.WaitOne();
                         continue;
                     }
-                    var runtime = next.Handler.Runtime();
-                    if (runtime == null)
-                        continue;
-                    runtime.Submit(ContextJson.Serialize(next.Context), next.Context.JobId);
+                    PassOn(next);
                 }
                 catch (ThreadAbortException)
                 {
@@ -173,7 +294,7 @@ namespace Jobhook.Forwarder
                 catch (Exception e)
                 {
                     // Keep the intake alive whatever happens; only this event is lost.
-                    try { ForwarderLog.Current.Error("intake: an event could not be queued: " + e); } catch { }
+                    IntakeFailed.Add((next != null ? "job " + next.Context.JobId.ToString("D") + ", " : "") + e);
                 }
             }
         }

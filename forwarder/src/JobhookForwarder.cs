@@ -137,9 +137,11 @@ namespace Jobhook.Forwarder
         {
             try
             {
+                // Nothing here logs: a slow log sink must not slow Keyfactor's thread. What goes
+                // wrong is counted and reported by a background thread (Notices).
                 if (context == null)
                 {
-                    ForwarderLog.Current.Warn("RunHandler was called without a context; nothing to forward");
+                    Intake.NoContext.Add(null);
                     return true;
                 }
                 // Copy the fields and hand them over; the intake thread does the rest.
@@ -149,7 +151,7 @@ namespace Jobhook.Forwarder
             catch (Exception e)
             {
                 // Whatever happened, Keyfactor's check-in must go on.
-                try { ForwarderLog.Current.Error("RunHandler failed; the event is lost: " + e); } catch { }
+                try { Intake.HandlerFailed.Add(e.GetType().Name + ": " + e.Message); } catch { }
             }
             return true;
         }
@@ -251,7 +253,7 @@ namespace Jobhook.Forwarder
             public string TrustedCaFile { get; set; }
             /// <summary>"true" to reach the engine through the system proxy (default: direct).</summary>
             public string UseProxy { get; set; }
-            /// <summary>"true" to log one line per event queued and delivered.</summary>
+            /// <summary>"true" to log one line per event spooled and delivered.</summary>
             public string DebugLog { get; set; }
             /// <summary>
             /// The name the engine shows for this forwarder in GET /v1/forwarders (default: the

@@ -116,6 +116,7 @@ namespace Jobhook.Forwarder
                         sinceRescan.Restart();
                         spool.Rescan();
                     }
+                    spool.RetryRemovals();
                     var next = spool.Oldest();
                     if (next == null)
                     {
@@ -210,20 +211,26 @@ namespace Jobhook.Forwarder
                     var body = await ReadBounded(response, cancel).ConfigureAwait(false);
                     var printable = Printable(body.Text);
                     var detail = "HTTP " + status + (printable.Length > 0 ? " " + printable : "");
-                    if (status >= 200 && status < 300)
-                        return Tuple.Create(Verdict.Delivered, detail);
-                    if (status == 409)
-                        return Tuple.Create(Verdict.Conflict, detail);
                     var mediaType = response.Content != null && response.Content.Headers.ContentType != null
                         ? response.Content.Headers.ContentType.MediaType
                         : null;
+                    var whole = body.Complete ? body.Text : null;
+                    // Only the engine's own answers end an event's life in the spool: a web
+                    // server, captive portal or proxy at EngineUrl answers 200 or 409 too.
+                    if (IsEngineAcceptance(status, mediaType, whole))
+                        return Tuple.Create(Verdict.Delivered, detail);
+                    if (IsEngineConflict(status, mediaType, whole))
+                        return Tuple.Create(Verdict.Conflict, detail);
                     // The engine refused the body itself: resending the same bytes cannot help.
-                    if (IsEngineRefusal(status, mediaType, body.Complete ? body.Text : null))
+                    if (IsEngineRefusal(status, mediaType, whole))
                         return Tuple.Create(Verdict.Rejected, detail);
-                    if (Array.IndexOf(RefusalStatuses, status) >= 0)
+                    if ((status >= 200 && status < 300) || status == 409)
+                        detail += " (not the engine's answer: something else answered at EngineUrl)";
+                    else if (Array.IndexOf(RefusalStatuses, status) >= 0)
                         detail += " (not the engine's refusal: something between the forwarder and the engine answered)";
-                    // 401/403 (token), 404 (URL), 408/429, 5xx, a proxy's 4xx and anything
-                    // unexpected: the event is fine, the path to the engine is not; retry.
+                    // 401/403 (token), 404 (URL), 408/429, 5xx, a proxy's 4xx, a 2xx or 409
+                    // that is not the engine's and anything unexpected: the event is fine, the
+                    // path to the engine is not; retry.
                     return Tuple.Create(Verdict.Retry, detail);
                 }
             }
@@ -269,6 +276,61 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
+        /// Whether an answer is the engine's acceptance of the event, the only answer that
+        /// deletes its spool file as delivered: a 2xx, Content-Type application/json, and a body
+        /// that is one JSON object with a string member "event_id" (the engine answers
+        /// `202 {"event_id": …, "deliveries": …}`, host/src/sources/api.rs). Anything else at
+        /// EngineUrl that answers 2xx — a web server's default page, a captive portal, a load
+        /// balancer's maintenance page — has not stored the event, so it is retried.
+        /// `body` is null when it was not read whole.
+        /// </summary>
+        internal static bool IsEngineAcceptance(int status, string mediaType, string body)
+        {
+            if (status < 200 || status > 299 || body == null || !IsJson(mediaType))
+                return false;
+            bool found = false;
+            int at = 0;
+            if (!SkipSpace(body, ref at) || !Expect(body, ref at, '{') || !SkipSpace(body, ref at))
+                return false;
+            if (Expect(body, ref at, '}'))
+                return false; // {} has no event_id
+            while (true)
+            {
+                var name = JsonString(body, ref at);
+                if (name == null || !SkipSpace(body, ref at) || !Expect(body, ref at, ':') || !SkipSpace(body, ref at))
+                    return false;
+                if (name == "event_id")
+                {
+                    if (JsonString(body, ref at) == null)
+                        return false;
+                    found = true;
+                }
+                else if (!SkipValue(body, ref at, 0))
+                {
+                    return false;
+                }
+                SkipSpace(body, ref at);
+                if (Expect(body, ref at, '}'))
+                    break;
+                if (!Expect(body, ref at, ',') || !SkipSpace(body, ref at))
+                    return false;
+            }
+            SkipSpace(body, ref at);
+            return found && at == body.Length;
+        }
+
+        /// <summary>
+        /// Whether an answer is the engine's 409: the idempotency key was used before for
+        /// another body. Status 409, Content-Type application/json and the engine's
+        /// `{"error": "…"}` (see <see cref="IsEngineErrorBody"/>); a proxy's or a WAF's 409
+        /// page is retried instead, because the engine may never have seen the event.
+        /// </summary>
+        internal static bool IsEngineConflict(int status, string mediaType, string body)
+        {
+            return status == 409 && IsJson(mediaType) && IsEngineErrorBody(body);
+        }
+
+        /// <summary>
         /// Whether an answer is the engine's own refusal of the body, the only answer that sets
         /// an event aside for good: status 400, 413 or 422, Content-Type application/json, and a
         /// body that is one JSON object whose only member is a string "error" — what the engine
@@ -282,15 +344,85 @@ namespace Jobhook.Forwarder
         /// </summary>
         internal static bool IsEngineRefusal(int status, string mediaType, string body)
         {
-            if (Array.IndexOf(RefusalStatuses, status) < 0 || body == null)
-                return false;
-            if (mediaType == null || !string.Equals(mediaType.Trim(), "application/json", StringComparison.OrdinalIgnoreCase))
+            return Array.IndexOf(RefusalStatuses, status) >= 0 && IsJson(mediaType) && IsEngineErrorBody(body);
+        }
+
+        /// <summary>Whether a media type (without parameters) is application/json.</summary>
+        static bool IsJson(string mediaType)
+        {
+            return mediaType != null && string.Equals(mediaType.Trim(), "application/json", StringComparison.OrdinalIgnoreCase);
+        }
+
+        /// <summary>
+        /// Whether a body is exactly the engine's error shape: one JSON object whose only member
+        /// is a string "error". Null (a body not read whole) is not.
+        /// </summary>
+        static bool IsEngineErrorBody(string body)
+        {
+            if (body == null)
                 return false;
             int at = 0;
             return SkipSpace(body, ref at) && Expect(body, ref at, '{') && SkipSpace(body, ref at)
                    && JsonString(body, ref at) == "error" && SkipSpace(body, ref at) && Expect(body, ref at, ':')
                    && SkipSpace(body, ref at) && JsonString(body, ref at) != null && SkipSpace(body, ref at)
                    && Expect(body, ref at, '}') && SkipSpace(body, ref at) && at == body.Length;
+        }
+
+        /// <summary>
+        /// Deepest nesting of arrays and objects <see cref="SkipValue"/> follows: the engine's
+        /// answers are two levels deep; anything deeper is not the engine's, and the limit keeps
+        /// a hostile body from exhausting the stack.
+        /// </summary>
+        const int MaxJsonDepth = 16;
+
+        /// <summary>
+        /// Moves past one JSON value (RFC 8259) of any kind at `at`; false if there is none.
+        /// Numbers are checked only loosely (the characters a number may contain): the value is
+        /// skipped, never used.
+        /// </summary>
+        static bool SkipValue(string text, ref int at, int depth)
+        {
+            if (at >= text.Length || depth > MaxJsonDepth)
+                return false;
+            char c = text[at];
+            if (c == '"')
+                return JsonString(text, ref at) != null;
+            if (c == '{' || c == '[')
+            {
+                char close = c == '{' ? '}' : ']';
+                at++;
+                SkipSpace(text, ref at);
+                if (Expect(text, ref at, close))
+                    return true;
+                while (true)
+                {
+                    if (c == '{')
+                    {
+                        if (JsonString(text, ref at) == null || !SkipSpace(text, ref at) || !Expect(text, ref at, ':')
+                            || !SkipSpace(text, ref at))
+                            return false;
+                    }
+                    if (!SkipValue(text, ref at, depth + 1))
+                        return false;
+                    SkipSpace(text, ref at);
+                    if (Expect(text, ref at, close))
+                        return true;
+                    if (!Expect(text, ref at, ',') || !SkipSpace(text, ref at))
+                        return false;
+                }
+            }
+            foreach (var literal in new[] { "true", "false", "null" })
+            {
+                if (string.CompareOrdinal(text, at, literal, 0, literal.Length) == 0)
+                {
+                    at += literal.Length;
+                    return true;
+                }
+            }
+            int start = at;
+            while (at < text.Length && ("+-.eE".IndexOf(text[at]) >= 0 || (text[at] >= '0' && text[at] <= '9')))
+                at++;
+            return at > start;
         }
 
         /// <summary>Moves past JSON whitespace; always true (for chaining).</summary>

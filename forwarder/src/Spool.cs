@@ -52,6 +52,27 @@ namespace Jobhook.Forwarder
         /// </summary>
         public const int MaxRejectedFiles = 1000;
         /// <summary>
+        /// Most bytes kept in rejected/ (events and reason files): 1000 of the largest events the
+        /// engine accepts (64 KiB) fit, while a few foreign files of any size (set aside unread
+        /// because they are bigger than <see cref="MaxFileBytes"/>) cannot fill the disk. The
+        /// oldest go first.
+        /// </summary>
+        public const long MaxRejectedBytes = 64L * 1024 * 1024;
+        /// <summary>
+        /// First wait before a delivered (or rejected) event file that could not be deleted is
+        /// tried again; doubled per failure up to <see cref="MaxRemovalRetry"/>. An antivirus
+        /// scan lets go within seconds; an ACL without Delete needs an operator.
+        /// </summary>
+        public static readonly TimeSpan FirstRemovalRetry = TimeSpan.FromSeconds(1);
+        /// <summary>Longest wait between two tries to delete such a file.</summary>
+        public static readonly TimeSpan MaxRemovalRetry = TimeSpan.FromMinutes(5);
+        /// <summary>
+        /// Most such files remembered. Beyond it the oldest is forgotten, and may then be sent
+        /// again (harmless: the engine deduplicates by key); it only bounds memory if deleting
+        /// fails for every file.
+        /// </summary>
+        public const int MaxAwaitingRemoval = 10000;
+        /// <summary>
         /// How long a spool file that could not be read (held open without sharing by another
         /// program such as an antivirus scan or a backup agent, access denied, a disk error) is
         /// skipped before it is read again. Such a cause is usually gone within seconds; one failed
@@ -82,6 +103,20 @@ namespace Jobhook.Forwarder
         /// they are not read again. Usually empty; an entry goes when the file is read or forgotten.
         /// </summary>
         readonly Dictionary<string, DateTime> unreadable = new Dictionary<string, DateTime>(StringComparer.Ordinal);
+        /// <summary>
+        /// Files this process is done with (delivered, or refused by the engine) that could not
+        /// be deleted (an antivirus or backup agent holding them without FILE_SHARE_DELETE, an
+        /// ACL without Delete), by name, with when to try again. <see cref="Rescan"/> passes
+        /// them over, so such a file is never sent again; <see cref="RetryRemovals"/> deletes
+        /// them with back-off. Usually empty.
+        /// </summary>
+        readonly SortedDictionary<string, Removal> awaitingRemoval = new SortedDictionary<string, Removal>(StringComparer.Ordinal);
+
+        sealed class Removal
+        {
+            public DateTime NotBefore;
+            public TimeSpan Delay;
+        }
         long totalBytes;
         long sequence;
         /// <summary>
@@ -141,9 +176,20 @@ namespace Jobhook.Forwarder
                 {
                     if (!path.EndsWith(EventExtension, StringComparison.Ordinal))
                         continue;
-                    var info = new FileInfo(path);
-                    spool.files[info.Name] = info.Length;
-                    spool.totalBytes += info.Length;
+                    long size;
+                    try
+                    {
+                        size = new FileInfo(path).Length;
+                    }
+                    catch (Exception)
+                    {
+                        // Gone since the listing (another process on this directory delivered
+                        // it), or unreadable: skip this file, not the whole spool. A file still
+                        // there is found by the next Rescan.
+                        continue;
+                    }
+                    spool.files[Path.GetFileName(path)] = size;
+                    spool.totalBytes += size;
                 }
             }
             catch (Exception e)
@@ -164,12 +210,24 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Writes one event durably. Drops the oldest events first if the spool would exceed its
-        /// limits. Returns false (the caller keeps the event and retries) if writing failed.
+        /// Writes one event; with `durable`, flushed to disk before it is renamed into place
+        /// (without, at shutdown, the operating system's cache writes it after the process has
+        /// ended; only a power cut in those seconds loses it). Drops the oldest events first if
+        /// the spool would exceed its limits. Returns false (the caller keeps the event and
+        /// retries) if writing failed; true when the event is written, or refused because it is
+        /// larger than any event (<see cref="MaxFileBytes"/>: it would be set aside unsent, after
+        /// pushing good events out of the spool).
         /// </summary>
-        public bool Write(string key, string body)
+        public bool Write(string key, string body, bool durable = true)
         {
             var bytes = Utf8.GetBytes(Header + "\n" + key + "\n" + body + "\n");
+            if (bytes.Length > MaxFileBytes || bytes.Length > maxBytes)
+            {
+                Interlocked.Increment(ref Dropped);
+                log.Warn("event " + key + " is " + bytes.Length + " bytes, more than a spool file may hold (" + Math.Min(MaxFileBytes, maxBytes)
+                         + "); it is not spooled");
+                return true;
+            }
             var name = DateTime.UtcNow.Ticks.ToString("D19", CultureInfo.InvariantCulture) + "-"
                        + Interlocked.Increment(ref sequence).ToString("D10", CultureInfo.InvariantCulture) + "-"
                        + key + EventExtension;
@@ -183,7 +241,7 @@ namespace Jobhook.Forwarder
                     MakeRoom(bytes.Length);
                     lock (gate)
                         writerOwns = name;
-                    WriteFile(temp, path, bytes);
+                    WriteFile(temp, path, bytes, durable);
                     break;
                 }
                 catch (Exception e)
@@ -206,7 +264,7 @@ namespace Jobhook.Forwarder
             return true;
         }
 
-        static void WriteFile(string temp, string path, byte[] bytes)
+        static void WriteFile(string temp, string path, byte[] bytes, bool durable)
         {
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 4096, FileOptions.None))
             {
@@ -214,7 +272,7 @@ namespace Jobhook.Forwarder
                 // Flush(true) reaches the disk (FlushFileBuffers / fsync) before the rename
                 // publishes the file. The directory entry itself cannot be fsynced portably
                 // from .NET; NTFS journals the rename.
-                stream.Flush(true);
+                stream.Flush(durable);
             }
             File.Move(temp, path);
         }
@@ -311,7 +369,7 @@ namespace Jobhook.Forwarder
                     var name = Path.GetFileName(path);
                     lock (gate)
                     {
-                        if (files.ContainsKey(name) || name == writerOwns)
+                        if (files.ContainsKey(name) || name == writerOwns || awaitingRemoval.ContainsKey(name))
                             continue;
                     }
                     long size;
@@ -325,7 +383,7 @@ namespace Jobhook.Forwarder
                     }
                     lock (gate)
                     {
-                        if (files.ContainsKey(name) || name == writerOwns)
+                        if (files.ContainsKey(name) || name == writerOwns || awaitingRemoval.ContainsKey(name))
                             continue;
                         files[name] = size;
                         totalBytes += size;
@@ -549,11 +607,89 @@ namespace Jobhook.Forwarder
             return true;
         }
 
-        /// <summary>Removes a delivered event.</summary>
+        /// <summary>
+        /// Removes a delivered event. If its file cannot be deleted, it is remembered as done
+        /// (never sent again) and deleting it is retried with back-off (<see cref="RetryRemovals"/>).
+        /// </summary>
         public void Delete(string name)
         {
             Forget(name);
-            TryDelete(Path.Combine(directory, name));
+            string problem;
+            if (!TryDelete(Path.Combine(directory, name), out problem))
+                AwaitRemoval(name, "delivered", problem);
+        }
+
+        /// <summary>Remembers a file this process is done with but could not delete; warns once for it.</summary>
+        void AwaitRemoval(string name, string what, string problem)
+        {
+            string forgotten = null;
+            lock (gate)
+            {
+                if (awaitingRemoval.ContainsKey(name))
+                    return;
+                awaitingRemoval[name] = new Removal { NotBefore = DateTime.UtcNow + FirstRemovalRetry, Delay = FirstRemovalRetry };
+                if (awaitingRemoval.Count > MaxAwaitingRemoval)
+                {
+                    foreach (var oldest in awaitingRemoval.Keys)
+                    {
+                        forgotten = oldest;
+                        break;
+                    }
+                    awaitingRemoval.Remove(forgotten);
+                }
+            }
+            log.Warn("the " + what + " event file " + name + " could not be deleted (" + problem + "); it is not sent again, and deleting it is"
+                     + " retried with back-off up to every " + MaxRemovalRetry.TotalMinutes + " min"
+                     + (forgotten != null ? " (" + MaxAwaitingRemoval + " such files: forgot " + forgotten + ", which may be sent again)" : ""));
+        }
+
+        /// <summary>
+        /// Tries again to delete the files <see cref="AwaitRemoval"/> remembers whose time has
+        /// come, doubling each one's wait after a failure. Called by the sender; cheap when
+        /// there are none.
+        /// </summary>
+        public void RetryRemovals()
+        {
+            var now = DateTime.UtcNow;
+            List<string> due = null;
+            lock (gate)
+            {
+                if (awaitingRemoval.Count == 0)
+                    return;
+                foreach (var entry in awaitingRemoval)
+                {
+                    if (entry.Value.NotBefore > now)
+                        continue;
+                    if (due == null)
+                        due = new List<string>();
+                    due.Add(entry.Key);
+                }
+            }
+            if (due == null)
+                return;
+            foreach (var name in due)
+            {
+                string problem;
+                bool gone = TryDelete(Path.Combine(directory, name), out problem);
+                lock (gate)
+                {
+                    Removal removal;
+                    if (!awaitingRemoval.TryGetValue(name, out removal))
+                        continue;
+                    if (gone)
+                    {
+                        awaitingRemoval.Remove(name);
+                    }
+                    else
+                    {
+                        var doubled = removal.Delay.Ticks * 2;
+                        removal.Delay = TimeSpan.FromTicks(Math.Min(doubled, MaxRemovalRetry.Ticks));
+                        removal.NotBefore = DateTime.UtcNow + removal.Delay;
+                    }
+                }
+                if (gone)
+                    log.Info("the event file " + name + " that was done with is deleted at last");
+            }
         }
 
         /// <summary>
@@ -589,9 +725,12 @@ namespace Jobhook.Forwarder
                         recreated = true; // rejected/ had been deleted
                         continue;
                     }
-                    var deleted = TryDelete(source);
+                    string problem;
+                    var deleted = TryDelete(source, out problem);
                     log.Warn("event " + name + " was rejected (" + reason + "); it could not be moved to " + rejectedDirectory
-                             + " (" + e.Message + ")" + (deleted ? ", so it was deleted" : " nor deleted; it is set aside again when next found"));
+                             + " (" + e.Message + ")" + (deleted ? ", so it was deleted" : ""));
+                    if (!deleted)
+                        AwaitRemoval(name, "rejected", problem);
                     return;
                 }
             }
@@ -616,8 +755,10 @@ namespace Jobhook.Forwarder
                 var paths = Directory.GetFiles(rejectedDirectory);
                 // One entry per event: an event's file and its reason file share the event's name.
                 var byEvent = new SortedDictionary<string, List<string>>(StringComparer.Ordinal);
+                long bytes = 0;
                 foreach (var path in paths)
                 {
+                    try { bytes += new FileInfo(path).Length; } catch (Exception) { }
                     var eventName = Path.GetFileName(path);
                     if (eventName.EndsWith(ReasonExtension, StringComparison.Ordinal))
                         eventName = eventName.Substring(0, eventName.Length - ReasonExtension.Length);
@@ -629,10 +770,15 @@ namespace Jobhook.Forwarder
                 int excess = byEvent.Count - MaxRejectedFiles;
                 foreach (var group in byEvent.Values)
                 {
-                    if (excess-- <= 0)
+                    if (excess-- <= 0 && bytes <= MaxRejectedBytes)
                         break;
                     foreach (var path in group)
-                        TryDelete(path);
+                    {
+                        long size = 0;
+                        try { size = new FileInfo(path).Length; } catch (Exception) { }
+                        if (TryDelete(path))
+                            bytes -= size;
+                    }
                 }
             }
             catch (Exception e)
@@ -659,15 +805,23 @@ namespace Jobhook.Forwarder
         /// <summary>Deletes a file if it can; true when it is gone afterwards.</summary>
         static bool TryDelete(string path)
         {
+            string problem;
+            return TryDelete(path, out problem);
+        }
+
+        /// <summary>Deletes a file if it can; true when it is gone afterwards, else why not.</summary>
+        static bool TryDelete(string path, out string problem)
+        {
+            problem = null;
             try
             {
                 File.Delete(path);
                 return true;
             }
-            catch
+            catch (Exception e)
             {
-                // Locked by an antivirus scan, or no permission: the next rescan or start-up
-                // finds it again.
+                // Locked by an antivirus scan, or no permission.
+                problem = e.GetType().Name + ": " + e.Message;
                 return !File.Exists(path);
             }
         }

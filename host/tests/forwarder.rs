@@ -12,7 +12,8 @@
 //!   spool directory two ways share one runtime.
 //! - (c) a stand-in in front of the engine that is slow, answers 500/503/401, answers garbage,
 //!   resets connections (some after passing the request on), answers 400/413 as a proxy would
-//!   (HTML, or JSON that is not the engine's): every event arrives, once, none set aside.
+//!   (HTML, or JSON that is not the engine's), answers 200 or 409 with an HTML page that is not
+//!   the engine's: every event arrives, once, none set aside.
 //! - (d) the harness is SIGKILLed mid-delivery, once every event is in the spool, and restarted
 //!   in drain mode: the spool is delivered, once. (An event handed over but not yet on disk — a
 //!   few milliseconds normally, about 2 s for a burst of 1,000 on a loaded machine — is lost by
@@ -28,6 +29,17 @@
 //!   overlapped recycle) are sent by this one.
 //! - (j) built with `KEYFACTOR_LOGGING`, the forwarder logs through Keyfactor's logger (a
 //!   stand-in of its API, `forwarder/shim/Logging.cs`).
+//! - (k) built against enums whose member names carry other numbers than the engine's, every
+//!   name the engine knows is sent (and stored) as that name; an unknown one by its number.
+//! - (l) a normal process exit right after a burst of `RunHandler` calls: every accepted event
+//!   is in the spool afterwards.
+//! - (m) a log sink that takes 1.5 s per line while the intake queue overflows: every
+//!   `RunHandler` call stays within its budget, and the drops are reported in the background.
+//! - (n) a spool file listed at start-up but gone when it is sized is skipped; the spool opens.
+//! - (o) an event whose body is over the engine's 64 KiB is refused before it is spooled, so it
+//!   pushes no other event out of a spool near its byte limit.
+//! - (p) a delivered spool file that cannot be deleted (immutable) is not sent again, and is
+//!   deleted once it can be.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -843,6 +855,10 @@ async fn b_events_wait_in_the_spool_until_the_engine_starts() {
         1,
         "one runtime for one spool directory, however it is written:\n{log}"
     );
+    assert!(
+        log.contains("BearerToken is configured with an http:// EngineUrl"),
+        "a token sent over plain HTTP is reported as a configuration problem:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -852,7 +868,7 @@ async fn c_a_misbehaving_engine_costs_retries_not_events() {
     };
     site.request_timeout = STANDIN_REQUEST_TIMEOUT;
     let engine = site.start_engine();
-    let standin = Standin::start(engine.url.clone()).await;
+    let standin = Standin::start(engine.url.clone(), MISBEHAVING_ROUNDS).await;
     let expected_path = site.path("expected.tsv");
     let harness = Harness::run(
         build,
@@ -1012,16 +1028,27 @@ enum Behaviour {
     /// Pass the request on with its chunked framing broken half way (what a proxy or a link
     /// that damages a body sends), and hand the engine's own answer back as it came.
     DamagedInTransit,
+    /// Answer 200 with an HTML page without passing the request on: a captive portal, a
+    /// misconfigured EngineUrl pointing at a web server, a load balancer's maintenance page.
+    /// Not the engine's acceptance.
+    HtmlOk,
+    /// Answer 409 with an HTML page without passing the request on (a WAF or proxy's
+    /// "Conflict" page). Not the engine's conflict.
+    HtmlConflict,
     /// Behave.
     Forward,
 }
 
 /// The misbehaviour cycle; the first `MISBEHAVIOURS.len() * MISBEHAVING_ROUNDS` requests go
 /// through it, the rest are passed on faithfully.
-const MISBEHAVIOURS: [Behaviour; 13] = [
+const MISBEHAVIOURS: [Behaviour; 15] = [
     Behaviour::Error500,
+    // After a request that committed nothing: the event is lost if this answer deletes it.
+    Behaviour::HtmlOk,
     Behaviour::Garbage,
     Behaviour::ResetFirst,
+    // After a request that committed nothing, likewise.
+    Behaviour::HtmlConflict,
     Behaviour::ProxyBadRequest,
     Behaviour::ResetAfter,
     Behaviour::StallAfter,
@@ -1042,6 +1069,12 @@ const NGINX_400: &[u8] = b"<html>\r\n<head><title>400 The plain HTTP request was
 /// nginx's answer to a body over its `client_max_body_size`.
 const NGINX_413: &[u8] = b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n\
 <body>\r\n<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+/// A web page answered with 200 by something that is not the engine.
+const HTML_OK: &[u8] =
+    b"<html><head><title>Welcome</title></head><body>It works!</body></html>\r\n";
+/// A web page answered with 409 by something that is not the engine.
+const HTML_CONFLICT: &[u8] =
+    b"<html><head><title>409 Conflict</title></head><body><h1>Conflict</h1></body></html>\r\n";
 const MISBEHAVING_ROUNDS: usize = 4;
 /// Largest request head the stand-in reads (the forwarder's is a few hundred bytes).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -1074,7 +1107,9 @@ impl Request {
 }
 
 impl Standin {
-    async fn start(engine_url: String) -> Self {
+    /// A stand-in that goes through [`MISBEHAVIOURS`] `rounds` times, then behaves (0: it
+    /// always behaves, and only records what it passes on).
+    async fn start(engine_url: String, rounds: usize) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind stand-in");
@@ -1091,6 +1126,7 @@ impl Standin {
             while let Ok((socket, _)) = listener.accept().await {
                 tokio::spawn(serve_connection(
                     socket,
+                    rounds,
                     engine_url.clone(),
                     client.clone(),
                     counter.clone(),
@@ -1131,6 +1167,7 @@ impl Standin {
 
 async fn serve_connection(
     mut socket: TcpStream,
+    rounds: usize,
     engine_url: String,
     client: reqwest::Client,
     counter: Arc<AtomicUsize>,
@@ -1144,7 +1181,7 @@ async fn serve_connection(
             seen.push((key, request.body.clone()));
         }
         let n = counter.fetch_add(1, Ordering::SeqCst);
-        let behaviour = if n < MISBEHAVIOURS.len() * MISBEHAVING_ROUNDS {
+        let behaviour = if n < MISBEHAVIOURS.len() * rounds {
             MISBEHAVIOURS[n % MISBEHAVIOURS.len()]
         } else {
             Behaviour::Forward
@@ -1158,6 +1195,10 @@ async fn serve_connection(
                 respond_as(&mut socket, 400, "text/html", NGINX_400).await
             }
             Behaviour::ProxyTooLarge => respond_as(&mut socket, 413, "text/html", NGINX_413).await,
+            Behaviour::HtmlOk => respond_as(&mut socket, 200, "text/html", HTML_OK).await,
+            Behaviour::HtmlConflict => {
+                respond_as(&mut socket, 409, "text/html", HTML_CONFLICT).await
+            }
             Behaviour::ProxyJsonBadRequest => {
                 respond(&mut socket, 400, b"{\"message\":\"Bad Request\"}").await
             }
@@ -1519,5 +1560,251 @@ async fn j_with_keyfactor_logging_the_forwarder_logs_through_keyfactor() {
     assert!(
         log.contains("keyfactor log Jobhook.Forwarder.JobhookForwarder Information: forwarding to"),
         "the forwarder's lines reach Keyfactor's logger, named after the handler:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_enums_are_sent_by_name_whatever_their_numbers() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    // The "renum" build's shim gives every JobResult and OperationType name another number
+    // than the engine's (Success is 1, the engine's InProcess; Add is 1, the engine's
+    // Inventory; ...) and adds a member the engine does not know to each. The harness expects
+    // each known name stored as that name, and an unknown one by its number.
+    let harness = Harness::run(
+        build,
+        "renum",
+        &site,
+        &engine.url,
+        150,
+        &expected_path,
+        &["--seed", "31"],
+    );
+    harness.wait_success("renumbered enums");
+    let expected = read_expected(&expected_path);
+    assert!(
+        expected
+            .iter()
+            .any(|e| e.context.job_result == JobResult::Success),
+        "some context was a Success"
+    );
+    assert_delivered_once(&site, &expected, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l_a_normal_exit_writes_every_accepted_event_to_the_spool() {
+    const SENT: usize = 2000;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine: nothing is delivered, so every accepted event must be in the spool. The
+    // harness returns from Main as soon as the last RunHandler returned, with most events still
+    // in the forwarder's memory (an iisreset or app pool recycle does the same).
+    let count = SENT.to_string();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "burst",
+        &["--count", &count],
+    );
+    let log = harness.wait_success_log("normal exit with events in memory");
+    assert_eq!(
+        spool_files(&site),
+        SENT,
+        "every event RunHandler accepted is in the spool after a normal exit:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m_a_stalled_log_sink_never_slows_run_handler() {
+    const SENT: usize = 12_000;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // Every line the forwarder logs takes 1.5 s (NLog on a hung share). The intake thread
+    // logs once when it starts the runtime, and meanwhile RunHandler fills the intake queue
+    // past its capacity: the drops must be counted, never logged on Keyfactor's thread.
+    let count = SENT.to_string();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "burst",
+        &["--count", &count, "--slow-log-ms", "1500"],
+    );
+    let log = harness.wait_success_log("a log sink that takes 1.5 s a line");
+    assert!(
+        log.contains("the intake queue was full"),
+        "the drops are reported, by a background thread:\n{log}"
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_a_file_gone_while_the_spool_is_indexed_is_skipped() {
+    const SENT: usize = 20;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // A file the start-up listing finds and that is gone when it is sized: another process
+    // delivered and deleted it meanwhile (the old worker of an overlapped recycle). Mono lists a
+    // file whose name is not UTF-8 under a name that finds no file, so sizing it fails with the
+    // same FileNotFoundException every time, and the race is not left to luck.
+    std::fs::create_dir_all(site.spool()).expect("spool directory");
+    let gone = {
+        use std::os::unix::ffi::OsStrExt;
+        site.spool().join(std::ffi::OsStr::from_bytes(
+            b"0000000000000000001-0000000001-\xff\xfe.evt",
+        ))
+    };
+    std::fs::write(&gone, b"not UTF-8").expect("file");
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(build, "fx", &site, &engine.url, SENT, &expected_path, &[]);
+    // Had the spool failed to open, nothing would be spooled before its retry a minute later.
+    let spooled = harness.wait_for_line("spooled", Duration::from_secs(30));
+    assert!(
+        spooled.starts_with(&format!("spooled {SENT} ")),
+        "{spooled}"
+    );
+    // The harness waits for an empty directory.
+    std::fs::remove_file(&gone).expect("remove the file");
+    harness.wait_success("a spool file gone during indexing");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn o_an_oversized_event_is_refused_without_evicting_others() {
+    const SENT: usize = 40;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let expected_path = site.path("expected.tsv");
+    // A spool of 400 KB holds the 38 ordinary events; each of the two bodies of some 300 KB
+    // (over the engine's 64 KiB) would push most of them out if it were spooled.
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &[
+            "--threads",
+            "1",
+            "--huge-every",
+            "20",
+            "--max-spool-bytes",
+            "400000",
+        ],
+    );
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    let _engine = site.start_engine();
+    let log = harness.wait_success_log("oversized events");
+    let expected = read_expected(&expected_path);
+    assert_eq!(expected.iter().filter(|e| e.invalid).count(), 2);
+    assert_delivered_once(&site, &expected, None);
+    assert_eq!(rejected_files(&site), 0, "nothing oversized was spooled");
+    assert!(
+        !log.contains("the spool is full"),
+        "nothing was pushed out of the spool:\n{log}"
+    );
+    assert!(
+        log.contains("over the engine's limit"),
+        "the refusal is reported:\n{log}"
+    );
+}
+
+/// Makes a file immutable (`chattr +i`: not even root can delete it, as an antivirus or backup
+/// agent's lock on Windows) for as long as it lives.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(path: PathBuf) -> Self {
+        let status = Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .expect("chattr (e2fsprogs)");
+        assert!(status.success(), "chattr +i {}", path.display());
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p_a_delivered_file_that_cannot_be_deleted_is_not_sent_again() {
+    const SENT: usize = 5;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // A faithful stand-in in front of the engine, to count what the forwarder sends.
+    let standin = Standin::start(site.engine_url(), 0).await;
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(build, "fx", &site, &standin.url, SENT, &expected_path, &[]);
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    let mut names: Vec<PathBuf> = std::fs::read_dir(site.spool())
+        .expect("spool")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "evt"))
+        .collect();
+    names.sort();
+    let locked = names.first().expect("a spooled event").clone();
+    let key = std::fs::read_to_string(&locked)
+        .expect("spool file")
+        .lines()
+        .nth(1)
+        .expect("key line")
+        .to_owned();
+    let lock = Immutable::new(locked);
+    let _engine = site.start_engine();
+    let sent = |standin: &Standin| {
+        standin
+            .seen
+            .lock()
+            .expect("records")
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .count()
+    };
+    // Delivered (the engine answers), and then its file cannot be deleted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while site.stored_events().len() < SENT {
+        harness.assert_running("while delivering");
+        assert!(Instant::now() < deadline, "the events were not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The sender lists the spool directory every 10 s for files it does not know: a delivered
+    // file it could not delete must not be taken for a new one and sent again.
+    let watch = Instant::now() + Duration::from_secs(13);
+    while Instant::now() < watch && sent(&standin) < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sent(&standin),
+        1,
+        "the undeletable delivered event was sent again"
+    );
+    // Once the lock goes, the file is deleted (the retry backs off, so this takes seconds).
+    drop(lock);
+    let log = harness.wait_success_log("a delivered file that cannot be deleted");
+    assert_eq!(sent(&standin), 1);
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert_eq!(
+        count_lines(&log, "could not be deleted"),
+        1,
+        "one warning:\n{log}"
     );
 }
