@@ -390,9 +390,21 @@ struct RawConfig {
     engine: EngineConfig,
     #[serde(default)]
     quarantine: QuarantineConfig,
-    /// `[keyfactor]`, `[mail]`, `[http]`, …: one section per grantable capability.
-    #[serde(flatten)]
-    services: ServicesConfig,
+    // One section per grantable capability, named here rather than flattened from
+    // `ServicesConfig`: serde's `flatten` buffers what it takes, and an error inside lost its
+    // place (a literal secret in `[keyfactor.auth]` was reported at line 1, "in `[server]`").
+    // A capability added to `ServicesConfig` without its field here does not compile
+    // (`services` below builds it field by field).
+    /// `[keyfactor]`.
+    #[serde(default)]
+    keyfactor:
+        <crate::capabilities::keyfactor::Keyfactor as crate::capabilities::Grantable>::Config,
+    /// `[mail]`.
+    #[serde(default)]
+    mail: <crate::capabilities::mail::Mail as crate::capabilities::Grantable>::Config,
+    /// `[http]`.
+    #[serde(default)]
+    http: <crate::capabilities::http::Http as crate::capabilities::Grantable>::Config,
     poller: Option<PollerConfig>,
     #[serde(default)]
     handlers: Vec<Spanned<RawHandler>>,
@@ -496,7 +508,7 @@ impl Config {
             return Err(v.error(
                 None,
                 &format!(
-                    "[engine] sandbox_threads must be at most {MAX_SANDBOX_THREADS} (0 runs sandboxes on the API's threads)"
+                    "[engine] sandbox_threads must be at most {MAX_SANDBOX_THREADS} (0: deliveries run on the engine's own delivery threads, apart from ingest, with no threads of their own)"
                 ),
             ));
         }
@@ -518,11 +530,16 @@ impl Config {
         if let Err(e) = raw.engine.pool().validate() {
             return Err(v.error(None, &format!("[engine] {e}")));
         }
+        let mut services = ServicesConfig {
+            keyfactor: raw.keyfactor,
+            mail: raw.mail,
+            http: raw.http,
+        };
         let mut handlers = Vec::with_capacity(raw.handlers.len());
         let mut seen = BTreeMap::new();
         for raw_handler in raw.handlers {
             let line = line_of(text, raw_handler.span().start);
-            let handler = v.handler(raw_handler.into_inner(), line, &raw.services)?;
+            let handler = v.handler(raw_handler.into_inner(), line, &services)?;
             if let Some(first) = seen.insert(handler.name.to_ascii_lowercase(), handler.line) {
                 return Err(v.error(
                     Some(handler.line),
@@ -545,7 +562,6 @@ impl Config {
             Some(dir) => base.join(dir),
             None => store.data_dir.join(DEFAULT_CACHE_DIR),
         });
-        let mut services = raw.services;
         services.rebase(&base);
         if let Some(poller) = &raw.poller {
             poller
@@ -1238,6 +1254,56 @@ backoff_ms = 100
             std::fs::write(&token, empty).unwrap();
             let e = config.resolve_tokens().unwrap_err();
             assert!(e.message.starts_with("server.tokens: "), "{empty:?}: {e}");
+        }
+    }
+
+    /// An error inside a capability's section names its own key and line: the sections are
+    /// not flattened and `[keyfactor.auth]` is not an internally tagged enum, either of which
+    /// buffers the table and loses the place (a literal password was reported at line 1, in
+    /// `[server]`).
+    #[test]
+    fn errors_in_capability_sections_name_their_key_and_line() {
+        let keyfactor = "[server]\nlisten = \"127.0.0.1:0\"\n\n[keyfactor]\n\
+                         base_url = \"https://kf.example.com/KeyfactorAPI/\"\n\n[keyfactor.auth]\n";
+        for (text, line, says) in [
+            (
+                format!("{keyfactor}kind = \"basic\"\nusername = \"u\"\npassword = \"literal\"\n"),
+                10,
+                "keyfactor.auth.password: a literal secret is not accepted",
+            ),
+            (
+                format!("{keyfactor}kind = \"oauth\"\n"),
+                8,
+                "keyfactor.auth.kind: unknown variant `oauth`",
+            ),
+            (
+                format!("{keyfactor}kind = \"bearer\"\n"),
+                7,
+                "keyfactor.auth: kind = \"bearer\" needs `token`",
+            ),
+            (
+                format!(
+                    "{keyfactor}kind = \"bearer\"\ntoken = {{ env = \"T\" }}\nusername = \"u\"\n"
+                ),
+                7,
+                "keyfactor.auth: `username` is not a key of kind = \"bearer\"",
+            ),
+            (
+                "[mail]\nfrom = \"a@example.com\"\n\n[mail.smtp]\nhost = \"smtp.example.com\"\n\
+                 tls = \"starttls\"\nusername = \"u\"\npassword = \"lit\"\n"
+                    .to_owned(),
+                8,
+                "mail.smtp.password: a literal secret is not accepted",
+            ),
+            (
+                "[http]\nconnect_timeout_ms = \"soon\"\n".to_owned(),
+                2,
+                "http.connect_timeout_ms",
+            ),
+        ] {
+            let e = error(&text);
+            assert!(e.message.starts_with(says), "{text}\n{e}");
+            assert_eq!(e.line, Some(line), "{text}\n{e}");
         }
     }
 

@@ -83,7 +83,7 @@ pub const MAX_REMEMBERED_TOKENS: usize = 256;
 /// #     scopes = ["keyfactor-api"], audience = "keyfactor"
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "RawAuth")]
 pub enum AuthConfig {
     /// HTTP Basic: `Authorization: Basic base64(username:password)`.
     Basic {
@@ -113,6 +113,103 @@ pub enum AuthConfig {
         #[serde(default)]
         audience: Option<String>,
     },
+}
+
+/// `[keyfactor.auth]` as written: every key any kind has, checked against `kind` once read. A
+/// plain table rather than an internally tagged enum, which serde reads by buffering the table
+/// first: an error inside (a literal secret, an unknown key) then lost its line and was
+/// reported at the top of the file. Read this way, such an error names its key and line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    kind: AuthKind,
+    username: Option<String>,
+    password: Option<SecretRef>,
+    token: Option<SecretRef>,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<SecretRef>,
+    scopes: Option<Vec<String>>,
+    audience: Option<String>,
+}
+
+/// The `kind` of `[keyfactor.auth]`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum AuthKind {
+    Basic,
+    Bearer,
+    Oauth2,
+}
+
+impl AuthKind {
+    fn name(self) -> &'static str {
+        match self {
+            AuthKind::Basic => "basic",
+            AuthKind::Bearer => "bearer",
+            AuthKind::Oauth2 => "oauth2",
+        }
+    }
+
+    /// The keys this kind takes, besides `kind`.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            AuthKind::Basic => &["username", "password"],
+            AuthKind::Bearer => &["token"],
+            AuthKind::Oauth2 => &[
+                "token_url",
+                "client_id",
+                "client_secret",
+                "scopes",
+                "audience",
+            ],
+        }
+    }
+}
+
+impl TryFrom<RawAuth> for AuthConfig {
+    type Error = String;
+
+    fn try_from(raw: RawAuth) -> Result<Self, String> {
+        let kind = raw.kind;
+        let given = [
+            ("username", raw.username.is_some()),
+            ("password", raw.password.is_some()),
+            ("token", raw.token.is_some()),
+            ("token_url", raw.token_url.is_some()),
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", raw.client_secret.is_some()),
+            ("scopes", raw.scopes.is_some()),
+            ("audience", raw.audience.is_some()),
+        ];
+        if let Some((key, _)) = given
+            .iter()
+            .find(|(key, set)| *set && !kind.keys().contains(key))
+        {
+            return Err(format!(
+                "`{key}` is not a key of kind = \"{}\" (its keys: {})",
+                kind.name(),
+                kind.keys().join(", ")
+            ));
+        }
+        let needs = |key: &str| format!("kind = \"{}\" needs `{key}`", kind.name());
+        Ok(match kind {
+            AuthKind::Basic => AuthConfig::Basic {
+                username: raw.username.ok_or_else(|| needs("username"))?,
+                password: raw.password.ok_or_else(|| needs("password"))?,
+            },
+            AuthKind::Bearer => AuthConfig::Bearer {
+                token: raw.token.ok_or_else(|| needs("token"))?,
+            },
+            AuthKind::Oauth2 => AuthConfig::Oauth2 {
+                token_url: raw.token_url.ok_or_else(|| needs("token_url"))?,
+                client_id: raw.client_id.ok_or_else(|| needs("client_id"))?,
+                client_secret: raw.client_secret.ok_or_else(|| needs("client_secret"))?,
+                scopes: raw.scopes.unwrap_or_default(),
+                audience: raw.audience,
+            },
+        })
+    }
 }
 
 /// Why the auth configuration is unusable.
