@@ -291,10 +291,7 @@ async fn rows_with_result_and_status_as_names_become_the_same_events() {
         .store
         .claim_batch(
             Utc::now(),
-            &jobhook::queue::store::ClaimLimits {
-                max: 10,
-                room: BTreeMap::new(),
-            },
+            &jobhook::queue::store::ClaimLimits::any(10),
             std::time::Duration::from_secs(60),
         )
         .expect("claims");

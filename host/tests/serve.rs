@@ -684,6 +684,72 @@ async fn handlers_endpoint_hides_secrets() {
     assert!(!engine.log_text().contains("hunter2"));
 }
 
+/// A handler renamed by a reload keeps its deliveries: those waiting under the old name stay
+/// pending (not skipped), the reload answer counts them, and once a handler of that name is
+/// configured again they run.
+#[tokio::test]
+async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_skipped() {
+    let setup = Setup::new();
+    let named = |name: &str| {
+        format!(
+            "{}{}",
+            handler(
+                name,
+                "guest-trap",
+                &format!("[\"{INVENTORY_TYPE}\"]"),
+                "[handlers.retry]\nmax_attempts = 2\nbackoff_ms = 2000"
+            ),
+            handler("healthy", "log-context", "[\"*\"]", "")
+        )
+    };
+    let engine = setup.start(&named("trapper"));
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    let id = body["event_id"].as_str().expect("event id").to_owned();
+    // The first attempt fails; the retry waits 2 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = get(&engine, &format!("/v1/events/{id}")).await;
+        let event: Value = serde_json::from_str(&text).expect("event");
+        let d = delivery(&event, "trapper");
+        if d["state"] == "pending" && d["attempts"].as_array().is_some_and(|a| a.len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{event:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    setup.config(&named("trapper-v2"));
+    let response = reload(&engine).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let report: Value =
+        serde_json::from_str(&response.text().await.expect("reload answer")).expect("JSON");
+    assert_eq!(
+        report["waiting_for_unconfigured"],
+        json!({ "trapper": 1 }),
+        "{report}"
+    );
+    // Past the retry's time, it still waits: not claimed, not skipped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, text) = get(&engine, &format!("/v1/events/{id}")).await;
+    let event: Value = serde_json::from_str(&text).expect("event");
+    assert_eq!(delivery(&event, "trapper")["state"], "pending", "{event:#}");
+    assert!(
+        engine
+            .log_text()
+            .contains("deliveries wait for a handler that is not configured here"),
+        "{}",
+        engine.log_text()
+    );
+
+    // The old name again: the delivery runs its second attempt.
+    setup.config(&named("trapper"));
+    assert_eq!(reload(&engine).await.status().as_u16(), 200);
+    let event = settled(&engine, &id).await;
+    let d = delivery(&event, "trapper");
+    assert_eq!(d["state"], "failed", "{event:#}");
+    assert_eq!(d["attempts"].as_array().map(Vec::len), Some(2), "{event:#}");
+}
+
 #[tokio::test]
 async fn reload_adds_handlers_and_refuses_a_bad_config() {
     let setup = Setup::new();

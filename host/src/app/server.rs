@@ -218,6 +218,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         config.engine.max_concurrent_deliveries,
         config.store.lease,
     );
+    dispatcher.waiting_for_unconfigured().await;
     let reload = reloader(Running {
         config: config.clone(),
         secrets: StartOnlySecrets::read(&config),
@@ -387,6 +388,7 @@ fn reloader(running: Running) -> Reloader {
                         &StartOnlySecrets::read(&config),
                     );
                     dispatcher.replace_registry(set.registry());
+                    report.waiting_for_unconfigured = dispatcher.waiting_for_unconfigured().await;
                     *current = (set, config);
                     if let (Some(state), Some(new)) = (&tls, tls_config) {
                         state.replace(new);

@@ -391,6 +391,40 @@ impl Dispatcher {
         Arc::clone(&self.registry.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Pending deliveries of handlers not in force here, by handler: they are not claimed by
+    /// this node (see [`ClaimLimits::others`]) and wait for a handler of that name — configured
+    /// again by a reload, or on another node — and each is logged as a warning. Empty when the
+    /// store cannot say (the error is logged).
+    pub async fn waiting_for_unconfigured(&self) -> std::collections::BTreeMap<String, u64> {
+        let store = Arc::clone(&self.store);
+        let counts = match tokio::task::spawn_blocking(move || store.pending_by_handler()).await {
+            Ok(Ok(counts)) => counts,
+            Ok(Err(e)) => {
+                tracing::error!("cannot count pending deliveries by handler: {e}");
+                return Default::default();
+            }
+            Err(e) => {
+                tracing::error!("cannot count pending deliveries by handler: {e}");
+                return Default::default();
+            }
+        };
+        let registry = self.registry();
+        let waiting: std::collections::BTreeMap<String, u64> = counts
+            .into_iter()
+            .filter(|(handler, _)| !registry.handlers.contains_key(handler))
+            .collect();
+        for (handler, pending) in &waiting {
+            tracing::warn!(
+                handler = %handler,
+                pending,
+                "deliveries wait for a handler that is not configured here; they stay pending \
+                 and run once a handler of that name is configured again (or by a node that has \
+                 it)"
+            );
+        }
+        waiting
+    }
+
     /// Replaces the handlers (configuration reload). Deliveries already running finish with the
     /// handler they started with.
     pub fn replace_registry(&self, registry: Registry) {
@@ -452,10 +486,10 @@ impl Dispatcher {
             let limits = ClaimLimits {
                 max: permits.len(),
                 room,
+                // Only handlers this node has: another's deliveries wait for it.
+                others: 0,
             };
-            // Every loaded handler at its cap: what a claim could find is at most a delivery of
-            // a handler no longer loaded, and it is claimed with the next delivery that starts.
-            // Not claiming spares the store a query per finished delivery (with one CPU-bound
+            // Every loaded handler at its cap: nothing to claim. Not claiming spares the store a query per finished delivery (with one CPU-bound
             // handler at its cap, an empty claim and a `next_due` followed every claim).
             let at_cap = !limits.room.is_empty() && limits.room.values().all(|room| *room == 0);
             let lease = self.lease;
@@ -638,8 +672,13 @@ impl Dispatcher {
                 );
                 unreadable(reason.clone(), self.store.now())
             }
-            (None, Ok(_)) => skipped(
-                format!("handler {:?} is no longer configured", claim.handler),
+            // Claimed just before a reload took its handler away: handed back to wait for it,
+            // as the deliveries a claim leaves alone do.
+            (None, Ok(_)) => handed_back(
+                format!(
+                    "handler {:?} is not configured here now; the delivery waits for it",
+                    claim.handler
+                ),
                 self.store.now(),
             ),
             (Some(h), Ok(context)) => self.run_handler(h, &claim, context).await,
@@ -770,6 +809,19 @@ fn skipped(reason: String, now: DateTime<Utc>) -> AttemptRecord {
         state,
         retry_at,
         class: "skipped".into(),
+        reason: Some(reason),
+        outcome: None,
+        finished_at: now,
+    }
+}
+
+/// The record of a claimed delivery given back without running it: pending again at once,
+/// its attempt listed as interrupted, as after a restart.
+fn handed_back(reason: String, now: DateTime<Utc>) -> AttemptRecord {
+    AttemptRecord {
+        state: crate::queue::store::DeliveryState::Pending,
+        retry_at: Some(now),
+        class: crate::queue::store::INTERRUPTED_CLASS.into(),
         reason: Some(reason),
         outcome: None,
         finished_at: now,
@@ -1132,10 +1184,7 @@ mod tests {
     /// One delivery of a new event, claimed from `store`.
     fn claimed(store: &dyn EventStore) -> Claim {
         inserted(store);
-        let limits = ClaimLimits {
-            max: 1,
-            room: BTreeMap::new(),
-        };
+        let limits = ClaimLimits::any(1);
         store
             .claim_batch(Utc::now(), &limits, DEFAULT_LEASE)
             .unwrap()
@@ -1369,10 +1418,7 @@ mod tests {
         let stale = claimed(frozen.as_ref());
         let later = crate::queue::store::after(Utc::now(), DEFAULT_LEASE * 2);
         assert_eq!(other.requeue_abandoned(later).unwrap(), 1);
-        let limits = ClaimLimits {
-            max: 1,
-            room: BTreeMap::new(),
-        };
+        let limits = ClaimLimits::any(1);
         let fresh = other
             .claim_batch(later, &limits, DEFAULT_LEASE)
             .unwrap()

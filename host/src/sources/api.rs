@@ -61,6 +61,10 @@ pub struct ReloadReport {
     /// Settings and secrets that changed but are used only from the next start: what an
     /// operator must restart for. Each entry names the key and says so.
     pub restart_required: Vec<String>,
+    /// Pending deliveries of handlers not configured now, by handler (a handler renamed or
+    /// removed): they are kept, not skipped, and run once a handler of that name is configured
+    /// again.
+    pub waiting_for_unconfigured: std::collections::BTreeMap<String, u64>,
 }
 
 /// The accepted bearer tokens; a reload replaces them. Empty: no authentication. No `Debug`:
@@ -468,6 +472,7 @@ async fn reload(State(state): State<AppState>) -> Response {
             "handlers": report.handlers,
             "secrets_reloaded": report.secrets_reloaded,
             "restart_required": report.restart_required,
+            "waiting_for_unconfigured": report.waiting_for_unconfigured,
         }))
         .into_response(),
         Err(e) => error(

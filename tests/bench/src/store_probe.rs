@@ -94,10 +94,7 @@ fn sequential() -> anyhow::Result<()> {
     for _ in 0..EVENTS {
         store.insert_event(&probe_event(&context))?;
     }
-    let limits = ClaimLimits {
-        max: MAX_CLAIM_BATCH,
-        room: Default::default(),
-    };
+    let limits = ClaimLimits::any(MAX_CLAIM_BATCH);
     let record = AttemptRecord {
         state: DeliveryState::Succeeded,
         retry_at: None,
@@ -267,10 +264,7 @@ fn spawn_dispatch(
             }
             Ok(())
         });
-        let limits = ClaimLimits {
-            max: MAX_CLAIM_BATCH,
-            room: Default::default(),
-        };
+        let limits = ClaimLimits::any(MAX_CLAIM_BATCH);
         while !stop.load(Ordering::Relaxed) {
             let claims = store.claim_batch(store.now(), &limits, LEASE)?;
             if claims.is_empty() {

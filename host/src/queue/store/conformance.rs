@@ -62,6 +62,7 @@ macro_rules! suite {
             concurrent_claims_hand_out_each_delivery_once,
             a_stored_context_that_cannot_be_read_fails_only_its_own_claims,
             any_text_ingest_accepts_is_stored_and_read_back_unchanged,
+            deliveries_of_handlers_not_listed_stay_pending_when_others_is_zero,
             batch_claims_respect_the_batch_size_and_each_handlers_room,
             batch_claims_are_oldest_first_and_decode_each_context,
             concurrent_batch_claims_hand_out_each_delivery_once,
@@ -170,6 +171,11 @@ macro_rules! pass_on_the_rest {
             $crate::queue::store::StoreError,
         > {
             self.0.count_by_state()
+        }
+        fn pending_by_handler(
+            &self,
+        ) -> Result<Vec<(String, u64)>, $crate::queue::store::StoreError> {
+            self.0.pending_by_handler()
         }
         fn cursor(
             &self,
@@ -706,6 +712,7 @@ fn limits(max: usize, room: &[(&str, usize)]) -> ClaimLimits {
     ClaimLimits {
         max,
         room: room.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect(),
+        others: usize::MAX,
     }
 }
 
@@ -863,6 +870,32 @@ pub(crate) fn any_text_ingest_accepts_is_stored_and_read_back_unchanged(b: &impl
     assert_eq!(claims[0].message.as_deref(), Some(message.as_str()));
     let view = store.event(e.id).unwrap().expect("the event");
     assert_eq!(view.context["Username"], serde_json::json!(text));
+}
+
+/// A node claims only the handlers it lists when `others` is 0: a delivery of a handler it does
+/// not have stays pending, for a node (or a later configuration) that has it.
+pub(crate) fn deliveries_of_handlers_not_listed_stay_pending_when_others_is_zero(b: &impl Backend) {
+    let store = b.node();
+    store.insert_event(&event(&["a", "gone"])).unwrap();
+    let mut only_a = limits(8, &[("a", 4)]);
+    only_a.others = 0;
+    let claims = store.claim_batch(Utc::now(), &only_a, LEASE).unwrap();
+    assert_eq!(handlers_of(&claims), ["a"]);
+    assert!(
+        store
+            .claim_batch(Utc::now(), &only_a, LEASE)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.pending_by_handler().unwrap(),
+        [("gone".to_owned(), 1)]
+    );
+    // A node that has `gone` claims it.
+    let claims = store
+        .claim_batch(Utc::now(), &limits(8, &[("gone", 1)]), LEASE)
+        .unwrap();
+    assert_eq!(handlers_of(&claims), ["gone"]);
 }
 
 pub(crate) fn concurrent_batch_claims_hand_out_each_delivery_once(b: &impl Backend) {

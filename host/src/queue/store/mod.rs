@@ -356,16 +356,32 @@ pub struct ClaimLimits {
     /// Most deliveries in all (capped at [`MAX_CLAIM_BATCH`]); 0 claims nothing.
     pub max: usize,
     /// Handlers that may only get this many more claims (their concurrency cap minus what is
-    /// running); 0 leaves a handler out. Handlers not listed are limited by `max` only.
+    /// running); 0 leaves a handler out.
     pub room: BTreeMap<String, usize>,
+    /// How many of each handler not in `room` may be claimed. The dispatcher lists every
+    /// handler it has loaded and passes 0: a delivery of a handler it does not have (renamed or
+    /// removed by a reload, or not yet configured on this node while a change rolls out) stays
+    /// pending until a node that has it claims it, instead of being claimed here and skipped
+    /// for good. `usize::MAX` (see [`ClaimLimits::any`]) limits them by `max` only.
+    pub others: usize,
 }
 
 impl ClaimLimits {
+    /// Up to `max` deliveries of any handlers.
+    pub fn any(max: usize) -> Self {
+        ClaimLimits {
+            max,
+            room: BTreeMap::new(),
+            others: usize::MAX,
+        }
+    }
+
     /// One delivery of any handler except those in `busy`.
     pub fn one_excluding(busy: &[String]) -> Self {
         ClaimLimits {
             max: 1,
             room: busy.iter().map(|h| (h.clone(), 0)).collect(),
+            others: usize::MAX,
         }
     }
 
@@ -394,7 +410,7 @@ impl ClaimLimits {
             }
             let name = handler(&candidate);
             let used = taken.get(name).copied().unwrap_or(0);
-            if self.room.get(name).is_some_and(|room| used >= *room) {
+            if used >= self.room.get(name).copied().unwrap_or(self.others) {
                 continue;
             }
             taken.insert(name.to_owned(), used + 1);
@@ -539,6 +555,11 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Deliveries by state, for metrics.
     fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError>;
+
+    /// Pending deliveries by handler, every handler that has any: what start-up and reload
+    /// compare with the handlers configured, to say which deliveries wait for a handler no node
+    /// of this configuration has. Reads every pending row; not for a hot path.
+    fn pending_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// A durable value of the poller (e.g. the last JobHistoryId seen).
     fn cursor(&self, name: &str) -> Result<Option<String>, StoreError>;

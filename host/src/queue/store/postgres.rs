@@ -925,8 +925,8 @@ const UPSERT_CURSOR: &str = "
 
 /// Claims a batch in one statement. The handlers with pending deliveries are found by a loose
 /// index scan of `deliveries_handler_due` (one seek per handler); for each handler not in `$2`
-/// its oldest due deliveries, at most its room (`$6`/`$7`) and the batch size, are read from the
-/// same index and locked, skipping rows another node has locked (`SKIP LOCKED`); the oldest
+/// its oldest due deliveries, at most its room (`$6`/`$7`, or `$8` for a handler not listed)
+/// and the batch size, are read from the same index and locked, skipping rows another node has locked (`SKIP LOCKED`); the oldest
 /// `$5` of those are marked running.
 ///
 /// One scan of every due delivery that skipped the saturated handlers would walk past their
@@ -950,7 +950,7 @@ const CLAIM_BATCH: &str = "
             SELECT d.id, d.not_before FROM deliveries AS d
             WHERE d.state = 'pending' AND d.handler = p.handler AND d.not_before <= $1
             ORDER BY d.not_before, d.id
-            LIMIT least($5, coalesce(room.room, $5))
+            LIMIT least($5, coalesce(room.room, $8))
             FOR UPDATE OF d SKIP LOCKED
         ) AS c
         WHERE p.handler IS NOT NULL AND p.handler <> ALL ($2::text[])
@@ -1068,6 +1068,9 @@ const NEXT_DUE: &str = "SELECT min(not_before) FROM deliveries WHERE state = 'pe
 /// ([`with_scans_allowed`]).
 const COUNT_BY_STATE: &str = "SELECT state, count(*) FROM deliveries GROUP BY state ORDER BY state";
 
+const PENDING_BY_HANDLER: &str = "SELECT handler, count(*) FROM deliveries WHERE state = 'pending'
+    GROUP BY handler ORDER BY handler";
+
 /// Every statement the store prepares on its pooled sessions that must find its rows through
 /// an index (see [`INDEXES_ONLY`]); a test checks the plan PostgreSQL keeps for each.
 const INDEXED_STATEMENTS: &[&str] = &[
@@ -1086,6 +1089,7 @@ const INDEXED_STATEMENTS: &[&str] = &[
     EVENT_DELIVERIES,
     EVENT_ATTEMPTS,
     NEXT_DUE,
+    PENDING_BY_HANDLER,
     CURSOR,
 ];
 
@@ -1265,6 +1269,7 @@ impl EventStore for PostgresStore {
         let lease_until = after(now, lease);
         let excluded = limits.excluded();
         let batch = i64::try_from(limits.batch_size()).unwrap_or(1);
+        let others = i64::try_from(limits.others).unwrap_or(i64::MAX);
         let (room_handlers, room): (Vec<&str>, Vec<i64>) = limits
             .room
             .iter()
@@ -1283,6 +1288,7 @@ impl EventStore for PostgresStore {
                     &batch,
                     &room_handlers,
                     &room,
+                    &others,
                 ],
             )?)
         })?;
@@ -1496,6 +1502,21 @@ impl EventStore for PostgresStore {
         })
     }
 
+    fn pending_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(|conn| {
+            // The pending deliveries' index serves it (`deliveries_handler_due`).
+            let statement = conn.prepare(PENDING_BY_HANDLER)?;
+            let rows = conn.client.query(&statement, &[])?;
+            Ok(rows
+                .into_iter()
+                .map(|row| {
+                    let n = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+                    (row.get::<_, String>(0), n)
+                })
+                .collect())
+        })
+    }
+
     fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
         self.with(count_by_state_on)
     }
@@ -1682,11 +1703,12 @@ mod tests {
         let plan = pg
             .db
             .query(&format!(
-                "PREPARE claim(timestamptz, text[], text, timestamptz, bigint, text[], bigint[])
+                "PREPARE claim(timestamptz, text[], text, timestamptz, bigint, text[], bigint[],
+                               bigint)
                      AS {CLAIM_BATCH};
                  EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF)
                      EXECUTE claim(now(), '{{saturated}}', 'node', now() + interval '1 minute',
-                                   32, '{{}}', '{{}}');"
+                                   32, '{{}}', '{{}}', 32);"
             ))
             .expect("explain the claim");
         let walked: Vec<u64> = plan
@@ -1886,9 +1908,9 @@ mod tests {
             (
                 "claim",
                 CLAIM_BATCH,
-                "timestamptz, text[], text, timestamptz, bigint, text[], bigint[]",
+                "timestamptz, text[], text, timestamptz, bigint, text[], bigint[], bigint",
                 "now(), '{}', 'probe', now() + interval '1 minute', 64, '{h1,h2,h3,h4}', \
-                 '{16,16,16,16}'",
+                 '{16,16,16,16}', 0",
             ),
             (
                 "finish",

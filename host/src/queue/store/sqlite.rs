@@ -589,7 +589,7 @@ fn claim_rows(
                 .room
                 .get(&handler)
                 .copied()
-                .unwrap_or(batch)
+                .unwrap_or(limits.others)
                 .min(batch);
             if room == 0 {
                 continue;
@@ -1108,6 +1108,25 @@ impl EventStore for SqliteStore {
             .collect())
     }
 
+    fn pending_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT handler, COUNT(*) FROM deliveries WHERE state = 'pending' \
+                 GROUP BY handler ORDER BY handler",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|(h, n)| (h, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
     fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
         read_cursor(&self.conn(), name).map_err(db)
     }
@@ -1493,10 +1512,7 @@ mod tests {
             let event = conformance::event(&["a"]);
             let done = tokio::time::timeout(Duration::from_secs(10), async {
                 writes.insert_event_awaited(&event, None).await.unwrap();
-                let limits = ClaimLimits {
-                    max: 1,
-                    room: std::collections::BTreeMap::new(),
-                };
+                let limits = ClaimLimits::any(1);
                 let claim = writes
                     .claim_batch_awaited(store.now(), &limits, DEFAULT_TEST_LEASE)
                     .await
