@@ -7,7 +7,8 @@
 //! Power loss goes further than SIGKILL: what the page cache held is lost too. The data
 //! directory sits on `jobhook-powerloss-fs` (a FUSE view that keeps file data in memory until
 //! it is fsync'ed, `tests/powerloss-fs`); the power is cut under load, and an engine started on
-//! what reached the disk must still have every event that was answered 202.
+//! what reached the disk must still have every event that was answered 202 — and every mail a
+//! delivery recorded as succeeded wrote to the outbox, whole.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -16,7 +17,8 @@ use std::time::Duration;
 use jobhook_testkit::engine::{EngineProcess, free_port};
 use jobhook_testkit::exactly_once::{INVENTORY_TYPES, check_exactly_once};
 use jobhook_testkit::powerloss::{PowerLossFs, fuse_or_skip};
-use jobhook_testkit::{guest, powerloss_fs_binary};
+use jobhook_testkit::{guest, powerloss_fs_binary, sample_context_json};
+use serde_json::{Value, json};
 
 /// How many times the engine is killed while events flow.
 const KILLS: usize = 4;
@@ -225,6 +227,208 @@ fn power_loss_under_load_loses_no_event_that_was_answered_202() {
          deliveries re-run; driver: {report}",
         accepted.len()
     );
+}
+
+/// Mails that are on record as sent (their delivery settled as succeeded) when the power goes.
+const MAILS_BEFORE_CUT: usize = 20;
+
+/// Mails posted just before the cut, some of them being written when the power goes.
+const MAILS_IN_FLIGHT: usize = 20;
+
+/// How long an event may take to settle.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The engine with only `repeated-failure-email` (threshold 0: every failed job is mailed about)
+/// and its data directory, and so the default outbox, at `data`.
+fn mail_config(port: u16, data: &Path) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+
+[store]
+data_dir = "{data}"
+
+[mail]
+from = "jobhook@example.com"
+
+[[handlers]]
+name = "mail"
+component = "{mail}"
+job_types = ["*"]
+properties = {{ RetryThreshold = "0", EmailRecipients = "pki-team@example.com" }}
+[handlers.grants.mail]
+recipients = ["@example.com"]
+"#,
+        data = data.display(),
+        mail = guest("repeated-failure-email").display(),
+    )
+}
+
+/// Posts a failed job with a `JobId` of its own; returns the event id and the job id.
+async fn post_failed_job(client: &reqwest::Client, url: &str) -> (String, String) {
+    let job = uuid::Uuid::new_v4().to_string();
+    let mut context = sample_context_json();
+    context["JobResult"] = json!("Failure");
+    context["JobId"] = json!(job);
+    let response = client
+        .post(format!("{url}/v1/job-complete"))
+        .header("content-type", "application/json")
+        .body(context.to_string())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(
+        response.status().as_u16(),
+        202,
+        "the event was not accepted"
+    );
+    let body: Value = serde_json::from_slice(&response.bytes().await.expect("body")).expect("JSON");
+    let event = body["event_id"].as_str().expect("event_id").to_owned();
+    (event, job)
+}
+
+/// The `mail` delivery of event `id` once it has settled.
+async fn settled_mail(client: &reqwest::Client, url: &str, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let response = client
+            .get(format!("{url}/v1/events/{id}"))
+            .send()
+            .await
+            .expect("GET event");
+        let event: Value =
+            serde_json::from_slice(&response.bytes().await.expect("body")).expect("event JSON");
+        let delivery = event["deliveries"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["handler"] == "mail"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no mail delivery: {event:#}"));
+        if delivery["state"] != "pending" && delivery["state"] != "running" {
+            return delivery;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "event {id} never settled: {event:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `.eml` files of `outbox` and their bytes (temporary files, which start with a dot, are
+/// not mail).
+fn outbox_mails(outbox: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(outbox) else {
+        return Vec::new();
+    };
+    let mut mails: Vec<(String, Vec<u8>)> = entries
+        .map(|e| e.expect("outbox entry"))
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name.ends_with(".eml") && !name.starts_with('.'))
+                .then(|| (name, std::fs::read(e.path()).expect("read mail")))
+        })
+        .collect();
+    mails.sort();
+    mails
+}
+
+/// Whether `mail` is a whole message from `repeated-failure-email`: headers, the blank line,
+/// and the body through its last line (the job's request time, quoted-printable or not).
+fn is_whole_mail(mail: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(mail);
+    let Some((headers, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    headers.contains("To: pki-team@example.com")
+        && body.contains("Orchestrator Job failed too many times:")
+        && body.ends_with("2023-05-03 23:18:48 UTC\r\n")
+}
+
+/// Mail survives a power cut: a handler mails into the outbox on the power-loss filesystem, the
+/// power is cut once some deliveries are on record as succeeded (and while others write), and
+/// after the restart every delivery recorded as succeeded has its mail in the outbox, whole,
+/// under its final name — and no `.eml` there is empty or cut short.
+#[test]
+fn power_loss_after_a_mail_was_recorded_as_sent_keeps_the_mail() {
+    if !fuse_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mount) = (dir.path().join("disk"), dir.path().join("mnt"));
+    for d in [&backing, &mount] {
+        std::fs::create_dir(d).expect("create dir");
+    }
+    let disk = PowerLossFs::mount(&powerloss_fs_binary(), &backing, &mount);
+    let port = free_port();
+    let before = dir.path().join("before.toml");
+    let after = dir.path().join("after.toml");
+    std::fs::write(&before, mail_config(port, &disk.mountpoint().join("data"))).expect("config");
+    std::fs::write(&after, mail_config(port, &backing.join("data"))).expect("config");
+    let bin = Path::new(env!("CARGO_BIN_EXE_jobhook"));
+    let log = dir.path().join("engine.log");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+
+    let engine = EngineProcess::start(bin, &before, &log);
+    let mut sent = Vec::new();
+    for _ in 0..MAILS_BEFORE_CUT {
+        let (event, job) = runtime.block_on(post_failed_job(&client, &engine.url));
+        let d = runtime.block_on(settled_mail(&client, &engine.url, &event));
+        assert_eq!(d["state"], "succeeded", "{d:#}\n{}", engine.log_text());
+        sent.push((event, job));
+    }
+    let mut in_flight = Vec::new();
+    for _ in 0..MAILS_IN_FLIGHT {
+        in_flight.push(runtime.block_on(post_failed_job(&client, &engine.url)));
+    }
+    // The power goes: the disk keeps only what was fsync'ed, and the process dies with it.
+    disk.cut_power();
+    engine.kill();
+
+    let engine = EngineProcess::start(bin, &after, &log);
+    let outbox = backing.join("data").join("outbox");
+    let mut recorded = 0;
+    for (i, (event, job)) in sent.iter().chain(&in_flight).enumerate() {
+        let d = runtime.block_on(settled_mail(&client, &engine.url, event));
+        if i < MAILS_BEFORE_CUT {
+            // On record before the cut — durably: the in-flight events' 202s waited for the
+            // sync of the write-ahead log behind these outcomes — so not run again: its mail
+            // is the one written before the cut.
+            assert_eq!(d["state"], "succeeded", "{d:#}");
+            assert_eq!(d["attempt"], 1, "re-run after the restart: {d:#}");
+        }
+        if d["state"] != "succeeded" {
+            continue;
+        }
+        recorded += 1;
+        let needle = format!("JobId: {job}");
+        let mails = outbox_mails(&outbox);
+        let found = mails
+            .iter()
+            .any(|(_, m)| is_whole_mail(m) && String::from_utf8_lossy(m).contains(&needle));
+        assert!(
+            found,
+            "event {event} (job {job}) is on record as mailed, but no whole .eml holds it; \
+             the outbox has {} .eml files, sizes {:?}",
+            mails.len(),
+            mails.iter().map(|(_, m)| m.len()).collect::<Vec<_>>()
+        );
+    }
+    // Nothing an outbox consumer would send is empty or cut short.
+    for (name, mail) in outbox_mails(&outbox) {
+        assert!(
+            is_whole_mail(&mail),
+            "{name} is not a whole message ({} bytes):\n{}",
+            mail.len(),
+            String::from_utf8_lossy(&mail)
+        );
+    }
+    println!(
+        "{recorded} mails on record as sent across the power cut, all whole in the outbox; {} \
+         .eml files",
+        outbox_mails(&outbox).len()
+    );
+    engine.kill();
 }
 
 /// A load driver (`jobhook-dev load`'s, `jobhook_dev::loadgen`) on a thread of its own, posting

@@ -28,6 +28,10 @@
 //! built by `lettre` (non-ASCII as RFC 2047 encoded-words, lines folded), and the subject is
 //! refused if it holds a control character, so no text of the handler's is ever written raw
 //! into the header block.
+//! An outbox message is on disk, whole, before the handler is told it was sent: it is written
+//! under a temporary name no outbox consumer reads (`.<id>.eml.tmp`), fsync'ed, renamed to
+//! `<id>.eml` and the directory fsync'ed, so a crash or power cut leaves either the whole
+//! `.eml` or none (and perhaps a temporary file, removed once stale).
 //! SMTP uses STARTTLS (default), implicit TLS, or — only for a relay on loopback — no TLS,
 //! with the operator's credentials; the handler never sees them. Every byte read from the relay
 //! counts against [`MAX_RELAY_READ_BYTES`] per message ([`relay`]): a relay, or anyone on the
@@ -39,15 +43,17 @@
 mod relay;
 
 use std::fmt;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
+use lettre::Address;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Body, Mailbox, Message};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::TlsParameters;
-use lettre::{Address, AsyncFileTransport, AsyncTransport, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 use wasmtime::component::{HasSelf, Linker};
 
@@ -97,6 +103,27 @@ const NOT_CONFIGURED: &str = "no mail transport is configured for this engine";
 /// (five 1 MiB bodies, quoted-printable). Refusing mail here keeps the queue's commits — every
 /// handler's events — from failing for want of space.
 pub const OUTBOX_FREE_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// What a handler is told when its mail could not be written to the outbox (the OS error and
+/// the path go to the engine's log).
+const OUTBOX_WRITE_FAILED: &str = "the engine could not write the mail to its outbox";
+
+/// A message is written as `.<id>.eml.tmp` in the outbox — the leading dot hides it from `ls`
+/// and `*` globs, and the `.tmp` suffix keeps it out of `*.eml` — and renamed to `<id>.eml`
+/// only once it is whole and on disk. An outbox consumer takes `*.eml` files that do not start
+/// with a dot; a temporary file is never mail.
+const TEMP_PREFIX: &str = ".";
+/// See [`TEMP_PREFIX`].
+const TEMP_SUFFIX: &str = ".eml.tmp";
+
+/// Age past which a temporary file in the outbox is a crash's leftover and is removed. They are
+/// looked for when the transport first writes (after each start or configuration reload) and
+/// then at most once per this period, so a leftover lives at most about twice as long. Writing
+/// one message (a few MiB at most, one fsync) takes far less; an hour is long enough that no
+/// write still under way — by this engine's transport from before a reload, or another engine
+/// sharing the directory — is ever taken for a leftover, and short enough that leftovers do not
+/// pile up.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(60 * 60);
 
 /// Bytes an unprivileged process may still write on the file system holding `dir`; `None` when
 /// the system cannot tell.
@@ -686,7 +713,8 @@ pub struct MailTransport {
 enum TransportKind {
     Outbox {
         dir: PathBuf,
-        transport: AsyncFileTransport<Tokio1Executor>,
+        /// When crash leftovers were last looked for ([`STALE_TEMP_AGE`]).
+        swept: Mutex<Option<Instant>>,
     },
     Smtp {
         relay: String,
@@ -764,8 +792,8 @@ impl MailTransport {
                     source,
                 })?;
                 TransportKind::Outbox {
-                    transport: AsyncFileTransport::new(&dir),
                     dir,
+                    swept: Mutex::new(None),
                 }
             }
         };
@@ -788,30 +816,58 @@ impl MailTransport {
     ) -> Result<(), CapabilityError> {
         let email = self.build(grant, message)?;
         match &self.kind {
-            TransportKind::Outbox { dir, transport } => {
-                if let Err(e) = tokio::fs::create_dir_all(dir).await {
-                    tracing::warn!(outbox = %dir.display(), error = %e, "cannot create the mail outbox");
-                    return Err(CapabilityError::Failed(
-                        "the engine could not write the mail to its outbox".into(),
-                    ));
+            TransportKind::Outbox { dir, swept } => {
+                let sweep = {
+                    let mut last = swept.lock().unwrap_or_else(|p| p.into_inner());
+                    let due = last.is_none_or(|at| at.elapsed() >= STALE_TEMP_AGE);
+                    if due {
+                        *last = Some(Instant::now());
+                    }
+                    due
+                };
+                let job = {
+                    let dir = dir.clone();
+                    // The same bytes lettre's file transport wrote (`Message::formatted`), under
+                    // the same name scheme (`<random UUID>.eml`); lettre wrote no side file.
+                    let wire = email.formatted();
+                    move || write_to_outbox(&dir, &uuid::Uuid::new_v4().to_string(), &wire, sweep)
+                };
+                match tokio::task::spawn_blocking(job).await {
+                    Ok(Ok(written)) => {
+                        if written.stale_removed > 0 {
+                            tracing::info!(
+                                outbox = %dir.display(),
+                                removed = written.stale_removed,
+                                "removed temporary files a crash left in the mail outbox"
+                            );
+                        }
+                        tracing::debug!(file = %written.path.display(), "mail written to the outbox");
+                        Ok(())
+                    }
+                    Ok(Err(OutboxError::Full { free })) => {
+                        tracing::warn!(
+                            outbox = %dir.display(),
+                            free_bytes = free,
+                            "the mail outbox's disk has less than {OUTBOX_FREE_RESERVE_BYTES} bytes \
+                             free; mail is refused until space returns (empty the outbox)"
+                        );
+                        Err(CapabilityError::Failed(
+                            "the engine's mail outbox is full; the message was not written".into(),
+                        ))
+                    }
+                    Ok(Err(OutboxError::Create { path, source })) => {
+                        tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, "cannot create the mail outbox");
+                        Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
+                    }
+                    Ok(Err(OutboxError::Write { path, source })) => {
+                        tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, "cannot write to the mail outbox");
+                        Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
+                    }
+                    Err(e) => {
+                        tracing::warn!(outbox = %dir.display(), error = %e, "cannot write to the mail outbox");
+                        Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
+                    }
                 }
-                if let Some(free) = free_bytes(dir)
-                    && free < OUTBOX_FREE_RESERVE_BYTES
-                {
-                    tracing::warn!(
-                        outbox = %dir.display(),
-                        free_bytes = free,
-                        "the mail outbox's disk has less than {OUTBOX_FREE_RESERVE_BYTES} bytes \
-                         free; mail is refused until space returns (empty the outbox)"
-                    );
-                    return Err(CapabilityError::Failed(
-                        "the engine's mail outbox is full; the message was not written".into(),
-                    ));
-                }
-                transport.send(email).await.map(|_| ()).map_err(|e| {
-                    tracing::warn!(outbox = %dir.display(), error = %e, "cannot write to the mail outbox");
-                    CapabilityError::Failed("the engine could not write the mail to its outbox".into())
-                })
             }
             TransportKind::Smtp {
                 relay,
@@ -957,6 +1013,162 @@ impl MailTransport {
             .body(Body::dangerous_pre_encoded(body, encoding))
             .map_err(|e| denied(format!("the message cannot be built: {e}")))
     }
+}
+
+/// Why a message did not reach the outbox.
+#[derive(Debug)]
+enum OutboxError {
+    /// The outbox directory (or a directory above it) could not be made; `path` is the one that
+    /// failed.
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Less than [`OUTBOX_FREE_RESERVE_BYTES`] free.
+    Full { free: u64 },
+    /// Writing, syncing or renaming the message failed; `path` is the file or directory.
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A message written to the outbox.
+#[derive(Debug)]
+struct Written {
+    /// Its file, `<id>.eml`.
+    path: PathBuf,
+    /// Crash leftovers removed on the way ([`STALE_TEMP_AGE`]).
+    stale_removed: usize,
+}
+
+/// Writes `wire` to `dir` as `<id>.eml` so that the file is, under that name, either absent or
+/// whole and on disk, even across a power cut: the outbox is made if missing (its new directory
+/// entries synced), the message is written to a temporary name ([`TEMP_PREFIX`],
+/// [`TEMP_SUFFIX`]), fsync'ed, renamed to `<id>.eml`, and the directory is fsync'ed; only then
+/// does it return `Ok`. On an error nothing is left under either name (as far as removing it
+/// works). With `sweep`, temporary files older than [`STALE_TEMP_AGE`] are removed first.
+/// Blocking: run it off the async workers.
+fn write_to_outbox(dir: &Path, id: &str, wire: &[u8], sweep: bool) -> Result<Written, OutboxError> {
+    create_outbox(dir)?;
+    if let Some(free) = free_bytes(dir)
+        && free < OUTBOX_FREE_RESERVE_BYTES
+    {
+        return Err(OutboxError::Full { free });
+    }
+    let stale_removed = if sweep {
+        remove_stale_temp_files(dir)
+    } else {
+        0
+    };
+    let temp = dir.join(format!("{TEMP_PREFIX}{id}{TEMP_SUFFIX}"));
+    let path = dir.join(format!("{id}.eml"));
+    let write_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| OutboxError::Write { path, source }
+    };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp)
+        .map_err(write_error(&temp))
+        .and_then(|mut file| {
+            file.write_all(wire).map_err(write_error(&temp))?;
+            file.sync_all().map_err(write_error(&temp))
+        })
+        .and_then(|()| std::fs::rename(&temp, &path).map_err(write_error(&path)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    if let Err(e) = sync_directory(dir) {
+        // The handler is told the mail was not written: it should not be sent either.
+        let _ = std::fs::remove_file(&path);
+        return Err(write_error(dir)(e));
+    }
+    Ok(Written {
+        path,
+        stale_removed,
+    })
+}
+
+/// Makes `dir` and any missing directory above it, and syncs the directory holding each new
+/// entry, so that an outbox made for a message is still there after a power cut.
+fn create_outbox(dir: &Path) -> Result<(), OutboxError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.exists() {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    let create_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| OutboxError::Create { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(create_error(dir))?;
+    for made in missing {
+        let parent = match made.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        sync_directory(parent).map_err(create_error(parent))?;
+    }
+    Ok(())
+}
+
+/// fsyncs the directory `dir`, making the entries made, renamed or removed in it durable.
+#[cfg(unix)]
+fn sync_directory(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// See the Unix version: elsewhere a directory cannot be opened to be synced.
+#[cfg(not(unix))]
+fn sync_directory(_dir: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Removes the temporary files in `dir` older than [`STALE_TEMP_AGE`] (what a crash left
+/// mid-write); returns how many. Only plain files named as this transport names them are
+/// touched; errors are skipped (a leftover is harmless: no outbox consumer reads it).
+fn remove_stale_temp_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let is_temp = name
+            .strip_prefix(TEMP_PREFIX)
+            .and_then(|rest| rest.strip_suffix(TEMP_SUFFIX))
+            .is_some_and(|id| uuid::Uuid::try_parse(id).is_ok());
+        if !is_temp {
+            continue;
+        }
+        // Not followed: a symbolic link is not one of ours.
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        let stale = meta
+            .modified()
+            .ok()
+            .and_then(|at| now.duration_since(at).ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if meta.is_file() && stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn smtp_transport(config: &SmtpConfig) -> Result<TransportKind, MailConfigError> {
@@ -1494,32 +1706,198 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_outbox_receives_eml_files() {
-        let (dir, t) = outbox();
-        let grant = MailGrant::to(&["@example.com"]).unwrap();
-        t.send(&grant, message(&["pki@example.com"])).await.unwrap();
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("outbox"))
+    /// The entries of `dir`, by name.
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
-            .map(|e| e.unwrap().path())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(files.len(), 1);
-        assert_eq!(files[0].extension().and_then(|e| e.to_str()), Some("eml"));
-        let text = std::fs::read_to_string(&files[0]).unwrap();
+        names.sort();
+        names
+    }
+
+    /// Whether `name` is `<UUID>.eml`, the name lettre's file transport gave mail.
+    fn is_mail_name(name: &str) -> bool {
+        name.strip_suffix(".eml")
+            .is_some_and(|id| uuid::Uuid::try_parse(id).is_ok())
+    }
+
+    #[tokio::test]
+    async fn the_outbox_receives_whole_eml_files_and_no_temporary_file_remains() {
+        let (dir, t) = outbox();
+        let outbox = dir.path().join("outbox");
+        let grant = MailGrant::to(&["@example.com"]).unwrap();
+        let mut sent = message(&["pki@example.com"]);
+        // A body at the limit, quoted-printable: the largest file a handler can make.
+        sent.body = "é".repeat(MAX_BODY_BYTES / 2);
+        t.send(&grant, sent).await.unwrap();
+        let names = entries(&outbox);
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(is_mail_name(&names[0]), "{names:?}");
+        let wire = std::fs::read(outbox.join(&names[0])).unwrap();
+        let text = String::from_utf8(wire.clone()).unwrap();
         assert!(text.contains("To: pki@example.com"), "{text}");
         assert!(
             text.contains("Subject: Orchestrator WinCertInventory Job Failed"),
             "{text}"
         );
-        // An outbox deleted while the engine runs (an operator's clean-up) is made again.
-        std::fs::remove_dir_all(dir.path().join("outbox")).unwrap();
-        t.send(&grant, message(&["pki@example.com"])).await.unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("outbox"))
-                .unwrap()
-                .count(),
-            1
+        // The whole body, to its last line.
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        let (expected, encoding) = encode_body(&"é".repeat(MAX_BODY_BYTES / 2));
+        assert_eq!(encoding, ContentTransferEncoding::QuotedPrintable);
+        assert!(
+            body.as_bytes().starts_with(&expected),
+            "the body is cut short"
         );
+        assert!(wire.len() > 3 * MAX_BODY_BYTES, "{} bytes", wire.len());
+
+        // The bytes are the formatted message, as lettre's file transport wrote them.
+        let email = t
+            .build(&grant, message(&["pki@example.com"]))
+            .unwrap()
+            .formatted();
+        let written = write_to_outbox(
+            &outbox,
+            "00000000-0000-4000-8000-000000000000",
+            &email,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            written.path,
+            outbox.join("00000000-0000-4000-8000-000000000000.eml")
+        );
+        assert_eq!(std::fs::read(&written.path).unwrap(), email);
+        assert!(entries(&outbox).iter().all(|n| is_mail_name(n)));
+    }
+
+    #[tokio::test]
+    async fn an_outbox_deleted_while_the_engine_runs_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("spool").join("outbox");
+        let config = MailConfig::outbox("jobhook@example.com", &outbox).unwrap();
+        let t = MailTransport::from_config(&config, dir.path()).unwrap();
+        let grant = MailGrant::to(&["@example.com"]).unwrap();
+        t.send(&grant, message(&["pki@example.com"])).await.unwrap();
+        // An operator's clean-up takes the outbox and the directory above it.
+        std::fs::remove_dir_all(dir.path().join("spool")).unwrap();
+        t.send(&grant, message(&["pki@example.com"])).await.unwrap();
+        let names = entries(&outbox);
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(is_mail_name(&names[0]), "{names:?}");
+    }
+
+    /// What the engine logs at warn and above while `f` runs on this thread.
+    async fn logged<F: std::future::Future>(f: F) -> (F::Output, String) {
+        #[derive(Clone, Default)]
+        struct Kept(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Kept {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let kept = Kept::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        let out = f.await;
+        drop(guard);
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    /// A message the outbox cannot take: the handler gets the engine's answer, the log the OS
+    /// error and the path, and nothing is left in the outbox.
+    async fn assert_refused(t: &MailTransport, outbox: &Path) {
+        let grant = MailGrant::to(&["@example.com"]).unwrap();
+        let (sent, log) = logged(t.send(&grant, message(&["pki@example.com"]))).await;
+        match sent {
+            Err(CapabilityError::Failed(reason)) => assert_eq!(reason, OUTBOX_WRITE_FAILED),
+            other => panic!("{other:?}"),
+        }
+        assert!(log.contains("cannot write to the mail outbox"), "{log}");
+        assert!(log.contains(&outbox.display().to_string()), "{log}");
+        assert!(log.contains("error="), "{log}");
+        assert_eq!(entries(outbox), Vec::<String>::new());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn an_outbox_that_cannot_be_written_gives_the_handler_the_engines_error() {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        // A read-only outbox. A privileged user writes anyway: then it proves nothing here, and
+        // the next case, which holds for everyone, stands in for it.
+        let (dir, t) = outbox();
+        let read_only = dir.path().join("outbox");
+        std::fs::create_dir(&read_only).unwrap();
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o555)).unwrap();
+        if std::fs::File::create(read_only.join("probe")).is_err() {
+            assert_refused(&t, &read_only).await;
+        }
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        // An outbox whose path leaves no room for a file name in it (PATH_MAX is 4096 bytes):
+        // the file cannot be made, whoever the engine runs as.
+        let dir = tempfile::tempdir().unwrap();
+        let mut deep = dir.path().to_owned();
+        while deep.as_os_str().len() < 4060 - 201 {
+            deep.push("d".repeat(200));
+        }
+        let room = 4060 - deep.as_os_str().len() - 1;
+        deep.push("d".repeat(room));
+        std::fs::create_dir_all(&deep).unwrap();
+        let config = MailConfig::outbox("jobhook@example.com", &deep).unwrap();
+        let t = MailTransport::from_config(&config, dir.path()).unwrap();
+        assert_refused(&t, &deep).await;
+
+        // A file where the outbox should be (put there after the engine started).
+        let (dir, t) = outbox();
+        std::fs::write(dir.path().join("outbox"), "x").unwrap();
+        let grant = MailGrant::to(&["@example.com"]).unwrap();
+        let (sent, log) = logged(t.send(&grant, message(&["pki@example.com"]))).await;
+        match sent {
+            Err(CapabilityError::Failed(reason)) => assert_eq!(reason, OUTBOX_WRITE_FAILED),
+            other => panic!("{other:?}"),
+        }
+        assert!(log.contains("cannot create the mail outbox"), "{log}");
+        assert!(log.contains("error="), "{log}");
+    }
+
+    #[tokio::test]
+    async fn temporary_files_a_crash_left_are_removed_once_stale() {
+        let (dir, t) = outbox();
+        let outbox = dir.path().join("outbox");
+        std::fs::create_dir(&outbox).unwrap();
+        let temp = |id: &str| outbox.join(format!("{TEMP_PREFIX}{id}{TEMP_SUFFIX}"));
+        let stale = temp("11111111-1111-4111-8111-111111111111");
+        let fresh = temp("22222222-2222-4222-8222-222222222222");
+        let foreign = outbox.join(".notes.eml.tmp");
+        let old = SystemTime::now() - STALE_TEMP_AGE - Duration::from_secs(60);
+        for path in [&stale, &fresh, &foreign] {
+            let file = std::fs::File::create(path).unwrap();
+            if path != &fresh {
+                file.set_modified(old).unwrap();
+            }
+        }
+        let grant = MailGrant::to(&["@example.com"]).unwrap();
+        t.send(&grant, message(&["pki@example.com"])).await.unwrap();
+        assert!(!stale.exists());
+        // One still being written (by another engine sharing the outbox), and what is not ours.
+        assert!(fresh.exists() && foreign.exists());
+        let mails: Vec<_> = entries(&outbox)
+            .into_iter()
+            .filter(|n| is_mail_name(n))
+            .collect();
+        assert_eq!(mails.len(), 1);
     }
 
     #[test]
