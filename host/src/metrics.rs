@@ -167,7 +167,7 @@ impl Metrics {
         registry.register(
             "jobhook_ingest_store_failures",
             "Ingest requests answered 503 because the store could not commit the event, by \
-             reason (disk-full, unreachable, error)",
+             reason (disk-full, unreachable, timeout, error)",
             store_failures.clone(),
         );
         let forwarders = Gauge::default();
