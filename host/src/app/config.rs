@@ -8,8 +8,8 @@
 //! a unique name, the component, `job_types` (required, like Keyfactor's `JobTypes`; GUIDs are
 //! compared case-insensitively; `["*"]` is the explicit wildcard), string `properties` (a value
 //! may instead reference a secret in an environment variable or a file), `grants`, `limits` and a
-//! `retry` policy. Unknown keys are errors. Every error names the file and the key, and the line where the parser
-//! knows it (range checks of a section's values name the key without one).
+//! `retry` policy. Unknown keys are errors. Every error names the file and the key, and the line
+//! where the parser knows it (range checks of a section's values name the key without one).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
