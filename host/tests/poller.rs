@@ -1,8 +1,10 @@
 //! The JobHistory poller against the Keyfactor stand-in, which is as strict as Command about
 //! query fields: paging, the durable cursor (a restart neither loses nor repeats a job, rows
 //! that share a timestamp or show up late inside the overlap window), unfinished and stale
-//! rows, first start without backfill, a cursor left by an older jobhook, and API errors that
-//! leave the cursor alone.
+//! rows, first start without backfill (and jobs still running then), a cursor left by an older
+//! jobhook, starts ahead of the clock (the position stays at the poll's time; the row is
+//! delivered once, also after the clock has passed it), and API errors that leave the cursor
+//! alone.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -153,6 +155,23 @@ impl Fixture {
         self.store.cursor(CURSOR).expect("cursor")
     }
 
+    /// Lets `by` pass on the poller's clock: every time the stored cursor holds moves back by
+    /// `by`, as the rows of the next stand-in do (which the caller builds from `now - by`).
+    /// Times in the cursor and in JobHistory are absolute, so moving both back is the same to
+    /// the poller as its clock moving on.
+    fn age_cursor(&self, by: Age) {
+        let text = self.cursor().expect("a cursor");
+        let mut cursor = Cursor::parse(&text).expect("readable cursor");
+        cursor.since = cursor.since.map(|t| t - by);
+        cursor.horizon = cursor.horizon.map(|t| t - by);
+        for start in cursor.seen.values_mut() {
+            *start -= by;
+        }
+        self.store
+            .insert_events_with_cursor(&[], CURSOR, &cursor.to_text())
+            .expect("aged cursor");
+    }
+
     /// The ids the stored cursor remembers.
     fn seen(&self) -> Vec<i64> {
         let text = self.cursor().expect("a cursor");
@@ -163,6 +182,42 @@ impl Fixture {
             .copied()
             .collect()
     }
+}
+
+/// Polls until the poller has nothing more to read at once; the events committed.
+async fn poll_all(poller: &Poller) -> usize {
+    let mut total = 0;
+    for _ in 0..20 {
+        let report = poller.poll_once().await.expect("poll");
+        total += report.events;
+        if !report.more {
+            return total;
+        }
+    }
+    panic!("the poller kept finding more")
+}
+
+/// The job results of the events stored, sorted.
+fn stored_results(f: &Fixture) -> Vec<String> {
+    let db = rusqlite::Connection::open(
+        f.dir
+            .path()
+            .join("data")
+            .join(jobhook::queue::store::sqlite::DATABASE_FILE),
+    )
+    .expect("open the store's database");
+    let mut results: Vec<String> = db
+        .prepare("SELECT context FROM events")
+        .expect("prepare")
+        .query_map([], |r| r.get::<_, String>(0))
+        .expect("query")
+        .map(|t| {
+            let context: Value = serde_json::from_str(&t.expect("row")).expect("JSON");
+            context["JobResult"].as_str().unwrap_or("?").to_owned()
+        })
+        .collect();
+    results.sort();
+    results
 }
 
 fn config(page_size: u32, backfill: bool) -> PollerConfig {
@@ -782,4 +837,184 @@ async fn retries_agent_and_request_time_come_from_the_api_and_the_mail_example_f
 
 fn config_of(page_size: u32) -> PollerConfig {
     config(page_size, true)
+}
+
+/// A finished row whose `OperationStart` lies two hours ahead (a Command server or orchestrator
+/// with a wrong clock) becomes an event, but the cursor's position stays at the poll's own time:
+/// jobs with correct clocks finished afterwards are still found, and the row ahead is not
+/// delivered again once the clock catches up with it and passes it.
+#[tokio::test]
+async fn a_start_ahead_of_the_clock_does_not_move_the_cursor_past_later_jobs() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let pw = f.dir.path().join("pw");
+    // The history as it stands when the poller's clock reads `at`.
+    let history = |at: chrono::DateTime<Utc>, later: &[i64]| {
+        let mut rows = vec![
+            row(1, "Completed", "Success", at - Age::minutes(1)),
+            row(2, "Completed", "Failure", at + Age::hours(2)),
+        ];
+        rows.extend(
+            later
+                .iter()
+                .map(|&id| row(id, "Completed", "Warning", at + Age::seconds(id))),
+        );
+        rows
+    };
+    let s = standin(history(now, &[])).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    assert_eq!(poll_all(&poller).await, 2);
+    let since = Cursor::parse(&f.cursor().expect("cursor"))
+        .expect("cursor")
+        .since
+        .expect("a position");
+    assert!(since <= Utc::now(), "the position moved ahead to {since}");
+
+    // Two jobs with correct clocks finish afterwards: both become events, 2 is not repeated.
+    let s = standin(history(now, &[3, 4])).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    assert_eq!(poll_all(&poller).await, 2);
+    assert_eq!(f.events(), 4);
+
+    // The clock catches up with 2 (now five minutes in the past), then passes it by more than
+    // the overlap; each time one new job: only that one becomes an event.
+    let mut at = now;
+    for (id, passed) in [(5, Age::hours(2) + Age::minutes(5)), (6, OVERLAP * 2)] {
+        f.age_cursor(passed);
+        at -= passed;
+        let s = standin(history(at, &[3, 4, id])).await;
+        let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+        assert_eq!(poll_all(&poller).await, 1, "only {id}");
+        assert_eq!(poll_all(&poller).await, 0);
+    }
+    assert_eq!(f.events(), 6, "each job exactly once");
+}
+
+/// A cursor whose position an earlier jobhook moved ahead of the clock (following a start
+/// ahead) is brought back to the poll's time, so jobs started since are found.
+#[tokio::test]
+async fn a_cursor_left_ahead_of_the_clock_is_brought_back() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let mut ahead = Cursor {
+        since: Some(now + Age::hours(2)),
+        ..Cursor::default()
+    };
+    ahead.seen.insert(2, now + Age::hours(2));
+    f.store
+        .insert_events_with_cursor(&[], CURSOR, &ahead.to_text())
+        .expect("cursor");
+    let s = standin(vec![
+        row(2, "Completed", "Failure", now + Age::hours(2)),
+        row(3, "Completed", "Success", now),
+        row(4, "Completed", "Success", now),
+    ])
+    .await;
+    let poller = f.poller(
+        client(&s, &f.dir.path().join("pw"), &s.credentials().password),
+        config(10, true),
+    );
+    assert_eq!(poll_all(&poller).await, 2, "3 and 4, not 2 again");
+    assert_eq!(poll_all(&poller).await, 0);
+    let since = Cursor::parse(&f.cursor().expect("cursor"))
+        .expect("cursor")
+        .since
+        .expect("a position");
+    assert!(since <= Utc::now(), "the position stayed ahead at {since}");
+}
+
+/// A row whose start is .NET's `DateTime.MaxValue` matches every later query: the cursor keeps
+/// it for as long, so it is not delivered again once the position has moved on by more than the
+/// overlap.
+#[tokio::test]
+async fn a_row_from_year_9999_is_not_delivered_again_as_time_passes() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let pw = f.dir.path().join("pw");
+    let history = |at: chrono::DateTime<Utc>, later: bool| {
+        let mut forever = row(2, "Completed", "Failure", at);
+        forever["OperationStart"] = json!("9999-12-31T23:59:59");
+        let mut rows = vec![
+            row(1, "Completed", "Success", at - Age::minutes(1)),
+            forever,
+        ];
+        if later {
+            rows.push(row(3, "Completed", "Success", at + OVERLAP * 3));
+        }
+        rows
+    };
+    let s = standin(history(now, false)).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    assert_eq!(poll_all(&poller).await, 2);
+    // Three overlaps later, one new job.
+    f.age_cursor(OVERLAP * 3);
+    let s = standin(history(now - OVERLAP * 3, true)).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    assert_eq!(poll_all(&poller).await, 1, "only 3");
+    assert_eq!(f.events(), 3);
+}
+
+/// First start without backfill: a job still running then (on the newest page, or older inside
+/// the overlap window and so on no page read for the floor) becomes an event when it finishes;
+/// the jobs that had finished do not.
+#[tokio::test]
+async fn a_job_running_at_first_start_becomes_an_event_when_it_finishes() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let pw = f.dir.path().join("pw");
+    let history = |running: &str, result: &str| {
+        let mut rows = vec![
+            row(1, running, result, now - Age::minutes(5)),
+            row(2, running, result, now),
+        ];
+        rows.extend((10..=14).map(|id| row(id, "Completed", "Success", now - Age::minutes(2))));
+        rows.push(row(15, "Completed", "Success", now));
+        rows
+    };
+    let s = standin(history("InProcess", "Unknown")).await;
+    // Pages of two: the newest page holds 2 and 15, not 1.
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(2, false));
+    let report = poller.poll_once().await.expect("first start");
+    assert_eq!(report.events, 0);
+    assert_eq!(poll_all(&poller).await, 0, "nothing has finished since");
+
+    // 1 and 2 finish as failures and 16 is new: three events.
+    let mut rows = history("Completed", "Failure");
+    rows.push(row(16, "Completed", "Success", now + Age::seconds(1)));
+    let s = standin(rows).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(2, false));
+    assert_eq!(poll_all(&poller).await, 3);
+    assert_eq!(poll_all(&poller).await, 0);
+    assert_eq!(f.events(), 3);
+    assert_eq!(stored_results(&f), ["Failure", "Failure", "Success"]);
+}
+
+/// A cursor from an older jobhook (a plain id) says nothing about which rows up to it were
+/// finished: a row at or below it that is still running when the poller reaches it is not taken
+/// as handled, and becomes an event when it finishes.
+#[tokio::test]
+async fn a_job_running_below_an_older_jobhooks_cursor_becomes_an_event_when_it_finishes() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let pw = f.dir.path().join("pw");
+    f.store
+        .insert_events_with_cursor(&[], CURSOR, "102")
+        .expect("old cursor");
+    let history = |running: &str, result: &str| {
+        vec![
+            row(100, "Completed", "Success", now - Age::minutes(4)),
+            row(101, running, result, now - Age::minutes(3)),
+            row(102, "Completed", "Success", now - Age::minutes(2)),
+            row(103, "Completed", "Success", now - Age::minutes(1)),
+        ]
+    };
+    let s = standin(history("InProcess", "Unknown")).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    let first = poll_all(&poller).await;
+    let s = standin(history("Completed", "Failure")).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    let second = poll_all(&poller).await;
+    assert_eq!(first + second, 2, "101 and 103 ({first} + {second})");
+    assert_eq!(poll_all(&poller).await, 0);
+    assert_eq!(stored_results(&f), ["Failure", "Success"]);
 }

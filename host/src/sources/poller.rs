@@ -12,8 +12,9 @@
 //! events, so a restart neither loses nor repeats a job. The cursor stops before the first row
 //! that is not finished yet (it is read again on the next poll), unless that row is older than
 //! `stale_after_ms`, in which case it is skipped with a warning so that one job that never
-//! completes cannot stall the poller. API errors back off exponentially. With several engine
-//! nodes on one shared store, only the node holding the store's `poller` leadership polls.
+//! completes cannot stall the poller. The cursor's position never moves past the poll's own time,
+//! whatever start a row claims ([`CLOCK_SLACK`]). API errors back off exponentially. With several
+//! engine nodes on one shared store, only the node holding the store's `poller` leadership polls.
 //!
 //! How the context is filled (a JobHistory row has fewer fields than the context a Keyfactor
 //! extension receives; README "JobHistory poller" says what stays approximate):
@@ -35,11 +36,11 @@
 //! Beside the context, the row's `Message` (why a job failed, as the orchestrator reported it)
 //! goes with the event for `delivery.message` ([`message_of`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -60,7 +61,35 @@ pub const CURSOR: &str = "jobhistory";
 /// visible slightly after rows that started later (Command writes rows from several web
 /// servers and orchestrators whose clocks differ by seconds). Ten minutes covers clock skew and
 /// late commits with a wide margin, while keeping the re-read rows (skipped by id) few.
+///
+/// A row that becomes visible only after rows starting more than this after it were handled
+/// (a "late row": an orchestrator or web server whose clock is more than ten minutes behind) is
+/// not read. A wider overlap would cover more skew, but every poll re-reads every row of the
+/// window (a site finishing one job a second re-reads 600 rows a poll at ten minutes, 1,800 at
+/// thirty) and [`MAX_SEEN`] would start dropping ids at a lower job rate; that is not worth it
+/// for clocks that NTP keeps within seconds. Instead the window is kept whole — the position
+/// never runs ahead of this machine's clock ([`CLOCK_SLACK`]), so a server ahead cannot shrink
+/// it — and a row arriving more than [`LATE_NOTICE`] late is logged, so a drifting clock is
+/// noticed before rows are lost.
 pub const OVERLAP: chrono::Duration = chrono::Duration::minutes(10);
+
+/// How far a row's `OperationStart` may lie ahead of this machine's clock before it is logged as
+/// a wrong clock, and how far a stored position may lie ahead before it is brought back to this
+/// machine's time. The position itself never moves past the poll's time, whatever the slack:
+/// it is where the next query starts (less [`OVERLAP`]), so a position ahead would skip the
+/// jobs that start meanwhile. Servers kept by NTP agree to well under a second; a minute leaves
+/// room for one drifting between synchronisations, or for the clocks of two engine nodes
+/// (leadership moves between them), without warnings on every row.
+pub const CLOCK_SLACK: chrono::Duration = chrono::Duration::minutes(1);
+
+/// A job handled this long after a job that started later (its start this far before the
+/// position) is logged: half of [`OVERLAP`], so a clock drifting behind is reported while its
+/// rows are still read.
+pub const LATE_NOTICE: chrono::Duration = chrono::Duration::minutes(5);
+
+/// Least time between two warnings of one kind about rows' starts (ahead of the clock, late):
+/// one wrong clock would otherwise warn on every job; the warning says how many it stood for.
+const NOTICE_EVERY: Duration = Duration::from_secs(600);
 
 /// Most `JobHistoryId`s the cursor remembers. A site finishing more jobs than this within
 /// [`OVERLAP`] (over 16 jobs a second) would make the cursor document large; beyond it the
@@ -333,22 +362,30 @@ fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobCont
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cursor {
-    /// The latest `OperationStart` turned into an event (or skipped); `None` before the first.
+    /// The latest `OperationStart` turned into an event (or skipped), but never later than the
+    /// poll that handled it ([`Cursor::record`]); `None` before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<DateTime<Utc>>,
-    /// The ids already turned into events (or skipped) whose `OperationStart` lies within
-    /// [`OVERLAP`] before `since`, with that start; at most [`MAX_SEEN`].
+    /// The ids already turned into events (or skipped) whose `OperationStart` is not before
+    /// [`OVERLAP`] before `since` (rows starting ahead of `since` included), with that start;
+    /// at most [`MAX_SEEN`].
     #[serde(default)]
     pub seen: BTreeMap<i64, DateTime<Utc>>,
     /// When ids had to be dropped to stay within [`MAX_SEEN`]: the latest start dropped. Rows
     /// at or before it are not asked for again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub horizon: Option<DateTime<Utc>>,
-    /// Rows whose `JobHistoryId` is at or below this are done: set by a first start without
-    /// backfill (the newest id then), and by a cursor from an older jobhook, which stored only
-    /// the highest id.
+    /// Rows whose `JobHistoryId` is at or below this are done, except those in `unfinished`:
+    /// set by a first start without backfill (the newest id then), and by a cursor from an older
+    /// jobhook, which stored only the highest id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<i64>,
+    /// Ids at or below `floor` that had not finished when the floor was set (first start) or
+    /// when the poller met them (an older jobhook's floor says nothing about it): the floor does
+    /// not cover them, so each becomes an event when it finishes. An id leaves when its row is
+    /// handled; at most [`MAX_SEEN`], beyond which the lowest are covered by the floor again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub unfinished: BTreeSet<i64>,
 }
 
 impl Cursor {
@@ -362,10 +399,10 @@ impl Cursor {
         }
         let cursor: Cursor =
             serde_json::from_str(text).map_err(|e| PollError::Cursor(e.to_string()))?;
-        if cursor.seen.len() > MAX_SEEN {
+        let remembered = cursor.seen.len().max(cursor.unfinished.len());
+        if remembered > MAX_SEEN {
             return Err(PollError::Cursor(format!(
-                "it remembers {} ids, more than {MAX_SEEN}",
-                cursor.seen.len()
+                "it remembers {remembered} ids, more than {MAX_SEEN}"
             )));
         }
         Ok(cursor)
@@ -376,28 +413,68 @@ impl Cursor {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Whether a row is at or below the floor (handled before this cursor format, or before
-    /// a first start without backfill).
+    /// Whether a row is covered by the floor (handled before this cursor format, or before a
+    /// first start without backfill, and not known to have been unfinished then).
     fn below_floor(&self, id: i64) -> bool {
-        self.floor.is_some_and(|f| id <= f)
+        self.floor.is_some_and(|f| id <= f) && !self.unfinished.contains(&id)
+    }
+
+    /// Takes a row at or below the floor out of it: it was not finished when met.
+    fn exempt(&mut self, id: i64) {
+        self.unfinished.insert(id);
+        while self.unfinished.len() > MAX_SEEN {
+            self.unfinished.pop_first();
+        }
+    }
+
+    /// The start of the overlap window, to the second as the query asks for it: the ids the
+    /// cursor forgets ([`Cursor::prune`]) are exactly those the query no longer returns.
+    fn window_start(&self) -> Option<DateTime<Utc>> {
+        self.since?.checked_sub_signed(OVERLAP).map(whole_second)
     }
 
     /// The lower bound of the next query, when there is one.
     fn lower_bound(&self) -> Option<DateTime<Utc>> {
-        let from = self.since?.checked_sub_signed(OVERLAP)?;
+        let from = self.window_start()?;
         Some(match self.horizon {
             Some(h) if h >= from => h + chrono::Duration::seconds(1),
             _ => from,
         })
     }
 
-    /// Records a handled row; a row without a readable start is remembered as of `now` (it
-    /// does not move `since`).
+    /// Brings a position later than the poll's time (by more than [`CLOCK_SLACK`]) back to it,
+    /// and says whether it did: a cursor left by a jobhook that followed a start ahead of the
+    /// clock, or a clock set back. Forgotten rows of the stretch between may be read again and
+    /// delivered twice; left ahead, the cursor would lose every job starting before it.
+    fn hold_to(&mut self, now: DateTime<Utc>) -> bool {
+        let now = whole_second(now);
+        match self.since {
+            Some(since) if since - now > CLOCK_SLACK => {
+                self.since = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records a handled row with its `OperationStart` as the row gives it (`start`, before any
+    /// plausibility check). The position moves to that start, but never past `now` (the time of
+    /// the poll): a start ahead (a server's wrong clock) would otherwise make the next query
+    /// skip every job starting before it, and rows are read in start order, so every row
+    /// starting before `now` has been handled. A start [`start_of`] refuses as implausible
+    /// (9999-12-31, .NET's `DateTime.MaxValue`) does not move it at all. The id is remembered
+    /// with its own start however far ahead, and so kept for as long as the query can return
+    /// the row (for 9999-12-31, for good). A row without a start, or one before 1970, which
+    /// later queries do not return, is remembered as of `now` and does not move the position.
     fn record(&mut self, id: i64, start: Option<DateTime<Utc>>, now: DateTime<Utc>) {
-        match start {
+        let now = whole_second(now);
+        match start.filter(|s| *s >= DateTime::UNIX_EPOCH) {
             Some(start) => {
-                if self.since.is_none_or(|s| start > s) {
-                    self.since = Some(start);
+                let position = plausible(start, now).map(|s| s.min(now));
+                if let Some(position) = position
+                    && self.since.is_none_or(|s| position > s)
+                {
+                    self.since = Some(position);
                 }
                 self.seen.insert(id, start);
             }
@@ -405,23 +482,54 @@ impl Cursor {
                 self.seen.insert(id, self.since.unwrap_or(now).max(now));
             }
         }
+        self.unfinished.remove(&id);
         self.prune();
     }
 
     /// Forgets ids older than the overlap window, and the oldest beyond [`MAX_SEEN`].
     fn prune(&mut self) {
-        if let Some(since) = self.since {
-            let from = since.checked_sub_signed(OVERLAP).unwrap_or(since);
+        if let Some(from) = self.window_start() {
             self.seen.retain(|_, start| *start >= from);
         }
         while self.seen.len() > MAX_SEEN {
             let Some(&start) = self.seen.values().min() else {
                 break;
             };
-            // Everything that started at that same second goes too: the bound moves past it.
+            // Everything that started at that same second goes too: the bound moves past it,
+            // but not past the position (ids ahead of it dropped are read, and delivered, again
+            // rather than the bound moving ahead of the clock).
             self.seen.retain(|_, s| *s > start);
-            self.horizon = Some(self.horizon.map_or(start, |h| h.max(start)));
+            let bound = self.since.map_or(start, |since| start.min(since));
+            self.horizon = Some(self.horizon.map_or(bound, |h| h.max(bound)));
         }
+    }
+}
+
+/// `t` without its fraction of a second: JobHistory's `OperationStart` and the query's values
+/// have a resolution of one second.
+fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.with_nanosecond(0).unwrap_or(t)
+}
+
+/// A warning about rows' starts given at most every [`NOTICE_EVERY`].
+#[derive(Debug, Default)]
+struct Notice {
+    last: Option<Instant>,
+    quiet: u64,
+}
+
+impl Notice {
+    /// Whether to warn now; if so, how many occurrences went unreported since the last warning.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < NOTICE_EVERY)
+        {
+            self.quiet = self.quiet.saturating_add(1);
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.quiet))
     }
 }
 
@@ -477,6 +585,10 @@ pub struct Poller {
     store: Arc<dyn EventStore>,
     dispatcher: Arc<Dispatcher>,
     agents: Mutex<AgentCache>,
+    /// Rows starting ahead of this machine's clock ([`CLOCK_SLACK`]).
+    ahead: Mutex<Notice>,
+    /// Rows handled long after later ones ([`LATE_NOTICE`]).
+    late: Mutex<Notice>,
 }
 
 impl Poller {
@@ -498,6 +610,8 @@ impl Poller {
             store,
             dispatcher,
             agents: Mutex::new(AgentCache::default()),
+            ahead: Mutex::new(Notice::default()),
+            late: Mutex::new(Notice::default()),
         })
     }
 
@@ -629,6 +743,8 @@ impl Poller {
             None => {
                 // First start: begin after the newest jobs. Rows that share the newest start
                 // come in no defined order, so the floor is the highest id on the newest page.
+                // Jobs not finished yet are not covered by it (`Cursor::unfinished`): each
+                // becomes an event when it finishes.
                 let newest = self
                     .get(vec![
                         ("pq.sortField".into(), "OperationStart".into()),
@@ -637,31 +753,57 @@ impl Poller {
                         ("pq.pageReturned".into(), "1".into()),
                     ])
                     .await?;
-                let now = Utc::now();
-                let since = newest.iter().filter_map(|r| start_of(r, now)).max();
-                let mut floor = newest
+                let now = whole_second(Utc::now());
+                // The position, as `Cursor::record` places it: never past this poll's time.
+                let since = newest
                     .iter()
-                    .filter_map(|r| r.get("JobHistoryId").and_then(Value::as_i64))
-                    .max()
-                    .unwrap_or(0);
-                // Every row of that newest second, whatever order the API gives ties.
-                if let Some(since) = since {
+                    .filter_map(|r| start_of(r, now))
+                    .map(|s| s.min(now))
+                    .max();
+                let mut cursor = Cursor {
+                    since,
+                    ..Cursor::default()
+                };
+                let from = cursor.lower_bound();
+                let mut floor = 0;
+                let mut unfinished = BTreeSet::new();
+                // The highest id, and the jobs not finished yet that later polls read again
+                // (with a start in the window; any row when there is no window yet).
+                let mut take = |rows: &[Value]| {
+                    for row in rows {
+                        let Some(id) = row.get("JobHistoryId").and_then(Value::as_i64) else {
+                            continue;
+                        };
+                        floor = floor.max(id);
+                        let read_again = from.is_none_or(|from| {
+                            operation_start(row).is_some_and(|start| start >= from)
+                        });
+                        if read_again
+                            && status(row.get("Status").unwrap_or(&Value::Null))
+                                == Status::Unfinished
+                        {
+                            unfinished.insert(id);
+                        }
+                    }
+                };
+                take(&newest);
+                // Every row later polls read again — the overlap window before the newest
+                // start, which holds every row of that newest second whatever order the API
+                // gives ties — so that a job running in it is known to be unfinished even when
+                // it is not on the newest page.
+                if let Some(from) = from {
                     for page in 1..=max_pages(self.config.page_size) {
-                        let rows = self.page(Some(since), page).await?;
-                        floor = rows
-                            .iter()
-                            .filter_map(|r| r.get("JobHistoryId").and_then(Value::as_i64))
-                            .fold(floor, i64::max);
+                        let rows = self.page(Some(from), page).await?;
+                        take(&rows);
                         if rows.len() < self.config.page_size as usize {
                             break;
                         }
                     }
                 }
-                let cursor = Cursor {
-                    since,
-                    floor: Some(floor),
-                    ..Cursor::default()
-                };
+                cursor.floor = Some(floor);
+                for id in unfinished {
+                    cursor.exempt(id);
+                }
                 self.commit(Vec::new(), &cursor).await?;
                 return Ok(PollReport {
                     events: 0,
@@ -671,6 +813,13 @@ impl Poller {
             }
         };
         let before = cursor.clone();
+        if cursor.hold_to(Utc::now()) {
+            tracing::warn!(
+                stored = ?before.since,
+                "the stored JobHistory position lies ahead of this machine's clock; it is \
+                 brought back to the clock (a job of the stretch between may be delivered twice)"
+            );
+        }
         let from = cursor.lower_bound();
         let page_size = self.config.page_size as usize;
         let mut events = Vec::new();
@@ -736,13 +885,21 @@ impl Poller {
             if cursor.seen.contains_key(&id) {
                 continue;
             }
+            let start = operation_start(row);
             let started = start_of(row, now);
+            let finished = status(row.get("Status").unwrap_or(&Value::Null)) == Status::Finished;
             if cursor.below_floor(id) {
-                cursor.record(id, started, now);
-                continue;
+                // The floor stands for jobs done before it was set (history, not events). One
+                // still running when met was not done then: it is taken out of the floor and
+                // waited for like any other. A stale one is old history, handled quietly.
+                if finished || started.is_some_and(|s| now - s > stale_after) {
+                    cursor.record(id, start, now);
+                    continue;
+                }
+                cursor.exempt(id);
             }
-            if status(row.get("Status").unwrap_or(&Value::Null)) == Status::Unfinished {
-                let Some(start) = started else {
+            if !finished {
+                let Some(began) = started else {
                     // No usable start (none, or one `start_of` refuses, such as 9999-12-31):
                     // waiting for it would stop the poller for good, since such a row never
                     // becomes stale, and it cannot place the cursor either. It is passed over
@@ -754,7 +911,7 @@ impl Poller {
                     );
                     continue;
                 };
-                let stale = now - start > stale_after;
+                let stale = now - began > stale_after;
                 if !stale {
                     return true;
                 }
@@ -762,9 +919,13 @@ impl Poller {
                     job_history_id = id,
                     "skipping a job that has not finished for too long"
                 );
-                cursor.record(id, started, now);
+                cursor.record(id, start, now);
                 continue;
             }
+            // A job waited for since before the position was placed (running at first start)
+            // is not late, however far before the position it started.
+            let position = cursor.since.filter(|_| !cursor.unfinished.contains(&id));
+            self.notice_clock(id, start, position, now);
             match context_of(row, &self.job_types) {
                 Some(context) => events.push(Pending {
                     event: NewEvent {
@@ -781,9 +942,50 @@ impl Poller {
                     "JobHistory row without a JobId skipped"
                 ),
             }
-            cursor.record(id, started, now);
+            cursor.record(id, start, now);
         }
         false
+    }
+
+    /// Logs, at most every [`NOTICE_EVERY`] for each kind, a job whose start lies ahead of this
+    /// machine's clock by more than [`CLOCK_SLACK`] (the cursor's position stays at the clock),
+    /// or more than [`LATE_NOTICE`] before the position `since` (a clock behind: beyond
+    /// [`OVERLAP`], such rows are not read at all).
+    fn notice_clock(
+        &self,
+        id: i64,
+        start: Option<DateTime<Utc>>,
+        since: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) {
+        let Some(start) = start else {
+            return;
+        };
+        let due =
+            |notice: &Mutex<Notice>| notice.lock().map_or(Some(0), |mut n| n.due(Instant::now()));
+        if start - now > CLOCK_SLACK
+            && let Some(quiet) = due(&self.ahead)
+        {
+            tracing::warn!(
+                job_history_id = id,
+                %start,
+                more_since_last_warning = quiet,
+                "a JobHistory row starts ahead of this machine's clock (a server's clock is \
+                 wrong); it becomes an event, and the poller's position stays at the clock"
+            );
+        }
+        if since.is_some_and(|since| since - start > LATE_NOTICE)
+            && let Some(quiet) = due(&self.late)
+        {
+            tracing::warn!(
+                job_history_id = id,
+                %start,
+                more_since_last_warning = quiet,
+                "a JobHistory row became visible long after jobs that started later (a clock \
+                 behind?); rows later than {} min are not read",
+                OVERLAP.num_minutes()
+            );
+        }
     }
 
     /// Fills what the row alone does not tell: `CurrentRetryCount` and `RequestTimestamp` from
@@ -926,22 +1128,31 @@ fn retry_chain(
     (count, first)
 }
 
-/// A row's `OperationStart`, when it is one the poller can move its position to: not later
-/// than [`MAX_START_AHEAD`] past `now`, not before 1970. A start beyond (.NET's
-/// `DateTime.MaxValue` 9999-12-31, a Command server with a wrong clock, a signed year chrono
-/// accepts) is treated as unreadable: the row is handled, and the position stays where it is —
-/// otherwise every later query would ask for jobs after that time, and none would ever come.
-fn start_of(row: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let start = row
-        .get("OperationStart")
+/// A row's `OperationStart` as it reads, however implausible: what the cursor remembers the row
+/// by ([`Cursor::record`] keeps the position from following it past the clock).
+fn operation_start(row: &Value) -> Option<DateTime<Utc>> {
+    row.get("OperationStart")
         .and_then(Value::as_str)
-        .and_then(parse_timestamp)?;
+        .and_then(parse_timestamp)
+}
+
+/// A row's `OperationStart`, when it is plausibly when the job ran: not later than
+/// [`MAX_START_AHEAD`] past `now`, not before 1970. A start beyond (.NET's `DateTime.MaxValue`
+/// 9999-12-31, a signed year chrono accepts) is treated as unreadable: it does not move the
+/// position, is not looked up for retries, and an unfinished job with it never becomes stale.
+fn start_of(row: &Value, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    plausible(operation_start(row)?, now)
+}
+
+/// `start`, when it is a plausible `OperationStart` at `now` (see [`start_of`]).
+fn plausible(start: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let latest = now.checked_add_signed(MAX_START_AHEAD).unwrap_or(now);
     (start <= latest && start >= DateTime::UNIX_EPOCH).then_some(start)
 }
 
-/// Most a JobHistory row's `OperationStart` may lie ahead of this machine's clock and still move
-/// the poller's position: a day covers any clock skew between two servers.
+/// Most a JobHistory row's `OperationStart` may lie ahead of this machine's clock and still be
+/// taken as when the job ran: a day covers any clock skew between two servers. (Whatever the
+/// start, the position never moves past the poll's own time: [`Cursor::record`].)
 pub const MAX_START_AHEAD: chrono::Duration = chrono::Duration::days(1);
 
 #[cfg(test)]
@@ -1009,7 +1220,7 @@ mod tests {
     #[test]
     fn the_cursor_remembers_the_overlap_window_and_stays_bounded() {
         let t0 = parse_timestamp("2023-05-06T00:00:00").unwrap();
-        let now = t0;
+        let now = t0 + chrono::Duration::hours(1);
         let mut c = Cursor::default();
         c.record(1, Some(t0), now);
         c.record(2, Some(t0 + chrono::Duration::minutes(5)), now);
@@ -1045,6 +1256,92 @@ mod tests {
             big.seen.insert(id, t0);
         }
         assert!(Cursor::parse(&serde_json::to_string(&big).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_position_never_passes_the_poll_and_rows_ahead_are_kept_until_passed() {
+        let now = parse_timestamp("2023-05-06T12:00:00.750").unwrap();
+        let second = parse_timestamp("2023-05-06T12:00:00").unwrap();
+        let mut c = Cursor::default();
+        c.record(1, Some(second - chrono::Duration::minutes(1)), now);
+        c.record(2, Some(second + chrono::Duration::hours(2)), now);
+        let forever = parse_timestamp("9999-12-31T23:59:59").unwrap();
+        c.record(3, Some(forever), now);
+        // The position is the poll's time, to the second the query asks by.
+        assert_eq!(c.since, Some(second));
+        assert_eq!(c.lower_bound(), Some(second - OVERLAP));
+        assert_eq!(c.seen.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        // The clock passes 2 by more than the overlap: 2 is forgotten only once the query no
+        // longer returns it; 3 is returned by every query and kept.
+        let later = second + chrono::Duration::hours(2) + OVERLAP;
+        c.record(4, Some(later), later);
+        assert!(c.seen.contains_key(&2), "2 is still inside the window");
+        let after = later + chrono::Duration::seconds(1);
+        c.record(5, Some(after), after);
+        assert!(!c.seen.contains_key(&2));
+        assert!(c.lower_bound() > Some(second + chrono::Duration::hours(2)));
+        assert!(c.seen.contains_key(&3));
+
+        // Starts with a fraction of a second: what is forgotten is what the query, which asks
+        // by the second, no longer returns.
+        let mut c = Cursor::default();
+        let base = parse_timestamp("2023-05-06T12:00:00.200").unwrap();
+        c.record(1, Some(base), now);
+        c.record(
+            2,
+            Some(base + OVERLAP + chrono::Duration::milliseconds(500)),
+            now + OVERLAP + chrono::Duration::minutes(1),
+        );
+        assert_eq!(
+            c.since,
+            Some(base + OVERLAP + chrono::Duration::milliseconds(500))
+        );
+        assert_eq!(c.lower_bound(), Some(second));
+        assert!(c.seen.contains_key(&1), "the query still returns 1");
+
+        // A stored position ahead of the clock is brought back; one within the slack is not.
+        let mut c = Cursor {
+            since: Some(second + chrono::Duration::hours(2)),
+            ..Cursor::default()
+        };
+        assert!(c.hold_to(now));
+        assert_eq!(c.since, Some(second));
+        c.since = Some(second + CLOCK_SLACK);
+        assert!(!c.hold_to(now));
+    }
+
+    #[test]
+    fn rows_unfinished_under_the_floor_are_not_covered_by_it() {
+        let now = parse_timestamp("2023-05-06T12:00:00").unwrap();
+        let mut c = Cursor::parse("102").unwrap();
+        assert!(c.below_floor(101));
+        c.exempt(101);
+        assert!(!c.below_floor(101));
+        assert!(c.below_floor(100));
+        assert!(!c.below_floor(103));
+        let text = c.to_text();
+        assert!(text.contains("unfinished"), "{text}");
+        assert_eq!(Cursor::parse(&text).unwrap(), c);
+        c.record(101, Some(now), now);
+        assert!(c.unfinished.is_empty());
+        assert!(!c.to_text().contains("unfinished"));
+        // Bounded: the lowest ids fall back under the floor.
+        for id in 0..=i64::try_from(MAX_SEEN).unwrap() {
+            c.exempt(id);
+        }
+        assert_eq!(c.unfinished.len(), MAX_SEEN);
+        assert!(c.below_floor(0));
+    }
+
+    #[test]
+    fn clock_warnings_are_rate_limited() {
+        let t = Instant::now();
+        let mut n = Notice::default();
+        assert_eq!(n.due(t), Some(0));
+        assert_eq!(n.due(t + Duration::from_secs(1)), None);
+        assert_eq!(n.due(t + Duration::from_secs(2)), None);
+        assert_eq!(n.due(t + NOTICE_EVERY), Some(2));
+        assert_eq!(n.due(t + NOTICE_EVERY), None);
     }
 
     #[test]
