@@ -515,7 +515,22 @@ impl Dispatcher {
                         let this = Arc::clone(&self);
                         let record = record.clone();
                         tasks.spawn(async move {
-                            this.deliver(claim, handler, &record, permit).await;
+                            // What the claim is recorded by, kept to hand it back if the
+                            // delivery's own code panics (the sandbox's run is caught inside).
+                            let held = Claim {
+                                context: Err(String::new()),
+                                source: String::new(),
+                                message: None,
+                                handler: claim.handler.clone(),
+                                ..claim
+                            };
+                            let delivered = crate::caught::caught(
+                                this.deliver(claim, handler, &record, permit),
+                            )
+                            .await;
+                            if let Err(panic) = delivered {
+                                this.hand_back_after_panic(held, panic, &record).await;
+                            }
                         });
                     }
                 }
@@ -649,6 +664,35 @@ impl Dispatcher {
         }
     }
 
+    /// After the engine's own code panicked while it ran a delivery (outside the sandbox's run,
+    /// whose panics are its outcome): the claim is handed back through the recorder, so the
+    /// delivery runs again instead of staying `running`, its lease renewed, until a restart.
+    async fn hand_back_after_panic(
+        &self,
+        claim: Claim,
+        panic: String,
+        recorder: &mpsc::Sender<Finished>,
+    ) {
+        tracing::error!(
+            handler = %claim.handler,
+            "a delivery ended with an engine error ({panic}); it was handed back and runs again"
+        );
+        let (recorded, _) = oneshot::channel();
+        let finished = Finished {
+            record: handed_back(
+                format!("the engine failed while it ran the delivery ({panic}); it runs again"),
+                self.store.now(),
+            ),
+            claim,
+            recorded,
+        };
+        if recorder.send(finished).await.is_err() {
+            tracing::error!(
+                "the outcome recorder has stopped; the delivery will run again after a restart"
+            );
+        }
+    }
+
     /// Runs one claimed delivery and records its outcome; `slot` is its place among
     /// `max_concurrent_deliveries`.
     async fn deliver(
@@ -767,9 +811,10 @@ impl Dispatcher {
     }
 }
 
-/// Logs a delivery task that ended without finishing: a panic of the engine's own code outside
-/// the sandbox's run (the run's own panics are recorded as the delivery's outcome,
-/// [`crate::caught`]). Its delivery stays claimed until this node's next start requeues it.
+/// Logs a delivery task that ended without finishing. A panic of the delivery's own code is
+/// caught inside the task and its claim handed back ([`Dispatcher::hand_back_after_panic`]);
+/// what reaches here panicked while handing it back, and its delivery stays claimed until this
+/// node's next start requeues it.
 fn report_failed_delivery(ended: Result<(), tokio::task::JoinError>) {
     if let Err(e) = ended
         && e.is_panic()
@@ -904,6 +949,7 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
                             retries += 1;
                             unrecorded.push(f);
                         }
+                        Err(e) if !e.is_transient() => hand_back_refused(&store, f, e).await,
                         Err(e) => log_store_error(&e),
                     }
                 }
@@ -1024,6 +1070,34 @@ fn record_one_by_one(
         .iter()
         .map(|f| store.finish(&f.claim, &f.record))
         .collect()
+}
+
+/// After the store refused `finished`'s outcome for good (an error about that write, not about
+/// the store), gives its claim back instead: pending again, the attempt listed as interrupted
+/// with the reason, a write without the outcome that is likely to succeed where the outcome's
+/// failed. Otherwise the delivery would stay `running`, its lease renewed by this node, until
+/// a restart. The outcome is not reported as recorded, so quarantine does not count it.
+async fn hand_back_refused(store: &Arc<dyn EventStore>, finished: Finished, refused: StoreError) {
+    let store = Arc::clone(store);
+    let handed = tokio::task::spawn_blocking(move || {
+        let record = handed_back(
+            format!("the store refused to record its outcome ({refused}); it runs again"),
+            store.now(),
+        );
+        (store.finish(&finished.claim, &record), refused)
+    })
+    .await;
+    match handed {
+        Ok((Ok(_), refused)) => tracing::error!(
+            "cannot record a delivery outcome: {refused}; the delivery was handed back and runs \
+             again"
+        ),
+        Ok((Err(e), refused)) => {
+            log_store_error(&refused);
+            log_store_error(&e);
+        }
+        Err(e) => tracing::error!("cannot hand back a delivery whose outcome was refused: {e}"),
+    }
 }
 
 fn log_store_error(e: &StoreError) {
@@ -1595,6 +1669,32 @@ mod tests {
             );
             drop(record);
             recorder.await.unwrap();
+        }
+    }
+
+    /// An outcome the store refuses once for good is not recorded, and its delivery is handed
+    /// back (pending again, the attempt listed as interrupted) rather than left running until
+    /// a restart.
+    #[tokio::test]
+    async fn a_delivery_whose_outcome_is_refused_is_handed_back() {
+        for awaited in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            // The batch and the one-by-one retry fail; the hand-back is written.
+            let store = Arc::new(
+                BatchFails::failing_with(SqliteStore::open(dir.path()).unwrap(), 2, || {
+                    StoreError::Database("string or blob too big".into())
+                })
+                .awaited(awaited),
+            );
+            let (record, recorder, done) = recording_one(&store).await;
+            assert!(done.await.is_err(), "not recorded (awaited: {awaited})");
+            drop(record);
+            recorder.await.unwrap();
+            assert_eq!(
+                store.count_by_state().unwrap(),
+                vec![(DeliveryState::Pending, 1)],
+                "awaited: {awaited}"
+            );
         }
     }
 
