@@ -562,6 +562,20 @@ struct ClaimRow {
 
 /// Chooses and claims the deliveries of a claim batch inside the writer's transaction; answers
 /// them with their events' rows (`None` where the row before is the same event's).
+/// The rows of `sql`, a `SELECT name, COUNT(*) … GROUP BY name`, as (name, count).
+fn counted(conn: &Connection, sql: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, n)| (name, u64::try_from(n).unwrap_or(0)))
+        .collect())
+}
+
 fn claim_rows(
     tx: &Connection,
     now_ms: i64,
@@ -1093,38 +1107,22 @@ impl EventStore for SqliteStore {
     }
 
     fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
-            .map_err(db)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        Ok(rows
+        let counts = counted(
+            &self.conn(),
+            "SELECT state, COUNT(*) FROM deliveries GROUP BY state",
+        )?;
+        Ok(counts
             .into_iter()
-            .filter_map(|(s, n)| Some((DeliveryState::parse(&s)?, u64::try_from(n).ok()?)))
+            .filter_map(|(s, n)| Some((DeliveryState::parse(&s)?, n)))
             .collect())
     }
 
     fn pending_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT handler, COUNT(*) FROM deliveries WHERE state = 'pending' \
-                 GROUP BY handler ORDER BY handler",
-            )
-            .map_err(db)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        Ok(rows
-            .into_iter()
-            .map(|(h, n)| (h, u64::try_from(n).unwrap_or(0)))
-            .collect())
+        counted(
+            &self.conn(),
+            "SELECT handler, COUNT(*) FROM deliveries WHERE state = 'pending' \
+             GROUP BY handler ORDER BY handler",
+        )
     }
 
     fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
