@@ -531,6 +531,24 @@ impl Config {
         if let Err(e) = raw.engine.pool().validate() {
             return Err(v.error(None, &format!("[engine] {e}")));
         }
+        let q = &raw.quarantine;
+        if q.after_failures > 0 && q.initial_backoff.is_zero() {
+            return Err(v.error(
+                None,
+                "[quarantine] initial_backoff_ms must be at least 1 (a quarantine of 0 ms sets \
+                 nothing aside); to turn quarantine off, set after_failures = 0",
+            ));
+        }
+        if q.after_failures > 0 && q.max_backoff < q.initial_backoff {
+            return Err(v.error(
+                None,
+                &format!(
+                    "[quarantine] max_backoff_ms ({}) must be at least initial_backoff_ms ({})",
+                    q.max_backoff.as_millis(),
+                    q.initial_backoff.as_millis()
+                ),
+            ));
+        }
         let mut services = ServicesConfig {
             keyfactor: raw.keyfactor,
             mail: raw.mail,
@@ -1306,6 +1324,22 @@ backoff_ms = 100
             assert!(e.message.starts_with(says), "{text}\n{e}");
             assert_eq!(e.line, Some(line), "{text}\n{e}");
         }
+    }
+
+    #[test]
+    fn a_quarantine_that_sets_nothing_aside_is_refused() {
+        let e = error("[quarantine]\ninitial_backoff_ms = 0\n");
+        assert!(
+            e.message.contains("initial_backoff_ms must be at least 1"),
+            "{e}"
+        );
+        assert!(e.message.contains("after_failures = 0"), "{e}");
+        let e = error("[quarantine]\ninitial_backoff_ms = 5000\nmax_backoff_ms = 1000\n");
+        assert!(e.message.contains("max_backoff_ms (1000)"), "{e}");
+        // Turned off, its backoffs do not matter.
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[quarantine]\nafter_failures = 0\ninitial_backoff_ms = 0\n";
+        assert!(Config::parse(text, &dir.path().join("jobhook.toml")).is_ok());
     }
 
     #[test]
