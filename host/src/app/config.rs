@@ -921,6 +921,17 @@ impl Validator<'_> {
                 &format!("{key}.max_attempts must be between 1 and {MAX_RETRY_ATTEMPTS}"),
             ));
         }
+        if retry.max_backoff < retry.backoff {
+            return Err(self.error(
+                retry_line,
+                &format!(
+                    "{key}.max_backoff_ms ({}) must be at least backoff_ms ({}): it caps the \
+                     doubled waits, not the first one",
+                    retry.max_backoff.as_millis(),
+                    retry.backoff.as_millis()
+                ),
+            ));
+        }
 
         let raw_concurrency = raw
             .max_concurrency
@@ -1324,6 +1335,19 @@ backoff_ms = 100
             assert!(e.message.starts_with(says), "{text}\n{e}");
             assert_eq!(e.line, Some(line), "{text}\n{e}");
         }
+    }
+
+    #[test]
+    fn a_retry_cap_below_the_first_backoff_is_refused() {
+        let e = error(&format!(
+            "{MINIMAL}\n[handlers.retry]\nmax_attempts = 3\nbackoff_ms = 5000\nmax_backoff_ms = 10\n"
+        ));
+        assert!(
+            e.message
+                .contains("max_backoff_ms (10) must be at least backoff_ms (5000)"),
+            "{e}"
+        );
+        assert!(e.line.is_some(), "{e}");
     }
 
     #[test]
