@@ -125,8 +125,9 @@ macro_rules! grantable {
         }
 
         impl Services {
-            /// Builds every configured service: resolves secrets, loads CA bundles, creates the
-            /// mail outbox. Nothing is contacted yet (an OAuth token is fetched on first use).
+            /// Builds every configured service: resolves secrets, loads CA bundles, checks the
+            /// mail outbox's path (made when mail is first written). Nothing is contacted yet (an
+            /// OAuth token is fetched on first use).
             pub fn from_config(
                 config: &ServicesConfig,
                 env: &ServiceEnv,
