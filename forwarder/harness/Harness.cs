@@ -16,6 +16,11 @@
 //   harness.exe drain --url U --spool DIR [options]
 //   harness.exe burst --url U --spool DIR --count N [options] (submit N, then exit normally at
 //     once, with events still in the forwarder's memory)
+//   harness.exe pending --url U --spool DIR --slow-log-ms MS (two registrations, spooling to
+//     DIR/a and DIR/b, are started; a third, DIR/c, is handed one event, and the intake thread
+//     is held in its start-up by a log line that takes MS ms; meanwhile 5 events for a and 7
+//     for b wait in the intake queue. Prints "pending a=N b=M": each registration's
+//     PendingEvents. Not for the KEYFACTOR_LOGGING build, which does not take the harness's log)
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
@@ -32,6 +37,10 @@
 //          --alias-spool DIR2 (every other handler object is given DIR2 as its SpoolDirectory: the
 //            same directory written another way)
 //          --slow-log-ms MS (every line the forwarder logs takes MS ms to write: a stalled sink)
+//          --budget-ms MS (burst only: the longest a RunHandler call may take; default the
+//            forwarder's RunHandlerBudgetMilliseconds. A test that is about something else than
+//            the budget, or that must tell a blocked call from a slow machine, sets a bound that
+//            still tells them apart)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when nothing is pending and no event file is left in
 // the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
@@ -268,6 +277,8 @@ namespace Jobhook.Forwarder.Harness
             }
             if (mode == "burst")
                 return Burst(options, opts);
+            if (mode == "pending")
+                return PendingPerRegistration(options, spoolDirectory, log, slowLogMs);
             if (mode != "run")
                 return Usage("unknown mode " + mode);
             if (!opts.ContainsKey("count") || !opts.ContainsKey("expected"))
@@ -446,6 +457,9 @@ namespace Jobhook.Forwarder.Harness
         {
             int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
             int threads = int.Parse(Get(opts, "threads", "4"), CultureInfo.InvariantCulture);
+            double budgetMs = double.Parse(
+                Get(opts, "budget-ms", JobhookForwarder.RunHandlerBudgetMilliseconds.ToString(CultureInfo.InvariantCulture)),
+                CultureInfo.InvariantCulture);
             var random = new Random(int.Parse(Get(opts, "seed", "1"), CultureInfo.InvariantCulture));
             var contexts = new OrchestratorJobCompleteHandlerContext[count];
             for (int i = 0; i < count; i++)
@@ -483,9 +497,9 @@ namespace Jobhook.Forwarder.Harness
                                 failures.Add("context " + i + ": RunHandler threw " + thrown);
                             else if (!result)
                                 failures.Add("context " + i + ": RunHandler returned false");
-                            else if ((endedAt - startedAt) * 1000.0 / Stopwatch.Frequency > JobhookForwarder.RunHandlerBudgetMilliseconds)
+                            else if ((endedAt - startedAt) * 1000.0 / Stopwatch.Frequency > budgetMs)
                                 failures.Add("context " + i + ": RunHandler took " + Ms((endedAt - startedAt) * 1000.0 / Stopwatch.Frequency)
-                                             + " ms; the budget is " + JobhookForwarder.RunHandlerBudgetMilliseconds + " ms"
+                                             + " ms; the bound is " + Ms(budgetMs) + " ms"
                                              + stalls.Describe(startedAt, endedAt));
                         }
                     }
@@ -499,6 +513,38 @@ namespace Jobhook.Forwarder.Harness
             foreach (var failure in failures)
                 Console.Error.WriteLine("harness: " + failure);
             return failures.Count > 0 ? 1 : 0;
+        }
+
+        /// <summary>`pending` (see the top of this file). Exit code 0, or 1 if a spool did not open.</summary>
+        static int PendingPerRegistration(JobhookForwarder.Options options, string spoolDirectory, IForwarderLog log, int slowLogMs)
+        {
+            // Set up with a prompt log (each runtime keeps the log it started with).
+            ForwarderLog.Current = log;
+            var a = Construct(options, Path.Combine(spoolDirectory, "a"));
+            var b = Construct(options, Path.Combine(spoolDirectory, "b"));
+            a.Start();
+            b.Start();
+            var deadline = DateTime.UtcNow.AddSeconds(30);
+            while ((a.PendingEvents < 0 || b.PendingEvents < 0) && DateTime.UtcNow < deadline)
+                Thread.Sleep(10);
+            if (a.PendingEvents < 0 || b.PendingEvents < 0)
+            {
+                Console.Error.WriteLine("harness: the spools did not open");
+                return 1;
+            }
+            // The third registration's start-up, on the intake thread, logs through a stalled sink.
+            ForwarderLog.Current = new SlowLog(log, slowLogMs);
+            var random = new Random(1);
+            var c = Construct(options, Path.Combine(spoolDirectory, "c"));
+            c.RunHandler(MakeContext(0, random, null));
+            Thread.Sleep(200);
+            for (int i = 0; i < 5; i++)
+                a.RunHandler(MakeContext(i, random, null));
+            for (int i = 0; i < 7; i++)
+                b.RunHandler(MakeContext(i, random, null));
+            Console.WriteLine("pending a=" + a.PendingEvents + " b=" + b.PendingEvents);
+            Console.Out.Flush();
+            return 0;
         }
 
         /// <summary>
@@ -744,7 +790,7 @@ namespace Jobhook.Forwarder.Harness
         static int Usage(string problem)
         {
             Console.Error.WriteLine("harness: " + problem);
-            Console.Error.WriteLine("usage: harness.exe run|drain|burst --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
+            Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
                                     + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N]"
                                     + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2] [--slow-log-ms MS]");
             return 2;

@@ -95,6 +95,8 @@ namespace Jobhook.Forwarder
         readonly RateLimitedCount queueFull;
         /// <summary>Whether the warning about a second registration on this spool was logged.</summary>
         bool sharedWarned;
+        /// <summary>The spool directory as logged (a setting: it may hold a line break).</summary>
+        readonly string shownSpool;
 
         /// <summary>What happened so far.</summary>
         public readonly ForwarderCounters Counters = new ForwarderCounters();
@@ -110,8 +112,9 @@ namespace Jobhook.Forwarder
         {
             this.settings = settings;
             this.log = log;
+            shownSpool = LogText.Printable(settings.SpoolDirectory);
             queueFull = new RateLimitedCount(
-                "the in-memory queue of " + settings.SpoolDirectory + " was full (" + settings.MaxQueuedEvents
+                "the in-memory queue of " + shownSpool + " was full (" + settings.MaxQueuedEvents
                 + " events: the spool disk is too slow or failing); dropped the oldest event(s)", log);
         }
 
@@ -137,21 +140,27 @@ namespace Jobhook.Forwarder
                     if (!existing.SameDestination(settings) && !existing.sharedWarned)
                     {
                         existing.sharedWarned = true;
-                        log.Warn("two registrations share the spool directory " + settings.SpoolDirectory
+                        log.Warn("two registrations share the spool directory " + existing.shownSpool
                                  + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory.");
                     }
                     return existing;
                 }
                 foreach (var problem in settings.Problems)
-                    log.Error("configuration: " + problem);
+                    log.Error("configuration: " + LogText.Printable(problem));
                 var runtime = new ForwarderRuntime(settings, log);
                 var writer = new Thread(runtime.WriteLoop) { IsBackground = true, Name = "jobhook-forwarder spool writer" };
                 writer.Start();
                 registry[settings.SpoolDirectory] = runtime;
-                log.Info("forwarding to " + (settings.JobCompleteUrl == null ? "(no EngineUrl)" : settings.JobCompleteUrl.ToString())
-                         + " through the spool " + settings.SpoolDirectory);
+                log.Info("forwarding to " + (settings.JobCompleteUrl == null ? "(no EngineUrl)" : LogText.Printable(settings.JobCompleteUrl.ToString()))
+                         + " through the spool " + runtime.shownSpool);
                 return runtime;
             }
+        }
+
+        /// <summary>Whether `directory` (a parsed SpoolDirectory) is `runtime`'s, as the registry compares them.</summary>
+        internal static bool SameSpool(string directory, ForwarderRuntime runtime)
+        {
+            return registry.Comparer.Equals(directory, runtime.settings.SpoolDirectory);
         }
 
         bool SameDestination(ForwarderSettings other)
@@ -223,7 +232,7 @@ namespace Jobhook.Forwarder
                 {
                     // Spool.Open does not throw by contract; an exception on this thread would
                     // end Keyfactor's process, so it is caught all the same.
-                    try { log.Error("opening the spool " + settings.SpoolDirectory + " failed: " + e); } catch { }
+                    try { log.Error("opening the spool " + shownSpool + " failed: " + e); } catch { }
                 }
                 if (opened == null)
                     Thread.Sleep(OpenRetryInterval);
@@ -389,11 +398,11 @@ namespace Jobhook.Forwarder
             lock (queueGate)
                 lost = queue.Count;
             if (lost > 0)
-                log.Error("shutting down: " + lost + " accepted event(s) could not be written to the spool " + settings.SpoolDirectory
+                log.Error("shutting down: " + lost + " accepted event(s) could not be written to the spool " + shownSpool
                           + " within " + deadline.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture)
                           + " s and are lost (" + written + " written)");
             else if (written > 0)
-                log.Info("shutting down: wrote the " + written + " event(s) still in memory to the spool " + settings.SpoolDirectory);
+                log.Info("shutting down: wrote the " + written + " event(s) still in memory to the spool " + shownSpool);
         }
 
         /// <summary>The counters, with the spool's drops added to the queue's.</summary>

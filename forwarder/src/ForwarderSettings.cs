@@ -128,6 +128,12 @@ namespace Jobhook.Forwarder
             return s;
         }
 
+        /// <summary>The spool directory these options name, as <see cref="Parse"/> makes it (problems not reported).</summary>
+        internal static string SpoolDirectoryOf(JobhookForwarder.Options options)
+        {
+            return ParseDirectory(options == null ? null : options.SpoolDirectory, new List<string>());
+        }
+
         static string ParseName(string text, IList<string> problems)
         {
             string name = text;

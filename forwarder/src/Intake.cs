@@ -107,6 +107,8 @@ namespace Jobhook.Forwarder
         static Thread thread;
         /// <summary>1 while the intake thread holds an event it has taken from the queue.</summary>
         static int inFlight;
+        /// <summary>The handler of that event (under <see cref="gate"/>).</summary>
+        static JobhookForwarder inFlightHandler;
         /// <summary>Set once shutdown began: RunHandler takes no more events.</summary>
         static volatile bool stopping;
         /// <summary>1 once a shutdown handler ran (ProcessExit and DomainUnload may both come).</summary>
@@ -132,10 +134,47 @@ namespace Jobhook.Forwarder
             "event(s) refused because their JSON body is over the engine's limit of " + ContextJson.MaxBodyBytes
             + " bytes (the engine would refuse them; not spooled)");
 
-        /// <summary>Events not yet passed on to a runtime (queued, or being serialised).</summary>
+        /// <summary>Events not yet passed on to a runtime (queued, or being serialised), for every registration.</summary>
         public static int Count
         {
             get { lock (gate) return queue.Count + inFlight; }
+        }
+
+        /// <summary>
+        /// Events not yet passed on (queued, or being serialised) whose registration feeds
+        /// `runtime`: the share of <see cref="Count"/> that is that runtime's, so that summing
+        /// over registrations counts each event once. The queue is copied under the lock and
+        /// looked at outside it; no runtime is started here. Not for RunHandler's path.
+        /// </summary>
+        internal static int CountFor(ForwarderRuntime runtime)
+        {
+            Pending[] waiting;
+            JobhookForwarder held;
+            lock (gate)
+            {
+                waiting = queue.ToArray();
+                held = inFlight != 0 ? inFlightHandler : null;
+            }
+            // Unity may make a handler object per event; each is looked at once.
+            var decided = new Dictionary<JobhookForwarder, bool>();
+            int count = 0;
+            foreach (var pending in waiting)
+                if (Feeds(pending.Handler, runtime, decided))
+                    count++;
+            if (held != null && Feeds(held, runtime, decided))
+                count++;
+            return count;
+        }
+
+        static bool Feeds(JobhookForwarder handler, ForwarderRuntime runtime, Dictionary<JobhookForwarder, bool> decided)
+        {
+            bool feeds;
+            if (!decided.TryGetValue(handler, out feeds))
+            {
+                feeds = handler.Feeds(runtime);
+                decided[handler] = feeds;
+            }
+            return feeds;
         }
 
         /// <summary>
@@ -274,10 +313,12 @@ namespace Jobhook.Forwarder
                     lock (gate)
                     {
                         inFlight = 0;
+                        inFlightHandler = null;
                         if (queue.Count > 0)
                         {
                             next = queue.Dequeue();
                             inFlight = 1;
+                            inFlightHandler = next.Handler;
                         }
                     }
                     if (next == null)
@@ -286,6 +327,12 @@ namespace Jobhook.Forwarder
                         continue;
                     }
                     PassOn(next);
+                    // Now in the runtime's queue: counted there, no longer here.
+                    lock (gate)
+                    {
+                        inFlight = 0;
+                        inFlightHandler = null;
+                    }
                 }
                 catch (ThreadAbortException)
                 {

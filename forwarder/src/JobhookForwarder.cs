@@ -186,7 +186,8 @@ namespace Jobhook.Forwarder
                 if (runtime == null)
                     return -1;
                 var spooled = runtime.PendingEvents;
-                return spooled < 0 ? -1 : spooled + Intake.Count;
+                // Only the intake's events for this spool: another registration's are its own.
+                return spooled < 0 ? -1 : spooled + Intake.CountFor(runtime);
             }
         }
 
@@ -220,6 +221,24 @@ namespace Jobhook.Forwarder
         }
 
         volatile ForwarderRuntime runtime;
+
+        /// <summary>
+        /// Whether this handler's events go to `runtime`: the runtime it has, or, before it has
+        /// one, the runtime of its spool directory. Starts nothing. Not for RunHandler's path.
+        /// </summary>
+        internal bool Feeds(ForwarderRuntime other)
+        {
+            var current = runtime;
+            if (current != null)
+                return ReferenceEquals(current, other);
+            var directory = spoolDirectory;
+            if (directory == null)
+                spoolDirectory = directory = ForwarderSettings.SpoolDirectoryOf(options);
+            return ForwarderRuntime.SameSpool(directory, other);
+        }
+
+        /// <summary>This handler's spool directory as the runtimes are keyed, once <see cref="Feeds"/> needed it.</summary>
+        volatile string spoolDirectory;
 
         /// <summary>
         /// The settings of one registration, all strings as Keyfactor passes them (web.config

@@ -21,6 +21,63 @@ namespace Jobhook.Forwarder
         void Error(string message);
     }
 
+    /// <summary>Text from outside (an engine's or a proxy's answer, a setting, a path) made safe for one log line.</summary>
+    public static class LogText
+    {
+        /// <summary>
+        /// `text` with every character that can break a log line or change how it reads
+        /// replaced by a space, and trimmed: control characters (C0, DEL, C1 including U+0085
+        /// NEL), U+2028 and U+2029 (line and paragraph separators), and format characters
+        /// (Unicode category Cf: the bidirectional controls U+200E-U+200F, U+202A-U+202E,
+        /// U+2066-U+2069 and U+061C, zero-width characters, U+FEFF), which a log viewer may
+        /// obey invisibly, e.g. to show a line reversed. Null gives "".
+        /// </summary>
+        public static string Printable(string text)
+        {
+            if (text == null)
+                return "";
+            var clean = new System.Text.StringBuilder(text.Length);
+            foreach (char c in text)
+                clean.Append(Unsafe(c) ? ' ' : c);
+            return clean.ToString().Trim();
+        }
+
+        static bool Unsafe(char c)
+        {
+            if (char.IsControl(c))
+                return true;
+            switch (char.GetUnicodeCategory(c))
+            {
+                case System.Globalization.UnicodeCategory.LineSeparator:
+                case System.Globalization.UnicodeCategory.ParagraphSeparator:
+                case System.Globalization.UnicodeCategory.Format:
+                    return true;
+                default:
+                    return false;
+            }
+        }
+    }
+
+    /// <summary>
+    /// A log whose every message goes through <see cref="LogText.Printable"/>: for a part of the
+    /// forwarder whose messages are one line each and carry paths, file names and exception
+    /// messages (the spool).
+    /// </summary>
+    internal sealed class PrintableLog : IForwarderLog
+    {
+        readonly IForwarderLog inner;
+
+        internal PrintableLog(IForwarderLog inner)
+        {
+            this.inner = inner;
+        }
+
+        public void Debug(string message) { inner.Debug(LogText.Printable(message)); }
+        public void Info(string message) { inner.Info(LogText.Printable(message)); }
+        public void Warn(string message) { inner.Warn(LogText.Printable(message)); }
+        public void Error(string message) { inner.Error(LogText.Printable(message)); }
+    }
+
     /// <summary>The default log: <see cref="Trace"/>, which IIS and any host can route.</summary>
     public sealed class TraceForwarderLog : IForwarderLog
     {

@@ -2,8 +2,8 @@
 // thread, and the intake thread feeds every registration: neither may wait for a log sink (an
 // NLog file target on a hung share, a blocking network target, a full event log), because a
 // slow sink would then slow every orchestrator check-in. What happens per event on those paths
-// is counted here, and one background thread reports the counts, at most once per
-// ReportInterval for each.
+// is counted here, and one background thread reports the counts: each one's first count at
+// once, then at most once per ReportInterval for each.
 
 using System;
 using System.Collections.Generic;
@@ -20,21 +20,25 @@ namespace Jobhook.Forwarder
     {
         readonly string description;
         readonly IForwarderLog log;
+        readonly bool error;
         long total;
         long reported;
+        /// <summary>When this count was last reported (notices thread only).</summary>
+        DateTime lastReport = DateTime.MinValue;
         /// <summary>What the last counted event was (a job id), for the report; may lag a little.</summary>
         volatile string lastDetail;
 
         /// <summary>
         /// A count that reports as "`description`: N since the last report, T since start".
-        /// `log` null means the process-wide log at the time of the report. Registers itself
-        /// with the notices thread for the life of the process; make one per kind (and per
-        /// runtime), never one per event.
+        /// `log` null means the process-wide log at the time of the report; `error` reports at
+        /// Error level instead of Warn. Registers itself with the notices thread for the life
+        /// of the process; make one per kind (and per runtime), never one per event.
         /// </summary>
-        public RateLimitedCount(string description, IForwarderLog log = null)
+        public RateLimitedCount(string description, IForwarderLog log = null, bool error = false)
         {
             this.description = description;
             this.log = log;
+            this.error = error;
             Notices.Register(this);
         }
 
@@ -59,17 +63,32 @@ namespace Jobhook.Forwarder
             return now;
         }
 
-        /// <summary>Logs what was counted since the last report, if anything. Notices thread only.</summary>
-        internal void Report()
+        /// <summary>
+        /// Logs what was counted since the last report, if anything and if this count's last
+        /// report is at least <see cref="Notices.ReportInterval"/> before `clock` (always, with
+        /// `force`). Returns how long until what is left unreported may be reported, or null if
+        /// nothing is left. Notices thread (or shutdown) only, under the report lock.
+        /// </summary>
+        internal TimeSpan? Report(DateTime clock, bool force)
         {
             var now = Interlocked.Read(ref total);
             var before = Interlocked.Read(ref reported);
             if (now == before)
-                return;
+                return null;
+            var due = lastReport + Notices.ReportInterval - clock;
+            if (!force && lastReport != DateTime.MinValue && due > TimeSpan.Zero)
+                return due;
             Interlocked.Exchange(ref reported, now);
+            lastReport = clock;
             var detail = lastDetail;
-            (log ?? ForwarderLog.Current).Warn(description + ": " + (now - before) + " since the last report, " + now + " since start"
-                                               + (detail != null ? " (the last: " + detail + ")" : ""));
+            var line = description + ": " + (now - before) + " since the last report, " + now + " since start"
+                       + (detail != null ? " (the last: " + detail + ")" : "");
+            var target = log ?? ForwarderLog.Current;
+            if (error)
+                target.Error(line);
+            else
+                target.Warn(line);
+            return null;
         }
     }
 
@@ -77,7 +96,7 @@ namespace Jobhook.Forwarder
     public static class Notices
     {
         /// <summary>
-        /// Shortest time between two reports: the first count is logged within a second or so,
+        /// Shortest time between two reports of one count: its first count is logged at once,
         /// and a lasting condition (a disk that stays slow, a flood of oversized events) costs
         /// one line a minute, not one per event.
         /// </summary>
@@ -102,7 +121,7 @@ namespace Jobhook.Forwarder
             }
         }
 
-        /// <summary>Asks for a report soon (still at most one per interval). Never blocks.</summary>
+        /// <summary>Asks for a report now (still at most one per interval and count). Never blocks.</summary>
         internal static void Wake()
         {
             wake.Set();
@@ -111,31 +130,50 @@ namespace Jobhook.Forwarder
         /// <summary>Reports every count now, ignoring the interval (at shutdown). Never throws.</summary>
         internal static void ReportNow()
         {
+            Report(true);
+        }
+
+        /// <summary>
+        /// Reports every count that is due (all, with `force`); returns how long until the next
+        /// one that waits is due, or <see cref="ReportInterval"/> if none waits.
+        /// </summary>
+        static TimeSpan Report(bool force)
+        {
             RateLimitedCount[] all;
             lock (gate)
                 all = counts.ToArray();
+            var next = ReportInterval;
             lock (reportGate)
             {
+                var clock = DateTime.UtcNow;
                 foreach (var count in all)
                 {
-                    try { count.Report(); } catch { }
+                    try
+                    {
+                        var due = count.Report(clock, force);
+                        if (due.HasValue && due.Value < next)
+                            next = due.Value;
+                    }
+                    catch
+                    {
+                    }
                 }
             }
+            return next;
         }
 
         static void Loop()
         {
-            var last = DateTime.MinValue;
+            var next = ReportInterval;
             while (true)
             {
                 try
                 {
-                    wake.WaitOne(ReportInterval);
-                    var wait = last + ReportInterval - DateTime.UtcNow;
-                    if (wait > TimeSpan.Zero)
-                        Thread.Sleep(wait);
-                    last = DateTime.UtcNow;
-                    ReportNow();
+                    wake.WaitOne(next);
+                    next = Report(false);
+                    // Never spin: a count due in under a few milliseconds waits that long.
+                    if (next < TimeSpan.FromMilliseconds(10))
+                        next = TimeSpan.FromMilliseconds(10);
                 }
                 catch (ThreadAbortException)
                 {

@@ -69,6 +69,8 @@ namespace Jobhook.Forwarder
         HttpClient client;
         int consecutiveFailures;
         DateTime lastFailureLog = DateTime.MinValue;
+        /// <summary>The engine's URL as logged (a setting: it may hold a line break).</summary>
+        readonly string shownUrl;
 
         internal Sender(ForwarderSettings settings, Spool spool, ForwarderCounters counters, IForwarderLog log, AutoResetEvent wake)
         {
@@ -77,6 +79,7 @@ namespace Jobhook.Forwarder
             this.counters = counters;
             this.log = log;
             this.wake = wake;
+            shownUrl = LogText.Printable(settings.JobCompleteUrl == null ? "" : settings.JobCompleteUrl.ToString());
         }
 
         internal void Start()
@@ -209,7 +212,7 @@ namespace Jobhook.Forwarder
                 {
                     var status = (int)response.StatusCode;
                     var body = await ReadBounded(response, cancel).ConfigureAwait(false);
-                    var printable = Printable(body.Text);
+                    var printable = LogText.Printable(body.Text);
                     var detail = "HTTP " + status + (printable.Length > 0 ? " " + printable : "");
                     var mediaType = response.Content != null && response.Content.Headers.ContentType != null
                         ? response.Content.Headers.ContentType.MediaType
@@ -488,15 +491,6 @@ namespace Jobhook.Forwarder
             return null;
         }
 
-        /// <summary>Text from the network made safe for a log line: no control characters.</summary>
-        static string Printable(string text)
-        {
-            var clean = new StringBuilder(text.Length);
-            foreach (char c in text)
-                clean.Append(char.IsControl(c) ? ' ' : c);
-            return clean.ToString().Trim();
-        }
-
         static string Describe(Exception e)
         {
             var message = e.Message;
@@ -506,7 +500,7 @@ namespace Jobhook.Forwarder
                 message += " (" + inner.Message + ")";
                 inner = inner.InnerException;
             }
-            return Printable(message);
+            return LogText.Printable(message);
         }
 
         void Failed(string detail)
@@ -516,7 +510,7 @@ namespace Jobhook.Forwarder
             if (consecutiveFailures == 1 || now - lastFailureLog >= RepeatLogInterval)
             {
                 lastFailureLog = now;
-                log.Warn("cannot deliver to " + settings.JobCompleteUrl + " (" + consecutiveFailures + " failure(s) in a row, "
+                log.Warn("cannot deliver to " + shownUrl + " (" + consecutiveFailures + " failure(s) in a row, "
                          + spool.Count + " event(s) waiting): " + detail + "; retrying with backoff");
             }
         }
@@ -524,7 +518,7 @@ namespace Jobhook.Forwarder
         void Recovered()
         {
             if (consecutiveFailures > 0)
-                log.Info("delivering to " + settings.JobCompleteUrl + " again after " + consecutiveFailures + " failure(s)");
+                log.Info("delivering to " + shownUrl + " again after " + consecutiveFailures + " failure(s)");
             consecutiveFailures = 0;
         }
 

@@ -150,13 +150,26 @@ namespace Jobhook.Forwarder
         /// <summary>Events dropped because the spool was full.</summary>
         public long Dropped;
 
+        /// <summary>
+        /// Failed writes (a full disk, a permission problem), reported at once and then at most
+        /// once a minute: the writer tries again every second. Made at the first failure, so a
+        /// spool that is only being opened registers nothing.
+        /// </summary>
+        RateLimitedCount writeFailures;
+        /// <summary>Likewise for a deleted spool directory that cannot be made again.</summary>
+        RateLimitedCount recreateFailures;
+        /// <summary>Failed writes since the last successful one (the writer's).</summary>
+        long failedWrites;
+
         Spool(string directory, long maxFiles, long maxBytes, IForwarderLog log)
         {
             this.directory = directory;
             rejectedDirectory = Path.Combine(directory, RejectedDirectoryName);
             this.maxFiles = maxFiles;
             this.maxBytes = maxBytes;
-            this.log = log;
+            // Every message here is one line with a path, a file name or an exception message
+            // in it; any of them may hold a line break or a bidirectional control.
+            this.log = new PrintableLog(log);
         }
 
         /// <summary>
@@ -194,12 +207,12 @@ namespace Jobhook.Forwarder
             }
             catch (Exception e)
             {
-                log.Error("cannot use the spool directory " + directory + ": " + e.Message
-                          + "; events cannot be forwarded until it is writable by the app pool identity");
+                spool.log.Error("cannot use the spool directory " + directory + ": " + e.Message
+                                + "; events cannot be forwarded until it is writable by the app pool identity");
                 return null;
             }
             if (spool.files.Count > 0)
-                log.Info("found " + spool.files.Count + " undelivered event(s) in " + directory + "; sending them");
+                spool.log.Info("found " + spool.files.Count + " undelivered event(s) in " + directory + "; sending them");
             return spool;
         }
 
@@ -256,12 +269,34 @@ namespace Jobhook.Forwarder
                         recreated = true;
                         continue;
                     }
-                    log.Error("cannot write to the spool " + directory + ": " + e.Message);
+                    WriteFailed(e);
                     return false;
                 }
             }
             Add(name, bytes.Length);
+            var failed = Interlocked.Exchange(ref failedWrites, 0);
+            if (failed > 0)
+                log.Info("writing to the spool " + directory + " again after " + failed + " failed attempt(s)");
             return true;
+        }
+
+        /// <summary>Counts a failed write; the notices thread reports it.</summary>
+        void WriteFailed(Exception e)
+        {
+            Interlocked.Increment(ref failedWrites);
+            Notice(ref writeFailures, "cannot write to the spool " + directory + " (the event waits in memory; tried again every second)")
+                .Add(LogText.Printable(e.GetType().Name + ": " + e.Message));
+        }
+
+        /// <summary>The count in `field`, made on first use.</summary>
+        RateLimitedCount Notice(ref RateLimitedCount field, string description)
+        {
+            lock (gate)
+            {
+                if (field == null)
+                    field = new RateLimitedCount(LogText.Printable(description), log, true);
+                return field;
+            }
         }
 
         static void WriteFile(string temp, string path, byte[] bytes, bool durable)
@@ -328,7 +363,9 @@ namespace Jobhook.Forwarder
                 }
                 catch (Exception e)
                 {
-                    log.Error("the spool directory " + directory + " is gone and cannot be recreated: " + e.Message);
+                    // The writer and the sender come back here every second or so while it lasts.
+                    Notice(ref recreateFailures, "the spool directory " + directory + " is gone and cannot be recreated")
+                        .Add(LogText.Printable(e.GetType().Name + ": " + e.Message));
                     return false;
                 }
             }

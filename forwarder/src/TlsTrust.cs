@@ -14,7 +14,8 @@ namespace Jobhook.Forwarder
     /// <summary>
     /// Server certificate validation: the system's verdict when it has no complaint; otherwise
     /// the certificate must chain to the configured CA, for the right host name, with no other
-    /// chain error.
+    /// chain error, and be usable by a TLS server (serverAuth, when it lists extended key
+    /// usages at all). Revocation is not checked (see README.md, TrustedCaFile).
     /// </summary>
     public sealed class TlsTrust
     {
@@ -31,12 +32,13 @@ namespace Jobhook.Forwarder
         /// <summary>Reads a PEM or DER certificate; null (logged) if it cannot be used.</summary>
         public static TlsTrust Load(string path, IForwarderLog log)
         {
+            var shown = LogText.Printable(path);
             try
             {
                 var info = new FileInfo(path);
                 if (info.Length > MaxCaFileBytes)
                 {
-                    log.Error("TrustedCaFile " + path + " is " + info.Length + " bytes; a certificate is at most " + MaxCaFileBytes);
+                    log.Error("TrustedCaFile " + shown + " is " + info.Length + " bytes; a certificate is at most " + MaxCaFileBytes);
                     return null;
                 }
                 var bytes = File.ReadAllBytes(path);
@@ -55,7 +57,7 @@ namespace Jobhook.Forwarder
             }
             catch (Exception e)
             {
-                log.Error("TrustedCaFile " + path + " is not a usable PEM or DER certificate (" + e.Message
+                log.Error("TrustedCaFile " + shown + " is not a usable PEM or DER certificate (" + LogText.Printable(e.Message)
                           + "); only the system trust store is used");
                 return null;
             }
@@ -90,13 +92,38 @@ namespace Jobhook.Forwarder
                     foreach (var status in chain.ChainStatus)
                         if (status.Status != X509ChainStatusFlags.NoError && status.Status != X509ChainStatusFlags.UntrustedRoot)
                             return false;
-                    return true;
+                    // The chain says who issued it, not what for: a client-authentication or
+                    // code-signing certificate from the same CA must not pass for the engine.
+                    return AllowsServerAuth(certificate);
                 }
             }
             catch
             {
                 return false;
             }
+        }
+
+        const string ExtendedKeyUsageOid = "2.5.29.37";
+        const string ServerAuthOid = "1.3.6.1.5.5.7.3.1";
+
+        /// <summary>
+        /// Whether the certificate may serve TLS: it has no extended key usage extension (no
+        /// restriction), or that extension lists serverAuth. anyExtendedKeyUsage alone is not
+        /// enough, as with OpenSSL's TLS server purpose. A malformed extension fails closed.
+        /// </summary>
+        internal static bool AllowsServerAuth(X509Certificate2 certificate)
+        {
+            foreach (var extension in certificate.Extensions)
+            {
+                if (extension.Oid == null || extension.Oid.Value != ExtendedKeyUsageOid)
+                    continue;
+                var usage = extension as X509EnhancedKeyUsageExtension ?? new X509EnhancedKeyUsageExtension(extension, extension.Critical);
+                foreach (var oid in usage.EnhancedKeyUsages)
+                    if (oid.Value == ServerAuthOid)
+                        return true;
+                return false;
+            }
+            return true;
         }
     }
 

@@ -40,6 +40,14 @@
 //!   pushes no other event out of a spool near its byte limit.
 //! - (p) a delivered spool file that cannot be deleted (immutable) is not sent again, and is
 //!   deleted once it can be.
+//! - (q) over TLS, an engine certificate the trusted CA issued for client authentication only
+//!   is refused: nothing is delivered.
+//! - (r) U+2028, U+2029, U+0085 and bidirectional controls in an answer's body or in the
+//!   EngineUrl reach the log as spaces.
+//! - (s) with two registrations (two spools), each one's `PendingEvents` counts only its own
+//!   events waiting for the intake thread.
+//! - (t) a spool directory that cannot be written (immutable) is reported once, not every
+//!   second; the events wait in memory and arrive once it can be written again.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -194,8 +202,14 @@ impl Site {
     /// This site with its engine listening with TLS, its certificate issued by a fresh test CA;
     /// returns the path of that CA's certificate.
     fn with_tls(self) -> (Self, PathBuf) {
+        self.with_tls_usage("serverAuth")
+    }
+
+    /// [`Site::with_tls`] with the engine's certificate issued for `usage` (its
+    /// extendedKeyUsage, e.g. `clientAuth`).
+    fn with_tls_usage(self, usage: &str) -> (Self, PathBuf) {
         let site = self;
-        let ca = write_rsa_pki(site.dir.path());
+        let ca = write_rsa_pki(site.dir.path(), usage);
         let port = site.port;
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\ntokens = [{{ file = \"token.txt\" }}]\n\
@@ -636,12 +650,13 @@ async fn assert_forwarder_listed(engine: &EngineProcess, accepted: usize) {
 }
 
 /// Writes an RSA test CA (`ca.pem`) and a server certificate and key for `127.0.0.1` and
-/// `localhost` (`server.pem`, `server.key`) into `dir` with the `openssl` command, and returns
+/// `localhost` (`server.pem`, `server.key`) whose extendedKeyUsage is `usage` (`serverAuth` for
+/// a proper server) into `dir` with the `openssl` command, and returns
 /// the CA's path. RSA, not the test kit's ECDSA certificates: with those, Mono's TLS stack (what
 /// the forwarder runs on in these tests) failed the handshake with CERTIFICATE_VERIFY_FAILED even
 /// with the CA trusted; with RSA it validates against `TrustedCaFile`. ECDSA on Windows is not
 /// tested here.
-fn write_rsa_pki(dir: &Path) -> PathBuf {
+fn write_rsa_pki(dir: &Path, usage: &str) -> PathBuf {
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -687,7 +702,9 @@ fn write_rsa_pki(dir: &Path) -> PathBuf {
     ]);
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n"
+        ),
     )
     .expect("extensions file");
     openssl(&[
@@ -1610,7 +1627,8 @@ async fn l_a_normal_exit_writes_every_accepted_event_to_the_spool() {
         &site,
         &site.engine_url(),
         "burst",
-        &["--count", &count],
+        // About the exit, not the budget: a bound a loaded machine does not reach.
+        &["--count", &count, "--budget-ms", "1000"],
     );
     let log = harness.wait_success_log("normal exit with events in memory");
     assert_eq!(
@@ -1636,7 +1654,16 @@ async fn m_a_stalled_log_sink_never_slows_run_handler() {
         &site,
         &site.engine_url(),
         "burst",
-        &["--count", &count, "--slow-log-ms", "1500"],
+        // Half the sink's delay: a call that waited for one log line is over it, however
+        // loaded the machine, and a call that did not is far under it.
+        &[
+            "--count",
+            &count,
+            "--slow-log-ms",
+            "1500",
+            "--budget-ms",
+            "750",
+        ],
     );
     let log = harness.wait_success_log("a log sink that takes 1.5 s a line");
     assert!(
@@ -1807,4 +1834,162 @@ async fn p_a_delivered_file_that_cannot_be_deleted_is_not_sent_again() {
         1,
         "one warning:\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q_over_tls_a_certificate_not_for_servers_is_refused_even_from_the_trusted_ca() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // The engine presents a certificate the trusted CA issued for client authentication only,
+    // for the right name: it is not a server's, so nothing may be delivered to it.
+    let (site, ca) = site.with_tls_usage("clientAuth");
+    let _engine = site.start_engine();
+    let url = site.engine_tls_url();
+    let expected_path = site.path("expected.tsv");
+    let ca = ca.to_string_lossy();
+    let mut harness = Harness::run(build, "fx", &site, &url, 3, &expected_path, &["--ca", &ca]);
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        site.stored_events().is_empty(),
+        "an engine whose certificate is for client authentication got events; the log:\n{}",
+        harness.log_text()
+    );
+    assert_eq!(spool_files(&site), 3, "the events stay in the spool");
+    wait_for_log(&mut harness, "cannot deliver to https://");
+}
+
+/// Characters a log viewer may take as a line break or obey as a bidirectional control.
+const LOG_BREAKERS: [char; 12] = [
+    '\u{2028}', '\u{2029}', '\u{85}', '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}',
+    '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+];
+
+/// A server that answers every request with `status` and `body` (JSON); returns its URL.
+async fn answer_every_request(status: u16, body: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind stand-in");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                while read_request(&mut socket, &mut buffer).await.is_some() {
+                    if !respond(&mut socket, status, &body).await {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_line_breaks_and_bidi_controls_from_answers_and_settings_stay_out_of_the_log() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let text: String = "a b c d e f g h i j k l m"
+        .split(' ')
+        .zip(LOG_BREAKERS.iter().chain(std::iter::once(&' ')))
+        .map(|(word, breaker)| format!("{word}{breaker}"))
+        .collect();
+    let body = format!("{{\"error\":\"{}\"}}", text.trim_end());
+    let standin = answer_every_request(500, body.into_bytes()).await;
+    // The EngineUrl setting may carry one too (in its path; .NET keeps U+2028 there, Mono
+    // drops a bidirectional control itself), and is logged.
+    let url = format!("{standin}/x\u{2028}y");
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(build, "fx", &site, &url, 1, &expected_path, &[]);
+    wait_for_log(&mut harness, "HTTP 500");
+    let log = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+    drop(harness);
+    for line in log.lines() {
+        assert!(
+            !line.contains(&LOG_BREAKERS[..]),
+            "a log line carries a line break or a bidirectional control: {line:?}"
+        );
+    }
+    assert!(
+        log.contains("HTTP 500 {\"error\":\"a b c d e f g h i j k l m\"}"),
+        "the answer is logged with those characters as spaces:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("cannot deliver to {standin}/x y/v1/job-complete")),
+        "the URL is logged with those characters as spaces:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s_each_registration_counts_only_its_own_pending_events() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine: nothing leaves. The intake thread is held in a third registration's start-up
+    // while 5 events for the first and 7 for the second wait in its queue.
+    let url = site.engine_url();
+    let mut harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &url,
+        "pending",
+        &["--slow-log-ms", "3000"],
+    );
+    let line = harness.wait_for_line("pending", Duration::from_secs(60));
+    assert_eq!(
+        line, "pending a=5 b=7",
+        "each registration's PendingEvents counts its own events, once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t_a_spool_that_cannot_be_written_is_reported_once_not_every_second() {
+    const SENT: usize = 5;
+    const NEEDLE: &str = "cannot write to the spool";
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let expected_path = site.path("expected.tsv");
+    let resume = site.path("resume");
+    let resume_arg = resume.to_string_lossy().into_owned();
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--pause-after", "2", "--resume-file", &resume_arg],
+    );
+    harness.wait_for_line("paused", Duration::from_secs(60));
+    // As a full disk does: no file can be made in the spool directory. The spool writer tries
+    // again every second.
+    let lock = Immutable::new(site.spool());
+    std::fs::write(&resume, b"").expect("resume file");
+    wait_for_log(&mut harness, NEEDLE);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+    assert_eq!(
+        count_lines(&during, NEEDLE),
+        1,
+        "one line for a lasting write failure, not one a second:\n{during}"
+    );
+    assert!(
+        during.contains(": 1 since the last report, 1 since start"),
+        "the first failure is reported at once:\n{during}"
+    );
+    drop(lock);
+    harness.wait_for_line("spooled", Duration::from_secs(30));
+    let _engine = site.start_engine();
+    let log = harness.wait_success_log("a spool that could not be written for a while");
+    assert!(
+        log.contains("again after "),
+        "the return to health is logged:\n{log}"
+    );
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
 }
