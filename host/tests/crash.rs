@@ -11,7 +11,7 @@
 //! delivery recorded as succeeded wrote to the outbox, whole.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jobhook_testkit::engine::{EngineProcess, free_port};
@@ -178,17 +178,24 @@ fn config_text(port: u16) -> String {
     config_template(port)
 }
 
-#[test]
-fn power_loss_under_load_loses_no_event_that_was_answered_202() {
-    if !fuse_or_skip() {
-        return;
-    }
+/// A temporary directory holding `disk` (what reached the disk) and `mnt`, where the power-loss
+/// filesystem shows it: (the directory, disk, the filesystem mounted on mnt).
+fn power_loss_disk() -> (tempfile::TempDir, PathBuf, PowerLossFs) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (backing, mount) = (dir.path().join("disk"), dir.path().join("mnt"));
     for d in [&backing, &mount] {
         std::fs::create_dir(d).expect("create dir");
     }
     let disk = PowerLossFs::mount(&powerloss_fs_binary(), &backing, &mount);
+    (dir, backing, disk)
+}
+
+#[test]
+fn power_loss_under_load_loses_no_event_that_was_answered_202() {
+    if !fuse_or_skip() {
+        return;
+    }
+    let (dir, backing, disk) = power_loss_disk();
     // One configuration with the data directory on the mount, one on what reached the disk.
     let port = free_port();
     let with_data_in = |name: &str, data: &Path| {
@@ -353,12 +360,7 @@ fn power_loss_after_a_mail_was_recorded_as_sent_keeps_the_mail() {
     if !fuse_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (backing, mount) = (dir.path().join("disk"), dir.path().join("mnt"));
-    for d in [&backing, &mount] {
-        std::fs::create_dir(d).expect("create dir");
-    }
-    let disk = PowerLossFs::mount(&powerloss_fs_binary(), &backing, &mount);
+    let (dir, backing, disk) = power_loss_disk();
     let port = free_port();
     let before = dir.path().join("before.toml");
     let after = dir.path().join("after.toml");

@@ -151,6 +151,17 @@ impl Fixture {
             .sum()
     }
 
+    /// A connection of its own to the store's SQLite database, for reading what it holds.
+    fn database(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(
+            self.dir
+                .path()
+                .join("data")
+                .join(jobhook::queue::store::sqlite::DATABASE_FILE),
+        )
+        .expect("open the store's database")
+    }
+
     fn cursor(&self) -> Option<String> {
         self.store.cursor(CURSOR).expect("cursor")
     }
@@ -199,13 +210,7 @@ async fn poll_all(poller: &Poller) -> usize {
 
 /// The job results of the events stored, sorted.
 fn stored_results(f: &Fixture) -> Vec<String> {
-    let db = rusqlite::Connection::open(
-        f.dir
-            .path()
-            .join("data")
-            .join(jobhook::queue::store::sqlite::DATABASE_FILE),
-    )
-    .expect("open the store's database");
+    let db = f.database();
     let mut results: Vec<String> = db
         .prepare("SELECT context FROM events")
         .expect("prepare")
@@ -374,13 +379,7 @@ async fn polled_events_get_ids_that_sort_in_the_order_they_were_stored() {
     );
     let report = poller.poll_once().await.expect("poll");
     assert_eq!(report.events, 6);
-    let db = rusqlite::Connection::open(
-        f.dir
-            .path()
-            .join("data")
-            .join(jobhook::queue::store::sqlite::DATABASE_FILE),
-    )
-    .expect("open the store's database");
+    let db = f.database();
     let ids: Vec<String> = db
         .prepare("SELECT id FROM events ORDER BY rowid")
         .expect("prepare")
