@@ -351,27 +351,15 @@ namespace Jobhook.Forwarder.Harness
                                 forwarder = Construct(options, aliasSpool != null && (i / 10) % 2 == 1 ? aliasSpool : null);
                             var startedAt = Stopwatch.GetTimestamp();
                             var clock = Stopwatch.StartNew();
-                            bool result;
-                            string thrown = null;
-                            try
-                            {
-                                result = forwarder.RunHandler(contexts[i]);
-                            }
-                            catch (Exception e)
-                            {
-                                result = false;
-                                thrown = e.ToString();
-                            }
+                            var failure = Call(forwarder, contexts[i]);
                             clock.Stop();
                             durations[i] = clock.Elapsed.TotalMilliseconds;
                             lock (failures)
                             {
                                 if (clock.ElapsedTicks > maxTicks)
                                     maxTicks = clock.ElapsedTicks;
-                                if (thrown != null)
-                                    failures.Add("context " + i + ": RunHandler threw " + thrown);
-                                else if (!result)
-                                    failures.Add("context " + i + ": RunHandler returned false");
+                                if (failure != null)
+                                    failures.Add("context " + i + ": " + failure);
                                 if (clock.Elapsed > JobhookForwarder.RunHandlerBudget)
                                     overruns.Add(new long[] { i, startedAt, Stopwatch.GetTimestamp() });
                             }
@@ -478,25 +466,13 @@ namespace Jobhook.Forwarder.Harness
                     while ((i = Interlocked.Increment(ref next)) < count)
                     {
                         var startedAt = Stopwatch.GetTimestamp();
-                        bool result;
-                        string thrown = null;
-                        try
-                        {
-                            result = forwarder.RunHandler(contexts[i]);
-                        }
-                        catch (Exception e)
-                        {
-                            result = false;
-                            thrown = e.ToString();
-                        }
+                        var failure = Call(forwarder, contexts[i]);
                         var endedAt = Stopwatch.GetTimestamp();
                         lock (failures)
                         {
                             maxTicks = Math.Max(maxTicks, endedAt - startedAt);
-                            if (thrown != null)
-                                failures.Add("context " + i + ": RunHandler threw " + thrown);
-                            else if (!result)
-                                failures.Add("context " + i + ": RunHandler returned false");
+                            if (failure != null)
+                                failures.Add("context " + i + ": " + failure);
                             else if ((endedAt - startedAt) * 1000.0 / Stopwatch.Frequency > budgetMs)
                                 failures.Add("context " + i + ": RunHandler took " + Ms((endedAt - startedAt) * 1000.0 / Stopwatch.Frequency)
                                              + " ms; the bound is " + Ms(budgetMs) + " ms"
@@ -769,6 +745,19 @@ namespace Jobhook.Forwarder.Harness
             if (byName >= 0)
                 return byName;
             return number >= 0 && number < engineNames.Length ? number : 0;
+        }
+
+        /// <summary>Calls RunHandler once: what broke a rule (it threw, or returned false), or null.</summary>
+        static string Call(JobhookForwarder forwarder, OrchestratorJobCompleteHandlerContext context)
+        {
+            try
+            {
+                return forwarder.RunHandler(context) ? null : "RunHandler returned false";
+            }
+            catch (Exception e)
+            {
+                return "RunHandler threw " + e;
+            }
         }
 
         static string Ms(double value)

@@ -398,13 +398,32 @@ impl Harness {
                 );
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the harness did not finish; its log:\n{}",
-                self.log_text()
-            );
+            if Instant::now() >= deadline {
+                let threads = self.thread_dump();
+                panic!(
+                    "{what}: the harness did not finish; its output and threads \
+                     (SIGQUIT):\n{threads}\nits log:\n{}",
+                    self.log_text()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// What the harness printed that was not read yet, after asking Mono for the stack of
+    /// every thread (SIGQUIT, printed on stdout): where a harness that does not finish is stuck.
+    fn thread_dump(&self) -> String {
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .status();
+        std::thread::sleep(Duration::from_secs(2));
+        let lines: Vec<String> = self.lines.try_iter().collect();
+        let text = lines.join("\n");
+        let start = text.len().saturating_sub(30_000);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text[start..].to_owned()
     }
 
     /// [`Harness::wait_success`], then the harness's whole log.
@@ -1611,6 +1630,15 @@ async fn k_enums_are_sent_by_name_whatever_their_numbers() {
     assert_delivered_once(&site, &expected, None);
 }
 
+/// Runs the harness's `burst` mode (`count` RunHandler calls, then a normal exit) with `extra`
+/// options, waits for it to succeed, and gives its log.
+fn burst(build: &Path, site: &Site, count: usize, extra: &[&str], what: &str) -> String {
+    let count = count.to_string();
+    let mut args = vec!["--count", count.as_str()];
+    args.extend_from_slice(extra);
+    Harness::start(build, "fx", site, &site.engine_url(), "burst", &args).wait_success_log(what)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l_a_normal_exit_writes_every_accepted_event_to_the_spool() {
     const SENT: usize = 2000;
@@ -1620,17 +1648,14 @@ async fn l_a_normal_exit_writes_every_accepted_event_to_the_spool() {
     // No engine: nothing is delivered, so every accepted event must be in the spool. The
     // harness returns from Main as soon as the last RunHandler returned, with most events still
     // in the forwarder's memory (an iisreset or app pool recycle does the same).
-    let count = SENT.to_string();
-    let harness = Harness::start(
+    // About the exit, not the budget: a bound a loaded machine does not reach.
+    let log = burst(
         build,
-        "fx",
         &site,
-        &site.engine_url(),
-        "burst",
-        // About the exit, not the budget: a bound a loaded machine does not reach.
-        &["--count", &count, "--budget-ms", "1000"],
+        SENT,
+        &["--budget-ms", "1000"],
+        "normal exit with events in memory",
     );
-    let log = harness.wait_success_log("normal exit with events in memory");
     assert_eq!(
         spool_files(&site),
         SENT,
@@ -1647,25 +1672,15 @@ async fn m_a_stalled_log_sink_never_slows_run_handler() {
     // Every line the forwarder logs takes 1.5 s (NLog on a hung share). The intake thread
     // logs once when it starts the runtime, and meanwhile RunHandler fills the intake queue
     // past its capacity: the drops must be counted, never logged on Keyfactor's thread.
-    let count = SENT.to_string();
-    let harness = Harness::start(
+    // Half the sink's delay: a call that waited for one log line is over it, however loaded
+    // the machine, and a call that did not is far under it.
+    let log = burst(
         build,
-        "fx",
         &site,
-        &site.engine_url(),
-        "burst",
-        // Half the sink's delay: a call that waited for one log line is over it, however
-        // loaded the machine, and a call that did not is far under it.
-        &[
-            "--count",
-            &count,
-            "--slow-log-ms",
-            "1500",
-            "--budget-ms",
-            "750",
-        ],
+        SENT,
+        &["--slow-log-ms", "1500", "--budget-ms", "750"],
+        "a log sink that takes 1.5 s a line",
     );
-    let log = harness.wait_success_log("a log sink that takes 1.5 s a line");
     assert!(
         log.contains("the intake queue was full"),
         "the drops are reported, by a background thread:\n{log}"
