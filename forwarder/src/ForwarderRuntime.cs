@@ -333,10 +333,16 @@ namespace Jobhook.Forwarder
         {
             var clock = System.Diagnostics.Stopwatch.StartNew();
             ForwarderRuntime[] runtimes;
-            lock (registryGate)
+            if (!Bounded.Enter(registryGate, deadline))
+                return;
+            try
             {
                 runtimes = new ForwarderRuntime[registry.Count];
                 registry.Values.CopyTo(runtimes, 0);
+            }
+            finally
+            {
+                Monitor.Exit(registryGate);
             }
             foreach (var runtime in runtimes)
             {
@@ -378,10 +384,16 @@ namespace Jobhook.Forwarder
                 while (entered && opened != null && clock.Elapsed < deadline)
                 {
                     QueuedEvent next = null;
-                    lock (queueGate)
+                    if (!Bounded.Enter(queueGate, deadline - clock.Elapsed))
+                        break;
+                    try
                     {
                         if (queue.Count > 0)
                             next = queue.First.Value;
+                    }
+                    finally
+                    {
+                        Monitor.Exit(queueGate);
                     }
                     if (next == null || !opened.Write(next.Key, next.Body, false))
                         break;
@@ -394,9 +406,9 @@ namespace Jobhook.Forwarder
                 if (entered)
                     Monitor.Exit(writeGate);
             }
-            int lost;
-            lock (queueGate)
-                lost = queue.Count;
+            // Read without the lock: at exit its holder may never release it, and a count a
+            // moment old is good enough for this line.
+            int lost = queue.Count;
             if (lost > 0)
                 log.Error("shutting down: " + lost + " accepted event(s) could not be written to the spool " + shownSpool
                           + " within " + deadline.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture)

@@ -95,6 +95,12 @@ namespace Jobhook.Forwarder
         /// </summary>
         public static readonly TimeSpan ShutdownDeadline = TimeSpan.FromSeconds(5);
 
+        /// <summary>
+        /// How long the last report of the counts may wait for its locks past the deadline: a
+        /// moment, for the notices thread to finish a line it is writing.
+        /// </summary>
+        static readonly TimeSpan NoticeGrace = TimeSpan.FromMilliseconds(500);
+
         sealed class Pending
         {
             public JobhookForwarder Handler;
@@ -251,23 +257,25 @@ namespace Jobhook.Forwarder
             if (Interlocked.Exchange(ref shutDown, 1) != 0)
                 return;
             var clock = System.Diagnostics.Stopwatch.StartNew();
-            List<Pending> left;
-            lock (gate)
+            stopping = true;
+            // Every lock on this path is taken within the deadline (Bounded): a thread holding
+            // one may never run again once the process is ending.
+            var left = new List<Pending>();
+            if (Bounded.Enter(gate, deadline - clock.Elapsed))
             {
-                stopping = true;
-                left = new List<Pending>(queue);
-                queue.Clear();
+                try
+                {
+                    left.AddRange(queue);
+                    queue.Clear();
+                }
+                finally
+                {
+                    Monitor.Exit(gate);
+                }
             }
             // The event the intake thread holds is passed on by it; wait for that.
-            while (clock.Elapsed < deadline)
-            {
-                lock (gate)
-                {
-                    if (inFlight == 0)
-                        break;
-                }
+            while (clock.Elapsed < deadline && Volatile.Read(ref inFlight) != 0)
                 Thread.Sleep(1);
-            }
             foreach (var pending in left)
             {
                 if (clock.Elapsed >= deadline)
@@ -282,7 +290,7 @@ namespace Jobhook.Forwarder
                 }
             }
             ForwarderRuntime.FlushAllForShutdown(deadline - clock.Elapsed);
-            Notices.ReportNow();
+            Notices.ReportNow(deadline - clock.Elapsed + NoticeGrace);
         }
 
         /// <summary>Serialises one event and hands it to its registration's runtime, unless it is too large.</summary>

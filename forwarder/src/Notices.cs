@@ -134,6 +134,33 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
+        /// <see cref="ReportNow()"/> for the process's end: waits at most `wait` for the locks
+        /// another thread may hold, and reports nothing rather than wait longer. At exit that
+        /// thread may be stopped in the middle of its own report (holding the lock, its log
+        /// sink slow or the runtime suspending it), and an exit that waits for it never ends.
+        /// </summary>
+        internal static void ReportNow(TimeSpan wait)
+        {
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            RateLimitedCount[] all;
+            if (!Bounded.Enter(gate, wait - clock.Elapsed))
+                return;
+            try { all = counts.ToArray(); }
+            finally { Monitor.Exit(gate); }
+            if (!Bounded.Enter(reportGate, wait - clock.Elapsed))
+                return;
+            try
+            {
+                var now = DateTime.UtcNow;
+                foreach (var count in all)
+                {
+                    try { count.Report(now, true); } catch { }
+                }
+            }
+            finally { Monitor.Exit(reportGate); }
+        }
+
+        /// <summary>
         /// Reports every count that is due (all, with `force`); returns how long until the next
         /// one that waits is due, or <see cref="ReportInterval"/> if none waits.
         /// </summary>
@@ -184,6 +211,21 @@ namespace Jobhook.Forwarder
                     // Keep reporting whatever happens; a line lost here is only a line.
                 }
             }
+        }
+    }
+
+    /// <summary>
+    /// Locks taken on the way out of the process: none may wait longer than the shutdown's
+    /// deadline, whatever holds it.
+    /// </summary>
+    internal static class Bounded
+    {
+        /// <summary>Takes `gate` within `wait` (none if it is not positive); whether it did.</summary>
+        internal static bool Enter(object gate, TimeSpan wait)
+        {
+            bool taken = false;
+            Monitor.TryEnter(gate, wait > TimeSpan.Zero ? wait : TimeSpan.Zero, ref taken);
+            return taken;
         }
     }
 }
