@@ -55,6 +55,7 @@ struct PhaseLabels {
 pub struct Metrics {
     registry: Mutex<Registry>,
     events: Family<SourceLabels, Counter>,
+    unrouted: Family<SourceLabels, Counter>,
     rejected: Counter,
     deliveries: Family<DeliveryLabels, Counter>,
     durations: Family<HandlerLabels, Histogram>,
@@ -110,6 +111,13 @@ impl Metrics {
             "jobhook_events_accepted",
             "Events committed to the store, by source",
             events.clone(),
+        );
+        let unrouted = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "jobhook_events_unrouted",
+            "Events committed that no configured handler's job_types matched (no deliveries), by \
+             source",
+            unrouted.clone(),
         );
         let rejected = Counter::default();
         registry.register(
@@ -228,6 +236,7 @@ impl Metrics {
             forwarders,
             forwarder_silence,
             events,
+            unrouted,
             rejected,
             deliveries,
             durations,
@@ -243,13 +252,16 @@ impl Metrics {
         self
     }
 
-    /// Counts a committed event.
-    pub fn event_accepted(&self, source: &str) {
-        self.events
-            .get_or_create(&SourceLabels {
-                source: source.to_owned(),
-            })
-            .inc();
+    /// Counts a committed event with `deliveries` deliveries (0: no handler matched it, also
+    /// counted as unrouted).
+    pub fn event_accepted(&self, source: &str, deliveries: usize) {
+        let labels = SourceLabels {
+            source: source.to_owned(),
+        };
+        self.events.get_or_create(&labels).inc();
+        if deliveries == 0 {
+            self.unrouted.get_or_create(&labels).inc();
+        }
     }
 
     /// Counts a refused ingest request.
@@ -364,12 +376,22 @@ mod tests {
     #[test]
     fn renders_counters_gauges_and_histograms() {
         let m = Metrics::new();
-        m.event_accepted("api");
+        m.event_accepted("api", 2);
+        m.event_accepted("poller", 0);
         m.delivery("mail", "succeeded", 0.002);
         m.delivery("mail", "timed-out", 1.5);
         let text = m.render(&[("pending", 7)], 1);
         assert!(
             text.contains("jobhook_events_accepted_total{source=\"api\"} 1"),
+            "{text}"
+        );
+        // An event no handler matched is counted as unrouted too.
+        assert!(
+            text.contains("jobhook_events_unrouted_total{source=\"poller\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("jobhook_events_unrouted_total{source=\"api\"}"),
             "{text}"
         );
         assert!(

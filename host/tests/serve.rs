@@ -209,6 +209,33 @@ async fn events_are_routed_by_job_type_and_every_outcome_is_recorded() {
     assert_eq!(body["deliveries"], json!(["all"]));
 }
 
+/// An event no handler's job types match is accepted with no deliveries, and counted in
+/// `/metrics` as unrouted, so that a `job_types` list that misses a job type shows.
+#[tokio::test]
+async fn an_event_no_handler_matches_is_counted_as_unrouted() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler(
+        "inventory-only",
+        "log-context",
+        &format!("[\"{INVENTORY_TYPE}\"]"),
+        "",
+    ));
+    let (status, body) = post(&engine, &context(OTHER_TYPE, "Failure")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["deliveries"], json!([]));
+    let (status, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    assert_eq!(status, 202, "{body}");
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_events_accepted_total{source=\"api\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("jobhook_events_unrouted_total{source=\"api\"} 1"),
+        "{metrics}"
+    );
+}
+
 /// A stored context the engine cannot read (a database written by another version, or edited
 /// by hand) fails that event's deliveries for good, with the reason, and does not hold up the
 /// events claimed with it: they are delivered as usual.

@@ -386,6 +386,11 @@ impl Dispatcher {
         })
     }
 
+    /// The engine's metrics, which the event sources count their events in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The handlers in force.
     pub fn registry(&self) -> Arc<Registry> {
         Arc::clone(&self.registry.read().unwrap_or_else(|p| p.into_inner()))

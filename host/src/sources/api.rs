@@ -348,7 +348,9 @@ async fn job_complete(
     };
     let (event_id, deliveries, replayed) = match committed {
         Ok(Ok((event, Inserted::New))) => {
-            state.metrics.event_accepted("api");
+            state
+                .metrics
+                .event_accepted(crate::queue::store::SOURCE_API, event.handlers.len());
             state.dispatcher.wake();
             (event.id, event.handlers, false)
         }

@@ -1089,13 +1089,17 @@ impl Poller {
 
     async fn commit(&self, events: Vec<NewEvent>, cursor: &Cursor) -> Result<(), PollError> {
         let store = Arc::clone(&self.store);
-        let count = events.len();
+        let deliveries: Vec<usize> = events.iter().map(|e| e.handlers.len()).collect();
         let text = cursor.to_text();
         tokio::task::spawn_blocking(move || {
             store.insert_events_with_cursor(&events, CURSOR, &text)
         })
         .await??;
-        if count > 0 {
+        let metrics = self.dispatcher.metrics();
+        for n in &deliveries {
+            metrics.event_accepted(SOURCE_POLLER, *n);
+        }
+        if !deliveries.is_empty() {
             self.dispatcher.wake();
         }
         Ok(())
