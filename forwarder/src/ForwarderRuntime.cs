@@ -378,7 +378,7 @@ namespace Jobhook.Forwarder
                 {
                     left = deadline - clock.Elapsed;
                     if (left > TimeSpan.Zero)
-                        Monitor.TryEnter(writeGate, left, ref entered);
+                        entered = Bounded.Enter(writeGate, left);
                 }
                 var opened = spool;
                 while (entered && opened != null && clock.Elapsed < deadline)

@@ -29,25 +29,40 @@ namespace Jobhook.Forwarder
         /// replaced by a space, and trimmed: control characters (C0, DEL, C1 including U+0085
         /// NEL), U+2028 and U+2029 (line and paragraph separators), and format characters
         /// (Unicode category Cf: the bidirectional controls U+200E-U+200F, U+202A-U+202E,
-        /// U+2066-U+2069 and U+061C, zero-width characters, U+FEFF), which a log viewer may
-        /// obey invisibly, e.g. to show a line reversed. Null gives "".
+        /// U+2066-U+2069 and U+061C, zero-width characters, U+FEFF, and the tag characters
+        /// U+E0000-U+E007F above U+FFFF), which a log viewer may obey invisibly, e.g. to show a
+        /// line reversed or hide text; and a lone surrogate. Null gives "".
         /// </summary>
         public static string Printable(string text)
         {
             if (text == null)
                 return "";
             var clean = new System.Text.StringBuilder(text.Length);
-            foreach (char c in text)
-                clean.Append(Unsafe(c) ? ' ' : c);
+            // By code point: a format character above U+FFFF (the tag characters U+E0000–E007F,
+            // which hide text) is two UTF-16 units, each of which alone reads as a surrogate.
+            for (int i = 0; i < text.Length; i++)
+            {
+                bool pair = char.IsSurrogatePair(text, i);
+                if (Unsafe(System.Globalization.CharUnicodeInfo.GetUnicodeCategory(text, i)) || char.IsSurrogate(text[i]) && !pair)
+                    clean.Append(' ');
+                else
+                {
+                    clean.Append(text[i]);
+                    if (pair)
+                        clean.Append(text[i + 1]);
+                }
+                if (pair)
+                    i++;
+            }
             return clean.ToString().Trim();
         }
 
-        static bool Unsafe(char c)
+        /// <summary>Control characters, line and paragraph separators, and format characters (bidi controls, tags); a lone surrogate is replaced by the caller.</summary>
+        static bool Unsafe(System.Globalization.UnicodeCategory category)
         {
-            if (char.IsControl(c))
-                return true;
-            switch (char.GetUnicodeCategory(c))
+            switch (category)
             {
+                case System.Globalization.UnicodeCategory.Control:
                 case System.Globalization.UnicodeCategory.LineSeparator:
                 case System.Globalization.UnicodeCategory.ParagraphSeparator:
                 case System.Globalization.UnicodeCategory.Format:

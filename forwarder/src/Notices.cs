@@ -42,11 +42,6 @@ namespace Jobhook.Forwarder
             Notices.Register(this);
         }
 
-        /// <summary>How many were counted since the process started.</summary>
-        public long Total
-        {
-            get { return Interlocked.Read(ref total); }
-        }
 
         /// <summary>
         /// Counts one. Never blocks and never logs: safe on Keyfactor's thread. `detail` (what
@@ -81,8 +76,10 @@ namespace Jobhook.Forwarder
             Interlocked.Exchange(ref reported, now);
             lastReport = clock;
             var detail = lastDetail;
+            // Details are outside text (an exception, an engine's message): made printable here,
+            // on the reporting thread, so that Add stays cheap on the threads that count.
             var line = description + ": " + (now - before) + " since the last report, " + now + " since start"
-                       + (detail != null ? " (the last: " + detail + ")" : "");
+                       + (detail != null ? " (the last: " + LogText.Printable(detail) + ")" : "");
             var target = log ?? ForwarderLog.Current;
             if (error)
                 target.Error(line);
@@ -128,13 +125,8 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>Reports every count now, ignoring the interval (at shutdown). Never throws.</summary>
-        internal static void ReportNow()
-        {
-            Report(true);
-        }
-
         /// <summary>
-        /// <see cref="ReportNow()"/> for the process's end: waits at most `wait` for the locks
+        /// Reports every count now, for the process's end: waits at most `wait` for the locks
         /// another thread may hold, and reports nothing rather than wait longer. At exit that
         /// thread may be stopped in the middle of its own report (holding the lock, its log
         /// sink slow or the runtime suspending it), and an exit that waits for it never ends.
@@ -161,10 +153,10 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Reports every count that is due (all, with `force`); returns how long until the next
-        /// one that waits is due, or <see cref="ReportInterval"/> if none waits.
+        /// Reports every count that is due; returns how long until the next one that waits is
+        /// due, or <see cref="ReportInterval"/> if none waits.
         /// </summary>
-        static TimeSpan Report(bool force)
+        static TimeSpan ReportDue()
         {
             RateLimitedCount[] all;
             lock (gate)
@@ -177,7 +169,7 @@ namespace Jobhook.Forwarder
                 {
                     try
                     {
-                        var due = count.Report(clock, force);
+                        var due = count.Report(clock, false);
                         if (due.HasValue && due.Value < next)
                             next = due.Value;
                     }
@@ -197,7 +189,7 @@ namespace Jobhook.Forwarder
                 try
                 {
                     wake.WaitOne(next);
-                    next = Report(false);
+                    next = ReportDue();
                     // Never spin: a count due in under a few milliseconds waits that long.
                     if (next < TimeSpan.FromMilliseconds(10))
                         next = TimeSpan.FromMilliseconds(10);

@@ -285,7 +285,7 @@ namespace Jobhook.Forwarder
         {
             Interlocked.Increment(ref failedWrites);
             Notice(ref writeFailures, "cannot write to the spool " + directory + " (the event waits in memory; tried again every second)")
-                .Add(LogText.Printable(e.GetType().Name + ": " + e.Message));
+                .Add(e.GetType().Name + ": " + e.Message);
         }
 
         /// <summary>The count in `field`, made on first use.</summary>
@@ -365,7 +365,7 @@ namespace Jobhook.Forwarder
                 {
                     // The writer and the sender come back here every second or so while it lasts.
                     Notice(ref recreateFailures, "the spool directory " + directory + " is gone and cannot be recreated")
-                        .Add(LogText.Printable(e.GetType().Name + ": " + e.Message));
+                        .Add(e.GetType().Name + ": " + e.Message);
                     return false;
                 }
             }

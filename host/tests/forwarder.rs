@@ -1876,9 +1876,22 @@ async fn q_over_tls_a_certificate_not_for_servers_is_refused_even_from_the_trust
 }
 
 /// Characters a log viewer may take as a line break or obey as a bidirectional control.
-const LOG_BREAKERS: [char; 12] = [
-    '\u{2028}', '\u{2029}', '\u{85}', '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}',
-    '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+const LOG_BREAKERS: [char; 14] = [
+    '\u{2028}',
+    '\u{2029}',
+    '\u{85}',
+    '\u{202a}',
+    '\u{202b}',
+    '\u{202c}',
+    '\u{202d}',
+    '\u{202e}',
+    '\u{2066}',
+    '\u{2067}',
+    '\u{2068}',
+    '\u{2069}',
+    // Format characters above U+FFFF (two UTF-16 units each): tag characters, which hide text.
+    '\u{e0001}',
+    '\u{e0041}',
 ];
 
 /// A server that answers every request with `status` and `body` (JSON); returns its URL.
@@ -1908,7 +1921,7 @@ async fn r_line_breaks_and_bidi_controls_from_answers_and_settings_stay_out_of_t
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let text: String = "a b c d e f g h i j k l m"
+    let text: String = "a b c d e f g h i j k l m n o"
         .split(' ')
         .zip(LOG_BREAKERS.iter().chain(std::iter::once(&' ')))
         .map(|(word, breaker)| format!("{word}{breaker}"))
@@ -1930,7 +1943,7 @@ async fn r_line_breaks_and_bidi_controls_from_answers_and_settings_stay_out_of_t
         );
     }
     assert!(
-        log.contains("HTTP 500 {\"error\":\"a b c d e f g h i j k l m\"}"),
+        log.contains("HTTP 500 {\"error\":\"a b c d e f g h i j k l m n o\"}"),
         "the answer is logged with those characters as spaces:\n{log}"
     );
     assert!(
