@@ -6,7 +6,8 @@
 //!
 //! [`escape`] writes every such character visibly, Rust-style: `\n`, `\r`, `\t`, `\0`, `\x1b`
 //! (other C0 controls and DEL), `\u{85}` (C1 controls), `\u{202e}` (bidirectional overrides,
-//! embeddings, isolates and marks), `\u{2028}` (line and paragraph separators). Everything else,
+//! embeddings, isolates and marks), `\u{2028}` (line and paragraph separators), `\u{e0041}`
+//! (tag characters, which hide text). Everything else,
 //! including a backslash, is kept as it is: the output is for reading, and JSON output (the
 //! API, `--json`) is not passed through it, since JSON escaping is already exact.
 
@@ -25,6 +26,8 @@ pub fn needs_escape(c: char) -> bool {
                 | '\u{2066}'..='\u{2069}'
                 | '\u{2028}'
                 | '\u{2029}'
+                // Tag characters: invisible, and used to hide text inside what a reader sees.
+                | '\u{e0000}'..='\u{e007f}'
         )
 }
 
@@ -71,6 +74,7 @@ mod tests {
             escape("\u{85}\u{9b}\u{202e}\u{2066}\u{200f}\u{2028}"),
             "\\u{85}\\u{9b}\\u{202e}\\u{2066}\\u{200f}\\u{2028}"
         );
+        assert_eq!(escape("a\u{e0001}\u{e0041}b"), "a\\u{e0001}\\u{e0041}b");
     }
 
     proptest::proptest! {
