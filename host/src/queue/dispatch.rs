@@ -402,12 +402,12 @@ impl Dispatcher {
     /// store cannot say (the error is logged).
     pub async fn waiting_for_unconfigured(&self) -> std::collections::BTreeMap<String, u64> {
         let store = Arc::clone(&self.store);
-        let counts = match tokio::task::spawn_blocking(move || store.pending_by_handler()).await {
-            Ok(Ok(counts)) => counts,
-            Ok(Err(e)) => {
-                tracing::error!("cannot count pending deliveries by handler: {e}");
-                return Default::default();
-            }
+        let counted = tokio::task::spawn_blocking(move || store.pending_by_handler())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|counts| counts.map_err(|e| e.to_string()));
+        let counts = match counted {
+            Ok(counts) => counts,
             Err(e) => {
                 tracing::error!("cannot count pending deliveries by handler: {e}");
                 return Default::default();
@@ -494,8 +494,9 @@ impl Dispatcher {
                 // Only handlers this node has: another's deliveries wait for it.
                 others: 0,
             };
-            // Every loaded handler at its cap: nothing to claim. Not claiming spares the store a query per finished delivery (with one CPU-bound
-            // handler at its cap, an empty claim and a `next_due` followed every claim).
+            // Every loaded handler at its cap: nothing to claim. Not claiming spares the store a
+            // query per finished delivery (with one CPU-bound handler at its cap, an empty claim
+            // and a `next_due` followed every claim).
             let at_cap = !limits.room.is_empty() && limits.room.values().all(|room| *room == 0);
             let lease = self.lease;
             let claimed = if at_cap {
@@ -520,13 +521,14 @@ impl Dispatcher {
                         let this = Arc::clone(&self);
                         let record = record.clone();
                         tasks.spawn(async move {
-                            // What the claim is recorded by, kept to hand it back if the
-                            // delivery's own code panics (the sandbox's run is caught inside).
+                            // What the claim is recorded by (its delivery and attempt), kept to
+                            // hand it back if the delivery's own code panics (the sandbox's run
+                            // is caught inside); no allocation on the delivery's path.
                             let held = Claim {
                                 context: Err(String::new()),
                                 source: String::new(),
                                 message: None,
-                                handler: claim.handler.clone(),
+                                handler: String::new(),
                                 ..claim
                             };
                             let delivered = crate::caught::caught(
@@ -679,7 +681,7 @@ impl Dispatcher {
         recorder: &mpsc::Sender<Finished>,
     ) {
         tracing::error!(
-            handler = %claim.handler,
+            delivery = claim.delivery_id,
             "a delivery ended with an engine error ({panic}); it was handed back and runs again"
         );
         let (recorded, _) = oneshot::channel();

@@ -203,20 +203,22 @@ pub const RESEND_MEMBER: &str = "resend";
 /// The answer to a body whose framing broke: 400 (the request as received is malformed), with
 /// [`RESEND_MEMBER`], and the connection closed (its framing cannot be trusted any more).
 fn transport_failure(message: String) -> Response {
-    let mut response = (
-        StatusCode::BAD_REQUEST,
-        axum::Json(json!({ "error": message, RESEND_MEMBER: true })),
+    closing(
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({ "error": message, RESEND_MEMBER: true })),
+        )
+            .into_response(),
     )
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
 }
 
 /// An answer after which the connection is closed: the rest of the request body is unwanted.
 fn error_and_close(status: StatusCode, message: impl Into<String>) -> Response {
-    let mut response = error(status, message);
+    closing(error(status, message))
+}
+
+/// `response` with `Connection: close`.
+fn closing(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
