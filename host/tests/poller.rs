@@ -448,9 +448,10 @@ async fn a_row_from_year_9999_or_with_oversized_text_does_not_stop_the_poller() 
     assert_eq!(f.events(), 4);
 }
 
-/// An unfinished row without a usable start (9999-12-31, as .NET's `DateTime.MaxValue` reads,
-/// or none) never becomes stale: the poller passes over it instead of waiting for it for ever,
-/// and turns it into an event once it has finished.
+/// An unfinished row without a usable start never becomes stale, so the poller does not wait
+/// for it: one far ahead (9999-12-31, as .NET's `DateTime.MaxValue` reads) is passed over and
+/// turned into an event once it has finished (every later query still finds it); one with no
+/// start or a start before 1970, which no later query can find, is handled at once.
 #[tokio::test]
 async fn an_unfinished_job_without_a_usable_start_does_not_stop_the_poller() {
     let now = Utc::now();
@@ -459,10 +460,13 @@ async fn an_unfinished_job_without_a_usable_start_does_not_stop_the_poller() {
     forever["OperationStart"] = json!("9999-12-31T23:59:59");
     let mut none = row(21, "InProcess", "Unknown", now - Age::minutes(3));
     none["OperationStart"] = Value::Null;
+    let mut ancient = row(23, "InProcess", "Unknown", now - Age::minutes(3));
+    ancient["OperationStart"] = json!("1601-01-01T00:00:00");
     let first = vec![
         row(19, "Completed", "Success", now - Age::minutes(4)),
         forever.clone(),
         none,
+        ancient,
         row(22, "Completed", "Failure", now - Age::minutes(2)),
     ];
     let s = standin(first.clone()).await;
@@ -472,6 +476,12 @@ async fn an_unfinished_job_without_a_usable_start_does_not_stop_the_poller() {
     assert_eq!(report.events, 2, "19 and 22: {report:?}");
     assert!(report.cursor.seen.contains_key(&22), "{report:?}");
     assert!(!report.cursor.seen.contains_key(&20), "{report:?}");
+    for handled in [21, 23] {
+        assert!(
+            report.cursor.seen.contains_key(&handled),
+            "{handled}: {report:?}"
+        );
+    }
 
     // 20 finishes (its start still unusable): it is found and becomes an event.
     let mut later = first;

@@ -900,15 +900,25 @@ impl Poller {
             }
             if !finished {
                 let Some(began) = started else {
-                    // No usable start (none, or one `start_of` refuses, such as 9999-12-31):
-                    // waiting for it would stop the poller for good, since such a row never
-                    // becomes stale, and it cannot place the cursor either. It is passed over
-                    // unrecorded; once it finishes, the query finds it again (a start far
-                    // ahead matches every lower bound) and it becomes an event then.
-                    tracing::debug!(
-                        job_history_id = id,
-                        "passing over an unfinished job without a usable OperationStart"
-                    );
+                    // No usable start: waiting for it would stop the poller for good, since
+                    // such a row never becomes stale. A start far ahead (9999-12-31) matches
+                    // every later query's lower bound: it is passed over unrecorded and becomes
+                    // an event once it finishes. No start, or one before 1970, matches no later
+                    // query: it could never be found again, so it is handled now, with a
+                    // warning, as a stale job is.
+                    if start.is_some_and(|s| s > now) {
+                        tracing::debug!(
+                            job_history_id = id,
+                            "passing over an unfinished job that starts far ahead"
+                        );
+                    } else {
+                        tracing::warn!(
+                            job_history_id = id,
+                            "skipping an unfinished job without a usable OperationStart: no \
+                             later query could find it"
+                        );
+                        cursor.record(id, start, now);
+                    }
                     continue;
                 };
                 let stale = now - began > stale_after;
