@@ -743,10 +743,18 @@ impl fmt::Debug for MailTransport {
 /// Whether `dir` is a directory, or can become one: the nearest part of its path that exists
 /// must be a directory (a file in the way, or a path that cannot be looked at, is an error).
 fn can_hold_directory(dir: &std::path::Path) -> std::io::Result<()> {
+    missing_directories(dir).map(drop)
+}
+
+/// The parts of `dir`'s path that do not exist yet, deepest first (empty when `dir` is a
+/// directory); an error when the nearest part that exists is not a directory, or cannot be
+/// looked at. A relative path none of which exists is made under the working directory.
+fn missing_directories(dir: &std::path::Path) -> std::io::Result<Vec<&std::path::Path>> {
+    let mut missing = Vec::new();
     let mut at = dir;
     loop {
         match std::fs::metadata(at) {
-            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(meta) if meta.is_dir() => return Ok(missing),
             Ok(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::NotADirectory,
@@ -760,10 +768,10 @@ fn can_hold_directory(dir: &std::path::Path) -> std::io::Result<()> {
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
                 ) =>
             {
+                missing.push(at);
                 match at.parent() {
                     Some(parent) if !parent.as_os_str().is_empty() => at = parent,
-                    // A relative path none of which exists: made under the working directory.
-                    _ => return Ok(()),
+                    _ => return Ok(missing),
                 }
             }
             Err(e) => return Err(e),
@@ -1051,16 +1059,18 @@ struct Written {
 /// Blocking: run it off the async workers.
 fn write_to_outbox(dir: &Path, id: &str, wire: &[u8], sweep: bool) -> Result<Written, OutboxError> {
     create_outbox(dir)?;
-    if let Some(free) = free_bytes(dir)
-        && free < OUTBOX_FREE_RESERVE_BYTES
-    {
-        return Err(OutboxError::Full { free });
-    }
+    // Before the free-space check: what a crash left behind is space given back, and a sweep
+    // that is due is not put off by a refusal.
     let stale_removed = if sweep {
         remove_stale_temp_files(dir)
     } else {
         0
     };
+    if let Some(free) = free_bytes(dir)
+        && free < OUTBOX_FREE_RESERVE_BYTES
+    {
+        return Err(OutboxError::Full { free });
+    }
     let temp = dir.join(format!("{TEMP_PREFIX}{id}{TEMP_SUFFIX}"));
     let path = dir.join(format!("{id}.eml"));
     let write_error = |path: &Path| {
@@ -1095,22 +1105,14 @@ fn write_to_outbox(dir: &Path, id: &str, wire: &[u8], sweep: bool) -> Result<Wri
 /// Makes `dir` and any missing directory above it, and syncs the directory holding each new
 /// entry, so that an outbox made for a message is still there after a power cut.
 fn create_outbox(dir: &Path) -> Result<(), OutboxError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut missing = Vec::new();
-    let mut at = dir;
-    while !at.exists() {
-        missing.push(at);
-        match at.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
-            _ => break,
-        }
-    }
     let create_error = |path: &Path| {
         let path = path.to_owned();
         move |source| OutboxError::Create { path, source }
     };
+    let missing = missing_directories(dir).map_err(create_error(dir))?;
+    if missing.is_empty() {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir).map_err(create_error(dir))?;
     for made in missing {
         let parent = match made.parent() {
