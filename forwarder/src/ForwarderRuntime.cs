@@ -93,8 +93,8 @@ namespace Jobhook.Forwarder
         volatile bool stopping;
         /// <summary>Events dropped from the full in-memory queue (counted; reported by Notices).</summary>
         readonly RateLimitedCount queueFull;
-        /// <summary>Whether the warning about a second registration on this spool was logged.</summary>
-        bool sharedWarned;
+        /// <summary>Handler objects met with this spool but other engine settings (reported by Notices).</summary>
+        readonly RateLimitedCount sharedSpool;
         /// <summary>The spool directory as logged (a setting: it may hold a line break).</summary>
         readonly string shownSpool;
 
@@ -113,6 +113,9 @@ namespace Jobhook.Forwarder
             this.settings = settings;
             this.log = log;
             shownSpool = LogText.Printable(settings.SpoolDirectory);
+            sharedSpool = new RateLimitedCount(
+                "two registrations share the spool directory " + shownSpool
+                + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory", log);
             queueFull = new RateLimitedCount(
                 "the in-memory queue of " + shownSpool + " was full (" + settings.MaxQueuedEvents
                 + " events: the spool disk is too slow or failing); dropped the oldest event(s)", log);
@@ -135,24 +138,18 @@ namespace Jobhook.Forwarder
                 ForwarderRuntime existing;
                 if (registry.TryGetValue(settings.SpoolDirectory, out existing))
                 {
-                    // Once per runtime: this runs on the intake thread for every new handler
-                    // object, which Unity may make per event.
-                    if (!existing.SameDestination(settings) && !existing.sharedWarned)
-                    {
-                        existing.sharedWarned = true;
-                        log.Warn("two registrations share the spool directory " + existing.shownSpool
-                                 + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory.");
-                    }
+                    // This runs on the intake thread, for every new handler object (Unity may
+                    // make one per event): counted, never logged here.
+                    if (!existing.SameDestination(settings))
+                        existing.sharedSpool.Add(null);
                     return existing;
                 }
-                foreach (var problem in settings.Problems)
-                    log.Error("configuration: " + LogText.Printable(problem));
+                // Nothing is logged here either: the writer thread says what it starts with,
+                // so a slow log sink never holds the intake thread.
                 var runtime = new ForwarderRuntime(settings, log);
                 var writer = new Thread(runtime.WriteLoop) { IsBackground = true, Name = "jobhook-forwarder spool writer" };
                 writer.Start();
                 registry[settings.SpoolDirectory] = runtime;
-                log.Info("forwarding to " + (settings.JobCompleteUrl == null ? "(no EngineUrl)" : LogText.Printable(settings.JobCompleteUrl.ToString()))
-                         + " through the spool " + runtime.shownSpool);
                 return runtime;
             }
         }
@@ -217,6 +214,21 @@ namespace Jobhook.Forwarder
         /// </summary>
         void WriteLoop()
         {
+            try
+            {
+                foreach (var problem in settings.Problems)
+                    log.Error("configuration: " + LogText.Printable(problem));
+                log.Info("forwarding to " + (settings.JobCompleteUrl == null ? "(no EngineUrl)" : LogText.Printable(settings.JobCompleteUrl.ToString()))
+                         + " through the spool " + shownSpool);
+            }
+            catch (ThreadAbortException)
+            {
+                throw; // the process or app domain is going away (iisreset): not an error
+            }
+            catch
+            {
+                // A log sink that fails costs these lines, never the writer.
+            }
             Spool opened = null;
             while (opened == null)
             {
