@@ -297,28 +297,12 @@ async fn post_failed_job(client: &reqwest::Client, url: &str) -> (String, String
 /// The `mail` delivery of event `id` once it has settled.
 async fn settled_mail(client: &reqwest::Client, url: &str, id: &str) -> Value {
     let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let response = client
-            .get(format!("{url}/v1/events/{id}"))
-            .send()
-            .await
-            .expect("GET event");
-        let event: Value =
-            serde_json::from_slice(&response.bytes().await.expect("body")).expect("event JSON");
-        let delivery = event["deliveries"]
-            .as_array()
-            .and_then(|ds| ds.iter().find(|d| d["handler"] == "mail"))
-            .cloned()
-            .unwrap_or_else(|| panic!("no mail delivery: {event:#}"));
-        if delivery["state"] != "pending" && delivery["state"] != "running" {
-            return delivery;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "event {id} never settled: {event:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let event = jobhook_testkit::exactly_once::settled(client, url, id, deadline).await;
+    event["deliveries"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["handler"] == "mail"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no mail delivery: {event:#}"))
 }
 
 /// The `.eml` files of `outbox` and their bytes (temporary files, which start with a dot, are

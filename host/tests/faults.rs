@@ -423,13 +423,7 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
     let Some((db, _dir, engine)) = engine_on_private_postgres() else {
         return;
     };
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("client");
-    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
-    assert_eq!(status, 202, "{body}");
+    let (runtime, client) = accepting(&engine);
 
     db.server().freeze().expect("freeze PostgreSQL");
     // Thawed whatever happens below, so the server can be stopped and deleted.
@@ -465,6 +459,19 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
         std::thread::sleep(Duration::from_millis(200));
     }
     engine.kill();
+}
+
+/// A runtime and a client for `engine`, once it has accepted one event (so its store is in
+/// use before a fault is injected).
+fn accepting(engine: &EngineProcess) -> (tokio::runtime::Runtime, reqwest::Client) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+    assert_eq!(status, 202, "{body}");
+    (runtime, client)
 }
 
 /// Slack on an answer's bound for a loaded machine.
@@ -631,13 +638,7 @@ fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_re
     let config_path = dir.path().join("jobhook.toml");
     std::fs::write(&config_path, config).expect("config");
     let engine = EngineProcess::start(engine_bin(), &config_path, &dir.path().join("engine.log"));
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("client");
-    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
-    assert_eq!(status, 202, "{body}");
+    let (runtime, client) = accepting(&engine);
 
     silent.silence();
     let silenced = Instant::now();

@@ -80,7 +80,7 @@ pub fn check_exactly_once(url: &str, accepted: &[String], timeout: Duration) -> 
 }
 
 /// Polls `GET /v1/events/{id}` until no delivery is pending or running.
-async fn settled(client: &reqwest::Client, url: &str, id: &str, deadline: Instant) -> Value {
+pub async fn settled(client: &reqwest::Client, url: &str, id: &str, deadline: Instant) -> Value {
     loop {
         let response = client
             .get(format!("{url}/v1/events/{id}"))
