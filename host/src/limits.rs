@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// Wall-clock budget for one invocation, including time spent waiting in host calls. Keyfactor
 /// handlers are short (a mail, one or two API calls); 10 s is ample and bounds a stuck handler.
@@ -67,8 +67,7 @@ pub const CALLS_SUFFIX: &str = "_calls";
 /// Unknown keys are refused. The call budgets of the grantable capabilities are written
 /// `<interface>_calls` (`keyfactor_calls = 20`); each capability has its own default
 /// (`Grantable::DEFAULT_CALLS`), used when the key is left out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Limits {
     /// Wall-clock budget per invocation (milliseconds in configuration).
     #[serde(rename = "timeout_ms", with = "crate::duration_ms")]
@@ -110,10 +109,7 @@ impl Limits {
 mod call_limits {
     use std::collections::BTreeMap;
 
-    use std::fmt;
-
-    use serde::de::{Error as _, MapAccess, Visitor};
-    use serde::{Deserializer, Serializer};
+    use serde::Serializer;
 
     use super::CALLS_SUFFIX;
 
@@ -127,31 +123,80 @@ mod call_limits {
                 .map(|(interface, n)| (format!("{interface}{CALLS_SUFFIX}"), n)),
         )
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u32>, D::Error> {
-        d.deserialize_map(CallsVisitor)
+/// A duration written in milliseconds, read as [`crate::duration_ms`] reads it.
+struct Milliseconds(Duration);
+
+impl<'de> serde::Deserialize<'de> for Milliseconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::duration_ms::deserialize(d).map(Milliseconds)
     }
+}
 
-    struct CallsVisitor;
+/// Read key by key rather than with serde's `flatten` for the `<interface>_calls` keys:
+/// `flatten` buffers the table, and an error inside it (a wrong type, an unknown key) lost its
+/// key and line. Read this way, each error names its key at its line; keys left out keep
+/// their defaults.
+impl<'de> serde::Deserialize<'de> for Limits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct LimitsVisitor;
 
-    impl<'de> Visitor<'de> for CallsVisitor {
-        type Value = BTreeMap<String, u32>;
+        impl<'de> serde::de::Visitor<'de> for LimitsVisitor {
+            type Value = Limits;
 
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("limits")
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut calls = BTreeMap::new();
-            while let Some(key) = map.next_key::<String>()? {
-                let Some(interface) = key.strip_suffix(CALLS_SUFFIX).filter(|i| !i.is_empty())
-                else {
-                    return Err(A::Error::custom(format!("unknown field `{key}`")));
-                };
-                calls.insert(interface.to_owned(), map.next_value::<u32>()?);
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table of limits")
             }
-            Ok(calls)
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Limits, A::Error> {
+                let mut limits = Limits::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "timeout_ms" => limits.timeout = map.next_value::<Milliseconds>()?.0,
+                        "memory_bytes" => limits.memory_bytes = map.next_value()?,
+                        "table_elements" => limits.table_elements = map.next_value()?,
+                        "instances" => limits.instances = map.next_value()?,
+                        "memories" => limits.memories = map.next_value()?,
+                        "tables" => limits.tables = map.next_value()?,
+                        "hostcall_bytes" => limits.hostcall_bytes = map.next_value()?,
+                        "output_bytes" => limits.output_bytes = map.next_value()?,
+                        "log_lines" => limits.log_lines = map.next_value()?,
+                        "log_bytes" => limits.log_bytes = map.next_value()?,
+                        other => match other.strip_suffix(CALLS_SUFFIX).filter(|i| !i.is_empty()) {
+                            Some(interface) => {
+                                let calls = map.next_value::<u32>()?;
+                                limits.calls.insert(interface.to_owned(), calls);
+                            }
+                            None => {
+                                return Err(serde::de::Error::unknown_field(other, FIELDS));
+                            }
+                        },
+                    }
+                }
+                Ok(limits)
+            }
         }
+
+        /// The keys besides `<interface>_calls`, for the unknown-key error.
+        const FIELDS: &[&str] = &[
+            "timeout_ms",
+            "memory_bytes",
+            "table_elements",
+            "instances",
+            "memories",
+            "tables",
+            "hostcall_bytes",
+            "output_bytes",
+            "log_lines",
+            "log_bytes",
+            "<capability>_calls",
+        ];
+
+        d.deserialize_map(LimitsVisitor)
     }
 }
 

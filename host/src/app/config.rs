@@ -1330,6 +1330,20 @@ backoff_ms = 100
                 2,
                 "http.connect_timeout_ms",
             ),
+            // A handler's limits: the call budgets were read through `flatten`, which lost the
+            // key and line of an error inside the table too.
+            (
+                format!(
+                    "{MINIMAL}\n[handlers.limits]\ntimeout_ms = 1000\nkeyfactor_calls = \"many\"\n"
+                ),
+                MINIMAL.lines().count() + 4,
+                "handlers.limits.keyfactor_calls: invalid type",
+            ),
+            (
+                format!("{MINIMAL}\n[handlers.limits]\ntimeout_ms = \"soon\"\n"),
+                MINIMAL.lines().count() + 3,
+                "handlers.limits.timeout_ms",
+            ),
         ] {
             let e = error(&text);
             assert!(e.message.starts_with(says), "{text}\n{e}");
