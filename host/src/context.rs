@@ -936,6 +936,18 @@ mod tests {
         fn every_accepted_context_reads_back_the_same(
             timestamp in timestamp_text(),
             username in proptest::prelude::any::<String>(),
+            machine in proptest::prelude::any::<String>(),
+            job_type in proptest::prelude::any::<String>(),
+            // A GUID as .NET may write it: braces, upper case, no hyphens.
+            agent in proptest::strategy::Strategy::prop_map((proptest::prelude::any::<u128>(), 0u8..4), |(n, form)| {
+                let id = Uuid::from_u128(n);
+                match form {
+                    0 => id.to_string(),
+                    1 => format!("{{{id}}}"),
+                    2 => id.to_string().to_uppercase(),
+                    _ => id.simple().to_string(),
+                }
+            }),
             job_result in -1i64..6,
             operation_type in -1i64..11,
             certificate_id in proptest::prelude::any::<Option<i32>>(),
@@ -944,6 +956,9 @@ mod tests {
             let mut v = with("RequestTimestamp", json!(timestamp));
             if let Value::Object(map) = &mut v {
                 map.insert("Username".into(), json!(username));
+                map.insert("ClientMachine".into(), json!(machine));
+                map.insert("JobType".into(), json!(job_type));
+                map.insert("AgentId".into(), json!(agent));
                 map.insert("JobResult".into(), json!(job_result));
                 map.insert("OperationType".into(), json!(operation_type));
                 map.insert("CertificateId".into(), json!(certificate_id));
