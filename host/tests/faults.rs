@@ -444,20 +444,7 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
     );
 
     drop(thaw);
-    let deadline = Instant::now() + RECONNECT_BOUND;
-    loop {
-        let (status, body) =
-            runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
-        if status == 202 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not accepting events {RECONNECT_BOUND:?} after the thaw: {status} {body}\n{}",
-            engine.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    accepts_again(&runtime, &client, &engine, "the thaw");
     engine.kill();
 }
 
@@ -472,6 +459,30 @@ fn accepting(engine: &EngineProcess) -> (tokio::runtime::Runtime, reqwest::Clien
     let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
     assert_eq!(status, 202, "{body}");
     (runtime, client)
+}
+
+/// Posts events until one is accepted, failing if none is within [`RECONNECT_BOUND`] after
+/// `what` (the fault's end, just now).
+fn accepts_again(
+    runtime: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    engine: &EngineProcess,
+    what: &str,
+) {
+    let deadline = Instant::now() + RECONNECT_BOUND;
+    loop {
+        let (status, body) =
+            runtime.block_on(post_event(client, &engine.url, &sample_context_json()));
+        if status == 202 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not accepting events {RECONNECT_BOUND:?} after {what}: {status} {body}\n{}",
+            engine.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Slack on an answer's bound for a loaded machine.
@@ -648,21 +659,7 @@ fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_re
     std::thread::sleep(silent_for().saturating_sub(silenced.elapsed()));
 
     silent.restore();
-    let restored = Instant::now();
-    loop {
-        let (status, body) =
-            runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
-        if status == 202 {
-            break;
-        }
-        assert!(
-            restored.elapsed() < RECONNECT_BOUND,
-            "not accepting events {RECONNECT_BOUND:?} after the network returned: {status} \
-             {body}\n{}",
-            engine.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    accepts_again(&runtime, &client, &engine, "the network returned");
     engine.kill();
 }
 
