@@ -597,23 +597,57 @@ fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
+/// A relay the test steers: while `holding` is set, what the server sends is kept back (read,
+/// not passed on, until it is cleared), so what the node sent is acknowledged and its answer is
+/// on the way when the network goes silent.
+struct Relay {
+    port: u16,
+    holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn hold_answers(&self, hold: bool) {
+        self.holding
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Passes every connection to `address`:any port on to `to`, byte for byte, on a runtime of
-/// its own; the port it listens on.
-fn relay(runtime: &tokio::runtime::Runtime, address: &str, to: std::net::SocketAddr) -> u16 {
+/// its own (see [`Relay`]).
+fn relay(runtime: &tokio::runtime::Runtime, address: &str, to: std::net::SocketAddr) -> Relay {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind((address, 0)))
         .expect("relay listener");
     let port = listener.local_addr().expect("relay address").port();
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hold = holding.clone();
     runtime.spawn(async move {
-        while let Ok((mut from, _)) = listener.accept().await {
+        while let Ok((from, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (mut from_read, mut from_write) = from.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
             tokio::spawn(async move {
-                if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut from, &mut server).await;
+                let _ = tokio::io::copy(&mut from_read, &mut server_write).await;
+            });
+            let hold = hold.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+                    while hold.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if from_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
             });
         }
     });
-    port
+    Relay { port, holding }
 }
 
 /// How long the network stays silent: past the limit on unacknowledged data, so the node has
@@ -623,11 +657,15 @@ fn silent_for() -> Duration {
 }
 
 /// The network between the node and its PostgreSQL server goes silent (no reset, no answer)
-/// for longer than [`UNACKNOWLEDGED_LIMIT`](jobhook::queue::store::postgres::UNACKNOWLEDGED_LIMIT):
-/// ingest answers 503 in bounded time meanwhile, and once the network is back the node accepts
-/// events within [`RECONNECT_BOUND`], because it gave up the connections the silence held.
-/// Without that limit, they stay stuck until the kernel's next retransmission gets through
-/// (here about 18 s after a 35 s silence, and minutes after longer ones).
+/// for longer than [`UNACKNOWLEDGED_LIMIT`](jobhook::queue::store::postgres::UNACKNOWLEDGED_LIMIT),
+/// just after the server's host acknowledged the node's requests and before its answers got
+/// back: ingest answers 503 in bounded time meanwhile, and once the network is back the node
+/// accepts events within [`RECONNECT_BOUND`], because it gave up the connections the silence
+/// held — both those that sent into it and those waiting on an answer with nothing of theirs
+/// unacknowledged. Without the limit, the first stay stuck until the kernel's next
+/// retransmission gets through (about 18 s after a 35 s silence, minutes after longer ones);
+/// without the keepalive probes, the second wait until the server's retransmission does (about
+/// 16 s after it), and the pool's connection threads with them.
 #[test]
 fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_returns() {
     let Some(silent) = SilentAddress::add_or_skip(SILENT_ADDRESS) else {
@@ -638,12 +676,12 @@ fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_re
     };
     let relays = tokio::runtime::Runtime::new().expect("relay runtime");
     let server: std::net::SocketAddr = ([127, 0, 0, 1], db.server().port()).into();
-    let port = relay(&relays, SILENT_ADDRESS, server);
+    let relay = relay(&relays, SILENT_ADDRESS, server);
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
     let config = pg_config(&db).replace(
         &format!("127.0.0.1:{}", db.server().port()),
-        &format!("{SILENT_ADDRESS}:{port}"),
+        &format!("{SILENT_ADDRESS}:{}", relay.port),
     );
     assert!(config.contains(SILENT_ADDRESS), "{config}");
     let config_path = dir.path().join("jobhook.toml");
@@ -651,10 +689,21 @@ fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_re
     let engine = EngineProcess::start(engine_bin(), &config_path, &dir.path().join("engine.log"));
     let (runtime, client) = accepting(&engine);
 
-    silent.silence();
-    let silenced = Instant::now();
-    // Requests that each take a pooled connection into the silence.
-    runtime.block_on(each_refused_in_bounded_time(&client, &engine));
+    // Requests that each take a pooled connection (or start one) into the silence; the server
+    // answers the first of them, and the answers are lost with the network.
+    relay.hold_answers(true);
+    let silenced = std::thread::scope(|scope| {
+        let silencing = scope.spawn(|| {
+            // Long enough for the requests to reach the server, well short of ingest's timeout.
+            std::thread::sleep(ANSWERS_ON_THE_WAY);
+            silent.silence();
+            let silenced = Instant::now();
+            relay.hold_answers(false);
+            silenced
+        });
+        runtime.block_on(each_refused_in_bounded_time(&client, &engine));
+        silencing.join().expect("silencing thread")
+    });
     runtime.block_on(assert_healthy(&client, &engine.url));
     std::thread::sleep(silent_for().saturating_sub(silenced.elapsed()));
 
@@ -662,6 +711,9 @@ fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_re
     accepts_again(&runtime, &client, &engine, "the network returned");
     engine.kill();
 }
+
+/// How long after the requests start the network goes silent (see the test above).
+const ANSWERS_ON_THE_WAY: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL restarted under load

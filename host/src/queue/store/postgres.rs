@@ -76,6 +76,23 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// those requests.)
 pub const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long a store connection may receive nothing before the kernel probes it (TCP keepalive),
+/// and how often it probes after that, unless the URL sets `keepalives_idle` /
+/// `keepalives_interval`. [`UNACKNOWLEDGED_LIMIT`] alone covers only what this node sent: a
+/// statement (or a connection's start-up exchange) whose bytes the server's host acknowledged
+/// just before the network went silent waits for an answer with nothing unacknowledged, and
+/// without probes it waited until the server's own retransmission got through after the
+/// network returned (about 16 s after a 35 s silence; the default keepalive starts after two
+/// hours). A probe is something sent: with the limit set, the kernel gives the connection up
+/// once nothing has been received for [`UNACKNOWLEDGED_LIMIT`] and a probe is out, so a
+/// connection waiting on an answer is given up as soon as one that sent into the silence is. On
+/// a working network an idle pooled connection costs one probe and its acknowledgement every
+/// 5 s.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// See [`KEEPALIVE_IDLE`]; 1 s is the finest Linux accepts, and sets how soon after the limit
+/// a silent connection is given up.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A pooled session the server answered on less than this long ago is handed out without first
 /// answering an empty query. The check costs a round trip per store call, taken while an
 /// ingest request or a claim waits; skipping it for a session that has just answered removes
@@ -529,7 +546,7 @@ impl PostgresStore {
             config.password(password.expose());
         }
         let node = node_id();
-        apply_defaults(&mut config, &node);
+        apply_defaults(&mut config, &node, url);
         let mut first = config.connect(NoTls).map_err(|e| {
             fail(format!(
                 "cannot connect: {}; check [store] url and password, and that the database \
@@ -743,9 +760,11 @@ pub enum UrlError {
 }
 
 /// Parses a `postgres://` / `postgresql://` URL; [`check_url`] explains what is accepted.
-/// Sets what the URL leaves out: the session's `application_name` (this node), the
-/// [`CONNECT_TIMEOUT`] and the [`UNACKNOWLEDGED_LIMIT`]. A value the URL gives is kept.
-fn apply_defaults(config: &mut postgres::Config, node: &str) {
+/// Sets what `url` (which `config` was parsed from) leaves out: the session's
+/// `application_name` (this node), the [`CONNECT_TIMEOUT`], the [`UNACKNOWLEDGED_LIMIT`] and
+/// the keepalive probes ([`KEEPALIVE_IDLE`], [`KEEPALIVE_INTERVAL`]). A value the URL gives is
+/// kept.
+fn apply_defaults(config: &mut postgres::Config, node: &str, url: &str) {
     if config.get_application_name().is_none() {
         config.application_name(&application_name(node));
     }
@@ -755,6 +774,20 @@ fn apply_defaults(config: &mut postgres::Config, node: &str) {
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(UNACKNOWLEDGED_LIMIT);
     }
+    // The client library reports its own two-hour keepalive default whether or not the URL
+    // gave one, so the URL itself is asked.
+    if !url_sets(url, "keepalives_idle") {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+}
+
+/// Whether `url`'s query string gives `key`.
+fn url_sets(url: &str, key: &str) -> bool {
+    url.split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|kv| kv.split('=').next() == Some(key)))
 }
 
 fn parse_url(url: &str) -> Result<postgres::Config, UrlError> {
@@ -1729,10 +1762,14 @@ mod tests {
 
     #[test]
     fn what_the_url_leaves_out_is_set_and_what_it_gives_is_kept() {
-        let mut config = parse_url("postgres://jobhook@db.example/jobhook").expect("url");
-        apply_defaults(&mut config, "node-1");
+        let url = "postgres://jobhook@db.example/jobhook";
+        let mut config = parse_url(url).expect("url");
+        apply_defaults(&mut config, "node-1", url);
         assert_eq!(config.get_tcp_user_timeout(), Some(&UNACKNOWLEDGED_LIMIT));
         assert_eq!(config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), KEEPALIVE_IDLE);
+        assert_eq!(config.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
         assert!(
             config
                 .get_application_name()
@@ -1740,15 +1777,18 @@ mod tests {
             "{:?}",
             config.get_application_name()
         );
-        let mut config = parse_url(
-            "postgres://jobhook@db.example/jobhook?tcp_user_timeout=5&connect_timeout=2\
-             &application_name=mine",
-        )
-        .expect("url");
-        apply_defaults(&mut config, "node-1");
+        let url = "postgres://jobhook@db.example/jobhook?tcp_user_timeout=5&connect_timeout=2\
+             &application_name=mine&keepalives_idle=7200&keepalives_interval=30";
+        let mut config = parse_url(url).expect("url");
+        apply_defaults(&mut config, "node-1", url);
         assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
         assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(2)));
         assert_eq!(config.get_application_name(), Some("mine"));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(7200));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(30))
+        );
     }
 
     #[test]
