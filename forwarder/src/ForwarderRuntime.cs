@@ -146,7 +146,8 @@ namespace Jobhook.Forwarder
                 }
                 // Nothing is logged here either: the writer thread says what it starts with,
                 // so a slow log sink never holds the intake thread.
-                var runtime = new ForwarderRuntime(settings, log);
+                // Its threads log through the log thread: a slow sink never sets their pace.
+                var runtime = new ForwarderRuntime(settings, LogQueue.Wrap(log));
                 var writer = new Thread(runtime.WriteLoop) { IsBackground = true, Name = "jobhook-forwarder spool writer" };
                 writer.Start();
                 registry[settings.SpoolDirectory] = runtime;

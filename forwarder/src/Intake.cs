@@ -101,6 +101,18 @@ namespace Jobhook.Forwarder
         /// </summary>
         static readonly TimeSpan NoticeGrace = TimeSpan.FromMilliseconds(500);
 
+        /// <summary>
+        /// Longest a ProcessExit or DomainUnload handler waits for <see cref="Shutdown"/>, which
+        /// runs on a thread of its own: the deadline and the grace of the last report. The
+        /// locks on that path are bounded, but a log line or a file write is not: a log sink or
+        /// a spool disk that hangs (a file target or the spool on a share that stopped
+        /// answering) would otherwise hold the process's end until IIS kills the worker
+        /// (shutdownTimeLimit, 90 s by default), and with it an app pool recycle. What that
+        /// thread has not done by then is abandoned with the process; a cut write leaves no
+        /// half event (temporary file, then rename).
+        /// </summary>
+        public static readonly TimeSpan ShutdownWait = ShutdownDeadline + NoticeGrace;
+
         sealed class Pending
         {
             public JobhookForwarder Handler;
@@ -238,11 +250,23 @@ namespace Jobhook.Forwarder
         {
             try
             {
-                Shutdown(ShutdownDeadline);
+                var done = new ManualResetEvent(false);
+                var worker = new Thread(() =>
+                {
+                    try { Shutdown(ShutdownDeadline); }
+                    catch { }
+                    // Never disposed: a thread abandoned past the wait may still set it.
+                    finally { try { done.Set(); } catch { } }
+                }) { IsBackground = true, Name = "jobhook-forwarder shutdown" };
+                worker.Start();
+                done.WaitOne(ShutdownWait);
             }
             catch
             {
-                // Nothing may escape into the runtime's shutdown.
+                // A host that lets no thread start here: shut down on this one (a no-op if the
+                // thread did start); its locks are still bounded. Nothing may escape into the
+                // runtime's shutdown.
+                try { Shutdown(ShutdownDeadline); } catch { }
             }
         }
 
@@ -291,6 +315,8 @@ namespace Jobhook.Forwarder
             }
             ForwarderRuntime.FlushAllForShutdown(deadline - clock.Elapsed);
             Notices.ReportNow(deadline - clock.Elapsed + NoticeGrace);
+            // The lines above are written by the log thread, which ends with the process.
+            LogQueue.Drain(deadline - clock.Elapsed + NoticeGrace);
         }
 
         /// <summary>Serialises one event and hands it to its registration's runtime, unless it is too large.</summary>

@@ -78,7 +78,7 @@ namespace Jobhook.Forwarder
             }
             catch (Exception e)
             {
-                ForwarderLog.Current.Error("reading the Options of manifest.json failed: " + e.Message);
+                LogQueue.Wrap(ForwarderLog.Current).Error("reading the Options of manifest.json failed: " + e.Message);
             }
             this.options = value ?? new Options();
             // The loader builds the handler at start-up: start the sender now so that a spool
@@ -169,7 +169,7 @@ namespace Jobhook.Forwarder
             }
             catch (Exception e)
             {
-                try { ForwarderLog.Current.Error("starting the forwarder failed: " + e); } catch { }
+                try { LogQueue.Wrap(ForwarderLog.Current).Error("starting the forwarder failed: " + e); } catch { }
                 return false;
             }
         }

@@ -203,7 +203,7 @@ namespace Jobhook.Forwarder
                 }
                 catch (Exception e)
                 {
-                    current.Error("Keyfactor's logger is not available (" + e.Message + "); logging to System.Diagnostics.Trace");
+                    LogQueue.Wrap(current).Error("Keyfactor's logger is not available (" + e.Message + "); logging to System.Diagnostics.Trace");
                 }
             }
 #endif

@@ -80,7 +80,7 @@ namespace Jobhook.Forwarder
             // on the reporting thread, so that Add stays cheap on the threads that count.
             var line = description + ": " + (now - before) + " since the last report, " + now + " since start"
                        + (detail != null ? " (the last: " + LogText.Printable(detail) + ")" : "");
-            var target = log ?? ForwarderLog.Current;
+            var target = LogQueue.Wrap(log ?? ForwarderLog.Current);
             if (error)
                 target.Error(line);
             else
@@ -124,10 +124,10 @@ namespace Jobhook.Forwarder
             wake.Set();
         }
 
-        /// <summary>Reports every count now, ignoring the interval (at shutdown). Never throws.</summary>
         /// <summary>
-        /// Reports every count now, for the process's end: waits at most `wait` for the locks
-        /// another thread may hold, and reports nothing rather than wait longer. At exit that
+        /// Reports every count now, ignoring the interval, for the process's end (never throws):
+        /// waits at most `wait` for the locks another thread may hold, and reports nothing
+        /// rather than wait longer. At exit that
         /// thread may be stopped in the middle of its own report (holding the lock, its log
         /// sink slow or the runtime suspending it), and an exit that waits for it never ends.
         /// </summary>

@@ -158,6 +158,10 @@ namespace Jobhook.Forwarder
         RateLimitedCount writeFailures;
         /// <summary>Likewise for a deleted spool directory that cannot be made again.</summary>
         RateLimitedCount recreateFailures;
+        /// <summary>Events dropped to make room for newer ones (a warning, made at the first).</summary>
+        RateLimitedCount spoolFull;
+        /// <summary>Events too large for any spool file (a warning, made at the first).</summary>
+        RateLimitedCount tooLarge;
         /// <summary>Failed writes since the last successful one (the writer's).</summary>
         long failedWrites;
 
@@ -237,8 +241,9 @@ namespace Jobhook.Forwarder
             if (bytes.Length > MaxFileBytes || bytes.Length > maxBytes)
             {
                 Interlocked.Increment(ref Dropped);
-                log.Warn("event " + key + " is " + bytes.Length + " bytes, more than a spool file may hold (" + Math.Min(MaxFileBytes, maxBytes)
-                         + "); it is not spooled");
+                Notice(ref tooLarge, "an event was larger than a spool file may hold (" + Math.Min(MaxFileBytes, maxBytes)
+                                     + " bytes); it was not spooled", false)
+                    .Add("event " + key + ", " + bytes.Length + " bytes");
                 return true;
             }
             var name = DateTime.UtcNow.Ticks.ToString("D19", CultureInfo.InvariantCulture) + "-"
@@ -289,12 +294,12 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>The count in `field`, made on first use.</summary>
-        RateLimitedCount Notice(ref RateLimitedCount field, string description)
+        RateLimitedCount Notice(ref RateLimitedCount field, string description, bool error = true)
         {
             lock (gate)
             {
                 if (field == null)
-                    field = new RateLimitedCount(LogText.Printable(description), log, true);
+                    field = new RateLimitedCount(LogText.Printable(description), log, error);
                 return field;
             }
         }
@@ -468,9 +473,12 @@ namespace Jobhook.Forwarder
                 TryDelete(Path.Combine(directory, oldest));
                 lock (gate)
                     writerOwns = null;
-                var dropped = Interlocked.Increment(ref Dropped);
-                log.Warn("the spool is full (" + maxFiles + " events or " + maxBytes + " bytes); dropped the oldest event "
-                         + oldest + " (" + dropped + " dropped since start)");
+                Interlocked.Increment(ref Dropped);
+                // Counted, not logged per event: a slow log sink must not set the pace of the
+                // writer, nor of the flush at shutdown.
+                Notice(ref spoolFull, "the spool " + directory + " is full (" + maxFiles + " events or " + maxBytes
+                                      + " bytes); dropped the oldest event(s)", false)
+                    .Add(oldest);
             }
         }
 
