@@ -339,18 +339,25 @@ impl Metrics {
         self.running.inc_by(delta);
     }
 
-    /// Renders every metric, after setting the gauges read at scrape time.
-    pub fn render(&self, by_state: &[(&str, u64)], quarantined: usize) -> String {
-        for state in ["pending", "running", "succeeded", "failed", "skipped"] {
-            let n = by_state
-                .iter()
-                .find(|(s, _)| *s == state)
-                .map_or(0, |(_, n)| *n);
-            self.deliveries_by_state
-                .get_or_create(&StateLabels {
-                    state: state.to_owned(),
-                })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// Renders every metric, after setting the gauges read at scrape time. `by_state` is `None`
+    /// when the store could not be read: the delivery-state series are then left out (absent,
+    /// not zero: an empty queue and an unknown one must not look alike).
+    pub fn render(&self, by_state: Option<&[(&str, u64)]>, quarantined: usize) -> String {
+        match by_state {
+            Some(by_state) => {
+                for state in ["pending", "running", "succeeded", "failed", "skipped"] {
+                    let n = by_state
+                        .iter()
+                        .find(|(s, _)| *s == state)
+                        .map_or(0, |(_, n)| *n);
+                    self.deliveries_by_state
+                        .get_or_create(&StateLabels {
+                            state: state.to_owned(),
+                        })
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            None => self.deliveries_by_state.clear(),
         }
         self.quarantined
             .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
@@ -380,7 +387,7 @@ mod tests {
         m.event_accepted("poller", 0);
         m.delivery("mail", "succeeded", 0.002);
         m.delivery("mail", "timed-out", 1.5);
-        let text = m.render(&[("pending", 7)], 1);
+        let text = m.render(Some(&[("pending", 7)]), 1);
         assert!(
             text.contains("jobhook_events_accepted_total{source=\"api\"} 1"),
             "{text}"

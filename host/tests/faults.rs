@@ -426,13 +426,6 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
     let (runtime, client) = accepting(&engine);
 
     db.server().freeze().expect("freeze PostgreSQL");
-    // Thawed whatever happens below, so the server can be stopped and deleted.
-    struct Thaw<'a>(&'a jobhook_testkit::postgres::TestDatabase);
-    impl Drop for Thaw<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.server().thaw();
-        }
-    }
     let thaw = Thaw(&db);
     // More requests than the store has connections: each is answered, in bounded time.
     runtime.block_on(each_refused_in_bounded_time(&client, &engine));
@@ -446,6 +439,91 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
     drop(thaw);
     accepts_again(&runtime, &client, &engine, "the thaw");
     engine.kill();
+}
+
+/// Thaws a frozen test server when dropped, whatever happened meanwhile, so that it can be
+/// stopped and deleted.
+struct Thaw<'a>(&'a jobhook_testkit::postgres::TestDatabase);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.server().thaw();
+    }
+}
+
+/// Longest SIGTERM may take to end an engine whose store stopped answering: the connections'
+/// drain and the deliveries' grace (`shutdown_grace`, 10 s each by default, here with nothing to
+/// wait for), the store's wind-down ([`jobhook::app::server::STORE_WIND_DOWN`]), a second for
+/// blocking calls, and a margin for a loaded machine.
+const FROZEN_SHUTDOWN_BOUND: Duration = Duration::from_secs(45);
+
+/// A PostgreSQL server frozen while the node sits idle (its pooled sessions unused, as between
+/// events): `/metrics` still answers within the store read timeout, with the engine's own
+/// counters and without the delivery-state series (unknown is not zero); reading an event is
+/// answered 503; SIGTERM ends the process. None of them waits for the server: each used to
+/// wait, on the check of an idle pooled session, until the server ran again.
+#[test]
+fn a_frozen_postgres_server_holds_neither_metrics_nor_event_reads_nor_shutdown() {
+    use jobhook::sources::api::STORE_READ_TIMEOUT;
+    let Some((db, _dir, engine)) = engine_on_private_postgres() else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+    assert_eq!(status, 202, "{body}");
+    let id = event_id(&body);
+    runtime.block_on(settled(&client, &engine, &id));
+    let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
+    assert!(
+        metrics.contains("jobhook_deliveries_in_state{"),
+        "the delivery states while the store answers:\n{metrics}"
+    );
+    // Longer than a pooled session is trusted without a check after its last answer.
+    std::thread::sleep(Duration::from_secs(1));
+
+    db.server().freeze().expect("freeze PostgreSQL");
+    let thaw = Thaw(&db);
+    let bound = STORE_READ_TIMEOUT + REFUSAL_MARGIN;
+    let began = Instant::now();
+    let (status, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
+    let took = began.elapsed();
+    assert!(took < bound, "/metrics took {took:?} (bound {bound:?})");
+    assert_eq!(status, 200, "{metrics}");
+    assert!(
+        metrics.contains("jobhook_events_accepted_total"),
+        "the engine's own counters:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains("jobhook_deliveries_in_state{"),
+        "no delivery-state series while the store cannot say:\n{metrics}"
+    );
+    let began = Instant::now();
+    let (status, text) = runtime.block_on(get(&client, &engine.url, &format!("/v1/events/{id}")));
+    let took = began.elapsed();
+    assert!(
+        took < bound,
+        "reading an event took {took:?} (bound {bound:?})"
+    );
+    assert_eq!(status, 503, "{text}");
+
+    let began = Instant::now();
+    let log = engine.log.clone();
+    let exited = engine.terminate(FROZEN_SHUTDOWN_BOUND);
+    assert!(
+        exited.is_some(),
+        "SIGTERM did not end the engine within {FROZEN_SHUTDOWN_BOUND:?} while its store was \
+         frozen; its log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    println!(
+        "stopped {:?} after SIGTERM with the store frozen",
+        began.elapsed()
+    );
+    drop(thaw);
 }
 
 /// A runtime and a client for `engine`, once it has accepted one event (so its store is in
@@ -1007,6 +1085,114 @@ async fn a_mail_outbox_filling_its_disk_is_refused_before_the_queue_runs_out() {
     assert_eq!(delivery(&event, "mail")["state"], "succeeded", "{event:#}");
     assert_eq!(mails(), before + 1);
     engine.kill();
+}
+
+/// The threads of process `pid` (`Threads:` in /proc/<pid>/status).
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .expect("the engine's thread count")
+}
+
+/// The mail outbox's disk stops answering (an outbox on a network share that hangs; here
+/// `jobhook-powerloss-fs` with its process stopped): each mail attempt ends with its
+/// delivery's time budget, and the writes left waiting on the disk hold at most
+/// [`MAX_OUTBOX_WRITES_IN_PROGRESS`](jobhook::capabilities::mail::MAX_OUTBOX_WRITES_IN_PROGRESS)
+/// threads; past that mail is refused at once, saying the outbox is not keeping up. Without
+/// the bound, every attempt kept one more thread of the blocking pool the store's calls share
+/// (seen: one per attempt), until that pool was full and every handler's deliveries stopped.
+#[test]
+fn a_hung_mail_outbox_disk_holds_a_bounded_number_of_threads() {
+    use jobhook::capabilities::mail::MAX_OUTBOX_WRITES_IN_PROGRESS;
+    use jobhook_testkit::powerloss::{PowerLossFs, fuse_or_skip};
+    /// Mail attempts into the hung disk: well above the bound.
+    const ATTEMPTS: usize = 60;
+    /// Threads the engine may start besides the bounded writes (the blocking pool's other
+    /// work, which comes and goes).
+    const SLACK: usize = 8;
+    if !fuse_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (backing, mount) = (dir.path().join("disk"), dir.path().join("mnt"));
+    for d in [&backing, &mount] {
+        std::fs::create_dir(d).expect("create dir");
+    }
+    let disk = PowerLossFs::mount(&jobhook_testkit::powerloss_fs_binary(), &backing, &mount);
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{data}\"\n\n\
+             [engine]\nmax_concurrent_deliveries = 64\n\n\
+             [quarantine]\nafter_failures = 0\n\n\
+             [mail]\nfrom = \"jobhook@example.com\"\noutbox = \"{outbox}\"\n\n\
+             [[handlers]]\nname = \"mail\"\ncomponent = \"{mail}\"\njob_types = [\"*\"]\n\
+             properties = {{ RetryThreshold = \"0\", EmailRecipients = \"pki-team@example.com\" }}\n\
+             [handlers.limits]\ntimeout_ms = 500\n\
+             [handlers.grants.mail]\nrecipients = [\"@example.com\"]\n",
+            data = dir.path().join("data").display(),
+            outbox = disk.mountpoint().join("outbox").display(),
+            mail = guest("repeated-failure-email").display()
+        ),
+    )
+    .expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    // Mail works while the disk answers.
+    let event = runtime.block_on(post_settled(&client, &engine, &failed_inventory_job()));
+    assert_eq!(delivery(&event, "mail")["state"], "succeeded", "{event:#}");
+    let before = threads_of(engine.pid());
+
+    disk.freeze().expect("freeze the outbox's filesystem");
+    let ids: Vec<String> = (0..ATTEMPTS)
+        .map(|_| {
+            let (status, body) =
+                runtime.block_on(post_event(&client, &engine.url, &failed_inventory_job()));
+            assert_eq!(status, 202, "{body}");
+            event_id(&body)
+        })
+        .collect();
+    let mut refused = 0;
+    for id in &ids {
+        let event = runtime.block_on(settled(&client, &engine, id));
+        let d = delivery(&event, "mail");
+        assert_ne!(d["state"], "succeeded", "no mail can be written: {d:#}");
+        if d["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outbox is not keeping up")
+        {
+            refused += 1;
+        }
+    }
+    let after = threads_of(engine.pid());
+    let added = after.saturating_sub(before);
+    let log = engine.log_text();
+    assert!(
+        added <= MAX_OUTBOX_WRITES_IN_PROGRESS + SLACK,
+        "{ATTEMPTS} mail attempts into a hung disk added {added} threads ({before} → {after}); \
+         the bound is {MAX_OUTBOX_WRITES_IN_PROGRESS}\n{log}"
+    );
+    assert!(
+        refused >= ATTEMPTS - MAX_OUTBOX_WRITES_IN_PROGRESS,
+        "{refused} of {ATTEMPTS} refused at once\n{log}"
+    );
+    assert!(
+        log.contains("writes to the mail outbox are in progress"),
+        "{log}"
+    );
+    println!("{ATTEMPTS} attempts: {refused} refused at once, {added} threads added");
+    disk.thaw().expect("thaw");
+    engine.kill();
+    disk.cut_power();
 }
 
 /// The engine's configuration with a relay at `smtp_port` (`smtp_timeout_ms` per message) and

@@ -146,6 +146,10 @@ struct InspectArgs {
     engine: crate::app::engine_args::EngineArgs,
 }
 
+/// How long the process's end waits for blocking calls still running when a command is done
+/// (see `main`): a call that answers does so well within it.
+const BLOCKING_CALLS_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Entry point of the binary: parses arguments, runs the command, maps the result to an exit
 /// code.
 pub fn main() -> ExitCode {
@@ -185,6 +189,10 @@ pub fn main() -> ExitCode {
             Command::ForwarderConfig(args) => forwarder_config(args),
         }
     });
+    // A blocking call still waiting on a store or a disk that stopped answering (an ingest
+    // commit that was answered 503, a metrics read) is abandoned: dropping the runtime would
+    // wait for it for as long as that lasts.
+    runtime.shutdown_timeout(BLOCKING_CALLS_AT_EXIT);
     exit_code(result)
 }
 

@@ -36,6 +36,14 @@ pub const READY_LINE: &str = "jobhook listening on http://";
 /// The same line when the listener speaks TLS.
 pub const READY_LINE_TLS: &str = "jobhook listening on https://";
 
+/// How long, past `shutdown_grace`, the dispatcher may take at shutdown to record the last
+/// outcomes and requeue interrupted deliveries: store calls, which a store that stopped
+/// answering (a frozen PostgreSQL server, a hung disk) would hold for as long as it lasts, and
+/// with them the process's end. A store that answers needs well under a second for both. Past
+/// this the engine stops anyway; what it could not record or requeue runs again when its lease
+/// expires, as after a crash.
+pub const STORE_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A registered handler together with a digest of its component, so that a reload can keep
 /// handlers whose component and configuration did not change (and with them their quarantine
 /// state and compiled code).
@@ -296,7 +304,14 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     .await;
     tracing::info!("no longer accepting events; finishing running deliveries");
     dispatcher.stop();
-    let _ = worker.await;
+    let wind_down = config.server.shutdown_grace + STORE_WIND_DOWN;
+    if tokio::time::timeout(wind_down, worker).await.is_err() {
+        tracing::error!(
+            "the store did not answer within {wind_down:?} of the stop; stopping without \
+             recording the last outcomes or requeueing interrupted deliveries (they run again \
+             when their leases expire)"
+        );
+    }
     drop(delivery_threads);
     tracing::info!("stopped");
     Ok(())
@@ -388,12 +403,13 @@ fn reloader(running: Running) -> Reloader {
                         &StartOnlySecrets::read(&config),
                     );
                     dispatcher.replace_registry(set.registry());
-                    report.waiting_for_unconfigured = dispatcher.waiting_for_unconfigured().await;
                     *current = (set, config);
                     if let (Some(state), Some(new)) = (&tls, tls_config) {
                         state.replace(new);
                         tracing::info!("TLS certificate reloaded");
                     }
+                    // Last, once everything is swapped in: a store call, bounded.
+                    report.waiting_for_unconfigured = dispatcher.waiting_for_unconfigured().await;
                     if !report.secrets_reloaded.is_empty() {
                         tracing::info!(
                             secrets = ?report.secrets_reloaded,

@@ -39,6 +39,11 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Pause after a store error before claiming again, so a broken disk does not spin a core.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+/// Longest [`Dispatcher::waiting_for_unconfigured`] waits for the store: it runs at start and
+/// at the end of a reload, whose answer (and the next SIGHUP) a store that stopped answering
+/// must not hold. The count takes milliseconds.
+const PENDING_COUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Shortest lease the dispatcher uses, whatever it is given: renewals run every third of it.
 const MIN_LEASE: Duration = Duration::from_millis(300);
 
@@ -399,13 +404,18 @@ impl Dispatcher {
     /// Pending deliveries of handlers not in force here, by handler: they are not claimed by
     /// this node (see [`ClaimLimits::others`]) and wait for a handler of that name — configured
     /// again by a reload, or on another node — and each is logged as a warning. Empty when the
-    /// store cannot say (the error is logged).
+    /// store cannot say within [`PENDING_COUNT_TIMEOUT`] (the error is logged).
     pub async fn waiting_for_unconfigured(&self) -> std::collections::BTreeMap<String, u64> {
         let store = Arc::clone(&self.store);
-        let counted = tokio::task::spawn_blocking(move || store.pending_by_handler())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|counts| counts.map_err(|e| e.to_string()));
+        let count = tokio::task::spawn_blocking(move || store.pending_by_handler());
+        let counted = match tokio::time::timeout(PENDING_COUNT_TIMEOUT, count).await {
+            Ok(counted) => counted
+                .map_err(|e| e.to_string())
+                .and_then(|counts| counts.map_err(|e| e.to_string())),
+            Err(_) => Err(format!(
+                "the store did not answer within {PENDING_COUNT_TIMEOUT:?}"
+            )),
+        };
         let counts = match counted {
             Ok(counts) => counts,
             Err(e) => {

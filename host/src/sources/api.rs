@@ -412,6 +412,13 @@ async fn job_complete(
 /// unknown: resends carry an `Idempotency-Key`.
 pub const INGEST_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest `GET /metrics` and `GET /v1/events/{id}` wait for the store. A read takes
+/// milliseconds; one held by a store that stopped answering would hold the request as long as
+/// that lasts, and a scrape during a database incident must still give the engine's own
+/// counters (its store failures above all). The metrics are then answered without the
+/// delivery-state series, an event read with 503.
+pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The metric reason and the answer for an event the store could not commit. The answer names
 /// the cause in words an operator can act on, without the database's own message (which the
 /// log has): a file path or a server address is no business of the sender's. It says "not
@@ -439,11 +446,33 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         return error(StatusCode::BAD_REQUEST, "the event id is not a UUID");
     };
     let store = Arc::clone(&state.store);
-    match tokio::task::spawn_blocking(move || store.event(id)).await {
+    let read = tokio::task::spawn_blocking(move || store.event(id));
+    let Ok(read) = tokio::time::timeout(STORE_READ_TIMEOUT, read).await else {
+        tracing::error!(
+            "cannot read event {id}: the store did not answer within {STORE_READ_TIMEOUT:?}"
+        );
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the event could not be read: the store did not answer within {} s; retry later",
+                STORE_READ_TIMEOUT.as_secs()
+            ),
+        );
+    };
+    match read {
         Ok(Ok(Some(view))) => axum::Json(view).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
         // The store's own words (a database server's message, detail and hint) go to the
         // operator's log, not to the client, as for ingest.
+        Ok(Err(StoreError::Unreachable(why))) => {
+            tracing::error!(
+                "cannot read event {id}: the store's database cannot be reached: {why}"
+            );
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the event could not be read: the store's database cannot be reached; retry later",
+            )
+        }
         Ok(Err(e)) => unreadable(id, &e),
         Err(e) => unreadable(id, &e),
     }
@@ -498,17 +527,34 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let store = Arc::clone(&state.store);
-    let counts = tokio::task::spawn_blocking(move || store.count_by_state())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
-    let by_state: Vec<(&str, u64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    let read = tokio::task::spawn_blocking(move || store.count_by_state());
+    let counts = match tokio::time::timeout(STORE_READ_TIMEOUT, read).await {
+        Ok(Ok(Ok(counts))) => Some(counts),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!("metrics without the delivery states: cannot read the store: {e}");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("metrics without the delivery states: the store read failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "metrics without the delivery states: the store did not answer within \
+                 {STORE_READ_TIMEOUT:?}"
+            );
+            None
+        }
+    };
+    let by_state: Option<Vec<(&str, u64)>> = counts
+        .as_ref()
+        .map(|counts| counts.iter().map(|(s, n)| (s.as_str(), *n)).collect());
     let (known, silence) = state.forwarders.summary(chrono::Utc::now());
     state.metrics.forwarders(known, silence);
-    let text = state
-        .metrics
-        .render(&by_state, state.dispatcher.registry().quarantined());
+    let text = state.metrics.render(
+        by_state.as_deref(),
+        state.dispatcher.registry().quarantined(),
+    );
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
     (headers, text).into_response()

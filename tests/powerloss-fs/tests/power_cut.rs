@@ -149,6 +149,40 @@ fn directory_changes_apply_at_once() {
     );
 }
 
+/// A frozen filesystem holds every operation on it until it is thawed (what a network share
+/// that stopped answering does), and a power cut ends a frozen one too.
+#[test]
+fn a_frozen_filesystem_holds_operations_until_thawed() {
+    if !fuse_or_skip() {
+        return;
+    }
+    let dirs = dirs();
+    let mounted = mount(&dirs);
+    let file = mounted.mountpoint().join("f");
+    mounted.freeze().expect("freeze");
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let writer = {
+        let file = file.clone();
+        std::thread::spawn(move || {
+            let written = fs::write(&file, b"after the thaw");
+            let _ = done_tx.send(());
+            written
+        })
+    };
+    assert!(
+        done.recv_timeout(std::time::Duration::from_millis(500))
+            .is_err(),
+        "a write finished on a frozen filesystem"
+    );
+    mounted.thaw().expect("thaw");
+    done.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the write finishes once thawed");
+    writer.join().expect("writer").expect("write");
+    assert_eq!(read(&file), "after the thaw");
+    mounted.freeze().expect("freeze again");
+    mounted.cut_power();
+}
+
 /// The payload of row `id`: a few hundred bytes, different for every row.
 fn payload(id: i64) -> Vec<u8> {
     format!("row {id} ").repeat(40).into_bytes()

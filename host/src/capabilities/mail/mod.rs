@@ -125,6 +125,20 @@ const TEMP_SUFFIX: &str = ".eml.tmp";
 /// pile up.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(60 * 60);
 
+/// Outbox writes in progress at once, engine-wide. A write (free-space check, file, fsync,
+/// rename, directory fsync) holds a thread of the delivery runtime's blocking pool until the
+/// disk answers, and a delivery whose time budget ends does not stop it: on a disk that hangs
+/// (an outbox on a network share that stopped answering) each mail attempt would keep one more
+/// thread, until the pool the store's calls share was full and every handler's deliveries
+/// stopped. Past the bound a mail is refused at once (the delivery fails and is retried as
+/// usual); a write on a working disk takes milliseconds, so 16 at once is far more than a
+/// healthy outbox ever has.
+pub const MAX_OUTBOX_WRITES_IN_PROGRESS: usize = 16;
+
+/// The engine's outbox writes in progress (see [`MAX_OUTBOX_WRITES_IN_PROGRESS`]).
+static OUTBOX_WRITES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_OUTBOX_WRITES_IN_PROGRESS);
+
 /// Bytes an unprivileged process may still write on the file system holding `dir`; `None` when
 /// the system cannot tell.
 #[cfg(unix)]
@@ -825,6 +839,17 @@ impl MailTransport {
         let email = self.build(grant, message)?;
         match &self.kind {
             TransportKind::Outbox { dir, swept } => {
+                let Ok(permit) = OUTBOX_WRITES.try_acquire() else {
+                    tracing::warn!(
+                        outbox = %dir.display(),
+                        "{MAX_OUTBOX_WRITES_IN_PROGRESS} writes to the mail outbox are in progress \
+                         (its disk is not answering); mail is refused until they finish"
+                    );
+                    return Err(CapabilityError::Failed(
+                        "the engine's mail outbox is not keeping up; the message was not written"
+                            .into(),
+                    ));
+                };
                 let sweep = {
                     let mut last = swept.lock().unwrap_or_else(|p| p.into_inner());
                     let due = last.is_none_or(|at| at.elapsed() >= STALE_TEMP_AGE);
@@ -838,7 +863,11 @@ impl MailTransport {
                     // The same bytes lettre's file transport wrote (`Message::formatted`), under
                     // the same name scheme (`<random UUID>.eml`); lettre wrote no side file.
                     let wire = email.formatted();
-                    move || write_to_outbox(&dir, &uuid::Uuid::new_v4().to_string(), &wire, sweep)
+                    move || {
+                        // Held until the disk answers, however long after the delivery ended.
+                        let _permit = permit;
+                        write_to_outbox(&dir, &uuid::Uuid::new_v4().to_string(), &wire, sweep)
+                    }
                 };
                 match tokio::task::spawn_blocking(job).await {
                     Ok(Ok(written)) => {
