@@ -41,6 +41,8 @@
 //            forwarder's RunHandlerBudgetMilliseconds. A test that is about something else than
 //            the budget, or that must tell a blocked call from a slow machine, sets a bound that
 //            still tells them apart)
+//          --broken-spool DIR3 (burst only: first, another registration with DIR3 as its
+//            SpoolDirectory, which cannot be made, is handed 5 events it never writes)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when nothing is pending and no event file is left in
 // the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
@@ -452,6 +454,15 @@ namespace Jobhook.Forwarder.Harness
             var contexts = new OrchestratorJobCompleteHandlerContext[count];
             for (int i = 0; i < count; i++)
                 contexts[i] = MakeContext(i, random, null);
+            // --broken-spool DIR: first, another registration whose spool directory cannot be
+            // made, with a few events in its memory (it never writes them).
+            var brokenSpool = Get(opts, "broken-spool", null);
+            if (brokenSpool != null)
+            {
+                var broken = Construct(options, brokenSpool);
+                for (int i = 0; i < 5; i++)
+                    broken.RunHandler(MakeContext(count + i, random, null));
+            }
             var forwarder = Construct(options, null);
             var stalls = StallDetector.Start();
             var failures = new List<string>();

@@ -357,16 +357,35 @@ namespace Jobhook.Forwarder
             {
                 Monitor.Exit(registryGate);
             }
+            // Side by side, each on a thread of its own: a registration whose spool cannot be
+            // opened, or whose disk hangs, must not use up the others' time.
+            var done = new List<ManualResetEvent>();
             foreach (var runtime in runtimes)
             {
+                var finished = new ManualResetEvent(false);
+                var flushing = runtime;
                 try
                 {
-                    runtime.FlushForShutdown(deadline - clock.Elapsed);
+                    var thread = new Thread(() =>
+                    {
+                        try { flushing.FlushForShutdown(deadline - clock.Elapsed); }
+                        catch { }
+                        // Never disposed: a thread abandoned past the deadline may still set it.
+                        finally { try { finished.Set(); } catch { } }
+                    }) { IsBackground = true, Name = "jobhook-forwarder flush" };
+                    thread.Start();
+                    done.Add(finished);
                 }
                 catch
                 {
-                    // The next runtime still gets its turn.
+                    // No thread to be had: this one flushes here.
+                    try { flushing.FlushForShutdown(deadline - clock.Elapsed); } catch { }
                 }
+            }
+            foreach (var finished in done)
+            {
+                var left = deadline - clock.Elapsed;
+                try { finished.WaitOne(left > TimeSpan.Zero ? left : TimeSpan.Zero); } catch { }
             }
         }
 
@@ -382,6 +401,10 @@ namespace Jobhook.Forwarder
             var clock = System.Diagnostics.Stopwatch.StartNew();
             stopping = true;
             queued.Set(); // an idle writer sees `stopping` and ends
+            // Nothing in memory (the event the writer is writing is still in the queue): no
+            // reason to wait for the spool. Read without the lock, as at the end.
+            if (queue.Count == 0)
+                return;
             int written = 0;
             bool entered = false;
             try

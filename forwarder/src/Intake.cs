@@ -201,15 +201,17 @@ namespace Jobhook.Forwarder
         /// </summary>
         public static void Submit(JobhookForwarder handler, ContextSnapshot context)
         {
-            if (stopping)
-            {
-                AfterShutdown.Add("job " + context.JobId.ToString("D"));
-                return;
-            }
             var pending = new Pending { Handler = handler, Context = context };
             Pending oldest = null;
             lock (gate)
             {
+                // Under the lock the shutdown collects the queue with: an event is either taken
+                // before it, and so written by it, or counted as refused.
+                if (stopping)
+                {
+                    AfterShutdown.Add("job " + context.JobId.ToString("D"));
+                    return;
+                }
                 StartLocked();
                 queue.Enqueue(pending);
                 if (queue.Count > Capacity)
@@ -285,6 +287,8 @@ namespace Jobhook.Forwarder
             // Every lock on this path is taken within the deadline (Bounded): a thread holding
             // one may never run again once the process is ending.
             var left = new List<Pending>();
+            // Events that never reach a runtime's queue: said in one line, not lost unsaid.
+            long lost = 0;
             if (Bounded.Enter(gate, deadline - clock.Elapsed))
             {
                 try
@@ -297,22 +301,38 @@ namespace Jobhook.Forwarder
                     Monitor.Exit(gate);
                 }
             }
+            else
+            {
+                // Read without the lock: its holder may never release it.
+                lost += queue.Count;
+            }
             // The event the intake thread holds is passed on by it; wait for that.
             while (clock.Elapsed < deadline && Volatile.Read(ref inFlight) != 0)
                 Thread.Sleep(1);
+            if (Volatile.Read(ref inFlight) != 0)
+                lost++;
+            int passed = 0;
             foreach (var pending in left)
             {
                 if (clock.Elapsed >= deadline)
                     break;
+                passed++;
                 try
                 {
                     PassOn(pending);
                 }
                 catch (Exception e)
                 {
+                    lost++;
                     IntakeFailed.Add(e.GetType().Name + ": " + e.Message);
                 }
             }
+            lost += left.Count - passed;
+            if (lost > 0)
+                LogQueue.Wrap(ForwarderLog.Current).Error(
+                    "shutting down: " + lost + " accepted event(s) were still waiting for the intake thread after "
+                    + deadline.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture)
+                    + " s and are lost");
             ForwarderRuntime.FlushAllForShutdown(deadline - clock.Elapsed);
             Notices.ReportNow(deadline - clock.Elapsed + NoticeGrace);
             // The lines above are written by the log thread, which ends with the process.
@@ -374,8 +394,11 @@ namespace Jobhook.Forwarder
                 }
                 catch (Exception e)
                 {
-                    // Keep the intake alive whatever happens; only this event is lost.
-                    IntakeFailed.Add((next != null ? "job " + next.Context.JobId.ToString("D") + ", " : "") + e);
+                    // Keep the intake alive whatever happens; only this event is lost. Even
+                    // the count may fail (no memory left for the text): nothing may escape
+                    // this thread, which would end Keyfactor's process.
+                    try { IntakeFailed.Add((next != null ? "job " + next.Context.JobId.ToString("D") + ", " : "") + e); }
+                    catch { }
                 }
             }
         }

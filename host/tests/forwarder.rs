@@ -2081,3 +2081,38 @@ async fn u_a_hung_log_sink_holds_neither_the_spool_nor_the_process_end() {
          {SPOOL_FILES}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v_a_registration_whose_spool_cannot_open_does_not_cost_the_others_their_events_at_exit() {
+    const SENT: usize = 8000;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // Another registration's spool directory lies under a regular file, so it can never be
+    // made (even as root), and that registration holds events it can never write. At a normal
+    // exit both flush within the one shutdown deadline: the broken one waits out the deadline,
+    // and must not take the healthy one's time with it. No engine: every accepted event of the
+    // healthy registration must be in its spool. 8,000 events: more than its writer (a flush
+    // per file) gets to on its own within the deadline here (seen: 6,023 of them when the
+    // broken registration's flush went first and took the whole deadline).
+    let blocker = site.path("not-a-directory");
+    std::fs::write(&blocker, b"a file").expect("blocking file");
+    let broken = blocker.join("spool");
+    let broken = broken.to_string_lossy();
+    let log = burst(
+        build,
+        &site,
+        SENT,
+        &["--broken-spool", &broken, "--budget-ms", "1000"],
+        "an exit with a registration whose spool cannot open",
+    );
+    assert_eq!(
+        spool_files(&site),
+        SENT,
+        "every event the healthy registration accepted is in its spool:\n{log}"
+    );
+    assert!(
+        log.contains("accepted event(s) could not be written to the spool"),
+        "the broken registration's events are reported lost:\n{log}"
+    );
+}
