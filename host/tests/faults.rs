@@ -793,6 +793,74 @@ fn a_postgres_network_gone_silent_is_given_up_and_the_node_reconnects_when_it_re
 /// How long after the requests start the network goes silent (see the test above).
 const ANSWERS_ON_THE_WAY: Duration = Duration::from_secs(1);
 
+/// Longest `serve` may take to give up on a database address that accepts connections and
+/// never answers: the connect timeout (5 s) and the start-up exchange's limit (5 s), plus a
+/// margin for a loaded machine.
+const UNANSWERED_START_BOUND: Duration = Duration::from_secs(25);
+
+/// A `[store] url` whose address accepts connections and then says nothing (a frozen server, a
+/// balancer in front of a dead one): `serve` stops with an error saying so within its bound,
+/// instead of waiting for good without ever listening (seen: still waiting after 25 s). The
+/// pool's connections and the leadership session are made the same way.
+#[test]
+fn a_postgres_address_that_never_answers_stops_the_start_with_an_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("address").port();
+    // Accepts every connection and keeps it open, silent.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for socket in listener.incoming().flatten() {
+            held.push(socket);
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\n\
+             kind = \"postgres\"\nurl = \"postgres://jobhook@127.0.0.1:{port}/jobhook\"\ndata_dir = \"data\"\n\n\
+             [[handlers]]\nname = \"log\"\ncomponent = \"{log}\"\njob_types = [\"*\"]\n",
+            log = guest("log-context").display()
+        ),
+    )
+    .expect("config");
+    let began = Instant::now();
+    let mut child = Command::new(engine_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the engine");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if began.elapsed() > UNANSWERED_START_BOUND {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "serve was still waiting for the database {UNANSWERED_START_BOUND:?} after it \
+                 started"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        use std::io::Read as _;
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("did not finish setting up a connection"),
+        "the error says what happened:\n{stderr}"
+    );
+    println!("serve gave up after {:?}", began.elapsed());
+}
+
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL restarted under load
 // ---------------------------------------------------------------------------------------------

@@ -302,6 +302,9 @@ enum PgError {
     /// The store was closed (only while it is being dropped).
     #[error("the store is closed")]
     Closed,
+    /// Establishing a connection did not finish in time (see [`connect_within`]).
+    #[error("{0}")]
+    ConnectStalled(String),
 }
 
 /// The whole story of a client error: `postgres::Error`'s own message is only its kind ("db
@@ -338,7 +341,7 @@ impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
         match e {
             PgError::Corrupt(message) => StoreError::Corrupt(message),
-            PgError::Pool(_) => StoreError::Unreachable(e.to_string()),
+            PgError::Pool(_) | PgError::ConnectStalled(_) => StoreError::Unreachable(e.to_string()),
             PgError::Db(ref error) => match error.as_db_error() {
                 Some(db) if db.code() == &postgres::error::SqlState::DISK_FULL => {
                     StoreError::DiskFull(e.to_string())
@@ -420,11 +423,11 @@ struct Manager {
 
 impl r2d2::ManageConnection for Manager {
     type Connection = Conn;
-    type Error = postgres::Error;
+    type Error = PgError;
 
-    fn connect(&self) -> Result<Conn, postgres::Error> {
-        let mut client = self.config.connect(NoTls)?;
-        client.batch_execute(&format!("{}; {INDEXES_ONLY}", self.limits.sql()))?;
+    fn connect(&self) -> Result<Conn, PgError> {
+        let settings = format!("{}; {INDEXES_ONLY}", self.limits.sql());
+        let client = connect_within(&self.config, move |client| client.batch_execute(&settings))?;
         Ok(Conn {
             client,
             statements: HashMap::new(),
@@ -432,7 +435,7 @@ impl r2d2::ManageConnection for Manager {
         })
     }
 
-    fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), PgError> {
         if conn.answered_at.elapsed() < RECENTLY_ANSWERED {
             return Ok(());
         }
@@ -452,13 +455,101 @@ struct LogErrors {
     target: String,
 }
 
-impl r2d2::HandleError<postgres::Error> for LogErrors {
-    fn handle_error(&self, error: postgres::Error) {
+impl r2d2::HandleError<PgError> for LogErrors {
+    fn handle_error(&self, error: PgError) {
         tracing::warn!(
             database = %self.target,
-            "store database connection failed: {}",
-            describe(&error)
+            "store database connection failed: {error}"
         );
+    }
+}
+
+/// How long a connection's start-up exchange (authentication, session settings) may take once
+/// its TCP connection is made. The server answers it in milliseconds.
+pub const STARTUP_EXCHANGE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Connections given up by [`connect_within`] whose threads have not ended yet, at most. Each
+/// holds a thread until the server answers or the kernel gives the connection up; past this
+/// bound a new connection fails at once instead of leaving one more.
+const MAX_STALLED_CONNECTS: usize = 4;
+
+/// Connections given up and not ended yet (see [`MAX_STALLED_CONNECTS`]).
+static STALLED_CONNECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// What a connecting thread hands its caller.
+#[derive(Default)]
+struct Handoff {
+    result: Option<Result<Client, postgres::Error>>,
+    /// The caller stopped waiting: the thread ends the connection itself.
+    abandoned: bool,
+}
+
+/// Connects with `config`, runs `prepare` on the new session, and gives it up unless both are
+/// done within the TCP connect timeout (per host) plus [`STARTUP_EXCHANGE_LIMIT`]. The client
+/// library bounds only the TCP connect: a server or a proxy that accepts the connection and
+/// then says nothing (a frozen server, a balancer in front of a dead one) held the caller for
+/// good — at start the engine never listened, and in the pool its few connecting threads were
+/// held, so that no connection could be made again even after the server came back. The work
+/// runs on a thread of its own; a connection given up this way ends on its own once the
+/// server answers or the kernel gives it up.
+fn connect_within(
+    config: &postgres::Config,
+    prepare: impl FnOnce(&mut Client) -> Result<(), postgres::Error> + Send + 'static,
+) -> Result<Client, PgError> {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Condvar};
+    let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+    let limit = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(CONNECT_TIMEOUT)
+        .saturating_mul(hosts)
+        .saturating_add(STARTUP_EXCHANGE_LIMIT);
+    let stalled = STALLED_CONNECTS.load(Ordering::SeqCst);
+    if stalled >= MAX_STALLED_CONNECTS {
+        return Err(PgError::ConnectStalled(format!(
+            "{stalled} connections to the database server are still waiting for it to answer; \
+             not starting another"
+        )));
+    }
+    let shared = Arc::new((Mutex::new(Handoff::default()), Condvar::new()));
+    let theirs = Arc::clone(&shared);
+    let config = config.clone();
+    std::thread::Builder::new()
+        .name("jobhook-pg-connect".into())
+        .spawn(move || {
+            let result = config.connect(NoTls).and_then(|mut client| {
+                prepare(&mut client)?;
+                Ok(client)
+            });
+            let (handoff, ready) = &*theirs;
+            let mut handoff = handoff.lock().unwrap_or_else(|p| p.into_inner());
+            if handoff.abandoned {
+                STALLED_CONNECTS.fetch_sub(1, Ordering::SeqCst);
+                drop(handoff);
+                // Ends the session, if one was made, on this thread.
+                drop(result);
+            } else {
+                handoff.result = Some(result);
+                ready.notify_one();
+            }
+        })
+        .map_err(|e| PgError::ConnectStalled(format!("cannot start a connecting thread: {e}")))?;
+    let (handoff, ready) = &*shared;
+    let handoff = handoff.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut handoff, _) = ready
+        .wait_timeout_while(handoff, limit, |h| h.result.is_none())
+        .unwrap_or_else(|p| p.into_inner());
+    match handoff.result.take() {
+        Some(result) => result.map_err(PgError::from),
+        None => {
+            handoff.abandoned = true;
+            STALLED_CONNECTS.fetch_add(1, Ordering::SeqCst);
+            Err(PgError::ConnectStalled(format!(
+                "the database server did not finish setting up a connection within {limit:?} \
+                 (it accepted the connection and then did not answer)"
+            )))
+        }
     }
 }
 
@@ -547,11 +638,10 @@ impl PostgresStore {
         }
         let node = node_id();
         apply_defaults(&mut config, &node, url);
-        let mut first = config.connect(NoTls).map_err(|e| {
+        let mut first = connect_within(&config, |_| Ok(())).map_err(|e| {
             fail(format!(
-                "cannot connect: {}; check [store] url and password, and that the database \
-                 exists and accepts connections from this host",
-                describe(&e)
+                "cannot connect: {e}; check [store] url and password, and that the database \
+                 exists and accepts connections from this host"
             ))
         })?;
         migrate(&mut first).map_err(|e| fail(format!("cannot apply the schema: {e}")))?;
@@ -646,8 +736,7 @@ impl PostgresStore {
 
     /// A new leadership session.
     fn connect_lead(&self) -> Result<LeadSession, PgError> {
-        let mut client = self.config.connect(NoTls)?;
-        prepare_lead_session(&mut client)?;
+        let client = connect_within(&self.config, prepare_lead_session)?;
         Ok(LeadSession {
             client,
             held: BTreeSet::new(),
