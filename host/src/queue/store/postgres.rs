@@ -1686,15 +1686,23 @@ impl EventStore for PostgresStore {
         let lost = lead.as_mut().is_some_and(|session| {
             session.client.is_closed() || session.client.is_valid(LEAD_CHECK_TIMEOUT).is_err()
         });
-        if lost
-            && let Some(session) = lead.take()
-            && !session.held.is_empty()
-        {
-            tracing::warn!(
-                roles = ?session.held,
-                "the leadership session to the store database was lost; leadership is \
-                 given up until it is won again"
-            );
+        if lost && let Some(session) = lead.take() {
+            if !session.held.is_empty() {
+                tracing::warn!(
+                    roles = ?session.held,
+                    "the leadership session to the store database was lost; leadership is \
+                     given up until it is won again"
+                );
+            }
+            // Dropping a client waits until its connection has closed, which a server that
+            // stopped answering never lets happen: not under this lock, but on a thread of its
+            // own (one per lost session, and a new one is made only by a bounded connect).
+            let closing = std::thread::Builder::new()
+                .name("jobhook-pg-close".into())
+                .spawn(move || drop(session));
+            if let Err(e) = closing {
+                tracing::warn!("cannot start a thread to close the lost leadership session: {e}");
+            }
         }
         let session = match lead.as_mut() {
             Some(session) => session,
@@ -2181,6 +2189,42 @@ mod tests {
             // The session is back to scans off for what it runs next.
             assert!(total_cost(&explain(&mut conn.client, sql)) >= DISABLE_COST);
         }
+    }
+
+    /// A server that stops answering (SIGSTOP) while this node leads: the next leadership check
+    /// gives the session up within its timeout, the new session's set-up within its own bound,
+    /// and the call returns. It used to drop the lost session under the leadership lock, which
+    /// waited for the frozen server for good.
+    #[test]
+    fn a_leadership_check_against_a_frozen_server_returns_in_bounded_time() {
+        let Some(db) = jobhook_testkit::postgres::private_database_or_skip() else {
+            return;
+        };
+        use std::sync::Arc;
+        let store = Arc::new(
+            PostgresStore::open(&db.url, Some(&Secret::new(db.password.clone())))
+                .expect("open the PostgreSQL store"),
+        );
+        assert!(store.try_lead("poller").expect("lead"));
+        // Longer than the session is trusted without a check.
+        std::thread::sleep(Duration::from_millis(600));
+        db.server().freeze().expect("freeze");
+        let bound =
+            LEAD_CHECK_TIMEOUT + CONNECT_TIMEOUT + STARTUP_EXCHANGE_LIMIT + Duration::from_secs(10);
+        let (done, outcome) = std::sync::mpsc::channel();
+        let checking = Arc::clone(&store);
+        std::thread::spawn(move || {
+            let _ = done.send(checking.try_lead("poller"));
+        });
+        let answered = outcome.recv_timeout(bound);
+        db.server().thaw().expect("thaw");
+        let answered = answered.unwrap_or_else(|_| {
+            panic!("the leadership check did not return within {bound:?} of a frozen server")
+        });
+        assert!(
+            !matches!(answered, Ok(true)),
+            "a frozen server's lock is not reported as held: {answered:?}"
+        );
     }
 
     #[test]
