@@ -339,8 +339,15 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
+        /// How long past its deadline a flush is waited for, so that one that used the whole
+        /// deadline (a spool that never opened) has queued its line about what it lost before
+        /// the process ends. Within the shutdown's own grace (<see cref="Intake.ShutdownWait"/>).
+        /// </summary>
+        static readonly TimeSpan LostLineGrace = TimeSpan.FromMilliseconds(250);
+
+        /// <summary>
         /// At shutdown: every runtime writes its in-memory queue to its spool, all within
-        /// `deadline` together. Never throws.
+        /// `deadline` together, side by side. Never throws.
         /// </summary>
         internal static void FlushAllForShutdown(TimeSpan deadline)
         {
@@ -384,7 +391,8 @@ namespace Jobhook.Forwarder
             }
             foreach (var finished in done)
             {
-                var left = deadline - clock.Elapsed;
+                // A flush that used its whole deadline still says what it lost.
+                var left = deadline + LostLineGrace - clock.Elapsed;
                 try { finished.WaitOne(left > TimeSpan.Zero ? left : TimeSpan.Zero); } catch { }
             }
         }

@@ -68,6 +68,8 @@ namespace Jobhook.Forwarder
         readonly Random jitter = new Random();
         HttpClient client;
         int consecutiveFailures;
+        /// <summary>The last delivery attempt failed (see the retry in <see cref="Loop"/>).</summary>
+        bool failedLast;
         DateTime lastFailureLog = DateTime.MinValue;
         /// <summary>The engine's URL as logged (a setting: it may hold a line break).</summary>
         readonly string shownUrl;
@@ -128,6 +130,8 @@ namespace Jobhook.Forwarder
                     }
                     string detail;
                     var verdict = Post(next, out detail);
+                    if (verdict != Verdict.Retry)
+                        failedLast = false;
                     switch (verdict)
                     {
                         case Verdict.Delivered:
@@ -152,8 +156,14 @@ namespace Jobhook.Forwarder
                         default:
                             Interlocked.Increment(ref counters.Retries);
                             Failed(detail);
-                            Thread.Sleep(Backoff());
-                            break;
+                            // This event waits on its own and the next one is tried at once; a
+                            // failure right after another one is not one event's but the
+                            // engine's or the way's, and then the sender waits too.
+                            spool.Defer(next.Name, settings.InitialBackoff, settings.MaxBackoff, jitter);
+                            if (failedLast)
+                                Thread.Sleep(Backoff());
+                            failedLast = true;
+                            continue;
                     }
                 }
                 catch (ThreadAbortException)

@@ -104,6 +104,18 @@ namespace Jobhook.Forwarder
         /// </summary>
         readonly Dictionary<string, DateTime> unreadable = new Dictionary<string, DateTime>(StringComparer.Ordinal);
         /// <summary>
+        /// Indexed files whose last delivery failed (<see cref="Defer"/>): when each may be sent
+        /// again and how often it failed. An entry goes when the file is delivered, refused or
+        /// forgotten; a few at most unless every delivery fails.
+        /// </summary>
+        readonly Dictionary<string, Deferral> deferred = new Dictionary<string, Deferral>(StringComparer.Ordinal);
+
+        struct Deferral
+        {
+            public DateTime NotBefore;
+            public int Failures;
+        }
+        /// <summary>
         /// Files this process is done with (delivered, or refused by the engine) that could not
         /// be deleted (an antivirus or backup agent holding them without FILE_SHARE_DELETE, an
         /// ACL without Delete), by name, with when to try again. <see cref="Rescan"/> passes
@@ -354,6 +366,7 @@ namespace Jobhook.Forwarder
                             lost = files.Count;
                             files.Clear();
                             unreadable.Clear();
+                            deferred.Clear();
                             totalBytes = 0;
                         }
                     }
@@ -468,6 +481,8 @@ namespace Jobhook.Forwarder
                     files.Remove(oldest);
                     if (unreadable.Count > 0)
                         unreadable.Remove(oldest);
+                    if (deferred.Count > 0)
+                        deferred.Remove(oldest);
                     writerOwns = oldest;
                 }
                 TryDelete(Path.Combine(directory, oldest));
@@ -514,6 +529,9 @@ namespace Jobhook.Forwarder
                     {
                         DateTime notBefore;
                         if (unreadable.Count > 0 && unreadable.TryGetValue(n, out notBefore) && now < notBefore)
+                            continue;
+                        Deferral deferral;
+                        if (deferred.Count > 0 && deferred.TryGetValue(n, out deferral) && now < deferral.NotBefore)
                             continue;
                         name = n;
                         break;
@@ -844,6 +862,33 @@ namespace Jobhook.Forwarder
                 }
                 if (unreadable.Count > 0)
                     unreadable.Remove(name);
+                if (deferred.Count > 0)
+                    deferred.Remove(name);
+            }
+        }
+
+        /// <summary>
+        /// Holds back `name`, whose delivery just failed in a way that may be its own (an answer
+        /// that is not the engine's, such as a proxy's 413 to this one body, or the engine's
+        /// 5xx): <see cref="Oldest"/> passes it over for a backoff that doubles with each of its
+        /// own failures (a random time between half and all of min(`max`, `initial` ×
+        /// 2^(n-1))), and the events after it are sent meanwhile, so one event that keeps
+        /// failing holds none behind it. Returns the wait. Sender's thread only (`jitter`).
+        /// </summary>
+        public TimeSpan Defer(string name, TimeSpan initial, TimeSpan max, Random jitter)
+        {
+            lock (gate)
+            {
+                if (!files.ContainsKey(name))
+                    return TimeSpan.Zero;
+                Deferral deferral;
+                deferred.TryGetValue(name, out deferral);
+                deferral.Failures = Math.Min(deferral.Failures + 1, 31);
+                var full = Math.Min(max.TotalMilliseconds, initial.TotalMilliseconds * Math.Pow(2, deferral.Failures - 1));
+                var wait = TimeSpan.FromMilliseconds(Math.Max(1, full / 2 + jitter.NextDouble() * full / 2));
+                deferral.NotBefore = DateTime.UtcNow + wait;
+                deferred[name] = deferral;
+                return wait;
             }
         }
 

@@ -1147,6 +1147,21 @@ impl Standin {
     /// A stand-in that goes through [`MISBEHAVIOURS`] `rounds` times, then behaves (0: it
     /// always behaves, and only records what it passes on).
     async fn start(engine_url: String, rounds: usize) -> Self {
+        Standin::start_with(engine_url, rounds, None).await
+    }
+
+    /// A stand-in that answers every request for the first event it sees (by its key) with a
+    /// proxy's HTML 413, as a gateway whose body limit that one event exceeds would, and passes
+    /// every other request on: the key it picked is in `poisoned`.
+    async fn poisoning_the_first(engine_url: String, poisoned: Arc<Mutex<Option<String>>>) -> Self {
+        Standin::start_with(engine_url, 0, Some(poisoned)).await
+    }
+
+    async fn start_with(
+        engine_url: String,
+        rounds: usize,
+        poisoned: Option<Arc<Mutex<Option<String>>>>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind stand-in");
@@ -1156,8 +1171,12 @@ impl Standin {
             misbehaved: Arc::new(AtomicUsize::new(0)),
             seen: Arc::new(Mutex::new(Vec::new())),
         };
-        let counter = Arc::new(AtomicUsize::new(0));
-        let (misbehaved, seen) = (standin.misbehaved.clone(), standin.seen.clone());
+        let shared = Shared {
+            counter: Arc::new(AtomicUsize::new(0)),
+            misbehaved: standin.misbehaved.clone(),
+            seen: standin.seen.clone(),
+            poisoned,
+        };
         tokio::spawn(async move {
             let client = reqwest::Client::new();
             while let Ok((socket, _)) = listener.accept().await {
@@ -1166,9 +1185,7 @@ impl Standin {
                     rounds,
                     engine_url.clone(),
                     client.clone(),
-                    counter.clone(),
-                    misbehaved.clone(),
-                    seen.clone(),
+                    shared.clone(),
                 ));
             }
         });
@@ -1202,23 +1219,44 @@ impl Standin {
     }
 }
 
+/// What every connection of one stand-in shares.
+#[derive(Clone)]
+struct Shared {
+    /// Requests so far (the misbehaviour cycle's position).
+    counter: Arc<AtomicUsize>,
+    misbehaved: Arc<AtomicUsize>,
+    seen: Seen,
+    /// The key of the event refused every time, once picked (see `Standin::poisoning_the_first`).
+    poisoned: Option<Arc<Mutex<Option<String>>>>,
+}
+
 async fn serve_connection(
     mut socket: TcpStream,
     rounds: usize,
     engine_url: String,
     client: reqwest::Client,
-    counter: Arc<AtomicUsize>,
-    misbehaved: Arc<AtomicUsize>,
-    seen: Seen,
+    shared: Shared,
 ) {
+    let Shared {
+        counter,
+        misbehaved,
+        seen,
+        poisoned,
+    } = shared;
     let mut buffer = Vec::new();
     while let Some(request) = read_request(&mut socket, &mut buffer).await {
         let key = request.header("Idempotency-Key").unwrap_or("").to_owned();
         if let Ok(mut seen) = seen.lock() {
-            seen.push((key, request.body.clone()));
+            seen.push((key.clone(), request.body.clone()));
         }
+        let poison = poisoned.as_ref().is_some_and(|poisoned| {
+            let mut poisoned = poisoned.lock().expect("poisoned key");
+            poisoned.get_or_insert_with(|| key.clone()) == &key
+        });
         let n = counter.fetch_add(1, Ordering::SeqCst);
-        let behaviour = if n < MISBEHAVIOURS.len() * rounds {
+        let behaviour = if poison {
+            Behaviour::ProxyTooLarge
+        } else if n < MISBEHAVIOURS.len() * rounds {
             MISBEHAVIOURS[n % MISBEHAVIOURS.len()]
         } else {
             Behaviour::Forward
@@ -2115,4 +2153,72 @@ async fn v_a_registration_whose_spool_cannot_open_does_not_cost_the_others_their
         log.contains("accepted event(s) could not be written to the spool"),
         "the broken registration's events are reported lost:\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
+    const SENT: usize = 30;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // Something on the way answers one event, the oldest, with a proxy's 413 every time (its
+    // body over a gateway's limit), which is not the engine's refusal and so is retried; every
+    // other event passes. The others must not wait behind it.
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--threads", "1"],
+    );
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    harness.kill();
+    let _engine = site.start_engine();
+    let poisoned = Arc::new(Mutex::new(None));
+    let standin = Standin::poisoning_the_first(site.engine_url(), poisoned.clone()).await;
+    let drain = Harness::start(
+        build,
+        "fx",
+        &site,
+        &standin.url,
+        "drain",
+        &["--wait-seconds", "20"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while site.stored_events().len() < SENT - 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of the {} events behind the failing one were delivered within 30 s",
+            site.stored_events().len(),
+            SENT - 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let key = poisoned
+        .lock()
+        .expect("poisoned key")
+        .clone()
+        .expect("a key was poisoned");
+    let tries = standin
+        .seen
+        .lock()
+        .expect("records")
+        .iter()
+        .filter(|(k, _)| *k == key)
+        .count();
+    assert!(tries >= 2, "the failing event is retried ({tries} tries)");
+    // The last delivered file goes a moment after the engine stored its event.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spool_files(&site) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        spool_files(&site),
+        1,
+        "only the failing event is left in the spool"
+    );
+    drop(drain);
 }
