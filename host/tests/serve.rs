@@ -854,6 +854,64 @@ async fn sigterm_finishes_running_deliveries_and_exits_cleanly() {
     assert_eq!(d["attempt"], 1, "{d}");
 }
 
+/// The running deliveries' grace and the connections' drain run side by side: with a delivery
+/// that outlasts the grace and a request whose body never finishes (each holding its part of
+/// the stop for the whole grace), SIGTERM ends the process after about one grace, not two (one
+/// after the other, as before: 12 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_takes_the_grace_once_for_deliveries_and_connections_together() {
+    use tokio::io::AsyncWriteExt as _;
+    const GRACE: Duration = Duration::from_secs(6);
+    /// One grace, and half of one for the process's own end on a loaded machine.
+    const BOUND: Duration = Duration::from_secs(9);
+    let setup = Setup::new();
+    let config = setup.dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = {grace}\n\
+             body_read_timeout_ms = 60000\n\n[store]\ndata_dir = \"data\"\n\n{handler}",
+            grace = GRACE.as_millis(),
+            handler = handler(
+                "slow",
+                "guest-attempt-probe",
+                "[\"*\"]",
+                "properties = { SleepMs = \"60000\" }\n[handlers.limits]\ntimeout_ms = 120000",
+            )
+        ),
+    )
+    .expect("config");
+    let engine = EngineProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+    );
+    let (status, body) = post(&engine, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    // A request whose body stops half way: the drain waits for it.
+    let address = engine.url.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"POST /v1/job-complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\n\r\n{\"JobId\":",
+    )
+    .await
+    .expect("write");
+    // The delivery is running.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let began = Instant::now();
+    let status = engine.terminate(Duration::from_secs(60)).expect("exited");
+    let took = began.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < BOUND,
+        "SIGTERM took {took:?} with a {GRACE:?} grace (bound {BOUND:?})"
+    );
+    drop(slow);
+}
+
 #[test]
 fn check_validates_and_names_the_line() {
     let setup = Setup::new();

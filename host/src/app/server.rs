@@ -292,13 +292,20 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         max_connections_per_client = limits.max_connections_per_client,
         "serving"
     );
+    // The running deliveries' grace starts with the signal, beside the connections' drain (not
+    // after it): a stop takes `shutdown_grace` once, not twice.
+    let stopping = Arc::clone(&dispatcher);
+    let signal = async move {
+        shutdown_signal().await;
+        stopping.stop();
+    };
     connections::serve(
         listener,
         tls,
         router,
         limits,
         metrics,
-        shutdown_signal(),
+        signal,
         config.server.shutdown_grace,
     )
     .await;
