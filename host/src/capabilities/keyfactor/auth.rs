@@ -283,6 +283,7 @@ impl Auth {
                     scopes: scopes.join(" "),
                     audience: audience.clone(),
                     cache: Mutex::new(None),
+                    last_failure: std::sync::Mutex::new(None),
                     issued: RwLock::new(VecDeque::new()),
                 })))
             }
@@ -382,6 +383,11 @@ pub struct OAuth2 {
     /// of handlers using this identity wait for one token request instead of each sending their
     /// own. Only this identity's calls take it: redaction reads [`issued`](Self::issued).
     cache: Mutex<Option<CachedToken>>,
+    /// When the last token request failed, and how: a call that waited for [`cache`](Self::cache)
+    /// while that request was made takes this answer instead of asking again, so calls queued
+    /// behind an identity provider that does not answer each wait for one request's timeout,
+    /// not for one per call ahead of them. Never held across an `.await`.
+    last_failure: std::sync::Mutex<Option<(Instant, CapabilityError)>>,
     /// What to scrub for the current token and those it replaced recently (see
     /// [`publish_at`](Self::publish_at)), each with when it was issued, newest last. A fetched
     /// token is added here before it is cached or handed to anyone, so every token a server could
@@ -426,13 +432,30 @@ const TOKEN_UNAVAILABLE: &str =
 
 impl OAuth2 {
     async fn authorization(&self, http: &reqwest::Client) -> Result<HeaderValue, CapabilityError> {
+        let asked = Instant::now();
         let mut cache = self.cache.lock().await;
         if let Some(token) = cache.as_ref()
             && Instant::now() < token.refresh_at
         {
             return Ok(token.header.clone());
         }
-        let (token, redactor) = self.fetch(http).await?;
+        if let Some((failed_at, error)) = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && *failed_at >= asked
+        {
+            return Err(error.clone());
+        }
+        let (token, redactor) = match self.fetch(http).await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
         // Published before the token is cached or returned, so before it is ever sent.
         self.publish(redactor);
         let header = token.header.clone();
@@ -750,6 +773,54 @@ mod tests {
         oauth.publish_at(redactor(churn + 1), later);
         assert!(!found(churn - 1));
         assert!(found(churn) && found(churn + 1));
+    }
+
+    /// An identity provider that accepts connections and never answers: calls that queued
+    /// behind the one token request in flight take its failure instead of each asking again,
+    /// so together they wait about one request's timeout, not one per call ahead of them (as
+    /// they did: eight calls took eight timeouts, one after the other).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_queued_behind_a_failing_token_request_share_its_failure() {
+        const CALLS: usize = 8;
+        const TIMEOUT: Duration = Duration::from_secs(1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cs");
+        std::fs::write(&secret, "client-secret").unwrap();
+        let auth = Arc::new(
+            Auth::from_config(&AuthConfig::Oauth2 {
+                token_url: format!("http://127.0.0.1:{port}/token"),
+                client_id: "c".into(),
+                client_secret: SecretRef::File(secret),
+                scopes: vec![],
+                audience: None,
+            })
+            .unwrap(),
+        );
+        let http = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
+        let began = Instant::now();
+        let calls: Vec<_> = (0..CALLS)
+            .map(|_| {
+                let (auth, http) = (Arc::clone(&auth), http.clone());
+                tokio::spawn(async move { auth.authorization(&http).await })
+            })
+            .collect();
+        for call in calls {
+            assert!(call.await.unwrap().is_err(), "no token can be had");
+        }
+        let took = began.elapsed();
+        assert!(
+            took < TIMEOUT * 4,
+            "{CALLS} calls behind an identity provider that never answers took {took:?} \
+             (one request's timeout is {TIMEOUT:?})"
+        );
     }
 
     #[test]
