@@ -644,7 +644,20 @@ impl PostgresStore {
                  exists and accepts connections from this host"
             ))
         })?;
-        migrate(&mut first).map_err(|e| fail(format!("cannot apply the schema: {e}")))?;
+        migrate(&mut first).map_err(|e| {
+            let waited = matches!(&e, PgError::Db(db)
+                if db.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+            fail(if waited {
+                format!(
+                    "cannot apply the schema: another session holds a lock on the store's tables \
+                     (an open transaction; see pg_locks and pg_stat_activity) and the change waited \
+                     {MIGRATION_LOCK_WAIT:?} for it, so as not to hold other nodes' writes; start \
+                     again once that transaction has ended ({e})"
+                )
+            } else {
+                format!("cannot apply the schema: {e}")
+            })
+        })?;
         let server_now: DateTime<Utc> = first
             .query_one(SERVER_CLOCK, &[])
             .map(|row| row.get(0))
@@ -769,11 +782,25 @@ fn prepare_lead_session(client: &mut Client) -> Result<(), postgres::Error> {
 
 /// Applies pending migrations in one transaction, under an advisory lock so that nodes starting
 /// together wait for each other instead of racing.
+/// Longest a schema change waits for a lock on a table. A change to a table (an index, a
+/// column) queues behind any open transaction that touched it, and every other session's
+/// statement on that table then queues behind the change: a node starting during a rolling
+/// upgrade, behind an operator's forgotten transaction, would hold every other node's writes
+/// for as long as that transaction stays open. Past this the start fails, saying why, and
+/// nothing is changed.
+pub const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(10);
+
 fn migrate(client: &mut Client) -> Result<(), PgError> {
     let mut tx = client.transaction()?;
     // "relation already exists, skipping" notices on every start are noise.
     tx.batch_execute("SET LOCAL client_min_messages = warning")?;
+    // Another node applying the schema is waited for; a table lock is not, for long (see
+    // `MIGRATION_LOCK_WAIT`).
     tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {}",
+        MIGRATION_LOCK_WAIT.as_millis()
+    ))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    integer PRIMARY KEY,
@@ -2225,6 +2252,55 @@ mod tests {
             !matches!(answered, Ok(true)),
             "a frozen server's lock is not reported as held: {answered:?}"
         );
+    }
+
+    /// A node that starts with a schema change to make while another session's open
+    /// transaction holds a lock on the table (a rolling upgrade behind a forgotten `BEGIN`):
+    /// the start fails within the lock wait, saying why, instead of waiting (and holding every
+    /// other node's writes behind it) for as long as that transaction stays open; once it has
+    /// ended, the node starts and the change is made.
+    #[test]
+    fn a_schema_change_behind_an_open_transaction_fails_the_start_in_bounded_time() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let config = backend.node().config.clone();
+        let last = MIGRATIONS.len();
+        // The newest change undone, so that the next start makes it again.
+        backend
+            .db
+            .query(&format!(
+                "DROP INDEX deliveries_handler_due; DELETE FROM schema_migrations WHERE version = {last}"
+            ))
+            .expect("undo the newest change");
+        let mut blocker = config.connect(NoTls).expect("second session");
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE deliveries IN ROW EXCLUSIVE MODE")
+            .expect("hold a lock");
+        let (url, password) = (backend.db.url.clone(), backend.db.password.clone());
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(PostgresStore::open(&url, Some(&Secret::new(password))).map(|_| ()));
+        });
+        let bound = MIGRATION_LOCK_WAIT + Duration::from_secs(10);
+        let started = outcome.recv_timeout(bound);
+        blocker.batch_execute("ROLLBACK").expect("release the lock");
+        let started = started
+            .unwrap_or_else(|_| panic!("the start still waited for the lock {bound:?} later"));
+        let error = started.expect_err("the start fails while the lock is held");
+        assert!(
+            error
+                .to_string()
+                .contains("holds a lock on the store's tables"),
+            "{error}"
+        );
+        let node = backend.node();
+        let applied: i32 = pooled_session(&node)
+            .client
+            .query_one("SELECT max(version) FROM schema_migrations", &[])
+            .expect("version")
+            .get(0);
+        assert_eq!(applied, i32::try_from(last).unwrap());
     }
 
     #[test]
