@@ -912,6 +912,52 @@ async fn sigterm_takes_the_grace_once_for_deliveries_and_connections_together() 
     drop(slow);
 }
 
+/// A reload whose files do not answer (the handler's component on a file system that hangs:
+/// here `jobhook-powerloss-fs` with its process stopped) leaves ingest answering, even with one
+/// thread for the API (`TOKIO_WORKER_THREADS=1`, a one-CPU container): the reload reads its
+/// files on blocking threads, not on the thread that answers requests (it held that thread,
+/// before: the event below was not answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_files_hang_leaves_ingest_answering() {
+    use jobhook_testkit::powerloss::{PowerLossFs, fuse_or_skip};
+    if !fuse_or_skip() {
+        return;
+    }
+    let setup = Setup::new();
+    let (backing, mount) = (setup.dir.path().join("disk"), setup.dir.path().join("mnt"));
+    for d in [&backing, &mount] {
+        std::fs::create_dir(d).expect("create dir");
+    }
+    let disk = PowerLossFs::mount(&jobhook_testkit::powerloss_fs_binary(), &backing, &mount);
+    let component = disk.mountpoint().join("log.wasm");
+    std::fs::copy(guest("log-context"), &component).expect("copy the component");
+    let config = setup.config(&format!(
+        "[[handlers]]\nname = \"log\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
+        component.display()
+    ));
+    let engine = EngineProcess::start_with_env(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    disk.freeze().expect("freeze the component's file system");
+    engine.hangup();
+    // The reload has begun to look at the component.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        post(&engine, &sample_context_json()),
+    )
+    .await;
+    disk.thaw().expect("thaw");
+    let (status, body) =
+        answered.expect("the event was not answered within 10 s while the reload hung");
+    assert_eq!(status, 202, "{body}");
+    engine.kill();
+    disk.cut_power();
+}
+
 #[test]
 fn check_validates_and_names_the_line() {
     let setup = Setup::new();

@@ -83,7 +83,13 @@ pub async fn load_handlers(
     };
     let mut set = LoadedHandlers::default();
     for hc in &config.handlers {
-        let bytes = read_component(&hc.component, options.max_bytes)
+        // On a blocking thread: a reload runs on the API's runtime, and a component on a share
+        // that hangs (or a FIFO) must not hold a thread that answers ingest.
+        let (path, max) = (hc.component.clone(), options.max_bytes);
+        let bytes = tokio::task::spawn_blocking(move || read_component(&path, max))
+            .await
+            .context("the component reader failed")
+            .and_then(|read| read)
             .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
         let digest = digest(&bytes);
         let reusable = previous
@@ -370,27 +376,46 @@ fn reloader(running: Running) -> Reloader {
         Box::pin(async move {
             let mut current = current.lock().await;
             let result = async {
-                let config = Config::load(&path)?;
-                let new_tokens = config.resolve_tokens()?;
-                // The certificate is read (again) and checked before anything is swapped.
-                let tls_config = match (&tls, &config.server.tls) {
-                    (Some(_), Some(new)) => Some(
-                        new.server_config()
-                            .with_context(|| config.path.display().to_string())?,
-                    ),
-                    (None, None) => None,
-                    (None, Some(_)) | (Some(_), None) => anyhow::bail!(
-                        "{}: [server] tls was added or removed; the listener's protocol changes \
-                         only on a restart",
-                        config.path.display()
-                    ),
-                };
+                // Files (the configuration, secrets, the certificate) are read on a blocking
+                // thread: a reload runs on the API's runtime, and a file on a share that hangs
+                // must not hold a thread that answers ingest.
+                let has_tls = tls.is_some();
+                let previous = current.1.clone();
+                let started = Arc::clone(&started);
+                let read = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let config = Config::load(&path)?;
+                    let new_tokens = config.resolve_tokens()?;
+                    // The certificate is read (again) and checked before anything is swapped.
+                    let tls_config = match (has_tls, &config.server.tls) {
+                        (true, Some(new)) => Some(
+                            new.server_config()
+                                .with_context(|| config.path.display().to_string())?,
+                        ),
+                        (false, None) => None,
+                        (false, Some(_)) | (true, None) => anyhow::bail!(
+                            "{}: [server] tls was added or removed; the listener's protocol \
+                             changes only on a restart",
+                            config.path.display()
+                        ),
+                    };
+                    let changed = secrets::handler_secrets_changed(&previous, &config);
+                    let (started, started_secrets) = &*started;
+                    let restart = secrets::restart_required(
+                        started,
+                        started_secrets,
+                        &config,
+                        &StartOnlySecrets::read(&config),
+                    );
+                    Ok((config, new_tokens, tls_config, changed, restart))
+                });
+                let (config, new_tokens, tls_config, changed, restart) =
+                    read.await.context("the configuration reader failed")??;
                 let set = load_handlers(&engine, &services, &config, Some(&current.0)).await?;
-                Ok((config, new_tokens, set, tls_config))
+                Ok((config, new_tokens, set, tls_config, changed, restart))
             }
             .await;
             match result {
-                Ok((config, new_tokens, set, tls_config)) => {
+                Ok((config, new_tokens, set, tls_config, changed, restart)) => {
                     let mut report = ReloadReport {
                         handlers: set.names(),
                         ..ReloadReport::default()
@@ -399,16 +424,8 @@ fn reloader(running: Running) -> Reloader {
                         tokens.replace(new_tokens);
                         report.secrets_reloaded.push("server.tokens".to_owned());
                     }
-                    report
-                        .secrets_reloaded
-                        .extend(secrets::handler_secrets_changed(&current.1, &config));
-                    let (started, started_secrets) = &*started;
-                    report.restart_required = secrets::restart_required(
-                        started,
-                        started_secrets,
-                        &config,
-                        &StartOnlySecrets::read(&config),
-                    );
+                    report.secrets_reloaded.extend(changed);
+                    report.restart_required = restart;
                     dispatcher.replace_registry(set.registry());
                     *current = (set, config);
                     if let (Some(state), Some(new)) = (&tls, tls_config) {
