@@ -468,14 +468,7 @@ fn a_frozen_postgres_server_holds_neither_metrics_nor_event_reads_nor_shutdown()
     let Some((db, _dir, engine)) = engine_on_private_postgres() else {
         return;
     };
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("client");
-    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
-    assert_eq!(status, 202, "{body}");
-    let id = event_id(&body);
+    let (runtime, client, id) = accepted_one(&engine);
     runtime.block_on(settled(&client, &engine, &id));
     let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
     assert!(
@@ -529,6 +522,12 @@ fn a_frozen_postgres_server_holds_neither_metrics_nor_event_reads_nor_shutdown()
 /// A runtime and a client for `engine`, once it has accepted one event (so its store is in
 /// use before a fault is injected).
 fn accepting(engine: &EngineProcess) -> (tokio::runtime::Runtime, reqwest::Client) {
+    let (runtime, client, _) = accepted_one(engine);
+    (runtime, client)
+}
+
+/// [`accepting`], and the id of the event it accepted.
+fn accepted_one(engine: &EngineProcess) -> (tokio::runtime::Runtime, reqwest::Client, String) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
@@ -536,7 +535,8 @@ fn accepting(engine: &EngineProcess) -> (tokio::runtime::Runtime, reqwest::Clien
         .expect("client");
     let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
     assert_eq!(status, 202, "{body}");
-    (runtime, client)
+    let id = event_id(&body);
+    (runtime, client, id)
 }
 
 /// Posts events until one is accepted, failing if none is within [`RECONNECT_BOUND`] after
