@@ -301,8 +301,11 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     // The running deliveries' grace starts with the signal, beside the connections' drain (not
     // after it): a stop takes `shutdown_grace` once, not twice.
     let stopping = Arc::clone(&dispatcher);
+    let signalled = Arc::new(std::sync::OnceLock::new());
+    let signalled_at = Arc::clone(&signalled);
     let signal = async move {
         shutdown_signal().await;
+        let _ = signalled_at.set(tokio::time::Instant::now());
         stopping.stop();
     };
     connections::serve(
@@ -318,9 +321,16 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     tracing::info!("no longer accepting events; finishing running deliveries");
     dispatcher.stop();
     let wind_down = config.server.shutdown_grace + STORE_WIND_DOWN;
-    if tokio::time::timeout(wind_down, worker).await.is_err() {
+    let stopped_at = signalled
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now);
+    if tokio::time::timeout_at(stopped_at + wind_down, worker)
+        .await
+        .is_err()
+    {
         tracing::error!(
-            "the store did not answer within {wind_down:?} of the stop; stopping without \
+            "the store did not answer within {wind_down:?} of the signal; stopping without \
              recording the last outcomes or requeueing interrupted deliveries (they run again \
              when their leases expire)"
         );

@@ -130,10 +130,15 @@ const STALE_TEMP_AGE: Duration = Duration::from_secs(60 * 60);
 /// disk answers, and a delivery whose time budget ends does not stop it: on a disk that hangs
 /// (an outbox on a network share that stopped answering) each mail attempt would keep one more
 /// thread, until the pool the store's calls share was full and every handler's deliveries
-/// stopped. Past the bound a mail is refused at once (the delivery fails and is retried as
-/// usual); a write on a working disk takes milliseconds, so 16 at once is far more than a
-/// healthy outbox ever has.
+/// stopped. A mail waits up to [`OUTBOX_WRITE_WAIT`] for a place, then is refused (the
+/// delivery fails and is retried as usual); a write on a working disk takes milliseconds, so
+/// 16 at once is far more than a healthy outbox ever has.
 pub const MAX_OUTBOX_WRITES_IN_PROGRESS: usize = 16;
+
+/// How long a mail waits for one of the [`MAX_OUTBOX_WRITES_IN_PROGRESS`] places: a burst on
+/// a slow but working disk (a network share at tens of milliseconds an fsync) waits its turn;
+/// a disk that does not answer frees no place, and its mail is refused.
+pub const OUTBOX_WRITE_WAIT: Duration = Duration::from_millis(250);
 
 /// The engine's outbox writes in progress (see [`MAX_OUTBOX_WRITES_IN_PROGRESS`]).
 static OUTBOX_WRITES: tokio::sync::Semaphore =
@@ -839,7 +844,9 @@ impl MailTransport {
         let email = self.build(grant, message)?;
         match &self.kind {
             TransportKind::Outbox { dir, swept } => {
-                let Ok(permit) = OUTBOX_WRITES.try_acquire() else {
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout(OUTBOX_WRITE_WAIT, OUTBOX_WRITES.acquire()).await
+                else {
                     tracing::warn!(
                         outbox = %dir.display(),
                         "{MAX_OUTBOX_WRITES_IN_PROGRESS} writes to the mail outbox are in progress \

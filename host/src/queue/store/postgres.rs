@@ -464,17 +464,47 @@ impl r2d2::HandleError<PgError> for LogErrors {
     }
 }
 
+/// Longest dropping the store waits for its connections to close. Closing takes a round trip;
+/// a server that stopped answering would hold the drop (and the end of `serve`) for as long as
+/// that lasts.
+const STORE_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a connection's start-up exchange (authentication, session settings) may take once
 /// its TCP connection is made. The server answers it in milliseconds.
 pub const STARTUP_EXCHANGE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Connections given up by [`connect_within`] whose threads have not ended yet, at most. Each
-/// holds a thread until the server answers or the kernel gives the connection up; past this
-/// bound a new connection fails at once instead of leaving one more.
-const MAX_STALLED_CONNECTS: usize = 4;
+/// Connections being set up at once, at most, each on a thread of its own
+/// ([`connect_within`]): the pool's three connecting threads, the leadership session and the
+/// first connection at start need five; the rest is room for connections given up while the
+/// server does not answer, each of which holds its thread until the server answers or the
+/// kernel gives the connection up. Past the bound a new connection fails at once instead of
+/// leaving one more thread waiting.
+const MAX_CONNECTS_IN_PROGRESS: usize = 8;
 
-/// Connections given up and not ended yet (see [`MAX_STALLED_CONNECTS`]).
-static STALLED_CONNECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Connections being set up now (see [`MAX_CONNECTS_IN_PROGRESS`]).
+static CONNECTS_IN_PROGRESS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// A place among [`CONNECTS_IN_PROGRESS`], given back when dropped (however its thread ends).
+struct ConnectSlot;
+
+impl ConnectSlot {
+    fn take() -> Option<ConnectSlot> {
+        use std::sync::atomic::Ordering;
+        CONNECTS_IN_PROGRESS
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_CONNECTS_IN_PROGRESS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectSlot)
+    }
+}
+
+impl Drop for ConnectSlot {
+    fn drop(&mut self) {
+        CONNECTS_IN_PROGRESS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// What a connecting thread hands its caller.
 #[derive(Default)]
@@ -496,7 +526,6 @@ fn connect_within(
     config: &postgres::Config,
     prepare: impl FnOnce(&mut Client) -> Result<(), postgres::Error> + Send + 'static,
 ) -> Result<Client, PgError> {
-    use std::sync::atomic::Ordering;
     use std::sync::{Arc, Condvar};
     let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
     let limit = config
@@ -505,19 +534,19 @@ fn connect_within(
         .unwrap_or(CONNECT_TIMEOUT)
         .saturating_mul(hosts)
         .saturating_add(STARTUP_EXCHANGE_LIMIT);
-    let stalled = STALLED_CONNECTS.load(Ordering::SeqCst);
-    if stalled >= MAX_STALLED_CONNECTS {
+    let Some(slot) = ConnectSlot::take() else {
         return Err(PgError::ConnectStalled(format!(
-            "{stalled} connections to the database server are still waiting for it to answer; \
-             not starting another"
+            "{MAX_CONNECTS_IN_PROGRESS} connections to the database server are being set up \
+             (those given up still wait for it to answer); not starting another"
         )));
-    }
+    };
     let shared = Arc::new((Mutex::new(Handoff::default()), Condvar::new()));
     let theirs = Arc::clone(&shared);
     let config = config.clone();
     std::thread::Builder::new()
         .name("jobhook-pg-connect".into())
         .spawn(move || {
+            let _slot = slot;
             let result = config.connect(NoTls).and_then(|mut client| {
                 prepare(&mut client)?;
                 Ok(client)
@@ -525,7 +554,6 @@ fn connect_within(
             let (handoff, ready) = &*theirs;
             let mut handoff = handoff.lock().unwrap_or_else(|p| p.into_inner());
             if handoff.abandoned {
-                STALLED_CONNECTS.fetch_sub(1, Ordering::SeqCst);
                 drop(handoff);
                 // Ends the session, if one was made, on this thread.
                 drop(result);
@@ -544,7 +572,6 @@ fn connect_within(
         Some(result) => result.map_err(PgError::from),
         None => {
             handoff.abandoned = true;
-            STALLED_CONNECTS.fetch_add(1, Ordering::SeqCst);
             Err(PgError::ConnectStalled(format!(
                 "the database server did not finish setting up a connection within {limit:?} \
                  (it accepted the connection and then did not answer)"
@@ -594,14 +621,18 @@ impl Drop for PostgresStore {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let (closed, wait) = std::sync::mpsc::channel::<()>();
         let closer = std::thread::Builder::new()
             .name("jobhook-store-close".into())
             .spawn(move || {
                 drop(lead);
                 drop(pool);
+                let _ = closed.send(());
             });
-        if let Ok(closer) = closer {
-            let _ = closer.join();
+        if closer.is_ok() {
+            // A server that stopped answering never lets its connections close: past the wait
+            // they are left to the process's end.
+            let _ = wait.recv_timeout(STORE_CLOSE_WAIT);
         }
     }
 }
@@ -930,9 +961,7 @@ pub fn check_url(url: &str) -> Result<(), UrlError> {
     let in_userinfo = authority
         .rsplit_once('@')
         .is_some_and(|(userinfo, _)| userinfo.contains(':'));
-    let in_query = url
-        .split_once('?')
-        .is_some_and(|(_, query)| query.split('&').any(|kv| kv.starts_with("password=")));
+    let in_query = url_sets(url, "password");
     if in_userinfo || in_query {
         return Err(UrlError::HasPassword {
             url: redact_url(url),
@@ -2233,8 +2262,6 @@ mod tests {
                 .expect("open the PostgreSQL store"),
         );
         assert!(store.try_lead("poller").expect("lead"));
-        // Longer than the session is trusted without a check.
-        std::thread::sleep(Duration::from_millis(600));
         db.server().freeze().expect("freeze");
         let bound =
             LEAD_CHECK_TIMEOUT + CONNECT_TIMEOUT + STARTUP_EXCHANGE_LIMIT + Duration::from_secs(10);
