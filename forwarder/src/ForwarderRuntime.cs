@@ -305,7 +305,8 @@ namespace Jobhook.Forwarder
                         spooled.Set();
                         // Opt-in (DebugLog), and on this thread, never the intake thread's: a
                         // slow sink only slows spooling, which the bounded queue absorbs.
-                        log.Debug("spooled job " + next.JobId.ToString("D") + " as event " + next.Key);
+                        if (settings.DebugLog)
+                            log.Debug("spooled job " + next.JobId.ToString("D") + " as event " + next.Key);
                     }
                     else
                     {
@@ -354,7 +355,11 @@ namespace Jobhook.Forwarder
             var clock = System.Diagnostics.Stopwatch.StartNew();
             ForwarderRuntime[] runtimes;
             if (!Bounded.Enter(registryGate, deadline))
+            {
+                LogQueue.Wrap(ForwarderLog.Current).Error(
+                    "shutting down: the registrations could not be listed within the deadline; the events they held in memory are lost");
                 return;
+            }
             try
             {
                 runtimes = new ForwarderRuntime[registry.Count];
@@ -366,7 +371,7 @@ namespace Jobhook.Forwarder
             }
             // Side by side, each on a thread of its own: a registration whose spool cannot be
             // opened, or whose disk hangs, must not use up the others' time.
-            var done = new List<ManualResetEvent>();
+            var done = new List<KeyValuePair<ForwarderRuntime, ManualResetEvent>>();
             foreach (var runtime in runtimes)
             {
                 var finished = new ManualResetEvent(false);
@@ -381,7 +386,7 @@ namespace Jobhook.Forwarder
                         finally { try { finished.Set(); } catch { } }
                     }) { IsBackground = true, Name = "jobhook-forwarder flush" };
                     thread.Start();
-                    done.Add(finished);
+                    done.Add(new KeyValuePair<ForwarderRuntime, ManualResetEvent>(flushing, finished));
                 }
                 catch
                 {
@@ -389,11 +394,14 @@ namespace Jobhook.Forwarder
                     try { flushing.FlushForShutdown(deadline - clock.Elapsed); } catch { }
                 }
             }
-            foreach (var finished in done)
+            foreach (var flush in done)
             {
                 // A flush that used its whole deadline still says what it lost.
                 var left = deadline + LostLineGrace - clock.Elapsed;
-                try { finished.WaitOne(left > TimeSpan.Zero ? left : TimeSpan.Zero); } catch { }
+                bool ended = false;
+                try { ended = flush.Value.WaitOne(left > TimeSpan.Zero ? left : TimeSpan.Zero); } catch { }
+                if (!ended)
+                    flush.Key.ReportLost(0, deadline, "its flush did not end (a spool disk that does not answer?)");
             }
         }
 
@@ -450,15 +458,28 @@ namespace Jobhook.Forwarder
                 if (entered)
                     Monitor.Exit(writeGate);
             }
-            // Read without the lock: at exit its holder may never release it, and a count a
-            // moment old is good enough for this line.
-            int lost = queue.Count;
-            if (lost > 0)
-                log.Error("shutting down: " + lost + " accepted event(s) could not be written to the spool " + shownSpool
-                          + " within " + deadline.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture)
-                          + " s and are lost (" + written + " written)");
-            else if (written > 0)
+            if (queue.Count > 0)
+                ReportLost(written, deadline, null);
+            else if (written > 0 && Interlocked.Exchange(ref shutdownReported, 1) == 0)
                 log.Info("shutting down: wrote the " + written + " event(s) still in memory to the spool " + shownSpool);
+        }
+
+        /// <summary>1 once the shutdown's line about this runtime was written (by its flush or by the one waiting for it).</summary>
+        int shutdownReported;
+
+        /// <summary>
+        /// Says, once, how many accepted events are still in memory and so lost at exit. Read
+        /// without the lock: at exit its holder may never release it, and a count a moment old
+        /// is good enough for this line.
+        /// </summary>
+        void ReportLost(int written, TimeSpan deadline, string why)
+        {
+            int lost = queue.Count;
+            if (lost == 0 || Interlocked.Exchange(ref shutdownReported, 1) != 0)
+                return;
+            log.Error("shutting down: " + lost + " accepted event(s) could not be written to the spool " + shownSpool
+                      + " within " + deadline.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture)
+                      + " s and are lost (" + written + " written" + (why != null ? "; " + why : "") + ")");
         }
 
         /// <summary>The counters, with the spool's drops added to the queue's.</summary>

@@ -113,6 +113,13 @@ namespace Jobhook.Forwarder
         /// </summary>
         public static readonly TimeSpan ShutdownWait = ShutdownDeadline + NoticeGrace;
 
+        /// <summary>
+        /// Longest the shutdown waits for the event the intake thread holds (it is passing it to
+        /// a runtime, which takes microseconds unless that thread is held elsewhere); past it
+        /// the event is counted as lost.
+        /// </summary>
+        static readonly TimeSpan InFlightWait = TimeSpan.FromSeconds(1);
+
         sealed class Pending
         {
             public JobhookForwarder Handler;
@@ -306,8 +313,10 @@ namespace Jobhook.Forwarder
                 // Read without the lock: its holder may never release it.
                 lost += queue.Count;
             }
-            // The event the intake thread holds is passed on by it; wait for that.
-            while (clock.Elapsed < deadline && Volatile.Read(ref inFlight) != 0)
+            // The event the intake thread holds is passed on by it; wait for that, but not for
+            // long: a thread held in a runtime's start (a log configuration on a share that
+            // hangs) must not take the flush's time from every registration.
+            while (clock.Elapsed < deadline && clock.Elapsed < InFlightWait && Volatile.Read(ref inFlight) != 0)
                 Thread.Sleep(1);
             if (Volatile.Read(ref inFlight) != 0)
                 lost++;
@@ -330,9 +339,9 @@ namespace Jobhook.Forwarder
             lost += left.Count - passed;
             if (lost > 0)
                 LogQueue.Wrap(ForwarderLog.Current).Error(
-                    "shutting down: " + lost + " accepted event(s) were still waiting for the intake thread after "
+                    "shutting down: " + lost + " accepted event(s) could not be handed to a spool writer within "
                     + deadline.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture)
-                    + " s and are lost");
+                    + " s and are lost (the intake thread was held, or passing them on failed)");
             ForwarderRuntime.FlushAllForShutdown(deadline - clock.Elapsed);
             Notices.ReportNow(deadline - clock.Elapsed + NoticeGrace);
             // The lines above are written by the log thread, which ends with the process.

@@ -92,8 +92,10 @@ namespace Jobhook.Forwarder
                     queue.Enqueue(new Line { Sink = sink, Level = level, Message = message });
                     if (thread == null)
                     {
-                        thread = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder log" };
-                        thread.Start();
+                        var starting = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder log" };
+                        starting.Start();
+                        // Only once it runs: a thread that could not start is tried again.
+                        thread = starting;
                     }
                     Monitor.PulseAll(gate);
                 }

@@ -68,8 +68,10 @@ namespace Jobhook.Forwarder
         readonly Random jitter = new Random();
         HttpClient client;
         int consecutiveFailures;
-        /// <summary>The last delivery attempt failed (see the retry in <see cref="Loop"/>).</summary>
-        bool failedLast;
+        /// <summary>The spool file whose delivery failed last, if the last attempt failed (see the retry in <see cref="Loop"/>).</summary>
+        string failedLast;
+        /// <summary>Two events failed one after the other since the last delivery: the engine or the way was down.</summary>
+        bool outage;
         DateTime lastFailureLog = DateTime.MinValue;
         /// <summary>The engine's URL as logged (a setting: it may hold a line break).</summary>
         readonly string shownUrl;
@@ -131,7 +133,7 @@ namespace Jobhook.Forwarder
                     string detail;
                     var verdict = Post(next, out detail);
                     if (verdict != Verdict.Retry)
-                        failedLast = false;
+                        failedLast = null;
                     switch (verdict)
                     {
                         case Verdict.Delivered:
@@ -139,7 +141,8 @@ namespace Jobhook.Forwarder
                             Interlocked.Increment(ref counters.Delivered);
                             spool.Delete(next.Name);
                             Recovered();
-                            log.Debug("delivered event " + next.Key + ": " + detail);
+                            if (settings.DebugLog)
+                                log.Debug("delivered event " + next.Key + ": " + detail);
                             break;
                         case Verdict.Conflict:
                             Interlocked.Increment(ref counters.Conflicts);
@@ -160,9 +163,14 @@ namespace Jobhook.Forwarder
                             // failure right after another one is not one event's but the
                             // engine's or the way's, and then the sender waits too.
                             spool.Defer(next.Name, settings.InitialBackoff, settings.MaxBackoff, jitter);
-                            if (failedLast)
+                            // One event failing again (nothing else to send meanwhile) is paced
+                            // by its own deferral, not taken for an outage.
+                            if (failedLast != null && failedLast != next.Name)
+                            {
+                                outage = true;
                                 Thread.Sleep(Backoff());
-                            failedLast = true;
+                            }
+                            failedLast = next.Name;
                             continue;
                     }
                 }
@@ -530,6 +538,12 @@ namespace Jobhook.Forwarder
             if (consecutiveFailures > 0)
                 log.Info("delivering to " + shownUrl + " again after " + consecutiveFailures + " failure(s)");
             consecutiveFailures = 0;
+            if (outage)
+            {
+                // The events tried during the outage failed for it, not for themselves.
+                outage = false;
+                spool.ClearDeferrals();
+            }
         }
 
         /// <summary>

@@ -3,6 +3,7 @@
 
 using System;
 using System.Collections.Generic;
+using System.Diagnostics;
 using System.Globalization;
 using System.IO;
 using System.Text;
@@ -93,6 +94,11 @@ namespace Jobhook.Forwarder
         readonly long maxFiles;
         readonly long maxBytes;
         readonly IForwarderLog log;
+        /// <summary>
+        /// The log as given (the log thread's), for the counts: their descriptions are made
+        /// printable once, and the notices thread writes through it directly.
+        /// </summary>
+        readonly IForwarderLog countLog;
         readonly object gate = new object();
         /// <summary>Serialises the recreation of a deleted spool directory (writer and sender may both find it gone).</summary>
         readonly object recreateGate = new object();
@@ -112,7 +118,8 @@ namespace Jobhook.Forwarder
 
         struct Deferral
         {
-            public DateTime NotBefore;
+            /// <summary>Stopwatch ticks (monotonic: setting the clock back does not prolong it).</summary>
+            public long NotBefore;
             public int Failures;
         }
         /// <summary>
@@ -186,6 +193,7 @@ namespace Jobhook.Forwarder
             // Every message here is one line with a path, a file name or an exception message
             // in it; any of them may hold a line break or a bidirectional control.
             this.log = new PrintableLog(log);
+            countLog = log;
         }
 
         /// <summary>
@@ -311,7 +319,7 @@ namespace Jobhook.Forwarder
             lock (gate)
             {
                 if (field == null)
-                    field = new RateLimitedCount(LogText.Printable(description), log, error);
+                    field = new RateLimitedCount(LogText.Printable(description), countLog, error);
                 return field;
             }
         }
@@ -531,7 +539,7 @@ namespace Jobhook.Forwarder
                         if (unreadable.Count > 0 && unreadable.TryGetValue(n, out notBefore) && now < notBefore)
                             continue;
                         Deferral deferral;
-                        if (deferred.Count > 0 && deferred.TryGetValue(n, out deferral) && now < deferral.NotBefore)
+                        if (deferred.Count > 0 && deferred.TryGetValue(n, out deferral) && Stopwatch.GetTimestamp() < deferral.NotBefore)
                             continue;
                         name = n;
                         break;
@@ -886,10 +894,20 @@ namespace Jobhook.Forwarder
                 deferral.Failures = Math.Min(deferral.Failures + 1, 31);
                 var full = Math.Min(max.TotalMilliseconds, initial.TotalMilliseconds * Math.Pow(2, deferral.Failures - 1));
                 var wait = TimeSpan.FromMilliseconds(Math.Max(1, full / 2 + jitter.NextDouble() * full / 2));
-                deferral.NotBefore = DateTime.UtcNow + wait;
+                deferral.NotBefore = Stopwatch.GetTimestamp() + (long)(wait.TotalSeconds * Stopwatch.Frequency);
                 deferred[name] = deferral;
                 return wait;
             }
+        }
+
+        /// <summary>
+        /// Forgets every deferral (<see cref="Defer"/>): after an outage every event tried during
+        /// it was charged failures that were not its own, and the oldest go first again.
+        /// </summary>
+        public void ClearDeferrals()
+        {
+            lock (gate)
+                deferred.Clear();
         }
 
         /// <summary>Deletes a file if it can; true when it is gone afterwards.</summary>
