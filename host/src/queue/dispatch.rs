@@ -406,17 +406,11 @@ impl Dispatcher {
     /// again by a reload, or on another node — and each is logged as a warning. Empty when the
     /// store cannot say within [`PENDING_COUNT_TIMEOUT`] (the error is logged).
     pub async fn waiting_for_unconfigured(&self) -> std::collections::BTreeMap<String, u64> {
-        let store = Arc::clone(&self.store);
-        let count = tokio::task::spawn_blocking(move || store.pending_by_handler());
-        let counted = match tokio::time::timeout(PENDING_COUNT_TIMEOUT, count).await {
-            Ok(counted) => counted
-                .map_err(|e| e.to_string())
-                .and_then(|counts| counts.map_err(|e| e.to_string())),
-            Err(_) => Err(format!(
-                "the store did not answer within {PENDING_COUNT_TIMEOUT:?}"
-            )),
-        };
-        let counts = match counted {
+        let counted =
+            crate::queue::store::call_within(&self.store, PENDING_COUNT_TIMEOUT, |store| {
+                store.pending_by_handler()
+            });
+        let counts = match counted.await {
             Ok(counts) => counts,
             Err(e) => {
                 tracing::error!("cannot count pending deliveries by handler: {e}");

@@ -41,7 +41,7 @@ use uuid::Uuid;
 use crate::context::JobContext;
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
-use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError};
+use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError, call_within};
 use crate::sources::forwarders::{self, Forwarders};
 use crate::sources::idempotency;
 
@@ -445,35 +445,22 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
     let Ok(id) = Uuid::try_parse(&id) else {
         return error(StatusCode::BAD_REQUEST, "the event id is not a UUID");
     };
-    let store = Arc::clone(&state.store);
-    let read = tokio::task::spawn_blocking(move || store.event(id));
-    let Ok(read) = tokio::time::timeout(STORE_READ_TIMEOUT, read).await else {
-        tracing::error!(
-            "cannot read event {id}: the store did not answer within {STORE_READ_TIMEOUT:?}"
-        );
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the event could not be read: the store did not answer within {} s; retry later",
-                STORE_READ_TIMEOUT.as_secs()
-            ),
-        );
-    };
-    match read {
-        Ok(Ok(Some(view))) => axum::Json(view).into_response(),
-        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
+    let read = call_within(&state.store, STORE_READ_TIMEOUT, move |store| {
+        store.event(id)
+    });
+    match read.await {
+        Ok(Some(view)) => axum::Json(view).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
         // The store's own words (a database server's message, detail and hint) go to the
         // operator's log, not to the client, as for ingest.
-        Ok(Err(StoreError::Unreachable(why))) => {
-            tracing::error!(
-                "cannot read event {id}: the store's database cannot be reached: {why}"
-            );
+        Err(StoreError::Unreachable(why)) => {
+            tracing::error!("cannot read event {id}: {why}");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the event could not be read: the store's database cannot be reached; retry later",
+                "the event could not be read: the store's database cannot be reached or did not \
+                 answer; retry later",
             )
         }
-        Ok(Err(e)) => unreadable(id, &e),
         Err(e) => unreadable(id, &e),
     }
 }
@@ -526,23 +513,13 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let store = Arc::clone(&state.store);
-    let read = tokio::task::spawn_blocking(move || store.count_by_state());
-    let counts = match tokio::time::timeout(STORE_READ_TIMEOUT, read).await {
-        Ok(Ok(Ok(counts))) => Some(counts),
-        Ok(Ok(Err(e))) => {
-            tracing::warn!("metrics without the delivery states: cannot read the store: {e}");
-            None
-        }
-        Ok(Err(e)) => {
-            tracing::warn!("metrics without the delivery states: the store read failed: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(
-                "metrics without the delivery states: the store did not answer within \
-                 {STORE_READ_TIMEOUT:?}"
-            );
+    let read = call_within(&state.store, STORE_READ_TIMEOUT, |store| {
+        store.count_by_state()
+    });
+    let counts = match read.await {
+        Ok(counts) => Some(counts),
+        Err(e) => {
+            tracing::warn!("metrics without the delivery states: {e}");
             None
         }
     };

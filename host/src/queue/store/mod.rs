@@ -131,6 +131,26 @@ pub struct NewEvent {
     pub handlers: Vec<String>,
 }
 
+/// Runs `call` on `store` on the blocking pool and waits at most `limit` for its answer. A store
+/// that stopped answering (a frozen database server, a disk that hangs) is then `Unreachable`
+/// ("did not answer within …") instead of holding the caller for as long as it lasts; the
+/// blocking call is left to end on its own. A panic of the call is a `Database` error.
+pub async fn call_within<T: Send + 'static>(
+    store: &Arc<dyn EventStore>,
+    limit: Duration,
+    call: impl FnOnce(&dyn EventStore) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = Arc::clone(store);
+    let task = tokio::task::spawn_blocking(move || call(store.as_ref()));
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => Err(StoreError::Database(format!("the store call failed: {e}"))),
+        Err(_) => Err(StoreError::Unreachable(format!(
+            "the store did not answer within {limit:?}"
+        ))),
+    }
+}
+
 /// A new event's id: a UUIDv7 (RFC 9562), whose first 48 bits are the time in milliseconds,
 /// so that ids sort by when they were made, as bytes (PostgreSQL's `uuid`) and as text
 /// (SQLite's `TEXT`), with 74 random bits after them.
