@@ -878,11 +878,11 @@ const PG_STOP_AFTER: Duration = Duration::from_secs(2);
 const PG_DOWN_FOR: Duration = Duration::from_secs(3);
 
 /// Longest an ingest request may take to be refused while the server is down: the store's pool
-/// waits `POOL_WAIT` (5 s) for a connection, plus a margin for a loaded machine.
+/// waits `POOL_WAIT` (4 s) for a connection, plus a margin for a loaded machine.
 const REFUSAL_BOUND: Duration = Duration::from_secs(8);
 
 /// Longest the node may take to accept events again once the server accepts connections: the
-/// pool connects anew on the next call, and waits at most `POOL_WAIT` (5 s) for it; plus a
+/// pool connects anew on the next call, and waits at most `POOL_WAIT` (4 s) for it; plus a
 /// margin.
 const RECONNECT_BOUND: Duration = Duration::from_secs(10);
 

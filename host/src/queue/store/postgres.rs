@@ -58,8 +58,12 @@ use crate::secret::Secret;
 pub const POOL_SIZE: u32 = 8;
 
 /// How long a store call waits for a free (or new) connection before failing. The dispatcher
-/// retries after a pause; an ingest call answers an error instead of hanging.
-pub const POOL_WAIT: Duration = Duration::from_secs(5);
+/// retries after a pause; an ingest call answers an error instead of hanging. Shorter than
+/// ingest's commit timeout (5 s, `api::INGEST_COMMIT_TIMEOUT`) by a margin a loaded machine
+/// keeps: a sender refused for want of a connection (the server is down) is told that the
+/// store's database cannot be reached, not merely that it did not answer. At 5 s the two
+/// raced, and under load the less specific answer won.
+pub const POOL_WAIT: Duration = Duration::from_secs(4);
 
 /// How long establishing one connection may take, unless the URL sets `connect_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
