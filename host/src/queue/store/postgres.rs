@@ -2285,6 +2285,32 @@ mod tests {
         );
     }
 
+    /// Dropping the store while its server is frozen (the end of `serve` during a database
+    /// stall) waits at most [`STORE_CLOSE_WAIT`] for its connections to close, then leaves them
+    /// to the process's end.
+    #[test]
+    fn dropping_the_store_against_a_frozen_server_returns_in_bounded_time() {
+        let Some(db) = jobhook_testkit::postgres::private_database_or_skip() else {
+            return;
+        };
+        let store = PostgresStore::open(&db.url, Some(&Secret::new(db.password.clone())))
+            .expect("open the PostgreSQL store");
+        assert!(store.try_lead("poller").expect("lead"));
+        db.server().freeze().expect("freeze");
+        let bound = STORE_CLOSE_WAIT + Duration::from_secs(5);
+        let (done, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(store);
+            let _ = done.send(());
+        });
+        let answered = dropped.recv_timeout(bound);
+        db.server().thaw().expect("thaw");
+        assert!(
+            answered.is_ok(),
+            "dropping the store did not return within {bound:?} of a frozen server"
+        );
+    }
+
     /// A node that starts with a schema change to make while another session's open
     /// transaction holds a lock on the table (a rolling upgrade behind a forgotten `BEGIN`):
     /// the start fails within the lock wait, saying why, instead of waiting (and holding every
