@@ -338,15 +338,9 @@ async fn job_complete(
         tracing::error!(
             "cannot commit an event: the store did not answer within {INGEST_COMMIT_TIMEOUT:?}"
         );
-        state.metrics.ingest_store_failed("timeout");
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the event was not accepted: the store did not answer within {} s; retry later \
-                 (with the same Idempotency-Key: the commit may still complete)",
-                INGEST_COMMIT_TIMEOUT.as_secs()
-            ),
-        );
+        let (reason, message) = unavailable(&StoreError::NoAnswer(String::new()));
+        state.metrics.ingest_store_failed(reason);
+        return error(StatusCode::SERVICE_UNAVAILABLE, message);
     };
     let (event_id, deliveries, replayed) = match committed {
         Ok(Ok((event, Inserted::New))) => {
@@ -434,6 +428,12 @@ fn unavailable(e: &StoreError) -> (&'static str, &'static str) {
             "unreachable",
             "the event was not accepted: the store's database cannot be reached; retry later",
         ),
+        // Within the commit timeout, or past it: either way the sender hears the same.
+        StoreError::NoAnswer(_) => (
+            "timeout",
+            "the event was not accepted: the store did not answer in time; retry later (with \
+             the same Idempotency-Key: the commit may still complete)",
+        ),
         _ => (
             "error",
             "the event was not accepted: the store failed; retry later",
@@ -453,7 +453,7 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
         // The store's own words (a database server's message, detail and hint) go to the
         // operator's log, not to the client, as for ingest.
-        Err(StoreError::Unreachable(why)) => {
+        Err(why @ (StoreError::Unreachable(_) | StoreError::NoAnswer(_))) => {
             tracing::error!("cannot read event {id}: {why}");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,

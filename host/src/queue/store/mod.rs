@@ -52,6 +52,13 @@ pub enum StoreError {
     /// server answers.
     #[error("the store's database cannot be reached: {0}")]
     Unreachable(String),
+    /// The store took the work (or a connection to it stands) and then did not answer in time:
+    /// a frozen database server, a disk that stopped, every pooled connection held by
+    /// statements that have not finished. Told apart from [`Unreachable`](Self::Unreachable)
+    /// because the cure differs: nothing refused the engine, something stopped answering it.
+    /// Whether a commit under way takes effect later is unknown.
+    #[error("the store did not answer in time: {0}")]
+    NoAnswer(String),
     /// Stored data could not be decoded (corruption or a newer schema).
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
@@ -89,7 +96,10 @@ impl StoreError {
     /// without anyone changing the data. Any other error (a refused transition, unreadable
     /// data, an error the database reported about this statement) stays as it is.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::DiskFull(_) | StoreError::Unreachable(_))
+        matches!(
+            self,
+            StoreError::DiskFull(_) | StoreError::Unreachable(_) | StoreError::NoAnswer(_)
+        )
     }
 
     /// The same failure again, for each of several calls it stopped (meant for
@@ -99,6 +109,7 @@ impl StoreError {
         match self {
             StoreError::DiskFull(why) => StoreError::DiskFull(why.clone()),
             StoreError::Unreachable(why) => StoreError::Unreachable(why.clone()),
+            StoreError::NoAnswer(why) => StoreError::NoAnswer(why.clone()),
             other => StoreError::Database(other.to_string()),
         }
     }
@@ -132,8 +143,8 @@ pub struct NewEvent {
 }
 
 /// Runs `call` on `store` on the blocking pool and waits at most `limit` for its answer. A store
-/// that stopped answering (a frozen database server, a disk that hangs) is then `Unreachable`
-/// ("did not answer within …") instead of holding the caller for as long as it lasts; the
+/// that stopped answering (a frozen database server, a disk that hangs) is then `NoAnswer`
+/// ("did not answer in time") instead of holding the caller for as long as it lasts; the
 /// blocking call is left to end on its own. A panic of the call is a `Database` error.
 pub async fn call_within<T: Send + 'static>(
     store: &Arc<dyn EventStore>,
@@ -145,9 +156,7 @@ pub async fn call_within<T: Send + 'static>(
     match tokio::time::timeout(limit, task).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => Err(StoreError::Database(format!("the store call failed: {e}"))),
-        Err(_) => Err(StoreError::Unreachable(format!(
-            "the store did not answer within {limit:?}"
-        ))),
+        Err(_) => Err(StoreError::NoAnswer(format!("waited {limit:?} for it"))),
     }
 }
 

@@ -33,7 +33,8 @@
 //! [`PostgresStore`]'s `Drop` closes its connections on a thread of their own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -286,9 +287,18 @@ enum PgError {
     /// The server or the connection reported an error.
     #[error("{}", describe(.0))]
     Db(#[from] postgres::Error),
-    /// No connection became free in time (or none could be established).
+    /// No connection became free in time, and the pool's latest attempt to connect was
+    /// refused or failed: the server cannot be reached.
     #[error("no database connection within {POOL_WAIT:?}: {0}")]
-    Pool(#[from] r2d2::Error),
+    Pool(r2d2::Error),
+    /// No connection became free in time, and nothing refused one: every pooled connection is
+    /// held by a statement the server has not answered, and any new one is still being set up
+    /// (see [`LastConnect`]).
+    #[error(
+        "no database connection became free within {POOL_WAIT:?}: the server has not answered \
+         the statements holding them ({0})"
+    )]
+    PoolNoAnswer(r2d2::Error),
     /// The database holds a newer schema than this build knows.
     #[error(
         "the database schema is at version {found}, newer than this jobhook knows ({known}); \
@@ -345,7 +355,10 @@ impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
         match e {
             PgError::Corrupt(message) => StoreError::Corrupt(message),
-            PgError::Pool(_) | PgError::ConnectStalled(_) => StoreError::Unreachable(e.to_string()),
+            PgError::Pool(_) => StoreError::Unreachable(e.to_string()),
+            PgError::PoolNoAnswer(_) | PgError::ConnectStalled(_) => {
+                StoreError::NoAnswer(e.to_string())
+            }
             PgError::Db(ref error) => match error.as_db_error() {
                 Some(db) if db.code() == &postgres::error::SqlState::DISK_FULL => {
                     StoreError::DiskFull(e.to_string())
@@ -423,6 +436,40 @@ impl Conn {
 struct Manager {
     config: postgres::Config,
     limits: SessionLimits,
+    /// How its latest connection attempt ended, shared with the store.
+    last_connect: Arc<LastConnect>,
+}
+
+/// How the pool's latest attempt to connect ended, so that a wait for a connection that runs
+/// out can say why: after a refusal or an error (server down, wrong address) the server
+/// cannot be reached; after a success or a set-up that stalled (the server accepted and then
+/// said nothing) it is there and not answering. r2d2 keeps only the last error's text, not its
+/// kind.
+#[derive(Debug, Default)]
+struct LastConnect(AtomicU8);
+
+impl LastConnect {
+    const ANSWERED: u8 = 0;
+    const STALLED: u8 = 1;
+    const FAILED: u8 = 2;
+
+    fn record<T>(&self, attempt: &Result<T, PgError>) {
+        let kind = match attempt {
+            Ok(_) => Self::ANSWERED,
+            Err(PgError::ConnectStalled(_)) => Self::STALLED,
+            Err(_) => Self::FAILED,
+        };
+        self.0.store(kind, Ordering::Relaxed);
+    }
+
+    /// The error for a pool wait that ran out.
+    fn explain(&self, e: r2d2::Error) -> PgError {
+        if self.0.load(Ordering::Relaxed) == Self::FAILED {
+            PgError::Pool(e)
+        } else {
+            PgError::PoolNoAnswer(e)
+        }
+    }
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -431,9 +478,10 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Conn, PgError> {
         let settings = format!("{}; {INDEXES_ONLY}", self.limits.sql());
-        let client = connect_within(&self.config, move |client| client.batch_execute(&settings))?;
+        let attempt = connect_within(&self.config, move |client| client.batch_execute(&settings));
+        self.last_connect.record(&attempt);
         Ok(Conn {
-            client,
+            client: attempt?,
             statements: HashMap::new(),
             answered_at: Instant::now(),
         })
@@ -494,7 +542,6 @@ struct ConnectSlot;
 
 impl ConnectSlot {
     fn take() -> Option<ConnectSlot> {
-        use std::sync::atomic::Ordering;
         CONNECTS_IN_PROGRESS
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < MAX_CONNECTS_IN_PROGRESS).then_some(n + 1)
@@ -506,7 +553,7 @@ impl ConnectSlot {
 
 impl Drop for ConnectSlot {
     fn drop(&mut self) {
-        CONNECTS_IN_PROGRESS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        CONNECTS_IN_PROGRESS.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -530,7 +577,7 @@ fn connect_within(
     config: &postgres::Config,
     prepare: impl FnOnce(&mut Client) -> Result<(), postgres::Error> + Send + 'static,
 ) -> Result<Client, PgError> {
-    use std::sync::{Arc, Condvar};
+    use std::sync::Condvar;
     let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
     let limit = config
         .get_connect_timeout()
@@ -600,6 +647,8 @@ pub struct PostgresStore {
     config: postgres::Config,
     /// `None` only while being dropped.
     pool: Option<r2d2::Pool<Manager>>,
+    /// How the pool's latest connection attempt ended, to explain a wait that ran out.
+    last_connect: Arc<LastConnect>,
     /// The leadership session, established on first need.
     lead: Mutex<Option<LeadSession>>,
     /// The queue's time: the database server's clock, carried between readings.
@@ -708,6 +757,7 @@ impl PostgresStore {
                     describe(&e)
                 ))
             })?;
+        let last_connect = Arc::new(LastConnect::default());
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
@@ -718,6 +768,7 @@ impl PostgresStore {
             .build(Manager {
                 config: config.clone(),
                 limits: SessionLimits::for_lease(lease),
+                last_connect: Arc::clone(&last_connect),
             })
             .map_err(|e| fail(format!("cannot open the connection pool: {e}")))?;
         let store = PostgresStore {
@@ -725,6 +776,7 @@ impl PostgresStore {
             target,
             config,
             pool: Some(pool),
+            last_connect,
             lead: Mutex::new(Some(lead)),
             clock: QueueClock::new(server_now),
         };
@@ -737,13 +789,21 @@ impl PostgresStore {
         &self.node
     }
 
+    /// A pooled connection, or why none became free within [`POOL_WAIT`].
+    fn checkout(
+        &self,
+        pool: &r2d2::Pool<Manager>,
+    ) -> Result<r2d2::PooledConnection<Manager>, PgError> {
+        pool.get().map_err(|e| self.last_connect.explain(e))
+    }
+
     /// Runs `f` on a pooled connection. When the server ended the session inside the
     /// transaction `f` ran (`idle_in_transaction_session_timeout`: this node was frozen or
     /// starved between two statements), that transaction was rolled back whole, so `f` runs once
     /// more on another connection instead of failing the caller.
     fn with<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
-        let mut conn = pool.get().map_err(PgError::from)?;
+        let mut conn = self.checkout(pool)?;
         match conn.run(&f) {
             Err(PgError::Db(e)) if rolled_back_by_timeout(&e) => {
                 tracing::info!(
@@ -752,7 +812,7 @@ impl PostgresStore {
                     describe(&e)
                 );
                 drop(conn);
-                let mut conn = pool.get().map_err(PgError::from)?;
+                let mut conn = self.checkout(pool)?;
                 Ok(conn.run(&f)?)
             }
             other => Ok(other?),
@@ -765,7 +825,7 @@ impl PostgresStore {
     /// of failing the caller (`GET /v1/events/{id}` would answer 500).
     fn read<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
-        let mut conn = pool.get().map_err(PgError::from)?;
+        let mut conn = self.checkout(pool)?;
         match conn.run(&f) {
             // The client may not have noticed the end of the session yet (`is_closed`): a
             // FATAL error is the server saying it ends it.
@@ -775,7 +835,7 @@ impl PostgresStore {
                     describe(&e)
                 );
                 drop(conn);
-                let mut conn = pool.get().map_err(PgError::from)?;
+                let mut conn = self.checkout(pool)?;
                 Ok(conn.run(&f)?)
             }
             other => Ok(other?),
@@ -2260,7 +2320,6 @@ mod tests {
         let Some(db) = jobhook_testkit::postgres::private_database_or_skip() else {
             return;
         };
-        use std::sync::Arc;
         let store = Arc::new(
             PostgresStore::open(&db.url, Some(&Secret::new(db.password.clone())))
                 .expect("open the PostgreSQL store"),
@@ -2360,6 +2419,61 @@ mod tests {
         assert_eq!(applied, i32::try_from(last).unwrap());
     }
 
+    /// A wait for a pooled connection that runs out says why: "cannot be reached" after the
+    /// latest attempt to connect was refused, "did not answer" while every connection is held
+    /// and nothing refused one (a frozen server), or while new ones stall in their set-up. The
+    /// ingest metric's reason follows (`unreachable`, `timeout`).
+    #[test]
+    fn a_pool_wait_that_runs_out_says_whether_the_server_refused_or_did_not_answer() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let pool_of_one = |config: postgres::Config| {
+            let last_connect = Arc::new(LastConnect::default());
+            let pool = r2d2::Pool::builder()
+                .max_size(1)
+                .min_idle(Some(0))
+                .connection_timeout(Duration::from_millis(300))
+                .build_unchecked(Manager {
+                    config,
+                    limits: SessionLimits::for_lease(Duration::from_secs(60)),
+                    last_connect: Arc::clone(&last_connect),
+                });
+            (pool, last_connect)
+        };
+        let waited = |pool: &r2d2::Pool<Manager>, last: &LastConnect| {
+            let e = pool.get().err().expect("the wait runs out");
+            StoreError::from(last.explain(e))
+        };
+
+        // Every connection held; the latest attempt connected.
+        let (pool, last) = pool_of_one(backend.node().config.clone());
+        let held = pool.get().expect("the one connection");
+        assert!(
+            matches!(waited(&pool, &last), StoreError::NoAnswer(ref why)
+                if why.contains("has not answered")),
+            "{}",
+            waited(&pool, &last)
+        );
+        // The latest attempt stalled in its set-up: still no answer.
+        last.record::<()>(&Err(PgError::ConnectStalled("stalled".into())));
+        assert!(matches!(waited(&pool, &last), StoreError::NoAnswer(_)));
+        drop(held);
+
+        // Nothing listens where the pool connects: the attempt is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = closed.local_addr().expect("port").port();
+        drop(closed);
+        let mut refused = postgres::Config::new();
+        refused.host("127.0.0.1").port(port).user("jobhook");
+        let (pool, last) = pool_of_one(refused);
+        assert!(
+            matches!(waited(&pool, &last), StoreError::Unreachable(_)),
+            "{}",
+            waited(&pool, &last)
+        );
+    }
+
     #[test]
     fn a_pooled_session_is_checked_only_when_the_server_has_not_answered_on_it_lately() {
         let Some(backend) = Postgres::new() else {
@@ -2368,6 +2482,7 @@ mod tests {
         let manager = Manager {
             config: backend.node().config.clone(),
             limits: SessionLimits::for_lease(Duration::from_secs(60)),
+            last_connect: Arc::default(),
         };
         // A pooled session the server has just ended.
         let ended = || {
