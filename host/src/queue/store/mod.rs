@@ -689,4 +689,45 @@ mod tests {
             );
         }
     }
+
+    /// A store call that does not answer within its bound is `NoAnswer` at the bound, not
+    /// whenever the call ends; one that panics is a `Database` error, not a panic of the
+    /// caller.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_store_call_past_its_bound_is_no_answer_and_a_panic_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn EventStore> =
+            Arc::new(sqlite::SqliteStore::open(dir.path()).expect("open the store"));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let began = std::time::Instant::now();
+        let slow = call_within(&store, Duration::from_millis(100), move |_| {
+            let _ = held.recv_timeout(Duration::from_secs(30));
+            Ok(())
+        })
+        .await;
+        assert!(
+            matches!(slow, Err(StoreError::NoAnswer(ref why)) if why.contains("100ms")),
+            "{slow:?}"
+        );
+        assert!(slow.as_ref().is_err_and(StoreError::is_transient));
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            began.elapsed()
+        );
+        let _ = release.send(());
+
+        let panicked: Result<(), StoreError> =
+            call_within(&store, Duration::from_secs(30), |_| panic!("a store bug")).await;
+        assert!(
+            matches!(panicked, Err(StoreError::Database(ref why)) if why.contains("failed")),
+            "{panicked:?}"
+        );
+
+        let answered = call_within(&store, Duration::from_secs(30), |store| {
+            store.event(Uuid::nil())
+        })
+        .await;
+        assert!(matches!(answered, Ok(None)), "{answered:?}");
+    }
 }

@@ -33,7 +33,7 @@
 //! [`PostgresStore`]'s `Drop` closes its connections on a thread of their own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -534,26 +534,31 @@ pub const STARTUP_EXCHANGE_LIMIT: Duration = Duration::from_secs(5);
 const MAX_CONNECTS_IN_PROGRESS: usize = 8;
 
 /// Connections being set up now (see [`MAX_CONNECTS_IN_PROGRESS`]).
-static CONNECTS_IN_PROGRESS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
+static CONNECTS_IN_PROGRESS: AtomicUsize = AtomicUsize::new(0);
 
-/// A place among [`CONNECTS_IN_PROGRESS`], given back when dropped (however its thread ends).
-struct ConnectSlot;
+/// A place among the connections being set up ([`CONNECTS_IN_PROGRESS`]), given back when
+/// dropped (however its thread ends).
+struct ConnectSlot(&'static AtomicUsize);
 
 impl ConnectSlot {
     fn take() -> Option<ConnectSlot> {
-        CONNECTS_IN_PROGRESS
+        Self::take_from(&CONNECTS_IN_PROGRESS, MAX_CONNECTS_IN_PROGRESS)
+    }
+
+    /// A place among the `max` that `count` counts, if one is free.
+    fn take_from(count: &'static AtomicUsize, max: usize) -> Option<ConnectSlot> {
+        count
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_CONNECTS_IN_PROGRESS).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| ConnectSlot)
+            .map(|_| ConnectSlot(count))
     }
 }
 
 impl Drop for ConnectSlot {
     fn drop(&mut self) {
-        CONNECTS_IN_PROGRESS.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -2417,6 +2422,30 @@ mod tests {
             .expect("version")
             .get(0);
         assert_eq!(applied, i32::try_from(last).unwrap());
+    }
+
+    /// Past the bound on connections being set up, another is refused at once; a place is
+    /// given back when its holder ends, and the count never goes below zero or past the bound
+    /// whatever order the holders end in.
+    #[test]
+    fn connections_being_set_up_are_counted_against_their_bound() {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let held: Vec<ConnectSlot> = (0..3)
+            .map(|_| ConnectSlot::take_from(&COUNT, 3).expect("a free place"))
+            .collect();
+        assert!(ConnectSlot::take_from(&COUNT, 3).is_none());
+        assert_eq!(COUNT.load(Ordering::SeqCst), 3);
+        let mut held = held.into_iter();
+        // One ends on a thread of its own, as a connecting thread does.
+        let one = held.next().expect("a place");
+        std::thread::spawn(move || drop(one))
+            .join()
+            .expect("the thread ends");
+        let again = ConnectSlot::take_from(&COUNT, 3).expect("the place given back");
+        assert!(ConnectSlot::take_from(&COUNT, 3).is_none());
+        drop(held);
+        drop(again);
+        assert_eq!(COUNT.load(Ordering::SeqCst), 0);
     }
 
     /// A wait for a pooled connection that runs out says why: "cannot be reached" after the
