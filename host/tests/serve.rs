@@ -913,38 +913,70 @@ async fn sigterm_takes_the_grace_once_for_deliveries_and_connections_together() 
     drop(slow);
 }
 
-/// A reload whose files do not answer (the handler's component on a file system that hangs:
-/// here `jobhook-powerloss-fs` with its process stopped) leaves ingest answering, even with one
+/// A reload whose files do not answer (on a file system that hangs: here
+/// `jobhook-powerloss-fs` with its process stopped) leaves ingest answering, even with one
 /// thread for the API (`TOKIO_WORKER_THREADS=1`, a one-CPU container): the reload reads its
 /// files on blocking threads, not on the thread that answers requests (it held that thread,
-/// before: the event below was not answered).
+/// before: the event below was not answered). Both kinds of read are tried: the handler's
+/// component, and the configuration file itself (the first of the files read with it: the
+/// tokens, secrets and certificate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_whose_files_hang_leaves_ingest_answering() {
-    use jobhook_testkit::powerloss::{PowerLossFs, fuse_or_skip};
+    use jobhook_testkit::powerloss::fuse_or_skip;
     if !fuse_or_skip() {
         return;
     }
+    for hung in [HungFile::Component, HungFile::Config] {
+        reload_with_a_hung_file(hung).await;
+    }
+}
+
+/// Which of a reload's files sits on the file system that hangs.
+#[derive(Debug, Clone, Copy)]
+enum HungFile {
+    Component,
+    Config,
+}
+
+async fn reload_with_a_hung_file(hung: HungFile) {
+    use jobhook_testkit::powerloss::PowerLossFs;
     let setup = Setup::new();
     let (backing, mount) = (setup.dir.path().join("disk"), setup.dir.path().join("mnt"));
     for d in [&backing, &mount] {
         std::fs::create_dir(d).expect("create dir");
     }
     let disk = PowerLossFs::mount(&jobhook_testkit::powerloss_fs_binary(), &backing, &mount);
-    let component = disk.mountpoint().join("log.wasm");
+    let (component, config) = match hung {
+        HungFile::Component => (
+            disk.mountpoint().join("log.wasm"),
+            setup.dir.path().join("jobhook.toml"),
+        ),
+        HungFile::Config => (
+            setup.dir.path().join("log.wasm"),
+            disk.mountpoint().join("jobhook.toml"),
+        ),
+    };
     std::fs::copy(guest("log-context"), &component).expect("copy the component");
-    let config = setup.config(&format!(
-        "[[handlers]]\nname = \"log\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
-        component.display()
-    ));
+    // The store stays off the file system that hangs: only the reload's reads may.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{}\"\n\n\
+             [[handlers]]\nname = \"log\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
+            setup.dir.path().join("data").display(),
+            component.display()
+        ),
+    )
+    .expect("write config");
     let engine = EngineProcess::start_with_env(
         Path::new(env!("CARGO_BIN_EXE_jobhook")),
         &config,
         &setup.dir.path().join("engine.log"),
         &[("TOKIO_WORKER_THREADS", "1")],
     );
-    disk.freeze().expect("freeze the component's file system");
+    disk.freeze().expect("freeze the file system");
     engine.hangup();
-    // The reload has begun to look at the component.
+    // The reload has begun to read.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let answered = tokio::time::timeout(
         Duration::from_secs(10),
@@ -952,9 +984,12 @@ async fn a_reload_whose_files_hang_leaves_ingest_answering() {
     )
     .await;
     disk.thaw().expect("thaw");
-    let (status, body) =
-        answered.expect("the event was not answered within 10 s while the reload hung");
-    assert_eq!(status, 202, "{body}");
+    let (status, body) = answered.unwrap_or_else(|_| {
+        panic!(
+            "with the {hung:?} hung, the event was not answered within 10 s while the reload hung"
+        )
+    });
+    assert_eq!(status, 202, "{hung:?}: {body}");
     engine.kill();
     disk.cut_power();
 }
