@@ -63,7 +63,9 @@ pub const POOL_SIZE: u32 = 8;
 /// ingest's commit timeout (5 s, `api::INGEST_COMMIT_TIMEOUT`) by a margin a loaded machine
 /// keeps: a sender refused for want of a connection (the server is down) is told that the
 /// store's database cannot be reached, not merely that it did not answer. At 5 s the two
-/// raced, and under load the less specific answer won.
+/// raced, and under load the less specific answer won. When nothing refused a connection (a
+/// frozen server holds every pooled one), the wait's answer is that the server did not answer
+/// ([`LastConnect`]), as the commit timeout's is.
 pub const POOL_WAIT: Duration = Duration::from_secs(4);
 
 /// How long establishing one connection may take, unless the URL sets `connect_timeout`.
