@@ -47,9 +47,9 @@ pub enum StoreError {
     #[error("the store is out of disk space: {0}")]
     DiskFull(String),
     /// The store's database server cannot be reached, is shutting down or starting up, or no
-    /// connection to it became free in time (PostgreSQL). Whether a commit under way when the
-    /// connection broke took effect is unknown; the pool connects again by itself once the
-    /// server answers.
+    /// connection to it became free in time after an attempt to connect failed (PostgreSQL).
+    /// Whether a commit under way when the connection broke took effect is unknown; the pool
+    /// connects again by itself once the server answers.
     #[error("the store's database cannot be reached: {0}")]
     Unreachable(String),
     /// The store took the work (or a connection to it stands) and then did not answer in time:
