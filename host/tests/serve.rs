@@ -827,6 +827,45 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
     }
 }
 
+/// A reload that changes only `[quarantine]` applies it to the handlers it keeps (their
+/// component and settings unchanged), with the failures they already had: before, a kept
+/// handler went on under the old settings and nothing said so.
+#[tokio::test]
+async fn reload_applies_a_new_quarantine_to_the_handlers_it_keeps() {
+    let setup = Setup::new();
+    let failing = handler(
+        "failing",
+        "guest-trap",
+        &format!("[\"{INVENTORY_TYPE}\"]"),
+        "[handlers.retry]\nmax_attempts = 1",
+    );
+    let quarantine = |after: u32| {
+        format!("[quarantine]\nafter_failures = {after}\ninitial_backoff_ms = 600000\n\n{failing}")
+    };
+    let engine = setup.start(&quarantine(100));
+    let failed_once = |event: &Value| {
+        let d = delivery(event, "failing");
+        assert_eq!(d["state"], "failed", "{d}");
+    };
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    failed_once(&settled(&engine, body["event_id"].as_str().expect("id")).await);
+
+    setup.config(&quarantine(2));
+    let response = reload(&engine).await;
+    assert_eq!(response.status().as_u16(), 200);
+    // The second failure in a row reaches the new threshold...
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    failed_once(&settled(&engine, body["event_id"].as_str().expect("id")).await);
+    // ...and the next delivery is skipped.
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    let event = settled(&engine, body["event_id"].as_str().expect("id")).await;
+    let d = delivery(&event, "failing");
+    assert_eq!(d["state"], "skipped", "{d}");
+    let (_, health) = get(&engine, "/healthz").await;
+    let health: Value = serde_json::from_str(&health).expect("json");
+    assert_eq!(health["quarantined"], 1, "{health}");
+}
+
 #[tokio::test]
 async fn sigterm_finishes_running_deliveries_and_exits_cleanly() {
     let setup = Setup::new();

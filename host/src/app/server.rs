@@ -436,7 +436,13 @@ fn reloader(running: Running) -> Reloader {
                     }
                     report.secrets_reloaded.extend(changed);
                     report.restart_required = restart;
-                    dispatcher.replace_registry(set.registry());
+                    // Handlers kept from before take the new `[quarantine]` too, now that the
+                    // reload is certain (a refused reload changes nothing).
+                    let registry = set.registry();
+                    for handler in registry.handlers() {
+                        handler.reconfigure_quarantine(&config.quarantine);
+                    }
+                    dispatcher.replace_registry(registry);
                     *current = (set, config);
                     if let (Some(state), Some(new)) = (&tls, tls_config) {
                         state.replace(new);

@@ -149,6 +149,12 @@ impl RegisteredHandler {
         self.quarantine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes a reload's `[quarantine]`, keeping its history (see [`Quarantine::reconfigure`]).
+    pub fn reconfigure_quarantine(&self, config: &QuarantineConfig) {
+        self.quarantine()
+            .reconfigure(config.clone(), Instant::now());
+    }
+
     /// Its quarantine status now.
     pub fn status(&self) -> QuarantineStatus {
         self.quarantine().status(Instant::now())

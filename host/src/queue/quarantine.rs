@@ -144,6 +144,30 @@ impl Quarantine {
     pub fn is_quarantined(&self, now: Instant) -> bool {
         matches!(self.until, Some(until) if now < until)
     }
+
+    /// Takes a new `[quarantine]` (a reload) without forgetting what the handler has done: its
+    /// failures in a row still count. Whatever the new settings cannot allow ends at once: with
+    /// quarantine turned off (`after_failures = 0`) a quarantine under way is lifted; a period
+    /// longer than the new `max_backoff` is cut to it from `now`; the next period is brought
+    /// within the new bounds.
+    pub fn reconfigure(&mut self, config: QuarantineConfig, now: Instant) {
+        if config == self.config {
+            return;
+        }
+        if config.after_failures == 0 {
+            self.until = None;
+        } else if let Some(until) = self.until {
+            self.until = Some(until.min(now.checked_add(config.max_backoff).unwrap_or(until)));
+        }
+        self.next_backoff = if self.until.is_some() {
+            self.next_backoff
+                .max(config.initial_backoff)
+                .min(config.max_backoff)
+        } else {
+            config.initial_backoff
+        };
+        self.config = config;
+    }
 }
 
 #[cfg(test)]
@@ -178,6 +202,68 @@ mod tests {
         let t2 = t1 + Duration::from_secs(20);
         q.record(false, t2);
         assert!(!q.is_quarantined(t2 + Duration::from_secs(25)));
+    }
+
+    /// A reload's new `[quarantine]` applies to a handler it kept: the failures so far count
+    /// against the new threshold, a quarantine is cut to the new maximum or lifted when
+    /// quarantine is turned off, and later periods follow the new backoff.
+    #[test]
+    fn a_new_quarantine_configuration_applies_to_a_handler_with_its_history() {
+        let t0 = Instant::now();
+        // Two failures under a threshold of three; the new threshold of two quarantines at the
+        // next failure, for the new first period.
+        let mut q = Quarantine::new(config());
+        q.record(false, t0);
+        q.record(false, t0);
+        q.reconfigure(
+            QuarantineConfig {
+                after_failures: 2,
+                initial_backoff: Duration::from_secs(4),
+                max_backoff: Duration::from_secs(6),
+            },
+            t0,
+        );
+        assert_eq!(q.admit(t0), Admission::Run);
+        q.record(false, t0);
+        assert!(q.is_quarantined(t0 + Duration::from_secs(3)));
+        assert!(!q.is_quarantined(t0 + Duration::from_secs(4)));
+        // Its next period doubles within the new maximum.
+        let t1 = t0 + Duration::from_secs(4);
+        q.record(false, t1);
+        assert!(q.is_quarantined(t1 + Duration::from_secs(5)));
+        assert!(!q.is_quarantined(t1 + Duration::from_secs(6)));
+
+        // A quarantine of 25 s under way is cut to a new maximum of 5 s from the reload.
+        let mut q = Quarantine::new(config());
+        for _ in 0..3 {
+            q.record(false, t0);
+        }
+        assert!(q.is_quarantined(t0 + Duration::from_secs(9)));
+        q.reconfigure(
+            QuarantineConfig {
+                max_backoff: Duration::from_secs(5),
+                ..config()
+            },
+            t0 + Duration::from_secs(1),
+        );
+        assert!(q.is_quarantined(t0 + Duration::from_secs(5)));
+        assert!(!q.is_quarantined(t0 + Duration::from_secs(6)));
+
+        // Turned off: lifted at once, and failures no longer quarantine.
+        let mut q = Quarantine::new(config());
+        for _ in 0..3 {
+            q.record(false, t0);
+        }
+        q.reconfigure(
+            QuarantineConfig {
+                after_failures: 0,
+                ..config()
+            },
+            t0,
+        );
+        assert_eq!(q.admit(t0), Admission::Run);
+        q.record(false, t0);
+        assert_eq!(q.admit(t0), Admission::Run);
     }
 
     #[test]
