@@ -757,8 +757,18 @@ impl Validator<'_> {
     }
 
     fn check_server(&self, server: &ServerConfig) -> Result<(), ConfigError> {
-        if server.max_body_bytes < 1024 {
-            return Err(self.error(None, "[server] max_body_bytes must be at least 1024"));
+        use crate::context::MAX_CONTEXT_BYTES;
+        if !(1024..=MAX_CONTEXT_BYTES).contains(&server.max_body_bytes) {
+            // Above the context's own limit a larger body would be read and then refused all
+            // the same: the setting would promise what ingest never does.
+            return Err(self.error(
+                None,
+                &format!(
+                    "[server] max_body_bytes must be between 1024 and {MAX_CONTEXT_BYTES} (the \
+                     largest job context ingest accepts), not {}",
+                    server.max_body_bytes
+                ),
+            ));
         }
         use crate::sources::idempotency::{MAX_RETENTION, MIN_RETENTION};
         if !(MIN_RETENTION..=MAX_RETENTION).contains(&server.idempotency_retention) {
@@ -1598,16 +1608,22 @@ identity = "writer"
                 );
             }
         }
-        let e = error(&format!("[server]\nmax_body_bytes = 1023\n\n{MINIMAL}"));
-        assert!(
-            e.message.contains("max_body_bytes must be at least 1024"),
-            "{e}"
-        );
-        assert!(
-            Fixture::new()
-                .parse(&format!("[server]\nmax_body_bytes = 1024\n\n{MINIMAL}"))
-                .is_ok()
-        );
+        for bad in [1023, crate::context::MAX_CONTEXT_BYTES + 1] {
+            let e = error(&format!("[server]\nmax_body_bytes = {bad}\n\n{MINIMAL}"));
+            assert!(
+                e.message
+                    .contains("max_body_bytes must be between 1024 and 65536"),
+                "{e}"
+            );
+            assert!(e.message.contains(&format!("not {bad}")), "{e}");
+        }
+        for good in [1024, crate::context::MAX_CONTEXT_BYTES] {
+            assert!(
+                Fixture::new()
+                    .parse(&format!("[server]\nmax_body_bytes = {good}\n\n{MINIMAL}"))
+                    .is_ok()
+            );
+        }
         let gib: u64 = 1 << 30;
         let e = error(&format!(
             "{MINIMAL}[handlers.limits]\nmemory_bytes = {}\n",
