@@ -35,7 +35,7 @@ typedef uint8_t jobhook_handler_log_level_t;
 // How the event reached the engine.
 typedef uint8_t jobhook_handler_delivery_event_source_t;
 
-// Posted to the engine's event API (`POST /v1/events`), normally by the Keyfactor-side
+// Posted to the engine's event API (`POST /v1/job-complete`), normally by the Keyfactor-side
 // forwarder from inside Command's own handler call: the context is Keyfactor's.
 #define JOBHOOK_HANDLER_DELIVERY_EVENT_SOURCE_EVENT_API 0
 // Made by the engine's poller from a row of Keyfactor's `OrchestratorJobs/JobHistory`:
