@@ -98,7 +98,8 @@ function pad(n) {
 // "2023-05-03 23:18:48 UTC"
 function formatTimestamp(ts) {
     const d = new Date(Number(ts.seconds) * 1000);
-    return `${d.getUTCFullYear()}-${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())} ` +
+    // Four digits as in the other ports: .NET's DateTime.MinValue is year 0001.
+    return `${String(d.getUTCFullYear()).padStart(4, "0")}-${pad(d.getUTCMonth() + 1)}-${pad(d.getUTCDate())} ` +
         `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())} UTC`;
 }
 

@@ -176,7 +176,8 @@ fn result_of(component: &Path, context: &str, properties: &[&str], outbox: &Path
 /// The example in `lang` gives what the Rust example gives, byte for byte (mails without `Date`
 /// and `Message-ID`; reasons; log lines) on the sample contexts, with bad properties, and with
 /// a context whose text holds a NUL (the Rust example's mail is refused for the control
-/// character; a C string function would have cut the subject short and sent it).
+/// character; a C string function would have cut the subject short and sent it), and with a
+/// request in year 1 (.NET's `DateTime.MinValue`: four digits in every port's mail).
 fn example_runs_like_the_rust_one(lang: &str) {
     if !toolchains_ready() {
         return;
@@ -190,12 +191,17 @@ fn example_runs_like_the_rust_one(lang: &str) {
     .expect("context JSON");
     context_with_nul["JobType"] = Value::String("Win\u{0}Cert".into());
     std::fs::write(&with_nul, context_with_nul.to_string()).expect("write context");
+    let year_one = work_dir().join(format!("year-one-{lang}.json"));
+    let mut context_year_one = context_with_nul.clone();
+    context_year_one["JobType"] = Value::String("WinCertInventory".into());
+    context_year_one["RequestTimestamp"] = Value::String("0001-01-01T00:00:00Z".into());
+    std::fs::write(&year_one, context_year_one.to_string()).expect("write context");
     let good = [
         "RetryThreshold=3",
         "EmailRecipients=pki-team@example.com, oncall@example.com",
     ];
     let bad = ["RetryThreshold=abc", "EmailRecipients=pki-team@example.com"];
-    let cases: [(&str, String, &[&str], usize); 5] = [
+    let cases: [(&str, String, &[&str], usize); 6] = [
         (
             "failed-after-retries",
             context("failed-after-retries"),
@@ -206,6 +212,7 @@ fn example_runs_like_the_rust_one(lang: &str) {
         ("succeeded", context("succeeded"), &good, 0),
         ("bad-properties", context("failed-after-retries"), &bad, 0),
         ("nul-in-job-type", with_nul.display().to_string(), &good, 0),
+        ("year-one", year_one.display().to_string(), &good, 1),
     ];
     for (case, ctx, properties, want_mails) in cases {
         let mut theirs = result_of(

@@ -248,9 +248,58 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
 
     build_script(&dir, &tools);
     runs_as_generated(&dir, component);
+    if lang == "js" {
+        js_text_helpers_round_trip(&dir, &tools, component);
+    }
+    if lang == "python" {
+        python_exit_is_a_reason(&dir, &tools, component);
+    }
     if let Some((edits, reason)) = uncaught_mail_error(lang) {
         an_uncaught_capability_error_is_the_reason(&dir, &tools, component, &edits, reason);
     }
+}
+
+/// The JavaScript template's `utf8Encode` and `utf8Decode` (the runtime has neither
+/// `TextEncoder` nor `TextDecoder`): text beyond ASCII goes to its UTF-8 bytes and back, and
+/// bytes that are not UTF-8 (a stray continuation byte, a truncated sequence, an overlong form, a
+/// surrogate) decode to U+FFFD each instead of to other characters.
+fn js_text_helpers_round_trip(dir: &Path, tools: &[PathBuf], component: &str) {
+    let path = dir.join("handler.js");
+    let text = std::fs::read_to_string(&path).expect("handler.js");
+    let probe = "function run(ctx) {\n    const bytes = utf8Encode(\"Grüße ✓ 😀\");\n    \
+                 log.log(\"info\", `${utf8Decode(bytes)} ${bytes.length} ` + \
+                 utf8Decode(new Uint8Array([0x61, 0x80, 0xe2, 0x9c, 0xc0, 0xaf, 0xed, 0xa0, 0x80, 0x62])));";
+    assert!(text.contains("function run(ctx) {"), "{text}");
+    std::fs::write(&path, text.replacen("function run(ctx) {", probe, 1)).expect("write");
+    build_script(dir, tools);
+    let outcome = run(dir, component, "context.json");
+    let lines = logs(&outcome);
+    assert_eq!(
+        lines.first(),
+        Some(&(
+            "info".to_owned(),
+            "Grüße ✓ 😀 16 a\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}b"
+                .to_owned()
+        )),
+        "{outcome:#}"
+    );
+}
+
+/// `sys.exit(3)` in a Python project's `run` fails the delivery with a reason, like any
+/// exception, instead of exiting the component (recorded as a trap, the code lost). The
+/// project's `app.py` is as generated again afterwards.
+fn python_exit_is_a_reason(dir: &Path, tools: &[PathBuf], component: &str) {
+    let path = dir.join("app.py");
+    let generated = std::fs::read_to_string(&path).expect("app.py");
+    let marker = "# `raise Err(\"why\")` (or any exception) reports a failure with that reason.";
+    assert!(generated.contains(marker), "{generated}");
+    let exiting = generated.replacen(marker, "import sys\n    sys.exit(3)", 1);
+    std::fs::write(&path, exiting).expect("write app.py");
+    build_script(dir, tools);
+    let outcome = run(dir, component, "context.json");
+    assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
+    assert_eq!(outcome["reason"], "SystemExit: 3", "{outcome:#}");
+    std::fs::write(&path, generated).expect("restore app.py");
 }
 
 /// One edit of a generated project's file: (file, text, replacement).
