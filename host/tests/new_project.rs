@@ -248,11 +248,15 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
 
     build_script(&dir, &tools);
     runs_as_generated(&dir, component);
+    text_after_a_nul_is_kept(&dir, component);
     if lang == "js" {
         js_text_helpers_round_trip(&dir, &tools, component);
     }
     if lang == "python" {
         python_exit_is_a_reason(&dir, &tools, component);
+    }
+    if lang == "c" {
+        c_false_without_a_reason_still_has_one(&dir, &tools, component);
     }
     if let Some((edits, reason)) = uncaught_mail_error(lang) {
         an_uncaught_capability_error_is_the_reason(&dir, &tools, component, &edits, reason);
@@ -283,6 +287,48 @@ fn js_text_helpers_round_trip(dir: &Path, tools: &[PathBuf], component: &str) {
         )),
         "{outcome:#}"
     );
+}
+
+/// Keyfactor's text is a WIT string of known length that may hold a NUL: a generated project
+/// logs all of it, not the part before the NUL (C's `%.*s` stops there).
+fn text_after_a_nul_is_kept(dir: &Path, component: &str) {
+    let sample = std::fs::read_to_string(dir.join("context.json")).expect("context.json");
+    let mut context: Value = serde_json::from_str(&sample).expect("context JSON");
+    context["ClientMachine"] = Value::String("evil\u{0}.example".into());
+    std::fs::write(dir.join("nul.json"), context.to_string()).expect("write context");
+    let outcome = run(dir, component, "nul.json");
+    assert_eq!(outcome["class"], "succeeded", "{outcome:#}");
+    let warned = logs(&outcome)
+        .into_iter()
+        .find(|(level, _)| level == "warn")
+        .unwrap_or_else(|| panic!("no warning:\n{outcome:#}"));
+    let after = warned.1.split_once("evil").map(|(_, rest)| rest.to_owned());
+    assert!(
+        after
+            .as_deref()
+            .is_some_and(|rest| rest.ends_with(".example")),
+        "the text after the NUL is lost: {warned:?}"
+    );
+}
+
+/// A C project's `run()` returning false without `fail()`: the bindings leave `*err`
+/// uninitialised, and the template's export gives a reason instead of handing that memory on.
+fn c_false_without_a_reason_still_has_one(dir: &Path, tools: &[PathBuf], component: &str) {
+    let path = dir.join("handler.c");
+    let generated = std::fs::read_to_string(&path).expect("handler.c");
+    let ok = "  return true;\n}";
+    assert!(generated.contains(ok), "{generated}");
+    std::fs::write(&path, generated.replacen(ok, "  return false;\n}", 1)).expect("write");
+    build_script(dir, tools);
+    let outcome = run(dir, component, "context.json");
+    assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("without a reason")),
+        "{outcome:#}"
+    );
+    std::fs::write(&path, generated).expect("restore handler.c");
 }
 
 /// `sys.exit(3)` in a Python project's `run` fails the delivery with a reason, like any
