@@ -257,6 +257,7 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
     }
     if lang == "c" {
         c_false_without_a_reason_still_has_one(&dir, &tools, component);
+        c_a_capability_it_calls_is_the_only_one_it_imports(&dir, &tools, component);
     }
     if let Some((edits, reason)) = uncaught_mail_error(lang) {
         an_uncaught_capability_error_is_the_reason(&dir, &tools, component, &edits, reason);
@@ -328,6 +329,47 @@ fn c_false_without_a_reason_still_has_one(dir: &Path, tools: &[PathBuf], compone
             .is_some_and(|r| r.contains("without a reason")),
         "{outcome:#}"
     );
+    std::fs::write(&path, generated).expect("restore handler.c");
+}
+
+/// The C template's bindings are for the whole `handler` world, and the linker keeps only what
+/// `handler.c` calls: with a mail sent, the component imports `mail` and no other capability
+/// (as generated it imports none, `runs_as_generated`), and the mail's error (no relay is
+/// configured) is the delivery's reason through `fail()`.
+fn c_a_capability_it_calls_is_the_only_one_it_imports(
+    dir: &Path,
+    tools: &[PathBuf],
+    component: &str,
+) {
+    let path = dir.join("handler.c");
+    let generated = std::fs::read_to_string(&path).expect("handler.c");
+    let ok = "  return true;\n}";
+    assert!(generated.contains(ok), "{generated}");
+    let mailing = "  handler_string_t to = {(uint8_t *)\"pki@example.com\", 15};\n\
+                   jobhook_handler_mail_message_t message = {.to = {&to, 1},\n\
+                   .subject = {(uint8_t *)\"s\", 1}, .body = {(uint8_t *)\"b\", 1}};\n\
+                   jobhook_handler_mail_capability_error_t refused;\n\
+                   if (!jobhook_handler_mail_send(&message, &refused))\n\
+                   return fail(err, \"mail (%d): %S\", (int)refused.tag, &refused.val.failed);\n\
+                   return true;\n}";
+    std::fs::write(&path, generated.replacen(ok, mailing, 1)).expect("write");
+    build_script(dir, tools);
+    let out = jobhook(&[
+        "inspect",
+        &dir.join(component).display().to_string(),
+        "--json",
+    ]);
+    check("jobhook inspect", &out);
+    let inspection: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+    assert_eq!(
+        inspection["imports"]["capabilities"],
+        serde_json::json!(["mail"]),
+        "{inspection:#}"
+    );
+    let outcome = run(dir, component, "context.json");
+    assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
+    let reason = outcome["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("mail (1): "), "{outcome:#}");
     std::fs::write(&path, generated).expect("restore handler.c");
 }
 
@@ -440,7 +482,7 @@ fn a_new_javascript_project_builds_and_runs() {
 fn a_new_c_project_builds_and_runs() {
     scripted_language(
         "c",
-        "obj/handler.o obj/core.o bindings/core_component_type.o -o first_hook.wasm",
+        "obj/handler.o obj/bindings.o bindings/handler_component_type.o -o first_hook.wasm",
         "first_hook.wasm",
     );
 }

@@ -267,16 +267,16 @@ fn files(lang: Lang) -> Vec<File> {
             ),
             template(".gitignore", include_str!("../../templates/c/gitignore")),
             bytes(
-                "bindings/core.h",
-                include_bytes!("../../templates/c/bindings/core.h"),
+                "bindings/handler.h",
+                include_bytes!("../../templates/c/bindings/handler.h"),
             ),
             bytes(
-                "bindings/core.c",
-                include_bytes!("../../templates/c/bindings/core.c"),
+                "bindings/handler.c",
+                include_bytes!("../../templates/c/bindings/handler.c"),
             ),
             bytes(
-                "bindings/core_component_type.o",
-                include_bytes!("../../templates/c/bindings/core_component_type.o"),
+                "bindings/handler_component_type.o",
+                include_bytes!("../../templates/c/bindings/handler_component_type.o"),
             ),
         ],
     };
