@@ -267,8 +267,9 @@ mod documented_defaults {
             ),
             (
                 "`config::DEFAULT_MAX_BODY_BYTES`",
-                "| 64 KiB (at least 1 KiB) |",
-                config::DEFAULT_MAX_BODY_BYTES as u64 == 64 * KIB,
+                "| 64 KiB (1 KiB to 64 KiB, the largest context ingest decodes) |",
+                config::DEFAULT_MAX_BODY_BYTES as u64 == 64 * KIB
+                    && crate::context::MAX_CONTEXT_BYTES as u64 == 64 * KIB,
             ),
             (
                 "`connections::DEFAULT_HEADER_READ_TIMEOUT`",
