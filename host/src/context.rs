@@ -182,8 +182,12 @@ pub enum ContextError {
     )]
     NotAnObject(&'static str),
     /// A required field is absent.
-    #[error("field `{0}` is missing")]
+    #[error("field `{0}` is missing{hint}", hint = default_omitted_hint(.0))]
     Missing(&'static str),
+    /// A required field of a .NET value type (an enum, an integer, a GUID) is `null`, which
+    /// such a field cannot be.
+    #[error("field `{0}` is null; it is a .NET value type and always has a value: send it")]
+    Null(&'static str),
     /// The same field appears twice under differently-cased names.
     #[error("field `{0}` is given more than once (field names are matched case-insensitively)")]
     Duplicate(&'static str),
@@ -364,7 +368,15 @@ impl<'a> Fields<'a> {
     }
 
     fn required(&self, field: &'static str) -> Result<&'a Value, ContextError> {
-        self.get(field).ok_or(ContextError::Missing(field))
+        let present = FIELDS
+            .iter()
+            .position(|f| *f == field)
+            .and_then(|i| self.values.get(i).copied().flatten());
+        match present {
+            None => Err(ContextError::Missing(field)),
+            Some(Value::Null) => Err(ContextError::Null(field)),
+            Some(value) => Ok(value),
+        }
     }
 
     fn guid(&self, field: &'static str) -> Result<Uuid, ContextError> {
@@ -509,7 +521,7 @@ impl<'a> Fields<'a> {
                 field,
                 message: format!(
                     "{:?} is not an ISO 8601 date-time in the years 0001 to 9999 (expected e.g. \
-                     \"2023-05-03T23:18:48Z\")",
+                     \"2023-05-03T23:18:48Z\"; Microsoft's \"/Date(1683155928000)/\" is read too)",
                     truncate_for_message(text)
                 ),
             })
@@ -540,8 +552,9 @@ pub fn parse_guid(text: &str) -> Option<Uuid> {
 pub const TIMESTAMP_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
 
 /// Parses an ISO 8601 timestamp. With an offset (`Z`, `+02:00`) it is converted to UTC; without
-/// one (how .NET serialises a `DateTime` of unspecified kind) it is taken as UTC. `None` for
-/// anything else, and for a time outside [`TIMESTAMP_YEARS`] once in UTC.
+/// one (how .NET serialises a `DateTime` of unspecified kind) it is taken as UTC. Microsoft's
+/// `/Date(ms)/` form is read too ([`parse_microsoft_date`]). `None` for anything else, and for a
+/// time outside [`TIMESTAMP_YEARS`] once in UTC.
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     if text.len() > 64 {
@@ -552,9 +565,50 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
         Err(_) => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
             .iter()
             .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
-            .map(|naive| naive.and_utc()),
+            .map(|naive| naive.and_utc())
+            .or_else(|| parse_microsoft_date(text)),
     };
     parsed.filter(|t| TIMESTAMP_YEARS.contains(&t.year()))
+}
+
+/// Why a value-type field whose value is 0 may be absent, for its "missing" error: serializers
+/// set to leave out default values (Newtonsoft's `DefaultValueHandling.Ignore`, System.Text.Json's
+/// `JsonIgnoreCondition.WhenWritingDefault`) drop `JobResult` Unknown, `OperationType` Unknown and
+/// `CurrentRetryCount` 0 — every first run of an inventory job.
+fn default_omitted_hint(field: &str) -> &'static str {
+    if ["JobResult", "OperationType", "CurrentRetryCount"].contains(&field) {
+        " (a serializer that leaves out default values, such as Newtonsoft's \
+         DefaultValueHandling.Ignore or System.Text.Json's WhenWritingDefault, drops it when it \
+         is 0: have it write every field)"
+    } else {
+        ""
+    }
+}
+
+/// Microsoft's JSON date, `/Date(1683155928000)/` or `/Date(1683155928000+0200)/`: milliseconds
+/// since 1970 in UTC, then an offset that says only which local time the writer had (the instant
+/// does not depend on it). DataContractJsonSerializer, JavaScriptSerializer and Windows
+/// PowerShell 5.1's `ConvertTo-Json` write a `DateTime` so.
+fn parse_microsoft_date(text: &str) -> Option<DateTime<Utc>> {
+    let inner = text.strip_prefix("/Date(")?.strip_suffix(")/")?;
+    // The offset starts at a sign after the first character (which may be the number's own).
+    let end = inner
+        .char_indices()
+        .skip(1)
+        .find(|(_, c)| *c == '+' || *c == '-')
+        .map_or(inner.len(), |(i, _)| i);
+    let (millis, offset) = inner.split_at(end);
+    if !offset.is_empty() {
+        let digits = offset.get(1..)?;
+        if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+    }
+    let unsigned = millis.strip_prefix('-').unwrap_or(millis);
+    if unsigned.is_empty() || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    DateTime::from_timestamp_millis(millis.parse().ok()?)
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -794,6 +848,67 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "field `JobId`: expected a GUID string, got a number"
+        );
+    }
+
+    /// A value-type field sent as `null` is told apart from one left out, and one a
+    /// default-omitting serializer drops (its value 0) says how that happens.
+    #[test]
+    fn null_and_omitted_value_fields_say_which_and_why() {
+        for field in [
+            "AgentId",
+            "JobResult",
+            "JobId",
+            "JobTypeId",
+            "OperationType",
+            "CurrentRetryCount",
+        ] {
+            let e = decode(&with(field, Value::Null)).unwrap_err();
+            assert_eq!(e, ContextError::Null(field));
+            assert!(e.to_string().contains("is null"), "{e}");
+        }
+        for field in ["JobResult", "OperationType", "CurrentRetryCount"] {
+            let e = decode(&without(field)).unwrap_err().to_string();
+            assert!(e.contains("missing") && e.contains("WhenWritingDefault"), "{e}");
+        }
+        let e = decode(&without("JobId")).unwrap_err().to_string();
+        assert_eq!(e, "field `JobId` is missing");
+    }
+
+    /// Microsoft's `/Date(ms)/` (with or without an offset, which does not move the instant) is
+    /// read as the instant it names; anything malformed in it, or past the years a .NET
+    /// `DateTime` has, is refused.
+    #[test]
+    fn microsoft_json_dates_are_read() {
+        let at = |text: &str| parse_timestamp(text).map(|t| t.to_rfc3339());
+        let expected = Some("2023-05-03T23:18:48+00:00".to_owned());
+        assert_eq!(at("/Date(1683155928000)/"), expected);
+        assert_eq!(at("/Date(1683155928000+0200)/"), expected);
+        assert_eq!(at("/Date(1683155928000-0700)/"), expected);
+        assert_eq!(
+            at("/Date(-62135596800000)/"),
+            Some("0001-01-01T00:00:00+00:00".to_owned())
+        );
+        for bad in [
+            "/Date()/",
+            "/Date(abc)/",
+            "/Date(1683155928000+02)/",
+            "/Date(1683155928000+0200x)/",
+            "/Date(+1683155928000)/",
+            "/Date(--1)/",
+            "/Date(1683155928000)",
+            "Date(1683155928000)/",
+            "/Date(99999999999999999999)/",
+            "/Date(-62135596800001)/",
+            "/Date(253402300800000)/",
+        ] {
+            assert_eq!(at(bad), None, "{bad}");
+        }
+        let context = decode(&with("RequestTimestamp", json!("/Date(1683155928000)/")))
+            .expect("a context with a Microsoft date");
+        assert_eq!(
+            context.request_timestamp.map(|t| t.to_rfc3339()),
+            expected
         );
     }
 

@@ -213,6 +213,11 @@ fn runs_as_generated(dir: &Path, component: &str) {
         "{outcome:#}"
     );
 
+    assert_imports_capabilities(dir, component, serde_json::json!([]));
+}
+
+/// `jobhook inspect` of the built component lists exactly `capabilities` as its imports.
+fn assert_imports_capabilities(dir: &Path, component: &str, capabilities: Value) {
     let out = jobhook(&[
         "inspect",
         &dir.join(component).display().to_string(),
@@ -221,8 +226,7 @@ fn runs_as_generated(dir: &Path, component: &str) {
     check("jobhook inspect", &out);
     let inspection: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
     assert_eq!(
-        inspection["imports"]["capabilities"],
-        serde_json::json!([]),
+        inspection["imports"]["capabilities"], capabilities,
         "{inspection:#}"
     );
 }
@@ -354,18 +358,7 @@ fn c_a_capability_it_calls_is_the_only_one_it_imports(
                    return true;\n}";
     std::fs::write(&path, generated.replacen(ok, mailing, 1)).expect("write");
     build_script(dir, tools);
-    let out = jobhook(&[
-        "inspect",
-        &dir.join(component).display().to_string(),
-        "--json",
-    ]);
-    check("jobhook inspect", &out);
-    let inspection: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
-    assert_eq!(
-        inspection["imports"]["capabilities"],
-        serde_json::json!(["mail"]),
-        "{inspection:#}"
-    );
+    assert_imports_capabilities(dir, component, serde_json::json!(["mail"]));
     let outcome = run(dir, component, "context.json");
     assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
     let reason = outcome["reason"].as_str().unwrap_or_default();
