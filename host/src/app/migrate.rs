@@ -502,7 +502,9 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
         line,
         message,
     };
-    let stripped = strip_json_comments(text);
+    // A byte-order mark, which Windows editors put before UTF-8, is no part of the JSON (the
+    // first character is told apart past it, in `read_registrations`).
+    let stripped = strip_json_comments(text.strip_prefix('\u{feff}').unwrap_or(text));
     let root: Value = serde_json::from_str(&stripped)
         .map_err(|e| fail(Some(e.line()), format!("not valid JSON: {e}")))?;
     refuse_duplicate_keys(&stripped, file)?;
@@ -1368,6 +1370,21 @@ mod tests {
             "{}",
             told[0]
         );
+    }
+
+    /// A manifest saved with a UTF-8 byte-order mark (as Windows editors do) reads as the same
+    /// manifest without it.
+    #[test]
+    fn a_manifest_with_a_byte_order_mark_reads_as_without_it() {
+        let text = format!(
+            "{{\n \"extensions\": {{\n  \"{MANIFEST_SECTION}\": {{\n   \"Hook\": {{ \
+             \"TypeFullName\": \"A.B\", \"Options\": {{ \"JobTypes\": \"*\" }} }}\n  }}\n }}\n}}\n"
+        );
+        let plain = read_registrations(&text, "manifest.json").expect("without a mark");
+        let marked = read_registrations(&format!("\u{feff}{text}"), "manifest.json")
+            .expect("with a byte-order mark");
+        assert_eq!(format!("{marked:?}"), format!("{plain:?}"));
+        assert_eq!(plain.len(), 1);
     }
 
     /// A manifest that names a handler (or an option) twice is refused naming both, not read
