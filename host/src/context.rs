@@ -869,7 +869,10 @@ mod tests {
         }
         for field in ["JobResult", "OperationType", "CurrentRetryCount"] {
             let e = decode(&without(field)).unwrap_err().to_string();
-            assert!(e.contains("missing") && e.contains("WhenWritingDefault"), "{e}");
+            assert!(
+                e.contains("missing") && e.contains("WhenWritingDefault"),
+                "{e}"
+            );
         }
         let e = decode(&without("JobId")).unwrap_err().to_string();
         assert_eq!(e, "field `JobId` is missing");
@@ -906,10 +909,7 @@ mod tests {
         }
         let context = decode(&with("RequestTimestamp", json!("/Date(1683155928000)/")))
             .expect("a context with a Microsoft date");
-        assert_eq!(
-            context.request_timestamp.map(|t| t.to_rfc3339()),
-            expected
-        );
+        assert_eq!(context.request_timestamp.map(|t| t.to_rfc3339()), expected);
     }
 
     #[test]

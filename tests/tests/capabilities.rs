@@ -256,6 +256,7 @@ async fn keyfactor_guest_may_set_only_allow_listed_headers() {
     request.headers = vec![
         ("X-Keyfactor-API-Version".into(), "2.0".into()),
         ("Accept".into(), "application/json; charset=utf-8".into()),
+        ("X-CertificateFormat".into(), "pfx".into()),
     ];
     let response = kf_send(&mut cap, request).await.unwrap();
     assert_eq!(response.status, 200);
@@ -263,6 +264,7 @@ async fn keyfactor_guest_may_set_only_allow_listed_headers() {
     let r = &standin.requests()[0];
     assert_eq!(r.header("x-keyfactor-api-version"), Some("2.0"));
     assert_eq!(r.header("accept"), Some("application/json; charset=utf-8"));
+    assert_eq!(r.header("x-certificateformat"), Some("pfx"));
     assert_eq!(
         r.header("authorization"),
         Some("Bearer standin-static-token")
@@ -1017,6 +1019,16 @@ async fn keyfactor_refusals_send_nothing() {
         (
             "bad api version",
             with_header("x-keyfactor-api-version", "1; drop"),
+            "denied",
+        ),
+        (
+            "certificate format not documented",
+            with_header("x-certificateformat", "DER"),
+            "denied",
+        ),
+        (
+            "certificate format with more after it",
+            with_header("x-certificateformat", "PEM, PFX"),
             "denied",
         ),
         (

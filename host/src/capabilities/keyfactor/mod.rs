@@ -67,7 +67,17 @@ pub const DEFAULT_API_VERSION: &str = "1";
 
 /// Headers a handler may set on a Keyfactor request, lowercase. Everything else is refused:
 /// `Authorization`, `Cookie`, `Host`, `X-Forwarded-*` and the rest are the engine's business.
-pub const GUEST_HEADERS: &[&str] = &["accept", "content-type", "x-keyfactor-api-version"];
+/// `x-certificateformat` is how Keyfactor's API is asked for a PFX instead of a PEM
+/// (`POST Certificates/Recover`, `Enrollment/PFX`, `Enrollment/CSR`).
+pub const GUEST_HEADERS: &[&str] = &[
+    "accept",
+    "content-type",
+    "x-keyfactor-api-version",
+    "x-certificateformat",
+];
+
+/// The values Keyfactor documents for `x-certificateformat` (any case).
+pub const CERTIFICATE_FORMATS: &[&str] = &["PEM", "PFX"];
 
 /// Longest `x-keyfactor-api-version` value (`1`, `1.0`, `2.0` in practice).
 const MAX_API_VERSION_BYTES: usize = 8;
@@ -638,6 +648,18 @@ impl KeyfactorClient {
                 return Err(CapabilityError::Denied(
                     "x-keyfactor-api-version must be a version number such as 1 or 2.0".into(),
                 ));
+            }
+            if name.as_str() == "x-certificateformat"
+                && !value.to_str().is_ok_and(|v| {
+                    CERTIFICATE_FORMATS
+                        .iter()
+                        .any(|f| f.eq_ignore_ascii_case(v))
+                })
+            {
+                return Err(CapabilityError::Denied(format!(
+                    "x-certificateformat must be one of {}",
+                    CERTIFICATE_FORMATS.join(", ")
+                )));
             }
             headers.insert(name, value);
         }
