@@ -21,7 +21,7 @@
 //!
 //! | context field      | from                                                              |
 //! |--------------------|-------------------------------------------------------------------|
-//! | AgentId            | `GET /Agents`: the agent whose `ClientMachine` is the row's `AgentMachine` (cached, [`AGENT_CACHE_TTL`]); nil when unknown or unreadable |
+//! | AgentId            | `GET /Agents`: the agent whose `ClientMachine` is the row's `AgentMachine`, the one seen last (`LastSeen`) when several share the name (cached, [`AGENT_CACHE_TTL`]); nil when unknown or unreadable |
 //! | Username           | that agent's `Username`, otherwise empty                          |
 //! | ClientMachine      | `AgentMachine` (the orchestrator's name), else `ClientMachine`    |
 //! | JobResult          | `Result` (number or name)                                         |
@@ -1068,7 +1068,7 @@ impl Poller {
     }
 
     async fn read_agents(&self) -> Result<HashMap<String, (Uuid, String)>, PollError> {
-        let mut by_machine = HashMap::new();
+        let mut by_machine = AgentsByMachine::new();
         for page in 1..=MAX_AGENTS.div_ceil(AGENT_PAGE) {
             let rows = self
                 .get_from(
@@ -1083,18 +1083,16 @@ impl Poller {
                 if by_machine.len() >= MAX_AGENTS {
                     break;
                 }
-                if let (Some(machine), Some(id)) =
-                    (string(agent, "ClientMachine"), guid(agent, "AgentId"))
-                {
-                    let username = string(agent, "Username").unwrap_or_default();
-                    by_machine.insert(machine.to_ascii_lowercase(), (id, username));
-                }
+                remember_agent(&mut by_machine, agent);
             }
             if rows.len() < AGENT_PAGE {
                 break;
             }
         }
-        Ok(by_machine)
+        Ok(by_machine
+            .into_iter()
+            .map(|(machine, (id, username, _))| (machine, (id, username)))
+            .collect())
     }
 
     async fn commit(&self, events: Vec<NewEvent>, cursor: &Cursor) -> Result<(), PollError> {
@@ -1142,6 +1140,31 @@ fn retry_chain(
     (count, first)
 }
 
+/// Agents by lower-case machine name: id, username and `LastSeen`.
+type AgentsByMachine = HashMap<String, (Uuid, String, Option<DateTime<Utc>>)>;
+
+/// Adds one `GET /Agents` row. Two agents may share a machine name (an orchestrator registered
+/// again beside its old record): the one seen last (`LastSeen`) stands for the name, whatever
+/// order the API lists them in; a row without a usable `LastSeen` does not replace one with.
+fn remember_agent(by_machine: &mut AgentsByMachine, agent: &Value) {
+    let (Some(machine), Some(id)) = (string(agent, "ClientMachine"), guid(agent, "AgentId")) else {
+        return;
+    };
+    let username = string(agent, "Username").unwrap_or_default();
+    let last_seen = agent
+        .get("LastSeen")
+        .and_then(Value::as_str)
+        .and_then(parse_timestamp);
+    let key = machine.to_ascii_lowercase();
+    if by_machine
+        .get(&key)
+        .is_some_and(|(_, _, known)| *known >= last_seen)
+    {
+        return;
+    }
+    by_machine.insert(key, (id, username, last_seen));
+}
+
 /// A row's `OperationStart` as it reads, however implausible: what the cursor remembers the row
 /// by ([`Cursor::record`] keeps the position from following it past the clock).
 fn operation_start(row: &Value) -> Option<DateTime<Utc>> {
@@ -1174,6 +1197,31 @@ mod tests {
     use super::*;
     use crate::limits::MAX_JOB_MESSAGE_BYTES;
     use serde_json::json;
+
+    /// Two agents with one machine name: the one seen last stands for it, in either order,
+    /// and one without a `LastSeen` never displaces one with.
+    #[test]
+    fn an_agent_name_given_twice_stands_for_the_one_seen_last() {
+        let old = serde_json::json!({"AgentId": "11111111-1111-1111-1111-111111111111",
+            "ClientMachine": "Orch.Example", "Username": "OLD", "LastSeen": "2023-01-01T00:00:00"});
+        let new = serde_json::json!({"AgentId": "22222222-2222-2222-2222-222222222222",
+            "ClientMachine": "orch.example", "Username": "NEW", "LastSeen": "2024-06-01T00:00:00Z"});
+        let never = serde_json::json!({"AgentId": "33333333-3333-3333-3333-333333333333",
+            "ClientMachine": "ORCH.EXAMPLE", "Username": "NEVER", "LastSeen": null});
+        for rows in [
+            [&old, &new, &never],
+            [&new, &old, &never],
+            [&never, &new, &old],
+        ] {
+            let mut by_machine = AgentsByMachine::new();
+            for row in rows {
+                remember_agent(&mut by_machine, row);
+            }
+            assert_eq!(by_machine.len(), 1);
+            let (_, username, _) = &by_machine["orch.example"];
+            assert_eq!(username, "NEW", "{rows:?}");
+        }
+    }
 
     #[test]
     fn the_job_message_is_kept_bounded_and_storable() {
