@@ -74,6 +74,7 @@ for lang in c js py; do
 done
 step "build tests/guests-js" tests/guests-js/build.sh "$out/guests-js"
 step "build tests/guests-py" tests/guests-py/build.sh "$out/guests-py"
+step "build tests/guests-c" tests/guests-c/build.sh "$out/guests-c"
 
 contexts=examples/repeated-failure-email/contexts
 props=(--property RetryThreshold=3 --property "EmailRecipients=pki-team@example.com, oncall@example.com")
@@ -113,6 +114,11 @@ declare -A py_expected=(
     [hostile_abort]=trapped [hostile_loop]=timed-out [hostile_memory_bomb]=limit-exceeded
     [hostile_log_flood]=succeeded [hostile_recursion]=limit-exceeded [hostile_sockets]=succeeded
 )
+# What the C guests get (the template's bindings; docs/LANGUAGES.md's C table).
+declare -A c_expected=(
+    [healthy]=succeeded [abort]=trapped [exit]=trapped [loop]=timed-out
+    [memory-bomb]=limit-exceeded [recursion]=trapped [log-flood]=succeeded
+)
 # Each folder's guests are one component; its handler property `guest` picks the module to run.
 echo "tests/guests-js (core world, one component):"
 for name in $(printf '%s\n' "${!js_expected[@]}" | sort); do
@@ -122,6 +128,12 @@ done
 echo "tests/guests-py (core world, one component):"
 for name in $(printf '%s\n' "${!py_expected[@]}" | sort); do
     run "py/$name" "${py_expected[$name]}" "$out/guests-py/guests.wasm" \
+        --context "$contexts/failed-after-retries.json" --timeout-ms 2000 --property "guest=$name"
+done
+
+echo "tests/guests-c (handler world, imports what it calls; one component):"
+for name in $(printf '%s\n' "${!c_expected[@]}" | sort); do
+    run "c/$name" "${c_expected[$name]}" "$out/guests-c/guests.wasm" \
         --context "$contexts/failed-after-retries.json" --timeout-ms 2000 --property "guest=$name"
 done
 

@@ -1,15 +1,15 @@
 //! Handlers written in C, JavaScript (QuickJS) and Python, built from source with the pinned
 //! toolchains (`scripts/lang-toolchains.sh`) and run through the `jobhook` binary: the
 //! repeated-failure-email example in each language on the sample contexts (mails asserted), the
-//! hostile guests of `tests/guests-js` and `tests/guests-py` contained with the outcome classes
-//! docs/LANGUAGES.md reports, the import pre-check refusing an 18 MB Python component without
+//! hostile guests of `tests/guests-js`, `tests/guests-py` and `tests/guests-c` contained with
+//! the outcome classes docs/LANGUAGES.md reports, the import pre-check refusing an 18 MB Python component without
 //! compiling it, and `jobhook run` reusing its AOT cache.
 //!
 //! Every component is built once per test binary (into `CARGO_TARGET_TMPDIR/lang`); runs share
 //! one AOT cache directory there, so the Python components are compiled once per engine build,
-//! not once per run. The JavaScript and the Python guests are one component each
-//! (`tests/guests-js/guests.js`, `tests/guests-py/guests.py` run the guest their handler property
-//! `guest` names), so QuickJS and CPython are built and compiled once for all their guests. A missing toolchain fails the tests with a message naming
+//! not once per run. The JavaScript, Python and C guests are one component each
+//! (`tests/guests-js/guests.js`, `tests/guests-py/guests.py`, `tests/guests-c/guests.c` run the
+//! guest their handler property `guest` names), so QuickJS and CPython are built and compiled once for all their guests. A missing toolchain fails the tests with a message naming
 //! `scripts/lang-toolchains.sh`, unless `JOBHOOK_SKIP_LANGS=1` is set explicitly.
 
 use std::path::{Path, PathBuf};
@@ -86,6 +86,7 @@ fn built() -> &'static Path {
         }
         run_script("tests/guests-js/build.sh", &dir.join("guests-js"));
         run_script("tests/guests-py/build.sh", &dir.join("guests-py"));
+        run_script("tests/guests-c/build.sh", &dir.join("guests-c"));
         dir
     })
 }
@@ -356,6 +357,50 @@ fn hostile_javascript_guests_are_contained() {
             "memory-bomb" => assert_eq!(outcome["limit"], "memory", "{outcome:#}"),
             "log-flood" => expect_bounded_logs(&outcome, name),
             "no-such-guest" | "constructor" | "__proto__" => {
+                let reason = outcome["reason"].to_string();
+                assert!(reason.contains("memory-bomb"), "{outcome:#}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The C guests (`tests/guests-c`, built against the `jobhook new --lang c` template's bindings)
+/// end as docs/LANGUAGES.md says a C handler's faults do: `abort()` traps as `unreachable`,
+/// `exit(3)` as `exit` (read as 1), endless recursion as a memory access out of bounds (no guard
+/// page), a malloc bomb as `limit-exceeded (memory)` rather than a NULL from malloc.
+#[test]
+fn hostile_c_guests_are_contained() {
+    if !toolchains_ready() {
+        return;
+    }
+    for (name, class) in [
+        ("healthy", "succeeded"),
+        ("abort", "trapped"),
+        ("exit", "trapped"),
+        ("loop", "timed-out"),
+        ("memory-bomb", "limit-exceeded"),
+        ("recursion", "trapped"),
+        ("log-flood", "succeeded"),
+        // The property selects the guest: a name no guest has is the dispatcher's own err.
+        ("no-such-guest", "handler-failed"),
+    ] {
+        let outcome = guest_outcome("guests-c", name, class);
+        expect_class(&outcome, class, name);
+        match name {
+            "abort" => assert_eq!(outcome["code"], "unreachable", "{outcome:#}"),
+            "exit" => {
+                assert_eq!(outcome["code"], "exit", "{outcome:#}");
+                let message = outcome["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("called exit(1)") && message.contains("reads as 1"),
+                    "{outcome:#}"
+                );
+            }
+            "recursion" => assert_eq!(outcome["code"], "memory-out-of-bounds", "{outcome:#}"),
+            "memory-bomb" => assert_eq!(outcome["limit"], "memory", "{outcome:#}"),
+            "log-flood" => expect_bounded_logs(&outcome, name),
+            "no-such-guest" => {
                 let reason = outcome["reason"].to_string();
                 assert!(reason.contains("memory-bomb"), "{outcome:#}");
             }

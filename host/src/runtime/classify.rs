@@ -43,8 +43,14 @@ pub(crate) fn classify(error: &wasmtime::Error, stderr: &str, limits: &Limits) -
         return OutcomeKind::Trapped {
             code: "exit".into(),
             message: format!(
-                "the handler called exit({}) instead of returning from run-handler",
-                exit.0
+                "the handler called exit({}) instead of returning from run-handler{}",
+                exit.0,
+                // wasi:cli/exit carries only ok or err: exit(3) arrives as 1.
+                if exit.0 == 0 {
+                    ""
+                } else {
+                    " (WASI keeps only success or failure: any failing exit code reads as 1)"
+                }
             ),
             backtrace: Vec::new(),
         };
