@@ -271,13 +271,15 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
 /// The JavaScript template's `utf8Encode` and `utf8Decode` (the runtime has neither
 /// `TextEncoder` nor `TextDecoder`): text beyond ASCII goes to its UTF-8 bytes and back, and
 /// bytes that are not UTF-8 (a stray continuation byte, a truncated sequence, an overlong form, a
-/// surrogate) decode to U+FFFD each instead of to other characters.
+/// surrogate) decode to U+FFFD each instead of to other characters, and text longer than one of
+/// the decoder's chunks comes back whole.
 fn js_text_helpers_round_trip(dir: &Path, tools: &[PathBuf], component: &str) {
     let path = dir.join("handler.js");
     let text = std::fs::read_to_string(&path).expect("handler.js");
     let probe = "function run(ctx) {\n    const bytes = utf8Encode(\"Grüße ✓ 😀\");\n    \
                  log.log(\"info\", `${utf8Decode(bytes)} ${bytes.length} ` + \
-                 utf8Decode(new Uint8Array([0x61, 0x80, 0xe2, 0x9c, 0xc0, 0xaf, 0xed, 0xa0, 0x80, 0x62])));";
+                 utf8Decode(new Uint8Array([0x61, 0x80, 0xe2, 0x9c, 0xc0, 0xaf, 0xed, 0xa0, 0x80, 0x62])) + \
+                 ` ${utf8Decode(utf8Encode(\"é😀\".repeat(5000))) === \"é😀\".repeat(5000)}`);";
     assert!(text.contains("function run(ctx) {"), "{text}");
     std::fs::write(&path, text.replacen("function run(ctx) {", probe, 1)).expect("write");
     build_script(dir, tools);
@@ -287,7 +289,7 @@ fn js_text_helpers_round_trip(dir: &Path, tools: &[PathBuf], component: &str) {
         lines.first(),
         Some(&(
             "info".to_owned(),
-            "Grüße ✓ 😀 16 a\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}b"
+            "Grüße ✓ 😀 16 a\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}b true"
                 .to_owned()
         )),
         "{outcome:#}"
