@@ -90,6 +90,7 @@ fn from_sdk(c: &jobhook_sdk::Context) -> Decoded {
 fn host_error_field(e: &ContextError) -> Option<&'static str> {
     match e {
         ContextError::Missing(field)
+        | ContextError::Null(field)
         | ContextError::Duplicate(field)
         | ContextError::Invalid { field, .. } => Some(field),
         _ => None,
@@ -232,6 +233,14 @@ fn hand_picked_edges_agree() {
         json!("2023-05-03t23:18:48z"),
         json!("2023-05-03"),
         json!("May 3"),
+        json!("/Date(1683155928000)/"),
+        json!("/Date(1683155928000+0200)/"),
+        json!("/Date(-62135596800000)/"),
+        json!("/Date(-62135596800001)/"),
+        json!("/Date(253402300800000)/"),
+        json!("/Date(1683155928000+02)/"),
+        json!("/Date(+1)/"),
+        json!("/Date()/"),
         json!([]),
         json!({}),
     ];

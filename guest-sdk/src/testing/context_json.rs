@@ -19,7 +19,9 @@
 //!   either as a JSON number or a string; numbers Keyfactor does not define are `Unknown`;
 //! - `CurrentRetryCount`: a required and `CertificateId` an optional 32-bit whole number, as a
 //!   JSON number or a string;
-//! - `RequestTimestamp`: optional; RFC 3339, or ISO 8601 without an offset (taken as UTC);
+//! - `RequestTimestamp`: optional; RFC 3339, or ISO 8601 without an offset (taken as UTC), or
+//!   Microsoft's `/Date(ms)/` (milliseconds since 1970 in UTC; an offset after them does not move
+//!   the instant);
 //! - `null` counts as absent everywhere except in the three string fields.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -349,7 +351,7 @@ fn parse_guid(text: &str) -> Option<Uuid> {
 }
 
 /// RFC 3339 (converted to UTC), or ISO 8601 without an offset (how .NET writes a `DateTime` of
-/// unspecified kind), taken as UTC.
+/// unspecified kind), taken as UTC, or Microsoft's `/Date(ms)/`.
 fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     if text.len() > 64 {
@@ -362,6 +364,31 @@ fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
         .iter()
         .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
         .map(|naive| naive.and_utc())
+        .or_else(|| microsoft_date(text))
+}
+
+/// Microsoft's JSON date (DataContractJsonSerializer, JavaScriptSerializer, Windows PowerShell
+/// 5.1): `/Date(1683155928000)/`, optionally with a `+hhmm` or `-hhmm` offset after the
+/// milliseconds, which only records the writer's local time and does not move the instant. As
+/// the engine reads it: the years of a .NET `DateTime` only.
+fn microsoft_date(text: &str) -> Option<DateTime<Utc>> {
+    use chrono::Datelike;
+    let inner = text.strip_prefix("/Date(")?.strip_suffix(")/")?;
+    let sign = inner
+        .char_indices()
+        .skip(1)
+        .find(|(_, c)| matches!(c, '+' | '-'))
+        .map_or(inner.len(), |(at, _)| at);
+    let (millis, offset) = inner.split_at(sign);
+    let offset_ok = offset.is_empty()
+        || offset
+            .get(1..)
+            .is_some_and(|d| d.len() == 4 && d.bytes().all(|b| b.is_ascii_digit()));
+    let digits = millis.strip_prefix('-').unwrap_or(millis);
+    if !offset_ok || digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    DateTime::from_timestamp_millis(millis.parse().ok()?).filter(|t| (1..=9999).contains(&t.year()))
 }
 
 fn json_kind(value: &Value) -> &'static str {
