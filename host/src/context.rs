@@ -357,22 +357,20 @@ impl<'a> Fields<'a> {
         Ok(Fields { values })
     }
 
-    /// The value of a field, treating JSON `null` like absence.
-    fn get(&self, field: &'static str) -> Option<&'a Value> {
+    /// The value of a field as given, `null` included; `None` when it is absent.
+    fn raw(&self, field: &'static str) -> Option<&'a Value> {
         let index = FIELDS.iter().position(|f| *f == field)?;
-        self.values
-            .get(index)
-            .copied()
-            .flatten()
-            .filter(|v| !v.is_null())
+        self.values.get(index).copied().flatten()
     }
 
+    /// The value of a field, treating JSON `null` like absence.
+    fn get(&self, field: &'static str) -> Option<&'a Value> {
+        self.raw(field).filter(|v| !v.is_null())
+    }
+
+    /// The value of a required field of a .NET value type, which can be neither absent nor null.
     fn required(&self, field: &'static str) -> Result<&'a Value, ContextError> {
-        let present = FIELDS
-            .iter()
-            .position(|f| *f == field)
-            .and_then(|i| self.values.get(i).copied().flatten());
-        match present {
+        match self.raw(field) {
             None => Err(ContextError::Missing(field)),
             Some(Value::Null) => Err(ContextError::Null(field)),
             Some(value) => Ok(value),
@@ -401,9 +399,7 @@ impl<'a> Fields<'a> {
 
     /// A .NET `string` field: required to be present; `null` (which .NET allows) becomes "".
     fn string(&self, field: &'static str) -> Result<String, ContextError> {
-        let index = FIELDS.iter().position(|f| *f == field);
-        let raw = index.and_then(|i| self.values.get(i).copied().flatten());
-        match raw {
+        match self.raw(field) {
             None => Err(ContextError::Missing(field)),
             Some(Value::Null) => Ok(String::new()),
             Some(Value::String(s)) if s.len() > MAX_STRING_FIELD_BYTES => {
