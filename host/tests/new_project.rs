@@ -271,27 +271,42 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
 /// The JavaScript template's `utf8Encode` and `utf8Decode` (the runtime has neither
 /// `TextEncoder` nor `TextDecoder`): text beyond ASCII goes to its UTF-8 bytes and back, and
 /// bytes that are not UTF-8 (a stray continuation byte, a truncated sequence, an overlong form, a
-/// surrogate) decode to U+FFFD each instead of to other characters, and text longer than one of
-/// the decoder's chunks comes back whole.
+/// surrogate, a value past U+10FFFF, a sequence cut short by the end) decode to U+FFFD each
+/// instead of to other characters, a lone surrogate is encoded as U+FFFD, and text longer than
+/// one of the decoder's chunks comes back whole.
 fn js_text_helpers_round_trip(dir: &Path, tools: &[PathBuf], component: &str) {
-    let path = dir.join("handler.js");
-    let text = std::fs::read_to_string(&path).expect("handler.js");
     let probe = "function run(ctx) {\n    const bytes = utf8Encode(\"Grüße ✓ 😀\");\n    \
                  log.log(\"info\", `${utf8Decode(bytes)} ${bytes.length} ` + \
                  utf8Decode(new Uint8Array([0x61, 0x80, 0xe2, 0x9c, 0xc0, 0xaf, 0xed, 0xa0, 0x80, 0x62])) + \
-                 ` ${utf8Decode(utf8Encode(\"é😀\".repeat(5000))) === \"é😀\".repeat(5000)}`);";
-    assert!(text.contains("function run(ctx) {"), "{text}");
-    std::fs::write(&path, text.replacen("function run(ctx) {", probe, 1)).expect("write");
-    build_script(dir, tools);
-    let outcome = run(dir, component, "context.json");
+                 ` ${utf8Decode(utf8Encode(\"é😀\".repeat(5000))) === \"é😀\".repeat(5000)}`);\n    \
+                 log.log(\"info\", utf8Encode(\"\\ud800\").join(\",\") + \" \" + utf8Decode(new Uint8Array(\
+                 [0xf4, 0x90, 0x80, 0x80, 0x7c, 0xe0, 0x80, 0x80, 0x7c, 0xe2, 0x9c])));";
+    let outcome = run_edited(
+        dir,
+        tools,
+        component,
+        "handler.js",
+        "function run(ctx) {",
+        probe,
+    );
     let lines = logs(&outcome);
+    let fffd = |n: usize| "\u{fffd}".repeat(n);
     assert_eq!(
-        lines.first(),
-        Some(&(
-            "info".to_owned(),
-            "Grüße ✓ 😀 16 a\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}b true"
-                .to_owned()
-        )),
+        lines.get(..2),
+        Some(
+            &[
+                (
+                    "info".to_owned(),
+                    format!("Grüße ✓ 😀 16 a{}b true", fffd(8))
+                ),
+                // A lone surrogate is sent as U+FFFD; past U+10FFFF, an overlong form and a
+                // sequence cut short by the end each decode byte by byte to U+FFFD.
+                (
+                    "info".to_owned(),
+                    format!("239,191,189 {}|{}|{}", fffd(4), fffd(3), fffd(2))
+                ),
+            ][..]
+        ),
         "{outcome:#}"
     );
 }
@@ -321,13 +336,15 @@ fn text_after_a_nul_is_kept(dir: &Path, component: &str) {
 /// A C project's `run()` returning false without `fail()`: the bindings leave `*err`
 /// uninitialised, and the template's export gives a reason instead of handing that memory on.
 fn c_false_without_a_reason_still_has_one(dir: &Path, tools: &[PathBuf], component: &str) {
-    let path = dir.join("handler.c");
-    let generated = std::fs::read_to_string(&path).expect("handler.c");
-    let ok = "  return true;\n}";
-    assert!(generated.contains(ok), "{generated}");
-    std::fs::write(&path, generated.replacen(ok, "  return false;\n}", 1)).expect("write");
-    build_script(dir, tools);
-    let outcome = run(dir, component, "context.json");
+    let returns = "  return true;\n}";
+    let outcome = run_edited(
+        dir,
+        tools,
+        component,
+        "handler.c",
+        returns,
+        "  return false;\n}",
+    );
     assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
     assert!(
         outcome["reason"]
@@ -335,7 +352,6 @@ fn c_false_without_a_reason_still_has_one(dir: &Path, tools: &[PathBuf], compone
             .is_some_and(|r| r.contains("without a reason")),
         "{outcome:#}"
     );
-    std::fs::write(&path, generated).expect("restore handler.c");
 }
 
 /// The C template's bindings are for the whole `handler` world, and the linker keeps only what
@@ -347,10 +363,6 @@ fn c_a_capability_it_calls_is_the_only_one_it_imports(
     tools: &[PathBuf],
     component: &str,
 ) {
-    let path = dir.join("handler.c");
-    let generated = std::fs::read_to_string(&path).expect("handler.c");
-    let ok = "  return true;\n}";
-    assert!(generated.contains(ok), "{generated}");
     let mailing = "  handler_string_t to = {(uint8_t *)\"pki@example.com\", 15};\n\
                    jobhook_handler_mail_message_t message = {.to = {&to, 1},\n\
                    .subject = {(uint8_t *)\"s\", 1}, .body = {(uint8_t *)\"b\", 1}};\n\
@@ -358,31 +370,53 @@ fn c_a_capability_it_calls_is_the_only_one_it_imports(
                    if (!jobhook_handler_mail_send(&message, &refused))\n\
                    return fail(err, \"mail (%d): %S\", (int)refused.tag, &refused.val.failed);\n\
                    return true;\n}";
-    std::fs::write(&path, generated.replacen(ok, mailing, 1)).expect("write");
-    build_script(dir, tools);
+    let outcome = run_edited(
+        dir,
+        tools,
+        component,
+        "handler.c",
+        "  return true;\n}",
+        mailing,
+    );
+    // The component built from the edited source.
     assert_imports_capabilities(dir, component, serde_json::json!(["mail"]));
-    let outcome = run(dir, component, "context.json");
     assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
     let reason = outcome["reason"].as_str().unwrap_or_default();
     assert!(reason.starts_with("mail (1): "), "{outcome:#}");
-    std::fs::write(&path, generated).expect("restore handler.c");
 }
 
 /// `sys.exit(3)` in a Python project's `run` fails the delivery with a reason, like any
-/// exception, instead of exiting the component (recorded as a trap, the code lost). The
-/// project's `app.py` is as generated again afterwards.
+/// exception, instead of exiting the component (recorded as a trap, the code lost).
 fn python_exit_is_a_reason(dir: &Path, tools: &[PathBuf], component: &str) {
-    let path = dir.join("app.py");
-    let generated = std::fs::read_to_string(&path).expect("app.py");
     let marker = "# `raise Err(\"why\")` (or any exception) reports a failure with that reason.";
-    assert!(generated.contains(marker), "{generated}");
-    let exiting = generated.replacen(marker, "import sys\n    sys.exit(3)", 1);
-    std::fs::write(&path, exiting).expect("write app.py");
-    build_script(dir, tools);
-    let outcome = run(dir, component, "context.json");
+    let exiting = "import sys\n    sys.exit(3)";
+    let outcome = run_edited(dir, tools, component, "app.py", marker, exiting);
     assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
     assert_eq!(outcome["reason"], "SystemExit: 3", "{outcome:#}");
-    std::fs::write(&path, generated).expect("restore app.py");
+}
+
+/// Replaces the first `from` in the generated project's `file` with `to`, builds the project and
+/// runs it on its sample context; the outcome. The file is as generated again afterwards (the
+/// built component stays the edited one).
+fn run_edited(
+    dir: &Path,
+    tools: &[PathBuf],
+    component: &str,
+    file: &str,
+    from: &str,
+    to: &str,
+) -> Value {
+    let path = dir.join(file);
+    let generated = std::fs::read_to_string(&path).expect("a generated file");
+    assert!(
+        generated.contains(from),
+        "{from:?} not in {file}:\n{generated}"
+    );
+    std::fs::write(&path, generated.replacen(from, to, 1)).expect("write the edit");
+    build_script(dir, tools);
+    let outcome = run(dir, component, "context.json");
+    std::fs::write(&path, generated).expect("restore the generated file");
+    outcome
 }
 
 /// One edit of a generated project's file: (file, text, replacement).
