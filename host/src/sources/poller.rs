@@ -1069,6 +1069,7 @@ impl Poller {
 
     async fn read_agents(&self) -> Result<HashMap<String, (Uuid, String)>, PollError> {
         let mut by_machine = AgentsByMachine::new();
+        let now = Utc::now();
         for page in 1..=MAX_AGENTS.div_ceil(AGENT_PAGE) {
             let rows = self
                 .get_from(
@@ -1083,7 +1084,7 @@ impl Poller {
                 if by_machine.len() >= MAX_AGENTS {
                     break;
                 }
-                remember_agent(&mut by_machine, agent);
+                remember_agent(&mut by_machine, agent, now);
             }
             if rows.len() < AGENT_PAGE {
                 break;
@@ -1145,8 +1146,10 @@ type AgentsByMachine = HashMap<String, (Uuid, String, Option<DateTime<Utc>>)>;
 
 /// Adds one `GET /Agents` row. Two agents may share a machine name (an orchestrator registered
 /// again beside its old record): the one seen last (`LastSeen`) stands for the name, whatever
-/// order the API lists them in; a row without a usable `LastSeen` does not replace one with.
-fn remember_agent(by_machine: &mut AgentsByMachine, agent: &Value) {
+/// order the API lists them in; a row without a usable `LastSeen` does not replace one with. A
+/// `LastSeen` ahead of `now` by more than [`CLOCK_SLACK`] is not usable: a record with a wrong
+/// clock would otherwise stand for its name for good.
+fn remember_agent(by_machine: &mut AgentsByMachine, agent: &Value, now: DateTime<Utc>) {
     let (Some(machine), Some(id)) = (string(agent, "ClientMachine"), guid(agent, "AgentId")) else {
         return;
     };
@@ -1154,7 +1157,8 @@ fn remember_agent(by_machine: &mut AgentsByMachine, agent: &Value) {
     let last_seen = agent
         .get("LastSeen")
         .and_then(Value::as_str)
-        .and_then(parse_timestamp);
+        .and_then(parse_timestamp)
+        .filter(|seen| *seen - now <= CLOCK_SLACK);
     let key = machine.to_ascii_lowercase();
     if by_machine
         .get(&key)
@@ -1199,23 +1203,27 @@ mod tests {
     use serde_json::json;
 
     /// Two agents with one machine name: the one seen last stands for it, in either order,
-    /// and one without a `LastSeen` never displaces one with.
+    /// and one without a usable `LastSeen` (none, or far ahead of the clock) never displaces one
+    /// with.
     #[test]
     fn an_agent_name_given_twice_stands_for_the_one_seen_last() {
-        let old = serde_json::json!({"AgentId": "11111111-1111-1111-1111-111111111111",
+        let old = json!({"AgentId": "11111111-1111-1111-1111-111111111111",
             "ClientMachine": "Orch.Example", "Username": "OLD", "LastSeen": "2023-01-01T00:00:00"});
-        let new = serde_json::json!({"AgentId": "22222222-2222-2222-2222-222222222222",
+        let new = json!({"AgentId": "22222222-2222-2222-2222-222222222222",
             "ClientMachine": "orch.example", "Username": "NEW", "LastSeen": "2024-06-01T00:00:00Z"});
-        let never = serde_json::json!({"AgentId": "33333333-3333-3333-3333-333333333333",
+        let never = json!({"AgentId": "33333333-3333-3333-3333-333333333333",
             "ClientMachine": "ORCH.EXAMPLE", "Username": "NEVER", "LastSeen": null});
+        let ahead = json!({"AgentId": "44444444-4444-4444-4444-444444444444",
+            "ClientMachine": "orch.EXAMPLE", "Username": "AHEAD", "LastSeen": "9999-12-31T00:00:00"});
+        let now = parse_timestamp("2024-06-01T00:00:30Z").expect("now");
         for rows in [
-            [&old, &new, &never],
-            [&new, &old, &never],
-            [&never, &new, &old],
+            [&old, &new, &never, &ahead],
+            [&new, &old, &ahead, &never],
+            [&ahead, &never, &new, &old],
         ] {
             let mut by_machine = AgentsByMachine::new();
             for row in rows {
-                remember_agent(&mut by_machine, row);
+                remember_agent(&mut by_machine, row, now);
             }
             assert_eq!(by_machine.len(), 1);
             let (_, username, _) = &by_machine["orch.example"];
