@@ -1032,6 +1032,21 @@ async fn keyfactor_refusals_send_nothing() {
             "denied",
         ),
         (
+            "certificate format empty",
+            with_header("x-certificateformat", ""),
+            "denied",
+        ),
+        (
+            "certificate format padded",
+            with_header("x-certificateformat", " PFX\t"),
+            "denied",
+        ),
+        (
+            "certificate format as a prefix",
+            with_header("X-CertificateFormat", "PFXX"),
+            "denied",
+        ),
+        (
             "path not granted",
             with_path("Agents/fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11"),
             "not-granted",
