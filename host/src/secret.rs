@@ -121,6 +121,11 @@ fn read_secret_file(path: &Path) -> Result<String, SecretError> {
         return Err(SecretError::FileTooLarge(path.to_owned()));
     }
     let mut text = String::from_utf8(bytes).map_err(|_| SecretError::NotUtf8(path.to_owned()))?;
+    // A file saved as UTF-8 by a Windows editor starts with a byte-order mark, which is no part
+    // of the secret (kept, it would make a password that silently never matches).
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
     // Files written with `echo` or an editor end in a newline that is not part of the secret.
     if text.ends_with('\n') {
         text.pop();
@@ -249,6 +254,29 @@ mod tests {
         assert!(serde_json::from_str::<Holder>(r#"{"s": {"env": "A", "file": "b"}}"#).is_err());
         assert!(serde_json::from_str::<Holder>(r#"{"s": {"value": "x"}}"#).is_err());
         assert!(serde_json::from_str::<Holder>(r#"{"s": {"env": ""}}"#).is_err());
+    }
+
+    /// A secret file saved by a Windows editor (UTF-8 with a byte-order mark, CRLF) resolves to
+    /// the secret alone; a mark anywhere but at the start is kept.
+    #[test]
+    fn files_resolve_without_a_leading_byte_order_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        for (written, secret) in [
+            ("\u{feff}s3cret\r\n", "s3cret"),
+            ("\u{feff}s3cret", "s3cret"),
+            ("s3\u{feff}cret\n", "s3\u{feff}cret"),
+        ] {
+            std::fs::write(&path, written).unwrap();
+            let resolved = SecretRef::File(path.clone()).resolve().unwrap();
+            assert_eq!(resolved.expose(), secret, "{written:?}");
+        }
+        // A file holding only the mark holds no secret.
+        std::fs::write(&path, "\u{feff}\n").unwrap();
+        assert!(matches!(
+            SecretRef::File(path).resolve(),
+            Err(SecretError::Empty(_))
+        ));
     }
 
     #[test]
