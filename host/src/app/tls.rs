@@ -191,8 +191,17 @@ fn read_pem(path: &Spanned<PathBuf>) -> Result<Vec<u8>, String> {
             "is over {MAX_PEM_BYTES} bytes; PEM files that large are refused"
         ));
     }
+    // A Windows editor saves UTF-8 with a byte-order mark. The PEM reader looks for
+    // "-----BEGIN" at the start of a line, so the first block would be skipped: the leaf of a
+    // chain, or silently one CA of a bundle.
+    if bytes.starts_with(UTF8_BOM) {
+        bytes.drain(..UTF8_BOM.len());
+    }
     Ok(bytes)
 }
+
+/// The UTF-8 byte-order mark, which is no part of a PEM file.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// The TLS configuration new connections get; a reload swaps it.
 #[derive(Clone)]
@@ -223,5 +232,55 @@ impl TlsState {
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         };
         TlsAcceptor::from(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobhook_testkit::tls::TestCa;
+
+    fn at(path: PathBuf) -> Spanned<PathBuf> {
+        Spanned::new(0..0, path)
+    }
+
+    /// PEM files saved by a Windows editor (UTF-8 with a byte-order mark, CRLF) are read like
+    /// any others: the leaf of the chain, the key and the first client CA are all found.
+    #[test]
+    fn pem_files_with_a_byte_order_mark_and_crlf_are_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let server_ca = TestCa::new("server CA");
+        let leaf = server_ca.server_cert(1);
+        let (first, second) = (TestCa::new("client CA one"), TestCa::new("client CA two"));
+        let windows = |text: &str| format!("\u{feff}{}", text.replace('\n', "\r\n"));
+        let write = |name: &str, text: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            at(path)
+        };
+        let config = TlsConfig {
+            cert: write(
+                "chain.pem",
+                windows(&format!("{}{}", leaf.cert_pem, server_ca.cert_pem)),
+            ),
+            key: write("key.pem", windows(&leaf.key_pem)),
+            client_ca: Some(write(
+                "clients.pem",
+                windows(&format!("{}{}", first.cert_pem, second.cert_pem)),
+            )),
+        };
+        config
+            .validate()
+            .expect("files with a byte-order mark load");
+        assert_eq!(
+            CertificateDer::pem_slice_iter(&read_pem(&config.cert).unwrap()).count(),
+            2,
+            "both certificates of the chain"
+        );
+        let clients = read_pem(config.client_ca.as_ref().unwrap()).unwrap();
+        assert_eq!(CertificateDer::pem_slice_iter(&clients).count(), 2);
+        // A mark anywhere else is left to the PEM reader.
+        let inside = write("inside.pem", format!("{}\u{feff}", leaf.cert_pem));
+        assert!(read_pem(&inside).unwrap().ends_with("\u{feff}".as_bytes()));
     }
 }

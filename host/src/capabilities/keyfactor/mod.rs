@@ -753,7 +753,10 @@ fn load_ca_bundle(
              far smaller"
         )));
     }
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+    // A byte-order mark (a Windows editor's UTF-8) would hide the first certificate from the
+    // PEM reader, which looks for "-----BEGIN" at the start of a line: one CA lost silently.
+    let pem = pem.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&pem);
+    let certs = reqwest::Certificate::from_pem_bundle(pem)
         .map_err(|e| error(format!("not a PEM certificate bundle ({e})")))?;
     if certs.is_empty() {
         return Err(error("the file holds no PEM certificate".into()));
@@ -815,6 +818,21 @@ mod tests {
         ] {
             assert_eq!(location_for_guest(sent, &base).as_deref(), shown, "{sent}");
         }
+    }
+
+    /// A bundle saved by a Windows editor (a byte-order mark, CRLF) keeps every certificate:
+    /// the mark would hide the first from the PEM reader.
+    #[test]
+    fn a_ca_bundle_with_a_byte_order_mark_keeps_its_first_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (
+            jobhook_testkit::tls::TestCa::new("one"),
+            jobhook_testkit::tls::TestCa::new("two"),
+        );
+        let path = dir.path().join("bundle.pem");
+        let text = format!("\u{feff}{}{}", one.cert_pem, two.cert_pem).replace('\n', "\r\n");
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(load_ca_bundle(&path).unwrap().len(), 2);
     }
 
     /// A device or a pipe reports no size: the limit holds by reading, not by asking.
