@@ -1773,6 +1773,18 @@ async fn http_refusals_send_nothing() {
             "denied",
         ),
         (
+            "dots and a space, which IIS trims to dot-dot",
+            &loopback_grant,
+            post(hooks("..%20/admin")),
+            "denied",
+        ),
+        (
+            "three dots",
+            &loopback_grant,
+            post(hooks(".../admin")),
+            "denied",
+        ),
+        (
             "another port",
             &loopback_grant,
             post("http://127.0.0.1:1/hooks/a".into()),

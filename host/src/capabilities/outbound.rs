@@ -30,6 +30,14 @@ pub const MAX_RESPONSE_HEADER_VALUE_BYTES: usize = 4096;
 /// What replaces a credential found in a response.
 pub const REDACTED: &str = "[redacted]";
 
+/// Whether a decoded path segment is, to some server, a dot segment: nothing but dots and
+/// spaces. `.` and `..` everywhere; `...`, `..%20` and `.. .` on IIS, which trims a segment's
+/// trailing dots and spaces before it resolves `..` — a guest could climb out of its grant to a
+/// Windows server that way. The empty segment is not one (`//` is the caller's to judge).
+pub fn is_dot_segment(decoded: &[u8]) -> bool {
+    !decoded.is_empty() && decoded.iter().all(|b| matches!(b, b'.' | b' '))
+}
+
 /// The wire method of a WIT method.
 pub fn method(m: Method) -> reqwest::Method {
     match m {

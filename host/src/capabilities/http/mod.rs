@@ -526,7 +526,8 @@ fn parse_url(raw: &str) -> Result<Url, &'static str> {
 /// - a path parameter: `;` raw or encoded (`..;/` is traversal on Tomcat and some proxies);
 /// - a second layer of encoding: `%` after decoding (`%252e%252e` is `..` to a server that
 ///   decodes twice);
-/// - a dot segment after decoding (`.`, `..`) that the parser did not resolve;
+/// - a dot segment after decoding that the parser did not resolve: `.`, `..`, and any other
+///   segment of dots and spaces only, which IIS trims to one ([`outbound::is_dot_segment`]);
 /// - a control character or NUL;
 /// - any non-ASCII byte, which covers overlong UTF-8 (`%c0%ae` is `.` to a lenient decoder),
 ///   invalid UTF-8, and characters Windows best-fit maps to `.` `/` `\` (`U+FF0E`, `U+2215`).
@@ -549,8 +550,8 @@ fn check_path_segment(segment: &str) -> Result<(), &'static str> {
     if !decoded.is_ascii() {
         return Err("the URL path contains non-ASCII or overlong UTF-8 bytes");
     }
-    if decoded == b"." || decoded == b".." {
-        return Err("the URL path contains a dot segment");
+    if outbound::is_dot_segment(&decoded) {
+        return Err("the URL path contains a dot segment (dots and spaces only)");
     }
     Ok(())
 }
@@ -737,6 +738,14 @@ mod tests {
             "https://h.example/hooks/a%00b",
             "https://h.example/hooks/a%0d%0ab",
             "https://h.example/hooks\\admin",
+            // Dots and spaces only: IIS trims the trailing ones and resolves what is left.
+            "https://h.example/hooks/pki/..%20/admin",
+            "https://h.example/hooks/pki/...",
+            "https://h.example/hooks/pki/..%2e",
+            "https://h.example/hooks/pki/%2e%2e%20/admin",
+            "https://h.example/hooks/pki/%20../admin",
+            "https://h.example/hooks/pki/.%20./admin",
+            "https://h.example/hooks/pki/%20",
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
@@ -744,6 +753,8 @@ mod tests {
         assert_eq!(url("https://h.example/hooks/%2e%2e/admin").path(), "/admin");
         assert_eq!(url("https://h.example/hooks/.%2E/admin").path(), "/admin");
         assert!(parse_url("https://h.example/hooks/T0/B0/x-y_z~1%20a?sig=a;b").is_ok());
+        // Dots and spaces beside a name are a name.
+        assert!(parse_url("https://h.example/hooks/v1.2/a./.b/%20x%20").is_ok());
     }
 
     proptest::proptest! {
@@ -755,6 +766,8 @@ mod tests {
                 "[a-z0-9]{1,6}",
                 proptest::strategy::Just("..".to_string()),
                 proptest::strategy::Just("..;".to_string()),
+                proptest::strategy::Just("..%20".to_string()),
+                proptest::strategy::Just(". .".to_string()),
                 proptest::strategy::Just(";".to_string()),
                 "%[0-9a-fA-F]{2}",
                 "%25[0-9a-fA-F]{2}",
@@ -769,7 +782,7 @@ mod tests {
                     let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
                     proptest::prop_assert!(decoded.is_ascii(), "{}", u);
                     proptest::prop_assert!(!decoded.iter().any(|b| b"/\\;%".contains(b) || b.is_ascii_control()), "{}", u);
-                    proptest::prop_assert!(decoded != b".." && decoded != b".", "{}", u);
+                    proptest::prop_assert!(decoded.is_empty() || !decoded.iter().all(|b| b" .".contains(b)), "{}", u);
                 }
             }
         }

@@ -225,7 +225,7 @@ fn decode_segment(raw: &str) -> Result<String, PathError> {
         };
         return Err(PathError::BadEncoded(what));
     }
-    if decoded.chars().all(|c| c == '.' || c == ' ') {
+    if crate::capabilities::outbound::is_dot_segment(decoded.as_bytes()) {
         return Err(PathError::DotSegment);
     }
     Ok(decoded.into_owned())
