@@ -18,7 +18,9 @@
 //! UUCP bang paths `a!b@c`, quoted local parts (which may hold `@`), comments `(...)`,
 //! escapes, trailing or doubled dots, single-label domains a relay may qualify, non-ASCII, IP
 //! literals `a@[192.0.2.1]` (which bypass the relay's DNS routing; the transport cannot
-//! address them either) — are refused, in grants as in messages.
+//! address them either) — are refused, in grants as in messages. So is `=?`, which opens an
+//! RFC 2047 encoded word: the relay routes `=?utf-8?q?x=40evil.example?=@corp.example.com` to
+//! corp.example.com, but a client that decodes it reads `x@evil.example`.
 //!
 //! The body never reaches the wire as the handler wrote it ([`encode_body`]): every line ending
 //! (CR, LF or CRLF) becomes CRLF, and a body that is not short printable ASCII lines is sent
@@ -393,6 +395,11 @@ pub fn parse_address(text: &str) -> Result<Address, AddressError> {
     }
     if text.contains('[') || text.contains(']') {
         return Err(AddressError::IpLiteral(text.to_owned()));
+    }
+    if text.contains("=?") {
+        return ambiguous(
+            "`=?` opens an RFC 2047 encoded word, which a mail reader may decode to another address",
+        );
     }
     if text.starts_with('@') || text.contains(':') {
         return ambiguous("source routes (`@a,@b:c@d`) are not accepted");
@@ -1401,6 +1408,11 @@ mod tests {
             "a\u{2028}b@example.com",
             "a@example.com\u{2029}",
             "a\u{0}@example.com",
+            // RFC 2047 encoded words: routed by the envelope's domain, read by a decoding
+            // client (a ticket system's intake) as another address.
+            "=?utf-8?q?attacker=40evil.example=3e?=@corp.example.com",
+            "=?x?b?YXR0YWNrZXJAZXZpbC5leGFtcGxl?=@corp.example.com",
+            "a=?b@example.com",
         ] {
             assert!(parse_address(bad).is_err(), "{bad:?} was accepted");
             let (_dir, t) = outbox();
@@ -1418,6 +1430,7 @@ mod tests {
             ("a%b@example.com", "percent hack"),
             ("evil.example!victim@example.com", "bang path"),
             ("@a.example:c@d.example", "source routes"),
+            ("=?utf-8?q?a=40b.example?=@example.com", "encoded word"),
         ] {
             let why = parse_address(bad).unwrap_err().to_string();
             assert!(why.contains(named), "{bad:?}: {why}");
@@ -1427,6 +1440,9 @@ mod tests {
             "first.last+tag@mail.example.com",
             "o'brien@example.co.uk",
             "x_y-z=1@xn--bcher-kva.example",
+            // `=` and `?` alone are atoms (SRS and VERP addresses carry `=`).
+            "SRS0=HHH=TT=example.org=a@example.com",
+            "a?b=c@example.com",
         ] {
             assert!(parse_address(good).is_ok(), "{good:?} was refused");
         }
@@ -1444,6 +1460,7 @@ mod tests {
             "a..b@example.com",
             "a@localhost",
             "jörg@example.com",
+            "=?utf-8?q?a=40evil.example?=@example.com",
         ] {
             assert!(RecipientRule::parse(bad).is_err(), "grant rule {bad:?}");
             assert!(MailAddress::parse(bad).is_err(), "from {bad:?}");
