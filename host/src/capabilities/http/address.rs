@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
@@ -234,6 +235,60 @@ pub const MAX_LOOKUPS_IN_PROGRESS: usize = 32;
 /// The engine's lookups in progress (see [`MAX_LOOKUPS_IN_PROGRESS`]).
 static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS_IN_PROGRESS);
 
+/// Name lookups one handler may have in progress at once, of the engine's
+/// [`MAX_LOOKUPS_IN_PROGRESS`]. A lookup outlives the call that asked for it (see there), so
+/// without a share of its own one handler asking for names that never resolve could hold every
+/// place and make every other handler's calls fail. A handler's further lookups wait for one of
+/// its own to end (within the call's timeout): only that handler slows. Eight handlers would
+/// have to do this at once to fill the engine's places.
+pub const MAX_LOOKUPS_PER_HANDLER: usize = 4;
+
+/// One handler's share of the engine's name lookups ([`MAX_LOOKUPS_PER_HANDLER`]). Made with
+/// the handler's http grant and cloned with it into each of its sandboxes, so every delivery of
+/// the handler draws on the same share; a reload makes new ones.
+#[derive(Debug, Clone)]
+pub struct LookupShare(Arc<tokio::sync::Semaphore>);
+
+impl Default for LookupShare {
+    fn default() -> Self {
+        LookupShare(Arc::new(tokio::sync::Semaphore::new(
+            MAX_LOOKUPS_PER_HANDLER,
+        )))
+    }
+}
+
+/// A share is a runtime place, not configuration: grants compare by what the operator wrote.
+impl PartialEq for LookupShare {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for LookupShare {}
+
+impl LookupShare {
+    /// Runs `call` (an outbound request) with its name lookups drawn on this share.
+    pub async fn scope<F: std::future::Future>(&self, call: F) -> F::Output {
+        HANDLER_LOOKUPS.scope(self.clone(), call).await
+    }
+}
+
+#[cfg(test)]
+impl LookupShare {
+    /// Every place of the share, held until the permit is dropped (tests).
+    pub(crate) fn take_all(&self) -> tokio::sync::OwnedSemaphorePermit {
+        Arc::clone(&self.0)
+            .try_acquire_many_owned(MAX_LOOKUPS_PER_HANDLER as u32)
+            .expect("a share no lookup is using")
+    }
+}
+
+tokio::task_local! {
+    /// The share of the handler whose request is being sent ([`LookupShare::scope`]): the
+    /// engine-wide client's resolver learns from it whose lookup it makes.
+    static HANDLER_LOOKUPS: LookupShare;
+}
+
 /// The resolver outbound clients connect through: system resolution (`getaddrinfo`, on a
 /// blocking thread, at most [`MAX_LOOKUPS_IN_PROGRESS`] at once), then every address checked
 /// against the policy.
@@ -259,6 +314,14 @@ impl Resolve for CheckingResolver {
         let lookups = self.lookups;
         Box::pin(async move {
             let host = name.as_str().to_owned();
+            // Read when first polled, which is in the request's task (its connect is polled
+            // there before anything may move it elsewhere).
+            let share = HANDLER_LOOKUPS.try_with(|share| Arc::clone(&share.0)).ok();
+            // The handler's own share first: waiting there costs only this handler's call.
+            let own = match share {
+                Some(share) => Some(share.acquire_owned().await?),
+                None => None,
+            };
             let Ok(permit) = lookups.try_acquire() else {
                 return Err(format!(
                     "{MAX_LOOKUPS_IN_PROGRESS} name lookups are in progress; {host} is not looked up"
@@ -266,10 +329,10 @@ impl Resolve for CheckingResolver {
                 .into());
             };
             let looked_up = host.clone();
-            // The permit goes with the blocking thread: it is given back when `getaddrinfo`
+            // The permits go with the blocking thread: they are given back when `getaddrinfo`
             // returns, not when this call is dropped.
             let addrs: Vec<SocketAddr> = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
+                let _permits = (permit, own);
                 std::net::ToSocketAddrs::to_socket_addrs(&(looked_up.as_str(), 0))
                     .map(Iterator::collect)
             })
@@ -289,6 +352,7 @@ impl Resolve for CheckingResolver {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn class(s: &str) -> AddressClass {
         classify(s.parse().unwrap())
@@ -423,6 +487,36 @@ mod tests {
         assert!(err.contains("name lookups are in progress"), "{err}");
         drop(held);
         assert!(resolver.resolve(name()).await.is_ok());
+    }
+
+    /// A handler whose lookups hold its share waits for one of its own to end; another
+    /// handler's lookups go on meanwhile, and so do lookups outside any handler's call.
+    #[tokio::test]
+    async fn a_handler_past_its_share_of_lookups_waits_and_only_it_waits() {
+        let resolver = CheckingResolver::new(AddressPolicy::LoopbackOnly);
+        let name = || -> Name { "localhost".parse().unwrap() };
+        let (busy, other) = (LookupShare::default(), LookupShare::default());
+        let held = busy.take_all();
+        let waiting = tokio::spawn({
+            let (resolver, busy) = (
+                CheckingResolver::new(AddressPolicy::LoopbackOnly),
+                busy.clone(),
+            );
+            async move {
+                busy.scope(resolver.resolve(name()))
+                    .await
+                    .map(|a| a.count())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "looked up past its share");
+        for _ in 0..(MAX_LOOKUPS_PER_HANDLER + 1) {
+            assert!(other.scope(resolver.resolve(name())).await.is_ok());
+        }
+        assert!(resolver.resolve(name()).await.is_ok());
+        drop(held);
+        let found = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+        assert!(found.unwrap().unwrap().unwrap() > 0);
     }
 
     proptest! {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 use wasmtime::component::{HasSelf, Linker};
 
-use self::address::{AddressPolicy, AddressRefused, CheckingResolver};
+use self::address::{AddressPolicy, AddressRefused, CheckingResolver, LookupShare};
 use crate::bindings::jobhook::handler::http::{Host, Request, add_to_linker};
 use crate::bindings::types::{CapabilityError, Response};
 use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
@@ -296,6 +296,10 @@ pub struct HttpGrant {
     /// opens the operator's internal network to the handler.
     #[serde(default)]
     pub allow_private: bool,
+    /// The handler's share of the engine's name lookups (not configuration: each grant read
+    /// makes one, and every sandbox of the handler holds a clone of it).
+    #[serde(skip)]
+    pub lookups: LookupShare,
 }
 
 impl HttpGrant {
@@ -305,6 +309,7 @@ impl HttpGrant {
             urls: vec![UrlPrefix::any()],
             methods: GrantMethod::ALL.to_vec(),
             allow_private: false,
+            lookups: LookupShare::default(),
         }
     }
 
@@ -317,6 +322,7 @@ impl HttpGrant {
                 .collect::<Result<_, _>>()?,
             methods: default_methods(),
             allow_private,
+            lookups: LookupShare::default(),
         })
     }
 }
@@ -463,7 +469,8 @@ impl HttpClient {
         if let Some(body) = request.body {
             builder = builder.body(body);
         }
-        let response = builder.send().await.map_err(|e| {
+        // The handler's own share of name lookups (address::MAX_LOOKUPS_PER_HANDLER).
+        let response = grant.lookups.scope(builder.send()).await.map_err(|e| {
             if let Some(refused) = find_source::<AddressRefused>(&e) {
                 return denied(refused.to_string());
             }
@@ -718,6 +725,47 @@ mod tests {
         ] {
             assert!(!forbidden_header(ok), "{ok}");
         }
+    }
+
+    /// A request's name lookups draw on its grant's share: with the share held, the call
+    /// waits and times out; with a share of its own, the same call is made (and refused by the
+    /// closed port) at once.
+    #[tokio::test]
+    async fn requests_look_up_names_on_their_handlers_share() {
+        let client = HttpClient::from_config(&HttpConfig {
+            timeout_ms: 300,
+            ..HttpConfig::default()
+        })
+        .unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let target = format!("http://localhost:{port}/hooks");
+        let grant = HttpGrant::post_to(&[&target], true).unwrap();
+        let request = || Request {
+            method: crate::bindings::types::Method::Post,
+            url: format!("{target}/a"),
+            headers: vec![],
+            body: None,
+        };
+        let held = grant.lookups.take_all();
+        let waited = client.send(&grant, request()).await;
+        assert!(
+            matches!(waited, Err(CapabilityError::Timeout(_))),
+            "{waited:?}"
+        );
+        let own = HttpGrant::post_to(&[&target], true).unwrap();
+        let refused = client.send(&own, request()).await;
+        assert!(
+            matches!(refused, Err(CapabilityError::Failed(_))),
+            "{refused:?}"
+        );
+        drop(held);
+        let refused = client.send(&grant, request()).await;
+        assert!(
+            matches!(refused, Err(CapabilityError::Failed(_))),
+            "{refused:?}"
+        );
     }
 
     #[test]
