@@ -75,6 +75,14 @@ pub enum SecretError {
         /// Why.
         source: std::io::Error,
     },
+    /// The path names a FIFO, device, socket or directory ([`crate::files`]).
+    #[error("the secret file {path} is {kind}, not a regular file; give the path of a file")]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
     /// The file is bigger than [`MAX_SECRET_FILE_BYTES`].
     #[error(
         "the secret file {0} is larger than {MAX_SECRET_FILE_BYTES} bytes; is it the right file?"
@@ -105,21 +113,18 @@ impl SecretRef {
 }
 
 fn read_secret_file(path: &Path) -> Result<String, SecretError> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|source| SecretError::File {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut bytes = Vec::new();
-    file.take(MAX_SECRET_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| SecretError::File {
+    use crate::files::ReadError;
+    let bytes = crate::files::read_regular(path, MAX_SECRET_FILE_BYTES).map_err(|e| match e {
+        ReadError::Io(source) => SecretError::File {
             path: path.to_owned(),
             source,
-        })?;
-    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
-        return Err(SecretError::FileTooLarge(path.to_owned()));
-    }
+        },
+        ReadError::TooLarge(_) => SecretError::FileTooLarge(path.to_owned()),
+        ReadError::NotRegular(kind) => SecretError::NotRegular {
+            path: path.to_owned(),
+            kind,
+        },
+    })?;
     let mut text = String::from_utf8(bytes).map_err(|_| SecretError::NotUtf8(path.to_owned()))?;
     // A file saved as UTF-8 by a Windows editor starts with a byte-order mark, which is no part
     // of the secret (kept, it would make a password that silently never matches).

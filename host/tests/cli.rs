@@ -976,7 +976,7 @@ fn check_resolves_what_serve_resolves_and_creates_nothing() {
         ),
         (
             "[server]\ntokens = [{ file = \"/dev/zero\" }]",
-            "server.tokens: the secret file /dev/zero is larger than",
+            "server.tokens: the secret file /dev/zero is a device, not a regular file",
         ),
         (
             "[store]\ndata_dir = \"/dev/null\"",

@@ -1022,15 +1022,102 @@ async fn reload_with_a_hung_file(hung: HungFile) {
         post(&engine, &sample_context_json()),
     )
     .await;
-    disk.thaw().expect("thaw");
     let (status, body) = answered.unwrap_or_else(|_| {
         panic!(
             "with the {hung:?} hung, the event was not answered within 10 s while the reload hung"
         )
     });
     assert_eq!(status, 202, "{hung:?}: {body}");
+    if matches!(hung, HungFile::Config) {
+        // The reload gives up on its files (FILE_READ_TIMEOUT, 30 s) and with it the reload
+        // lock: once the files answer again, the next reload is made (it waited for good
+        // behind the first before).
+        let refused = "could not be read within 30 s";
+        let began = Instant::now();
+        while !engine.log_text().contains(refused) {
+            assert!(
+                began.elapsed() < Duration::from_secs(45),
+                "the hung reload was not given up: {}",
+                engine.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        disk.thaw().expect("thaw");
+        let answer = tokio::time::timeout(Duration::from_secs(10), reload(&engine))
+            .await
+            .expect("the next reload is answered");
+        assert_eq!(
+            answer.status(),
+            200,
+            "{}",
+            answer.text().await.unwrap_or_default()
+        );
+    } else {
+        disk.thaw().expect("thaw");
+    }
     engine.kill();
     disk.cut_power();
+}
+
+/// A secret file replaced by a named pipe (FIFO) nobody writes to is refused at once, naming
+/// what it is: opening it would wait for a writer for good, and hold the reload lock with it.
+/// The running configuration stays, and the next reload, with the file back, is made.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_reload_meeting_a_fifo_is_refused_at_once_and_the_next_is_made() {
+    let setup = Setup::new();
+    let token = setup.dir.path().join("token.txt");
+    std::fs::write(&token, "t0ken-for-reload\n").expect("token");
+    let config = setup.dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntokens = [{{ file = \"{}\" }}]\n\n\
+             [store]\ndata_dir = \"data\"\n\n{}",
+            token.display(),
+            handler("all", "log-context", "[\"*\"]", "")
+        ),
+    )
+    .expect("write config");
+    let engine = EngineProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine.log"),
+    );
+    let aside = setup.dir.path().join("token.aside");
+    std::fs::rename(&token, &aside).expect("move the token aside");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&token)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    let client = reqwest::Client::new();
+    let reload = || {
+        client
+            .post(format!("{}/v1/admin/reload", engine.url))
+            .bearer_auth("t0ken-for-reload")
+            .send()
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), reload())
+        .await
+        .expect("the reload is answered at once")
+        .expect("sent");
+    assert_eq!(answer.status(), 400);
+    let why = answer.text().await.unwrap_or_default();
+    assert!(why.contains("named pipe (FIFO)"), "{why}");
+    std::fs::remove_file(&token).expect("remove the FIFO");
+    std::fs::rename(&aside, &token).expect("put the token back");
+    let answer = tokio::time::timeout(Duration::from_secs(10), reload())
+        .await
+        .expect("the next reload is answered")
+        .expect("sent");
+    assert_eq!(
+        answer.status(),
+        200,
+        "{}",
+        answer.text().await.unwrap_or_default()
+    );
+    engine.kill();
 }
 
 #[test]

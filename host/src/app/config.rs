@@ -454,23 +454,14 @@ impl Config {
             line: None,
             message,
         };
-        // Read, not asked: the size a device or pipe reports is 0 whatever it holds. No more
-        // than one byte past the limit is read, and as bytes, so that a cut through a character
-        // is not mistaken for a file that is not UTF-8.
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| {
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(f, MAX_CONFIG_BYTES.saturating_add(1)),
-                    &mut bytes,
-                )
-            })
-            .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
-        if bytes.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(fail(format!(
+        // Read as bytes, so that a cut through a character at the limit is not mistaken for a
+        // file that is not UTF-8; a FIFO or device is refused (crate::files).
+        let bytes = crate::files::read_regular(path, MAX_CONFIG_BYTES).map_err(|e| match e {
+            crate::files::ReadError::TooLarge(_) => fail(format!(
                 "the configuration file holds more than {MAX_CONFIG_BYTES} bytes, the limit"
-            )));
-        }
+            )),
+            e => fail(format!("cannot read the configuration file: {e}")),
+        })?;
         let text = String::from_utf8(bytes).map_err(|_| {
             fail("cannot read the configuration file: it is not valid UTF-8".to_owned())
         })?;
@@ -1643,43 +1634,32 @@ identity = "writer"
         );
     }
 
-    /// A device or a pipe reports no size: the limit holds by reading, not by asking.
+    /// A path that is not a regular file — a device that never ends, a named pipe nobody
+    /// writes to (which would hold the open for good) — is refused at once, naming what it is.
     #[cfg(unix)]
     #[test]
-    fn a_configuration_that_never_ends_is_refused_at_its_limit() {
-        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
-        assert!(
-            e.message
-                .contains(&format!("holds more than {MAX_CONFIG_BYTES} bytes")),
-            "{e}"
-        );
-    }
-
-    /// A pipe never says how much it holds, and its text may be cut in the middle of a
-    /// character: the limit is what is refused, not the cut.
-    #[cfg(unix)]
-    #[test]
-    fn a_pipe_past_the_limit_is_refused_at_its_limit() {
+    fn a_configuration_path_that_is_not_a_file_is_refused_at_once() {
         use std::os::unix::ffi::OsStrExt as _;
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.message.contains("is a device, not a regular file"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("jobhook.toml");
         let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
         // SAFETY: `c_path` is a NUL-terminated string that outlives the call.
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-        let writer = {
-            let fifo = fifo.clone();
-            std::thread::spawn(move || {
-                // Two-byte characters, one byte past the limit: the read stops inside one.
-                let text = "é".repeat(MAX_CONFIG_BYTES as usize / 2 + 1);
-                // The reader stops early and closes its end: the rest cannot be written.
-                let _ = std::io::Write::write_all(
-                    &mut std::fs::OpenOptions::new().write(true).open(&fifo).unwrap(),
-                    text.as_bytes(),
-                );
-            })
-        };
         let e = Config::load(&fifo).unwrap_err();
-        writer.join().unwrap();
+        assert!(e.message.contains("is a named pipe (FIFO)"), "{e}");
+    }
+
+    /// A file past the limit is refused at the limit, even when the read stops in the middle
+    /// of a character: the limit is what is reported, not the cut.
+    #[test]
+    fn a_file_past_the_limit_is_refused_at_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobhook.toml");
+        // Two-byte characters, one byte past the limit: the read stops inside one.
+        std::fs::write(&path, "é".repeat(MAX_CONFIG_BYTES as usize / 2 + 1)).unwrap();
+        let e = Config::load(&path).unwrap_err();
         assert!(
             e.message
                 .contains(&format!("holds more than {MAX_CONFIG_BYTES} bytes")),

@@ -44,6 +44,31 @@ pub const READY_LINE_TLS: &str = "jobhook listening on https://";
 /// expires, as after a crash.
 pub const STORE_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Longest wait for the operator's files when handlers are loaded or the configuration is
+/// reloaded: the configuration with its secrets and certificates, then each component. They
+/// are read on blocking threads, which a file on a share that hangs holds for as long as it
+/// hangs; past this the reload is refused (and the running configuration kept), so that it
+/// releases the reload lock: every later reload would otherwise wait behind it for good. A
+/// file that answers is read in milliseconds; the reading thread, which cannot be stopped, is
+/// left to finish and its result dropped.
+pub const FILE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `read` (reads of the operator's files) on a blocking thread, waiting at most
+/// [`FILE_READ_TIMEOUT`]; `what` names the files in the error.
+async fn read_files<T: Send + 'static>(
+    what: &str,
+    read: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(FILE_READ_TIMEOUT, tokio::task::spawn_blocking(read)).await {
+        Ok(joined) => joined.with_context(|| format!("the reader of {what} failed"))?,
+        Err(_) => anyhow::bail!(
+            "{what} could not be read within {} s (a file on a share or disk that does not \
+             answer?); nothing was changed",
+            FILE_READ_TIMEOUT.as_secs()
+        ),
+    }
+}
+
 /// A registered handler together with a digest of its component, so that a reload can keep
 /// handlers whose component and configuration did not change (and with them their quarantine
 /// state and compiled code).
@@ -86,10 +111,8 @@ pub async fn load_handlers(
         // On a blocking thread: a reload runs on the API's runtime, and a component on a share
         // that hangs (or a FIFO) must not hold a thread that answers ingest.
         let (path, max) = (hc.component.clone(), options.max_bytes);
-        let bytes = tokio::task::spawn_blocking(move || read_component(&path, max))
+        let bytes = read_files("the component", move || read_component(&path, max))
             .await
-            .context("the component reader failed")
-            .and_then(|read| read)
             .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
         let digest = digest(&bytes);
         let reusable = previous
@@ -392,7 +415,7 @@ fn reloader(running: Running) -> Reloader {
                 let has_tls = tls.is_some();
                 let previous = current.1.clone();
                 let started = Arc::clone(&started);
-                let read = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let read = read_files("the configuration files", move || {
                     let config = Config::load(&path)?;
                     let new_tokens = config.resolve_tokens()?;
                     // The certificate is read (again) and checked before anything is swapped.
@@ -418,8 +441,7 @@ fn reloader(running: Running) -> Reloader {
                     );
                     Ok((config, new_tokens, tls_config, changed, restart))
                 });
-                let (config, new_tokens, tls_config, changed, restart) =
-                    read.await.context("the configuration reader failed")??;
+                let (config, new_tokens, tls_config, changed, restart) = read.await?;
                 let set = load_handlers(&engine, &services, &config, Some(&current.0)).await?;
                 Ok((config, new_tokens, set, tls_config, changed, restart))
             }

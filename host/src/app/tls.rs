@@ -177,20 +177,19 @@ impl TlsConfig {
 }
 
 fn read_pem(path: &Spanned<PathBuf>) -> Result<Vec<u8>, String> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path.get_ref()).map_err(|e| {
-        format!("cannot read it ({e}); relative paths are relative to the configuration file")
-    })?;
-    // Read at most one byte past the limit, whatever the file claims (or grows to) meanwhile.
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read it ({e})"))?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(format!(
-            "is over {MAX_PEM_BYTES} bytes; PEM files that large are refused"
-        ));
-    }
+    use crate::files::ReadError;
+    let mut bytes =
+        crate::files::read_regular(path.get_ref(), MAX_PEM_BYTES).map_err(|e| match e {
+            ReadError::Io(e) => {
+                format!(
+                    "cannot read it ({e}); relative paths are relative to the configuration file"
+                )
+            }
+            ReadError::TooLarge(_) => {
+                format!("is over {MAX_PEM_BYTES} bytes; PEM files that large are refused")
+            }
+            e @ ReadError::NotRegular(_) => e.to_string(),
+        })?;
     // A Windows editor saves UTF-8 with a byte-order mark. The PEM reader looks for
     // "-----BEGIN" at the start of a line, so the first block would be skipped: the leaf of a
     // chain, or silently one CA of a bundle.

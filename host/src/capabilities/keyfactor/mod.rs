@@ -737,22 +737,13 @@ fn load_ca_bundle(
         path: path.to_owned(),
         reason,
     };
-    // Read to one byte past the limit: a device or pipe reports no size.
-    let mut pem = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| {
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(f, MAX_CA_BUNDLE_BYTES.saturating_add(1)),
-                &mut pem,
-            )
-        })
-        .map_err(|e| error(e.to_string()))?;
-    if pem.len() as u64 > MAX_CA_BUNDLE_BYTES {
-        return Err(error(format!(
+    let pem = crate::files::read_regular(path, MAX_CA_BUNDLE_BYTES).map_err(|e| match e {
+        crate::files::ReadError::TooLarge(_) => error(format!(
             "the file holds more than {MAX_CA_BUNDLE_BYTES} bytes; a bundle of certificates is \
              far smaller"
-        )));
-    }
+        )),
+        e => error(e.to_string()),
+    })?;
     // A byte-order mark (a Windows editor's UTF-8) would hide the first certificate from the
     // PEM reader, which looks for "-----BEGIN" at the start of a line: one CA lost silently.
     let pem = pem.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&pem);
@@ -835,11 +826,20 @@ mod tests {
         assert_eq!(load_ca_bundle(&path).unwrap().len(), 2);
     }
 
-    /// A device or a pipe reports no size: the limit holds by reading, not by asking.
+    /// A device (which never ends) is refused as not a file; a file past the limit at the
+    /// limit.
     #[cfg(unix)]
     #[test]
-    fn a_ca_bundle_that_never_ends_is_refused_at_its_limit() {
+    fn a_ca_bundle_that_never_ends_or_is_too_large_is_refused() {
         let e = load_ca_bundle(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            e.to_string().contains("is a device, not a regular file"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let large = dir.path().join("bundle.pem");
+        std::fs::write(&large, vec![b'A'; MAX_CA_BUNDLE_BYTES as usize + 1]).unwrap();
+        let e = load_ca_bundle(&large).unwrap_err();
         assert!(
             e.to_string()
                 .contains(&format!("holds more than {MAX_CA_BUNDLE_BYTES} bytes")),

@@ -1,0 +1,133 @@
+//! Reading the operator's files — the configuration, secrets, certificates and CA bundles —
+//! the one way they are all read: regular files only, never more than a limit.
+//!
+//! A FIFO with no writer blocks `open` for good, and a device or socket never ends: a path
+//! that names one by mistake (or a secret file replaced by a pipe) would hang `check`, the
+//! start and every reload after it. The file is opened without blocking and refused unless it
+//! is a regular file; its size is not trusted (it may grow, or be a lie): at most one byte past
+//! the limit is read.
+
+use std::io::Read as _;
+use std::path::Path;
+
+/// Why a file was not read. The caller says which file and which setting; these say why.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Opening or reading failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The path names something that is not a regular file.
+    #[error("it is {0}, not a regular file; give the path of a file")]
+    NotRegular(&'static str),
+    /// The file holds more than the limit.
+    #[error("it holds more than {0} bytes, the limit")]
+    TooLarge(u64),
+}
+
+/// Reads the regular file at `path` (symbolic links followed), at most `max` bytes.
+pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    let file = open_without_blocking(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(ReadError::NotRegular(describe(&kind)));
+    }
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(ReadError::TooLarge(max));
+    }
+    Ok(bytes)
+}
+
+#[cfg(unix)]
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer.
+    // It changes nothing for a regular file, the only kind read past this.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+fn describe(kind: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if kind.is_fifo() {
+            return "a named pipe (FIFO)";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+    }
+    if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What is not a regular file is refused at once, naming what it is; a FIFO nobody writes
+    /// to does not hold the caller.
+    #[cfg(unix)]
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        let err = read_regular(&fifo, 1024).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(err.to_string().contains("named pipe (FIFO)"), "{err}");
+        for (path, named) in [
+            (dir.path().to_path_buf(), "a directory"),
+            ("/dev/zero".into(), "a device"),
+        ] {
+            let err = read_regular(&path, 1024).unwrap_err();
+            assert!(err.to_string().contains(named), "{path:?}: {err}");
+        }
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        assert!(matches!(
+            read_regular(&link, 1024),
+            Err(ReadError::NotRegular(_))
+        ));
+    }
+
+    /// A regular file is read whole up to the limit, through a symbolic link too; one byte
+    /// more is refused.
+    #[test]
+    fn regular_files_are_read_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"0123456789").unwrap();
+        assert_eq!(read_regular(&file, 10).unwrap(), b"0123456789");
+        assert!(matches!(
+            read_regular(&file, 9),
+            Err(ReadError::TooLarge(9))
+        ));
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link");
+            std::os::unix::fs::symlink(&file, &link).unwrap();
+            assert_eq!(read_regular(&link, 10).unwrap(), b"0123456789");
+        }
+        let missing = read_regular(&dir.path().join("missing"), 10).unwrap_err();
+        assert!(matches!(missing, ReadError::Io(_)), "{missing}");
+    }
+}
