@@ -105,20 +105,13 @@ pub fn import(path: &Path) -> Result<(String, Vec<Warning>), MigrateError> {
         line: None,
         message,
     };
-    use std::io::Read as _;
-    let file_handle =
-        std::fs::File::open(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
-    // Read at most one byte past the limit, whatever the file's size claims.
-    let mut bytes = Vec::new();
-    file_handle
-        .take(MAX_IMPORT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| fail(format!("cannot read it: {e}")))?;
-    if bytes.len() as u64 > MAX_IMPORT_BYTES {
-        return Err(fail(format!(
+    let bytes = crate::files::read_regular(path, MAX_IMPORT_BYTES).map_err(|e| match e {
+        crate::files::ReadError::Io(e) => fail(format!("cannot read it: {e}")),
+        crate::files::ReadError::TooLarge(_) => fail(format!(
             "is over {MAX_IMPORT_BYTES} bytes; registration files that large are refused"
-        )));
-    }
+        )),
+        e @ crate::files::ReadError::NotRegular(_) => fail(e.to_string()),
+    })?;
     let text = String::from_utf8(bytes).map_err(|e| fail(format!("is not UTF-8 text ({e})")))?;
     let registrations = read_registrations(&text, &file)?;
     Ok(to_toml(&registrations, &file))
@@ -243,6 +236,13 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
                 });
             };
             if pname.eq_ignore_ascii_case(JOB_TYPES_PROPERTY) {
+                if job_types.is_some() {
+                    return Err(MigrateError {
+                        file: file.to_owned(),
+                        line: Some(at),
+                        message: twice_job_types(&name),
+                    });
+                }
                 job_types = Some(value.to_owned());
             } else {
                 properties.push((pname.to_owned(), value.to_owned()));
@@ -257,6 +257,16 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
         });
     }
     Ok(out)
+}
+
+/// Why a registration that gives `JobTypes` twice is refused: one of the two would be lost
+/// without a word, and which one Keyfactor reads is not something to guess.
+fn twice_job_types(registration: &str) -> String {
+    format!(
+        "registration {} gives {JOB_TYPES_PROPERTY} twice (in any case); keep the one Keyfactor \
+         should use, or join their GUIDs with commas in one",
+        quoted(registration)
+    )
 }
 
 /// Replaces `//` and `/* */` comments outside strings with spaces (newlines kept), as
@@ -576,6 +586,7 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
                     }
                 };
                 if key.eq_ignore_ascii_case(JOB_TYPES_PROPERTY) {
+                    // Twice in any case is refused above (refuse_duplicate_keys).
                     job_types = Some(value);
                 } else {
                     properties.push((key.clone(), value));
@@ -1370,6 +1381,29 @@ mod tests {
             "{}",
             told[0]
         );
+    }
+
+    /// A registration giving `JobTypes` twice, in either format and in any case, is refused
+    /// (in web.config naming it and the line of the second), instead of keeping one silently.
+    #[test]
+    fn job_types_given_twice_are_refused() {
+        let web = format!(
+            "<configuration><unity><container>\n\
+             <register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"A.B, A\" name=\"Hook\">\n\
+             <property name=\"JobTypes\" value=\"7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10\" />\n\
+             <property name=\"jobtypes\" value=\"A809CE1F-1EEA-4738-A38E-15708C89C981\" />\n\
+             </register></container></unity></configuration>"
+        );
+        let manifest = format!(
+            "{{\n \"extensions\": {{\n  \"{MANIFEST_SECTION}\": {{\n   \"Hook\": {{ \
+             \"TypeFullName\": \"A.B\", \"Options\": {{ \"JobTypes\": \"*\",\n \"jobTypes\": \"*\" }} }}\n  }}\n }}\n}}\n"
+        );
+        let e = read_registrations(&web, "web.config").unwrap_err();
+        assert!(e.message.contains("gives JobTypes twice"), "{e:?}");
+        assert!(e.message.contains("\"Hook\""), "{e:?}");
+        assert_eq!(e.line, Some(4), "{e:?}");
+        let e = read_registrations(&manifest, "manifest.json").unwrap_err();
+        assert!(e.message.contains("are the same key"), "{e:?}");
     }
 
     /// A manifest saved with a UTF-8 byte-order mark (as Windows editors do) reads as the same
