@@ -693,11 +693,14 @@ async fn handlers_endpoint_lists_inert_imports() {
 async fn handlers_endpoint_hides_secrets() {
     let setup = Setup::new();
     std::fs::write(setup.dir.path().join("pw"), "hunter2").expect("write");
-    let engine = setup.start(&handler(
-        "mail",
-        "repeated-failure-email",
-        "[\"*\"]",
-        "properties = { RetryThreshold = \"3\", EmailRecipients = \"a@example.com\", SmtpPassword = { file = \"pw\" } }\n[handlers.grants.mail]\nrecipients = [\"a@example.com\"]",
+    let engine = setup.start(&format!(
+        "[mail]\nfrom = \"jobhook@example.com\"\n\n{}",
+        handler(
+            "mail",
+            "repeated-failure-email",
+            "[\"*\"]",
+            "properties = { RetryThreshold = \"3\", EmailRecipients = \"a@example.com\", SmtpPassword = { file = \"pw\" } }\n[handlers.grants.mail]\nrecipients = [\"a@example.com\"]",
+        )
     ));
     let (status, text) = get(&engine, "/v1/handlers").await;
     assert_eq!(status, 200);

@@ -17,6 +17,8 @@ data_dir = "data"
 max_concurrent_deliveries = 4
 [quarantine]
 after_failures = 3
+[mail]
+from = "jobhook@example.com"
 [[handlers]]
 name = "mail"
 component = "Cargo.toml"

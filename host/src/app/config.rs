@@ -1478,11 +1478,51 @@ identity = "writer"
             .unwrap()
             .to_owned();
         assert_eq!(f.parse(&only_reader).unwrap().handlers.len(), 1);
-        // An identity with no [keyfactor] at all is refused the same way.
+        // An identity with no [keyfactor] at all is refused: there is no Keyfactor API.
         let e = error(
             "[[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\njob_types = [\"*\"]\n[handlers.grants.keyfactor]\npaths = [\"*\"]\nidentity = \"x\"\n",
         );
-        assert!(e.message.contains("keyfactor.identity"), "{e}");
+        assert!(e.message.contains("handlers.grants.keyfactor"), "{e}");
+        assert!(e.message.contains("[keyfactor] base_url"), "{e}");
+    }
+
+    /// A grant of a capability this engine does not configure is refused by file, line and
+    /// handler, naming the section to add: every call would answer not-available (and the
+    /// handler's failures would walk it into quarantine). `http` works on its defaults.
+    #[test]
+    fn a_grant_of_a_capability_the_engine_does_not_configure_is_refused() {
+        let handler = |grant: &str| {
+            format!(
+                "[[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\njob_types = [\"*\"]\n{grant}"
+            )
+        };
+        for (grant, section) in [
+            (
+                "[handlers.grants.mail]\nrecipients = [\"@example.com\"]\n",
+                "[mail]",
+            ),
+            (
+                "[handlers.grants.keyfactor]\npaths = [\"*\"]\n",
+                "[keyfactor] base_url",
+            ),
+        ] {
+            let e = error(&handler(grant));
+            assert!(
+                e.message.contains("but this engine does not configure it"),
+                "{e}"
+            );
+            assert!(e.message.contains(section), "{e}");
+            assert!(e.message.contains("(handler \"a\")"), "{e}");
+            assert!(e.line.is_some(), "{e}");
+        }
+        let f = Fixture::new();
+        let configured = format!(
+            "[mail]\nfrom = \"jobhook@example.com\"\n\n{}",
+            handler("[handlers.grants.mail]\nrecipients = [\"@example.com\"]\n")
+        );
+        assert!(f.parse(&configured).is_ok());
+        let http = handler("[handlers.grants.http]\nurls = [\"https://hooks.example.com/\"]\n");
+        assert!(f.parse(&http).is_ok());
     }
 
     #[test]

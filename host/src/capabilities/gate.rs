@@ -104,6 +104,15 @@ pub trait Grantable: Sized + Send + 'static {
         Ok(())
     }
 
+    /// Whether the section configures the service at all ([`Grantable::service`] would give
+    /// `Some`). A grant of a capability the engine does not configure is refused when the
+    /// configuration is read: every call of the handler would answer `not-available`. The
+    /// default: the capability works on its defaults.
+    fn configured(config: &Self::Config) -> bool {
+        let _ = config;
+        true
+    }
+
     /// Builds the service from the section: `None` when the section leaves the capability
     /// unconfigured (its calls then answer `not-available`). Secrets are resolved here; nothing
     /// is contacted yet.

@@ -96,7 +96,7 @@ macro_rules! grantable {
         }
 
         /// The engine-level sections of the capabilities in the engine's TOML file, e.g.
-        /// `[keyfactor]` (without it, `keyfactor` calls answer not-available), `[mail]`,
+        /// `[keyfactor]` (without it, a grant of `keyfactor` is refused), `[mail]`,
         /// `[http]` (defaults apply). See each capability's `Config`.
         #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -117,6 +117,15 @@ macro_rules! grantable {
             /// [`Grantable::check_grant`]); `Err` names the key under `handlers.grants`.
             pub fn check_grants(&self, grants: &Grants) -> Result<(), String> {
                 $( if let Some(grant) = &grants.$field {
+                    if !<$marker as Grantable>::configured(&self.$field) {
+                        return Err(format!(
+                            "{interface}: the handler is granted {interface}, but this engine does \
+                             not configure it ({key}), so every call would answer not-available: \
+                             configure {key} or remove the grant",
+                            interface = <$marker as Grantable>::INTERFACE,
+                            key = <$marker as Grantable>::CONFIG_KEY,
+                        ));
+                    }
                     <$marker as Grantable>::check_grant(&self.$field, grant)
                         .map_err(|e| format!("{}.{e}", <$marker as Grantable>::INTERFACE))?;
                 } )+

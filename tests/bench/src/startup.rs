@@ -65,8 +65,13 @@ pub fn measure(repetitions: usize) -> anyhow::Result<Startup> {
     let cache = data.join("cache");
     let config = dir.join("jobhook.toml");
     let mut component_bytes = 0;
+    // The services the grants below need; nothing is contacted at start.
+    std::fs::write(dir.join("kf-token"), "start-up-benchmark")?;
     let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:{}\"\n\n[store]\ndata_dir = '{}'\n",
+        "[server]\nlisten = \"127.0.0.1:{}\"\n\n[store]\ndata_dir = '{}'\n\n\
+         [keyfactor]\nbase_url = \"https://keyfactor.example.com/KeyfactorAPI\"\n\
+         auth = {{ kind = \"bearer\", token = {{ file = \"kf-token\" }} }}\n\n\
+         [mail]\nfrom = \"jobhook@example.com\"\n",
         free_port(),
         data.display()
     );

@@ -124,6 +124,10 @@ impl Grantable for Keyfactor {
         }
     }
 
+    fn configured(config: &Option<KeyfactorConfig>) -> bool {
+        config.is_some()
+    }
+
     fn check_grant(config: &Option<KeyfactorConfig>, grant: &KeyfactorGrant) -> Result<(), String> {
         let Some(name) = &grant.identity else {
             return Ok(());

@@ -202,6 +202,10 @@ impl Grantable for Mail {
         }
     }
 
+    fn configured(config: &Option<MailConfig>) -> bool {
+        config.is_some()
+    }
+
     fn service(
         config: &Option<MailConfig>,
         env: &ServiceEnv,
