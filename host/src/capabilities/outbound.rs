@@ -27,6 +27,47 @@ pub const MAX_RESPONSE_HEADERS: usize = 64;
 /// Longest response header value handed back to the guest; longer values are dropped.
 pub const MAX_RESPONSE_HEADER_VALUE_BYTES: usize = 4096;
 
+/// Smallest `max_request_bytes` / `max_response_bytes` of an outbound section: below 1 KiB no
+/// real request or response fits (a server's JSON error is larger), and every call would fail.
+pub const MIN_BODY_LIMIT_BYTES: usize = 1024;
+
+/// Largest `max_request_bytes` / `max_response_bytes` of an outbound section: a body is held
+/// whole in the engine's memory for every call in flight (a response then copied into the
+/// guest's), so an unbounded setting would let one server's answer take the engine's memory.
+/// 64 MiB is sixteen times the largest default (Keyfactor's 4 MiB).
+pub const MAX_BODY_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest `timeout_ms` / `connect_timeout_ms` of an outbound section (and of `[mail.smtp]`):
+/// a call still unanswered after ten minutes is to a server that is gone, and every handler
+/// that waits for it holds a delivery place meanwhile.
+pub const MAX_CALL_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+
+/// Checks a section's call settings; `Err` names the section, the key, the value and the
+/// range to choose from.
+pub fn check_call_settings(
+    section: &str,
+    timeouts: &[(&str, u64)],
+    body_limits: &[(&str, usize)],
+) -> Result<(), String> {
+    for (key, value) in timeouts {
+        if !(1..=MAX_CALL_TIMEOUT_MS).contains(value) {
+            return Err(format!(
+                "{section} {key} = {value} is out of range: give 1 to {MAX_CALL_TIMEOUT_MS} \
+                 (milliseconds)"
+            ));
+        }
+    }
+    for (key, value) in body_limits {
+        if !(MIN_BODY_LIMIT_BYTES..=MAX_BODY_LIMIT_BYTES).contains(value) {
+            return Err(format!(
+                "{section} {key} = {value} is out of range: give {MIN_BODY_LIMIT_BYTES} to \
+                 {MAX_BODY_LIMIT_BYTES} (bytes)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What replaces a credential found in a response.
 pub const REDACTED: &str = "[redacted]";
 

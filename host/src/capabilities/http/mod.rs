@@ -363,9 +363,9 @@ impl Default for HttpConfig {
 /// Why the `[http]` configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpConfigError {
-    /// A timeout of zero.
-    #[error("[http] timeout_ms and connect_timeout_ms must be greater than 0")]
-    ZeroTimeout,
+    /// A timeout or body limit out of its range ([`outbound::check_call_settings`]).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The HTTP client could not be built.
     #[error("cannot build the outbound HTTP client: {0}")]
     Client(String),
@@ -383,9 +383,18 @@ pub struct HttpClient {
 impl HttpClient {
     /// Builds the clients.
     pub fn from_config(config: &HttpConfig) -> Result<Self, HttpConfigError> {
-        if config.timeout_ms == 0 || config.connect_timeout_ms == 0 {
-            return Err(HttpConfigError::ZeroTimeout);
-        }
+        outbound::check_call_settings(
+            "[http]",
+            &[
+                ("timeout_ms", config.timeout_ms),
+                ("connect_timeout_ms", config.connect_timeout_ms),
+            ],
+            &[
+                ("max_request_bytes", config.max_request_bytes),
+                ("max_response_bytes", config.max_response_bytes),
+            ],
+        )
+        .map_err(HttpConfigError::OutOfRange)?;
         let mut clients = HashMap::new();
         for policy in [
             AddressPolicy::PublicOnly,
@@ -724,6 +733,36 @@ mod tests {
             "Accept",
         ] {
             assert!(!forbidden_header(ok), "{ok}");
+        }
+    }
+
+    /// Timeouts and body limits out of range are refused at start, each named with its
+    /// range: zero would fail every call, no bound would let a server hold a place or the
+    /// engine's memory.
+    #[test]
+    fn call_settings_out_of_range_are_refused_naming_the_key() {
+        assert!(HttpClient::from_config(&HttpConfig::default()).is_ok());
+        type Change = fn(&mut HttpConfig);
+        let changes: [(&str, Change); 6] = [
+            ("timeout_ms = 0", |c| c.timeout_ms = 0),
+            ("timeout_ms = 18446744073709551615", |c| {
+                c.timeout_ms = u64::MAX
+            }),
+            ("connect_timeout_ms = 0", |c| c.connect_timeout_ms = 0),
+            ("max_request_bytes = 0", |c| c.max_request_bytes = 0),
+            ("max_response_bytes = 0", |c| c.max_response_bytes = 0),
+            ("max_response_bytes = 67108865", |c| {
+                c.max_response_bytes = outbound::MAX_BODY_LIMIT_BYTES + 1
+            }),
+        ];
+        for (named, change) in changes {
+            let mut config = HttpConfig::default();
+            change(&mut config);
+            let err = HttpClient::from_config(&config).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("[http] {named} is out of range")),
+                "{err}"
+            );
         }
     }
 

@@ -48,7 +48,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `timeout_ms` accepted. A call, connect to last body byte, ends within it, which is
 /// what lets the engine forget a replaced OAuth token once [`auth::TOKEN_REMEMBERED_FOR`]
 /// (longer than this) has passed: no response still in flight can carry it by then.
-pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_millis(outbound::MAX_CALL_TIMEOUT_MS);
 
 /// Default connect timeout: the Keyfactor server is on the operator's network.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -376,12 +376,10 @@ pub enum KeyfactorConfigError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A timeout of zero, or a call timeout beyond [`MAX_CALL_TIMEOUT`].
-    #[error(
-        "[keyfactor] timeout_ms must be between 1 and {} and connect_timeout_ms greater than 0",
-        MAX_CALL_TIMEOUT.as_millis()
-    )]
-    ZeroTimeout,
+    /// A timeout or body limit out of its range ([`outbound::check_call_settings`]; a call's
+    /// timeout at most [`MAX_CALL_TIMEOUT`]).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The HTTP client could not be built.
     #[error("cannot build the Keyfactor HTTP client: {0}")]
     Client(String),
@@ -440,10 +438,18 @@ impl KeyfactorClient {
         }
         let api_version = HeaderValue::from_str(&config.api_version)
             .map_err(|_| KeyfactorConfigError::ApiVersion(config.api_version.clone()))?;
-        let too_long = Duration::from_millis(config.timeout_ms) > MAX_CALL_TIMEOUT;
-        if config.timeout_ms == 0 || config.connect_timeout_ms == 0 || too_long {
-            return Err(KeyfactorConfigError::ZeroTimeout);
-        }
+        outbound::check_call_settings(
+            "[keyfactor]",
+            &[
+                ("timeout_ms", config.timeout_ms),
+                ("connect_timeout_ms", config.connect_timeout_ms),
+            ],
+            &[
+                ("max_request_bytes", config.max_request_bytes),
+                ("max_response_bytes", config.max_response_bytes),
+            ],
+        )
+        .map_err(KeyfactorConfigError::OutOfRange)?;
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -968,10 +974,34 @@ mod tests {
         for bad in [0, longest + 1, u64::MAX] {
             let err = KeyfactorClient::from_config(&config(bad)).unwrap_err();
             assert!(
-                matches!(err, KeyfactorConfigError::ZeroTimeout),
+                matches!(err, KeyfactorConfigError::OutOfRange(_)),
                 "{bad}: {err}"
             );
+            assert!(err.to_string().contains("[keyfactor] timeout_ms"), "{err}");
             assert!(err.to_string().contains("600000"), "{err}");
+        }
+        // The connect timeout and both body limits are bounded too, each named: a zero limit
+        // would fail every call, an unbounded one let a server's answer take the memory.
+        type Change = fn(&mut KeyfactorConfig);
+        let changes: [(&str, Change); 5] = [
+            ("connect_timeout_ms = 0", |c| c.connect_timeout_ms = 0),
+            ("connect_timeout_ms = 18446744073709551615", |c| {
+                c.connect_timeout_ms = u64::MAX
+            }),
+            ("max_request_bytes = 0", |c| c.max_request_bytes = 0),
+            ("max_response_bytes = 0", |c| c.max_response_bytes = 0),
+            ("max_response_bytes = 18446744073709551615", |c| {
+                c.max_response_bytes = usize::MAX
+            }),
+        ];
+        for (named, change) in changes {
+            let mut c = config(10_000);
+            change(&mut c);
+            let err = KeyfactorClient::from_config(&c).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("[keyfactor] {named} is out of range")),
+                "{err}"
+            );
         }
     }
 

@@ -729,9 +729,12 @@ pub enum MailConfigError {
         /// Why.
         reason: String,
     },
-    /// A zero timeout.
-    #[error("[mail.smtp] timeout_ms must be greater than 0")]
-    ZeroTimeout,
+    /// A timeout out of its range ([`crate::capabilities::outbound::check_call_settings`]).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// No relay host, or port 0.
+    #[error("[mail.smtp] {0}")]
+    Relay(&'static str),
 }
 
 /// The engine-wide mail transport, shared by every sandbox.
@@ -1221,10 +1224,23 @@ fn remove_stale_temp_files(dir: &Path) -> usize {
 }
 
 fn smtp_transport(config: &SmtpConfig) -> Result<TransportKind, MailConfigError> {
-    if config.timeout_ms == 0 {
-        return Err(MailConfigError::ZeroTimeout);
-    }
+    crate::capabilities::outbound::check_call_settings(
+        "[mail.smtp]",
+        &[("timeout_ms", config.timeout_ms)],
+        &[],
+    )
+    .map_err(MailConfigError::OutOfRange)?;
     let host = config.host.trim();
+    if host.is_empty() {
+        return Err(MailConfigError::Relay(
+            "host is empty: give the relay's name or address",
+        ));
+    }
+    if config.port == Some(0) {
+        return Err(MailConfigError::Relay(
+            "port = 0 is out of range: give 1 to 65535, or leave it out for the usual port of tls",
+        ));
+    }
     let tls_error = |reason: String| MailConfigError::Tls {
         host: host.to_owned(),
         reason,
@@ -1304,6 +1320,43 @@ mod tests {
         let config = MailConfig::outbox("jobhook@example.com", dir.path().join("outbox")).unwrap();
         let transport = MailTransport::from_config(&config, dir.path()).unwrap();
         (dir, transport)
+    }
+
+    /// A relay with no host, port 0 or a timeout out of range is refused when the engine
+    /// starts (and by `jobhook check`), naming the key, not when the first mail is sent.
+    #[test]
+    fn relay_settings_out_of_range_are_refused_naming_the_key() {
+        let relay = |change: fn(&mut SmtpConfig)| {
+            let mut smtp = SmtpConfig::new("127.0.0.1", 2525, SmtpTls::None);
+            change(&mut smtp);
+            let config = MailConfig {
+                from: MailAddress::parse("jobhook@example.com").unwrap(),
+                outbox: None,
+                smtp: Some(smtp),
+            };
+            MailTransport::from_config(&config, std::path::Path::new("/nonexistent"))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(relay(|_| {}), Ok(()));
+        for (change, says) in [
+            (
+                (|s| s.host = "  ".into()) as fn(&mut SmtpConfig),
+                "[mail.smtp] host is empty",
+            ),
+            (|s| s.port = Some(0), "[mail.smtp] port = 0 is out of range"),
+            (
+                |s| s.timeout_ms = 0,
+                "[mail.smtp] timeout_ms = 0 is out of range",
+            ),
+            (
+                |s| s.timeout_ms = u64::MAX,
+                "[mail.smtp] timeout_ms = 18446744073709551615 is out of range",
+            ),
+        ] {
+            let err = relay(change).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]
