@@ -130,6 +130,16 @@ const JOB_HISTORY: &str = "OrchestratorJobs/JobHistory";
 /// Longest back-off after repeated API errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
+/// Longest `interval_ms`: past an hour between polls, jobs reach handlers too late to act on
+/// (and the first error's back-off starts from the interval).
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Shortest `stale_after_ms`. A job still running at a poll is waited for until it is this old;
+/// past it, it is skipped and its completion never becomes an event. Jobs that run ten minutes
+/// are not rare (an inventory of a large store, a re-enrollment waiting on a CA), so a shorter
+/// setting would lose real completions.
+pub const MIN_STALE_AFTER: Duration = Duration::from_secs(600);
+
 /// `[poller]`: polling Keyfactor's JobHistory instead of receiving events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -162,8 +172,27 @@ impl Default for PollerConfig {
 impl PollerConfig {
     /// Checks values and parses the job type map.
     pub fn job_type_ids(&self) -> Result<BTreeMap<String, Uuid>, PollerConfigError> {
-        if self.interval_ms == 0 || self.page_size == 0 || self.page_size > 1000 {
-            return Err(PollerConfigError::Bounds);
+        let interval_ms = u64::try_from(MAX_POLL_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if !(1..=interval_ms).contains(&self.interval_ms) {
+            return Err(PollerConfigError::Bounds(format!(
+                "interval_ms = {} is out of range: give 1 to {interval_ms} (milliseconds)",
+                self.interval_ms
+            )));
+        }
+        if !(1..=1000).contains(&self.page_size) {
+            return Err(PollerConfigError::Bounds(format!(
+                "page_size = {} is out of range: give 1 to 1000",
+                self.page_size
+            )));
+        }
+        let stale_ms = u64::try_from(MIN_STALE_AFTER.as_millis()).unwrap_or(u64::MAX);
+        if self.stale_after_ms < stale_ms {
+            return Err(PollerConfigError::Bounds(format!(
+                "stale_after_ms = {} is too short: give at least {stale_ms} (ten minutes); a job \
+                 still running when it is this old is skipped, and its completion never becomes \
+                 an event",
+                self.stale_after_ms
+            )));
         }
         self.job_types
             .iter()
@@ -182,9 +211,9 @@ impl PollerConfig {
 /// Why a `[poller]` section was refused; the message names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PollerConfigError {
-    /// `interval_ms` or `page_size` out of bounds.
-    #[error("[poller] interval_ms must be at least 1 and page_size between 1 and 1000")]
-    Bounds,
+    /// `interval_ms`, `page_size` or `stale_after_ms` out of bounds: which, and the range.
+    #[error("[poller] {0}")]
+    Bounds(String),
     /// A `[poller.job_types]` value that is not a GUID.
     #[error("[poller.job_types] {name} = {id:?} is not a GUID")]
     JobType {
@@ -1419,10 +1448,33 @@ mod tests {
         let mut c = PollerConfig::default();
         c.job_types.insert("X".into(), "nope".into());
         assert!(c.job_type_ids().is_err());
-        let c = PollerConfig {
-            page_size: 0,
-            ..PollerConfig::default()
-        };
-        assert!(c.job_type_ids().is_err());
+        assert!(PollerConfig::default().job_type_ids().is_ok());
+        // Each bound is named with its range: an interval of 0 or of years, a page of 0 rows,
+        // a staleness so short that running jobs are skipped and their completions lost.
+        type Change = fn(&mut PollerConfig);
+        let changes: [(Change, &str); 5] = [
+            (|c| c.page_size = 0, "page_size = 0 is out of range"),
+            (|c| c.page_size = 1001, "page_size = 1001 is out of range"),
+            (|c| c.interval_ms = 0, "interval_ms = 0 is out of range"),
+            (
+                |c| c.interval_ms = u64::MAX,
+                "interval_ms = 18446744073709551615 is out of range: give 1 to 3600000",
+            ),
+            (
+                |c| c.stale_after_ms = 0,
+                "stale_after_ms = 0 is too short: give at least 600000",
+            ),
+        ];
+        for (change, says) in changes {
+            let mut c = PollerConfig::default();
+            change(&mut c);
+            let e = c.job_type_ids().unwrap_err().to_string();
+            assert!(e.starts_with("[poller] "), "{e}");
+            assert!(e.contains(says), "{e}");
+        }
+        let mut c = PollerConfig::default();
+        c.stale_after_ms = 600_000;
+        c.interval_ms = 3_600_000;
+        assert!(c.job_type_ids().is_ok());
     }
 }
