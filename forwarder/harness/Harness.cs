@@ -16,11 +16,24 @@
 //   harness.exe drain --url U --spool DIR [options]
 //   harness.exe burst --url U --spool DIR --count N [options] (submit N, then exit normally at
 //     once, with events still in the forwarder's memory)
-//   harness.exe pending --url U --spool DIR --slow-log-ms MS (two registrations, spooling to
-//     DIR/a and DIR/b, are started; a third, DIR/c, is handed one event, and the intake thread
-//     is held in its start-up by a log line that takes MS ms; meanwhile 5 events for a and 7
-//     for b wait in the intake queue. Prints "pending a=N b=M": each registration's
-//     PendingEvents. Not for the KEYFACTOR_LOGGING build, which does not take the harness's log)
+//   harness.exe pending --url U --spool DIR (two registrations, spooling to DIR/a and DIR/b,
+//     are started; a third, DIR/c, is handed one event, and the intake thread is held with it
+//     (the forwarder's internal test hook, as a slow start-up of c would hold it); meanwhile 5
+//     events for a and 7 for b wait in the intake queue. Prints "pending a=N b=M": each
+//     registration's PendingEvents, then lets the intake thread go)
+//   harness.exe faults --url U --spool DIR --count N [--fail-thread NAME] [--fail-starts K]
+//     [--interval-ms MS] (the next K starts of a forwarder thread whose name contains NAME, of
+//     any thread without --fail-thread, fail as in a process out of threads; then N contexts
+//     are handed over, one every MS ms (default 50), each call checked like `run`, and the
+//     harness waits for the spool to drain. Prints "submitted N", then "drained <counters>")
+//   harness.exe memory --url U --spool DIR --count N --field-chars C [--huge H] [--fail-thread
+//     NAME --fail-starts K] (starts the registration, hands over H contexts whose body is over
+//     the engine's 64 KiB, then N contexts whose Username is C characters (one string shared
+//     by all, so the harness itself holds little), from one thread; waits 3 s and prints
+//     "memory intake=<Intake.Count> accepted=A dropped=D too_large=T managed_mb=M")
+//   harness.exe settings --url U --spool DIR (parses hostile values of each setting with
+//     ForwarderSettings.Parse and prints one line per case: "case NAME: spool=... url=...
+//     token=set|none ca=...|none max_backoff_ms=N problems=P1 | P2", or "case NAME: Parse threw ...")
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
@@ -54,6 +67,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.IO;
 using System.Net.Http;
+using System.Reflection;
 using System.Text;
 using System.Threading;
 using Jobhook.Forwarder;
@@ -234,6 +248,9 @@ namespace Jobhook.Forwarder.Harness
             if (!opts.ContainsKey("url") || !opts.ContainsKey("spool"))
                 return Usage("--url and --spool are required");
 
+            // Before the forwarder does anything: its first thread may be the one that fails.
+            if (opts.ContainsKey("fail-starts"))
+                FailThreadStarts(Get(opts, "fail-thread", null), int.Parse(opts["fail-starts"], CultureInfo.InvariantCulture));
             var log = new CapturingLog();
             int slowLogMs = int.Parse(Get(opts, "slow-log-ms", "0"), CultureInfo.InvariantCulture);
 #if KEYFACTOR_LOGGING
@@ -279,8 +296,14 @@ namespace Jobhook.Forwarder.Harness
             }
             if (mode == "burst")
                 return Burst(options, opts);
+            if (mode == "faults")
+                return Faults(options, opts, spoolDirectory, waitSeconds);
+            if (mode == "memory")
+                return Memory(options, opts);
+            if (mode == "settings")
+                return Settings(options);
             if (mode == "pending")
-                return PendingPerRegistration(options, spoolDirectory, log, slowLogMs);
+                return PendingPerRegistration(options, spoolDirectory, log);
             if (mode != "run")
                 return Usage("unknown mode " + mode);
             if (!opts.ContainsKey("count") || !opts.ContainsKey("expected"))
@@ -502,8 +525,131 @@ namespace Jobhook.Forwarder.Harness
             return failures.Count > 0 ? 1 : 0;
         }
 
+        /// <summary>
+        /// Makes the next `count` starts of a forwarder thread whose name contains `of` (any,
+        /// if null) fail, through the forwarder's internal test hook (ForwarderThreads).
+        /// </summary>
+        static void FailThreadStarts(string of, int count)
+        {
+            var type = typeof(JobhookForwarder).Assembly.GetType("Jobhook.Forwarder.ForwarderThreads", true);
+            type.GetField("failStartsOf", BindingFlags.NonPublic | BindingFlags.Static).SetValue(null, of);
+            type.GetField("failStarts", BindingFlags.NonPublic | BindingFlags.Static).SetValue(null, count);
+        }
+
+        /// <summary>`faults` (see the top of this file). Exit code 0, 1 if a call broke a rule, 3 if not drained.</summary>
+        static int Faults(JobhookForwarder.Options options, Dictionary<string, string> opts, string spoolDirectory, int waitSeconds)
+        {
+            int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
+            int intervalMs = int.Parse(Get(opts, "interval-ms", "50"), CultureInfo.InvariantCulture);
+            var random = new Random(1);
+            var forwarder = Construct(options, null);
+            var failures = new List<string>();
+            for (int i = 0; i < count; i++)
+            {
+                var context = MakeContext(i, random, null);
+                var clock = Stopwatch.StartNew();
+                var failure = Call(forwarder, context);
+                clock.Stop();
+                if (failure != null)
+                    failures.Add("context " + i + ": " + failure);
+                else if (clock.Elapsed > JobhookForwarder.RunHandlerBudget)
+                    failures.Add("context " + i + ": RunHandler took " + Ms(clock.Elapsed.TotalMilliseconds) + " ms; the budget is "
+                                 + JobhookForwarder.RunHandlerBudgetMilliseconds + " ms");
+                Thread.Sleep(intervalMs);
+            }
+            Console.WriteLine("submitted " + count);
+            Console.Out.Flush();
+            foreach (var failure in failures)
+                Console.Error.WriteLine("harness: " + failure);
+            if (failures.Count > 0)
+                return 1;
+            return WaitForDrain(forwarder, spoolDirectory, waitSeconds);
+        }
+
+        /// <summary>`memory` (see the top of this file). Exit code 0, or 1 if a call broke a rule.</summary>
+        static int Memory(JobhookForwarder.Options options, Dictionary<string, string> opts)
+        {
+            int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
+            int chars = int.Parse(opts["field-chars"], CultureInfo.InvariantCulture);
+            int hugeCount = int.Parse(Get(opts, "huge", "0"), CultureInfo.InvariantCulture);
+            var random = new Random(1);
+            var forwarder = Construct(options, null);
+            forwarder.Start();
+            var failures = new List<string>();
+            var big = new string('m', chars);
+            var huge = new string('h', HugeStringLength);
+            for (int i = 0; i < hugeCount + count; i++)
+            {
+                var context = MakeContext(i, random, null);
+                context.Username = i < hugeCount ? huge : big;
+                var failure = Call(forwarder, context);
+                if (failure != null)
+                    failures.Add("context " + i + ": " + failure);
+            }
+            Thread.Sleep(3000);
+            GC.Collect();
+            GC.WaitForPendingFinalizers();
+            GC.Collect();
+            var counters = forwarder.Counters;
+            Console.WriteLine("memory intake=" + Intake.Count + " accepted=" + counters.Accepted + " dropped=" + counters.Dropped
+                              + " too_large=" + counters.TooLarge + " managed_mb=" + GC.GetTotalMemory(true) / (1024 * 1024));
+            Console.Out.Flush();
+            foreach (var failure in failures)
+                Console.Error.WriteLine("harness: " + failure);
+            return failures.Count > 0 ? 1 : 0;
+        }
+
+        /// <summary>`settings` (see the top of this file). Exit code 0.</summary>
+        static int Settings(JobhookForwarder.Options good)
+        {
+            var spool = good.SpoolDirectory;
+            var cases = new List<KeyValuePair<string, Action<JobhookForwarder.Options>>>
+            {
+                Case("spool-nul", o => o.SpoolDirectory = spool + "\0x"),
+                Case("spool-quoted", o => o.SpoolDirectory = "\"" + spool + "\""),
+                Case("spool-pipe", o => o.SpoolDirectory = spool + "|x"),
+                Case("ca-nul", o => o.TrustedCaFile = spool + "\0ca.pem"),
+                Case("ca-quoted", o => o.TrustedCaFile = "\"" + spool + "/ca.pem\""),
+                Case("ca-http", o => o.TrustedCaFile = spool + "/ca.pem"),
+                Case("url-endpoint", o => o.EngineUrl = good.EngineUrl.TrimEnd('/') + "/v1/job-complete"),
+                Case("url-endpoint-slash", o => o.EngineUrl = good.EngineUrl.TrimEnd('/') + "/prefix/v1/job-complete/"),
+                Case("token-bearer", o => o.BearerToken = "Bearer abc.def"),
+                Case("token-long", o => o.BearerToken = new string('a', ForwarderSettings.MaxTextLength + 1)),
+                Case("token-space", o => o.BearerToken = "abc def"),
+                Case("backoff", o => { o.InitialBackoffMs = "5000"; o.MaxBackoffMs = "1000"; }),
+            };
+            foreach (var c in cases)
+            {
+                var options = new JobhookForwarder.Options
+                {
+                    JobTypes = good.JobTypes, EngineUrl = good.EngineUrl, SpoolDirectory = good.SpoolDirectory,
+                };
+                c.Value(options);
+                string line;
+                try
+                {
+                    var s = ForwarderSettings.Parse(options);
+                    line = "spool=" + s.SpoolDirectory + " url=" + s.JobCompleteUrl + " token=" + (s.BearerToken != null ? "set" : "none")
+                           + " ca=" + (s.TrustedCaFile ?? "none") + " max_backoff_ms=" + s.MaxBackoff.TotalMilliseconds
+                           + " problems=" + string.Join(" | ", s.Problems);
+                }
+                catch (Exception e)
+                {
+                    line = "Parse threw " + e.GetType().Name + ": " + e.Message;
+                }
+                Console.WriteLine("case " + c.Key + ": " + LogText.Printable(line));
+            }
+            Console.Out.Flush();
+            return 0;
+        }
+
+        static KeyValuePair<string, Action<JobhookForwarder.Options>> Case(string name, Action<JobhookForwarder.Options> change)
+        {
+            return new KeyValuePair<string, Action<JobhookForwarder.Options>>(name, change);
+        }
+
         /// <summary>`pending` (see the top of this file). Exit code 0, or 1 if a spool did not open.</summary>
-        static int PendingPerRegistration(JobhookForwarder.Options options, string spoolDirectory, IForwarderLog log, int slowLogMs)
+        static int PendingPerRegistration(JobhookForwarder.Options options, string spoolDirectory, IForwarderLog log)
         {
             // Set up with a prompt log (each runtime keeps the log it started with).
             ForwarderLog.Current = log;
@@ -519,18 +665,33 @@ namespace Jobhook.Forwarder.Harness
                 Console.Error.WriteLine("harness: the spools did not open");
                 return 1;
             }
-            // The third registration's start-up, on the intake thread, logs through a stalled sink.
-            ForwarderLog.Current = new SlowLog(log, slowLogMs);
+            // The intake thread is held with the third registration's event, through the
+            // forwarder's internal test hook, until the counts are taken.
+            var hold = new ManualResetEvent(false);
+            var intake = typeof(JobhookForwarder).Assembly.GetType("Jobhook.Forwarder.Intake", true);
+            var holdField = intake.GetField("holdForTest", BindingFlags.NonPublic | BindingFlags.Static);
+            var inFlight = intake.GetField("inFlight", BindingFlags.NonPublic | BindingFlags.Static);
+            holdField.SetValue(null, hold);
             var random = new Random(1);
             var c = Construct(options, Path.Combine(spoolDirectory, "c"));
             c.RunHandler(MakeContext(0, random, null));
-            Thread.Sleep(200);
+            // The intake thread has taken it before the others come.
+            var taken = DateTime.UtcNow.AddSeconds(30);
+            while ((int)inFlight.GetValue(null) != 1 && DateTime.UtcNow < taken)
+                Thread.Sleep(10);
+            if ((int)inFlight.GetValue(null) != 1)
+            {
+                Console.Error.WriteLine("harness: the intake thread did not take the first event");
+                return 1;
+            }
             for (int i = 0; i < 5; i++)
                 a.RunHandler(MakeContext(i, random, null));
             for (int i = 0; i < 7; i++)
                 b.RunHandler(MakeContext(i, random, null));
             Console.WriteLine("pending a=" + a.PendingEvents + " b=" + b.PendingEvents);
             Console.Out.Flush();
+            holdField.SetValue(null, null);
+            hold.Set();
             return 0;
         }
 
@@ -790,7 +951,7 @@ namespace Jobhook.Forwarder.Harness
         static int Usage(string problem)
         {
             Console.Error.WriteLine("harness: " + problem);
-            Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
+            Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending|faults|memory|settings --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
                                     + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N]"
                                     + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2] [--slow-log-ms MS]");
             return 2;

@@ -7,6 +7,7 @@
 
 using System;
 using System.Collections.Generic;
+using System.Diagnostics;
 using System.Threading;
 
 namespace Jobhook.Forwarder
@@ -24,7 +25,7 @@ namespace Jobhook.Forwarder
         public long Conflicts;
         /// <summary>Events the engine refused as invalid (moved to rejected/).</summary>
         public long Rejected;
-        /// <summary>Events dropped because the in-memory queue or the spool was full.</summary>
+        /// <summary>Events dropped because an in-memory queue (its own, or the intake queue once this registration has a runtime) or the spool was full.</summary>
         public long Dropped;
         /// <summary>Events refused because their body is over the engine's limit (never spooled).</summary>
         public long TooLarge;
@@ -79,6 +80,8 @@ namespace Jobhook.Forwarder
         readonly IForwarderLog log;
         readonly object queueGate = new object();
         readonly LinkedList<QueuedEvent> queue = new LinkedList<QueuedEvent>();
+        /// <summary>What the events in <see cref="queue"/> hold in memory (<see cref="ForwarderSettings.MemoryBytes"/>; under <see cref="queueGate"/>).</summary>
+        long queuedBytes;
         readonly AutoResetEvent queued = new AutoResetEvent(false);
         readonly AutoResetEvent spooled = new AutoResetEvent(false);
         /// <summary>Set once <see cref="spool"/> is open (shutdown waits for it).</summary>
@@ -97,6 +100,15 @@ namespace Jobhook.Forwarder
         readonly RateLimitedCount sharedSpool;
         /// <summary>The spool directory as logged (a setting: it may hold a line break).</summary>
         readonly string shownSpool;
+        /// <summary>Guards the start of the writer thread.</summary>
+        readonly object startGate = new object();
+        /// <summary>The spool writer thread, once it has started (under <see cref="startGate"/>).</summary>
+        volatile Thread writer;
+        /// <summary>Whether the writer's last start failed, and when (Stopwatch ticks; under <see cref="startGate"/>).</summary>
+        bool writerFailed;
+        long lastWriterFailure;
+        /// <summary>Failed starts of the writer thread (reported by Notices).</summary>
+        readonly RateLimitedCount writerNotStarted;
 
         /// <summary>What happened so far.</summary>
         public readonly ForwarderCounters Counters = new ForwarderCounters();
@@ -106,6 +118,8 @@ namespace Jobhook.Forwarder
             public string Key;
             public string Body;
             public Guid JobId;
+            /// <summary>What it holds in memory (<see cref="ForwarderSettings.MemoryBytes"/>).</summary>
+            public long Size;
         }
 
         ForwarderRuntime(ForwarderSettings settings, IForwarderLog log)
@@ -117,8 +131,11 @@ namespace Jobhook.Forwarder
                 "two registrations share the spool directory " + shownSpool
                 + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory", log);
             queueFull = new RateLimitedCount(
-                "the in-memory queue of " + shownSpool + " was full (" + settings.MaxQueuedEvents
-                + " events: the spool disk is too slow or failing); dropped the oldest event(s)", log);
+                "the in-memory queue of " + shownSpool + " was full (" + settings.MaxQueuedEvents + " events or "
+                + ForwarderSettings.MaxQueuedBytes / (1024 * 1024) + " MiB: the spool disk is too slow or failing); dropped the oldest event(s)", log);
+            writerNotStarted = new RateLimitedCount(
+                "the spool writer thread of " + shownSpool + " could not start; events wait in memory (tried again at the next event,"
+                + " at most once every " + ForwarderThreads.RetryInterval.TotalSeconds + " s)", log, true);
         }
 
         /// <summary>
@@ -133,25 +150,65 @@ namespace Jobhook.Forwarder
             var trace = log as TraceForwarderLog;
             if (trace != null && settings.DebugLog)
                 trace.DebugEnabled = true;
+            ForwarderRuntime runtime;
             lock (registryGate)
             {
-                ForwarderRuntime existing;
-                if (registry.TryGetValue(settings.SpoolDirectory, out existing))
+                if (registry.TryGetValue(settings.SpoolDirectory, out runtime))
                 {
                     // This runs on the intake thread, for every new handler object (Unity may
                     // make one per event): counted, never logged here.
-                    if (!existing.SameDestination(settings))
-                        existing.sharedSpool.Add(null);
-                    return existing;
+                    if (!runtime.SameDestination(settings))
+                        runtime.sharedSpool.Add(null);
                 }
-                // Nothing is logged here either: the writer thread says what it starts with,
-                // so a slow log sink never holds the intake thread.
-                // Its threads log through the log thread: a slow sink never sets their pace.
-                var runtime = new ForwarderRuntime(settings, LogQueue.Wrap(log));
-                var writer = new Thread(runtime.WriteLoop) { IsBackground = true, Name = "jobhook-forwarder spool writer" };
-                writer.Start();
-                registry[settings.SpoolDirectory] = runtime;
-                return runtime;
+                else
+                {
+                    // Nothing is logged here either: the writer thread says what it starts
+                    // with, so a slow log sink never holds the intake thread. Its threads log
+                    // through the log thread: a slow sink never sets their pace. Registered
+                    // before its writer starts: a writer that cannot start is tried again by
+                    // this runtime, never by building another (each one's counts stay
+                    // registered with Notices for the life of the process).
+                    runtime = new ForwarderRuntime(settings, LogQueue.Wrap(log));
+                    registry[settings.SpoolDirectory] = runtime;
+                }
+            }
+            runtime.EnsureWriter();
+            return runtime;
+        }
+
+        /// <summary>
+        /// Starts the spool writer thread unless it runs or its last start failed less than
+        /// <see cref="ForwarderThreads.RetryInterval"/> ago; a failed start is counted. Never throws.
+        /// </summary>
+        void EnsureWriter()
+        {
+            if (writer != null)
+                return;
+            string failure = null;
+            try
+            {
+                lock (startGate)
+                {
+                    if (writer != null || (writerFailed && !ForwarderThreads.RetryDue(lastWriterFailure)))
+                        return;
+                    try
+                    {
+                        writer = ForwarderThreads.Start(WriteLoop, "spool writer");
+                        writerFailed = false;
+                    }
+                    catch (Exception e)
+                    {
+                        writerFailed = true;
+                        lastWriterFailure = Stopwatch.GetTimestamp();
+                        failure = e.GetType().Name + ": " + e.Message;
+                    }
+                }
+                if (failure != null)
+                    writerNotStarted.Add(failure);
+            }
+            catch
+            {
+                // Tried again at the next event.
             }
         }
 
@@ -188,20 +245,29 @@ namespace Jobhook.Forwarder
         /// </summary>
         public void Submit(string body, Guid jobId)
         {
-            var item = new QueuedEvent { Key = Guid.NewGuid().ToString("N"), Body = body, JobId = jobId };
+            var item = new QueuedEvent
+            {
+                Key = Guid.NewGuid().ToString("N"), Body = body, JobId = jobId, Size = ForwarderSettings.MemoryBytes(body.Length),
+            };
             Interlocked.Increment(ref Counters.Accepted);
             QueuedEvent dropped = null;
+            int drops = 0;
             lock (queueGate)
             {
                 queue.AddLast(item);
-                if (queue.Count > settings.MaxQueuedEvents)
+                queuedBytes += item.Size;
+                // Bounded in events and in bytes; the event just queued always stays.
+                while (queue.Count > 1 && (queue.Count > settings.MaxQueuedEvents || queuedBytes > ForwarderSettings.MaxQueuedBytes))
                 {
                     dropped = queue.First.Value;
                     queue.RemoveFirst();
+                    queuedBytes -= dropped.Size;
+                    drops++;
                 }
             }
             queued.Set();
-            if (dropped != null)
+            EnsureWriter();
+            for (int i = 0; i < drops; i++)
             {
                 Interlocked.Increment(ref Counters.Dropped);
                 queueFull.Add("event " + dropped.Key + " of job " + dropped.JobId.ToString("D"));
@@ -253,10 +319,11 @@ namespace Jobhook.Forwarder
             spool = opened;
             spoolOpen.Set();
             var senderStarted = settings.JobCompleteUrl == null; // nothing to start without an engine URL
-            var nextSenderStart = DateTime.MinValue;
+            // Stopwatch ticks (monotonic: setting the clock back does not hold the sender back).
+            long nextSenderStart = 0;
             while (true)
             {
-                if (!senderStarted && DateTime.UtcNow >= nextSenderStart)
+                if (!senderStarted && Stopwatch.GetTimestamp() >= nextSenderStart)
                 {
                     try
                     {
@@ -270,7 +337,7 @@ namespace Jobhook.Forwarder
                     catch (Exception e)
                     {
                         // Events are still spooled meanwhile; starting the sender is tried again.
-                        nextSenderStart = DateTime.UtcNow + OpenRetryInterval;
+                        nextSenderStart = Stopwatch.GetTimestamp() + (long)(OpenRetryInterval.TotalSeconds * Stopwatch.Frequency);
                         try { log.Error("starting the sender failed (tried again in " + OpenRetryInterval.TotalSeconds + " s): " + e); } catch { }
                     }
                 }
@@ -334,7 +401,10 @@ namespace Jobhook.Forwarder
                 // It may have been dropped from a full queue meanwhile; it is on disk now, so
                 // that is fine.
                 if (queue.First != null && ReferenceEquals(queue.First.Value, written))
+                {
                     queue.RemoveFirst();
+                    queuedBytes -= written.Size;
+                }
             }
             Interlocked.Increment(ref Counters.Spooled);
         }
@@ -378,14 +448,13 @@ namespace Jobhook.Forwarder
                 var flushing = runtime;
                 try
                 {
-                    var thread = new Thread(() =>
+                    ForwarderThreads.Start(() =>
                     {
                         try { flushing.FlushForShutdown(deadline - clock.Elapsed); }
                         catch { }
                         // Never disposed: a thread abandoned past the deadline may still set it.
                         finally { try { finished.Set(); } catch { } }
-                    }) { IsBackground = true, Name = "jobhook-forwarder flush" };
-                    thread.Start();
+                    }, "flush");
                     done.Add(new KeyValuePair<ForwarderRuntime, ManualResetEvent>(flushing, finished));
                 }
                 catch

@@ -48,6 +48,26 @@ namespace Jobhook.Forwarder
         /// </summary>
         public const int MaxMaxQueuedEvents = 100000;
 
+        /// <summary>
+        /// Most bytes of events waiting in memory, in the intake queue and in each
+        /// registration's queue for its spool writer, besides their limits in events: a body
+        /// may be up to 64 KiB of UTF-8 (and its fields more before it is refused), held as a
+        /// .NET string of twice as many bytes as characters, so the counts alone would let some
+        /// 10,000 large events hold over a gigabyte of Keyfactor's worker process. 32 MiB holds
+        /// some 250 of the largest events and tens of thousands of ordinary ones (about 1 KiB).
+        /// </summary>
+        public const long MaxQueuedBytes = 32L * 1024 * 1024;
+
+        /// <summary>
+        /// Memory an event of `chars` UTF-16 characters (its body, or a context's strings) is
+        /// counted for against <see cref="MaxQueuedBytes"/>: two bytes a character, and the
+        /// objects around them (key, list node, snapshot), generously.
+        /// </summary>
+        public static long MemoryBytes(long chars)
+        {
+            return 2 * chars + 512;
+        }
+
         /// <summary>Smallest accepted timeout or backoff (ms): below this, retries would spin.</summary>
         public const int MinMilliseconds = 1;
         /// <summary>Largest accepted timeout or backoff (ms): one day.</summary>
@@ -101,8 +121,36 @@ namespace Jobhook.Forwarder
             return Path.Combine(Path.Combine(Path.Combine(common, "Jobhook"), "Forwarder"), "spool");
         }
 
-        /// <summary>Checks every option; never throws.</summary>
+        /// <summary>
+        /// Checks every option; never throws, whatever the values: it runs on the intake thread
+        /// for every new handler object, so an exception here would lose every event.
+        /// </summary>
         public static ForwarderSettings Parse(JobhookForwarder.Options options)
+        {
+            try
+            {
+                return ParseChecked(options);
+            }
+            catch (Exception e)
+            {
+                // Every check below is written not to throw; should one still, the registration
+                // runs on the defaults (events are spooled, not sent) rather than lose events.
+                var s = new ForwarderSettings { Problems = new List<string>() };
+                s.SpoolDirectory = DefaultSpoolDirectory();
+                s.RequestTimeout = TimeSpan.FromMilliseconds(DefaultRequestTimeoutMs);
+                s.InitialBackoff = TimeSpan.FromMilliseconds(DefaultInitialBackoffMs);
+                s.MaxBackoff = TimeSpan.FromMilliseconds(DefaultMaxBackoffMs);
+                s.MaxSpoolFiles = DefaultMaxSpoolFiles;
+                s.MaxSpoolBytes = DefaultMaxSpoolBytes;
+                s.MaxQueuedEvents = DefaultMaxQueuedEvents;
+                s.ForwarderName = "forwarder";
+                s.Problems.Add("the settings could not be checked (" + e.GetType().Name + ": " + e.Message
+                               + "); using the defaults, without EngineUrl: events are spooled in " + s.SpoolDirectory + " but not sent");
+                return s;
+            }
+        }
+
+        static ForwarderSettings ParseChecked(JobhookForwarder.Options options)
         {
             var s = new ForwarderSettings { Problems = new List<string>() };
             options = options ?? new JobhookForwarder.Options();
@@ -113,11 +161,16 @@ namespace Jobhook.Forwarder
             s.InitialBackoff = TimeSpan.FromMilliseconds(ParseInt("InitialBackoffMs", options.InitialBackoffMs, DefaultInitialBackoffMs, MinMilliseconds, MaxMilliseconds, s.Problems));
             s.MaxBackoff = TimeSpan.FromMilliseconds(ParseInt("MaxBackoffMs", options.MaxBackoffMs, DefaultMaxBackoffMs, MinMilliseconds, MaxMilliseconds, s.Problems));
             if (s.MaxBackoff < s.InitialBackoff)
+            {
+                var initial = ((long)s.InitialBackoff.TotalMilliseconds).ToString(CultureInfo.InvariantCulture);
+                s.Problems.Add("MaxBackoffMs (" + ((long)s.MaxBackoff.TotalMilliseconds).ToString(CultureInfo.InvariantCulture)
+                               + ") is less than InitialBackoffMs (" + initial + "); using " + initial + " for both");
                 s.MaxBackoff = s.InitialBackoff;
+            }
             s.MaxSpoolFiles = ParseLong("MaxSpoolFiles", options.MaxSpoolFiles, DefaultMaxSpoolFiles, 1, MaxMaxSpoolFiles, s.Problems);
             s.MaxSpoolBytes = ParseLong("MaxSpoolBytes", options.MaxSpoolBytes, DefaultMaxSpoolBytes, 1024, long.MaxValue / 2, s.Problems);
             s.MaxQueuedEvents = ParseInt("MaxQueuedEvents", options.MaxQueuedEvents, DefaultMaxQueuedEvents, 1, MaxMaxQueuedEvents, s.Problems);
-            s.TrustedCaFile = string.IsNullOrWhiteSpace(options.TrustedCaFile) ? null : options.TrustedCaFile.Trim();
+            s.TrustedCaFile = ParseCaFile(options.TrustedCaFile, s.Problems);
             s.UseProxy = ParseBool("UseProxy", options.UseProxy, s.Problems);
             s.DebugLog = ParseBool("DebugLog", options.DebugLog, s.Problems);
             s.ForwarderName = ParseName(options.ForwarderName, s.Problems);
@@ -125,6 +178,9 @@ namespace Jobhook.Forwarder
             // pile up), but an operator must know.
             if (s.BearerToken != null && s.JobCompleteUrl != null && s.JobCompleteUrl.Scheme == Uri.UriSchemeHttp)
                 s.Problems.Add("BearerToken is configured with an http:// EngineUrl: the token crosses the network in clear text, readable by anyone on the path; use https://");
+            // Nothing to verify on plain HTTP: whoever set a CA meant TLS.
+            if (s.TrustedCaFile != null && s.JobCompleteUrl != null && s.JobCompleteUrl.Scheme == Uri.UriSchemeHttp)
+                s.Problems.Add("TrustedCaFile is set but EngineUrl is http://: the CA is not used and nothing is encrypted; use an https:// EngineUrl");
             return s;
         }
 
@@ -174,23 +230,52 @@ namespace Jobhook.Forwarder
                 return null;
             }
             var path = url.AbsolutePath.TrimEnd('/');
-            return new Uri(url.GetLeftPart(UriPartial.Authority) + path + "/v1/job-complete");
+            var authority = url.GetLeftPart(UriPartial.Authority);
+            if (path.EndsWith(EndpointPath, StringComparison.OrdinalIgnoreCase))
+            {
+                // The endpoint's URL pasted whole: posting to <it>/v1/job-complete would only
+                // ever be answered 404. What was meant is plain, so it is used, and said.
+                path = path.Substring(0, path.Length - EndpointPath.Length);
+                problems.Add("EngineUrl ends with the endpoint path " + EndpointPath + ", which the forwarder adds itself: remove "
+                             + EndpointPath + " from EngineUrl (events are sent to " + authority + path + EndpointPath + " meanwhile)");
+            }
+            return new Uri(authority + path + EndpointPath);
         }
+
+        /// <summary>The engine's endpoint for events, below EngineUrl.</summary>
+        const string EndpointPath = "/v1/job-complete";
+
+        /// <summary>What an Authorization header value starts with, and a BearerToken must not.</summary>
+        const string BearerPrefix = "Bearer ";
 
         static string ParseToken(string text, IList<string> problems)
         {
             if (string.IsNullOrEmpty(text))
                 return null;
             text = text.Trim();
+            if (text.StartsWith(BearerPrefix, StringComparison.OrdinalIgnoreCase))
+            {
+                // The header value pasted whole: the token is what follows, and is sent.
+                text = text.Substring(BearerPrefix.Length).Trim();
+                problems.Add("BearerToken starts with \"Bearer \", which the forwarder adds itself: remove the \"Bearer \" prefix"
+                             + " from BearerToken (the token after it is sent meanwhile)");
+            }
+            if (text.Length > MaxTextLength)
+            {
+                problems.Add("BearerToken is too long (" + text.Length + " characters, at most " + MaxTextLength
+                             + "); it is not sent (the engine will answer 401)");
+                return null;
+            }
             // RFC 6750 b64token characters only: anything else (a newline above all) could
             // inject a header. The token itself is never logged.
             foreach (char c in text)
             {
                 bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')
                           || c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/' || c == '=';
-                if (!ok || text.Length > MaxTextLength)
+                if (!ok)
                 {
-                    problems.Add("BearerToken contains characters a bearer token cannot have; it is not sent (the engine will answer 401)");
+                    problems.Add("BearerToken contains characters a bearer token cannot have (only letters, digits and - . _ ~ + / = are allowed);"
+                                 + " it is not sent (the engine will answer 401)");
                     return null;
                 }
             }
@@ -202,24 +287,82 @@ namespace Jobhook.Forwarder
             if (string.IsNullOrWhiteSpace(text))
                 return DefaultSpoolDirectory();
             text = text.Trim();
-            if (!IsAbsolute(text))
-            {
-                // Relative to the worker process's current directory (for IIS,
-                // C:\Windows\System32\inetsrv): never what was meant, and it may change.
-                var fallback = DefaultSpoolDirectory();
-                problems.Add("SpoolDirectory must be an absolute path (" + text + " is relative to the process's current directory); using " + fallback);
-                return fallback;
-            }
+            var fallback = DefaultSpoolDirectory();
+            // Every check in the try: the path functions throw for characters a path cannot
+            // have, and which those are differs between frameworks.
             try
             {
+                var problem = PathProblem("SpoolDirectory", text);
+                if (problem != null)
+                {
+                    problems.Add(problem + "; using " + fallback);
+                    return fallback;
+                }
+                if (!IsAbsolute(text))
+                {
+                    // Relative to the worker process's current directory (for IIS,
+                    // C:\Windows\System32\inetsrv): never what was meant, and it may change.
+                    problems.Add("SpoolDirectory must be an absolute path (" + text + " is relative to the process's current directory); using " + fallback);
+                    return fallback;
+                }
                 return NormalisePath(text);
             }
             catch (Exception e)
             {
-                var fallback = DefaultSpoolDirectory();
                 problems.Add("SpoolDirectory is not a usable path (" + e.Message + "); using " + fallback);
                 return fallback;
             }
+        }
+
+        static string ParseCaFile(string text, IList<string> problems)
+        {
+            if (string.IsNullOrWhiteSpace(text))
+                return null;
+            text = text.Trim();
+            var problem = PathProblem("TrustedCaFile", text);
+            if (problem != null)
+            {
+                problems.Add(problem + "; only the system trust store is used");
+                return null;
+            }
+            return text;
+        }
+
+        /// <summary>
+        /// Characters no Windows path can hold besides control characters: the quote (Explorer's
+        /// "Copy as path" puts a pair around the path), the angle brackets and the pipe. Checked
+        /// on every platform, so that a value is judged the same under Mono in the tests as on
+        /// the Keyfactor server. Not the wildcards: `?` begins the long-path prefix `\\?\`
+        /// (a wildcard elsewhere makes the path functions throw, which is reported too).
+        /// </summary>
+        static readonly char[] NotInPaths = { '"', '<', '>', '|' };
+
+        /// <summary>
+        /// What is wrong with `text`, the value of the path setting `name`, if it holds a
+        /// character no path can (<see cref="NotInPaths"/>, a control character, or one the
+        /// framework refuses); null if none. Names the characters and what to do. Never throws.
+        /// </summary>
+        static string PathProblem(string name, string text)
+        {
+            char[] refused;
+            try { refused = Path.GetInvalidPathChars(); }
+            catch { refused = new char[0]; }
+            var found = new List<string>();
+            foreach (char c in text)
+            {
+                if (c >= ' ' && c != '\x7f' && Array.IndexOf(NotInPaths, c) < 0 && Array.IndexOf(refused, c) < 0)
+                    continue;
+                var shown = c < ' ' || c == '\x7f' || char.IsWhiteSpace(c)
+                    ? "U+" + ((int)c).ToString("X4", CultureInfo.InvariantCulture)
+                    : "'" + c + "'";
+                if (!found.Contains(shown))
+                    found.Add(shown);
+            }
+            if (found.Count == 0)
+                return null;
+            bool quoted = text.Length >= 2 && text[0] == '"' && text[text.Length - 1] == '"';
+            return name + " contains characters a path cannot have (" + string.Join(", ", found) + "); "
+                   + (quoted ? "remove the quotes around it" : "remove them");
         }
 
         /// <summary>

@@ -44,7 +44,17 @@ namespace Jobhook.Forwarder
             CertificateId = context.CertificateId;
             RequestTimestamp = context.RequestTimestamp;
             CurrentRetryCount = context.CurrentRetryCount;
+            Chars = (long)(Username == null ? 0 : Username.Length) + (ClientMachine == null ? 0 : ClientMachine.Length)
+                    + (JobType == null ? 0 : JobType.Length);
         }
+
+        /// <summary>
+        /// UTF-16 characters of the strings: what the copy holds in memory, and a lower bound
+        /// of its JSON body's bytes (no character is less than one byte of UTF-8, and escaping
+        /// only adds), so a context whose strings alone are over the engine's limit is known
+        /// to be too large without serialising it.
+        /// </summary>
+        public readonly long Chars;
 
         /// <summary>JobResult and OperationType, boxed (see the constructor).</summary>
         readonly object jobResult;
@@ -124,16 +134,33 @@ namespace Jobhook.Forwarder
         {
             public JobhookForwarder Handler;
             public ContextSnapshot Context;
+            /// <summary>What it holds in memory (<see cref="ForwarderSettings.MemoryBytes"/>).</summary>
+            public long Size;
         }
 
         static readonly object gate = new object();
         static readonly Queue<Pending> queue = new Queue<Pending>();
+        /// <summary>What the events in <see cref="queue"/> hold in memory (under <see cref="gate"/>).</summary>
+        static long queuedBytes;
         static readonly AutoResetEvent signal = new AutoResetEvent(false);
+        /// <summary>The intake thread, once it has started (under <see cref="gate"/>).</summary>
         static Thread thread;
+        /// <summary>Whether the last start of the intake thread failed, and when (Stopwatch ticks).</summary>
+        static bool startFailed;
+        static long lastFailedStart;
+        /// <summary>Whether the shutdown handlers are in place (under <see cref="gate"/>).</summary>
+        static bool shutdownHooked;
         /// <summary>1 while the intake thread holds an event it has taken from the queue.</summary>
         static int inFlight;
         /// <summary>The handler of that event (under <see cref="gate"/>).</summary>
         static JobhookForwarder inFlightHandler;
+        /// <summary>
+        /// Test hook: while set and not signalled, the intake thread holds the event it has just
+        /// taken, as a registration's slow start-up would (a spool on a slow share), so that a
+        /// test can look at the queue behind it. Set only by the test harness, through
+        /// reflection; no setting reaches it.
+        /// </summary>
+        static ManualResetEvent holdForTest = null;
         /// <summary>Set once shutdown began: RunHandler takes no more events.</summary>
         static volatile bool stopping;
         /// <summary>1 once a shutdown handler ran (ProcessExit and DomainUnload may both come).</summary>
@@ -141,16 +168,18 @@ namespace Jobhook.Forwarder
 
         /// <summary>Events dropped because this queue was full.</summary>
         internal static readonly RateLimitedCount QueueFull = new RateLimitedCount(
-            "the intake queue was full (" + Capacity + " events: the forwarder's intake thread is starved); dropped the oldest waiting event(s)");
+            "the intake queue was full (" + Capacity + " events or " + ForwarderSettings.MaxQueuedBytes / (1024 * 1024)
+            + " MiB: the forwarder's intake thread is starved or not running); dropped the oldest waiting event(s)");
         /// <summary>Events handed to RunHandler after shutdown began.</summary>
         internal static readonly RateLimitedCount AfterShutdown = new RateLimitedCount(
             "RunHandler was called after the process began to shut down; the event(s) were not taken");
         /// <summary>RunHandler calls without a context.</summary>
         internal static readonly RateLimitedCount NoContext = new RateLimitedCount(
             "RunHandler was called without a context; nothing to forward");
-        /// <summary>RunHandler calls that failed (an exception caught).</summary>
-        internal static readonly RateLimitedCount HandlerFailed = new RateLimitedCount(
-            "RunHandler failed; the event(s) are lost");
+        /// <summary>Failed starts of the intake thread: its events wait in its queue meanwhile.</summary>
+        internal static readonly RateLimitedCount NotStarted = new RateLimitedCount(
+            "the intake thread could not start; events wait in its queue (tried again at the next event, at most once every "
+            + ForwarderThreads.RetryInterval.TotalSeconds + " s)", null, true);
         /// <summary>Events the intake thread could not pass on (an exception caught).</summary>
         internal static readonly RateLimitedCount IntakeFailed = new RateLimitedCount(
             "intake: event(s) could not be queued and are lost");
@@ -204,12 +233,26 @@ namespace Jobhook.Forwarder
 
         /// <summary>
         /// Queues one event and returns at once. Never throws and never logs: for a full queue
-        /// the oldest waiting event is dropped and counted.
+        /// (in events or bytes) the oldest waiting events are dropped and counted; an event
+        /// whose strings alone are over the engine's body limit is counted as too large and
+        /// not queued.
         /// </summary>
         public static void Submit(JobhookForwarder handler, ContextSnapshot context)
         {
-            var pending = new Pending { Handler = handler, Context = context };
+            if (context.Chars > ContextJson.MaxBodyBytes)
+            {
+                // Known to be refused without serialising it (see ContextSnapshot.Chars): it
+                // would only take the room of events that can be delivered.
+                var known = handler.StartedRuntime;
+                if (known != null)
+                    Interlocked.Increment(ref known.Counters.TooLarge);
+                TooLarge.Add("job " + context.JobId.ToString("D"));
+                return;
+            }
+            var pending = new Pending { Handler = handler, Context = context, Size = ForwarderSettings.MemoryBytes(context.Chars) };
             Pending oldest = null;
+            int drops = 0;
+            string failure = null;
             lock (gate)
             {
                 // Under the lock the shutdown collects the queue with: an event is either taken
@@ -219,40 +262,80 @@ namespace Jobhook.Forwarder
                     AfterShutdown.Add("job " + context.JobId.ToString("D"));
                     return;
                 }
-                StartLocked();
+                failure = StartLocked();
                 queue.Enqueue(pending);
-                if (queue.Count > Capacity)
+                queuedBytes += pending.Size;
+                // Bounded in events and in bytes; the event just queued always stays.
+                while (queue.Count > 1 && (queue.Count > Capacity || queuedBytes > ForwarderSettings.MaxQueuedBytes))
+                {
                     oldest = queue.Dequeue();
+                    queuedBytes -= oldest.Size;
+                    drops++;
+                    // In its registration's counters too, if it has a runtime yet.
+                    var known = oldest.Handler.StartedRuntime;
+                    if (known != null)
+                        Interlocked.Increment(ref known.Counters.Dropped);
+                }
             }
             signal.Set();
-            if (oldest != null)
+            if (failure != null)
+                NotStarted.Add(failure);
+            for (int i = 0; i < drops; i++)
                 QueueFull.Add("job " + oldest.Context.JobId.ToString("D"));
         }
 
-        /// <summary>Starts the intake thread if it is not running (once per process).</summary>
+        /// <summary>
+        /// Starts the intake thread if it is not running (once per process; a start that failed
+        /// is tried again here and by the next event) and the notices thread. Never throws.
+        /// </summary>
         public static void Start()
         {
+            string failure;
             lock (gate)
-                StartLocked();
+                failure = StartLocked();
+            if (failure != null)
+                NotStarted.Add(failure);
+            Notices.EnsureStarted();
         }
 
-        static void StartLocked()
+        /// <summary>
+        /// Starts the intake thread unless it runs or its last start failed less than
+        /// <see cref="ForwarderThreads.RetryInterval"/> ago. The thread is kept only once it has
+        /// started, so a failed start is tried again. Returns why it could not start (for the
+        /// caller to count, outside the lock), or null. Never throws.
+        /// </summary>
+        static string StartLocked()
         {
-            if (thread != null)
-                return;
-            // Events in memory are written to the spool when the process or app domain ends
-            // normally (iisreset, app pool recycle, service stop); only a crash loses them.
+            if (thread != null || (startFailed && !ForwarderThreads.RetryDue(lastFailedStart)))
+                return null;
+            if (!shutdownHooked)
+            {
+                shutdownHooked = true;
+                // Events in memory are written to the spool when the process or app domain
+                // ends normally (iisreset, app pool recycle, service stop); only a crash loses
+                // them. Also the events of an intake thread that never started.
+                try
+                {
+                    AppDomain.CurrentDomain.ProcessExit += OnShutdown;
+                    AppDomain.CurrentDomain.DomainUnload += OnShutdown;
+                }
+                catch
+                {
+                    // A host that forbids it: events in memory are lost at exit, as before.
+                }
+            }
             try
             {
-                AppDomain.CurrentDomain.ProcessExit += OnShutdown;
-                AppDomain.CurrentDomain.DomainUnload += OnShutdown;
+                thread = ForwarderThreads.Start(Loop, "intake");
+                startFailed = false;
+                return null;
             }
-            catch
+            catch (Exception e)
             {
-                // A host that forbids it: events in memory are lost at exit, as before.
+                startFailed = true;
+                lastFailedStart = System.Diagnostics.Stopwatch.GetTimestamp();
+                return e.GetType().Name + ": " + e.Message;
             }
-            thread = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder intake" };
-            thread.Start();
         }
 
         static void OnShutdown(object sender, EventArgs e)
@@ -260,14 +343,13 @@ namespace Jobhook.Forwarder
             try
             {
                 var done = new ManualResetEvent(false);
-                var worker = new Thread(() =>
+                ForwarderThreads.Start(() =>
                 {
                     try { Shutdown(ShutdownDeadline); }
                     catch { }
                     // Never disposed: a thread abandoned past the wait may still set it.
                     finally { try { done.Set(); } catch { } }
-                }) { IsBackground = true, Name = "jobhook-forwarder shutdown" };
-                worker.Start();
+                }, "shutdown");
                 done.WaitOne(ShutdownWait);
             }
             catch
@@ -302,6 +384,7 @@ namespace Jobhook.Forwarder
                 {
                     left.AddRange(queue);
                     queue.Clear();
+                    queuedBytes = 0;
                 }
                 finally
                 {
@@ -380,6 +463,7 @@ namespace Jobhook.Forwarder
                         if (queue.Count > 0)
                         {
                             next = queue.Dequeue();
+                            queuedBytes -= next.Size;
                             inFlight = 1;
                             inFlightHandler = next.Handler;
                         }
@@ -389,6 +473,9 @@ namespace Jobhook.Forwarder
                         signal.WaitOne();
                         continue;
                     }
+                    var hold = holdForTest;
+                    if (hold != null)
+                        hold.WaitOne();
                     PassOn(next);
                     // Now in the runtime's queue: counted there, no longer here.
                     lock (gate)

@@ -13,7 +13,9 @@
 //   nested class <namespace>.<type>.Options.
 
 using System;
+using System.Reflection;
 using System.Runtime.CompilerServices;
+using System.Threading;
 using Keyfactor.Platform.Extensions;
 #if KEYFACTOR_11
 using Microsoft.Extensions.Options;
@@ -50,6 +52,7 @@ namespace Jobhook.Forwarder
             try
             {
                 RuntimeHelpers.PrepareMethod(typeof(JobhookForwarder).GetMethod("RunHandler").MethodHandle);
+                RuntimeHelpers.PrepareMethod(typeof(JobhookForwarder).GetMethod("Handle", BindingFlags.NonPublic | BindingFlags.Instance).MethodHandle);
                 RuntimeHelpers.PrepareMethod(typeof(ContextSnapshot).GetConstructors()[0].MethodHandle);
                 RuntimeHelpers.PrepareMethod(typeof(Intake).GetMethod("Submit").MethodHandle);
                 Intake.Start();
@@ -137,23 +140,58 @@ namespace Jobhook.Forwarder
         {
             try
             {
-                // Nothing here logs: a slow log sink must not slow Keyfactor's thread. What goes
-                // wrong is counted and reported by a background thread (Notices).
-                if (context == null)
-                {
-                    Intake.NoContext.Add(null);
-                    return true;
-                }
-                // Copy the fields and hand them over; the intake thread does the rest.
-                var snapshot = new ContextSnapshot(context);
-                Intake.Submit(this, snapshot);
+                Handle(context);
             }
             catch (Exception e)
             {
-                // Whatever happened, Keyfactor's check-in must go on.
-                try { Intake.HandlerFailed.Add(e.GetType().Name + ": " + e.Message); } catch { }
+                // Whatever happened, Keyfactor's check-in must go on. Counted on this class,
+                // never on Intake: the failure may be that Intake's type cannot be initialised.
+                Interlocked.Increment(ref failedCalls);
+                try { CountFailure(e); } catch { }
             }
             return true;
+        }
+
+        /// <summary>
+        /// RunHandler's work, in a method of its own that is never inlined: the runtime loads
+        /// and initialises the types a method uses when it compiles that method (Mono does so
+        /// for Intake's static fields), so a type that cannot be initialised throws at the call
+        /// of this method, inside RunHandler's try, never from RunHandler itself into Keyfactor.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.NoInlining)]
+        void Handle(OrchestratorJobCompleteHandlerContext context)
+        {
+            // Nothing here logs: a slow log sink must not slow Keyfactor's thread. What goes
+            // wrong is counted and reported by a background thread (Notices).
+            if (context == null)
+            {
+                Intake.NoContext.Add(null);
+                return;
+            }
+            // Copy the fields and hand them over; the intake thread does the rest.
+            var snapshot = new ContextSnapshot(context);
+            Intake.Submit(this, snapshot);
+        }
+
+        /// <summary>RunHandler calls that failed (an exception caught) since the process started.</summary>
+        static long failedCalls;
+
+        /// <summary>RunHandler calls that failed since the process started (each one's event is lost).</summary>
+        internal static long FailedCalls
+        {
+            get { return Interlocked.Read(ref failedCalls); }
+        }
+
+        /// <summary>The report of <see cref="failedCalls"/>, made at the first failure.</summary>
+        static RateLimitedCount handlerFailed;
+
+        /// <summary>Counts a failed RunHandler call for the notices thread's report. Not inlined, like <see cref="Handle"/>.</summary>
+        [MethodImpl(MethodImplOptions.NoInlining)]
+        static void CountFailure(Exception e)
+        {
+            if (handlerFailed == null)
+                Interlocked.CompareExchange(ref handlerFailed, new RateLimitedCount("RunHandler failed; the event(s) are lost", null, true), null);
+            handlerFailed.Add(e.GetType().Name + ": " + e.Message);
         }
 
         /// <summary>
@@ -221,6 +259,12 @@ namespace Jobhook.Forwarder
         }
 
         volatile ForwarderRuntime runtime;
+
+        /// <summary>This handler's runtime if it has one already, else null. Starts nothing: for RunHandler's path.</summary>
+        internal ForwarderRuntime StartedRuntime
+        {
+            get { return runtime; }
+        }
 
         /// <summary>
         /// Whether this handler's events go to `runtime`: the runtime it has, or, before it has

@@ -92,8 +92,7 @@ namespace Jobhook.Forwarder
                     queue.Enqueue(new Line { Sink = sink, Level = level, Message = message });
                     if (thread == null)
                     {
-                        var starting = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder log" };
-                        starting.Start();
+                        var starting = ForwarderThreads.Start(Loop, "log");
                         // Only once it runs: a thread that could not start is tried again.
                         thread = starting;
                     }

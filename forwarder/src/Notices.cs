@@ -7,6 +7,7 @@
 
 using System;
 using System.Collections.Generic;
+using System.Diagnostics;
 using System.Threading;
 
 namespace Jobhook.Forwarder
@@ -23,8 +24,14 @@ namespace Jobhook.Forwarder
         readonly bool error;
         long total;
         long reported;
-        /// <summary>When this count was last reported (notices thread only).</summary>
-        DateTime lastReport = DateTime.MinValue;
+        /// <summary>
+        /// When this count was last reported, in Stopwatch ticks (monotonic: setting the clock
+        /// back must not silence the reports); meaningful once <see cref="everReported"/>.
+        /// Notices thread only.
+        /// </summary>
+        long lastReport;
+        /// <summary>Whether this count was ever reported (notices thread only).</summary>
+        bool everReported;
         /// <summary>What the last counted event was (a job id), for the report; may lag a little.</summary>
         volatile string lastDetail;
 
@@ -52,27 +59,32 @@ namespace Jobhook.Forwarder
             lastDetail = detail;
             var now = Interlocked.Increment(ref total);
             // Wake the reporter only for the first count since its last report: a flood of
-            // drops costs one Set, not one per event.
+            // drops costs one Set, not one per event. A reporter that could not start is tried
+            // again on every count (at most once per ForwarderThreads.RetryInterval).
             if (now == Interlocked.Read(ref reported) + 1)
                 Notices.Wake();
+            else
+                Notices.EnsureStarted();
             return now;
         }
 
         /// <summary>
         /// Logs what was counted since the last report, if anything and if this count's last
-        /// report is at least <see cref="Notices.ReportInterval"/> before `clock` (always, with
-        /// `force`). Returns how long until what is left unreported may be reported, or null if
-        /// nothing is left. Notices thread (or shutdown) only, under the report lock.
+        /// report is at least <see cref="Notices.ReportInterval"/> before `clock`, Stopwatch
+        /// ticks (always, with `force`). Returns how long until what is left unreported may be
+        /// reported, or null if nothing is left. Notices thread (or shutdown) only, under the
+        /// report lock.
         /// </summary>
-        internal TimeSpan? Report(DateTime clock, bool force)
+        internal TimeSpan? Report(long clock, bool force)
         {
             var now = Interlocked.Read(ref total);
             var before = Interlocked.Read(ref reported);
             if (now == before)
                 return null;
-            var due = lastReport + Notices.ReportInterval - clock;
-            if (!force && lastReport != DateTime.MinValue && due > TimeSpan.Zero)
-                return due;
+            var dueTicks = lastReport + (long)(Notices.ReportInterval.TotalSeconds * Stopwatch.Frequency) - clock;
+            if (!force && everReported && dueTicks > 0)
+                return TimeSpan.FromSeconds((double)dueTicks / Stopwatch.Frequency);
+            everReported = true;
             Interlocked.Exchange(ref reported, now);
             lastReport = clock;
             var detail = lastDetail;
@@ -104,24 +116,74 @@ namespace Jobhook.Forwarder
         static readonly AutoResetEvent wake = new AutoResetEvent(false);
         /// <summary>One report at a time (the thread's, or the one at shutdown).</summary>
         static readonly object reportGate = new object();
-        static Thread thread;
+        /// <summary>The notices thread, once it has started (under <see cref="gate"/>).</summary>
+        static volatile Thread thread;
+        /// <summary>Failed starts since the last one that succeeded (under <see cref="gate"/>).</summary>
+        static int failedStarts;
+        /// <summary>When the last start failed, in Stopwatch ticks (under <see cref="gate"/>).</summary>
+        static long lastFailedStart;
 
+        /// <summary>
+        /// Adds a count to those reported. Starts no thread: counts are made in type
+        /// initialisers (Intake's), and a thread that failed to start there would break that
+        /// type, and so RunHandler, for the life of the process.
+        /// </summary>
         internal static void Register(RateLimitedCount count)
         {
             lock (gate)
-            {
                 counts.Add(count);
-                if (thread != null)
-                    return;
-                thread = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder notices" };
-                thread.Start();
-            }
         }
 
         /// <summary>Asks for a report now (still at most one per interval and count). Never blocks.</summary>
         internal static void Wake()
         {
+            EnsureStarted();
             wake.Set();
+        }
+
+        /// <summary>
+        /// Starts the notices thread unless it runs, or its last start failed less than
+        /// <see cref="ForwarderThreads.RetryInterval"/> ago. A failed start is logged (through
+        /// the log thread, never waiting for the sink) the first time, and the start that
+        /// follows it once. Never throws.
+        /// </summary>
+        internal static void EnsureStarted()
+        {
+            if (thread != null)
+                return;
+            string failure = null;
+            int failed = 0;
+            try
+            {
+                lock (gate)
+                {
+                    if (thread != null || (failedStarts > 0 && !ForwarderThreads.RetryDue(lastFailedStart)))
+                        return;
+                    try
+                    {
+                        thread = ForwarderThreads.Start(Loop, "notices");
+                        failed = failedStarts;
+                        failedStarts = 0;
+                    }
+                    catch (Exception e)
+                    {
+                        failed = ++failedStarts;
+                        lastFailedStart = Stopwatch.GetTimestamp();
+                        failure = e.GetType().Name + ": " + e.Message;
+                    }
+                }
+                var log = LogQueue.Wrap(ForwarderLog.Current);
+                if (failure != null && failed == 1)
+                    log.Error("the notices thread could not start (" + LogText.Printable(failure) + "); dropped and refused events are counted"
+                              + " and reported once it runs (tried again at the next count, at most once every "
+                              + ForwarderThreads.RetryInterval.TotalSeconds + " s)");
+                else if (failure == null && failed > 0)
+                    log.Info("the notices thread started after " + failed + " failed attempt(s)");
+            }
+            catch
+            {
+                // Tried again at the next count.
+            }
         }
 
         /// <summary>
@@ -143,7 +205,7 @@ namespace Jobhook.Forwarder
                 return;
             try
             {
-                var now = DateTime.UtcNow;
+                var now = Stopwatch.GetTimestamp();
                 foreach (var count in all)
                 {
                     try { count.Report(now, true); } catch { }
@@ -164,7 +226,7 @@ namespace Jobhook.Forwarder
             var next = ReportInterval;
             lock (reportGate)
             {
-                var clock = DateTime.UtcNow;
+                var clock = Stopwatch.GetTimestamp();
                 foreach (var count in all)
                 {
                     try

@@ -72,7 +72,8 @@ namespace Jobhook.Forwarder
         string failedLast;
         /// <summary>Two events failed one after the other since the last delivery: the engine or the way was down.</summary>
         bool outage;
-        DateTime lastFailureLog = DateTime.MinValue;
+        /// <summary>When a failure was last logged (Stopwatch ticks: monotonic, so setting the clock back does not silence the log).</summary>
+        long lastFailureLog;
         /// <summary>The engine's URL as logged (a setting: it may hold a line break).</summary>
         readonly string shownUrl;
 
@@ -86,11 +87,20 @@ namespace Jobhook.Forwarder
             shownUrl = LogText.Printable(settings.JobCompleteUrl == null ? "" : settings.JobCompleteUrl.ToString());
         }
 
+        /// <summary>Starts the sender's thread; throws if it cannot (the caller tries again later).</summary>
         internal void Start()
         {
             client = CreateClient();
-            var thread = new Thread(Loop) { IsBackground = true, Name = "jobhook-forwarder sender" };
-            thread.Start();
+            try
+            {
+                ForwarderThreads.Start(Loop, "sender");
+            }
+            catch
+            {
+                // The next try makes a client of its own: this one's connections go now.
+                client.Dispose();
+                throw;
+            }
         }
 
         HttpClient CreateClient()
@@ -524,8 +534,8 @@ namespace Jobhook.Forwarder
         void Failed(string detail)
         {
             consecutiveFailures++;
-            var now = DateTime.UtcNow;
-            if (consecutiveFailures == 1 || now - lastFailureLog >= RepeatLogInterval)
+            var now = Stopwatch.GetTimestamp();
+            if (consecutiveFailures == 1 || now - lastFailureLog >= (long)(RepeatLogInterval.TotalSeconds * Stopwatch.Frequency))
             {
                 lastFailureLog = now;
                 log.Warn("cannot deliver to " + shownUrl + " (" + consecutiveFailures + " failure(s) in a row, "

@@ -24,7 +24,9 @@ namespace Jobhook.Forwarder
 
     /// <summary>
     /// The spool directory. A file is `&lt;UTC ticks&gt;-&lt;sequence&gt;-&lt;key&gt;.evt`, so the name
-    /// order is the arrival order and names from two processes never collide. Its content is
+    /// order is the arrival order and names from two processes never collide. The ticks never
+    /// go back (<see cref="NameTicks"/>), even when the clock does, so the oldest event is
+    /// still the first name. Its content is
     /// three lines: <see cref="Header"/>, the idempotency key, the JSON body. A file is written
     /// as `*.tmp`, flushed to disk and renamed, so a reader never sees half an event; a `*.tmp`
     /// left by a crash is deleted at start-up. All methods are thread-safe and never throw.
@@ -106,9 +108,10 @@ namespace Jobhook.Forwarder
         readonly SortedDictionary<string, long> files = new SortedDictionary<string, long>(StringComparer.Ordinal);
         /// <summary>
         /// Indexed files whose last read failed with an I/O error, with the time before which
-        /// they are not read again. Usually empty; an entry goes when the file is read or forgotten.
+        /// they are not read again (Stopwatch ticks: monotonic, so setting the clock back does
+        /// not prolong it). Usually empty; an entry goes when the file is read or forgotten.
         /// </summary>
-        readonly Dictionary<string, DateTime> unreadable = new Dictionary<string, DateTime>(StringComparer.Ordinal);
+        readonly Dictionary<string, long> unreadable = new Dictionary<string, long>(StringComparer.Ordinal);
         /// <summary>
         /// Indexed files whose last delivery failed (<see cref="Defer"/>): when each may be sent
         /// again and how often it failed. An entry goes when the file is delivered, refused or
@@ -133,7 +136,8 @@ namespace Jobhook.Forwarder
 
         sealed class Removal
         {
-            public DateTime NotBefore;
+            /// <summary>Stopwatch ticks (monotonic).</summary>
+            public long NotBefore;
             public TimeSpan Delay;
         }
         long totalBytes;
@@ -163,8 +167,14 @@ namespace Jobhook.Forwarder
         /// delay for another process's files, never their loss.
         /// </summary>
         static readonly TimeSpan MaxListingSkip = TimeSpan.FromMinutes(5);
-        /// <summary>When <see cref="Rescan"/> last listed the directory.</summary>
-        DateTime lastListing = DateTime.MinValue;
+        /// <summary>When <see cref="Rescan"/> last listed the directory (Stopwatch ticks), once it has.</summary>
+        long lastListing;
+        bool listedOnce;
+        /// <summary>
+        /// The UTC ticks of the newest file name made or seen (under <see cref="gate"/>): the
+        /// next name's are later, whatever the clock says (<see cref="NameTicks"/>).
+        /// </summary>
+        long lastNameTicks;
 
         /// <summary>Events dropped because the spool was full.</summary>
         public long Dropped;
@@ -227,6 +237,7 @@ namespace Jobhook.Forwarder
                     }
                     spool.files[Path.GetFileName(path)] = size;
                     spool.totalBytes += size;
+                    spool.Seen(Path.GetFileName(path));
                 }
             }
             catch (Exception e)
@@ -266,7 +277,7 @@ namespace Jobhook.Forwarder
                     .Add("event " + key + ", " + bytes.Length + " bytes");
                 return true;
             }
-            var name = DateTime.UtcNow.Ticks.ToString("D19", CultureInfo.InvariantCulture) + "-"
+            var name = NameTicks().ToString("D19", CultureInfo.InvariantCulture) + "-"
                        + Interlocked.Increment(ref sequence).ToString("D10", CultureInfo.InvariantCulture) + "-"
                        + key + EventExtension;
             var path = Path.Combine(directory, name);
@@ -303,6 +314,33 @@ namespace Jobhook.Forwarder
             if (failed > 0)
                 log.Info("writing to the spool " + directory + " again after " + failed + " failed attempt(s)");
             return true;
+        }
+
+        /// <summary>
+        /// The time part of the next file name: the clock's UTC ticks, but always after every
+        /// name made or seen so far. When the clock is set back (by hand, or by a time sync
+        /// after it ran ahead), names taken from it would sort before the events spooled
+        /// earlier: those would be sent after them, and a full spool would drop the newest
+        /// events first. The names keep counting from the latest instead until the clock
+        /// catches up.
+        /// </summary>
+        long NameTicks()
+        {
+            lock (gate)
+            {
+                lastNameTicks = Math.Max(lastNameTicks + 1, DateTime.UtcNow.Ticks);
+                return lastNameTicks;
+            }
+        }
+
+        /// <summary>Takes note of the time part of an indexed file's name (<see cref="NameTicks"/>). Under <see cref="gate"/>, or before the spool is shared.</summary>
+        void Seen(string name)
+        {
+            long ticks;
+            if (name.Length > 19 && name[19] == '-'
+                && long.TryParse(name.Substring(0, 19), NumberStyles.None, CultureInfo.InvariantCulture, out ticks)
+                && ticks > lastNameTicks && ticks <= DateTime.MaxValue.Ticks)
+                lastNameTicks = ticks;
         }
 
         /// <summary>Counts a failed write; the notices thread reports it.</summary>
@@ -418,10 +456,12 @@ namespace Jobhook.Forwarder
                 stamp = DateTime.MinValue;
             }
             var started = DateTime.UtcNow;
-            if (listedStamp == stamp && started - lastListing < MaxListingSkip)
+            var clock = Stopwatch.GetTimestamp();
+            if (listedStamp == stamp && listedOnce && clock - lastListing < (long)(MaxListingSkip.TotalSeconds * Stopwatch.Frequency))
                 return;
             listedStamp = null;
-            lastListing = started;
+            lastListing = clock;
+            listedOnce = true;
             int found = 0;
             try
             {
@@ -450,6 +490,7 @@ namespace Jobhook.Forwarder
                             continue;
                         files[name] = size;
                         totalBytes += size;
+                        Seen(name);
                     }
                     found++;
                 }
@@ -528,14 +569,14 @@ namespace Jobhook.Forwarder
             while (true)
             {
                 string name = null;
-                var now = DateTime.UtcNow;
+                var now = Stopwatch.GetTimestamp();
                 lock (gate)
                 {
                     // In name order; a skipped file is passed over in place, so this walks only
                     // past the (few) unreadable files, never copies the index.
                     foreach (var n in files.Keys)
                     {
-                        DateTime notBefore;
+                        long notBefore;
                         if (unreadable.Count > 0 && unreadable.TryGetValue(n, out notBefore) && now < notBefore)
                             continue;
                         Deferral deferral;
@@ -580,7 +621,7 @@ namespace Jobhook.Forwarder
                 if (!files.ContainsKey(name))
                     return;
                 first = !unreadable.ContainsKey(name);
-                unreadable[name] = DateTime.UtcNow + UnreadableRetryInterval;
+                unreadable[name] = Stopwatch.GetTimestamp() + Ticks(UnreadableRetryInterval);
             }
             if (first)
                 log.Warn("cannot read spool file " + name + " now (" + reason + "); it stays in the spool and is tried again every "
@@ -698,7 +739,7 @@ namespace Jobhook.Forwarder
             {
                 if (awaitingRemoval.ContainsKey(name))
                     return;
-                awaitingRemoval[name] = new Removal { NotBefore = DateTime.UtcNow + FirstRemovalRetry, Delay = FirstRemovalRetry };
+                awaitingRemoval[name] = new Removal { NotBefore = Stopwatch.GetTimestamp() + Ticks(FirstRemovalRetry), Delay = FirstRemovalRetry };
                 if (awaitingRemoval.Count > MaxAwaitingRemoval)
                 {
                     foreach (var oldest in awaitingRemoval.Keys)
@@ -721,7 +762,7 @@ namespace Jobhook.Forwarder
         /// </summary>
         public void RetryRemovals()
         {
-            var now = DateTime.UtcNow;
+            var now = Stopwatch.GetTimestamp();
             List<string> due = null;
             lock (gate)
             {
@@ -755,7 +796,7 @@ namespace Jobhook.Forwarder
                     {
                         var doubled = removal.Delay.Ticks * 2;
                         removal.Delay = TimeSpan.FromTicks(Math.Min(doubled, MaxRemovalRetry.Ticks));
-                        removal.NotBefore = DateTime.UtcNow + removal.Delay;
+                        removal.NotBefore = Stopwatch.GetTimestamp() + Ticks(removal.Delay);
                     }
                 }
                 if (gone)
@@ -908,6 +949,12 @@ namespace Jobhook.Forwarder
         {
             lock (gate)
                 deferred.Clear();
+        }
+
+        /// <summary>`span` in Stopwatch ticks.</summary>
+        static long Ticks(TimeSpan span)
+        {
+            return (long)(span.TotalSeconds * Stopwatch.Frequency);
         }
 
         /// <summary>Deletes a file if it can; true when it is gone afterwards.</summary>

@@ -3,6 +3,7 @@
 // ServicePointManager callback is never touched, as it would change TLS for all of Keyfactor.
 
 using System;
+using System.Collections.Generic;
 using System.IO;
 using System.Net.Http;
 using System.Net.Security;
@@ -13,23 +14,33 @@ namespace Jobhook.Forwarder
 {
     /// <summary>
     /// Server certificate validation: the system's verdict when it has no complaint; otherwise
-    /// the certificate must chain to the configured CA, for the right host name, with no other
+    /// the certificate must chain to a CA of the configured file, for the right host name, with no other
     /// chain error, and be usable by a TLS server (serverAuth, when it lists extended key
     /// usages at all). Revocation is not checked (see README.md, TrustedCaFile).
     /// </summary>
     public sealed class TlsTrust
     {
-        /// <summary>Largest CA file read: a certificate is a few KiB.</summary>
+        /// <summary>Largest CA file read: a certificate is a few KiB, a bundle of a few CAs some more.</summary>
         public const int MaxCaFileBytes = 64 * 1024;
 
-        readonly X509Certificate2 ca;
+        /// <summary>The certificates a chain may end at: the file's self-signed ones (its roots), or all of them if it has none.</summary>
+        readonly X509Certificate2[] anchors;
+        /// <summary>Every certificate of the file, for building the chain (intermediates among them).</summary>
+        readonly X509Certificate2[] all;
 
-        TlsTrust(X509Certificate2 ca)
+        TlsTrust(X509Certificate2[] anchors, X509Certificate2[] all)
         {
-            this.ca = ca;
+            this.anchors = anchors;
+            this.all = all;
         }
 
-        /// <summary>Reads a PEM or DER certificate; null (logged) if it cannot be used.</summary>
+        /// <summary>
+        /// Reads a DER certificate or every certificate of a PEM file; null (logged) if it cannot
+        /// be used. The chain of an engine certificate may end at any self-signed certificate of
+        /// the file (a root CA); the others (intermediate CAs) only help build it. A file without
+        /// a self-signed certificate names the CA(s) to trust as they are, as a file of one
+        /// intermediate CA always did. Logs how many certificates were found and which are trusted.
+        /// </summary>
         public static TlsTrust Load(string path, IForwarderLog log)
         {
             var shown = LogText.Printable(path);
@@ -38,29 +49,57 @@ namespace Jobhook.Forwarder
                 var info = new FileInfo(path);
                 if (info.Length > MaxCaFileBytes)
                 {
-                    log.Error("TrustedCaFile " + shown + " is " + info.Length + " bytes; a certificate is at most " + MaxCaFileBytes);
+                    log.Error("TrustedCaFile " + shown + " is " + info.Length + " bytes; a certificate file is at most " + MaxCaFileBytes);
                     return null;
                 }
                 var bytes = File.ReadAllBytes(path);
                 var text = Encoding.ASCII.GetString(bytes);
                 const string begin = "-----BEGIN CERTIFICATE-----";
                 const string end = "-----END CERTIFICATE-----";
-                var start = text.IndexOf(begin, StringComparison.Ordinal);
-                if (start >= 0)
+                var certificates = new List<X509Certificate2>();
+                int at = 0, start;
+                while ((start = text.IndexOf(begin, at, StringComparison.Ordinal)) >= 0)
                 {
                     var stop = text.IndexOf(end, start, StringComparison.Ordinal);
                     if (stop < 0)
                         throw new FormatException("PEM certificate without its END line");
-                    bytes = Convert.FromBase64String(text.Substring(start + begin.Length, stop - start - begin.Length));
+                    certificates.Add(new X509Certificate2(Convert.FromBase64String(text.Substring(start + begin.Length, stop - start - begin.Length))));
+                    at = stop + end.Length;
                 }
-                return new TlsTrust(new X509Certificate2(bytes));
+                if (certificates.Count == 0)
+                    certificates.Add(new X509Certificate2(bytes));
+                var anchors = certificates.FindAll(SelfSigned);
+                if (anchors.Count == 0)
+                    anchors = new List<X509Certificate2>(certificates);
+                var intermediates = certificates.FindAll(c => !anchors.Contains(c));
+                log.Info("TrustedCaFile " + shown + ": " + certificates.Count + " certificate(s); trusting " + Subjects(anchors)
+                         + (intermediates.Count > 0 ? "; as intermediate CA(s) only: " + Subjects(intermediates) : ""));
+                return new TlsTrust(anchors.ToArray(), certificates.ToArray());
             }
             catch (Exception e)
             {
-                log.Error("TrustedCaFile " + shown + " is not a usable PEM or DER certificate (" + LogText.Printable(e.Message)
+                log.Error("TrustedCaFile " + shown + " is not a usable PEM or DER certificate file (" + LogText.Printable(e.Message)
                           + "); only the system trust store is used");
                 return null;
             }
+        }
+
+        /// <summary>Whether a certificate names itself as its issuer (a root CA).</summary>
+        static bool SelfSigned(X509Certificate2 certificate)
+        {
+            var subject = certificate.SubjectName.RawData;
+            var issuer = certificate.IssuerName.RawData;
+            if (subject == null || issuer == null || subject.Length != issuer.Length)
+                return false;
+            for (int i = 0; i < subject.Length; i++)
+                if (subject[i] != issuer[i])
+                    return false;
+            return true;
+        }
+
+        static string Subjects(List<X509Certificate2> certificates)
+        {
+            return string.Join(", ", certificates.ConvertAll(c => "\"" + LogText.Printable(c.Subject) + "\"").ToArray());
         }
 
         /// <summary>The HttpClientHandler callback.</summary>
@@ -79,7 +118,7 @@ namespace Jobhook.Forwarder
             {
                 using (var chain = new X509Chain())
                 {
-                    chain.ChainPolicy.ExtraStore.Add(ca);
+                    chain.ChainPolicy.ExtraStore.AddRange(all);
                     chain.ChainPolicy.VerificationFlags = X509VerificationFlags.AllowUnknownCertificateAuthority;
                     // A private CA usually publishes no CRL; validity, signature and the path to
                     // this exact CA are still checked.
@@ -87,7 +126,7 @@ namespace Jobhook.Forwarder
                     if (!chain.Build(certificate))
                         return false;
                     var root = chain.ChainElements[chain.ChainElements.Count - 1].Certificate;
-                    if (!string.Equals(root.Thumbprint, ca.Thumbprint, StringComparison.OrdinalIgnoreCase))
+                    if (!Array.Exists(anchors, a => string.Equals(root.Thumbprint, a.Thumbprint, StringComparison.OrdinalIgnoreCase)))
                         return false;
                     foreach (var status in chain.ChainStatus)
                         if (status.Status != X509ChainStatusFlags.NoError && status.Status != X509ChainStatusFlags.UntrustedRoot)

@@ -48,6 +48,17 @@
 //!   events waiting for the intake thread.
 //! - (t) a spool directory that cannot be written (immutable) is reported once, not every
 //!   second; the events wait in memory and arrive once it can be written again.
+//! - (x) hostile values of each setting (a NUL or quotes in a path, `EngineUrl` with the
+//!   endpoint path, a `Bearer ` prefix, `MaxBackoffMs` below `InitialBackoffMs`) are reported
+//!   by name and replaced; `ForwarderSettings.Parse` never throws.
+//! - (y) a thread that cannot start (the forwarder's internal test hook makes its starts throw)
+//!   costs no `RunHandler` call and no event: it is started on a later try, and reported.
+//! - (z) the in-memory queues are bounded in bytes, not only in events; an event whose strings
+//!   alone are over the engine's 64 KiB is refused before it is queued.
+//! - (aa) after the clock went back, new spool files still sort after older ones, and a full
+//!   spool drops the oldest first.
+//! - (ab) an `EngineUrl` that ends with `/v1/job-complete` is reported, and events arrive.
+//! - (ac) a `TrustedCaFile` with another CA before the engine's trusts the engine's.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -424,6 +435,33 @@ impl Harness {
             .find(|&i| text.is_char_boundary(i))
             .unwrap_or(0);
         text[start..].to_owned()
+    }
+
+    /// Waits at most `timeout` for the harness to exit: its exit status (None if it did not),
+    /// everything it printed on stdout, and its whole log. For a case that checks several
+    /// runs and reports every one that went wrong, not only the first.
+    fn finish(mut self, timeout: Duration) -> (Option<std::process::ExitStatus>, String, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The reader thread ends with the output; one that still runs gives its lines so far.
+        let mut out = Vec::new();
+        let end = Instant::now() + Duration::from_secs(2);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            out.push(line);
+        }
+        let log = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        (status, out.join("\n"), log)
     }
 
     /// [`Harness::wait_success`], then the harness's whole log.
@@ -1998,17 +2036,12 @@ async fn s_each_registration_counts_only_its_own_pending_events() {
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    // No engine: nothing leaves. The intake thread is held in a third registration's start-up
-    // while 5 events for the first and 7 for the second wait in its queue.
+    // No engine: nothing leaves. The intake thread is held with a third registration's event
+    // (the forwarder's test hook) while 5 events for the first and 7 for the second wait in its
+    // queue: nothing moves between the intake, the runtimes and the spools while they are
+    // counted.
     let url = site.engine_url();
-    let mut harness = Harness::start(
-        build,
-        "fx",
-        &site,
-        &url,
-        "pending",
-        &["--slow-log-ms", "3000"],
-    );
+    let mut harness = Harness::start(build, "fx", &site, &url, "pending", &[]);
     let line = harness.wait_for_line("pending", Duration::from_secs(60));
     assert_eq!(
         line, "pending a=5 b=7",
@@ -2237,4 +2270,391 @@ async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
         "only the failing event is left in the spool"
     );
     drop(drain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // `ForwarderSettings.Parse` runs on the intake thread for every new handler object and in
+    // `PendingEvents`: a value it threw for would lose every event. Each case is one setting
+    // with a value an administrator can paste (Explorer's "Copy as path" adds quotes).
+    let url = site.engine_url();
+    let spool = site.spool().display().to_string();
+    let mut harness = Harness::start(build, "fx", &site, &url, "settings", &[]);
+    let mut cases = HashMap::new();
+    for _ in 0..12 {
+        let line = harness.wait_for_line("case ", Duration::from_secs(30));
+        let (name, rest) = line["case ".len()..]
+            .split_once(": ")
+            .unwrap_or_else(|| panic!("{line}"));
+        cases.insert(name.to_owned(), rest.to_owned());
+    }
+    harness.wait_success("settings");
+    let case = |name: &str| -> &str {
+        cases
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no case {name}: {cases:?}"))
+    };
+    for (name, line) in &cases {
+        assert!(!line.contains("Parse threw"), "{name}: {line}");
+    }
+    let has = |name: &str, needles: &[&str]| {
+        let line = case(name);
+        for needle in needles {
+            assert!(line.contains(needle), "{name}: no {needle:?} in {line}");
+        }
+    };
+    let own_spool = format!("spool={spool} ");
+    for name in ["spool-nul", "spool-quoted", "spool-pipe"] {
+        has(
+            name,
+            &["SpoolDirectory contains characters a path cannot have"],
+        );
+        assert!(
+            !case(name).contains(&own_spool),
+            "{name}: the default spool is used instead: {}",
+            case(name)
+        );
+    }
+    has("spool-nul", &["U+0000"]);
+    has("spool-quoted", &["remove the quotes"]);
+    has(
+        "ca-nul",
+        &[
+            "TrustedCaFile contains characters a path cannot have",
+            "ca=none",
+        ],
+    );
+    has("ca-quoted", &["remove the quotes", "ca=none"]);
+    has(
+        "ca-http",
+        &["TrustedCaFile is set but EngineUrl is http://"],
+    );
+    has(
+        "url-endpoint",
+        &[
+            &format!("url={url}/v1/job-complete "),
+            "remove /v1/job-complete from EngineUrl",
+        ],
+    );
+    has(
+        "url-endpoint-slash",
+        &[
+            &format!("url={url}/prefix/v1/job-complete "),
+            "remove /v1/job-complete from EngineUrl",
+        ],
+    );
+    has(
+        "token-bearer",
+        &["remove the \"Bearer \" prefix", "token=set"],
+    );
+    has("token-long", &["BearerToken is too long", "token=none"]);
+    has(
+        "token-space",
+        &[
+            "BearerToken contains characters a bearer token cannot have",
+            "token=none",
+        ],
+    );
+    has(
+        "backoff",
+        &[
+            "MaxBackoffMs (1000) is less than InitialBackoffMs (5000)",
+            "max_backoff_ms=5000",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn y_a_thread_that_cannot_start_is_started_again_later() {
+    const SENT: usize = 60;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let engine = site.start_engine();
+    // The forwarder's internal test hook makes the next starts of one of its threads throw, as
+    // in a process out of threads. RunHandler must neither throw nor lose an event, and the
+    // thread is started on a later try. The first thread the process starts must not be one a
+    // type initialiser needs: a failure there would make RunHandler throw on every call.
+    let cases: [(&str, &str, Option<&str>); 5] = [
+        ("", "1", Some("the intake thread could not start")),
+        ("intake", "2", Some("the intake thread could not start")),
+        ("spool writer", "2", Some("the spool writer thread")),
+        ("notices", "2", Some("the notices thread could not start")),
+        ("log", "2", None),
+    ];
+    let sent = SENT.to_string();
+    let mut problems = Vec::new();
+    for (thread, starts, needle) in cases {
+        let what = format!("the first {starts} start(s) of the thread {thread:?} fail");
+        let mut args = vec![
+            "--count",
+            sent.as_str(),
+            "--fail-starts",
+            starts,
+            "--wait-seconds",
+            "30",
+        ];
+        if !thread.is_empty() {
+            args.extend(["--fail-thread", thread]);
+        }
+        // Each run's own log (a harness appends to its mode's log file).
+        let _ = std::fs::remove_file(site.path("harness-fx-faults.log"));
+        let harness = Harness::start(build, "fx", &site, &engine.url, "faults", &args);
+        let (status, out, log) = harness.finish(Duration::from_secs(90));
+        let tail = tail_of(&log, 4000);
+        if !status.is_some_and(|s| s.success()) {
+            problems.push(format!(
+                "{what}: the harness failed ({status:?}): {out}\n{tail}"
+            ));
+            continue;
+        }
+        if !out.contains(&format!(
+            "accepted {SENT}, spooled {SENT}, delivered {SENT},"
+        )) {
+            problems.push(format!(
+                "{what}: not every event was delivered: {out}\n{tail}"
+            ));
+        }
+        if let Some(needle) = needle
+            && !log.contains(needle)
+        {
+            problems.push(format!("{what}: no {needle:?} in the log:\n{tail}"));
+        }
+        if count_lines(&log, "through the spool") != 1 {
+            problems.push(format!(
+                "{what}: not one runtime for the spool, however often its start failed:\n{tail}"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    assert_eq!(site.stored_events().len(), SENT * cases.len());
+}
+
+/// The last `n` bytes of `text` (at a character boundary).
+fn tail_of(text: &str, n: usize) -> &str {
+    let start = text.len().saturating_sub(n);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    &text[start..]
+}
+
+/// Parses `memory intake=N accepted=A dropped=D too_large=T managed_mb=M` into its numbers.
+fn memory_line(line: &str) -> HashMap<String, u64> {
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or_else(|_| panic!("{line}"))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
+    const SENT: usize = 1000;
+    /// Characters of each event's Username: a body of some 60 KB, under the engine's 64 KiB,
+    /// about 120 KB in memory as a .NET string.
+    const CHARS: &str = "60000";
+    /// At most what fits in the forwarder's 32 MiB byte limit of a queue, with room to spare.
+    const FIT: u64 = 300;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // The spool cannot be opened (it lies under a regular file): every event waits in the
+    // registration's in-memory queue. 1,000 such events are some 120 MB there without a byte
+    // limit, under the default limit of 10,000 events.
+    let blocker = site.path("not-a-directory");
+    std::fs::write(&blocker, b"a file").expect("blocking file");
+    let broken = blocker.join("spool");
+    let broken = broken.to_string_lossy();
+    let sent = SENT.to_string();
+    let mut problems = Vec::new();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "memory",
+        &["--count", &sent, "--field-chars", CHARS, "--spool", &broken],
+    );
+    let (status, out, log) = harness.finish(Duration::from_secs(90));
+    let tail = tail_of(&log, 4000);
+    match out.lines().find(|l| l.starts_with("memory ")) {
+        Some(line) if status.is_some_and(|s| s.success()) => {
+            let numbers = memory_line(line);
+            if numbers["dropped"] < SENT as u64 - FIT || numbers["managed_mb"] > 80 {
+                problems.push(format!(
+                    "a spool that cannot be opened: the runtime's queue is not bounded in bytes \
+                     (at most {FIT} of {SENT} kept, 80 MB): {line}"
+                ));
+            }
+            if !log.contains("was full") {
+                problems.push(format!(
+                    "a spool that cannot be opened: the drops are not reported:\n{tail}"
+                ));
+            }
+        }
+        _ => problems.push(format!(
+            "a spool that cannot be opened: the harness failed ({status:?}): {out}\n{tail}"
+        )),
+    }
+
+    // The intake thread never starts: every event waits in the intake queue. Three events over
+    // the engine's 64 KiB come first: refused at once, never queued.
+    let _ = std::fs::remove_file(site.path("harness-fx-memory.log"));
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "memory",
+        &[
+            "--count",
+            &sent,
+            "--field-chars",
+            CHARS,
+            "--huge",
+            "3",
+            "--fail-thread",
+            "intake",
+            "--fail-starts",
+            "1000000",
+        ],
+    );
+    let (status, out, log) = harness.finish(Duration::from_secs(90));
+    let tail = tail_of(&log, 4000);
+    match out.lines().find(|l| l.starts_with("memory ")) {
+        Some(line) if status.is_some_and(|s| s.success()) => {
+            let numbers = memory_line(line);
+            if numbers["intake"] > FIT || numbers["intake"] < FIT / 2 {
+                problems.push(format!(
+                    "an intake thread that never starts: the intake queue is not bounded in bytes: {line}"
+                ));
+            }
+            if numbers["too_large"] != 3 {
+                problems.push(format!(
+                    "an intake thread that never starts: the oversized events are not refused before they are queued: {line}"
+                ));
+            }
+            if !log.contains("the intake queue was full") {
+                problems.push(format!(
+                    "an intake thread that never starts: the drops are not reported:\n{tail}"
+                ));
+            }
+        }
+        _ => problems.push(format!(
+            "an intake thread that never starts: the harness failed ({status:?}): {out}\n{tail}"
+        )),
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aa_after_the_clock_went_back_the_oldest_event_is_still_dropped_first() {
+    const SENT: usize = 5;
+    const KEPT: usize = 3;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // A file spooled while the clock was far ahead (2100-01-01), before it was set back: it is
+    // older than every event spooled after it, and a full spool must drop it first.
+    std::fs::create_dir_all(site.spool()).expect("spool directory");
+    let ahead = "0662380416000000000-0000000001-0123456789abcdef0123456789abcdef.evt";
+    std::fs::write(
+        site.spool().join(ahead),
+        "jobhook-forwarder-spool 1\n0123456789abcdef0123456789abcdef\n{}\n",
+    )
+    .expect("a file from the future");
+    let expected_path = site.path("expected.tsv");
+    let kept = KEPT.to_string();
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--threads", "1", "--max-spool-files", &kept],
+    );
+    harness.wait_for_line("spooled", Duration::from_secs(60));
+    let mut names: Vec<String> = std::fs::read_dir(site.spool())
+        .expect("spool")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".evt"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), KEPT, "{names:?}");
+    assert!(
+        !names.iter().any(|n| n == ahead),
+        "the oldest file went first, whatever its name's time: {names:?}"
+    );
+    let _engine = site.start_engine();
+    harness.wait_success("a spool after the clock went back");
+    let newest = read_expected(&expected_path).split_off(SENT - KEPT);
+    assert_delivered_once(&site, &newest, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_an_engine_url_with_the_endpoint_path_is_reported_and_still_delivers() {
+    const SENT: usize = 10;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let engine = site.start_engine();
+    let url = format!("{}/v1/job-complete", engine.url);
+    let expected_path = site.path("expected.tsv");
+    let harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &url,
+        SENT,
+        &expected_path,
+        &["--wait-seconds", "20"],
+    );
+    let log = harness.wait_success_log("EngineUrl with the endpoint path");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert!(
+        log.contains("remove /v1/job-complete from EngineUrl"),
+        "the configuration problem is reported:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ac_a_ca_file_with_several_certificates_trusts_the_one_that_issued_the_engine() {
+    const SENT: usize = 10;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let (site, ca) = site.with_tls();
+    // Another CA first in the file (a bundle of the organisation's CAs).
+    let other = site.path("other");
+    std::fs::create_dir_all(&other).expect("other CA directory");
+    let other_ca = write_rsa_pki(&other, "serverAuth");
+    let bundle = site.path("bundle.pem");
+    let mut text = std::fs::read_to_string(&other_ca).expect("other CA");
+    text.push_str(&std::fs::read_to_string(&ca).expect("CA"));
+    std::fs::write(&bundle, text).expect("bundle");
+    let _engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let bundle = bundle.to_string_lossy();
+    let harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_tls_url(),
+        SENT,
+        &expected_path,
+        &["--ca", &bundle, "--wait-seconds", "20"],
+    );
+    let log = harness.wait_success_log("a CA file with two certificates");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert!(
+        log.contains("2 certificate(s)"),
+        "what the file held is logged:\n{log}"
+    );
 }
