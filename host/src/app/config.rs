@@ -615,11 +615,22 @@ impl Config {
                 // or a control character could never match, and loading one would lock every
                 // client out (by a reload as well).
                 if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(fail(
-                        "a token must be visible ASCII characters, without spaces (it is sent \
-                         as `Authorization: Bearer <token>`); this one is not"
-                            .into(),
-                    ));
+                    // Which of the tokens (never its value), and the usual mistake if it is
+                    // the one made.
+                    let prefixed = token
+                        .get(..7)
+                        .is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
+                    return Err(fail(format!(
+                        "the token from {} is not usable: a token must be visible ASCII \
+                         characters, without spaces (it is sent as `Authorization: Bearer \
+                         <token>`){}",
+                        crate::escape::escape(&t.to_string()),
+                        if prefixed {
+                            "; remove the `Bearer ` at its start: the token is what follows it"
+                        } else {
+                            ""
+                        }
+                    )));
                 }
                 Ok(token)
             })
@@ -1275,11 +1286,22 @@ backoff_ms = 100
             std::fs::write(&token, bad).unwrap();
             let e = config.resolve_tokens().unwrap_err();
             assert!(
-                e.message
-                    .contains("server.tokens: a token must be visible ASCII"),
+                e.message.contains(
+                    "server.tokens: the token from file token is not usable: a token must be \
+                     visible ASCII"
+                ),
                 "{bad:?}: {e}"
             );
+            assert!(!e.message.contains("Bearer ` at its start"), "{e}");
         }
+        // The usual mistake is named.
+        std::fs::write(&token, "Bearer t0ken-value\n").unwrap();
+        let e = config.resolve_tokens().unwrap_err();
+        assert!(
+            e.message
+                .contains("remove the `Bearer ` at its start: the token is what follows it"),
+            "{e}"
+        );
         // Nothing but a line end is no token at all.
         for empty in ["", "\n", "\r\n"] {
             std::fs::write(&token, empty).unwrap();
