@@ -47,9 +47,12 @@ const LOG_WRITE_BYTES: usize = 64 * 1024;
 /// Logs go to stderr; `RUST_LOG` overrides [`COMMAND_LOG_FILTER`]. Each line is written as it is
 /// logged: a command's log and its printed result stay in order.
 pub fn init_tracing() {
-    let _ = subscriber(COMMAND_LOG_FILTER)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let (builder, refused) = subscriber(COMMAND_LOG_FILTER);
+    let _ = builder.with_writer(std::io::stderr).try_init();
+    // A command logs errors only (COMMAND_LOG_FILTER): said straight to stderr.
+    if let Some(why) = refused {
+        eprintln!("warning: {why}");
+    }
 }
 
 /// Like [`init_tracing`], for `jobhook serve` (`RUST_LOG` overrides [`SERVE_LOG_FILTER`]):
@@ -72,7 +75,13 @@ pub fn init_serve_tracing() -> (
             std::io::stderr(),
         ));
     let drops = crate::metrics::LogDrops::new(writer.error_counter());
-    let _ = subscriber(SERVE_LOG_FILTER).with_writer(writer).try_init();
+    let (builder, refused) = subscriber(SERVE_LOG_FILTER);
+    let _ = builder.with_writer(writer).try_init();
+    // Once the log is in place: without this line a typo in RUST_LOG would silently hide
+    // what it asked for.
+    if let Some(why) = refused {
+        tracing::warn!("{why}");
+    }
     (drops, guard)
 }
 
@@ -115,12 +124,36 @@ impl Visit for FieldWriter<'_> {
 }
 
 /// The engine's log filter (`RUST_LOG`, else `default_filter`) and format, before its writer is
-/// chosen.
-fn subscriber(default_filter: &str) -> SubscriberBuilder<EscapedFields, Format, EnvFilter> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+/// chosen; with why `RUST_LOG` was not used, when it is set and cannot be read.
+fn subscriber(
+    default_filter: &str,
+) -> (
+    SubscriberBuilder<EscapedFields, Format, EnvFilter>,
+    Option<String>,
+) {
+    let (filter, refused) = filter_from(std::env::var("RUST_LOG").ok(), default_filter);
     // Colour codes only for a terminal: a log file or pipe gets plain text, no escape bytes.
-    formatted(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let builder = formatted(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    (builder, refused)
+}
+
+/// The filter `rust_log` (the variable's value, if set) asks for, else `default_filter`; with
+/// why `rust_log` was not used when it is set and cannot be read.
+fn filter_from(rust_log: Option<String>, default_filter: &str) -> (EnvFilter, Option<String>) {
+    let Some(text) = rust_log.filter(|t| !t.trim().is_empty()) else {
+        return (EnvFilter::new(default_filter), None);
+    };
+    match EnvFilter::try_new(&text) {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            EnvFilter::new(default_filter),
+            Some(format!(
+                "RUST_LOG={} cannot be read ({e}); the default log filter \"{default_filter}\" \
+                 is used instead: write directives like \"info\" or \"info,jobhook=debug\"",
+                escape(&text)
+            )),
+        ),
+    }
 }
 
 /// The engine's line format with `filter`.
@@ -177,6 +210,31 @@ impl<'a> MakeWriter<'a> for Kept {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `RUST_LOG` that cannot be read is not used, and says so (escaped, one line) instead of
+    /// silently hiding what it asked for; unset or blank, the default applies without a word.
+    #[test]
+    fn a_rust_log_that_cannot_be_read_is_named() {
+        for unset in [None, Some(String::new()), Some("  ".to_owned())] {
+            let (filter, refused) = filter_from(unset, "warn");
+            assert!(refused.is_none());
+            assert_eq!(filter.to_string(), "warn");
+        }
+        let (filter, refused) = filter_from(Some("info,jobhook=debug".into()), "warn");
+        assert!(refused.is_none());
+        assert!(filter.to_string().contains("jobhook=debug"), "{filter}");
+        for bad in ["info,jobhook=bogus", "jobhook=[", "info\n,x=\u{1b}[31m"] {
+            let (filter, refused) = filter_from(Some(bad.into()), "warn");
+            assert_eq!(filter.to_string(), "warn", "{bad:?}");
+            let why = refused.expect("refused");
+            assert!(why.starts_with("RUST_LOG="), "{why}");
+            assert!(
+                why.contains("the default log filter \"warn\" is used"),
+                "{why}"
+            );
+            assert!(!why.contains('\n') && !why.contains('\u{1b}'), "{why}");
+        }
+    }
 
     /// What the engine's format writes for the events `log` emits, at `filter`.
     fn lines(filter: &str, log: impl FnOnce()) -> String {
