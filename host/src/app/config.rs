@@ -370,6 +370,17 @@ impl<'de> Deserialize<'de> for PropertyValue {
 fn listen_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
     let text = String::deserialize(deserializer)?;
     text.trim().parse().map_err(|_| {
+        // An address with a port past 65535 is a port mistake, not a host name.
+        let port = text.trim().rsplit_once(':').map(|(_, port)| port);
+        if let Some(port) = port.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            && port.parse::<u16>().is_err()
+        {
+            return de::Error::custom(format!(
+                "{}: port {} is out of range; give 1 to 65535 (or 0 for any free port)",
+                quoted(&text),
+                excerpt(port, MAX_QUOTED_CHARS)
+            ));
+        }
         de::Error::custom(format!(
             "{} is not an IP address and port; write e.g. \"127.0.0.1:8480\", \
              \"0.0.0.0:8480\" or \"[::1]:8480\" (a host name such as localhost is not \
@@ -1954,6 +1965,14 @@ identity = "writer"
             assert!(e.message.contains("127.0.0.1:8480"), "{bad}: {e}");
             assert!(e.message.contains("[::1]:8480"), "{bad}: {e}");
             assert_eq!(e.line, Some(2), "{bad}: {e}");
+        }
+        // A port past 65535 is named as the mistake it is.
+        for bad in ["127.0.0.1:99999", "[::1]:65536"] {
+            let e = error(&format!("[server]\nlisten = \"{bad}\"\n{MINIMAL}"));
+            assert!(
+                e.message.contains("is out of range; give 1 to 65535"),
+                "{bad}: {e}"
+            );
         }
         let f = Fixture::new();
         let c = f
