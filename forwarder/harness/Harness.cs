@@ -56,6 +56,8 @@
 //            still tells them apart)
 //          --broken-spool DIR3 (burst only: first, another registration with DIR3 as its
 //            SpoolDirectory, which cannot be made, is handed 5 events it never writes)
+//          --hold-writers 1 (burst only: the spool writers write nothing before the exit, the
+//            forwarder's test hook, so every event is in memory when the process ends)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when nothing is pending and no event file is left in
 // the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
@@ -479,6 +481,12 @@ namespace Jobhook.Forwarder.Harness
                 contexts[i] = MakeContext(i, random, null);
             // --broken-spool DIR: first, another registration whose spool directory cannot be
             // made, with a few events in its memory (it never writes them).
+            // --hold-writers 1: the spool writers write nothing until the exit (the forwarder's
+            // test hook), so that every event is in memory when it comes.
+            if (Get(opts, "hold-writers", "0") == "1")
+                typeof(JobhookForwarder).Assembly.GetType("Jobhook.Forwarder.ForwarderRuntime", true)
+                    .GetField("holdWritersForTest", BindingFlags.NonPublic | BindingFlags.Static)
+                    .SetValue(null, new ManualResetEvent(false));
             var brokenSpool = Get(opts, "broken-spool", null);
             if (brokenSpool != null)
             {

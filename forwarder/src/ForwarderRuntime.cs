@@ -86,6 +86,14 @@ namespace Jobhook.Forwarder
         readonly AutoResetEvent spooled = new AutoResetEvent(false);
         /// <summary>Set once <see cref="spool"/> is open (shutdown waits for it).</summary>
         readonly ManualResetEvent spoolOpen = new ManualResetEvent(false);
+
+        /// <summary>
+        /// Test hook: while set and not signalled, every spool writer stops once its spool is
+        /// open, so that the events given to it stay in memory, as on a machine too busy for
+        /// the writer to keep up, until the process ends and the shutdown writes them. Set only
+        /// by the test harness, through reflection; no setting reaches it.
+        /// </summary>
+        static ManualResetEvent holdWritersForTest = null;
         /// <summary>
         /// Held by whoever writes queued events to the spool: the writer thread for one event at
         /// a time, or <see cref="FlushForShutdown"/> for all that are left, so no event is
@@ -318,6 +326,9 @@ namespace Jobhook.Forwarder
             }
             spool = opened;
             spoolOpen.Set();
+            var hold = holdWritersForTest;
+            if (hold != null)
+                hold.WaitOne();
             var senderStarted = settings.JobCompleteUrl == null; // nothing to start without an engine URL
             // Stopwatch ticks (monotonic: setting the clock back does not hold the sender back).
             long nextSenderStart = 0;
