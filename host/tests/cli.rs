@@ -1104,3 +1104,23 @@ fn import_prints_toml_that_parses_whatever_the_names() {
     );
     assert!(stderr.contains("would both read"), "{stderr}");
 }
+
+/// Text from the configuration that holds a line break (here a component path) cannot make a
+/// line of `jobhook check`'s output that passes for an error of its own: every line after the
+/// first is indented.
+#[test]
+fn configuration_text_with_a_line_break_cannot_forge_an_error_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        "[[handlers]]\nname = \"h\"\ncomponent = \"x\\nerror: forged.wasm\"\njob_types = [\"*\"]\n",
+    )
+    .expect("write");
+    let out = jobhook(&["check", "--config", &config.display().to_string()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("forged.wasm"), "{stderr}");
+    let starts = stderr.lines().filter(|l| l.starts_with("error:")).count();
+    assert_eq!(starts, 1, "one error, one line starting with it:\n{stderr}");
+}

@@ -204,10 +204,12 @@ pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
         Ok(code) => code,
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(e) => {
-            // An error may quote a configuration's or a component's text: each line escaped.
+            // An error may quote a configuration's or a component's text: each line escaped,
+            // and every line after the first indented, so that no text in the message can
+            // pass for an `error:` line of its own.
             let message = crate::app::output::error_text(&e);
             let lines: Vec<_> = message.split('\n').map(escape).collect();
-            print_err(&format!("error: {}", lines.join("\n")));
+            print_err(&format!("error: {}", lines.join("\n  ")));
             ExitCode::from(2)
         }
     }

@@ -902,12 +902,30 @@ impl Validator<'_> {
         let mut values = BTreeMap::new();
         let mut secret_properties = BTreeSet::new();
         for (key, value) in raw.properties {
-            let (value_line, what) = at(
-                &format!("properties.{}", excerpt(&key, MAX_QUOTED_CHARS)),
-                value.span(),
-            );
+            // A name of plain characters as written; any other quoted, so that it cannot
+            // break the message's line or pass for more of it.
+            let plain = key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            let shown = if plain {
+                excerpt(&key, MAX_QUOTED_CHARS).into_owned()
+            } else {
+                quoted(&key)
+            };
+            let (value_line, what) = at(&format!("properties.{shown}"), value.span());
             if key.is_empty() {
                 return Err(self.error(value_line, &format!("{what}: a property name is empty")));
+            }
+            // A handler reads it by name; a line break or escape in one is a mistake, and would
+            // be carried into every listing of the handler.
+            if key.chars().any(char::is_control) {
+                return Err(self.error(
+                    value_line,
+                    &format!(
+                        "{what}: a property name must not hold control characters (line breaks, \
+                         tabs, escapes)"
+                    ),
+                ));
             }
             let resolved = match value.into_inner() {
                 PropertyValue::Plain(v) => v,
@@ -1918,6 +1936,37 @@ identity = "writer"
 
     /// Whatever a property value is instead of a string or a reference, the error names the
     /// property and says what a value may be.
+    /// A property name with a control character is refused, and shown quoted on one line: it
+    /// cannot break the message into a line that passes for another error.
+    #[test]
+    fn property_names_with_control_characters_are_refused_on_one_line() {
+        let e = error(&format!(
+            "{MINIMAL}properties = {{ \"k\\nerror: nothing wrong here\\u001b[2J\" = \"v\" }}\n"
+        ));
+        assert!(
+            e.message
+                .starts_with("handlers.properties.\"k\\nerror: nothing wrong here\\u{1b}[2J\""),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("a property name must not hold control characters"),
+            "{e}"
+        );
+        assert!(
+            !e.message.contains('\n') && !e.message.contains('\u{1b}'),
+            "{e}"
+        );
+        // Names of other printable characters are kept, and shown quoted.
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}properties = {{ \"Email Recipients\" = \"a\" }}\n"
+            ))
+            .unwrap();
+        assert_eq!(c.handlers[0].properties.get("Email Recipients"), Some("a"));
+    }
+
     #[test]
     fn property_values_say_what_they_may_be() {
         for bad in [
