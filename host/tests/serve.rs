@@ -869,6 +869,43 @@ async fn reload_applies_a_new_quarantine_to_the_handlers_it_keeps() {
     assert_eq!(health["quarantined"], 1, "{health}");
 }
 
+/// A reload that only moves a handler to another line (a comment added above it) keeps it as
+/// it is: its quarantine goes on. It was rebuilt before, as if changed, and came back healthy.
+#[tokio::test]
+async fn a_reload_that_only_moves_a_handler_keeps_its_quarantine() {
+    let setup = Setup::new();
+    let failing = handler(
+        "failing",
+        "guest-trap",
+        &format!("[\"{INVENTORY_TYPE}\"]"),
+        "[handlers.retry]\nmax_attempts = 1",
+    );
+    let text = |comment: &str| {
+        format!(
+            "[quarantine]\nafter_failures = 1\ninitial_backoff_ms = 600000\n\n{comment}{failing}"
+        )
+    };
+    let engine = setup.start(&text(""));
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Failure")).await;
+    settled(&engine, body["event_id"].as_str().expect("id")).await;
+    let quarantined = || async {
+        let (_, health) = get(&engine, "/healthz").await;
+        let health: Value = serde_json::from_str(&health).expect("json");
+        health["quarantined"].clone()
+    };
+    assert_eq!(quarantined().await, 1);
+    setup.config(&text(
+        "# the handler that traps\n# (moved down two lines)\n",
+    ));
+    let response = reload(&engine).await;
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        quarantined().await,
+        1,
+        "the quarantine was lifted by a moved line"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_finishes_running_deliveries_and_exits_cleanly() {
     let setup = Setup::new();

@@ -117,7 +117,7 @@ pub async fn load_handlers(
         let digest = digest(&bytes);
         let reusable = previous
             .and_then(|p| p.loaded.get(&hc.name))
-            .filter(|old| old.digest == digest && old.handler.config == *hc);
+            .filter(|old| old.digest == digest && old.handler.config.same_settings(hc));
         let handler = match reusable {
             Some(old) => Arc::clone(&old.handler),
             None => {

@@ -67,3 +67,33 @@ pub struct Registration {
     /// The 1-based line of its `[[handlers]]` table.
     pub line: usize,
 }
+
+impl Registration {
+    /// Whether `other` configures the handler the same way: every setting equal, wherever in
+    /// the file it is written. A reload keeps a handler (its compiled code, its quarantine
+    /// state) when this holds and its component is unchanged; a line added above it must not
+    /// count as a change.
+    pub fn same_settings(&self, other: &Registration) -> bool {
+        let Registration {
+            name,
+            component,
+            job_types,
+            properties,
+            secret_properties,
+            grants,
+            limits,
+            retry,
+            max_concurrency,
+            line: _,
+        } = self;
+        *name == other.name
+            && *component == other.component
+            && *job_types == other.job_types
+            && *properties == other.properties
+            && *secret_properties == other.secret_properties
+            && *grants == other.grants
+            && *limits == other.limits
+            && *retry == other.retry
+            && *max_concurrency == other.max_concurrency
+    }
+}
