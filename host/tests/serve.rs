@@ -906,6 +906,47 @@ async fn a_reload_that_only_moves_a_handler_keeps_its_quarantine() {
     );
 }
 
+/// Reloads that change a busy handler (here its property) do not let it run more than its
+/// `max_concurrency` at once: the deliveries of the handler it replaced still count. Each
+/// reload let one more run beside them before.
+#[tokio::test]
+async fn reloads_that_change_a_busy_handler_keep_it_within_its_max_concurrency() {
+    let setup = Setup::new();
+    let slow = |ms: u32| {
+        handler(
+            "slow",
+            "guest-attempt-probe",
+            "[\"*\"]",
+            &format!(
+                "max_concurrency = 1\nproperties = {{ SleepMs = \"{ms}\" }}\n\
+                 [handlers.limits]\ntimeout_ms = 20000"
+            ),
+        )
+    };
+    let engine = setup.start(&slow(4000));
+    for _ in 0..3 {
+        let (status, body) = post(&engine, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let running = || async {
+        let (_, metrics) = get(&engine, "/metrics").await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("jobhook_deliveries_running "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("jobhook_deliveries_running")
+    };
+    assert_eq!(running().await, 1.0);
+    for ms in [4001, 4002] {
+        setup.config(&slow(ms));
+        let response = reload(&engine).await;
+        assert_eq!(response.status().as_u16(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(running().await, 1.0, "after a reload to SleepMs {ms}");
+    }
+}
+
 #[tokio::test]
 async fn sigterm_finishes_running_deliveries_and_exits_cleanly() {
     let setup = Setup::new();

@@ -115,9 +115,9 @@ pub async fn load_handlers(
             .await
             .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
         let digest = digest(&bytes);
-        let reusable = previous
-            .and_then(|p| p.loaded.get(&hc.name))
-            .filter(|old| old.digest == digest && old.handler.config.same_settings(hc));
+        let before = previous.and_then(|p| p.loaded.get(&hc.name));
+        let reusable =
+            before.filter(|old| old.digest == digest && old.handler.config.same_settings(hc));
         let handler = match reusable {
             Some(old) => Arc::clone(&old.handler),
             None => {
@@ -133,11 +133,13 @@ pub async fn load_handlers(
                             hc.component.display()
                         )
                     })?;
-                Arc::new(RegisteredHandler::new(
-                    hc.clone(),
-                    handler,
-                    config.quarantine.clone(),
-                ))
+                let quarantine = config.quarantine.clone();
+                Arc::new(match before {
+                    Some(old) => {
+                        RegisteredHandler::replacing(&old.handler, hc.clone(), handler, quarantine)
+                    }
+                    None => RegisteredHandler::new(hc.clone(), handler, quarantine),
+                })
             }
         };
         set.loaded

@@ -115,7 +115,10 @@ pub struct RegisteredHandler {
     pub config: Registration,
     /// The loaded component.
     pub handler: SandboxedHandler,
-    running: AtomicUsize,
+    /// Deliveries of the handler by this name running now, shared with the handler it
+    /// replaced at a reload ([`RegisteredHandler::replacing`]): those still running count
+    /// against `max_concurrency` until they end.
+    running: Arc<AtomicUsize>,
     /// Deliveries it has earned the right to run at once (see [`FIRST_PLACES`]).
     earned: AtomicUsize,
     quarantine: Mutex<Quarantine>,
@@ -139,9 +142,25 @@ impl RegisteredHandler {
         RegisteredHandler {
             config,
             handler,
-            running: AtomicUsize::new(0),
+            running: Arc::new(AtomicUsize::new(0)),
             earned: AtomicUsize::new(FIRST_PLACES),
             quarantine: Mutex::new(Quarantine::new(quarantine)),
+        }
+    }
+
+    /// Like [`RegisteredHandler::new`], for a handler a reload changed: the deliveries of
+    /// `old` still running are counted with the new one's, so that they and the new one's
+    /// together stay within its `max_concurrency` (each reload started a count from zero
+    /// before, letting one more batch run beside those of the handler it replaced).
+    pub fn replacing(
+        old: &RegisteredHandler,
+        config: Registration,
+        handler: SandboxedHandler,
+        quarantine: QuarantineConfig,
+    ) -> Self {
+        RegisteredHandler {
+            running: Arc::clone(&old.running),
+            ..RegisteredHandler::new(config, handler, quarantine)
         }
     }
 
