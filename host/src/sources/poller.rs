@@ -1472,9 +1472,11 @@ mod tests {
             assert!(e.starts_with("[poller] "), "{e}");
             assert!(e.contains(says), "{e}");
         }
-        let mut c = PollerConfig::default();
-        c.stale_after_ms = 600_000;
-        c.interval_ms = 3_600_000;
+        let c = PollerConfig {
+            stale_after_ms: 600_000,
+            interval_ms: 3_600_000,
+            ..PollerConfig::default()
+        };
         assert!(c.job_type_ids().is_ok());
     }
 }
