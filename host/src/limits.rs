@@ -22,6 +22,11 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// function-table entries; 20,000 is wasmtime's pooling default and bounds table-growth bombs.
 pub const DEFAULT_TABLE_ELEMENTS: u64 = 20_000;
 
+/// Most `table_elements` a handler may be given: the sandbox pool's room per table
+/// (`engine::pooling_config_with`), which no table can grow past whatever a handler is
+/// allowed; a larger setting would be shown and never granted.
+pub const MAX_TABLE_ELEMENTS: u64 = DEFAULT_TABLE_ELEMENTS * 5;
+
 /// Core instances, memories and tables one component may create. A `wasm32-wasip2` Rust component
 /// has about 3–6 core instances, 1 memory and 1–3 tables, Python 14 core instances, QuickJS 2
 /// memories (docs/LANGUAGES.md); these caps stop instance-count bombs. They are the sandbox
@@ -39,9 +44,19 @@ pub const DEFAULT_MAX_TABLES: usize = 4;
 /// body and stops a guest from making the host allocate gigabytes.
 pub const DEFAULT_HOSTCALL_BYTES: usize = 4 * 1024 * 1024;
 
+/// Most `hostcall_bytes` a handler may be given: a lift is copied whole into the engine's
+/// memory, once per delivery in flight. 64 MiB matches the largest outbound body
+/// (`outbound::MAX_BODY_LIMIT_BYTES`).
+pub const MAX_HOSTCALL_BYTES: usize = 64 * 1024 * 1024;
+
 /// Bytes of stdout and of stderr kept per invocation; the rest is counted and dropped, never
 /// trapped on, so a chatty handler still runs to completion.
 pub const DEFAULT_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// Most `output_bytes` a handler may be given: stdout and stderr are each kept in the engine's
+/// memory for the whole delivery (a guest printing without end would otherwise take it: 350
+/// MB seen for one delivery at an unbounded setting).
+pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
 
 /// Log lines kept per invocation. Enough for a verbose handler; past it lines are counted and
 /// dropped so a log flood cannot grow the outcome record without bound.
@@ -49,6 +64,13 @@ pub const DEFAULT_LOG_LINES: usize = 200;
 
 /// Log bytes kept per invocation (all lines together).
 pub const DEFAULT_LOG_BYTES: usize = 64 * 1024;
+
+/// Most `log_lines` a handler may be given: a delivery's log is stored with its outcome and
+/// sent whole by `GET /v1/events/{id}`.
+pub const MAX_LOG_LINES: usize = 10_000;
+
+/// Most `log_bytes` a handler may be given (see [`MAX_LOG_LINES`]).
+pub const MAX_LOG_BYTES: usize = 1024 * 1024;
 
 /// Longest single log line kept; longer lines are truncated (on a character boundary).
 pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;

@@ -558,9 +558,10 @@ impl Config {
         };
         let mut handlers = Vec::with_capacity(raw.handlers.len());
         let mut seen = BTreeMap::new();
+        let pool = raw.engine.pool();
         for raw_handler in raw.handlers {
             let line = line_of(text, raw_handler.span().start);
-            let handler = v.handler(raw_handler.into_inner(), line, &services)?;
+            let handler = v.handler(raw_handler.into_inner(), line, &services, &pool)?;
             if let Some(first) = seen.insert(handler.name.to_ascii_lowercase(), handler.line) {
                 return Err(v.error(
                     Some(handler.line),
@@ -855,6 +856,7 @@ impl Validator<'_> {
         raw: RawHandler,
         line: usize,
         services: &ServicesConfig,
+        pool: &crate::runtime::engine::PoolSettings,
     ) -> Result<Registration, ConfigError> {
         let name_line = self.line(raw.name.span()).or(Some(line));
         let name = raw.name.into_inner();
@@ -951,7 +953,7 @@ impl Validator<'_> {
         let raw_limits = raw.limits.unwrap_or_else(|| absent(Limits::default()));
         let (limits_line, key) = at("limits", raw_limits.span());
         let limits = raw_limits.into_inner();
-        self.check_limits(&limits, limits_line, &key)?;
+        self.check_limits(&limits, pool, limits_line, &key)?;
 
         let raw_retry = raw.retry.unwrap_or_else(|| absent(RetryPolicy::default()));
         let (retry_line, key) = at("retry", raw_retry.span());
@@ -979,8 +981,14 @@ impl Validator<'_> {
             .unwrap_or_else(|| absent(DEFAULT_HANDLER_CONCURRENCY));
         let (concurrency_line, key) = at("max_concurrency", raw_concurrency.span());
         let max_concurrency = raw_concurrency.into_inner();
-        if max_concurrency == 0 {
-            return Err(self.error(concurrency_line, &format!("{key} must be at least 1")));
+        if !(1..=MAX_CONCURRENT_DELIVERIES).contains(&max_concurrency) {
+            return Err(self.error(
+                concurrency_line,
+                &format!(
+                    "{key} must be between 1 and {MAX_CONCURRENT_DELIVERIES} (no engine runs \
+                     more deliveries at once)"
+                ),
+            ));
         }
 
         Ok(Registration {
@@ -1047,7 +1055,48 @@ impl Validator<'_> {
         }
     }
 
-    fn check_limits(&self, l: &Limits, line: Option<usize>, key: &str) -> Result<(), ConfigError> {
+    fn check_limits(
+        &self,
+        l: &Limits,
+        pool: &crate::runtime::engine::PoolSettings,
+        line: Option<usize>,
+        key: &str,
+    ) -> Result<(), ConfigError> {
+        use crate::limits::{
+            MAX_HOSTCALL_BYTES, MAX_LOG_BYTES, MAX_LOG_LINES, MAX_OUTPUT_BYTES, MAX_TABLE_ELEMENTS,
+        };
+        // A per-component cap of the sandbox pool below a limit the handler sets would stop the
+        // component there, while the handler's listing showed the larger number. (A handler
+        // left at the default is held to the engine's cap, which an operator may lower.)
+        let defaults = Limits::default();
+        let above_pool = [
+            (
+                "instances",
+                l.instances,
+                defaults.instances,
+                pool.max_core_instances_per_component,
+                "max_core_instances_per_component",
+            ),
+            (
+                "memories",
+                l.memories,
+                defaults.memories,
+                pool.max_memories_per_component,
+                "max_memories_per_component",
+            ),
+            (
+                "tables",
+                l.tables,
+                defaults.tables,
+                pool.max_tables_per_component,
+                "max_tables_per_component",
+            ),
+        ]
+        .into_iter()
+        .find(|(_, own, default, cap, _)| {
+            own != default && *own > usize::try_from(*cap).unwrap_or(usize::MAX)
+        })
+        .map(|(own, value, _, cap, engine_key)| (own, value, cap, engine_key));
         let problem = if l.timeout.is_zero() {
             Some("timeout_ms must be at least 1".to_owned())
         } else if !(MIN_HANDLER_MEMORY_BYTES..=MAX_HANDLER_MEMORY_BYTES).contains(&l.memory_bytes) {
@@ -1056,8 +1105,28 @@ impl Validator<'_> {
             ))
         } else if l.instances == 0 || l.memories == 0 || l.tables == 0 {
             Some("instances, memories and tables must be at least 1".to_owned())
-        } else if l.hostcall_bytes < 64 * 1024 {
-            Some("hostcall_bytes must be at least 65536".to_owned())
+        } else if let Some((own, value, cap, engine_key)) = above_pool {
+            Some(format!(
+                "{own} = {value} is above [engine] {engine_key} ({cap}), which the sandbox pool \
+                 holds every component to: lower {own}, or raise {engine_key}"
+            ))
+        } else if !(1..=MAX_TABLE_ELEMENTS).contains(&l.table_elements) {
+            Some(format!(
+                "table_elements must be between 1 and {MAX_TABLE_ELEMENTS} (the sandbox pool's \
+                 room per table)"
+            ))
+        } else if !(64 * 1024..=MAX_HOSTCALL_BYTES).contains(&l.hostcall_bytes) {
+            Some(format!(
+                "hostcall_bytes must be between 65536 and {MAX_HOSTCALL_BYTES}"
+            ))
+        } else if l.output_bytes > MAX_OUTPUT_BYTES {
+            Some(format!("output_bytes must be at most {MAX_OUTPUT_BYTES}"))
+        } else if l.log_lines > MAX_LOG_LINES || l.log_bytes > MAX_LOG_BYTES {
+            Some(format!(
+                "log_lines must be at most {MAX_LOG_LINES} and log_bytes at most {MAX_LOG_BYTES} \
+                 (a delivery's log is stored with its outcome and sent whole by GET \
+                 /v1/events/{{id}})"
+            ))
         } else if let Some(unknown) = l
             .calls
             .keys()
@@ -1720,6 +1789,70 @@ identity = "writer"
             Fixture::new()
                 .parse(&format!(
                     "{MINIMAL}[handlers.limits]\nmemory_bytes = {gib}\n"
+                ))
+                .is_ok()
+        );
+    }
+
+    /// Every per-handler limit that protects the engine has an upper bound, and each is
+    /// accepted at it and refused one past it, naming the key; a pool cap of `[engine]` below
+    /// a limit a handler sets is refused naming both keys.
+    #[test]
+    fn handler_limits_are_bounded_each_by_name() {
+        use crate::limits::{
+            MAX_HOSTCALL_BYTES, MAX_LOG_BYTES, MAX_LOG_LINES, MAX_OUTPUT_BYTES, MAX_TABLE_ELEMENTS,
+        };
+        let limits = |body: &str| format!("{MINIMAL}[handlers.limits]\n{body}\n");
+        for (key, max, says) in [
+            (
+                "table_elements",
+                MAX_TABLE_ELEMENTS as usize,
+                "table_elements must be between 1 and",
+            ),
+            (
+                "hostcall_bytes",
+                MAX_HOSTCALL_BYTES,
+                "hostcall_bytes must be between 65536 and",
+            ),
+            (
+                "output_bytes",
+                MAX_OUTPUT_BYTES,
+                "output_bytes must be at most",
+            ),
+            ("log_lines", MAX_LOG_LINES, "log_lines must be at most"),
+            ("log_bytes", MAX_LOG_BYTES, "log_bytes at most"),
+        ] {
+            let e = error(&limits(&format!("{key} = {}", max + 1)));
+            assert!(e.message.contains(says), "{key}: {e}");
+            assert!(
+                Fixture::new()
+                    .parse(&limits(&format!("{key} = {max}")))
+                    .is_ok(),
+                "{key}"
+            );
+        }
+        let e = error(&limits("table_elements = 0"));
+        assert!(
+            e.message.contains("table_elements must be between 1"),
+            "{e}"
+        );
+        let e = error(&format!("{MINIMAL}max_concurrency = 4097\n"));
+        assert!(e.message.contains("must be between 1 and 4096"), "{e}");
+        // A handler's instances above the engine's cap: refused, both keys named.
+        let e = error(&format!(
+            "[engine]\nmax_core_instances_per_component = 8\ncore_instances_per_delivery = 8\n\n{}",
+            limits("instances = 12")
+        ));
+        assert!(
+            e.message
+                .contains("instances = 12 is above [engine] max_core_instances_per_component (8)"),
+            "{e}"
+        );
+        // A handler left at the default takes the lower cap without a word.
+        assert!(
+            Fixture::new()
+                .parse(&format!(
+                    "[engine]\nmax_core_instances_per_component = 8\ncore_instances_per_delivery = 8\n\n{MINIMAL}"
                 ))
                 .is_ok()
         );

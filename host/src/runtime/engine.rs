@@ -258,7 +258,7 @@ pub fn pooling_config_with(
         .max_core_instances_per_component(settings.max_core_instances_per_component.max(1))
         .max_memories_per_component(settings.max_memories_per_component.max(1))
         .max_tables_per_component(settings.max_tables_per_component.max(1))
-        .table_elements(crate::limits::DEFAULT_TABLE_ELEMENTS as usize * 5)
+        .table_elements(usize::try_from(crate::limits::MAX_TABLE_ELEMENTS).unwrap_or(usize::MAX))
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
         .pagemap_scan(Enabled::Auto)
         .table_keep_resident(TABLE_KEEP_RESIDENT)
