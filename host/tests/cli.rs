@@ -1124,3 +1124,42 @@ fn configuration_text_with_a_line_break_cannot_forge_an_error_line() {
     let starts = stderr.lines().filter(|l| l.starts_with("error:")).count();
     assert_eq!(starts, 1, "one error, one line starting with it:\n{stderr}");
 }
+
+/// Limits below what a component needs before it runs — its core instances, its first memory
+/// and table, as the binary declares them — are refused by `check`, naming the key and the
+/// need: every delivery would fail at instantiation. At the need itself the handler loads.
+#[test]
+fn check_refuses_limits_below_what_the_component_needs_to_start() {
+    let (dir, config) = check_config("");
+    let path = std::path::Path::new(&config);
+    let base = std::fs::read_to_string(path).expect("read");
+    let with = |limits: &str| {
+        std::fs::write(path, format!("{base}[handlers.limits]\n{limits}\n")).expect("write");
+        jobhook(&["check", "--config", &config])
+    };
+    for (limits, says) in [
+        (
+            "memory_bytes = 1048576",
+            "[handlers.limits] memory_bytes is 1048576",
+        ),
+        ("instances = 1", "[handlers.limits] instances is 1"),
+        ("tables = 1", "[handlers.limits] tables is 1"),
+        (
+            "table_elements = 1",
+            "[handlers.limits] table_elements is 1",
+        ),
+    ] {
+        let out = with(limits);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{limits}: {stderr}");
+        assert!(stderr.contains(says), "{limits}: {stderr}");
+        assert!(
+            stderr.contains("every delivery would fail"),
+            "{limits}: {stderr}"
+        );
+    }
+    // log-context makes 3 core instances and 2 tables: at exactly that, it loads.
+    let out = with("instances = 3\ntables = 2");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    drop(dir);
+}

@@ -614,3 +614,33 @@ async fn a_delivery_with_no_sandbox_slot_free_is_an_engine_error() {
     let outcome = healthy.invoke(&context, Delivery::default()).await;
     assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
 }
+
+/// The needs the load gate checks limits against are the ones instantiation has: at exactly
+/// the core instances, memories, tables and first memory and table a component declares, it
+/// runs; one below any of them, it is refused at load, not at every delivery.
+#[tokio::test]
+async fn limits_at_a_components_declared_needs_run_and_below_them_are_refused_at_load() {
+    let mut at_needs = spec("log", &[]);
+    at_needs.limits.instances = 3;
+    at_needs.limits.memories = 1;
+    at_needs.limits.tables = 2;
+    let handler = load("log-context", at_needs.clone())
+        .await
+        .expect("load at its needs");
+    let context = JobContext::from_json_value(&sample_context_json()).expect("context");
+    let outcome = handler.invoke(&context, Delivery::default()).await;
+    assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:?}");
+    for below in [
+        |s: &mut SandboxSpec| s.limits.instances = 2,
+        |s: &mut SandboxSpec| s.limits.tables = 1,
+        |s: &mut SandboxSpec| s.limits.memory_bytes = 1024 * 1024,
+    ] {
+        let mut s = at_needs.clone();
+        below(&mut s);
+        let refused = load("log-context", s).await.expect_err("refused at load");
+        assert!(
+            refused.to_string().contains("every delivery would fail"),
+            "{refused}"
+        );
+    }
+}

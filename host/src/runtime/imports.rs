@@ -115,6 +115,55 @@ pub fn read_surface(bytes: &[u8]) -> Result<Surface, SurfaceError> {
     }
 }
 
+/// How many core module instances the component in `bytes` creates at its top level (each
+/// `instantiate` of its core instance sections; bags of exports are not instances), read like
+/// [`read_surface`], nested modules and components skipped by their length. A component that
+/// makes more in nested components is not counted lower than it makes at the top.
+pub fn count_core_instances(bytes: &[u8]) -> Result<usize, SurfaceError> {
+    use wasmparser::{Chunk, Instance, Parser, Payload};
+
+    let malformed = |e: wasmparser::BinaryReaderError| SurfaceError::Malformed(e.to_string());
+    let mut parser = Parser::new(0);
+    let mut data = bytes;
+    let mut count = 0usize;
+    loop {
+        let (consumed, payload) = match parser.parse(data, true).map_err(malformed)? {
+            Chunk::Parsed { consumed, payload } => (consumed, payload),
+            Chunk::NeedMoreData(_) => {
+                return Err(SurfaceError::Malformed(
+                    "unexpected end of the binary".into(),
+                ));
+            }
+        };
+        let skip = match &payload {
+            Payload::ModuleSection {
+                unchecked_range, ..
+            }
+            | Payload::ComponentSection {
+                unchecked_range, ..
+            } => unchecked_range.len(),
+            _ => 0,
+        };
+        match payload {
+            Payload::InstanceSection(reader) => {
+                for instance in reader {
+                    if let Instance::Instantiate { .. } = instance.map_err(malformed)? {
+                        count = count.saturating_add(1);
+                    }
+                }
+            }
+            Payload::End(_) => return Ok(count),
+            _ => {}
+        }
+        data = consumed
+            .checked_add(skip)
+            .and_then(|end| data.get(end..))
+            .ok_or_else(|| {
+                SurfaceError::Malformed("a nested module or component runs past the end".into())
+            })?;
+    }
+}
+
 /// A name from the binary as it may be printed: unvalidated, so it may hold anything; control
 /// characters and quotes are escaped (valid WIT names are unchanged).
 fn printable(name: &str) -> String {

@@ -18,7 +18,7 @@ use crate::bindings::HandlerPre;
 use crate::capabilities::{ALWAYS_AVAILABLE, Capability, Grants};
 use crate::runtime::aot::CacheOutcome;
 use crate::runtime::engine::Engine;
-use crate::runtime::imports::{ImportKind, read_surface};
+use crate::runtime::imports::{ImportKind, count_core_instances, read_surface};
 use crate::runtime::state::{SandboxState, linker};
 
 /// The WIT package handlers are built against, and its version.
@@ -165,9 +165,81 @@ pub enum LoadError {
         "the component does not fit the jobhook:handler world: {0}; build it with jobhook-sdk's `export_handler!` against wit/ of this engine"
     )]
     WrongWorld(String),
+    /// The handler's limits are below what the component needs before it runs a line: every
+    /// delivery would fail at instantiation ([`check_needs`]).
+    #[error(
+        "the component needs {need} before it runs, and the handler's [handlers.limits] {key} is {given}: every delivery would fail; raise {key}"
+    )]
+    LimitsTooSmall {
+        /// The limit's key in `[handlers.limits]`.
+        key: &'static str,
+        /// What the limit is.
+        given: u64,
+        /// What the component needs, in words.
+        need: String,
+    },
     /// An internal error that is not the component's fault.
     #[error("internal error while loading: {0}")]
     Internal(String),
+}
+
+/// Checks `limits` against what a loaded component needs at instantiation, as it declares it:
+/// its core instances, memories and tables, the largest initial memory and table. A limit below one of these
+/// fails every delivery, so it is refused at load (by `jobhook check` too) instead. What a
+/// component allocates later is its own: only the declared start is checked. A component
+/// that imports a memory or table declares nothing (`None`) and is not checked here.
+pub fn check_needs(
+    loaded: &LoadedComponent,
+    limits: &crate::limits::Limits,
+) -> Result<(), LoadError> {
+    let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    if loaded.core_instances > limits.instances {
+        return Err(LoadError::LimitsTooSmall {
+            key: "instances",
+            given: as_u64(limits.instances),
+            need: format!("{} core instances", loaded.core_instances),
+        });
+    }
+    let Some(needs) = loaded.pre.instance_pre().component().resources_required() else {
+        return Ok(());
+    };
+    let memory = needs
+        .max_initial_memory_size
+        .unwrap_or(0)
+        .saturating_mul(65_536);
+    let table = needs.max_initial_table_size.unwrap_or(0);
+    let short = [
+        (
+            "memories",
+            as_u64(limits.memories),
+            u64::from(needs.num_memories),
+            format!("{} linear memories", needs.num_memories),
+        ),
+        (
+            "tables",
+            as_u64(limits.tables),
+            u64::from(needs.num_tables),
+            format!("{} tables", needs.num_tables),
+        ),
+        (
+            "memory_bytes",
+            limits.memory_bytes,
+            memory,
+            format!("a linear memory of {memory} bytes"),
+        ),
+        (
+            "table_elements",
+            limits.table_elements,
+            table,
+            format!("a table of {table} elements"),
+        ),
+    ]
+    .into_iter()
+    .find(|(_, given, need, _)| given < need);
+    match short {
+        Some((key, given, _, need)) => Err(LoadError::LimitsTooSmall { key, given, need }),
+        None => Ok(()),
+    }
 }
 
 /// What a component imports, grouped as the operator needs to see it.
@@ -195,6 +267,8 @@ pub struct LoadedComponent {
     imports: ImportSummary,
     size: usize,
     cache: Option<CacheOutcome>,
+    /// Core instances it creates at its top level ([`count_core_instances`]).
+    core_instances: usize,
 }
 
 impl LoadedComponent {
@@ -274,6 +348,8 @@ pub async fn load(
 ) -> Result<LoadedComponent, LoadError> {
     let size = bytes.len();
     precheck(&bytes, Some(grants), options)?;
+    let core_instances =
+        count_core_instances(&bytes).map_err(|e| LoadError::Invalid(e.to_string()))?;
     let (component, cache) = compile(engine, bytes, options).await?;
     let imports = summarize_imports(engine, &component)?;
     check_grants(&imports, grants)?;
@@ -283,6 +359,7 @@ pub async fn load(
         imports,
         size,
         cache,
+        core_instances,
     })
 }
 
