@@ -34,7 +34,7 @@ use crate::queue::retry::{MAX_RETRY_ATTEMPTS, RetryPolicy};
 use crate::queue::store::config::StoreConfig;
 use crate::runtime::config::{
     DEFAULT_CACHE_DIR, EngineConfig, MAX_COMPONENT_BYTES, MAX_CONCURRENT_DELIVERIES,
-    MAX_SANDBOX_THREADS,
+    MAX_MEMORY_SLOTS, MAX_SANDBOX_THREADS,
 };
 use crate::secret::{SECRET_REF_FORMS, SecretRef, resolve_secret};
 use crate::sources::poller::PollerConfig;
@@ -504,6 +504,20 @@ impl Config {
                 None,
                 &format!(
                     "[engine] max_concurrent_deliveries must be between 1 and {MAX_CONCURRENT_DELIVERIES}"
+                ),
+            ));
+        }
+        let slots = raw.engine.max_concurrent_deliveries.saturating_mul(
+            usize::try_from(raw.engine.memories_per_delivery).unwrap_or(usize::MAX),
+        );
+        if slots > MAX_MEMORY_SLOTS {
+            return Err(v.error(
+                None,
+                &format!(
+                    "[engine] max_concurrent_deliveries ({}) × memories_per_delivery ({}) is {slots} \
+                     memory slots; the sandbox pool reserves about 4 GiB of address space for \
+                     each and may hold at most {MAX_MEMORY_SLOTS}: lower one of them",
+                    raw.engine.max_concurrent_deliveries, raw.engine.memories_per_delivery
                 ),
             ));
         }
@@ -1835,6 +1849,25 @@ identity = "writer"
         assert!(
             e.message.contains("table_elements must be between 1"),
             "{e}"
+        );
+        // Each pool setting within its range, their product past the address space: refused
+        // naming both, not left to fail in mmap at start.
+        let e = error(&format!(
+            "[engine]\nmax_concurrent_deliveries = 4096\nmemories_per_delivery = 8\n\
+             max_memories_per_component = 8\n\n{MINIMAL}"
+        ));
+        assert!(
+            e.message.contains(
+                "max_concurrent_deliveries (4096) × memories_per_delivery (8) is 32768 memory slots"
+            ),
+            "{e}"
+        );
+        assert!(
+            Fixture::new()
+                .parse(&format!(
+                    "[engine]\nmax_concurrent_deliveries = 4096\n\n{MINIMAL}"
+                ))
+                .is_ok()
         );
         let e = error(&format!("{MINIMAL}max_concurrency = 4097\n"));
         assert!(e.message.contains("must be between 1 and 4096"), "{e}");

@@ -22,6 +22,14 @@ pub const DEFAULT_MAX_CONCURRENT_DELIVERIES: usize = 64;
 /// and far more deliveries than a node can usefully run at once.
 pub const MAX_CONCURRENT_DELIVERIES: usize = 4096;
 
+/// Most linear-memory slots the sandbox pool may reserve: `max_concurrent_deliveries` ×
+/// `memories_per_delivery`. Each slot reserves about 4 GiB of address space (a memory of at
+/// most 1 GiB and its guard regions), so this is the 32 TiB [`MAX_CONCURRENT_DELIVERIES`]
+/// reserves at the default two memories per delivery. Each setting within its own range could
+/// otherwise ask for more than the 128 TiB a process has, and the engine would fail to start
+/// with an error from `mmap` that names no setting.
+pub const MAX_MEMORY_SLOTS: usize = MAX_CONCURRENT_DELIVERIES * 2;
+
 /// Most `[engine] sandbox_threads` accepted: more threads than sandboxes could ever run at once
 /// only cost memory (a thread stack each).
 pub const MAX_SANDBOX_THREADS: usize = 256;
