@@ -1884,3 +1884,37 @@ async fn an_engine_refused_every_scheduling_change_says_so_and_still_delivers() 
         "{log}"
     );
 }
+
+/// A path that is no endpoint, or an endpoint asked with another method, is answered in JSON
+/// like every other error, listing the endpoints, and the path asked is not echoed.
+#[tokio::test]
+async fn unknown_paths_and_methods_are_answered_in_json_naming_the_endpoints() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler("all", "log-context", "[\"*\"]", ""));
+    let answer = client()
+        .get(format!("{}/nope%0d%0aX-Injected:1", engine.url))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(answer.status().as_u16(), 404);
+    let body: Value = serde_json::from_str(&answer.text().await.expect("text")).expect("json");
+    let text = body["error"].as_str().expect("error");
+    assert!(text.contains("POST /v1/job-complete"), "{text}");
+    assert!(
+        !text.contains("nope") && !text.contains("Injected"),
+        "{text}"
+    );
+    let answer = client()
+        .get(format!("{}/v1/job-complete", engine.url))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(answer.status().as_u16(), 405);
+    let body: Value = serde_json::from_str(&answer.text().await.expect("text")).expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not take that method")),
+        "{body}"
+    );
+}

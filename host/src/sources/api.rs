@@ -138,8 +138,30 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The endpoints, for the answer to a request for another.
+const ENDPOINTS: &str = "POST /v1/job-complete, GET /v1/events/{id}, GET /v1/handlers, \
+                         GET /v1/forwarders, POST /v1/admin/reload, GET /metrics, GET /healthz";
+
+/// A path that is no endpoint: a JSON error listing them (the path is not echoed).
+async fn no_such_endpoint() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint; the API has {ENDPOINTS}"),
+    )
+}
+
+/// An endpoint asked with another method: a JSON error listing them (axum keeps `Allow`).
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("this endpoint does not take that method; the API has {ENDPOINTS}"),
+    )
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
