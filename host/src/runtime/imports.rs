@@ -47,32 +47,11 @@ pub enum SurfaceError {
 /// Reads the top-level imports and exports of the component in `bytes` (which must start with
 /// the component header; the load gate checks that first).
 pub fn read_surface(bytes: &[u8]) -> Result<Surface, SurfaceError> {
-    use wasmparser::{Chunk, ComponentTypeRef, Parser, Payload, TypeBounds};
+    use wasmparser::{ComponentTypeRef, Payload, TypeBounds};
 
     let malformed = |e: wasmparser::BinaryReaderError| SurfaceError::Malformed(e.to_string());
     let mut surface = Surface::default();
-    let mut parser = Parser::new(0);
-    let mut data = bytes;
-    loop {
-        let (consumed, payload) = match parser.parse(data, true).map_err(malformed)? {
-            Chunk::Parsed { consumed, payload } => (consumed, payload),
-            // With `eof = true` the parser reports missing bytes as an error, never this.
-            Chunk::NeedMoreData(_) => {
-                return Err(SurfaceError::Malformed(
-                    "unexpected end of the binary".into(),
-                ));
-            }
-        };
-        // Nested modules and components are skipped whole: only their length is read.
-        let skip = match &payload {
-            Payload::ModuleSection {
-                unchecked_range, ..
-            }
-            | Payload::ComponentSection {
-                unchecked_range, ..
-            } => unchecked_range.len(),
-            _ => 0,
-        };
+    top_level(bytes, |payload| {
         match payload {
             Payload::ComponentImportSection(reader) => {
                 for import in reader {
@@ -102,33 +81,51 @@ pub fn read_surface(bytes: &[u8]) -> Result<Surface, SurfaceError> {
                     "a code section at the top level of a component".into(),
                 ));
             }
-            Payload::End(_) => return Ok(surface),
             _ => {}
         }
-        let next = consumed
-            .checked_add(skip)
-            .and_then(|end| data.get(end..))
-            .ok_or_else(|| {
-                SurfaceError::Malformed("a nested module or component runs past the end".into())
-            })?;
-        data = next;
-    }
+        Ok(())
+    })?;
+    Ok(surface)
 }
 
 /// How many core module instances the component in `bytes` creates at its top level (each
 /// `instantiate` of its core instance sections; bags of exports are not instances), read like
-/// [`read_surface`], nested modules and components skipped by their length. A component that
-/// makes more in nested components is not counted lower than it makes at the top.
+/// [`read_surface`]. Instances nested components make are not counted: the count is never
+/// more than the component makes.
 pub fn count_core_instances(bytes: &[u8]) -> Result<usize, SurfaceError> {
-    use wasmparser::{Chunk, Instance, Parser, Payload};
+    use wasmparser::{Instance, Payload};
+
+    let mut count = 0usize;
+    top_level(bytes, |payload| {
+        if let Payload::InstanceSection(reader) = payload {
+            for instance in reader {
+                let instance = instance.map_err(|e| SurfaceError::Malformed(e.to_string()))?;
+                if let Instance::Instantiate { .. } = instance {
+                    count = count.saturating_add(1);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(count)
+}
+
+/// Hands each payload of the component's top level to `visit`, to its end. Nested modules and
+/// components are skipped whole: only their declared length is read, and checked against the
+/// bytes there are.
+fn top_level<'a>(
+    bytes: &'a [u8],
+    mut visit: impl FnMut(wasmparser::Payload<'a>) -> Result<(), SurfaceError>,
+) -> Result<(), SurfaceError> {
+    use wasmparser::{Chunk, Parser, Payload};
 
     let malformed = |e: wasmparser::BinaryReaderError| SurfaceError::Malformed(e.to_string());
     let mut parser = Parser::new(0);
     let mut data = bytes;
-    let mut count = 0usize;
     loop {
         let (consumed, payload) = match parser.parse(data, true).map_err(malformed)? {
             Chunk::Parsed { consumed, payload } => (consumed, payload),
+            // With `eof = true` the parser reports missing bytes as an error, never this.
             Chunk::NeedMoreData(_) => {
                 return Err(SurfaceError::Malformed(
                     "unexpected end of the binary".into(),
@@ -144,17 +141,10 @@ pub fn count_core_instances(bytes: &[u8]) -> Result<usize, SurfaceError> {
             } => unchecked_range.len(),
             _ => 0,
         };
-        match payload {
-            Payload::InstanceSection(reader) => {
-                for instance in reader {
-                    if let Instance::Instantiate { .. } = instance.map_err(malformed)? {
-                        count = count.saturating_add(1);
-                    }
-                }
-            }
-            Payload::End(_) => return Ok(count),
-            _ => {}
+        if let Payload::End(_) = payload {
+            return Ok(());
         }
+        visit(payload)?;
         data = consumed
             .checked_add(skip)
             .and_then(|end| data.get(end..))
