@@ -1711,6 +1711,13 @@ async fn k_enums_are_sent_by_name_whatever_their_numbers() {
 
 /// Runs the harness's `burst` mode (`count` RunHandler calls, then a normal exit) with `extra`
 /// options, waits for it to succeed, and gives its log.
+/// A spool directory that can never be made, even as root: it lies under a regular file.
+fn spool_that_cannot_open(site: &Site) -> String {
+    let blocker = site.path("not-a-directory");
+    std::fs::write(&blocker, b"a file").expect("blocking file");
+    blocker.join("spool").to_string_lossy().into_owned()
+}
+
 fn burst(build: &Path, site: &Site, count: usize, extra: &[&str], what: &str) -> String {
     let count = count.to_string();
     let mut args = vec!["--count", count.as_str()];
@@ -2172,10 +2179,7 @@ async fn v_a_registration_whose_spool_cannot_open_does_not_cost_the_others_their
     // hook), so all 1,000 are in memory at the exit: a flush after the broken one's would
     // write none of them, one beside it writes them in a second or two however busy the
     // machine (8,000 written by the writer meanwhile made this depend on the machine's load).
-    let blocker = site.path("not-a-directory");
-    std::fs::write(&blocker, b"a file").expect("blocking file");
-    let broken = blocker.join("spool");
-    let broken = broken.to_string_lossy();
+    let broken = spool_that_cannot_open(&site);
     let log = burst(
         build,
         &site,
@@ -2474,10 +2478,7 @@ async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
     // The spool cannot be opened (it lies under a regular file): every event waits in the
     // registration's in-memory queue. 1,000 such events are some 120 MB there without a byte
     // limit, under the default limit of 10,000 events.
-    let blocker = site.path("not-a-directory");
-    std::fs::write(&blocker, b"a file").expect("blocking file");
-    let broken = blocker.join("spool");
-    let broken = broken.to_string_lossy();
+    let broken = spool_that_cannot_open(&site);
     let sent = SENT.to_string();
     let mut problems = Vec::new();
     let harness = Harness::start(

@@ -830,18 +830,23 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
     }
 }
 
+/// A handler that traps on every inventory job and is not retried: each event is one failure.
+fn failing_inventory_handler() -> String {
+    handler(
+        "failing",
+        "guest-trap",
+        &format!("[\"{INVENTORY_TYPE}\"]"),
+        "[handlers.retry]\nmax_attempts = 1",
+    )
+}
+
 /// A reload that changes only `[quarantine]` applies it to the handlers it keeps (their
 /// component and settings unchanged), with the failures they already had: before, a kept
 /// handler went on under the old settings and nothing said so.
 #[tokio::test]
 async fn reload_applies_a_new_quarantine_to_the_handlers_it_keeps() {
     let setup = Setup::new();
-    let failing = handler(
-        "failing",
-        "guest-trap",
-        &format!("[\"{INVENTORY_TYPE}\"]"),
-        "[handlers.retry]\nmax_attempts = 1",
-    );
+    let failing = failing_inventory_handler();
     let quarantine = |after: u32| {
         format!("[quarantine]\nafter_failures = {after}\ninitial_backoff_ms = 600000\n\n{failing}")
     };
@@ -874,12 +879,7 @@ async fn reload_applies_a_new_quarantine_to_the_handlers_it_keeps() {
 #[tokio::test]
 async fn a_reload_that_only_moves_a_handler_keeps_its_quarantine() {
     let setup = Setup::new();
-    let failing = handler(
-        "failing",
-        "guest-trap",
-        &format!("[\"{INVENTORY_TYPE}\"]"),
-        "[handlers.retry]\nmax_attempts = 1",
-    );
+    let failing = failing_inventory_handler();
     let text = |comment: &str| {
         format!(
             "[quarantine]\nafter_failures = 1\ninitial_backoff_ms = 600000\n\n{comment}{failing}"
