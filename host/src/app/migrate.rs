@@ -216,6 +216,13 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
                     message: format!("a <property> of registration {} has no name", quoted(&name)),
                 });
             }
+            if pname.chars().any(char::is_control) {
+                return Err(MigrateError {
+                    file: file.to_owned(),
+                    line: Some(at),
+                    message: control_in_name(pname, &name),
+                });
+            }
             // `<property name="x" value="v"/>`, or Unity's `<property name="x"><value value="v"/></property>`.
             let value = property.attribute("value").or_else(|| {
                 property
@@ -257,6 +264,17 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
         });
     }
     Ok(out)
+}
+
+/// Why a property name with a control character is refused: the engine refuses such names
+/// (a .NET property name never holds one), so the import would write a file `check` refuses.
+fn control_in_name(property: &str, registration: &str) -> String {
+    format!(
+        "property {} of registration {} holds a control character (a line break, a tab, an \
+         escape); the engine refuses such names: rename the property",
+        quoted(property),
+        quoted(registration)
+    )
 }
 
 /// Why a registration that gives `JobTypes` twice is refused: one of the two would be lost
@@ -569,6 +587,9 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
                 ));
             };
             for (key, value) in options {
+                if key.chars().any(char::is_control) {
+                    return Err(fail(line, control_in_name(key, name)));
+                }
                 let value = match value {
                     Value::String(s) => s.clone(),
                     Value::Number(n) => n.to_string(),
@@ -1302,7 +1323,7 @@ mod tests {
     fn imported_keys_and_values_parse_back_with_the_engine_parser() {
         let hostile = [
             (
-                "Weird\" = 1\n[server]",
+                "Weird\" = 1 [server]",
                 "x\n[server]\nlisten = \"0.0.0.0:1\"",
             ),
             ("trailing\\", "'''\"\"\"\u{0}"),
@@ -1381,6 +1402,30 @@ mod tests {
             "{}",
             told[0]
         );
+    }
+
+    /// A property name holding a control character is refused at import in either format,
+    /// naming it: the engine would refuse the file written.
+    #[test]
+    fn property_names_with_control_characters_are_refused_at_import() {
+        let web = format!(
+            "<configuration><unity><container>\n\
+             <register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"A.B, A\" name=\"Hook\">\n\
+             <property name=\"Bad&#10;Name\" value=\"x\" />\n\
+             </register></container></unity></configuration>"
+        );
+        let manifest = format!(
+            "{{\n \"extensions\": {{\n  \"{MANIFEST_SECTION}\": {{\n   \"Hook\": {{ \
+             \"TypeFullName\": \"A.B\", \"Options\": {{ \"Bad\\tName\": \"x\" }} }}\n  }}\n }}\n}}\n"
+        );
+        for (text, file) in [(web, "web.config"), (manifest, "manifest.json")] {
+            let e = read_registrations(&text, file).unwrap_err();
+            assert!(
+                e.message.contains("holds a control character"),
+                "{file}: {e:?}"
+            );
+            assert!(e.message.contains("\"Hook\""), "{file}: {e:?}");
+        }
     }
 
     /// A registration giving `JobTypes` twice, in either format and in any case, is refused
