@@ -50,6 +50,19 @@ struct PhaseLabels {
     phase: &'static str,
 }
 
+/// The sources events are counted by (`queue::store::SOURCE_API`, `SOURCE_POLLER`).
+pub const EVENT_SOURCES: [&str; 2] = ["api", "poller"];
+
+/// The reasons `jobhook_ingest_store_failures_total` counts (`sources::api`'s answers when the
+/// store cannot commit an event).
+pub const STORE_FAILURE_REASONS: [&str; 4] = ["disk-full", "unreachable", "timeout", "error"];
+
+/// The caps `jobhook_connections_refused_total` counts by (`connections::Refusal::setting`).
+pub const CONNECTION_CAPS: [&str; 2] = ["max_connections", "max_connections_per_client"];
+
+/// The phases `jobhook_connections_timed_out_total` counts by.
+pub const SLOW_CLIENT_PHASES: [&str; 3] = ["header", "body", "idle"];
+
 /// The engine's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -222,6 +235,25 @@ impl Metrics {
             "Lines of the engine's own log dropped because its writer (stderr) fell behind",
             log_lines_dropped.clone(),
         );
+        // Every series whose label values are known up front exists from the start, at zero: a
+        // family without series is not written at all, so an alert or a dashboard built from the
+        // documented names would find nothing to match until the first increment.
+        for source in EVENT_SOURCES {
+            let labels = SourceLabels {
+                source: source.to_owned(),
+            };
+            drop(events.get_or_create(&labels));
+            drop(unrouted.get_or_create(&labels));
+        }
+        for reason in STORE_FAILURE_REASONS {
+            drop(store_failures.get_or_create(&ReasonLabels { reason }));
+        }
+        for reason in CONNECTION_CAPS {
+            drop(connections_refused.get_or_create(&ReasonLabels { reason }));
+        }
+        for phase in SLOW_CLIENT_PHASES {
+            drop(connections_timed_out.get_or_create(&PhaseLabels { phase }));
+        }
         Metrics {
             log_lines_dropped,
             log_drops: LogDrops::default(),
@@ -380,6 +412,30 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// Every documented series whose labels are known up front is written from the start, at
+    /// zero; the label values are the ones the engine counts with.
+    #[test]
+    fn known_series_exist_from_the_start() {
+        assert_eq!(
+            EVENT_SOURCES,
+            [
+                crate::queue::store::SOURCE_API,
+                crate::queue::store::SOURCE_POLLER
+            ]
+        );
+        let text = Metrics::new().render(None, 0);
+        for series in [
+            "jobhook_events_accepted_total{source=\"api\"} 0",
+            "jobhook_events_unrouted_total{source=\"poller\"} 0",
+            "jobhook_ingest_store_failures_total{reason=\"disk-full\"} 0",
+            "jobhook_ingest_store_failures_total{reason=\"timeout\"} 0",
+            "jobhook_connections_refused_total{reason=\"max_connections_per_client\"} 0",
+            "jobhook_connections_timed_out_total{phase=\"idle\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+    }
+
     #[test]
     fn renders_counters_gauges_and_histograms() {
         let m = Metrics::new();
@@ -398,7 +454,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            !text.contains("jobhook_events_unrouted_total{source=\"api\"}"),
+            text.contains("jobhook_events_unrouted_total{source=\"api\"} 0"),
             "{text}"
         );
         assert!(

@@ -347,10 +347,14 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
     }
     assert_healthy(&client, &engine.url).await;
     let (_, metrics) = get(&client, &engine.url, "/metrics").await;
-    assert!(
-        metrics.contains("jobhook_ingest_store_failures_total{reason=\"disk-full\"}"),
-        "{metrics}"
-    );
+    let failures = |reason: &str| {
+        jobhook_testkit::metric_value(
+            &metrics,
+            &format!("jobhook_ingest_store_failures_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(failures("disk-full") > 0.0, "{metrics}");
     assert!(
         engine
             .log_text()
@@ -433,14 +437,15 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
     let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
     // Nothing refused the engine: every refusal says the store did not answer, whether the
     // commit or the wait for a pooled connection ran out first.
-    assert!(
-        metrics.contains("jobhook_ingest_store_failures_total{reason=\"timeout\"}"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("jobhook_ingest_store_failures_total{reason=\"unreachable\"}"),
-        "{metrics}"
-    );
+    let failures = |reason: &str| {
+        jobhook_testkit::metric_value(
+            &metrics,
+            &format!("jobhook_ingest_store_failures_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(failures("timeout") > 0.0, "{metrics}");
+    assert_eq!(failures("unreachable"), 0.0, "{metrics}");
 
     drop(thaw);
     accepts_again(&runtime, &client, &engine, "the thaw");
@@ -1025,10 +1030,11 @@ fn a_postgres_restart_under_load_is_refused_with_503_and_the_node_reconnects_by_
     }
     let reconnected_in = up.elapsed();
     let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
-    assert!(
-        metrics.contains("jobhook_ingest_store_failures_total{reason=\"unreachable\"}"),
-        "{metrics}"
+    let unreachable = jobhook_testkit::metric_value(
+        &metrics,
+        "jobhook_ingest_store_failures_total{reason=\"unreachable\"}",
     );
+    assert!(unreachable.is_some_and(|n| n > 0.0), "{metrics}");
 
     let report = driver.join().expect("load driver");
     let parsed: Value = serde_json::from_str(report.trim())

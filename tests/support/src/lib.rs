@@ -158,3 +158,11 @@ pub fn sample_context_json() -> serde_json::Value {
         "CurrentRetryCount": 0
     })
 }
+
+/// The value of one series in a Prometheus text page (`name{labels}` as written there), or
+/// `None` when the page has no such series.
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
