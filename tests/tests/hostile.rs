@@ -107,17 +107,25 @@ async fn one_huge_allocation_hits_the_memory_limit() {
     assert!(outcome.memory_bytes <= MEMORY, "{}", outcome.memory_bytes);
 }
 
+/// A memory declared larger than the handler's budget is seen in the binary: refused at load,
+/// naming the need, instead of failing every delivery at instantiation. (Growth past the
+/// budget at run time is the limiter's: the memory bombs below.)
 #[tokio::test]
-async fn a_start_time_memory_larger_than_the_limit_is_refused_at_instantiation() {
+async fn a_start_time_memory_larger_than_the_limit_is_refused_at_load() {
     // 2,000 pages = 125 MiB of initial memory against a 16 MiB budget.
     let component = CoreModule {
         memory: r#"(memory (export "memory") 2000)"#,
         ..CoreModule::default()
     }
     .component();
-    let outcome = run_hostile(component, spec("big-memory", &[])).await;
-    expect_limit(&outcome, LimitKind::Memory);
-    assert_eq!(outcome.memory_bytes, 0);
+    let error = refuse(component, spec("big-memory", &[])).await;
+    match &error {
+        LoadError::LimitsTooSmall { key, need, .. } => {
+            assert_eq!(*key, "memory_bytes");
+            assert!(need.contains("131072000 bytes"), "{need}");
+        }
+        other => panic!("expected LimitsTooSmall, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -180,12 +188,32 @@ async fn an_instance_bomb_beyond_the_pool_is_refused_at_load() {
 
 #[tokio::test]
 async fn an_instance_bomb_within_the_pool_hits_the_handler_limit_at_instantiation() {
-    let component = corpus::with_extra_instances(&CoreModule::default().component(), "", 10);
+    // Made inside a nested component: the load gate counts the top level only.
+    let component = corpus::with_nested_extra_instances(&CoreModule::default().component(), "", 10);
     let mut s = spec("instance-bomb", &[]);
     s.limits.instances = 8;
     let outcome = run_hostile(component, s).await;
     let detail = expect_limit(&outcome, LimitKind::Instances);
     assert!(detail.contains("instance count"), "{detail}");
+}
+
+/// The same bomb at the top level is seen in the binary: refused at load, naming the limit.
+#[tokio::test]
+async fn an_instance_bomb_at_the_top_level_past_the_handler_limit_is_refused_at_load() {
+    let component = corpus::with_extra_instances(&CoreModule::default().component(), "", 10);
+    let mut s = spec("instance-bomb", &[]);
+    s.limits.instances = 8;
+    let error = refuse(component, s).await;
+    assert!(
+        matches!(
+            error,
+            LoadError::LimitsTooSmall {
+                key: "instances",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -199,15 +227,28 @@ async fn a_memory_count_bomb_beyond_the_pool_is_refused_at_load() {
     }
 }
 
+/// Memories are declared, never made at run time: more than the handler's limit is seen in
+/// the binary and refused at load (nested components included), naming the limit.
 #[tokio::test]
-async fn a_memory_count_bomb_within_the_pool_hits_the_handler_limit_at_instantiation() {
-    let component =
-        corpus::with_extra_instances(&CoreModule::default().component(), "(memory 1)", 1);
-    let mut s = spec("memory-count-bomb", &[]);
-    s.limits.memories = 1;
-    let outcome = run_hostile(component, s).await;
-    let detail = expect_limit(&outcome, LimitKind::Instances);
-    assert!(detail.contains("memory count"), "{detail}");
+async fn a_memory_count_bomb_within_the_pool_past_the_handler_limit_is_refused_at_load() {
+    for component in [
+        corpus::with_extra_instances(&CoreModule::default().component(), "(memory 1)", 1),
+        corpus::with_nested_extra_instances(&CoreModule::default().component(), "(memory 1)", 1),
+    ] {
+        let mut s = spec("memory-count-bomb", &[]);
+        s.limits.memories = 1;
+        let error = refuse(component, s).await;
+        assert!(
+            matches!(
+                error,
+                LoadError::LimitsTooSmall {
+                    key: "memories",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -235,16 +276,26 @@ async fn as_many_tables_as_the_pool_allows_load_and_run() {
     assert_eq!(outcome.kind, OutcomeKind::Succeeded, "{outcome:#?}");
 }
 
+/// Tables too are declared: more than the handler's limit is refused at load, nested
+/// components included, naming the limit.
 #[tokio::test]
-async fn a_table_count_bomb_within_the_pool_hits_the_handler_limit_at_instantiation() {
-    let component =
-        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 3);
-    let mut s = spec("table-count-bomb", &[]);
-    s.limits.tables = 2;
-    let outcome = run_hostile(component, s).await;
-    let detail = expect_limit(&outcome, LimitKind::Instances);
-    assert!(detail.contains("table count too high at 3"), "{detail}");
-    assert!(detail.contains("2 tables"), "{detail}");
+async fn a_table_count_bomb_within_the_pool_past_the_handler_limit_is_refused_at_load() {
+    for component in [
+        corpus::with_extra_instances(&CoreModule::default().component(), "(table 1 funcref)", 3),
+        corpus::with_nested_extra_instances(
+            &CoreModule::default().component(),
+            "(table 1 funcref)",
+            3,
+        ),
+    ] {
+        let mut s = spec("table-count-bomb", &[]);
+        s.limits.tables = 2;
+        let error = refuse(component, s).await;
+        assert!(
+            matches!(error, LoadError::LimitsTooSmall { key: "tables", .. }),
+            "{error:?}"
+        );
+    }
 }
 
 /// Loads the template with one extra core instance of `module_wat`, which uses a WebAssembly
