@@ -31,6 +31,10 @@ pub struct Surface {
     pub imports: Vec<(String, ImportKind)>,
     /// Export names (escaped).
     pub exports: Vec<String>,
+    /// Core module instances the component creates at its top level (each `instantiate` of its
+    /// core instance sections; bags of exports are not instances). Instances nested components
+    /// make are not counted: the count is never more than the component makes.
+    pub core_instances: usize,
 }
 
 /// Why the surface could not be read.
@@ -47,7 +51,7 @@ pub enum SurfaceError {
 /// Reads the top-level imports and exports of the component in `bytes` (which must start with
 /// the component header; the load gate checks that first).
 pub fn read_surface(bytes: &[u8]) -> Result<Surface, SurfaceError> {
-    use wasmparser::{ComponentTypeRef, Payload, TypeBounds};
+    use wasmparser::{ComponentTypeRef, Instance, Payload, TypeBounds};
 
     let malformed = |e: wasmparser::BinaryReaderError| SurfaceError::Malformed(e.to_string());
     let mut surface = Surface::default();
@@ -75,6 +79,13 @@ pub fn read_surface(bytes: &[u8]) -> Result<Surface, SurfaceError> {
                     check_count(&surface)?;
                 }
             }
+            Payload::InstanceSection(reader) => {
+                for instance in reader {
+                    if let Instance::Instantiate { .. } = instance.map_err(malformed)? {
+                        surface.core_instances = surface.core_instances.saturating_add(1);
+                    }
+                }
+            }
             Payload::CodeSectionStart { .. } => {
                 // Only core modules have code sections, and the outer binary is a component.
                 return Err(SurfaceError::Malformed(
@@ -86,28 +97,6 @@ pub fn read_surface(bytes: &[u8]) -> Result<Surface, SurfaceError> {
         Ok(())
     })?;
     Ok(surface)
-}
-
-/// How many core module instances the component in `bytes` creates at its top level (each
-/// `instantiate` of its core instance sections; bags of exports are not instances), read like
-/// [`read_surface`]. Instances nested components make are not counted: the count is never
-/// more than the component makes.
-pub fn count_core_instances(bytes: &[u8]) -> Result<usize, SurfaceError> {
-    use wasmparser::{Instance, Payload};
-
-    let mut count = 0usize;
-    top_level(bytes, |payload| {
-        if let Payload::InstanceSection(reader) = payload {
-            for instance in reader {
-                let instance = instance.map_err(|e| SurfaceError::Malformed(e.to_string()))?;
-                if let Instance::Instantiate { .. } = instance {
-                    count = count.saturating_add(1);
-                }
-            }
-        }
-        Ok(())
-    })?;
-    Ok(count)
 }
 
 /// Hands each payload of the component's top level to `visit`, to its end. Nested modules and

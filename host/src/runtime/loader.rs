@@ -18,7 +18,7 @@ use crate::bindings::HandlerPre;
 use crate::capabilities::{ALWAYS_AVAILABLE, Capability, Grants};
 use crate::runtime::aot::CacheOutcome;
 use crate::runtime::engine::Engine;
-use crate::runtime::imports::{ImportKind, count_core_instances, read_surface};
+use crate::runtime::imports::{ImportKind, read_surface};
 use crate::runtime::state::{SandboxState, linker};
 
 /// The WIT package handlers are built against, and its version.
@@ -267,7 +267,7 @@ pub struct LoadedComponent {
     imports: ImportSummary,
     size: usize,
     cache: Option<CacheOutcome>,
-    /// Core instances it creates at its top level ([`count_core_instances`]).
+    /// Core instances it creates at its top level ([`crate::runtime::imports::Surface`]).
     core_instances: usize,
 }
 
@@ -315,12 +315,13 @@ pub struct Inspection {
 /// refuses it when they cannot fit: an import the engine does not provide or at a version it
 /// does not implement, a capability `grants` does not allow (skipped when `grants` is `None`),
 /// or no `run-handler` export. Milliseconds even for an 18 MB component; the compile that
-/// follows checks everything again on the compiled types.
+/// follows checks everything again on the compiled types. Also gives the core instances its
+/// top level makes, read in the same pass ([`check_needs`] compares them with the limit).
 pub fn precheck(
     bytes: &[u8],
     grants: Option<&Grants>,
     options: &LoadOptions,
-) -> Result<ImportSummary, LoadError> {
+) -> Result<(ImportSummary, usize), LoadError> {
     check_header(bytes, options)?;
     let surface = read_surface(bytes).map_err(|e| LoadError::Invalid(e.to_string()))?;
     let (summary, problem) = classify_imports(
@@ -336,7 +337,7 @@ pub fn precheck(
         check_grants(&summary, grants)?;
     }
     check_handler_export(&surface.exports)?;
-    Ok(summary)
+    Ok((summary, surface.core_instances))
 }
 
 /// Checks and prepares a component for a handler with `grants`.
@@ -347,9 +348,7 @@ pub async fn load(
     options: &LoadOptions,
 ) -> Result<LoadedComponent, LoadError> {
     let size = bytes.len();
-    precheck(&bytes, Some(grants), options)?;
-    let core_instances =
-        count_core_instances(&bytes).map_err(|e| LoadError::Invalid(e.to_string()))?;
+    let (_, core_instances) = precheck(&bytes, Some(grants), options)?;
     let (component, cache) = compile(engine, bytes, options).await?;
     let imports = summarize_imports(engine, &component)?;
     check_grants(&imports, grants)?;
