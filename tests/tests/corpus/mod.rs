@@ -274,37 +274,36 @@ pub fn returning(area: &str, payload: &str) -> Vec<u8> {
 /// `count` is large). Done on the printed text: appended items take the next indices, so nothing
 /// already in the component is renumbered.
 pub fn with_extra_instances(component: &[u8], module_wat: &str, count: usize) -> Vec<u8> {
-    let text = wasmprinter::print_bytes(component).expect("print component");
-    let end = text
-        .trim_end()
-        .rfind(')')
-        .expect("component text ends with )");
-    let mut extended = text[..end].to_owned();
-    extended.push_str(&format!("(core module $bomb {module_wat})\n"));
-    for _ in 0..count {
-        extended.push_str("(core instance (instantiate $bomb))\n");
-    }
-    extended.push(')');
-    wat::parse_str(&extended).expect("extended component parses")
+    let instances = "(core instance (instantiate $bomb))\n".repeat(count);
+    extended(
+        component,
+        &format!("(core module $bomb {module_wat})\n{instances}"),
+    )
 }
 
 /// Like [`with_extra_instances`], with the `count` instances made inside a nested component the
 /// outer one instantiates: the load gate counts only the top level's core instances
 /// (`loader::check_needs`), so such a bomb is met by the sandbox's limiter at instantiation.
 pub fn with_nested_extra_instances(component: &[u8], module_wat: &str, count: usize) -> Vec<u8> {
+    let instances = "(core instance (instantiate $bomb))\n".repeat(count);
+    extended(
+        component,
+        &format!(
+            "(component $nest (core module $bomb {module_wat})\n{instances})\n\
+             (instance (instantiate $nest))\n"
+        ),
+    )
+}
+
+/// `component` with `wat` added at the end of its top level.
+fn extended(component: &[u8], wat: &str) -> Vec<u8> {
     let text = wasmprinter::print_bytes(component).expect("print component");
     let end = text
         .trim_end()
         .rfind(')')
         .expect("component text ends with )");
     let mut extended = text[..end].to_owned();
-    extended.push_str(&format!(
-        "(component $nest (core module $bomb {module_wat})\n"
-    ));
-    for _ in 0..count {
-        extended.push_str("(core instance (instantiate $bomb))\n");
-    }
-    extended.push_str(")\n(instance (instantiate $nest))\n");
+    extended.push_str(wat);
     extended.push(')');
     wat::parse_str(&extended).expect("extended component parses")
 }
