@@ -1170,6 +1170,9 @@ impl Validator<'_> {
 /// (`server.max_body_bytes: invalid type: …`) or, when it recorded none, the text of the line,
 /// and its message with the text it quotes cut short.
 fn toml_error(e: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
+    if e.span().is_none() && e.message() == "recursion limit" {
+        return key_too_deep(text, path);
+    }
     let span = e.span();
     let message = cap_quoted(e.message());
     let message = match (toml_key_path(e), span.clone()) {
@@ -1184,6 +1187,50 @@ fn toml_error(e: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
         file: path.to_path_buf(),
         line: span.map(|s| line_of(text, s.start)),
         message: capped(message),
+    }
+}
+
+/// Most parts a dotted key or table header may have: the `toml` crate's parser stops at 80
+/// (its recursion limit) and says only "recursion limit", with no place.
+const TOML_KEY_PARTS_LIMIT: usize = 80;
+
+/// The error for a key of [`TOML_KEY_PARTS_LIMIT`] or more dotted parts: the parser gave no
+/// place, so the first line with that many dots outside quotes is named (a value's dots, as in
+/// `1.5`, are too few to be mistaken for it).
+fn key_too_deep(text: &str, path: &Path) -> ConfigError {
+    let found = text.split('\n').enumerate().find(|(_, line)| {
+        let mut quote = None;
+        let dots = line
+            .chars()
+            .filter(|&c| {
+                match (quote, c) {
+                    (None, '"' | '\'') => quote = Some(c),
+                    (Some(q), c) if c == q => quote = None,
+                    (None, '#') => quote = Some('\n'),
+                    _ => {}
+                }
+                quote.is_none() && c == '.'
+            })
+            .count();
+        dots + 1 >= TOML_KEY_PARTS_LIMIT
+    });
+    let message = format!(
+        "a key or table header has {TOML_KEY_PARTS_LIMIT} or more dotted parts, more than the \
+         TOML reader takes; jobhook's settings are a few levels deep (`[handlers.limits]` then \
+         `timeout_ms = ...`), so a key this long is a mistake"
+    );
+    ConfigError {
+        file: path.to_path_buf(),
+        line: found.map(|(index, _)| index + 1),
+        message: capped(
+            match found.and_then(|(_, line)| {
+                let line = line.trim();
+                (!line.is_empty()).then(|| excerpt(line, MAX_QUOTED_CHARS).into_owned())
+            }) {
+                Some(source) => format!("{message} (in `{source}`)"),
+                None => message,
+            },
+        ),
     }
 }
 
@@ -1358,6 +1405,32 @@ backoff_ms = 100
 
     fn error(text: &str) -> ConfigError {
         Fixture::new().parse(text).unwrap_err()
+    }
+
+    /// A key of 80 or more dotted parts, which the TOML reader refuses without a place, is
+    /// named with its line, as a table header or a key; a string full of dots is not it.
+    #[test]
+    fn keys_too_deep_for_the_toml_reader_are_named_with_their_line() {
+        let dotted = format!("x{}", ".x".repeat(100));
+        let dots_in_a_value = format!("note = \"{}\" # {}", ".".repeat(200), ".".repeat(200));
+        for (text, line) in [
+            (format!("[server]\n{dots_in_a_value}\n{dotted} = 1\n"), 3),
+            (format!("[{dotted}]\n"), 1),
+            (format!("a = 1\n[[{dotted}]]\n"), 2),
+        ] {
+            let e = error(&text);
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(
+                e.message
+                    .starts_with("a key or table header has 80 or more dotted parts"),
+                "{e}"
+            );
+            assert!(e.message.contains("(in `"), "{e}");
+        }
+        // 79 parts are within the reader's limit: the usual unknown-key error, with its line.
+        let e = error(&format!("[server]\nx{} = 1\n", ".x".repeat(77)));
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
     }
 
     /// A token a client could never send back — blank, with a space or a control character —
