@@ -300,3 +300,33 @@ fn forwarder_registration_for_both_generations() {
     roxmltree::Document::parse(&both[..split]).expect("XML part");
     serde_json::from_str::<serde_json::Value>(&both[split..]).expect("JSON part");
 }
+
+/// An engine with only admin tokens still wants a token from the forwarder, but not one that
+/// opens everything: the registration carries the placeholder and says to add a sender's token.
+#[test]
+fn forwarder_registration_asks_for_a_senders_token_when_only_admin_tokens_exist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("h.wasm"), b"\0asm").expect("write");
+    std::fs::write(dir.path().join("admin"), "adm1n-token").expect("write");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:8480\"\nadmin_tokens = [{ file = \"admin\" }]\n\n\
+         [[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\n\
+         job_types = [\"7B6BBC1B-D802-4B09-BEC9-F5C221083130\"]\n",
+    )
+    .expect("write config");
+    let config = config.to_str().expect("UTF-8 path");
+    let (code, xml, stderr) =
+        jobhook(&["forwarder-config", "--config", config, "--generation", "10"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        xml.contains(jobhook::app::migrate::TOKEN_PLACEHOLDER),
+        "{xml}"
+    );
+    assert!(
+        stderr.contains("add a token for the forwarder to [server] tokens"),
+        "{stderr}"
+    );
+    assert!(!xml.contains("adm1n-token") && !stderr.contains("adm1n-token"));
+}

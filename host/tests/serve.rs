@@ -570,6 +570,101 @@ async fn tokens_protect_everything_but_healthz() {
     );
 }
 
+/// `method path` with `token`: the status and the body.
+async fn call_with(engine: &EngineProcess, method: &str, path: &str, token: &str) -> (u16, String) {
+    let url = format!("{}{path}", engine.url);
+    let request = match method {
+        "POST" if path == "/v1/job-complete" => client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(sample_context_json().to_string()),
+        "POST" => client().post(url),
+        _ => client().get(url),
+    };
+    let response = request.bearer_auth(token).send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("text"))
+}
+
+/// With admin tokens configured, a sender's token (the one the Keyfactor server holds) opens
+/// only ingest and metrics: reading events and handlers, the forwarders' list and reloading
+/// answer 403 to it, and an admin token opens all of them. A reload replaces both kinds.
+#[tokio::test]
+async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    std::fs::write(dir.join("send"), "sender-t0ken\n").expect("write");
+    std::fs::write(dir.join("admin"), "admin-t0ken\n").expect("write");
+    let config = setup.config(&handler("all", "log-context", "[\"*\"]", ""));
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntokens = [{ file = \"send\" }]\n\
+             admin_tokens = [{ file = \"admin\" }]",
+        ),
+    )
+    .expect("write");
+    let engine = EngineProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &dir.join("engine.log"),
+    );
+    let (status, answer) = call_with(&engine, "POST", "/v1/job-complete", "sender-t0ken").await;
+    assert_eq!(status, 202, "{answer}");
+    let id = serde_json::from_str::<Value>(&answer).expect("JSON")["event_id"]
+        .as_str()
+        .expect("event id")
+        .to_owned();
+    let (status, _) = call_with(&engine, "GET", "/metrics", "sender-t0ken").await;
+    assert_eq!(status, 200);
+    // The admin token file changes now: a reload the sender's token could make would put the
+    // new admin token in use and the old one out.
+    std::fs::write(dir.join("admin"), "admin-t0ken-2\n").expect("write");
+    let event = format!("/v1/events/{id}");
+    for (method, path) in [
+        ("GET", event.as_str()),
+        ("GET", "/v1/handlers"),
+        ("GET", "/v1/forwarders"),
+        ("POST", "/v1/admin/reload"),
+    ] {
+        let (status, answer) = call_with(&engine, method, path, "sender-t0ken").await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert!(answer.contains("[server] admin_tokens"), "{answer}");
+        let (status, _) = call_with(&engine, method, path, "wrong").await;
+        assert_eq!(status, 401, "{method} {path}");
+    }
+    for (method, path) in [
+        ("POST", "/v1/job-complete"),
+        ("GET", "/metrics"),
+        ("GET", event.as_str()),
+        ("GET", "/v1/handlers"),
+        ("GET", "/v1/forwarders"),
+    ] {
+        let (status, answer) = call_with(&engine, method, path, "admin-t0ken").await;
+        assert!(
+            status == 200 || status == 202,
+            "{method} {path}: {status} {answer}"
+        );
+    }
+    // The admin's reload puts the new admin token in use; the sender's token is unchanged.
+    let (status, answer) = call_with(&engine, "POST", "/v1/admin/reload", "admin-t0ken").await;
+    assert_eq!(status, 200, "{answer}");
+    let report: Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(
+        report["secrets_reloaded"],
+        json!(["server.admin_tokens"]),
+        "{report}"
+    );
+    let (status, _) = call_with(&engine, "GET", "/v1/handlers", "admin-t0ken").await;
+    assert_eq!(status, 401);
+    let (status, _) = call_with(&engine, "GET", "/v1/handlers", "admin-t0ken-2").await;
+    assert_eq!(status, 200);
+    let (status, _) = call_with(&engine, "POST", "/v1/job-complete", "sender-t0ken").await;
+    assert_eq!(status, 202);
+}
+
 #[tokio::test]
 async fn retries_follow_the_policy_and_quarantine_sets_a_failing_handler_aside() {
     let setup = Setup::new();

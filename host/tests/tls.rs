@@ -266,6 +266,14 @@ fn exposed_listeners_need_tls_for_tokens_and_some_authentication() {
     assert!(stderr.contains("[server] tls"), "{stderr}");
     assert!(stderr.contains("127.0.0.1"), "{stderr}");
     assert!(stderr.contains("allow_plaintext_tokens = true"), "{stderr}");
+    // Admin tokens are bearer tokens too.
+    let stderr = refused(
+        &setup,
+        "listen = \"0.0.0.0:0\"\nadmin_tokens = [{ env = \"JOBHOOK_TEST_TLS_TOKEN\" }]",
+    );
+    assert!(stderr.contains("jobhook.toml:3"), "{stderr}");
+    assert!(stderr.contains("[server] admin_tokens"), "{stderr}");
+    assert!(stderr.contains("allow_plaintext_tokens = true"), "{stderr}");
 
     // Nothing at all on every interface: refused.
     let stderr = refused(&setup, "listen = \"0.0.0.0:0\"");

@@ -37,6 +37,7 @@ use crate::runtime::config::{
     MAX_MEMORY_SLOTS, MAX_SANDBOX_THREADS,
 };
 use crate::secret::{SECRET_REF_FORMS, SecretRef, resolve_secret};
+use crate::sources::api::AcceptedTokens;
 use crate::sources::poller::PollerConfig;
 
 /// Where the HTTP API listens by default: loopback only, so an unconfigured engine is not
@@ -214,9 +215,13 @@ pub struct ServerConfig {
     /// Address and port to listen on.
     #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
-    /// Bearer tokens accepted on every endpoint but `/healthz`; none means no authentication
-    /// (only sensible on loopback).
+    /// Bearer tokens for senders (the forwarder, a metrics scraper): with `admin_tokens`
+    /// configured they open only `POST /v1/job-complete` and `GET /metrics`, without them every
+    /// endpoint but `/healthz` (which needs no token). None of either kind means no
+    /// authentication (only sensible on loopback).
     pub tokens: Vec<SecretRef>,
+    /// Bearer tokens for operators: every endpoint, reload, handlers and event reads included.
+    pub admin_tokens: Vec<SecretRef>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Graceful shutdown bound, in milliseconds.
@@ -272,6 +277,7 @@ impl Default for ServerConfig {
                 .parse()
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8480))),
             tokens: Vec::new(),
+            admin_tokens: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             tls: None,
@@ -447,6 +453,7 @@ struct SpansDoc {
 struct ServerSpans {
     listen: Option<Spanned<toml::Value>>,
     tokens: Option<Spanned<toml::Value>>,
+    admin_tokens: Option<Spanned<toml::Value>>,
 }
 
 /// A `Spanned` for a key that was left out: no line of its own.
@@ -622,17 +629,47 @@ impl Config {
         })
     }
 
-    /// The bearer tokens, resolved.
-    pub fn resolve_tokens(&self) -> Result<Vec<String>, ConfigError> {
+    /// The bearer tokens of both kinds, resolved. One token in both lists is refused: it would
+    /// open everything, which is not what listing it as a sender's says.
+    pub fn resolve_tokens(&self) -> Result<AcceptedTokens, ConfigError> {
+        let senders = self.resolve_token_list("tokens", &self.server.tokens)?;
+        let admins = self.resolve_token_list("admin_tokens", &self.server.admin_tokens)?;
+        for (reference, token) in self.server.admin_tokens.iter().zip(&admins) {
+            if let Some(sender) = senders.iter().position(|s| s == token) {
+                let named = |r: Option<&SecretRef>| {
+                    r.map(|r| crate::escape::escape(&r.to_string()).into_owned())
+                        .unwrap_or_default()
+                };
+                return Err(ConfigError {
+                    file: self.path.clone(),
+                    line: None,
+                    message: format!(
+                        "server.admin_tokens: the token from {} is also in [server] tokens (from \
+                         {}); a sender's token opens only posting events and metrics, an admin \
+                         token everything: give each its own token",
+                        named(Some(reference)),
+                        named(self.server.tokens.get(sender)),
+                    ),
+                });
+            }
+        }
+        Ok(AcceptedTokens { senders, admins })
+    }
+
+    /// The tokens of `[server] <key>`, resolved; a message names the key and which reference.
+    fn resolve_token_list(
+        &self,
+        key: &str,
+        references: &[SecretRef],
+    ) -> Result<Vec<String>, ConfigError> {
         let base = self.path.parent().unwrap_or(Path::new("."));
-        self.server
-            .tokens
+        references
             .iter()
             .map(|t| {
                 let fail = |message: String| ConfigError {
                     file: self.path.clone(),
                     line: None,
-                    message: format!("server.tokens: {message}"),
+                    message: format!("server.{key}: {message}"),
                 };
                 let token = resolve_secret(t, base)
                     .map(|s| s.expose().to_owned())
@@ -830,22 +867,30 @@ impl Validator<'_> {
         // Lines of the keys involved, from a second, lenient read of the text.
         let spans: SpansDoc = toml::from_str(self.text).unwrap_or_default();
         let listen_line = spans.server.listen.and_then(|l| self.line(l.span()));
-        let tokens_line = spans.server.tokens.and_then(|t| self.line(t.span()));
+        let tokens_line = (spans.server.tokens)
+            .or(spans.server.admin_tokens)
+            .and_then(|t| self.line(t.span()));
         let mtls = server
             .tls
             .as_ref()
             .is_some_and(TlsConfig::requires_client_certificates);
-        if !server.tokens.is_empty() && server.tls.is_none() && !server.allow_plaintext_tokens {
+        let tokens = !server.tokens.is_empty() || !server.admin_tokens.is_empty();
+        if tokens && server.tls.is_none() && !server.allow_plaintext_tokens {
+            let key = if server.tokens.is_empty() {
+                "admin_tokens"
+            } else {
+                "tokens"
+            };
             return Err(self.error(
                 tokens_line.or(listen_line),
                 &format!(
-                    "[server] tokens: bearer tokens would travel in plain text on {address}; \
+                    "[server] {key}: bearer tokens would travel in plain text on {address}; \
                      configure [server] tls = {{ cert = \"server.pem\", key = \"server.key\" }}, \
                      or listen on 127.0.0.1, or set [server] allow_plaintext_tokens = true"
                 ),
             ));
         }
-        if server.tokens.is_empty() && !mtls && !server.allow_unauthenticated {
+        if !tokens && !mtls && !server.allow_unauthenticated {
             return Err(self.error(
                 listen_line,
                 &format!(
@@ -1400,7 +1445,48 @@ backoff_ms = 100
         assert_eq!(h.retry.delay_before(2), Duration::from_millis(100));
         assert_eq!(h.retry.delay_before(3), Duration::from_millis(200));
         assert_eq!(h.max_concurrency, 2);
-        assert_eq!(c.resolve_tokens().unwrap(), vec!["s3cret".to_owned()]);
+        assert_eq!(
+            c.resolve_tokens().unwrap().senders,
+            vec!["s3cret".to_owned()]
+        );
+        assert!(c.resolve_tokens().unwrap().admins.is_empty());
+    }
+
+    /// Both kinds of token are resolved, each list named in its errors; one token in both lists
+    /// is refused, naming both references and never the value.
+    #[test]
+    fn sender_and_admin_tokens_are_resolved_apart_and_never_shared() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("send"), "sender-t0ken\n").unwrap();
+        std::fs::write(f.dir.path().join("admin"), "admin-t0ken\n").unwrap();
+        let config = f
+            .parse(&format!(
+                "[server]\ntokens = [{{ file = \"send\" }}]\n\
+                 admin_tokens = [{{ file = \"admin\" }}]\n{MINIMAL}"
+            ))
+            .unwrap();
+        let tokens = config.resolve_tokens().unwrap();
+        assert_eq!(tokens.senders, vec!["sender-t0ken".to_owned()]);
+        assert_eq!(tokens.admins, vec!["admin-t0ken".to_owned()]);
+
+        std::fs::write(f.dir.path().join("admin"), "sender-t0ken").unwrap();
+        let e = config.resolve_tokens().unwrap_err();
+        assert!(
+            e.message.starts_with(
+                "server.admin_tokens: the token from file admin is also in [server] tokens \
+                 (from file send)"
+            ),
+            "{e}"
+        );
+        assert!(!e.message.contains("sender-t0ken"), "{e}");
+
+        std::fs::write(f.dir.path().join("admin"), "Bearer x").unwrap();
+        let e = config.resolve_tokens().unwrap_err();
+        assert!(
+            e.message
+                .starts_with("server.admin_tokens: the token from file admin is not usable"),
+            "{e}"
+        );
     }
 
     fn error(text: &str) -> ConfigError {
@@ -1449,7 +1535,7 @@ backoff_ms = 100
         for good in ["t0ken-value\n", "t0ken-value\r\n", "t0ken-value"] {
             std::fs::write(&token, good).unwrap();
             assert_eq!(
-                config.resolve_tokens().unwrap(),
+                config.resolve_tokens().unwrap().senders,
                 vec!["t0ken-value".to_owned()],
                 "{good:?}"
             );

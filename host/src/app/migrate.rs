@@ -1081,14 +1081,23 @@ pub fn forwarder_values(
             }
         }
     };
-    let token = if config.server.tokens.is_empty() {
-        String::new()
-    } else {
+    let token = if !config.server.tokens.is_empty() {
         warnings.push(format!(
             "BearerToken is the placeholder {TOKEN_PLACEHOLDER}: put one of the engine's [server] \
              tokens there"
         ));
         TOKEN_PLACEHOLDER.to_owned()
+    } else if !config.server.admin_tokens.is_empty() {
+        // The engine wants a token, and has only the kind that opens everything: the forwarder
+        // is given a sender's token of its own, not an operator's.
+        warnings.push(format!(
+            "BearerToken is the placeholder {TOKEN_PLACEHOLDER}: the engine has only [server] \
+             admin_tokens; add a token for the forwarder to [server] tokens (it opens only \
+             posting events) and put it there"
+        ));
+        TOKEN_PLACEHOLDER.to_owned()
+    } else {
+        String::new()
     };
     let ca = if tls {
         warnings.push(format!(

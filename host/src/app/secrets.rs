@@ -3,8 +3,8 @@
 //! A reload (`SIGHUP` or `POST /v1/admin/reload`) reads the configuration file and every secret
 //! it references again:
 //!
-//! - the bearer tokens (`[server] tokens`) are replaced at once: a new token works and a removed
-//!   one stops working for the next request;
+//! - the bearer tokens (`[server] tokens`, `admin_tokens`) are replaced at once: a new token
+//!   works and a removed one stops working for the next request;
 //! - handler property secrets are part of the handler's registration, so a handler whose secret
 //!   changed is loaded again with the new value;
 //! - the capability services (`[keyfactor]`, `[mail]`, `[http]`), the store, the engine pool and
@@ -103,11 +103,12 @@ fn start_only_engine(engine: &EngineConfig) -> EngineConfig {
     }
 }
 
-/// The `[server]` settings a reload cannot apply: everything but the tokens (replaced) and the
-/// TLS material (read again).
+/// The `[server]` settings a reload cannot apply: everything but the tokens of both kinds
+/// (replaced) and the TLS material (read again).
 fn start_only_server(server: &ServerConfig) -> ServerConfig {
     ServerConfig {
         tokens: Vec::new(),
+        admin_tokens: Vec::new(),
         tls: None,
         ..server.clone()
     }
@@ -268,6 +269,7 @@ mod tests {
         let secrets = StartOnlySecrets::read(&running);
         let mut new = running.clone();
         new.server.tokens = vec![SecretRef::File(dir.path().join("t"))];
+        new.server.admin_tokens = vec![SecretRef::File(dir.path().join("t"))];
         // The load limits apply to every handler a reload loads: nothing to restart for.
         new.engine.max_component_bytes += 1;
         new.engine.compile_timeout += std::time::Duration::from_secs(1);

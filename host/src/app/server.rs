@@ -454,9 +454,17 @@ fn reloader(running: Running) -> Reloader {
                         handlers: set.names(),
                         ..ReloadReport::default()
                     };
-                    if *tokens.current() != new_tokens {
-                        tokens.replace(new_tokens);
+                    let old_tokens = tokens.current();
+                    if old_tokens.senders != new_tokens.senders {
                         report.secrets_reloaded.push("server.tokens".to_owned());
+                    }
+                    if old_tokens.admins != new_tokens.admins {
+                        report
+                            .secrets_reloaded
+                            .push("server.admin_tokens".to_owned());
+                    }
+                    if *old_tokens != new_tokens {
+                        tokens.replace(new_tokens);
                     }
                     report.secrets_reloaded.extend(changed);
                     report.restart_required = restart;

@@ -12,8 +12,11 @@
 //! - `POST /v1/admin/reload`: reload the configuration file (as SIGHUP does).
 //! - `GET /healthz` (never authenticated) and `GET /metrics`.
 //!
-//! With `server.tokens` configured every endpoint but `/healthz` needs
-//! `Authorization: Bearer <token>`; a reload replaces the accepted tokens ([`BearerTokens`]).
+//! With `server.tokens` or `server.admin_tokens` configured every endpoint but `/healthz` needs
+//! `Authorization: Bearer <token>`. Without admin tokens one token opens every endpoint; with
+//! them, `server.tokens` open only what a sender needs (posting events and `/metrics`) and the
+//! rest answers `403` to them ([`AcceptedTokens`]). A reload replaces the accepted tokens
+//! ([`BearerTokens`]).
 //!
 //! The ingest body is limited in size and time: a `Content-Length` over `max_body_bytes` is
 //! answered `413` before any of the body is read, a chunked body that grows past it `413` as
@@ -67,23 +70,89 @@ pub struct ReloadReport {
     pub waiting_for_unconfigured: std::collections::BTreeMap<String, u64>,
 }
 
+/// The bearer tokens the API accepts, by what they open. Its `Debug` counts them: the values are
+/// secrets.
+#[derive(Default, Clone, PartialEq, Eq)]
+pub struct AcceptedTokens {
+    /// `[server] tokens`: every endpoint when there are no admin tokens; with admin tokens,
+    /// only what a sender (the forwarder, a scraper) needs: [`SENDER_PATHS`].
+    pub senders: Vec<String>,
+    /// `[server] admin_tokens`: every endpoint.
+    pub admins: Vec<String>,
+}
+
+/// How many of each, never a value.
+impl std::fmt::Debug for AcceptedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcceptedTokens")
+            .field("senders", &self.senders.len())
+            .field("admins", &self.admins.len())
+            .finish()
+    }
+}
+
+impl AcceptedTokens {
+    /// Neither kind configured: no authentication.
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty() && self.admins.is_empty()
+    }
+
+    /// What `presented` opens. Every configured token is compared, in constant time each, so
+    /// neither which list holds it nor a matching prefix shows in the answer's timing.
+    fn access(&self, presented: Option<&str>) -> Access {
+        let Some(presented) = presented else {
+            return Access::None;
+        };
+        let matches = |list: &[String]| {
+            list.iter().fold(false, |found, t| {
+                found | constant_time_eq(presented.as_bytes(), t.as_bytes())
+            })
+        };
+        let (admin, sender) = (matches(&self.admins), matches(&self.senders));
+        if admin || (sender && self.admins.is_empty()) {
+            Access::Everything
+        } else if sender {
+            Access::Sending
+        } else {
+            Access::None
+        }
+    }
+}
+
+/// What a presented token opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// No token, or not one of the accepted ones.
+    None,
+    /// A `[server] tokens` token beside admin tokens: [`SENDER_PATHS`] only.
+    Sending,
+    /// Every endpoint.
+    Everything,
+}
+
+/// The endpoints a `[server] tokens` token opens when `[server] admin_tokens` are configured:
+/// what the forwarder posts to and what a metrics scraper reads. Reading events (contexts and
+/// handlers' log lines), the handlers' configuration, the forwarders' names and reloading need
+/// an admin token: a token kept on the Keyfactor server opens no more than the forwarder uses.
+pub const SENDER_PATHS: [&str; 2] = [INGEST_PATH, "/metrics"];
+
 /// The accepted bearer tokens; a reload replaces them. Empty: no authentication. No `Debug`:
 /// the values are secrets.
 #[derive(Default)]
 pub struct BearerTokens {
-    current: RwLock<Arc<Vec<String>>>,
+    current: RwLock<Arc<AcceptedTokens>>,
 }
 
 impl BearerTokens {
     /// Starts with `tokens`.
-    pub fn new(tokens: Vec<String>) -> Self {
+    pub fn new(tokens: AcceptedTokens) -> Self {
         BearerTokens {
             current: RwLock::new(Arc::new(tokens)),
         }
     }
 
     /// The tokens accepted now.
-    pub fn current(&self) -> Arc<Vec<String>> {
+    pub fn current(&self) -> Arc<AcceptedTokens> {
         match self.current.read() {
             Ok(current) => Arc::clone(&current),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
@@ -91,7 +160,7 @@ impl BearerTokens {
     }
 
     /// From now on only `tokens` are accepted.
-    pub fn replace(&self, tokens: Vec<String>) {
+    pub fn replace(&self, tokens: AcceptedTokens) {
         match self.current.write() {
             Ok(mut current) => *current = Arc::new(tokens),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(tokens),
@@ -181,13 +250,21 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
         .and_then(|v| v.trim_start().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    let ok = presented.is_some_and(|p| {
-        tokens.iter().fold(false, |found, t| {
-            found | constant_time_eq(p.as_bytes(), t.as_bytes())
-        })
-    });
-    if ok {
-        return next.run(request).await;
+    match tokens.access(presented) {
+        Access::Everything => return next.run(request).await,
+        Access::Sending if SENDER_PATHS.contains(&request.uri().path()) => {
+            return next.run(request).await;
+        }
+        // A valid token, asking for more than it opens: 403, not 401 (sending it again will
+        // not help; another token would).
+        Access::Sending => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "this token is one of [server] tokens, which open only POST /v1/job-complete \
+                 and GET /metrics; this endpoint needs one of [server] admin_tokens",
+            );
+        }
+        Access::None => {}
     }
     // An event refused: counted as ingest refusals are. A scraper or a scanner without the
     // token asking for something else is not an event.
@@ -609,6 +686,33 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn a_sender_token_opens_everything_only_without_admin_tokens() {
+        let senders_only = AcceptedTokens {
+            senders: vec!["send".into()],
+            admins: vec![],
+        };
+        assert_eq!(senders_only.access(Some("send")), Access::Everything);
+        assert_eq!(senders_only.access(Some("sen")), Access::None);
+        assert_eq!(senders_only.access(None), Access::None);
+        let both = AcceptedTokens {
+            senders: vec!["send".into(), "send-2".into()],
+            admins: vec!["admin".into()],
+        };
+        assert_eq!(both.access(Some("send-2")), Access::Sending);
+        assert_eq!(both.access(Some("admin")), Access::Everything);
+        assert_eq!(both.access(Some("admin ")), Access::None);
+        assert_eq!(both.access(Some("")), Access::None);
+        let admins_only = AcceptedTokens {
+            senders: vec![],
+            admins: vec!["admin".into()],
+        };
+        assert_eq!(admins_only.access(Some("admin")), Access::Everything);
+        assert_eq!(admins_only.access(Some("send")), Access::None);
+        assert!(AcceptedTokens::default().is_empty());
+        assert!(!admins_only.is_empty());
     }
 
     #[tokio::test]
