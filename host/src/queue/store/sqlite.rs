@@ -255,8 +255,8 @@ impl SqliteStore {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
         let path = data_dir.join(DATABASE_FILE);
-        let mut conn = connect(&path, "NORMAL").map_err(|e| open_error(e.to_string()))?;
-        migrate(&mut conn).map_err(|e| open_error(e.to_string()))?;
+        let mut conn = connect(&path, "NORMAL").map_err(|e| open_error(explained(e)))?;
+        migrate(&mut conn).map_err(open_error)?;
         if let Some(step) = catch_up_with_clock(&mut conn).map_err(|e| open_error(e.to_string()))? {
             tracing::warn!(
                 step_ms = step.num_milliseconds(),
@@ -495,14 +495,66 @@ fn claim_key(
     })))
 }
 
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let applied = usize::try_from(version).unwrap_or(0);
+/// An error met opening the database, with what to do when the file is not a database or is
+/// damaged (SQLite says only "file is not a database" or "database disk image is malformed").
+fn explained(e: rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+            format!(
+                "{e}: {DATABASE_FILE} in [store] data_dir is damaged or is not jobhook's \
+                 database; stop every jobhook using it and restore it (with its -wal file) from \
+                 a backup, or move it aside to start an empty store (the events in it are then \
+                 not delivered)"
+            )
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Brings the database's schema to [`MIGRATIONS`]' newest, or says why it will not: a schema
+/// newer than this build knows was made by a newer jobhook (this one could misread what that
+/// one changed, so it is not opened: the events in it wait for a jobhook that knows it), and
+/// tables without a jobhook schema version are another program's database.
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(explained)?;
+    let known = MIGRATIONS.len();
+    let not_ours = "it is not jobhook's store: give [store] data_dir a directory of its own";
+    let applied = usize::try_from(version).map_err(|_| {
+        format!(
+            "the database's schema version is {version}, which jobhook never writes; {not_ours}"
+        )
+    })?;
+    if applied > known {
+        return Err(format!(
+            "the database schema is at version {applied}, newer than this jobhook knows \
+             ({known}): a newer jobhook made it; run that version (or a newer one) on this data \
+             directory, or give this one another [store] data_dir"
+        ));
+    }
+    if applied == 0 {
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(explained)?;
+        if tables > 0 {
+            return Err(format!(
+                "the database has {tables} table(s) but no jobhook schema version; {not_ours}"
+            ));
+        }
+    }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", index as i64 + 1)?;
-        tx.commit()?;
+        let mut apply = || -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", index as i64 + 1)?;
+            tx.commit()
+        };
+        apply().map_err(explained)?;
     }
     Ok(())
 }
@@ -1360,6 +1412,65 @@ mod tests {
             assert_eq!(rows, 0);
         }
         assert_eq!(due.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    /// A store a newer jobhook made, or another program's database, is not opened: the message
+    /// says which and what to do, and the database is left as it was.
+    #[test]
+    fn a_newer_schema_or_another_programs_database_is_refused_and_left_alone() {
+        let refused = |dir: &Path| match SqliteStore::open(dir) {
+            Ok(_) => panic!("opened"),
+            Err(e) => e,
+        };
+        let message = |setup: &dyn Fn(&Connection)| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(DATABASE_FILE);
+            setup(&Connection::open(&path).unwrap());
+            let e = refused(dir.path());
+            let version: i64 = Connection::open(&path)
+                .unwrap()
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            (e.to_string(), version)
+        };
+        let newer = MIGRATIONS.len() as i64 + 1;
+        let (e, version) = message(&|c| c.pragma_update(None, "user_version", newer).unwrap());
+        assert!(
+            e.contains(&format!(
+                "the database schema is at version {newer}, newer than this jobhook knows ({})",
+                MIGRATIONS.len()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("a newer jobhook made it"), "{e}");
+        assert_eq!(version, newer);
+        let (e, _) = message(&|c| c.pragma_update(None, "user_version", -3).unwrap());
+        assert!(e.contains("schema version is -3"), "{e}");
+        assert!(e.contains("not jobhook's store"), "{e}");
+        let (e, version) = message(&|c| {
+            c.execute_batch("CREATE TABLE events (x INTEGER); INSERT INTO events VALUES (1);")
+                .unwrap()
+        });
+        assert!(
+            e.contains("the database has 1 table(s) but no jobhook schema version"),
+            "{e}"
+        );
+        assert_eq!(version, 0);
+        // A file that is no database at all: what SQLite says, and what to do.
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = vec![b'x'; 8192];
+        std::fs::write(dir.path().join(DATABASE_FILE), &garbage).unwrap();
+        let e = refused(dir.path()).to_string();
+        assert!(e.contains("file is not a database"), "{e}");
+        assert!(e.contains("is damaged or is not jobhook's database"), "{e}");
+        assert_eq!(
+            std::fs::read(dir.path().join(DATABASE_FILE)).unwrap(),
+            garbage
+        );
+        // The schema it knows opens, of course.
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        SqliteStore::open(dir.path()).unwrap();
     }
 
     #[test]
