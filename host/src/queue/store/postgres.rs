@@ -930,6 +930,24 @@ fn migrate(client: &mut Client) -> Result<(), PgError> {
             known,
         });
     }
+    if applied == 0 {
+        // Tables of jobhook's names but no version of its schema: another program's (the first
+        // migration would stop at the first of them with only "relation already exists").
+        let taken: Option<String> = tx
+            .query_one(
+                "SELECT string_agg(name, ', ') FROM unnest($1::text[]) AS name \
+                 WHERE to_regclass(name) IS NOT NULL",
+                &[&SCHEMA_TABLES.as_slice()],
+            )?
+            .get(0);
+        if let Some(taken) = taken {
+            return Err(PgError::Corrupt(format!(
+                "the database already has tables named as jobhook's ({taken}) but no jobhook \
+                 schema version: they are another program's; give jobhook a database (or \
+                 schema) of its own"
+            )));
+        }
+    }
     for (version, sql) in (1i32..)
         .zip(MIGRATIONS)
         .skip(usize::try_from(applied).unwrap_or(0))
@@ -944,6 +962,15 @@ fn migrate(client: &mut Client) -> Result<(), PgError> {
     tx.commit()?;
     Ok(())
 }
+
+/// The tables the schema creates, for telling another program's tables of the same names.
+const SCHEMA_TABLES: [&str; 5] = [
+    "events",
+    "deliveries",
+    "attempts",
+    "cursors",
+    "idempotency_keys",
+];
 
 /// An example `[store] url`, for messages.
 const URL_EXAMPLE: &str = "e.g. url = \"postgres://jobhook@127.0.0.1:5432/jobhook\"";
@@ -1910,6 +1937,35 @@ mod tests {
         assert!(
             e.contains("schema_migrations table is not jobhook's"),
             "{e}"
+        );
+    }
+
+    /// A database with another program's `events` table and no jobhook schema version: opening
+    /// the store names the table and what to do, and leaves the table as it was.
+    #[test]
+    fn another_programs_tables_of_the_same_names_are_an_error_that_says_so() {
+        let Some(pg) = Postgres::new() else {
+            return;
+        };
+        pg.db
+            .query(
+                "CREATE TABLE events (note text); GRANT ALL ON events TO PUBLIC; \
+                 INSERT INTO events VALUES ('theirs')",
+            )
+            .expect("another program's table");
+        let e = PostgresStore::open(&pg.db.url, Some(&Secret::new(pg.db.password.clone())))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("already has tables named as jobhook's (events) but no jobhook schema"),
+            "{e}"
+        );
+        assert!(e.contains("a database (or schema) of its own"), "{e}");
+        assert!(
+            pg.db
+                .query("SELECT note FROM events")
+                .expect("still there")
+                .contains("theirs")
         );
     }
 
