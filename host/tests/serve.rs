@@ -570,6 +570,63 @@ async fn tokens_protect_everything_but_healthz() {
     );
 }
 
+/// A second engine on the data directory of a running one is refused, naming the first one's
+/// process, and changes nothing: the first goes on accepting. Once the first is killed (the
+/// kernel drops its lock), an engine starts there and has the events it accepted.
+#[tokio::test]
+async fn a_second_engine_on_the_same_sqlite_store_is_refused_and_the_first_goes_on() {
+    let setup = Setup::new();
+    let first = setup.start(&handler("all", "log-context", "[\"*\"]", ""));
+    let (status, answer) = post(&first, &sample_context_json()).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["event_id"].as_str().expect("event id").to_owned();
+    let config = setup.dir.path().join("jobhook.toml");
+    let stderr_path = setup.dir.path().join("second.stderr");
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start a second jobhook serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).expect("read stderr");
+    let status = status.unwrap_or_else(|| {
+        panic!("a second engine on the same data directory was not refused within 60 s: {stderr}")
+    });
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another jobhook (process {}) is using this data directory",
+            first.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("[store] data_dir"), "{stderr}");
+    let (status, _) = post(&first, &sample_context_json()).await;
+    assert_eq!(status, 202, "the first engine goes on accepting");
+    first.kill();
+    let after = EngineProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_jobhook")),
+        &config,
+        &setup.dir.path().join("engine-after.log"),
+    );
+    let (status, event) = get(&after, &format!("/v1/events/{id}")).await;
+    assert_eq!(status, 200, "{event}");
+}
+
 /// `method path` with `token`: the status and the body.
 async fn call_with(engine: &EngineProcess, method: &str, path: &str, token: &str) -> (u16, String) {
     let url = format!("{}{path}", engine.url);

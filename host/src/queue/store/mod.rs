@@ -626,7 +626,9 @@ pub trait EventStore: Send + Sync + 'static {
 /// Blocks (connecting, migrating): call it from a blocking context, e.g. `spawn_blocking`.
 pub fn open(config: &StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
     match config.kind {
-        StoreKind::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(&config.data_dir)?)),
+        StoreKind::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open_exclusive(
+            &config.data_dir,
+        )?)),
         StoreKind::Postgres => {
             let url = config.url.as_deref().ok_or_else(|| StoreError::Open {
                 path: "[store] url".into(),

@@ -227,11 +227,14 @@ const DUE_OF_HANDLER: &str = "
 
 /// The SQLite implementation of [`EventStore`].
 ///
-/// SQLite serves one engine process: the claims of any earlier process are abandoned by
+/// SQLite serves one engine process (`serve` holds the data directory's lock:
+/// [`SqliteStore::open_exclusive`]): the claims of any earlier process are abandoned by
 /// definition, so [`EventStore::requeue_abandoned`] requeues them regardless of their lease.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
+    /// The data directory's lock ([`SqliteStore::open_exclusive`]), held while the store is open.
+    _lock: Option<std::fs::File>,
     node: String,
     /// The queue's time, shared with the writer's writes.
     clock: Arc<QueueClock>,
@@ -246,7 +249,27 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database in `data_dir` and applies migrations.
+    /// Opens the store as [`SqliteStore::open`] does, once this process holds the data
+    /// directory's lock ([`LOCK_FILE`]), which it keeps until the store is dropped (or the
+    /// process ends, however it ends: the kernel releases it). A second engine on the same data
+    /// directory is refused, naming the first one's process: two would each lead the poller and
+    /// a stopping one would hand back the other's running deliveries. `serve` opens its store
+    /// this way; tests open one database from two stores on purpose, as two processes would.
+    pub fn open_exclusive(data_dir: &Path) -> Result<Self, StoreError> {
+        let open_error = |message: String| StoreError::Open {
+            path: data_dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
+        let lock = lock_data_dir(data_dir).map_err(open_error)?;
+        let mut store = SqliteStore::open(data_dir)?;
+        store._lock = Some(lock);
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) the database in `data_dir` and applies migrations. One process
+    /// at a time: see [`SqliteStore::open_exclusive`].
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let open_error = |message: String| StoreError::Open {
             path: data_dir.display().to_string(),
@@ -275,6 +298,7 @@ impl SqliteStore {
             .map_err(|e| open_error(e.to_string()))?;
         Ok(SqliteStore {
             path,
+            _lock: None,
             node: Uuid::new_v4().to_string(),
             clock: Arc::new(QueueClock::new(Utc::now())),
             conn: Mutex::new(conn),
@@ -493,6 +517,64 @@ fn claim_key(
         event_id: original,
         handlers,
     })))
+}
+
+/// The file in the data directory whose lock the engine using it holds; it holds that engine's
+/// process id, for the message another one gets.
+pub const LOCK_FILE: &str = "jobhook.lock";
+
+/// Most bytes of [`LOCK_FILE`] read for the holder's process id (a number and a line end).
+const MAX_LOCK_FILE_READ: u64 = 32;
+
+/// Takes the lock on `data_dir`'s [`LOCK_FILE`] (without waiting) and writes this process's id
+/// into it; or says which process holds it and what to do.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, String> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = data_dir.join(LOCK_FILE);
+    let shown = path.display();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock file {shown}: {e}"))?;
+    let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+    if !regular {
+        return Err(format!(
+            "the lock file {shown} is not a regular file; remove it (jobhook makes it again)"
+        ));
+    }
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let holder = (&file)
+                .take(MAX_LOCK_FILE_READ)
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse::<u32>().ok())
+                .map(|pid| format!("process {pid}"))
+                .unwrap_or_else(|| "another process".to_owned());
+            return Err(format!(
+                "another jobhook ({holder}) is using this data directory (it holds {shown}); \
+                 one engine per SQLite store: stop that one first, or give this one another \
+                 [store] data_dir (several engines share a store on PostgreSQL)"
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("cannot lock {shown}: {e}"));
+        }
+    }
+    // The holder's id, for the message above; the lock is what counts, not the text.
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    if let Err(e) = written {
+        tracing::warn!("cannot write this process's id into {shown}: {e}");
+    }
+    Ok(file)
 }
 
 /// An error met opening the database, with what to do when the file is not a database or is
@@ -1412,6 +1494,48 @@ mod tests {
             assert_eq!(rows, 0);
         }
         assert_eq!(due.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    /// The data directory's lock: a second exclusive open is refused while the first store is
+    /// open, naming its process, and succeeds once it is dropped; a lock file that is not a
+    /// regular file is refused with what to do; plain opens (two stores of one process, as the
+    /// tests of two nodes use them) do not take it.
+    #[test]
+    fn one_exclusive_store_per_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SqliteStore::open_exclusive(dir.path()).unwrap();
+        let refused = match SqliteStore::open_exclusive(dir.path()) {
+            Ok(_) => panic!("a second exclusive open succeeded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            refused.contains(&format!(
+                "another jobhook (process {}) is using this data directory",
+                std::process::id()
+            )),
+            "{refused}"
+        );
+        drop(SqliteStore::open(dir.path()).unwrap());
+        // The id in the file is only for the message: garbage there names no process.
+        std::fs::write(dir.path().join(LOCK_FILE), "\u{1b}[2J not a pid").unwrap();
+        let refused = match SqliteStore::open_exclusive(dir.path()) {
+            Ok(_) => panic!("a second exclusive open succeeded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            refused.contains("another jobhook (another process)"),
+            "{refused}"
+        );
+        drop(first);
+        drop(SqliteStore::open_exclusive(dir.path()).unwrap());
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(LOCK_FILE)).unwrap();
+        let refused = match SqliteStore::open_exclusive(dir.path()) {
+            Ok(_) => panic!("opened with a directory as its lock file"),
+            Err(e) => e.to_string(),
+        };
+        assert!(refused.contains("jobhook.lock"), "{refused}");
     }
 
     /// A store a newer jobhook made, or another program's database, is not opened: the message
