@@ -31,6 +31,16 @@
 //     the engine's 64 KiB, then N contexts whose Username is C characters (one string shared
 //     by all, so the harness itself holds little), from one thread; waits 3 s and prints
 //     "memory intake=<Intake.Count> accepted=A dropped=D too_large=T managed_mb=M")
+//   harness.exe moving --url U --spool DIR --count N [--rounds R] (the spool writer is held, so
+//     no event leaves memory; in each round the intake thread is held (the forwarder's test
+//     hooks) while N contexts queue behind it, then let go while two threads read
+//     PendingEvents until it has moved them all to the runtime; prints "moving events=<N*R>
+//     reads=<reads> wrong=<reads that were not every event accepted so far> [first: ...]")
+//   harness.exe logjam --url U --spool DIR --count N (the log sink hangs on every line until
+//     every one of N contexts is spooled, each with its per-event detail line; prints "spooled
+//     N", lets the sink go, waits until it was given the line(s) counting the lines dropped
+//     meanwhile, and prints "log detail=<detail lines the sink was given> dropped=<the sum of
+//     those counts> reports=<such lines>")
 //   harness.exe settings --url U --spool DIR (parses hostile values of each setting with
 //     ForwarderSettings.Parse and prints one line per case: "case NAME: spool=... url=...
 //     token=set|none ca=...|none max_backoff_ms=N problems=P1 | P2", or "case NAME: Parse threw ...")
@@ -58,6 +68,11 @@
 //            SpoolDirectory, which cannot be made, is handed 5 events it never writes)
 //          --hold-writers 1 (burst only: the spool writers write nothing before the exit, the
 //            forwarder's test hook, so every event is in memory when the process ends)
+//          --hold-intake 1 (burst only: the intake thread holds the first event it takes and never
+//            passes it on, the forwarder's test hook, so it is still on its way when the process
+//            ends)
+//          --hang-spool 1 (burst only: once every call has returned, every write to the spool hangs
+//            for good, as on a disk that stopped answering; the harness holds the spool's lock)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when nothing is pending and no event file is left in
 // the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
@@ -302,6 +317,10 @@ namespace Jobhook.Forwarder.Harness
                 return Faults(options, opts, spoolDirectory, waitSeconds);
             if (mode == "memory")
                 return Memory(options, opts);
+            if (mode == "moving")
+                return Moving(options, opts);
+            if (mode == "logjam")
+                return LogJam(options, opts, log);
             if (mode == "settings")
                 return Settings(options);
             if (mode == "pending")
@@ -487,6 +506,13 @@ namespace Jobhook.Forwarder.Harness
                 typeof(JobhookForwarder).Assembly.GetType("Jobhook.Forwarder.ForwarderRuntime", true)
                     .GetField("holdWritersForTest", BindingFlags.NonPublic | BindingFlags.Static)
                     .SetValue(null, new ManualResetEvent(false));
+            // --hold-intake 1: the intake thread holds the first event it takes for good (the
+            // forwarder's test hook, as a registration's start-up that hangs would hold it), so
+            // that event is still on its way to a runtime when the process ends.
+            if (Get(opts, "hold-intake", "0") == "1")
+                typeof(JobhookForwarder).Assembly.GetType("Jobhook.Forwarder.Intake", true)
+                    .GetField("holdForTest", BindingFlags.NonPublic | BindingFlags.Static)
+                    .SetValue(null, new ManualResetEvent(false));
             var brokenSpool = Get(opts, "broken-spool", null);
             if (brokenSpool != null)
             {
@@ -526,7 +552,207 @@ namespace Jobhook.Forwarder.Harness
             }
             foreach (var worker in workers)
                 worker.Join();
+            // --hang-spool 1: once every call has returned, every write to the spool hangs, as on
+            // a disk that stopped answering: a harness thread takes the spool's own lock (its
+            // private field, through reflection) and never lets it go.
+            if (Get(opts, "hang-spool", "0") == "1" && !HangSpool(forwarder))
+                failures.Add("the spool did not open, so it could not be hung");
             Console.WriteLine("submitted " + count + " max_ms=" + Ms(maxTicks * 1000.0 / Stopwatch.Frequency));
+            Console.Out.Flush();
+            foreach (var failure in failures)
+                Console.Error.WriteLine("harness: " + failure);
+            return failures.Count > 0 ? 1 : 0;
+        }
+
+        /// <summary>
+        /// `--hang-spool` (see <see cref="Burst"/>): waits for the handler's spool to open, then
+        /// holds the spool's lock on a background thread for good, so that every write (which
+        /// names its file under that lock) hangs. False if the spool did not open within 30 s.
+        /// </summary>
+        static bool HangSpool(JobhookForwarder forwarder)
+        {
+            const BindingFlags Private = BindingFlags.NonPublic | BindingFlags.Instance;
+            var runtime = typeof(JobhookForwarder).GetMethod("Runtime", Private).Invoke(forwarder, null);
+            var spoolField = runtime.GetType().GetField("spool", Private);
+            var deadline = DateTime.UtcNow.AddSeconds(30);
+            object spool;
+            while ((spool = spoolField.GetValue(runtime)) == null && DateTime.UtcNow < deadline)
+                Thread.Sleep(10);
+            if (spool == null)
+                return false;
+            var gate = spool.GetType().GetField("gate", Private).GetValue(spool);
+            var held = new ManualResetEvent(false);
+            new Thread(() =>
+            {
+                lock (gate)
+                {
+                    held.Set();
+                    Thread.Sleep(Timeout.Infinite);
+                }
+            }) { IsBackground = true, Name = "hung spool disk" }.Start();
+            return held.WaitOne(TimeSpan.FromSeconds(30));
+        }
+
+        /// <summary>
+        /// A log sink that hangs on every line until it is opened, as NLog on a share that stopped
+        /// answering, and then writes through; counts the per-event detail lines it was given and
+        /// sums the counts of the lines saying how many lines were dropped.
+        /// </summary>
+        sealed class GatedLog : IForwarderLog
+        {
+            readonly IForwarderLog inner;
+            readonly ManualResetEvent open = new ManualResetEvent(false);
+            const string DroppedPrefix = "the log sink was too slow: ";
+            long detail;
+            long dropped;
+            int droppedLines;
+
+            public GatedLog(IForwarderLog inner)
+            {
+                this.inner = inner;
+            }
+
+            public void Open() { open.Set(); }
+            public long Detail { get { return Interlocked.Read(ref detail); } }
+            public long Dropped { get { return Interlocked.Read(ref dropped); } }
+            public int DroppedLines { get { return Volatile.Read(ref droppedLines); } }
+
+            public void Debug(string message)
+            {
+                open.WaitOne();
+                Interlocked.Increment(ref detail);
+                inner.Debug(message);
+            }
+
+            public void Info(string message) { open.WaitOne(); inner.Info(message); }
+
+            public void Warn(string message)
+            {
+                open.WaitOne();
+                if (message.StartsWith(DroppedPrefix, StringComparison.Ordinal))
+                {
+                    var number = message.Substring(DroppedPrefix.Length).Split(' ')[0];
+                    Interlocked.Add(ref dropped, long.Parse(number, CultureInfo.InvariantCulture));
+                    Interlocked.Increment(ref droppedLines);
+                }
+                inner.Warn(message);
+            }
+
+            public void Error(string message) { open.WaitOne(); inner.Error(message); }
+        }
+
+        /// <summary>`moving` (see the top of this file). Exit code 0, 1 if a call broke a rule or the spool did not open.</summary>
+        static int Moving(JobhookForwarder.Options options, Dictionary<string, string> opts)
+        {
+            int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
+            int rounds = int.Parse(Get(opts, "rounds", "1"), CultureInfo.InvariantCulture);
+            var assembly = typeof(JobhookForwarder).Assembly;
+            // The spool writers keep every event in memory (nothing leaves: no event is on disk).
+            assembly.GetType("Jobhook.Forwarder.ForwarderRuntime", true)
+                .GetField("holdWritersForTest", BindingFlags.NonPublic | BindingFlags.Static)
+                .SetValue(null, new ManualResetEvent(false));
+            var holdIntake = assembly.GetType("Jobhook.Forwarder.Intake", true)
+                .GetField("holdForTest", BindingFlags.NonPublic | BindingFlags.Static);
+            var forwarder = Construct(options, null);
+            forwarder.Start();
+            var deadline = DateTime.UtcNow.AddSeconds(30);
+            while (forwarder.PendingEvents < 0 && DateTime.UtcNow < deadline)
+                Thread.Sleep(10);
+            if (forwarder.PendingEvents < 0)
+            {
+                Console.Error.WriteLine("harness: the spool did not open");
+                return 1;
+            }
+            var random = new Random(1);
+            var failures = new List<string>();
+            long reads = 0, wrong = 0;
+            string first = null;
+            for (int round = 1; round <= rounds; round++)
+            {
+                // The intake thread holds the first event of the round until all are queued.
+                var hold = new ManualResetEvent(false);
+                holdIntake.SetValue(null, hold);
+                for (int i = 0; i < count; i++)
+                {
+                    var failure = Call(forwarder, MakeContext(i, random, null));
+                    if (failure != null)
+                        failures.Add("context " + i + ": " + failure);
+                }
+                long expected = (long)round * count;
+                // Every event accepted so far is in memory and none can leave: PendingEvents must
+                // say so at every moment while the intake thread moves them to the runtime's queue.
+                // Two threads read, so that one reads while the other is preempted.
+                holdIntake.SetValue(null, null);
+                var start = new ManualResetEvent(false);
+                int thisRound = round;
+                bool late = false;
+                ThreadStart read = () =>
+                {
+                    start.WaitOne();
+                    var until = DateTime.UtcNow.AddSeconds(60);
+                    bool moved = false;
+                    while (!moved)
+                    {
+                        if (DateTime.UtcNow > until)
+                        {
+                            late = true;
+                            return;
+                        }
+                        moved = Intake.Count == 0;
+                        var pending = forwarder.PendingEvents;
+                        Interlocked.Increment(ref reads);
+                        if (pending != expected && Interlocked.Increment(ref wrong) == 1)
+                            first = "round " + thisRound + ": " + pending + " instead of " + expected;
+                    }
+                };
+                var readers = new[] { new Thread(read), new Thread(read) };
+                foreach (var reader in readers)
+                    reader.Start();
+                start.Set();
+                hold.Set();
+                foreach (var reader in readers)
+                    reader.Join();
+                if (late)
+                {
+                    Console.Error.WriteLine("harness: round " + round + ": the events were not moved within 60 s");
+                    return 1;
+                }
+            }
+            Console.WriteLine("moving events=" + (long)rounds * count + " reads=" + reads + " wrong=" + wrong
+                              + (first != null ? " first: " + first : ""));
+            Console.Out.Flush();
+            foreach (var failure in failures)
+                Console.Error.WriteLine("harness: " + failure);
+            return failures.Count > 0 ? 1 : 0;
+        }
+
+        /// <summary>`logjam` (see the top of this file). Exit code 0, 1 if a call broke a rule or the spool did not take every event.</summary>
+        static int LogJam(JobhookForwarder.Options options, Dictionary<string, string> opts, IForwarderLog log)
+        {
+            int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
+            var gated = new GatedLog(log);
+            ForwarderLog.Current = gated;
+            var random = new Random(1);
+            var forwarder = Construct(options, null);
+            var failures = new List<string>();
+            for (int i = 0; i < count; i++)
+            {
+                var failure = Call(forwarder, MakeContext(i, random, null));
+                if (failure != null)
+                    failures.Add("context " + i + ": " + failure);
+            }
+            // Every event is spooled (one detail line each) while the sink hangs on its first line.
+            var deadline = DateTime.UtcNow.AddSeconds(60);
+            while (forwarder.Counters.Spooled < count && DateTime.UtcNow < deadline)
+                Thread.Sleep(10);
+            Console.WriteLine("spooled " + forwarder.Counters.Spooled);
+            Console.Out.Flush();
+            gated.Open();
+            // The count of the dropped lines is written once the queued lines are.
+            deadline = DateTime.UtcNow.AddSeconds(60);
+            while ((gated.DroppedLines == 0 || gated.Detail + gated.Dropped < count) && DateTime.UtcNow < deadline)
+                Thread.Sleep(10);
+            Console.WriteLine("log detail=" + gated.Detail + " dropped=" + gated.Dropped + " reports=" + gated.DroppedLines);
             Console.Out.Flush();
             foreach (var failure in failures)
                 Console.Error.WriteLine("harness: " + failure);
@@ -959,7 +1185,7 @@ namespace Jobhook.Forwarder.Harness
         static int Usage(string problem)
         {
             Console.Error.WriteLine("harness: " + problem);
-            Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending|faults|memory|settings --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
+            Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending|faults|memory|logjam|settings --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
                                     + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N]"
                                     + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2] [--slow-log-ms MS]");
             return 2;

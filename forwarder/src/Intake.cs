@@ -161,6 +161,13 @@ namespace Jobhook.Forwarder
         /// reflection; no setting reaches it.
         /// </summary>
         static ManualResetEvent holdForTest = null;
+        /// <summary>
+        /// Held by the intake thread while it puts an event into its runtime's queue and lets go
+        /// of it, and by <see cref="JobhookForwarder.PendingEvents"/> while it counts both: a
+        /// count sees each event either here or in the runtime, never in both or in neither.
+        /// Never taken on RunHandler's path, nor at shutdown.
+        /// </summary>
+        internal static readonly object HandOver = new object();
         /// <summary>Set once shutdown began: RunHandler takes no more events.</summary>
         static volatile bool stopping;
         /// <summary>1 once a shutdown handler ran (ProcessExit and DomainUnload may both come).</summary>
@@ -431,8 +438,12 @@ namespace Jobhook.Forwarder
             LogQueue.Drain(deadline - clock.Elapsed + NoticeGrace);
         }
 
-        /// <summary>Serialises one event and hands it to its registration's runtime, unless it is too large.</summary>
-        static void PassOn(Pending next)
+        /// <summary>
+        /// Serialises one event and hands it to its registration's runtime, unless it is too
+        /// large. With `held` (the intake thread's event), the event stops being this queue's in
+        /// the same step as it becomes the runtime's (<see cref="HandOver"/>).
+        /// </summary>
+        static void PassOn(Pending next, bool held = false)
         {
             var runtime = next.Handler.Runtime();
             if (runtime == null)
@@ -446,7 +457,26 @@ namespace Jobhook.Forwarder
                 TooLarge.Add("job " + next.Context.JobId.ToString("D"));
                 return;
             }
-            runtime.Submit(body, next.Context.JobId);
+            if (!held)
+            {
+                runtime.Submit(body, next.Context.JobId);
+                return;
+            }
+            lock (HandOver)
+            {
+                runtime.Submit(body, next.Context.JobId);
+                ReleaseInFlight();
+            }
+        }
+
+        /// <summary>The intake thread no longer holds an event.</summary>
+        static void ReleaseInFlight()
+        {
+            lock (gate)
+            {
+                inFlight = 0;
+                inFlightHandler = null;
+            }
         }
 
         static void Loop()
@@ -476,13 +506,10 @@ namespace Jobhook.Forwarder
                     var hold = holdForTest;
                     if (hold != null)
                         hold.WaitOne();
-                    PassOn(next);
-                    // Now in the runtime's queue: counted there, no longer here.
-                    lock (gate)
-                    {
-                        inFlight = 0;
-                        inFlightHandler = null;
-                    }
+                    // Once in the runtime's queue, counted there and no longer here.
+                    PassOn(next, true);
+                    // Also when it went nowhere (too large, no runtime).
+                    ReleaseInFlight();
                 }
                 catch (ThreadAbortException)
                 {

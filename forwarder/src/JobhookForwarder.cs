@@ -223,9 +223,14 @@ namespace Jobhook.Forwarder
                 var runtime = Runtime();
                 if (runtime == null)
                     return -1;
-                var spooled = runtime.PendingEvents;
-                // Only the intake's events for this spool: another registration's are its own.
-                return spooled < 0 ? -1 : spooled + Intake.CountFor(runtime);
+                // Both counts in one step with the intake thread's hand-over: an event on its
+                // way from the intake to the runtime is counted once, not twice or not at all.
+                lock (Intake.HandOver)
+                {
+                    var spooled = runtime.PendingEvents;
+                    // Only the intake's events for this spool: another registration's are its own.
+                    return spooled < 0 ? -1 : spooled + Intake.CountFor(runtime);
+                }
             }
         }
 

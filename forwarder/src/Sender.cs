@@ -140,8 +140,18 @@ namespace Jobhook.Forwarder
                         wake.WaitOne(IdlePollMilliseconds);
                         continue;
                     }
-                    string detail;
-                    var verdict = Post(next, out detail);
+                    string detail = null;
+                    var verdict = Verdict.Retry;
+                    spool.Sending(next.Name);
+                    try
+                    {
+                        verdict = Post(next, out detail);
+                    }
+                    finally
+                    {
+                        // A drop of this event meanwhile (a full spool) counts only if it did not arrive.
+                        spool.SendEnded(next.Name, verdict != Verdict.Retry);
+                    }
                     if (verdict != Verdict.Retry)
                         failedLast = null;
                     switch (verdict)

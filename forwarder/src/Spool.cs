@@ -151,6 +151,14 @@ namespace Jobhook.Forwarder
         /// </summary>
         string writerOwns;
         /// <summary>
+        /// The file the sender is posting (<see cref="Sending"/>), and whether <see cref="MakeRoom"/>
+        /// dropped it meanwhile (under <see cref="gate"/>). Such a drop is counted once the post
+        /// has ended, and only if the event did not reach the engine: counted at once, an event
+        /// the engine then accepted would be counted both delivered and dropped.
+        /// </summary>
+        string sending;
+        bool sendingDropped;
+        /// <summary>
         /// The directory's last-write time at the previous listing by <see cref="Rescan"/>, when
         /// that listing is known to have seen every file named up to then; null otherwise.
         /// </summary>
@@ -517,6 +525,7 @@ namespace Jobhook.Forwarder
             while (true)
             {
                 string oldest = null;
+                bool beingSent;
                 lock (gate)
                 {
                     if (files.Count == 0 || (files.Count + 1 <= maxFiles && totalBytes + incoming <= maxBytes))
@@ -533,17 +542,57 @@ namespace Jobhook.Forwarder
                     if (deferred.Count > 0)
                         deferred.Remove(oldest);
                     writerOwns = oldest;
+                    beingSent = oldest == sending;
+                    if (beingSent)
+                        sendingDropped = true;
                 }
                 TryDelete(Path.Combine(directory, oldest));
                 lock (gate)
                     writerOwns = null;
-                Interlocked.Increment(ref Dropped);
-                // Counted, not logged per event: a slow log sink must not set the pace of the
-                // writer, nor of the flush at shutdown.
-                Notice(ref spoolFull, "the spool " + directory + " is full (" + maxFiles + " events or " + maxBytes
-                                      + " bytes); dropped the oldest event(s)", false)
-                    .Add(oldest);
+                // The event the sender is posting is counted when its post ends (SendEnded).
+                if (!beingSent)
+                    CountDropped(oldest);
             }
+        }
+
+        /// <summary>Counts an event dropped to make room; the notices thread reports it.</summary>
+        void CountDropped(string name)
+        {
+            Interlocked.Increment(ref Dropped);
+            // Counted, not logged per event: a slow log sink must not set the pace of the
+            // writer, nor of the flush at shutdown.
+            Notice(ref spoolFull, "the spool " + directory + " is full (" + maxFiles + " events or " + maxBytes
+                                  + " bytes); dropped the oldest event(s)", false)
+                .Add(name);
+        }
+
+        /// <summary>The sender is about to post `name` (read by <see cref="Oldest"/>). Sender's thread only.</summary>
+        public void Sending(string name)
+        {
+            lock (gate)
+            {
+                sending = name;
+                sendingDropped = false;
+            }
+        }
+
+        /// <summary>
+        /// The post of `name` has ended; `arrived`: the engine answered it for good (accepted,
+        /// a conflict, or refused). If the spool dropped it meanwhile to make room, that drop is
+        /// counted now, unless the event arrived: then it is not lost, and counting it dropped
+        /// would count it twice. Sender's thread only.
+        /// </summary>
+        public void SendEnded(string name, bool arrived)
+        {
+            bool dropped;
+            lock (gate)
+            {
+                dropped = sending == name && sendingDropped;
+                sending = null;
+                sendingDropped = false;
+            }
+            if (dropped && !arrived)
+                CountDropped(name);
         }
 
         /// <summary>What reading a spool file back came to.</summary>

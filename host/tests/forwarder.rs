@@ -59,6 +59,18 @@
 //!   spool drops the oldest first.
 //! - (ab) an `EngineUrl` that ends with `/v1/job-complete` is reported, and events arrive.
 //! - (ac) a `TrustedCaFile` with another CA before the engine's trusts the engine's.
+//! - (ad) after an outage the oldest event goes first again: the failures it was charged while
+//!   the way to the engine was down (its own backoff grown to seconds) no longer hold it back.
+//! - (ae) at exit, a spool whose writes hang (a disk that does not answer) costs the exit no more
+//!   than its deadline, and the events it held are reported lost, with their number.
+//! - (af) at exit, an event the intake thread holds and never passes on is waited for a moment,
+//!   not the whole deadline: it is reported lost and every other event is in the spool.
+//! - (ag) lines dropped while the log sink hangs are counted, and the count is written once the
+//!   sink takes lines again: lines written and lines counted as dropped add up to those logged.
+//! - (ah) `PendingEvents` read while events move from the intake to their runtime counts each
+//!   event once, never twice or not at all.
+//! - (ai) an event a full spool drops while its delivery is under way, and which the engine then
+//!   accepts, is counted delivered, not dropped as well.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -1043,13 +1055,6 @@ async fn e_a_full_spool_drops_the_oldest_and_says_so() {
     let log = harness.wait_success_log("full spool");
 
     let dropped = SENT - KEPT;
-    // Counted, not logged one by one: the first at once, the rest in the report at exit.
-    assert!(
-        log.lines()
-            .any(|line| line.contains("is full (20 events or")
-                && line.contains(&format!(" {dropped} since start"))),
-        "the forwarder's log counts the dropped events:\n{log}"
-    );
     // The newest KEPT arrive. A dropped event may arrive too if the sender was already posting
     // it when the spool dropped its file (one at most: it sends one at a time) — seen when
     // Mono's first request took longer than the engine's start.
@@ -1066,6 +1071,15 @@ async fn e_a_full_spool_drops_the_oldest_and_says_so() {
         arrived_anyway.len() <= 1,
         "{} dropped events arrived; only one in flight may",
         arrived_anyway.len()
+    );
+    // Counted, not logged one by one: the first at once, the rest in the report at exit. One
+    // that arrived all the same is not lost, and not counted (case ai).
+    let lost = dropped - arrived_anyway.len();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("is full (20 events or")
+                && line.contains(&format!(" {lost} since start"))),
+        "the forwarder's log counts the {lost} dropped events that did not arrive:\n{log}"
     );
     arrived_anyway.extend(newest);
     assert_delivered_once(&site, &arrived_anyway, None);
@@ -2665,5 +2679,496 @@ async fn ac_a_ca_file_with_several_certificates_trusts_the_one_that_issued_the_e
     assert!(
         log.contains("2 certificate(s)"),
         "what the file held is logged:\n{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exits, counts and deferrals
+
+/// What a [`Scripted`] stand-in does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Pass it on to the engine and hand its answer back.
+    Pass,
+    /// Answer 503 without passing it on (the engine or the way is down).
+    Refuse,
+    /// Say nothing until [`Scripted::release`], then pass it on (a slow way to the engine).
+    Hold,
+}
+
+/// Decides each request's [`Answer`] from its idempotency key (called in arrival order).
+type Decide = Box<dyn FnMut(&str) -> Answer + Send>;
+
+/// A stand-in in front of the engine whose answers a test scripts, request by request; records
+/// every request's key and answer in arrival order.
+struct Scripted {
+    url: String,
+    answered: Arc<Mutex<Vec<(String, Answer)>>>,
+    released: tokio::sync::watch::Sender<bool>,
+}
+
+impl Scripted {
+    async fn start(engine_url: String, decide: Decide) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stand-in");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let decide = Arc::new(Mutex::new(decide));
+        let records = answered.clone();
+        let (released, release) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (client, engine_url) = (client.clone(), engine_url.clone());
+                let (decide, records) = (decide.clone(), records.clone());
+                let mut release = release.clone();
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    while let Some(request) = read_request(&mut socket, &mut buffer).await {
+                        let key = request.header("Idempotency-Key").unwrap_or("").to_owned();
+                        // Decided and recorded in one step: the record is the order of the
+                        // answers.
+                        let answer = {
+                            let mut records = records.lock().expect("records");
+                            let answer = (decide.lock().expect("script"))(&key);
+                            records.push((key, answer));
+                            answer
+                        };
+                        let (status, body) = match answer {
+                            Answer::Pass => forward(&client, &engine_url, &request).await,
+                            Answer::Refuse => (503, b"{\"error\":\"stand-in\"}".to_vec()),
+                            Answer::Hold => {
+                                if release.wait_for(|go| *go).await.is_err() {
+                                    return;
+                                }
+                                forward(&client, &engine_url, &request).await
+                            }
+                        };
+                        if !respond(&mut socket, status, &body).await {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            url,
+            answered,
+            released,
+        }
+    }
+
+    /// Lets every held request (and every later one to be held) go on.
+    fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    fn answered(&self) -> Vec<(String, Answer)> {
+        self.answered.lock().expect("records").clone()
+    }
+}
+
+/// Waits at most `bound` after its last RunHandler call for the harness to end, and asserts it
+/// succeeded; gives its log.
+fn wait_exit_within(mut harness: Harness, bound: Duration, what: &str) -> String {
+    harness.wait_for_line("submitted", Duration::from_secs(60));
+    let submitted = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = harness.child.try_wait() {
+            break status;
+        }
+        if submitted.elapsed() > bound {
+            let threads = harness.thread_dump();
+            panic!(
+                "{what}: the harness had not ended {bound:?} after its last RunHandler call; its \
+                 threads (SIGQUIT):\n{threads}\nits log:\n{}",
+                harness.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "{what}: the harness failed ({status}); its log:\n{}",
+        harness.log_text()
+    );
+    std::fs::read_to_string(harness.log_path()).unwrap_or_default()
+}
+
+/// The forwarder's wait for its shutdown (`Intake.ShutdownWait`: 5 s and a 0.5 s grace), plus
+/// the runtime's own exit and a loaded machine.
+const EXIT_BOUND: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ad_after_an_outage_the_oldest_event_goes_first_again() {
+    const SENT: usize = 6;
+    /// Refusals of the oldest event before the outage: its own backoff is then 4 to 8 s
+    /// (250 ms doubled five times), far longer than the rest of the case takes.
+    const OLDEST_REFUSED: usize = 6;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let engine = site.start_engine();
+    // Stage 0: the oldest event (the first key seen) is refused, every other one passes: it
+    // waits on its own backoff, which grows with each refusal; the events behind it pass, and
+    // no outage is seen. Stage 1: the next request passes, the two after it are refused: two
+    // events failing one after the other, an outage. Stage 2: everything passes.
+    let stage = Arc::new(Mutex::new((0u8, 0usize, None::<String>)));
+    let script = stage.clone();
+    let standin = Scripted::start(
+        engine.url.clone(),
+        Box::new(move |key| {
+            let mut script = script.lock().expect("script");
+            let (stage, taken, oldest) = &mut *script;
+            let oldest = oldest.get_or_insert_with(|| key.to_owned());
+            match *stage {
+                0 if key == oldest.as_str() => Answer::Refuse,
+                0 => Answer::Pass,
+                1 => {
+                    *taken += 1;
+                    if *taken == 3 {
+                        *stage = 2;
+                    }
+                    if *taken == 1 {
+                        Answer::Pass
+                    } else {
+                        Answer::Refuse
+                    }
+                }
+                _ => Answer::Pass,
+            }
+        }),
+    )
+    .await;
+    let expected_path = site.path("expected.tsv");
+    let resume = site.path("resume");
+    let resume_arg = resume.to_string_lossy().into_owned();
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &standin.url,
+        SENT,
+        &expected_path,
+        &[
+            "--threads",
+            "1",
+            "--pause-after",
+            "2",
+            "--resume-file",
+            &resume_arg,
+            "--initial-backoff-ms",
+            "250",
+            "--max-backoff-ms",
+            "20000",
+        ],
+    );
+    harness.wait_for_line("paused", Duration::from_secs(60));
+    let oldest_tries = || {
+        let oldest = stage.lock().expect("script").2.clone();
+        standin
+            .answered()
+            .iter()
+            .filter(|(key, _)| Some(key) == oldest.as_ref())
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while oldest_tries() < OLDEST_REFUSED {
+        harness.assert_running("waiting for the oldest event's refusals");
+        assert!(
+            Instant::now() < deadline,
+            "the oldest event was tried {} times in 60 s",
+            oldest_tries()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = standin.answered().len();
+    stage.lock().expect("script").0 = 1;
+    std::fs::write(&resume, b"").expect("resume file");
+    harness.wait_success("after an outage");
+
+    let expected = read_expected(&expected_path);
+    assert_delivered_once(&site, &expected, None);
+    let oldest = expected[0].key.clone();
+    let answered = standin.answered();
+    assert_eq!(
+        answered.first().map(|(key, _)| key),
+        Some(&oldest),
+        "the first request was for the oldest event: {answered:?}"
+    );
+    let after: Vec<&(String, Answer)> = answered.iter().skip(before).collect();
+    let (outage, recovered) = after.split_at(3.min(after.len()));
+    assert!(
+        outage.len() == 3 && outage.iter().all(|(key, _)| *key != oldest),
+        "setup: the oldest event was tried, or too few requests came, during the outage: {after:?}"
+    );
+    let passed: Vec<&String> = recovered
+        .iter()
+        .filter(|(_, answer)| *answer == Answer::Pass)
+        .map(|(key, _)| key)
+        .collect();
+    assert!(
+        passed.len() >= 2 && *passed[1] == oldest,
+        "after the first delivery that ended the outage the oldest event ({oldest}) goes next, \
+         not after its own backoff: {passed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ae_a_spool_that_hangs_at_exit_costs_only_the_deadline_and_its_losses_are_counted() {
+    const SENT: usize = 200;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine. The spool writer is held (the forwarder's test hook), so all events are in
+    // memory at the exit; then every write to the spool hangs, as on a disk that stopped
+    // answering: the flush at exit never ends. The exit must not wait for it past the
+    // deadline, and the events it held must be reported lost, all of them, once.
+    let sent = SENT.to_string();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "burst",
+        &[
+            "--count",
+            &sent,
+            "--hold-writers",
+            "1",
+            "--hang-spool",
+            "1",
+            "--budget-ms",
+            "1000",
+        ],
+    );
+    let log = wait_exit_within(harness, EXIT_BOUND, "a spool that hangs at exit");
+    assert_eq!(spool_files(&site), 0, "nothing could be written");
+    let lost = format!("shutting down: {SENT} accepted event(s) could not be written to the spool");
+    assert_eq!(
+        count_lines(&log, &lost),
+        1,
+        "one line counts the {SENT} events lost in the flush that did not end:\n{log}"
+    );
+    assert!(
+        log.contains("(0 written; its flush did not end"),
+        "the line says the flush did not end:\n{log}"
+    );
+    assert_eq!(
+        count_lines(&log, "could not be written to the spool"),
+        1,
+        "said once:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn af_an_event_the_intake_thread_holds_at_exit_is_waited_for_a_moment_only() {
+    const SENT: usize = 200;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine. The intake thread takes the first event and never passes it on (the
+    // forwarder's test hook, as a registration's start-up that hangs would hold it); every
+    // other event waits in the intake queue behind it. At the exit the shutdown waits for that
+    // event a moment, counts it lost, and writes the others to the spool within the deadline.
+    let sent = SENT.to_string();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "burst",
+        &[
+            "--count",
+            &sent,
+            "--hold-intake",
+            "1",
+            "--budget-ms",
+            "1000",
+        ],
+    );
+    let log = wait_exit_within(harness, EXIT_BOUND, "an event held by the intake thread");
+    assert_eq!(
+        spool_files(&site),
+        SENT - 1,
+        "every event but the held one is in the spool:\n{log}"
+    );
+    assert_eq!(
+        count_lines(
+            &log,
+            "shutting down: 1 accepted event(s) could not be handed to a spool writer"
+        ),
+        1,
+        "the held event is reported lost:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ag_log_lines_dropped_behind_a_hung_sink_are_counted_and_reported() {
+    /// Per-event detail lines: more than the log thread's queue for them holds (1,000).
+    const SENT: u64 = 1500;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine. The sink hangs on its first line while every event is spooled, each with its
+    // detail line (DebugLog): what does not fit in the queue is dropped and counted. Once the
+    // sink takes lines again, the count is written: lines written and lines counted as
+    // dropped are every line logged.
+    let sent = SENT.to_string();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "logjam",
+        &["--count", &sent],
+    );
+    let (status, out, log) = harness.finish(Duration::from_secs(120));
+    let tail = tail_of(&log, 4000);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the harness failed ({status:?}): {out}\n{tail}"
+    );
+    assert!(
+        out.lines().any(|l| l == format!("spooled {SENT}")),
+        "every event was spooled: {out}\n{tail}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("log "))
+        .unwrap_or_else(|| panic!("no count of the log lines: {out}\n{tail}"));
+    let numbers = memory_line(line);
+    assert!(
+        numbers["dropped"] > 0 && numbers["detail"] + numbers["dropped"] == SENT,
+        "{SENT} detail lines were logged: each is written or counted as dropped, once: {line}\n{tail}"
+    );
+    assert!(
+        log.contains(&format!(
+            "the log sink was too slow: {} line(s)",
+            numbers["dropped"]
+        )),
+        "the count reaches the log:\n{tail}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ah_pending_events_counts_an_event_moving_to_its_runtime_once() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine, and the spool writer is held (the forwarder's test hook): no event leaves
+    // memory. In each of 100 rounds the intake thread is held while 100 events queue behind
+    // it, then let go, and two threads read PendingEvents without pause until it has moved
+    // them all to the runtime's queue: every read must be every event accepted so far.
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "moving",
+        &["--count", "100", "--rounds", "100"],
+    );
+    let (status, out, log) = harness.finish(Duration::from_secs(120));
+    let tail = tail_of(&log, 4000);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the harness failed ({status:?}): {out}\n{tail}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("moving "))
+        .unwrap_or_else(|| panic!("no reads: {out}\n{tail}"));
+    let numbers: HashMap<&str, &str> = line
+        .split_whitespace()
+        .filter_map(|pair| pair.split_once('='))
+        .collect();
+    assert_eq!(numbers.get("events"), Some(&"10000"), "{line}");
+    let reads: u64 = numbers["reads"].parse().expect("reads");
+    assert!(reads >= 100, "at least a read a round: {line}");
+    assert_eq!(
+        numbers.get("wrong"),
+        Some(&"0"),
+        "PendingEvents counted an event twice or not at all while it moved: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ai_an_event_dropped_while_its_delivery_is_under_way_is_counted_once() {
+    const SENT: usize = 3;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let engine = site.start_engine();
+    // A spool of one event. The first event's delivery is held on its way to the engine while
+    // two more are spooled: the first is dropped to make room for the second, the second for
+    // the third. Then the first one's delivery goes on and the engine accepts it. It arrived:
+    // it is counted delivered, and only the second is counted dropped.
+    let standin = Scripted::start(
+        engine.url.clone(),
+        Box::new({
+            let mut first = None::<String>;
+            move |key| {
+                if first.get_or_insert_with(|| key.to_owned()) == key {
+                    Answer::Hold
+                } else {
+                    Answer::Pass
+                }
+            }
+        }),
+    )
+    .await;
+    let expected_path = site.path("expected.tsv");
+    let resume = site.path("resume");
+    let resume_arg = resume.to_string_lossy().into_owned();
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &standin.url,
+        SENT,
+        &expected_path,
+        &[
+            "--threads",
+            "1",
+            "--max-spool-files",
+            "1",
+            "--pause-after",
+            "1",
+            "--resume-file",
+            &resume_arg,
+        ],
+    );
+    harness.wait_for_line("paused", Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while standin.answered().is_empty() {
+        harness.assert_running("waiting for the first delivery");
+        assert!(
+            Instant::now() < deadline,
+            "the first event was not sent within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&resume, b"").expect("resume file");
+    harness.wait_for_line("spooled", Duration::from_secs(30));
+    assert_eq!(spool_files(&site), 1, "the spool holds its one event");
+    standin.release();
+    let drained = harness.wait_for_line("drained", Duration::from_secs(60));
+    harness.wait_success("an event dropped while it was sent");
+
+    let expected = read_expected(&expected_path);
+    let (first, second) = (expected[0].key.clone(), expected[1].key.clone());
+    let answered = standin.answered();
+    assert_eq!(
+        answered.first().map(|(key, _)| key),
+        Some(&first),
+        "the held delivery was the first event's: {answered:?}"
+    );
+    // The first and the third arrive; the second was dropped before it was ever sent.
+    let arrived: Vec<Expected> = expected.into_iter().filter(|e| e.key != second).collect();
+    assert_delivered_once(&site, &arrived, None);
+    assert!(
+        drained.contains("accepted 3, spooled 3, delivered 2,") && drained.contains(" dropped 1,"),
+        "two events were delivered and one dropped, each counted once: {drained}"
     );
 }
