@@ -1012,6 +1012,35 @@ fn check_resolves_what_serve_resolves_and_creates_nothing() {
         !dir.path().join("state").exists(),
         "check created the store or the outbox"
     );
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// An AOT cache directory `serve` could not use is a warning of `check` (serve runs without the
+/// cache, compiling every handler at every start), naming the key and the path.
+#[test]
+fn check_warns_of_a_cache_dir_serve_could_not_use() {
+    for (cache_dir, says) in [
+        ("/dev/null", "/dev/null exists and is not a directory"),
+        (
+            "/dev/null/cache",
+            "/dev/null/cache cannot be created: /dev/null is not a directory",
+        ),
+    ] {
+        let (_dir, config) = check_config(&format!("[engine]\ncache_dir = \"{cache_dir}\""));
+        let out = jobhook(&["check", "--config", &config]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{cache_dir}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "warning: [engine] cache_dir: {says}; serve will run without the AOT cache"
+            )),
+            "{cache_dir}: {stderr}"
+        );
+    }
 }
 
 /// `run`'s budget flags have the bounds of the configuration's handler limits, and the error

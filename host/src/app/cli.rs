@@ -319,7 +319,10 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
-    let names = crate::app::server::check(&args.config).await?;
+    let (names, warnings) = crate::app::server::check(&args.config).await?;
+    for warning in warnings {
+        print_err(&format!("warning: {}", escape(&warning)));
+    }
     print_out(&format!(
         "{}: configuration is valid; {} handler(s) loaded: {}\n",
         escape(&args.config.display().to_string()),

@@ -708,8 +708,7 @@ impl Config {
         if self.store.kind != crate::queue::store::config::StoreKind::Sqlite {
             return Ok(());
         }
-        let dir = &self.store.data_dir;
-        let fail = |problem: String| ConfigError {
+        usable_directory(&self.store.data_dir).map_err(|problem| ConfigError {
             file: self.path.clone(),
             line: None,
             message: capped(format!(
@@ -717,57 +716,74 @@ impl Config {
                  in, or at one it can create (relative paths are relative to the configuration \
                  file)"
             )),
+        })
+    }
+
+    /// What `serve` would meet at `[engine] cache_dir` when it is not a directory this process
+    /// may write in or create: a warning for `check`, not an error, since the cache is an
+    /// optimisation and `serve` runs without it (saying so in its log).
+    pub fn cache_dir_warning(&self) -> Option<String> {
+        let problem = usable_directory(self.engine.cache_dir.as_ref()?).err()?;
+        Some(capped(format!(
+            "[engine] cache_dir: {problem}; serve will run without the AOT cache and compile \
+             every handler at every start: point cache_dir at a directory jobhook may write in"
+        )))
+    }
+}
+
+/// Whether `dir` is a directory this process may write in, or one it could create below the
+/// nearest of its ancestors that exists (what `serve` finds); the problem, naming the path,
+/// otherwise. Nothing is created.
+fn usable_directory(dir: &Path) -> Result<(), String> {
+    // The nearest of the directory and its ancestors that exists: what `serve` finds.
+    let mut existing = None;
+    for at in dir.ancestors() {
+        let at = if at.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            at
         };
-        // The nearest of the directory and its ancestors that exists: what `serve` finds.
-        let mut existing = None;
-        for at in dir.ancestors() {
-            let at = if at.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                at
-            };
-            match std::fs::metadata(at) {
-                Ok(meta) => {
-                    existing = Some((at, meta));
-                    break;
-                }
-                // Missing, or below a file: look further up.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                    ) => {}
-                Err(e) => {
-                    return Err(fail(format!("cannot inspect {}: {e}", shown_path(at))));
-                }
+        match std::fs::metadata(at) {
+            Ok(meta) => {
+                existing = Some((at, meta));
+                break;
+            }
+            // Missing, or below a file: look further up.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => {
+                return Err(format!("cannot inspect {}: {e}", shown_path(at)));
             }
         }
-        let Some((at, meta)) = existing else {
-            return Ok(());
-        };
-        let shown = shown_path(dir);
-        if !meta.is_dir() {
-            return Err(fail(if at == dir.as_path() {
-                format!("{shown} exists and is not a directory")
-            } else {
-                format!(
-                    "{shown} cannot be created: {} is not a directory",
-                    shown_path(at)
-                )
-            }));
-        }
-        if let Err(e) = writable(at) {
-            return Err(fail(if at == dir.as_path() {
-                format!("{shown} is not writable ({e})")
-            } else {
-                format!(
-                    "{shown} cannot be created: {} is not writable ({e})",
-                    shown_path(at)
-                )
-            }));
-        }
-        Ok(())
     }
+    let Some((at, meta)) = existing else {
+        return Ok(());
+    };
+    let shown = shown_path(dir);
+    if !meta.is_dir() {
+        return Err(if at == dir {
+            format!("{shown} exists and is not a directory")
+        } else {
+            format!(
+                "{shown} cannot be created: {} is not a directory",
+                shown_path(at)
+            )
+        });
+    }
+    if let Err(e) = writable(at) {
+        return Err(if at == dir {
+            format!("{shown} is not writable ({e})")
+        } else {
+            format!(
+                "{shown} cannot be created: {} is not writable ({e})",
+                shown_path(at)
+            )
+        });
+    }
+    Ok(())
 }
 
 /// Whether this process may create and write files in directory `dir` (asked of the system,

@@ -180,14 +180,16 @@ pub fn services(config: &Config) -> anyhow::Result<Services> {
 /// serves (the bearer tokens, where the store lives, the sandbox pool at its configured size and
 /// its threads) and loads every handler; returns the handler names. Nothing lasting is made: no
 /// store is opened or created, no AOT cache written, and the mail outbox is checked, not made.
-pub async fn check(path: &Path) -> anyhow::Result<Vec<String>> {
+/// Also returns warnings: what `serve` would run without (an unusable AOT cache directory).
+pub async fn check(path: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let config = Config::load(path)?;
     config.resolve_tokens()?;
     config.check_store_location()?;
+    let warnings = config.cache_dir_warning().into_iter().collect();
     let engine = engine(&config)?;
     let services = services(&config)?;
     let set = load_handlers(&engine, &services, &config, None).await?;
-    Ok(set.names())
+    Ok((set.names(), warnings))
 }
 
 /// The engine `serve` runs and `check` tries: one pool slot per delivery the dispatcher may run
