@@ -332,6 +332,30 @@ fn usage_errors_exit_2() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("KEY=VALUE"));
+    // A name the engine's configuration refuses is refused here too: a handler is never tried
+    // with properties it could not be given.
+    for (pair, says) in [
+        ("=x", "a property name is empty"),
+        (" =x", "a property name is empty"),
+        ("a\nb=1", "a property name must not hold control characters"),
+        (
+            "a\u{1b}[2Jb=1",
+            "a property name must not hold control characters",
+        ),
+    ] {
+        let out = jobhook(&[
+            "run",
+            &component("log-context"),
+            "--context",
+            &context_file("log-context", "sample.json"),
+            "--property",
+            pair,
+        ]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{pair:?}: {stderr}");
+        assert!(stderr.contains(says), "{pair:?}: {stderr}");
+        assert!(!stderr.contains('\u{1b}'), "{pair:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -430,8 +430,8 @@ fn parse_properties(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>
             bail!("--property {pair:?}: expected KEY=VALUE");
         };
         let key = key.trim();
-        if key.is_empty() {
-            bail!("--property {pair:?}: the property name is empty");
+        if let Some(problem) = crate::capabilities::properties::name_problem(key) {
+            bail!("--property {pair:?}: {problem}");
         }
         if properties
             .insert(key.to_owned(), value.to_owned())

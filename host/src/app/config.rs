@@ -990,19 +990,8 @@ impl Validator<'_> {
                 quoted(&key)
             };
             let (value_line, what) = at(&format!("properties.{shown}"), value.span());
-            if key.is_empty() {
-                return Err(self.error(value_line, &format!("{what}: a property name is empty")));
-            }
-            // A handler reads it by name; a line break or escape in one is a mistake, and would
-            // be carried into every listing of the handler.
-            if key.chars().any(char::is_control) {
-                return Err(self.error(
-                    value_line,
-                    &format!(
-                        "{what}: a property name must not hold control characters (line breaks, \
-                         tabs, escapes)"
-                    ),
-                ));
+            if let Some(problem) = crate::capabilities::properties::name_problem(&key) {
+                return Err(self.error(value_line, &format!("{what}: {problem}")));
             }
             let resolved = match value.into_inner() {
                 PropertyValue::Plain(v) => v,

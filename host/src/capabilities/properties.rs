@@ -38,6 +38,20 @@ impl Properties {
     }
 }
 
+/// Why `name` cannot be a property name, if it cannot: empty, or holding a control character (a
+/// handler reads a property by name; a line break or an escape in one is a mistake, and would be
+/// carried into every listing of the handler). One rule for the configuration and `jobhook run`,
+/// so that a handler is never tried with a name the engine would refuse.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("a property name is empty")
+    } else if name.chars().any(char::is_control) {
+        Some("a property name must not hold control characters (line breaks, tabs, escapes)")
+    } else {
+        None
+    }
+}
+
 impl Host for Properties {
     async fn get(&mut self, name: String) -> wasmtime::Result<Option<String>> {
         Ok(self.values.get(&name).cloned())
