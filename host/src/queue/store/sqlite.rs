@@ -260,8 +260,11 @@ impl SqliteStore {
             path: data_dir.display().to_string(),
             message,
         };
-        std::fs::create_dir_all(data_dir)
+        create_data_dir(data_dir)
             .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
+        if let Some(exposed) = exposure(data_dir) {
+            tracing::warn!("{exposed}");
+        }
         let lock = lock_data_dir(data_dir).map_err(open_error)?;
         let mut store = SqliteStore::open(data_dir)?;
         store._lock = Some(lock);
@@ -275,7 +278,7 @@ impl SqliteStore {
             path: data_dir.display().to_string(),
             message,
         };
-        std::fs::create_dir_all(data_dir)
+        create_data_dir(data_dir)
             .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
         let path = data_dir.join(DATABASE_FILE);
         let mut conn = connect(&path, "NORMAL").map_err(|e| open_error(explained(e)))?;
@@ -517,6 +520,43 @@ fn claim_key(
         event_id: original,
         handlers,
     })))
+}
+
+/// Makes `data_dir` and any missing directory above it readable by this user only (`0700`): the
+/// store holds job contexts, handlers' log lines and outcomes. A directory that exists is left
+/// as it is ([`exposure`] says when it is open to others).
+fn create_data_dir(data_dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, PRIVATE_DIR_MODE);
+    builder.create(data_dir)
+}
+
+/// The mode a data directory is made with: its owner only.
+#[cfg(unix)]
+const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// What to tell the operator when `data_dir` lets other users read or enter it, or change it:
+/// the store in it holds job contexts and handlers' log lines. A warning, not a refusal: the
+/// operator may have meant it (a backup agent's group); `serve` says it at every start.
+#[cfg(unix)]
+fn exposure(data_dir: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(data_dir).ok()?.permissions().mode() & 0o777;
+    (mode & !PRIVATE_DIR_MODE != 0).then(|| {
+        format!(
+            "the data directory {} has mode {mode:03o}: other users can reach the store's job \
+             contexts and handlers' log lines; `chmod 700` it (jobhook makes a new one so)",
+            data_dir.display()
+        )
+    })
+}
+
+/// See the Unix version: other systems' permissions are not modes.
+#[cfg(not(unix))]
+fn exposure(_data_dir: &Path) -> Option<String> {
+    None
 }
 
 /// The file in the data directory whose lock the engine using it holds; it holds that engine's
@@ -1494,6 +1534,29 @@ mod tests {
             assert_eq!(rows, 0);
         }
         assert_eq!(due.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    /// A data directory the store makes is its owner's only, parents included; one that exists
+    /// is left as it is, and said to be open when it is.
+    #[cfg(unix)]
+    #[test]
+    fn the_data_directory_is_made_private_and_an_open_one_is_named() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("state").join("data");
+        drop(SqliteStore::open_exclusive(&data).unwrap());
+        for made in [&data, &dir.path().join("state")] {
+            let mode = std::fs::metadata(made).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", made.display());
+        }
+        assert_eq!(exposure(&data), None);
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+        drop(SqliteStore::open_exclusive(&data).unwrap());
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o750, "an existing directory is left as it is");
+        let said = exposure(&data).expect("named");
+        assert!(said.contains("has mode 750"), "{said}");
+        assert!(said.contains("chmod 700"), "{said}");
     }
 
     /// The data directory's lock: a second exclusive open is refused while the first store is
