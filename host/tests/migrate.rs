@@ -301,10 +301,11 @@ fn forwarder_registration_for_both_generations() {
     serde_json::from_str::<serde_json::Value>(&both[split..]).expect("JSON part");
 }
 
-/// An engine with only admin tokens still wants a token from the forwarder, but not one that
-/// opens everything: the registration carries the placeholder and says to add a sender's token.
+/// An engine with only admin tokens takes events without a token (admin tokens guard only
+/// administration): the registration's BearerToken is empty, never an admin token or a
+/// placeholder for one.
 #[test]
-fn forwarder_registration_asks_for_a_senders_token_when_only_admin_tokens_exist() {
+fn forwarder_registration_carries_no_admin_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("h.wasm"), b"\0asm").expect("write");
     std::fs::write(dir.path().join("admin"), "adm1n-token").expect("write");
@@ -320,13 +321,14 @@ fn forwarder_registration_asks_for_a_senders_token_when_only_admin_tokens_exist(
     let (code, xml, stderr) =
         jobhook(&["forwarder-config", "--config", config, "--generation", "10"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        xml.contains(jobhook::app::migrate::TOKEN_PLACEHOLDER),
-        "{xml}"
-    );
-    assert!(
-        stderr.contains("add a token for the forwarder to [server] tokens"),
-        "{stderr}"
-    );
+    let doc = roxmltree::Document::parse(&xml).expect("well-formed XML");
+    let token = doc
+        .root_element()
+        .children()
+        .find(|n| n.attribute("name") == Some("BearerToken"))
+        .and_then(|n| n.attribute("value"))
+        .map(str::to_owned);
+    assert_eq!(token.as_deref(), Some(""), "{xml}");
+    assert!(!stderr.contains("BearerToken"), "{stderr}");
     assert!(!xml.contains("adm1n-token") && !stderr.contains("adm1n-token"));
 }

@@ -645,7 +645,8 @@ async fn call_with(engine: &EngineProcess, method: &str, path: &str, token: &str
 
 /// With admin tokens configured, a sender's token (the one the Keyfactor server holds) opens
 /// only ingest and metrics: reading events and handlers, the forwarders' list and reloading
-/// answer 403 to it, and an admin token opens all of them. A reload replaces both kinds.
+/// answer 403 to it, and an admin token opens all of them. A reload replaces both kinds; with
+/// the sender's tokens gone, posting needs no token and administration still does.
 #[tokio::test]
 async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
     let setup = Setup::new();
@@ -720,6 +721,33 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
     assert_eq!(status, 200);
     let (status, _) = call_with(&engine, "POST", "/v1/job-complete", "sender-t0ken").await;
     assert_eq!(status, 202);
+
+    // Without sender tokens, admin tokens guard only administration: events are posted
+    // without a token (on loopback here; off it, `check` wants client certificates then).
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replace("tokens = [{ file = \"send\" }]\n", ""),
+    )
+    .expect("write");
+    let (status, answer) = call_with(&engine, "POST", "/v1/admin/reload", "admin-t0ken-2").await;
+    assert_eq!(status, 200, "{answer}");
+    let report: Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(
+        report["secrets_reloaded"],
+        json!(["server.tokens"]),
+        "{report}"
+    );
+    let (status, answer) = post(&engine, &sample_context_json()).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, _) = get(&engine, "/metrics").await;
+    assert_eq!(status, 200);
+    let (status, _) = get(&engine, "/v1/handlers").await;
+    assert_eq!(status, 401);
+    let (status, _) = call_with(&engine, "GET", "/v1/handlers", "sender-t0ken").await;
+    assert_eq!(status, 401, "a removed sender's token opens nothing");
+    let (status, _) = call_with(&engine, "GET", "/v1/handlers", "admin-t0ken-2").await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -240,18 +240,44 @@ async fn client_certificates_are_required_with_client_ca() {
     assert_eq!(response.status().as_u16(), 202);
 }
 
+/// Runs `serve` on a configuration with `server` as its `[server]` section and returns its
+/// stderr, once it has exited with 2 (a refused configuration). One that starts serving instead
+/// is stopped after [`REFUSAL_BOUND`] and fails the test, rather than holding it forever.
 fn refused(setup: &Setup, server: &str) -> String {
     let config = setup.config(server);
-    let output = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+    let stderr_path = setup.dir.path().join("refused.stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
         .args(["serve", "--config"])
         .arg(&config)
         .env("JOBHOOK_TEST_TLS_TOKEN", "t0ken")
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
         .expect("run jobhook serve");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let deadline = std::time::Instant::now() + REFUSAL_BOUND;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).expect("read stderr");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "serve was not refused ({server}): {stderr}"
+    );
     stderr
 }
+
+/// How long a refused `serve` may take to exit: it reads a configuration and exits.
+const REFUSAL_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[test]
 fn exposed_listeners_need_tls_for_tokens_and_some_authentication() {
@@ -274,6 +300,19 @@ fn exposed_listeners_need_tls_for_tokens_and_some_authentication() {
     assert!(stderr.contains("jobhook.toml:3"), "{stderr}");
     assert!(stderr.contains("[server] admin_tokens"), "{stderr}");
     assert!(stderr.contains("allow_plaintext_tokens = true"), "{stderr}");
+    // But they do not guard ingest: over TLS, admin tokens alone leave posting events open.
+    let ca = TestCa::new("jobhook test CA");
+    setup.write_server(&ca.server_cert(2));
+    let stderr = refused(
+        &setup,
+        "listen = \"0.0.0.0:0\"\nadmin_tokens = [{ env = \"JOBHOOK_TEST_TLS_TOKEN\" }]\n\
+         tls = { cert = \"server.pem\", key = \"server.key\" }",
+    );
+    assert!(stderr.contains("anyone could post events"), "{stderr}");
+    assert!(
+        stderr.contains("admin_tokens guard only the administrator's endpoints"),
+        "{stderr}"
+    );
 
     // Nothing at all on every interface: refused.
     let stderr = refused(&setup, "listen = \"0.0.0.0:0\"");

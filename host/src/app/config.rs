@@ -215,12 +215,13 @@ pub struct ServerConfig {
     /// Address and port to listen on.
     #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
-    /// Bearer tokens for senders (the forwarder, a metrics scraper): with `admin_tokens`
-    /// configured they open only `POST /v1/job-complete` and `GET /metrics`, without them every
-    /// endpoint but `/healthz` (which needs no token). None of either kind means no
-    /// authentication (only sensible on loopback).
+    /// Bearer tokens for senders (the forwarder, a metrics scraper): they guard
+    /// `POST /v1/job-complete` and `GET /metrics`, and, without `admin_tokens`, every endpoint
+    /// but `/healthz` (which needs no token). None: posting events needs no token (only
+    /// sensible on loopback, or with client certificates).
     pub tokens: Vec<SecretRef>,
-    /// Bearer tokens for operators: every endpoint, reload, handlers and event reads included.
+    /// Bearer tokens for operators: they guard reading events and handlers, the forwarders'
+    /// list and reloading, and open every endpoint.
     pub admin_tokens: Vec<SecretRef>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
@@ -906,14 +907,21 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if !tokens && !mtls && !server.allow_unauthenticated {
+        // Admin tokens guard administration, not ingest: posting events needs `tokens` or
+        // client certificates.
+        if server.tokens.is_empty() && !mtls && !server.allow_unauthenticated {
+            let admin_only = if server.admin_tokens.is_empty() {
+                ""
+            } else {
+                " ([server] admin_tokens guard only the administrator's endpoints)"
+            };
             return Err(self.error(
                 listen_line,
                 &format!(
                     "[server] listen: {address} is reachable from the network but neither \
                      [server] tokens nor [server] tls.client_ca is set, so anyone could post \
-                     events; configure tokens or client certificates, or listen on 127.0.0.1, \
-                     or set [server] allow_unauthenticated = true"
+                     events{admin_only}; configure tokens or client certificates, or listen on \
+                     127.0.0.1, or set [server] allow_unauthenticated = true"
                 ),
             ));
         }

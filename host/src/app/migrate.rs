@@ -1087,16 +1087,9 @@ pub fn forwarder_values(
              tokens there"
         ));
         TOKEN_PLACEHOLDER.to_owned()
-    } else if !config.server.admin_tokens.is_empty() {
-        // The engine wants a token, and has only the kind that opens everything: the forwarder
-        // is given a sender's token of its own, not an operator's.
-        warnings.push(format!(
-            "BearerToken is the placeholder {TOKEN_PLACEHOLDER}: the engine has only [server] \
-             admin_tokens; add a token for the forwarder to [server] tokens (it opens only \
-             posting events) and put it there"
-        ));
-        TOKEN_PLACEHOLDER.to_owned()
     } else {
+        // No sender's tokens: posting needs none (admin tokens guard only administration, and
+        // are never the forwarder's).
         String::new()
     };
     let ca = if tls {

@@ -12,11 +12,11 @@
 //! - `POST /v1/admin/reload`: reload the configuration file (as SIGHUP does).
 //! - `GET /healthz` (never authenticated) and `GET /metrics`.
 //!
-//! With `server.tokens` or `server.admin_tokens` configured every endpoint but `/healthz` needs
-//! `Authorization: Bearer <token>`. Without admin tokens one token opens every endpoint; with
-//! them, `server.tokens` open only what a sender needs (posting events and `/metrics`) and the
-//! rest answers `403` to them ([`AcceptedTokens`]). A reload replaces the accepted tokens
-//! ([`BearerTokens`]).
+//! `server.tokens` guard what a sender uses (posting events, `/metrics`) and `server.admin_tokens`
+//! the rest (`/healthz` is never guarded); without admin tokens, `server.tokens` guard every
+//! endpoint. A guarded endpoint needs `Authorization: Bearer <token>` (`401`); a sender's token
+//! on an administrator's endpoint gets `403`; an admin token opens every endpoint
+//! ([`AcceptedTokens`]). A reload replaces the accepted tokens ([`BearerTokens`]).
 //!
 //! The ingest body is limited in size and time: a `Content-Length` over `max_body_bytes` is
 //! answered `413` before any of the body is read, a chunked body that grows past it `413` as
@@ -75,7 +75,8 @@ pub struct ReloadReport {
 #[derive(Default, Clone, PartialEq, Eq)]
 pub struct AcceptedTokens {
     /// `[server] tokens`: every endpoint when there are no admin tokens; with admin tokens,
-    /// only what a sender (the forwarder, a scraper) needs: [`SENDER_PATHS`].
+    /// only what a sender (the forwarder, a scraper) needs: [`SENDER_PATHS`]. None, beside
+    /// admin tokens: those endpoints need no token.
     pub senders: Vec<String>,
     /// `[server] admin_tokens`: every endpoint.
     pub admins: Vec<String>,
@@ -239,7 +240,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let tokens = state.tokens.current();
-    if tokens.is_empty() {
+    let sending = SENDER_PATHS.contains(&request.uri().path());
+    // `[server] tokens` guard what a sender uses and, without admin tokens, everything; admin
+    // tokens guard the rest. Without sender tokens, sending is not guarded by a token (client
+    // certificates may guard it: `check` refuses an unguarded listener off loopback).
+    if tokens.is_empty() || (sending && tokens.senders.is_empty()) {
         return next.run(request).await;
     }
     // The scheme's name is case-insensitive (RFC 9110 §11.1): `bearer x` is `Bearer x`.
@@ -252,9 +257,7 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
         .map(|(_, token)| token.trim());
     match tokens.access(presented) {
         Access::Everything => return next.run(request).await,
-        Access::Sending if SENDER_PATHS.contains(&request.uri().path()) => {
-            return next.run(request).await;
-        }
+        Access::Sending if sending => return next.run(request).await,
         // A valid token, asking for more than it opens: 403, not 401 (sending it again will
         // not help; another token would).
         Access::Sending => {
