@@ -1,5 +1,6 @@
 //! Reading the operator's files — the configuration, secrets, certificates and CA bundles —
-//! the one way they are all read: regular files only, never more than a limit.
+//! the one way they are all read: regular files only, never more than a limit; and making the
+//! engine's own directories (the store's data directory, the AOT cache) its user's only.
 //!
 //! A FIFO with no writer blocks `open` for good, and a device or socket never ends: a path
 //! that names one by mistake (or a secret file replaced by a pipe) would hang `check`, the
@@ -23,6 +24,21 @@ pub enum ReadError {
     #[error("it holds more than {0} bytes, the limit")]
     TooLarge(u64),
 }
+
+/// Makes `dir` and any missing directory above it readable and writable by this user only
+/// (`0700`): what the engine keeps there (job contexts, handlers' log lines, compiled code) is
+/// no other user's to read or change. A directory that exists is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, PRIVATE_DIR_MODE);
+    builder.create(dir)
+}
+
+/// The mode [`create_private_dir`] makes directories with: their owner only.
+#[cfg(unix)]
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
 /// Reads the regular file at `path` (symbolic links followed), at most `max` bytes.
 pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {

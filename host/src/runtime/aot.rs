@@ -108,7 +108,7 @@ impl AotCache {
             .get(..ENGINE_DIR_HEX)
             .unwrap_or(&engine_digest);
         let dir = root.join(format!("{LAYOUT}-{prefix}"));
-        create_private_dir(&dir).map_err(|e| AotError::Io {
+        crate::files::create_private_dir(&dir).map_err(|e| AotError::Io {
             path: dir.clone(),
             message: format!("cannot create the directory: {e}"),
         })?;
@@ -396,16 +396,10 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()
     result
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
-}
-
-/// Refuses a directory that is a symlink, or that someone other than this user owns or may write.
-fn check_private(dir: &Path) -> Result<(), AotError> {
+/// Refuses a directory that is a symlink, or that someone other than this user owns or may
+/// write: compiled code from it would be trusted. `check` asks it too, to warn of a cache
+/// `serve` would run without.
+pub(crate) fn check_private(dir: &Path) -> Result<(), AotError> {
     let not_private = |why: String| AotError::NotPrivate {
         path: dir.to_path_buf(),
         why,

@@ -931,12 +931,16 @@ fn migrate(client: &mut Client) -> Result<(), PgError> {
         });
     }
     if applied == 0 {
-        // Tables of jobhook's names but no version of its schema: another program's (the first
-        // migration would stop at the first of them with only "relation already exists").
+        // Tables of jobhook's names but no version of its schema, in the schema the migrations
+        // create them in (the first of `search_path` that exists, not any of it): another
+        // program's (the first migration would stop at the first of them with only "relation
+        // already exists").
         let taken: Option<String> = tx
             .query_one(
-                "SELECT string_agg(name, ', ') FROM unnest($1::text[]) AS name \
-                 WHERE to_regclass(name) IS NOT NULL",
+                "SELECT string_agg(c.relname, ', ' ORDER BY c.relname) FROM pg_class c \
+                 WHERE c.relnamespace = (SELECT oid FROM pg_namespace \
+                                         WHERE nspname = current_schema()) \
+                   AND c.relname = ANY($1::text[])",
                 &[&SCHEMA_TABLES.as_slice()],
             )?
             .get(0);
@@ -1967,6 +1971,30 @@ mod tests {
                 .expect("still there")
                 .contains("theirs")
         );
+    }
+
+    /// Another program's `events` in `public` is no obstacle when jobhook has a schema of its
+    /// own first on its `search_path` (`"$user", public`): the tables are made there.
+    #[test]
+    fn another_programs_tables_in_another_schema_are_left_to_it() {
+        let Some(pg) = Postgres::new() else {
+            return;
+        };
+        pg.db
+            .query(
+                "CREATE TABLE public.events (note text); \
+                 CREATE SCHEMA jobhook AUTHORIZATION jobhook",
+            )
+            .expect("another program's table, and jobhook's schema");
+        drop(pg.node());
+        let schemas = pg
+            .db
+            .query(
+                "SELECT table_schema FROM information_schema.tables \
+                 WHERE table_name = 'deliveries'",
+            )
+            .expect("where the tables are");
+        assert_eq!(schemas.trim(), "jobhook");
     }
 
     #[test]

@@ -233,8 +233,6 @@ const DUE_OF_HANDLER: &str = "
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    /// The data directory's lock ([`SqliteStore::open_exclusive`]), held while the store is open.
-    _lock: Option<std::fs::File>,
     node: String,
     /// The queue's time, shared with the writer's writes.
     clock: Arc<QueueClock>,
@@ -242,6 +240,9 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// The one write path.
     writer: Writer,
+    /// The data directory's lock ([`SqliteStore::open_exclusive`]), held while the store is open.
+    /// Declared last, so dropped last: the connections and the writer go first.
+    _lock: Option<std::fs::File>,
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -250,7 +251,7 @@ fn db(e: rusqlite::Error) -> StoreError {
 
 impl SqliteStore {
     /// Opens the store as [`SqliteStore::open`] does, once this process holds the data
-    /// directory's lock ([`LOCK_FILE`]), which it keeps until the store is dropped (or the
+    /// directory's lock ([`lock_data_dir`]; its id in [`PID_FILE`]), which it keeps until the store is dropped (or the
     /// process ends, however it ends: the kernel releases it). A second engine on the same data
     /// directory is refused, naming the first one's process: two would each lead the poller and
     /// a stopping one would hand back the other's running deliveries. `serve` opens its store
@@ -260,7 +261,7 @@ impl SqliteStore {
             path: data_dir.display().to_string(),
             message,
         };
-        create_data_dir(data_dir)
+        crate::files::create_private_dir(data_dir)
             .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
         if let Some(exposed) = exposure(data_dir) {
             tracing::warn!("{exposed}");
@@ -278,9 +279,19 @@ impl SqliteStore {
             path: data_dir.display().to_string(),
             message,
         };
-        create_data_dir(data_dir)
+        crate::files::create_private_dir(data_dir)
             .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
         let path = data_dir.join(DATABASE_FILE);
+        // A database that is there is looked at first on a connection that changes nothing:
+        // `connect` turns on WAL mode, which is written into the file, and a file that is not
+        // this jobhook's (another program's, a newer jobhook's, a damaged one) is left as it was.
+        if path.exists() {
+            let plain = Connection::open(&path).map_err(|e| open_error(explained(e)))?;
+            plain
+                .busy_timeout(BUSY_TIMEOUT)
+                .map_err(|e| open_error(e.to_string()))?;
+            schema_applied(&plain).map_err(open_error)?;
+        }
         let mut conn = connect(&path, "NORMAL").map_err(|e| open_error(explained(e)))?;
         migrate(&mut conn).map_err(open_error)?;
         if let Some(step) = catch_up_with_clock(&mut conn).map_err(|e| open_error(e.to_string()))? {
@@ -522,21 +533,6 @@ fn claim_key(
     })))
 }
 
-/// Makes `data_dir` and any missing directory above it readable by this user only (`0700`): the
-/// store holds job contexts, handlers' log lines and outcomes. A directory that exists is left
-/// as it is ([`exposure`] says when it is open to others).
-fn create_data_dir(data_dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, PRIVATE_DIR_MODE);
-    builder.create(data_dir)
-}
-
-/// The mode a data directory is made with: its owner only.
-#[cfg(unix)]
-const PRIVATE_DIR_MODE: u32 = 0o700;
-
 /// What to tell the operator when `data_dir` lets other users read or enter it, or change it:
 /// the store in it holds job contexts and handlers' log lines. A warning, not a refusal: the
 /// operator may have meant it (a backup agent's group); `serve` says it at every start.
@@ -544,7 +540,7 @@ const PRIVATE_DIR_MODE: u32 = 0o700;
 fn exposure(data_dir: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(data_dir).ok()?.permissions().mode() & 0o777;
-    (mode & !PRIVATE_DIR_MODE != 0).then(|| {
+    (mode & !crate::files::PRIVATE_DIR_MODE != 0).then(|| {
         format!(
             "the data directory {} has mode {mode:03o}: other users can reach the store's job \
              contexts and handlers' log lines; `chmod 700` it (jobhook makes a new one so)",
@@ -559,62 +555,95 @@ fn exposure(_data_dir: &Path) -> Option<String> {
     None
 }
 
-/// The file in the data directory whose lock the engine using it holds; it holds that engine's
-/// process id, for the message another one gets.
-pub const LOCK_FILE: &str = "jobhook.lock";
+/// The file in the data directory that names the process holding the directory's lock, for the
+/// message another engine gets. Only a message: the lock is on the directory itself, so removing
+/// or replacing this file releases nothing.
+pub const PID_FILE: &str = "jobhook.pid";
 
-/// Most bytes of [`LOCK_FILE`] read for the holder's process id (a number and a line end).
-const MAX_LOCK_FILE_READ: u64 = 32;
+/// Most bytes of [`PID_FILE`] read for the holder's process id (a number and a line end).
+const MAX_PID_FILE_READ: u64 = 32;
 
-/// Takes the lock on `data_dir`'s [`LOCK_FILE`] (without waiting) and writes this process's id
-/// into it; or says which process holds it and what to do.
+/// Takes the lock on the directory `data_dir` itself (without waiting; the kernel drops it when
+/// the process ends) and writes this process's id into its [`PID_FILE`]; or says which process
+/// holds it and what to do. The directory, not a file in it, is locked: a lock file could be
+/// removed or renamed while an engine runs, and the next engine would lock a new one.
 fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, String> {
-    use std::io::{Read as _, Seek as _, Write as _};
-    let path = data_dir.join(LOCK_FILE);
-    let shown = path.display();
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("cannot open the lock file {shown}: {e}"))?;
-    let regular = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-    if !regular {
-        return Err(format!(
-            "the lock file {shown} is not a regular file; remove it (jobhook makes it again)"
-        ));
-    }
-    match file.try_lock() {
+    let shown = data_dir.display();
+    let dir = std::fs::File::open(data_dir)
+        .map_err(|e| format!("cannot open the data directory to lock it: {e}"))?;
+    match dir.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let holder = (&file)
-                .take(MAX_LOCK_FILE_READ)
-                .read_to_string(&mut text)
-                .ok()
-                .and_then(|_| text.trim().parse::<u32>().ok())
+            let holder = read_pid(&data_dir.join(PID_FILE))
                 .map(|pid| format!("process {pid}"))
                 .unwrap_or_else(|| "another process".to_owned());
             return Err(format!(
-                "another jobhook ({holder}) is using this data directory (it holds {shown}); \
-                 one engine per SQLite store: stop that one first, or give this one another \
-                 [store] data_dir (several engines share a store on PostgreSQL)"
+                "another jobhook ({holder}) is using this data directory (it holds the \
+                 directory's lock); one engine per SQLite store: stop that one first, or give \
+                 this one another [store] data_dir (several engines share a store on PostgreSQL)"
             ));
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(format!("cannot lock {shown}: {e}"));
+            return Err(format!("cannot lock the data directory {shown}: {e}"));
         }
     }
-    // The holder's id, for the message above; the lock is what counts, not the text.
-    let written = file
-        .set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()));
-    if let Err(e) = written {
-        tracing::warn!("cannot write this process's id into {shown}: {e}");
+    if let Err(e) = write_pid(&data_dir.join(PID_FILE)) {
+        tracing::warn!(
+            "cannot write this process's id into {}: {e} (another engine's refusal will not \
+             name this process)",
+            data_dir.join(PID_FILE).display()
+        );
+    }
+    Ok(dir)
+}
+
+/// Opens `path` for [`read_pid`] or [`write_pid`]: never through a symbolic link, never waiting
+/// (a FIFO), and only if it is a regular file with one name that this user owns — anyone able
+/// to plant a link or a hard link there gets nothing truncated or written through it.
+fn open_pid_file(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(!write).write(write).create(write);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NOFOLLOW | libc::O_NONBLOCK,
+    );
+    let file = options.open(path)?;
+    let meta = file.metadata()?;
+    #[cfg(unix)]
+    let ours = {
+        use std::os::unix::fs::MetadataExt as _;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        meta.nlink() == 1 && meta.uid() == unsafe { libc::geteuid() }
+    };
+    #[cfg(not(unix))]
+    let ours = true;
+    if !meta.is_file() || !ours {
+        return Err(std::io::Error::other(
+            "it is not a regular file of this user's with one name; remove it",
+        ));
     }
     Ok(file)
+}
+
+/// The process id in `path`, if it holds one.
+fn read_pid(path: &Path) -> Option<u32> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    open_pid_file(path, false)
+        .ok()?
+        .take(MAX_PID_FILE_READ)
+        .read_to_string(&mut text)
+        .ok()?;
+    text.trim().parse().ok()
+}
+
+/// Writes this process's id into `path` (made if missing).
+fn write_pid(path: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = open_pid_file(path, true)?;
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())
 }
 
 /// An error met opening the database, with what to do when the file is not a database or is
@@ -638,6 +667,22 @@ fn explained(e: rusqlite::Error) -> String {
 /// one changed, so it is not opened: the events in it wait for a jobhook that knows it), and
 /// tables without a jobhook schema version are another program's database.
 fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let applied = schema_applied(conn)?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let mut apply = || -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", index as i64 + 1)?;
+            tx.commit()
+        };
+        apply().map_err(explained)?;
+    }
+    Ok(())
+}
+
+/// How many of [`MIGRATIONS`] the database has, or why it is not a store this jobhook may open
+/// (see [`migrate`]). Only reads.
+fn schema_applied(conn: &Connection) -> Result<usize, String> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(explained)?;
@@ -669,16 +714,7 @@ fn migrate(conn: &mut Connection) -> Result<(), String> {
             ));
         }
     }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
-        let mut apply = || -> rusqlite::Result<()> {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", index as i64 + 1)?;
-            tx.commit()
-        };
-        apply().map_err(explained)?;
-    }
-    Ok(())
+    Ok(applied)
 }
 
 /// An event's row and its deliveries', made ready to insert (what the writer needs of a
@@ -1560,45 +1596,69 @@ mod tests {
     }
 
     /// The data directory's lock: a second exclusive open is refused while the first store is
-    /// open, naming its process, and succeeds once it is dropped; a lock file that is not a
-    /// regular file is refused with what to do; plain opens (two stores of one process, as the
-    /// tests of two nodes use them) do not take it.
+    /// open, naming its process, and succeeds once it is dropped. The lock is the directory's:
+    /// removing the id file releases nothing, garbage in it names no process, and a symbolic
+    /// link or a directory planted in its place is neither followed nor a reason to refuse.
+    /// Plain opens (two stores of one process, as the tests of two nodes use them) do not take
+    /// it.
     #[test]
     fn one_exclusive_store_per_data_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = SqliteStore::open_exclusive(dir.path()).unwrap();
-        let refused = match SqliteStore::open_exclusive(dir.path()) {
+        let refused = |dir: &Path| match SqliteStore::open_exclusive(dir) {
             Ok(_) => panic!("a second exclusive open succeeded"),
             Err(e) => e.to_string(),
         };
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join(PID_FILE);
+        let first = SqliteStore::open_exclusive(dir.path()).unwrap();
+        let message = refused(dir.path());
         assert!(
-            refused.contains(&format!(
+            message.contains(&format!(
                 "another jobhook (process {}) is using this data directory",
                 std::process::id()
             )),
-            "{refused}"
+            "{message}"
         );
         drop(SqliteStore::open(dir.path()).unwrap());
-        // The id in the file is only for the message: garbage there names no process.
-        std::fs::write(dir.path().join(LOCK_FILE), "\u{1b}[2J not a pid").unwrap();
-        let refused = match SqliteStore::open_exclusive(dir.path()) {
-            Ok(_) => panic!("a second exclusive open succeeded"),
-            Err(e) => e.to_string(),
-        };
+        // The id in the file is only for the message: garbage there names no process, and
+        // without the file the directory is still locked.
+        std::fs::write(&pid_file, "\u{1b}[2J not a pid").unwrap();
+        let message = refused(dir.path());
         assert!(
-            refused.contains("another jobhook (another process)"),
-            "{refused}"
+            message.contains("another jobhook (another process)"),
+            "{message}"
+        );
+        std::fs::remove_file(&pid_file).unwrap();
+        let message = refused(dir.path());
+        assert!(
+            message.contains("another jobhook (another process)"),
+            "{message}"
         );
         drop(first);
         drop(SqliteStore::open_exclusive(dir.path()).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&pid_file).unwrap(),
+            format!("{}\n", std::process::id())
+        );
 
+        // A link planted where the id goes: nothing is written through it.
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join(LOCK_FILE)).unwrap();
-        let refused = match SqliteStore::open_exclusive(dir.path()) {
-            Ok(_) => panic!("opened with a directory as its lock file"),
-            Err(e) => e.to_string(),
-        };
-        assert!(refused.contains("jobhook.lock"), "{refused}");
+        let victim = dir.path().join("precious.txt");
+        std::fs::write(&victim, "precious").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&victim, dir.path().join(PID_FILE)).unwrap();
+        let store = SqliteStore::open_exclusive(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let message = refused(dir.path());
+        assert!(
+            message.contains("another jobhook (another process)"),
+            "{message}"
+        );
+        drop(store);
+
+        // A directory where the id goes: no id, no refusal.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(PID_FILE)).unwrap();
+        drop(SqliteStore::open_exclusive(dir.path()).unwrap());
     }
 
     /// A store a newer jobhook made, or another program's database, is not opened: the message
@@ -1638,6 +1698,24 @@ mod tests {
             c.execute_batch("CREATE TABLE events (x INTEGER); INSERT INTO events VALUES (1);")
                 .unwrap()
         });
+        // Nothing in the file changed, its journal mode included (WAL mode is written into it).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATABASE_FILE);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE theirs (x INTEGER); INSERT INTO theirs VALUES (1);")
+            .unwrap();
+        let before = std::fs::read(&path).unwrap();
+        refused(dir.path());
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "the refused database file changed"
+        );
+        let mode: String = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
         assert!(
             e.contains("the database has 1 table(s) but no jobhook schema version"),
             "{e}"
@@ -1650,9 +1728,9 @@ mod tests {
         let e = refused(dir.path()).to_string();
         assert!(e.contains("file is not a database"), "{e}");
         assert!(e.contains("is damaged or is not jobhook's database"), "{e}");
-        assert_eq!(
-            std::fs::read(dir.path().join(DATABASE_FILE)).unwrap(),
-            garbage
+        assert!(
+            std::fs::read(dir.path().join(DATABASE_FILE)).unwrap() == garbage,
+            "the damaged file changed"
         );
         // The schema it knows opens, of course.
         let dir = tempfile::tempdir().unwrap();
