@@ -337,7 +337,10 @@ fn usage_errors_exit_2() {
     for (pair, says) in [
         ("=x", "a property name is empty"),
         (" =x", "a property name is empty"),
-        ("a\nb=1", "a property name must not hold control characters"),
+        (
+            "a\nb=hunter2",
+            "a property name must not hold control characters",
+        ),
         (
             "a\u{1b}[2Jb=1",
             "a property name must not hold control characters",
@@ -355,6 +358,10 @@ fn usage_errors_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{pair:?}: {stderr}");
         assert!(stderr.contains(says), "{pair:?}: {stderr}");
         assert!(!stderr.contains('\u{1b}'), "{pair:?}: {stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "the value is not shown: {stderr}"
+        );
     }
 }
 
@@ -1065,6 +1072,21 @@ fn check_warns_of_a_cache_dir_serve_could_not_use() {
             "{cache_dir}: {stderr}"
         );
     }
+    // A directory serve would not trust for compiled code: others may write it.
+    let (dir, config) = check_config("[engine]\ncache_dir = \"open-cache\"");
+    let open = dir.path().join("open-cache");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let out = jobhook(&["check", "--config", &config]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: [engine] cache_dir: AOT cache")
+            && stderr
+                .contains("is not private to this user (its mode 777 lets other users write it)"),
+        "{stderr}"
+    );
 }
 
 /// `run`'s budget flags have the bounds of the configuration's handler limits, and the error

@@ -430,8 +430,9 @@ fn parse_properties(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>
             bail!("--property {pair:?}: expected KEY=VALUE");
         };
         let key = key.trim();
+        // The name only: the value may be a secret.
         if let Some(problem) = crate::capabilities::properties::name_problem(key) {
-            bail!("--property {pair:?}: {problem}");
+            bail!("--property named {key:?}: {problem}");
         }
         if properties
             .insert(key.to_owned(), value.to_owned())

@@ -217,8 +217,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Bearer tokens for senders (the forwarder, a metrics scraper): they guard
     /// `POST /v1/job-complete` and `GET /metrics`, and, without `admin_tokens`, every endpoint
-    /// but `/healthz` (which needs no token). None: posting events needs no token (only
-    /// sensible on loopback, or with client certificates).
+    /// but `/healthz` (which needs no token). None: posting events and `/metrics` need no token
+    /// (only sensible on loopback, or with client certificates).
     pub tokens: Vec<SecretRef>,
     /// Bearer tokens for operators: they guard reading events and handlers, the forwarders'
     /// list and reloading, and open every endpoint.
@@ -721,10 +721,18 @@ impl Config {
     }
 
     /// What `serve` would meet at `[engine] cache_dir` when it is not a directory this process
-    /// may write in or create: a warning for `check`, not an error, since the cache is an
-    /// optimisation and `serve` runs without it (saying so in its log).
+    /// may write in or create, or one it would not trust (a symbolic link, another user's, one
+    /// others may write: [`crate::runtime::aot::check_private`]): a warning for `check`, not an
+    /// error, since the cache is an optimisation and `serve` runs without it (saying so in its
+    /// log).
     pub fn cache_dir_warning(&self) -> Option<String> {
-        let problem = usable_directory(self.engine.cache_dir.as_ref()?).err()?;
+        let dir = self.engine.cache_dir.as_ref()?;
+        let problem = usable_directory(dir).err().or_else(|| {
+            std::fs::symlink_metadata(dir).ok()?;
+            crate::runtime::aot::check_private(dir)
+                .err()
+                .map(|e| e.to_string())
+        })?;
         Some(capped(format!(
             "[engine] cache_dir: {problem}; serve will run without the AOT cache and compile \
              every handler at every start: point cache_dir at a directory jobhook may write in"
@@ -884,22 +892,21 @@ impl Validator<'_> {
         // Lines of the keys involved, from a second, lenient read of the text.
         let spans: SpansDoc = toml::from_str(self.text).unwrap_or_default();
         let listen_line = spans.server.listen.and_then(|l| self.line(l.span()));
-        let tokens_line = (spans.server.tokens)
-            .or(spans.server.admin_tokens)
-            .and_then(|t| self.line(t.span()));
+        let tokens_line = spans.server.tokens.and_then(|t| self.line(t.span()));
+        let admin_tokens_line = spans.server.admin_tokens.and_then(|t| self.line(t.span()));
         let mtls = server
             .tls
             .as_ref()
             .is_some_and(TlsConfig::requires_client_certificates);
         let tokens = !server.tokens.is_empty() || !server.admin_tokens.is_empty();
         if tokens && server.tls.is_none() && !server.allow_plaintext_tokens {
-            let key = if server.tokens.is_empty() {
-                "admin_tokens"
+            let (key, line) = if server.tokens.is_empty() {
+                ("admin_tokens", admin_tokens_line)
             } else {
-                "tokens"
+                ("tokens", tokens_line)
             };
             return Err(self.error(
-                tokens_line.or(listen_line),
+                line.or(listen_line),
                 &format!(
                     "[server] {key}: bearer tokens would travel in plain text on {address}; \
                      configure [server] tls = {{ cert = \"server.pem\", key = \"server.key\" }}, \
@@ -1248,34 +1255,19 @@ fn toml_error(e: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
     }
 }
 
-/// Most parts a dotted key or table header may have: the `toml` crate's parser stops at 80
-/// (its recursion limit) and says only "recursion limit", with no place.
+/// Most parts a dotted key or table header may have: the `toml` crate's parser takes 80 and
+/// refuses 81 (its recursion limit), saying only "recursion limit", with no place.
 const TOML_KEY_PARTS_LIMIT: usize = 80;
 
-/// The error for a key of [`TOML_KEY_PARTS_LIMIT`] or more dotted parts: the parser gave no
-/// place, so the first line with that many dots outside quotes is named (a value's dots, as in
-/// `1.5`, are too few to be mistaken for it).
+/// The error for a key of more than [`TOML_KEY_PARTS_LIMIT`] dotted parts: the parser gave no
+/// place, so the first line whose key or table header has that many is named
+/// ([`deep_key_line`]).
 fn key_too_deep(text: &str, path: &Path) -> ConfigError {
-    let found = text.split('\n').enumerate().find(|(_, line)| {
-        let mut quote = None;
-        let dots = line
-            .chars()
-            .filter(|&c| {
-                match (quote, c) {
-                    (None, '"' | '\'') => quote = Some(c),
-                    (Some(q), c) if c == q => quote = None,
-                    (None, '#') => quote = Some('\n'),
-                    _ => {}
-                }
-                quote.is_none() && c == '.'
-            })
-            .count();
-        dots + 1 >= TOML_KEY_PARTS_LIMIT
-    });
+    let found = deep_key_line(text);
     let message = format!(
-        "a key or table header has {TOML_KEY_PARTS_LIMIT} or more dotted parts, more than the \
-         TOML reader takes; jobhook's settings are a few levels deep (`[handlers.limits]` then \
-         `timeout_ms = ...`), so a key this long is a mistake"
+        "a key or table header has more than {TOML_KEY_PARTS_LIMIT} dotted parts, more than \
+         the TOML reader takes; jobhook's settings are a few levels deep (`[handlers.limits]` \
+         then `timeout_ms = ...`), so a key this long is a mistake"
     );
     ConfigError {
         file: path.to_path_buf(),
@@ -1290,6 +1282,96 @@ fn key_too_deep(text: &str, path: &Path) -> ConfigError {
             },
         ),
     }
+}
+
+/// The first line (its index from 0, and its text) whose key or table header has more than
+/// [`TOML_KEY_PARTS_LIMIT`] parts. Dots are counted only in a key (before the `=` of a key/value
+/// line) or a table header (inside its brackets), outside quoted parts; values, comments and
+/// the lines of multi-line strings are not looked at.
+fn deep_key_line(text: &str) -> Option<(usize, &str)> {
+    let mut in_multiline: Option<&str> = None;
+    for (index, line) in text.split('\n').enumerate() {
+        if let Some(delimiter) = in_multiline {
+            // What follows a string's end on its last line is the end of a value, not a key.
+            if line.contains(delimiter) {
+                in_multiline = None;
+            }
+            continue;
+        }
+        let (dots, value) = key_dots(line);
+        if dots >= TOML_KEY_PARTS_LIMIT {
+            return Some((index, line));
+        }
+        in_multiline = value.and_then(opened_multiline);
+    }
+    None
+}
+
+/// The dots of `line`'s key or table header outside quotes, and its value (after the `=`) if it
+/// is a key/value line. A line that is neither has no dots to count.
+fn key_dots(line: &str) -> (usize, Option<&str>) {
+    let trimmed = line.trim_start();
+    let header = trimmed.starts_with('[');
+    let mut dots = 0;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (at, c) in trimmed.char_indices() {
+        match quote {
+            Some('"') if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '.' => dots += 1,
+                '#' => break,
+                ']' if header => return (dots, None),
+                '=' if !header => return (dots, trimmed.get(at + 1..)),
+                _ => {}
+            },
+        }
+    }
+    (if header { dots } else { 0 }, None)
+}
+
+/// The delimiter of a multi-line string that `value` opens and does not close, if it does.
+fn opened_multiline(value: &str) -> Option<&'static str> {
+    let mut rest = value;
+    while let Some(c) = rest.chars().next() {
+        let delimiter = match c {
+            '#' => return None,
+            '"' | '\'' if rest.starts_with("\"\"\"") || rest.starts_with("\'\'\'") => {
+                let delimiter = if c == '"' { "\"\"\"" } else { "\'\'\'" };
+                match rest.get(3..).and_then(|after| after.find(delimiter)) {
+                    Some(end) => {
+                        rest = rest.get(3 + end + 3..).unwrap_or("");
+                        continue;
+                    }
+                    None => return Some(delimiter),
+                }
+            }
+            '"' | '\'' => c,
+            _ => {
+                rest = rest.get(c.len_utf8()..).unwrap_or("");
+                continue;
+            }
+        };
+        // A one-line string: skip to its end (a basic string's `\"` does not end it).
+        let mut escaped = false;
+        let mut end = rest.len();
+        for (at, d) in rest.char_indices().skip(1) {
+            if delimiter == '"' && escaped {
+                escaped = false;
+            } else if delimiter == '"' && d == '\\' {
+                escaped = true;
+            } else if d == delimiter {
+                end = at + 1;
+                break;
+            }
+        }
+        rest = rest.get(end..).unwrap_or("");
+    }
+    None
 }
 
 /// The 1-based line of byte offset `offset` in `text`.
@@ -1510,24 +1592,41 @@ backoff_ms = 100
     /// named with its line, as a table header or a key; a string full of dots is not it.
     #[test]
     fn keys_too_deep_for_the_toml_reader_are_named_with_their_line() {
-        let dotted = format!("x{}", ".x".repeat(100));
-        let dots_in_a_value = format!("note = \"{}\" # {}", ".".repeat(200), ".".repeat(200));
-        for (text, line) in [
-            (format!("[server]\n{dots_in_a_value}\n{dotted} = 1\n"), 3),
-            (format!("[{dotted}]\n"), 1),
-            (format!("a = 1\n[[{dotted}]]\n"), 2),
-        ] {
-            let e = error(&text);
-            assert_eq!(e.line, Some(line), "{e}");
-            assert!(
-                e.message
-                    .starts_with("a key or table header has 80 or more dotted parts"),
-                "{e}"
-            );
-            assert!(e.message.contains("(in `"), "{e}");
+        let parts = |n: usize| format!("x{}", ".x".repeat(n - 1));
+        let dotted = parts(81);
+        // Dots that are not a key's: in strings (with an escaped quote, multi-line), in
+        // comments, in numbers, and in the lines of a multi-line array.
+        let decoys = [
+            format!("note = \"{}\" # {}", ".".repeat(200), ".".repeat(200)),
+            format!("screen = \"6\\\" wide {}\"", ".".repeat(100)),
+            format!(
+                "text = \"\"\"\n{}\n[{}]\n\"\"\"",
+                ".".repeat(100),
+                parts(90)
+            ),
+            format!("raw = \'\'\'{}\n{}\'\'\'", ".".repeat(90), ".".repeat(90)),
+            format!("weights = [{}]", ["1.5"; 90].join(", ")),
+            format!("weights = [\n{}\n]", ["1.5"; 90].join(", ")),
+        ];
+        for decoy in &decoys {
+            let above = decoy.matches('\n').count() + 1;
+            for (text, line) in [
+                (format!("[server]\n{decoy}\n{dotted} = 1\n"), above + 2),
+                (format!("{decoy}\n[{dotted}]\n"), above + 1),
+                (format!("{decoy}\na = 1\n[[{dotted}]]\n"), above + 2),
+            ] {
+                let e = error(&text);
+                assert_eq!(e.line, Some(line), "{decoy:?}: {e}");
+                assert!(
+                    e.message
+                        .starts_with("a key or table header has more than 80 dotted parts"),
+                    "{e}"
+                );
+                assert!(e.message.contains("(in `"), "{e}");
+            }
         }
-        // 79 parts are within the reader's limit: the usual unknown-key error, with its line.
-        let e = error(&format!("[server]\nx{} = 1\n", ".x".repeat(77)));
+        // 80 parts are within the reader's limit: the usual unknown-key error, with its line.
+        let e = error(&format!("[server]\n{} = 1\n", parts(80)));
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("unknown field"), "{e}");
     }
