@@ -584,11 +584,13 @@ namespace Jobhook.Forwarder.Harness
             var held = new ManualResetEvent(false);
             new Thread(() =>
             {
-                lock (gate)
-                {
-                    held.Set();
-                    Thread.Sleep(Timeout.Infinite);
-                }
+                // Entered and never exited, not even when the runtime aborts this thread at the
+                // process's end: a `lock` block would let go in its finally, and a flush still
+                // waiting past its deadline would then write one event after it was reported
+                // lost (a disk that hangs does not recover because the process is ending).
+                Monitor.Enter(gate);
+                held.Set();
+                Thread.Sleep(Timeout.Infinite);
             }) { IsBackground = true, Name = "hung spool disk" }.Start();
             return held.WaitOne(TimeSpan.FromSeconds(30));
         }

@@ -2944,7 +2944,18 @@ async fn ae_a_spool_that_hangs_at_exit_costs_only_the_deadline_and_its_losses_ar
         ],
     );
     let log = wait_exit_within(harness, EXIT_BOUND, "a spool that hangs at exit");
-    assert_eq!(spool_files(&site), 0, "nothing could be written");
+    let listing: Vec<String> = std::fs::read_dir(site.spool())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        spool_files(&site),
+        0,
+        "nothing could be written: {listing:?}\n{log}"
+    );
     let lost = format!("shutting down: {SENT} accepted event(s) could not be written to the spool");
     assert_eq!(
         count_lines(&log, &lost),
