@@ -216,11 +216,11 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
                     message: format!("a <property> of registration {} has no name", quoted(&name)),
                 });
             }
-            if pname.chars().any(char::is_control) {
+            if let Some(problem) = crate::capabilities::properties::name_problem(pname) {
                 return Err(MigrateError {
                     file: file.to_owned(),
                     line: Some(at),
-                    message: control_in_name(pname, &name),
+                    message: refused_name(pname, &name, problem),
                 });
             }
             // `<property name="x" value="v"/>`, or Unity's `<property name="x"><value value="v"/></property>`.
@@ -266,12 +266,13 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
     Ok(out)
 }
 
-/// Why a property name with a control character is refused: the engine refuses such names
-/// (a .NET property name never holds one), so the import would write a file `check` refuses.
-fn control_in_name(property: &str, registration: &str) -> String {
+/// Why a property name the engine refuses ([`crate::capabilities::properties::name_problem`]:
+/// empty, or with a control character, which a .NET property name never holds) is refused here
+/// too: the import would write a file `check` refuses.
+fn refused_name(property: &str, registration: &str, problem: &str) -> String {
     format!(
-        "property {} of registration {} holds a control character (a line break, a tab, an \
-         escape); the engine refuses such names: rename the property",
+        "property {} of registration {}: {problem}; the engine refuses such names: rename the \
+         property",
         quoted(property),
         quoted(registration)
     )
@@ -587,8 +588,8 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
                 ));
             };
             for (key, value) in options {
-                if key.chars().any(char::is_control) {
-                    return Err(fail(line, control_in_name(key, name)));
+                if let Some(problem) = crate::capabilities::properties::name_problem(key) {
+                    return Err(fail(line, refused_name(key, name, problem)));
                 }
                 let value = match value {
                     Value::String(s) => s.clone(),
@@ -1409,7 +1410,7 @@ mod tests {
     /// A property name holding a control character is refused at import in either format,
     /// naming it: the engine would refuse the file written.
     #[test]
-    fn property_names_with_control_characters_are_refused_at_import() {
+    fn property_names_the_engine_refuses_are_refused_at_import() {
         let web = format!(
             "<configuration><unity><container>\n\
              <register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"A.B, A\" name=\"Hook\">\n\
@@ -1423,11 +1424,19 @@ mod tests {
         for (text, file) in [(web, "web.config"), (manifest, "manifest.json")] {
             let e = read_registrations(&text, file).unwrap_err();
             assert!(
-                e.message.contains("holds a control character"),
+                e.message
+                    .contains("a property name must not hold control characters"),
                 "{file}: {e:?}"
             );
             assert!(e.message.contains("\"Hook\""), "{file}: {e:?}");
         }
+        // An empty name, which a manifest's Options can hold, is refused the same way.
+        let empty = format!(
+            "{{\n \"extensions\": {{\n  \"{MANIFEST_SECTION}\": {{\n   \"Hook\": {{ \
+             \"TypeFullName\": \"A.B\", \"Options\": {{ \"\": \"x\" }} }}\n  }}\n }}\n}}\n"
+        );
+        let e = read_registrations(&empty, "manifest.json").unwrap_err();
+        assert!(e.message.contains("a property name is empty"), "{e:?}");
     }
 
     /// A registration giving `JobTypes` twice, in either format and in any case, is refused
