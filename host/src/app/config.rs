@@ -637,10 +637,7 @@ impl Config {
         let admins = self.resolve_token_list("admin_tokens", &self.server.admin_tokens)?;
         for (reference, token) in self.server.admin_tokens.iter().zip(&admins) {
             if let Some(sender) = senders.iter().position(|s| s == token) {
-                let named = |r: Option<&SecretRef>| {
-                    r.map(|r| crate::escape::escape(&r.to_string()).into_owned())
-                        .unwrap_or_default()
-                };
+                let named = |r: &SecretRef| crate::escape::escape(&r.to_string()).into_owned();
                 return Err(ConfigError {
                     file: self.path.clone(),
                     line: None,
@@ -648,8 +645,12 @@ impl Config {
                         "server.admin_tokens: the token from {} is also in [server] tokens (from \
                          {}); a sender's token opens only posting events and metrics, an admin \
                          token everything: give each its own token",
-                        named(Some(reference)),
-                        named(self.server.tokens.get(sender)),
+                        named(reference),
+                        self.server
+                            .tokens
+                            .get(sender)
+                            .map(named)
+                            .unwrap_or_default(),
                     ),
                 });
             }
@@ -1263,34 +1264,32 @@ const TOML_KEY_PARTS_LIMIT: usize = 80;
 /// place, so the first line whose key or table header has that many is named
 /// ([`deep_key_line`]).
 fn key_too_deep(text: &str, path: &Path) -> ConfigError {
-    let found = deep_key_line(text);
     let message = format!(
         "a key or table header has more than {TOML_KEY_PARTS_LIMIT} dotted parts, more than \
          the TOML reader takes; jobhook's settings are a few levels deep (`[handlers.limits]` \
          then `timeout_ms = ...`), so a key this long is a mistake"
     );
+    let found = deep_key_line(text);
     ConfigError {
         file: path.to_path_buf(),
-        line: found.map(|(index, _)| index + 1),
-        message: capped(
-            match found.and_then(|(_, line)| {
-                let line = line.trim();
-                (!line.is_empty()).then(|| excerpt(line, MAX_QUOTED_CHARS).into_owned())
-            }) {
-                Some(source) => format!("{message} (in `{source}`)"),
-                None => message,
-            },
-        ),
+        line: found.map(|offset| line_of(text, offset)),
+        message: capped(match found.and_then(|offset| source_line(text, offset)) {
+            Some(source) => format!("{message} (in `{source}`)"),
+            None => message,
+        }),
     }
 }
 
-/// The first line (its index from 0, and its text) whose key or table header has more than
+/// Where the first line starts (a byte offset) whose key or table header has more than
 /// [`TOML_KEY_PARTS_LIMIT`] parts. Dots are counted only in a key (before the `=` of a key/value
 /// line) or a table header (inside its brackets), outside quoted parts; values, comments and
 /// the lines of multi-line strings are not looked at.
-fn deep_key_line(text: &str) -> Option<(usize, &str)> {
+fn deep_key_line(text: &str) -> Option<usize> {
     let mut in_multiline: Option<&str> = None;
-    for (index, line) in text.split('\n').enumerate() {
+    let mut start = 0;
+    for line in text.split('\n') {
+        let at = start;
+        start += line.len() + 1;
         if let Some(delimiter) = in_multiline {
             // What follows a string's end on its last line is the end of a value, not a key.
             if line.contains(delimiter) {
@@ -1300,19 +1299,23 @@ fn deep_key_line(text: &str) -> Option<(usize, &str)> {
         }
         let (dots, value) = key_dots(line);
         if dots >= TOML_KEY_PARTS_LIMIT {
-            return Some((index, line));
+            return Some(at);
         }
         in_multiline = value.and_then(opened_multiline);
     }
     None
 }
 
-/// The dots of `line`'s key or table header outside quotes, and its value (after the `=`) if it
-/// is a key/value line. A line that is neither has no dots to count.
+/// The most dots outside quotes in one of `line`'s keys — its table header, the key before its
+/// `=`, or a key of an inline table in its value (`a = { b.c = 1 }`) — and its value (after the
+/// first `=`) if it is a key/value line. Dots elsewhere (values, comments) are not counted.
 fn key_dots(line: &str) -> (usize, Option<&str>) {
     let trimmed = line.trim_start();
     let header = trimmed.starts_with('[');
-    let mut dots = 0;
+    // Whether the text read is a key, the dots of that key, the most of any key so far, and
+    // how deep in inline tables the text is.
+    let (mut in_key, mut dots, mut most, mut tables) = (!header, 0, 0, 0usize);
+    let mut value = None;
     let mut quote: Option<char> = None;
     let mut escaped = false;
     for (at, c) in trimmed.char_indices() {
@@ -1323,15 +1326,29 @@ fn key_dots(line: &str) -> (usize, Option<&str>) {
             Some(_) => {}
             None => match c {
                 '"' | '\'' => quote = Some(c),
-                '.' => dots += 1,
+                '.' if header || in_key => dots += 1,
                 '#' => break,
                 ']' if header => return (dots, None),
-                '=' if !header => return (dots, trimmed.get(at + 1..)),
+                '=' if in_key => {
+                    most = most.max(dots);
+                    in_key = false;
+                    value = value.or_else(|| trimmed.get(at + 1..));
+                }
+                // Each member of an inline table starts with its key.
+                '{' | ',' if c == '{' || tables > 0 => {
+                    tables += usize::from(c == '{');
+                    in_key = true;
+                    dots = 0;
+                }
+                '}' => {
+                    tables = tables.saturating_sub(1);
+                    in_key = false;
+                }
                 _ => {}
             },
         }
     }
-    (if header { dots } else { 0 }, None)
+    (most, value)
 }
 
 /// The delimiter of a multi-line string that `value` opens and does not close, if it does.
@@ -1607,6 +1624,7 @@ backoff_ms = 100
             format!("raw = \'\'\'{}\n{}\'\'\'", ".".repeat(90), ".".repeat(90)),
             format!("weights = [{}]", ["1.5"; 90].join(", ")),
             format!("weights = [\n{}\n]", ["1.5"; 90].join(", ")),
+            format!("w = {{ v = [{}], n = 1.5 }}", ["1.5"; 90].join(", ")),
         ];
         for decoy in &decoys {
             let above = decoy.matches('\n').count() + 1;
@@ -1614,6 +1632,14 @@ backoff_ms = 100
                 (format!("[server]\n{decoy}\n{dotted} = 1\n"), above + 2),
                 (format!("{decoy}\n[{dotted}]\n"), above + 1),
                 (format!("{decoy}\na = 1\n[[{dotted}]]\n"), above + 2),
+                (
+                    format!("{decoy}\na = {{ b = 1, {dotted} = 1 }}\n"),
+                    above + 1,
+                ),
+                (
+                    format!("{decoy}\na = {{ b = {{ {dotted} = 1 }} }}\n"),
+                    above + 1,
+                ),
             ] {
                 let e = error(&text);
                 assert_eq!(e.line, Some(line), "{decoy:?}: {e}");
