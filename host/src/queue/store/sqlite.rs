@@ -251,36 +251,37 @@ fn db(e: rusqlite::Error) -> StoreError {
 
 impl SqliteStore {
     /// Opens the store as [`SqliteStore::open`] does, once this process holds the data
-    /// directory's lock ([`lock_data_dir`]; its id in [`PID_FILE`]), which it keeps until the store is dropped (or the
-    /// process ends, however it ends: the kernel releases it). A second engine on the same data
+    /// directory's lock ([`lock_data_dir`]; its id in [`PID_FILE`]), which it keeps until the
+    /// store is dropped (or the process ends, however it ends: the kernel releases it). A second engine on the same data
     /// directory is refused, naming the first one's process: two would each lead the poller and
     /// a stopping one would hand back the other's running deliveries. `serve` opens its store
     /// this way; tests open one database from two stores on purpose, as two processes would.
     pub fn open_exclusive(data_dir: &Path) -> Result<Self, StoreError> {
-        let open_error = |message: String| StoreError::Open {
-            path: data_dir.display().to_string(),
-            message,
-        };
-        crate::files::create_private_dir(data_dir)
-            .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
-        if let Some(exposed) = exposure(data_dir) {
-            tracing::warn!("{exposed}");
-        }
-        let lock = lock_data_dir(data_dir).map_err(open_error)?;
-        let mut store = SqliteStore::open(data_dir)?;
-        store._lock = Some(lock);
-        Ok(store)
+        Self::open_with(data_dir, true)
     }
 
     /// Opens (creating if needed) the database in `data_dir` and applies migrations. One process
     /// at a time: see [`SqliteStore::open_exclusive`].
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, false)
+    }
+
+    /// [`SqliteStore::open`], holding the data directory's lock first when `exclusive`.
+    fn open_with(data_dir: &Path, exclusive: bool) -> Result<Self, StoreError> {
         let open_error = |message: String| StoreError::Open {
             path: data_dir.display().to_string(),
             message,
         };
         crate::files::create_private_dir(data_dir)
             .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
+        let lock = if exclusive {
+            if let Some(exposed) = exposure(data_dir) {
+                tracing::warn!("{exposed}");
+            }
+            Some(lock_data_dir(data_dir).map_err(open_error)?)
+        } else {
+            None
+        };
         let path = data_dir.join(DATABASE_FILE);
         // A database that is there is looked at first on a connection that changes nothing:
         // `connect` turns on WAL mode, which is written into the file, and a file that is not
@@ -312,7 +313,7 @@ impl SqliteStore {
             .map_err(|e| open_error(e.to_string()))?;
         Ok(SqliteStore {
             path,
-            _lock: None,
+            _lock: lock,
             node: Uuid::new_v4().to_string(),
             clock: Arc::new(QueueClock::new(Utc::now())),
             conn: Mutex::new(conn),
@@ -1659,6 +1660,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join(PID_FILE)).unwrap();
         drop(SqliteStore::open_exclusive(dir.path()).unwrap());
+
+        // A FIFO where the id goes, with no reader: neither writing nor reading it waits.
+        #[cfg(unix)]
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let fifo = std::ffi::CString::new(
+                dir.path()
+                    .join(PID_FILE)
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .unwrap();
+            // SAFETY: `fifo` is a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+            let store = SqliteStore::open_exclusive(dir.path()).unwrap();
+            let message = refused(dir.path());
+            assert!(
+                message.contains("another jobhook (another process)"),
+                "{message}"
+            );
+            drop(store);
+        }
     }
 
     /// A store a newer jobhook made, or another program's database, is not opened: the message
