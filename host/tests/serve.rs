@@ -693,6 +693,27 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
         let (status, _) = call_with(&engine, method, path, "wrong").await;
         assert_eq!(status, 401, "{method} {path}");
     }
+    // Other spellings of an administrator's endpoint, and a sender's path in the query, reach
+    // no administrator's handler with a sender's token: refused or no endpoint at all.
+    for path in [
+        "/v1/handlers/",
+        "//v1/handlers",
+        "/v1//handlers",
+        "/V1/handlers",
+        "/v1/%68andlers",
+        "/v1/handlers?next=/metrics",
+        "/v1/handlers#/metrics",
+        "/metrics/../v1/handlers",
+        "/v1/job-complete/../handlers",
+        "/v1/handlers;/metrics",
+    ] {
+        let (status, answer) = call_with(&engine, "GET", path, "sender-t0ken").await;
+        assert!(
+            status == 403 || status == 404,
+            "GET {path} with a sender's token: {status} {answer}"
+        );
+        assert!(!answer.contains("\"grants\""), "GET {path}: {answer}");
+    }
     for (method, path) in [
         ("POST", "/v1/job-complete"),
         ("GET", "/metrics"),
@@ -705,6 +726,10 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
             status == 200 || status == 202,
             "{method} {path}: {status} {answer}"
         );
+        if path == "/v1/handlers" {
+            // What the spellings above must not show.
+            assert!(answer.contains("\"grants\""), "{answer}");
+        }
     }
     // The admin's reload puts the new admin token in use; the sender's token is unchanged.
     let (status, answer) = call_with(&engine, "POST", "/v1/admin/reload", "admin-t0ken").await;
