@@ -15,6 +15,9 @@ jobhook="$target_dir/debug/jobhook"
 jobhook_dev="$target_dir/debug/jobhook-dev"
 url=http://127.0.0.1:8480
 rm -rf target/demo && mkdir -p target/demo
+# A checkout leaves the stand-in's password file readable by every user, which the engine warns
+# of (as it would of a real secret); the demo makes it its owner's only.
+chmod 600 examples/standin-password.txt
 
 "$jobhook_dev" standin --listen 127.0.0.1:8081 >target/demo/standin.log 2>&1 &
 standin=$!

@@ -218,6 +218,40 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Mode bits that make a secret file worth a warning: every user may read it (`0o004`), or users
+/// other than its owner may change it (`0o022`) and so choose the value jobhook uses — for a
+/// bearer token, who gets in. Group read is not among them: a file of mode `0640` in a group
+/// the engine's user belongs to is the usual way of handing a service its secret.
+#[cfg(unix)]
+pub const EXPOSING_MODE_BITS: u32 = 0o026;
+
+/// What to tell the operator when the secret file at `path` (links followed, as it is read) may
+/// be read by every user or changed by others than its owner: a warning, not a refusal — the
+/// operator may have meant it, and the value is already where they can reach it. `None` when
+/// the mode exposes nothing or the file cannot be looked at (reading it says why).
+#[cfg(unix)]
+pub fn file_exposure(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    let who = match (mode & 0o004 != 0, mode & 0o022 != 0) {
+        (true, true) => "every user can read it and others than its owner can change it",
+        (true, false) => "every user can read it",
+        (false, true) => "others than its owner can change it",
+        (false, false) => return None,
+    };
+    Some(format!(
+        "the secret file {} has mode {mode:03o}: {who}; `chmod 600` it (or 640, for a group \
+         the engine's user is in)",
+        path.display()
+    ))
+}
+
+/// See the Unix version: other systems' permissions are not modes.
+#[cfg(not(unix))]
+pub fn file_exposure(_path: &Path) -> Option<String> {
+    None
+}
+
 /// Makes a relative secret file path relative to `base` (the configuration file's directory).
 pub fn rebase(secret: &mut SecretRef, base: &Path) {
     if let SecretRef::File(path) = secret

@@ -1089,6 +1089,59 @@ fn check_warns_of_a_cache_dir_serve_could_not_use() {
     );
 }
 
+/// A secret file every user may read, or others than its owner may change, is a warning of
+/// `check`: one per file, naming every setting that reads it and the mode. Modes 600 and 640
+/// (a group the engine's user is in) are not.
+#[test]
+fn check_warns_of_secret_files_other_users_can_read_or_change() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let component = component("log-context");
+    let (dir, config) = check_config(&format!(
+        "[server]\ntokens = [{{ file = \"token\" }}]\nadmin_tokens = [{{ file = \"admin\" }}]\n\n\
+         [[handlers]]\nname = \"mailer\"\ncomponent = {component:?}\njob_types = [\"*\"]\n\
+         properties = {{ Password = {{ file = \"shared\" }}, Again = {{ file = \"shared\" }}, \
+         Key = {{ env = \"PATH\" }} }}\n"
+    ));
+    let file = |name: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{name}-t0ken\n")).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.display().to_string()
+    };
+    let token = file("token", 0o644);
+    let admin = file("admin", 0o620);
+    let shared = file("shared", 0o666);
+    let out = jobhook(&["check", "--config", &config]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for warning in [
+        format!(
+            "warning: server.tokens: the secret file {token} has mode 644: every user can read \
+             it; `chmod 600` it"
+        ),
+        format!(
+            "warning: server.admin_tokens: the secret file {admin} has mode 620: others than its \
+             owner can change it;"
+        ),
+        format!(
+            "warning: handlers.mailer.properties.Again, handlers.mailer.properties.Password: the \
+             secret file {shared} has mode 666: every user can read it and others than its owner \
+             can change it;"
+        ),
+    ] {
+        assert!(stderr.contains(&warning), "{warning}\n{stderr}");
+    }
+    assert_eq!(stderr.matches(&shared).count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("warning").count(), 3, "{stderr}");
+    file("token", 0o600);
+    file("admin", 0o640);
+    file("shared", 0o400);
+    let out = jobhook(&["check", "--config", &config]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 /// `run`'s budget flags have the bounds of the configuration's handler limits, and the error
 /// names the flag.
 #[test]

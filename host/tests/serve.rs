@@ -653,6 +653,10 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
     let dir = setup.dir.path();
     std::fs::write(dir.join("send"), "sender-t0ken\n").expect("write");
     std::fs::write(dir.join("admin"), "admin-t0ken\n").expect("write");
+    // Token files of their owner's only: nothing to warn of at start.
+    for file in ["send", "admin"] {
+        chmod(&dir.join(file), 0o600);
+    }
     let config = setup.config(&handler("all", "log-context", "[\"*\"]", ""));
     let text = std::fs::read_to_string(&config).expect("read");
     std::fs::write(
@@ -678,8 +682,10 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
     let (status, _) = call_with(&engine, "GET", "/metrics", "sender-t0ken").await;
     assert_eq!(status, 200);
     // The admin token file changes now: a reload the sender's token could make would put the
-    // new admin token in use and the old one out.
+    // new admin token in use and the old one out. Every user may read it now, which the
+    // reload warns of.
     std::fs::write(dir.join("admin"), "admin-t0ken-2\n").expect("write");
+    chmod(&dir.join("admin"), 0o644);
     let event = format!("/v1/events/{id}");
     for (method, path) in [
         ("GET", event.as_str()),
@@ -732,6 +738,11 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
         }
     }
     // The admin's reload puts the new admin token in use; the sender's token is unchanged.
+    assert!(
+        !engine.log_text().contains("the secret file"),
+        "{}",
+        engine.log_text()
+    );
     let (status, answer) = call_with(&engine, "POST", "/v1/admin/reload", "admin-t0ken").await;
     assert_eq!(status, 200, "{answer}");
     let report: Value = serde_json::from_str(&answer).expect("JSON");
@@ -740,6 +751,19 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
         json!(["server.admin_tokens"]),
         "{report}"
     );
+    let warned = format!(
+        "server.admin_tokens: the secret file {} has mode 644: every user can read it",
+        dir.join("admin").display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !engine.log_text().contains(&warned) {
+        assert!(
+            Instant::now() < deadline,
+            "no warning of the token file's mode:\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, _) = call_with(&engine, "GET", "/v1/handlers", "admin-t0ken").await;
     assert_eq!(status, 401);
     let (status, _) = call_with(&engine, "GET", "/v1/handlers", "admin-t0ken-2").await;
@@ -2122,4 +2146,10 @@ async fn unknown_paths_and_methods_are_answered_in_json_naming_the_endpoints() {
             .is_some_and(|e| e.contains("does not take that method")),
         "{body}"
     );
+}
+
+/// Sets `path`'s permission bits to `mode`.
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .expect("chmod");
 }

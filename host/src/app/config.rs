@@ -206,6 +206,9 @@ pub struct Config {
     pub poller: Option<PollerConfig>,
     /// `[[handlers]]`, in file order.
     pub handlers: Vec<Registration>,
+    /// The files handler property secrets were read from, by setting
+    /// (`handlers.<name>.properties.<key>`), for [`crate::app::secrets::exposed_secret_files`].
+    pub property_secret_files: Vec<(String, PathBuf)>,
 }
 
 /// `[server]`: the HTTP API.
@@ -579,11 +582,18 @@ impl Config {
             http: raw.http,
         };
         let mut handlers = Vec::with_capacity(raw.handlers.len());
+        let mut property_secret_files = Vec::new();
         let mut seen = BTreeMap::new();
         let pool = raw.engine.pool();
         for raw_handler in raw.handlers {
             let line = line_of(text, raw_handler.span().start);
-            let handler = v.handler(raw_handler.into_inner(), line, &services, &pool)?;
+            let handler = v.handler(
+                raw_handler.into_inner(),
+                line,
+                &services,
+                &pool,
+                &mut property_secret_files,
+            )?;
             if let Some(first) = seen.insert(handler.name.to_ascii_lowercase(), handler.line) {
                 return Err(v.error(
                     Some(handler.line),
@@ -627,6 +637,7 @@ impl Config {
             services,
             poller: raw.poller,
             handlers,
+            property_secret_files,
         })
     }
 
@@ -948,6 +959,7 @@ impl Validator<'_> {
         line: usize,
         services: &ServicesConfig,
         pool: &crate::runtime::engine::PoolSettings,
+        secret_files: &mut Vec<(String, PathBuf)>,
     ) -> Result<Registration, ConfigError> {
         let name_line = self.line(raw.name.span()).or(Some(line));
         let name = raw.name.into_inner();
@@ -1013,6 +1025,12 @@ impl Validator<'_> {
                 PropertyValue::Plain(v) => v,
                 PropertyValue::Secret(secret) => {
                     secret_properties.insert(key.clone());
+                    if let SecretRef::File(file) = &secret {
+                        secret_files.push((
+                            format!("handlers.{name}.properties.{shown}"),
+                            self.base.join(file),
+                        ));
+                    }
                     resolve_secret(&secret, self.base)
                         .map(|s| s.expose().to_owned())
                         .map_err(|e| self.error(value_line, &format!("{what}: {e}")))?

@@ -60,6 +60,51 @@ impl StartOnlySecrets {
     }
 }
 
+/// One warning for each secret file other users may read or change
+/// ([`crate::secret::file_exposure`]), naming the settings that use it: the bearer tokens, the
+/// secrets the parts only a start builds, handler property secrets and `[server] tls.key`. Read
+/// at `check`, at start and at every reload (a file's mode may have changed since).
+pub fn exposed_secret_files(config: &Config) -> Vec<String> {
+    let base = config.path.parent().unwrap_or(std::path::Path::new("."));
+    let mut files: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for (key, list) in [
+        ("server.tokens", &config.server.tokens),
+        ("server.admin_tokens", &config.server.admin_tokens),
+    ] {
+        for secret in list {
+            if let SecretRef::File(path) = secret {
+                files.push((key.to_owned(), base.join(path)));
+            }
+        }
+    }
+    files.extend(
+        start_only_refs(config)
+            .into_iter()
+            .filter_map(|(name, secret)| match secret {
+                SecretRef::File(path) => Some((name, path)),
+                SecretRef::Env(_) => None,
+            }),
+    );
+    files.extend(config.property_secret_files.iter().cloned());
+    if let Some(tls) = &config.server.tls {
+        files.push(("server.tls.key".to_owned(), tls.key.get_ref().clone()));
+    }
+    // One warning per file, naming every setting that reads it.
+    let mut by_file: BTreeMap<std::path::PathBuf, Vec<String>> = BTreeMap::new();
+    for (name, path) in files {
+        let names = by_file.entry(path).or_default();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    by_file
+        .into_iter()
+        .filter_map(|(path, names)| {
+            crate::secret::file_exposure(&path).map(|w| format!("{}: {w}", names.join(", ")))
+        })
+        .collect()
+}
+
 /// The secret references of the parts only a start builds. Paths are already made absolute by
 /// [`Config::parse`].
 fn start_only_refs(config: &Config) -> Vec<(String, SecretRef)> {

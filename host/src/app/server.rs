@@ -180,12 +180,14 @@ pub fn services(config: &Config) -> anyhow::Result<Services> {
 /// serves (the bearer tokens, where the store lives, the sandbox pool at its configured size and
 /// its threads) and loads every handler; returns the handler names. Nothing lasting is made: no
 /// store is opened or created, no AOT cache written, and the mail outbox is checked, not made.
-/// Also returns warnings: what `serve` would run without (an unusable AOT cache directory).
+/// Also returns warnings: what `serve` would run without (an unusable AOT cache directory) and
+/// secret files other users may read or change.
 pub async fn check(path: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let config = Config::load(path)?;
     config.resolve_tokens()?;
     config.check_store_location()?;
-    let warnings = config.cache_dir_warning().into_iter().collect();
+    let mut warnings: Vec<String> = config.cache_dir_warning().into_iter().collect();
+    warnings.extend(secrets::exposed_secret_files(&config));
     let engine = engine(&config)?;
     let services = services(&config)?;
     let set = load_handlers(&engine, &services, &config, None).await?;
@@ -218,6 +220,9 @@ fn announce(line: &str) {
 pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let tokens = Arc::new(BearerTokens::new(config.resolve_tokens()?));
+    for warning in secrets::exposed_secret_files(&config) {
+        tracing::warn!("{warning}");
+    }
     let engine = engine(&config)?;
     let engine = match &config.engine.cache_dir {
         Some(dir) => engine.with_aot_cache_at(dir),
@@ -443,6 +448,9 @@ fn reloader(running: Running) -> Reloader {
                         &config,
                         &StartOnlySecrets::read(&config),
                     );
+                    for warning in secrets::exposed_secret_files(&config) {
+                        tracing::warn!("{warning}");
+                    }
                     Ok((config, new_tokens, tls_config, changed, restart))
                 });
                 let (config, new_tokens, tls_config, changed, restart) = read.await?;
