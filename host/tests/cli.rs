@@ -1,7 +1,7 @@
 //! The `jobhook` binary, run as a process on real components built from this repository.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use jobhook_testkit::{guest, sample_context_json, workspace_root};
@@ -515,6 +515,36 @@ async fn job_types_prints_the_instances_guids_as_configuration() {
         "{stdout}"
     );
     assert!(stdout.contains("RebootAfterAdd = "), "{stdout}");
+    // The examples' contexts are this instance's jobs: each one's job type, as printed, is the
+    // GUID the context carries (what routes it to the examples' handlers).
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut seen = 0;
+    for example in std::fs::read_dir(&examples).expect("examples") {
+        let Ok(contexts) = std::fs::read_dir(example.expect("entry").path().join("contexts"))
+        else {
+            continue;
+        };
+        for context in contexts {
+            let path = context.expect("entry").path();
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+            let (Some(name), Some(id)) = (v["JobType"].as_str(), v["JobTypeId"].as_str()) else {
+                continue;
+            };
+            // A context made to carry hostile text is no job of the instance's.
+            if !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                continue;
+            }
+            let line = format!("{name} = \"{id}\"");
+            assert!(
+                stdout.contains(&line),
+                "{}: {line}\n{stdout}",
+                path.display()
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 10, "{seen} example contexts");
     // Every line is TOML: a handler entry around it parses.
     let parsed: toml::Value =
         toml::from_str(&format!("[[handlers]]\nname = \"h\"\n{stdout}")).expect("TOML");

@@ -491,7 +491,7 @@ async fn acknowledge_failed_job_waits_for_an_unfinished_run_and_needs_its_grant(
     assert_eq!(delivery["state"], "failed", "{delivery:#}");
     let reason = delivery["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("not finished in JobHistory yet"),
+        reason.contains("(JobHistoryId 2171) is not finished in JobHistory yet"),
         "{reason}"
     );
     assert_eq!(

@@ -17,9 +17,12 @@
 //! `JobHistoryId`, so that is what is sent (inferred, not stated in so many words).
 //!
 //! Command may call job complete handlers before the run that just ended is final in
-//! JobHistory (the row can still say `InProcess`). When a run of this job is still unfinished,
-//! the handler acknowledges what is eligible and then fails with a reason that says so, so a
-//! `[handlers.retry]` policy brings it back for that run.
+//! JobHistory (the row can still say `InProcess`). That run is the newest one that has started
+//! (rows come newest first): when it is still `InProcess`, the handler acknowledges what is
+//! eligible and then fails with a reason that says so, so a `[handlers.retry]` policy brings it
+//! back for that run. A `Waiting` row (a run not started: not the one that just ended) and an
+//! older run left `InProcess` (an orchestrator that never reported back) do not hold it back —
+//! a recurring job always has the one, and may keep the other for good.
 //!
 //! Properties:
 //! - `AcknowledgeOn` (optional, default `Failure`): `Failure`, `Warning` or both, comma-separated
@@ -110,15 +113,18 @@ pub fn history_query(ctx: &Context) -> String {
 pub struct Runs {
     /// `JobHistoryId`s of the runs that can be acknowledged now, newest first.
     pub eligible: Vec<i64>,
-    /// How many runs of the job are not finished yet (Waiting or InProcess).
-    pub unfinished: usize,
+    /// The `JobHistoryId` of the newest run that has started, when it is still `InProcess`:
+    /// most likely the run that just ended, not final in JobHistory yet.
+    pub newest_in_process: Option<i64>,
 }
 
-/// Sorts the JobHistory rows of the job into eligible and unfinished runs. Rows of other jobs
-/// (a server that ignored the query) and rows without a usable `JobHistoryId` are skipped.
+/// Sorts the JobHistory rows of the job (newest first, as asked) into eligible runs and the
+/// newest started run still in process. Rows of other jobs (a server that ignored the query)
+/// and rows without a usable `JobHistoryId` are skipped.
 pub fn classify(rows: &[Value], ctx: &Context, results: &[i64]) -> Runs {
     let job_id = ctx.job_id.hyphenated().to_string();
     let mut runs = Runs::default();
+    let mut newest_started_seen = false;
     for row in rows.iter().take(MAX_RUNS) {
         let same_job = row
             .get("JobId")
@@ -136,8 +142,13 @@ pub fn classify(rows: &[Value], ctx: &Context, results: &[i64]) -> Runs {
         }
         let result = row.get("Result").and_then(job_history::result_code);
         let status = row.get("Status").and_then(job_history::status_code);
+        if status == Some(STATUS_WAITING) {
+            continue;
+        }
+        let newest_started = !newest_started_seen;
+        newest_started_seen = true;
         match status {
-            Some(STATUS_WAITING | STATUS_IN_PROCESS) => runs.unfinished += 1,
+            Some(STATUS_IN_PROCESS) if newest_started => runs.newest_in_process = Some(id),
             Some(STATUS_COMPLETED | STATUS_COMPLETED_WILL_RETRY)
                 if result.is_some_and(|r| results.contains(&r)) =>
             {
@@ -219,11 +230,12 @@ impl Handler for AcknowledgeFailedJob {
                 ids.join(", ")
             );
         }
-        if runs.unfinished > 0 {
+        if let Some(run) = runs.newest_in_process {
             return Err(Error::new(format!(
-                "{} run(s) of job {} are not finished in JobHistory yet, so they cannot be \
-                 acknowledged now; a retry policy ([handlers.retry]) runs this handler again",
-                runs.unfinished, ctx.job_id
+                "the newest run of job {} (JobHistoryId {run}) is not finished in JobHistory \
+                 yet, so it cannot be acknowledged now; a retry policy ([handlers.retry]) runs \
+                 this handler again",
+                ctx.job_id
             )));
         }
         if runs.eligible.is_empty() {
@@ -336,15 +348,40 @@ mod tests {
             .install();
         let reason = testing::run_handler::<AcknowledgeFailedJob>(&failed()).unwrap_err();
         assert!(
-            reason
-                .contains("1 run(s) of job 7a07f123-8d4e-4c5b-9f60-1b2c3d4e5f60 are not finished")
-                && reason.contains("[handlers.retry]"),
+            reason.contains(
+                "the newest run of job 7a07f123-8d4e-4c5b-9f60-1b2c3d4e5f60 (JobHistoryId 2171) \
+                 is not finished"
+            ) && reason.contains("[handlers.retry]"),
             "{reason}"
         );
         assert_eq!(
             host.keyfactor_requests()[1].body_json(),
             Some(json!({"JobAuditIds": [2170]})),
             "what is eligible is acknowledged first"
+        );
+    }
+
+    /// A recurring job's next run waiting to start, and an old run an orchestrator never
+    /// finished, are not the run that just ended: they do not fail the delivery (which would
+    /// fail at every retry, for good).
+    #[test]
+    fn waiting_runs_and_old_runs_left_in_process_do_not_hold_the_delivery_back() {
+        let rows = json!([
+            {"JobHistoryId": 2180, "JobId": JOB, "Result": 0, "Status": 1},
+            {"JobHistoryId": 2179, "JobId": JOB, "Result": 4, "Status": "Completed"},
+            {"JobHistoryId": 2150, "JobId": JOB, "Result": 0, "Status": "InProcess"}
+        ]);
+        let host = MockHost::new()
+            .keyfactor_json(200, rows)
+            .keyfactor_response(204, "")
+            .install();
+        assert_eq!(
+            testing::run_handler::<AcknowledgeFailedJob>(&failed()),
+            Ok(())
+        );
+        assert_eq!(
+            host.keyfactor_requests()[1].body_json(),
+            Some(json!({"JobAuditIds": [2179]}))
         );
     }
 

@@ -6,8 +6,10 @@
 //! GUIDs differ from one Command to the next (`reference/keyfactor.md` §4). They come from
 //! `GET /CertificateStoreTypes` (`InventoryJobType`, `ManagementJobType`, `EnrollmentJobType`,
 //! `DiscoveryJobType`); the job type *name* a context and a JobHistory row carry is the store
-//! type's `ShortName` followed by `Inventory`, `Management`, `Reenrollment` (the enrollment job
-//! type) or `Discovery`. Custom job types come from `GET /JobTypes/Custom` (`Id`,
+//! type's internal name followed by `Inventory`, `Management`, `Reenrollment` (the enrollment job
+//! type) or `Discovery`. Keyfactor's sample handler calls that name the store type's "capability
+//! name": its `Capability` field, which is its `ShortName` for the store types seen (`WinCert`);
+//! where an answer has no `Capability`, the `ShortName` stands in. Custom job types come from `GET /JobTypes/Custom` (`Id`,
 //! `JobTypeName`). Everything read is remote text: names are checked before they become TOML
 //! keys, and only GUIDs are printed as values.
 
@@ -76,10 +78,23 @@ pub fn collect(store_types: &[Value], custom: &[Value]) -> (Vec<JobType>, Vec<St
     let mut found = Vec::new();
     let mut skipped = Vec::new();
     for store_type in store_types {
-        let short = store_type
-            .get("ShortName")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let text = |field: &str| {
+            store_type
+                .get(field)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        // The name job types are made of, and how the comment calls the store type: by both
+        // names where they differ, so an operator can tell which one the job names follow. The
+        // comment is TOML too: a short name is in it only if it could be a job name itself.
+        let (internal, origin) = match (text("Capability"), text("ShortName")) {
+            (Some(capability), Some(short)) if capability != short && printable(short) => (
+                capability,
+                format!("store type {short}, capability {capability}"),
+            ),
+            (Some(name), _) | (None, Some(name)) => (name, format!("store type {name}")),
+            (None, None) => ("", "store type".to_owned()),
+        };
         for (field, suffix) in STORE_JOBS {
             let Some(raw) = store_type.get(*field) else {
                 continue;
@@ -87,15 +102,15 @@ pub fn collect(store_types: &[Value], custom: &[Value]) -> (Vec<JobType>, Vec<St
             if raw.is_null() {
                 continue;
             }
-            let name = format!("{short}{suffix}");
+            let name = format!("{internal}{suffix}");
             match raw.as_str().and_then(parse_guid) {
                 Some(id) if printable(&name) && !id.is_nil() => found.push(JobType {
                     name,
                     id,
-                    origin: format!("store type {short}"),
+                    origin: origin.clone(),
                 }),
                 Some(id) if id.is_nil() => {}
-                _ => skipped.push(shown(format!("store type {short:?}: {field} {raw}"))),
+                _ => skipped.push(shown(format!("store type {internal:?}: {field} {raw}"))),
             }
         }
     }
@@ -411,6 +426,51 @@ mod tests {
                 MAX_PAGES - MAX_SKIPPED_SHOWN
             ))
         );
+    }
+
+    /// A job type's name is made of the store type's `Capability` (the name Keyfactor's sample
+    /// handler says job names follow), the `ShortName` standing in where there is none.
+    #[test]
+    fn job_names_follow_the_capability_name_and_fall_back_to_the_short_name() {
+        let (found, skipped) = collect(
+            &[
+                json!({"ShortName": "K8SCluster", "Capability": "K8SClusterCap",
+                       "InventoryJobType": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+                json!({"ShortName": "PEM", "Capability": "PEM",
+                       "ManagementJobType": "59b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+                json!({"ShortName": "Old", "Capability": null,
+                       "EnrollmentJobType": "69b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+                json!({"ShortName": "Empty", "Capability": "",
+                       "DiscoveryJobType": "79b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+            ],
+            &[],
+        );
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let names: Vec<(&str, &str)> = found
+            .iter()
+            .map(|j| (j.name.as_str(), j.origin.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (
+                    "K8SClusterCapInventory",
+                    "store type K8SCluster, capability K8SClusterCap"
+                ),
+                ("PEMManagement", "store type PEM"),
+                ("OldReenrollment", "store type Old"),
+                ("EmptyDiscovery", "store type Empty"),
+            ]
+        );
+        // A short name that could break the printed comment is not in it.
+        let (found, _) = collect(
+            &[json!({"ShortName": "Evil\n[server]", "Capability": "Fine",
+                     "InventoryJobType": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"})],
+            &[],
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].origin, "store type Fine");
+        assert!(!render(&found, "x").contains("Evil"));
     }
 
     #[test]

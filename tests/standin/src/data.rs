@@ -24,10 +24,10 @@ pub const PEM_STORE_ID: &str = "c1d2e3f4-a5b6-4c7d-8e9f-0a1b2c3d4e5f";
 /// The WinCert store type's inventory job type on this (imaginary) instance: the GUID of the
 /// sample handler's trace (`reference/keyfactor.md` §1.2).
 pub const WINCERT_INVENTORY: &str = "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f";
-/// The WinCert management job type.
-pub const WINCERT_MANAGEMENT: &str = "4be14534-6d2a-4f1b-8c3e-5a6b7c8d9e0f";
+/// The WinCert management job type (the one the examples' contexts carry, as do the next).
+pub const WINCERT_MANAGEMENT: &str = "4be14534-8a1f-4c3d-9e7b-2f6d0c5a8e19";
 /// The WinCert reenrollment (enrollment) job type.
-pub const WINCERT_REENROLLMENT: &str = "e868b3f8-1a2b-4c3d-9e4f-5a6b7c8d9e0f";
+pub const WINCERT_REENROLLMENT: &str = "e868b3f8-2c4d-4b7a-a1e9-5d3f8c6b2a07";
 /// A custom job type (`GET /JobTypes/Custom`).
 pub const CUSTOM_JOB_TYPE_ID: &str = "3f2a1b0c-9d8e-4f7a-a6b5-c4d3e2f1a0b9";
 
