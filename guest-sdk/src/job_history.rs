@@ -7,8 +7,10 @@
 //! [`status_code`] read either form into the documented number, so every handler that reads the
 //! history agrees on what a row says.
 //!
-//! No `Result` 1 is documented for JobHistory (the orchestrator protocol's "in process" value
-//! is not listed among the API's results), so 1 has no name here: it reads as the number it is.
+//! No `Result` 1 is documented for JobHistory, though Keyfactor's Python client (generated from
+//! Command's API description) declares the numbers 0 to 4 for it; what 1 means is not
+//! documented (the orchestrator protocol's "in process", perhaps), so it has no name here: it
+//! reads as the number it is.
 
 use serde_json::Value;
 
