@@ -16,6 +16,13 @@
 //! the agent (`GET /Agents`) with that `ClientMachine`, `TargetPath` the row's `StorePath`,
 //! `ScheduleType` the kind of the row's `Schedule` (`Immediate`, `Interval`, ...). `Result`
 //! and `Status` are numbers (§3); a name (`"Failure"`) is accepted for them too.
+//!
+//! Two of those readings are known to differ from the query documentation, which lists
+//! `JobType` values as the logical jobs (`Inventory`, `Management`, `Reenrollment`, ...) and
+//! `ScheduleType` values as codes (`I_` for interval, `D_`, `W_`, `M_`, `O_`, null for
+//! immediately), while the stand-in compares the row's own values (`WinCertInventory`,
+//! `Interval`). Nothing in jobhook queries either field; a handler that does must be tried
+//! against a real Command, not only here.
 
 use std::cmp::Ordering;
 
