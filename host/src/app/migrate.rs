@@ -120,13 +120,18 @@ pub fn import(path: &Path) -> Result<(String, Vec<Warning>), MigrateError> {
 /// Reads registrations from web.config or manifest.json text, told apart by the first
 /// character that is not white space or a byte-order mark.
 pub fn read_registrations(text: &str, file: &str) -> Result<Vec<Registration>, MigrateError> {
-    let first = text
-        .trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}')
-        .chars()
-        .next();
-    let registrations = match first {
+    let first = |text: &str| {
+        text.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}')
+            .chars()
+            .next()
+    };
+    let registrations = match first(text) {
         Some('<') => read_web_config(text, file)?,
         Some('{') => read_manifest(text, file)?,
+        // A manifest.json may open with a `//` or `/* */` comment (Keyfactor's sample does).
+        Some('/') if first(&strip_json_comments(text)) == Some('{') => {
+            read_manifest(text, file)?
+        }
         _ => {
             return Err(MigrateError {
                 file: file.to_owned(),
@@ -1475,6 +1480,23 @@ mod tests {
             .expect("with a byte-order mark");
         assert_eq!(format!("{marked:?}"), format!("{plain:?}"));
         assert_eq!(plain.len(), 1);
+        // Comments before the object, after a mark or not, are no part of it either.
+        for opening in [
+            "// Command 11 manifest\n",
+            "/* one\n two */ ",
+            "\u{feff}  // note\n/* and */\n",
+        ] {
+            let mut commented = read_registrations(&format!("{opening}{text}"), "manifest.json")
+                .unwrap_or_else(|e| panic!("{opening:?}: {e}"));
+            // The entry's line counts the comment's lines.
+            for r in &mut commented {
+                r.line -= opening.matches('\n').count();
+            }
+            assert_eq!(format!("{commented:?}"), format!("{plain:?}"), "{opening:?}");
+        }
+        // A comment before something else is still neither format.
+        let e = read_registrations("// note\n[1]", "manifest.json").unwrap_err();
+        assert!(e.message.contains("is neither a web.config"), "{e:?}");
     }
 
     /// A manifest that names a handler (or an option) twice is refused naming both, not read
