@@ -1172,6 +1172,100 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
     assert!(!stderr.contains("warning"), "{stderr}");
 }
 
+/// A service `jobhook run` cannot build from its flags is refused naming the flag the user
+/// typed, never the configuration key behind it (`[keyfactor.auth]`, `[mail.smtp]`, ...).
+#[test]
+fn run_names_its_flags_when_a_service_cannot_be_built() {
+    let component = component("job-history-lookup");
+    let context = context_file("job-history-lookup", "inventory.json");
+    let outbox_file = write_temp("not-a-dir", b"x");
+    let not_a_dir = outbox_file.1.display().to_string();
+    let kf = ["--keyfactor-url", "https://kf.example.com/KeyfactorAPI/"];
+    for (flags, token, says) in [
+        (
+            &[&kf[..], &["--keyfactor-auth", "bearer"]].concat()[..],
+            false,
+            "--keyfactor-auth: environment variable KEYFACTOR_AUTH_ACCESS_TOKEN is not set",
+        ),
+        (
+            &[&kf[..], &["--keyfactor-username", "u"]].concat()[..],
+            false,
+            "--keyfactor-auth: environment variable KEYFACTOR_PASSWORD is not set",
+        ),
+        (
+            &[
+                &kf[..],
+                &[
+                    "--keyfactor-auth",
+                    "bearer",
+                    "--keyfactor-ca-bundle",
+                    "/nonexistent/ca.pem",
+                ],
+            ]
+            .concat()[..],
+            true,
+            "--keyfactor-ca-bundle /nonexistent/ca.pem:",
+        ),
+        (
+            &[
+                "--keyfactor-url",
+                "ftp://kf.example.com/",
+                "--keyfactor-auth",
+                "bearer",
+            ][..],
+            true,
+            "--keyfactor-url: the Keyfactor API base must use https",
+        ),
+        (
+            &["--smtp", "smtp.example.com", "--smtp-username", "u"][..],
+            false,
+            "--smtp-username (the password comes from JOBHOOK_SMTP_PASSWORD): environment variable",
+        ),
+        (
+            &["--smtp", "smtp.example.com", "--smtp-tls", "none"][..],
+            false,
+            "--smtp-tls \"none\" is allowed only for a relay on loopback",
+        ),
+        (&["--smtp", ""][..], false, "--smtp's host is empty"),
+        (
+            &["--mail-outbox", not_a_dir.as_str()][..],
+            false,
+            "--mail-outbox ",
+        ),
+        (
+            &[
+                "--mail-outbox",
+                "outbox",
+                "--mail-from",
+                "Ops <ops@example.com>",
+            ][..],
+            false,
+            "--mail-from: \"Ops <ops@example.com>\" is not a bare e-mail address",
+        ),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_jobhook"));
+        command
+            .args(["run", &component, "--context", &context])
+            .args(flags)
+            .env_remove("RUST_LOG")
+            .env_remove("KEYFACTOR_PASSWORD")
+            .env_remove("KEYFACTOR_AUTH_ACCESS_TOKEN")
+            .env_remove("JOBHOOK_SMTP_PASSWORD")
+            .current_dir(outbox_file.0.path());
+        if token {
+            command.env("KEYFACTOR_AUTH_ACCESS_TOKEN", "t0ken");
+        }
+        let out = command.output().expect("run jobhook");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(says), "{flags:?}: {says}\n{stderr}");
+        assert!(
+            !stderr.contains("[keyfactor") && !stderr.contains("[mail"),
+            "{flags:?}: {stderr}"
+        );
+    }
+}
+
 /// `run`'s budget flags have the bounds of the configuration's handler limits, and the error
 /// names the flag.
 #[test]

@@ -48,6 +48,40 @@ const FLAGS: [(&str, &str); 2] = [
     (<Mail as Grantable>::INTERFACE, "--mail-outbox or --smtp"),
 ];
 
+/// The configuration keys the services' errors name, with the `jobhook run` flags that set
+/// them, longest key first: an error from building a service out of the flags names what the
+/// user typed ([`in_flag_terms`]).
+const KEYS_AS_FLAGS: &[(&str, &str)] = &[
+    ("[keyfactor.auth] token_url", "--keyfactor-token-url"),
+    ("[keyfactor.auth]", "--keyfactor-auth"),
+    ("[keyfactor] base_url", "--keyfactor-url"),
+    ("[keyfactor] ca_bundle", "--keyfactor-ca-bundle"),
+    (
+        "[mail.smtp] password",
+        "--smtp-username (the password comes from JOBHOOK_SMTP_PASSWORD)",
+    ),
+    ("[mail.smtp] tls = ", "--smtp-tls "),
+    ("[mail.smtp] port", "--smtp's port"),
+    ("[mail.smtp] host", "--smtp's host"),
+    ("[mail.smtp]", "--smtp"),
+    ("[mail] outbox", "--mail-outbox"),
+    ("[mail]", "--mail-outbox or --smtp"),
+];
+
+/// `error` with the configuration keys it names put in terms of `jobhook run`'s flags.
+fn in_flag_terms(error: impl std::fmt::Display) -> anyhow::Error {
+    let mut text = error.to_string();
+    for (key, flag) in KEYS_AS_FLAGS {
+        text = text.replace(key, flag);
+    }
+    anyhow::Error::msg(text)
+}
+
+/// A refused `--mail-from` (the one thing a mail configuration's making checks).
+fn from_address(error: crate::capabilities::mail::AddressError) -> anyhow::Error {
+    anyhow::anyhow!("--mail-from: {error}")
+}
+
 /// How `jobhook run` authenticates to Keyfactor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthKind {
@@ -176,11 +210,13 @@ impl ServiceArgs {
             };
             let mut config = KeyfactorConfig::new(url.clone(), auth);
             config.ca_bundle = self.keyfactor_ca_bundle.clone();
-            services.keyfactor = Some(Arc::new(KeyfactorClient::from_config(&config)?));
+            services.keyfactor = Some(Arc::new(
+                KeyfactorClient::from_config(&config).map_err(in_flag_terms)?,
+            ));
         }
 
         let mail = if let Some(dir) = &self.mail_outbox {
-            Some(MailConfig::outbox(&self.mail_from, dir).map_err(anyhow::Error::msg)?)
+            Some(MailConfig::outbox(&self.mail_from, dir).map_err(from_address)?)
         } else if let Some(relay) = &self.smtp {
             let (host, port) = match relay.rsplit_once(':') {
                 Some((h, p)) if !h.contains(':') => (
@@ -203,15 +239,14 @@ impl ServiceArgs {
                 smtp.username = Some(user.clone());
                 smtp.password = Some(SecretRef::Env(ENV_SMTP_PASSWORD.into()));
             }
-            Some(MailConfig::smtp(&self.mail_from, smtp).map_err(anyhow::Error::msg)?)
+            Some(MailConfig::smtp(&self.mail_from, smtp).map_err(from_address)?)
         } else {
             None
         };
         if let Some(config) = mail {
-            services.mail = Some(Arc::new(MailTransport::from_config(
-                &config,
-                &env.default_outbox,
-            )?));
+            services.mail = Some(Arc::new(
+                MailTransport::from_config(&config, &env.default_outbox).map_err(in_flag_terms)?,
+            ));
         }
 
         let mut grants = Grants::permissive();

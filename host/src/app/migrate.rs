@@ -129,9 +129,7 @@ pub fn read_registrations(text: &str, file: &str) -> Result<Vec<Registration>, M
         Some('<') => read_web_config(text, file)?,
         Some('{') => read_manifest(text, file)?,
         // A manifest.json may open with a `//` or `/* */` comment (Keyfactor's sample does).
-        Some('/') if first(&strip_json_comments(text)) == Some('{') => {
-            read_manifest(text, file)?
-        }
+        Some('/') if first(&strip_json_comments(text)) == Some('{') => read_manifest(text, file)?,
         _ => {
             return Err(MigrateError {
                 file: file.to_owned(),
@@ -1492,7 +1490,11 @@ mod tests {
             for r in &mut commented {
                 r.line -= opening.matches('\n').count();
             }
-            assert_eq!(format!("{commented:?}"), format!("{plain:?}"), "{opening:?}");
+            assert_eq!(
+                format!("{commented:?}"),
+                format!("{plain:?}"),
+                "{opening:?}"
+            );
         }
         // A comment before something else is still neither format.
         let e = read_registrations("// note\n[1]", "manifest.json").unwrap_err();

@@ -211,7 +211,7 @@ impl fmt::Display for AddressRefused {
         match self.policy {
             AddressPolicy::PublicOnly => write!(
                 f,
-                "the destination resolves to {what}; private, loopback and link-local destinations need `allow_private = true` in the handler's http grant"
+                "the destination resolves to {what}; private, loopback and link-local destinations need `allow_private = true` in the handler's http grant (`--allow-private-http` for `jobhook run`)"
             ),
             AddressPolicy::AllowPrivate => write!(f, "the destination resolves to {what}"),
             AddressPolicy::LoopbackOnly => write!(
