@@ -1233,6 +1233,17 @@ fn run_names_its_flags_when_a_service_cannot_be_built() {
             "--mail-outbox ",
         ),
         (
+            &["--allow-http", "http://hooks.example.com/"][..],
+            false,
+            "--allow-http: URL prefix \"http://hooks.example.com/\": plain http:// is allowed only to a \
+             loopback host",
+        ),
+        (
+            &["--allow-http", "http://127.0.0.1:9/"][..],
+            false,
+            "--allow-http http://127.0.0.1:9/: plain http:// is allowed only with --allow-private-http",
+        ),
+        (
             &[
                 "--mail-outbox",
                 "outbox",

@@ -1972,6 +1972,28 @@ identity = "writer"
         assert!(f.parse(&configured).is_ok());
         let http = handler("[handlers.grants.http]\nurls = [\"https://hooks.example.com/\"]\n");
         assert!(f.parse(&http).is_ok());
+        // A plain http prefix every call under which would be refused: named, with its line.
+        for (grant, says) in [
+            (
+                "urls = [\"http://hooks.example.com/\"]\nallow_private = true",
+                "plain http:// is allowed only to a loopback host",
+            ),
+            (
+                "urls = [\"http://127.0.0.1:9000/\"]",
+                "handlers.grants.http.urls: \"http://127.0.0.1:9000/\": plain http:// is allowed only \
+                 with allow_private = true",
+            ),
+        ] {
+            let e = f
+                .parse(&handler(&format!("[handlers.grants.http]\n{grant}\n")))
+                .unwrap_err();
+            assert!(e.message.contains(says), "{grant}: {e}");
+            assert!(e.line.is_some(), "{grant}: {e}");
+        }
+        let loopback = handler(
+            "[handlers.grants.http]\nurls = [\"http://127.0.0.1:9000/\"]\nallow_private = true\n",
+        );
+        assert!(f.parse(&loopback).is_ok());
     }
 
     #[test]

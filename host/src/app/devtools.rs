@@ -256,9 +256,19 @@ impl ServiceArgs {
                     .allow_http
                     .iter()
                     .map(|p| UrlPrefix::parse(p))
-                    .collect::<Result<_, _>>()?;
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow::anyhow!("--allow-http: {e}"))?;
             }
             http.allow_private = self.allow_private_http;
+            if let Some(prefix) = http.plain_http_prefix()
+                && !http.allow_private
+            {
+                bail!(
+                    "--allow-http {prefix}: plain http:// is allowed only with \
+                     --allow-private-http (and only to loopback); use https:// or add \
+                     --allow-private-http"
+                );
+            }
         }
         Ok(RunServices { services, grants })
     }

@@ -143,6 +143,19 @@ impl Grantable for Http {
 
     fn rebase(_config: &mut HttpConfig, _base: &Path) {}
 
+    /// A plain http prefix is used only with `allow_private` (it reaches loopback only);
+    /// without it every call under the prefix would be refused.
+    fn check_grant(_config: &HttpConfig, grant: &HttpGrant) -> Result<(), String> {
+        match grant.plain_http_prefix() {
+            Some(prefix) if !grant.allow_private => Err(format!(
+                "urls: {}: plain http:// is allowed only with allow_private = true (and only to \
+                 loopback); use https:// or set allow_private = true",
+                outbound::quote(&prefix.to_string())
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Always configured (defaults apply): only granted handlers can use it.
     fn service(
         config: &HttpConfig,
@@ -229,6 +242,14 @@ impl UrlPrefix {
                 "must not have a query or fragment (any query is allowed under a prefix)",
             ));
         }
+        // Every call to a plain http URL elsewhere is refused; a prefix naming one could never
+        // be used.
+        if url.scheme() == "http" && !loopback_host(&url) {
+            return Err(error(
+                "plain http:// is allowed only to a loopback host (127.0.0.1, [::1], localhost); \
+                 use https://",
+            ));
+        }
         Ok(UrlPrefix {
             text: text.to_owned(),
             url: Some(url),
@@ -249,6 +270,20 @@ impl UrlPrefix {
         let want: Vec<&str> = prefix.path().split('/').filter(|s| !s.is_empty()).collect();
         let have: Vec<&str> = url.path().split('/').filter(|s| !s.is_empty()).collect();
         want.len() <= have.len() && want.iter().zip(&have).all(|(w, h)| w == h)
+    }
+}
+
+/// Whether `url`'s host is a loopback address or `localhost` (and names under it, RFC 6761),
+/// the only hosts plain http may reach.
+fn loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        None => false,
     }
 }
 
@@ -303,6 +338,13 @@ pub struct HttpGrant {
 }
 
 impl HttpGrant {
+    /// The first of the prefixes that is a plain http one, if any.
+    pub fn plain_http_prefix(&self) -> Option<&UrlPrefix> {
+        self.urls
+            .iter()
+            .find(|p| p.url.as_ref().is_some_and(|u| u.scheme() == "http"))
+    }
+
     /// Every method to every public https URL: what `jobhook run`, the author's harness, grants.
     pub fn permissive() -> Self {
         HttpGrant {
@@ -615,6 +657,49 @@ mod tests {
 
     fn url(s: &str) -> Url {
         parse_url(s).unwrap()
+    }
+
+    /// A plain http prefix every call under which would be refused is refused when read: one
+    /// to a host that is not loopback, or one in a grant without `allow_private`.
+    #[test]
+    fn plain_http_prefixes_that_could_never_be_used_are_refused() {
+        for bad in [
+            "http://example.com/",
+            "http://10.0.0.1/hooks",
+            "http://[fe80::1]/",
+            "http://localhost.example.com/",
+            "http://2130706433.example/",
+        ] {
+            let e = UrlPrefix::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("only to a loopback host"), "{bad}: {e}");
+        }
+        for good in [
+            "http://127.0.0.1:8080/hooks",
+            "http://127.1.2.3/",
+            "http://[::1]/",
+            "http://localhost/",
+            "http://LOCALHOST./x",
+            "http://receiver.localhost/",
+        ] {
+            assert!(UrlPrefix::parse(good).is_ok(), "{good}");
+        }
+        let grant = |urls: &[&str], allow_private: bool| HttpGrant {
+            urls: urls.iter().map(|u| UrlPrefix::parse(u).unwrap()).collect(),
+            allow_private,
+            ..HttpGrant::permissive()
+        };
+        let config = HttpConfig::default();
+        let e = Http::check_grant(
+            &config,
+            &grant(&["https://a.example/", "http://127.0.0.1:9/x"], false),
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("urls: \"http://127.0.0.1:9/x\": plain http:// is allowed only with allow_private = true"),
+            "{e}"
+        );
+        assert!(Http::check_grant(&config, &grant(&["http://127.0.0.1:9/x"], true)).is_ok());
+        assert!(Http::check_grant(&config, &grant(&["https://a.example/"], false)).is_ok());
     }
 
     #[test]
