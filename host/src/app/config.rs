@@ -258,7 +258,10 @@ pub struct ServerConfig {
     /// Connections open at once; more are refused (plain HTTP: `503`; TLS: closed).
     pub max_connections: usize,
     /// Connections open at once from one client IP address; more are refused the same way.
-    pub max_connections_per_client: usize,
+    /// Unset: [`connections::DEFAULT_MAX_CONNECTIONS_PER_CLIENT`], or `max_connections` when
+    /// that is lower (lowering the total alone must not make the default per-client cap an
+    /// error).
+    pub max_connections_per_client: Option<usize>,
 }
 
 impl ServerConfig {
@@ -269,7 +272,9 @@ impl ServerConfig {
             body_read_timeout: self.body_read_timeout,
             idle_timeout: self.idle_timeout,
             max_connections: self.max_connections,
-            max_connections_per_client: self.max_connections_per_client,
+            max_connections_per_client: self.max_connections_per_client.unwrap_or(
+                connections::DEFAULT_MAX_CONNECTIONS_PER_CLIENT.min(self.max_connections),
+            ),
         }
     }
 }
@@ -292,7 +297,7 @@ impl Default for ServerConfig {
             body_read_timeout: connections::DEFAULT_BODY_READ_TIMEOUT,
             idle_timeout: connections::DEFAULT_IDLE_TIMEOUT,
             max_connections: connections::DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_client: connections::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_connections_per_client: None,
         }
     }
 }
@@ -1497,6 +1502,17 @@ job_types = ["*"]
         assert_eq!(
             (set.max_connections, set.max_connections_per_client),
             (20, 5)
+        );
+        // Lowering the total below the per-client default lowers that default with it; a
+        // per-client cap written above the total is still refused (below).
+        let lowered = f
+            .parse(&format!("[server]\nmax_connections = 100\n{MINIMAL}"))
+            .unwrap()
+            .server
+            .connection_limits();
+        assert_eq!(
+            (lowered.max_connections, lowered.max_connections_per_client),
+            (100, 100)
         );
         for (bad, says) in [
             (
