@@ -1112,11 +1112,14 @@ fn check_warns_of_a_cache_dir_serve_could_not_use() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
-        stderr.contains("warning: [engine] cache_dir: AOT cache")
+        stderr.contains("warning: [engine] cache_dir: serve will run without the AOT cache")
             && stderr
-                .contains("is not private to this user (its mode 777 lets other users write it)"),
+                .contains("is not private to this user (its mode 777 lets other users write it)")
+            && stderr.contains("`chmod 700` it"),
         "{stderr}"
     );
+    // Its fix is where it is: no advice to write elsewhere, which the directory allows.
+    assert!(!stderr.contains("may write in"), "{stderr}");
 }
 
 /// A secret file every user may read, or others than its owner may change, is a warning of

@@ -744,16 +744,21 @@ impl Config {
     /// log).
     pub fn cache_dir_warning(&self) -> Option<String> {
         let dir = self.engine.cache_dir.as_ref()?;
-        let problem = usable_directory(dir).err().or_else(|| {
-            std::fs::symlink_metadata(dir).ok()?;
-            crate::runtime::aot::check_private(dir)
-                .err()
-                .map(|e| e.to_string())
-        })?;
-        Some(capped(format!(
-            "[engine] cache_dir: {problem}; serve will run without the AOT cache and compile \
-             every handler at every start: point cache_dir at a directory jobhook may write in"
-        )))
+        // What to do differs: a directory serve cannot use wants another place; the message
+        // about one it would not trust says how to fix it already.
+        let consequence = "serve will run without the AOT cache and compile every handler at \
+                           every start";
+        Some(capped(match usable_directory(dir) {
+            Err(problem) => format!(
+                "[engine] cache_dir: {problem}; {consequence}: point cache_dir at a directory \
+                 jobhook may write in"
+            ),
+            Ok(()) => {
+                std::fs::symlink_metadata(dir).ok()?;
+                let untrusted = crate::runtime::aot::check_private(dir).err()?;
+                format!("[engine] cache_dir: {consequence}: {untrusted}")
+            }
+        }))
     }
 }
 
