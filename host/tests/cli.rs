@@ -1321,7 +1321,15 @@ fn run_budget_flags_are_bounded_like_the_configuration() {
 #[test]
 fn forwarder_config_refuses_engine_urls_keyfactor_cannot_use() {
     let (_dir, config) = check_config("");
-    for bad in ["", "not a url", ":99999", "http://a:b@host/", "ftp://host/"] {
+    for bad in [
+        "",
+        "not a url",
+        ":99999",
+        "http://a:b@host/",
+        "ftp://host/",
+        "https://jobhook.example.com:8443/v1/job-complete",
+        "https://jobhook.example.com/base/V1/Job-Complete/",
+    ] {
         let out = jobhook(&["forwarder-config", "--config", &config, "--engine-url", bad]);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");

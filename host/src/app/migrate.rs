@@ -1025,6 +1025,22 @@ pub fn engine_url(text: &str) -> Result<String, String> {
              /v1/job-complete to it: give only scheme, host, port and path, {EXAMPLE}"
         ));
     }
+    use crate::sources::api::INGEST_PATH;
+    // The endpoint's own URL pasted (the forwarder appends the engine's ingest path itself):
+    // the forwarder would report it as a problem (and post to
+    // the URL without that ending); a generated configuration should hold what it wants.
+    let path = url.path().trim_end_matches('/');
+    if path
+        .len()
+        .checked_sub(INGEST_PATH.len())
+        .and_then(|at| path.get(at..))
+        .is_some_and(|end| end.eq_ignore_ascii_case(INGEST_PATH))
+    {
+        return Err(format!(
+            "--engine-url {what} ends with {INGEST_PATH}, the endpoint the forwarder \
+             adds itself: give the engine's base URL without it, {EXAMPLE}"
+        ));
+    }
     // As written (not as the parser normalised it), but for a trailing `/`.
     Ok(text.trim().trim_end_matches('/').to_owned())
 }
