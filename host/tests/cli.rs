@@ -1175,6 +1175,75 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
     assert!(!stderr.contains("warning"), "{stderr}");
 }
 
+/// The `jobhook run` commands the examples' READMEs give run as written: every flag they pass
+/// exists and every capability the handler calls is configured by them (a run that answers
+/// `not-available` means the README left a flag out). The component is the one the tests
+/// build; `--mail-outbox` goes to a temporary directory. Commands for components built by
+/// other toolchains (`target/lang/`) are run by the languages' tests, and `jobhook-dev run`
+/// commands are the author's tool's.
+#[test]
+fn example_readme_run_commands_run_as_written() {
+    let root = workspace_root();
+    let outbox = tempfile::tempdir().expect("tempdir");
+    let mut ran = Vec::new();
+    for example in std::fs::read_dir(root.join("examples")).expect("examples") {
+        let readme = example.expect("entry").path().join("README.md");
+        let Ok(markdown) = std::fs::read_to_string(&readme) else {
+            continue;
+        };
+        // Commands in code blocks (lines joined at a trailing `\`) and in inline code.
+        let joined = markdown.replace("\\\n", " ");
+        let commands = joined
+            .lines()
+            .flat_map(|line| line.split('`'))
+            .filter_map(|part| part.trim().strip_prefix("jobhook run "))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        for command in commands {
+            let words: Vec<String> = command
+                .split_whitespace()
+                .map(|w| w.trim_matches('\'').to_owned())
+                .collect();
+            let Some(package) = words.first().and_then(|c| {
+                c.strip_prefix("target/wasm32-wasip2/release/")?
+                    .strip_suffix(".wasm")
+                    .map(|n| n.replace('_', "-"))
+            }) else {
+                continue;
+            };
+            // A placeholder (`https://…`) is for the reader to fill in.
+            if command.contains('…') {
+                continue;
+            }
+            let mut args = vec!["run".to_owned(), component(&package)];
+            let mut rest = words[1..].iter();
+            while let Some(word) = rest.next() {
+                args.push(word.clone());
+                if word == "--mail-outbox" {
+                    rest.next();
+                    args.push(outbox.path().display().to_string());
+                }
+            }
+            let out = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+                .args(&args)
+                .current_dir(&root)
+                .env_remove("RUST_LOG")
+                .output()
+                .expect("run jobhook");
+            let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+            assert!(
+                matches!(out.status.code(), Some(0 | 1)) && !said.contains("not available"),
+                "{}: jobhook run {command}\n{said}",
+                readme.display()
+            );
+            ran.push(package);
+        }
+    }
+    for package in ["log-context", "repeated-failure-email", "webhook-notify"] {
+        assert!(ran.iter().any(|p| p == package), "{package}: {ran:?}");
+    }
+}
+
 /// A service `jobhook run` cannot build from its flags is refused naming the flag the user
 /// typed, never the configuration key behind it (`[keyfactor.auth]`, `[mail.smtp]`, ...).
 #[test]
