@@ -739,7 +739,25 @@ fn run_grants_outbound_http_by_its_flags() {
     let granted = format!("http://127.0.0.1:{port}/hooks/");
     let elsewhere = format!("http://127.0.0.1:{port}/other/");
 
-    let v = run(&["--allow-http", &granted]);
+    // A plain http prefix without --allow-private-http could never be called: refused at once.
+    let out = jobhook(&[
+        "run",
+        &component_path,
+        "--context",
+        &context_path,
+        "--property",
+        &property,
+        "--allow-http",
+        &granted,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("plain http:// is allowed only with --allow-private-http"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Without --allow-http, every https URL is granted and plain http is refused at the call.
+    let v = run(&[]);
     assert_eq!(v["class"], "handler-failed", "{v:#}");
     assert!(
         v["reason"]
