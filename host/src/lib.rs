@@ -285,7 +285,7 @@ mod documented_defaults {
             ),
             (
                 "`connections::DEFAULT_MAX_CONNECTIONS`",
-                "| 512 / 128 (1 to 65,536; per client at most the total) |",
+                "| 512 / 128 (1 to 65,536; per client at most the total; unset, the per-client cap is 128 or the total when that is lower) |",
                 (
                     connections::DEFAULT_MAX_CONNECTIONS,
                     connections::DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
