@@ -2148,6 +2148,41 @@ async fn unknown_paths_and_methods_are_answered_in_json_naming_the_endpoints() {
     );
 }
 
+/// When the ready line is printed, SIGHUP, SIGTERM and SIGINT are already caught: a reload or
+/// a stop asked for as soon as the engine says it is ready is a reload or a graceful stop, not
+/// the signal's default action ending the process. Checked in the kernel's view of the
+/// process (`SigCgt`) right at the ready line, and by a SIGHUP then a SIGTERM sent at once,
+/// which must end in exit status 0; with one async worker, as a small machine has.
+#[tokio::test]
+async fn signals_are_caught_by_the_time_the_engine_says_it_is_ready() {
+    for round in 0..5 {
+        let setup = Setup::new();
+        let config = setup.config(&handler("all", "log-context", "[\"*\"]", ""));
+        let engine = EngineProcess::start_with_env(
+            Path::new(env!("CARGO_BIN_EXE_jobhook")),
+            &config,
+            &setup.dir.path().join("engine.log"),
+            &[("TOKIO_WORKER_THREADS", "1")],
+        );
+        let status = std::fs::read_to_string(format!("/proc/{}/status", engine.pid()))
+            .expect("/proc status");
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .expect("SigCgt");
+        for (name, number) in [("SIGHUP", 1), ("SIGINT", 2), ("SIGTERM", 15)] {
+            assert!(
+                caught & (1 << (number - 1)) != 0,
+                "round {round}: {name} is not caught at the ready line (SigCgt {caught:x})"
+            );
+        }
+        engine.hangup();
+        let exit = engine.terminate(Duration::from_secs(60));
+        assert!(exit.is_some_and(|s| s.success()), "round {round}: {exit:?}");
+    }
+}
+
 /// Sets `path`'s permission bits to `mode`.
 fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))

@@ -313,7 +313,9 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         Arc::clone(&state.store),
         config.server.idempotency_retention,
     ));
+    // Both before the ready line: see the two functions.
     spawn_sighup_reload(reload);
+    let stop_asked = shutdown_signal();
     let router = api::router(state);
     let limits = config.server.connection_limits();
     let (scheme, ready) = if tls.is_some() {
@@ -336,7 +338,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     let signalled = Arc::new(std::sync::OnceLock::new());
     let signalled_at = Arc::clone(&signalled);
     let signal = async move {
-        shutdown_signal().await;
+        stop_asked.await;
         let _ = signalled_at.set(tokio::time::Instant::now());
         stopping.stop();
     };
@@ -514,40 +516,53 @@ fn reloader(running: Running) -> Reloader {
     })
 }
 
+/// Reloads at every SIGHUP. The handler is installed by the time this returns (not when the
+/// task first runs): the ready line is printed after it, and a SIGHUP before the handler's
+/// installation would end the process (the signal's default action).
 fn spawn_sighup_reload(reload: Reloader) {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hangups) = signal(SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP; reload with POST /v1/admin/reload");
             return;
         };
-        while hangups.recv().await.is_some() {
-            let _ = reload().await;
-        }
-    });
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                let _ = reload().await;
+            }
+        });
+    }
     #[cfg(not(unix))]
     drop(reload);
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves at the first SIGTERM or SIGINT (ctrl-c). The handlers are installed when this is
+/// called, before the ready line: a stop asked for as soon as the engine says it is ready is a
+/// graceful stop, not the signal's default action ending the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let terminate = async {
+    {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            let wait = |stream: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match stream {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(terminate) => {}
+                _ = wait(interrupt) => {}
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
