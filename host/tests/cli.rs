@@ -721,7 +721,7 @@ fn run_grants_outbound_http_by_its_flags() {
     let property = format!("WebhookUrl={url}");
     let component_path = component("webhook-notify");
     let context_path = context_file("webhook-notify", "failed.json");
-    let run = |flags: &[&str]| -> Value {
+    let call = |flags: &[&str]| -> Output {
         let mut args = vec![
             "run",
             &component_path,
@@ -729,10 +729,12 @@ fn run_grants_outbound_http_by_its_flags() {
             &context_path,
             "--property",
             &property,
-            "--json",
         ];
         args.extend_from_slice(flags);
-        let out = jobhook(&args);
+        jobhook(&args)
+    };
+    let run = |flags: &[&str]| -> Value {
+        let out = call(&[flags, &["--json"]].concat());
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}{}", text(&out.stdout), text(&out.stderr)))
     };
@@ -740,16 +742,7 @@ fn run_grants_outbound_http_by_its_flags() {
     let elsewhere = format!("http://127.0.0.1:{port}/other/");
 
     // A plain http prefix without --allow-private-http could never be called: refused at once.
-    let out = jobhook(&[
-        "run",
-        &component_path,
-        "--context",
-        &context_path,
-        "--property",
-        &property,
-        "--allow-http",
-        &granted,
-    ]);
+    let out = call(&["--allow-http", &granted]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
     assert!(
         text(&out.stderr).contains("plain http:// is allowed only with --allow-private-http"),
