@@ -414,6 +414,113 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
     );
 }
 
+/// Events a second of the burst that fills the disk and goes on while space is freed: with
+/// four handlers, enough claims and outcomes that the WAL takes freed space within a second
+/// when nothing stops it.
+const BURST_RATE: u32 = 200;
+
+/// How long the burst lasts: the disk fills in its first seconds and is freed at
+/// [`BURST_FREE_AT`], and it goes on for a few seconds after that, writing far less than the
+/// freed space holds.
+const BURST_SECONDS: f64 = 10.0;
+
+/// When, after the disk is found full, the filler is removed (the burst going on).
+const BURST_FREE_AT: Duration = Duration::from_secs(3);
+
+/// A burst that goes on while space is freed on a full disk does not fill it again with the
+/// store's own WAL: the writes wait until the WAL is copied and its space given back, then go
+/// on. Before, the first commits after the space returned took it for the WAL, no checkpoint
+/// ever found room again, and ingest answered 503 for good (seen 60 s after the burst ended).
+/// Every event answered 202, by the driver or here, is in the store and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn space_freed_during_a_burst_is_not_taken_back_by_the_stores_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let handlers = || {
+        (1..=4)
+            .map(|n| {
+                format!(
+                    "[[handlers]]\nname = \"log{n}\"\ncomponent = \"{log}\"\njob_types = [\"*\"]\n",
+                    log = guest("log-context").display()
+                )
+            })
+            .collect::<String>()
+    };
+    let Some(tmpfs) = config_on_tmpfs(dir.path(), TMPFS_SIZE, handlers) else {
+        return;
+    };
+    let engine = EngineProcess::start(engine_bin(), &tmpfs.config, &dir.path().join("engine.log"));
+    let client = reqwest::Client::new();
+    let filler = tmpfs.disk.join("filler");
+    fill_leaving(&filler, HEADROOM);
+    let record = dir.path().join("accepted.txt");
+    let driver = load_driver(&engine.url, &record, BURST_RATE, BURST_SECONDS);
+
+    // The burst meets the full disk.
+    let deadline = Instant::now() + Duration::from_secs_f64(BURST_SECONDS);
+    loop {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        match status {
+            503 => break,
+            202 => {}
+            other => panic!("ingest answered {other}: {body}"),
+        }
+        assert!(Instant::now() < deadline, "the disk never filled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(BURST_FREE_AT).await;
+    std::fs::remove_file(&filler).expect("remove the filler file");
+    let report = tokio::task::spawn_blocking(move || driver.join().expect("driver"))
+        .await
+        .expect("join");
+    assert!(
+        report.contains("\"accepted\""),
+        "the load driver failed: {report}"
+    );
+
+    // The burst is over; the freed space is far more than it wrote since: events are accepted.
+    let mut accepted = Vec::new();
+    for _ in 0..AFTER_RECOVERY {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        assert_eq!(
+            status,
+            202,
+            "{body} after the space was freed (driver: {report})\n{}",
+            engine.log_text()
+        );
+        accepted.push(event_id(&body));
+    }
+    for id in &accepted {
+        let event = settled(&client, &engine, id).await;
+        for n in 1..=4 {
+            assert_eq!(delivery(&event, &format!("log{n}"))["state"], "succeeded");
+        }
+    }
+    // Nothing the driver was told is kept was lost.
+    let recorded = std::fs::read_to_string(&record).expect("accepted ids");
+    let database = rusqlite::Connection::open_with_flags(
+        tmpfs.data.join("jobhook.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database");
+    let stored: std::collections::HashSet<String> = database
+        .prepare("SELECT id FROM events")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()
+        })
+        .expect("event ids");
+    drop(database);
+    let missing: Vec<&str> = recorded
+        .lines()
+        .filter(|id| !id.trim().is_empty() && !stored.contains(id.trim()))
+        .collect();
+    assert!(missing.is_empty(), "accepted but not stored: {missing:?}");
+    println!(
+        "driver: {report}; {} events accepted after the burst",
+        accepted.len()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL frozen
 // ---------------------------------------------------------------------------------------------
@@ -949,13 +1056,19 @@ fn engine_on_private_postgres() -> Option<(
     Some((db, dir, engine))
 }
 
-/// A load driver (`jobhook_dev::loadgen`) on a thread of its own, posting to `url` without
-/// resending and recording accepted event ids in `record`; joining it gives its report.
-fn load_driver(url: &str, record: &Path) -> std::thread::JoinHandle<String> {
+/// A load driver (`jobhook_dev::loadgen`) on a thread of its own, posting to `url` at `rate`
+/// events/s for `seconds` without resending and recording accepted event ids in `record`;
+/// joining it gives its report.
+fn load_driver(
+    url: &str,
+    record: &Path,
+    rate: u32,
+    seconds: f64,
+) -> std::thread::JoinHandle<String> {
     let options = jobhook_dev::loadgen::LoadOptions {
         url: url.to_owned(),
-        rate: PG_RATE,
-        duration: Duration::from_secs_f64(PG_SECONDS),
+        rate,
+        duration: Duration::from_secs_f64(seconds),
         token: None,
         record: Some(record.to_owned()),
         seed: 11,
@@ -982,7 +1095,7 @@ fn a_postgres_restart_under_load_is_refused_with_503_and_the_node_reconnects_by_
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let client = reqwest::Client::new();
     let record = dir.path().join("accepted.txt");
-    let driver = load_driver(&engine.url, &record);
+    let driver = load_driver(&engine.url, &record, PG_RATE, PG_SECONDS);
 
     std::thread::sleep(PG_STOP_AFTER);
     db.server().stop_fast().expect("stop PostgreSQL");

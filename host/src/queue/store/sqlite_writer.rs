@@ -52,10 +52,12 @@ const MAX_GROUP_COMMIT: usize = 512;
 /// three of three; dispatch with a backlog unchanged (docs/PERFORMANCE.md).
 const CHECKPOINT_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// How long the checkpointer waits after a checkpoint failed before it tries again: meanwhile
-/// the writer checkpoints by itself once the WAL reaches [`WRITER_CHECKPOINT_PAGES`], and a
-/// failure that repeats (a read-only file, a full disk) is not logged twenty times a second.
-const CHECKPOINT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+/// Least time between two warnings of failing checkpoints: a failure that repeats (a
+/// read-only file, a full disk) is logged once in this time, with how many there were, not a
+/// hundred times a second. The checkpointer itself keeps trying every [`CHECKPOINT_PERIOD`]:
+/// once space is freed on a full disk, the first checkpoint that fits must come before the
+/// writes that would take that space again.
+const CHECKPOINT_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The WAL size (pages) at which the writer checkpoints by itself, in case the checkpointer
 /// falls behind: ten times SQLite's default, so that in normal running the writer never stops
@@ -318,10 +320,14 @@ fn writer_stopped() -> StoreError {
 /// each (the durable ones through the syncer), and starts over; a write that must be alone gets
 /// a transaction of its own, in order.
 fn write_loop(
-    mut conn: Connection,
+    conn: Connection,
     receiver: &mpsc::Receiver<Box<dyn Job>>,
     syncer: &mpsc::Sender<Vec<Box<dyn Job>>>,
 ) {
+    let mut conn = WriteConnection {
+        conn,
+        reclaiming: false,
+    };
     while let Ok(first) = receiver.recv() {
         let mut waiting = vec![first];
         while waiting.len() < MAX_GROUP_COMMIT {
@@ -334,13 +340,13 @@ fn write_loop(
         let mut committed = Vec::new();
         for job in waiting {
             if job.grouping() == Grouping::Alone {
-                committed.extend(commit_group(&mut conn, std::mem::take(&mut group)));
-                committed.extend(commit_group(&mut conn, vec![job]));
+                committed.extend(conn.commit(std::mem::take(&mut group)));
+                committed.extend(conn.commit(vec![job]));
             } else {
                 group.push(job);
             }
         }
-        committed.extend(commit_group(&mut conn, group));
+        committed.extend(conn.commit(group));
         if committed.is_empty() {
             continue;
         }
@@ -353,26 +359,93 @@ fn write_loop(
     }
 }
 
-/// Commits `group` in one transaction, each write in its own savepoint, and answers each write
-/// that needs no sync; answers the committed durable ones, which the syncer answers once the
-/// WAL is synced.
-fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
-    if group.is_empty() {
-        return group;
-    }
-    let fail_all = |group: Vec<Box<dyn Job>>, e: &StoreError| {
-        for job in group {
-            job.answer(Some(e.for_each_call()));
+/// The writer's connection, and whether the disk ran out of space under it.
+struct WriteConnection {
+    conn: Connection,
+    /// Set when a write failed for want of disk space. The checkpoints have been failing too
+    /// (copying the WAL grows the database file), so every commit went into the WAL; once space
+    /// is freed, commits would go on filling it with the WAL, and no checkpoint would ever find
+    /// room again — the store stuck full with the space its own WAL holds. So, until a
+    /// checkpoint has copied the WAL and truncated it ([`reclaim_wal`]), no write is tried.
+    reclaiming: bool,
+}
+
+impl WriteConnection {
+    /// [`commit_group`], first giving the WAL's space back if a write ran out of space before.
+    fn commit(&mut self, group: Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
+        if group.is_empty() {
+            return group;
         }
-        Vec::new()
+        if self.reclaiming {
+            if let Err(e) = reclaim_wal(&self.conn) {
+                return fail_all(group, &e);
+            }
+            tracing::info!("the store's WAL is copied and its space given back; writing again");
+            self.reclaiming = false;
+        }
+        let (durable, out_of_space) = commit_group(&mut self.conn, group);
+        if out_of_space {
+            tracing::warn!(
+                "the store is out of disk space: no write is tried until its WAL has been copied \
+                 into the database file and its space given back (free space on the data \
+                 directory's file system)"
+            );
+        }
+        self.reclaiming = out_of_space;
+        durable
+    }
+}
+
+/// Copies the whole WAL into the database file and truncates the WAL to nothing (SQLite's
+/// `TRUNCATE` checkpoint), giving its space back to the file system. `DiskFull` until that is
+/// done: while there is no room for the database file to grow, or while another connection
+/// keeps the checkpoint from finishing (it is tried again before the next write).
+fn reclaim_wal(conn: &Connection) -> Result<(), StoreError> {
+    let waiting = |why: String| {
+        StoreError::DiskFull(format!(
+            "{why}; the store's WAL is being copied and its space given back after the disk \
+             ran out of space"
+        ))
     };
+    let busy: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+        .map_err(|e| match classify(&e) {
+            full @ StoreError::DiskFull(_) => full,
+            other => waiting(other.to_string()),
+        })?;
+    if busy != 0 {
+        return Err(waiting(
+            "another connection is still reading the WAL".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Answers every write of `group` with `e`.
+fn fail_all(group: Vec<Box<dyn Job>>, e: &StoreError) -> Vec<Box<dyn Job>> {
+    for job in group {
+        job.answer(Some(e.for_each_call()));
+    }
+    Vec::new()
+}
+
+/// Commits `group` in one transaction, each write in its own savepoint, and answers each write
+/// that needs no sync; returns the committed durable ones, which the syncer answers once the
+/// WAL is synced, and whether a write failed for want of disk space.
+fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> (Vec<Box<dyn Job>>, bool) {
+    let out_of_space = |e: &StoreError| matches!(e, StoreError::DiskFull(_));
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return fail_all(group, &classify(&e)),
+        Err(e) => {
+            let e = classify(&e);
+            return (fail_all(group, &e), out_of_space(&e));
+        }
     };
     let mut lost = None;
+    let mut full = false;
     for job in &mut group {
         let error = run_in_savepoint(&tx, job.as_mut());
+        full |= error.as_ref().is_some_and(out_of_space);
         // SQLite may answer some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, SQLITE_NOMEM)
         // by rolling back the whole transaction, not just the failed savepoint: then the
         // writes before this one are gone too, and the ones after it would commit each on its
@@ -387,10 +460,12 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> Vec<Box<
     }
     if let Some(e) = lost {
         drop(tx);
-        return fail_all(group, &e);
+        let full = out_of_space(&e);
+        return (fail_all(group, &e), full);
     }
     if let Err(e) = tx.commit() {
-        return fail_all(group, &classify(&e));
+        let e = classify(&e);
+        return (fail_all(group, &e), full || out_of_space(&e));
     }
     for job in &mut group {
         job.on_commit();
@@ -401,7 +476,7 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> Vec<Box<
     for job in answered {
         job.answer(None);
     }
-    durable
+    (durable, full)
 }
 
 /// Runs `job` in a savepoint of its own: kept when it succeeds, rolled back when it fails (its
@@ -429,15 +504,23 @@ fn run_in_savepoint(tx: &Connection, job: &mut dyn Job) -> Option<StoreError> {
 /// database file without waiting for anyone (a passive checkpoint: it never holds up the writer
 /// or a reader, and copies what it can). SQLite starts the WAL over once all of it is copied.
 fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
+    let mut failures = 0u64;
+    let mut warned: Option<std::time::Instant> = None;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_PERIOD) {
         let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        if let Err(e) = checkpointed {
-            tracing::warn!("cannot checkpoint the store's WAL (the writer will): {e}");
-            if !matches!(
-                stop.recv_timeout(CHECKPOINT_BACKOFF),
-                Err(mpsc::RecvTimeoutError::Timeout)
-            ) {
-                return;
+        match checkpointed {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if warned.is_none_or(|at| at.elapsed() >= CHECKPOINT_WARNING_INTERVAL) {
+                    tracing::warn!(
+                        failures,
+                        "cannot checkpoint the store's WAL (trying again every {} ms): {e}",
+                        CHECKPOINT_PERIOD.as_millis()
+                    );
+                    warned = Some(std::time::Instant::now());
+                    failures = 0;
+                }
             }
         }
     }
@@ -700,7 +783,7 @@ mod tests {
             .into_iter()
             .map(|v| job(Durability::Durable, insert(v)))
             .unzip();
-        for synced in commit_group(&mut conn, group) {
+        for synced in commit_group(&mut conn, group).0 {
             synced.answer(None);
         }
         let committed = conn
@@ -737,7 +820,11 @@ mod tests {
         let (first, a) = job(Durability::Normal, insert("a"));
         let (middle, m) = job(Durability::Normal, half_done);
         let (last, b) = job(Durability::Normal, insert("b"));
-        assert!(commit_group(&mut conn, vec![first, middle, last]).is_empty());
+        assert!(
+            commit_group(&mut conn, vec![first, middle, last])
+                .0
+                .is_empty()
+        );
         assert!(a.recv().unwrap().is_ok());
         assert!(m.recv().unwrap().is_err());
         assert!(b.recv().unwrap().is_ok());
