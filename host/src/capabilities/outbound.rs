@@ -254,6 +254,27 @@ pub async fn read_body(mut response: reqwest::Response, max: usize) -> Result<Ve
     Ok(body)
 }
 
+/// Longest cause of a failed call written to the engine's log, in bytes: the chain of a
+/// transport error is a few short messages; a server's text in it is cut here.
+const MAX_CAUSE_BYTES: usize = 512;
+
+/// Why a call failed, for the engine's log (the operator's, not the guest's): the error and
+/// every cause under it (`error sending request: client error (Connect): tcp connect error:
+/// Connection refused (os error 111)`), without the URL (a query or path may carry a token),
+/// escaped and cut to [`MAX_CAUSE_BYTES`].
+pub fn failure_cause(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let escaped = crate::escape::escape(&text).into_owned();
+    crate::outcome::truncate(escaped, MAX_CAUSE_BYTES)
+}
+
 /// Turns a transport error into what the guest is told: timeouts as `timeout`, everything else
 /// as `failed`, with `what` naming the destination in words (never a URL, which may carry a
 /// token in its path or query).
@@ -1053,6 +1074,26 @@ pub fn response_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the log says of a failed call names the cause under the client's own words, and
+    /// never the URL (whose query may hold a token).
+    #[tokio::test]
+    async fn a_failed_calls_cause_is_named_without_its_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("address").port();
+        drop(closed);
+        let e = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/path?token=s3cret-t0ken"))
+            .send()
+            .await
+            .expect_err("nothing listens there");
+        let cause = failure_cause(e);
+        assert!(cause.contains("Connection refused"), "{cause}");
+        assert!(
+            !cause.contains("s3cret") && !cause.contains("/path"),
+            "{cause}"
+        );
+    }
     use jobhook_testkit::tokens::access_token;
 
     #[test]

@@ -514,6 +514,9 @@ impl HttpClient {
             return Err(CapabilityError::NotAvailable(NOT_CONFIGURED.into()));
         };
 
+        // For the log, which names where a failed call went (never the path or query, which may
+        // carry a token).
+        let host = crate::escape::escape(url.host_str().unwrap_or_default()).into_owned();
         let mut builder = client
             .request(outbound::method(request.method), url)
             .headers(headers);
@@ -526,7 +529,8 @@ impl HttpClient {
                 return denied(refused.to_string());
             }
             let answer = outbound::transport_error(&e, WHAT);
-            tracing::debug!(error = %e.without_url(), "outbound HTTP call failed");
+            let cause = outbound::failure_cause(e);
+            tracing::warn!(host = %host, error = %cause, "outbound HTTP call failed");
             answer
         })?;
         let status = response.status().as_u16();
@@ -543,7 +547,12 @@ impl HttpClient {
                     self.max_response_bytes
                 )));
             }
-            Err(BodyError::Transport(e)) => return Err(outbound::transport_error(&e, WHAT)),
+            Err(BodyError::Transport(e)) => {
+                let answer = outbound::transport_error(&e, WHAT);
+                let cause = outbound::failure_cause(e);
+                tracing::warn!(host = %host, error = %cause, "outbound HTTP response broke off");
+                return Err(answer);
+            }
         };
         Ok(Response {
             status,

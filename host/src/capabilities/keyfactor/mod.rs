@@ -548,7 +548,8 @@ impl KeyfactorClient {
             }
             let response = builder.send().await.map_err(|e| {
                 let answer = outbound::transport_error(&e, WHAT);
-                tracing::warn!(path = %path, error = %e.without_url(), "Keyfactor API call failed");
+                let cause = outbound::failure_cause(e);
+                tracing::warn!(path = %path, error = %cause, "Keyfactor API call failed");
                 answer
             })?;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
@@ -590,7 +591,12 @@ impl KeyfactorClient {
                     self.max_response_bytes
                 )));
             }
-            Err(BodyError::Transport(e)) => return Err(outbound::transport_error(&e, WHAT)),
+            Err(BodyError::Transport(e)) => {
+                let answer = outbound::transport_error(&e, WHAT);
+                let cause = outbound::failure_cause(e);
+                tracing::warn!(path = %path, error = %cause, "Keyfactor API response broke off");
+                return Err(answer);
+            }
         };
         // The length the guest sees is that of what it gets, never the server's (which, after
         // a redaction, would tell how long the credential was).
