@@ -110,6 +110,8 @@ impl StoreError {
             StoreError::DiskFull(why) => StoreError::DiskFull(why.clone()),
             StoreError::Unreachable(why) => StoreError::Unreachable(why.clone()),
             StoreError::NoAnswer(why) => StoreError::NoAnswer(why.clone()),
+            // Said once: not "store database error: store database error: …".
+            StoreError::Database(why) => StoreError::Database(why.clone()),
             other => StoreError::Database(other.to_string()),
         }
     }
@@ -672,6 +674,25 @@ pub use crate::queue::delivery_state::after;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error repeated for each call it stopped says what it said once, with its kind's
+    /// words once (a database error was "store database error: store database error: …").
+    #[test]
+    fn an_error_repeated_for_each_call_reads_as_it_did_once() {
+        for error in [
+            StoreError::Database("disk I/O error".into()),
+            StoreError::DiskFull("database or disk is full".into()),
+            StoreError::Unreachable("connection refused".into()),
+            StoreError::NoAnswer("timed out".into()),
+        ] {
+            assert_eq!(error.for_each_call().to_string(), error.to_string());
+        }
+        let corrupt = StoreError::Corrupt("bad row".into());
+        assert_eq!(
+            corrupt.for_each_call().to_string(),
+            "store database error: stored data is unreadable: bad row"
+        );
+    }
 
     #[test]
     fn new_event_ids_sort_in_the_order_they_were_made() {
