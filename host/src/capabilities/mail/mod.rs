@@ -973,12 +973,19 @@ impl MailTransport {
                         RelayError::Smtp(e) => e,
                     };
                     tracing::warn!(relay = %relay, error = %e, "the mail relay did not take the message");
+                    let code = e.status().map(|c| format!(" ({c})")).unwrap_or_default();
                     if e.is_timeout() {
                         CapabilityError::Timeout("the mail relay did not answer in time".into())
                     } else if e.is_permanent() {
-                        let code = e.status().map(|c| format!(" ({c})")).unwrap_or_default();
                         CapabilityError::Failed(format!(
                             "the mail relay refused the message{code}"
+                        ))
+                    } else if e.is_transient() {
+                        // A 4xx (greylisting, a full queue, the relay shutting down): not a
+                        // refusal of this message for good, and not a relay that is down.
+                        CapabilityError::Failed(format!(
+                            "the mail relay deferred the message{code}: it was not sent; \
+                             a later attempt may be taken"
                         ))
                     } else {
                         CapabilityError::Failed(
@@ -1768,6 +1775,67 @@ mod tests {
                 "{stall}: {result:?}"
             );
             assert!(took < Duration::from_secs(3), "{stall}: {took:?}");
+            relay.abort();
+        }
+    }
+
+    /// A relay that answers 4xx — greylisting a recipient, a full queue at MAIL, shutting down
+    /// after the message — has deferred the message, not refused it for good nor been out of
+    /// reach: the handler is told so, with the code, and that a later attempt may be taken.
+    #[tokio::test]
+    async fn a_relay_that_defers_the_message_says_so_with_its_code() {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        for (defer_at, reply, code) in [
+            ("RCPT", "450 4.2.0 greylisted, try again later", "450"),
+            ("MAIL", "452 4.3.1 insufficient system storage", "452"),
+            (".", "421 4.3.2 shutting down", "421"),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let relay = tokio::spawn(async move {
+                let (s, _) = listener.accept().await.unwrap();
+                let (read, mut write) = s.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                let _ = write.write_all(b"220 relay.example ESMTP\r\n").await;
+                let mut in_data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = if in_data {
+                        if line != "." {
+                            continue;
+                        }
+                        in_data = false;
+                        "."
+                    } else {
+                        line.split([' ', ':']).next().unwrap_or_default()
+                    };
+                    let answer = match verb {
+                        v if v == defer_at => format!("{reply}\r\n"),
+                        "EHLO" => "250 relay.example\r\n".into(),
+                        "DATA" => {
+                            in_data = true;
+                            "354 go ahead\r\n".into()
+                        }
+                        "QUIT" => "221 bye\r\n".into(),
+                        _ => "250 ok\r\n".into(),
+                    };
+                    if write.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let smtp = SmtpConfig::new("127.0.0.1", port, SmtpTls::None);
+            let config = MailConfig::smtp("jobhook@example.com", smtp).unwrap();
+            let t = MailTransport::from_config(&config, Path::new("unused")).unwrap();
+            let grant = MailGrant::to(&["*"]).unwrap();
+            let result = t.send(&grant, message(&["a@example.com"])).await;
+            match &result {
+                Err(CapabilityError::Failed(m)) => assert!(
+                    m.starts_with(&format!("the mail relay deferred the message ({code})"))
+                        && m.contains("not sent"),
+                    "{defer_at}: {m}"
+                ),
+                other => panic!("{defer_at}: {other:?}"),
+            }
             relay.abort();
         }
     }
