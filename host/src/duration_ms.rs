@@ -29,6 +29,12 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     Ok(Duration::from_millis(ms))
 }
 
+/// [`deserialize`] for an `Option<Duration>` field (with `#[serde(default)]`): a setting whose
+/// absence means something of its own.
+pub fn deserialize_some<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize(d).map(Some)
+}
+
 /// Writes milliseconds with their fraction: what a measured duration is reported as.
 pub fn serialize_fractional<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1000.0)

@@ -1833,6 +1833,37 @@ backoff_ms = 100
             "{e}"
         );
         assert!(e.line.is_some(), "{e}");
+        // A long first wait written alone is what was meant: the cap nobody wrote follows it.
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}\n[handlers.retry]\nmax_attempts = 3\nbackoff_ms = 600000\n"
+            ))
+            .unwrap();
+        let retry = &c.handlers[0].retry;
+        assert_eq!(
+            (retry.backoff, retry.max_backoff),
+            (Duration::from_secs(600), Duration::from_secs(600))
+        );
+        let c = f
+            .parse(&format!("{MINIMAL}\n[handlers.retry]\nmax_attempts = 3\n"))
+            .unwrap();
+        assert_eq!(c.handlers[0].retry.max_backoff, Duration::from_secs(300));
+        let c = f
+            .parse(&format!(
+                "[quarantine]\ninitial_backoff_ms = 7200000\n{MINIMAL}"
+            ))
+            .unwrap();
+        assert_eq!(
+            (c.quarantine.initial_backoff, c.quarantine.max_backoff),
+            (Duration::from_secs(7200), Duration::from_secs(7200))
+        );
+        // Unknown keys are still refused, with their line.
+        let e = error(&format!(
+            "{MINIMAL}\n[handlers.retry]\nmax_attempts = 3\nmax_backof_ms = 10\n"
+        ));
+        assert!(e.message.contains("max_backof_ms"), "{e}");
+        assert!(e.line.is_some(), "{e}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub const DEFAULT_QUARANTINE_MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 /// `[quarantine]`: when a failing handler is set aside.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "WrittenQuarantineConfig")]
 pub struct QuarantineConfig {
     /// Consecutive failures that quarantine a handler (0 disables quarantine).
     pub after_failures: u32,
@@ -41,6 +41,44 @@ impl Default for QuarantineConfig {
             after_failures: DEFAULT_QUARANTINE_AFTER,
             initial_backoff: DEFAULT_QUARANTINE_BACKOFF,
             max_backoff: DEFAULT_QUARANTINE_MAX_BACKOFF,
+        }
+    }
+}
+
+/// `[quarantine]` as written. `max_backoff_ms` left out is [`DEFAULT_QUARANTINE_MAX_BACKOFF`],
+/// or `initial_backoff_ms` when that is longer: a long first quarantine written alone is what
+/// was meant, not a conflict with a cap nobody wrote (a written cap below it is still refused).
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WrittenQuarantineConfig {
+    after_failures: u32,
+    #[serde(rename = "initial_backoff_ms", with = "crate::duration_ms")]
+    initial_backoff: Duration,
+    #[serde(
+        rename = "max_backoff_ms",
+        deserialize_with = "crate::duration_ms::deserialize_some"
+    )]
+    max_backoff: Option<Duration>,
+}
+
+impl Default for WrittenQuarantineConfig {
+    fn default() -> Self {
+        WrittenQuarantineConfig {
+            after_failures: DEFAULT_QUARANTINE_AFTER,
+            initial_backoff: DEFAULT_QUARANTINE_BACKOFF,
+            max_backoff: None,
+        }
+    }
+}
+
+impl From<WrittenQuarantineConfig> for QuarantineConfig {
+    fn from(written: WrittenQuarantineConfig) -> Self {
+        QuarantineConfig {
+            after_failures: written.after_failures,
+            initial_backoff: written.initial_backoff,
+            max_backoff: written
+                .max_backoff
+                .unwrap_or(DEFAULT_QUARANTINE_MAX_BACKOFF.max(written.initial_backoff)),
         }
     }
 }
