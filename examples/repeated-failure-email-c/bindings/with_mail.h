@@ -28,9 +28,10 @@ typedef struct jobhook_handler_types_datetime_t {
 // Mirrors Keyfactor's `OrchestratorJobStatusJobResult`.
 // Wire numbers: unknown = 0, in-process = 1, success = 2, warning = 3, failure = 4.
 // Any other number arrives as `unknown`.
-// Unconfirmed: 0, 2, 3 and 4 are documented for JobHistory's `Result`; no public source
-// shows that the .NET enum has an in-process member (1 is the agent wire protocol's
-// "in process" status), so a context may never carry it.
+// 0, 2, 3 and 4 are documented for JobHistory's `Result`; Keyfactor's Python client,
+// generated from Command's API description, declares that `Result` as the numbers 0 to 4,
+// so the enum has a member 1. Its name ("in process", the agent wire protocol's status 1)
+// is unconfirmed, and a context may never carry it.
 typedef uint8_t jobhook_handler_types_job_result_t;
 
 #define JOBHOOK_HANDLER_TYPES_JOB_RESULT_UNKNOWN 0
