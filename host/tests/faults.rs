@@ -287,6 +287,48 @@ fn fill_leaving(path: &Path, headroom: u64) {
         .expect("shorten the filler file");
 }
 
+/// An engine whose SQLite store is on a [`TMPFS_SIZE`] tmpfs, with `handlers` (TOML), and the
+/// filler file that fills the disk but for [`HEADROOM`]. Fields drop in order: the engine is
+/// killed before the tmpfs is unmounted.
+struct NearlyFullDisk {
+    engine: EngineProcess,
+    filler: PathBuf,
+    tmpfs: OnTmpfs,
+}
+
+/// Starts a [`NearlyFullDisk`] in `dir`; `None` when no tmpfs can be mounted (skipped, see
+/// [`Tmpfs::mount_or_skip`]).
+fn engine_on_a_nearly_full_disk(
+    dir: &Path,
+    handlers: impl FnOnce() -> String,
+) -> Option<NearlyFullDisk> {
+    let tmpfs = config_on_tmpfs(dir, TMPFS_SIZE, handlers)?;
+    let engine = EngineProcess::start(engine_bin(), &tmpfs.config, &dir.join("engine.log"));
+    let filler = tmpfs.disk.join("filler");
+    fill_leaving(&filler, HEADROOM);
+    Some(NearlyFullDisk {
+        engine,
+        filler,
+        tmpfs,
+    })
+}
+
+/// The ids of the events the SQLite store in `data` holds, read on a connection of its own.
+fn stored_event_ids(data: &Path) -> Vec<String> {
+    let database = rusqlite::Connection::open_with_flags(
+        data.join("jobhook.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the database");
+    database
+        .prepare("SELECT id FROM events")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()
+        })
+        .expect("event ids")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -296,15 +338,11 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
             log = guest("log-context").display()
         )
     };
-    let Some(tmpfs) = config_on_tmpfs(dir.path(), TMPFS_SIZE, handlers) else {
+    let Some(disk) = engine_on_a_nearly_full_disk(dir.path(), handlers) else {
         return;
     };
-    // Declared after the tmpfs: dropped (killed) before it is unmounted.
-    let engine = EngineProcess::start(engine_bin(), &tmpfs.config, &dir.path().join("engine.log"));
+    let (engine, filler) = (&disk.engine, &disk.filler);
     let client = reqwest::Client::new();
-
-    let filler = tmpfs.disk.join("filler");
-    fill_leaving(&filler, HEADROOM);
 
     // Post until the store runs out of space.
     let mut accepted = Vec::new();
@@ -364,7 +402,7 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
     );
 
     // Space returns: the next event is accepted, without a restart.
-    std::fs::remove_file(&filler).expect("remove the filler file");
+    std::fs::remove_file(filler).expect("remove the filler file");
     let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
     assert_eq!(status, 202, "{body}\n{}", engine.log_text());
     accepted.push(event_id(&body));
@@ -376,7 +414,7 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
 
     // Every event that got a 202 is delivered, once.
     for id in &accepted {
-        let event = settled(&client, &engine, id).await;
+        let event = settled(&client, engine, id).await;
         let log = delivery(&event, "log");
         assert_eq!(log["state"], "succeeded", "{log:#}");
         let attempts = log["attempts"].as_array().expect("attempts");
@@ -387,19 +425,7 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
         );
     }
     // ... and the store holds exactly those events: none that was answered 503.
-    let database = rusqlite::Connection::open_with_flags(
-        tmpfs.data.join("jobhook.sqlite"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open the database");
-    let mut stored: Vec<String> = database
-        .prepare("SELECT id FROM events")
-        .and_then(|mut s| {
-            s.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<Result<_, _>>()
-        })
-        .expect("event ids");
-    drop(database);
+    let mut stored = stored_event_ids(&disk.tmpfs.data);
     stored.sort();
     let mut answered = accepted.clone();
     answered.sort();
@@ -445,13 +471,11 @@ async fn space_freed_during_a_burst_is_not_taken_back_by_the_stores_wal() {
             })
             .collect::<String>()
     };
-    let Some(tmpfs) = config_on_tmpfs(dir.path(), TMPFS_SIZE, handlers) else {
+    let Some(disk) = engine_on_a_nearly_full_disk(dir.path(), handlers) else {
         return;
     };
-    let engine = EngineProcess::start(engine_bin(), &tmpfs.config, &dir.path().join("engine.log"));
+    let (engine, filler) = (&disk.engine, &disk.filler);
     let client = reqwest::Client::new();
-    let filler = tmpfs.disk.join("filler");
-    fill_leaving(&filler, HEADROOM);
     let record = dir.path().join("accepted.txt");
     let driver = load_driver(&engine.url, &record, BURST_RATE, BURST_SECONDS);
 
@@ -468,7 +492,7 @@ async fn space_freed_during_a_burst_is_not_taken_back_by_the_stores_wal() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(BURST_FREE_AT).await;
-    std::fs::remove_file(&filler).expect("remove the filler file");
+    std::fs::remove_file(filler).expect("remove the filler file");
     let report = tokio::task::spawn_blocking(move || driver.join().expect("driver"))
         .await
         .expect("join");
@@ -490,26 +514,15 @@ async fn space_freed_during_a_burst_is_not_taken_back_by_the_stores_wal() {
         accepted.push(event_id(&body));
     }
     for id in &accepted {
-        let event = settled(&client, &engine, id).await;
+        let event = settled(&client, engine, id).await;
         for n in 1..=4 {
             assert_eq!(delivery(&event, &format!("log{n}"))["state"], "succeeded");
         }
     }
     // Nothing the driver was told is kept was lost.
     let recorded = std::fs::read_to_string(&record).expect("accepted ids");
-    let database = rusqlite::Connection::open_with_flags(
-        tmpfs.data.join("jobhook.sqlite"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open the database");
-    let stored: std::collections::HashSet<String> = database
-        .prepare("SELECT id FROM events")
-        .and_then(|mut s| {
-            s.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<Result<_, _>>()
-        })
-        .expect("event ids");
-    drop(database);
+    let stored: std::collections::HashSet<String> =
+        stored_event_ids(&disk.tmpfs.data).into_iter().collect();
     let missing: Vec<&str> = recorded
         .lines()
         .filter(|id| !id.trim().is_empty() && !stored.contains(id.trim()))
