@@ -2027,7 +2027,7 @@ identity = "writer"
         // A plain http prefix every call under which would be refused: named, with its line.
         for (grant, says) in [
             (
-                "urls = [\"http://hooks.example.com/\"]\nallow_private = true",
+                "urls = [\"http://10.0.0.5/hooks/\"]\nallow_private = true",
                 "plain http:// is allowed only to a loopback host",
             ),
             (

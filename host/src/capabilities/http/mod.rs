@@ -242,9 +242,10 @@ impl UrlPrefix {
                 "must not have a query or fragment (any query is allowed under a prefix)",
             ));
         }
-        // Every call to a plain http URL elsewhere is refused; a prefix naming one could never
-        // be used.
-        if url.scheme() == "http" && !loopback_host(&url) {
+        // Every call to a plain http URL elsewhere is refused; a prefix naming an address that
+        // is not loopback could never be used. A name is judged by what it resolves to, at the
+        // call (an /etc/hosts alias of 127.0.0.1 is loopback).
+        if url.scheme() == "http" && !may_be_loopback(&url) {
             return Err(error(
                 "plain http:// is allowed only to a loopback host (127.0.0.1, [::1], localhost); \
                  use https://",
@@ -273,18 +274,17 @@ impl UrlPrefix {
     }
 }
 
-/// Whether `url`'s host is a loopback address or `localhost` (and names under it, RFC 6761),
-/// the only hosts plain http may reach.
-fn loopback_host(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(name)) => {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost" || name.ends_with(".localhost")
-        }
-        None => false,
-    }
+/// Whether `url`'s host may be loopback, the only destination plain http may reach: an address
+/// the call's own check classes as loopback ([`address::classify`]: `::ffff:127.0.0.1` too), or
+/// a name (resolved, and judged, at the call).
+fn may_be_loopback(url: &Url) -> bool {
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+        Some(url::Host::Domain(_)) => return true,
+        None => return false,
+    };
+    address::classify(ip) == address::AddressClass::Loopback
 }
 
 impl std::fmt::Display for UrlPrefix {
@@ -673,22 +673,26 @@ mod tests {
     #[test]
     fn plain_http_prefixes_that_could_never_be_used_are_refused() {
         for bad in [
-            "http://example.com/",
             "http://10.0.0.1/hooks",
+            "http://192.168.1.20:8080/",
             "http://[fe80::1]/",
-            "http://localhost.example.com/",
-            "http://2130706433.example/",
+            "http://[::ffff:10.0.0.1]/",
+            "http://8.8.8.8/",
         ] {
             let e = UrlPrefix::parse(bad).unwrap_err().to_string();
             assert!(e.contains("only to a loopback host"), "{bad}: {e}");
         }
+        // Loopback addresses in any spelling the call's check accepts, and names, which are
+        // judged by what they resolve to at the call (an /etc/hosts alias may be loopback).
         for good in [
             "http://127.0.0.1:8080/hooks",
             "http://127.1.2.3/",
+            "http://2130706433/",
             "http://[::1]/",
+            "http://[::ffff:127.0.0.1]/",
             "http://localhost/",
-            "http://LOCALHOST./x",
-            "http://receiver.localhost/",
+            "http://receiver:8080/",
+            "http://hooks.example.com/",
         ] {
             assert!(UrlPrefix::parse(good).is_ok(), "{good}");
         }
