@@ -366,7 +366,8 @@ struct WriteConnection {
     /// (copying the WAL grows the database file), so every commit went into the WAL; once space
     /// is freed, commits would go on filling it with the WAL, and no checkpoint would ever find
     /// room again — the store stuck full with the space its own WAL holds. So, until a
-    /// checkpoint has copied the WAL and truncated it ([`reclaim_wal`]), no write is tried.
+    /// checkpoint has copied the whole WAL into the database file ([`reclaim_wal`]), no write is
+    /// tried.
     reclaiming: bool,
 }
 
@@ -377,18 +378,23 @@ impl WriteConnection {
             return group;
         }
         if self.reclaiming {
-            if let Err(e) = reclaim_wal(&self.conn) {
-                return fail_all(group, &e);
+            match reclaim_wal(&self.conn) {
+                Err(full @ StoreError::DiskFull(_)) => return fail_all(group, &full),
+                Ok(()) => {
+                    tracing::info!(
+                        "the store's WAL is copied into the database file; writing again"
+                    );
+                }
+                // Not this condition: the writes say for themselves what is wrong.
+                Err(_) => {}
             }
-            tracing::info!("the store's WAL is copied and its space given back; writing again");
             self.reclaiming = false;
         }
         let (durable, out_of_space) = commit_group(&mut self.conn, group);
         if out_of_space {
             tracing::warn!(
                 "the store is out of disk space: no write is tried until its WAL has been copied \
-                 into the database file and its space given back (free space on the data \
-                 directory's file system)"
+                 into the database file (free space on the data directory's file system)"
             );
         }
         self.reclaiming = out_of_space;
@@ -396,29 +402,14 @@ impl WriteConnection {
     }
 }
 
-/// Copies the whole WAL into the database file and truncates the WAL to nothing (SQLite's
-/// `TRUNCATE` checkpoint), giving its space back to the file system. `DiskFull` until that is
-/// done: while there is no room for the database file to grow, or while another connection
-/// keeps the checkpoint from finishing (it is tried again before the next write).
+/// Copies what the WAL holds into the database file: a passive checkpoint, which waits for no
+/// reader and never holds up the writer. `DiskFull` while there is no room yet for the database
+/// file to grow (tried again before the next write); once it succeeds, the database file holds
+/// the WAL's pages (all of them, or all a reader still on the WAL lets it copy: that reader is
+/// not held against the writes), and the next commits start the WAL over instead of growing it.
 fn reclaim_wal(conn: &Connection) -> Result<(), StoreError> {
-    let waiting = |why: String| {
-        StoreError::DiskFull(format!(
-            "{why}; the store's WAL is being copied and its space given back after the disk \
-             ran out of space"
-        ))
-    };
-    let busy: i64 = conn
-        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
-        .map_err(|e| match classify(&e) {
-            full @ StoreError::DiskFull(_) => full,
-            other => waiting(other.to_string()),
-        })?;
-    if busy != 0 {
-        return Err(waiting(
-            "another connection is still reading the WAL".into(),
-        ));
-    }
-    Ok(())
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .map_err(|e| classify(&e))
 }
 
 /// Answers every write of `group` with `e`.
