@@ -30,8 +30,8 @@
 //! - `MinRetries` (optional, default 0): act only once `CurrentRetryCount` has reached it.
 
 use jobhook_sdk::job_history::{
-    self, RESULT_FAILURE, RESULT_WARNING, STATUS_COMPLETED, STATUS_COMPLETED_WILL_RETRY,
-    STATUS_IN_PROCESS, STATUS_WAITING,
+    self, RESULT_FAILURE, RESULT_WARNING, STATUS_ACKNOWLEDGED, STATUS_COMPLETED,
+    STATUS_COMPLETED_WILL_RETRY, STATUS_IN_PROCESS,
 };
 use jobhook_sdk::serde_json::{Value, json};
 use jobhook_sdk::{
@@ -142,11 +142,19 @@ pub fn classify(rows: &[Value], ctx: &Context, results: &[i64]) -> Runs {
         }
         let result = row.get("Result").and_then(job_history::result_code);
         let status = row.get("Status").and_then(job_history::status_code);
-        if status == Some(STATUS_WAITING) {
-            continue;
-        }
-        let newest_started = !newest_started_seen;
-        newest_started_seen = true;
+        // Only a run known to have started can be the one that just ended: not a waiting one,
+        // nor one whose status is unknown or unreadable.
+        let started = matches!(
+            status,
+            Some(
+                STATUS_IN_PROCESS
+                    | STATUS_COMPLETED
+                    | STATUS_ACKNOWLEDGED
+                    | STATUS_COMPLETED_WILL_RETRY
+            )
+        );
+        let newest_started = started && !newest_started_seen;
+        newest_started_seen |= started;
         match status {
             Some(STATUS_IN_PROCESS) if newest_started => runs.newest_in_process = Some(id),
             Some(STATUS_COMPLETED | STATUS_COMPLETED_WILL_RETRY)
@@ -361,6 +369,21 @@ mod tests {
         );
     }
 
+    /// A row whose status is unknown or unreadable is no started run: the run in process
+    /// behind it is still the newest started one.
+    #[test]
+    fn a_row_of_unknown_status_does_not_hide_the_run_in_process() {
+        let rows = json!([
+            {"JobHistoryId": 2182, "JobId": JOB, "Result": 0, "Status": 0},
+            {"JobHistoryId": 2181, "JobId": JOB, "Result": 0, "Status": "Bogus"},
+            {"JobHistoryId": 2180, "JobId": JOB, "Result": 0, "Status": "InProcess"},
+            {"JobHistoryId": 2179, "JobId": JOB, "Result": 4, "Status": 3}
+        ]);
+        let runs = classify(rows.as_array().unwrap(), &failed(), &[RESULT_FAILURE]);
+        assert_eq!(runs.newest_in_process, Some(2180));
+        assert_eq!(runs.eligible, vec![2179]);
+    }
+
     /// A recurring job's next run waiting to start, and an old run an orchestrator never
     /// finished, are not the run that just ended: they do not fail the delivery (which would
     /// fail at every retry, for good).
@@ -371,6 +394,7 @@ mod tests {
             {"JobHistoryId": 2179, "JobId": JOB, "Result": 4, "Status": "Completed"},
             {"JobHistoryId": 2150, "JobId": JOB, "Result": 0, "Status": "InProcess"}
         ]);
+        // (And a row of unknown status before the run in process does not hide it: below.)
         let host = MockHost::new()
             .keyfactor_json(200, rows)
             .keyfactor_response(204, "")
