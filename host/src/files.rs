@@ -36,6 +36,13 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
+/// The user id the engine runs as (effective): whom its files should belong to.
+#[cfg(unix)]
+pub fn engine_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// The mode [`create_private_dir`] makes directories with: their owner only.
 #[cfg(unix)]
 pub const PRIVATE_DIR_MODE: u32 = 0o700;

@@ -226,23 +226,53 @@ impl fmt::Debug for Secret {
 pub const EXPOSING_MODE_BITS: u32 = 0o026;
 
 /// What to tell the operator when the secret file at `path` (links followed, as it is read) may
-/// be read by every user or changed by others than its owner: a warning, not a refusal — the
-/// operator may have meant it, and the value is already where they can reach it. `None` when
-/// the mode exposes nothing or the file cannot be looked at (reading it says why).
+/// be read by every user or changed by someone other than the engine's user and root: by its
+/// mode, by its owner (another user can change their own file, whatever its mode), or by its
+/// directory (one others may write, without the sticky bit, lets them replace it). A warning,
+/// not a refusal — the operator may have meant it, and the value is already where they can
+/// reach it. `None` when nothing is exposed or the file cannot be looked at (reading it says
+/// why).
 #[cfg(unix)]
 pub fn file_exposure(path: &Path) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    let who = match (mode & 0o004 != 0, mode & 0o022 != 0) {
-        (true, true) => "every user can read it and others than its owner can change it",
-        (true, false) => "every user can read it",
-        (false, true) => "others than its owner can change it",
-        (false, false) => return None,
-    };
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.permissions().mode() & 0o777;
+    let mut problems = Vec::new();
+    if mode & 0o004 != 0 {
+        problems.push(format!("its mode {mode:03o} lets every user read it"));
+    }
+    if mode & 0o022 != 0 {
+        problems.push(format!(
+            "its mode {mode:03o} lets others than its owner change it"
+        ));
+    }
+    let owner = meta.uid();
+    if owner != crate::files::engine_uid() && owner != 0 {
+        problems.push(format!(
+            "it belongs to uid {owner}, not the engine's user, and its owner can change it"
+        ));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent
+        && let Ok(dir) = std::fs::metadata(parent)
+    {
+        let dir_mode = dir.permissions().mode();
+        if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0 {
+            problems.push(format!(
+                "its directory {} (mode {:03o}) lets others replace it",
+                parent.display(),
+                dir_mode & 0o777
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return None;
+    }
     Some(format!(
-        "the secret file {} has mode {mode:03o}: {who}; `chmod 600` it (or 640, for a group \
-         the engine's user is in)",
-        path.display()
+        "the secret file {}: {}; make it the engine's user's (or root's), `chmod 600` it (or \
+         640, for a group the engine's user is in), in a directory only they may write",
+        path.display(),
+        problems.join("; ")
     ))
 }
 

@@ -1133,9 +1133,10 @@ fn check_warns_of_a_cache_dir_serve_could_not_use() {
     assert!(!stderr.contains("may write in"), "{stderr}");
 }
 
-/// A secret file every user may read, or others than its owner may change, is a warning of
-/// `check`: one per file, naming every setting that reads it and the mode. Modes 600 and 640
-/// (a group the engine's user is in) are not.
+/// A secret file every user may read, or someone other than the engine's user and root may
+/// change (by its mode, its owner or its directory), is a warning of `check`: one per file,
+/// naming every setting that reads it and why. Modes 600 and 640 (a group the engine's user is
+/// in), in a directory only its owner writes or one with the sticky bit, are not.
 #[test]
 fn check_warns_of_secret_files_other_users_can_read_or_change() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -1144,42 +1145,75 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
         "[server]\ntokens = [{{ file = \"token\" }}]\nadmin_tokens = [{{ file = \"admin\" }}]\n\n\
          [[handlers]]\nname = \"mailer\"\ncomponent = {component:?}\njob_types = [\"*\"]\n\
          properties = {{ Password = {{ file = \"shared\" }}, Again = {{ file = \"shared\" }}, \
-         Key = {{ env = \"PATH\" }} }}\n"
+         Key = {{ env = \"PATH\" }}, Other = {{ file = \"open/other\" }}, \
+         Owned = {{ file = \"owned\" }} }}\n"
     ));
+    let chmod = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
     let file = |name: &str, mode: u32| {
         let path = dir.path().join(name);
-        std::fs::write(&path, format!("{name}-t0ken\n")).expect("write");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::fs::write(&path, format!("{}-t0ken\n", name.replace('/', "-"))).expect("write");
+        chmod(&path, mode);
         path.display().to_string()
     };
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    chmod(&open, 0o777);
     let token = file("token", 0o644);
     let admin = file("admin", 0o620);
     let shared = file("shared", 0o666);
+    let other = file("open/other", 0o600);
+    let owned = file("owned", 0o600);
+    // Another user's file: only root can give one away (the CI runs as root).
+    let given_away = std::os::unix::fs::chown(&owned, Some(1000), None).is_ok();
     let out = jobhook(&["check", "--config", &config]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    for warning in [
+    let mut warnings = vec![
         format!(
-            "warning: server.tokens: the secret file {token} has mode 644: every user can read \
-             it; `chmod 600` it"
+            "warning: server.tokens: the secret file {token}: its mode 644 lets every user read \
+             it; make it the engine's user's"
         ),
         format!(
-            "warning: server.admin_tokens: the secret file {admin} has mode 620: others than its \
-             owner can change it;"
+            "warning: server.admin_tokens: the secret file {admin}: its mode 620 lets others than \
+             its owner change it;"
         ),
         format!(
             "warning: handlers.mailer.properties.Again, handlers.mailer.properties.Password: the \
-             secret file {shared} has mode 666: every user can read it and others than its owner \
-             can change it;"
+             secret file {shared}: its mode 666 lets every user read it; its mode 666 lets others \
+             than its owner change it;"
         ),
-    ] {
-        assert!(stderr.contains(&warning), "{warning}\n{stderr}");
+        format!(
+            "warning: handlers.mailer.properties.Other: the secret file {other}: its directory \
+             {} (mode 777) lets others replace it;",
+            open.display()
+        ),
+    ];
+    if given_away {
+        warnings.push(format!(
+            "warning: handlers.mailer.properties.Owned: the secret file {owned}: it belongs to \
+             uid 1000, not the engine's user, and its owner can change it;"
+        ));
+    } else {
+        println!("not root: the other user's file is not checked");
+    }
+    for warning in &warnings {
+        assert!(stderr.contains(warning), "{warning}\n{stderr}");
     }
     assert_eq!(stderr.matches(&shared).count(), 1, "{stderr}");
-    assert_eq!(stderr.matches("warning").count(), 3, "{stderr}");
+    assert_eq!(
+        stderr.matches("warning").count(),
+        warnings.len(),
+        "{stderr}"
+    );
     file("token", 0o600);
     file("admin", 0o640);
     file("shared", 0o400);
+    chmod(&open, 0o1777);
+    if given_away {
+        std::os::unix::fs::chown(&owned, Some(0), None).expect("chown back");
+    }
     let out = jobhook(&["check", "--config", &config]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -1316,9 +1350,9 @@ fn run_names_its_flags_when_a_service_cannot_be_built() {
             "--mail-outbox ",
         ),
         (
-            &["--allow-http", "http://hooks.example.com/"][..],
+            &["--allow-http", "http://10.0.0.5/hooks/"][..],
             false,
-            "--allow-http: URL prefix \"http://hooks.example.com/\": plain http:// is allowed only to a \
+            "--allow-http: URL prefix \"http://10.0.0.5/hooks/\": plain http:// is allowed only to a \
              loopback host",
         ),
         (

@@ -752,7 +752,7 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
         "{report}"
     );
     let warned = format!(
-        "server.admin_tokens: the secret file {} has mode 644: every user can read it",
+        "server.admin_tokens: the secret file {}: its mode 644 lets every user read it",
         dir.join("admin").display()
     );
     let deadline = Instant::now() + Duration::from_secs(10);

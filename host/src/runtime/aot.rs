@@ -422,8 +422,7 @@ pub(crate) fn check_private(dir: &Path) -> Result<(), AotError> {
                 "its mode {mode:03o} lets other users write it"
             )));
         }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let me = crate::files::engine_uid();
         if meta.uid() != me {
             return Err(not_private(format!(
                 "it is owned by uid {}, the engine runs as uid {me}",

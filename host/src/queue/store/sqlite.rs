@@ -614,8 +614,7 @@ fn open_pid_file(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
     #[cfg(unix)]
     let ours = {
         use std::os::unix::fs::MetadataExt as _;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        meta.nlink() == 1 && meta.uid() == unsafe { libc::geteuid() }
+        meta.nlink() == 1 && meta.uid() == crate::files::engine_uid()
     };
     #[cfg(not(unix))]
     let ours = true;
