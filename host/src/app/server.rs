@@ -537,9 +537,10 @@ fn spawn_sighup_reload(reload: Reloader) {
     drop(reload);
 }
 
-/// Resolves at the first SIGTERM or SIGINT (ctrl-c). The handlers are installed when this is
-/// called, before the ready line: a stop asked for as soon as the engine says it is ready is a
-/// graceful stop, not the signal's default action ending the process.
+/// Resolves at the first SIGTERM or SIGINT (ctrl-c). On Unix the handlers are installed when
+/// this is called, before the ready line: a stop asked for as soon as the engine says it is
+/// ready is a graceful stop, not the signal's default action ending the process. (Elsewhere,
+/// ctrl-c's handler is installed when the future is first polled.)
 fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
     {
