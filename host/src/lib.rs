@@ -40,6 +40,7 @@ pub mod capabilities;
 pub mod caught;
 pub mod context;
 pub mod duration_ms;
+pub mod error_chain;
 pub mod escape;
 pub mod files;
 pub mod limits;

@@ -20,18 +20,7 @@ pub struct StdoutClosed;
 /// out a cause whose text the message already holds: an error that quotes its cause in its own
 /// text and also names it as its source would otherwise be read two or three times over.
 pub fn error_text(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let part = cause.to_string();
-        if text.contains(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
+    crate::error_chain::chain_text(error.as_ref())
 }
 
 /// Writes `text` to stdout. A reader that has gone is a [`StdoutClosed`] error (the command

@@ -263,15 +263,12 @@ const MAX_CAUSE_BYTES: usize = 512;
 /// Connection refused (os error 111)`), without the URL (a query or path may carry a token),
 /// escaped and cut to [`MAX_CAUSE_BYTES`].
 pub fn failure_cause(error: reqwest::Error) -> String {
-    let error = error.without_url();
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    let escaped = crate::escape::escape(&text).into_owned();
+    cause_line(&error.without_url())
+}
+
+/// `error`'s chain as one log-safe line: escaped, at most [`MAX_CAUSE_BYTES`] (and the mark).
+fn cause_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let escaped = crate::escape::escape(&crate::error_chain::chain_text(error)).into_owned();
     crate::outcome::truncate(escaped, MAX_CAUSE_BYTES)
 }
 
@@ -1074,6 +1071,20 @@ pub fn response_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cause carrying a server's text is escaped and cut to its limit before it is logged.
+    #[test]
+    fn a_causes_line_is_escaped_and_bounded() {
+        let hostile = std::io::Error::other(format!("bad\x1b]0;owned\x07{}", "x".repeat(5000)));
+        let line = cause_line(&hostile);
+        assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line:?}");
+        assert!(
+            line.len() <= MAX_CAUSE_BYTES + crate::outcome::TRUNCATED_MARK.len(),
+            "{}",
+            line.len()
+        );
+        assert!(line.ends_with(crate::outcome::TRUNCATED_MARK), "{line}");
+    }
 
     /// What the log says of a failed call names the cause under the client's own words, and
     /// never the URL (whose query may hold a token).
