@@ -43,6 +43,11 @@ pub fn engine_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Permission bits that let someone other than the owner change a file or a directory's
+/// contents (group and others' write).
+#[cfg(unix)]
+pub const FOREIGN_WRITE_BITS: u32 = 0o022;
+
 /// The mode [`create_private_dir`] makes directories with: their owner only.
 #[cfg(unix)]
 pub const PRIVATE_DIR_MODE: u32 = 0o700;

@@ -218,12 +218,17 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Mode bits that make a secret file worth a warning: every user may read it (`0o004`), or users
-/// other than its owner may change it (`0o022`) and so choose the value jobhook uses — for a
-/// bearer token, who gets in. Group read is not among them: a file of mode `0640` in a group
-/// the engine's user belongs to is the usual way of handing a service its secret.
+/// The mode bit that lets every user read a file. Group read is not warned of: a file of mode
+/// `0640` in a group the engine's user belongs to is the usual way of handing a service its
+/// secret. (Others' write, [`crate::files::FOREIGN_WRITE_BITS`], lets them choose the value
+/// jobhook uses — for a bearer token, who gets in.)
 #[cfg(unix)]
-pub const EXPOSING_MODE_BITS: u32 = 0o026;
+const EVERYONE_READ_BIT: u32 = 0o004;
+
+/// The sticky bit: in a directory others may write, it keeps them from replacing files they do
+/// not own.
+#[cfg(unix)]
+const STICKY_BIT: u32 = 0o1000;
 
 /// What to tell the operator when the secret file at `path` (links followed, as it is read) may
 /// be read by every user or changed by someone other than the engine's user and root: by its
@@ -234,14 +239,15 @@ pub const EXPOSING_MODE_BITS: u32 = 0o026;
 /// why).
 #[cfg(unix)]
 pub fn file_exposure(path: &Path) -> Option<String> {
+    use crate::files::FOREIGN_WRITE_BITS;
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(path).ok()?;
     let mode = meta.permissions().mode() & 0o777;
     let mut problems = Vec::new();
-    if mode & 0o004 != 0 {
+    if mode & EVERYONE_READ_BIT != 0 {
         problems.push(format!("its mode {mode:03o} lets every user read it"));
     }
-    if mode & 0o022 != 0 {
+    if mode & FOREIGN_WRITE_BITS != 0 {
         problems.push(format!(
             "its mode {mode:03o} lets others than its owner change it"
         ));
@@ -252,15 +258,29 @@ pub fn file_exposure(path: &Path) -> Option<String> {
             "it belongs to uid {owner}, not the engine's user, and its owner can change it"
         ));
     }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(parent) = parent
-        && let Ok(dir) = std::fs::metadata(parent)
+    // The directory of the path as written and, through a symbolic link, of the file read: in
+    // either, whoever may write the directory may replace what is read.
+    let written = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let resolved = std::fs::canonicalize(path).ok();
+    let target = resolved.as_deref().and_then(Path::parent);
+    let mut directories: Vec<&Path> = written.into_iter().collect();
+    if let Some(target) = target
+        && written
+            .and_then(|w| std::fs::canonicalize(w).ok())
+            .as_deref()
+            != Some(target)
     {
-        let dir_mode = dir.permissions().mode();
-        if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0 {
+        directories.push(target);
+    }
+    for dir in directories {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        let dir_mode = meta.permissions().mode();
+        if dir_mode & FOREIGN_WRITE_BITS != 0 && dir_mode & STICKY_BIT == 0 {
             problems.push(format!(
                 "its directory {} (mode {:03o}) lets others replace it",
-                parent.display(),
+                dir.display(),
                 dir_mode & 0o777
             ));
         }

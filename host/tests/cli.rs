@@ -1146,7 +1146,7 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
          [[handlers]]\nname = \"mailer\"\ncomponent = {component:?}\njob_types = [\"*\"]\n\
          properties = {{ Password = {{ file = \"shared\" }}, Again = {{ file = \"shared\" }}, \
          Key = {{ env = \"PATH\" }}, Other = {{ file = \"open/other\" }}, \
-         Owned = {{ file = \"owned\" }} }}\n"
+         Owned = {{ file = \"owned\" }}, Linked = {{ file = \"linked\" }} }}\n"
     ));
     let chmod = |path: &std::path::Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -1165,6 +1165,11 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
     let shared = file("shared", 0o666);
     let other = file("open/other", 0o600);
     let owned = file("owned", 0o600);
+    // A link in a private directory to a file in one others may write: the file read can be
+    // replaced there.
+    file("open/link-target", 0o600);
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(open.join("link-target"), &linked).expect("symlink");
     // Another user's file: only root can give one away (the CI runs as root).
     let given_away = std::os::unix::fs::chown(&owned, Some(1000), None).is_ok();
     let out = jobhook(&["check", "--config", &config]);
@@ -1188,6 +1193,12 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
             "warning: handlers.mailer.properties.Other: the secret file {other}: its directory \
              {} (mode 777) lets others replace it;",
             open.display()
+        ),
+        format!(
+            "warning: handlers.mailer.properties.Linked: the secret file {}: its directory {} \
+             (mode 777) lets others replace it;",
+            linked.display(),
+            std::fs::canonicalize(&open).expect("canonical").display()
         ),
     ];
     if given_away {

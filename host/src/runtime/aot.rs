@@ -49,9 +49,8 @@ const MAX_SEAL_BYTES: u64 = 1024;
 /// practice (the full digest is still checked in every seal).
 const ENGINE_DIR_HEX: usize = 32;
 
-/// Permission bits that let someone other than the owner change the directory's contents.
 #[cfg(unix)]
-const FOREIGN_WRITE_BITS: u32 = 0o022;
+use crate::files::FOREIGN_WRITE_BITS;
 
 /// Why a cache directory cannot be used.
 #[derive(Debug, thiserror::Error)]
