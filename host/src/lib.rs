@@ -44,6 +44,8 @@ pub mod error_chain;
 pub mod escape;
 pub mod files;
 pub mod limits;
+#[cfg(test)]
+pub(crate) mod log_capture;
 pub mod metrics;
 pub mod outcome;
 pub mod queue;

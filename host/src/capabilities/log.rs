@@ -122,20 +122,7 @@ mod tests {
         LogCollector::new("t".into(), &limits)
     }
 
-    /// What a `tracing` subscriber writes, kept for the test to read.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::log_capture::Captured;
 
     #[test]
     fn the_engine_log_shows_escaped_exactly_the_levels_its_filter_allows_and_the_outcome_keeps_all()
@@ -168,7 +155,7 @@ mod tests {
                     );
                 }
             });
-            let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            let log = captured.text();
             assert!(
                 !log.contains('\u{1b}'),
                 "{filter}: a raw escape byte:\n{log}"

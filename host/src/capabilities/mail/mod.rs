@@ -1969,18 +1969,7 @@ mod tests {
 
     /// What the engine logs at warn and above while `f` runs on this thread.
     async fn logged<F: std::future::Future>(f: F) -> (F::Output, String) {
-        #[derive(Clone, Default)]
-        struct Kept(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Kept {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let kept = Kept::default();
+        let kept = crate::log_capture::Captured::default();
         let writer = kept.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::WARN)
@@ -1990,7 +1979,7 @@ mod tests {
         let guard = tracing::subscriber::set_default(subscriber);
         let out = f.await;
         drop(guard);
-        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        let text = kept.text();
         (out, text)
     }
 

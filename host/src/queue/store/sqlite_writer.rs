@@ -736,20 +736,38 @@ mod tests {
         );
         let (stop, stopped) = mpsc::channel();
         let (ended, end) = mpsc::channel();
+        let log = crate::log_capture::Captured::default();
+        let kept = log.clone();
         std::thread::spawn(move || {
-            checkpoint_loop(&read_only, &stopped);
+            // Its warnings, on this thread, kept for the count below.
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || kept.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                checkpoint_loop(&read_only, &stopped);
+            });
             let _ = ended.send(());
         });
-        // Past its first failure and into its back-off, it has not given up...
-        std::thread::sleep(CHECKPOINT_PERIOD * 3);
+        // Many failures later (one every CHECKPOINT_PERIOD), it has not given up...
+        std::thread::sleep(CHECKPOINT_PERIOD * 30);
         assert!(
             end.try_recv().is_err(),
             "the checkpointer ended after a failure"
         );
-        // ...and the writer's end stops it without waiting out the back-off.
+        // ...and the writer's end stops it at once.
         drop(stop);
         end.recv_timeout(CHECKPOINT_PERIOD * 5)
             .expect("the checkpointer outlived its writer");
+        // Well within CHECKPOINT_WARNING_INTERVAL: one warning for all those failures.
+        assert!(CHECKPOINT_PERIOD * 35 < CHECKPOINT_WARNING_INTERVAL);
+        let text = log.text();
+        assert_eq!(
+            text.matches("cannot checkpoint the store's WAL").count(),
+            1,
+            "{text}"
+        );
     }
 
     fn insert(v: &'static str) -> impl FnOnce(&Connection) -> Result<(), StoreError> {
