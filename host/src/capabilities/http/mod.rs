@@ -678,6 +678,9 @@ mod tests {
             "http://[fe80::1]/",
             "http://[::ffff:10.0.0.1]/",
             "http://8.8.8.8/",
+            "http://0.0.0.0/",
+            "http://[::]/",
+            "http://[fd00::1]/",
         ] {
             let e = UrlPrefix::parse(bad).unwrap_err().to_string();
             assert!(e.contains("only to a loopback host"), "{bad}: {e}");
@@ -688,7 +691,9 @@ mod tests {
             "http://127.0.0.1:8080/hooks",
             "http://127.1.2.3/",
             "http://2130706433/",
+            "http://0x7f.0.0.1/",
             "http://[::1]/",
+            "http://[0:0:0:0:0:0:0:1]/",
             "http://[::ffff:127.0.0.1]/",
             "http://localhost/",
             "http://receiver:8080/",
