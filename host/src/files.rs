@@ -43,10 +43,22 @@ pub fn engine_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The group id the engine runs as (effective).
+#[cfg(unix)]
+pub fn engine_gid() -> u32 {
+    // SAFETY: getegid has no preconditions and cannot fail.
+    unsafe { libc::getegid() }
+}
+
 /// Permission bits that let someone other than the owner change a file or a directory's
 /// contents (group and others' write).
 #[cfg(unix)]
 pub const FOREIGN_WRITE_BITS: u32 = 0o022;
+
+/// The sticky bit: in a directory with it, only an entry's owner (or the directory's, or root)
+/// may rename or remove the entry, whoever else may write the directory (`/tmp`).
+#[cfg(unix)]
+pub const STICKY_BIT: u32 = 0o1000;
 
 /// The mode [`create_private_dir`] makes directories with: their owner only.
 #[cfg(unix)]

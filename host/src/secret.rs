@@ -225,11 +225,6 @@ impl fmt::Debug for Secret {
 #[cfg(unix)]
 const EVERYONE_READ_BIT: u32 = 0o004;
 
-/// The sticky bit: in a directory others may write, it keeps them from replacing files they do
-/// not own.
-#[cfg(unix)]
-const STICKY_BIT: u32 = 0o1000;
-
 /// What to tell the operator when the secret file at `path` (links followed, as it is read) may
 /// be read by every user or changed by someone other than the engine's user and root: by its
 /// mode, by its owner (another user can change their own file, whatever its mode), or by its
@@ -239,7 +234,7 @@ const STICKY_BIT: u32 = 0o1000;
 /// why).
 #[cfg(unix)]
 pub fn file_exposure(path: &Path) -> Option<String> {
-    use crate::files::FOREIGN_WRITE_BITS;
+    use crate::files::{FOREIGN_WRITE_BITS, STICKY_BIT};
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(path).ok()?;
     let mode = meta.permissions().mode() & 0o777;

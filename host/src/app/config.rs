@@ -739,7 +739,8 @@ impl Config {
 
     /// What `serve` would meet at `[engine] cache_dir` when it is not a directory this process
     /// may write in or create, or one it would not trust (a symbolic link, another user's, one
-    /// others may write: [`crate::runtime::aot::check_private`]): a warning for `check`, not an
+    /// others may write, or below a directory another user could swap it through:
+    /// [`crate::runtime::aot::check_trusted`]): a warning for `check`, not an
     /// error, since the cache is an optimisation and `serve` runs without it (saying so in its
     /// log).
     pub fn cache_dir_warning(&self) -> Option<String> {
@@ -755,7 +756,7 @@ impl Config {
             ),
             Ok(()) => {
                 std::fs::symlink_metadata(dir).ok()?;
-                let untrusted = crate::runtime::aot::check_private(dir).err()?;
+                let untrusted = crate::runtime::aot::check_trusted(dir).err()?;
                 format!("[engine] cache_dir: {consequence}: {untrusted}")
             }
         }))

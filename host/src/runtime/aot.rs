@@ -6,7 +6,11 @@
 //!
 //! - **Who writes it.** Only jobhook writes the cache, into a directory it creates with mode
 //!   `0700`. [`AotCache::open`] refuses a directory that is a symlink, that another user owns
-//!   or that its group or other users may write; the engine then runs without a cache.
+//!   or that its group or other users may write, and one below a directory through which
+//!   another user could swap it for their own (one they own, or one they may write without
+//!   the sticky bit); the engine then runs without a cache. The check is made again before
+//!   every load, and the cache is used by its resolved path, so a symbolic link on the way
+//!   that changes later is not followed again.
 //! - **What an entry is for.** An entry is keyed by the SHA-256 of the component's bytes *and*
 //!   a SHA-256 digest of the engine's [`precompile_compatibility_hash`] (wasmtime version, target,
 //!   every code-generation setting). Entries of another engine configuration live in another
@@ -50,7 +54,14 @@ const MAX_SEAL_BYTES: u64 = 1024;
 const ENGINE_DIR_HEX: usize = 32;
 
 #[cfg(unix)]
-use crate::files::FOREIGN_WRITE_BITS;
+use crate::files::{FOREIGN_WRITE_BITS, STICKY_BIT};
+
+/// Write permission of a directory's group, and of everyone else (the two halves of
+/// [`FOREIGN_WRITE_BITS`]).
+#[cfg(unix)]
+const GROUP_WRITE_BIT: u32 = 0o020;
+#[cfg(unix)]
+const OTHERS_WRITE_BIT: u32 = 0o002;
 
 /// Why a cache directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +103,8 @@ pub enum CacheOutcome {
 /// An AOT cache directory for one engine configuration.
 #[derive(Debug, Clone)]
 pub struct AotCache {
+    /// The cache's root as resolved when it was opened (no symbolic link in it).
+    root: PathBuf,
     /// `<root>/<LAYOUT>-<engine digest prefix>`: entries of this engine configuration only.
     dir: PathBuf,
     /// Hex SHA-256 of the engine's compatibility hash.
@@ -100,20 +113,25 @@ pub struct AotCache {
 
 impl AotCache {
     /// Opens (creating if needed, mode `0700`) the cache under `root` for `engine`, and checks
-    /// that only this user can change it.
+    /// that only this user can change it (see [`check_trusted`]).
     pub fn open(root: &Path, engine: &wasmtime::Engine) -> Result<Self, AotError> {
         let engine_digest = engine_digest(engine);
         let prefix = engine_digest
             .get(..ENGINE_DIR_HEX)
             .unwrap_or(&engine_digest);
-        let dir = root.join(format!("{LAYOUT}-{prefix}"));
-        crate::files::create_private_dir(&dir).map_err(|e| AotError::Io {
-            path: dir.clone(),
+        let entries = format!("{LAYOUT}-{prefix}");
+        crate::files::create_private_dir(&root.join(&entries)).map_err(|e| AotError::Io {
+            path: root.join(&entries),
             message: format!("cannot create the directory: {e}"),
         })?;
-        check_private(root)?;
+        let root = check_trusted(root)?;
+        let dir = root.join(entries);
         check_private(&dir)?;
-        Ok(AotCache { dir, engine_digest })
+        Ok(AotCache {
+            root,
+            dir,
+            engine_digest,
+        })
     }
 
     /// The directory holding this engine configuration's entries.
@@ -131,6 +149,15 @@ impl AotCache {
         engine: &wasmtime::Engine,
         wasm: &[u8],
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
+        // Trusted when opened; a directory on the way may have been opened to others since.
+        if let Err(e) = check_trusted(&self.root).and_then(|_| check_private(&self.dir)) {
+            tracing::warn!("compiling without the AOT cache: {e}");
+            let compiled = engine.precompile_component(wasm)?;
+            return Ok((
+                deserialize_own(engine, &compiled)?,
+                CacheOutcome::Rejected(e.to_string()),
+            ));
+        }
         let key = hex(&Sha256::digest(wasm));
         let (artifact, seal) = self.paths(&key);
         let outcome = match self.verified(&key, &artifact, &seal) {
@@ -395,6 +422,49 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()
     result
 }
 
+/// Checks that only this user can change what the cache directory `root` holds: `root` itself
+/// (see [`check_private`]) and every directory above its resolved path, none of which may
+/// let another user rename what it holds — one they own, or one other users or another group
+/// may write without the sticky bit (a directory the engine's own group may write, as with a
+/// user's private group and `umask 002`, is left to that group). Root-owned directories are
+/// trusted (`/`, `/var`,
+/// `/tmp` with its sticky bit). `check` asks it too, to warn of a cache `serve` would run
+/// without. Returns the resolved path, which the cache then uses.
+pub(crate) fn check_trusted(root: &Path) -> Result<PathBuf, AotError> {
+    check_private(root)?;
+    let resolved = std::fs::canonicalize(root).map_err(|e| AotError::Io {
+        path: root.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    #[cfg(unix)]
+    for above in resolved.ancestors().skip(1) {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(above).map_err(|e| AotError::Io {
+            path: above.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mode = meta.mode();
+        let owner = meta.uid();
+        let others_write = mode & OTHERS_WRITE_BIT != 0;
+        let group_write = mode & GROUP_WRITE_BIT != 0 && meta.gid() != crate::files::engine_gid();
+        let why = if (others_write || group_write) && mode & STICKY_BIT == 0 {
+            format!("its mode {:03o} lets other users write it", mode & 0o777)
+        } else if owner != crate::files::engine_uid() && owner != 0 {
+            format!("it is owned by uid {owner}")
+        } else {
+            continue;
+        };
+        return Err(AotError::NotPrivate {
+            path: root.to_path_buf(),
+            why: format!(
+                "the directory above it, {}, could let another user swap it ({why})",
+                above.display()
+            ),
+        });
+    }
+    Ok(resolved)
+}
+
 /// Refuses a directory that is a symlink, or that someone other than this user owns or may
 /// write: compiled code from it would be trusted. `check` asks it too, to warn of a cache
 /// `serve` would run without.
@@ -619,6 +689,66 @@ mod tests {
         let engine = engine();
         let err = AotCache::open(&root, engine.wasmtime()).unwrap_err();
         assert!(matches!(err, AotError::NotPrivate { .. }), "{err}");
+    }
+
+    /// A cache in a private directory below one others may write (without the sticky bit) or
+    /// one another group may write could be renamed away and replaced by a forged one: refused,
+    /// naming the directory above. A sticky one (`/tmp`) and one only the engine's own group
+    /// may write are trusted.
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_below_a_directory_others_could_swap_it_through_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let root = shared.join("cache");
+        let engine = engine();
+        for (mode, refused) in [
+            (0o777, true),
+            (0o757, true),
+            (0o1777, false),
+            (0o775, false),
+            (0o755, false),
+        ] {
+            std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+            let opened = AotCache::open(&root, engine.wasmtime());
+            assert_eq!(opened.is_err(), refused, "mode {mode:o}: {opened:?}");
+            if let Err(e) = opened {
+                assert!(matches!(e, AotError::NotPrivate { .. }), "{e}");
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("{}", shared.display())) && text.contains("swap"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    /// A directory above a cache that was private when it was opened and is opened to others
+    /// later: components are compiled, never read from or written to the cache.
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_opened_to_others_later_is_no_longer_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let engine = engine();
+        let cache = AotCache::open(&shared.join("cache"), engine.wasmtime()).unwrap();
+        let wasm = wat::parse_str(COMPONENT).unwrap();
+        let (_, first) = cache.load_or_compile(engine.wasmtime(), &wasm).unwrap();
+        assert_eq!(first, CacheOutcome::Miss);
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (component, outcome) = cache.load_or_compile(engine.wasmtime(), &wasm).unwrap();
+        assert!(
+            matches!(&outcome, CacheOutcome::Rejected(why) if why.contains("swap")),
+            "{outcome:?}"
+        );
+        assert_eq!(call_f(engine.wasmtime(), &component), 42);
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let (_, again) = cache.load_or_compile(engine.wasmtime(), &wasm).unwrap();
+        assert_eq!(again, CacheOutcome::Hit);
     }
 
     #[test]
