@@ -1032,3 +1032,172 @@ async fn a_job_running_below_an_older_jobhooks_cursor_becomes_an_event_when_it_f
     assert_eq!(poll_all(&poller).await, 0);
     assert_eq!(stored_results(&f), ["Failure", "Success"]);
 }
+
+/// A Keyfactor API that is not Command: every `GET …/OrchestratorJobs/JobHistory` is answered
+/// by `answer` from its decoded `pq.queryString` (empty when absent), `GET …/Agents` with no
+/// orchestrators. Its base URL, and how many JobHistory requests it has answered.
+async fn unlike_command(
+    answer: impl Fn(&str) -> (u16, String) + Send + Sync + 'static,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::extract::{Query, State};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    type Answer = Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>;
+    let requests = Arc::new(AtomicUsize::new(0));
+    let answer: Answer = Arc::new(answer);
+    let app = axum::Router::new()
+        .route(
+            "/KeyfactorAPI/OrchestratorJobs/JobHistory",
+            axum::routing::get(
+                |State((answer, requests)): State<(Answer, Arc<AtomicUsize>)>,
+                 Query(query): Query<BTreeMap<String, String>>| async move {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let (status, body) =
+                        answer(query.get("pq.queryString").map_or("", String::as_str));
+                    (
+                        axum::http::StatusCode::from_u16(status).expect("status"),
+                        [("content-type", "application/json")],
+                        body,
+                    )
+                },
+            ),
+        )
+        .route(
+            "/KeyfactorAPI/Agents",
+            axum::routing::get(|| async { ([("content-type", "application/json")], "[]") }),
+        )
+        .with_state((answer, Arc::clone(&requests)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/KeyfactorAPI/"), requests)
+}
+
+fn client_of(base_url: String, password_file: &Path) -> Arc<KeyfactorClient> {
+    std::fs::write(password_file, "pw").expect("write password");
+    let auth = AuthConfig::Basic {
+        username: "KFTRAIN\\svc".into(),
+        password: SecretRef::File(password_file.to_path_buf()),
+    };
+    Arc::new(KeyfactorClient::from_config(&KeyfactorConfig::new(base_url, auth)).expect("client"))
+}
+
+/// What the poller logs while the returned guard lives (this thread's subscriber).
+fn captured_log() -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    #[derive(Clone)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Sink(Arc::clone(&buffer));
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || sink.clone())
+        .finish();
+    (buffer, tracing::subscriber::set_default(subscriber))
+}
+
+fn lines_with(log: &std::sync::Mutex<Vec<u8>>, text: &str) -> usize {
+    String::from_utf8_lossy(&log.lock().expect("log buffer"))
+        .lines()
+        .filter(|line| line.contains(text))
+        .count()
+}
+
+/// A server that ignores `pq.returnLimit` and sends thousands of rows without ids on every
+/// page: each page is read to the page size only, and the log gets one line for each kind of
+/// trouble however often it recurs, not one per row (a hostile server once made a poller write
+/// a gigabyte of warnings in 20 seconds).
+#[tokio::test]
+async fn a_server_sending_more_rows_than_asked_and_rows_without_ids_costs_bounded_log() {
+    let f = Fixture::new().await;
+    let now = Utc::now();
+    let mut rows: Vec<Value> = (0..4_000).map(|_| json!({})).collect();
+    rows.extend((1..=1_000).map(|id| {
+        let mut row = row(id, "Completed", "Success", now - Age::minutes(1));
+        row["JobId"] = Value::Null;
+        row
+    }));
+    let page = Value::Array(rows).to_string();
+    let (url, requests) = unlike_command(move |_| (200, page.clone())).await;
+    let poller = f.poller(client_of(url, &f.dir.path().join("pw")), config(10, true));
+    let (log, _guard) = captured_log();
+    for _ in 0..3 {
+        let report = poller.poll_once().await.expect("poll");
+        assert_eq!(report.events, 0);
+    }
+    let pages = requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(pages >= 3, "{pages} pages read");
+    assert_eq!(lines_with(&log, "more rows than asked"), 1);
+    assert_eq!(lines_with(&log, "without a JobHistoryId"), 1);
+    assert_eq!(
+        lines_with(&log, "WARN"),
+        2,
+        "{:?}",
+        log.lock().expect("log")
+    );
+    assert_eq!(f.events(), 0);
+}
+
+/// One job whose earlier-runs lookup keeps failing: the polls fail (a passing error gets the
+/// whole context at the next poll) only until `LOOKUP_FAILURES_TOLERATED` polls in a row have;
+/// then every job becomes an event, that one with what its own row tells.
+#[tokio::test]
+async fn a_lookup_that_keeps_failing_for_one_job_holds_the_others_back_only_a_few_polls() {
+    use jobhook::sources::poller::LOOKUP_FAILURES_TOLERATED;
+    let f = Fixture::new().await;
+    let now = Utc::now();
+    let rows: Vec<Value> = (1..=3)
+        .map(|id| row(id, "Completed", "Failure", now - Age::minutes(5 - id)))
+        .collect();
+    let failing_job = rows[1]["JobId"].as_str().expect("job id").to_owned();
+    let page = Value::Array(rows).to_string();
+    let (url, _) = unlike_command(move |query| {
+        if query.contains(&format!("JobId -eq \"{failing_job}\"")) {
+            (503, "busy".into())
+        } else if query.contains("JobId -eq") {
+            (200, "[]".into())
+        } else {
+            (200, page.clone())
+        }
+    })
+    .await;
+    let poller = f.poller(client_of(url, &f.dir.path().join("pw")), config(10, true));
+    let (log, _guard) = captured_log();
+    for _ in 0..LOOKUP_FAILURES_TOLERATED {
+        let error = poller.poll_once().await.expect_err("the lookup failed");
+        assert!(error.to_string().contains("503"), "{error}");
+        assert_eq!(f.events(), 0);
+    }
+    assert_eq!(poll_all(&poller).await, 3);
+    assert_eq!(f.events(), 3);
+    assert_eq!(lines_with(&log, "cannot read the job's earlier runs"), 1);
+    assert_eq!(poll_all(&poller).await, 0);
+}
+
+/// A page larger than the client may read: the error says what to change, in words.
+#[tokio::test]
+async fn a_page_over_the_response_limit_says_which_setting_to_change() {
+    let f = Fixture::new().await;
+    let huge = format!("[\"{}\"]", "x".repeat(5 * 1024 * 1024));
+    let (url, _) = unlike_command(move |_| (200, huge.clone())).await;
+    let poller = f.poller(client_of(url, &f.dir.path().join("pw")), config(10, true));
+    let error = poller.poll_once().await.expect_err("too large").to_string();
+    assert!(
+        error.contains("[poller] page_size") && error.contains("max_response_bytes"),
+        "{error}"
+    );
+    assert!(!error.contains("LimitExceeded("), "{error}");
+}

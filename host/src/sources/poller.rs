@@ -37,6 +37,7 @@
 //! goes with the event for `delivery.message` ([`message_of`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::bindings::jobhook::handler::keyfactor::Request;
+use crate::bindings::types::CapabilityError;
 use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::{JobContext, JobResult, OperationType, parse_guid, parse_timestamp};
@@ -87,9 +89,18 @@ pub const CLOCK_SLACK: chrono::Duration = chrono::Duration::minutes(1);
 /// rows are still read.
 pub const LATE_NOTICE: chrono::Duration = chrono::Duration::minutes(5);
 
-/// Least time between two warnings of one kind about rows' starts (ahead of the clock, late):
-/// one wrong clock would otherwise warn on every job; the warning says how many it stood for.
+/// Least time between two warnings of one kind about rows (a start ahead of the clock or late,
+/// a row skipped, a page longer than asked for): one wrong clock, or a server that sends
+/// malformed rows on every poll, would otherwise write a line per row, millions of them; the
+/// warning says how many it stood for.
 const NOTICE_EVERY: Duration = Duration::from_secs(600);
+
+/// Polls in a row that may fail on a job's earlier-runs lookup (`CurrentRetryCount`,
+/// `RequestTimestamp`) before the poller stops waiting for it: a passing error leaves the poll
+/// to the next one, which gets the whole context; a lookup that keeps failing for one job
+/// would otherwise hold back every job after it for good. From then on such a job becomes an
+/// event with what its own row tells (`CurrentRetryCount` 0), and the log says so.
+pub const LOOKUP_FAILURES_TOLERATED: u32 = 3;
 
 /// Most `JobHistoryId`s the cursor remembers. A site finishing more jobs than this within
 /// [`OVERLAP`] (over 16 jobs a second) would make the cursor document large; beyond it the
@@ -495,7 +506,17 @@ impl Cursor {
     /// with its own start however far ahead, and so kept for as long as the query can return
     /// the row (for 9999-12-31, for good). A row without a start, or one before 1970, which
     /// later queries do not return, is remembered as of `now` and does not move the position.
+    /// Pruned at once (see [`prune`](Self::prune)); the poller records a page's rows with
+    /// [`record_unpruned`](Self::record_unpruned) and prunes after the page.
+    #[cfg(test)]
     fn record(&mut self, id: i64, start: Option<DateTime<Utc>>, now: DateTime<Utc>) {
+        self.record_unpruned(id, start, now);
+        self.prune();
+    }
+
+    /// [`record`](Self::record) without the pruning, which walks every remembered id: a page
+    /// records its rows and prunes once ([`Poller::events_from`]).
+    fn record_unpruned(&mut self, id: i64, start: Option<DateTime<Utc>>, now: DateTime<Utc>) {
         let now = whole_second(now);
         match start.filter(|s| *s >= DateTime::UNIX_EPOCH) {
             Some(start) => {
@@ -512,7 +533,6 @@ impl Cursor {
             }
         }
         self.unfinished.remove(&id);
-        self.prune();
     }
 
     /// Forgets ids older than the overlap window, and the oldest beyond [`MAX_SEEN`].
@@ -559,6 +579,18 @@ impl Notice {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.quiet))
+    }
+}
+
+/// What a failed Keyfactor call says, in words (the generated type's `Display` is its `Debug`).
+fn capability_error_text(e: &CapabilityError) -> String {
+    match e {
+        CapabilityError::NotGranted(why) => format!("not granted: {why}"),
+        CapabilityError::NotAvailable(why) => format!("not available: {why}"),
+        CapabilityError::Denied(why) => format!("refused: {why}"),
+        CapabilityError::LimitExceeded(why) => format!("over a limit: {why}"),
+        CapabilityError::Timeout(why) => format!("no answer in time: {why}"),
+        CapabilityError::Failed(why) => format!("failed: {why}"),
     }
 }
 
@@ -618,6 +650,29 @@ pub struct Poller {
     ahead: Mutex<Notice>,
     /// Rows handled long after later ones ([`LATE_NOTICE`]).
     late: Mutex<Notice>,
+    /// Rows passed over, and pages longer than asked for.
+    skips: SkipNotices,
+    /// Polls in a row that failed on an earlier-runs lookup ([`LOOKUP_FAILURES_TOLERATED`]).
+    failed_lookups: AtomicU32,
+}
+
+/// One [`Notice`] for each kind of row the poller passes over, so that one kind does not hide
+/// another.
+#[derive(Debug, Default)]
+struct SkipNotices {
+    long_page: Mutex<Notice>,
+    no_id: Mutex<Notice>,
+    no_job_id: Mutex<Notice>,
+    no_start: Mutex<Notice>,
+    stale: Mutex<Notice>,
+    refused: Mutex<Notice>,
+    lookup: Mutex<Notice>,
+}
+
+/// Whether a warning of `notice`'s kind is due now; if so, how many went unreported since the
+/// last (a poisoned lock warns every time rather than never).
+fn due(notice: &Mutex<Notice>) -> Option<u64> {
+    notice.lock().map_or(Some(0), |mut n| n.due(Instant::now()))
 }
 
 impl Poller {
@@ -641,6 +696,8 @@ impl Poller {
             agents: Mutex::new(AgentCache::default()),
             ahead: Mutex::new(Notice::default()),
             late: Mutex::new(Notice::default()),
+            skips: SkipNotices::default(),
+            failed_lookups: AtomicU32::new(0),
         })
     }
 
@@ -723,7 +780,14 @@ impl Poller {
                 },
             )
             .await
-            .map_err(|e| PollError::Call(format!("{path}: {e:?}")))?;
+            .map_err(|e| {
+                let hint = if matches!(e, CapabilityError::LimitExceeded(_)) {
+                    " (lower [poller] page_size, or raise [keyfactor] max_response_bytes)"
+                } else {
+                    ""
+                };
+                PollError::Call(format!("{path}: {}{hint}", capability_error_text(&e)))
+            })?;
         if !(200..300).contains(&response.status) {
             return Err(PollError::Status {
                 path: path.to_owned(),
@@ -758,7 +822,24 @@ impl Poller {
             ("pq.returnLimit".into(), self.config.page_size.to_string()),
             ("pq.pageReturned".into(), page.to_string()),
         ]);
-        self.get(query).await
+        let mut rows = self.get(query).await?;
+        // A server that ignores `pq.returnLimit` (not Command) would make one poll's work, and
+        // its lookups, as large as it likes: the rows past the page are not read.
+        let page_size = self.config.page_size as usize;
+        if rows.len() > page_size {
+            if let Some(quiet) = due(&self.skips.long_page) {
+                tracing::warn!(
+                    rows = rows.len(),
+                    asked_for = page_size,
+                    more_since_last_warning = quiet,
+                    "the Keyfactor API answered a JobHistory page with more rows than asked \
+                     for; the rows past the page are not read (is [keyfactor] url Command's \
+                     API?)"
+                );
+            }
+            rows.truncate(page_size);
+        }
+        Ok(rows)
     }
 
     /// One poll: reads the rows from the cursor on and commits the finished jobs with the new
@@ -867,17 +948,27 @@ impl Poller {
             }
         }
         let mut complete = Vec::with_capacity(events.len());
+        let patient = self.failed_lookups.load(Ordering::Relaxed) < LOOKUP_FAILURES_TOLERATED;
         for pending in events {
-            let event = self.complete(pending).await?;
+            let event = match self.complete(pending, patient).await {
+                Ok(event) => event,
+                Err(e) => {
+                    self.failed_lookups.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
             // What ingest refuses is not let in by the poller either: the context goes through
             // the same decoder as a posted one, so every rule ingest has (lengths today, any
             // added later) holds for polled events too. The row is handled.
             if let Err(e) = JobContext::from_json_value(&event.context.to_json()) {
-                tracing::warn!(
-                    job_id = %event.context.job_id,
-                    "a JobHistory row gives a context the engine does not accept ({e}); the job \
-                     is skipped"
-                );
+                if let Some(quiet) = due(&self.skips.refused) {
+                    tracing::warn!(
+                        job_id = %event.context.job_id,
+                        more_since_last_warning = quiet,
+                        "a JobHistory row gives a context the engine does not accept ({e}); the \
+                         job is skipped"
+                    );
+                }
                 continue;
             }
             complete.push(event);
@@ -886,6 +977,7 @@ impl Poller {
         if cursor != before {
             self.commit(complete, &cursor).await?;
         }
+        self.failed_lookups.store(0, Ordering::Relaxed);
         Ok(PollReport {
             events: count,
             more: more && cursor != before,
@@ -894,8 +986,21 @@ impl Poller {
     }
 
     /// Adds the events for `rows` (oldest first) not yet handled to `events`, recording them in
-    /// `cursor`; returns whether it stopped at an unfinished row that is not stale.
+    /// `cursor` (pruned once, after the page); returns whether it stopped at an unfinished row
+    /// that is not stale.
     fn events_from(
+        &self,
+        rows: &[Value],
+        cursor: &mut Cursor,
+        events: &mut Vec<Pending>,
+        now: DateTime<Utc>,
+    ) -> bool {
+        let stopped = self.events_from_rows(rows, cursor, events, now);
+        cursor.prune();
+        stopped
+    }
+
+    fn events_from_rows(
         &self,
         rows: &[Value],
         cursor: &mut Cursor,
@@ -908,7 +1013,12 @@ impl Poller {
         );
         for row in rows {
             let Some(id) = row.get("JobHistoryId").and_then(Value::as_i64) else {
-                tracing::warn!("JobHistory row without a JobHistoryId skipped");
+                if let Some(quiet) = due(&self.skips.no_id) {
+                    tracing::warn!(
+                        more_since_last_warning = quiet,
+                        "JobHistory row without a JobHistoryId skipped"
+                    );
+                }
                 continue;
             };
             if cursor.seen.contains_key(&id) {
@@ -922,7 +1032,7 @@ impl Poller {
                 // still running when met was not done then: it is taken out of the floor and
                 // waited for like any other. A stale one is old history, handled quietly.
                 if finished || started.is_some_and(|s| now - s > stale_after) {
-                    cursor.record(id, start, now);
+                    cursor.record_unpruned(id, start, now);
                     continue;
                 }
                 cursor.exempt(id);
@@ -941,12 +1051,15 @@ impl Poller {
                             "passing over an unfinished job that starts far ahead"
                         );
                     } else {
-                        tracing::warn!(
-                            job_history_id = id,
-                            "skipping an unfinished job without a usable OperationStart: no \
-                             later query could find it"
-                        );
-                        cursor.record(id, start, now);
+                        if let Some(quiet) = due(&self.skips.no_start) {
+                            tracing::warn!(
+                                job_history_id = id,
+                                more_since_last_warning = quiet,
+                                "skipping an unfinished job without a usable OperationStart: \
+                                 no later query could find it"
+                            );
+                        }
+                        cursor.record_unpruned(id, start, now);
                     }
                     continue;
                 };
@@ -954,11 +1067,14 @@ impl Poller {
                 if !stale {
                     return true;
                 }
-                tracing::warn!(
-                    job_history_id = id,
-                    "skipping a job that has not finished for too long"
-                );
-                cursor.record(id, start, now);
+                if let Some(quiet) = due(&self.skips.stale) {
+                    tracing::warn!(
+                        job_history_id = id,
+                        more_since_last_warning = quiet,
+                        "skipping a job that has not finished for too long"
+                    );
+                }
+                cursor.record_unpruned(id, start, now);
                 continue;
             }
             // A job waited for since before the position was placed (running at first start)
@@ -976,12 +1092,17 @@ impl Poller {
                     },
                     started,
                 }),
-                None => tracing::warn!(
-                    job_history_id = id,
-                    "JobHistory row without a JobId skipped"
-                ),
+                None => {
+                    if let Some(quiet) = due(&self.skips.no_job_id) {
+                        tracing::warn!(
+                            job_history_id = id,
+                            more_since_last_warning = quiet,
+                            "JobHistory row without a JobId skipped"
+                        );
+                    }
+                }
             }
-            cursor.record(id, start, now);
+            cursor.record_unpruned(id, start, now);
         }
         false
     }
@@ -1028,30 +1149,35 @@ impl Poller {
     }
 
     /// Fills what the row alone does not tell: `CurrentRetryCount` and `RequestTimestamp` from
-    /// the job's earlier rows, `AgentId` and `Username` from `GET /Agents`.
-    async fn complete(&self, pending: Pending) -> Result<NewEvent, PollError> {
+    /// the job's earlier rows, `AgentId` and `Username` from `GET /Agents`. A failed lookup of
+    /// the earlier rows fails the poll while the poller is `patient`
+    /// ([`LOOKUP_FAILURES_TOLERATED`]); after that the event keeps what its row tells.
+    async fn complete(&self, pending: Pending, patient: bool) -> Result<NewEvent, PollError> {
         let Pending { mut event, started } = pending;
         if let Some(started) = started {
-            let earlier = self
-                .get(vec![
-                    (
-                        "pq.queryString".into(),
-                        format!(
-                            "JobId -eq \"{}\" AND OperationStart -lt \"{}\"",
-                            event.context.job_id,
-                            query_time(started)
-                        ),
-                    ),
-                    ("pq.sortField".into(), "OperationStart".into()),
-                    ("pq.sortAscending".into(), "1".into()),
-                    ("pq.returnLimit".into(), MAX_RETRY_LOOKBACK.to_string()),
-                    ("pq.pageReturned".into(), "1".into()),
-                ])
-                .await?;
-            let (retries, first) = retry_chain(&event.context.job_id, started, &earlier);
-            event.context.current_retry_count = retries;
-            if let Some(first) = first {
-                event.context.request_timestamp = Some(first);
+            let earlier = match self.earlier_runs(&event, started).await {
+                Ok(earlier) => Some(earlier),
+                Err(e) if patient => return Err(e),
+                Err(e) => {
+                    if let Some(quiet) = due(&self.skips.lookup) {
+                        tracing::warn!(
+                            job_id = %event.context.job_id,
+                            more_since_last_warning = quiet,
+                            "cannot read the job's earlier runs ({e}), and polls failed on \
+                             such a lookup {LOOKUP_FAILURES_TOLERATED} times in a row; it \
+                             becomes an event with CurrentRetryCount and RequestTimestamp from \
+                             its own row"
+                        );
+                    }
+                    None
+                }
+            };
+            if let Some(earlier) = earlier {
+                let (retries, first) = retry_chain(&event.context.job_id, started, &earlier);
+                event.context.current_retry_count = retries;
+                if let Some(first) = first {
+                    event.context.request_timestamp = Some(first);
+                }
             }
         }
         if event.context.agent_id.is_nil()
@@ -1063,6 +1189,29 @@ impl Poller {
             }
         }
         Ok(event)
+    }
+
+    /// The rows of `event`'s job that started before `started` (its earlier runs), oldest first.
+    async fn earlier_runs(
+        &self,
+        event: &NewEvent,
+        started: DateTime<Utc>,
+    ) -> Result<Vec<Value>, PollError> {
+        self.get(vec![
+            (
+                "pq.queryString".into(),
+                format!(
+                    "JobId -eq \"{}\" AND OperationStart -lt \"{}\"",
+                    event.context.job_id,
+                    query_time(started)
+                ),
+            ),
+            ("pq.sortField".into(), "OperationStart".into()),
+            ("pq.sortAscending".into(), "1".into()),
+            ("pq.returnLimit".into(), MAX_RETRY_LOOKBACK.to_string()),
+            ("pq.pageReturned".into(), "1".into()),
+        ])
+        .await
     }
 
     /// The id and identity of the orchestrator named `machine`, from the cached `GET /Agents`
