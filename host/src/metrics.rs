@@ -82,6 +82,7 @@ pub struct Metrics {
     forwarder_silence: Gauge,
     connections_open: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
+    connections_evicted: Counter,
     connections_timed_out: Family<PhaseLabels, Counter>,
     bodies_too_large: Counter,
     log_lines_dropped: Counter,
@@ -216,6 +217,14 @@ impl Metrics {
              (max_connections, max_connections_per_client)",
             connections_refused.clone(),
         );
+        let connections_evicted = Counter::default();
+        registry.register(
+            "jobhook_connections_evicted",
+            "HTTP connections between requests (no complete request head yet, or idle) closed at \
+             [server] max_connections to admit a new one, taken from the address holding the \
+             most",
+            connections_evicted.clone(),
+        );
         let connections_timed_out = Family::<PhaseLabels, Counter>::default();
         registry.register(
             "jobhook_connections_timed_out",
@@ -260,6 +269,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             connections_open,
             connections_refused,
+            connections_evicted,
             connections_timed_out,
             bodies_too_large,
             replays,
@@ -311,6 +321,11 @@ impl Metrics {
         self.connections_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Counts a connection closed between requests to make room for a new one.
+    pub fn connection_evicted(&self) {
+        self.connections_evicted.inc();
     }
 
     /// Counts a connection or request given up on because the client was too slow in `phase`
@@ -430,6 +445,7 @@ mod tests {
             "jobhook_ingest_store_failures_total{reason=\"disk-full\"} 0",
             "jobhook_ingest_store_failures_total{reason=\"timeout\"} 0",
             "jobhook_connections_refused_total{reason=\"max_connections_per_client\"} 0",
+            "jobhook_connections_evicted_total 0",
             "jobhook_connections_timed_out_total{phase=\"idle\"} 0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");

@@ -478,17 +478,30 @@ async fn a_flood_from_one_address_is_refused_beyond_its_cap_and_others_still_get
     );
 }
 
+/// Every place taken by a connection with a request under way (a body that has not come yet):
+/// nothing can be closed to make room, so the next connection is refused.
 #[tokio::test]
 async fn connections_over_the_total_cap_are_refused_with_503() {
     let setup = Setup::new();
     let engine = setup.start(
-        "header_read_timeout_ms = 10000\nmax_connections = 6\nmax_connections_per_client = 6\n",
+        "header_read_timeout_ms = 10000\nbody_read_timeout_ms = 10000\nmax_connections = 6\n\
+         max_connections_per_client = 6\n",
     );
     let to = address(&engine);
     let mut held = Vec::new();
     for _ in 0..6 {
-        held.push(connect_from(ATTACKER, to).await);
+        let mut stream = connect_from(ATTACKER, to).await;
+        stream
+            .write_all(
+                b"POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                  Content-Length: 100\r\n\r\n",
+            )
+            .await
+            .expect("head");
+        held.push(stream);
     }
+    // Each head reaches the engine before the next connection comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut other = connect_from(GOOD_CLIENT, to).await;
     let _ = other
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -511,6 +524,73 @@ async fn connections_over_the_total_cap_are_refused_with_503() {
         assert!(Instant::now() < deadline, "no place freed: {text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A few addresses that open connections up to their own cap, send nothing and open them again
+/// as soon as they are closed would take every place under the total cap and keep forwarders
+/// out for good. At the total cap a connection without a request under way, of the address
+/// holding the most, is closed to admit a new one: a forwarder's events still get in, and the
+/// log names the address that held the places.
+#[tokio::test]
+async fn silent_connections_at_the_total_cap_make_room_for_a_forwarder() {
+    const HOLDERS: [&str; 4] = ["127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"];
+    let setup = Setup::new();
+    let engine = setup.start(
+        "header_read_timeout_ms = 10000\nidle_timeout_ms = 10000\nmax_connections = 8\n\
+         max_connections_per_client = 2\n",
+    );
+    let to = address(&engine);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut holders = Vec::new();
+    for from in HOLDERS {
+        let stop = Arc::clone(&stop);
+        holders.push(tokio::spawn(async move {
+            // Two silent connections, each opened again as soon as the server closes it.
+            let mut opened = 0usize;
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // Still open: nothing to read yet (the server sends a silent client nothing).
+                held.retain(|stream| {
+                    let mut probe = [0u8; 1];
+                    matches!(
+                        stream.try_read(&mut probe),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                    )
+                });
+                while held.len() < 2 {
+                    held.push(connect_from(from, to).await);
+                    opened += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            opened
+        }));
+    }
+    // The holders fill every place before the forwarder comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let steady = Steady::start(&engine);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    steady.finish(&engine).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut reopened = 0;
+    for holder in holders {
+        reopened += holder.await.expect("holder");
+    }
+    assert!(
+        reopened > 8,
+        "the holders never had to open again ({reopened})"
+    );
+    let metrics = metrics(&engine).await;
+    let evicted = jobhook_testkit::metric_value(&metrics, "jobhook_connections_evicted_total");
+    assert!(evicted.is_some_and(|n| n >= 3.0), "{metrics}");
+    let log = engine.log_text();
+    assert!(
+        log.contains("was closed to admit a new one")
+            && HOLDERS
+                .iter()
+                .any(|holder| log.contains(&format!("holder={holder}"))),
+        "{log}"
+    );
 }
 
 #[tokio::test]

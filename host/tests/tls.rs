@@ -623,8 +623,8 @@ async fn a_keyfactor_server_of_an_internal_ca_is_trusted_only_with_its_bundle() 
 }
 
 /// A client that connects and never starts its TLS handshake is dropped after
-/// `tls::HANDSHAKE_TIMEOUT` (10 s), whatever the header timeout, and does not keep others out
-/// meanwhile.
+/// `tls::HANDSHAKE_TIMEOUT` (10 s) however long the header timeout, and does not keep others
+/// out meanwhile.
 #[tokio::test]
 async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     use tokio::io::AsyncReadExt as _;
@@ -646,6 +646,68 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     assert!(
         waited >= Duration::from_millis(9_500) && waited < Duration::from_secs(16),
         "dropped after {waited:?}, not after the 10 s handshake timeout"
+    );
+}
+
+/// Silent connections that fill every place under the total cap, from two addresses within
+/// their own caps, do not keep a client out: one of them is closed to admit it (its handshake
+/// not begun). A handshake that does not complete within the header timeout is closed then, not
+/// only at the 10 s handshake timeout.
+#[tokio::test]
+async fn silent_connections_at_the_total_cap_make_room_and_the_header_timeout_covers_the_handshake()
+{
+    use tokio::io::AsyncReadExt as _;
+    let setup = Setup::new();
+    let ca = TestCa::new("jobhook test CA");
+    let (engine, to) = setup.start_tls(
+        &ca,
+        "header_read_timeout_ms = 1500\nmax_connections = 4\nmax_connections_per_client = 2",
+    );
+    let mut held = Vec::new();
+    for from in ["127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4"] {
+        held.push(tcp_connect(from, to).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let other = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).expect("CA"))
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().expect("address"))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let status = other
+        .post(format!("{}/v1/job-complete", engine.url))
+        .header("content-type", "application/json")
+        .body(sample_context_json().to_string())
+        .send()
+        .await
+        .expect("POST while every place is held")
+        .status();
+    assert_eq!(status, 202);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // The held connections are closed: one to make room, the rest at the header timeout.
+    for mut stream in held {
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0) | Err(_))),
+            "a silent connection is open 5 s on: {closed:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        engine.log_text().contains("was closed to admit a new one"),
+        "{}",
+        engine.log_text()
     );
 }
 

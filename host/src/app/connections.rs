@@ -4,14 +4,23 @@
 //! time out.
 //!
 //! - **Caps.** At most `[server] max_connections` connections are open at once, and at most
-//!   `max_connections_per_client` from one client IP address. A plain-HTTP connection over a
-//!   cap is answered `503 Service Unavailable` with a one-line text body naming the cap,
-//!   `Retry-After: 1` and `Connection: close`, then closed; a TLS connection over a cap is
-//!   closed right after accept (no handshake is spent on it, and a plain-text answer would be
-//!   unreadable to a TLS client). Either way `jobhook_connections_refused_total{reason}` counts
-//!   it and a warning is logged, at most once a second with the number refused.
+//!   `max_connections_per_client` from one client (an IPv4 address, or an IPv6 /64: one host
+//!   commonly holds a whole /64). A plain-HTTP connection over a cap is answered `503 Service
+//!   Unavailable` with a one-line text body naming the cap, `Retry-After: 1` and `Connection:
+//!   close`, then closed; a TLS connection over a cap is closed right after accept (no handshake
+//!   is spent on it, and a plain-text answer would be unreadable to a TLS client). Either way
+//!   `jobhook_connections_refused_total{reason}` counts it and a warning is logged, at most once
+//!   a second with the number refused.
+//! - **Room at the total cap.** Connections that hold a place without a request under way —
+//!   none sent yet (a TLS handshake included), or idle after one — would let a few addresses
+//!   that open connections and send nothing keep every forwarder out. So at `max_connections`
+//!   a new connection within its client's cap is admitted by closing one such connection of the
+//!   client holding the most (the longest-waiting of them), counted in
+//!   `jobhook_connections_evicted_total` and logged (at most once a second) with that client; a
+//!   request under way is never cut short. Only when every connection has a request under way
+//!   is the new one refused.
 //! - **Request head.** A new connection must deliver a complete request head within
-//!   `header_read_timeout_ms` of being accepted, and a kept-alive connection within that time of
+//!   `header_read_timeout_ms` of being accepted (a TLS handshake included), and a kept-alive connection within that time of
 //!   the first byte of its next request; otherwise it is closed (headers trickled a byte at a
 //!   time cannot hold a connection).
 //! - **Idle.** A kept-alive connection that starts no new request within `idle_timeout_ms` of
@@ -100,6 +109,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How often at most a refusal is logged (with the number refused since the last line).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Leading bits of an IPv6 address that name one client for the per-client cap: a /64 is the
+/// usual allocation to one host or network, and its addresses cost their holder nothing.
+const IPV6_CLIENT_PREFIX_BITS: u32 = 64;
 
 /// The connection caps and timeouts of the listener (`[server]` settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +212,9 @@ pub struct Admission {
 struct OpenConnections {
     total: usize,
     by_client: HashMap<IpAddr, usize>,
+    /// Each open connection's client and clock, by a number of its own: what eviction looks at.
+    clocks: HashMap<u64, (IpAddr, Arc<Clock>)>,
+    next_id: u64,
 }
 
 /// A connection's place under the caps; dropping it frees the place.
@@ -206,6 +222,36 @@ struct OpenConnections {
 pub struct Permit {
     admission: Arc<Admission>,
     client: IpAddr,
+    id: u64,
+    clock: Arc<Clock>,
+}
+
+impl Permit {
+    /// The connection's clock (its phase, deadlines and eviction).
+    fn clock(&self) -> Arc<Clock> {
+        Arc::clone(&self.clock)
+    }
+}
+
+/// A connection closed to make room: whose, and how many its client held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eviction {
+    /// The client (see [`client_key`]) whose connection is closed.
+    pub client: IpAddr,
+    /// The connections that client held.
+    pub held: usize,
+}
+
+/// The client a connection from `ip` counts for: the IPv4 address (also when mapped into
+/// IPv6), or the IPv6 address's /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX << (128 - IPV6_CLIENT_PREFIX_BITS);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        v4 => v4,
+    }
 }
 
 impl Admission {
@@ -218,30 +264,67 @@ impl Admission {
         })
     }
 
-    /// A place for a connection from `client`, or which cap is reached. IPv4 addresses mapped
-    /// into IPv6 count as the IPv4 address.
-    pub fn try_admit(self: &Arc<Self>, client: IpAddr) -> Result<Permit, Refusal> {
-        let client = client.to_canonical();
+    /// A place for a connection from `ip` (counted for [`client_key`]), with the connection
+    /// closed to make room for it at the total cap, if one was; or which cap is reached.
+    pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<(Permit, Option<Eviction>), Refusal> {
+        let client = client_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.total >= self.limits.max_connections {
-            return Err(Refusal::Total);
-        }
-        let from_client = open.by_client.entry(client).or_insert(0);
-        if *from_client >= self.limits.max_connections_per_client {
+        if open
+            .by_client
+            .get(&client)
+            .is_some_and(|n| *n >= self.limits.max_connections_per_client)
+        {
             return Err(Refusal::PerClient);
         }
-        *from_client += 1;
+        let eviction = if open.total >= self.limits.max_connections {
+            Some(open.evict().ok_or(Refusal::Total)?)
+        } else {
+            None
+        };
+        *open.by_client.entry(client).or_insert(0) += 1;
         open.total += 1;
+        let id = open.next_id;
+        open.next_id = open.next_id.wrapping_add(1);
+        let clock = Clock::new();
+        open.clocks.insert(id, (client, Arc::clone(&clock)));
         self.metrics.connections_open(1);
-        Ok(Permit {
-            admission: Arc::clone(self),
-            client,
-        })
+        if eviction.is_some() {
+            self.metrics.connection_evicted();
+        }
+        Ok((
+            Permit {
+                admission: Arc::clone(self),
+                client,
+                id,
+                clock,
+            },
+            eviction,
+        ))
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+impl OpenConnections {
+    /// Marks for closing the connection between requests that has waited longest among those
+    /// of the client holding the most such connections; `None` when every connection has a
+    /// request under way (or is already marked).
+    fn evict(&self) -> Option<Eviction> {
+        let now = Instant::now();
+        let victim = self
+            .clocks
+            .values()
+            .filter_map(|(client, clock)| {
+                let waited = clock.evictable_since()?;
+                let held = self.by_client.get(client).copied().unwrap_or(0);
+                Some((held, now.saturating_duration_since(waited), *client, clock))
+            })
+            .max_by_key(|(held, waited, _, _)| (*held, *waited));
+        let (held, _, client, clock) = victim?;
+        clock.evict().then_some(Eviction { client, held })
     }
 }
 
@@ -252,6 +335,7 @@ impl Drop for Permit {
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        open.clocks.remove(&self.id);
         open.total = open.total.saturating_sub(1);
         if let Some(n) = open.by_client.get_mut(&self.client) {
             *n = n.saturating_sub(1);
@@ -263,10 +347,12 @@ impl Drop for Permit {
     }
 }
 
-/// Logs refusals at most once per [`REFUSAL_LOG_INTERVAL`], with how many there were.
+/// Logs refusals, and evictions, each at most once per [`REFUSAL_LOG_INTERVAL`], with how
+/// many there were.
 #[derive(Debug, Default)]
 struct RefusalLog {
     state: Mutex<(Option<Instant>, u64)>,
+    evictions: Mutex<(Option<Instant>, u64)>,
 }
 
 impl RefusalLog {
@@ -292,6 +378,32 @@ impl RefusalLog {
             refusal.setting()
         );
     }
+
+    fn evicted(&self, eviction: Eviction, limits: &ConnectionLimits) {
+        let mut state = self.evictions.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 += 1;
+        let now = Instant::now();
+        if state
+            .0
+            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        let evicted = std::mem::take(&mut state.1);
+        state.0 = Some(now);
+        drop(state);
+        tracing::warn!(
+            holder = %eviction.client,
+            held = eviction.held,
+            evicted,
+            "[server] max_connections ({}) reached: a connection without a request under way \
+             was closed to admit a new one, from the client holding the most ({} connections: \
+             {}); {evicted} closed since the last such line",
+            limits.max_connections,
+            eviction.held,
+            eviction.client
+        );
+    }
 }
 
 /// Where a connection is in its request cycle, which decides the deadline that applies.
@@ -312,6 +424,9 @@ enum Phase {
 #[derive(Debug)]
 struct Clock {
     state: Mutex<(Phase, Instant)>,
+    /// Marked to be closed to make room ([`Admission::try_admit`]); acted on only while no
+    /// request is under way.
+    evicted: std::sync::atomic::AtomicBool,
     /// The connection task, as last seen waiting for bytes: hyper does not read again after a
     /// response until it is woken, so a phase change wakes it to arm the new deadline.
     waker: Mutex<Option<Waker>>,
@@ -321,6 +436,7 @@ impl Clock {
     fn new() -> Arc<Self> {
         Arc::new(Clock {
             state: Mutex::new((Phase::Head, Instant::now())),
+            evicted: std::sync::atomic::AtomicBool::new(false),
             waker: Mutex::new(None),
         })
     }
@@ -350,6 +466,37 @@ impl Clock {
     fn set(&self, phase: Phase) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (phase, Instant::now());
         self.wake();
+    }
+
+    /// Since when the connection has been without a request under way (waiting for a head, or
+    /// idle), if it is and is not marked for eviction yet.
+    fn evictable_since(&self) -> Option<Instant> {
+        let (phase, since) = self.get();
+        let between = matches!(phase, Phase::Head | Phase::Idle);
+        (between && !self.evicted.load(std::sync::atomic::Ordering::Relaxed)).then_some(since)
+    }
+
+    /// Marks the connection to be closed if no request is under way; whether it was marked.
+    fn evict(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(state.0, Phase::Head | Phase::Idle)
+            || self
+                .evicted
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return false;
+        }
+        drop(state);
+        self.wake();
+        true
+    }
+
+    /// Whether the connection is marked to be closed and has no request under way: a request
+    /// that began after it was marked is served first.
+    fn must_close(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.evicted.load(std::sync::atomic::Ordering::Relaxed)
+            && matches!(state.0, Phase::Head | Phase::Idle)
     }
 
     /// Bytes arrived: an idle connection is now reading a request head.
@@ -450,6 +597,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.clock.must_close() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed to make room for a new connection ([server] max_connections reached)",
+            )));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -543,8 +696,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
 #[derive(Clone)]
 struct Shared {
     router: Router,
-    limits: ConnectionLimits,
-    metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
 }
 
@@ -561,12 +712,7 @@ pub async fn serve(
 ) {
     let admission = Admission::new(limits, Arc::clone(&metrics));
     let (stop_tx, stop) = watch::channel(false);
-    let shared = Shared {
-        router,
-        limits,
-        metrics: Arc::clone(&metrics),
-        stop,
-    };
+    let shared = Shared { router, stop };
     let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let refusal_log = RefusalLog::default();
@@ -586,7 +732,12 @@ pub async fn serve(
         };
         while connections.try_join_next().is_some() {}
         let permit = match admission.try_admit(peer.ip()) {
-            Ok(permit) => permit,
+            Ok((permit, eviction)) => {
+                if let Some(eviction) = eviction {
+                    refusal_log.evicted(eviction, &limits);
+                }
+                permit
+            }
             Err(refusal) => {
                 metrics.connection_refused(refusal.setting());
                 refusal_log.note(refusal, peer.ip().to_canonical(), &limits);
@@ -606,10 +757,19 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        // The connection's deadlines (and eviction) hold from accept, through a TLS handshake.
+        let clock = permit.clock();
+        let stream = Guarded::new(
+            stream,
+            Arc::clone(&clock),
+            limits,
+            Arc::clone(&metrics),
+            peer,
+        );
         match &tls {
             None => {
                 connections.spawn(async move {
-                    http(stream, peer, shared).await;
+                    http(stream, clock, peer, shared).await;
                     drop(permit);
                 });
             }
@@ -623,7 +783,7 @@ pub async fn serve(
                     })
                     .await;
                     match handshake {
-                        Ok(Ok(stream)) => http(stream, peer, shared).await,
+                        Ok(Ok(stream)) => http(stream, clock, peer, shared).await,
                         Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
@@ -674,19 +834,12 @@ async fn refuse(mut stream: Guarded<TcpStream>, refusal: Refusal) {
     }
 }
 
-/// Serves HTTP/1.1 on one connection until it closes, times out or the server stops.
-async fn http<I>(io: I, peer: SocketAddr, shared: Shared)
+/// Serves HTTP/1.1 on one connection until it closes, times out or the server stops. `io` is
+/// the connection's [`Guarded`] stream (under TLS, the TLS stream over it), `clock` its clock.
+async fn http<I>(io: I, clock: Arc<Clock>, peer: SocketAddr, shared: Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let clock = Clock::new();
-    let guarded = Guarded::new(
-        io,
-        Arc::clone(&clock),
-        shared.limits,
-        Arc::clone(&shared.metrics),
-        peer,
-    );
     let router = shared.router;
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         clock.set(Phase::Busy);
@@ -705,7 +858,7 @@ where
         // The deadlines are the Clock's (see the module documentation); without a timer hyper
         // sets none of its own.
         .header_read_timeout(None)
-        .serve_connection(TokioIo::new(guarded), service);
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut stop = shared.stop;
     // The watch guard is dropped inside: it must not be held across the select.
@@ -736,20 +889,98 @@ mod tests {
         }
     }
 
+    /// A permit whose connection has a request under way (never evicted).
+    fn busy(admission: &Arc<Admission>, ip: IpAddr) -> Permit {
+        let (permit, eviction) = admission.try_admit(ip).unwrap();
+        assert_eq!(eviction, None);
+        permit.clock.set(Phase::Busy);
+        permit
+    }
+
     #[test]
     fn caps_count_per_address_and_in_total_and_free_on_drop() {
         let admission = Admission::new(limits(3, 2), Arc::new(Metrics::new()));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        let first = admission.try_admit(a).unwrap();
-        let _second = admission.try_admit(mapped).unwrap();
+        let first = busy(&admission, a);
+        let _second = busy(&admission, mapped);
         assert_eq!(admission.try_admit(a).unwrap_err(), Refusal::PerClient);
-        let _third = admission.try_admit(b).unwrap();
+        let _third = busy(&admission, b);
         assert_eq!(admission.try_admit(b).unwrap_err(), Refusal::Total);
         drop(first);
         assert_eq!(admission.open(), 2);
-        let _again = admission.try_admit(a).unwrap();
+        let _again = busy(&admission, a);
+    }
+
+    /// At the total cap a newcomer within its client's cap is admitted by closing a connection
+    /// without a request under way, of the client holding the most, the longest-waiting one;
+    /// a connection with a request under way is never taken, and one already marked not twice.
+    #[test]
+    fn at_the_total_cap_an_idle_connection_of_the_biggest_holder_makes_room() {
+        let admission = Admission::new(limits(5, 3), Arc::new(Metrics::new()));
+        let hog: IpAddr = "10.0.0.66".parse().unwrap();
+        let forwarder: IpAddr = "10.0.0.9".parse().unwrap();
+        let other: IpAddr = "10.0.0.7".parse().unwrap();
+        let (oldest, _) = admission.try_admit(hog).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let (newer, _) = admission.try_admit(hog).unwrap();
+        let hog_busy = busy(&admission, hog);
+        let (quiet_other, _) = admission.try_admit(other).unwrap();
+        let serving = busy(&admission, forwarder);
+        // Full: the forwarder's next connection takes the hog's longest-waiting one.
+        let (second, eviction) = admission.try_admit(forwarder).unwrap();
+        assert_eq!(
+            eviction,
+            Some(Eviction {
+                client: hog,
+                held: 3
+            })
+        );
+        assert!(oldest.clock.must_close());
+        assert!(!newer.clock.must_close() && !hog_busy.clock.must_close());
+        // A request that starts on a marked connection is served; it closes when idle again.
+        oldest.clock.set(Phase::Busy);
+        assert!(!oldest.clock.must_close());
+        oldest.clock.set(Phase::Idle);
+        assert!(oldest.clock.must_close());
+        // Next: the hog still holds the most; its other unmarked idle one goes.
+        second.clock.set(Phase::Busy);
+        let (third, eviction) = admission.try_admit(other).unwrap();
+        assert_eq!(eviction.map(|e| e.client), Some(hog));
+        assert!(newer.clock.must_close());
+        // Then the quiet other client's; then nothing is left without a request under way.
+        let (fourth, eviction) = admission.try_admit(forwarder).unwrap();
+        assert_eq!(eviction.map(|e| e.client), Some(other));
+        assert!(quiet_other.clock.must_close());
+        fourth.clock.set(Phase::Busy);
+        third.clock.set(Phase::Busy);
+        let newcomer: IpAddr = "10.0.0.8".parse().unwrap();
+        assert_eq!(admission.try_admit(newcomer).unwrap_err(), Refusal::Total);
+        drop((serving, hog_busy));
+    }
+
+    /// IPv6 addresses of one /64 are one client; IPv4 (also mapped) addresses each their own.
+    #[test]
+    fn an_ipv6_slash_64_is_one_client() {
+        let admission = Admission::new(limits(10, 2), Arc::new(Metrics::new()));
+        let _a = busy(&admission, "2001:db8:1:2::1".parse().unwrap());
+        let _b = busy(&admission, "2001:db8:1:2:ffff::7".parse().unwrap());
+        assert_eq!(
+            admission
+                .try_admit("2001:db8:1:2:1234::1".parse().unwrap())
+                .unwrap_err(),
+            Refusal::PerClient
+        );
+        let _c = busy(&admission, "2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(
+            client_key("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_key("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
