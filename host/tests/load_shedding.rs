@@ -593,6 +593,36 @@ async fn silent_connections_at_the_total_cap_make_room_for_a_forwarder() {
     );
 }
 
+/// A client that shuts its sending side once its request is out (`nc -N`, `socat`) gets its
+/// answer, and every event answered 202 is counted as accepted: the request is not dropped
+/// at the end of the client's input, committed or not.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let setup = Setup::new();
+    let engine = setup.start(LIMITS);
+    let to = address(&engine);
+    let body = sample_context_json().to_string();
+    let request = format!(
+        "POST /v1/job-complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    const REQUESTS: usize = 10;
+    for _ in 0..REQUESTS {
+        let mut stream = connect_from(GOOD_CLIENT, to).await;
+        stream.write_all(request.as_bytes()).await.expect("request");
+        stream.shutdown().await.expect("half-close");
+        let (text, _) = answer(&mut stream, Duration::from_secs(5)).await;
+        assert!(text.starts_with("HTTP/1.1 202"), "{text:?}");
+    }
+    let metrics = metrics(&engine).await;
+    assert_eq!(
+        jobhook_testkit::metric_value(&metrics, "jobhook_events_accepted_total{source=\"api\"}"),
+        Some(REQUESTS as f64),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn oversized_bodies_get_413_naming_the_limit_before_they_are_read() {
     let setup = Setup::new();

@@ -855,6 +855,9 @@ where
     });
     let connection = http1::Builder::new()
         .keep_alive(true)
+        // A client that shuts its sending side once its request is out (`nc -N`, socat) still
+        // waits for the answer: the end of its input does not end the request.
+        .half_close(true)
         // The deadlines are the Clock's (see the module documentation); without a timer hyper
         // sets none of its own.
         .header_read_timeout(None)

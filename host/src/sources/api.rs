@@ -417,6 +417,31 @@ async fn job_complete(
         message: None,
         handlers,
     };
+    // The commit and what follows it run as a task of their own: a client that goes away
+    // meanwhile (a connection closed or half-closed before the answer drops this handler) must
+    // not leave an event committed without its acceptance counted, the dispatcher woken or the
+    // forwarder's visit recorded.
+    match tokio::spawn(commit_event(state.clone(), event, key, forwarder)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!("commit task failed: {e}");
+            state.metrics.ingest_store_failed("error");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the event was not accepted: the store failed; retry later",
+            )
+        }
+    }
+}
+
+/// Commits an accepted event (once, under its idempotency key) and answers: 202 with its id
+/// and deliveries, 409 for a key used for another event, 503 when the store cannot take it.
+async fn commit_event(
+    state: AppState,
+    event: NewEvent,
+    key: Option<Idempotency>,
+    forwarder: Option<String>,
+) -> Response {
     let commit = async {
         match state.store.awaited_writes() {
             // The writer answers this task itself: no blocking thread in between.
