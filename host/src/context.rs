@@ -516,8 +516,9 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| ContextError::Invalid {
                 field,
                 message: format!(
-                    "{:?} is not an ISO 8601 date-time in the years 0001 to 9999 (expected e.g. \
-                     \"2023-05-03T23:18:48Z\"; Microsoft's \"/Date(1683155928000)/\" is read too)",
+                    "{:?} is not an ISO 8601 date-time in the years 0001 to 9999 with seconds 00 \
+                     to 59 (expected e.g. \"2023-05-03T23:18:48Z\"; Microsoft's \
+                     \"/Date(1683155928000)/\" is read too)",
                     truncate_for_message(text)
                 ),
             })
@@ -550,7 +551,9 @@ pub const TIMESTAMP_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
 /// Parses an ISO 8601 timestamp. With an offset (`Z`, `+02:00`) it is converted to UTC; without
 /// one (how .NET serialises a `DateTime` of unspecified kind) it is taken as UTC. Microsoft's
 /// `/Date(ms)/` form is read too ([`parse_microsoft_date`]). `None` for anything else, and for a
-/// time outside [`TIMESTAMP_YEARS`] once in UTC.
+/// time outside [`TIMESTAMP_YEARS`] once in UTC, or one in a 60th second (a leap second, which
+/// chrono accepts at any minute and .NET's `DateTime` cannot hold: Keyfactor never sends one, and
+/// the contract's `datetime` has no way to carry it).
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
     if text.len() > 64 {
@@ -564,8 +567,13 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
             .map(|naive| naive.and_utc())
             .or_else(|| parse_microsoft_date(text)),
     };
-    parsed.filter(|t| TIMESTAMP_YEARS.contains(&t.year()))
+    parsed.filter(|t| {
+        TIMESTAMP_YEARS.contains(&t.year()) && t.timestamp_subsec_nanos() < NANOS_PER_SECOND
+    })
 }
+
+/// Nanoseconds in a second: chrono keeps a leap second as a fraction of this many or more.
+const NANOS_PER_SECOND: u32 = 1_000_000_000;
 
 /// Why a value-type field whose value is 0 may be absent, for its "missing" error: serializers
 /// set to leave out default values (Newtonsoft's `DefaultValueHandling.Ignore`, System.Text.Json's
@@ -877,6 +885,28 @@ mod tests {
     /// Microsoft's `/Date(ms)/` (with or without an offset, which does not move the instant) is
     /// read as the instant it names; anything malformed in it, or past the years a .NET
     /// `DateTime` has, is refused.
+    /// A 60th second (chrono takes one at any minute) is refused: .NET cannot have sent it, and
+    /// a handler would get no time at all (the contract's nanoseconds stop below a second).
+    #[test]
+    fn a_leap_second_is_refused_with_the_field_named() {
+        for text in [
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.5Z",
+            "2016-12-31 23:59:60",
+            "2023-05-03T10:15:60.9999999+02:00",
+        ] {
+            assert_eq!(parse_timestamp(text), None, "{text}");
+        }
+        assert!(parse_timestamp("2016-12-31T23:59:59.999999999Z").is_some());
+        let e = decode(&with("RequestTimestamp", json!("2016-12-31T23:59:60Z")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("RequestTimestamp") && e.contains("seconds 00 to 59"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn microsoft_json_dates_are_read() {
         let at = |text: &str| parse_timestamp(text).map(|t| t.to_rfc3339());

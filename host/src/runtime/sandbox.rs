@@ -240,9 +240,12 @@ pub fn to_wit(c: &JobContext) -> wit::types::JobContext {
             OperationType::FetchLogs => O::FetchLogs,
         },
         certificate_id: c.certificate_id,
+        // A leap second (a fraction of a second of 1e9 ns or more in chrono) is refused where
+        // contexts are decoded; should one get here, it is the second's last nanosecond, not a
+        // value the contract's `datetime` says cannot be.
         request_timestamp: c.request_timestamp.map(|t| Datetime {
             seconds: t.timestamp(),
-            nanoseconds: t.timestamp_subsec_nanos(),
+            nanoseconds: t.timestamp_subsec_nanos().min(999_999_999),
         }),
         current_retry_count: c.current_retry_count,
     }
