@@ -761,6 +761,10 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
         comment_text(source),
         registrations.len()
     );
+    // Environment variable → the handler and property that read it, across every handler:
+    // names that differ only in case or punctuation (`Password`, `password`; handlers `svc.now`
+    // and `svc_now`) map to the same variable, and one secret must never reach two readers.
+    let mut variables: BTreeMap<String, (String, String)> = BTreeMap::new();
     for r in registrations {
         let name = handler_name(&r.name, &mut taken);
         let _ = writeln!(out);
@@ -830,9 +834,6 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
         if !r.properties.is_empty() {
             let _ = writeln!(out, "[handlers.properties]");
             let mut seen = BTreeSet::new();
-            // Environment variable → the property that reads it: names that differ only in
-            // case or punctuation (`Password`, `password`) map to the same variable.
-            let mut variables: BTreeMap<String, &str> = BTreeMap::new();
             for (key, value) in &r.properties {
                 if !seen.insert(key.as_str()) {
                     warnings.push(format!(
@@ -850,17 +851,25 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
                         var = format!("{wanted}_{n}");
                         n += 1;
                     }
-                    if let Some(other) = variables.get(&wanted) {
+                    if let Some((other_handler, other)) = variables.get(&wanted) {
+                        let other = if *other_handler == name {
+                            format!("properties {} and {}", quoted(other), quoted(key))
+                        } else {
+                            format!(
+                                "property {} of handler {other_handler:?} and property {} of \
+                                 handler {name:?}",
+                                quoted(other),
+                                quoted(key)
+                            )
+                        };
                         warnings.push(format!(
-                            "handler {name:?}: properties {} and {} would both read the \
-                             environment variable {wanted} (their names differ only in case or \
-                             punctuation); {} reads {var} instead",
-                            quoted(other),
-                            quoted(key),
+                            "handler {name:?}: {other} would both read the environment variable \
+                             {wanted} (their names differ only in case or punctuation); {} \
+                             reads {var} instead",
                             quoted(key)
                         ));
                     }
-                    variables.insert(var.clone(), key);
+                    variables.insert(var.clone(), (name.clone(), key.clone()));
                     let _ = writeln!(out, "{} = {{ env = {} }}", toml_key(key), toml_string(&var));
                     warnings.push(format!(
                         "handler {name:?}: property {} looks secret; its value was not copied \
@@ -1391,6 +1400,39 @@ mod tests {
                 Some(value.as_str())
             );
         }
+    }
+
+    /// Two handlers whose names differ only in punctuation (`svc.now`, `svc_now`), each with a
+    /// secret property of the same name: each reads a variable of its own, and the operator is
+    /// told which two would have shared one — one handler must never get another's secret.
+    #[test]
+    fn secrets_of_handlers_named_alike_get_their_own_variables() {
+        let (text, warnings) = to_toml(
+            &[
+                registration("svc.now", &[("Password", "pw-one")]),
+                registration("svc_now", &[("Password", "pw-two")]),
+            ],
+            "web.config",
+        );
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let var = |i: usize| {
+            table["handlers"][i]["properties"]["Password"]["env"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(var(0), "JOBHOOK_SVC_NOW_PASSWORD", "{text}");
+        assert_eq!(var(1), "JOBHOOK_SVC_NOW_PASSWORD_2", "{text}");
+        let told: Vec<_> = warnings
+            .iter()
+            .filter(|w| w.contains("would both read the environment variable"))
+            .collect();
+        assert_eq!(told.len(), 1, "{warnings:#?}");
+        assert!(
+            told[0].contains("svc.now") && told[0].contains("svc_now"),
+            "{}",
+            told[0]
+        );
     }
 
     /// Two secret properties whose names differ only in case read two variables, and the
