@@ -9,11 +9,12 @@ use anyhow::{Context as _, bail};
 /// What to do when cargo wrote no component: the fix named by every message about it.
 pub const CDYLIB_FIX: &str = "cargo writes a .wasm for a library crate only with `[lib] crate-type = [\"cdylib\"]` in its Cargo.toml (add \"rlib\" too to keep native unit tests), then rebuild with `cargo build --release --target wasm32-wasip2`";
 
-/// Reads the component at `path`, refusing a file over `max` bytes: by its size before reading
-/// it, and by what it yields while reading, so that a device, a FIFO or a file that grows in
-/// between cannot make the engine read more than `max + 1` bytes.
+/// Reads the component at `path`, refusing a file over `max` bytes (by its size before reading
+/// it, and by what it yields while reading, should it grow in between) and anything that is not
+/// a regular file: a FIFO would block the read until something writes to it, a device never
+/// ends.
 pub fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
-    use std::io::Read as _;
+    use crate::files::ReadError;
     let cannot_read = || format!("cannot read {}", path.display());
     let too_big = |size: String| {
         anyhow::anyhow!(
@@ -21,28 +22,27 @@ pub fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
             path.display()
         )
     };
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.is_file()
+        && meta.len() > max as u64
+    {
+        return Err(too_big(meta.len().to_string()));
+    }
+    match crate::files::read_regular(path, max as u64) {
+        Ok(bytes) => Ok(bytes),
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(hint) = missing_build_output_hint(path) {
                 bail!("cannot read {}: no such file; {hint}", path.display());
             }
-            return Err(e).with_context(cannot_read);
+            Err(e).with_context(cannot_read)
         }
-        Err(e) => return Err(e).with_context(cannot_read),
-    };
-    let size = file.metadata().with_context(cannot_read)?.len();
-    if size > max as u64 {
-        return Err(too_big(size.to_string()));
+        Err(ReadError::Io(e)) => Err(e).with_context(cannot_read),
+        Err(ReadError::TooLarge(_)) => Err(too_big(format!("more than {max}"))),
+        Err(not_regular @ ReadError::NotRegular(_)) => Err(anyhow::anyhow!(
+            "cannot read {}: {not_regular} (a component, built as a .wasm file)",
+            path.display()
+        )),
     }
-    let mut bytes = Vec::new();
-    file.take((max as u64).saturating_add(1))
-        .read_to_end(&mut bytes)
-        .with_context(cannot_read)?;
-    if bytes.len() > max {
-        return Err(too_big(format!("more than {max}")));
-    }
-    Ok(bytes)
 }
 
 /// For a missing `.wasm` where cargo puts its `wasm32-wasip2` output: why it is likely missing
@@ -97,12 +97,22 @@ mod tests {
 
         std::fs::write(&wasm, [0u8; 16]).unwrap();
         assert_eq!(read_component(&wasm, 16).unwrap().len(), 16);
-        // A device reports no size and never ends: the limit holds while reading.
+        // A device never ends, and a FIFO would block until something writes to it: neither is
+        // read.
         let e = format!(
             "{:#}",
             read_component(Path::new("/dev/zero"), 1024).unwrap_err()
         );
-        assert!(e.contains("more than 1024 bytes"), "{e}");
+        assert!(e.contains("not a regular file"), "{e}");
+        #[cfg(unix)]
+        {
+            let fifo = tmp.path().join("fifo.wasm");
+            let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path; mkfifo has no other precondition.
+            assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+            let e = format!("{:#}", read_component(&fifo, 1024).unwrap_err());
+            assert!(e.contains("a named pipe (FIFO), not a regular file"), "{e}");
+        }
         let e = format!("{:#}", read_component(&wasm, 15).unwrap_err());
         assert!(e.contains("size limit is 15 bytes"), "{e}");
     }
