@@ -53,6 +53,13 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Largest configuration file read (a config with hundreds of handlers is far smaller).
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Most `[[handlers]]` one configuration may have. Keyfactor sites register a handful of Job
+/// Complete Handlers; each here is a compiled component held in memory, loaded (or read from the
+/// AOT cache) at every start and reload, with a queue claimed on its own. Without a bound a
+/// configuration within [`MAX_CONFIG_BYTES`] could name some 30,000 (2,000 took two minutes and
+/// 800 MB to check).
+pub const MAX_HANDLERS: usize = 256;
+
 /// Most characters of a name, key or value an error message quotes: enough to recognise it,
 /// while a 100,000-character mistake does not flood the terminal or the log.
 pub const MAX_QUOTED_CHARS: usize = 64;
@@ -586,6 +593,17 @@ impl Config {
             mail: raw.mail,
             http: raw.http,
         };
+        if let Some(first_over) = raw.handlers.get(MAX_HANDLERS) {
+            return Err(v.error(
+                Some(line_of(text, first_over.span().start)),
+                &format!(
+                    "{} [[handlers]] are configured; at most {MAX_HANDLERS} are accepted (each is \
+                     a compiled component kept in memory, loaded at every start and reload, with \
+                     a queue of its own); this is the first past the limit",
+                    raw.handlers.len()
+                ),
+            ));
+        }
         let mut handlers = Vec::with_capacity(raw.handlers.len());
         let mut property_secret_files = Vec::new();
         let mut seen = BTreeMap::new();
@@ -1888,6 +1906,30 @@ backoff_ms = 100
         let e = error("\n\n[[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\n");
         assert!(e.message.contains("job_types"), "{e}");
         assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    /// More handlers than [`MAX_HANDLERS`]: refused at the first past the limit, with the count;
+    /// exactly the limit is fine.
+    #[test]
+    fn more_handlers_than_the_limit_are_refused_at_the_first_past_it() {
+        let handlers = |n: usize| {
+            (0..n)
+                .map(|i| {
+                    format!("[[handlers]]\nname = \"h{i}\"\ncomponent = \"h.wasm\"\njob_types = [\"*\"]\n")
+                })
+                .collect::<String>()
+        };
+        let at_the_limit = Fixture::new().parse(&handlers(MAX_HANDLERS));
+        assert!(at_the_limit.is_ok(), "{:?}", at_the_limit.err());
+        let e = error(&handlers(MAX_HANDLERS + 5));
+        assert_eq!(e.line, Some(MAX_HANDLERS * 4 + 1), "{e}");
+        assert!(
+            e.message.contains(&format!(
+                "{} [[handlers]] are configured; at most {MAX_HANDLERS}",
+                MAX_HANDLERS + 5
+            )),
+            "{e}"
+        );
     }
 
     #[test]
