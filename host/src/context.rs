@@ -168,11 +168,27 @@ pub struct JobContext {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ContextError {
     /// The document is larger than [`MAX_CONTEXT_BYTES`].
-    #[error("context is {size} bytes; the limit is {MAX_CONTEXT_BYTES} bytes")]
+    #[error("context is larger than the limit of {MAX_CONTEXT_BYTES} bytes")]
     TooLarge {
-        /// Size of the refused document.
+        /// Size of the refused document (as much of it as was read: at least one byte more
+        /// than the limit).
         size: usize,
     },
+    /// The document is not UTF-8 (JSON's encoding on the wire, RFC 8259 §8.1).
+    #[error(
+        "context is not UTF-8 (the first byte that is not, at offset {offset}, is {byte:#04x}): \
+         send the JSON encoded as UTF-8 — Windows PowerShell 5.1 sends a string body as \
+         ISO-8859-1; pass it bytes instead, [Text.Encoding]::UTF8.GetBytes($json)"
+    )]
+    NotUtf8 {
+        /// Where the first invalid byte is.
+        offset: usize,
+        /// That byte.
+        byte: u8,
+    },
+    /// The document is empty (or only whitespace).
+    #[error("context is empty: send the job context as a JSON object")]
+    Empty,
     /// The document is not JSON at all.
     #[error("context is not valid JSON: {0}")]
     Json(String),
@@ -225,6 +241,16 @@ impl JobContext {
         // A byte order mark, as .NET's UTF-8 StreamWriter and Windows editors write one, is
         // ignored (RFC 8259 §8.1 allows it) rather than refused as "expected value at column 1".
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        if let Err(e) = std::str::from_utf8(bytes) {
+            let offset = e.valid_up_to();
+            return Err(ContextError::NotUtf8 {
+                offset,
+                byte: bytes.get(offset).copied().unwrap_or_default(),
+            });
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ContextError::Empty);
+        }
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ContextError::Json(e.to_string()))?;
         if value.is_object() {
@@ -1198,6 +1224,31 @@ mod tests {
             JobContext::from_json_bytes(&big),
             Err(ContextError::TooLarge { .. })
         ));
+        assert_eq!(
+            JobContext::from_json_bytes(&big).unwrap_err().to_string(),
+            format!("context is larger than the limit of {MAX_CONTEXT_BYTES} bytes")
+        );
+        // Latin-1 (Windows PowerShell 5.1's string bodies): named, with where and what to do.
+        let latin1 = b"{\"Username\": \"Jos\xe9\"}";
+        assert_eq!(
+            JobContext::from_json_bytes(latin1).unwrap_err(),
+            ContextError::NotUtf8 {
+                offset: 17,
+                byte: 0xe9
+            }
+        );
+        assert!(
+            JobContext::from_json_bytes(latin1)
+                .unwrap_err()
+                .to_string()
+                .contains("UTF8.GetBytes"),
+        );
+        for empty in [&b""[..], b" \r\n", b"\xEF\xBB\xBF"] {
+            assert_eq!(
+                JobContext::from_json_bytes(empty).unwrap_err(),
+                ContextError::Empty
+            );
+        }
         let long = "x".repeat(MAX_STRING_FIELD_BYTES + 1);
         assert!(matches!(
             decode(&with("Username", json!(long))),

@@ -494,6 +494,53 @@ async fn bad_input_gets_400_with_the_reason() {
         "{body}"
     );
 
+    // A body in ISO-8859-1 (Windows PowerShell 5.1's string bodies), none at all, and a
+    // compressed one: each named for what it is, with what to do.
+    let mut latin1 = sample_context_json();
+    latin1["Username"] = json!("KFTRAIN\\Jos\u{e9}");
+    let latin1: Vec<u8> = latin1
+        .to_string()
+        .chars()
+        .map(|c| u8::try_from(u32::from(c)).expect("Latin-1"))
+        .collect();
+    let response = client()
+        .post(format!("{}/v1/job-complete", engine.url))
+        .header("content-type", "application/json")
+        .body(latin1)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value =
+        serde_json::from_slice(&response.bytes().await.expect("answer")).expect("JSON answer");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("not UTF-8"),
+        "{body}"
+    );
+    let (status, body) = post_raw(&engine, String::new(), None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("context is empty"),
+        "{body}"
+    );
+    let (status, body) = post_with(
+        &engine,
+        &sample_context_json().to_string(),
+        &[("content-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(status, 415);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Content-Encoding \"gzip\""),
+        "{body}"
+    );
+
     let (status, _) = get(&engine, "/v1/events/not-a-uuid").await;
     assert_eq!(status, 400);
     let (status, _) = get(&engine, "/v1/events/8c5b3a59-5a1e-4c55-8c1e-000000000000").await;
@@ -503,7 +550,7 @@ async fn bad_input_gets_400_with_the_reason() {
     assert_eq!(status, 202);
     let (_, metrics) = get(&engine, "/metrics").await;
     assert!(
-        metrics.contains("jobhook_events_rejected_total 5"),
+        metrics.contains("jobhook_events_rejected_total 8"),
         "{metrics}"
     );
     assert!(

@@ -291,7 +291,10 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use sha2::{Digest as _, Sha256};
     let (a, b) = (Sha256::digest(a), Sha256::digest(b));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// The response header that marks an answer to a resend (the original event, nothing new).
@@ -361,6 +364,25 @@ async fn job_complete(
             .is_some_and(|l| l > state.max_body_bytes as u64)
     {
         return too_large(&state);
+    }
+    // A compressed body would be refused as JSON that is not JSON; say what it is.
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
+        && !encoding
+            .to_str()
+            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
+    {
+        state.metrics.event_rejected();
+        return error_and_close(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "the request body has Content-Encoding {:?}; send the job context \
+                 uncompressed, without Content-Encoding",
+                String::from_utf8_lossy(encoding.as_bytes())
+                    .chars()
+                    .take(64)
+                    .collect::<String>()
+            ),
+        );
     }
     let key = match idempotency::key_of(&headers) {
         Ok(key) => key,
