@@ -232,6 +232,38 @@ pub const FIELDS: [&str; 11] = [
     "CurrentRetryCount",
 ];
 
+/// The top-level names of a JSON object document that are none of the [`FIELDS`] (in any
+/// case), each with the field it most likely misspells, if one is close: the decoder ignores
+/// them (a sender may add its own), which for a context written by hand turns a typo into a
+/// field silently absent. Empty for anything that is not an object.
+pub fn unknown_fields(bytes: &[u8]) -> Vec<(String, Option<&'static str>)> {
+    /// Smallest similarity (0 to 1, `strsim::normalized_damerau_levenshtein` of the lower-case
+    /// names) at which a name is taken for a misspelling of a field.
+    const MISSPELT_SIMILARITY: f64 = 0.75;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(bytes) else {
+        return Vec::new();
+    };
+    object
+        .keys()
+        .filter(|key| !FIELDS.iter().any(|f| f.eq_ignore_ascii_case(key)))
+        .map(|key| {
+            let lower = key.to_ascii_lowercase();
+            let nearest = FIELDS
+                .iter()
+                .map(|f| {
+                    let similarity =
+                        strsim::normalized_damerau_levenshtein(&lower, &f.to_ascii_lowercase());
+                    (similarity, *f)
+                })
+                .filter(|(similarity, _)| *similarity >= MISSPELT_SIMILARITY)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, f)| f);
+            (key.clone(), nearest)
+        })
+        .collect()
+}
+
 impl JobContext {
     /// Decodes a context from JSON bytes (see the module documentation for the format).
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, ContextError> {
@@ -1207,6 +1239,29 @@ mod tests {
         assert!(JobContext::from_json_bytes(b"{}").is_err());
         assert!(serializer_hint(b"{}").is_some_and(|h| h.contains("IncludeFields")));
         assert!(serializer_hint(b"[]").is_none());
+    }
+
+    /// Names the decoder would ignore are listed, with the field a misspelt one most likely
+    /// means; the fields themselves in any case are not.
+    #[test]
+    fn unknown_fields_are_named_with_the_field_they_likely_misspell() {
+        let mut v = sample();
+        v["RequestTimestmap"] = json!("2023-05-03T23:18:48Z");
+        v["CertificatId"] = json!(42);
+        v["jobid"] = json!("x");
+        v["Comment"] = json!("mine");
+        let mut found = unknown_fields(v.to_string().as_bytes());
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                ("CertificatId".to_owned(), Some("CertificateId")),
+                ("Comment".to_owned(), None),
+                ("RequestTimestmap".to_owned(), Some("RequestTimestamp")),
+            ]
+        );
+        assert!(unknown_fields(sample().to_string().as_bytes()).is_empty());
+        assert!(unknown_fields(b"[1]").is_empty());
     }
 
     #[test]

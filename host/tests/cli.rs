@@ -91,6 +91,32 @@ fn run_json_prints_one_object() {
     assert!(!v["logs"].as_array().expect("logs").is_empty());
 }
 
+/// A misspelt field in a hand-written context would reach the handler as an absent one without
+/// a word: `run` warns of every name it ignores (escaped), with the field it likely means, and
+/// stdout stays the outcome alone.
+#[test]
+fn run_warns_of_context_fields_it_ignores() {
+    let mut context = sample_context_json();
+    let map = context.as_object_mut().expect("object");
+    let stamp = map.remove("RequestTimestamp").expect("RequestTimestamp");
+    map.insert("RequestTimestmap".into(), stamp);
+    map.insert("\u{1b}[31mX".into(), Value::from(1));
+    let out = jobhook_stdin(
+        &["run", &component("log-context"), "--context", "-", "--json"],
+        context.to_string().as_bytes(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("field \"RequestTimestmap\"")
+            && stderr.contains("did you mean RequestTimestamp?"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON outcome alone");
+    assert_eq!(v["class"], "succeeded");
+}
+
 /// The messages `jobhook run` gave the handler as `delivery.message`, read from log-context's
 /// `Message:` line.
 fn message_seen(extra: &[&str]) -> String {

@@ -391,7 +391,20 @@ fn read_context(source: &str) -> anyhow::Result<JobContext> {
             .with_context(|| format!("cannot read the context file {source}"))?;
         source.to_owned()
     };
-    JobContext::from_json_bytes(&bytes).with_context(|| format!("invalid context in {what}"))
+    let context = JobContext::from_json_bytes(&bytes)
+        .with_context(|| format!("invalid context in {what}"))?;
+    for (name, nearest) in crate::context::unknown_fields(&bytes) {
+        let hint = nearest
+            .map(|field| format!("; did you mean {field}?"))
+            .unwrap_or_default();
+        print_err(&format!(
+            "warning: the context in {} has a field {} that is not one of Keyfactor's eleven; it \
+             is ignored{hint}",
+            escape(&what),
+            escape(&format!("{name:?}"))
+        ));
+    }
+    Ok(context)
 }
 
 /// `--timeout-ms`: the bounds of a handler's `[handlers.limits] timeout_ms` (at least 1, at most
