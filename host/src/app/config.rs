@@ -496,8 +496,16 @@ impl Config {
             )),
             e => fail(format!("cannot read the configuration file: {e}")),
         })?;
-        let text = String::from_utf8(bytes).map_err(|_| {
-            fail("cannot read the configuration file: it is not valid UTF-8".to_owned())
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let valid = e.as_bytes().get(..at).unwrap_or_default();
+            let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = at - valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
+            fail(format!(
+                "cannot read the configuration file: it is not valid UTF-8 (line {line}, byte \
+                 {column} of the line: {:#04x}); save it as UTF-8",
+                e.as_bytes().get(at).copied().unwrap_or_default()
+            ))
         })?;
         Self::parse(&text, path)
     }
@@ -1015,6 +1023,12 @@ impl Validator<'_> {
         };
 
         let (component_line, key) = at("component", raw.component.span());
+        if raw.component.get_ref().as_os_str().is_empty() {
+            return Err(self.error(
+                component_line,
+                &format!("{key} is empty: give the path of the handler's .wasm file"),
+            ));
+        }
         let component = self.base.join(raw.component.into_inner());
         if !component.is_file() {
             let build = crate::app::component_file::missing_build_output_hint(&component)
@@ -1928,6 +1942,26 @@ backoff_ms = 100
                 "{} [[handlers]] are configured; at most {MAX_HANDLERS}",
                 MAX_HANDLERS + 5
             )),
+            "{e}"
+        );
+    }
+
+    /// A file that is not UTF-8 is refused with where the first bad byte is; an empty
+    /// component path is named as empty, not as a missing `./`.
+    #[test]
+    fn a_file_not_in_utf8_and_an_empty_component_say_where_and_what() {
+        let f = Fixture::new();
+        let path = f.dir.path().join("latin1.toml");
+        std::fs::write(&path, b"[server]\nlisten = \"127.0.0.1:0\"\n# caf\xe9\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("not valid UTF-8 (line 3, byte 6 of the line: 0xe9)"),
+            "{e}"
+        );
+        let e = error("[[handlers]]\nname = \"a\"\ncomponent = \"\"\njob_types = [\"*\"]\n");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(
+            e.message.contains("component (handler \"a\") is empty"),
             "{e}"
         );
     }
