@@ -60,6 +60,38 @@ pub const FOREIGN_WRITE_BITS: u32 = 0o022;
 #[cfg(unix)]
 pub const STICKY_BIT: u32 = 0o1000;
 
+/// Whether this process may create and write files in directory `dir` (asked of the system,
+/// which knows the user, groups, ACLs and read-only mounts; nothing is written).
+#[cfg(unix)]
+pub fn writable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path contains a NUL character",
+        )
+    })?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call; access() only reads it.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere only the read-only attribute is known.
+#[cfg(not(unix))]
+pub fn writable(dir: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(dir)?.permissions().readonly() {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "read-only",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// The mode [`create_private_dir`] makes directories with: their owner only.
 #[cfg(unix)]
 pub const PRIVATE_DIR_MODE: u32 = 0o700;

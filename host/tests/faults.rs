@@ -546,6 +546,37 @@ async fn space_freed_during_a_burst_is_not_taken_back_by_the_stores_wal() {
     );
 }
 
+/// A data directory on a file system mounted read-only: `serve` refuses to start saying so in
+/// the system's words, not SQLite's "unable to open database file".
+#[test]
+fn a_data_directory_on_a_read_only_mount_is_refused_in_plain_words() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(tmpfs) = config_on_tmpfs(dir.path(), "4m", String::new) else {
+        return;
+    };
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&tmpfs.data)
+        .expect("data directory");
+    let remounted = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&tmpfs.disk)
+        .status()
+        .expect("run mount");
+    assert!(remounted.success(), "cannot remount the tmpfs read-only");
+    let output = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["serve", "--config"])
+        .arg(&tmpfs.config)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run jobhook serve");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the data directory is not writable (Read-only file system"),
+        "{stderr}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL frozen
 // ---------------------------------------------------------------------------------------------

@@ -831,7 +831,7 @@ fn usable_directory(dir: &Path) -> Result<(), String> {
             )
         });
     }
-    if let Err(e) = writable(at) {
+    if let Err(e) = crate::files::writable(at) {
         return Err(if at == dir {
             format!("{shown} is not writable ({e})")
         } else {
@@ -842,38 +842,6 @@ fn usable_directory(dir: &Path) -> Result<(), String> {
         });
     }
     Ok(())
-}
-
-/// Whether this process may create and write files in directory `dir` (asked of the system,
-/// which knows the user, groups, ACLs and read-only mounts; nothing is written).
-#[cfg(unix)]
-fn writable(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the path contains a NUL character",
-        )
-    })?;
-    // SAFETY: `path` is a NUL-terminated string that outlives the call; access() only reads it.
-    if unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Elsewhere only the read-only attribute is known.
-#[cfg(not(unix))]
-fn writable(dir: &Path) -> std::io::Result<()> {
-    if std::fs::metadata(dir)?.permissions().readonly() {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "read-only",
-        ))
-    } else {
-        Ok(())
-    }
 }
 
 struct Validator<'a> {

@@ -274,6 +274,10 @@ impl SqliteStore {
         };
         crate::files::create_private_dir(data_dir)
             .map_err(|e| open_error(format!("cannot create the data directory: {e}")))?;
+        // Said here, in the system's words (a read-only mount, permissions): SQLite would say
+        // only "unable to open database file".
+        crate::files::writable(data_dir)
+            .map_err(|e| open_error(format!("the data directory is not writable ({e})")))?;
         let lock = if exclusive {
             if let Some(exposed) = exposure(data_dir) {
                 tracing::warn!("{exposed}");
