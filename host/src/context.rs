@@ -232,6 +232,48 @@ pub const FIELDS: [&str; 11] = [
     "CurrentRetryCount",
 ];
 
+/// serde_json's error, with the context field it happened in when the text before it names one
+/// (`number out of range at line 12 column 28` says nothing of `CurrentRetryCount`).
+fn json_error_text(e: &serde_json::Error, bytes: &[u8]) -> String {
+    let text = e.to_string();
+    if e.line() == 0 {
+        return text;
+    }
+    // The byte offset of the error's line and column (columns count bytes from 1).
+    let line_start = if e.line() == 1 {
+        Some(0)
+    } else {
+        bytes
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(e.line() - 2)
+            .map(|(i, _)| i + 1)
+    };
+    let Some(before) =
+        line_start.and_then(|start| bytes.get(..(start + e.column()).min(bytes.len())))
+    else {
+        return text;
+    };
+    // The last member name before the error, `"Name"` followed by a colon, if the error lies in
+    // its value still (no `,`, `}` or `]` after the colon).
+    let field = String::from_utf8_lossy(before)
+        .rsplit_once(':')
+        .filter(|(_, value)| !value.contains([',', '}', ']']))
+        .and_then(|(head, _)| head.trim_end().strip_suffix('"').map(str::to_owned))
+        .and_then(|head| head.rsplit_once('"').map(|(_, name)| name.to_owned()))
+        .and_then(|name| {
+            FIELDS
+                .iter()
+                .find(|f| f.eq_ignore_ascii_case(&name))
+                .copied()
+        });
+    match field {
+        Some(field) => format!("field `{field}`: {text}"),
+        None => text,
+    }
+}
+
 /// The top-level names of a JSON object document that are none of the [`FIELDS`] (in any
 /// case), each with the field it most likely misspells, if one is close: the decoder ignores
 /// them (a sender may add its own), which for a context written by hand turns a typo into a
@@ -283,8 +325,8 @@ impl JobContext {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ContextError::Empty);
         }
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| ContextError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ContextError::Json(json_error_text(&e, bytes)))?;
         if value.is_object() {
             // A parsed object keeps only the last of two equal keys: look at the document's
             // own keys, so that `{"JobId": a, "JobId": b}` is refused like two casings are.
@@ -1262,6 +1304,33 @@ mod tests {
         );
         assert!(unknown_fields(sample().to_string().as_bytes()).is_empty());
         assert!(unknown_fields(b"[1]").is_empty());
+    }
+
+    /// A number serde_json cannot hold is named with its field, found in the text before it.
+    #[test]
+    fn a_json_error_inside_a_field_names_the_field() {
+        let text = sample()
+            .to_string()
+            .replace("\"CurrentRetryCount\":5", "\"CurrentRetryCount\": 1e400");
+        let e = JobContext::from_json_bytes(text.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("field `CurrentRetryCount`: number out of range"),
+            "{e}"
+        );
+        let pretty = serde_json::to_string_pretty(&sample())
+            .unwrap()
+            .replace("\"CertificateId\": 14", "\"CertificateId\": -1e999");
+        let e = JobContext::from_json_bytes(pretty.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("field `CertificateId`"), "{e}");
+        // Past a member's value, serde_json's words alone.
+        let e = JobContext::from_json_bytes(b"{\"AgentId\": \"x\", ")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("field `"), "{e}");
     }
 
     #[test]
