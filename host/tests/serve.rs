@@ -991,8 +991,8 @@ async fn handlers_endpoint_hides_secrets() {
 }
 
 /// A handler renamed by a reload keeps its deliveries: those waiting under the old name stay
-/// pending (not skipped), the reload answer counts them, and once a handler of that name is
-/// configured again they run.
+/// pending (not skipped), the reload answer counts them (a rename of the case alone is pointed
+/// out), and once a handler of that name is configured again they run.
 #[tokio::test]
 async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_skipped() {
     let setup = Setup::new();
@@ -1043,6 +1043,17 @@ async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_
         engine
             .log_text()
             .contains("deliveries wait for a handler that is not configured here"),
+        "{}",
+        engine.log_text()
+    );
+
+    // A rename that changes only the case keeps them waiting too, and the warning says why.
+    setup.config(&named("Trapper"));
+    assert_eq!(reload(&engine).await.status().as_u16(), 200);
+    assert!(
+        engine
+            .log_text()
+            .contains("handler \"Trapper\" is configured: names must match exactly, case included"),
         "{}",
         engine.log_text()
     );

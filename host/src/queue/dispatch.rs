@@ -448,12 +448,25 @@ impl Dispatcher {
             .filter(|(handler, _)| !registry.handlers.contains_key(handler))
             .collect();
         for (handler, pending) in &waiting {
+            // Names are unique in a configuration whatever their case, but deliveries belong to
+            // the name exactly as it was: a rename that only changes case is easy to miss.
+            let differs_in_case = registry
+                .handlers
+                .keys()
+                .find(|configured| configured.eq_ignore_ascii_case(handler))
+                .map(|configured| {
+                    format!(
+                        " (handler {configured:?} is configured: names must match exactly, \
+                         case included)"
+                    )
+                })
+                .unwrap_or_default();
             tracing::warn!(
                 handler = %handler,
                 pending,
                 "deliveries wait for a handler that is not configured here; they stay pending \
                  and run once a handler of that name is configured again (or by a node that has \
-                 it)"
+                 it){differs_in_case}"
             );
         }
         waiting
