@@ -589,6 +589,20 @@ async fn tokens_protect_everything_but_healthz() {
     assert_eq!(status, 401);
     let (status, _) = get(&engine, "/metrics").await;
     assert_eq!(status, 401);
+    // A client without the token keeps no connection open after its 401.
+    let refused = client()
+        .get(format!("{}/metrics", engine.url))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(refused.status().as_u16(), 401);
+    assert_eq!(
+        refused
+            .headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     let (status, _) = get(&engine, "/healthz").await;
     assert_eq!(status, 200);
     // The scheme's name in any case (RFC 9110): `bearer` is `Bearer`.

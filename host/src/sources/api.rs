@@ -281,7 +281,9 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
+    // A client without the token keeps no connection open: it is not one of the senders the
+    // connection caps are there for.
+    closing(response)
 }
 
 /// Compares secrets in time that depends on neither's content nor on their lengths: both are
