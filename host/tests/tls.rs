@@ -384,6 +384,26 @@ async fn tls_connect(
         .await
 }
 
+/// The status of an event posted over TLS (trusting `ca`) from the loopback address `from`,
+/// within 2 s.
+async fn post_from(ca: &TestCa, url: &str, from: &str) -> u16 {
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).expect("CA"))
+        .local_address(from.parse::<std::net::IpAddr>().expect("address"))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client")
+        .post(format!("{url}/v1/job-complete"))
+        .header("content-type", "application/json")
+        .body(sample_context_json().to_string())
+        .send()
+        .await
+        .expect("POST")
+        .status()
+        .as_u16()
+}
+
 async fn tcp_connect(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     let local: std::net::IpAddr = from.parse().expect("address");
@@ -446,22 +466,7 @@ async fn tls_connections_get_the_header_timeout_the_caps_and_the_body_limit() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let other = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).expect("CA"))
-        .local_address("127.0.0.2".parse::<std::net::IpAddr>().expect("address"))
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("client");
-    let status = other
-        .post(format!("{}/v1/job-complete", engine.url))
-        .header("content-type", "application/json")
-        .body(sample_context_json().to_string())
-        .send()
-        .await
-        .expect("POST from another address")
-        .status();
-    assert_eq!(status, 202);
+    assert_eq!(post_from(&ca, &engine.url, "127.0.0.2").await, 202);
     assert!(
         engine
             .log_text()
@@ -669,22 +674,7 @@ async fn silent_connections_at_the_total_cap_make_room_and_the_header_timeout_co
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    let other = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).expect("CA"))
-        .local_address("127.0.0.2".parse::<std::net::IpAddr>().expect("address"))
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("client");
-    let status = other
-        .post(format!("{}/v1/job-complete", engine.url))
-        .header("content-type", "application/json")
-        .body(sample_context_json().to_string())
-        .send()
-        .await
-        .expect("POST while every place is held")
-        .status();
-    assert_eq!(status, 202);
+    assert_eq!(post_from(&ca, &engine.url, "127.0.0.2").await, 202);
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",

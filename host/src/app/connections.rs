@@ -351,24 +351,36 @@ impl Drop for Permit {
 /// many there were.
 #[derive(Debug, Default)]
 struct RefusalLog {
-    state: Mutex<(Option<Instant>, u64)>,
-    evictions: Mutex<(Option<Instant>, u64)>,
+    refusals: Occurrences,
+    evictions: Occurrences,
 }
 
-impl RefusalLog {
-    fn note(&self, refusal: Refusal, client: IpAddr, limits: &ConnectionLimits) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+/// Occurrences of one kind, told at most once per [`REFUSAL_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct Occurrences(Mutex<(Option<Instant>, u64)>);
+
+impl Occurrences {
+    /// Counts one; when a line is due, how many it stands for (this one included).
+    fn due(&self) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         state.1 += 1;
         let now = Instant::now();
         if state
             .0
             .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
         {
-            return;
+            return None;
         }
-        let refused = std::mem::take(&mut state.1);
         state.0 = Some(now);
-        drop(state);
+        Some(std::mem::take(&mut state.1))
+    }
+}
+
+impl RefusalLog {
+    fn note(&self, refusal: Refusal, client: IpAddr, limits: &ConnectionLimits) {
+        let Some(refused) = self.refusals.due() else {
+            return;
+        };
         let limit = refusal.limit(limits);
         tracing::warn!(
             %client,
@@ -380,18 +392,9 @@ impl RefusalLog {
     }
 
     fn evicted(&self, eviction: Eviction, limits: &ConnectionLimits) {
-        let mut state = self.evictions.lock().unwrap_or_else(|p| p.into_inner());
-        state.1 += 1;
-        let now = Instant::now();
-        if state
-            .0
-            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
-        {
+        let Some(evicted) = self.evictions.due() else {
             return;
-        }
-        let evicted = std::mem::take(&mut state.1);
-        state.0 = Some(now);
-        drop(state);
+        };
         tracing::warn!(
             holder = %eviction.client,
             held = eviction.held,
