@@ -46,6 +46,7 @@ pub mod files;
 pub mod limits;
 #[cfg(test)]
 pub(crate) mod log_capture;
+pub mod log_limit;
 pub mod metrics;
 pub mod outcome;
 pub mod queue;

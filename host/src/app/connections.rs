@@ -58,6 +58,7 @@ use tokio::task::JoinSet;
 use tokio::time::Sleep;
 
 use crate::app::tls::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, TlsState};
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 
 /// Default for `[server] header_read_timeout_ms`: a client sends its request head in one or two
@@ -349,36 +350,25 @@ impl Drop for Permit {
 
 /// Logs refusals, and evictions, each at most once per [`REFUSAL_LOG_INTERVAL`], with how
 /// many there were.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RefusalLog {
-    refusals: Occurrences,
-    evictions: Occurrences,
+    refusals: LogLimit,
+    evictions: LogLimit,
 }
 
-/// Occurrences of one kind, told at most once per [`REFUSAL_LOG_INTERVAL`].
-#[derive(Debug, Default)]
-struct Occurrences(Mutex<(Option<Instant>, u64)>);
-
-impl Occurrences {
-    /// Counts one; when a line is due, how many it stands for (this one included).
-    fn due(&self) -> Option<u64> {
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        state.1 += 1;
-        let now = Instant::now();
-        if state
-            .0
-            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
-        {
-            return None;
+impl Default for RefusalLog {
+    fn default() -> Self {
+        RefusalLog {
+            refusals: LogLimit::new(REFUSAL_LOG_INTERVAL),
+            evictions: LogLimit::new(REFUSAL_LOG_INTERVAL),
         }
-        state.0 = Some(now);
-        Some(std::mem::take(&mut state.1))
     }
 }
 
 impl RefusalLog {
     fn note(&self, refusal: Refusal, client: IpAddr, limits: &ConnectionLimits) {
-        let Some(refused) = self.refusals.due() else {
+        // The line stands for this refusal and those untold since the last.
+        let Some(refused) = self.refusals.due().map(|untold| untold + 1) else {
             return;
         };
         let limit = refusal.limit(limits);
@@ -392,7 +382,7 @@ impl RefusalLog {
     }
 
     fn evicted(&self, eviction: Eviction, limits: &ConnectionLimits) {
-        let Some(evicted) = self.evictions.due() else {
+        let Some(evicted) = self.evictions.due().map(|untold| untold + 1) else {
             return;
         };
         tracing::warn!(

@@ -254,6 +254,12 @@ pub async fn read_body(mut response: reqwest::Response, max: usize) -> Result<Ve
     Ok(body)
 }
 
+/// Least time between two log lines of one kind about failed outbound calls (a transport
+/// failure, an answer that broke off); each line says how many more there were. A handler
+/// calling a host that refuses every connection, or a server breaking off every answer, would
+/// otherwise decide how much the engine writes to its log.
+pub const FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Longest cause of a failed call written to the engine's log, in bytes: the chain of a
 /// transport error is a few short messages; a server's text in it is cut here.
 const MAX_CAUSE_BYTES: usize = 512;

@@ -51,6 +51,7 @@ use crate::bindings::types::CapabilityError;
 use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::{JobContext, JobResult, OperationType, parse_guid, parse_timestamp};
+use crate::log_limit::LogLimit;
 use crate::queue::dispatch::Dispatcher;
 use crate::queue::store::{EventStore, NewEvent, SOURCE_POLLER, StoreError};
 use crate::runtime::state::Delivery;
@@ -560,28 +561,6 @@ fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
     t.with_nanosecond(0).unwrap_or(t)
 }
 
-/// A warning about rows' starts given at most every [`NOTICE_EVERY`].
-#[derive(Debug, Default)]
-struct Notice {
-    last: Option<Instant>,
-    quiet: u64,
-}
-
-impl Notice {
-    /// Whether to warn now; if so, how many occurrences went unreported since the last warning.
-    fn due(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|last| now.saturating_duration_since(last) < NOTICE_EVERY)
-        {
-            self.quiet = self.quiet.saturating_add(1);
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.quiet))
-    }
-}
-
 /// What a failed Keyfactor call says, in words (the generated type's `Display` is its `Debug`).
 fn capability_error_text(e: &CapabilityError) -> String {
     match e {
@@ -647,32 +626,40 @@ pub struct Poller {
     dispatcher: Arc<Dispatcher>,
     agents: Mutex<AgentCache>,
     /// Rows starting ahead of this machine's clock ([`CLOCK_SLACK`]).
-    ahead: Mutex<Notice>,
+    ahead: LogLimit,
     /// Rows handled long after later ones ([`LATE_NOTICE`]).
-    late: Mutex<Notice>,
+    late: LogLimit,
     /// Rows passed over, and pages longer than asked for.
     skips: SkipNotices,
     /// Polls in a row that failed on an earlier-runs lookup ([`LOOKUP_FAILURES_TOLERATED`]).
     failed_lookups: AtomicU32,
 }
 
-/// One [`Notice`] for each kind of row the poller passes over, so that one kind does not hide
+/// One [`LogLimit`] for each kind of row the poller passes over, so that one kind does not hide
 /// another.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SkipNotices {
-    long_page: Mutex<Notice>,
-    no_id: Mutex<Notice>,
-    no_job_id: Mutex<Notice>,
-    no_start: Mutex<Notice>,
-    stale: Mutex<Notice>,
-    refused: Mutex<Notice>,
-    lookup: Mutex<Notice>,
+    long_page: LogLimit,
+    no_id: LogLimit,
+    no_job_id: LogLimit,
+    no_start: LogLimit,
+    stale: LogLimit,
+    refused: LogLimit,
+    lookup: LogLimit,
 }
 
-/// Whether a warning of `notice`'s kind is due now; if so, how many went unreported since the
-/// last (a poisoned lock warns every time rather than never).
-fn due(notice: &Mutex<Notice>) -> Option<u64> {
-    notice.lock().map_or(Some(0), |mut n| n.due(Instant::now()))
+impl Default for SkipNotices {
+    fn default() -> Self {
+        SkipNotices {
+            long_page: LogLimit::new(NOTICE_EVERY),
+            no_id: LogLimit::new(NOTICE_EVERY),
+            no_job_id: LogLimit::new(NOTICE_EVERY),
+            no_start: LogLimit::new(NOTICE_EVERY),
+            stale: LogLimit::new(NOTICE_EVERY),
+            refused: LogLimit::new(NOTICE_EVERY),
+            lookup: LogLimit::new(NOTICE_EVERY),
+        }
+    }
 }
 
 impl Poller {
@@ -694,8 +681,8 @@ impl Poller {
             store,
             dispatcher,
             agents: Mutex::new(AgentCache::default()),
-            ahead: Mutex::new(Notice::default()),
-            late: Mutex::new(Notice::default()),
+            ahead: LogLimit::new(NOTICE_EVERY),
+            late: LogLimit::new(NOTICE_EVERY),
             skips: SkipNotices::default(),
             failed_lookups: AtomicU32::new(0),
         })
@@ -827,7 +814,7 @@ impl Poller {
         // its lookups, as large as it likes: the rows past the page are not read.
         let page_size = self.config.page_size as usize;
         if rows.len() > page_size {
-            if let Some(quiet) = due(&self.skips.long_page) {
+            if let Some(quiet) = self.skips.long_page.due() {
                 tracing::warn!(
                     rows = rows.len(),
                     asked_for = page_size,
@@ -961,7 +948,7 @@ impl Poller {
             // the same decoder as a posted one, so every rule ingest has (lengths today, any
             // added later) holds for polled events too. The row is handled.
             if let Err(e) = JobContext::from_json_value(&event.context.to_json()) {
-                if let Some(quiet) = due(&self.skips.refused) {
+                if let Some(quiet) = self.skips.refused.due() {
                     tracing::warn!(
                         job_id = %event.context.job_id,
                         more_since_last_warning = quiet,
@@ -1013,7 +1000,7 @@ impl Poller {
         );
         for row in rows {
             let Some(id) = row.get("JobHistoryId").and_then(Value::as_i64) else {
-                if let Some(quiet) = due(&self.skips.no_id) {
+                if let Some(quiet) = self.skips.no_id.due() {
                     tracing::warn!(
                         more_since_last_warning = quiet,
                         "JobHistory row without a JobHistoryId skipped"
@@ -1051,7 +1038,7 @@ impl Poller {
                             "passing over an unfinished job that starts far ahead"
                         );
                     } else {
-                        if let Some(quiet) = due(&self.skips.no_start) {
+                        if let Some(quiet) = self.skips.no_start.due() {
                             tracing::warn!(
                                 job_history_id = id,
                                 more_since_last_warning = quiet,
@@ -1067,7 +1054,7 @@ impl Poller {
                 if !stale {
                     return true;
                 }
-                if let Some(quiet) = due(&self.skips.stale) {
+                if let Some(quiet) = self.skips.stale.due() {
                     tracing::warn!(
                         job_history_id = id,
                         more_since_last_warning = quiet,
@@ -1093,7 +1080,7 @@ impl Poller {
                     started,
                 }),
                 None => {
-                    if let Some(quiet) = due(&self.skips.no_job_id) {
+                    if let Some(quiet) = self.skips.no_job_id.due() {
                         tracing::warn!(
                             job_history_id = id,
                             more_since_last_warning = quiet,
@@ -1121,10 +1108,8 @@ impl Poller {
         let Some(start) = start else {
             return;
         };
-        let due =
-            |notice: &Mutex<Notice>| notice.lock().map_or(Some(0), |mut n| n.due(Instant::now()));
         if start - now > CLOCK_SLACK
-            && let Some(quiet) = due(&self.ahead)
+            && let Some(quiet) = self.ahead.due()
         {
             tracing::warn!(
                 job_history_id = id,
@@ -1135,7 +1120,7 @@ impl Poller {
             );
         }
         if since.is_some_and(|since| since - start > LATE_NOTICE)
-            && let Some(quiet) = due(&self.late)
+            && let Some(quiet) = self.late.due()
         {
             tracing::warn!(
                 job_history_id = id,
@@ -1159,7 +1144,7 @@ impl Poller {
                 Ok(earlier) => Some(earlier),
                 Err(e) if patient => return Err(e),
                 Err(e) => {
-                    if let Some(quiet) = due(&self.skips.lookup) {
+                    if let Some(quiet) = self.skips.lookup.due() {
                         tracing::warn!(
                             job_id = %event.context.job_id,
                             more_since_last_warning = quiet,
@@ -1579,17 +1564,6 @@ mod tests {
         }
         assert_eq!(c.unfinished.len(), MAX_SEEN);
         assert!(c.below_floor(0));
-    }
-
-    #[test]
-    fn clock_warnings_are_rate_limited() {
-        let t = Instant::now();
-        let mut n = Notice::default();
-        assert_eq!(n.due(t), Some(0));
-        assert_eq!(n.due(t + Duration::from_secs(1)), None);
-        assert_eq!(n.due(t + Duration::from_secs(2)), None);
-        assert_eq!(n.due(t + NOTICE_EVERY), Some(2));
-        assert_eq!(n.due(t + NOTICE_EVERY), None);
     }
 
     #[test]

@@ -37,6 +37,7 @@ use crate::bindings::jobhook::handler::http::{Host, Request, add_to_linker};
 use crate::bindings::types::{CapabilityError, Response};
 use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
 use crate::capabilities::outbound::{self, BodyError, GrantMethod, RedactorSet};
+use crate::log_limit::LogLimit;
 
 /// Default per-call timeout. A webhook answers in well under a second; a notification is not
 /// worth holding a handler for longer than this.
@@ -528,9 +529,17 @@ impl HttpClient {
             if let Some(refused) = find_source::<AddressRefused>(&e) {
                 return denied(refused.to_string());
             }
+            static FAILED: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
             let answer = outbound::transport_error(&e, WHAT);
-            let cause = outbound::failure_cause(e);
-            tracing::warn!(host = %host, error = %cause, "outbound HTTP call failed");
+            if let Some(untold) = FAILED.due() {
+                let cause = outbound::failure_cause(e);
+                tracing::warn!(
+                    host = %host,
+                    error = %cause,
+                    more_since_last_warning = untold,
+                    "outbound HTTP call failed"
+                );
+            }
             answer
         })?;
         let status = response.status().as_u16();
@@ -548,9 +557,17 @@ impl HttpClient {
                 )));
             }
             Err(BodyError::Transport(e)) => {
+                static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                let cause = outbound::failure_cause(e);
-                tracing::warn!(host = %host, error = %cause, "outbound HTTP response broke off");
+                if let Some(untold) = BROKE_OFF.due() {
+                    let cause = outbound::failure_cause(e);
+                    tracing::warn!(
+                        host = %host,
+                        error = %cause,
+                        more_since_last_warning = untold,
+                        "outbound HTTP response broke off"
+                    );
+                }
                 return Err(answer);
             }
         };

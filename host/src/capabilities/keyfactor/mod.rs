@@ -38,6 +38,7 @@ use crate::bindings::types::{CapabilityError, Method, Response};
 use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
 pub use crate::capabilities::outbound::GrantMethod;
 use crate::capabilities::outbound::{self, BodyError, RedactorSet};
+use crate::log_limit::LogLimit;
 use crate::secret::rebase;
 
 /// Default per-call timeout. A Keyfactor API call normally answers in well under a second; 10 s
@@ -547,9 +548,17 @@ impl KeyfactorClient {
                 builder = builder.body(body.clone());
             }
             let response = builder.send().await.map_err(|e| {
+                static FAILED: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                let cause = outbound::failure_cause(e);
-                tracing::warn!(path = %path, error = %cause, "Keyfactor API call failed");
+                if let Some(untold) = FAILED.due() {
+                    let cause = outbound::failure_cause(e);
+                    tracing::warn!(
+                        path = %path,
+                        error = %cause,
+                        more_since_last_warning = untold,
+                        "Keyfactor API call failed"
+                    );
+                }
                 answer
             })?;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
@@ -592,9 +601,17 @@ impl KeyfactorClient {
                 )));
             }
             Err(BodyError::Transport(e)) => {
+                static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                let cause = outbound::failure_cause(e);
-                tracing::warn!(path = %path, error = %cause, "Keyfactor API response broke off");
+                if let Some(untold) = BROKE_OFF.due() {
+                    let cause = outbound::failure_cause(e);
+                    tracing::warn!(
+                        path = %path,
+                        error = %cause,
+                        more_since_last_warning = untold,
+                        "Keyfactor API response broke off"
+                    );
+                }
                 return Err(answer);
             }
         };

@@ -62,7 +62,8 @@ use wasmtime::component::{HasSelf, Linker};
 use crate::bindings::jobhook::handler::mail::{Host, Message as WitMessage, add_to_linker};
 use crate::bindings::types::CapabilityError;
 use crate::capabilities::gate::{Gate, Grantable, ServiceEnv};
-use crate::capabilities::outbound::quote;
+use crate::capabilities::outbound::{self, quote};
+use crate::log_limit::LogLimit;
 use crate::secret::{SecretError, SecretRef, rebase};
 
 pub use self::relay::MAX_RELAY_READ_BYTES;
@@ -741,6 +742,10 @@ pub enum MailConfigError {
 pub struct MailTransport {
     from: Mailbox,
     kind: TransportKind,
+    /// Failed mail, told in the log at most once per [`outbound::FAILURE_LOG_INTERVAL`] (with
+    /// how many more): a relay refusing every message, or handlers sending mail into an outbox
+    /// that cannot be written, must not decide how much the engine logs.
+    failures: LogLimit,
 }
 
 enum TransportKind {
@@ -838,7 +843,11 @@ impl MailTransport {
                 }
             }
         };
-        Ok(MailTransport { from, kind })
+        Ok(MailTransport {
+            from,
+            kind,
+            failures: LogLimit::new(outbound::FAILURE_LOG_INTERVAL),
+        })
     }
 
     /// The outbox directory, when mail goes to files.
@@ -861,11 +870,14 @@ impl MailTransport {
                 let Ok(Ok(permit)) =
                     tokio::time::timeout(OUTBOX_WRITE_WAIT, OUTBOX_WRITES.acquire()).await
                 else {
-                    tracing::warn!(
-                        outbox = %dir.display(),
-                        "{MAX_OUTBOX_WRITES_IN_PROGRESS} writes to the mail outbox are in progress \
-                         (its disk is not answering); mail is refused until they finish"
-                    );
+                    if let Some(untold) = self.failures.due() {
+                        tracing::warn!(
+                            more_since_last_warning = untold,
+                            outbox = %dir.display(),
+                            "{MAX_OUTBOX_WRITES_IN_PROGRESS} writes to the mail outbox are in progress \
+                             (its disk is not answering); mail is refused until they finish"
+                        );
+                    }
                     return Err(CapabilityError::Failed(
                         "the engine's mail outbox is not keeping up; the message was not written"
                             .into(),
@@ -903,26 +915,35 @@ impl MailTransport {
                         Ok(())
                     }
                     Ok(Err(OutboxError::Full { free })) => {
-                        tracing::warn!(
-                            outbox = %dir.display(),
-                            free_bytes = free,
-                            "the mail outbox's disk has less than {OUTBOX_FREE_RESERVE_BYTES} bytes \
-                             free; mail is refused until space returns (empty the outbox)"
-                        );
+                        if let Some(untold) = self.failures.due() {
+                            tracing::warn!(
+                                more_since_last_warning = untold,
+                                outbox = %dir.display(),
+                                free_bytes = free,
+                                "the mail outbox's disk has less than {OUTBOX_FREE_RESERVE_BYTES} bytes \
+                                 free; mail is refused until space returns (empty the outbox)"
+                            );
+                        }
                         Err(CapabilityError::Failed(
                             "the engine's mail outbox is full; the message was not written".into(),
                         ))
                     }
                     Ok(Err(OutboxError::Create { path, source })) => {
-                        tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, "cannot create the mail outbox");
+                        if let Some(untold) = self.failures.due() {
+                            tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, more_since_last_warning = untold, "cannot create the mail outbox");
+                        }
                         Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
                     }
                     Ok(Err(OutboxError::Write { path, source })) => {
-                        tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, "cannot write to the mail outbox");
+                        if let Some(untold) = self.failures.due() {
+                            tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, more_since_last_warning = untold, "cannot write to the mail outbox");
+                        }
                         Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
                     }
                     Err(e) => {
-                        tracing::warn!(outbox = %dir.display(), error = %e, "cannot write to the mail outbox");
+                        if let Some(untold) = self.failures.due() {
+                            tracing::warn!(outbox = %dir.display(), error = %e, more_since_last_warning = untold, "cannot write to the mail outbox");
+                        }
                         Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
                     }
                 }
@@ -935,10 +956,13 @@ impl MailTransport {
                 let wire = email.formatted();
                 let exchange = transport.send(email.envelope(), &wire);
                 let Ok(sent) = tokio::time::timeout(*timeout, exchange).await else {
-                    tracing::warn!(
-                        relay = %relay,
-                        "the mail relay did not finish the exchange within [mail.smtp] timeout_ms ({timeout:?})"
-                    );
+                    if let Some(untold) = self.failures.due() {
+                        tracing::warn!(
+                            more_since_last_warning = untold,
+                            relay = %relay,
+                            "the mail relay did not finish the exchange within [mail.smtp] timeout_ms ({timeout:?})"
+                        );
+                    }
                     return Err(CapabilityError::Timeout(
                         "the mail relay did not answer in time".into(),
                     ));
@@ -946,33 +970,43 @@ impl MailTransport {
                 sent.map(|_| ()).map_err(|e| {
                     let e = match e {
                         RelayError::TooMuch => {
-                            tracing::warn!(
-                                relay = %relay,
-                                "the mail relay sent more than {MAX_RELAY_READ_BYTES} bytes for one message (a reply without end?); the engine stopped reading and closed the connection"
-                            );
+                            if let Some(untold) = self.failures.due() {
+                                tracing::warn!(
+                                    more_since_last_warning = untold,
+                                    relay = %relay,
+                                    "the mail relay sent more than {MAX_RELAY_READ_BYTES} bytes for one message (a reply without end?); the engine stopped reading and closed the connection"
+                                );
+                            }
                             return CapabilityError::Failed(format!(
                                 "the mail relay sent more than {MAX_RELAY_READ_BYTES} bytes of replies; the engine stopped reading, and the message may not have been sent"
                             ));
                         }
                         RelayError::PlaintextAfterStarttls => {
-                            tracing::warn!(
-                                relay = %relay,
-                                error = %e,
-                                "STARTTLS to the mail relay refused: plain text followed its go-ahead, which would have been read as replies from inside TLS (STARTTLS command injection); the message was not sent"
-                            );
+                            if let Some(untold) = self.failures.due() {
+                                tracing::warn!(
+                                    more_since_last_warning = untold,
+                                    relay = %relay,
+                                    error = %e,
+                                    "STARTTLS to the mail relay refused: plain text followed its go-ahead, which would have been read as replies from inside TLS (STARTTLS command injection); the message was not sent"
+                                );
+                            }
                             return CapabilityError::Failed(
                                 "the mail relay's STARTTLS was tampered with (plain text after its go-ahead); the engine closed the connection before TLS, and the message was not sent".into(),
                             );
                         }
                         RelayError::Connect(_) | RelayError::Socket(_) | RelayError::NoStarttls => {
-                            tracing::warn!(relay = %relay, error = %e, "the mail relay did not take the message");
+                            if let Some(untold) = self.failures.due() {
+                                tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message");
+                            }
                             return CapabilityError::Failed(
                                 "the mail relay could not be reached or did not take the message".into(),
                             );
                         }
                         RelayError::Smtp(e) => e,
                     };
-                    tracing::warn!(relay = %relay, error = %e, "the mail relay did not take the message");
+                    if let Some(untold) = self.failures.due() {
+                        tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message");
+                    }
                     let code = e.status().map(|c| format!(" ({c})")).unwrap_or_default();
                     if e.is_timeout() {
                         CapabilityError::Timeout("the mail relay did not answer in time".into())

@@ -495,24 +495,17 @@ fn run_in_savepoint(tx: &Connection, job: &mut dyn Job) -> Option<StoreError> {
 /// database file without waiting for anyone (a passive checkpoint: it never holds up the writer
 /// or a reader, and copies what it can). SQLite starts the WAL over once all of it is copied.
 fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
-    let mut failures = 0u64;
-    let mut warned: Option<std::time::Instant> = None;
+    let warnings = crate::log_limit::LogLimit::new(CHECKPOINT_WARNING_INTERVAL);
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_PERIOD) {
         let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        match checkpointed {
-            Ok(()) => failures = 0,
-            Err(e) => {
-                failures += 1;
-                if warned.is_none_or(|at| at.elapsed() >= CHECKPOINT_WARNING_INTERVAL) {
-                    tracing::warn!(
-                        failures,
-                        "cannot checkpoint the store's WAL (trying again every {} ms): {e}",
-                        CHECKPOINT_PERIOD.as_millis()
-                    );
-                    warned = Some(std::time::Instant::now());
-                    failures = 0;
-                }
-            }
+        if let Err(e) = checkpointed
+            && let Some(untold) = warnings.due()
+        {
+            tracing::warn!(
+                failures = untold + 1,
+                "cannot checkpoint the store's WAL (trying again every {} ms): {e}",
+                CHECKPOINT_PERIOD.as_millis()
+            );
         }
     }
 }
