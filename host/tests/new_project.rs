@@ -259,6 +259,9 @@ fn scripted_language(lang: &str, build_command: &str, component: &str) {
     if lang == "python" {
         python_exit_is_a_reason(&dir, &tools, component);
     }
+    if let Some(edits) = async_and_lone_surrogate_edits(lang) {
+        an_async_run_and_a_lone_surrogate_are_reasons(&dir, &tools, component, &edits);
+    }
     if lang == "c" {
         c_false_without_a_reason_still_has_one(&dir, &tools, component);
         c_a_capability_it_calls_is_the_only_one_it_imports(&dir, &tools, component);
@@ -393,6 +396,72 @@ fn python_exit_is_a_reason(dir: &Path, tools: &[PathBuf], component: &str) {
     let outcome = run_edited(dir, tools, component, "app.py", marker, exiting);
     assert_eq!(outcome["class"], "handler-failed", "{outcome:#}");
     assert_eq!(outcome["reason"], "SystemExit: 3", "{outcome:#}");
+}
+
+/// The edits that make a generated project's `run` asynchronous, and that make it fail with a
+/// reason holding a lone surrogate, with the reasons expected; `None` for a language whose
+/// template has neither case (Rust and C strings cannot hold a lone surrogate, nor be async).
+fn async_and_lone_surrogate_edits(lang: &str) -> Option<[(Edit, &'static str); 2]> {
+    match lang {
+        "js" => Some([
+            (
+                (
+                    "handler.js",
+                    "function run(ctx) {",
+                    "async function run(ctx) {\n    await null;\n    throw \"after the await\";",
+                ),
+                "run() returned a Promise: handlers run synchronously",
+            ),
+            (
+                (
+                    "handler.js",
+                    "function run(ctx) {",
+                    "function run(ctx) {\n    throw `cut ${\"\\u{1F600}\".slice(0, 1)} here`;",
+                ),
+                "cut \u{fffd} here",
+            ),
+        ]),
+        "python" => Some([
+            (
+                (
+                    "app.py",
+                    "def run(context: JobContext) -> None:",
+                    "async def run(context: JobContext) -> None:",
+                ),
+                "run() returned a coroutine: handlers run synchronously",
+            ),
+            (
+                (
+                    "app.py",
+                    "# `raise Err(\"why\")` (or any exception) reports a failure with that reason.",
+                    "raise ValueError(b\"job \\xff output\".decode(\"utf-8\", \"surrogateescape\"))",
+                ),
+                "ValueError: job ? output",
+            ),
+        ]),
+        _ => None,
+    }
+}
+
+/// An `async` `run` (which the synchronous runtime would never finish: it used to end
+/// `succeeded`, the code after its first `await` never run) and a reason with a lone surrogate
+/// (which would end as `panicked`, the reason lost) both end as `handler-failed` with a reason.
+fn an_async_run_and_a_lone_surrogate_are_reasons(
+    dir: &Path,
+    tools: &[PathBuf],
+    component: &str,
+    edits: &[(Edit, &'static str); 2],
+) {
+    for ((file, from, to), reason) in edits {
+        let outcome = run_edited(dir, tools, component, file, from, to);
+        assert_eq!(outcome["class"], "handler-failed", "{to}: {outcome:#}");
+        assert!(
+            outcome["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with(reason)),
+            "{to}: {outcome:#}"
+        );
+    }
 }
 
 /// Replaces the first `from` in the generated project's `file` with `to`, builds the project and
