@@ -961,7 +961,7 @@ namespace Jobhook.Forwarder.Harness
             try
             {
                 return Array.FindAll(Directory.GetFiles(spoolDirectory, "*" + Spool.EventExtension),
-                                     path => path.EndsWith(Spool.EventExtension, StringComparison.Ordinal));
+                                     path => Spool.IsOwnEventName(Path.GetFileName(path)));
             }
             catch (DirectoryNotFoundException)
             {

@@ -7,6 +7,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.IO;
 using System.Text;
+using System.Text.RegularExpressions;
 using System.Threading;
 
 namespace Jobhook.Forwarder
@@ -41,6 +42,28 @@ namespace Jobhook.Forwarder
         public const string EventExtension = ".evt";
         /// <summary>Extension of a file being written.</summary>
         public const string TempExtension = ".tmp";
+        /// <summary>
+        /// The name of a spool file this forwarder writes (see <see cref="Write"/>): UTC ticks (19
+        /// digits), a sequence (10 digits), the idempotency key (a GUID's 32 lower-case hex
+        /// digits), `.evt`. Only such names (and the same with <see cref="TempExtension"/>) are
+        /// indexed, sent, set aside or deleted: a SpoolDirectory that also holds other files
+        /// (`C:\Windows\Temp`, a drive's root) loses none of them.
+        /// </summary>
+        static readonly Regex OwnName = new Regex(
+            @"\A[0-9]{19}-[0-9]{10}-[0-9a-f]{32}\.evt\z", RegexOptions.CultureInvariant);
+
+        /// <summary>Whether `name` (a file name, not a path) is one of this forwarder's event files.</summary>
+        public static bool IsOwnEventName(string name)
+        {
+            return name != null && OwnName.IsMatch(name);
+        }
+
+        /// <summary>Whether `name` is one of this forwarder's files being written (an event file's name and <see cref="TempExtension"/>).</summary>
+        static bool IsOwnTempName(string name)
+        {
+            return name != null && name.EndsWith(TempExtension, StringComparison.Ordinal)
+                   && IsOwnEventName(name.Substring(0, name.Length - TempExtension.Length));
+        }
         /// <summary>Subdirectory for events the engine refused as invalid (HTTP 400).</summary>
         public const string RejectedDirectoryName = "rejected";
         /// <summary>
@@ -225,11 +248,21 @@ namespace Jobhook.Forwarder
             {
                 Directory.CreateDirectory(directory);
                 Directory.CreateDirectory(spool.rejectedDirectory);
-                foreach (var path in Directory.GetFiles(directory, "*" + TempExtension))
-                    TryDelete(path);
+                int foreign = 0;
+                foreach (var path in Directory.GetFiles(directory))
+                {
+                    var name = Path.GetFileName(path);
+                    if (IsOwnTempName(name))
+                        TryDelete(path);
+                    else if (!IsOwnEventName(name))
+                        foreign++;
+                }
+                if (foreign > 0)
+                    spool.log.Warn(foreign + " file(s) in the spool directory " + directory
+                                   + " are not the forwarder's; they are left alone, but give SpoolDirectory a directory of its own");
                 foreach (var path in Directory.GetFiles(directory, "*" + EventExtension))
                 {
-                    if (!path.EndsWith(EventExtension, StringComparison.Ordinal))
+                    if (!IsOwnEventName(Path.GetFileName(path)))
                         continue;
                     long size;
                     try
@@ -475,9 +508,9 @@ namespace Jobhook.Forwarder
             {
                 foreach (var path in Directory.EnumerateFiles(directory, "*" + EventExtension))
                 {
-                    if (!path.EndsWith(EventExtension, StringComparison.Ordinal))
-                        continue; // not a complete spool file (*.tmp is still being written)
                     var name = Path.GetFileName(path);
+                    if (!IsOwnEventName(name))
+                        continue; // not a complete spool file of this forwarder's (*.tmp is still being written)
                     lock (gate)
                     {
                         if (files.ContainsKey(name) || name == writerOwns || awaitingRemoval.ContainsKey(name))

@@ -1789,15 +1789,14 @@ async fn m_a_stalled_log_sink_never_slows_run_handler() {
 
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn n_a_file_gone_while_the_spool_is_indexed_is_skipped() {
+async fn n_a_file_the_listing_finds_under_a_name_that_finds_no_file_is_skipped() {
     const SENT: usize = 20;
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    // A file the start-up listing finds and that is gone when it is sized: another process
-    // delivered and deleted it meanwhile (the old worker of an overlapped recycle). Mono lists a
-    // file whose name is not UTF-8 under a name that finds no file, so sizing it fails with the
-    // same FileNotFoundException every time, and the race is not left to luck.
+    // A file the start-up listing finds under a name that finds no file: Mono lists a file whose
+    // name is not UTF-8 so. It is not the forwarder's (its names are ASCII), so it is left
+    // alone rather than sized; the spool opens and delivers.
     std::fs::create_dir_all(site.spool()).expect("spool directory");
     let gone = {
         use std::os::unix::ffi::OsStrExt;
@@ -1815,10 +1814,58 @@ async fn n_a_file_gone_while_the_spool_is_indexed_is_skipped() {
         spooled.starts_with(&format!("spooled {SENT} ")),
         "{spooled}"
     );
-    // The harness waits for an empty directory.
-    std::fs::remove_file(&gone).expect("remove the file");
-    harness.wait_success("a spool file gone during indexing");
+    harness.wait_success("a file listed under a name that finds no file");
     assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert_eq!(
+        std::fs::read(&gone).expect("the file is still there"),
+        b"not UTF-8"
+    );
+}
+
+/// A SpoolDirectory that also holds other programs' files (`C:\Windows\Temp`, a drive's root):
+/// the forwarder indexes, sends, sets aside and deletes only files of its own name pattern, and
+/// says once that the others are there. It used to delete every `*.tmp` at start and treat every
+/// `*.evt` as an event (set aside, and deleted at once if large).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aj_other_programs_files_in_the_spool_directory_are_left_alone() {
+    const SENT: usize = 5;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    std::fs::create_dir_all(site.spool()).expect("spool directory");
+    let foreign: Vec<(&str, Vec<u8>)> = vec![
+        ("report-draft.tmp", b"a draft".to_vec()),
+        ("unrelated.txt", b"notes".to_vec()),
+        ("System.evt", b"an event log, not an event".to_vec()),
+        ("Application-2019.evt", vec![b'x'; 2 * 1024 * 1024]),
+        (
+            "0000000000000000001-0000000001-0123456789ABCDEF0123456789ABCDEF.evt",
+            b"upper-case hex: not a name the forwarder writes".to_vec(),
+        ),
+    ];
+    for (name, bytes) in &foreign {
+        std::fs::write(site.spool().join(name), bytes).expect("foreign file");
+    }
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let harness = Harness::run(build, "fx", &site, &engine.url, SENT, &expected_path, &[]);
+    let log = harness.wait_success_log("a spool directory shared with other files");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    for (name, bytes) in &foreign {
+        let kept = std::fs::read(site.spool().join(name))
+            .unwrap_or_else(|e| panic!("{name} is gone ({e}); the forwarder's log:\n{log}"));
+        assert_eq!(&kept, bytes, "{name} was changed");
+    }
+    assert_eq!(rejected_files(&site), 0, "{log}");
+    assert_eq!(
+        count_lines(&log, "5 file(s) in the spool directory",),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("give SpoolDirectory a directory of its own"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
