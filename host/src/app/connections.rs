@@ -12,13 +12,17 @@
 //!   `jobhook_connections_refused_total{reason}` counts it and a warning is logged, at most once
 //!   a second with the number refused.
 //! - **Room at the total cap.** Connections that hold a place without a request under way —
-//!   none sent yet (a TLS handshake included), or idle after one — would let a few addresses
-//!   that open connections and send nothing keep every forwarder out. So at `max_connections`
-//!   a new connection within its client's cap is admitted by closing one such connection of the
-//!   client holding the most (the longest-waiting of them), counted in
-//!   `jobhook_connections_evicted_total` and logged (at most once a second) with that client; a
-//!   request under way is never cut short. Only when every connection has a request under way
-//!   is the new one refused.
+//!   no complete request head yet (a TLS handshake included), or idle after a response — would
+//!   let a few addresses that open connections and send nothing keep every forwarder out. So at
+//!   `max_connections` a new connection within its client's cap is admitted by closing one such
+//!   connection: first one that has never completed a request, then one of the client holding
+//!   the most such connections, then the longest-waiting; counted in
+//!   `jobhook_connections_evicted_total` and logged (at most once a second) with its client (an
+//!   IPv6 one as its /64). A request whose head has arrived is never cut short: a connection
+//!   marked while one starts closes once it is idle again. Only when every connection has a
+//!   request under way is the new one refused. The open connections can exceed the cap by the
+//!   ones marked and not yet closed, which close at once (a TLS one waiting for a handshake
+//!   slot is signalled too).
 //! - **Request head.** A new connection must deliver a complete request head within
 //!   `header_read_timeout_ms` of being accepted (a TLS handshake included), and a kept-alive connection within that time of
 //!   the first byte of its next request; otherwise it is closed (headers trickled a byte at a
@@ -310,22 +314,46 @@ impl Admission {
 }
 
 impl OpenConnections {
-    /// Marks for closing the connection between requests that has waited longest among those
-    /// of the client holding the most such connections; `None` when every connection has a
-    /// request under way (or is already marked).
+    /// Marks one connection without a request under way for closing, and says whose: first one
+    /// that has never completed a request (a sender that got its answer is less likely a
+    /// place-holder than a connection that never said anything), then of the client holding
+    /// the most such connections, then the longest-waiting. `None` when every connection has a
+    /// request under way (or is already marked). A candidate whose request starts between the
+    /// look and the mark is passed over for the next.
     fn evict(&self) -> Option<Eviction> {
         let now = Instant::now();
-        let victim = self
+        let candidates: Vec<(bool, Duration, IpAddr, &Arc<Clock>)> = self
             .clocks
             .values()
             .filter_map(|(client, clock)| {
-                let waited = clock.evictable_since()?;
-                let held = self.by_client.get(client).copied().unwrap_or(0);
-                Some((held, now.saturating_duration_since(waited), *client, clock))
+                let (since, served) = clock.evictable_since()?;
+                Some((
+                    !served,
+                    now.saturating_duration_since(since),
+                    *client,
+                    clock,
+                ))
             })
-            .max_by_key(|(held, waited, _, _)| (*held, *waited));
-        let (held, _, client, clock) = victim?;
-        clock.evict().then_some(Eviction { client, held })
+            .collect();
+        let mut idle_by_client: HashMap<IpAddr, usize> = HashMap::new();
+        for (_, _, client, _) in &candidates {
+            *idle_by_client.entry(*client).or_insert(0) += 1;
+        }
+        let mut ranked: Vec<_> = candidates
+            .into_iter()
+            .map(|(never_served, waited, client, clock)| {
+                let held = idle_by_client.get(&client).copied().unwrap_or(0);
+                ((never_served, held, waited), client, clock)
+            })
+            .collect();
+        ranked.sort_unstable_by_key(|candidate| std::cmp::Reverse(candidate.0));
+        ranked
+            .into_iter()
+            .find(|(_, _, clock)| clock.evict())
+            .map(|(_, client, _)| Eviction {
+                client,
+                held: self.by_client.get(&client).copied().unwrap_or(0),
+            })
     }
 }
 
@@ -365,13 +393,25 @@ impl Default for RefusalLog {
     }
 }
 
+/// A client as the caps count it ([`client_key`]), for the log: an IPv6 one as its /64, which
+/// is what holds the places (blocking its one address would not help).
+fn client_label(ip: IpAddr) -> String {
+    match client_key(ip) {
+        IpAddr::V6(prefix) => format!("{prefix}/{IPV6_CLIENT_PREFIX_BITS}"),
+        v4 => v4.to_string(),
+    }
+}
+
 impl RefusalLog {
-    fn note(&self, refusal: Refusal, client: IpAddr, limits: &ConnectionLimits) {
+    /// A refusal of a connection from `peer`: the client named is the one the cap counts (for
+    /// the total cap, the one refused).
+    fn note(&self, refusal: Refusal, peer: IpAddr, limits: &ConnectionLimits) {
         // The line stands for this refusal and those untold since the last.
         let Some(refused) = self.refusals.due().map(|untold| untold + 1) else {
             return;
         };
         let limit = refusal.limit(limits);
+        let client = client_label(peer);
         tracing::warn!(
             %client,
             refused,
@@ -385,16 +425,16 @@ impl RefusalLog {
         let Some(evicted) = self.evictions.due().map(|untold| untold + 1) else {
             return;
         };
+        let holder = client_label(eviction.client);
         tracing::warn!(
-            holder = %eviction.client,
+            %holder,
             held = eviction.held,
             evicted,
             "[server] max_connections ({}) reached: a connection without a request under way \
-             was closed to admit a new one, from the client holding the most ({} connections: \
-             {}); {evicted} closed since the last such line",
+             was closed to admit a new one, one of the {} connections of {holder}; {evicted} \
+             closed since the last such line",
             limits.max_connections,
             eviction.held,
-            eviction.client
         );
     }
 }
@@ -420,6 +460,11 @@ struct Clock {
     /// Marked to be closed to make room ([`Admission::try_admit`]); acted on only while no
     /// request is under way.
     evicted: std::sync::atomic::AtomicBool,
+    /// Whether a request of this connection has ever been under way (it reached `Busy`).
+    served: std::sync::atomic::AtomicBool,
+    /// Signalled when the connection is marked: a connection that reads nothing (a TLS
+    /// connection waiting for a handshake slot) is told so, not only one waiting for bytes.
+    marked: tokio::sync::Notify,
     /// The connection task, as last seen waiting for bytes: hyper does not read again after a
     /// response until it is woken, so a phase change wakes it to arm the new deadline.
     waker: Mutex<Option<Waker>>,
@@ -430,6 +475,8 @@ impl Clock {
         Arc::new(Clock {
             state: Mutex::new((Phase::Head, Instant::now())),
             evicted: std::sync::atomic::AtomicBool::new(false),
+            served: std::sync::atomic::AtomicBool::new(false),
+            marked: tokio::sync::Notify::new(),
             waker: Mutex::new(None),
         })
     }
@@ -458,15 +505,28 @@ impl Clock {
 
     fn set(&self, phase: Phase) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (phase, Instant::now());
+        if phase == Phase::Busy {
+            self.served
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.wake();
     }
 
     /// Since when the connection has been without a request under way (waiting for a head, or
-    /// idle), if it is and is not marked for eviction yet.
-    fn evictable_since(&self) -> Option<Instant> {
+    /// idle), and whether it ever completed one, if it is and is not marked for eviction yet.
+    fn evictable_since(&self) -> Option<(Instant, bool)> {
         let (phase, since) = self.get();
         let between = matches!(phase, Phase::Head | Phase::Idle);
-        (between && !self.evicted.load(std::sync::atomic::Ordering::Relaxed)).then_some(since)
+        let served = self.served.load(std::sync::atomic::Ordering::Relaxed);
+        (between && !self.evicted.load(std::sync::atomic::Ordering::Relaxed))
+            .then_some((since, served))
+    }
+
+    /// Resolves once the connection is marked to be closed and has no request under way.
+    async fn closing(&self) {
+        while !self.must_close() {
+            self.marked.notified().await;
+        }
     }
 
     /// Marks the connection to be closed if no request is under way; whether it was marked.
@@ -481,11 +541,12 @@ impl Clock {
         }
         drop(state);
         self.wake();
+        self.marked.notify_one();
         true
     }
 
-    /// Whether the connection is marked to be closed and has no request under way: a request
-    /// that began after it was marked is served first.
+    /// Whether the connection is marked to be closed and has no request under way (no complete
+    /// head yet, or idle): a request whose head arrived after it was marked is served first.
     fn must_close(&self) -> bool {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.evicted.load(std::sync::atomic::Ordering::Relaxed)
@@ -770,14 +831,24 @@ pub async fn serve(
                 let acceptor = tls.acceptor();
                 let handshakes = Arc::clone(&handshakes);
                 connections.spawn(async move {
+                    // Closed to make room while it waits for a handshake slot, too: it reads
+                    // nothing then, so only the clock's signal reaches it.
                     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-                        let _slot = handshakes.acquire().await;
-                        acceptor.accept(stream).await
+                        tokio::select! {
+                            accepted = async {
+                                let _slot = handshakes.acquire().await;
+                                acceptor.accept(stream).await
+                            } => Some(accepted),
+                            () = clock.closing() => None,
+                        }
                     })
                     .await;
                     match handshake {
-                        Ok(Ok(stream)) => http(stream, clock, peer, shared).await,
-                        Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
+                        Ok(Some(Ok(stream))) => http(stream, clock, peer, shared).await,
+                        Ok(Some(Err(e))) => tracing::info!(%peer, "TLS handshake failed: {e}"),
+                        Ok(None) => {
+                            tracing::debug!(%peer, "closed before its TLS handshake to make room")
+                        }
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
                     drop(permit);
@@ -954,6 +1025,39 @@ mod tests {
         let newcomer: IpAddr = "10.0.0.8".parse().unwrap();
         assert_eq!(admission.try_admit(newcomer).unwrap_err(), Refusal::Total);
         drop((serving, hog_busy));
+    }
+
+    /// A connection that has never completed a request goes before an idle one that has, even
+    /// of a client holding fewer: a forwarder's kept-alive connections are not the first to go
+    /// when many addresses each hold one silent connection.
+    #[test]
+    fn a_connection_that_never_completed_a_request_goes_first() {
+        let admission = Admission::new(limits(4, 4), Arc::new(Metrics::new()));
+        let forwarder: IpAddr = "10.0.0.9".parse().unwrap();
+        let (kept_alive_1, _) = admission.try_admit(forwarder).unwrap();
+        let (kept_alive_2, _) = admission.try_admit(forwarder).unwrap();
+        for permit in [&kept_alive_1, &kept_alive_2] {
+            permit.clock.set(Phase::Busy);
+            permit.clock.set(Phase::Idle);
+        }
+        let (silent, _) = admission.try_admit("10.0.0.66".parse().unwrap()).unwrap();
+        let (busy, _) = admission.try_admit("10.0.0.67".parse().unwrap()).unwrap();
+        busy.clock.set(Phase::Busy);
+        let (_newcomer, eviction) = admission.try_admit(forwarder).unwrap();
+        assert_eq!(
+            eviction.map(|e| e.client),
+            Some("10.0.0.66".parse().unwrap())
+        );
+        assert!(silent.clock.must_close());
+        assert!(!kept_alive_1.clock.must_close() && !kept_alive_2.clock.must_close());
+        assert_eq!(
+            client_label("2001:db8:1:2::7".parse().unwrap()),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            client_label("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1"
+        );
     }
 
     /// IPv6 addresses of one /64 are one client; IPv4 (also mapped) addresses each their own.
