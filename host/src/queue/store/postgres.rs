@@ -705,7 +705,12 @@ impl PostgresStore {
         password: Option<&Secret>,
         lease: Duration,
     ) -> Result<Self, StoreError> {
-        let target = redact_url(url);
+        // A URL that was checked ([`check_url`]) carries no password; one that was not is not
+        // repeated at all.
+        let target = match check_url(url) {
+            Ok(_) => redact_url(url),
+            Err(_) => "[store] url".to_owned(),
+        };
         let scrub = |message: String| match password {
             Some(p) if !p.expose().is_empty() => message.replace(p.expose(), "***"),
             _ => message,
@@ -1022,10 +1027,15 @@ fn apply_defaults(config: &mut postgres::Config, node: &str, url: &str) {
     }
 }
 
-/// Whether `url`'s query string gives `key`.
+/// Whether `url`'s query string gives `key`, also percent-encoded (`pass%77ord`), as the
+/// client library reads keys.
 fn url_sets(url: &str, key: &str) -> bool {
-    url.split_once('?')
-        .is_some_and(|(_, query)| query.split('&').any(|kv| kv.split('=').next() == Some(key)))
+    url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|kv| {
+            let name = kv.split('=').next().unwrap_or_default();
+            percent_encoding::percent_decode_str(name).decode_utf8_lossy() == key
+        })
+    })
 }
 
 fn parse_url(url: &str) -> Result<postgres::Config, UrlError> {
@@ -1043,16 +1053,37 @@ pub fn check_url(url: &str) -> Result<postgres::Config, UrlError> {
     {
         return Err(UrlError::NotPostgres);
     }
-    let config = url
-        .parse::<postgres::Config>()
-        .map_err(|e| UrlError::Invalid {
-            reason: e.to_string(),
-        })?;
-    if config.get_password().is_some() || url_sets(url, "password") {
+    // Before parsing: a password the client library would take apart (a `&` in it, say) must
+    // not come back as the name of an unknown option.
+    if url_sets(url, "password") {
+        return Err(UrlError::HasPassword);
+    }
+    let config = url.parse::<postgres::Config>().map_err(|e| {
+        let reason = e.to_string();
+        // The one message that quotes the URL's text: the name of a parameter, which a password
+        // cut at a `&` or a `?` in it would make.
+        let reason = if reason.contains("unknown option") {
+            format!(
+                "a query parameter is not one the PostgreSQL client knows (known: \
+                 {KNOWN_URL_PARAMETERS})"
+            )
+        } else {
+            reason
+        };
+        UrlError::Invalid { reason }
+    })?;
+    if config.get_password().is_some() {
         return Err(UrlError::HasPassword);
     }
     Ok(config)
 }
+
+/// The query parameters of a `postgres://` URL the client library reads, for the message about
+/// one it does not.
+const KNOWN_URL_PARAMETERS: &str = "user, dbname, options, application_name, sslmode, \
+    sslnegotiation, host, hostaddr, port, connect_timeout, tcp_user_timeout, keepalives, \
+    keepalives_idle, keepalives_interval, keepalives_retries, target_session_attrs, \
+    channel_binding, load_balance_hosts";
 
 /// `url` with the password of its user-info and any `password=` query parameter replaced by
 /// `***`, for messages and logs.
@@ -2099,6 +2130,9 @@ mod tests {
             "postgres://u:hun/ter2@127.0.0.1:1/db",
             "postgres://u:hun?ter2@127.0.0.1/db",
             "postgres://u@127.0.0.1/db?pass%77ord=hunter2",
+            // A password with a `&` the library would cut into an unknown option's name.
+            "postgres://u@127.0.0.1/db?password=hun&ter2=x",
+            "postgres://u@127.0.0.1/db?pass%77ord=hun&ter2=x",
         ] {
             let e = check_url(bad).unwrap_err();
             let text = e.to_string();
@@ -2121,6 +2155,13 @@ mod tests {
                 "{e}"
             );
         }
+        // A parameter the library does not know is refused without its name (which may be a
+        // piece of a password).
+        let e = check_url("postgres://u@h/d?ter2=x").unwrap_err().to_string();
+        assert!(
+            e.contains("not a valid PostgreSQL URL") && !e.contains("ter2"),
+            "{e}"
+        );
         let e = check_url("postgres://u:hunter2@h:notaport/d")
             .unwrap_err()
             .to_string();
