@@ -1152,8 +1152,9 @@ async fn a_server_sending_more_rows_than_asked_and_rows_without_ids_costs_bounde
 }
 
 /// One job whose earlier-runs lookup keeps failing: the polls fail (a passing error gets the
-/// whole context at the next poll) only until `LOOKUP_FAILURES_TOLERATED` polls in a row have;
-/// then every job becomes an event, that one with what its own row tells.
+/// whole context at the next poll) only until it has failed `LOOKUP_FAILURES_TOLERATED` times;
+/// then every job becomes an event, that one with what its own row tells. Counted per job: a
+/// later job whose lookup fails once is waited for, not given up on with the first.
 #[tokio::test]
 async fn a_lookup_that_keeps_failing_for_one_job_holds_the_others_back_only_a_few_polls() {
     use jobhook::sources::poller::LOOKUP_FAILURES_TOLERATED;
@@ -1163,10 +1164,16 @@ async fn a_lookup_that_keeps_failing_for_one_job_holds_the_others_back_only_a_fe
         .map(|id| row(id, "Completed", "Failure", now - Age::minutes(5 - id)))
         .collect();
     let failing_job = rows[1]["JobId"].as_str().expect("job id").to_owned();
+    let passing_failure = rows[2]["JobId"].as_str().expect("job id").to_owned();
     let page = Value::Array(rows).to_string();
+    let failed_once = std::sync::atomic::AtomicBool::new(false);
     let (url, _) = unlike_command(move |query| {
         if query.contains(&format!("JobId -eq \"{failing_job}\"")) {
             (503, "busy".into())
+        } else if query.contains(&format!("JobId -eq \"{passing_failure}\""))
+            && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            (503, "busy for a moment".into())
         } else if query.contains("JobId -eq") {
             (200, "[]".into())
         } else {
@@ -1178,9 +1185,16 @@ async fn a_lookup_that_keeps_failing_for_one_job_holds_the_others_back_only_a_fe
     let (log, _guard) = captured_log();
     for _ in 0..LOOKUP_FAILURES_TOLERATED {
         let error = poller.poll_once().await.expect_err("the lookup failed");
-        assert!(error.to_string().contains("503"), "{error}");
+        assert!(error.to_string().contains("busy"), "{error}");
         assert_eq!(f.events(), 0);
     }
+    // The second job is given up on; the third's first failure fails this poll too.
+    let error = poller
+        .poll_once()
+        .await
+        .expect_err("the third job's lookup failed once");
+    assert!(error.to_string().contains("busy for a moment"), "{error}");
+    assert_eq!(f.events(), 0);
     assert_eq!(poll_all(&poller).await, 3);
     assert_eq!(f.events(), 3);
     assert_eq!(lines_with(&log, "cannot read the job's earlier runs"), 1);

@@ -37,7 +37,6 @@
 //! goes with the event for `delivery.message` ([`message_of`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,12 +95,17 @@ pub const LATE_NOTICE: chrono::Duration = chrono::Duration::minutes(5);
 /// warning says how many it stood for.
 const NOTICE_EVERY: Duration = Duration::from_secs(600);
 
-/// Polls in a row that may fail on a job's earlier-runs lookup (`CurrentRetryCount`,
-/// `RequestTimestamp`) before the poller stops waiting for it: a passing error leaves the poll
-/// to the next one, which gets the whole context; a lookup that keeps failing for one job
-/// would otherwise hold back every job after it for good. From then on such a job becomes an
+/// Times one job's earlier-runs lookup (`CurrentRetryCount`, `RequestTimestamp`) may fail, each
+/// failing its poll, before the poller stops waiting for it: a passing error leaves the poll to
+/// the next one, which gets the whole context; a lookup that keeps failing for one job would
+/// otherwise hold back every job after it for good. After that this job — only it — becomes an
 /// event with what its own row tells (`CurrentRetryCount` 0), and the log says so.
 pub const LOOKUP_FAILURES_TOLERATED: u32 = 3;
+
+/// Most jobs whose failed lookups the poller counts at once ([`LOOKUP_FAILURES_TOLERATED`]).
+/// A poll stops at the first failure, so a handful are counted at a time; past this the counts
+/// start over rather than grow.
+const MAX_JOBS_WITH_FAILED_LOOKUPS: usize = 1_000;
 
 /// Most `JobHistoryId`s the cursor remembers. A site finishing more jobs than this within
 /// [`OVERLAP`] (over 16 jobs a second) would make the cursor document large; beyond it the
@@ -631,8 +635,9 @@ pub struct Poller {
     late: LogLimit,
     /// Rows passed over, and pages longer than asked for.
     skips: SkipNotices,
-    /// Polls in a row that failed on an earlier-runs lookup ([`LOOKUP_FAILURES_TOLERATED`]).
-    failed_lookups: AtomicU32,
+    /// Failed earlier-runs lookups by job run (job id, start), up to
+    /// [`LOOKUP_FAILURES_TOLERATED`].
+    failed_lookups: Mutex<HashMap<(Uuid, DateTime<Utc>), u32>>,
 }
 
 /// One [`LogLimit`] for each kind of row the poller passes over, so that one kind does not hide
@@ -684,7 +689,7 @@ impl Poller {
             ahead: LogLimit::new(NOTICE_EVERY),
             late: LogLimit::new(NOTICE_EVERY),
             skips: SkipNotices::default(),
-            failed_lookups: AtomicU32::new(0),
+            failed_lookups: Mutex::new(HashMap::new()),
         })
     }
 
@@ -935,15 +940,8 @@ impl Poller {
             }
         }
         let mut complete = Vec::with_capacity(events.len());
-        let patient = self.failed_lookups.load(Ordering::Relaxed) < LOOKUP_FAILURES_TOLERATED;
         for pending in events {
-            let event = match self.complete(pending, patient).await {
-                Ok(event) => event,
-                Err(e) => {
-                    self.failed_lookups.fetch_add(1, Ordering::Relaxed);
-                    return Err(e);
-                }
-            };
+            let event = self.complete(pending).await?;
             // What ingest refuses is not let in by the poller either: the context goes through
             // the same decoder as a posted one, so every rule ingest has (lengths today, any
             // added later) holds for polled events too. The row is handled.
@@ -964,7 +962,6 @@ impl Poller {
         if cursor != before {
             self.commit(complete, &cursor).await?;
         }
-        self.failed_lookups.store(0, Ordering::Relaxed);
         Ok(PollReport {
             events: count,
             more: more && cursor != before,
@@ -1135,23 +1132,30 @@ impl Poller {
 
     /// Fills what the row alone does not tell: `CurrentRetryCount` and `RequestTimestamp` from
     /// the job's earlier rows, `AgentId` and `Username` from `GET /Agents`. A failed lookup of
-    /// the earlier rows fails the poll while the poller is `patient`
-    /// ([`LOOKUP_FAILURES_TOLERATED`]); after that the event keeps what its row tells.
-    async fn complete(&self, pending: Pending, patient: bool) -> Result<NewEvent, PollError> {
+    /// the earlier rows fails the poll, until it has failed [`LOOKUP_FAILURES_TOLERATED`] times
+    /// for this job; then the event keeps what its row tells.
+    async fn complete(&self, pending: Pending) -> Result<NewEvent, PollError> {
         let Pending { mut event, started } = pending;
         if let Some(started) = started {
+            let run = (event.context.job_id, started);
             let earlier = match self.earlier_runs(&event, started).await {
-                Ok(earlier) => Some(earlier),
-                Err(e) if patient => return Err(e),
+                Ok(earlier) => {
+                    self.lookups_failed(run, false);
+                    Some(earlier)
+                }
+                Err(e) if self.lookups_failed(run, true) <= LOOKUP_FAILURES_TOLERATED => {
+                    return Err(e);
+                }
+                // Given up on: its count stays (until it is committed or the counts start over),
+                // so that a later poll that fails on another job does not start it over.
                 Err(e) => {
                     if let Some(quiet) = self.skips.lookup.due() {
                         tracing::warn!(
                             job_id = %event.context.job_id,
                             more_since_last_warning = quiet,
-                            "cannot read the job's earlier runs ({e}), and polls failed on \
-                             such a lookup {LOOKUP_FAILURES_TOLERATED} times in a row; it \
-                             becomes an event with CurrentRetryCount and RequestTimestamp from \
-                             its own row"
+                            "cannot read the job's earlier runs ({e}) after \
+                             {LOOKUP_FAILURES_TOLERATED} polls failed on it; it becomes an event \
+                             with CurrentRetryCount and RequestTimestamp from its own row"
                         );
                     }
                     None
@@ -1174,6 +1178,25 @@ impl Poller {
             }
         }
         Ok(event)
+    }
+
+    /// Counts a failed earlier-runs lookup of `run` (`failed`), or forgets its count (a lookup
+    /// that succeeded); the failures counted for it now.
+    fn lookups_failed(&self, run: (Uuid, DateTime<Utc>), failed: bool) -> u32 {
+        let mut counts = self
+            .failed_lookups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !failed {
+            counts.remove(&run);
+            return 0;
+        }
+        if counts.len() >= MAX_JOBS_WITH_FAILED_LOOKUPS && !counts.contains_key(&run) {
+            counts.clear();
+        }
+        let count = counts.entry(run).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
     }
 
     /// The rows of `event`'s job that started before `started` (its earlier runs), oldest first.

@@ -2157,7 +2157,9 @@ mod tests {
         }
         // A parameter the library does not know is refused without its name (which may be a
         // piece of a password).
-        let e = check_url("postgres://u@h/d?ter2=x").unwrap_err().to_string();
+        let e = check_url("postgres://u@h/d?ter2=x")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("not a valid PostgreSQL URL") && !e.contains("ter2"),
             "{e}"
