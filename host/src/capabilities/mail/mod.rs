@@ -742,10 +742,40 @@ pub enum MailConfigError {
 pub struct MailTransport {
     from: Mailbox,
     kind: TransportKind,
-    /// Failed mail, told in the log at most once per [`outbound::FAILURE_LOG_INTERVAL`] (with
-    /// how many more): a relay refusing every message, or handlers sending mail into an outbox
-    /// that cannot be written, must not decide how much the engine logs.
-    failures: LogLimit,
+    /// Failed mail, told in the log at most once per [`outbound::FAILURE_LOG_INTERVAL`] for each
+    /// kind (with how many more): a relay refusing every message, or handlers sending mail into
+    /// an outbox that cannot be written, must not decide how much the engine logs.
+    failures: MailFailureLogs,
+}
+
+/// One [`LogLimit`] per kind of mail failure, so that one kind (an outbox that is full) never
+/// hides another (STARTTLS tampered with).
+#[derive(Debug)]
+struct MailFailureLogs {
+    outbox_busy: LogLimit,
+    outbox_full: LogLimit,
+    outbox_write: LogLimit,
+    relay_timeout: LogLimit,
+    relay_too_much: LogLimit,
+    starttls: LogLimit,
+    relay_unreachable: LogLimit,
+    relay_refused: LogLimit,
+}
+
+impl Default for MailFailureLogs {
+    fn default() -> Self {
+        let limit = || LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
+        MailFailureLogs {
+            outbox_busy: limit(),
+            outbox_full: limit(),
+            outbox_write: limit(),
+            relay_timeout: limit(),
+            relay_too_much: limit(),
+            starttls: limit(),
+            relay_unreachable: limit(),
+            relay_refused: limit(),
+        }
+    }
 }
 
 enum TransportKind {
@@ -846,7 +876,7 @@ impl MailTransport {
         Ok(MailTransport {
             from,
             kind,
-            failures: LogLimit::new(outbound::FAILURE_LOG_INTERVAL),
+            failures: MailFailureLogs::default(),
         })
     }
 
@@ -870,7 +900,7 @@ impl MailTransport {
                 let Ok(Ok(permit)) =
                     tokio::time::timeout(OUTBOX_WRITE_WAIT, OUTBOX_WRITES.acquire()).await
                 else {
-                    if let Some(untold) = self.failures.due() {
+                    if let Some(untold) = self.failures.outbox_busy.due() {
                         tracing::warn!(
                             more_since_last_warning = untold,
                             outbox = %dir.display(),
@@ -915,7 +945,7 @@ impl MailTransport {
                         Ok(())
                     }
                     Ok(Err(OutboxError::Full { free })) => {
-                        if let Some(untold) = self.failures.due() {
+                        if let Some(untold) = self.failures.outbox_full.due() {
                             tracing::warn!(
                                 more_since_last_warning = untold,
                                 outbox = %dir.display(),
@@ -929,19 +959,19 @@ impl MailTransport {
                         ))
                     }
                     Ok(Err(OutboxError::Create { path, source })) => {
-                        if let Some(untold) = self.failures.due() {
+                        if let Some(untold) = self.failures.outbox_write.due() {
                             tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, more_since_last_warning = untold, "cannot create the mail outbox");
                         }
                         Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
                     }
                     Ok(Err(OutboxError::Write { path, source })) => {
-                        if let Some(untold) = self.failures.due() {
+                        if let Some(untold) = self.failures.outbox_write.due() {
                             tracing::warn!(outbox = %dir.display(), path = %path.display(), error = %source, more_since_last_warning = untold, "cannot write to the mail outbox");
                         }
                         Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
                     }
                     Err(e) => {
-                        if let Some(untold) = self.failures.due() {
+                        if let Some(untold) = self.failures.outbox_write.due() {
                             tracing::warn!(outbox = %dir.display(), error = %e, more_since_last_warning = untold, "cannot write to the mail outbox");
                         }
                         Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
@@ -956,7 +986,7 @@ impl MailTransport {
                 let wire = email.formatted();
                 let exchange = transport.send(email.envelope(), &wire);
                 let Ok(sent) = tokio::time::timeout(*timeout, exchange).await else {
-                    if let Some(untold) = self.failures.due() {
+                    if let Some(untold) = self.failures.relay_timeout.due() {
                         tracing::warn!(
                             more_since_last_warning = untold,
                             relay = %relay,
@@ -970,7 +1000,7 @@ impl MailTransport {
                 sent.map(|_| ()).map_err(|e| {
                     let e = match e {
                         RelayError::TooMuch => {
-                            if let Some(untold) = self.failures.due() {
+                            if let Some(untold) = self.failures.relay_too_much.due() {
                                 tracing::warn!(
                                     more_since_last_warning = untold,
                                     relay = %relay,
@@ -982,7 +1012,7 @@ impl MailTransport {
                             ));
                         }
                         RelayError::PlaintextAfterStarttls => {
-                            if let Some(untold) = self.failures.due() {
+                            if let Some(untold) = self.failures.starttls.due() {
                                 tracing::warn!(
                                     more_since_last_warning = untold,
                                     relay = %relay,
@@ -995,7 +1025,7 @@ impl MailTransport {
                             );
                         }
                         RelayError::Connect(_) | RelayError::Socket(_) | RelayError::NoStarttls => {
-                            if let Some(untold) = self.failures.due() {
+                            if let Some(untold) = self.failures.relay_unreachable.due() {
                                 tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message");
                             }
                             return CapabilityError::Failed(
@@ -1004,7 +1034,7 @@ impl MailTransport {
                         }
                         RelayError::Smtp(e) => e,
                     };
-                    if let Some(untold) = self.failures.due() {
+                    if let Some(untold) = self.failures.relay_refused.due() {
                         tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message");
                     }
                     let code = e.status().map(|c| format!(" ({c})")).unwrap_or_default();
