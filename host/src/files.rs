@@ -43,13 +43,6 @@ pub fn engine_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// The group id the engine runs as (effective).
-#[cfg(unix)]
-pub fn engine_gid() -> u32 {
-    // SAFETY: getegid has no preconditions and cannot fail.
-    unsafe { libc::getegid() }
-}
-
 /// Permission bits that let someone other than the owner change a file or a directory's
 /// contents (group and others' write).
 #[cfg(unix)]
@@ -71,8 +64,18 @@ pub fn writable(dir: &Path) -> std::io::Result<()> {
             "the path contains a NUL character",
         )
     })?;
-    // SAFETY: `path` is a NUL-terminated string that outlives the call; access() only reads it.
-    if unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+    // SAFETY: `path` is a NUL-terminated string that outlives the call; faccessat() only reads
+    // it. AT_EACCESS: asked for the effective user and groups, which the engine's file
+    // operations use (plain access() asks for the real ones).
+    if unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    } == 0
+    {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())

@@ -56,13 +56,6 @@ const ENGINE_DIR_HEX: usize = 32;
 #[cfg(unix)]
 use crate::files::{FOREIGN_WRITE_BITS, STICKY_BIT};
 
-/// Write permission of a directory's group, and of everyone else (the two halves of
-/// [`FOREIGN_WRITE_BITS`]).
-#[cfg(unix)]
-const GROUP_WRITE_BIT: u32 = 0o020;
-#[cfg(unix)]
-const OTHERS_WRITE_BIT: u32 = 0o002;
-
 /// Why a cache directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AotError {
@@ -424,10 +417,9 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()
 
 /// Checks that only this user can change what the cache directory `root` holds: `root` itself
 /// (see [`check_private`]) and every directory above its resolved path, none of which may
-/// let another user rename what it holds — one they own, or one other users or another group
-/// may write without the sticky bit (a directory the engine's own group may write, as with a
-/// user's private group and `umask 002`, is left to that group). Root-owned directories are
-/// trusted (`/`, `/var`,
+/// let another user rename what it holds — one they own, or one its group or other users may
+/// write without the sticky bit (a group may have other members, as the cache directory's own
+/// check assumes too). Root-owned directories are trusted (`/`, `/var`,
 /// `/tmp` with its sticky bit). `check` asks it too, to warn of a cache `serve` would run
 /// without. Returns the resolved path, which the cache then uses.
 pub(crate) fn check_trusted(root: &Path) -> Result<PathBuf, AotError> {
@@ -445,9 +437,7 @@ pub(crate) fn check_trusted(root: &Path) -> Result<PathBuf, AotError> {
         })?;
         let mode = meta.mode();
         let owner = meta.uid();
-        let others_write = mode & OTHERS_WRITE_BIT != 0;
-        let group_write = mode & GROUP_WRITE_BIT != 0 && meta.gid() != crate::files::engine_gid();
-        let why = if (others_write || group_write) && mode & STICKY_BIT == 0 {
+        let why = if mode & FOREIGN_WRITE_BITS != 0 && mode & STICKY_BIT == 0 {
             format!("its mode {:03o} lets other users write it", mode & 0o777)
         } else if owner != crate::files::engine_uid() && owner != 0 {
             format!("it is owned by uid {owner}")
@@ -691,10 +681,9 @@ mod tests {
         assert!(matches!(err, AotError::NotPrivate { .. }), "{err}");
     }
 
-    /// A cache in a private directory below one others may write (without the sticky bit) or
-    /// one another group may write could be renamed away and replaced by a forged one: refused,
-    /// naming the directory above. A sticky one (`/tmp`) and one only the engine's own group
-    /// may write are trusted.
+    /// A cache in a private directory below one its group or others may write (without the
+    /// sticky bit) could be renamed away and replaced by a forged one: refused, naming the
+    /// directory above. A sticky one (`/tmp`) is trusted.
     #[cfg(unix)]
     #[test]
     fn a_cache_below_a_directory_others_could_swap_it_through_is_refused() {
@@ -708,7 +697,7 @@ mod tests {
             (0o777, true),
             (0o757, true),
             (0o1777, false),
-            (0o775, false),
+            (0o775, true),
             (0o755, false),
         ] {
             std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
