@@ -79,9 +79,9 @@ namespace Jobhook.Forwarder
         public const int MaxRejectedFiles = 1000;
         /// <summary>
         /// Most bytes kept in rejected/ (events and reason files): 1000 of the largest events the
-        /// engine accepts (64 KiB) fit, while a few foreign files of any size (set aside unread
-        /// because they are bigger than <see cref="MaxFileBytes"/>) cannot fill the disk. The
-        /// oldest go first.
+        /// engine accepts (64 KiB) fit, while a few damaged spool files of any size (set aside
+        /// unread because they are bigger than <see cref="MaxFileBytes"/>) cannot fill the disk.
+        /// The oldest go first. Only the forwarder's own files there are counted or deleted.
         /// </summary>
         public const long MaxRejectedBytes = 64L * 1024 * 1024;
         /// <summary>
@@ -938,7 +938,11 @@ namespace Jobhook.Forwarder
                 kept = " (its reason file could not be written: " + e.Message + ")";
             }
             PruneRejected();
-            log.Warn("event " + name + " was rejected and moved to " + rejectedDirectory + kept + ": " + reason);
+            // Set aside and deleted at once when it alone is over what rejected/ keeps: said so.
+            var where = File.Exists(target)
+                ? "moved to " + rejectedDirectory + kept
+                : "set aside and deleted at once (larger than the " + MaxRejectedBytes + " bytes " + rejectedDirectory + " keeps)";
+            log.Warn("event " + name + " was rejected and " + where + ": " + reason);
         }
 
         /// <summary>Deletes the oldest events in rejected/, with their reason files, beyond <see cref="MaxRejectedFiles"/>.</summary>
@@ -952,10 +956,13 @@ namespace Jobhook.Forwarder
                 long bytes = 0;
                 foreach (var path in paths)
                 {
-                    try { bytes += new FileInfo(path).Length; } catch (Exception) { }
                     var eventName = Path.GetFileName(path);
                     if (eventName.EndsWith(ReasonExtension, StringComparison.Ordinal))
                         eventName = eventName.Substring(0, eventName.Length - ReasonExtension.Length);
+                    // Another program's file in a rejected folder that was there before: not ours.
+                    if (!IsOwnEventName(eventName))
+                        continue;
+                    try { bytes += new FileInfo(path).Length; } catch (Exception) { }
                     List<string> group;
                     if (!byEvent.TryGetValue(eventName, out group))
                         byEvent[eventName] = group = new List<string>(2);

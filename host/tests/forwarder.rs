@@ -1828,7 +1828,7 @@ async fn n_a_file_the_listing_finds_under_a_name_that_finds_no_file_is_skipped()
 /// `*.evt` as an event (set aside, and deleted at once if large).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aj_other_programs_files_in_the_spool_directory_are_left_alone() {
-    const SENT: usize = 5;
+    const SENT: usize = 6;
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
@@ -1846,17 +1846,42 @@ async fn aj_other_programs_files_in_the_spool_directory_are_left_alone() {
     for (name, bytes) in &foreign {
         std::fs::write(site.spool().join(name), bytes).expect("foreign file");
     }
+    // A `rejected` folder that was there before, with another program's files: the forwarder
+    // sets its refused events aside there and tidies only those (a file over what rejected/
+    // keeps, 64 MiB, was deleted at the first refusal).
+    let rejected = site.spool().join("rejected");
+    std::fs::create_dir_all(&rejected).expect("rejected folder");
+    let old_report = vec![b'r'; 65 * 1024 * 1024];
+    std::fs::write(rejected.join("old-report.bin"), &old_report).expect("foreign file");
     let engine = site.start_engine();
     let expected_path = site.path("expected.tsv");
-    let harness = Harness::run(build, "fx", &site, &engine.url, SENT, &expected_path, &[]);
+    let harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &engine.url,
+        SENT,
+        &expected_path,
+        &["--invalid-every", "3"],
+    );
     let log = harness.wait_success_log("a spool directory shared with other files");
-    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    let expected = read_expected(&expected_path);
+    let invalid = expected.iter().filter(|e| e.invalid).count();
+    assert_eq!(invalid, 2);
+    assert_delivered_once(&site, &expected, None);
+    assert_eq!(rejected_files(&site), invalid, "{log}");
+    assert_eq!(
+        std::fs::read(rejected.join("old-report.bin"))
+            .map(|b| b.len())
+            .ok(),
+        Some(old_report.len()),
+        "{log}"
+    );
     for (name, bytes) in &foreign {
         let kept = std::fs::read(site.spool().join(name))
             .unwrap_or_else(|e| panic!("{name} is gone ({e}); the forwarder's log:\n{log}"));
         assert_eq!(&kept, bytes, "{name} was changed");
     }
-    assert_eq!(rejected_files(&site), 0, "{log}");
     assert_eq!(
         count_lines(&log, "5 file(s) in the spool directory",),
         1,
