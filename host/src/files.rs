@@ -9,7 +9,7 @@
 //! the limit is read.
 
 use std::io::Read as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Why a file was not read. The caller says which file and which setting; these say why.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,40 @@ pub const FOREIGN_WRITE_BITS: u32 = 0o022;
 /// may rename or remove the entry, whoever else may write the directory (`/tmp`).
 #[cfg(unix)]
 pub const STICKY_BIT: u32 = 0o1000;
+
+/// Why someone other than the engine's user and root could rename or replace what directory
+/// `dir` holds: `mode 777` (its group or other users may write it, without the sticky bit), or
+/// `owned by uid N` (its owner can, whatever its mode); `None` if only they can.
+#[cfg(unix)]
+pub fn foreign_control(dir: &Path) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir)?;
+    let mode = meta.mode();
+    let owner = meta.uid();
+    Ok(
+        if mode & FOREIGN_WRITE_BITS != 0 && mode & STICKY_BIT == 0 {
+            Some(format!("mode {:03o}", mode & 0o777))
+        } else if owner != engine_uid() && owner != 0 {
+            Some(format!("owned by uid {owner}"))
+        } else {
+            None
+        },
+    )
+}
+
+/// The first of directory `dir` (resolved) and the directories above it that someone other
+/// than the engine's user and root controls ([`foreign_control`]), with why: through it, what
+/// lies below can be swapped for something of theirs.
+#[cfg(unix)]
+pub fn swappable_directory(dir: &Path) -> std::io::Result<Option<(PathBuf, String)>> {
+    let resolved = std::fs::canonicalize(dir)?;
+    for at in resolved.ancestors() {
+        if let Some(why) = foreign_control(at)? {
+            return Ok(Some((at.to_path_buf(), why)));
+        }
+    }
+    Ok(None)
+}
 
 /// Whether this process may create and write files in directory `dir` (asked of the system,
 /// which knows the user, groups, ACLs and read-only mounts; nothing is written).

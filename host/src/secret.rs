@@ -234,7 +234,7 @@ const EVERYONE_READ_BIT: u32 = 0o004;
 /// why).
 #[cfg(unix)]
 pub fn file_exposure(path: &Path) -> Option<String> {
-    use crate::files::{FOREIGN_WRITE_BITS, STICKY_BIT};
+    use crate::files::FOREIGN_WRITE_BITS;
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(path).ok()?;
     let mode = meta.permissions().mode() & 0o777;
@@ -253,32 +253,36 @@ pub fn file_exposure(path: &Path) -> Option<String> {
             "it belongs to uid {owner}, not the engine's user, and its owner can change it"
         ));
     }
-    // The directory of the path as written and, through a symbolic link, of the file read: in
-    // either, whoever may write the directory may replace what is read.
-    let written = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let resolved = std::fs::canonicalize(path).ok();
-    let target = resolved.as_deref().and_then(Path::parent);
-    let mut directories: Vec<&Path> = written.into_iter().collect();
-    if let Some(target) = target
-        && written
-            .and_then(|w| std::fs::canonicalize(w).ok())
-            .as_deref()
-            != Some(target)
-    {
-        directories.push(target);
-    }
-    for dir in directories {
-        let Ok(meta) = std::fs::metadata(dir) else {
+    // The directory of the path as written and, through a symbolic link, of the file read, and
+    // every directory above them: through any that another user controls, what is read can be
+    // replaced (the file, or a whole directory on its way renamed and put back with theirs).
+    let written = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .and_then(|w| std::fs::canonicalize(w).ok());
+    let target = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|t| t.parent().map(Path::to_path_buf));
+    let mut said = Vec::new();
+    for dir in [written, target].into_iter().flatten() {
+        let Ok(Some((at, why))) = crate::files::swappable_directory(&dir) else {
             continue;
         };
-        let dir_mode = meta.permissions().mode();
-        if dir_mode & FOREIGN_WRITE_BITS != 0 && dir_mode & STICKY_BIT == 0 {
-            problems.push(format!(
-                "its directory {} (mode {:03o}) lets others replace it",
-                dir.display(),
-                dir_mode & 0o777
-            ));
+        if said.contains(&at) {
+            continue;
         }
+        problems.push(if at == dir {
+            format!(
+                "its directory {} ({why}) lets others replace it",
+                at.display()
+            )
+        } else {
+            format!(
+                "the directory {} above it ({why}) lets others replace it",
+                at.display()
+            )
+        });
+        said.push(at);
     }
     if problems.is_empty() {
         return None;
@@ -338,6 +342,34 @@ mod tests {
         assert!(serde_json::from_str::<Holder>(r#"{"s": {"env": "A", "file": "b"}}"#).is_err());
         assert!(serde_json::from_str::<Holder>(r#"{"s": {"value": "x"}}"#).is_err());
         assert!(serde_json::from_str::<Holder>(r#"{"s": {"env": ""}}"#).is_err());
+    }
+
+    /// A secret file in a private directory below one others may write: that one could be
+    /// renamed away with the private directory in it and put back with another token — warned
+    /// of, naming the directory above; the same chain made private is not.
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_below_a_directory_others_may_write_is_warned_of() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        let private = shared.join("private");
+        std::fs::create_dir_all(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let token = private.join("token");
+        std::fs::write(&token, "t").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let warned = file_exposure(&token).expect("a warning");
+        assert!(
+            warned.contains(&format!(
+                "the directory {} above it (mode 777) lets others replace it",
+                shared.display()
+            )),
+            "{warned}"
+        );
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(file_exposure(&token), None);
     }
 
     /// A secret file saved by a Windows editor (UTF-8 with a byte-order mark, CRLF) resolves to

@@ -54,7 +54,7 @@ const MAX_SEAL_BYTES: u64 = 1024;
 const ENGINE_DIR_HEX: usize = 32;
 
 #[cfg(unix)]
-use crate::files::{FOREIGN_WRITE_BITS, STICKY_BIT};
+use crate::files::FOREIGN_WRITE_BITS;
 
 /// Why a cache directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -429,28 +429,20 @@ pub(crate) fn check_trusted(root: &Path) -> Result<PathBuf, AotError> {
         message: e.to_string(),
     })?;
     #[cfg(unix)]
-    for above in resolved.ancestors().skip(1) {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(above).map_err(|e| AotError::Io {
+    if let Some(above) = resolved.parent() {
+        let swappable = crate::files::swappable_directory(above).map_err(|e| AotError::Io {
             path: above.to_path_buf(),
             message: e.to_string(),
         })?;
-        let mode = meta.mode();
-        let owner = meta.uid();
-        let why = if mode & FOREIGN_WRITE_BITS != 0 && mode & STICKY_BIT == 0 {
-            format!("its mode {:03o} lets other users write it", mode & 0o777)
-        } else if owner != crate::files::engine_uid() && owner != 0 {
-            format!("it is owned by uid {owner}")
-        } else {
-            continue;
-        };
-        return Err(AotError::NotPrivate {
-            path: root.to_path_buf(),
-            why: format!(
-                "the directory above it, {}, could let another user swap it ({why})",
-                above.display()
-            ),
-        });
+        if let Some((at, why)) = swappable {
+            return Err(AotError::NotPrivate {
+                path: root.to_path_buf(),
+                why: format!(
+                    "the directory above it, {}, could let another user swap it ({why})",
+                    at.display()
+                ),
+            });
+        }
     }
     Ok(resolved)
 }
