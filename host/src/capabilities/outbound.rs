@@ -4,6 +4,7 @@
 //!
 //! Everything here runs on guest-controlled input, so nothing panics and every size is bounded.
 
+use crate::log_limit::LogLimit;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
@@ -259,6 +260,26 @@ pub async fn read_body(mut response: reqwest::Response, max: usize) -> Result<Ve
 /// calling a host that refuses every connection, or a server breaking off every answer, would
 /// otherwise decide how much the engine writes to its log.
 pub const FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Logs a failed call to `destination` (a host or an API path, never a URL) at warn through
+/// `limit` ([`FAILURE_LOG_INTERVAL`]): `what` happened, the cause ([`failure_cause`]) and how
+/// many such lines went untold since the last.
+pub fn log_failure(
+    limit: &LogLimit,
+    error: reqwest::Error,
+    destination: &dyn std::fmt::Display,
+    what: &str,
+) {
+    if let Some(untold) = limit.due() {
+        let cause = failure_cause(error);
+        tracing::warn!(
+            destination = %destination,
+            error = %cause,
+            more_since_last_warning = untold,
+            "{what}"
+        );
+    }
+}
 
 /// Longest cause of a failed call written to the engine's log, in bytes: the chain of a
 /// transport error is a few short messages; a server's text in it is cut here.
@@ -1090,6 +1111,45 @@ mod tests {
             line.len()
         );
         assert!(line.ends_with(crate::outcome::TRUNCATED_MARK), "{line}");
+    }
+
+    /// Failed calls are told at most once per interval, the line counting the untold, naming
+    /// the destination as given and never the URL.
+    #[tokio::test]
+    async fn failed_calls_are_logged_once_per_interval_without_their_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("address").port();
+        drop(closed);
+        let kept = crate::log_capture::Captured::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let limit = LogLimit::new(std::time::Duration::from_secs(600));
+        let client = reqwest::Client::new();
+        for _ in 0..20 {
+            let e = client
+                .get(format!("http://127.0.0.1:{port}/path?token=s3cret-t0ken"))
+                .send()
+                .await
+                .expect_err("nothing listens there");
+            log_failure(&limit, e, &"receiver.example", "outbound HTTP call failed");
+        }
+        let text = kept.text();
+        assert_eq!(
+            text.matches("outbound HTTP call failed").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("destination=receiver.example"), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("/path"),
+            "{text}"
+        );
+        assert_eq!(limit.due(), None, "the other 19 were counted as untold");
     }
 
     /// What the log says of a failed call names the cause under the client's own words, and

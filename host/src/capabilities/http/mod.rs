@@ -531,15 +531,7 @@ impl HttpClient {
             }
             static FAILED: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
             let answer = outbound::transport_error(&e, WHAT);
-            if let Some(untold) = FAILED.due() {
-                let cause = outbound::failure_cause(e);
-                tracing::warn!(
-                    host = %host,
-                    error = %cause,
-                    more_since_last_warning = untold,
-                    "outbound HTTP call failed"
-                );
-            }
+            outbound::log_failure(&FAILED, e, &host, "outbound HTTP call failed");
             answer
         })?;
         let status = response.status().as_u16();
@@ -559,15 +551,7 @@ impl HttpClient {
             Err(BodyError::Transport(e)) => {
                 static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                if let Some(untold) = BROKE_OFF.due() {
-                    let cause = outbound::failure_cause(e);
-                    tracing::warn!(
-                        host = %host,
-                        error = %cause,
-                        more_since_last_warning = untold,
-                        "outbound HTTP response broke off"
-                    );
-                }
+                outbound::log_failure(&BROKE_OFF, e, &host, "outbound HTTP response broke off");
                 return Err(answer);
             }
         };

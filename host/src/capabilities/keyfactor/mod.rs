@@ -550,15 +550,7 @@ impl KeyfactorClient {
             let response = builder.send().await.map_err(|e| {
                 static FAILED: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                if let Some(untold) = FAILED.due() {
-                    let cause = outbound::failure_cause(e);
-                    tracing::warn!(
-                        path = %path,
-                        error = %cause,
-                        more_since_last_warning = untold,
-                        "Keyfactor API call failed"
-                    );
-                }
+                outbound::log_failure(&FAILED, e, &path, "Keyfactor API call failed");
                 answer
             })?;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
@@ -603,15 +595,7 @@ impl KeyfactorClient {
             Err(BodyError::Transport(e)) => {
                 static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                if let Some(untold) = BROKE_OFF.due() {
-                    let cause = outbound::failure_cause(e);
-                    tracing::warn!(
-                        path = %path,
-                        error = %cause,
-                        more_since_last_warning = untold,
-                        "Keyfactor API response broke off"
-                    );
-                }
+                outbound::log_failure(&BROKE_OFF, e, &path, "Keyfactor API response broke off");
                 return Err(answer);
             }
         };
