@@ -299,6 +299,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
+/// The first coding of the request body other than none, and the header that names it: a
+/// `Content-Encoding` other than `identity`, or a `Transfer-Encoding` other than `chunked` (hyper
+/// takes the framing apart, not a compression before it: `gzip, chunked`). Every value of every
+/// such header counts, in any case, as lists.
+fn body_coding(headers: &HeaderMap) -> Option<(&'static str, String)> {
+    [
+        ("Content-Encoding", header::CONTENT_ENCODING, "identity"),
+        ("Transfer-Encoding", header::TRANSFER_ENCODING, "chunked"),
+    ]
+    .into_iter()
+    .find_map(|(name, header, plain)| {
+        headers.get_all(header).iter().find_map(|value| {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            text.split(',')
+                .map(str::trim)
+                .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(plain))
+                .map(|coding| (name, coding.to_owned()))
+        })
+    })
+}
+
 /// The response header that marks an answer to a resend (the original event, nothing new).
 pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 
@@ -368,21 +389,14 @@ async fn job_complete(
         return too_large(&state);
     }
     // A compressed body would be refused as JSON that is not JSON; say what it is.
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
-        && !encoding
-            .to_str()
-            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
-    {
+    if let Some((name, coding)) = body_coding(&headers) {
         state.metrics.event_rejected();
         return error_and_close(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(
-                "the request body has Content-Encoding {:?}; send the job context \
-                 uncompressed, without Content-Encoding",
-                String::from_utf8_lossy(encoding.as_bytes())
-                    .chars()
-                    .take(64)
-                    .collect::<String>()
+                "the request body has {name} {}; send the job context uncompressed, without \
+                 {name}",
+                crate::capabilities::outbound::quote(&coding)
             ),
         );
     }
@@ -738,8 +752,61 @@ mod tests {
     #[test]
     fn token_comparison() {
         assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"", b"a"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    /// Every way a sender can say its body is compressed is caught: either header, a list in
+    /// one value, a second header after a plain one, any case; the plain codings are not.
+    #[test]
+    fn a_compressed_body_is_found_in_every_header_and_list() {
+        let with = |pairs: &[(&str, &[u8])]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(
+                    axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(value).unwrap(),
+                );
+            }
+            body_coding(&headers)
+        };
+        let found = |name: &str, coding: &str| Some((name_of(name), coding.to_owned()));
+        fn name_of(name: &str) -> &'static str {
+            if name == "ce" {
+                "Content-Encoding"
+            } else {
+                "Transfer-Encoding"
+            }
+        }
+        assert_eq!(with(&[("content-encoding", b"gzip")]), found("ce", "gzip"));
+        assert_eq!(
+            with(&[("Content-Encoding", b"identity, br")]),
+            found("ce", "br")
+        );
+        assert_eq!(
+            with(&[
+                ("content-encoding", b"identity"),
+                ("content-encoding", b"deflate")
+            ]),
+            found("ce", "deflate")
+        );
+        assert_eq!(
+            with(&[("transfer-encoding", b"gzip, chunked")]),
+            found("te", "gzip")
+        );
+        assert_eq!(
+            with(&[("content-encoding", b"x-\xff")]).map(|f| f.0),
+            Some("Content-Encoding")
+        );
+        let plain: [&[(&str, &[u8])]; 3] = [
+            &[("content-encoding", b"IDENTITY")],
+            &[("transfer-encoding", b"Chunked")],
+            &[],
+        ];
+        for headers in plain {
+            assert_eq!(with(headers), None, "{headers:?}");
+        }
     }
 
     #[test]
