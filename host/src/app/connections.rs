@@ -548,9 +548,12 @@ impl Clock {
     /// Whether the connection is marked to be closed and has no request under way (no complete
     /// head yet, or idle): a request whose head arrived after it was marked is served first.
     fn must_close(&self) -> bool {
+        // Every read asks: the mark alone, without the lock, in the usual case of none.
+        if !self.evicted.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.evicted.load(std::sync::atomic::Ordering::Relaxed)
-            && matches!(state.0, Phase::Head | Phase::Idle)
+        matches!(state.0, Phase::Head | Phase::Idle)
     }
 
     /// Bytes arrived: an idle connection is now reading a request head.
