@@ -1121,13 +1121,7 @@ mod tests {
         let port = closed.local_addr().expect("address").port();
         drop(closed);
         let kept = crate::log_capture::Captured::default();
-        let writer = kept.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let _guard = tracing::subscriber::set_default(kept.warnings());
         let limit = LogLimit::new(std::time::Duration::from_secs(600));
         let client = reqwest::Client::new();
         for _ in 0..20 {

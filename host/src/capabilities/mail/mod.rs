@@ -2034,13 +2034,7 @@ mod tests {
     /// What the engine logs at warn and above while `f` runs on this thread.
     async fn logged<F: std::future::Future>(f: F) -> (F::Output, String) {
         let kept = crate::log_capture::Captured::default();
-        let writer = kept.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let guard = tracing::subscriber::set_default(subscriber);
+        let guard = tracing::subscriber::set_default(kept.warnings());
         let out = f.await;
         drop(guard);
         let text = kept.text();

@@ -730,14 +730,9 @@ mod tests {
         let (stop, stopped) = mpsc::channel();
         let (ended, end) = mpsc::channel();
         let log = crate::log_capture::Captured::default();
-        let kept = log.clone();
+        let subscriber = log.warnings();
         std::thread::spawn(move || {
             // Its warnings, on this thread, kept for the count below.
-            let subscriber = tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::WARN)
-                .with_ansi(false)
-                .with_writer(move || kept.clone())
-                .finish();
             tracing::subscriber::with_default(subscriber, || {
                 checkpoint_loop(&read_only, &stopped);
             });
