@@ -1,10 +1,9 @@
-//! The delivery state machine: where a delivery is marked succeeded, failed, skipped or due for a
-//! retry.
+//! The delivery state machine: where a delivery is marked succeeded, failed or due for a retry.
 //!
 //! ```text
 //!            claim                 after_attempt
-//! pending ──────────► running ─────────────────────► succeeded | failed | skipped
-//!    ▲                   │ (outcome, attempt, retry policy, quarantine, now)
+//! pending ──────────► running ─────────────────────► succeeded | failed
+//!    ▲                   │ (outcome, attempt, retry policy, now)
 //!    │                   ├──────────► pending, not before retry_at   (a retry)
 //!    └───────────────────┘
 //!      interrupted: lease expired (crash, frozen node) or shutdown — attempt kept, run again
@@ -40,7 +39,9 @@ pub enum DeliveryState {
     Succeeded,
     /// The handler failed and no attempts remain.
     Failed,
-    /// Not run: the handler was quarantined or is no longer configured.
+    /// Not run: what versions of jobhook that skipped a quarantined handler's deliveries
+    /// recorded; read from such a store, never written now (a quarantined handler's deliveries
+    /// wait for it).
     Skipped,
 }
 
@@ -91,8 +92,6 @@ pub fn after(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 pub enum AttemptEnd<'a> {
     /// The handler ran and this is how it ended.
     Ran(&'a OutcomeKind),
-    /// The handler was not run: it is quarantined (or no longer configured).
-    Skipped,
 }
 
 /// Where an attempt leads: the delivery's next state and, for a retry, when it is due.
@@ -107,7 +106,6 @@ pub struct Transition {
 /// The next state of a delivery whose attempt number `attempt` (1 for the first) ended as `end`,
 /// under the handler's retry `policy`, at `now`:
 /// - succeeded → `succeeded`;
-/// - skipped by quarantine → `skipped` (terminal: the handler was set aside);
 /// - an engine error (not the handler's doing) → `pending` after [`ENGINE_ERROR_RETRY`];
 /// - any other failure with attempts left → `pending` after the policy's backoff;
 /// - any other failure on the last attempt → `failed`.
@@ -118,7 +116,6 @@ pub fn after_attempt(
     now: DateTime<Utc>,
 ) -> Transition {
     let (state, retry_at) = match end {
-        AttemptEnd::Skipped => (DeliveryState::Skipped, None),
         AttemptEnd::Ran(OutcomeKind::Succeeded) => (DeliveryState::Succeeded, None),
         AttemptEnd::Ran(OutcomeKind::EngineError { .. }) => {
             (DeliveryState::Pending, Some(after(now, ENGINE_ERROR_RETRY)))
@@ -210,8 +207,6 @@ mod tests {
                 Succeeded,
                 None,
             ),
-            (AttemptEnd::Skipped, 1, 5, Skipped, None),
-            (AttemptEnd::Skipped, 5, 5, Skipped, None),
             // No retry policy: the first failure is final, whatever the class.
             (AttemptEnd::Ran(&failed), 1, 1, Failed, None),
             (AttemptEnd::Ran(&trapped), 1, 1, Failed, None),

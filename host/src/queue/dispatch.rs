@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::outcome::OutcomeKind;
 use crate::queue::delivery_state::{AttemptEnd, Transition, after_attempt};
 use crate::queue::quarantine::QuarantineConfig;
-use crate::queue::quarantine::{Admission, Quarantine, QuarantineStatus};
+use crate::queue::quarantine::{Admission, Change, Quarantine, QuarantineStatus};
 use crate::queue::registration::{JobTypes, Registration};
 use crate::queue::retry::RetryPolicy;
 use crate::queue::store::config::DEFAULT_LEASE;
@@ -192,8 +192,13 @@ impl RegisteredHandler {
             .min(self.config.max_concurrency)
     }
 
-    /// How many more of its deliveries may start now.
+    /// How many more of its deliveries may start now: none while it is quarantined (its
+    /// deliveries wait in the store until the quarantine ends; then one runs as the probe, a
+    /// handler that failed that often having one place left).
     fn room(&self) -> usize {
+        if self.quarantine().is_quarantined(Instant::now()) {
+            return 0;
+        }
         self.places().saturating_sub(self.running())
     }
 
@@ -806,7 +811,8 @@ impl Dispatcher {
         // took the delivery over) says nothing about the handler, as a time-out caused by the
         // freeze itself would otherwise count against it.
         if let (Some(h), Ok(Finish::Recorded), Some(succeeded)) = (&handler, done.await, verdict) {
-            h.quarantine().record(succeeded, Instant::now());
+            let change = h.quarantine().record(succeeded, Instant::now());
+            log_quarantine(&h.config.name, change);
             h.earn(succeeded);
         }
         drop(held);
@@ -818,10 +824,18 @@ impl Dispatcher {
         claim: &Claim,
         context: &crate::JobContext,
     ) -> AttemptRecord {
-        let admission = h.quarantine().admit(Instant::now());
-        if let Admission::Skip(reason) = admission {
-            self.metrics.delivery(&h.config.name, "skipped", 0.0);
-            return skipped(reason, self.store.now());
+        let now = Instant::now();
+        let admission = h.quarantine().admit(now);
+        if let Admission::Wait { until, reason } = admission {
+            // Claimed just before its handler was quarantined: given back to wait, due when
+            // the quarantine ends (a quarantined handler's deliveries are not claimed).
+            let wall = self.store.now();
+            let mut record = handed_back(reason, wall);
+            record.retry_at = Some(crate::queue::store::after(
+                wall,
+                until.saturating_duration_since(now),
+            ));
+            return record;
         }
         self.metrics.running(1);
         let outcome = h
@@ -874,8 +888,29 @@ fn report_failed_delivery(ended: Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Logs what recording an outcome changed in `handler`'s quarantine.
+fn log_quarantine(handler: &str, change: Change) {
+    let handler = crate::escape::escape(handler);
+    match change {
+        Change::None => {}
+        Change::Quarantined {
+            consecutive_failures,
+            backoff,
+        } => tracing::warn!(
+            %handler,
+            consecutive_failures,
+            backoff_s = backoff.as_secs_f64(),
+            "handler quarantined: its deliveries wait until the backoff has passed, then one \
+             runs as a probe"
+        ),
+        Change::Released => {
+            tracing::warn!(%handler, "handler released from quarantine: its probe succeeded")
+        }
+    }
+}
+
 /// What an attempt tells quarantine once it is on record: whether the handler succeeded, or
-/// nothing when it did not run (skipped) or the engine, not the handler, failed.
+/// nothing when it did not run (handed back) or the engine, not the handler, failed.
 fn quarantine_verdict(record: &AttemptRecord) -> Option<bool> {
     record
         .outcome
@@ -891,21 +926,6 @@ fn event_source(stored: &str) -> EventSource {
         EventSource::Poller
     } else {
         EventSource::EventApi
-    }
-}
-
-/// The record of a delivery that was not run (its handler is quarantined or gone). A skip does
-/// not depend on the attempt or the retry policy.
-fn skipped(reason: String, now: DateTime<Utc>) -> AttemptRecord {
-    let Transition { state, retry_at } =
-        after_attempt(AttemptEnd::Skipped, 1, &RetryPolicy::default(), now);
-    AttemptRecord {
-        state,
-        retry_at,
-        class: "skipped".into(),
-        reason: Some(reason),
-        outcome: None,
-        finished_at: now,
     }
 }
 
@@ -1284,7 +1304,7 @@ mod tests {
                 .into_iter()
                 .map(|claim| Finished {
                     claim,
-                    record: skipped("test".into(), Utc::now()),
+                    record: unreadable("test".into(), Utc::now()),
                     recorded: oneshot::channel().0,
                 })
                 .collect();
@@ -1298,7 +1318,7 @@ mod tests {
             assert_eq!(finished.len(), 3);
             assert_eq!(
                 store.count_by_state().unwrap(),
-                vec![(DeliveryState::Skipped, 3)],
+                vec![(DeliveryState::Failed, 3)],
                 "awaited: {awaited}"
             );
         }
@@ -1501,7 +1521,7 @@ mod tests {
         record
             .send(Finished {
                 claim,
-                record: skipped("test".into(), Utc::now()),
+                record: unreadable("test".into(), Utc::now()),
                 recorded,
             })
             .await
@@ -1552,7 +1572,7 @@ mod tests {
         assert_eq!(report(Arc::clone(&other), fresh).await, Finish::Recorded);
         assert_eq!(
             other.count_by_state().unwrap(),
-            vec![(DeliveryState::Skipped, 1)]
+            vec![(DeliveryState::Failed, 1)]
         );
     }
 
@@ -1650,10 +1670,10 @@ mod tests {
                 output_dropped: 0,
                 memory_bytes: 0,
             }),
-            ..skipped("test".into(), Utc::now())
+            ..unreadable("test".into(), Utc::now())
         };
         assert_eq!(
-            quarantine_verdict(&skipped("quarantined".into(), Utc::now())),
+            quarantine_verdict(&handed_back("quarantined".into(), Utc::now())),
             None
         );
         assert_eq!(quarantine_verdict(&ran(OutcomeKind::Succeeded)), Some(true));
@@ -1688,7 +1708,7 @@ mod tests {
                 .expect("recorded, not given up");
             assert_eq!(
                 store.count_by_state().unwrap(),
-                vec![(DeliveryState::Skipped, 1)]
+                vec![(DeliveryState::Failed, 1)]
             );
             drop(record);
             recorder.await.unwrap();

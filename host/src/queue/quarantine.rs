@@ -3,7 +3,8 @@
 //! (the idea of Envoy's and Redpanda's restart backoff).
 //!
 //! After `after_failures` consecutive failures the handler is quarantined for the current
-//! backoff; its deliveries in that time are skipped, with the reason recorded. When the backoff
+//! backoff; its deliveries wait in the store meanwhile (none is claimed for it, and none is
+//! lost: the failures may be a relay's or an API's outage, not the handler's). When the backoff
 //! has passed the next delivery runs as a probe: success releases the handler and resets the
 //! backoff, failure quarantines it again for twice as long (up to the maximum).
 
@@ -88,8 +89,29 @@ impl From<WrittenQuarantineConfig> for QuarantineConfig {
 pub enum Admission {
     /// Run it.
     Run,
-    /// Skip it, for this reason.
-    Skip(String),
+    /// Not now: the handler is quarantined until `until`; the delivery waits for it.
+    Wait {
+        /// When the quarantine ends (monotonic).
+        until: Instant,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// What recording an outcome changed, for the log (which names the handler).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Change {
+    /// Nothing worth a line.
+    None,
+    /// Quarantined after `consecutive_failures` in a row, for `backoff`.
+    Quarantined {
+        /// Failures in a row.
+        consecutive_failures: u32,
+        /// How long.
+        backoff: Duration,
+    },
+    /// A probe succeeded: the handler is released.
+    Released,
 }
 
 /// What health and the handler list show.
@@ -134,22 +156,34 @@ impl Quarantine {
     /// Whether a delivery starting at `now` may run.
     pub fn admit(&self, now: Instant) -> Admission {
         match self.until {
-            Some(until) if now < until => Admission::Skip(format!(
-                "handler quarantined for another {} s after {} consecutive failures",
-                until.saturating_duration_since(now).as_secs().max(1),
-                self.consecutive_failures
-            )),
+            Some(until) if now < until => Admission::Wait {
+                until,
+                reason: format!(
+                    "handler quarantined for another {} s after {} consecutive failures; the \
+                     delivery waits for it",
+                    until.saturating_duration_since(now).as_secs().max(1),
+                    self.consecutive_failures
+                ),
+            },
             _ => Admission::Run,
         }
     }
 
-    /// Records the result of a delivery that ran.
-    pub fn record(&mut self, success: bool, now: Instant) {
+    /// Records the result of a delivery that ran; says what changed.
+    pub fn record(&mut self, success: bool, now: Instant) -> Change {
         if success {
+            // Released: after a quarantine (its probe succeeded), not after failures below
+            // the threshold.
+            let released = self.config.after_failures > 0
+                && self.consecutive_failures >= self.config.after_failures;
             self.consecutive_failures = 0;
             self.until = None;
             self.next_backoff = self.config.initial_backoff;
-            return;
+            return if released {
+                Change::Released
+            } else {
+                Change::None
+            };
         }
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         if self.config.after_failures > 0 && self.consecutive_failures >= self.config.after_failures
@@ -157,12 +191,12 @@ impl Quarantine {
             let backoff = self.next_backoff.min(self.config.max_backoff);
             self.until = now.checked_add(backoff);
             self.next_backoff = backoff.saturating_mul(2).min(self.config.max_backoff);
-            tracing::warn!(
-                consecutive_failures = self.consecutive_failures,
-                backoff_s = backoff.as_secs_f64(),
-                "handler quarantined"
-            );
+            return Change::Quarantined {
+                consecutive_failures: self.consecutive_failures,
+                backoff,
+            };
         }
+        Change::None
     }
 
     /// The current status, with `until` in wall-clock time.
@@ -224,11 +258,19 @@ mod tests {
     fn quarantines_after_n_failures_and_backs_off_exponentially() {
         let t0 = Instant::now();
         let mut q = Quarantine::new(config());
-        q.record(false, t0);
+        assert_eq!(q.record(false, t0), Change::None);
         q.record(false, t0);
         assert_eq!(q.admit(t0), Admission::Run);
-        q.record(false, t0);
-        assert!(matches!(q.admit(t0), Admission::Skip(r) if r.contains("3 consecutive failures")));
+        assert_eq!(
+            q.record(false, t0),
+            Change::Quarantined {
+                consecutive_failures: 3,
+                backoff: Duration::from_secs(10)
+            }
+        );
+        assert!(
+            matches!(q.admit(t0), Admission::Wait { reason, until } if reason.contains("3 consecutive failures") && until == t0 + Duration::from_secs(10))
+        );
         assert!(q.is_quarantined(t0 + Duration::from_secs(9)));
         // The probe after the backoff fails: quarantined twice as long.
         let t1 = t0 + Duration::from_secs(10);
@@ -240,6 +282,11 @@ mod tests {
         let t2 = t1 + Duration::from_secs(20);
         q.record(false, t2);
         assert!(!q.is_quarantined(t2 + Duration::from_secs(25)));
+        // A probe that succeeds releases it, and says so once.
+        let t3 = t2 + Duration::from_secs(25);
+        assert_eq!(q.record(true, t3), Change::Released);
+        assert_eq!(q.record(true, t3), Change::None);
+        assert_eq!(q.admit(t3), Admission::Run);
     }
 
     /// A reload's new `[quarantine]` applies to a handler it kept: the failures so far count
