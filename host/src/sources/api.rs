@@ -42,6 +42,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::context::JobContext;
+use crate::log_limit::LogLimit;
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
 use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError, call_within};
@@ -464,7 +465,9 @@ async fn job_complete(
     match tokio::spawn(commit_event(state.clone(), event, key, forwarder)).await {
         Ok(response) => response,
         Err(e) => {
-            tracing::error!("commit task failed: {e}");
+            limited(&COMMIT_FAILURES, |untold| {
+                tracing::error!(more_since_last_error = untold, "commit task failed: {e}")
+            });
             state.metrics.ingest_store_failed("error");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -502,9 +505,12 @@ async fn commit_event(
         }
     };
     let Ok(committed) = tokio::time::timeout(INGEST_COMMIT_TIMEOUT, commit).await else {
-        tracing::error!(
-            "cannot commit an event: the store did not answer within {INGEST_COMMIT_TIMEOUT:?}"
-        );
+        limited(&COMMIT_FAILURES, |untold| {
+            tracing::error!(
+                more_since_last_error = untold,
+                "cannot commit an event: the store did not answer within {INGEST_COMMIT_TIMEOUT:?}"
+            )
+        });
         let (reason, message) = unavailable(&StoreError::NoAnswer(String::new()));
         state.metrics.ingest_store_failed(reason);
         return error(StatusCode::SERVICE_UNAVAILABLE, message);
@@ -534,13 +540,20 @@ async fn commit_event(
             );
         }
         Ok(Err(e)) => {
-            tracing::error!("cannot commit an event: {e}");
+            limited(&COMMIT_FAILURES, |untold| {
+                tracing::error!(
+                    more_since_last_error = untold,
+                    "cannot commit an event: {e}"
+                )
+            });
             let (reason, message) = unavailable(&e);
             state.metrics.ingest_store_failed(reason);
             return error(StatusCode::SERVICE_UNAVAILABLE, message);
         }
         Err(e) => {
-            tracing::error!("commit task failed: {e}");
+            limited(&COMMIT_FAILURES, |untold| {
+                tracing::error!(more_since_last_error = untold, "commit task failed: {e}")
+            });
             state.metrics.ingest_store_failed("error");
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -572,6 +585,26 @@ async fn commit_event(
 /// answer in 40 s). As for a connection that broke, whether the commit completes later is
 /// unknown: resends carry an `Idempotency-Key`.
 pub const INGEST_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the log tells of a failing store, separately for commits, event reads and
+/// `/metrics`: each is driven by clients, and a fleet of forwarders resending through an outage
+/// (or a scraper) would write a line per request. Every refusal is still counted in `/metrics`
+/// (`jobhook_ingest_store_failures_total`), and each line says how many it stands for.
+pub const STORE_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Failed commits, told through [`STORE_FAILURE_LOG_INTERVAL`].
+static COMMIT_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
+/// Failed event reads, likewise.
+static READ_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
+/// `/metrics` answered without the delivery states, likewise.
+static METRICS_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
+
+/// Calls `log` with how many lines went untold since the last, when `limit` lets a line through.
+fn limited(limit: &LogLimit, log: impl FnOnce(u64)) {
+    if let Some(untold) = limit.due() {
+        log(untold);
+    }
+}
 
 /// Longest `GET /metrics` and `GET /v1/events/{id}` wait for the store. A read takes
 /// milliseconds; one held by a store that stopped answering would hold the request as long as
@@ -621,7 +654,12 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         // The store's own words (a database server's message, detail and hint) go to the
         // operator's log, not to the client, as for ingest.
         Err(why @ (StoreError::Unreachable(_) | StoreError::NoAnswer(_))) => {
-            tracing::error!("cannot read event {id}: {why}");
+            limited(&READ_FAILURES, |untold| {
+                tracing::error!(
+                    more_since_last_error = untold,
+                    "cannot read event {id}: {why}"
+                )
+            });
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the event could not be read: the store's database cannot be reached or did not \
@@ -635,7 +673,12 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
 /// The answer when event `id` could not be read: the reason is logged, the client is told to
 /// retry.
 fn unreadable(id: Uuid, why: &dyn std::fmt::Display) -> Response {
-    tracing::error!("cannot read event {id}: {why}");
+    limited(&READ_FAILURES, |untold| {
+        tracing::error!(
+            more_since_last_error = untold,
+            "cannot read event {id}: {why}"
+        )
+    });
     error(
         StatusCode::INTERNAL_SERVER_ERROR,
         "the event could not be read: the store failed; retry later",
@@ -686,7 +729,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let counts = match read.await {
         Ok(counts) => Some(counts),
         Err(e) => {
-            tracing::warn!("metrics without the delivery states: {e}");
+            limited(&METRICS_FAILURES, |untold| {
+                tracing::warn!(
+                    more_since_last_warning = untold,
+                    "metrics without the delivery states: {e}"
+                )
+            });
             None
         }
     };
