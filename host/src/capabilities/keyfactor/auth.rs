@@ -69,6 +69,17 @@ pub const TOKEN_REMEMBERED_FOR: Duration = Duration::from_secs(60 * 60);
 /// identity can make in that time.
 pub const MAX_REMEMBERED_TOKENS: usize = 256;
 
+/// After a failed token request, how long every call with that identity is answered with its
+/// failure instead of asking again: an identity provider that is down or refusing is asked
+/// once per pause, not once per Keyfactor call of every sandbox and every poll (each of which
+/// also wrote a warning). A provider's `Retry-After` may ask for longer, up to
+/// [`MAX_TOKEN_FAILURE_PAUSE`].
+pub const TOKEN_FAILURE_PAUSE: Duration = Duration::from_secs(5);
+
+/// Longest pause a provider's `Retry-After` can set after a failed token request: longer
+/// would keep handlers without a token well after the provider is back.
+pub const MAX_TOKEN_FAILURE_PAUSE: Duration = Duration::from_secs(60);
+
 /// How the engine authenticates to Keyfactor (`[keyfactor.auth]`).
 ///
 /// ```toml
@@ -383,11 +394,13 @@ pub struct OAuth2 {
     /// of handlers using this identity wait for one token request instead of each sending their
     /// own. Only this identity's calls take it: redaction reads [`issued`](Self::issued).
     cache: Mutex<Option<CachedToken>>,
-    /// When the last token request failed, and how: a call that waited for [`cache`](Self::cache)
-    /// while that request was made takes this answer instead of asking again, so calls queued
-    /// behind an identity provider that does not answer each wait for one request's timeout,
-    /// not for one per call ahead of them. Never held across an `.await`.
-    last_failure: std::sync::Mutex<Option<(Instant, CapabilityError)>>,
+    /// When the last token request failed, until when its answer stands ([`TOKEN_FAILURE_PAUSE`]
+    /// or the provider's `Retry-After`), and the answer: a call that waited for
+    /// [`cache`](Self::cache) while that request was made, or comes before the pause ends, takes
+    /// it instead of asking again, so calls queued behind an identity provider that does not
+    /// answer each wait for one request's timeout, not for one per call ahead of them, and a
+    /// provider that is down is not asked once per call. Never held across an `.await`.
+    last_failure: std::sync::Mutex<Option<FailedFetch>>,
     /// What to scrub for the current token and those it replaced recently (see
     /// [`publish_at`](Self::publish_at)), each with when it was issued, newest last. A fetched
     /// token is added here before it is cached or handed to anyone, so every token a server could
@@ -408,6 +421,55 @@ impl std::fmt::Debug for OAuth2 {
 struct CachedToken {
     header: HeaderValue,
     refresh_at: Instant,
+}
+
+/// A token request that failed: when, until when its answer stands, and the answer.
+struct FailedFetch {
+    at: Instant,
+    stands_until: Instant,
+    error: CapabilityError,
+}
+
+/// Why a token request failed: what calls are told, and how long to wait before asking again
+/// (the provider's `Retry-After`, when it gave one).
+struct FetchFailure {
+    error: CapabilityError,
+    retry_after: Option<Duration>,
+}
+
+impl From<CapabilityError> for FetchFailure {
+    fn from(error: CapabilityError) -> Self {
+        FetchFailure {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// A `Retry-After` of delta-seconds (RFC 9110 §10.2.3), capped at [`MAX_TOKEN_FAILURE_PAUSE`];
+/// `None` when absent or an HTTP date (then the default pause applies).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_TOKEN_FAILURE_PAUSE))
+}
+
+/// What to check when the identity provider refused a token request with `status`.
+fn refusal_advice(status: reqwest::StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 401 | 403 => {
+            "the identity provider refused the Keyfactor token request; check [keyfactor.auth] \
+             client_id, client_secret, scopes and audience"
+        }
+        429 => "the identity provider is limiting token requests; they are paused",
+        500..=599 => "the identity provider is unavailable; token requests are paused",
+        _ => "the identity provider refused the Keyfactor token request",
+    }
 }
 
 /// The fields of a token response the engine uses (RFC 6749 §5.1).
@@ -439,21 +501,26 @@ impl OAuth2 {
         {
             return Ok(token.header.clone());
         }
-        if let Some((failed_at, error)) = self
+        if let Some(failed) = self
             .last_failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            && *failed_at >= asked
+            && (failed.at >= asked || Instant::now() < failed.stands_until)
         {
-            return Err(error.clone());
+            return Err(failed.error.clone());
         }
         let (token, redactor) = match self.fetch(http).await {
             Ok(fetched) => fetched,
-            Err(e) => {
-                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((Instant::now(), e.clone()));
-                return Err(e);
+            Err(FetchFailure { error, retry_after }) => {
+                let at = Instant::now();
+                let pause = retry_after.unwrap_or(TOKEN_FAILURE_PAUSE);
+                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(FailedFetch {
+                    at,
+                    stands_until: at.checked_add(pause).unwrap_or(at),
+                    error: error.clone(),
+                });
+                return Err(error);
             }
         };
         // Published before the token is cached or returned, so before it is ever sent.
@@ -491,10 +558,7 @@ impl OAuth2 {
         }
     }
 
-    async fn fetch(
-        &self,
-        http: &reqwest::Client,
-    ) -> Result<(CachedToken, Redactor), CapabilityError> {
+    async fn fetch(&self, http: &reqwest::Client) -> Result<(CachedToken, Redactor), FetchFailure> {
         let unavailable = || CapabilityError::Failed(TOKEN_UNAVAILABLE.into());
         let form = {
             let mut form = url::form_urlencoded::Serializer::new(String::new());
@@ -529,6 +593,7 @@ impl OAuth2 {
                 answer
             })?;
         let status = response.status();
+        let headers = response.headers().clone();
         let body = outbound::read_body(response, MAX_TOKEN_RESPONSE_BYTES)
             .await
             .map_err(|_| {
@@ -539,13 +604,19 @@ impl OAuth2 {
             let error = serde_json::from_slice::<TokenError>(&body)
                 .map(|e| e.error)
                 .unwrap_or_default();
+            let retry_after = retry_after(&headers);
             tracing::warn!(
                 token_url = %self.token_url,
                 status = status.as_u16(),
                 error = %outbound::quote(&error),
-                "the identity provider refused the Keyfactor token request; check client_id and client_secret"
+                paused_s = retry_after.unwrap_or(TOKEN_FAILURE_PAUSE).as_secs(),
+                "{}",
+                refusal_advice(status)
             );
-            return Err(unavailable());
+            return Err(FetchFailure {
+                error: unavailable(),
+                retry_after,
+            });
         }
         let token: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
             tracing::warn!(token_url = %self.token_url, "the token response is not the expected JSON (access_token, expires_in)");
@@ -555,7 +626,7 @@ impl OAuth2 {
             && !kind.eq_ignore_ascii_case("bearer")
         {
             tracing::warn!(token_type = %outbound::quote(kind), "the identity provider issued a token that is not a Bearer token");
-            return Err(unavailable());
+            return Err(unavailable().into());
         }
         let mut header =
             HeaderValue::from_str(&format!("Bearer {}", token.access_token)).map_err(|_| {
@@ -821,6 +892,81 @@ mod tests {
             "{CALLS} calls behind an identity provider that never answers took {took:?} \
              (one request's timeout is {TIMEOUT:?})"
         );
+    }
+
+    /// An identity provider answering 503 with `Retry-After`: twenty calls in a row ask it
+    /// once (each asked before, writing a warning each, and the warning told to check the
+    /// client's credentials whatever the status); the line says it is unavailable, and the
+    /// pause holds no longer than the provider asked, within [`MAX_TOKEN_FAILURE_PAUSE`].
+    #[tokio::test]
+    async fn a_provider_that_is_down_is_asked_once_per_pause_and_named_as_down() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&asked);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = vec![0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+                          Content-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cs");
+        std::fs::write(&secret, "client-secret").unwrap();
+        let auth = Auth::from_config(&AuthConfig::Oauth2 {
+            token_url: format!("http://127.0.0.1:{port}/token"),
+            client_id: "c".into(),
+            client_secret: SecretRef::File(secret),
+            scopes: vec![],
+            audience: None,
+        })
+        .unwrap();
+        let kept = crate::log_capture::Captured::default();
+        let _guard = tracing::subscriber::set_default(kept.warnings());
+        let http = reqwest::Client::new();
+        for _ in 0..20 {
+            assert!(auth.authorization(&http).await.is_err());
+        }
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let text = kept.text();
+        assert_eq!(text.matches("identity provider").count(), 1, "{text}");
+        assert!(text.contains("is unavailable"), "{text}");
+        assert!(!text.contains("client_secret"), "{text}");
+        // Retry-After: 1 — asked again once it has passed.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(auth.authorization(&http).await.is_err());
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_retry_after_is_read_in_seconds_and_capped() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(reqwest::header::RETRY_AFTER, "30".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(30)));
+        headers.insert(reqwest::header::RETRY_AFTER, "86400".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(MAX_TOKEN_FAILURE_PAUSE));
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), None);
+        for (status, words) in [
+            (401, "client_secret"),
+            (429, "limiting"),
+            (503, "unavailable"),
+        ] {
+            let advice = refusal_advice(reqwest::StatusCode::from_u16(status).unwrap());
+            assert!(advice.contains(words), "{status}: {advice}");
+        }
     }
 
     #[test]
