@@ -651,6 +651,8 @@ struct SkipNotices {
     stale: LogLimit,
     refused: LogLimit,
     lookup: LogLimit,
+    before_bound: LogLimit,
+    missing_newest: LogLimit,
 }
 
 impl Default for SkipNotices {
@@ -663,6 +665,8 @@ impl Default for SkipNotices {
             stale: LogLimit::new(NOTICE_EVERY),
             refused: LogLimit::new(NOTICE_EVERY),
             lookup: LogLimit::new(NOTICE_EVERY),
+            before_bound: LogLimit::new(NOTICE_EVERY),
+            missing_newest: LogLimit::new(NOTICE_EVERY),
         }
     }
 }
@@ -929,8 +933,11 @@ impl Poller {
         let last_page = max_pages(self.config.page_size);
         for page in 1..=last_page {
             let rows = self.page(from, page).await?;
+            if page == 1 {
+                self.notice_missing_newest(&rows, &cursor, from);
+            }
             let full_page = rows.len() >= page_size;
-            let stopped = self.events_from(&rows, &mut cursor, &mut events, Utc::now());
+            let stopped = self.events_from(&rows, &mut cursor, &mut events, from, Utc::now());
             if stopped || !full_page {
                 break;
             }
@@ -977,9 +984,10 @@ impl Poller {
         rows: &[Value],
         cursor: &mut Cursor,
         events: &mut Vec<Pending>,
+        from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> bool {
-        let stopped = self.events_from_rows(rows, cursor, events, now);
+        let stopped = self.events_from_rows(rows, cursor, events, from, now);
         cursor.prune();
         stopped
     }
@@ -989,6 +997,7 @@ impl Poller {
         rows: &[Value],
         cursor: &mut Cursor,
         events: &mut Vec<Pending>,
+        from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> bool {
         let registry = self.dispatcher.registry();
@@ -1009,6 +1018,28 @@ impl Poller {
                 continue;
             }
             let start = operation_start(row);
+            // The query asked for rows from `from` on. A row before it is one the server's
+            // filter let through — the likeliest cause a server reading the query's time in
+            // its own zone while it answers in UTC: such rows were handled when they were new
+            // (the cursor forgets ids past the window), and would be delivered again on every
+            // poll.
+            if let (Some(bound), Some(s)) = (from, start)
+                && s < bound
+            {
+                if let Some(quiet) = self.skips.before_bound.due() {
+                    tracing::warn!(
+                        job_history_id = id,
+                        operation_start = %query_time(s),
+                        asked_from = %query_time(bound),
+                        more_since_last_warning = quiet,
+                        "the Keyfactor API answered a JobHistory row that starts before the \
+                         OperationStart the query asked for; it is skipped (does the server \
+                         read the query's time in a zone other than UTC, the zone of its \
+                         answers?)"
+                    );
+                }
+                continue;
+            }
             let started = start_of(row, now);
             let finished = status(row.get("Status").unwrap_or(&Value::Null)) == Status::Finished;
             if cursor.below_floor(id) {
@@ -1089,6 +1120,39 @@ impl Poller {
             cursor.record_unpruned(id, start, now);
         }
         false
+    }
+
+    /// Warns when the first page for `OperationStart -ge from` holds none of the jobs the cursor
+    /// has seen start at or after `from`: the server left out rows its own filter should have
+    /// let through — the likeliest cause a server reading the query's time in its own zone,
+    /// west of UTC, while it answers in UTC — and the jobs of that stretch would be missed.
+    fn notice_missing_newest(&self, rows: &[Value], cursor: &Cursor, from: Option<DateTime<Utc>>) {
+        let Some(from) = from else {
+            return;
+        };
+        let Some((&id, &start)) = cursor
+            .seen
+            .iter()
+            .filter(|(_, start)| **start >= from)
+            .max_by_key(|(_, start)| **start)
+        else {
+            return;
+        };
+        let returned = rows.iter().filter_map(operation_start).any(|s| s >= from);
+        if returned {
+            return;
+        }
+        if let Some(quiet) = self.skips.missing_newest.due() {
+            tracing::warn!(
+                job_history_id = id,
+                operation_start = %query_time(start),
+                asked_from = %query_time(from),
+                more_since_last_warning = quiet,
+                "the Keyfactor API answered no JobHistory row for OperationStart from the time \
+                 asked, though this job started after it: jobs may be missed (does the server \
+                 read the query's time in a zone other than UTC, the zone of its answers?)"
+            );
+        }
     }
 
     /// Logs, at most every [`NOTICE_EVERY`] for each kind, a job whose start lies ahead of this
