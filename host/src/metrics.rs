@@ -87,6 +87,8 @@ pub struct Metrics {
     bodies_too_large: Counter,
     log_lines_dropped: Counter,
     log_drops: LogDrops,
+    poller_failures: Counter,
+    poller_last_success: Gauge,
 }
 
 /// Where the engine's log counts the lines it dropped because its writer fell behind
@@ -244,6 +246,18 @@ impl Metrics {
             "Lines of the engine's own log dropped because its writer (stderr) fell behind",
             log_lines_dropped.clone(),
         );
+        let poller_failures = Counter::default();
+        registry.register(
+            "jobhook_poller_failures",
+            "JobHistory polls that failed (the Keyfactor API or the store); the log says why",
+            poller_failures.clone(),
+        );
+        let poller_last_success = Gauge::default();
+        registry.register(
+            "jobhook_poller_last_success_timestamp_seconds",
+            "When this node's JobHistory poller last completed a poll (Unix time; 0: never)",
+            poller_last_success.clone(),
+        );
         // Every series whose label values are known up front exists from the start, at zero: a
         // family without series is not written at all, so an alert or a dashboard built from the
         // documented names would find nothing to match until the first increment.
@@ -264,6 +278,8 @@ impl Metrics {
             drop(connections_timed_out.get_or_create(&PhaseLabels { phase }));
         }
         Metrics {
+            poller_failures,
+            poller_last_success,
             log_lines_dropped,
             log_drops: LogDrops::default(),
             registry: Mutex::new(registry),
@@ -359,6 +375,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a failed JobHistory poll.
+    pub fn poll_failed(&self) {
+        self.poller_failures.inc();
+    }
+
+    /// Records a completed JobHistory poll at `at`.
+    pub fn polled(&self, at: chrono::DateTime<chrono::Utc>) {
+        self.poller_last_success.set(at.timestamp());
+    }
+
     /// Sets the forwarder gauges: how many are known, and the quietest one's silence.
     pub fn forwarders(&self, known: usize, max_silence_seconds: f64) {
         self.forwarders
@@ -447,6 +473,8 @@ mod tests {
             "jobhook_connections_refused_total{reason=\"max_connections_per_client\"} 0",
             "jobhook_connections_evicted_total 0",
             "jobhook_connections_timed_out_total{phase=\"idle\"} 0",
+            "jobhook_poller_failures_total 0",
+            "jobhook_poller_last_success_timestamp_seconds 0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }

@@ -1300,3 +1300,90 @@ async fn a_server_reading_the_query_time_in_another_zone_is_noticed_and_repeats_
     assert_eq!(west.events(), 5);
     assert_eq!(lines_with(&log, "jobs may be missed"), 1);
 }
+
+/// What `/metrics` shows of this fixture's poller.
+fn poller_metric(f: &Fixture, name: &str) -> f64 {
+    let text = f.dispatcher.metrics().render(None, 0);
+    jobhook_testkit::metric_value(&text, name).unwrap_or(-1.0)
+}
+
+/// A poll answered with a redirection names where it pointed and what to check, one answered
+/// 429 with `Retry-After` is not retried before that time, and `/metrics` counts the failed
+/// polls and tells when the last one succeeded (a poller failing on every poll was invisible
+/// there: `/healthz` and `/metrics` looked the same as a healthy one's).
+#[tokio::test]
+async fn failed_polls_say_what_the_server_said_and_show_in_metrics() {
+    let f = Fixture::new().await;
+    let answer = Arc::new(std::sync::Mutex::new((302u16, String::new())));
+    let given = Arc::clone(&answer);
+    let app = axum::Router::new().route(
+        "/KeyfactorAPI/OrchestratorJobs/JobHistory",
+        axum::routing::get(move || {
+            let (status, body) = given.lock().expect("answer").clone();
+            async move {
+                let status = axum::http::StatusCode::from_u16(status).expect("status");
+                (
+                    status,
+                    [
+                        ("location", "/elsewhere/KeyfactorAPI/"),
+                        ("retry-after", "3"),
+                        ("content-type", "application/json"),
+                    ],
+                    body,
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = format!("http://{addr}/KeyfactorAPI/");
+
+    let poller = f.poller(
+        client_of(url.clone(), &f.dir.path().join("pw")),
+        config(10, true),
+    );
+    let error = poller
+        .poll_once()
+        .await
+        .expect_err("a redirection")
+        .to_string();
+    assert!(
+        error.contains("redirection to \"/elsewhere/KeyfactorAPI/\"")
+            && error.contains("[keyfactor] url"),
+        "{error}"
+    );
+    *answer.lock().expect("answer") = (429, "slow down".into());
+    let error = poller.poll_once().await.expect_err("429").to_string();
+    assert!(error.contains("asked for 3 s"), "{error}");
+
+    // The loop: a failed poll is counted, and the next waits for the server's 3 s, not the
+    // 100 ms interval.
+    assert_eq!(poller_metric(&f, "jobhook_poller_failures_total"), 0.0);
+    assert_eq!(
+        poller_metric(&f, "jobhook_poller_last_success_timestamp_seconds"),
+        0.0
+    );
+    let mut config = config(10, true);
+    config.interval_ms = 100;
+    let running = tokio::spawn(
+        f.poller(client_of(url, &f.dir.path().join("pw")), config)
+            .run(),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(poller_metric(&f, "jobhook_poller_failures_total"), 1.0);
+    *answer.lock().expect("answer") = (200, "[]".into());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while poller_metric(&f, "jobhook_poller_last_success_timestamp_seconds") <= 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no successful poll counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    running.abort();
+    let at = poller_metric(&f, "jobhook_poller_last_success_timestamp_seconds");
+    assert!((at - Utc::now().timestamp() as f64).abs() < 30.0, "{at}");
+}

@@ -258,7 +258,7 @@ pub enum PollError {
     #[error("GET failed: {0}")]
     Call(String),
     /// The Keyfactor API answered with an error status.
-    #[error("GET {path} answered {status}: {body}")]
+    #[error("GET {path} answered {status}{}: {body}", status_note(*.status, .location.as_deref(), *.retry_after))]
     Status {
         /// The path asked for.
         path: String,
@@ -266,6 +266,11 @@ pub enum PollError {
         status: u16,
         /// The start of the body (lossy UTF-8).
         body: String,
+        /// Where a redirection pointed (`Location`).
+        location: Option<String>,
+        /// How long the server asked to wait (`Retry-After` in seconds, at most
+        /// [`MAX_BACKOFF`]).
+        retry_after: Option<Duration>,
     },
     /// The answer is not what the API documents.
     #[error("GET {0}")]
@@ -279,6 +284,30 @@ pub enum PollError {
     /// A blocking store task did not complete.
     #[error("store task: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// What an error status's answer adds: where a redirection pointed, with what to check (Command
+/// does not redirect its API; a `[keyfactor] url` of `http://` for an `https://` site, or
+/// without `/KeyfactorAPI/`, does), and how long the server asked the poller to wait.
+fn status_note(status: u16, location: Option<&str>, retry_after: Option<Duration>) -> String {
+    let mut note = String::new();
+    if (300..400).contains(&status) {
+        note.push_str(&format!(
+            " (a redirection to {}; the poller does not follow it: is [keyfactor] url the API's \
+             own address, https and ending in /KeyfactorAPI/?)",
+            location.map_or_else(
+                || "an address outside [keyfactor] url, not shown".to_owned(),
+                crate::capabilities::outbound::quote
+            )
+        ));
+    }
+    if let Some(after) = retry_after {
+        note.push_str(&format!(
+            " (it asked for {} s before the next poll)",
+            after.as_secs()
+        ));
+    }
+    note
 }
 
 /// A JobHistory row's status, as far as the poller cares.
@@ -707,8 +736,10 @@ impl Poller {
                 tokio::time::sleep(interval).await;
                 continue;
             }
+            let metrics = self.dispatcher.metrics();
             match crate::caught::caught(self.poll_once()).await {
                 Ok(Ok(report)) => {
+                    metrics.polled(Utc::now());
                     backoff = interval;
                     if report.events > 0 {
                         tracing::info!(events = report.events, since = ?report.cursor.since, "JobHistory polled");
@@ -719,13 +750,23 @@ impl Poller {
                     tokio::time::sleep(interval).await;
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!("JobHistory poll failed, retrying in {backoff:?}: {e}");
-                    tokio::time::sleep(backoff).await;
+                    metrics.poll_failed();
+                    // A server that says when to come back (429, 503) is not asked sooner.
+                    let wait = match &e {
+                        PollError::Status {
+                            retry_after: Some(after),
+                            ..
+                        } => backoff.max(*after),
+                        _ => backoff,
+                    };
+                    tracing::warn!("JobHistory poll failed, retrying in {wait:?}: {e}");
+                    tokio::time::sleep(wait).await;
                     backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
                 }
                 // A bug met on what the API answered: the poller goes on (the cursor is only
                 // moved by a poll that ends), instead of ending for the life of the process.
                 Err(panic) => {
+                    metrics.poll_failed();
                     tracing::error!(
                         "JobHistory poll failed with an engine error ({panic}); retrying in \
                          {backoff:?}"
@@ -785,11 +826,22 @@ impl Poller {
                 PollError::Call(format!("{path}: {}{hint}", capability_error_text(&e)))
             })?;
         if !(200..300).contains(&response.status) {
+            let header = |name: &str| {
+                response
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.clone())
+            };
             return Err(PollError::Status {
                 path: path.to_owned(),
                 status: response.status,
                 body: String::from_utf8_lossy(response.body.get(..500).unwrap_or(&response.body))
                     .into_owned(),
+                location: header("location"),
+                retry_after: header("retry-after")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|s| Duration::from_secs(s).min(MAX_BACKOFF)),
             });
         }
         match serde_json::from_slice::<Value>(&response.body) {
