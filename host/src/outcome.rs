@@ -40,6 +40,11 @@ pub enum OutcomeKind {
     TimedOut {
         /// The budget that was exceeded, in milliseconds.
         limit_ms: u64,
+        /// The capability call the handler was waiting on when the time ran out, and for how
+        /// long (`the Keyfactor API (GET OrchestratorJobs/JobHistory) for 9990 ms`): a hung
+        /// service, not a looping handler.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        waiting_for: Option<String>,
     },
     /// A resource limit or host-call budget was reached.
     LimitExceeded {
@@ -87,7 +92,14 @@ impl fmt::Display for OutcomeKind {
             OutcomeKind::HandlerFailed { reason } => write!(f, "handler failed: {reason}"),
             OutcomeKind::Panicked { message } => write!(f, "panicked: {message}"),
             OutcomeKind::Trapped { code, message, .. } => write!(f, "trapped ({code}): {message}"),
-            OutcomeKind::TimedOut { limit_ms } => write!(f, "timed out after {limit_ms} ms"),
+            OutcomeKind::TimedOut {
+                limit_ms,
+                waiting_for: None,
+            } => write!(f, "timed out after {limit_ms} ms"),
+            OutcomeKind::TimedOut {
+                limit_ms,
+                waiting_for: Some(call),
+            } => write!(f, "timed out after {limit_ms} ms, waiting for {call}"),
             OutcomeKind::LimitExceeded { limit, detail } => {
                 write!(f, "{} limit exceeded: {detail}", limit.as_str())
             }

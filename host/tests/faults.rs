@@ -1686,7 +1686,7 @@ async fn a_relay_and_a_keyfactor_api_that_never_answer_time_out_and_other_handle
     assert_failed_by_policy(
         delivery(&event, "history"),
         "timed-out",
-        "timed out after 600 ms",
+        "timed out after 600 ms, waiting for the Keyfactor API (GET OrchestratorJobs/JobHistory)",
     );
     assert_eq!(delivery(&event, "log")["state"], "succeeded", "{event:#}");
     assert!(

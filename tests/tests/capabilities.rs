@@ -1271,6 +1271,57 @@ async fn reqwest_free_get(url: &str, headers: &[(&str, &str)]) -> String {
 // Examples end to end
 // ---------------------------------------------------------------------------------------------
 
+/// A handler whose time runs out while the Keyfactor API holds its call (a server that takes
+/// the request and never answers) ends `timed-out` saying what it was waiting for: a hung
+/// API, not a looping handler (both read `timed out after N ms` before). A loop says nothing
+/// of the kind (`tests/tests/hostile.rs`).
+#[tokio::test]
+async fn a_handler_out_of_time_in_a_keyfactor_call_is_told_as_waiting_for_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let services = Services {
+        keyfactor: Some(client(&KeyfactorConfig::new(
+            format!("http://127.0.0.1:{port}/KeyfactorAPI/"),
+            AuthConfig::Bearer {
+                token: secret_file(dir.path(), "token", "t0ken"),
+            },
+        ))),
+        ..Services::default()
+    };
+    let grants = Grants {
+        keyfactor: Some(KeyfactorGrant::read_only(&["OrchestratorJobs/JobHistory"]).unwrap()),
+        ..Grants::default()
+    };
+    let mut spec = spec("history", &[], grants);
+    spec.limits.timeout = Duration::from_millis(600);
+    let outcome = run_example("job-history-lookup", &services, spec, "inventory.json").await;
+    match &outcome.kind {
+        OutcomeKind::TimedOut {
+            limit_ms: 600,
+            waiting_for: Some(call),
+        } => assert!(
+            call.starts_with("the Keyfactor API (GET OrchestratorJobs/JobHistory) for "),
+            "{call}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        outcome
+            .kind
+            .to_string()
+            .contains("timed out after 600 ms, waiting for the Keyfactor API"),
+        "{}",
+        outcome.kind
+    );
+}
+
 #[tokio::test]
 async fn job_history_lookup_calls_the_standin_and_succeeds() {
     let standin = Standin::start().await.unwrap();

@@ -20,7 +20,8 @@ fn expect_timed_out(outcome: &Outcome) {
     assert_eq!(
         outcome.kind,
         OutcomeKind::TimedOut {
-            limit_ms: TIMEOUT.as_millis() as u64
+            limit_ms: TIMEOUT.as_millis() as u64,
+            waiting_for: None,
         },
         "{outcome:#?}"
     );

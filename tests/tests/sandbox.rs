@@ -248,7 +248,13 @@ async fn an_infinite_loop_times_out_at_its_budget() {
     // speed (a long runner's share on two cores).
     s.limits.timeout = Duration::from_millis(500);
     let outcome = run("guest-loop", s, &sample_context_json()).await;
-    assert_eq!(outcome.kind, OutcomeKind::TimedOut { limit_ms: 500 });
+    assert_eq!(
+        outcome.kind,
+        OutcomeKind::TimedOut {
+            limit_ms: 500,
+            waiting_for: None
+        }
+    );
     assert!(outcome.duration >= Duration::from_millis(500));
     // It started on this thread (one-thread runtime) and ended on the idle threads as a long
     // runner; this thread's policy never changed.
@@ -533,7 +539,8 @@ async fn loops_beyond_the_cpu_share_are_throttled_and_still_end_at_their_deadlin
         assert_eq!(
             outcome.kind,
             OutcomeKind::TimedOut {
-                limit_ms: budget.as_millis() as u64
+                limit_ms: budget.as_millis() as u64,
+                waiting_for: None,
             },
             "{outcome:?}"
         );
@@ -606,7 +613,8 @@ async fn a_delivery_with_no_sandbox_slot_free_is_an_engine_error() {
     assert_eq!(
         held.kind,
         OutcomeKind::TimedOut {
-            limit_ms: budget.as_millis() as u64
+            limit_ms: budget.as_millis() as u64,
+            waiting_for: None,
         },
         "{held:?}"
     );

@@ -170,14 +170,48 @@ impl CallBudget {
     }
 }
 
-/// One capability in one sandbox: its call budget, the handler's grant (`None`: not granted)
-/// and the engine's service (`None`: not configured, with how the engine is configured to say
-/// what to set).
+/// Longest description of a call under way kept for an outcome: a method and a path or host,
+/// cut here (a handler chooses the path).
+const MAX_CALL_DESCRIPTION_BYTES: usize = 256;
+
+/// The call a capability is waiting on, if any: what and since when. Marked when the call
+/// starts and cleared when it ends; a delivery whose time runs out while it waits drops the
+/// call mid-way, so the mark stays, and the outcome says what the handler was waiting for (a
+/// hung API, not a looping handler).
+#[derive(Debug, Default)]
+pub struct CallUnderWay(std::sync::Mutex<Option<(String, std::time::Instant)>>);
+
+impl CallUnderWay {
+    /// Marks a call to `what` (already escaped) as under way from now.
+    pub fn start(&self, what: String) {
+        let what = crate::outcome::truncate(what, MAX_CALL_DESCRIPTION_BYTES);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((what, std::time::Instant::now()));
+    }
+
+    /// The call ended.
+    pub fn end(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The call under way and how long it has waited.
+    pub fn waiting(&self) -> Option<(String, std::time::Duration)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(what, since)| (what.clone(), since.elapsed()))
+    }
+}
+
+/// One capability in one sandbox: its call budget, the handler's grant (`None`: not granted),
+/// the engine's service (`None`: not configured, with how the engine is configured to say
+/// what to set) and the call under way.
 pub struct Gate<C: Grantable> {
     budget: CallBudget,
     grant: Option<C::Grant>,
     service: Option<Arc<C::Service>>,
     configured_by: ConfiguredBy,
+    under_way: Arc<CallUnderWay>,
 }
 
 impl<C: Grantable> Gate<C> {
@@ -194,7 +228,19 @@ impl<C: Grantable> Gate<C> {
             grant,
             service,
             configured_by,
+            under_way: Arc::default(),
         }
+    }
+
+    /// The mark of this capability's call under way (for the call to set and clear around its
+    /// wait).
+    pub fn under_way(&self) -> Arc<CallUnderWay> {
+        Arc::clone(&self.under_way)
+    }
+
+    /// The call under way, if one is, and how long it has waited.
+    pub fn waiting(&self) -> Option<(String, std::time::Duration)> {
+        self.under_way.waiting()
     }
 
     /// Lets one call through: takes it from the budget (`Err`: the sandbox traps with

@@ -178,6 +178,12 @@ macro_rules! grantable {
                 }
             }
 
+            /// The call a capability of this sandbox is waiting on, if any, and how long it
+            /// has waited.
+            pub fn waiting(&self) -> Option<(String, std::time::Duration)> {
+                None $( .or_else(|| self.$field.waiting()) )+
+            }
+
             /// Adds every grantable capability's interface to `linker`. Which of them a
             /// component may import is decided by the load gate.
             pub fn add_to_linker<T: HasCapabilities + Send + 'static>(

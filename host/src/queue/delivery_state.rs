@@ -180,7 +180,10 @@ mod tests {
             message: String::new(),
             backtrace: vec![],
         };
-        let timed_out = OutcomeKind::TimedOut { limit_ms: 10 };
+        let timed_out = OutcomeKind::TimedOut {
+            limit_ms: 10,
+            waiting_for: None,
+        };
         let limit = OutcomeKind::LimitExceeded {
             limit: LimitKind::Memory,
             detail: String::new(),

@@ -25,9 +25,13 @@ pub const COUNT_LIMIT_EXCEEDED: &str = "resource limit exceeded:";
 /// wasmtime to capture this many (its own default is 20).
 pub const MAX_BACKTRACE_FRAMES: usize = 32;
 
-pub(crate) fn timed_out(limits: &Limits) -> OutcomeKind {
+pub(crate) fn timed_out(
+    limits: &Limits,
+    waiting: Option<(String, std::time::Duration)>,
+) -> OutcomeKind {
     OutcomeKind::TimedOut {
         limit_ms: u64::try_from(limits.timeout.as_millis()).unwrap_or(u64::MAX),
+        waiting_for: waiting.map(|(call, waited)| format!("{call} for {} ms", waited.as_millis())),
     }
 }
 
@@ -86,7 +90,8 @@ pub(crate) fn classify(error: &wasmtime::Error, stderr: &str, limits: &Limits) -
     }
     let backtrace = backtrace_of(error);
     match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => timed_out(limits),
+        // Interrupted in guest code: no call was under way.
+        Some(Trap::Interrupt) => timed_out(limits, None),
         Some(Trap::StackOverflow) => OutcomeKind::LimitExceeded {
             limit: LimitKind::Stack,
             detail: format!(

@@ -126,7 +126,7 @@ impl SandboxedHandler {
         let (kind, state) = match ran {
             Ok((result, store)) => {
                 let kind = match result {
-                    Err(_elapsed) => timed_out(limits),
+                    Err(_elapsed) => timed_out(limits, store.data().waiting()),
                     Ok(Ok(Ok(()))) => OutcomeKind::Succeeded,
                     Ok(Ok(Err(reason))) => OutcomeKind::HandlerFailed {
                         reason: truncate(reason, MAX_REASON_BYTES),

@@ -126,6 +126,13 @@ impl HasCapabilities for SandboxState {
     }
 }
 
+impl SandboxState {
+    /// The capability call this sandbox is waiting on, if any, and how long it has waited.
+    pub fn waiting(&self) -> Option<(String, std::time::Duration)> {
+        self.capabilities.waiting()
+    }
+}
+
 /// `jobhook:handler/types` defines types only; its host side is empty.
 impl wit::types::Host for SandboxState {}
 

@@ -181,11 +181,23 @@ impl Host for Gate<Http> {
         &mut self,
         request: Request,
     ) -> wasmtime::Result<Result<Response, CapabilityError>> {
+        let under_way = self.under_way();
         let (grant, service) = match self.admit()? {
             Ok(admitted) => admitted,
             Err(refused) => return Ok(Err(refused)),
         };
-        Ok(service.send(grant, request).await)
+        // The host only: a URL's path or query may carry a token.
+        let host = url::Url::parse(&request.url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| crate::escape::escape(h).into_owned()))
+            .unwrap_or_else(|| "an unparsable URL".to_owned());
+        under_way.start(format!(
+            "an HTTP call ({} to {host})",
+            outbound::method_name(request.method)
+        ));
+        let answer = service.send(grant, request).await;
+        under_way.end();
+        Ok(answer)
     }
 }
 
@@ -551,7 +563,12 @@ impl HttpClient {
             Err(BodyError::Transport(e)) => {
                 static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                outbound::log_failure(&BROKE_OFF, e, &host, "outbound HTTP response broke off");
+                let what = if e.is_timeout() {
+                    "outbound HTTP response did not finish within [http] timeout_ms"
+                } else {
+                    "outbound HTTP response broke off"
+                };
+                outbound::log_failure(&BROKE_OFF, e, &host, what);
                 return Err(answer);
             }
         };

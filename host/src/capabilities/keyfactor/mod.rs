@@ -177,11 +177,19 @@ impl Host for Gate<Keyfactor> {
         &mut self,
         request: Request,
     ) -> wasmtime::Result<Result<Response, CapabilityError>> {
+        let under_way = self.under_way();
         let (grant, service) = match self.admit()? {
             Ok(admitted) => admitted,
             Err(refused) => return Ok(Err(refused)),
         };
-        Ok(service.send(grant, request).await)
+        under_way.start(format!(
+            "the Keyfactor API ({} {})",
+            outbound::method_name(request.method),
+            crate::escape::escape(&request.path)
+        ));
+        let answer = service.send(grant, request).await;
+        under_way.end();
+        Ok(answer)
     }
 }
 
@@ -595,7 +603,12 @@ impl KeyfactorClient {
             Err(BodyError::Transport(e)) => {
                 static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
                 let answer = outbound::transport_error(&e, WHAT);
-                outbound::log_failure(&BROKE_OFF, e, &path, "Keyfactor API response broke off");
+                let what = if e.is_timeout() {
+                    "Keyfactor API response did not finish within [keyfactor] timeout_ms"
+                } else {
+                    "Keyfactor API response broke off"
+                };
+                outbound::log_failure(&BROKE_OFF, e, &path, what);
                 return Err(answer);
             }
         };

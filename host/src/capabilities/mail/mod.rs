@@ -230,11 +230,15 @@ pub type MailCapability = Gate<Mail>;
 
 impl Host for Gate<Mail> {
     async fn send(&mut self, message: WitMessage) -> wasmtime::Result<Result<(), CapabilityError>> {
+        let under_way = self.under_way();
         let (grant, service) = match self.admit()? {
             Ok(admitted) => admitted,
             Err(refused) => return Ok(Err(refused)),
         };
-        Ok(service.send(grant, message).await)
+        under_way.start("the mail relay or outbox".into());
+        let answer = service.send(grant, message).await;
+        under_way.end();
+        Ok(answer)
     }
 }
 
