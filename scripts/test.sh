@@ -8,6 +8,8 @@
 # JOBHOOK_SKIP_MONO=1 is set explicitly. The C, JavaScript and Python toolchains
 # (scripts/lang-toolchains.sh) are installed too: host/tests/languages.rs builds handlers in those
 # languages from source and fails when a toolchain is missing, unless JOBHOOK_SKIP_LANGS=1.
+# Installing them needs npm (Node.js 18+) and Python's venv with ensurepip, so Debian's nodejs,
+# npm and python3-venv are installed here when missing.
 # libfaketime (host/tests/clock.rs) is installed the same way.
 # The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk and take an address
 # off the loopback interface (iproute2's `ip`) to silence a network; that needs root, so as root
@@ -35,6 +37,11 @@ have_mono() { command -v mcs >/dev/null && command -v mono >/dev/null && compgen
 # unless JOBHOOK_SKIP_FAKETIME=1.
 have_faketime() { [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; }
 have_ip() { command -v ip >/dev/null; }
+# scripts/lang-toolchains.sh installs componentize-qjs with npm and componentize-py into a
+# virtualenv. Debian ships the venv module without ensurepip (python3-venv brings it), so
+# `python3 -m venv` runs but cannot create a virtualenv with pip: look for ensurepip instead.
+have_npm() { command -v npm >/dev/null; }
+have_venv() { python3 -c 'import ensurepip' >/dev/null 2>&1; }
 
 # Every missing Debian package in one `apt-get update` and one install (each update fetches the
 # package lists again); if that install fails, each group on its own, so one package that cannot
@@ -45,6 +52,10 @@ have_fusermount || groups+=("fuse3|fuse3; the power-loss tests will fail (JOBHOO
 have_mono || groups+=("mono-mcs mono-runtime libmono-system-net-http4.0-cil|Mono; the forwarder tests will fail (JOBHOOK_SKIP_MONO=1 skips them)")
 have_ip || groups+=("iproute2|iproute2; the silent-network fault test will fail when run as root")
 have_faketime || groups+=("libfaketime|libfaketime; the clock-step test will fail (JOBHOOK_SKIP_FAKETIME=1 skips it)")
+if [ "${JOBHOOK_SKIP_LANGS:-0}" != 1 ]; then
+    have_npm || groups+=("nodejs npm|Node.js and npm; scripts/lang-toolchains.sh will fail (JOBHOOK_SKIP_LANGS=1 skips it)")
+    have_venv || groups+=("python3-venv|python3-venv; scripts/lang-toolchains.sh will fail (JOBHOOK_SKIP_LANGS=1 skips it)")
+fi
 apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
 if [ ${#groups[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     all=()
