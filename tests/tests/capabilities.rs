@@ -1023,7 +1023,7 @@ async fn keyfactor_refusals_send_nothing() {
         ),
         (
             "certificate format not documented",
-            with_header("x-certificateformat", "DER"),
+            with_header("x-certificateformat", "P12"),
             "denied",
         ),
         (

@@ -68,8 +68,9 @@ pub const DEFAULT_API_VERSION: &str = "1";
 
 /// Headers a handler may set on a Keyfactor request, lowercase. Everything else is refused:
 /// `Authorization`, `Cookie`, `Host`, `X-Forwarded-*` and the rest are the engine's business.
-/// `x-certificateformat` is how Keyfactor's API is asked for a PFX instead of a PEM
-/// (`POST Certificates/Recover`, `Enrollment/PFX`, `Enrollment/CSR`).
+/// `x-certificateformat` is how Keyfactor's API is asked for the format of a certificate it
+/// returns (`POST Certificates/Recover`, `Certificates/Download`, `Enrollment/PFX`,
+/// `Enrollment/CSR`).
 pub const GUEST_HEADERS: &[&str] = &[
     "accept",
     "content-type",
@@ -77,8 +78,15 @@ pub const GUEST_HEADERS: &[&str] = &[
     "x-certificateformat",
 ];
 
-/// The values Keyfactor documents for `x-certificateformat` (any case).
-pub const CERTIFICATE_FORMATS: &[&str] = &["PEM", "PFX"];
+/// The values Keyfactor documents for `x-certificateformat`, compared in any case (its own API
+/// documentation spells one `Zip` in one version and `ZIP` in another). The union over the
+/// endpoints that read the header, as Command's API specification lists them:
+/// `Enrollment/CSR` PEM, DER; `Enrollment/PFX` PFX, Zip, STORE (and, in API version 2, PEM,
+/// JKS, REPLACE); `Certificates/Recover` PFX, PEM; `Certificates/Download` DER, PEM, P7B. Which
+/// one an endpoint accepts is Keyfactor's to answer; the engine only keeps the header to the
+/// documented words, so that it cannot carry anything else.
+pub const CERTIFICATE_FORMATS: &[&str] =
+    &["PEM", "DER", "PFX", "Zip", "STORE", "P7B", "JKS", "REPLACE"];
 
 /// Longest `x-keyfactor-api-version` value (`1`, `1.0`, `2.0` in practice).
 const MAX_API_VERSION_BYTES: usize = 8;
@@ -1022,6 +1030,43 @@ mod tests {
                 err.contains(&format!("[keyfactor] {named} is out of range")),
                 "{err}"
             );
+        }
+    }
+
+    /// Every format Keyfactor documents for `x-certificateformat` passes, in any case, and
+    /// anything else is still denied.
+    #[test]
+    fn certificate_formats_are_the_documented_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken-value").unwrap();
+        let client = KeyfactorClient::from_config(&KeyfactorConfig::new(
+            "https://kf.example.com/KeyfactorAPI/",
+            AuthConfig::Bearer {
+                token: crate::secret::SecretRef::File(token),
+            },
+        ))
+        .unwrap();
+        let with = |value: &str| {
+            client.request_headers(&[("X-CertificateFormat".to_owned(), value.to_owned())])
+        };
+        for ok in [
+            "PEM", "DER", "PFX", "Zip", "ZIP", "STORE", "store", "P7B", "JKS", "REPLACE", "pfx",
+        ] {
+            let headers = with(ok).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+            assert_eq!(
+                headers.get("x-certificateformat").map(|v| v.to_str().ok()),
+                Some(Some(ok)),
+                "{ok}"
+            );
+        }
+        for bad in ["CER", "P12", "PEM, PFX", "", " PFX", "ZIPX", "Zi"] {
+            match with(bad) {
+                Err(CapabilityError::Denied(m)) => {
+                    assert!(m.contains("DER, PFX, Zip, STORE"), "{bad}: {m}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 
