@@ -6,7 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
-/// What to do when cargo wrote no component: the fix named by every message about it.
+/// What to do when cargo wrote no component: the fix named by every message about it. It ends
+/// with [`crate::runtime::loader::BUILD_COMMAND`], written out so that it stays a constant.
 pub const CDYLIB_FIX: &str = "cargo writes a .wasm for a library crate only with `[lib] crate-type = [\"cdylib\"]` in its Cargo.toml (add \"rlib\" too to keep native unit tests), then rebuild with `cargo build --release --target wasm32-wasip2`";
 
 /// Reads the component at `path`, refusing a file over `max` bytes (by its size before reading
@@ -86,6 +87,9 @@ mod tests {
         let e = format!("{:#}", read_component(&wasm, 1 << 20).unwrap_err());
         assert!(e.contains("libmy_hook.rlib instead"), "{e}");
         assert!(e.contains("crate-type = [\"cdylib\"]"), "{e}");
+        // The rebuild it names is the release build every other hint names.
+        let build = format!("`{}`", crate::runtime::loader::BUILD_COMMAND);
+        assert!(CDYLIB_FIX.ends_with(&build), "{CDYLIB_FIX}");
 
         // Elsewhere a missing file is only that.
         let e = format!(

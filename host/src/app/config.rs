@@ -1001,7 +1001,10 @@ impl Validator<'_> {
         if !component.is_file() {
             let build = crate::app::component_file::missing_build_output_hint(&component)
                 .unwrap_or_else(|| {
-                    "build the handler (cargo build --release --target wasm32-wasip2)".into()
+                    format!(
+                        "build the handler ({})",
+                        crate::runtime::loader::BUILD_COMMAND
+                    )
                 });
             return Err(self.error(
                 component_line,

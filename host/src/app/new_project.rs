@@ -532,7 +532,7 @@ pub fn next_steps(request: &NewProject, dir: &Path) -> String {
     let dir = crate::escape::escape(&dir.display().to_string()).into_owned();
     let (build, wasm) = match request.lang {
         Lang::Rust => (
-            "cargo test && cargo build --release --target wasm32-wasip2".to_owned(),
+            format!("cargo test && {}", crate::runtime::loader::BUILD_COMMAND),
             format!("target/wasm32-wasip2/release/{crate_name}.wasm"),
         ),
         _ => ("./build.sh".to_owned(), format!("{crate_name}.wasm")),

@@ -32,6 +32,11 @@ pub const WIT_VERSION: (u64, u64, u64) = (0, 2, 0);
 /// is accepted too.
 pub const SUPPORTED_VERSIONS: &[(u64, u64, u64)] = &[(0, 1, 0), WIT_VERSION];
 
+/// The command that builds a Rust handler into the component every message and document
+/// points to, `target/wasm32-wasip2/release/<crate>.wasm`: a release build, so one command
+/// names one file wherever the engine or its documentation says how to build a handler.
+pub const BUILD_COMMAND: &str = "cargo build --release --target wasm32-wasip2";
+
 /// Largest component accepted. A release-built Rust handler is 100 KiB–2 MiB; a debug build can be
 /// 10 MiB. Compilation time grows with size, so the cap also bounds the cost of hostile input.
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 * 1024 * 1024;
@@ -105,12 +110,14 @@ pub enum LoadError {
     },
     /// Not WebAssembly at all.
     #[error(
-        "not a WebAssembly binary (it does not start with the `\\0asm` magic bytes); build the handler with `cargo build --target wasm32-wasip2`"
+        "not a WebAssembly binary (it does not start with the `\\0asm` magic bytes); build the handler with `{}`",
+        BUILD_COMMAND
     )]
     NotWasm,
     /// A core module, not a component.
     #[error(
-        "this is a core WebAssembly module, not a component; build the handler for the `wasm32-wasip2` target (`cargo build --release --target wasm32-wasip2`, with `[lib] crate-type = [\"cdylib\"]` in a Rust crate's Cargo.toml), or wrap a core module with `wasm-tools component new`"
+        "this is a core WebAssembly module, not a component; build the handler for the `wasm32-wasip2` target (`{}`, with `[lib] crate-type = [\"cdylib\"]` in a Rust crate's Cargo.toml), or wrap a core module with `wasm-tools component new`",
+        BUILD_COMMAND
     )]
     CoreModule,
     /// A WebAssembly binary of a version or layer this engine does not know.
@@ -639,8 +646,19 @@ mod tests {
             check_header(b"\0asm\x01\0\0\0", &o),
             Err(LoadError::CoreModule)
         );
+        // Both hints name the release build, whose output is the `.../release/...wasm` every
+        // other message and the README point to.
+        let not_wasm = LoadError::NotWasm.to_string();
+        assert!(
+            not_wasm.contains("`cargo build --release --target wasm32-wasip2`"),
+            "{not_wasm}"
+        );
         let core = LoadError::CoreModule.to_string();
         assert!(core.contains("wasm32-wasip2"), "{core}");
+        assert!(
+            core.contains("`cargo build --release --target wasm32-wasip2`"),
+            "{core}"
+        );
         assert!(core.contains("crate-type = [\"cdylib\"]"), "{core}");
         assert_eq!(check_header(b"\0asm\x0d\0\x01\0", &o), Ok(()));
         assert!(matches!(
