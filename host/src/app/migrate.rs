@@ -151,6 +151,55 @@ pub fn read_registrations(text: &str, file: &str) -> Result<Vec<Registration>, M
     Ok(registrations)
 }
 
+/// The line a roxmltree error is on. Most of its errors carry their position; the rest report
+/// 1:1 wherever they are, so their line is found here instead: a refused DOCTYPE's by looking
+/// for it ([`doctype_line`]), an input that ended too soon at its last line; a document with no
+/// root element or over a count limit is wrong as a whole, and no line is given.
+fn xml_error_line(error: &roxmltree::Error, text: &str) -> Option<usize> {
+    use roxmltree::Error as E;
+    match error {
+        E::DtdDetected => doctype_line(text),
+        E::UnclosedRootNode | E::UnexpectedEndOfStream => {
+            Some(line_at(text.trim_end().len(), text))
+        }
+        E::NoRootNode
+        | E::NodesLimitReached
+        | E::AttributesLimitReached
+        | E::NamespacesLimitReached => None,
+        positioned => Some(positioned.pos().row as usize),
+    }
+}
+
+/// The line of the DOCTYPE roxmltree refuses: the first thing after the byte order mark, the
+/// XML declaration, comments, processing instructions and white space (where roxmltree looks
+/// for it, `<!DOCTYPE` compared in any case); `None` when there is none there.
+fn doctype_line(text: &str) -> Option<usize> {
+    let start = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut rest = start;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace());
+        let skipped = if rest.starts_with("<?") {
+            rest.find("?>").map(|end| end + "?>".len())
+        } else if rest.starts_with("<!--") {
+            rest.find("-->").map(|end| end + "-->".len())
+        } else {
+            break;
+        };
+        rest = rest.get(skipped?..)?;
+    }
+    const DOCTYPE: &str = "<!DOCTYPE";
+    let found = rest
+        .get(..DOCTYPE.len())
+        .is_some_and(|open| open.eq_ignore_ascii_case(DOCTYPE));
+    found.then(|| line_at(text.len() - rest.len(), text))
+}
+
+/// The 1-based line of byte `at` of `text`.
+fn line_at(at: usize, text: &str) -> usize {
+    let before = text.get(..at).unwrap_or(text);
+    before.bytes().filter(|b| *b == b'\n').count() + 1
+}
+
 fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateError> {
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
@@ -167,7 +216,7 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
         };
         MigrateError {
             file: file.to_owned(),
-            line: Some(e.pos().row as usize),
+            line: xml_error_line(&e, text),
             message: format!("not well-formed XML: {e}{hint}"),
         }
     })?;
@@ -1326,6 +1375,43 @@ mod tests {
         assert!(e.message.contains("too many XML nodes"), "{e:?}");
         // Within the limit the same shape parses (and holds no registration).
         assert!(read_web_config(&config(1000), "web.config").is_ok());
+    }
+
+    /// A refused DOCTYPE is reported on its own line, wherever the declaration and comments
+    /// before it put it (roxmltree itself says 1:1 for it).
+    #[test]
+    fn a_doctype_is_reported_on_its_line() {
+        let body = "<!DOCTYPE configuration [ <!ENTITY x \"y\"> ]>\n<configuration/>\n";
+        for (prolog, line) in [
+            ("<?xml version=\"1.0\"?>\n", 2),
+            (
+                "\u{feff}<?xml version=\"1.0\"?>\n<!-- a\n b -->\n<?pi x?>\n",
+                5,
+            ),
+            ("", 1),
+        ] {
+            let text = format!("{prolog}{body}");
+            let e = read_web_config(&text, "web.config").unwrap_err();
+            assert!(e.message.contains("DOCTYPE"), "{e}");
+            assert_eq!(e.line, Some(line), "{text:?}: {e}");
+        }
+        // A DOCTYPE roxmltree refuses but this scan does not see is reported without a line,
+        // never at a line it is not on.
+        assert_eq!(doctype_line("<!-- never closed <!DOCTYPE x>"), None);
+    }
+
+    /// Errors roxmltree gives no position for are not reported at 1:1: an input that ends too
+    /// soon at its last line, a document without a root element without a line.
+    #[test]
+    fn xml_errors_without_a_position_are_not_put_on_line_one() {
+        let e =
+            read_web_config("<?xml version=\"1.0\"?>\n<configuration>\n  <a/>\n", "w").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        let e = read_web_config("<?xml version=\"1.0\"?>\n<!-- only -->\n", "w").unwrap_err();
+        assert_eq!(e.line, None, "{e}");
+        // Errors that carry their position keep it.
+        let e = read_web_config("<configuration>\n\n<a></b>\n</configuration>", "w").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
     }
 
     #[test]
