@@ -983,12 +983,11 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let at = |key: &str, span: std::ops::Range<usize>| {
-            (
-                self.line(span).or(Some(line)),
-                format!("handlers.{key} (handler {name:?})"),
-            )
-        };
+        // A key in messages: its path under `handlers`, then which handler
+        // (`handlers.retry.max_attempts (handler "h")`).
+        let key_of = |key: &str| format!("handlers.{key} (handler {name:?})");
+        let at =
+            |key: &str, span: std::ops::Range<usize>| (self.line(span).or(Some(line)), key_of(key));
 
         let (component_line, key) = at("component", raw.component.span());
         if raw.component.get_ref().as_os_str().is_empty() {
@@ -1068,22 +1067,26 @@ impl Validator<'_> {
         self.check_limits(&limits, pool, limits_line, &key)?;
 
         let raw_retry = raw.retry.unwrap_or_else(|| absent(RetryPolicy::default()));
-        let (retry_line, key) = at("retry", raw_retry.span());
+        let (retry_line, _) = at("retry", raw_retry.span());
         let retry = raw_retry.into_inner();
         if retry.max_attempts == 0 || retry.max_attempts > MAX_RETRY_ATTEMPTS {
             return Err(self.error(
                 retry_line,
-                &format!("{key}.max_attempts must be between 1 and {MAX_RETRY_ATTEMPTS}"),
+                &format!(
+                    "{} must be between 1 and {MAX_RETRY_ATTEMPTS}",
+                    key_of("retry.max_attempts")
+                ),
             ));
         }
         if retry.max_backoff < retry.backoff {
             return Err(self.error(
                 retry_line,
                 &format!(
-                    "{key}.max_backoff_ms ({}) must be at least backoff_ms ({}): it caps the \
-                     doubled waits, not the first one",
-                    retry.max_backoff.as_millis(),
-                    retry.backoff.as_millis()
+                    "{} must be at least backoff_ms ({}), not {}: it caps the doubled waits, \
+                     not the first one",
+                    key_of("retry.max_backoff_ms"),
+                    retry.backoff.as_millis(),
+                    retry.max_backoff.as_millis()
                 ),
             ));
         }
@@ -1831,10 +1834,10 @@ backoff_ms = 100
         let e = error(&format!(
             "{MINIMAL}\n[handlers.retry]\nmax_attempts = 3\nbackoff_ms = 5000\nmax_backoff_ms = 10\n"
         ));
-        assert!(
-            e.message
-                .contains("max_backoff_ms (10) must be at least backoff_ms (5000)"),
-            "{e}"
+        assert_eq!(
+            e.message,
+            "handlers.retry.max_backoff_ms (handler \"mail\") must be at least backoff_ms \
+             (5000), not 10: it caps the doubled waits, not the first one",
         );
         assert!(e.line.is_some(), "{e}");
         // A long first wait written alone is what was meant: the cap nobody wrote follows it.
@@ -2421,7 +2424,12 @@ identity = "writer"
             assert!(e.message.contains(needle), "{e}");
         }
         let e = error(&format!("{MINIMAL}[handlers.retry]\nmax_attempts = 0\n"));
-        assert!(e.message.contains("max_attempts"), "{e}");
+        assert!(
+            e.message.starts_with(
+                "handlers.retry.max_attempts (handler \"mail\") must be between 1 and"
+            ),
+            "{e}"
+        );
         let e = error(&format!("{MINIMAL}[handlers.limits]\nmemory_bytes = 10\n"));
         assert!(e.message.contains("memory_bytes"), "{e}");
         let e = error(&format!("{MINIMAL}max_concurrency = 0\n"));
