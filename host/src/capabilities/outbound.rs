@@ -262,23 +262,150 @@ pub async fn read_body(mut response: reqwest::Response, max: usize) -> Result<Ve
 pub const FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Logs a failed call to `destination` (a host or an API path, never a URL) at warn through
-/// `limit` ([`FAILURE_LOG_INTERVAL`]): `what` happened, the cause ([`failure_cause`]) and how
-/// many such lines went untold since the last.
+/// `limit` ([`FAILURE_LOG_INTERVAL`]): `what` happened — with, when the server's certificate
+/// was refused, why in words and the setting of `trust` that changes it
+/// ([`certificate_hint`]) — the cause ([`failure_cause`]) and how many such lines went untold
+/// since the last.
 pub fn log_failure(
     limit: &LogLimit,
     error: reqwest::Error,
     destination: &dyn std::fmt::Display,
     what: &str,
+    trust: &TrustSettings,
 ) {
     if let Some(untold) = limit.due() {
+        let hint = certificate_hint(&error, trust);
         let cause = failure_cause(error);
-        tracing::warn!(
-            destination = %destination,
-            error = %cause,
-            more_since_last_warning = untold,
-            "{what}"
-        );
+        match hint {
+            Some(hint) => tracing::warn!(
+                destination = %destination,
+                error = %cause,
+                more_since_last_warning = untold,
+                "{what}: {hint}"
+            ),
+            None => tracing::warn!(
+                destination = %destination,
+                error = %cause,
+                more_since_last_warning = untold,
+                "{what}"
+            ),
+        }
     }
+}
+
+/// Where the operator fixes a server certificate the engine refused, for one kind of outbound
+/// TLS connection: what [`certificate_hint`] names, in the log and in what the handler is told
+/// (so never a URL or a secret, only setting names).
+#[derive(Debug, Clone, Copy)]
+pub struct TrustSettings {
+    /// The connection's configuration section: `[keyfactor]`, `[http]`, `[mail.smtp]`.
+    pub section: &'static str,
+    /// The key of `section` that adds CA certificates to trust (`ca_bundle`), if it has one.
+    pub ca_key: Option<&'static str>,
+    /// What names the host the certificate must be issued for, and that it must.
+    pub name: &'static str,
+}
+
+impl TrustSettings {
+    /// The fix for a certificate from an issuer the engine does not trust: the CA setting, or
+    /// that there is none and what the engine trusts instead — the system's roots, which
+    /// rustls-native-certs reads from `SSL_CERT_FILE` / `SSL_CERT_DIR` when they are set.
+    fn issuer_fix(&self) -> String {
+        match self.ca_key {
+            Some(key) => format!(
+                "add the issuing CA to {} {key} (a PEM file of CA certificates trusted besides \
+                 the system's)",
+                self.section
+            ),
+            None => format!(
+                "{} has no CA setting: the engine trusts the system's root certificates, so add \
+                 the issuing CA to the system's trust store (or point the engine's SSL_CERT_FILE \
+                 environment variable at a PEM bundle that holds it)",
+                self.section
+            ),
+        }
+    }
+}
+
+/// The server's certificate check that failed in `error`'s causes, in words, with the setting
+/// of `trust` that changes it: `the server's TLS certificate is not issued by a certificate
+/// authority the engine trusts (…); add the issuing CA to [keyfactor] ca_bundle (…)`. `None` when
+/// no certificate was refused (a refused connection, a timeout, a handshake failure of another
+/// kind). The words come from rustls's verdict only, never from the server's bytes.
+pub fn certificate_hint(
+    error: &(dyn std::error::Error + 'static),
+    trust: &TrustSettings,
+) -> Option<String> {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(refused) = rustls_error(error)? else {
+        return None;
+    };
+    let (what, fix) = match refused {
+        C::UnknownIssuer => (
+            "is not issued by a certificate authority the engine trusts (self-signed, or \
+             from a private CA)"
+                .to_owned(),
+            trust.issuer_fix(),
+        ),
+        C::BadSignature => (
+            "does not verify against the certificate authority the engine trusts for it".to_owned(),
+            trust.issuer_fix(),
+        ),
+        C::NotValidForName | C::NotValidForNameContext { .. } => (
+            "is not issued for the host name the engine connected to".to_owned(),
+            trust.name.to_owned(),
+        ),
+        C::Expired | C::ExpiredContext { .. } => (
+            "has expired".to_owned(),
+            "the server needs a renewed certificate (or this machine's clock is wrong)".to_owned(),
+        ),
+        C::NotValidYet | C::NotValidYetContext { .. } => (
+            "is not valid yet".to_owned(),
+            "check this machine's clock and the server certificate's start date".to_owned(),
+        ),
+        C::Revoked => (
+            "has been revoked".to_owned(),
+            "the server needs a new certificate".to_owned(),
+        ),
+        // webpki's verdict for a certificate authority's own certificate presented as the
+        // server's, most often a self-signed CA certificate installed on the server; rustls
+        // passes it on only as text.
+        other if format!("{other:?}").contains("CaUsedAsEndEntity") => (
+            "is a certificate authority's certificate, not a server certificate".to_owned(),
+            format!(
+                "the server must present a certificate issued by that CA; to trust the CA, {}",
+                trust.issuer_fix()
+            ),
+        ),
+        other => (
+            format!(
+                "was refused ({})",
+                crate::escape::escape(&format!("{other:?}"))
+            ),
+            trust.issuer_fix(),
+        ),
+    };
+    Some(format!("the server's TLS certificate {what}; {fix}"))
+}
+
+/// The rustls error among `error`'s causes. A TLS stream reports it inside an `io::Error`
+/// (hyper's connector wraps that in another), and an `io::Error`'s `source()` skips the error
+/// it wraps, so the walk goes into what each `io::Error` wraps instead.
+fn rustls_error<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<rustls::Error>() {
+            return Some(found);
+        }
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
 }
 
 /// Longest cause of a failed call written to the engine's log, in bytes: the chain of a
@@ -301,10 +428,17 @@ fn cause_line(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// Turns a transport error into what the guest is told: timeouts as `timeout`, everything else
 /// as `failed`, with `what` naming the destination in words (never a URL, which may carry a
-/// token in its path or query).
-pub fn transport_error(error: &reqwest::Error, what: &str) -> CapabilityError {
+/// token in its path or query); a refused server certificate says why and which setting of
+/// `trust` changes it ([`certificate_hint`]).
+pub fn transport_error(
+    error: &reqwest::Error,
+    what: &str,
+    trust: &TrustSettings,
+) -> CapabilityError {
     if error.is_timeout() {
         CapabilityError::Timeout(format!("{what} did not answer in time"))
+    } else if let Some(hint) = certificate_hint(error, trust) {
+        CapabilityError::Failed(format!("cannot connect to {what}: {hint}"))
     } else if error.is_connect() {
         CapabilityError::Failed(format!("cannot connect to {what}"))
     } else if error.is_body() || error.is_decode() {
@@ -1095,9 +1229,181 @@ pub fn response_headers(
         .collect()
 }
 
+/// TLS servers on a loopback port presenting certificates a client refuses, for the tests of
+/// [`certificate_hint`] here and in the capabilities that name their settings with it.
+#[cfg(test)]
+pub(crate) mod refused_tls {
+    use std::sync::Arc;
+
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// Serves TLS on 127.0.0.1 with `cert_pem` and `key_pem` until the task is aborted; every
+    /// handshake is left to fail on the client's side. Returns the port and the task.
+    pub(crate) async fn serve(cert_pem: &str, key_pem: &str) -> (u16, tokio::task::JoinHandle<()>) {
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("certificate");
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        (port, task)
+    }
+
+    /// A server certificate for 127.0.0.1 and localhost from a CA nobody trusts (no system
+    /// store holds a CA made now): certificate and key, PEM.
+    pub(crate) fn untrusted() -> (String, String) {
+        let server = jobhook_testkit::tls::TestCa::new("untrusted test CA").server_cert(1);
+        (server.cert_pem, server.key_pem)
+    }
+
+    /// A self-signed CA certificate for 127.0.0.1 and localhost, presented as the server's own:
+    /// the `CaUsedAsEndEntity` of a CA certificate installed on a server.
+    pub(crate) fn ca_as_server() -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TEST_TRUST: TrustSettings = TrustSettings {
+        section: "[test]",
+        ca_key: Some("ca_bundle"),
+        name: "[test] url must name a host the certificate is issued for",
+    };
+
+    /// A refused server certificate is said in words, with the setting that fixes it, in the
+    /// log line and in what the handler is told — which still holds no URL.
+    #[tokio::test]
+    async fn a_refused_certificate_names_the_setting_that_fixes_it() {
+        let (cert, key) = refused_tls::untrusted();
+        let (untrusted, task_a) = refused_tls::serve(&cert, &key).await;
+        let (cert, key) = refused_tls::ca_as_server();
+        let (ca_as_server, task_b) = refused_tls::serve(&cert, &key).await;
+        let ca = jobhook_testkit::tls::TestCa::new("trusted test CA");
+        let (cert, key) = {
+            let s = ca.server_cert(2);
+            (s.cert_pem, s.key_pem)
+        };
+        let (other_name, task_c) = refused_tls::serve(&cert, &key).await;
+        let trusting = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).expect("CA"),
+            )
+            .resolve(
+                "other.example",
+                std::net::SocketAddr::from(([127, 0, 0, 1], other_name)),
+            )
+            .build()
+            .expect("client");
+        let plain = reqwest::Client::new();
+        for (client, url, says, fix) in [
+            (
+                &plain,
+                format!("https://127.0.0.1:{untrusted}/path?token=s3cret-t0ken"),
+                "the server's TLS certificate is not issued by a certificate authority the engine trusts",
+                "add the issuing CA to [test] ca_bundle",
+            ),
+            (
+                &plain,
+                format!("https://127.0.0.1:{ca_as_server}/path?token=s3cret-t0ken"),
+                "the server's TLS certificate is a certificate authority's certificate, not a server certificate",
+                "add the issuing CA to [test] ca_bundle",
+            ),
+            (
+                &trusting,
+                format!("https://other.example:{other_name}/path?token=s3cret-t0ken"),
+                "the server's TLS certificate is not issued for the host name the engine connected to",
+                "[test] url must name a host",
+            ),
+        ] {
+            let e = client.get(&url).send().await.expect_err("refused");
+            let hint = certificate_hint(&e, &TEST_TRUST).expect("a certificate was refused");
+            assert!(hint.contains(says) && hint.contains(fix), "{url}: {hint}");
+            let told = match transport_error(&e, "the test API", &TEST_TRUST) {
+                CapabilityError::Failed(told) => told,
+                other => panic!("{url}: {other:?}"),
+            };
+            assert!(
+                told.contains("cannot connect to the test API: ")
+                    && told.contains(says)
+                    && told.contains(fix),
+                "{told}"
+            );
+            assert!(
+                !told.contains("s3cret") && !told.contains("/path"),
+                "{told}"
+            );
+            let kept = crate::log_capture::Captured::default();
+            {
+                let _guard = tracing::subscriber::set_default(kept.warnings());
+                let limit = LogLimit::new(std::time::Duration::from_secs(600));
+                log_failure(&limit, e, &"test.example", "test call failed", &TEST_TRUST);
+            }
+            let text = kept.text();
+            assert!(
+                text.contains(&format!("test call failed: {says}")) && text.contains(fix),
+                "{text}"
+            );
+            assert!(
+                !text.contains("s3cret") && !text.contains("/path"),
+                "{text}"
+            );
+        }
+        // A connection without a CA setting says there is none, and what is trusted instead.
+        let none = TrustSettings {
+            ca_key: None,
+            ..TEST_TRUST
+        };
+        let e = plain
+            .get(format!("https://127.0.0.1:{untrusted}/"))
+            .send()
+            .await
+            .expect_err("refused");
+        let hint = certificate_hint(&e, &none).expect("a certificate was refused");
+        assert!(
+            hint.contains("[test] has no CA setting") && hint.contains("system's trust store"),
+            "{hint}"
+        );
+        // A failure that is not a certificate's gets no such hint.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("address").port();
+        drop(closed);
+        let e = plain
+            .get(format!("https://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(certificate_hint(&e, &TEST_TRUST), None);
+        for task in [task_a, task_b, task_c] {
+            task.abort();
+        }
+    }
 
     /// A cause carrying a server's text is escaped and cut to its limit before it is logged.
     #[test]
@@ -1130,7 +1436,13 @@ mod tests {
                 .send()
                 .await
                 .expect_err("nothing listens there");
-            log_failure(&limit, e, &"receiver.example", "outbound HTTP call failed");
+            log_failure(
+                &limit,
+                e,
+                &"receiver.example",
+                "outbound HTTP call failed",
+                &TEST_TRUST,
+            );
         }
         let text = kept.text();
         assert_eq!(

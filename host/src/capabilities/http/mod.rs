@@ -121,6 +121,14 @@ const NOT_CONFIGURED: &str = "no outbound HTTP client is configured for this eng
 /// What a handler is told about the destination (the URL may hold a webhook secret: not logged).
 const WHAT: &str = "the destination";
 
+/// Where the operator fixes a destination's certificate the engine refused: `[http]` has no CA
+/// setting (its client trusts the system's roots), and the host is the handler's URL's.
+pub const TRUST: outbound::TrustSettings = outbound::TrustSettings {
+    section: "[http]",
+    ca_key: None,
+    name: "the handler's URL must name a host the certificate is issued for",
+};
+
 /// The `http` capability: outbound HTTPS to allow-listed URLs.
 #[derive(Debug)]
 pub struct Http;
@@ -542,8 +550,8 @@ impl HttpClient {
                 return denied(refused.to_string());
             }
             static FAILED: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
-            let answer = outbound::transport_error(&e, WHAT);
-            outbound::log_failure(&FAILED, e, &host, "outbound HTTP call failed");
+            let answer = outbound::transport_error(&e, WHAT, &TRUST);
+            outbound::log_failure(&FAILED, e, &host, "outbound HTTP call failed", &TRUST);
             answer
         })?;
         let status = response.status().as_u16();
@@ -562,13 +570,13 @@ impl HttpClient {
             }
             Err(BodyError::Transport(e)) => {
                 static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
-                let answer = outbound::transport_error(&e, WHAT);
+                let answer = outbound::transport_error(&e, WHAT, &TRUST);
                 let what = if e.is_timeout() {
                     "outbound HTTP response did not finish within [http] timeout_ms"
                 } else {
                     "outbound HTTP response broke off"
                 };
-                outbound::log_failure(&BROKE_OFF, e, &host, what);
+                outbound::log_failure(&BROKE_OFF, e, &host, what, &TRUST);
                 return Err(answer);
             }
         };
@@ -926,6 +934,35 @@ mod tests {
             matches!(refused, Err(CapabilityError::Failed(_))),
             "{refused:?}"
         );
+    }
+
+    /// A destination whose TLS certificate the engine refuses is told to the handler with
+    /// why, and that `[http]` has no CA setting — the engine trusts the system's roots.
+    #[tokio::test]
+    async fn a_refused_destination_certificate_says_http_has_no_ca_setting() {
+        let (cert, key) = outbound::refused_tls::untrusted();
+        let (port, server) = outbound::refused_tls::serve(&cert, &key).await;
+        let client = HttpClient::from_config(&HttpConfig::default()).unwrap();
+        let target = format!("https://127.0.0.1:{port}/hooks");
+        let grant = HttpGrant::post_to(&[&target], true).unwrap();
+        let request = Request {
+            method: crate::bindings::types::Method::Post,
+            url: format!("{target}/a?token=s3cret"),
+            headers: vec![],
+            body: None,
+        };
+        match client.send(&grant, request).await {
+            Err(CapabilityError::Failed(m)) => {
+                assert!(
+                    m.contains("the server's TLS certificate is not issued by a certificate authority the engine trusts"),
+                    "{m}"
+                );
+                assert!(m.contains("[http] has no CA setting"), "{m}");
+                assert!(!m.contains("s3cret") && !m.contains("/hooks"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        server.abort();
     }
 
     #[test]

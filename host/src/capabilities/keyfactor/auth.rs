@@ -488,6 +488,15 @@ struct TokenError {
     error: String,
 }
 
+/// Where the operator fixes an identity provider certificate the engine refused: the token
+/// request goes through the Keyfactor client, so `[keyfactor] ca_bundle` is trusted for it too.
+const TRUST: outbound::TrustSettings = outbound::TrustSettings {
+    section: "[keyfactor]",
+    ca_key: Some("ca_bundle"),
+    name: "the token_url of [keyfactor.auth] (or of the identity in use) must name a host the \
+           certificate is issued for",
+};
+
 /// What the guest is told when no token could be had; the details go to the engine log.
 const TOKEN_UNAVAILABLE: &str =
     "the engine could not obtain a Keyfactor access token (the engine log says why)";
@@ -585,11 +594,22 @@ impl OAuth2 {
             .send()
             .await
             .map_err(|e| {
-                let answer = match outbound::transport_error(&e, "the identity provider") {
+                let answer = match outbound::transport_error(&e, "the identity provider", &TRUST) {
                     CapabilityError::Timeout(m) => CapabilityError::Timeout(m),
                     _ => unavailable(),
                 };
-                tracing::warn!(error = %e.without_url(), token_url = %self.token_url, "Keyfactor token request failed");
+                match outbound::certificate_hint(&e, &TRUST) {
+                    Some(hint) => tracing::warn!(
+                        error = %outbound::failure_cause(e),
+                        token_url = %self.token_url,
+                        "Keyfactor token request failed: {hint}"
+                    ),
+                    None => tracing::warn!(
+                        error = %outbound::failure_cause(e),
+                        token_url = %self.token_url,
+                        "Keyfactor token request failed"
+                    ),
+                }
                 answer
             })?;
         let status = response.status();

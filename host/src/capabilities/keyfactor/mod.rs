@@ -97,6 +97,13 @@ const NOT_CONFIGURED: &str = "no Keyfactor API is configured for this engine";
 /// What the handler is told instead of the base URL.
 const WHAT: &str = "the Keyfactor API";
 
+/// Where the operator fixes a Keyfactor API certificate the engine refused.
+pub const TRUST: outbound::TrustSettings = outbound::TrustSettings {
+    section: "[keyfactor]",
+    ca_key: Some("ca_bundle"),
+    name: "[keyfactor] base_url must name a host the certificate is issued for",
+};
+
 /// The `keyfactor` capability: the Keyfactor Command API proxy.
 #[derive(Debug)]
 pub struct Keyfactor;
@@ -565,8 +572,8 @@ impl KeyfactorClient {
             }
             let response = builder.send().await.map_err(|e| {
                 static FAILED: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
-                let answer = outbound::transport_error(&e, WHAT);
-                outbound::log_failure(&FAILED, e, &path, "Keyfactor API call failed");
+                let answer = outbound::transport_error(&e, WHAT, &TRUST);
+                outbound::log_failure(&FAILED, e, &path, "Keyfactor API call failed", &TRUST);
                 answer
             })?;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
@@ -610,13 +617,13 @@ impl KeyfactorClient {
             }
             Err(BodyError::Transport(e)) => {
                 static BROKE_OFF: LogLimit = LogLimit::new(outbound::FAILURE_LOG_INTERVAL);
-                let answer = outbound::transport_error(&e, WHAT);
+                let answer = outbound::transport_error(&e, WHAT, &TRUST);
                 let what = if e.is_timeout() {
                     "Keyfactor API response did not finish within [keyfactor] timeout_ms"
                 } else {
                     "Keyfactor API response broke off"
                 };
-                outbound::log_failure(&BROKE_OFF, e, &path, what);
+                outbound::log_failure(&BROKE_OFF, e, &path, what, &TRUST);
                 return Err(answer);
             }
         };
@@ -1031,6 +1038,43 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// A Keyfactor API whose TLS certificate the engine refuses is told to the handler (and,
+    /// through [`outbound::log_failure`], to the log) with the setting that fixes it.
+    #[tokio::test]
+    async fn a_refused_api_certificate_names_ca_bundle() {
+        let (cert, key) = outbound::refused_tls::untrusted();
+        let (port, server) = outbound::refused_tls::serve(&cert, &key).await;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken-value").unwrap();
+        let client = KeyfactorClient::from_config(&KeyfactorConfig::new(
+            format!("https://127.0.0.1:{port}/KeyfactorAPI/"),
+            AuthConfig::Bearer {
+                token: crate::secret::SecretRef::File(token),
+            },
+        ))
+        .unwrap();
+        let request = Request {
+            method: Method::Get,
+            path: "Certificates/14".into(),
+            query: vec![],
+            headers: vec![],
+            body: None,
+        };
+        match client.send(&KeyfactorGrant::permissive(), request).await {
+            Err(CapabilityError::Failed(m)) => {
+                assert!(
+                    m.starts_with("cannot connect to the Keyfactor API: the server's TLS certificate is not issued by a certificate authority the engine trusts"),
+                    "{m}"
+                );
+                assert!(m.contains("[keyfactor] ca_bundle"), "{m}");
+                assert!(!m.contains("127.0.0.1") && !m.contains("t0ken"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        server.abort();
     }
 
     /// Every format Keyfactor documents for `x-certificateformat` passes, in any case, and

@@ -611,6 +611,15 @@ pub enum SmtpTls {
     None,
 }
 
+/// Where the operator fixes a relay certificate the engine refused: `[mail.smtp]` has no CA
+/// setting (the relay's TLS trusts the system's roots, [`MailTransport::from_config`]), and its
+/// `host` is the name the certificate must carry.
+pub const TRUST: outbound::TrustSettings = outbound::TrustSettings {
+    section: "[mail.smtp]",
+    ca_key: None,
+    name: "[mail.smtp] host must be a name the relay's certificate is issued for",
+};
+
 /// The engine's SMTP relay (`[mail.smtp]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1002,6 +1011,14 @@ impl MailTransport {
                     ));
                 };
                 sent.map(|_| ()).map_err(|e| {
+                    if let Some(hint) = outbound::certificate_hint(&e, &TRUST) {
+                        if let Some(untold) = self.failures.relay_unreachable.due() {
+                            tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message: {hint}");
+                        }
+                        return CapabilityError::Failed(format!(
+                            "cannot connect to the mail relay: {hint}"
+                        ));
+                    }
                     let e = match e {
                         RelayError::TooMuch => {
                             if let Some(untold) = self.failures.relay_too_much.due() {
@@ -1845,6 +1862,40 @@ mod tests {
             assert!(took < Duration::from_secs(3), "{stall}: {took:?}");
             relay.abort();
         }
+    }
+
+    /// A relay whose TLS certificate the engine refuses is told, to the handler and to the
+    /// log, with why and that `[mail.smtp]` has no CA setting, instead of as out of reach.
+    #[tokio::test]
+    async fn a_refused_relay_certificate_says_mail_smtp_has_no_ca_setting() {
+        let (cert, key) = outbound::refused_tls::untrusted();
+        let (port, server) = outbound::refused_tls::serve(&cert, &key).await;
+        let smtp = SmtpConfig::new("localhost", port, SmtpTls::Implicit);
+        let config = MailConfig::smtp("jobhook@example.com", smtp).unwrap();
+        let t = MailTransport::from_config(&config, Path::new("unused")).unwrap();
+        let grant = MailGrant::to(&["*"]).unwrap();
+        let kept = crate::log_capture::Captured::default();
+        let result = {
+            let _guard = tracing::subscriber::set_default(kept.warnings());
+            t.send(&grant, message(&["a@example.com"])).await
+        };
+        let says = "the server's TLS certificate is not issued by a certificate authority the engine trusts";
+        match &result {
+            Err(CapabilityError::Failed(m)) => {
+                assert!(
+                    m.starts_with(&format!("cannot connect to the mail relay: {says}")),
+                    "{m}"
+                );
+                assert!(m.contains("[mail.smtp] has no CA setting"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = kept.text();
+        assert!(
+            text.contains(says) && text.contains("[mail.smtp] has no CA setting"),
+            "{text}"
+        );
+        server.abort();
     }
 
     /// A relay that answers 4xx — greylisting a recipient, a full queue at MAIL, shutting down
