@@ -267,7 +267,7 @@ fn forwarder_registration_for_both_generations() {
     }
     // The wildcard handler is called out; the token is a placeholder, never the secret.
     assert!(stderr.contains("everything"), "{stderr}");
-    assert!(xml.contains("cannot express"), "{xml}");
+    assert!(xml.contains("no documented JobTypes value"), "{xml}");
     assert!(!xml.contains("s3cret-token") && !stderr.contains("s3cret-token"));
 
     // Command 11+: a manifest.json that parses as JSON.

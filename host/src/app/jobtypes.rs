@@ -26,6 +26,10 @@ use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::parse_guid;
 
+/// The job type of fetching an orchestrator's logs (`Custom.FetchLogs`), built into Command and
+/// listed by no endpoint: the GUID Keyfactor's C agent has for it (`reference/keyfactor.md` §4).
+const FETCH_LOGS_JOB_TYPE: &str = "0D8CF0C8-56CA-4B8A-B16A-C062018E170D";
+
 /// Rows per page when listing (Keyfactor's lists are paged; its default page is 50).
 const PAGE_SIZE: usize = 500;
 
@@ -145,6 +149,13 @@ pub fn render(found: &[JobType], source: &str) -> String {
         let _ = writeln!(out, "    \"{}\", # {} ({})", job.id, job.name, job.origin);
     }
     let _ = writeln!(out, "]");
+    let _ = writeln!(
+        out,
+        "# Not listed: job types built into Command that no store type or custom job type \
+         declares\n# (no endpoint lists them), e.g. fetching an orchestrator's logs, \
+         Custom.FetchLogs:\n# {FETCH_LOGS_JOB_TYPE}, and SSL discovery and monitoring. \
+         Add their GUIDs by hand."
+    );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -470,7 +481,11 @@ mod tests {
         );
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].origin, "store type Fine");
-        assert!(!render(&found, "x").contains("Evil"));
+        let text = render(&found, "x");
+        assert!(!text.contains("Evil"));
+        // What it cannot list is said, and the whole is still TOML.
+        assert!(text.contains(FETCH_LOGS_JOB_TYPE), "{text}");
+        assert!(toml::from_str::<toml::Value>(&text).is_ok(), "{text}");
     }
 
     #[test]

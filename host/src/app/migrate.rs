@@ -1120,14 +1120,18 @@ pub fn forwarder_values(
     }
     if !wildcard.is_empty() {
         warnings.push(format!(
-            "handler(s) {} run for every job type (\"*\"), which a Keyfactor JobTypes value cannot \
-             express: add the GUID of every job type they should see to JobTypes",
+            "handler(s) {} run for every job type (\"*\"), which no documented Keyfactor JobTypes \
+             value expresses (Keyfactor says a handler can run for every job type, not how; an \
+             empty value's effect is not documented): add the GUID of every job type they \
+             should see to JobTypes",
             wildcard.join(", ")
         ));
     }
     if ids.is_empty() {
         warnings.push(
-            "JobTypes is empty: Keyfactor would forward no job; list job type GUIDs".to_owned(),
+            "JobTypes is empty: what Keyfactor does with an empty list is not documented (every \
+             job or none); list job type GUIDs"
+                .to_owned(),
         );
     }
     let job_types = ids
@@ -1237,8 +1241,8 @@ pub fn unity_register(values: &[(&'static str, String)], wildcard_note: bool) ->
     if wildcard_note {
         let _ = writeln!(
             out,
-            "<!-- Some jobhook handlers run for every job type (\"*\"), which JobTypes cannot express:\n     \
-             add the GUID of every job type they should see. -->"
+            "<!-- Some jobhook handlers run for every job type (\"*\"), which no documented JobTypes value\n     \
+             expresses: add the GUID of every job type they should see. -->"
         );
     }
     let _ = writeln!(
