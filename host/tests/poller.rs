@@ -1352,7 +1352,7 @@ async fn failed_polls_say_what_the_server_said_and_show_in_metrics() {
         .to_string();
     assert!(
         error.contains("redirection to \"/elsewhere/KeyfactorAPI/\"")
-            && error.contains("[keyfactor] url"),
+            && error.contains("[keyfactor] base_url"),
         "{error}"
     );
     *answer.lock().expect("answer") = (429, "slow down".into());

@@ -287,16 +287,16 @@ pub enum PollError {
 }
 
 /// What an error status's answer adds: where a redirection pointed, with what to check (Command
-/// does not redirect its API; a `[keyfactor] url` of `http://` for an `https://` site, or
+/// does not redirect its API; a `[keyfactor] base_url` of `http://` for an `https://` site, or
 /// without `/KeyfactorAPI/`, does), and how long the server asked the poller to wait.
 fn status_note(status: u16, location: Option<&str>, retry_after: Option<Duration>) -> String {
     let mut note = String::new();
     if (300..400).contains(&status) {
         note.push_str(&format!(
-            " (a redirection to {}; the poller does not follow it: is [keyfactor] url the API's \
+            " (a redirection to {}; the poller does not follow it: is [keyfactor] base_url the API's \
              own address, https and ending in /KeyfactorAPI/?)",
             location.map_or_else(
-                || "an address outside [keyfactor] url, not shown".to_owned(),
+                || "an address outside [keyfactor] base_url, not shown".to_owned(),
                 crate::capabilities::outbound::quote
             )
         ));
@@ -881,7 +881,7 @@ impl Poller {
                     asked_for = page_size,
                     more_since_last_warning = quiet,
                     "the Keyfactor API answered a JobHistory page with more rows than asked \
-                     for; the rows past the page are not read (is [keyfactor] url Command's \
+                     for; the rows past the page are not read (is [keyfactor] base_url Command's \
                      API?)"
                 );
             }
