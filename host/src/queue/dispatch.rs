@@ -202,6 +202,12 @@ impl RegisteredHandler {
         self.places().saturating_sub(self.running())
     }
 
+    /// Takes its places back to [`FIRST_PLACES`]: when it is quarantined, so that after the
+    /// quarantine exactly one delivery runs as the probe.
+    fn reset_places(&self) {
+        self.earned.store(FIRST_PLACES, Ordering::Relaxed);
+    }
+
     /// Counts an outcome towards its places: a success doubles them (up to `max_concurrency`),
     /// a failure halves them (down to [`FIRST_PLACES`]).
     fn earn(&self, succeeded: bool) {
@@ -814,6 +820,9 @@ impl Dispatcher {
             let change = h.quarantine().record(succeeded, Instant::now());
             log_quarantine(&h.config.name, change);
             h.earn(succeeded);
+            if matches!(change, Change::Quarantined { .. }) {
+                h.reset_places();
+            }
         }
         drop(held);
     }
@@ -824,18 +833,12 @@ impl Dispatcher {
         claim: &Claim,
         context: &crate::JobContext,
     ) -> AttemptRecord {
-        let now = Instant::now();
-        let admission = h.quarantine().admit(now);
-        if let Admission::Wait { until, reason } = admission {
-            // Claimed just before its handler was quarantined: given back to wait, due when
-            // the quarantine ends (a quarantined handler's deliveries are not claimed).
-            let wall = self.store.now();
-            let mut record = handed_back(reason, wall);
-            record.retry_at = Some(crate::queue::store::after(
-                wall,
-                until.saturating_duration_since(now),
-            ));
-            return record;
+        let admission = h.quarantine().admit(Instant::now());
+        if let Admission::Wait { reason, .. } = admission {
+            // Claimed just before its handler was quarantined: given back, due at once — this
+            // node claims none of the handler's deliveries until the quarantine ends (no room),
+            // and another node, or a reload that lifts it, need not wait for it.
+            return handed_back(reason, self.store.now());
         }
         self.metrics.running(1);
         let outcome = h

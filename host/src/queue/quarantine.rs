@@ -186,6 +186,13 @@ impl Quarantine {
             };
         }
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        // Deliveries that started before the quarantine and fail during it say nothing new: only
+        // a failure once it has ended (the probe's) sets the handler aside again, for longer.
+        // Otherwise the failures of one outage's deliveries in flight would each double it, up
+        // to the maximum.
+        if self.until.is_some_and(|until| now < until) {
+            return Change::None;
+        }
         if self.config.after_failures > 0 && self.consecutive_failures >= self.config.after_failures
         {
             let backoff = self.next_backoff.min(self.config.max_backoff);
@@ -287,6 +294,29 @@ mod tests {
         assert_eq!(q.record(true, t3), Change::Released);
         assert_eq!(q.record(true, t3), Change::None);
         assert_eq!(q.admit(t3), Admission::Run);
+    }
+
+    /// Failures of deliveries that were running when the quarantine began neither lengthen it
+    /// nor double the next one (sixteen in flight during a blip once made it an hour); the
+    /// probe's failure after it does.
+    #[test]
+    fn failures_during_a_quarantine_do_not_lengthen_it() {
+        let t0 = Instant::now();
+        let mut q = Quarantine::new(config());
+        for _ in 0..3 {
+            q.record(false, t0);
+        }
+        for n in 1..=12 {
+            assert_eq!(q.record(false, t0 + Duration::from_millis(n)), Change::None);
+        }
+        assert!(!q.is_quarantined(t0 + Duration::from_secs(10)));
+        assert_eq!(
+            q.record(false, t0 + Duration::from_secs(10)),
+            Change::Quarantined {
+                consecutive_failures: 16,
+                backoff: Duration::from_secs(20)
+            }
+        );
     }
 
     /// A reload's new `[quarantine]` applies to a handler it kept: the failures so far count
