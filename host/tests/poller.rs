@@ -1039,9 +1039,17 @@ async fn a_job_running_below_an_older_jobhooks_cursor_becomes_an_event_when_it_f
 async fn unlike_command(
     answer: impl Fn(&str) -> (u16, String) + Send + Sync + 'static,
 ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    unlike_command_with(move |query| answer(query.get("pq.queryString").map_or("", String::as_str)))
+        .await
+}
+
+/// [`unlike_command`], answering from every query parameter (paging included).
+async fn unlike_command_with(
+    answer: impl Fn(&BTreeMap<String, String>) -> (u16, String) + Send + Sync + 'static,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use axum::extract::{Query, State};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    type Answer = Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>;
+    type Answer = Arc<dyn Fn(&BTreeMap<String, String>) -> (u16, String) + Send + Sync>;
     let requests = Arc::new(AtomicUsize::new(0));
     let answer: Answer = Arc::new(answer);
     let app = axum::Router::new()
@@ -1051,8 +1059,7 @@ async fn unlike_command(
                 |State((answer, requests)): State<(Answer, Arc<AtomicUsize>)>,
                  Query(query): Query<BTreeMap<String, String>>| async move {
                     requests.fetch_add(1, Ordering::SeqCst);
-                    let (status, body) =
-                        answer(query.get("pq.queryString").map_or("", String::as_str));
+                    let (status, body) = answer(&query);
                     (
                         axum::http::StatusCode::from_u16(status).expect("status"),
                         [("content-type", "application/json")],
@@ -1218,9 +1225,17 @@ async fn a_page_over_the_response_limit_says_which_setting_to_change() {
 
 /// An API that reads the query's `OperationStart` in a zone `shift` away from UTC (the zone of
 /// its answers): it answers the rows of `rows` (as they are at each request) that start at or
-/// after the asked time plus `shift`, oldest first.
+/// after the asked time plus `shift`, oldest first, paged as asked.
 async fn shifted_api(rows: Arc<std::sync::Mutex<Vec<Value>>>, shift: Age) -> String {
-    let (url, _) = unlike_command(move |query| {
+    let (url, _) = unlike_command_with(move |params| {
+        let number = |key: &str| {
+            params
+                .get(key)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1)
+        };
+        let (limit, page) = (number("pq.returnLimit"), number("pq.pageReturned"));
+        let query = params.get("pq.queryString").map_or("", String::as_str);
         let asked = query
             .split('"')
             .nth(1)
@@ -1238,6 +1253,8 @@ async fn shifted_api(rows: Arc<std::sync::Mutex<Vec<Value>>>, shift: Age) -> Str
         let answer: Vec<&Value> = rows
             .iter()
             .filter(|row| asked.is_none_or(|asked| start(row) >= asked))
+            .skip(limit.saturating_mul(page.saturating_sub(1)))
+            .take(limit)
             .collect();
         (200, serde_json::to_string(&answer).expect("JSON"))
     })
@@ -1299,6 +1316,23 @@ async fn a_server_reading_the_query_time_in_another_zone_is_noticed_and_repeats_
     }
     assert_eq!(west.events(), 5);
     assert_eq!(lines_with(&log, "jobs may be missed"), 1);
+    drop(_guard);
+
+    // East of UTC on a busy site: a whole page of rows from before the time asked for. The
+    // poller would read such pages on every poll and never reach a new job; it fails the poll
+    // saying so instead (counted and retried, not a quiet stall).
+    let busy = Fixture::new().await;
+    let url = shifted_api(Arc::clone(&east_rows), Age::hours(-2)).await;
+    let poller = busy.poller(client_of(url, &busy.dir.path().join("pw")), config(2, true));
+    let mut error = None;
+    for _ in 0..20 {
+        if let Err(e) = poller.poll_once().await {
+            error = Some(e.to_string());
+            break;
+        }
+    }
+    let error = error.expect("a page from before the bound fails the poll");
+    assert!(error.contains("cannot move on"), "{error}");
 }
 
 /// What `/metrics` shows of this fixture's poller.

@@ -989,6 +989,22 @@ impl Poller {
                 self.notice_missing_newest(&rows, &cursor, from);
             }
             let full_page = rows.len() >= page_size;
+            // A full page of rows from before the time asked for (each skipped) would fill every
+            // poll with them, and the poller would never reach a new job: an error, counted and
+            // retried, rather than a quiet stall.
+            if let Some(bound) = from.map(whole_second)
+                && full_page
+                && rows
+                    .iter()
+                    .all(|r| operation_start(r).is_some_and(|s| s < bound))
+            {
+                return Err(PollError::Answer(format!(
+                    "{JOB_HISTORY}: every row of a full page starts before the OperationStart \
+                     asked for ({}); the server reads the query's time in a zone other than \
+                     UTC (or ignores it), and the poller cannot move on: use the forwarder",
+                    query_time(bound)
+                )));
+            }
             let stopped = self.events_from(&rows, &mut cursor, &mut events, from, Utc::now());
             if stopped || !full_page {
                 break;
@@ -1075,8 +1091,9 @@ impl Poller {
             // its own zone while it answers in UTC: such rows were handled when they were new
             // (the cursor forgets ids past the window), and would be delivered again on every
             // poll.
+            // At the query's resolution: the query asked for whole seconds from `bound` down.
             if let (Some(bound), Some(s)) = (from, start)
-                && s < bound
+                && s < whole_second(bound)
             {
                 if let Some(quiet) = self.skips.before_bound.due() {
                     tracing::warn!(
