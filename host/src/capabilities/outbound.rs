@@ -377,16 +377,25 @@ pub fn certificate_hint(
                 trust.issuer_fix()
             ),
         ),
+        // rustls's verdict can carry what the certificate holds (a purpose, an algorithm id,
+        // webpki's text): escaped and cut to its first bytes.
         other => (
             format!(
                 "was refused ({})",
-                crate::escape::escape(&format!("{other:?}"))
+                crate::outcome::truncate(
+                    crate::escape::escape(&format!("{other:?}")).into_owned(),
+                    MAX_VERDICT_BYTES
+                )
             ),
             trust.issuer_fix(),
         ),
     };
     Some(format!("the server's TLS certificate {what}; {fix}"))
 }
+
+/// Longest part of a refused certificate's verdict quoted in [`certificate_hint`]: the name of
+/// rustls's verdict fits; what a certificate carries in it is cut here.
+const MAX_VERDICT_BYTES: usize = 128;
 
 /// The rustls error among `error`'s causes. A TLS stream reports it inside an `io::Error`
 /// (hyper's connector wraps that in another), and an `io::Error`'s `source()` skips the error
@@ -421,7 +430,7 @@ pub fn failure_cause(error: reqwest::Error) -> String {
 }
 
 /// `error`'s chain as one log-safe line: escaped, at most [`MAX_CAUSE_BYTES`] (and the mark).
-fn cause_line(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn cause_line(error: &(dyn std::error::Error + 'static)) -> String {
     let escaped = crate::escape::escape(&crate::error_chain::chain_text(error)).into_owned();
     crate::outcome::truncate(escaped, MAX_CAUSE_BYTES)
 }
@@ -1296,6 +1305,19 @@ mod tests {
         ca_key: Some("ca_bundle"),
         name: "[test] url must name a host the certificate is issued for",
     };
+
+    /// A verdict that carries what the certificate held (webpki's own text, here 5,000
+    /// bytes with a line break) is quoted escaped and cut, in a hint of bounded length.
+    #[test]
+    fn a_verdict_carrying_certificate_bytes_is_cut() {
+        let long = format!("evil\n{}", "x".repeat(5_000));
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+            rustls::OtherError(std::sync::Arc::new(std::io::Error::other(long))),
+        ));
+        let hint = certificate_hint(&refused, &TEST_TRUST).expect("a certificate was refused");
+        assert!(hint.len() < 600, "{} bytes: {hint}", hint.len());
+        assert!(!hint.contains('\n'), "{hint}");
+    }
 
     /// A refused server certificate is said in words, with the setting that fixes it, in the
     /// log line and in what the handler is told — which still holds no URL.

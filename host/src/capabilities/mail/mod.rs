@@ -985,7 +985,7 @@ impl MailTransport {
                     }
                     Err(e) => {
                         if let Some(untold) = self.failures.outbox_write.due() {
-                            tracing::warn!(outbox = %dir.display(), error = %e, more_since_last_warning = untold, "cannot write to the mail outbox");
+                            tracing::warn!(outbox = %dir.display(), error = %outbound::cause_line(&e), more_since_last_warning = untold, "cannot write to the mail outbox");
                         }
                         Err(CapabilityError::Failed(OUTBOX_WRITE_FAILED.into()))
                     }
@@ -1013,7 +1013,7 @@ impl MailTransport {
                 sent.map(|_| ()).map_err(|e| {
                     if let Some(hint) = outbound::certificate_hint(&e, &TRUST) {
                         if let Some(untold) = self.failures.relay_unreachable.due() {
-                            tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message: {hint}");
+                            tracing::warn!(relay = %relay, error = %outbound::cause_line(&e), more_since_last_warning = untold, "the mail relay did not take the message: {hint}");
                         }
                         return CapabilityError::Failed(format!(
                             "cannot connect to the mail relay: {hint}"
@@ -1037,7 +1037,7 @@ impl MailTransport {
                                 tracing::warn!(
                                     more_since_last_warning = untold,
                                     relay = %relay,
-                                    error = %e,
+                                    error = %outbound::cause_line(&e),
                                     "STARTTLS to the mail relay refused: plain text followed its go-ahead, which would have been read as replies from inside TLS (STARTTLS command injection); the message was not sent"
                                 );
                             }
@@ -1047,7 +1047,7 @@ impl MailTransport {
                         }
                         RelayError::Connect(_) | RelayError::Socket(_) | RelayError::NoStarttls => {
                             if let Some(untold) = self.failures.relay_unreachable.due() {
-                                tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message");
+                                tracing::warn!(relay = %relay, error = %outbound::cause_line(&e), more_since_last_warning = untold, "the mail relay did not take the message");
                             }
                             return CapabilityError::Failed(
                                 "the mail relay could not be reached or did not take the message".into(),
@@ -1056,7 +1056,7 @@ impl MailTransport {
                         RelayError::Smtp(e) => e,
                     };
                     if let Some(untold) = self.failures.relay_refused.due() {
-                        tracing::warn!(relay = %relay, error = %e, more_since_last_warning = untold, "the mail relay did not take the message");
+                        tracing::warn!(relay = %relay, error = %outbound::cause_line(&e), more_since_last_warning = untold, "the mail relay did not take the message");
                     }
                     let code = e.status().map(|c| format!(" ({c})")).unwrap_or_default();
                     if e.is_timeout() {
