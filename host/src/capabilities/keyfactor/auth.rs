@@ -421,6 +421,8 @@ impl std::fmt::Debug for OAuth2 {
 struct CachedToken {
     header: HeaderValue,
     refresh_at: Instant,
+    /// When the provider said it expires: until then it is still sent when a refresh fails.
+    expires_at: Instant,
 }
 
 /// A token request that failed: when, until when its answer stands, and the answer.
@@ -510,6 +512,11 @@ impl OAuth2 {
         {
             return Ok(token.header.clone());
         }
+        // Due for a refresh but not expired: what a failed refresh still leaves usable.
+        let unexpired = cache
+            .as_ref()
+            .filter(|token| Instant::now() < token.expires_at)
+            .map(|token| token.header.clone());
         if let Some(failed) = self
             .last_failure
             .lock()
@@ -517,7 +524,7 @@ impl OAuth2 {
             .as_ref()
             && (failed.at >= asked || Instant::now() < failed.stands_until)
         {
-            return Err(failed.error.clone());
+            return unexpired.ok_or_else(|| failed.error.clone());
         }
         let (token, redactor) = match self.fetch(http).await {
             Ok(fetched) => fetched,
@@ -529,7 +536,7 @@ impl OAuth2 {
                     stands_until: at.checked_add(pause).unwrap_or(at),
                     error: error.clone(),
                 });
-                return Err(error);
+                return unexpired.ok_or(error);
             }
         };
         // Published before the token is cached or returned, so before it is ever sent.
@@ -672,6 +679,7 @@ impl OAuth2 {
                 // Cannot overflow (the lifetime is at most a day); if it did, the token would
                 // be refreshed at once rather than the engine panic.
                 refresh_at: started.checked_add(use_for).unwrap_or(started),
+                expires_at: started.checked_add(lifetime).unwrap_or(started),
             },
             redactor,
         ))
@@ -964,6 +972,51 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert!(auth.authorization(&http).await.is_err());
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// A refresh that fails while the cached token has not expired yet keeps using that token
+    /// until it expires (calls failed from the refresh time on before, for the whole pause).
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_unexpired_token_in_use() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut served = 0;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = vec![0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let answer: &[u8] = if served == 0 {
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 45\r\n\
+                      Connection: close\r\n\r\n{\"access_token\":\"first-token\",\"expires_in\":2}"
+                } else {
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\
+                      Connection: close\r\n\r\n"
+                };
+                served += 1;
+                let _ = socket.write_all(answer).await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cs");
+        std::fs::write(&secret, "client-secret").unwrap();
+        let auth = Auth::from_config(&AuthConfig::Oauth2 {
+            token_url: format!("http://127.0.0.1:{port}/token"),
+            client_id: "c".into(),
+            client_secret: SecretRef::File(secret),
+            scopes: vec![],
+            audience: None,
+        })
+        .unwrap();
+        let http = reqwest::Client::new();
+        let first = auth.authorization(&http).await.expect("a token");
+        // Past its refresh time (half of its 2 s), before it expires: the refresh fails.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(auth.authorization(&http).await.ok(), Some(first.clone()));
+        assert_eq!(auth.authorization(&http).await.ok(), Some(first));
+        // Expired: no token.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(auth.authorization(&http).await.is_err());
     }
 
     #[test]
