@@ -874,6 +874,21 @@ mod tests {
         assert!(found(churn) && found(churn + 1));
     }
 
+    /// An OAuth2 identity asking for tokens at `http://127.0.0.1:{port}/token`, its client
+    /// secret in a file under `dir`.
+    fn oauth_on_loopback(port: u16, dir: &std::path::Path) -> Auth {
+        let secret = dir.join("cs");
+        std::fs::write(&secret, "client-secret").unwrap();
+        Auth::from_config(&AuthConfig::Oauth2 {
+            token_url: format!("http://127.0.0.1:{port}/token"),
+            client_id: "c".into(),
+            client_secret: SecretRef::File(secret),
+            scopes: vec![],
+            audience: None,
+        })
+        .unwrap()
+    }
+
     /// An identity provider that accepts connections and never answers: calls that queued
     /// behind the one token request in flight take its failure instead of each asking again,
     /// so together they wait about one request's timeout, not one per call ahead of them (as
@@ -891,18 +906,7 @@ mod tests {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("cs");
-        std::fs::write(&secret, "client-secret").unwrap();
-        let auth = Arc::new(
-            Auth::from_config(&AuthConfig::Oauth2 {
-                token_url: format!("http://127.0.0.1:{port}/token"),
-                client_id: "c".into(),
-                client_secret: SecretRef::File(secret),
-                scopes: vec![],
-                audience: None,
-            })
-            .unwrap(),
-        );
+        let auth = Arc::new(oauth_on_loopback(port, dir.path()));
         let http = reqwest::Client::builder().timeout(TIMEOUT).build().unwrap();
         let began = Instant::now();
         let calls: Vec<_> = (0..CALLS)
@@ -947,16 +951,7 @@ mod tests {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("cs");
-        std::fs::write(&secret, "client-secret").unwrap();
-        let auth = Auth::from_config(&AuthConfig::Oauth2 {
-            token_url: format!("http://127.0.0.1:{port}/token"),
-            client_id: "c".into(),
-            client_secret: SecretRef::File(secret),
-            scopes: vec![],
-            audience: None,
-        })
-        .unwrap();
+        let auth = oauth_on_loopback(port, dir.path());
         let kept = crate::log_capture::Captured::default();
         let _guard = tracing::subscriber::set_default(kept.warnings());
         let http = reqwest::Client::new();
@@ -998,16 +993,7 @@ mod tests {
             }
         });
         let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("cs");
-        std::fs::write(&secret, "client-secret").unwrap();
-        let auth = Auth::from_config(&AuthConfig::Oauth2 {
-            token_url: format!("http://127.0.0.1:{port}/token"),
-            client_id: "c".into(),
-            client_secret: SecretRef::File(secret),
-            scopes: vec![],
-            audience: None,
-        })
-        .unwrap();
+        let auth = oauth_on_loopback(port, dir.path());
         let http = reqwest::Client::new();
         let first = auth.authorization(&http).await.expect("a token");
         // Past its refresh time (half of its 2 s), before it expires: the refresh fails.
