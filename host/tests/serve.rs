@@ -1248,6 +1248,10 @@ async fn a_quarantined_handlers_deliveries_wait_and_run_when_the_quarantine_ends
     assert_eq!(health["quarantined"], 1, "{health}");
     let (_, handlers) = get(&engine, "/v1/handlers").await;
     let handlers: Value = serde_json::from_str(&handlers).expect("json");
+    assert_eq!(
+        handlers["handlers"][0]["pending"], 3,
+        "the held deliveries are counted: {handlers:#}"
+    );
     let until = handlers["handlers"][0]["health"]["until"]
         .as_str()
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
@@ -1278,6 +1282,9 @@ async fn a_quarantined_handlers_deliveries_wait_and_run_when_the_quarantine_ends
     let (_, health) = get(&engine, "/healthz").await;
     let health: Value = serde_json::from_str(&health).expect("json");
     assert_eq!(health["quarantined"], 0, "{health}");
+    let (_, handlers) = get(&engine, "/v1/handlers").await;
+    let handlers: Value = serde_json::from_str(&handlers).expect("json");
+    assert_eq!(handlers["handlers"][0]["pending"], 0, "{handlers:#}");
     let log = engine.log_text();
     assert!(
         log.contains("handler released from quarantine") && log.contains("handler=probe"),

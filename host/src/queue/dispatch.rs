@@ -312,6 +312,11 @@ pub struct HandlerSummary {
     pub places: usize,
     /// Quarantine status.
     pub health: QuarantineStatus,
+    /// Its deliveries pending in the store (due or waiting for a retry, for its quarantine or
+    /// for a place): a handler that keeps failing holds its backlog here. Absent when the store
+    /// did not answer in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending: Option<u64>,
 }
 
 impl HandlerSummary {
@@ -364,6 +369,7 @@ impl HandlerSummary {
             running: h.running(),
             places: h.places(),
             health: h.status(),
+            pending: None,
         }
     }
 }

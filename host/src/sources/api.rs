@@ -687,7 +687,31 @@ fn unreadable(id: Uuid, why: &dyn std::fmt::Display) -> Response {
 
 async fn handlers(State(state): State<AppState>) -> Response {
     let registry = state.dispatcher.registry();
-    let list: Vec<HandlerSummary> = registry.handlers().map(|h| HandlerSummary::of(h)).collect();
+    let counted = call_within(&state.store, STORE_READ_TIMEOUT, |store| {
+        store.pending_by_handler()
+    });
+    // The list is answered without the counts when the store does not answer in time.
+    let pending: Option<std::collections::BTreeMap<String, u64>> = match counted.await {
+        Ok(counts) => Some(counts.into_iter().collect()),
+        Err(e) => {
+            limited(&READ_FAILURES, |untold| {
+                tracing::warn!(
+                    more_since_last_warning = untold,
+                    "handlers listed without their pending deliveries: {e}"
+                )
+            });
+            None
+        }
+    };
+    let list: Vec<HandlerSummary> = registry
+        .handlers()
+        .map(|h| HandlerSummary {
+            pending: pending
+                .as_ref()
+                .map(|counts| counts.get(&h.config.name).copied().unwrap_or(0)),
+            ..HandlerSummary::of(h)
+        })
+        .collect();
     axum::Json(json!({ "handlers": list })).into_response()
 }
 
