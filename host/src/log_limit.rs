@@ -28,6 +28,14 @@ impl LogLimit {
         self.due_at(Instant::now())
     }
 
+    /// Counts one occurrence now and, when a line is due, calls `log` with how many went untold
+    /// since the last: for a line written in one place.
+    pub fn tell(&self, log: impl FnOnce(u64)) {
+        if let Some(untold) = self.due() {
+            log(untold);
+        }
+    }
+
     /// Counts one occurrence at `now`. When a line is due (the first ever, or `every` after the
     /// last), how many occurrences went untold since the last line, this one not included;
     /// otherwise `None`, and this one is counted as untold.

@@ -465,7 +465,7 @@ async fn job_complete(
     match tokio::spawn(commit_event(state.clone(), event, key, forwarder)).await {
         Ok(response) => response,
         Err(e) => {
-            limited(&COMMIT_FAILURES, |untold| {
+            COMMIT_FAILURES.tell(|untold| {
                 tracing::error!(more_since_last_error = untold, "commit task failed: {e}")
             });
             state.metrics.ingest_store_failed("error");
@@ -505,7 +505,7 @@ async fn commit_event(
         }
     };
     let Ok(committed) = tokio::time::timeout(INGEST_COMMIT_TIMEOUT, commit).await else {
-        limited(&COMMIT_FAILURES, |untold| {
+        COMMIT_FAILURES.tell(|untold| {
             tracing::error!(
                 more_since_last_error = untold,
                 "cannot commit an event: the store did not answer within {INGEST_COMMIT_TIMEOUT:?}"
@@ -540,7 +540,7 @@ async fn commit_event(
             );
         }
         Ok(Err(e)) => {
-            limited(&COMMIT_FAILURES, |untold| {
+            COMMIT_FAILURES.tell(|untold| {
                 tracing::error!(
                     more_since_last_error = untold,
                     "cannot commit an event: {e}"
@@ -551,7 +551,7 @@ async fn commit_event(
             return error(StatusCode::SERVICE_UNAVAILABLE, message);
         }
         Err(e) => {
-            limited(&COMMIT_FAILURES, |untold| {
+            COMMIT_FAILURES.tell(|untold| {
                 tracing::error!(more_since_last_error = untold, "commit task failed: {e}")
             });
             state.metrics.ingest_store_failed("error");
@@ -598,13 +598,6 @@ static COMMIT_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
 static READ_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
 /// `/metrics` answered without the delivery states, likewise.
 static METRICS_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
-
-/// Calls `log` with how many lines went untold since the last, when `limit` lets a line through.
-fn limited(limit: &LogLimit, log: impl FnOnce(u64)) {
-    if let Some(untold) = limit.due() {
-        log(untold);
-    }
-}
 
 /// Longest `GET /metrics` and `GET /v1/events/{id}` wait for the store. A read takes
 /// milliseconds; one held by a store that stopped answering would hold the request as long as
@@ -654,7 +647,7 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         // The store's own words (a database server's message, detail and hint) go to the
         // operator's log, not to the client, as for ingest.
         Err(why @ (StoreError::Unreachable(_) | StoreError::NoAnswer(_))) => {
-            limited(&READ_FAILURES, |untold| {
+            READ_FAILURES.tell(|untold| {
                 tracing::error!(
                     more_since_last_error = untold,
                     "cannot read event {id}: {why}"
@@ -673,7 +666,7 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
 /// The answer when event `id` could not be read: the reason is logged, the client is told to
 /// retry.
 fn unreadable(id: Uuid, why: &dyn std::fmt::Display) -> Response {
-    limited(&READ_FAILURES, |untold| {
+    READ_FAILURES.tell(|untold| {
         tracing::error!(
             more_since_last_error = untold,
             "cannot read event {id}: {why}"
@@ -694,7 +687,7 @@ async fn handlers(State(state): State<AppState>) -> Response {
     let pending: Option<std::collections::BTreeMap<String, u64>> = match counted.await {
         Ok(counts) => Some(counts.into_iter().collect()),
         Err(e) => {
-            limited(&READ_FAILURES, |untold| {
+            READ_FAILURES.tell(|untold| {
                 tracing::warn!(
                     more_since_last_warning = untold,
                     "handlers listed without their pending deliveries: {e}"
@@ -753,7 +746,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let counts = match read.await {
         Ok(counts) => Some(counts),
         Err(e) => {
-            limited(&METRICS_FAILURES, |untold| {
+            METRICS_FAILURES.tell(|untold| {
                 tracing::warn!(
                     more_since_last_warning = untold,
                     "metrics without the delivery states: {e}"
