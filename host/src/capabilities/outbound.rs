@@ -417,6 +417,19 @@ fn rustls_error<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e 
     None
 }
 
+/// A `Retry-After` value in delta-seconds (RFC 9110 §10.2.3), at most `cap`: how long a server
+/// asked to be left alone. `None` for an HTTP date, a fraction, a sign or anything else (the
+/// caller's own pause applies).
+pub fn retry_after(value: &str, cap: std::time::Duration) -> Option<std::time::Duration> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits: a number past u64 is longer than any cap.
+    let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
+    Some(std::time::Duration::from_secs(seconds).min(cap))
+}
+
 /// Longest cause of a failed call written to the engine's log, in bytes: the chain of a
 /// transport error is a few short messages; a server's text in it is cut here.
 const MAX_CAUSE_BYTES: usize = 512;
@@ -1305,6 +1318,34 @@ mod tests {
         ca_key: Some("ca_bundle"),
         name: "[test] url must name a host the certificate is issued for",
     };
+
+    /// `Retry-After` in seconds is read and capped; every other form a server may send — a
+    /// date, a sign, a fraction, blanks, digits past u64 — gives no pause or the cap, never a
+    /// panic.
+    #[test]
+    fn retry_after_is_whole_seconds_capped() {
+        use std::time::Duration;
+        let cap = Duration::from_secs(60);
+        for (value, expected) in [
+            ("30", Some(30)),
+            (" 7 ", Some(7)),
+            ("0", Some(0)),
+            ("86400", Some(60)),
+            ("99999999999999999999999", Some(60)),
+            ("Wed, 21 Oct 2026 07:28:00 GMT", None),
+            ("-1", None),
+            ("+5", None),
+            ("1.5", None),
+            ("", None),
+            ("\u{661}", None),
+        ] {
+            assert_eq!(
+                retry_after(value, cap),
+                expected.map(Duration::from_secs),
+                "{value:?}"
+            );
+        }
+    }
 
     /// A verdict that carries what the certificate held (webpki's own text, here 5,000
     /// bytes with a line break) is quoted escaped and cut, in a hint of bounded length.

@@ -840,8 +840,7 @@ impl Poller {
                     .into_owned(),
                 location: header("location"),
                 retry_after: header("retry-after")
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|s| Duration::from_secs(s).min(MAX_BACKOFF)),
+                    .and_then(|v| crate::capabilities::outbound::retry_after(&v, MAX_BACKOFF)),
             });
         }
         match serde_json::from_slice::<Value>(&response.body) {

@@ -451,14 +451,8 @@ impl From<CapabilityError> for FetchFailure {
 /// A `Retry-After` of delta-seconds (RFC 9110 §10.2.3), capped at [`MAX_TOKEN_FAILURE_PAUSE`];
 /// `None` when absent or an HTTP date (then the default pause applies).
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let seconds: u64 = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(seconds).min(MAX_TOKEN_FAILURE_PAUSE))
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    outbound::retry_after(value, MAX_TOKEN_FAILURE_PAUSE)
 }
 
 /// What to check when the identity provider refused a token request with `status`.
