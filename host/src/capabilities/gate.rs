@@ -182,9 +182,13 @@ const MAX_CALL_DESCRIPTION_BYTES: usize = 256;
 pub struct CallUnderWay(std::sync::Mutex<Option<(String, std::time::Instant)>>);
 
 impl CallUnderWay {
-    /// Marks a call to `what` (already escaped) as under way from now.
-    pub fn start(&self, what: String) {
-        let what = crate::outcome::truncate(what, MAX_CALL_DESCRIPTION_BYTES);
+    /// Marks a call to `what` as under way from now. `what` may hold a handler's text (a path,
+    /// a host): it is escaped and cut here, whoever describes the call.
+    pub fn start(&self, what: &str) {
+        let what = crate::outcome::truncate(
+            crate::escape::escape(what).into_owned(),
+            MAX_CALL_DESCRIPTION_BYTES,
+        );
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((what, std::time::Instant::now()));
     }
 
@@ -274,5 +278,39 @@ impl<C: Grantable> fmt::Debug for Gate<C> {
             .field("granted", &self.grant.is_some())
             .field("configured", &self.service.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a handler puts in a call's description (a Keyfactor path, an http host) reaches an
+    /// outcome and the log: every kind of control text comes out escaped, on one line, and a
+    /// long one is cut; a call that ended leaves no mark.
+    #[test]
+    fn a_call_under_way_is_described_escaped_and_bounded() {
+        let mark = CallUnderWay::default();
+        for hostile in [
+            "Certificates/\nWARN forged line",
+            "Certificates/\u{1b}[31mred",
+            "Certificates/\u{202e}txt.exe",
+            "Certificates/\u{0}nul\r",
+            &"x".repeat(10_000),
+        ] {
+            mark.start(&format!("the Keyfactor API (GET {hostile})"));
+            let (told, _) = mark.waiting().expect("under way");
+            assert!(
+                !told.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{told:?}"
+            );
+            assert!(
+                told.len() <= MAX_CALL_DESCRIPTION_BYTES + crate::outcome::TRUNCATED_MARK.len(),
+                "{} bytes",
+                told.len()
+            );
+            mark.end();
+            assert_eq!(mark.waiting(), None);
+        }
     }
 }

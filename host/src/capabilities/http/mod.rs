@@ -197,9 +197,9 @@ impl Host for Gate<Http> {
         // The host only: a URL's path or query may carry a token.
         let host = url::Url::parse(&request.url)
             .ok()
-            .and_then(|u| u.host_str().map(|h| crate::escape::escape(h).into_owned()))
+            .and_then(|u| u.host_str().map(str::to_owned))
             .unwrap_or_else(|| "an unparsable URL".to_owned());
-        under_way.start(format!(
+        under_way.start(&format!(
             "an HTTP call ({} to {host})",
             outbound::method_name(request.method)
         ));

@@ -197,10 +197,10 @@ impl Host for Gate<Keyfactor> {
             Ok(admitted) => admitted,
             Err(refused) => return Ok(Err(refused)),
         };
-        under_way.start(format!(
+        under_way.start(&format!(
             "the Keyfactor API ({} {})",
             outbound::method_name(request.method),
-            crate::escape::escape(&request.path)
+            request.path
         ));
         let answer = service.send(grant, request).await;
         under_way.end();

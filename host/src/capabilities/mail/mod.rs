@@ -235,7 +235,7 @@ impl Host for Gate<Mail> {
             Ok(admitted) => admitted,
             Err(refused) => return Ok(Err(refused)),
         };
-        under_way.start("the mail relay or outbox".into());
+        under_way.start("the mail relay or outbox");
         let answer = service.send(grant, message).await;
         under_way.end();
         Ok(answer)
