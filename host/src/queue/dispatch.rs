@@ -840,7 +840,7 @@ impl Dispatcher {
         context: &crate::JobContext,
     ) -> AttemptRecord {
         let admission = h.quarantine().admit(Instant::now());
-        if let Admission::Wait { reason, .. } = admission {
+        if let Admission::Wait(reason) = admission {
             // Claimed just before its handler was quarantined: given back, due at once — this
             // node claims none of the handler's deliveries until the quarantine ends (no room),
             // and another node, or a reload that lifts it, need not wait for it.

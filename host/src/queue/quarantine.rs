@@ -89,13 +89,8 @@ impl From<WrittenQuarantineConfig> for QuarantineConfig {
 pub enum Admission {
     /// Run it.
     Run,
-    /// Not now: the handler is quarantined until `until`; the delivery waits for it.
-    Wait {
-        /// When the quarantine ends (monotonic).
-        until: Instant,
-        /// Why, in words.
-        reason: String,
-    },
+    /// Not now: the handler is quarantined; the delivery waits for it, for this reason.
+    Wait(String),
 }
 
 /// What recording an outcome changed, for the log (which names the handler).
@@ -156,15 +151,12 @@ impl Quarantine {
     /// Whether a delivery starting at `now` may run.
     pub fn admit(&self, now: Instant) -> Admission {
         match self.until {
-            Some(until) if now < until => Admission::Wait {
-                until,
-                reason: format!(
-                    "handler quarantined for another {} s after {} consecutive failures; the \
+            Some(until) if now < until => Admission::Wait(format!(
+                "handler quarantined for another {} s after {} consecutive failures; the \
                      delivery waits for it",
-                    until.saturating_duration_since(now).as_secs().max(1),
-                    self.consecutive_failures
-                ),
-            },
+                until.saturating_duration_since(now).as_secs().max(1),
+                self.consecutive_failures
+            )),
             _ => Admission::Run,
         }
     }
@@ -276,9 +268,11 @@ mod tests {
             }
         );
         assert!(
-            matches!(q.admit(t0), Admission::Wait { reason, until } if reason.contains("3 consecutive failures") && until == t0 + Duration::from_secs(10))
+            matches!(q.admit(t0), Admission::Wait(reason) if reason.contains("3 consecutive failures"))
         );
         assert!(q.is_quarantined(t0 + Duration::from_secs(9)));
+        // Held exactly the first backoff.
+        assert_eq!(q.admit(t0 + Duration::from_secs(10)), Admission::Run);
         // The probe after the backoff fails: quarantined twice as long.
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(q.admit(t1), Admission::Run);
