@@ -594,6 +594,15 @@ fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
     t.with_nanosecond(0).unwrap_or(t)
 }
 
+/// Whether a row starting at `start` lies before the query's lower bound `bound`, compared at
+/// the query's resolution: the query asks for whole seconds, so a bound with a fraction (one
+/// second past a horizon taken from a row's start) still returns rows from its whole second on,
+/// and those are new rows, not ones the server should have left out. A row without a start is
+/// not before anything.
+fn starts_before(start: Option<DateTime<Utc>>, bound: DateTime<Utc>) -> bool {
+    start.is_some_and(|s| s < whole_second(bound))
+}
+
 /// What a failed Keyfactor call says, in words (the generated type's `Display` is its `Debug`).
 fn capability_error_text(e: &CapabilityError) -> String {
     match e {
@@ -991,17 +1000,17 @@ impl Poller {
             // A full page of rows from before the time asked for (each skipped) would fill every
             // poll with them, and the poller would never reach a new job: an error, counted and
             // retried, rather than a quiet stall.
-            if let Some(bound) = from.map(whole_second)
+            if let Some(bound) = from
                 && full_page
                 && rows
                     .iter()
-                    .all(|r| operation_start(r).is_some_and(|s| s < bound))
+                    .all(|r| starts_before(operation_start(r), bound))
             {
                 return Err(PollError::Answer(format!(
                     "{JOB_HISTORY}: every row of a full page starts before the OperationStart \
                      asked for ({}); the server reads the query's time in a zone other than \
                      UTC (or ignores it), and the poller cannot move on: use the forwarder",
-                    query_time(bound)
+                    query_time(whole_second(bound))
                 )));
             }
             let stopped = self.events_from(&rows, &mut cursor, &mut events, from, Utc::now());
@@ -1090,9 +1099,8 @@ impl Poller {
             // its own zone while it answers in UTC: such rows were handled when they were new
             // (the cursor forgets ids past the window), and would be delivered again on every
             // poll.
-            // At the query's resolution: the query asked for whole seconds from `bound` down.
-            if let (Some(bound), Some(s)) = (from, start)
-                && s < whole_second(bound)
+            if let Some(bound) = from
+                && let Some(s) = start.filter(|s| starts_before(Some(*s), bound))
             {
                 if let Some(quiet) = self.skips.before_bound.due() {
                     tracing::warn!(
@@ -1696,6 +1704,30 @@ mod tests {
         assert_eq!(c.since, Some(second));
         c.since = Some(second + CLOCK_SLACK);
         assert!(!c.hold_to(now));
+    }
+
+    /// A bound with a fraction of a second (one second past a horizon taken from a row's start)
+    /// is compared at the query's resolution: a row in the bound's whole second is new, not one
+    /// the server should have left out.
+    #[test]
+    fn rows_before_the_bound_are_judged_to_the_second() {
+        let bound = parse_timestamp("2023-05-06T12:00:01.700").unwrap();
+        let at = |t: &str| Some(parse_timestamp(t).unwrap());
+        assert!(!starts_before(at("2023-05-06T12:00:01.200"), bound));
+        assert!(!starts_before(at("2023-05-06T12:00:01"), bound));
+        assert!(!starts_before(at("2023-05-06T12:00:02"), bound));
+        assert!(starts_before(at("2023-05-06T12:00:00.999"), bound));
+        assert!(!starts_before(None, bound));
+        // The bound as the cursor makes it past a horizon with a fraction.
+        let start = parse_timestamp("2023-05-06T12:00:00.700").unwrap();
+        let c = Cursor {
+            since: Some(start),
+            horizon: Some(start),
+            ..Cursor::default()
+        };
+        let from = c.lower_bound().unwrap();
+        assert_eq!(from, bound);
+        assert!(!starts_before(at("2023-05-06T12:00:01.100"), from));
     }
 
     #[test]
