@@ -63,6 +63,21 @@ pub const CONNECTION_CAPS: [&str; 2] = ["max_connections", "max_connections_per_
 /// The phases `jobhook_connections_timed_out_total` counts by.
 pub const SLOW_CLIENT_PHASES: [&str; 3] = ["header", "body", "idle"];
 
+/// At most this many `jobhook_handler_deliveries_pending` series per scrape, the first by name: a
+/// store that holds deliveries under many names (renamed handlers, or another node's
+/// configuration) must not make every scrape that many series long. The total is always in
+/// `jobhook_deliveries_in_state{state="pending"}`.
+pub const MAX_PENDING_SERIES: usize = 1_000;
+
+/// What the store said at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreCounts<'a> {
+    /// Deliveries by state.
+    pub by_state: &'a [(&'a str, u64)],
+    /// Pending deliveries by handler, in name order.
+    pub pending_by_handler: &'a [(String, u64)],
+}
+
 /// The engine's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -73,6 +88,7 @@ pub struct Metrics {
     deliveries: Family<DeliveryLabels, Counter>,
     durations: Family<HandlerLabels, Histogram>,
     deliveries_by_state: Family<StateLabels, Gauge>,
+    pending_by_handler: Family<HandlerLabels, Gauge>,
     running: Gauge,
     quarantined: Gauge,
     replays: Counter,
@@ -161,6 +177,13 @@ impl Metrics {
             "jobhook_deliveries_in_state",
             "Deliveries in the store by state (pending = queue depth)",
             deliveries_by_state.clone(),
+        );
+        let pending_by_handler = Family::<HandlerLabels, Gauge>::default();
+        registry.register(
+            "jobhook_handler_deliveries_pending",
+            "Pending deliveries in the store by handler (a quarantined handler's backlog, or \
+             deliveries of a handler no node runs)",
+            pending_by_handler.clone(),
         );
         let running = Gauge::default();
         registry.register(
@@ -299,6 +322,7 @@ impl Metrics {
             deliveries,
             durations,
             deliveries_by_state,
+            pending_by_handler,
             running,
             quarantined,
         }
@@ -412,12 +436,23 @@ impl Metrics {
         self.running.inc_by(delta);
     }
 
-    /// Renders every metric, after setting the gauges read at scrape time. `by_state` is `None`
-    /// when the store could not be read: the delivery-state series are then left out (absent,
-    /// not zero: an empty queue and an unknown one must not look alike).
-    pub fn render(&self, by_state: Option<&[(&str, u64)]>, quarantined: usize) -> String {
-        match by_state {
-            Some(by_state) => {
+    /// Renders every metric, after setting the gauges read at scrape time. `store` is `None`
+    /// when the store could not be read: the delivery-state and per-handler pending series are
+    /// then left out (absent, not zero: an empty queue and an unknown one must not look alike).
+    pub fn render(&self, store: Option<&StoreCounts<'_>>, quarantined: usize) -> String {
+        self.pending_by_handler.clear();
+        match store {
+            Some(StoreCounts {
+                by_state,
+                pending_by_handler,
+            }) => {
+                for (handler, n) in pending_by_handler.iter().take(MAX_PENDING_SERIES) {
+                    self.pending_by_handler
+                        .get_or_create(&HandlerLabels {
+                            handler: handler.clone(),
+                        })
+                        .set(i64::try_from(*n).unwrap_or(i64::MAX));
+                }
                 for state in ["pending", "running", "succeeded", "failed", "skipped"] {
                     let n = by_state
                         .iter()
@@ -487,7 +522,14 @@ mod tests {
         m.event_accepted("poller", 0);
         m.delivery("mail", "succeeded", 0.002);
         m.delivery("mail", "timed-out", 1.5);
-        let text = m.render(Some(&[("pending", 7)]), 1);
+        let pending = [("mail".to_owned(), 5), ("odd\"name\n".to_owned(), 2)];
+        let text = m.render(
+            Some(&StoreCounts {
+                by_state: &[("pending", 7)],
+                pending_by_handler: &pending,
+            }),
+            1,
+        );
         assert!(
             text.contains("jobhook_events_accepted_total{source=\"api\"} 1"),
             "{text}"
@@ -514,5 +556,50 @@ mod tests {
             text.contains("jobhook_delivery_duration_seconds_count{handler=\"mail\"} 2"),
             "{text}"
         );
+        // Per handler; a name is a label value, escaped, never a line of its own.
+        assert!(
+            text.contains("jobhook_handler_deliveries_pending{handler=\"mail\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("jobhook_handler_deliveries_pending{handler=\"odd\\\"name\\n\"} 2"),
+            "{text}"
+        );
+        // A handler whose backlog drained, or a store that did not answer, leaves no series.
+        let text = m.render(
+            Some(&StoreCounts {
+                by_state: &[("pending", 5)],
+                pending_by_handler: &pending[..1],
+            }),
+            0,
+        );
+        assert!(!text.contains("odd"), "{text}");
+        let text = m.render(None, 0);
+        assert!(
+            !text.contains("jobhook_handler_deliveries_pending{"),
+            "{text}"
+        );
+    }
+
+    /// A store with deliveries under more names than [`MAX_PENDING_SERIES`] gives that many
+    /// series, not one per name.
+    #[test]
+    fn pending_series_are_bounded() {
+        let m = Metrics::new();
+        let pending: Vec<(String, u64)> = (0..MAX_PENDING_SERIES + 50)
+            .map(|i| (format!("h{i:05}"), 1))
+            .collect();
+        let text = m.render(
+            Some(&StoreCounts {
+                by_state: &[],
+                pending_by_handler: &pending,
+            }),
+            0,
+        );
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("jobhook_handler_deliveries_pending{"))
+            .count();
+        assert_eq!(series, MAX_PENDING_SERIES);
     }
 }

@@ -315,7 +315,13 @@ async fn finished_jobs_become_events_exactly_once_across_restarts() {
     assert_eq!(total, 3);
     assert_eq!(f.seen(), [101, 102, 103, 104, 105]);
     assert_eq!(f.events(), 5, "each finished job exactly once");
-    let metrics = f.dispatcher.metrics().render(Some(&[]), 0);
+    let metrics = f.dispatcher.metrics().render(
+        Some(&jobhook::metrics::StoreCounts {
+            by_state: &[],
+            pending_by_handler: &[],
+        }),
+        0,
+    );
     assert!(
         metrics.contains("jobhook_events_accepted_total{source=\"poller\"} 5"),
         "{metrics}"

@@ -1252,6 +1252,11 @@ async fn a_quarantined_handlers_deliveries_wait_and_run_when_the_quarantine_ends
         handlers["handlers"][0]["pending"], 3,
         "the held deliveries are counted: {handlers:#}"
     );
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_handler_deliveries_pending{handler=\"probe\"} 3"),
+        "the held deliveries are a metric too: {metrics}"
+    );
     let until = handlers["handlers"][0]["health"]["until"]
         .as_str()
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
@@ -1292,6 +1297,10 @@ async fn a_quarantined_handlers_deliveries_wait_and_run_when_the_quarantine_ends
     );
     let (_, metrics) = get(&engine, "/metrics").await;
     assert!(!metrics.contains("outcome=\"skipped\""), "{metrics}");
+    assert!(
+        !metrics.contains("jobhook_handler_deliveries_pending{"),
+        "a drained backlog leaves no series: {metrics}"
+    );
 }
 
 /// A reload that only moves a handler to another line (a comment added above it) keeps it as

@@ -43,7 +43,7 @@ use uuid::Uuid;
 
 use crate::context::JobContext;
 use crate::log_limit::LogLimit;
-use crate::metrics::{CONTENT_TYPE, Metrics};
+use crate::metrics::{CONTENT_TYPE, Metrics, StoreCounts};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
 use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError, call_within};
 use crate::sources::forwarders::{self, Forwarders};
@@ -741,7 +741,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let read = call_within(&state.store, STORE_READ_TIMEOUT, |store| {
-        store.count_by_state()
+        Ok((store.count_by_state()?, store.pending_by_handler()?))
     });
     let counts = match read.await {
         Ok(counts) => Some(counts),
@@ -757,11 +757,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
     };
     let by_state: Option<Vec<(&str, u64)>> = counts
         .as_ref()
-        .map(|counts| counts.iter().map(|(s, n)| (s.as_str(), *n)).collect());
+        .map(|(counts, _)| counts.iter().map(|(s, n)| (s.as_str(), *n)).collect());
+    let store_counts = by_state
+        .as_deref()
+        .zip(counts.as_ref())
+        .map(|(by_state, (_, pending))| StoreCounts {
+            by_state,
+            pending_by_handler: pending,
+        });
     let (known, silence) = state.forwarders.summary(chrono::Utc::now());
     state.metrics.forwarders(known, silence);
     let text = state.metrics.render(
-        by_state.as_deref(),
+        store_counts.as_ref(),
         state.dispatcher.registry().quarantined(),
     );
     let mut headers = HeaderMap::new();
