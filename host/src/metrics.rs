@@ -55,7 +55,8 @@ pub const EVENT_SOURCES: [&str; 2] = ["api", "poller"];
 
 /// The reasons `jobhook_ingest_store_failures_total` counts (`sources::api`'s answers when the
 /// store cannot commit an event).
-pub const STORE_FAILURE_REASONS: [&str; 4] = ["disk-full", "unreachable", "timeout", "error"];
+pub const STORE_FAILURE_REASONS: [&str; 5] =
+    ["disk-full", "read-only", "unreachable", "timeout", "error"];
 
 /// The caps `jobhook_connections_refused_total` counts by (`connections::Refusal::setting`).
 pub const CONNECTION_CAPS: [&str; 2] = ["max_connections", "max_connections_per_client"];

@@ -1257,6 +1257,128 @@ fn a_postgres_restart_under_load_is_refused_with_503_and_the_node_reconnects_by_
     );
 }
 
+/// A PostgreSQL server that stops taking writes (a standby after a failover the engine's address
+/// did not follow, or `default_transaction_read_only`): ingest answers 503 saying the store is
+/// read-only, counted under its own reason; the outcome of a delivery that was running is kept
+/// and recorded once the server takes writes again — not run a second time; events are accepted
+/// again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_postgres_is_refused_in_words_and_a_running_outcome_is_recorded_once() {
+    let Some(db) = private_database_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let config = dir.path().join("jobhook.toml");
+    // A lease far longer than the read-only spell: a second run could only come from the
+    // outcome being dropped, not from the claim running out.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n{store}\n[[handlers]]\nname = \"slow\"\n\
+             component = \"{probe}\"\njob_types = [\"*\"]\nproperties = {{ SleepMs = \"1500\" }}\n",
+            store = db.store_section(60_000, "data"),
+            probe = guest("guest-attempt-probe").display(),
+        ),
+    )
+    .expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let client = reqwest::Client::new();
+    let read_only = |on: bool| {
+        let set = if on {
+            "ALTER SYSTEM SET default_transaction_read_only = on"
+        } else {
+            "ALTER SYSTEM RESET default_transaction_read_only"
+        };
+        db.server().psql("postgres", set).expect("ALTER SYSTEM");
+        db.server()
+            .psql("postgres", "SELECT pg_reload_conf()")
+            .expect("reload");
+    };
+
+    let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    let running = event_id(&body);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let (_, text) = get(&client, &engine.url, &format!("/v1/events/{running}")).await;
+        let event: Value = serde_json::from_str(&text).expect("event JSON");
+        if delivery(&event, "slow")["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ran: {event:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    read_only(true);
+    let switched = Instant::now();
+
+    // Refused, saying why; every session sees the setting after the reload.
+    let (status, body) = loop {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        if status != 202 || switched.elapsed() > RECONNECT_BOUND {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 503, "{body}\n{}", engine.log_text());
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the store takes no writes (read-only)"),
+        "{body}"
+    );
+    assert_healthy(&client, &engine.url).await;
+    let (_, metrics) = get(&client, &engine.url, "/metrics").await;
+    let refused = jobhook_testkit::metric_value(
+        &metrics,
+        "jobhook_ingest_store_failures_total{reason=\"read-only\"}",
+    );
+    assert!(refused.is_some_and(|n| n > 0.0), "{metrics}");
+    // The running delivery finishes while writes are refused: its outcome waits.
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while !engine
+        .log_text()
+        .contains("delivery outcomes not recorded yet")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the outcome was not held for a retry: {}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    read_only(false);
+    let writable = Instant::now();
+    loop {
+        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+        if status == 202 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            writable.elapsed() < RECONNECT_BOUND,
+            "still refused {:?} after the server took writes again: {body}",
+            writable.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let event = settled(&client, &engine, &running).await;
+    let d = delivery(&event, "slow");
+    assert_eq!(d["state"], "succeeded", "{d}");
+    assert_eq!(
+        d["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "run once, recorded once: {d}"
+    );
+    let log = engine.log_text();
+    assert!(
+        log.contains("cannot commit an event: the store takes no writes (read-only)"),
+        "{log}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The SMTP relay and the Keyfactor API down or never answering
 // ---------------------------------------------------------------------------------------------

@@ -617,6 +617,10 @@ fn unavailable(e: &StoreError) -> (&'static str, &'static str) {
             "disk-full",
             "the event was not accepted: the store is out of disk space; retry later",
         ),
+        StoreError::ReadOnly(_) => (
+            "read-only",
+            "the event was not accepted: the store takes no writes (read-only); retry later",
+        ),
         StoreError::Unreachable(_) => (
             "unreachable",
             "the event was not accepted: the store's database cannot be reached; retry later",

@@ -46,6 +46,13 @@ pub enum StoreError {
     /// committed; the same write succeeds once space is freed.
     #[error("the store is out of disk space: {0}")]
     DiskFull(String),
+    /// The store refuses writes: a PostgreSQL server in recovery (a standby: after a failover
+    /// the engine's address may lead to the old primary) or made read-only
+    /// (`default_transaction_read_only`), or a SQLite database the engine may not write.
+    /// Nothing of the write was committed; the same write succeeds once the store takes writes
+    /// again, which is why it is told apart from an error about one statement.
+    #[error("the store takes no writes (read-only): {0}")]
+    ReadOnly(String),
     /// The store's database server cannot be reached, is shutting down or starting up, or no
     /// connection to it became free in time after an attempt to connect failed (PostgreSQL).
     /// Whether a commit under way when the connection broke took effect is unknown; the pool
@@ -91,14 +98,18 @@ pub const SOURCE_API: &str = "api";
 pub const SOURCE_POLLER: &str = "poller";
 
 impl StoreError {
-    /// Whether the whole store is failing for a reason that passes by itself — the disk is
-    /// full, the database server cannot be reached — so that the same call succeeds later
+    /// Whether the whole store is failing for a reason that passes without anyone changing the
+    /// data — the disk is full, the database is read-only, the server cannot be reached — so
+    /// that the same call succeeds later
     /// without anyone changing the data. Any other error (a refused transition, unreadable
     /// data, an error the database reported about this statement) stays as it is.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::DiskFull(_) | StoreError::Unreachable(_) | StoreError::NoAnswer(_)
+            StoreError::DiskFull(_)
+                | StoreError::ReadOnly(_)
+                | StoreError::Unreachable(_)
+                | StoreError::NoAnswer(_)
         )
     }
 
@@ -108,6 +119,7 @@ impl StoreError {
     pub fn for_each_call(&self) -> StoreError {
         match self {
             StoreError::DiskFull(why) => StoreError::DiskFull(why.clone()),
+            StoreError::ReadOnly(why) => StoreError::ReadOnly(why.clone()),
             StoreError::Unreachable(why) => StoreError::Unreachable(why.clone()),
             StoreError::NoAnswer(why) => StoreError::NoAnswer(why.clone()),
             // Said once: not "store database error: store database error: …".
@@ -682,6 +694,7 @@ mod tests {
         for error in [
             StoreError::Database("disk I/O error".into()),
             StoreError::DiskFull("database or disk is full".into()),
+            StoreError::ReadOnly("attempt to write a readonly database".into()),
             StoreError::Unreachable("connection refused".into()),
             StoreError::NoAnswer("timed out".into()),
         ] {

@@ -356,6 +356,11 @@ impl From<PgError> for StoreError {
                 Some(db) if db.code() == &postgres::error::SqlState::DISK_FULL => {
                     StoreError::DiskFull(e.to_string())
                 }
+                // A standby, or a server set read-only: "cannot execute INSERT in a read-only
+                // transaction".
+                Some(db) if db.code() == &postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION => {
+                    StoreError::ReadOnly(e.to_string())
+                }
                 Some(db) if server_unavailable(db.code()) => StoreError::Unreachable(e.to_string()),
                 Some(_) => StoreError::Database(e.to_string()),
                 // No answer from the server: the connection broke or could not be made.

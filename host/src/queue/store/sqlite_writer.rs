@@ -540,13 +540,14 @@ fn sync_file(path: &std::path::Path) -> Result<(), StoreError> {
 }
 
 /// The [`StoreError`] of a SQLite error: `SQLITE_FULL` (the file system holding the database
-/// has no space left; SQLite reports `ENOSPC` this way) is [`StoreError::DiskFull`], so that
-/// ingest can say so; everything else is a database error.
+/// has no space left; SQLite reports `ENOSPC` this way) is [`StoreError::DiskFull`] and
+/// `SQLITE_READONLY` [`StoreError::ReadOnly`], so that ingest can say so and the dispatcher
+/// retries its records; everything else is a database error.
 pub fn classify(e: &rusqlite::Error) -> StoreError {
-    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
-        StoreError::DiskFull(e.to_string())
-    } else {
-        StoreError::Database(e.to_string())
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => StoreError::DiskFull(e.to_string()),
+        Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly(e.to_string()),
+        _ => StoreError::Database(e.to_string()),
     }
 }
 
@@ -556,6 +557,9 @@ fn rolled_back(cause: &StoreError) -> StoreError {
     match cause {
         StoreError::DiskFull(reason) => {
             StoreError::DiskFull(format!("{reason} (the whole transaction was rolled back)"))
+        }
+        StoreError::ReadOnly(reason) => {
+            StoreError::ReadOnly(format!("{reason} (the whole transaction was rolled back)"))
         }
         other => StoreError::Database(format!("the whole transaction was rolled back: {other}")),
     }
