@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Timelike, Utc};
+use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -479,6 +479,22 @@ impl Cursor {
                 "it remembers {remembered} ids, more than {MAX_SEEN}"
             )));
         }
+        // Every time in it is one a row could have given (the years of .NET's `DateTime`):
+        // the bounds computed from them must not leave chrono's range.
+        let times = [("since", cursor.since), ("horizon", cursor.horizon)]
+            .into_iter()
+            .filter_map(|(name, t)| Some((name, t?)))
+            .chain(cursor.seen.values().map(|t| ("seen", *t)));
+        for (name, t) in times {
+            if !crate::context::TIMESTAMP_YEARS.contains(&t.year()) {
+                return Err(PollError::Cursor(format!(
+                    "its {name} time {} lies outside the years {} to {}",
+                    t.to_rfc3339(),
+                    crate::context::TIMESTAMP_YEARS.start(),
+                    crate::context::TIMESTAMP_YEARS.end()
+                )));
+            }
+        }
         Ok(cursor)
     }
 
@@ -511,7 +527,9 @@ impl Cursor {
     fn lower_bound(&self) -> Option<DateTime<Utc>> {
         let from = self.window_start()?;
         Some(match self.horizon {
-            Some(h) if h >= from => h + chrono::Duration::seconds(1),
+            Some(h) if h >= from => h
+                .checked_add_signed(chrono::Duration::seconds(1))
+                .unwrap_or(h),
             _ => from,
         })
     }
@@ -1646,6 +1664,23 @@ mod tests {
         assert!(!c.seen.contains_key(&0));
         assert_eq!(c.horizon, Some(t0));
         assert_eq!(c.lower_bound(), Some(t0 + chrono::Duration::seconds(1)));
+        // A stored cursor with a time past what a row can give is refused, not computed with.
+        for field in ["since", "horizon"] {
+            let text = format!(r#"{{"{field}":"+262142-12-31T23:59:59.999999999Z","floor":2175}}"#);
+            let e = Cursor::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(&format!("its {field} time")), "{e}");
+        }
+        let e = Cursor::parse(r#"{"seen":{"7":"-0001-01-01T00:00:00Z"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("its seen time"), "{e}");
+        let far = Cursor {
+            since: Some(t0),
+            horizon: parse_timestamp("9999-12-31T23:59:59.999"),
+            ..Cursor::default()
+        };
+        assert_eq!(Cursor::parse(&far.to_text()).unwrap(), far);
+        assert!(far.lower_bound().is_some());
         // A hostile stored cursor with too many ids is refused.
         let mut big = Cursor::default();
         for id in 0..=i64::try_from(MAX_SEEN).unwrap() {
