@@ -173,9 +173,23 @@ pub fn render(found: &[JobType], source: &str) -> String {
             seen.insert(job.name.to_ascii_lowercase(), previous);
             continue;
         }
-        let _ = writeln!(out, "{} = \"{}\"", job.name, job.id);
+        let _ = writeln!(out, "{} = \"{}\"", toml_key(&job.name), job.id);
     }
     out
+}
+
+/// `name` as a TOML key: bare when it can be, quoted when it holds a `.`, which a bare key reads
+/// as a nested table (`Custom.FetchLogs` would be `Custom = { FetchLogs = … }`). A
+/// [`printable`] name holds nothing a quoted key must escape.
+fn toml_key(name: &str) -> std::borrow::Cow<'_, str> {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        name.into()
+    } else {
+        format!("\"{name}\"").into()
+    }
 }
 
 /// Most left-out entries printed; past it, only their number. A server can answer thousands of
@@ -397,6 +411,43 @@ mod tests {
         match &config.handlers[0].job_types {
             crate::queue::registration::JobTypes::Only(set) => assert_eq!(set.len(), ids.len()),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A name with a dot (Command's built-in `Custom.FetchLogs` has one) is printed as one key,
+    /// beside a name it extends, and reads back as the names it was.
+    #[test]
+    fn names_with_dots_read_back_as_themselves() {
+        let job = |name: &str| JobType {
+            name: name.to_owned(),
+            id: uuid::Uuid::new_v4(),
+            origin: "custom".to_owned(),
+        };
+        let found = [
+            job("Custom.FetchLogs"),
+            job("X"),
+            job("X.Y"),
+            job("Plain-Name_1"),
+        ];
+        let toml = render(&found, "a test");
+        assert!(toml.contains("\n\"X.Y\" = "), "{toml}");
+        assert!(toml.contains("\nPlain-Name_1 = "), "{toml}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("h.wasm"), b"\0asm").expect("component");
+        let text = format!(
+            "[keyfactor]\nbase_url = \"https://kf.example/KeyfactorAPI\"\n[keyfactor.auth]\n\
+             kind = \"basic\"\nusername = \"u\"\npassword = {{ file = \"pw\" }}\n\n\
+             [[handlers]]\nname = \"h\"\ncomponent = \"h.wasm\"\n{toml}"
+        );
+        let config = Config::parse(&text, &dir.path().join("jobhook.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let poller = config.poller.expect("[poller]");
+        for job in &found {
+            assert_eq!(
+                poller.job_types.get(&job.name),
+                Some(&job.id.to_string()),
+                "{toml}"
+            );
         }
     }
 
