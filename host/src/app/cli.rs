@@ -43,6 +43,9 @@ enum Command {
     Serve(ConfigArgs),
     /// Validate a configuration and load every handler, without serving.
     Check(ConfigArgs),
+    /// Copy the SQLite store of a configuration to a new file, consistently, while the engine
+    /// runs, and check the copy (PostgreSQL: use pg_dump).
+    Backup(BackupArgs),
     /// List the job-type GUIDs of the configured Keyfactor Command (store types and custom job
     /// types) and print them as TOML for `job_types` and `[poller.job_types]`.
     JobTypes(ConfigArgs),
@@ -69,6 +72,16 @@ struct NewArgs {
     /// this jobhook was built from).
     #[arg(long, value_name = "DIR")]
     sdk_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// The configuration file (TOML) whose `[store]` to copy.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// The backup file to write; it must not exist.
+    #[arg(long, value_name = "FILE")]
+    to: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +198,7 @@ pub fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Check(args) => check(args).await,
+            Command::Backup(args) => backup(args).await,
             Command::Import(args) => import(args),
             Command::ForwarderConfig(args) => forwarder_config(args),
         }
@@ -328,6 +342,33 @@ async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         escape(&args.config.display().to_string()),
         names.len(),
         escape(&names.join(", "))
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
+    use crate::queue::store::config::StoreKind;
+    let config = crate::app::config::Config::load(&args.config)?;
+    if config.store.kind != StoreKind::Sqlite {
+        anyhow::bail!(
+            "{}: [store] kind is \"postgres\": back the database up with PostgreSQL's own tools \
+             (pg_dump, or the server's base backups); `jobhook backup` copies a SQLite store",
+            escape(&args.config.display().to_string())
+        );
+    }
+    let data_dir = config.store.data_dir.clone();
+    let to = args.to.clone();
+    // A copy of a large store takes seconds of disk reads: off the async threads.
+    let report =
+        tokio::task::spawn_blocking(move || crate::queue::store::sqlite::backup(&data_dir, &to))
+            .await??;
+    print_out(&format!(
+        "{}: backup written and checked (quick_check ok): {} events, {} deliveries not finished \
+         when it was taken, {} bytes\n",
+        escape(&args.to.display().to_string()),
+        report.events,
+        report.unfinished,
+        report.bytes
     ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::clock::{QueueClock, step_between};
-use super::sqlite_writer::{Durability, Grouping, Write, Writer, classify};
+use super::sqlite_writer::{DAMAGED_ADVICE, Durability, Grouping, Write, Writer, classify};
 use super::{
     ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
     DeliveryState, DeliveryView, EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency,
@@ -650,6 +650,117 @@ fn write_pid(path: &Path) -> std::io::Result<()> {
     writeln!(file, "{}", std::process::id())
 }
 
+/// What [`backup`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupReport {
+    /// Events in the copy.
+    pub events: u64,
+    /// Deliveries in the copy not yet finished (pending or running when it was taken).
+    pub unfinished: u64,
+    /// The copy's size in bytes.
+    pub bytes: u64,
+}
+
+/// Most lines of `PRAGMA quick_check` quoted when a copy is damaged: the first few say what is
+/// wrong; all of them can be thousands.
+const QUICK_CHECK_LINES: u32 = 5;
+
+/// Copies the store in `data_dir` to the new file `to`, consistently, while an engine may be
+/// using it (`VACUUM INTO` on a read-only connection: one read transaction, so the copy is the
+/// store as of one moment, and the engine's writes go on meanwhile), then checks the copy
+/// (`PRAGMA quick_check`, jobhook's schema) before saying it is good. `to` must not exist; it is
+/// made readable by its owner only (it holds every stored job context). A copy that fails its
+/// check, or a copy that failed part-way, is removed. Restoring is copying it back as
+/// `<data_dir>/jobhook.sqlite` while no engine runs (docs/OPERATIONS.md).
+pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, StoreError> {
+    let source = data_dir.join(DATABASE_FILE);
+    let open_error = |message: String| StoreError::Open {
+        path: source.display().to_string(),
+        message,
+    };
+    if !source.is_file() {
+        return Err(open_error(format!(
+            "there is no {DATABASE_FILE} in the data directory: is [store] data_dir the one the \
+             engine uses?"
+        )));
+    }
+    let target = to.to_str().ok_or_else(|| {
+        open_error(format!(
+            "the backup's path {} is not UTF-8; give another",
+            to.display()
+        ))
+    })?;
+    let mut conn = Connection::open_with_flags(&source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| open_error(explained(e)))?;
+    conn.busy_handler(Some(busy_wait))
+        .map_err(|e| open_error(e.to_string()))?;
+    schema_applied(&conn).map_err(open_error)?;
+    // Made first, empty and private: VACUUM INTO writes into an empty file as it finds it.
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to)
+            .map_err(|e| {
+                open_error(format!(
+                    "cannot create the backup file {}: {e}{}",
+                    to.display(),
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        " (a backup is never written over a file: give a new name)"
+                    } else {
+                        ""
+                    }
+                ))
+            })?;
+    }
+    let copied = conn
+        .execute("VACUUM INTO ?1", [target])
+        .map_err(|e| open_error(format!("cannot copy the store: {}", explained(e))))
+        .and_then(|_| check_copy(to).map_err(open_error));
+    match copied {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            let _ = std::fs::remove_file(to);
+            Err(e)
+        }
+    }
+}
+
+/// Checks a copy [`backup`] made: SQLite's `quick_check`, jobhook's schema, and what it holds.
+fn check_copy(path: &Path) -> Result<BackupReport, String> {
+    let copy = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(explained)?;
+    let mut problems: Vec<String> = copy
+        .prepare(&format!("PRAGMA quick_check({QUICK_CHECK_LINES})"))
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(explained)?;
+    if problems != ["ok"] {
+        problems.truncate(QUICK_CHECK_LINES as usize);
+        let said: Vec<String> = problems
+            .iter()
+            .map(|p| crate::escape::escape(p).into_owned())
+            .collect();
+        return Err(format!(
+            "the copy fails SQLite's quick_check ({}); the store itself is damaged: {}",
+            said.join("; "),
+            DAMAGED_ADVICE
+        ));
+    }
+    schema_applied(&copy)?;
+    let count = |sql: &str| -> Result<u64, String> {
+        copy.query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap_or_default())
+            .map_err(explained)
+    };
+    Ok(BackupReport {
+        events: count("SELECT COUNT(*) FROM events")?,
+        unfinished: count("SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'running')")?,
+        bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or_default(),
+    })
+}
+
 /// An error met opening the database, with what to do when the file is not a database or is
 /// damaged (SQLite says only "file is not a database" or "database disk image is malformed").
 fn explained(e: rusqlite::Error) -> String {
@@ -657,9 +768,7 @@ fn explained(e: rusqlite::Error) -> String {
         Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
             format!(
                 "{e}: {DATABASE_FILE} in [store] data_dir is damaged or is not jobhook's \
-                 database; stop every jobhook using it and restore it (with its -wal file) from \
-                 a backup, or move it aside to start an empty store (the events in it are then \
-                 not delivered)"
+                 database; {DAMAGED_ADVICE}"
             )
         }
         _ => e.to_string(),

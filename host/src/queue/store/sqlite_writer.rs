@@ -542,14 +542,27 @@ fn sync_file(path: &std::path::Path) -> Result<(), StoreError> {
 /// The [`StoreError`] of a SQLite error: `SQLITE_FULL` (the file system holding the database
 /// has no space left; SQLite reports `ENOSPC` this way) is [`StoreError::DiskFull`] and
 /// `SQLITE_READONLY` [`StoreError::ReadOnly`], so that ingest can say so and the dispatcher
-/// retries its records; everything else is a database error.
+/// retries its records; a damaged file is [`StoreError::Corrupt`] with what to do; everything
+/// else is a database error.
 pub fn classify(e: &rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DiskFull) => StoreError::DiskFull(e.to_string()),
         Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly(e.to_string()),
+        // Found at run time (a restored copy that was taken badly, a failing disk): said with
+        // what to do, for as long as the engine meets it.
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Corrupt(format!(
+                "{e}: the store's database file is damaged; {DAMAGED_ADVICE}"
+            ))
+        }
         _ => StoreError::Database(e.to_string()),
     }
 }
+
+/// What to do with a damaged database file.
+pub const DAMAGED_ADVICE: &str = "stop every jobhook using it and restore it from a backup (one \
+     `jobhook backup` wrote, or a copy of jobhook.sqlite with its -wal file taken while no engine \
+     ran), or move it aside to start an empty store (the events in it are then not delivered)";
 
 /// The error every write of a group gets when one write's error rolled the whole transaction
 /// back: of the same kind as that error, saying what happened.
@@ -568,6 +581,34 @@ fn rolled_back(cause: &StoreError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLite's codes for a whole store that fails (full, read-only, damaged) are told apart,
+    /// each with its own kind; a damaged file says what to do.
+    #[test]
+    fn sqlite_errors_are_classified_by_what_to_do() {
+        let error =
+            |code: i32| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        assert!(matches!(
+            classify(&error(rusqlite::ffi::SQLITE_FULL)),
+            StoreError::DiskFull(_)
+        ));
+        assert!(matches!(
+            classify(&error(rusqlite::ffi::SQLITE_READONLY)),
+            StoreError::ReadOnly(_)
+        ));
+        for code in [rusqlite::ffi::SQLITE_CORRUPT, rusqlite::ffi::SQLITE_NOTADB] {
+            let classified = classify(&error(code));
+            assert!(matches!(classified, StoreError::Corrupt(_)), "{classified}");
+            assert!(
+                classified.to_string().contains("restore it from a backup"),
+                "{classified}"
+            );
+        }
+        assert!(matches!(
+            classify(&error(rusqlite::ffi::SQLITE_IOERR)),
+            StoreError::Database(_)
+        ));
+    }
 
     /// A job that runs `write`, and where its answer arrives: what [`Writer::write_with`] sends,
     /// for a test to send itself (and so choose what is queued behind what).

@@ -1,0 +1,202 @@
+//! `jobhook backup`: a consistent copy of a running engine's SQLite store, checked before it is
+//! called good, that an engine started on it serves; refused over an existing file, for a
+//! damaged store (nothing left behind) and for a PostgreSQL store.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use jobhook_testkit::engine::EngineProcess;
+use jobhook_testkit::{guest, sample_context_json};
+
+fn engine_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_jobhook"))
+}
+
+fn jobhook(args: &[&str]) -> Output {
+    Command::new(engine_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run jobhook")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A configuration in `dir` with its SQLite store in `dir/<data>` and one handler for every
+/// job type.
+fn config_in(dir: &Path, data: &str) -> PathBuf {
+    let config = dir.join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{data}\"\n\n\
+             [[handlers]]\nname = \"log\"\ncomponent = \"{}\"\njob_types = [\"*\"]\n",
+            guest("log-context").display()
+        ),
+    )
+    .expect("config");
+    config
+}
+
+/// Posts `n` events; their ids.
+async fn post_events(url: &str, n: usize) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let response = client
+            .post(format!("{url}/v1/job-complete"))
+            .header("content-type", "application/json")
+            .body(sample_context_json().to_string())
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), 202);
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.expect("body")).expect("JSON");
+        ids.push(body["event_id"].as_str().expect("event_id").to_owned());
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_the_engine_runs_is_checked_private_and_restores_every_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_in(dir.path(), "data");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let ids = post_events(&engine.url, 20).await;
+
+    // While it runs, and without stopping it.
+    let to = dir.path().join("backup.sqlite");
+    let args = |to: &Path| {
+        [
+            "backup".to_owned(),
+            "--config".to_owned(),
+            config.display().to_string(),
+            "--to".to_owned(),
+            to.display().to_string(),
+        ]
+    };
+    let run = |to: &Path| jobhook(&args(to).each_ref().map(String::as_str));
+    let out = run(&to);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("backup written and checked (quick_check ok): 20 events"),
+        "{said}"
+    );
+    let mode = std::fs::metadata(&to).expect("backup").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let health = reqwest::get(format!("{}/healthz", engine.url))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200, "the engine goes on");
+
+    // Never over a file.
+    let before = std::fs::read(&to).expect("backup");
+    let again = run(&to);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("a backup is never written over a file: give a new name"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(std::fs::read(&to).expect("backup"), before);
+    engine.terminate(Duration::from_secs(20));
+
+    // Restored into a data directory of its own, it is served: every event is there.
+    let restored = tempfile::tempdir().expect("tempdir");
+    let config = config_in(restored.path(), "data");
+    std::fs::create_dir(restored.path().join("data")).expect("data dir");
+    std::fs::set_permissions(
+        restored.path().join("data"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .expect("mode");
+    std::fs::copy(&to, restored.path().join("data/jobhook.sqlite")).expect("restore");
+    let engine = EngineProcess::start(engine_bin(), &config, &restored.path().join("engine.log"));
+    let client = reqwest::Client::new();
+    for id in &ids {
+        let response = client
+            .get(format!("{}/v1/events/{id}", engine.url))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), 200, "event {id} was not restored");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_not_backed_up_and_the_error_says_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_in(dir.path(), "data");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    post_events(&engine.url, 200).await;
+    engine.terminate(Duration::from_secs(20));
+    // Pages in the middle of the file overwritten, as a bad copy or a failing disk leaves them.
+    let database = dir.path().join("data/jobhook.sqlite");
+    let length = std::fs::metadata(&database).expect("database").len();
+    assert!(length > 64 * 1024, "{length}");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&database)
+        .expect("open");
+    file.seek(SeekFrom::Start(length / 2)).expect("seek");
+    file.write_all(&[0xA5; 16 * 1024]).expect("damage");
+    drop(file);
+
+    let to = dir.path().join("backup.sqlite");
+    let out = jobhook(&[
+        "backup",
+        "--config",
+        &config.display().to_string(),
+        "--to",
+        &to.display().to_string(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        stderr.contains("damaged") && stderr.contains("restore it from a backup"),
+        "{stderr}"
+    );
+    assert!(!to.exists(), "a failed backup leaves no file");
+}
+
+#[test]
+fn a_postgres_store_is_pointed_to_its_own_tools() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(dir.path().join("pw"), "secret").expect("password");
+    std::fs::set_permissions(
+        dir.path().join("pw"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("mode");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://jobhook@127.0.0.1:5432/jobhook\"\n\
+             password = {{ file = \"pw\" }}\n\n[[handlers]]\nname = \"log\"\ncomponent = \"{}\"\n\
+             job_types = [\"*\"]\n",
+            guest("log-context").display()
+        ),
+    )
+    .expect("config");
+    let out = jobhook(&[
+        "backup",
+        "--config",
+        &config.display().to_string(),
+        "--to",
+        &dir.path().join("b.sqlite").display().to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("back the database up with PostgreSQL's own tools (pg_dump"),
+        "{}",
+        text(&out.stderr)
+    );
+}
