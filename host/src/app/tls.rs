@@ -113,6 +113,10 @@ impl TlsConfig {
                     format!("not a PEM certificate chain ({e})"),
                 )
             })?;
+        if let Some(leaf) = certs.first() {
+            check_served_certificate(leaf, chrono::Utc::now())
+                .map_err(|m| fail("tls.cert", &self.cert, m))?;
+        }
         if certs.is_empty() {
             return Err(fail(
                 "tls.cert",
@@ -176,6 +180,57 @@ impl TlsConfig {
     }
 }
 
+/// A served certificate this close to its end is warned of at each start and reload: time to
+/// renew it before clients (the forwarder verifies it) start refusing the engine.
+pub const CERTIFICATE_EXPIRY_WARNING: chrono::TimeDelta = chrono::TimeDelta::days(14);
+
+/// Refuses, in words, a first certificate of `tls.cert` that every client would refuse at `now`:
+/// expired, not valid yet, or X.509 v1 (which rustls will not serve; its error blamed the key).
+/// Warns when it ends within [`CERTIFICATE_EXPIRY_WARNING`].
+fn check_served_certificate(
+    leaf: &CertificateDer<'_>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), String> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate, X509Version};
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| format!("the first certificate cannot be read as X.509 ({e})"))?;
+    let subject = crate::escape::escape(&cert.subject().to_string()).into_owned();
+    if cert.version() != X509Version::V3 {
+        return Err(format!(
+            "the first certificate ({subject}) is X.509 v{}, which is not served: issue an X.509 \
+             v3 certificate (with a subjectAltName for the engine's host name)",
+            cert.version().0 + 1
+        ));
+    }
+    let at = |t: x509_parser::time::ASN1Time| {
+        chrono::DateTime::from_timestamp(t.timestamp(), 0)
+            .map_or_else(|| t.to_string(), |t| t.to_rfc3339())
+    };
+    let validity = cert.validity();
+    if validity.not_after.timestamp() < now.timestamp() {
+        return Err(format!(
+            "the first certificate ({subject}) expired on {}: every client refuses it; renew it \
+             (or check this machine's clock)",
+            at(validity.not_after)
+        ));
+    }
+    if validity.not_before.timestamp() > now.timestamp() {
+        return Err(format!(
+            "the first certificate ({subject}) is valid only from {}: clients refuse it until \
+             then; check this machine's clock, or the certificate's issuer",
+            at(validity.not_before)
+        ));
+    }
+    if validity.not_after.timestamp() - now.timestamp() < CERTIFICATE_EXPIRY_WARNING.num_seconds() {
+        tracing::warn!(
+            "[server] tls.cert: the first certificate ({subject}) expires on {}: renew it and \
+             reload before clients start refusing the engine",
+            at(validity.not_after)
+        );
+    }
+    Ok(())
+}
+
 fn read_pem(path: &Spanned<PathBuf>) -> Result<Vec<u8>, String> {
     use crate::files::ReadError;
     let mut bytes =
@@ -237,10 +292,70 @@ impl TlsState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Datelike as _;
     use jobhook_testkit::tls::TestCa;
 
     fn at(path: PathBuf) -> Spanned<PathBuf> {
         Spanned::new(0..0, path)
+    }
+
+    /// A served certificate clients would refuse is refused in words naming tls.cert: expired,
+    /// not valid yet, X.509 v1 (rustls's own error blamed the key); one that is valid is served,
+    /// also when it ends soon (then warned of).
+    #[test]
+    fn a_certificate_clients_would_refuse_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("server CA");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            at(path)
+        };
+        let config_of = |leaf: &jobhook_testkit::tls::CertAndKey, name: &str| TlsConfig {
+            cert: write(&format!("{name}.pem"), &leaf.cert_pem),
+            key: write(&format!("{name}.key"), &leaf.key_pem),
+            client_ca: None,
+        };
+        let expired = ca.server_cert_valid(2, (2020, 1, 1), (2021, 1, 1));
+        let e = config_of(&expired, "expired").validate().unwrap_err();
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(
+            e.message
+                .contains("expired on 2021-01-01T00:00:00+00:00: every client refuses it"),
+            "{e}"
+        );
+        let future = ca.server_cert_valid(3, (2999, 1, 1), (3000, 1, 1));
+        let e = config_of(&future, "future").validate().unwrap_err();
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(e.message.contains("is valid only from 2999-01-01"), "{e}");
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let v1 = TlsConfig {
+            cert: at(fixtures.join("x509-v1-server.pem")),
+            key: at(fixtures.join("x509-v1-server.key")),
+            client_ca: None,
+        };
+        let e = v1.validate().unwrap_err();
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(
+            e.message.contains("is X.509 v1, which is not served"),
+            "{e}"
+        );
+        // Valid now, ending within the warning: served.
+        let now = chrono::Utc::now();
+        let soon = now + chrono::TimeDelta::days(3);
+        let ending = ca.server_cert_valid(
+            4,
+            (2020, 1, 1),
+            (soon.year(), soon.month() as u8, soon.day() as u8),
+        );
+        config_of(&ending, "ending").validate().expect("served");
+        let der = rustls_pki_types::CertificateDer::from(ending.cert_der.clone());
+        assert!(check_served_certificate(&der, now).is_ok());
+        assert!(
+            check_served_certificate(&der, soon + chrono::TimeDelta::days(1))
+                .unwrap_err()
+                .contains("expired on")
+        );
     }
 
     /// PEM files saved by a Windows editor (UTF-8 with a byte-order mark, CRLF) are read like

@@ -55,6 +55,27 @@ impl TestCa {
         self.sign(params)
     }
 
+    /// A server certificate as [`server_cert`](Self::server_cert), valid from `not_before` to
+    /// `not_after` (year, month, day).
+    pub fn server_cert_valid(
+        &self,
+        serial: u64,
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> CertAndKey {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        self.sign(params)
+    }
+
     /// A client certificate with common name `name`.
     pub fn client_cert(&self, name: &str) -> CertAndKey {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
