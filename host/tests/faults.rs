@@ -1264,25 +1264,11 @@ fn a_postgres_restart_under_load_is_refused_with_503_and_the_node_reconnects_by_
 /// again without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_postgres_is_refused_in_words_and_a_running_outcome_is_recorded_once() {
-    let Some(db) = private_database_or_skip() else {
-        return;
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
-    let config = dir.path().join("jobhook.toml");
     // A lease far longer than the read-only spell: a second run could only come from the
     // outcome being dropped, not from the claim running out.
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n{store}\n[[handlers]]\nname = \"slow\"\n\
-             component = \"{probe}\"\njob_types = [\"*\"]\nproperties = {{ SleepMs = \"1500\" }}\n",
-            store = db.store_section(60_000, "data"),
-            probe = guest("guest-attempt-probe").display(),
-        ),
-    )
-    .expect("config");
-    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let Some((db, _dir, engine)) = slow_engine_on_private_postgres(60_000) else {
+        return;
+    };
     let client = reqwest::Client::new();
     let read_only = |on: bool| {
         let set = if on {
@@ -1296,19 +1282,7 @@ async fn a_read_only_postgres_is_refused_in_words_and_a_running_outcome_is_recor
             .expect("reload");
     };
 
-    let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
-    assert_eq!(status, 202, "{body}");
-    let running = event_id(&body);
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let (_, text) = get(&client, &engine.url, &format!("/v1/events/{running}")).await;
-        let event: Value = serde_json::from_str(&text).expect("event JSON");
-        if delivery(&event, "slow")["state"] == "running" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never ran: {event:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let running = post_and_wait_running(&client, &engine).await;
     read_only(true);
     let switched = Instant::now();
 
@@ -1377,6 +1351,95 @@ async fn a_read_only_postgres_is_refused_in_words_and_a_running_outcome_is_recor
         log.contains("cannot commit an event: the store takes no writes (read-only)"),
         "{log}"
     );
+}
+
+/// An engine on a PostgreSQL server of its own with one handler, `slow`, that runs for 1.5 s on
+/// every event; `None` (skipped) without PostgreSQL.
+fn slow_engine_on_private_postgres(
+    lease_ms: u64,
+) -> Option<(
+    jobhook_testkit::postgres::TestDatabase,
+    tempfile::TempDir,
+    EngineProcess,
+)> {
+    let db = private_database_or_skip()?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n{store}\n[[handlers]]\nname = \"slow\"\n\
+             component = \"{probe}\"\njob_types = [\"*\"]\nproperties = {{ SleepMs = \"1500\" }}\n",
+            store = db.store_section(lease_ms, "data"),
+            probe = guest("guest-attempt-probe").display(),
+        ),
+    )
+    .expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    Some((db, dir, engine))
+}
+
+/// Posts an event and waits until its `slow` delivery runs; its id.
+async fn post_and_wait_running(client: &reqwest::Client, engine: &EngineProcess) -> String {
+    let (status, body) = post_event(client, &engine.url, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    let id = event_id(&body);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let (_, text) = get(client, &engine.url, &format!("/v1/events/{id}")).await;
+        let event: Value = serde_json::from_str(&text).expect("event JSON");
+        if delivery(&event, "slow")["state"] == "running" {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "never ran: {event:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running delivery's row held locked by another session (an operator's forgotten
+/// transaction) for longer than the node's `lock_timeout` several times over: the outcome's
+/// write times out again and again, is kept and recorded once the lock goes — the delivery is
+/// neither handed back to run again nor left `running` for good — and the node's other leases
+/// are renewed meanwhile (the renewal skips the locked row instead of failing on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_held_locked_past_the_lock_timeout_delays_its_outcome_and_strands_nothing() {
+    // lock_timeout is half the lease: 2 s.
+    let Some((db, _dir, engine)) = slow_engine_on_private_postgres(4_000) else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let running = post_and_wait_running(&client, &engine).await;
+    let name = db.name.clone();
+    let server = std::sync::Arc::clone(db.server());
+    let holder = std::thread::spawn(move || {
+        server.psql(
+            &name,
+            "BEGIN; SELECT id FROM deliveries WHERE state = 'running' FOR UPDATE; \
+             SELECT pg_sleep(9); COMMIT;",
+        )
+    });
+    // Another delivery runs meanwhile, and its lease is renewed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = post_and_wait_running(&client, &engine).await;
+    holder.join().expect("lock holder").expect("psql");
+
+    let event = settled(&client, &engine, &running).await;
+    let d = delivery(&event, "slow");
+    assert_eq!(d["state"], "succeeded", "{d}\n{}", engine.log_text());
+    assert_eq!(
+        d["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "recorded once the lock went, not run again: {d}"
+    );
+    let event = settled(&client, &engine, &other).await;
+    assert_eq!(delivery(&event, "slow")["state"], "succeeded", "{event:#}");
+    let log = engine.log_text();
+    assert!(
+        log.contains("delivery outcomes not recorded yet"),
+        "the outcome was not held up by the lock: {log}"
+    );
+    assert!(!log.contains("cannot renew delivery leases"), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1027,8 +1027,24 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
                             retries += 1;
                             unrecorded.push(f);
                         }
-                        Err(e) if !e.is_transient() => hand_back_refused(&store, f, e).await,
-                        Err(e) => log_store_error(&e),
+                        Err(e) if !e.is_transient() => {
+                            // Neither the outcome nor the hand-back taken: an error of these
+                            // writes that may pass (a row another session holds locked past
+                            // `lock_timeout`), tried again as the store's failures are. Dropped,
+                            // the delivery would stay `running`, its lease renewed by this node.
+                            if let Some(f) = hand_back_refused(&store, f, e).await {
+                                if closed {
+                                    log_store_error(&f.claim);
+                                } else {
+                                    retries += 1;
+                                    unrecorded.push(f);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("the store's error: {e}");
+                            log_store_error(&f.claim);
+                        }
                     }
                 }
                 if retries > 0 {
@@ -1150,36 +1166,67 @@ fn record_one_by_one(
         .collect()
 }
 
-/// After the store refused `finished`'s outcome for good (an error about that write, not about
-/// the store), gives its claim back instead: pending again, the attempt listed as interrupted
-/// with the reason, a write without the outcome that is likely to succeed where the outcome's
+/// Outcomes neither recorded nor handed back, told at most once per 10 s with a count: a row
+/// held locked for an hour is tried every [`STORE_ERROR_PAUSE`].
+static NOT_HANDED_BACK: crate::log_limit::LogLimit =
+    crate::log_limit::LogLimit::new(Duration::from_secs(10));
+
+/// After the store refused `finished`'s outcome (an error about that write, not about the
+/// store), gives its claim back instead: pending again, the attempt listed as interrupted with
+/// the reason, a write without the outcome that is likely to succeed where the outcome's
 /// failed. Otherwise the delivery would stay `running`, its lease renewed by this node, until
-/// a restart. The outcome is not reported as recorded, so quarantine does not count it.
-async fn hand_back_refused(store: &Arc<dyn EventStore>, finished: Finished, refused: StoreError) {
+/// a restart. The outcome is not reported as recorded, so quarantine does not count it. Gives
+/// `finished` back when the hand-back failed too, to be tried again.
+async fn hand_back_refused(
+    store: &Arc<dyn EventStore>,
+    finished: Finished,
+    refused: StoreError,
+) -> Option<Finished> {
     let store = Arc::clone(store);
     let handed = tokio::task::spawn_blocking(move || {
         let record = handed_back(
             format!("the store refused to record its outcome ({refused}); it runs again"),
             store.now(),
         );
-        (store.finish(&finished.claim, &record), refused)
+        let result = store.finish(&finished.claim, &record);
+        (result, refused, finished)
     })
     .await;
     match handed {
-        Ok((Ok(_), refused)) => tracing::error!(
-            "cannot record a delivery outcome: {refused}; the delivery was handed back and runs \
-             again"
-        ),
-        Ok((Err(e), refused)) => {
-            log_store_error(&refused);
-            log_store_error(&e);
+        Ok((Ok(_), refused, _)) => {
+            tracing::error!(
+                "cannot record a delivery outcome: {refused}; the delivery was handed back and \
+                 runs again"
+            );
+            None
         }
-        Err(e) => tracing::error!("cannot hand back a delivery whose outcome was refused: {e}"),
+        Ok((Err(e), refused, finished)) => {
+            NOT_HANDED_BACK.tell(|untold| {
+                tracing::warn!(
+                    event_id = %finished.claim.event_id,
+                    handler = %crate::escape::escape(&finished.claim.handler),
+                    more_since_last_warning = untold,
+                    "cannot record a delivery outcome ({refused}), nor hand the delivery back \
+                     ({e}); trying again in {STORE_ERROR_PAUSE:?}"
+                )
+            });
+            Some(finished)
+        }
+        Err(e) => {
+            tracing::error!("cannot hand back a delivery whose outcome was refused: {e}");
+            None
+        }
     }
 }
 
-fn log_store_error(e: &StoreError) {
-    tracing::error!("cannot record a delivery outcome: {e}; it will run again after a restart");
+/// An outcome given up as the engine stops with the store still failing.
+fn log_store_error(claim: &Claim) {
+    tracing::error!(
+        event_id = %claim.event_id,
+        handler = %crate::escape::escape(&claim.handler),
+        "cannot record a delivery outcome as the engine stops; the delivery runs again after \
+         the restart"
+    );
 }
 
 #[cfg(test)]
@@ -1331,6 +1378,41 @@ mod tests {
                 "awaited: {awaited}"
             );
         }
+    }
+
+    /// An outcome the store refuses, whose hand-back is refused too (a row another session
+    /// holds locked past `lock_timeout`: an error about the writes, not the store), is kept and
+    /// recorded once the store takes it — not dropped, which left the delivery `running` with
+    /// its lease renewed by this node until a restart.
+    #[tokio::test]
+    async fn an_outcome_whose_hand_back_is_refused_too_is_kept_and_recorded_later() {
+        let dir = tempfile::tempdir().unwrap();
+        // The batch, the outcome on its own and the hand-back fail; the next round succeeds.
+        let store = BatchFails::failing_with(SqliteStore::open(dir.path()).unwrap(), 3, || {
+            StoreError::Database("canceling statement due to lock timeout (SQLSTATE 55P03)".into())
+        });
+        let claim = claimed(&store);
+        let store: Arc<dyn EventStore> = Arc::new(store);
+        let (send, queue) = mpsc::channel(4);
+        let recorder = tokio::spawn(record_outcomes(Arc::clone(&store), queue));
+        let (recorded, told) = oneshot::channel();
+        send.send(Finished {
+            claim,
+            record: unreadable("test".into(), Utc::now()),
+            recorded,
+        })
+        .await
+        .unwrap();
+        let told = tokio::time::timeout(STORE_ERROR_PAUSE * 10, told)
+            .await
+            .expect("recorded in time");
+        assert_eq!(told.ok(), Some(Finish::Recorded));
+        assert_eq!(
+            store.count_by_state().unwrap(),
+            vec![(DeliveryState::Failed, 1)]
+        );
+        drop(send);
+        recorder.await.unwrap();
     }
 
     /// One delivery of a new event, claimed from `store`.
@@ -1724,11 +1806,13 @@ mod tests {
         }
     }
 
+    /// An outcome that neither its own write nor its hand-back gets into the store is kept and
+    /// tried again for as long as the engine runs (the store may take it later), and given up
+    /// only when the engine stops: the delivery then runs again after the restart.
     #[tokio::test]
-    async fn an_outcome_the_store_refuses_for_good_is_given_up_at_once() {
+    async fn an_outcome_neither_recorded_nor_handed_back_is_kept_until_the_engine_stops() {
         for awaited in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            // An error about the write itself, not about the store: trying again cannot help.
             let store = Arc::new(
                 BatchFails::failing_with(
                     SqliteStore::open(dir.path()).unwrap(),
@@ -1737,16 +1821,19 @@ mod tests {
                 )
                 .awaited(awaited),
             );
-            let (record, recorder, done) = recording_one(&store).await;
-            let given_up = tokio::time::timeout(STORE_ERROR_PAUSE / 2, done)
-                .await
-                .expect("decided before a retry pause");
+            let (record, recorder, mut done) = recording_one(&store).await;
             assert!(
-                given_up.is_err(),
-                "given up, not recorded (awaited: {awaited})"
+                tokio::time::timeout(STORE_ERROR_PAUSE * 2, &mut done)
+                    .await
+                    .is_err(),
+                "kept, not decided (awaited: {awaited})"
             );
             drop(record);
-            recorder.await.unwrap();
+            tokio::time::timeout(STORE_ERROR_PAUSE * 5, recorder)
+                .await
+                .expect("the recorder ends when the engine stops")
+                .unwrap();
+            assert!(done.await.is_err(), "given up at the stop");
         }
     }
 

@@ -362,6 +362,13 @@ impl From<PgError> for StoreError {
                     StoreError::ReadOnly(e.to_string())
                 }
                 Some(db) if server_unavailable(db.code()) => StoreError::Unreachable(e.to_string()),
+                // The statement waited past the session's `lock_timeout` (a row another session
+                // holds locked) or `statement_timeout`: the store did not answer this write in
+                // time; the same write may well succeed later, so it is tried again rather than
+                // taken as refused.
+                Some(db) if did_not_answer_in_time(db.code()) => {
+                    StoreError::NoAnswer(e.to_string())
+                }
                 Some(_) => StoreError::Database(e.to_string()),
                 // No answer from the server: the connection broke or could not be made.
                 None => StoreError::Unreachable(e.to_string()),
@@ -369,6 +376,13 @@ impl From<PgError> for StoreError {
             other => StoreError::Database(other.to_string()),
         }
     }
+}
+
+/// Whether the server's error says a statement gave up waiting: `lock_not_available` (past
+/// `lock_timeout`) or `query_canceled` (past `statement_timeout`, or cancelled by an operator).
+fn did_not_answer_in_time(code: &postgres::error::SqlState) -> bool {
+    use postgres::error::SqlState;
+    [SqlState::LOCK_NOT_AVAILABLE, SqlState::QUERY_CANCELED].contains(code)
 }
 
 /// Whether the server's error says it is not there to serve this session: a connection
@@ -1303,11 +1317,15 @@ const FINISH_BATCH: &str = "
 
 // Multi-row updates lock their rows in id order (`ORDER BY id FOR UPDATE`), as
 // `finish_batch` does, so that two transactions of two nodes never wait for each other in a cycle.
+// The renewal skips a row another session holds locked (an operator's open transaction, a
+// statement that waits): waiting for it would hit `lock_timeout` and renew none of this node's
+// leases, and other nodes would requeue every delivery it runs. A skipped row cannot be
+// requeued while it is locked either (the requeue skips it too); the next renewal takes it.
 
 const RENEW: &str = "
     UPDATE deliveries SET lease_until = $2
     WHERE id IN (SELECT id FROM deliveries WHERE owner = $1 AND state = 'running'
-                 ORDER BY id FOR UPDATE)";
+                 ORDER BY id FOR UPDATE SKIP LOCKED)";
 
 // The requeue skips rows another session has locked: a node frozen inside a transaction
 // holds its rows until the server ends its session (`idle_in_transaction_session_timeout`),
@@ -1559,7 +1577,6 @@ impl EventStore for PostgresStore {
         if limits.batch_size() == 0 {
             return Ok(Vec::new());
         }
-        let lease_until = after(now, lease);
         let excluded = limits.excluded();
         let batch = i64::try_from(limits.batch_size()).unwrap_or(1);
         let others = i64::try_from(limits.others).unwrap_or(i64::MAX);
@@ -1570,6 +1587,12 @@ impl EventStore for PostgresStore {
             .map(|(handler, room)| (handler.as_str(), i64::try_from(*room).unwrap_or(i64::MAX)))
             .unzip();
         let mut rows = self.with(|conn| {
+            // The time the claim starts is taken once a connection is held: the wait for one
+            // (up to POOL_WAIT, while the server restarts) would otherwise make a claim whose
+            // lease had run out before it began, which another node requeues as abandoned
+            // while this one runs it.
+            let now = now.max(self.clock.now());
+            let lease_until = after(now, lease);
             let claim = conn.prepare(CLAIM_BATCH)?;
             Ok(conn.client.query(
                 &claim,
@@ -1607,8 +1630,9 @@ impl EventStore for PostgresStore {
     }
 
     fn renew(&self, now: DateTime<Utc>, lease: Duration) -> Result<(), StoreError> {
-        let lease_until = after(now, lease);
         self.with(|conn| {
+            // From when a connection is held, as for a claim.
+            let lease_until = after(now.max(self.clock.now()), lease);
             let renew = conn.prepare(RENEW)?;
             conn.client.execute(&renew, &[&self.node, &lease_until])?;
             Ok(())
