@@ -59,6 +59,7 @@ macro_rules! suite {
             claims_of_other_nodes_are_requeued_only_when_abandoned,
             interrupted_attempts_are_listed_as_interrupted,
             renewing_keeps_this_nodes_claims_and_no_others,
+            claims_and_renewals_asked_for_before_a_wait_are_stamped_when_taken,
             concurrent_claims_hand_out_each_delivery_once,
             a_stored_context_that_cannot_be_read_fails_only_its_own_claims,
             any_text_ingest_accepts_is_stored_and_read_back_unchanged,
@@ -646,6 +647,39 @@ pub(crate) fn renewing_keeps_this_nodes_claims_and_no_others(b: &impl Backend) {
     assert_eq!(
         renewer.count_by_state().unwrap(),
         vec![(DeliveryState::Pending, 2)]
+    );
+}
+
+/// A claim or a renewal asked for before a wait longer than its lease (for a pooled connection
+/// while the server restarts) is stamped when the store takes it: it does not begin already
+/// expired, for another node to requeue while this one runs the delivery.
+pub(crate) fn claims_and_renewals_asked_for_before_a_wait_are_stamped_when_taken(b: &impl Backend) {
+    if !b.shared() {
+        // One process per database: its own claims are never requeued while it runs.
+        return;
+    }
+    let owner = b.node();
+    let other = b.node();
+    owner.insert_event(&event(&["a", "b"])).unwrap();
+    let lease = Duration::from_millis(400);
+    let asked = owner.now();
+    std::thread::sleep(lease * 2);
+    let claims = owner
+        .claim_batch(asked, &ClaimLimits::any(1), lease)
+        .unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        other.requeue_abandoned(other.now()).unwrap(),
+        0,
+        "a claim began with its lease run out"
+    );
+    let renewal_asked = owner.now();
+    std::thread::sleep(lease * 2);
+    owner.renew(renewal_asked, lease).unwrap();
+    assert_eq!(
+        other.requeue_abandoned(other.now()).unwrap(),
+        0,
+        "a renewal ended the lease at once"
     );
 }
 
