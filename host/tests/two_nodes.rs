@@ -267,6 +267,27 @@ const LEADING: &str = "LEADING poller";
 
 #[test]
 fn poller_leadership_moves_to_another_node_when_the_leader_dies() {
+    leadership_moves_when_the_leader(Ends::Killed);
+}
+
+/// A leader frozen whole (SIGSTOP, a paused VM): its host's kernel still answers keepalives, so
+/// only its session's silence ends it (`idle_session_timeout`, 15 s past its last query; a
+/// running node queries every 3 s) — then another node takes the poller over.
+#[test]
+fn poller_leadership_moves_to_another_node_when_the_leader_freezes() {
+    leadership_moves_when_the_leader(Ends::Frozen);
+}
+
+/// How the leader stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    /// SIGKILL: its session ends with it.
+    Killed,
+    /// SIGSTOP: its session stays open, and silent.
+    Frozen,
+}
+
+fn leadership_moves_when_the_leader(ends: Ends) {
     let Some(db) = database_or_skip() else {
         return;
     };
@@ -316,10 +337,22 @@ fn poller_leadership_moves_to_another_node_when_the_leader_dies() {
     );
     assert!(!second.try_lead("poller").expect("try_lead"));
 
-    leader.kill().expect("SIGKILL the leader");
-    leader.wait().expect("reap the leader");
+    // Its session ends with it (killed), or is ended by the server once silent (frozen), and
+    // with the session the lock: exactly one survivor wins.
+    let bound = match ends {
+        Ends::Killed => {
+            leader.kill().expect("SIGKILL the leader");
+            leader.wait().expect("reap the leader");
+            Duration::from_secs(20)
+        }
+        Ends::Frozen => {
+            let pid = libc::pid_t::try_from(leader.id()).expect("pid");
+            // SAFETY: a signal to the child this test started and has not reaped.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+            Duration::from_secs(40)
+        }
+    };
     let died = Instant::now();
-    // Its session ends with it, and with the session the lock: exactly one survivor wins.
     let winner = loop {
         if first.try_lead("poller").expect("try_lead") {
             break &first;
@@ -328,8 +361,8 @@ fn poller_leadership_moves_to_another_node_when_the_leader_dies() {
             break &second;
         }
         assert!(
-            died.elapsed() < Duration::from_secs(20),
-            "no node took the poller over after the leader died"
+            died.elapsed() < bound,
+            "no node took the poller over within {bound:?} after the leader was {ends:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -340,8 +373,17 @@ fn poller_leadership_moves_to_another_node_when_the_leader_dies() {
     };
     assert!(!loser.try_lead("poller").expect("try_lead"));
     assert!(winner.try_lead("poller").expect("try_lead"));
+    if ends == Ends::Frozen {
+        assert!(
+            died.elapsed() >= Duration::from_secs(10),
+            "taken over {:?} after the freeze: before the session's idle limit",
+            died.elapsed()
+        );
+        let _ = leader.kill();
+        let _ = leader.wait();
+    }
     println!(
-        "poller leadership moved to node {} {:?} after the leader was killed",
+        "poller leadership moved to node {} {:?} after the leader was {ends:?}",
         winner.node(),
         died.elapsed()
     );

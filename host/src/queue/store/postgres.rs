@@ -667,7 +667,7 @@ pub struct PostgresStore {
     /// How the pool's latest connection attempt ended, to explain a wait that ran out.
     last_connect: Arc<LastConnect>,
     /// The leadership session, established on first need.
-    lead: Mutex<Option<LeadSession>>,
+    lead: Arc<Mutex<Option<LeadSession>>>,
     /// The queue's time: the database server's clock, carried between readings.
     clock: QueueClock,
 }
@@ -686,11 +686,7 @@ impl Drop for PostgresStore {
         // Closing a connection blocks on its own runtime, which panics on a thread that drives
         // async tasks (the store may be dropped at the end of `serve`): close them elsewhere.
         let pool = self.pool.take();
-        let lead = self
-            .lead
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let lead = self.lead.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (closed, wait) = std::sync::mpsc::channel::<()>();
         let closer = std::thread::Builder::new()
             .name("jobhook-store-close".into())
@@ -799,9 +795,10 @@ impl PostgresStore {
             config,
             pool: Some(pool),
             last_connect,
-            lead: Mutex::new(Some(lead)),
+            lead: Arc::new(Mutex::new(Some(lead))),
             clock: QueueClock::new(server_now),
         };
+        keep_lead_session_busy(Arc::downgrade(&store.lead));
         tracing::info!(database = %store.target, node = %store.node, "PostgreSQL store opened");
         Ok(store)
     }
@@ -887,14 +884,68 @@ fn rolled_back_by_timeout(e: &postgres::Error) -> bool {
     e.code() == Some(&postgres::error::SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT)
 }
 
-/// Makes the server notice a vanished leader host quickly (see [`LEAD_KEEPALIVE_SECS`]).
+/// Makes the server notice a vanished leader host quickly (see [`LEAD_KEEPALIVE_SECS`]), and a
+/// frozen leader process (see [`LEAD_IDLE_LIMIT`]).
 fn prepare_lead_session(client: &mut Client) -> Result<(), postgres::Error> {
     let (idle, interval, count) = LEAD_KEEPALIVE_SECS;
     // Integers from constants, not user data. On a Unix-socket connection these are ignored.
     client.batch_execute(&format!(
         "SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval}; \
          SET tcp_keepalives_count = {count}"
-    ))
+    ))?;
+    let limit = LEAD_IDLE_LIMIT.as_millis();
+    match client.batch_execute(&format!("SET idle_session_timeout = {limit}")) {
+        // PostgreSQL before 14 has no such setting: a frozen leader then keeps the poller
+        // until it is continued or killed, as the keepalives cannot tell it from a live one.
+        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_OBJECT) => {
+            tracing::warn!(
+                "the store's PostgreSQL server has no idle_session_timeout (before 14): a frozen \
+                 node keeps the poller's leadership until it runs again or dies"
+            );
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// How often the leadership session answers a query while its node runs ([`keep_lead_session_busy`]).
+const LEAD_PING: Duration = Duration::from_secs(3);
+
+/// `idle_session_timeout` of the leadership session: the server ends it, and with it the
+/// poller's lock, once it has sat idle this long. A running node's session answers every
+/// [`LEAD_PING`], so only a node whose every thread has stopped (SIGSTOP, a paused VM) goes
+/// quiet this long; its host's kernel still answers TCP keepalives, so nothing else would end
+/// the session, and no other node could take over the poller. Five pings: a node starved of CPU
+/// for a few seconds keeps it.
+const LEAD_IDLE_LIMIT: Duration = Duration::from_secs(15);
+
+/// Runs an empty query on the leadership session every [`LEAD_PING`] on a thread of its own,
+/// for as long as the store lives (`lead` is its session), so that the session is idle for
+/// [`LEAD_IDLE_LIMIT`] only when the whole process has stopped. A session that fails the query
+/// is left for [`EventStore::try_lead`] to find lost.
+fn keep_lead_session_busy(lead: std::sync::Weak<Mutex<Option<LeadSession>>>) {
+    let started = std::thread::Builder::new()
+        .name("jobhook-pg-lead".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(LEAD_PING);
+                let Some(lead) = lead.upgrade() else {
+                    return;
+                };
+                let mut session = lead.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(session) = session.as_mut()
+                    && !session.client.is_closed()
+                {
+                    let _ = session.client.is_valid(LEAD_CHECK_TIMEOUT);
+                }
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(
+            "cannot start the thread that keeps the leadership session busy ({e}): a frozen node \
+             keeps the poller's leadership until it runs again or dies"
+        );
+    }
 }
 
 /// Applies pending migrations in one transaction, under an advisory lock so that nodes starting
