@@ -29,7 +29,7 @@
 //! - shared vocabulary at the top: [`context`] (the job context and its decoding), [`outcome`]
 //!   (the record of one invocation), [`limits`] (per-handler budgets), [`secret`] (secrets by
 //!   reference, never printed), [`duration_ms`] (milliseconds in serde), [`metrics`] (Prometheus metrics), [`bindings`] (the WIT types), [`escape`] (guest and
-//!   configuration text made safe to print), [`files`] (the operator's files, read as regular files only and bounded), [`caught`] (a panic of the engine's own code turned
+//!   configuration text made safe to print), [`excerpt`] (text cut short for a message), [`files`] (the operator's files, read as regular files only and bounded), [`caught`] (a panic of the engine's own code turned
 //!   into an error its caller records).
 
 #![deny(missing_docs)]
@@ -42,6 +42,7 @@ pub mod context;
 pub mod duration_ms;
 pub mod error_chain;
 pub mod escape;
+pub mod excerpt;
 pub mod files;
 pub mod limits;
 #[cfg(test)]

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::excerpt::{MAX_QUOTED_CHARS, excerpt};
+
 /// Largest secret file read. Passwords, tokens and client secrets are well under 1 KiB; the cap
 /// stops a mistyped path (say, a log file) from being read into memory and sent as a password.
 pub const MAX_SECRET_FILE_BYTES: u64 = 16 * 1024;
@@ -61,10 +63,10 @@ impl fmt::Display for SecretRef {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     /// The environment variable is not set (or not Unicode). The name is shown cut to
-    /// [`crate::app::config::MAX_QUOTED_CHARS`] characters.
+    /// [`MAX_QUOTED_CHARS`] characters.
     #[error(
         "environment variable {} is not set (or is not valid Unicode); set it before starting jobhook",
-        crate::app::config::excerpt(.0, crate::app::config::MAX_QUOTED_CHARS)
+        excerpt(.0, MAX_QUOTED_CHARS)
     )]
     EnvMissing(String),
     /// The file cannot be read.
@@ -175,10 +177,7 @@ impl<'de> Deserialize<'de> for SecretRef {
                     other => {
                         return Err(de::Error::custom(format!(
                             "unknown key `{}`; {HOW}",
-                            crate::app::config::excerpt(
-                                other,
-                                crate::app::config::MAX_QUOTED_CHARS
-                            )
+                            excerpt(other, MAX_QUOTED_CHARS)
                         )));
                     }
                 };

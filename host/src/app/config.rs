@@ -27,6 +27,7 @@ use crate::app::tls::TlsConfig;
 use crate::capabilities::properties::Properties;
 use crate::capabilities::{Capability, Grants, ServicesConfig};
 use crate::context::parse_guid;
+use crate::excerpt::{MAX_QUOTED_CHARS, excerpt, quoted};
 use crate::limits::Limits;
 use crate::queue::quarantine::QuarantineConfig;
 use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, JobTypes, Registration};
@@ -60,10 +61,6 @@ pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 /// 800 MB to check).
 pub const MAX_HANDLERS: usize = 256;
 
-/// Most characters of a name, key or value an error message quotes: enough to recognise it,
-/// while a 100,000-character mistake does not flood the terminal or the log.
-pub const MAX_QUOTED_CHARS: usize = 64;
-
 /// Most characters of a path an error message quotes: Linux's `PATH_MAX`, so any path that can
 /// name a file is shown whole.
 pub const MAX_QUOTED_PATH_CHARS: usize = 4096;
@@ -79,30 +76,6 @@ pub const MIN_HANDLER_MEMORY_BYTES: u64 = 1024 * 1024;
 /// Largest `memory_bytes` of a handler (and `jobhook run --memory-bytes`): the size of a sandbox
 /// pool slot, which no sandbox can grow past whatever it is given.
 pub const MAX_HANDLER_MEMORY_BYTES: u64 = crate::runtime::engine::MAX_MEMORY_PER_SANDBOX as u64;
-
-/// The first `max` characters of `text`, or `None` when it has no more than `max`.
-fn cut(text: &str, max: usize) -> Option<&str> {
-    let (end, _) = text.char_indices().nth(max)?;
-    text.get(..end)
-}
-
-/// `text` cut to its first `max` characters, with `…` appended when it was longer: operator
-/// text (a name, a key, a path) echoed in an error stays readable whatever its length.
-pub fn excerpt(text: &str, max: usize) -> Cow<'_, str> {
-    match cut(text, max) {
-        None => Cow::Borrowed(text),
-        Some(head) => Cow::Owned(format!("{head}…")),
-    }
-}
-
-/// `text` quoted for an error message (Rust string syntax) and cut to [`MAX_QUOTED_CHARS`]
-/// characters: `"long-nam"…` when it was longer.
-pub fn quoted(text: &str) -> String {
-    match cut(text, MAX_QUOTED_CHARS) {
-        None => format!("{text:?}"),
-        Some(head) => format!("{head:?}…"),
-    }
-}
 
 /// A path for an error message, cut to [`MAX_QUOTED_PATH_CHARS`] characters.
 pub fn shown_path(path: &Path) -> String {
@@ -2667,11 +2640,7 @@ identity = "writer"
     }
 
     #[test]
-    fn excerpts_and_quotes() {
-        assert_eq!(excerpt("short", 10), "short");
-        assert_eq!(excerpt("ééééé", 3), "ééé…");
-        assert_eq!(quoted("a\nb"), "\"a\\nb\"");
-        assert_eq!(quoted(&"x".repeat(65)), format!("\"{}\"…", "x".repeat(64)));
+    fn serde_quotes_are_cut() {
         let long = "y".repeat(100);
         let capped = cap_quoted(&format!(
             "field `{long}`, value \"{long}\\\"{long}\" end `open"

@@ -25,6 +25,7 @@ use crate::bindings::jobhook::handler::keyfactor::Request;
 use crate::bindings::types::Method;
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::parse_guid;
+use crate::excerpt::excerpt;
 
 /// The job type of fetching an orchestrator's logs (`Custom.FetchLogs`), built into Command and
 /// listed by no endpoint: the GUID Keyfactor's C agent has for it (`reference/keyfactor.md` §4).
@@ -73,7 +74,7 @@ const MAX_SKIPPED_CHARS: usize = 300;
 
 /// A left-out entry as printed, cut to [`MAX_SKIPPED_CHARS`].
 fn shown(entry: String) -> String {
-    crate::app::config::excerpt(&entry, MAX_SKIPPED_CHARS).into_owned()
+    excerpt(&entry, MAX_SKIPPED_CHARS).into_owned()
 }
 
 /// The job types in `store_types` (`GET /CertificateStoreTypes`) and `custom`

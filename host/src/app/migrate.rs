@@ -15,7 +15,7 @@
 //! read as one of them, every key and value that reaches the output is a one-line TOML key or
 //! string (control, bidi and line-separator characters written as `\u` escapes), an XML or
 //! JSON value, comments carry names escaped ([`crate::escape::escape`]), and names echoed in
-//! errors and warnings are cut short ([`crate::app::config::quoted`]).
+//! errors and warnings are cut short ([`crate::excerpt::quoted`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -24,9 +24,10 @@ use std::path::Path;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::app::config::{Config, quoted};
+use crate::app::config::Config;
 use crate::context::parse_guid;
 use crate::escape::{escape, needs_escape};
+use crate::excerpt::quoted;
 use crate::queue::registration::JobTypes;
 
 /// Largest registration file read: a web.config is tens of KiB, a manifest a few KiB.

@@ -9,6 +9,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use crate::bindings::types::{CapabilityError, Method};
+use crate::excerpt::MAX_QUOTED_CHARS;
 
 /// Longest header name a guest may send. Real header names are short; the cap keeps refusal
 /// messages small.
@@ -211,10 +212,11 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Guest input shown in a message: at most 64 characters, control characters escaped, so a
-/// refusal message cannot itself carry an injection or a megabyte of text.
+/// Guest input shown in a message: at most [`MAX_QUOTED_CHARS`] characters, control characters
+/// escaped, so a refusal message cannot itself carry an injection or a megabyte of text. Unlike
+/// [`crate::excerpt::quoted`] it escapes each character on its own (`'` too) and puts the `…`
+/// inside the quotes, as guest-facing refusal messages have always read.
 pub fn quote(input: &str) -> String {
-    const MAX_QUOTED_CHARS: usize = 64;
     let mut out = String::from("\"");
     for (i, c) in input.chars().enumerate() {
         if i == MAX_QUOTED_CHARS {
