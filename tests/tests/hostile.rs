@@ -447,7 +447,7 @@ fn backtrace_of(outcome: &Outcome) -> &[String] {
 #[tokio::test]
 async fn a_trap_deep_in_recursion_keeps_its_32_innermost_frames() {
     // 1,001 guest frames deep. SECURITY.md: a trap's backtrace has at most 32 frames
-    // (`classify::MAX_BACKTRACE_FRAMES`, which the engine also asks wasmtime to capture, above
+    // (`engine::MAX_BACKTRACE_FRAMES`, which the engine asks wasmtime to capture, above
     // its default of 20): a deep trap keeps exactly 32.
     let outcome = run_hostile(trapping_at_depth(1000), spec("deep-trap", &[])).await;
     expect_trap(&outcome, "unreachable");

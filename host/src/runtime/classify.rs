@@ -11,6 +11,7 @@ use wasmtime_wasi::I32Exit;
 
 use crate::limits::{LimitExceeded, LimitKind, Limits};
 use crate::outcome::{MAX_REASON_BYTES, OutcomeKind, truncate};
+use crate::runtime::engine::{MAX_BACKTRACE_FRAMES, MAX_WASM_STACK};
 
 /// wasmtime 48's message when a guest passes more bytes to the host in one call than
 /// `Store::set_hostcall_fuel` allows.
@@ -19,11 +20,6 @@ pub const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been
 /// The start of wasmtime 48's message when a component creates more core instances, memories or
 /// tables than the store's `ResourceLimiter` counts allow.
 pub const COUNT_LIMIT_EXCEEDED: &str = "resource limit exceeded:";
-
-/// Guest frames kept in a trap's backtrace, innermost first: enough to see where a handler
-/// failed, bounded so a deep recursion cannot make an outcome record large. The engine asks
-/// wasmtime to capture this many (its own default is 20).
-pub const MAX_BACKTRACE_FRAMES: usize = 32;
 
 pub(crate) fn timed_out(
     limits: &Limits,
@@ -95,8 +91,7 @@ pub(crate) fn classify(error: &wasmtime::Error, stderr: &str, limits: &Limits) -
         Some(Trap::StackOverflow) => OutcomeKind::LimitExceeded {
             limit: LimitKind::Stack,
             detail: format!(
-                "wasm stack overflow (the stack limit is {} bytes): deep or infinite recursion",
-                crate::runtime::engine::MAX_WASM_STACK
+                "wasm stack overflow (the stack limit is {MAX_WASM_STACK} bytes): deep or infinite recursion"
             ),
         },
         Some(Trap::UnreachableCodeReached) if panic_message(stderr).is_some() => {

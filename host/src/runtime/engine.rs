@@ -30,6 +30,12 @@ pub const MAX_MEMORY_PER_SANDBOX: usize = 1024 * 1024 * 1024;
 /// depth instead of touching the host's stack (guest code runs on its own fiber stack).
 pub const MAX_WASM_STACK: usize = 512 * 1024;
 
+/// Guest frames kept in a trap's backtrace, innermost first: enough to see where a handler
+/// failed, bounded so a deep recursion cannot make an outcome record large. The engine asks
+/// wasmtime to capture this many (its own default is 20), and the trap's classification keeps
+/// no more than that.
+pub const MAX_BACKTRACE_FRAMES: usize = 32;
+
 /// Size of the fiber stack a sandbox runs on: the wasm stack plus room for host functions.
 pub const ASYNC_STACK: usize = 2 * 1024 * 1024;
 
@@ -281,9 +287,7 @@ pub fn wasmtime_config(allocation: InstanceAllocationStrategy) -> Config {
         .async_stack_zeroing(true)
         .cranelift_opt_level(OptLevel::Speed)
         .parallel_compilation(true)
-        .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(
-            crate::runtime::classify::MAX_BACKTRACE_FRAMES,
-        ));
+        .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(MAX_BACKTRACE_FRAMES));
     // Attack-surface reduction: Rust wasm32-wasip2 handlers use none of these proposals.
     config
         .gc_support(false)
