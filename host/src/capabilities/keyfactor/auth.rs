@@ -55,16 +55,21 @@ fn use_token_for(lifetime: Duration) -> Duration {
 /// Largest token response read. Access tokens (JWTs) are a few KiB.
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 
+/// The longest a Keyfactor call can take, connect to last body byte: the ceiling of
+/// `[keyfactor] timeout_ms` ([`outbound::MAX_CALL_TIMEOUT_MS`], which the capability's
+/// `MAX_CALL_TIMEOUT` is too). No response still in flight can be older.
+pub const LONGEST_CALL: Duration = Duration::from_millis(outbound::MAX_CALL_TIMEOUT_MS);
+
 /// How long an OAuth access token stays on the redaction list after it was replaced (by a
 /// refresh or after a 401). A replaced token may still come back — in the answer to a call that
 /// sent it and is still in flight, in a server's log of earlier requests, in an error page — so
-/// it is scrubbed for an hour more. Longer than [`super::MAX_CALL_TIMEOUT`], so however often
+/// it is scrubbed for an hour more. Longer than [`LONGEST_CALL`], so however often
 /// tokens change, none is forgotten while a response that could carry it is outstanding.
 pub const TOKEN_REMEMBERED_FOR: Duration = Duration::from_secs(60 * 60);
 
 /// Replaced tokens of one identity kept before the oldest are forgotten early: a token endpoint
 /// answering `expires_in = 0`, or a server answering 401 to every call, replaces a token per
-/// call. Even then only tokens replaced longer than [`super::MAX_CALL_TIMEOUT`] ago are dropped
+/// call. Even then only tokens replaced longer than [`LONGEST_CALL`] ago are dropped
 /// for room, so the guarantee for calls in flight holds; the list is bounded by the calls one
 /// identity can make in that time.
 pub const MAX_REMEMBERED_TOKENS: usize = 256;
@@ -548,7 +553,7 @@ impl OAuth2 {
 
     /// [`publish`](Self::publish) at `now`: the oldest token is dropped when the one that
     /// replaced it is older than [`TOKEN_REMEMBERED_FOR`], or, with more than
-    /// [`MAX_REMEMBERED_TOKENS`] listed, older than [`super::MAX_CALL_TIMEOUT`].
+    /// [`MAX_REMEMBERED_TOKENS`] listed, older than [`LONGEST_CALL`].
     fn publish_at(&self, redactor: Redactor, now: Instant) {
         let mut issued = self
             .issued
@@ -558,8 +563,7 @@ impl OAuth2 {
         // The oldest entry was replaced when the second was issued.
         while let Some(&(replaced_at, _)) = issued.get(1) {
             let replaced_for = now.saturating_duration_since(replaced_at);
-            let crowded =
-                issued.len() > MAX_REMEMBERED_TOKENS && replaced_for > super::MAX_CALL_TIMEOUT;
+            let crowded = issued.len() > MAX_REMEMBERED_TOKENS && replaced_for > LONGEST_CALL;
             if replaced_for > TOKEN_REMEMBERED_FOR || crowded {
                 issued.pop_front();
             } else {
@@ -849,7 +853,7 @@ mod tests {
             set.redact_str(&token(n)) == outbound::REDACTED
         };
         let start = Instant::now();
-        let call = super::super::MAX_CALL_TIMEOUT;
+        let call = LONGEST_CALL;
         // Far more replacements than the cap within one call's time: none is forgotten, as a
         // response still in flight may carry any of them.
         let churn = MAX_REMEMBERED_TOKENS + 50;
