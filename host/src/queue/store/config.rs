@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::store::postgres::{UrlError, check_url};
+use crate::queue::store::postgres_url::{UrlError, check_url};
 use crate::secret::{SecretError, SecretRef, resolve_secret};
 
 /// How long a claim on a delivery lasts without renewal by default. Running deliveries are

@@ -18,6 +18,7 @@ pub mod config;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod postgres;
+pub mod postgres_url;
 pub mod sqlite;
 mod sqlite_writer;
 
@@ -656,7 +657,7 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
                     // Relative file references were made absolute when the config was read.
                     resolve_secret(reference, std::path::Path::new(".")).map_err(|e| {
                         StoreError::Open {
-                            path: postgres::redact_url(url),
+                            path: postgres_url::redact_url(url),
                             message: format!("[store] password: {e}"),
                         }
                     })

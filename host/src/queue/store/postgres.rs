@@ -43,6 +43,7 @@ use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
 use super::clock::QueueClock;
+use super::postgres_url::{UrlError, check_url, redact_url, url_sets};
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
@@ -1042,36 +1043,6 @@ const SCHEMA_TABLES: [&str; 5] = [
     "idempotency_keys",
 ];
 
-/// An example `[store] url`, for messages.
-const URL_EXAMPLE: &str = "e.g. url = \"postgres://jobhook@127.0.0.1:5432/jobhook\"";
-
-/// Why a `[store] url` was refused.
-///
-/// None of them repeats the URL: a text that is not a URL the client library reads may hold a
-/// password anywhere (`host=… password=…`, `u:pass/word@host`, a percent-encoded key), where no
-/// redaction could be sure to find it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UrlError {
-    /// Not a `postgres://` or `postgresql://` URL.
-    #[error(
-        "[store] url is not a postgres:// URL (key=value connection strings are not read); \
-         {URL_EXAMPLE}"
-    )]
-    NotPostgres,
-    /// The URL carries a password.
-    #[error(
-        "[store] url contains a password; remove it from the URL and give it by reference: \
-         password = {{ env = \"JOBHOOK_DB_PASSWORD\" }} or {{ file = \"path\" }}"
-    )]
-    HasPassword,
-    /// The client library does not accept it.
-    #[error("[store] url is not a valid PostgreSQL URL: {reason}; {URL_EXAMPLE}")]
-    Invalid {
-        /// The client library's reason (names an option, never a value).
-        reason: String,
-    },
-}
-
 /// Parses a `postgres://` / `postgresql://` URL; [`check_url`] explains what is accepted.
 /// Sets what `url` (which `config` was parsed from) leaves out: the session's
 /// `application_name` (this node), the [`CONNECT_TIMEOUT`], the [`UNACKNOWLEDGED_LIMIT`] and
@@ -1097,94 +1068,8 @@ fn apply_defaults(config: &mut postgres::Config, node: &str, url: &str) {
     }
 }
 
-/// Whether `url`'s query string gives `key`, also percent-encoded (`pass%77ord`), as the
-/// client library reads keys.
-fn url_sets(url: &str, key: &str) -> bool {
-    url.split_once('?').is_some_and(|(_, query)| {
-        query.split('&').any(|kv| {
-            let name = kv.split('=').next().unwrap_or_default();
-            percent_encoding::percent_decode_str(name).decode_utf8_lossy() == key
-        })
-    })
-}
-
 fn parse_url(url: &str) -> Result<postgres::Config, UrlError> {
     check_url(url)
-}
-
-/// Checks a `[store] url`: a `postgres://` or `postgresql://` URL that the client library reads
-/// and that does not carry a password (that belongs in `[store] password`, by reference) — as
-/// the library reads it, wherever it puts one (user-info, a `password` parameter however
-/// encoded). Its configuration, when it does.
-pub fn check_url(url: &str) -> Result<postgres::Config, UrlError> {
-    if !url
-        .split_once("://")
-        .is_some_and(|(scheme, _)| matches!(scheme, "postgres" | "postgresql"))
-    {
-        return Err(UrlError::NotPostgres);
-    }
-    // Before parsing: a password the client library would take apart (a `&` in it, say) must
-    // not come back as the name of an unknown option.
-    if url_sets(url, "password") {
-        return Err(UrlError::HasPassword);
-    }
-    let config = url.parse::<postgres::Config>().map_err(|e| {
-        let reason = e.to_string();
-        // The one message that quotes the URL's text: the name of a parameter, which a password
-        // cut at a `&` or a `?` in it would make.
-        let reason = if reason.contains("unknown option") {
-            format!(
-                "a query parameter is not one the PostgreSQL client knows (known: \
-                 {KNOWN_URL_PARAMETERS})"
-            )
-        } else {
-            reason
-        };
-        UrlError::Invalid { reason }
-    })?;
-    if config.get_password().is_some() {
-        return Err(UrlError::HasPassword);
-    }
-    Ok(config)
-}
-
-/// The query parameters of a `postgres://` URL the client library reads, for the message about
-/// one it does not.
-const KNOWN_URL_PARAMETERS: &str = "user, dbname, options, application_name, sslmode, \
-    sslnegotiation, host, hostaddr, port, connect_timeout, tcp_user_timeout, keepalives, \
-    keepalives_idle, keepalives_interval, keepalives_retries, target_session_attrs, \
-    channel_binding, load_balance_hosts";
-
-/// `url` with the password of its user-info and any `password=` query parameter replaced by
-/// `***`, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    let (prefix, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some(("password", _)) => "password=***".to_owned(),
-                    _ => kv.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_owned(),
-    };
-    format!("{prefix}{authority}{tail}")
 }
 
 /// A per-process node id: `host:pid:random`, readable in `deliveries.owner` and unique even
@@ -2184,72 +2069,6 @@ mod tests {
         assert_eq!(
             config.get_keepalives_interval(),
             Some(Duration::from_secs(30))
-        );
-    }
-
-    #[test]
-    fn urls_are_redacted_and_passwords_in_them_refused() {
-        assert_eq!(
-            redact_url("postgres://jobhook:hunter2@db:5432/jobhook"),
-            "postgres://jobhook:***@db:5432/jobhook"
-        );
-        assert_eq!(
-            redact_url("postgresql://u@h/d?sslmode=disable&password=hunter2"),
-            "postgresql://u@h/d?sslmode=disable&password=***"
-        );
-        assert_eq!(
-            redact_url("postgres://jobhook@127.0.0.1:5432/jobhook"),
-            "postgres://jobhook@127.0.0.1:5432/jobhook"
-        );
-        assert!(check_url("postgres://jobhook@127.0.0.1:5432/jobhook").is_ok());
-        for bad in [
-            "postgres://jobhook:hunter2@db/jobhook",
-            "postgres://jobhook@db/jobhook?password=hunter2",
-            // Where a password hides from a reading of the text as written, not from the
-            // client library: after a `/` or `?` in the user-info, a percent-encoded key.
-            "postgres://u:hun/ter2@127.0.0.1:1/db",
-            "postgres://u:hun?ter2@127.0.0.1/db",
-            "postgres://u@127.0.0.1/db?pass%77ord=hunter2",
-            // A password with a `&` the library would cut into an unknown option's name.
-            "postgres://u@127.0.0.1/db?password=hun&ter2=x",
-            "postgres://u@127.0.0.1/db?pass%77ord=hun&ter2=x",
-        ] {
-            let e = check_url(bad).unwrap_err();
-            let text = e.to_string();
-            assert!(
-                matches!(e, UrlError::HasPassword | UrlError::Invalid { .. }),
-                "{bad}: {text}"
-            );
-            assert!(text.contains("[store] url"), "{text}");
-            for secret in ["hunter2", "hun", "ter2"] {
-                assert!(!text.contains(secret), "{bad}: {text}");
-            }
-        }
-        for bad in [
-            "mysql://u:hunter2@h/d",
-            "host=127.0.0.1 user=u password=hunter2 dbname=x",
-        ] {
-            let e = check_url(bad).unwrap_err().to_string();
-            assert!(
-                e.contains("not a postgres:// URL") && !e.contains("hunter2"),
-                "{e}"
-            );
-        }
-        // A parameter the library does not know is refused without its name (which may be a
-        // piece of a password).
-        let e = check_url("postgres://u@h/d?ter2=x")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("not a valid PostgreSQL URL") && !e.contains("ter2"),
-            "{e}"
-        );
-        let e = check_url("postgres://u:hunter2@h:notaport/d")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("not a valid PostgreSQL URL") && !e.contains("hunter2"),
-            "{e}"
         );
     }
 
