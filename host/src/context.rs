@@ -648,6 +648,11 @@ pub fn parse_guid(text: &str) -> Option<Uuid> {
 /// back.
 pub const TIMESTAMP_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
 
+/// Longest timestamp text parsed: an RFC 3339 time with nanoseconds and an offset is 35 bytes,
+/// a `/Date(ms+zzzz)/` under 30; anything longer is no timestamp, and is refused before any
+/// parser looks at it.
+const MAX_TIMESTAMP_BYTES: usize = 64;
+
 /// Parses an ISO 8601 timestamp. With an offset (`Z`, `+02:00`) it is converted to UTC; without
 /// one (how .NET serialises a `DateTime` of unspecified kind) it is taken as UTC. Microsoft's
 /// `/Date(ms)/` form is read too ([`parse_microsoft_date`]). `None` for anything else, and for a
@@ -656,7 +661,7 @@ pub const TIMESTAMP_YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
 /// the contract's `datetime` has no way to carry it).
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
-    if text.len() > 64 {
+    if text.len() > MAX_TIMESTAMP_BYTES {
         return None;
     }
     let parsed = match DateTime::parse_from_rfc3339(text) {

@@ -44,6 +44,11 @@ pub const DEFAULT_MAX_TABLES: usize = 4;
 /// body and stops a guest from making the host allocate gigabytes.
 pub const DEFAULT_HOSTCALL_BYTES: usize = 4 * 1024 * 1024;
 
+/// Least `hostcall_bytes` a handler may be given: a lift carries an import's arguments (a log
+/// line, a request) or the handler's result, and a budget under 64 KiB would refuse ordinary
+/// calls, so a smaller value is taken for a typo rather than a limit.
+pub const MIN_HOSTCALL_BYTES: usize = 64 * 1024;
+
 /// Most `hostcall_bytes` a handler may be given: a lift is copied whole into the engine's
 /// memory, once per delivery in flight. 64 MiB matches the largest outbound body
 /// (`outbound::MAX_BODY_LIMIT_BYTES`).

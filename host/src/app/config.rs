@@ -45,6 +45,10 @@ use crate::sources::poller::PollerConfig;
 /// reachable from the network.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8480";
 
+/// The port of [`DEFAULT_LISTEN`]: unassigned by IANA, above the privileged ports, so an
+/// engine started as an ordinary user can bind it.
+pub const DEFAULT_PORT: u16 = 8480;
+
 /// Largest request body the ingest endpoint reads. A context is a few hundred bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -264,7 +268,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: DEFAULT_LISTEN
                 .parse()
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8480))),
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))),
             tokens: Vec::new(),
             admin_tokens: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -377,8 +381,8 @@ fn listen_address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAd
             ));
         }
         de::Error::custom(format!(
-            "{} is not an IP address and port; write e.g. \"127.0.0.1:8480\", \
-             \"0.0.0.0:8480\" or \"[::1]:8480\" (a host name such as localhost is not \
+            "{} is not an IP address and port; write e.g. \"127.0.0.1:{DEFAULT_PORT}\", \
+             \"0.0.0.0:{DEFAULT_PORT}\" or \"[::1]:{DEFAULT_PORT}\" (a host name such as localhost is not \
              accepted: the listener binds an address)",
             quoted(&text)
         ))
@@ -1152,6 +1156,7 @@ impl Validator<'_> {
     ) -> Result<(), ConfigError> {
         use crate::limits::{
             MAX_HOSTCALL_BYTES, MAX_LOG_BYTES, MAX_LOG_LINES, MAX_OUTPUT_BYTES, MAX_TABLE_ELEMENTS,
+            MIN_HOSTCALL_BYTES,
         };
         // A per-component cap of the sandbox pool below a limit the handler sets would stop the
         // component there, while the handler's listing showed the larger number. (A handler
@@ -1203,9 +1208,9 @@ impl Validator<'_> {
                 "table_elements must be between 1 and {MAX_TABLE_ELEMENTS} (the sandbox pool's \
                  room per table)"
             ))
-        } else if !(64 * 1024..=MAX_HOSTCALL_BYTES).contains(&l.hostcall_bytes) {
+        } else if !(MIN_HOSTCALL_BYTES..=MAX_HOSTCALL_BYTES).contains(&l.hostcall_bytes) {
             Some(format!(
-                "hostcall_bytes must be between 65536 and {MAX_HOSTCALL_BYTES}"
+                "hostcall_bytes must be between {MIN_HOSTCALL_BYTES} and {MAX_HOSTCALL_BYTES}"
             ))
         } else if l.output_bytes > MAX_OUTPUT_BYTES {
             Some(format!("output_bytes must be at most {MAX_OUTPUT_BYTES}"))
@@ -1527,6 +1532,7 @@ job_types = ["*"]
         let f = Fixture::new();
         let c = f.parse(MINIMAL).unwrap();
         assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.server.listen.port(), DEFAULT_PORT);
         assert_eq!(c.store.data_dir, f.dir.path().join("data"));
         assert_eq!(c.handlers.len(), 1);
         let h = &c.handlers[0];

@@ -103,6 +103,10 @@ pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much a closing connection reads and discards at most before it closes anyway.
 pub const LINGER_MAX_BYTES: usize = 1024 * 1024;
 
+/// Bytes a lingering connection reads and discards per read, into a buffer on the stack: what
+/// a client still sends after the response is a request's leftover, seldom more than a few KiB.
+const LINGER_READ_BYTES: usize = 8192;
+
 /// Refusals (503 answers to connections over a cap) being written at once; beyond it a refused
 /// connection is closed without an answer, so a flood cannot make refusing itself expensive.
 /// A refusal closes as a 413 does: the answer, then lingering for [`LINGER_TIMEOUT`] and
@@ -726,7 +730,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
                 return Poll::Ready(Ok(()));
             }
         }
-        let mut scratch = [0u8; 8192];
+        let mut scratch = [0u8; LINGER_READ_BYTES];
         loop {
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.io).poll_read(cx, &mut buf) {

@@ -11,6 +11,10 @@ pub const MAX_RETRY_ATTEMPTS: u32 = 100;
 /// that is longer).
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// Most times the first wait is doubled: the factor `1 << doublings` must fit a `u32`, and 2^30
+/// times even a 1 ms backoff is over 12 days, past any cap, so later retries wait the cap.
+const MAX_DOUBLINGS: u32 = 30;
+
 /// `[handlers.retry]`: what happens after a handler fails (reports failure, traps, times out).
 /// A delivery interrupted by an engine crash or shutdown is always run again, regardless.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +82,7 @@ impl From<WrittenRetryPolicy> for RetryPolicy {
 impl RetryPolicy {
     /// The wait before attempt `next_attempt` (2 for the first retry).
     pub fn delay_before(&self, next_attempt: u32) -> Duration {
-        let doublings = next_attempt.saturating_sub(2).min(30);
+        let doublings = next_attempt.saturating_sub(2).min(MAX_DOUBLINGS);
         self.backoff
             .saturating_mul(1u32 << doublings)
             .min(self.max_backoff)

@@ -377,10 +377,14 @@ fn read_capped(path: &Path, max: u64) -> std::io::Result<Option<String>> {
     Ok((text.len() as u64 <= max).then_some(text))
 }
 
+/// Bytes read at a time while hashing a component: large enough that a 32 MiB component takes
+/// 128 reads, small enough to allocate afresh for every hash.
+const HASH_READ_BYTES: usize = 256 * 1024;
+
 fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 256 * 1024];
+    let mut buffer = vec![0u8; HASH_READ_BYTES];
     loop {
         let n = file.read(&mut buffer)?;
         if n == 0 {

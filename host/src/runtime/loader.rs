@@ -45,6 +45,10 @@ pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 * 1024 * 1024;
 /// second here; the bound turns a pathological input into a clear refusal.
 pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Bytes in a WebAssembly page, the unit in which a component states its memories' initial
+/// sizes (fixed by the core specification).
+const WASM_PAGE_BYTES: u64 = 65_536;
+
 /// WASI packages a handler may import. They are linked with a context that grants nothing: no
 /// files, no environment, no arguments; stdout/stderr go to bounded buffers.
 const PROVIDED_WASI: &[&str] = &[
@@ -213,7 +217,7 @@ pub fn check_needs(
     let memory = needs
         .max_initial_memory_size
         .unwrap_or(0)
-        .saturating_mul(65_536);
+        .saturating_mul(WASM_PAGE_BYTES);
     let table = needs.max_initial_table_size.unwrap_or(0);
     let short = [
         (

@@ -173,13 +173,25 @@ pub struct PollerConfig {
     pub job_types: BTreeMap<String, String>,
 }
 
+/// Time between polls by default, in milliseconds: a job's completion becomes an event within
+/// half a minute, at one JobHistory query per interval.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 30_000;
+
+/// Rows per JobHistory request by default (`pq.returnLimit`): a page a busy interval's jobs fit
+/// in, small enough that one answer stays a modest read.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+
+/// Age by default past which an unfinished row is skipped, in milliseconds: a day, far longer
+/// than an orchestrator job runs, so only a job that will never finish is left behind.
+pub const DEFAULT_STALE_AFTER_MS: u64 = 24 * 3600 * 1000;
+
 impl Default for PollerConfig {
     fn default() -> Self {
         PollerConfig {
-            interval_ms: 30_000,
-            page_size: 100,
+            interval_ms: DEFAULT_POLL_INTERVAL_MS,
+            page_size: DEFAULT_PAGE_SIZE,
             backfill: false,
-            stale_after_ms: 24 * 3600 * 1000,
+            stale_after_ms: DEFAULT_STALE_AFTER_MS,
             job_types: BTreeMap::new(),
         }
     }
