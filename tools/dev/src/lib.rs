@@ -6,6 +6,8 @@
 //!   stand-in for the run), `jobhook-dev standin`, `jobhook-dev load`;
 //! - [`loadgen`]: `jobhook-dev load`, the event driver of the crash, two-node and bench tests.
 
+#![deny(missing_docs)]
+
 pub mod cli;
 pub mod loadgen;
 pub mod standin;
