@@ -163,6 +163,17 @@ impl Quarantine {
 
     /// Records the result of a delivery that ran; says what changed.
     pub fn record(&mut self, success: bool, now: Instant) -> Change {
+        // Deliveries that started before the quarantine and end during it say nothing new,
+        // failed or succeeded: only the probe, claimed once the quarantine has ended, decides.
+        // A failure would otherwise lengthen it (one outage's deliveries in flight each
+        // doubling it, up to the maximum), and a success lift it as "the probe succeeded"
+        // although no probe ran.
+        if self.until.is_some_and(|until| now < until) {
+            if !success {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+            }
+            return Change::None;
+        }
         if success {
             // Released: after a quarantine (its probe succeeded), not after failures below
             // the threshold.
@@ -178,13 +189,6 @@ impl Quarantine {
             };
         }
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        // Deliveries that started before the quarantine and fail during it say nothing new: only
-        // a failure once it has ended (the probe's) sets the handler aside again, for longer.
-        // Otherwise the failures of one outage's deliveries in flight would each double it, up
-        // to the maximum.
-        if self.until.is_some_and(|until| now < until) {
-            return Change::None;
-        }
         if self.config.after_failures > 0 && self.consecutive_failures >= self.config.after_failures
         {
             let backoff = self.next_backoff.min(self.config.max_backoff);
@@ -311,6 +315,26 @@ mod tests {
                 backoff: Duration::from_secs(20)
             }
         );
+    }
+
+    /// A delivery that started before the quarantine and succeeds during it does not lift it:
+    /// only the probe, once the quarantine has ended, does.
+    #[test]
+    fn a_success_in_flight_during_a_quarantine_does_not_lift_it() {
+        let t0 = Instant::now();
+        let mut q = Quarantine::new(config());
+        for _ in 0..3 {
+            q.record(false, t0);
+        }
+        assert!(q.is_quarantined(t0 + Duration::from_millis(1)));
+        assert_eq!(q.record(true, t0 + Duration::from_millis(1)), Change::None);
+        assert!(q.is_quarantined(t0 + Duration::from_millis(2)));
+        // The probe, after the backoff, releases it.
+        assert_eq!(
+            q.record(true, t0 + Duration::from_secs(10)),
+            Change::Released
+        );
+        assert!(!q.is_quarantined(t0 + Duration::from_secs(10)));
     }
 
     /// A reload's new `[quarantine]` applies to a handler it kept: the failures so far count
