@@ -73,6 +73,88 @@ pub fn foreign_control(dir: &Path) -> std::io::Result<Option<String>> {
     )
 }
 
+/// How someone other than the engine's user and root could change what the engine reads at
+/// `path` (links followed, as it is read): by its mode (group or others' write), by its owner
+/// (another user can change their own file, whatever its mode), or by a directory on its way
+/// that they control (they can replace the file, or a whole directory renamed and put back
+/// with theirs). Empty when only the engine's user and root can; `None` when the file cannot
+/// be looked at (reading it says why).
+#[cfg(unix)]
+pub fn foreign_changes(path: &Path) -> Option<Vec<String>> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.permissions().mode() & 0o777;
+    let mut problems = Vec::new();
+    if mode & FOREIGN_WRITE_BITS != 0 {
+        problems.push(format!(
+            "its mode {mode:03o} lets others than its owner change it"
+        ));
+    }
+    let owner = meta.uid();
+    if owner != engine_uid() && owner != 0 {
+        problems.push(format!(
+            "it belongs to uid {owner}, not the engine's user, and its owner can change it"
+        ));
+    }
+    // The directory of the path as written and, through a symbolic link, of the file read, and
+    // every directory above them.
+    let written = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .and_then(|w| std::fs::canonicalize(w).ok());
+    let target = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|t| t.parent().map(Path::to_path_buf));
+    let mut said = Vec::new();
+    for dir in [written, target].into_iter().flatten() {
+        let Ok(Some((at, why))) = swappable_directory(&dir) else {
+            continue;
+        };
+        if said.contains(&at) {
+            continue;
+        }
+        problems.push(if at == dir {
+            format!(
+                "its directory {} ({why}) lets others replace it",
+                at.display()
+            )
+        } else {
+            format!(
+                "the directory {} above it ({why}) lets others replace it",
+                at.display()
+            )
+        });
+        said.push(at);
+    }
+    Some(problems)
+}
+
+/// What to tell the operator when a file that decides what the engine does — its
+/// configuration, a handler's component, a CA the engine trusts — can be changed by someone
+/// other than the engine's user and root ([`foreign_changes`]): they would choose what runs
+/// with the credentials the engine holds, or whom it trusts. A warning, not a refusal, as for
+/// secret files. `what` names the file's role.
+#[cfg(unix)]
+pub fn trusted_file_exposure(path: &Path, what: &str) -> Option<String> {
+    let problems = foreign_changes(path)?;
+    if problems.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{what} {}: {}; whoever can change it decides what the engine does with the \
+         credentials it holds: make it the engine's user's (or root's) and `chmod go-w` it, in \
+         a directory only they may write",
+        crate::escape::escape(&path.display().to_string()),
+        problems.join("; ")
+    ))
+}
+
+/// See the Unix version: other systems' permissions are not modes.
+#[cfg(not(unix))]
+pub fn trusted_file_exposure(_path: &Path, _what: &str) -> Option<String> {
+    None
+}
+
 /// The first of directory `dir` (resolved) and the directories above it that someone other
 /// than the engine's user and root controls ([`foreign_control`]), with why: through it, what
 /// lies below can be swapped for something of theirs.

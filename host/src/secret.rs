@@ -233,56 +233,14 @@ const EVERYONE_READ_BIT: u32 = 0o004;
 /// why).
 #[cfg(unix)]
 pub fn file_exposure(path: &Path) -> Option<String> {
-    use crate::files::FOREIGN_WRITE_BITS;
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::metadata(path).ok()?;
     let mode = meta.permissions().mode() & 0o777;
     let mut problems = Vec::new();
     if mode & EVERYONE_READ_BIT != 0 {
         problems.push(format!("its mode {mode:03o} lets every user read it"));
     }
-    if mode & FOREIGN_WRITE_BITS != 0 {
-        problems.push(format!(
-            "its mode {mode:03o} lets others than its owner change it"
-        ));
-    }
-    let owner = meta.uid();
-    if owner != crate::files::engine_uid() && owner != 0 {
-        problems.push(format!(
-            "it belongs to uid {owner}, not the engine's user, and its owner can change it"
-        ));
-    }
-    // The directory of the path as written and, through a symbolic link, of the file read, and
-    // every directory above them: through any that another user controls, what is read can be
-    // replaced (the file, or a whole directory on its way renamed and put back with theirs).
-    let written = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .and_then(|w| std::fs::canonicalize(w).ok());
-    let target = std::fs::canonicalize(path)
-        .ok()
-        .and_then(|t| t.parent().map(Path::to_path_buf));
-    let mut said = Vec::new();
-    for dir in [written, target].into_iter().flatten() {
-        let Ok(Some((at, why))) = crate::files::swappable_directory(&dir) else {
-            continue;
-        };
-        if said.contains(&at) {
-            continue;
-        }
-        problems.push(if at == dir {
-            format!(
-                "its directory {} ({why}) lets others replace it",
-                at.display()
-            )
-        } else {
-            format!(
-                "the directory {} above it ({why}) lets others replace it",
-                at.display()
-            )
-        });
-        said.push(at);
-    }
+    problems.extend(crate::files::foreign_changes(path)?);
     if problems.is_empty() {
         return None;
     }

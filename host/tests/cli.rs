@@ -1257,6 +1257,51 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
     assert!(!stderr.contains("warning"), "{stderr}");
 }
 
+/// A configuration or a handler's component that someone other than the engine's user and root
+/// may change is a warning of `check` (and of `serve` and every reload): whoever changes them
+/// decides what runs with the engine's Keyfactor credentials. Mode 644 is not.
+#[test]
+fn check_warns_of_a_configuration_or_component_others_can_change() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let component = dir.path().join("handler.wasm");
+    std::fs::copy(guest("log-context"), &component).expect("copy component");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        "[[handlers]]\nname = \"log\"\ncomponent = \"handler.wasm\"\njob_types = [\"*\"]\n",
+    )
+    .expect("config");
+    let chmod = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    chmod(&config, 0o666);
+    chmod(&component, 0o664);
+    let out = jobhook(&["check", "--config", &config.display().to_string()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for warning in [
+        format!(
+            "warning: the configuration file {}: its mode 666 lets others than its owner change \
+             it; whoever can change it decides what the engine does with the credentials it holds",
+            config.display()
+        ),
+        format!(
+            "warning: handler \"log\"'s component {}: its mode 664 lets others than its owner \
+             change it;",
+            component.display()
+        ),
+    ] {
+        assert!(stderr.contains(&warning), "{warning}\n{stderr}");
+    }
+    chmod(&config, 0o644);
+    chmod(&component, 0o644);
+    let out = jobhook(&["check", "--config", &config.display().to_string()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 /// The `jobhook run` commands the examples' READMEs give run as written: every flag they pass
 /// exists and every capability the handler calls is configured by them (a run that answers
 /// `not-available` means the README left a flag out). The component is the one the tests

@@ -105,6 +105,45 @@ pub fn exposed_secret_files(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// One warning for each file that decides what the engine does and that someone other than
+/// the engine's user and root can change ([`crate::files::trusted_file_exposure`]): the
+/// configuration itself, every handler's component, `[server] tls.client_ca` (whom the API
+/// admits) and `[keyfactor] ca_bundle` (whom the engine sends its Keyfactor credentials to).
+/// Read at `check`, at start and at every reload, with [`exposed_secret_files`].
+pub fn exposed_trusted_files(config: &Config) -> Vec<String> {
+    let mut files: Vec<(String, std::path::PathBuf)> =
+        vec![("the configuration file".to_owned(), config.path.clone())];
+    for handler in &config.handlers {
+        files.push((
+            format!(
+                "handler {:?}'s component",
+                crate::escape::escape(&handler.name)
+            ),
+            handler.component.clone(),
+        ));
+    }
+    if let Some(ca) = config
+        .server
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_ca.as_ref())
+    {
+        files.push(("[server] tls.client_ca".to_owned(), ca.get_ref().clone()));
+    }
+    if let Some(ca) = config
+        .services
+        .keyfactor
+        .as_ref()
+        .and_then(|k| k.ca_bundle.as_ref())
+    {
+        files.push(("[keyfactor] ca_bundle".to_owned(), ca.clone()));
+    }
+    files
+        .into_iter()
+        .filter_map(|(what, path)| crate::files::trusted_file_exposure(&path, &what))
+        .collect()
+}
+
 /// The secret references of the parts only a start builds. Paths are already made absolute by
 /// [`Config::parse`].
 fn start_only_refs(config: &Config) -> Vec<(String, SecretRef)> {

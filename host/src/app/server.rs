@@ -188,6 +188,7 @@ pub async fn check(path: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     config.check_store_location()?;
     let mut warnings: Vec<String> = config.cache_dir_warning().into_iter().collect();
     warnings.extend(secrets::exposed_secret_files(&config));
+    warnings.extend(secrets::exposed_trusted_files(&config));
     let engine = engine(&config)?;
     let services = services(&config)?;
     let set = load_handlers(&engine, &services, &config, None).await?;
@@ -220,7 +221,10 @@ fn announce(line: &str) {
 pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let tokens = Arc::new(BearerTokens::new(config.resolve_tokens()?));
-    for warning in secrets::exposed_secret_files(&config) {
+    for warning in secrets::exposed_secret_files(&config)
+        .into_iter()
+        .chain(secrets::exposed_trusted_files(&config))
+    {
         tracing::warn!("{warning}");
     }
     let engine = engine(&config)?;
@@ -450,7 +454,10 @@ fn reloader(running: Running) -> Reloader {
                         &config,
                         &StartOnlySecrets::read(&config),
                     );
-                    for warning in secrets::exposed_secret_files(&config) {
+                    for warning in secrets::exposed_secret_files(&config)
+                        .into_iter()
+                        .chain(secrets::exposed_trusted_files(&config))
+                    {
                         tracing::warn!("{warning}");
                     }
                     Ok((config, new_tokens, tls_config, changed, restart))
