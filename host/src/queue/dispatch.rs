@@ -1048,10 +1048,14 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
                     }
                 }
                 if retries > 0 {
-                    tracing::warn!(
-                        outcomes = retries,
-                        "delivery outcomes not recorded yet; trying again in {STORE_ERROR_PAUSE:?}"
-                    );
+                    NOT_RECORDED_YET.tell(|untold| {
+                        tracing::warn!(
+                            outcomes = retries,
+                            more_since_last_warning = untold,
+                            "delivery outcomes not recorded yet; trying again in \
+                             {STORE_ERROR_PAUSE:?}"
+                        )
+                    });
                 }
             }
             Err(e) => tracing::error!("recording delivery outcomes failed: {e}"),
@@ -1166,10 +1170,17 @@ fn record_one_by_one(
         .collect()
 }
 
-/// Outcomes neither recorded nor handed back, told at most once per 10 s with a count: a row
-/// held locked for an hour is tried every [`STORE_ERROR_PAUSE`].
+/// How often a failure the recorder meets again and again is told (with how many times it was
+/// not): a store down for an hour is tried every [`STORE_ERROR_PAUSE`].
+const RECORD_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Outcomes neither recorded nor handed back, told once per [`RECORD_FAILURE_LOG_INTERVAL`].
 static NOT_HANDED_BACK: crate::log_limit::LogLimit =
-    crate::log_limit::LogLimit::new(Duration::from_secs(10));
+    crate::log_limit::LogLimit::new(RECORD_FAILURE_LOG_INTERVAL);
+
+/// Rounds of outcomes kept for another try, told once per [`RECORD_FAILURE_LOG_INTERVAL`].
+static NOT_RECORDED_YET: crate::log_limit::LogLimit =
+    crate::log_limit::LogLimit::new(RECORD_FAILURE_LOG_INTERVAL);
 
 /// After the store refused `finished`'s outcome (an error about that write, not about the
 /// store), gives its claim back instead: pending again, the attempt listed as interrupted with
