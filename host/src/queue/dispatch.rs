@@ -618,7 +618,12 @@ impl Dispatcher {
                 }
                 Ok(Err(e)) => {
                     drop(permits);
-                    tracing::error!("cannot claim deliveries: {e}");
+                    CLAIM_FAILURES.tell(|untold| {
+                        tracing::error!(
+                            more_since_last_error = untold,
+                            "cannot claim deliveries: {e}"
+                        )
+                    });
                     tokio::time::sleep(STORE_ERROR_PAUSE).await;
                 }
                 Err(join) => {
@@ -1176,6 +1181,11 @@ const RECORD_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Outcomes neither recorded nor handed back, told once per [`RECORD_FAILURE_LOG_INTERVAL`].
 static NOT_HANDED_BACK: crate::log_limit::LogLimit =
+    crate::log_limit::LogLimit::new(RECORD_FAILURE_LOG_INTERVAL);
+
+/// Failed claims, told once per [`RECORD_FAILURE_LOG_INTERVAL`]: the dispatcher tries again
+/// every [`STORE_ERROR_PAUSE`] for as long as the store fails.
+static CLAIM_FAILURES: crate::log_limit::LogLimit =
     crate::log_limit::LogLimit::new(RECORD_FAILURE_LOG_INTERVAL);
 
 /// Rounds of outcomes kept for another try, told once per [`RECORD_FAILURE_LOG_INTERVAL`].
