@@ -307,11 +307,12 @@ impl AttemptRecord {
         Ok(())
     }
 
-    /// How long the handler ran, in milliseconds, when it ran.
+    /// How long the handler ran, in milliseconds to the microsecond, when it ran: what the API
+    /// shows (`4.633`, not the float noise of `4.6329780000000005`).
     pub fn duration_ms(&self) -> Option<f64> {
         self.outcome
             .as_ref()
-            .map(|o| o.duration.as_secs_f64() * 1000.0)
+            .map(|o| o.duration.as_micros() as f64 / 1000.0)
     }
 }
 
@@ -690,6 +691,25 @@ mod tests {
 
     /// An error repeated for each call it stopped says what it said once, with its kind's
     /// words once (a database error was "store database error: store database error: …").
+    /// A duration is shown to the microsecond, without the float noise of nanoseconds
+    /// multiplied out.
+    #[test]
+    fn a_duration_is_shown_to_the_microsecond() {
+        let mut record = crate::queue::store::conformance::record(DeliveryState::Succeeded);
+        assert_eq!(record.duration_ms(), None);
+        record.outcome = Some(crate::outcome::Outcome {
+            kind: crate::outcome::OutcomeKind::Succeeded,
+            duration: Duration::from_nanos(4_632_978),
+            logs: Vec::new(),
+            logs_dropped: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+            output_dropped: 0,
+            memory_bytes: 0,
+        });
+        assert_eq!(record.duration_ms(), Some(4.632));
+    }
+
     #[test]
     fn an_error_repeated_for_each_call_reads_as_it_did_once() {
         for error in [
