@@ -106,6 +106,8 @@ pub struct Metrics {
     log_drops: LogDrops,
     poller_failures: Counter,
     poller_last_success: Gauge,
+    reload_successful: Gauge,
+    reload_last_success: Gauge,
 }
 
 /// Where the engine's log counts the lines it dropped because its writer fell behind
@@ -282,6 +284,22 @@ impl Metrics {
             "When this node's JobHistory poller last completed a poll (Unix time; 0: never)",
             poller_last_success.clone(),
         );
+        let reload_successful = Gauge::default();
+        reload_successful.set(1);
+        registry.register(
+            "jobhook_config_last_reload_successful",
+            "Whether the last configuration reload (SIGHUP or POST /v1/admin/reload) was taken: \
+             1, or 0 when it was refused and the running configuration kept (1 before any)",
+            reload_successful.clone(),
+        );
+        let reload_last_success = Gauge::default();
+        reload_last_success.set(chrono::Utc::now().timestamp());
+        registry.register(
+            "jobhook_config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded: the start, or the last reload taken \
+             (Unix time)",
+            reload_last_success.clone(),
+        );
         // Every series whose label values are known up front exists from the start, at zero: a
         // family without series is not written at all, so an alert or a dashboard built from the
         // documented names would find nothing to match until the first increment.
@@ -304,6 +322,8 @@ impl Metrics {
         Metrics {
             poller_failures,
             poller_last_success,
+            reload_successful,
+            reload_last_success,
             log_lines_dropped,
             log_drops: LogDrops::default(),
             registry: Mutex::new(registry),
@@ -403,6 +423,14 @@ impl Metrics {
     /// Counts a failed JobHistory poll.
     pub fn poll_failed(&self) {
         self.poller_failures.inc();
+    }
+
+    /// Records a configuration reload at `at`: taken (`ok`) or refused.
+    pub fn reloaded(&self, ok: bool, at: chrono::DateTime<chrono::Utc>) {
+        self.reload_successful.set(i64::from(ok));
+        if ok {
+            self.reload_last_success.set(at.timestamp());
+        }
     }
 
     /// Records a completed JobHistory poll at `at`.
@@ -511,6 +539,7 @@ mod tests {
             "jobhook_connections_timed_out_total{phase=\"idle\"} 0",
             "jobhook_poller_failures_total 0",
             "jobhook_poller_last_success_timestamp_seconds 0",
+            "jobhook_config_last_reload_successful 1",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }

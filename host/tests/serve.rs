@@ -1152,6 +1152,12 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
     assert!(text.contains("already used"), "{text}");
     let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
     assert_eq!(body["deliveries"], json!(["all", "probe"]));
+    // A refused reload is a metric, for an alert: a SIGHUP has no answer to read it from.
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_config_last_reload_successful 0"),
+        "{metrics}"
+    );
 
     // SIGHUP reloads too.
     setup.config(&first);
@@ -1169,6 +1175,11 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_config_last_reload_successful 1"),
+        "{metrics}"
+    );
 }
 
 /// A handler that traps on every inventory job and is not retried: each event is one failure.

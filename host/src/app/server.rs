@@ -511,11 +511,13 @@ fn reloader(running: Running) -> Reloader {
                         tracing::warn!("reload cannot apply this: {note}");
                     }
                     tracing::info!(handlers = ?report.handlers, "configuration reloaded");
+                    dispatcher.metrics().reloaded(true, chrono::Utc::now());
                     Ok(report)
                 }
                 Err(e) => {
                     let why = crate::app::output::error_text(&e);
                     tracing::error!("configuration reload refused, keeping the running one: {why}");
+                    dispatcher.metrics().reloaded(false, chrono::Utc::now());
                     Err(why)
                 }
             }
