@@ -958,6 +958,11 @@ enum Gone {
 /// Runs `jobhook args` with `gone` a pipe whose reader has already exited, as `| head -0` leaves
 /// it: every write there fails with EPIPE. The other stream is captured.
 fn jobhook_with_reader_gone(args: &[&str], gone: Gone) -> Output {
+    jobhook_with_reader_gone_and_log(args, gone, None)
+}
+
+/// [`jobhook_with_reader_gone`] with `RUST_LOG` set to `rust_log`.
+fn jobhook_with_reader_gone_and_log(args: &[&str], gone: Gone, rust_log: Option<&str>) -> Output {
     // The reader is closed before the child starts: closed after, a fast command could write
     // its output into the pipe first and exit 0.
     let (reader, writer) = std::io::pipe().expect("pipe");
@@ -967,6 +972,9 @@ fn jobhook_with_reader_gone(args: &[&str], gone: Gone) -> Output {
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
+    if let Some(rust_log) = rust_log {
+        command.env("RUST_LOG", rust_log);
+    }
     match gone {
         Gone::Stdout => command.stdout(writer).stderr(Stdio::piped()),
         Gone::Stderr => command.stdout(Stdio::piped()).stderr(writer),
@@ -1047,6 +1055,48 @@ fn an_error_or_warning_told_to_a_stderr_whose_reader_has_gone_changes_no_exit_co
         text(&out.stdout).contains("[[handlers]]"),
         "{}",
         text(&out.stdout)
+    );
+}
+
+/// A warning about `RUST_LOG` (one that cannot be read, one that shows nothing) told to a stderr
+/// whose reader has gone is lost: the command ends with its own exit code, not a panic's 101.
+#[test]
+fn a_rust_log_warning_told_to_a_stderr_whose_reader_has_gone_is_no_panic() {
+    for rust_log in ["info,jobhook=bogus", "warning"] {
+        let out = jobhook_with_reader_gone_and_log(
+            &["check", "--config", "/nonexistent/jobhook.toml"],
+            Gone::Stderr,
+            Some(rust_log),
+        );
+        assert_eq!(out.status.code(), Some(2), "RUST_LOG={rust_log}");
+    }
+}
+
+/// `RUST_LOG=warning` (a bare word, read as a target) would show nothing, not even errors: the
+/// command says so, and what to write instead.
+#[test]
+fn a_rust_log_word_that_shows_nothing_is_warned_of() {
+    for (command, rust_log) in [("check", "warning"), ("check", "verbose")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args([command, "--config", "/nonexistent/jobhook.toml"])
+            .env("RUST_LOG", rust_log)
+            .output()
+            .expect("run jobhook");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "warning: RUST_LOG={rust_log}: \"{rust_log}\" is neither a level"
+            )),
+            "{stderr}"
+        );
+        assert!(stderr.contains("e.g. RUST_LOG=warn"), "{stderr}");
+    }
+    let out = jobhook_stdin(&["check", "--config", "/nonexistent/jobhook.toml"], b"");
+    assert!(
+        !text(&out.stderr).contains("RUST_LOG"),
+        "{}",
+        text(&out.stderr)
     );
 }
 

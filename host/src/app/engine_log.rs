@@ -50,8 +50,15 @@ pub fn init_tracing() {
     let (builder, refused) = subscriber(COMMAND_LOG_FILTER);
     let _ = builder.with_writer(std::io::stderr).try_init();
     // A command logs errors only (COMMAND_LOG_FILTER): said straight to stderr.
-    if let Some(why) = refused {
-        eprintln!("warning: {why}");
+    warn_of(refused.as_deref());
+}
+
+/// Says on stderr why `RUST_LOG` is not what it looks like, whatever filter is in use: a filter
+/// that shows nothing (`RUST_LOG=warning`) would hide a warning logged through it. A stderr
+/// whose reader has gone loses the line, and changes nothing else.
+fn warn_of(why: Option<&str>) {
+    if let Some(why) = why {
+        crate::app::output::print_err(&format!("warning: {why}"));
     }
 }
 
@@ -77,11 +84,9 @@ pub fn init_serve_tracing() -> (
     let drops = crate::metrics::LogDrops::new(writer.error_counter());
     let (builder, refused) = subscriber(SERVE_LOG_FILTER);
     let _ = builder.with_writer(writer).try_init();
-    // Once the log is in place: without this line a typo in RUST_LOG would silently hide
-    // what it asked for.
-    if let Some(why) = refused {
-        tracing::warn!("{why}");
-    }
+    // Without this line a typo in RUST_LOG would silently hide what it asked for; said
+    // straight to stderr, as the filter RUST_LOG asked for may show no warning.
+    warn_of(refused.as_deref());
     (drops, guard)
 }
 
@@ -138,13 +143,27 @@ fn subscriber(
 }
 
 /// The filter `rust_log` (the variable's value, if set) asks for, else `default_filter`; with
-/// why `rust_log` was not used when it is set and cannot be read.
+/// why `rust_log` was not used when it is set and cannot be read, or why it is used but
+/// likely not what was meant ([`stray_word`]).
 fn filter_from(rust_log: Option<String>, default_filter: &str) -> (EnvFilter, Option<String>) {
     let Some(text) = rust_log.filter(|t| !t.trim().is_empty()) else {
         return (EnvFilter::new(default_filter), None);
     };
     match EnvFilter::try_new(&text) {
-        Ok(filter) => (filter, None),
+        Ok(filter) => {
+            let stray = stray_word(&text).map(|word| {
+                format!(
+                    "RUST_LOG={}: \"{}\" is neither a level ({LEVEL_NAMES}) nor a target of \
+                     jobhook's own lines ({ENGINE_TARGET}, {ENGINE_TARGET}::…); a bare word is read \
+                     as a target, so it shows no line of jobhook's, not even errors: write a level, \
+                     e.g. RUST_LOG=warn, or a target and its level, e.g. \
+                     RUST_LOG=warn,{ENGINE_TARGET}=debug",
+                    escape(&text),
+                    escape(word)
+                )
+            });
+            (filter, stray)
+        }
         Err(e) => (
             EnvFilter::new(default_filter),
             Some(format!(
@@ -154,6 +173,32 @@ fn filter_from(rust_log: Option<String>, default_filter: &str) -> (EnvFilter, Op
             )),
         ),
     }
+}
+
+/// The level names a `RUST_LOG` directive may be (any case; `0`–`5` too), as a warning lists
+/// them.
+const LEVEL_NAMES: &str = "off, error, warn, info, debug, trace";
+
+/// The target every line of jobhook's own is logged under (its modules' paths and
+/// `jobhook::guest`, the handlers' lines).
+const ENGINE_TARGET: &str = "jobhook";
+
+/// The first directive of `rust_log` that is a bare word (no `=`, no span filter) and neither a
+/// level nor a target that could match one of jobhook's lines: `warning`, `verbose`, `all`.
+/// `EnvFilter` reads such a word as a target at every level, which matches nothing of the
+/// engine's: the log goes silent, errors included. A library's target (`wasmtime`) is such a
+/// word too — it shows that library's lines and none of jobhook's, which is worth saying.
+fn stray_word(rust_log: &str) -> Option<&str> {
+    rust_log
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('=') && !d.contains('['))
+        .find(|word| {
+            let level = word.parse::<tracing::level_filters::LevelFilter>().is_ok();
+            // EnvFilter matches a target by prefix: `jobhook::queue` and `job` both match.
+            let engine = word.starts_with(ENGINE_TARGET) || ENGINE_TARGET.starts_with(word);
+            !level && !engine
+        })
 }
 
 /// The engine's line format with `filter`.
@@ -234,6 +279,52 @@ mod tests {
             );
             assert!(!why.contains('\n') && !why.contains('\u{1b}'), "{why}");
         }
+    }
+
+    /// A bare word that is no level and matches none of jobhook's targets is named, with what to
+    /// write instead; levels in any case, `0`–`5`, jobhook's targets and `target=level`
+    /// directives are not.
+    #[test]
+    fn a_bare_word_that_shows_nothing_of_jobhooks_is_named() {
+        for fine in [
+            "warn",
+            "WARN",
+            "Info",
+            "off",
+            "trace",
+            "3",
+            "jobhook",
+            "jobhook::queue",
+            "info,jobhook=debug",
+            "warn,wasmtime=info",
+            "warn,[delivery]=debug",
+        ] {
+            assert_eq!(stray_word(fine), None, "{fine:?}");
+            assert!(
+                filter_from(Some(fine.into()), "warn").1.is_none(),
+                "{fine:?}"
+            );
+        }
+        for (text, word) in [
+            ("warning", "warning"),
+            ("verbose", "verbose"),
+            ("info,all", "all"),
+            ("wasmtime", "wasmtime"),
+        ] {
+            assert_eq!(stray_word(text), Some(word), "{text:?}");
+            let (filter, why) = filter_from(Some(text.into()), "warn");
+            // Used as written (the word may be a library's target); said, not refused.
+            assert_ne!(filter.to_string(), "warn", "{text:?}");
+            let why = why.expect("named");
+            assert!(
+                why.starts_with(&format!("RUST_LOG={text}: \"{word}\" is neither a level")),
+                "{why}"
+            );
+            assert!(why.contains("e.g. RUST_LOG=warn"), "{why}");
+        }
+        let (_, why) = filter_from(Some("ver\u{1b}bose".into()), "warn");
+        let why = why.expect("named");
+        assert!(!why.contains('\u{1b}'), "{why}");
     }
 
     /// What the engine's format writes for the events `log` emits, at `filter`.
