@@ -1715,6 +1715,43 @@ fn the_example_configuration_used_by_the_readme_is_valid() {
     );
 }
 
+/// The log line of a delivery that did not succeed names its event and attempt: the operator
+/// can look the delivery up (`GET /v1/events/{id}`) from the line alone.
+#[tokio::test]
+async fn the_line_of_a_failed_delivery_names_its_event_and_attempt() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler(
+        "panicker",
+        "guest-panic",
+        "[\"*\"]",
+        "[handlers.retry]\nmax_attempts = 1\n",
+    ));
+    let (status, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["event_id"].as_str().expect("id");
+    let event = settled(&engine, id).await;
+    assert_eq!(
+        delivery(&event, "panicker")["outcome"],
+        "panicked",
+        "{event:#}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = engine.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("handler did not succeed") && l.contains("handler=panicker"));
+        if let Some(line) = line {
+            assert!(line.contains(&format!("event_id={id}")), "{line}");
+            assert!(line.contains("attempt=1"), "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no line of the failure:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    engine.kill();
+}
+
 /// `guest-log-forge` logs, prints, fails and panics with a fake engine line, a fake outcome
 /// line, escape sequences, a NUL and a bidi override: the engine's log shows all of it escaped —
 /// no forged line, no ESC byte — and the API keeps the text exactly (JSON-escaped once).

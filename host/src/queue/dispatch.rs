@@ -746,6 +746,8 @@ impl Dispatcher {
     ) {
         tracing::error!(
             delivery = claim.delivery_id,
+            event_id = %claim.event_id,
+            attempt = claim.attempt,
             "a delivery ended with an engine error ({panic}); it was handed back and runs again"
         );
         let (recorded, _) = oneshot::channel();
@@ -782,7 +784,9 @@ impl Dispatcher {
         let record = match (&handler, &claim.context) {
             (_, Err(reason)) => {
                 tracing::error!(
-                    handler = %claim.handler,
+                    handler = %crate::escape::escape(&claim.handler),
+                    event_id = %claim.event_id,
+                    attempt = claim.attempt,
                     "{reason}: it has failed for good"
                 );
                 unreadable(reason.clone(), self.store.now())

@@ -86,6 +86,9 @@ impl SandboxedHandler {
         let limits = &self.spec.limits;
         let stdout = CappedOutput::new(limits.output_bytes);
         let stderr = CappedOutput::new(limits.output_bytes);
+        // For the line of a delivery that did not succeed: the operator looks its event up.
+        let attempt = delivery.attempt;
+        let event_id = delivery.event_id.clone();
         let mut store = self.new_store(delivery, &stdout, &stderr);
 
         let deadline = start + limits.timeout;
@@ -153,6 +156,9 @@ impl SandboxedHandler {
             tracing::warn!(
                 target: "jobhook::guest",
                 handler = %crate::escape::escape(&self.spec.name),
+                // `-` where there is no event (`jobhook run`).
+                event_id = %crate::escape::escape(event_id.as_deref().unwrap_or("-")),
+                attempt,
                 class = kind.class(),
                 duration_ms = duration.as_secs_f64() * 1000.0,
                 "handler did not succeed: {}",
