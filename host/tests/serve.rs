@@ -1473,6 +1473,79 @@ async fn sigterm_takes_the_grace_once_for_deliveries_and_connections_together() 
     drop(slow);
 }
 
+/// A second SIGTERM or SIGINT during the grace ends it at once: the running delivery is
+/// interrupted and requeued as when the grace runs out, instead of the stop taking the whole
+/// 20 s grace. The wait is a warning, shown at the default log level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_ends_the_grace_at_once() {
+    const GRACE: Duration = Duration::from_secs(20);
+    /// Well under the grace, with room for a loaded machine.
+    const BOUND: Duration = Duration::from_secs(8);
+    for second in ["INT", "TERM"] {
+        let setup = Setup::new();
+        let config = setup.dir.path().join("jobhook.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = {grace}\n\n\
+                 [store]\ndata_dir = \"data\"\n\n{handler}",
+                grace = GRACE.as_millis(),
+                handler = handler(
+                    "slow",
+                    "guest-attempt-probe",
+                    "[\"*\"]",
+                    "properties = { SleepMs = \"60000\" }\n[handlers.limits]\ntimeout_ms = 120000",
+                )
+            ),
+        )
+        .expect("config");
+        let log = setup.dir.path().join("engine.log");
+        let engine = EngineProcess::start_at_default_log_level(
+            Path::new(env!("CARGO_BIN_EXE_jobhook")),
+            &config,
+            &log,
+        );
+        let (status, body) = post(&engine, &sample_context_json()).await;
+        assert_eq!(status, 202, "{body}");
+        let id = body["event_id"].as_str().expect("id").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, text) = get(&engine, &format!("/v1/events/{id}")).await;
+            if text.contains("\"running\"") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not running: {text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        engine.signal("TERM");
+        let waiting = "waiting up to 20s for running deliveries";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !engine.log_text().contains(waiting) {
+            assert!(Instant::now() < deadline, "{}", engine.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let began = Instant::now();
+        engine.signal(second);
+        let status = engine.wait(Duration::from_secs(60)).expect("exited");
+        let took = began.elapsed();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "SIG{second}: {status:?}\n{text}");
+        assert!(
+            took < BOUND,
+            "a second SIG{second} took {took:?} to end a {GRACE:?} grace\n{text}"
+        );
+        let line = text
+            .lines()
+            .find(|l| l.contains(waiting))
+            .expect("the wait's line");
+        assert!(line.contains(" WARN "), "{line}");
+        assert!(
+            text.contains("stop asked again; interrupting deliveries, they will run again"),
+            "{text}"
+        );
+    }
+}
+
 /// A reload whose files do not answer (on a file system that hangs: here
 /// `jobhook-powerloss-fs` with its process stopped) leaves ingest answering, even with one
 /// thread for the API (`TOKIO_WORKER_THREADS=1`, a one-CPU container): the reload reads its

@@ -55,6 +55,13 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 /// How long a graceful shutdown waits for running deliveries before requeueing them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Longest `shutdown_grace_ms`: 10 minutes, already far past what a process supervisor waits
+/// for a stop before it kills the process (systemd's default `TimeoutStopSec` is 90 s,
+/// Kubernetes' `terminationGracePeriodSeconds` 30 s); a longer grace would only be cut short
+/// by SIGKILL, which leaves the interrupted deliveries to wait for their leases. (A second
+/// SIGTERM or SIGINT ends the grace at once.)
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(10 * 60);
+
 /// Largest configuration file read (a config with hundreds of handlers is far smaller).
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -865,6 +872,18 @@ impl Validator<'_> {
                 ),
             ));
         }
+        if server.shutdown_grace > MAX_SHUTDOWN_GRACE {
+            return Err(self.error(
+                None,
+                &format!(
+                    "[server] shutdown_grace_ms must be at most {} (10 minutes: longer than a \
+                     service manager waits for a stop), not {}; a second SIGTERM or SIGINT ends \
+                     the grace early",
+                    MAX_SHUTDOWN_GRACE.as_millis(),
+                    server.shutdown_grace.as_millis()
+                ),
+            ));
+        }
         server
             .connection_limits()
             .validate()
@@ -1516,6 +1535,14 @@ job_types = ["*"]
             (
                 "max_connections = 0",
                 "max_connections must be between 1 and 65536",
+            ),
+            (
+                "shutdown_grace_ms = 600001",
+                "[server] shutdown_grace_ms must be at most 600000 (10 minutes",
+            ),
+            (
+                "shutdown_grace_ms = 315360000000",
+                "shutdown_grace_ms must be at most 600000",
             ),
             (
                 "max_connections = 10\nmax_connections_per_client = 11",

@@ -761,7 +761,8 @@ struct Shared {
 }
 
 /// Serves `router` on `listener` (over TLS with `tls`) until `shutdown` resolves; then stops
-/// accepting, lets open connections finish their requests for at most `drain`, and returns.
+/// accepting, lets open connections finish their requests until `drain_over` resolves (first
+/// polled when the drain begins: the shutdown grace, or a second stop signal), and returns.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsState>,
@@ -769,7 +770,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
-    drain: Duration,
+    drain_over: impl Future<Output = ()>,
 ) {
     let admission = Admission::new(limits, Arc::clone(&metrics));
     let (stop_tx, stop) = watch::channel(false);
@@ -872,14 +873,15 @@ pub async fn serve(
             "waiting for open connections to finish their requests"
         );
     }
-    let drained = tokio::time::timeout(drain, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    let cut_short = tokio::select! {
+        () = async { while connections.join_next().await.is_some() {} } => false,
+        () = drain_over => true,
+    };
+    if cut_short && !connections.is_empty() {
         tracing::warn!(
             open = admission.open(),
-            "connections still open after the shutdown grace period are closed"
+            "connections still open after the shutdown grace period (or a second stop signal) \
+             are closed"
         );
         connections.abort_all();
     }

@@ -319,7 +319,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     ));
     // Both before the ready line: see the two functions.
     spawn_sighup_reload(reload);
-    let stop_asked = shutdown_signal();
+    let mut stop_asked = StopSignals::install();
     let router = api::router(state);
     let limits = config.server.connection_limits();
     let (scheme, ready) = if tls.is_some() {
@@ -342,10 +342,20 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     let signalled = Arc::new(std::sync::OnceLock::new());
     let signalled_at = Arc::clone(&signalled);
     let signal = async move {
-        stop_asked.await;
+        stop_asked.next().await;
         let _ = signalled_at.set(tokio::time::Instant::now());
         stopping.stop();
+        // A second signal during the grace: the operator will not wait for it.
+        tokio::spawn(async move {
+            stop_asked.next().await;
+            tracing::warn!(
+                "stop asked again: interrupting running deliveries and closing connections now"
+            );
+            stopping.hurry();
+        });
     };
+    let hurried = Arc::clone(&dispatcher);
+    let grace = config.server.shutdown_grace;
     connections::serve(
         listener,
         tls,
@@ -353,7 +363,13 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         limits,
         metrics,
         signal,
-        config.server.shutdown_grace,
+        // Polled when the drain begins: the grace counts from then.
+        async move {
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                () = hurried.hurried() => {}
+            }
+        },
     )
     .await;
     tracing::info!("no longer accepting events; finishing running deliveries");
@@ -546,33 +562,54 @@ fn spawn_sighup_reload(reload: Reloader) {
     drop(reload);
 }
 
-/// Resolves at the first SIGTERM or SIGINT (ctrl-c). On Unix the handlers are installed when
-/// this is called, before the ready line: a stop asked for as soon as the engine says it is
-/// ready is a graceful stop, not the signal's default action ending the process. (Elsewhere,
-/// ctrl-c's handler is installed when the future is first polled.)
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+/// SIGTERM and SIGINT (ctrl-c), each time they come. On Unix the handlers are installed by
+/// [`StopSignals::install`], before the ready line: a stop asked for as soon as the engine says
+/// it is ready is a graceful stop, not the signal's default action ending the process; and a
+/// second signal is caught too, to end the grace early. (Elsewhere, ctrl-c's handler is
+/// installed when [`StopSignals::next`] is first polled.)
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let terminate = signal(SignalKind::terminate());
-        let interrupt = signal(SignalKind::interrupt());
-        async move {
-            let wait = |stream: std::io::Result<tokio::signal::unix::Signal>| async move {
-                match stream {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = wait(terminate) => {}
-                _ = wait(interrupt) => {}
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            StopSignals {
+                terminate: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        StopSignals {}
     }
-    #[cfg(not(unix))]
-    async {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn one(stream: &mut Option<tokio::signal::unix::Signal>) {
+                match stream {
+                    Some(s) => {
+                        if s.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = one(&mut self.terminate) => {}
+                () = one(&mut self.interrupt) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -388,6 +388,8 @@ pub struct Dispatcher {
     slot_count: usize,
     wake: Notify,
     stop: watch::Sender<bool>,
+    /// Set by [`Dispatcher::hurry`]: the wind-down stops waiting for running deliveries.
+    hurry: watch::Sender<bool>,
     lease: Duration,
 }
 
@@ -420,6 +422,7 @@ impl Dispatcher {
         lease: Duration,
     ) -> Arc<Self> {
         let (stop, _) = watch::channel(false);
+        let (hurry, _) = watch::channel(false);
         let slot_count = max_concurrent.max(1);
         Arc::new(Dispatcher {
             store,
@@ -429,6 +432,7 @@ impl Dispatcher {
             slot_count,
             wake: Notify::new(),
             stop,
+            hurry,
             lease: lease.max(MIN_LEASE),
         })
     }
@@ -507,8 +511,22 @@ impl Dispatcher {
         self.wake.notify_one();
     }
 
-    /// Claims and runs deliveries until [`Dispatcher::stop`]; then waits up to `grace` for the
-    /// running ones and puts the rest back in the queue.
+    /// Stops and ends the wait for running deliveries at once (a second SIGTERM or SIGINT):
+    /// they are interrupted and put back in the queue, as when the grace runs out.
+    pub fn hurry(&self) {
+        // Kept even while nothing watches yet: the wind-down reads it when it starts.
+        self.hurry.send_replace(true);
+        self.stop();
+    }
+
+    /// Resolves once [`Dispatcher::hurry`] has been called.
+    pub async fn hurried(&self) {
+        let mut hurry = self.hurry.subscribe();
+        let _ = hurry.wait_for(|hurried| *hurried).await;
+    }
+
+    /// Claims and runs deliveries until [`Dispatcher::stop`]; then waits up to `grace` (or until
+    /// [`Dispatcher::hurry`]) for the running ones and puts the rest back in the queue.
     ///
     /// Claims are made in batches as large as the free slots allow (up to
     /// [`MAX_CLAIM_BATCH`]), and outcomes are recorded in batches by one recorder task: a
@@ -711,14 +729,30 @@ impl Dispatcher {
     ) {
         let running = tasks.len();
         if running > 0 {
-            tracing::info!(running, "waiting up to {grace:?} for running deliveries");
+            // A warning: shown by default, it tells an operator why the stop takes its time
+            // and how to cut it short.
+            tracing::warn!(
+                running,
+                "waiting up to {grace:?} for running deliveries; a second SIGTERM or SIGINT \
+                 interrupts them now (they will run again)"
+            );
         }
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
+        let cut_short = tokio::select! {
+            drained = tokio::time::timeout(grace, async {
+                while tasks.join_next().await.is_some() {}
+            }) => drained.is_err(),
+            () = self.hurried() => true,
+        };
+        if cut_short && !tasks.is_empty() {
+            let hurried = *self.hurry.borrow();
             tracing::warn!(
                 unfinished = tasks.len(),
-                "shutdown grace period over; interrupting deliveries, they will run again"
+                "{}; interrupting deliveries, they will run again",
+                if hurried {
+                    "stop asked again"
+                } else {
+                    "shutdown grace period over"
+                }
             );
             tasks.shutdown().await;
         }

@@ -299,11 +299,26 @@ impl EngineProcess {
 
     /// SIGTERM, then wait up to `timeout` for a graceful exit; returns its status (None if it had
     /// to be killed).
-    pub fn terminate(mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
+    pub fn terminate(self, timeout: Duration) -> Option<ExitStatus> {
+        self.signal("TERM");
+        self.wait(timeout)
+    }
+
+    /// Sends the signal `name` (`TERM`, `INT`, …) and returns at once.
+    pub fn signal(&self, name: &str) {
+        // No process (pid 0): `kill` would signal this whole process group.
+        if self.child.is_none() {
+            return;
+        }
         let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status();
+    }
+
+    /// Waits up to `timeout` for the process to end by itself; returns its status (None if it
+    /// had to be killed).
+    pub fn wait(mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
