@@ -2105,6 +2105,62 @@ identity = "writer"
         assert!(f.parse(&loopback).is_ok());
     }
 
+    /// An empty list in a grant would deny the handler every call at run time: refused when the
+    /// configuration is read, naming the handler, the key and what to write.
+    #[test]
+    fn a_grant_with_an_empty_list_is_refused() {
+        let f = Fixture::new();
+        let handler = |grant: &str| {
+            format!(
+                "[[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\njob_types = [\"*\"]\n{grant}"
+            )
+        };
+        for (config, key, example) in [
+            (
+                format!(
+                    "[mail]\nfrom = \"jobhook@example.com\"\n\n{}",
+                    handler("[handlers.grants.mail]\nrecipients = []\n")
+                ),
+                "handlers.grants.mail.recipients: the list is empty",
+                "recipients = [\"pki-team@example.com\"",
+            ),
+            (
+                format!(
+                    "[keyfactor]\nbase_url = \"https://kf.example.com/KeyfactorAPI/\"\nauth = {{ kind = \"bearer\", token = {{ env = \"KF_ENGINE\" }} }}\n\n{}",
+                    handler("[handlers.grants.keyfactor]\npaths = []\n")
+                ),
+                "handlers.grants.keyfactor.paths: the list is empty",
+                "paths = [\"Certificates/\"]",
+            ),
+            (
+                format!(
+                    "[keyfactor]\nbase_url = \"https://kf.example.com/KeyfactorAPI/\"\nauth = {{ kind = \"bearer\", token = {{ env = \"KF_ENGINE\" }} }}\n\n{}",
+                    handler("[handlers.grants.keyfactor]\npaths = [\"*\"]\nmethods = []\n")
+                ),
+                "handlers.grants.keyfactor.methods: the list is empty",
+                "methods = [\"GET\"]",
+            ),
+            (
+                handler("[handlers.grants.http]\nurls = []\n"),
+                "handlers.grants.http.urls: the list is empty",
+                "urls = [\"https://hooks.example.com/\"]",
+            ),
+            (
+                handler(
+                    "[handlers.grants.http]\nurls = [\"https://hooks.example.com/\"]\nmethods = []\n",
+                ),
+                "handlers.grants.http.methods: the list is empty",
+                "methods = [\"POST\"]",
+            ),
+        ] {
+            let e = f.parse(&config).unwrap_err();
+            assert!(e.message.contains(key), "{config}: {e}");
+            assert!(e.message.contains(example), "{config}: {e}");
+            assert!(e.message.contains("(handler \"a\")"), "{config}: {e}");
+            assert!(e.line.is_some(), "{config}: {e}");
+        }
+    }
+
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
         let e = error(&format!("{MINIMAL}colour = \"blue\"\n"));

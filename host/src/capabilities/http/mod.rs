@@ -155,6 +155,22 @@ impl Grantable for Http {
     /// A plain http prefix is used only with `allow_private` (it reaches loopback only);
     /// without it every call under the prefix would be refused.
     fn check_grant(_config: &HttpConfig, grant: &HttpGrant) -> Result<(), String> {
+        // An empty list would refuse every call the handler makes.
+        if grant.urls.is_empty() {
+            return Err(
+                "urls: the list is empty, so every call would be refused: list the URL prefixes \
+                 the handler may call, e.g. urls = [\"https://hooks.example.com/\"], or remove \
+                 [handlers.grants.http]"
+                    .to_owned(),
+            );
+        }
+        if grant.methods.is_empty() {
+            return Err(
+                "methods: the list is empty, so every call would be refused: list the methods \
+                 the handler may use, e.g. methods = [\"POST\"], or leave methods out (POST)"
+                    .to_owned(),
+            );
+        }
         match grant.plain_http_prefix() {
             Some(prefix) if !grant.allow_private => Err(format!(
                 "urls: {}: plain http:// is allowed only with allow_private = true (and only to \

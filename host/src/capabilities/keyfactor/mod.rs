@@ -145,6 +145,22 @@ impl Grantable for Keyfactor {
     }
 
     fn check_grant(config: &Option<KeyfactorConfig>, grant: &KeyfactorGrant) -> Result<(), String> {
+        // An empty list would refuse every call the handler makes.
+        if grant.paths.is_empty() {
+            return Err(
+                "paths: the list is empty, so every call would be refused: list the path \
+                 prefixes the handler may call, e.g. paths = [\"Certificates/\"] (\"*\" for \
+                 every path), or remove [handlers.grants.keyfactor]"
+                    .to_owned(),
+            );
+        }
+        if grant.methods.is_empty() {
+            return Err(
+                "methods: the list is empty, so every call would be refused: list the methods \
+                 the handler may use, e.g. methods = [\"GET\"], or leave methods out (GET)"
+                    .to_owned(),
+            );
+        }
         let Some(name) = &grant.identity else {
             return Ok(());
         };
