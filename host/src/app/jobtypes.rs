@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::app::config::Config;
 use crate::bindings::jobhook::handler::keyfactor::Request;
-use crate::bindings::types::Method;
+use crate::bindings::types::{CapabilityError, Method};
 use crate::capabilities::keyfactor::{KeyfactorClient, KeyfactorGrant};
 use crate::context::parse_guid;
 use crate::excerpt::excerpt;
@@ -272,12 +272,12 @@ async fn each_page(
                 },
             )
             .await
-            .map_err(|e| anyhow::anyhow!("GET {path}: {e:?}"))?;
+            .map_err(|e| anyhow::anyhow!(call_failed(path, &e)))?;
         if !(200..300).contains(&response.status) {
             let body = String::from_utf8_lossy(response.body.get(..300).unwrap_or(&response.body))
                 .escape_debug()
                 .to_string();
-            bail!("GET {path} answered {}: {body}", response.status);
+            bail!("{}", refused(path, response.status, &body));
         }
         let rows = match serde_json::from_slice::<Value>(&response.body) {
             Ok(Value::Array(rows)) => rows,
@@ -290,6 +290,39 @@ async fn each_page(
         }
     }
     Ok(())
+}
+
+/// What a call that got no answer says: the client's words (escaped: they may quote a remote
+/// server) and, where the address is what to check, the setting that holds it.
+fn call_failed(path: &str, error: &CapabilityError) -> String {
+    let (words, setting) = match error {
+        CapabilityError::Failed(m) | CapabilityError::Timeout(m) => (
+            m,
+            Some("check [keyfactor] base_url: the Keyfactor API must answer there"),
+        ),
+        CapabilityError::NotGranted(m)
+        | CapabilityError::NotAvailable(m)
+        | CapabilityError::Denied(m)
+        | CapabilityError::LimitExceeded(m) => (m, None),
+    };
+    let words = crate::escape::escape(words);
+    match setting {
+        Some(setting) => format!("GET {path}: {words}; {setting}"),
+        None => format!("GET {path}: {words}"),
+    }
+}
+
+/// What an answer other than 2xx says; for 401 and 403 the setting that holds the credential.
+fn refused(path: &str, status: u16, body: &str) -> String {
+    let setting = match status {
+        401 => "; the Keyfactor API refused the credential: check [keyfactor.auth]",
+        403 => {
+            "; the Keyfactor API refused this account the list: check [keyfactor.auth] and the \
+             account's permissions in Command"
+        }
+        _ => "",
+    };
+    format!("GET {path} answered {status}: {body}{setting}")
 }
 
 /// Reads the job types through `client` and renders them (see [`render`]); entries that could
@@ -333,6 +366,32 @@ pub async fn job_types(path: &Path) -> anyhow::Result<std::process::ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call that got no answer says so in words (not `Failed("…")`) and names the setting to
+    /// check; a 401 or 403 names `[keyfactor.auth]`.
+    #[test]
+    fn a_failed_call_names_the_setting_to_check() {
+        let text = call_failed(
+            "CertificateStoreTypes",
+            &CapabilityError::Failed("cannot connect to the Keyfactor API".into()),
+        );
+        assert_eq!(
+            text,
+            "GET CertificateStoreTypes: cannot connect to the Keyfactor API; check [keyfactor] \
+             base_url: the Keyfactor API must answer there"
+        );
+        let text = call_failed(
+            "JobTypes/Custom",
+            &CapabilityError::Timeout("no answer\nin 30 s".into()),
+        );
+        assert!(!text.contains("Timeout(") && !text.contains('\n'), "{text}");
+        assert!(text.contains("[keyfactor] base_url"), "{text}");
+        for status in [401, 403] {
+            let text = refused("CertificateStoreTypes", status, "");
+            assert!(text.contains("[keyfactor.auth]"), "{text}");
+        }
+        assert!(!refused("CertificateStoreTypes", 500, "x").contains("[keyfactor"));
+    }
     use jobhook_standin::{Standin, data};
     use serde_json::json;
 
