@@ -238,7 +238,7 @@ pub async fn run(
     let context = read_context(&args.context)?;
     let properties = parse_properties(&args.properties)?;
     let options = args.engine.load_options();
-    let bytes = read_component(&args.component, options.max_bytes)?;
+    let bytes = read_component(&args.component, options.max_bytes, None)?;
     let engine = args.engine.engine()?;
 
     let name = args
@@ -312,7 +312,7 @@ fn load_report(component: &loader::LoadedComponent, took: Duration) -> serde_jso
 
 async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let options = args.engine.load_options();
-    let bytes = read_component(&args.component, options.max_bytes)?;
+    let bytes = read_component(&args.component, options.max_bytes, None)?;
     let engine = args.engine.engine()?;
     let inspection = loader::inspect(&engine, bytes, &options)
         .await

@@ -13,13 +13,16 @@ pub const CDYLIB_FIX: &str = "cargo writes a .wasm for a library crate only with
 /// Reads the component at `path`, refusing a file over `max` bytes (by its size before reading
 /// it, and by what it yields while reading, should it grow in between) and anything that is not
 /// a regular file: a FIFO would block the read until something writes to it, a device never
-/// ends.
-pub fn read_component(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
+/// ends. `setting` is where the operator sets `max`, named when the file is too big.
+pub fn read_component(path: &Path, max: usize, setting: Option<&str>) -> anyhow::Result<Vec<u8>> {
     use crate::files::ReadError;
     let cannot_read = || format!("cannot read {}", path.display());
     let too_big = |size: String| {
+        let fix = setting
+            .map(|s| format!(" (raise {s} or build a smaller component)"))
+            .unwrap_or_default();
         anyhow::anyhow!(
-            "{} is {size} bytes; the component size limit is {max} bytes",
+            "{} is {size} bytes; the component size limit is {max} bytes{fix}",
             path.display()
         )
     };
@@ -79,12 +82,12 @@ mod tests {
         std::fs::create_dir_all(&release).unwrap();
         let wasm = release.join("my_hook.wasm");
 
-        let e = format!("{:#}", read_component(&wasm, 1 << 20).unwrap_err());
+        let e = format!("{:#}", read_component(&wasm, 1 << 20, None).unwrap_err());
         assert!(e.contains("crate-type = [\"cdylib\"]"), "{e}");
         assert!(e.contains("no such file"), "{e}");
 
         std::fs::write(release.join("libmy_hook.rlib"), b"!<arch>\n").unwrap();
-        let e = format!("{:#}", read_component(&wasm, 1 << 20).unwrap_err());
+        let e = format!("{:#}", read_component(&wasm, 1 << 20, None).unwrap_err());
         assert!(e.contains("libmy_hook.rlib instead"), "{e}");
         assert!(e.contains("crate-type = [\"cdylib\"]"), "{e}");
         // The rebuild it names is the release build every other hint names.
@@ -94,18 +97,18 @@ mod tests {
         // Elsewhere a missing file is only that.
         let e = format!(
             "{:#}",
-            read_component(&tmp.path().join("h.wasm"), 1 << 20).unwrap_err()
+            read_component(&tmp.path().join("h.wasm"), 1 << 20, None).unwrap_err()
         );
         assert!(!e.contains("cdylib"), "{e}");
         assert!(e.contains("h.wasm"), "{e}");
 
         std::fs::write(&wasm, [0u8; 16]).unwrap();
-        assert_eq!(read_component(&wasm, 16).unwrap().len(), 16);
+        assert_eq!(read_component(&wasm, 16, None).unwrap().len(), 16);
         // A device never ends, and a FIFO would block until something writes to it: neither is
         // read.
         let e = format!(
             "{:#}",
-            read_component(Path::new("/dev/zero"), 1024).unwrap_err()
+            read_component(Path::new("/dev/zero"), 1024, None).unwrap_err()
         );
         assert!(e.contains("not a regular file"), "{e}");
         #[cfg(unix)]
@@ -114,10 +117,22 @@ mod tests {
             let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
             // SAFETY: a valid NUL-terminated path; mkfifo has no other precondition.
             assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
-            let e = format!("{:#}", read_component(&fifo, 1024).unwrap_err());
+            let e = format!("{:#}", read_component(&fifo, 1024, None).unwrap_err());
             assert!(e.contains("a named pipe (FIFO), not a regular file"), "{e}");
         }
-        let e = format!("{:#}", read_component(&wasm, 15).unwrap_err());
+        let e = format!("{:#}", read_component(&wasm, 15, None).unwrap_err());
         assert!(e.contains("size limit is 15 bytes"), "{e}");
+        // Where the limit is a setting, the setting is named.
+        let e = format!(
+            "{:#}",
+            read_component(&wasm, 15, Some("[engine] max_component_bytes")).unwrap_err()
+        );
+        assert!(
+            e.contains(
+                "size limit is 15 bytes (raise [engine] max_component_bytes or build a smaller \
+                 component)"
+            ),
+            "{e}"
+        );
     }
 }

@@ -30,6 +30,9 @@ use crate::sources::forwarders::Forwarders;
 use crate::sources::idempotency;
 use crate::sources::poller::Poller;
 
+/// The setting that limits a component's size, named when a component is over it.
+const MAX_COMPONENT_BYTES_SETTING: &str = "[engine] max_component_bytes";
+
 /// The line `serve` prints once it accepts connections; tools and tests wait for it.
 pub const READY_LINE: &str = "jobhook listening on http://";
 
@@ -111,9 +114,11 @@ pub async fn load_handlers(
         // On a blocking thread: a reload runs on the API's runtime, and a component on a share
         // that hangs (or a FIFO) must not hold a thread that answers ingest.
         let (path, max) = (hc.component.clone(), options.max_bytes);
-        let bytes = read_files("the component", move || read_component(&path, max))
-            .await
-            .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
+        let bytes = read_files("the component", move || {
+            read_component(&path, max, Some(MAX_COMPONENT_BYTES_SETTING))
+        })
+        .await
+        .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
         let digest = digest(&bytes);
         let before = previous.and_then(|p| p.loaded.get(&hc.name));
         let reusable =
