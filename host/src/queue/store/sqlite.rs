@@ -789,6 +789,8 @@ fn migrate(conn: &mut Connection) -> Result<(), String> {
             tx.commit()
         };
         apply().map_err(explained)?;
+        // As the PostgreSQL store says it: an upgrade shows what it changed in the database.
+        tracing::info!(version = index + 1, "store schema migration applied");
     }
     Ok(())
 }
@@ -1794,6 +1796,47 @@ mod tests {
             );
             drop(store);
         }
+    }
+
+    /// Each migration applied at open is logged with its version, as the PostgreSQL store logs
+    /// it; a store already at the newest schema logs none.
+    #[test]
+    fn each_migration_applied_is_logged() {
+        let kept = crate::log_capture::Captured::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let dir = tempfile::tempdir().unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            drop(SqliteStore::open(dir.path()).unwrap());
+        });
+        let text = kept.text();
+        for version in 1..=MIGRATIONS.len() {
+            assert!(
+                text.contains(&format!(
+                    "store schema migration applied version={version}\n"
+                )),
+                "{version}: {text}"
+            );
+        }
+        let kept = crate::log_capture::Captured::default();
+        let writer = kept.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            drop(SqliteStore::open(dir.path()).unwrap());
+        });
+        assert!(
+            !kept.text().contains("migration applied"),
+            "{}",
+            kept.text()
+        );
     }
 
     /// A store a newer jobhook made, or another program's database, is not opened: the message
