@@ -1414,6 +1414,28 @@ async fn sigterm_finishes_running_deliveries_and_exits_cleanly() {
     assert_eq!(d["attempt"], 1, "{d}");
 }
 
+/// Writes `setup`'s configuration: one handler, `slow`, that runs for a minute on every event,
+/// a shutdown grace of `grace`, and `server` added to `[server]`; its path.
+fn minute_long_handler_config(setup: &Setup, grace: Duration, server: &str) -> PathBuf {
+    let config = setup.dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = {grace}\n{server}\n\
+             [store]\ndata_dir = \"data\"\n\n{handler}",
+            grace = grace.as_millis(),
+            handler = handler(
+                "slow",
+                "guest-attempt-probe",
+                "[\"*\"]",
+                "properties = { SleepMs = \"60000\" }\n[handlers.limits]\ntimeout_ms = 120000",
+            )
+        ),
+    )
+    .expect("config");
+    config
+}
+
 /// The running deliveries' grace and the connections' drain run side by side: with a delivery
 /// that outlasts the grace and a request whose body never finishes (each holding its part of
 /// the stop for the whole grace), SIGTERM ends the process after about one grace, not two (one
@@ -1426,22 +1448,7 @@ async fn sigterm_takes_the_grace_once_for_deliveries_and_connections_together() 
     /// took 20 s).
     const BOUND: Duration = Duration::from_secs(15);
     let setup = Setup::new();
-    let config = setup.dir.path().join("jobhook.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = {grace}\n\
-             body_read_timeout_ms = 60000\n\n[store]\ndata_dir = \"data\"\n\n{handler}",
-            grace = GRACE.as_millis(),
-            handler = handler(
-                "slow",
-                "guest-attempt-probe",
-                "[\"*\"]",
-                "properties = { SleepMs = \"60000\" }\n[handlers.limits]\ntimeout_ms = 120000",
-            )
-        ),
-    )
-    .expect("config");
+    let config = minute_long_handler_config(&setup, GRACE, "body_read_timeout_ms = 60000\n");
     let engine = EngineProcess::start(
         Path::new(env!("CARGO_BIN_EXE_jobhook")),
         &config,
@@ -1483,22 +1490,7 @@ async fn a_second_stop_signal_ends_the_grace_at_once() {
     const BOUND: Duration = Duration::from_secs(8);
     for second in ["INT", "TERM"] {
         let setup = Setup::new();
-        let config = setup.dir.path().join("jobhook.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = {grace}\n\n\
-                 [store]\ndata_dir = \"data\"\n\n{handler}",
-                grace = GRACE.as_millis(),
-                handler = handler(
-                    "slow",
-                    "guest-attempt-probe",
-                    "[\"*\"]",
-                    "properties = { SleepMs = \"60000\" }\n[handlers.limits]\ntimeout_ms = 120000",
-                )
-            ),
-        )
-        .expect("config");
+        let config = minute_long_handler_config(&setup, GRACE, "");
         let log = setup.dir.path().join("engine.log");
         let engine = EngineProcess::start_at_default_log_level(
             Path::new(env!("CARGO_BIN_EXE_jobhook")),
