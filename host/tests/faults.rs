@@ -1123,12 +1123,24 @@ fn engine_on_private_postgres() -> Option<(
     tempfile::TempDir,
     EngineProcess,
 )> {
+    engine_on_private_postgres_with(pg_config)
+}
+
+/// An engine on a PostgreSQL server of its own, configured by `config` (given the database),
+/// with the directory holding its configuration; `None` (skipped) without PostgreSQL.
+fn engine_on_private_postgres_with(
+    config: impl FnOnce(&jobhook_testkit::postgres::TestDatabase) -> String,
+) -> Option<(
+    jobhook_testkit::postgres::TestDatabase,
+    tempfile::TempDir,
+    EngineProcess,
+)> {
     let db = private_database_or_skip()?;
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(&config, pg_config(&db)).expect("config");
-    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let path = dir.path().join("jobhook.toml");
+    std::fs::write(&path, config(&db)).expect("config");
+    let engine = EngineProcess::start(engine_bin(), &path, &dir.path().join("engine.log"));
     Some((db, dir, engine))
 }
 
@@ -1362,22 +1374,14 @@ fn slow_engine_on_private_postgres(
     tempfile::TempDir,
     EngineProcess,
 )> {
-    let db = private_database_or_skip()?;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("db-password"), &db.password).expect("password file");
-    let config = dir.path().join("jobhook.toml");
-    std::fs::write(
-        &config,
+    engine_on_private_postgres_with(|db| {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\n{store}\n[[handlers]]\nname = \"slow\"\n\
              component = \"{probe}\"\njob_types = [\"*\"]\nproperties = {{ SleepMs = \"1500\" }}\n",
             store = db.store_section(lease_ms, "data"),
             probe = guest("guest-attempt-probe").display(),
-        ),
-    )
-    .expect("config");
-    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
-    Some((db, dir, engine))
+        )
+    })
 }
 
 /// Posts an event and waits until its `slow` delivery runs; its id.
