@@ -1802,18 +1802,22 @@ mod tests {
     /// it; a store already at the newest schema logs none.
     #[test]
     fn each_migration_applied_is_logged() {
-        let kept = crate::log_capture::Captured::default();
-        let writer = kept.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+        // What opening the store in `dir` logs at INFO.
+        let logged_opening = |dir: &Path| {
+            let kept = crate::log_capture::Captured::default();
+            let writer = kept.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::INFO)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                drop(SqliteStore::open(dir).unwrap());
+            });
+            kept.text()
+        };
         let dir = tempfile::tempdir().unwrap();
-        tracing::subscriber::with_default(subscriber, || {
-            drop(SqliteStore::open(dir.path()).unwrap());
-        });
-        let text = kept.text();
+        let text = logged_opening(dir.path());
         for version in 1..=MIGRATIONS.len() {
             assert!(
                 text.contains(&format!(
@@ -1822,21 +1826,8 @@ mod tests {
                 "{version}: {text}"
             );
         }
-        let kept = crate::log_capture::Captured::default();
-        let writer = kept.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            drop(SqliteStore::open(dir.path()).unwrap());
-        });
-        assert!(
-            !kept.text().contains("migration applied"),
-            "{}",
-            kept.text()
-        );
+        let again = logged_opening(dir.path());
+        assert!(!again.contains("migration applied"), "{again}");
     }
 
     /// A store a newer jobhook made, or another program's database, is not opened: the message
