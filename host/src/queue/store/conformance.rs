@@ -77,6 +77,10 @@ macro_rules! suite {
             a_key_past_its_retention_is_new,
             concurrent_inserts_with_one_key_commit_one_event,
             expired_keys_are_purged_in_bounded_batches,
+            finished_events_past_retention_are_deleted_with_their_deliveries,
+            events_with_a_delivery_not_finished_are_kept_however_old,
+            event_purges_are_bounded_batches,
+            concurrent_event_purges_delete_each_event_once,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -136,6 +140,13 @@ macro_rules! pass_on_the_rest {
             max: usize,
         ) -> Result<u64, $crate::queue::store::StoreError> {
             self.0.purge_idempotency_keys(before, max)
+        }
+        fn purge_finished(
+            &self,
+            before: chrono::DateTime<chrono::Utc>,
+            max: usize,
+        ) -> Result<u64, $crate::queue::store::StoreError> {
+            self.0.purge_finished(before, max)
         }
         fn renew(
             &self,
@@ -1299,4 +1310,159 @@ pub(crate) fn expired_keys_are_purged_in_bounded_batches(b: &impl Backend) {
             .unwrap(),
         Inserted::New
     );
+}
+
+/// How many deliveries `store` holds in each state, by name, omitting states with none.
+fn states(store: &impl EventStore) -> Vec<(&'static str, u64)> {
+    sorted(store.count_by_state().unwrap())
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Waits until the queue clock of `store` has moved past every time it has given so far and
+/// returns it: a cutoff every event inserted until now is before, and every later one is not.
+fn cutoff(store: &impl EventStore) -> chrono::DateTime<Utc> {
+    std::thread::sleep(Duration::from_millis(5));
+    let now = store.now();
+    std::thread::sleep(Duration::from_millis(5));
+    now
+}
+
+pub(crate) fn finished_events_past_retention_are_deleted_with_their_deliveries(b: &impl Backend) {
+    let store = b.node();
+    // Finished: one delivery succeeded and one failed for good, each after an attempt.
+    let done = event(&["a", "b"]);
+    store.insert_event(&done).unwrap();
+    for state in [DeliveryState::Succeeded, DeliveryState::Failed] {
+        let claim = store.claim(store.now(), &[], LEASE).unwrap().unwrap();
+        assert_eq!(claim.event_id, done.id);
+        assert_eq!(
+            store.finish(&claim, &record(state)).unwrap(),
+            Finish::Recorded
+        );
+    }
+    // Finished too: routed to no handler.
+    let unrouted = event(&[]);
+    store.insert_event(&unrouted).unwrap();
+    let before = cutoff(&store);
+    // Finished, but received after the cutoff.
+    let recent = event(&[]);
+    store.insert_event(&recent).unwrap();
+    assert_eq!(states(&store), [("failed", 1), ("succeeded", 1)]);
+
+    assert_eq!(store.purge_finished(before, 100).unwrap(), 2);
+    assert!(store.event(done.id).unwrap().is_none());
+    assert!(store.event(unrouted.id).unwrap().is_none());
+    assert!(store.event(recent.id).unwrap().is_some());
+    // The deliveries went with their event (and their attempts with them: the foreign keys of
+    // both stores refuse a delivery deleted under its attempts).
+    assert_eq!(states(&store), []);
+    assert_eq!(store.purge_finished(before, 100).unwrap(), 0);
+    // Another node sees the same.
+    let other = b.node();
+    assert!(other.event(done.id).unwrap().is_none());
+    assert!(other.event(recent.id).unwrap().is_some());
+}
+
+pub(crate) fn events_with_a_delivery_not_finished_are_kept_however_old(b: &impl Backend) {
+    let store = b.node();
+    let running = event(&["a"]);
+    store.insert_event(&running).unwrap();
+    let run = store.claim(store.now(), &[], LEASE).unwrap().unwrap();
+    assert_eq!(run.event_id, running.id);
+    // One delivery finished, the other waiting for a retry.
+    let half = event(&["b", "c"]);
+    store.insert_event(&half).unwrap();
+    let first = store.claim(store.now(), &[], LEASE).unwrap().unwrap();
+    let second = store.claim(store.now(), &[], LEASE).unwrap().unwrap();
+    store
+        .finish(&first, &record(DeliveryState::Succeeded))
+        .unwrap();
+    let mut retry = record(DeliveryState::Pending);
+    retry.retry_at = Some(store.now() + chrono::Duration::hours(1));
+    store.finish(&second, &retry).unwrap();
+    let waiting = event(&["d"]);
+    store.insert_event(&waiting).unwrap();
+    let before = cutoff(&store);
+
+    assert_eq!(store.purge_finished(before, 100).unwrap(), 0);
+    for id in [running.id, half.id, waiting.id] {
+        assert!(store.event(id).unwrap().is_some(), "{id} kept");
+    }
+    assert_eq!(
+        states(&store),
+        [("pending", 2), ("running", 1), ("succeeded", 1)]
+    );
+    // Once its delivery has ended, the running one's event is finished, and goes.
+    store.finish(&run, &record(DeliveryState::Failed)).unwrap();
+    assert_eq!(store.purge_finished(before, 100).unwrap(), 1);
+    assert!(store.event(running.id).unwrap().is_none());
+    assert_eq!(states(&store), [("pending", 2), ("succeeded", 1)]);
+}
+
+pub(crate) fn event_purges_are_bounded_batches(b: &impl Backend) {
+    let store = b.node();
+    for _ in 0..5 {
+        store.insert_event(&event(&[])).unwrap();
+    }
+    let long_ago = store.now() - chrono::Duration::hours(1);
+    assert_eq!(store.purge_finished(long_ago, 100).unwrap(), 0);
+    let before = cutoff(&store);
+    assert_eq!(store.purge_finished(before, 2).unwrap(), 2);
+    assert_eq!(store.purge_finished(before, 2).unwrap(), 2);
+    assert_eq!(store.purge_finished(before, 0).unwrap(), 0);
+    assert_eq!(store.purge_finished(before, 2).unwrap(), 1);
+    assert_eq!(store.purge_finished(before, 2).unwrap(), 0);
+    // A larger `max` than the bound is the bound.
+    for _ in 0..super::MAX_EVENT_PURGE_BATCH + 1 {
+        store.insert_event(&event(&[])).unwrap();
+    }
+    let before = cutoff(&store);
+    assert_eq!(
+        store.purge_finished(before, usize::MAX).unwrap(),
+        super::MAX_EVENT_PURGE_BATCH as u64
+    );
+    assert_eq!(store.purge_finished(before, usize::MAX).unwrap(), 1);
+}
+
+pub(crate) fn concurrent_event_purges_delete_each_event_once(b: &impl Backend) {
+    const EVENTS: usize = 60;
+    const BATCH: usize = 7;
+    let nodes = [b.node(), b.node()];
+    for n in 0..EVENTS {
+        nodes[n % 2]
+            .insert_event(&event(if n % 3 == 0 { &[] } else { &["a"] }))
+            .unwrap();
+    }
+    // Every delivery finished, by whichever node claims it.
+    while let Some(claim) = nodes[0].claim(nodes[0].now(), &[], LEASE).unwrap() {
+        nodes[0]
+            .finish(&claim, &record(DeliveryState::Succeeded))
+            .unwrap();
+    }
+    let before = cutoff(&nodes[0]);
+    let barrier = std::sync::Barrier::new(nodes.len());
+    let deleted: u64 = std::thread::scope(|scope| {
+        let purgers: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    let mut total = 0;
+                    loop {
+                        let n = node.purge_finished(before, BATCH).unwrap();
+                        total += n;
+                        if n == 0 {
+                            return total;
+                        }
+                    }
+                })
+            })
+            .collect();
+        purgers.into_iter().map(|p| p.join().unwrap()).sum()
+    });
+    assert_eq!(deleted, EVENTS as u64);
+    assert_eq!(states(&nodes[1]), []);
 }

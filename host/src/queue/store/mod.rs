@@ -247,6 +247,11 @@ pub enum Inserted {
 /// transaction, so purging never holds the write lock long enough to delay ingest noticeably.
 pub const MAX_PURGE_BATCH: usize = 1000;
 
+/// Most events one [`EventStore::purge_finished`] call deletes (with their deliveries and
+/// attempts, a few rows each): bounds the transaction, so that retention never holds SQLite's
+/// writer, or a PostgreSQL transaction's locks, long enough to delay ingest noticeably.
+pub const MAX_EVENT_PURGE_BATCH: usize = 500;
+
 /// A delivery claimed by a worker.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -536,6 +541,18 @@ pub trait EventStore: Send + Sync + 'static {
     /// Deletes up to `max` (capped at [`MAX_PURGE_BATCH`]) idempotency keys first used before
     /// `before`; returns how many.
     fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError>;
+
+    /// Deletes up to `max` (capped at [`MAX_EVENT_PURGE_BATCH`]) finished events received before
+    /// `before`, oldest first, each with its deliveries and their attempts, in one transaction;
+    /// returns how many events.
+    ///
+    /// Finished: every delivery of the event is terminal (succeeded, failed, skipped), or it has
+    /// none (routed to no handler). An event with a delivery pending or running is kept however
+    /// old it is, and becomes finished only by its deliveries ending: a terminal delivery never
+    /// changes again, so what is deleted cannot be needed by a claim. Idempotency keys are not
+    /// touched: the caller keeps events at least as long as their keys
+    /// (`queue::retention`). On a shared store, nodes purging at once skip each other's rows.
+    fn purge_finished(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError>;
 
     /// Claims up to `limits.max` of the oldest due pending deliveries, at most as many of each
     /// handler as `limits` leaves room for, in one transaction: marks each running, owned by this

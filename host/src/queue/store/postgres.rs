@@ -46,8 +46,8 @@ use super::clock::QueueClock;
 use super::postgres_url::{UrlError, check_url, redact_url, url_sets};
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
-    EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_PURGE_BATCH,
-    NewEvent, RELEASED_REASON, StoreError, after, unreadable_context,
+    EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_EVENT_PURGE_BATCH,
+    MAX_PURGE_BATCH, NewEvent, RELEASED_REASON, StoreError, after, unreadable_context,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -282,6 +282,9 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
     // instead of walking past a saturated handler's backlog (see `CLAIM_BATCH`).
     "CREATE INDEX deliveries_handler_due ON deliveries (handler, not_before, id) \
      WHERE state = 'pending';",
+    // Events by receipt time, which retention walks from its oldest end (see `PURGE_FINISHED`)
+    // instead of reading the whole table every round.
+    "CREATE INDEX events_received ON events (received_at, id);",
 ];
 
 /// Why a PostgreSQL store call failed, before it becomes a [`StoreError`].
@@ -1162,6 +1165,31 @@ const PURGE_KEYS: &str = "
     WHERE key IN (SELECT key FROM idempotency_keys WHERE created_at < $1
                   ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
+/// Deletes at most `$2` finished events received before `$1`, oldest first, with their
+/// deliveries and attempts, in one statement: every delivery of such an event is terminal (or it
+/// has none), and a terminal delivery never changes again, so no other statement of the engine
+/// writes these rows any more. The events are locked, skipping those another node's purge holds
+/// (`SKIP LOCKED`), so that nodes purging at once neither wait for nor repeat each other; walked
+/// in `events_received` order, so that locks are always taken in one order. The children's
+/// deletions are sibling statements of the events' and the foreign keys are checked at the end
+/// of the statement, when the children are gone.
+const PURGE_FINISHED: &str = "
+    WITH doomed AS (
+        SELECT e.id FROM events e
+        WHERE e.received_at < $1
+          AND NOT EXISTS (SELECT 1 FROM deliveries d
+                          WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
+        ORDER BY e.received_at, e.id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ), gone_attempts AS (
+        DELETE FROM attempts a USING deliveries d, doomed
+        WHERE a.delivery_id = d.id AND d.event_id = doomed.id
+    ), gone_deliveries AS (
+        DELETE FROM deliveries d USING doomed WHERE d.event_id = doomed.id
+    )
+    DELETE FROM events e USING doomed WHERE e.id = doomed.id";
+
 const UPSERT_CURSOR: &str = "
     INSERT INTO cursors (name, value) VALUES ($1, $2)
     ON CONFLICT (name) DO UPDATE SET value = excluded.value";
@@ -1326,6 +1354,7 @@ const INDEXED_STATEMENTS: &[&str] = &[
     HELD_KEY,
     HANDLERS_OF,
     PURGE_KEYS,
+    PURGE_FINISHED,
     UPSERT_CURSOR,
     CLAIM_BATCH,
     FINISH_BATCH,
@@ -1500,6 +1529,14 @@ impl EventStore for PostgresStore {
         let limit = i64::try_from(max.min(MAX_PURGE_BATCH)).unwrap_or(0);
         self.with(|conn| {
             let purge = conn.prepare(PURGE_KEYS)?;
+            Ok(conn.client.execute(&purge, &[&before, &limit])?)
+        })
+    }
+
+    fn purge_finished(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
+        let limit = i64::try_from(max.min(MAX_EVENT_PURGE_BATCH)).unwrap_or(0);
+        self.with(|conn| {
+            let purge = conn.prepare(PURGE_FINISHED)?;
             Ok(conn.client.execute(&purge, &[&before, &limit])?)
         })
     }
@@ -2415,12 +2452,12 @@ mod tests {
         backend
             .db
             .query(&format!(
-                "DROP INDEX deliveries_handler_due; DELETE FROM schema_migrations WHERE version = {last}"
+                "DROP INDEX events_received; DELETE FROM schema_migrations WHERE version = {last}"
             ))
             .expect("undo the newest change");
         let mut blocker = config.connect(NoTls).expect("second session");
         blocker
-            .batch_execute("BEGIN; LOCK TABLE deliveries IN ROW EXCLUSIVE MODE")
+            .batch_execute("BEGIN; LOCK TABLE events IN ROW EXCLUSIVE MODE")
             .expect("hold a lock");
         let (url, password) = (backend.db.url.clone(), backend.db.password.clone());
         let (done, outcome) = std::sync::mpsc::channel();

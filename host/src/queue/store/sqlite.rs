@@ -26,8 +26,8 @@ use super::sqlite_writer::{DAMAGED_ADVICE, Durability, Grouping, Write, Writer, 
 use super::{
     ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
     DeliveryState, DeliveryView, EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency,
-    Inserted, MAX_PURGE_BATCH, NewEvent, RELEASED_REASON, StoreError, after, from_ms, to_ms,
-    unreadable_context,
+    Inserted, MAX_EVENT_PURGE_BATCH, MAX_PURGE_BATCH, NewEvent, RELEASED_REASON, StoreError, after,
+    from_ms, to_ms, unreadable_context,
 };
 use crate::context::JobContext;
 
@@ -52,7 +52,8 @@ pub const DATABASE_FILE: &str = "jobhook.sqlite";
 /// is what makes a key's event unique, `created_at` what the purge walks; the fourth Keyfactor's
 /// message about the job ([`NewEvent::message`]); the fifth drops `deliveries_due`, which the
 /// per-handler index serves as well ([`NEXT_DUE`]): one index fewer to update on each insert,
-/// claim and outcome.
+/// claim and outcome; the sixth indexes events by receipt time, which retention walks from its
+/// oldest end ([`FINISHED_BEFORE`]) instead of reading the whole table every round.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -107,7 +108,32 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 "#,
     "ALTER TABLE events ADD COLUMN message TEXT;",
     "DROP INDEX deliveries_due;",
+    "CREATE INDEX events_received ON events (received_at);",
 ];
+
+/// Finished events received before `?1`, oldest first, at most `?2`: every delivery terminal, or
+/// none at all. Walks `events_received` from its oldest end; the check of each event's deliveries
+/// seeks their `(event_id, handler)` index. Unfinished old events are walked past again by every
+/// batch, and there are few: the pending and running deliveries of events older than the
+/// retention.
+const FINISHED_BEFORE: &str = "
+    SELECT id FROM events e
+    WHERE received_at < ?1
+      AND NOT EXISTS (SELECT 1 FROM deliveries d
+                      WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
+    ORDER BY received_at
+    LIMIT ?2";
+
+/// The attempts of one event's deliveries ([`EventStore::purge_finished`]): children first, so
+/// that the foreign keys hold at every statement.
+const DELETE_ATTEMPTS_OF_EVENT: &str =
+    "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = ?1)";
+
+/// One event's deliveries, after their attempts.
+const DELETE_DELIVERIES_OF_EVENT: &str = "DELETE FROM deliveries WHERE event_id = ?1";
+
+/// One event, after its deliveries.
+const DELETE_EVENT: &str = "DELETE FROM events WHERE id = ?1";
 
 /// Takes an idempotency key for a new event, or takes over one that has outlived its retention
 /// (`?5` is the cutoff). Changes no row when the key is held.
@@ -1256,6 +1282,33 @@ impl EventStore for SqliteStore {
                 )
                 .map_err(db)?;
             Ok(n as u64)
+        })
+    }
+
+    fn purge_finished(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
+        let limit = i64::try_from(max.min(MAX_EVENT_PURGE_BATCH)).unwrap_or(0);
+        let before = to_ms(before);
+        self.writer.write(Durability::Normal, move |tx| {
+            let ids: Vec<String> = tx
+                .prepare_cached(FINISHED_BEFORE)
+                .and_then(|mut select| {
+                    select
+                        .query_map(params![before, limit], |row| row.get(0))?
+                        .collect()
+                })
+                .map_err(db)?;
+            for id in &ids {
+                for delete in [
+                    DELETE_ATTEMPTS_OF_EVENT,
+                    DELETE_DELIVERIES_OF_EVENT,
+                    DELETE_EVENT,
+                ] {
+                    tx.prepare_cached(delete)
+                        .and_then(|mut delete| delete.execute(params![id]))
+                        .map_err(db)?;
+                }
+            }
+            Ok(ids.len() as u64)
         })
     }
 
