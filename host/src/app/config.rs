@@ -2518,6 +2518,34 @@ identity = "writer"
         assert_eq!(c.store.url, None);
     }
 
+    /// `[store] retention_days`: 30 days unless set, 0 (keep everything) to ten years, and a
+    /// value past the bound is refused naming the key and the range.
+    #[test]
+    fn store_retention_has_a_default_and_bounds() {
+        use crate::queue::store::config::{DEFAULT_RETENTION_DAYS, MAX_RETENTION_DAYS};
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.store.retention_days, DEFAULT_RETENTION_DAYS);
+        assert_eq!(DEFAULT_RETENTION_DAYS, 30);
+        assert_eq!(c.store.retention(), Some(Duration::from_secs(30 * 86_400)));
+        let with = |days: &str| format!("[store]\nretention_days = {days}\n{MINIMAL}");
+        let all = f.parse(&with("0")).unwrap();
+        assert_eq!(all.store.retention(), None, "0 keeps everything");
+        let longest = f.parse(&with(&MAX_RETENTION_DAYS.to_string())).unwrap();
+        assert_eq!(longest.store.retention_days, 3650);
+        let e = error(&with("3651"));
+        assert!(
+            e.message.contains(
+                "[store] retention_days must be between 0 (keep every event) and 3650, not 3651"
+            ),
+            "{e}"
+        );
+        for bad in ["-1", "\"30d\"", "1.5"] {
+            let e = error(&with(bad));
+            assert!(e.to_string().contains("retention_days"), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn postgres_store_with_a_password_reference() {
         let f = Fixture::new();

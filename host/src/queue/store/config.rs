@@ -20,6 +20,19 @@ pub const MIN_STORE_LEASE: Duration = Duration::from_secs(1);
 /// Longest `[store] lease_ms`: a longer lease only delays the takeover of a dead node's work.
 pub const MAX_STORE_LEASE: Duration = Duration::from_secs(3600);
 
+/// How many days a finished event is kept by default (`[store] retention_days`): a month of
+/// history to look an event up by (`GET /v1/events/{id}`) and to compare with Keyfactor's own
+/// job history, while a busy Command (~2 KB per event with one handler) does not fill the disk.
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+
+/// Longest `[store] retention_days` (ten years): longer than any audit rule asks for; `0` keeps
+/// everything for anyone who wants more. It also keeps the cutoff (days as milliseconds before
+/// now) far inside the range of every clock and column type the stores use.
+pub const MAX_RETENTION_DAYS: u32 = 3650;
+
+/// Seconds in a day, for [`StoreConfig::retention`].
+const SECONDS_PER_DAY: u64 = 24 * 3600;
+
 /// Which database keeps events and deliveries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -39,6 +52,7 @@ pub enum StoreKind {
 /// url = "postgres://jobhook@127.0.0.1:5432/jobhook"  # no password in the URL
 /// password = { env = "JOBHOOK_DB_PASSWORD" }         # or { file = "path" }; optional
 /// lease_ms = 60000                                   # how long a node's claim lasts unrenewed
+/// retention_days = 30                                # finished events older than this are deleted; 0 keeps all
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +71,11 @@ pub struct StoreConfig {
     /// deliveries are taken over by another node this long after its last renewal.
     #[serde(rename = "lease_ms", with = "crate::duration_ms")]
     pub lease: Duration,
+    /// How many days a finished event (one whose every delivery succeeded or failed for good,
+    /// or that was routed to no handler) is kept before the engine deletes it, with its
+    /// deliveries and attempts; `0` keeps everything. An event with a delivery still pending or
+    /// running is never deleted.
+    pub retention_days: u32,
 }
 
 impl Default for StoreConfig {
@@ -67,6 +86,7 @@ impl Default for StoreConfig {
             url: None,
             password: None,
             lease: DEFAULT_LEASE,
+            retention_days: DEFAULT_RETENTION_DAYS,
         }
     }
 }
@@ -81,6 +101,12 @@ pub enum StoreConfigError {
         MAX_STORE_LEASE.as_millis()
     )]
     Lease,
+    /// `retention_days` out of bounds.
+    #[error(
+        "[store] retention_days must be between 0 (keep every event) and {MAX_RETENTION_DAYS}, \
+         not {0}"
+    )]
+    Retention(u32),
     /// `url` or `password` given for SQLite.
     #[error(
         "[store] url and password are only used with kind = \"postgres\"; \
@@ -102,10 +128,19 @@ pub enum StoreConfigError {
 }
 
 impl StoreConfig {
+    /// How long a finished event is kept, or `None` to keep every event (`retention_days = 0`).
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention_days > 0)
+            .then(|| Duration::from_secs(u64::from(self.retention_days) * SECONDS_PER_DAY))
+    }
+
     /// Checks the section. `base` is the configuration file's directory (for a password file).
     pub fn validate(&self, base: &Path) -> Result<(), StoreConfigError> {
         if self.lease < MIN_STORE_LEASE || self.lease > MAX_STORE_LEASE {
             return Err(StoreConfigError::Lease);
+        }
+        if self.retention_days > MAX_RETENTION_DAYS {
+            return Err(StoreConfigError::Retention(self.retention_days));
         }
         match (self.kind, &self.url) {
             (StoreKind::Sqlite, None) if self.password.is_none() => Ok(()),
