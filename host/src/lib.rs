@@ -118,7 +118,7 @@ mod documented_defaults {
     use crate::capabilities::Capability;
     use crate::capabilities::http::HttpConfig;
     use crate::capabilities::keyfactor::KeyfactorConfig;
-    use crate::queue::{quarantine, store};
+    use crate::queue::{quarantine, retention, store};
     use crate::runtime::{engine, loader, sandbox, state};
     use crate::sources::{forwarders, idempotency};
     use crate::{context, limits, outcome};
@@ -329,6 +329,14 @@ mod documented_defaults {
                     && idempotency::MAX_RETENTION == secs(366 * 24 * 3600)
                     && store::MAX_PURGE_BATCH == 1000
                     && idempotency::PURGE_INTERVAL == secs(60),
+            ),
+            (
+                "`store::config::DEFAULT_RETENTION_DAYS`",
+                "(0 to 3,650 days; 0 keeps everything, and the store grows without end); events deleted per purge batch | `[store] retention_days` | 30 days; 500 every 5 min |",
+                store::config::DEFAULT_RETENTION_DAYS == 30
+                    && store::config::MAX_RETENTION_DAYS == 3650
+                    && store::MAX_EVENT_PURGE_BATCH == 500
+                    && retention::RETENTION_INTERVAL == secs(300),
             ),
             (
                 "`Grantable::DEFAULT_CALLS`",

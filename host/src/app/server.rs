@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::queue::delivery_threads::DeliveryThreads;
 use crate::queue::dispatch::{Dispatcher, RegisteredHandler, Registry};
 use crate::queue::registration::Registration;
+use crate::queue::retention;
 use crate::queue::store::{self, EventStore};
 use crate::runtime::engine::Engine;
 use crate::runtime::loader::LoadOptions;
@@ -322,6 +323,12 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         Arc::clone(&state.store),
         config.server.idempotency_retention,
     ));
+    // Likewise: each batch locks only the events it deletes, skipping another node's.
+    tokio::spawn(retention::purge_finished_events(
+        Arc::clone(&state.store),
+        config.store.retention(),
+        config.server.idempotency_retention,
+    ));
     // Both before the ready line: see the two functions.
     spawn_sighup_reload(reload);
     let mut stop_asked = StopSignals::install();
@@ -337,6 +344,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         %address,
         scheme,
         data_dir = %config.store.data_dir.display(),
+        retention_days = config.store.retention_days,
         max_connections = limits.max_connections,
         max_connections_per_client = limits.max_connections_per_client,
         "serving"

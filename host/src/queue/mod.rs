@@ -10,12 +10,14 @@
 //!   failed, skipped or due for a retry;
 //! - [`registration`]: a handler's `[[handlers]]` entry as routing and dispatch see it;
 //! - [`retry`]: the retry policy of a handler;
-//! - [`quarantine`]: setting aside handlers that keep failing.
+//! - [`quarantine`]: setting aside handlers that keep failing;
+//! - [`retention`]: deleting finished events past `[store] retention_days`.
 
 pub mod delivery_state;
 pub mod delivery_threads;
 pub mod dispatch;
 pub mod quarantine;
 pub mod registration;
+pub mod retention;
 pub mod retry;
 pub mod store;
