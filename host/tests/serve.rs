@@ -308,6 +308,66 @@ async fn an_unreadable_stored_context_fails_its_own_deliveries_and_no_others() {
     }
 }
 
+/// Retention at work in a running engine, on a store that already holds events received more
+/// than `[store] retention_days` (the default, 30) ago: the finished one is deleted at the first
+/// round, at start, and its `GET` answers 404; an old one with a delivery still pending (its
+/// handler is not configured) and a recent finished one stay.
+#[tokio::test]
+async fn finished_events_past_their_retention_are_deleted_and_the_others_kept() {
+    use jobhook::queue::store::sqlite::{DATABASE_FILE, SqliteStore};
+    use jobhook::queue::store::{EventStore as _, NewEvent, SOURCE_API, new_event_id};
+    const DAYS_AGO: i64 = 31;
+    let setup = Setup::new();
+    let data = setup.dir.path().join("data");
+    let [old_finished, old_pending, recent] = {
+        let store = SqliteStore::open(&data).expect("store");
+        [vec![], vec!["gone".to_owned()], vec![]].map(|handlers| {
+            let event = NewEvent {
+                id: new_event_id(),
+                source: SOURCE_API.into(),
+                context: jobhook::JobContext::from_json_value(&sample_context_json())
+                    .expect("context"),
+                message: None,
+                handlers,
+            };
+            store.insert_event(&event).expect("insert");
+            event.id.to_string()
+        })
+    };
+    let aged = rusqlite::Connection::open(data.join(DATABASE_FILE))
+        .expect("database")
+        .execute(
+            "UPDATE events SET received_at = received_at - ?1 WHERE id IN (?2, ?3)",
+            rusqlite::params![DAYS_AGO * 86_400_000, old_finished, old_pending],
+        )
+        .expect("age two events");
+    assert_eq!(aged, 2);
+
+    let engine = setup.start(&handler("log", "log-context", "[\"*\"]", ""));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(&engine, &format!("/v1/events/{old_finished}")).await;
+        if status == 404 {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the old finished event is still there a minute after the start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for kept in [&old_pending, &recent] {
+        let (status, body) = get(&engine, &format!("/v1/events/{kept}")).await;
+        assert_eq!(status, 200, "{kept}: {body}");
+    }
+    let log = engine.log_text();
+    assert!(
+        log.contains("finished events past their retention deleted") && log.contains("events=1"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn event_ids_sort_in_the_order_the_events_were_accepted() {
     // The store's indexes by event id grow at one end only when ids are time-ordered.
