@@ -108,6 +108,7 @@ pub struct Metrics {
     poller_last_success: Gauge,
     reload_successful: Gauge,
     reload_last_success: Gauge,
+    retention_deleted: Counter,
 }
 
 /// Where the engine's log counts the lines it dropped because its writer fell behind
@@ -284,6 +285,13 @@ impl Metrics {
             "When this node's JobHistory poller last completed a poll (Unix time; 0: never)",
             poller_last_success.clone(),
         );
+        let retention_deleted = Counter::default();
+        registry.register(
+            "jobhook_retention_deleted_events",
+            "Finished events this node deleted past [store] retention_days, with their \
+             deliveries and attempts",
+            retention_deleted.clone(),
+        );
         let reload_successful = Gauge::default();
         reload_successful.set(1);
         registry.register(
@@ -324,6 +332,7 @@ impl Metrics {
             poller_last_success,
             reload_successful,
             reload_last_success,
+            retention_deleted,
             log_lines_dropped,
             log_drops: LogDrops::default(),
             registry: Mutex::new(registry),
@@ -423,6 +432,11 @@ impl Metrics {
     /// Counts a failed JobHistory poll.
     pub fn poll_failed(&self) {
         self.poller_failures.inc();
+    }
+
+    /// Counts `events` deleted past their retention.
+    pub fn retention_deleted(&self, events: u64) {
+        self.retention_deleted.inc_by(events);
     }
 
     /// Records a configuration reload at `at`: taken (`ok`) or refused.
@@ -540,6 +554,7 @@ mod tests {
             "jobhook_poller_failures_total 0",
             "jobhook_poller_last_success_timestamp_seconds 0",
             "jobhook_config_last_reload_successful 1",
+            "jobhook_retention_deleted_events_total 0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }

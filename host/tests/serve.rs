@@ -361,10 +361,22 @@ async fn finished_events_past_their_retention_are_deleted_and_the_others_kept() 
         let (status, body) = get(&engine, &format!("/v1/events/{kept}")).await;
         assert_eq!(status, 200, "{kept}: {body}");
     }
-    let log = engine.log_text();
+    // The round's line comes once its last batch has come back: soon after the 404, not with it.
+    let told = |log: &str| {
+        log.contains("finished events past their retention deleted") && log.contains("events=1")
+    };
+    while !told(&engine.log_text()) {
+        assert!(
+            Instant::now() < deadline,
+            "the round was not logged: {}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = get(&engine, "/metrics").await;
     assert!(
-        log.contains("finished events past their retention deleted") && log.contains("events=1"),
-        "{log}"
+        metrics.contains("jobhook_retention_deleted_events_total 1"),
+        "{metrics}"
     );
 }
 

@@ -328,6 +328,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         Arc::clone(&state.store),
         config.store.retention(),
         config.server.idempotency_retention,
+        Arc::clone(&metrics),
     ));
     // Both before the ready line: see the two functions.
     spawn_sighup_reload(reload);

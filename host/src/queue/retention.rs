@@ -54,6 +54,7 @@ pub async fn purge_finished_events(
     store: Arc<dyn EventStore>,
     retention: Option<Duration>,
     keys: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     if retention.is_none() {
         return;
@@ -68,11 +69,15 @@ pub async fn purge_finished_events(
         };
         match purge_all(&store, before, MAX_EVENT_PURGE_BATCH).await {
             Ok(0) => {}
-            Ok(events) => tracing::info!(
-                events,
-                before = %before.to_rfc3339(),
-                "finished events past their retention deleted, with their deliveries and attempts"
-            ),
+            Ok(events) => {
+                metrics.retention_deleted(events);
+                tracing::info!(
+                    events,
+                    before = %before.to_rfc3339(),
+                    "finished events past their retention deleted, with their deliveries and \
+                     attempts"
+                )
+            }
             Err(e) => warnings.tell(|more_since_last_warning| {
                 tracing::warn!(
                     more_since_last_warning,
