@@ -143,6 +143,24 @@ pub struct Outcome {
     pub memory_bytes: u64,
 }
 
+#[cfg(test)]
+impl Outcome {
+    /// An outcome of `kind` after `duration`, with no log lines, output or memory: for tests in
+    /// which only how a delivery ended matters.
+    pub(crate) fn bare(kind: OutcomeKind, duration: Duration) -> Self {
+        Outcome {
+            kind,
+            duration,
+            logs: Vec::new(),
+            logs_dropped: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+            output_dropped: 0,
+            memory_bytes: 0,
+        }
+    }
+}
+
 /// What [`truncate`] appends where it cut.
 pub const TRUNCATED_MARK: &str = " [truncated]";
 
@@ -173,19 +191,13 @@ mod tests {
 
     #[test]
     fn serialises_with_class_tag() {
-        let o = Outcome {
-            kind: OutcomeKind::LimitExceeded {
+        let o = Outcome::bare(
+            OutcomeKind::LimitExceeded {
                 limit: LimitKind::Memory,
                 detail: "x".into(),
             },
-            duration: Duration::from_millis(3),
-            logs: vec![],
-            logs_dropped: 0,
-            stdout: String::new(),
-            stderr: String::new(),
-            output_dropped: 0,
-            memory_bytes: 0,
-        };
+            Duration::from_millis(3),
+        );
         let v = serde_json::to_value(&o).unwrap();
         assert_eq!(v["class"], "limit-exceeded");
         assert_eq!(v["limit"], "memory");

@@ -1810,16 +1810,7 @@ mod tests {
     fn quarantine_counts_what_the_handler_did_only() {
         use crate::outcome::Outcome;
         let ran = |kind: OutcomeKind| AttemptRecord {
-            outcome: Some(Outcome {
-                kind,
-                duration: Duration::ZERO,
-                logs: Vec::new(),
-                logs_dropped: 0,
-                stdout: String::new(),
-                stderr: String::new(),
-                output_dropped: 0,
-                memory_bytes: 0,
-            }),
+            outcome: Some(Outcome::bare(kind, Duration::ZERO)),
             ..unreadable("test".into(), Utc::now())
         };
         assert_eq!(

@@ -714,16 +714,10 @@ mod tests {
     fn a_duration_is_shown_to_the_microsecond() {
         let mut record = crate::queue::store::conformance::record(DeliveryState::Succeeded);
         assert_eq!(record.duration_ms(), None);
-        record.outcome = Some(crate::outcome::Outcome {
-            kind: crate::outcome::OutcomeKind::Succeeded,
-            duration: Duration::from_nanos(4_632_978),
-            logs: Vec::new(),
-            logs_dropped: 0,
-            stdout: String::new(),
-            stderr: String::new(),
-            output_dropped: 0,
-            memory_bytes: 0,
-        });
+        record.outcome = Some(crate::outcome::Outcome::bare(
+            crate::outcome::OutcomeKind::Succeeded,
+            Duration::from_nanos(4_632_978),
+        ));
         assert_eq!(record.duration_ms(), Some(4.632));
     }
 
