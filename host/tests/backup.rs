@@ -96,6 +96,19 @@ async fn a_backup_taken_while_the_engine_runs_is_checked_private_and_restores_ev
         .expect("healthz");
     assert_eq!(health.status(), 200, "the engine goes on");
 
+    // Nowhere it cannot create a file, saying where.
+    let nowhere = dir.path().join("missing/backup.sqlite");
+    let out = run(&nowhere);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "cannot create the backup file {}",
+            nowhere.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
     // Never over a file.
     let before = std::fs::read(&to).expect("backup");
     let again = run(&to);

@@ -340,6 +340,22 @@ mod tests {
             e.message.contains("is X.509 v1, which is not served"),
             "{e}"
         );
+        // A block that is no X.509 at all (PEM decodes any base64 between the markers).
+        let garbage = TlsConfig {
+            cert: write(
+                "garbage.pem",
+                "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n",
+            ),
+            key: write("garbage.key", &expired.key_pem),
+            client_ca: None,
+        };
+        let e = garbage.validate().unwrap_err();
+        assert_eq!(e.key, "tls.cert", "{e}");
+        assert!(
+            e.message
+                .contains("the first certificate cannot be read as X.509"),
+            "{e}"
+        );
         // Valid now, ending within the warning: served.
         let now = chrono::Utc::now();
         let soon = now + chrono::TimeDelta::days(3);
