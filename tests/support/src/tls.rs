@@ -44,15 +44,7 @@ impl TestCa {
 
     /// A server certificate for `127.0.0.1` and `localhost` with serial number `serial`.
     pub fn server_cert(&self, serial: u64) -> CertAndKey {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .expect("server params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params)
+        self.sign(server_params(serial))
     }
 
     /// A server certificate as [`server_cert`](Self::server_cert), valid from `not_before` to
@@ -63,14 +55,7 @@ impl TestCa {
         not_before: (i32, u8, u8),
         not_after: (i32, u8, u8),
     ) -> CertAndKey {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .expect("server params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let mut params = server_params(serial);
         params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
         params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         self.sign(params)
@@ -93,6 +78,18 @@ impl TestCa {
             cert_der: cert.der().to_vec(),
         }
     }
+}
+
+/// A server certificate's parameters: for `127.0.0.1` and `localhost`, serial number `serial`.
+fn server_params(serial: u64) -> CertificateParams {
+    let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("server params");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params.serial_number = Some(SerialNumber::from(serial));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params
 }
 
 /// The files [`write_test_pki`] wrote.
