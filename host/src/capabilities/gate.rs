@@ -129,6 +129,13 @@ pub trait Grantable: Sized + Send + 'static {
     ) -> wasmtime::Result<()>;
 }
 
+/// The refusal of a grant whose list `key` is empty: every `use` under it would be refused, so
+/// the grant is refused when the configuration is loaded, saying what to `write` instead
+/// ([`Grantable::check_grant`]).
+pub fn empty_grant_list(key: &str, use_: &str, write: &str) -> String {
+    format!("{key}: the list is empty, so every {use_} would be refused: {write}")
+}
+
 /// Counts the calls a sandbox makes to one capability and ends the sandbox when it makes more
 /// than its budget allows.
 #[derive(Debug, Clone)]

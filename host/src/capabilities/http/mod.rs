@@ -157,19 +157,20 @@ impl Grantable for Http {
     fn check_grant(_config: &HttpConfig, grant: &HttpGrant) -> Result<(), String> {
         // An empty list would refuse every call the handler makes.
         if grant.urls.is_empty() {
-            return Err(
-                "urls: the list is empty, so every call would be refused: list the URL prefixes \
-                 the handler may call, e.g. urls = [\"https://hooks.example.com/\"], or remove \
-                 [handlers.grants.http]"
-                    .to_owned(),
-            );
+            return Err(crate::capabilities::gate::empty_grant_list(
+                "urls",
+                "call",
+                "list the URL prefixes the handler may call, e.g. urls = \
+                 [\"https://hooks.example.com/\"], or remove [handlers.grants.http]",
+            ));
         }
         if grant.methods.is_empty() {
-            return Err(
-                "methods: the list is empty, so every call would be refused: list the methods \
-                 the handler may use, e.g. methods = [\"POST\"], or leave methods out (POST)"
-                    .to_owned(),
-            );
+            return Err(crate::capabilities::gate::empty_grant_list(
+                "methods",
+                "call",
+                "list the methods the handler may use, e.g. methods = [\"POST\"], or leave \
+                 methods out (POST)",
+            ));
         }
         match grant.plain_http_prefix() {
             Some(prefix) if !grant.allow_private => Err(format!(

@@ -147,19 +147,20 @@ impl Grantable for Keyfactor {
     fn check_grant(config: &Option<KeyfactorConfig>, grant: &KeyfactorGrant) -> Result<(), String> {
         // An empty list would refuse every call the handler makes.
         if grant.paths.is_empty() {
-            return Err(
-                "paths: the list is empty, so every call would be refused: list the path \
-                 prefixes the handler may call, e.g. paths = [\"Certificates/\"] (\"*\" for \
-                 every path), or remove [handlers.grants.keyfactor]"
-                    .to_owned(),
-            );
+            return Err(crate::capabilities::gate::empty_grant_list(
+                "paths",
+                "call",
+                "list the path prefixes the handler may call, e.g. paths = [\"Certificates/\"] \
+                 (\"*\" for every path), or remove [handlers.grants.keyfactor]",
+            ));
         }
         if grant.methods.is_empty() {
-            return Err(
-                "methods: the list is empty, so every call would be refused: list the methods \
-                 the handler may use, e.g. methods = [\"GET\"], or leave methods out (GET)"
-                    .to_owned(),
-            );
+            return Err(crate::capabilities::gate::empty_grant_list(
+                "methods",
+                "call",
+                "list the methods the handler may use, e.g. methods = [\"GET\"], or leave \
+                 methods out (GET)",
+            ));
         }
         let Some(name) = &grant.identity else {
             return Ok(());

@@ -210,12 +210,12 @@ impl Grantable for Mail {
     /// A grant of no recipient would refuse every message the handler sends.
     fn check_grant(_config: &Option<MailConfig>, grant: &MailGrant) -> Result<(), String> {
         if grant.recipients.is_empty() {
-            return Err(
-                "recipients: the list is empty, so every message would be refused: list who the \
-                 handler may mail, e.g. recipients = [\"pki-team@example.com\", \"@example.com\"] \
-                 (\"*\" for anyone), or remove [handlers.grants.mail]"
-                    .to_owned(),
-            );
+            return Err(crate::capabilities::gate::empty_grant_list(
+                "recipients",
+                "message",
+                "list who the handler may mail, e.g. recipients = [\"pki-team@example.com\", \
+                 \"@example.com\"] (\"*\" for anyone), or remove [handlers.grants.mail]",
+            ));
         }
         Ok(())
     }
