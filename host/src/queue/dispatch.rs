@@ -571,10 +571,11 @@ impl Dispatcher {
                 // Only handlers this node has: another's deliveries wait for it.
                 others: 0,
             };
-            // Every loaded handler at its cap: nothing to claim. Not claiming spares the store a
-            // query per finished delivery (with one CPU-bound handler at its cap, an empty claim
-            // and a `next_due` followed every claim).
-            let at_cap = !limits.room.is_empty() && limits.room.values().all(|room| *room == 0);
+            // Every loaded handler at its cap, or none loaded: nothing to claim. Not claiming
+            // spares the store a query per finished delivery (with one CPU-bound handler at its
+            // cap, an empty claim and a `next_due` followed every claim), and with no handler a
+            // claim and a `next_due` per event.
+            let at_cap = limits.room.values().all(|room| *room == 0);
             let lease = self.lease;
             let claimed = if at_cap {
                 Ok(Ok(Vec::new()))
@@ -1504,6 +1505,68 @@ mod tests {
                 handlers: vec!["a".into()],
             })
             .unwrap();
+    }
+
+    /// SQLite, counting the claims made of it (`.1`); it offers no awaited writes, so every
+    /// claim goes through [`EventStore::claim_batch`].
+    struct CountsClaims(SqliteStore, AtomicUsize);
+
+    impl EventStore for CountsClaims {
+        crate::queue::store::conformance::pass_on_the_rest!();
+        fn claim_batch(
+            &self,
+            now: DateTime<Utc>,
+            limits: &ClaimLimits,
+            lease: Duration,
+        ) -> Result<Vec<Claim>, StoreError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.claim_batch(now, limits, lease)
+        }
+        fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
+            self.0.insert_event(event)
+        }
+        fn insert_event_once(
+            &self,
+            event: &NewEvent,
+            key: &crate::queue::store::Idempotency,
+        ) -> Result<crate::queue::store::Inserted, StoreError> {
+            self.0.insert_event_once(event, key)
+        }
+        fn finish_batch(
+            &self,
+            finished: &[(&Claim, &AttemptRecord)],
+        ) -> Result<Vec<Finish>, StoreError> {
+            self.0.finish_batch(finished)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dispatcher_without_handlers_never_claims() {
+        // Nothing is claimable by a node that has no handler: another node's deliveries wait
+        // for that node. Before, every event woke it to claim and then to ask when the next
+        // delivery falls due.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CountsClaims(
+            SqliteStore::open(dir.path()).unwrap(),
+            AtomicUsize::new(0),
+        ));
+        inserted(store.as_ref());
+        let shared: Arc<dyn EventStore> = Arc::clone(&store) as _;
+        let dispatcher = Dispatcher::new(shared, Registry::default(), Arc::new(Metrics::new()), 8);
+        let run = Running(
+            Arc::clone(&dispatcher),
+            tokio::spawn(Arc::clone(&dispatcher).run(Duration::from_secs(1))),
+        );
+        for _ in 0..20 {
+            dispatcher.wake();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        run.stop().await;
+        assert_eq!(store.1.load(Ordering::SeqCst), 0, "claims made");
+        assert_eq!(
+            store.count_by_state().unwrap(),
+            [(DeliveryState::Pending, 1)]
+        );
     }
 
     /// SQLite, except that no outcome is recorded before `.1` is set: every recording waits

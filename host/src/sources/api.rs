@@ -520,7 +520,10 @@ async fn commit_event(
             state
                 .metrics
                 .event_accepted(crate::queue::store::SOURCE_API, event.handlers.len());
-            state.dispatcher.wake();
+            // An event no handler takes has no delivery to claim.
+            if !event.handlers.is_empty() {
+                state.dispatcher.wake();
+            }
             (event.id, event.handlers, false)
         }
         Ok(Ok((_, Inserted::Existing { event_id, handlers }))) => {

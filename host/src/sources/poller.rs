@@ -1464,7 +1464,8 @@ impl Poller {
         for n in &deliveries {
             metrics.event_accepted(SOURCE_POLLER, *n);
         }
-        if !deliveries.is_empty() {
+        // Events no handler takes have no delivery to claim.
+        if deliveries.iter().any(|n| *n > 0) {
             self.dispatcher.wake();
         }
         Ok(())
