@@ -11,7 +11,8 @@
 # Installing them needs npm (Node.js 18+) and Python's venv with ensurepip, so Debian's nodejs,
 # npm and python3-venv are installed here when missing.
 # libfaketime (host/tests/clock.rs) is installed the same way.
-# The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk and take an address
+# The fault tests (host/tests/faults.rs) mount a small tmpfs to fill a disk, an ext4 image
+# (e2fsprogs' `mkfs.ext4`, a loop device) to turn a file system read-only, and take an address
 # off the loopback interface (iproute2's `ip`) to silence a network; that needs root, so as root
 # JOBHOOK_REQUIRE_FAULTS=1 makes them fail instead of saying SKIPPED when they cannot.
 # The power-loss tests mount a FUSE filesystem (tests/powerloss-fs) through /dev/fuse and Debian's
@@ -37,6 +38,7 @@ have_mono() { command -v mcs >/dev/null && command -v mono >/dev/null && compgen
 # unless JOBHOOK_SKIP_FAKETIME=1.
 have_faketime() { [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; }
 have_ip() { command -v ip >/dev/null; }
+have_mkfs_ext4() { command -v mkfs.ext4 >/dev/null; }
 # scripts/lang-toolchains.sh installs componentize-qjs with npm and componentize-py into a
 # virtualenv. Debian ships the venv module without ensurepip (python3-venv brings it), so
 # `python3 -m venv` runs but cannot create a virtualenv with pip: look for ensurepip instead.
@@ -51,6 +53,7 @@ have_initdb || groups+=("postgresql|PostgreSQL; its tests will be SKIPPED")
 have_fusermount || groups+=("fuse3|fuse3; the power-loss tests will fail (JOBHOOK_SKIP_FUSE=1 skips them)")
 have_mono || groups+=("mono-mcs mono-runtime libmono-system-net-http4.0-cil|Mono; the forwarder tests will fail (JOBHOOK_SKIP_MONO=1 skips them)")
 have_ip || groups+=("iproute2|iproute2; the silent-network fault test will fail when run as root")
+have_mkfs_ext4 || groups+=("e2fsprogs|e2fsprogs; the read-only file system fault test will fail when run as root")
 have_faketime || groups+=("libfaketime|libfaketime; the clock-step test will fail (JOBHOOK_SKIP_FAKETIME=1 skips it)")
 if [ "${JOBHOOK_SKIP_LANGS:-0}" != 1 ]; then
     have_npm || groups+=("nodejs npm|Node.js and npm; scripts/lang-toolchains.sh will fail (JOBHOOK_SKIP_LANGS=1 skips it)")

@@ -5,6 +5,9 @@
 //!   directory; ingest answers 503 saying the store is out of disk space, never 202 for an event
 //!   it did not commit, and once space returns it accepts again and the backlog drains, without
 //!   a restart;
+//! - the file system under the SQLite store turns read-only while the engine runs (an ext4
+//!   image mounted `errors=remount-ro` meets an error of its own): ingest answers 503 as for a
+//!   store that takes no writes, and the log says the file system is what to mend;
 //! - the PostgreSQL server restarts under load: ingest answers 503 while it is down (within a
 //!   bounded time, never hanging), the node reconnects by itself, and every event that got a
 //!   202 is delivered exactly once;
@@ -21,12 +24,14 @@
 //! - the reader of the engine's stdout has gone before it prints its ready line there, or the
 //!   reader of its stderr goes while it serves: it serves and delivers anyway.
 //!
-//! The disk tests mount a tmpfs, which needs root (or CAP_SYS_ADMIN), and the silent-network
+//! The disk tests mount a tmpfs or an ext4 image, which needs root (or CAP_SYS_ADMIN; the
+//! image also a loop device and e2fsprogs' `mkfs.ext4`), and the silent-network
 //! test changes the loopback interface's addresses (CAP_NET_ADMIN). Without them a test prints
 //! `SKIPPED: <reason>` and passes — unless `JOBHOOK_REQUIRE_FAULTS=1`
 //! (`scripts/test.sh` sets it when it runs as root), in which case it fails. The one exception:
-//! a root without CAP_NET_ADMIN (a container that drops it) skips the silent-network test,
-//! saying so, since no installation can give it. The PostgreSQL test
+//! a root without CAP_NET_ADMIN (a container that drops it) skips the silent-network test, and a
+//! machine without loop devices the read-only file system test, saying so, since no
+//! installation can give them. The PostgreSQL test
 //! skips and fails the same way under `JOBHOOK_REQUIRE_POSTGRES`.
 
 use std::io::Write as _;
@@ -219,16 +224,21 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.mount_point)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount")
-                .arg("--lazy")
-                .arg(&self.mount_point)
-                .status();
-        }
+        unmount(&self.mount_point);
+    }
+}
+
+/// Unmounts `mount_point`; lazily if something still holds a file on it.
+fn unmount(mount_point: &Path) {
+    let unmounted = Command::new("umount")
+        .arg(mount_point)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !unmounted {
+        let _ = Command::new("umount")
+            .arg("--lazy")
+            .arg(mount_point)
+            .status();
     }
 }
 
@@ -595,6 +605,185 @@ fn a_data_directory_on_a_read_only_mount_is_refused_in_plain_words() {
         stderr.contains("the data directory is not writable (Read-only file system"),
         "{stderr}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A file system that turns read-only under SQLite
+// ---------------------------------------------------------------------------------------------
+
+/// Size of the ext4 image the data directory is on.
+const EXT4_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// An ext4 file system in an image file, mounted through a loop device with
+/// `errors=remount-ro` for one test; unmounted when dropped (which frees its loop device).
+struct Ext4Image {
+    mount_point: PathBuf,
+    /// The loop device's name (`loop3`): its entry under `/sys/fs/ext4`.
+    device: String,
+}
+
+impl Ext4Image {
+    /// Mounts a fresh image on `dir`/disk, or returns `None` after printing why it cannot
+    /// (failing instead under `JOBHOOK_REQUIRE_FAULTS=1`, unless the machine has no loop
+    /// devices at all, which no installation gives it).
+    fn mount_or_skip(dir: &Path) -> Option<Ext4Image> {
+        if !Path::new("/dev/loop-control").exists() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: this machine has no loop devices (/dev/loop-control)"
+            );
+            return None;
+        }
+        match Self::mount(dir) {
+            Ok(image) => Some(image),
+            Err(reason) => cannot_inject(reason),
+        }
+    }
+
+    fn mount(dir: &Path) -> Result<Ext4Image, String> {
+        let run = |program: &str, args: &[&std::ffi::OsStr]| -> Result<(), String> {
+            let output = Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run {program}: {e}"))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{program} failed (an ext4 image needs root and e2fsprogs): {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        };
+        let image = dir.join("ext4.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(EXT4_IMAGE_BYTES))
+            .map_err(|e| format!("cannot create the image file: {e}"))?;
+        run(
+            "mkfs.ext4",
+            &["-q".as_ref(), "-F".as_ref(), image.as_os_str()],
+        )?;
+        let mount_point = dir.join("disk");
+        std::fs::create_dir(&mount_point).map_err(|e| format!("mount point: {e}"))?;
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop,errors=remount-ro".as_ref(),
+                image.as_os_str(),
+                mount_point.as_os_str(),
+            ],
+        )?;
+        // The mount's source, `/dev/loopN`, from the kernel's table of mounts.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let device = mounts.lines().find_map(|line| {
+            let mut fields = line.split(' ');
+            let source = fields.next()?;
+            (fields.next()? == mount_point.to_str()?)
+                .then(|| source.strip_prefix("/dev/"))
+                .flatten()
+                .map(str::to_owned)
+        });
+        let image = Ext4Image {
+            mount_point,
+            device: device.unwrap_or_default(),
+        };
+        if image.device.is_empty() {
+            return Err("the ext4 image is mounted, but not from a /dev/loop device".into());
+        }
+        Ok(image)
+    }
+
+    /// Makes ext4 meet an error of its own (`trigger_fs_error`, the kernel's hook for testing
+    /// this): with `errors=remount-ro`, the file system takes no more writes from then on.
+    fn fail(&self) {
+        std::fs::write(
+            format!("/sys/fs/ext4/{}/trigger_fs_error", self.device),
+            "jobhook test\n",
+        )
+        .expect("trigger an ext4 error");
+    }
+}
+
+impl Drop for Ext4Image {
+    fn drop(&mut self) {
+        unmount(&self.mount_point);
+    }
+}
+
+/// Posts events until one is not accepted, for at most `bound` (a store turning read-only may
+/// let a few through first), and checks that it was refused with 503 saying the store takes
+/// no writes.
+async fn refused_as_read_only_within(
+    client: &reqwest::Client,
+    engine: &EngineProcess,
+    bound: Duration,
+) {
+    let since = Instant::now();
+    let (status, body) = loop {
+        let (status, body) = post_event(client, &engine.url, &sample_context_json()).await;
+        if status != 202 || since.elapsed() > bound {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 503, "{body}\n{}", engine.log_text());
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the store takes no writes (read-only)"),
+        "{body}"
+    );
+}
+
+/// A file system that turns read-only while the engine runs (ext4 after an error of its own,
+/// `errors=remount-ro`): SQLite meets `EROFS` as an I/O error. Ingest is refused with 503 as
+/// for any store that takes no writes (reason `read-only`), the log says what to mend, health
+/// and event reads keep answering from what is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_system_turned_read_only_under_the_store_is_refused_in_words() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(disk) = Ext4Image::mount_or_skip(dir.path()) else {
+        return;
+    };
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{}\"\n",
+            disk.mount_point.join("data").display()
+        ),
+    )
+    .expect("config");
+    let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
+    let client = reqwest::Client::new();
+    let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+    let kept = event_id(&body);
+
+    disk.fail();
+    // The kernel takes the file system's writes away as it handles the error: an event it
+    // let through first was stored, and is answered 202.
+    refused_as_read_only_within(&client, &engine, Duration::from_secs(5)).await;
+    let log = engine.log_text();
+    assert!(
+        log.contains("the file system holding the store has become read-only"),
+        "{log}"
+    );
+    let (_, metrics) = get(&client, &engine.url, "/metrics").await;
+    let refused = jobhook_testkit::metric_value(
+        &metrics,
+        "jobhook_ingest_store_failures_total{reason=\"read-only\"}",
+    );
+    assert!(refused.is_some_and(|n| n >= 1.0), "{metrics}");
+    // Refused again, the same way, for as long as it lasts; what was stored is read.
+    let (status, _) = post_event(&client, &engine.url, &sample_context_json()).await;
+    assert_eq!(status, 503);
+    assert_healthy(&client, &engine.url).await;
+    let (status, text) = get(&client, &engine.url, &format!("/v1/events/{kept}")).await;
+    assert_eq!(status, 200, "{text}");
+    drop(engine);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1296,24 +1485,8 @@ async fn a_read_only_postgres_is_refused_in_words_and_a_running_outcome_is_recor
 
     let running = post_and_wait_running(&client, &engine).await;
     read_only(true);
-    let switched = Instant::now();
-
     // Refused, saying why; every session sees the setting after the reload.
-    let (status, body) = loop {
-        let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
-        if status != 202 || switched.elapsed() > RECONNECT_BOUND {
-            break (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status, 503, "{body}\n{}", engine.log_text());
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("the store takes no writes (read-only)"),
-        "{body}"
-    );
+    refused_as_read_only_within(&client, &engine, RECONNECT_BOUND).await;
     assert_healthy(&client, &engine.url).await;
     let (_, metrics) = get(&client, &engine.url, "/metrics").await;
     let refused = jobhook_testkit::metric_value(

@@ -112,6 +112,8 @@ trait Job: Send {
     /// right after the transaction commits, before any later write runs — whatever its
     /// durability (a durable write's answer waits for the sync; its hook does not).
     fn on_commit(&mut self);
+    /// Passes its own error, if its write failed, through `explain` ([`commit_group`]).
+    fn explain_failure(&mut self, explain: &dyn Fn(StoreError) -> StoreError);
     /// Answers the caller: its own result when the transaction was committed, `failed` when it
     /// was not.
     fn answer(self: Box<Self>, failed: Option<StoreError>);
@@ -162,6 +164,12 @@ where
     fn on_commit(&mut self) {
         if let (Some(Ok(value)), Some(committed)) = (&self.result, self.committed.take()) {
             committed(value);
+        }
+    }
+
+    fn explain_failure(&mut self, explain: &dyn Fn(StoreError) -> StoreError) {
+        if let Some(Err(e)) = self.result.take_if(|r| r.is_err()) {
+            self.result = Some(Err(explain(e)));
         }
     }
 
@@ -227,6 +235,7 @@ impl Writer {
         let (sender, receiver) = mpsc::channel();
         let (synced, to_sync) = mpsc::channel();
         let (stop, stopped) = mpsc::channel();
+        let probe = wal.clone();
         std::thread::Builder::new()
             .name("jobhook-store-sync".into())
             .spawn(move || sync_loop(&wal, &to_sync))
@@ -237,7 +246,7 @@ impl Writer {
             .map_err(thread_error)?;
         std::thread::Builder::new()
             .name("jobhook-store-writer".into())
-            .spawn(move || write_loop(conn, &receiver, &synced))
+            .spawn(move || write_loop(conn, probe, &receiver, &synced))
             .map_err(thread_error)?;
         Ok(Writer {
             jobs: sender,
@@ -321,11 +330,13 @@ fn writer_stopped() -> StoreError {
 /// a transaction of its own, in order.
 fn write_loop(
     conn: Connection,
+    wal: PathBuf,
     receiver: &mpsc::Receiver<Box<dyn Job>>,
     syncer: &mpsc::Sender<Vec<Box<dyn Job>>>,
 ) {
     let mut conn = WriteConnection {
         conn,
+        wal,
         reclaiming: false,
     };
     while let Ok(first) = receiver.recv() {
@@ -362,6 +373,9 @@ fn write_loop(
 /// The writer's connection, and whether the disk ran out of space under it.
 struct WriteConnection {
     conn: Connection,
+    /// The database's write-ahead log: asked whether its file system still takes writes when
+    /// a commit fails ([`read_only_file_system_or`]).
+    wal: PathBuf,
     /// Set when a write failed for want of disk space. The checkpoints have been failing too
     /// (copying the WAL grows the database file), so every commit went into the WAL; once space
     /// is freed, commits would go on filling it with the WAL, and no checkpoint would ever find
@@ -390,7 +404,9 @@ impl WriteConnection {
             }
             self.reclaiming = false;
         }
-        let (durable, out_of_space) = commit_group(&mut self.conn, group);
+        let wal = &self.wal;
+        let explain = |e: StoreError| read_only_file_system_or(e, wal);
+        let (durable, out_of_space) = commit_group(&mut self.conn, group, &explain);
         if out_of_space {
             tracing::warn!(
                 "the store is out of disk space: no write is tried until its WAL has been copied \
@@ -423,19 +439,28 @@ fn fail_all(group: Vec<Box<dyn Job>>, e: &StoreError) -> Vec<Box<dyn Job>> {
 /// Commits `group` in one transaction, each write in its own savepoint, and answers each write
 /// that needs no sync; returns the committed durable ones, which the syncer answers once the
 /// WAL is synced, and whether a write failed for want of disk space.
-fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> (Vec<Box<dyn Job>>, bool) {
+/// Every failure (a write's own, or the transaction's: its start, a rollback of all of it, its
+/// commit) is passed through `explain` before the writes are answered with it.
+fn commit_group(
+    conn: &mut Connection,
+    mut group: Vec<Box<dyn Job>>,
+    explain: &dyn Fn(StoreError) -> StoreError,
+) -> (Vec<Box<dyn Job>>, bool) {
     let out_of_space = |e: &StoreError| matches!(e, StoreError::DiskFull(_));
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
-            let e = classify(&e);
+            let e = explain(classify(&e));
             return (fail_all(group, &e), out_of_space(&e));
         }
     };
     let mut lost = None;
     let mut full = false;
     for job in &mut group {
-        let error = run_in_savepoint(&tx, job.as_mut());
+        let error = run_in_savepoint(&tx, job.as_mut()).map(explain);
+        if error.is_some() {
+            job.explain_failure(explain);
+        }
         full |= error.as_ref().is_some_and(out_of_space);
         // SQLite may answer some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, SQLITE_NOMEM)
         // by rolling back the whole transaction, not just the failed savepoint: then the
@@ -455,7 +480,7 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) -> (Vec<Box
         return (fail_all(group, &e), full);
     }
     if let Err(e) = tx.commit() {
-        let e = classify(&e);
+        let e = explain(classify(&e));
         return (fail_all(group, &e), full || out_of_space(&e));
     }
     for job in &mut group {
@@ -533,6 +558,8 @@ fn sync_file(path: &std::path::Path) -> Result<(), StoreError> {
         let message = format!("cannot sync {}: {e}", path.display());
         if e.kind() == std::io::ErrorKind::StorageFull {
             StoreError::DiskFull(message)
+        } else if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+            StoreError::ReadOnly(format!("{message}; {READ_ONLY_FILE_SYSTEM_ADVICE}"))
         } else {
             StoreError::Database(message)
         }
@@ -556,6 +583,31 @@ pub fn classify(e: &rusqlite::Error) -> StoreError {
             ))
         }
         _ => StoreError::Database(e.to_string()),
+    }
+}
+
+/// What to do when the file system holding the store has turned read-only under it.
+const READ_ONLY_FILE_SYSTEM_ADVICE: &str = "the file system holding the store has become \
+     read-only (Linux does so to a file system that meets an error, `errors=remount-ro`): see \
+     the system log, check and repair the file system, mount it read-write again and restart \
+     jobhook";
+
+/// `e`, or a [`StoreError::ReadOnly`] saying what to do when the file system holding the store
+/// has turned read-only under the engine. SQLite reports that as a plain I/O error (its writes
+/// meet `EROFS`), but what the operator must mend is the file system, not the store; and the
+/// engine then answers as for any store that takes no writes (ingest 503, reason `read-only`,
+/// outcomes kept until it takes them).
+fn read_only_file_system_or(e: StoreError, wal: &std::path::Path) -> StoreError {
+    let StoreError::Database(reason) = e else {
+        return e;
+    };
+    // Opening a file for writing asks the kernel whether its file system takes writes; nothing
+    // is written, and the file is closed at once.
+    match std::fs::OpenOptions::new().write(true).open(wal) {
+        Err(probe) if probe.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+            StoreError::ReadOnly(format!("{reason}; {READ_ONLY_FILE_SYSTEM_ADVICE}"))
+        }
+        _ => StoreError::Database(reason),
     }
 }
 
@@ -811,21 +863,35 @@ mod tests {
         }
     }
 
-    /// The answers to a group of three inserts whose second a trigger refuses with `raise`
-    /// (`ROLLBACK` ends the whole transaction, `ABORT` only the statement), and how many rows
-    /// were committed.
-    fn group_with_poison(raise: &str) -> (Vec<bool>, i64) {
-        let (_dir, mut conn) = table();
+    /// Answers to the writes of a group.
+    type Answers = Vec<mpsc::Receiver<Result<(), StoreError>>>;
+
+    /// A table whose trigger refuses the value `poison` with `raise` (`ROLLBACK` ends the whole
+    /// transaction, `ABORT` only the statement), and a group of three inserts of `durability`,
+    /// the second of them `poison`, with their answers.
+    fn poisoned_group(
+        raise: &str,
+        durability: Durability,
+    ) -> (tempfile::TempDir, Connection, Vec<Box<dyn Job>>, Answers) {
+        let (dir, conn) = table();
         conn.execute_batch(&format!(
             "CREATE TEMP TRIGGER poison BEFORE INSERT ON t WHEN NEW.v = 'poison'
              BEGIN SELECT RAISE({raise}, 'refused'); END;"
         ))
         .unwrap();
-        let (group, answers): (Vec<_>, Vec<_>) = ["a", "poison", "b"]
+        let (group, answers) = ["a", "poison", "b"]
             .into_iter()
-            .map(|v| job(Durability::Durable, insert(v)))
+            .map(|v| job(durability, insert(v)))
             .unzip();
-        for synced in commit_group(&mut conn, group).0 {
+        (dir, conn, group, answers)
+    }
+
+    /// The answers to a group of three inserts whose second a trigger refuses with `raise`
+    /// (`ROLLBACK` ends the whole transaction, `ABORT` only the statement), and how many rows
+    /// were committed.
+    fn group_with_poison(raise: &str) -> (Vec<bool>, i64) {
+        let (_dir, mut conn, group, answers) = poisoned_group(raise, Durability::Durable);
+        for synced in commit_group(&mut conn, group, &|e| e).0 {
             synced.answer(None);
         }
         let committed = conn
@@ -847,6 +913,29 @@ mod tests {
     }
 
     #[test]
+    fn every_failure_is_explained_before_it_is_answered() {
+        // What the writer's explanation of a read-only file system does to an I/O error.
+        let explain = |e: StoreError| match e {
+            StoreError::Database(reason) => StoreError::ReadOnly(reason),
+            other => other,
+        };
+        // A write that fails alone (ABORT), and one that takes its transaction with it.
+        for (raise, answered_ok) in [("ABORT", [true, false, true]), ("ROLLBACK", [false; 3])] {
+            let (_dir, mut conn, group, answers) = poisoned_group(raise, Durability::Normal);
+            assert!(commit_group(&mut conn, group, &explain).0.is_empty());
+            for (answer, ok) in answers.iter().zip(answered_ok) {
+                match answer.recv().unwrap() {
+                    Ok(()) => assert!(ok, "{raise}: a failed write was answered Ok"),
+                    Err(e) => assert!(
+                        !ok && matches!(e, StoreError::ReadOnly(_)),
+                        "{raise}: {e:?}"
+                    ),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_failed_write_leaves_none_of_its_changes_and_the_others_all_of_theirs() {
         let (_dir, mut conn) = table();
         conn.execute_batch(
@@ -863,7 +952,7 @@ mod tests {
         let (middle, m) = job(Durability::Normal, half_done);
         let (last, b) = job(Durability::Normal, insert("b"));
         assert!(
-            commit_group(&mut conn, vec![first, middle, last])
+            commit_group(&mut conn, vec![first, middle, last], &|e| e)
                 .0
                 .is_empty()
         );
