@@ -105,15 +105,18 @@ pub type OnCommit<R> = Box<dyn FnOnce(&R) + Send>;
 trait Job: Send {
     fn durability(&self) -> Durability;
     fn grouping(&self) -> Grouping;
-    /// Runs the write inside the group's transaction; its result is kept for [`Job::answer`].
-    /// Answers the error when the write failed (its savepoint is rolled back).
-    fn run(&mut self, tx: &Connection) -> Option<StoreError>;
+    /// Runs the write inside the group's transaction; its result, an error passed through
+    /// `explain` ([`commit_group`]), is kept for [`Job::answer`]. Answers the error when the
+    /// write failed (its savepoint is rolled back).
+    fn run(
+        &mut self,
+        tx: &Connection,
+        explain: &dyn Fn(StoreError) -> StoreError,
+    ) -> Option<StoreError>;
     /// Runs its [`OnCommit`] hook, if it has one and the write succeeded: called in the writer
     /// right after the transaction commits, before any later write runs — whatever its
     /// durability (a durable write's answer waits for the sync; its hook does not).
     fn on_commit(&mut self);
-    /// Passes its own error, if its write failed, through `explain` ([`commit_group`]).
-    fn explain_failure(&mut self, explain: &dyn Fn(StoreError) -> StoreError);
     /// Answers the caller: its own result when the transaction was committed, `failed` when it
     /// was not.
     fn answer(self: Box<Self>, failed: Option<StoreError>);
@@ -151,9 +154,13 @@ where
         self.grouping
     }
 
-    fn run(&mut self, tx: &Connection) -> Option<StoreError> {
+    fn run(
+        &mut self,
+        tx: &Connection,
+        explain: &dyn Fn(StoreError) -> StoreError,
+    ) -> Option<StoreError> {
         let result = match self.work.take() {
-            Some(work) => work(tx),
+            Some(work) => work(tx).map_err(explain),
             None => Err(StoreError::Database("a write ran twice".into())),
         };
         let error = result.as_ref().err().map(StoreError::for_each_call);
@@ -164,12 +171,6 @@ where
     fn on_commit(&mut self) {
         if let (Some(Ok(value)), Some(committed)) = (&self.result, self.committed.take()) {
             committed(value);
-        }
-    }
-
-    fn explain_failure(&mut self, explain: &dyn Fn(StoreError) -> StoreError) {
-        if let Some(Err(e)) = self.result.take_if(|r| r.is_err()) {
-            self.result = Some(Err(explain(e)));
         }
     }
 
@@ -457,10 +458,7 @@ fn commit_group(
     let mut lost = None;
     let mut full = false;
     for job in &mut group {
-        let error = run_in_savepoint(&tx, job.as_mut()).map(explain);
-        if error.is_some() {
-            job.explain_failure(explain);
-        }
+        let error = run_in_savepoint(&tx, job.as_mut(), explain);
         full |= error.as_ref().is_some_and(out_of_space);
         // SQLite may answer some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, SQLITE_NOMEM)
         // by rolling back the whole transaction, not just the failed savepoint: then the
@@ -496,17 +494,22 @@ fn commit_group(
 }
 
 /// Runs `job` in a savepoint of its own: kept when it succeeds, rolled back when it fails (its
-/// error is returned), so that one write's failure undoes that write alone.
-fn run_in_savepoint(tx: &Connection, job: &mut dyn Job) -> Option<StoreError> {
+/// error, passed through `explain`, is returned), so that one write's failure undoes that write
+/// alone.
+fn run_in_savepoint(
+    tx: &Connection,
+    job: &mut dyn Job,
+    explain: &dyn Fn(StoreError) -> StoreError,
+) -> Option<StoreError> {
     let step = |sql: &str| -> rusqlite::Result<()> {
         tx.prepare_cached(sql)?.execute([])?;
         Ok(())
     };
     if let Err(e) = step(SAVEPOINT) {
-        return Some(classify(&e));
+        return Some(explain(classify(&e)));
     }
-    match job.run(tx) {
-        None => step(RELEASE).err().map(|e| classify(&e)),
+    match job.run(tx, explain) {
+        None => step(RELEASE).err().map(|e| explain(classify(&e))),
         Some(e) => {
             // If SQLite rolled back the whole transaction, the savepoint is gone with it and
             // this fails too; `commit_group` sees that and fails the whole group.
@@ -554,16 +557,20 @@ fn sync_loop(wal: &std::path::Path, batches: &mpsc::Receiver<Vec<Box<dyn Job>>>)
 /// takes a hundred times as long).
 fn sync_file(path: &std::path::Path) -> Result<(), StoreError> {
     let synced = std::fs::File::open(path).and_then(|f| f.sync_data());
-    synced.map_err(|e| {
-        let message = format!("cannot sync {}: {e}", path.display());
-        if e.kind() == std::io::ErrorKind::StorageFull {
-            StoreError::DiskFull(message)
-        } else if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+    synced.map_err(|e| file_error(format!("cannot sync {}: {e}", path.display()), &e))
+}
+
+/// The [`StoreError`] of `e`, a store file's operation that failed as `message` says: `ENOSPC`
+/// is [`StoreError::DiskFull`], `EROFS` (the file system turned read-only) a
+/// [`StoreError::ReadOnly`] saying what to do, anything else a database error.
+fn file_error(message: String, e: &std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => StoreError::DiskFull(message),
+        std::io::ErrorKind::ReadOnlyFilesystem => {
             StoreError::ReadOnly(format!("{message}; {READ_ONLY_FILE_SYSTEM_ADVICE}"))
-        } else {
-            StoreError::Database(message)
         }
-    })
+        _ => StoreError::Database(message),
+    }
 }
 
 /// The [`StoreError`] of a SQLite error: `SQLITE_FULL` (the file system holding the database
@@ -605,7 +612,7 @@ fn read_only_file_system_or(e: StoreError, wal: &std::path::Path) -> StoreError 
     // is written, and the file is closed at once.
     match std::fs::OpenOptions::new().write(true).open(wal) {
         Err(probe) if probe.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
-            StoreError::ReadOnly(format!("{reason}; {READ_ONLY_FILE_SYSTEM_ADVICE}"))
+            file_error(reason, &probe)
         }
         _ => StoreError::Database(reason),
     }
@@ -910,6 +917,30 @@ mod tests {
         );
         // A write that fails alone fails alone.
         assert_eq!(group_with_poison("ABORT"), (vec![true, false, true], 2));
+    }
+
+    /// What a store file's failed operation (the syncer's `fdatasync`, the writer's probe)
+    /// becomes: a full disk, a file system turned read-only (saying what to mend), or an error.
+    #[test]
+    fn a_file_error_is_told_by_what_the_file_system_said() {
+        let told = |errno: i32| {
+            file_error(
+                "cannot sync jobhook.sqlite-wal".into(),
+                &std::io::Error::from_raw_os_error(errno),
+            )
+        };
+        assert!(matches!(told(libc::ENOSPC), StoreError::DiskFull(_)));
+        match told(libc::EROFS) {
+            StoreError::ReadOnly(why) => assert!(
+                why.starts_with("cannot sync jobhook.sqlite-wal; ")
+                    && why.contains("mount it read-write again and restart jobhook"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        for errno in [libc::EIO, libc::ENOENT, libc::EACCES] {
+            assert!(matches!(told(errno), StoreError::Database(_)), "{errno}");
+        }
     }
 
     #[test]
