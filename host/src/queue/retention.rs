@@ -67,45 +67,51 @@ pub async fn purge_finished_events(
         let Some(before) = cutoff(store.now(), retention, keys) else {
             continue;
         };
-        match purge_all(&store, before, MAX_EVENT_PURGE_BATCH).await {
-            Ok(0) => {}
-            Ok(events) => {
-                metrics.retention_deleted(events);
-                tracing::info!(
-                    events,
-                    before = %before.to_rfc3339(),
-                    "finished events past their retention deleted, with their deliveries and \
-                     attempts"
-                )
-            }
-            Err(e) => warnings.tell(|more_since_last_warning| {
+        let (events, failed) = purge_all(&store, before, MAX_EVENT_PURGE_BATCH).await;
+        if events > 0 {
+            metrics.retention_deleted(events);
+            tracing::info!(
+                events,
+                before = %before.to_rfc3339(),
+                "finished events past their retention deleted, with their deliveries and attempts"
+            );
+        }
+        if let Some(e) = failed {
+            warnings.tell(|more_since_last_warning| {
                 tracing::warn!(
                     more_since_last_warning,
                     "cannot delete finished events past their retention (will retry in {}s): {e}",
                     RETENTION_INTERVAL.as_secs()
                 );
-            }),
+            });
         }
     }
 }
 
 /// Deletes finished events received before `before`, `batch` at a time with a pause between
-/// batches, until a batch comes back short; returns how many. An error after some batches loses
-/// nothing: what was deleted is committed, and the rest waits for the next round.
+/// batches, until a batch comes back short or fails; returns how many were deleted, and the
+/// error that stopped it early. An error after some batches loses nothing: what was deleted is
+/// committed (and counted), and the rest waits for the next round.
 async fn purge_all(
     store: &Arc<dyn EventStore>,
     before: DateTime<Utc>,
     batch: usize,
-) -> Result<u64, StoreError> {
+) -> (u64, Option<StoreError>) {
     let mut total = 0u64;
     loop {
         let store = Arc::clone(store);
         let deleted = tokio::task::spawn_blocking(move || store.purge_finished(before, batch))
             .await
-            .map_err(|e| StoreError::Database(format!("the retention purge failed: {e}")))??;
-        total = total.saturating_add(deleted);
-        if deleted < batch as u64 {
-            return Ok(total);
+            .map_err(|e| StoreError::Database(format!("the retention purge failed: {e}")))
+            .and_then(|deleted| deleted);
+        match deleted {
+            Ok(deleted) => {
+                total = total.saturating_add(deleted);
+                if deleted < batch as u64 {
+                    return (total, None);
+                }
+            }
+            Err(e) => return (total, Some(e)),
         }
         tokio::time::sleep(RETENTION_PAUSE).await;
     }
@@ -144,11 +150,40 @@ mod tests {
         store.insert_event(&waiting).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let before = store.now();
-        assert_eq!(purge_all(&store, before, 2).await.unwrap(), 5);
+        assert!(matches!(purge_all(&store, before, 2).await, (5, None)));
         for e in &finished {
             assert!(store.event(e.id).unwrap().is_none());
         }
         assert!(store.event(waiting.id).unwrap().is_some());
-        assert_eq!(purge_all(&store, before, 2).await.unwrap(), 0);
+        assert!(matches!(purge_all(&store, before, 2).await, (0, None)));
+    }
+
+    /// A batch that fails after others succeeded: what they deleted is told (and counted by the
+    /// caller), with the error that stopped the round.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_purge_stopped_by_an_error_tells_what_it_deleted_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        for _ in 0..5 {
+            store.insert_event(&event(&[])).unwrap();
+        }
+        // From the third deletion on, the database refuses to delete an event.
+        rusqlite::Connection::open(dir.path().join(crate::queue::store::sqlite::DATABASE_FILE))
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE gone (n INTEGER);
+                 CREATE TRIGGER counted AFTER DELETE ON events BEGIN INSERT INTO gone VALUES (1); END;
+                 CREATE TRIGGER refused BEFORE DELETE ON events
+                 WHEN (SELECT count(*) FROM gone) >= 2
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let (deleted, failed) = purge_all(&store, store.now(), 2).await;
+        assert_eq!(deleted, 2);
+        assert!(
+            matches!(&failed, Some(StoreError::Database(m)) if m.contains("refused by the test")),
+            "{failed:?}"
+        );
     }
 }
