@@ -6,7 +6,7 @@
 //! path never waits for any of this: it only commits and wakes the dispatcher.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -84,12 +84,12 @@ fn places_after(places: usize, cap: usize, succeeded: bool) -> usize {
 }
 
 /// A running delivery's slot (one of `max_concurrent_deliveries`) and its place among its
-/// handler's running deliveries. Dropping it gives both back and wakes the dispatcher to look
-/// for more work.
+/// handler's running deliveries. Dropping it gives both back and tells the dispatcher, which
+/// claims again if its last claim left due deliveries behind for want of a place.
 struct Places<'a> {
     slot: Option<OwnedSemaphorePermit>,
     handler: Option<&'a RegisteredHandler>,
-    wake: &'a Notify,
+    freed: &'a Notify,
 }
 
 impl Drop for Places<'_> {
@@ -98,7 +98,7 @@ impl Drop for Places<'_> {
             h.running.fetch_sub(1, Ordering::Relaxed);
         }
         drop(self.slot.take());
-        self.wake.notify_one();
+        self.freed.notify_one();
     }
 }
 
@@ -386,7 +386,18 @@ pub struct Dispatcher {
     /// are at most this many queued, one per slot waiting for room, and those being recorded
     /// (see [`record_outcomes`]).
     slot_count: usize,
+    /// New deliveries may be due: an event was accepted, deliveries were requeued or handed
+    /// back, a retry was scheduled, the handlers changed, or the dispatcher is to stop.
     wake: Notify,
+    /// A running delivery gave back its place and slot ([`Places`]). Heeded only while the
+    /// last claim may have left due deliveries behind for want of one: otherwise a place coming
+    /// free lets no claim take more, and at 1,000 events/s × 4 handlers every delivery's end was
+    /// an empty claim and a `next_due` query.
+    freed: Notify,
+    /// Set when the next due time the dispatcher last read from the store may have moved
+    /// earlier (a retry scheduled, a delivery requeued or handed back, the handlers changed):
+    /// the next pause asks the store again instead of trusting what it read.
+    due_moved: AtomicBool,
     stop: watch::Sender<bool>,
     /// Set by [`Dispatcher::hurry`]: the wind-down stops waiting for running deliveries.
     hurry: watch::Sender<bool>,
@@ -431,6 +442,8 @@ impl Dispatcher {
             slots: Arc::new(Semaphore::new(slot_count)),
             slot_count,
             wake: Notify::new(),
+            freed: Notify::new(),
+            due_moved: AtomicBool::new(true),
             stop,
             hurry,
             lease: lease.max(MIN_LEASE),
@@ -497,11 +510,19 @@ impl Dispatcher {
     /// handler they started with.
     pub fn replace_registry(&self, registry: Registry) {
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(registry);
-        self.wake.notify_one();
+        self.due_may_have_moved();
     }
 
     /// Tells the dispatcher that new deliveries may be due.
     pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Wakes the dispatcher and has it read the next due time again: a delivery may now fall
+    /// due earlier than it last read (a retry scheduled, a delivery handed back or requeued,
+    /// the handlers changed).
+    fn due_may_have_moved(&self) {
+        self.due_moved.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
@@ -537,6 +558,8 @@ impl Dispatcher {
         let leases = tokio::spawn(Arc::clone(&self).keep_leases());
         let (record, queue) = mpsc::channel(self.slot_count);
         let recorder = tokio::spawn(record_outcomes(Arc::clone(&self.store), queue));
+        // When the earliest pending delivery falls due, as last read from the store.
+        let mut known_due = None;
         loop {
             if *stopped.borrow() {
                 break;
@@ -585,11 +608,14 @@ impl Dispatcher {
                     .await)
             } else {
                 let store = Arc::clone(&self.store);
+                let limits = limits.clone();
                 tokio::task::spawn_blocking(move || store.claim_batch(store.now(), &limits, lease))
                     .await
             };
             match claimed {
                 Ok(Ok(claims)) if !claims.is_empty() => {
+                    let filled = claims.len() >= permits.len();
+                    let wanted = short_of_places(&limits.room, &claims);
                     // Unused permits are dropped here, freeing their slots.
                     for (claim, permit) in claims.into_iter().zip(permits) {
                         let handler = registry.get(&claim.handler).cloned();
@@ -618,21 +644,25 @@ impl Dispatcher {
                             }
                         });
                     }
+                    // Every slot filled: more may be due, so claim again at once. Otherwise
+                    // the claim took every due delivery it had places for, and claiming again
+                    // before something changes would find nothing.
+                    if !filled
+                        && !self
+                            .wait(&mut known_due, at_cap, wanted, &mut stopped)
+                            .await
+                    {
+                        break;
+                    }
                 }
                 Ok(Ok(_)) => {
                     drop(permits);
-                    let pause = if at_cap {
-                        IDLE_POLL
-                    } else {
-                        self.idle_pause().await
-                    };
-                    tokio::select! {
-                        _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(pause) => {}
-                        Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
-                            report_failed_delivery(ended);
-                        }
-                        _ = stopped.changed() => break,
+                    let wanted = short_of_places(&limits.room, &[]);
+                    if !self
+                        .wait(&mut known_due, at_cap, wanted, &mut stopped)
+                        .await
+                    {
+                        break;
                     }
                 }
                 Ok(Err(e)) => {
@@ -699,7 +729,7 @@ impl Dispatcher {
                 Ok(Ok(0)) => {}
                 Ok(Ok(n)) => {
                     tracing::warn!(requeued = n, "abandoned deliveries requeued");
-                    self.wake.notify_one();
+                    self.due_may_have_moved();
                 }
                 Ok(Err(e)) => tracing::error!("cannot renew delivery leases: {e}"),
                 Err(e) => tracing::error!("lease task failed: {e}"),
@@ -707,18 +737,53 @@ impl Dispatcher {
         }
     }
 
-    /// How long to wait after a claim that found nothing, unless a delivery of this node
-    /// finishes or a new event arrives first: until the next delivery falls due, or
-    /// [`IDLE_POLL`].
-    async fn idle_pause(&self) -> Duration {
-        let store = Arc::clone(&self.store);
-        let due = tokio::task::spawn_blocking(move || store.next_due())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
-        let now = self.store.now();
-        pause_until(due, now)
+    /// Waits, after a claim that took every due delivery it had places for, until claiming
+    /// again may find more: a wake-up ([`Dispatcher::wake`]), a place coming free if `wanted`
+    /// (see [`short_of_places`]), or the next delivery falling due (at most [`IDLE_POLL`]).
+    /// False when the dispatcher is to stop.
+    ///
+    /// `known_due` is when the earliest pending delivery falls due as last read from the
+    /// store, if that was still to come; it is read again only once that time has come, after
+    /// a wait ran out, or when something may have moved it earlier (`due_moved`), so that a
+    /// dispatcher keeping up with a stream of new events does not ask the store at every one
+    /// of them.
+    async fn wait(
+        &self,
+        known_due: &mut Option<DateTime<Utc>>,
+        at_cap: bool,
+        wanted: bool,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let pause = if at_cap {
+            IDLE_POLL
+        } else {
+            let now = self.store.now();
+            let moved = self.due_moved.swap(false, Ordering::AcqRel);
+            if moved || known_due.is_some_and(|due| due <= now) {
+                let store = Arc::clone(&self.store);
+                let due = tokio::task::spawn_blocking(move || store.next_due())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                // One already due was held back (see `pause_until`): what releases it wakes
+                // the dispatcher, and the store is asked again when the wait runs out.
+                *known_due = due.filter(|due| *due > now);
+                pause_until(due, now)
+            } else {
+                pause_until(*known_due, now)
+            }
+        };
+        tokio::select! {
+            _ = self.wake.notified() => true,
+            _ = self.freed.notified(), if wanted => true,
+            _ = tokio::time::sleep(pause) => {
+                // Another node may have scheduled a retry since: read it again next time.
+                self.due_moved.store(true, Ordering::Release);
+                true
+            }
+            _ = stopped.changed() => false,
+        }
     }
 
     async fn wind_down(
@@ -785,7 +850,7 @@ impl Dispatcher {
             attempt = claim.attempt,
             "a delivery ended with an engine error ({panic}); it was handed back and runs again"
         );
-        let (recorded, _) = oneshot::channel();
+        let (recorded, done) = oneshot::channel();
         let finished = Finished {
             record: handed_back(
                 format!("the engine failed while it ran the delivery ({panic}); it runs again"),
@@ -798,7 +863,11 @@ impl Dispatcher {
             tracing::error!(
                 "the outcome recorder has stopped; the delivery will run again after a restart"
             );
+            return;
         }
+        // Due again once it is on record.
+        let _ = done.await;
+        self.due_may_have_moved();
     }
 
     /// Runs one claimed delivery and records its outcome; `slot` is its place among
@@ -814,7 +883,7 @@ impl Dispatcher {
         let places = Places {
             slot: Some(slot),
             handler: handler.as_deref(),
-            wake: &self.wake,
+            freed: &self.freed,
         };
         let record = match (&handler, &claim.context) {
             (_, Err(reason)) => {
@@ -873,6 +942,11 @@ impl Dispatcher {
             if matches!(change, Change::Quarantined { .. }) {
                 h.reset_places();
             }
+        }
+        if verdict != Some(true) {
+            // A failure may have scheduled a retry, and a delivery handed back is due again:
+            // either may fall due before what the dispatcher last read.
+            self.due_may_have_moved();
         }
         drop(held);
     }
@@ -1108,6 +1182,15 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
             break;
         }
     }
+}
+
+/// Whether a claim given `room` (each handler's free places) that took `claims` may have left
+/// due deliveries behind for want of a place: some handler got as many as it had room for (none,
+/// when it had none). Then a place coming free may let the next claim take more; otherwise every
+/// handler's due deliveries were all taken, and a place coming free changes nothing.
+fn short_of_places(room: &BTreeMap<String, usize>, claims: &[Claim]) -> bool {
+    room.iter()
+        .any(|(handler, room)| claims.iter().filter(|c| &c.handler == handler).count() >= *room)
 }
 
 /// Whether a claim waits [`GATHER_WAIT`] first, with `running` deliveries of this node running,
@@ -1569,6 +1652,108 @@ mod tests {
         );
     }
 
+    /// A dispatcher over `store` with `handler`, running.
+    fn running_with(store: &Arc<CountsClaims>, handler: Arc<RegisteredHandler>) -> Running {
+        let shared: Arc<dyn EventStore> = Arc::clone(store) as _;
+        let registry = Registry::new([handler]);
+        let dispatcher = Dispatcher::new(shared, registry, Arc::new(Metrics::new()), 8);
+        Running(
+            Arc::clone(&dispatcher),
+            tokio::spawn(Arc::clone(&dispatcher).run(Duration::from_secs(1))),
+        )
+    }
+
+    /// Inserts one event for handler `a`, wakes the dispatcher as the API does, and waits
+    /// until every delivery has ended (none pending or running); gives the time that took.
+    async fn delivered(store: &CountsClaims, run: &Running) -> Duration {
+        let start = Instant::now();
+        inserted(store);
+        run.0.wake();
+        let until = start + Duration::from_secs(20);
+        loop {
+            let counts = store.count_by_state().unwrap();
+            let open = counts
+                .iter()
+                .any(|(state, _)| matches!(state, DeliveryState::Pending | DeliveryState::Running));
+            if !open {
+                return start.elapsed();
+            }
+            assert!(Instant::now() < until, "not delivered: {counts:?}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// A dispatcher keeping up with events that come one at a time claims once per event.
+    /// Before, it claimed again right after each claim and again when each delivery ended —
+    /// claims that found nothing, each followed by a `next_due` query: three store round trips
+    /// per event where one does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_that_come_one_at_a_time_are_claimed_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CountsClaims(
+            SqliteStore::open(dir.path()).unwrap(),
+            AtomicUsize::new(0),
+        ));
+        let run = running_with(&store, handler_a("log-context").await);
+        // The handler earns its places first (one at the start, doubled by each success): a
+        // handler with no place to spare is claimed for again when a place comes free.
+        for _ in 0..8 {
+            delivered(&store, &run).await;
+        }
+        let before = store.1.load(Ordering::SeqCst);
+        const EVENTS: usize = 20;
+        for _ in 0..EVENTS {
+            delivered(&store, &run).await;
+        }
+        let claims = store.1.load(Ordering::SeqCst) - before;
+        run.stop().await;
+        // One more than one per event at most: the idle poll may run out once in between.
+        assert!(
+            (EVENTS..=EVENTS + 1).contains(&claims),
+            "{claims} claims for {EVENTS} events"
+        );
+    }
+
+    /// A failure that schedules a retry moves the next due time earlier than the dispatcher
+    /// last read it: the retry runs when it falls due, not at the next idle poll.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_runs_when_it_falls_due_not_at_the_next_idle_poll() {
+        const BACKOFF: Duration = Duration::from_millis(20);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(CountsClaims(
+            SqliteStore::open(dir.path()).unwrap(),
+            AtomicUsize::new(0),
+        ));
+        let retry = RetryPolicy {
+            max_attempts: 2,
+            backoff: BACKOFF,
+            max_backoff: BACKOFF,
+        };
+        let handler = handler_a_retrying("guest-trap", retry).await;
+        // Not set aside by quarantine after the first rounds' failures.
+        handler.reconfigure_quarantine(&QuarantineConfig {
+            after_failures: 0,
+            ..QuarantineConfig::default()
+        });
+        let run = running_with(&store, handler);
+        // Two attempts and the backoff between them take milliseconds; a retry left for the
+        // idle poll waits IDLE_POLL after the first. The fastest of three rounds, so that a
+        // stalled machine does not fail the test.
+        let mut fastest = Duration::MAX;
+        for _ in 0..3 {
+            fastest = fastest.min(delivered(&store, &run).await);
+        }
+        run.stop().await;
+        assert_eq!(
+            store.count_by_state().unwrap(),
+            [(DeliveryState::Failed, 3)]
+        );
+        assert!(
+            fastest < IDLE_POLL - Duration::from_millis(100),
+            "two attempts {BACKOFF:?} apart took {fastest:?} at best"
+        );
+    }
+
     /// SQLite, except that no outcome is recorded before `.1` is set: every recording waits
     /// for it.
     struct RecordsHeld(SqliteStore, std::sync::atomic::AtomicBool);
@@ -1614,6 +1799,11 @@ mod tests {
 
     /// Handler `a`: the test guest `package` with default limits, no grants, for every job type.
     async fn handler_a(package: &str) -> Arc<RegisteredHandler> {
+        handler_a_retrying(package, RetryPolicy::default()).await
+    }
+
+    /// [`handler_a`] with the retry policy `retry`.
+    async fn handler_a_retrying(package: &str, retry: RetryPolicy) -> Arc<RegisteredHandler> {
         let engine = crate::runtime::engine::Engine::new(4).unwrap();
         let spec = crate::runtime::state::SandboxSpec::new("a");
         let handler = SandboxedHandler::load(
@@ -1633,7 +1823,7 @@ mod tests {
             secret_properties: Default::default(),
             grants: spec.grants,
             limits: spec.limits,
-            retry: RetryPolicy::default(),
+            retry,
             max_concurrency: crate::queue::registration::DEFAULT_HANDLER_CONCURRENCY,
             line: 1,
         };
