@@ -771,6 +771,24 @@ async fn a_file_system_turned_read_only_under_the_store_is_refused_in_words() {
         log.contains("the file system holding the store has become read-only"),
         "{log}"
     );
+    // The checkpointer, failing beside the writer, says the same instead of SQLite's "disk I/O
+    // error" alone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let checkpoint = loop {
+        let log = engine.log_text();
+        if let Some(line) = log
+            .lines()
+            .find(|line| line.contains("cannot checkpoint the store's WAL"))
+        {
+            break line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no checkpoint failed: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        checkpoint.contains("the file system holding the store has become read-only"),
+        "{checkpoint}"
+    );
     let (_, metrics) = get(&client, &engine.url, "/metrics").await;
     let refused = jobhook_testkit::metric_value(
         &metrics,

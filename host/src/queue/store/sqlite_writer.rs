@@ -237,13 +237,14 @@ impl Writer {
         let (synced, to_sync) = mpsc::channel();
         let (stop, stopped) = mpsc::channel();
         let probe = wal.clone();
+        let checkpointed = wal.clone();
         std::thread::Builder::new()
             .name("jobhook-store-sync".into())
             .spawn(move || sync_loop(&wal, &to_sync))
             .map_err(thread_error)?;
         std::thread::Builder::new()
             .name("jobhook-store-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpoints, &stopped))
+            .spawn(move || checkpoint_loop(&checkpoints, &checkpointed, &stopped))
             .map_err(thread_error)?;
         std::thread::Builder::new()
             .name("jobhook-store-writer".into())
@@ -522,13 +523,16 @@ fn run_in_savepoint(
 /// Every [`CHECKPOINT_PERIOD`] until the writer is gone, copies what the WAL holds into the
 /// database file without waiting for anyone (a passive checkpoint: it never holds up the writer
 /// or a reader, and copies what it can). SQLite starts the WAL over once all of it is copied.
-fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
+/// A failure is told as the writer's are: a file system turned read-only under `wal` says so
+/// and what to do, where SQLite says only "disk I/O error".
+fn checkpoint_loop(conn: &Connection, wal: &std::path::Path, stop: &mpsc::Receiver<()>) {
     let warnings = crate::log_limit::LogLimit::new(CHECKPOINT_WARNING_INTERVAL);
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_PERIOD) {
         let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         if let Err(e) = checkpointed
             && let Some(untold) = warnings.due()
         {
+            let e = read_only_file_system_or(classify(&e), wal);
             tracing::warn!(
                 failures = untold + 1,
                 "cannot checkpoint the store's WAL (trying again every {} ms): {e}",
@@ -835,10 +839,11 @@ mod tests {
         let (ended, end) = mpsc::channel();
         let log = crate::log_capture::Captured::default();
         let subscriber = log.warnings();
+        let wal = dir.path().join("db.sqlite-wal");
         std::thread::spawn(move || {
             // Its warnings, on this thread, kept for the count below.
             tracing::subscriber::with_default(subscriber, || {
-                checkpoint_loop(&read_only, &stopped);
+                checkpoint_loop(&read_only, &wal, &stopped);
             });
             let _ = ended.send(());
         });
