@@ -86,13 +86,29 @@ async fn get(client: &reqwest::Client, url: &str, path: &str) -> (u16, String) {
     (status, response.text().await.expect("text"))
 }
 
-/// `/healthz` answers 200 with `status: ok` and no quarantined handler.
-async fn assert_healthy(client: &reqwest::Client, url: &str) {
+/// `/healthz` answers 200 with `status: ok` and no quarantined handler; gives what it says.
+async fn assert_healthy(client: &reqwest::Client, url: &str) -> Value {
     let (status, text) = get(client, url, "/healthz").await;
     assert_eq!(status, 200, "{text}");
     let health: Value = serde_json::from_str(&text).expect("health JSON");
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["quarantined"], 0, "{health}");
+    health
+}
+
+/// `/healthz` says the store did not take the latest event, for `reason`, and no more than the
+/// reason's word: `/healthz` needs no token, and the store's own message names its paths.
+async fn assert_store_refusing(client: &reqwest::Client, url: &str, reason: &str) {
+    let health = assert_healthy(client, url).await;
+    let store = &health["store"];
+    assert_eq!(store["taking_events"], false, "{health}");
+    assert_eq!(store["last_refusal"]["reason"], reason, "{health}");
+    assert!(store["last_refusal"]["at"].is_string(), "{health}");
+    assert_eq!(
+        store["last_refusal"].as_object().map(|o| o.len()),
+        Some(2),
+        "{health}"
+    );
 }
 
 /// Polls the event until no delivery is pending or running.
@@ -385,6 +401,7 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
         reason.contains("not accepted") && reason.contains("out of disk space"),
         "the 503 must say the store is out of disk space: {refusal}"
     );
+    assert_store_refusing(&client, &engine.url, "disk-full").await;
     // While the disk stays full: every further event is refused the same way (or, if SQLite
     // found room in pages it already had, accepted and then delivered like the others).
     let mut refused = 1;
@@ -441,6 +458,13 @@ async fn a_full_disk_refuses_events_with_503_and_ingest_resumes_when_space_retur
         assert_eq!(status, 202, "{body}");
         accepted.push(event_id(&body));
     }
+    // `/healthz` says the store takes events again, and still tells the last refusal.
+    let health = assert_healthy(&client, &engine.url).await;
+    assert_eq!(health["store"]["taking_events"], true, "{health}");
+    assert_eq!(
+        health["store"]["last_refusal"]["reason"], "disk-full",
+        "{health}"
+    );
 
     // Every event that got a 202 is delivered, once.
     for id in &accepted {
@@ -798,7 +822,7 @@ async fn a_file_system_turned_read_only_under_the_store_is_refused_in_words() {
     // Refused again, the same way, for as long as it lasts; what was stored is read.
     let (status, _) = post_event(&client, &engine.url, &sample_context_json()).await;
     assert_eq!(status, 503);
-    assert_healthy(&client, &engine.url).await;
+    assert_store_refusing(&client, &engine.url, "read-only").await;
     let (status, text) = get(&client, &engine.url, &format!("/v1/events/{kept}")).await;
     assert_eq!(status, 200, "{text}");
     drop(engine);
@@ -823,7 +847,7 @@ fn a_frozen_postgres_server_is_answered_with_503_in_bounded_time_and_ingest_resu
     let thaw = Thaw(&db);
     // More requests than the store has connections: each is answered, in bounded time.
     runtime.block_on(each_refused_in_bounded_time(&client, &engine));
-    runtime.block_on(assert_healthy(&client, &engine.url));
+    runtime.block_on(assert_store_refusing(&client, &engine.url, "timeout"));
     let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
     // Nothing refused the engine: every refusal says the store did not answer, whether the
     // commit or the wait for a pooled connection ran out first.
@@ -953,6 +977,9 @@ fn accepts_again(
         let (status, body) =
             runtime.block_on(post_event(client, &engine.url, &sample_context_json()));
         if status == 202 {
+            // `/healthz` says so too.
+            let health = runtime.block_on(assert_healthy(client, &engine.url));
+            assert_eq!(health["store"]["taking_events"], true, "{health}");
             return;
         }
         assert!(
@@ -1505,7 +1532,7 @@ async fn a_read_only_postgres_is_refused_in_words_and_a_running_outcome_is_recor
     read_only(true);
     // Refused, saying why; every session sees the setting after the reload.
     refused_as_read_only_within(&client, &engine, RECONNECT_BOUND).await;
-    assert_healthy(&client, &engine.url).await;
+    assert_store_refusing(&client, &engine.url, "read-only").await;
     let (_, metrics) = get(&client, &engine.url, "/metrics").await;
     let refused = jobhook_testkit::metric_value(
         &metrics,

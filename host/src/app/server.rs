@@ -295,6 +295,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
         reload: Arc::clone(&reload),
         idempotency_retention: config.server.idempotency_retention,
         forwarders: Arc::new(Forwarders::new()),
+        store_health: Arc::default(),
     };
     let listener = TcpListener::bind(config.server.listen)
         .await

@@ -48,6 +48,7 @@ use crate::queue::dispatch::{Dispatcher, HandlerSummary};
 use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError, call_within};
 use crate::sources::forwarders::{self, Forwarders};
 use crate::sources::idempotency;
+use crate::sources::store_health::StoreHealth;
 
 /// Reloads the configuration: resolves to what the reload did, or to the reason the new
 /// configuration was refused (the running one then stays).
@@ -191,6 +192,8 @@ pub struct AppState {
     pub idempotency_retention: Duration,
     /// The forwarders heard from.
     pub forwarders: Arc<Forwarders>,
+    /// Whether the store took the latest event posted, for `/healthz`.
+    pub store_health: Arc<StoreHealth>,
 }
 
 /// Where events are posted.
@@ -468,7 +471,7 @@ async fn job_complete(
             COMMIT_FAILURES.tell(|untold| {
                 tracing::error!(more_since_last_error = untold, "commit task failed: {e}")
             });
-            state.metrics.ingest_store_failed("error");
+            store_refused(&state, "error");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the event was not accepted: the store failed; retry later",
@@ -512,9 +515,15 @@ async fn commit_event(
             )
         });
         let (reason, message) = unavailable(&StoreError::NoAnswer(String::new()));
-        state.metrics.ingest_store_failed(reason);
+        store_refused(&state, reason);
         return error(StatusCode::SERVICE_UNAVAILABLE, message);
     };
+    if matches!(
+        committed,
+        Ok(Ok(_) | Err(StoreError::IdempotencyConflict { .. }))
+    ) {
+        state.store_health.answered();
+    }
     let (event_id, deliveries, replayed) = match committed {
         Ok(Ok((event, Inserted::New))) => {
             state
@@ -550,14 +559,14 @@ async fn commit_event(
                 )
             });
             let (reason, message) = unavailable(&e);
-            state.metrics.ingest_store_failed(reason);
+            store_refused(&state, reason);
             return error(StatusCode::SERVICE_UNAVAILABLE, message);
         }
         Err(e) => {
             COMMIT_FAILURES.tell(|untold| {
                 tracing::error!(more_since_last_error = untold, "commit task failed: {e}")
             });
-            state.metrics.ingest_store_failed("error");
+            store_refused(&state, "error");
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the event was not accepted: the store failed; retry later",
@@ -614,6 +623,13 @@ pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// log has): a file path or a server address is no business of the sender's. It says "not
 /// accepted" rather than "not stored": a connection that broke during the commit leaves it
 /// unknown whether the server committed, which is why resends carry an `Idempotency-Key`.
+/// Counts an event the store could not take, for `reason` (one of
+/// [`crate::metrics::STORE_FAILURE_REASONS`]), and keeps it for `/healthz`.
+fn store_refused(state: &AppState, reason: &'static str) {
+    state.metrics.ingest_store_failed(reason);
+    state.store_health.refused(reason, chrono::Utc::now());
+}
+
 fn unavailable(e: &StoreError) -> (&'static str, &'static str) {
     match e {
         StoreError::DiskFull(_) => (
@@ -742,6 +758,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "status": "ok",
         "handlers": registry.handlers().count(),
         "quarantined": registry.quarantined(),
+        "store": state.store_health.report(),
     }))
     .into_response()
 }

@@ -4,7 +4,7 @@
 //!   admin endpoints;
 //! - [`idempotency`]: the `Idempotency-Key` of ingest requests — one event per key, however
 //!   often the forwarder resends it; [`forwarders`]: which forwarders deliver, and when each
-//!   last did;
+//!   last did; [`store_health`]: whether the store took the latest event, for `/healthz`;
 //! - [`poller`]: Keyfactor's JobHistory turned into events where nothing can be installed in
 //!   Keyfactor.
 //!
@@ -15,3 +15,4 @@ pub mod api;
 pub mod forwarders;
 pub mod idempotency;
 pub mod poller;
+pub mod store_health;
