@@ -652,3 +652,42 @@ async fn limits_at_a_components_declared_needs_run_and_below_them_are_refused_at
         );
     }
 }
+
+/// The epoch ticker sleeps while no sandbox runs; a loop that starts then is still interrupted
+/// at its budget, since every run wakes it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_on_an_idle_engine_still_times_out_at_its_budget() {
+    // An engine of its own: the other tests' sandboxes would keep its ticker awake.
+    let engine = Engine::new(4).expect("engine");
+    let mut looping = spec("loop", &[]);
+    looping.limits.timeout = Duration::from_millis(300);
+    let looping = load_on(&engine, "guest-loop", looping).await;
+    let waited = std::time::Instant::now();
+    while !engine.ticker_state().0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the ticker never slept"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let context = JobContext::from_json_value(&sample_context_json()).expect("context");
+    // On a thread of its own: a loop never interrupted holds that thread, not this test's.
+    let (ran, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = ran.send(runtime.block_on(looping.invoke(&context, Delivery::default())));
+    });
+    let outcome = outcome
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the loop was never interrupted");
+    assert_eq!(
+        outcome.kind,
+        OutcomeKind::TimedOut {
+            limit_ms: 300,
+            waiting_for: None
+        }
+    );
+}

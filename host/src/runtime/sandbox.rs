@@ -114,9 +114,13 @@ impl SandboxedHandler {
         let wit_context = to_wit(context);
         let pre = self.component.pre().clone();
         let budget = limits.timeout + TIMEOUT_GRACE;
+        // The ticks that interrupt guest code, for as long as the run exists: it goes wherever
+        // the run goes and ends with it.
+        let ticking = self.engine.ticking();
         // Owns everything it touches, so that it can run on other threads (the engine's sandbox
         // threads; the idle threads, as a long runner); gives the store back for the outcome.
         let run = async move {
+            let _ticking = ticking;
             let call = async {
                 let instance = pre.instantiate_async(&mut store).await?;
                 instance.call_run_handler(&mut store, &wit_context).await
