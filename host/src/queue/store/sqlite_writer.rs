@@ -33,7 +33,8 @@
 //! busy machine each wake-up is a wait in a run queue.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -51,6 +52,14 @@ const MAX_GROUP_COMMIT: usize = 512;
 /// than with 50 ms (4.32 → 2.72, 9.21 → 3.85, 6.56 → 2.49 ms …), 1 s was worse than 50 ms in
 /// three of three; dispatch with a backlog unchanged (docs/PERFORMANCE.md).
 const CHECKPOINT_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Longest the checkpointer waits between two looks while nothing is written: once a checkpoint
+/// has copied the whole WAL and nothing was committed since, each wait doubles from
+/// [`CHECKPOINT_PERIOD`] up to this. An idle engine's checkpointer then wakes once a second
+/// instead of a hundred times (a tenth of an idle engine's wake-ups once the epoch ticker
+/// sleeps), and the first commit after a quiet spell is copied within a second; under any
+/// load it looks every [`CHECKPOINT_PERIOD`] as before.
+const IDLE_CHECKPOINT_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Least time between two warnings of failing checkpoints: a failure that repeats (a
 /// read-only file, a full disk) is logged once in this time, with how many there were, not a
@@ -238,17 +247,19 @@ impl Writer {
         let (stop, stopped) = mpsc::channel();
         let probe = wal.clone();
         let checkpointed = wal.clone();
+        let wrote = Arc::new(AtomicBool::new(true));
+        let written = Arc::clone(&wrote);
         std::thread::Builder::new()
             .name("jobhook-store-sync".into())
             .spawn(move || sync_loop(&wal, &to_sync))
             .map_err(thread_error)?;
         std::thread::Builder::new()
             .name("jobhook-store-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpoints, &checkpointed, &stopped))
+            .spawn(move || checkpoint_loop(&checkpoints, &checkpointed, &written, &stopped))
             .map_err(thread_error)?;
         std::thread::Builder::new()
             .name("jobhook-store-writer".into())
-            .spawn(move || write_loop(conn, probe, &receiver, &synced))
+            .spawn(move || write_loop(conn, probe, &wrote, &receiver, &synced))
             .map_err(thread_error)?;
         Ok(Writer {
             jobs: sender,
@@ -333,6 +344,7 @@ fn writer_stopped() -> StoreError {
 fn write_loop(
     conn: Connection,
     wal: PathBuf,
+    wrote: &AtomicBool,
     receiver: &mpsc::Receiver<Box<dyn Job>>,
     syncer: &mpsc::Sender<Vec<Box<dyn Job>>>,
 ) {
@@ -351,6 +363,7 @@ fn write_loop(
         }
         let mut group = Vec::with_capacity(waiting.len());
         let mut committed = Vec::new();
+        let changes = conn.conn.total_changes();
         for job in waiting {
             if job.grouping() == Grouping::Alone {
                 committed.extend(conn.commit(std::mem::take(&mut group)));
@@ -360,6 +373,11 @@ fn write_loop(
             }
         }
         committed.extend(conn.commit(group));
+        // For the checkpointer: the WAL may have grown. A round that changed no row (a lease
+        // renewal with nothing running, an idle engine's) wrote nothing to it.
+        if conn.conn.total_changes() != changes {
+            wrote.store(true, Ordering::Relaxed);
+        }
         if committed.is_empty() {
             continue;
         }
@@ -525,10 +543,33 @@ fn run_in_savepoint(
 /// or a reader, and copies what it can). SQLite starts the WAL over once all of it is copied.
 /// A failure is told as the writer's are: a file system turned read-only under `wal` says so
 /// and what to do, where SQLite says only "disk I/O error".
-fn checkpoint_loop(conn: &Connection, wal: &std::path::Path, stop: &mpsc::Receiver<()>) {
+///
+/// While nothing is written (`wrote`, set by the writer after every round, is found clear) and
+/// the last checkpoint copied the whole WAL, it looks less and less often ([`next_look`]).
+fn checkpoint_loop(
+    conn: &Connection,
+    wal: &std::path::Path,
+    wrote: &AtomicBool,
+    stop: &mpsc::Receiver<()>,
+) {
     let warnings = crate::log_limit::LogLimit::new(CHECKPOINT_WARNING_INTERVAL);
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_PERIOD) {
-        let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+    let mut wait = CHECKPOINT_PERIOD;
+    let mut copied_all = false;
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
+        let written = wrote.swap(false, Ordering::Relaxed);
+        wait = next_look(wait, written, copied_all);
+        if !written && copied_all {
+            continue;
+        }
+        // One row: whether it was blocked, the WAL's frames, the frames copied.
+        let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        });
+        copied_all = matches!(checkpointed, Ok((0, frames, copied)) if copied >= frames);
         if let Err(e) = checkpointed
             && let Some(untold) = warnings.due()
         {
@@ -539,6 +580,18 @@ fn checkpoint_loop(conn: &Connection, wal: &std::path::Path, stop: &mpsc::Receiv
                 CHECKPOINT_PERIOD.as_millis()
             );
         }
+    }
+}
+
+/// How long the checkpointer waits after a wait of `wait`: [`CHECKPOINT_PERIOD`] when anything
+/// was `written` since its last look or its last checkpoint did not copy the whole WAL (a
+/// failure, a reader in the way); otherwise twice as long as before, up to
+/// [`IDLE_CHECKPOINT_PERIOD`].
+fn next_look(wait: std::time::Duration, written: bool, copied_all: bool) -> std::time::Duration {
+    if written || !copied_all {
+        CHECKPOINT_PERIOD
+    } else {
+        wait.saturating_mul(2).min(IDLE_CHECKPOINT_PERIOD)
     }
 }
 
@@ -718,6 +771,58 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_checkpointer_looks_less_and_less_often_and_at_once_after_a_write() {
+        let mut wait = CHECKPOINT_PERIOD;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            wait = next_look(wait, false, true);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits, [20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000]);
+        assert_eq!(next_look(wait, true, true), CHECKPOINT_PERIOD);
+        // A checkpoint that did not copy everything (or failed) is tried again soon, written
+        // or not: the writer may be waiting for the WAL's space after a full disk.
+        assert_eq!(next_look(wait, false, false), CHECKPOINT_PERIOD);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_the_first_writes_are_checkpointed_within_the_idle_period() {
+        let (dir, conn) = table();
+        let writer = start(&dir, conn, "db.sqlite-wal");
+        let database = dir.path().join("db.sqlite");
+        let grown = |from: u64, what: &str| {
+            let deadline = std::time::Instant::now() + IDLE_CHECKPOINT_PERIOD * 10;
+            loop {
+                let now = std::fs::metadata(&database).unwrap().len();
+                if now > from {
+                    return now;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never checkpointed {what}"
+                );
+                std::thread::sleep(CHECKPOINT_PERIOD);
+            }
+        };
+        let empty = std::fs::metadata(&database).unwrap().len();
+        for _ in 0..200 {
+            writer.write(Durability::Normal, insert("row")).unwrap();
+        }
+        let first = grown(empty, "the first writes");
+        // Quiet long enough for the checkpointer to wait its longest.
+        std::thread::sleep(IDLE_CHECKPOINT_PERIOD * 2);
+        for _ in 0..400 {
+            writer
+                .write(
+                    Durability::Normal,
+                    insert("a longer row, to need more pages"),
+                )
+                .unwrap();
+        }
+        grown(first, "the writes after the quiet spell");
+    }
+
+    #[test]
     fn the_checkpointer_copies_the_wal_into_the_database_file() {
         let (dir, conn) = table();
         let writer = start(&dir, conn, "db.sqlite-wal");
@@ -843,7 +948,7 @@ mod tests {
         std::thread::spawn(move || {
             // Its warnings, on this thread, kept for the count below.
             tracing::subscriber::with_default(subscriber, || {
-                checkpoint_loop(&read_only, &wal, &stopped);
+                checkpoint_loop(&read_only, &wal, &AtomicBool::new(false), &stopped);
             });
             let _ = ended.send(());
         });
