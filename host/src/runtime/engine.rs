@@ -231,11 +231,12 @@ const DECOMMIT_BATCH_SIZE: usize = 1;
 pub struct EngineError(String);
 
 /// A wasmtime engine with its epoch ticker. Cheap to clone; the ticker stops when the last clone
-/// is dropped.
+/// is dropped (and no run of guest code holds it: [`Ticking`]).
 #[derive(Clone)]
 pub struct Engine {
     inner: wasmtime::Engine,
-    _ticker: Arc<Ticker>,
+    /// Advances the epoch while guest code may run.
+    ticker: Arc<Ticker>,
     aot: Option<Arc<AotCache>>,
     sandboxes: Option<Arc<SandboxThreads>>,
     cpu_share: CpuShare,
@@ -338,7 +339,7 @@ impl Engine {
             .map_err(|e| EngineError(format!("cannot start the epoch ticker thread: {e}")))?;
         Ok(Engine {
             inner,
-            _ticker: Arc::new(ticker),
+            ticker: Arc::new(ticker),
             aot: None,
             sandboxes: None,
             cpu_share: CpuShare::for_machine(EPOCH_TICK),
@@ -355,16 +356,16 @@ impl Engine {
     /// it lives exactly as long as the guest can run). Guest code is interrupted only by ticks:
     /// without them a loop would run past its budget for ever.
     pub fn ticking(&self) -> Ticking {
-        self._ticker.shared.running.fetch_add(1, Ordering::SeqCst);
-        self._ticker.shared.started.store(true, Ordering::Relaxed);
+        self.ticker.shared.running.fetch_add(1, Ordering::SeqCst);
+        self.ticker.shared.started.store(true, Ordering::Relaxed);
         // Paired with the ticker's own SeqCst store and load: either it sees this sandbox
         // running and does not sleep, or this sees it asleep (or about to be) and wakes it. An
         // unpark before its park makes that park return at once.
-        if self._ticker.shared.sleeping.load(Ordering::SeqCst) {
-            self._ticker.waker.unpark();
+        if self.ticker.shared.sleeping.load(Ordering::SeqCst) {
+            self.ticker.waker.unpark();
         }
         Ticking {
-            ticker: Arc::clone(&self._ticker),
+            ticker: Arc::clone(&self.ticker),
         }
     }
 
@@ -372,7 +373,7 @@ impl Engine {
     /// [`IDLE_TICKS_BEFORE_SLEEP`] ticks; and how many ticks it has made since the engine
     /// started. What a test of the sleep looks at.
     pub fn ticker_state(&self) -> (bool, u64) {
-        let shared = &self._ticker.shared;
+        let shared = &self.ticker.shared;
         (
             shared.sleeping.load(Ordering::SeqCst),
             shared.ticks.load(Ordering::SeqCst),
