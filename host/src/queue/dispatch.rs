@@ -793,6 +793,11 @@ impl Dispatcher {
         record: mpsc::Sender<Finished>,
         recorder: tokio::task::JoinHandle<()>,
     ) {
+        // Deliveries that ended since the dispatcher last looked are not running: a task is
+        // joined only when the dispatcher next claims.
+        while let Some(ended) = tasks.try_join_next() {
+            report_failed_delivery(ended);
+        }
         let running = tasks.len();
         if running > 0 {
             // A warning: shown by default, it tells an operator why the stop takes its time
@@ -1623,16 +1628,21 @@ mod tests {
         }
     }
 
+    /// SQLite in `dir`, counting the claims made of it.
+    fn counting_claims(dir: &std::path::Path) -> Arc<CountsClaims> {
+        Arc::new(CountsClaims(
+            SqliteStore::open(dir).unwrap(),
+            AtomicUsize::new(0),
+        ))
+    }
+
     #[tokio::test]
     async fn a_dispatcher_without_handlers_never_claims() {
         // Nothing is claimable by a node that has no handler: another node's deliveries wait
         // for that node. Before, every event woke it to claim and then to ask when the next
         // delivery falls due.
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(CountsClaims(
-            SqliteStore::open(dir.path()).unwrap(),
-            AtomicUsize::new(0),
-        ));
+        let store = counting_claims(dir.path());
         inserted(store.as_ref());
         let shared: Arc<dyn EventStore> = Arc::clone(&store) as _;
         let dispatcher = Dispatcher::new(shared, Registry::default(), Arc::new(Metrics::new()), 8);
@@ -1690,10 +1700,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_that_come_one_at_a_time_are_claimed_once_each() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(CountsClaims(
-            SqliteStore::open(dir.path()).unwrap(),
-            AtomicUsize::new(0),
-        ));
+        let store = counting_claims(dir.path());
         let run = running_with(&store, handler_a("log-context").await);
         // The handler earns its places first (one at the start, doubled by each success): a
         // handler with no place to spare is claimed for again when a place comes free.
@@ -1714,16 +1721,44 @@ mod tests {
         );
     }
 
+    /// A dispatcher stopped after its deliveries ended says nothing of deliveries to wait for:
+    /// those that ended are not running, whether or not the dispatcher has joined their tasks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_after_every_delivery_ended_waits_for_none() {
+        use tracing::instrument::WithSubscriber as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store = counting_claims(dir.path());
+        let shared: Arc<dyn EventStore> = Arc::clone(&store) as _;
+        let registry = Registry::new([handler_a("log-context").await]);
+        let dispatcher = Dispatcher::new(shared, registry, Arc::new(Metrics::new()), 8);
+        let log = crate::log_capture::Captured::default();
+        let run = Running(
+            Arc::clone(&dispatcher),
+            tokio::spawn(
+                Arc::clone(&dispatcher)
+                    .run(Duration::from_secs(10))
+                    .with_subscriber(log.warnings()),
+            ),
+        );
+        // Its places earned, so that the dispatcher waits for events, not for a place.
+        for _ in 0..8 {
+            delivered(&store, &run).await;
+        }
+        // A delivery's task ends moments after its outcome is on record (it counts the outcome
+        // towards its handler's places first).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        run.stop().await;
+        let text = log.text();
+        assert!(!text.contains("waiting up to"), "{text}");
+    }
+
     /// A failure that schedules a retry moves the next due time earlier than the dispatcher
     /// last read it: the retry runs when it falls due, not at the next idle poll.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_retry_runs_when_it_falls_due_not_at_the_next_idle_poll() {
         const BACKOFF: Duration = Duration::from_millis(20);
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(CountsClaims(
-            SqliteStore::open(dir.path()).unwrap(),
-            AtomicUsize::new(0),
-        ));
+        let store = counting_claims(dir.path());
         let retry = RetryPolicy {
             max_attempts: 2,
             backoff: BACKOFF,
