@@ -618,11 +618,6 @@ static METRICS_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
 /// delivery-state series, an event read with 503.
 pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The metric reason and the answer for an event the store could not commit. The answer names
-/// the cause in words an operator can act on, without the database's own message (which the
-/// log has): a file path or a server address is no business of the sender's. It says "not
-/// accepted" rather than "not stored": a connection that broke during the commit leaves it
-/// unknown whether the server committed, which is why resends carry an `Idempotency-Key`.
 /// Counts an event the store could not take, for `reason` (one of
 /// [`crate::metrics::STORE_FAILURE_REASONS`]), and keeps it for `/healthz`.
 fn store_refused(state: &AppState, reason: &'static str) {
@@ -630,6 +625,11 @@ fn store_refused(state: &AppState, reason: &'static str) {
     state.store_health.refused(reason, chrono::Utc::now());
 }
 
+/// The metric reason and the answer for an event the store could not commit. The answer names
+/// the cause in words an operator can act on, without the database's own message (which the
+/// log has): a file path or a server address is no business of the sender's. It says "not
+/// accepted" rather than "not stored": a connection that broke during the commit leaves it
+/// unknown whether the server committed, which is why resends carry an `Idempotency-Key`.
 fn unavailable(e: &StoreError) -> (&'static str, &'static str) {
     match e {
         StoreError::DiskFull(_) => (
