@@ -556,20 +556,13 @@ fn checkpoint_loop(
     let mut wait = CHECKPOINT_PERIOD;
     let mut copied_all = false;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
-        let written = wrote.swap(false, Ordering::Relaxed);
-        wait = next_look(wait, written, copied_all);
-        if !written && copied_all {
+        let quiet = copied_all && !wrote.swap(false, Ordering::Relaxed);
+        wait = next_look(wait, quiet);
+        if quiet {
             continue;
         }
-        // One row: whether it was blocked, the WAL's frames, the frames copied.
-        let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-            Ok((
-                row.get::<_, i64>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, i64>(2)?,
-            ))
-        });
-        copied_all = matches!(checkpointed, Ok((0, frames, copied)) if copied >= frames);
+        let checkpointed = checkpoint(conn);
+        copied_all = matches!(checkpointed, Ok(true));
         if let Err(e) = checkpointed
             && let Some(untold) = warnings.due()
         {
@@ -583,15 +576,30 @@ fn checkpoint_loop(
     }
 }
 
-/// How long the checkpointer waits after a wait of `wait`: [`CHECKPOINT_PERIOD`] when anything
-/// was `written` since its last look or its last checkpoint did not copy the whole WAL (a
-/// failure, a reader in the way); otherwise twice as long as before, up to
-/// [`IDLE_CHECKPOINT_PERIOD`].
-fn next_look(wait: std::time::Duration, written: bool, copied_all: bool) -> std::time::Duration {
-    if written || !copied_all {
-        CHECKPOINT_PERIOD
-    } else {
+/// A passive checkpoint: whether it copied the whole WAL into the database file (not when a
+/// reader's snapshot or a writer held part of it back).
+fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
+    // One row: whether it was blocked, the WAL's frames, the frames copied.
+    let (blocked, frames, copied) =
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?;
+    Ok(blocked == 0 && copied >= frames)
+}
+
+/// How long the checkpointer waits after a wait of `wait`: twice as long, up to
+/// [`IDLE_CHECKPOINT_PERIOD`], while `quiet` (the last checkpoint copied the whole WAL and
+/// nothing was written since); otherwise [`CHECKPOINT_PERIOD`] (something was written, or a
+/// checkpoint failed or was held back by a reader).
+fn next_look(wait: std::time::Duration, quiet: bool) -> std::time::Duration {
+    if quiet {
         wait.saturating_mul(2).min(IDLE_CHECKPOINT_PERIOD)
+    } else {
+        CHECKPOINT_PERIOD
     }
 }
 
@@ -775,14 +783,32 @@ mod tests {
         let mut wait = CHECKPOINT_PERIOD;
         let mut waits = Vec::new();
         for _ in 0..10 {
-            wait = next_look(wait, false, true);
+            wait = next_look(wait, true);
             waits.push(wait.as_millis());
         }
         assert_eq!(waits, [20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000]);
-        assert_eq!(next_look(wait, true, true), CHECKPOINT_PERIOD);
-        // A checkpoint that did not copy everything (or failed) is tried again soon, written
-        // or not: the writer may be waiting for the WAL's space after a full disk.
-        assert_eq!(next_look(wait, false, false), CHECKPOINT_PERIOD);
+        // Written since, or a checkpoint that did not copy everything (or failed): tried again
+        // soon — the writer may be waiting for the WAL's space after a full disk.
+        assert_eq!(next_look(wait, false), CHECKPOINT_PERIOD);
+    }
+
+    /// A checkpoint held back by a reader's snapshot has not copied the whole WAL, so the
+    /// checkpointer does not start waiting longer; once the reader is gone, it has.
+    #[test]
+    fn a_checkpoint_a_reader_holds_back_has_not_copied_everything() {
+        let (dir, conn) = table();
+        conn.execute("INSERT INTO t VALUES ('before')", []).unwrap();
+        let reader = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        // Written after the reader's snapshot: a passive checkpoint cannot copy it yet.
+        conn.execute("INSERT INTO t VALUES ('after')", []).unwrap();
+        let checkpoints = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        assert!(!checkpoint(&checkpoints).unwrap());
+        reader.execute_batch("COMMIT").unwrap();
+        assert!(checkpoint(&checkpoints).unwrap());
     }
 
     #[test]
