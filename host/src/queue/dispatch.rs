@@ -1752,6 +1752,38 @@ mod tests {
         assert!(!text.contains("waiting up to"), "{text}");
     }
 
+    /// A delivery whose engine code panicked is handed back, and the dispatcher is woken and
+    /// told to read the next due time again only once the hand-back is on record: woken
+    /// before, it would claim, find the delivery still running, and leave it to the idle poll.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panics_hand_back_is_on_record_before_the_dispatcher_is_woken() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let claim = claimed(store.as_ref());
+        let dispatcher = Dispatcher::new(
+            Arc::clone(&store),
+            Registry::default(),
+            Arc::new(Metrics::new()),
+            8,
+        );
+        dispatcher.due_moved.store(false, Ordering::SeqCst);
+        let (record, queue) = mpsc::channel(4);
+        let recorder = tokio::spawn(record_outcomes(Arc::clone(&store), queue));
+        dispatcher
+            .hand_back_after_panic(claim, "a bug".into(), &record)
+            .await;
+        assert_eq!(
+            store.count_by_state().unwrap(),
+            [(DeliveryState::Pending, 1)]
+        );
+        assert!(dispatcher.due_moved.load(Ordering::SeqCst));
+        tokio::time::timeout(Duration::from_secs(1), dispatcher.wake.notified())
+            .await
+            .expect("the dispatcher was not woken");
+        drop(record);
+        recorder.await.unwrap();
+    }
+
     /// A failure that schedules a retry moves the next due time earlier than the dispatcher
     /// last read it: the retry runs when it falls due, not at the next idle poll.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
