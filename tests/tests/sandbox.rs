@@ -658,7 +658,21 @@ async fn limits_at_a_components_declared_needs_run_and_below_them_are_refused_at
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_on_an_idle_engine_still_times_out_at_its_budget() {
     // An engine of its own: the other tests' sandboxes would keep its ticker awake.
-    let engine = Engine::new(4).expect("engine");
+    loop_on_an_idle_engine_times_out(Engine::new(4).expect("engine")).await;
+}
+
+/// As above, with the run on the engine's sandbox threads (`[engine] sandbox_threads`): the
+/// guard goes with the run to those threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_on_an_idle_engine_with_sandbox_threads_still_times_out() {
+    let engine = Engine::new(4)
+        .and_then(|e| e.with_sandbox_threads(2))
+        .expect("engine");
+    loop_on_an_idle_engine_times_out(engine).await;
+}
+
+/// Waits for `engine`'s ticker to sleep, then runs a loop with a 300 ms budget: it times out.
+async fn loop_on_an_idle_engine_times_out(engine: Engine) {
     let mut looping = spec("loop", &[]);
     looping.limits.timeout = Duration::from_millis(300);
     let looping = load_on(&engine, "guest-loop", looping).await;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::{Config, Enabled, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
@@ -361,8 +361,10 @@ impl Engine {
         // Paired with the ticker's own SeqCst store and load: either it sees this sandbox
         // running and does not sleep, or this sees it asleep (or about to be) and wakes it. An
         // unpark before its park makes that park return at once.
-        if self.ticker.shared.sleeping.load(Ordering::SeqCst) {
-            self.ticker.waker.unpark();
+        if self.ticker.shared.sleeping.load(Ordering::SeqCst)
+            && let Some(thread) = &self.ticker.thread
+        {
+            thread.thread().unpark();
         }
         Ticking {
             ticker: Arc::clone(&self.ticker),
@@ -479,8 +481,7 @@ pub const EPOCH_THREAD_NAME: &str = "jobhook-epoch";
 /// sleeps once none has for [`IDLE_TICKS_BEFORE_SLEEP`] ticks.
 struct Ticker {
     shared: Arc<TickerShared>,
-    /// Its thread, to wake it.
-    waker: Thread,
+    /// Its thread: woken by a run that finds it asleep, joined when the engine is dropped.
     thread: Option<JoinHandle<()>>,
 }
 
@@ -538,7 +539,6 @@ impl Ticker {
             })?;
         Ok(Ticker {
             shared,
-            waker: thread.thread().clone(),
             thread: Some(thread),
         })
     }
@@ -547,8 +547,8 @@ impl Ticker {
 impl Drop for Ticker {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.waker.unpark();
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
