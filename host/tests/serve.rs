@@ -70,8 +70,19 @@ async fn post(engine: &EngineProcess, body: &Value) -> (u16, Value) {
 }
 
 async fn post_raw(engine: &EngineProcess, body: String, token: Option<&str>) -> (u16, Value) {
+    post_to(engine, "/v1/job-complete", body, token).await
+}
+
+/// `body` posted to `path` as it is, with `token` if any; the status and the answer's JSON
+/// (`null` if it has none).
+async fn post_to(
+    engine: &EngineProcess,
+    path: &str,
+    body: String,
+    token: Option<&str>,
+) -> (u16, Value) {
     let mut request = client()
-        .post(format!("{}/v1/job-complete", engine.url))
+        .post(format!("{}{path}", engine.url))
         .header("content-type", "application/json")
         .body(body);
     if let Some(token) = token {
@@ -846,6 +857,8 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
         ("GET", "/v1/handlers"),
         ("GET", "/v1/forwarders"),
         ("POST", "/v1/admin/reload"),
+        ("GET", "/v1/deliveries/failed"),
+        ("POST", "/v1/admin/retry-failed"),
     ] {
         let (status, answer) = call_with(&engine, method, path, "sender-t0ken").await;
         assert_eq!(status, 403, "{method} {path}: {answer}");
@@ -880,6 +893,7 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
         ("GET", event.as_str()),
         ("GET", "/v1/handlers"),
         ("GET", "/v1/forwarders"),
+        ("GET", "/v1/deliveries/failed"),
     ] {
         let (status, answer) = call_with(&engine, method, path, "admin-t0ken").await;
         assert!(
@@ -1025,6 +1039,186 @@ async fn retries_follow_the_policy_and_quarantine_holds_a_failing_handlers_deliv
         metrics.contains("jobhook_deliveries_total{handler=\"retrying\",outcome=\"trapped\"} 4"),
         "{metrics}"
     );
+}
+
+/// `GET /v1/deliveries/failed` with `query`: the status and the answer's JSON.
+async fn failed_list(engine: &EngineProcess, query: &str) -> (u16, Value) {
+    let (status, text) = get(engine, &format!("/v1/deliveries/failed{query}")).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The event ids of a page of the failed list, in its order.
+fn listed_events(page: &Value) -> Vec<&str> {
+    page["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .iter()
+        .map(|d| d["event_id"].as_str().expect("event id"))
+        .collect()
+}
+
+/// A handler whose configuration made it fail: its failed deliveries are listed newest first,
+/// a page at a time; once the operator has mended the configuration, they run again when asked
+/// (one event's, then the handler's), each with its next attempt number, and every bad request
+/// is answered 400 saying what to fix.
+#[tokio::test]
+async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
+    let setup = Setup::new();
+    let probe = |fail: bool| {
+        handler(
+            "probe",
+            "guest-attempt-probe",
+            "[\"*\"]",
+            &format!(
+                "properties = {{ FailOnFailure = \"{fail}\" }}\n[handlers.retry]\nmax_attempts = 1"
+            ),
+        )
+    };
+    let config = |fail: bool| {
+        format!(
+            "[quarantine]\nafter_failures = 0\n\n{}{}",
+            probe(fail),
+            handler("healthy", "log-context", "[\"*\"]", "")
+        )
+    };
+    let engine = setup.start(&config(true));
+    let mut failed = Vec::new();
+    for result in ["Failure", "Success", "Failure", "Failure"] {
+        let (status, body) = post(&engine, &context(INVENTORY_TYPE, result)).await;
+        assert_eq!(status, 202, "{body}");
+        let id = body["event_id"].as_str().expect("id").to_owned();
+        let event = settled(&engine, &id).await;
+        let expected = if result == "Failure" {
+            "failed"
+        } else {
+            "succeeded"
+        };
+        assert_eq!(delivery(&event, "probe")["state"], expected, "{event:#}");
+        if result == "Failure" {
+            failed.push(id);
+        }
+    }
+    let newest_first: Vec<&str> = failed.iter().rev().map(String::as_str).collect();
+
+    let (status, page) = failed_list(&engine, "").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(listed_events(&page), newest_first);
+    assert_eq!(page["next_before"], Value::Null, "{page}");
+    let first = &page["deliveries"][0];
+    assert_eq!(first["handler"], "probe");
+    assert_eq!(first["attempt"], 1);
+    assert_eq!(first["outcome"], "handler-failed", "{first}");
+    assert!(
+        first["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("(attempt 1)")),
+        "{first}"
+    );
+    // A page at a time.
+    let (_, page) = failed_list(&engine, "?limit=2").await;
+    assert_eq!(listed_events(&page), newest_first[..2]);
+    let next = page["next_before"]
+        .as_i64()
+        .expect("a full page says where to go on");
+    let (_, page) = failed_list(&engine, &format!("?limit=2&before={next}")).await;
+    assert_eq!(listed_events(&page), newest_first[2..]);
+    assert_eq!(page["next_before"], Value::Null);
+    let (_, page) = failed_list(&engine, "?handler=healthy").await;
+    assert_eq!(listed_events(&page), Vec::<&str>::new());
+    let (_, page) = failed_list(&engine, &format!("?event_id={}", failed[1])).await;
+    assert_eq!(listed_events(&page), [failed[1].as_str()]);
+
+    // Bad requests: 400 saying what to fix; nothing is run again.
+    for (query, says) in [
+        ("?limit=0", "limit must be 1-1000"),
+        ("?limit=1001", "limit must be 1-1000"),
+        ("?before=0", "before must be a delivery id"),
+        ("?before=abc", "before (a delivery id)"),
+        ("?event_id=nope", "event_id must be an event's id"),
+        ("?handler=", "handler must be a handler's name"),
+        ("?state=failed", "the list takes handler, event_id, before"),
+        (
+            "?handler=x&handler=y",
+            "the list takes handler, event_id, before",
+        ),
+        (
+            "?%1B%5B31mred=1",
+            "the list takes handler, event_id, before",
+        ),
+        (
+            &format!("?handler={}", "x".repeat(300)),
+            "handler must be a handler's name",
+        ),
+    ] {
+        let (status, answer) = failed_list(&engine, query).await;
+        assert_eq!(status, 400, "{query}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{query}: {answer}");
+        assert!(
+            !error.contains('\u{1b}'),
+            "the query's text is escaped: {answer}"
+        );
+    }
+    let retry = "/v1/admin/retry-failed";
+    let oversized = format!("{{\"handler\": \"{}\"}}", "x".repeat(5000));
+    for (body, status, says) in [
+        ("", 400, "the body is not a JSON object"),
+        ("{}", 400, "name a handler, an event_id or both"),
+        (
+            "{\"handler\": \"probe\", \"all\": true}",
+            400,
+            "unknown field",
+        ),
+        (
+            "{\"event_id\": \"zz\"}",
+            400,
+            "event_id must be an event's id",
+        ),
+        (
+            "{\"handler\": \"a\\u0000b\"}",
+            400,
+            "without control characters",
+        ),
+        ("[1]", 400, "the body is not a JSON object"),
+        (oversized.as_str(), 413, "the body is over 4096 bytes"),
+    ] {
+        let (got, answer) = post_to(&engine, retry, body.to_owned(), None).await;
+        assert_eq!(got, status, "{body:.60}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| e.contains(says)),
+            "{body:.60}: {answer}"
+        );
+    }
+    let (_, page) = failed_list(&engine, "").await;
+    assert_eq!(listed_events(&page).len(), 3, "{page}");
+
+    // The operator mends the configuration, then runs one event's delivery again.
+    setup.config(&config(false));
+    assert_eq!(reload(&engine).await.status().as_u16(), 200);
+    let one = json!({ "handler": "probe", "event_id": failed[0] }).to_string();
+    let (status, answer) = post_to(&engine, retry, one, None).await;
+    assert_eq!((status, &answer), (200, &json!({ "requeued": 1 })));
+    let event = settled(&engine, &failed[0]).await;
+    let d = delivery(&event, "probe");
+    assert_eq!(d["state"], "succeeded", "{event:#}");
+    assert_eq!(d["attempt"], 2, "the next attempt number: {d}");
+    assert_eq!(d["attempts"].as_array().map(Vec::len), Some(2), "{d}");
+    assert_eq!(
+        delivery(&event, "healthy")["attempt"],
+        1,
+        "only what was asked: {event:#}"
+    );
+    // Then every failed delivery of the handler: the other two.
+    let (status, answer) = post_to(&engine, retry, r#"{"handler": "probe"}"#.into(), None).await;
+    assert_eq!((status, &answer), (200, &json!({ "requeued": 2 })));
+    for id in &failed[1..] {
+        let event = settled(&engine, id).await;
+        assert_eq!(delivery(&event, "probe")["state"], "succeeded", "{event:#}");
+    }
+    let (_, page) = failed_list(&engine, "").await;
+    assert_eq!(listed_events(&page), Vec::<&str>::new());
+    let (status, answer) = post_to(&engine, retry, r#"{"handler": "probe"}"#.into(), None).await;
+    assert_eq!((status, &answer), (200, &json!({ "requeued": 0 })));
 }
 
 /// `[mail]` with a `from` and neither `smtp` nor `outbox`: under `serve`, mail is written to

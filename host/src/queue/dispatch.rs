@@ -521,7 +521,7 @@ impl Dispatcher {
     /// Wakes the dispatcher and has it read the next due time again: a delivery may now fall
     /// due earlier than it last read (a retry scheduled, a delivery handed back or requeued,
     /// the handlers changed).
-    fn due_may_have_moved(&self) {
+    pub fn due_may_have_moved(&self) {
         self.due_moved.store(true, Ordering::Release);
         self.wake.notify_one();
     }

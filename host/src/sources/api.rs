@@ -10,6 +10,8 @@
 //! - `GET /v1/handlers`: loaded handlers, routing, grants, limits, health.
 //! - `GET /v1/forwarders`: the forwarders this node accepted events from, and when each last did.
 //! - `POST /v1/admin/reload`: reload the configuration file (as SIGHUP does).
+//! - `GET /v1/deliveries/failed`, `POST /v1/admin/retry-failed`: the failed deliveries, listed
+//!   and run again ([`super::failed_deliveries`]).
 //! - `GET /healthz` (never authenticated) and `GET /metrics`.
 //!
 //! `server.tokens` guard what a sender uses (posting events, `/metrics`) and `server.admin_tokens`
@@ -31,7 +33,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -46,6 +49,7 @@ use crate::log_limit::LogLimit;
 use crate::metrics::{CONTENT_TYPE, Metrics, StoreCounts};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
 use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError, call_within};
+use crate::sources::failed_deliveries;
 use crate::sources::forwarders::{self, Forwarders};
 use crate::sources::idempotency;
 use crate::sources::store_health::StoreHealth;
@@ -206,7 +210,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events/{id}", get(event))
         .route("/v1/handlers", get(handlers))
         .route("/v1/forwarders", get(forwarder_list))
+        .route(failed_deliveries::LIST_PATH, get(failed_list))
         .route("/v1/admin/reload", post(reload))
+        .route(failed_deliveries::RETRY_PATH, post(retry_failed))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -220,7 +226,8 @@ pub fn router(state: AppState) -> Router {
 
 /// The endpoints, for the answer to a request for another.
 const ENDPOINTS: &str = "POST /v1/job-complete, GET /v1/events/{id}, GET /v1/handlers, \
-                         GET /v1/forwarders, POST /v1/admin/reload, GET /metrics, GET /healthz";
+                         GET /v1/forwarders, GET /v1/deliveries/failed, POST /v1/admin/reload, \
+                         POST /v1/admin/retry-failed, GET /metrics, GET /healthz";
 
 /// A path that is no endpoint: a JSON error listing them (the path is not echoed).
 async fn no_such_endpoint() -> Response {
@@ -733,6 +740,40 @@ async fn handlers(State(state): State<AppState>) -> Response {
 
 async fn forwarder_list(State(state): State<AppState>) -> Response {
     axum::Json(json!({ "forwarders": state.forwarders.list() })).into_response()
+}
+
+async fn failed_list(
+    State(state): State<AppState>,
+    query: Result<Query<failed_deliveries::ListQuery>, QueryRejection>,
+) -> Response {
+    let query = query.map(|Query(q)| q).map_err(|e| e.body_text());
+    let (status, body) = failed_deliveries::list(&state.store, query).await;
+    (status, axum::Json(body)).into_response()
+}
+
+async fn retry_failed(State(state): State<AppState>, request: Request) -> Response {
+    let limit = failed_deliveries::MAX_RETRY_BODY;
+    match read_body(request.into_body(), limit, state.body_read_timeout).await {
+        Ok(body) => {
+            let (status, body) =
+                failed_deliveries::retry(&state.store, &state.dispatcher, &body).await;
+            (status, axum::Json(body)).into_response()
+        }
+        Err(BodyError::TooLarge) => error_and_close(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is over {limit} bytes: a retry request names a handler, an event or both"
+            ),
+        ),
+        Err(BodyError::TimedOut) => error_and_close(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} ms ([server] body_read_timeout_ms)",
+                state.body_read_timeout.as_millis()
+            ),
+        ),
+        Err(BodyError::Broken(_)) => error(StatusCode::BAD_REQUEST, "the body could not be read"),
+    }
 }
 
 async fn reload(State(state): State<AppState>) -> Response {

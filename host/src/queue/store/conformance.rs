@@ -14,9 +14,9 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, Finish,
-    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_CLAIM_BATCH, NewEvent, RELEASED_REASON,
-    SOURCE_API, SOURCE_POLLER, StoreError, after, new_event_id, to_ms,
+    ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, FailedFilter, Finish,
+    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_CLAIM_BATCH, MAX_RETRY_BATCH, NewEvent,
+    RELEASED_REASON, SOURCE_API, SOURCE_POLLER, StoreError, after, new_event_id, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -81,6 +81,10 @@ macro_rules! suite {
             events_with_a_delivery_not_finished_are_kept_however_old,
             event_purges_are_bounded_batches,
             concurrent_event_purges_delete_each_event_once,
+            failed_deliveries_are_listed_newest_first_and_filtered,
+            failed_deliveries_run_again_with_their_next_attempt,
+            failed_deliveries_run_again_in_bounded_batches_newest_first,
+            a_delivery_run_again_keeps_its_event_from_retention,
         );
     };
     (@each $backend:expr; $($name:ident),* $(,)?) => {
@@ -170,6 +174,22 @@ macro_rules! pass_on_the_rest {
         ) -> Result<Option<$crate::queue::store::EventView>, $crate::queue::store::StoreError>
         {
             self.0.event(id)
+        }
+        fn failed_deliveries(
+            &self,
+            filter: &$crate::queue::store::FailedFilter,
+            max: usize,
+        ) -> Result<Vec<$crate::queue::store::FailedDelivery>, $crate::queue::store::StoreError>
+        {
+            self.0.failed_deliveries(filter, max)
+        }
+        fn retry_failed(
+            &self,
+            filter: &$crate::queue::store::FailedFilter,
+            now: chrono::DateTime<chrono::Utc>,
+            max: usize,
+        ) -> Result<Vec<i64>, $crate::queue::store::StoreError> {
+            self.0.retry_failed(filter, now, max)
         }
         fn next_due(
             &self,
@@ -1310,6 +1330,247 @@ pub(crate) fn expired_keys_are_purged_in_bounded_batches(b: &impl Backend) {
             .unwrap(),
         Inserted::New
     );
+}
+
+/// Claims every due delivery of `store` and ends each as `end` says of its (event, handler);
+/// returns the claims by (event, handler).
+fn run_all(
+    store: &impl EventStore,
+    end: impl Fn(Uuid, &str) -> DeliveryState,
+) -> std::collections::BTreeMap<(Uuid, String), super::Claim> {
+    let mut claimed = std::collections::BTreeMap::new();
+    loop {
+        let claims = store
+            .claim_batch(store.now(), &ClaimLimits::any(MAX_CLAIM_BATCH), LEASE)
+            .unwrap();
+        if claims.is_empty() {
+            return claimed;
+        }
+        for claim in claims {
+            let state = end(claim.event_id, &claim.handler);
+            let mut r = record(state);
+            if state == DeliveryState::Pending {
+                r.retry_at = Some(after(store.now(), Duration::from_secs(3600)));
+            }
+            assert_eq!(store.finish(&claim, &r).unwrap(), Finish::Recorded);
+            claimed.insert((claim.event_id, claim.handler.clone()), claim);
+        }
+    }
+}
+
+/// The failed list's (event, handler) pairs, in its order.
+fn failed_pairs(store: &impl EventStore, filter: &FailedFilter, max: usize) -> Vec<(Uuid, String)> {
+    store
+        .failed_deliveries(filter, max)
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.event_id, d.handler))
+        .collect()
+}
+
+pub(crate) fn failed_deliveries_are_listed_newest_first_and_filtered(b: &impl Backend) {
+    let store = b.node();
+    let (e1, e2, e3) = (event(&["a", "b"]), event(&["a", "b"]), event(&["a", "b"]));
+    for e in [&e1, &e2, &e3] {
+        store.insert_event(e).unwrap();
+    }
+    // Failed for good: e1's a, e2's a and b, e3's b. e1's b succeeded; e3's a failed with a
+    // retry to come (pending): neither is listed.
+    let claims = run_all(&store, |e, h| match (e == e1.id, e == e3.id, h) {
+        (true, _, "b") => DeliveryState::Succeeded,
+        (_, true, "a") => DeliveryState::Pending,
+        _ => DeliveryState::Failed,
+    });
+    let id = |e: &NewEvent, h: &str| claims[&(e.id, h.to_owned())].delivery_id;
+    let pair = |e: &NewEvent, h: &str| (e.id, h.to_owned());
+    let all = FailedFilter::default();
+    assert_eq!(
+        failed_pairs(&store, &all, 100),
+        [
+            pair(&e3, "b"),
+            pair(&e2, "b"),
+            pair(&e2, "a"),
+            pair(&e1, "a")
+        ],
+        "newest first"
+    );
+    let listed = store.failed_deliveries(&all, 1).unwrap();
+    let [only] = listed.as_slice() else {
+        panic!("one asked for: {listed:?}")
+    };
+    assert_eq!(only.id, id(&e3, "b"));
+    assert_eq!(only.attempt, 1);
+    assert_eq!(only.outcome.as_deref(), Some("handler-failed"));
+    assert_eq!(only.reason.as_deref(), Some("nope"));
+    assert!(only.finished_at.is_some());
+
+    let of_a = FailedFilter {
+        handler: Some("a".into()),
+        ..all.clone()
+    };
+    assert_eq!(
+        failed_pairs(&store, &of_a, 100),
+        [pair(&e2, "a"), pair(&e1, "a")]
+    );
+    let of_e2 = FailedFilter {
+        event: Some(e2.id),
+        ..all.clone()
+    };
+    assert_eq!(
+        failed_pairs(&store, &of_e2, 100),
+        [pair(&e2, "b"), pair(&e2, "a")]
+    );
+    let both = FailedFilter {
+        handler: Some("b".into()),
+        event: Some(e1.id),
+        before: None,
+    };
+    assert_eq!(failed_pairs(&store, &both, 100), []);
+    // The next page starts below the last one shown.
+    let next = FailedFilter {
+        before: Some(id(&e2, "b")),
+        ..all.clone()
+    };
+    assert_eq!(
+        failed_pairs(&store, &next, 100),
+        [pair(&e2, "a"), pair(&e1, "a")]
+    );
+    let unknown = FailedFilter {
+        handler: Some("no-such-handler".into()),
+        ..all
+    };
+    assert_eq!(failed_pairs(&store, &unknown, 100), []);
+    // Another node reads the same list.
+    assert_eq!(failed_pairs(&b.node(), &of_a, 100).len(), 2);
+}
+
+pub(crate) fn failed_deliveries_run_again_with_their_next_attempt(b: &impl Backend) {
+    let store = b.node();
+    let (e1, e2) = (event(&["a", "b"]), event(&["a"]));
+    store.insert_event(&e1).unwrap();
+    store.insert_event(&e2).unwrap();
+    run_all(&store, |_, _| DeliveryState::Failed);
+    assert_eq!(states(&store), [("failed", 3)]);
+
+    // e1's a only: its b and e2's a stay failed.
+    let which = FailedFilter {
+        handler: Some("a".into()),
+        event: Some(e1.id),
+        before: None,
+    };
+    let requeued = store.retry_failed(&which, store.now(), 100).unwrap();
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(states(&store), [("failed", 2), ("pending", 1)]);
+    assert_eq!(
+        store.retry_failed(&which, store.now(), 100).unwrap(),
+        Vec::<i64>::new()
+    );
+    let again = store.claim(store.now(), &[], LEASE).unwrap().unwrap();
+    assert_eq!((again.event_id, again.handler.as_str()), (e1.id, "a"));
+    assert_eq!(again.delivery_id, requeued[0]);
+    assert_eq!(again.attempt, 2, "the next attempt number");
+    assert!(store.claim(store.now(), &[], LEASE).unwrap().is_none());
+    store
+        .finish(&again, &record(DeliveryState::Succeeded))
+        .unwrap();
+    let view = store.event(e1.id).unwrap().unwrap();
+    let a = view.deliveries.iter().find(|d| d.handler == "a").unwrap();
+    assert_eq!(a.state, DeliveryState::Succeeded);
+    let history: Vec<(u32, bool)> = a.attempts.iter().map(|t| (t.attempt, t.terminal)).collect();
+    assert_eq!(history, [(1, true), (2, true)], "both attempts kept");
+
+    // Every failed delivery of handler a: e2's (e1's succeeded).
+    let of_a = FailedFilter {
+        handler: Some("a".into()),
+        ..FailedFilter::default()
+    };
+    assert_eq!(
+        store.retry_failed(&of_a, store.now(), 100).unwrap().len(),
+        1
+    );
+    assert_eq!(
+        states(&store),
+        [("failed", 1), ("pending", 1), ("succeeded", 1)]
+    );
+    // Made due at the time given, no sooner.
+    let later = after(store.now(), Duration::from_secs(3600));
+    let b_only = FailedFilter {
+        handler: Some("b".into()),
+        ..FailedFilter::default()
+    };
+    assert_eq!(store.retry_failed(&b_only, later, 100).unwrap().len(), 1);
+    let due = store
+        .claim_batch(store.now(), &ClaimLimits::any(10), LEASE)
+        .unwrap();
+    assert_eq!(handlers_of(&due), ["a"]);
+    assert_eq!(store.next_due().unwrap().map(to_ms), Some(to_ms(later)));
+}
+
+pub(crate) fn failed_deliveries_run_again_in_bounded_batches_newest_first(b: &impl Backend) {
+    let store = b.node();
+    let events: Vec<NewEvent> = (0..MAX_RETRY_BATCH + 3).map(|_| event(&["a"])).collect();
+    for e in &events {
+        store.insert_event(e).unwrap();
+    }
+    let claims = run_all(&store, |_, _| DeliveryState::Failed);
+    let mut ids: Vec<i64> = claims.values().map(|c| c.delivery_id).collect();
+    ids.sort_unstable_by(|x, y| y.cmp(x));
+    let newest_first = |mut v: Vec<i64>| {
+        v.sort_unstable_by(|x, y| y.cmp(x));
+        v
+    };
+    let all = FailedFilter::default();
+    let first = newest_first(store.retry_failed(&all, store.now(), 2).unwrap());
+    assert_eq!(first, ids[..2], "the newest two");
+    // However many are asked for, one batch is bounded.
+    let below = |v: &[i64]| FailedFilter {
+        before: v.last().copied(),
+        ..all.clone()
+    };
+    let second = newest_first(
+        store
+            .retry_failed(&below(&first), store.now(), usize::MAX)
+            .unwrap(),
+    );
+    assert_eq!(second, ids[2..2 + MAX_RETRY_BATCH]);
+    let third = newest_first(
+        store
+            .retry_failed(&below(&second), store.now(), usize::MAX)
+            .unwrap(),
+    );
+    assert_eq!(third, ids[2 + MAX_RETRY_BATCH..]);
+    assert_eq!(states(&store), [("pending", ids.len() as u64)]);
+    assert_eq!(
+        store.retry_failed(&all, store.now(), 100).unwrap(),
+        Vec::<i64>::new()
+    );
+}
+
+pub(crate) fn a_delivery_run_again_keeps_its_event_from_retention(b: &impl Backend) {
+    let store = b.node();
+    let (kept, gone) = (event(&["a"]), event(&["b"]));
+    store.insert_event(&kept).unwrap();
+    store.insert_event(&gone).unwrap();
+    run_all(&store, |_, _| DeliveryState::Failed);
+    let before = cutoff(&store);
+    let of = |h: &str| FailedFilter {
+        handler: Some(h.into()),
+        ..FailedFilter::default()
+    };
+    // Run again first: the event is not finished any more, and stays.
+    assert_eq!(
+        store.retry_failed(&of("a"), store.now(), 10).unwrap().len(),
+        1
+    );
+    assert_eq!(store.purge_finished(before, 100).unwrap(), 1);
+    assert!(store.event(kept.id).unwrap().is_some());
+    // Deleted first: nothing is left to run again, and nothing is counted.
+    assert!(store.event(gone.id).unwrap().is_none());
+    assert_eq!(
+        store.retry_failed(&of("b"), store.now(), 10).unwrap(),
+        Vec::<i64>::new()
+    );
+    assert_eq!(states(&store), [("pending", 1)]);
 }
 
 /// How many deliveries `store` holds in each state, by name, omitting states with none.

@@ -5,8 +5,9 @@
 //! A delivery moves `pending → running → succeeded | failed | skipped`, or back to `pending` for a
 //! retry or after an interrupted run. Claiming marks it `running` and increments its attempt, so
 //! a delivery interrupted by a crash is run again with a higher attempt number
-//! (at-least-once). A terminal state is written once, in the same transaction as its attempt
-//! record, so no delivery is ever terminal twice.
+//! (at-least-once). A terminal state is written in the same transaction as its attempt record,
+//! so no attempt is ever terminal twice; only an operator makes a failed delivery pending again
+//! ([`EventStore::retry_failed`]), and it then runs with the next attempt number.
 //!
 //! [`EventStore`] is the interface; [`sqlite::SqliteStore`] the embedded default, for one engine
 //! process; [`postgres::PostgresStore`] a shared database, so that several engine nodes work off
@@ -382,6 +383,46 @@ pub struct EventView {
     pub deliveries: Vec<DeliveryView>,
 }
 
+/// Most failed deliveries one [`EventStore::failed_deliveries`] call lists: one page of the API's
+/// list, read in one query.
+pub const MAX_FAILED_PAGE: usize = 1000;
+
+/// Most failed deliveries one [`EventStore::retry_failed`] call makes pending again: a bounded
+/// transaction, so that running a large number again never holds the store's one writer (and
+/// every ingest behind it) for long. The API goes on in batches until none is left.
+pub const MAX_RETRY_BATCH: usize = 500;
+
+/// Which failed deliveries to list or run again: every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailedFilter {
+    /// Only this handler's.
+    pub handler: Option<String>,
+    /// Only this event's.
+    pub event: Option<Uuid>,
+    /// Only those with an id below this one: the next page of a list, newest first.
+    pub before: Option<i64>,
+}
+
+/// A failed delivery, as the list of them shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailedDelivery {
+    /// The delivery's id: the list is newest (highest) first, and the next page starts below
+    /// the last one shown.
+    pub id: i64,
+    /// Its event (`GET /v1/events/{id}` has the context, the log lines and every attempt).
+    pub event_id: Uuid,
+    /// The handler.
+    pub handler: String,
+    /// Attempts made.
+    pub attempt: u32,
+    /// When the last attempt ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Outcome class of the last attempt.
+    pub outcome: Option<String>,
+    /// Reason of the last attempt.
+    pub reason: Option<String>,
+}
+
 /// Most deliveries one [`EventStore::claim_batch`] call claims, whatever the caller asks: bounds the
 /// transaction (and the candidate query) so that a claim never holds the database's write lock
 /// long enough to delay an ingest commit noticeably.
@@ -548,8 +589,9 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// Finished: every delivery of the event is terminal (succeeded, failed, skipped), or it has
     /// none (routed to no handler). An event with a delivery pending or running is kept however
-    /// old it is, and becomes finished only by its deliveries ending: a terminal delivery never
-    /// changes again, so what is deleted cannot be needed by a claim. Idempotency keys are not
+    /// old it is, and becomes finished only by its deliveries ending: a terminal delivery changes
+    /// again only when an operator runs it again ([`EventStore::retry_failed`], which each store
+    /// orders against this purge), so what is deleted cannot be needed by a claim. Idempotency keys are not
     /// touched: the caller keeps events at least as long as their keys
     /// (`queue::retention`). On a shared store, nodes purging at once skip each other's rows.
     fn purge_finished(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError>;
@@ -611,6 +653,29 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The event and its deliveries.
     fn event(&self, id: Uuid) -> Result<Option<EventView>, StoreError>;
+
+    /// Up to `max` (capped at [`MAX_FAILED_PAGE`]) failed deliveries that `filter` selects,
+    /// newest (highest id) first.
+    fn failed_deliveries(
+        &self,
+        filter: &FailedFilter,
+        max: usize,
+    ) -> Result<Vec<FailedDelivery>, StoreError>;
+
+    /// Makes up to `max` (capped at [`MAX_RETRY_BATCH`]) failed deliveries that `filter`
+    /// selects, newest first, pending again and due at `now`, in one transaction; returns their
+    /// ids. Each keeps its attempts: the next claim runs it with the next attempt number, and
+    /// its retry policy counts from there (a delivery past its last retry gets one attempt).
+    ///
+    /// An event being deleted by retention at the same time is either deleted first (its
+    /// deliveries are then not made pending, nor counted) or kept (a pending delivery keeps
+    /// its event).
+    fn retry_failed(
+        &self,
+        filter: &FailedFilter,
+        now: DateTime<Utc>,
+        max: usize,
+    ) -> Result<Vec<i64>, StoreError>;
 
     /// When the next pending delivery becomes due, if any is pending.
     fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;

@@ -46,8 +46,9 @@ use super::clock::QueueClock;
 use super::postgres_url::{UrlError, check_url, redact_url, url_sets};
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
-    EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency, Inserted, MAX_EVENT_PURGE_BATCH,
-    MAX_PURGE_BATCH, NewEvent, RELEASED_REASON, StoreError, after, unreadable_context,
+    EventStore, EventView, FailedDelivery, FailedFilter, Finish, INTERRUPTED_CLASS, Idempotency,
+    Inserted, MAX_EVENT_PURGE_BATCH, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH, NewEvent,
+    RELEASED_REASON, StoreError, after, unreadable_context,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -285,6 +286,9 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
     // Events by receipt time, which retention walks from its oldest end (see `PURGE_FINISHED`)
     // instead of reading the whole table every round.
     "CREATE INDEX events_received ON events (received_at, id);",
+    // Failed deliveries, newest first: the list an operator reads and runs again
+    // (`FAILED`, `RETRY_FAILED`), without walking the deliveries that succeeded.
+    "CREATE INDEX deliveries_failed ON deliveries (id) WHERE state = 'failed';",
 ];
 
 /// Why a PostgreSQL store call failed, before it becomes a [`StoreError`].
@@ -1186,9 +1190,44 @@ const PURGE_FINISHED: &str = "
         DELETE FROM attempts a USING deliveries d, doomed
         WHERE a.delivery_id = d.id AND d.event_id = doomed.id
     ), gone_deliveries AS (
-        DELETE FROM deliveries d USING doomed WHERE d.event_id = doomed.id
+        DELETE FROM deliveries d USING doomed
+        WHERE d.event_id = doomed.id AND d.state NOT IN ('pending', 'running')
     )
     DELETE FROM events e USING doomed WHERE e.id = doomed.id";
+
+/// Failed deliveries that `$1` (handler), `$2` (event) and `$3` (an id above every one chosen)
+/// select when not null, newest first, at most `$4` (`deliveries_failed`).
+macro_rules! failed_where {
+    () => {
+        "d.state = 'failed' AND ($1::text IS NULL OR d.handler = $1)
+         AND ($2::uuid IS NULL OR d.event_id = $2) AND ($3::bigint IS NULL OR d.id < $3)"
+    };
+}
+
+/// The list of failed deliveries ([`EventStore::failed_deliveries`]).
+const FAILED: &str = concat!(
+    "SELECT d.id, d.event_id, d.handler, d.attempt, d.finished_at, d.outcome_class, d.reason
+     FROM deliveries d WHERE ",
+    failed_where!(),
+    " ORDER BY d.id DESC LIMIT $4"
+);
+
+/// Failed deliveries made pending again, due at `$5` ([`EventStore::retry_failed`]). The rows
+/// are locked first: a retention purge that deleted one first has it skipped here (gone when
+/// the lock is had), and one that comes after finds a pending delivery — by its snapshot, or by
+/// re-reading the row its delete waited for (`PURGE_FINISHED` deletes only terminal
+/// deliveries, and its event's delete then fails on the one left: nothing is deleted).
+const RETRY_FAILED: &str = concat!(
+    "WITH chosen AS (
+        SELECT d.id FROM deliveries d WHERE ",
+    failed_where!(),
+    " ORDER BY d.id DESC LIMIT $4
+        FOR UPDATE
+    )
+    UPDATE deliveries d SET state = 'pending', not_before = $5, owner = NULL, lease_until = NULL
+    FROM chosen WHERE d.id = chosen.id AND d.state = 'failed'
+    RETURNING d.id"
+);
 
 const UPSERT_CURSOR: &str = "
     INSERT INTO cursors (name, value) VALUES ($1, $2)
@@ -1367,6 +1406,8 @@ const INDEXED_STATEMENTS: &[&str] = &[
     NEXT_DUE,
     PENDING_BY_HANDLER,
     CURSOR,
+    FAILED,
+    RETRY_FAILED,
 ];
 
 /// The prepared statements that read a whole table on purpose, each inside a transaction that
@@ -1789,6 +1830,58 @@ impl EventStore for PostgresStore {
         self.with(|conn| {
             let next_due = conn.prepare(NEXT_DUE)?;
             Ok(conn.client.query_one(&next_due, &[])?.get(0))
+        })
+    }
+
+    fn failed_deliveries(
+        &self,
+        filter: &FailedFilter,
+        max: usize,
+    ) -> Result<Vec<FailedDelivery>, StoreError> {
+        let limit = i64::try_from(max.min(MAX_FAILED_PAGE)).unwrap_or(0);
+        let handler = filter.handler.as_deref().map(text);
+        self.read(|conn| {
+            let statement = conn.prepare(FAILED)?;
+            let rows = conn.client.query(
+                &statement,
+                &[&handler.as_deref(), &filter.event, &filter.before, &limit],
+            )?;
+            Ok(rows
+                .into_iter()
+                .map(|row| FailedDelivery {
+                    id: row.get(0),
+                    event_id: row.get(1),
+                    handler: row.get(2),
+                    attempt: attempt_number(row.get(3)),
+                    finished_at: row.get(4),
+                    outcome: row.get(5),
+                    reason: row.get(6),
+                })
+                .collect())
+        })
+    }
+
+    fn retry_failed(
+        &self,
+        filter: &FailedFilter,
+        now: DateTime<Utc>,
+        max: usize,
+    ) -> Result<Vec<i64>, StoreError> {
+        let limit = i64::try_from(max.min(MAX_RETRY_BATCH)).unwrap_or(0);
+        let handler = filter.handler.as_deref().map(text);
+        self.with(|conn| {
+            let statement = conn.prepare(RETRY_FAILED)?;
+            let rows = conn.client.query(
+                &statement,
+                &[
+                    &handler.as_deref(),
+                    &filter.event,
+                    &filter.before,
+                    &limit,
+                    &now,
+                ],
+            )?;
+            Ok(rows.into_iter().map(|row| row.get(0)).collect())
         })
     }
 
@@ -2452,12 +2545,12 @@ mod tests {
         backend
             .db
             .query(&format!(
-                "DROP INDEX events_received; DELETE FROM schema_migrations WHERE version = {last}"
+                "DROP INDEX deliveries_failed; DELETE FROM schema_migrations WHERE version = {last}"
             ))
             .expect("undo the newest change");
         let mut blocker = config.connect(NoTls).expect("second session");
         blocker
-            .batch_execute("BEGIN; LOCK TABLE events IN ROW EXCLUSIVE MODE")
+            .batch_execute("BEGIN; LOCK TABLE deliveries IN ROW EXCLUSIVE MODE")
             .expect("hold a lock");
         let (url, password) = (backend.db.url.clone(), backend.db.password.clone());
         let (done, outcome) = std::sync::mpsc::channel();

@@ -25,9 +25,10 @@ use super::clock::{QueueClock, step_between};
 use super::sqlite_writer::{DAMAGED_ADVICE, Durability, Grouping, Write, Writer, classify};
 use super::{
     ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
-    DeliveryState, DeliveryView, EventStore, EventView, Finish, INTERRUPTED_CLASS, Idempotency,
-    Inserted, MAX_EVENT_PURGE_BATCH, MAX_PURGE_BATCH, NewEvent, RELEASED_REASON, StoreError, after,
-    from_ms, to_ms, unreadable_context,
+    DeliveryState, DeliveryView, EventStore, EventView, FailedDelivery, FailedFilter, Finish,
+    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_EVENT_PURGE_BATCH, MAX_FAILED_PAGE,
+    MAX_PURGE_BATCH, MAX_RETRY_BATCH, NewEvent, RELEASED_REASON, StoreError, after, from_ms, to_ms,
+    unreadable_context,
 };
 use crate::context::JobContext;
 
@@ -123,6 +124,36 @@ const FINISHED_BEFORE: &str = "
                       WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
     ORDER BY received_at
     LIMIT ?2";
+
+/// Failed deliveries that `?1` (handler), `?2` (event) and `?3` (an id above every one
+/// chosen) select when not null, newest first, at most `?4`. The handler's part of
+/// `deliveries_handler_due` (`state, handler, ...`) or the event's (`UNIQUE (event_id,
+/// handler)`) serves it; without either, the failed part of the first.
+macro_rules! failed_where {
+    () => {
+        "state = 'failed' AND (?1 IS NULL OR handler = ?1) AND (?2 IS NULL OR event_id = ?2)
+         AND (?3 IS NULL OR id < ?3)"
+    };
+}
+
+/// The list of failed deliveries ([`EventStore::failed_deliveries`]).
+const FAILED: &str = concat!(
+    "SELECT id, event_id, handler, attempt, finished_at, outcome_class, reason
+     FROM deliveries WHERE ",
+    failed_where!(),
+    " ORDER BY id DESC LIMIT ?4"
+);
+
+/// Failed deliveries made pending again, due at `?5` ([`EventStore::retry_failed`]). The
+/// writer runs every write in turn, so a retention purge either deleted the event first or
+/// finds a pending delivery and keeps it.
+const RETRY_FAILED: &str = concat!(
+    "UPDATE deliveries SET state = 'pending', not_before = ?5, owner = NULL, lease_until = NULL
+     WHERE id IN (SELECT id FROM deliveries WHERE ",
+    failed_where!(),
+    " ORDER BY id DESC LIMIT ?4)
+     RETURNING id"
+);
 
 /// The attempts of one event's deliveries ([`EventStore::purge_finished`]): children first, so
 /// that the foreign keys hold at every statement.
@@ -1472,6 +1503,75 @@ impl EventStore for SqliteStore {
             message,
             deliveries,
         }))
+    }
+
+    fn failed_deliveries(
+        &self,
+        filter: &FailedFilter,
+        max: usize,
+    ) -> Result<Vec<FailedDelivery>, StoreError> {
+        let limit = i64::try_from(max.min(MAX_FAILED_PAGE)).unwrap_or(0);
+        let event = filter.event.map(|e| e.to_string());
+        let conn = self.conn();
+        let mut select = conn.prepare_cached(FAILED).map_err(db)?;
+        let rows = select
+            .query_map(params![filter.handler, event, filter.before, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                ))
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        rows.into_iter()
+            .map(
+                |(id, event_id, handler, attempt, finished_at, outcome, reason)| {
+                    Ok(FailedDelivery {
+                        id,
+                        event_id: Uuid::try_parse(&event_id).map_err(|e| {
+                            StoreError::Corrupt(format!(
+                                "delivery {id}: event id {event_id:?}: {e}"
+                            ))
+                        })?,
+                        handler,
+                        attempt: u32::try_from(attempt).unwrap_or(0),
+                        finished_at: finished_at.map(from_ms),
+                        outcome,
+                        reason,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    fn retry_failed(
+        &self,
+        filter: &FailedFilter,
+        now: DateTime<Utc>,
+        max: usize,
+    ) -> Result<Vec<i64>, StoreError> {
+        let limit = i64::try_from(max.min(MAX_RETRY_BATCH)).unwrap_or(0);
+        let (handler, event, before) = (
+            filter.handler.clone(),
+            filter.event.map(|e| e.to_string()),
+            filter.before,
+        );
+        let now = to_ms(now);
+        self.writer.write(Durability::Normal, move |tx| {
+            tx.prepare_cached(RETRY_FAILED)
+                .and_then(|mut update| {
+                    update
+                        .query_map(params![handler, event, before, limit, now], |r| r.get(0))?
+                        .collect()
+                })
+                .map_err(db)
+        })
     }
 
     fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {

@@ -1,0 +1,243 @@
+//! The failed deliveries, for an operator: the deliveries whose last attempt failed with no
+//! retry left (a mail relay down for a day, a handler with a bug since mended), listed and run
+//! again.
+//!
+//! - `GET /v1/deliveries/failed[?handler=NAME][&event_id=UUID][&before=ID][&limit=N]`: the newest
+//!   first, `limit` (1–[`MAX_FAILED_PAGE`], default [`DEFAULT_PAGE`]) at a time; the answer's
+//!   `next_before` asks for the next page.
+//! - `POST /v1/admin/retry-failed` with `{"handler": NAME, "event_id": UUID}` (either or both):
+//!   every failed delivery they select is made pending again, due at once, in batches of
+//!   [`MAX_RETRY_BATCH`]; answered with how many. Each runs with its next attempt number, and
+//!   only once more if it was past its last retry (its retry policy counts attempts).
+//!
+//! Both are administrators' endpoints (`server.admin_tokens` when configured). Every input is
+//! checked and a bad one is answered `400` saying what to fix; the store's own words go to the
+//! log, never to the client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::log_limit::LogLimit;
+use crate::queue::dispatch::Dispatcher;
+use crate::queue::store::{
+    EventStore, FailedFilter, MAX_FAILED_PAGE, MAX_RETRY_BATCH, StoreError, call_within,
+};
+
+/// Where the list is read.
+pub const LIST_PATH: &str = "/v1/deliveries/failed";
+
+/// Where failed deliveries are run again.
+pub const RETRY_PATH: &str = "/v1/admin/retry-failed";
+
+/// A page of the list when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// Largest body of a retry request: two fields fit many times over.
+pub const MAX_RETRY_BODY: usize = 4096;
+
+/// Longest handler name a filter may hold: longer than any name a configuration may give
+/// (64 bytes), so that a handler no longer configured can still be named, and short enough
+/// that a hostile query costs nothing to compare.
+const MAX_HANDLER_FILTER: usize = 256;
+
+/// How long one read of the list, or one batch of a retry (a bounded transaction), may take
+/// before the store counts as not answering.
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Failed list reads and retries, told at most every few seconds.
+static FAILURES: LogLimit = LogLimit::new(Duration::from_secs(10));
+
+/// An answer: its status and its JSON body.
+pub type Answer = (StatusCode, Value);
+
+/// The list's query string.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    handler: Option<String>,
+    event_id: Option<String>,
+    before: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// The body of a retry request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryRequest {
+    handler: Option<String>,
+    event_id: Option<String>,
+}
+
+/// `GET /v1/deliveries/failed`: `query` as decoded, or why it could not be.
+pub async fn list(store: &Arc<dyn EventStore>, query: Result<ListQuery, String>) -> Answer {
+    let query = match query {
+        Ok(query) => query,
+        Err(why) => {
+            return bad(format!(
+                "{}; the list takes handler, event_id, before (a delivery id) and limit \
+                 (1-{MAX_FAILED_PAGE})",
+                crate::escape::escape(&why)
+            ));
+        }
+    };
+    let filter = match filter(query.handler, query.event_id.as_deref()) {
+        Ok(filter) => FailedFilter {
+            before: query.before,
+            ..filter
+        },
+        Err(bad) => return bad,
+    };
+    if query.before.is_some_and(|before| before < 1) {
+        return bad(
+            "before must be a delivery id (1 or more): the next_before of the page before".into(),
+        );
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_FAILED_PAGE).contains(&limit) {
+        return bad(format!("limit must be 1-{MAX_FAILED_PAGE}"));
+    }
+    let read = call_within(store, STORE_TIMEOUT, move |store| {
+        store.failed_deliveries(&filter, limit)
+    });
+    match read.await {
+        Ok(page) => {
+            // A full page may have more below it; a short one is the last.
+            let next_before = (page.len() == limit)
+                .then(|| page.last().map(|d| d.id))
+                .flatten();
+            (
+                StatusCode::OK,
+                json!({ "deliveries": page, "next_before": next_before }),
+            )
+        }
+        Err(e) => store_failed("the failed deliveries could not be read".into(), &e),
+    }
+}
+
+/// `POST /v1/admin/retry-failed` with `body` (read within [`MAX_RETRY_BODY`]); wakes
+/// `dispatcher` when deliveries are due again.
+pub async fn retry(store: &Arc<dyn EventStore>, dispatcher: &Dispatcher, body: &[u8]) -> Answer {
+    let asked: RetryRequest = match serde_json::from_slice(body) {
+        Ok(asked) => asked,
+        Err(e) => {
+            return bad(format!(
+                "the body is not {RETRY_SHAPE}: {}",
+                crate::escape::escape(&e.to_string())
+            ));
+        }
+    };
+    if asked.handler.is_none() && asked.event_id.is_none() {
+        return bad(
+            "name a handler, an event_id or both: to run every failed delivery again, \
+                    send one request per handler (GET /v1/handlers lists them)"
+                .into(),
+        );
+    }
+    let filter = match filter(asked.handler, asked.event_id.as_deref()) {
+        Ok(filter) => filter,
+        Err(bad) => return bad,
+    };
+    let mut requeued = 0usize;
+    let mut below = None;
+    // Newest first, each batch below the last: a delivery run again that fails again is above
+    // the mark and is not taken a second time, so the loop ends.
+    loop {
+        let batch = FailedFilter {
+            before: below,
+            ..filter.clone()
+        };
+        let done = call_within(store, STORE_TIMEOUT, move |store| {
+            store.retry_failed(&batch, store.now(), MAX_RETRY_BATCH)
+        })
+        .await;
+        match done {
+            Ok(ids) => {
+                requeued += ids.len();
+                if !ids.is_empty() {
+                    dispatcher.due_may_have_moved();
+                }
+                match ids.iter().min() {
+                    Some(lowest) if ids.len() >= MAX_RETRY_BATCH => below = Some(*lowest),
+                    _ => break,
+                }
+            }
+            Err(e) => {
+                let what = format!(
+                    "the store failed after {requeued} failed deliveries were made pending \
+                     again; ask again for the rest"
+                );
+                return store_failed(what, &e);
+            }
+        }
+    }
+    tracing::info!(
+        handler = filter
+            .handler
+            .as_deref()
+            .map(crate::escape::escape)
+            .as_deref(),
+        event_id = filter.event.map(|e| e.to_string()).as_deref(),
+        requeued,
+        "failed deliveries made pending again by an operator"
+    );
+    (StatusCode::OK, json!({ "requeued": requeued }))
+}
+
+/// What a retry request's body looks like, for the errors that ask for it.
+const RETRY_SHAPE: &str =
+    r#"a JSON object {"handler": "<name>", "event_id": "<uuid>"} (either or both)"#;
+
+/// The filter of a handler name and an event id as given; `400` saying what to fix when
+/// either is not usable.
+fn filter(handler: Option<String>, event_id: Option<&str>) -> Result<FailedFilter, Answer> {
+    if let Some(name) = &handler
+        && (name.is_empty()
+            || name.len() > MAX_HANDLER_FILTER
+            || name.chars().any(char::is_control))
+    {
+        return Err(bad(format!(
+            "handler must be a handler's name: 1-{MAX_HANDLER_FILTER} bytes without control \
+             characters"
+        )));
+    }
+    let event = match event_id.map(Uuid::try_parse).transpose() {
+        Ok(event) => event,
+        Err(_) => {
+            return Err(bad(
+                "event_id must be an event's id (a UUID, as POST /v1/job-complete answered it)"
+                    .into(),
+            ));
+        }
+    };
+    Ok(FailedFilter {
+        handler,
+        event,
+        before: None,
+    })
+}
+
+/// `400` saying what to fix.
+fn bad(message: String) -> Answer {
+    (StatusCode::BAD_REQUEST, json!({ "error": message }))
+}
+
+/// The answer when the store failed: why goes to the log (rate-limited), the client is told
+/// `what` and to retry.
+fn store_failed(what: String, why: &StoreError) -> Answer {
+    FAILURES.tell(|untold| {
+        tracing::error!(more_since_last_error = untold, "{what}: {why}");
+    });
+    let status = match why {
+        StoreError::Unreachable(_) | StoreError::NoAnswer(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (
+        status,
+        json!({ "error": format!("{what}; retry later (the log has why)") }),
+    )
+}
