@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use jobhook::app::config::MIN_TOKEN_CHARS;
 use jobhook_testkit::{guest, sample_context_json, workspace_root};
 use serde_json::Value;
 
@@ -1229,7 +1230,9 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
     };
     let file = |name: &str, mode: u32| {
         let path = dir.path().join(name);
-        std::fs::write(&path, format!("{}-t0ken\n", name.replace('/', "-"))).expect("write");
+        // Long enough not to be warned of as short.
+        let token = format!("{}-t0ken-long-enough-to-pass\n", name.replace('/', "-"));
+        std::fs::write(&path, token).expect("write");
         chmod(&path, mode);
         path.display().to_string()
     };
@@ -1301,6 +1304,41 @@ fn check_warns_of_secret_files_other_users_can_read_or_change() {
     if given_away {
         std::os::unix::fs::chown(&owned, Some(0), None).expect("chown back");
     }
+    let out = jobhook(&["check", "--config", &config]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+/// A bearer token shorter than `MIN_TOKEN_CHARS` is a warning of `check` (and of `serve` and
+/// every reload) that names its list and file and its length, never its value; the
+/// configuration is still valid.
+#[test]
+fn check_warns_of_a_short_token_without_showing_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let component = component("log-context");
+    let (dir, config) = check_config(&format!(
+        "[server]\ntokens = [{{ file = \"token\" }}]\n\n\
+         [[handlers]]\nname = \"all\"\ncomponent = {component:?}\njob_types = [\"*\"]\n"
+    ));
+    let token = dir.path().join("token");
+    let write = |value: &str| {
+        std::fs::write(&token, value).expect("write");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    };
+    write("hunter2\n");
+    let out = jobhook(&["check", "--config", &config]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: server.tokens: the token from file token has 7 characters; one shorter \
+             than {MIN_TOKEN_CHARS} can be guessed"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    write(&"k".repeat(MIN_TOKEN_CHARS));
     let out = jobhook(&["check", "--config", &config]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");

@@ -464,6 +464,12 @@ fn absent<T>(value: T) -> Spanned<T> {
 /// Longest handler name: names appear in logs, metrics labels and URLs.
 const MAX_HANDLER_NAME: usize = 64;
 
+/// Shortest bearer token taken without a warning: 24 characters are 96 bits as hexadecimal
+/// and 144 as base64, beyond guessing over the network; a word or a short phrase is not.
+/// Shorter ones still work (a test rig's, a migration's), with a warning at `check`, at start
+/// and at every reload.
+pub const MIN_TOKEN_CHARS: usize = 24;
+
 impl Config {
     /// Reads and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -654,6 +660,32 @@ impl Config {
             handlers,
             property_secret_files,
         })
+    }
+
+    /// One warning for each bearer token of `tokens` (as [`Config::resolve_tokens`] resolved
+    /// them) shorter than [`MIN_TOKEN_CHARS`], naming where it comes from — never its value.
+    pub fn short_tokens(&self, tokens: &AcceptedTokens) -> Vec<String> {
+        [
+            ("tokens", &self.server.tokens, &tokens.senders),
+            ("admin_tokens", &self.server.admin_tokens, &tokens.admins),
+        ]
+        .into_iter()
+        .flat_map(|(key, references, values)| {
+            references
+                .iter()
+                .zip(values)
+                .filter(|(_, value)| value.chars().count() < MIN_TOKEN_CHARS)
+                .map(move |(reference, value)| {
+                    format!(
+                        "server.{key}: the token from {} has {} characters; one shorter than \
+                         {MIN_TOKEN_CHARS} can be guessed: make a long random one (`openssl rand \
+                         -hex 32`) and give it to the clients that use this one",
+                        crate::escape::escape(&reference.to_string()),
+                        value.chars().count()
+                    )
+                })
+        })
+        .collect()
     }
 
     /// The bearer tokens of both kinds, resolved. One token in both lists is refused: it would
@@ -1651,6 +1683,47 @@ backoff_ms = 100
                 .starts_with("server.admin_tokens: the token from file admin is not usable"),
             "{e}"
         );
+    }
+
+    /// A token shorter than [`MIN_TOKEN_CHARS`] is taken with a warning naming its list and
+    /// file and its length, never its value; one of that length or longer, and one from the
+    /// environment that is long enough, with none.
+    #[test]
+    fn short_tokens_are_warned_of_by_where_they_come_from() {
+        let f = Fixture::new();
+        let short = "x".repeat(MIN_TOKEN_CHARS - 1);
+        let long = "y".repeat(MIN_TOKEN_CHARS);
+        std::fs::write(f.dir.path().join("send"), format!("{short}\n")).unwrap();
+        std::fs::write(f.dir.path().join("send2"), &long).unwrap();
+        std::fs::write(f.dir.path().join("admin"), "adm1n").unwrap();
+        let config = f
+            .parse(&format!(
+                "[server]\ntokens = [{{ file = \"send\" }}, {{ file = \"send2\" }}]\n\
+                 admin_tokens = [{{ file = \"admin\" }}]\n{MINIMAL}"
+            ))
+            .unwrap();
+        let tokens = config.resolve_tokens().unwrap();
+        let warnings = config.short_tokens(&tokens);
+        assert_eq!(warnings.len(), 2, "{warnings:#?}");
+        assert!(
+            warnings[0].starts_with(&format!(
+                "server.tokens: the token from file send has {} characters; one shorter than \
+                 {MIN_TOKEN_CHARS} can be guessed",
+                MIN_TOKEN_CHARS - 1
+            )),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings[1].starts_with("server.admin_tokens: the token from file admin has 5"),
+            "{warnings:#?}"
+        );
+        for w in &warnings {
+            assert!(!w.contains(&short) && !w.contains("adm1n"), "{w}");
+        }
+        std::fs::write(f.dir.path().join("send"), &long).unwrap();
+        std::fs::write(f.dir.path().join("admin"), format!("{long}z")).unwrap();
+        let tokens = config.resolve_tokens().unwrap();
+        assert_eq!(config.short_tokens(&tokens), Vec::<String>::new());
     }
 
     fn error(text: &str) -> ConfigError {

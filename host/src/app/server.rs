@@ -190,9 +190,10 @@ pub fn services(config: &Config) -> anyhow::Result<Services> {
 /// secret files other users may read or change.
 pub async fn check(path: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let config = Config::load(path)?;
-    config.resolve_tokens()?;
+    let tokens = config.resolve_tokens()?;
     config.check_store_location()?;
     let mut warnings: Vec<String> = config.cache_dir_warning().into_iter().collect();
+    warnings.extend(config.short_tokens(&tokens));
     warnings.extend(secrets::exposed_secret_files(&config));
     warnings.extend(secrets::exposed_trusted_files(&config));
     let engine = engine(&config)?;
@@ -226,13 +227,16 @@ fn announce(line: &str) {
 /// `log_drops` counts the lines its log dropped (see [`crate::metrics::LogDrops`]).
 pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let tokens = Arc::new(BearerTokens::new(config.resolve_tokens()?));
-    for warning in secrets::exposed_secret_files(&config)
+    let accepted = config.resolve_tokens()?;
+    for warning in config
+        .short_tokens(&accepted)
         .into_iter()
+        .chain(secrets::exposed_secret_files(&config))
         .chain(secrets::exposed_trusted_files(&config))
     {
         tracing::warn!("{warning}");
     }
+    let tokens = Arc::new(BearerTokens::new(accepted));
     let engine = engine(&config)?;
     let engine = match &config.engine.cache_dir {
         Some(dir) => engine.with_aot_cache_at(dir),
@@ -485,8 +489,10 @@ fn reloader(running: Running) -> Reloader {
                         &config,
                         &StartOnlySecrets::read(&config),
                     );
-                    for warning in secrets::exposed_secret_files(&config)
+                    for warning in config
+                        .short_tokens(&new_tokens)
                         .into_iter()
+                        .chain(secrets::exposed_secret_files(&config))
                         .chain(secrets::exposed_trusted_files(&config))
                     {
                         tracing::warn!("{warning}");
