@@ -21,6 +21,7 @@ use jobhook::queue::store::sqlite::SqliteStore;
 use jobhook::queue::store::{DeliveryState, EventStore};
 use jobhook::secret::SecretRef;
 use jobhook::sources::poller::{CURSOR, Cursor, OVERLAP, Poller, PollerConfig};
+use jobhook::sources::store_health::StoreHealth;
 use jobhook::{Engine, LoadOptions, SandboxSpec, SandboxedHandler};
 use jobhook_testkit::guest_bytes;
 use jobhook_testkit::standin::data::{result_number, status_number};
@@ -564,6 +565,42 @@ async fn api_errors_leave_the_cursor_alone() {
     assert!(!error.contains("wrong-password"), "{error}");
     assert_eq!(f.cursor(), None);
     assert_eq!(f.events(), 0);
+}
+
+/// A store that cannot take the events a poll found — another connection holds SQLite's write
+/// lock, as an operator's `sqlite3` shell in a transaction does — is told where `/healthz` reads
+/// it: the poll fails and the store is reported not taking events, with the reason's word; once
+/// the lock is gone the next poll commits them, and the store takes events again, the refusal
+/// still told. On a node that only polls, nothing else would say it.
+#[tokio::test]
+async fn a_store_refusing_polled_events_is_told_where_healthz_reads_it() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let s = standin(vec![row(1, "Completed", "Success", now)]).await;
+    let health = Arc::new(StoreHealth::default());
+    let poller = f
+        .poller(
+            client(&s, &f.dir.path().join("pw"), &s.credentials().password),
+            config(10, true),
+        )
+        .reporting_to(Arc::clone(&health));
+    let shell = f.database();
+    shell
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("hold the write lock");
+    let error = poller.poll_once().await.expect_err("the store is locked");
+    assert!(error.to_string().starts_with("store: "), "{error}");
+    let report = health.report();
+    assert!(!report.taking_events, "{report:?}");
+    assert_eq!(report.last_refusal.map(|r| r.reason), Some("error"));
+    assert_eq!(f.events(), 0);
+
+    shell.execute_batch("ROLLBACK").expect("let go");
+    assert_eq!(poll_all(&poller).await, 1);
+    let report = health.report();
+    assert!(report.taking_events, "{report:?}");
+    assert!(report.last_refusal.is_some(), "still told: {report:?}");
+    assert_eq!(f.events(), 1);
 }
 
 #[tokio::test]

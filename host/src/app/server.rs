@@ -320,7 +320,8 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
             Arc::clone(&state.store),
             Arc::clone(&dispatcher),
         )
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .reporting_to(Arc::clone(&state.store_health));
         tokio::spawn(poller.run());
     }
     // Every node purges: batches are small and skip each other's rows on a shared store.

@@ -52,7 +52,7 @@ use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreErro
 use crate::sources::failed_deliveries;
 use crate::sources::forwarders::{self, Forwarders};
 use crate::sources::idempotency;
-use crate::sources::store_health::StoreHealth;
+use crate::sources::store_health::{self, StoreHealth};
 
 /// Reloads the configuration: resolves to what the reload did, or to the reason the new
 /// configuration was refused (the running one then stays).
@@ -638,30 +638,24 @@ fn store_refused(state: &AppState, reason: &'static str) {
 /// accepted" rather than "not stored": a connection that broke during the commit leaves it
 /// unknown whether the server committed, which is why resends carry an `Idempotency-Key`.
 fn unavailable(e: &StoreError) -> (&'static str, &'static str) {
-    match e {
-        StoreError::DiskFull(_) => (
-            "disk-full",
-            "the event was not accepted: the store is out of disk space; retry later",
-        ),
-        StoreError::ReadOnly(_) => (
-            "read-only",
-            "the event was not accepted: the store takes no writes (read-only); retry later",
-        ),
-        StoreError::Unreachable(_) => (
-            "unreachable",
-            "the event was not accepted: the store's database cannot be reached; retry later",
-        ),
+    let message = match e {
+        StoreError::DiskFull(_) => {
+            "the event was not accepted: the store is out of disk space; retry later"
+        }
+        StoreError::ReadOnly(_) => {
+            "the event was not accepted: the store takes no writes (read-only); retry later"
+        }
+        StoreError::Unreachable(_) => {
+            "the event was not accepted: the store's database cannot be reached; retry later"
+        }
         // Within the commit timeout, or past it: either way the sender hears the same.
-        StoreError::NoAnswer(_) => (
-            "timeout",
+        StoreError::NoAnswer(_) => {
             "the event was not accepted: the store did not answer in time; retry later (with \
-             the same Idempotency-Key: the commit may still complete)",
-        ),
-        _ => (
-            "error",
-            "the event was not accepted: the store failed; retry later",
-        ),
-    }
+             the same Idempotency-Key: the commit may still complete)"
+        }
+        _ => "the event was not accepted: the store failed; retry later",
+    };
+    (store_health::reason_of(e), message)
 }
 
 async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Response {

@@ -54,6 +54,7 @@ use crate::log_limit::LogLimit;
 use crate::queue::dispatch::Dispatcher;
 use crate::queue::store::{EventStore, NewEvent, SOURCE_POLLER, StoreError};
 use crate::runtime::state::Delivery;
+use crate::sources::store_health::{self, StoreHealth};
 
 /// The name of the poller's cursor in the store.
 pub const CURSOR: &str = "jobhistory";
@@ -695,6 +696,8 @@ pub struct Poller {
     client: Arc<KeyfactorClient>,
     grant: KeyfactorGrant,
     store: Arc<dyn EventStore>,
+    /// Whether the store took the latest events polled, for `/healthz` (shared with the API).
+    store_health: Arc<StoreHealth>,
     dispatcher: Arc<Dispatcher>,
     agents: Mutex<AgentCache>,
     /// Rows starting ahead of this machine's clock ([`CLOCK_SLACK`]).
@@ -756,6 +759,7 @@ impl Poller {
             client,
             grant,
             store,
+            store_health: Arc::default(),
             dispatcher,
             agents: Mutex::new(AgentCache::default()),
             ahead: LogLimit::new(NOTICE_EVERY),
@@ -763,6 +767,13 @@ impl Poller {
             skips: SkipNotices::default(),
             failed_lookups: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Tells `health` (the API's, for `/healthz`) whether the store takes the events this
+    /// poller commits; without it, nothing outside the poller hears.
+    pub fn reporting_to(mut self, health: Arc<StoreHealth>) -> Self {
+        self.store_health = health;
+        self
     }
 
     /// Polls until the process ends: every interval, at once while there is more, backing off
@@ -1456,10 +1467,17 @@ impl Poller {
         let store = Arc::clone(&self.store);
         let deliveries: Vec<usize> = events.iter().map(|e| e.handlers.len()).collect();
         let text = cursor.to_text();
-        tokio::task::spawn_blocking(move || {
+        let committed = tokio::task::spawn_blocking(move || {
             store.insert_events_with_cursor(&events, CURSOR, &text)
         })
-        .await??;
+        .await?;
+        match &committed {
+            Ok(()) => self.store_health.answered(),
+            Err(e) => self
+                .store_health
+                .refused(store_health::reason_of(e), Utc::now()),
+        }
+        committed?;
         let metrics = self.dispatcher.metrics();
         for n in &deliveries {
             metrics.event_accepted(SOURCE_POLLER, *n);

@@ -1,8 +1,10 @@
-//! Whether the store takes events, as ingest last found it, for `GET /healthz`.
+//! Whether the store takes events, as ingest and the JobHistory poller last found it, for
+//! `GET /healthz`.
 //!
 //! `/healthz` answers `200` for as long as the process serves: it is a liveness check, and
 //! restarting jobhook mends no full disk, read-only file system or unreachable database. What
-//! it adds is whether the store took the latest event posted and, if it ever refused one, why
+//! it adds is whether the store took the latest event posted or polled (on a node that only
+//! polls, the poller's commits are all there is to tell) and, if it ever refused one, why
 //! and when the latest refusal was — only the reason's class (the same words as
 //! `jobhook_ingest_store_failures_total`'s `reason`) and its time, never the store's own
 //! message: `/healthz` needs no token, and a store's error names paths and servers.
@@ -13,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::metrics::STORE_FAILURE_REASONS;
+use crate::queue::store::StoreError;
 
 /// What ingest found of the store: updated by every commit it tries, read by `/healthz`.
 #[derive(Debug)]
@@ -52,6 +55,17 @@ pub struct Refusal {
     pub reason: &'static str,
     /// When.
     pub at: DateTime<Utc>,
+}
+
+/// The word for `e`, a store's failure to take an event: one of [`STORE_FAILURE_REASONS`].
+pub fn reason_of(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::DiskFull(_) => "disk-full",
+        StoreError::ReadOnly(_) => "read-only",
+        StoreError::Unreachable(_) => "unreachable",
+        StoreError::NoAnswer(_) => "timeout",
+        _ => "error",
+    }
 }
 
 impl StoreHealth {
