@@ -12,7 +12,9 @@
 //! is then still answered with its event, and never run again as a new one for want of it.
 //!
 //! Every node purges (as with idempotency keys): a batch is small, and on a shared store the
-//! nodes skip each other's rows ([`EventStore::purge_finished`]).
+//! nodes skip each other's rows ([`EventStore::purge_finished`]). A round walks the events
+//! older than the cutoff once, a bounded batch at a time, so that old events that are not
+//! finished cost each round one look, not one per batch.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,27 +90,30 @@ pub async fn purge_finished_events(
     }
 }
 
-/// Deletes finished events received before `before`, `batch` at a time with a pause between
-/// batches, until a batch comes back short or fails; returns how many were deleted, and the
-/// error that stopped it early. An error after some batches loses nothing: what was deleted is
-/// committed (and counted), and the rest waits for the next round.
+/// Walks the events received before `before`, oldest first, `batch` at a time with a pause
+/// between batches, deleting the finished ones, until it has looked at them all or a batch
+/// fails; returns how many were deleted, and the error that stopped it early. An error after
+/// some batches loses nothing: what was deleted is committed (and counted), and the rest waits
+/// for the next round, which walks from the oldest again.
 async fn purge_all(
     store: &Arc<dyn EventStore>,
     before: DateTime<Utc>,
     batch: usize,
 ) -> (u64, Option<StoreError>) {
     let mut total = 0u64;
+    let mut from = None;
     loop {
         let store = Arc::clone(store);
-        let deleted = tokio::task::spawn_blocking(move || store.purge_finished(before, batch))
+        let round = tokio::task::spawn_blocking(move || store.purge_finished(before, batch, from))
             .await
             .map_err(|e| StoreError::Database(format!("the retention purge failed: {e}")))
-            .and_then(|deleted| deleted);
-        match deleted {
-            Ok(deleted) => {
-                total = total.saturating_add(deleted);
-                if deleted < batch as u64 {
-                    return (total, None);
+            .and_then(|round| round);
+        match round {
+            Ok(round) => {
+                total = total.saturating_add(round.deleted);
+                match round.next {
+                    Some(next) => from = Some(next),
+                    None => return (total, None),
                 }
             }
             Err(e) => return (total, Some(e)),
@@ -136,18 +141,18 @@ mod tests {
         assert_eq!(cutoff(now, Some(Duration::MAX), DAY), None);
     }
 
-    /// The purge goes on batch after batch until one comes back short, and leaves what is not
-    /// finished.
+    /// The purge goes on batch after batch until it has looked at every event before the
+    /// cutoff, past the old ones that are not finished, and leaves those.
     #[tokio::test(flavor = "current_thread")]
     async fn a_purge_deletes_every_finished_event_batch_by_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let waiting = event(&["a"]);
+        store.insert_event(&waiting).unwrap();
         let finished: Vec<_> = (0..5).map(|_| event(&[])).collect();
         for e in &finished {
             store.insert_event(e).unwrap();
         }
-        let waiting = event(&["a"]);
-        store.insert_event(&waiting).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let before = store.now();
         assert!(matches!(purge_all(&store, before, 2).await, (5, None)));

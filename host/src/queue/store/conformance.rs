@@ -149,8 +149,9 @@ macro_rules! pass_on_the_rest {
             &self,
             before: chrono::DateTime<chrono::Utc>,
             max: usize,
-        ) -> Result<u64, $crate::queue::store::StoreError> {
-            self.0.purge_finished(before, max)
+            from: Option<$crate::queue::store::PurgePosition>,
+        ) -> Result<$crate::queue::store::PurgeRound, $crate::queue::store::StoreError> {
+            self.0.purge_finished(before, max, from)
         }
         fn renew(
             &self,
@@ -1562,7 +1563,7 @@ pub(crate) fn a_delivery_run_again_keeps_its_event_from_retention(b: &impl Backe
         store.retry_failed(&of("a"), store.now(), 10).unwrap().len(),
         1
     );
-    assert_eq!(store.purge_finished(before, 100).unwrap(), 1);
+    assert_eq!(purged(&store, before), 1);
     assert!(store.event(kept.id).unwrap().is_some());
     // Deleted first: nothing is left to run again, and nothing is counted.
     assert!(store.event(gone.id).unwrap().is_none());
@@ -1612,14 +1613,14 @@ pub(crate) fn finished_events_past_retention_are_deleted_with_their_deliveries(b
     store.insert_event(&recent).unwrap();
     assert_eq!(states(&store), [("failed", 1), ("succeeded", 1)]);
 
-    assert_eq!(store.purge_finished(before, 100).unwrap(), 2);
+    assert_eq!(purged(&store, before), 2);
     assert!(store.event(done.id).unwrap().is_none());
     assert!(store.event(unrouted.id).unwrap().is_none());
     assert!(store.event(recent.id).unwrap().is_some());
     // The deliveries went with their event (and their attempts with them: the foreign keys of
     // both stores refuse a delivery deleted under its attempts).
     assert_eq!(states(&store), []);
-    assert_eq!(store.purge_finished(before, 100).unwrap(), 0);
+    assert_eq!(purged(&store, before), 0);
     // Another node sees the same.
     let other = b.node();
     assert!(other.event(done.id).unwrap().is_none());
@@ -1647,7 +1648,7 @@ pub(crate) fn events_with_a_delivery_not_finished_are_kept_however_old(b: &impl 
     store.insert_event(&waiting).unwrap();
     let before = cutoff(&store);
 
-    assert_eq!(store.purge_finished(before, 100).unwrap(), 0);
+    assert_eq!(purged(&store, before), 0);
     for id in [running.id, half.id, waiting.id] {
         assert!(store.event(id).unwrap().is_some(), "{id} kept");
     }
@@ -1657,34 +1658,84 @@ pub(crate) fn events_with_a_delivery_not_finished_are_kept_however_old(b: &impl 
     );
     // Once its delivery has ended, the running one's event is finished, and goes.
     store.finish(&run, &record(DeliveryState::Failed)).unwrap();
-    assert_eq!(store.purge_finished(before, 100).unwrap(), 1);
+    assert_eq!(purged(&store, before), 1);
     assert!(store.event(running.id).unwrap().is_none());
     assert_eq!(states(&store), [("pending", 2), ("succeeded", 1)]);
 }
 
 pub(crate) fn event_purges_are_bounded_batches(b: &impl Backend) {
     let store = b.node();
-    for _ in 0..5 {
-        store.insert_event(&event(&[])).unwrap();
+    // Five old events not finished, then three finished ones.
+    let waiting: Vec<NewEvent> = (0..5).map(|_| event(&["a"])).collect();
+    let done: Vec<NewEvent> = (0..3).map(|_| event(&[])).collect();
+    for e in waiting.iter().chain(&done) {
+        store.insert_event(e).unwrap();
     }
     let long_ago = store.now() - chrono::Duration::hours(1);
-    assert_eq!(store.purge_finished(long_ago, 100).unwrap(), 0);
+    let none = store.purge_finished(long_ago, 100, None).unwrap();
+    assert_eq!((none.deleted, none.next), (0, None));
     let before = cutoff(&store);
-    assert_eq!(store.purge_finished(before, 2).unwrap(), 2);
-    assert_eq!(store.purge_finished(before, 2).unwrap(), 2);
-    assert_eq!(store.purge_finished(before, 0).unwrap(), 0);
-    assert_eq!(store.purge_finished(before, 2).unwrap(), 1);
-    assert_eq!(store.purge_finished(before, 2).unwrap(), 0);
-    // A larger `max` than the bound is the bound.
+    // Two at a time: the unfinished ones are looked at once each, and passed.
+    let position = |e: &NewEvent| {
+        let view = store.event(e.id).unwrap().unwrap();
+        Some(super::PurgePosition {
+            received_at: view.received_at,
+            id: e.id,
+        })
+    };
+    let mut rounds = Vec::new();
+    let mut from = None;
+    loop {
+        let round = store.purge_finished(before, 2, from).unwrap();
+        rounds.push(round.deleted);
+        match round.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+        assert!(rounds.len() < 10, "the walk ends");
+    }
+    assert_eq!(rounds, [0, 0, 1, 2, 0], "two looked at per round");
+    for e in &done {
+        assert!(store.event(e.id).unwrap().is_none());
+    }
+    for e in &waiting {
+        assert!(store.event(e.id).unwrap().is_some());
+    }
+    // A round goes on after the event it is given, whatever came before.
+    let after_third = store
+        .purge_finished(before, 2, position(&waiting[2]))
+        .unwrap();
+    assert_eq!(after_third.next, position(&waiting[4]));
+    // At least one event is looked at, at most the bound, whatever is asked.
+    let one = store.purge_finished(before, 0, None).unwrap();
+    assert_eq!(one.next, position(&waiting[0]));
     for _ in 0..super::MAX_EVENT_PURGE_BATCH + 1 {
         store.insert_event(&event(&[])).unwrap();
     }
     let before = cutoff(&store);
-    assert_eq!(
-        store.purge_finished(before, usize::MAX).unwrap(),
-        super::MAX_EVENT_PURGE_BATCH as u64
-    );
-    assert_eq!(store.purge_finished(before, usize::MAX).unwrap(), 1);
+    let first = store
+        .purge_finished(before, usize::MAX, position(&waiting[4]))
+        .unwrap();
+    assert_eq!(first.deleted, super::MAX_EVENT_PURGE_BATCH as u64);
+    let last = store
+        .purge_finished(before, usize::MAX, first.next)
+        .unwrap();
+    assert_eq!((last.deleted, last.next), (1, None));
+}
+
+/// Deletes every finished event received before `before`, walking from the oldest; returns how
+/// many.
+fn purged(store: &impl EventStore, before: chrono::DateTime<Utc>) -> u64 {
+    let mut deleted = 0;
+    let mut from = None;
+    loop {
+        let round = store.purge_finished(before, 100, from).unwrap();
+        deleted += round.deleted;
+        match round.next {
+            Some(next) => from = Some(next),
+            None => return deleted,
+        }
+    }
 }
 
 pub(crate) fn concurrent_event_purges_delete_each_event_once(b: &impl Backend) {
@@ -1711,12 +1762,13 @@ pub(crate) fn concurrent_event_purges_delete_each_event_once(b: &impl Backend) {
                 let barrier = &barrier;
                 scope.spawn(move || {
                     barrier.wait();
-                    let mut total = 0;
+                    let (mut total, mut from) = (0, None);
                     loop {
-                        let n = node.purge_finished(before, BATCH).unwrap();
-                        total += n;
-                        if n == 0 {
-                            return total;
+                        let round = node.purge_finished(before, BATCH, from).unwrap();
+                        total += round.deleted;
+                        match round.next {
+                            Some(next) => from = Some(next),
+                            None => return total,
                         }
                     }
                 })

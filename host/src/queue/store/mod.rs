@@ -248,10 +248,33 @@ pub enum Inserted {
 /// transaction, so purging never holds the write lock long enough to delay ingest noticeably.
 pub const MAX_PURGE_BATCH: usize = 1000;
 
-/// Most events one [`EventStore::purge_finished`] call deletes (with their deliveries and
-/// attempts, a few rows each): bounds the transaction, so that retention never holds SQLite's
-/// writer, or a PostgreSQL transaction's locks, long enough to delay ingest noticeably.
+/// Most events one [`EventStore::purge_finished`] call looks at, and so deletes (with their
+/// deliveries and attempts, a few rows each): bounds the transaction, so that retention never
+/// holds SQLite's writer, or a PostgreSQL transaction's locks, long enough to delay ingest
+/// noticeably — however many old events are not finished (a handler quarantined for a month
+/// keeps every event routed to it; walking 200,000 such events took 130 ms of SQLite's writer
+/// in every batch, by hand).
 pub const MAX_EVENT_PURGE_BATCH: usize = 500;
+
+/// Where a walk of the events by receipt time has got to ([`EventStore::purge_finished`]): the
+/// last event looked at. Events sort by receipt time, then id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgePosition {
+    /// When the event was received.
+    pub received_at: DateTime<Utc>,
+    /// Its id.
+    pub id: Uuid,
+}
+
+/// What one [`EventStore::purge_finished`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeRound {
+    /// Events deleted.
+    pub deleted: u64,
+    /// Where the next call goes on from; `None` when this one looked at every event left
+    /// before the cutoff.
+    pub next: Option<PurgePosition>,
+}
 
 /// A delivery claimed by a worker.
 #[derive(Debug, Clone)]
@@ -583,9 +606,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// `before`; returns how many.
     fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError>;
 
-    /// Deletes up to `max` (capped at [`MAX_EVENT_PURGE_BATCH`]) finished events received before
-    /// `before`, oldest first, each with its deliveries and their attempts, in one transaction;
-    /// returns how many events.
+    /// Looks at up to `max` (1 to [`MAX_EVENT_PURGE_BATCH`]) events received before `before`,
+    /// oldest first, after `from` (from the oldest when `None`), and deletes the finished ones,
+    /// each with its deliveries and their attempts, in one transaction; returns how many were
+    /// deleted and where to go on from. A walk is bounded per call whatever the events are:
+    /// old events that are not finished are passed once per walk, not once per call.
     ///
     /// Finished: every delivery of the event is terminal (succeeded, failed, skipped), or it has
     /// none (routed to no handler). An event with a delivery pending or running is kept however
@@ -594,7 +619,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// orders against this purge), so what is deleted cannot be needed by a claim. Idempotency keys are not
     /// touched: the caller keeps events at least as long as their keys
     /// (`queue::retention`). On a shared store, nodes purging at once skip each other's rows.
-    fn purge_finished(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError>;
+    fn purge_finished(
+        &self,
+        before: DateTime<Utc>,
+        max: usize,
+        from: Option<PurgePosition>,
+    ) -> Result<PurgeRound, StoreError>;
 
     /// Claims up to `limits.max` of the oldest due pending deliveries, at most as many of each
     /// handler as `limits` leaves room for, in one transaction: marks each running, owned by this
@@ -756,6 +786,21 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
 }
 
 /// Milliseconds since the Unix epoch.
+/// How many events one [`EventStore::purge_finished`] call looks at for `max`: at least one, at
+/// most [`MAX_EVENT_PURGE_BATCH`].
+pub(crate) fn purge_batch(max: usize) -> i64 {
+    i64::try_from(max.clamp(1, MAX_EVENT_PURGE_BATCH)).unwrap_or(1)
+}
+
+/// A position before every event: the walk's start. Year 1, which both stores hold (and no
+/// clock gives an event).
+pub(crate) fn walk_start() -> PurgePosition {
+    PurgePosition {
+        received_at: DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).unwrap_or_default(),
+        id: Uuid::nil(),
+    }
+}
+
 pub(crate) fn to_ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }

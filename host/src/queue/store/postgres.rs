@@ -47,8 +47,8 @@ use super::postgres_url::{UrlError, check_url, redact_url, url_sets};
 use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, FailedDelivery, FailedFilter, Finish, INTERRUPTED_CLASS, Idempotency,
-    Inserted, MAX_EVENT_PURGE_BATCH, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH, NewEvent,
-    RELEASED_REASON, StoreError, after, unreadable_context,
+    Inserted, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH, NewEvent, PurgePosition,
+    PurgeRound, RELEASED_REASON, StoreError, after, purge_batch, unreadable_context, walk_start,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -1169,22 +1169,29 @@ const PURGE_KEYS: &str = "
     WHERE key IN (SELECT key FROM idempotency_keys WHERE created_at < $1
                   ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
-/// Deletes at most `$2` finished events received before `$1`, oldest first, with their
-/// deliveries and attempts, in one statement: every delivery of such an event is terminal (or it
-/// has none), and a terminal delivery never changes again, so no other statement of the engine
-/// writes these rows any more. The events are locked, skipping those another node's purge holds
-/// (`SKIP LOCKED`), so that nodes purging at once neither wait for nor repeat each other; walked
-/// in `events_received` order, so that locks are always taken in one order. The children's
-/// deletions are sibling statements of the events' and the foreign keys are checked at the end
-/// of the statement, when the children are gone.
+/// Looks at the next `$2` events received before `$1` after (`$3`, `$4`) (receipt time, id), a
+/// range of `events_received`, and deletes the finished ones with their deliveries and attempts,
+/// in one statement; answers how many were deleted, how many looked at, and the last one looked
+/// at. Every delivery of a finished event is terminal (or it has none), and a terminal delivery
+/// changes again only when an operator runs it again (`RETRY_FAILED`, which locks it first: the
+/// deliveries' delete here takes terminal ones only, so one made pending under it stays and the
+/// event's delete then fails on it — nothing is deleted, and the next walk keeps the event). The
+/// events are locked, skipping those another node's purge holds (`SKIP LOCKED`), so that nodes
+/// purging at once neither wait for nor repeat each other; in `events_received` order, so that
+/// locks are always taken in one order. The children's deletions are sibling statements of the
+/// events' and the foreign keys are checked at the end of the statement, when the children are
+/// gone.
 const PURGE_FINISHED: &str = "
-    WITH doomed AS (
-        SELECT e.id FROM events e
-        WHERE e.received_at < $1
-          AND NOT EXISTS (SELECT 1 FROM deliveries d
-                          WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
+    WITH examined AS (
+        SELECT e.id, e.received_at FROM events e
+        WHERE e.received_at < $1 AND (e.received_at, e.id) > ($3, $4)
         ORDER BY e.received_at, e.id
         LIMIT $2
+    ), doomed AS (
+        SELECT e.id FROM events e
+        WHERE e.id IN (SELECT id FROM examined)
+          AND NOT EXISTS (SELECT 1 FROM deliveries d
+                          WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
         FOR UPDATE SKIP LOCKED
     ), gone_attempts AS (
         DELETE FROM attempts a USING deliveries d, doomed
@@ -1192,8 +1199,13 @@ const PURGE_FINISHED: &str = "
     ), gone_deliveries AS (
         DELETE FROM deliveries d USING doomed
         WHERE d.event_id = doomed.id AND d.state NOT IN ('pending', 'running')
+    ), gone_events AS (
+        DELETE FROM events e USING doomed WHERE e.id = doomed.id RETURNING 1
+    ), last AS (
+        SELECT received_at, id FROM examined ORDER BY received_at DESC, id DESC LIMIT 1
     )
-    DELETE FROM events e USING doomed WHERE e.id = doomed.id";
+    SELECT (SELECT count(*) FROM gone_events), (SELECT count(*) FROM examined),
+           (SELECT received_at FROM last), (SELECT id FROM last)";
 
 /// Failed deliveries that `$1` (handler), `$2` (event) and `$3` (an id above every one chosen)
 /// select when not null, newest first, at most `$4` (`deliveries_failed`).
@@ -1574,11 +1586,29 @@ impl EventStore for PostgresStore {
         })
     }
 
-    fn purge_finished(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
-        let limit = i64::try_from(max.min(MAX_EVENT_PURGE_BATCH)).unwrap_or(0);
+    fn purge_finished(
+        &self,
+        before: DateTime<Utc>,
+        max: usize,
+        from: Option<PurgePosition>,
+    ) -> Result<PurgeRound, StoreError> {
+        let limit = purge_batch(max);
+        let from = from.unwrap_or_else(walk_start);
         self.with(|conn| {
             let purge = conn.prepare(PURGE_FINISHED)?;
-            Ok(conn.client.execute(&purge, &[&before, &limit])?)
+            let row = conn
+                .client
+                .query_one(&purge, &[&before, &limit, &from.received_at, &from.id])?;
+            let (deleted, examined): (i64, i64) = (row.get(0), row.get(1));
+            let last: Option<(DateTime<Utc>, Uuid)> = row
+                .get::<_, Option<DateTime<Utc>>>(2)
+                .zip(row.get::<_, Option<Uuid>>(3));
+            Ok(PurgeRound {
+                deleted: u64::try_from(deleted).unwrap_or(0),
+                next: last
+                    .filter(|_| examined >= limit)
+                    .map(|(received_at, id)| PurgePosition { received_at, id }),
+            })
         })
     }
 

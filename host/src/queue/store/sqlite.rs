@@ -26,9 +26,9 @@ use super::sqlite_writer::{DAMAGED_ADVICE, Durability, Grouping, Write, Writer, 
 use super::{
     ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
     DeliveryState, DeliveryView, EventStore, EventView, FailedDelivery, FailedFilter, Finish,
-    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_EVENT_PURGE_BATCH, MAX_FAILED_PAGE,
-    MAX_PURGE_BATCH, MAX_RETRY_BATCH, NewEvent, RELEASED_REASON, StoreError, after, from_ms, to_ms,
-    unreadable_context,
+    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH,
+    NewEvent, PurgePosition, PurgeRound, RELEASED_REASON, StoreError, after, from_ms, purge_batch,
+    to_ms, unreadable_context, walk_start,
 };
 use crate::context::JobContext;
 
@@ -110,19 +110,22 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
     "ALTER TABLE events ADD COLUMN message TEXT;",
     "DROP INDEX deliveries_due;",
     "CREATE INDEX events_received ON events (received_at);",
+    // The same index with the id after the time: retention's walk goes on from the last event
+    // it looked at, in one order however many events share a millisecond.
+    "DROP INDEX events_received; CREATE INDEX events_received ON events (received_at, id);",
 ];
 
-/// Finished events received before `?1`, oldest first, at most `?2`: every delivery terminal, or
-/// none at all. Walks `events_received` from its oldest end; the check of each event's deliveries
-/// seeks their `(event_id, handler)` index. Unfinished old events are walked past again by every
-/// batch, and there are few: the pending and running deliveries of events older than the
-/// retention.
-const FINISHED_BEFORE: &str = "
-    SELECT id FROM events e
-    WHERE received_at < ?1
-      AND NOT EXISTS (SELECT 1 FROM deliveries d
-                      WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
-    ORDER BY received_at
+/// The next `?2` events received before `?1`, after (`?3`, `?4`) (receipt time, id), oldest
+/// first, each with whether it is finished: every delivery terminal, or none at all. A range of
+/// `events_received`; the check of each event's deliveries seeks their `(event_id, handler)`
+/// index.
+const EVENTS_TO_PURGE: &str = "
+    SELECT id, received_at,
+           NOT EXISTS (SELECT 1 FROM deliveries d
+                       WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
+    FROM events e
+    WHERE received_at < ?1 AND (received_at, id) > (?3, ?4)
+    ORDER BY received_at, id
     LIMIT ?2";
 
 /// Failed deliveries that `?1` (handler), `?2` (event) and `?3` (an id above every one
@@ -1316,19 +1319,32 @@ impl EventStore for SqliteStore {
         })
     }
 
-    fn purge_finished(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
-        let limit = i64::try_from(max.min(MAX_EVENT_PURGE_BATCH)).unwrap_or(0);
+    fn purge_finished(
+        &self,
+        before: DateTime<Utc>,
+        max: usize,
+        from: Option<PurgePosition>,
+    ) -> Result<PurgeRound, StoreError> {
+        let limit = purge_batch(max);
         let before = to_ms(before);
+        let from = from.unwrap_or_else(walk_start);
+        let (after_at, after_id) = (to_ms(from.received_at), from.id.to_string());
         self.writer.write(Durability::Normal, move |tx| {
-            let ids: Vec<String> = tx
-                .prepare_cached(FINISHED_BEFORE)
+            let examined: Vec<(String, i64, bool)> = tx
+                .prepare_cached(EVENTS_TO_PURGE)
                 .and_then(|mut select| {
                     select
-                        .query_map(params![before, limit], |row| row.get(0))?
+                        .query_map(params![before, limit, after_at, after_id], |row| {
+                            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                        })?
                         .collect()
                 })
                 .map_err(db)?;
-            for id in &ids {
+            let mut deleted = 0u64;
+            for (id, _, finished) in &examined {
+                if !finished {
+                    continue;
+                }
                 for delete in [
                     DELETE_ATTEMPTS_OF_EVENT,
                     DELETE_DELIVERIES_OF_EVENT,
@@ -1338,8 +1354,19 @@ impl EventStore for SqliteStore {
                         .and_then(|mut delete| delete.execute(params![id]))
                         .map_err(db)?;
                 }
+                deleted += 1;
             }
-            Ok(ids.len() as u64)
+            let next = match examined.last() {
+                Some((id, received_at, _)) if examined.len() as i64 >= limit => {
+                    Some(PurgePosition {
+                        received_at: from_ms(*received_at),
+                        id: Uuid::try_parse(id)
+                            .map_err(|e| StoreError::Corrupt(format!("event id {id:?}: {e}")))?,
+                    })
+                }
+                _ => None,
+            };
+            Ok(PurgeRound { deleted, next })
         })
     }
 
