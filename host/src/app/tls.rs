@@ -366,7 +366,26 @@ mod tests {
         );
         config_of(&ending, "ending").validate().expect("served");
         let der = rustls_pki_types::CertificateDer::from(ending.cert_der.clone());
-        assert!(check_served_certificate(&der, now).is_ok());
+        let warned_at = |at: chrono::DateTime<chrono::Utc>| {
+            let captured = crate::log_capture::Captured::default();
+            tracing::subscriber::with_default(captured.warnings(), || {
+                assert!(check_served_certificate(&der, at).is_ok());
+            });
+            captured.text()
+        };
+        let warning = warned_at(now);
+        assert!(
+            warning.contains("[server] tls.cert: the first certificate (")
+                && warning.contains(&format!(
+                    "expires on {}T00:00:00+00:00: renew it and reload before clients start \
+                     refusing the engine",
+                    soon.format("%Y-%m-%d")
+                )),
+            "{warning}"
+        );
+        // Further from its end than the warning's days: served without a word.
+        let early = now - super::CERTIFICATE_EXPIRY_WARNING - chrono::TimeDelta::days(1);
+        assert_eq!(warned_at(early), "", "no warning more than 14 days before");
         assert!(
             check_served_certificate(&der, soon + chrono::TimeDelta::days(1))
                 .unwrap_err()
