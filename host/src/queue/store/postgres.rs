@@ -2262,6 +2262,34 @@ mod tests {
         store.pool.as_ref().expect("an open store").get().unwrap()
     }
 
+    /// A statement past the session's `statement_timeout` (SQLSTATE 57014, `query_canceled`),
+    /// as a lock wait past `lock_timeout` (55P03), is the store not answering in time — retry
+    /// later — not a failure of the store; another server error is one.
+    #[test]
+    fn a_statement_past_its_timeout_is_no_answer_and_another_error_a_failure() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let store = a_node_with_a_session(&backend);
+        let mut conn = pooled_session(&store);
+        conn.client
+            .batch_execute("SET statement_timeout = '20ms'")
+            .unwrap();
+        let slow = conn.client.batch_execute("SELECT pg_sleep(5)").unwrap_err();
+        conn.client
+            .batch_execute("RESET statement_timeout")
+            .unwrap();
+        assert_eq!(
+            slow.code(),
+            Some(&postgres::error::SqlState::QUERY_CANCELED)
+        );
+        let told = StoreError::from(PgError::Db(slow));
+        assert!(matches!(told, StoreError::NoAnswer(_)), "{told:?}");
+        let wrong = conn.client.batch_execute("SELECT 1/0").unwrap_err();
+        let told = StoreError::from(PgError::Db(wrong));
+        assert!(matches!(told, StoreError::Database(_)), "{told:?}");
+    }
+
     #[test]
     fn a_nodes_sessions_are_named_after_it() {
         let Some(backend) = Postgres::new() else {
