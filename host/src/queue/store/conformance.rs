@@ -1676,20 +1676,17 @@ pub(crate) fn event_purges_are_bounded_batches(b: &impl Backend) {
     assert_eq!((none.deleted, none.next), (0, None));
     let before = cutoff(&store);
     // Two at a time: the unfinished ones are looked at once each, and passed.
-    let position = |e: &NewEvent| {
-        let view = store.event(e.id).unwrap().unwrap();
-        Some(super::PurgePosition {
-            received_at: view.received_at,
-            id: e.id,
-        })
-    };
     let mut rounds = Vec::new();
+    let mut positions = Vec::new();
     let mut from = None;
     loop {
         let round = store.purge_finished(before, 2, from).unwrap();
         rounds.push(round.deleted);
         match round.next {
-            Some(next) => from = Some(next),
+            Some(next) => {
+                positions.push(next);
+                from = Some(next);
+            }
             None => break,
         }
         assert!(rounds.len() < 10, "the walk ends");
@@ -1701,20 +1698,23 @@ pub(crate) fn event_purges_are_bounded_batches(b: &impl Backend) {
     for e in &waiting {
         assert!(store.event(e.id).unwrap().is_some());
     }
-    // A round goes on after the event it is given, whatever came before.
-    let after_third = store
-        .purge_finished(before, 2, position(&waiting[2]))
-        .unwrap();
-    assert_eq!(after_third.next, position(&waiting[4]));
-    // At least one event is looked at, at most the bound, whatever is asked.
+    // A round goes on after the position it is given, whatever was deleted since: after the
+    // second event, the third and fourth are looked at.
+    let after_second = store.purge_finished(before, 2, Some(positions[0])).unwrap();
+    assert_eq!(after_second.next, Some(positions[1]));
+    // At least one event is looked at, at most the bound, whatever is asked: after the first,
+    // one more brings the walk to where two did.
     let one = store.purge_finished(before, 0, None).unwrap();
-    assert_eq!(one.next, position(&waiting[0]));
+    assert!(one.next.is_some_and(|p| p != positions[0]), "{one:?}");
+    let another = store.purge_finished(before, 1, one.next).unwrap();
+    assert_eq!(another.next, Some(positions[0]));
     for _ in 0..super::MAX_EVENT_PURGE_BATCH + 1 {
         store.insert_event(&event(&[])).unwrap();
     }
     let before = cutoff(&store);
+    // From where the third round ended: only the new events are left to look at.
     let first = store
-        .purge_finished(before, usize::MAX, position(&waiting[4]))
+        .purge_finished(before, usize::MAX, Some(positions[2]))
         .unwrap();
     assert_eq!(first.deleted, super::MAX_EVENT_PURGE_BATCH as u64);
     let last = store

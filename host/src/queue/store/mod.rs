@@ -257,13 +257,15 @@ pub const MAX_PURGE_BATCH: usize = 1000;
 pub const MAX_EVENT_PURGE_BATCH: usize = 500;
 
 /// Where a walk of the events by receipt time has got to ([`EventStore::purge_finished`]): the
-/// last event looked at. Events sort by receipt time, then id.
+/// last event looked at. Events sort by receipt time, then by an order of the store's own among
+/// events received in the same instant: SQLite's row number (its index of receipt times holds
+/// it, so no wider index is written with every event), PostgreSQL's event id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PurgePosition {
     /// When the event was received.
     pub received_at: DateTime<Utc>,
-    /// Its id.
-    pub id: Uuid,
+    /// Its place among the events received at the same time, in the store's own order.
+    pub tiebreak: u128,
 }
 
 /// What one [`EventStore::purge_finished`] call did.
@@ -797,7 +799,7 @@ pub(crate) fn purge_batch(max: usize) -> i64 {
 pub(crate) fn walk_start() -> PurgePosition {
     PurgePosition {
         received_at: DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).unwrap_or_default(),
-        id: Uuid::nil(),
+        tiebreak: 0,
     }
 }
 

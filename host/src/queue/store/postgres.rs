@@ -1596,9 +1596,10 @@ impl EventStore for PostgresStore {
         let from = from.unwrap_or_else(walk_start);
         self.with(|conn| {
             let purge = conn.prepare(PURGE_FINISHED)?;
+            let after = Uuid::from_u128(from.tiebreak);
             let row = conn
                 .client
-                .query_one(&purge, &[&before, &limit, &from.received_at, &from.id])?;
+                .query_one(&purge, &[&before, &limit, &from.received_at, &after])?;
             let (deleted, examined): (i64, i64) = (row.get(0), row.get(1));
             let last: Option<(DateTime<Utc>, Uuid)> = row
                 .get::<_, Option<DateTime<Utc>>>(2)
@@ -1607,7 +1608,10 @@ impl EventStore for PostgresStore {
                 deleted: u64::try_from(deleted).unwrap_or(0),
                 next: last
                     .filter(|_| examined >= limit)
-                    .map(|(received_at, id)| PurgePosition { received_at, id }),
+                    .map(|(received_at, id)| PurgePosition {
+                        received_at,
+                        tiebreak: id.as_u128(),
+                    }),
             })
         })
     }

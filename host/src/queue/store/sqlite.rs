@@ -110,23 +110,33 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
     "ALTER TABLE events ADD COLUMN message TEXT;",
     "DROP INDEX deliveries_due;",
     "CREATE INDEX events_received ON events (received_at);",
-    // The same index with the id after the time: retention's walk goes on from the last event
-    // it looked at, in one order however many events share a millisecond.
-    "DROP INDEX events_received; CREATE INDEX events_received ON events (received_at, id);",
 ];
 
-/// The next `?2` events received before `?1`, after (`?3`, `?4`) (receipt time, id), oldest
-/// first, each with whether it is finished: every delivery terminal, or none at all. A range of
-/// `events_received`; the check of each event's deliveries seeks their `(event_id, handler)`
-/// index.
+/// The next `?2` events received before `?1`, after (`?3`, `?4`) (receipt time, row number),
+/// oldest first, each with whether it is finished: every delivery terminal, or none at all. A
+/// range of `events_received`, whose entries hold the row number after the time (so the order
+/// needs no sort); the check of each event's deliveries seeks their `(event_id, handler)` index.
 const EVENTS_TO_PURGE: &str = "
-    SELECT id, received_at,
+    SELECT id, received_at, rowid,
            NOT EXISTS (SELECT 1 FROM deliveries d
                        WHERE d.event_id = e.id AND d.state IN ('pending', 'running'))
     FROM events e
-    WHERE received_at < ?1 AND (received_at, id) > (?3, ?4)
-    ORDER BY received_at, id
+    WHERE received_at < ?1 AND (received_at, rowid) > (?3, ?4)
+    ORDER BY received_at, rowid
     LIMIT ?2";
+
+/// A row number as a walk's tiebreak ([`PurgePosition`]): in the same order, from 0.
+fn rowid_tiebreak(rowid: i64) -> u128 {
+    u128::try_from(i128::from(rowid) - i128::from(i64::MIN)).unwrap_or(0)
+}
+
+/// The row number of a walk's tiebreak ([`rowid_tiebreak`]).
+fn tiebreak_rowid(tiebreak: u128) -> i64 {
+    i128::try_from(tiebreak)
+        .ok()
+        .and_then(|t| i64::try_from(t + i128::from(i64::MIN)).ok())
+        .unwrap_or(i64::MAX)
+}
 
 /// Failed deliveries that `?1` (handler), `?2` (event) and `?3` (an id above every one
 /// chosen) select when not null, newest first, at most `?4`. The handler's part of
@@ -1328,20 +1338,20 @@ impl EventStore for SqliteStore {
         let limit = purge_batch(max);
         let before = to_ms(before);
         let from = from.unwrap_or_else(walk_start);
-        let (after_at, after_id) = (to_ms(from.received_at), from.id.to_string());
+        let (after_at, after_row) = (to_ms(from.received_at), tiebreak_rowid(from.tiebreak));
         self.writer.write(Durability::Normal, move |tx| {
-            let examined: Vec<(String, i64, bool)> = tx
+            let examined: Vec<(String, i64, i64, bool)> = tx
                 .prepare_cached(EVENTS_TO_PURGE)
                 .and_then(|mut select| {
                     select
-                        .query_map(params![before, limit, after_at, after_id], |row| {
-                            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                        .query_map(params![before, limit, after_at, after_row], |row| {
+                            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
                         })?
                         .collect()
                 })
                 .map_err(db)?;
             let mut deleted = 0u64;
-            for (id, _, finished) in &examined {
+            for (id, _, _, finished) in &examined {
                 if !finished {
                     continue;
                 }
@@ -1357,12 +1367,10 @@ impl EventStore for SqliteStore {
                 deleted += 1;
             }
             let next = match examined.last() {
-                // An id that is no UUID (a store edited by hand) goes on past every event of its
-                // millisecond rather than stopping every walk there.
-                Some((id, received_at, _)) if examined.len() as i64 >= limit => {
+                Some((_, received_at, row, _)) if examined.len() as i64 >= limit => {
                     Some(PurgePosition {
                         received_at: from_ms(*received_at),
-                        id: Uuid::try_parse(id).unwrap_or(Uuid::max()),
+                        tiebreak: rowid_tiebreak(*row),
                     })
                 }
                 _ => None,
@@ -1669,6 +1677,28 @@ mod tests {
         let carried = clock.now() - by;
         move_schedule(&store.conn(), -by, carried).unwrap();
         clock.follow(carried);
+    }
+
+    /// A walk's tiebreak keeps the row numbers' order, from the lowest to the highest, and
+    /// gives each back.
+    #[test]
+    fn row_numbers_as_tiebreaks_keep_their_order_and_come_back() {
+        let rows = [i64::MIN, -1, 0, 1, 7, i64::MAX];
+        for pair in rows.windows(2) {
+            assert!(
+                rowid_tiebreak(pair[0]) < rowid_tiebreak(pair[1]),
+                "{pair:?}"
+            );
+        }
+        for row in rows {
+            assert_eq!(tiebreak_rowid(rowid_tiebreak(row)), row);
+        }
+        assert_eq!(
+            tiebreak_rowid(0),
+            i64::MIN,
+            "the walk's start is before every row"
+        );
+        assert_eq!(tiebreak_rowid(u128::MAX), i64::MAX);
     }
 
     #[test]
