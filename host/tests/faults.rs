@@ -889,7 +889,7 @@ const FROZEN_SHUTDOWN_BOUND: Duration = Duration::from_secs(45);
 /// wait, on the check of an idle pooled session, until the server ran again.
 #[test]
 fn a_frozen_postgres_server_holds_neither_metrics_nor_event_reads_nor_shutdown() {
-    use jobhook::sources::api::STORE_READ_TIMEOUT;
+    use jobhook::queue::store::STORE_READ_TIMEOUT;
     let Some((db, _dir, engine)) = engine_on_private_postgres() else {
         return;
     };

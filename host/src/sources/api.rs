@@ -48,7 +48,10 @@ use crate::context::JobContext;
 use crate::log_limit::LogLimit;
 use crate::metrics::{CONTENT_TYPE, Metrics, StoreCounts};
 use crate::queue::dispatch::{Dispatcher, HandlerSummary};
-use crate::queue::store::{EventStore, Idempotency, Inserted, NewEvent, StoreError, call_within};
+use crate::queue::store::{
+    EventStore, Idempotency, Inserted, NewEvent, STORE_FAILURE_LOG_INTERVAL, STORE_READ_TIMEOUT,
+    StoreError, call_within,
+};
 use crate::sources::failed_deliveries;
 use crate::sources::forwarders::{self, Forwarders};
 use crate::sources::idempotency;
@@ -605,25 +608,12 @@ async fn commit_event(
 /// unknown: resends carry an `Idempotency-Key`.
 pub const INGEST_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often the log tells of a failing store, separately for commits, event reads and
-/// `/metrics`: each is driven by clients, and a fleet of forwarders resending through an outage
-/// (or a scraper) would write a line per request. Every refusal is still counted in `/metrics`
-/// (`jobhook_ingest_store_failures_total`), and each line says how many it stands for.
-pub const STORE_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Failed commits, told through [`STORE_FAILURE_LOG_INTERVAL`].
 static COMMIT_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
 /// Failed event reads, likewise.
 static READ_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
 /// `/metrics` answered without the delivery states, likewise.
 static METRICS_FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
-
-/// Longest `GET /metrics` and `GET /v1/events/{id}` wait for the store. A read takes
-/// milliseconds; one held by a store that stopped answering would hold the request as long as
-/// that lasts, and a scrape during a database incident must still give the engine's own
-/// counters (its store failures above all). The metrics are then answered without the
-/// delivery-state series, an event read with 503.
-pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counts an event the store could not take, for `reason` (one of
 /// [`crate::metrics::STORE_FAILURE_REASONS`]), and keeps it for `/healthz`.

@@ -15,7 +15,6 @@
 //! log, never to the client.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -25,7 +24,8 @@ use uuid::Uuid;
 use crate::log_limit::LogLimit;
 use crate::queue::dispatch::Dispatcher;
 use crate::queue::store::{
-    EventStore, FailedFilter, MAX_FAILED_PAGE, MAX_RETRY_BATCH, StoreError, call_within,
+    EventStore, FailedFilter, MAX_FAILED_PAGE, MAX_RETRY_BATCH, STORE_FAILURE_LOG_INTERVAL,
+    STORE_READ_TIMEOUT, StoreError, call_within,
 };
 
 /// Where the list is read.
@@ -45,12 +45,9 @@ pub const MAX_RETRY_BODY: usize = 4096;
 /// that a hostile query costs nothing to compare.
 const MAX_HANDLER_FILTER: usize = 256;
 
-/// How long one read of the list, or one batch of a retry (a bounded transaction), may take
-/// before the store counts as not answering.
-const STORE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Failed list reads and retries, told at most every few seconds.
-static FAILURES: LogLimit = LogLimit::new(Duration::from_secs(10));
+/// Failed list reads and retries, told through [`STORE_FAILURE_LOG_INTERVAL`]. A batch of a
+/// retry is a bounded transaction, given as long as a read ([`STORE_READ_TIMEOUT`]).
+static FAILURES: LogLimit = LogLimit::new(STORE_FAILURE_LOG_INTERVAL);
 
 /// An answer: its status and its JSON body.
 pub type Answer = (StatusCode, Value);
@@ -101,7 +98,7 @@ pub async fn list(store: &Arc<dyn EventStore>, query: Result<ListQuery, String>)
     if !(1..=MAX_FAILED_PAGE).contains(&limit) {
         return bad(format!("limit must be 1-{MAX_FAILED_PAGE}"));
     }
-    let read = call_within(store, STORE_TIMEOUT, move |store| {
+    let read = call_within(store, STORE_READ_TIMEOUT, move |store| {
         store.failed_deliveries(&filter, limit)
     });
     match read.await {
@@ -151,7 +148,7 @@ pub async fn retry(store: &Arc<dyn EventStore>, dispatcher: &Dispatcher, body: &
             before: below,
             ..filter.clone()
         };
-        let done = call_within(store, STORE_TIMEOUT, move |store| {
+        let done = call_within(store, STORE_READ_TIMEOUT, move |store| {
             store.retry_failed(&batch, store.now(), MAX_RETRY_BATCH)
         })
         .await;

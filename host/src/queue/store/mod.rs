@@ -158,6 +158,20 @@ pub struct NewEvent {
     pub handlers: Vec<String>,
 }
 
+/// How often the log tells of a failing store, separately for commits, reads (events,
+/// failed deliveries) and `/metrics`: each is driven by clients, and a fleet of forwarders resending through an outage
+/// (or a scraper) would write a line per request. Every refusal is still counted in `/metrics`
+/// (`jobhook_ingest_store_failures_total`), and each line says how many it stands for.
+pub const STORE_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Longest `GET /metrics`, `GET /v1/events/{id}` and each call of the failed deliveries' endpoints
+/// wait for the store. A read takes
+/// milliseconds; one held by a store that stopped answering would hold the request as long as
+/// that lasts, and a scrape during a database incident must still give the engine's own
+/// counters (its store failures above all). The metrics are then answered without the
+/// delivery-state series, an event read with 503.
+pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs `call` on `store` on the blocking pool and waits at most `limit` for its answer. A store
 /// that stopped answering (a frozen database server, a disk that hangs) is then `NoAnswer`
 /// ("did not answer in time") instead of holding the caller for as long as it lasts; the
@@ -788,6 +802,11 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
 }
 
 /// Milliseconds since the Unix epoch.
+/// `max` as a query's `LIMIT`, at most `cap`: the bound of a store call whatever it is asked.
+pub(crate) fn capped(max: usize, cap: usize) -> i64 {
+    i64::try_from(max.min(cap)).unwrap_or(0)
+}
+
 /// How many events one [`EventStore::purge_finished`] call looks at for `max`: at least one, at
 /// most [`MAX_EVENT_PURGE_BATCH`].
 pub(crate) fn purge_batch(max: usize) -> i64 {

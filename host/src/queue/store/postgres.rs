@@ -48,7 +48,8 @@ use super::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, FailedDelivery, FailedFilter, Finish, INTERRUPTED_CLASS, Idempotency,
     Inserted, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH, NewEvent, PurgePosition,
-    PurgeRound, RELEASED_REASON, StoreError, after, purge_batch, unreadable_context, walk_start,
+    PurgeRound, RELEASED_REASON, StoreError, after, capped, purge_batch, unreadable_context,
+    walk_start,
 };
 use crate::context::JobContext;
 use crate::secret::Secret;
@@ -1579,7 +1580,7 @@ impl EventStore for PostgresStore {
     }
 
     fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
-        let limit = i64::try_from(max.min(MAX_PURGE_BATCH)).unwrap_or(0);
+        let limit = capped(max, MAX_PURGE_BATCH);
         self.with(|conn| {
             let purge = conn.prepare(PURGE_KEYS)?;
             Ok(conn.client.execute(&purge, &[&before, &limit])?)
@@ -1872,7 +1873,7 @@ impl EventStore for PostgresStore {
         filter: &FailedFilter,
         max: usize,
     ) -> Result<Vec<FailedDelivery>, StoreError> {
-        let limit = i64::try_from(max.min(MAX_FAILED_PAGE)).unwrap_or(0);
+        let limit = capped(max, MAX_FAILED_PAGE);
         let handler = filter.handler.as_deref().map(text);
         self.read(|conn| {
             let statement = conn.prepare(FAILED)?;
@@ -1901,7 +1902,7 @@ impl EventStore for PostgresStore {
         now: DateTime<Utc>,
         max: usize,
     ) -> Result<Vec<i64>, StoreError> {
-        let limit = i64::try_from(max.min(MAX_RETRY_BATCH)).unwrap_or(0);
+        let limit = capped(max, MAX_RETRY_BATCH);
         let handler = filter.handler.as_deref().map(text);
         self.with(|conn| {
             let statement = conn.prepare(RETRY_FAILED)?;

@@ -27,8 +27,8 @@ use super::{
     ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
     DeliveryState, DeliveryView, EventStore, EventView, FailedDelivery, FailedFilter, Finish,
     INTERRUPTED_CLASS, Idempotency, Inserted, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH,
-    NewEvent, PurgePosition, PurgeRound, RELEASED_REASON, StoreError, after, from_ms, purge_batch,
-    to_ms, unreadable_context, walk_start,
+    NewEvent, PurgePosition, PurgeRound, RELEASED_REASON, StoreError, after, capped, from_ms,
+    purge_batch, to_ms, unreadable_context, walk_start,
 };
 use crate::context::JobContext;
 
@@ -1315,7 +1315,7 @@ impl EventStore for SqliteStore {
     }
 
     fn purge_idempotency_keys(&self, before: DateTime<Utc>, max: usize) -> Result<u64, StoreError> {
-        let limit = i64::try_from(max.min(MAX_PURGE_BATCH)).unwrap_or(0);
+        let limit = capped(max, MAX_PURGE_BATCH);
         let before = to_ms(before);
         self.writer.write(Durability::Normal, move |tx| {
             let n = tx
@@ -1546,7 +1546,7 @@ impl EventStore for SqliteStore {
         filter: &FailedFilter,
         max: usize,
     ) -> Result<Vec<FailedDelivery>, StoreError> {
-        let limit = i64::try_from(max.min(MAX_FAILED_PAGE)).unwrap_or(0);
+        let limit = capped(max, MAX_FAILED_PAGE);
         let event = filter.event.map(|e| e.to_string());
         let conn = self.conn();
         let mut select = conn.prepare_cached(FAILED).map_err(db)?;
@@ -1592,7 +1592,7 @@ impl EventStore for SqliteStore {
         now: DateTime<Utc>,
         max: usize,
     ) -> Result<Vec<i64>, StoreError> {
-        let limit = i64::try_from(max.min(MAX_RETRY_BATCH)).unwrap_or(0);
+        let limit = capped(max, MAX_RETRY_BATCH);
         let (handler, event, before) = (
             filter.handler.clone(),
             filter.event.map(|e| e.to_string()),
