@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::{
     ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, FailedFilter, Finish,
-    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_CLAIM_BATCH, MAX_RETRY_BATCH, NewEvent,
-    RELEASED_REASON, SOURCE_API, SOURCE_POLLER, StoreError, after, new_event_id, to_ms,
+    INTERRUPTED_CLASS, Idempotency, Inserted, MAX_CLAIM_BATCH, MAX_FAILED_PAGE, MAX_RETRY_BATCH,
+    NewEvent, RELEASED_REASON, SOURCE_API, SOURCE_POLLER, StoreError, after, new_event_id, to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -1509,7 +1509,8 @@ pub(crate) fn failed_deliveries_run_again_with_their_next_attempt(b: &impl Backe
 
 pub(crate) fn failed_deliveries_run_again_in_bounded_batches_newest_first(b: &impl Backend) {
     let store = b.node();
-    let events: Vec<NewEvent> = (0..MAX_RETRY_BATCH + 3).map(|_| event(&["a"])).collect();
+    // More than a page of the list and two batches of a retry.
+    let events: Vec<NewEvent> = (0..MAX_FAILED_PAGE + 1).map(|_| event(&["a"])).collect();
     for e in &events {
         store.insert_event(e).unwrap();
     }
@@ -1521,6 +1522,14 @@ pub(crate) fn failed_deliveries_run_again_in_bounded_batches_newest_first(b: &im
         v
     };
     let all = FailedFilter::default();
+    // However many are asked for, one page of the list is bounded.
+    let page = store.failed_deliveries(&all, usize::MAX).unwrap();
+    assert_eq!(page.len(), MAX_FAILED_PAGE);
+    assert_eq!(
+        page.first().map(|d| d.id),
+        ids.first().copied(),
+        "newest first"
+    );
     let first = newest_first(store.retry_failed(&all, store.now(), 2).unwrap());
     assert_eq!(first, ids[..2], "the newest two");
     // However many are asked for, one batch is bounded.
