@@ -1136,6 +1136,16 @@ async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
         ("?before=abc", "before (a delivery id)"),
         ("?event_id=nope", "event_id must be an event's id"),
         ("?handler=", "handler must be a handler's name"),
+        ("?handler=pro%20be", "handler must be a handler's name"),
+        (
+            "?handler=probe%E2%80%AE",
+            "handler must be a handler's name",
+        ),
+        (
+            "?handler=probe%E2%80%8B",
+            "handler must be a handler's name",
+        ),
+        ("?handler=probe%0A", "handler must be a handler's name"),
         ("?state=failed", "the list takes handler, event_id, before"),
         (
             "?handler=x&handler=y",
@@ -1146,7 +1156,7 @@ async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
             "the list takes handler, event_id, before",
         ),
         (
-            &format!("?handler={}", "x".repeat(300)),
+            &format!("?handler={}", "x".repeat(65)),
             "handler must be a handler's name",
         ),
     ] {
@@ -1177,7 +1187,12 @@ async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
         (
             "{\"handler\": \"a\\u0000b\"}",
             400,
-            "without control characters",
+            "letters, digits, '-', '_' or '.'",
+        ),
+        (
+            "{\"handler\": \"probe\\u202e\"}",
+            400,
+            "letters, digits, '-', '_' or '.'",
         ),
         ("[1]", 400, "the body is not a JSON object"),
         (oversized.as_str(), 413, "the body is over 4096 bytes"),

@@ -30,7 +30,9 @@ use crate::context::parse_guid;
 use crate::excerpt::{MAX_QUOTED_CHARS, excerpt, quoted};
 use crate::limits::Limits;
 use crate::queue::quarantine::QuarantineConfig;
-use crate::queue::registration::{DEFAULT_HANDLER_CONCURRENCY, JobTypes, Registration};
+use crate::queue::registration::{
+    DEFAULT_HANDLER_CONCURRENCY, JobTypes, MAX_HANDLER_NAME, Registration, is_handler_name,
+};
 use crate::queue::retry::{MAX_RETRY_ATTEMPTS, RetryPolicy};
 use crate::queue::store::config::StoreConfig;
 use crate::runtime::config::{
@@ -460,9 +462,6 @@ struct ServerSpans {
 fn absent<T>(value: T) -> Spanned<T> {
     Spanned::new(0..0, value)
 }
-
-/// Longest handler name: names appear in logs, metrics labels and URLs.
-const MAX_HANDLER_NAME: usize = 64;
 
 /// Shortest bearer token taken without a warning: 24 characters are 96 bits as hexadecimal
 /// and 144 as base64, beyond guessing over the network; a word or a short phrase is not.
@@ -996,12 +995,7 @@ impl Validator<'_> {
     ) -> Result<Registration, ConfigError> {
         let name_line = self.line(raw.name.span()).or(Some(line));
         let name = raw.name.into_inner();
-        if name.is_empty()
-            || name.len() > MAX_HANDLER_NAME
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        if !is_handler_name(&name) {
             return Err(self.error(
                 name_line,
                 &format!(

@@ -43,6 +43,20 @@ impl JobTypes {
     }
 }
 
+/// Longest handler name: names appear in logs, metrics labels and URLs.
+pub const MAX_HANDLER_NAME: usize = 64;
+
+/// Whether `name` is a handler's name as a configuration may give one: 1 to
+/// [`MAX_HANDLER_NAME`] ASCII letters, digits, `-`, `_` or `.` — no space, control, bidi or
+/// other character that could hide what a name is.
+pub fn is_handler_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_HANDLER_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// One `[[handlers]]` registration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {

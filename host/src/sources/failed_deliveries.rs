@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::log_limit::LogLimit;
 use crate::queue::dispatch::Dispatcher;
+use crate::queue::registration::{MAX_HANDLER_NAME, is_handler_name};
 use crate::queue::store::{
     EventStore, FailedFilter, MAX_FAILED_PAGE, MAX_RETRY_BATCH, STORE_FAILURE_LOG_INTERVAL,
     STORE_READ_TIMEOUT, StoreError, call_within,
@@ -39,11 +40,6 @@ pub const DEFAULT_PAGE: usize = 100;
 
 /// Largest body of a retry request: two fields fit many times over.
 pub const MAX_RETRY_BODY: usize = 4096;
-
-/// Longest handler name a filter may hold: longer than any name a configuration may give
-/// (64 bytes), so that a handler no longer configured can still be named, and short enough
-/// that a hostile query costs nothing to compare.
-const MAX_HANDLER_FILTER: usize = 256;
 
 /// Failed list reads and retries, told through [`STORE_FAILURE_LOG_INTERVAL`]. A batch of a
 /// retry is a bounded transaction, given as long as a read ([`STORE_READ_TIMEOUT`]).
@@ -192,14 +188,15 @@ const RETRY_SHAPE: &str =
 /// The filter of a handler name and an event id as given; `400` saying what to fix when
 /// either is not usable.
 fn filter(handler: Option<String>, event_id: Option<&str>) -> Result<FailedFilter, Answer> {
-    if let Some(name) = &handler
-        && (name.is_empty()
-            || name.len() > MAX_HANDLER_FILTER
-            || name.chars().any(char::is_control))
+    // Any name a configuration may give, this one's or an earlier one's (a handler no longer
+    // configured keeps its deliveries); nothing else could match.
+    if handler
+        .as_deref()
+        .is_some_and(|name| !is_handler_name(name))
     {
         return Err(bad(format!(
-            "handler must be a handler's name: 1-{MAX_HANDLER_FILTER} bytes without control \
-             characters"
+            "handler must be a handler's name: 1 to {MAX_HANDLER_NAME} letters, digits, '-', '_' \
+             or '.'"
         )));
     }
     let event = match event_id.map(Uuid::try_parse).transpose() {
