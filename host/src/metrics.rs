@@ -64,10 +64,10 @@ pub const CONNECTION_CAPS: [&str; 2] = ["max_connections", "max_connections_per_
 /// The phases `jobhook_connections_timed_out_total` counts by.
 pub const SLOW_CLIENT_PHASES: [&str; 3] = ["header", "body", "idle"];
 
-/// At most this many `jobhook_handler_deliveries_pending` series per scrape, the first by name: a
-/// store that holds deliveries under many names (renamed handlers, or another node's
-/// configuration) must not make every scrape that many series long. The total is always in
-/// `jobhook_deliveries_in_state{state="pending"}`.
+/// At most this many `jobhook_handler_deliveries_pending` (and as many
+/// `jobhook_handler_deliveries_failed`) series per scrape, the first by name: a store that holds
+/// deliveries under many names (renamed handlers, or another node's configuration) must not make
+/// every scrape that many series long. The totals are always in `jobhook_deliveries_in_state`.
 pub const MAX_PENDING_SERIES: usize = 1_000;
 
 /// What the store said at scrape time.
@@ -77,6 +77,8 @@ pub struct StoreCounts<'a> {
     pub by_state: &'a [(&'a str, u64)],
     /// Pending deliveries by handler, in name order.
     pub pending_by_handler: &'a [(String, u64)],
+    /// Failed deliveries by handler, in name order.
+    pub failed_by_handler: &'a [(String, u64)],
 }
 
 /// The engine's metrics.
@@ -90,6 +92,7 @@ pub struct Metrics {
     durations: Family<HandlerLabels, Histogram>,
     deliveries_by_state: Family<StateLabels, Gauge>,
     pending_by_handler: Family<HandlerLabels, Gauge>,
+    failed_by_handler: Family<HandlerLabels, Gauge>,
     running: Gauge,
     quarantined: Gauge,
     replays: Counter,
@@ -188,6 +191,13 @@ impl Metrics {
             "Pending deliveries in the store by handler (a quarantined handler's backlog, or \
              deliveries of a handler no node runs)",
             pending_by_handler.clone(),
+        );
+        let failed_by_handler = Family::<HandlerLabels, Gauge>::default();
+        registry.register(
+            "jobhook_handler_deliveries_failed",
+            "Failed deliveries in the store by handler: out of retries, kept until retention \
+             removes them or an operator runs them again",
+            failed_by_handler.clone(),
         );
         let running = Gauge::default();
         registry.register(
@@ -353,6 +363,7 @@ impl Metrics {
             durations,
             deliveries_by_state,
             pending_by_handler,
+            failed_by_handler,
             running,
             quarantined,
         }
@@ -484,18 +495,15 @@ impl Metrics {
     /// then left out (absent, not zero: an empty queue and an unknown one must not look alike).
     pub fn render(&self, store: Option<&StoreCounts<'_>>, quarantined: usize) -> String {
         self.pending_by_handler.clear();
+        self.failed_by_handler.clear();
         match store {
             Some(StoreCounts {
                 by_state,
                 pending_by_handler,
+                failed_by_handler,
             }) => {
-                for (handler, n) in pending_by_handler.iter().take(MAX_PENDING_SERIES) {
-                    self.pending_by_handler
-                        .get_or_create(&HandlerLabels {
-                            handler: handler.clone(),
-                        })
-                        .set(i64::try_from(*n).unwrap_or(i64::MAX));
-                }
+                set_by_handler(&self.pending_by_handler, pending_by_handler);
+                set_by_handler(&self.failed_by_handler, failed_by_handler);
                 for state in ["pending", "running", "succeeded", "failed", "skipped"] {
                     let n = by_state
                         .iter()
@@ -524,6 +532,17 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// Sets one gauge per handler of `counts` (in name order), at most [`MAX_PENDING_SERIES`].
+fn set_by_handler(family: &Family<HandlerLabels, Gauge>, counts: &[(String, u64)]) {
+    for (handler, n) in counts.iter().take(MAX_PENDING_SERIES) {
+        family
+            .get_or_create(&HandlerLabels {
+                handler: handler.clone(),
+            })
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
     }
 }
 
@@ -568,10 +587,12 @@ mod tests {
         m.delivery("mail", "succeeded", 0.002);
         m.delivery("mail", "timed-out", 1.5);
         let pending = [("mail".to_owned(), 5), ("odd\"name\n".to_owned(), 2)];
+        let failed = [("mail".to_owned(), 3)];
         let text = m.render(
             Some(&StoreCounts {
                 by_state: &[("pending", 7)],
                 pending_by_handler: &pending,
+                failed_by_handler: &failed,
             }),
             1,
         );
@@ -610,20 +631,31 @@ mod tests {
             text.contains("jobhook_handler_deliveries_pending{handler=\"odd\\\"name\\n\"} 2"),
             "{text}"
         );
+        assert!(
+            text.contains("jobhook_handler_deliveries_failed{handler=\"mail\"} 3"),
+            "{text}"
+        );
         // A handler whose backlog drained, or a store that did not answer, leaves no series.
         let text = m.render(
             Some(&StoreCounts {
                 by_state: &[("pending", 5)],
                 pending_by_handler: &pending[..1],
+                failed_by_handler: &[],
             }),
             0,
         );
         assert!(!text.contains("odd"), "{text}");
-        let text = m.render(None, 0);
         assert!(
-            !text.contains("jobhook_handler_deliveries_pending{"),
+            !text.contains("jobhook_handler_deliveries_failed{"),
             "{text}"
         );
+        let text = m.render(None, 0);
+        for family in [
+            "jobhook_handler_deliveries_pending{",
+            "jobhook_handler_deliveries_failed{",
+        ] {
+            assert!(!text.contains(family), "{text}");
+        }
     }
 
     /// A store with deliveries under more names than [`MAX_PENDING_SERIES`] gives that many
@@ -638,13 +670,16 @@ mod tests {
             Some(&StoreCounts {
                 by_state: &[],
                 pending_by_handler: &pending,
+                failed_by_handler: &pending,
             }),
             0,
         );
-        let series = text
-            .lines()
-            .filter(|l| l.starts_with("jobhook_handler_deliveries_pending{"))
-            .count();
-        assert_eq!(series, MAX_PENDING_SERIES);
+        for family in [
+            "jobhook_handler_deliveries_pending{",
+            "jobhook_handler_deliveries_failed{",
+        ] {
+            let series = text.lines().filter(|l| l.starts_with(family)).count();
+            assert_eq!(series, MAX_PENDING_SERIES, "{family}");
+        }
     }
 }

@@ -320,6 +320,7 @@ async fn finished_jobs_become_events_exactly_once_across_restarts() {
         Some(&jobhook::metrics::StoreCounts {
             by_state: &[],
             pending_by_handler: &[],
+            failed_by_handler: &[],
         }),
         0,
     );

@@ -1206,6 +1206,16 @@ async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
     }
     let (_, page) = failed_list(&engine, "").await;
     assert_eq!(listed_events(&page).len(), 3, "{page}");
+    // Counted by handler where the operator looks first.
+    assert_eq!(
+        failed_counts(&engine).await,
+        [("healthy".into(), 0), ("probe".into(), 3)]
+    );
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_handler_deliveries_failed{handler=\"probe\"} 3"),
+        "{metrics}"
+    );
 
     // The operator mends the configuration, then runs one event's delivery again.
     setup.config(&config(false));
@@ -1232,8 +1242,35 @@ async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
     }
     let (_, page) = failed_list(&engine, "").await;
     assert_eq!(listed_events(&page), Vec::<&str>::new());
+    assert_eq!(
+        failed_counts(&engine).await,
+        [("healthy".into(), 0), ("probe".into(), 0)]
+    );
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        !metrics.contains("jobhook_handler_deliveries_failed{"),
+        "{metrics}"
+    );
     let (status, answer) = post_to(&engine, retry, r#"{"handler": "probe"}"#.into(), None).await;
     assert_eq!((status, &answer), (200, &json!({ "requeued": 0 })));
+}
+
+/// Each handler's `failed` count in `GET /v1/handlers`, by name.
+async fn failed_counts(engine: &EngineProcess) -> Vec<(String, u64)> {
+    let (status, text) = get(engine, "/v1/handlers").await;
+    assert_eq!(status, 200, "{text}");
+    let listed: Value = serde_json::from_str(&text).expect("handlers JSON");
+    let mut counts: Vec<(String, u64)> = listed["handlers"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|h| {
+            let failed = h["failed"].as_u64().unwrap_or_else(|| panic!("{h}"));
+            (h["name"].as_str().expect("name").to_owned(), failed)
+        })
+        .collect();
+    counts.sort();
+    counts
 }
 
 /// `[mail]` with a `from` and neither `smtp` nor `outbox`: under `serve`, mail is written to

@@ -317,6 +317,11 @@ pub struct HandlerSummary {
     /// did not answer in time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending: Option<u64>,
+    /// Its failed deliveries in the store (out of retries; `GET /v1/deliveries/failed` lists
+    /// them, `POST /v1/admin/retry-failed` runs them again). Absent when the store did not
+    /// answer in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<u64>,
 }
 
 impl HandlerSummary {
@@ -370,6 +375,7 @@ impl HandlerSummary {
             places: h.places(),
             health: h.status(),
             pending: None,
+            failed: None,
         }
     }
 }

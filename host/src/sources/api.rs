@@ -695,27 +695,34 @@ fn unreadable(id: Uuid, why: &dyn std::fmt::Display) -> Response {
 async fn handlers(State(state): State<AppState>) -> Response {
     let registry = state.dispatcher.registry();
     let counted = call_within(&state.store, STORE_READ_TIMEOUT, |store| {
-        store.pending_by_handler()
+        Ok((store.pending_by_handler()?, store.failed_by_handler()?))
     });
+    type Counts = std::collections::BTreeMap<String, u64>;
     // The list is answered without the counts when the store does not answer in time.
-    let pending: Option<std::collections::BTreeMap<String, u64>> = match counted.await {
-        Ok(counts) => Some(counts.into_iter().collect()),
+    let counts: Option<(Counts, Counts)> = match counted.await {
+        Ok((pending, failed)) => {
+            Some((pending.into_iter().collect(), failed.into_iter().collect()))
+        }
         Err(e) => {
             READ_FAILURES.tell(|untold| {
                 tracing::warn!(
                     more_since_last_warning = untold,
-                    "handlers listed without their pending deliveries: {e}"
+                    "handlers listed without their pending and failed deliveries: {e}"
                 )
             });
             None
         }
     };
+    let count_of = |counts: &Counts, name: &str| counts.get(name).copied().unwrap_or(0);
     let list: Vec<HandlerSummary> = registry
         .handlers()
         .map(|h| HandlerSummary {
-            pending: pending
+            pending: counts
                 .as_ref()
-                .map(|counts| counts.get(&h.config.name).copied().unwrap_or(0)),
+                .map(|(pending, _)| count_of(pending, &h.config.name)),
+            failed: counts
+                .as_ref()
+                .map(|(_, failed)| count_of(failed, &h.config.name)),
             ..HandlerSummary::of(h)
         })
         .collect();
@@ -790,7 +797,11 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let read = call_within(&state.store, STORE_READ_TIMEOUT, |store| {
-        Ok((store.count_by_state()?, store.pending_by_handler()?))
+        Ok((
+            store.count_by_state()?,
+            store.pending_by_handler()?,
+            store.failed_by_handler()?,
+        ))
     });
     let counts = match read.await {
         Ok(counts) => Some(counts),
@@ -806,14 +817,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
     };
     let by_state: Option<Vec<(&str, u64)>> = counts
         .as_ref()
-        .map(|(counts, _)| counts.iter().map(|(s, n)| (s.as_str(), *n)).collect());
-    let store_counts = by_state
-        .as_deref()
-        .zip(counts.as_ref())
-        .map(|(by_state, (_, pending))| StoreCounts {
-            by_state,
-            pending_by_handler: pending,
-        });
+        .map(|(counts, _, _)| counts.iter().map(|(s, n)| (s.as_str(), *n)).collect());
+    let store_counts =
+        by_state
+            .as_deref()
+            .zip(counts.as_ref())
+            .map(|(by_state, (_, pending, failed))| StoreCounts {
+                by_state,
+                pending_by_handler: pending,
+                failed_by_handler: failed,
+            });
     let (known, silence) = state.forwarders.summary(chrono::Utc::now());
     state.metrics.forwarders(known, silence);
     let text = state.metrics.render(

@@ -210,6 +210,11 @@ macro_rules! pass_on_the_rest {
         ) -> Result<Vec<(String, u64)>, $crate::queue::store::StoreError> {
             self.0.pending_by_handler()
         }
+        fn failed_by_handler(
+            &self,
+        ) -> Result<Vec<(String, u64)>, $crate::queue::store::StoreError> {
+            self.0.failed_by_handler()
+        }
         fn cursor(
             &self,
             name: &str,
@@ -1395,6 +1400,13 @@ pub(crate) fn failed_deliveries_are_listed_newest_first_and_filtered(b: &impl Ba
         ],
         "newest first"
     );
+    // Counted by handler, beside the one pending for its retry.
+    let count = |h: &str, n: u64| (h.to_owned(), n);
+    assert_eq!(
+        store.failed_by_handler().unwrap(),
+        [count("a", 2), count("b", 2)]
+    );
+    assert_eq!(store.pending_by_handler().unwrap(), [count("a", 1)]);
     let listed = store.failed_deliveries(&all, 1).unwrap();
     let [only] = listed.as_slice() else {
         panic!("one asked for: {listed:?}")
@@ -1462,6 +1474,11 @@ pub(crate) fn failed_deliveries_run_again_with_their_next_attempt(b: &impl Backe
     let requeued = store.retry_failed(&which, store.now(), 100).unwrap();
     assert_eq!(requeued.len(), 1);
     assert_eq!(states(&store), [("failed", 2), ("pending", 1)]);
+    assert_eq!(
+        store.failed_by_handler().unwrap(),
+        [("a".to_owned(), 1), ("b".to_owned(), 1)],
+        "a delivery run again is no longer counted as failed"
+    );
     assert_eq!(
         store.retry_failed(&which, store.now(), 100).unwrap(),
         Vec::<i64>::new()

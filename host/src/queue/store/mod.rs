@@ -734,6 +734,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// of this configuration has. Reads every pending row; not for a hot path.
     fn pending_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError>;
 
+    /// Failed deliveries by handler, every handler that has any, in name order: what
+    /// `GET /v1/handlers` and the metrics show an operator beside the pending ones, so that a
+    /// handler whose deliveries have run out of retries is seen without paging the failed list.
+    /// Reads an index of failed rows only; retention bounds how many there are.
+    fn failed_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
     /// A durable value of the poller (e.g. the last JobHistoryId seen).
     fn cursor(&self, name: &str) -> Result<Option<String>, StoreError>;
 

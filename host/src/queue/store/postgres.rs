@@ -290,6 +290,9 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
     // Failed deliveries, newest first: the list an operator reads and runs again
     // (`FAILED`, `RETRY_FAILED`), without walking the deliveries that succeeded.
     "CREATE INDEX deliveries_failed ON deliveries (id) WHERE state = 'failed';",
+    // Failed deliveries counted by handler (`FAILED_BY_HANDLER`) from the index alone; written
+    // only when a delivery fails for good or is run again.
+    "CREATE INDEX deliveries_failed_handler ON deliveries (handler) WHERE state = 'failed';",
 ];
 
 /// Why a PostgreSQL store call failed, before it becomes a [`StoreError`].
@@ -1398,6 +1401,9 @@ const COUNT_BY_STATE: &str = "SELECT state, count(*) FROM deliveries GROUP BY st
 const PENDING_BY_HANDLER: &str = "SELECT handler, count(*) FROM deliveries WHERE state = 'pending'
     GROUP BY handler ORDER BY handler";
 
+const FAILED_BY_HANDLER: &str = "SELECT handler, count(*) FROM deliveries WHERE state = 'failed'
+    GROUP BY handler ORDER BY handler";
+
 /// Every statement the store prepares on its pooled sessions that must find its rows through
 /// an index (see [`INDEXES_ONLY`]); a test checks the plan PostgreSQL keeps for each.
 const INDEXED_STATEMENTS: &[&str] = &[
@@ -1418,6 +1424,7 @@ const INDEXED_STATEMENTS: &[&str] = &[
     EVENT_ATTEMPTS,
     NEXT_DUE,
     PENDING_BY_HANDLER,
+    FAILED_BY_HANDLER,
     CURSOR,
     FAILED,
     RETRY_FAILED,
@@ -1454,6 +1461,19 @@ fn with_scans_allowed<T>(
     let result = read(&mut tx)?;
     tx.commit()?;
     Ok(result)
+}
+
+/// Deliveries of one state counted by handler on `conn` with `sql` (`PENDING_BY_HANDLER` or
+/// `FAILED_BY_HANDLER`), in name order.
+fn counted_by_handler(conn: &mut Conn, sql: &'static str) -> Result<Vec<(String, u64)>, PgError> {
+    let statement = conn.prepare(sql)?;
+    let rows = conn.client.query(&statement, &[])?;
+    rows.into_iter()
+        .map(|row| {
+            let n = u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0);
+            Ok((row.try_get::<_, String>(0)?, n))
+        })
+        .collect()
 }
 
 /// Deliveries by state, counted on `conn` (a read of every row of `deliveries`).
@@ -1921,18 +1941,13 @@ impl EventStore for PostgresStore {
     }
 
     fn pending_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        self.read(|conn| {
-            // The pending deliveries' index serves it (`deliveries_handler_due`).
-            let statement = conn.prepare(PENDING_BY_HANDLER)?;
-            let rows = conn.client.query(&statement, &[])?;
-            Ok(rows
-                .into_iter()
-                .map(|row| {
-                    let n = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
-                    (row.get::<_, String>(0), n)
-                })
-                .collect())
-        })
+        // The pending deliveries' index serves it (`deliveries_handler_due`).
+        self.read(|conn| counted_by_handler(conn, PENDING_BY_HANDLER))
+    }
+
+    fn failed_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        // The failed deliveries' index by handler serves it (`deliveries_failed_handler`).
+        self.read(|conn| counted_by_handler(conn, FAILED_BY_HANDLER))
     }
 
     fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
@@ -2608,7 +2623,8 @@ mod tests {
         backend
             .db
             .query(&format!(
-                "DROP INDEX deliveries_failed; DELETE FROM schema_migrations WHERE version = {last}"
+                "DROP INDEX deliveries_failed_handler; \
+                 DELETE FROM schema_migrations WHERE version = {last}"
             ))
             .expect("undo the newest change");
         let mut blocker = config.connect(NoTls).expect("second session");

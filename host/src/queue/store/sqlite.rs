@@ -1639,6 +1639,15 @@ impl EventStore for SqliteStore {
         )
     }
 
+    fn failed_by_handler(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        // `deliveries_handler_due` begins with the state and the handler: an index walk.
+        counted(
+            &self.conn(),
+            "SELECT handler, COUNT(*) FROM deliveries WHERE state = 'failed' \
+             GROUP BY handler ORDER BY handler",
+        )
+    }
+
     fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
         read_cursor(&self.conn(), name).map_err(db)
     }
