@@ -2176,6 +2176,164 @@ mod tests {
         assert_eq!(store.keep_time().unwrap(), None, "followed");
     }
 
+    /// An event with one delivery, to `handler`, failed for good on `store`; the pending
+    /// deliveries of the handlers in `busy` are left as they are.
+    fn failed_event(store: &PostgresStore, handler: &str, busy: &[String]) -> Uuid {
+        let event = conformance::event(&[handler]);
+        store.insert_event(&event).expect("insert");
+        let claim = store
+            .claim(store.now(), busy, conformance::LEASE)
+            .expect("claim")
+            .expect("a claim");
+        store
+            .finish(&claim, &conformance::record(DeliveryState::Failed))
+            .expect("finish");
+        event.id
+    }
+
+    /// Waits until one session of `pg`'s database waits for a lock another holds.
+    fn until_a_session_waits_for_a_lock(pg: &Postgres) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting = pg
+                .db
+                .query(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .expect("pg_stat_activity");
+            if waiting == "1" {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no session waited for the lock: {}",
+                count(
+                    pg,
+                    "SELECT string_agg(coalesce(wait_event_type, '-') || ' ' || state || ' ' \
+                     || left(query, 40), E'\n') FROM pg_stat_activity \
+                     WHERE datname = current_database()"
+                )
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `SELECT` of one count on `pg`'s database.
+    fn count(pg: &Postgres, sql: &str) -> String {
+        pg.db.query(sql).expect("count")
+    }
+
+    /// A retention purge and a run again of the same failed delivery on two nodes at once,
+    /// each held open at its locks while the other runs: the delivery is never lost.
+    /// - Run again first, not yet committed: the purge's delete of the delivery waits for it,
+    ///   then finds it pending and leaves it; the event's delete fails on it, so the purge
+    ///   deletes nothing (not its attempts either), and the next purge keeps the event.
+    /// - Purge first, not yet committed: the run again waits, then finds the delivery gone
+    ///   and makes nothing pending.
+    #[test]
+    fn a_purge_and_a_run_again_at_once_never_lose_a_delivery() {
+        let Some(pg) = Postgres::new() else {
+            return;
+        };
+        let store = pg.node();
+        let config = store.config.clone();
+        let later = store.now() + chrono::Duration::hours(1);
+
+        // Run again first.
+        let kept = failed_event(&store, "a", &[]);
+        let mut other = config.connect(NoTls).expect("another session");
+        let mut retry = other.transaction().expect("begin");
+        let made_pending = retry
+            .query(
+                RETRY_FAILED,
+                &[&Some("a"), &Some(kept), &None::<i64>, &10_i64, &store.now()],
+            )
+            .expect("run again");
+        assert_eq!(made_pending.len(), 1);
+        let purging = std::thread::spawn({
+            let node = pg.node();
+            move || node.purge_finished(later, 10, None)
+        });
+        until_a_session_waits_for_a_lock(&pg);
+        retry.commit().expect("commit the run again");
+        let purged = purging.join().expect("the purge's thread");
+        assert!(
+            purged
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("foreign key")),
+            "the purge fails on the delivery it could not delete: {purged:?}"
+        );
+        assert_eq!(
+            count(
+                &pg,
+                &format!("SELECT state FROM deliveries WHERE event_id = '{kept}'")
+            ),
+            "pending"
+        );
+        assert_eq!(
+            count(
+                &pg,
+                &format!(
+                    "SELECT count(*) FROM attempts a JOIN deliveries d ON a.delivery_id = d.id
+                     WHERE d.event_id = '{kept}'"
+                )
+            ),
+            "1",
+            "its attempt is kept"
+        );
+        let next = store
+            .purge_finished(later, 10, None)
+            .expect("the next purge");
+        assert_eq!(next.deleted, 0, "an event with a pending delivery is kept");
+
+        // Purge first.
+        let gone = failed_event(&store, "b", &["a".to_owned()]);
+        let mut purge = other.transaction().expect("begin");
+        let start = walk_start();
+        let row = purge
+            .query_one(
+                PURGE_FINISHED,
+                &[
+                    &later,
+                    &10_i64,
+                    &start.received_at,
+                    &Uuid::from_u128(start.tiebreak),
+                ],
+            )
+            .expect("purge");
+        assert_eq!(row.get::<_, i64>(0), 1, "the failed event is purged");
+        let retrying = std::thread::spawn({
+            let node = pg.node();
+            move || {
+                let filter = FailedFilter {
+                    handler: Some("b".into()),
+                    ..FailedFilter::default()
+                };
+                node.retry_failed(&filter, node.now(), 10)
+            }
+        });
+        until_a_session_waits_for_a_lock(&pg);
+        purge.commit().expect("commit the purge");
+        let requeued = retrying.join().expect("the run again's thread");
+        assert_eq!(requeued.expect("run again"), Vec::<i64>::new());
+        assert_eq!(
+            count(
+                &pg,
+                &format!("SELECT count(*) FROM events WHERE id = '{gone}'")
+            ),
+            "0"
+        );
+        assert_eq!(
+            count(
+                &pg,
+                "SELECT count(*) FROM deliveries WHERE state = 'pending'"
+            ),
+            "1",
+            "only the first event's delivery is pending"
+        );
+    }
+
     #[test]
     fn claims_seek_each_handler_instead_of_scanning_a_saturated_backlog() {
         let Some(pg) = Postgres::new() else {
