@@ -808,6 +808,197 @@ async fn call_with(engine: &EngineProcess, method: &str, path: &str, token: &str
     (status, response.text().await.expect("text"))
 }
 
+/// `request` written as it is on a connection of its own; the answer's status and the rest of
+/// what came back until the engine closed the connection (within 10 s).
+async fn raw_exchange(engine: &EngineProcess, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let address = engine.url.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    socket.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .expect("the engine closed the connection")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    (status, text)
+}
+
+/// Requests a web page makes through a browser — any with `Origin`, or a script's
+/// `Sec-Fetch-Mode` — are refused on every endpoint, before they reach it, where no token
+/// guards the API: no event is stored, no reload or run again happens. A navigation (an
+/// operator opening `/metrics`) and the API's own clients are answered.
+#[tokio::test]
+async fn requests_a_web_page_makes_are_refused_where_no_token_guards_the_api() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler("all", "log-context", "[\"*\"]", ""));
+    let loaded_at = |metrics: &str| {
+        jobhook_testkit::metric_value(
+            metrics,
+            "jobhook_config_last_reload_success_timestamp_seconds",
+        )
+        .unwrap_or_else(|| panic!("{metrics}"))
+    };
+    let (_, metrics) = get(&engine, "/metrics").await;
+    let loaded = loaded_at(&metrics);
+    // A reload would be seen in the timestamp, which has whole seconds.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let page = [
+        ("origin", "https://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-mode", "cors"),
+        ("sec-fetch-mode", "no-cors"),
+    ];
+    for (name, value) in page {
+        for (method, path, body) in [
+            (
+                "POST",
+                "/v1/job-complete",
+                sample_context_json().to_string(),
+            ),
+            ("POST", "/v1/admin/reload", String::new()),
+            (
+                "POST",
+                "/v1/admin/retry-failed",
+                r#"{"handler": "all"}"#.into(),
+            ),
+            ("GET", "/v1/handlers", String::new()),
+            ("GET", "/healthz", String::new()),
+        ] {
+            let request = match method {
+                "POST" => client().post(format!("{}{path}", engine.url)).body(body),
+                _ => client().get(format!("{}{path}", engine.url)),
+            };
+            let response = request
+                .header("content-type", "text/plain")
+                .header(name, value)
+                .send()
+                .await
+                .expect("request");
+            let status = response.status().as_u16();
+            let answer = response.text().await.expect("text");
+            assert_eq!(status, 403, "{name}: {value} {method} {path}: {answer}");
+            assert!(
+                answer.contains("does not answer requests a web page makes")
+                    && !answer.contains("evil"),
+                "{answer}"
+            );
+        }
+    }
+    let (_, metrics) = get(&engine, "/metrics").await;
+    let accepted =
+        jobhook_testkit::metric_value(&metrics, "jobhook_events_accepted_total{source=\"api\"}");
+    assert_eq!(accepted, Some(0.0), "{metrics}");
+    assert_eq!(loaded_at(&metrics), loaded, "no reload happened");
+    // An operator's navigation, and the API's clients.
+    let navigation = client()
+        .get(format!("{}/metrics", engine.url))
+        .header("sec-fetch-mode", "navigate")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(navigation.status().as_u16(), 200);
+    let (status, body) = post(&engine, &sample_context_json()).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+/// A body the engine cannot read as sent is refused saying what to send instead, on each
+/// endpoint that takes one: no framing (neither `Content-Length` nor chunked: `411`, and the
+/// connection closed, so the body is not read as the next request), a compressed body
+/// (`415`), a run again's body that is not an object; and two `Authorization` headers (`400`:
+/// which counts would be a guess).
+#[tokio::test]
+async fn a_body_or_a_credential_sent_in_a_way_the_engine_cannot_take_is_refused_saying_how() {
+    let setup = Setup::new();
+    let engine = setup.start(&handler("all", "log-context", "[\"*\"]", ""));
+    let context = sample_context_json().to_string();
+    for (path, body) in [
+        ("/v1/job-complete", context.as_str()),
+        ("/v1/admin/retry-failed", r#"{"handler": "all"}"#),
+    ] {
+        let request = format!("POST {path} HTTP/1.1\r\nhost: x\r\n\r\n{body}");
+        let (status, answer) = raw_exchange(&engine, request.as_bytes()).await;
+        assert_eq!(status, 411, "{path}: {answer}");
+        assert!(
+            answer.contains("neither Content-Length nor Transfer-Encoding")
+                && answer.contains("connection: close"),
+            "{path}: {answer}"
+        );
+        // HTTP/1.0 without a length: the same.
+        let request = format!("POST {path} HTTP/1.0\r\n\r\n{body}");
+        let (status, answer) = raw_exchange(&engine, request.as_bytes()).await;
+        assert_eq!(status, 411, "{path}: {answer}");
+    }
+    let gzipped = client()
+        .post(format!("{}/v1/admin/retry-failed", engine.url))
+        .header("content-encoding", "gzip")
+        .body(r#"{"handler": "all"}"#)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(gzipped.status().as_u16(), 415);
+    let answer = gzipped.text().await.expect("text");
+    assert!(answer.contains("send it uncompressed"), "{answer}");
+    for body in [r#"["all", null]"#, "[]", "\"all\"", "null"] {
+        let (status, answer) = post_to(&engine, "/v1/admin/retry-failed", body.into(), None).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the body is not a JSON object") && !error.contains("struct"),
+            "{body}: {answer}"
+        );
+    }
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert_eq!(
+        jobhook_testkit::metric_value(&metrics, "jobhook_events_accepted_total{source=\"api\"}"),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    // Two credentials, on an engine that takes tokens.
+    let dir = setup.dir.path();
+    std::fs::write(dir.join("token"), "a-sender-token-long-enough-0001\n").expect("write");
+    chmod(&dir.join("token"), 0o600);
+    let config = dir.join("jobhook.toml");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntokens = [{ file = \"token\" }]",
+        ),
+    )
+    .expect("write");
+    assert_eq!(reload(&engine).await.status().as_u16(), 200);
+    for order in [
+        ["Bearer a-sender-token-long-enough-0001", "Bearer wrong"],
+        ["Bearer wrong", "Bearer a-sender-token-long-enough-0001"],
+    ] {
+        let response = client()
+            .post(format!("{}/v1/job-complete", engine.url))
+            .header("content-type", "application/json")
+            .header("authorization", order[0])
+            .header("authorization", order[1])
+            .body(context.clone())
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status().as_u16();
+        let answer = response.text().await.expect("text");
+        assert_eq!(status, 400, "{order:?}: {answer}");
+        assert!(
+            answer.contains("more than one Authorization header"),
+            "{answer}"
+        );
+    }
+}
+
 /// With admin tokens configured, a sender's token (the one the Keyfactor server holds) opens
 /// only ingest and metrics: reading events and handlers, the forwarders' list and reloading
 /// answer 403 to it, and an admin token opens all of them. A reload replaces both kinds; with

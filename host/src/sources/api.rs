@@ -223,8 +223,52 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(refuse_web_pages))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Refuses a request a web browser makes on a page's behalf. The API's clients (the
+/// forwarder, curl, a monitoring agent) send neither `Origin` nor `Sec-Fetch-Mode`; a browser
+/// sends `Origin` with every `POST` and every cross-origin request, and a `Sec-Fetch-Mode`
+/// other than `navigate` with every request a script makes. So a page on another site — or
+/// one that reached the engine's address by DNS rebinding — cannot post events, reload the
+/// configuration or run deliveries again through an operator's browser, nor read the API,
+/// where no token guards it (a loopback listener without tokens). An operator opening
+/// `/metrics` in the address bar (a navigation, without `Origin`) is still answered.
+async fn refuse_web_pages(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let scripted = headers
+        .get_all("sec-fetch-mode")
+        .iter()
+        .any(|mode| !mode.as_bytes().eq_ignore_ascii_case(b"navigate"));
+    if headers.contains_key(header::ORIGIN) || scripted {
+        return error_and_close(
+            StatusCode::FORBIDDEN,
+            "the API does not answer requests a web page makes (this one has an Origin or a \
+             Sec-Fetch-Mode header): call it from a client such as curl or the forwarder",
+        );
+    }
+    next.run(request).await
+}
+
+/// Whether a request's body has no framing: neither `Content-Length` nor `Transfer-Encoding`.
+/// HTTP/1.1 then reads it as empty, and what the client sent after the headers as the next
+/// request; the answer says why instead of "the body is empty", and closes the connection.
+fn unframed(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::CONTENT_LENGTH)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// `411` for an [`unframed`] request whose endpoint needs `what` as its body.
+fn length_required(what: &str) -> Response {
+    error_and_close(
+        StatusCode::LENGTH_REQUIRED,
+        format!(
+            "the request has neither Content-Length nor Transfer-Encoding: chunked, so it has no \
+             body; send {what} with a Content-Length"
+        ),
+    )
 }
 
 /// The endpoints, for the answer to a request for another.
@@ -260,6 +304,20 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
     // certificates may guard it: `check` refuses an unguarded listener off loopback).
     if tokens.is_empty() || (sending && tokens.senders.is_empty()) {
         return next.run(request).await;
+    }
+    // Two credentials: which one counts would be a guess (and a proxy may keep another).
+    if request
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return error_and_close(
+            StatusCode::BAD_REQUEST,
+            "the request has more than one Authorization header: send one, \
+             Authorization: Bearer <token>",
+        );
     }
     // The scheme's name is case-insensitive (RFC 9110 §11.1): `bearer x` is `Bearer x`.
     let presented = request
@@ -413,6 +471,10 @@ async fn job_complete(
                 crate::capabilities::outbound::quote(&coding)
             ),
         );
+    }
+    if unframed(&headers) {
+        state.metrics.event_rejected();
+        return length_required("the job context (a JSON object)");
     }
     let key = match idempotency::key_of(&headers) {
         Ok(key) => key,
@@ -660,35 +722,31 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
         // The store's own words (a database server's message, detail and hint) go to the
         // operator's log, not to the client, as for ingest.
-        Err(why @ (StoreError::Unreachable(_) | StoreError::NoAnswer(_))) => {
-            READ_FAILURES.tell(|untold| {
-                tracing::error!(
-                    more_since_last_error = untold,
-                    "cannot read event {id}: {why}"
-                )
-            });
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the event could not be read: the store's database cannot be reached or did not \
-                 answer; retry later",
-            )
-        }
         Err(e) => unreadable(id, &e),
     }
 }
 
-/// The answer when event `id` could not be read: the reason is logged, the client is told to
-/// retry.
-fn unreadable(id: Uuid, why: &dyn std::fmt::Display) -> Response {
+/// The answer when event `id` could not be read: the reason is logged, the client is told the
+/// cause in plain words and to retry (`503` while the store's condition lasts, `500` for
+/// anything else).
+fn unreadable(id: Uuid, why: &StoreError) -> Response {
     READ_FAILURES.tell(|untold| {
         tracing::error!(
             more_since_last_error = untold,
             "cannot read event {id}: {why}"
         )
     });
+    let status = if why.is_transient() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
     error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the event could not be read: the store failed; retry later",
+        status,
+        format!(
+            "the event could not be read: {}; retry later",
+            why.plain_cause()
+        ),
     )
 }
 
@@ -744,6 +802,18 @@ async fn failed_list(
 
 async fn retry_failed(State(state): State<AppState>, request: Request) -> Response {
     let limit = failed_deliveries::MAX_RETRY_BODY;
+    if let Some((name, coding)) = body_coding(request.headers()) {
+        return error_and_close(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "the request body has {name} {}; send it uncompressed, without {name}",
+                crate::capabilities::outbound::quote(&coding)
+            ),
+        );
+    }
+    if unframed(request.headers()) {
+        return length_required("a JSON object naming a handler, an event_id or both");
+    }
     match read_body(request.into_body(), limit, state.body_read_timeout).await {
         Ok(body) => {
             let (status, body) =

@@ -115,7 +115,18 @@ pub async fn list(store: &Arc<dyn EventStore>, query: Result<ListQuery, String>)
 /// `POST /v1/admin/retry-failed` with `body` (read within [`MAX_RETRY_BODY`]); wakes
 /// `dispatcher` when deliveries are due again.
 pub async fn retry(store: &Arc<dyn EventStore>, dispatcher: &Dispatcher, body: &[u8]) -> Answer {
-    let asked: RetryRequest = match serde_json::from_slice(body) {
+    // An object only: serde's derive would also take a two-element array as the two fields.
+    let object = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value @ serde_json::Value::Object(_)) => value,
+        Ok(_) => return bad(format!("the body is not {RETRY_SHAPE}")),
+        Err(e) => {
+            return bad(format!(
+                "the body is not {RETRY_SHAPE}: {}",
+                crate::escape::escape(&e.to_string())
+            ));
+        }
+    };
+    let asked: RetryRequest = match serde_json::from_value(object) {
         Ok(asked) => asked,
         Err(e) => {
             return bad(format!(
@@ -160,10 +171,14 @@ pub async fn retry(store: &Arc<dyn EventStore>, dispatcher: &Dispatcher, body: &
                 }
             }
             Err(e) => {
-                let what = format!(
-                    "the store failed after {requeued} failed deliveries were made pending \
-                     again; ask again for the rest"
-                );
+                let what = if requeued == 0 {
+                    "no failed delivery was made pending again".to_owned()
+                } else {
+                    format!(
+                        "{requeued} failed deliveries were made pending again, then the store \
+                         failed; ask again for the rest"
+                    )
+                };
                 return store_failed(what, &e);
             }
         }
@@ -221,17 +236,20 @@ fn bad(message: String) -> Answer {
 }
 
 /// The answer when the store failed: why goes to the log (rate-limited), the client is told
-/// `what` and to retry.
+/// `what`, the cause in plain words and to retry — `503` while the store's condition lasts (a
+/// full disk, a read-only or unreachable store, no answer), `500` for anything else.
 fn store_failed(what: String, why: &StoreError) -> Answer {
     FAILURES.tell(|untold| {
         tracing::error!(more_since_last_error = untold, "{what}: {why}");
     });
-    let status = match why {
-        StoreError::Unreachable(_) | StoreError::NoAnswer(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    let status = if why.is_transient() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
     };
+    let cause = why.plain_cause();
     (
         status,
-        json!({ "error": format!("{what}; retry later (the log has why)") }),
+        json!({ "error": format!("{what}: {cause}; retry later (the log has more)") }),
     )
 }

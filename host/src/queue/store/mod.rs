@@ -115,6 +115,20 @@ impl StoreError {
         )
     }
 
+    /// The failure in words a client of the API may be told and an operator can act on,
+    /// without the database's own message (a file path or a server address is no business of
+    /// the client's; the log has it): the four conditions that pass by themselves are named,
+    /// anything else is "the store failed".
+    pub fn plain_cause(&self) -> &'static str {
+        match self {
+            StoreError::DiskFull(_) => "the store is out of disk space",
+            StoreError::ReadOnly(_) => "the store takes no writes (read-only)",
+            StoreError::Unreachable(_) => "the store's database cannot be reached",
+            StoreError::NoAnswer(_) => "the store did not answer in time",
+            _ => "the store failed",
+        }
+    }
+
     /// The same failure again, for each of several calls it stopped (meant for
     /// [`is_transient`](Self::is_transient) errors, which are about the store, not about one
     /// call; any other error is repeated by its message).
