@@ -253,3 +253,55 @@ fn store_failed(what: String, why: &StoreError) -> Answer {
         json!({ "error": format!("{what}: {cause}; retry later (the log has more)") }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The store's conditions that pass by themselves answer 503 naming the cause, without the
+    /// database's own words; anything else 500.
+    #[test]
+    fn a_store_failure_is_answered_by_its_cause() {
+        for (why, status, cause) in [
+            (
+                StoreError::DiskFull("/var/lib/jobhook: no space".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store is out of disk space",
+            ),
+            (
+                StoreError::ReadOnly("attempt to write a readonly database".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store takes no writes (read-only)",
+            ),
+            (
+                StoreError::Unreachable("db.internal:5432 refused".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store's database cannot be reached",
+            ),
+            (
+                StoreError::NoAnswer("5s".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store did not answer in time",
+            ),
+            (
+                StoreError::Database("syntax error at db.internal".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the store failed",
+            ),
+        ] {
+            let (got, body) =
+                store_failed("no failed delivery was made pending again".into(), &why);
+            assert_eq!(got, status, "{why}");
+            let error = body["error"].as_str().unwrap_or_default();
+            assert!(
+                error.starts_with("no failed delivery was made pending again: ")
+                    && error.contains(cause),
+                "{error}"
+            );
+            assert!(
+                !error.contains("db.internal") && !error.contains("/var"),
+                "{error}"
+            );
+        }
+    }
+}
