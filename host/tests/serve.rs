@@ -621,7 +621,11 @@ async fn bad_input_gets_400_with_the_reason() {
         body["error"].as_str().unwrap_or("").contains("not UTF-8"),
         "{body}"
     );
+    // An empty body: reqwest sends it without a Content-Length (no framing: 411), curl's
+    // `-d ''` with `Content-Length: 0` (400).
     let (status, body) = post_raw(&engine, String::new(), None).await;
+    assert_eq!(status, 411, "{body}");
+    let (status, body) = post_with(&engine, "", &[("content-length", "0")]).await;
     assert_eq!(status, 400);
     assert!(
         body["error"]
@@ -654,7 +658,7 @@ async fn bad_input_gets_400_with_the_reason() {
     assert_eq!(status, 202);
     let (_, metrics) = get(&engine, "/metrics").await;
     assert!(
-        metrics.contains("jobhook_events_rejected_total 8"),
+        metrics.contains("jobhook_events_rejected_total 9"),
         "{metrics}"
     );
     assert!(
@@ -1363,7 +1367,7 @@ async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
     let retry = "/v1/admin/retry-failed";
     let oversized = format!("{{\"handler\": \"{}\"}}", "x".repeat(5000));
     for (body, status, says) in [
-        ("", 400, "the body is not a JSON object"),
+        ("", 411, "send a JSON object naming a handler"),
         ("{}", 400, "name a handler, an event_id or both"),
         (
             "{\"handler\": \"probe\", \"all\": true}",
