@@ -74,6 +74,15 @@ pub const TOKEN_REMEMBERED_FOR: Duration = Duration::from_secs(60 * 60);
 /// identity can make in that time.
 pub const MAX_REMEMBERED_TOKENS: usize = 256;
 
+/// A token Keyfactor refused (401) is replaced only once it has served this long. A handler
+/// chooses its paths, and one that answers 401 to any token lets it refuse the identity's token
+/// on every call: each replacement would be a token request to the identity provider (which
+/// may limit or refuse them, and a refused refresh pauses every handler of the identity) and one
+/// more token on the redaction list that every response is scanned against. A token revoked or
+/// expired early is still replaced at the first 401 once it is this old; at most one
+/// replacement per this long comes from 401s, whatever the handlers do.
+pub const REJECTED_TOKEN_MIN_AGE: Duration = Duration::from_secs(30);
+
 /// After a failed token request, how long every call with that identity is answered with its
 /// failure instead of asking again: an identity provider that is down or refusing is asked
 /// once per pause, not once per Keyfactor call of every sandbox and every poll (each of which
@@ -363,17 +372,29 @@ impl Auth {
         }
     }
 
-    /// Keyfactor refused `used` (401): forget it if it is still the cached token. Returns
-    /// whether a retry with a fresh credential can help.
+    /// Keyfactor refused `used` (401). Returns whether a retry can send another credential:
+    /// when `used` has been replaced since it was sent, or when it is still the cached token and
+    /// has served [`REJECTED_TOKEN_MIN_AGE`] — then it is made due for a refresh but kept, so
+    /// that a refresh the identity provider refuses leaves the token in use until it expires
+    /// (as for a refresh at its time) instead of leaving every handler of the identity without
+    /// one.
     pub async fn rejected(&self, used: &HeaderValue) -> bool {
         match self {
             Auth::Static { .. } => false,
             Auth::OAuth2(oauth) => {
                 let mut cache = oauth.cache.lock().await;
-                if cache.as_ref().is_some_and(|c| c.header == *used) {
-                    *cache = None;
+                let now = Instant::now();
+                match cache.as_mut() {
+                    Some(token) if token.header == *used => {
+                        let served = now.saturating_duration_since(token.issued_at);
+                        if served < REJECTED_TOKEN_MIN_AGE {
+                            return false;
+                        }
+                        token.refresh_at = token.refresh_at.min(now);
+                        true
+                    }
+                    _ => true,
                 }
-                true
             }
         }
     }
@@ -425,6 +446,9 @@ impl std::fmt::Debug for OAuth2 {
 
 struct CachedToken {
     header: HeaderValue,
+    /// When it was asked for: a 401 replaces it only once it has served
+    /// [`REJECTED_TOKEN_MIN_AGE`].
+    issued_at: Instant,
     refresh_at: Instant,
     /// When the provider said it expires: until then it is still sent when a refresh fails.
     expires_at: Instant,
@@ -674,6 +698,7 @@ impl OAuth2 {
         Ok((
             CachedToken {
                 header,
+                issued_at: started,
                 // Cannot overflow (the lifetime is at most a day); if it did, the token would
                 // be refreshed at once rather than the engine panic.
                 refresh_at: started.checked_add(use_for).unwrap_or(started),
@@ -1001,6 +1026,88 @@ mod tests {
         // Expired: no token.
         tokio::time::sleep(Duration::from_millis(1000)).await;
         assert!(auth.authorization(&http).await.is_err());
+    }
+
+    /// A handler whose calls Keyfactor answers 401 cannot make the identity's token be thrown
+    /// away: a token younger than [`REJECTED_TOKEN_MIN_AGE`] is kept (no token request), an
+    /// older one is replaced once, and when the identity provider refuses the replacement the
+    /// refused token stays in use until it expires instead of every handler of the identity
+    /// being left without one (as it was: the token was forgotten at the 401).
+    #[tokio::test]
+    async fn a_401_replaces_the_token_only_once_it_has_served_and_never_leaves_none() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&asked);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = vec![0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                // Two tokens (an hour each), then 429 with Retry-After.
+                let answer = if n < 2 {
+                    let body = format!("{{\"access_token\":\"token-{n}\",\"expires_in\":3600}}");
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 0\r\n\
+                     Connection: close\r\n\r\n"
+                        .to_owned()
+                };
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let auth = oauth_on_loopback(port, dir.path());
+        let Auth::OAuth2(oauth) = &auth else {
+            panic!("an OAuth2 identity")
+        };
+        let http = reqwest::Client::new();
+        let age = |by: Duration| async move {
+            let mut cache = oauth.cache.lock().await;
+            let token = cache.as_mut().expect("a cached token");
+            token.issued_at = token.issued_at.checked_sub(by).expect("an earlier instant");
+        };
+        let asked_so_far = || asked.load(std::sync::atomic::Ordering::SeqCst);
+        let first = auth.authorization(&http).await.expect("a token");
+        // Refused at once, again and again: kept, and no retry is worth it.
+        for _ in 0..20 {
+            assert!(!auth.rejected(&first).await);
+            assert_eq!(auth.authorization(&http).await.ok(), Some(first.clone()));
+        }
+        assert_eq!(asked_so_far(), 1);
+        // Once it has served long enough, a 401 replaces it, once.
+        age(REJECTED_TOKEN_MIN_AGE).await;
+        assert!(auth.rejected(&first).await);
+        let second = auth.authorization(&http).await.expect("a token");
+        assert_ne!(second, first);
+        assert_eq!(asked_so_far(), 2);
+        // A call that sent the old one and comes back 401 after the replacement retries with
+        // the new one; no token request.
+        assert!(auth.rejected(&first).await);
+        assert_eq!(auth.authorization(&http).await.ok(), Some(second.clone()));
+        assert!(!auth.rejected(&second).await);
+        assert_eq!(asked_so_far(), 2);
+        // The provider refuses the next replacement: the refused token stays in use.
+        age(REJECTED_TOKEN_MIN_AGE).await;
+        assert!(auth.rejected(&second).await);
+        for _ in 0..5 {
+            assert_eq!(auth.authorization(&http).await.ok(), Some(second.clone()));
+        }
+        assert_eq!(
+            asked_so_far(),
+            3,
+            "asked once, then paused by its Retry-After"
+        );
+        // Every token issued is still scrubbed.
+        let mut set = RedactorSet::default();
+        auth.token_redactors(&mut set);
+        let scrubbed = String::from_utf8(set.redact(b"token-0 and token-1".to_vec())).unwrap();
+        assert!(!scrubbed.contains("token-"), "{scrubbed}");
     }
 
     #[test]
