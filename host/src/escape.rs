@@ -7,7 +7,10 @@
 //! [`escape`] writes every such character visibly, Rust-style: `\n`, `\r`, `\t`, `\0`, `\x1b`
 //! (other C0 controls and DEL), `\u{85}` (C1 controls), `\u{202e}` (bidirectional overrides,
 //! embeddings, isolates and marks), `\u{2028}` (line and paragraph separators), `\u{e0041}`
-//! (tag characters, which hide text). Everything else,
+//! (tag characters, which hide text), `\u{200b}` (characters that show nothing: zero-width
+//! spaces and joiners, the soft hyphen, the byte-order mark, invisible operators, interlinear
+//! annotation marks, Hangul fillers — each lets two texts that look alike differ, or hides
+//! where one word ends). Everything else,
 //! including a backslash, is kept as it is: the output is for reading, and JSON output (the
 //! API, `--json`) is not passed through it, since JSON escaping is already exact.
 
@@ -28,6 +31,20 @@ pub fn needs_escape(c: char) -> bool {
                 | '\u{2029}'
                 // Tag characters: invisible, and used to hide text inside what a reader sees.
                 | '\u{e0000}'..='\u{e007f}'
+                // Characters that show nothing.
+                | '\u{00ad}'
+                | '\u{034f}'
+                | '\u{115f}'
+                | '\u{1160}'
+                | '\u{17b4}'
+                | '\u{17b5}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200d}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{3164}'
+                | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{fff9}'..='\u{fffb}'
         )
 }
 
@@ -75,6 +92,10 @@ mod tests {
             "\\u{85}\\u{9b}\\u{202e}\\u{2066}\\u{200f}\\u{2028}"
         );
         assert_eq!(escape("a\u{e0001}\u{e0041}b"), "a\\u{e0001}\\u{e0041}b");
+        assert_eq!(
+            escape("ad\u{200b}min\u{ad}\u{feff}\u{2060}\u{fffb}\u{3164}x"),
+            "ad\\u{200b}min\\u{ad}\\u{feff}\\u{2060}\\u{fffb}\\u{3164}x"
+        );
     }
 
     proptest::proptest! {

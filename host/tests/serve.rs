@@ -2379,9 +2379,20 @@ async fn guest_text_cannot_forge_engine_log_lines() {
             "forged line in the engine log: {line:?}\n{log}"
         );
     }
-    // The guest's lines and its failure are there, escaped.
+    // The guest's lines and its failure are there, escaped, each a quoted field after the
+    // line's own fields: what the guest wrote cannot pass for them.
+    let forged = "innocent\\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line\\routcome   \
+                  succeeded\\n\\u{1b}[2J";
     assert!(
-        log.contains("innocent\\n2026-12-02T00:00:00Z  INFO jobhook: forged engine line\\routcome   succeeded\\n\\x1b[2J"),
+        log.contains(&format!("handler=forger line=\"{forged}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("class=\"handler-failed\" duration_ms="),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("reason=\"handler failed: {forged}")),
         "{log}"
     );
 }

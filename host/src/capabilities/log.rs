@@ -50,22 +50,23 @@ impl LogCollector {
             self.dropped += 1;
             return;
         }
-        // The engine's log is line-oriented: the guest's text goes in escaped, so it cannot end
-        // the line and forge the next one or reach a terminal as an escape sequence. The
-        // outcome keeps the text as written (the API's JSON escapes it exactly). Escaping costs
-        // two copies per line, so it is done only when the engine's log shows the line (at
-        // `serve`'s default filter only a handler's errors are shown; its other lines are kept
-        // in its outcome only). The engine's own formatter escapes again as it writes
-        // (`app::engine_log`); this escape keeps the line safe under any other subscriber.
+        // The engine's log is line-oriented: the guest's text goes in as the last field, quoted
+        // and escaped by `Debug` (controls, invisible and bidi characters, quotes and
+        // backslashes), so it cannot end the line and forge the next one, reach a terminal as
+        // an escape sequence, or pass for the line's own fields (`handler=` of another
+        // handler) — under any subscriber. The outcome keeps the text as written (the API's
+        // JSON escapes it exactly). Formatting it is done only when the engine's log shows the
+        // line (at `serve`'s default filter only a handler's errors are shown; its other lines
+        // are kept in its outcome only).
         if enabled(level) {
             let handler = escape(&self.handler);
-            let shown = escape(&message);
+            let line = message.as_str();
             match level {
-                Level::Trace => tracing::trace!(target: "jobhook::guest", %handler, "{shown}"),
-                Level::Debug => tracing::debug!(target: "jobhook::guest", %handler, "{shown}"),
-                Level::Info => tracing::info!(target: "jobhook::guest", %handler, "{shown}"),
-                Level::Warn => tracing::warn!(target: "jobhook::guest", %handler, "{shown}"),
-                Level::Error => tracing::error!(target: "jobhook::guest", %handler, "{shown}"),
+                Level::Trace => tracing::trace!(target: "jobhook::guest", %handler, line),
+                Level::Debug => tracing::debug!(target: "jobhook::guest", %handler, line),
+                Level::Info => tracing::info!(target: "jobhook::guest", %handler, line),
+                Level::Warn => tracing::warn!(target: "jobhook::guest", %handler, line),
+                Level::Error => tracing::error!(target: "jobhook::guest", %handler, line),
             }
         }
         self.bytes += message.len();
@@ -161,7 +162,7 @@ mod tests {
                 "{filter}: a raw escape byte:\n{log}"
             );
             for (j, level) in all.iter().enumerate() {
-                let line = format!("{} line\\x1b[2J\\nforged", level_name(*level));
+                let line = format!("line=\"{} line\\u{{1b}}[2J\\nforged\"", level_name(*level));
                 assert_eq!(log.contains(&line), j >= i, "{filter}: {line}\n{log}");
             }
             // The outcome keeps every line as written, shown in the log or not.
@@ -174,6 +175,34 @@ mod tests {
                     .all(|l| l.message.contains("\u{1b}[2J\nforged"))
             );
         }
+    }
+
+    /// A line cannot pass for the fields of the engine's line: the handler's name comes
+    /// first, and the text is one quoted field whose quotes, backslashes and invisible
+    /// characters are escaped.
+    #[test]
+    fn a_line_cannot_pass_for_the_lines_own_fields() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("jobhook::guest=info")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let mut c = collector(100, 100_000);
+        tracing::subscriber::with_default(subscriber, || {
+            c.record(
+                Level::Info,
+                "ok\" handler=\"other\" outcome=succeeded \\n \u{200b}".into(),
+            );
+        });
+        let log = captured.text();
+        assert!(
+            log.contains(
+                "handler=t line=\"ok\\\" handler=\\\"other\\\" outcome=succeeded \\\\n \\u{200b}\""
+            ),
+            "{log}"
+        );
     }
 
     #[test]

@@ -165,9 +165,10 @@ impl SandboxedHandler {
                 attempt,
                 class = kind.class(),
                 duration_ms = duration.as_secs_f64() * 1000.0,
-                "handler did not succeed: {}",
-                // A reason or panic message is the guest's text: escaped, it stays one line.
-                crate::escape::escape(&kind.to_string())
+                // A reason or panic message is the guest's text: the last field, quoted and
+                // escaped by `Debug`, it stays one line and cannot pass for the line's fields.
+                reason = kind.to_string(),
+                "handler did not succeed"
             );
         }
         Outcome {
