@@ -620,7 +620,14 @@ fn parse_url(raw: &str) -> Result<Url, &'static str> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err("the URL must not contain a user name or password");
     }
-    for segment in url.path().split('/') {
+    let segments: Vec<&str> = url.path().split('/').collect();
+    for (i, segment) in segments.iter().enumerate() {
+        // The path starts with `/` (an empty first piece) and may end with one (an empty
+        // last piece); an empty segment between them (`//`) is one the prefix check would
+        // skip but a server may not: `//x` is a host to some, another path to others.
+        if segment.is_empty() && i != 0 && i + 1 != segments.len() {
+            return Err("the URL path contains an empty segment ('//')");
+        }
         check_path_segment(segment)?;
     }
     url.set_fragment(None);
@@ -1008,9 +1015,16 @@ mod tests {
             "https://h.example/hooks/pki/%20../admin",
             "https://h.example/hooks/pki/.%20./admin",
             "https://h.example/hooks/pki/%20",
+            // Empty segments: the prefix check would not see them; a server may.
+            "https://h.example//hooks/dbl",
+            "https://h.example/hooks//dbl",
+            "https://h.example/hooks/dbl//",
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+        assert!(parse_url("https://h.example/").is_ok());
+        assert!(parse_url("https://h.example").is_ok());
+        assert!(parse_url("https://h.example/hooks/").is_ok());
         // Dot segments the parser resolves are judged resolved (the prefix check then applies).
         assert_eq!(url("https://h.example/hooks/%2e%2e/admin").path(), "/admin");
         assert_eq!(url("https://h.example/hooks/.%2E/admin").path(), "/admin");
@@ -1026,6 +1040,7 @@ mod tests {
         fn accepted_paths_carry_no_traversal(segments in proptest::collection::vec(
             proptest::prop_oneof![
                 "[a-z0-9]{1,6}",
+                proptest::strategy::Just("/".to_string()),
                 proptest::strategy::Just("..".to_string()),
                 proptest::strategy::Just("..;".to_string()),
                 proptest::strategy::Just("..%20".to_string()),
@@ -1040,6 +1055,7 @@ mod tests {
         )) {
             let raw = format!("https://h.example/{}", segments.concat());
             if let Ok(u) = parse_url(&raw) {
+                proptest::prop_assert!(!u.path().contains("//"), "{}", u);
                 for segment in u.path().split('/') {
                     let decoded: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
                     proptest::prop_assert!(decoded.is_ascii(), "{}", u);
