@@ -209,6 +209,12 @@ impl fmt::Display for AddressRefused {
             AddressClass::Never => "an address that is never a valid destination",
         };
         match self.policy {
+            // No setting reaches it: advice to change one would mislead.
+            _ if self.class == AddressClass::Never => write!(
+                f,
+                "the destination resolves to {what} (unspecified, multicast, broadcast, \
+                 documentation or reserved); no grant reaches it"
+            ),
             AddressPolicy::PublicOnly => write!(
                 f,
                 "the destination resolves to {what}; private, loopback and link-local destinations need `allow_private = true` in the handler's http grant (`--allow-private-http` for `jobhook run`)"
@@ -452,6 +458,21 @@ mod tests {
         );
         let why = AddressPolicy::PublicOnly.check(lo).unwrap_err().to_string();
         assert!(why.contains("allow_private"), "{why}");
+        // An address no grant reaches is not told to change one.
+        for never in ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "ff02::1"] {
+            let ip: IpAddr = never.parse().unwrap();
+            for policy in [
+                AddressPolicy::PublicOnly,
+                AddressPolicy::AllowPrivate,
+                AddressPolicy::LoopbackOnly,
+            ] {
+                let why = policy.check(ip).unwrap_err().to_string();
+                assert!(
+                    why.contains("no grant reaches it") && !why.contains("allow_private"),
+                    "{never}: {why}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
