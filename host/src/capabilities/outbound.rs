@@ -29,6 +29,11 @@ pub const MAX_RESPONSE_HEADERS: usize = 64;
 /// Longest response header value handed back to the guest; longer values are dropped.
 pub const MAX_RESPONSE_HEADER_VALUE_BYTES: usize = 4096;
 
+/// Longest response header name handed back to the guest; longer names are dropped. Real names
+/// are a few dozen bytes; a long one is a server writing data into the name, where it cannot
+/// be scrubbed (see [`response_headers`]).
+pub const MAX_RESPONSE_HEADER_NAME_BYTES: usize = 128;
+
 /// Smallest `max_request_bytes` / `max_response_bytes` of an outbound section: below 1 KiB no
 /// real request or response fits (a server's JSON error is larger), and every call would fail.
 pub const MIN_BODY_LIMIT_BYTES: usize = 1024;
@@ -642,6 +647,28 @@ impl RedactorSet {
         RedactorSet::default()
     }
 
+    /// Whether `text` holds a secret, as it is or in base64, in any letter case: for a short
+    /// text a server chose that cannot be scrubbed in place, such as a header's name, which
+    /// HTTP lowercases. A plain search, for texts of at most
+    /// [`MAX_RESPONSE_HEADER_NAME_BYTES`].
+    pub fn found_in_any_case(&self, text: &str) -> bool {
+        let folded = text.to_ascii_lowercase();
+        let haystack = folded.as_bytes();
+        self.parts
+            .iter()
+            .flat_map(|part| part.needles.iter())
+            .filter(|needle| needle.rev.len() <= haystack.len())
+            .any(|needle| {
+                let wanted: Vec<u8> = needle
+                    .rev
+                    .iter()
+                    .rev()
+                    .map(u8::to_ascii_lowercase)
+                    .collect();
+                !wanted.is_empty() && haystack.windows(wanted.len()).any(|w| w == wanted)
+            })
+    }
+
     /// Adds the secrets of `redactor`.
     pub fn push(&mut self, redactor: std::sync::Arc<Redactor>) {
         if !redactor.is_empty() {
@@ -1241,6 +1268,18 @@ pub fn response_headers(
         })
         .filter_map(|(name, value)| {
             let value = value.to_str().ok()?;
+            // A name holding a credential (an `x-keyfactor-*` header a server named after what
+            // it was sent) cannot be scrubbed and stay a header: dropped, whatever the letter
+            // case (HTTP lowercases names, so a credential is looked for folded too).
+            let name_text = name.as_str();
+            if name_text.len() > MAX_RESPONSE_HEADER_NAME_BYTES
+                || matcher
+                    .as_ref()
+                    .is_some_and(|m| m.redact_str(name_text) != name_text)
+                || redactor.found_in_any_case(name_text)
+            {
+                return None;
+            }
             (value.len() <= MAX_RESPONSE_HEADER_VALUE_BYTES).then(|| {
                 let value = match &matcher {
                     Some(matcher) => matcher.redact_str(value),
@@ -2085,6 +2124,36 @@ mod tests {
             set.push(std::sync::Arc::new(r));
         }
         set
+    }
+
+    /// A credential a server echoes into a header's name drops the header; one in a value is
+    /// scrubbed there.
+    #[test]
+    fn a_credential_in_a_response_headers_name_drops_the_header() {
+        let mut r = Redactor::new();
+        r.add("tok3nvalue");
+        r.add("MiXeD-CaSe-Pa55");
+        let mut set = RedactorSet::new();
+        set.push(std::sync::Arc::new(r));
+        let mut headers = reqwest::header::HeaderMap::new();
+        let long = format!("x-keyfactor-{}", "a".repeat(MAX_RESPONSE_HEADER_NAME_BYTES));
+        for (name, value) in [
+            ("x-keyfactor-tok3nvalue", "1"),
+            ("x-keyfactor-echo", "Bearer tok3nvalue"),
+            // HTTP lowercases the name: the password is still in it.
+            ("x-keyfactor-mixed-case-pa55", "3"),
+            (long.as_str(), "4"),
+            ("x-keyfactor-plain", "2"),
+        ] {
+            headers.insert(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                reqwest::header::HeaderValue::from_static(value),
+            );
+        }
+        let kept = response_headers(&headers, |_| true, &set);
+        let names: Vec<&str> = kept.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["x-keyfactor-echo", "x-keyfactor-plain"], "{kept:?}");
+        assert_eq!(kept[0].1, format!("Bearer {REDACTED}"));
     }
 
     /// The audit's hostile bodies (a server that answers what it likes, or echoes what a handler
