@@ -18,10 +18,36 @@ namespace Jobhook.Forwarder
     public sealed class Sender
     {
         /// <summary>
-        /// Most bytes of a response body read, for the log: the engine's error bodies are one
-        /// short JSON object; anything longer is not worth holding.
+        /// Most handlers an engine configuration may have (MAX_HANDLERS, host/src/app/config.rs):
+        /// its answer to an event lists every one the event goes to.
         /// </summary>
-        public const int MaxResponseBytesRead = 4096;
+        internal const int EngineMaxHandlers = 256;
+
+        /// <summary>
+        /// Longest handler name, in characters (MAX_HANDLER_NAME, host/src/queue/registration.rs):
+        /// ASCII letters, digits, '-', '_' and '.', none of which JSON escapes.
+        /// </summary>
+        internal const int EngineMaxHandlerName = 64;
+
+        /// <summary>
+        /// The engine's largest answer to an event, in bytes: its 202
+        /// `{"deliveries":["name",…],"event_id":"…"}` (host/src/sources/api.rs) names every
+        /// handler the event goes to, at most <see cref="EngineMaxHandlers"/> of them, each one
+        /// <see cref="EngineMaxHandlerName"/> + 3 bytes at most (the name, its quotes, a comma).
+        /// The rest, `{"deliveries":[],"event_id":""}` and a 36-character event id (67 bytes),
+        /// is one more such entry: 257 × 67 = 17,219 bytes. Its error answers are one short
+        /// `{"error":"…"}` each.
+        /// </summary>
+        internal const int EngineLargestAnswerBytes = (EngineMaxHandlers + 1) * (EngineMaxHandlerName + 3);
+
+        /// <summary>
+        /// Most bytes of a response body read (34,438): twice the engine's largest answer
+        /// (<see cref="EngineLargestAnswerBytes"/>), room for whitespace or a member a later
+        /// engine adds, so that every answer of the engine is read whole and recognised as its
+        /// own. Anything longer is not the engine's and is not worth holding: what is read is
+        /// bounded whatever the body (one buffer, one request at a time).
+        /// </summary>
+        public const int MaxResponseBytesRead = 2 * EngineLargestAnswerBytes;
 
         /// <summary>
         /// Extra time beyond the request timeout after which the sender stops waiting for an

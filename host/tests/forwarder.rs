@@ -71,6 +71,10 @@
 //!   event once, never twice or not at all.
 //! - (ai) an event a full spool drops while its delivery is under way, and which the engine then
 //!   accepts, is counted delivered, not dropped as well.
+//! - (aj) other programs' files in the spool directory are left alone.
+//! - (ak) an engine with the most handlers it allows, each with the longest name, answers each
+//!   event with some 17 KB naming them all: understood as its answer, every event delivered once.
+//! - (ao) the forwarder's copies of the engine's limits are the engine's.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -220,6 +224,18 @@ impl Site {
             port,
             request_timeout: REQUEST_TIMEOUT,
         }
+    }
+
+    /// This site with `server` added to its engine's `[server]` table and `tail` (more
+    /// tables, e.g. `[[handlers]]`) after the rest of its configuration.
+    fn with_engine_config(self, server: &str, tail: &str) -> Self {
+        let port = self.port;
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ntokens = [{{ file = \"token.txt\" }}]\n{server}\n\n\
+             [store]\ndata_dir = \"data\"\n\n{tail}"
+        );
+        std::fs::write(self.dir.path().join("jobhook.toml"), config).expect("config");
+        self
     }
 
     /// This site with its engine listening with TLS, its certificate issued by a fresh test CA;
@@ -3254,4 +3270,164 @@ async fn ai_an_event_dropped_while_its_delivery_is_under_way_is_counted_once() {
         drained.contains("accepted 3, spooled 3, delivered 2,") && drained.contains(" dropped 1,"),
         "two events were delivered and one dropped, each counted once: {drained}"
     );
+}
+
+/// A handler that takes every event and does nothing, written by hand in WAT: the `handler`
+/// world's one export (wit/jobhook.wit, `run-handler: func(context: job-context) ->
+/// result<_, string>`) over the canonical ABI. The context (more than 16 flat values) arrives
+/// through memory the engine allocates with `cabi_realloc`, a bump allocator (a sandbox serves
+/// one call); the result is read from the address returned, 0, where the memory's zeroes say
+/// `ok`. An engine can so have hundreds of handlers without a guest crate to build.
+const NOOP_HANDLER_WAT: &str = r#"(component
+  (core module $m
+    (memory (export "memory") 4)
+    (global $next (mut i32) (i32.const 64))
+    (func (export "cabi_realloc") (param i32 i32) (param $align i32) (param $size i32) (result i32)
+      (local $at i32)
+      (local.set $at
+        (i32.and (i32.add (global.get $next) (i32.sub (local.get $align) (i32.const 1)))
+                 (i32.sub (i32.const 0) (local.get $align))))
+      (global.set $next (i32.add (local.get $at) (local.get $size)))
+      (local.get $at))
+    (func (export "run-handler") (param i32) (result i32) (i32.const 0)))
+  (core instance $i (instantiate $m))
+  (type $datetime' (record (field "seconds" s64) (field "nanoseconds" u32)))
+  (export $datetime "datetime" (type $datetime'))
+  (type $job-result' (enum "unknown" "in-process" "success" "warning" "failure"))
+  (export $job-result "job-result" (type $job-result'))
+  (type $operation-type' (enum "unknown" "inventory" "add" "remove" "create" "create-add"
+                               "reenrollment" "discovery" "set-password" "fetch-logs"))
+  (export $operation-type "operation-type" (type $operation-type'))
+  (type $job-context' (record
+    (field "agent-id" string)
+    (field "username" string)
+    (field "client-machine" string)
+    (field "job-result" $job-result)
+    (field "job-id" string)
+    (field "job-type" string)
+    (field "job-type-id" string)
+    (field "operation-type" $operation-type)
+    (field "certificate-id" (option s32))
+    (field "request-timestamp" (option $datetime))
+    (field "current-retry-count" s32)))
+  (export $job-context "job-context" (type $job-context'))
+  (func $run (param "context" $job-context) (result (result (error string)))
+    (canon lift (core func $i "run-handler") (memory (core memory $i "memory"))
+      (realloc (core func $i "cabi_realloc"))))
+  (export "run-handler" (func $run)))"#;
+
+/// The most bytes of the engine's answer to an event: its 202 lists every handler the event goes
+/// to, at most [`MAX_HANDLERS`](jobhook::app::config::MAX_HANDLERS) names of at most
+/// [`MAX_HANDLER_NAME`](jobhook::queue::registration::MAX_HANDLER_NAME) characters, each with its
+/// quotes and a comma, and its frame and event id take less than one more (forwarder/src/Sender.cs,
+/// `EngineLargestAnswerBytes`).
+const ENGINE_LARGEST_ANSWER_BYTES: usize =
+    (jobhook::app::config::MAX_HANDLERS + 1) * (jobhook::queue::registration::MAX_HANDLER_NAME + 3);
+
+/// What the forwarder read of an answer before it knew the engine's limits: an answer past
+/// it was taken for someone else's.
+const OLD_ANSWER_READ_BYTES: usize = 4096;
+
+/// An engine with as many handlers as it allows, each with a name as long as it allows and
+/// taking every event: its 202 names them all, some 17 KB, over the 4 KiB the forwarder used to
+/// read of an answer. Each event is delivered once and leaves the spool; none is taken for
+/// another server's answer and re-posted for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ak_an_engine_with_the_most_handlers_is_understood_though_its_answer_is_long() {
+    const SENT: usize = 10;
+    use jobhook::app::config::MAX_HANDLERS;
+    use jobhook::queue::registration::MAX_HANDLER_NAME;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let wasm = wat::parse_str(NOOP_HANDLER_WAT).expect("the no-op handler's WAT");
+    std::fs::write(site.path("noop.wasm"), wasm).expect("component");
+    let handlers: String = (0..MAX_HANDLERS)
+        .map(|i| {
+            let name = format!("{i:03}-{}", "h".repeat(MAX_HANDLER_NAME - 4));
+            format!("[[handlers]]\nname = \"{name}\"\ncomponent = \"noop.wasm\"\njob_types = [\"*\"]\n\n")
+        })
+        .collect();
+    let site = site.with_engine_config("", &handlers);
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &engine.url,
+        SENT,
+        &expected_path,
+        &["--threads", "1"],
+    );
+    let log = harness.wait_success_log("an engine with the most handlers");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert_eq!(spool_files(&site), 0, "every event left the spool:\n{log}");
+    assert!(
+        !log.contains("not the engine's answer") && !log.contains("cannot deliver"),
+        "the engine's long answers were taken for what they are:\n{}",
+        tail_of(&log, 4000)
+    );
+
+    // What the forwarder was answered: the engine's answer to one more event, as long as the
+    // engine's limits allow and over what the forwarder used to read.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/job-complete", engine.url))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(jobhook_testkit::sample_context_json().to_string())
+        .send()
+        .await
+        .expect("POST an event");
+    assert_eq!(response.status().as_u16(), 202);
+    let answer = response.text().await.expect("the answer");
+    assert!(
+        answer.len() > OLD_ANSWER_READ_BYTES && answer.len() <= ENGINE_LARGEST_ANSWER_BYTES,
+        "the engine's answer is {} bytes, between {OLD_ANSWER_READ_BYTES} and \
+         {ENGINE_LARGEST_ANSWER_BYTES}",
+        answer.len()
+    );
+}
+
+/// The value of the C# constant `name` in `source` (`const int <name> = <a> * <b> …;`, integer
+/// literals multiplied), or None.
+fn csharp_const(source: &str, name: &str) -> Option<usize> {
+    let start = source.find(&format!("const int {name} = "))? + "const int  = ".len() + name.len();
+    let expression = &source[start..start + source[start..].find(';')?];
+    expression
+        .split('*')
+        .map(|factor| factor.trim().parse::<usize>().ok())
+        .product()
+}
+
+/// The forwarder's copies of the engine's limits (it cannot link the engine's code) are the
+/// engine's: the handlers an answer may list and their names' length (what it reads of an
+/// answer is derived from them), and the body it takes.
+#[test]
+fn ao_the_forwarders_copies_of_the_engines_limits_are_the_engines() {
+    let read = |file: &str| {
+        let path = workspace_root().join("forwarder").join("src").join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let sender = read("Sender.cs");
+    let json = read("ContextJson.cs");
+    for (source, name, engine) in [
+        (
+            &sender,
+            "EngineMaxHandlers",
+            jobhook::app::config::MAX_HANDLERS,
+        ),
+        (
+            &sender,
+            "EngineMaxHandlerName",
+            jobhook::queue::registration::MAX_HANDLER_NAME,
+        ),
+        (&json, "MaxBodyBytes", jobhook::context::MAX_CONTEXT_BYTES),
+    ] {
+        assert_eq!(
+            csharp_const(source, name),
+            Some(engine),
+            "the forwarder's {name} is not the engine's {engine}"
+        );
+    }
 }
