@@ -57,6 +57,24 @@ namespace Jobhook.Forwarder
             return clean.ToString().Trim();
         }
 
+        /// <summary>
+        /// `text` (already <see cref="Printable"/>) cut to at most `max` characters, never
+        /// inside a surrogate pair, with how much was left out: for a log line that must stay
+        /// one readable line whatever answered (a web page, a long list). Null gives "".
+        /// </summary>
+        public static string Excerpt(string text, int max)
+        {
+            if (text == null)
+                return "";
+            if (text.Length <= max)
+                return text;
+            int cut = max;
+            if (cut > 0 && char.IsHighSurrogate(text[cut - 1]))
+                cut--;
+            return text.Substring(0, cut) + "... (cut: " + text.Length.ToString(System.Globalization.CultureInfo.InvariantCulture)
+                   + " characters in all)";
+        }
+
         /// <summary>Control characters, line and paragraph separators, and format characters (bidi controls, tags); a lone surrogate is replaced by the caller.</summary>
         static bool Unsafe(System.Globalization.UnicodeCategory category)
         {

@@ -3,6 +3,7 @@
 // Response codes and what is done with each are in docs/FORWARDER-WIRE.md.
 
 using System;
+using System.Collections.Generic;
 using System.Diagnostics;
 using System.IO;
 using System.Net;
@@ -48,6 +49,15 @@ namespace Jobhook.Forwarder
         /// bounded whatever the body (one buffer, one request at a time).
         /// </summary>
         public const int MaxResponseBytesRead = 2 * EngineLargestAnswerBytes;
+
+        /// <summary>
+        /// Most characters of a response body, or of a redirect's Location, that a log line
+        /// carries: enough for any of the engine's error messages and the start of any other
+        /// answer (what answered, and why), while a warning stays one readable line instead of
+        /// kilobytes of a web page or of the engine's list of deliveries. A rejected event's
+        /// reason file keeps the whole body as read.
+        /// </summary>
+        public const int MaxLoggedAnswerChars = 300;
 
         /// <summary>
         /// Extra time beyond the request timeout after which the sender stops waiting for an
@@ -166,12 +176,12 @@ namespace Jobhook.Forwarder
                         wake.WaitOne(IdlePollMilliseconds);
                         continue;
                     }
-                    string detail = null;
+                    string detail = null, reason = null;
                     var verdict = Verdict.Retry;
                     spool.Sending(next.Name);
                     try
                     {
-                        verdict = Post(next, out detail);
+                        verdict = Post(next, out detail, out reason);
                     }
                     finally
                     {
@@ -199,7 +209,7 @@ namespace Jobhook.Forwarder
                             break;
                         case Verdict.Rejected:
                             Interlocked.Increment(ref counters.Rejected);
-                            spool.Reject(next.Name, "the engine refused it: " + detail);
+                            spool.Reject(next.Name, "the engine refused it: " + reason, "the engine refused it: " + detail);
                             Recovered();
                             break;
                         default:
@@ -233,8 +243,13 @@ namespace Jobhook.Forwarder
             }
         }
 
-        Verdict Post(SpooledEvent spooled, out string detail)
+        /// <summary>
+        /// Posts one event: the verdict, `detail` for the log (bounded) and `reason` for a
+        /// rejected event's reason file (the answer as read).
+        /// </summary>
+        Verdict Post(SpooledEvent spooled, out string detail, out string reason)
         {
+            reason = null;
             using (var cancel = new CancellationTokenSource(settings.RequestTimeout))
             {
                 var call = SendAsync(spooled, cancel.Token);
@@ -255,12 +270,23 @@ namespace Jobhook.Forwarder
                     return Verdict.Retry;
                 }
                 var answer = call.Result;
-                detail = answer.Item2;
-                return answer.Item1;
+                detail = answer.Detail;
+                reason = answer.Reason;
+                return answer.Verdict;
             }
         }
 
-        async Task<Tuple<Verdict, string>> SendAsync(SpooledEvent spooled, CancellationToken cancel)
+        /// <summary>What one POST came to.</summary>
+        sealed class Answer
+        {
+            public Verdict Verdict;
+            /// <summary>For the log: the status and a bounded excerpt of the body, printable.</summary>
+            public string Detail;
+            /// <summary>For a rejected event's reason file: the status and the body as read, printable.</summary>
+            public string Reason;
+        }
+
+        async Task<Answer> SendAsync(SpooledEvent spooled, CancellationToken cancel)
         {
             using (var request = new HttpRequestMessage(HttpMethod.Post, settings.JobCompleteUrl))
             {
@@ -277,7 +303,13 @@ namespace Jobhook.Forwarder
                     var status = (int)response.StatusCode;
                     var body = await ReadBounded(response, cancel).ConfigureAwait(false);
                     var printable = LogText.Printable(body.Text);
-                    var detail = "HTTP " + status + (printable.Length > 0 ? " " + printable : "");
+                    var answer = new Answer
+                    {
+                        Verdict = Verdict.Retry,
+                        Detail = "HTTP " + status + Redirection(response)
+                                 + (printable.Length > 0 ? " " + LogText.Excerpt(printable, MaxLoggedAnswerChars) : ""),
+                        Reason = "HTTP " + status + (printable.Length > 0 ? " " + printable : ""),
+                    };
                     var mediaType = response.Content != null && response.Content.Headers.ContentType != null
                         ? response.Content.Headers.ContentType.MediaType
                         : null;
@@ -285,22 +317,55 @@ namespace Jobhook.Forwarder
                     // Only the engine's own answers end an event's life in the spool: a web
                     // server, captive portal or proxy at EngineUrl answers 200 or 409 too.
                     if (IsEngineAcceptance(status, mediaType, whole))
-                        return Tuple.Create(Verdict.Delivered, detail);
-                    if (IsEngineConflict(status, mediaType, whole))
-                        return Tuple.Create(Verdict.Conflict, detail);
+                        answer.Verdict = Verdict.Delivered;
+                    else if (IsEngineConflict(status, mediaType, whole))
+                        answer.Verdict = Verdict.Conflict;
                     // The engine refused the body itself: resending the same bytes cannot help.
-                    if (IsEngineRefusal(status, mediaType, whole))
-                        return Tuple.Create(Verdict.Rejected, detail);
-                    if ((status >= 200 && status < 300) || status == 409)
-                        detail += " (not the engine's answer: something else answered at EngineUrl)";
+                    else if (IsEngineRefusal(status, mediaType, whole))
+                        answer.Verdict = Verdict.Rejected;
+                    else if ((status >= 200 && status < 300) || status == 409)
+                        answer.Detail += " (not the engine's answer: something else answered at EngineUrl)";
                     else if (Array.IndexOf(RefusalStatuses, status) >= 0)
-                        detail += " (not the engine's refusal: something between the forwarder and the engine answered)";
-                    // 401/403 (token), 404 (URL), 408/429, 5xx, a proxy's 4xx, a 2xx or 409
-                    // that is not the engine's and anything unexpected: the event is fine, the
-                    // path to the engine is not; retry.
-                    return Tuple.Create(Verdict.Retry, detail);
+                        answer.Detail += " (not the engine's refusal: something between the forwarder and the engine answered)";
+                    // Otherwise 3xx (never followed), 401/403 (token), 404 (URL), 408/429, 5xx,
+                    // a proxy's 4xx, a 2xx or 409 that is not the engine's and anything
+                    // unexpected: the event is fine, the path to the engine is not; retry.
+                    return answer;
                 }
             }
+        }
+
+        /// <summary>
+        /// For a redirect (3xx): where it points, printable and bounded, and that it was not
+        /// followed; "" for any other answer. Following one would send the event, and the
+        /// bearer token, somewhere nobody configured; an operator who moved the engine learns
+        /// from this where the answer points. The header is read as sent, never parsed, so a
+        /// malformed one is shown too.
+        /// </summary>
+        static string Redirection(HttpResponseMessage response)
+        {
+            var status = (int)response.StatusCode;
+            if (status < 300 || status > 399)
+                return "";
+            string location = null;
+            try
+            {
+                IEnumerable<string> values;
+                if (response.Headers.TryGetValues("Location", out values))
+                    foreach (var value in values)
+                    {
+                        location = value;
+                        break;
+                    }
+            }
+            catch
+            {
+                // Unreadable: said as missing.
+            }
+            var shown = LogText.Excerpt(LogText.Printable(location), MaxLoggedAnswerChars);
+            return shown.Length > 0
+                ? " redirecting to " + shown + " (redirects are not followed: if that is the engine, set EngineUrl to its base URL)"
+                : " (a redirect without a Location; redirects are not followed)";
         }
 
         /// <summary>A response body as read: its text and whether that is all of it.</summary>

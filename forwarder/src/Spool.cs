@@ -888,10 +888,13 @@ namespace Jobhook.Forwarder
 
         /// <summary>
         /// Moves an event the engine will never accept to rejected/, with its reason in a
-        /// `.reason` file beside it, keeping rejected/ bounded; logs what really happened to it.
+        /// `.reason` file beside it, keeping rejected/ bounded; logs what really happened to it,
+        /// with `logged` (a shorter form of the reason, for one log line) if given.
         /// </summary>
-        public void Reject(string name, string reason)
+        public void Reject(string name, string reason, string logged = null)
         {
+            var full = reason;
+            reason = logged ?? reason;
             Forget(name);
             var source = Path.Combine(directory, name);
             var target = Path.Combine(rejectedDirectory, name);
@@ -931,7 +934,7 @@ namespace Jobhook.Forwarder
             string kept = "";
             try
             {
-                File.WriteAllText(target + ReasonExtension, reason + "\n", Utf8);
+                File.WriteAllText(target + ReasonExtension, full + "\n", Utf8);
             }
             catch (Exception e)
             {

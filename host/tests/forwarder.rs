@@ -74,6 +74,8 @@
 //! - (aj) other programs' files in the spool directory are left alone.
 //! - (ak) an engine with the most handlers it allows, each with the longest name, answers each
 //!   event with some 17 KB naming them all: understood as its answer, every event delivered once.
+//! - (al) a long answer is logged as a short excerpt saying how long it was; a redirect with
+//!   where it points, and it is not followed.
 //! - (ao) the forwarder's copies of the engine's limits are the engine's.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
@@ -3386,6 +3388,125 @@ async fn ak_an_engine_with_the_most_handlers_is_understood_though_its_answer_is_
         "the engine's answer is {} bytes, between {OLD_ANSWER_READ_BYTES} and \
          {ENGINE_LARGEST_ANSWER_BYTES}",
         answer.len()
+    );
+}
+
+/// A server that answers every request with `status`, `content_type`, `headers` and `body`;
+/// returns its URL and the number of requests it was sent.
+async fn answer_every_request_as(
+    status: u16,
+    content_type: &'static str,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind stand-in");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (headers, body, counted) = (headers.clone(), body.clone(), counted.clone());
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                while read_request(&mut socket, &mut buffer).await.is_some() {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut head = format!(
+                        "HTTP/1.1 {status} Stand-in\r\ncontent-type: {content_type}\r\n\
+                         content-length: {}\r\n",
+                        body.len()
+                    );
+                    for (name, value) in &headers {
+                        head.push_str(&format!("{name}: {value}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    if socket.write_all(head.as_bytes()).await.is_err()
+                        || socket.write_all(&body).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, requests)
+}
+
+/// The longest a log line about an answer may be: the forwarder's excerpt of the answer
+/// (`Sender.MaxLoggedAnswerChars`, 300) and its own words around it.
+const LONGEST_ANSWER_LINE: usize = 1000;
+
+/// A long answer that is not the engine's (a web page, 20 KB) is logged as a short excerpt,
+/// saying how long it was; a redirect is logged with where it points (excerpted too), and is
+/// not followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn al_a_long_answer_is_logged_short_and_a_redirect_with_where_it_points() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let page = format!("<html><body>{}</body></html>", "a".repeat(20_000));
+    let (standin, _) =
+        answer_every_request_as(202, "text/html", Vec::new(), page.into_bytes()).await;
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(build, "fx", &site, &standin, 1, &expected_path, &[]);
+    wait_for_log(&mut harness, "HTTP 202");
+    let log = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+    drop(harness);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("HTTP 202")).collect();
+    assert!(!lines.is_empty(), "{log}");
+    for line in &lines {
+        assert!(
+            line.len() <= LONGEST_ANSWER_LINE,
+            "a log line carries {} characters of an answer:\n{line}",
+            line.len()
+        );
+        assert!(
+            line.contains("HTTP 202 <html><body>aaa")
+                && line.contains("(cut: 20026 characters in all)")
+                && line.contains("not the engine's answer"),
+            "the line says what answered, how much, and that it is not the engine's: {line}"
+        );
+    }
+
+    // A redirect to another server, with a long Location: logged with where it points, the
+    // bearer token never sent there.
+    let (elsewhere, sent_elsewhere) =
+        answer_every_request_as(202, "application/json", Vec::new(), b"{}".to_vec()).await;
+    let location = format!("{elsewhere}/v1/job-complete?{}", "q".repeat(1000));
+    let (redirecting, _) = answer_every_request_as(
+        307,
+        "text/plain",
+        vec![("Location".to_owned(), location.clone())],
+        Vec::new(),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(site.spool());
+    let mut harness = Harness::run(build, "fx", &site, &redirecting, 1, &expected_path, &[]);
+    wait_for_log(&mut harness, "HTTP 307");
+    // A few more tries, none of which may go elsewhere.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let log = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+    drop(harness);
+    let line = log
+        .lines()
+        .find(|l| l.contains("HTTP 307"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(&format!("HTTP 307 redirecting to {}", &location[..200]))
+            && line.contains(&format!("(cut: {} characters in all)", location.len()))
+            && line.contains("redirects are not followed"),
+        "the redirect is logged with where it points: {line}"
+    );
+    assert!(
+        line.len() <= LONGEST_ANSWER_LINE,
+        "{} characters: {line}",
+        line.len()
+    );
+    assert_eq!(
+        sent_elsewhere.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed:\n{log}"
     );
 }
 
