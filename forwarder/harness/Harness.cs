@@ -41,6 +41,11 @@
 //     N", lets the sink go, waits until it was given the line(s) counting the lines dropped
 //     meanwhile, and prints "log detail=<detail lines the sink was given> dropped=<the sum of
 //     those counts> reports=<such lines>")
+//   harness.exe overflow --url U --spool DIR --count N [--threads K] (hands over N contexts from
+//     K threads to one registration, its engine down and --max-queued-events small, so that its
+//     in-memory queue overflows while the spool writer writes; waits until nothing is left in
+//     memory and prints "overflow accepted=A spooled=S dropped=D files=F": the registration's
+//     counters and the event files in its spool)
 //   harness.exe settings --url U --spool DIR (parses hostile values of each setting with
 //     ForwarderSettings.Parse and prints one line per case: "case NAME: spool=... url=...
 //     token=set|none ca=...|none max_backoff_ms=N problems=P1 | P2", or "case NAME: Parse threw ...")
@@ -49,6 +54,7 @@
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
 //          --ca FILE (TrustedCaFile: a CA to trust for an https:// URL)
 //          --max-spool-files N (MaxSpoolFiles)  --max-spool-bytes N (MaxSpoolBytes)
+//          --max-queued-events N (MaxQueuedEvents)
 //          --huge-every K (every K-th context has a string that makes its body larger than the
 //            engine accepts (64 KiB): the forwarder must refuse it without spooling it, so it
 //            needs no key and "spooled" counts the others)
@@ -295,6 +301,7 @@ namespace Jobhook.Forwarder.Harness
                 TrustedCaFile = Get(opts, "ca", null),
                 MaxSpoolFiles = Get(opts, "max-spool-files", null),
                 MaxSpoolBytes = Get(opts, "max-spool-bytes", null),
+                MaxQueuedEvents = Get(opts, "max-queued-events", null),
                 DebugLog = "true",
             };
             int waitSeconds = int.Parse(Get(opts, "wait-seconds", "120"), CultureInfo.InvariantCulture);
@@ -323,6 +330,8 @@ namespace Jobhook.Forwarder.Harness
                 return LogJam(options, opts, log);
             if (mode == "settings")
                 return Settings(options);
+            if (mode == "overflow")
+                return Overflow(options, opts, spoolDirectory);
             if (mode == "pending")
                 return PendingPerRegistration(options, spoolDirectory, log);
             if (mode != "run")
@@ -835,6 +844,61 @@ namespace Jobhook.Forwarder.Harness
             return failures.Count > 0 ? 1 : 0;
         }
 
+        /// <summary>`overflow` (see the top of this file). Exit code 0, 1 if a call broke a rule or memory did not empty.</summary>
+        static int Overflow(JobhookForwarder.Options options, Dictionary<string, string> opts, string spoolDirectory)
+        {
+            int count = int.Parse(opts["count"], CultureInfo.InvariantCulture);
+            int threads = int.Parse(Get(opts, "threads", "1"), CultureInfo.InvariantCulture);
+            var random = new Random(1);
+            var contexts = new OrchestratorJobCompleteHandlerContext[count];
+            for (int i = 0; i < count; i++)
+                contexts[i] = MakeContext(i, random, null);
+            var forwarder = Construct(options, null);
+            forwarder.Start();
+            var deadline = DateTime.UtcNow.AddSeconds(30);
+            while (forwarder.PendingEvents < 0 && DateTime.UtcNow < deadline)
+                Thread.Sleep(10);
+            var failures = new List<string>();
+            int next = -1;
+            var workers = new Thread[threads];
+            for (int t = 0; t < threads; t++)
+            {
+                workers[t] = new Thread(() =>
+                {
+                    int i;
+                    while ((i = Interlocked.Increment(ref next)) < count)
+                    {
+                        var failure = Call(forwarder, contexts[i]);
+                        if (failure != null)
+                            lock (failures)
+                                failures.Add("context " + i + ": " + failure);
+                    }
+                });
+                workers[t].Start();
+            }
+            foreach (var worker in workers)
+                worker.Join();
+            // Nothing is delivered (no engine): once every event has left memory, what is
+            // pending is what the spool holds.
+            deadline = DateTime.UtcNow.AddSeconds(60);
+            bool settled = false;
+            while (!settled && DateTime.UtcNow < deadline)
+            {
+                Thread.Sleep(100);
+                settled = Intake.Count == 0 && forwarder.PendingEvents == EventFiles(spoolDirectory).Length;
+            }
+            if (!settled)
+                failures.Add("events were still in memory after 60 s: " + forwarder.PendingEvents + " pending, "
+                             + EventFiles(spoolDirectory).Length + " event file(s)");
+            var counters = forwarder.Counters;
+            Console.WriteLine("overflow accepted=" + counters.Accepted + " spooled=" + counters.Spooled + " dropped=" + counters.Dropped
+                              + " files=" + EventFiles(spoolDirectory).Length);
+            Console.Out.Flush();
+            foreach (var failure in failures)
+                Console.Error.WriteLine("harness: " + failure);
+            return failures.Count > 0 ? 1 : 0;
+        }
+
         /// <summary>`settings` (see the top of this file). Exit code 0.</summary>
         static int Settings(JobhookForwarder.Options good)
         {
@@ -980,7 +1044,7 @@ namespace Jobhook.Forwarder.Harness
                 SpoolDirectory = spoolDirectory ?? options.SpoolDirectory, RequestTimeoutMs = options.RequestTimeoutMs,
                 InitialBackoffMs = options.InitialBackoffMs, MaxBackoffMs = options.MaxBackoffMs,
                 TrustedCaFile = options.TrustedCaFile, MaxSpoolFiles = options.MaxSpoolFiles, MaxSpoolBytes = options.MaxSpoolBytes,
-                DebugLog = options.DebugLog,
+                MaxQueuedEvents = options.MaxQueuedEvents, DebugLog = options.DebugLog,
             };
             return new JobhookForwarder(Microsoft.Extensions.Options.Options.Create(copy));
 #else
@@ -997,6 +1061,7 @@ namespace Jobhook.Forwarder.Harness
                 TrustedCaFile = options.TrustedCaFile,
                 MaxSpoolFiles = options.MaxSpoolFiles,
                 MaxSpoolBytes = options.MaxSpoolBytes,
+                MaxQueuedEvents = options.MaxQueuedEvents,
                 DebugLog = options.DebugLog,
             };
 #endif
@@ -1187,8 +1252,8 @@ namespace Jobhook.Forwarder.Harness
         static int Usage(string problem)
         {
             Console.Error.WriteLine("harness: " + problem);
-            Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending|faults|memory|logjam|settings --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
-                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N]"
+            Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending|faults|memory|moving|logjam|overflow|settings --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
+                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N] [--max-queued-events N]"
                                     + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2] [--slow-log-ms MS]");
             return 2;
         }

@@ -15,9 +15,15 @@ namespace Jobhook.Forwarder
     /// <summary>What the forwarder did since the process started (a snapshot).</summary>
     public sealed class ForwarderCounters
     {
-        /// <summary>Events handed over by RunHandler.</summary>
+        /// <summary>
+        /// Events handed over by RunHandler and taken into this registration's queue, or dropped
+        /// from the full intake queue on their way to it once it had a runtime (an event over
+        /// the engine's limits is counted <see cref="TooLarge"/> instead). Each one is counted
+        /// once more, as <see cref="Spooled"/> or as <see cref="Dropped"/> from a queue, once it
+        /// has left memory.
+        /// </summary>
         public long Accepted;
-        /// <summary>Events written to the spool.</summary>
+        /// <summary>Events written to the spool (a full spool may drop them later: counted in <see cref="Dropped"/> too).</summary>
         public long Spooled;
         /// <summary>Events the engine accepted (2xx).</summary>
         public long Delivered;
@@ -82,6 +88,13 @@ namespace Jobhook.Forwarder
         readonly LinkedList<QueuedEvent> queue = new LinkedList<QueuedEvent>();
         /// <summary>What the events in <see cref="queue"/> hold in memory (<see cref="ForwarderSettings.MemoryBytes"/>; under <see cref="queueGate"/>).</summary>
         long queuedBytes;
+        /// <summary>
+        /// The event at the head of <see cref="queue"/> while it is being written to the spool
+        /// (under <see cref="queueGate"/>): <see cref="Submit"/> never drops it, because the
+        /// write may well succeed, and an event counted dropped must not be counted spooled
+        /// too. It stays in the queue meanwhile, so it is still counted in memory and at exit.
+        /// </summary>
+        QueuedEvent writing;
         readonly AutoResetEvent queued = new AutoResetEvent(false);
         readonly AutoResetEvent spooled = new AutoResetEvent(false);
         /// <summary>Set once <see cref="spool"/> is open (shutdown waits for it).</summary>
@@ -264,11 +277,19 @@ namespace Jobhook.Forwarder
             {
                 queue.AddLast(item);
                 queuedBytes += item.Size;
-                // Bounded in events and in bytes; the event just queued always stays.
+                // Bounded in events and in bytes; the event just queued always stays, and so
+                // does the one being written (it is on its way to the spool, where it is
+                // counted): the oldest other event goes. While one is written the queue may
+                // so hold one event more than its limit.
                 while (queue.Count > 1 && (queue.Count > settings.MaxQueuedEvents || queuedBytes > ForwarderSettings.MaxQueuedBytes))
                 {
-                    dropped = queue.First.Value;
-                    queue.RemoveFirst();
+                    var oldest = queue.First;
+                    if (ReferenceEquals(oldest.Value, writing))
+                        oldest = oldest.Next;
+                    if (oldest == null || oldest == queue.Last)
+                        break;
+                    dropped = oldest.Value;
+                    queue.Remove(oldest);
                     queuedBytes -= dropped.Size;
                     drops++;
                 }
@@ -360,17 +381,17 @@ namespace Jobhook.Forwarder
                     {
                         if (stopping)
                             return; // shutdown writes what is left (FlushForShutdown)
-                        lock (queueGate)
-                        {
-                            if (queue.Count > 0)
-                                next = queue.First.Value;
-                        }
+                        next = TakeHead();
                         if (next == null)
                             idle = true;
                         else if (opened.Write(next.Key, next.Body, true))
                         {
                             written = true;
                             Written(next);
+                        }
+                        else
+                        {
+                            NotWritten();
                         }
                     }
                     if (idle)
@@ -397,10 +418,26 @@ namespace Jobhook.Forwarder
                 }
                 catch (Exception e)
                 {
-                    // Keep the writer alive whatever happens; the event stays queued.
+                    // Keep the writer alive whatever happens; the event stays queued (and may
+                    // be dropped from a full queue again).
+                    NotWritten();
                     try { log.Error("spool writer: " + e); } catch { }
                     Thread.Sleep(WriteRetryMilliseconds);
                 }
+            }
+        }
+
+        /// <summary>
+        /// The oldest queued event, marked as being written (<see cref="writing"/>) so that a
+        /// full queue does not drop it meanwhile; null if none. Under <see cref="writeGate"/>;
+        /// the caller ends with <see cref="Written"/> or <see cref="NotWritten"/>.
+        /// </summary>
+        QueuedEvent TakeHead()
+        {
+            lock (queueGate)
+            {
+                writing = queue.Count > 0 ? queue.First.Value : null;
+                return writing;
             }
         }
 
@@ -409,13 +446,13 @@ namespace Jobhook.Forwarder
         {
             lock (queueGate)
             {
-                // It may have been dropped from a full queue meanwhile; it is on disk now, so
-                // that is fine.
+                // Still the head: nothing drops the event being written (see Submit).
                 if (queue.First != null && ReferenceEquals(queue.First.Value, written))
                 {
                     queue.RemoveFirst();
                     queuedBytes -= written.Size;
                 }
+                writing = null;
             }
             Interlocked.Increment(ref Counters.Spooled);
         }
@@ -426,6 +463,13 @@ namespace Jobhook.Forwarder
         /// the process ends. Within the shutdown's own grace (<see cref="Intake.ShutdownWait"/>).
         /// </summary>
         static readonly TimeSpan LostLineGrace = TimeSpan.FromMilliseconds(250);
+
+        /// <summary>The write of the head failed: it stays queued, and may be dropped again. Under <see cref="writeGate"/>.</summary>
+        void NotWritten()
+        {
+            lock (queueGate)
+                writing = null;
+        }
 
         /// <summary>
         /// At shutdown: every runtime writes its in-memory queue to its spool, all within
@@ -520,15 +564,21 @@ namespace Jobhook.Forwarder
                         break;
                     try
                     {
-                        if (queue.Count > 0)
-                            next = queue.First.Value;
+                        // Marked as in TakeHead: an event the intake thread still passes on
+                        // meanwhile must not have this one counted dropped as well as written.
+                        writing = next = queue.Count > 0 ? queue.First.Value : null;
                     }
                     finally
                     {
                         Monitor.Exit(queueGate);
                     }
-                    if (next == null || !opened.Write(next.Key, next.Body, false))
+                    if (next == null)
                         break;
+                    if (!opened.Write(next.Key, next.Body, false))
+                    {
+                        NotWritten();
+                        break;
+                    }
                     Written(next);
                     written++;
                 }

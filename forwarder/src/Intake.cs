@@ -278,10 +278,15 @@ namespace Jobhook.Forwarder
                     oldest = queue.Dequeue();
                     queuedBytes -= oldest.Size;
                     drops++;
-                    // In its registration's counters too, if it has a runtime yet.
+                    // In its registration's counters too, if it has a runtime yet: accepted
+                    // and dropped there, as if it had reached the runtime's own queue, so that
+                    // every event those counters know of is spooled or dropped, once.
                     var known = oldest.Handler.StartedRuntime;
                     if (known != null)
+                    {
+                        Interlocked.Increment(ref known.Counters.Accepted);
                         Interlocked.Increment(ref known.Counters.Dropped);
+                    }
                 }
             }
             signal.Set();

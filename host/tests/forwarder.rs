@@ -76,6 +76,8 @@
 //!   event with some 17 KB naming them all: understood as its answer, every event delivered once.
 //! - (al) a long answer is logged as a short excerpt saying how long it was; a redirect with
 //!   where it points, and it is not followed.
+//! - (am) a burst behind a small in-memory queue, the engine down: every accepted event is
+//!   counted once, spooled or dropped.
 //! - (ao) the forwarder's copies of the engine's limits are the engine's.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
@@ -2652,6 +2654,15 @@ async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
                     "an intake thread that never starts: the oversized events are not refused before they are queued: {line}"
                 ));
             }
+            // Every event handed over waits or was dropped, and each one dropped was counted
+            // accepted too (the registration's counters know it), once.
+            if numbers["intake"] + numbers["dropped"] != SENT as u64
+                || numbers["accepted"] != numbers["dropped"]
+            {
+                problems.push(format!(
+                    "an intake thread that never starts: the events dropped from the intake queue are not counted accepted and dropped, once each: {line}"
+                ));
+            }
             if !log.contains("the intake queue was full") {
                 problems.push(format!(
                     "an intake thread that never starts: the drops are not reported:\n{tail}"
@@ -3507,6 +3518,59 @@ async fn al_a_long_answer_is_logged_short_and_a_redirect_with_where_it_points() 
         sent_elsewhere.load(Ordering::SeqCst),
         0,
         "the redirect was followed:\n{log}"
+    );
+}
+
+/// Events arrive faster than the spool writer writes them (a burst, the engine down, a queue of
+/// 10 events): the full queue drops the oldest, but never the event being written, so that
+/// every accepted event is counted once, spooled or dropped, and the spool holds exactly those
+/// counted spooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn am_every_accepted_event_is_counted_once_spooled_or_dropped() {
+    const SENT: u64 = 9000;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let sent = SENT.to_string();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "overflow",
+        &[
+            "--count",
+            &sent,
+            "--threads",
+            "2",
+            "--max-queued-events",
+            "10",
+        ],
+    );
+    let (status, out, log) = harness.finish(Duration::from_secs(120));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("overflow "))
+        .unwrap_or_else(|| panic!("no counts ({status:?}): {out}\n{}", tail_of(&log, 4000)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {out}\n{}",
+        tail_of(&log, 4000)
+    );
+    let n = memory_line(line);
+    assert_eq!(n["accepted"], SENT, "{line}");
+    assert!(
+        n["dropped"] > 0 && n["spooled"] > 0,
+        "the queue overflowed while events were written: {line}"
+    );
+    assert_eq!(
+        n["spooled"] + n["dropped"],
+        n["accepted"],
+        "each accepted event is counted spooled or dropped, once: {line}"
+    );
+    assert_eq!(
+        n["files"], n["spooled"],
+        "the spool holds the events counted spooled: {line}"
     );
 }
 
