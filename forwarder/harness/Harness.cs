@@ -48,7 +48,8 @@
 //     counters and the event files in its spool)
 //   harness.exe settings --url U --spool DIR (parses hostile values of each setting with
 //     ForwarderSettings.Parse and prints one line per case: "case NAME: spool=... url=...
-//     token=set|none ca=...|none max_backoff_ms=N problems=P1 | P2", or "case NAME: Parse threw ...")
+//     token=set|none ca=...|none max_backoff_ms=N name=... problems=P1 | P2", or
+//     "case NAME: Parse threw ...")
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
 //          --invalid-every K (every K-th context has a string the engine must refuse with 400)
@@ -917,6 +918,19 @@ namespace Jobhook.Forwarder.Harness
                 Case("token-long", o => o.BearerToken = new string('a', ForwarderSettings.MaxTextLength + 1)),
                 Case("token-space", o => o.BearerToken = "abc def"),
                 Case("backoff", o => { o.InitialBackoffMs = "5000"; o.MaxBackoffMs = "1000"; }),
+                Case("name-empty", o => o.ForwarderName = ""),
+                Case("name-blank", o => o.ForwarderName = " \r\n\t "),
+                Case("name-padded", o => o.ForwarderName = "  kf-node-1  "),
+                Case("name-long", o => o.ForwarderName = new string('n', ForwarderSettings.MaxNameLength + 10)),
+                Case("name-spaced", o => o.ForwarderName = "kf node 1"),
+                // Every option but the two required here blank: each is unset, none a problem.
+                Case("all-blank", o =>
+                {
+                    const string blank = " \r\n\t ";
+                    o.BearerToken = o.RequestTimeoutMs = o.InitialBackoffMs = o.MaxBackoffMs = blank;
+                    o.MaxSpoolFiles = o.MaxSpoolBytes = o.MaxQueuedEvents = o.TrustedCaFile = blank;
+                    o.UseProxy = o.DebugLog = o.ForwarderName = blank;
+                }),
             };
             foreach (var c in cases)
             {
@@ -931,7 +945,7 @@ namespace Jobhook.Forwarder.Harness
                     var s = ForwarderSettings.Parse(options);
                     line = "spool=" + s.SpoolDirectory + " url=" + s.JobCompleteUrl + " token=" + (s.BearerToken != null ? "set" : "none")
                            + " ca=" + (s.TrustedCaFile ?? "none") + " max_backoff_ms=" + s.MaxBackoff.TotalMilliseconds
-                           + " problems=" + string.Join(" | ", s.Problems);
+                           + " name=" + s.ForwarderName + " problems=" + string.Join(" | ", s.Problems);
                 }
                 catch (Exception e)
                 {

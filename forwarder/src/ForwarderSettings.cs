@@ -192,24 +192,37 @@ namespace Jobhook.Forwarder
 
         static string ParseName(string text, IList<string> problems)
         {
-            string name = text;
-            if (string.IsNullOrWhiteSpace(name))
+            // Blank is unset, as for every other option: the machine name, silently. Only a
+            // name that was configured can have been changed here, and is reported if it was.
+            bool configured = !string.IsNullOrWhiteSpace(text);
+            string name;
+            if (configured)
+                name = text.Trim();
+            else
             {
                 try { name = Environment.MachineName; } catch { name = null; }
             }
+            name = name ?? "";
             var clean = new System.Text.StringBuilder();
-            foreach (var c in (name ?? "").Trim())
+            bool replaced = false;
+            foreach (var c in name.Trim())
             {
                 if (clean.Length >= MaxNameLength) break;
-                clean.Append(c > ' ' && c < 0x7f ? c : '_');
+                bool visible = c > ' ' && c < 0x7f;
+                replaced |= !visible;
+                clean.Append(visible ? c : '_');
             }
             if (clean.Length == 0)
             {
-                problems.Add("ForwarderName is empty and the machine name is unknown; using \"forwarder\"");
+                problems.Add("ForwarderName is not set and the machine name is unknown; using \"forwarder\" (set ForwarderName to name this forwarder)");
                 return "forwarder";
             }
-            if (text != null && clean.ToString() != text.Trim())
-                problems.Add("ForwarderName was cut to " + MaxNameLength + " visible ASCII characters: " + clean);
+            if (configured && clean.ToString() != name)
+                problems.Add("ForwarderName must be at most " + MaxNameLength + " visible ASCII characters without spaces; "
+                             + (name.Length > MaxNameLength ? "it was cut" : "")
+                             + (name.Length > MaxNameLength && replaced ? " and " : "")
+                             + (replaced ? "characters that are not visible ASCII (spaces among them) were replaced by '_'" : "")
+                             + ": using " + clean);
             return clean.ToString();
         }
 

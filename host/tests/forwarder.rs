@@ -49,8 +49,9 @@
 //! - (t) a spool directory that cannot be written (immutable) is reported once, not every
 //!   second; the events wait in memory and arrive once it can be written again.
 //! - (x) hostile values of each setting (a NUL or quotes in a path, `EngineUrl` with the
-//!   endpoint path, a `Bearer ` prefix, `MaxBackoffMs` below `InitialBackoffMs`) are reported
-//!   by name and replaced; `ForwarderSettings.Parse` never throws.
+//!   endpoint path, a `Bearer ` prefix, `MaxBackoffMs` below `InitialBackoffMs`, a
+//!   `ForwarderName` too long or with spaces) are reported by name and replaced; blank values
+//!   are unset and report nothing; `ForwarderSettings.Parse` never throws.
 //! - (y) a thread that cannot start (the forwarder's internal test hook makes its starts throw)
 //!   costs no `RunHandler` call and no event: it is started on a later try, and reported.
 //! - (z) the in-memory queues are bounded in bytes, not only in events; an event whose strings
@@ -2390,6 +2391,9 @@ async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
     drop(drain);
 }
 
+/// Cases the harness's `settings` mode prints (forwarder/harness/Harness.cs, `Settings`).
+const SETTINGS_CASES: usize = 18;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
     let Some((build, _serial, site)) = begin().await else {
@@ -2402,7 +2406,7 @@ async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
     let spool = site.spool().display().to_string();
     let mut harness = Harness::start(build, "fx", &site, &url, "settings", &[]);
     let mut cases = HashMap::new();
-    for _ in 0..12 {
+    for _ in 0..SETTINGS_CASES {
         let line = harness.wait_for_line("case ", Duration::from_secs(30));
         let (name, rest) = line["case ".len()..]
             .split_once(": ")
@@ -2483,6 +2487,36 @@ async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
             "MaxBackoffMs (1000) is less than InitialBackoffMs (5000)",
             "max_backoff_ms=5000",
         ],
+    );
+    // A blank value is unset, like every other blank option: the machine name, nothing said.
+    for name in ["name-empty", "name-blank"] {
+        let line = case(name);
+        assert!(line.ends_with(" problems="), "{name}: {line}");
+        assert!(
+            !line.contains(" name= ") && !line.contains(" name=forwarder "),
+            "{name}: the machine name is used: {line}"
+        );
+    }
+    has("name-padded", &["name=kf-node-1 problems="]);
+    assert!(
+        case("name-padded").ends_with(" problems="),
+        "{}",
+        case("name-padded")
+    );
+    has(
+        "name-long",
+        &[
+            "ForwarderName must be at most 64 visible ASCII characters",
+            "it was cut",
+            &format!("name={} ", "n".repeat(64)),
+        ],
+    );
+    has("name-spaced", &["replaced by '_'", "name=kf_node_1 "]);
+    // Every option blank but EngineUrl and SpoolDirectory: none is a problem.
+    assert!(
+        case("all-blank").ends_with(" problems="),
+        "all-blank: {}",
+        case("all-blank")
     );
 }
 
