@@ -48,7 +48,7 @@
 //     counters and the event files in its spool)
 //   harness.exe settings --url U --spool DIR (parses hostile values of each setting with
 //     ForwarderSettings.Parse and prints one line per case: "case NAME: spool=... url=...
-//     token=set|none ca=...|none max_backoff_ms=N name=... problems=P1 | P2", or
+//     token=set token_chars=N|none ca=...|none max_backoff_ms=N name=... problems=P1 | P2", or
 //     "case NAME: Parse threw ...")
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
@@ -917,6 +917,10 @@ namespace Jobhook.Forwarder.Harness
                 Case("token-bearer", o => o.BearerToken = "Bearer abc.def"),
                 Case("token-long", o => o.BearerToken = new string('a', ForwarderSettings.MaxTextLength + 1)),
                 Case("token-space", o => o.BearerToken = "abc def"),
+                Case("token-bearer-only", o => o.BearerToken = "Bearer "),
+                Case("token-bearer-padded", o => o.BearerToken = "  bearer \t "),
+                Case("token-bearer-word", o => o.BearerToken = "Bearer"),
+                Case("token-bearer-tab", o => o.BearerToken = " Bearer\tabc.def "),
                 Case("backoff", o => { o.InitialBackoffMs = "5000"; o.MaxBackoffMs = "1000"; }),
                 Case("name-empty", o => o.ForwarderName = ""),
                 Case("name-blank", o => o.ForwarderName = " \r\n\t "),
@@ -943,7 +947,9 @@ namespace Jobhook.Forwarder.Harness
                 try
                 {
                     var s = ForwarderSettings.Parse(options);
-                    line = "spool=" + s.SpoolDirectory + " url=" + s.JobCompleteUrl + " token=" + (s.BearerToken != null ? "set" : "none")
+                    // The token itself is never printed, only its length.
+                    line = "spool=" + s.SpoolDirectory + " url=" + s.JobCompleteUrl
+                           + " token=" + (s.BearerToken != null ? "set token_chars=" + s.BearerToken.Length : "none")
                            + " ca=" + (s.TrustedCaFile ?? "none") + " max_backoff_ms=" + s.MaxBackoff.TotalMilliseconds
                            + " name=" + s.ForwarderName + " problems=" + string.Join(" | ", s.Problems);
                 }

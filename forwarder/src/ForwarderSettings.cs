@@ -263,16 +263,26 @@ namespace Jobhook.Forwarder
 
         static string ParseToken(string text, IList<string> problems)
         {
-            if (string.IsNullOrEmpty(text))
+            // Blank is unset, as for every other option.
+            if (string.IsNullOrWhiteSpace(text))
                 return null;
-            text = text.Trim();
-            if (text.StartsWith(BearerPrefix, StringComparison.OrdinalIgnoreCase))
+            // The prefix is looked for before the end is trimmed: "Bearer " alone, trimmed
+            // first, would be the word "Bearer", and sent as the token.
+            text = text.TrimStart();
+            if (HasBearerPrefix(text))
             {
                 // The header value pasted whole: the token is what follows, and is sent.
-                text = text.Substring(BearerPrefix.Length).Trim();
+                text = text.Substring(BearerPrefix.TrimEnd().Length).Trim();
+                if (text.Length == 0)
+                {
+                    problems.Add("BearerToken is only the \"Bearer \" prefix, without a token: set BearerToken to the token alone"
+                                 + " (one of the engine's server.tokens, without \"Bearer \"); no token is sent (the engine will answer 401)");
+                    return null;
+                }
                 problems.Add("BearerToken starts with \"Bearer \", which the forwarder adds itself: remove the \"Bearer \" prefix"
                              + " from BearerToken (the token after it is sent meanwhile)");
             }
+            text = text.Trim();
             if (text.Length > MaxTextLength)
             {
                 problems.Add("BearerToken is too long (" + text.Length + " characters, at most " + MaxTextLength
@@ -292,7 +302,20 @@ namespace Jobhook.Forwarder
                     return null;
                 }
             }
-            return text.Length == 0 ? null : text;
+            return text;
+        }
+
+        /// <summary>
+        /// Whether `text` (its start trimmed) begins with the scheme of an Authorization header:
+        /// "Bearer" in any case, then white space (a space, or a tab pasted with it) or nothing
+        /// (the space trimmed away by whatever stored the value; the bare word is no real token:
+        /// the engine warns about any token under 24 characters as guessable).
+        /// </summary>
+        static bool HasBearerPrefix(string text)
+        {
+            var scheme = BearerPrefix.TrimEnd();
+            return text.StartsWith(scheme, StringComparison.OrdinalIgnoreCase)
+                   && (text.Length == scheme.Length || char.IsWhiteSpace(text[scheme.Length]));
         }
 
         static string ParseDirectory(string text, IList<string> problems)

@@ -49,8 +49,8 @@
 //! - (t) a spool directory that cannot be written (immutable) is reported once, not every
 //!   second; the events wait in memory and arrive once it can be written again.
 //! - (x) hostile values of each setting (a NUL or quotes in a path, `EngineUrl` with the
-//!   endpoint path, a `Bearer ` prefix, `MaxBackoffMs` below `InitialBackoffMs`, a
-//!   `ForwarderName` too long or with spaces) are reported by name and replaced; blank values
+//!   endpoint path, a `Bearer ` prefix or the prefix alone, `MaxBackoffMs` below
+//!   `InitialBackoffMs`, a `ForwarderName` too long or with spaces) are reported by name and replaced; blank values
 //!   are unset and report nothing; `ForwarderSettings.Parse` never throws.
 //! - (y) a thread that cannot start (the forwarder's internal test hook makes its starts throw)
 //!   costs no `RunHandler` call and no event: it is started on a later try, and reported.
@@ -2392,7 +2392,7 @@ async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
 }
 
 /// Cases the harness's `settings` mode prints (forwarder/harness/Harness.cs, `Settings`).
-const SETTINGS_CASES: usize = 18;
+const SETTINGS_CASES: usize = 22;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
@@ -2487,6 +2487,26 @@ async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
             "MaxBackoffMs (1000) is less than InitialBackoffMs (5000)",
             "max_backoff_ms=5000",
         ],
+    );
+    // The prefix alone, however it is padded (or with its space trimmed away), is no token:
+    // said so, and nothing is sent, rather than "Bearer" as the token.
+    for name in [
+        "token-bearer-only",
+        "token-bearer-padded",
+        "token-bearer-word",
+    ] {
+        has(
+            name,
+            &[
+                "BearerToken is only the \"Bearer \" prefix, without a token",
+                "set BearerToken to the token alone",
+                "token=none",
+            ],
+        );
+    }
+    has(
+        "token-bearer-tab",
+        &["remove the \"Bearer \" prefix", "token=set token_chars=7 "],
     );
     // A blank value is unset, like every other blank option: the machine name, nothing said.
     for name in ["name-empty", "name-blank"] {
