@@ -26,10 +26,12 @@
 //     any thread without --fail-thread, fail as in a process out of threads; then N contexts
 //     are handed over, one every MS ms (default 50), each call checked like `run`, and the
 //     harness waits for the spool to drain. Prints "submitted N", then "drained <counters>")
-//   harness.exe memory --url U --spool DIR --count N --field-chars C [--huge H] [--fail-thread
-//     NAME --fail-starts K] (starts the registration, hands over H contexts whose body is over
-//     the engine's 64 KiB, then N contexts whose Username is C characters (one string shared
-//     by all, so the harness itself holds little), from one thread; waits 3 s and prints
+//   harness.exe memory --url U --spool DIR --count N --field-chars C [--escaped 1] [--huge H]
+//     [--fail-thread NAME --fail-starts K] (starts the registration, hands over H contexts whose
+//     body is over the engine's 64 KiB, then N contexts whose three strings are C characters
+//     each (one string shared by all, so the harness itself holds little; with --escaped 1 of
+//     quotes, two bytes of JSON each, so that a body is twice as large as its strings, each
+//     within the engine's 4 KiB), from one thread; waits 3 s and prints
 //     "memory intake=<Intake.Count> accepted=A dropped=D too_large=T managed_mb=M")
 //   harness.exe moving --url U --spool DIR --count N [--rounds R] (the spool writer is held, so
 //     no event leaves memory; in each round the intake thread is held (the forwarder's test
@@ -52,7 +54,16 @@
 //     "case NAME: Parse threw ...")
 // Options: --token T  --seed S  --threads K  --timeout-ms MS  --initial-backoff-ms MS
 //          --max-backoff-ms MS  --wait-seconds S (0: exit without waiting for delivery)
-//          --invalid-every K (every K-th context has a string the engine must refuse with 400)
+//          --invalid-every K (every K-th context has a body of some 18 KB, each of its strings
+//            within the engine's 4 KiB per field: an engine with [server] max_body_bytes = 16384
+//            must refuse it (413), which the forwarder, knowing only the 64 KiB the engine may
+//            take at most, cannot tell beforehand)
+//          --long-field-every K (every K-th context has one string over the engine's 4 KiB per
+//            field: in turn a Username of 4097 characters, a ClientMachine of 1366 euro signs
+//            (4098 bytes of UTF-8 in fewer characters) and a JobType of 4095 characters and a
+//            lone surrogate (sent as U+FFFD, 4098 bytes); the forwarder must refuse it without
+//            spooling it, so it needs no key and "spooled" counts the others. The context after
+//            each has a field of exactly 4096 bytes, which must arrive)
 //          --ca FILE (TrustedCaFile: a CA to trust for an https:// URL)
 //          --max-spool-files N (MaxSpoolFiles)  --max-spool-bytes N (MaxSpoolBytes)
 //          --max-queued-events N (MaxQueuedEvents)
@@ -238,8 +249,15 @@ namespace Jobhook.Forwarder.Harness
             " leading and trailing spaces ",
         };
 
-        /// <summary>A string longer than the engine accepts in one field (4 KiB).</summary>
-        const int InvalidStringLength = 5000;
+        /// <summary>
+        /// Quotes in each string of an --invalid-every context: 6,000 bytes of JSON each
+        /// (`\"`), 18,000 in all, over the 16 KiB the engine is then configured to take, while
+        /// each string is 3,000 bytes, within the engine's 4 KiB per field.
+        /// </summary>
+        const int InvalidQuotes = 3000;
+
+        /// <summary>The engine's limit of a string field, in bytes of UTF-8 (MAX_STRING_FIELD_BYTES).</summary>
+        const int FieldBytes = 4096;
 
         /// <summary>A string that makes a body larger than the engine accepts at all (64 KiB).</summary>
         const int HugeStringLength = 300000;
@@ -344,6 +362,7 @@ namespace Jobhook.Forwarder.Harness
             int threads = int.Parse(Get(opts, "threads", "4"), CultureInfo.InvariantCulture);
             int invalidEvery = int.Parse(Get(opts, "invalid-every", "0"), CultureInfo.InvariantCulture);
             int hugeEvery = int.Parse(Get(opts, "huge-every", "0"), CultureInfo.InvariantCulture);
+            int longFieldEvery = int.Parse(Get(opts, "long-field-every", "0"), CultureInfo.InvariantCulture);
             int pauseAfter = int.Parse(Get(opts, "pause-after", "0"), CultureInfo.InvariantCulture);
             var resumeFile = Get(opts, "resume-file", null);
             int holdOldestMs = int.Parse(Get(opts, "hold-oldest-ms", "0"), CultureInfo.InvariantCulture);
@@ -354,8 +373,10 @@ namespace Jobhook.Forwarder.Harness
             var random = new Random(seed);
             var keyfactorClient = new HttpClient(); // what Keyfactor hands every handler; unused by the forwarder
             var invalid = new bool[count];
-            var huge = new bool[count];
-            int hugeCount = 0;
+            // Refused by the forwarder itself, before it is spooled: no key, never sent.
+            var refused = new bool[count];
+            int refusedCount = 0;
+            int longFields = 0;
             for (int i = 0; i < count; i++)
             {
                 contexts[i] = MakeContext(i, random, keyfactorClient);
@@ -364,15 +385,35 @@ namespace Jobhook.Forwarder.Harness
                     // A body of some 300 KB: over the engine's 64 KiB, and bigger than most of
                     // a small spool's byte limit.
                     contexts[i].Username = new string('h', HugeStringLength);
-                    invalid[i] = huge[i] = true;
-                    hugeCount++;
+                    invalid[i] = refused[i] = true;
+                    refusedCount++;
+                    continue;
+                }
+                if (longFieldEvery > 0 && i % longFieldEvery == longFieldEvery - 1)
+                {
+                    // One string over the engine's 4 KiB per field, each way it can be.
+                    switch (longFields++ % 3)
+                    {
+                        case 0: contexts[i].Username = new string('y', FieldBytes + 1); break;
+                        case 1: contexts[i].ClientMachine = new string('\u20ac', FieldBytes / 3 + 1); break;
+                        default: contexts[i].JobType = new string('j', FieldBytes - 1) + "\ud800"; break;
+                    }
+                    invalid[i] = refused[i] = true;
+                    refusedCount++;
+                    continue;
+                }
+                if (longFieldEvery > 0 && i % longFieldEvery == 0 && i > 0)
+                {
+                    // Exactly the engine's limit: taken.
+                    contexts[i].ClientMachine = new string('\u20ac', FieldBytes / 3) + "x";
                     continue;
                 }
                 if (invalidEvery > 0 && i % invalidEvery == invalidEvery - 1)
                 {
-                    // Over the engine's 4 KiB per string field: it must answer 400, and the
-                    // forwarder must set the event aside instead of retrying it for ever.
-                    contexts[i].Username = new string('y', InvalidStringLength);
+                    // A body over what the engine is configured to take, made of strings it
+                    // takes: it must answer 413, and the forwarder must set the event aside
+                    // instead of retrying it for ever.
+                    contexts[i].Username = contexts[i].ClientMachine = contexts[i].JobType = new string('"', InvalidQuotes);
                     invalid[i] = true;
                 }
             }
@@ -450,12 +491,12 @@ namespace Jobhook.Forwarder.Harness
             // may take a moment for the last few events.
             var keysDeadline = DateTime.UtcNow.AddSeconds(30);
             for (int i = 0; i < count; i++)
-                while (!huge[i] && log.KeyOf(contexts[i].JobId) == null && DateTime.UtcNow < keysDeadline)
+                while (!refused[i] && log.KeyOf(contexts[i].JobId) == null && DateTime.UtcNow < keysDeadline)
                     Thread.Sleep(10);
             for (int i = 0; i < count; i++)
             {
                 var key = log.KeyOf(contexts[i].JobId);
-                if (key == null && !huge[i])
+                if (key == null && !refused[i])
                     failures.Add("context " + i + ": the forwarder logged no idempotency key for it");
                 expected[i] = ExpectedLine(key ?? "-", contexts[i]) + (invalid[i] ? "\tinvalid" : "\tvalid");
             }
@@ -481,7 +522,7 @@ namespace Jobhook.Forwarder.Harness
             var spoolDeadline = DateTime.UtcNow.AddSeconds(waitSeconds);
             // Every event was written (a full spool drops older files as newer ones are written,
             // so this counts writes, not files); the harness never fills the in-memory queues.
-            while (observer.Counters.Spooled < count - hugeCount && DateTime.UtcNow < spoolDeadline)
+            while (observer.Counters.Spooled < count - refusedCount && DateTime.UtcNow < spoolDeadline)
                 Thread.Sleep(5);
             Console.WriteLine("spooled " + observer.Counters.Spooled + " after "
                               + Ms((Stopwatch.GetTimestamp() - submittedAt) * 1000.0 / Stopwatch.Frequency) + " ms");
@@ -822,12 +863,15 @@ namespace Jobhook.Forwarder.Harness
             var forwarder = Construct(options, null);
             forwarder.Start();
             var failures = new List<string>();
-            var big = new string('m', chars);
+            var big = new string(Get(opts, "escaped", "0") == "1" ? '"' : 'm', chars);
             var huge = new string('h', HugeStringLength);
             for (int i = 0; i < hugeCount + count; i++)
             {
                 var context = MakeContext(i, random, null);
-                context.Username = i < hugeCount ? huge : big;
+                if (i < hugeCount)
+                    context.Username = huge;
+                else
+                    context.Username = context.ClientMachine = context.JobType = big;
                 var failure = Call(forwarder, context);
                 if (failure != null)
                     failures.Add("context " + i + ": " + failure);
@@ -1273,7 +1317,7 @@ namespace Jobhook.Forwarder.Harness
         {
             Console.Error.WriteLine("harness: " + problem);
             Console.Error.WriteLine("usage: harness.exe run|drain|burst|pending|faults|memory|moving|logjam|overflow|settings --url U --spool DIR [--count N --expected FILE] [--token T] [--seed S] [--threads K]"
-                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N] [--max-queued-events N]"
+                                    + " [--timeout-ms MS] [--initial-backoff-ms MS] [--max-backoff-ms MS] [--wait-seconds S] [--invalid-every K] [--huge-every K] [--long-field-every K] [--ca FILE] [--max-spool-files N] [--max-spool-bytes N] [--max-queued-events N]"
                                     + " [--pause-after N --resume-file F] [--hold-oldest-ms MS] [--alias-spool DIR2] [--slow-log-ms MS]");
             return 2;
         }

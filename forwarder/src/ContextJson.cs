@@ -41,7 +41,38 @@ namespace Jobhook.Forwarder
         /// </summary>
         public const int MaxBodyBytes = 64 * 1024;
 
+        /// <summary>
+        /// Longest string field the engine accepts, in bytes of UTF-8 (host/src/context.rs,
+        /// MAX_STRING_FIELD_BYTES): it refuses a context whose Username, ClientMachine or
+        /// JobType is longer (400), whatever the rest. Such an event is refused before it is
+        /// queued or spooled, like a body over <see cref="MaxBodyBytes"/>: spooled, it would
+        /// only be posted, refused and set aside, after taking the room of good events.
+        /// </summary>
+        public const int MaxStringFieldBytes = 4 * 1024;
+
         static readonly UTF8Encoding Utf8 = new UTF8Encoding(false);
+
+        /// <summary>
+        /// The first string field of `context` that is over <see cref="MaxStringFieldBytes"/>
+        /// as the engine counts it: the UTF-8 bytes of the value sent (a lone surrogate, sent
+        /// as U+FFFD, is that character's three bytes, as .NET's encoder counts it too), its
+        /// escapes undone. Null if none; `bytes` is that field's length.
+        /// </summary>
+        public static string OverLongField(ContextSnapshot context, out int bytes)
+        {
+            bytes = 0;
+            foreach (var field in context.Strings())
+            {
+                // Never more than 3 bytes a UTF-16 unit: a short string needs no counting.
+                if (field.Value == null || (long)field.Value.Length * 3 <= MaxStringFieldBytes)
+                    continue;
+                bytes = Utf8.GetByteCount(field.Value);
+                if (bytes > MaxStringFieldBytes)
+                    return field.Key;
+            }
+            bytes = 0;
+            return null;
+        }
 
         /// <summary>Bytes of `body` in UTF-8, as it is spooled and sent.</summary>
         public static int Utf8Length(string body)

@@ -33,7 +33,11 @@ namespace Jobhook.Forwarder
         public long Rejected;
         /// <summary>Events dropped because an in-memory queue (its own, or the intake queue once this registration has a runtime) or the spool was full.</summary>
         public long Dropped;
-        /// <summary>Events refused because their body is over the engine's limit (never spooled).</summary>
+        /// <summary>
+        /// Events refused because their body, or one of its string fields, is over the engine's
+        /// limit (<see cref="ContextJson.MaxBodyBytes"/>, <see cref="ContextJson.MaxStringFieldBytes"/>):
+        /// never spooled.
+        /// </summary>
         public long TooLarge;
         /// <summary>Failed POSTs that will be retried.</summary>
         public long Retries;

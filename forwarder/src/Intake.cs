@@ -46,7 +46,28 @@ namespace Jobhook.Forwarder
             CurrentRetryCount = context.CurrentRetryCount;
             Chars = (long)(Username == null ? 0 : Username.Length) + (ClientMachine == null ? 0 : ClientMachine.Length)
                     + (JobType == null ? 0 : JobType.Length);
+            Longest("Username", Username, ref LongestField, ref LongestChars);
+            Longest("ClientMachine", ClientMachine, ref LongestField, ref LongestChars);
+            Longest("JobType", JobType, ref LongestField, ref LongestChars);
         }
+
+        static void Longest(string field, string value, ref string longestField, ref int longestChars)
+        {
+            if (value != null && value.Length > longestChars)
+            {
+                longestField = field;
+                longestChars = value.Length;
+            }
+        }
+
+        /// <summary>
+        /// The longest string field (its name in the body) and its UTF-16 characters, a lower
+        /// bound of its UTF-8 bytes: a field of more characters than the engine takes bytes in
+        /// one (<see cref="ContextJson.MaxStringFieldBytes"/>) is known to be too long without
+        /// encoding it, cheaply enough for RunHandler. Null and 0 without strings.
+        /// </summary>
+        public readonly string LongestField;
+        public readonly int LongestChars;
 
         /// <summary>
         /// UTF-16 characters of the strings: what the copy holds in memory, and a lower bound
@@ -55,6 +76,17 @@ namespace Jobhook.Forwarder
         /// to be too large without serialising it.
         /// </summary>
         public readonly long Chars;
+
+        /// <summary>The string fields by their names in the body (Keyfactor's), in the body's order.</summary>
+        public KeyValuePair<string, string>[] Strings()
+        {
+            return new[]
+            {
+                new KeyValuePair<string, string>("Username", Username),
+                new KeyValuePair<string, string>("ClientMachine", ClientMachine),
+                new KeyValuePair<string, string>("JobType", JobType),
+            };
+        }
 
         /// <summary>JobResult and OperationType, boxed (see the constructor).</summary>
         readonly object jobResult;
@@ -195,6 +227,14 @@ namespace Jobhook.Forwarder
             "event(s) refused because their JSON body is over the engine's limit of " + ContextJson.MaxBodyBytes
             + " bytes (the engine would refuse them; not spooled)");
 
+        /// <summary>
+        /// Events with a string field over the engine's limit (<see cref="ContextJson.MaxStringFieldBytes"/>),
+        /// counted as too large too.
+        /// </summary>
+        internal static readonly RateLimitedCount FieldTooLong = new RateLimitedCount(
+            "event(s) refused because a string field (Username, ClientMachine or JobType, as Keyfactor gave it) is over the engine's limit of "
+            + ContextJson.MaxStringFieldBytes + " bytes of UTF-8 (the engine would refuse them; not spooled)");
+
         /// <summary>Events not yet passed on to a runtime (queued, or being serialised), for every registration.</summary>
         public static int Count
         {
@@ -246,14 +286,18 @@ namespace Jobhook.Forwarder
         /// </summary>
         public static void Submit(JobhookForwarder handler, ContextSnapshot context)
         {
-            if (context.Chars > ContextJson.MaxBodyBytes)
+            if (context.Chars > ContextJson.MaxBodyBytes || context.LongestChars > ContextJson.MaxStringFieldBytes)
             {
-                // Known to be refused without serialising it (see ContextSnapshot.Chars): it
-                // would only take the room of events that can be delivered.
+                // Known to be refused without serialising it (see ContextSnapshot.Chars and
+                // LongestChars): it would only take the room of events that can be delivered.
                 var known = handler.StartedRuntime;
                 if (known != null)
                     Interlocked.Increment(ref known.Counters.TooLarge);
-                TooLarge.Add("job " + context.JobId.ToString("D"));
+                if (context.Chars > ContextJson.MaxBodyBytes)
+                    TooLarge.Add("job " + context.JobId.ToString("D"));
+                else
+                    FieldTooLong.Add("job " + context.JobId.ToString("D") + ": " + context.LongestField + " is " + context.LongestChars
+                                     + " characters, so over " + ContextJson.MaxStringFieldBytes + " bytes");
                 return;
             }
             var pending = new Pending { Handler = handler, Context = context, Size = ForwarderSettings.MemoryBytes(context.Chars) };
@@ -453,6 +497,15 @@ namespace Jobhook.Forwarder
             var runtime = next.Handler.Runtime();
             if (runtime == null)
                 return;
+            int fieldBytes;
+            var field = ContextJson.OverLongField(next.Context, out fieldBytes);
+            if (field != null)
+            {
+                // The engine would refuse it (400) whatever the rest of the body.
+                Interlocked.Increment(ref runtime.Counters.TooLarge);
+                FieldTooLong.Add("job " + next.Context.JobId.ToString("D") + ": " + field + " is " + fieldBytes + " bytes");
+                return;
+            }
             var body = ContextJson.Serialize(next.Context);
             if (ContextJson.Utf8Length(body) > ContextJson.MaxBodyBytes)
             {

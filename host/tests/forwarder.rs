@@ -6,8 +6,9 @@
 //!
 //! Cases:
 //! - (a) 1,000 varied contexts through the Command 9-10 registration arrive as 1,000 events with
-//!   the same eleven fields; the Command 11+ registration too; a context the engine refuses (400)
-//!   is set aside in `rejected/` with its reason beside it, not retried.
+//!   the same eleven fields; the Command 11+ registration too; a context the engine refuses (413,
+//!   a body over its configured limit) is set aside in `rejected/` with its reason beside it, not
+//!   retried.
 //! - (b) the engine is down at first: every event arrives once it starts; handlers naming the
 //!   spool directory two ways share one runtime.
 //! - (c) a stand-in in front of the engine that is slow, answers 500/503/401, answers garbage,
@@ -50,8 +51,8 @@
 //!   second; the events wait in memory and arrive once it can be written again.
 //! - (x) hostile values of each setting (a NUL or quotes in a path, `EngineUrl` with the
 //!   endpoint path, a `Bearer ` prefix or the prefix alone, `MaxBackoffMs` below
-//!   `InitialBackoffMs`, a `ForwarderName` too long or with spaces) are reported by name and replaced; blank values
-//!   are unset and report nothing; `ForwarderSettings.Parse` never throws.
+//!   `InitialBackoffMs`, a `ForwarderName` too long or with spaces) are reported by name and
+//!   replaced; blank values are unset and report nothing; `ForwarderSettings.Parse` never throws.
 //! - (y) a thread that cannot start (the forwarder's internal test hook makes its starts throw)
 //!   costs no `RunHandler` call and no event: it is started on a later try, and reported.
 //! - (z) the in-memory queues are bounded in bytes, not only in events; an event whose strings
@@ -79,6 +80,8 @@
 //!   where it points, and it is not followed.
 //! - (am) a burst behind a small in-memory queue, the engine down: every accepted event is
 //!   counted once, spooled or dropped.
+//! - (an) a string field over the engine's 4 KiB is refused before it is spooled, the field
+//!   named; one of exactly 4 KiB arrives.
 //! - (ao) the forwarder's copies of the engine's limits are the engine's.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
@@ -127,6 +130,10 @@ const DRAIN_SECONDS: u32 = 90;
 const HARNESS_TZ: &str = "America/St_Johns";
 /// The engine's SQLite file under its data directory.
 const DATABASE_FILE: &str = "jobhook.sqlite";
+/// `[server] max_body_bytes` of an engine that must refuse the harness's `--invalid-every`
+/// contexts (bodies of some 18 KB, forwarder/harness/Harness.cs) and take every other one
+/// (under 10 KB).
+const SMALL_BODY_LIMIT: usize = 16 * 1024;
 
 /// The forwarder cases share two cores with the engine and each other: one at a time keeps
 /// the RunHandler budget check meaningful.
@@ -243,6 +250,13 @@ impl Site {
         self
     }
 
+    /// This site with its engine taking bodies of at most [`SMALL_BODY_LIMIT`] bytes, so that
+    /// the harness's `--invalid-every` contexts are refused by the engine (413) although
+    /// nothing in them is over a limit the forwarder knows.
+    fn with_small_body_limit(self) -> Self {
+        self.with_engine_config(&format!("max_body_bytes = {SMALL_BODY_LIMIT}"), "")
+    }
+
     /// This site with its engine listening with TLS, its certificate issued by a fresh test CA;
     /// returns the path of that CA's certificate.
     fn with_tls(self) -> (Self, PathBuf) {
@@ -327,7 +341,8 @@ impl Site {
 struct Expected {
     key: String,
     context: JobContext,
-    /// The engine must refuse it (a field over its limit).
+    /// It must never be stored: the engine refuses it, or the forwarder does before sending it
+    /// (a body or a field over the engine's limit).
     invalid: bool,
 }
 
@@ -890,6 +905,7 @@ async fn a_every_context_arrives_as_one_event_with_the_same_fields() {
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
+    let site = site.with_small_body_limit();
     let engine = site.start_engine();
 
     // Command 9-10: Unity sets the properties.
@@ -925,7 +941,12 @@ async fn a_every_context_arrives_as_one_event_with_the_same_fields() {
         invalid,
         "each refused event is set aside"
     );
-    assert_rejected_reasons(&site, "HTTP 400 {\"error\":\"invalid job context");
+    assert_rejected_reasons(
+        &site,
+        &format!(
+            "HTTP 413 {{\"error\":\"the request body is larger than the limit of {SMALL_BODY_LIMIT} bytes"
+        ),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1874,6 +1895,7 @@ async fn aj_other_programs_files_in_the_spool_directory_are_left_alone() {
     std::fs::create_dir_all(&rejected).expect("rejected folder");
     let old_report = vec![b'r'; 65 * 1024 * 1024];
     std::fs::write(rejected.join("old-report.bin"), &old_report).expect("foreign file");
+    let site = site.with_small_body_limit();
     let engine = site.start_engine();
     let expected_path = site.path("expected.tsv");
     let harness = Harness::run(
@@ -2626,17 +2648,21 @@ fn memory_line(line: &str) -> HashMap<String, u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
-    const SENT: usize = 1000;
-    /// Characters of each event's Username: a body of some 60 KB, under the engine's 64 KiB,
-    /// about 120 KB in memory as a .NET string.
-    const CHARS: &str = "60000";
-    /// At most what fits in the forwarder's 32 MiB byte limit of a queue, with room to spare.
-    const FIT: u64 = 300;
+    const SENT: usize = 3000;
+    /// Characters of each of an event's three strings, quotes: each string as long as the engine
+    /// takes (4 KiB), the body (each quote escaped) some 25 KB, about 50 KB in memory as a .NET
+    /// string, and the context's strings 25 KB in the intake queue.
+    const CHARS: &str = "4096";
+    /// At most what fits in the forwarder's 32 MiB byte limit of the runtime's queue (some 666
+    /// bodies), with room to spare.
+    const FIT: u64 = 700;
+    /// At most what fits in that limit of the intake queue (some 1,337 contexts).
+    const FIT_INTAKE: u64 = 1400;
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
     // The spool cannot be opened (it lies under a regular file): every event waits in the
-    // registration's in-memory queue. 1,000 such events are some 120 MB there without a byte
+    // registration's in-memory queue. 3,000 such events are some 150 MB there without a byte
     // limit, under the default limit of 10,000 events.
     let broken = spool_that_cannot_open(&site);
     let sent = SENT.to_string();
@@ -2647,7 +2673,16 @@ async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
         &site,
         &site.engine_url(),
         "memory",
-        &["--count", &sent, "--field-chars", CHARS, "--spool", &broken],
+        &[
+            "--count",
+            &sent,
+            "--field-chars",
+            CHARS,
+            "--escaped",
+            "1",
+            "--spool",
+            &broken,
+        ],
     );
     let (status, out, log) = harness.finish(Duration::from_secs(90));
     let tail = tail_of(&log, 4000);
@@ -2671,8 +2706,9 @@ async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
         )),
     }
 
-    // The intake thread never starts: every event waits in the intake queue. Three events over
-    // the engine's 64 KiB come first: refused at once, never queued.
+    // The intake thread never starts: every event waits in the intake queue (75 MB without a
+    // byte limit). Three events over the engine's 64 KiB come first: refused at once, never
+    // queued.
     let _ = std::fs::remove_file(site.path("harness-fx-memory.log"));
     let harness = Harness::start(
         build,
@@ -2685,6 +2721,8 @@ async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
             &sent,
             "--field-chars",
             CHARS,
+            "--escaped",
+            "1",
             "--huge",
             "3",
             "--fail-thread",
@@ -2698,7 +2736,7 @@ async fn z_events_in_memory_are_bounded_in_bytes_not_only_in_count() {
     match out.lines().find(|l| l.starts_with("memory ")) {
         Some(line) if status.is_some_and(|s| s.success()) => {
             let numbers = memory_line(line);
-            if numbers["intake"] > FIT || numbers["intake"] < FIT / 2 {
+            if numbers["intake"] > FIT_INTAKE || numbers["intake"] < FIT_INTAKE / 2 {
                 problems.push(format!(
                     "an intake thread that never starts: the intake queue is not bounded in bytes: {line}"
                 ));
@@ -3628,6 +3666,63 @@ async fn am_every_accepted_event_is_counted_once_spooled_or_dropped() {
     );
 }
 
+/// A context with a string over the engine's 4 KiB per field is refused before it is spooled,
+/// whichever way it is over: more characters than that (known in RunHandler), more bytes of
+/// UTF-8 in fewer characters, or a lone surrogate sent as the three bytes of U+FFFD. It is
+/// counted and reported with the field named, never sent; a field of exactly 4 KiB arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_a_string_field_over_the_engines_limit_is_refused_before_it_is_spooled() {
+    const SENT: usize = 40;
+    const EVERY: &str = "5";
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &engine.url,
+        SENT,
+        &expected_path,
+        &["--threads", "1", "--long-field-every", EVERY],
+    );
+    let log = harness.wait_success_log("string fields over the engine's limit");
+    let expected = read_expected(&expected_path);
+    let refused = expected.iter().filter(|e| e.invalid).count();
+    assert_eq!(refused, 8);
+    assert_delivered_once(&site, &expected, None);
+    assert_eq!(
+        rejected_files(&site),
+        0,
+        "nothing the engine would refuse was sent:\n{log}"
+    );
+    let reports: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("is over the engine's limit of 4096 bytes of UTF-8"))
+        .collect();
+    let named = [
+        "(the last: job ",
+        "Username is 4097 characters, so over 4096 bytes)",
+        "ClientMachine is 4098 bytes)",
+        "JobType is 4098 bytes)",
+    ];
+    assert!(
+        !reports.is_empty()
+            && reports
+                .iter()
+                .all(|l| l.contains(named[0]) && named[1..].iter().any(|field| l.contains(field))),
+        "the refusals are reported, each report naming the field and its size:\n{log}"
+    );
+    assert!(
+        reports
+            .last()
+            .is_some_and(|l| l.contains(&format!("{refused} since start"))),
+        "every refusal is counted:\n{log}"
+    );
+}
+
 /// The value of the C# constant `name` in `source` (`const int <name> = <a> * <b> …;`, integer
 /// literals multiplied), or None.
 fn csharp_const(source: &str, name: &str) -> Option<usize> {
@@ -3641,7 +3736,7 @@ fn csharp_const(source: &str, name: &str) -> Option<usize> {
 
 /// The forwarder's copies of the engine's limits (it cannot link the engine's code) are the
 /// engine's: the handlers an answer may list and their names' length (what it reads of an
-/// answer is derived from them), and the body it takes.
+/// answer is derived from them), the body and the string field it takes.
 #[test]
 fn ao_the_forwarders_copies_of_the_engines_limits_are_the_engines() {
     let read = |file: &str| {
@@ -3660,6 +3755,11 @@ fn ao_the_forwarders_copies_of_the_engines_limits_are_the_engines() {
             &sender,
             "EngineMaxHandlerName",
             jobhook::queue::registration::MAX_HANDLER_NAME,
+        ),
+        (
+            &json,
+            "MaxStringFieldBytes",
+            jobhook::context::MAX_STRING_FIELD_BYTES,
         ),
         (&json, "MaxBodyBytes", jobhook::context::MAX_CONTEXT_BYTES),
     ] {
