@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use jobhook::app::config::MIN_TOKEN_CHARS;
 use jobhook_testkit::{guest, sample_context_json, workspace_root};
@@ -29,6 +30,27 @@ fn jobhook_stdin(args: &[&str], stdin: &[u8]) -> Output {
         input.write_all(stdin).expect("write stdin");
     }
     child.wait_with_output().expect("wait")
+}
+
+/// Runs `jobhook args…` for at most `limit`: a command that should have refused to start and
+/// did not (a `serve` that serves) is stopped, and its output shows what it did.
+fn jobhook_within(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn jobhook");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().expect("wait").is_none() {
+        child.kill().expect("kill jobhook");
+    }
+    child.wait_with_output().expect("output")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -451,7 +473,7 @@ fn inspect_says_when_a_component_does_not_fit() {
 /// its limit (plus generous slack for a loaded machine).
 #[test]
 fn run_reports_every_hostile_class_with_exit_1() {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
     let cases = [
         ("guest-loop", "timed-out", None),
         ("guest-sleep", "timed-out", None),
@@ -1163,6 +1185,61 @@ fn check_resolves_what_serve_resolves_and_creates_nothing() {
     );
     assert!(
         !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// An empty configuration file (no byte, or only white space and comments: a file cut short
+/// while it was written) is refused by `check` and by `serve`, naming the file and the likely
+/// cause; a configuration that is not empty but has no handler is valid, and `check` warns that
+/// every event would be routed to none.
+#[test]
+fn an_empty_configuration_is_refused_and_one_without_handlers_is_warned_of() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("jobhook.toml");
+    let config = path.display().to_string();
+    for written in ["", "\n   \n", "# only a comment\n"] {
+        std::fs::write(&path, written).expect("write");
+        for command in ["check", "serve"] {
+            let out = jobhook_within(&[command, "--config", &config], Duration::from_secs(60));
+            let stderr = text(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{command} {written:?}: {stderr}"
+            );
+            assert!(
+                stderr.contains(&format!("{config}: the configuration file is empty"))
+                    && stderr.contains("cut short"),
+                "{command} {written:?}: {stderr}"
+            );
+        }
+    }
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[store]\ndata_dir = \"data\"\n",
+    )
+    .expect("write");
+    let out = jobhook(&["check", "--config", &config]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: the configuration has no [[handlers]]")
+            && stderr.contains("no handler runs for any event"),
+        "{stderr}"
+    );
+    assert!(
+        text(&out.stdout).contains("configuration is valid; 0 handler(s) loaded\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    // With a handler, no such warning.
+    let (_dir, config) = check_config("");
+    let out = jobhook(&["check", "--config", &config]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("no [[handlers]]"),
         "{}",
         text(&out.stderr)
     );

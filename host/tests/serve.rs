@@ -1695,6 +1695,77 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
     );
 }
 
+/// A reload of a configuration file cut short — empty, or whole but for its handlers — would
+/// leave no handler, and every event after it would be stored and never delivered: both are
+/// refused (by the endpoint and by SIGHUP), saying why, and the running handlers stay.
+#[tokio::test]
+async fn a_reload_that_would_leave_no_handler_is_refused() {
+    let setup = Setup::new();
+    let all = handler("all", "log-context", "[\"*\"]", "");
+    let engine = setup.start(&all);
+    let path = setup.dir.path().join("jobhook.toml");
+    let still_routed = || async {
+        let (status, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["deliveries"], json!(["all"]), "{}", engine.log_text());
+    };
+    // Cut to nothing, to white space, to a comment.
+    for written in ["", "\n\n  \n", "# jobhook\n"] {
+        std::fs::write(&path, written).expect("truncate");
+        let response = reload(&engine).await;
+        assert_eq!(response.status().as_u16(), 400, "{written:?}");
+        let text = response.text().await.expect("text");
+        assert!(
+            text.contains("the configuration file is empty") && text.contains("cut short"),
+            "{written:?}: {text}"
+        );
+        still_routed().await;
+    }
+    // Whole but for its handlers: the reload says what it would have stopped.
+    setup.config("");
+    let response = reload(&engine).await;
+    assert_eq!(response.status().as_u16(), 400);
+    let text = response.text().await.expect("text");
+    assert!(
+        text.contains("has no [[handlers]]")
+            && text.contains("1 handler runs now (all)")
+            && text.contains("the running configuration stays"),
+        "{text}"
+    );
+    still_routed().await;
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_config_last_reload_successful 0"),
+        "{metrics}"
+    );
+    // By SIGHUP too: refused, logged, the handler kept.
+    let refusals = || {
+        engine
+            .log_text()
+            .matches("reload refused, keeping the running one")
+            .count()
+    };
+    let before = refusals();
+    std::fs::write(&path, "").expect("truncate");
+    engine.hangup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refusals() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the refused SIGHUP reload was not logged:\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    still_routed().await;
+    let (_, health) = get(&engine, "/healthz").await;
+    let health: Value = serde_json::from_str(&health).expect("json");
+    assert_eq!(health["handlers"], 1, "{health}");
+    // Handlers back: the reload is taken.
+    setup.config(&all);
+    assert_eq!(reload(&engine).await.status().as_u16(), 200);
+}
+
 /// A handler that traps on every inventory job and is not retried: each event is one failure.
 fn failing_inventory_handler() -> String {
     handler(

@@ -337,11 +337,15 @@ async fn check(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     for warning in warnings {
         print_err(&format!("warning: {}", escape(&warning)));
     }
+    let listed = if names.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", escape(&names.join(", ")))
+    };
     print_out(&format!(
-        "{}: configuration is valid; {} handler(s) loaded: {}\n",
+        "{}: configuration is valid; {} handler(s) loaded{listed}\n",
         escape(&args.config.display().to_string()),
         names.len(),
-        escape(&names.join(", "))
     ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -168,6 +168,23 @@ fn source_line(text: &str, offset: usize) -> Option<String> {
     (!whole.is_empty()).then(|| excerpt(whole, MAX_QUOTED_CHARS).into_owned())
 }
 
+/// What is said of a configuration file with nothing in it but white space and comments.
+const EMPTY_CONFIGURATION: &str = "the configuration file is empty (nothing but white space and \
+     comments); a file cut short while it was written or copied is the usual cause: restore it \
+     (examples/jobhook.toml shows every section)";
+
+/// Whether `text` holds nothing a configuration is made of: only white space (a byte-order mark
+/// too) and comments. Such a file is valid TOML, read as every default and no handler; it is
+/// almost always one cut short — by an editor, a `> jobhook.toml`, a copy that failed — and
+/// loading it, at a reload above all, would stop every handler without a word, so it is refused.
+/// A configuration without handlers written on purpose has at least a section.
+fn is_empty_text(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+        line.is_empty() || line.starts_with('#')
+    })
+}
+
 /// A configuration error: which file, where, which key, and what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -500,8 +517,15 @@ impl Config {
     }
 
     /// Parses and validates configuration text; `path` names it in errors and resolves relative
-    /// paths.
+    /// paths. Text with nothing but white space and comments is refused ([`is_empty_text`]).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        if is_empty_text(text) {
+            return Err(ConfigError {
+                file: path.to_path_buf(),
+                line: None,
+                message: EMPTY_CONFIGURATION.to_owned(),
+            });
+        }
         let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&e, text, path))?;
         let base = path
             .parent()
@@ -2475,6 +2499,38 @@ identity = "writer"
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
         let e = Config::load(&fifo).unwrap_err();
         assert!(e.message.contains("is a named pipe (FIFO)"), "{e}");
+    }
+
+    /// A file with nothing to read — no byte at all, only white space, only comments, a
+    /// byte-order mark — is refused as empty (a file cut short while it was written is the
+    /// usual cause) rather than read as a configuration of defaults without handlers; a file
+    /// with one section is not empty.
+    #[test]
+    fn an_empty_configuration_file_is_refused_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobhook.toml");
+        for text in [
+            "",
+            "\n\n",
+            "  \t\r\n \n",
+            "# jobhook\n\n   # [server]\n",
+            "\u{feff}",
+            "\u{feff}# a comment\r\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load(&path).unwrap_err();
+            assert_eq!(e.file, path, "{text:?}: {e}");
+            assert_eq!(e.line, None, "{text:?}: {e}");
+            assert!(
+                e.message.starts_with("the configuration file is empty"),
+                "{text:?}: {e}"
+            );
+            assert!(e.message.contains("cut short"), "{text:?}: {e}");
+            let parsed = Config::parse(text, &path).unwrap_err();
+            assert_eq!(parsed, e, "{text:?}");
+        }
+        let c = Config::parse("[server]\n", &path).expect("a section is not empty");
+        assert!(c.handlers.is_empty());
     }
 
     /// A file past the limit is refused at the limit, even when the read stops in the middle

@@ -34,6 +34,15 @@ use crate::sources::poller::Poller;
 /// The setting that limits a component's size, named when a component is over it.
 const MAX_COMPONENT_BYTES_SETTING: &str = "[engine] max_component_bytes";
 
+/// What `check` and the start of `serve` warn of when the configuration has no handler: events
+/// are taken and stored, and none is ever delivered.
+pub const NO_HANDLERS: &str = "the configuration has no [[handlers]]: events are accepted and \
+     stored, but no handler runs for any event (each is counted in jobhook_events_unrouted_total \
+     and is not delivered later, when handlers are added); add a [[handlers]] entry";
+
+/// Most handler names a refused reload lists: enough to recognise the configuration that runs.
+const MAX_NAMES_LISTED: usize = 10;
+
 /// The line `serve` prints once it accepts connections; tools and tests wait for it.
 pub const READY_LINE: &str = "jobhook listening on http://";
 
@@ -199,7 +208,38 @@ pub async fn check(path: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let engine = engine(&config)?;
     let services = services(&config)?;
     let set = load_handlers(&engine, &services, &config, None).await?;
+    if config.handlers.is_empty() {
+        warnings.push(NO_HANDLERS.to_owned());
+    }
     Ok((set.names(), warnings))
+}
+
+/// Why a reload to `config`, which has no handler, is refused while `running` has some: every
+/// event after it would be stored and never delivered, and a configuration file cut short (an
+/// editor's save, a copy under way) is far likelier than an operator stopping every handler by
+/// a reload. Names the handlers that keep running, and how to run without any.
+fn no_handler_left(config: &Config, running: &Config) -> String {
+    let names: Vec<&str> = running.handlers.iter().map(|h| h.name.as_str()).collect();
+    let mut listed = names
+        .iter()
+        .take(MAX_NAMES_LISTED)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > MAX_NAMES_LISTED {
+        listed.push_str(&format!(" and {} more", names.len() - MAX_NAMES_LISTED));
+    }
+    let runs = match names.len() {
+        1 => "1 handler runs".to_owned(),
+        n => format!("{n} handlers run"),
+    };
+    format!(
+        "{}: the configuration has no [[handlers]], while {runs} now ({listed}); a reload that \
+         would stop every handler is refused (a file cut short while it was written is the usual \
+         cause), and the running configuration stays. To run without handlers, restart jobhook \
+         with this configuration",
+        config.path.display()
+    )
 }
 
 /// The engine `serve` runs and `check` tries: one pool slot per delivery the dispatcher may run
@@ -270,6 +310,9 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
     }
     let handlers = load_handlers(&engine, &services, &config, None).await?;
     tracing::info!(handlers = ?handlers.names(), "handlers loaded");
+    if config.handlers.is_empty() {
+        tracing::warn!("{NO_HANDLERS}");
+    }
     let metrics = Arc::new(Metrics::new().with_log_drops(log_drops));
     let dispatcher = Dispatcher::with_lease(
         Arc::clone(&store),
@@ -468,6 +511,9 @@ fn reloader(running: Running) -> Reloader {
                 let started = Arc::clone(&started);
                 let read = read_files("the configuration files", move || {
                     let config = Config::load(&path)?;
+                    if config.handlers.is_empty() && !previous.handlers.is_empty() {
+                        anyhow::bail!("{}", no_handler_left(&config, &previous));
+                    }
                     let new_tokens = config.resolve_tokens()?;
                     // The certificate is read (again) and checked before anything is swapped.
                     let tls_config = match (has_tls, &config.server.tls) {
