@@ -223,17 +223,49 @@ impl PollerConfig {
                 self.stale_after_ms
             )));
         }
-        self.job_types
-            .iter()
-            .map(|(name, id)| {
-                parse_guid(id)
-                    .map(|g| (name.to_ascii_lowercase(), g))
-                    .ok_or_else(|| PollerConfigError::JobType {
-                        name: name.clone(),
-                        id: id.clone(),
-                    })
-            })
-            .collect()
+        // Rows are matched by their `JobType` lower-cased: names that differ only in case are
+        // one name, and which GUID it would get is not for the map's order to decide.
+        let mut ids = BTreeMap::new();
+        let mut written: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, id) in &self.job_types {
+            if let Some(problem) = job_type_name_problem(name) {
+                return Err(PollerConfigError::JobTypeName {
+                    name: name.clone(),
+                    problem,
+                });
+            }
+            let guid = parse_guid(id).ok_or_else(|| PollerConfigError::JobType {
+                name: name.clone(),
+                id: id.clone(),
+            })?;
+            let folded = name.to_ascii_lowercase();
+            if let Some(first) = written.insert(folded.clone(), name) {
+                return Err(PollerConfigError::CaseCollision {
+                    first: first.to_owned(),
+                    second: name.clone(),
+                });
+            }
+            ids.insert(folded, guid);
+        }
+        Ok(ids)
+    }
+}
+
+/// What makes a `[poller.job_types]` name one no JobHistory row carries, if anything: empty,
+/// white space around it, a control character. Command's job type names are identifiers
+/// (`WinCertInventory`, `Custom.FetchLogs`); such a name would never route a row.
+fn job_type_name_problem(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() {
+        Some(
+            "is empty: give the JobType name JobHistory rows carry (`jobhook job-types` prints \
+             them)",
+        )
+    } else if name.chars().any(char::is_control) {
+        Some("holds a control character, which no JobType name has: remove it")
+    } else if name.trim() != name {
+        Some("has white space around it, which no JobType name has: remove it")
+    } else {
+        None
     }
 }
 
@@ -244,12 +276,38 @@ pub enum PollerConfigError {
     #[error("[poller] {0}")]
     Bounds(String),
     /// A `[poller.job_types]` value that is not a GUID.
-    #[error("[poller.job_types] {name} = {id:?} is not a GUID")]
+    #[error(
+        "[poller.job_types] {} = {} is not a GUID",
+        crate::excerpt::quoted(name),
+        crate::excerpt::quoted(id)
+    )]
     JobType {
         /// The job type name.
         name: String,
         /// The value given.
         id: String,
+    },
+    /// A `[poller.job_types]` name no JobHistory row carries ([`job_type_name_problem`]).
+    #[error("[poller.job_types] {} {problem}", crate::excerpt::quoted(name))]
+    JobTypeName {
+        /// The name as written.
+        name: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// Two `[poller.job_types]` names that differ only in case: rows are matched without regard
+    /// to case, so one GUID would silently replace the other.
+    #[error(
+        "[poller.job_types] {} and {} differ only in case; JobHistory rows are matched to these \
+         names without regard to case, so one GUID would replace the other: keep one of them",
+        crate::excerpt::quoted(first),
+        crate::excerpt::quoted(second)
+    )]
+    CaseCollision {
+        /// The name met first (in key order).
+        first: String,
+        /// The other.
+        second: String,
     },
 }
 
@@ -1854,5 +1912,56 @@ mod tests {
             ..PollerConfig::default()
         };
         assert!(c.job_type_ids().is_ok());
+    }
+
+    /// `[poller.job_types]` names are matched to a row's `JobType` without regard to case: two
+    /// names that differ only in case are refused naming both (one GUID silently replaced the
+    /// other), and so are names no row can carry (empty, white space around, control
+    /// characters), each quoted and escaped; distinct names of any case are taken.
+    #[test]
+    fn job_type_names_that_collide_or_no_row_can_carry_are_refused() {
+        const G1: &str = "7B6BBC1B-D802-4B09-BEC9-F5C221083130";
+        const G2: &str = "7B6BBC1B-D802-4B09-BEC9-F5C221083131";
+        let with = |names: &[(&str, &str)]| PollerConfig {
+            job_types: names
+                .iter()
+                .map(|(n, g)| ((*n).to_owned(), (*g).to_owned()))
+                .collect(),
+            ..PollerConfig::default()
+        };
+        let e = with(&[("A", G1), ("a", G2)])
+            .job_type_ids()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "[poller.job_types] \"A\" and \"a\" differ only in case; JobHistory rows are matched \
+             to these names without regard to case, so one GUID would replace the other: keep \
+             one of them"
+        );
+        // The same GUID under both spellings is still two entries for one name.
+        assert!(
+            with(&[("WinCertInventory", G1), ("WINCERTINVENTORY", G1)])
+                .job_type_ids()
+                .is_err()
+        );
+        for (name, says) in [
+            ("", "\"\" is empty"),
+            ("  ", "\"  \" is empty"),
+            (" A", "\" A\" has white space around it"),
+            ("A\u{1b}[2J", "\"A\\u{1b}[2J\" holds a control character"),
+            ("A\nB", "\"A\\nB\" holds a control character"),
+        ] {
+            let e = with(&[(name, G1)]).job_type_ids().unwrap_err().to_string();
+            assert!(e.starts_with("[poller.job_types] "), "{name:?}: {e}");
+            assert!(e.contains(says), "{name:?}: {e}");
+            assert!(!e.contains(['\u{1b}', '\n']), "{name:?}: {e:?}");
+        }
+        let ids = with(&[("A", G1), ("B", G2), ("Custom.FetchLogs", G2)])
+            .job_type_ids()
+            .unwrap();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids.get("a"), parse_guid(G1).as_ref());
+        assert_eq!(ids.get("custom.fetchlogs"), parse_guid(G2).as_ref());
     }
 }
