@@ -332,3 +332,131 @@ fn forwarder_registration_carries_no_admin_token() {
     assert!(!stderr.contains("BearerToken"), "{stderr}");
     assert!(!xml.contains("adm1n-token") && !stderr.contains("adm1n-token"));
 }
+
+/// Runs `jobhook import` on `path` and says how long it took.
+fn timed_import(path: &Path) -> ((i32, String, String), std::time::Duration) {
+    let started = std::time::Instant::now();
+    let result = import(path);
+    (result, started.elapsed())
+}
+
+/// The longest a generated input near [`MAX_IMPORT_BYTES`] may take to import. Reading it is
+/// linear, a second or two of a debug build on a loaded machine; work that grows with the
+/// square of the registrations (a line looked up from the start of the text for each, a
+/// handler name or a variable tried with every suffix before the next free one) took a minute
+/// and more for these files.
+const IMPORT_TIME_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Inputs just under the size limit, shaped to make each per-registration cost count —
+/// tens of thousands of registrations of one name (each needs a suffix) with a JobTypes that
+/// is no GUID (each warns), a one-line manifest of tens of thousands of entries (each entry's
+/// line is looked up), one registration with tens of thousands of JobTypes GUIDs and of secret
+/// properties whose names all map to one environment variable — are imported in time, with
+/// the right lines, and with at most [`jobhook::app::migrate::MAX_WARNINGS_SHOWN`] warnings
+/// printed and the number of those left out.
+#[test]
+fn large_inputs_are_imported_in_linear_time_with_bounded_warnings() {
+    use jobhook::app::migrate::MAX_WARNINGS_SHOWN;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = usize::try_from(MAX_IMPORT_BYTES).expect("fits");
+    let shown_lines = |stderr: &str| stderr.lines().count();
+
+    // web.config: one name, a JobTypes that is no GUID.
+    let registrations = 30_000;
+    let mut xml = String::from("<configuration><unity><container>\n");
+    for _ in 0..registrations {
+        xml.push_str(
+            "<register type=\"IOrchestratorJobCompleteHandler\" mapTo=\"A\" name=\"h\">\
+             <property name=\"JobTypes\" value=\"*\"/></register>\n",
+        );
+    }
+    xml.push_str("</container></unity></configuration>\n");
+    assert!(xml.len() < limit, "{}", xml.len());
+    let path = dir.path().join("web.config");
+    std::fs::write(&path, &xml).expect("write");
+    let ((code, toml, stderr), took) = timed_import(&path);
+    assert_eq!(code, 0, "{}", &stderr[..stderr.len().min(2000)]);
+    assert!(took < IMPORT_TIME_BOUND, "web.config took {took:?}");
+    assert_eq!(toml.matches("[[handlers]]\n").count(), registrations);
+    assert!(
+        toml.contains(&format!("name = \"h-{registrations}\"")),
+        "the last suffix"
+    );
+    assert!(
+        toml.contains(&format!("(line {}), was: A", registrations + 1)),
+        "the last registration's line"
+    );
+    assert_eq!(shown_lines(&stderr), MAX_WARNINGS_SHOWN + 1, "{stderr}");
+    // Two warnings per registration but the first (renamed, JobTypes unreadable).
+    let left_out = 2 * registrations - 1 - MAX_WARNINGS_SHOWN;
+    assert!(
+        stderr.ends_with(&format!(
+            "warning: {left_out} more warnings left out (only the first {MAX_WARNINGS_SHOWN} are \
+             shown); every environment variable to set is named in the printed configuration\n"
+        )),
+        "{}",
+        &stderr[stderr.len().saturating_sub(500)..]
+    );
+
+    // manifest.json on one line: every entry's line is looked up.
+    let entries = 30_000;
+    let mut json = String::from(
+        "{\"extensions\":{\"Keyfactor.Platform.Extensions.IOrchestratorJobCompleteHandler\":{",
+    );
+    for i in 0..entries {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&format!(
+            "\"h{i}\":{{\"TypeFullName\":\"T\",\"Options\":{{\"JobTypes\":\
+             \"7B6BBC1B-D802-4B09-BEC9-F5C221083130\"}}}}"
+        ));
+    }
+    json.push_str("}}}\n");
+    assert!(json.len() < limit, "{}", json.len());
+    let path = dir.path().join("manifest.json");
+    std::fs::write(&path, &json).expect("write");
+    let ((code, toml, stderr), took) = timed_import(&path);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(took < IMPORT_TIME_BOUND, "manifest.json took {took:?}");
+    assert_eq!(toml.matches("[[handlers]]\n").count(), entries);
+    assert_eq!(toml.matches("(line 1), was: T").count(), entries);
+    assert!(stderr.is_empty(), "{stderr}");
+
+    // One registration: tens of thousands of GUIDs, and of secret properties that all map to
+    // JOBHOOK_H_PASSWORD_ (their names differ in a character that is not an ASCII letter or
+    // digit).
+    let guids = 40_000;
+    let secrets = 20_000;
+    let job_types: Vec<String> = (0..guids)
+        .map(|i| format!("7B6BBC1B-D802-4B09-BEC9-{i:012X}"))
+        .collect();
+    let mut xml = format!(
+        "<configuration><unity><container>\n\
+         <register type=\"IOrchestratorJobCompleteHandler\" mapTo=\"A\" name=\"h\">\n\
+         <property name=\"JobTypes\" value=\"{}\"/>\n",
+        job_types.join(",")
+    );
+    // Letters outside ASCII: not white space (names are trimmed), not control characters.
+    let odd = (0x00c0u32..)
+        .filter_map(char::from_u32)
+        .filter(|c| c.is_alphabetic())
+        .take(secrets);
+    for c in odd {
+        xml.push_str(&format!("<property name=\"Password{c}\" value=\"x\"/>\n"));
+    }
+    xml.push_str("</register></container></unity></configuration>\n");
+    assert!(xml.len() < limit, "{}", xml.len());
+    let path = dir.path().join("one.config");
+    std::fs::write(&path, &xml).expect("write");
+    let ((code, toml, stderr), took) = timed_import(&path);
+    assert_eq!(code, 0, "{}", &stderr[..stderr.len().min(2000)]);
+    assert!(took < IMPORT_TIME_BOUND, "one registration took {took:?}");
+    assert_eq!(toml.matches("\"7B6BBC1B-D802-4B09-BEC9-").count(), guids);
+    assert!(
+        toml.contains(&format!("{{ env = \"JOBHOOK_H_PASSWORD__{secrets}\" }}")),
+        "the last variable's suffix"
+    );
+    assert_eq!(shown_lines(&stderr), MAX_WARNINGS_SHOWN + 1);
+    assert!(stderr.contains("more warnings left out"), "{stderr}");
+}

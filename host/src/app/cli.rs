@@ -392,7 +392,7 @@ fn new_project(args: NewArgs) -> anyhow::Result<ExitCode> {
 
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let (toml, warnings) = crate::app::migrate::import(&args.file)?;
-    for warning in warnings {
+    for warning in crate::app::migrate::shown_warnings(warnings) {
         print_err(&format!("warning: {warning}"));
     }
     print_out(&toml)?;

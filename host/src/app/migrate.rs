@@ -17,7 +17,7 @@
 //! JSON value, comments carry names escaped ([`crate::escape::escape`]), and names echoed in
 //! errors and warnings are cut short ([`crate::excerpt::quoted`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -69,6 +69,29 @@ pub const SECRET_NAME_PARTS: &[&str] = &[
 
 /// A message for the operator printed on stderr (never a secret value).
 pub type Warning = String;
+
+/// Most warnings `jobhook import` prints; past it, only how many more there were. A file within
+/// [`MAX_IMPORT_BYTES`] can hold tens of thousands of registrations with a warning each, and
+/// the operator needs the first few to see what is wrong (every environment variable to set is
+/// in the printed configuration as well).
+pub const MAX_WARNINGS_SHOWN: usize = 50;
+
+/// The warnings to print of `warnings`: the first [`MAX_WARNINGS_SHOWN`], then one saying how
+/// many more were left out.
+pub fn shown_warnings(mut warnings: Vec<Warning>) -> Vec<Warning> {
+    if let Some(more) = warnings
+        .len()
+        .checked_sub(MAX_WARNINGS_SHOWN)
+        .filter(|n| *n > 0)
+    {
+        warnings.truncate(MAX_WARNINGS_SHOWN);
+        warnings.push(format!(
+            "{more} more warnings left out (only the first {MAX_WARNINGS_SHOWN} are shown); every \
+             environment variable to set is named in the printed configuration"
+        ));
+    }
+    warnings
+}
 
 /// A migration input that cannot be used, with the line when known.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,6 +218,29 @@ fn doctype_line(text: &str) -> Option<usize> {
     found.then(|| line_at(text.len() - rest.len(), text))
 }
 
+/// Where each line of a text starts, found once, so that the line of any byte is a binary
+/// search: counting from the start of the text for each registration and property (roxmltree's
+/// `text_pos_at` does) made reading a registration file grow with the square of its size — a
+/// minute for a web.config within [`MAX_IMPORT_BYTES`].
+struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    fn of(text: &str) -> Self {
+        LineStarts(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(at, _)| at)
+                .collect(),
+        )
+    }
+
+    /// The 1-based line of byte `at` (as [`line_at`] counts).
+    fn line(&self, at: usize) -> usize {
+        self.0.partition_point(|newline| *newline < at) + 1
+    }
+}
+
 /// The 1-based line of byte `at` of `text`.
 fn line_at(at: usize, text: &str) -> usize {
     let before = text.get(..at).unwrap_or(text);
@@ -221,7 +267,8 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
             message: format!("not well-formed XML: {e}{hint}"),
         }
     })?;
-    let line_of = |node: roxmltree::Node| doc.text_pos_at(node.range().start).row as usize;
+    let lines = LineStarts::of(text);
+    let line_of = |node: roxmltree::Node| lines.line(node.range().start);
     let mut out = Vec::new();
     for register in doc
         .descendants()
@@ -547,7 +594,8 @@ impl DuplicateKey {
             [] => "at the top level".to_owned(),
             [_] => "in \"extensions\"".to_owned(),
             [_, _] => {
-                let first = first_line(stripped, &self.first)
+                let first = key_lines(stripped, [self.first.as_str()])
+                    .get(self.first.as_str())
                     .map_or_else(String::new, |l| format!(" (the first at line {l})"));
                 return format!(
                     "handler {both} in \"{MANIFEST_SECTION}\"{first}; JSON readers keep only \
@@ -571,11 +619,53 @@ impl DuplicateKey {
     }
 }
 
-/// The 1-based line where `"key"` first appears in `text` (`serde_json` keeps no positions).
-fn first_line(text: &str, key: &str) -> Option<usize> {
-    let needle = serde_json::to_string(key).ok()?;
-    let at = text.find(&needle)?;
-    Some(text.get(..at)?.matches('\n').count() + 1)
+/// The 1-based line where each of `keys` is first written as a key (a JSON string followed by
+/// `:`) in `text`, JSON without comments (`serde_json` keeps no positions); a key written in
+/// another way than `serde_json` writes it (`\u` escapes where none is needed) is not found.
+/// One pass over the text whatever the number of keys: looking each up from the start of the
+/// text made reading a manifest grow with the square of its entries.
+fn key_lines<'k>(text: &str, keys: impl IntoIterator<Item = &'k str>) -> HashMap<&'k str, usize> {
+    let mut wanted: HashMap<String, &'k str> = keys
+        .into_iter()
+        .filter_map(|key| Some((serde_json::to_string(key).ok()?, key)))
+        .collect();
+    let mut found = HashMap::new();
+    let bytes = text.as_bytes();
+    let (mut at, mut line) = (0, 1);
+    while !wanted.is_empty()
+        && let Some(&byte) = bytes.get(at)
+    {
+        match byte {
+            b'\n' => {
+                line += 1;
+                at += 1;
+            }
+            b'"' => {
+                let start = at;
+                at += 1;
+                // A string holds no raw line break in JSON; an escape is two bytes or more.
+                while let Some(&c) = bytes.get(at) {
+                    match c {
+                        b'\\' => at += 2,
+                        b'"' => break,
+                        _ => at += 1,
+                    }
+                }
+                at = (at + 1).min(bytes.len());
+                let is_key = bytes
+                    .get(at..)
+                    .and_then(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()))
+                    == Some(&b':');
+                if is_key
+                    && let Some(key) = text.get(start..at).and_then(|quoted| wanted.remove(quoted))
+                {
+                    found.insert(key, line);
+                }
+            }
+            _ => at += 1,
+        }
+    }
+    found
 }
 
 fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateError> {
@@ -605,8 +695,10 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
             format!("\"{MANIFEST_SECTION}\" is not an object"),
         ));
     };
-    // serde_json keeps no positions: an entry's line is where its quoted name first appears.
-    let line_of = |name: &str| first_line(&stripped, name);
+    // serde_json keeps no positions: an entry's line is where its name is first written as a
+    // key.
+    let lines = key_lines(&stripped, entries.keys().map(String::as_str));
+    let line_of = |name: &str| lines.get(name).copied();
     let mut out = Vec::new();
     for (name, entry) in entries {
         let line = line_of(name);
@@ -683,13 +775,15 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
 /// `Ok(empty)` when none is given.
 pub fn parse_job_types(value: &str) -> Result<Vec<Uuid>, String> {
     let mut ids = Vec::new();
+    // Seen ones in a set: a JobTypes of tens of thousands of GUIDs is checked in linear time.
+    let mut seen = HashSet::new();
     for part in value
         .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
         .filter(|p| !p.is_empty())
     {
         let id =
             parse_guid(part).ok_or_else(|| format!("{} is not a job type GUID", quoted(part)))?;
-        if !ids.contains(&id) {
+        if seen.insert(id) {
             ids.push(id);
         }
     }
@@ -722,8 +816,41 @@ pub fn env_var_name(handler: &str, property: &str) -> String {
     format!("JOBHOOK_{}_{}", clean(handler), clean(property))
 }
 
-/// A handler name the configuration accepts, unique among `taken` (lower-cased).
-fn handler_name(raw: &str, taken: &mut BTreeSet<String>) -> String {
+/// Names given out so far, and where to go on numbering each one given again.
+#[derive(Debug, Default)]
+struct UniqueNames {
+    /// Every name given out, lower-cased.
+    taken: BTreeSet<String>,
+    /// For a name given out (lower-cased), the number its next copy tries first: tens of
+    /// thousands of registrations of one name each trying `-2`, `-3`, … from the start made the
+    /// import grow with the square of their number.
+    next: HashMap<String, u64>,
+}
+
+impl UniqueNames {
+    /// `base`, or the first `base-N` (N from 2) not given out yet, compared lower-cased.
+    fn claim(&mut self, base: &str) -> String {
+        let key = base.to_ascii_lowercase();
+        let mut n = self.next.get(&key).copied().unwrap_or(1);
+        let suffixed = |n: u64| {
+            if n == 1 {
+                base.to_owned()
+            } else {
+                format!("{base}-{n}")
+            }
+        };
+        let mut name = suffixed(n);
+        while !self.taken.insert(name.to_ascii_lowercase()) {
+            n += 1;
+            name = suffixed(n);
+        }
+        self.next.insert(key, n + 1);
+        name
+    }
+}
+
+/// A handler name the configuration accepts, unique among `names`.
+fn handler_name(raw: &str, names: &mut UniqueNames) -> String {
     let mut base: String = raw
         .chars()
         .map(|c| {
@@ -738,13 +865,7 @@ fn handler_name(raw: &str, taken: &mut BTreeSet<String>) -> String {
     if base.is_empty() {
         base = "handler".into();
     }
-    let mut name = base.clone();
-    let mut n = 2;
-    while !taken.insert(name.to_ascii_lowercase()) {
-        name = format!("{base}-{n}");
-        n += 1;
-    }
-    name
+    names.claim(&base)
 }
 
 /// A TOML basic string on one line: `"` and `\` escaped, and every character
@@ -801,7 +922,7 @@ fn comment_text(s: &str) -> String {
 pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<Warning>) {
     let mut out = String::new();
     let mut warnings = Vec::new();
-    let mut taken = BTreeSet::new();
+    let mut taken = UniqueNames::default();
     let _ = writeln!(
         out,
         "# Imported by `jobhook import` from {}: {} Job Complete Handler registration(s).\n\
@@ -815,6 +936,8 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
     // names that differ only in case or punctuation (`Password`, `password`; handlers `svc.now`
     // and `svc_now`) map to the same variable, and one secret must never reach two readers.
     let mut variables: BTreeMap<String, (String, String)> = BTreeMap::new();
+    // For a variable wanted again, the suffix to try first (see `UniqueNames::next`).
+    let mut next_suffix: HashMap<String, u64> = HashMap::new();
     for r in registrations {
         let name = handler_name(&r.name, &mut taken);
         let _ = writeln!(out);
@@ -896,11 +1019,12 @@ pub fn to_toml(registrations: &[Registration], source: &str) -> (String, Vec<War
                 if looks_secret(key) {
                     let wanted = env_var_name(&name, key);
                     let mut var = wanted.clone();
-                    let mut n = 2;
+                    let mut n = next_suffix.get(&wanted).copied().unwrap_or(2);
                     while variables.contains_key(&var) {
                         var = format!("{wanted}_{n}");
                         n += 1;
                     }
+                    next_suffix.insert(wanted.clone(), n);
                     if let Some((other_handler, other)) = variables.get(&wanted) {
                         let other = if *other_handler == name {
                             format!("properties {} and {}", quoted(other), quoted(key))
@@ -1357,7 +1481,7 @@ mod tests {
 
     #[test]
     fn names_are_made_valid_and_unique() {
-        let mut taken = BTreeSet::new();
+        let mut taken = UniqueNames::default();
         assert_eq!(handler_name("My Handler", &mut taken), "My-Handler");
         assert_eq!(handler_name("my handler", &mut taken), "my-handler-2");
         assert_eq!(handler_name("", &mut taken), "handler");
