@@ -194,6 +194,28 @@ impl<'de> Deserialize<'de> for SecretRef {
     }
 }
 
+/// Why `token` cannot be sent as `Authorization: Bearer <token>`, with the usual mistake's fix;
+/// `None` when it can. A Bearer token is one word of visible ASCII (RFC 6750's `b64token` is
+/// narrower still): one with a space or a control character is split, refused or cut by what
+/// reads the header, so it can never match. Never quotes the token.
+pub fn bearer_token_problem(token: &str) -> Option<String> {
+    if !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()) {
+        return None;
+    }
+    let prefixed = token
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
+    Some(format!(
+        "is not usable: a token must be visible ASCII characters, without spaces (it is sent as \
+         `Authorization: Bearer <token>`){}",
+        if prefixed {
+            "; remove the `Bearer ` at its start: the token is what follows it"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// A resolved secret value. Never printed: `Debug` shows `Secret(***)`, there is no `Display`
 /// and no `Serialize`.
 #[derive(Clone, PartialEq, Eq)]

@@ -759,23 +759,11 @@ impl Config {
                     .map_err(|e| fail(e.to_string()))?;
                 // A client sends it after `Bearer ` in a header, trimmed: a token with a space
                 // or a control character could never match, and loading one would lock every
-                // client out (by a reload as well).
-                if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                    // Which of the tokens (never its value), and the usual mistake if it is
-                    // the one made.
-                    let prefixed = token
-                        .get(..7)
-                        .is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
+                // client out (by a reload as well). Which of the tokens is named, never its value.
+                if let Some(problem) = crate::secret::bearer_token_problem(&token) {
                     return Err(fail(format!(
-                        "the token from {} is not usable: a token must be visible ASCII \
-                         characters, without spaces (it is sent as `Authorization: Bearer \
-                         <token>`){}",
+                        "the token from {} {problem}",
                         crate::escape::escape(&t.to_string()),
-                        if prefixed {
-                            "; remove the `Bearer ` at its start: the token is what follows it"
-                        } else {
-                            ""
-                        }
                     )));
                 }
                 Ok(token)

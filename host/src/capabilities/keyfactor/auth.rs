@@ -218,6 +218,17 @@ impl TryFrom<RawAuth> for AuthConfig {
             ));
         }
         let needs = |key: &str| format!("kind = \"{}\" needs `{key}`", kind.name());
+        // Checked here too, not only when the credentials are resolved: an error raised while
+        // the configuration is read carries its line.
+        if let Some(problem) = raw.username.as_deref().and_then(basic_user_problem) {
+            return Err(format!("`username` {problem}"));
+        }
+        if let Some(problem) = oauth_client_problem(
+            raw.client_id.as_deref().unwrap_or("client"),
+            raw.scopes.as_deref().unwrap_or_default(),
+        ) {
+            return Err(problem);
+        }
         Ok(match kind {
             AuthKind::Basic => AuthConfig::Basic {
                 username: raw.username.ok_or_else(|| needs("username"))?,
@@ -237,6 +248,77 @@ impl TryFrom<RawAuth> for AuthConfig {
     }
 }
 
+/// What is wrong with a Basic user name, if anything: the server splits `user:password` at the
+/// first `:`, so a user name holding one logs in as what comes before it (RFC 7617 forbids it,
+/// and control characters in either part); an empty one is a mistake. The name is never quoted:
+/// a `user:password` pasted whole would show its password.
+pub fn basic_user_problem(username: &str) -> Option<&'static str> {
+    if username.is_empty() {
+        Some("is empty: give the Keyfactor account (for an Active Directory one, DOMAIN\\user)")
+    } else if username.chars().any(char::is_control) {
+        Some(
+            "holds a control character (a line break, a tab, ...), which HTTP Basic \
+             authentication cannot carry (RFC 7617): remove it",
+        )
+    } else if username.contains(':') {
+        Some(
+            "holds a ':', which HTTP Basic authentication cannot carry: the server reads the \
+             user name up to the first ':' and the rest as the start of the password (RFC 7617); \
+             give the account's name alone",
+        )
+    } else {
+        None
+    }
+}
+
+/// What is wrong with a secret sent as it is read (a Basic password, an OAuth client secret),
+/// if anything: a control character, which no such credential holds — a second line ending or
+/// a lone carriage return at the end of a secret file, a NUL — and which the server would take
+/// as part of it, or refuse. Only a secret file's one last line ending is not part of the
+/// secret ([`crate::secret`]).
+fn secret_problem(secret: &Secret) -> Option<&'static str> {
+    secret.expose().chars().any(char::is_control).then_some(
+        "holds a control character (a line break, a carriage return, a NUL, ...), which is sent \
+         as part of it: only a secret file's one last line ending is left out; fix the secret",
+    )
+}
+
+/// What is wrong with an OAuth client's `client_id` or `scopes`, if anything, naming the key:
+/// an empty client id, or one with a control character; a scope that is empty or holds a
+/// space, a control character, `"` or `\\` — scopes are sent joined by spaces, so such a scope
+/// is sent as two or as none (RFC 6749 §3.3).
+fn oauth_client_problem(client_id: &str, scopes: &[String]) -> Option<String> {
+    if client_id.is_empty() {
+        return Some(
+            "`client_id` is empty: give the client registered with the identity provider".into(),
+        );
+    }
+    if client_id.chars().any(char::is_control) {
+        return Some(
+            "`client_id` holds a control character (a line break, a tab, ...), which no client \
+             id has: remove it"
+                .into(),
+        );
+    }
+    for scope in scopes {
+        if scope.is_empty() {
+            return Some("`scopes` holds an empty scope: remove it".into());
+        }
+        if scope
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\\')
+        {
+            return Some(format!(
+                "`scopes`: scope {} holds white space, a control character, '\"' or '\\', \
+                 which a scope cannot (RFC 6749 §3.3: scopes are sent joined by spaces); give \
+                 each scope as an entry of its own",
+                crate::excerpt::quoted(scope)
+            ));
+        }
+    }
+    None
+}
+
 /// Why the auth configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
@@ -251,6 +333,10 @@ pub enum AuthConfigError {
     /// The credential cannot go into an HTTP header.
     #[error("[keyfactor.auth]: the {0} contains characters that cannot be sent in an HTTP header")]
     NotHeaderSafe(&'static str),
+    /// A credential the server would read otherwise than written: what, and why (never the
+    /// value).
+    #[error("[keyfactor.auth]: {0}")]
+    Credential(String),
 }
 
 /// Resolved credentials, ready to use.
@@ -271,9 +357,25 @@ impl Auth {
     /// Resolves the secrets of `config`.
     pub fn from_config(config: &AuthConfig) -> Result<Auth, AuthConfigError> {
         match config {
-            AuthConfig::Basic { username, password } => Auth::basic(username, &password.resolve()?),
-            AuthConfig::Bearer { token } => {
-                let token = token.resolve()?;
+            AuthConfig::Basic { username, password } => {
+                let secret = password.resolve()?;
+                if let Some(problem) = secret_problem(&secret) {
+                    return Err(AuthConfigError::Credential(format!(
+                        "the password from {} {problem} (and HTTP Basic authentication cannot \
+                         carry one, RFC 7617)",
+                        crate::escape::escape(&password.to_string())
+                    )));
+                }
+                Auth::basic(username, &secret)
+            }
+            AuthConfig::Bearer { token: reference } => {
+                let token = reference.resolve()?;
+                if let Some(problem) = crate::secret::bearer_token_problem(token.expose()) {
+                    return Err(AuthConfigError::Credential(format!(
+                        "the token from {} {problem}",
+                        crate::escape::escape(&reference.to_string())
+                    )));
+                }
                 let header = sensitive(&format!("Bearer {}", token.expose()), "token")?;
                 let mut redactor = Redactor::new();
                 redactor.add(&format!("Bearer {}", token.expose()));
@@ -297,7 +399,17 @@ impl Auth {
                 if !secure || !url.username().is_empty() || url.password().is_some() {
                     return Err(AuthConfigError::TokenUrl(token_url.clone()));
                 }
-                let client_secret = client_secret.resolve()?;
+                if let Some(problem) = oauth_client_problem(client_id, scopes) {
+                    return Err(AuthConfigError::Credential(problem));
+                }
+                let reference = client_secret;
+                let client_secret = reference.resolve()?;
+                if let Some(problem) = secret_problem(&client_secret) {
+                    return Err(AuthConfigError::Credential(format!(
+                        "the client secret from {} {problem}",
+                        crate::escape::escape(&reference.to_string())
+                    )));
+                }
                 let mut secret_redactor = Redactor::new();
                 secret_redactor.add(client_secret.expose());
                 Ok(Auth::OAuth2(Box::new(OAuth2 {
@@ -315,8 +427,19 @@ impl Auth {
         }
     }
 
-    /// HTTP Basic with a password the program already holds.
+    /// HTTP Basic with a password the program already holds; a user name or password the
+    /// server would read otherwise than written is refused ([`basic_user_problem`]).
     pub fn basic(username: &str, password: &Secret) -> Result<Auth, AuthConfigError> {
+        if let Some(problem) = basic_user_problem(username) {
+            return Err(AuthConfigError::Credential(format!(
+                "the user name {problem}"
+            )));
+        }
+        if let Some(problem) = secret_problem(password) {
+            return Err(AuthConfigError::Credential(format!(
+                "the password {problem} (and HTTP Basic authentication cannot carry one, RFC 7617)"
+            )));
+        }
         let pair = format!("{username}:{}", password.expose());
         let encoded = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
         let header = sensitive(&format!("Basic {encoded}"), "user name or password")?;
@@ -1131,6 +1254,136 @@ mod tests {
             let advice = refusal_advice(reqwest::StatusCode::from_u16(status).unwrap());
             assert!(advice.contains(words), "{status}: {advice}");
         }
+    }
+
+    /// Credentials the server would read otherwise than written are refused, naming the key
+    /// and never echoing the value: a Basic user name with a `:` (the server splits the pair
+    /// at the first one: `a:b` logs in as `a`), a control character or nothing; a Basic
+    /// password with a control character (RFC 7617 forbids both); a Bearer token that is not
+    /// one word of visible ASCII; an OAuth client id or secret with a control character or
+    /// empty, and a scope that would be sent as two or none.
+    #[test]
+    fn credentials_the_server_would_misread_are_refused_naming_the_key() {
+        let parse = |value: serde_json::Value| {
+            serde_json::from_value::<AuthConfig>(value)
+                .unwrap_err()
+                .to_string()
+        };
+        for (username, says) in [
+            ("a:b", "holds a ':'"),
+            ("svc\r\nX-Injected: 1", "holds a control character"),
+            ("svc\t", "holds a control character"),
+            ("", "is empty"),
+        ] {
+            let e = parse(serde_json::json!({
+                "kind": "basic", "username": username, "password": {"env": "P"}
+            }));
+            assert!(
+                e.contains("`username`") && e.contains(says),
+                "{username:?}: {e}"
+            );
+            assert!(!e.contains("a:b") && !e.contains("Injected"), "{e}");
+            // The same from `jobhook run`'s flags, which build the credential directly.
+            let e = Auth::basic(username, &Secret::new("pw"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("user name") && e.contains(says),
+                "{username:?}: {e}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            SecretRef::File(path)
+        };
+        for (text, says) in [
+            ("pw\n\n", "control character"),
+            ("pw\r", "control character"),
+            ("p\0w", "control character"),
+        ] {
+            let e = Auth::from_config(&AuthConfig::Basic {
+                username: "svc".into(),
+                password: file("pw", text),
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("the password") && e.contains(says),
+                "{text:?}: {e}"
+            );
+            assert!(e.contains("pw"), "names the file: {e}");
+        }
+        assert!(
+            Auth::from_config(&AuthConfig::Basic {
+                username: r"KFTRAIN\svc".into(),
+                password: file("pw", "pa:ss w\u{e9}rd\n"),
+            })
+            .is_ok(),
+            "a ':', a space or a letter outside ASCII in a password is the password's"
+        );
+        for (text, says) in [
+            ("two words", "visible ASCII characters, without spaces"),
+            ("tab\there", "visible ASCII characters, without spaces"),
+            ("Bearer abc", "remove the `Bearer ` at its start"),
+            ("caf\u{e9}", "visible ASCII characters, without spaces"),
+        ] {
+            let e = Auth::from_config(&AuthConfig::Bearer {
+                token: file("token", text),
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("the token from file") && e.contains(says),
+                "{text:?}: {e}"
+            );
+            assert!(!e.contains(text), "{e}");
+        }
+        assert!(
+            Auth::from_config(&AuthConfig::Bearer {
+                token: file("token", "eyJhbGciOi.J9-_~+/=\n"),
+            })
+            .is_ok()
+        );
+        let oauth = |client_id: &str, secret: &str, scopes: &[&str]| {
+            Auth::from_config(&AuthConfig::Oauth2 {
+                token_url: "https://idp.example.com/token".into(),
+                client_id: client_id.into(),
+                client_secret: file("secret", secret),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                audience: None,
+            })
+            .map(drop)
+            .map_err(|e| e.to_string())
+        };
+        assert!(oauth("jobhook", "s3cret", &["api", "keyfactor:read"]).is_ok());
+        for (client_id, secret, scopes, says) in [
+            ("", "s", &[][..], "`client_id` is empty"),
+            (
+                "job\nhook",
+                "s",
+                &[][..],
+                "`client_id` holds a control character",
+            ),
+            ("jobhook", "s\u{7}", &[][..], "the client secret from file"),
+            ("jobhook", "s", &["two words"][..], "scope \"two words\""),
+            ("jobhook", "s", &[""][..], "an empty scope"),
+        ] {
+            let e = oauth(client_id, secret, scopes).unwrap_err();
+            assert!(e.contains(says), "{client_id:?} {scopes:?}: {e}");
+        }
+        // At parse time too, with the key.
+        let e = parse(serde_json::json!({
+            "kind": "oauth2", "token_url": "https://idp/token", "client_id": "",
+            "client_secret": {"env": "S"}
+        }));
+        assert!(e.contains("`client_id` is empty"), "{e}");
+        let e = parse(serde_json::json!({
+            "kind": "oauth2", "token_url": "https://idp/token", "client_id": "c",
+            "client_secret": {"env": "S"}, "scopes": ["a b"]
+        }));
+        assert!(e.contains("scope \"a b\""), "{e}");
     }
 
     #[test]

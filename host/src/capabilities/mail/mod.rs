@@ -748,6 +748,10 @@ pub enum MailConfigError {
     /// The password.
     #[error("[mail.smtp] password: {0}")]
     Secret(#[from] SecretError),
+    /// A user name or password the relay would read otherwise than written: which, and why
+    /// (never the value).
+    #[error("[mail.smtp] {0}")]
+    Credential(String),
     /// TLS setup.
     #[error("[mail.smtp]: cannot set up TLS for {host}: {reason}")]
     Tls {
@@ -1374,8 +1378,32 @@ fn smtp_transport(config: &SmtpConfig) -> Result<TransportKind, MailConfigError>
     };
     let port = config.port.unwrap_or(default_port);
     let credentials = match (&config.username, &config.password) {
-        (Some(user), Some(password)) => {
-            let password = password.resolve()?;
+        (Some(user), Some(reference)) => {
+            // AUTH PLAIN sends the user name and the password separated by NULs, AUTH LOGIN
+            // each as a line: a control character would end one early or pass for more.
+            if user.is_empty() {
+                return Err(MailConfigError::Credential(
+                    "username is empty: give the relay's account, or leave out both username \
+                     and password"
+                        .into(),
+                ));
+            }
+            if user.chars().any(char::is_control) {
+                return Err(MailConfigError::Credential(
+                    "username holds a control character (a line break, a NUL, ...), which SMTP \
+                     authentication cannot carry: remove it"
+                        .into(),
+                ));
+            }
+            let password = reference.resolve()?;
+            if password.expose().chars().any(char::is_control) {
+                return Err(MailConfigError::Credential(format!(
+                    "password: the password from {} holds a control character (a line break, a \
+                     carriage return, a NUL, ...), which SMTP authentication cannot carry: only \
+                     a secret file's one last line ending is left out; fix the secret",
+                    crate::escape::escape(&reference.to_string())
+                )));
+            }
             Some(Credentials::new(user.clone(), password.expose().to_owned()))
         }
         (None, None) => None,
@@ -2240,5 +2268,48 @@ mod tests {
             r#"{"from": "a@example.com", "smtp": {"host": "smtp.example.com", "tls": "implicit", "username": "u", "password": {"env": "X"}}}"#,
         ).unwrap();
         assert_eq!(c.smtp.unwrap().tls, SmtpTls::Implicit);
+    }
+
+    /// SMTP AUTH credentials the relay would read otherwise than written are refused, naming
+    /// the key and not the value: an empty user name, and a control character in the user name
+    /// or the password (AUTH PLAIN separates them with NULs, AUTH LOGIN sends each as a line).
+    #[test]
+    fn smtp_credentials_the_relay_would_misread_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("pw");
+        let with = |username: &str, secret: &str| {
+            std::fs::write(&password, secret).unwrap();
+            let mut smtp = SmtpConfig::new("smtp.example.com", 587, SmtpTls::Starttls);
+            smtp.username = Some(username.into());
+            smtp.password = Some(SecretRef::File(password.clone()));
+            let config = MailConfig::smtp("a@example.com", smtp).unwrap();
+            MailTransport::from_config(&config, dir.path())
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        assert!(with("jobhook", "pass word:1\n").is_ok());
+        for (username, secret, says) in [
+            ("", "pw", "[mail.smtp] username is empty"),
+            (
+                "job\0hook",
+                "pw",
+                "[mail.smtp] username holds a control character",
+            ),
+            (
+                "job\r\nhook",
+                "pw",
+                "[mail.smtp] username holds a control character",
+            ),
+            (
+                "jobhook",
+                "p\0w",
+                "[mail.smtp] password: the password from file",
+            ),
+            ("jobhook", "pw\r", "holds a control character"),
+        ] {
+            let e = with(username, secret).unwrap_err();
+            assert!(e.contains(says), "{username:?} {secret:?}: {e}");
+            assert!(!e.contains("hook\0") && !e.contains("p\0w"), "{e:?}");
+        }
     }
 }
