@@ -1180,13 +1180,21 @@ pub enum Generation {
 /// write.
 pub fn engine_url(text: &str) -> Result<String, String> {
     const EXAMPLE: &str = "e.g. https://jobhook.example.com:8480";
-    let what = quoted(text);
+    // Quoted without any user information, which no message repeats.
+    let what = quoted(&crate::capabilities::outbound::without_credentials(text));
     let url = url::Url::parse(text.trim()).map_err(|e| {
         format!(
             "--engine-url {what} is not a URL ({e}); give the engine's base URL as Keyfactor \
              reaches it, {EXAMPLE}"
         )
     })?;
+    // Named first, whatever else is wrong: a credential in the URL is one to take out.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "--engine-url must not hold a user name or password (it is printed into Keyfactor's \
+             configuration); the forwarder authenticates with BearerToken — {EXAMPLE}"
+        ));
+    }
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
             "--engine-url {what}: the scheme must be http or https, {EXAMPLE}"
@@ -1194,13 +1202,6 @@ pub fn engine_url(text: &str) -> Result<String, String> {
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("--engine-url {what} has no host; {EXAMPLE}"));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        // The value is not echoed: it holds a credential.
-        return Err(format!(
-            "--engine-url must not hold a user name or password (it is printed into Keyfactor's \
-             configuration); the forwarder authenticates with BearerToken — {EXAMPLE}"
-        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!(
@@ -1827,10 +1828,21 @@ mod tests {
             assert!(e.contains(says), "{bad}: {e}");
             assert!(e.contains("e.g. https://"), "{bad}: {e}");
         }
+        // A user name or password is the problem named, before the scheme or the port, and
+        // no message repeats it.
+        for bad in [
+            "http://a:hunter2@jobhook/",
+            "ftp://a:hunter2@jobhook/",
+            "http://a:hunter2@jobhook:99999/",
+            "https://a:hunter2@jobhook/v1/job-complete",
+        ] {
+            let e = engine_url(bad).unwrap_err();
+            assert!(!e.contains("hunter2"), "{bad}: {e}");
+        }
         assert!(
-            !engine_url("http://a:hunter2@jobhook/")
+            engine_url("ftp://a:hunter2@jobhook/")
                 .unwrap_err()
-                .contains("hunter2")
+                .contains("user name or password")
         );
         assert_eq!(
             engine_url("https://jobhook.example.com:8443/").unwrap(),

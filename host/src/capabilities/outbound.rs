@@ -234,6 +234,39 @@ pub fn quote(input: &str) -> String {
     out
 }
 
+/// A URL as written, for a message about it, without its user information (`user:password@`),
+/// which no message repeats: everything before the last `@` of the authority is replaced by
+/// `…`. Found in the text, not by a URL parser, so that a URL the parser refused is covered
+/// too: the authority starts after `scheme:` and the slashes that follow it (or at the start,
+/// without those) and ends at the first `/`, `\`, `?` or `#`. Borrowed when there is none.
+pub fn without_credentials(url: &str) -> std::borrow::Cow<'_, str> {
+    let is_scheme = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    };
+    let authority_start = match url.split_once(':') {
+        Some((scheme, rest)) if is_scheme(scheme) && rest.starts_with(['/', '\\']) => {
+            url.len() - rest.trim_start_matches(['/', '\\']).len()
+        }
+        _ => 0,
+    };
+    let Some(authority) = url.get(authority_start..) else {
+        return std::borrow::Cow::Borrowed(url);
+    };
+    let end = authority
+        .find(['/', '\\', '?', '#'])
+        .unwrap_or(authority.len());
+    match authority.get(..end).and_then(|a| a.rfind('@')) {
+        Some(at) => std::borrow::Cow::Owned(format!(
+            "{}…{}",
+            url.get(..authority_start).unwrap_or_default(),
+            authority.get(at..).unwrap_or_default()
+        )),
+        None => std::borrow::Cow::Borrowed(url),
+    }
+}
+
 /// Why a response body was not read whole.
 #[derive(Debug)]
 pub enum BodyError {
@@ -1359,6 +1392,33 @@ mod tests {
         ca_key: Some("ca_bundle"),
         name: "[test] url must name a host the certificate is issued for",
     };
+
+    /// A URL quoted in a message keeps its scheme, host and path but never its user
+    /// information, also when it is no URL the parser reads; one without any is unchanged.
+    #[test]
+    fn urls_in_messages_lose_their_user_information() {
+        for (written, shown) in [
+            ("https://u:p@idp/token", "https://…@idp/token"),
+            ("https://user@idp", "https://…@idp"),
+            ("http://a:b@c@host:8/x?y=@#z@", "http://…@host:8/x?y=@#z@"),
+            ("https:\\\\u:p@idp/", "https:\\\\…@idp/"),
+            ("https:u:p@idp/", "…@idp/"),
+            ("u:p@idp", "…@idp"),
+            ("not a url u:p@x", "…@x"),
+            ("https://u:p@ idp/", "https://…@ idp/"),
+        ] {
+            let out = without_credentials(written);
+            assert_eq!(out, shown, "{written}");
+            assert!(matches!(out, std::borrow::Cow::Owned(_)), "{written}");
+        }
+        for kept in ["https://idp/a@b", "https://idp", "idp?x=@", ""] {
+            assert!(
+                matches!(without_credentials(kept), std::borrow::Cow::Borrowed(k) if k == kept),
+                "{kept}"
+            );
+        }
+        assert_eq!(without_credentials("@"), "…@");
+    }
 
     /// `Retry-After` in seconds is read and capped; every other form a server may send — a
     /// date, a sign, a fraction, blanks, digits past u64 — gives no pause or the cap, never a

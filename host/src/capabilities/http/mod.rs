@@ -257,23 +257,25 @@ impl UrlPrefix {
         }
     }
 
-    /// Parses a prefix as written in configuration.
+    /// Parses a prefix as written in configuration. An error quotes it without any user
+    /// information.
     pub fn parse(text: &str) -> Result<Self, UrlPrefixError> {
         let error = |reason| UrlPrefixError {
-            text: text.to_owned(),
+            text: crate::capabilities::outbound::without_credentials(text).into_owned(),
             reason,
         };
         if text.trim() == "*" {
             return Ok(UrlPrefix::any());
         }
         let url = Url::parse(text.trim()).map_err(|_| error("not an absolute URL"))?;
+        // Named first, whatever else is wrong: a credential in the URL is one to take out.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(error("must not contain a user name or password"));
+        }
         if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
             return Err(error(
                 "must be an https:// (or loopback http://) URL with a host",
             ));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(error("must not contain a user name or password"));
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(error(
@@ -806,6 +808,26 @@ mod tests {
         assert!(UrlPrefix::parse("ftp://hooks.example.com/").is_err());
         assert!(UrlPrefix::parse("https://u@hooks.example.com/").is_err());
         assert!(UrlPrefix::parse("hooks.example.com").is_err());
+        // A user name or password is the problem named, before the scheme, and never echoed.
+        for bad in [
+            "https://u:hunter2@hooks.example.com/",
+            "http://u:hunter2@hooks.example.com/",
+            "ftp://u:hunter2@hooks.example.com/",
+        ] {
+            let e = UrlPrefix::parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("must not contain a user name or password"),
+                "{bad}: {e}"
+            );
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = UrlPrefix::parse("https://u:hunter2@ hooks/")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not an absolute URL") && !e.contains("hunter2"),
+            "{e}"
+        );
         let g: HttpGrant =
             serde_json::from_str(r#"{"urls": ["https://hooks.example.com/x/"]}"#).unwrap();
         assert_eq!(g.methods, vec![GrantMethod::Post]);

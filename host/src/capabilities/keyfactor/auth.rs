@@ -325,11 +325,17 @@ pub enum AuthConfigError {
     /// A secret could not be resolved.
     #[error("[keyfactor.auth]: {0}")]
     Secret(#[from] SecretError),
-    /// The token URL is unusable.
+    /// The token URL is unusable (shown without any user information).
     #[error(
         "[keyfactor.auth] token_url {0:?} must be an https URL (http only for a loopback host)"
     )]
     TokenUrl(String),
+    /// The token URL carries a user name or password (which is not repeated).
+    #[error(
+        "[keyfactor.auth] token_url must not contain a user name or password: the engine \
+         authenticates to the identity provider with client_id and client_secret"
+    )]
+    TokenUrlCredentials,
     /// The credential cannot go into an HTTP header.
     #[error("[keyfactor.auth]: the {0} contains characters that cannot be sent in an HTTP header")]
     NotHeaderSafe(&'static str),
@@ -392,12 +398,17 @@ impl Auth {
                 scopes,
                 audience,
             } => {
-                let url = Url::parse(token_url)
-                    .map_err(|_| AuthConfigError::TokenUrl(token_url.clone()))?;
+                let unusable =
+                    || AuthConfigError::TokenUrl(outbound::without_credentials(token_url).into());
+                let url = Url::parse(token_url).map_err(|_| unusable())?;
+                // Named first, whatever else is wrong: a credential in the URL is one to take out.
+                if !url.username().is_empty() || url.password().is_some() {
+                    return Err(AuthConfigError::TokenUrlCredentials);
+                }
                 let secure =
                     url.scheme() == "https" || (url.scheme() == "http" && is_loopback_host(&url));
-                if !secure || !url.username().is_empty() || url.password().is_some() {
-                    return Err(AuthConfigError::TokenUrl(token_url.clone()));
+                if !secure {
+                    return Err(unusable());
                 }
                 if let Some(problem) = oauth_client_problem(client_id, scopes) {
                     return Err(AuthConfigError::Credential(problem));
@@ -1405,5 +1416,29 @@ mod tests {
         assert!(with_url("http://idp.example.com/token").is_err());
         assert!(with_url("https://u:p@idp.example.com/token").is_err());
         assert!(with_url("not a url").is_err());
+        // A user name or password in the URL is named as the problem, whatever else is wrong
+        // with it, and never repeated.
+        for url in [
+            "https://u:p@idp.example.com/token",
+            "http://u:p@idp.example.com/token",
+            "https://u@idp.example.com/token",
+        ] {
+            let e = with_url(url).unwrap_err().to_string();
+            assert!(
+                e.contains("token_url must not contain a user name or password")
+                    && e.contains("client_id and client_secret"),
+                "{url}: {e}"
+            );
+            assert!(
+                !e.contains("u:p") && !e.contains("https URL") && !e.contains("u@"),
+                "{e}"
+            );
+        }
+        let e = with_url("https://u:p@ idp/token").unwrap_err().to_string();
+        assert!(e.contains("…@ idp/token") && !e.contains("u:p"), "{e}");
+        let e = with_url("http://idp.example.com/token")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be an https URL"), "{e}");
     }
 }

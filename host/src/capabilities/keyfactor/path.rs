@@ -299,7 +299,7 @@ impl<'de> Deserialize<'de> for PathPrefix {
 /// Why an API base URL is unusable (configuration error).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BaseError {
-    /// Not a URL.
+    /// Not a URL (shown without any user information).
     #[error("`{0}` is not an absolute URL such as https://command.example.com/KeyfactorAPI/")]
     NotUrl(String),
     /// Neither https nor loopback http.
@@ -326,17 +326,20 @@ pub struct ApiBase {
 impl ApiBase {
     /// Parses and normalizes the base (a missing trailing `/` is added).
     pub fn parse(text: &str) -> Result<Self, BaseError> {
-        let mut url = Url::parse(text.trim()).map_err(|_| BaseError::NotUrl(text.to_owned()))?;
+        let not_url =
+            || BaseError::NotUrl(crate::capabilities::outbound::without_credentials(text).into());
+        let mut url = Url::parse(text.trim()).map_err(|_| not_url())?;
+        // Named first, whatever else is wrong: a credential in the URL is one to take out.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(BaseError::Userinfo);
+        }
         if url.cannot_be_a_base() || url.host().is_none() {
-            return Err(BaseError::NotUrl(text.to_owned()));
+            return Err(not_url());
         }
         match url.scheme() {
             "https" => {}
             "http" if is_loopback_host(&url) => {}
             _ => return Err(BaseError::Insecure),
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(BaseError::Userinfo);
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(BaseError::QueryOrFragment);
@@ -491,6 +494,13 @@ mod tests {
         assert!(ApiBase::parse("http://[::1]:8/KeyfactorAPI/").is_ok());
         assert_eq!(ApiBase::parse("ftp://x/"), Err(BaseError::Insecure));
         assert_eq!(ApiBase::parse("https://u:p@x/"), Err(BaseError::Userinfo));
+        // The user information is the problem named, also of a URL with another one, and a
+        // URL the parser refused is quoted without it.
+        assert_eq!(ApiBase::parse("http://u:p@x/"), Err(BaseError::Userinfo));
+        assert_eq!(ApiBase::parse("ftp://u@x/"), Err(BaseError::Userinfo));
+        let e = ApiBase::parse("https://u:p@ x/").unwrap_err();
+        assert_eq!(e, BaseError::NotUrl("https://…@ x/".into()));
+        assert!(!e.to_string().contains("u:p"), "{e}");
         assert_eq!(
             ApiBase::parse("https://x/?a=1"),
             Err(BaseError::QueryOrFragment)
