@@ -35,6 +35,17 @@ pub const MAX_PEM_BYTES: u64 = 1024 * 1024;
 /// a slow or silent client must not hold a handshake slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Smallest RSA key the TLS library signs with: ring refuses RSA keys below 2048 bits, as too
+/// weak to serve.
+pub const MIN_RSA_KEY_BITS: usize = 2048;
+
+/// Largest RSA key the TLS library signs with: ring takes none above 4096 bits.
+pub const MAX_RSA_KEY_BITS: usize = 4096;
+
+/// The kinds of key the TLS library signs with, for the message about one it does not.
+const USABLE_KEYS: &str = "RSA keys of 2048 to 4096 bits, ECDSA keys on the P-256 or P-384 \
+     curve, and Ed25519 keys";
+
 /// Handshakes in progress at once; further accepted connections wait for a slot (within
 /// [`HANDSHAKE_TIMEOUT`]). Bounds the memory and CPU unauthenticated peers can claim.
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
@@ -125,6 +136,20 @@ impl TlsConfig {
             ));
         }
         let key_pem = read_pem(&self.key).map_err(|m| fail("tls.key", &self.key, m))?;
+        // The PEM reader skips an encrypted key as a block it does not know ("no items found").
+        if is_encrypted_key(&key_pem) {
+            return Err(fail(
+                "tls.key",
+                &self.key,
+                format!(
+                    "the private key is encrypted with a passphrase, which the engine has no way \
+                     to be given: write it out unencrypted (`openssl pkey -in {0} -out \
+                     {0}.plain`, which asks for the passphrase), make that file readable by the \
+                     engine's user only (chmod 600) and point tls.key at it",
+                    self.key.get_ref().display()
+                ),
+            ));
+        }
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
             fail(
                 "tls.key",
@@ -132,6 +157,37 @@ impl TlsConfig {
                 format!("no usable PEM private key (PKCS#8, PKCS#1 or SEC1) ({e})"),
             )
         })?;
+        // rustls says only "failed to parse private key" of a key it cannot sign with.
+        if let Some(bits) =
+            rsa_key_bits(&key).filter(|b| !(MIN_RSA_KEY_BITS..=MAX_RSA_KEY_BITS).contains(b))
+        {
+            return Err(fail(
+                "tls.key",
+                &self.key,
+                format!(
+                    "is an RSA key of {bits} bits; the TLS library (rustls with ring) signs with \
+                     RSA keys of {MIN_RSA_KEY_BITS} to {MAX_RSA_KEY_BITS} bits only: make a new \
+                     key (`openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out \
+                     server.key`) and a certificate for it"
+                ),
+            ));
+        }
+        if provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .is_err()
+        {
+            return Err(fail(
+                "tls.key",
+                &self.key,
+                format!(
+                    "is a key the TLS library (rustls with ring) cannot sign with; it takes \
+                     {USABLE_KEYS}: make a new key of one of these (`openssl genpkey -algorithm \
+                     EC -pkeyopt ec_paramgen_curve:P-256 -out server.key`) and a certificate for \
+                     it"
+                ),
+            ));
+        }
 
         let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
@@ -252,6 +308,47 @@ fn read_pem(path: &Spanned<PathBuf>) -> Result<Vec<u8>, String> {
         bytes.drain(..UTF8_BOM.len());
     }
     Ok(bytes)
+}
+
+/// Whether a PEM key file holds a key encrypted with a passphrase: PKCS#8's `ENCRYPTED PRIVATE
+/// KEY` block, or OpenSSL's legacy form (a `Proc-Type: 4,ENCRYPTED` header in the block).
+fn is_encrypted_key(pem: &[u8]) -> bool {
+    const MARKS: [&[u8]; 2] = [
+        b"-----BEGIN ENCRYPTED PRIVATE KEY-----",
+        b"Proc-Type: 4,ENCRYPTED",
+    ];
+    MARKS
+        .iter()
+        .any(|mark| pem.windows(mark.len()).any(|window| window == *mark))
+}
+
+/// The size in bits of an RSA private key's modulus — PKCS#1, or PKCS#8 holding one — read from
+/// its DER; `None` for any other key, or one that cannot be read that far.
+fn rsa_key_bits(key: &PrivateKeyDer<'_>) -> Option<usize> {
+    use x509_parser::der_parser::parse_der;
+    /// `rsaEncryption` (PKCS #1): the algorithm of a PKCS#8 RSA key.
+    const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
+    let pkcs1 = match key {
+        PrivateKeyDer::Pkcs1(key) => key.secret_pkcs1_der(),
+        // PrivateKeyInfo: version, algorithm, the PKCS#1 key in an OCTET STRING.
+        PrivateKeyDer::Pkcs8(key) => {
+            let (_, info) = parse_der(key.secret_pkcs8_der()).ok()?;
+            let fields = info.as_sequence().ok()?;
+            let algorithm = fields.get(1)?.as_sequence().ok()?;
+            if algorithm.first()?.as_oid().ok()?.to_id_string() != RSA_ENCRYPTION {
+                return None;
+            }
+            fields.get(2)?.as_slice().ok()?
+        }
+        _ => return None,
+    };
+    // RSAPrivateKey: version, modulus, ...
+    let (_, rsa) = parse_der(pkcs1).ok()?;
+    let modulus = rsa.as_sequence().ok()?.get(1)?.as_slice().ok()?;
+    let first = modulus.iter().position(|b| *b != 0)?;
+    let top = modulus.get(first)?;
+    let leading = usize::try_from(top.leading_zeros()).ok()?;
+    Some((modulus.len() - first - 1) * 8 + (8 - leading))
 }
 
 /// The UTF-8 byte-order mark, which is no part of a PEM file.
@@ -391,6 +488,66 @@ mod tests {
                 .unwrap_err()
                 .contains("expired on")
         );
+    }
+
+    /// A key the TLS library cannot serve is refused saying what is wrong with it and what to
+    /// do, naming tls.key: an RSA key outside the sizes ring signs with (here 1024 bits, in
+    /// PKCS#8 and PKCS#1; rustls said only "failed to parse private key"), and a key encrypted
+    /// with a passphrase (PKCS#8 or OpenSSL's legacy form; rustls found "no items").
+    #[test]
+    fn a_key_that_cannot_be_served_is_refused_saying_why_and_what_to_do() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let with_key = |key: &str| TlsConfig {
+            cert: at(fixtures.join("rsa-1024-server.pem")),
+            key: at(fixtures.join(key)),
+            client_ca: None,
+        };
+        for key in ["rsa-1024-server.key", "rsa-1024-server-pkcs1.key"] {
+            let e = with_key(key).validate().unwrap_err();
+            assert_eq!(e.key, "tls.key", "{e}");
+            assert!(
+                e.message.contains("is an RSA key of 1024 bits")
+                    && e.message.contains("2048 to 4096 bits")
+                    && e.message.contains("openssl genpkey -algorithm RSA")
+                    && e.message.contains("and a certificate for it"),
+                "{key}: {e}"
+            );
+            assert!(!e.message.contains("failed to parse"), "{e}");
+        }
+        for key in ["encrypted-server.key", "encrypted-legacy-server.key"] {
+            let e = with_key(key).validate().unwrap_err();
+            assert_eq!(e.key, "tls.key", "{e}");
+            assert!(
+                e.message.contains("is encrypted with a passphrase")
+                    && e.message.contains("openssl pkey -in")
+                    && e.message.contains("chmod 600"),
+                "{key}: {e}"
+            );
+            assert!(!e.message.contains("no items found"), "{e}");
+        }
+        // The sizes read from the key itself, past ring's largest too.
+        let pkcs1 = |modulus: &[u8]| {
+            let mut n = vec![0x02, 0x82];
+            n.extend_from_slice(&u16::try_from(modulus.len()).unwrap().to_be_bytes());
+            n.extend_from_slice(modulus);
+            let mut body = vec![0x02, 0x01, 0x00];
+            body.extend(n);
+            let mut der = vec![0x30, 0x82];
+            der.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+            der.extend(body);
+            PrivateKeyDer::Pkcs1(der.into())
+        };
+        // DER integers: no leading zero byte unless the next has its top bit set.
+        let mut big = vec![0x01];
+        big.extend(vec![0u8; 512]);
+        assert_eq!(rsa_key_bits(&pkcs1(&big)), Some(4097));
+        let mut exact = vec![0x00, 0xff];
+        exact.extend(vec![0u8; 511]);
+        assert_eq!(rsa_key_bits(&pkcs1(&exact)), Some(4096));
+        assert_eq!(rsa_key_bits(&pkcs1(&[])), None);
+        let ec = jobhook_testkit::tls::TestCa::new("server CA").server_cert(1);
+        let ec = PrivateKeyDer::from_pem_slice(ec.key_pem.as_bytes()).unwrap();
+        assert_eq!(rsa_key_bits(&ec), None, "not an RSA key");
     }
 
     /// PEM files saved by a Windows editor (UTF-8 with a byte-order mark, CRLF) are read like
