@@ -246,7 +246,9 @@ fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::File::open(path)
 }
 
-fn describe(kind: &std::fs::FileType) -> &'static str {
+/// What a file that is not a regular one is, in words: `a named pipe (FIFO)`, `a socket`,
+/// `a device`, `a directory`.
+pub fn describe(kind: &std::fs::FileType) -> &'static str {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt as _;

@@ -96,14 +96,15 @@ async fn a_backup_taken_while_the_engine_runs_is_checked_private_and_restores_ev
         .expect("healthz");
     assert_eq!(health.status(), 200, "the engine goes on");
 
-    // Nowhere it cannot create a file, saying where.
+    // Nowhere it cannot create a file, saying where and blaming the destination.
     let nowhere = dir.path().join("missing/backup.sqlite");
     let out = run(&nowhere);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains(&format!(
-            "cannot create the backup file {}",
-            nowhere.display()
+            "error: cannot write the backup to {}: the directory {} does not exist",
+            nowhere.display(),
+            dir.path().join("missing").display()
         )),
         "{}",
         text(&out.stderr)
@@ -114,7 +115,9 @@ async fn a_backup_taken_while_the_engine_runs_is_checked_private_and_restores_ev
     let again = run(&to);
     assert!(!again.status.success());
     assert!(
-        text(&again.stderr).contains("a backup is never written over a file: give a new name"),
+        text(&again.stderr).contains(
+            "a file of that name exists; a backup is never written over one: give a new name"
+        ),
         "{}",
         text(&again.stderr)
     );

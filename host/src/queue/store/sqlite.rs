@@ -735,6 +735,64 @@ pub struct BackupReport {
 /// wrong; all of them can be thousands.
 const QUICK_CHECK_LINES: u32 = 5;
 
+/// Why a backup was not written: the store could not be read or copied, or the backup could
+/// not be written where it was asked for — told apart, so that a destination that cannot be
+/// created is not reported as a store that cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The store (`cannot open the store at …`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The destination: where, and what is in the way.
+    #[error("cannot write the backup to {path}: {message}")]
+    Destination {
+        /// The backup's path as given.
+        path: String,
+        /// What is in the way, and what to do.
+        message: String,
+    },
+}
+
+/// What stands in the way of creating the new file `to`, from the error creating it: the
+/// directory it would be in does not exist, or what is already there — a directory, a file, a
+/// device, a symbolic link (a backup is never written over or through any of them) — or the
+/// system's own words.
+fn destination_problem(to: &Path, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::AlreadyExists => match std::fs::symlink_metadata(to) {
+            Ok(meta) if meta.file_type().is_symlink() => "it is a symbolic link; a backup is \
+                never written through one: give the path of a new file"
+                .to_owned(),
+            Ok(meta) if meta.is_dir() => {
+                "it is a directory; give the path of a new file in it".to_owned()
+            }
+            Ok(meta) if meta.is_file() => "a file of that name exists; a backup is never \
+                written over one: give a new name"
+                .to_owned(),
+            Ok(meta) => format!(
+                "it is {}; give the path of a new file",
+                crate::files::describe(&meta.file_type())
+            ),
+            Err(_) => "something of that name exists; a backup is never written over it: give a \
+                 new name"
+                .to_owned(),
+        },
+        ErrorKind::NotFound => match to.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            Some(dir) => format!(
+                "the directory {} does not exist; create it, or give a path in a directory that \
+                 exists",
+                dir.display()
+            ),
+            None => e.to_string(),
+        },
+        ErrorKind::PermissionDenied => {
+            format!("{e}; give a path in a directory this user may create files in")
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// Copies the store in `data_dir` to the new file `to`, consistently, while an engine may be
 /// using it (`VACUUM INTO` on a read-only connection: one read transaction, so the copy is the
 /// store as of one moment, and the engine's writes go on meanwhile), then checks the copy
@@ -742,7 +800,7 @@ const QUICK_CHECK_LINES: u32 = 5;
 /// made readable by its owner only (it holds every stored job context). A copy that fails its
 /// check, or a copy that failed part-way, is removed. Restoring is copying it back as
 /// `<data_dir>/jobhook.sqlite` while no engine runs (docs/OPERATIONS.md).
-pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, StoreError> {
+pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, BackupError> {
     let source = data_dir.join(DATABASE_FILE);
     let open_error = |message: String| StoreError::Open {
         path: source.display().to_string(),
@@ -752,13 +810,15 @@ pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, StoreError> {
         return Err(open_error(format!(
             "there is no {DATABASE_FILE} in the data directory: is [store] data_dir the one the \
              engine uses?"
-        )));
-    }
-    let target = to.to_str().ok_or_else(|| {
-        open_error(format!(
-            "the backup's path {} is not UTF-8; give another",
-            to.display()
         ))
+        .into());
+    }
+    let destination = |message: String| BackupError::Destination {
+        path: to.display().to_string(),
+        message,
+    };
+    let target = to.to_str().ok_or_else(|| {
+        destination("the path is not UTF-8, which SQLite needs; give another".to_owned())
     })?;
     let mut conn = Connection::open_with_flags(&source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| open_error(explained(e)))?;
@@ -773,22 +833,19 @@ pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, StoreError> {
             .create_new(true)
             .mode(0o600)
             .open(to)
-            .map_err(|e| {
-                open_error(format!(
-                    "cannot create the backup file {}: {e}{}",
-                    to.display(),
-                    if e.kind() == std::io::ErrorKind::AlreadyExists {
-                        " (a backup is never written over a file: give a new name)"
-                    } else {
-                        ""
-                    }
-                ))
-            })?;
+            .map_err(|e| destination(destination_problem(to, &e)))?;
     }
     let copied = conn
         .execute("VACUUM INTO ?1", [target])
-        .map_err(|e| open_error(format!("cannot copy the store: {}", explained(e))))
-        .and_then(|_| check_copy(to).map_err(open_error));
+        .map_err(|e| match e.sqlite_error_code() {
+            // The copy is what is written: the disk that is full is the backup's.
+            Some(rusqlite::ErrorCode::DiskFull) => destination(format!(
+                "the disk it is on is full ({e}); free space there, or give a path on another \
+                 disk"
+            )),
+            _ => open_error(format!("cannot copy the store: {}", explained(e))).into(),
+        })
+        .and_then(|_| check_copy(to).map_err(|e| open_error(e).into()));
     match copied {
         Ok(report) => Ok(report),
         Err(e) => {
@@ -1686,6 +1743,77 @@ mod tests {
         let carried = clock.now() - by;
         move_schedule(&store.conn(), -by, carried).unwrap();
         clock.follow(carried);
+    }
+
+    /// A backup that cannot be written where it is asked for blames the destination, not the
+    /// store, and says what is there: a directory that does not exist, an existing directory,
+    /// file, device or symbolic link (none written over or through); the store is named only
+    /// when it is the problem. Nothing is left behind.
+    #[cfg(unix)]
+    #[test]
+    fn a_backup_destination_that_cannot_be_written_is_named_as_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        drop(SqliteStore::open(&data).unwrap());
+        let at = |name: &str| dir.path().join(name);
+        std::fs::create_dir(at("a-directory")).unwrap();
+        std::fs::write(at("a-file"), b"keep me").unwrap();
+        std::os::unix::fs::symlink(at("nowhere"), at("dangling")).unwrap();
+        for (to, says) in [
+            (
+                at("missing/backup.sqlite"),
+                format!(
+                    "cannot write the backup to {}: the directory {} does not exist; create \
+                     it, or give a path in a directory that exists",
+                    at("missing/backup.sqlite").display(),
+                    at("missing").display()
+                ),
+            ),
+            (
+                at("a-directory"),
+                format!(
+                    "cannot write the backup to {}: it is a directory; give the path of a new \
+                     file in it",
+                    at("a-directory").display()
+                ),
+            ),
+            (
+                at("a-file"),
+                format!(
+                    "cannot write the backup to {}: a file of that name exists; a backup is \
+                     never written over one: give a new name",
+                    at("a-file").display()
+                ),
+            ),
+            (
+                PathBuf::from("/dev/null"),
+                "cannot write the backup to /dev/null: it is a device".to_owned(),
+            ),
+            (
+                at("dangling"),
+                format!(
+                    "cannot write the backup to {}: it is a symbolic link; a backup is never \
+                     written through one: give the path of a new file",
+                    at("dangling").display()
+                ),
+            ),
+        ] {
+            let e = backup(&data, &to).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, BackupError::Destination { .. }), "{text}");
+            assert!(text.starts_with(&says), "{to:?}:\n{text}\n{says}");
+            assert!(!text.contains("cannot open the store"), "{text}");
+        }
+        assert_eq!(std::fs::read(at("a-file")).unwrap(), b"keep me");
+        assert!(!at("nowhere").exists(), "nothing made through the link");
+        assert!(!at("missing").exists());
+        // The store's own problem is the store's.
+        let e = backup(&at("no-store"), &at("b.sqlite")).unwrap_err();
+        assert!(matches!(e, BackupError::Store(_)), "{e}");
+        assert!(e.to_string().contains("cannot open the store"), "{e}");
+        let report = backup(&data, &at("b.sqlite")).unwrap();
+        assert_eq!(report.events, 0);
     }
 
     /// A walk's tiebreak keeps the row numbers' order, from the lowest to the highest, and
