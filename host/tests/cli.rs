@@ -1802,3 +1802,90 @@ fn check_refuses_limits_below_what_the_component_needs_to_start() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     drop(dir);
 }
+
+/// A handler that cannot be loaded for a reason the engine's settings decide is reported with
+/// the configuration file, the line and the key: a component that cannot be read (named with
+/// `handlers.component`), over `[engine] max_component_bytes`, over one of the sandbox pool's
+/// per-component caps, or slower to compile than `[engine] compile_timeout_ms` (each naming the
+/// `[engine]` key to raise). `jobhook run` and `inspect` name their flags instead.
+#[test]
+fn load_errors_name_the_configuration_and_the_setting_to_change() {
+    let (_dir, config) = check_config("");
+    let path = std::path::Path::new(&config);
+    let base = std::fs::read_to_string(path).expect("read");
+    let check = |written: &str| {
+        std::fs::write(path, written).expect("write");
+        let out = jobhook(&["check", "--config", &config]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{written}: {stderr}");
+        stderr
+    };
+    // The handler's [[handlers]] is on line 2, after the empty `before`.
+    let at = format!("{config}:2: ");
+    // A regular file that cannot be read, even by root.
+    let stderr = check(&base.replace(&component("log-context"), "/proc/self/mem"));
+    assert!(
+        stderr.contains(&format!(
+            "{at}handlers.component (handler \"log\"): cannot read /proc/self/mem"
+        )),
+        "{stderr}"
+    );
+    for (engine, says) in [
+        (
+            "max_component_bytes = 1",
+            "the component size limit is 1 bytes (raise [engine] max_component_bytes",
+        ),
+        (
+            "max_core_instances_per_component = 1",
+            "raise [engine] max_core_instances_per_component",
+        ),
+        (
+            "max_tables_per_component = 1",
+            "raise [engine] max_tables_per_component",
+        ),
+        (
+            "compile_timeout_ms = 1",
+            "raise [engine] compile_timeout_ms",
+        ),
+    ] {
+        let stderr = check(&format!("[engine]\n{engine}\n{base}"));
+        let at = format!("{config}:4: ");
+        assert!(stderr.contains(&at), "{engine}: {stderr}");
+        assert!(stderr.contains(says), "{engine}: {stderr}");
+    }
+    // The one-shot commands name their flags.
+    let log_context = component("log-context");
+    let context = context_file("log-context", "sample.json");
+    for (flag, value, says) in [
+        (
+            "--max-core-instances-per-component",
+            "1",
+            "raise --max-core-instances-per-component",
+        ),
+        (
+            "--max-tables-per-component",
+            "1",
+            "raise --max-tables-per-component",
+        ),
+        ("--compile-timeout-ms", "1", "raise --compile-timeout-ms"),
+    ] {
+        for args in [
+            vec![
+                "run",
+                &log_context,
+                "--context",
+                &context,
+                "--no-cache",
+                flag,
+                value,
+            ],
+            vec!["inspect", &log_context, "--no-cache", flag, value],
+        ] {
+            let out = jobhook(&args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(says), "{args:?}: {stderr}");
+            assert!(!stderr.contains("[engine]"), "{args:?}: {stderr}");
+        }
+    }
+}

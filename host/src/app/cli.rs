@@ -261,6 +261,7 @@ pub async fn run(
     let load_started = std::time::Instant::now();
     let handler = SandboxedHandler::load(&engine, &run_services.services, bytes, spec, &options)
         .await
+        .map_err(|e| anyhow::anyhow!(e.with_setting_named(crate::app::engine_args::flag)))
         .with_context(|| format!("cannot load {}", args.component.display()))?;
     let load = load_report(handler.component(), load_started.elapsed());
     let outcome = handler
@@ -316,6 +317,7 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let engine = args.engine.engine()?;
     let inspection = loader::inspect(&engine, bytes, &options)
         .await
+        .map_err(|e| anyhow::anyhow!(e.with_setting_named(crate::app::engine_args::flag)))
         .with_context(|| format!("cannot inspect {}", args.component.display()))?;
     if args.json {
         print_out(&format!(

@@ -117,6 +117,12 @@ impl EngineArgs {
     }
 }
 
+/// The flag of `run` and `inspect` for the `[engine]` setting `key`
+/// (`compile_timeout_ms` → `--compile-timeout-ms`).
+pub fn flag(key: &str) -> String {
+    format!("--{}", key.replace('_', "-"))
+}
+
 /// `$XDG_CACHE_HOME/jobhook` when that is an absolute path, else `~/.cache/jobhook`; `None`
 /// when neither is known (then nothing is cached).
 fn default_cache_dir() -> Option<PathBuf> {

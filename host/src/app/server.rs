@@ -128,7 +128,14 @@ pub async fn load_handlers(
             read_component(&path, max, Some(MAX_COMPONENT_BYTES_SETTING))
         })
         .await
-        .with_context(|| format!("handler {:?} (line {})", hc.name, hc.line))?;
+        .with_context(|| {
+            format!(
+                "{}:{}: handlers.component (handler {:?})",
+                config.path.display(),
+                hc.line,
+                hc.name
+            )
+        })?;
         let digest = digest(&bytes);
         let before = previous.and_then(|p| p.loaded.get(&hc.name));
         let reusable =
@@ -139,6 +146,9 @@ pub async fn load_handlers(
                 let spec = spec_of(hc);
                 let handler = SandboxedHandler::load(engine, services, bytes, spec, &options)
                     .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(e.with_setting_named(|key| format!("[engine] {key}")))
+                    })
                     .with_context(|| {
                         format!(
                             "{}:{}: handler {:?} ({}) was refused",

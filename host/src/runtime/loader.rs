@@ -194,6 +194,57 @@ pub enum LoadError {
     Internal(String),
 }
 
+/// The sandbox pool's per-component caps wasmtime refuses a component for, each with the
+/// words of its refusal ("…transitively contains N core module instances, which exceeds the
+/// configured maximum of M in the pooling allocator"), its `[engine]` key and the per-delivery
+/// reservation the cap may not exceed.
+const POOL_CAPS: &[(&str, &str, &str)] = &[
+    (
+        "core module instances",
+        "max_core_instances_per_component",
+        "core_instances_per_delivery",
+    ),
+    (
+        "linear memories",
+        "max_memories_per_component",
+        "memories_per_delivery",
+    ),
+    ("tables", "max_tables_per_component", "tables_per_delivery"),
+];
+
+impl LoadError {
+    /// This refusal's message, and, when an engine setting decided it rather than the
+    /// component — the compile time limit, a per-component cap of the sandbox pool — which
+    /// setting to raise, named by `name` from its `[engine]` key (`[engine] compile_timeout_ms`
+    /// for a configuration, `--compile-timeout-ms` for `jobhook run`).
+    pub fn with_setting_named(&self, name: impl Fn(&str) -> String) -> String {
+        let raise = match self {
+            LoadError::CompileTimeout(_) => Some(format!(
+                "raise {} if the component is trusted to take that long",
+                name("compile_timeout_ms")
+            )),
+            LoadError::Invalid(message) if message.contains("in the pooling allocator") => {
+                POOL_CAPS
+                    .iter()
+                    .find(|(words, _, _)| message.contains(words))
+                    .map(|(_, cap, per_delivery)| {
+                        format!(
+                            "raise {} (and {}, which it may not exceed) if the component is \
+                             trusted to need that many",
+                            name(cap),
+                            name(per_delivery)
+                        )
+                    })
+            }
+            _ => None,
+        };
+        match raise {
+            Some(raise) => format!("{self}; {raise}"),
+            None => self.to_string(),
+        }
+    }
+}
+
 /// Checks `limits` against what a loaded component needs at instantiation, as it declares it:
 /// its core instances, memories and tables, the largest initial memory and table. A limit below one of these
 /// fails every delivery, so it is refused at load (by `jobhook check` too) instead. What a
