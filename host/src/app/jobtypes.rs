@@ -98,7 +98,29 @@ pub fn collect(store_types: &[Value], custom: &[Value]) -> (Vec<JobType>, Vec<St
                 format!("store type {short}, capability {capability}"),
             ),
             (Some(name), _) | (None, Some(name)) => (name, format!("store type {name}")),
-            (None, None) => ("", "store type".to_owned()),
+            // Job names would be a bare `Inventory`, `Management`, …: the store type's job
+            // types are left out, said once.
+            (None, None) => {
+                let has_jobs = STORE_JOBS
+                    .iter()
+                    .any(|(field, _)| store_type.get(*field).is_some_and(|v| !v.is_null()));
+                if has_jobs {
+                    let id = store_type
+                        .get("StoreType")
+                        .filter(|id| id.is_number() || id.is_string());
+                    skipped.push(shown(match id {
+                        Some(id) => format!(
+                            "store type with StoreType {id}: it has no Capability or ShortName to \
+                             name its job types after"
+                        ),
+                        None => format!(
+                            "store type with no Capability or ShortName to name its job types \
+                             after: {store_type}"
+                        ),
+                    }));
+                }
+                continue;
+            }
         };
         for (field, suffix) in STORE_JOBS {
             let Some(raw) = store_type.get(*field) else {
@@ -257,8 +279,8 @@ async fn each_page(
     mut page_read: impl FnMut(&[Value]),
 ) -> anyhow::Result<()> {
     for page in 1..=MAX_PAGES {
-        let response = client
-            .send(
+        let (response, location) = client
+            .send_with_location(
                 grant,
                 Request {
                     method: Method::Get,
@@ -277,7 +299,10 @@ async fn each_page(
             let body = String::from_utf8_lossy(response.body.get(..300).unwrap_or(&response.body))
                 .escape_debug()
                 .to_string();
-            bail!("{}", refused(path, response.status, &body));
+            bail!(
+                "{}",
+                refused(path, response.status, &body, location.as_deref())
+            );
         }
         let rows = match serde_json::from_slice::<Value>(&response.body) {
             Ok(Value::Array(rows)) => rows,
@@ -312,8 +337,10 @@ fn call_failed(path: &str, error: &CapabilityError) -> String {
     }
 }
 
-/// What an answer other than 2xx says; for 401 and 403 the setting that holds the credential.
-fn refused(path: &str, status: u16, body: &str) -> String {
+/// What an answer other than 2xx says: for a redirection where it pointed (`location`) and that
+/// it is not followed, for 401 and 403 the setting that holds the credential, and the start of
+/// the body when there is one.
+fn refused(path: &str, status: u16, body: &str, location: Option<&str>) -> String {
     let setting = match status {
         401 => "; the Keyfactor API refused the credential: check [keyfactor.auth]",
         403 => {
@@ -322,7 +349,17 @@ fn refused(path: &str, status: u16, body: &str) -> String {
         }
         _ => "",
     };
-    format!("GET {path} answered {status}: {body}{setting}")
+    let redirect = if (300..400).contains(&status) {
+        crate::capabilities::keyfactor::redirect_note(location)
+    } else {
+        String::new()
+    };
+    let body = if body.is_empty() {
+        String::new()
+    } else {
+        format!(": {body}")
+    };
+    format!("GET {path} answered {status}{redirect}{body}{setting}")
 }
 
 /// Reads the job types through `client` and renders them (see [`render`]); entries that could
@@ -347,6 +384,12 @@ pub async fn job_types_toml(client: &KeyfactorClient) -> anyhow::Result<(String,
     Ok((render(&found, "the configured Keyfactor Command"), skipped))
 }
 
+/// The warning line for an entry left out ([`collect`]: names in it are quoted already, the
+/// rest is the server's JSON): escaped once, for the terminal ([`crate::escape::escape`]).
+fn warning_line(entry: &str) -> String {
+    format!("warning: left out {}", crate::escape::escape(entry))
+}
+
 /// `jobhook job-types --config <file>`.
 pub async fn job_types(path: &Path) -> anyhow::Result<std::process::ExitCode> {
     let config = Config::load(path)?;
@@ -357,7 +400,7 @@ pub async fn job_types(path: &Path) -> anyhow::Result<std::process::ExitCode> {
         .with_context(|| format!("{}: configure [keyfactor] first", path.display()))?;
     let (toml, skipped) = job_types_toml(&client).await?;
     for entry in skipped {
-        crate::app::output::print_err(&format!("warning: left out {}", entry.escape_debug()));
+        crate::app::output::print_err(&warning_line(&entry));
     }
     crate::app::output::print_out(&toml)?;
     Ok(std::process::ExitCode::SUCCESS)
@@ -387,10 +430,10 @@ mod tests {
         assert!(!text.contains("Timeout(") && !text.contains('\n'), "{text}");
         assert!(text.contains("[keyfactor] base_url"), "{text}");
         for status in [401, 403] {
-            let text = refused("CertificateStoreTypes", status, "");
+            let text = refused("CertificateStoreTypes", status, "", None);
             assert!(text.contains("[keyfactor.auth]"), "{text}");
         }
-        assert!(!refused("CertificateStoreTypes", 500, "x").contains("[keyfactor"));
+        assert!(!refused("CertificateStoreTypes", 500, "x", None).contains("[keyfactor"));
     }
     use jobhook_standin::{Standin, data};
     use serde_json::json;
@@ -597,6 +640,107 @@ mod tests {
         // What it cannot list is said, and the whole is still TOML.
         assert!(text.contains(FETCH_LOGS_JOB_TYPE), "{text}");
         assert!(toml::from_str::<toml::Value>(&text).is_ok(), "{text}");
+    }
+
+    /// A store type with neither `Capability` nor `ShortName` has no name to make job names
+    /// of (they came out as plain `Inventory`): its job types are left out with a warning
+    /// naming its `StoreType` id, or the entry itself when it has none.
+    #[test]
+    fn a_store_type_without_a_name_is_left_out_naming_its_id() {
+        let (found, skipped) = collect(
+            &[
+                json!({"StoreType": 104, "InventoryJobType": "49b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f",
+                       "ManagementJobType": "59b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+                json!({"Capability": "", "ShortName": null,
+                       "InventoryJobType": "69b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f"}),
+            ],
+            &[],
+        );
+        assert!(found.is_empty(), "{found:?}");
+        assert_eq!(
+            skipped,
+            [
+                "store type with StoreType 104: it has no Capability or ShortName to name its \
+                 job types after"
+                    .to_owned(),
+                "store type with no Capability or ShortName to name its job types after: \
+                 {\"Capability\":\"\",\"InventoryJobType\":\
+                 \"69b3a17d-7a3c-4d8e-9d0e-1c2b3a4d5e6f\",\"ShortName\":null}"
+                    .to_owned(),
+            ]
+        );
+    }
+
+    /// A warning is escaped once, for the terminal: names keep their one quoting, and a bidi
+    /// override or an escape sequence in one is shown as an escape, not acted on (they were
+    /// escaped twice: `\"E\\u{202e}vil\"`).
+    #[test]
+    fn warnings_are_escaped_once() {
+        let (_, skipped) = collect(
+            &[json!({"ShortName": "E\u{202e}vil\u{1b}[2J", "InventoryJobType": "not-a-guid"})],
+            &[],
+        );
+        let line = warning_line(&skipped[0]);
+        assert_eq!(
+            line,
+            "warning: left out store type \"E\\u{202e}vil\\u{1b}[2J\": InventoryJobType \
+             \"not-a-guid\""
+        );
+        assert!(!line.chars().any(crate::escape::needs_escape), "{line:?}");
+    }
+
+    /// An answer that redirects is reported with where it pointed — whatever host it names,
+    /// quoted, without its user information — and that redirections are not followed, with the
+    /// setting to check; the redirection is not followed.
+    #[tokio::test]
+    async fn a_redirect_is_reported_with_its_location_and_not_followed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let followed = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = std::sync::Arc::clone(&followed);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let elsewhere = format!("http://u:p@{addr}/elsewhere");
+        let app = axum::Router::new()
+            .route(
+                "/KeyfactorAPI/CertificateStoreTypes",
+                axum::routing::get(move || {
+                    let elsewhere = elsewhere.clone();
+                    async move { (axum::http::StatusCode::FOUND, [("location", elsewhere)], "") }
+                }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::get(move || {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async { "[]" }
+                }),
+            );
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("pw"), "pw").expect("pw");
+        let auth = crate::capabilities::keyfactor::auth::AuthConfig::Basic {
+            username: "u".into(),
+            password: crate::secret::SecretRef::File(dir.path().join("pw")),
+        };
+        let client =
+            KeyfactorClient::from_config(&crate::capabilities::keyfactor::KeyfactorConfig::new(
+                format!("http://{addr}/KeyfactorAPI/"),
+                auth,
+            ))
+            .expect("client");
+        let error = job_types_toml(&client).await.unwrap_err().to_string();
+        server.abort();
+        assert_eq!(
+            error,
+            format!(
+                "GET CertificateStoreTypes answered 302 (a redirection to \"http://…@{addr}/elsewhere\"; \
+                 redirections are not followed: is [keyfactor] base_url the API's own address, \
+                 https and ending in /KeyfactorAPI/?)"
+            )
+        );
+        assert_eq!(followed.load(Ordering::SeqCst), 0, "not followed");
     }
 
     #[test]

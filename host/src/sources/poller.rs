@@ -363,14 +363,7 @@ pub enum PollError {
 fn status_note(status: u16, location: Option<&str>, retry_after: Option<Duration>) -> String {
     let mut note = String::new();
     if (300..400).contains(&status) {
-        note.push_str(&format!(
-            " (a redirection to {}; the poller does not follow it: is [keyfactor] base_url the API's \
-             own address, https and ending in /KeyfactorAPI/?)",
-            location.map_or_else(
-                || "an address outside [keyfactor] base_url, not shown".to_owned(),
-                crate::capabilities::outbound::quote
-            )
-        ));
+        note.push_str(&crate::capabilities::keyfactor::redirect_note(location));
     }
     if let Some(after) = retry_after {
         note.push_str(&format!(
@@ -912,9 +905,9 @@ impl Poller {
         path: &str,
         query: Vec<(String, String)>,
     ) -> Result<Vec<Value>, PollError> {
-        let response = self
+        let (response, location) = self
             .client
-            .send(
+            .send_with_location(
                 &self.grant,
                 Request {
                     method: Method::Get,
@@ -946,7 +939,7 @@ impl Poller {
                 status: response.status,
                 body: String::from_utf8_lossy(response.body.get(..500).unwrap_or(&response.body))
                     .into_owned(),
-                location: header("location"),
+                location,
                 retry_after: header("retry-after")
                     .and_then(|v| crate::capabilities::outbound::retry_after(&v, MAX_BACKOFF)),
             });

@@ -547,6 +547,21 @@ impl KeyfactorClient {
         grant: &KeyfactorGrant,
         request: Request,
     ) -> Result<Response, CapabilityError> {
+        self.send_with_location(grant, request)
+            .await
+            .map(|(response, _)| response)
+    }
+
+    /// [`send`](Self::send) for the engine's own callers (the poller, `jobhook job-types`):
+    /// also the `Location` the server answered, whole (scrubbed like the rest, `None` when it
+    /// gave none). A handler is never told the API's host, so its response keeps a `Location`
+    /// below the base only; the operator, who configured that host, is told where a redirection
+    /// pointed, whatever it names.
+    pub async fn send_with_location(
+        &self,
+        grant: &KeyfactorGrant,
+        request: Request,
+    ) -> Result<(Response, Option<String>), CapabilityError> {
         let path =
             ApiPath::parse(&request.path).map_err(|e| CapabilityError::Denied(e.to_string()))?;
         if let Some(reason) = grant.refusal(request.method, &path) {
@@ -612,6 +627,10 @@ impl KeyfactorClient {
         let redactor = self.redactor();
         let mut headers =
             outbound::response_headers(&received_headers, forwarded_response_header, &redactor);
+        let location = headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("location"))
+            .map(|(_, value)| value.clone());
         // The handler never sees the API's host: an absolute `Location` becomes the path below
         // the base, as the handler names paths; one elsewhere is dropped.
         headers.retain_mut(|(name, value)| {
@@ -656,11 +675,14 @@ impl KeyfactorClient {
             ms = started.elapsed().as_millis() as u64,
             "Keyfactor API call"
         );
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
+        Ok((
+            Response {
+                status,
+                headers,
+                body,
+            },
+            location,
+        ))
     }
 
     /// What no handler may receive: every identity's credential, its own or another's — the
@@ -756,6 +778,25 @@ pub fn forwarded_response_header(name: &str) -> bool {
     ];
     let name = name.to_ascii_lowercase();
     FORWARDED.contains(&name.as_str()) || name.starts_with("x-keyfactor-")
+}
+
+/// What an answer that redirects adds to its error, for the operator: where it pointed (the
+/// `Location` as [`KeyfactorClient::send_with_location`] gives it, quoted and escaped, without
+/// any user information), that redirections are not followed, and what to check — Command does
+/// not redirect its API; a `[keyfactor] base_url` of `http://` for an `https://` site, or
+/// without `/KeyfactorAPI/`, is redirected.
+pub fn redirect_note(location: Option<&str>) -> String {
+    let to = match location {
+        Some(location) => format!(
+            " to {}",
+            outbound::quote(&outbound::without_credentials(location))
+        ),
+        None => " without a Location".to_owned(),
+    };
+    format!(
+        " (a redirection{to}; redirections are not followed: is [keyfactor] base_url the API's \
+         own address, https and ending in /KeyfactorAPI/?)"
+    )
 }
 
 /// A base no `Location` names: a relative reference resolved against it keeps its host only if
