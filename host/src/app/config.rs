@@ -1112,6 +1112,19 @@ impl Validator<'_> {
                 ),
             ));
         }
+        // As `[quarantine]` refuses a quarantine of 0 ms: a retry without a wait is a loop
+        // against what just failed, not a policy.
+        if retry.max_attempts > 1 && retry.backoff.is_zero() {
+            return Err(self.error(
+                retry_line,
+                &format!(
+                    "{} must be at least 1 when max_attempts is above 1: a retry without a wait \
+                     runs again at once against what just failed (a relay or an API that is \
+                     down), as often as max_attempts allows",
+                    key_of("retry.backoff_ms")
+                ),
+            ));
+        }
         if retry.max_backoff < retry.backoff {
             return Err(self.error(
                 retry_line,
@@ -1956,6 +1969,41 @@ backoff_ms = 100
         ));
         assert!(e.message.contains("max_backof_ms"), "{e}");
         assert!(e.line.is_some(), "{e}");
+    }
+
+    /// A retry with no wait runs again at once against what just failed (a relay or an API
+    /// that is down), in a loop as long as max_attempts: refused as `[quarantine]` refuses a
+    /// quarantine of 0 ms, with the key and its line; without retries the wait is never used
+    /// and 0 is taken.
+    #[test]
+    fn a_retry_without_a_wait_is_refused() {
+        for max_backoff in ["", "max_backoff_ms = 0\n", "max_backoff_ms = 1000\n"] {
+            let e = error(&format!(
+                "{MINIMAL}\n[handlers.retry]\nmax_attempts = 100\nbackoff_ms = 0\n{max_backoff}"
+            ));
+            assert_eq!(
+                e.message,
+                "handlers.retry.backoff_ms (handler \"mail\") must be at least 1 when \
+                 max_attempts is above 1: a retry without a wait runs again at once against \
+                 what just failed (a relay or an API that is down), as often as max_attempts \
+                 allows",
+                "{max_backoff}"
+            );
+            assert!(e.line.is_some(), "{e}");
+        }
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}\n[handlers.retry]\nmax_attempts = 1\nbackoff_ms = 0\n"
+            ))
+            .unwrap();
+        assert_eq!(c.handlers[0].retry.backoff, Duration::ZERO);
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}\n[handlers.retry]\nmax_attempts = 2\nbackoff_ms = 1\n"
+            ))
+            .unwrap();
+        assert_eq!(c.handlers[0].retry.backoff, Duration::from_millis(1));
     }
 
     #[test]
