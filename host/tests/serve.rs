@@ -28,9 +28,15 @@ impl Setup {
     }
 
     fn config(&self, body: &str) -> PathBuf {
+        self.config_with_server("", body)
+    }
+
+    /// [`Setup::config`] with more lines of `[server]` (tokens, limits).
+    fn config_with_server(&self, server: &str, body: &str) -> PathBuf {
         let path = self.dir.path().join("jobhook.toml");
-        let text =
-            format!("[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"data\"\n\n{body}");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n\n[store]\ndata_dir = \"data\"\n\n{body}"
+        );
         std::fs::write(&path, text).expect("write config");
         path
     }
@@ -671,16 +677,10 @@ async fn bad_input_gets_400_with_the_reason() {
 async fn tokens_protect_everything_but_healthz() {
     let setup = Setup::new();
     std::fs::write(setup.dir.path().join("token"), "t0ken-value\n").expect("write");
-    let config = setup.config(&handler("all", "log-context", "[\"*\"]", ""));
-    let text = std::fs::read_to_string(&config).expect("read");
-    std::fs::write(
-        &config,
-        text.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntokens = [{ file = \"token\" }]",
-        ),
-    )
-    .expect("write");
+    let config = setup.config_with_server(
+        "tokens = [{ file = \"token\" }]",
+        &handler("all", "log-context", "[\"*\"]", ""),
+    );
     let engine = EngineProcess::start(
         Path::new(env!("CARGO_BIN_EXE_jobhook")),
         &config,
@@ -969,16 +969,10 @@ async fn a_body_or_a_credential_sent_in_a_way_the_engine_cannot_take_is_refused_
     let dir = setup.dir.path();
     std::fs::write(dir.join("token"), "a-sender-token-long-enough-0001\n").expect("write");
     chmod(&dir.join("token"), 0o600);
-    let config = dir.join("jobhook.toml");
-    let text = std::fs::read_to_string(&config).expect("read");
-    std::fs::write(
-        &config,
-        text.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntokens = [{ file = \"token\" }]",
-        ),
-    )
-    .expect("write");
+    setup.config_with_server(
+        "tokens = [{ file = \"token\" }]",
+        &handler("all", "log-context", "[\"*\"]", ""),
+    );
     assert_eq!(reload(&engine).await.status().as_u16(), 200);
     for order in [
         ["Bearer a-sender-token-long-enough-0001", "Bearer wrong"],
@@ -1017,17 +1011,10 @@ async fn a_senders_token_opens_only_ingest_and_metrics_beside_admin_tokens() {
     for file in ["send", "admin"] {
         chmod(&dir.join(file), 0o600);
     }
-    let config = setup.config(&handler("all", "log-context", "[\"*\"]", ""));
-    let text = std::fs::read_to_string(&config).expect("read");
-    std::fs::write(
-        &config,
-        text.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntokens = [{ file = \"send\" }]\n\
-             admin_tokens = [{ file = \"admin\" }]",
-        ),
-    )
-    .expect("write");
+    let config = setup.config_with_server(
+        "tokens = [{ file = \"send\" }]\nadmin_tokens = [{ file = \"admin\" }]",
+        &handler("all", "log-context", "[\"*\"]", ""),
+    );
     let engine = EngineProcess::start(
         Path::new(env!("CARGO_BIN_EXE_jobhook")),
         &config,
@@ -2684,19 +2671,7 @@ async fn a_reload_reads_the_token_file_again_and_says_what_needs_a_restart() {
     let server = "tokens = [{ file = \"token\" }]";
     let keyfactor = "[keyfactor]\nbase_url = \"https://keyfactor.example.com/KeyfactorAPI\"\n\
                      auth = { kind = \"bearer\", token = { file = \"kf-token\" } }\n";
-    let write_config = || {
-        let config = setup.config(keyfactor);
-        let text = std::fs::read_to_string(&config).expect("read");
-        std::fs::write(
-            &config,
-            text.replace(
-                "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"127.0.0.1:0\"\n{server}"),
-            ),
-        )
-        .expect("write");
-        config
-    };
+    let write_config = || setup.config_with_server(server, keyfactor);
     let config = write_config();
     let engine = EngineProcess::start(
         Path::new(env!("CARGO_BIN_EXE_jobhook")),

@@ -1083,12 +1083,11 @@ mod tests {
         );
     }
 
-    /// An identity provider answering 503 with `Retry-After`: twenty calls in a row ask it
-    /// once (each asked before, writing a warning each, and the warning told to check the
-    /// client's credentials whatever the status); the line says it is unavailable, and the
-    /// pause holds no longer than the provider asked, within [`MAX_TOKEN_FAILURE_PAUSE`].
-    #[tokio::test]
-    async fn a_provider_that_is_down_is_asked_once_per_pause_and_named_as_down() {
+    /// A loopback identity provider answering its `n`th token request (from 0) with
+    /// `answer(n)`, a whole HTTP response; its port, and how many requests it has had.
+    async fn token_endpoint(
+        answer: impl Fn(usize) -> String + Send + 'static,
+    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -1096,17 +1095,38 @@ mod tests {
         let counted = Arc::clone(&asked);
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut request = vec![0u8; 4096];
                 let _ = socket.read(&mut request).await;
-                let _ = socket
-                    .write_all(
-                        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
-                          Content-Length: 0\r\nConnection: close\r\n\r\n",
-                    )
-                    .await;
+                let _ = socket.write_all(answer(n).as_bytes()).await;
             }
         });
+        (port, asked)
+    }
+
+    /// A token response: `access_token` and `expires_in` (seconds).
+    fn token_answer(token: &str, expires_in: u64) -> String {
+        let body = format!("{{\"access_token\":\"{token}\",\"expires_in\":{expires_in}}}");
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// A refusal with `status` and, when given, `Retry-After` (seconds).
+    fn refusal(status: &str, retry_after: Option<u64>) -> String {
+        let wait = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
+        format!("HTTP/1.1 {status}\r\n{wait}Content-Length: 0\r\nConnection: close\r\n\r\n")
+    }
+
+    /// An identity provider answering 503 with `Retry-After`: twenty calls in a row ask it
+    /// once (each asked before, writing a warning each, and the warning told to check the
+    /// client's credentials whatever the status); the line says it is unavailable, and the
+    /// pause holds no longer than the provider asked, within [`MAX_TOKEN_FAILURE_PAUSE`].
+    #[tokio::test]
+    async fn a_provider_that_is_down_is_asked_once_per_pause_and_named_as_down() {
+        let (port, asked) = token_endpoint(|_| refusal("503 Service Unavailable", Some(1))).await;
         let dir = tempfile::tempdir().unwrap();
         let auth = oauth_on_loopback(port, dir.path());
         let kept = crate::log_capture::Captured::default();
@@ -1130,25 +1150,11 @@ mod tests {
     /// until it expires (calls failed from the refresh time on before, for the whole pause).
     #[tokio::test]
     async fn a_failed_refresh_keeps_the_unexpired_token_in_use() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let mut served = 0;
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let mut request = vec![0u8; 4096];
-                let _ = socket.read(&mut request).await;
-                let answer: &[u8] = if served == 0 {
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 45\r\n\
-                      Connection: close\r\n\r\n{\"access_token\":\"first-token\",\"expires_in\":2}"
-                } else {
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\
-                      Connection: close\r\n\r\n"
-                };
-                served += 1;
-                let _ = socket.write_all(answer).await;
-            }
-        });
+        let (port, _) = token_endpoint(|n| match n {
+            0 => token_answer("first-token", 2),
+            _ => refusal("503 Service Unavailable", None),
+        })
+        .await;
         let dir = tempfile::tempdir().unwrap();
         let auth = oauth_on_loopback(port, dir.path());
         let http = reqwest::Client::new();
@@ -1169,32 +1175,12 @@ mod tests {
     /// being left without one (as it was: the token was forgotten at the 401).
     #[tokio::test]
     async fn a_401_replaces_the_token_only_once_it_has_served_and_never_leaves_none() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = Arc::clone(&asked);
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let mut request = vec![0u8; 4096];
-                let _ = socket.read(&mut request).await;
-                // Two tokens (an hour each), then 429 with Retry-After.
-                let answer = if n < 2 {
-                    let body = format!("{{\"access_token\":\"token-{n}\",\"expires_in\":3600}}");
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Length: 0\r\n\
-                     Connection: close\r\n\r\n"
-                        .to_owned()
-                };
-                let _ = socket.write_all(answer.as_bytes()).await;
-            }
-        });
+        // Two tokens (an hour each), then 429 with Retry-After.
+        let (port, asked) = token_endpoint(|n| match n {
+            0 | 1 => token_answer(&format!("token-{n}"), 3600),
+            _ => refusal("429 Too Many Requests", Some(30)),
+        })
+        .await;
         let dir = tempfile::tempdir().unwrap();
         let auth = oauth_on_loopback(port, dir.path());
         let Auth::OAuth2(oauth) = &auth else {
