@@ -31,11 +31,17 @@ impl Setup {
         self.config_with_server("", body)
     }
 
-    /// [`Setup::config`] with more lines of `[server]` (tokens, limits).
+    /// [`Setup::config`] with more lines of `[server]` (tokens, limits); with none, the file
+    /// is line for line what the tests that name a line number expect.
     fn config_with_server(&self, server: &str, body: &str) -> PathBuf {
         let path = self.dir.path().join("jobhook.toml");
+        let server = if server.is_empty() {
+            String::new()
+        } else {
+            format!("{server}\n")
+        };
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n\n[store]\ndata_dir = \"data\"\n\n{body}"
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[store]\ndata_dir = \"data\"\n\n{body}"
         );
         std::fs::write(&path, text).expect("write config");
         path
