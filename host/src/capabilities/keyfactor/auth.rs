@@ -74,14 +74,14 @@ pub const TOKEN_REMEMBERED_FOR: Duration = Duration::from_secs(60 * 60);
 /// identity can make in that time.
 pub const MAX_REMEMBERED_TOKENS: usize = 256;
 
-/// A token Keyfactor refused (401) is replaced only once it has served this long. A handler
+/// At most one token refresh per this long comes from Keyfactor's 401s, per identity. A handler
 /// chooses its paths, and one that answers 401 to any token lets it refuse the identity's token
 /// on every call: each replacement would be a token request to the identity provider (which
 /// may limit or refuse them, and a refused refresh pauses every handler of the identity) and one
 /// more token on the redaction list that every response is scanned against. A token revoked or
-/// expired early is still replaced at the first 401 once it is this old; at most one
-/// replacement per this long comes from 401s, whatever the handlers do.
-pub const REJECTED_TOKEN_MIN_AGE: Duration = Duration::from_secs(30);
+/// expired early is still replaced at the first 401; a 401 within this long of the last
+/// refresh a 401 caused is answered to the handler as it is.
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// After a failed token request, how long every call with that identity is answered with its
 /// failure instead of asking again: an identity provider that is down or refusing is asked
@@ -433,6 +433,7 @@ impl Auth {
                     cache: Mutex::new(None),
                     last_failure: std::sync::Mutex::new(None),
                     issued: RwLock::new(VecDeque::new()),
+                    forced_at: std::sync::Mutex::new(None),
                 })))
             }
         }
@@ -508,7 +509,8 @@ impl Auth {
 
     /// Keyfactor refused `used` (401). Returns whether a retry can send another credential:
     /// when `used` has been replaced since it was sent, or when it is still the cached token and
-    /// has served [`REJECTED_TOKEN_MIN_AGE`] — then it is made due for a refresh but kept, so
+    /// no 401 forced a refresh within [`FORCED_REFRESH_INTERVAL`] — then it is made due for a
+    /// refresh but kept, so
     /// that a refresh the identity provider refuses leaves the token in use until it expires
     /// (as for a refresh at its time) instead of leaving every handler of the identity without
     /// one.
@@ -520,10 +522,13 @@ impl Auth {
                 let now = Instant::now();
                 match cache.as_mut() {
                     Some(token) if token.header == *used => {
-                        let served = now.saturating_duration_since(token.issued_at);
-                        if served < REJECTED_TOKEN_MIN_AGE {
+                        let mut forced = oauth.forced_at.lock().unwrap_or_else(|p| p.into_inner());
+                        if forced.is_some_and(|at| {
+                            now.saturating_duration_since(at) < FORCED_REFRESH_INTERVAL
+                        }) {
                             return false;
                         }
+                        *forced = Some(now);
                         token.refresh_at = token.refresh_at.min(now);
                         true
                     }
@@ -567,6 +572,9 @@ pub struct OAuth2 {
     /// have received from this engine is on the list. A `std::sync::RwLock`, never held across
     /// an `.await`.
     issued: RwLock<VecDeque<(Instant, Arc<Redactor>)>>,
+    /// When a 401 last made the token due for a refresh ([`FORCED_REFRESH_INTERVAL`]). Never
+    /// held across an `.await`.
+    forced_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for OAuth2 {
@@ -580,9 +588,6 @@ impl std::fmt::Debug for OAuth2 {
 
 struct CachedToken {
     header: HeaderValue,
-    /// When it was asked for: a 401 replaces it only once it has served
-    /// [`REJECTED_TOKEN_MIN_AGE`].
-    issued_at: Instant,
     refresh_at: Instant,
     /// When the provider said it expires: until then it is still sent when a refresh fails.
     expires_at: Instant,
@@ -832,7 +837,6 @@ impl OAuth2 {
         Ok((
             CachedToken {
                 header,
-                issued_at: started,
                 // Cannot overflow (the lifetime is at most a day); if it did, the token would
                 // be refreshed at once rather than the engine panic.
                 refresh_at: started.checked_add(use_for).unwrap_or(started),
@@ -1169,12 +1173,13 @@ mod tests {
     }
 
     /// A handler whose calls Keyfactor answers 401 cannot make the identity's token be thrown
-    /// away: a token younger than [`REJECTED_TOKEN_MIN_AGE`] is kept (no token request), an
-    /// older one is replaced once, and when the identity provider refuses the replacement the
-    /// refused token stays in use until it expires instead of every handler of the identity
-    /// being left without one (as it was: the token was forgotten at the 401).
+    /// away again and again: the first 401 replaces it at once, further 401s within
+    /// [`FORCED_REFRESH_INTERVAL`] keep it (no token request), and when the identity provider
+    /// refuses a later replacement the refused token stays in use until it expires instead of
+    /// every handler of the identity being left without one (as it was: the token was
+    /// forgotten at every 401).
     #[tokio::test]
-    async fn a_401_replaces_the_token_only_once_it_has_served_and_never_leaves_none() {
+    async fn a_401_forces_at_most_one_refresh_per_interval_and_never_leaves_no_token() {
         // Two tokens (an hour each), then 429 with Retry-After.
         let (port, asked) = token_endpoint(|n| match n {
             0 | 1 => token_answer(&format!("token-{n}"), 3600),
@@ -1187,33 +1192,32 @@ mod tests {
             panic!("an OAuth2 identity")
         };
         let http = reqwest::Client::new();
-        let age = |by: Duration| async move {
-            let mut cache = oauth.cache.lock().await;
-            let token = cache.as_mut().expect("a cached token");
-            token.issued_at = token.issued_at.checked_sub(by).expect("an earlier instant");
+        // As if the last refresh a 401 forced were `by` ago.
+        let age = |by: Duration| {
+            let mut forced = oauth.forced_at.lock().unwrap();
+            *forced = forced.map(|at| at.checked_sub(by).expect("an earlier instant"));
         };
         let asked_so_far = || asked.load(std::sync::atomic::Ordering::SeqCst);
         let first = auth.authorization(&http).await.expect("a token");
-        // Refused at once, again and again: kept, and no retry is worth it.
-        for _ in 0..20 {
-            assert!(!auth.rejected(&first).await);
-            assert_eq!(auth.authorization(&http).await.ok(), Some(first.clone()));
-        }
-        assert_eq!(asked_so_far(), 1);
-        // Once it has served long enough, a 401 replaces it, once.
-        age(REJECTED_TOKEN_MIN_AGE).await;
+        // The first 401 replaces it at once (a token revoked early).
         assert!(auth.rejected(&first).await);
         let second = auth.authorization(&http).await.expect("a token");
         assert_ne!(second, first);
         assert_eq!(asked_so_far(), 2);
+        // Refused again and again within the interval: kept, no retry is worth it, no token
+        // request.
+        for _ in 0..20 {
+            assert!(!auth.rejected(&second).await);
+            assert_eq!(auth.authorization(&http).await.ok(), Some(second.clone()));
+        }
         // A call that sent the old one and comes back 401 after the replacement retries with
         // the new one; no token request.
         assert!(auth.rejected(&first).await);
         assert_eq!(auth.authorization(&http).await.ok(), Some(second.clone()));
-        assert!(!auth.rejected(&second).await);
         assert_eq!(asked_so_far(), 2);
-        // The provider refuses the next replacement: the refused token stays in use.
-        age(REJECTED_TOKEN_MIN_AGE).await;
+        // Once the interval has passed a 401 forces a refresh again; the provider refuses it,
+        // and the refused token stays in use.
+        age(FORCED_REFRESH_INTERVAL);
         assert!(auth.rejected(&second).await);
         for _ in 0..5 {
             assert_eq!(auth.authorization(&http).await.ok(), Some(second.clone()));

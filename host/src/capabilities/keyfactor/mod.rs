@@ -12,8 +12,8 @@
 //! 4. the send: the engine adds `Authorization` ([`auth`]), `x-keyfactor-requested-with:
 //!    APIClient`, `x-keyfactor-api-version`, `Accept`/`Content-Type: application/json`;
 //!    redirects are never followed (a 3xx is returned to the handler as it is), the whole call
-//!    has a timeout, and with OAuth a 401 retries once, with a fresh token when the refused one
-//!    has served [`auth::REJECTED_TOKEN_MIN_AGE`] (a handler cannot make the identity's token
+//!    has a timeout, and with OAuth a 401 retries once with a fresh token, at most one such
+//!    refresh per [`auth::FORCED_REFRESH_INTERVAL`] (a handler cannot make the identity's token
 //!    be replaced on every call);
 //! 5. the response: read up to [`KeyfactorConfig::max_response_bytes`] and no further, only an
 //!    allow-list of headers forwarded ([`forwarded_response_header`]), and every form of every
