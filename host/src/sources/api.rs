@@ -689,24 +689,17 @@ fn store_refused(state: &AppState, reason: &'static str) {
 /// log has): a file path or a server address is no business of the sender's. It says "not
 /// accepted" rather than "not stored": a connection that broke during the commit leaves it
 /// unknown whether the server committed, which is why resends carry an `Idempotency-Key`.
-fn unavailable(e: &StoreError) -> (&'static str, &'static str) {
-    let message = match e {
-        StoreError::DiskFull(_) => {
-            "the event was not accepted: the store is out of disk space; retry later"
-        }
-        StoreError::ReadOnly(_) => {
-            "the event was not accepted: the store takes no writes (read-only); retry later"
-        }
-        StoreError::Unreachable(_) => {
-            "the event was not accepted: the store's database cannot be reached; retry later"
-        }
-        // Within the commit timeout, or past it: either way the sender hears the same.
-        StoreError::NoAnswer(_) => {
-            "the event was not accepted: the store did not answer in time; retry later (with \
-             the same Idempotency-Key: the commit may still complete)"
-        }
-        _ => "the event was not accepted: the store failed; retry later",
+fn unavailable(e: &StoreError) -> (&'static str, String) {
+    // Within the commit timeout, or past it: either way the sender hears the same.
+    let resend = if matches!(e, StoreError::NoAnswer(_)) {
+        " (with the same Idempotency-Key: the commit may still complete)"
+    } else {
+        ""
     };
+    let message = format!(
+        "the event was not accepted: {}; retry later{resend}",
+        e.plain_cause()
+    );
     (store_health::reason_of(e), message)
 }
 
@@ -952,6 +945,37 @@ pub enum BodyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ingest's 503 names the store's cause in the words every endpoint uses, and tells a
+    /// sender whose commit got no answer to resend with its key.
+    #[test]
+    fn an_event_the_store_refused_is_answered_with_its_cause() {
+        for (e, said) in [
+            (
+                StoreError::DiskFull("/data: ENOSPC".into()),
+                "the event was not accepted: the store is out of disk space; retry later",
+            ),
+            (
+                StoreError::ReadOnly("x".into()),
+                "the event was not accepted: the store takes no writes (read-only); retry later",
+            ),
+            (
+                StoreError::Unreachable("db:5432".into()),
+                "the event was not accepted: the store's database cannot be reached; retry later",
+            ),
+            (
+                StoreError::NoAnswer(String::new()),
+                "the event was not accepted: the store did not answer in time; retry later (with \
+                 the same Idempotency-Key: the commit may still complete)",
+            ),
+            (
+                StoreError::Database("syntax".into()),
+                "the event was not accepted: the store failed; retry later",
+            ),
+        ] {
+            assert_eq!(unavailable(&e).1, said, "{e}");
+        }
+    }
 
     #[test]
     fn token_comparison() {
