@@ -864,6 +864,9 @@ async fn requests_a_web_page_makes_are_refused_where_no_token_guards_the_api() {
         ("origin", "null"),
         ("sec-fetch-mode", "cors"),
         ("sec-fetch-mode", "no-cors"),
+        ("sec-fetch-mode", "same-origin"),
+        ("sec-fetch-mode", "websocket"),
+        ("sec-fetch-mode", ""),
     ];
     for (name, value) in page {
         for (method, path, body) in [
@@ -907,13 +910,15 @@ async fn requests_a_web_page_makes_are_refused_where_no_token_guards_the_api() {
     assert_eq!(accepted, Some(0.0), "{metrics}");
     assert_eq!(loaded_at(&metrics), loaded, "no reload happened");
     // An operator's navigation, and the API's clients.
-    let navigation = client()
-        .get(format!("{}/metrics", engine.url))
-        .header("sec-fetch-mode", "navigate")
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(navigation.status().as_u16(), 200);
+    for mode in ["navigate", "Navigate"] {
+        let navigation = client()
+            .get(format!("{}/metrics", engine.url))
+            .header("sec-fetch-mode", mode)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(navigation.status().as_u16(), 200, "{mode}");
+    }
     let (status, body) = post(&engine, &sample_context_json()).await;
     assert_eq!(status, 202, "{body}");
 }
