@@ -1767,6 +1767,8 @@ fn configuration_text_with_a_line_break_cannot_forge_an_error_line() {
 /// Limits below what a component needs before it runs — its core instances, its first memory
 /// and table, as the binary declares them — are refused by `check`, naming the key and the
 /// need: every delivery would fail at instantiation. At the need itself the handler loads.
+/// `jobhook run` has a flag for each such limit and names it, so an author can go as far as an
+/// operator.
 #[test]
 fn check_refuses_limits_below_what_the_component_needs_to_start() {
     let (dir, config) = check_config("");
@@ -1776,29 +1778,46 @@ fn check_refuses_limits_below_what_the_component_needs_to_start() {
         std::fs::write(path, format!("{base}[handlers.limits]\n{limits}\n")).expect("write");
         jobhook(&["check", "--config", &config])
     };
-    for (limits, says) in [
-        (
-            "memory_bytes = 1048576",
-            "[handlers.limits] memory_bytes is 1048576",
-        ),
-        ("instances = 1", "[handlers.limits] instances is 1"),
-        ("tables = 1", "[handlers.limits] tables is 1"),
-        (
-            "table_elements = 1",
-            "[handlers.limits] table_elements is 1",
-        ),
-    ] {
-        let out = with(limits);
+    let cases = [
+        ("memory_bytes", "1048576"),
+        ("instances", "1"),
+        ("tables", "1"),
+        ("table_elements", "1"),
+    ];
+    for (key, value) in cases {
+        let limits = format!("{key} = {value}");
+        let out = with(&limits);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{limits}: {stderr}");
-        assert!(stderr.contains(says), "{limits}: {stderr}");
-        assert!(
-            stderr.contains("every delivery would fail"),
-            "{limits}: {stderr}"
-        );
+        for says in [
+            format!("the handler's limit `{key}` is {value}: every delivery would fail"),
+            format!("raise [handlers.limits] {key} if"),
+        ] {
+            assert!(stderr.contains(&says), "{limits}: {stderr}");
+        }
     }
     // log-context makes 3 core instances and 2 tables: at exactly that, it loads.
     let out = with("instances = 3\ntables = 2");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let log_context = component("log-context");
+    let context = context_file("log-context", "sample.json");
+    let run = |flags: &[&str]| {
+        let mut args = vec!["run", &log_context, "--context", &context, "--no-cache"];
+        args.extend_from_slice(flags);
+        jobhook(&args)
+    };
+    for (key, value) in cases {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let out = run(&[&flag, value]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("raise {flag} if")),
+            "{flag}: {stderr}"
+        );
+        assert!(!stderr.contains("[handlers.limits]"), "{flag}: {stderr}");
+    }
+    let out = run(&["--instances", "3", "--tables", "2", "--memories", "1"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     drop(dir);
 }

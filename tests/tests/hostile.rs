@@ -139,10 +139,31 @@ async fn a_start_time_memory_larger_than_any_sandbox_is_refused_at_load() {
     .component();
     let error = refuse(component, spec("huge-memory", &[])).await;
     match &error {
-        LoadError::Invalid(message) => {
-            assert!(message.contains("minimum byte size"), "{message}")
+        LoadError::LargerThanAnySandbox { what, need, most } => {
+            assert_eq!(*what, "memory");
+            assert!(need.contains("1310720000 bytes"), "{need}");
+            assert!(most.contains("1073741824 bytes (1024 MiB)"), "{most}");
         }
-        other => panic!("expected Invalid, got {other:?}"),
+        other => panic!("expected LargerThanAnySandbox, got {other:?}"),
+    }
+    assert!(!error.to_string().contains("0x"), "{error}");
+}
+
+#[tokio::test]
+async fn a_start_time_table_larger_than_any_sandbox_is_refused_at_load() {
+    // 10,000,000 elements: over the pool's room per table, so it can never be instantiated.
+    let component = CoreModule {
+        extra: "(table 10000000 funcref)",
+        ..CoreModule::default()
+    }
+    .component();
+    let error = refuse(component, spec("huge-table", &[])).await;
+    match &error {
+        LoadError::LargerThanAnySandbox { what, need, .. } => {
+            assert_eq!(*what, "table");
+            assert!(need.contains("10000000 elements"), "{need}");
+        }
+        other => panic!("expected LargerThanAnySandbox, got {other:?}"),
     }
 }
 
@@ -922,6 +943,91 @@ async fn wasi_http_is_refused_at_load_pointing_to_the_http_capability() {
             assert!(hint.contains("jobhook:handler/http"), "{hint}")
         }
         other => panic!("expected NotProvided, got {other:?}"),
+    }
+}
+
+/// A WASI import of another release than the one the engine links (WASI 0.3's, an unversioned
+/// one) is refused before compiling, naming the release to build for.
+#[tokio::test]
+async fn a_wasi_import_of_another_release_is_refused_before_compiling() {
+    for (version, says) in [("@0.3.0", "WASI 0.3.0"), ("", "no WASI release")] {
+        let import = format!("wasi:cli/environment{version}");
+        let component = foreign_import_component(
+            &format!(
+                "package wasi:cli{version} {{ interface environment {{ initial-cwd: func() -> u32; }} }}"
+            ),
+            &import,
+            &format!(r#"(import "{import}" "initial-cwd" (func (result i32)))"#),
+        );
+        let options = jobhook::LoadOptions::default();
+        let error = jobhook::runtime::loader::precheck(&component, None, &options)
+            .expect_err("refused before compiling");
+        match &error {
+            LoadError::NotProvided { import: i, hint } => {
+                assert_eq!(*i, import);
+                assert!(hint.contains(says), "{hint}");
+                assert!(hint.contains("build the handler for WASI 0.2"), "{hint}");
+            }
+            other => panic!("{import}: expected NotProvided, got {other:?}"),
+        }
+    }
+}
+
+/// An import of an interface the engine provides, in a form it does not — a WASI 0.2 interface
+/// wasmtime-wasi lacks, jobhook's `log` with a function an edited WIT added — is named with what
+/// to do for its kind, not reported as the exports not fitting.
+#[tokio::test]
+async fn an_import_of_an_interface_the_engine_lacks_is_named_with_what_to_do() {
+    let wasi = foreign_import_component(
+        "package wasi:cli@0.2.6 { interface nonexistent { probe: func() -> u32; } }",
+        "wasi:cli/nonexistent@0.2.6",
+        r#"(import "wasi:cli/nonexistent@0.2.6" "probe" (func (result i32)))"#,
+    );
+    let text = std::fs::read_to_string(jobhook_testkit::workspace_root().join("wit/jobhook.wit"))
+        .expect("wit");
+    let declared = "    log: func(level: level, message: string);\n";
+    assert!(text.contains(declared), "wit/jobhook.wit's log changed");
+    let mut resolve = wit_parser::Resolve::default();
+    let package = resolve
+        .push_str(
+            "jobhook.wit",
+            &text.replace(declared, &format!("{declared}    flush: func();\n")),
+        )
+        .expect("parses");
+    let world = resolve
+        .select_world(&[package], Some("handler"))
+        .expect("world");
+    let wat = CoreModule {
+        imports: r#"(import "jobhook:handler/log@0.2.0" "flush" (func))"#,
+        ..CoreModule::default()
+    }
+    .wat();
+    let edited = corpus::encode_component(wat::parse_str(wat).expect("wat"), &resolve, world);
+    for (name, component, import, says) in [
+        (
+            "wasi-nonexistent",
+            wasi,
+            "wasi:cli/nonexistent@0.2.6",
+            "jobhook links WASI 0.2",
+        ),
+        (
+            "edited-log",
+            edited,
+            "jobhook:handler/log@0.2.0",
+            "make its bindings again from wit/ of this engine",
+        ),
+    ] {
+        let error = refuse(component, spec(name, &[])).await;
+        match &error {
+            LoadError::ImportMismatch {
+                import: i, hint, ..
+            } => {
+                assert_eq!(i, import);
+                assert!(hint.contains(says), "{name}: {hint}");
+            }
+            other => panic!("{name}: expected ImportMismatch, got {other:?}"),
+        }
+        assert!(!error.to_string().contains("export_handler"), "{error}");
     }
 }
 

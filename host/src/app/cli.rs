@@ -139,6 +139,20 @@ pub struct RunArgs {
     /// Total memory budget in bytes, 1 MiB to 1 GiB (default: the engine default).
     #[arg(long, value_name = "BYTES", value_parser = memory_bytes)]
     memory_bytes: Option<u64>,
+    /// Core instances the handler may create, as `instances` of [handlers.limits] (default:
+    /// the engine default; the pool's `--max-core-instances-per-component` bounds it too).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    instances: Option<u32>,
+    /// Linear memories the handler may create, as `memories` of [handlers.limits].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    memories: Option<u32>,
+    /// Tables the handler may create, as `tables` of [handlers.limits].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    tables: Option<u32>,
+    /// Elements a table may hold, as `table_elements` of [handlers.limits] (at most the
+    /// sandbox pool's room per table).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=crate::limits::MAX_TABLE_ELEMENTS))]
+    table_elements: Option<u64>,
     /// The services behind the keyfactor, mail and http capabilities.
     #[command(flatten)]
     services: Box<crate::app::devtools::ServiceArgs>,
@@ -257,11 +271,26 @@ pub async fn run(
     if let Some(bytes) = args.memory_bytes {
         spec.limits.memory_bytes = bytes;
     }
+    let count = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+    if let Some(n) = args.instances {
+        spec.limits.instances = count(n);
+    }
+    if let Some(n) = args.memories {
+        spec.limits.memories = count(n);
+    }
+    if let Some(n) = args.tables {
+        spec.limits.tables = count(n);
+    }
+    if let Some(n) = args.table_elements {
+        spec.limits.table_elements = n;
+    }
 
     let load_started = std::time::Instant::now();
     let handler = SandboxedHandler::load(&engine, &run_services.services, bytes, spec, &options)
         .await
-        .map_err(|e| anyhow::anyhow!(e.with_setting_named(crate::app::engine_args::flag)))
+        .map_err(|e| {
+            anyhow::anyhow!(e.with_setting_named(|s| crate::app::engine_args::flag(s.key())))
+        })
         .with_context(|| format!("cannot load {}", args.component.display()))?;
     let load = load_report(handler.component(), load_started.elapsed());
     let outcome = handler
@@ -317,7 +346,9 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     let engine = args.engine.engine()?;
     let inspection = loader::inspect(&engine, bytes, &options)
         .await
-        .map_err(|e| anyhow::anyhow!(e.with_setting_named(crate::app::engine_args::flag)))
+        .map_err(|e| {
+            anyhow::anyhow!(e.with_setting_named(|s| crate::app::engine_args::flag(s.key())))
+        })
         .with_context(|| format!("cannot inspect {}", args.component.display()))?;
     if args.json {
         print_out(&format!(
@@ -616,8 +647,21 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
         }
     }
     match &inspection.imports.contract {
-        Some(version) => {
+        Some(version) if loader::version_supported(version) => {
             let _ = writeln!(out, "contract      jobhook:handler@{}", escape(version));
+        }
+        Some(version) if version.is_empty() => {
+            let _ = writeln!(
+                out,
+                "contract      jobhook:handler without a version (not run by this engine)"
+            );
+        }
+        Some(version) => {
+            let _ = writeln!(
+                out,
+                "contract      jobhook:handler@{} (not run by this engine)",
+                escape(version)
+            );
         }
         None => {
             let _ = writeln!(

@@ -23,7 +23,7 @@ use crate::queue::registration::Registration;
 use crate::queue::retention;
 use crate::queue::store::{self, EventStore};
 use crate::runtime::engine::Engine;
-use crate::runtime::loader::LoadOptions;
+use crate::runtime::loader::{LoadOptions, Setting};
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::SandboxSpec;
 use crate::sources::api::{self, AppState, BearerTokens, ReloadReport, Reloader};
@@ -147,7 +147,10 @@ pub async fn load_handlers(
                 let handler = SandboxedHandler::load(engine, services, bytes, spec, &options)
                     .await
                     .map_err(|e| {
-                        anyhow::anyhow!(e.with_setting_named(|key| format!("[engine] {key}")))
+                        anyhow::anyhow!(e.with_setting_named(|setting| match setting {
+                            Setting::Engine(key) => format!("[engine] {key}"),
+                            Setting::HandlerLimit(key) => format!("[handlers.limits] {key}"),
+                        }))
                     })
                     .with_context(|| {
                         format!(

@@ -49,6 +49,11 @@ pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
 /// sizes (fixed by the core specification).
 const WASM_PAGE_BYTES: u64 = 65_536;
 
+/// The WASI release the engine links (wasmtime-wasi's WASI 0.2, what the `wasm32-wasip2` target
+/// builds against): a WASI import at another `major.minor` — WASI 0.3's, an unversioned one —
+/// can never be linked, so it is refused before compiling, naming this release.
+const WASI_RELEASE: &str = "0.2";
+
 /// WASI packages a handler may import. They are linked with a context that grants nothing: no
 /// files, no environment, no arguments; stdout/stderr go to bounded buffers.
 const PROVIDED_WASI: &[&str] = &[
@@ -171,15 +176,42 @@ pub enum LoadError {
         /// What to do instead.
         hint: String,
     },
+    /// Imports an interface the engine provides, in a form it does not: a function or type the
+    /// engine's interface lacks or declares differently (bindings made from an edited or other
+    /// WIT, a WASI function another release has). Found when the imports are linked.
+    #[error(
+        "the component's import `{import}` does not match what this engine provides ({detail}); {hint}"
+    )]
+    ImportMismatch {
+        /// The import name.
+        import: String,
+        /// What the linker found, in its words.
+        detail: String,
+        /// What to do.
+        hint: String,
+    },
     /// The exports do not match the `handler` world.
     #[error(
-        "the component does not fit the jobhook:handler world: {0}; build it with jobhook-sdk's `export_handler!` against wit/ of this engine"
+        "the component does not fit the jobhook:handler world: {0}; build it against wit/ of this engine, exporting `run-handler` (Rust: jobhook-sdk's `export_handler!`; Python, JavaScript, C: docs/LANGUAGES.md)"
     )]
     WrongWorld(String),
+    /// The component declares a memory or table at start larger than any sandbox may ever have
+    /// (the pool's per-sandbox room, which no setting raises): it could never run.
+    #[error(
+        "the component declares {need} at start, and no sandbox may have more than {most}: it could never run; build it with a smaller initial {what}"
+    )]
+    LargerThanAnySandbox {
+        /// `memory` or `table`.
+        what: &'static str,
+        /// What it declares, in words.
+        need: String,
+        /// The most any sandbox has, in words.
+        most: String,
+    },
     /// The handler's limits are below what the component needs before it runs a line: every
     /// delivery would fail at instantiation ([`check_needs`]).
     #[error(
-        "the component needs {need} before it runs, and the handler's [handlers.limits] {key} is {given}: every delivery would fail; raise {key}"
+        "the component needs {need} before it runs, and the handler's limit `{key}` is {given}: every delivery would fail"
     )]
     LimitsTooSmall {
         /// The limit's key in `[handlers.limits]`.
@@ -212,16 +244,39 @@ const POOL_CAPS: &[(&str, &str, &str)] = &[
     ("tables", "max_tables_per_component", "tables_per_delivery"),
 ];
 
+/// A setting a refusal can tell the operator to raise, by its key: [`LoadError::with_setting_named`]
+/// names it as the caller's user sets it (a configuration key, a `jobhook run` flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting<'a> {
+    /// A key of `[engine]` (`compile_timeout_ms`, the pool caps).
+    Engine(&'a str),
+    /// A key of the handler's `[handlers.limits]` (`instances`, `memory_bytes`, ...).
+    HandlerLimit(&'a str),
+}
+
+impl Setting<'_> {
+    /// The key, whatever its section.
+    pub fn key(&self) -> &str {
+        match self {
+            Setting::Engine(key) | Setting::HandlerLimit(key) => key,
+        }
+    }
+}
+
 impl LoadError {
-    /// This refusal's message, and, when an engine setting decided it rather than the
-    /// component — the compile time limit, a per-component cap of the sandbox pool — which
-    /// setting to raise, named by `name` from its `[engine]` key (`[engine] compile_timeout_ms`
-    /// for a configuration, `--compile-timeout-ms` for `jobhook run`).
-    pub fn with_setting_named(&self, name: impl Fn(&str) -> String) -> String {
+    /// This refusal's message, and, when a setting decided it rather than the component alone —
+    /// the compile time limit, a per-component cap of the sandbox pool, a handler limit below
+    /// what the component needs — which setting to raise, named by `name` (`[engine]
+    /// compile_timeout_ms` for a configuration, `--compile-timeout-ms` for `jobhook run`).
+    pub fn with_setting_named(&self, name: impl Fn(Setting<'_>) -> String) -> String {
         let raise = match self {
             LoadError::CompileTimeout(_) => Some(format!(
                 "raise {} if the component is trusted to take that long",
-                name("compile_timeout_ms")
+                name(Setting::Engine("compile_timeout_ms"))
+            )),
+            LoadError::LimitsTooSmall { key, .. } => Some(format!(
+                "raise {} if the component is trusted to need that much",
+                name(Setting::HandlerLimit(key))
             )),
             LoadError::Invalid(message) if message.contains("in the pooling allocator") => {
                 POOL_CAPS
@@ -231,8 +286,8 @@ impl LoadError {
                         format!(
                             "raise {} (and {}, which it may not exceed) if the component is \
                              trusted to need that many",
-                            name(cap),
-                            name(per_delivery)
+                            name(Setting::Engine(cap)),
+                            name(Setting::Engine(per_delivery))
                         )
                     })
             }
@@ -307,8 +362,9 @@ pub fn check_needs(
 /// What a component imports, grouped as the operator needs to see it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ImportSummary {
-    /// The version of [`WIT_PACKAGE`] its jobhook imports were built against (e.g. `0.1.0`);
-    /// `None` when it imports no jobhook interface.
+    /// The version of [`WIT_PACKAGE`] its jobhook imports were built against (e.g. `0.1.0`;
+    /// empty for imports without a version), also when this engine does not run that version
+    /// ([`version_supported`]); `None` when it imports no jobhook interface.
     pub contract: Option<String>,
     /// Grantable capabilities it imports (`keyfactor`, `mail`, `http`).
     pub capabilities: Vec<Capability>,
@@ -516,9 +572,44 @@ async fn compile(
     match tokio::time::timeout(options.compile_timeout, task).await {
         Err(_) => Err(LoadError::CompileTimeout(options.compile_timeout)),
         Ok(Err(join)) => Err(LoadError::Internal(format!("compiler task failed: {join}"))),
-        Ok(Ok(Err(e))) => Err(LoadError::Invalid(format!("{e:#}"))),
+        Ok(Ok(Err(e))) => {
+            let message = format!("{e:#}");
+            Err(larger_than_any_sandbox(&message).unwrap_or(LoadError::Invalid(message)))
+        }
         Ok(Ok(Ok(compiled))) => Ok(compiled),
     }
+}
+
+/// The compiler's refusal of a memory or table whose declared start is larger than the pool's
+/// room per sandbox ("…minimum byte size of N which exceeds the limit of 0x… bytes", "…minimum
+/// element size of N which exceeds the limit of M"), in the operator's words; `None` for any
+/// other refusal. The room is the engine's own constant, not a setting, so the words say what
+/// the component must change.
+fn larger_than_any_sandbox(message: &str) -> Option<LoadError> {
+    let number_after = |words: &str| -> Option<u64> {
+        let rest = &message[message.find(words)? + words.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    if !message.contains("pooling allocator") {
+        return None;
+    }
+    if let Some(bytes) = number_after("minimum byte size of ") {
+        return Some(LoadError::LargerThanAnySandbox {
+            what: "memory",
+            need: format!("a linear memory of {bytes} bytes"),
+            most: format!(
+                "{} bytes ({} MiB) of linear memory",
+                crate::runtime::engine::MAX_MEMORY_PER_SANDBOX,
+                crate::runtime::engine::MAX_MEMORY_PER_SANDBOX >> 20
+            ),
+        });
+    }
+    number_after("minimum element size of ").map(|elements| LoadError::LargerThanAnySandbox {
+        what: "table",
+        need: format!("a table of {elements} elements"),
+        most: format!("{} elements in a table", crate::limits::MAX_TABLE_ELEMENTS),
+    })
 }
 
 /// Size, magic and binary-kind checks, before any parsing.
@@ -549,13 +640,57 @@ fn check_header(bytes: &[u8], options: &LoadOptions) -> Result<(), LoadError> {
     }
 }
 
-/// Resolves imports against the linker and checks the exports against the world.
+/// Resolves imports against the linker and checks the exports against the world. An import the
+/// linker cannot satisfy is reported as that import's mismatch ([`import_mismatch`]), anything
+/// else as the exports not fitting the world.
 fn prepare(engine: &Engine, component: &Component) -> Result<HandlerPre<SandboxState>, LoadError> {
     let linker = linker(engine).map_err(|e| LoadError::Internal(format!("{e:#}")))?;
-    let pre = linker
-        .instantiate_pre(component)
-        .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+    let pre = linker.instantiate_pre(component).map_err(|e| {
+        let message = format!("{e:#}");
+        import_mismatch(&message).unwrap_or(LoadError::WrongWorld(message))
+    })?;
     HandlerPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))
+}
+
+/// The linker's words for an import it has no match for: "component imports instance `NAME`,
+/// but a matching implementation was not found in the linker: DETAIL" (wasmtime 48; the test
+/// `an_import_of_an_interface_the_engine_lacks_is_named_with_what_to_do` in
+/// `tests/tests/hostile.rs` holds this to the real linker).
+const LINKER_IMPORT_WORDS: (&str, &str) = ("component imports instance `", "`");
+
+/// An [`LoadError::ImportMismatch`] for the linker's refusal of an import, with what to do for
+/// its kind (jobhook's own interfaces: bindings from this engine's WIT; WASI: the release the
+/// engine links); `None` when the refusal is not about an import.
+fn import_mismatch(message: &str) -> Option<LoadError> {
+    let (opening, closing) = LINKER_IMPORT_WORDS;
+    let start = message.find(opening)? + opening.len();
+    let rest = message.get(start..)?;
+    let end = rest.find(closing)?;
+    let import = rest.get(..end)?.to_owned();
+    let detail = rest
+        .get(end + closing.len()..)
+        .and_then(|after| after.split_once(": "))
+        .map(|(_, detail)| detail.to_owned())
+        .unwrap_or_else(|| "no matching implementation".to_owned());
+    let hint = if import.starts_with(WIT_PACKAGE) {
+        format!(
+            "the component was built against a {WIT_PACKAGE} WIT that differs from this \
+             engine's: make its bindings again from wit/ of this engine, unedited (jobhook \
+             runs {})",
+            supported_versions()
+        )
+    } else {
+        format!(
+            "jobhook links WASI {WASI_RELEASE} as wasmtime-wasi implements it (the \
+             `wasm32-wasip2` target): build the handler against that WASI release, importing \
+             only the interfaces and functions it has"
+        )
+    };
+    Some(LoadError::ImportMismatch {
+        import,
+        detail,
+        hint,
+    })
 }
 
 /// The compiled component's imports, sorted as [`classify_imports`] does.
@@ -621,6 +756,8 @@ fn classify_import(
     {
         let (interface, version) = rest.split_once('@').unwrap_or((rest, ""));
         if !version_supported(version) {
+            // Recorded all the same: `inspect` shows what the component was built against.
+            summary.contract.get_or_insert_with(|| version.to_owned());
             return Err(LoadError::UnsupportedVersion {
                 import: name.to_owned(),
                 supported: supported_versions(),
@@ -651,10 +788,17 @@ fn classify_import(
             import: name.to_owned(),
             hint: (*hint).to_owned(),
         });
-    } else if INERT_WASI.iter().any(|p| name.starts_with(p)) {
-        summary.inert.push(name.to_owned());
-    } else if PROVIDED_WASI.iter().any(|p| name.starts_with(p)) {
-        summary.wasi.push(name.to_owned());
+    } else if INERT_WASI
+        .iter()
+        .chain(PROVIDED_WASI)
+        .any(|p| name.starts_with(p))
+    {
+        check_wasi_release(name)?;
+        if INERT_WASI.iter().any(|p| name.starts_with(p)) {
+            summary.inert.push(name.to_owned());
+        } else {
+            summary.wasi.push(name.to_owned());
+        }
     } else {
         return Err(LoadError::NotProvided {
             import: name.to_owned(),
@@ -664,9 +808,34 @@ fn classify_import(
     Ok(())
 }
 
+/// Refuses a WASI import of another release than [`WASI_RELEASE`] (`wasi:cli/environment@0.3.0`,
+/// an unversioned `wasi:cli/environment`): the linker could never satisfy it, and saying so
+/// before compiling spares an 18 MB component its compile.
+fn check_wasi_release(name: &str) -> Result<(), LoadError> {
+    let version = name.split_once('@').map(|(_, v)| v).unwrap_or("");
+    let release = version
+        .strip_prefix(WASI_RELEASE)
+        .is_some_and(|rest| rest.starts_with('.'));
+    if release {
+        return Ok(());
+    }
+    let built_for = if version.is_empty() {
+        "no WASI release (the import has no version)".to_owned()
+    } else {
+        format!("WASI {version}")
+    };
+    Err(LoadError::NotProvided {
+        import: name.to_owned(),
+        hint: format!(
+            "jobhook links WASI {WASI_RELEASE} (the `wasm32-wasip2` target), and this import is \
+             of {built_for}: build the handler for WASI {WASI_RELEASE}"
+        ),
+    })
+}
+
 /// Whether a component built against `version` of the handler package can run here: the
 /// `major.minor` of one of the [`SUPPORTED_VERSIONS`], at or below its patch level.
-fn version_supported(version: &str) -> bool {
+pub fn version_supported(version: &str) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
     let (Some(Some(major)), Some(Some(minor)), Some(Some(patch)), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -797,6 +966,73 @@ mod tests {
                 second: "0.2.0".into()
             })
         );
+
+        // A version this engine does not run is recorded all the same (`inspect` shows it),
+        // and refused.
+        for (import, recorded) in [
+            ("jobhook:handler/log@0.3.0", "0.3.0"),
+            ("jobhook:handler/log@1.0.0", "1.0.0"),
+            ("jobhook:handler/log", ""),
+        ] {
+            let (summary, problem) = classify_imports([(import, true)]);
+            assert_eq!(summary.contract.as_deref(), Some(recorded), "{import}");
+            assert!(
+                matches!(problem, Some(LoadError::UnsupportedVersion { .. })),
+                "{import}: {problem:?}"
+            );
+        }
+    }
+
+    /// WASI imports are WASI 0.2's, at any patch level; another release is refused before
+    /// compiling, inert sockets included.
+    #[test]
+    fn wasi_imports_must_be_of_the_linked_release() {
+        for fits in [
+            "wasi:cli/stdout@0.2.0",
+            "wasi:io/streams@0.2.99",
+            "wasi:sockets/tcp@0.2.6",
+        ] {
+            let (_, problem) = classify_imports([(fits, true)]);
+            assert_eq!(problem, None, "{fits}");
+        }
+        for refused in [
+            "wasi:cli/stdout@0.3.0",
+            "wasi:io/streams@0.20.1",
+            "wasi:io/streams",
+            "wasi:sockets/tcp@0.3.0-rc-2025-08-15",
+            "wasi:clocks/wall-clock@1.0.0",
+        ] {
+            let (summary, problem) = classify_imports([(refused, true)]);
+            assert!(
+                matches!(&problem, Some(LoadError::NotProvided { import, .. }) if import == refused),
+                "{refused}: {problem:?}"
+            );
+            assert_eq!(summary.unsupported, vec![refused.to_owned()]);
+        }
+    }
+
+    /// The linker's refusal of an import becomes that import's mismatch, with what to do for
+    /// its kind; any other refusal is left to the caller.
+    #[test]
+    fn the_linkers_import_refusals_are_named() {
+        let wasi = import_mismatch(
+            "component imports instance `wasi:cli/nonexistent@0.2.6`, but a matching \
+             implementation was not found in the linker: instance export `probe` has the wrong \
+             type: function implementation is missing",
+        );
+        match wasi {
+            Some(LoadError::ImportMismatch {
+                import,
+                detail,
+                hint,
+            }) => {
+                assert_eq!(import, "wasi:cli/nonexistent@0.2.6");
+                assert!(detail.starts_with("instance export `probe`"), "{detail}");
+                assert!(hint.contains("WASI 0.2"), "{hint}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(import_mismatch("expected `record` found `string`"), None);
     }
 
     #[test]
