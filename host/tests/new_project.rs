@@ -576,6 +576,55 @@ fn a_new_javascript_project_builds_and_runs() {
     );
 }
 
+/// A JavaScript project is an npm package of its own, pinning its build tool: `npm install`
+/// in it installs there even when a directory above it is another package (a monorepo, a
+/// home directory with a package.json), where npm would otherwise install into that one.
+#[test]
+fn a_new_javascript_project_is_its_own_npm_package() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("package.json"),
+        r#"{"name":"outer","private":true}"#,
+    )
+    .expect("outer package.json");
+    let dir = tmp.path().join("inner");
+    let out = jobhook(&[
+        "new",
+        "inner",
+        "--lang",
+        "js",
+        "--dir",
+        &dir.display().to_string(),
+    ]);
+    check("jobhook new", &out);
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("package.json")).expect("the project's package.json"),
+    )
+    .expect("package.json is JSON");
+    let readme = std::fs::read_to_string(dir.join("README.md")).expect("README");
+    let pinned = manifest["devDependencies"]["componentize-qjs"]
+        .as_str()
+        .expect("componentize-qjs pinned");
+    assert!(
+        readme.contains(&format!("componentize-qjs {pinned}")),
+        "{readme}"
+    );
+    assert_eq!(manifest["private"], Value::Bool(true));
+    let prefix = Command::new("npm")
+        .arg("prefix")
+        .current_dir(&dir)
+        .output()
+        .expect("npm (Node 20) runs");
+    check("npm prefix", &prefix);
+    assert_eq!(
+        PathBuf::from(text(&prefix.stdout).trim())
+            .canonicalize()
+            .expect("npm's prefix exists"),
+        dir.canonicalize().expect("project"),
+        "npm would install somewhere else than the project"
+    );
+}
+
 #[test]
 fn a_new_c_project_builds_and_runs() {
     scripted_language(

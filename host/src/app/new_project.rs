@@ -249,6 +249,12 @@ fn files(lang: Lang) -> Vec<File> {
                 include_str!("../../templates/js/handler.js.tmpl"),
             ),
             script("build.sh", include_str!("../../templates/js/build.sh.tmpl")),
+            // The project's own package.json: `npm install` installs into the project even when
+            // a directory above it has one (npm uses the nearest).
+            template(
+                "package.json",
+                include_str!("../../templates/js/package.json.tmpl"),
+            ),
             template(
                 "README.md",
                 include_str!("../../templates/js/README.md.tmpl"),
@@ -526,10 +532,33 @@ fn write_new(path: &Path, data: &[u8], executable: bool) -> std::io::Result<()> 
     file.sync_all()
 }
 
+/// `text` as one word a POSIX shell reads back as it is: unchanged when it holds only characters
+/// no shell treats specially, else in single quotes (a `'` inside as `'\''`); a word starting
+/// with `-` gets `./` in front, so that `cd` does not take it for an option. Control characters
+/// are escaped for the terminal afterwards, which no shell would read back: such a directory
+/// is shown, not pasted.
+fn shell_word(text: &str) -> String {
+    let text = if text.starts_with('-') {
+        format!("./{text}")
+    } else {
+        text.to_owned()
+    };
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./-+:,=@%".contains(c));
+    let word = if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    };
+    crate::escape::escape(&word).into_owned()
+}
+
 /// What to do next, printed after the project is created.
 pub fn next_steps(request: &NewProject, dir: &Path) -> String {
     let crate_name = request.name.replace('-', "_");
-    let dir = crate::escape::escape(&dir.display().to_string()).into_owned();
+    let dir = shell_word(&dir.display().to_string());
     let (build, wasm) = match request.lang {
         Lang::Rust => (
             format!("cargo test && {}", crate::runtime::loader::BUILD_COMMAND),
@@ -554,6 +583,29 @@ mod tests {
             dir: Some(dir.to_path_buf()),
             sdk_path: None,
         }
+    }
+
+    /// The printed `cd` line is one shell word, whatever the directory's name: pasted, it runs
+    /// no command substitution and names the directory.
+    #[test]
+    fn the_next_steps_quote_the_directory_for_a_shell() {
+        for (dir, shown) in [
+            ("handlers/h1", "cd handlers/h1\n"),
+            ("my dir", "cd 'my dir'\n"),
+            ("$(touch pwned)", "cd '$(touch pwned)'\n"),
+            ("it's", "cd 'it'\\''s'\n"),
+            ("-x", "cd ./-x\n"),
+            ("a`b`", "cd 'a`b`'\n"),
+        ] {
+            let text = next_steps(&request("h1", Lang::C, Path::new(dir)), Path::new(dir));
+            assert!(text.contains(shown), "{dir}: {text}");
+        }
+        // A control character is escaped for the terminal: shown, never sent raw.
+        let text = next_steps(
+            &request("h1", Lang::C, Path::new("a\u{1b}[31mred")),
+            Path::new("a\u{1b}[31mred"),
+        );
+        assert!(!text.contains('\u{1b}'), "{text:?}");
     }
 
     #[test]
