@@ -21,7 +21,9 @@ pub enum CapabilityError {
     /// The request was refused before anything left the engine (bad path, forbidden header,
     /// recipient outside the allow-list, ...).
     Denied(String),
-    /// A per-invocation budget or a size limit was reached.
+    /// A size limit was reached (a body, a header, a response). A per-invocation call budget
+    /// is not returned here: the call past it ends the invocation, recorded as the outcome
+    /// `limit-exceeded` (docs/CAPABILITIES.md).
     LimitExceeded(String),
     /// The remote side did not answer in time.
     Timeout(String),

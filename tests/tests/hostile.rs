@@ -1110,11 +1110,11 @@ async fn a_core_module_is_refused() {
 
 #[tokio::test]
 async fn garbage_bytes_are_refused() {
-    for bytes in [
-        Vec::new(),
-        b"\x7fELF\x02\x01\x01 not wasm".to_vec(),
-        vec![0u8; 1 << 20],
-    ] {
+    assert_eq!(
+        refuse(Vec::new(), spec("empty", &[])).await,
+        LoadError::Empty
+    );
+    for bytes in [b"\x7fELF\x02\x01\x01 not wasm".to_vec(), vec![0u8; 1 << 20]] {
         assert_eq!(
             refuse(bytes, spec("garbage", &[])).await,
             LoadError::NotWasm

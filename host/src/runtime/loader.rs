@@ -117,6 +117,12 @@ pub enum LoadError {
         /// The limit.
         max: usize,
     },
+    /// An empty file (a build that was interrupted, a copy that failed).
+    #[error(
+        "the file is empty (0 bytes); build the handler again (`{}`)",
+        BUILD_COMMAND
+    )]
+    Empty,
     /// Not WebAssembly at all.
     #[error(
         "not a WebAssembly binary (it does not start with the `\\0asm` magic bytes); build the handler with `{}`",
@@ -620,6 +626,9 @@ fn check_header(bytes: &[u8], options: &LoadOptions) -> Result<(), LoadError> {
             max: options.max_bytes,
         });
     }
+    if bytes.is_empty() {
+        return Err(LoadError::Empty);
+    }
     let (Some(magic), Some(version)) = (bytes.get(0..4), bytes.get(4..8)) else {
         return Err(LoadError::NotWasm);
     };
@@ -863,7 +872,7 @@ mod tests {
     #[test]
     fn header_checks() {
         let o = LoadOptions::default();
-        assert_eq!(check_header(b"", &o), Err(LoadError::NotWasm));
+        assert_eq!(check_header(b"", &o), Err(LoadError::Empty));
         assert_eq!(check_header(b"\0asm", &o), Err(LoadError::NotWasm));
         assert_eq!(check_header(b"GIF89a\0\0\0", &o), Err(LoadError::NotWasm));
         assert_eq!(
