@@ -56,6 +56,27 @@ pub fn missing_build_output_hint(path: &Path) -> Option<String> {
     if !in_cargo_output || path.extension().is_none_or(|e| e != "wasm") {
         return None;
     }
+    // No wasm32-wasip2 output at all under this target directory: the build did not run, or
+    // cargo wrote elsewhere (CARGO_TARGET_DIR, `build.target-dir`).
+    let target_output = path
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "wasm32-wasip2"));
+    if target_output.is_some_and(|dir| !dir.exists()) {
+        let elsewhere = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => format!(
+                "CARGO_TARGET_DIR is set to {} here, so cargo writes under that directory: give \
+                 the component's path there",
+                crate::escape::escape(&std::path::Path::new(&dir).display().to_string())
+            ),
+            None => "if CARGO_TARGET_DIR or `build.target-dir` (.cargo/config.toml) was set for \
+                     the build, cargo wrote under that directory: give the component's path there"
+                .to_owned(),
+        };
+        return Some(format!(
+            "nothing was built for wasm32-wasip2 here; build the handler with `{}`, or, {elsewhere}",
+            crate::runtime::loader::BUILD_COMMAND
+        ));
+    }
     let rlib = path
         .file_stem()
         .and_then(|stem| stem.to_str())
@@ -93,6 +114,18 @@ mod tests {
         // The rebuild it names is the release build every other hint names.
         let build = format!("`{}`", crate::runtime::loader::BUILD_COMMAND);
         assert!(CDYLIB_FIX.ends_with(&build), "{CDYLIB_FIX}");
+
+        // No wasm32-wasip2 output at all: the build did not run here, or wrote elsewhere.
+        let unbuilt = tmp
+            .path()
+            .join("other/target/wasm32-wasip2/release/my_hook.wasm");
+        let e = format!("{:#}", read_component(&unbuilt, 1 << 20, None).unwrap_err());
+        assert!(
+            e.contains("nothing was built for wasm32-wasip2 here"),
+            "{e}"
+        );
+        assert!(e.contains("CARGO_TARGET_DIR"), "{e}");
+        assert!(!e.contains("cdylib"), "{e}");
 
         // Elsewhere a missing file is only that.
         let e = format!(
