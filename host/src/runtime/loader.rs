@@ -125,13 +125,13 @@ pub enum LoadError {
     Empty,
     /// Not WebAssembly at all.
     #[error(
-        "not a WebAssembly binary (it does not start with the `\\0asm` magic bytes); build the handler with `{}`",
+        "not a WebAssembly binary (it does not start with the `\\0asm` magic bytes); give the handler's .wasm component (Rust: `{}`; other languages: docs/LANGUAGES.md)",
         BUILD_COMMAND
     )]
     NotWasm,
     /// A core module, not a component.
     #[error(
-        "this is a core WebAssembly module, not a component; build the handler for the `wasm32-wasip2` target (`{}`, with `[lib] crate-type = [\"cdylib\"]` in a Rust crate's Cargo.toml), or wrap a core module with `wasm-tools component new`",
+        "this is a core WebAssembly module, not a component; build the handler for the `wasm32-wasip2` target (Rust: `{}`, with `[lib] crate-type = [\"cdylib\"]` in the crate's Cargo.toml; C: link with wasm-component-ld (`clang -fuse-ld=<wasm-component-ld>`, as the `jobhook new --lang c` build.sh does); Python and JavaScript: componentize-py, componentize-qjs — docs/LANGUAGES.md), or wrap a core module with `wasm-tools component new`",
         BUILD_COMMAND
     )]
     CoreModule,
