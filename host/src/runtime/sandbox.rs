@@ -164,7 +164,8 @@ impl SandboxedHandler {
                 event_id = %crate::escape::escape(event_id.as_deref().unwrap_or("-")),
                 attempt,
                 class = kind.class(),
-                duration_ms = duration.as_secs_f64() * 1000.0,
+                // Three decimals (microseconds): an f64 product would print float noise.
+                duration_ms = %format_args!("{:.3}", duration.as_secs_f64() * 1000.0),
                 // A reason or panic message is the guest's text: the last field, quoted and
                 // escaped by `Debug`, it stays one line and cannot pass for the line's fields.
                 reason = kind.to_string(),
