@@ -136,9 +136,40 @@ pub fn import(path: &Path) -> Result<(String, Vec<Warning>), MigrateError> {
         )),
         e @ crate::files::ReadError::NotRegular(_) => fail(e.to_string()),
     })?;
-    let text = String::from_utf8(bytes).map_err(|e| fail(format!("is not UTF-8 text ({e})")))?;
+    let text = decode_text(bytes).map_err(fail)?;
     let registrations = read_registrations(&text, &file)?;
     Ok(to_toml(&registrations, &file))
+}
+
+/// The file's text: UTF-8, or UTF-16 with its byte-order mark (what Windows PowerShell 5's
+/// `Out-File` and Notepad's "Unicode" write), decoded. Anything else is refused saying which.
+fn decode_text(bytes: Vec<u8>) -> Result<String, String> {
+    let utf16 = |bytes: &[u8], unit: fn([u8; 2]) -> u16| -> Result<String, String> {
+        let units: Vec<u16> = bytes
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => Ok(unit([*a, *b])),
+                _ => Err("is UTF-16 text with an odd number of bytes (cut short?)".to_owned()),
+            })
+            .collect::<Result<_, _>>()?;
+        char::decode_utf16(units)
+            .collect::<Result<String, _>>()
+            .map_err(|e| format!("is UTF-16 text with an invalid code unit ({e})"))
+    };
+    match bytes.as_slice() {
+        [0xFF, 0xFE, rest @ ..] => utf16(rest, u16::from_le_bytes),
+        [0xFE, 0xFF, rest @ ..] => utf16(rest, u16::from_be_bytes),
+        _ => String::from_utf8(bytes).map_err(|e| {
+            // Text in UTF-16 has a NUL in every other byte of its ASCII part.
+            let nuls = e.as_bytes().iter().take(128).filter(|b| **b == 0).count();
+            let hint = if nuls > 16 {
+                "; it looks like UTF-16 without a byte-order mark: save it as UTF-8"
+            } else {
+                ""
+            };
+            format!("is not UTF-8 text ({}){hint}", e.utf8_error())
+        }),
+    }
 }
 
 /// Reads registrations from web.config or manifest.json text, told apart by the first
@@ -269,6 +300,19 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
     })?;
     let lines = LineStarts::of(text);
     let line_of = |node: roxmltree::Node| lines.line(node.range().start);
+    // `IOrchestratorJobCompleteHandler`, or a full name / "Type, Assembly" form of it.
+    let is_handler_type = |kind: &str| {
+        let type_name = kind.split(',').next().unwrap_or_default().trim();
+        type_name.rsplit('.').next() == Some(UNITY_HANDLER_TYPE)
+    };
+    // Unity's `<alias alias="JCH" type="…IOrchestratorJobCompleteHandler, …"/>`: a
+    // `<register type="JCH">` registers a handler as surely as the type's own name.
+    let aliases: std::collections::HashSet<&str> = doc
+        .descendants()
+        .filter(|n| n.is_element() && n.tag_name().name() == "alias")
+        .filter(|n| n.attribute("type").is_some_and(is_handler_type))
+        .filter_map(|n| n.attribute("alias").map(str::trim))
+        .collect();
     let mut out = Vec::new();
     for register in doc
         .descendants()
@@ -278,9 +322,7 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
         let Some(kind) = register.attribute("type") else {
             continue;
         };
-        // `IOrchestratorJobCompleteHandler`, or a full name / "Type, Assembly" form of it.
-        let type_name = kind.split(',').next().unwrap_or_default().trim();
-        if type_name.rsplit('.').next() != Some(UNITY_HANDLER_TYPE) {
+        if !is_handler_type(kind) && !aliases.contains(kind.trim()) {
             continue;
         }
         let fail = |message: String| MigrateError {
@@ -1478,6 +1520,51 @@ mod tests {
         assert_eq!(v["a"], "http://x//y");
         assert_eq!(v["d"], 1);
         assert_eq!(strip_json_comments(text).matches('\n').count(), 2);
+    }
+
+    /// UTF-16 with a byte-order mark (Windows PowerShell's `Out-File`) reads as the same text;
+    /// UTF-16 without one is refused saying so.
+    #[test]
+    fn utf16_text_is_decoded() {
+        let text = "<configuration>é</configuration>";
+        let le: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        let be: Vec<u8> = [0xFE, 0xFF]
+            .into_iter()
+            .chain(text.encode_utf16().flat_map(u16::to_be_bytes))
+            .collect();
+        assert_eq!(decode_text(le.clone()).as_deref(), Ok(text));
+        assert_eq!(decode_text(be).as_deref(), Ok(text));
+        let bare = le.get(2..).unwrap_or_default().to_vec();
+        let e = decode_text(bare).unwrap_err();
+        assert!(e.contains("looks like UTF-16"), "{e}");
+        let cut = le.get(..le.len() - 1).unwrap_or_default().to_vec();
+        assert!(
+            decode_text(cut)
+                .unwrap_err()
+                .contains("odd number of bytes")
+        );
+        assert_eq!(decode_text(text.as_bytes().to_vec()).as_deref(), Ok(text));
+    }
+
+    /// A registration through a Unity alias of the handler type is imported like one naming
+    /// the type; an alias of another type is not.
+    #[test]
+    fn a_registration_through_an_alias_is_imported() {
+        let text = r#"<configuration><unity>
+            <alias alias="JCH" type="Keyfactor.Platform.Extensions.IOrchestratorJobCompleteHandler, Keyfactor.Platform.IOrchestratorJobCompleteHandler"/>
+            <alias alias="Other" type="Keyfactor.Something.IOther, Other"/>
+            <container>
+              <register type="JCH" mapTo="Acme.Handler, Acme" name="ViaAlias">
+                <property name="JobTypes" value="49b3a17d-a6c4-4e4c-8a6b-2ad8c0c6e5a1"/>
+              </register>
+              <register type="Other" mapTo="Acme.Other, Acme" name="NotAHandler"/>
+            </container></unity></configuration>"#;
+        let found = read_web_config(text, "web.config").unwrap();
+        let names: Vec<&str> = found.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["ViaAlias"]);
     }
 
     #[test]
