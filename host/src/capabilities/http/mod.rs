@@ -670,7 +670,9 @@ fn check_path_segment(segment: &str) -> Result<(), &'static str> {
         return Err("the URL path contains non-ASCII or overlong UTF-8 bytes");
     }
     if outbound::is_dot_segment(&decoded) {
-        return Err("the URL path contains a dot segment (dots and spaces only)");
+        return Err(
+            "the URL path contains a segment of only dots and spaces (`.`, `..`, ` `), which a server may read as `.`, `..` or an empty segment",
+        );
     }
     Ok(())
 }

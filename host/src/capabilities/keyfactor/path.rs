@@ -79,7 +79,7 @@ pub enum PathError {
     EmptySegment,
     /// `.`, `..` or dots and spaces only, plain or encoded.
     #[error(
-        "the path contains a `.` or `..` segment (plain or percent-encoded); traversal is not allowed"
+        "the path contains a segment of only dots and spaces (`.`, `..`, `. `, ` `; plain or percent-encoded), which IIS reads as `.`, `..` or an empty segment; traversal is not allowed"
     )]
     DotSegment,
     /// A decoded segment with a forbidden character (encoded `/`, `\`, `%`, ...).
