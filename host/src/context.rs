@@ -616,9 +616,10 @@ impl<'a> Fields<'a> {
             .ok_or_else(|| ContextError::Invalid {
                 field,
                 message: format!(
-                    "{:?} is not an ISO 8601 date-time in the years 0001 to 9999 with seconds 00 \
-                     to 59 (expected e.g. \"2023-05-03T23:18:48Z\"; Microsoft's \
-                     \"/Date(1683155928000)/\" is read too)",
+                    "{:?} is not a date-time as .NET writes one (ISO 8601's extended form, \
+                     `-` and `:` separated, an offset as `Z` or `+02:00`), in the years 0001 to \
+                     9999 with seconds 00 to 59 (expected e.g. \"2023-05-03T23:18:48Z\"; \
+                     Microsoft's \"/Date(1683155928000)/\" is read too)",
                     truncate_for_message(text)
                 ),
             })
