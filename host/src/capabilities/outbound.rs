@@ -413,7 +413,10 @@ pub fn certificate_hint(
         other if format!("{other:?}").contains("CaUsedAsEndEntity") => (
             "is a certificate authority's certificate, not a server certificate".to_owned(),
             format!(
-                "the server must present a certificate issued by that CA; to trust the CA, {}",
+                "the server must present a certificate issued by that CA (a self-signed \
+                 certificate must say `CA:FALSE` in its basic constraints: openssl's `req -x509` \
+                 makes `CA:TRUE` unless given `-addext basicConstraints=critical,CA:FALSE`), \
+                 which trusting the CA certificate does not change; to trust the CA, {}",
                 trust.issuer_fix()
             ),
         ),
@@ -1497,7 +1500,7 @@ mod tests {
                 &plain,
                 format!("https://127.0.0.1:{ca_as_server}/path?token=s3cret-t0ken"),
                 "the server's TLS certificate is a certificate authority's certificate, not a server certificate",
-                "add the issuing CA to [test] ca_bundle",
+                "must say `CA:FALSE` in its basic constraints",
             ),
             (
                 &trusting,
