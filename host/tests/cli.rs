@@ -430,6 +430,15 @@ fn inspect_lists_capabilities_and_wasi_imports() {
     assert!(stdout.contains("capabilities  mail\n"), "{stdout}");
     assert!(stdout.contains("wasi:"), "{stdout}");
     assert!(stdout.contains("size"), "{stdout}");
+    // What it needs before it runs, and whether a handler at the default limits can run it.
+    assert!(
+        stdout.contains("needs         3 core instances, 1 linear memories"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("limits        within the default [handlers.limits]\n"),
+        "{stdout}"
+    );
 
     let out = jobhook(&["inspect", &component("job-history-lookup"), "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");

@@ -149,6 +149,42 @@ async fn a_start_time_memory_larger_than_any_sandbox_is_refused_at_load() {
     assert!(!error.to_string().contains("0x"), "{error}");
 }
 
+/// `inspect` says what a component needs before it runs and whether a handler at the default
+/// limits could run it, naming the setting and the `jobhook run` flag to raise.
+#[tokio::test]
+async fn inspect_tells_a_component_over_the_default_limits() {
+    let component = CoreModule {
+        extra: "(table 50000 funcref)",
+        ..CoreModule::default()
+    }
+    .component();
+    let inspection = jobhook::runtime::loader::inspect(
+        corpus::engine(),
+        component,
+        &jobhook::LoadOptions::default(),
+    )
+    .await
+    .expect("inspected");
+    assert_eq!(inspection.world_error, None);
+    let needs = inspection.needs.expect("compiled");
+    assert_eq!(needs.table_elements, 50_000);
+    let problem = inspection.over_default_limits.expect("over the defaults");
+    assert!(
+        problem
+            .contains("raise [handlers.limits] table_elements (--table-elements on jobhook run)"),
+        "{problem}"
+    );
+    let healthy = jobhook::runtime::loader::inspect(
+        corpus::engine(),
+        guest_bytes("log-context"),
+        &jobhook::LoadOptions::default(),
+    )
+    .await
+    .expect("inspected");
+    assert_eq!(healthy.over_default_limits, None);
+    assert_eq!(healthy.needs.map(|n| n.core_instances), Some(3));
+}
+
 #[tokio::test]
 async fn a_start_time_table_larger_than_any_sandbox_is_refused_at_load() {
     // 10,000,000 elements: over the pool's room per table, so it can never be instantiated.

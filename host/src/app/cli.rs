@@ -702,6 +702,13 @@ fn render_inspection(component: &Path, inspection: &Inspection) -> String {
         );
     }
     let _ = writeln!(out, "exports       {}", list(&inspection.exports));
+    if let Some(needs) = &inspection.needs {
+        let _ = writeln!(out, "needs         {needs}");
+        let _ = match &inspection.over_default_limits {
+            None => writeln!(out, "limits        within the default [handlers.limits]"),
+            Some(problem) => writeln!(out, "limits        OVER THE DEFAULTS: {}", escape(problem)),
+        };
+    }
     if !inspection.compiled {
         let _ = writeln!(
             out,

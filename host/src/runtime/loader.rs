@@ -306,55 +306,90 @@ impl LoadError {
     }
 }
 
-/// Checks `limits` against what a loaded component needs at instantiation, as it declares it:
-/// its core instances, memories and tables, the largest initial memory and table. A limit below one of these
-/// fails every delivery, so it is refused at load (by `jobhook check` too) instead. What a
-/// component allocates later is its own: only the declared start is checked. A component
-/// that imports a memory or table declares nothing (`None`) and is not checked here.
-pub fn check_needs(
-    loaded: &LoadedComponent,
-    limits: &crate::limits::Limits,
-) -> Result<(), LoadError> {
-    let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-    if loaded.core_instances > limits.instances {
-        return Err(LoadError::LimitsTooSmall {
-            key: "instances",
-            given: as_u64(limits.instances),
-            need: format!("{} core instances", loaded.core_instances),
-        });
+/// What a component needs before it runs a line, as its binary declares it: the core instances
+/// its top level makes, its memories and tables, the largest initial memory and table. A
+/// component that imports its memories or tables declares none of them (zero here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Needs {
+    /// Core instances its top level makes ([`crate::runtime::imports::Surface`]).
+    pub core_instances: usize,
+    /// Linear memories it defines.
+    pub memories: u32,
+    /// Tables it defines.
+    pub tables: u32,
+    /// Bytes of its largest memory at start.
+    pub memory_bytes: u64,
+    /// Elements of its largest table at start.
+    pub table_elements: u64,
+}
+
+impl Needs {
+    /// The needs of a compiled `component` whose top level makes `core_instances`.
+    fn of(core_instances: usize, component: &Component) -> Self {
+        let declared = component.resources_required();
+        Needs {
+            core_instances,
+            memories: declared.as_ref().map_or(0, |d| d.num_memories),
+            tables: declared.as_ref().map_or(0, |d| d.num_tables),
+            memory_bytes: declared
+                .as_ref()
+                .and_then(|d| d.max_initial_memory_size)
+                .unwrap_or(0)
+                .saturating_mul(WASM_PAGE_BYTES),
+            table_elements: declared
+                .as_ref()
+                .and_then(|d| d.max_initial_table_size)
+                .unwrap_or(0),
+        }
     }
-    let Some(needs) = loaded.pre.instance_pre().component().resources_required() else {
-        return Ok(());
-    };
-    let memory = needs
-        .max_initial_memory_size
-        .unwrap_or(0)
-        .saturating_mul(WASM_PAGE_BYTES);
-    let table = needs.max_initial_table_size.unwrap_or(0);
+}
+
+impl std::fmt::Display for Needs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} core instances, {} linear memories (the largest {} bytes at start), {} tables \
+             (the largest {} elements at start)",
+            self.core_instances, self.memories, self.memory_bytes, self.tables, self.table_elements
+        )
+    }
+}
+
+/// Checks `limits` against what a component `needs` at instantiation. A limit below one of
+/// these fails every delivery, so it is refused at load (by `jobhook check` too) instead. What
+/// a component allocates later is its own: only the declared start is checked.
+pub fn check_needs(needs: &Needs, limits: &crate::limits::Limits) -> Result<(), LoadError> {
+    let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     let short = [
+        (
+            "instances",
+            as_u64(limits.instances),
+            as_u64(needs.core_instances),
+            format!("{} core instances", needs.core_instances),
+        ),
         (
             "memories",
             as_u64(limits.memories),
-            u64::from(needs.num_memories),
-            format!("{} linear memories", needs.num_memories),
+            u64::from(needs.memories),
+            format!("{} linear memories", needs.memories),
         ),
         (
             "tables",
             as_u64(limits.tables),
-            u64::from(needs.num_tables),
-            format!("{} tables", needs.num_tables),
+            u64::from(needs.tables),
+            format!("{} tables", needs.tables),
         ),
         (
             "memory_bytes",
             limits.memory_bytes,
-            memory,
-            format!("a linear memory of {memory} bytes"),
+            needs.memory_bytes,
+            format!("a linear memory of {} bytes", needs.memory_bytes),
         ),
         (
             "table_elements",
             limits.table_elements,
-            table,
-            format!("a table of {table} elements"),
+            needs.table_elements,
+            format!("a table of {} elements", needs.table_elements),
         ),
     ]
     .into_iter()
@@ -391,8 +426,8 @@ pub struct LoadedComponent {
     imports: ImportSummary,
     size: usize,
     cache: Option<CacheOutcome>,
-    /// Core instances it creates at its top level ([`crate::runtime::imports::Surface`]).
-    core_instances: usize,
+    /// What it needs before it runs a line ([`check_needs`] holds a handler's limits to it).
+    needs: Needs,
 }
 
 impl LoadedComponent {
@@ -416,6 +451,11 @@ impl LoadedComponent {
     pub fn cache_outcome(&self) -> Option<&CacheOutcome> {
         self.cache.as_ref()
     }
+
+    /// What it needs before it runs a line.
+    pub fn needs(&self) -> &Needs {
+        &self.needs
+    }
 }
 
 /// The result of `jobhook inspect`: everything the gate learns about a component, without
@@ -433,6 +473,11 @@ pub struct Inspection {
     /// Whether it was compiled. A component whose imports or exports, read from the binary,
     /// already rule it out is reported without compiling it.
     pub compiled: bool,
+    /// What it needs before it runs a line (known once compiled).
+    pub needs: Option<Needs>,
+    /// Why a handler at the default `[handlers.limits]` could not run it ([`check_needs`]);
+    /// `None` when the defaults suffice or it was not compiled.
+    pub over_default_limits: Option<String>,
 }
 
 /// Reads the component's imports and exports from the binary, without compiling it, and
@@ -474,6 +519,7 @@ pub async fn load(
     let size = bytes.len();
     let (_, core_instances) = precheck(&bytes, Some(grants), options)?;
     let (component, cache) = compile(engine, bytes, options).await?;
+    let needs = Needs::of(core_instances, &component);
     let imports = summarize_imports(engine, &component)?;
     check_grants(&imports, grants)?;
     let pre = prepare(engine, &component)?;
@@ -482,7 +528,7 @@ pub async fn load(
         imports,
         size,
         cache,
-        core_instances,
+        needs,
     })
 }
 
@@ -535,6 +581,8 @@ pub async fn inspect(
             imports,
             exports: surface.exports,
             compiled: false,
+            needs: None,
+            over_default_limits: None,
         });
     }
     let (component, _) = compile(engine, bytes, options).await?;
@@ -548,12 +596,26 @@ pub async fn inspect(
         Some(e) => Some(e.to_string()),
         None => prepare(engine, &component).err().map(|e| e.to_string()),
     };
+    let needs = Needs::of(surface.core_instances, &component);
+    let over_default_limits = check_needs(&needs, &crate::limits::Limits::default())
+        .err()
+        .map(|e| {
+            e.with_setting_named(|s| {
+                format!(
+                    "[handlers.limits] {} (--{} on jobhook run)",
+                    s.key(),
+                    s.key().replace('_', "-")
+                )
+            })
+        });
     Ok(Inspection {
         size,
         world_error,
         imports,
         exports,
         compiled: true,
+        needs: Some(needs),
+        over_default_limits,
     })
 }
 

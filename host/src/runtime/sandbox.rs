@@ -60,7 +60,7 @@ impl SandboxedHandler {
         options: &LoadOptions,
     ) -> Result<Self, LoadError> {
         let component = loader::load(engine, bytes, &spec.grants, options).await?;
-        loader::check_needs(&component, &spec.limits)?;
+        loader::check_needs(component.needs(), &spec.limits)?;
         Ok(SandboxedHandler {
             spec,
             engine: engine.clone(),
