@@ -227,8 +227,12 @@ impl Metrics {
         let store_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "jobhook_ingest_store_failures",
-            "Ingest requests answered 503 because the store could not commit the event, by \
-             reason (disk-full, unreachable, timeout, error)",
+            // From the list the series are made from: the help cannot leave a reason out.
+            format!(
+                "Ingest requests answered 503 because the store could not commit the event, by \
+                 reason ({})",
+                STORE_FAILURE_REASONS.join(", ")
+            ),
             store_failures.clone(),
         );
         let forwarders = Gauge::default();
@@ -432,8 +436,8 @@ impl Metrics {
         self.key_conflicts.inc();
     }
 
-    /// Counts an ingest request the store could not commit; `reason` is one of a fixed set
-    /// (`disk-full`, `unreachable`, `timeout`, `error`), never input.
+    /// Counts an ingest request the store could not commit; `reason` is one of
+    /// [`STORE_FAILURE_REASONS`], never input.
     pub fn ingest_store_failed(&self, reason: &'static str) {
         self.store_failures
             .get_or_create(&ReasonLabels { reason })
@@ -576,6 +580,25 @@ mod tests {
             "jobhook_retention_deleted_events_total 0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+    }
+
+    /// The help of the store failures names every reason a series is counted by.
+    #[test]
+    fn the_store_failures_help_names_every_reason() {
+        let text = Metrics::new().render(None, 0);
+        let help = text
+            .lines()
+            .find(|l| l.starts_with("# HELP jobhook_ingest_store_failures "))
+            .unwrap_or_else(|| panic!("no help for the store failures in:\n{text}"));
+        for reason in STORE_FAILURE_REASONS {
+            assert!(help.contains(reason), "{reason} missing from: {help}");
+            assert!(
+                text.contains(&format!(
+                    "jobhook_ingest_store_failures_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{text}"
+            );
         }
     }
 
