@@ -707,7 +707,10 @@ async fn keyfactor_handlers_act_as_their_own_identities() {
     };
     assert!(services.check_grants(&grants(Some("reader"))).is_ok());
     assert!(services.check_grants(&grants(None)).is_ok());
-    let why = services.check_grants(&grants(Some("writer"))).unwrap_err();
+    let why = services
+        .check_grants(&grants(Some("writer")))
+        .unwrap_err()
+        .to_string();
     assert!(why.starts_with("keyfactor.identity"), "{why}");
     let client = self::client(&revoked);
     standin.clear_requests();

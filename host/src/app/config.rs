@@ -1228,38 +1228,6 @@ impl Validator<'_> {
             MAX_HOSTCALL_BYTES, MAX_LOG_BYTES, MAX_LOG_LINES, MAX_OUTPUT_BYTES, MAX_TABLE_ELEMENTS,
             MIN_HOSTCALL_BYTES,
         };
-        // A per-component cap of the sandbox pool below a limit the handler sets would stop the
-        // component there, while the handler's listing showed the larger number. (A handler
-        // left at the default is held to the engine's cap, which an operator may lower.)
-        let defaults = Limits::default();
-        let above_pool = [
-            (
-                "instances",
-                l.instances,
-                defaults.instances,
-                pool.max_core_instances_per_component,
-                "max_core_instances_per_component",
-            ),
-            (
-                "memories",
-                l.memories,
-                defaults.memories,
-                pool.max_memories_per_component,
-                "max_memories_per_component",
-            ),
-            (
-                "tables",
-                l.tables,
-                defaults.tables,
-                pool.max_tables_per_component,
-                "max_tables_per_component",
-            ),
-        ]
-        .into_iter()
-        .find(|(_, own, default, cap, _)| {
-            own != default && *own > usize::try_from(*cap).unwrap_or(usize::MAX)
-        })
-        .map(|(own, value, _, cap, engine_key)| (own, value, cap, engine_key));
         let problem = if l.timeout.is_zero() {
             Some("timeout_ms must be at least 1".to_owned())
         } else if !(MIN_HANDLER_MEMORY_BYTES..=MAX_HANDLER_MEMORY_BYTES).contains(&l.memory_bytes) {
@@ -1268,10 +1236,16 @@ impl Validator<'_> {
             ))
         } else if l.instances == 0 || l.memories == 0 || l.tables == 0 {
             Some("instances, memories and tables must be at least 1".to_owned())
-        } else if let Some((own, value, cap, engine_key)) = above_pool {
+        } else if let Some(AbovePool {
+            limit,
+            value,
+            engine_key,
+            cap,
+        }) = above_pool(l, pool)
+        {
             Some(format!(
-                "{own} = {value} is above [engine] {engine_key} ({cap}), which the sandbox pool \
-                 holds every component to: lower {own}, or raise {engine_key}"
+                "{limit} = {value} is above [engine] {engine_key} ({cap}), which the sandbox \
+                 pool holds every component to: lower {limit}, or raise {engine_key}"
             ))
         } else if !(1..=MAX_TABLE_ELEMENTS).contains(&l.table_elements) {
             Some(format!(
@@ -1313,6 +1287,59 @@ impl Validator<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// A handler limit above a per-component cap of the sandbox pool (`[engine]`), which would stop
+/// the component there while the handler's listing showed the larger number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AbovePool {
+    /// The key under `handlers.limits` (`instances`).
+    limit: &'static str,
+    /// The handler's value.
+    value: usize,
+    /// The `[engine]` key of the cap (`max_core_instances_per_component`).
+    engine_key: &'static str,
+    /// The cap.
+    cap: u32,
+}
+
+/// The first limit of `l` above `pool`'s cap for it, if any. A limit left at its default is
+/// not compared: the handler is then held to the engine's cap, which an operator may lower.
+fn above_pool(l: &Limits, pool: &crate::runtime::engine::PoolSettings) -> Option<AbovePool> {
+    let defaults = Limits::default();
+    [
+        (
+            "instances",
+            l.instances,
+            defaults.instances,
+            "max_core_instances_per_component",
+            pool.max_core_instances_per_component,
+        ),
+        (
+            "memories",
+            l.memories,
+            defaults.memories,
+            "max_memories_per_component",
+            pool.max_memories_per_component,
+        ),
+        (
+            "tables",
+            l.tables,
+            defaults.tables,
+            "max_tables_per_component",
+            pool.max_tables_per_component,
+        ),
+    ]
+    .into_iter()
+    .find(|(_, value, default, _, cap)| {
+        value != default && *value > usize::try_from(*cap).unwrap_or(usize::MAX)
+    })
+    .map(|(limit, value, _, engine_key, cap)| AbovePool {
+        limit,
+        value,
+        engine_key,
+        cap,
+    })
 }
 
 /// A TOML syntax or type error as a [`ConfigError`]: its line, the key path the parser was in

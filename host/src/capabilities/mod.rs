@@ -58,6 +58,14 @@ macro_rules! grantable {
                     $( Capability::$name => <$marker as Grantable>::DEFAULT_CALLS, )+
                 }
             }
+
+            /// What configures its service in the configuration file
+            /// ([`Grantable::CONFIG_KEY`]), e.g. `[keyfactor] base_url`.
+            pub fn config_key(self) -> &'static str {
+                match self {
+                    $( Capability::$name => <$marker as Grantable>::CONFIG_KEY, )+
+                }
+            }
         }
 
         /// The capabilities an operator granted to one handler, each with its own policy. A
@@ -114,20 +122,22 @@ macro_rules! grantable {
 
         impl ServicesConfig {
             /// Checks a handler's grants against the engine's sections (see
-            /// [`Grantable::check_grant`]); `Err` names the key under `handlers.grants`.
-            pub fn check_grants(&self, grants: &Grants) -> Result<(), String> {
+            /// [`Grantable::configured`] and [`Grantable::check_grant`]).
+            pub fn check_grants(&self, grants: &Grants) -> Result<(), GrantRefused> {
                 $( if let Some(grant) = &grants.$field {
+                    let capability = Capability::$name;
                     if !<$marker as Grantable>::configured(&self.$field) {
-                        return Err(format!(
-                            "{interface}: the handler is granted {interface}, but this engine does \
-                             not configure it ({key}), so every call would answer not-available: \
-                             configure {key} or remove the grant",
-                            interface = <$marker as Grantable>::INTERFACE,
-                            key = <$marker as Grantable>::CONFIG_KEY,
-                        ));
+                        return Err(GrantRefused {
+                            capability,
+                            problem: GrantProblem::NotConfigured,
+                        });
                     }
-                    <$marker as Grantable>::check_grant(&self.$field, grant)
-                        .map_err(|e| format!("{}.{e}", <$marker as Grantable>::INTERFACE))?;
+                    <$marker as Grantable>::check_grant(&self.$field, grant).map_err(|e| {
+                        GrantRefused {
+                            capability,
+                            problem: GrantProblem::Grant(e),
+                        }
+                    })?;
                 } )+
                 Ok(())
             }
@@ -206,6 +216,46 @@ grantable! {
     /// Outbound HTTP to allow-listed URLs (`jobhook:handler/http`).
     http: Http => http::Http,
 }
+
+/// Why the engine's sections cannot serve a handler's grant ([`ServicesConfig::check_grants`]).
+/// Its text, for a configuration being read, starts with the key under `handlers.grants` and
+/// says what to fix in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRefused {
+    /// The capability granted.
+    pub capability: Capability,
+    /// What is wrong.
+    pub problem: GrantProblem,
+}
+
+/// What is wrong with a grant, against the engine's sections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantProblem {
+    /// The engine does not configure the capability ([`Grantable::configured`]): every call
+    /// would answer `not-available`.
+    NotConfigured,
+    /// The capability's own check refused the grant ([`Grantable::check_grant`]); the text
+    /// starts with the grant's key.
+    Grant(String),
+}
+
+impl fmt::Display for GrantRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let interface = self.capability.interface();
+        match &self.problem {
+            GrantProblem::NotConfigured => write!(
+                f,
+                "{interface}: the handler is granted {interface}, but this engine does not \
+                 configure it ({key}), so every call would answer not-available: configure {key} \
+                 or remove the grant",
+                key = self.capability.config_key(),
+            ),
+            GrantProblem::Grant(e) => write!(f, "{interface}.{e}"),
+        }
+    }
+}
+
+impl std::error::Error for GrantRefused {}
 
 impl Capability {
     /// The capability behind a WIT interface name, if that interface is a grantable one.
