@@ -1764,6 +1764,155 @@ async fn a_reload_that_would_leave_no_handler_is_refused() {
     assert_eq!(reload(&engine).await.status().as_u16(), 200);
 }
 
+/// Starts an engine on `running` followed by a handler `all`, then reloads `reloaded` (whose
+/// handlers the file's own sections allow, but not the sections the running engine started
+/// with): the whole reload is refused — 400 from the endpoint with every text of `named`, an
+/// ERROR line in the log, `jobhook_config_last_reload_successful 0` — and `all` alone goes on
+/// running. Then a reload of `without` (the same sections, without what needed them) is taken,
+/// saying what needs a restart.
+async fn reload_refused_for_the_running_engine(
+    setup: &Setup,
+    running: &str,
+    reloaded: &str,
+    named: &[&str],
+    without: &str,
+) {
+    let all = handler("all", "log-context", "[\"*\"]", "");
+    let engine = setup.start(&format!("{running}{all}"));
+    setup.config(reloaded);
+    let response = reload(&engine).await;
+    let status = response.status().as_u16();
+    let answer: Value = serde_json::from_str(&response.text().await.expect("text")).expect("json");
+    assert_eq!(status, 400, "{answer}\n{}", engine.log_text());
+    let text = answer["error"].as_str().unwrap_or_default();
+    for words in named {
+        assert!(text.contains(words), "{words:?} missing from: {text}");
+    }
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    assert_eq!(body["deliveries"], json!(["all"]), "{}", engine.log_text());
+    let (_, handlers) = get(&engine, "/v1/handlers").await;
+    let handlers: Value = serde_json::from_str(&handlers).expect("json");
+    let names: Vec<&str> = handlers["handlers"]
+        .as_array()
+        .expect("handlers")
+        .iter()
+        .filter_map(|h| h["name"].as_str())
+        .collect();
+    assert_eq!(names, ["all"], "{handlers:#}");
+    let (_, metrics) = get(&engine, "/metrics").await;
+    assert!(
+        metrics.contains("jobhook_config_last_reload_successful 0"),
+        "{metrics}"
+    );
+    let log = engine.log_text();
+    assert!(
+        log.lines().any(|l| l.contains(" ERROR ")
+            && l.contains("configuration reload refused, keeping the running one")
+            && l.contains(named[0])),
+        "{log}"
+    );
+
+    // Without what needed the start-only section, the same file is taken.
+    setup.config(without);
+    let response = reload(&engine).await;
+    assert_eq!(response.status().as_u16(), 200, "{}", engine.log_text());
+    let report: Value = serde_json::from_str(&response.text().await.expect("text")).expect("json");
+    assert_ne!(report["restart_required"], json!([]), "{report}");
+}
+
+/// A reload that adds `[mail]` and a handler granted mail is refused: the mail transport is
+/// built at start only, and every delivery of the handler would fail with "no mail transport".
+#[tokio::test]
+async fn a_reload_granting_mail_the_running_engine_has_not_got_is_refused() {
+    let setup = Setup::new();
+    let all = handler("all", "log-context", "[\"*\"]", "");
+    let mail = "[mail]\nfrom = \"jobhook@example.com\"\n\n";
+    let mailer = handler(
+        "mailer",
+        "repeated-failure-email",
+        "[\"*\"]",
+        "properties = { RetryThreshold = \"3\", EmailRecipients = \"pki@example.com\" }\n\
+         [handlers.grants.mail]\nrecipients = [\"pki@example.com\"]",
+    );
+    reload_refused_for_the_running_engine(
+        &setup,
+        "",
+        &format!("{mail}{all}{mailer}"),
+        &[
+            "handlers.grants.mail (handler \"mailer\")",
+            "the running engine was started without [mail]",
+            "restart jobhook to apply [mail] first, or reload without the grant",
+        ],
+        &format!("{mail}{all}"),
+    )
+    .await;
+}
+
+/// A reload that adds a Keyfactor identity and a grant of it is refused: the identities are
+/// built at start only, and every call of the handler would fail with "identity not configured".
+#[tokio::test]
+async fn a_reload_granting_a_keyfactor_identity_the_running_engine_has_not_got_is_refused() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    std::fs::write(dir.join("kf-token"), "kf-engine").expect("write");
+    std::fs::write(dir.join("kf-reader"), "kf-reader").expect("write");
+    let keyfactor = "[keyfactor]\nbase_url = \"https://keyfactor.example.com/KeyfactorAPI\"\n\
+                     auth = { kind = \"bearer\", token = { file = \"kf-token\" } }\n";
+    let identity = "[keyfactor.identities]\nreader = { kind = \"bearer\", token = { file = \
+                    \"kf-reader\" } }\n\n";
+    let all = handler("all", "log-context", "[\"*\"]", "");
+    let lookup = handler(
+        "lookup",
+        "job-history-lookup",
+        "[\"*\"]",
+        "[handlers.grants.keyfactor]\npaths = [\"OrchestratorJobs/\"]\nidentity = \"reader\"",
+    );
+    reload_refused_for_the_running_engine(
+        &setup,
+        &format!("{keyfactor}\n"),
+        &format!("{keyfactor}{identity}{all}{lookup}"),
+        &[
+            "handlers.grants.keyfactor.identity",
+            "(handler \"lookup\")",
+            "is not a Keyfactor identity of this engine (configured under \
+             [keyfactor.identities]: none)",
+            "restart jobhook to apply [keyfactor] first, or reload without the grant",
+        ],
+        &format!("{keyfactor}{identity}{all}"),
+    )
+    .await;
+}
+
+/// A reload that raises the sandbox pool's per-component caps and, with them, a handler's
+/// limit is refused: the pool is built at start only and would hold the component to the old
+/// cap while `/v1/handlers` showed the new limit.
+#[tokio::test]
+async fn a_reload_raising_a_handler_limit_with_the_pool_caps_is_refused() {
+    let setup = Setup::new();
+    let engine = "[engine]\nmax_core_instances_per_component = 32\n\
+                  core_instances_per_delivery = 32\n\n";
+    let all = handler("all", "log-context", "[\"*\"]", "");
+    let big = handler(
+        "big",
+        "log-context",
+        "[\"*\"]",
+        "[handlers.limits]\ninstances = 32",
+    );
+    reload_refused_for_the_running_engine(
+        &setup,
+        "",
+        &format!("{engine}{all}{big}"),
+        &[
+            "handlers.limits (handler \"big\")",
+            "instances = 32 is above [engine] max_core_instances_per_component of the running \
+             engine (16)",
+            "restart jobhook to apply [engine] first, or reload with instances at most 16",
+        ],
+        &format!("{engine}{all}"),
+    )
+    .await;
+}
+
 /// A handler that traps on every inventory job and is not retried: each event is one failure.
 fn failing_inventory_handler() -> String {
     handler(

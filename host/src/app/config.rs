@@ -25,7 +25,7 @@ use toml::Spanned;
 use crate::app::connections::{self, ConnectionLimits};
 use crate::app::tls::TlsConfig;
 use crate::capabilities::properties::Properties;
-use crate::capabilities::{Capability, Grants, ServicesConfig};
+use crate::capabilities::{Capability, GrantProblem, Grants, ServicesConfig};
 use crate::context::parse_guid;
 use crate::excerpt::{MAX_QUOTED_CHARS, excerpt, quoted};
 use crate::limits::Limits;
@@ -814,6 +814,61 @@ impl Config {
             }
         }))
     }
+
+    /// Checks every handler of this configuration, read for a reload, against the sections a
+    /// reload cannot apply as the running engine has them: `running` is the configuration it
+    /// started with, which its capability services and its sandbox pool were built from. The
+    /// file was checked against its own sections when it was read; a handler that needs what
+    /// only a restart applies (a grant of mail with `[mail]` added, a grant of an identity added
+    /// under `[keyfactor.identities]`, a limit above the pool caps it raises) would otherwise be
+    /// taken and fail at every delivery, or be held below the limit it shows, until a restart.
+    /// The rules are the ones [`Config::parse`] checks each handler by
+    /// ([`ServicesConfig::check_grants`], [`above_pool`]), run against the running sections.
+    pub fn check_handlers_against_running(&self, running: &Config) -> Result<(), ConfigError> {
+        let pool = running.engine.pool();
+        for handler in &self.handlers {
+            let name = &handler.name;
+            let refused = |message: String| ConfigError {
+                file: self.path.clone(),
+                line: Some(handler.line),
+                message: capped(message),
+            };
+            if let Err(grant) = running.services.check_grants(&handler.grants) {
+                let interface = grant.capability.interface();
+                let section = format!("[{interface}]");
+                let problem = match &grant.problem {
+                    GrantProblem::NotConfigured => format!(
+                        "handlers.grants.{interface} (handler {name:?}): the running engine was \
+                         started without {}, so every call would answer not-available",
+                        grant.capability.config_key()
+                    ),
+                    GrantProblem::Grant(_) => format!(
+                        "handlers.grants.{grant} (handler {name:?}), in the running engine, \
+                         which has the {section} it was started with"
+                    ),
+                };
+                return Err(refused(format!(
+                    "{problem}; {section} is applied only at a restart: restart jobhook to \
+                     apply {section} first, or reload without the grant"
+                )));
+            }
+            if let Some(AbovePool {
+                limit,
+                value,
+                engine_key,
+                cap,
+            }) = above_pool(&handler.limits, &pool)
+            {
+                return Err(refused(format!(
+                    "handlers.limits (handler {name:?}): {limit} = {value} is above [engine] \
+                     {engine_key} of the running engine ({cap}), which its sandbox pool holds \
+                     every component to; [engine] is applied only at a restart: restart jobhook \
+                     to apply [engine] first, or reload with {limit} at most {cap}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether `dir` is a directory this process may write in, or one it could create below the
@@ -1305,6 +1360,8 @@ struct AbovePool {
 
 /// The first limit of `l` above `pool`'s cap for it, if any. A limit left at its default is
 /// not compared: the handler is then held to the engine's cap, which an operator may lower.
+/// Checked when a configuration is read (against its own `[engine]`) and at a reload (against
+/// the pool the running engine was built with, which only a restart replaces).
 fn above_pool(l: &Limits, pool: &crate::runtime::engine::PoolSettings) -> Option<AbovePool> {
     let defaults = Limits::default();
     [
@@ -2257,6 +2314,143 @@ identity = "writer"
             "[handlers.grants.http]\nurls = [\"http://127.0.0.1:9000/\"]\nallow_private = true\n",
         );
         assert!(f.parse(&loopback).is_ok());
+    }
+
+    /// A configuration read for a reload is checked against the sections the running engine
+    /// was started with: a grant that needs a section only a restart applies, and a limit above
+    /// a pool cap only a restart raises, are refused naming the handler, the key and the
+    /// section to restart for; what the running sections serve passes.
+    #[test]
+    fn a_reload_checks_handlers_against_the_sections_the_engine_runs_with() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("kf-token"), "token").unwrap();
+        let handler = |extra: &str| {
+            format!(
+                "[[handlers]]\nname = \"a\"\ncomponent = \"h.wasm\"\njob_types = [\"*\"]\n{extra}"
+            )
+        };
+        let keyfactor = "[keyfactor]\nbase_url = \"https://kf.example.com/KeyfactorAPI\"\n\
+                         auth = { kind = \"bearer\", token = { file = \"kf-token\" } }\n";
+        let identity = "[keyfactor.identities]\nreader = { kind = \"bearer\", token = { file = \
+                        \"kf-token\" } }\n";
+        let mail = "[mail]\nfrom = \"jobhook@example.com\"\n";
+        let bare = f.parse(MINIMAL).unwrap();
+        let with_keyfactor = f.parse(&format!("{keyfactor}{MINIMAL}")).unwrap();
+        let mut refused = vec![
+            (
+                &bare,
+                format!(
+                    "{mail}{}",
+                    handler("[handlers.grants.mail]\nrecipients = [\"@example.com\"]\n")
+                ),
+                [
+                    "handlers.grants.mail (handler \"a\"): the running engine was started \
+                     without [mail]",
+                    "restart jobhook to apply [mail] first, or reload without the grant",
+                ],
+            ),
+            (
+                &bare,
+                format!(
+                    "{keyfactor}{}",
+                    handler("[handlers.grants.keyfactor]\npaths = [\"*\"]\n")
+                ),
+                [
+                    "handlers.grants.keyfactor (handler \"a\"): the running engine was started \
+                     without [keyfactor] base_url",
+                    "restart jobhook to apply [keyfactor] first, or reload without the grant",
+                ],
+            ),
+            (
+                &with_keyfactor,
+                format!(
+                    "{keyfactor}{identity}{}",
+                    handler(
+                        "[handlers.grants.keyfactor]\npaths = [\"*\"]\nidentity = \"reader\"\n"
+                    )
+                ),
+                [
+                    "handlers.grants.keyfactor.identity: \"reader\" is not a Keyfactor identity \
+                     of this engine (configured under [keyfactor.identities]: none) (handler \
+                     \"a\")",
+                    "restart jobhook to apply [keyfactor] first, or reload without the grant",
+                ],
+            ),
+        ];
+        let mut limits = Vec::new();
+        for (limit, value, cap, reserved, running) in [
+            (
+                "instances",
+                32,
+                "max_core_instances_per_component",
+                "core_instances_per_delivery",
+                16,
+            ),
+            (
+                "memories",
+                4,
+                "max_memories_per_component",
+                "memories_per_delivery",
+                2,
+            ),
+            (
+                "tables",
+                8,
+                "max_tables_per_component",
+                "tables_per_delivery",
+                4,
+            ),
+        ] {
+            limits.push((
+                format!(
+                    "[engine]\n{cap} = {value}\n{reserved} = {value}\n{}",
+                    handler(&format!("[handlers.limits]\n{limit} = {value}\n"))
+                ),
+                [
+                    format!(
+                        "handlers.limits (handler \"a\"): {limit} = {value} is above [engine] \
+                         {cap} of the running engine ({running})"
+                    ),
+                    format!(
+                        "restart jobhook to apply [engine] first, or reload with {limit} at \
+                         most {running}"
+                    ),
+                ],
+            ));
+        }
+        refused.extend(
+            limits
+                .iter()
+                .map(|(text, says)| (&bare, text.clone(), [says[0].as_str(), says[1].as_str()])),
+        );
+        for (running, text, says) in refused {
+            let new = f.parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            // The file passes against its own sections; not against the running ones.
+            assert!(new.check_handlers_against_running(&new).is_ok(), "{text}");
+            let e = new.check_handlers_against_running(running).unwrap_err();
+            for words in says {
+                assert!(e.message.contains(words), "{words:?} missing from: {e}");
+            }
+            assert_eq!(e.line, Some(new.handlers[0].line), "{e}");
+        }
+        // What the running sections serve passes: the http capability works on its defaults.
+        let http = f
+            .parse(&handler(
+                "[handlers.grants.http]\nurls = [\"https://hooks.example.com/\"]\n",
+            ))
+            .unwrap();
+        assert!(http.check_handlers_against_running(&bare).is_ok());
+        let granted = f
+            .parse(&format!(
+                "{keyfactor}{}",
+                handler("[handlers.grants.keyfactor]\npaths = [\"*\"]\n")
+            ))
+            .unwrap();
+        assert!(
+            granted
+                .check_handlers_against_running(&with_keyfactor)
+                .is_ok()
+        );
     }
 
     /// An empty list in a grant would deny the handler every call at run time: refused when the

@@ -485,9 +485,11 @@ struct Running {
     initial: LoadedHandlers,
 }
 
-/// A reload: read and validate the file and every secret it references, load changed handlers,
-/// swap them and the tokens in, and report what only a restart would apply
-/// ([`secrets::restart_required`]). On any error the running configuration stays.
+/// A reload: read and validate the file and every secret it references, check its handlers
+/// against the sections only a restart applies as they run
+/// ([`Config::check_handlers_against_running`]), load changed handlers, swap them and the
+/// tokens in, and report what only a restart would apply ([`secrets::restart_required`]). On
+/// any error the running configuration stays.
 fn reloader(running: Running) -> Reloader {
     let Running {
         config: started,
@@ -527,6 +529,9 @@ fn reloader(running: Running) -> Reloader {
                     if config.handlers.is_empty() && !previous.handlers.is_empty() {
                         anyhow::bail!("{}", no_handler_left(&config, &previous));
                     }
+                    let (started, started_secrets) = &*started;
+                    // The handlers load against the services and the engine built at start.
+                    config.check_handlers_against_running(started)?;
                     let new_tokens = config.resolve_tokens()?;
                     // The certificate is read (again) and checked before anything is swapped.
                     let tls_config = match (has_tls, &config.server.tls) {
@@ -542,7 +547,6 @@ fn reloader(running: Running) -> Reloader {
                         ),
                     };
                     let changed = secrets::handler_secrets_changed(&previous, &config);
-                    let (started, started_secrets) = &*started;
                     let restart = secrets::restart_required(
                         started,
                         started_secrets,

@@ -122,7 +122,9 @@ macro_rules! grantable {
 
         impl ServicesConfig {
             /// Checks a handler's grants against the engine's sections (see
-            /// [`Grantable::configured`] and [`Grantable::check_grant`]).
+            /// [`Grantable::configured`] and [`Grantable::check_grant`]). The same check runs
+            /// when a configuration is read (against its own sections) and at a reload (against
+            /// the sections the running engine started with, which only a restart replaces).
             pub fn check_grants(&self, grants: &Grants) -> Result<(), GrantRefused> {
                 $( if let Some(grant) = &grants.$field {
                     let capability = Capability::$name;
