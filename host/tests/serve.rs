@@ -2649,7 +2649,7 @@ async fn at_its_default_log_filter_serve_shows_the_operators_warnings_and_only_h
     std::fs::write(&config, changed).expect("write");
     let response = reload(&engine).await;
     assert_eq!(response.status().as_u16(), 200);
-    let warning = "reload cannot apply this: [server] changed";
+    let warning = "reload cannot apply this: [server] max_connections changed";
     let deadline = Instant::now() + Duration::from_secs(10);
     while !engine.log_text().contains(warning) {
         assert!(

@@ -10,12 +10,15 @@
 //! - the capability services (`[keyfactor]`, `[mail]`, `[http]`), the store, the engine pool and
 //!   the listener are built once, at start. A change to their settings or to a secret they use
 //!   (Keyfactor credentials, the SMTP password, the store password) is not applied; the reload
-//!   says so — in its answer (`restart_required`) and as a warning in the log — rather than
-//!   keeping the old value silently.
+//!   says so — in its answer (`restart_required`) and as a warning in the log, one note per
+//!   section naming the keys that changed (`[server] listen, max_body_bytes changed; ...`) or
+//!   per secret — rather than keeping the old value silently. (A handler that needs such a
+//!   change refuses the whole reload: [`Config::check_handlers_against_running`].)
 //!
 //! The secrets only a start reads are compared by SHA-256 digest; the tokens and handler
-//! property secrets, which the running configuration holds anyway, by value. Changes are
-//! reported by name only; no value is ever logged.
+//! property secrets, which the running configuration holds anyway, by value. The sections are
+//! compared key by key in their serialized form. Changes are reported by name only; no value is
+//! ever logged.
 
 use std::collections::BTreeMap;
 
@@ -23,7 +26,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::app::config::{Config, ServerConfig};
 use crate::capabilities::keyfactor::auth::AuthConfig;
-use crate::runtime::config::EngineConfig;
+use crate::runtime::config::{DEFAULT_CACHE_DIR, EngineConfig};
 use crate::secret::SecretRef;
 
 /// A secret's digest, or why it cannot be read (the message names the reference, never the
@@ -178,11 +181,15 @@ fn auth_secret(auth: &AuthConfig) -> SecretRef {
 }
 
 /// The `[engine]` settings a reload cannot apply: everything but the load limits, which every
-/// handler loaded again is checked against.
-fn start_only_engine(engine: &EngineConfig) -> EngineConfig {
+/// handler loaded again is checked against. A `cache_dir` that is the default one in the data
+/// directory (`<data_dir>/cache`, which [`Config::parse`] fills in when the key is left out) is
+/// left out too: it follows `[store] data_dir`, which is reported under `[store]`.
+fn start_only_engine(engine: &EngineConfig, data_dir: &std::path::Path) -> EngineConfig {
+    let default_cache = data_dir.join(DEFAULT_CACHE_DIR);
     EngineConfig {
         max_component_bytes: 0,
         compile_timeout: std::time::Duration::ZERO,
+        cache_dir: engine.cache_dir.clone().filter(|dir| *dir != default_cache),
         ..engine.clone()
     }
 }
@@ -198,40 +205,161 @@ fn start_only_server(server: &ServerConfig) -> ServerConfig {
     }
 }
 
+/// Most keys one note names; past them it says how many more (a section holds a few dozen
+/// keys, but the names of `[keyfactor.identities]` are the operator's and many).
+const MAX_KEYS_NAMED: usize = 10;
+
+/// How a start-only section differs between the running configuration and a new one.
+#[derive(Debug, PartialEq, Eq)]
+enum SectionChange {
+    /// The section was left out and now is there.
+    Added,
+    /// The section was there and now is left out.
+    Removed,
+    /// These keys differ, dotted below the section as the file writes them (`listen`,
+    /// `identities.reader`); empty when they cannot be told apart.
+    Keys(Vec<String>),
+}
+
+/// How section `new` differs from `running`, if it does: compared as their serialized forms, key
+/// by key, so that each section's keys are named without a list of them written here. Only names
+/// are taken from the forms, never a value.
+fn section_change<T: serde::Serialize + PartialEq>(running: &T, new: &T) -> Option<SectionChange> {
+    if running == new {
+        return None;
+    }
+    let (Ok(running), Ok(new)) = (serde_json::to_value(running), serde_json::to_value(new)) else {
+        return Some(SectionChange::Keys(Vec::new()));
+    };
+    Some(match (&running, &new) {
+        (serde_json::Value::Null, _) => SectionChange::Added,
+        (_, serde_json::Value::Null) => SectionChange::Removed,
+        _ => {
+            let mut keys = Vec::new();
+            differing_keys(&running, &new, "", &mut keys);
+            SectionChange::Keys(keys)
+        }
+    })
+}
+
+/// Adds to `keys` the dotted path (below `prefix`) of each value that differs between `a` and
+/// `b`: tables are compared key by key, anything else as a whole. A key that is not a plain
+/// name (the operator's own, such as an identity's) is quoted and cut short.
+fn differing_keys(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    prefix: &str,
+    keys: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for name in names {
+                let shown = if !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
+                {
+                    name.clone()
+                } else {
+                    crate::excerpt::quoted(name)
+                };
+                let path = if prefix.is_empty() {
+                    shown
+                } else {
+                    format!("{prefix}.{shown}")
+                };
+                match (a.get(name), b.get(name)) {
+                    (Some(a), Some(b)) => differing_keys(a, b, &path, keys),
+                    _ => keys.push(path),
+                }
+            }
+        }
+        _ if a == b => {}
+        _ => keys.push(prefix.to_owned()),
+    }
+}
+
+/// The note for a start-only section `[name]` that changed.
+fn section_note(name: &str, change: SectionChange) -> String {
+    match change {
+        SectionChange::Added => format!(
+            "[{name}] was added; it is used only from the next start: restart jobhook to apply it"
+        ),
+        SectionChange::Removed => format!(
+            "[{name}] was removed; the engine goes on using it until the next start: restart \
+             jobhook to apply this"
+        ),
+        SectionChange::Keys(keys) if keys.is_empty() => format!(
+            "[{name}] changed; it is used only from the next start: restart jobhook to apply it"
+        ),
+        SectionChange::Keys(keys) => {
+            let mut named = keys
+                .iter()
+                .take(MAX_KEYS_NAMED)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if keys.len() > MAX_KEYS_NAMED {
+                named.push_str(&format!(" and {} more", keys.len() - MAX_KEYS_NAMED));
+            }
+            let (they, them) = if keys.len() == 1 {
+                ("it is", "it")
+            } else {
+                ("they are", "them")
+            };
+            format!(
+                "[{name}] {named} changed; {they} used only from the next start: restart \
+                 jobhook to apply {them}"
+            )
+        }
+    }
+}
+
 /// What differs between the running parts (built from `running` at start, with the secrets
 /// `running_secrets`) and a new configuration that a reload cannot apply; one sentence each,
-/// naming the key and what to do.
+/// naming the section and its keys that changed (never a value), or the secret, and what to do.
 pub fn restart_required(
     running: &Config,
     running_secrets: &StartOnlySecrets,
     new: &Config,
     new_secrets: &StartOnlySecrets,
 ) -> Vec<String> {
-    let mut notes = Vec::new();
-    let mut section = |changed: bool, name: &str| {
-        if changed {
-            notes.push(format!(
-                "[{name}] changed; it is used only from the next start: restart jobhook to \
-                 apply it"
-            ));
-        }
-    };
-    section(
-        start_only_server(&running.server) != start_only_server(&new.server),
-        "server",
-    );
-    section(running.store != new.store, "store");
-    section(
-        start_only_engine(&running.engine) != start_only_engine(&new.engine),
-        "engine",
-    );
-    section(running.poller != new.poller, "poller");
-    section(
-        running.services.keyfactor != new.services.keyfactor,
-        "keyfactor",
-    );
-    section(running.services.mail != new.services.mail, "mail");
-    section(running.services.http != new.services.http, "http");
+    let changes = [
+        (
+            "server",
+            section_change(
+                &start_only_server(&running.server),
+                &start_only_server(&new.server),
+            ),
+        ),
+        ("store", section_change(&running.store, &new.store)),
+        (
+            "engine",
+            section_change(
+                &start_only_engine(&running.engine, &running.store.data_dir),
+                &start_only_engine(&new.engine, &new.store.data_dir),
+            ),
+        ),
+        ("poller", section_change(&running.poller, &new.poller)),
+        (
+            "keyfactor",
+            section_change(&running.services.keyfactor, &new.services.keyfactor),
+        ),
+        (
+            "mail",
+            section_change(&running.services.mail, &new.services.mail),
+        ),
+        (
+            "http",
+            section_change(&running.services.http, &new.services.http),
+        ),
+    ];
+    let mut notes: Vec<String> = changes
+        .into_iter()
+        .filter_map(|(name, change)| change.map(|c| section_note(name, c)))
+        .collect();
     let names: std::collections::BTreeSet<&String> = running_secrets
         .digests
         .keys()
@@ -361,11 +489,169 @@ mod tests {
         new.engine.sandbox_threads += 1;
         let notes = restart_required(&running, &secrets, &new, &secrets);
         assert_eq!(notes.len(), 1);
-        assert!(notes[0].starts_with("[engine] changed"), "{notes:?}");
+        assert!(
+            notes[0].starts_with("[engine] sandbox_threads changed; it is used only"),
+            "{notes:?}"
+        );
         new.engine = running.engine.clone();
         new.server.max_connections = 7;
         let notes = restart_required(&running, &secrets, &new, &secrets);
         assert_eq!(notes.len(), 1);
-        assert!(notes[0].starts_with("[server] changed"), "{notes:?}");
+        assert!(
+            notes[0].starts_with("[server] max_connections changed"),
+            "{notes:?}"
+        );
+    }
+
+    /// Each note names the keys of its section that changed, as the file writes them, and
+    /// never a value; a section added or removed is said to be so.
+    #[test]
+    fn start_only_notes_name_the_keys_that_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("handler-pw"), "pw").unwrap();
+        std::fs::write(dir.path().join("kf-token"), "kf-value").unwrap();
+        std::fs::write(dir.path().join("smtp-pw"), "smtp-value").unwrap();
+        let mail = "[mail]\nfrom = \"jobhook@example.com\"\n\
+                    smtp = { host = \"relay.example.com\", username = \"u\", \
+                    password = { file = \"smtp-pw\" } }\n";
+        let running = config(dir.path(), &format!("{KEYFACTOR}{mail}"));
+        let secrets = StartOnlySecrets::read(&running);
+        let notes_for = |new: &Config| restart_required(&running, &secrets, new, &secrets);
+
+        let mut new = running.clone();
+        new.server.listen = "127.0.0.1:9".parse().unwrap();
+        new.server.max_body_bytes += 1;
+        new.engine.sandbox_threads = 2;
+        new.engine.max_concurrent_deliveries = 8;
+        assert_eq!(
+            notes_for(&new),
+            [
+                "[server] listen, max_body_bytes changed; they are used only from the next \
+                 start: restart jobhook to apply them",
+                "[engine] max_concurrent_deliveries, sandbox_threads changed; they are used \
+                 only from the next start: restart jobhook to apply them",
+            ]
+        );
+
+        // Below a section: the dotted key, the operator's names quoted when not plain.
+        let new = config(
+            dir.path(),
+            &format!(
+                "{KEYFACTOR}timeout_ms = 1234\n[keyfactor.identities]\n\"odd name\" = {{ kind = \
+                 \"bearer\", token = {{ file = \"kf-token\" }} }}\n\n{}",
+                mail.replace("relay.example.com", "relay2.example.com")
+            ),
+        );
+        let notes = notes_for(&new);
+        assert_eq!(
+            notes,
+            [
+                "[keyfactor] identities, timeout_ms changed; they are used only from the next \
+                 start: restart jobhook to apply them",
+                "[mail] smtp.host changed; it is used only from the next start: restart \
+                 jobhook to apply it",
+            ]
+        );
+        let mut more = new.clone();
+        if let Some(k) = more.services.keyfactor.as_mut() {
+            let reader = k.auth.clone();
+            k.identities.insert("reader".to_owned(), reader);
+        }
+        let notes = restart_required(&new, &secrets, &more, &secrets);
+        assert_eq!(
+            notes,
+            [
+                "[keyfactor] identities.reader changed; it is used only from the next start: \
+              restart jobhook to apply it"
+            ]
+        );
+        let mut odd = new.clone();
+        if let Some(k) = odd.services.keyfactor.as_mut() {
+            k.identities.clear();
+            let auth = k.auth.clone();
+            k.identities.insert("a\u{1b}[2J\nb".to_owned(), auth);
+        }
+        let notes = restart_required(&new, &secrets, &odd, &secrets);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("identities.\"a\\u{1b}[2J\\nb\"")
+                && notes[0].contains("identities.\"odd name\""),
+            "{notes:?}"
+        );
+
+        // A section added or removed.
+        let without_mail = config(dir.path(), KEYFACTOR);
+        assert_eq!(
+            notes_for(&without_mail),
+            [
+                "[mail] was removed; the engine goes on using it until the next start: restart \
+              jobhook to apply this"
+            ]
+        );
+        assert_eq!(
+            restart_required(&without_mail, &secrets, &running, &secrets),
+            [
+                "[mail] was added; it is used only from the next start: restart jobhook to apply \
+              it"
+            ]
+        );
+
+        // No value, of a secret or of any setting, is ever in a note.
+        let mut moved = running.clone();
+        moved.store.password = Some(SecretRef::File(dir.path().join("store-pw")));
+        let notes = notes_for(&moved);
+        assert_eq!(
+            notes,
+            [
+                "[store] password changed; it is used only from the next start: restart jobhook \
+              to apply it"
+            ]
+        );
+        for note in notes_for(&new).iter().chain(&notes) {
+            for value in [
+                "kf-value",
+                "smtp-value",
+                "relay2",
+                "1234",
+                "store-pw",
+                "kf-token",
+            ] {
+                assert!(!note.contains(value), "{value} in {note}");
+            }
+        }
+    }
+
+    /// A reload that moves only `[store] data_dir` reports `[store]` alone: the AOT cache's
+    /// default place follows the data directory and is not an `[engine]` change. An explicit
+    /// `cache_dir` that changes is.
+    #[test]
+    fn a_moved_data_dir_is_not_an_engine_change() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("handler-pw"), "pw").unwrap();
+        let running = config(dir.path(), "");
+        let secrets = StartOnlySecrets::read(&running);
+        let moved = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"elsewhere\"\n\n\
+             [[handlers]]\nname = \"h\"\ncomponent = \"h.wasm\"\njob_types = [\"*\"]\n\
+             properties = { Password = { file = \"handler-pw\" } }\n",
+            &dir.path().join("jobhook.toml"),
+        )
+        .expect("config");
+        assert_ne!(running.engine.cache_dir, moved.engine.cache_dir);
+        assert_eq!(
+            restart_required(&running, &secrets, &moved, &secrets),
+            [
+                "[store] data_dir changed; it is used only from the next start: restart jobhook \
+              to apply it"
+            ]
+        );
+        let cached = config(dir.path(), "[engine]\ncache_dir = \"aot\"\n");
+        assert_eq!(
+            restart_required(&running, &secrets, &cached, &secrets),
+            [
+                "[engine] cache_dir changed; it is used only from the next start: restart jobhook \
+              to apply it"
+            ]
+        );
     }
 }
