@@ -2222,6 +2222,14 @@ identity = "writer"
             "",
         );
         assert_ne!(revoked, IDENTITIES);
+        // The identities listed with the refusal are the operator's keys, quoted and escaped.
+        let hostile = revoked.replace(
+            "[keyfactor.identities.reader]",
+            "[keyfactor.identities.\"reader\\u001b[2J\"]",
+        );
+        let e = f.parse(&hostile).unwrap_err();
+        assert!(!e.message.contains('\u{1b}'), "{e:?}");
+        assert!(e.message.contains("\"reader\\u{1b}[2J\""), "{e:?}");
         let e = f.parse(&revoked).unwrap_err();
         assert!(
             e.message.contains("handlers.grants.keyfactor.identity"),

@@ -180,7 +180,11 @@ impl Grantable for Keyfactor {
             if known.is_empty() {
                 "none".to_owned()
             } else {
-                known.join(", ")
+                known
+                    .iter()
+                    .map(|k| outbound::quote(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         ))
     }
@@ -455,7 +459,8 @@ impl KeyfactorClient {
         for (name, identity) in &config.identities {
             let identity =
                 Auth::from_config(identity).map_err(|source| KeyfactorConfigError::Identity {
-                    name: name.clone(),
+                    // The operator's key, shown as the configuration would quote it.
+                    name: crate::escape::escape(name).into_owned(),
                     source,
                 })?;
             identities.insert(name.clone(), identity);
