@@ -179,7 +179,8 @@ typedef struct jobhook_handler_types_capability_error_t {
 // The request itself was refused before anything left the engine
 // (bad path, forbidden header, recipient outside the allow-list, ...).
 #define JOBHOOK_HANDLER_TYPES_CAPABILITY_ERROR_DENIED 2
-// A per-invocation budget or a size limit was reached.
+// A size limit was reached (a per-invocation call budget is not returned: the call past
+// it ends the invocation as the outcome `limit-exceeded`).
 #define JOBHOOK_HANDLER_TYPES_CAPABILITY_ERROR_LIMIT_EXCEEDED 3
 // The remote side did not answer in time.
 #define JOBHOOK_HANDLER_TYPES_CAPABILITY_ERROR_TIMEOUT 4
