@@ -379,15 +379,46 @@ fn status_note(status: u16, location: Option<&str>, retry_after: Option<Duration
 enum Status {
     Finished,
     Unfinished,
+    /// Absent, null, or a name or number Command does not document: the poller cannot tell
+    /// whether the job has ended.
+    Unreadable,
+}
+
+/// A JobHistory enum field (`Status`, `Result`) as a server may write it: Command 10's own trace
+/// shows names (`"Completed"`), its API spec declares numbers (`3`), and a number may come as a
+/// string (`"3"`, `" 3"`). Every decoder of such a field reads it through [`coded`], so that
+/// two of them cannot disagree about one row (a `"5"` read as CompletedWillRetry by one and as
+/// no status at all by another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coded<'a> {
+    /// A whole number, or a string holding one (white space around it ignored).
+    Number(i64),
+    /// Any other string, without the white space around it; names are compared without regard
+    /// to case.
+    Name(&'a str),
+    /// Absent, null, a fraction, a number past `i64`, or neither a number nor a string.
+    Unreadable,
+}
+
+/// Reads a JobHistory enum field (see [`Coded`]); `None` is a field the row does not have.
+fn coded(value: Option<&Value>) -> Coded<'_> {
+    match value {
+        Some(Value::Number(n)) => n.as_i64().map_or(Coded::Unreadable, Coded::Number),
+        Some(Value::String(s)) => {
+            let s = s.trim();
+            s.parse::<i64>().map_or(Coded::Name(s), Coded::Number)
+        }
+        _ => Coded::Unreadable,
+    }
 }
 
 /// JobHistory `Status` 5, CompletedWillRetry (`reference/keyfactor.md` §3.1), by name or number:
 /// the run failed and Command rescheduled it.
-fn will_retry(value: &Value) -> bool {
-    match value {
-        Value::Number(n) => n.as_i64() == Some(5),
-        Value::String(s) => s.eq_ignore_ascii_case("completedwillretry") || s.trim() == "5",
-        _ => false,
+fn will_retry(value: Option<&Value>) -> bool {
+    match coded(value) {
+        Coded::Number(n) => n == 5,
+        Coded::Name(name) => name.eq_ignore_ascii_case("completedwillretry"),
+        Coded::Unreadable => false,
     }
 }
 
@@ -407,40 +438,38 @@ fn operation_type_of(job_type: &str) -> OperationType {
     }
 }
 
-/// Keyfactor's JobHistory `Status`: 3 Completed, 4 Acknowledged and 5 CompletedWillRetry are
-/// finished; 0 Unknown, 1 Waiting and 2 InProcess are not. Names or numbers.
-fn status(value: &Value) -> Status {
-    let finished = match value {
-        Value::Number(n) => matches!(n.as_i64(), Some(3..=5)),
-        Value::String(s) => ["completed", "acknowledged", "completedwillretry"]
-            .contains(&s.to_ascii_lowercase().as_str()),
-        _ => false,
-    };
-    if finished {
-        Status::Finished
-    } else {
-        Status::Unfinished
+/// Keyfactor's JobHistory `Status` (`reference/keyfactor.md` §3.1): 3 Completed,
+/// 4 Acknowledged and 5 CompletedWillRetry are finished; 0 Unknown, 1 Waiting and 2 InProcess
+/// are not; names or numbers ([`coded`]). Anything else is [`Status::Unreadable`].
+fn status(value: Option<&Value>) -> Status {
+    const FINISHED: [&str; 3] = ["completed", "acknowledged", "completedwillretry"];
+    const UNFINISHED: [&str; 3] = ["unknown", "waiting", "inprocess"];
+    match coded(value) {
+        Coded::Number(3..=5) => Status::Finished,
+        Coded::Number(0..=2) => Status::Unfinished,
+        Coded::Name(name) if FINISHED.iter().any(|f| name.eq_ignore_ascii_case(f)) => {
+            Status::Finished
+        }
+        Coded::Name(name) if UNFINISHED.iter().any(|u| name.eq_ignore_ascii_case(u)) => {
+            Status::Unfinished
+        }
+        Coded::Number(_) | Coded::Name(_) | Coded::Unreadable => Status::Unreadable,
     }
 }
 
-fn job_result(value: &Value) -> JobResult {
-    match value {
-        Value::Number(n) => n
-            .as_i64()
-            .map_or(JobResult::Unknown, JobResult::from_number),
-        Value::String(s) => {
-            let s = s.to_ascii_lowercase();
-            match s.as_str() {
-                "success" => JobResult::Success,
-                "warning" => JobResult::Warning,
-                "failure" => JobResult::Failure,
-                "inprocess" => JobResult::InProcess,
-                other => other
-                    .parse::<i64>()
-                    .map_or(JobResult::Unknown, JobResult::from_number),
-            }
-        }
-        _ => JobResult::Unknown,
+/// Keyfactor's JobHistory `Result` (`reference/keyfactor.md` §3.1), names or numbers
+/// ([`coded`]); an unknown name or number is Unknown, as in a context Keyfactor gives.
+fn job_result(value: Option<&Value>) -> JobResult {
+    match coded(value) {
+        Coded::Number(n) => JobResult::from_number(n),
+        Coded::Name(name) => match name.to_ascii_lowercase().as_str() {
+            "success" => JobResult::Success,
+            "warning" => JobResult::Warning,
+            "failure" => JobResult::Failure,
+            "inprocess" => JobResult::InProcess,
+            _ => JobResult::Unknown,
+        },
+        Coded::Unreadable => JobResult::Unknown,
     }
 }
 
@@ -477,7 +506,7 @@ fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobCont
         client_machine: string(row, "AgentMachine")
             .or_else(|| string(row, "ClientMachine"))
             .unwrap_or_default(),
-        job_result: job_result(row.get("Result").unwrap_or(&Value::Null)),
+        job_result: job_result(row.get("Result")),
         job_id: guid(row, "JobId")?,
         job_type,
         job_type_id,
@@ -1036,10 +1065,7 @@ impl Poller {
                         let read_again = from.is_none_or(|from| {
                             operation_start(row).is_some_and(|start| start >= from)
                         });
-                        if read_again
-                            && status(row.get("Status").unwrap_or(&Value::Null))
-                                == Status::Unfinished
-                        {
+                        if read_again && status(row.get("Status")) != Status::Finished {
                             unfinished.insert(id);
                         }
                     }
@@ -1209,7 +1235,7 @@ impl Poller {
                 continue;
             }
             let started = start_of(row, now);
-            let finished = status(row.get("Status").unwrap_or(&Value::Null)) == Status::Finished;
+            let finished = status(row.get("Status")) == Status::Finished;
             if cursor.below_floor(id) {
                 // The floor stands for jobs done before it was set (history, not events). One
                 // still running when met was not done then: it is taken out of the floor and
@@ -1558,7 +1584,7 @@ fn retry_chain(
         {
             continue;
         }
-        if !will_retry(row.get("Status").unwrap_or(&Value::Null)) {
+        if !will_retry(row.get("Status")) {
             break;
         }
         count = count.saturating_add(1);
@@ -1679,14 +1705,68 @@ mod tests {
 
     #[test]
     fn statuses_and_results_by_name_or_number() {
-        assert_eq!(status(&json!("Completed")), Status::Finished);
-        assert_eq!(status(&json!(5)), Status::Finished);
-        assert_eq!(status(&json!("InProcess")), Status::Unfinished);
-        assert_eq!(status(&json!(2)), Status::Unfinished);
-        assert_eq!(status(&Value::Null), Status::Unfinished);
-        assert_eq!(job_result(&json!("Failure")), JobResult::Failure);
-        assert_eq!(job_result(&json!(3)), JobResult::Warning);
-        assert_eq!(job_result(&json!("nonsense")), JobResult::Unknown);
+        let status = |v: Value| status(Some(&v));
+        let job_result = |v: Value| job_result(Some(&v));
+        assert_eq!(status(json!("Completed")), Status::Finished);
+        assert_eq!(status(json!(5)), Status::Finished);
+        assert_eq!(status(json!("InProcess")), Status::Unfinished);
+        assert_eq!(status(json!(2)), Status::Unfinished);
+        assert_eq!(job_result(json!("Failure")), JobResult::Failure);
+        assert_eq!(job_result(json!(3)), JobResult::Warning);
+        assert_eq!(job_result(json!("nonsense")), JobResult::Unknown);
+    }
+
+    /// A number written as a string is the number for every decoder of a row: `Status` "3" is
+    /// Completed (it was read as no status at all, and held the poller for a day, while
+    /// `will_retry` read "5" and `job_result` read "3"), with white space around it too; what
+    /// is neither a documented name nor a documented number is unreadable, not unfinished.
+    #[test]
+    fn numbers_written_as_strings_read_alike_in_status_result_and_retry() {
+        for (text, finished, retry, result) in [
+            ("3", Status::Finished, false, JobResult::Warning),
+            (" 3", Status::Finished, false, JobResult::Warning),
+            ("4 ", Status::Finished, false, JobResult::Failure),
+            ("5", Status::Finished, true, JobResult::Unknown),
+            ("2", Status::Unfinished, false, JobResult::Success),
+            ("0", Status::Unfinished, false, JobResult::Unknown),
+        ] {
+            let value = json!(text);
+            assert_eq!(status(Some(&value)), finished, "{text:?}");
+            assert_eq!(will_retry(Some(&value)), retry, "{text:?}");
+            assert_eq!(job_result(Some(&value)), result, "{text:?}");
+            let number: i64 = text.trim().parse().expect("digits");
+            let as_number = json!(number);
+            assert_eq!(status(Some(&as_number)), finished, "{number}");
+            assert_eq!(will_retry(Some(&as_number)), retry, "{number}");
+            assert_eq!(job_result(Some(&as_number)), result, "{number}");
+        }
+        assert_eq!(
+            status(Some(&json!(" completedwillretry "))),
+            Status::Finished
+        );
+        assert!(will_retry(Some(&json!(" CompletedWillRetry"))));
+        assert_eq!(job_result(Some(&json!(" success "))), JobResult::Success);
+        for unreadable in [
+            json!(null),
+            json!("Bogus"),
+            json!("9"),
+            json!(9),
+            json!(-1),
+            json!(3.5),
+            json!("3.0"),
+            json!(true),
+            json!([3]),
+            json!({"Status": 3}),
+        ] {
+            assert_eq!(
+                status(Some(&unreadable)),
+                Status::Unreadable,
+                "{unreadable}"
+            );
+            assert!(!will_retry(Some(&unreadable)), "{unreadable}");
+        }
+        assert_eq!(status(None), Status::Unreadable);
+        assert_eq!(job_result(None), JobResult::Unknown);
     }
 
     #[test]
