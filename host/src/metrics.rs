@@ -109,6 +109,7 @@ pub struct Metrics {
     log_drops: LogDrops,
     poller_failures: Counter,
     poller_last_success: Gauge,
+    poller_held_since: Gauge,
     reload_successful: Gauge,
     reload_last_success: Gauge,
     retention_deleted: Counter,
@@ -299,6 +300,14 @@ impl Metrics {
             "When this node's JobHistory poller last completed a poll (Unix time; 0: never)",
             poller_last_success.clone(),
         );
+        let poller_held_since = Gauge::default();
+        registry.register(
+            "jobhook_poller_held_since_timestamp_seconds",
+            "OperationStart of the unfinished JobHistory job this node's poller waits at: no \
+             later job becomes an event until it finishes or is older than [poller] \
+             stale_after_ms (Unix time; 0: it waits for none)",
+            poller_held_since.clone(),
+        );
         let retention_deleted = Counter::default();
         registry.register(
             "jobhook_retention_deleted_events",
@@ -344,6 +353,7 @@ impl Metrics {
         Metrics {
             poller_failures,
             poller_last_success,
+            poller_held_since,
             reload_successful,
             reload_last_success,
             retention_deleted,
@@ -467,6 +477,13 @@ impl Metrics {
         self.poller_last_success.set(at.timestamp());
     }
 
+    /// Records the `OperationStart` of the unfinished job the poller waits at after a poll that
+    /// read to its end, or that it waits for none (`None`: 0).
+    pub fn poller_held(&self, since: Option<chrono::DateTime<chrono::Utc>>) {
+        self.poller_held_since
+            .set(since.map_or(0, |since| since.timestamp()));
+    }
+
     /// Sets the forwarder gauges: how many are known, and the quietest one's silence.
     pub fn forwarders(&self, known: usize, max_silence_seconds: f64) {
         self.forwarders
@@ -576,6 +593,7 @@ mod tests {
             "jobhook_connections_timed_out_total{phase=\"idle\"} 0",
             "jobhook_poller_failures_total 0",
             "jobhook_poller_last_success_timestamp_seconds 0",
+            "jobhook_poller_held_since_timestamp_seconds 0",
             "jobhook_config_last_reload_successful 1",
             "jobhook_retention_deleted_events_total 0",
         ] {

@@ -1465,3 +1465,98 @@ async fn failed_polls_say_what_the_server_said_and_show_in_metrics() {
     let at = poller_metric(&f, "jobhook_poller_last_success_timestamp_seconds");
     assert!((at - Utc::now().timestamp() as f64).abs() < 30.0, "{at}");
 }
+
+/// One unfinished job holds every later poller event until it ends or is older than
+/// `stale_after_ms` (a day by default). While it does, the log says which job it waits at, when
+/// it started and when `stale_after_ms` lets it go (once per 10 minutes, not once per poll), and
+/// `/metrics` shows the job's start: the poller looked healthy for up to a day, every poll
+/// succeeding. A `Status` the poller cannot read is warned of as such at once, however young
+/// the row; one written as a digit string is read as the number.
+#[tokio::test]
+async fn a_poller_held_by_an_unfinished_or_unreadable_row_says_so() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let pw = f.dir.path().join("pw");
+    let held_metric = "jobhook_poller_held_since_timestamp_seconds";
+    let started = now - Age::hours(2);
+    let history = |status: &str, result: &str| {
+        vec![
+            row(1, status, result, started),
+            row(2, "Completed", "Success", now - Age::minutes(1)),
+            row(3, "Completed", "Failure", now),
+        ]
+    };
+    let s = standin(history("InProcess", "Unknown")).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    let (log, guard) = captured_log();
+    for _ in 0..3 {
+        let report = poller.poll_once().await.expect("poll");
+        assert_eq!(report.events, 0);
+        assert_eq!(
+            report.held_since.map(|t| t.timestamp()),
+            Some(started.timestamp())
+        );
+    }
+    let text = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+    assert_eq!(
+        lines_with(&log, "waits at a job that has not finished"),
+        1,
+        "{text}"
+    );
+    let released = (started + Age::days(1)).format("%Y-%m-%dT%H:%M:%S");
+    for says in [
+        "job_history_id=1".to_owned(),
+        format!("operation_start={}", started.format("%Y-%m-%dT%H:%M:%S")),
+        format!("until {released} UTC, when [poller] stale_after_ms skips it"),
+    ] {
+        assert!(text.contains(&says), "{says} missing from {text}");
+    }
+    assert_eq!(
+        poller_metric(&f, held_metric),
+        started.timestamp() as f64,
+        "the gauge shows the held job's start"
+    );
+    drop(guard);
+
+    // The job finishes: it and the two it held become events, and the gauge goes back to 0.
+    let s = standin(history("Completed", "Failure")).await;
+    let poller = f.poller(client(&s, &pw, &s.credentials().password), config(10, true));
+    assert_eq!(poll_all(&poller).await, 3);
+    assert_eq!(poller_metric(&f, held_metric), 0.0);
+
+    // A Status of "3" is Completed; "Bogus" cannot be read: it is warned of at once (the row
+    // is a minute old) and waited for as unfinished, and the warning says so.
+    let odd = Fixture::new().await;
+    let mut digits = row(10, "Completed", "Success", now - Age::minutes(3));
+    digits["Status"] = json!("3");
+    let mut bogus = row(11, "Completed", "Success", now - Age::minutes(2));
+    bogus["Status"] = json!("Bogus\u{1b}[2J");
+    let s = standin(vec![
+        digits,
+        bogus,
+        row(12, "Completed", "Success", now - Age::minutes(1)),
+    ])
+    .await;
+    let poller = odd.poller(
+        client(&s, &odd.dir.path().join("pw"), &s.credentials().password),
+        config(10, true),
+    );
+    let (log, _guard) = captured_log();
+    let report = poller.poll_once().await.expect("poll");
+    assert_eq!(report.events, 1, "10 only: {report:?}");
+    assert!(report.cursor.seen.contains_key(&10), "{report:?}");
+    let text = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+    assert_eq!(lines_with(&log, "Status cannot be read"), 1, "{text}");
+    for says in [
+        "job_history_id=11",
+        "its Status is \"Bogus\\u{1b}[2J\", which Command does not document",
+        "it is taken as unfinished",
+    ] {
+        assert!(text.contains(says), "{says} missing from {text}");
+    }
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert_eq!(
+        poller_metric(&odd, held_metric),
+        (now - Age::minutes(2)).timestamp() as f64
+    );
+}

@@ -12,7 +12,9 @@
 //! events, so a restart neither loses nor repeats a job. The cursor stops before the first row
 //! that is not finished yet (it is read again on the next poll), unless that row is older than
 //! `stale_after_ms`, in which case it is skipped with a warning so that one job that never
-//! completes cannot stall the poller. The cursor's position never moves past the poll's own time,
+//! completes cannot stall the poller. While it waits, a warning (once the job has run
+//! [`HOLD_NOTICE`], at once for a `Status` it cannot read) and the
+//! `jobhook_poller_held_since_timestamp_seconds` gauge say so ([`Poller::notice_hold`]). The cursor's position never moves past the poll's own time,
 //! whatever start a row claims ([`CLOCK_SLACK`]). API errors back off exponentially. With several
 //! engine nodes on one shared store, only the node holding the store's `poller` leadership polls.
 //!
@@ -95,6 +97,14 @@ pub const LATE_NOTICE: chrono::Duration = chrono::Duration::minutes(5);
 /// malformed rows on every poll, would otherwise write a line per row, millions of them; the
 /// warning says how many it stood for.
 const NOTICE_EVERY: Duration = Duration::from_secs(600);
+
+/// How long an unfinished job must have run before the poller, waiting at it, warns that it is
+/// held ([`NOTICE_EVERY`] apart). Jobs that run minutes are ordinary (an inventory of a large
+/// store, a re-enrollment waiting on a CA: [`MIN_STALE_AFTER`]), and a warning for each would
+/// be noise on any busy site; half an hour is longer than orchestrator jobs run, and short
+/// against the day `stale_after_ms` waits by default before it skips the job. The
+/// `jobhook_poller_held_since_timestamp_seconds` gauge shows every wait from its start.
+pub const HOLD_NOTICE: chrono::Duration = chrono::Duration::minutes(30);
 
 /// Times one job's earlier-runs lookup (`CurrentRetryCount`, `RequestTimestamp`) may fail, each
 /// failing its poll, before the poller stops waiting for it: a passing error leaves the poll to
@@ -457,6 +467,21 @@ fn status(value: Option<&Value>) -> Status {
     }
 }
 
+/// What makes a `Status` [`Status::Unreadable`], in words for the log: whether it is missing or
+/// null, or the name or number given (quoted, escaped and cut: it is the server's text).
+fn status_problem(value: Option<&Value>) -> String {
+    match (value, coded(value)) {
+        (None, _) => "the row has no Status".to_owned(),
+        (Some(Value::Null), _) => "its Status is null".to_owned(),
+        (_, Coded::Number(n)) => format!("its Status is {n}, which Command does not document"),
+        (_, Coded::Name(name)) => format!(
+            "its Status is {}, which Command does not document",
+            crate::excerpt::quoted(name)
+        ),
+        (_, Coded::Unreadable) => "its Status is neither a whole number nor a name".to_owned(),
+    }
+}
+
 /// Keyfactor's JobHistory `Result` (`reference/keyfactor.md` §3.1), names or numbers
 /// ([`coded`]); an unknown name or number is Unknown, as in a context Keyfactor gives.
 fn job_result(value: Option<&Value>) -> JobResult {
@@ -767,6 +792,9 @@ pub struct PollReport {
     pub more: bool,
     /// The cursor after the poll.
     pub cursor: Cursor,
+    /// The `OperationStart` of the unfinished job the poll stopped at (waiting for it to
+    /// finish, or to be older than `stale_after_ms`); `None` when it stopped at none.
+    pub held_since: Option<DateTime<Utc>>,
 }
 
 /// Polls JobHistory and commits events.
@@ -804,6 +832,8 @@ struct SkipNotices {
     lookup: LogLimit,
     before_bound: LogLimit,
     missing_newest: LogLimit,
+    held: LogLimit,
+    unreadable_status: LogLimit,
 }
 
 impl Default for SkipNotices {
@@ -818,6 +848,8 @@ impl Default for SkipNotices {
             lookup: LogLimit::new(NOTICE_EVERY),
             before_bound: LogLimit::new(NOTICE_EVERY),
             missing_newest: LogLimit::new(NOTICE_EVERY),
+            held: LogLimit::new(NOTICE_EVERY),
+            unreadable_status: LogLimit::new(NOTICE_EVERY),
         }
     }
 }
@@ -1093,6 +1125,7 @@ impl Poller {
                     events: 0,
                     more: false,
                     cursor,
+                    held_since: None,
                 });
             }
         };
@@ -1108,6 +1141,7 @@ impl Poller {
         let page_size = self.config.page_size as usize;
         let mut events = Vec::new();
         let mut more = false;
+        let mut held_since = None;
         let last_page = max_pages(self.config.page_size);
         for page in 1..=last_page {
             let rows = self.page(from, page).await?;
@@ -1131,8 +1165,8 @@ impl Poller {
                     query_time(whole_second(bound))
                 )));
             }
-            let stopped = self.events_from(&rows, &mut cursor, &mut events, from, Utc::now());
-            if stopped || !full_page {
+            held_since = self.events_from(&rows, &mut cursor, &mut events, from, Utc::now());
+            if held_since.is_some() || !full_page {
                 break;
             }
             if events.len() >= page_size || page == last_page {
@@ -1163,16 +1197,23 @@ impl Poller {
         if cursor != before {
             self.commit(complete, &cursor).await?;
         }
+        let more = more && cursor != before;
+        // A poll cut short by the page limit has not reached the job it may wait at: the gauge
+        // keeps what the last poll that read to its end found.
+        if !more {
+            self.dispatcher.metrics().poller_held(held_since);
+        }
         Ok(PollReport {
             events: count,
-            more: more && cursor != before,
+            more,
             cursor,
+            held_since,
         })
     }
 
     /// Adds the events for `rows` (oldest first) not yet handled to `events`, recording them in
-    /// `cursor` (pruned once, after the page); returns whether it stopped at an unfinished row
-    /// that is not stale.
+    /// `cursor` (pruned once, after the page); when it stopped at an unfinished row that is not
+    /// stale, that row's `OperationStart`.
     fn events_from(
         &self,
         rows: &[Value],
@@ -1180,7 +1221,7 @@ impl Poller {
         events: &mut Vec<Pending>,
         from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
-    ) -> bool {
+    ) -> Option<DateTime<Utc>> {
         let stopped = self.events_from_rows(rows, cursor, events, from, now);
         cursor.prune();
         stopped
@@ -1193,7 +1234,7 @@ impl Poller {
         events: &mut Vec<Pending>,
         from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
-    ) -> bool {
+    ) -> Option<DateTime<Utc>> {
         let registry = self.dispatcher.registry();
         let stale_after = chrono::Duration::milliseconds(
             i64::try_from(self.config.stale_after_ms).unwrap_or(i64::MAX),
@@ -1274,7 +1315,8 @@ impl Poller {
                 };
                 let stale = now - began > stale_after;
                 if !stale {
-                    return true;
+                    self.notice_hold(id, row.get("Status"), began, now, stale_after);
+                    return Some(began);
                 }
                 if let Some(quiet) = self.skips.stale.due() {
                     tracing::warn!(
@@ -1313,7 +1355,54 @@ impl Poller {
             }
             cursor.record_unpruned(id, start, now);
         }
-        false
+        None
+    }
+
+    /// Logs the unfinished row a poll stopped at, `began` at its `OperationStart`: at once when
+    /// its `Status` cannot be read (it is waited for as unfinished: a job still running must
+    /// not become an event before it ends, and a row read as finished too early would lose its
+    /// real outcome), otherwise once it has run longer than [`HOLD_NOTICE`]; each at most every
+    /// [`NOTICE_EVERY`]. Either names the row, its start and when `stale_after_ms` releases it:
+    /// without it a held poller looked healthy for up to a day, every poll succeeding.
+    fn notice_hold(
+        &self,
+        id: i64,
+        status_value: Option<&Value>,
+        began: DateTime<Utc>,
+        now: DateTime<Utc>,
+        stale_after: chrono::Duration,
+    ) {
+        let released_at = began
+            .checked_add_signed(stale_after)
+            .map_or_else(|| "never".to_owned(), |t| format!("{} UTC", query_time(t)));
+        if status(status_value) == Status::Unreadable {
+            if let Some(quiet) = self.skips.unreadable_status.due() {
+                tracing::warn!(
+                    job_history_id = id,
+                    operation_start = %query_time(began),
+                    more_since_last_warning = quiet,
+                    "a JobHistory row's Status cannot be read ({}); it is taken as unfinished, so \
+                     that a job still running does not become an event before it ends, and the \
+                     poller waits at it: no later job becomes an event until its Status reads \
+                     as finished, or until {released_at}, when [poller] stale_after_ms skips it",
+                    status_problem(status_value)
+                );
+            }
+            return;
+        }
+        if now - began > HOLD_NOTICE
+            && let Some(quiet) = self.skips.held.due()
+        {
+            tracing::warn!(
+                job_history_id = id,
+                operation_start = %query_time(began),
+                more_since_last_warning = quiet,
+                "the JobHistory poller waits at a job that has not finished after {} min: no \
+                 later job becomes an event until it finishes, or until {released_at}, when \
+                 [poller] stale_after_ms skips it",
+                (now - began).num_minutes()
+            );
+        }
     }
 
     /// Warns when the first page for `OperationStart -ge from` holds none of the jobs the cursor
