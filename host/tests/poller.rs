@@ -1170,7 +1170,8 @@ fn lines_with(log: &std::sync::Mutex<Vec<u8>>, text: &str) -> usize {
 /// A server that ignores `pq.returnLimit` and sends thousands of rows without ids on every
 /// page: each page is read to the page size only, and the log gets one line for each kind of
 /// trouble however often it recurs, not one per row (a hostile server once made a poller write
-/// a gigabyte of warnings in 20 seconds).
+/// a gigabyte of warnings in 20 seconds). It ignores `pq.pageReturned` as well, so each poll
+/// fails at its second page, which is the first again.
 #[tokio::test]
 async fn a_server_sending_more_rows_than_asked_and_rows_without_ids_costs_bounded_log() {
     let f = Fixture::new().await;
@@ -1186,11 +1187,14 @@ async fn a_server_sending_more_rows_than_asked_and_rows_without_ids_costs_bounde
     let poller = f.poller(client_of(url, &f.dir.path().join("pw")), config(10, true));
     let (log, _guard) = captured_log();
     for _ in 0..3 {
-        let report = poller.poll_once().await.expect("poll");
-        assert_eq!(report.events, 0);
+        let error = poller.poll_once().await.expect_err("page 2 is page 1");
+        assert!(
+            error.to_string().contains("ignores pq.pageReturned"),
+            "{error}"
+        );
     }
     let pages = requests.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(pages >= 3, "{pages} pages read");
+    assert_eq!(pages, 6, "two pages a poll");
     assert_eq!(lines_with(&log, "more rows than asked"), 1);
     assert_eq!(lines_with(&log, "without a JobHistoryId"), 1);
     assert_eq!(
@@ -1559,4 +1563,54 @@ async fn a_poller_held_by_an_unfinished_or_unreadable_row_says_so() {
         poller_metric(&odd, held_metric),
         (now - Age::minutes(2)).timestamp() as f64
     );
+}
+
+/// A server (or a gateway in front of Command) that honours `pq.returnLimit` but ignores
+/// `pq.pageReturned` answers every page with the first. The poller delivered that page, then
+/// on every later poll read all 2,002 pages it may read, back to back, found nothing new, and
+/// never moved on, saying nothing. The second page now fails the poll, naming the parameter,
+/// after two requests.
+#[tokio::test]
+async fn a_server_ignoring_page_returned_fails_the_poll_after_two_pages() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let rows: Vec<Value> = (1..=12)
+        .map(|id| row(id, "Completed", "Success", now - Age::minutes(13 - id)))
+        .collect();
+    let pages = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&pages);
+    let (url, _) = unlike_command_with(move |params| {
+        let query = params.get("pq.queryString").map_or("", String::as_str);
+        if query.contains("JobId -eq") {
+            return (200, "[]".into());
+        }
+        counted.fetch_add(1, Ordering::SeqCst);
+        let limit = params
+            .get("pq.returnLimit")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(50);
+        let first: Vec<&Value> = rows.iter().take(limit).collect();
+        (200, serde_json::to_string(&first).expect("JSON"))
+    })
+    .await;
+    let poller = f.poller(client_of(url, &f.dir.path().join("pw")), config(5, true));
+    let report = poller.poll_once().await.expect("the first page");
+    assert_eq!((report.events, report.more), (5, true));
+    assert_eq!(pages.load(Ordering::SeqCst), 1);
+    let error = poller
+        .poll_once()
+        .await
+        .expect_err("page 2 is page 1")
+        .to_string();
+    assert!(
+        error.contains("answered page 2 with page 1's rows: it ignores pq.pageReturned"),
+        "{error}"
+    );
+    assert_eq!(
+        pages.load(Ordering::SeqCst),
+        3,
+        "pages 1 and 2 of the second poll"
+    );
+    assert_eq!(f.events(), 5);
 }

@@ -38,7 +38,7 @@
 //! Beside the context, the row's `Message` (why a job failed, as the orchestrator reported it)
 //! goes with the event for `delivery.message` ([`message_of`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -777,6 +777,59 @@ impl AgentCache {
     }
 }
 
+/// The pages one poll has read so far, to tell a server that does not page as asked: one that
+/// ignores `pq.pageReturned` (not Command, but a gateway or proxy in front of it that drops the
+/// parameter, or a server that reads only an un-prefixed `PageReturned`) answers every page
+/// with the first. Read as it comes, such a server stalled the poller for good — the first page
+/// never changes, since the cursor never moves past it — at [`max_pages`] requests a poll, back
+/// to back (2,002 at `page_size = 5`).
+#[derive(Debug, Default)]
+struct Paging {
+    /// The rows of the page read last.
+    previous: Vec<Value>,
+    /// The `JobHistoryId`s of every page read so far: at most [`max_pages`] pages of
+    /// `page_size` rows, some 12,000 ids.
+    ids: HashSet<i64>,
+}
+
+impl Paging {
+    /// Takes in page `page`, or fails the poll when it repeats what this poll has read: every
+    /// row with a `JobHistoryId` already on an earlier page, or, with no id on it, the page
+    /// before row for row. Command answers a page that is partly the one before only when rows
+    /// moved while they were read (a row committed late, with an earlier start); a poll that
+    /// fails on that is retried.
+    fn repeated(&mut self, page: u32, rows: &[Value]) -> Result<(), PollError> {
+        let ids: Vec<i64> = rows
+            .iter()
+            .filter_map(|row| row.get("JobHistoryId").and_then(Value::as_i64))
+            .collect();
+        let repeats = page > 1
+            && !rows.is_empty()
+            && if ids.is_empty() {
+                rows == self.previous.as_slice()
+            } else {
+                ids.iter().all(|id| self.ids.contains(id))
+            };
+        if repeats {
+            let what = if rows == self.previous.as_slice() {
+                format!("page {}'s rows", page - 1)
+            } else {
+                "rows of earlier pages only".to_owned()
+            };
+            return Err(PollError::Answer(format!(
+                "{JOB_HISTORY}: the server answered page {page} with {what}: it ignores \
+                 pq.pageReturned (is [keyfactor] base_url Command's API, without a proxy or \
+                 gateway that drops query parameters?), or rows moved between pages while they \
+                 were read; the poller cannot page through JobHistory, and stops this poll \
+                 rather than ask for every page"
+            )));
+        }
+        self.ids.extend(ids);
+        self.previous = rows.to_vec();
+        Ok(())
+    }
+}
+
 /// A row handled in this poll, with what the context needs from other rows.
 struct Pending {
     event: NewEvent,
@@ -1108,8 +1161,10 @@ impl Poller {
                 // gives ties — so that a job running in it is known to be unfinished even when
                 // it is not on the newest page.
                 if let Some(from) = from {
+                    let mut paging = Paging::default();
                     for page in 1..=max_pages(self.config.page_size) {
                         let rows = self.page(Some(from), page).await?;
+                        paging.repeated(page, &rows)?;
                         take(&rows);
                         if rows.len() < self.config.page_size as usize {
                             break;
@@ -1143,8 +1198,10 @@ impl Poller {
         let mut more = false;
         let mut held_since = None;
         let last_page = max_pages(self.config.page_size);
+        let mut paging = Paging::default();
         for page in 1..=last_page {
             let rows = self.page(from, page).await?;
+            paging.repeated(page, &rows)?;
             if page == 1 {
                 self.notice_missing_newest(&rows, &cursor, from);
             }
@@ -1856,6 +1913,42 @@ mod tests {
         }
         assert_eq!(status(None), Status::Unreadable);
         assert_eq!(job_result(None), JobResult::Unknown);
+    }
+
+    /// A page is a repeat when all its rows with ids were on earlier pages of the poll (or,
+    /// without ids, it is the page before); a page that shares a row with the one before, as
+    /// when a late row shifts the pages, is not; page 1 and an empty page never are.
+    #[test]
+    fn a_page_repeating_earlier_pages_fails_the_poll() {
+        let ids = |ids: &[i64]| -> Vec<Value> {
+            ids.iter().map(|id| json!({"JobHistoryId": id})).collect()
+        };
+        let mut paging = Paging::default();
+        assert!(paging.repeated(1, &ids(&[1, 2, 3])).is_ok());
+        assert!(paging.repeated(2, &ids(&[3, 4, 5])).is_ok(), "a shift");
+        let e = paging
+            .repeated(3, &ids(&[3, 4, 5]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("answered page 3 with page 2's rows: it ignores pq.pageReturned"),
+            "{e}"
+        );
+        let e = paging.repeated(3, &ids(&[1, 5])).unwrap_err().to_string();
+        assert!(
+            e.contains("answered page 3 with rows of earlier pages only"),
+            "{e}"
+        );
+        assert!(paging.repeated(3, &[]).is_ok());
+
+        let mut paging = Paging::default();
+        assert!(paging.repeated(1, &ids(&[1])).is_ok());
+        assert!(paging.repeated(1, &ids(&[1])).is_ok(), "page 1 again");
+        let anonymous = vec![json!({}), json!({})];
+        let mut paging = Paging::default();
+        assert!(paging.repeated(1, &anonymous).is_ok());
+        assert!(paging.repeated(2, &anonymous).is_err());
+        assert!(paging.repeated(3, &[json!({"x": 1})]).is_ok());
     }
 
     #[test]
