@@ -1614,3 +1614,72 @@ async fn a_server_ignoring_page_returned_fails_the_poll_after_two_pages() {
     );
     assert_eq!(f.events(), 5);
 }
+
+/// A server that ignores `pq.sortAscending` answers the newest rows first. The poller moved
+/// its position to them, stopped at an older unfinished job, and its next query's lower bound
+/// then left the older jobs out for good: two of five jobs were delivered, and nothing said
+/// why. Rows out of `OperationStart` order now fail the poll, committing nothing; once the
+/// server answers in order, every job becomes an event.
+#[tokio::test]
+async fn rows_out_of_start_order_fail_the_poll_and_lose_nothing() {
+    let now = Utc::now();
+    let f = Fixture::new().await;
+    let history = |third: &str| {
+        vec![
+            row(1, "Completed", "Success", now - Age::seconds(2200)),
+            row(2, "Completed", "Success", now - Age::seconds(2100)),
+            row(3, third, "Failure", now - Age::seconds(2000)),
+            row(4, "Completed", "Success", now - Age::seconds(60)),
+            row(5, "Completed", "Success", now - Age::seconds(50)),
+        ]
+    };
+    // What the server holds, and whether it answers newest first.
+    let state = Arc::new(std::sync::Mutex::new((history("InProcess"), true)));
+    let answers = Arc::clone(&state);
+    let (url, _) = unlike_command_with(move |params| {
+        let query = params.get("pq.queryString").map_or("", String::as_str);
+        if query.contains("JobId -eq") {
+            return (200, "[]".into());
+        }
+        let (rows, reversed) = &*answers.lock().expect("state");
+        let from = query
+            .split('"')
+            .nth(1)
+            .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S").ok());
+        let mut answer: Vec<&Value> = rows
+            .iter()
+            .filter(|row| {
+                from.is_none_or(|from| {
+                    row["OperationStart"].as_str().expect("start")
+                        >= from.format("%Y-%m-%dT%H:%M:%S").to_string().as_str()
+                })
+            })
+            .collect();
+        if *reversed {
+            answer.reverse();
+        }
+        (200, serde_json::to_string(&answer).expect("JSON"))
+    })
+    .await;
+    let poller = f.poller(client_of(url, &f.dir.path().join("pw")), config(10, true));
+    let error = poller
+        .poll_once()
+        .await
+        .expect_err("newest first")
+        .to_string();
+    assert!(
+        error.contains(
+            "the server answered rows out of OperationStart order (JobHistoryId 4 starts at"
+        ) && error.contains("it ignores pq.sortField or pq.sortAscending"),
+        "{error}"
+    );
+    assert_eq!(f.events(), 0);
+    assert_eq!(f.cursor(), None, "nothing committed");
+
+    // In order: 1 and 2, then the poller waits at 3; once 3 has finished, 3, 4 and 5.
+    state.lock().expect("state").1 = false;
+    assert_eq!(poll_all(&poller).await, 2);
+    state.lock().expect("state").0 = history("Completed");
+    assert_eq!(poll_all(&poller).await, 3);
+    assert_eq!(f.events(), 5, "every job once");
+}

@@ -790,6 +790,8 @@ struct Paging {
     /// The `JobHistoryId`s of every page read so far: at most [`max_pages`] pages of
     /// `page_size` rows, some 12,000 ids.
     ids: HashSet<i64>,
+    /// The latest `OperationStart` read so far, with its row's `JobHistoryId`.
+    latest: Option<(Option<i64>, DateTime<Utc>)>,
 }
 
 impl Paging {
@@ -826,6 +828,41 @@ impl Paging {
         }
         self.ids.extend(ids);
         self.previous = rows.to_vec();
+        Ok(())
+    }
+
+    /// Fails the poll when a row starts before one read before it in this poll (rows without a
+    /// readable start are not compared): the query asks for ascending `OperationStart`, and the
+    /// cursor relies on it — it moves to each row's start as it goes, so rows answered out of
+    /// order (a server that ignores `pq.sortAscending` or `pq.sortField`) would leave the
+    /// earlier ones behind its next query's lower bound, never to be read. One comparison a row.
+    fn in_order(&mut self, rows: &[Value]) -> Result<(), PollError> {
+        for row in rows {
+            let Some(start) = operation_start(row) else {
+                continue;
+            };
+            let id = row.get("JobHistoryId").and_then(Value::as_i64);
+            if let Some((before_id, before)) = self.latest
+                && start < before
+            {
+                let name = |id: Option<i64>| {
+                    id.map_or("a row without an id".to_owned(), |id| {
+                        format!("JobHistoryId {id}")
+                    })
+                };
+                return Err(PollError::Answer(format!(
+                    "{JOB_HISTORY}: the server answered rows out of OperationStart order ({} \
+                     starts at {}, after {} starting at {}): it ignores pq.sortField or \
+                     pq.sortAscending, and the poller, which moves on by OperationStart, would \
+                     pass over the earlier rows for good; nothing of this poll is committed",
+                    name(id),
+                    query_time(start),
+                    name(before_id),
+                    query_time(before)
+                )));
+            }
+            self.latest = Some((id, start));
+        }
         Ok(())
     }
 }
@@ -1202,6 +1239,7 @@ impl Poller {
         for page in 1..=last_page {
             let rows = self.page(from, page).await?;
             paging.repeated(page, &rows)?;
+            paging.in_order(&rows)?;
             if page == 1 {
                 self.notice_missing_newest(&rows, &cursor, from);
             }
@@ -1949,6 +1987,42 @@ mod tests {
         assert!(paging.repeated(1, &anonymous).is_ok());
         assert!(paging.repeated(2, &anonymous).is_err());
         assert!(paging.repeated(3, &[json!({"x": 1})]).is_ok());
+    }
+
+    /// Starts may repeat and rows without a readable start are passed over, but a start
+    /// before one read earlier in the poll, on this page or an earlier one, fails the poll.
+    #[test]
+    fn rows_are_checked_to_come_in_start_order_across_pages() {
+        let at = |id: i64, start: &str| json!({"JobHistoryId": id, "OperationStart": start});
+        let mut paging = Paging::default();
+        assert!(
+            paging
+                .in_order(&[
+                    at(1, "2023-05-06T00:27:00"),
+                    at(2, "2023-05-06T00:27:00"),
+                    json!({"JobHistoryId": 3}),
+                    at(4, "not a time"),
+                    at(5, "2023-05-06T00:28:00"),
+                ])
+                .is_ok()
+        );
+        assert!(paging.in_order(&[at(6, "2023-05-06T00:28:00")]).is_ok());
+        let e = paging
+            .in_order(&[at(7, "2023-05-06T00:29:00"), at(8, "2023-05-06T00:27:59")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "out of OperationStart order (JobHistoryId 8 starts at 2023-05-06T00:27:59, \
+                 after JobHistoryId 7 starting at 2023-05-06T00:29:00)"
+            ),
+            "{e}"
+        );
+        let e = paging
+            .in_order(&[json!({"OperationStart": "2023-05-06T00:00:00"})])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(a row without an id starts at"), "{e}");
     }
 
     #[test]
