@@ -25,7 +25,7 @@
 //! |--------------------|-------------------------------------------------------------------|
 //! | AgentId            | `GET /Agents`: the agent whose `ClientMachine` is the row's `AgentMachine`, the one seen last (`LastSeen`) when several share the name (cached, [`AGENT_CACHE_TTL`]); nil when unknown or unreadable |
 //! | Username           | that agent's `Username`, otherwise empty                          |
-//! | ClientMachine      | `AgentMachine` (the orchestrator's name), else `ClientMachine`    |
+//! | ClientMachine      | `AgentMachine` (the orchestrator's name), else empty ([`agent_machine`]) |
 //! | JobResult          | `Result` (number or name)                                         |
 //! | JobId              | `JobId`                                                           |
 //! | JobType            | `JobType`                                                         |
@@ -518,6 +518,16 @@ fn message_of(row: &Value) -> Option<String> {
     Delivery::job_message(row.get("Message")?.as_str()?)
 }
 
+/// The orchestrator that ran the row's job: its `AgentMachine`, which is what a context's
+/// `ClientMachine` names (`reference/keyfactor.md` §1.2, "Orchestrator name"). Never the row's
+/// own `ClientMachine`: in JobHistory that is the certificate store's host (`iistarget…` beside
+/// `AgentMachine` `orchestrator…` in Keyfactor's sample trace, §5.1), so a handler would be told
+/// the wrong machine, and `GET /Agents` would be searched by a store's host. `None` when the row
+/// has none, or only white space.
+fn agent_machine(row: &Value) -> Option<String> {
+    string(row, "AgentMachine").filter(|machine| !machine.trim().is_empty())
+}
+
 /// Turns a finished JobHistory row into a job context (see the module table).
 fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobContext> {
     let job_type = string(row, "JobType").unwrap_or_default();
@@ -528,9 +538,7 @@ fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobCont
     Some(JobContext {
         agent_id: guid(row, "AgentId").unwrap_or(Uuid::nil()),
         username: string(row, "Username").unwrap_or_default(),
-        client_machine: string(row, "AgentMachine")
-            .or_else(|| string(row, "ClientMachine"))
-            .unwrap_or_default(),
+        client_machine: agent_machine(row).unwrap_or_default(),
         job_result: job_result(row.get("Result")),
         job_id: guid(row, "JobId")?,
         job_type,
@@ -924,6 +932,7 @@ struct SkipNotices {
     missing_newest: LogLimit,
     held: LogLimit,
     unreadable_status: LogLimit,
+    no_agent_machine: LogLimit,
 }
 
 impl Default for SkipNotices {
@@ -940,6 +949,7 @@ impl Default for SkipNotices {
             missing_newest: LogLimit::new(NOTICE_EVERY),
             held: LogLimit::new(NOTICE_EVERY),
             unreadable_status: LogLimit::new(NOTICE_EVERY),
+            no_agent_machine: LogLimit::new(NOTICE_EVERY),
         }
     }
 }
@@ -1427,6 +1437,17 @@ impl Poller {
             // is not late, however far before the position it started.
             let position = cursor.since.filter(|_| !cursor.unfinished.contains(&id));
             self.notice_clock(id, start, position, now);
+            if agent_machine(row).is_none()
+                && let Some(quiet) = self.skips.no_agent_machine.due()
+            {
+                tracing::warn!(
+                    job_history_id = id,
+                    more_since_last_warning = quiet,
+                    "a JobHistory row names no AgentMachine: its context's ClientMachine stays \
+                     empty and its AgentId and Username are not looked up (the row's own \
+                     ClientMachine is the certificate store's host, not the orchestrator)"
+                );
+            }
             match context_of(row, &self.job_types) {
                 Some(context) => events.push(Pending {
                     event: NewEvent {
@@ -1611,7 +1632,10 @@ impl Poller {
                 }
             }
         }
+        // Without the orchestrator's name there is nothing to look up: an empty name would
+        // only match an agent listed without one.
         if event.context.agent_id.is_nil()
+            && !event.context.client_machine.is_empty()
             && let Some((id, username)) = self.agent(&event.context.client_machine).await
         {
             event.context.agent_id = id;
@@ -2047,6 +2071,34 @@ mod tests {
         assert_eq!(c.agent_id, Uuid::nil());
         assert!(c.request_timestamp.is_some());
         assert!(context_of(&json!({"JobHistoryId": 1}), &job_types).is_none());
+    }
+
+    /// A row without an orchestrator name gets an empty `ClientMachine`, never the row's own
+    /// `ClientMachine`, which in JobHistory is the certificate store's host.
+    #[test]
+    fn a_row_without_agent_machine_leaves_client_machine_empty() {
+        let job_types = BTreeMap::new();
+        let base = json!({"JobHistoryId": 2168, "JobId": "0b4b411a-2a4c-4c55-9d0e-4f4c8e0f5a01",
+            "JobType": "WinCertInventory", "OperationStart": "2023-05-06T00:27:00",
+            "Result": "Success", "Status": "Completed", "ClientMachine": "iistarget.kftrain.lab"});
+        for agent_machine in [
+            None,
+            Some(Value::Null),
+            Some(json!("")),
+            Some(json!("  ")),
+            Some(json!(7)),
+        ] {
+            let mut row = base.clone();
+            if let Some(value) = agent_machine.clone() {
+                row["AgentMachine"] = value;
+            }
+            let c = context_of(&row, &job_types).expect("a context");
+            assert_eq!(c.client_machine, "", "{agent_machine:?}");
+        }
+        let mut row = base;
+        row["AgentMachine"] = json!("orchestrator.kftrain.lab");
+        let c = context_of(&row, &job_types).expect("a context");
+        assert_eq!(c.client_machine, "orchestrator.kftrain.lab");
     }
 
     #[test]
