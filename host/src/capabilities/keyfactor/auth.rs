@@ -637,13 +637,85 @@ fn refusal_advice(status: reqwest::StatusCode) -> &'static str {
 }
 
 /// The fields of a token response the engine uses (RFC 6749 §5.1).
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Eq)]
 struct TokenResponse {
     access_token: String,
-    #[serde(default)]
     token_type: Option<String>,
-    #[serde(default)]
     expires_in: Option<u64>,
+}
+
+impl TokenResponse {
+    /// Reads a token response, or says which field is wrong and how, in words for the log —
+    /// never the value, which for `access_token` is the credential itself. `expires_in` may be
+    /// a number or a string holding one: Microsoft's v1 endpoint (Azure AD v1, AD FS) writes
+    /// `"3599"`, and Go's `golang.org/x/oauth2`, which Keyfactor's own tools use, takes both.
+    /// A null `token_type` or `expires_in` is one left out.
+    fn parse(body: &[u8]) -> Result<TokenResponse, String> {
+        let value: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|_| "the token response is not JSON".to_owned())?;
+        let serde_json::Value::Object(fields) = value else {
+            return Err("the token response is not a JSON object".to_owned());
+        };
+        let field = |name: &str| fields.get(name).filter(|v| !v.is_null());
+        let access_token = match field("access_token") {
+            None => return Err("the token response has no access_token".to_owned()),
+            Some(serde_json::Value::String(token)) => token.clone(),
+            Some(_) => return Err("the token response's access_token is not a string".to_owned()),
+        };
+        let token_type = match field("token_type") {
+            None => None,
+            Some(serde_json::Value::String(kind)) => Some(kind.clone()),
+            Some(_) => return Err("the token response's token_type is not a string".to_owned()),
+        };
+        let expires_in = field("expires_in")
+            .map(seconds)
+            .transpose()
+            .map_err(|problem| format!("the token response's expires_in {problem}"))?;
+        Ok(TokenResponse {
+            access_token,
+            token_type,
+            expires_in,
+        })
+    }
+}
+
+/// `expires_in` as a number of seconds: a whole number, written as a JSON number (`3599`, or
+/// `3599.0`) or as a string holding one (`"3599"`, white space around it ignored); past
+/// `u64::MAX` it is read as that ([`token_lifetime`] holds it to a day anyway). Otherwise what
+/// is wrong with it: negative, a fraction, or not a number at all.
+fn seconds(value: &serde_json::Value) -> Result<u64, &'static str> {
+    let whole = |n: f64| {
+        if !n.is_finite() {
+            Err("is not a number of seconds")
+        } else if n < 0.0 {
+            Err("is negative")
+        } else if n.fract() != 0.0 {
+            Err("is not a whole number of seconds")
+        } else {
+            // Saturates past u64::MAX.
+            Ok(n as u64)
+        }
+    };
+    match value {
+        serde_json::Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(n), _) => Ok(n),
+            (None, Some(n)) => whole(n),
+            (None, None) => Err("is not a number of seconds"),
+        },
+        serde_json::Value::String(text) => {
+            let text = text.trim();
+            if let Ok(n) = text.parse::<u64>() {
+                Ok(n)
+            } else if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                Ok(u64::MAX)
+            } else {
+                text.parse::<f64>()
+                    .map_err(|_| "is a string that is not a number of seconds")
+                    .and_then(whole)
+            }
+        }
+        _ => Err("is neither a number nor a string holding one"),
+    }
 }
 
 /// An error response from the token endpoint (RFC 6749 §5.2); only `error` is logged.
@@ -806,8 +878,8 @@ impl OAuth2 {
                 retry_after,
             });
         }
-        let token: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
-            tracing::warn!(token_url = %self.token_url, "the token response is not the expected JSON (access_token, expires_in)");
+        let token = TokenResponse::parse(&body).map_err(|problem| {
+            tracing::warn!(token_url = %self.token_url, "{problem}");
             unavailable()
         })?;
         if let Some(kind) = &token.token_type
@@ -1116,6 +1188,136 @@ mod tests {
              Connection: close\r\n\r\n{body}",
             body.len()
         )
+    }
+
+    /// A 200 token response with `body` as it is.
+    fn token_body(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// `expires_in` as Microsoft's v1 endpoint and AD FS write it, a string, is read like the
+    /// number (the whole token was refused, and with it every Keyfactor call); so is a whole
+    /// number written as a float. A value refused names the field and its problem, never the
+    /// value (a negative `expires_in` was called "not the expected JSON (access_token,
+    /// expires_in)", though both were there).
+    #[test]
+    fn a_token_response_reads_expires_in_as_a_number_or_a_string_holding_one() {
+        let with = |expires_in: &str| {
+            TokenResponse::parse(
+                format!(
+                    r#"{{"access_token":"tok","token_type":"Bearer","expires_in":{expires_in}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        for (expires_in, seconds) in [
+            ("3599", Some(3599)),
+            ("\"3599\"", Some(3599)),
+            ("\" 3599 \"", Some(3599)),
+            ("3599.0", Some(3599)),
+            ("\"3599.0\"", Some(3599)),
+            ("0", Some(0)),
+            ("null", None),
+            ("\"99999999999999999999999\"", Some(u64::MAX)),
+            ("1e300", Some(u64::MAX)),
+        ] {
+            assert_eq!(
+                with(expires_in).map(|t| t.expires_in),
+                Ok(seconds),
+                "{expires_in}"
+            );
+        }
+        assert_eq!(
+            TokenResponse::parse(br#"{"access_token":"tok"}"#),
+            Ok(TokenResponse {
+                access_token: "tok".into(),
+                token_type: None,
+                expires_in: None
+            })
+        );
+        for (expires_in, says) in [
+            ("-5", "is negative"),
+            ("\"-5\"", "is negative"),
+            ("-3599.0", "is negative"),
+            ("3599.5", "is not a whole number of seconds"),
+            ("\"3599.5\"", "is not a whole number of seconds"),
+            ("\"soon\"", "is a string that is not a number of seconds"),
+            ("\"\"", "is a string that is not a number of seconds"),
+            ("\"inf\"", "is not a number of seconds"),
+            ("true", "is neither a number nor a string holding one"),
+            ("[3599]", "is neither a number nor a string holding one"),
+        ] {
+            let e = with(expires_in).expect_err(expires_in);
+            assert_eq!(e, format!("the token response's expires_in {says}"));
+        }
+        // The other fields: named, and the access token never quoted.
+        for (body, says) in [
+            (
+                r#"{"access_token": 987654321}"#,
+                "the token response's access_token is not a string",
+            ),
+            (
+                r#"{"access_token": null, "expires_in": 3599}"#,
+                "the token response has no access_token",
+            ),
+            (
+                r#"{"expires_in": 3599}"#,
+                "the token response has no access_token",
+            ),
+            (
+                r#"{"access_token":"tok","token_type":["Bearer"]}"#,
+                "the token response's token_type is not a string",
+            ),
+            (r#"["tok"]"#, "the token response is not a JSON object"),
+            (
+                "access_token=tok&expires_in=3599",
+                "the token response is not JSON",
+            ),
+        ] {
+            assert_eq!(
+                TokenResponse::parse(body.as_bytes()),
+                Err(says.to_owned()),
+                "{body}"
+            );
+        }
+    }
+
+    /// Through the identity provider: a token whose `expires_in` is a string is fetched and
+    /// used; one whose `expires_in` is negative is refused, and the log names the field.
+    #[tokio::test]
+    async fn a_token_with_expires_in_as_a_string_is_used() {
+        let (port, _) = token_endpoint(|_| {
+            token_body(
+                r#"{"access_token":"goodtoken123456","expires_in":"3599","token_type":"Bearer","ext_expires_in":"3599","expires_on":"1700000000"}"#,
+            )
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let auth = oauth_on_loopback(port, dir.path());
+        let http = reqwest::Client::new();
+        let header = auth.authorization(&http).await.expect("a token");
+        assert_eq!(header.to_str().ok(), Some("Bearer goodtoken123456"));
+
+        let (port, _) =
+            token_endpoint(|_| token_body(r#"{"access_token":"secret-token-9","expires_in":-5}"#))
+                .await;
+        let auth = oauth_on_loopback(port, dir.path());
+        let kept = crate::log_capture::Captured::default();
+        let _guard = tracing::subscriber::set_default(kept.warnings());
+        assert!(auth.authorization(&http).await.is_err());
+        let text = kept.text();
+        assert!(
+            text.contains("the token response's expires_in is negative"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("secret-token-9") && !text.contains("-5"),
+            "{text}"
+        );
     }
 
     /// A refusal with `status` and, when given, `Retry-After` (seconds).
