@@ -563,6 +563,10 @@ async fn api_errors_leave_the_cursor_alone() {
         .expect_err("401 is an error")
         .to_string();
     assert!(error.contains("401"), "{error}");
+    assert!(
+        error.contains("the Keyfactor API refused the credential: check [keyfactor.auth]"),
+        "{error}"
+    );
     assert!(!error.contains("wrong-password"), "{error}");
     assert_eq!(f.cursor(), None);
     assert_eq!(f.events(), 0);

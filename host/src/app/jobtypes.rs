@@ -338,17 +338,12 @@ fn call_failed(path: &str, error: &CapabilityError) -> String {
 }
 
 /// What an answer other than 2xx says: for a redirection where it pointed (`location`) and that
-/// it is not followed, for 401 and 403 the setting that holds the credential, and the start of
-/// the body when there is one.
+/// it is not followed, for 401 and 403 what to check
+/// ([`refusal_hint`](crate::capabilities::keyfactor::refusal_hint), as the poller says it), and
+/// the start of the body when there is one. Keyfactor's documentation, as far as the reference
+/// goes, names no permission for the lists read here, so none is named.
 fn refused(path: &str, status: u16, body: &str, location: Option<&str>) -> String {
-    let setting = match status {
-        401 => "; the Keyfactor API refused the credential: check [keyfactor.auth]",
-        403 => {
-            "; the Keyfactor API refused this account the list: check [keyfactor.auth] and the \
-             account's permissions in Command"
-        }
-        _ => "",
-    };
+    let setting = crate::capabilities::keyfactor::refusal_hint(status, None);
     let redirect = if (300..400).contains(&status) {
         crate::capabilities::keyfactor::redirect_note(location)
     } else {

@@ -339,7 +339,11 @@ pub enum PollError {
     #[error("GET failed: {0}")]
     Call(String),
     /// The Keyfactor API answered with an error status.
-    #[error("GET {path} answered {status}{}: {body}", status_note(*.status, .location.as_deref(), *.retry_after))]
+    #[error(
+        "GET {path} answered {status}{}: {body}{}",
+        status_note(*.status, .location.as_deref(), *.retry_after),
+        refusal_hint(path, *.status)
+    )]
     Status {
         /// The path asked for.
         path: String,
@@ -382,6 +386,18 @@ fn status_note(status: u16, location: Option<&str>, retry_after: Option<Duration
         ));
     }
     note
+}
+
+/// The permission `GET OrchestratorJobs/JobHistory` needs in Command, as Keyfactor documents it
+/// (`reference/keyfactor.md` §5.1 and §6: the sample handler's README, and the API reference).
+const JOB_HISTORY_PERMISSION: &str =
+    "JobHistory needs the Agent Management Read permission, /agents/management/read/";
+
+/// What a 401 or 403 answer to `path` adds: what to check, worded as `jobhook job-types` words
+/// it ([`crate::capabilities::keyfactor::refusal_hint`]), with the permission JobHistory needs.
+fn refusal_hint(path: &str, status: u16) -> String {
+    let permission = (path == JOB_HISTORY).then_some(JOB_HISTORY_PERMISSION);
+    crate::capabilities::keyfactor::refusal_hint(status, permission)
 }
 
 /// A JobHistory row's status, as far as the poller cares.
@@ -2047,6 +2063,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("(a row without an id starts at"), "{e}");
+    }
+
+    /// A 401 or 403 answer says what to check, in the words `jobhook job-types` uses, and for
+    /// JobHistory the permission it needs; other statuses add nothing.
+    #[test]
+    fn refusals_say_what_to_check() {
+        let error = |path: &str, status: u16| {
+            PollError::Status {
+                path: path.to_owned(),
+                status,
+                body: "Unauthorized".to_owned(),
+                location: None,
+                retry_after: None,
+            }
+            .to_string()
+        };
+        let e = error(JOB_HISTORY, 401);
+        assert!(
+            e.starts_with(
+                "GET OrchestratorJobs/JobHistory answered 401: Unauthorized; the Keyfactor \
+                 API refused the credential: check [keyfactor.auth] (with kind = \"basic\", Basic \
+                 authentication must be enabled on the KeyfactorAPI application in IIS)"
+            ),
+            "{e}"
+        );
+        let e = error(JOB_HISTORY, 403);
+        assert!(
+            e.ends_with(
+                "check [keyfactor.auth] and the account's permissions in Command \
+                 (JobHistory needs the Agent Management Read permission, \
+                 /agents/management/read/)"
+            ),
+            "{e}"
+        );
+        let e = error(AGENTS, 403);
+        assert!(e.ends_with("the account's permissions in Command"), "{e}");
+        for status in [400, 404, 500] {
+            assert!(!error(JOB_HISTORY, status).contains("[keyfactor.auth]"));
+        }
     }
 
     #[test]

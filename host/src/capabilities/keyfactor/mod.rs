@@ -804,6 +804,28 @@ pub fn redirect_note(location: Option<&str>) -> String {
     )
 }
 
+/// What an answer of 401 or 403 from the Keyfactor API adds to its error, for the operator: for
+/// 401 the setting that holds the credential, and what makes IIS refuse a right one (Basic
+/// authentication not enabled on the `KeyfactorAPI` application: docs/CAPABILITIES.md); for 403
+/// that setting and the account's permissions in Command, with `permission` — the one the call
+/// needs, where Keyfactor documents it — in parentheses. Empty for any other status.
+/// `jobhook job-types` and the JobHistory poller both say it, so that their words cannot drift
+/// apart.
+pub fn refusal_hint(status: u16, permission: Option<&str>) -> String {
+    match status {
+        401 => "; the Keyfactor API refused the credential: check [keyfactor.auth] (with kind = \
+                \"basic\", Basic authentication must be enabled on the KeyfactorAPI application \
+                in IIS)"
+            .to_owned(),
+        403 => format!(
+            "; the Keyfactor API refused this account the request: check [keyfactor.auth] and \
+             the account's permissions in Command{}",
+            permission.map_or_else(String::new, |p| format!(" ({p})"))
+        ),
+        _ => String::new(),
+    }
+}
+
 /// A base no `Location` names: a relative reference resolved against it keeps its host only if
 /// it names none.
 const RELATIVE_PROBE: &str = "https://relative.invalid/";
