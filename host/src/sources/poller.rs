@@ -1010,11 +1010,13 @@ impl Poller {
         let interval = Duration::from_millis(self.config.interval_ms);
         let mut backoff = interval;
         loop {
+            let metrics = self.dispatcher.metrics();
             if !self.leads().await {
+                // The node that leads shows what holds the poller; this one waits for nothing.
+                metrics.poller_held(None);
                 tokio::time::sleep(interval).await;
                 continue;
             }
-            let metrics = self.dispatcher.metrics();
             match crate::caught::caught(self.poll_once()).await {
                 Ok(Ok(report)) => {
                     metrics.polled(Utc::now());
