@@ -14,9 +14,12 @@
 //! `stale_after_ms`, in which case it is skipped with a warning so that one job that never
 //! completes cannot stall the poller. While it waits, a warning (once the job has run
 //! [`HOLD_NOTICE`], at once for a `Status` it cannot read) and the
-//! `jobhook_poller_held_since_timestamp_seconds` gauge say so ([`Poller::notice_hold`]). The cursor's position never moves past the poll's own time,
-//! whatever start a row claims ([`CLOCK_SLACK`]). API errors back off exponentially. With several
-//! engine nodes on one shared store, only the node holding the store's `poller` leadership polls.
+//! `jobhook_poller_held_since_timestamp_seconds` gauge say so ([`Poller::notice_hold`]). The
+//! cursor's position never moves past the poll's own time, whatever start a row claims
+//! ([`CLOCK_SLACK`]). A server that answers a later page with earlier rows (it ignores
+//! `pq.pageReturned`) or rows out of `OperationStart` order fails the poll ([`Paging`]). API
+//! errors back off exponentially. With several engine nodes on one shared store, only the node
+//! holding the store's `poller` leadership polls.
 //!
 //! How the context is filled (a JobHistory row has fewer fields than the context a Keyfactor
 //! extension receives; README "JobHistory poller" says what stays approximate):
