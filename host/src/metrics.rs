@@ -54,9 +54,16 @@ struct PhaseLabels {
 pub const EVENT_SOURCES: [&str; 2] = ["api", "poller"];
 
 /// The reasons `jobhook_ingest_store_failures_total` counts (`sources::api`'s answers when the
-/// store cannot commit an event).
-pub const STORE_FAILURE_REASONS: [&str; 5] =
-    ["disk-full", "read-only", "unreachable", "timeout", "error"];
+/// store cannot commit an event), and `/healthz` names (`sources::store_health::reason_of`):
+/// a fixed set, so that no store's words ever become a label. Its help text lists them.
+pub const STORE_FAILURE_REASONS: [&str; 6] = [
+    "disk-full",
+    "read-only",
+    "unreachable",
+    "refused",
+    "timeout",
+    "error",
+];
 
 /// The caps `jobhook_connections_refused_total` counts by (`connections::Refusal::setting`).
 pub const CONNECTION_CAPS: [&str; 2] = ["max_connections", "max_connections_per_client"];
@@ -588,6 +595,10 @@ mod tests {
             "jobhook_events_unrouted_total{source=\"poller\"} 0",
             "jobhook_ingest_store_failures_total{reason=\"disk-full\"} 0",
             "jobhook_ingest_store_failures_total{reason=\"timeout\"} 0",
+            "jobhook_ingest_store_failures_total{reason=\"refused\"} 0",
+            "# HELP jobhook_ingest_store_failures Ingest requests answered 503 because the store \
+             could not commit the event, by reason (disk-full, read-only, unreachable, refused, \
+             timeout, error).",
             "jobhook_connections_refused_total{reason=\"max_connections_per_client\"} 0",
             "jobhook_connections_evicted_total 0",
             "jobhook_connections_timed_out_total{phase=\"idle\"} 0",

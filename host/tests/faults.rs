@@ -11,6 +11,9 @@
 //! - the PostgreSQL server restarts under load: ingest answers 503 while it is down (within a
 //!   bounded time, never hanging), the node reconnects by itself, and every event that got a
 //!   202 is delivered exactly once;
+//! - the PostgreSQL server refuses the engine (a password changed on the server): ingest
+//!   answers 503 saying so at once, `/healthz` and the metric give `refused`, and the log has
+//!   the server's words and what to check;
 //! - the network to the PostgreSQL server goes silent (an address taken off the loopback
 //!   interface: no reset, no answer): ingest answers 503 in bounded time, the node gives up the
 //!   connections the silence holds, and accepts events soon after the network returns;
@@ -1502,6 +1505,96 @@ fn a_postgres_restart_under_load_is_refused_with_503_and_the_node_reconnects_by_
          {reconnected_in:?} after it came back; {} events checked, {reruns} deliveries re-run; \
          driver: {report}",
         accepted.len()
+    );
+}
+
+/// How long, at most, ingest takes to answer once the PostgreSQL server has refused the pool's
+/// latest attempt to connect and the pool holds no connection: the store's wait for a
+/// connection then (`REFUSED_POOL_WAIT`, 0.5 s) and the request's own round trip, well short of
+/// the 4 s the pool waits when the server may yet answer.
+const REFUSED_ANSWER_BOUND: Duration = Duration::from_secs(2);
+
+/// A PostgreSQL server that refuses the engine once its sessions are gone — the role's password
+/// changed on the server and not yet in `[store] password` — is told as refused, not as out of
+/// reach: ingest answers 503 saying the server refused the engine's connection, without the
+/// whole wait for a connection; `/healthz` and the ingest metric give `refused`; the engine's
+/// log carries the server's words and what to check.
+#[test]
+fn a_postgres_server_that_refuses_the_engine_is_told_as_refused_in_its_words() {
+    let Some((db, _dir, engine)) = engine_on_private_postgres() else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::new();
+    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+    assert_eq!(status, 202, "{body}\n{}", engine.log_text());
+
+    let role = jobhook_testkit::postgres::ROLE;
+    db.query(&format!(
+        "ALTER ROLE {role} PASSWORD 'changed-on-the-server'"
+    ))
+    .expect("change the password");
+    db.query(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{role}'"
+    ))
+    .expect("end the engine's sessions");
+
+    // The sessions the pool held fail their next use before the pool connects anew and is
+    // refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) =
+            runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+        let said = body["error"].as_str().unwrap_or_default();
+        if status == 503 && said.contains("refused the engine's connection") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never told refused: {status} {body}\n{}",
+            engine.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let began = Instant::now();
+    let (status, body) = runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+    let answered_in = began.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body["error"],
+        "the event was not accepted: the store's database server refused the engine's \
+         connection (the engine's log says why); retry later",
+        "{body}"
+    );
+    assert!(
+        answered_in < REFUSED_ANSWER_BOUND,
+        "refused after {answered_in:?}, more than {REFUSED_ANSWER_BOUND:?}"
+    );
+    runtime.block_on(assert_store_refusing(&client, &engine.url, "refused"));
+    let (_, metrics) = runtime.block_on(get(&client, &engine.url, "/metrics"));
+    let refused = jobhook_testkit::metric_value(
+        &metrics,
+        "jobhook_ingest_store_failures_total{reason=\"refused\"}",
+    );
+    assert!(refused.is_some_and(|n| n > 0.0), "{metrics}");
+    // Failed commits are logged once per 10 s: the first, as the sessions ended, may have
+    // taken the line; the refusals' comes with the next line due.
+    let said = "cannot commit an event: the store's database server refused the engine's \
+                connection: FATAL: password authentication failed";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !engine.log_text().contains(said) {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal in the log:\n{}",
+            engine.log_text()
+        );
+        runtime.block_on(post_event(&client, &engine.url, &sample_context_json()));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        engine.log_text().contains("check [store] password"),
+        "{}",
+        engine.log_text()
     );
 }
 

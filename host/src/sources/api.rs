@@ -964,6 +964,11 @@ mod tests {
                 "the event was not accepted: the store's database cannot be reached; retry later",
             ),
             (
+                StoreError::Refused("FATAL: password authentication failed".into()),
+                "the event was not accepted: the store's database server refused the engine's \
+                 connection (the engine's log says why); retry later",
+            ),
+            (
                 StoreError::NoAnswer(String::new()),
                 "the event was not accepted: the store did not answer in time; retry later (with \
                  the same Idempotency-Key: the commit may still complete)",

@@ -63,6 +63,7 @@ pub fn reason_of(e: &StoreError) -> &'static str {
         StoreError::DiskFull(_) => "disk-full",
         StoreError::ReadOnly(_) => "read-only",
         StoreError::Unreachable(_) => "unreachable",
+        StoreError::Refused(_) => "refused",
         StoreError::NoAnswer(_) => "timeout",
         _ => "error",
     }

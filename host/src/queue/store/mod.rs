@@ -61,6 +61,16 @@ pub enum StoreError {
     /// connects again by itself once the server answers.
     #[error("the store's database cannot be reached: {0}")]
     Unreachable(String),
+    /// The store's database server answered the engine's connection with a refusal of its own
+    /// (PostgreSQL): a password that no longer matches, a role or host it does not admit, every
+    /// connection slot of the role, the database or the server taken, a database that does not
+    /// exist or that the role may not connect to. Told apart from
+    /// [`Unreachable`](Self::Unreachable) because the cure differs: the server is there and
+    /// said why, and someone must change a setting (the message says which) before a
+    /// connection is admitted again. Nothing was committed; the pool tries again by itself,
+    /// so the same call succeeds once the cause is gone.
+    #[error("the store's database server refused the engine's connection: {0}")]
+    Refused(String),
     /// The store took the work (or a connection to it stands) and then did not answer in time:
     /// a frozen database server, a disk that stopped, every pooled connection held by
     /// statements that have not finished. Told apart from [`Unreachable`](Self::Unreachable)
@@ -101,9 +111,9 @@ pub const SOURCE_POLLER: &str = "poller";
 
 impl StoreError {
     /// Whether the whole store is failing for a reason that passes without anyone changing the
-    /// data — the disk is full, the database is read-only, the server cannot be reached — so
-    /// that the same call succeeds later
-    /// without anyone changing the data. Any other error (a refused transition, unreadable
+    /// data — the disk is full, the database is read-only, the server cannot be reached or
+    /// refuses the engine's connections — so that the same call succeeds later without anyone
+    /// changing the data. Any other error (a refused transition, unreadable
     /// data, an error the database reported about this statement) stays as it is.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -111,19 +121,24 @@ impl StoreError {
             StoreError::DiskFull(_)
                 | StoreError::ReadOnly(_)
                 | StoreError::Unreachable(_)
+                | StoreError::Refused(_)
                 | StoreError::NoAnswer(_)
         )
     }
 
     /// The failure in words a client of the API may be told and an operator can act on,
     /// without the database's own message (a file path or a server address is no business of
-    /// the client's; the log has it): the four conditions that pass by themselves are named,
-    /// anything else is "the store failed".
+    /// the client's; the log has it): the five conditions that pass once their cause is gone
+    /// are named, anything else is "the store failed".
     pub fn plain_cause(&self) -> &'static str {
         match self {
             StoreError::DiskFull(_) => "the store is out of disk space",
             StoreError::ReadOnly(_) => "the store takes no writes (read-only)",
             StoreError::Unreachable(_) => "the store's database cannot be reached",
+            StoreError::Refused(_) => {
+                "the store's database server refused the engine's connection (the engine's log \
+                 says why)"
+            }
             StoreError::NoAnswer(_) => "the store did not answer in time",
             _ => "the store failed",
         }
@@ -137,6 +152,7 @@ impl StoreError {
             StoreError::DiskFull(why) => StoreError::DiskFull(why.clone()),
             StoreError::ReadOnly(why) => StoreError::ReadOnly(why.clone()),
             StoreError::Unreachable(why) => StoreError::Unreachable(why.clone()),
+            StoreError::Refused(why) => StoreError::Refused(why.clone()),
             StoreError::NoAnswer(why) => StoreError::NoAnswer(why.clone()),
             // Said once: not "store database error: store database error: …".
             StoreError::Database(why) => StoreError::Database(why.clone()),
@@ -879,6 +895,7 @@ mod tests {
             StoreError::DiskFull("database or disk is full".into()),
             StoreError::ReadOnly("attempt to write a readonly database".into()),
             StoreError::Unreachable("connection refused".into()),
+            StoreError::Refused("password authentication failed".into()),
             StoreError::NoAnswer("timed out".into()),
         ] {
             assert_eq!(error.for_each_call().to_string(), error.to_string());

@@ -71,6 +71,15 @@ pub const POOL_SIZE: u32 = 8;
 /// ([`LastConnect`]), as the commit timeout's is.
 pub const POOL_WAIT: Duration = Duration::from_secs(4);
 
+/// How long a store call waits for a connection, instead of [`POOL_WAIT`], when the pool holds
+/// none and the database server refused its latest attempt to make one (a wrong password, no
+/// connection slot left, no such database: [`StoreError::Refused`]). Only a new connection can
+/// serve the call then, and the server has said it admits none until someone changes a
+/// setting: waiting the whole [`POOL_WAIT`] held every ingest request 4 s for the same answer.
+/// The pool keeps trying to connect meanwhile (each of its pending connections every 2 s at
+/// most), and a call that finds one made within this wait takes it.
+pub const REFUSED_POOL_WAIT: Duration = Duration::from_millis(500);
+
 /// How long establishing one connection may take, unless the URL sets `connect_timeout`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -301,10 +310,16 @@ enum PgError {
     /// The server or the connection reported an error.
     #[error("{}", describe(.0))]
     Db(#[from] postgres::Error),
-    /// No connection became free in time, and the pool's latest attempt to connect was
-    /// refused or failed: the server cannot be reached.
-    #[error("no database connection within {POOL_WAIT:?}: {0}")]
-    Pool(r2d2::Error),
+    /// No connection became free in time, and the pool's latest attempt to connect failed
+    /// without an answer from the server (nothing listens, the address is wrong, the server is
+    /// starting or stopping): the server cannot be reached. The attempt's error, as the pool's
+    /// own keeps it for one waiter only ([`LastConnect`]).
+    #[error("no database connection within {POOL_WAIT:?}; the latest attempt to connect: {0}")]
+    Pool(String),
+    /// No connection became free in time, and the server answered the pool's latest attempt to
+    /// connect with a refusal ([`refusal_advice`]): its error and what to check.
+    #[error("{0}")]
+    Refused(String),
     /// No connection became free in time, and nothing refused one: every pooled connection is
     /// held by a statement the server has not answered, and any new one is still being set up
     /// (see [`LastConnect`]).
@@ -361,6 +376,7 @@ impl From<PgError> for StoreError {
         match e {
             PgError::Corrupt(message) => StoreError::Corrupt(message),
             PgError::Pool(_) => StoreError::Unreachable(e.to_string()),
+            PgError::Refused(why) => StoreError::Refused(why),
             PgError::PoolNoAnswer(_) | PgError::ConnectStalled(_) => {
                 StoreError::NoAnswer(e.to_string())
             }
@@ -374,6 +390,9 @@ impl From<PgError> for StoreError {
                     StoreError::ReadOnly(e.to_string())
                 }
                 Some(db) if server_unavailable(db.code()) => StoreError::Unreachable(e.to_string()),
+                // A connection the server refused (the leadership session's, made outside the
+                // pool).
+                Some(db) if refusal_advice(db).is_some() => StoreError::Refused(refused(error)),
                 // The statement waited past the session's `lock_timeout` (a row another session
                 // holds locked) or `statement_timeout`: the store did not answer this write in
                 // time; the same write may well succeed later, so it is tried again rather than
@@ -395,6 +414,59 @@ impl From<PgError> for StoreError {
 fn did_not_answer_in_time(code: &postgres::error::SqlState) -> bool {
     use postgres::error::SqlState;
     [SqlState::LOCK_NOT_AVAILABLE, SqlState::QUERY_CANCELED].contains(code)
+}
+
+/// What to check when the server refused a connection with `db`, its error; `None` when `db`
+/// is no such refusal. A refusal ends the session before it began (severity FATAL) for a reason
+/// that stays until someone changes a setting — unlike a server starting up or shutting down
+/// ([`server_unavailable`]), which passes by itself.
+fn refusal_advice(db: &postgres::error::DbError) -> Option<String> {
+    use postgres::error::SqlState;
+    if db.severity() != "FATAL" {
+        return None;
+    }
+    let code = db.code();
+    let advice = if [
+        SqlState::INVALID_PASSWORD,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+    ]
+    .contains(code)
+    {
+        "check [store] password and the user in [store] url against the role on the server, \
+         and that its pg_hba.conf admits this host (a new password is read at the engine's \
+         start: restart it once [store] password holds it)"
+            .to_owned()
+    } else if code == &SqlState::TOO_MANY_CONNECTIONS {
+        format!(
+            "every connection slot is taken: check the role's and the database's CONNECTION \
+             LIMIT and the server's max_connections against the nodes (each uses up to {}), and \
+             what else holds connections (pg_stat_activity)",
+            POOL_SIZE + 1
+        )
+    } else if code == &SqlState::UNDEFINED_DATABASE {
+        "check the database name in [store] url: it does not exist on that server (dropped or \
+         renamed?)"
+            .to_owned()
+    } else if code == &SqlState::INSUFFICIENT_PRIVILEGE {
+        "the role may not connect to that database: GRANT CONNECT ON DATABASE to it, or check \
+         the user in [store] url"
+            .to_owned()
+    } else if code == &SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE {
+        "the database does not accept connections now (ALTER DATABASE … ALLOW_CONNECTIONS, or \
+         it is being dropped)"
+            .to_owned()
+    } else {
+        return None;
+    };
+    Some(advice)
+}
+
+/// The words for a connection the server refused: its error and what to check.
+fn refused(e: &postgres::Error) -> String {
+    match e.as_db_error().and_then(refusal_advice) {
+        Some(advice) => format!("{}; {advice}", describe(e)),
+        None => describe(e),
+    }
 }
 
 /// Whether the server's error says it is not there to serve this session: a connection
@@ -465,33 +537,60 @@ struct Manager {
 }
 
 /// How the pool's latest attempt to connect ended, so that a wait for a connection that runs
-/// out can say why: after a refusal or an error (server down, wrong address) the server
-/// cannot be reached; after a success or a set-up that stalled (the server accepted and then
+/// out can say why: after an error without an answer from the server (server down, wrong
+/// address) it cannot be reached; after a refusal in the server's own words (a wrong password,
+/// no connection slot left, no such database: [`refusal_advice`]) it refused, and someone must
+/// change a setting; after a success or a set-up that stalled (the server accepted and then
 /// said nothing) it is there and not answering. r2d2 keeps only the last error's text, not its
-/// kind.
+/// kind, and hands that to the first waiter whose wait runs out only: the others were told
+/// "timed out waiting for connection" and nothing of the cause. The cause is kept here for all.
 #[derive(Debug, Default)]
-struct LastConnect(AtomicU8);
+struct LastConnect {
+    kind: AtomicU8,
+    /// The latest failed attempt's error (with what to check, for a refusal).
+    cause: Mutex<String>,
+}
 
 impl LastConnect {
     const ANSWERED: u8 = 0;
     const STALLED: u8 = 1;
     const FAILED: u8 = 2;
+    const REFUSED: u8 = 3;
 
     fn record<T>(&self, attempt: &Result<T, PgError>) {
-        let kind = match attempt {
-            Ok(_) => Self::ANSWERED,
-            Err(PgError::ConnectStalled(_)) => Self::STALLED,
-            Err(_) => Self::FAILED,
+        let (kind, cause) = match attempt {
+            Ok(_) => (Self::ANSWERED, None),
+            Err(e @ PgError::ConnectStalled(_)) => (Self::STALLED, Some(e.to_string())),
+            Err(PgError::Db(e)) if e.as_db_error().and_then(refusal_advice).is_some() => {
+                (Self::REFUSED, Some(refused(e)))
+            }
+            Err(e) => (Self::FAILED, Some(e.to_string())),
         };
-        self.0.store(kind, Ordering::Relaxed);
+        if let Some(cause) = cause {
+            *self.cause.lock().unwrap_or_else(|p| p.into_inner()) = cause;
+        }
+        self.kind.store(kind, Ordering::Relaxed);
+    }
+
+    /// Whether the server refused the latest attempt to connect.
+    fn refused(&self) -> bool {
+        self.kind.load(Ordering::Relaxed) == Self::REFUSED
     }
 
     /// The error for a pool wait that ran out.
     fn explain(&self, e: r2d2::Error) -> PgError {
-        if self.0.load(Ordering::Relaxed) == Self::FAILED {
-            PgError::Pool(e)
-        } else {
-            PgError::PoolNoAnswer(e)
+        let cause = || {
+            let cause = self.cause.lock().unwrap_or_else(|p| p.into_inner());
+            if cause.is_empty() {
+                e.to_string()
+            } else {
+                cause.clone()
+            }
+        };
+        match self.kind.load(Ordering::Relaxed) {
+            Self::FAILED => PgError::Pool(cause()),
+            Self::REFUSED => PgError::Refused(cause()),
+            _ => PgError::PoolNoAnswer(e),
         }
     }
 }
@@ -820,12 +919,20 @@ impl PostgresStore {
         &self.node
     }
 
-    /// A pooled connection, or why none became free within [`POOL_WAIT`].
+    /// A pooled connection, or why none became free within [`POOL_WAIT`] — or within
+    /// [`REFUSED_POOL_WAIT`] when the pool holds no connection and the server refused its
+    /// latest attempt to make one.
     fn checkout(
         &self,
         pool: &r2d2::Pool<Manager>,
     ) -> Result<r2d2::PooledConnection<Manager>, PgError> {
-        pool.get().map_err(|e| self.last_connect.explain(e))
+        let wait = if self.last_connect.refused() && pool.state().connections == 0 {
+            REFUSED_POOL_WAIT
+        } else {
+            POOL_WAIT
+        };
+        pool.get_timeout(wait)
+            .map_err(|e| self.last_connect.explain(e))
     }
 
     /// Runs `f` on a pooled connection. When the server ended the session inside the
@@ -2839,10 +2946,12 @@ mod tests {
         assert_eq!(COUNT.load(Ordering::SeqCst), 0);
     }
 
-    /// A wait for a pooled connection that runs out says why: "cannot be reached" after the
-    /// latest attempt to connect was refused, "did not answer" while every connection is held
-    /// and nothing refused one (a frozen server), or while new ones stall in their set-up. The
-    /// ingest metric's reason follows (`unreachable`, `timeout`).
+    /// A wait for a pooled connection that runs out says why: "cannot be reached", with the
+    /// attempt's error, after the latest attempt to connect failed without an answer (nothing
+    /// listens); "refused", in the server's words, after the server refused it (a wrong
+    /// password); "did not answer" while every connection is held and nothing refused one (a
+    /// frozen server), or while new ones stall in their set-up. The ingest metric's reason
+    /// follows (`unreachable`, `refused`, `timeout`).
     #[test]
     fn a_pool_wait_that_runs_out_says_whether_the_server_refused_or_did_not_answer() {
         let Some(backend) = Postgres::new() else {
@@ -2887,11 +2996,103 @@ mod tests {
         let mut refused = postgres::Config::new();
         refused.host("127.0.0.1").port(port).user("jobhook");
         let (pool, last) = pool_of_one(refused);
+        let told = waited(&pool, &last);
+        // The attempt's own error is in the words, for every waiter (r2d2 keeps it for one).
         assert!(
-            matches!(waited(&pool, &last), StoreError::Unreachable(_)),
+            matches!(told, StoreError::Unreachable(ref why) if why.contains("refused")),
+            "{told}"
+        );
+        assert!(
+            matches!(waited(&pool, &last), StoreError::Unreachable(ref why)
+                if why.contains("refused")),
             "{}",
             waited(&pool, &last)
         );
+
+        // The server answers, and refuses the engine: a password it does not take.
+        let mut wrong = backend.node().config.clone();
+        wrong.password("not-the-password");
+        let (pool, last) = pool_of_one(wrong);
+        let told = waited(&pool, &last);
+        assert!(
+            matches!(told, StoreError::Refused(ref why)
+                if why.contains("password authentication failed")
+                    && why.contains("check [store] password")),
+            "{told}"
+        );
+    }
+
+    /// A server that refuses the engine's connections once they are gone — here every slot of
+    /// the database is taken (`CONNECTION LIMIT 0`): the calls are told it in the server's
+    /// words with what to check, as `refused`, not "cannot be reached"; once the pool holds no
+    /// connection they are told so without the whole [`POOL_WAIT`]; and once the server admits
+    /// connections again the pool connects by itself.
+    #[test]
+    fn a_server_that_refuses_the_engines_connections_is_told_so_at_once_in_its_words() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let store = a_node_with_a_session(&backend);
+        let name = &backend.db.name;
+        backend
+            .db
+            .query(&format!("ALTER DATABASE {name} CONNECTION LIMIT 0"))
+            .unwrap();
+        backend
+            .db
+            .query(&format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{}'",
+                application_name(store.node())
+            ))
+            .unwrap();
+        // The sessions the pool held fail their next use ("unreachable") before the pool
+        // connects anew and is refused.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let refusal = loop {
+            match store.insert_event(&conformance::event(&["a"])) {
+                Err(StoreError::Refused(why)) => break why,
+                other => {
+                    assert!(Instant::now() < deadline, "never refused: {other:?}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        assert!(
+            refusal.contains("too many connections") && refusal.contains("CONNECTION LIMIT"),
+            "{refusal}"
+        );
+        let began = Instant::now();
+        let again = store.insert_event(&conformance::event(&["a"]));
+        let waited = began.elapsed();
+        assert!(matches!(again, Err(StoreError::Refused(_))), "{again:?}");
+        assert!(
+            waited < POOL_WAIT / 2,
+            "a refused call waited {waited:?} for a connection"
+        );
+        assert_eq!(
+            reason_of_refusal(&again),
+            Some("refused"),
+            "the ingest metric's reason"
+        );
+
+        backend
+            .db
+            .query(&format!("ALTER DATABASE {name} CONNECTION LIMIT -1"))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = store.insert_event(&conformance::event(&["a"])) {
+            assert!(Instant::now() < deadline, "never admitted again: {e}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The reason `/healthz` and the ingest metric give for `result`'s error.
+    fn reason_of_refusal(result: &Result<(), StoreError>) -> Option<&'static str> {
+        result
+            .as_ref()
+            .err()
+            .map(crate::sources::store_health::reason_of)
     }
 
     #[test]
