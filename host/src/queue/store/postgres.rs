@@ -209,6 +209,32 @@ impl SessionLimits {
 /// itself ([`COUNT_BY_STATE`]).
 const INDEXES_ONLY: &str = "SET enable_seqscan = off";
 
+/// Every session of the engine runs its transactions at READ COMMITTED, whatever the database,
+/// the role or the server sets as `default_transaction_isolation`: the store's statements are
+/// written for it. Claims, renewals and requeues skip the rows other sessions hold locked and
+/// each statement sees what committed before it began; the migrations' advisory lock makes a
+/// node that waited for another's schema change read the version that one committed. Under
+/// SERIALIZABLE, which some DBAs make a database's default, two nodes' concurrent commits,
+/// claims and renewals failed each other with serialization failures (40001): by hand, with two
+/// nodes and 4 × 300 events posted, 507 refused with "the store failed", and lease renewals
+/// failed. A transaction that needs another level sets it itself (an event's read: REPEATABLE
+/// READ, so that its three reads agree).
+const READ_COMMITTED: &str = "SET default_transaction_isolation = 'read committed'";
+
+/// Most times a store call's transaction runs again after the server rolled it back for a
+/// serialization failure (40001) or a deadlock (40P01): the server undid the whole transaction
+/// and says it may succeed if run again, which every store call's single transaction is safe
+/// to do. At READ COMMITTED ([`READ_COMMITTED`]) and with rows locked in one order these are
+/// rare (a deadlock with a session outside the engine, an operator's transaction); three tries
+/// more see a passing conflict through, and a conflict that keeps coming fails the call as
+/// before instead of holding it.
+const MAX_CONFLICT_RETRIES: u32 = 3;
+
+/// Pause before a transaction runs again after a conflict ([`MAX_CONFLICT_RETRIES`]), times
+/// the number of the try: room for the transaction it met to end, short against the calls'
+/// own bounds (an ingest commit waits 5 s at most).
+const CONFLICT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// First key of jobhook's two-key advisory locks around migrations, so they cannot collide
 /// with locks of other programs using the same database (ASCII "jbhm").
 const MIGRATION_LOCK: i32 = 0x6a62_686d;
@@ -600,7 +626,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = PgError;
 
     fn connect(&self) -> Result<Conn, PgError> {
-        let settings = format!("{}; {INDEXES_ONLY}", self.limits.sql());
+        let settings = format!("{}; {INDEXES_ONLY}; {READ_COMMITTED}", self.limits.sql());
         let attempt = connect_within(&self.config, move |client| client.batch_execute(&settings));
         self.last_connect.record(&attempt);
         Ok(Conn {
@@ -851,12 +877,14 @@ impl PostgresStore {
         }
         let node = node_id();
         apply_defaults(&mut config, &node, url);
-        let mut first = connect_within(&config, |_| Ok(())).map_err(|e| {
-            fail(format!(
-                "cannot connect: {e}; check [store] url and password, and that the database \
+        // The migrations and the leadership session run on this one.
+        let mut first = connect_within(&config, |client| client.batch_execute(READ_COMMITTED))
+            .map_err(|e| {
+                fail(format!(
+                    "cannot connect: {e}; check [store] url and password, and that the database \
                  exists and accepts connections from this host"
-            ))
-        })?;
+                ))
+            })?;
         migrate(&mut first).map_err(|e| {
             let waited = matches!(&e, PgError::Db(db)
                 if db.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE));
@@ -935,14 +963,17 @@ impl PostgresStore {
             .map_err(|e| self.last_connect.explain(e))
     }
 
-    /// Runs `f` on a pooled connection. When the server ended the session inside the
-    /// transaction `f` ran (`idle_in_transaction_session_timeout`: this node was frozen or
-    /// starved between two statements), that transaction was rolled back whole, so `f` runs once
-    /// more on another connection instead of failing the caller.
+    /// Runs `f`, one transaction (or one statement), on a pooled connection. When the server
+    /// ended the session inside the transaction `f` ran (`idle_in_transaction_session_timeout`:
+    /// this node was frozen or starved between two statements), that transaction was rolled
+    /// back whole, so `f` runs once more on another connection instead of failing the caller;
+    /// when the server rolled it back for a conflict with another transaction (a serialization
+    /// failure, a deadlock), it runs again on the same session, up to
+    /// [`MAX_CONFLICT_RETRIES`] times.
     fn with<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = self.checkout(pool)?;
-        match conn.run(&f) {
+        match run_through_conflicts(&mut conn, &f) {
             Err(PgError::Db(e)) if rolled_back_by_timeout(&e) => {
                 tracing::info!(
                     "a store session was ended by the server inside a transaction ({}); \
@@ -951,7 +982,7 @@ impl PostgresStore {
                 );
                 drop(conn);
                 let mut conn = self.checkout(pool)?;
-                Ok(conn.run(&f)?)
+                Ok(run_through_conflicts(&mut conn, &f)?)
             }
             other => Ok(other?),
         }
@@ -964,7 +995,7 @@ impl PostgresStore {
     fn read<T>(&self, f: impl Fn(&mut Conn) -> Result<T, PgError>) -> Result<T, StoreError> {
         let pool = self.pool.as_ref().ok_or(PgError::Closed)?;
         let mut conn = self.checkout(pool)?;
-        match conn.run(&f) {
+        match run_through_conflicts(&mut conn, &f) {
             // The client may not have noticed the end of the session yet (`is_closed`): a
             // FATAL error is the server saying it ends it.
             Err(PgError::Db(e)) if conn.client.is_closed() || session_ended(&e) => {
@@ -974,7 +1005,7 @@ impl PostgresStore {
                 );
                 drop(conn);
                 let mut conn = self.checkout(pool)?;
-                Ok(conn.run(&f)?)
+                Ok(run_through_conflicts(&mut conn, &f)?)
             }
             other => Ok(other?),
         }
@@ -988,6 +1019,43 @@ impl PostgresStore {
             held: BTreeSet::new(),
         })
     }
+}
+
+/// Runs `f` on `conn`, and again, up to [`MAX_CONFLICT_RETRIES`] times, while the server rolls
+/// its transaction back for a conflict with another ([`lost_a_conflict`]).
+fn run_through_conflicts<T>(
+    conn: &mut Conn,
+    f: &impl Fn(&mut Conn) -> Result<T, PgError>,
+) -> Result<T, PgError> {
+    let mut tries = 0;
+    loop {
+        match conn.run(f) {
+            Err(PgError::Db(e)) if lost_a_conflict(&e) && tries < MAX_CONFLICT_RETRIES => {
+                tries += 1;
+                tracing::debug!(
+                    "a store transaction was rolled back for a conflict with another ({}); \
+                     running it again",
+                    describe(&e)
+                );
+                std::thread::sleep(CONFLICT_RETRY_PAUSE.saturating_mul(tries));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` is the server rolling a transaction back because it conflicted with another:
+/// a serialization failure (40001) or a deadlock (40P01). Nothing of it was committed, and the
+/// server's hint is that it may succeed if run again.
+fn lost_a_conflict(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    e.code().is_some_and(|code| {
+        [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ]
+        .contains(code)
+    })
 }
 
 /// Whether `e` is the server ending the session (severity FATAL or PANIC).
@@ -3085,6 +3153,138 @@ mod tests {
             assert!(Instant::now() < deadline, "never admitted again: {e}");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A database whose default isolation is SERIALIZABLE (some DBAs set it): every session of
+    /// the engine runs at READ COMMITTED, what its statements are written for, and two nodes
+    /// committing events with keys, claiming and recording at once on it see no failure.
+    #[test]
+    fn a_serializable_database_default_is_not_what_the_engines_sessions_run_at() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let name = &backend.db.name;
+        backend
+            .db
+            .query(&format!(
+                "ALTER DATABASE {name} SET default_transaction_isolation = 'serializable'"
+            ))
+            .unwrap();
+        let nodes = [backend.node(), backend.node()];
+        for node in &nodes {
+            let isolation = node
+                .with(|conn| {
+                    Ok(conn
+                        .client
+                        .query_one("SHOW transaction_isolation", &[])?
+                        .get::<_, String>(0))
+                })
+                .unwrap();
+            assert_eq!(isolation, "read committed");
+            let mut lead = node.lead.lock().unwrap();
+            let isolation: String = lead
+                .as_mut()
+                .expect("the leadership session")
+                .client
+                .query_one("SHOW transaction_isolation", &[])
+                .unwrap()
+                .get(0);
+            assert_eq!(isolation, "read committed");
+        }
+        // The database's default is what a session of its own gets.
+        assert_eq!(
+            backend.db.query("SHOW transaction_isolation").unwrap(),
+            "serializable"
+        );
+
+        let failures = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for (n, node) in nodes.iter().enumerate() {
+                for thread in 0..2 {
+                    let failures = &failures;
+                    scope.spawn(move || {
+                        for i in 0..60 {
+                            let event = conformance::event(&["a", "b"]);
+                            let key = Idempotency::new(
+                                format!("key-{n}-{thread}-{i}"),
+                                &event.context,
+                                Duration::from_secs(3600),
+                            );
+                            let done =
+                                node.insert_event_once(&event, &key)
+                                    .map(drop)
+                                    .and_then(|()| {
+                                        let claims = node.claim_batch(
+                                            node.now(),
+                                            &ClaimLimits::any(4),
+                                            Duration::from_secs(60),
+                                        )?;
+                                        node.renew(node.now(), Duration::from_secs(60))?;
+                                        let record = conformance::record(DeliveryState::Succeeded);
+                                        let finished: Vec<_> =
+                                            claims.iter().map(|c| (c, &record)).collect();
+                                        node.finish_batch(&finished).map(drop)
+                                    });
+                            if let Err(e) = done {
+                                failures.lock().unwrap().push(e.to_string());
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        let failures = failures.into_inner().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} failed, e.g. {:?}",
+            failures.len(),
+            failures.first()
+        );
+    }
+
+    /// A transaction the server rolls back for a conflict with another — a serialization
+    /// failure or a deadlock, raised here by the server itself — runs again, a bounded number
+    /// of times; another error does not.
+    #[test]
+    fn a_transaction_rolled_back_for_a_conflict_runs_again_a_bounded_number_of_times() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        let store = a_node_with_a_session(&backend);
+        let raise = |code: &str| {
+            format!("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{code}'; END $$")
+        };
+        for code in ["40001", "40P01"] {
+            let runs = std::sync::atomic::AtomicU32::new(0);
+            let answer = store.with(|conn| {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                if run <= 2 {
+                    conn.client.batch_execute(&raise(code))?;
+                }
+                Ok(run)
+            });
+            assert_eq!(answer.unwrap(), 3, "{code}");
+
+            let runs = std::sync::atomic::AtomicU32::new(0);
+            let answer = store.with(|conn| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                conn.client.batch_execute(&raise(code))?;
+                Ok(())
+            });
+            assert!(
+                matches!(answer, Err(StoreError::Database(ref why)) if why.contains(code)),
+                "{answer:?}"
+            );
+            assert_eq!(runs.into_inner(), MAX_CONFLICT_RETRIES + 1, "{code}");
+        }
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        let answer = store.with(|conn| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            conn.client.batch_execute("SELECT 1/0")?;
+            Ok(())
+        });
+        assert!(answer.is_err());
+        assert_eq!(runs.into_inner(), 1);
     }
 
     /// The reason `/healthz` and the ingest metric give for `result`'s error.
