@@ -13,7 +13,7 @@
 //!   202 is delivered exactly once;
 //! - the PostgreSQL server refuses the engine (a password changed on the server): ingest
 //!   answers 503 saying so at once, `/healthz` and the metric give `refused`, and the log has
-//!   the server's words and what to check;
+//!   the server's words and what to check, the pool's connection errors once per 10 s;
 //! - the network to the PostgreSQL server goes silent (an address taken off the loopback
 //!   interface: no reset, no answer): ingest answers 503 in bounded time, the node gives up the
 //!   connections the silence holds, and accepts events soon after the network returns;
@@ -1534,6 +1534,7 @@ fn a_postgres_server_that_refuses_the_engine_is_told_as_refused_in_its_words() {
         "ALTER ROLE {role} PASSWORD 'changed-on-the-server'"
     ))
     .expect("change the password");
+    let refusing_since = Instant::now();
     db.query(&format!(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{role}'"
     ))
@@ -1595,6 +1596,16 @@ fn a_postgres_server_that_refuses_the_engine_is_told_as_refused_in_its_words() {
         engine.log_text().contains("check [store] password"),
         "{}",
         engine.log_text()
+    );
+    // The pool's own connection errors — each of its pending connections tries again every
+    // 2 s at most — are logged once per 10 s, each line counting the untold.
+    let log = engine.log_text();
+    let told = log.matches("store database connection failed").count();
+    let bound = usize::try_from(refusing_since.elapsed().as_secs() / 10).unwrap_or(0) + 2;
+    assert!(
+        told <= bound,
+        "{told} connection failures logged in {:?}, more than {bound}:\n{log}",
+        refusing_since.elapsed()
     );
 }
 

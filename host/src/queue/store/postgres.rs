@@ -650,18 +650,36 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
-/// Sends the pool's connection errors to the log, naming the database without its password.
+/// Sends the pool's connection errors to the log, naming the database without its password, at
+/// most once per [`STORE_FAILURE_LOG_INTERVAL`](super::STORE_FAILURE_LOG_INTERVAL) with how
+/// many went untold: while the server is down or refuses the engine, each of the pool's pending
+/// connections tries again every 2 s at most, which wrote about 4 lines a second per node for
+/// as long as that lasted (14,000 an hour) on a disk the store and the mail outbox may share.
+/// The calls that fail meanwhile are logged by their callers, with the cause, at the same rate.
 #[derive(Debug)]
 struct LogErrors {
     target: String,
+    limit: crate::log_limit::LogLimit,
+}
+
+impl LogErrors {
+    fn new(target: String) -> Self {
+        LogErrors {
+            target,
+            limit: crate::log_limit::LogLimit::new(super::STORE_FAILURE_LOG_INTERVAL),
+        }
+    }
 }
 
 impl r2d2::HandleError<PgError> for LogErrors {
     fn handle_error(&self, error: PgError) {
-        tracing::warn!(
-            database = %self.target,
-            "store database connection failed: {error}"
-        );
+        self.limit.tell(|untold| {
+            tracing::warn!(
+                database = %self.target,
+                more_since_last_warning = untold,
+                "store database connection failed: {error}"
+            )
+        });
     }
 }
 
@@ -919,9 +937,7 @@ impl PostgresStore {
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
             .connection_timeout(POOL_WAIT)
-            .error_handler(Box::new(LogErrors {
-                target: target.clone(),
-            }))
+            .error_handler(Box::new(LogErrors::new(target.clone())))
             .build(Manager {
                 config: config.clone(),
                 limits: SessionLimits::for_lease(lease),
