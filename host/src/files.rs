@@ -173,8 +173,21 @@ pub fn swappable_directory(dir: &Path) -> std::io::Result<Option<(PathBuf, Strin
 /// which knows the user, groups, ACLs and read-only mounts; nothing is written).
 #[cfg(unix)]
 pub fn writable(dir: &Path) -> std::io::Result<()> {
+    allowed(dir, libc::W_OK | libc::X_OK)
+}
+
+/// Whether this process may read and write the file `path` (asked of the system, as
+/// [`writable`] asks; nothing is read or written).
+#[cfg(unix)]
+pub fn read_writable(path: &Path) -> std::io::Result<()> {
+    allowed(path, libc::R_OK | libc::W_OK)
+}
+
+/// Whether the system grants this process `mode` (`R_OK`, `W_OK`, `X_OK`) on `path`.
+#[cfg(unix)]
+fn allowed(path: &Path, mode: libc::c_int) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "the path contains a NUL character",
@@ -183,15 +196,7 @@ pub fn writable(dir: &Path) -> std::io::Result<()> {
     // SAFETY: `path` is a NUL-terminated string that outlives the call; faccessat() only reads
     // it. AT_EACCESS: asked for the effective user and groups, which the engine's file
     // operations use (plain access() asks for the real ones).
-    if unsafe {
-        libc::faccessat(
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::W_OK | libc::X_OK,
-            libc::AT_EACCESS,
-        )
-    } == 0
-    {
+    if unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), mode, libc::AT_EACCESS) } == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
@@ -209,6 +214,12 @@ pub fn writable(dir: &Path) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Elsewhere only the read-only attribute is known.
+#[cfg(not(unix))]
+pub fn read_writable(path: &Path) -> std::io::Result<()> {
+    writable(path)
 }
 
 /// The mode [`create_private_dir`] makes directories with: their owner only.

@@ -634,6 +634,104 @@ fn a_data_directory_on_a_read_only_mount_is_refused_in_plain_words() {
     );
 }
 
+/// The user `serve` runs as in [`store_files_another_user_left_are_refused_naming_the_file`]
+/// when the test runs as root: `nobody`, whom no file of the test belongs to.
+const OTHER_UID: u32 = 65534;
+
+/// A store whose files the engine's user may not write — left by an engine run once as another
+/// user (root, by hand) before the service ran as its own — is refused at the start naming the
+/// file, its owner and mode, and what to do, not with SQLite's "attempt to write a readonly
+/// database" or "unable to open database file" without a path: the database itself, then a
+/// write-ahead log a killed run left behind. As root, `serve` runs as [`OTHER_UID`] (root may
+/// write any file); otherwise as the test's user, on files made read-only.
+#[test]
+fn store_files_another_user_left_are_refused_naming_the_file() {
+    use std::os::unix::fs::{PermissionsExt as _, chown};
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    drop(jobhook::queue::store::sqlite::SqliteStore::open(&data).expect("a store"));
+    let database = data.join("jobhook.sqlite");
+    let wal = data.join("jobhook.sqlite-wal");
+    let config = dir.path().join("jobhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\ndata_dir = \"{}\"\n",
+            data.display()
+        ),
+    )
+    .expect("config");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    if root {
+        // The engine's user owns its directories; the files stay root's.
+        for owned in [dir.path(), &data, &config] {
+            chown(owned, Some(OTHER_UID), Some(OTHER_UID)).expect("chown");
+        }
+    } else {
+        chmod(&database, 0o444);
+    }
+    let serve = || {
+        let mut command = Command::new(engine_bin());
+        command
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG");
+        if root {
+            command.uid(OTHER_UID).gid(OTHER_UID);
+        }
+        let output = command.output().expect("run jobhook serve");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{stderr}");
+        stderr
+    };
+    let engine_uid = if root {
+        OTHER_UID
+    } else {
+        unsafe { libc::geteuid() }
+    };
+    let expected = |path: &Path, owner: u32, mode: u32| {
+        format!(
+            "{} belongs to uid {owner} and has mode {mode:03o}: this user (uid {engine_uid}) may \
+             not read and write it",
+            path.display()
+        )
+    };
+    let owner = if root { 0 } else { engine_uid };
+    let mode = std::fs::metadata(&database)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777;
+    let stderr = serve();
+    assert!(
+        stderr.contains(&expected(&database, owner, mode)),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`chown` the data directory and everything in it to that user"),
+        "{stderr}"
+    );
+
+    // The database is the engine's user's again; a write-ahead log of a run as the other user
+    // is left.
+    std::fs::write(&wal, b"").expect("a left write-ahead log");
+    if root {
+        chown(&database, Some(OTHER_UID), Some(OTHER_UID)).expect("chown");
+        chmod(&wal, 0o644);
+    } else {
+        chmod(&database, 0o600);
+        chmod(&wal, 0o444);
+    }
+    let mode = std::fs::metadata(&wal).expect("stat").permissions().mode() & 0o7777;
+    let stderr = serve();
+    assert!(stderr.contains(&expected(&wal, owner, mode)), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // A file system that turns read-only under SQLite
 // ---------------------------------------------------------------------------------------------

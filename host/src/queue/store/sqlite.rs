@@ -356,6 +356,11 @@ impl SqliteStore {
         } else {
             None
         };
+        // Said here, naming the file: SQLite would say only "attempt to write a readonly
+        // database" or "unable to open database file".
+        if let Some(problem) = store_files_problem(data_dir) {
+            return Err(open_error(problem));
+        }
         let path = data_dir.join(DATABASE_FILE);
         // A database that is there is looked at first on a connection that changes nothing:
         // `connect` turns on WAL mode, which is written into the file, and a file that is not
@@ -606,6 +611,60 @@ fn claim_key(
         event_id: original,
         handlers,
     })))
+}
+
+/// The files SQLite keeps beside [`DATABASE_FILE`] while the store is open: the write-ahead
+/// log and its shared-memory index. An engine that ends without closing the store (killed, a
+/// crash, a power cut) leaves them, and the next start opens them.
+const DATABASE_COMPANIONS: [&str; 2] = ["-wal", "-shm"];
+
+/// The first of the store's files in `data_dir` ([`DATABASE_FILE`] and its
+/// [`DATABASE_COMPANIONS`]) that this process may not read and write, in words that name the
+/// file, its owner and mode, and what to do; `None` when all that exist may be (SQLite makes
+/// those that do not). SQLite itself says only "attempt to write a readonly database" or
+/// "unable to open database file", without a path. The usual cause: the engine was run once as
+/// another user (root, by hand), whose files it left, and the service runs as its own.
+#[cfg(unix)]
+fn store_files_problem(data_dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let names = std::iter::once(DATABASE_FILE.to_owned()).chain(
+        DATABASE_COMPANIONS
+            .iter()
+            .map(|suffix| format!("{DATABASE_FILE}{suffix}")),
+    );
+    for name in names {
+        let path = data_dir.join(name);
+        // A file that is not there is made by SQLite, in a directory checked writable.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            return Some(format!(
+                "{} is {}, not the store's file: move it out of the data directory",
+                path.display(),
+                crate::files::describe(&meta.file_type())
+            ));
+        }
+        if let Err(e) = crate::files::read_writable(&path) {
+            return Some(format!(
+                "{} belongs to uid {} and has mode {:03o}: this user (uid {}) may not read and \
+                 write it ({e}). The store's files must be the engine's user's: `chown` the data \
+                 directory and everything in it to that user (an engine run once as another \
+                 user, root say, leaves its files behind), or run the engine as their owner",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777,
+                crate::files::engine_uid()
+            ));
+        }
+    }
+    None
+}
+
+/// See the Unix version: other systems' permissions are not modes.
+#[cfg(not(unix))]
+fn store_files_problem(_data_dir: &Path) -> Option<String> {
+    None
 }
 
 /// What to tell the operator when `data_dir` lets other users read or enter it, or change it:
