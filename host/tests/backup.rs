@@ -1,6 +1,7 @@
 //! `jobhook backup`: a consistent copy of a running engine's SQLite store, checked before it is
 //! called good, that an engine started on it serves; refused over an existing file, for a
-//! damaged store (nothing left behind) and for a PostgreSQL store.
+//! damaged store (nothing left behind) and for a PostgreSQL store; killed part-way, it leaves
+//! nothing under the backup's name.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt as _;
@@ -226,5 +227,114 @@ fn a_postgres_store_is_pointed_to_its_own_tools() {
         text(&out.stderr).contains("back the database up with PostgreSQL's own tools (pg_dump"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// Events of [`LARGE_CONTEXT_BYTES`] each that [`a_backup_killed_part_way_leaves_nothing_under_its_name`]
+/// puts in the store: about 64 MiB, a copy long enough (hundreds of milliseconds) to be
+/// stopped in the middle.
+const LARGE_STORE_EVENTS: u32 = 16_000;
+
+/// Bytes of each such event's context.
+const LARGE_CONTEXT_BYTES: u32 = 4_000;
+
+/// A backup killed part-way (SIGKILL: an OOM kill, a cron job's `timeout`, a reboot) leaves
+/// nothing under the name it was given — a partial file there, once opened by any SQLite tool,
+/// was an empty but valid store that a restore started an empty engine from — only its hidden
+/// `.partial` file (and SQLite's journal of it), which no later backup to that name meets.
+#[test]
+fn a_backup_killed_part_way_leaves_nothing_under_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_in(dir.path(), "data");
+    let data = dir.path().join("data");
+    drop(jobhook::queue::store::sqlite::SqliteStore::open(&data).expect("a store"));
+    rusqlite::Connection::open(data.join("jobhook.sqlite"))
+        .expect("open the store")
+        .execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+             INSERT INTO events (id, received_at, source, context)
+             SELECT printf('00000000-0000-7000-8000-%012d', i), i, 'api',
+                    json_object('JobId', i, 'Padding', hex(randomblob(?2 / 2)))
+             FROM n",
+            [LARGE_STORE_EVENTS, LARGE_CONTEXT_BYTES],
+        )
+        .expect("fill the store");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).expect("out");
+    let to = out.join("kb.sqlite");
+
+    let mut backup = Command::new(engine_bin())
+        .args(["backup", "--config"])
+        .arg(&config)
+        .arg("--to")
+        .arg(&to)
+        .env_remove("RUST_LOG")
+        .spawn()
+        .expect("start jobhook backup");
+    let pid = i32::try_from(backup.id()).expect("pid");
+    // Stopped as soon as anything of the copy is on disk.
+    let written = |out: &Path| -> Vec<(String, u64)> {
+        std::fs::read_dir(out)
+            .expect("list out")
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let len = entry.metadata().ok()?.len();
+                Some((entry.file_name().to_string_lossy().into_owned(), len))
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !written(&out).iter().any(|(_, len)| *len > 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was written: {:?}",
+            written(&out)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: kill() with a child's pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let part_way = written(&out);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let status = backup.wait().expect("wait for jobhook backup");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        part_way
+            .iter()
+            .all(|(name, _)| name.starts_with(".kb.sqlite.") && name.contains(".partial")),
+        "{part_way:?}"
+    );
+    assert!(!to.exists(), "{:?}", written(&out));
+
+    // A backup to the same name goes ahead; the partial file stays as it was, for the
+    // operator to delete.
+    let output = jobhook(&[
+        "backup",
+        "--config",
+        &config.display().to_string(),
+        "--to",
+        &to.display().to_string(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stdout).contains(&format!("{LARGE_STORE_EVENTS} events")),
+        "{}",
+        text(&output.stdout)
+    );
+    // Nothing of the second backup but the backup itself.
+    let mut after: Vec<String> = written(&out).into_iter().map(|(name, _)| name).collect();
+    let mut expected: Vec<String> = part_way.into_iter().map(|(name, _)| name).collect();
+    expected.push("kb.sqlite".to_owned());
+    after.sort();
+    expected.sort();
+    assert_eq!(after, expected);
+    assert_eq!(
+        std::fs::metadata(&to)
+            .expect("the backup")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
     );
 }

@@ -856,9 +856,15 @@ fn destination_problem(to: &Path, e: &std::io::Error) -> String {
 /// using it (`VACUUM INTO` on a read-only connection: one read transaction, so the copy is the
 /// store as of one moment, and the engine's writes go on meanwhile), then checks the copy
 /// (`PRAGMA quick_check`, jobhook's schema) before saying it is good. `to` must not exist; it is
-/// made readable by its owner only (it holds every stored job context). A copy that fails its
-/// check, or a copy that failed part-way, is removed. Restoring is copying it back as
-/// `<data_dir>/jobhook.sqlite` while no engine runs (docs/OPERATIONS.md).
+/// made readable by its owner only (it holds every stored job context). Restoring is copying it
+/// back as `<data_dir>/jobhook.sqlite` while no engine runs (docs/OPERATIONS.md).
+///
+/// The copy is written under a name of its own in `to`'s directory ([`partial_name`]), and
+/// given the name `to` only once it is checked and on disk: a backup killed part-way (SIGKILL,
+/// an OOM kill, a cron job's `timeout`, a reboot) leaves no file under `to` — a partial file
+/// there, once opened by any SQLite tool, became an empty but valid store that a restore
+/// started an empty engine from. A copy that fails its check, or fails part-way while the
+/// process lives, is removed.
 pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, BackupError> {
     let source = data_dir.join(DATABASE_FILE);
     let open_error = |message: String| StoreError::Open {
@@ -876,7 +882,19 @@ pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, BackupError> {
         path: to.display().to_string(),
         message,
     };
-    let target = to.to_str().ok_or_else(|| {
+    if to.to_str().is_none() {
+        return Err(destination(
+            "the path is not UTF-8, which SQLite needs; give another".to_owned(),
+        ));
+    }
+    // Said before anything is copied; the final link refuses it again if it appears meanwhile.
+    if std::fs::symlink_metadata(to).is_ok() {
+        let exists = std::io::Error::from(std::io::ErrorKind::AlreadyExists);
+        return Err(destination(destination_problem(to, &exists)));
+    }
+    let partial = partial_name(to)
+        .ok_or_else(|| destination("it names no file; give the path of a new file".to_owned()))?;
+    let target = partial.to_str().ok_or_else(|| {
         destination("the path is not UTF-8, which SQLite needs; give another".to_owned())
     })?;
     let mut conn = Connection::open_with_flags(&source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -891,7 +909,7 @@ pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, BackupError> {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(to)
+            .open(&partial)
             .map_err(|e| destination(destination_problem(to, &e)))?;
     }
     let copied = conn
@@ -904,14 +922,59 @@ pub fn backup(data_dir: &Path, to: &Path) -> Result<BackupReport, BackupError> {
             )),
             _ => open_error(format!("cannot copy the store: {}", explained(e))).into(),
         })
-        .and_then(|_| check_copy(to).map_err(|e| open_error(e).into()));
-    match copied {
-        Ok(report) => Ok(report),
-        Err(e) => {
-            let _ = std::fs::remove_file(to);
-            Err(e)
+        .and_then(|_| check_copy(&partial).map_err(|e| open_error(e).into()))
+        .and_then(|report| {
+            put_in_place(&partial, to).map_err(destination)?;
+            Ok(report)
+        });
+    // Gone once it has its name, or when anything failed.
+    let _ = std::fs::remove_file(&partial);
+    copied
+}
+
+/// Where [`backup`] writes the copy of `to` until it is checked: a hidden name in the same
+/// directory (so that it becomes `to` by a link within one file system), with a random part
+/// (so that two backups to one name, or a partial file a killed one left, never meet) and an
+/// ending that says what it is: `.<name>.<random>.partial`. `None` when `to` names no file.
+fn partial_name(to: &Path) -> Option<PathBuf> {
+    let name = to.file_name()?.to_str()?;
+    let random = Uuid::new_v4().simple().to_string();
+    let random = random.get(..12).unwrap_or(&random);
+    Some(to.with_file_name(format!(".{name}.{random}.partial")))
+}
+
+/// Gives the checked copy at `partial` the name `to`, durably: its content is flushed to disk
+/// first, then it is linked as `to` (which, unlike a rename, never replaces a file made under
+/// that name meanwhile), then the directory is flushed so that the name survives a power cut.
+/// Where the file system has no hard links, a rename does, after one more look that `to` is
+/// free. The caller removes `partial`.
+fn put_in_place(partial: &Path, to: &Path) -> Result<(), String> {
+    std::fs::File::open(partial)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| format!("cannot flush the copy to disk: {e}"))?;
+    match std::fs::hard_link(partial, to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(destination_problem(to, &e));
         }
+        Err(_) if std::fs::symlink_metadata(to).is_err() => std::fs::rename(partial, to)
+            .map_err(|e| format!("cannot give the checked copy its name: {e}"))?,
+        Err(e) => return Err(destination_problem(to, &e)),
     }
+    let dir = to
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // The backup is whole under its name by now: a directory that cannot be flushed (some
+    // file systems refuse it) is told, not made a failure of a good backup.
+    if let Err(e) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+        tracing::warn!(
+            "the backup {} is written and checked, but its directory could not be flushed to \
+             disk ({e}): a power cut soon could lose its name; run `sync` to be sure",
+            to.display()
+        );
+    }
+    Ok(())
 }
 
 /// Checks a copy [`backup`] made: SQLite's `quick_check`, jobhook's schema, and what it holds.
