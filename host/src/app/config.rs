@@ -2976,6 +2976,15 @@ identity = "writer"
         assert!(!e.to_string().contains("hunter2"), "{e}");
         let e = store("kind = \"postgres\"\nurl = \"https://db/jobhook\"");
         assert!(e.message.contains("[store] url"), "{e}");
+        // A URL that could never connect is refused by `check`, not met at the start.
+        let e =
+            store("kind = \"postgres\"\nurl = \"postgres://jobhook@db/jobhook?sslmode=require\"");
+        assert!(
+            e.message.contains("[store] url sets sslmode=require"),
+            "{e}"
+        );
+        let e = store("kind = \"postgres\"\nurl = \"postgres://db/jobhook\"");
+        assert!(e.message.contains("[store] url names no user"), "{e}");
         let e = store(
             "kind = \"postgres\"\nurl = \"postgres://jobhook@db/jobhook\"\n\
              password = \"hunter2\"",

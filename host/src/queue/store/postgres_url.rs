@@ -31,6 +31,62 @@ pub enum UrlError {
         /// The client library's reason (names an option, never a value).
         reason: String,
     },
+    /// A parameter asks for TLS to the server, which this build does not have ([`NEEDS_TLS`]).
+    #[error(
+        "[store] url sets {parameter}={value}, which needs TLS to the database server, and this \
+         jobhook has no TLS to PostgreSQL: remove it (the connection is then plain TCP) and \
+         reach the server over a network you trust or through a TLS tunnel (docs/SCALING.md)"
+    )]
+    NeedsTls {
+        /// The parameter.
+        parameter: &'static str,
+        /// Its value, one of those [`NEEDS_TLS`] lists (never the URL's own text).
+        value: &'static str,
+    },
+    /// The URL names no host (nor `hostaddr`).
+    #[error("[store] url names no database server; {URL_EXAMPLE}")]
+    NoHost,
+    /// The URL names no user.
+    #[error(
+        "[store] url names no user (the client would log in as the operating system's user \
+         running the engine); name the role before the host: {URL_EXAMPLE}"
+    )]
+    NoUser,
+    /// `target_session_attrs=read-only`: only a standby would be used.
+    #[error(
+        "[store] url sets target_session_attrs=read-only, which connects only to a server that \
+         takes no writes, and the engine writes every event it takes; remove it, or set \
+         target_session_attrs=read-write to find the primary among several hosts"
+    )]
+    ReadOnlySession,
+}
+
+/// Query parameters, and their values, that ask for TLS to the server: the engine connects
+/// without TLS (`NoTls`), so a URL with one of them can never connect — `require` fails at
+/// every connection ("no TLS implementation configured", "server does not support TLS"), and
+/// the client library refuses `verify-ca` and `verify-full` as an invalid connection string
+/// without saying why. `sslmode=prefer` (the default) and `disable` connect without TLS.
+const NEEDS_TLS: [(&str, &[&str]); 3] = [
+    ("sslmode", &["require", "verify-ca", "verify-full"]),
+    ("sslnegotiation", &["direct"]),
+    ("channel_binding", &["require"]),
+];
+
+/// The value `url`'s query string gives `key` (the last, if several), percent-decoded, as the
+/// client library reads it.
+fn url_value(url: &str, key: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|kv| {
+            let (name, value) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_encoding::percent_decode_str(name).decode_utf8_lossy() == key).then(|| {
+                percent_encoding::percent_decode_str(value)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        })
+        .next_back()
 }
 
 /// Whether `url`'s query string gives `key`, also percent-encoded (`pass%77ord`), as the
@@ -47,7 +103,8 @@ pub(super) fn url_sets(url: &str, key: &str) -> bool {
 /// Checks a `[store] url`: a `postgres://` or `postgresql://` URL that the client library reads
 /// and that does not carry a password (that belongs in `[store] password`, by reference) — as
 /// the library reads it, wherever it puts one (user-info, a `password` parameter however
-/// encoded). Its configuration, when it does.
+/// encoded) — and that can ever work: it names a host and a user, asks for no TLS (this build
+/// has none: [`NEEDS_TLS`]) and for no read-only session. Its configuration, when it does.
 pub fn check_url(url: &str) -> Result<postgres::Config, UrlError> {
     if !url
         .split_once("://")
@@ -59,6 +116,14 @@ pub fn check_url(url: &str) -> Result<postgres::Config, UrlError> {
     // not come back as the name of an unknown option.
     if url_sets(url, "password") {
         return Err(UrlError::HasPassword);
+    }
+    // Before parsing too: the client library refuses some of these without naming them.
+    for (parameter, values) in NEEDS_TLS {
+        if let Some(given) = url_value(url, parameter)
+            && let Some(value) = values.iter().find(|v| v.eq_ignore_ascii_case(&given))
+        {
+            return Err(UrlError::NeedsTls { parameter, value });
+        }
     }
     let config = url.parse::<postgres::Config>().map_err(|e| {
         let reason = e.to_string();
@@ -76,6 +141,15 @@ pub fn check_url(url: &str) -> Result<postgres::Config, UrlError> {
     })?;
     if config.get_password().is_some() {
         return Err(UrlError::HasPassword);
+    }
+    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+        return Err(UrlError::NoHost);
+    }
+    if config.get_user().is_none_or(str::is_empty) {
+        return Err(UrlError::NoUser);
+    }
+    if config.get_target_session_attrs() == postgres::config::TargetSessionAttrs::ReadOnly {
+        return Err(UrlError::ReadOnlySession);
     }
     Ok(config)
 }
@@ -187,5 +261,66 @@ mod tests {
             e.contains("not a valid PostgreSQL URL") && !e.contains("hunter2"),
             "{e}"
         );
+    }
+
+    /// A URL that can never connect is refused when the configuration is checked, naming what
+    /// to change: TLS this build does not have, no server, no user, a read-only session.
+    #[test]
+    fn urls_that_can_never_work_are_refused_saying_what_to_change() {
+        for (url, said) in [
+            (
+                "postgres://u@db/jobhook?sslmode=require",
+                "sets sslmode=require, which needs TLS",
+            ),
+            (
+                "postgres://u@db/jobhook?sslmode=verify-full",
+                "sets sslmode=verify-full, which needs TLS",
+            ),
+            (
+                "postgres://u@db/jobhook?connect_timeout=5&sslmode=VERIFY-CA",
+                "sets sslmode=verify-ca, which needs TLS",
+            ),
+            (
+                "postgres://u@db/jobhook?ssl%6dode=require",
+                "sets sslmode=require, which needs TLS",
+            ),
+            (
+                "postgres://u@db/jobhook?sslnegotiation=direct",
+                "sets sslnegotiation=direct, which needs TLS",
+            ),
+            (
+                "postgres://u@db/jobhook?channel_binding=require",
+                "sets channel_binding=require, which needs TLS",
+            ),
+            ("postgres://", "names no database server"),
+            ("postgres:///jobhook", "names no database server"),
+            ("postgres://db/jobhook", "names no user"),
+            ("postgres://@db/jobhook", "names no user"),
+            (
+                "postgres://u@db/jobhook?target_session_attrs=read-only",
+                "target_session_attrs=read-only",
+            ),
+        ] {
+            let e = check_url(url).unwrap_err().to_string();
+            assert!(e.starts_with("[store] url "), "{url}: {e}");
+            assert!(e.contains(said), "{url}: {e}");
+        }
+        let e = check_url("postgres://u@db/jobhook?sslmode=require")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("this jobhook has no TLS to PostgreSQL: remove it"),
+            "{e}"
+        );
+        for url in [
+            "postgres://u@db/jobhook?sslmode=prefer",
+            "postgres://u@db/jobhook?sslmode=disable",
+            "postgres://u@db:5432,db2:5432/jobhook?target_session_attrs=read-write",
+            "postgres://u@%2Frun%2Fpostgresql/jobhook",
+            "postgres://u@/jobhook?host=/run/postgresql",
+            "postgres://u@/jobhook?hostaddr=127.0.0.1",
+        ] {
+            assert!(check_url(url).is_ok(), "{url}: {:?}", check_url(url));
+        }
     }
 }
