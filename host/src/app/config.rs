@@ -3002,6 +3002,12 @@ identity = "writer"
         );
         let e = store("lease_ms = 10");
         assert!(e.message.contains("[store] lease_ms"), "{e}");
+        let e = store("data_dir = \"\"");
+        assert!(
+            e.message
+                .contains("[store] data_dir is empty; name the directory"),
+            "{e}"
+        );
     }
 
     #[test]

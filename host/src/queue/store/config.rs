@@ -107,6 +107,13 @@ pub enum StoreConfigError {
          not {0}"
     )]
     Retention(u32),
+    /// `data_dir = ""`: the directory would be the configuration file's own.
+    #[error(
+        "[store] data_dir is empty; name the directory of the store and the engine's other \
+         local files (AOT cache, mail outbox), e.g. data_dir = \"data\" (beside this file) or \
+         \"/var/lib/jobhook\""
+    )]
+    DataDirEmpty,
     /// `url` or `password` given for SQLite.
     #[error(
         "[store] url and password are only used with kind = \"postgres\"; \
@@ -141,6 +148,11 @@ impl StoreConfig {
         }
         if self.retention_days > MAX_RETENTION_DAYS {
             return Err(StoreConfigError::Retention(self.retention_days));
+        }
+        // Relative paths are taken from the configuration file's directory: an empty one would
+        // put the store and the engine's files there (`/etc/jobhook`, say), which nobody means.
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(StoreConfigError::DataDirEmpty);
         }
         match (self.kind, &self.url) {
             (StoreKind::Sqlite, None) if self.password.is_none() => Ok(()),
