@@ -362,6 +362,8 @@ impl SqliteStore {
             return Err(open_error(problem));
         }
         let path = data_dir.join(DATABASE_FILE);
+        create_private_database(&path)
+            .map_err(|e| open_error(format!("cannot create {}: {e}", path.display())))?;
         // A database that is there is looked at first on a connection that changes nothing:
         // `connect` turns on WAL mode, which is written into the file, and a file that is not
         // this jobhook's (another program's, a newer jobhook's, a damaged one) is left as it was.
@@ -611,6 +613,24 @@ fn claim_key(
         event_id: original,
         handlers,
     })))
+}
+
+/// Makes the database file at `path`, empty (which SQLite takes as a new database), readable
+/// and writable by the engine's user only, unless it exists. SQLite would make it by the
+/// process's umask (`0644` under the usual `022`) and its `-wal` and `-shm` with the same mode:
+/// readable by every user of the machine in a data directory that is not private (one the
+/// operator made; jobhook warns of it), though the store holds every job context, as the
+/// backups do that are made `0600` for that reason.
+fn create_private_database(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The files SQLite keeps beside [`DATABASE_FILE`] while the store is open: the write-ahead
@@ -2265,6 +2285,24 @@ mod tests {
                 "{message}"
             );
             drop(store);
+        }
+    }
+
+    /// A new store's database, write-ahead log and its index are readable and writable by the
+    /// engine's user only, whatever the umask lets files be (the test's is the usual `022`):
+    /// they hold every job context.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_stores_files_are_its_users_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = SqliteStore::open(&data).unwrap();
+        store.insert_event(&conformance::event(&["a"])).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let path = data.join(format!("{DATABASE_FILE}{suffix}"));
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}: {mode:03o}", path.display());
         }
     }
 
