@@ -226,13 +226,21 @@ pub fn read_writable(path: &Path) -> std::io::Result<()> {
 #[cfg(unix)]
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
-/// Reads the regular file at `path` (symbolic links followed), at most `max` bytes.
-pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+/// Opens the regular file at `path` for reading (symbolic links followed): a FIFO, a device or
+/// a directory is refused at once, never read (a FIFO nobody writes to would hold the reader
+/// for ever). What is read from the handle is what was checked, whatever the path names later.
+pub fn open_regular(path: &Path) -> Result<std::fs::File, ReadError> {
     let file = open_without_blocking(path)?;
     let kind = file.metadata()?.file_type();
     if !kind.is_file() {
         return Err(ReadError::NotRegular(describe(&kind)));
     }
+    Ok(file)
+}
+
+/// Reads the regular file at `path` (symbolic links followed), at most `max` bytes.
+pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    let file = open_regular(path)?;
     let mut bytes = Vec::new();
     file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {

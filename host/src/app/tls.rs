@@ -255,7 +255,8 @@ fn check_served_certificate(
         return Err(format!(
             "the first certificate ({subject}) is X.509 v{}, which is not served: issue an X.509 \
              v3 certificate (with a subjectAltName for the engine's host name)",
-            cert.version().0 + 1
+            // X.509 numbers its versions from 0; a hostile file may hold any u32 there.
+            u64::from(cert.version().0) + 1
         ));
     }
     let at = |t: x509_parser::time::ASN1Time| {

@@ -238,8 +238,9 @@ impl AotCache {
                 seal.length
             )));
         }
-        let digest = sha256_file(artifact)
-            .map_err(|e| Check::Invalid(format!("cannot read the artifact: {e}")))?;
+        let digest = sha256_file(artifact, seal.length)
+            .map_err(|e| Check::Invalid(format!("cannot read the artifact: {e}")))?
+            .ok_or_else(|| Check::Invalid("the artifact is longer than its seal says".into()))?;
         if digest != seal.artifact {
             return Err(Check::Invalid(
                 "the artifact's checksum does not match its seal (corrupt or replaced)".into(),
@@ -369,20 +370,37 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Reads a small file whole; `Ok(None)` when it is larger than `max`.
+/// Reads a small regular file whole ([`crate::files::read_regular`]: a FIFO or device put in
+/// the cache is refused, never waited on); `Ok(None)` when it is larger than `max`.
 fn read_capped(path: &Path, max: u64) -> std::io::Result<Option<String>> {
-    let file = std::fs::File::open(path)?;
-    let mut text = String::new();
-    file.take(max + 1).read_to_string(&mut text)?;
-    Ok((text.len() as u64 <= max).then_some(text))
+    use crate::files::ReadError;
+    match crate::files::read_regular(path, max) {
+        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text")
+        }),
+        Err(ReadError::TooLarge(_)) => Ok(None),
+        Err(ReadError::Io(e)) => Err(e),
+        Err(e @ ReadError::NotRegular(_)) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            e.to_string(),
+        )),
+    }
 }
 
 /// Bytes read at a time while hashing a component: large enough that a 32 MiB component takes
 /// 128 reads, small enough to allocate afresh for every hash.
 const HASH_READ_BYTES: usize = 256 * 1024;
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+/// The SHA-256 of the regular file at `path`, read through one handle that was checked to be a
+/// regular file ([`crate::files::open_regular`]), and at most `max` bytes of it (`None` past
+/// that: a file that grew, or a device swapped in after the length was looked at).
+fn sha256_file(path: &Path, max: u64) -> std::io::Result<Option<String>> {
+    let file = crate::files::open_regular(path).map_err(|e| match e {
+        crate::files::ReadError::Io(e) => e,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
+    })?;
+    let mut file = file.take(max.saturating_add(1));
+    let mut read: u64 = 0;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; HASH_READ_BYTES];
     loop {
@@ -390,9 +408,13 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         if n == 0 {
             break;
         }
+        read = read.saturating_add(n as u64);
+        if read > max {
+            return Ok(None);
+        }
         hasher.update(buffer.get(..n).unwrap_or_default());
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(Some(hex(&hasher.finalize())))
 }
 
 /// Writes `bytes` to a new temporary file in `dir`, syncs it and renames it to `path`.
@@ -581,6 +603,36 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(call_f(e, &component), 42);
+    }
+
+    /// A named pipe in place of a seal (anyone who can write the cache directory can make one)
+    /// is refused at once and the entry replaced: reading it would wait for a writer for ever,
+    /// holding a blocking thread per load.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_in_place_of_a_seal_is_refused_not_waited_on() {
+        let (_dir, engine, cache, wasm) = setup();
+        let key = hex(&Sha256::digest(&wasm));
+        let (_, seal) = cache.paths(&key);
+        cache.load_or_compile(engine.wasmtime(), &wasm).unwrap();
+        std::fs::remove_file(&seal).unwrap();
+        let c = std::ffi::CString::new(seal.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let e = engine.wasmtime().clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(cache.load_or_compile(&e, &wasm).map(|(_, outcome)| outcome));
+        });
+        let outcome = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the load waited on the FIFO")
+            .unwrap();
+        assert!(
+            matches!(&outcome, CacheOutcome::Rejected(why) if why.contains("named pipe")),
+            "{outcome:?}"
+        );
+        assert!(std::fs::symlink_metadata(&seal).unwrap().is_file());
     }
 
     /// A foreign file dressed up as a valid entry — garbage with a seal that matches it — gets
