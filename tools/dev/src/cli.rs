@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use jobhook::app::cli::RunArgs;
 use jobhook::capabilities::keyfactor::auth::{Auth, AuthConfig};
@@ -122,13 +122,14 @@ async fn run(args: DevRunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
-    if !(args.seconds.is_finite() && args.seconds > 0.0) {
-        bail!("--seconds must be a positive number");
-    }
+    let duration = Duration::try_from_secs_f64(args.seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("--seconds must be a positive, finite number of seconds"))?;
     let report = crate::loadgen::run(crate::loadgen::LoadOptions {
         url: args.url,
         rate: args.rate,
-        duration: Duration::from_secs_f64(args.seconds),
+        duration,
         token: args.token,
         record: args.record,
         seed: args.seed,

@@ -40,6 +40,25 @@ pub const OBSERVER_CONNECTIONS: usize = 8;
 /// Timeout of one request: an ingest answer should take milliseconds.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest 202 answer read for its event id: the engine's names at most 256 handlers (about
+/// 17 KiB); a target answering more is not the engine, and its body is not held.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The event id of a 202 answer, when it is one: read up to [`MAX_ANSWER_BYTES`], and only a
+/// UUID (what goes into `--record`, one per line, is never the target's other text).
+async fn event_id(mut response: reqwest::Response) -> Option<String> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_ANSWER_BYTES {
+            return None;
+        }
+    }
+    let answer: Value = serde_json::from_slice(&body).ok()?;
+    let id = uuid::Uuid::parse_str(answer.get("event_id")?.as_str()?).ok()?;
+    Some(id.to_string())
+}
+
 /// Pause before resending a request that got no answer: short, so that a restarted engine is
 /// found quickly, but not a busy loop against a refused connection.
 const RESEND_PAUSE: Duration = Duration::from_millis(100);
@@ -334,12 +353,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(elapsed);
-                    let id = response
-                        .bytes()
-                        .await
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                        .and_then(|v| v["event_id"].as_str().map(str::to_owned));
+                    let id = event_id(response).await;
                     if let (Some(file), Some(id)) = (record, id) {
                         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
                         let _ = writeln!(f, "{id}");
@@ -385,6 +399,54 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
 mod tests {
     use super::*;
     use jobhook::context::JobContext;
+
+    /// Answers one request on a loopback port with `body` and returns the URL.
+    async fn answering(body: String) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = format!(
+                "HTTP/1.1 202 Accepted\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+        });
+        url
+    }
+
+    /// Only a UUID is taken from an answer, and only from an answer of a bounded size: a
+    /// target that is not the engine can neither add lines to `--record` nor fill memory.
+    #[tokio::test]
+    async fn an_answers_event_id_is_a_uuid_from_a_bounded_body() {
+        let id = "01938f2e-7c4b-7d2a-9c1e-3f5a6b7c8d9e";
+        for (body, expected) in [
+            (
+                format!(r#"{{"event_id":"{id}","deliveries":[]}}"#),
+                Some(id),
+            ),
+            (
+                r#"{"event_id":"x
+forged-id"}"#
+                    .to_owned(),
+                None,
+            ),
+            (
+                format!(
+                    r#"{{"event_id":"{id}","pad":"{}"}}"#,
+                    "a".repeat(MAX_ANSWER_BYTES)
+                ),
+                None,
+            ),
+        ] {
+            let response = reqwest::get(answering(body).await).await.unwrap();
+            assert_eq!(event_id(response).await.as_deref(), expected);
+        }
+    }
 
     #[test]
     fn every_generated_event_is_a_valid_context() {
