@@ -890,6 +890,8 @@ impl Dispatcher {
         recorder: &mpsc::Sender<Finished>,
         slot: OwnedSemaphorePermit,
     ) {
+        // When the delivery starts, by which quarantine judges its end (see `Quarantine::record`).
+        let started = Instant::now();
         // Given back when this delivery is done with them, however it ends.
         let places = Places {
             slot: Some(slot),
@@ -915,7 +917,7 @@ impl Dispatcher {
                 ),
                 self.store.now(),
             ),
-            (Some(h), Ok(context)) => self.run_handler(h, &claim, context).await,
+            (Some(h), Ok(context)) => self.run_handler(h, &claim, context, started).await,
         };
         let verdict = quarantine_verdict(&record);
         let (recorded, done) = oneshot::channel();
@@ -947,7 +949,7 @@ impl Dispatcher {
         // took the delivery over) says nothing about the handler, as a time-out caused by the
         // freeze itself would otherwise count against it.
         if let (Some(h), Ok(Finish::Recorded), Some(succeeded)) = (&handler, done.await, verdict) {
-            let change = h.quarantine().record(succeeded, Instant::now());
+            let change = h.quarantine().record(succeeded, started, Instant::now());
             log_quarantine(&h.config.name, change);
             h.earn(succeeded);
             if matches!(change, Change::Quarantined { .. }) {
@@ -962,13 +964,15 @@ impl Dispatcher {
         drop(held);
     }
 
+    /// Runs `claim` with `h` unless `h` is quarantined at `started` (then hands it back).
     async fn run_handler(
         &self,
         h: &RegisteredHandler,
         claim: &Claim,
         context: &crate::JobContext,
+        started: Instant,
     ) -> AttemptRecord {
-        let admission = h.quarantine().admit(Instant::now());
+        let admission = h.quarantine().admit(started);
         if let Admission::Wait(reason) = admission {
             // Claimed just before its handler was quarantined: given back, due at once — this
             // node claims none of the handler's deliveries until the quarantine ends (no room),

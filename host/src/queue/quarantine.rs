@@ -6,7 +6,9 @@
 //! backoff; its deliveries wait in the store meanwhile (none is claimed for it, and none is
 //! lost: the failures may be a relay's or an API's outage, not the handler's). When the backoff
 //! has passed the next delivery runs as a probe: success releases the handler and resets the
-//! backoff, failure quarantines it again for twice as long (up to the maximum).
+//! backoff, failure quarantines it again for twice as long (up to the maximum). Deliveries that
+//! were already running when the quarantine began decide nothing when they end, however late
+//! (see [`Quarantine::record`]).
 
 use std::time::{Duration, Instant};
 
@@ -133,6 +135,9 @@ pub struct Quarantine {
     config: QuarantineConfig,
     consecutive_failures: u32,
     until: Option<Instant>,
+    /// When the last quarantine began: a delivery that started before it was already running
+    /// then, and its end is no news about the handler ([`Quarantine::record`]).
+    began: Option<Instant>,
     next_backoff: Duration,
 }
 
@@ -144,6 +149,7 @@ impl Quarantine {
             config,
             consecutive_failures: 0,
             until: None,
+            began: None,
             next_backoff,
         }
     }
@@ -161,15 +167,20 @@ impl Quarantine {
         }
     }
 
-    /// Records the result of a delivery that ran; says what changed.
-    pub fn record(&mut self, success: bool, now: Instant) -> Change {
-        // Deliveries that started before the quarantine and end during it say nothing new,
-        // failed or succeeded: only the probe, claimed once the quarantine has ended, decides.
-        // A failure would otherwise lengthen it (one outage's deliveries in flight each
-        // doubling it, up to the maximum), and a success lift it as "the probe succeeded"
+    /// Records the result of a delivery that was admitted ([`Quarantine::admit`]) at `started`
+    /// and ended at `now`; says what changed.
+    pub fn record(&mut self, success: bool, started: Instant, now: Instant) -> Change {
+        // A delivery that was already running when the last quarantine began says nothing new
+        // when it ends, failed or succeeded, however late: only the probe, admitted once the
+        // quarantine has ended, decides. It is judged by when it started, not when it ended: a
+        // failure would otherwise lengthen the quarantine (one outage's deliveries in flight
+        // each doubling it, up to the maximum) or, ending after the quarantine ran out, be taken
+        // for the probe's and double it; a success would lift it as "the probe succeeded"
         // although no probe ran.
-        if self.until.is_some_and(|until| now < until) {
-            if !success {
+        if self.began.is_some_and(|began| started < began) {
+            // Still counted among the failures in a row (which the handler's status shows)
+            // while the quarantine stands; not once a probe has released the handler.
+            if !success && self.until.is_some() {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
             }
             return Change::None;
@@ -193,6 +204,7 @@ impl Quarantine {
         {
             let backoff = self.next_backoff.min(self.config.max_backoff);
             self.until = now.checked_add(backoff);
+            self.began = Some(now);
             self.next_backoff = backoff.saturating_mul(2).min(self.config.max_backoff);
             return Change::Quarantined {
                 consecutive_failures: self.consecutive_failures,
@@ -261,11 +273,11 @@ mod tests {
     fn quarantines_after_n_failures_and_backs_off_exponentially() {
         let t0 = Instant::now();
         let mut q = Quarantine::new(config());
-        assert_eq!(q.record(false, t0), Change::None);
-        q.record(false, t0);
+        assert_eq!(q.record(false, t0, t0), Change::None);
+        q.record(false, t0, t0);
         assert_eq!(q.admit(t0), Admission::Run);
         assert_eq!(
-            q.record(false, t0),
+            q.record(false, t0, t0),
             Change::Quarantined {
                 consecutive_failures: 3,
                 backoff: Duration::from_secs(10)
@@ -280,17 +292,17 @@ mod tests {
         // The probe after the backoff fails: quarantined twice as long.
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(q.admit(t1), Admission::Run);
-        q.record(false, t1);
+        q.record(false, t1, t1);
         assert!(q.is_quarantined(t1 + Duration::from_secs(19)));
         assert!(!q.is_quarantined(t1 + Duration::from_secs(20)));
         // ... capped at the maximum.
         let t2 = t1 + Duration::from_secs(20);
-        q.record(false, t2);
+        q.record(false, t2, t2);
         assert!(!q.is_quarantined(t2 + Duration::from_secs(25)));
         // A probe that succeeds releases it, and says so once.
         let t3 = t2 + Duration::from_secs(25);
-        assert_eq!(q.record(true, t3), Change::Released);
-        assert_eq!(q.record(true, t3), Change::None);
+        assert_eq!(q.record(true, t3, t3), Change::Released);
+        assert_eq!(q.record(true, t3, t3), Change::None);
         assert_eq!(q.admit(t3), Admission::Run);
     }
 
@@ -299,17 +311,21 @@ mod tests {
     /// probe's failure after it does.
     #[test]
     fn failures_during_a_quarantine_do_not_lengthen_it() {
-        let t0 = Instant::now();
+        // Twelve deliveries start, then the quarantine begins (at t0) and they fail in it.
+        let started = Instant::now();
+        let t0 = started + Duration::from_secs(1);
         let mut q = Quarantine::new(config());
         for _ in 0..3 {
-            q.record(false, t0);
+            q.record(false, t0, t0);
         }
         for n in 1..=12 {
-            assert_eq!(q.record(false, t0 + Duration::from_millis(n)), Change::None);
+            let ended = t0 + Duration::from_millis(n);
+            assert_eq!(q.record(false, started, ended), Change::None);
         }
         assert!(!q.is_quarantined(t0 + Duration::from_secs(10)));
+        let probe = t0 + Duration::from_secs(10);
         assert_eq!(
-            q.record(false, t0 + Duration::from_secs(10)),
+            q.record(false, probe, probe),
             Change::Quarantined {
                 consecutive_failures: 16,
                 backoff: Duration::from_secs(20)
@@ -321,20 +337,67 @@ mod tests {
     /// only the probe, once the quarantine has ended, does.
     #[test]
     fn a_success_in_flight_during_a_quarantine_does_not_lift_it() {
-        let t0 = Instant::now();
+        let started = Instant::now();
+        let t0 = started + Duration::from_secs(1);
         let mut q = Quarantine::new(config());
         for _ in 0..3 {
-            q.record(false, t0);
+            q.record(false, t0, t0);
         }
         assert!(q.is_quarantined(t0 + Duration::from_millis(1)));
-        assert_eq!(q.record(true, t0 + Duration::from_millis(1)), Change::None);
+        assert_eq!(
+            q.record(true, started, t0 + Duration::from_millis(1)),
+            Change::None
+        );
         assert!(q.is_quarantined(t0 + Duration::from_millis(2)));
         // The probe, after the backoff, releases it.
-        assert_eq!(
-            q.record(true, t0 + Duration::from_secs(10)),
-            Change::Released
-        );
-        assert!(!q.is_quarantined(t0 + Duration::from_secs(10)));
+        let probe = t0 + Duration::from_secs(10);
+        assert_eq!(q.record(true, probe, probe), Change::Released);
+        assert!(!q.is_quarantined(probe));
+    }
+
+    /// A delivery already running when the quarantine began that ends only after the
+    /// quarantine has run out is not the probe either: its failure neither quarantines the
+    /// handler again nor doubles the backoff, its success does not release it. The probe, which
+    /// starts after it, decides. And once a probe has released the handler, a failure of a
+    /// delivery that was running before the quarantine is not counted against it.
+    #[test]
+    fn a_delivery_running_since_before_the_quarantine_is_not_its_probe_however_late_it_ends() {
+        let started = Instant::now();
+        let t0 = started + Duration::from_secs(1);
+        let over = t0 + Duration::from_secs(10);
+        let late = over + Duration::from_secs(5);
+        for succeeded in [false, true] {
+            let mut q = Quarantine::new(config());
+            for _ in 0..3 {
+                q.record(false, t0, t0);
+            }
+            assert!(!q.is_quarantined(over));
+            assert_eq!(
+                q.record(succeeded, started, late),
+                Change::None,
+                "{succeeded}"
+            );
+            assert!(!q.is_quarantined(late), "{succeeded}");
+            // The probe fails: quarantined for the second period (20 s), not the third (25 s).
+            let probe = late + Duration::from_millis(1);
+            assert_eq!(
+                q.record(false, probe, probe),
+                Change::Quarantined {
+                    consecutive_failures: if succeeded { 4 } else { 5 },
+                    backoff: Duration::from_secs(20)
+                },
+                "{succeeded}"
+            );
+            // Its probe succeeds: released, by the probe.
+            let next = probe + Duration::from_secs(20);
+            assert_eq!(q.record(true, next, next), Change::Released, "{succeeded}");
+            // Released, a failure of a delivery that started before that quarantine counts for
+            // nothing: two more failures of new deliveries do not reach the threshold of three.
+            q.record(false, started, next);
+            q.record(false, next, next);
+            assert_eq!(q.record(false, next, next), Change::None, "{succeeded}");
+            assert!(!q.is_quarantined(next), "{succeeded}");
+        }
     }
 
     /// A reload's new `[quarantine]` applies to a handler it kept: the failures so far count
@@ -346,8 +409,8 @@ mod tests {
         // Two failures under a threshold of three; the new threshold of two quarantines at the
         // next failure, for the new first period.
         let mut q = Quarantine::new(config());
-        q.record(false, t0);
-        q.record(false, t0);
+        q.record(false, t0, t0);
+        q.record(false, t0, t0);
         q.reconfigure(
             QuarantineConfig {
                 after_failures: 2,
@@ -357,19 +420,19 @@ mod tests {
             t0,
         );
         assert_eq!(q.admit(t0), Admission::Run);
-        q.record(false, t0);
+        q.record(false, t0, t0);
         assert!(q.is_quarantined(t0 + Duration::from_secs(3)));
         assert!(!q.is_quarantined(t0 + Duration::from_secs(4)));
         // Its next period doubles within the new maximum.
         let t1 = t0 + Duration::from_secs(4);
-        q.record(false, t1);
+        q.record(false, t1, t1);
         assert!(q.is_quarantined(t1 + Duration::from_secs(5)));
         assert!(!q.is_quarantined(t1 + Duration::from_secs(6)));
 
         // A quarantine of 25 s under way is cut to a new maximum of 5 s from the reload.
         let mut q = Quarantine::new(config());
         for _ in 0..3 {
-            q.record(false, t0);
+            q.record(false, t0, t0);
         }
         assert!(q.is_quarantined(t0 + Duration::from_secs(9)));
         q.reconfigure(
@@ -385,7 +448,7 @@ mod tests {
         // Turned off: lifted at once, and failures no longer quarantine.
         let mut q = Quarantine::new(config());
         for _ in 0..3 {
-            q.record(false, t0);
+            q.record(false, t0, t0);
         }
         q.reconfigure(
             QuarantineConfig {
@@ -395,7 +458,7 @@ mod tests {
             t0,
         );
         assert_eq!(q.admit(t0), Admission::Run);
-        q.record(false, t0);
+        q.record(false, t0, t0);
         assert_eq!(q.admit(t0), Admission::Run);
     }
 
@@ -404,10 +467,10 @@ mod tests {
         let t0 = Instant::now();
         let mut q = Quarantine::new(config());
         for _ in 0..3 {
-            q.record(false, t0);
+            q.record(false, t0, t0);
         }
         let t1 = t0 + Duration::from_secs(10);
-        q.record(true, t1);
+        q.record(true, t1, t1);
         assert_eq!(q.admit(t1), Admission::Run);
         assert_eq!(
             q.status(t1),
@@ -416,7 +479,7 @@ mod tests {
             }
         );
         for _ in 0..3 {
-            q.record(false, t1);
+            q.record(false, t1, t1);
         }
         assert!(!q.is_quarantined(t1 + Duration::from_secs(10)));
     }
@@ -429,7 +492,7 @@ mod tests {
         });
         let t0 = Instant::now();
         for _ in 0..100 {
-            q.record(false, t0);
+            q.record(false, t0, t0);
         }
         assert_eq!(q.admit(t0), Admission::Run);
     }
