@@ -564,8 +564,8 @@ impl Dispatcher {
         let leases = tokio::spawn(Arc::clone(&self).keep_leases());
         let (record, queue) = mpsc::channel(self.slot_count);
         let recorder = tokio::spawn(record_outcomes(Arc::clone(&self.store), queue));
-        // When the earliest pending delivery falls due, as last read from the store.
-        let mut known_due = None;
+        // When the earliest pending delivery this node could claim falls due, as last read.
+        let mut known_due = KnownDue::default();
         loop {
             if *stopped.borrow() {
                 break;
@@ -594,7 +594,7 @@ impl Dispatcher {
                 registry = self.registry();
                 room = registry.room();
             }
-            let limits = ClaimLimits {
+            let mut limits = ClaimLimits {
                 max: permits.len(),
                 room,
                 // Only handlers this node has: another's deliveries wait for it.
@@ -622,6 +622,14 @@ impl Dispatcher {
                 Ok(Ok(claims)) if !claims.is_empty() => {
                     let filled = claims.len() >= permits.len();
                     let wanted = short_of_places(&limits.room, &claims);
+                    // The room these leave, which the wait reads the next due time for: a
+                    // handler this claim took to its cap has none, and its deliveries left
+                    // behind wait for a place, not for a time.
+                    for claim in &claims {
+                        if let Some(room) = limits.room.get_mut(&claim.handler) {
+                            *room = room.saturating_sub(1);
+                        }
+                    }
                     // Unused permits are dropped here, freeing their slots.
                     for (claim, permit) in claims.into_iter().zip(permits) {
                         let handler = registry.get(&claim.handler).cloned();
@@ -655,7 +663,7 @@ impl Dispatcher {
                     // before something changes would find nothing.
                     if !filled
                         && !self
-                            .wait(&mut known_due, at_cap, wanted, &mut stopped)
+                            .wait(&mut known_due, &limits, wanted, &mut stopped)
                             .await
                     {
                         break;
@@ -665,7 +673,7 @@ impl Dispatcher {
                     drop(permits);
                     let wanted = short_of_places(&limits.room, &[]);
                     if !self
-                        .wait(&mut known_due, at_cap, wanted, &mut stopped)
+                        .wait(&mut known_due, &limits, wanted, &mut stopped)
                         .await
                     {
                         break;
@@ -743,41 +751,45 @@ impl Dispatcher {
         }
     }
 
-    /// Waits, after a claim that took every due delivery it had places for, until claiming
-    /// again may find more: a wake-up ([`Dispatcher::wake`]), a place coming free if `wanted`
-    /// (see [`short_of_places`]), or the next delivery falling due (at most [`IDLE_POLL`]).
-    /// False when the dispatcher is to stop.
+    /// Waits, after a claim under `limits` that took every due delivery it had places for,
+    /// until claiming again may find more: a wake-up ([`Dispatcher::wake`]), a place coming free
+    /// if `wanted` (see [`short_of_places`]), or the next delivery a claim under `limits` could
+    /// take falling due (at most [`IDLE_POLL`]). False when the dispatcher is to stop.
     ///
-    /// `known_due` is when the earliest pending delivery falls due as last read from the
-    /// store, if that was still to come; it is read again only once that time has come, after
-    /// a wait ran out, or when something may have moved it earlier (`due_moved`), so that a
-    /// dispatcher keeping up with a stream of new events does not ask the store at every one
-    /// of them.
+    /// `known` is that due time as last read from the store, if it was still to come, and for
+    /// which handlers; it is read again only once that time has come, after a wait ran out, when
+    /// something may have moved it earlier (`due_moved`), or when the handlers with room are no
+    /// longer those it was read for, so that a dispatcher keeping up with a stream of new events
+    /// does not ask the store at every one of them.
     async fn wait(
         &self,
-        known_due: &mut Option<DateTime<Utc>>,
-        at_cap: bool,
+        known: &mut KnownDue,
+        limits: &ClaimLimits,
         wanted: bool,
         stopped: &mut watch::Receiver<bool>,
     ) -> bool {
+        // Every loaded handler at its cap (or none loaded): no delivery is claimable for a time
+        // to come, only for a place coming free, a wake-up or the idle poll.
+        let at_cap = limits.room.values().all(|room| *room == 0);
         let pause = if at_cap {
             IDLE_POLL
         } else {
             let now = self.store.now();
             let moved = self.due_moved.swap(false, Ordering::AcqRel);
-            if moved || known_due.is_some_and(|due| due <= now) {
+            if moved || !known.read_for(limits) || known.at.is_some_and(|due| due <= now) {
                 let store = Arc::clone(&self.store);
-                let due = tokio::task::spawn_blocking(move || store.next_due())
+                let asked = limits.clone();
+                let due = tokio::task::spawn_blocking(move || store.next_due(&asked))
                     .await
                     .ok()
                     .and_then(Result::ok)
                     .flatten();
                 // One already due was held back (see `pause_until`): what releases it wakes
                 // the dispatcher, and the store is asked again when the wait runs out.
-                *known_due = due.filter(|due| *due > now);
+                *known = KnownDue::read(due.filter(|due| *due > now), limits);
                 pause_until(due, now)
             } else {
-                pause_until(*known_due, now)
+                pause_until(known.at, now)
             }
         };
         tokio::select! {
@@ -1199,6 +1211,43 @@ async fn record_outcomes(store: Arc<dyn EventStore>, mut queue: mpsc::Receiver<F
     }
 }
 
+/// When the earliest pending delivery a claim could take falls due, as the dispatcher last read
+/// it from the store ([`EventStore::next_due`]), and the handlers with room it was read for: a
+/// handler that has room again may have a delivery due sooner.
+#[derive(Debug, Default)]
+struct KnownDue {
+    at: Option<DateTime<Utc>>,
+    handlers: Vec<String>,
+}
+
+impl KnownDue {
+    /// `at`, read for the handlers `limits` leaves room.
+    fn read(at: Option<DateTime<Utc>>, limits: &ClaimLimits) -> Self {
+        KnownDue {
+            at,
+            handlers: with_room(limits).map(str::to_owned).collect(),
+        }
+    }
+
+    /// Whether it was read for the handlers `limits` leaves room (the dispatcher claims only
+    /// handlers it lists: `others` is 0).
+    fn read_for(&self, limits: &ClaimLimits) -> bool {
+        self.handlers
+            .iter()
+            .map(String::as_str)
+            .eq(with_room(limits))
+    }
+}
+
+/// The handlers `limits` leaves room, in name order.
+fn with_room(limits: &ClaimLimits) -> impl Iterator<Item = &str> {
+    limits
+        .room
+        .iter()
+        .filter(|(_, room)| **room > 0)
+        .map(|(handler, _)| handler.as_str())
+}
+
 /// Whether a claim given `room` (each handler's free places) that took `claims` may have left
 /// due deliveries behind for want of a place: some handler got as many as it had room for (none,
 /// when it had none). Then a place coming free may let the next claim take more; otherwise every
@@ -1216,14 +1265,16 @@ fn gathers(running: usize, free: usize, slots: usize) -> bool {
     running >= GATHER_PLACES && free > 0 && free < GATHER_PLACES.min(slots)
 }
 
-/// The pause after an empty claim, given when the next pending delivery falls due.
+/// The pause after a claim that took every due delivery it had places for, given when the next
+/// pending delivery the dispatcher could claim falls due.
 ///
-/// A delivery already due that the claim did not get is held back by something that only a
-/// delivery finishing (its handler's concurrency cap), a new event or time changes: its handler
-/// is at its cap or quarantined, another node is claiming it, or no loaded handler has its name.
-/// Claiming again at once would find nothing again, and with a backlog of a saturated handler
-/// that was a claim and a `next_due` query every millisecond; so a due delivery waits for the
-/// dispatcher's other wake-ups or [`IDLE_POLL`]. A delivery due later is waited for.
+/// Deliveries of handlers without room (at their cap, quarantined) or not loaded are not
+/// counted ([`EventStore::next_due`]). A delivery already due that the claim did not get all the
+/// same is held back by something that only a wake-up or time changes: another node is claiming
+/// it, or its handler's room changed since. Claiming again at once would find nothing again
+/// (with a backlog of a saturated handler, counted, that was a claim and a `next_due` query
+/// every millisecond); so a due delivery waits for the dispatcher's other wake-ups or
+/// [`IDLE_POLL`]. A delivery due later is waited for.
 fn pause_until(due: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
     match due.map(|at| (at - now).to_std()) {
         Some(Ok(wait)) if !wait.is_zero() => wait.clamp(Duration::from_millis(1), IDLE_POLL),
@@ -1586,6 +1637,12 @@ mod tests {
 
     /// Inserts an event of a failed job for handler `a`.
     fn inserted(store: &dyn EventStore) {
+        inserted_for(store, &["a"]);
+    }
+
+    /// Inserts an event of a failed job for `handlers`; gives its id.
+    fn inserted_for(store: &dyn EventStore, handlers: &[&str]) -> Uuid {
+        let id = crate::queue::store::new_event_id();
         let context = JobContext::from_json_value(&serde_json::json!({
             "AgentId": "fa406103-0b3e-4f0b-8d3b-0c1f8e6c0a11", "Username": "u",
             "ClientMachine": "m", "JobResult": "Failure",
@@ -1596,13 +1653,14 @@ mod tests {
         .unwrap();
         store
             .insert_event(&NewEvent {
-                id: crate::queue::store::new_event_id(),
+                id,
                 source: "test".into(),
                 context,
                 message: None,
-                handlers: vec!["a".into()],
+                handlers: handlers.iter().map(|h| (*h).to_owned()).collect(),
             })
             .unwrap();
+        id
     }
 
     /// SQLite, counting the claims made of it (`.1`); it offers no awaited writes, so every
@@ -1674,8 +1732,16 @@ mod tests {
 
     /// A dispatcher over `store` with `handler`, running.
     fn running_with(store: &Arc<CountsClaims>, handler: Arc<RegisteredHandler>) -> Running {
+        running_with_all(store, vec![handler])
+    }
+
+    /// A dispatcher over `store` with `handlers`, running.
+    fn running_with_all(
+        store: &Arc<CountsClaims>,
+        handlers: Vec<Arc<RegisteredHandler>>,
+    ) -> Running {
         let shared: Arc<dyn EventStore> = Arc::clone(store) as _;
-        let registry = Registry::new([handler]);
+        let registry = Registry::new(handlers);
         let dispatcher = Dispatcher::new(shared, registry, Arc::new(Metrics::new()), 8);
         Running(
             Arc::clone(&dispatcher),
@@ -1831,6 +1897,75 @@ mod tests {
         );
     }
 
+    /// Inserts one event for handler `a`, wakes the dispatcher as the API does, and waits
+    /// until its delivery has ended, whatever other deliveries do; gives the time that took.
+    async fn delivered_to_a(store: &CountsClaims, run: &Running) -> Duration {
+        let start = Instant::now();
+        let id = inserted_for(store, &["a"]);
+        run.0.wake();
+        let until = start + Duration::from_secs(20);
+        loop {
+            let event = store.event(id).unwrap().expect("the event");
+            if event.deliveries.iter().all(|d| d.state.is_terminal()) {
+                return start.elapsed();
+            }
+            assert!(Instant::now() < until, "not delivered: {event:?}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// A retry runs when it falls due while another handler's deliveries are overdue and cannot
+    /// be claimed here — their handler quarantined, at its cap, or not configured on this node.
+    /// Their due time, long past, made the dispatcher wait for its idle poll instead of for the
+    /// retry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_runs_when_it_falls_due_while_another_handlers_deliveries_wait() {
+        const BACKOFF: Duration = Duration::from_millis(20);
+        for held in ["quarantined", "at its cap", "not configured"] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = counting_claims(dir.path());
+            let retry = RetryPolicy {
+                max_attempts: 2,
+                backoff: BACKOFF,
+                max_backoff: BACKOFF,
+            };
+            let a = handler_named("a", "guest-trap", retry).await;
+            a.reconfigure_quarantine(&QuarantineConfig {
+                after_failures: 0,
+                ..QuarantineConfig::default()
+            });
+            let mut handlers = vec![a];
+            if held != "not configured" {
+                let b = handler_named("b", "log-context", RetryPolicy::default()).await;
+                if held == "quarantined" {
+                    let now = Instant::now();
+                    for _ in 0..crate::queue::quarantine::DEFAULT_QUARANTINE_AFTER {
+                        b.quarantine().record(false, now, now);
+                    }
+                    assert!(b.quarantine().is_quarantined(Instant::now()));
+                } else {
+                    // Its one place taken, as by a delivery running.
+                    b.running.fetch_add(b.places(), Ordering::Relaxed);
+                }
+                handlers.push(b);
+            }
+            let waiting = inserted_for(store.as_ref(), &["b"]);
+            let run = running_with_all(&store, handlers);
+            // As in `a_retry_runs_when_it_falls_due_not_at_the_next_idle_poll`.
+            let mut fastest = Duration::MAX;
+            for _ in 0..3 {
+                fastest = fastest.min(delivered_to_a(&store, &run).await);
+            }
+            run.stop().await;
+            let b = store.event(waiting).unwrap().expect("the event");
+            assert_eq!(b.deliveries[0].state, DeliveryState::Pending, "{held}");
+            assert!(
+                fastest < IDLE_POLL - Duration::from_millis(100),
+                "{held}: two attempts {BACKOFF:?} apart took {fastest:?} at best"
+            );
+        }
+    }
+
     /// SQLite, except that no outcome is recorded before `.1` is set: every recording waits
     /// for it.
     struct RecordsHeld(SqliteStore, std::sync::atomic::AtomicBool);
@@ -1881,8 +2016,17 @@ mod tests {
 
     /// [`handler_a`] with the retry policy `retry`.
     async fn handler_a_retrying(package: &str, retry: RetryPolicy) -> Arc<RegisteredHandler> {
+        handler_named("a", package, retry).await
+    }
+
+    /// Handler `name`: as [`handler_a`], with the retry policy `retry`.
+    async fn handler_named(
+        name: &str,
+        package: &str,
+        retry: RetryPolicy,
+    ) -> Arc<RegisteredHandler> {
         let engine = crate::runtime::engine::Engine::new(4).unwrap();
-        let spec = crate::runtime::state::SandboxSpec::new("a");
+        let spec = crate::runtime::state::SandboxSpec::new(name);
         let handler = SandboxedHandler::load(
             &engine,
             &crate::capabilities::Services::default(),
@@ -1893,7 +2037,7 @@ mod tests {
         .await
         .unwrap();
         let registration = Registration {
-            name: "a".into(),
+            name: name.into(),
             component: jobhook_testkit::guest(package),
             job_types: JobTypes::All,
             properties: spec.properties,
@@ -2077,7 +2221,7 @@ mod tests {
     #[test]
     fn a_delivery_already_due_that_no_claim_got_is_not_polled_for_in_a_loop() {
         let now = Utc::now();
-        // Due now or overdue: held back by a cap, a quarantine or another node; only the
+        // Due now or overdue, yet not claimed: held back by another node; only the
         // dispatcher's wake-ups or the idle poll may claim again.
         assert_eq!(pause_until(Some(now), now), IDLE_POLL);
         assert_eq!(

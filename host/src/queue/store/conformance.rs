@@ -51,6 +51,7 @@ macro_rules! suite {
             release_all_gives_back_only_this_nodes_claims,
             release_all_leaves_other_nodes_claims_alone,
             retries_wait_until_due,
+            the_next_due_time_counts_only_handlers_a_claim_could_take,
             cursor_and_events_commit_together,
             failed_writes_commit_nothing,
             unknown_events_are_none,
@@ -194,8 +195,9 @@ macro_rules! pass_on_the_rest {
         }
         fn next_due(
             &self,
+            limits: &$crate::queue::store::ClaimLimits,
         ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::queue::store::StoreError> {
-            self.0.next_due()
+            self.0.next_due(limits)
         }
         fn count_by_state(
             &self,
@@ -235,6 +237,11 @@ macro_rules! pass_on_the_rest {
     };
 }
 pub(crate) use pass_on_the_rest;
+
+/// Limits that leave every handler room: [`EventStore::next_due`] over every pending delivery.
+pub(crate) fn every_handler() -> ClaimLimits {
+    ClaimLimits::any(MAX_CLAIM_BATCH)
+}
 
 /// A sample job context.
 pub(crate) fn context() -> JobContext {
@@ -459,12 +466,49 @@ pub(crate) fn retries_wait_until_due(b: &impl Backend) {
     r.retry_at = Some(at);
     store.finish(&c, &r).unwrap();
     assert!(store.claim(Utc::now(), &[], LEASE).unwrap().is_none());
-    assert_eq!(store.next_due().unwrap().map(to_ms), Some(to_ms(at)));
+    assert_eq!(
+        store.next_due(&every_handler()).unwrap().map(to_ms),
+        Some(to_ms(at))
+    );
     let again = store
         .claim(after(at, Duration::from_millis(1)), &[], LEASE)
         .unwrap()
         .unwrap();
     assert_eq!(again.attempt, 2);
+}
+
+/// The next due time a claim could act on: deliveries of a handler without room (at its cap,
+/// quarantined) or not listed while `others` is 0 (not configured on this node) are left out,
+/// however overdue, so that a retry of another handler due sooner is waited for.
+pub(crate) fn the_next_due_time_counts_only_handlers_a_claim_could_take(b: &impl Backend) {
+    let store = b.node();
+    store.insert_event(&event(&["ready"])).unwrap();
+    let c = store.claim(Utc::now(), &[], LEASE).unwrap().unwrap();
+    let at = after(Utc::now(), Duration::from_secs(60));
+    let mut r = record(DeliveryState::Pending);
+    r.retry_at = Some(at);
+    store.finish(&c, &r).unwrap();
+    // Due now, and overdue by the time they are looked at.
+    store.insert_event(&event(&["capped", "gone"])).unwrap();
+    let now = after(Utc::now(), Duration::from_millis(1));
+    let due_now = |limits: &ClaimLimits| {
+        store
+            .next_due(limits)
+            .unwrap()
+            .is_some_and(|due| due <= now)
+    };
+    assert!(due_now(&every_handler()));
+    // This node has "capped" (no room left) and "ready", not "gone": the retry is next.
+    let mut here = limits(8, &[("capped", 0), ("ready", 1)]);
+    here.others = 0;
+    assert_eq!(store.next_due(&here).unwrap().map(to_ms), Some(to_ms(at)));
+    // A place comes free, or a node takes any handler: what is due now counts again.
+    assert!(due_now(&limits(8, &[("capped", 1), ("ready", 1)])));
+    assert!(due_now(&limits(8, &[("capped", 0), ("ready", 1)])));
+    // No room anywhere: nothing to wait for.
+    let mut none = limits(8, &[("capped", 0), ("ready", 0)]);
+    none.others = 0;
+    assert_eq!(store.next_due(&none).unwrap(), None);
 }
 
 pub(crate) fn cursor_and_events_commit_together(b: &impl Backend) {
@@ -514,7 +558,7 @@ pub(crate) fn unknown_events_are_none(b: &impl Backend) {
 
 pub(crate) fn an_empty_store_has_nothing_due(b: &impl Backend) {
     let store = b.node();
-    assert_eq!(store.next_due().unwrap(), None);
+    assert_eq!(store.next_due(&every_handler()).unwrap(), None);
     assert!(store.count_by_state().unwrap().is_empty());
     assert!(store.claim(Utc::now(), &[], LEASE).unwrap().is_none());
     assert_eq!(store.requeue_abandoned(Utc::now()).unwrap(), 0);
@@ -524,7 +568,7 @@ pub(crate) fn an_empty_store_has_nothing_due(b: &impl Backend) {
     let e = event(&[]);
     store.insert_event(&e).unwrap();
     assert!(store.event(e.id).unwrap().unwrap().deliveries.is_empty());
-    assert_eq!(store.next_due().unwrap(), None);
+    assert_eq!(store.next_due(&every_handler()).unwrap(), None);
 }
 
 pub(crate) fn a_late_finish_after_takeover_is_ignored(b: &impl Backend) {
@@ -1521,7 +1565,10 @@ pub(crate) fn failed_deliveries_run_again_with_their_next_attempt(b: &impl Backe
         .claim_batch(store.now(), &ClaimLimits::any(10), LEASE)
         .unwrap();
     assert_eq!(handlers_of(&due), ["a"]);
-    assert_eq!(store.next_due().unwrap().map(to_ms), Some(to_ms(later)));
+    assert_eq!(
+        store.next_due(&every_handler()).unwrap().map(to_ms),
+        Some(to_ms(later))
+    );
 }
 
 pub(crate) fn failed_deliveries_run_again_in_bounded_batches_newest_first(b: &impl Backend) {

@@ -545,6 +545,12 @@ impl ClaimLimits {
         }
     }
 
+    /// How many of `handler`'s deliveries a claim may take at most, before the batch size: its
+    /// room, or `others` when `room` does not list it.
+    pub fn room_of(&self, handler: &str) -> usize {
+        self.room.get(handler).copied().unwrap_or(self.others)
+    }
+
     /// The most to claim: `max`, capped at [`MAX_CLAIM_BATCH`].
     pub fn batch_size(&self) -> usize {
         self.max.min(MAX_CLAIM_BATCH)
@@ -570,7 +576,7 @@ impl ClaimLimits {
             }
             let name = handler(&candidate);
             let used = taken.get(name).copied().unwrap_or(0);
-            if used >= self.room.get(name).copied().unwrap_or(self.others) {
+            if used >= self.room_of(name) {
                 continue;
             }
             taken.insert(name.to_owned(), used + 1);
@@ -753,8 +759,14 @@ pub trait EventStore: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<i64>, StoreError>;
 
-    /// When the next pending delivery becomes due, if any is pending.
-    fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// When the next pending delivery that a claim under `limits` could take becomes due, if
+    /// one is pending: a handler's deliveries count only if `limits` leaves it room
+    /// ([`ClaimLimits::room_of`]; `limits.max` does not matter). Deliveries of a handler at its
+    /// cap, quarantined or not configured on this node wait for a place, the quarantine's end or
+    /// a node that has the handler, not for a time: counted, one of them already overdue made
+    /// the dispatcher wait for its idle poll instead of for another handler's retry due sooner.
+    /// One index seek per handler with pending deliveries, as a claim.
+    fn next_due(&self, limits: &ClaimLimits) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// Deliveries by state, for metrics.
     fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError>;

@@ -1583,7 +1583,29 @@ const EVENT_ATTEMPTS: &str = "
     FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
     WHERE d.event_id = $1 ORDER BY a.delivery_id, a.attempt";
 
-const NEXT_DUE: &str = "SELECT min(not_before) FROM deliveries WHERE state = 'pending'";
+/// The earliest time a pending delivery of a handler with room is due: `$1`/`$2` each listed
+/// handler's room, `$3` the room of those not listed (see [`EventStore::next_due`]). Each pending
+/// handler is found, and its earliest due time read, by one seek of `deliveries_handler_due`,
+/// as in [`CLAIM_BATCH`].
+const NEXT_DUE: &str = "
+    WITH RECURSIVE pending(handler) AS (
+        (SELECT handler FROM deliveries WHERE state = 'pending' ORDER BY handler LIMIT 1)
+        UNION ALL
+        SELECT (SELECT d.handler FROM deliveries AS d
+                WHERE d.state = 'pending' AND d.handler > p.handler
+                ORDER BY d.handler LIMIT 1)
+        FROM pending AS p WHERE p.handler IS NOT NULL
+    )
+    SELECT min(due.not_before)
+    FROM pending AS p
+    LEFT JOIN unnest($1::text[], $2::bigint[]) AS room(handler, room)
+        ON room.handler = p.handler
+    CROSS JOIN LATERAL (
+        SELECT d.not_before FROM deliveries AS d
+        WHERE d.state = 'pending' AND d.handler = p.handler
+        ORDER BY d.not_before LIMIT 1
+    ) AS due
+    WHERE p.handler IS NOT NULL AND coalesce(room.room, $3) > 0";
 
 /// Reads all of `deliveries`, so it runs where sequential scans are allowed again
 /// ([`with_scans_allowed`]).
@@ -2072,10 +2094,19 @@ impl EventStore for PostgresStore {
         })
     }
 
-    fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+    fn next_due(&self, limits: &ClaimLimits) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let (handlers, room): (Vec<&str>, Vec<i64>) = limits
+            .room
+            .iter()
+            .map(|(handler, room)| (handler.as_str(), i64::try_from(*room).unwrap_or(i64::MAX)))
+            .unzip();
+        let others = i64::try_from(limits.others).unwrap_or(i64::MAX);
         self.with(|conn| {
             let next_due = conn.prepare(NEXT_DUE)?;
-            Ok(conn.client.query_one(&next_due, &[])?.get(0))
+            Ok(conn
+                .client
+                .query_one(&next_due, &[&handlers, &room, &others])?
+                .get(0))
         })
     }
 
@@ -2349,7 +2380,7 @@ mod tests {
         let store = pg.node();
         assert_eq!(store.keep_time().unwrap(), None, "no step yet");
         store.insert_event(&conformance::event(&["a"])).unwrap();
-        let due = store.next_due().unwrap();
+        let due = store.next_due(&conformance::every_handler()).unwrap();
         // The carried time runs an hour ahead of the server's: to the node, the server's clock
         // stepped back an hour.
         let ahead = store.now() + TimeDelta::hours(1);
@@ -2359,7 +2390,11 @@ mod tests {
             (step + TimeDelta::hours(1)).abs() < TimeDelta::seconds(1),
             "{step}"
         );
-        assert_eq!(store.next_due().unwrap(), due, "nothing shared is moved");
+        assert_eq!(
+            store.next_due(&conformance::every_handler()).unwrap(),
+            due,
+            "nothing shared is moved"
+        );
         assert!(
             (store.now() - Utc::now()).abs() < TimeDelta::seconds(1),
             "the server's time is followed"

@@ -278,12 +278,12 @@ const PENDING_HANDLERS: &str = concat!(
     " SELECT handler FROM pending WHERE handler IS NOT NULL"
 );
 
-/// The earliest time a pending delivery is due: each pending handler's earliest, one index seek
-/// each, from the same index as claims.
+/// Each pending handler and the earliest time one of its deliveries is due, one index seek
+/// each, from the same index as claims ([`EventStore::next_due`] keeps those a claim could take).
 const NEXT_DUE: &str = concat!(
     pending_handlers!(),
-    " SELECT MIN((SELECT MIN(d.not_before) FROM deliveries d
-                  WHERE d.state = 'pending' AND d.handler = pending.handler))
+    " SELECT handler, (SELECT MIN(d.not_before) FROM deliveries d
+                       WHERE d.state = 'pending' AND d.handler = pending.handler)
       FROM pending WHERE handler IS NOT NULL"
 );
 
@@ -1809,14 +1809,22 @@ impl EventStore for SqliteStore {
         })
     }
 
-    fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+    fn next_due(&self, limits: &ClaimLimits) -> Result<Option<DateTime<Utc>>, StoreError> {
         let conn = self.conn();
-        let due: Option<i64> = conn
-            .prepare_cached(NEXT_DUE)
-            .map_err(db)?
-            .query_row([], |r| r.get(0))
+        let mut stmt = conn.prepare_cached(NEXT_DUE).map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+            })
             .map_err(db)?;
-        Ok(due.map(from_ms))
+        let mut earliest: Option<i64> = None;
+        for row in rows {
+            let (handler, due) = row.map_err(db)?;
+            if limits.room_of(&handler) > 0 {
+                earliest = earliest.into_iter().chain(due).min();
+            }
+        }
+        Ok(earliest.map(from_ms))
     }
 
     fn count_by_state(&self) -> Result<Vec<(DeliveryState, u64)>, StoreError> {
@@ -2070,7 +2078,10 @@ mod tests {
             .unwrap();
         }
         let store = SqliteStore::open(dir.path()).unwrap();
-        let due = store.next_due().unwrap().expect("a retry is pending");
+        let due = store
+            .next_due(&conformance::every_handler())
+            .unwrap()
+            .expect("a retry is pending");
         let wait = due - store.now();
         assert!(
             wait > TimeDelta::seconds(25) && wait <= TimeDelta::seconds(30),
@@ -2079,7 +2090,10 @@ mod tests {
         // Opened again without a step: nothing moves.
         drop(store);
         let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(store.next_due().unwrap(), Some(due));
+        assert_eq!(
+            store.next_due(&conformance::every_handler()).unwrap(),
+            Some(due)
+        );
         // A mark that is not a time is ignored, not an error.
         store
             .conn()
@@ -2087,7 +2101,10 @@ mod tests {
             .unwrap();
         drop(store);
         let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(store.next_due().unwrap(), Some(due));
+        assert_eq!(
+            store.next_due(&conformance::every_handler()).unwrap(),
+            Some(due)
+        );
     }
 
     /// A lease for tests that do not look at leases.
@@ -2458,7 +2475,13 @@ mod tests {
             indexes.iter().any(|n| n == "deliveries_handler_due"),
             "{indexes:?}"
         );
-        assert_eq!(store.next_due().unwrap().map(to_ms), Some(1234));
+        assert_eq!(
+            store
+                .next_due(&conformance::every_handler())
+                .unwrap()
+                .map(to_ms),
+            Some(1234)
+        );
     }
 
     conformance::suite!(Some(Sqlite {
