@@ -484,6 +484,74 @@ async fn a_handlers_concurrency_cap_holds_and_does_not_hold_up_the_others() {
     );
 }
 
+/// Slow handlers that succeed, whose caps add up to every slot of the engine, do not hold a
+/// quick handler's delivery back behind their backlogs: the first slot that comes free goes to
+/// the handler with none running. Before, each freed slot went to the oldest due delivery, which
+/// was always in the slow backlogs, and the quick delivery ran after all of them had started.
+#[tokio::test]
+async fn slow_handlers_holding_every_slot_do_not_hold_up_another_handlers_delivery() {
+    const BACKLOG: usize = 6;
+    let setup = Setup::new();
+    // Two slots; each slow delivery takes 300 ms and succeeds, one at a time per handler.
+    let slow = |name: &str| {
+        handler(
+            name,
+            "guest-attempt-probe",
+            &format!("[\"{INVENTORY_TYPE}\"]"),
+            "max_concurrency = 1\nproperties = { SleepMs = \"300\" }",
+        )
+    };
+    let engine = setup.start(&format!(
+        "[engine]\nmax_concurrent_deliveries = 2\n\n{}{}{}",
+        slow("slow-a"),
+        slow("slow-b"),
+        handler("quick", "log-context", &format!("[\"{OTHER_TYPE}\"]"), ""),
+    ));
+    let backlog = post_copies(&engine, &context(INVENTORY_TYPE, "Success"), BACKLOG).await;
+    // Both slots taken by the slow handlers, their backlogs waiting behind.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, text) = get(&engine, "/v1/handlers").await;
+        assert_eq!(status, 200, "{text}");
+        let listed: Value = serde_json::from_str(&text).expect("handlers JSON");
+        let running = |name: &str| {
+            listed["handlers"]
+                .as_array()
+                .and_then(|hs| hs.iter().find(|h| h["name"] == name))
+                .map(|h| h["running"].clone())
+        };
+        if running("slow-a") == Some(json!(1)) && running("slow-b") == Some(json!(1)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{listed:#}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let quick = post_copies(&engine, &context(OTHER_TYPE, "Success"), 1).await;
+    let event = settled(&engine, &quick[0]).await;
+    let q = delivery(&event, "quick");
+    assert_eq!(q["state"], "succeeded", "{q}");
+    let quick_done = time(q, "finished_at");
+    let mut slow_starts = Vec::new();
+    for id in &backlog {
+        let event = settled(&engine, id).await;
+        for name in ["slow-a", "slow-b"] {
+            let d = delivery(&event, name);
+            assert_eq!(d["state"], "succeeded", "{d}");
+            slow_starts.push(time(d, "started_at"));
+        }
+    }
+    slow_starts.sort();
+    // Ran as soon as a slot came free, with most of the slow backlogs still waiting: the two
+    // running when it came had started, and at most one or two more on a busy machine.
+    let started_before = slow_starts.iter().filter(|s| **s < quick_done).count();
+    assert!(
+        started_before <= slow_starts.len() / 2,
+        "{started_before} of {} slow deliveries started before the quick one ended at \
+         {quick_done}: {slow_starts:?}",
+        slow_starts.len()
+    );
+}
+
 #[tokio::test]
 async fn a_handler_that_has_not_succeeded_runs_one_delivery_at_a_time() {
     const EVENTS: usize = 4;

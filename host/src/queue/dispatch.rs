@@ -6,7 +6,7 @@
 //! path never waits for any of this: it only commits and wakes the dispatcher.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use crate::queue::registration::{JobTypes, Registration};
 use crate::queue::retry::RetryPolicy;
 use crate::queue::store::config::DEFAULT_LEASE;
 use crate::queue::store::{
-    AttemptRecord, Claim, ClaimLimits, EventStore, Finish, MAX_CLAIM_BATCH, SOURCE_POLLER,
+    AttemptRecord, Claim, ClaimLimits, EventStore, Finish, MAX_CLAIM_BATCH, SOURCE_POLLER, Share,
     StoreError,
 };
 use crate::runtime::sandbox::SandboxedHandler;
@@ -121,6 +121,10 @@ pub struct RegisteredHandler {
     running: Arc<AtomicUsize>,
     /// Deliveries it has earned the right to run at once (see [`FIRST_PLACES`]).
     earned: AtomicUsize,
+    /// The dispatcher's count of claims when it last claimed a delivery of the handler (0:
+    /// never), shared like `running`: of handlers with as many deliveries running, a claim
+    /// short of slots serves the one served longest ago first ([`Share::served`]).
+    served: Arc<AtomicU64>,
     quarantine: Mutex<Quarantine>,
 }
 
@@ -144,6 +148,7 @@ impl RegisteredHandler {
             handler,
             running: Arc::new(AtomicUsize::new(0)),
             earned: AtomicUsize::new(FIRST_PLACES),
+            served: Arc::new(AtomicU64::new(0)),
             quarantine: Mutex::new(Quarantine::new(quarantine)),
         }
     }
@@ -160,6 +165,7 @@ impl RegisteredHandler {
     ) -> Self {
         RegisteredHandler {
             running: Arc::clone(&old.running),
+            served: Arc::clone(&old.served),
             ..RegisteredHandler::new(config, handler, quarantine)
         }
     }
@@ -262,6 +268,20 @@ impl Registry {
         self.handlers
             .iter()
             .map(|(name, h)| (name.clone(), h.room()))
+            .collect()
+    }
+
+    /// Each handler's share of the slots, for a claim to share them out fairly.
+    fn shares(&self) -> BTreeMap<String, Share> {
+        self.handlers
+            .iter()
+            .map(|(name, h)| {
+                let share = Share {
+                    running: h.running(),
+                    served: h.served.load(Ordering::Relaxed),
+                };
+                (name.clone(), share)
+            })
             .collect()
     }
 
@@ -566,6 +586,8 @@ impl Dispatcher {
         let recorder = tokio::spawn(record_outcomes(Arc::clone(&self.store), queue));
         // When the earliest pending delivery this node could claim falls due, as last read.
         let mut known_due = KnownDue::default();
+        // Claims that took deliveries: what `RegisteredHandler::served` counts in.
+        let mut claims_made: u64 = 0;
         loop {
             if *stopped.borrow() {
                 break;
@@ -599,6 +621,9 @@ impl Dispatcher {
                 room,
                 // Only handlers this node has: another's deliveries wait for it.
                 others: 0,
+                // With fewer slots free than deliveries due, the slots are shared between
+                // handlers: a slow handler's backlog does not take every slot that comes free.
+                shares: registry.shares(),
             };
             // Every loaded handler at its cap, or none loaded: nothing to claim. Not claiming
             // spares the store a query per finished delivery (with one CPU-bound handler at its
@@ -630,11 +655,13 @@ impl Dispatcher {
                             *room = room.saturating_sub(1);
                         }
                     }
+                    claims_made = claims_made.saturating_add(1);
                     // Unused permits are dropped here, freeing their slots.
                     for (claim, permit) in claims.into_iter().zip(permits) {
                         let handler = registry.get(&claim.handler).cloned();
                         if let Some(h) = &handler {
                             h.running.fetch_add(1, Ordering::Relaxed);
+                            h.served.store(claims_made, Ordering::Relaxed);
                         }
                         let this = Arc::clone(&self);
                         let record = record.clone();

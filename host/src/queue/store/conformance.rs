@@ -16,7 +16,8 @@ use uuid::Uuid;
 use super::{
     ABANDONED_REASON, AttemptRecord, ClaimLimits, DeliveryState, EventStore, FailedFilter, Finish,
     INTERRUPTED_CLASS, Idempotency, Inserted, MAX_CLAIM_BATCH, MAX_FAILED_PAGE, MAX_RETRY_BATCH,
-    NewEvent, RELEASED_REASON, SOURCE_API, SOURCE_POLLER, StoreError, after, new_event_id, to_ms,
+    NewEvent, RELEASED_REASON, SOURCE_API, SOURCE_POLLER, Share, StoreError, after, new_event_id,
+    to_ms,
 };
 use crate::context::JobContext;
 use crate::outcome::LogLine;
@@ -67,6 +68,7 @@ macro_rules! suite {
             deliveries_of_handlers_not_listed_stay_pending_when_others_is_zero,
             batch_claims_respect_the_batch_size_and_each_handlers_room,
             batch_claims_are_oldest_first_and_decode_each_context,
+            a_claim_short_of_slots_shares_them_between_handlers,
             concurrent_batch_claims_hand_out_each_delivery_once,
             a_batch_finish_records_all_and_ignores_only_stale_claims,
             a_batch_with_a_record_no_attempt_leads_to_records_none_of_it,
@@ -828,6 +830,7 @@ fn limits(max: usize, room: &[(&str, usize)]) -> ClaimLimits {
         max,
         room: room.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect(),
         others: usize::MAX,
+        shares: Default::default(),
     }
 }
 
@@ -914,6 +917,55 @@ pub(crate) fn batch_claims_are_oldest_first_and_decode_each_context(b: &impl Bac
             "each claim has its own event's context"
         );
     }
+}
+
+/// A claim with fewer slots than due deliveries shares them between handlers: each next one to
+/// the handler with the fewest running on the node (plus those the claim already gave it), among
+/// those to the one served longest ago, then to the oldest due delivery; within a handler the
+/// oldest first. Oldest first across handlers gave every slot to the handler with the oldest
+/// backlog, however many of its deliveries were running already. The claim is answered oldest
+/// first.
+pub(crate) fn a_claim_short_of_slots_shares_them_between_handlers(b: &impl Backend) {
+    let store = b.node();
+    let mut ids = std::collections::BTreeMap::<&str, Vec<Uuid>>::new();
+    // The slow handler's backlog is the oldest.
+    for handler in [
+        "slow", "slow", "slow", "slow", "quick", "quick", "other", "other",
+    ] {
+        let e = event(&[handler]);
+        store.insert_event(&e).unwrap();
+        ids.entry(handler).or_default().push(e.id);
+        // Distinct due times, so "oldest" is well defined.
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let share = |running, served| Share { running, served };
+    let events = |claims: &[super::Claim]| claims.iter().map(|c| c.event_id).collect::<Vec<_>>();
+    // "slow" runs two already, the others none: three slots go to "quick" and "other", the
+    // third to the older of their second deliveries.
+    let mut three = limits(3, &[]);
+    three.shares = [("slow".to_owned(), share(2, 1))].into();
+    let claims = store.claim_batch(Utc::now(), &three, LEASE).unwrap();
+    assert_eq!(
+        events(&claims),
+        [ids["quick"][0], ids["quick"][1], ids["other"][0]],
+        "{:?}",
+        handlers_of(&claims)
+    );
+    // "slow" and "other" run one each: of the two slots, the first goes to the one served
+    // longest ago ("other"), the second to "slow", which then runs as many.
+    let mut two = limits(2, &[]);
+    two.shares = [
+        ("slow".to_owned(), share(1, 9)),
+        ("other".to_owned(), share(1, 4)),
+    ]
+    .into();
+    let claims = store.claim_batch(Utc::now(), &two, LEASE).unwrap();
+    assert_eq!(events(&claims), [ids["slow"][0], ids["other"][1]]);
+    // Slots to spare: everything due, within each handler's room, oldest first.
+    let mut spare = limits(8, &[("slow", 2)]);
+    spare.shares = [("slow".to_owned(), share(5, 9))].into();
+    let claims = store.claim_batch(Utc::now(), &spare, LEASE).unwrap();
+    assert_eq!(events(&claims), [ids["slow"][1], ids["slow"][2]]);
 }
 
 pub(crate) fn a_stored_context_that_cannot_be_read_fails_only_its_own_claims(b: &impl Backend) {

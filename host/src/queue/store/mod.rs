@@ -510,7 +510,19 @@ pub const ABANDONED_REASON: &str = "the node running it stopped (crashed, was ki
 pub const RELEASED_REASON: &str =
     "the node running it shut down before the handler finished; it runs again";
 
-/// How many deliveries a [`EventStore::claim_batch`] call may claim, in all and per handler.
+/// What a handler has of a node's delivery slots: how a claim with fewer slots than due
+/// deliveries shares them between handlers ([`ClaimLimits::choose`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Share {
+    /// Its deliveries running on the node now.
+    pub running: usize,
+    /// When the node last claimed a delivery of it, in the node's own count of claims (0:
+    /// never): of handlers with as many running, the one served longest ago goes first.
+    pub served: u64,
+}
+
+/// How many deliveries a [`EventStore::claim_batch`] call may claim, in all and per handler,
+/// and how to share them between handlers when there are more due than that.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimLimits {
     /// Most deliveries in all (capped at [`MAX_CLAIM_BATCH`]); 0 claims nothing.
@@ -524,6 +536,9 @@ pub struct ClaimLimits {
     /// pending until a node that has it claims it, instead of being claimed here and skipped
     /// for good. `usize::MAX` (see [`ClaimLimits::any`]) limits them by `max` only.
     pub others: usize,
+    /// Each handler's share of the claiming node's slots; a handler not listed has none
+    /// running and was never served. Only matters when more are due than the claim takes.
+    pub shares: BTreeMap<String, Share>,
 }
 
 impl ClaimLimits {
@@ -533,6 +548,7 @@ impl ClaimLimits {
             max,
             room: BTreeMap::new(),
             others: usize::MAX,
+            shares: BTreeMap::new(),
         }
     }
 
@@ -542,6 +558,7 @@ impl ClaimLimits {
             max: 1,
             room: busy.iter().map(|h| (h.clone(), 0)).collect(),
             others: usize::MAX,
+            shares: BTreeMap::new(),
         }
     }
 
@@ -565,24 +582,52 @@ impl ClaimLimits {
             .collect()
     }
 
-    /// Keeps, in order, the candidates the limits allow: at most [`ClaimLimits::batch_size`],
-    /// and no more of a handler than its room.
+    /// Keeps the candidates the limits allow: at most [`ClaimLimits::batch_size`], and no more
+    /// of a handler than its room. `candidates` come oldest due first (by due time, then id),
+    /// and so do the ones kept.
+    ///
+    /// When the limits allow more than the batch takes, the batch is shared between handlers:
+    /// each next delivery goes to the handler with the fewest deliveries running (on the
+    /// claiming node, [`Share::running`], plus those this claim already gave it), among those
+    /// to the one served longest ago ([`Share::served`]), then to the oldest due delivery;
+    /// within a handler the oldest due goes first. Oldest first across handlers gave each slot
+    /// that came free to the handler with the oldest backlog: slow handlers whose caps added up
+    /// to the node's slots held every one of them until their backlogs had drained, and a
+    /// quick handler's delivery waited behind them all. Handing out the slots one at a time
+    /// this way is the same as taking the candidates in the order of `share_order`, then oldest
+    /// due first: PostgreSQL's claim statement orders its candidates so; the store suite
+    /// (`conformance.rs`) holds both stores to it.
     pub fn choose<T>(&self, candidates: Vec<T>, handler: impl Fn(&T) -> &str) -> Vec<T> {
         let mut taken: BTreeMap<String, usize> = BTreeMap::new();
-        let mut chosen = Vec::new();
-        for candidate in candidates {
-            if chosen.len() >= self.batch_size() {
-                break;
-            }
+        let mut allowed = Vec::with_capacity(candidates.len());
+        for (index, candidate) in candidates.into_iter().enumerate() {
             let name = handler(&candidate);
             let used = taken.get(name).copied().unwrap_or(0);
             if used >= self.room_of(name) {
                 continue;
             }
+            let order = self.share_order(name, used);
             taken.insert(name.to_owned(), used + 1);
-            chosen.push(candidate);
+            allowed.push((order, index, candidate));
         }
-        chosen
+        if allowed.len() > self.batch_size() {
+            allowed.sort_by_key(|(order, index, _)| (*order, *index));
+            allowed.truncate(self.batch_size());
+            allowed.sort_by_key(|(_, index, _)| *index);
+        }
+        allowed
+            .into_iter()
+            .map(|(_, _, candidate)| candidate)
+            .collect()
+    }
+
+    /// Where `handler`'s candidate with `before` of the handler's candidates ahead of it goes
+    /// in the order a claim short of slots takes them ([`ClaimLimits::choose`]), before the
+    /// oldest due first: the deliveries the handler would be running before it is given this
+    /// one, then when the handler was last served.
+    fn share_order(&self, handler: &str, before: usize) -> (usize, u64) {
+        let share = self.shares.get(handler).copied().unwrap_or_default();
+        (share.running.saturating_add(before), share.served)
     }
 }
 
@@ -678,9 +723,11 @@ pub trait EventStore: Send + Sync + 'static {
         from: Option<PurgePosition>,
     ) -> Result<PurgeRound, StoreError>;
 
-    /// Claims up to `limits.max` of the oldest due pending deliveries, at most as many of each
-    /// handler as `limits` leaves room for, in one transaction: marks each running, owned by this
-    /// store's node with a lease until `now + lease`, and increments its attempt. Oldest first.
+    /// Claims up to `limits.max` due pending deliveries, at most as many of each handler as
+    /// `limits` leaves room for, each handler's oldest first, in one transaction: marks each
+    /// running, owned by this store's node with a lease until `now + lease`, and increments its
+    /// attempt. When more are due than that, the claim is shared between handlers as
+    /// [`ClaimLimits::choose`] says. Answered oldest due first.
     ///
     /// One transaction for many claims is what lets dispatch keep up with ingest: a claim costs
     /// a write transaction, and the engine needs one per delivery (docs/PERFORMANCE.md).

@@ -1178,8 +1178,8 @@ fn claim_rows(
     node: &str,
 ) -> Result<ClaimedRows, StoreError> {
     let batch = limits.batch_size();
-    // Each handler's oldest due deliveries through the per-handler index, then the oldest
-    // of all of them. One query over every pending delivery, skipping the handlers without
+    // Each handler's oldest due deliveries through the per-handler index, then the batch
+    // chosen among them (`ClaimLimits::choose`). One query over every pending delivery, skipping the handlers without
     // room, would walk past a saturated handler's whole backlog on every claim (4 ms per
     // claim with 20,000 waiting, against 0.04 ms without), holding the write lock meanwhile.
     let handlers = tx
@@ -1193,12 +1193,7 @@ fn claim_rows(
     {
         let mut due = tx.prepare_cached(DUE_OF_HANDLER).map_err(db)?;
         for handler in handlers {
-            let room = limits
-                .room
-                .get(&handler)
-                .copied()
-                .unwrap_or(limits.others)
-                .min(batch);
+            let room = limits.room_of(&handler).min(batch);
             if room == 0 {
                 continue;
             }
@@ -1219,6 +1214,7 @@ fn claim_rows(
             }
         }
     }
+    // Oldest due first, then shared between handlers when more are due than the batch takes.
     candidates.sort_by_key(|row| (row.not_before, row.delivery_id));
     let chosen = limits.choose(candidates, |row| &row.handler);
     {
