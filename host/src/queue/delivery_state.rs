@@ -23,8 +23,11 @@ use crate::outcome::OutcomeKind;
 use crate::queue::retry::RetryPolicy;
 
 /// Delay before re-running a delivery that the engine itself could not run (e.g. every sandbox
-/// slot was busy); not the handler's fault, so it neither uses up an attempt's retry policy nor
-/// counts towards quarantine.
+/// slot was busy). Not the handler's fault, so the delivery runs again whatever its attempt
+/// number, even past the retry policy's `max_attempts`, and quarantine does not count it. Its
+/// attempt is counted all the same, as an interrupted one is: a later failure of the handler
+/// is retried only while the attempt number is below `max_attempts`, after the backoff for that
+/// number, so each engine error costs the delivery one of its handler's retries.
 pub const ENGINE_ERROR_RETRY: Duration = Duration::from_secs(1);
 
 /// The state of one delivery.
