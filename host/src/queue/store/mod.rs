@@ -602,12 +602,16 @@ impl ClaimLimits {
         let mut allowed = Vec::with_capacity(candidates.len());
         for (index, candidate) in candidates.into_iter().enumerate() {
             let name = handler(&candidate);
-            let used = taken.get(name).copied().unwrap_or(0);
-            if used >= self.room_of(name) {
+            // Each handler's name is copied once, not once per candidate.
+            let used = match taken.get_mut(name) {
+                Some(used) => used,
+                None => taken.entry(name.to_owned()).or_insert(0),
+            };
+            if *used >= self.room_of(name) {
                 continue;
             }
-            let order = self.share_order(name, used);
-            taken.insert(name.to_owned(), used + 1);
+            let order = self.share_order(name, *used);
+            *used += 1;
             allowed.push((order, index, candidate));
         }
         if allowed.len() > self.batch_size() {
