@@ -1,7 +1,8 @@
 //! Routing and dispatch: which handlers an event goes to, and the workers that run deliveries.
 //!
 //! Routing uses each handler's `job_types`, like Keyfactor's `JobTypes`. Dispatch claims due
-//! deliveries from the store with bounded global and per-handler concurrency, runs each in a
+//! deliveries from the store with bounded global and per-handler concurrency (the global slots
+//! shared between handlers when fewer are free than deliveries are due), runs each in a
 //! fresh sandbox, applies quarantine and the retry policy, and records every outcome. The event
 //! path never waits for any of this: it only commits and wakes the dispatcher.
 
