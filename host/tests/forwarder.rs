@@ -83,6 +83,8 @@
 //! - (an) a string field over the engine's 4 KiB is refused before it is spooled, the field
 //!   named; one of exactly 4 KiB arrives.
 //! - (ao) the forwarder's copies of the engine's limits are the engine's.
+//! - (ap) at exit, a spool that cannot be written for a moment (its first writes fail) still
+//!   gets every event in memory: the flush tries again within its deadline.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -3769,4 +3771,83 @@ fn ao_the_forwarders_copies_of_the_engines_limits_are_the_engines() {
             "the forwarder's {name} is not the engine's {engine}"
         );
     }
+}
+
+/// Waits until the harness's log contains `needle` or the harness has exited (its log is
+/// returned either way, so the caller's assertion names what happened); at most `timeout`.
+fn wait_for_log_or_exit(harness: &mut Harness, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+        let exited = matches!(harness.child.try_wait(), Ok(Some(_)));
+        if log.contains(needle) || exited || Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ap_a_spool_that_fails_for_a_moment_at_exit_still_gets_every_event() {
+    const SENT: usize = 200;
+    const NEEDLE: &str = "cannot write to the spool";
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine, and the spool writer is held (the forwarder's test hook): every event is in
+    // memory at the exit. Before the exit the spool directory is made immutable, as a disk full
+    // for a moment or a scan holding new files would: the flush's first writes fail. Once that
+    // is logged, the directory is writable again, well within the 5 s deadline.
+    let sent = SENT.to_string();
+    let exit_file = site.path("exit");
+    let exit_arg = exit_file.to_string_lossy().into_owned();
+    let mut harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "burst",
+        &[
+            "--count",
+            &sent,
+            "--hold-writers",
+            "1",
+            "--exit-file",
+            &exit_arg,
+            "--budget-ms",
+            "1000",
+        ],
+    );
+    harness.wait_for_line("submitted", Duration::from_secs(60));
+    // The writer opens the spool (rejected/ is made first, then the directory is indexed)
+    // before it waits at the hook.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !site.spool().join("rejected").is_dir() {
+        assert!(Instant::now() < deadline, "the spool did not open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let lock = Immutable::new(site.spool());
+    std::fs::write(&exit_file, b"").expect("exit file");
+    let failing = wait_for_log_or_exit(&mut harness, NEEDLE, Duration::from_secs(4));
+    drop(lock);
+    assert!(
+        failing.contains(NEEDLE),
+        "the flush's first write failed (the case needs it):\n{failing}"
+    );
+    let (status, _, log) = harness.finish(EXIT_BOUND);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the harness ended ({status:?}):\n{log}"
+    );
+    assert_eq!(
+        spool_files(&site),
+        SENT,
+        "every event in memory is in the spool after the exit:\n{log}"
+    );
+    assert_eq!(
+        count_lines(&log, "are lost"),
+        0,
+        "nothing is reported lost:\n{log}"
+    );
 }
