@@ -30,7 +30,7 @@ namespace Jobhook.Forwarder
     /// still the first name. Its content is
     /// three lines: <see cref="Header"/>, the idempotency key, the JSON body. A file is written
     /// as `*.tmp`, flushed to disk and renamed, so a reader never sees half an event; a `*.tmp`
-    /// left by a crash is deleted at start-up. All methods are thread-safe and never throw.
+    /// left by a crash is deleted at start-up once it is old enough (<see cref="LeftoverTempAge"/>). All methods are thread-safe and never throw.
     /// The index of the files is built at start-up and kept up to date by this process; files
     /// another process puts in the directory are found by <see cref="Rescan"/>.
     /// </summary>
@@ -64,6 +64,33 @@ namespace Jobhook.Forwarder
             return name != null && name.EndsWith(TempExtension, StringComparison.Ordinal)
                    && IsOwnEventName(name.Substring(0, name.Length - TempExtension.Length));
         }
+        /// <summary>
+        /// How old an own `*.tmp` must be (by its last write) before <see cref="Open"/> takes it
+        /// for a crash's leftover and deletes it. A write holds its `*.tmp` for milliseconds
+        /// (create, write, flush, rename), seconds on a disk that stalls; a younger one may be
+        /// another live process's write under way on the same spool (the old worker of an IIS
+        /// overlapped recycle), and deleting it would make that write fail. A younger leftover
+        /// is never sent and is deleted at a later start.
+        /// </summary>
+        public static readonly TimeSpan LeftoverTempAge = TimeSpan.FromMinutes(10);
+
+        /// <summary>Whether the file at `path` was last written at least <see cref="LeftoverTempAge"/> ago.</summary>
+        static bool IsLeftover(string path)
+        {
+            try
+            {
+                var written = File.GetLastWriteTimeUtc(path);
+                // A clock set back makes a file look younger: kept until a later start. One
+                // whose time is far in the future (a clock that ran ahead) is no live write.
+                var age = DateTime.UtcNow - written;
+                return age >= LeftoverTempAge || age < -LeftoverTempAge;
+            }
+            catch (Exception)
+            {
+                return false; // gone meanwhile, or unreadable: not ours to delete now
+            }
+        }
+
         /// <summary>Subdirectory for events the engine refused as invalid (HTTP 400).</summary>
         public const string RejectedDirectoryName = "rejected";
         /// <summary>
@@ -253,7 +280,12 @@ namespace Jobhook.Forwarder
                 {
                     var name = Path.GetFileName(path);
                     if (IsOwnTempName(name))
-                        TryDelete(path);
+                    {
+                        // Only a crash's leftover: another live process on this spool (the old
+                        // worker of an overlapped recycle) may be writing this one right now.
+                        if (IsLeftover(path))
+                            TryDelete(path);
+                    }
                     else if (!IsOwnEventName(name))
                         foreign++;
                 }

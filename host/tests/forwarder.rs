@@ -85,6 +85,8 @@
 //! - (ao) the forwarder's copies of the engine's limits are the engine's.
 //! - (ap) at exit, a spool that cannot be written for a moment (its first writes fail) still
 //!   gets every event in memory: the flush tries again within its deadline.
+//! - (aq) a `*.tmp` another live process is writing in the same spool (an IIS overlapped
+//!   recycle) is left alone when this one opens the spool; an old leftover is deleted.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -3850,4 +3852,40 @@ async fn ap_a_spool_that_fails_for_a_moment_at_exit_still_gets_every_event() {
         0,
         "nothing is reported lost:\n{log}"
     );
+}
+
+/// A spool file name of this forwarder's pattern with `.tmp`: a write under way (or left by a
+/// crash).
+fn own_temp_name(ticks: u64, sequence: u32) -> String {
+    format!("{ticks:019}-{sequence:010}-{}.evt.tmp", Uuid::new_v4().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aq_another_live_process_temp_file_is_left_alone_when_the_spool_opens() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // The old worker of an overlapped recycle is writing an event into the spool as the new
+    // one opens it: its `.tmp` was written a moment ago. A crash's leftover is an hour old.
+    std::fs::create_dir_all(site.spool()).expect("spool");
+    let live = site.spool().join(own_temp_name(638_000_000_000_000_000, 1));
+    let leftover = site.spool().join(own_temp_name(638_000_000_000_000_000, 2));
+    std::fs::write(&live, b"jobhook-forwarder-spool 1\n").expect("live temp file");
+    std::fs::write(&leftover, b"jobhook-forwarder-spool 1\n").expect("leftover");
+    std::fs::File::options()
+        .write(true)
+        .open(&leftover)
+        .expect("leftover")
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .expect("age the leftover");
+    let log = burst(build, &site, 3, &["--budget-ms", "1000"], "open a shared spool");
+    assert!(
+        live.exists(),
+        "another live process's file being written was deleted:\n{log}"
+    );
+    assert!(
+        !leftover.exists(),
+        "a crash's leftover an hour old is deleted:\n{log}"
+    );
+    assert_eq!(spool_files(&site), 3, "the events are spooled:\n{log}");
 }
