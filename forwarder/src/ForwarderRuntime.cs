@@ -123,6 +123,8 @@ namespace Jobhook.Forwarder
         readonly RateLimitedCount queueFull;
         /// <summary>Handler objects met with this spool but other engine settings (reported by Notices).</summary>
         readonly RateLimitedCount sharedSpool;
+        /// <summary>The sender's lines about the engine failing and recovering (made once, however often the sender is started).</summary>
+        readonly OutageNotice engineOutages;
         /// <summary>The spool directory as logged (a setting: it may hold a line break).</summary>
         readonly string shownSpool;
         /// <summary>Guards the start of the writer thread.</summary>
@@ -152,6 +154,7 @@ namespace Jobhook.Forwarder
             this.settings = settings;
             this.log = log;
             shownSpool = LogText.Printable(settings.SpoolDirectory);
+            engineOutages = new OutageNotice(this.log, false);
             sharedSpool = new RateLimitedCount(
                 "two registrations share the spool directory " + shownSpool
                 + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory", log);
@@ -363,7 +366,7 @@ namespace Jobhook.Forwarder
                 {
                     try
                     {
-                        new Sender(settings, opened, Counters, log, spooled).Start();
+                        new Sender(settings, opened, Counters, log, spooled, engineOutages).Start();
                         senderStarted = true;
                     }
                     catch (ThreadAbortException)

@@ -249,8 +249,12 @@ namespace Jobhook.Forwarder
         RateLimitedCount spoolFull;
         /// <summary>Events too large for any spool file (a warning, made at the first).</summary>
         RateLimitedCount tooLarge;
-        /// <summary>Failed writes since the last successful one (the writer's).</summary>
-        long failedWrites;
+        /// <summary>
+        /// The writer's failed writes since the last successful one, and the line saying it
+        /// writes again: at most one a minute, with how often it failed and recovered meanwhile
+        /// (a disk at the edge of full fails and recovers every second). Made at the first failure.
+        /// </summary>
+        volatile OutageNotice writeOutages;
 
         Spool(string directory, long maxFiles, long maxBytes, IForwarderLog log)
         {
@@ -383,9 +387,9 @@ namespace Jobhook.Forwarder
                 }
             }
             Add(name, bytes.Length);
-            var failed = Interlocked.Exchange(ref failedWrites, 0);
-            if (failed > 0)
-                log.Info("writing to the spool " + directory + " again after " + failed + " failed attempt(s)");
+            var outages = writeOutages;
+            if (outages != null)
+                outages.Recovered(failed => "writing to the spool " + directory + " again after " + failed + " failed attempt(s)");
             return true;
         }
 
@@ -419,7 +423,13 @@ namespace Jobhook.Forwarder
         /// <summary>Counts a failed write; the notices thread reports it.</summary>
         void WriteFailed(Exception e)
         {
-            Interlocked.Increment(ref failedWrites);
+            lock (gate)
+            {
+                if (writeOutages == null)
+                    writeOutages = new OutageNotice(log, true);
+            }
+            // Counted only: the count below reports the failures, with their exception.
+            writeOutages.Failed(null);
             Notice(ref writeFailures, "cannot write to the spool " + directory + " (the event waits in memory; tried again every second)")
                 .Add(e.GetType().Name + ": " + e.Message);
         }

@@ -87,6 +87,8 @@
 //!   gets every event in memory: the flush tries again within its deadline.
 //! - (aq) a `*.tmp` another live process is writing in the same spool (an IIS overlapped
 //!   recycle) is left alone when this one opens the spool; an old leftover is deleted.
+//! - (ar) an engine that fails every other request (a balancer with one dead node) costs a few
+//!   log lines that count the short outages, not two lines per event.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -3888,4 +3890,62 @@ async fn aq_another_live_process_temp_file_is_left_alone_when_the_spool_opens() 
         "a crash's leftover an hour old is deleted:\n{log}"
     );
     assert_eq!(spool_files(&site), 3, "the events are spooled:\n{log}");
+}
+
+/// A stand-in in front of the engine at `engine_url` that answers every other request with a
+/// gateway's 502, as a balancer with one dead node does, and passes the others on.
+async fn every_other_request_502(engine_url: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind stand-in");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let client = reqwest::Client::new();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (requests, client, engine_url) =
+                (requests.clone(), client.clone(), engine_url.clone());
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                while let Some(request) = read_request(&mut socket, &mut buffer).await {
+                    let (status, body) = if requests.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                        (502, b"<html>502 Bad Gateway</html>".to_vec())
+                    } else {
+                        forward(&client, &engine_url, &request).await
+                    };
+                    if !respond(&mut socket, status, &body).await {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ar_an_engine_failing_every_other_request_costs_a_few_lines_not_two_per_event() {
+    const SENT: usize = 100;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let url = every_other_request_502(site.engine_url()).await;
+    let expected_path = site.path("expected.tsv");
+    let log = Harness::run(build, "fx", &site, &url, SENT, &expected_path, &[])
+        .wait_success_log("an engine failing every other request");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    // Each failure is a short outage, and each delivery after it a recovery: about SENT of
+    // each within seconds. One line of each kind a minute, and the recovery left over at the
+    // exit counting what came and went: a few lines in all.
+    let failures = count_lines(&log, "cannot deliver to");
+    let recoveries = count_lines(&log, " again after ");
+    assert!(
+        (1..=2).contains(&failures) && (1..=2).contains(&recoveries),
+        "{failures} failure and {recoveries} recovery line(s) for {SENT} events:\n{log}"
+    );
+    assert!(
+        log.contains("came and went since the previous such line"),
+        "the outages not logged one by one are counted:\n{log}"
+    );
 }
