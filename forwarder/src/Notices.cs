@@ -22,6 +22,8 @@ namespace Jobhook.Forwarder
         readonly string description;
         readonly IForwarderLog log;
         readonly bool error;
+        /// <summary>Reports at Info level (good news counted the same way), overriding <see cref="error"/>.</summary>
+        bool info;
         long total;
         long reported;
         /// <summary>
@@ -49,6 +51,12 @@ namespace Jobhook.Forwarder
             Notices.Register(this);
         }
 
+
+        /// <summary>A count like the constructor's whose reports are at Info level.</summary>
+        public static RateLimitedCount Info(string description, IForwarderLog log)
+        {
+            return new RateLimitedCount(description, log) { info = true };
+        }
 
         /// <summary>
         /// Counts one. Never blocks and never logs: safe on Keyfactor's thread. `detail` (what
@@ -93,7 +101,9 @@ namespace Jobhook.Forwarder
             var line = description + ": " + (now - before) + " since the last report, " + now + " since start"
                        + (detail != null ? " (the last: " + LogText.Printable(detail) + ")" : "");
             var target = LogQueue.Wrap(log ?? ForwarderLog.Current);
-            if (error)
+            if (info)
+                target.Info(line);
+            else if (error)
                 target.Error(line);
             else
                 target.Warn(line);

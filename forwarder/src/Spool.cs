@@ -247,6 +247,10 @@ namespace Jobhook.Forwarder
         RateLimitedCount recreateFailures;
         /// <summary>Events dropped to make room for newer ones (a warning, made at the first).</summary>
         RateLimitedCount spoolFull;
+        /// <summary>Delivered or rejected files that could not be deleted (a warning, made at the first).</summary>
+        RateLimitedCount notDeleted;
+        /// <summary>Such files deleted at a later try (an info line, made at the first).</summary>
+        RateLimitedCount deletedAtLast;
         /// <summary>Events too large for any spool file (a warning, made at the first).</summary>
         RateLimitedCount tooLarge;
         /// <summary>
@@ -874,9 +878,12 @@ namespace Jobhook.Forwarder
                     awaitingRemoval.Remove(forgotten);
                 }
             }
-            log.Warn("the " + what + " event file " + name + " could not be deleted (" + problem + "); it is not sent again, and deleting it is"
-                     + " retried with back-off up to every " + MaxRemovalRetry.TotalMinutes + " min"
-                     + (forgotten != null ? " (" + MaxAwaitingRemoval + " such files: forgot " + forgotten + ", which may be sent again)" : ""));
+            // Counted, not one line per file: a spool volume gone read-only would otherwise log
+            // a line per delivered event, and another once each is deleted.
+            Notice(ref notDeleted, "event file(s) this process is done with (delivered or rejected) could not be deleted; they are not sent"
+                                   + " again, and deleting them is retried with back-off up to every " + MaxRemovalRetry.TotalMinutes + " min", false)
+                .Add("the " + what + " file " + name + ": " + problem
+                     + (forgotten != null ? "; " + MaxAwaitingRemoval + " such files: forgot " + forgotten + ", which may be sent again" : ""));
         }
 
         /// <summary>
@@ -924,7 +931,15 @@ namespace Jobhook.Forwarder
                     }
                 }
                 if (gone)
-                    log.Info("the event file " + name + " that was done with is deleted at last");
+                {
+                    lock (gate)
+                    {
+                        if (deletedAtLast == null)
+                            deletedAtLast = RateLimitedCount.Info(
+                                "event file(s) this process was done with but could not delete are deleted at last", countLog);
+                    }
+                    deletedAtLast.Add(name);
+                }
             }
         }
 
