@@ -3859,7 +3859,10 @@ async fn ap_a_spool_that_fails_for_a_moment_at_exit_still_gets_every_event() {
 /// A spool file name of this forwarder's pattern with `.tmp`: a write under way (or left by a
 /// crash).
 fn own_temp_name(ticks: u64, sequence: u32) -> String {
-    format!("{ticks:019}-{sequence:010}-{}.evt.tmp", Uuid::new_v4().simple())
+    format!(
+        "{ticks:019}-{sequence:010}-{}.evt.tmp",
+        Uuid::new_v4().simple()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3880,7 +3883,13 @@ async fn aq_another_live_process_temp_file_is_left_alone_when_the_spool_opens() 
         .expect("leftover")
         .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
         .expect("age the leftover");
-    let log = burst(build, &site, 3, &["--budget-ms", "1000"], "open a shared spool");
+    let log = burst(
+        build,
+        &site,
+        3,
+        &["--budget-ms", "1000"],
+        "open a shared spool",
+    );
     assert!(
         live.exists(),
         "another live process's file being written was deleted:\n{log}"
