@@ -25,6 +25,17 @@ pub enum ReadError {
     TooLarge(u64),
 }
 
+impl From<ReadError> for std::io::Error {
+    /// For readers that speak `io::Error`: an I/O failure as it was, a refusal of the file's
+    /// kind or size as `InvalidInput` with its words.
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io(e) => e,
+            other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
+        }
+    }
+}
+
 /// Makes `dir` and any missing directory above it readable and writable by this user only
 /// (`0700`): what the engine keeps there (job contexts, handlers' log lines, compiled code) is
 /// no other user's to read or change. A directory that exists is left as it is.

@@ -373,17 +373,12 @@ fn hex(bytes: &[u8]) -> String {
 /// Reads a small regular file whole ([`crate::files::read_regular`]: a FIFO or device put in
 /// the cache is refused, never waited on); `Ok(None)` when it is larger than `max`.
 fn read_capped(path: &Path, max: u64) -> std::io::Result<Option<String>> {
-    use crate::files::ReadError;
     match crate::files::read_regular(path, max) {
         Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text")
         }),
-        Err(ReadError::TooLarge(_)) => Ok(None),
-        Err(ReadError::Io(e)) => Err(e),
-        Err(e @ ReadError::NotRegular(_)) => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            e.to_string(),
-        )),
+        Err(crate::files::ReadError::TooLarge(_)) => Ok(None),
+        Err(other) => Err(other.into()),
     }
 }
 
@@ -395,10 +390,7 @@ const HASH_READ_BYTES: usize = 256 * 1024;
 /// regular file ([`crate::files::open_regular`]), and at most `max` bytes of it (`None` past
 /// that: a file that grew, or a device swapped in after the length was looked at).
 fn sha256_file(path: &Path, max: u64) -> std::io::Result<Option<String>> {
-    let file = crate::files::open_regular(path).map_err(|e| match e {
-        crate::files::ReadError::Io(e) => e,
-        other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
-    })?;
+    let file = crate::files::open_regular(path)?;
     let mut file = file.take(max.saturating_add(1));
     let mut read: u64 = 0;
     let mut hasher = Sha256::new();

@@ -865,11 +865,13 @@ fn classify_import(
         .any(|p| name.starts_with(p))
     {
         check_wasi_release(name)?;
-        if INERT_WASI.iter().any(|p| name.starts_with(p)) {
-            summary.inert.push(name.to_owned());
+        let inert = INERT_WASI.iter().any(|p| name.starts_with(p));
+        let list = if inert {
+            &mut summary.inert
         } else {
-            summary.wasi.push(name.to_owned());
-        }
+            &mut summary.wasi
+        };
+        list.push(name.to_owned());
     } else {
         return Err(LoadError::NotProvided {
             import: name.to_owned(),
