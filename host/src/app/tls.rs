@@ -481,6 +481,37 @@ mod tests {
                 )),
             "{warning}"
         );
+        // A version field of u32::MAX (any u32 parses) is named, never overflowed: the same
+        // certificate with its `[0] INTEGER 2` made `[0] INTEGER 4294967295`, the two
+        // enclosing SEQUENCEs' lengths (long form) grown by the four bytes added.
+        let mut bytes = ending.cert_der.to_vec();
+        let v3: &[u8] = &[0xa0, 0x03, 0x02, 0x01, 0x02];
+        let at = bytes
+            .windows(v3.len())
+            .position(|w| w == v3)
+            .expect("a v3 version field");
+        bytes.splice(
+            at..at + v3.len(),
+            [0xa0, 0x07, 0x02, 0x05, 0x00, 0xff, 0xff, 0xff, 0xff],
+        );
+        let mut sequence = 0;
+        for _ in 0..2 {
+            assert_eq!(bytes[sequence], 0x30, "a SEQUENCE");
+            match bytes[sequence + 1] {
+                0x81 => bytes[sequence + 2] += 4,
+                0x82 => {
+                    let length = u16::from_be_bytes([bytes[sequence + 2], bytes[sequence + 3]]);
+                    bytes[sequence + 2..sequence + 4].copy_from_slice(&(length + 4).to_be_bytes());
+                }
+                other => panic!("not a long-form length: {other:#x}"),
+            }
+            // The certificate's SEQUENCE holds the TBS one right after its header.
+            sequence += 2 + usize::from(bytes[sequence + 1] - 0x80);
+        }
+        let odd = rustls_pki_types::CertificateDer::from(bytes);
+        let refused = check_served_certificate(&odd, now).unwrap_err();
+        assert!(refused.contains("is X.509 v4294967296"), "{refused}");
+
         // Further from its end than the warning's days: served without a word.
         let early = now - super::CERTIFICATE_EXPIRY_WARNING - chrono::TimeDelta::days(1);
         assert_eq!(warned_at(early), "", "no warning more than 14 days before");
