@@ -91,6 +91,8 @@
 //            ends)
 //          --hang-spool 1 (burst only: once every call has returned, every write to the spool hangs
 //            for good, as on a disk that stopped answering; the harness holds the spool's lock)
+//          --exit-file F (burst only: once "submitted" is printed, wait until F exists before
+//            exiting, so the test can do something to the spool first)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when nothing is pending and no event file is left in
 // the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
@@ -610,6 +612,10 @@ namespace Jobhook.Forwarder.Harness
                 failures.Add("the spool did not open, so it could not be hung");
             Console.WriteLine("submitted " + count + " max_ms=" + Ms(maxTicks * 1000.0 / Stopwatch.Frequency));
             Console.Out.Flush();
+            // --exit-file F: the exit waits until F exists (the test changes the spool first).
+            var exitFile = Get(opts, "exit-file", null);
+            while (exitFile != null && !File.Exists(exitFile))
+                Thread.Sleep(10);
             foreach (var failure in failures)
                 Console.Error.WriteLine("harness: " + failure);
             return failures.Count > 0 ? 1 : 0;

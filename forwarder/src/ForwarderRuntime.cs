@@ -123,6 +123,8 @@ namespace Jobhook.Forwarder
         readonly RateLimitedCount queueFull;
         /// <summary>Handler objects met with this spool but other engine settings (reported by Notices).</summary>
         readonly RateLimitedCount sharedSpool;
+        /// <summary>The sender's lines about the engine failing and recovering (made once, however often the sender is started).</summary>
+        readonly OutageNotice engineOutages;
         /// <summary>The spool directory as logged (a setting: it may hold a line break).</summary>
         readonly string shownSpool;
         /// <summary>Guards the start of the writer thread.</summary>
@@ -152,6 +154,7 @@ namespace Jobhook.Forwarder
             this.settings = settings;
             this.log = log;
             shownSpool = LogText.Printable(settings.SpoolDirectory);
+            engineOutages = new OutageNotice(this.log, false);
             sharedSpool = new RateLimitedCount(
                 "two registrations share the spool directory " + shownSpool
                 + " with different engine settings; the first one's are in effect. Give each registration its own SpoolDirectory", log);
@@ -363,7 +366,7 @@ namespace Jobhook.Forwarder
                 {
                     try
                     {
-                        new Sender(settings, opened, Counters, log, spooled).Start();
+                        new Sender(settings, opened, Counters, log, spooled, engineOutages).Start();
                         senderStarted = true;
                     }
                     catch (ThreadAbortException)
@@ -468,6 +471,14 @@ namespace Jobhook.Forwarder
         /// </summary>
         static readonly TimeSpan LostLineGrace = TimeSpan.FromMilliseconds(250);
 
+        /// <summary>
+        /// How long the shutdown flush waits after a failed write before trying the same event
+        /// again: far shorter than the writer thread's <see cref="WriteRetryMilliseconds"/>,
+        /// because the whole flush has only its deadline (5 s), yet long enough that a spool
+        /// that keeps failing costs a few dozen tries, not a busy loop.
+        /// </summary>
+        static readonly TimeSpan ShutdownWriteRetry = TimeSpan.FromMilliseconds(100);
+
         /// <summary>The write of the head failed: it stays queued, and may be dropped again. Under <see cref="writeGate"/>.</summary>
         void NotWritten()
         {
@@ -536,7 +547,8 @@ namespace Jobhook.Forwarder
         /// <summary>
         /// Stops the writer thread and writes the events still in memory to the spool, oldest
         /// first, until none is left or `deadline` has passed (waiting for the spool to open and
-        /// for the writer's current write counts against it). Files are not flushed one by one
+        /// for the writer's current write counts against it). A failed write is tried again
+        /// every <see cref="ShutdownWriteRetry"/> until the deadline. Files are not flushed one by one
         /// here: the process ends normally, so the operating system still writes its cache to
         /// disk, and skipping the flush makes this many times faster. Logs one line.
         /// </summary>
@@ -580,8 +592,17 @@ namespace Jobhook.Forwarder
                         break;
                     if (!opened.Write(next.Key, next.Body, false))
                     {
+                        // A failed write is often over in a moment (an antivirus scan holding
+                        // the new file, a disk that was full for a moment): the event stays at
+                        // the head and is tried again while the deadline allows, as the writer
+                        // thread would. Only what is still in memory at the deadline is lost.
                         NotWritten();
-                        break;
+                        var pause = deadline - clock.Elapsed;
+                        if (pause > ShutdownWriteRetry)
+                            pause = ShutdownWriteRetry;
+                        if (pause > TimeSpan.Zero)
+                            Thread.Sleep(pause);
+                        continue;
                     }
                     Written(next);
                     written++;

@@ -17,11 +17,13 @@ namespace Jobhook.Forwarder
     /// logged by the notices thread: the first one promptly, then at most one line per
     /// <see cref="Notices.ReportInterval"/> with the count since the previous line.
     /// </summary>
-    public sealed class RateLimitedCount
+    public sealed class RateLimitedCount : INotice
     {
         readonly string description;
         readonly IForwarderLog log;
         readonly bool error;
+        /// <summary>Reports at Info level (good news counted the same way), overriding <see cref="error"/>.</summary>
+        bool info;
         long total;
         long reported;
         /// <summary>
@@ -50,6 +52,12 @@ namespace Jobhook.Forwarder
         }
 
 
+        /// <summary>A count like the constructor's whose reports are at Info level.</summary>
+        public static RateLimitedCount Info(string description, IForwarderLog log)
+        {
+            return new RateLimitedCount(description, log) { info = true };
+        }
+
         /// <summary>
         /// Counts one. Never blocks and never logs: safe on Keyfactor's thread. `detail` (what
         /// the event was, e.g. its job id) goes into the next report.
@@ -75,7 +83,7 @@ namespace Jobhook.Forwarder
         /// reported, or null if nothing is left. Notices thread (or shutdown) only, under the
         /// report lock.
         /// </summary>
-        internal TimeSpan? Report(long clock, bool force)
+        public TimeSpan? Report(long clock, bool force)
         {
             var now = Interlocked.Read(ref total);
             var before = Interlocked.Read(ref reported);
@@ -93,7 +101,9 @@ namespace Jobhook.Forwarder
             var line = description + ": " + (now - before) + " since the last report, " + now + " since start"
                        + (detail != null ? " (the last: " + LogText.Printable(detail) + ")" : "");
             var target = LogQueue.Wrap(log ?? ForwarderLog.Current);
-            if (error)
+            if (info)
+                target.Info(line);
+            else if (error)
                 target.Error(line);
             else
                 target.Warn(line);
@@ -101,7 +111,187 @@ namespace Jobhook.Forwarder
         }
     }
 
-    /// <summary>The process-wide thread that reports every <see cref="RateLimitedCount"/>.</summary>
+    /// <summary>Something the notices thread reports when it is due (<see cref="RateLimitedCount"/>, <see cref="OutageNotice"/>).</summary>
+    public interface INotice
+    {
+        /// <summary>
+        /// Logs what is due at `clock` (Stopwatch ticks), everything left with `force`; returns
+        /// how long until what is left may be logged, or null if nothing is left. Notices
+        /// thread (or shutdown) only, under the report lock.
+        /// </summary>
+        TimeSpan? Report(long clock, bool force);
+    }
+
+    /// <summary>
+    /// The lines about something that fails and recovers (the engine for the sender, the spool
+    /// for the writer), at most one of each kind per <see cref="Notices.ReportInterval"/>
+    /// however often it flaps: the first failure of an outage is logged at once unless another
+    /// outage's first failure was logged less than an interval ago; a failure that goes on is
+    /// logged again once per interval with its count; a recovery is logged at once unless
+    /// another was logged less than an interval ago, else the notices thread logs it when the
+    /// interval is over, with how many outages came and went meanwhile. Thread-safe; logs
+    /// through the given log (the log thread's: never waits for the sink).
+    /// </summary>
+    public sealed class OutageNotice : INotice
+    {
+        readonly IForwarderLog log;
+        /// <summary>Failure lines at Error level, else Warn (recoveries are Info).</summary>
+        readonly bool error;
+        readonly object gate = new object();
+        /// <summary>Failures since the last success (0: healthy).</summary>
+        long inRow;
+        /// <summary>When a failure line was last logged (Stopwatch ticks), once one was.</summary>
+        long lastFailureLine;
+        bool failureLogged;
+        /// <summary>Outages whose first failure was not logged since the last failure line, and whether the current one is among them.</summary>
+        long quietStarts;
+        bool currentQuiet;
+        /// <summary>When a recovery line was last logged (Stopwatch ticks), once one was.</summary>
+        long lastRecoveryLine;
+        bool recoveryLogged;
+        /// <summary>The latest recovery not logged yet (null: none), and the outages and failures that ended without a line before it.</summary>
+        string pendingRecovery;
+        long quietEnds;
+        long quietEndFailures;
+
+        public OutageNotice(IForwarderLog log, bool error)
+        {
+            this.log = log;
+            this.error = error;
+            Notices.Register(this);
+        }
+
+        static long IntervalTicks
+        {
+            get { return (long)(Notices.ReportInterval.TotalSeconds * Stopwatch.Frequency); }
+        }
+
+        /// <summary>
+        /// One more failure. `line` makes the failure line from the failures in a row; it is
+        /// called only when a line is due. Null counts the failure without a line, for failures
+        /// another count reports with their details. Returns the failures in a row.
+        /// </summary>
+        public long Failed(Func<long, string> line)
+        {
+            string text = null;
+            long count;
+            lock (gate)
+            {
+                var now = Stopwatch.GetTimestamp();
+                count = ++inRow;
+                if (count == 1)
+                {
+                    currentQuiet = failureLogged && now - lastFailureLine < IntervalTicks;
+                    if (currentQuiet)
+                        quietStarts++;
+                }
+                if (line != null && (!failureLogged || now - lastFailureLine >= IntervalTicks))
+                {
+                    // The outage under way, when its start was not logged, is not another one.
+                    var others = quietStarts - (currentQuiet ? 1 : 0);
+                    text = line(count) + (others > 0 ? " (" + others + " other outage(s) began since the previous such line)" : "");
+                    failureLogged = true;
+                    lastFailureLine = now;
+                    quietStarts = 0;
+                    currentQuiet = false;
+                }
+            }
+            if (text != null)
+            {
+                if (error)
+                    log.Error(text);
+                else
+                    log.Warn(text);
+            }
+            return count;
+        }
+
+        /// <summary>A success: if it ends an outage, `line` (given the failures it had) is logged now or later.</summary>
+        public void Recovered(Func<long, string> line)
+        {
+            string text = null;
+            bool wake = false;
+            lock (gate)
+            {
+                if (inRow == 0)
+                    return;
+                var failures = inRow;
+                inRow = 0;
+                currentQuiet = false;
+                var now = Stopwatch.GetTimestamp();
+                if (!recoveryLogged || now - lastRecoveryLine >= IntervalTicks)
+                {
+                    // A recovery still waiting for the notices thread is one of those that came and went.
+                    if (pendingRecovery != null)
+                    {
+                        quietEnds++;
+                        quietEndFailures += pendingFailures;
+                    }
+                    text = line(failures) + Meanwhile();
+                    Logged(now);
+                }
+                else
+                {
+                    if (pendingRecovery != null)
+                    {
+                        quietEnds++;
+                        quietEndFailures += pendingFailures;
+                    }
+                    else
+                    {
+                        wake = true;
+                    }
+                    pendingRecovery = line(failures);
+                    pendingFailures = failures;
+                }
+            }
+            if (text != null)
+                log.Info(text);
+            if (wake)
+                Notices.Wake();
+        }
+
+        /// <summary>The failures of <see cref="pendingRecovery"/>'s outage.</summary>
+        long pendingFailures;
+
+        /// <summary>What ended without a line since the previous recovery line, for the next one. Under <see cref="gate"/>.</summary>
+        string Meanwhile()
+        {
+            if (quietEnds == 0)
+                return "";
+            return " (" + quietEnds + " other outage(s) with " + quietEndFailures + " failure(s) came and went since the previous such line)";
+        }
+
+        /// <summary>A recovery line was logged at `now`. Under <see cref="gate"/>.</summary>
+        void Logged(long now)
+        {
+            recoveryLogged = true;
+            lastRecoveryLine = now;
+            quietEnds = 0;
+            quietEndFailures = 0;
+            pendingRecovery = null;
+            pendingFailures = 0;
+        }
+
+        public TimeSpan? Report(long clock, bool force)
+        {
+            string text;
+            lock (gate)
+            {
+                if (pendingRecovery == null)
+                    return null;
+                var due = lastRecoveryLine + IntervalTicks - clock;
+                if (!force && due > 0)
+                    return TimeSpan.FromSeconds((double)due / Stopwatch.Frequency);
+                text = pendingRecovery + Meanwhile() + (inRow > 0 ? "; failing again now (" + inRow + " failure(s) in a row)" : "");
+                Logged(clock);
+            }
+            log.Info(text);
+            return null;
+        }
+    }
+
+    /// <summary>The process-wide thread that reports every <see cref="RateLimitedCount"/> and <see cref="OutageNotice"/>.</summary>
     public static class Notices
     {
         /// <summary>
@@ -112,7 +302,7 @@ namespace Jobhook.Forwarder
         public static readonly TimeSpan ReportInterval = TimeSpan.FromMinutes(1);
 
         static readonly object gate = new object();
-        static readonly List<RateLimitedCount> counts = new List<RateLimitedCount>();
+        static readonly List<INotice> counts = new List<INotice>();
         static readonly AutoResetEvent wake = new AutoResetEvent(false);
         /// <summary>One report at a time (the thread's, or the one at shutdown).</summary>
         static readonly object reportGate = new object();
@@ -128,7 +318,7 @@ namespace Jobhook.Forwarder
         /// initialisers (Intake's), and a thread that failed to start there would break that
         /// type, and so RunHandler, for the life of the process.
         /// </summary>
-        internal static void Register(RateLimitedCount count)
+        internal static void Register(INotice count)
         {
             lock (gate)
                 counts.Add(count);
@@ -196,7 +386,7 @@ namespace Jobhook.Forwarder
         internal static void ReportNow(TimeSpan wait)
         {
             var clock = System.Diagnostics.Stopwatch.StartNew();
-            RateLimitedCount[] all;
+            INotice[] all;
             if (!Bounded.Enter(gate, wait - clock.Elapsed))
                 return;
             try { all = counts.ToArray(); }
@@ -220,7 +410,7 @@ namespace Jobhook.Forwarder
         /// </summary>
         static TimeSpan ReportDue()
         {
-            RateLimitedCount[] all;
+            INotice[] all;
             lock (gate)
                 all = counts.ToArray();
             var next = ReportInterval;

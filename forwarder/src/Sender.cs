@@ -66,12 +66,6 @@ namespace Jobhook.Forwarder
         /// </summary>
         static readonly TimeSpan HardDeadlineSlack = TimeSpan.FromSeconds(5);
 
-        /// <summary>
-        /// How often a continuing outage is logged again: the first failure is logged at once,
-        /// then one line per interval with the count, so an outage of a day is not a million lines.
-        /// </summary>
-        static readonly TimeSpan RepeatLogInterval = TimeSpan.FromMinutes(1);
-
         /// <summary>How long an idle sender sleeps before looking at the spool again on its own.</summary>
         const int IdlePollMilliseconds = 1000;
 
@@ -108,13 +102,19 @@ namespace Jobhook.Forwarder
         string failedLast;
         /// <summary>Two events failed one after the other since the last delivery: the engine or the way was down.</summary>
         bool outage;
-        /// <summary>When a failure was last logged (Stopwatch ticks: monotonic, so setting the clock back does not silence the log).</summary>
-        long lastFailureLog;
+        /// <summary>
+        /// The outage and recovery lines, at most one of each a minute with counts (an outage of a
+        /// day is not a million lines, and an engine failing every other request is not two lines
+        /// per event). The runtime's, so a sender started again after a failed start adds none.
+        /// </summary>
+        readonly OutageNotice outages;
         /// <summary>The engine's URL as logged (a setting: it may hold a line break).</summary>
         readonly string shownUrl;
 
-        internal Sender(ForwarderSettings settings, Spool spool, ForwarderCounters counters, IForwarderLog log, AutoResetEvent wake)
+        internal Sender(ForwarderSettings settings, Spool spool, ForwarderCounters counters, IForwarderLog log, AutoResetEvent wake,
+                        OutageNotice outages)
         {
+            this.outages = outages;
             this.settings = settings;
             this.spool = spool;
             this.counters = counters;
@@ -635,19 +635,14 @@ namespace Jobhook.Forwarder
         void Failed(string detail)
         {
             consecutiveFailures++;
-            var now = Stopwatch.GetTimestamp();
-            if (consecutiveFailures == 1 || now - lastFailureLog >= (long)(RepeatLogInterval.TotalSeconds * Stopwatch.Frequency))
-            {
-                lastFailureLog = now;
-                log.Warn("cannot deliver to " + shownUrl + " (" + consecutiveFailures + " failure(s) in a row, "
-                         + spool.Count + " event(s) waiting): " + detail + "; retrying with backoff");
-            }
+            outages.Failed(inRow => "cannot deliver to " + shownUrl + " (" + inRow + " failure(s) in a row, "
+                                    + spool.Count + " event(s) waiting): " + detail + "; retrying with backoff");
         }
 
         void Recovered()
         {
             if (consecutiveFailures > 0)
-                log.Info("delivering to " + shownUrl + " again after " + consecutiveFailures + " failure(s)");
+                outages.Recovered(failures => "delivering to " + shownUrl + " again after " + failures + " failure(s)");
             consecutiveFailures = 0;
             if (outage)
             {

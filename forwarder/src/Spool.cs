@@ -30,7 +30,7 @@ namespace Jobhook.Forwarder
     /// still the first name. Its content is
     /// three lines: <see cref="Header"/>, the idempotency key, the JSON body. A file is written
     /// as `*.tmp`, flushed to disk and renamed, so a reader never sees half an event; a `*.tmp`
-    /// left by a crash is deleted at start-up. All methods are thread-safe and never throw.
+    /// left by a crash is deleted at start-up once it is old enough (<see cref="LeftoverTempAge"/>). All methods are thread-safe and never throw.
     /// The index of the files is built at start-up and kept up to date by this process; files
     /// another process puts in the directory are found by <see cref="Rescan"/>.
     /// </summary>
@@ -64,6 +64,33 @@ namespace Jobhook.Forwarder
             return name != null && name.EndsWith(TempExtension, StringComparison.Ordinal)
                    && IsOwnEventName(name.Substring(0, name.Length - TempExtension.Length));
         }
+        /// <summary>
+        /// How old an own `*.tmp` must be (by its last write) before <see cref="Open"/> takes it
+        /// for a crash's leftover and deletes it. A write holds its `*.tmp` for milliseconds
+        /// (create, write, flush, rename), seconds on a disk that stalls; a younger one may be
+        /// another live process's write under way on the same spool (the old worker of an IIS
+        /// overlapped recycle), and deleting it would make that write fail. A younger leftover
+        /// is never sent and is deleted at a later start.
+        /// </summary>
+        public static readonly TimeSpan LeftoverTempAge = TimeSpan.FromMinutes(10);
+
+        /// <summary>Whether the file at `path` was last written at least <see cref="LeftoverTempAge"/> ago.</summary>
+        static bool IsLeftover(string path)
+        {
+            try
+            {
+                var written = File.GetLastWriteTimeUtc(path);
+                // A clock set back makes a file look younger: kept until a later start. One
+                // whose time is far in the future (a clock that ran ahead) is no live write.
+                var age = DateTime.UtcNow - written;
+                return age >= LeftoverTempAge || age < -LeftoverTempAge;
+            }
+            catch (Exception)
+            {
+                return false; // gone meanwhile, or unreadable: not ours to delete now
+            }
+        }
+
         /// <summary>Subdirectory for events the engine refused as invalid (HTTP 400).</summary>
         public const string RejectedDirectoryName = "rejected";
         /// <summary>
@@ -220,10 +247,18 @@ namespace Jobhook.Forwarder
         RateLimitedCount recreateFailures;
         /// <summary>Events dropped to make room for newer ones (a warning, made at the first).</summary>
         RateLimitedCount spoolFull;
+        /// <summary>Delivered or rejected files that could not be deleted (a warning, made at the first).</summary>
+        RateLimitedCount notDeleted;
+        /// <summary>Such files deleted at a later try (an info line, made at the first).</summary>
+        RateLimitedCount deletedAtLast;
         /// <summary>Events too large for any spool file (a warning, made at the first).</summary>
         RateLimitedCount tooLarge;
-        /// <summary>Failed writes since the last successful one (the writer's).</summary>
-        long failedWrites;
+        /// <summary>
+        /// The writer's failed writes since the last successful one, and the line saying it
+        /// writes again: at most one a minute, with how often it failed and recovered meanwhile
+        /// (a disk at the edge of full fails and recovers every second). Made at the first failure.
+        /// </summary>
+        volatile OutageNotice writeOutages;
 
         Spool(string directory, long maxFiles, long maxBytes, IForwarderLog log)
         {
@@ -253,7 +288,12 @@ namespace Jobhook.Forwarder
                 {
                     var name = Path.GetFileName(path);
                     if (IsOwnTempName(name))
-                        TryDelete(path);
+                    {
+                        // Only a crash's leftover: another live process on this spool (the old
+                        // worker of an overlapped recycle) may be writing this one right now.
+                        if (IsLeftover(path))
+                            TryDelete(path);
+                    }
                     else if (!IsOwnEventName(name))
                         foreign++;
                 }
@@ -351,9 +391,9 @@ namespace Jobhook.Forwarder
                 }
             }
             Add(name, bytes.Length);
-            var failed = Interlocked.Exchange(ref failedWrites, 0);
-            if (failed > 0)
-                log.Info("writing to the spool " + directory + " again after " + failed + " failed attempt(s)");
+            var outages = writeOutages;
+            if (outages != null)
+                outages.Recovered(failed => "writing to the spool " + directory + " again after " + failed + " failed attempt(s)");
             return true;
         }
 
@@ -387,7 +427,13 @@ namespace Jobhook.Forwarder
         /// <summary>Counts a failed write; the notices thread reports it.</summary>
         void WriteFailed(Exception e)
         {
-            Interlocked.Increment(ref failedWrites);
+            lock (gate)
+            {
+                if (writeOutages == null)
+                    writeOutages = new OutageNotice(log, true);
+            }
+            // Counted only: the count below reports the failures, with their exception.
+            writeOutages.Failed(null);
             Notice(ref writeFailures, "cannot write to the spool " + directory + " (the event waits in memory; tried again every second)")
                 .Add(e.GetType().Name + ": " + e.Message);
         }
@@ -832,9 +878,12 @@ namespace Jobhook.Forwarder
                     awaitingRemoval.Remove(forgotten);
                 }
             }
-            log.Warn("the " + what + " event file " + name + " could not be deleted (" + problem + "); it is not sent again, and deleting it is"
-                     + " retried with back-off up to every " + MaxRemovalRetry.TotalMinutes + " min"
-                     + (forgotten != null ? " (" + MaxAwaitingRemoval + " such files: forgot " + forgotten + ", which may be sent again)" : ""));
+            // Counted, not one line per file: a spool volume gone read-only would otherwise log
+            // a line per delivered event, and another once each is deleted.
+            Notice(ref notDeleted, "event file(s) this process is done with (delivered or rejected) could not be deleted; they are not sent"
+                                   + " again, and deleting them is retried with back-off up to every " + MaxRemovalRetry.TotalMinutes + " min", false)
+                .Add("the " + what + " file " + name + ": " + problem
+                     + (forgotten != null ? "; " + MaxAwaitingRemoval + " such files: forgot " + forgotten + ", which may be sent again" : ""));
         }
 
         /// <summary>
@@ -882,7 +931,15 @@ namespace Jobhook.Forwarder
                     }
                 }
                 if (gone)
-                    log.Info("the event file " + name + " that was done with is deleted at last");
+                {
+                    lock (gate)
+                    {
+                        if (deletedAtLast == null)
+                            deletedAtLast = RateLimitedCount.Info(
+                                "event file(s) this process was done with but could not delete are deleted at last", countLog);
+                    }
+                    deletedAtLast.Add(name);
+                }
             }
         }
 

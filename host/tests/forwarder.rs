@@ -83,6 +83,12 @@
 //! - (an) a string field over the engine's 4 KiB is refused before it is spooled, the field
 //!   named; one of exactly 4 KiB arrives.
 //! - (ao) the forwarder's copies of the engine's limits are the engine's.
+//! - (ap) at exit, a spool that cannot be written for a moment (its first writes fail) still
+//!   gets every event in memory: the flush tries again within its deadline.
+//! - (aq) a `*.tmp` another live process is writing in the same spool (an IIS overlapped
+//!   recycle) is left alone when this one opens the spool; an old leftover is deleted.
+//! - (ar) an engine that fails every other request (a balancer with one dead node) costs a few
+//!   log lines that count the short outages, not two lines per event.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -3769,4 +3775,186 @@ fn ao_the_forwarders_copies_of_the_engines_limits_are_the_engines() {
             "the forwarder's {name} is not the engine's {engine}"
         );
     }
+}
+
+/// Waits until the harness's log contains `needle` or the harness has exited (its log is
+/// returned either way, so the caller's assertion names what happened); at most `timeout`.
+fn wait_for_log_or_exit(harness: &mut Harness, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+        let exited = matches!(harness.child.try_wait(), Ok(Some(_)));
+        if log.contains(needle) || exited || Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ap_a_spool_that_fails_for_a_moment_at_exit_still_gets_every_event() {
+    const SENT: usize = 200;
+    const NEEDLE: &str = "cannot write to the spool";
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // No engine, and the spool writer is held (the forwarder's test hook): every event is in
+    // memory at the exit. Before the exit the spool directory is made immutable, as a disk full
+    // for a moment or a scan holding new files would: the flush's first writes fail. Once that
+    // is logged, the directory is writable again, well within the 5 s deadline.
+    let sent = SENT.to_string();
+    let exit_file = site.path("exit");
+    let exit_arg = exit_file.to_string_lossy().into_owned();
+    let mut harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "burst",
+        &[
+            "--count",
+            &sent,
+            "--hold-writers",
+            "1",
+            "--exit-file",
+            &exit_arg,
+            "--budget-ms",
+            "1000",
+        ],
+    );
+    harness.wait_for_line("submitted", Duration::from_secs(60));
+    // The writer opens the spool (rejected/ is made first, then the directory is indexed)
+    // before it waits at the hook.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !site.spool().join("rejected").is_dir() {
+        assert!(Instant::now() < deadline, "the spool did not open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let lock = Immutable::new(site.spool());
+    std::fs::write(&exit_file, b"").expect("exit file");
+    let failing = wait_for_log_or_exit(&mut harness, NEEDLE, Duration::from_secs(4));
+    drop(lock);
+    assert!(
+        failing.contains(NEEDLE),
+        "the flush's first write failed (the case needs it):\n{failing}"
+    );
+    let (status, _, log) = harness.finish(EXIT_BOUND);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the harness ended ({status:?}):\n{log}"
+    );
+    assert_eq!(
+        spool_files(&site),
+        SENT,
+        "every event in memory is in the spool after the exit:\n{log}"
+    );
+    assert_eq!(
+        count_lines(&log, "are lost"),
+        0,
+        "nothing is reported lost:\n{log}"
+    );
+}
+
+/// A spool file name of this forwarder's pattern with `.tmp`: a write under way (or left by a
+/// crash).
+fn own_temp_name(ticks: u64, sequence: u32) -> String {
+    format!(
+        "{ticks:019}-{sequence:010}-{}.evt.tmp",
+        Uuid::new_v4().simple()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aq_another_live_process_temp_file_is_left_alone_when_the_spool_opens() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // The old worker of an overlapped recycle is writing an event into the spool as the new
+    // one opens it: its `.tmp` was written a moment ago. A crash's leftover is an hour old.
+    std::fs::create_dir_all(site.spool()).expect("spool");
+    let live = site.spool().join(own_temp_name(638_000_000_000_000_000, 1));
+    let leftover = site.spool().join(own_temp_name(638_000_000_000_000_000, 2));
+    std::fs::write(&live, b"jobhook-forwarder-spool 1\n").expect("live temp file");
+    std::fs::write(&leftover, b"jobhook-forwarder-spool 1\n").expect("leftover");
+    std::fs::File::options()
+        .write(true)
+        .open(&leftover)
+        .expect("leftover")
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .expect("age the leftover");
+    let log = burst(
+        build,
+        &site,
+        3,
+        &["--budget-ms", "1000"],
+        "open a shared spool",
+    );
+    assert!(
+        live.exists(),
+        "another live process's file being written was deleted:\n{log}"
+    );
+    assert!(
+        !leftover.exists(),
+        "a crash's leftover an hour old is deleted:\n{log}"
+    );
+    assert_eq!(spool_files(&site), 3, "the events are spooled:\n{log}");
+}
+
+/// A stand-in in front of the engine at `engine_url` that answers every other request with a
+/// gateway's 502, as a balancer with one dead node does, and passes the others on.
+async fn every_other_request_502(engine_url: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind stand-in");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let client = reqwest::Client::new();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (requests, client, engine_url) =
+                (requests.clone(), client.clone(), engine_url.clone());
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                while let Some(request) = read_request(&mut socket, &mut buffer).await {
+                    let (status, body) = if requests.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                        (502, b"<html>502 Bad Gateway</html>".to_vec())
+                    } else {
+                        forward(&client, &engine_url, &request).await
+                    };
+                    if !respond(&mut socket, status, &body).await {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ar_an_engine_failing_every_other_request_costs_a_few_lines_not_two_per_event() {
+    const SENT: usize = 100;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let url = every_other_request_502(site.engine_url()).await;
+    let expected_path = site.path("expected.tsv");
+    let log = Harness::run(build, "fx", &site, &url, SENT, &expected_path, &[])
+        .wait_success_log("an engine failing every other request");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    // Each failure is a short outage, and each delivery after it a recovery: about SENT of
+    // each within seconds. One line of each kind a minute, and the recovery left over at the
+    // exit counting what came and went: a few lines in all.
+    let failures = count_lines(&log, "cannot deliver to");
+    let recoveries = count_lines(&log, " again after ");
+    assert!(
+        (1..=2).contains(&failures) && (1..=2).contains(&recoveries),
+        "{failures} failure and {recoveries} recovery line(s) for {SENT} events:\n{log}"
+    );
+    assert!(
+        log.contains("came and went since the previous such line"),
+        "the outages not logged one by one are counted:\n{log}"
+    );
 }
