@@ -366,7 +366,17 @@ namespace Jobhook.Forwarder
                 {
                     try
                     {
-                        new Sender(settings, opened, Counters, log, spooled, engineOutages).Start();
+                        // Under the write gate, as a write: a shutdown under way waits for it
+                        // (FlushForShutdown), and none begins once the process is ending. A
+                        // sender started during the runtime's teardown did its first-time work
+                        // (its HTTP client, its first send) as the runtime tore down, and Mono
+                        // aborted the whole process for it.
+                        lock (writeGate)
+                        {
+                            if (stopping)
+                                return; // shutdown writes what is left (FlushForShutdown)
+                            new Sender(settings, opened, Counters, log, spooled, engineOutages).Start();
+                        }
                         senderStarted = true;
                     }
                     catch (ThreadAbortException)
@@ -545,7 +555,7 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Stops the writer thread and writes the events still in memory to the spool, oldest
+        /// Stops the writer thread (and keeps it from starting the sender), and writes the events still in memory to the spool, oldest
         /// first, until none is left or `deadline` has passed (waiting for the spool to open and
         /// for the writer's current write counts against it). A failed write is tried again
         /// every <see cref="ShutdownWriteRetry"/> until the deadline. Files are not flushed one by one
@@ -558,9 +568,15 @@ namespace Jobhook.Forwarder
             stopping = true;
             queued.Set(); // an idle writer sees `stopping` and ends
             // Nothing in memory (the event the writer is writing is still in the queue): no
-            // reason to wait for the spool. Read without the lock, as at the end.
+            // reason to wait for the spool, only for a sender the writer may be starting
+            // (briefly: a write would have left an event in the queue). Read without the lock,
+            // as at the end.
             if (queue.Count == 0)
+            {
+                if (Bounded.Enter(writeGate, deadline - clock.Elapsed))
+                    Monitor.Exit(writeGate);
                 return;
+            }
             int written = 0;
             bool entered = false;
             try

@@ -3958,3 +3958,48 @@ async fn ar_an_engine_failing_every_other_request_costs_a_few_lines_not_two_per_
         "the outages not logged one by one are counted:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_a_process_ending_as_its_sender_begins_to_send_exits_cleanly() {
+    // Short runs in a row, each ending while its sender starts or begins its first send,
+    // first with the engine down, then with it up (sends then end as the process does). Before
+    // the shutdown stopped the sender, one run in five to ten had the runtime abort the process
+    // at exit (Mono: a class initialiser of that first send cut short by the teardown, SIGABRT);
+    // twenty runs of each meet that almost always.
+    const RUNS: usize = 20;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let mut engine = None;
+    for run in 1..=2 * RUNS {
+        if run == RUNS + 1 {
+            engine = Some(site.start_engine());
+        }
+        let up = engine.is_some();
+        // An empty spool each time: a spooled event would be sent at start, long before exit.
+        match std::fs::remove_dir_all(site.spool()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("empty the spool: {e}"),
+        }
+        let log = burst(
+            build,
+            &site,
+            3,
+            &["--budget-ms", "1000"],
+            &format!("run {run} (engine up: {up}), ending as its first send begins"),
+        );
+        let spooled = spool_files(&site);
+        if up {
+            assert!(
+                spooled <= 3,
+                "run {run}: at most the 3 events are spooled:\n{log}"
+            );
+        } else {
+            assert_eq!(
+                spooled, 3,
+                "run {run}: the events stay spooled for the next start:\n{log}"
+            );
+        }
+    }
+}
