@@ -460,13 +460,28 @@ fn rustls_error<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e 
     None
 }
 
-/// A `Retry-After` value in delta-seconds (RFC 9110 §10.2.3), at most `cap`: how long a server
-/// asked to be left alone. `None` for an HTTP date, a fraction, a sign or anything else (the
-/// caller's own pause applies).
+/// A `Retry-After` value (RFC 9110 §10.2.3), at most `cap`: how long a server asked to be left
+/// alone. Delta-seconds, or an HTTP date (any of the three forms §5.6.7 has a recipient read),
+/// counted from now on the wall clock: a date already past asks for no pause. `None` for a
+/// fraction, a sign, a date that is no date or anything else (the caller's own pause applies).
 pub fn retry_after(value: &str, cap: std::time::Duration) -> Option<std::time::Duration> {
+    retry_after_at(value, cap, std::time::SystemTime::now())
+}
+
+/// [`retry_after`] as of `now`.
+fn retry_after_at(
+    value: &str,
+    cap: std::time::Duration,
+    now: std::time::SystemTime,
+) -> Option<std::time::Duration> {
     let value = value.trim();
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+    if value.is_empty() {
         return None;
+    }
+    if !value.bytes().all(|b| b.is_ascii_digit()) {
+        let date = httpdate::parse_http_date(value).ok()?;
+        // A date before now (or a clock ahead of the server's): no pause.
+        return Some(date.duration_since(now).unwrap_or_default().min(cap));
     }
     // All digits: a number past u64 is longer than any cap.
     let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
@@ -1423,20 +1438,30 @@ mod tests {
         assert_eq!(without_credentials("@"), "…@");
     }
 
-    /// `Retry-After` in seconds is read and capped; every other form a server may send — a
-    /// date, a sign, a fraction, blanks, digits past u64 — gives no pause or the cap, never a
-    /// panic.
+    /// `Retry-After` in seconds or as an HTTP date is read and capped; every other form a server
+    /// may send — a sign, a fraction, blanks, digits past u64, a date that is none — gives no
+    /// pause or the cap, never a panic.
     #[test]
-    fn retry_after_is_whole_seconds_capped() {
-        use std::time::Duration;
+    fn retry_after_is_whole_seconds_or_a_date_capped() {
+        use std::time::{Duration, SystemTime};
         let cap = Duration::from_secs(60);
+        // Wed, 21 Oct 2026 07:28:00 GMT
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_792_567_680);
         for (value, expected) in [
             ("30", Some(30)),
             (" 7 ", Some(7)),
             ("0", Some(0)),
             ("86400", Some(60)),
             ("99999999999999999999999", Some(60)),
-            ("Wed, 21 Oct 2026 07:28:00 GMT", None),
+            // The three forms of an HTTP date, 20 s from now.
+            ("Wed, 21 Oct 2026 07:28:20 GMT", Some(20)),
+            ("Wednesday, 21-Oct-26 07:28:20 GMT", Some(20)),
+            ("Wed Oct 21 07:28:20 2026", Some(20)),
+            // Past, far ahead, malformed.
+            ("Wed, 21 Oct 2026 07:27:00 GMT", Some(0)),
+            ("Thu, 01 Jan 2099 00:00:00 GMT", Some(60)),
+            ("Wed, 32 Oct 2026 07:28:00 GMT", None),
+            ("Wed, 21 Oct 2026 07:28:00 PST", None),
             ("-1", None),
             ("+5", None),
             ("1.5", None),
@@ -1444,7 +1469,7 @@ mod tests {
             ("\u{661}", None),
         ] {
             assert_eq!(
-                retry_after(value, cap),
+                retry_after_at(value, cap, now),
                 expected.map(Duration::from_secs),
                 "{value:?}"
             );

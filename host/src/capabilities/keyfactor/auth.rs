@@ -616,8 +616,8 @@ impl From<CapabilityError> for FetchFailure {
     }
 }
 
-/// A `Retry-After` of delta-seconds (RFC 9110 §10.2.3), capped at [`MAX_TOKEN_FAILURE_PAUSE`];
-/// `None` when absent or an HTTP date (then the default pause applies).
+/// A `Retry-After` of delta-seconds or an HTTP date (RFC 9110 §10.2.3), capped at
+/// [`MAX_TOKEN_FAILURE_PAUSE`]; `None` when absent or unreadable (then the default pause applies).
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     outbound::retry_after(value, MAX_TOKEN_FAILURE_PAUSE)
@@ -1437,7 +1437,7 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_after_is_read_in_seconds_and_capped() {
+    fn a_retry_after_is_read_in_seconds_or_as_a_date_and_capped() {
         let mut headers = reqwest::header::HeaderMap::new();
         assert_eq!(retry_after(&headers), None);
         headers.insert(reqwest::header::RETRY_AFTER, "30".parse().unwrap());
@@ -1448,6 +1448,17 @@ mod tests {
             reqwest::header::RETRY_AFTER,
             "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap(),
         );
+        assert_eq!(
+            retry_after(&headers),
+            Some(Duration::ZERO),
+            "a date gone by"
+        );
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            "Fri, 01 Jan 2100 00:00:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), Some(MAX_TOKEN_FAILURE_PAUSE));
+        headers.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&headers), None);
         for (status, words) in [
             (401, "client_secret"),
