@@ -6,6 +6,7 @@ using System;
 using System.Collections.Generic;
 using System.Globalization;
 using System.IO;
+using System.Linq;
 
 namespace Jobhook.Forwarder
 {
@@ -341,7 +342,16 @@ namespace Jobhook.Forwarder
                     problems.Add("SpoolDirectory must be an absolute path (" + text + " is relative to the process's current directory); using " + fallback);
                     return fallback;
                 }
-                return NormalisePath(text);
+                var normalised = NormalisePath(text);
+                if (string.Equals(normalised, NormalisePath(Path.GetPathRoot(normalised) ?? ""), StringComparison.OrdinalIgnoreCase))
+                {
+                    // The spool lists its whole directory at start and every few seconds, and
+                    // takes every file under its names there for its own: a volume's root is
+                    // every program's directory.
+                    problems.Add("SpoolDirectory is the root of a volume (" + normalised + "); give a directory of the forwarder's own; using " + fallback);
+                    return fallback;
+                }
+                return normalised;
             }
             catch (Exception e)
             {
@@ -376,7 +386,8 @@ namespace Jobhook.Forwarder
         /// <summary>
         /// What is wrong with `text`, the value of the path setting `name`, if it holds a
         /// character no path can (<see cref="NotInPaths"/>, a control character, or one the
-        /// framework refuses); null if none. Names the characters and what to do. Never throws.
+        /// framework refuses) or one that cannot be seen (Unicode format characters); null if
+        /// none. Names the characters and what to do. Never throws.
         /// </summary>
         static string PathProblem(string name, string text)
         {
@@ -384,20 +395,28 @@ namespace Jobhook.Forwarder
             try { refused = Path.GetInvalidPathChars(); }
             catch { refused = new char[0]; }
             var found = new List<string>();
+            var unseen = new List<string>();
             foreach (char c in text)
             {
-                if (c >= ' ' && c != '\x7f' && Array.IndexOf(NotInPaths, c) < 0 && Array.IndexOf(refused, c) < 0)
+                // An invisible character (a zero-width space, a direction mark: Unicode's format
+                // characters) pasted with a path makes it another path that looks the same.
+                bool invisible = CharUnicodeInfo.GetUnicodeCategory(c) == UnicodeCategory.Format;
+                if (c >= ' ' && c != '\x7f' && !invisible && Array.IndexOf(NotInPaths, c) < 0 && Array.IndexOf(refused, c) < 0)
                     continue;
-                var shown = c < ' ' || c == '\x7f' || char.IsWhiteSpace(c)
+                var shown = c < ' ' || c == '\x7f' || invisible || char.IsWhiteSpace(c)
                     ? "U+" + ((int)c).ToString("X4", CultureInfo.InvariantCulture)
                     : "'" + c + "'";
-                if (!found.Contains(shown))
-                    found.Add(shown);
+                var list = invisible ? unseen : found;
+                if (!list.Contains(shown))
+                    list.Add(shown);
             }
-            if (found.Count == 0)
+            if (found.Count == 0 && unseen.Count == 0)
                 return null;
+            if (found.Count == 0)
+                return name + " contains characters that cannot be seen (" + string.Join(", ", unseen)
+                       + "), which make it another path than the one it shows; type it again";
             bool quoted = text.Length >= 2 && text[0] == '"' && text[text.Length - 1] == '"';
-            return name + " contains characters a path cannot have (" + string.Join(", ", found) + "); "
+            return name + " contains characters a path cannot have (" + string.Join(", ", found.Concat(unseen)) + "); "
                    + (quoted ? "remove the quotes around it" : "remove them");
         }
 

@@ -2420,7 +2420,7 @@ async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
 }
 
 /// Cases the harness's `settings` mode prints (forwarder/harness/Harness.cs, `Settings`).
-const SETTINGS_CASES: usize = 22;
+const SETTINGS_CASES: usize = 25;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
@@ -2470,6 +2470,33 @@ async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
         );
     }
     has("spool-nul", &["U+0000"]);
+    has(
+        "spool-zero-width",
+        &[
+            "SpoolDirectory contains characters that cannot be seen (U+200B)",
+            "type it again",
+        ],
+    );
+    assert!(
+        !case("spool-zero-width").contains(&own_spool),
+        "the default spool is used instead: {}",
+        case("spool-zero-width")
+    );
+    // A volume's root, written as such or reached with `..`: every program's directory.
+    for name in ["spool-root", "spool-root-dots"] {
+        has(
+            name,
+            &[
+                "SpoolDirectory is the root of a volume (/)",
+                "give a directory of the forwarder's own",
+            ],
+        );
+        assert!(
+            !case(name).contains("spool=/ "),
+            "{name}: the root is not used: {}",
+            case(name)
+        );
+    }
     has("spool-quoted", &["remove the quotes"]);
     has(
         "ca-nul",
