@@ -90,7 +90,7 @@ impl Anchor {
     /// The carried time now.
     pub fn now(&self) -> DateTime<Utc> {
         let elapsed = boot_time().saturating_sub(self.boot);
-        super::after(self.at, elapsed)
+        crate::queue::delivery_state::after(self.at, elapsed)
     }
 
     /// How far `reference` (read just now) is from the carried time, if that is a step

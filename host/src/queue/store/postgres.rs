@@ -43,14 +43,14 @@ use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
 use uuid::Uuid;
 
 use super::clock::QueueClock;
-use super::postgres_url::{UrlError, check_url, redact_url, url_sets};
-use super::{
+use super::interface::{
     ABANDONED_REASON, AttemptRecord, AttemptView, Claim, ClaimLimits, DeliveryState, DeliveryView,
     EventStore, EventView, FailedDelivery, FailedFilter, Finish, INTERRUPTED_CLASS, Idempotency,
     Inserted, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH, NewEvent, PurgePosition,
     PurgeRound, RELEASED_REASON, StoreError, after, capped, purge_batch, unreadable_context,
     walk_start,
 };
+use super::postgres_url::{UrlError, check_url, redact_url, url_sets};
 use crate::context::JobContext;
 use crate::secret::Secret;
 
@@ -651,7 +651,7 @@ impl r2d2::ManageConnection for Manager {
 }
 
 /// Sends the pool's connection errors to the log, naming the database without its password, at
-/// most once per [`STORE_FAILURE_LOG_INTERVAL`](super::STORE_FAILURE_LOG_INTERVAL) with how
+/// most once per [`STORE_FAILURE_LOG_INTERVAL`](super::interface::STORE_FAILURE_LOG_INTERVAL) with how
 /// many went untold: while the server is down or refuses the engine, each of the pool's pending
 /// connections tries again every 2 s at most, which wrote about 4 lines a second per node for
 /// as long as that lasted (14,000 an hour) on a disk the store and the mail outbox may share.
@@ -666,7 +666,7 @@ impl LogErrors {
     fn new(target: String) -> Self {
         LogErrors {
             target,
-            limit: crate::log_limit::LogLimit::new(super::STORE_FAILURE_LOG_INTERVAL),
+            limit: crate::log_limit::LogLimit::new(super::interface::STORE_FAILURE_LOG_INTERVAL),
         }
     }
 }

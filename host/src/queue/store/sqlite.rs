@@ -22,14 +22,14 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::clock::{QueueClock, step_between};
-use super::sqlite_writer::{DAMAGED_ADVICE, Durability, Grouping, Write, Writer, classify};
-use super::{
+use super::interface::{
     ABANDONED_REASON, Answer, AttemptRecord, AttemptView, AwaitedWrites, Claim, ClaimLimits,
     DeliveryState, DeliveryView, EventStore, EventView, FailedDelivery, FailedFilter, Finish,
     INTERRUPTED_CLASS, Idempotency, Inserted, MAX_FAILED_PAGE, MAX_PURGE_BATCH, MAX_RETRY_BATCH,
     NewEvent, PurgePosition, PurgeRound, RELEASED_REASON, StoreError, after, capped, from_ms,
     purge_batch, to_ms, unreadable_context, walk_start,
 };
+use super::sqlite_writer::{DAMAGED_ADVICE, Durability, Grouping, Write, Writer, classify};
 use crate::context::JobContext;
 
 /// How long a writer waits for a lock held by another connection (e.g. an operator's

@@ -38,7 +38,7 @@ use std::sync::{Arc, mpsc};
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{Answer, StoreError};
+use super::interface::{Answer, StoreError};
 
 /// Most writes committed in one transaction: bounds how long the first write of a group waits
 /// and the size of one WAL commit.
