@@ -1,7 +1,7 @@
 //! Levelled logging into the engine's log and the delivery's recorded outcome.
 //!
 //! Use the crate-root macros [`trace!`](crate::trace), [`debug!`](crate::debug),
-//! [`info!`](crate::info), [`warn!`](crate::warn) and [`error!`](crate::error), which take
+//! [`info!`](crate::info), [`warn!`](crate::warn) and [`error!`](macro@crate::error), which take
 //! `format!` arguments. The engine bounds lines and bytes per invocation; lines past the bound
 //! are dropped and counted, so logging can never fail a handler.
 
@@ -21,7 +21,7 @@ macro_rules! trace {
     };
 }
 
-/// Logs a `format!`-style message at [`Level::Debug`](crate::log::Level::Debug).
+/// Logs a `format!`-style message at [`Level::Debug`].
 #[macro_export]
 macro_rules! debug {
     ($($arg:tt)+) => {
@@ -29,7 +29,7 @@ macro_rules! debug {
     };
 }
 
-/// Logs a `format!`-style message at [`Level::Info`](crate::log::Level::Info).
+/// Logs a `format!`-style message at [`Level::Info`].
 #[macro_export]
 macro_rules! info {
     ($($arg:tt)+) => {
@@ -37,7 +37,7 @@ macro_rules! info {
     };
 }
 
-/// Logs a `format!`-style message at [`Level::Warn`](crate::log::Level::Warn).
+/// Logs a `format!`-style message at [`Level::Warn`].
 #[macro_export]
 macro_rules! warn {
     ($($arg:tt)+) => {
@@ -45,7 +45,7 @@ macro_rules! warn {
     };
 }
 
-/// Logs a `format!`-style message at [`Level::Error`](crate::log::Level::Error).
+/// Logs a `format!`-style message at [`Level::Error`].
 #[macro_export]
 macro_rules! error {
     ($($arg:tt)+) => {

@@ -1,6 +1,6 @@
 //! The one place where SDK calls meet the host.
 //!
-//! On `wasm32` every function calls the matching wit-bindgen import ([`wasm`]); elsewhere it goes
+//! On `wasm32` every function calls the matching wit-bindgen import (the `wasm` module); elsewhere it goes
 //! to the thread's installed [`NativeHost`] ([`native`]), which is what
 //! [`testing::MockHost`](crate::testing::MockHost) installs. Each function here calls exactly one
 //! import and nothing else references the imports, so a component ends up importing only the

@@ -95,7 +95,7 @@ struct ForwarderArgs {
     /// The jobhook configuration file (TOML).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: PathBuf,
-    /// The engine's base URL as Keyfactor reaches it (default: from [server] listen and tls).
+    /// The engine's base URL as Keyfactor reaches it (default: from `[server]` listen and tls).
     #[arg(long, value_name = "URL")]
     engine_url: Option<String>,
     /// Which Keyfactor Command generation: 10 (web.config, 9-10), 11 (manifest.json, 11+) or both.

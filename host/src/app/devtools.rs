@@ -107,7 +107,7 @@ pub enum TlsFlag {
 /// The capability flags of `jobhook run`.
 #[derive(Debug, Clone, Args)]
 pub struct ServiceArgs {
-    /// Keyfactor API base URL, e.g. https://command.example.com/KeyfactorAPI/ (enables the
+    /// Keyfactor API base URL, e.g. `https://command.example.com/KeyfactorAPI/` (enables the
     /// keyfactor capability).
     #[arg(long, value_name = "URL", env = "KEYFACTOR_URL")]
     keyfactor_url: Option<String>,
@@ -129,7 +129,7 @@ pub struct ServiceArgs {
     /// Write mail as .eml files into this directory (enables the mail capability).
     #[arg(long, value_name = "DIR", conflicts_with = "smtp")]
     mail_outbox: Option<PathBuf>,
-    /// Send mail through this SMTP relay, HOST[:PORT] (enables the mail capability).
+    /// Send mail through this SMTP relay, `HOST[:PORT]` (enables the mail capability).
     #[arg(long, value_name = "HOST[:PORT]")]
     smtp: Option<String>,
     /// TLS mode for --smtp.

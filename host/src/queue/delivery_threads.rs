@@ -8,7 +8,7 @@
 //!   no worker thread, so a request is polled as soon as the kernel runs one of the API's
 //!   threads;
 //! - the delivery threads run under Linux's `SCHED_BATCH` policy. By `sched(7)`, the scheduler
-//!   then treats them as CPU-bound and "mildly disfavor[s]" them in wake-up decisions: a delivery
+//!   then treats them as CPU-bound and "mildly disfavor\[s\]" them in wake-up decisions: a delivery
 //!   thread that wakes does not preempt the thread running, such as an API thread answering an
 //!   event. Their share of the CPU is that of any normal thread (unlike a higher nice value,
 //!   which cost deliveries a third of their throughput beside a CPU hog), so beside other

@@ -582,7 +582,7 @@ fn context_of(row: &Value, job_types: &BTreeMap<String, Uuid>) -> Option<JobCont
 #[serde(deny_unknown_fields)]
 pub struct Cursor {
     /// The latest `OperationStart` turned into an event (or skipped), but never later than the
-    /// poll that handled it ([`Cursor::record`]); `None` before the first.
+    /// poll that handled it ([`Cursor::record_unpruned`]); `None` before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<DateTime<Utc>>,
     /// The ids already turned into events (or skipped) whose `OperationStart` is not before
@@ -711,7 +711,7 @@ impl Cursor {
         self.prune();
     }
 
-    /// [`record`](Self::record) without the pruning, which walks every remembered id: a page
+    /// `record` (in the tests) without the pruning, which walks every remembered id: a page
     /// records its rows and prunes once ([`Poller::events_from`]).
     fn record_unpruned(&mut self, id: i64, start: Option<DateTime<Utc>>, now: DateTime<Utc>) {
         let now = whole_second(now);
@@ -1851,7 +1851,7 @@ fn remember_agent(by_machine: &mut AgentsByMachine, agent: &Value, now: DateTime
 }
 
 /// A row's `OperationStart` as it reads, however implausible: what the cursor remembers the row
-/// by ([`Cursor::record`] keeps the position from following it past the clock).
+/// by ([`Cursor::record_unpruned`] keeps the position from following it past the clock).
 fn operation_start(row: &Value) -> Option<DateTime<Utc>> {
     row.get("OperationStart")
         .and_then(Value::as_str)
@@ -1874,7 +1874,7 @@ fn plausible(start: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> 
 
 /// Most a JobHistory row's `OperationStart` may lie ahead of this machine's clock and still be
 /// taken as when the job ran: a day covers any clock skew between two servers. (Whatever the
-/// start, the position never moves past the poll's own time: [`Cursor::record`].)
+/// start, the position never moves past the poll's own time: [`Cursor::record_unpruned`].)
 pub const MAX_START_AHEAD: chrono::Duration = chrono::Duration::days(1);
 
 #[cfg(test)]

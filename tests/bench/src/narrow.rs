@@ -18,7 +18,7 @@ pub const PACKAGE: &str = "guest-bench-noop";
 /// The target whose Rust std imports nothing.
 const TARGET: &str = "wasm32-unknown-unknown";
 
-/// The component built from [`PACKAGE`] for [`TARGET`] (built once per process).
+/// The component built from [`PACKAGE`] for `TARGET` (built once per process).
 pub fn noop_without_wasi() -> anyhow::Result<Vec<u8>> {
     static BUILT: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
     BUILT

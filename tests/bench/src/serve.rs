@@ -308,7 +308,7 @@ pub struct LatencyRun {
     pub deliveries_per_second: f64,
     /// Seconds from the end of sending until nothing was pending or running.
     pub drain_seconds: f64,
-    /// Whether the backlog drained within [`DRAIN_LIMIT`].
+    /// Whether the backlog drained within `DRAIN_LIMIT`.
     pub drained: bool,
     /// Latency (ms) from event commit to outcome recorded, healthy handlers' succeeded deliveries.
     pub healthy_latency_ms: Summary,

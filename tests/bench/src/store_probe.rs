@@ -144,8 +144,8 @@ const MIXED_SECONDS: f64 = 10.0;
 /// Threads that insert events in the mixed workload (an HTTP server's concurrent requests).
 const INGEST_THREADS: usize = 4;
 
-/// The store alone under scenario c's mix, without HTTP or sandboxes: [`INGEST_THREADS`]
-/// threads insert [`MIXED_RATE`] events/s (four deliveries each) on a fixed schedule while one
+/// The store alone under scenario c's mix, without HTTP or sandboxes: `INGEST_THREADS`
+/// threads insert `MIXED_RATE` events/s (four deliveries each) on a fixed schedule while one
 /// thread claims in batches and another records their outcomes, as the dispatcher does. Prints
 /// the ingest latency (from each event's scheduled time, so queueing counts) with and without
 /// the dispatch side, and the deliveries recorded per second.

@@ -12,7 +12,7 @@
 //! Parameter names match without regard to case, with or without the `pq.` prefix, as callers
 //! send both. How a documented field is matched against a row (the response has no `Agent`,
 //! `AgentId`, `TargetPath` or `ScheduleType` key) is the stand-in's reading of the docs, marked
-//! [I] in `reference/keyfactor.md`: `Agent` is the row's `AgentMachine`, `AgentId` the id of
+//! \[I\] in `reference/keyfactor.md`: `Agent` is the row's `AgentMachine`, `AgentId` the id of
 //! the agent (`GET /Agents`) with that `ClientMachine`, `TargetPath` the row's `StorePath`,
 //! `ScheduleType` the kind of the row's `Schedule` (`Immediate`, `Interval`, ...). `Result`
 //! and `Status` are numbers (§3); a name (`"Failure"`) is accepted for them too.

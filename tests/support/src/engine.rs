@@ -344,8 +344,8 @@ impl EngineProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The engine's log so far as bytes, once it has stopped growing for [`LOG_QUIET`] (at most
-    /// [`LOG_SETTLE`]): `serve` writes its log from a thread of its own, so a line logged just
+    /// The engine's log so far as bytes, once it has stopped growing for `LOG_QUIET` (at most
+    /// `LOG_SETTLE`): `serve` writes its log from a thread of its own, so a line logged just
     /// before may still be on its way to the file — and a test asserting that a line is *not*
     /// there must not pass only because it has not arrived yet.
     pub fn log_bytes(&self) -> Vec<u8> {

@@ -3,7 +3,7 @@
 //!
 //! A call goes through these steps, all inside the engine until the connect:
 //!
-//! 1. the call budget ([`CallBudget`]; exceeding it traps the sandbox);
+//! 1. the call budget ([`CallBudget`](crate::capabilities::gate::CallBudget); exceeding it traps the sandbox);
 //! 2. the URL, parsed and normalized (`..`, `%2e%2e`, case of the host, default ports): https
 //!    only (plain http only with `allow_private = true`, and then only to loopback), no
 //!    user:password@, no encoded `/` or `\` in the path;

@@ -3,7 +3,7 @@
 //!
 //! A call goes through these steps, and everything up to the send happens inside the engine:
 //!
-//! 1. the call budget ([`CallBudget`]; exceeding it traps the sandbox);
+//! 1. the call budget ([`CallBudget`](crate::capabilities::gate::CallBudget); exceeding it traps the sandbox);
 //! 2. the grant: the capability must be granted, and the method and the path must be in the
 //!    handler's [`KeyfactorGrant`] (`not-granted` otherwise);
 //! 3. the request: path and query checked and resolved under the base ([`path`]), headers from

@@ -4,7 +4,7 @@
 //!
 //! Checks, all before anything is written or sent:
 //!
-//! 1. the call budget ([`CallBudget`]: mails per invocation; exceeding it traps the sandbox);
+//! 1. the call budget ([`CallBudget`](crate::capabilities::gate::CallBudget): mails per invocation; exceeding it traps the sandbox);
 //! 2. the grant: every `To`/`Cc` address must be allowed by the handler's [`MailGrant`]
 //!    (an address, `@domain`, or `*`), and a `From` chosen by the handler must be one of the
 //!    grant's `from` addresses — otherwise the operator's configured From is used;

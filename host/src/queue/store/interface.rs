@@ -651,13 +651,13 @@ pub trait EventStore: Send + Sync + 'static {
         None
     }
 
-    /// The queue's time now ([`clock::QueueClock`]): what due times, leases and idempotency
+    /// The queue's time now ([`QueueClock`](super::clock::QueueClock)): what due times, leases and idempotency
     /// retention are measured in. The `now` that callers pass to the store is this.
     fn now(&self) -> DateTime<Utc>;
 
     /// Reads the queue clock's reference (the system clock for SQLite, the database server's
     /// clock for PostgreSQL) and follows it; returns the step when the reading is one (more
-    /// than [`clock::STEP_TOLERANCE`] away from the carried time).
+    /// than [`STEP_TOLERANCE`](super::clock::STEP_TOLERANCE) away from the carried time).
     ///
     /// After a step, a store that is the only user of its schedule (SQLite) first moves every
     /// due time, lease and idempotency key by the step, so that each wait keeps the length it

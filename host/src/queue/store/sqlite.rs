@@ -54,7 +54,7 @@ pub const DATABASE_FILE: &str = "jobhook.sqlite";
 /// message about the job ([`NewEvent::message`]); the fifth drops `deliveries_due`, which the
 /// per-handler index serves as well ([`NEXT_DUE`]): one index fewer to update on each insert,
 /// claim and outcome; the sixth indexes events by receipt time, which retention walks from its
-/// oldest end ([`FINISHED_BEFORE`]) instead of reading the whole table every round.
+/// oldest end ([`EVENTS_TO_PURGE`]) instead of reading the whole table every round.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (

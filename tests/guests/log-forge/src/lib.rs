@@ -3,7 +3,7 @@
 //!
 //! Every text it controls — log lines at each level, stdout, stderr, and then its failure
 //! reason (property `mode = "fail"`, the default) or its panic message (`mode = "panic"`) —
-//! carries [`FORGED`]: an LF followed by a fake engine log line, a CR followed by a fake
+//! carries `FORGED`: an LF followed by a fake engine log line, a CR followed by a fake
 //! `outcome   succeeded`, a clear-screen escape, a NUL and a bidi override. The engine must
 //! print all of it escaped, so no forged line appears and no ESC byte reaches the output.
 
