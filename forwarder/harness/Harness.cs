@@ -965,6 +965,7 @@ namespace Jobhook.Forwarder.Harness
                 Case("ca-nul", o => o.TrustedCaFile = spool + "\0ca.pem"),
                 Case("ca-quoted", o => o.TrustedCaFile = "\"" + spool + "/ca.pem\""),
                 Case("ca-http", o => o.TrustedCaFile = spool + "/ca.pem"),
+                Case("ca-relative", o => o.TrustedCaFile = "ca.pem"),
                 Case("url-endpoint", o => o.EngineUrl = good.EngineUrl.TrimEnd('/') + "/v1/job-complete"),
                 Case("url-endpoint-slash", o => o.EngineUrl = good.EngineUrl.TrimEnd('/') + "/prefix/v1/job-complete/"),
                 Case("token-bearer", o => o.BearerToken = "Bearer abc.def"),

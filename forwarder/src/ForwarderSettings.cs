@@ -371,6 +371,21 @@ namespace Jobhook.Forwarder
                 problems.Add(problem + "; only the system trust store is used");
                 return null;
             }
+            try
+            {
+                if (!IsAbsolute(text))
+                {
+                    // As for SpoolDirectory: relative to the worker process's current directory
+                    // (for IIS, C:\Windows\System32\inetsrv), never what was meant.
+                    problems.Add("TrustedCaFile must be an absolute path (" + text + " is relative to the process's current directory); only the system trust store is used");
+                    return null;
+                }
+            }
+            catch (Exception e)
+            {
+                problems.Add("TrustedCaFile is not a usable path (" + e.Message + "); only the system trust store is used");
+                return null;
+            }
             return text;
         }
 

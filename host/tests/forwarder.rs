@@ -2420,7 +2420,7 @@ async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
 }
 
 /// Cases the harness's `settings` mode prints (forwarder/harness/Harness.cs, `Settings`).
-const SETTINGS_CASES: usize = 25;
+const SETTINGS_CASES: usize = 26;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
@@ -2506,6 +2506,13 @@ async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
         ],
     );
     has("ca-quoted", &["remove the quotes", "ca=none"]);
+    has(
+        "ca-relative",
+        &[
+            "TrustedCaFile must be an absolute path (ca.pem is relative",
+            "ca=none",
+        ],
+    );
     has(
         "ca-http",
         &["TrustedCaFile is set but EngineUrl is http://"],
