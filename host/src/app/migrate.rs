@@ -479,6 +479,56 @@ fn strip_json_comments(text: &str) -> String {
     out
 }
 
+/// Replaces each comma outside strings that only white space separates from a closing `}` or
+/// `]` with a space (positions kept), as the JSON configuration reader of .NET, which reads
+/// manifest.json, allows trailing commas. Run on text without comments
+/// ([`strip_json_comments`]).
+fn strip_trailing_commas(text: &str) -> String {
+    let mut out: Vec<char> = text.chars().collect();
+    let (mut in_string, mut escaped) = (false, false);
+    let mut pending_comma: Option<usize> = None;
+    // The last character outside white space: a comma after `{`, `[` or another comma follows
+    // no value, and is left for the parser to refuse.
+    let mut previous = None;
+    for (i, c) in text.chars().enumerate() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        let after = previous;
+        if !c.is_whitespace() {
+            previous = Some(c);
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                pending_comma = None;
+            }
+            ',' => {
+                pending_comma = match after {
+                    Some('{' | '[' | ',') | None => None,
+                    Some(_) => Some(i),
+                }
+            }
+            '}' | ']' => {
+                if let Some(at) = pending_comma.take()
+                    && let Some(comma) = out.get_mut(at)
+                {
+                    *comma = ' ';
+                }
+            }
+            c if c.is_whitespace() => {}
+            _ => pending_comma = None,
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// A member of a JSON object by name, compared case-insensitively.
 fn member<'a>(object: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
     object
@@ -718,7 +768,9 @@ fn read_manifest(text: &str, file: &str) -> Result<Vec<Registration>, MigrateErr
     };
     // A byte-order mark, which Windows editors put before UTF-8, is no part of the JSON (the
     // first character is told apart past it, in `read_registrations`).
-    let stripped = strip_json_comments(text.strip_prefix('\u{feff}').unwrap_or(text));
+    let stripped = strip_trailing_commas(&strip_json_comments(
+        text.strip_prefix('\u{feff}').unwrap_or(text),
+    ));
     let root: Value = serde_json::from_str(&stripped)
         .map_err(|e| fail(Some(e.line()), format!("not valid JSON: {e}")))?;
     refuse_duplicate_keys(&stripped, file)?;
@@ -1522,6 +1574,23 @@ mod tests {
         assert_eq!(strip_json_comments(text).matches('\n').count(), 2);
     }
 
+    /// Trailing commas before `}` and `]`, as .NET's configuration reader takes them, are read;
+    /// commas in strings and between values are kept; line numbers stay right.
+    #[test]
+    fn trailing_commas_are_read_as_dotnet_reads_them() {
+        let text = "{ \"a\": [1, 2,\n ], \"b\": \"x,}\", \"c\": { \"d\": \",]\", },\n}";
+        let relaxed = strip_trailing_commas(text);
+        let v: Value = serde_json::from_str(&relaxed).unwrap();
+        assert_eq!(v["a"], serde_json::json!([1, 2]));
+        assert_eq!(v["b"], "x,}");
+        assert_eq!(v["c"]["d"], ",]");
+        assert_eq!(relaxed.matches('\n').count(), 2);
+        assert_eq!(relaxed.chars().count(), text.chars().count());
+        // A comma with nothing before it is still no JSON.
+        assert!(serde_json::from_str::<Value>(&strip_trailing_commas("{ , }")).is_err());
+        assert!(serde_json::from_str::<Value>(&strip_trailing_commas("[1,,]")).is_err());
+    }
+
     /// UTF-16 with a byte-order mark (Windows PowerShell's `Out-File`) reads as the same text;
     /// UTF-16 without one is refused saying so.
     #[test]
@@ -1857,6 +1926,13 @@ mod tests {
                 "{opening:?}"
             );
         }
+        // Trailing commas, as .NET's configuration reader allows them, change nothing.
+        let trailing = text
+            .replace("\"*\" }", "\"*\", }")
+            .replace("} }\n  }", "}, },\n  }");
+        assert_ne!(trailing, text);
+        let relaxed = read_registrations(&trailing, "manifest.json").expect("trailing commas");
+        assert_eq!(format!("{relaxed:?}"), format!("{plain:?}"));
         // A comment before something else is still neither format.
         let e = read_registrations("// note\n[1]", "manifest.json").unwrap_err();
         assert!(e.message.contains("is neither a web.config"), "{e:?}");
