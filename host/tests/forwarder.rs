@@ -3997,8 +3997,8 @@ async fn ar_an_engine_failing_every_other_request_costs_a_few_lines_not_two_per_
 async fn as_a_process_ending_as_its_sender_begins_to_send_exits_cleanly() {
     // Short runs in a row, each ending while its sender starts or begins its first send,
     // first with the engine down, then with it up (sends then end as the process does). Before
-    // the shutdown stopped the sender, one run in five to ten had the runtime abort the process
-    // at exit (Mono: a class initialiser of that first send cut short by the teardown, SIGABRT);
+    // a sender was kept from starting once the shutdown began, one run in five to ten had the
+    // runtime abort the process at exit (Mono: a class initialiser of that first send cut short by the teardown, SIGABRT);
     // twenty runs of each meet that almost always.
     const RUNS: usize = 20;
     let Some((build, _serial, site)) = begin().await else {

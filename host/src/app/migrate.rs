@@ -435,23 +435,13 @@ fn twice_job_types(registration: &str) -> String {
 fn strip_json_comments(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
-    let (mut in_string, mut escaped) = (false, false);
+    let mut strings = JsonStrings::default();
     while let Some(c) = chars.next() {
-        if in_string {
+        if strings.feed(c) {
             out.push(c);
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
             continue;
         }
         match (c, chars.peek()) {
-            ('"', _) => {
-                in_string = true;
-                out.push(c);
-            }
             ('/', Some('/')) => {
                 for c in chars.by_ref() {
                     if c == '\n' {
@@ -479,25 +469,45 @@ fn strip_json_comments(text: &str) -> String {
     out
 }
 
+/// Tells, one character of JSON text at a time, which are part of a string literal.
+#[derive(Default)]
+struct JsonStrings {
+    inside: bool,
+    escaped: bool,
+}
+
+impl JsonStrings {
+    /// Takes the next character: whether it belongs to a string, its quotes included.
+    fn feed(&mut self, c: char) -> bool {
+        if !self.inside {
+            self.inside = c == '"';
+            return self.inside;
+        }
+        match (self.escaped, c) {
+            (true, _) => self.escaped = false,
+            (false, '\\') => self.escaped = true,
+            (false, '"') => self.inside = false,
+            _ => {}
+        }
+        true
+    }
+}
+
 /// Replaces each comma outside strings that only white space separates from a closing `}` or
 /// `]` with a space (positions kept), as the JSON configuration reader of .NET, which reads
 /// manifest.json, allows trailing commas. Run on text without comments
 /// ([`strip_json_comments`]).
 fn strip_trailing_commas(text: &str) -> String {
     let mut out: Vec<char> = text.chars().collect();
-    let (mut in_string, mut escaped) = (false, false);
+    let mut strings = JsonStrings::default();
     let mut pending_comma: Option<usize> = None;
     // The last character outside white space: a comma after `{`, `[` or another comma follows
     // no value, and is left for the parser to refuse.
     let mut previous = None;
     for (i, c) in text.chars().enumerate() {
-        if in_string {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
+        if strings.feed(c) {
+            pending_comma = None;
+            previous = Some('"');
             continue;
         }
         let after = previous;
@@ -505,10 +515,6 @@ fn strip_trailing_commas(text: &str) -> String {
             previous = Some(c);
         }
         match c {
-            '"' => {
-                in_string = true;
-                pending_comma = None;
-            }
             ',' => {
                 pending_comma = match after {
                     Some('{' | '[' | ',') | None => None,
