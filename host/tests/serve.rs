@@ -1717,8 +1717,56 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
     setup.config(&second);
     let response = reload(&engine).await;
     assert_eq!(response.status().as_u16(), 200);
+    // The answer and the log say what the reload did, handler by handler.
+    let report: Value =
+        serde_json::from_str(&response.text().await.expect("report")).expect("json");
+    assert_eq!(report["added"], json!(["probe"]), "{report}");
+    assert_eq!(report["changed"], json!([]), "{report}");
+    assert_eq!(report["removed"], json!([]), "{report}");
     let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
     assert_eq!(body["deliveries"], json!(["all", "probe"]));
+    // One handler's settings changed, one removed, one added, one kept as it is.
+    let third = format!(
+        "{}{}{}",
+        handler(
+            "all",
+            "log-context",
+            "[\"*\"]",
+            "properties = { Note = \"new\" }"
+        ),
+        handler("kept", "log-context", "[\"*\"]", ""),
+        handler("gone-soon", "log-context", "[\"*\"]", ""),
+    );
+    setup.config(&third);
+    let report: Value =
+        serde_json::from_str(&reload(&engine).await.text().await.expect("report")).expect("json");
+    assert_eq!(report["added"], json!(["gone-soon", "kept"]), "{report}");
+    assert_eq!(report["changed"], json!(["all"]), "{report}");
+    assert_eq!(report["removed"], json!(["probe"]), "{report}");
+    setup.config(&format!(
+        "{}{}",
+        handler(
+            "all",
+            "log-context",
+            "[\"*\"]",
+            "properties = { Note = \"new\" }"
+        ),
+        handler("kept", "log-context", "[\"*\"]", ""),
+    ));
+    let report: Value =
+        serde_json::from_str(&reload(&engine).await.text().await.expect("report")).expect("json");
+    assert_eq!(report["added"], json!([]), "{report}");
+    assert_eq!(report["changed"], json!([]), "{report}");
+    assert_eq!(report["removed"], json!(["gone-soon"]), "{report}");
+    assert!(
+        engine
+            .log_text()
+            .contains("added=[] changed=[] removed=[\"gone-soon\"]"),
+        "{}",
+        engine.log_text()
+    );
+    setup.config(&second);
+    assert_eq!(reload(&engine).await.status().as_u16(), 200);
 
     // A broken configuration is refused and the running one stays.
     setup.config(&format!(

@@ -106,6 +106,39 @@ impl LoadedHandlers {
     pub fn names(&self) -> Vec<String> {
         self.loaded.keys().cloned().collect()
     }
+
+    /// What a reload from `previous` to this set did: the handlers added, changed (loaded again
+    /// because their component or settings differ) and removed, each by name in order.
+    pub fn changes_since(&self, previous: &LoadedHandlers) -> HandlerChanges {
+        let mut changes = HandlerChanges::default();
+        for (name, now) in &self.loaded {
+            match previous.loaded.get(name) {
+                None => changes.added.push(name.clone()),
+                Some(before) if !Arc::ptr_eq(&before.handler, &now.handler) => {
+                    changes.changed.push(name.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        changes.removed = previous
+            .loaded
+            .keys()
+            .filter(|name| !self.loaded.contains_key(*name))
+            .cloned()
+            .collect();
+        changes
+    }
+}
+
+/// Handlers a reload added, changed and removed ([`LoadedHandlers::changes_since`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HandlerChanges {
+    /// Configured now, not before.
+    pub added: Vec<String>,
+    /// Loaded again: another component or other settings.
+    pub changed: Vec<String>,
+    /// Configured before, not now.
+    pub removed: Vec<String>,
 }
 
 /// Loads every handler of `config`, reusing unchanged ones from `previous`.
@@ -570,8 +603,16 @@ fn reloader(running: Running) -> Reloader {
             .await;
             match result {
                 Ok((config, new_tokens, set, tls_config, changed, restart)) => {
+                    let HandlerChanges {
+                        added,
+                        changed: reloaded,
+                        removed,
+                    } = set.changes_since(&current.0);
                     let mut report = ReloadReport {
                         handlers: set.names(),
+                        added,
+                        changed: reloaded,
+                        removed,
                         ..ReloadReport::default()
                     };
                     let old_tokens = tokens.current();
@@ -611,7 +652,13 @@ fn reloader(running: Running) -> Reloader {
                     for note in &report.restart_required {
                         tracing::warn!("reload cannot apply this: {note}");
                     }
-                    tracing::info!(handlers = ?report.handlers, "configuration reloaded");
+                    tracing::info!(
+                        handlers = ?report.handlers,
+                        added = ?report.added,
+                        changed = ?report.changed,
+                        removed = ?report.removed,
+                        "configuration reloaded"
+                    );
                     dispatcher.metrics().reloaded(true, chrono::Utc::now());
                     Ok(report)
                 }

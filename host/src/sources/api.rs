@@ -68,6 +68,13 @@ pub type Reloader = Arc<
 pub struct ReloadReport {
     /// The handlers loaded now.
     pub handlers: Vec<String>,
+    /// Handlers configured now that were not before.
+    pub added: Vec<String>,
+    /// Handlers whose component or settings changed: loaded again, with new sandboxes from
+    /// their next delivery (one running keeps the sandbox it started in).
+    pub changed: Vec<String>,
+    /// Handlers configured before and not now.
+    pub removed: Vec<String>,
     /// Secrets read again and now in use (by name, e.g. `server.tokens`; never a value).
     pub secrets_reloaded: Vec<String>,
     /// Settings and secrets that changed but are used only from the next start: what an
@@ -835,6 +842,9 @@ async fn reload(State(state): State<AppState>) -> Response {
         Ok(report) => axum::Json(json!({
             "reloaded": true,
             "handlers": report.handlers,
+            "added": report.added,
+            "changed": report.changed,
+            "removed": report.removed,
             "secrets_reloaded": report.secrets_reloaded,
             "restart_required": report.restart_required,
             "waiting_for_unconfigured": report.waiting_for_unconfigured,
