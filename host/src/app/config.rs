@@ -1287,7 +1287,11 @@ impl Validator<'_> {
             Some("timeout_ms must be at least 1".to_owned())
         } else if !(MIN_HANDLER_MEMORY_BYTES..=MAX_HANDLER_MEMORY_BYTES).contains(&l.memory_bytes) {
             Some(format!(
-                "memory_bytes must be between 1 MiB and {MAX_HANDLER_MEMORY_BYTES}"
+                "memory_bytes must be between {MIN_HANDLER_MEMORY_BYTES} ({} MiB) and \
+                 {MAX_HANDLER_MEMORY_BYTES} ({} MiB); it is {}",
+                MIN_HANDLER_MEMORY_BYTES >> 20,
+                MAX_HANDLER_MEMORY_BYTES >> 20,
+                l.memory_bytes
             ))
         } else if l.instances == 0 || l.memories == 0 || l.tables == 0 {
             Some("instances, memories and tables must be at least 1".to_owned())
@@ -2654,7 +2658,7 @@ identity = "writer"
         ));
         assert!(
             e.message
-                .contains("memory_bytes must be between 1 MiB and 1073741824"),
+                .contains("memory_bytes must be between 1048576 (1 MiB) and 1073741824 (1024 MiB); it is 1073741825"),
             "{e}"
         );
         assert!(
