@@ -28,7 +28,35 @@ use crate::queue::retry::RetryPolicy;
 /// attempt is counted all the same, as an interrupted one is: a later failure of the handler
 /// is retried only while the attempt number is below `max_attempts`, after the backoff for that
 /// number, so each engine error costs the delivery one of its handler's retries.
+///
+/// [`ENGINE_ERROR_FAST_RETRIES`] attempts past `max_attempts`, the wait doubles with each
+/// further engine error, up to [`MAX_ENGINE_ERROR_RETRY`]: a sandbox pool that is full (long
+/// runners holding every slot) frees up within that half minute, while an engine error that
+/// comes back every time for this delivery (a host bug some guest or event meets) would
+/// otherwise run it once a second for ever. The delivery is never given up.
 pub const ENGINE_ERROR_RETRY: Duration = Duration::from_secs(1);
+
+/// Engine-error retries after [`ENGINE_ERROR_RETRY`] past the policy's `max_attempts` before
+/// the wait grows: half a minute of a full sandbox pool.
+pub const ENGINE_ERROR_FAST_RETRIES: u32 = 30;
+
+/// Longest wait between engine-error retries ([`ENGINE_ERROR_RETRY`]): a delivery the engine
+/// keeps failing to run costs one attempt every five minutes, and runs within five minutes of
+/// the engine being able to.
+pub const MAX_ENGINE_ERROR_RETRY: Duration = Duration::from_secs(300);
+
+/// The wait before attempt `attempt + 1` after an engine error on `attempt`:
+/// [`ENGINE_ERROR_RETRY`] up to [`ENGINE_ERROR_FAST_RETRIES`] attempts past `max_attempts`, then
+/// doubled per attempt, at most [`MAX_ENGINE_ERROR_RETRY`].
+fn engine_error_retry(attempt: u32, max_attempts: u32) -> Duration {
+    let past = attempt
+        .saturating_sub(max_attempts)
+        .saturating_sub(ENGINE_ERROR_FAST_RETRIES);
+    let factor = 1u32.checked_shl(past.min(31)).unwrap_or(u32::MAX);
+    ENGINE_ERROR_RETRY
+        .saturating_mul(factor)
+        .min(MAX_ENGINE_ERROR_RETRY)
+}
 
 /// The state of one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -109,7 +137,8 @@ pub struct Transition {
 /// The next state of a delivery whose attempt number `attempt` (1 for the first) ended as `end`,
 /// under the handler's retry `policy`, at `now`:
 /// - succeeded → `succeeded`;
-/// - an engine error (not the handler's doing) → `pending` after [`ENGINE_ERROR_RETRY`];
+/// - an engine error (not the handler's doing) → `pending` after [`ENGINE_ERROR_RETRY`]
+///   (longer past the policy's attempts: [`MAX_ENGINE_ERROR_RETRY`]);
 /// - any other failure with attempts left → `pending` after the policy's backoff;
 /// - any other failure on the last attempt → `failed`.
 pub fn after_attempt(
@@ -121,7 +150,8 @@ pub fn after_attempt(
     let (state, retry_at) = match end {
         AttemptEnd::Ran(OutcomeKind::Succeeded) => (DeliveryState::Succeeded, None),
         AttemptEnd::Ran(OutcomeKind::EngineError { .. }) => {
-            (DeliveryState::Pending, Some(after(now, ENGINE_ERROR_RETRY)))
+            let delay = engine_error_retry(attempt, policy.max_attempts);
+            (DeliveryState::Pending, Some(after(now, delay)))
         }
         AttemptEnd::Ran(_) if attempt < policy.max_attempts => {
             let delay = policy.delay_before(attempt.saturating_add(1));
@@ -226,9 +256,16 @@ mod tests {
             // The last attempt fails for good.
             (AttemptEnd::Ran(&failed), 3, 3, Failed, None),
             (AttemptEnd::Ran(&failed), 7, 3, Failed, None),
-            // The engine's own fault: always run again, attempts or not.
+            // The engine's own fault: always run again, attempts or not; after a second for
+            // 30 attempts past the policy's, then twice as long per attempt, at most 5 minutes.
             (AttemptEnd::Ran(&engine), 1, 1, Pending, Some(1)),
             (AttemptEnd::Ran(&engine), 9, 3, Pending, Some(1)),
+            (AttemptEnd::Ran(&engine), 33, 3, Pending, Some(1)),
+            (AttemptEnd::Ran(&engine), 34, 3, Pending, Some(2)),
+            (AttemptEnd::Ran(&engine), 35, 3, Pending, Some(4)),
+            (AttemptEnd::Ran(&engine), 41, 3, Pending, Some(256)),
+            (AttemptEnd::Ran(&engine), 42, 3, Pending, Some(300)),
+            (AttemptEnd::Ran(&engine), u32::MAX, 1, Pending, Some(300)),
         ];
         for (end, attempt, max, state, delay) in table {
             let t = after_attempt(end, attempt, &policy(max), now);
