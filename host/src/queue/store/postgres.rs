@@ -904,9 +904,19 @@ impl PostgresStore {
                 ))
             })?;
         migrate(&mut first).map_err(|e| {
-            let waited = matches!(&e, PgError::Db(db)
-                if db.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE));
-            fail(if waited {
+            let code = |state: &postgres::error::SqlState| {
+                matches!(&e, PgError::Db(db) if db.code() == Some(state))
+            };
+            let waited = code(&postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+            let read_only = code(&postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION);
+            fail(if read_only {
+                format!(
+                    "cannot apply the schema: the server takes no writes (a standby, or \
+                     default_transaction_read_only set for this database or role), and the \
+                     engine writes every event it accepts; point [store] url at the primary, or \
+                     turn read-only off ({e})"
+                )
+            } else if waited {
                 format!(
                     "cannot apply the schema: another session holds a lock on the store's tables \
                      (an open transaction; see pg_locks and pg_stat_activity) and the change waited \
@@ -3502,5 +3512,30 @@ mod tests {
         .to_string();
         assert!(e.contains("version 999"), "{e}");
         assert!(e.contains("upgrade this node"), "{e}");
+    }
+
+    /// A server that takes no writes (a standby, `default_transaction_read_only`) is refused at
+    /// start with what to do, whether the schema is current or not.
+    #[test]
+    fn a_read_only_database_is_refused_at_start_with_advice() {
+        let Some(backend) = Postgres::new() else {
+            return;
+        };
+        drop(backend.node());
+        backend
+            .db
+            .query(&format!(
+                "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+                backend.db.name
+            ))
+            .unwrap();
+        let e = PostgresStore::open(
+            &backend.db.url,
+            Some(&Secret::new(backend.db.password.clone())),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("the server takes no writes"), "{e}");
+        assert!(e.contains("point [store] url at the primary"), "{e}");
     }
 }
