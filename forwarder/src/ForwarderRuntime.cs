@@ -555,12 +555,13 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>
-        /// Stops the writer thread (and keeps it from starting the sender), and writes the events still in memory to the spool, oldest
-        /// first, until none is left or `deadline` has passed (waiting for the spool to open and
-        /// for the writer's current write counts against it). A failed write is tried again
-        /// every <see cref="ShutdownWriteRetry"/> until the deadline. Files are not flushed one by one
-        /// here: the process ends normally, so the operating system still writes its cache to
-        /// disk, and skipping the flush makes this many times faster. Logs one line.
+        /// Stops the writer thread (and keeps it from starting the sender), and writes the events
+        /// still in memory to the spool, oldest first, until none is left or `deadline` has
+        /// passed (waiting for the spool to open and for the writer's current write counts
+        /// against it). A failed write is tried again every <see cref="ShutdownWriteRetry"/>
+        /// until the deadline. Files are not flushed one by one here: the process ends
+        /// normally, so the operating system still writes its cache to disk, and skipping the
+        /// flush makes this many times faster. Logs one line.
         /// </summary>
         internal void FlushForShutdown(TimeSpan deadline)
         {
