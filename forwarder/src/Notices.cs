@@ -21,9 +21,7 @@ namespace Jobhook.Forwarder
     {
         readonly string description;
         readonly IForwarderLog log;
-        readonly bool error;
-        /// <summary>Reports at Info level (good news counted the same way), overriding <see cref="error"/>.</summary>
-        bool info;
+        readonly NoticeLevel level;
         long total;
         long reported;
         /// <summary>
@@ -44,18 +42,17 @@ namespace Jobhook.Forwarder
         /// of the process; make one per kind (and per runtime), never one per event.
         /// </summary>
         public RateLimitedCount(string description, IForwarderLog log = null, bool error = false)
+            : this(description, log, error ? NoticeLevel.Error : NoticeLevel.Warn)
+        {
+        }
+
+        /// <summary>A count like the other constructor's, reported at `level` (Info for good news counted the same way).</summary>
+        public RateLimitedCount(string description, IForwarderLog log, NoticeLevel level)
         {
             this.description = description;
             this.log = log;
-            this.error = error;
+            this.level = level;
             Notices.Register(this);
-        }
-
-
-        /// <summary>A count like the constructor's whose reports are at Info level.</summary>
-        public static RateLimitedCount Info(string description, IForwarderLog log)
-        {
-            return new RateLimitedCount(description, log) { info = true };
         }
 
         /// <summary>
@@ -101,15 +98,18 @@ namespace Jobhook.Forwarder
             var line = description + ": " + (now - before) + " since the last report, " + now + " since start"
                        + (detail != null ? " (the last: " + LogText.Printable(detail) + ")" : "");
             var target = LogQueue.Wrap(log ?? ForwarderLog.Current);
-            if (info)
+            if (level == NoticeLevel.Info)
                 target.Info(line);
-            else if (error)
+            else if (level == NoticeLevel.Error)
                 target.Error(line);
             else
                 target.Warn(line);
             return null;
         }
     }
+
+    /// <summary>The level a <see cref="RateLimitedCount"/> reports at.</summary>
+    public enum NoticeLevel { Info, Warn, Error }
 
     /// <summary>Something the notices thread reports when it is due (<see cref="RateLimitedCount"/>, <see cref="OutageNotice"/>).</summary>
     public interface INotice
@@ -151,6 +151,8 @@ namespace Jobhook.Forwarder
         bool recoveryLogged;
         /// <summary>The latest recovery not logged yet (null: none), and the outages and failures that ended without a line before it.</summary>
         string pendingRecovery;
+        /// <summary>The failures of <see cref="pendingRecovery"/>'s outage.</summary>
+        long pendingFailures;
         long quietEnds;
         long quietEndFailures;
 
@@ -219,28 +221,22 @@ namespace Jobhook.Forwarder
                 inRow = 0;
                 currentQuiet = false;
                 var now = Stopwatch.GetTimestamp();
+                // A recovery still waiting for the notices thread is one of those that came and
+                // went, whether this one is logged now or waits in its place.
+                bool waiting = pendingRecovery != null;
+                if (waiting)
+                {
+                    quietEnds++;
+                    quietEndFailures += pendingFailures;
+                }
                 if (!recoveryLogged || now - lastRecoveryLine >= IntervalTicks)
                 {
-                    // A recovery still waiting for the notices thread is one of those that came and went.
-                    if (pendingRecovery != null)
-                    {
-                        quietEnds++;
-                        quietEndFailures += pendingFailures;
-                    }
                     text = line(failures) + Meanwhile();
                     Logged(now);
                 }
                 else
                 {
-                    if (pendingRecovery != null)
-                    {
-                        quietEnds++;
-                        quietEndFailures += pendingFailures;
-                    }
-                    else
-                    {
-                        wake = true;
-                    }
+                    wake = !waiting; // the notices thread already waits for the one before
                     pendingRecovery = line(failures);
                     pendingFailures = failures;
                 }
@@ -250,9 +246,6 @@ namespace Jobhook.Forwarder
             if (wake)
                 Notices.Wake();
         }
-
-        /// <summary>The failures of <see cref="pendingRecovery"/>'s outage.</summary>
-        long pendingFailures;
 
         /// <summary>What ended without a line since the previous recovery line, for the next one. Under <see cref="gate"/>.</summary>
         string Meanwhile()

@@ -354,7 +354,7 @@ namespace Jobhook.Forwarder
             {
                 Interlocked.Increment(ref Dropped);
                 Notice(ref tooLarge, "an event was larger than a spool file may hold (" + Math.Min(MaxFileBytes, maxBytes)
-                                     + " bytes); it was not spooled", false)
+                                     + " bytes); it was not spooled", NoticeLevel.Warn)
                     .Add("event " + key + ", " + bytes.Length + " bytes");
                 return true;
             }
@@ -439,12 +439,12 @@ namespace Jobhook.Forwarder
         }
 
         /// <summary>The count in `field`, made on first use.</summary>
-        RateLimitedCount Notice(ref RateLimitedCount field, string description, bool error = true)
+        RateLimitedCount Notice(ref RateLimitedCount field, string description, NoticeLevel level = NoticeLevel.Error)
         {
             lock (gate)
             {
                 if (field == null)
-                    field = new RateLimitedCount(LogText.Printable(description), countLog, error);
+                    field = new RateLimitedCount(LogText.Printable(description), countLog, level);
                 return field;
             }
         }
@@ -641,7 +641,7 @@ namespace Jobhook.Forwarder
             // Counted, not logged per event: a slow log sink must not set the pace of the
             // writer, nor of the flush at shutdown.
             Notice(ref spoolFull, "the spool " + directory + " is full (" + maxFiles + " events or " + maxBytes
-                                  + " bytes); dropped the oldest event(s)", false)
+                                  + " bytes); dropped the oldest event(s)", NoticeLevel.Warn)
                 .Add(name);
         }
 
@@ -881,7 +881,7 @@ namespace Jobhook.Forwarder
             // Counted, not one line per file: a spool volume gone read-only would otherwise log
             // a line per delivered event, and another once each is deleted.
             Notice(ref notDeleted, "event file(s) this process is done with (delivered or rejected) could not be deleted; they are not sent"
-                                   + " again, and deleting them is retried with back-off up to every " + MaxRemovalRetry.TotalMinutes + " min", false)
+                                   + " again, and deleting them is retried with back-off up to every " + MaxRemovalRetry.TotalMinutes + " min", NoticeLevel.Warn)
                 .Add("the " + what + " file " + name + ": " + problem
                      + (forgotten != null ? "; " + MaxAwaitingRemoval + " such files: forgot " + forgotten + ", which may be sent again" : ""));
         }
@@ -932,13 +932,8 @@ namespace Jobhook.Forwarder
                 }
                 if (gone)
                 {
-                    lock (gate)
-                    {
-                        if (deletedAtLast == null)
-                            deletedAtLast = RateLimitedCount.Info(
-                                "event file(s) this process was done with but could not delete are deleted at last", countLog);
-                    }
-                    deletedAtLast.Add(name);
+                    Notice(ref deletedAtLast, "event file(s) this process was done with but could not delete are deleted at last",
+                           NoticeLevel.Info).Add(name);
                 }
             }
         }
