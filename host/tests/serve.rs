@@ -68,6 +68,20 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// A reload that must be taken: its answer.
+async fn reload_report(engine: &EngineProcess) -> Value {
+    let response = reload(engine).await;
+    assert_eq!(response.status().as_u16(), 200);
+    serde_json::from_str(&response.text().await.expect("report")).expect("json")
+}
+
+/// That a reload's answer names these handlers as added, changed and removed, and no others.
+fn assert_touched(report: &Value, added: &[&str], changed: &[&str], removed: &[&str]) {
+    assert_eq!(report["added"], json!(added), "{report}");
+    assert_eq!(report["changed"], json!(changed), "{report}");
+    assert_eq!(report["removed"], json!(removed), "{report}");
+}
+
 /// Asks the engine to reload its configuration (no token: the tests' engines have none).
 async fn reload(engine: &EngineProcess) -> reqwest::Response {
     client()
@@ -1720,30 +1734,11 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
     // The answer and the log say what the reload did, handler by handler.
     let report: Value =
         serde_json::from_str(&response.text().await.expect("report")).expect("json");
-    assert_eq!(report["added"], json!(["probe"]), "{report}");
-    assert_eq!(report["changed"], json!([]), "{report}");
-    assert_eq!(report["removed"], json!([]), "{report}");
+    assert_touched(&report, &["probe"], &[], &[]);
     let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
     assert_eq!(body["deliveries"], json!(["all", "probe"]));
     // One handler's settings changed, one removed, one added, one kept as it is.
-    let third = format!(
-        "{}{}{}",
-        handler(
-            "all",
-            "log-context",
-            "[\"*\"]",
-            "properties = { Note = \"new\" }"
-        ),
-        handler("kept", "log-context", "[\"*\"]", ""),
-        handler("gone-soon", "log-context", "[\"*\"]", ""),
-    );
-    setup.config(&third);
-    let report: Value =
-        serde_json::from_str(&reload(&engine).await.text().await.expect("report")).expect("json");
-    assert_eq!(report["added"], json!(["gone-soon", "kept"]), "{report}");
-    assert_eq!(report["changed"], json!(["all"]), "{report}");
-    assert_eq!(report["removed"], json!(["probe"]), "{report}");
-    setup.config(&format!(
+    let changed_and_kept = format!(
         "{}{}",
         handler(
             "all",
@@ -1752,12 +1747,16 @@ async fn reload_adds_handlers_and_refuses_a_bad_config() {
             "properties = { Note = \"new\" }"
         ),
         handler("kept", "log-context", "[\"*\"]", ""),
+    );
+    setup.config(&format!(
+        "{changed_and_kept}{}",
+        handler("gone-soon", "log-context", "[\"*\"]", "")
     ));
-    let report: Value =
-        serde_json::from_str(&reload(&engine).await.text().await.expect("report")).expect("json");
-    assert_eq!(report["added"], json!([]), "{report}");
-    assert_eq!(report["changed"], json!([]), "{report}");
-    assert_eq!(report["removed"], json!(["gone-soon"]), "{report}");
+    let report = reload_report(&engine).await;
+    assert_touched(&report, &["gone-soon", "kept"], &["all"], &["probe"]);
+    setup.config(&changed_and_kept);
+    let report = reload_report(&engine).await;
+    assert_touched(&report, &[], &[], &["gone-soon"]);
     assert!(
         engine
             .log_text()

@@ -3504,12 +3504,7 @@ mod tests {
             .db
             .query("INSERT INTO schema_migrations (version) VALUES (999)")
             .unwrap();
-        let e = PostgresStore::open(
-            &backend.db.url,
-            Some(&Secret::new(backend.db.password.clone())),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = open_refused(&backend);
         assert!(e.contains("version 999"), "{e}");
         assert!(e.contains("upgrade this node"), "{e}");
     }
@@ -3529,13 +3524,18 @@ mod tests {
                 backend.db.name
             ))
             .unwrap();
-        let e = PostgresStore::open(
+        let e = open_refused(&backend);
+        assert!(e.contains("the server takes no writes"), "{e}");
+        assert!(e.contains("point [store] url at the primary"), "{e}");
+    }
+
+    /// Why a new node could not open `backend`'s database (it must be refused).
+    fn open_refused(backend: &Postgres) -> String {
+        PostgresStore::open(
             &backend.db.url,
             Some(&Secret::new(backend.db.password.clone())),
         )
         .unwrap_err()
-        .to_string();
-        assert!(e.contains("the server takes no writes"), "{e}");
-        assert!(e.contains("point [store] url at the primary"), "{e}");
+        .to_string()
     }
 }
