@@ -960,6 +960,8 @@ namespace Jobhook.Forwarder.Harness
                 Case("spool-quoted", o => o.SpoolDirectory = "\"" + spool + "\""),
                 Case("spool-pipe", o => o.SpoolDirectory = spool + "|x"),
                 Case("spool-zero-width", o => o.SpoolDirectory = spool + "\u200Bx"),
+                Case("spool-nul-and-unseen", o => o.SpoolDirectory = spool + "\0\uFEFFx"),
+                Case("ca-bidi", o => o.TrustedCaFile = spool + "/\u202Eca.pem"),
                 Case("spool-root", o => o.SpoolDirectory = Path.GetPathRoot(spool)),
                 Case("spool-root-dots", o => o.SpoolDirectory = Path.Combine(spool, "..", "..", "..", "..", "..", "..", "..", "..", "..", "..")),
                 Case("ca-nul", o => o.TrustedCaFile = spool + "\0ca.pem"),

@@ -2420,7 +2420,7 @@ async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
 }
 
 /// Cases the harness's `settings` mode prints (forwarder/harness/Harness.cs, `Settings`).
-const SETTINGS_CASES: usize = 26;
+const SETTINGS_CASES: usize = 28;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
@@ -2470,6 +2470,19 @@ async fn x_a_bad_setting_is_reported_and_replaced_never_thrown() {
         );
     }
     has("spool-nul", &["U+0000"]);
+    // Every member of the class: a byte-order mark or a direction override is named as well, and
+    // with a character no path can have, both are named in that message.
+    has(
+        "ca-bidi",
+        &[
+            "TrustedCaFile contains characters that cannot be seen (U+202E)",
+            "ca=none",
+        ],
+    );
+    has(
+        "spool-nul-and-unseen",
+        &["SpoolDirectory contains characters a path cannot have (U+0000, U+FEFF)"],
+    );
     has(
         "spool-zero-width",
         &[
