@@ -52,7 +52,8 @@ fn engine_error_retry(attempt: u32, max_attempts: u32) -> Duration {
     let past = attempt
         .saturating_sub(max_attempts)
         .saturating_sub(ENGINE_ERROR_FAST_RETRIES);
-    let factor = 1u32.checked_shl(past.min(31)).unwrap_or(u32::MAX);
+    // 2^31 s is past any cap already.
+    let factor = 1u32 << past.min(31);
     ENGINE_ERROR_RETRY
         .saturating_mul(factor)
         .min(MAX_ENGINE_ERROR_RETRY)
