@@ -836,6 +836,30 @@ impl Drop for Ext4Image {
     }
 }
 
+/// A read transaction held open on the SQLite store from another connection: while it lasts,
+/// no checkpoint can copy what was committed after it began.
+struct SnapshotReader(rusqlite::Connection);
+
+impl SnapshotReader {
+    fn open(database: &Path) -> Self {
+        let reader = rusqlite::Connection::open_with_flags(
+            database,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the database");
+        // A deferred transaction takes its snapshot at its first read.
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM events;")
+            .expect("begin a read");
+        Self(reader)
+    }
+
+    /// Ends the read: the checkpointer may copy everything from here on.
+    fn end(self) {
+        self.0.execute_batch("ROLLBACK").expect("end the read");
+    }
+}
+
 /// Posts events until one is not accepted, for at most `bound` (a store turning read-only may
 /// let a few through first), and checks that it was refused with 503 saying the store takes
 /// no writes.
@@ -883,6 +907,12 @@ async fn a_file_system_turned_read_only_under_the_store_is_refused_in_words() {
     .expect("config");
     let engine = EngineProcess::start(engine_bin(), &config, &dir.path().join("engine.log"));
     let client = reqwest::Client::new();
+    // A reader's snapshot taken before the first event (an operator's `sqlite3` session) keeps
+    // the checkpointer from copying that event into the database file: when the file system
+    // fails, the checkpointer still has work, and fails at it, whenever it happens to look.
+    // Without it the checkpointer may have copied everything and gone quiet first (nothing to
+    // copy is no failure), and whether it had would be a race.
+    let reader = SnapshotReader::open(&disk.mount_point.join("data").join("jobhook.sqlite"));
     let (status, body) = post_event(&client, &engine.url, &sample_context_json()).await;
     assert_eq!(status, 202, "{body}");
     let kept = event_id(&body);
@@ -891,6 +921,7 @@ async fn a_file_system_turned_read_only_under_the_store_is_refused_in_words() {
     // The kernel takes the file system's writes away as it handles the error: an event it
     // let through first was stored, and is answered 202.
     refused_as_read_only_within(&client, &engine, Duration::from_secs(5)).await;
+    reader.end();
     let log = engine.log_text();
     assert!(
         log.contains("the file system holding the store has become read-only"),
