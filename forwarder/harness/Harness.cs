@@ -93,6 +93,11 @@
 //            for good, as on a disk that stopped answering; the harness holds the spool's lock)
 //          --exit-file F (burst only: once "submitted" is printed, wait until F exists before
 //            exiting, so the test can do something to the spool first)
+//          --late-handler 1 (burst only: a ProcessExit handler that runs after the forwarder's
+//            shutdown lifts any --fail-starts, waits out the retry interval of a failed start,
+//            constructs another handler and calls RunHandler with it, then prints "late
+//            handler: intake thread T, notices thread T" (T "none" or "started"): what a
+//            handler made as the process ends would have started)
 // Prints "submitted N max_ms=X" once every RunHandler has returned, "spooled N after X ms" once
 // every event is on disk, then "drained" when nothing is pending and no event file is left in
 // the spool directory (also files another process wrote there). Exit codes: 0 ok, 1 a
@@ -612,6 +617,8 @@ namespace Jobhook.Forwarder.Harness
                 failures.Add("the spool did not open, so it could not be hung");
             Console.WriteLine("submitted " + count + " max_ms=" + Ms(maxTicks * 1000.0 / Stopwatch.Frequency));
             Console.Out.Flush();
+            if (Get(opts, "late-handler", "0") == "1")
+                AppDomain.CurrentDomain.ProcessExit += (sender, e) => LateHandler(options, MakeContext(count, random, null));
             // --exit-file F: the exit waits until F exists (the test changes the spool first).
             var exitFile = Get(opts, "exit-file", null);
             while (exitFile != null && !File.Exists(exitFile))
@@ -619,6 +626,31 @@ namespace Jobhook.Forwarder.Harness
             foreach (var failure in failures)
                 Console.Error.WriteLine("harness: " + failure);
             return failures.Count > 0 ? 1 : 0;
+        }
+
+        /// <summary>
+        /// `--late-handler` (see the top of this file): runs after the forwarder's own shutdown
+        /// handler, registered before it by the first handler made. Never throws.
+        /// </summary>
+        static void LateHandler(JobhookForwarder.Options options, OrchestratorJobCompleteHandlerContext context)
+        {
+            try
+            {
+                FailThreadStarts(null, 0);
+                // Past ForwarderThreads.RetryInterval (1 s): a start that failed is due again.
+                Thread.Sleep(1500);
+                var late = Construct(options, null);
+                late.RunHandler(context);
+                Func<string, string> started = type =>
+                    typeof(JobhookForwarder).Assembly.GetType("Jobhook.Forwarder." + type, true)
+                        .GetField("thread", BindingFlags.NonPublic | BindingFlags.Static).GetValue(null) == null ? "none" : "started";
+                Console.WriteLine("late handler: intake thread " + started("Intake") + ", notices thread " + started("Notices"));
+            }
+            catch (Exception e)
+            {
+                Console.WriteLine("late handler: " + e);
+            }
+            Console.Out.Flush();
         }
 
         /// <summary>

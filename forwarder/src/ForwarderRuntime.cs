@@ -221,7 +221,8 @@ namespace Jobhook.Forwarder
                         return;
                     try
                     {
-                        writer = ForwarderThreads.Start(WriteLoop, "spool writer");
+                        // The shutdown's flush waits for the writer to open the spool.
+                        writer = ForwarderThreads.Start(WriteLoop, "spool writer", true);
                         writerFailed = false;
                     }
                     catch (Exception e)
@@ -375,7 +376,9 @@ namespace Jobhook.Forwarder
                         {
                             if (stopping)
                                 return; // shutdown writes what is left (FlushForShutdown)
-                            new Sender(settings, opened, Counters, log, spooled, engineOutages).Start();
+                            // Ending, its flush not begun yet: no sender now (nor a failure).
+                            if (!ForwarderThreads.ProcessEnding)
+                                new Sender(settings, opened, Counters, log, spooled, engineOutages).Start();
                         }
                         senderStarted = true;
                     }
@@ -534,7 +537,7 @@ namespace Jobhook.Forwarder
                         catch { }
                         // Never disposed: a thread abandoned past the deadline may still set it.
                         finally { try { finished.Set(); } catch { } }
-                    }, "flush");
+                    }, "flush", true);
                     done.Add(new KeyValuePair<ForwarderRuntime, ManualResetEvent>(flushing, finished));
                 }
                 catch

@@ -2,6 +2,11 @@
 // all. A process that has run out of threads or memory (Keyfactor's worker after a leak
 // elsewhere) makes Thread.Start throw; each caller keeps no half-started thread and tries
 // again later, so one failed start never stops forwarding for the life of the process.
+//
+// Once the process has begun to end, only the threads the shutdown itself needs and waits for
+// start. Any other thread starting then may still be running its first code as the runtime
+// tears down, and Mono aborts the whole process (SIGABRT) when a type initialiser is cut short
+// there: a process that ends must end cleanly, whatever it was doing.
 
 using System;
 using System.Diagnostics;
@@ -23,6 +28,21 @@ namespace Jobhook.Forwarder
         /// </summary>
         internal static readonly TimeSpan RetryInterval = TimeSpan.FromSeconds(1);
 
+        /// <summary>Set once the process or app domain has begun to end (<see cref="ProcessEnding"/>).</summary>
+        static volatile bool ending;
+
+        /// <summary>
+        /// Whether the process or app domain has begun to end: a thread that is not the
+        /// shutdown's own is then not started (callers look first and count no failure).
+        /// </summary>
+        internal static bool ProcessEnding { get { return ending; } }
+
+        /// <summary>From now on, only threads started with `forShutdown` start. Never throws.</summary>
+        internal static void BeginProcessEnd()
+        {
+            ending = true;
+        }
+
         /// <summary>Whether <see cref="RetryInterval"/> has passed since `failedAt` (Stopwatch ticks; monotonic).</summary>
         internal static bool RetryDue(long failedAt)
         {
@@ -40,10 +60,14 @@ namespace Jobhook.Forwarder
 
         /// <summary>
         /// Starts a background thread named "jobhook-forwarder `name`" running `body`, and
-        /// returns it; throws if it could not be started (the caller tries again later).
+        /// returns it; throws if it could not be started (the caller tries again later), or if
+        /// the process has begun to end and `forShutdown` is not set: only a thread the
+        /// shutdown needs, and waits for within its deadline, may start then.
         /// </summary>
-        internal static Thread Start(ThreadStart body, string name)
+        internal static Thread Start(ThreadStart body, string name, bool forShutdown = false)
         {
+            if (ending && !forShutdown)
+                throw new InvalidOperationException("the thread \"" + NamePrefix + name + "\" was not started: the process is ending");
             var thread = new Thread(body) { IsBackground = true, Name = NamePrefix + name };
             if (Volatile.Read(ref failStarts) > 0)
             {

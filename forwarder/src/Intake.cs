@@ -362,7 +362,8 @@ namespace Jobhook.Forwarder
         /// </summary>
         static string StartLocked()
         {
-            if (thread != null || (startFailed && !ForwarderThreads.RetryDue(lastFailedStart)))
+            // Once the process is ending, the shutdown passes on what is queued itself.
+            if (thread != null || ForwarderThreads.ProcessEnding || (startFailed && !ForwarderThreads.RetryDue(lastFailedStart)))
                 return null;
             if (!shutdownHooked)
             {
@@ -399,13 +400,14 @@ namespace Jobhook.Forwarder
             try
             {
                 var done = new ManualResetEvent(false);
+                ForwarderThreads.BeginProcessEnd();
                 ForwarderThreads.Start(() =>
                 {
                     try { Shutdown(ShutdownDeadline); }
                     catch { }
                     // Never disposed: a thread abandoned past the wait may still set it.
                     finally { try { done.Set(); } catch { } }
-                }, "shutdown");
+                }, "shutdown", true);
                 done.WaitOne(ShutdownWait);
             }
             catch
@@ -427,6 +429,7 @@ namespace Jobhook.Forwarder
         {
             if (Interlocked.Exchange(ref shutDown, 1) != 0)
                 return;
+            ForwarderThreads.BeginProcessEnd();
             var clock = System.Diagnostics.Stopwatch.StartNew();
             stopping = true;
             // Every lock on this path is taken within the deadline (Bounded): a thread holding

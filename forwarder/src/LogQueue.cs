@@ -92,7 +92,8 @@ namespace Jobhook.Forwarder
                     queue.Enqueue(new Line { Sink = sink, Level = level, Message = message });
                     if (thread == null)
                     {
-                        var starting = ForwarderThreads.Start(Loop, "log");
+                        // The shutdown's lines go through it too, and it waits for them (Drain).
+                        var starting = ForwarderThreads.Start(Loop, "log", true);
                         // Only once it runs: a thread that could not start is tried again.
                         thread = starting;
                     }

@@ -332,7 +332,8 @@ namespace Jobhook.Forwarder
         /// </summary>
         internal static void EnsureStarted()
         {
-            if (thread != null)
+            // At the process's end the shutdown reports every count itself (ReportNow).
+            if (thread != null || ForwarderThreads.ProcessEnding)
                 return;
             string failure = null;
             int failed = 0;

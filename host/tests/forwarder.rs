@@ -4006,6 +4006,56 @@ async fn ar_an_engine_failing_every_other_request_costs_a_few_lines_not_two_per_
     );
 }
 
+/// Once the process has begun to end, a thread that is not the shutdown's own is not started,
+/// whatever asks for it: here a handler made (and called) by a ProcessExit handler that runs
+/// after the forwarder's shutdown, when the notices thread had not started yet (its starts
+/// failing until then); the refused call's count would start it. Started, it would run its
+/// first code as the runtime tears down, which Mono aborts the process for. The events taken
+/// before are all spooled. (The intake thread is started only by the first handler made and by
+/// an event taken, never after the shutdown; the sender: the next test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_process_end_no_thread_starts_but_the_shutdowns_own() {
+    const SENT: usize = 3;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let sent = SENT.to_string();
+    let harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "burst",
+        &[
+            "--count",
+            &sent,
+            "--budget-ms",
+            "1000",
+            "--fail-thread",
+            "notices",
+            "--fail-starts",
+            "1000000",
+            "--late-handler",
+            "1",
+        ],
+    );
+    let (status, out, log) = harness.finish(Duration::from_secs(90));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the harness failed ({status:?}): {out}\n{log}"
+    );
+    let late = out.lines().find(|l| l.starts_with("late handler: "));
+    assert!(
+        late.is_some_and(|line| line.contains("notices thread none")),
+        "a handler made at the process's end started the notices thread: {late:?}\n{log}"
+    );
+    assert_eq!(
+        spool_files(&site),
+        SENT,
+        "the events taken before the exit are spooled:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_a_process_ending_as_its_sender_begins_to_send_exits_cleanly() {
     // Short runs in a row, each ending while its sender starts or begins its first send,
