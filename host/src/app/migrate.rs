@@ -43,8 +43,46 @@ const MAX_HANDLER_NAME: usize = 64;
 /// The Unity registration type of a Job Complete Handler (9–10).
 pub const UNITY_HANDLER_TYPE: &str = "IOrchestratorJobCompleteHandler";
 
-/// The manifest section of Job Complete Handlers (11+).
+/// The manifest section of Job Complete Handlers (11+): also the interface's full name.
 pub const MANIFEST_SECTION: &str = "Keyfactor.Platform.Extensions.IOrchestratorJobCompleteHandler";
+
+/// The namespace of the handler interface.
+const HANDLER_NAMESPACE: &str = "Keyfactor.Platform.Extensions";
+
+/// How a Unity `type` attribute (`IOrchestratorJobCompleteHandler`, its full name, or either
+/// with `, Assembly`) stands to the handler interface.
+#[derive(Debug, PartialEq, Eq)]
+enum HandlerType {
+    /// It names the interface (or, in another namespace, a type of that name: taken as one).
+    Is,
+    /// It would, but for the case of a letter: .NET and Unity match type names
+    /// case-sensitively, so Keyfactor does not take it for the interface. What to write.
+    CaseOnly(&'static str),
+    /// Another type.
+    Not,
+}
+
+fn handler_type(kind: &str) -> HandlerType {
+    let type_name = kind.split(',').next().unwrap_or_default().trim();
+    let (namespace, short) = match type_name.rsplit_once('.') {
+        Some((namespace, short)) => (Some(namespace), short),
+        None => (None, type_name),
+    };
+    let ours = |ns: &str| ns.eq_ignore_ascii_case(HANDLER_NAMESPACE);
+    let exact = short == UNITY_HANDLER_TYPE
+        && namespace.is_none_or(|ns| ns == HANDLER_NAMESPACE || !ours(ns));
+    if exact {
+        HandlerType::Is
+    } else if short.eq_ignore_ascii_case(UNITY_HANDLER_TYPE) && namespace.is_none_or(ours) {
+        HandlerType::CaseOnly(if namespace.is_some() {
+            MANIFEST_SECTION
+        } else {
+            UNITY_HANDLER_TYPE
+        })
+    } else {
+        HandlerType::Not
+    }
+}
 
 /// The property every Keyfactor handler has: comma-separated job type GUIDs.
 const JOB_TYPES_PROPERTY: &str = "JobTypes";
@@ -300,19 +338,41 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
     })?;
     let lines = LineStarts::of(text);
     let line_of = |node: roxmltree::Node| lines.line(node.range().start);
-    // `IOrchestratorJobCompleteHandler`, or a full name / "Type, Assembly" form of it.
-    let is_handler_type = |kind: &str| {
-        let type_name = kind.split(',').next().unwrap_or_default().trim();
-        type_name.rsplit('.').next() == Some(UNITY_HANDLER_TYPE)
+    // .NET resolves type names and Unity its aliases case-sensitively: a registration whose
+    // type differs from the handler interface (or an alias of it) only in case is no handler
+    // to Keyfactor, and its configuration fails to load. Refused saying so, never dropped
+    // unsaid: the operator meant a handler there.
+    let refuse_case = |node: roxmltree::Node, written: &str, meant: &str| MigrateError {
+        file: file.to_owned(),
+        line: Some(line_of(node)),
+        message: format!(
+            "type {} differs from {} only in case; .NET and Unity match type names and aliases \
+             case-sensitively, so Keyfactor does not load it as a Job Complete Handler: write \
+             it as {}",
+            // The type's name, without the assembly after its comma.
+            quoted(written.split(',').next().unwrap_or_default().trim()),
+            quoted(meant),
+            quoted(meant)
+        ),
     };
     // Unity's `<alias alias="JCH" type="…IOrchestratorJobCompleteHandler, …"/>`: a
     // `<register type="JCH">` registers a handler as surely as the type's own name.
-    let aliases: std::collections::HashSet<&str> = doc
+    let mut aliases = std::collections::HashSet::new();
+    for alias in doc
         .descendants()
         .filter(|n| n.is_element() && n.tag_name().name() == "alias")
-        .filter(|n| n.attribute("type").is_some_and(is_handler_type))
-        .filter_map(|n| n.attribute("alias").map(str::trim))
-        .collect();
+    {
+        let (Some(kind), Some(name)) = (alias.attribute("type"), alias.attribute("alias")) else {
+            continue;
+        };
+        match handler_type(kind) {
+            HandlerType::Is => {
+                aliases.insert(name.trim());
+            }
+            HandlerType::CaseOnly(meant) => return Err(refuse_case(alias, kind, meant)),
+            HandlerType::Not => {}
+        }
+    }
     let mut out = Vec::new();
     for register in doc
         .descendants()
@@ -322,8 +382,16 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
         let Some(kind) = register.attribute("type") else {
             continue;
         };
-        if !is_handler_type(kind) && !aliases.contains(kind.trim()) {
-            continue;
+        match handler_type(kind) {
+            HandlerType::Is => {}
+            _ if aliases.contains(kind.trim()) => {}
+            HandlerType::CaseOnly(meant) => return Err(refuse_case(register, kind, meant)),
+            HandlerType::Not => {
+                if let Some(alias) = aliases.iter().find(|a| a.eq_ignore_ascii_case(kind.trim())) {
+                    return Err(refuse_case(register, kind, alias));
+                }
+                continue;
+            }
         }
         let fail = |message: String| MigrateError {
             file: file.to_owned(),
@@ -1640,6 +1708,71 @@ mod tests {
         let found = read_web_config(text, "web.config").unwrap();
         let names: Vec<&str> = found.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["ViaAlias"]);
+    }
+
+    /// A registration whose type is the handler interface, or an alias of it, in another case
+    /// (which .NET and Unity do not match) is refused at its line saying what to write, not
+    /// skipped as if it were another type; so is such an alias.
+    #[test]
+    fn a_handler_type_written_in_another_case_is_refused_at_its_line() {
+        let alias = r#"<alias alias="JCH" type="Keyfactor.Platform.Extensions.IOrchestratorJobCompleteHandler, Keyfactor"/>"#;
+        for (register, written, meant) in [
+            (
+                r#"<register type="iorchestratorjobcompletehandler" mapTo="Acme.H, Acme" name="H"/>"#,
+                "iorchestratorjobcompletehandler",
+                UNITY_HANDLER_TYPE,
+            ),
+            (
+                r#"<register type="Keyfactor.Platform.Extensions.IORCHESTRATORJOBCOMPLETEHANDLER, Keyfactor" mapTo="Acme.H, Acme" name="H"/>"#,
+                "Keyfactor.Platform.Extensions.IORCHESTRATORJOBCOMPLETEHANDLER",
+                MANIFEST_SECTION,
+            ),
+            (
+                r#"<register type="keyfactor.platform.extensions.IOrchestratorJobCompleteHandler" mapTo="Acme.H, Acme" name="H"/>"#,
+                "keyfactor.platform.extensions.IOrchestratorJobCompleteHandler",
+                MANIFEST_SECTION,
+            ),
+            (
+                r#"<register type="jch" mapTo="Acme.H, Acme" name="H"/>"#,
+                "jch",
+                "JCH",
+            ),
+        ] {
+            let text = format!(
+                "<configuration><unity>\n{alias}\n<container>\n{register}\n</container></unity></configuration>"
+            );
+            let e = read_web_config(&text, "web.config").unwrap_err();
+            assert_eq!(e.line, Some(4), "{e}");
+            assert!(
+                e.message.contains(&format!(
+                    "type \"{written}\" differs from \"{meant}\" only in case"
+                )) && e.message.contains(&format!("write it as \"{meant}\"")),
+                "{e}"
+            );
+        }
+        let text = r#"<configuration><unity>
+            <alias alias="JCH" type="IOrchestratorJobCompleteHandler"/>
+            <alias alias="Bad" type="Keyfactor.Platform.Extensions.IOrchestratorJobCompletehandler, Keyfactor"/>
+            </unity></configuration>"#;
+        let e = read_web_config(text, "web.config").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("only in case"), "{e}");
+        // In another namespace, a type of that name in any case is another product's: as before.
+        assert_eq!(
+            handler_type("Acme.IOrchestratorJobCompleteHandler"),
+            HandlerType::Is
+        );
+        assert_eq!(
+            handler_type("Acme.iorchestratorjobcompletehandler"),
+            HandlerType::Not
+        );
+        // Another type whose name merely resembles it is still someone else's registration.
+        let text = r#"<configuration><unity><container>
+            <register type="IOrchestratorJobCompleteHandlerFactory" mapTo="A, A" name="F"/>
+            <register type="IOrchestratorJobCompleteHandler" mapTo="A, A" name="H"/>
+            </container></unity></configuration>"#;
+        let found = read_web_config(text, "web.config").unwrap();
+        assert_eq!(found.len(), 1);
     }
 
     #[test]
