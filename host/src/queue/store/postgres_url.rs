@@ -52,6 +52,22 @@ pub enum UrlError {
          running the engine); name the role before the host: {URL_EXAMPLE}"
     )]
     NoUser,
+    /// A parameter whose value turns off one of the bounds the engine puts on every wait for
+    /// the database ([`UNBOUNDING`]).
+    #[error(
+        "[store] url sets {parameter}={value}, which {effect}; the engine bounds every wait on \
+         the database: remove it (the engine's default then applies) or give {wanted}"
+    )]
+    Unbounded {
+        /// The parameter.
+        parameter: &'static str,
+        /// Its value, as the number it was read as (never the URL's own text).
+        value: i64,
+        /// What that value does.
+        effect: &'static str,
+        /// What to give instead.
+        wanted: &'static str,
+    },
     /// `target_session_attrs=read-only`: only a standby would be used.
     #[error(
         "[store] url sets target_session_attrs=read-only, which connects only to a server that \
@@ -70,6 +86,46 @@ const NEEDS_TLS: [(&str, &[&str]); 3] = [
     ("sslmode", &["require", "verify-ca", "verify-full"]),
     ("sslnegotiation", &["direct"]),
     ("channel_binding", &["require"]),
+];
+
+/// Query parameters whose value 0 (or less, for a time) would take away a bound the engine puts
+/// on waiting for the database, each with what that value does and what to give instead.
+/// libpq reads a time of 0 as "no limit"; the client library reads it as "not set" and, for
+/// `keepalives_idle`, then leaves the first probe to the system's default of two hours — an
+/// operator who wrote 0 meant neither what libpq nor what this library would do. `keepalives=0`
+/// turns the probes off; `keepalives_retries=0` is refused by the system when the connection
+/// is made, in words that do not name the parameter.
+const UNBOUNDING: [(&str, &str, &str); 6] = [
+    (
+        "keepalives",
+        "turns off the TCP keepalive probes that notice a database host gone from the network",
+        "keepalives=1",
+    ),
+    (
+        "keepalives_idle",
+        "leaves the first keepalive probe to the system's default (two hours)",
+        "a number of seconds of 1 or more",
+    ),
+    (
+        "keepalives_interval",
+        "asks for keepalive probes without a time between them",
+        "a number of seconds of 1 or more",
+    ),
+    (
+        "keepalives_retries",
+        "asks for no keepalive probe before a connection is given up, which the system refuses",
+        "a count of 1 or more",
+    ),
+    (
+        "connect_timeout",
+        "means no limit on connecting, to libpq (this engine would wait its own default instead)",
+        "a number of seconds of 1 or more",
+    ),
+    (
+        "tcp_user_timeout",
+        "means no limit on unacknowledged data, to libpq (this engine would use its own default instead)",
+        "a number of seconds of 1 or more",
+    ),
 ];
 
 /// The value `url`'s query string gives `key` (the last, if several), percent-decoded, as the
@@ -123,6 +179,19 @@ pub fn check_url(url: &str) -> Result<postgres::Config, UrlError> {
             && let Some(value) = values.iter().find(|v| v.eq_ignore_ascii_case(&given))
         {
             return Err(UrlError::NeedsTls { parameter, value });
+        }
+    }
+    // Read as the client library reads them: a value that is not a number is its to refuse.
+    for (parameter, effect, wanted) in UNBOUNDING {
+        if let Some(value) = url_value(url, parameter).and_then(|v| v.parse::<i64>().ok())
+            && value <= 0
+        {
+            return Err(UrlError::Unbounded {
+                parameter,
+                value,
+                effect,
+                wanted,
+            });
         }
     }
     let config = url.parse::<postgres::Config>().map_err(|e| {
@@ -300,6 +369,35 @@ mod tests {
                 "postgres://u@db/jobhook?target_session_attrs=read-only",
                 "target_session_attrs=read-only",
             ),
+            (
+                "postgres://u@db/jobhook?keepalives=0",
+                "sets keepalives=0, which turns off the TCP keepalive probes",
+            ),
+            (
+                "postgres://u@db/jobhook?keepalives_idle=0",
+                "sets keepalives_idle=0, which leaves the first keepalive probe to the system's default",
+            ),
+            (
+                "postgres://u@db/jobhook?keepalives_interval=-1",
+                "sets keepalives_interval=-1",
+            ),
+            (
+                "postgres://u@db/jobhook?keepalives_retries=0",
+                "sets keepalives_retries=0",
+            ),
+            (
+                "postgres://u@db/jobhook?connect_timeout=0",
+                "sets connect_timeout=0, which means no limit on connecting, to libpq",
+            ),
+            (
+                "postgres://u@db/jobhook?tcp_user_timeout=0",
+                "sets tcp_user_timeout=0",
+            ),
+            // Percent-encoded, and the last of two, as the client library reads them.
+            (
+                "postgres://u@db/jobhook?connect_timeout=5&connect%5Ftimeout=0",
+                "sets connect_timeout=0",
+            ),
         ] {
             let e = check_url(url).unwrap_err().to_string();
             assert!(e.starts_with("[store] url "), "{url}: {e}");
@@ -312,7 +410,13 @@ mod tests {
             e.contains("this jobhook has no TLS to PostgreSQL: remove it"),
             "{e}"
         );
+        let e = check_url("postgres://u@db/jobhook?keepalives=0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("or give keepalives=1"), "{e}");
         for url in [
+            "postgres://u@db/jobhook?keepalives=1&keepalives_idle=10&keepalives_interval=2",
+            "postgres://u@db/jobhook?keepalives_retries=3&connect_timeout=2&tcp_user_timeout=9",
             "postgres://u@db/jobhook?sslmode=prefer",
             "postgres://u@db/jobhook?sslmode=disable",
             "postgres://u@db:5432,db2:5432/jobhook?target_session_attrs=read-write",
