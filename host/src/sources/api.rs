@@ -987,6 +987,12 @@ mod tests {
                 StoreError::Database("syntax".into()),
                 "the event was not accepted: the store failed; retry later",
             ),
+            // The sender keeps the event until an operator has restored the store.
+            (
+                StoreError::Corrupt("database disk image is malformed".into()),
+                "the event was not accepted: the store's data is damaged (the engine's log says \
+                 what to do); retry later",
+            ),
         ] {
             assert_eq!(unavailable(&e).1, said, "{e}");
         }

@@ -106,7 +106,7 @@ impl StoreError {
     /// The failure in words a client of the API may be told and an operator can act on,
     /// without the database's own message (a file path or a server address is no business of
     /// the client's; the log has it): the five conditions that pass once their cause is gone
-    /// are named, anything else is "the store failed".
+    /// and damaged data are named, anything else is "the store failed".
     pub fn plain_cause(&self) -> &'static str {
         match self {
             StoreError::DiskFull(_) => "the store is out of disk space",
@@ -117,6 +117,10 @@ impl StoreError {
                  says why)"
             }
             StoreError::NoAnswer(_) => "the store did not answer in time",
+            // The operator must restore or move the database aside; the log says how.
+            StoreError::Corrupt(_) => {
+                "the store's data is damaged (the engine's log says what to do)"
+            }
             _ => "the store failed",
         }
     }
@@ -131,6 +135,7 @@ impl StoreError {
             StoreError::Unreachable(why) => StoreError::Unreachable(why.clone()),
             StoreError::Refused(why) => StoreError::Refused(why.clone()),
             StoreError::NoAnswer(why) => StoreError::NoAnswer(why.clone()),
+            StoreError::Corrupt(why) => StoreError::Corrupt(why.clone()),
             // Said once: not "store database error: store database error: …".
             StoreError::Database(why) => StoreError::Database(why.clone()),
             other => StoreError::Database(other.to_string()),
@@ -900,13 +905,18 @@ mod tests {
             StoreError::Unreachable("connection refused".into()),
             StoreError::Refused("password authentication failed".into()),
             StoreError::NoAnswer("timed out".into()),
+            // Damaged data stays damaged data, with its advice, for each call.
+            StoreError::Corrupt("bad row".into()),
         ] {
             assert_eq!(error.for_each_call().to_string(), error.to_string());
         }
-        let corrupt = StoreError::Corrupt("bad row".into());
+        let conflict = StoreError::IdempotencyConflict {
+            event_id: Uuid::nil(),
+        };
         assert_eq!(
-            corrupt.for_each_call().to_string(),
-            "store database error: stored data is unreadable: bad row"
+            conflict.for_each_call().to_string(),
+            "store database error: the idempotency key was already used for a different event \
+             (00000000-0000-0000-0000-000000000000); send a new key for a new event"
         );
     }
 

@@ -698,6 +698,10 @@ fn rolled_back(cause: &StoreError) -> StoreError {
         StoreError::ReadOnly(reason) => {
             StoreError::ReadOnly(format!("{reason} (the whole transaction was rolled back)"))
         }
+        // Still damaged data, with its advice: not an error of one statement.
+        StoreError::Corrupt(reason) => {
+            StoreError::Corrupt(format!("{reason} (the whole transaction was rolled back)"))
+        }
         other => StoreError::Database(format!("the whole transaction was rolled back: {other}")),
     }
 }
@@ -732,6 +736,33 @@ mod tests {
             classify(&error(rusqlite::ffi::SQLITE_IOERR)),
             StoreError::Database(_)
         ));
+        // The other writes of a group one of them rolled back keep its kind, and a damaged
+        // file's advice, whatever the kind.
+        for code in [
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_CORRUPT,
+            rusqlite::ffi::SQLITE_IOERR,
+        ] {
+            let cause = classify(&error(code));
+            let each = rolled_back(&cause);
+            assert_eq!(
+                std::mem::discriminant(&each),
+                std::mem::discriminant(&cause),
+                "{each}"
+            );
+            assert!(each.to_string().contains("rolled back"), "{each}");
+            if code == rusqlite::ffi::SQLITE_CORRUPT {
+                assert!(
+                    each.to_string().contains("restore it from a backup"),
+                    "{each}"
+                );
+                assert_eq!(
+                    each.plain_cause(),
+                    "the store's data is damaged (the engine's log says what to do)"
+                );
+            }
+        }
     }
 
     /// A job that runs `write`, and where its answer arrives: what [`Writer::write_with`] sends,
