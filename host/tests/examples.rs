@@ -437,7 +437,7 @@ async fn acknowledge_failed_job_acknowledges_the_jobs_failed_runs_in_command() {
         .and_then(|r| r.query_value("pq.queryString"));
     assert_eq!(
         history_query,
-        Some(format!("JobId -eq \"{FAILING_JOB_ID}\""))
+        Some(format!("JobID -eq \"{FAILING_JOB_ID}\""))
     );
     assert!(
         log_lines(&delivery).contains("JobHistoryId 2175, 2164, 2160"),

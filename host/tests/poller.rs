@@ -1227,13 +1227,13 @@ async fn a_lookup_that_keeps_failing_for_one_job_holds_the_others_back_only_a_fe
     let page = Value::Array(rows).to_string();
     let failed_once = std::sync::atomic::AtomicBool::new(false);
     let (url, _) = unlike_command(move |query| {
-        if query.contains(&format!("JobId -eq \"{failing_job}\"")) {
+        if query.contains(&format!("JobID -eq \"{failing_job}\"")) {
             (503, "busy".into())
-        } else if query.contains(&format!("JobId -eq \"{passing_failure}\""))
+        } else if query.contains(&format!("JobID -eq \"{passing_failure}\""))
             && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst)
         {
             (503, "busy for a moment".into())
-        } else if query.contains("JobId -eq") {
+        } else if query.contains("JobID -eq") {
             (200, "[]".into())
         } else {
             (200, page.clone())
@@ -1586,7 +1586,7 @@ async fn a_server_ignoring_page_returned_fails_the_poll_after_two_pages() {
     let counted = Arc::clone(&pages);
     let (url, _) = unlike_command_with(move |params| {
         let query = params.get("pq.queryString").map_or("", String::as_str);
-        if query.contains("JobId -eq") {
+        if query.contains("JobID -eq") {
             return (200, "[]".into());
         }
         counted.fetch_add(1, Ordering::SeqCst);
@@ -1642,7 +1642,7 @@ async fn rows_out_of_start_order_fail_the_poll_and_lose_nothing() {
     let answers = Arc::clone(&state);
     let (url, _) = unlike_command_with(move |params| {
         let query = params.get("pq.queryString").map_or("", String::as_str);
-        if query.contains("JobId -eq") {
+        if query.contains("JobID -eq") {
             return (200, "[]".into());
         }
         let (rows, reversed) = &*answers.lock().expect("state");

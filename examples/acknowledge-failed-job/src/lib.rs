@@ -4,7 +4,7 @@
 //! team was told, or the warning is known and accepted.
 //!
 //! The calls, as the Command API documents them:
-//! 1. `GET OrchestratorJobs/JobHistory?pq.queryString=JobId -eq "<JobId>"` (sorted by
+//! 1. `GET OrchestratorJobs/JobHistory?pq.queryString=JobID -eq "<JobId>"` (sorted by
 //!    `OperationStart`, newest first, at most [`MAX_RUNS`] rows): the runs of this job.
 //! 2. `POST OrchestratorJobs/Acknowledge` with `{"JobAuditIds": [<JobHistoryId>, …]}` for the
 //!    runs that are eligible: `Result` Failure (4) or Warning (3) — the ones `AcknowledgeOn`
@@ -105,7 +105,7 @@ impl Settings {
 
 /// The `pq.queryString` that selects this job's runs.
 pub fn history_query(ctx: &Context) -> String {
-    format!("JobId -eq \"{}\"", ctx.job_id.hyphenated())
+    format!("JobID -eq \"{}\"", ctx.job_id.hyphenated())
 }
 
 /// What the history says about this job's runs.
@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(calls[0].path, JOB_HISTORY_PATH);
         assert_eq!(
             calls[0].query_value("pq.queryString"),
-            Some(r#"JobId -eq "7a07f123-8d4e-4c5b-9f60-1b2c3d4e5f60""#)
+            Some(r#"JobID -eq "7a07f123-8d4e-4c5b-9f60-1b2c3d4e5f60""#)
         );
         assert_eq!(calls[0].query_value("pq.sortField"), Some("OperationStart"));
         assert_eq!(calls[0].query_value("pq.sortAscending"), Some("1"));

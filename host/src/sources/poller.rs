@@ -1695,8 +1695,9 @@ impl Poller {
         self.get(vec![
             (
                 "pq.queryString".into(),
+                // `JobID`, as Keyfactor's own handler sample writes the field in this query.
                 format!(
-                    "JobId -eq \"{}\" AND OperationStart -lt \"{}\"",
+                    "JobID -eq \"{}\" AND OperationStart -lt \"{}\"",
                     event.context.job_id,
                     query_time(started)
                 ),
