@@ -1681,6 +1681,14 @@ async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_
         json!({ "trapper": 1 }),
         "{report}"
     );
+    // And so does the list of handlers, for as long as they wait.
+    let (_, text) = get(&engine, "/v1/handlers").await;
+    let listed: Value = serde_json::from_str(&text).expect("handlers");
+    assert_eq!(
+        listed["unconfigured"],
+        json!([{ "name": "trapper", "pending": 1, "failed": 0 }]),
+        "{listed:#}"
+    );
     // Past the retry's time, it still waits: not claimed, not skipped.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, text) = get(&engine, &format!("/v1/events/{id}")).await;
@@ -1712,6 +1720,14 @@ async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_
     let d = delivery(&event, "trapper");
     assert_eq!(d["state"], "failed", "{event:#}");
     assert_eq!(d["attempts"].as_array().map(Vec::len), Some(2), "{event:#}");
+    // Configured again, it is listed among the handlers, with its failure, and no longer apart.
+    let (_, text) = get(&engine, "/v1/handlers").await;
+    let listed: Value = serde_json::from_str(&text).expect("handlers");
+    assert_eq!(listed["unconfigured"], json!([]), "{listed:#}");
+    let trapper = listed["handlers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|h| h["name"] == "trapper"));
+    assert_eq!(trapper.map(|h| &h["failed"]), Some(&json!(1)), "{listed:#}");
 }
 
 #[tokio::test]

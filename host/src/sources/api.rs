@@ -41,7 +41,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::context::JobContext;
@@ -750,6 +750,11 @@ fn unreadable(id: Uuid, why: &StoreError) -> Response {
     )
 }
 
+/// Most entries `unconfigured` of `GET /v1/handlers` lists, the first by name: a store that
+/// holds deliveries under many names (renamed handlers, another node's configuration) must not
+/// make every answer that long, as it must not make every scrape (the same bound).
+const MAX_UNCONFIGURED_LISTED: usize = crate::metrics::MAX_PENDING_SERIES;
+
 async fn handlers(State(state): State<AppState>) -> Response {
     let registry = state.dispatcher.registry();
     let counted = call_within(&state.store, STORE_READ_TIMEOUT, |store| {
@@ -784,7 +789,31 @@ async fn handlers(State(state): State<AppState>) -> Response {
             ..HandlerSummary::of(h)
         })
         .collect();
-    axum::Json(json!({ "handlers": list })).into_response()
+    // Deliveries under a name no handler here has (renamed or removed, or another node's):
+    // pending ones wait for a handler of that name, failed ones for retention or a retry.
+    let unconfigured: Option<Vec<Value>> = counts.as_ref().map(|(pending, failed)| {
+        let names: std::collections::BTreeSet<&String> = pending
+            .keys()
+            .chain(failed.keys())
+            .filter(|name| registry.get(name).is_none())
+            .collect();
+        names
+            .into_iter()
+            .take(MAX_UNCONFIGURED_LISTED)
+            .map(|name| {
+                json!({
+                    "name": name,
+                    "pending": count_of(pending, name),
+                    "failed": count_of(failed, name),
+                })
+            })
+            .collect()
+    });
+    let mut answer = json!({ "handlers": list });
+    if let Some(unconfigured) = unconfigured {
+        answer["unconfigured"] = Value::Array(unconfigured);
+    }
+    axum::Json(answer).into_response()
 }
 
 async fn forwarder_list(State(state): State<AppState>) -> Response {
