@@ -357,7 +357,7 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
     };
     // Unity's `<alias alias="JCH" type="…IOrchestratorJobCompleteHandler, …"/>`: a
     // `<register type="JCH">` registers a handler as surely as the type's own name.
-    let mut aliases = std::collections::HashSet::new();
+    let mut aliases = std::collections::BTreeSet::new();
     for alias in doc
         .descendants()
         .filter(|n| n.is_element() && n.tag_name().name() == "alias")
