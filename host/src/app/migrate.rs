@@ -460,6 +460,23 @@ fn read_web_config(text: &str, file: &str) -> Result<Vec<Registration>, MigrateE
                         message: twice_job_types(&name),
                     });
                 }
+                // Unity sets a property by its exact name (manifest.json's options are bound
+                // whatever their case, and are read so there).
+                if pname != JOB_TYPES_PROPERTY {
+                    return Err(MigrateError {
+                        file: file.to_owned(),
+                        line: Some(at),
+                        message: format!(
+                            "property {} of registration {} differs from {} only in case; Unity \
+                             sets properties by their exact name, so Keyfactor would fail to \
+                             load this registration: write it as {}",
+                            quoted(pname),
+                            quoted(&name),
+                            quoted(JOB_TYPES_PROPERTY),
+                            quoted(JOB_TYPES_PROPERTY)
+                        ),
+                    });
+                }
                 job_types = Some(value.to_owned());
             } else {
                 properties.push((pname.to_owned(), value.to_owned()));
@@ -2032,6 +2049,36 @@ mod tests {
         assert_eq!(e.line, Some(4), "{e:?}");
         let e = read_registrations(&manifest, "manifest.json").unwrap_err();
         assert!(e.message.contains("are the same key"), "{e:?}");
+    }
+
+    /// `JobTypes` in another case alone: refused at its line in a web.config (Unity sets
+    /// properties by their exact name), read in a manifest.json (its options are bound
+    /// whatever their case).
+    #[test]
+    fn job_types_in_another_case_is_refused_where_keyfactor_would_not_read_it() {
+        let web = format!(
+            "<configuration><unity><container>\n\
+             <register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"A.B, A\" name=\"Hook\">\n\
+             <property name=\"jobTypes\" value=\"7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10\" />\n\
+             </register></container></unity></configuration>"
+        );
+        let e = read_registrations(&web, "web.config").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e:?}");
+        assert!(
+            e.message.contains(
+                "property \"jobTypes\" of registration \"Hook\" differs from \"JobTypes\" only in case"
+            ) && e.message.ends_with("write it as \"JobTypes\""),
+            "{e:?}"
+        );
+        let manifest = format!(
+            "{{\"extensions\": {{\"{MANIFEST_SECTION}\": {{\"Hook\": {{ \"TypeFullName\": \"A.B\", \
+             \"Options\": {{ \"jobtypes\": \"7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10\" }} }}}}}}}}"
+        );
+        let found = read_registrations(&manifest, "manifest.json").unwrap();
+        assert_eq!(
+            found[0].job_types.as_deref(),
+            Some("7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10")
+        );
     }
 
     /// A manifest saved with a UTF-8 byte-order mark (as Windows editors do) reads as the same
