@@ -1686,7 +1686,7 @@ async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_
     let listed: Value = serde_json::from_str(&text).expect("handlers");
     assert_eq!(
         listed["unconfigured"],
-        json!([{ "name": "trapper", "pending": 1, "failed": 0 }]),
+        json!([{ "name": "trapper", "pending": 1, "failed": 0, "running": 0 }]),
         "{listed:#}"
     );
     // Past the retry's time, it still waits: not claimed, not skipped.
@@ -1728,6 +1728,60 @@ async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_
         .as_array()
         .and_then(|all| all.iter().find(|h| h["name"] == "trapper"));
     assert_eq!(trapper.map(|h| &h["failed"]), Some(&json!(1)), "{listed:#}");
+}
+
+/// A handler removed by a reload while one of its deliveries runs: the delivery finishes with
+/// the handler it started with, and `GET /v1/handlers` shows it running under that name
+/// meanwhile, then failed once it has ended (here by its time limit).
+#[tokio::test]
+async fn a_delivery_running_when_its_handler_is_removed_is_still_shown() {
+    let setup = Setup::new();
+    let sleeper = handler(
+        "sleeper",
+        "guest-sleep",
+        "[\"*\"]",
+        "[handlers.limits]\ntimeout_ms = 4000\n[handlers.retry]\nmax_attempts = 1",
+    );
+    let healthy = handler("healthy", "log-context", "[\"*\"]", "");
+    let engine = setup.start(&format!("{sleeper}{healthy}"));
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    let id = body["event_id"].as_str().expect("event id").to_owned();
+    let listed = |text: String| -> Value { serde_json::from_str(&text).expect("handlers") };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let handlers = listed(get(&engine, "/v1/handlers").await.1);
+        let running = handlers["handlers"]
+            .as_array()
+            .and_then(|all| all.iter().find(|h| h["name"] == "sleeper"))
+            .map(|h| h["running"].clone());
+        if running == Some(json!(1)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{handlers:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    setup.config(&healthy);
+    assert_touched(&reload_report(&engine).await, &[], &[], &["sleeper"]);
+    let handlers = listed(get(&engine, "/v1/handlers").await.1);
+    assert_eq!(
+        handlers["unconfigured"],
+        json!([{ "name": "sleeper", "running": 1, "pending": 0, "failed": 0 }]),
+        "{handlers:#}"
+    );
+    let event = settled(&engine, &id).await;
+    assert_eq!(delivery(&event, "sleeper")["state"], "failed", "{event:#}");
+    // Its place is given back as its outcome is recorded: within moments of it.
+    let ended = json!([{ "name": "sleeper", "running": 0, "pending": 0, "failed": 1 }]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let handlers = listed(get(&engine, "/v1/handlers").await.1);
+        if handlers["unconfigured"] == ended {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{handlers:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -429,6 +429,10 @@ pub struct Dispatcher {
     /// Set by [`Dispatcher::hurry`]: the wind-down stops waiting for running deliveries.
     hurry: watch::Sender<bool>,
     lease: Duration,
+    /// The running counts of handlers a reload removed while deliveries of theirs ran: those
+    /// finish with the handler they started with, and are shown as running under its name
+    /// ([`Dispatcher::running_unconfigured`]) until they have. Kept only while one runs.
+    retired: Mutex<Vec<(String, Arc<AtomicUsize>)>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -474,6 +478,7 @@ impl Dispatcher {
             stop,
             hurry,
             lease: lease.max(MIN_LEASE),
+            retired: Mutex::new(Vec::new()),
         })
     }
 
@@ -536,8 +541,37 @@ impl Dispatcher {
     /// Replaces the handlers (configuration reload). Deliveries already running finish with the
     /// handler they started with.
     pub fn replace_registry(&self, registry: Registry) {
-        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(registry);
+        let old = std::mem::replace(
+            &mut *self.registry.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(registry),
+        );
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.extend(
+                old.handlers
+                    .iter()
+                    .filter(|(_, h)| h.running() > 0)
+                    .map(|(name, h)| (name.clone(), Arc::clone(&h.running))),
+            );
+        }
+        // A name configured again is shown by its new handler: its old count is dropped here.
+        drop(self.running_unconfigured());
         self.due_may_have_moved();
+    }
+
+    /// Deliveries running now, by handler, of handlers a reload removed (they finish with the
+    /// handler they started with). Forgets the handlers none of whose deliveries runs any more.
+    pub fn running_unconfigured(&self) -> BTreeMap<String, usize> {
+        let registry = self.registry();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|(name, running)| {
+            running.load(Ordering::Relaxed) > 0 && registry.get(name).is_none()
+        });
+        let mut running = BTreeMap::new();
+        for (name, count) in retired.iter() {
+            *running.entry(name.clone()).or_insert(0) += count.load(Ordering::Relaxed);
+        }
+        running
     }
 
     /// Tells the dispatcher that new deliveries may be due.

@@ -790,30 +790,32 @@ async fn handlers(State(state): State<AppState>) -> Response {
         })
         .collect();
     // Deliveries under a name no handler here has (renamed or removed, or another node's):
-    // pending ones wait for a handler of that name, failed ones for retention or a retry.
-    let unconfigured: Option<Vec<Value>> = counts.as_ref().map(|(pending, failed)| {
-        let names: std::collections::BTreeSet<&String> = pending
-            .keys()
-            .chain(failed.keys())
-            .filter(|name| registry.get(name).is_none())
-            .collect();
-        names
-            .into_iter()
-            .take(MAX_UNCONFIGURED_LISTED)
-            .map(|name| {
-                json!({
-                    "name": name,
-                    "pending": count_of(pending, name),
-                    "failed": count_of(failed, name),
-                })
-            })
-            .collect()
-    });
-    let mut answer = json!({ "handlers": list });
-    if let Some(unconfigured) = unconfigured {
-        answer["unconfigured"] = Value::Array(unconfigured);
-    }
-    axum::Json(answer).into_response()
+    // pending ones wait for a handler of that name, failed ones for retention or a retry, and
+    // running ones (of a handler a reload removed) finish with the handler they started with.
+    let running = state.dispatcher.running_unconfigured();
+    let stored = counts
+        .iter()
+        .flat_map(|(pending, failed)| pending.keys().chain(failed.keys()));
+    let names: std::collections::BTreeSet<&String> = stored
+        .chain(running.keys())
+        .filter(|name| registry.get(name).is_none())
+        .collect();
+    let unconfigured: Vec<Value> = names
+        .into_iter()
+        .take(MAX_UNCONFIGURED_LISTED)
+        .map(|name| {
+            let mut entry = json!({
+                "name": name,
+                "running": running.get(name).copied().unwrap_or(0),
+            });
+            if let Some((pending, failed)) = &counts {
+                entry["pending"] = json!(count_of(pending, name));
+                entry["failed"] = json!(count_of(failed, name));
+            }
+            entry
+        })
+        .collect();
+    axum::Json(json!({ "handlers": list, "unconfigured": unconfigured })).into_response()
 }
 
 async fn forwarder_list(State(state): State<AppState>) -> Response {
