@@ -541,32 +541,30 @@ impl Dispatcher {
     /// Replaces the handlers (configuration reload). Deliveries already running finish with the
     /// handler they started with.
     pub fn replace_registry(&self, registry: Registry) {
+        let registry = Arc::new(registry);
         let old = std::mem::replace(
             &mut *self.registry.write().unwrap_or_else(|p| p.into_inner()),
-            Arc::new(registry),
+            Arc::clone(&registry),
         );
-        {
-            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-            retired.extend(
-                old.handlers
-                    .iter()
-                    .filter(|(_, h)| h.running() > 0)
-                    .map(|(name, h)| (name.clone(), Arc::clone(&h.running))),
-            );
-        }
-        // A name configured again is shown by its new handler: its old count is dropped here.
-        drop(self.running_unconfigured());
+        let removed = |name: &String| registry.get(name).is_none();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        // A name configured again is shown by its new handler: its old count is dropped.
+        retired.retain(|(name, _)| removed(name));
+        retired.extend(
+            old.handlers
+                .iter()
+                .filter(|(name, h)| removed(name) && h.running() > 0)
+                .map(|(name, h)| (name.clone(), Arc::clone(&h.running))),
+        );
+        drop(retired);
         self.due_may_have_moved();
     }
 
     /// Deliveries running now, by handler, of handlers a reload removed (they finish with the
     /// handler they started with). Forgets the handlers none of whose deliveries runs any more.
     pub fn running_unconfigured(&self) -> BTreeMap<String, usize> {
-        let registry = self.registry();
         let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        retired.retain(|(name, running)| {
-            running.load(Ordering::Relaxed) > 0 && registry.get(name).is_none()
-        });
+        retired.retain(|(_, running)| running.load(Ordering::Relaxed) > 0);
         let mut running = BTreeMap::new();
         for (name, count) in retired.iter() {
             *running.entry(name.clone()).or_insert(0) += count.load(Ordering::Relaxed);
@@ -2115,6 +2113,53 @@ mod tests {
             handler,
             QuarantineConfig::default(),
         ))
+    }
+
+    /// A handler a reload removed while deliveries of its ran is counted running under its name
+    /// until they end; configured again, it is shown by its new handler alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn running_deliveries_of_a_removed_handler_are_counted_until_they_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn EventStore> = counting_claims(dir.path());
+        let handler =
+            |name: &'static str| handler_named(name, "log-context", RetryPolicy::default());
+        let (a, b) = (handler("a").await, handler("b").await);
+        a.running.fetch_add(2, Ordering::Relaxed);
+        b.running.fetch_add(1, Ordering::Relaxed);
+        let dispatcher = Dispatcher::new(
+            store,
+            Registry::new([Arc::clone(&a), Arc::clone(&b)]),
+            Arc::new(Metrics::new()),
+            8,
+        );
+        assert!(dispatcher.running_unconfigured().is_empty());
+        // `a` removed, `b` kept: only `a`'s are apart.
+        dispatcher.replace_registry(Registry::new([Arc::clone(&b)]));
+        assert_eq!(
+            dispatcher.running_unconfigured(),
+            BTreeMap::from([("a".to_owned(), 2)])
+        );
+        a.running.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(
+            dispatcher.running_unconfigured(),
+            BTreeMap::from([("a".to_owned(), 1)])
+        );
+        // Configured again: its new handler shows its own; removed once more, the old count is
+        // not brought back.
+        let again = handler("a").await;
+        dispatcher.replace_registry(Registry::new([Arc::clone(&again), Arc::clone(&b)]));
+        assert!(dispatcher.running_unconfigured().is_empty());
+        dispatcher.replace_registry(Registry::new([Arc::clone(&b)]));
+        assert!(dispatcher.running_unconfigured().is_empty());
+        // Ended: forgotten.
+        dispatcher.replace_registry(Registry::default());
+        assert_eq!(
+            dispatcher.running_unconfigured(),
+            BTreeMap::from([("b".to_owned(), 1)])
+        );
+        b.running.fetch_sub(1, Ordering::Relaxed);
+        assert!(dispatcher.running_unconfigured().is_empty());
+        assert!(dispatcher.retired.lock().unwrap().is_empty());
     }
 
     /// A success frees its handler's place once its outcome is queued for the store, so the
