@@ -2028,16 +2028,23 @@ mod tests {
         assert!(e.message.contains("a property name is empty"), "{e:?}");
     }
 
+    /// A web.config registering handler "Hook" with these `<property>` lines, the first on line 3.
+    fn hook_web_config(properties: &str) -> String {
+        format!(
+            "<configuration><unity><container>\n\
+             <register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"A.B, A\" name=\"Hook\">\n\
+             {properties}\
+             </register></container></unity></configuration>"
+        )
+    }
+
     /// A registration giving `JobTypes` twice, in either format and in any case, is refused
     /// (in web.config naming it and the line of the second), instead of keeping one silently.
     #[test]
     fn job_types_given_twice_are_refused() {
-        let web = format!(
-            "<configuration><unity><container>\n\
-             <register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"A.B, A\" name=\"Hook\">\n\
-             <property name=\"JobTypes\" value=\"7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10\" />\n\
-             <property name=\"jobtypes\" value=\"A809CE1F-1EEA-4738-A38E-15708C89C981\" />\n\
-             </register></container></unity></configuration>"
+        let web = hook_web_config(
+            "<property name=\"JobTypes\" value=\"7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10\" />\n\
+             <property name=\"jobtypes\" value=\"A809CE1F-1EEA-4738-A38E-15708C89C981\" />\n",
         );
         let manifest = format!(
             "{{\n \"extensions\": {{\n  \"{MANIFEST_SECTION}\": {{\n   \"Hook\": {{ \
@@ -2056,11 +2063,8 @@ mod tests {
     /// whatever their case).
     #[test]
     fn job_types_in_another_case_is_refused_where_keyfactor_would_not_read_it() {
-        let web = format!(
-            "<configuration><unity><container>\n\
-             <register type=\"{UNITY_HANDLER_TYPE}\" mapTo=\"A.B, A\" name=\"Hook\">\n\
-             <property name=\"jobTypes\" value=\"7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10\" />\n\
-             </register></container></unity></configuration>"
+        let web = hook_web_config(
+            "<property name=\"jobTypes\" value=\"7B6BBC1B-0C54-4D2F-8C52-7C6A4E0D1C10\" />\n",
         );
         let e = read_registrations(&web, "web.config").unwrap_err();
         assert_eq!(e.line, Some(3), "{e:?}");

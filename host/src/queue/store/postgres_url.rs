@@ -393,7 +393,12 @@ mod tests {
                 "postgres://u@db/jobhook?tcp_user_timeout=0",
                 "sets tcp_user_timeout=0",
             ),
-            // Percent-encoded, and the last of two, as the client library reads them.
+            // Percent-encoded (the key, or the value), and the last of two, as the client
+            // library reads them.
+            (
+                "postgres://u@db/jobhook?keepalives=%30",
+                "sets keepalives=0",
+            ),
             (
                 "postgres://u@db/jobhook?connect_timeout=5&connect%5Ftimeout=0",
                 "sets connect_timeout=0",
