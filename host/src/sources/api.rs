@@ -727,8 +727,8 @@ async fn event(State(state): State<AppState>, Path(id): Path<String>) -> Respons
 }
 
 /// The answer when event `id` could not be read: the reason is logged, the client is told the
-/// cause in plain words and to retry (`503` while the store's condition lasts, `500` for
-/// anything else).
+/// cause in plain words and to retry unless the data is damaged ([`StoreError::retry_helps`]):
+/// `503` while the store's condition lasts, `500` for anything else.
 fn unreadable(id: Uuid, why: &StoreError) -> Response {
     READ_FAILURES.tell(|untold| {
         tracing::error!(
@@ -741,13 +741,17 @@ fn unreadable(id: Uuid, why: &StoreError) -> Response {
     } else {
         StatusCode::INTERNAL_SERVER_ERROR
     };
-    error(
-        status,
-        format!(
-            "the event could not be read: {}; retry later",
-            why.plain_cause()
-        ),
-    )
+    error(status, unreadable_message(why))
+}
+
+/// What [`unreadable`] tells the client.
+fn unreadable_message(why: &StoreError) -> String {
+    let retry = if why.retry_helps() {
+        "; retry later"
+    } else {
+        ""
+    };
+    format!("the event could not be read: {}{retry}", why.plain_cause())
 }
 
 /// Most entries `unconfigured` of `GET /v1/handlers` lists, the first by name: a store that
@@ -1026,6 +1030,29 @@ mod tests {
             ),
         ] {
             assert_eq!(unavailable(&e).1, said, "{e}");
+        }
+    }
+
+    /// A read is told to retry while the store's condition may pass, and not when its data is
+    /// damaged: no retry reads it until an operator has restored the store.
+    #[test]
+    fn an_event_the_store_could_not_read_is_answered_with_what_to_do() {
+        for (e, said) in [
+            (
+                StoreError::Unreachable("db:5432".into()),
+                "the event could not be read: the store's database cannot be reached; retry later",
+            ),
+            (
+                StoreError::Database("syntax".into()),
+                "the event could not be read: the store failed; retry later",
+            ),
+            (
+                StoreError::Corrupt("database disk image is malformed".into()),
+                "the event could not be read: the store's data is damaged (the engine's log says \
+                 what to do)",
+            ),
+        ] {
+            assert_eq!(unreadable_message(&e), said, "{e}");
         }
     }
 

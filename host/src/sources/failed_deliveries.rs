@@ -236,8 +236,9 @@ fn bad(message: String) -> Answer {
 }
 
 /// The answer when the store failed: why goes to the log (rate-limited), the client is told
-/// `what`, the cause in plain words and to retry — `503` while the store's condition lasts (a
-/// full disk, a read-only or unreachable store, no answer), `500` for anything else.
+/// `what`, the cause in plain words and to retry unless the data is damaged
+/// ([`StoreError::retry_helps`]) — `503` while the store's condition lasts (a full disk, a read-only
+/// or unreachable store, no answer), `500` for anything else.
 fn store_failed(what: String, why: &StoreError) -> Answer {
     FAILURES.tell(|untold| {
         tracing::error!(more_since_last_error = untold, "{what}: {why}");
@@ -248,9 +249,14 @@ fn store_failed(what: String, why: &StoreError) -> Answer {
         StatusCode::INTERNAL_SERVER_ERROR
     };
     let cause = why.plain_cause();
+    let retry = if why.retry_helps() {
+        "; retry later (the log has more)"
+    } else {
+        ""
+    };
     (
         status,
-        json!({ "error": format!("{what}: {cause}; retry later (the log has more)") }),
+        json!({ "error": format!("{what}: {cause}{retry}") }),
     )
 }
 
@@ -302,6 +308,21 @@ mod tests {
                 !error.contains("db.internal") && !error.contains("/var"),
                 "{error}"
             );
+            assert!(
+                error.ends_with("; retry later (the log has more)"),
+                "{error}"
+            );
         }
+        // Damaged data: no retry reads it until an operator has restored the store.
+        let (got, body) = store_failed(
+            "the failed deliveries could not be read".into(),
+            &StoreError::Corrupt("database disk image is malformed".into()),
+        );
+        assert_eq!(got, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            body["error"],
+            "the failed deliveries could not be read: the store's data is damaged (the engine's \
+             log says what to do)"
+        );
     }
 }

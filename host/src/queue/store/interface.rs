@@ -125,6 +125,14 @@ impl StoreError {
         }
     }
 
+    /// Whether a client whose read or request failed so is told to retry: not when the data is
+    /// damaged, which no retry mends until an operator has restored the store (the
+    /// [`plain_cause`](Self::plain_cause) says where to look). An event's sender is told to
+    /// retry whatever the cause: it keeps the event until the store takes it.
+    pub fn retry_helps(&self) -> bool {
+        !matches!(self, StoreError::Corrupt(_))
+    }
+
     /// The same failure again, for each of several calls it stopped (meant for
     /// [`is_transient`](Self::is_transient) errors, which are about the store, not about one
     /// call; any other error is repeated by its message).
