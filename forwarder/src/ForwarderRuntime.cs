@@ -29,7 +29,10 @@ namespace Jobhook.Forwarder
         public long Delivered;
         /// <summary>Events the engine answered 409 for (key reused with another body): logged, not resent.</summary>
         public long Conflicts;
-        /// <summary>Events the engine refused as invalid (moved to rejected/).</summary>
+        /// <summary>
+        /// Events the engine refused as invalid, and spool files found damaged (not the shape
+        /// this forwarder writes): moved to rejected/.
+        /// </summary>
         public long Rejected;
         /// <summary>Events dropped because an in-memory queue (its own, or the intake queue once this registration has a runtime) or the spool was full.</summary>
         public long Dropped;
@@ -657,13 +660,16 @@ namespace Jobhook.Forwarder
                       + " s and are lost (" + written + " written" + (why != null ? "; " + why : "") + ")");
         }
 
-        /// <summary>The counters, with the spool's drops added to the queue's.</summary>
+        /// <summary>The counters, with the spool's drops added to the queue's and its damaged files to the rejected.</summary>
         public ForwarderCounters Snapshot()
         {
             var snapshot = Counters.Snapshot();
             var current = spool;
             if (current != null)
+            {
                 snapshot.Dropped += Interlocked.Read(ref current.Dropped);
+                snapshot.Rejected += Interlocked.Read(ref current.Damaged);
+            }
             return snapshot;
         }
     }

@@ -238,6 +238,12 @@ namespace Jobhook.Forwarder
         public long Dropped;
 
         /// <summary>
+        /// Files of this forwarder's name that hold no event it can send (not UTF-8, another
+        /// header or layout, too big: damaged on disk, or not its own), set aside to rejected/.
+        /// </summary>
+        public long Damaged;
+
+        /// <summary>
         /// Failed writes (a full disk, a permission problem), reported at once and then at most
         /// once a minute: the writer tries again every second. Made at the first failure, so a
         /// spool that is only being opened registers nothing.
@@ -734,6 +740,7 @@ namespace Jobhook.Forwarder
                         Unreadable(name, reason);
                         continue;
                     default:
+                        Interlocked.Increment(ref Damaged);
                         Reject(name, reason);
                         continue;
                 }

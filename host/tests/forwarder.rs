@@ -89,6 +89,9 @@
 //!   recycle) is left alone when this one opens the spool; an old leftover is deleted.
 //! - (ar) an engine that fails every other request (a balancer with one dead node) costs a few
 //!   log lines that count the short outages, not two lines per event.
+//! - (av) damaged spool files under the forwarder's own names (empty, not UTF-8, another
+//!   header, a body cut short) are set aside to `rejected/` with their reasons, counted
+//!   rejected, and hold back none of the good events.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -2236,6 +2239,61 @@ async fn t_a_spool_that_cannot_be_written_is_reported_once_not_every_second() {
         "the return to health is logged:\n{log}"
     );
     assert_delivered_once(&site, &read_expected(&expected_path), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn av_damaged_spool_files_are_set_aside_counted_and_hold_back_nothing() {
+    const SENT: usize = 4;
+    const NOT_OURS: &str = "is not a spool file of this forwarder";
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    // Under names older than every event the run spools, so each is met first.
+    std::fs::create_dir_all(site.spool()).expect("spool directory");
+    let damaged: [(&[u8], &str); 4] = [
+        // A power cut that kept the name but not the data.
+        (b"", NOT_OURS),
+        (b"jobhook-forwarder-spool 1\n\xff\xfe\n{}\n", "is not UTF-8"),
+        (
+            b"some-other-tool 7\n0123456789abcdef0123456789abcdef\n{}\n",
+            NOT_OURS,
+        ),
+        // Cut short: the body line and its end are missing.
+        (
+            b"jobhook-forwarder-spool 1\n0123456789abcdef0123456789abcdef\n",
+            NOT_OURS,
+        ),
+    ];
+    let mut names = Vec::new();
+    for (i, (bytes, _)) in damaged.iter().enumerate() {
+        let name = format!("00000000000000000{i:02}-0000000001-{:032x}.evt", i + 1);
+        std::fs::write(site.spool().join(&name), bytes).expect("damaged file");
+        names.push(name);
+    }
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(build, "fx", &site, &engine.url, SENT, &expected_path, &[]);
+    let drained = harness.wait_for_line("drained", Duration::from_secs(60));
+    assert!(
+        drained.contains(&format!(
+            "delivered {SENT}, conflicts 0, rejected {},",
+            damaged.len()
+        )),
+        "every good event delivered, every damaged file counted rejected: {drained}"
+    );
+    let log = harness.wait_success_log("damaged spool files");
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert_eq!(rejected_files(&site), damaged.len(), "{log}");
+    for (name, (_, why)) in names.iter().zip(damaged.iter()) {
+        let reason_file = site.spool().join("rejected").join(format!("{name}.reason"));
+        let reason = std::fs::read_to_string(&reason_file)
+            .unwrap_or_else(|e| panic!("no reason for {name} ({e}); the log:\n{log}"));
+        assert!(reason.contains(why), "{name}: {reason}");
+        assert!(
+            log.contains(&format!("event {name} was rejected and moved to")),
+            "{name} is named in the log:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
