@@ -126,10 +126,10 @@ namespace Jobhook.Forwarder.Harness
 
         public void Debug(string message)
         {
-            // "spooled job <JobId> as event <key>"
+            // "spooled job <JobId> as event <key>", or "sent job …" for one sent from memory
             var parts = message.Split(' ');
             Guid jobId;
-            if (parts.Length != 6 || parts[0] != "spooled" || parts[1] != "job" || parts[3] != "as" || parts[4] != "event"
+            if (parts.Length != 6 || (parts[0] != "spooled" && parts[0] != "sent") || parts[1] != "job" || parts[3] != "as" || parts[4] != "event"
                 || !Guid.TryParse(parts[2], out jobId))
                 return;
             lock (gate)
@@ -528,11 +528,13 @@ namespace Jobhook.Forwarder.Harness
             var observer = Construct(options, null);
             var spoolDeadline = DateTime.UtcNow.AddSeconds(waitSeconds);
             // Every event was written (a full spool drops older files as newer ones are written,
-            // so this counts writes, not files); the harness never fills the in-memory queues.
-            while (observer.Counters.Spooled < count - refusedCount && DateTime.UtcNow < spoolDeadline)
+            // so this counts writes, not files), or sent from memory while the spool could not
+            // be written; the harness never fills the in-memory queues.
+            while (observer.Counters.Spooled + observer.Counters.SentFromMemory < count - refusedCount && DateTime.UtcNow < spoolDeadline)
                 Thread.Sleep(5);
             Console.WriteLine("spooled " + observer.Counters.Spooled + " after "
-                              + Ms((Stopwatch.GetTimestamp() - submittedAt) * 1000.0 / Stopwatch.Frequency) + " ms");
+                              + Ms((Stopwatch.GetTimestamp() - submittedAt) * 1000.0 / Stopwatch.Frequency) + " ms"
+                              + " (sent from memory " + observer.Counters.SentFromMemory + ")");
             Console.Out.Flush();
             if (holdOldestMs > 0)
                 HoldOldest(spoolDirectory, holdOldestMs);

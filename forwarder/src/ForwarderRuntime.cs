@@ -19,19 +19,26 @@ namespace Jobhook.Forwarder
         /// Events handed over by RunHandler and taken into this registration's queue, or dropped
         /// from the full intake queue on their way to it once it had a runtime (an event over
         /// the engine's limits is counted <see cref="TooLarge"/> instead). Each one is counted
-        /// once more, as <see cref="Spooled"/> or as <see cref="Dropped"/> from a queue, once it
-        /// has left memory.
+        /// once more, as <see cref="Spooled"/>, as <see cref="SentFromMemory"/> or as
+        /// <see cref="Dropped"/> from a queue, once it has left memory.
         /// </summary>
         public long Accepted;
         /// <summary>Events written to the spool (a full spool may drop them later: counted in <see cref="Dropped"/> too).</summary>
         public long Spooled;
+        /// <summary>
+        /// Events the spool could not take (a full disk) that the engine answered straight from
+        /// memory: counted in <see cref="Delivered"/>, <see cref="Conflicts"/> or
+        /// <see cref="Rejected"/> too, never in <see cref="Spooled"/>.
+        /// </summary>
+        public long SentFromMemory;
         /// <summary>Events the engine accepted (2xx).</summary>
         public long Delivered;
         /// <summary>Events the engine answered 409 for (key reused with another body): logged, not resent.</summary>
         public long Conflicts;
         /// <summary>
         /// Events the engine refused as invalid, and spool files found damaged (not the shape
-        /// this forwarder writes): moved to rejected/.
+        /// this forwarder writes): moved to rejected/ (with the events it refused that were
+        /// sent from memory, which no file holds).
         /// </summary>
         public long Rejected;
         /// <summary>Events dropped because an in-memory queue (its own, or the intake queue once this registration has a runtime) or the spool was full.</summary>
@@ -51,6 +58,7 @@ namespace Jobhook.Forwarder
             {
                 Accepted = Interlocked.Read(ref Accepted),
                 Spooled = Interlocked.Read(ref Spooled),
+                SentFromMemory = Interlocked.Read(ref SentFromMemory),
                 Delivered = Interlocked.Read(ref Delivered),
                 Conflicts = Interlocked.Read(ref Conflicts),
                 Rejected = Interlocked.Read(ref Rejected),
@@ -63,7 +71,7 @@ namespace Jobhook.Forwarder
         /// <summary>One line for logs.</summary>
         public override string ToString()
         {
-            return "accepted " + Accepted + ", spooled " + Spooled + ", delivered " + Delivered + ", conflicts " + Conflicts
+            return "accepted " + Accepted + ", spooled " + Spooled + ", sent from memory " + SentFromMemory + ", delivered " + Delivered + ", conflicts " + Conflicts
                    + ", rejected " + Rejected + ", dropped " + Dropped + ", too large " + TooLarge + ", retries " + Retries;
         }
     }
@@ -139,6 +147,19 @@ namespace Jobhook.Forwarder
         long lastWriterFailure;
         /// <summary>Failed starts of the writer thread (reported by Notices).</summary>
         readonly RateLimitedCount writerNotStarted;
+        /// <summary>
+        /// The sender, once the writer has started it: an event the spool cannot take is posted
+        /// through it from memory (<see cref="SendFromMemory"/>).
+        /// </summary>
+        volatile Sender sender;
+        /// <summary>
+        /// While the spool has not opened: a sender whose thread never runs (there is nothing
+        /// spooled to send), for posts from memory only (<see cref="SendWhileUnopened"/>).
+        /// Writer thread only.
+        /// </summary>
+        Sender unopenedSender;
+        /// <summary>Events sent from memory because the spool could not take them (reported by Notices).</summary>
+        readonly RateLimitedCount sentFromMemory;
 
         /// <summary>What happened so far.</summary>
         public readonly ForwarderCounters Counters = new ForwarderCounters();
@@ -164,6 +185,9 @@ namespace Jobhook.Forwarder
             queueFull = new RateLimitedCount(
                 "the in-memory queue of " + shownSpool + " was full (" + settings.MaxQueuedEvents + " events or "
                 + ForwarderSettings.MaxQueuedBytes / (1024 * 1024) + " MiB: the spool disk is too slow or failing); dropped the oldest event(s)", log);
+            sentFromMemory = new RateLimitedCount(
+                "the spool " + shownSpool + " could not be opened or written, so event(s) were sent to the engine straight from memory", log,
+                NoticeLevel.Info);
             writerNotStarted = new RateLimitedCount(
                 "the spool writer thread of " + shownSpool + " could not start; events wait in memory (tried again at the next event,"
                 + " at most once every " + ForwarderThreads.RetryInterval.TotalSeconds + " s)", log, true);
@@ -353,8 +377,26 @@ namespace Jobhook.Forwarder
                     // end Keyfactor's process, so it is caught all the same.
                     try { log.Error("opening the spool " + shownSpool + " failed: " + e); } catch { }
                 }
-                if (opened == null)
-                    Thread.Sleep(OpenRetryInterval);
+                if (opened != null)
+                    break;
+                var retryOpen = Stopwatch.GetTimestamp() + (long)(OpenRetryInterval.TotalSeconds * Stopwatch.Frequency);
+                try
+                {
+                    SendWhileUnopened(retryOpen);
+                }
+                catch (ThreadAbortException)
+                {
+                    throw; // the process or app domain is going away (iisreset): not an error
+                }
+                catch (Exception e)
+                {
+                    // Keep the writer alive whatever happens; the event stays queued.
+                    NotWritten();
+                    try { log.Error("spool writer: " + e); } catch { }
+                    var left = retryOpen - Stopwatch.GetTimestamp();
+                    if (left > 0)
+                        Thread.Sleep((int)Math.Min(int.MaxValue, left * 1000 / Stopwatch.Frequency + 1));
+                }
             }
             spool = opened;
             spoolOpen.Set();
@@ -381,7 +423,11 @@ namespace Jobhook.Forwarder
                                 return; // shutdown writes what is left (FlushForShutdown)
                             // Ending, its flush not begun yet: no sender now (nor a failure).
                             if (!ForwarderThreads.ProcessEnding)
-                                new Sender(settings, opened, Counters, log, spooled, engineOutages).Start();
+                            {
+                                var started = new Sender(settings, opened, Counters, log, spooled, engineOutages);
+                                started.Start();
+                                sender = started;
+                            }
                         }
                         senderStarted = true;
                     }
@@ -400,6 +446,8 @@ namespace Jobhook.Forwarder
                 {
                     bool idle = false, written = false;
                     QueuedEvent next = null;
+                    // Set from here until it has been sent from memory or put back (NotWritten).
+                    QueuedEvent unwritten = null;
                     lock (writeGate)
                     {
                         if (stopping)
@@ -414,7 +462,9 @@ namespace Jobhook.Forwarder
                         }
                         else
                         {
-                            NotWritten();
+                            // Still marked as being written: a full queue must not drop it
+                            // while it is sent from memory.
+                            unwritten = next;
                         }
                     }
                     if (idle)
@@ -430,7 +480,7 @@ namespace Jobhook.Forwarder
                         if (settings.DebugLog)
                             log.Debug("spooled job " + next.JobId.ToString("D") + " as event " + next.Key);
                     }
-                    else
+                    else if (!SendFromMemory(unwritten, sender))
                     {
                         Thread.Sleep(WriteRetryMilliseconds);
                     }
@@ -500,6 +550,137 @@ namespace Jobhook.Forwarder
         {
             lock (queueGate)
                 writing = null;
+        }
+
+        /// <summary>
+        /// Until `until` (Stopwatch ticks), while the spool cannot be opened (a SpoolDirectory
+        /// the App Pool identity may not write, a path on a missing drive): the events given
+        /// meanwhile are posted to the engine straight from memory, oldest first, as those a
+        /// failed write leaves (<see cref="SendFromMemory"/>), so an engine that is up has them
+        /// while the directory is fixed. One the engine does not take waits for the next try, a
+        /// second later, and the shutdown reports what is still in memory as lost, as before.
+        /// </summary>
+        void SendWhileUnopened(long until)
+        {
+            while (true)
+            {
+                long left = until - Stopwatch.GetTimestamp();
+                if (left <= 0)
+                    return;
+                int leftMs = (int)Math.Min(int.MaxValue, left * 1000 / Stopwatch.Frequency + 1);
+                // Once the shutdown has begun, only the next open attempt is of use (the flush
+                // waits for it): the wait until then stays whole.
+                var through = stopping ? null : UnopenedSender();
+                if (through == null)
+                {
+                    Thread.Sleep(leftMs);
+                    return;
+                }
+                QueuedEvent next;
+                lock (writeGate)
+                    next = stopping ? null : TakeHead();
+                if (next == null)
+                    queued.WaitOne(leftMs);
+                else if (!SendFromMemory(next, through))
+                    Thread.Sleep(Math.Min(WriteRetryMilliseconds, leftMs));
+            }
+        }
+
+        /// <summary>
+        /// <see cref="unopenedSender"/>, made at the first need; null without an EngineUrl, once
+        /// the process is ending (a first HTTP client made during the runtime's teardown can take
+        /// the process with it), or if it cannot be made (tried again at the next open attempt).
+        /// </summary>
+        Sender UnopenedSender()
+        {
+            if (unopenedSender != null || settings.JobCompleteUrl == null || ForwarderThreads.ProcessEnding)
+                return unopenedSender;
+            try
+            {
+                unopenedSender = Sender.ForPostsFromMemory(settings, Counters, log, engineOutages);
+            }
+            catch (Exception e)
+            {
+                try { log.Error("preparing to send events from memory failed: " + e); } catch { }
+            }
+            return unopenedSender;
+        }
+
+        /// <summary>
+        /// Posts an event the spool could not take (a full disk, a directory that refuses new
+        /// files) to the engine straight from memory, where the writer would otherwise only wait
+        /// to try the write again: with the engine up, a spool disk that stays full costs no
+        /// event, where the bounded queue would drop the oldest. The event stays at the head of
+        /// the queue, marked as being written, until the engine has answered: a full queue does
+        /// not drop it, and a shutdown meanwhile writes it to the spool as every other event.
+        /// Runs on the writer thread outside <see cref="writeGate"/>, since a post may take the
+        /// whole request timeout and the shutdown's flush must not wait for it. True when the
+        /// engine took the event (or refused it for good) and it has left memory; false when it
+        /// is back in the queue for the next write.
+        /// </summary>
+        bool SendFromMemory(QueuedEvent unsent, Sender through)
+        {
+            var verdict = Sender.Verdict.Retry;
+            string detail = null;
+            try
+            {
+                // Never once the process is ending: the shutdown writes the queue to the spool,
+                // and what it writes is sent at the next start.
+                if (through != null && !stopping && !ForwarderThreads.ProcessEnding)
+                    verdict = through.PostFromMemory(unsent.Key, unsent.Body, out detail);
+            }
+            finally
+            {
+                if (verdict == Sender.Verdict.Retry)
+                    lock (queueGate)
+                        if (ReferenceEquals(writing, unsent))
+                            writing = null;
+            }
+            if (verdict == Sender.Verdict.Retry)
+            {
+                if (detail != null)
+                    Interlocked.Increment(ref Counters.Retries);
+                return false;
+            }
+            bool ours;
+            lock (queueGate)
+            {
+                // Still the head unless the shutdown's flush wrote it to the spool meanwhile
+                // (counted spooled, sent again at the next start: the key makes that harmless).
+                ours = queue.First != null && ReferenceEquals(queue.First.Value, unsent);
+                if (ours)
+                {
+                    queue.RemoveFirst();
+                    queuedBytes -= unsent.Size;
+                }
+                if (ReferenceEquals(writing, unsent))
+                    writing = null;
+            }
+            if (ours)
+            {
+                Interlocked.Increment(ref Counters.SentFromMemory);
+                sentFromMemory.Add("event " + unsent.Key + " of job " + unsent.JobId.ToString("D"));
+            }
+            switch (verdict)
+            {
+                case Sender.Verdict.Delivered:
+                    Interlocked.Increment(ref Counters.Delivered);
+                    if (settings.DebugLog)
+                        log.Debug("sent job " + unsent.JobId.ToString("D") + " as event " + unsent.Key);
+                    break;
+                case Sender.Verdict.Conflict:
+                    Interlocked.Increment(ref Counters.Conflicts);
+                    log.Warn("the engine already holds a different event with key " + unsent.Key
+                             + " (409); this one, sent from memory, is not resent: " + detail);
+                    break;
+                default:
+                    // No rejected/ file: the spool takes no file now.
+                    Interlocked.Increment(ref Counters.Rejected);
+                    log.Warn("the engine refused event " + unsent.Key + " of job " + unsent.JobId.ToString("D")
+                             + ", sent from memory because the spool could not be written; it is not kept in rejected/: " + detail);
+                    break;
+            }
+            return true;
         }
 
         /// <summary>

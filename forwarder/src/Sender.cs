@@ -88,7 +88,8 @@ namespace Jobhook.Forwarder
         /// <summary>The header that names this forwarder, so the engine can show when it last delivered.</summary>
         public const string ForwarderNameHeader = "X-Jobhook-Forwarder";
 
-        enum Verdict { Delivered, Conflict, Rejected, Retry }
+        /// <summary>What the engine's answer to one POST means for the event.</summary>
+        internal enum Verdict { Delivered, Conflict, Rejected, Retry }
 
         readonly ForwarderSettings settings;
         readonly Spool spool;
@@ -121,6 +122,17 @@ namespace Jobhook.Forwarder
             this.log = log;
             this.wake = wake;
             shownUrl = LogText.Printable(settings.JobCompleteUrl == null ? "" : settings.JobCompleteUrl.ToString());
+        }
+
+        /// <summary>
+        /// A sender whose thread is never started, for <see cref="PostFromMemory"/> alone while
+        /// no spool is open. Throws if its HTTP client cannot be made.
+        /// </summary>
+        internal static Sender ForPostsFromMemory(ForwarderSettings settings, ForwarderCounters counters, IForwarderLog log, OutageNotice outages)
+        {
+            var sender = new Sender(settings, null, counters, log, null, outages);
+            sender.client = sender.CreateClient();
+            return sender;
         }
 
         /// <summary>Starts the sender's thread; throws if it cannot (the caller tries again later).</summary>
@@ -241,6 +253,18 @@ namespace Jobhook.Forwarder
                     Thread.Sleep(Backoff());
                 }
             }
+        }
+
+        /// <summary>
+        /// Posts an event the spool could not take, on the caller's thread (the spool writer's):
+        /// the same request and the same reading of the answer as for a spooled event, and none
+        /// of this thread's state (its back-off and its outage lines are the spool's events').
+        /// `detail` is for the log, bounded and printable.
+        /// </summary>
+        internal Verdict PostFromMemory(string key, string body, out string detail)
+        {
+            string reason;
+            return Post(new SpooledEvent { Key = key, Body = body }, out detail, out reason);
         }
 
         /// <summary>

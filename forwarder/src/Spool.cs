@@ -440,7 +440,7 @@ namespace Jobhook.Forwarder
             }
             // Counted only: the count below reports the failures, with their exception.
             writeOutages.Failed(null);
-            Notice(ref writeFailures, "cannot write to the spool " + directory + " (the event waits in memory; tried again every second)")
+            Notice(ref writeFailures, "cannot write to the spool " + directory + " (the event waits in memory, sent to the engine from there meanwhile; the write is tried again every second)")
                 .Add(e.GetType().Name + ": " + e.Message);
         }
 

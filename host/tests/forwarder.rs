@@ -89,9 +89,13 @@
 //!   recycle) is left alone when this one opens the spool; an old leftover is deleted.
 //! - (ar) an engine that fails every other request (a balancer with one dead node) costs a few
 //!   log lines that count the short outages, not two lines per event.
+//! - (au) a spool that cannot be written (a full disk) while the engine is up costs no event:
+//!   each is sent to the engine straight from memory, counted so, and the log says so.
 //! - (av) damaged spool files under the forwarder's own names (empty, not UTF-8, another
 //!   header, a body cut short) are set aside to `rejected/` with their reasons, counted
 //!   rejected, and hold back none of the good events.
+//! - (aw) a spool directory that cannot be made (a SpoolDirectory the process may not write)
+//!   costs no event while the engine is up: each is sent from memory.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -2242,6 +2246,101 @@ async fn t_a_spool_that_cannot_be_written_is_reported_once_not_every_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn au_a_spool_that_cannot_be_written_sends_from_memory_to_a_running_engine() {
+    const SENT: usize = 20;
+    const FIRST: usize = 2;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let resume = site.path("resume");
+    let resume_arg = resume.to_string_lossy().into_owned();
+    let first = FIRST.to_string();
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--pause-after", &first, "--resume-file", &resume_arg],
+    );
+    harness.wait_for_line("paused", Duration::from_secs(60));
+    // The first events are delivered and their files deleted: the spool is open, and empty.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spool_files(&site) > 0 || site.stored_events().len() < FIRST {
+        harness.assert_running("while the first events are delivered");
+        assert!(
+            Instant::now() < deadline,
+            "the first events were not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // As a full disk does: no file can be made in the spool directory, and it stays so.
+    let lock = Immutable::new(site.spool());
+    std::fs::write(&resume, b"").expect("resume file");
+    let spooled = harness.wait_for_line("spooled", Duration::from_secs(60));
+    assert!(
+        spooled.ends_with(&format!("(sent from memory {})", SENT - FIRST)),
+        "every event after the lock is sent from memory: {spooled}"
+    );
+    let drained = harness.wait_for_line("drained", Duration::from_secs(60));
+    assert!(
+        drained.contains(&format!(
+            "spooled {FIRST}, sent from memory {}, delivered {SENT},",
+            SENT - FIRST
+        )),
+        "each event counted once, spooled or sent from memory: {drained}"
+    );
+    let log = harness.wait_success_log("a spool that cannot be written");
+    drop(lock);
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    assert_eq!(spool_files(&site), 0, "nothing was written meanwhile");
+    for said in [
+        "cannot write to the spool",
+        "sent to the engine straight from memory",
+    ] {
+        assert!(log.contains(said), "the log says {said:?}:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aw_a_spool_that_cannot_open_sends_from_memory_to_a_running_engine() {
+    const SENT: usize = 10;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    // Under a regular file: it can never be made, even as root.
+    let broken = spool_that_cannot_open(&site);
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        SENT,
+        &expected_path,
+        &["--spool", &broken],
+    );
+    let spooled = harness.wait_for_line("spooled", Duration::from_secs(60));
+    assert!(
+        spooled.starts_with("spooled 0 ")
+            && spooled.ends_with(&format!("(sent from memory {SENT})")),
+        "every event is sent from memory: {spooled}"
+    );
+    // Counted once the engine had it.
+    assert_delivered_once(&site, &read_expected(&expected_path), None);
+    let log = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+    harness.kill();
+    assert!(
+        log.contains("sent to the engine straight from memory"),
+        "the log says so:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn av_damaged_spool_files_are_set_aside_counted_and_hold_back_nothing() {
     const SENT: usize = 4;
     const NOT_OURS: &str = "is not a spool file of this forwarder";
@@ -2718,7 +2817,7 @@ async fn y_a_thread_that_cannot_start_is_started_again_later() {
             continue;
         }
         if !out.contains(&format!(
-            "accepted {SENT}, spooled {SENT}, delivered {SENT},"
+            "accepted {SENT}, spooled {SENT}, sent from memory 0, delivered {SENT},"
         )) {
             problems.push(format!(
                 "{what}: not every event was delivered: {out}\n{tail}"
@@ -3483,7 +3582,8 @@ async fn ai_an_event_dropped_while_its_delivery_is_under_way_is_counted_once() {
     let arrived: Vec<Expected> = expected.into_iter().filter(|e| e.key != second).collect();
     assert_delivered_once(&site, &arrived, None);
     assert!(
-        drained.contains("accepted 3, spooled 3, delivered 2,") && drained.contains(" dropped 1,"),
+        drained.contains("accepted 3, spooled 3, sent from memory 0, delivered 2,")
+            && drained.contains(" dropped 1,"),
         "two events were delivered and one dropped, each counted once: {drained}"
     );
 }
