@@ -330,7 +330,8 @@ namespace Jobhook.Forwarder
             catch (Exception e)
             {
                 spool.log.Error("cannot use the spool directory " + directory + ": " + e.Message
-                                + "; events cannot be forwarded until it is writable by the app pool identity");
+                                + "; until it is writable by the app pool identity (tried again every minute), events are sent to the engine"
+                                + " straight from memory, and those the engine has not taken are lost when the process ends");
                 return null;
             }
             if (spool.files.Count > 0)
