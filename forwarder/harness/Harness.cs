@@ -43,10 +43,12 @@
 //     N", lets the sink go, waits until it was given the line(s) counting the lines dropped
 //     meanwhile, and prints "log detail=<detail lines the sink was given> dropped=<the sum of
 //     those counts> reports=<such lines>")
-//   harness.exe overflow --url U --spool DIR --count N [--threads K] (hands over N contexts from
-//     K threads to one registration, its engine down and --max-queued-events small, so that its
-//     in-memory queue overflows while the spool writer writes; waits until nothing is left in
-//     memory and prints "overflow accepted=A spooled=S dropped=D files=F": the registration's
+//   harness.exe overflow --url U --spool DIR --count N [--threads K] [--pause-file F] (hands over
+//     N contexts from K threads to one registration, --max-queued-events small, so that its
+//     in-memory queue overflows while the spool writer writes (or, the spool unwritable, sends
+//     from memory); with --pause-file, prints "opened" once the spool is open and waits for F to
+//     exist before the first context. Waits until nothing is left in memory and prints "overflow
+//     accepted=A spooled=S sent_from_memory=M delivered=V dropped=D files=F": the registration's
 //     counters and the event files in its spool)
 //   harness.exe settings --url U --spool DIR (parses hostile values of each setting with
 //     ForwarderSettings.Parse and prints one line per case: "case NAME: spool=... url=...
@@ -943,6 +945,14 @@ namespace Jobhook.Forwarder.Harness
             var deadline = DateTime.UtcNow.AddSeconds(30);
             while (forwarder.PendingEvents < 0 && DateTime.UtcNow < deadline)
                 Thread.Sleep(10);
+            var pauseFile = Get(opts, "pause-file", null);
+            if (pauseFile != null)
+            {
+                Console.WriteLine("opened");
+                Console.Out.Flush();
+                while (!File.Exists(pauseFile))
+                    Thread.Sleep(10);
+            }
             var failures = new List<string>();
             int next = -1;
             var workers = new Thread[threads];
@@ -963,8 +973,8 @@ namespace Jobhook.Forwarder.Harness
             }
             foreach (var worker in workers)
                 worker.Join();
-            // Nothing is delivered (no engine): once every event has left memory, what is
-            // pending is what the spool holds.
+            // Once every event has left memory, what is pending is what the spool holds (nothing
+            // is delivered from it: no engine, or a spool that takes no file).
             deadline = DateTime.UtcNow.AddSeconds(60);
             bool settled = false;
             while (!settled && DateTime.UtcNow < deadline)
@@ -976,8 +986,9 @@ namespace Jobhook.Forwarder.Harness
                 failures.Add("events were still in memory after 60 s: " + forwarder.PendingEvents + " pending, "
                              + EventFiles(spoolDirectory).Length + " event file(s)");
             var counters = forwarder.Counters;
-            Console.WriteLine("overflow accepted=" + counters.Accepted + " spooled=" + counters.Spooled + " dropped=" + counters.Dropped
-                              + " files=" + EventFiles(spoolDirectory).Length);
+            Console.WriteLine("overflow accepted=" + counters.Accepted + " spooled=" + counters.Spooled
+                              + " sent_from_memory=" + counters.SentFromMemory + " delivered=" + counters.Delivered
+                              + " dropped=" + counters.Dropped + " files=" + EventFiles(spoolDirectory).Length);
             Console.Out.Flush();
             foreach (var failure in failures)
                 Console.Error.WriteLine("harness: " + failure);

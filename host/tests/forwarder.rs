@@ -96,6 +96,9 @@
 //!   rejected, and hold back none of the good events.
 //! - (aw) a spool directory that cannot be made (a SpoolDirectory the process may not write)
 //!   costs no event while the engine is up: each is sent from memory.
+//! - (ax) a burst behind a small in-memory queue and a spool that cannot be written, the engine
+//!   up: every accepted event is counted once, sent from memory or dropped, and the engine
+//!   holds exactly those counted delivered.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -3872,6 +3875,69 @@ async fn am_every_accepted_event_is_counted_once_spooled_or_dropped() {
     assert_eq!(
         n["files"], n["spooled"],
         "the spool holds the events counted spooled: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ax_behind_a_spool_that_cannot_be_written_each_event_is_counted_once_sent_or_dropped() {
+    const SENT: u64 = 3000;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let sent = SENT.to_string();
+    let go = site.path("go");
+    let go_arg = go.to_string_lossy().into_owned();
+    let mut harness = Harness::start(
+        build,
+        "fx",
+        &site,
+        &site.engine_url(),
+        "overflow",
+        &[
+            "--count",
+            &sent,
+            "--threads",
+            "2",
+            "--max-queued-events",
+            "10",
+            "--pause-file",
+            &go_arg,
+        ],
+    );
+    harness.wait_for_line("opened", Duration::from_secs(60));
+    // As a full disk does: the spool takes no file from here on.
+    let lock = Immutable::new(site.spool());
+    std::fs::write(&go, b"").expect("go file");
+    let (status, out, log) = harness.finish(Duration::from_secs(120));
+    drop(lock);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("overflow "))
+        .unwrap_or_else(|| panic!("no counts ({status:?}): {out}\n{}", tail_of(&log, 4000)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {out}\n{}",
+        tail_of(&log, 4000)
+    );
+    let n = memory_line(line);
+    assert_eq!(n["accepted"], SENT, "{line}");
+    assert_eq!((n["spooled"], n["files"]), (0, 0), "{line}");
+    assert!(
+        n["dropped"] > 0 && n["sent_from_memory"] > 0,
+        "the queue overflowed while events were sent from memory: {line}"
+    );
+    assert_eq!(
+        n["sent_from_memory"] + n["dropped"],
+        n["accepted"],
+        "each accepted event is counted sent or dropped, once: {line}"
+    );
+    // Every context is valid: each event sent was delivered, and none counted dropped was.
+    assert_eq!(n["delivered"], n["sent_from_memory"], "{line}");
+    assert_eq!(
+        site.stored_events().len() as u64,
+        n["delivered"],
+        "the engine holds exactly the events counted delivered: {line}"
     );
 }
 
