@@ -257,15 +257,33 @@ namespace Jobhook.Forwarder
 
         /// <summary>
         /// Posts an event the spool could not take, on the caller's thread (the spool writer's):
-        /// the same request and the same reading of the answer as for a spooled event, and none
-        /// of this thread's state (its back-off and its outage lines are the spool's events').
+        /// the same request and the same reading of the answer as for a spooled event, without
+        /// this thread's back-off (the writer paces its tries). Its failures and its recovery
+        /// are logged through the runtime's one outage notice, as the sender's are: with
+        /// nothing spooled, the sender says nothing of an engine that refuses the events.
         /// `detail` is for the log, bounded and printable.
         /// </summary>
         internal Verdict PostFromMemory(string key, string body, out string detail)
         {
             string reason;
-            return Post(new SpooledEvent { Key = key, Body = body }, out detail, out reason);
+            var verdict = Post(new SpooledEvent { Key = key, Body = body }, out detail, out reason);
+            if (verdict == Verdict.Retry)
+            {
+                fromMemoryFailures++;
+                var shown = detail;
+                outages.Failed(inRow => "cannot deliver to " + shownUrl + " from memory (" + inRow + " failure(s) in a row; the spool "
+                                        + "cannot be written, so the event waits in memory): " + shown);
+            }
+            else if (fromMemoryFailures > 0)
+            {
+                fromMemoryFailures = 0;
+                outages.Recovered(failures => "delivering to " + shownUrl + " again after " + failures + " failure(s)");
+            }
+            return verdict;
         }
+
+        /// <summary>Posts from memory that failed in a row (<see cref="PostFromMemory"/>: the spool writer's thread only).</summary>
+        long fromMemoryFailures;
 
         /// <summary>
         /// Posts one event: the verdict, `detail` for the log (bounded) and `reason` for a

@@ -95,7 +95,8 @@
 //!   header, a body cut short) are set aside to `rejected/` with their reasons, counted
 //!   rejected, and hold back none of the good events.
 //! - (aw) a spool directory that cannot be made (a SpoolDirectory the process may not write)
-//!   costs no event while the engine is up: each is sent from memory.
+//!   costs no event once the engine is up: each is sent from memory; the engine down
+//!   meanwhile is logged, and its return.
 //! - (ax) a burst behind a small in-memory queue and a spool that cannot be written, the engine
 //!   up: every accepted event is counted once, sent from memory or dropped, and the engine
 //!   holds exactly those counted delivered.
@@ -2314,7 +2315,6 @@ async fn aw_a_spool_that_cannot_open_sends_from_memory_to_a_running_engine() {
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let _engine = site.start_engine();
     let expected_path = site.path("expected.tsv");
     // Under a regular file: it can never be made, even as root.
     let broken = spool_that_cannot_open(&site);
@@ -2327,6 +2327,10 @@ async fn aw_a_spool_that_cannot_open_sends_from_memory_to_a_running_engine() {
         &expected_path,
         &["--spool", &broken],
     );
+    // The engine is down at first: with nothing spooled, the sends from memory say so (the
+    // sender has nothing to send and nothing to say).
+    wait_for_log(&mut harness, "from memory (1 failure(s) in a row");
+    let _engine = site.start_engine();
     let spooled = harness.wait_for_line("spooled", Duration::from_secs(60));
     assert!(
         spooled.starts_with("spooled 0 ")
@@ -2338,6 +2342,7 @@ async fn aw_a_spool_that_cannot_open_sends_from_memory_to_a_running_engine() {
     // Said by the forwarder's background threads, a moment later at most.
     wait_for_log(&mut harness, "cannot use the spool directory");
     wait_for_log(&mut harness, "sent to the engine straight from memory");
+    wait_for_log(&mut harness, "again after ");
     harness.kill();
 }
 
