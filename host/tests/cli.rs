@@ -78,6 +78,25 @@ fn write_temp(name: &str, contents: &[u8]) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// `--version` names the handler contract versions this engine runs; `-V` stays one line.
+#[test]
+fn version_names_the_contract_versions_it_runs() {
+    let out = jobhook(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    let long = text(&out.stdout);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        long,
+        format!(
+            "jobhook {version}\nhandler contract: jobhook:handler {}\n",
+            jobhook::runtime::loader::supported_versions()
+        )
+    );
+    assert!(long.contains(" 0.1.0 or "), "{long}");
+    let short = jobhook(&["-V"]);
+    assert_eq!(text(&short.stdout), format!("jobhook {version}\n"));
+}
+
 #[test]
 fn run_succeeds_with_exit_0() {
     let out = jobhook(&[

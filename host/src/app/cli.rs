@@ -22,9 +22,21 @@ use crate::runtime::loader::{self, Inspection};
 use crate::runtime::sandbox::SandboxedHandler;
 use crate::runtime::state::{Delivery, SandboxSpec};
 
+/// `--version`'s long form: the engine's version and the handler contract versions it runs, so
+/// that a handler author or an operator can tell whether a component built against a version of
+/// the WIT contract runs on this engine without loading it.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}\nhandler contract: {} {}",
+        env!("CARGO_PKG_VERSION"),
+        loader::WIT_PACKAGE,
+        loader::supported_versions()
+    )
+});
+
 /// Runs Keyfactor Command job complete handlers as sandboxed WebAssembly components.
 #[derive(Debug, Parser)]
-#[command(name = "jobhook", version, about, long_about = None)]
+#[command(name = "jobhook", version, long_version = LONG_VERSION.as_str(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
