@@ -3834,39 +3834,48 @@ async fn al_a_long_answer_is_logged_short_and_a_redirect_with_where_it_points() 
 /// 10 events): the full queue drops the oldest, but never the event being written, so that
 /// every accepted event is counted once, spooled or dropped, and the spool holds exactly those
 /// counted spooled.
+/// The harness's `overflow` mode: `count` events handed over from two threads to a registration
+/// whose in-memory queue holds 10.
+fn start_overflow(build: &Path, site: &Site, count: u64, extra: &[&str]) -> Harness {
+    let count = count.to_string();
+    let mut args = vec![
+        "--count",
+        &count,
+        "--threads",
+        "2",
+        "--max-queued-events",
+        "10",
+    ];
+    args.extend_from_slice(extra);
+    Harness::start(build, "fx", site, &site.engine_url(), "overflow", &args)
+}
+
+/// Waits for `overflow` to end: its counts line and the counts in it, or a panic with its
+/// output and log if it printed none or failed.
+fn overflow_counts(harness: Harness) -> (String, HashMap<String, u64>) {
+    let (status, out, log) = harness.finish(Duration::from_secs(120));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("overflow "))
+        .unwrap_or_else(|| panic!("no counts ({status:?}): {out}\n{}", tail_of(&log, 4000)))
+        .to_owned();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {out}\n{}",
+        tail_of(&log, 4000)
+    );
+    let counts = memory_line(&line);
+    (line, counts)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn am_every_accepted_event_is_counted_once_spooled_or_dropped() {
     const SENT: u64 = 9000;
     let Some((build, _serial, site)) = begin().await else {
         return;
     };
-    let sent = SENT.to_string();
-    let harness = Harness::start(
-        build,
-        "fx",
-        &site,
-        &site.engine_url(),
-        "overflow",
-        &[
-            "--count",
-            &sent,
-            "--threads",
-            "2",
-            "--max-queued-events",
-            "10",
-        ],
-    );
-    let (status, out, log) = harness.finish(Duration::from_secs(120));
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("overflow "))
-        .unwrap_or_else(|| panic!("no counts ({status:?}): {out}\n{}", tail_of(&log, 4000)));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}: {out}\n{}",
-        tail_of(&log, 4000)
-    );
-    let n = memory_line(line);
+    let harness = start_overflow(build, &site, SENT, &[]);
+    let (line, n) = overflow_counts(harness);
     assert_eq!(n["accepted"], SENT, "{line}");
     assert!(
         n["dropped"] > 0 && n["spooled"] > 0,
@@ -3890,42 +3899,15 @@ async fn ax_behind_a_spool_that_cannot_be_written_each_event_is_counted_once_sen
         return;
     };
     let _engine = site.start_engine();
-    let sent = SENT.to_string();
     let go = site.path("go");
     let go_arg = go.to_string_lossy().into_owned();
-    let mut harness = Harness::start(
-        build,
-        "fx",
-        &site,
-        &site.engine_url(),
-        "overflow",
-        &[
-            "--count",
-            &sent,
-            "--threads",
-            "2",
-            "--max-queued-events",
-            "10",
-            "--pause-file",
-            &go_arg,
-        ],
-    );
+    let mut harness = start_overflow(build, &site, SENT, &["--pause-file", &go_arg]);
     harness.wait_for_line("opened", Duration::from_secs(60));
     // As a full disk does: the spool takes no file from here on.
     let lock = Immutable::new(site.spool());
     std::fs::write(&go, b"").expect("go file");
-    let (status, out, log) = harness.finish(Duration::from_secs(120));
+    let (line, n) = overflow_counts(harness);
     drop(lock);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("overflow "))
-        .unwrap_or_else(|| panic!("no counts ({status:?}): {out}\n{}", tail_of(&log, 4000)));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{status:?}: {out}\n{}",
-        tail_of(&log, 4000)
-    );
-    let n = memory_line(line);
     assert_eq!(n["accepted"], SENT, "{line}");
     assert_eq!((n["spooled"], n["files"]), (0, 0), "{line}");
     assert!(
