@@ -661,12 +661,13 @@ namespace Jobhook.Forwarder
                 Interlocked.Increment(ref Counters.SentFromMemory);
                 sentFromMemory.Add("event " + unsent.Key + " of job " + unsent.JobId.ToString("D"));
             }
+            // Whatever the engine's answer, as a spooled event's line is written whatever follows.
+            if (settings.DebugLog)
+                log.Debug("sent job " + unsent.JobId.ToString("D") + " as event " + unsent.Key);
             switch (verdict)
             {
                 case Sender.Verdict.Delivered:
                     Interlocked.Increment(ref Counters.Delivered);
-                    if (settings.DebugLog)
-                        log.Debug("sent job " + unsent.JobId.ToString("D") + " as event " + unsent.Key);
                     break;
                 case Sender.Verdict.Conflict:
                     Interlocked.Increment(ref Counters.Conflicts);

@@ -100,6 +100,8 @@
 //! - (ax) a burst behind a small in-memory queue and a spool that cannot be written, the engine
 //!   up: every accepted event is counted once, sent from memory or dropped, and the engine
 //!   holds exactly those counted delivered.
+//! - (ay) an event the engine refuses when it is sent from memory is logged as refused and not
+//!   kept (no file can be made), and holds back none of the others.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -2343,6 +2345,54 @@ async fn aw_a_spool_that_cannot_open_sends_from_memory_to_a_running_engine() {
     wait_for_log(&mut harness, "cannot use the spool directory");
     wait_for_log(&mut harness, "sent to the engine straight from memory");
     wait_for_log(&mut harness, "again after ");
+    harness.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ay_an_event_the_engine_refuses_from_memory_is_said_and_holds_back_nothing() {
+    const SENT: usize = 9;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let site = site.with_small_body_limit();
+    let engine = site.start_engine();
+    let expected_path = site.path("expected.tsv");
+    let broken = spool_that_cannot_open(&site);
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &engine.url,
+        SENT,
+        &expected_path,
+        &["--spool", &broken, "--invalid-every", "3"],
+    );
+    let spooled = harness.wait_for_line("spooled", Duration::from_secs(60));
+    assert!(
+        spooled.ends_with(&format!("(sent from memory {SENT})")),
+        "every event is sent from memory, the refused ones too: {spooled}"
+    );
+    let (invalid, valid): (Vec<Expected>, Vec<Expected>) = read_expected(&expected_path)
+        .into_iter()
+        .partition(|e| e.invalid);
+    assert_eq!(invalid.len(), 3);
+    assert_delivered_once(&site, &valid, None);
+    // Said by the log thread, a moment after each answer.
+    const REFUSED: &str = "it is not kept in rejected/";
+    let said = |log: &str, key: &str| log.lines().any(|l| l.contains(REFUSED) && l.contains(key));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(harness.log_path()).unwrap_or_default();
+        if invalid.iter().all(|e| said(&log, &e.key)) {
+            break;
+        }
+        harness.assert_running("while the refusals are logged");
+        assert!(
+            Instant::now() < deadline,
+            "each refused event is said to be refused:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     harness.kill();
 }
 
