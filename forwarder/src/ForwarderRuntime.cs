@@ -633,8 +633,19 @@ namespace Jobhook.Forwarder
             {
                 if (verdict == Sender.Verdict.Retry)
                     lock (queueGate)
+                    {
                         if (ReferenceEquals(writing, unsent))
                             writing = null;
+                        // Posted and not taken: behind the others, so one event that something
+                        // keeps refusing (a proxy's limit) holds none of them in memory, as the
+                        // sender lets the next spooled event go first. Its write to the spool
+                        // comes after theirs too.
+                        if (detail != null && queue.Count > 1 && ReferenceEquals(queue.First.Value, unsent) && !stopping)
+                        {
+                            queue.RemoveFirst();
+                            queue.AddLast(unsent);
+                        }
+                    }
             }
             if (verdict == Sender.Verdict.Retry)
             {

@@ -102,6 +102,8 @@
 //!   holds exactly those counted delivered.
 //! - (ay) an event the engine refuses when it is sent from memory is logged as refused and not
 //!   kept (no file can be made), and holds back none of the others.
+//! - (az) an event something keeps failing (a proxy's HTML 413) while the spool cannot be
+//!   written holds none of those behind it in memory: they are sent from memory around it.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -2393,6 +2395,69 @@ async fn ay_an_event_the_engine_refuses_from_memory_is_said_and_holds_back_nothi
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    harness.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn az_an_event_that_keeps_failing_from_memory_holds_none_behind_it() {
+    const SENT: usize = 8;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let poisoned = Arc::new(Mutex::new(None));
+    let standin = Standin::poisoning_the_first(site.engine_url(), poisoned.clone()).await;
+    let expected_path = site.path("expected.tsv");
+    let broken = spool_that_cannot_open(&site);
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &standin.url,
+        SENT,
+        &expected_path,
+        &["--spool", &broken, "--threads", "1"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while site.stored_events().len() < SENT - 1 {
+        harness.assert_running("while the events behind the failing one are sent");
+        assert!(
+            Instant::now() < deadline,
+            "{} of the {} events behind the failing one were delivered within 30 s",
+            site.stored_events().len(),
+            SENT - 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let key = poisoned
+        .lock()
+        .expect("poisoned key")
+        .clone()
+        .expect("a key was poisoned");
+    // It is still tried, a second apart, and still in memory.
+    let tries = || {
+        standin
+            .seen
+            .lock()
+            .expect("records")
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tries() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        tries() >= 2,
+        "the failing event is retried ({} tries)",
+        tries()
+    );
+    assert_eq!(
+        site.stored_events().len(),
+        SENT - 1,
+        "only the failing event is not delivered"
+    );
     harness.kill();
 }
 
