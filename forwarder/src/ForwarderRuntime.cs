@@ -1,7 +1,8 @@
 // What runs behind the handler: one per process and spool directory (Unity may build a handler
 // object per resolution, so nothing heavy lives in the handler). Two background threads (besides
 // the process-wide intake thread that feeds them, see Intake.cs):
-// - the spool writer turns queued events into spool files, one write and flush at a time;
+// - the spool writer turns queued events into spool files, one write and flush at a time (and,
+//   while the spool cannot take them, posts them to the engine itself, from memory);
 // - the sender posts spooled events to the engine, oldest first, retrying with exponential
 //   backoff and jitter, and deletes each file once the engine has it.
 
@@ -557,8 +558,9 @@ namespace Jobhook.Forwarder
         /// the App Pool identity may not write, a path on a missing drive): the events given
         /// meanwhile are posted to the engine straight from memory, oldest first, as those a
         /// failed write leaves (<see cref="SendFromMemory"/>), so an engine that is up has them
-        /// while the directory is fixed. One the engine does not take waits for the next try, a
-        /// second later, and the shutdown reports what is still in memory as lost, as before.
+        /// while the directory is fixed. One the engine does not take goes behind the others and
+        /// the next is tried a second later; the shutdown reports what is still in memory as
+        /// lost, as before.
         /// </summary>
         void SendWhileUnopened(long until)
         {
