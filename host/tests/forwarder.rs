@@ -2398,6 +2398,50 @@ async fn ay_an_event_the_engine_refuses_from_memory_is_said_and_holds_back_nothi
     harness.kill();
 }
 
+/// Waits until the engine holds every one of `sent` events but the one `standin` keeps failing
+/// (its key in `poisoned`), and until that one was tried again; panics saying which did not
+/// happen.
+async fn all_but_the_poisoned_arrive(
+    site: &Site,
+    standin: &Standin,
+    poisoned: &Mutex<Option<String>>,
+    sent: usize,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while site.stored_events().len() < sent - 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of the {} events behind the failing one were delivered within 30 s",
+            site.stored_events().len(),
+            sent - 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let key = poisoned
+        .lock()
+        .expect("poisoned key")
+        .clone()
+        .expect("a key was poisoned");
+    let tries = || {
+        standin
+            .seen
+            .lock()
+            .expect("records")
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tries() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        tries() >= 2,
+        "the failing event is retried ({} tries)",
+        tries()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn az_an_event_that_keeps_failing_from_memory_holds_none_behind_it() {
     const SENT: usize = 8;
@@ -2418,41 +2462,9 @@ async fn az_an_event_that_keeps_failing_from_memory_holds_none_behind_it() {
         &expected_path,
         &["--spool", &broken, "--threads", "1"],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while site.stored_events().len() < SENT - 1 {
-        harness.assert_running("while the events behind the failing one are sent");
-        assert!(
-            Instant::now() < deadline,
-            "{} of the {} events behind the failing one were delivered within 30 s",
-            site.stored_events().len(),
-            SENT - 1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let key = poisoned
-        .lock()
-        .expect("poisoned key")
-        .clone()
-        .expect("a key was poisoned");
     // It is still tried, a second apart, and still in memory.
-    let tries = || {
-        standin
-            .seen
-            .lock()
-            .expect("records")
-            .iter()
-            .filter(|(k, _)| *k == key)
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tries() < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        tries() >= 2,
-        "the failing event is retried ({} tries)",
-        tries()
-    );
+    all_but_the_poisoned_arrive(&site, &standin, &poisoned, SENT).await;
+    harness.assert_running("after the events behind the failing one were sent");
     assert_eq!(
         site.stored_events().len(),
         SENT - 1,
@@ -2650,40 +2662,8 @@ async fn w_an_event_that_keeps_failing_holds_none_behind_it() {
         "drain",
         &["--wait-seconds", "20"],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while site.stored_events().len() < SENT - 1 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of the {} events behind the failing one were delivered within 30 s",
-            site.stored_events().len(),
-            SENT - 1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let key = poisoned
-        .lock()
-        .expect("poisoned key")
-        .clone()
-        .expect("a key was poisoned");
-    let tries = || {
-        standin
-            .seen
-            .lock()
-            .expect("records")
-            .iter()
-            .filter(|(k, _)| *k == key)
-            .count()
-    };
     // Its next try comes after its own backoff (half to all of a second at first).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tries() < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        tries() >= 2,
-        "the failing event is retried ({} tries)",
-        tries()
-    );
+    all_but_the_poisoned_arrive(&site, &standin, &poisoned, SENT).await;
     // The last delivered file goes a moment after the engine stored its event.
     let deadline = Instant::now() + Duration::from_secs(10);
     while spool_files(&site) > 1 && Instant::now() < deadline {
