@@ -92,7 +92,7 @@
 //! - (au) a spool that cannot be written (a full disk) while the engine is up costs no event:
 //!   each is sent to the engine straight from memory, counted so, and the log says so.
 //! - (av) damaged spool files under the forwarder's own names (empty, not UTF-8, another
-//!   header, a body cut short) are set aside to `rejected/` with their reasons, counted
+//!   header, a body cut short, CRLF line ends, a key it never makes, over 256 KiB) are set aside to `rejected/` with their reasons, counted
 //!   rejected, and hold back none of the good events.
 //! - (aw) a spool directory that cannot be made (a SpoolDirectory the process may not write)
 //!   costs no event once the engine is up: each is sent from memory; the engine down
@@ -2482,7 +2482,10 @@ async fn av_damaged_spool_files_are_set_aside_counted_and_hold_back_nothing() {
     };
     // Under names older than every event the run spools, so each is met first.
     std::fs::create_dir_all(site.spool()).expect("spool directory");
-    let damaged: [(&[u8], &str); 4] = [
+    // Over the largest file the forwarder writes (256 KiB), with its header and key.
+    let mut oversized = b"jobhook-forwarder-spool 1\n0123456789abcdef0123456789abcdef\n".to_vec();
+    oversized.resize(256 * 1024 + 1, b'x');
+    let damaged: [(&[u8], &str); 7] = [
         // A power cut that kept the name but not the data.
         (b"", NOT_OURS),
         (b"jobhook-forwarder-spool 1\n\xff\xfe\n{}\n", "is not UTF-8"),
@@ -2495,6 +2498,17 @@ async fn av_damaged_spool_files_are_set_aside_counted_and_hold_back_nothing() {
             b"jobhook-forwarder-spool 1\n0123456789abcdef0123456789abcdef\n",
             NOT_OURS,
         ),
+        // Saved again by a Windows editor: CRLF line ends.
+        (
+            b"jobhook-forwarder-spool 1\r\n0123456789abcdef0123456789abcdef\r\n{}\r\n",
+            NOT_OURS,
+        ),
+        // A key the forwarder never makes (upper-case hex).
+        (
+            b"jobhook-forwarder-spool 1\n0123456789ABCDEF0123456789ABCDEF\n{}\n",
+            NOT_OURS,
+        ),
+        (&oversized, "no event is bigger than"),
     ];
     let mut names = Vec::new();
     for (i, (bytes, _)) in damaged.iter().enumerate() {
