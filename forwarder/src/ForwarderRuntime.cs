@@ -366,7 +366,7 @@ namespace Jobhook.Forwarder
             {
                 try
                 {
-                    opened = Spool.Open(settings.SpoolDirectory, settings.MaxSpoolFiles, settings.MaxSpoolBytes, log);
+                    opened = Spool.Open(settings.SpoolDirectory, settings.MaxSpoolFiles, settings.MaxSpoolBytes, log, settings.JobCompleteUrl != null);
                 }
                 catch (ThreadAbortException)
                 {

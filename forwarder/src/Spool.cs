@@ -280,9 +280,11 @@ namespace Jobhook.Forwarder
 
         /// <summary>
         /// Opens (creating it if needed) the spool directory and indexes the events left in it.
-        /// Returns null, with the reason logged, if the directory cannot be used.
+        /// Returns null, with the reason logged, if the directory cannot be used; `canSend` says
+        /// whether the events meanwhile go to an engine from memory (an EngineUrl is set), so
+        /// that line says what becomes of them.
         /// </summary>
-        public static Spool Open(string directory, long maxFiles, long maxBytes, IForwarderLog log)
+        public static Spool Open(string directory, long maxFiles, long maxBytes, IForwarderLog log, bool canSend = true)
         {
             var spool = new Spool(directory, maxFiles, maxBytes, log);
             try
@@ -330,8 +332,10 @@ namespace Jobhook.Forwarder
             catch (Exception e)
             {
                 spool.log.Error("cannot use the spool directory " + directory + ": " + e.Message
-                                + "; until it is writable by the app pool identity (tried again every minute), events are sent to the engine"
-                                + " straight from memory, and those the engine has not taken are lost when the process ends");
+                                + "; until it is writable by the app pool identity (tried again every minute), "
+                                + (canSend
+                                    ? "events are sent to the engine straight from memory, and those the engine has not taken are lost when the process ends"
+                                    : "events are held in memory only (no usable EngineUrl to send them to), up to the queue's bound, and are lost when the process ends"));
                 return null;
             }
             if (spool.files.Count > 0)

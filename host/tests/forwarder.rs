@@ -104,6 +104,11 @@
 //!   kept (no file can be made), and holds back none of the others.
 //! - (az) an event something keeps failing (a proxy's HTML 413) while the spool cannot be
 //!   written holds none of those behind it in memory: they are sent from memory around it.
+//! - (ba) a spool directory that cannot be made and no EngineUrl: the log says the events are
+//!   held in memory only, not that they are sent to the engine.
+//! - (bb, bc) an event whose key the engine already holds for another body (its 409), sent from
+//!   the spool and sent from memory: counted as a conflict, logged, never sent again, and the
+//!   others arrive.
 //!
 //! "Once" in (c) and (d) needs the engine to deduplicate by `Idempotency-Key`: there the engine
 //! really did commit a request whose answer the forwarder never saw, and the forwarder resends
@@ -1271,13 +1276,20 @@ impl Standin {
     /// proxy's HTML 413, as a gateway whose body limit that one event exceeds would, and passes
     /// every other request on: the key it picked is in `poisoned`.
     async fn poisoning_the_first(engine_url: String, poisoned: Arc<Mutex<Option<String>>>) -> Self {
-        Standin::start_with(engine_url, 0, Some(poisoned)).await
+        Standin::start_with(engine_url, 0, Some((poisoned, Pick::TooLarge))).await
+    }
+
+    /// A stand-in that, before passing on the first request it sees, posts the engine another
+    /// event under the same key (the same context with another JobId), so the engine answers
+    /// that request with its own 409: the key is in `picked`. Everything is passed on.
+    async fn conflicting_the_first(engine_url: String, picked: Arc<Mutex<Option<String>>>) -> Self {
+        Standin::start_with(engine_url, 0, Some((picked, Pick::Conflicting))).await
     }
 
     async fn start_with(
         engine_url: String,
         rounds: usize,
-        poisoned: Option<Arc<Mutex<Option<String>>>>,
+        picked: Option<(Arc<Mutex<Option<String>>>, Pick)>,
     ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -1292,7 +1304,7 @@ impl Standin {
             counter: Arc::new(AtomicUsize::new(0)),
             misbehaved: standin.misbehaved.clone(),
             seen: standin.seen.clone(),
-            poisoned,
+            picked,
         };
         tokio::spawn(async move {
             let client = reqwest::Client::new();
@@ -1343,8 +1355,17 @@ struct Shared {
     counter: Arc<AtomicUsize>,
     misbehaved: Arc<AtomicUsize>,
     seen: Seen,
-    /// The key of the event refused every time, once picked (see `Standin::poisoning_the_first`).
-    poisoned: Option<Arc<Mutex<Option<String>>>>,
+    /// The key of the first event seen, once picked, and what is done to it.
+    picked: Option<(Arc<Mutex<Option<String>>>, Pick)>,
+}
+
+/// What a stand-in does to the first event it sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// Every request for it is answered with a proxy's HTML 413 (`Standin::poisoning_the_first`).
+    TooLarge,
+    /// The engine is given another event under its key first (`Standin::conflicting_the_first`).
+    Conflicting,
 }
 
 async fn serve_connection(
@@ -1358,7 +1379,7 @@ async fn serve_connection(
         counter,
         misbehaved,
         seen,
-        poisoned,
+        picked,
     } = shared;
     let mut buffer = Vec::new();
     while let Some(request) = read_request(&mut socket, &mut buffer).await {
@@ -1366,10 +1387,24 @@ async fn serve_connection(
         if let Ok(mut seen) = seen.lock() {
             seen.push((key.clone(), request.body.clone()));
         }
-        let poison = poisoned.as_ref().is_some_and(|poisoned| {
-            let mut poisoned = poisoned.lock().expect("poisoned key");
-            poisoned.get_or_insert_with(|| key.clone()) == &key
+        // Whether this request is for the picked event, and whether it is its first.
+        let (this_one, first) = picked.as_ref().map_or((false, false), |(picked, _)| {
+            let mut picked = picked.lock().expect("picked key");
+            let first = picked.is_none();
+            (picked.get_or_insert_with(|| key.clone()) == &key, first)
         });
+        let pick = picked.as_ref().map(|(_, pick)| *pick);
+        let poison = this_one && pick == Some(Pick::TooLarge);
+        if this_one && first && pick == Some(Pick::Conflicting) {
+            let (status, answer) =
+                forward(&client, &engine_url, &with_another_job_id(&request)).await;
+            assert_eq!(
+                status,
+                202,
+                "the engine took the event forged under the key: {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
         let n = counter.fetch_add(1, Ordering::SeqCst);
         let behaviour = if poison {
             Behaviour::ProxyTooLarge
@@ -1508,6 +1543,27 @@ async fn forward(client: &reqwest::Client, engine_url: &str, request: &Request) 
             (status, body)
         }
         Err(_) => (502, b"{\"error\":\"engine unreachable\"}".to_vec()),
+    }
+}
+
+/// The JobId of the event a conflicting stand-in forges for the job `original`.
+fn forged_job_id(original: Uuid) -> Uuid {
+    Uuid::from_u128(original.as_u128() ^ 0xff)
+}
+
+/// The request with another JobId in its context ([`forged_job_id`]): another event under the
+/// same key.
+fn with_another_job_id(request: &Request) -> Request {
+    let mut context: serde_json::Value =
+        serde_json::from_slice(&request.body).expect("the forwarder sent JSON");
+    let original = context["JobId"]
+        .as_str()
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .expect("a context with a JobId");
+    context["JobId"] = serde_json::Value::String(forged_job_id(original).to_string());
+    Request {
+        headers: request.headers.clone(),
+        body: serde_json::to_vec(&context).expect("JSON"),
     }
 }
 
@@ -2351,6 +2407,33 @@ async fn aw_a_spool_that_cannot_open_sends_from_memory_to_a_running_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ba_a_spool_that_cannot_open_without_an_engine_url_says_events_stay_in_memory() {
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let expected_path = site.path("expected.tsv");
+    let broken = spool_that_cannot_open(&site);
+    // No EngineUrl: nothing can be sent, so the events wait in memory for the spool.
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        "",
+        3,
+        &expected_path,
+        &["--spool", &broken],
+    );
+    wait_for_log(&mut harness, "EngineUrl is not set");
+    wait_for_log(&mut harness, "are held in memory only (no usable EngineUrl");
+    let log = harness.log_text();
+    assert!(
+        !log.contains("sent to the engine straight from memory"),
+        "without an EngineUrl nothing is said to be sent:\n{log}"
+    );
+    harness.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ay_an_event_the_engine_refuses_from_memory_is_said_and_holds_back_nothing() {
     const SENT: usize = 9;
     let Some((build, _serial, site)) = begin().await else {
@@ -2440,6 +2523,114 @@ async fn all_but_the_poisoned_arrive(
         "the failing event is retried ({} tries)",
         tries()
     );
+}
+
+/// The picked key, how often the stand-in saw it, and the events the engine should hold: the
+/// expected ones, with the forged event in the place of the picked one (never stored).
+fn split_off_picked(
+    standin: &Standin,
+    picked: &Mutex<Option<String>>,
+    expected: Vec<Expected>,
+) -> (String, usize, Vec<Expected>) {
+    let key = picked
+        .lock()
+        .expect("picked key")
+        .clone()
+        .expect("a key was picked");
+    let tries = standin
+        .seen
+        .lock()
+        .expect("records")
+        .iter()
+        .filter(|(k, _)| *k == key)
+        .count();
+    let held = expected
+        .into_iter()
+        .map(|mut e| {
+            if e.key == key {
+                e.context.job_id = forged_job_id(e.context.job_id);
+            }
+            e
+        })
+        .collect();
+    (key, tries, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bb_a_spooled_event_the_engine_holds_under_another_body_is_not_resent() {
+    const SENT: usize = 5;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let picked = Arc::new(Mutex::new(None));
+    let standin = Standin::conflicting_the_first(site.engine_url(), picked.clone()).await;
+    let expected_path = site.path("expected.tsv");
+    let mut harness = Harness::run(build, "fx", &site, &standin.url, SENT, &expected_path, &[]);
+    let drained = harness.wait_for_line("drained", Duration::from_secs(60));
+    assert!(
+        drained.contains(&format!("delivered {}, conflicts 1,", SENT - 1)),
+        "one conflict, the others delivered: {drained}"
+    );
+    let log = harness.wait_success_log("a conflict");
+    let (key, tries, held) = split_off_picked(&standin, &picked, read_expected(&expected_path));
+    assert_eq!(tries, 1, "the conflicting event is not sent again");
+    assert_delivered_once(&site, &held, None);
+    assert!(
+        log.contains(&format!(
+            "different event with key {key} (409); this one is not resent"
+        )),
+        "the conflict is logged with its key:\n{log}"
+    );
+    assert_eq!(spool_files(&site), 0, "its file is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bc_an_event_sent_from_memory_the_engine_holds_under_another_body_is_not_resent() {
+    const SENT: usize = 5;
+    let Some((build, _serial, site)) = begin().await else {
+        return;
+    };
+    let _engine = site.start_engine();
+    let picked = Arc::new(Mutex::new(None));
+    let standin = Standin::conflicting_the_first(site.engine_url(), picked.clone()).await;
+    let expected_path = site.path("expected.tsv");
+    let broken = spool_that_cannot_open(&site);
+    let mut harness = Harness::run(
+        build,
+        "fx",
+        &site,
+        &standin.url,
+        SENT,
+        &expected_path,
+        &["--spool", &broken],
+    );
+    let spooled = harness.wait_for_line("spooled", Duration::from_secs(60));
+    assert!(
+        spooled.starts_with("spooled 0 ")
+            && spooled.ends_with(&format!("(sent from memory {SENT})")),
+        "every event left memory, the conflicting one too: {spooled}"
+    );
+    wait_for_log(
+        &mut harness,
+        "(409); this one, sent from memory, is not resent",
+    );
+    let (key, tries, held) = split_off_picked(&standin, &picked, read_expected(&expected_path));
+    assert_delivered_once(&site, &held, None);
+    // A moment for a wrong second try to be made.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, tries_later, _) = split_off_picked(&standin, &picked, Vec::new());
+    assert_eq!(
+        (tries, tries_later),
+        (1, 1),
+        "the conflicting event is not sent again"
+    );
+    let log = harness.log_text();
+    assert!(
+        log.contains(&format!("different event with key {key} (409)")),
+        "the conflict is logged with its key:\n{log}"
+    );
+    harness.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
