@@ -70,8 +70,8 @@ install_c() {
         # The package lists are usually fresh (scripts/test.sh has just fetched them): fetch
         # them again only when the pinned versions are not found in them.
         local install
-        install="DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(printf "'%s' " "${missing[@]}") >/dev/null"
-        timed "C: apt-get" sh -c "$install 2>/dev/null || { apt-get update -qq && $install; }"
+        install="DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 install -y -q $(printf "'%s' " "${missing[@]}") >/dev/null"
+        timed "C: apt-get" sh -c "$install 2>/dev/null || { apt-get -o Acquire::Retries=3 update -qq && $install; }"
     fi
     rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
     local wcl
@@ -104,7 +104,7 @@ install_js() {
     mkdir -p "$dir"
     [ -f "$dir/package.json" ] || echo '{ "private": true }' >"$dir/package.json"
     echo "lang-toolchains: JS: npm install componentize-qjs@$COMPONENTIZE_QJS into $dir"
-    timed "JS: npm" npm install --prefix "$dir" --no-audit --no-fund --silent --save-exact \
+    timed "JS: npm" npm install --prefix "$dir" --no-audit --no-fund --silent --save-exact --fetch-retries 4 \
         "componentize-qjs@$COMPONENTIZE_QJS"
 }
 

@@ -59,7 +59,9 @@ if [ "${JOBHOOK_SKIP_LANGS:-0}" != 1 ]; then
     have_npm || groups+=("nodejs npm|Node.js and npm; scripts/lang-toolchains.sh will fail (JOBHOOK_SKIP_LANGS=1 skips it)")
     have_venv || groups+=("python3-venv|python3-venv; scripts/lang-toolchains.sh will fail (JOBHOOK_SKIP_LANGS=1 skips it)")
 fi
-apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
+# A mirror that drops a connection is tried again (Acquire::Retries) rather than failing the run.
+apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 "$@"; }
+apt_install() { apt_get install -y -qq "$@" >/dev/null; }
 if [ ${#groups[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     all=()
     for group in "${groups[@]}"; do
@@ -67,7 +69,9 @@ if [ ${#groups[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nul
         all+=("${packages[@]}")
     done
     echo "test.sh: apt-get install ${all[*]}"
-    if ! { apt-get update -qq && apt_install "${all[@]}"; }; then
+    if ! { apt_get update -qq && apt_install "${all[@]}"; }; then
+        # The update itself may be what failed: once more before each group is tried alone.
+        apt_get update -qq || echo "warning: apt-get update failed; installing from the lists there are" >&2
         for group in "${groups[@]}"; do
             read -ra packages <<<"${group%%|*}"
             apt_install "${packages[@]}" || echo "warning: cannot install ${group#*|}" >&2
