@@ -7,28 +7,17 @@
 //!
 //! Runs `PROPTEST_CASES` cases per property (default 1024).
 
+mod cases;
+
 use std::path::{Path, PathBuf};
 
 use jobhook::JobContext;
 use jobhook::context::ContextError;
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use serde_json::{Map, Value, json};
 
 mod json_strategy;
 use json_strategy::any_json;
-
-fn config() -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
 
 /// One decoded context in terms both decoders share: every field, enums by name and number,
 /// GUIDs as canonical text, timestamps as seconds and nanoseconds.
@@ -609,7 +598,7 @@ fn exact_duplicate() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(cases::config(1024))]
 
     #[test]
     fn exact_duplicate_keys_agree(json in exact_duplicate()) {

@@ -12,6 +12,7 @@
 //!
 //! Runs `PROPTEST_CASES` cases per target (defaults 64–128); see docs/SECURITY.md to run longer.
 
+mod cases;
 mod corpus;
 
 use std::collections::BTreeMap;
@@ -23,20 +24,8 @@ use arbitrary::Unstructured;
 use corpus::{CoreModule, spec};
 use jobhook::OutcomeKind;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestRunner;
 use wit_parser::{LiftLowerAbi, ManglingAndAbi};
-
-fn config(default_cases: u32) -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default_cases);
-    Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -102,7 +91,7 @@ struct Tally {
 #[test]
 fn random_components_of_the_world_load_and_run_without_host_panics() {
     let tally = Tally::default();
-    let mut runner = TestRunner::new(config(64));
+    let mut runner = TestRunner::new(cases::config(64));
     let result = runner.run(&prop::collection::vec(any::<u8>(), 64..8192), |data| {
         tally.cases.fetch_add(1, Ordering::Relaxed);
         let module = match wasm_smith::Module::new(smith_config(), &mut Unstructured::new(&data)) {
@@ -238,7 +227,7 @@ fn random_result_values_are_lifted_exactly_or_refused() {
         prop::collection::vec(any::<u8>(), 0..64),
         prop::collection::vec(any::<u8>(), 3),
     );
-    let mut runner = TestRunner::new(config(128));
+    let mut runner = TestRunner::new(cases::config(128));
     runner
         .run(&strategy, |(discriminant, ptr, len, payload, padding)| {
             let mut area = [0u8; 12];
@@ -284,7 +273,7 @@ fn random_log_calls_are_lifted_exactly_or_refused() {
         u32_near(vec![0, 3, 64, 4096, 65536, u32::MAX]),
         prop::collection::vec(any::<u8>(), 0..64),
     );
-    let mut runner = TestRunner::new(config(128));
+    let mut runner = TestRunner::new(cases::config(128));
     runner
         .run(&strategy, |(level, ptr, len, payload)| {
             let run = format!(

@@ -1,7 +1,10 @@
 //! Fuzzing the configuration parser on stable with proptest: arbitrary text, and mutations of a
 //! valid configuration, never panic, and every refusal names the file.
 //!
-//! Longer runs: `PROPTEST_CASES=100000 cargo test -p jobhook-tests --test fuzz_config`.
+//! Runs `PROPTEST_CASES` cases per target (default 256); longer:
+//! `PROPTEST_CASES=100000 cargo test -p jobhook-tests --test fuzz_config`.
+
+mod cases;
 
 use std::path::Path;
 
@@ -43,7 +46,7 @@ fn parse(text: &str) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(cases::config(256))]
 
     #[test]
     fn arbitrary_text_never_panics(text in "\\PC{0,400}") {

@@ -4,25 +4,14 @@
 //!
 //! Runs `PROPTEST_CASES` cases per target (default 1024); see docs/SECURITY.md to run longer.
 
+mod cases;
+
 use jobhook::JobContext;
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use serde_json::{Map, Value, json};
 
 mod json_strategy;
 use json_strategy::any_json;
-
-fn config() -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
 
 /// A decoded context must survive encoding and decoding again, unchanged, as a value and as bytes.
 fn assert_round_trips(context: &JobContext) {
@@ -133,7 +122,7 @@ fn one_field_off() -> impl Strategy<Value = Value> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(cases::config(1024))]
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {

@@ -5,6 +5,7 @@
 //!
 //! Runs `PROPTEST_CASES` cases per target (default 64); see docs/SECURITY.md to run longer.
 
+mod cases;
 mod corpus;
 
 use std::sync::OnceLock;
@@ -13,19 +14,6 @@ use corpus::{CoreModule, spec};
 use jobhook::LoadError;
 use jobhook_testkit::guest_bytes;
 use proptest::prelude::*;
-use proptest::test_runner::Config;
-
-fn config() -> Config {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -108,7 +96,7 @@ fn small_component() -> &'static [u8] {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(cases::config(64))]
 
     #[test]
     fn arbitrary_bytes_are_refused(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
