@@ -1747,19 +1747,7 @@ async fn a_delivery_running_when_its_handler_is_removed_is_still_shown() {
     let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
     let id = body["event_id"].as_str().expect("event id").to_owned();
     let listed = |text: String| -> Value { serde_json::from_str(&text).expect("handlers") };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let handlers = listed(get(&engine, "/v1/handlers").await.1);
-        let running = handlers["handlers"]
-            .as_array()
-            .and_then(|all| all.iter().find(|h| h["name"] == "sleeper"))
-            .map(|h| h["running"].clone());
-        if running == Some(json!(1)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{handlers:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_running(&engine, "sleeper").await;
 
     setup.config(&healthy);
     assert_touched(&reload_report(&engine).await, &[], &[], &["sleeper"]);
@@ -1782,6 +1770,80 @@ async fn a_delivery_running_when_its_handler_is_removed_is_still_shown() {
         assert!(Instant::now() < deadline, "{handlers:#}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until `GET /v1/handlers` shows one delivery of the handler `name` running.
+async fn wait_until_running(engine: &EngineProcess, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = get(engine, "/v1/handlers").await.1;
+        let handlers: Value = serde_json::from_str(&text).expect("handlers");
+        let running = handlers["handlers"]
+            .as_array()
+            .and_then(|all| all.iter().find(|h| h["name"] == name))
+            .map(|h| h["running"].clone());
+        if running == Some(json!(1)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{handlers:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A handler removed by a reload while a delivery of its runs, then configured again before
+/// that delivery ends: the new handler counts it with its own, so its `max_concurrency` of one
+/// holds (the next delivery starts after it ended) and it is shown under the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_configured_again_counts_the_delivery_its_removed_one_still_runs() {
+    let setup = Setup::new();
+    let sleeper = handler(
+        "sleeper",
+        "guest-sleep",
+        "[\"*\"]",
+        "max_concurrency = 1\n[handlers.limits]\ntimeout_ms = 3000\n[handlers.retry]\nmax_attempts = 1",
+    );
+    let healthy = handler("healthy", "log-context", "[\"*\"]", "");
+    let both = format!("{sleeper}{healthy}");
+    let engine = setup.start(&both);
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    let first = body["event_id"].as_str().expect("event id").to_owned();
+    wait_until_running(&engine, "sleeper").await;
+
+    setup.config(&healthy);
+    assert_touched(&reload_report(&engine).await, &[], &[], &["sleeper"]);
+    setup.config(&both);
+    assert_touched(&reload_report(&engine).await, &["sleeper"], &[], &[]);
+    let (_, text) = get(&engine, "/v1/handlers").await;
+    let handlers: Value = serde_json::from_str(&text).expect("handlers");
+    let shown = handlers["handlers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|h| h["name"] == "sleeper"))
+        .map(|h| h["running"].clone());
+    assert_eq!(
+        (shown, &handlers["unconfigured"]),
+        (Some(json!(1)), &json!([])),
+        "the running delivery is the configured handler's: {handlers:#}"
+    );
+
+    let (_, body) = post(&engine, &context(INVENTORY_TYPE, "Success")).await;
+    let second = body["event_id"].as_str().expect("event id").to_owned();
+    let (first, second) = (
+        settled(&engine, &first).await,
+        settled(&engine, &second).await,
+    );
+    let (ended, started) = (
+        delivery(&first, "sleeper")["finished_at"].clone(),
+        delivery(&second, "sleeper")["started_at"].clone(),
+    );
+    let time = |v: &Value| {
+        v.as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .unwrap_or_else(|| panic!("a time: {v}"))
+    };
+    assert!(
+        time(&started) >= time(&ended),
+        "the second delivery started at {started} while the first ran until {ended}"
+    );
 }
 
 #[tokio::test]

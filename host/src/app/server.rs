@@ -141,12 +141,15 @@ pub struct HandlerChanges {
     pub removed: Vec<String>,
 }
 
-/// Loads every handler of `config`, reusing unchanged ones from `previous`.
+/// Loads every handler of `config`, reusing unchanged ones from `previous`. At a reload, a
+/// handler configured under the name of one an earlier reload removed continues the running
+/// count of that one's deliveries still running, from `dispatcher`.
 pub async fn load_handlers(
     engine: &Engine,
     services: &Services,
     config: &Config,
     previous: Option<&LoadedHandlers>,
+    dispatcher: Option<&Dispatcher>,
 ) -> anyhow::Result<LoadedHandlers> {
     let options = LoadOptions {
         max_bytes: config.engine.max_component_bytes,
@@ -195,11 +198,15 @@ pub async fn load_handlers(
                         )
                     })?;
                 let quarantine = config.quarantine.clone();
-                Arc::new(match before {
-                    Some(old) => {
+                let removed = dispatcher.and_then(|d| d.removed_still_running(&hc.name));
+                Arc::new(match (before, removed) {
+                    (Some(old), _) => {
                         RegisteredHandler::replacing(&old.handler, hc.clone(), handler, quarantine)
                     }
-                    None => RegisteredHandler::new(hc.clone(), handler, quarantine),
+                    (None, Some(running)) => {
+                        RegisteredHandler::continuing(running, hc.clone(), handler, quarantine)
+                    }
+                    (None, None) => RegisteredHandler::new(hc.clone(), handler, quarantine),
                 })
             }
         };
@@ -253,7 +260,7 @@ pub async fn check(path: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     warnings.extend(secrets::exposed_trusted_files(&config));
     let engine = engine(&config)?;
     let services = services(&config)?;
-    let set = load_handlers(&engine, &services, &config, None).await?;
+    let set = load_handlers(&engine, &services, &config, None, None).await?;
     if config.handlers.is_empty() {
         warnings.push(NO_HANDLERS.to_owned());
     }
@@ -354,7 +361,7 @@ pub async fn serve(path: PathBuf, log_drops: crate::metrics::LogDrops) -> anyhow
             "deliveries interrupted by the previous run will run again"
         );
     }
-    let handlers = load_handlers(&engine, &services, &config, None).await?;
+    let handlers = load_handlers(&engine, &services, &config, None, None).await?;
     tracing::info!(handlers = ?handlers.names(), "handlers loaded");
     if config.handlers.is_empty() {
         tracing::warn!("{NO_HANDLERS}");
@@ -597,7 +604,14 @@ fn reloader(running: Running) -> Reloader {
                     Ok((config, new_tokens, tls_config, changed, restart))
                 });
                 let (config, new_tokens, tls_config, changed, restart) = read.await?;
-                let set = load_handlers(&engine, &services, &config, Some(&current.0)).await?;
+                let set = load_handlers(
+                    &engine,
+                    &services,
+                    &config,
+                    Some(&current.0),
+                    Some(&dispatcher),
+                )
+                .await?;
                 Ok((config, new_tokens, set, tls_config, changed, restart))
             }
             .await;

@@ -171,6 +171,22 @@ impl RegisteredHandler {
         }
     }
 
+    /// Like [`RegisteredHandler::new`], for a handler configured again under the name of one a
+    /// reload removed while deliveries of its still run ([`Dispatcher::removed_still_running`]):
+    /// those count with the new one's, as a changed handler's do ([`RegisteredHandler::replacing`]),
+    /// so that together they stay within its `max_concurrency` and are shown under its name.
+    pub fn continuing(
+        removed: RunningCount,
+        config: Registration,
+        handler: SandboxedHandler,
+        quarantine: QuarantineConfig,
+    ) -> Self {
+        RegisteredHandler {
+            running: removed.0,
+            ..RegisteredHandler::new(config, handler, quarantine)
+        }
+    }
+
     fn quarantine(&self) -> std::sync::MutexGuard<'_, Quarantine> {
         self.quarantine.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -227,6 +243,11 @@ impl RegisteredHandler {
             });
     }
 }
+
+/// The running deliveries of a handler a reload removed, for a handler configured again under its
+/// name to count with its own ([`RegisteredHandler::continuing`]).
+#[derive(Debug)]
+pub struct RunningCount(Arc<AtomicUsize>);
 
 /// The handlers in force, by name.
 #[derive(Debug, Default)]
@@ -548,7 +569,8 @@ impl Dispatcher {
         );
         let removed = |name: &String| registry.get(name).is_none();
         let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        // A name configured again is shown by its new handler: its old count is dropped.
+        // A name configured again is shown by its new handler, which continues the old count
+        // (`RegisteredHandler::continuing`): it is dropped here.
         retired.retain(|(name, _)| removed(name));
         retired.extend(
             old.handlers
@@ -558,6 +580,17 @@ impl Dispatcher {
         );
         drop(retired);
         self.due_may_have_moved();
+    }
+
+    /// The running count a handler configured again as `name` continues: that of the handler of
+    /// that name a reload removed, while deliveries of its still run; None otherwise. Read when
+    /// a reload loads its handlers, before [`Dispatcher::replace_registry`].
+    pub fn removed_still_running(&self, name: &str) -> Option<RunningCount> {
+        let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired
+            .iter()
+            .find(|(retired, running)| retired == name && running.load(Ordering::Relaxed) > 0)
+            .map(|(_, running)| RunningCount(Arc::clone(running)))
     }
 
     /// Deliveries running now, by handler, of handlers a reload removed (they finish with the
@@ -2116,7 +2149,8 @@ mod tests {
     }
 
     /// A handler a reload removed while deliveries of its ran is counted running under its name
-    /// until they end; configured again, it is shown by its new handler alone.
+    /// until they end; configured again, its new handler counts them with its own, against its
+    /// `max_concurrency`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn running_deliveries_of_a_removed_handler_are_counted_until_they_end() {
         let dir = tempfile::tempdir().unwrap();
@@ -2144,12 +2178,32 @@ mod tests {
             dispatcher.running_unconfigured(),
             BTreeMap::from([("a".to_owned(), 1)])
         );
-        // Configured again: its new handler shows its own; removed once more, the old count is
-        // not brought back.
-        let again = handler("a").await;
+        // Configured again: its new handler counts the one still running with its own, so it
+        // has one place less; removed once more, that one is shown apart again.
+        assert!(dispatcher.removed_still_running("b").is_none());
+        let fresh = handler("a").await;
+        let room_of_a_new_one = fresh.room();
+        let RegisteredHandler {
+            config, handler, ..
+        } = Arc::try_unwrap(fresh).expect("the only reference");
+        let again = Arc::new(RegisteredHandler::continuing(
+            dispatcher
+                .removed_still_running("a")
+                .expect("a delivery of `a` runs"),
+            config,
+            handler,
+            QuarantineConfig::default(),
+        ));
+        assert_eq!(again.running(), 1);
+        assert_eq!(again.room(), room_of_a_new_one - 1);
         dispatcher.replace_registry(Registry::new([Arc::clone(&again), Arc::clone(&b)]));
         assert!(dispatcher.running_unconfigured().is_empty());
         dispatcher.replace_registry(Registry::new([Arc::clone(&b)]));
+        assert_eq!(
+            dispatcher.running_unconfigured(),
+            BTreeMap::from([("a".to_owned(), 1)])
+        );
+        a.running.fetch_sub(1, Ordering::Relaxed);
         assert!(dispatcher.running_unconfigured().is_empty());
         // Ended: forgotten.
         dispatcher.replace_registry(Registry::default());
