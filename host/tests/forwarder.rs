@@ -1839,8 +1839,23 @@ async fn k_enums_are_sent_by_name_whatever_their_numbers() {
     assert_delivered_once(&site, &expected, None);
 }
 
-/// Runs the harness's `burst` mode (`count` RunHandler calls, then a normal exit) with `extra`
-/// options, waits for it to succeed, and gives its log.
+/// A run of `count` events whose spool directory cannot be made (see
+/// [`spool_that_cannot_open`]), posting to `url`: every event is sent from memory, or held
+/// there without a URL.
+fn run_with_unusable_spool(
+    build: &Path,
+    site: &Site,
+    url: &str,
+    count: usize,
+    expected: &Path,
+    extra: &[&str],
+) -> Harness {
+    let broken = spool_that_cannot_open(site);
+    let mut args = vec!["--spool", broken.as_str()];
+    args.extend_from_slice(extra);
+    Harness::run(build, "fx", site, url, count, expected, &args)
+}
+
 /// A spool directory that can never be made, even as root: it lies under a regular file.
 fn spool_that_cannot_open(site: &Site) -> String {
     let blocker = site.path("not-a-directory");
@@ -1848,6 +1863,8 @@ fn spool_that_cannot_open(site: &Site) -> String {
     blocker.join("spool").to_string_lossy().into_owned()
 }
 
+/// Runs the harness's `burst` mode (`count` RunHandler calls, then a normal exit) with `extra`
+/// options, waits for it to succeed, and gives its log.
 fn burst(build: &Path, site: &Site, count: usize, extra: &[&str], what: &str) -> String {
     let count = count.to_string();
     let mut args = vec!["--count", count.as_str()];
@@ -2374,16 +2391,8 @@ async fn aw_a_spool_that_cannot_open_sends_from_memory_to_a_running_engine() {
     };
     let expected_path = site.path("expected.tsv");
     // Under a regular file: it can never be made, even as root.
-    let broken = spool_that_cannot_open(&site);
-    let mut harness = Harness::run(
-        build,
-        "fx",
-        &site,
-        &site.engine_url(),
-        SENT,
-        &expected_path,
-        &["--spool", &broken],
-    );
+    let mut harness =
+        run_with_unusable_spool(build, &site, &site.engine_url(), SENT, &expected_path, &[]);
     // The engine is down at first: with nothing spooled, the sends from memory say so (the
     // sender has nothing to send and nothing to say).
     wait_for_log(&mut harness, "from memory (1 failure(s) in a row");
@@ -2409,17 +2418,8 @@ async fn ba_a_spool_that_cannot_open_without_an_engine_url_says_events_stay_in_m
         return;
     };
     let expected_path = site.path("expected.tsv");
-    let broken = spool_that_cannot_open(&site);
     // No EngineUrl: nothing can be sent, so the events wait in memory for the spool.
-    let mut harness = Harness::run(
-        build,
-        "fx",
-        &site,
-        "",
-        3,
-        &expected_path,
-        &["--spool", &broken],
-    );
+    let mut harness = run_with_unusable_spool(build, &site, "", 3, &expected_path, &[]);
     wait_for_log(&mut harness, "EngineUrl is not set");
     wait_for_log(&mut harness, "are held in memory only (no usable EngineUrl");
     let log = harness.log_text();
@@ -2439,15 +2439,13 @@ async fn ay_an_event_the_engine_refuses_from_memory_is_said_and_holds_back_nothi
     let site = site.with_small_body_limit();
     let engine = site.start_engine();
     let expected_path = site.path("expected.tsv");
-    let broken = spool_that_cannot_open(&site);
-    let mut harness = Harness::run(
+    let mut harness = run_with_unusable_spool(
         build,
-        "fx",
         &site,
         &engine.url,
         SENT,
         &expected_path,
-        &["--spool", &broken, "--invalid-every", "3"],
+        &["--invalid-every", "3"],
     );
     let spooled = harness.wait_for_line("spooled", Duration::from_secs(60));
     assert!(
@@ -2592,16 +2590,8 @@ async fn bc_an_event_sent_from_memory_the_engine_holds_under_another_body_is_not
     let picked = Arc::new(Mutex::new(None));
     let standin = Standin::conflicting_the_first(site.engine_url(), picked.clone()).await;
     let expected_path = site.path("expected.tsv");
-    let broken = spool_that_cannot_open(&site);
-    let mut harness = Harness::run(
-        build,
-        "fx",
-        &site,
-        &standin.url,
-        SENT,
-        &expected_path,
-        &["--spool", &broken],
-    );
+    let mut harness =
+        run_with_unusable_spool(build, &site, &standin.url, SENT, &expected_path, &[]);
     let spooled = harness.wait_for_line("spooled", Duration::from_secs(60));
     assert!(
         spooled.starts_with("spooled 0 ")
@@ -2640,15 +2630,13 @@ async fn az_an_event_that_keeps_failing_from_memory_holds_none_behind_it() {
     let poisoned = Arc::new(Mutex::new(None));
     let standin = Standin::poisoning_the_first(site.engine_url(), poisoned.clone()).await;
     let expected_path = site.path("expected.tsv");
-    let broken = spool_that_cannot_open(&site);
-    let mut harness = Harness::run(
+    let mut harness = run_with_unusable_spool(
         build,
-        "fx",
         &site,
         &standin.url,
         SENT,
         &expected_path,
-        &["--spool", &broken, "--threads", "1"],
+        &["--threads", "1"],
     );
     // It is still tried, a second apart, and still in memory.
     all_but_the_poisoned_arrive(&site, &standin, &poisoned, SENT).await;
