@@ -742,6 +742,34 @@ async fn bad_input_gets_400_with_the_reason() {
             .contains("Content-Encoding \"gzip\""),
         "{body}"
     );
+    // A form (PowerShell's Invoke-RestMethod without -ContentType labels its body so) is named
+    // for its label; a JSON context under any label is taken.
+    let labelled = |body: String, content_type: &'static str| {
+        client()
+            .post(format!("{}/v1/job-complete", engine.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let response = labelled(
+        "JobId=1&Result=2".into(),
+        "application/x-www-form-urlencoded",
+    )
+    .await
+    .expect("POST");
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value =
+        serde_json::from_slice(&response.bytes().await.expect("answer")).expect("JSON answer");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains(
+            "Content-Type is \"application/x-www-form-urlencoded\": send the job context as a JSON object"
+        ),
+        "{body}"
+    );
+    let response = labelled(sample_context_json().to_string(), "text/plain")
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 202);
 
     let (status, _) = get(&engine, "/v1/events/not-a-uuid").await;
     assert_eq!(status, 400);
@@ -752,11 +780,11 @@ async fn bad_input_gets_400_with_the_reason() {
     assert_eq!(status, 202);
     let (_, metrics) = get(&engine, "/metrics").await;
     assert!(
-        metrics.contains("jobhook_events_rejected_total 9"),
+        metrics.contains("jobhook_events_rejected_total 10"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("jobhook_events_accepted_total{source=\"api\"} 1"),
+        metrics.contains("jobhook_events_accepted_total{source=\"api\"} 2"),
         "{metrics}"
     );
 }

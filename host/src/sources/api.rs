@@ -399,6 +399,31 @@ fn body_coding(headers: &HeaderMap) -> Option<(&'static str, String)> {
     })
 }
 
+/// What to change when a body that is not JSON at all came labelled as something else (a form,
+/// XML, plain text): the engine reads every body as JSON whatever its `Content-Type` says (a
+/// JSON context labelled `text/plain` is taken), so the label is named only when the body was
+/// not JSON either. `None` for a body that is JSON, without a `Content-Type`, or with a JSON one
+/// (`application/json`, `text/json`, any `+json`).
+fn media_type_hint(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?;
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let media = text
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let json = media == "application/json" || media == "text/json" || media.ends_with("+json");
+    if json || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        return None;
+    }
+    Some(format!(
+        "the request's Content-Type is {}: send the job context as a JSON object, with \
+         Content-Type: application/json",
+        crate::capabilities::outbound::quote(&text)
+    ))
+}
+
 /// The response header that marks an answer to a resend (the original event, nothing new).
 pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 
@@ -522,6 +547,8 @@ async fn job_complete(
         Err(e) => {
             state.metrics.event_rejected();
             let hint = crate::context::serializer_hint(&bytes)
+                .map(str::to_owned)
+                .or_else(|| media_type_hint(&headers, &bytes))
                 .map(|h| format!(" ({h})"))
                 .unwrap_or_default();
             return error(
@@ -1066,6 +1093,43 @@ mod tests {
 
     /// Every way a sender can say its body is compressed is caught: either header, a list in
     /// one value, a second header after a plain one, any case; the plain codings are not.
+    #[test]
+    fn a_body_that_is_not_json_names_a_media_type_that_is_not_json() {
+        let hint = |content_type: &[u8], body: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_bytes(content_type).unwrap(),
+            );
+            media_type_hint(&headers, body)
+        };
+        let form = hint(b"application/x-www-form-urlencoded", b"JobId=1&Result=2");
+        assert!(
+            form.as_deref().is_some_and(|h| h.contains(
+                "Content-Type is \"application/x-www-form-urlencoded\": send the job context as a JSON object"
+            )),
+            "{form:?}"
+        );
+        // A hostile label is quoted with its controls escaped, never written raw (a header
+        // cannot hold a C0 control; a bidirectional override arrives as UTF-8).
+        let forged = hint(b"text/xml\xe2\x80\xaegnp.exe", b"<a/>").unwrap_or_default();
+        assert!(
+            !forged.contains('\u{202e}') && forged.contains("\\u{202e}"),
+            "{forged}"
+        );
+        // JSON labels, and JSON bodies whatever their label, have nothing to change here.
+        for json_type in [
+            &b"application/json"[..],
+            b"Application/JSON; charset=utf-8",
+            b"text/json",
+            b"application/problem+json",
+        ] {
+            assert_eq!(hint(json_type, b"JobId=1"), None);
+        }
+        assert_eq!(hint(b"text/plain", b"{\"JobId\": 1}"), None);
+        assert_eq!(media_type_hint(&HeaderMap::new(), b"JobId=1"), None);
+    }
+
     #[test]
     fn a_compressed_body_is_found_in_every_header_and_list() {
         let with = |pairs: &[(&str, &[u8])]| {
