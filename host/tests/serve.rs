@@ -1079,6 +1079,21 @@ async fn a_body_or_a_credential_sent_in_a_way_the_engine_cannot_take_is_refused_
             "{body}: {answer}"
         );
     }
+    // A field given twice is refused, not read as one of its values.
+    for body in [
+        r#"{"handler": "all", "handler": "other"}"#,
+        r#"{"event_id": "01a252ea-160d-7636-9580-3337962edb8f", "handler": "all", "event_id": "x"}"#,
+    ] {
+        let (status, answer) = post_to(&engine, "/v1/admin/retry-failed", body.into(), None).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("duplicate field"),
+            "{body}: {answer}"
+        );
+    }
     let (_, metrics) = get(&engine, "/metrics").await;
     assert_eq!(
         jobhook_testkit::metric_value(&metrics, "jobhook_events_accepted_total{source=\"api\"}"),
