@@ -528,12 +528,7 @@ async fn slow_handlers_holding_every_slot_do_not_hold_up_another_handlers_delive
         let (status, text) = get(&engine, "/v1/handlers").await;
         assert_eq!(status, 200, "{text}");
         let listed: Value = serde_json::from_str(&text).expect("handlers JSON");
-        let running = |name: &str| {
-            listed["handlers"]
-                .as_array()
-                .and_then(|hs| hs.iter().find(|h| h["name"] == name))
-                .map(|h| h["running"].clone())
-        };
+        let running = |name: &str| listed_handler(&listed, name).map(|h| h["running"].clone());
         if running("slow-a") == Some(json!(1)) && running("slow-b") == Some(json!(1)) {
             break;
         }
@@ -621,9 +616,7 @@ async fn a_handler_that_has_not_succeeded_runs_one_delivery_at_a_time() {
     let listed: Value = serde_json::from_str(&text).expect("handlers JSON");
     for ((name, ..), runs) in failing.iter().zip(&runs) {
         assert_eq!(most_at_once(runs), 1, "{name}: {runs:?}");
-        let h = listed["handlers"]
-            .as_array()
-            .and_then(|hs| hs.iter().find(|h| h["name"] == *name))
+        let h = listed_handler(&listed, name)
             .unwrap_or_else(|| panic!("{name} not listed: {listed:#}"));
         assert_eq!(h["places"], 1, "{h}");
         assert_eq!(h["max_concurrency"], 4, "{h}");
@@ -1343,10 +1336,7 @@ async fn retries_follow_the_policy_and_quarantine_holds_a_failing_handlers_deliv
     assert_eq!(health["quarantined"], 1);
     let (_, handlers) = get(&engine, "/v1/handlers").await;
     let handlers: Value = serde_json::from_str(&handlers).expect("json");
-    let retrying = handlers["handlers"]
-        .as_array()
-        .and_then(|hs| hs.iter().find(|h| h["name"] == "retrying"))
-        .expect("listed");
+    let retrying = listed_handler(&handlers, "retrying").expect("listed");
     assert_eq!(retrying["health"]["state"], "quarantined");
     let (_, metrics) = get(&engine, "/metrics").await;
     assert!(
@@ -1767,9 +1757,7 @@ async fn deliveries_of_a_handler_renamed_by_reload_wait_for_it_instead_of_being_
     let (_, text) = get(&engine, "/v1/handlers").await;
     let listed: Value = serde_json::from_str(&text).expect("handlers");
     assert_eq!(listed["unconfigured"], json!([]), "{listed:#}");
-    let trapper = listed["handlers"]
-        .as_array()
-        .and_then(|all| all.iter().find(|h| h["name"] == "trapper"));
+    let trapper = listed_handler(&listed, "trapper");
     assert_eq!(trapper.map(|h| &h["failed"]), Some(&json!(1)), "{listed:#}");
 }
 
@@ -1815,16 +1803,20 @@ async fn a_delivery_running_when_its_handler_is_removed_is_still_shown() {
     }
 }
 
+/// The entry of the handler `name` in an answer of `GET /v1/handlers`.
+fn listed_handler<'a>(listed: &'a Value, name: &str) -> Option<&'a Value> {
+    listed["handlers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|h| h["name"] == name))
+}
+
 /// Waits until `GET /v1/handlers` shows one delivery of the handler `name` running.
 async fn wait_until_running(engine: &EngineProcess, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = get(engine, "/v1/handlers").await.1;
         let handlers: Value = serde_json::from_str(&text).expect("handlers");
-        let running = handlers["handlers"]
-            .as_array()
-            .and_then(|all| all.iter().find(|h| h["name"] == name))
-            .map(|h| h["running"].clone());
+        let running = listed_handler(&handlers, name).map(|h| h["running"].clone());
         if running == Some(json!(1)) {
             return;
         }
@@ -1858,10 +1850,7 @@ async fn a_handler_configured_again_counts_the_delivery_its_removed_one_still_ru
     assert_touched(&reload_report(&engine).await, &["sleeper"], &[], &[]);
     let (_, text) = get(&engine, "/v1/handlers").await;
     let handlers: Value = serde_json::from_str(&text).expect("handlers");
-    let shown = handlers["handlers"]
-        .as_array()
-        .and_then(|all| all.iter().find(|h| h["name"] == "sleeper"))
-        .map(|h| h["running"].clone());
+    let shown = listed_handler(&handlers, "sleeper").map(|h| h["running"].clone());
     assert_eq!(
         (shown, &handlers["unconfigured"]),
         (Some(json!(1)), &json!([])),
