@@ -1076,6 +1076,8 @@ async fn a_body_or_a_credential_sent_in_a_way_the_engine_cannot_take_is_refused_
     for body in [
         r#"{"handler": "all", "handler": "other"}"#,
         r#"{"event_id": "01a252ea-160d-7636-9580-3337962edb8f", "handler": "all", "event_id": "x"}"#,
+        // The same name written with an escape.
+        r#"{"handler": "all", "hand\u006cer": "other"}"#,
     ] {
         let (status, answer) = post_to(&engine, "/v1/admin/retry-failed", body.into(), None).await;
         assert_eq!(status, 400, "{body}: {answer}");

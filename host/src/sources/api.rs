@@ -1091,8 +1091,8 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 
-    /// Every way a sender can say its body is compressed is caught: either header, a list in
-    /// one value, a second header after a plain one, any case; the plain codings are not.
+    /// A body that is not JSON under a label that is not JSON is refused naming the label,
+    /// quoted, escaped and cut short; JSON labels and JSON bodies get no such hint.
     #[test]
     fn a_body_that_is_not_json_names_a_media_type_that_is_not_json() {
         let hint = |content_type: &[u8], body: &[u8]| {
@@ -1117,6 +1117,14 @@ mod tests {
             !forged.contains('\u{202e}') && forged.contains("\\u{202e}"),
             "{forged}"
         );
+        // A label of 8,000 characters is not repeated whole.
+        let long = format!("text/{}", "x".repeat(8_000));
+        let cut = hint(long.as_bytes(), b"<a/>").unwrap_or_default();
+        assert!(
+            cut.contains('…') && cut.len() < 1_000,
+            "{} bytes",
+            cut.len()
+        );
         // JSON labels, and JSON bodies whatever their label, have nothing to change here.
         for json_type in [
             &b"application/json"[..],
@@ -1130,6 +1138,8 @@ mod tests {
         assert_eq!(media_type_hint(&HeaderMap::new(), b"JobId=1"), None);
     }
 
+    /// Every way a sender can say its body is compressed is caught: either header, a list in
+    /// one value, a second header after a plain one, any case; the plain codings are not.
     #[test]
     fn a_compressed_body_is_found_in_every_header_and_list() {
         let with = |pairs: &[(&str, &[u8])]| {
