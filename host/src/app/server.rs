@@ -198,8 +198,10 @@ pub async fn load_handlers(
                         )
                     })?;
                 let quarantine = config.quarantine.clone();
-                let removed = dispatcher.and_then(|d| d.removed_still_running(&hc.name));
-                Arc::new(match (before, removed) {
+                // A changed handler continues its predecessor's count; one configured again,
+                // that of the removed one of its name (looked up only then).
+                let removed = || dispatcher.and_then(|d| d.removed_still_running(&hc.name));
+                Arc::new(match (before, before.is_none().then(removed).flatten()) {
                     (Some(old), _) => {
                         RegisteredHandler::replacing(&old.handler, hc.clone(), handler, quarantine)
                     }
