@@ -199,16 +199,17 @@ pub async fn load_handlers(
                     })?;
                 let quarantine = config.quarantine.clone();
                 // A changed handler continues its predecessor's count; one configured again,
-                // that of the removed one of its name (looked up only then).
-                let removed = || dispatcher.and_then(|d| d.removed_still_running(&hc.name));
-                Arc::new(match (before, before.is_none().then(removed).flatten()) {
-                    (Some(old), _) => {
+                // that of the removed one of its name.
+                Arc::new(match before {
+                    Some(old) => {
                         RegisteredHandler::replacing(&old.handler, hc.clone(), handler, quarantine)
                     }
-                    (None, Some(running)) => {
-                        RegisteredHandler::continuing(running, hc.clone(), handler, quarantine)
-                    }
-                    (None, None) => RegisteredHandler::new(hc.clone(), handler, quarantine),
+                    None => match dispatcher.and_then(|d| d.removed_still_running(&hc.name)) {
+                        Some(running) => {
+                            RegisteredHandler::continuing(running, hc.clone(), handler, quarantine)
+                        }
+                        None => RegisteredHandler::new(hc.clone(), handler, quarantine),
+                    },
                 })
             }
         };
