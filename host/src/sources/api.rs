@@ -1117,12 +1117,31 @@ mod tests {
             !forged.contains('\u{202e}') && forged.contains("\\u{202e}"),
             "{forged}"
         );
-        // A label of 8,000 characters is not repeated whole.
+        // The rest of the class: other invisible or reordering characters (an isolate, a
+        // zero-width space, a C1 control), a tab (the one control a header may hold), a quote
+        // that would end the quoted label, and bytes that are not UTF-8.
+        for (label, raw, escaped) in [
+            (&b"text/xml\xe2\x81\xa6x"[..], "\u{2066}", "\\u{2066}"),
+            (b"text/xml\xe2\x80\x8bx", "\u{200b}", "\\u{200b}"),
+            (b"text/xml\xc2\x85x", "\u{85}", "\\u{85}"),
+            (b"text/xml\tx", "\t", "\\t"),
+            (b"text/x\"y", "x\"y", "x\\\"y"),
+        ] {
+            let shown = hint(label, b"<a/>").unwrap_or_default();
+            assert!(
+                !shown.contains(raw) && shown.contains(escaped),
+                "{label:?}: {shown}"
+            );
+        }
+        let lossy = hint(b"text/\xff\xfe", b"<a/>").unwrap_or_default();
+        assert!(lossy.contains("\"text/\u{fffd}\u{fffd}\""), "{lossy}");
+        // A label of 8,000 characters is repeated up to the quoting limit only.
         let long = format!("text/{}", "x".repeat(8_000));
         let cut = hint(long.as_bytes(), b"<a/>").unwrap_or_default();
+        let kept = crate::excerpt::MAX_QUOTED_CHARS - "text/".len();
         assert!(
-            cut.contains('…') && cut.len() < 1_000,
-            "{} bytes",
+            cut.contains(&format!("\"text/{}…\"", "x".repeat(kept))),
+            "{} bytes: {cut}",
             cut.len()
         );
         // JSON labels, and JSON bodies whatever their label, have nothing to change here.
