@@ -1489,6 +1489,12 @@ async fn failed_deliveries_are_listed_and_run_again_when_an_operator_asks() {
             400,
             "unknown field",
         ),
+        // The same name in another case is another field, not a second value of it.
+        (
+            "{\"handler\": \"probe\", \"Handler\": \"other\"}",
+            400,
+            "unknown field `Handler`",
+        ),
         (
             "{\"event_id\": \"zz\"}",
             400,
